@@ -1,0 +1,49 @@
+# Every target that needs Python calls `setup` first, so each works from a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# The development install pins the torch build that lies on this kind of machine; the package itself
+# only asks for a range (pyproject.toml).
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+SWEEP ?=
+REPORT_ARGS ?=
+
+.PHONY: setup test test-slow test-all run rank-report bench clean tiny-clip
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[dev]' $(TORCH_PINS)
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
+
+test-slow: setup
+	$(PY) -m pytest -q -m "slow" -p no:cacheprovider
+
+test-all: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+# The main job on the embedded default: three recipes trained, evaluated and ranked.
+run: setup
+	$(PY) -m src.run -m loss=rf_lognorm,edm,eps_linear
+	$(PY) -m src.ranking.report $(REPORT_ARGS)
+
+rank-report: setup
+	$(PY) -m src.ranking.report $(SWEEP) $(REPORT_ARGS)
+
+bench: setup
+	@for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+tiny-clip: setup
+	$(PY) -m src.text.train_tiny_clip
+
+clean:
+	rm -rf outputs multirun reports .cache .pytest_cache wandb
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
