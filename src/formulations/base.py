@@ -50,6 +50,11 @@ class Formulation(ABC):
     def params(self) -> dict[str, float]:
         """The family parameters that, with `family`, rebuild this formulation."""
 
+    @property
+    def slug(self) -> str:
+        """Filesystem-safe name: family and two-decimal parameters, e.g. "rf_lognorm_0.50_0.60"."""
+        return "_".join([self.family, *(format_param(v) for v in self.params().values())])
+
     # ---- forward process ------------------------------------------------------------------------
     @abstractmethod
     def a(self, t: Tensor) -> Tensor:
@@ -73,8 +78,8 @@ class Formulation(ABC):
 
     def rf_time(self, t: Tensor) -> Tensor:
         """RF-equivalent time tau = sigma / (1 + sigma), the common axis of all formulations."""
-        s = self.sigma(t)
-        return s / (1.0 + s)
+        a, b = self.a(t), self.b(t)
+        return b / (a + b)  # = sigma / (1 + sigma), finite where a_t = 0
 
     def t_from_rf_time(self, tau: Tensor) -> Tensor:
         """The time with the same log-SNR as rectified flow at tau."""
@@ -117,6 +122,7 @@ class Formulation(ABC):
 
     # ---- helpers ----------------------------------------------------------------------------------
     def clip_t(self, t: Tensor) -> Tensor:
+        """Clamp times to [t_min, t_max]."""
         return t.clamp(self.t_min, self.t_max)
 
     def __repr__(self) -> str:
@@ -127,6 +133,13 @@ def format_param(x: float) -> str:
     """Two decimals, as the paper prints recipe names; -0.00 prints as 0.00."""
     s = f"{x:.2f}"
     return "0.00" if s == "-0.00" else s
+
+
+def validation_times(formulation: Formulation, levels: int = 8) -> Tensor:
+    """SPEC section 7: `levels` equally spaced t in [0, 1], clipped to [t_min, t_max], float32."""
+    if levels < 2:
+        raise ValueError(f"validation_times: levels={levels!r} is not allowed; levels must be >= 2")
+    return formulation.clip_t(torch.linspace(0.0, 1.0, levels, dtype=torch.float32))
 
 
 LOG_2PI = math.log(2 * math.pi)

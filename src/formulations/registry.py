@@ -1,0 +1,108 @@
+"""Family registry, the 61 paper recipes (SPEC section 4) and construction from configuration.
+
+A family is a key (also the conf/loss/<key>.yaml name) and a builder whose keyword arguments are the
+family's parameters. A new family is one module plus one `register_family` line here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from . import ddpm, edm, rf
+from .base import Formulation
+
+FAMILIES: dict[str, Callable[..., Formulation]] = {}
+
+
+def register_family(key: str, builder: Callable[..., Formulation]) -> None:
+    """Register a family key with a builder taking the family's parameters as keyword arguments."""
+    if key in FAMILIES:
+        raise ValueError(f"family {key!r} is already registered")
+    FAMILIES[key] = builder
+
+
+register_family("rf", rf.rf)
+register_family("rf_lognorm", rf.rf_lognorm)
+register_family("rf_mode", rf.rf_mode)
+register_family("rf_cosmap", rf.rf_cosmap)
+register_family("eps_linear", ddpm.eps_linear)
+register_family("v_linear", ddpm.v_linear)
+register_family("eps_cos", ddpm.eps_cos)
+register_family("v_cos", ddpm.v_cos)
+register_family("edm", edm.edm)
+register_family("edm_rf", edm.edm_rf)
+register_family("edm_cos", edm.edm_cos)
+
+
+def family_params(family: str) -> list[str]:
+    """The parameter names of a family, in order."""
+    return list(inspect.signature(_builder(family)).parameters)
+
+
+def _builder(family: str) -> Callable[..., Formulation]:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown formulation family {family!r}; valid families: {', '.join(FAMILIES)}")
+    return FAMILIES[family]
+
+
+def build(family: str, **params: Any) -> Formulation:
+    """Build a formulation from its family key and parameters, e.g. build("rf_lognorm", m=0.0, s=1.0)."""
+    expected = family_params(family)
+    if set(params) != set(expected):
+        got = ", ".join(sorted(params)) or "none"
+        raise ValueError(f"family {family!r} takes parameters ({', '.join(expected)}); got ({got})")
+    return FAMILIES[family](**params)
+
+
+# ---- the 61 recipes (names as printed in the paper) ---------------------------------------------
+
+#: linspace(-1, 1.75, 7) to two decimals as printed (Decision: the printed value is the parameter), plus 1.00.
+MODE_SCALES = (-1.00, -0.54, -0.08, 0.38, 0.83, 1.29, 1.75, 1.00)
+LOGNORM_M = (-1.0, -0.5, 0.0, 0.5, 1.0)
+LOGNORM_S = (0.2, 0.6, 1.0, 1.4, 1.8, 2.2)
+EDM_P_MEAN = (-1.2, -0.6, 0.0, 0.6, 1.2)
+EDM_P_STD = (0.6, 1.2, 1.8)
+
+
+def _paper_specs() -> dict[str, tuple[str, dict[str, float]]]:
+    specs: list[tuple[str, dict[str, float]]] = [(k, {}) for k in ("eps_linear", "v_linear", "eps_cos", "v_cos")]
+    specs += [("rf_mode", {"s": s}) for s in MODE_SCALES]
+    specs += [("rf", {})]
+    specs += [("rf_lognorm", {"m": m, "s": s}) for m in LOGNORM_M for s in LOGNORM_S]
+    specs += [("rf_cosmap", {})]
+    specs += [("edm", {"p_mean": pm, "p_std": ps}) for pm in EDM_P_MEAN for ps in EDM_P_STD]
+    specs += [("edm_rf", {}), ("edm_cos", {})]
+    return {build(family, **params).name: (family, params) for family, params in specs}
+
+
+#: name -> (family, params) for the paper's 61 recipes.
+RECIPE_SPECS: dict[str, tuple[str, dict[str, float]]] = _paper_specs()
+RECIPES: list[str] = list(RECIPE_SPECS)
+
+
+def get_recipe(name: str) -> Formulation:
+    """The formulation for one of the paper's 61 recipe names, e.g. "rf/lognorm(0.00, 1.00)"."""
+    if name not in RECIPE_SPECS:
+        close = difflib.get_close_matches(str(name), RECIPES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown recipe {name!r}{hint}; valid recipes: {', '.join(RECIPES)}")
+    family, params = RECIPE_SPECS[name]
+    return build(family, **params)
+
+
+def from_config(cfg: Mapping) -> Formulation:
+    """Build from {"family": key, **params} or {"recipe": paper name}; keys starting with "_" are ignored."""
+    keys = {k: cfg[k] for k in cfg if not str(k).startswith("_")}
+    if "recipe" in keys:
+        extra = sorted(set(keys) - {"recipe"})
+        if extra:
+            raise ValueError(f"loss config: 'recipe' cannot be combined with {extra}; give a recipe or a family")
+        return get_recipe(keys["recipe"])
+    if "family" not in keys:
+        raise ValueError(f"loss config needs 'family' (one of {', '.join(FAMILIES)}) or 'recipe'; got {sorted(keys)}")
+    family = keys.pop("family")
+    return build(family, **keys)
+
