@@ -1,0 +1,75 @@
+"""The paper's Table 1 (Esser et al. 2024, section 5.1) as data, and the Spearman comparison with it (SPEC 9)."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+from scipy import stats
+
+COLUMNS = ("all", "5 steps", "50 steps")
+
+# Table 1: average non-dominated rank over all / 5-step / 50-step control settings (SPEC 9).
+PAPER_TABLE1: dict[str, tuple[float, float, float]] = {
+    "rf/lognorm(0.00, 1.00)": (1.54, 1.25, 1.50),
+    "rf/lognorm(1.00, 0.60)": (2.08, 3.50, 2.00),
+    "rf/lognorm(0.50, 0.60)": (2.71, 8.50, 1.00),
+    "rf/mode(1.29)": (2.75, 3.25, 3.00),
+    "rf/lognorm(0.50, 1.00)": (2.83, 1.50, 2.50),
+    "eps/linear": (2.88, 4.25, 2.75),
+    "rf/mode(1.75)": (3.33, 2.75, 2.75),
+    "rf/cosmap": (4.13, 3.75, 4.00),
+    "edm(0.00, 0.60)": (5.63, 13.25, 3.25),
+    "rf": (5.67, 6.50, 5.75),
+    "v/linear": (6.83, 5.75, 7.75),
+    "edm(0.60, 1.20)": (9.00, 13.00, 9.00),
+    "v/cos": (9.17, 12.25, 8.75),
+    "edm/cos": (11.04, 14.25, 11.25),
+    "edm/rf": (13.04, 15.25, 13.25),
+    "edm(-1.20, 1.20)": (15.58, 20.25, 15.00),
+}
+
+# "rf" is uniform t, i.e. rf/mode(0.00) (SPEC 4); other spellings of it match the paper's row.
+ALIASES = {"rf/mode(0.00)": "rf", "rf/uniform": "rf", "rf/mode(-0.00)": "rf"}
+
+MIN_SHARED = 3  # fewer shared recipes make a rank correlation meaningless
+
+
+def paper_name(recipe: str) -> str:
+    """The paper's Table 1 spelling of a recipe name."""
+    return ALIASES.get(recipe, recipe)
+
+
+def paper_table() -> pd.DataFrame:
+    """Table 1 as a frame indexed by recipe with the columns all / 5 steps / 50 steps."""
+    frame = pd.DataFrame.from_dict(PAPER_TABLE1, orient="index", columns=list(COLUMNS))
+    frame.index.name = "recipe"
+    return frame
+
+
+def paper_ranks(recipes) -> pd.DataFrame:
+    """The paper's average ranks for the given recipe names (NaN where Table 1 lacks the recipe)."""
+    table = paper_table()
+    rows = [table.loc[paper_name(r)] if paper_name(r) in table.index else None for r in recipes]
+    frame = pd.DataFrame(
+        [row.to_numpy() if row is not None else [math.nan] * len(COLUMNS) for row in rows],
+        index=pd.Index(list(recipes), name="recipe"),
+        columns=list(COLUMNS),
+        dtype=float,
+    )
+    return frame
+
+
+def spearman_vs_paper(average_ranks: pd.DataFrame) -> pd.DataFrame:
+    """Spearman correlation of each column of average_ranks (indexed by recipe) with Table 1's, over shared recipes."""
+    paper = paper_ranks(average_ranks.index)
+    rows = []
+    for column in COLUMNS:
+        if column not in average_ranks.columns:
+            continue
+        both = pd.concat([average_ranks[column].astype(float), paper[column]], axis=1, keys=["ours", "paper"]).dropna()
+        rho = p_value = math.nan
+        if len(both) >= MIN_SHARED and both["ours"].nunique() > 1 and both["paper"].nunique() > 1:
+            result = stats.spearmanr(both["ours"], both["paper"])
+            rho, p_value = float(result.statistic), float(result.pvalue)
+        rows.append({"column": column, "n_shared": len(both), "spearman": rho, "p_value": p_value})
+    return pd.DataFrame(rows, columns=["column", "n_shared", "spearman", "p_value"])

@@ -1,0 +1,61 @@
+"""Publish a rank report to Weights & Biases: offline unless WANDB_MODE or the user's W&B settings say otherwise."""
+from __future__ import annotations
+
+import configparser
+import os
+from pathlib import Path
+
+import numpy as np
+
+from src.ranking.paper import COLUMNS
+
+DEFAULT_PROJECT = "flowsweep"
+
+
+def wandb_mode() -> str | None:
+    """None when WANDB_MODE is set (W&B reads it), else the mode in the user's W&B settings, else 'offline'."""
+    if os.environ.get("WANDB_MODE"):
+        return None
+    config_dir = Path(os.environ.get("WANDB_CONFIG_DIR", Path.home() / ".config" / "wandb"))
+    settings = configparser.ConfigParser()
+    try:
+        settings.read(config_dir / "settings")
+    except configparser.Error:
+        return "offline"
+    return settings.get("default", "mode", fallback=None) or "offline"
+
+
+def publish_wandb(report, paths: dict[str, Path], project: str | None = None) -> str:
+    """Log the rank table, metrics table and figures to one W&B run (group = sweep name); returns the run's directory."""
+    import wandb
+
+    from src.ranking.report import table1
+
+    mode = wandb_mode()
+    run = wandb.init(
+        project=project or os.environ.get("WANDB_PROJECT", DEFAULT_PROJECT),
+        group=report.sweep.name,
+        job_type="rank-report",
+        name=f"rank-report {report.sweep.name}",
+        config={"sweeps": [str(r) for r in report.sweep.roots], "bootstrap_draws": report.draws, "seed": report.seed,
+                "fifty_step": report.fifty_step_note},
+        settings=wandb.Settings(console="off", **({"mode": mode} if mode else {})),
+    )
+    try:
+        shown = table1(report)
+        run.log({
+            "rank_table": wandb.Table(columns=shown.headers, data=shown.rows),
+            "average_ranks": wandb.Table(dataframe=report.table.reset_index().astype(str)),
+            **{name: wandb.Image(str(path)) for name, path in paths.items() if Path(path).suffix == ".png"},
+        })
+        for row in report.spearman.itertuples(index=False):
+            if np.isfinite(row.spearman):
+                run.summary[f"spearman_vs_paper/{row.column}"] = row.spearman
+        best = report.table.index[0]
+        run.summary["best_recipe"] = best
+        for column in COLUMNS:
+            run.summary[f"best_average_rank/{column}"] = float(report.table.loc[best, column])
+        run.summary["partial_sweep"] = report.sweep.partial
+        return str(run.dir)
+    finally:
+        wandb.finish()

@@ -1,0 +1,384 @@
+"""The rank report of a sweep (SPEC 9): python -m src.ranking.report [SWEEP_DIR ...] [--out DIR] [...].
+
+Writes into reports/<sweep name>/ (or --out): report.md (Table 1 and Table 2 forms, notes), report.html
+(tables and figures embedded), CSVs of every table, and PNG figures; prints Table 1 to the terminal.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from src.ranking.aggregate import (
+    SETTING_KEY, Sweep, average_ranks, describe_fifty_step, load_sweep, missing_settings, rank_table, setting_groups,
+    setting_label,
+)
+from src.ranking.bootstrap import RankBootstrap, bootstrap_ranks, inseparable_pairs
+from src.ranking.paper import COLUMNS, paper_ranks, spearman_vs_paper
+from src.ranking.plots import plot_average_ranks, plot_metrics_vs_steps, plot_pareto_fronts, save_figure
+from src.ranking.tables import Table, fmt
+from src.utils.io import atomic_write_bytes
+
+DEFAULT_MULTIRUN = Path("outputs/multirun")
+DEFAULT_REPORTS = Path("reports")
+DEFAULT_DRAWS = 200
+TABLE2_STEPS = 25  # the paper's Table 2 compares metrics at 25 sampling steps, EMA weights
+
+
+class NoResultsError(RuntimeError):
+    """No results.json records under the searched directories."""
+
+
+@dataclass
+class RankReport:
+    """Everything the report shows: ranked records, the average-rank table, notes and bootstrap draws."""
+
+    sweep: Sweep
+    ranked: pd.DataFrame  # records with their front per control setting
+    table: pd.DataFrame  # per recipe: averages, 'n <column>', '<column> lo/hi', 'paper <column>'
+    n_settings: dict[str, int]  # control settings per column in the sweep
+    missing: dict[str, list[str]]
+    spearman: pd.DataFrame
+    fifty_step_note: str
+    bootstrap: RankBootstrap | None
+    draws: int
+    seed: int
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def build_report(
+    sweep_dirs: Sequence[Path | str],
+    fifty_step_cfg: Sequence[float] | None = None,
+    draws: int = DEFAULT_DRAWS,
+    seed: int = 0,
+    confidence: float = 0.9,
+    separation: float = 0.95,
+) -> RankReport:
+    """Load the sweeps, rank every control setting, average, bootstrap and compare with the paper."""
+    if int(draws) < 0:
+        raise ValueError(f"bootstrap draws={draws!r}: must be 0 (off) or a positive integer")
+    sweep = load_sweep(sweep_dirs)
+    if sweep.records.empty:
+        counts = sweep.runs["status"].value_counts().to_dict()
+        where = ", ".join(str(r.resolve()) for r in sweep.roots)
+        raise NoResultsError(f"no results found in {where} ({len(sweep.runs)} run directories: {counts or 'none'})")
+    ranked = rank_table(sweep.records)
+    groups = setting_groups(ranked, fifty_step_cfg)
+    table = average_ranks(ranked, groups)
+    n_settings = {c: int(ranked[np.asarray(groups[c])].drop_duplicates(SETTING_KEY).shape[0]) for c in COLUMNS}
+    boot = bootstrap_ranks(ranked, groups, draws, seed, confidence, separation) if draws else None
+    if boot is not None:
+        table = table.join(boot.intervals)
+    table = table.join(paper_ranks(table.index).add_prefix("paper "))
+    missing = missing_settings(ranked)
+    table["missing settings"] = [len(missing.get(r, [])) for r in table.index]
+    return RankReport(
+        sweep=sweep, ranked=ranked, table=table, n_settings=n_settings, missing=missing,
+        spearman=spearman_vs_paper(table[list(COLUMNS)]), fifty_step_note=describe_fifty_step(ranked, fifty_step_cfg),
+        bootstrap=boot, draws=int(draws), seed=seed,
+    )
+
+
+def metrics_table(ranked: pd.DataFrame, steps: int = TABLE2_STEPS, ema: bool = True) -> pd.DataFrame:
+    """Table 2 form: CLIP score and FID per recipe and dataset at one step count with EMA (or raw) weights."""
+    part = ranked[(ranked["steps"] == steps) & (ranked["ema"] == ema)]
+    metrics = ["clip_score", "fid_clip"] + (["fid_inception"] if part["fid_inception"].notna().any() else [])
+    wide = part.pivot_table(index="recipe", columns=["dataset", "setting"], values=metrics, aggfunc="first")
+    if wide.empty:
+        return wide
+    wide = wide.reorder_levels([1, 2, 0], axis=1).sort_index(axis=1)
+    return wide
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+def table1(report: RankReport) -> Table:
+    """Table 1 form: average rank over all / 5-step / 50-step settings with intervals, n and the paper's ranks."""
+    has_paper = report.table[[f"paper {c}" for c in COLUMNS]].notna().any().any()
+    headers = ["recipe"] + [f"{c} (n={report.n_settings[c]})" for c in COLUMNS]
+    headers += [f"paper {c}" for c in COLUMNS] if has_paper else []
+    rows = []
+    for recipe, row in report.table.iterrows():
+        cells = [recipe + (" *" if recipe in report.missing else "")]
+        for c in COLUMNS:
+            cell = fmt(row[c])
+            if f"{c} lo" in row and np.isfinite(row[c]):
+                cell += f" [{fmt(row[f'{c} lo'])}, {fmt(row[f'{c} hi'])}]"
+            if row[f"n {c}"] != report.n_settings[c]:
+                cell += f" (n={int(row[f'n {c}'])})"
+            cells.append(cell)
+        cells += [fmt(row[f"paper {c}"]) for c in COLUMNS] if has_paper else []
+        rows.append(cells)
+    return Table(headers, rows)
+
+
+def table2(report: RankReport) -> Table | None:
+    """Table 2 form at 25 steps with EMA weights, or None when the sweep has no such setting."""
+    wide = metrics_table(report.ranked)
+    if wide.empty:
+        return None
+    names = {"clip_score": "CLIP", "fid_clip": "FID", "fid_inception": "FID (Inception)"}
+    headers = ["recipe"] + [f"{d}, {s}: {names[m]}" for d, s, m in wide.columns]
+    rows = [
+        [recipe] + [fmt(v, 4 if m == "clip_score" else 3) for (_, _, m), v in zip(wide.columns, values)]
+        for recipe, values in zip(wide.index, wide.to_numpy(float))
+    ]
+    order = [r for r in report.table.index if r in set(wide.index)]
+    rows.sort(key=lambda cells: order.index(cells[0]))
+    return Table(headers, rows)
+
+
+def separability_table(report: RankReport) -> Table | None:
+    """Per recipe, the recipes the bootstrap cannot separate it from (all settings)."""
+    if report.bootstrap is None:
+        return None
+    boot = report.bootstrap
+    pairs = inseparable_pairs(boot.prob_better["all"], boot.separation, list(report.table.index))
+    partners: dict[str, list[str]] = {}
+    for a, b, p in pairs:
+        partners.setdefault(a, []).append(f"{b} ({p:.2f})")
+        partners.setdefault(b, []).append(f"{a} ({1 - p:.2f})")
+    rows = [[r, "; ".join(partners[r])] for r in report.table.index if r in partners]
+    return Table(["recipe", "cannot be separated from (P(recipe ranks better))"], rows)
+
+
+def status_lines(report: RankReport) -> list[str]:
+    """What the sweep contains and whether it is partial."""
+    runs = report.sweep.runs
+    counts = runs["status"].value_counts()
+    parts = [f"{counts.get('done', 0)} done"]
+    for status, words in (("failed", "failed"), ("incomplete", "running or killed"), ("unreadable", "unreadable")):
+        if counts.get(status, 0):
+            parts.append(f"{counts[status]} {words}")
+    lines = [
+        f"Sweep {report.sweep.name}: {len(runs)} run directories ({', '.join(parts)}); "
+        f"{len(report.ranked)} records, {report.ranked['recipe'].nunique()} recipes, "
+        f"{report.n_settings['all']} control settings."
+    ]
+    if report.sweep.partial:
+        lines.append("PARTIAL SWEEP: some runs have no results; the ranks cover the finished records only.")
+    return lines
+
+
+def notes(report: RankReport) -> list[str]:
+    """The footnotes of Table 1: definitions, missing settings, bootstrap, paper comparison."""
+    out = [
+        "Rank: per control setting (dataset, sampler setting, EMA or raw weights), non-dominated sorting of the "
+        "recipes on CLIP score (higher better) and FID on CLIP features (lower better); front 1 is non-dominated. "
+        "A recipe's rank is its mean front over a column's settings; n = settings averaged.",
+        report.fifty_step_note,
+    ]
+    boot = report.bootstrap
+    if boot is not None:
+        out.append(
+            f"[lo, hi]: {boot.confidence:.0%} percentile interval over {report.draws} paired bootstrap draws of the "
+            f"evaluation samples and reference images (seed {report.seed}). Two recipes are separated when one ranks "
+            f"better in at least {boot.separation:.0%} of the draws (ties count half). A percentile interval of a "
+            "rank need not contain the point value: resampling changes which recipes tie on a front."
+        )
+        if boot.metrics.fixed:
+            out.append(f"{len(boot.metrics.fixed)} records could not be resampled and keep their values in every draw "
+                       f"(e.g. {next(iter(boot.metrics.fixed.values()))}).")
+        for row, why in boot.metrics.inconsistent.items():
+            out.append(f"WARNING: {_record_label(report.ranked, row)}: {why}.")
+    else:
+        out.append("No bootstrap (--bootstrap 0): the averages carry no intervals.")
+    for recipe, lacks in report.missing.items():
+        shown = "; ".join(lacks[:6]) + (f"; ... ({len(lacks) - 6} more)" if len(lacks) > 6 else "")
+        out.append(f"* {recipe} lacks {len(lacks)} of {report.n_settings['all']} settings: {shown}.")
+    bad = report.ranked[~np.isfinite(report.ranked[["clip_score", "fid_clip"]].to_numpy(float)).all(axis=1)]
+    if len(bad):
+        out.append(f"{len(bad)} records with a non-finite CLIP score or FID were put in the last front of their setting: "
+                   + "; ".join(_record_label(report.ranked, i) for i in bad.index[:6]) + ".")
+    if len(report.sweep.duplicates):
+        out.append(f"{len(report.sweep.duplicates)} duplicate records (same recipe and control setting) were "
+                   "dropped, keeping the newest by 'created'.")
+    out.append(spearman_line(report.spearman))
+    return out
+
+
+def spearman_line(spearman: pd.DataFrame) -> str:
+    """One sentence with the Spearman correlations against the paper's Table 1."""
+    shared = int(spearman["n_shared"].max()) if len(spearman) else 0
+    if shared == 0:
+        return "Paper comparison: no recipe of this sweep is in the paper's Table 1."
+    parts = []
+    for row in spearman.itertuples(index=False):
+        value = f"{row.spearman:.2f} (p={row.p_value:.2g}, {row.n_shared} recipes)" if np.isfinite(row.spearman) else \
+            f"n/a ({row.n_shared} shared recipes, need >= 3 with distinct ranks)"
+        parts.append(f"{row.column}: {value}")
+    return ("Spearman correlation with the paper's Table 1 over shared recipes: " + "; ".join(parts)
+            + " (the paper ranks 61 recipes on other data; its 50-step column may average other CFG scales).")
+
+
+def runs_table(report: RankReport) -> Table | None:
+    """Run directories without results (failed, running or killed, unreadable)."""
+    runs = report.sweep.runs[report.sweep.runs["status"] != "done"]
+    if runs.empty:
+        return None
+    words = {"failed": "failed", "incomplete": "running or killed", "unreadable": "unreadable"}
+    return Table(["run directory", "status", "error"],
+                 [[r.run_dir, words.get(r.status, r.status), r.error] for r in runs.itertuples(index=False)])
+
+
+def terminal_text(report: RankReport) -> str:
+    """What the CLI prints: status, Table 1 and its notes."""
+    return "\n".join([*status_lines(report), "", table1(report).markdown(), "", *notes(report)])
+
+
+def markdown(report: RankReport, figures: dict[str, Path] | None = None) -> str:
+    """The full Markdown report."""
+    parts = [f"# Rank report: {report.sweep.name}", "", *status_lines(report), "",
+             "## Average rank (paper Table 1 form)", "", table1(report).markdown(), "", *[f"- {n}" for n in notes(report)]]
+    for title, table in _extra_tables(report):
+        parts += ["", f"## {title}", "", table.markdown()]
+    for name, path in (figures or {}).items():
+        parts += ["", f"![{name}]({path.name})"]
+    return "\n".join(parts) + "\n"
+
+
+def html_page(report: RankReport, figures: dict[str, Path] | None = None) -> str:
+    """A self-contained HTML page with the tables and the figures embedded."""
+    import html as html_lib
+
+    esc = html_lib.escape
+    body = [f"<h1>Rank report: {esc(report.sweep.name)}</h1>", *[f"<p>{esc(s)}</p>" for s in status_lines(report)],
+            "<h2>Average rank (paper Table 1 form)</h2>", table1(report).html(),
+            "<ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes(report)) + "</ul>"]
+    for title, table in _extra_tables(report):
+        body += [f"<h2>{esc(title)}</h2>", table.html()]
+    for name, path in (figures or {}).items():
+        data = base64.b64encode(Path(path).read_bytes()).decode()
+        body += [f"<h2>{esc(name)}</h2>", f'<img alt="{esc(name)}" src="data:image/png;base64,{data}">']
+    style = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto}table{border-collapse:collapse;font-size:13px}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Rank report: {esc(report.sweep.name)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def _extra_tables(report: RankReport) -> list[tuple[str, Table]]:
+    """The report's tables after Table 1, those that have content."""
+    candidates = [
+        ("Recipes the data cannot separate (all settings)", separability_table(report)),
+        (f"Metrics at {TABLE2_STEPS} steps, EMA weights (paper Table 2 form)", table2(report)),
+        ("Runs without results", runs_table(report)),
+    ]
+    return [(title, table) for title, table in candidates if table is not None and table.rows]
+
+
+def _record_label(ranked: pd.DataFrame, row: int) -> str:
+    """A record named by recipe and control setting."""
+    rec = ranked.iloc[int(row)]  # ranked keeps load_sweep's RangeIndex, so labels are positions
+    return f"{rec['recipe']} @ {setting_label(rec['dataset'], rec['setting'], rec['ema'])}"
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def write_report(report: RankReport, out_dir: Path | str) -> dict[str, Path]:
+    """Write the Markdown, HTML, CSV and PNG outputs into out_dir; returns name -> path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {
+        "Pareto fronts per control setting": save_figure(plot_pareto_fronts(report.ranked), out / "pareto_fronts.png"),
+        "Average rank": save_figure(plot_average_ranks(report.table), out / "average_ranks.png"),
+        "Metrics versus sampling steps": save_figure(plot_metrics_vs_steps(report.ranked), out / "metrics_vs_steps.png"),
+    }
+    paths = {f.stem: f for f in figures.values()}
+    csvs = {
+        "ranks": report.table.reset_index(),
+        "records": report.ranked.drop(columns=["config"], errors="ignore"),
+        "runs": report.sweep.runs,
+        "spearman": report.spearman,
+        "table2": _flat_columns(metrics_table(report.ranked)).reset_index(),
+    }
+    if report.bootstrap is not None:
+        csvs["separability"] = pd.concat(
+            [p.rename_axis(index="recipe", columns="other").stack().rename("p_better").reset_index().assign(column=c)
+             for c, p in report.bootstrap.prob_better.items()],
+            ignore_index=True,
+        )
+    for name, frame in csvs.items():
+        paths[name] = _write_text(out / f"{name}.csv", frame.to_csv(index=False))
+    paths["report_md"] = _write_text(out / "report.md", markdown(report, figures))
+    paths["report_html"] = _write_text(out / "report.html", html_page(report, figures))
+    return paths
+
+
+def _flat_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """Multi-level columns joined into single strings."""
+    frame = frame.copy()
+    if isinstance(frame.columns, pd.MultiIndex):
+        frame.columns = [" | ".join(map(str, c)) for c in frame.columns]
+    return frame
+
+
+def _write_text(path: Path, text: str) -> Path:
+    """Atomically write a text file."""
+    atomic_write_bytes(path, text.encode())
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def latest_sweep(root: Path | str = DEFAULT_MULTIRUN) -> Path:
+    """The sweep directory under root most recently modified (its own or a direct child's mtime)."""
+    root = Path(root)
+    sweeps = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
+    if not sweeps:
+        raise NoResultsError(f"no sweep found: {root.resolve()} has no sweep directories")
+
+    def touched(path: Path) -> float:
+        return max([path.stat().st_mtime] + [c.stat().st_mtime for c in path.iterdir() if c.is_dir()])
+
+    return max(sweeps, key=touched)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line of python -m src.ranking.report."""
+    parser = argparse.ArgumentParser(prog="python -m src.ranking.report", description="Rank report of a sweep (SPEC 9).")
+    parser.add_argument("sweeps", nargs="*", type=Path, help="sweep directories (default: latest under --multirun-root)")
+    parser.add_argument("--out", type=Path, help="report directory (default reports/<sweep name>)")
+    parser.add_argument("--fifty-step-cfg", type=float, nargs="+", metavar="CFG",
+                        help="CFG scale(s) of the 50-step column (default: all 50-step settings)")
+    parser.add_argument("--bootstrap", type=int, default=DEFAULT_DRAWS, metavar="N", help="bootstrap draws, 0 = off")
+    parser.add_argument("--confidence", type=float, default=0.9, help="bootstrap interval level")
+    parser.add_argument("--separation", type=float, default=0.95, help="ordering probability that separates recipes")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--multirun-root", type=Path, default=DEFAULT_MULTIRUN, help="where sweeps live")
+    parser.add_argument("--wandb", action="store_true", help="publish to W&B (offline unless WANDB_MODE says otherwise)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Build, write and print the rank report; a one-line error and exit status 1 when there is nothing to rank."""
+    args = parse_args(argv)
+    try:
+        sweeps = args.sweeps or [latest_sweep(args.multirun_root)]
+        report = build_report(sweeps, args.fifty_step_cfg, args.bootstrap, args.seed, args.confidence, args.separation)
+    except (NoResultsError, FileNotFoundError, ValueError) as exc:
+        print(f"rank report: error: {exc}", file=sys.stderr)
+        return 1
+    out_dir = args.out or DEFAULT_REPORTS / report.sweep.name
+    paths = write_report(report, out_dir)
+    print(terminal_text(report))
+    print(f"\nReport written to {out_dir}/ (report.md, report.html, CSVs, PNGs).")
+    if args.wandb:
+        from src.ranking.publish import publish_wandb
+
+        print(f"W&B run files: {publish_wandb(report, paths)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""A synthetic sweep in the layout of outputs/multirun/<sweep>/<run dirs> for tests, demos and the notebook."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from src.ranking.bootstrap import frechet_from_features
+from src.utils.io import atomic_write_bytes, atomic_write_json
+
+# The six Euler sampler settings of the study (SPEC 7): (steps, CFG scale).
+SAMPLER_SETTINGS = ((50, 1.0), (50, 2.5), (50, 5.0), (5, 5.0), (10, 5.0), (25, 5.0))
+DEFAULT_RECIPES = ("rf/lognorm(0.00, 1.00)", "rf/cosmap", "eps/linear", "v/cos", "edm(-1.20, 1.20)")
+DATASETS = ("digits", "shapes")
+STEP_QUALITY = {5: 0.45, 10: 0.7, 25: 0.9, 50: 1.0}
+
+
+def setting_name(steps: int, cfg: float) -> str:
+    """Sampler setting label, e.g. '50 steps, cfg 5.0'."""
+    return f"{steps} steps, cfg {cfg:.1f}"
+
+
+def write_synthetic_sweep(
+    sweep_dir: Path | str,
+    recipes: Sequence[str] = DEFAULT_RECIPES,
+    datasets: Sequence[str] = DATASETS,
+    quality: Sequence[float] | None = None,
+    n_samples: int = 48,
+    n_reference: int = 96,
+    dim: int = 6,
+    seed: int = 0,
+    missing: Sequence[tuple] = (),
+    failed: Sequence[str] = (),
+    running: Sequence[str] = (),
+) -> Path:
+    """Write one run dir per (recipe, dataset); quality (default decreasing along recipes) orders the recipes.
+
+    missing: (recipe, dataset, steps, cfg, ema) records left out; failed: recipes whose jobs wrote error.json;
+    running: recipes whose jobs have only .hydra/config.yaml.
+    """
+    sweep_dir = Path(sweep_dir)
+    rng = np.random.default_rng(seed)
+    quality = np.linspace(1.0, 0.0, len(recipes)) if quality is None else np.asarray(quality, float)
+    if len(quality) != len(recipes):
+        raise ValueError(f"quality has {len(quality)} values for {len(recipes)} recipes; give one per recipe")
+    references = {}
+    for dataset in datasets:
+        references[dataset] = rng.standard_normal((n_reference, dim))
+        _write_npz(sweep_dir / "reference" / f"{dataset}.npz", features=references[dataset])
+    prompt_noise = {d: rng.standard_normal((n_samples, dim)) for d in datasets}  # common random numbers (SPEC 7)
+    missing_keys = {(r, d, int(s), float(c), bool(e)) for r, d, s, c, e in missing}
+    job = 0
+    for recipe, q in zip(recipes, quality):
+        for dataset in datasets:
+            run_dir = sweep_dir / str(job)
+            job += 1
+            _write_text(run_dir / ".hydra" / "config.yaml", f"loss: {recipe!r}\ndata: {dataset}\n")
+            if recipe in running:
+                continue
+            if recipe in failed:
+                atomic_write_json(run_dir / "error.json", {"error": "loss is NaN at step 120", "type": "FloatingPointError"})
+                continue
+            records = []
+            for steps, cfg in SAMPLER_SETTINGS:
+                for ema in (True, False):
+                    if (recipe, dataset, steps, cfg, ema) in missing_keys:
+                        continue
+                    level = q * STEP_QUALITY[steps] * (1.0 if ema else 0.9) * (1.0 - 0.05 * abs(cfg - 5.0))
+                    feats = prompt_noise[dataset] * (1.0 + 0.3 * (1 - level)) + 1.5 * (1.0 - level)
+                    clip_scores = 0.2 + 0.06 * level + 0.02 * rng.standard_normal(n_samples)
+                    arrays = f"eval/{dataset}_{steps}_{cfg:.1f}_{'ema' if ema else 'raw'}.npz"
+                    _write_npz(run_dir / arrays, clip_scores=clip_scores, features=feats)
+                    records.append(
+                        {
+                            "recipe": recipe, "family": recipe.split("(")[0].split("/")[0], "params": {},
+                            "dataset": dataset, "setting": setting_name(steps, cfg), "steps": steps, "cfg": cfg,
+                            "shift": 1.0, "ema": ema, "clip_score": float(clip_scores.mean()),
+                            "fid_clip": frechet_from_features(feats, references[dataset]), "fid_inception": None,
+                            "n_samples": n_samples, "checkpoint_step": 600, "arrays": arrays,
+                            "reference_arrays": f"../reference/{dataset}.npz", "config": {"loss": recipe},
+                            "created": "2024-03-05T12:00:00",
+                        }
+                    )
+            atomic_write_json(run_dir / "results.json", records)
+    return sweep_dir
+
+
+def _write_npz(path: Path, **arrays) -> None:
+    """Atomically write an npz file."""
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomically write a text file."""
+    atomic_write_bytes(path, text.encode())
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """python -m src.ranking.synthetic SWEEP_DIR: write a demo sweep (one failed and one running job)."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    recipes = (*DEFAULT_RECIPES, "rf/mode(1.29)", "v/linear")
+    write_synthetic_sweep(args.sweep_dir, recipes=recipes, seed=args.seed, failed=("v/linear",), running=("rf/mode(1.29)",))
+    print(args.sweep_dir)
+
+
+if __name__ == "__main__":
+    main()
