@@ -1,0 +1,102 @@
+"""MM-DiT (Esser et al. 2024, section 4, Fig. 2) and its 3-stream variant (section 5.2.1, Fig. 4).
+
+Each stream (image tokens, text tokens) has its own weights; the streams meet in one joint attention over
+the concatenation of all their tokens. Follows Stability-AI/sd3.5 mmditx.py (block_mixing, JointBlock).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .backbone import Backbone
+from .layers import StreamBlock, attention
+
+
+class JointBlock(nn.Module):
+    """One MM-DiT block: per-stream adaLN-Zero blocks around a joint attention over all streams' tokens.
+
+    With context_pre_only (the last block) the text streams keep only what feeds the attention: their
+    outputs would be discarded, as in diffusers' `context_pre_only` and mmditx's `pre_only`.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qk_norm: str | None = None,
+        context_pre_only: bool = False,
+        num_context_streams: int = 1,
+    ):
+        super().__init__()
+        self.context_pre_only = context_pre_only
+        self.x_block = StreamBlock(hidden_size, num_heads, mlp_ratio, qk_norm)
+        self.context_blocks = nn.ModuleList(
+            StreamBlock(hidden_size, num_heads, mlp_ratio, qk_norm, pre_only=context_pre_only)
+            for _ in range(num_context_streams)
+        )
+
+    def forward(self, x: Tensor, contexts: list[Tensor], c: Tensor) -> tuple[Tensor, list[Tensor]]:
+        blocks = (self.x_block, *self.context_blocks)
+        streams = (x, *contexts)
+        pre = [block.pre_attention(s, c) for block, s in zip(blocks, streams)]
+        q, k, v = (torch.cat([qkv[i] for qkv, _ in pre], dim=1) for i in range(3))
+        outs = attention(q, k, v).split([s.shape[1] for s in streams], dim=1)
+        x = self.x_block.post_attention(outs[0], *pre[0][1])
+        if self.context_pre_only:
+            return x, []
+        contexts = [block.post_attention(o, *rest) for block, o, (_, rest) in zip(blocks[1:], outs[1:], pre[1:])]
+        return x, contexts
+
+
+class MMDiT(Backbone):
+    """MM-DiT: separate weights for image and text tokens, joint attention (the paper's backbone)."""
+
+    num_context_streams = 1
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.joint_blocks = nn.ModuleList(
+            JointBlock(
+                self.hidden_size,
+                self.num_heads,
+                self.mlp_ratio,
+                self.qk_norm,
+                context_pre_only=i == self.depth - 1,
+                num_context_streams=self.num_context_streams,
+            )
+            for i in range(self.depth)
+        )
+        self.initialize_weights()
+
+    def forward_blocks(self, x: Tensor, contexts: list[Tensor], c: Tensor) -> Tensor:
+        for block in self.joint_blocks:
+            x, contexts = block(x, contexts, c)
+        return x
+
+
+class MMDiT3(MMDiT):
+    """3-stream MM-DiT: separate weights for the first context_split text tokens (CLIP) and the rest (T5)."""
+
+    num_context_streams = 2
+
+    def __init__(self, *, context_split: int = 77, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(context_split, bool) or not isinstance(context_split, int) or context_split < 1:
+            raise ValueError(f"context_split={context_split!r} is not allowed; allowed: a positive integer")
+        self.context_split = context_split
+        self.context_embedder_2 = nn.Linear(self.context_dim, self.hidden_size)
+        self.initialize_weights()
+
+    def check_inputs(self, x: Tensor, t: Tensor, context: Tensor, pooled: Tensor) -> None:
+        super().check_inputs(x, t, context, pooled)
+        if context.shape[1] <= self.context_split:
+            raise ValueError(
+                f"context has {context.shape[1]} tokens; allowed: more than context_split={self.context_split} "
+                "(the first context_split tokens form one text stream, the rest the other)"
+            )
+
+    def embed_context(self, context: Tensor) -> list[Tensor]:
+        first, second = context[:, : self.context_split], context[:, self.context_split :]
+        return [self.context_embedder(first), self.context_embedder_2(second)]
