@@ -1,0 +1,109 @@
+"""CLIP score and CLIP image/text features from any open_clip model loaded from a local file (SPEC 7).
+
+Definitions used throughout the project:
+- clip_score: per sample, the raw cosine similarity of the CLIP image embedding of the sample and the CLIP
+  text embedding of its prompt (no 100x scale, no clipping at 0; the paper's values are about 0.25).
+- fid_clip: the Frechet distance (float64, unbiased covariances) between Gaussian fits of the
+  L2-normalised CLIP image embeddings (the output of `encode_image`, i.e. after the visual projection) of
+  the samples and of the evaluation images. Images are mapped from [-1, 1] to [0, 1], grey repeated to RGB,
+  resized (shorter side, bicubic, antialiased) and centre-cropped to the model's image size, and normalised
+  with the model's mean and std. Because of the L2 normalisation, values are not comparable with clean-fid's
+  "clip_vit_b_32" FID (which uses unnormalised embeddings) and are bounded by 4 + 4 = 8 for unit vectors.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from src.metrics.images import resize_center_crop, to_rgb01
+
+
+def clip_score(image_features: Tensor, text_features: Tensor) -> Tensor:
+    """Per-sample raw cosine similarity of paired (n, d) image and text embeddings, shape (n,)."""
+    if image_features.ndim != 2 or image_features.shape != text_features.shape:
+        raise ValueError(
+            f"clip_score: image and text features must both be (n, d), got {tuple(image_features.shape)} "
+            f"and {tuple(text_features.shape)}"
+        )
+    return F.cosine_similarity(image_features.float(), text_features.float(), dim=-1)
+
+
+def require_file(path: str | os.PathLike | None, config_key: str) -> Path:
+    """The path as a Path if it is an existing file; else a FileNotFoundError naming the config key."""
+    if path is None or not Path(path).is_file():
+        raise FileNotFoundError(
+            f"{config_key}: weights file not found: {path!s} (set {config_key} to a local file; "
+            f"nothing is downloaded)"
+        )
+    return Path(path).resolve()
+
+
+class ClipFeatureExtractor:
+    """Image and text embeddings of an open_clip model whose weights come from a local file.
+
+    OpenAI's CLIP weights were trained with QuickGELU: load them with the "-quickgelu" model name (e.g.
+    "ViT-L-14-quickgelu") or force_quick_gelu=True, and keep the default OpenAI mean/std, or the features
+    are silently wrong (a local file bypasses open_clip's per-weight settings). The file must be a state
+    dict (.pt/.bin/.safetensors); it is read with weights_only=True.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        weights_path: str | os.PathLike | None,
+        device: str | torch.device = "cpu",
+        force_quick_gelu: bool = False,
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
+        config_key: str = "metrics.clip.weights_path",
+    ):
+        path = require_file(weights_path, config_key)
+        if model_name.replace("/", "-") not in open_clip.list_models():
+            raise ValueError(
+                f"metrics.clip.model_name: unknown open_clip model {model_name!r} (register custom configs with "
+                f"open_clip.add_model_config first)"
+            )
+        override = {k: tuple(v) for k, v in (("mean", image_mean), ("std", image_std)) if v is not None}
+        self.model_name, self.weights_path, self.device = model_name, path, torch.device(device)
+        self.model = open_clip.create_model(
+            model_name,
+            pretrained=str(path),
+            device=self.device,
+            force_quick_gelu=force_quick_gelu,
+            force_preprocess_cfg=override or None,
+            weights_only=True,
+        ).eval()
+        self.model.requires_grad_(False)
+        cfg = open_clip.get_model_preprocess_cfg(self.model)
+        size = cfg["size"]
+        self.image_size = (size, size) if isinstance(size, int) else tuple(size)
+        self.mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg["std"], device=self.device).view(1, 3, 1, 1)
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+
+    @property
+    def id(self) -> str:
+        """Identifies the features for the reference-statistics cache: model name and weights file."""
+        return f"clip:{self.model_name}:{self.weights_path.name}"
+
+    @torch.no_grad()
+    def image_features(self, images: Tensor) -> Tensor:
+        """L2-normalised image embeddings (B, d), float32 on CPU, of (B, 1 or 3, H, W) images in [-1, 1]."""
+        x = resize_center_crop(to_rgb01(images.to(self.device)), self.image_size)
+        x = (x - self.mean) / self.std
+        return self.model.encode_image(x, normalize=True).float().cpu()
+
+    @torch.no_grad()
+    def text_features(self, captions: Sequence[str]) -> Tensor:
+        """L2-normalised text embeddings (n, d), float32 on CPU."""
+        if isinstance(captions, str):
+            raise ValueError("text_features: captions must be a sequence of strings, got one string")
+        tokens = self.tokenizer(list(captions)).to(self.device)
+        return self.model.encode_text(tokens, normalize=True).float().cpu()

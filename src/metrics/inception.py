@@ -1,0 +1,48 @@
+"""Inception-v3 pool features (2048-d) through torch-fidelity, weights from a local file (SPEC 7, extra metric)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+from src.metrics.clip import require_file
+from src.metrics.images import to_uint8
+
+
+class InceptionFeatureExtractor:
+    """torch-fidelity's InceptionV3 (the FID network of Heusel et al.) with its state dict from a local file.
+
+    The file is torch-fidelity's Inception state dict (weights-inception-2015-12-05-6726825d.pth). It is first
+    read here with weights_only=True, which rejects anything but tensors, and only then handed to
+    torch-fidelity's own loader. Inputs are rounded to uint8 as torch-fidelity expects (as a saved PNG would be)
+    and resized by torch-fidelity to 299 x 299 the way TF1 did.
+    """
+
+    def __init__(
+        self,
+        weights_path: str | os.PathLike | None,
+        device: str | torch.device = "cpu",
+        config_key: str = "metrics.inception.weights_path",
+    ):
+        path = require_file(weights_path, config_key)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise ValueError(f"{config_key}: {path} is not a state dict of tensors (torch-fidelity's Inception file)")
+        del state
+        self.weights_path, self.device = path, torch.device(device)
+        self.model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+        self.model.to(self.device)
+
+    @property
+    def id(self) -> str:
+        """Identifies the features for the reference-statistics cache."""
+        return f"inception-v3-2048:{self.weights_path.name}"
+
+    @torch.no_grad()
+    def image_features(self, images: Tensor) -> Tensor:
+        """2048-d pool features (B, 2048), float32 on CPU, of (B, 1 or 3, H, W) images in [-1, 1]."""
+        (features,) = self.model(to_uint8(images).to(self.device))
+        return features.float().cpu()

@@ -1,0 +1,85 @@
+"""Reference feature statistics of an evaluation set, computed once per (feature extractor, set) and cached."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from src.metrics.files import load_npz, save_npz
+from src.metrics.frechet import feature_statistics
+
+Images = Union[Tensor, Iterable[Tensor], Callable[[], Iterable[Tensor]]]
+
+
+@dataclass(frozen=True)
+class ReferenceFeatures:
+    """Features (m, d) of the evaluation images, their float64 Gaussian fit, and the cache file."""
+
+    extractor_id: str
+    dataset_id: str
+    features: np.ndarray
+    mu: np.ndarray
+    sigma: np.ndarray
+    path: Path
+
+    @property
+    def n(self) -> int:
+        return int(self.features.shape[0])
+
+
+def _slug(text: str) -> str:
+    """A file-name-safe form of an id; a short hash keeps distinct ids distinct."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:60]
+    return f"{safe}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
+def reference_path(extractor_id: str, dataset_id: str, cache_dir: str | os.PathLike) -> Path:
+    """The cache file of one (feature extractor, evaluation set) pair."""
+    return Path(cache_dir) / f"{_slug(extractor_id)}__{_slug(dataset_id)}.npz"
+
+
+def _batches(images: Images, batch_size: int = 256) -> Iterable[Tensor]:
+    if callable(images) and not isinstance(images, Tensor):
+        images = images()
+    if isinstance(images, Tensor):
+        return images.split(batch_size)
+    return images
+
+
+def reference_features(
+    extractor_id: str,
+    dataset_id: str,
+    images: Images,
+    extractor,
+    cache_dir: str | os.PathLike,
+) -> ReferenceFeatures:
+    """Load the cached reference features for (extractor_id, dataset_id), or compute and cache them (atomic npz).
+
+    images: a (m, C, H, W) tensor in [-1, 1], an iterable of such batches, or a zero-argument callable returning
+    one (called only on a cache miss). extractor: an object with `.image_features(images)` or such a callable.
+    """
+    path = reference_path(extractor_id, dataset_id, cache_dir)
+    if path.is_file():
+        data = load_npz(path)
+        if str(data["extractor_id"]) != extractor_id or str(data["dataset_id"]) != dataset_id:
+            raise ValueError(f"reference cache {path} holds ({data['extractor_id']}, {data['dataset_id']}), "
+                             f"expected ({extractor_id}, {dataset_id})")
+        return ReferenceFeatures(extractor_id, dataset_id, data["features"], data["mu"], data["sigma"], path)
+    extract = getattr(extractor, "image_features", extractor)
+    with torch.no_grad():
+        chunks = [extract(batch).detach().float().cpu() for batch in _batches(images)]
+    if not chunks:
+        raise ValueError(f"reference_features: no images for dataset {dataset_id!r}")
+    features = torch.cat(chunks).numpy()
+    mu, sigma = feature_statistics(features)
+    save_npz(path, features=features, mu=mu, sigma=sigma, extractor_id=np.array(extractor_id),
+             dataset_id=np.array(dataset_id))
+    return ReferenceFeatures(extractor_id, dataset_id, features, mu, sigma, path)

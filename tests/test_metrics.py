@@ -1,0 +1,213 @@
+"""Tests for src.metrics: Frechet distance, CLIP score, the CLIP extractor, reference-statistics cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from src.metrics import (
+    ClipFeatureExtractor,
+    clip_score,
+    feature_statistics,
+    fid_from_features,
+    frechet_distance,
+    reference_features,
+)
+
+TINY_CLIP = "TinyTest-CLIP-16"
+TINY_CLIP_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 4},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_file(tmp_path_factory):
+    """A randomly initialised small open_clip model, registered by config and saved as a state dict."""
+    folder = tmp_path_factory.mktemp("clip")
+    (folder / f"{TINY_CLIP}.json").write_text(json.dumps(TINY_CLIP_CFG))
+    open_clip.add_model_config(folder / f"{TINY_CLIP}.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY_CLIP)
+    path = folder / "tiny_clip.pt"
+    torch.save(model.state_dict(), path)
+    return path, model.eval()
+
+
+def _digits(n: int, offset: int = 0) -> torch.Tensor:
+    """sklearn's 8x8 digits as (n, 1, 16, 16) images in [-1, 1]."""
+    from sklearn.datasets import load_digits
+
+    x = torch.tensor(load_digits().images[offset : offset + n], dtype=torch.float32) / 16.0 * 2 - 1
+    return torch.nn.functional.interpolate(x[:, None], size=16, mode="nearest")
+
+
+# ---- Frechet distance -----------------------------------------------------------------------------
+def test_identical_feature_sets_give_zero_fid():
+    x = torch.randn(300, 24, generator=torch.Generator().manual_seed(0))
+    assert fid_from_features(x, x) == pytest.approx(0.0, abs=1e-9)
+    assert fid_from_features(x, x + 0.5) == pytest.approx(24 * 0.25, rel=1e-9)  # pure mean shift
+
+
+def test_frechet_distance_closed_form_for_diagonal_gaussians():
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    v1, v2 = np.array([1.0, 4.0, 0.25]), np.array([4.0, 1.0, 0.25])
+    expected = 1 + 4 + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
+    assert frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_frechet_distance_equals_torchmetrics_fid_on_the_same_features():
+    gen = torch.Generator().manual_seed(1)
+    real = torch.randn(400, 16, generator=gen, dtype=torch.float64)
+    fake = torch.randn(300, 16, generator=gen, dtype=torch.float64) @ (0.3 * torch.randn(16, 16, generator=gen,
+                                                                                   dtype=torch.float64)) + 0.2
+
+    class Identity(torch.nn.Module):
+        num_features = 16
+
+        def forward(self, x):
+            return x
+
+    metric = FrechetInceptionDistance(feature=Identity(), normalize=True)
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    ours = fid_from_features(fake, real)
+    assert ours > 1.0
+    assert ours == pytest.approx(float(metric.compute()), rel=1e-7)
+
+
+def test_feature_statistics_are_float64_and_unbiased():
+    x = np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32)
+    mu, sigma = feature_statistics(x)
+    assert mu.dtype == sigma.dtype == np.float64
+    np.testing.assert_allclose(sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-12)
+    with pytest.raises(ValueError, match="n >= 2"):
+        feature_statistics(x[:1])
+    with pytest.raises(ValueError, match="shapes"):
+        frechet_distance(mu, sigma, mu[:2], sigma[:2, :2])
+
+
+def test_clip_score_is_raw_cosine():
+    img = torch.tensor([[1.0, 0.0], [3.0, 4.0], [1.0, 1.0]])
+    txt = torch.tensor([[2.0, 0.0], [4.0, -3.0], [-1.0, -1.0]])
+    torch.testing.assert_close(clip_score(img, txt), torch.tensor([1.0, 0.0, -1.0]))
+    with pytest.raises(ValueError, match="clip_score"):
+        clip_score(img, txt[:2])
+
+
+# ---- CLIP extractor -------------------------------------------------------------------------------
+def test_clip_extractor_loads_the_local_file(tiny_clip_file):
+    path, model = tiny_clip_file
+    ext = ClipFeatureExtractor(TINY_CLIP, path)
+    for name, p in model.state_dict().items():
+        torch.testing.assert_close(ext.model.state_dict()[name], p, rtol=0, atol=0)
+    images = _digits(6)
+    feats = ext.image_features(images)
+    assert feats.shape == (6, 32) and feats.dtype == torch.float32
+    torch.testing.assert_close(feats.norm(dim=1), torch.ones(6))
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    manual = model.encode_image(((images.repeat(1, 3, 1, 1) + 1) / 2 - mean) / std, normalize=True)
+    torch.testing.assert_close(feats, manual.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ext.image_features(images.repeat(1, 3, 1, 1)), feats)
+    assert ext.image_features(_digits(2)[:, :, ::2, ::2]).shape == (2, 32)  # 8x8 input is resized to 16
+    text = ext.text_features(["a photo of a zero", "a photo of a one"])
+    assert text.shape == (2, 32)
+    tokens = open_clip.get_tokenizer(TINY_CLIP)(["a photo of a zero"])
+    torch.testing.assert_close(text[:1], model.encode_text(tokens, normalize=True).detach())
+
+
+def test_clip_extractor_mean_std_override(tiny_clip_file):
+    path, _ = tiny_clip_file
+    ext = ClipFeatureExtractor(TINY_CLIP, path, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+    torch.testing.assert_close(ext.mean.flatten(), torch.full((3,), 0.5))
+    assert not torch.allclose(ext.image_features(_digits(2)), ClipFeatureExtractor(TINY_CLIP, path).image_features(
+        _digits(2)))
+
+
+def test_clip_extractor_missing_file_names_the_setting(tmp_path):
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(FileNotFoundError, match=r"evaluation\.clip_weights.*nope\.pt"):
+        ClipFeatureExtractor("ViT-B-32", missing, config_key="evaluation.clip_weights")
+    with pytest.raises(FileNotFoundError, match=r"metrics\.clip\.weights_path"):
+        ClipFeatureExtractor("ViT-B-32", None)
+
+
+def test_clip_extractor_rejects_bad_images(tiny_clip_file):
+    ext = ClipFeatureExtractor(TINY_CLIP, tiny_clip_file[0])
+    with pytest.raises(ValueError, match="C = 1 or 3"):
+        ext.image_features(torch.zeros(2, 2, 16, 16))
+
+
+def test_clip_fid_falls_when_samples_come_from_the_evaluation_distribution(tiny_clip_file):
+    ext = ClipFeatureExtractor(TINY_CLIP, tiny_clip_file[0])
+    reference = ext.image_features(_digits(400))
+    from_data = ext.image_features(_digits(300, offset=400))
+    noise = ext.image_features(torch.rand(300, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    fid_data, fid_noise = fid_from_features(from_data, reference), fid_from_features(noise, reference)
+    assert fid_data < 0.5 * fid_noise, (fid_data, fid_noise)
+
+
+# ---- reference statistics cache -------------------------------------------------------------------
+def test_reference_features_are_computed_once_and_cached(tmp_path):
+    calls = []
+
+    def extractor(images):
+        calls.append(images.shape[0])
+        return images.flatten(1)[:, :5] * 2
+
+    images = torch.randn(300, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    ref = reference_features("toy", "digits/test", images, extractor, tmp_path)
+    assert calls == [256, 44] and ref.features.shape == (300, 5) and ref.n == 300
+    np.testing.assert_allclose(ref.mu, (images.flatten(1)[:, :5] * 2).double().mean(0).numpy(), rtol=1e-6)
+    assert ref.path.is_file() and [p.name for p in tmp_path.iterdir()] == [ref.path.name]
+
+    def never():
+        raise AssertionError("images are not loaded on a cache hit")
+
+    again = reference_features("toy", "digits/test", never, extractor, tmp_path)
+    assert calls == [256, 44]
+    np.testing.assert_array_equal(again.features, ref.features)
+    np.testing.assert_array_equal(again.sigma, ref.sigma)
+    other = reference_features("toy", "shapes/test", [images[:10], images[10:20]], extractor, tmp_path)
+    assert other.path != ref.path and other.n == 20
+
+
+# ---- Inception extractor --------------------------------------------------------------------------
+def test_inception_extractor_missing_or_bad_file(tmp_path):
+    from src.metrics import InceptionFeatureExtractor
+
+    with pytest.raises(FileNotFoundError, match=r"metrics\.inception\.weights_path.*missing\.pth"):
+        InceptionFeatureExtractor(tmp_path / "missing.pth")
+    torch.save({"step": 3}, tmp_path / "not_weights.pth")
+    with pytest.raises(ValueError, match="not a state dict"):
+        InceptionFeatureExtractor(tmp_path / "not_weights.pth")
+
+
+@pytest.mark.slow
+def test_inception_extractor_loads_random_weights_from_a_local_file(tmp_path):
+    from unittest import mock
+
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+    from src.metrics import InceptionFeatureExtractor
+
+    torch.manual_seed(0)  # build torch-fidelity's network without its download, keep the random init
+    with mock.patch.object(fe, "load_state_dict_from_url", return_value={}), mock.patch.object(
+        fe.FeatureExtractorInceptionV3, "load_state_dict"
+    ):
+        state = fe.FeatureExtractorInceptionV3("random", ["2048"]).state_dict()
+    torch.save(state, tmp_path / "inception.pth")
+    ext = InceptionFeatureExtractor(tmp_path / "inception.pth")
+    for name in ("Conv2d_1a_3x3.conv.weight", "fc.weight", "Mixed_7c.branch_pool.conv.weight"):
+        torch.testing.assert_close(ext.model.state_dict()[name], state[name], rtol=0, atol=0)
+    images = _digits(3)
+    feats = ext.image_features(images)
+    assert feats.shape == (3, 2048) and torch.isfinite(feats).all() and feats.abs().sum() > 0
+    torch.testing.assert_close(ext.image_features(images.repeat(1, 3, 1, 1)), feats)
