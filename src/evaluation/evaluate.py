@@ -1,0 +1,269 @@
+"""Plain evaluation of a trained backbone at the paper's sampler settings (SPEC 7), no Lightning.
+
+For each setting: sample n prompts of the evaluation set with common random numbers (the noise of prompt k
+depends only on (seed, k)), decode to pixels, embed with CLIP (and optionally Inception), and write the
+per-sample arrays, a PNG grid of the first 64 samples and one record into results.json. Settings whose
+record is already complete are skipped, and each finished setting is merged into results.json at once, so an
+interrupted evaluation resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor
+from torchvision.utils import save_image
+
+from src.formulations.base import Formulation
+from src.metrics.clip import clip_score
+from src.metrics.files import atomic_write, save_npz
+from src.metrics.frechet import feature_statistics, frechet_distance
+from src.metrics.reference import ReferenceFeatures
+from src.evaluation.records import Record, find_record, merge_results, read_results
+from src.sampling import initial_noise, sample
+
+log = logging.getLogger(__name__)
+
+GRID_SAMPLES = 64
+EVAL_SUBDIR = "eval"
+
+
+def _num(x: float) -> str:
+    """At least one decimal (5.0, 2.5), more only where needed (7.25)."""
+    return f"{x:.1f}" if round(x, 1) == x else f"{x:g}"
+
+
+@dataclass(frozen=True)
+class SamplerSetting:
+    """Euler steps, CFG scale and timestep shift of one sampler setting (SPEC 7)."""
+
+    steps: int
+    cfg: float
+    shift: float = 1.0
+
+    def __post_init__(self):
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"sampler setting steps={self.steps!r}: must be an integer >= 1")
+        for name, value, low in (("cfg", self.cfg, 0.0), ("shift", self.shift, 0.0)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or value < low or (name == "shift" and value == 0):
+                raise ValueError(f"sampler setting {name}={value!r}: must be a finite number "
+                                 f"{'> 0' if name == 'shift' else '>= 0'}")
+
+    @property
+    def label(self) -> str:
+        """e.g. "50 steps, cfg 5.0" (", shift 3.0" appended when shifted)."""
+        text = f"{self.steps} steps, cfg {_num(self.cfg)}"
+        return text if self.shift == 1.0 else f"{text}, shift {_num(self.shift)}"
+
+
+#: The paper's six settings: 50 steps at CFG 1.0, 2.5, 5.0; 5, 10, 25 steps at CFG 5.0 (section 5.1).
+PAPER_SETTINGS = (
+    SamplerSetting(50, 1.0),
+    SamplerSetting(50, 2.5),
+    SamplerSetting(50, 5.0),
+    SamplerSetting(5, 5.0),
+    SamplerSetting(10, 5.0),
+    SamplerSetting(25, 5.0),
+)
+
+
+@dataclass(frozen=True)
+class EvalPrompts:
+    """The evaluation prompts: captions, text conditioning (context (N, L, D), pooled (N, D)), latent shape."""
+
+    captions: list[str]
+    context: Tensor
+    pooled: Tensor
+    latent_shape: tuple[int, ...]
+
+    @classmethod
+    def from_any(cls, eval_set: Any) -> "EvalPrompts":
+        """From a mapping or an object with captions, context, pooled and latent_shape (or x0 to take it from)."""
+        get = eval_set.get if isinstance(eval_set, Mapping) else lambda k: getattr(eval_set, k, None)
+        missing = [k for k in ("captions", "context", "pooled") if get(k) is None]
+        if missing:
+            raise ValueError(f"eval_set lacks {missing}; needs captions, context, pooled and latent_shape (or x0)")
+        shape = get("latent_shape") or (tuple(get("x0").shape[1:]) if get("x0") is not None else None)
+        if not shape:
+            raise ValueError("eval_set needs latent_shape (C, H, W) or x0 to take the latent shape from")
+        captions, context, pooled = list(get("captions")), get("context"), get("pooled")
+        if not (len(captions) == context.shape[0] == pooled.shape[0]) or not captions:
+            raise ValueError(f"eval_set: captions ({len(captions)}), context ({context.shape[0]}) and pooled "
+                             f"({pooled.shape[0]}) must have the same non-zero length")
+        return cls(captions, context, pooled, tuple(int(s) for s in shape))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", text).strip("_")
+
+
+def _stem(recipe: str, dataset: str, setting: SamplerSetting, ema: bool) -> str:
+    return (f"{_slug(recipe)}__{_slug(dataset)}__{'ema' if ema else 'raw'}__"
+            f"{setting.steps}steps_cfg{_num(setting.cfg)}_shift{_num(setting.shift)}")
+
+
+def _rel(path: Path, root: Path) -> str:
+    """path relative to root when inside it, else absolute."""
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def _device_of(backbone: Any, fallback: torch.device) -> torch.device:
+    if isinstance(backbone, torch.nn.Module):
+        for p in backbone.parameters():
+            return p.device
+    return fallback
+
+
+@contextmanager
+def _eval_mode(backbone: Any) -> Iterator[None]:
+    training = isinstance(backbone, torch.nn.Module) and backbone.training
+    if training:
+        backbone.eval()
+    try:
+        yield
+    finally:
+        if training:
+            backbone.train()
+
+
+def _base_fields(formulation: Formulation, base_record: Mapping[str, Any]) -> dict[str, Any]:
+    if "dataset" not in base_record:
+        raise ValueError(f"base_record needs 'dataset' (the evaluation set's name); got keys {sorted(base_record)}")
+    return {
+        "recipe": base_record.get("recipe", formulation.name),
+        "family": base_record.get("family", formulation.family),
+        "params": dict(base_record.get("params", formulation.params())),
+        "dataset": str(base_record["dataset"]),
+        "checkpoint_step": base_record.get("checkpoint_step"),
+        "config": dict(base_record.get("config", {})),
+    }
+
+
+def _is_complete(rec: Mapping[str, Any], out_dir: Path, n_samples: int, seed: int, base: Mapping[str, Any],
+                 reference: ReferenceFeatures, inception: Any) -> bool:
+    """A record counts as done if it used the same samples, checkpoint and reference and its arrays exist."""
+    return (
+        rec.get("n_samples") == n_samples
+        and rec.get("seed") == seed
+        and rec.get("checkpoint_step") == base["checkpoint_step"]
+        and rec.get("n_reference") == reference.n
+        and bool(rec.get("arrays")) and (out_dir / rec["arrays"]).is_file()
+        and (inception is None or rec.get("fid_inception") is not None)
+    )
+
+
+def _text_features(extractor: Any, prompts: EvalPrompts, n: int, batch: int = 256) -> Tensor:
+    """CLIP text embeddings of the prompts used (index k % N for sample k), shape (min(n, N), d)."""
+    captions = prompts.captions[: min(n, len(prompts.captions))]
+    return torch.cat([extractor.text_features(captions[i : i + batch]) for i in range(0, len(captions), batch)])
+
+
+def _generate(backbone, formulation, prompts: EvalPrompts, setting: SamplerSetting, extractor, inception,
+              n: int, seed: int, batch_size: int, decode, device) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Sample n images in batches; returns CLIP features (n, d), Inception features or None, the grid images."""
+    feats, inc_feats, grid = [], [], []
+    n_prompts = len(prompts.captions)
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        idx = torch.arange(start, stop) % n_prompts
+        noise = initial_noise(stop - start, prompts.latent_shape, seed, start=start).to(device)
+        context = prompts.context[idx].to(device=device, dtype=torch.float32)
+        pooled = prompts.pooled[idx].to(device=device, dtype=torch.float32)
+        x0 = sample(backbone, formulation, noise, context, pooled, setting.steps, setting.cfg, setting.shift)
+        with torch.no_grad():
+            images = decode(x0).float().clamp(-1.0, 1.0)
+        feats.append(extractor.image_features(images).float().cpu())
+        if inception is not None:
+            inc_feats.append(inception[0].image_features(images).float().cpu())
+        have = sum(len(g) for g in grid)
+        if have < GRID_SAMPLES:
+            grid.append(images[: GRID_SAMPLES - have].cpu())
+    return torch.cat(feats), (torch.cat(inc_feats) if inception is not None else None), torch.cat(grid)
+
+
+def _save_grid(images: Tensor, path: Path) -> None:
+    """PNG grid, 8 per row, of images in [-1, 1]; written atomically."""
+    atomic_write(path, lambda f: save_image((images + 1) / 2, f, nrow=8, format="png"))
+
+
+def _fid(features: Tensor, reference: ReferenceFeatures) -> float:
+    return frechet_distance(*feature_statistics(features), reference.mu, reference.sigma)
+
+
+def evaluate_backbone(
+    backbone: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor],
+    formulation: Formulation,
+    eval_set: Any,
+    settings: Sequence[SamplerSetting],
+    extractor: Any,
+    n_samples: int,
+    seed: int,
+    batch_size: int,
+    decode: Callable[[Tensor], Tensor],
+    out_dir: str | os.PathLike,
+    ema: bool,
+    base_record: Mapping[str, Any],
+    reference: ReferenceFeatures,
+    inception: tuple[Any, ReferenceFeatures] | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate one backbone at each sampler setting; returns one record per setting (SPEC 7).
+
+    eval_set: captions, context, pooled (and latent_shape or x0), as a mapping (src.data's load_eval_set) or an
+    object. extractor: a ClipFeatureExtractor (image_features, text_features); reference: the evaluation
+    images' features from that extractor. inception: (InceptionFeatureExtractor, its ReferenceFeatures) or None.
+    decode: normalised latents -> pixels in [-1, 1]. out_dir is the run directory holding results.json.
+    """
+    for name, value, low in (("n_samples", n_samples, 2), ("batch_size", batch_size, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"evaluate_backbone: {name}={value!r} must be an integer >= {low}")
+    prompts = EvalPrompts.from_any(eval_set)
+    base = _base_fields(formulation, base_record)
+    out_dir = Path(out_dir)
+    device = _device_of(backbone, prompts.context.device)
+    existing = read_results(out_dir)
+    text_features, results = None, []
+    with _eval_mode(backbone):
+        for setting in settings:
+            key = (base["recipe"], base["dataset"], setting.label, bool(ema))
+            done = find_record(existing, key)
+            if done is not None and _is_complete(done, out_dir, n_samples, seed, base, reference, inception):
+                log.info("skip %s: %s, %s (complete in results.json)", *key[:3])
+                results.append(done)
+                continue
+            started = time.perf_counter()
+            if text_features is None:
+                text_features = _text_features(extractor, prompts, n_samples)
+            feats, inc_feats, grid = _generate(backbone, formulation, prompts, setting, extractor, inception,
+                                               n_samples, seed, batch_size, decode, device)
+            scores = clip_score(feats, text_features[torch.arange(n_samples) % len(text_features)])
+            stem = _stem(base["recipe"], base["dataset"], setting, ema)
+            arrays = out_dir / EVAL_SUBDIR / f"{stem}.npz"
+            extra = {} if inc_feats is None else {"inception_features": inc_feats.numpy()}
+            save_npz(arrays, clip_scores=scores.numpy(), features=feats.numpy(), **extra)
+            _save_grid(grid, out_dir / EVAL_SUBDIR / f"{stem}.png")
+            record = Record(
+                recipe=base["recipe"], family=base["family"], params=base["params"], dataset=base["dataset"],
+                setting=setting.label, steps=setting.steps, cfg=float(setting.cfg), shift=float(setting.shift),
+                ema=bool(ema), clip_score=float(scores.double().mean()), fid_clip=_fid(feats, reference),
+                fid_inception=None if inc_feats is None else _fid(inc_feats, inception[1]),
+                n_samples=n_samples, n_reference=reference.n, seed=seed, checkpoint_step=base["checkpoint_step"],
+                arrays=_rel(arrays, out_dir), reference_arrays=_rel(reference.path, out_dir), config=base["config"],
+            ).to_dict()
+            merge_results(out_dir, [record])
+            results.append(record)
+            log.info("%s: %s, %s: clip_score %s, fid_clip %s (%.1f s)", *key[:3], record["clip_score"],
+                     record["fid_clip"], time.perf_counter() - started)
+    return results

@@ -1,0 +1,231 @@
+"""Tests for src.evaluation: sampler settings, results records, and the plain evaluation loop."""
+
+from __future__ import annotations
+
+import json
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from src.evaluation import (
+    PAPER_SETTINGS,
+    Record,
+    SamplerSetting,
+    evaluate_backbone,
+    find_record,
+    merge_results,
+    read_results,
+    record_key,
+    write_results,
+)
+from src.formulations import get_recipe
+from src.metrics import ClipFeatureExtractor, clip_score, fid_from_features, reference_features
+from src.metrics.images import to_rgb01
+from tests.test_metrics import TINY_CLIP, tiny_clip_file  # noqa: F401  (fixture)
+from tests.test_sampling import one_thread  # noqa: F401  (autouse fixture)
+
+SHAPE = (1, 8, 8)
+
+
+class FakeClip:
+    """Deterministic stand-in for ClipFeatureExtractor: random projections, L2-normalised."""
+
+    def __init__(self, dim: int = 8):
+        self.proj = torch.randn(48, dim, generator=torch.Generator().manual_seed(0))
+        self.dim = dim
+
+    def image_features(self, images):
+        return F.normalize(F.adaptive_avg_pool2d(to_rgb01(images), 4).flatten(1) @ self.proj, dim=1)
+
+    def text_features(self, captions):
+        rows = [torch.randn(self.dim, generator=torch.Generator().manual_seed(zlib.crc32(c.encode()))) for c in captions]
+        return F.normalize(torch.stack(rows), dim=1)
+
+
+class Net(torch.nn.Module):
+    """A small conditional conv backbone that counts its forward calls."""
+
+    def __init__(self, fail_after: int | None = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+        self.cond = torch.nn.Linear(4, 1)
+        self.calls, self.fail_after = 0, fail_after
+
+    def forward(self, x, t, context, pooled):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise RuntimeError("interrupted")
+        assert not self.training
+        return torch.tanh(self.conv(x)) + self.cond(pooled).view(-1, 1, 1, 1) + t.view(-1, 1, 1, 1)
+
+
+def _eval_set(n: int = 10) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    return {
+        "captions": [f"a photo of a {k}" for k in range(n)],
+        "context": torch.randn(n, 3, 4, generator=gen),
+        "pooled": torch.randn(n, 4, generator=gen),
+        "latent_shape": SHAPE,
+    }
+
+
+@pytest.fixture
+def setup(tmp_path):
+    extractor = FakeClip()
+    images = torch.rand(40, *SHAPE, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    reference = reference_features("fake", "toy/eval", images, extractor, tmp_path / "cache")
+    kwargs = dict(
+        formulation=get_recipe("rf/lognorm(0.00, 1.00)"), eval_set=_eval_set(), extractor=extractor, n_samples=12,
+        seed=3, batch_size=5, decode=lambda x: x * 2, out_dir=tmp_path / "run", ema=True,
+        base_record={"dataset": "toy", "checkpoint_step": 100, "config": {"lr": 1e-3}}, reference=reference,
+    )
+    return kwargs
+
+
+SETTINGS = [SamplerSetting(2, 1.0), SamplerSetting(3, 5.0)]
+
+
+# ---- settings -------------------------------------------------------------------------------------
+def test_paper_settings_and_labels():
+    assert [s.label for s in PAPER_SETTINGS] == [
+        "50 steps, cfg 1.0", "50 steps, cfg 2.5", "50 steps, cfg 5.0",
+        "5 steps, cfg 5.0", "10 steps, cfg 5.0", "25 steps, cfg 5.0",
+    ]
+    assert SamplerSetting(25, 5.0, shift=3.0).label == "25 steps, cfg 5.0, shift 3.0"
+    for bad in (dict(steps=0, cfg=1.0), dict(steps=5, cfg=-1.0), dict(steps=5, cfg=1.0, shift=0.0),
+                dict(steps=5, cfg=float("nan"))):
+        with pytest.raises(ValueError, match="sampler setting"):
+            SamplerSetting(**bad)
+
+
+# ---- records --------------------------------------------------------------------------------------
+def _record(**over) -> Record:
+    base = dict(recipe="rf", family="rf", params={}, dataset="toy", setting="5 steps, cfg 5.0", steps=5, cfg=5.0,
+                shift=1.0, ema=True, clip_score=0.25, fid_clip=1.5, fid_inception=None, n_samples=10,
+                n_reference=20, seed=0, checkpoint_step=7, arrays="eval/a.npz", reference_arrays="/r.npz")
+    return Record(**{**base, **over})
+
+
+def test_results_json_round_trip_and_merge(tmp_path):
+    write_results(tmp_path, [_record(), _record(ema=False)])
+    assert [record_key(r) for r in read_results(tmp_path)] == [
+        ("rf", "toy", "5 steps, cfg 5.0", True), ("rf", "toy", "5 steps, cfg 5.0", False)]
+    merged = merge_results(tmp_path, [_record(fid_clip=0.5), _record(recipe="edm/rf")])
+    assert len(merged) == 3 and read_results(tmp_path) == merged
+    assert find_record(merged, ("rf", "toy", "5 steps, cfg 5.0", True))["fid_clip"] == 0.5
+    assert Record.from_dict(merged[0]) == Record.from_dict(json.loads((tmp_path / "results.json").read_text())[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".results.json.lock", "results.json"]
+
+
+def test_record_non_finite_metric_is_null_and_missing_field_is_named(tmp_path):
+    assert _record(fid_clip=float("nan")).to_dict()["fid_clip"] is None
+    d = _record().to_dict()
+    del d["seed"]
+    with pytest.raises(ValueError, match="seed"):
+        Record.from_dict(d)
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(ValueError, match="JSON list"):
+        read_results(tmp_path)
+
+
+# ---- evaluate_backbone ----------------------------------------------------------------------------
+def test_evaluate_writes_records_arrays_and_grid(setup):
+    net = Net()
+    net.train()
+    records = evaluate_backbone(net, settings=SETTINGS, **setup)
+    assert net.training  # restored after evaluation
+    assert net.calls == 3 * 2 + 3 * 3  # 3 batches (12 samples, batch 5) x steps; CFG in one batched forward
+    run = setup["out_dir"]
+    assert read_results(run) == records and len(records) == 2
+    rec = records[1]
+    assert rec["recipe"] == "rf/lognorm(0.00, 1.00)" and rec["family"] == "rf_lognorm"
+    assert rec["params"] == {"m": 0.0, "s": 1.0} and rec["setting"] == "3 steps, cfg 5.0"
+    assert (rec["steps"], rec["cfg"], rec["shift"], rec["ema"]) == (3, 5.0, 1.0, True)
+    assert (rec["n_samples"], rec["n_reference"], rec["seed"], rec["checkpoint_step"]) == (12, 40, 3, 100)
+    assert rec["config"] == {"lr": 1e-3} and rec["fid_inception"] is None and rec["created"]
+    with np.load(run / rec["arrays"]) as arrays:
+        scores, feats = arrays["clip_scores"], arrays["features"]
+    assert scores.shape == (12,) and feats.shape == (12, 8)
+    assert rec["clip_score"] == pytest.approx(float(scores.mean()), rel=1e-6)
+    ref = setup["reference"]
+    assert rec["fid_clip"] == pytest.approx(fid_from_features(feats, ref.features), rel=1e-9)
+    assert rec["reference_arrays"] == str(ref.path.resolve())  # the cache lies outside the run dir: absolute
+    text = setup["extractor"].text_features([f"a photo of a {k % 10}" for k in range(12)])
+    np.testing.assert_allclose(scores, clip_score(torch.tensor(feats), text).numpy(), rtol=1e-5, atol=1e-6)
+    grid = Image.open(str(run / rec["arrays"]).replace(".npz", ".png"))
+    assert grid.size == (8 * 10 + 2, 2 * 10 + 2)  # 12 images of 8x8, 8 per row, padding 2
+
+
+def test_rerun_skips_complete_settings(setup):
+    first = evaluate_backbone(Net(), settings=SETTINGS, **setup)
+    net = Net()
+    again = evaluate_backbone(net, settings=SETTINGS, **setup)
+    assert net.calls == 0 and again == first
+    more = evaluate_backbone(net, settings=SETTINGS, **{**setup, "n_samples": 13})  # a different sample count
+    assert net.calls > 0 and [r["n_samples"] for r in more] == [13, 13] and len(read_results(setup["out_dir"])) == 2
+
+
+def test_interrupted_evaluation_keeps_finished_settings_and_resumes(setup):
+    with pytest.raises(RuntimeError, match="interrupted"):
+        evaluate_backbone(Net(fail_after=7), settings=SETTINGS, **setup)  # the first setting takes 6 calls
+    assert [r["setting"] for r in read_results(setup["out_dir"])] == ["2 steps, cfg 1.0"]
+    net = Net()
+    records = evaluate_backbone(net, settings=SETTINGS, **setup)
+    assert net.calls == 9 and [r["setting"] for r in records] == ["2 steps, cfg 1.0", "3 steps, cfg 5.0"]
+    assert not list(setup["out_dir"].glob("**/*.tmp"))
+
+
+def test_samples_do_not_depend_on_batch_size(setup, tmp_path):
+    a = evaluate_backbone(Net(), settings=SETTINGS[1:], **setup)[0]
+    b = evaluate_backbone(Net(), settings=SETTINGS[1:], **{**setup, "batch_size": 12, "out_dir": tmp_path / "b"})[0]
+    with np.load(setup["out_dir"] / a["arrays"]) as x, np.load(tmp_path / "b" / b["arrays"]) as y:
+        np.testing.assert_allclose(x["features"], y["features"], rtol=1e-5, atol=1e-6)
+    c = evaluate_backbone(Net(), settings=SETTINGS[1:], **{**setup, "seed": 4, "out_dir": tmp_path / "c"})[0]
+    assert c["fid_clip"] != a["fid_clip"]
+
+
+def test_ema_and_raw_are_separate_records(setup):
+    evaluate_backbone(Net(), settings=SETTINGS[:1], **setup)
+    evaluate_backbone(Net(), settings=SETTINGS[:1], **{**setup, "ema": False})
+    records = read_results(setup["out_dir"])
+    assert [r["ema"] for r in records] == [True, False] and records[0]["arrays"] != records[1]["arrays"]
+
+
+def test_inception_is_optional_and_recorded(setup, tmp_path):
+    inc = FakeClip(dim=5)
+    images = torch.rand(30, *SHAPE, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    inc_ref = reference_features("fake-inception", "toy/eval", images, inc, tmp_path / "cache")
+    rec = evaluate_backbone(Net(), settings=SETTINGS[:1], inception=(inc, inc_ref), **setup)[0]
+    with np.load(setup["out_dir"] / rec["arrays"]) as arrays:
+        assert arrays["inception_features"].shape == (12, 5)
+        assert rec["fid_inception"] == pytest.approx(fid_from_features(arrays["inception_features"], inc_ref.features))
+
+
+def test_evaluate_rejects_bad_input(setup):
+    with pytest.raises(ValueError, match="n_samples"):
+        evaluate_backbone(Net(), settings=SETTINGS, **{**setup, "n_samples": 1})
+    with pytest.raises(ValueError, match="dataset"):
+        evaluate_backbone(Net(), settings=SETTINGS, **{**setup, "base_record": {}})
+    with pytest.raises(ValueError, match="latent_shape"):
+        evaluate_backbone(Net(), settings=SETTINGS, **{**setup, "eval_set": {**_eval_set(), "latent_shape": None}})
+
+
+def test_evaluate_with_the_real_clip_extractor(tiny_clip_file, tmp_path):
+    extractor = ClipFeatureExtractor(TINY_CLIP, tiny_clip_file[0])
+    eval_set = {**_eval_set(6), "x0": torch.zeros(6, 3, 16, 16)}  # latent shape taken from x0
+    eval_set.pop("latent_shape")
+    reference = reference_features(extractor.id, "toy", torch.rand(8, 3, 16, 16) * 2 - 1, extractor, tmp_path)
+
+    def net(x, t, context, pooled):
+        return x - 0.3 * pooled[:, :3].reshape(-1, 3, 1, 1)
+
+    rec = evaluate_backbone(net, get_recipe("edm(-1.20, 1.20)"), eval_set, [SamplerSetting(2, 2.5)], extractor, 6, 0,
+                            4, lambda x: x, tmp_path / "run", False, {"dataset": "toy"}, reference)[0]
+    assert -1 <= rec["clip_score"] <= 1 and rec["fid_clip"] > 0 and rec["checkpoint_step"] is None
+    with np.load(tmp_path / "run" / rec["arrays"]) as arrays:
+        assert arrays["features"].shape == (6, 32)
