@@ -1,0 +1,385 @@
+"""Webdataset shards of precomputed latents and text embeddings: writer, loader, evaluation set (ARCHITECTURE.md).
+
+One format for the embedded pixel-space data and for real precomputed autoencoder latents. Per sample:
+`latent.npy` float16 (C, H, W), `context.npy` float16 (L, D_ctx), `pooled.npy` float16 (D_vec,), `txt` (caption),
+`json` (extras, e.g. label). The folder's `meta.json` is written last and carries `complete: true`; a folder
+without it is incomplete and is rebuilt by whoever prepares it. Latents are normalised by one global mean and
+std (SPEC 6) when read.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from src.data.atomic import atomic_write_json, temp_sibling
+
+META_FILE = "meta.json"
+SHARD_PATTERN = "shard-{:06d}.tar"
+SHARD_GLOB = "shard-*.tar"
+FORMAT_VERSION = 1
+IDENTITY_AUTOENCODER = "identity"  # pixel space: the latent is the image
+SHUFFLE_BUFFER = 2000
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """Serialise an array in .npy format (no pickle)."""
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...]]] = {}
+
+
+def npy_array(data: bytes) -> np.ndarray:
+    """Deserialise .npy bytes (no pickle); headers are parsed once and cached, as every sample shares them."""
+    if data[:6] != b"\x93NUMPY":
+        raise ValueError("npy_array: data is not in .npy format (bad magic bytes)")
+    size_bytes = 2 if data[6] == 1 else 4
+    start = 8 + size_bytes
+    end = start + int.from_bytes(data[8:start], "little")
+    header = data[start:end]
+    parsed = _NPY_HEADERS.get(header)
+    if parsed is None:
+        array = np.load(io.BytesIO(data), allow_pickle=False)  # the reference parser, once per header
+        if array.flags.f_contiguous and not array.flags.c_contiguous:
+            return np.ascontiguousarray(array)
+        parsed = _NPY_HEADERS.setdefault(header, (array.dtype, array.shape))
+    dtype, shape = parsed
+    return np.frombuffer(data, dtype=dtype, offset=end).reshape(shape)
+
+
+def as_numpy(x) -> np.ndarray:
+    """A tensor or array as a numpy array on the CPU."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metadata
+# ----------------------------------------------------------------------------------------------------------------
+
+def read_meta(shard_dir: str | Path) -> dict:
+    """The folder's meta.json; raises FileNotFoundError naming the folder when it is missing or incomplete."""
+    path = Path(shard_dir) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"shard folder {shard_dir} has no {META_FILE}: not written, or writing was interrupted")
+    meta = json.loads(path.read_text())
+    if meta.get("complete") is not True:
+        raise FileNotFoundError(f"shard folder {shard_dir} is incomplete ({META_FILE} lacks complete: true)")
+    return meta
+
+
+def is_complete(shard_dir: str | Path) -> bool:
+    """Whether the folder holds a finished shard set (meta.json with complete: true and every shard present)."""
+    try:
+        meta = read_meta(shard_dir)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return all((Path(shard_dir) / name).is_file() for name in meta.get("shards", []))
+
+
+def shard_paths(shard_dir: str | Path) -> list[str]:
+    """The shard files of a complete folder, in writing order."""
+    meta = read_meta(shard_dir)
+    return [str(Path(shard_dir) / name) for name in meta["shards"]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writer
+# ----------------------------------------------------------------------------------------------------------------
+
+def _is_shard_folder_entry(name: str) -> bool:
+    """Whether a file name is one a ShardWriter creates (shards, meta.json, their temporaries)."""
+    return name == META_FILE or re.fullmatch(r"\.?(shard-\d{6}\.tar|meta\.json)(\.[0-9a-f]{32}\.tmp)?", name) is not None
+
+
+class ShardWriter:
+    """Streams samples into numbered tar shards; on close writes meta.json (global latent mean/std) last.
+
+    latent_mean/latent_std: normalisation statistics to record; None computes them from the written latents
+    (an evaluation split should pass its training split's statistics). Used as a context manager; if the block
+    raises, no meta.json is written and the folder stays incomplete.
+    """
+
+    def __init__(self, shard_dir: str | Path, *, encoder_names: Sequence[str], samples_per_shard: int = 1000,
+                 latent_mean: float | None = None, latent_std: float | None = None,
+                 autoencoder: str = IDENTITY_AUTOENCODER, extra_meta: dict | None = None):
+        if samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard={samples_per_shard} is not allowed; need >= 1")
+        if latent_std is not None and not latent_std > 0:
+            raise ValueError(f"latent_std={latent_std} is not allowed; need a positive number")
+        if (latent_mean is None) != (latent_std is None):
+            raise ValueError("latent_mean and latent_std must be given together or both left None")
+        self.shard_dir = Path(shard_dir)
+        self.encoder_names = list(encoder_names)
+        self.samples_per_shard = samples_per_shard
+        self.latent_mean, self.latent_std = latent_mean, latent_std
+        self.autoencoder = autoencoder
+        self.extra_meta = dict(extra_meta or {})
+        self.count = 0
+        self.shards: list[str] = []
+        self.shapes: dict[str, list[int]] | None = None
+        self._sum = 0.0
+        self._sumsq = 0.0
+        self._numel = 0
+        self._tar: wds.TarWriter | None = None
+        self._tmp_path: Path | None = None
+
+    def __enter__(self) -> "ShardWriter":
+        # Start from an empty folder: a stale meta.json must not outlive the rewrite.
+        if self.shard_dir.exists():
+            foreign = [p.name for p in self.shard_dir.iterdir() if not _is_shard_folder_entry(p.name)]
+            if foreign:
+                raise ValueError(f"refusing to overwrite {self.shard_dir}: it holds files that are not shards "
+                                 f"({', '.join(sorted(foreign)[:3])}); choose an empty or shard-only folder")
+            shutil.rmtree(self.shard_dir)
+        self.shard_dir.mkdir(parents=True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            if self._tar is not None:
+                self._tar.close()
+                self._tmp_path.unlink(missing_ok=True)
+            return
+        self._finish_shard()
+        self._write_meta()
+
+    def write(self, latent, context, pooled, caption: str, extras: dict | None = None) -> None:
+        """Add one sample; arrays are stored as float16."""
+        with np.errstate(over="ignore"):  # overflow is reported below as non-finite values
+            latent16 = as_numpy(latent).astype(np.float16)
+            context16 = as_numpy(context).astype(np.float16)
+            pooled16 = as_numpy(pooled).astype(np.float16)
+        shapes = {"latent": list(latent16.shape), "context": list(context16.shape), "pooled": list(pooled16.shape)}
+        self._check_shapes(shapes)
+        for name, array in (("latent", latent16), ("context", context16), ("pooled", pooled16)):
+            if not np.isfinite(array).all():
+                raise ValueError(f"sample {self.count}: {name} has non-finite values after float16 conversion")
+        if self._tar is None:
+            self._open_shard()
+        self._tar.write({
+            "__key__": f"{self.count:09d}",
+            "latent.npy": npy_bytes(latent16),
+            "context.npy": npy_bytes(context16),
+            "pooled.npy": npy_bytes(pooled16),
+            "txt": caption.encode("utf-8"),
+            "json": json.dumps(extras or {}, sort_keys=True).encode("utf-8"),
+        })
+        stored = latent16.astype(np.float64)  # statistics of what a reader will see
+        self._sum += float(stored.sum())
+        self._sumsq += float((stored**2).sum())
+        self._numel += stored.size
+        self.count += 1
+        if self.count % self.samples_per_shard == 0:
+            self._finish_shard()
+
+    def _check_shapes(self, shapes: dict[str, list[int]]) -> None:
+        if len(shapes["latent"]) != 3 or len(shapes["context"]) != 2 or len(shapes["pooled"]) != 1:
+            raise ValueError(f"sample shapes {shapes} are not allowed; need latent (C,H,W), context (L,D), pooled (D,)")
+        if self.shapes is None:
+            self.shapes = shapes
+        elif shapes != self.shapes:
+            raise ValueError(f"sample {self.count} has shapes {shapes}; the folder's samples have {self.shapes}")
+
+    def _open_shard(self) -> None:
+        name = SHARD_PATTERN.format(len(self.shards))
+        self._tmp_path = temp_sibling(self.shard_dir / name)
+        self._tar = wds.TarWriter(str(self._tmp_path), encoder=False, mtime=0)  # int mtime: no PAX headers
+        self.shards.append(name)
+
+    def _finish_shard(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        os.replace(self._tmp_path, self.shard_dir / self.shards[-1])
+        self._tar, self._tmp_path = None, None
+
+    def _write_meta(self) -> None:
+        if self.count == 0:
+            raise ValueError(f"no samples were written to {self.shard_dir}; a shard folder needs at least one")
+        if self.latent_mean is None:
+            mean = self._sum / self._numel
+            std = math.sqrt(max(self._sumsq / self._numel - mean**2, 0.0))
+            if not std > 0:
+                raise ValueError(f"latents written to {self.shard_dir} are constant; their std is {std}")
+            self.latent_mean, self.latent_std = mean, std
+        c, h, w = self.shapes["latent"]
+        meta = {
+            **self.extra_meta,
+            "format_version": FORMAT_VERSION,
+            "count": self.count,
+            "shards": self.shards,
+            "shapes": self.shapes,
+            "latent_mean": float(self.latent_mean),
+            "latent_std": float(self.latent_std),
+            "latent_channels": c,
+            "latent_size": h if h == w else [h, w],
+            "context_length": self.shapes["context"][0],
+            "context_dim": self.shapes["context"][1],
+            "pooled_dim": self.shapes["pooled"][0],
+            "encoder_names": self.encoder_names,
+            "autoencoder": self.autoencoder,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "complete": True,
+        }
+        atomic_write_json(self.shard_dir / META_FILE, meta)
+
+
+def write_shards(shard_dir: str | Path, latents, contexts, pooled, captions: Sequence[str],
+                 extras: Sequence[dict] | None = None, **writer_kwargs) -> dict:
+    """Write whole arrays (N leading) as a shard folder; returns its meta. Keyword arguments go to ShardWriter."""
+    n = len(captions)
+    for name, arr in (("latents", latents), ("contexts", contexts), ("pooled", pooled)):
+        if len(arr) != n:
+            raise ValueError(f"{name} has {len(arr)} samples but captions has {n}; they must match")
+    if extras is not None and len(extras) != n:
+        raise ValueError(f"extras has {len(extras)} samples but captions has {n}; they must match")
+    with ShardWriter(shard_dir, **writer_kwargs) as writer:
+        for i in range(n):
+            writer.write(latents[i], contexts[i], pooled[i], captions[i], None if extras is None else extras[i])
+    return read_meta(shard_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reader
+# ----------------------------------------------------------------------------------------------------------------
+
+def decode_sample(sample: dict) -> dict:
+    """Raw tar members of one sample -> numpy arrays, caption and extras."""
+    return {
+        "key": sample["__key__"],
+        "latent": npy_array(sample["latent.npy"]),
+        "context": npy_array(sample["context.npy"]),
+        "pooled": npy_array(sample["pooled.npy"]),
+        "caption": sample["txt"].decode("utf-8"),
+        "extras": json.loads(sample["json"].decode("utf-8")) if "json" in sample else {},
+    }
+
+
+class Collate:
+    """Stacks decoded samples into a batch with x0 normalised by the folder's global mean and std."""
+
+    def __init__(self, latent_mean: float, latent_std: float):
+        self.latent_mean, self.latent_std = latent_mean, latent_std
+
+    def __call__(self, samples: list[dict]) -> dict:
+        # numpy rather than torch ops: no intra-op thread start-up inside loader workers
+        latent = np.stack([s["latent"] for s in samples]).astype(np.float32)
+        x0 = (latent - np.float32(self.latent_mean)) / np.float32(self.latent_std)
+        return {
+            "x0": torch.from_numpy(x0),
+            "context": torch.from_numpy(np.stack([s["context"] for s in samples]).astype(np.float32)),
+            "pooled": torch.from_numpy(np.stack([s["pooled"] for s in samples]).astype(np.float32)),
+            "caption": [s["caption"] for s in samples],
+        }
+
+
+def make_loader(shard_dir: str | Path, batch_size: int, shuffle: bool, seed: int, resampled: bool = False,
+                epoch_batches: int | None = None, num_workers: int = 0, partial: bool | None = None):
+    """Iterable of dict batches {"x0" (normalised), "context", "pooled", "caption"} from a shard folder.
+
+    shuffle: shards and samples (before decoding) in a seeded, epoch-dependent order.
+    resampled: draw shards with replacement forever (seeded per rank and worker); needs epoch_batches.
+    epoch_batches: batches per epoch (webdataset's with_epoch); keeps ranks in step.
+    partial: keep a last smaller batch; defaults to True unless resampled.
+    Deterministic for a seed with num_workers=0; each rank reads its own shards (webdataset's split_by_node).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} is not allowed; need >= 1")
+    if num_workers < 0:
+        raise ValueError(f"num_workers={num_workers} is not allowed; need >= 0")
+    if resampled and epoch_batches is None:
+        raise ValueError("resampled=True gives an endless stream; set epoch_batches to the batches per epoch")
+    if epoch_batches is not None and epoch_batches < 1:
+        raise ValueError(f"epoch_batches={epoch_batches} is not allowed; need >= 1 or None")
+    meta = read_meta(shard_dir)
+    urls = shard_paths(shard_dir)
+    partial = (not resampled) if partial is None else partial
+    if resampled:
+        # Seed mixes the rank and worker, so ranks draw different shards; deterministic for a given seed.
+        stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
+    else:
+        stages = [wds.SimpleShardList(urls)]
+        if shuffle:  # same shard order on every rank (same seed) before the ranks take their slices
+            stages.append(wds.detshuffle(bufsize=len(urls), initial=len(urls), seed=seed))
+    stages += [
+        wds.split_by_node,
+        wds.split_by_worker,
+        wds.tarfile_to_samples(),
+    ]
+    if shuffle:
+        stages.append(wds.detshuffle(bufsize=SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER, seed=seed))
+    stages += [
+        wds.map(decode_sample),
+        wds.batched(batch_size, collation_fn=Collate(meta["latent_mean"], meta["latent_std"]), partial=partial),
+    ]
+    pipeline = wds.DataPipeline(*stages)
+    loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=num_workers,
+                           persistent_workers=num_workers > 0)
+    if epoch_batches is not None:
+        loader = loader.with_epoch(epoch_batches)
+    return loader
+
+
+def iter_samples(shard_dir: str | Path) -> Iterator[dict]:
+    """Every decoded sample of a folder in writing order (no shuffling; every rank sees all of them)."""
+    pipeline = wds.DataPipeline(wds.SimpleShardList(shard_paths(shard_dir)), wds.tarfile_to_samples(),
+                                wds.map(decode_sample))
+    return iter(pipeline)
+
+
+def decode_latents(x0_norm: torch.Tensor, meta: dict) -> torch.Tensor:
+    """Normalised latents -> pixels in [-1, 1]; only the identity autoencoder (pixel space) is decodable here."""
+    if meta.get("autoencoder", IDENTITY_AUTOENCODER) != IDENTITY_AUTOENCODER:
+        raise ValueError(
+            f"decode_latents: autoencoder={meta['autoencoder']!r} needs its decoder; only "
+            f"{IDENTITY_AUTOENCODER!r} (pixel space) is decoded by un-normalising"
+        )
+    return x0_norm * meta["latent_std"] + meta["latent_mean"]
+
+
+def load_eval_set(shard_dir: str | Path, n: int | None = None) -> dict:
+    """The first n samples (all if None) in writing order: x0 (normalised), images, captions, context, pooled,
+    labels (from the json extras' "label", -1 where absent), extras and meta."""
+    if n is not None and n < 1:
+        raise ValueError(f"n={n} is not allowed; need >= 1 or None for the whole set")
+    meta = read_meta(shard_dir)
+    if n is not None and n > meta["count"]:
+        raise ValueError(f"n={n} is more than the {meta['count']} samples in {shard_dir}")
+    samples = []
+    for s in iter_samples(shard_dir):
+        samples.append(s)
+        if n is not None and len(samples) == n:
+            break
+    batch = Collate(meta["latent_mean"], meta["latent_std"])(samples)
+    extras = [s["extras"] for s in samples]
+    return {
+        "x0": batch["x0"],
+        "images": decode_latents(batch["x0"], meta) if meta.get("autoencoder") == IDENTITY_AUTOENCODER else None,
+        "captions": batch["caption"],
+        "context": batch["context"],
+        "pooled": batch["pooled"],
+        "labels": torch.tensor([int(e.get("label", -1)) for e in extras], dtype=torch.long),
+        "extras": extras,
+        "meta": meta,
+    }
+
