@@ -1,0 +1,102 @@
+"""Frozen image autoencoders for preprocessing: `identity` (pixel space) or an SD-style AutoencoderKL (diffusers).
+
+Decision: latents are the posterior mean of the AutoencoderKL by default (`latent="mean"`, deterministic and
+what the decoder reconstructs best); `latent="sample"` draws one sample per image, seeded per chunk. Latents are
+stored unscaled: the VAE's own scaling_factor/shift_factor are recorded in meta.json, but training normalises by
+the dataset's global mean and std instead (SPEC 6).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from src.data.shards import IDENTITY_AUTOENCODER
+from src.preprocess.text import PRECISIONS
+
+LATENT_MODES = ("mean", "sample")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+
+
+class IdentityAutoencoder:
+    """Pixel space: the latent is the image in [-1, 1]."""
+
+    name = IDENTITY_AUTOENCODER
+    downsample = 1
+    latent_channels = 3
+
+    def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pixels (B, 3, H, W) in [-1, 1] -> the same tensor."""
+        return pixels
+
+    def describe(self) -> dict:
+        """What meta.json records about the autoencoder."""
+        return {"autoencoder": self.name, "autoencoder_downsample": 1}
+
+
+def check_autoencoder_path(path: str, config: str | None = None) -> Path:
+    """Fail before any work when the autoencoder folder or file (or a single file's config folder) is missing."""
+    p = Path(path)
+    if p.is_dir():
+        if not ((p / "config.json").is_file() or (p / "vae" / "config.json").is_file()):
+            raise FileNotFoundError(f"autoencoder={path!r} is a folder without config.json (or vae/config.json); "
+                                    f"expected a diffusers AutoencoderKL saved with save_pretrained")
+    elif p.is_file():
+        if p.suffix not in SINGLE_FILE_SUFFIXES:
+            raise ValueError(f"autoencoder={path!r} has suffix {p.suffix!r}; allowed single files: "
+                             f"{', '.join(SINGLE_FILE_SUFFIXES)}, or a diffusers folder")
+        if config is None or not (Path(config) / "config.json").is_file():
+            raise FileNotFoundError(f"autoencoder_config={config!r}: a single-file autoencoder needs a local folder "
+                                    f"with its diffusers config.json (no hub access here)")
+    else:
+        raise FileNotFoundError(f"autoencoder={path!r} does not exist; give a diffusers AutoencoderKL folder, a "
+                                f"single weights file with autoencoder_config, or {IDENTITY_AUTOENCODER!r}")
+    return p
+
+
+class DiffusersAutoencoder:
+    """An SD-style diffusers AutoencoderKL from a local folder (save_pretrained layout) or a single weights file."""
+
+    def __init__(self, path: str, device: str = "cpu", precision: str = "float32", latent: str = "mean",
+                 config: str | None = None):
+        from diffusers import AutoencoderKL
+
+        if latent not in LATENT_MODES:
+            raise ValueError(f"latent={latent!r} is not allowed; allowed: {', '.join(LATENT_MODES)}")
+        p = check_autoencoder_path(path, config)
+        dtype = PRECISIONS[precision]
+        if p.is_file():
+            vae = AutoencoderKL.from_single_file(str(p), config=str(config), local_files_only=True, torch_dtype=dtype)
+        else:
+            sub = {} if (p / "config.json").is_file() else {"subfolder": "vae"}
+            vae = AutoencoderKL.from_pretrained(str(p), local_files_only=True, torch_dtype=dtype, **sub)
+        self.vae = vae.to(device).eval().requires_grad_(False)
+        self.path, self.latent, self.dtype = str(path), latent, dtype
+        self.device = torch.device(device)
+        cfg = self.vae.config
+        self.name = f"AutoencoderKL:{Path(path).name}"
+        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+        self.latent_channels = int(cfg.latent_channels)
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pixels (B, 3, H, W) in [-1, 1] -> unscaled latents (B, C, H/f, W/f), float32 on the CPU."""
+        dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        latents = dist.mean if self.latent == "mean" else dist.sample(generator=generator)
+        return latents.float().cpu()
+
+    def describe(self) -> dict:
+        """What meta.json records about the autoencoder."""
+        cfg = self.vae.config
+        return {"autoencoder": self.name, "autoencoder_path": self.path, "autoencoder_latent": self.latent,
+                "autoencoder_downsample": self.downsample, "autoencoder_scaling_factor": cfg.scaling_factor,
+                "autoencoder_shift_factor": cfg.shift_factor}
+
+
+def load_autoencoder(spec: str, device: str = "cpu", precision: str = "float32", latent: str = "mean",
+                     config: str | None = None):
+    """`identity` or a diffusers AutoencoderKL from a local path."""
+    if spec == IDENTITY_AUTOENCODER:
+        return IdentityAutoencoder()
+    return DiffusersAutoencoder(spec, device=device, precision=precision, latent=latent, config=config)

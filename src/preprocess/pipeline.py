@@ -1,0 +1,410 @@
+"""Raw images + captions -> a shard folder of autoencoder latents and text embeddings, resumable per chunk.
+
+The items (in a seeded random order, so every shard mixes classes) are cut into chunks of `chunk_size`; each
+chunk becomes one complete src.data.shards.ShardWriter folder under `<out>/_work/chunk-NNNNNN/` and then a done
+marker (its latent sums and skipped items) is written atomically. A rerun skips chunks with a marker; a chunk
+interrupted mid-way has none and is redone from scratch. When every chunk is done the chunk shards are linked
+into `<out>/shard-NNNNNN.tar`, `skipped.log` is written, and `meta.json` (global latent mean/std, SPEC 6;
+`text_groups`) comes last, so an unfinished folder never looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from src.data.shards import IDENTITY_AUTOENCODER, META_FILE, SHARD_PATTERN, ShardWriter, read_meta
+from src.preprocess.autoencoders import LATENT_MODES, check_autoencoder_path, load_autoencoder
+from src.preprocess.images import PreparedImages, collate_prepared
+from src.preprocess.sources import item_rng
+from src.preprocess.text import PRECISIONS, CachedTextEncoder, CombinedTextEncoder, T5TextEncoder, check_clip_spec, \
+    load_clip
+from src.utils.io import atomic_write_bytes, atomic_write_json
+
+WORK_DIR = "_work"
+CONFIG_FILE = "config.json"
+MODELS_FILE = "models.json"
+SKIP_LOG = "skipped.log"
+CHUNK_PATTERN = "chunk-{:06d}"
+
+
+@dataclass
+class PreprocessConfig:
+    """Settings of one preprocessing job (the CLI's options; see `python -m src.preprocess --help`)."""
+
+    out: str
+    resolution: int = 256
+    autoencoder: str = IDENTITY_AUTOENCODER
+    autoencoder_config: str | None = None
+    latent: str = "mean"
+    clip: list[tuple[str, str]] = field(default_factory=list)
+    t5: str | None = None
+    t5_length: int = 77
+    chunk_size: int = 1000
+    batch_size: int = 64
+    num_workers: int = 4
+    seed: int = 0
+    shuffle: bool = True
+    stats_from: str | None = None
+    device: str = "auto"
+    precision: str = "float32"
+    text_cache: int = 2048
+    max_chunks: int | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise a one-line error for the first setting out of range."""
+        for name in ("resolution", "chunk_size", "batch_size", "t5_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} is not allowed; need >= 1")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers={self.num_workers} is not allowed; need >= 0")
+        if self.max_chunks is not None and self.max_chunks < 0:
+            raise ValueError(f"max_chunks={self.max_chunks} is not allowed; need >= 0 or None")
+        if self.latent not in LATENT_MODES:
+            raise ValueError(f"latent={self.latent!r} is not allowed; allowed: {', '.join(LATENT_MODES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not allowed; allowed: {', '.join(PRECISIONS)}")
+        if not self.clip:
+            raise ValueError("clip is empty; at least one CLIP text encoder (model name, weights file) is needed")
+
+    def check_inputs(self) -> None:
+        """Fail before any work when a weight file, model folder or statistics folder is missing."""
+        if self.autoencoder != IDENTITY_AUTOENCODER:
+            check_autoencoder_path(self.autoencoder, self.autoencoder_config)
+        for model, weights in self.clip:
+            check_clip_spec(model, weights)
+        if self.t5 is not None and not (Path(self.t5) / "config.json").is_file():
+            raise FileNotFoundError(f"t5={self.t5!r} is not a transformers model folder (no config.json)")
+        if self.stats_from is not None:
+            read_meta(self.stats_from)
+
+    def settings(self, source) -> dict:
+        """Everything that determines the shard contents (the resume fingerprint); not workers, device, batch."""
+        resolve = lambda p: None if p is None else str(Path(p).resolve())  # noqa: E731
+        return {
+            "source": source.fingerprint(),
+            "resolution": self.resolution,
+            "autoencoder": self.autoencoder if self.autoencoder == IDENTITY_AUTOENCODER else resolve(self.autoencoder),
+            "autoencoder_config": resolve(self.autoencoder_config),
+            "latent": self.latent,
+            "clip": [[m if not m.endswith(".json") else resolve(m), resolve(w)] for m, w in self.clip],
+            "t5": resolve(self.t5),
+            "t5_length": self.t5_length if self.t5 else None,
+            "chunk_size": self.chunk_size,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "precision": self.precision,
+            "stats_from": resolve(self.stats_from),
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output folder state
+# ----------------------------------------------------------------------------------------------------------------
+
+def fingerprint_of(settings: dict) -> str:
+    """A short hash of the settings."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _differences(a: dict, b: dict) -> str:
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return ", ".join(keys) or "none"
+
+
+def prepare_output(out: Path, settings: dict) -> str:
+    """'complete' (same settings, nothing to do), 'resume' or 'fresh'; raises if out holds something else."""
+    fingerprint = fingerprint_of(settings)
+    if (out / META_FILE).is_file():
+        meta = json.loads((out / META_FILE).read_text())
+        done = meta.get("preprocess", {})
+        if meta.get("complete") and done.get("fingerprint") == fingerprint:
+            return "complete"
+        raise ValueError(f"out={str(out)!r} already holds a shard set made with other settings "
+                         f"(differing: {_differences(done.get('settings', {}), settings)}); choose another folder")
+    config_path = out / WORK_DIR / CONFIG_FILE
+    if config_path.is_file():
+        previous = json.loads(config_path.read_text())
+        if previous["fingerprint"] != fingerprint:
+            raise ValueError(f"out={str(out)!r} holds an unfinished run with other settings (differing: "
+                             f"{_differences(previous['settings'], settings)}); rerun it with those or delete the folder")
+        return "resume"
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"out={str(out)!r} is not empty and holds no preprocessing run; choose an empty folder")
+    atomic_write_json(config_path, {"fingerprint": fingerprint, "settings": settings})
+    return "fresh"
+
+
+def item_order(n: int, seed: int, shuffle: bool) -> np.ndarray:
+    """Item indices in writing order: a seeded permutation (shards mix classes) or the source's sorted order."""
+    return np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+
+
+def chunk_dir(out: Path, chunk: int) -> Path:
+    return out / WORK_DIR / CHUNK_PATTERN.format(chunk)
+
+
+def done_path(out: Path, chunk: int) -> Path:
+    return out / WORK_DIR / f"{CHUNK_PATTERN.format(chunk)}.done.json"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One chunk
+# ----------------------------------------------------------------------------------------------------------------
+
+class ChunkWriter:
+    """One chunk -> one ShardWriter folder holding a single shard, then its done marker (only on success)."""
+
+    def __init__(self, out: Path, chunk: int, encoder_names: list[str], autoencoder: str, chunk_size: int):
+        self.dir, self.marker = chunk_dir(out, chunk), done_path(out, chunk)
+        self.chunk = chunk
+        self.writer_kwargs = dict(encoder_names=encoder_names, samples_per_shard=chunk_size, autoencoder=autoencoder,
+                                  latent_mean=0.0, latent_std=1.0)  # placeholders: global statistics come at assembly
+        self.writer: ShardWriter | None = None
+        self.count, self.sum, self.sumsq, self.numel = 0, 0.0, 0.0, 0
+        self.skipped: list[dict] = []
+
+    def __enter__(self) -> "ChunkWriter":
+        if self.dir.exists():
+            shutil.rmtree(self.dir)  # an interrupted earlier attempt
+        return self
+
+    def write(self, latent16: torch.Tensor, context, pooled, caption: str, extras: dict) -> None:
+        """Add one sample; latent16 is the float16 latent the shard will hold."""
+        if self.writer is None:
+            self.writer = ShardWriter(self.dir, **self.writer_kwargs).__enter__()
+        self.writer.write(latent16, context, pooled, caption, extras)
+        stored = latent16.double()
+        self.sum += float(stored.sum())
+        self.sumsq += float((stored**2).sum())
+        self.numel += stored.numel()
+        self.count += 1
+
+    def skip(self, records: list[dict]) -> None:
+        """Record unreadable items."""
+        self.skipped += records
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.writer is not None:
+            self.writer.__exit__(exc_type, exc, tb)
+        if exc_type is None:
+            atomic_write_json(self.marker, {"chunk": self.chunk, "count": self.count, "sum": self.sum,
+                                            "sumsq": self.sumsq, "numel": self.numel, "skipped": self.skipped})
+
+
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, indices: list[int], seed: int) -> torch.Tensor:
+    """mean + std * noise with the noise seeded per item, so a sample does not depend on batching or resumption."""
+    noise = torch.stack([torch.from_numpy(item_rng(seed + 1, i).standard_normal(mean.shape[1:], dtype=np.float32))
+                         for i in indices])
+    return mean + std * noise
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The job
+# ----------------------------------------------------------------------------------------------------------------
+
+class Models:
+    """The frozen autoencoder and the combined, cached text encoder of one job."""
+
+    def __init__(self, cfg: PreprocessConfig, device: str):
+        latent = "mean" if cfg.latent == "sample" else cfg.latent  # sampling is done here, seeded per item
+        self.autoencoder = load_autoencoder(cfg.autoencoder, device=device, precision="float32", latent=latent,
+                                            config=cfg.autoencoder_config)
+        clips = [load_clip(m, w, device=device, precision=cfg.precision) for m, w in cfg.clip]
+        t5 = T5TextEncoder(cfg.t5, device=device, precision=cfg.precision, max_length=cfg.t5_length) if cfg.t5 else None
+        self.text = CombinedTextEncoder(clips, t5)
+        self.cached_text = CachedTextEncoder(self.text, cfg.text_cache)
+        if cfg.resolution % self.autoencoder.downsample:
+            raise ValueError(f"resolution={cfg.resolution} is not allowed with this autoencoder; need a multiple of "
+                             f"its downsampling factor {self.autoencoder.downsample}")
+
+    def encode_images(self, pixels: torch.Tensor, indices: list[int], cfg: PreprocessConfig) -> torch.Tensor:
+        """Pixels -> float32 latents on the CPU (posterior mean, or a per-item seeded sample)."""
+        ae = self.autoencoder
+        if cfg.latent == "sample" and hasattr(ae, "vae"):
+            with torch.no_grad():
+                dist = ae.vae.encode(pixels.to(ae.device, ae.dtype)).latent_dist
+            return sample_latents(dist.mean.float().cpu(), dist.std.float().cpu(), indices, cfg.seed)
+        return ae.encode(pixels)
+
+    def describe(self) -> dict:
+        """What meta.json records about the models: autoencoder settings and the text encoders' layout."""
+        return {**self.autoencoder.describe(), "text_groups": self.text.groups}
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> cuda when available, else cpu."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def preprocess(source, cfg: PreprocessConfig) -> dict | None:
+    """Run (or resume) a job; returns the folder's meta when complete, None when stopped early by max_chunks."""
+    cfg.validate()
+    cfg.check_inputs()
+    out = Path(cfg.out)
+    settings = cfg.settings(source)
+    state = prepare_output(out, settings)
+    if state == "complete":
+        shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+        print(f"{out}: already complete with these settings; nothing to do")
+        return read_meta(out)
+    n_chunks = math.ceil(len(source) / cfg.chunk_size)
+    order = item_order(len(source), cfg.seed, cfg.shuffle)
+    pending = [c for c in range(n_chunks) if not done_path(out, c).is_file()]
+    done_before = sum(len(order[c * cfg.chunk_size:(c + 1) * cfg.chunk_size]) for c in range(n_chunks)) \
+        - sum(len(order[c * cfg.chunk_size:(c + 1) * cfg.chunk_size]) for c in pending)
+    if cfg.max_chunks is not None:
+        pending = pending[:cfg.max_chunks]
+    if pending:
+        device = resolve_device(cfg.device)
+        models = Models(cfg, device)
+        _check_stats_source(cfg, models)
+        atomic_write_json(out / WORK_DIR / MODELS_FILE, models.describe())
+        print(f"{out}: {len(source)} items, {n_chunks} chunks, {n_chunks - len(pending)} done before; device {device}")
+        _process(source, cfg, models, order, pending, out, done_before)
+    if not all(done_path(out, c).is_file() for c in range(n_chunks)):
+        remaining = sum(not done_path(out, c).is_file() for c in range(n_chunks))
+        print(f"{out}: stopped with {remaining} of {n_chunks} chunks left; rerun to continue")
+        return None
+    stats = read_meta(cfg.stats_from) if cfg.stats_from else None
+    return assemble(out, n_chunks, settings, source.name, cfg, stats)
+
+
+def _check_stats_source(cfg: PreprocessConfig, models: Models) -> None:
+    if cfg.stats_from is None:
+        return
+    meta = read_meta(cfg.stats_from)
+    if meta.get("latent_channels") != models.autoencoder.latent_channels or \
+            (meta.get("autoencoder") == IDENTITY_AUTOENCODER) != (cfg.autoencoder == IDENTITY_AUTOENCODER):
+        raise ValueError(f"stats_from={cfg.stats_from!r} was made with autoencoder {meta.get('autoencoder')!r} "
+                         f"({meta.get('latent_channels')} channels); this job's gives "
+                         f"{models.autoencoder.latent_channels} channels: its statistics do not apply")
+
+
+def _process(source, cfg: PreprocessConfig, models: Models, order: np.ndarray, pending: list[int], out: Path,
+             done_before: int) -> None:
+    """Encode and write the pending chunks, one DataLoader over all of them (batches never cross chunks)."""
+    batches, plan = [], []
+    for c in pending:
+        idx = order[c * cfg.chunk_size:(c + 1) * cfg.chunk_size].tolist()
+        chunk_batches = [idx[i:i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
+        batches += chunk_batches
+        plan.append((c, len(chunk_batches)))
+    loader = DataLoader(PreparedImages(source, cfg.resolution), batch_sampler=batches, num_workers=cfg.num_workers,
+                        collate_fn=collate_prepared, pin_memory=torch.cuda.is_available() and cfg.device != "cpu")
+    batch_iter = iter(loader)
+    names = models.text.names
+    start, written, skipped = time.perf_counter(), 0, 0
+    with tqdm(total=len(order), initial=done_before, unit="sample", disable=not cfg.progress, smoothing=0.1,
+              dynamic_ncols=True) as bar:
+        for c, n_batches in plan:
+            with ChunkWriter(out, c, names, models.autoencoder.name, cfg.chunk_size) as writer:
+                for _ in range(n_batches):
+                    batch = next(batch_iter)
+                    writer.skip(batch["skipped"])
+                    if batch["pixels"] is not None:
+                        _write_batch(writer, batch, models, cfg)
+                    written += len(batch["indices"])
+                    skipped += len(batch["skipped"])
+                    bar.update(len(batch["indices"]) + len(batch["skipped"]))
+                    bar.set_postfix(skipped=skipped, refresh=False)
+    seconds = time.perf_counter() - start
+    print(f"{out}: wrote {written} samples ({len(pending)} chunks), skipped {skipped}, in {seconds:.1f} s "
+          f"({(written + skipped) / max(seconds, 1e-9):.1f} samples/s); text cache hits {models.cached_text.hits}, "
+          f"misses {models.cached_text.misses}")
+
+
+def _write_batch(writer: ChunkWriter, batch: dict, models: Models, cfg: PreprocessConfig) -> None:
+    latents16 = models.encode_images(batch["pixels"], batch["indices"], cfg).half()
+    context, pooled = models.cached_text(batch["captions"])
+    finite = torch.isfinite(latents16.flatten(1)).all(dim=1).tolist()
+    for j, index in enumerate(batch["indices"]):
+        if not finite[j]:
+            writer.skip([{"index": index, "source": batch["extras"][j].get("source", f"item {index}"),
+                          "error": "non-finite latent (float16 overflow?)"}])
+            continue
+        writer.write(latents16[j], context[j], pooled[j], batch["captions"][j], {**batch["extras"][j], "index": index})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Assembly
+# ----------------------------------------------------------------------------------------------------------------
+
+def _link(src: Path, dst: Path) -> None:
+    """Hard-link (or copy) src to dst atomically."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def assemble(out: Path, n_chunks: int, settings: dict, dataset: str, cfg: PreprocessConfig,
+             stats_meta: dict | None) -> dict:
+    """Link the chunk shards into the folder, write skipped.log, then meta.json last; returns the meta."""
+    markers = [json.loads(done_path(out, c).read_text()) for c in range(n_chunks)]
+    full = [m for m in markers if m["count"] > 0]
+    skipped = [s for m in markers for s in m["skipped"]]
+    _write_skip_log(out, skipped, sum(m["count"] for m in markers) + len(skipped))
+    if not full:
+        raise ValueError(f"out={str(out)!r}: every item was unreadable ({len(skipped)} skipped, see {SKIP_LOG})")
+    chunk_metas = [read_meta(chunk_dir(out, m["chunk"])) for m in full]
+    shards = []
+    for j, (m, cm) in enumerate(zip(full, chunk_metas)):
+        if cm["shapes"] != chunk_metas[0]["shapes"]:
+            raise ValueError(f"chunk {m['chunk']} has shapes {cm['shapes']}, chunk {full[0]['chunk']} has "
+                             f"{chunk_metas[0]['shapes']}; delete {out} and rerun")
+        name = SHARD_PATTERN.format(j)
+        _link(chunk_dir(out, m["chunk"]) / cm["shards"][0], out / name)
+        shards.append(name)
+    numel = sum(m["numel"] for m in full)
+    mean = sum(m["sum"] for m in full) / numel
+    std = math.sqrt(max(sum(m["sumsq"] for m in full) / numel - mean**2, 0.0))
+    own_stats = {"latent_mean": mean, "latent_std": std}
+    if stats_meta is None and not std > 0:
+        raise ValueError(f"out={str(out)!r}: the latents are constant (std {std}); cannot normalise them")
+    count = sum(m["count"] for m in full)
+    models_meta = json.loads((out / WORK_DIR / MODELS_FILE).read_text())
+    meta = {
+        **chunk_metas[0],
+        "count": count,
+        "shards": shards,
+        "latent_mean": stats_meta["latent_mean"] if stats_meta else mean,
+        "latent_std": stats_meta["latent_std"] if stats_meta else std,
+        "latent_stats_from": cfg.stats_from,
+        "dataset_latent_stats": own_stats,
+        "dataset": dataset,
+        "resolution": cfg.resolution,
+        **models_meta,
+        "skipped": len(skipped),
+        "preprocess": {"fingerprint": fingerprint_of(settings), "settings": settings},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "complete": True,
+    }
+    atomic_write_json(out / META_FILE, meta)
+    shutil.rmtree(out / WORK_DIR)
+    print(f"{out}: complete: {count} samples in {len(shards)} shards, {len(skipped)} skipped; "
+          f"latent mean {meta['latent_mean']:.4f} std {meta['latent_std']:.4f}")
+    return read_meta(out)
+
+
+def _write_skip_log(out: Path, skipped: list[dict], total: int) -> None:
+    lines = [f"# {len(skipped)} of {total} items skipped (unreadable or corrupt); index\tsource\terror"]
+    lines += [f"{s['index']}\t{s['source']}\t{s['error']}" for s in sorted(skipped, key=lambda s: s["index"])]
+    atomic_write_bytes(out / SKIP_LOG, ("\n".join(lines) + "\n").encode("utf-8"))

@@ -1,0 +1,336 @@
+"""Raw datasets as indexable sources of (image bytes, caption, extras): ImageNet, CC12M (TSV or tars), COCO-2014.
+
+Every source enumerates its items once, in a fixed sorted order, and reads item i on demand (inside DataLoader
+workers). Item storage is compact (numpy arrays, byte offsets) so that CC12M's 12M items fit in memory.
+Captions that involve chance (ImageNet synonyms, a random COCO caption) are drawn from a generator seeded by
+(seed, item index), so they do not depend on chunking, workers or resumption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+CAPTION_CHOICES = ("first", "random")
+TSV_HEADER_NAMES = ({"path", "image", "image_path", "file", "filepath", "filename", "url"}, {"caption", "text"})
+
+
+@dataclass
+class Record:
+    """One raw item: encoded image bytes, its caption and the extras stored in the shard's json."""
+
+    key: str
+    data: bytes
+    caption: str
+    extras: dict = field(default_factory=dict)
+
+
+def imagenet_caption(name: str) -> str:
+    """The paper's ImageNet caption template (SPEC 6)."""
+    return f"a photo of a {name}"
+
+
+def item_rng(seed: int, index: int) -> np.random.Generator:
+    """A generator that depends only on (seed, item index)."""
+    return np.random.default_rng([seed, index])
+
+
+def _require_file(path: str | Path, setting: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{setting}={str(path)!r} is not a file")
+    return path
+
+
+def _require_dir(path: str | Path, setting: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{setting}={str(path)!r} is not a folder")
+    return path
+
+
+def _digest(strings) -> str:
+    h = hashlib.sha256()
+    for s in strings:
+        h.update(s.encode("utf-8") + b"\0")
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ImageNet: class folders + a class-name file
+# ----------------------------------------------------------------------------------------------------------------
+
+def read_class_names(path: str | Path) -> dict[str, list[str]]:
+    """Synset -> synonyms, in label order, from a JSON file or a LOC_synset_mapping.txt-style text file.
+
+    JSON: {"n01440764": ["tench", "Tinca tinca"]} (a string value is split at commas) or the Keras-style
+    {"0": ["n01440764", "tench"]}. Text: one "n01440764 tench, Tinca tinca" per line. Labels follow the file's
+    order for the text file and the Keras-style JSON, and sorted synsets for the synset-keyed JSON.
+    """
+    path = _require_file(path, "class_names")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        raw = json.loads(text)
+        if not isinstance(raw, dict) or not raw:
+            raise ValueError(f"class_names={str(path)!r}: expected a non-empty JSON object")
+        if all(k.isdigit() for k in raw):  # Keras: {"0": ["n01440764", "tench"]}
+            items = [(raw[k][0], raw[k][1:]) for k in sorted(raw, key=int)]
+        else:
+            items = [(k, raw[k]) for k in sorted(raw)]
+        mapping = {}
+        for synset, names in items:
+            names = [names] if isinstance(names, str) else list(names)
+            mapping[synset] = [n.strip().replace("_", " ") for s in names for n in s.split(",") if n.strip()]
+    else:
+        mapping = {}
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            synset, _, names = line.strip().partition(" ")
+            mapping[synset] = [n.strip() for n in names.split(",") if n.strip()]
+    empty = [s for s, names in mapping.items() if not names]
+    if empty:
+        raise ValueError(f"class_names={str(path)!r}: classes without a name: {', '.join(empty[:5])}")
+    return mapping
+
+
+class ImageNetSource:
+    """ImageNet in its folder layout (root/<synset>/<image>); captions "a photo of a <random synonym>"."""
+
+    name = "imagenet"
+
+    def __init__(self, root: str | Path, class_names: str | Path, seed: int = 0):
+        self.root = _require_dir(root, "root")
+        self.classes = read_class_names(class_names)
+        self.seed = seed
+        self.label_of = {synset: i for i, synset in enumerate(self.classes)}
+        folders = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        if not folders:
+            raise FileNotFoundError(f"root={str(self.root)!r} has no class folders (expected e.g. n01440764/)")
+        unknown = [f for f in folders if f not in self.label_of]
+        if unknown:
+            raise ValueError(f"root={str(self.root)!r} has class folders missing from class_names: "
+                             f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+        self.paths: list[str] = []
+        for folder in folders:
+            self.paths += sorted(f"{folder}/{p.name}" for p in (self.root / folder).iterdir()
+                                 if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def caption(self, index: int) -> tuple[str, dict]:
+        """The seeded caption and extras of item index (no image read)."""
+        synset = self.paths[index].split("/", 1)[0]
+        names = self.classes[synset]
+        name = names[int(item_rng(self.seed, index).integers(len(names)))]
+        return imagenet_caption(name), {"label": self.label_of[synset], "synset": synset, "class_name": name}
+
+    def describe(self, index: int) -> str:
+        return self.paths[index]
+
+    def read(self, index: int) -> Record:
+        rel = self.paths[index]
+        caption, extras = self.caption(index)
+        return Record(rel, (self.root / rel).read_bytes(), caption, {**extras, "source": rel})
+
+    def fingerprint(self) -> dict:
+        return {"kind": self.name, "root": str(self.root.resolve()), "count": len(self), "seed": self.seed,
+                "classes": _digest(f"{k}:{'|'.join(v)}" for k, v in self.classes.items()),
+                "items": _digest(self.paths)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CC12M: a TSV of local image paths and captions
+# ----------------------------------------------------------------------------------------------------------------
+
+class TsvSource:
+    """CC12M as a TSV file "<image path>\\t<caption>" (paths relative to image_root, default the TSV's folder).
+
+    Only the byte offsets of the lines are kept in memory; a line is parsed when its item is read.
+    """
+
+    name = "cc12m"
+
+    def __init__(self, tsv: str | Path, image_root: str | Path | None = None):
+        self.tsv = _require_file(tsv, "tsv")
+        self.image_root = _require_dir(image_root, "image_root") if image_root else self.tsv.parent
+        offsets = []
+        with open(self.tsv, "rb") as f:
+            pos = 0
+            for n, line in enumerate(f):
+                if line.strip() and not (n == 0 and self._is_header(line)):
+                    offsets.append(pos)
+                pos += len(line)
+        if not offsets:
+            raise ValueError(f"tsv={str(self.tsv)!r} has no rows")
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+
+    @staticmethod
+    def _is_header(line: bytes) -> bool:
+        fields = line.decode("utf-8", "replace").strip().lower().split("\t")
+        return len(fields) >= 2 and fields[0] in TSV_HEADER_NAMES[0] and fields[1] in TSV_HEADER_NAMES[1]
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def _row(self, index: int) -> tuple[str, str]:
+        with open(self.tsv, "rb") as f:
+            f.seek(int(self.offsets[index]))
+            line = f.readline().decode("utf-8").rstrip("\r\n")
+        path, sep, caption = line.partition("\t")
+        if not sep or not caption.strip():
+            raise ValueError(f"tsv line for item {index} has no caption column: {line[:80]!r}")
+        return path, caption.strip()
+
+    def describe(self, index: int) -> str:
+        try:
+            return self._row(index)[0]
+        except (OSError, ValueError, UnicodeDecodeError):
+            return f"{self.tsv.name} item {index}"
+
+    def read(self, index: int) -> Record:
+        path, caption = self._row(index)
+        return Record(path, (self.image_root / path).read_bytes(), caption, {"source": path})
+
+    def fingerprint(self) -> dict:
+        stat = self.tsv.stat()
+        return {"kind": "cc12m-tsv", "tsv": str(self.tsv.resolve()), "image_root": str(self.image_root.resolve()),
+                "count": len(self), "tsv_bytes": stat.st_size}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CC12M: webdataset tars of <key>.jpg + <key>.txt (e.g. as img2dataset writes them)
+# ----------------------------------------------------------------------------------------------------------------
+
+def list_tars(tars: str | Path | list) -> list[Path]:
+    """Tar files from a folder (all *.tar inside, sorted), one file, or a list of files."""
+    if isinstance(tars, (list, tuple)):
+        paths = [_require_file(t, "tars") for t in tars]
+    else:
+        p = Path(tars)
+        if p.is_dir():
+            paths = sorted(p.glob("*.tar"))
+            if not paths:
+                raise FileNotFoundError(f"tars={str(p)!r} is a folder without .tar files")
+        else:
+            paths = [_require_file(p, "tars")]
+    return paths
+
+
+class TarSource:
+    """CC12M as webdataset tars; the index keeps each image's and caption's byte range inside its tar."""
+
+    name = "cc12m"
+
+    def __init__(self, tars: str | Path | list):
+        self.tars = list_tars(tars)
+        tar_ids, keys, spans = [], [], []
+        for t, path in enumerate(self.tars):
+            members: dict[str, dict[str, tuple[int, int]]] = {}
+            with tarfile.open(path, "r:") as tf:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    base = m.name.rsplit("/", 1)[-1]
+                    key, dot, ext = base.partition(".")  # webdataset: the extension starts at the first dot
+                    if dot:
+                        members.setdefault(f"{m.name[: len(m.name) - len(base)]}{key}", {})[ext.lower()] = \
+                            (m.offset_data, m.size)
+            for key in sorted(members):
+                exts = members[key]
+                image_ext = next((e for e in WDS_IMAGE_EXTENSIONS if e in exts), None)
+                if image_ext is None:
+                    continue  # e.g. a failed download: json only
+                tar_ids.append(t)
+                keys.append(key)
+                spans.append(exts[image_ext] + exts.get("txt", (-1, -1)))
+        if not keys:
+            raise ValueError(f"tars={str(self.tars[0].parent)!r}: no samples with an image (jpg, png, webp) found")
+        self.tar_ids = np.asarray(tar_ids, dtype=np.int32)
+        self.keys = np.asarray(keys, dtype=np.bytes_)
+        self.spans = np.asarray(spans, dtype=np.int64)  # image offset, size, caption offset, size
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def describe(self, index: int) -> str:
+        return f"{self.tars[int(self.tar_ids[index])].name}:{self.keys[index].decode('utf-8')}"
+
+    def read(self, index: int) -> Record:
+        path = self.tars[int(self.tar_ids[index])]
+        key = self.keys[index].decode("utf-8")
+        image_off, image_size, text_off, text_size = (int(v) for v in self.spans[index])
+        if text_off < 0:
+            raise ValueError(f"{path.name}:{key} has no .txt caption")
+        with open(path, "rb") as f:
+            f.seek(image_off)
+            data = f.read(image_size)
+            f.seek(text_off)
+            caption = f.read(text_size).decode("utf-8").strip()
+        if not caption:
+            raise ValueError(f"{path.name}:{key} has an empty caption")
+        return Record(key, data, caption, {"source": f"{path.name}:{key}"})
+
+    def fingerprint(self) -> dict:
+        return {"kind": "cc12m-wds", "tars": _digest(str(p.resolve()) for p in self.tars), "count": len(self),
+                "items": hashlib.sha256(self.keys.tobytes()).hexdigest()[:16]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# COCO-2014 validation: images + captions_val2014.json
+# ----------------------------------------------------------------------------------------------------------------
+
+class CocoSource:
+    """COCO captions: one item per image (images with no caption are left out); caption "first" or "random"."""
+
+    name = "coco"
+
+    def __init__(self, images: str | Path, annotations: str | Path, caption_choice: str = "first", seed: int = 0):
+        if caption_choice not in CAPTION_CHOICES:
+            raise ValueError(f"caption_choice={caption_choice!r} is not allowed; allowed: {', '.join(CAPTION_CHOICES)}")
+        self.images = _require_dir(images, "images")
+        annotations = _require_file(annotations, "annotations")
+        raw = json.loads(annotations.read_text(encoding="utf-8"))
+        if "images" not in raw or "annotations" not in raw:
+            raise ValueError(f"annotations={str(annotations)!r} lacks 'images' or 'annotations' (a COCO captions file?)")
+        captions: dict[int, list[tuple[int, str]]] = {}
+        for a in raw["annotations"]:
+            captions.setdefault(int(a["image_id"]), []).append((int(a.get("id", 0)), a["caption"].strip()))
+        self.annotations = annotations
+        self.caption_choice, self.seed = caption_choice, seed
+        # "first" = lowest annotation id: independent of the file's record order.
+        rows = sorted((int(im["id"]), im["file_name"]) for im in raw["images"] if int(im["id"]) in captions)
+        if not rows:
+            raise ValueError(f"annotations={str(annotations)!r} has no image with a caption")
+        self.image_ids = [r[0] for r in rows]
+        self.file_names = [r[1] for r in rows]
+        self.captions = [[c for _, c in sorted(captions[i])] for i in self.image_ids]
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def describe(self, index: int) -> str:
+        return self.file_names[index]
+
+    def read(self, index: int) -> Record:
+        captions = self.captions[index]
+        if self.caption_choice == "first":
+            caption = captions[0]
+        else:
+            caption = captions[int(item_rng(self.seed, index).integers(len(captions)))]
+        file_name = self.file_names[index]
+        extras = {"image_id": self.image_ids[index], "source": file_name, "captions": captions}
+        return Record(str(self.image_ids[index]), (self.images / file_name).read_bytes(), caption, extras)
+
+    def fingerprint(self) -> dict:
+        return {"kind": self.name, "images": str(self.images.resolve()), "annotations": str(self.annotations.resolve()),
+                "count": len(self), "caption_choice": self.caption_choice, "seed": self.seed,
+                "items": _digest(self.file_names)}

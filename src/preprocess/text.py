@@ -1,0 +1,152 @@
+"""Text encoders from local files and their SD3 combination (SPEC 5), with the token/channel map `text_groups`.
+
+CLIP encoders are src.text.encoder.ClipTextEncoder (open_clip, penultimate hidden states + projected pooled).
+T5 is transformers' T5EncoderModel (final hidden states, padded to a fixed length without an attention mask, as
+diffusers' SD3 pipeline encodes prompts). SD3's combination: pooled vectors concatenated; CLIP sequences
+concatenated along channels and zero-padded to the common width, then concatenated with the T5 sequence along
+tokens.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Sequence
+
+import open_clip
+import torch
+
+from src.text.encoder import ClipTextEncoder
+
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OPEN_CLIP_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def check_clip_spec(model: str, weights: str | Path) -> None:
+    """Fail before any work when a CLIP weight file or its model config is missing."""
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"clip weights={str(weights)!r} for model {model!r} is not a file")
+    if model.endswith(".json"):
+        if not Path(model).is_file():
+            raise FileNotFoundError(f"clip model config={model!r} is not a file")
+    elif model not in open_clip.list_models():
+        raise ValueError(f"clip model={model!r} is not an open_clip model name; use one of open_clip.list_models() "
+                         f"(OpenAI weights need the -quickgelu name) or a path to a model config .json")
+
+
+def load_clip(model: str, weights: str | Path, device: str, precision: str = "float32") -> ClipTextEncoder:
+    """An open_clip text encoder; `model` is a registered name or a path to a model config JSON (registered here)."""
+    check_clip_spec(model, weights)
+    if model.endswith(".json"):
+        open_clip.add_model_config(model)
+        model = Path(model).stem
+    return ClipTextEncoder(model, weights, device=device, precision=OPEN_CLIP_PRECISION[precision])
+
+
+class T5TextEncoder:
+    """T5 encoder (transformers, local folder with tokenizer): final hidden states (B, max_length, d_model)."""
+
+    pooled_dim = 0
+
+    def __init__(self, path: str | Path, device: str = "cpu", precision: str = "float32", max_length: int = 77):
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"t5={str(path)!r} is not a transformers model folder (no config.json)")
+        if max_length < 1:
+            raise ValueError(f"t5_length={max_length} is not allowed; need >= 1")
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = T5EncoderModel.from_pretrained(path, dtype=PRECISIONS[precision], local_files_only=True)
+        self.model.to(device).eval().requires_grad_(False)
+        self.device = torch.device(device)
+        self.name = path.name
+        self.context_length = max_length
+        self.context_dim = int(self.model.config.d_model)
+
+    @torch.no_grad()
+    def __call__(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions -> (context (B, max_length, d_model), empty pooled (B, 0)), float32."""
+        ids = self.tokenizer(list(captions), padding="max_length", max_length=self.context_length, truncation=True,
+                             return_tensors="pt").input_ids.to(self.device)
+        context = self.model(input_ids=ids).last_hidden_state.float()
+        return context, context.new_zeros(len(captions), 0)
+
+
+class CombinedTextEncoder:
+    """SD3's combination of CLIP encoders (and optionally one T5) into one (context, pooled) pair (SPEC 5)."""
+
+    def __init__(self, clips: Sequence, t5=None):
+        if not clips:
+            raise ValueError("clip: at least one CLIP encoder is needed (it gives the pooled vector)")
+        lengths = {c.context_length for c in clips}
+        if len(lengths) != 1:
+            raise ValueError(f"clip encoders have context lengths {sorted(lengths)}; they must be equal to stack them")
+        self.clips, self.t5 = list(clips), t5
+        self.clip_length = lengths.pop()
+        clip_width = sum(c.context_dim for c in clips)
+        self.context_dim = max(clip_width, t5.context_dim if t5 else 0)
+        self.context_length = self.clip_length + (t5.context_length if t5 else 0)
+        self.pooled_dim = sum(c.pooled_dim for c in clips)
+        self.names = [f"clip:{c.name}" for c in clips] + ([f"t5:{t5.name}"] if t5 else [])
+        self.groups = self._groups()
+
+    def _groups(self) -> list[dict]:
+        groups, channel, pooled = [], 0, 0
+        for clip, name in zip(self.clips, self.names):
+            groups.append({"name": name, "context_tokens": [0, self.clip_length],
+                           "context_channels": [channel, channel + clip.context_dim],
+                           "pooled_channels": [pooled, pooled + clip.pooled_dim]})
+            channel += clip.context_dim
+            pooled += clip.pooled_dim
+        if self.t5:
+            groups.append({"name": self.names[-1], "context_tokens": [self.clip_length, self.context_length],
+                           "context_channels": [0, self.t5.context_dim],
+                           "pooled_channels": [self.pooled_dim, self.pooled_dim]})
+        return groups
+
+    def __call__(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions -> (context (B, context_length, context_dim), pooled (B, pooled_dim)), float32 on the CPU."""
+        outputs = [clip(captions) for clip in self.clips]
+        clip_context = torch.cat([o[0].float().cpu() for o in outputs], dim=-1)
+        pooled = torch.cat([o[1].float().cpu() for o in outputs], dim=-1)
+        parts = [pad_channels(clip_context, self.context_dim)]
+        if self.t5:
+            parts.append(pad_channels(self.t5(captions)[0].float().cpu(), self.context_dim))
+        return torch.cat(parts, dim=1), pooled
+
+
+def pad_channels(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad the last dimension of x to `width`."""
+    return torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+
+
+class CachedTextEncoder:
+    """Memoises an encoder's outputs per caption (LRU, float16 on the CPU): ImageNet has a few thousand captions."""
+
+    def __init__(self, encoder, max_entries: int = 2048):
+        if max_entries < 0:
+            raise ValueError(f"text_cache={max_entries} is not allowed; need >= 0 (0 disables the cache)")
+        self.encoder, self.max_entries = encoder, max_entries
+        self.cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def __call__(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions -> (context, pooled) as float16 CPU tensors; only unseen distinct captions are encoded."""
+        missing = list(dict.fromkeys(c for c in captions if c not in self.cache))
+        self.misses += len(missing)
+        self.hits += len(captions) - len(missing)
+        fresh = {}
+        if missing:
+            context, pooled = self.encoder(missing)
+            fresh = {c: (context[i].half(), pooled[i].half()) for i, c in enumerate(missing)}
+        rows = []
+        for c in captions:
+            row = fresh.get(c) or self.cache[c]
+            rows.append(row)
+            if self.max_entries:
+                self.cache[c] = row
+                self.cache.move_to_end(c)
+        while len(self.cache) > self.max_entries:
+            self.cache.popitem(last=False)
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])

@@ -1,0 +1,403 @@
+"""Preprocessing real-data layouts into shards (issue 8), on generated images and random tiny models saved to disk."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from src.data.shards import is_complete, iter_samples, make_loader, read_meta
+from src.preprocess import CocoSource, ImageNetSource, PreprocessConfig, TarSource, TsvSource, preprocess
+from src.preprocess.__main__ import main
+from src.preprocess.images import decode_image, resize_center_crop
+from src.preprocess.pipeline import SKIP_LOG, WORK_DIR, Models, done_path
+from src.preprocess.sources import read_class_names
+from src.preprocess.text import CombinedTextEncoder
+
+RES = 16
+SYNSETS = {"n00000001": ["tench", "Tinca tinca"], "n00000002": ["goldfish", "Carassius auratus"],
+           "n00000003": ["great white shark", "white shark", "man-eater"]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generated images and datasets
+# ----------------------------------------------------------------------------------------------------------------
+
+def image_bytes(i: int, fmt: str = "JPEG") -> bytes:
+    """A random-ish image of varying size and aspect (some grayscale), encoded."""
+    rng = np.random.default_rng(i)
+    w, h = int(rng.integers(12, 40)), int(rng.integers(12, 40))
+    array = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+    image = Image.fromarray(array)
+    if i % 5 == 4:
+        image = image.convert("L")
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+CORRUPT = b"\xff\xd8\xff\xe0 this is not really a jpeg"
+
+
+def make_imagenet(root: Path, per_class: int = 4) -> tuple[Path, Path]:
+    """root/train/<synset>/*.JPEG (one corrupt) and a LOC_synset_mapping.txt."""
+    train = root / "train"
+    i = 0
+    for synset in SYNSETS:
+        (train / synset).mkdir(parents=True)
+        for k in range(per_class):
+            (train / synset / f"{synset}_{k}.JPEG").write_bytes(image_bytes(i))
+            i += 1
+    (train / "n00000002" / "n00000002_broken.JPEG").write_bytes(CORRUPT)
+    mapping = root / "LOC_synset_mapping.txt"
+    mapping.write_text("".join(f"{s} {', '.join(names)}\n" for s, names in SYNSETS.items()))
+    return train, mapping
+
+
+def make_tsv(root: Path, n: int = 7) -> Path:
+    """images/*.jpg and cc12m.tsv with a header, a missing file and a corrupt file."""
+    (root / "images").mkdir(parents=True)
+    rows = ["path\tcaption"]
+    for i in range(n):
+        (root / "images" / f"{i}.jpg").write_bytes(image_bytes(100 + i))
+        rows.append(f"images/{i}.jpg\ta caption number {i}")
+    (root / "images" / "bad.jpg").write_bytes(CORRUPT)
+    rows += ["images/bad.jpg\ta corrupt image", "images/missing.jpg\ta missing image"]
+    tsv = root / "cc12m.tsv"
+    tsv.write_text("\n".join(rows) + "\n")
+    return tsv
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def make_tars(root: Path) -> Path:
+    """Two img2dataset-style tars: jpg + txt + json per key, a truncated jpg, and a key without caption."""
+    root.mkdir(parents=True)
+    for t in range(2):
+        with tarfile.open(root / f"{t:05d}.tar", "w") as tf:
+            for k in range(3):
+                key = f"{t:05d}{k:04d}"
+                _add(tf, f"{key}.jpg", image_bytes(200 + 10 * t + k))
+                _add(tf, f"{key}.txt", f"tar {t} caption {k}".encode())
+                _add(tf, f"{key}.json", b"{}")
+            _add(tf, f"{t:05d}9998.jpg", image_bytes(300)[:60])  # truncated
+            _add(tf, f"{t:05d}9998.txt", b"truncated image")
+            _add(tf, f"{t:05d}9999.jpg", image_bytes(301))  # no caption
+    return root
+
+
+def make_coco(root: Path, n: int = 5) -> tuple[Path, Path]:
+    """val2014/*.jpg and captions_val2014.json (several captions per image, one image without any)."""
+    images = root / "val2014"
+    images.mkdir(parents=True)
+    records, annotations = [], []
+    for i in range(n + 1):
+        name = f"COCO_val2014_{i + 40:012d}.jpg"
+        (images / name).write_bytes(image_bytes(400 + i))
+        records.append({"id": i + 40, "file_name": name, "width": 20, "height": 20})
+        if i < n:  # the last image has no caption
+            for j in range(3):
+                annotations.append({"id": 1000 + 10 * i + (2 - j), "image_id": i + 40, "caption": f"image {i} cap {2 - j}"})
+    ann = root / "captions_val2014.json"
+    ann.write_text(json.dumps({"images": records[::-1], "annotations": annotations}))
+    return images, ann
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Random tiny models saved to disk (the real loading code runs on them)
+# ----------------------------------------------------------------------------------------------------------------
+
+def save_clip(folder: Path, name: str, width: int, embed_dim: int) -> tuple[str, str]:
+    """An open_clip model config JSON + random weights; returns (config path, weights path)."""
+    import open_clip
+
+    config = {"embed_dim": embed_dim,
+              "vision_cfg": {"image_size": 16, "patch_size": 8, "layers": 1, "width": 32, "head_width": 16},
+              "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": width, "heads": 2, "layers": 2}}
+    config_path = folder / f"{name}.json"
+    config_path.write_text(json.dumps(config))
+    model = open_clip.model.CLIP(embed_dim, config["vision_cfg"], config["text_cfg"])
+    weights = folder / f"{name}.pt"
+    torch.save(model.state_dict(), weights)
+    return str(config_path), str(weights)
+
+
+def save_vae(folder: Path) -> str:
+    """A tiny diffusers AutoencoderKL (downsampling 2, 4 latent channels) saved with save_pretrained."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                        sample_size=RES)
+    vae.save_pretrained(folder)
+    return str(folder)
+
+
+def save_t5(folder: Path) -> str:
+    """A tiny T5 encoder (d_model 96) and a word-level tokenizer built offline, saved with save_pretrained."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    words = "a photo of tench tinca goldfish carassius auratus great white shark man-eater caption number image cap " \
+            "tar corrupt missing truncated".split()
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(dict.fromkeys(words))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>") \
+        .save_pretrained(folder)
+    config = T5Config(vocab_size=len(vocab), d_model=96, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
+                      decoder_start_token_id=0)
+    T5EncoderModel(config).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Paths of the saved random models."""
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    return {"clip_a": save_clip(root, "clip-a", 32, 24), "clip_b": save_clip(root, "clip-b", 48, 16),
+            "vae": save_vae(root / "vae"), "t5": save_t5(root / "t5")}
+
+
+def config(out: Path, models: dict, **kw) -> PreprocessConfig:
+    """A small CPU config: one CLIP, pixel space unless overridden."""
+    base = dict(out=str(out), resolution=RES, clip=[models["clip_a"]], chunk_size=4, batch_size=3, num_workers=0,
+                device="cpu", progress=False)
+    return PreprocessConfig(**{**base, **kw})
+
+
+def samples(folder: Path) -> list[dict]:
+    return list(iter_samples(folder))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sources and image preparation
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_class_names_formats(tmp_path):
+    loc = tmp_path / "LOC_synset_mapping.txt"
+    loc.write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n")
+    by_synset = tmp_path / "names.json"
+    by_synset.write_text(json.dumps({"n01443537": ["goldfish"], "n01440764": "tench, Tinca tinca"}))
+    keras = tmp_path / "imagenet_class_index.json"
+    keras.write_text(json.dumps({"1": ["n01443537", "goldfish"], "0": ["n01440764", "tench"]}))
+    assert read_class_names(loc) == {"n01440764": ["tench", "Tinca tinca"], "n01443537": ["goldfish", "Carassius auratus"]}
+    assert read_class_names(by_synset) == {"n01440764": ["tench", "Tinca tinca"], "n01443537": ["goldfish"]}
+    assert list(read_class_names(keras)) == ["n01440764", "n01443537"]
+    with pytest.raises(FileNotFoundError, match="class_names="):
+        read_class_names(tmp_path / "nope.txt")
+
+
+def test_resize_center_crop_keeps_the_centre():
+    array = np.zeros((40, 80, 3), np.uint8)
+    array[:, 20:60] = 255  # a white centre square in a wide image
+    out = resize_center_crop(Image.fromarray(array), 16)
+    assert out.size == (16, 16)
+    assert np.asarray(out).min() > 200  # only the centre survives the crop
+    pixels = decode_image(image_bytes(3), 16)
+    assert pixels.shape == (3, 16, 16) and pixels.min() >= -1 and pixels.max() <= 1
+    with pytest.raises(Exception):
+        decode_image(CORRUPT, 16)
+
+
+def test_sources_enumerate_layouts(tmp_path):
+    train, mapping = make_imagenet(tmp_path / "imagenet")
+    source = ImageNetSource(train, mapping, seed=1)
+    assert len(source) == 13
+    captions = {source.read(i).caption for i in range(len(source)) if "broken" not in source.paths[i]}
+    assert all(c.startswith("a photo of a ") for c in captions) and len(captions) > 3
+    assert source.read(0).caption == ImageNetSource(train, mapping, seed=1).read(0).caption  # seeded
+    tsv = TsvSource(make_tsv(tmp_path / "cc12m"))
+    assert len(tsv) == 9 and tsv.read(2).caption == "a caption number 2"  # header skipped
+    tars = TarSource(make_tars(tmp_path / "tars"))
+    assert len(tars) == 10 and tars.read(0).caption == "tar 0 caption 0"
+    with pytest.raises(ValueError, match="no .txt caption"):
+        tars.read(4)
+    images, ann = make_coco(tmp_path / "coco")
+    coco = CocoSource(images, ann)
+    assert len(coco) == 5 and coco.image_ids == sorted(coco.image_ids)
+    assert coco.read(0).caption == "image 0 cap 0"  # lowest annotation id, not the first in the file
+    assert coco.read(0).extras["captions"] == ["image 0 cap 0", "image 0 cap 1", "image 0 cap 2"]
+
+
+def test_combined_text_encoder_layout():
+    class Fake:
+        def __init__(self, name, length, width, pooled):
+            self.name, self.context_length, self.context_dim, self.pooled_dim = name, length, width, pooled
+
+        def __call__(self, captions):
+            n = len(captions)
+            return torch.ones(n, self.context_length, self.context_dim), torch.ones(n, self.pooled_dim)
+
+    enc = CombinedTextEncoder([Fake("l", 5, 3, 2), Fake("g", 5, 4, 3)], Fake("t5", 6, 10, 0))
+    context, pooled = enc(["x", "y"])
+    assert context.shape == (2, 11, 10) and pooled.shape == (2, 5)
+    assert context[:, :5, 7:].abs().sum() == 0 and context[:, :5, :7].min() == 1  # CLIP zero-padded to T5 width
+    assert [g["context_tokens"] for g in enc.groups] == [[0, 5], [0, 5], [5, 11]]
+    assert [g["context_channels"] for g in enc.groups] == [[0, 3], [3, 7], [0, 10]]
+    assert [g["pooled_channels"] for g in enc.groups] == [[0, 2], [2, 5], [5, 5]]
+    wide_clip = CombinedTextEncoder([Fake("l", 5, 12, 2)], Fake("t5", 6, 10, 0))
+    assert wide_clip(["x"])[0][:, 5:, 10:].abs().sum() == 0  # T5 padded when CLIPs are wider
+    with pytest.raises(ValueError, match="context lengths"):
+        CombinedTextEncoder([Fake("l", 5, 3, 2), Fake("g", 6, 4, 3)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_imagenet_autoencoder_clips_t5(tmp_path, models):
+    train, mapping = make_imagenet(tmp_path / "imagenet")
+    out = tmp_path / "shards"
+    cfg = config(out, models, autoencoder=models["vae"], clip=[models["clip_a"], models["clip_b"]], t5=models["t5"],
+                 t5_length=8)
+    meta = preprocess(ImageNetSource(train, mapping, seed=0), cfg)
+    assert is_complete(out) and meta["count"] == 12 and meta["skipped"] == 1
+    assert len(meta["shards"]) == 4 and not (out / WORK_DIR).exists()  # 13 items in chunks of 4
+    assert meta["shapes"] == {"latent": [4, 8, 8], "context": [12 + 8, 96], "pooled": [24 + 16]}
+    assert meta["encoder_names"] == ["clip:clip-a", "clip:clip-b", "t5:t5"]
+    assert meta["text_groups"] == [
+        {"name": "clip:clip-a", "context_tokens": [0, 12], "context_channels": [0, 32], "pooled_channels": [0, 24]},
+        {"name": "clip:clip-b", "context_tokens": [0, 12], "context_channels": [32, 80], "pooled_channels": [24, 40]},
+        {"name": "t5:t5", "context_tokens": [12, 20], "context_channels": [0, 96], "pooled_channels": [40, 40]},
+    ]
+    log = (out / SKIP_LOG).read_text().splitlines()
+    assert log[0].startswith("# 1 of 13") and "n00000002/n00000002_broken.JPEG" in log[1]
+
+    rows = samples(out)
+    assert len(rows) == 12 and len({r["extras"]["index"] for r in rows}) == 12
+    latents = np.stack([r["latent"] for r in rows]).astype(np.float64)
+    assert rows[0]["latent"].dtype == np.float16
+    assert meta["latent_mean"] == pytest.approx(latents.mean(), rel=1e-9)
+    assert meta["latent_std"] == pytest.approx(latents.std(), rel=1e-9)
+    labels = {r["extras"]["synset"]: r["extras"]["label"] for r in rows}
+    assert labels == {"n00000001": 0, "n00000002": 1, "n00000003": 2}
+    for r in rows:
+        assert r["caption"] in {f"a photo of a {n}" for n in SYNSETS[r["extras"]["synset"]]}
+        assert np.abs(r["context"][:12, 80:]).max() == 0  # CLIP block zero-padded to the T5 width
+    # one sample against the models run directly
+    m = Models(cfg, "cpu")
+    r = rows[0]
+    pixels = decode_image((train / r["extras"]["source"]).read_bytes(), RES)[None]
+    expected = m.autoencoder.vae.encode(pixels).latent_dist.mean[0].half().numpy()
+    np.testing.assert_allclose(r["latent"], expected, atol=2e-3)
+    context, pooled = m.text([r["caption"]])
+    np.testing.assert_allclose(r["context"], context[0].half().numpy(), atol=2e-3)
+    np.testing.assert_allclose(r["pooled"], pooled[0].half().numpy(), atol=2e-3)
+
+    batch = next(iter(make_loader(out, batch_size=5, shuffle=True, seed=0)))
+    assert batch["x0"].shape == (5, 4, 8, 8) and batch["context"].shape == (5, 20, 96)
+    assert batch["pooled"].shape == (5, 40) and len(batch["caption"]) == 5
+
+
+def test_resume_after_stop_and_crash(tmp_path, models, monkeypatch):
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=5)  # 16 items, chunks of 4
+    source = ImageNetSource(train, mapping)
+    reference = preprocess(source, config(tmp_path / "reference", models))
+    out = tmp_path / "resumed"
+    assert preprocess(source, config(out, models, max_chunks=2)) is None
+    assert not is_complete(out) and not (out / "meta.json").exists()
+    first = [done_path(out, c).stat().st_mtime_ns for c in range(2)]
+
+    calls = {"n": 0}
+    original = Models.encode_images
+
+    def crash_on_second_batch(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated crash")
+        return original(self, *args)
+
+    monkeypatch.setattr(Models, "encode_images", crash_on_second_batch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        preprocess(source, config(out, models))  # dies inside chunk 2
+    assert not done_path(out, 2).exists() and not (out / "meta.json").exists()
+    assert [done_path(out, c).stat().st_mtime_ns for c in range(2)] == first  # completed chunks kept
+    monkeypatch.setattr(Models, "encode_images", original)
+
+    calls["n"] = 0
+    monkeypatch.setattr(Models, "encode_images", lambda self, *a: (calls.__setitem__("n", calls["n"] + 1),
+                                                                    original(self, *a))[1])
+    meta = preprocess(source, config(out, models))
+    assert calls["n"] == 4  # chunks 2 and 3 only: 2 batches of (3, 1) each
+    assert [done_path(out, c).exists() for c in range(2)] == [False, False]  # work folder removed when complete
+    assert meta["count"] == reference["count"] == 15 and meta["shards"] == reference["shards"]
+    assert meta["latent_mean"] == reference["latent_mean"] and meta["latent_std"] == reference["latent_std"]
+    for a, b in zip(samples(out), samples(tmp_path / "reference"), strict=True):
+        assert a["caption"] == b["caption"] and a["extras"] == b["extras"]
+        np.testing.assert_array_equal(a["latent"], b["latent"])
+        np.testing.assert_allclose(a["context"], b["context"], atol=1e-3)
+    assert preprocess(source, config(out, models))["created"] == meta["created"]  # complete: nothing redone
+    with pytest.raises(ValueError, match="other settings.*resolution"):
+        preprocess(source, config(out, models, resolution=8))
+
+
+def test_cc12m_tsv_and_tars_skip_bad_items(tmp_path, models):
+    meta = preprocess(TsvSource(make_tsv(tmp_path / "tsv")), config(tmp_path / "a", models, shuffle=False))
+    assert meta["count"] == 7 and meta["skipped"] == 2 and meta["dataset"] == "cc12m"
+    assert [r["caption"] for r in samples(tmp_path / "a")] == [f"a caption number {i}" for i in range(7)]
+    log = (tmp_path / "a" / SKIP_LOG).read_text()
+    assert "images/bad.jpg" in log and "images/missing.jpg" in log and "FileNotFoundError" in log
+    meta = preprocess(TarSource(make_tars(tmp_path / "tars")), config(tmp_path / "b", models, num_workers=2))
+    assert meta["count"] == 6 and meta["skipped"] == 4
+    log = (tmp_path / "b" / SKIP_LOG).read_text()
+    assert "00000.tar:000009999" in log and "no .txt caption" in log and "00001.tar:000019998" in log
+    assert sorted(r["caption"] for r in samples(tmp_path / "b")) == sorted(
+        f"tar {t} caption {k}" for t in range(2) for k in range(3))
+
+
+def test_coco_cli_with_training_statistics(tmp_path, models, capsys):
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=2)
+    train_meta = preprocess(ImageNetSource(train, mapping), config(tmp_path / "train", models))
+    images, ann = make_coco(tmp_path / "coco")
+    out = tmp_path / "eval"
+    argv = ["coco", "--images", str(images), "--annotations", str(ann), "--out", str(out), "--resolution", str(RES),
+            "--clip", *models["clip_a"], "--chunk-size", "2", "--batch-size", "2", "--num-workers", "0",
+            "--device", "cpu", "--stats-from", str(tmp_path / "train"), "--caption", "random", "--no-progress"]
+    assert main(argv) == 0
+    meta = read_meta(out)
+    assert meta["count"] == 5 and meta["skipped"] == 0
+    assert meta["latent_mean"] == train_meta["latent_mean"] and meta["latent_std"] == train_meta["latent_std"]
+    assert meta["dataset_latent_stats"]["latent_mean"] != train_meta["latent_mean"]
+    rows = samples(out)
+    assert sorted(r["extras"]["image_id"] for r in rows) == [40, 41, 42, 43, 44]
+    assert all(r["caption"] in r["extras"]["captions"] for r in rows)
+    assert main(argv) == 0 and "already complete" in capsys.readouterr().out
+    assert main(argv + ["--resolution", "8"]) == 2  # the folder holds a set made with other settings
+
+
+def test_missing_inputs_fail_before_any_work(tmp_path, models):
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=1)
+    out = tmp_path / "out"
+    base = ["imagenet", "--root", str(train), "--class-names", str(mapping), "--out", str(out), "--device", "cpu"]
+    cases = [
+        (["--clip", models["clip_a"][0], str(tmp_path / "nope.pt")], "clip weights="),
+        (["--clip", *models["clip_a"], "--autoencoder", str(tmp_path / "no-vae")], "autoencoder="),
+        (["--clip", *models["clip_a"], "--t5", str(tmp_path / "no-t5")], "t5="),
+        (["--clip", *models["clip_a"], "--stats-from", str(tmp_path / "no-stats")], "no-stats"),
+        (["--clip", "ViT-Nope-99", models["clip_a"][1]], "not an open_clip model name"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(FileNotFoundError if "model name" not in message else ValueError, match=message):
+            cfg = PreprocessConfig(out=str(out), clip=[tuple(extra[1:3])],
+                                   autoencoder=extra[4] if "--autoencoder" in extra else "identity",
+                                   t5=extra[4] if "--t5" in extra else None,
+                                   stats_from=extra[4] if "--stats-from" in extra else None)
+            cfg.check_inputs()
+        assert main(base + extra) == 2
+    assert main(["imagenet", "--root", str(tmp_path / "no-root"), "--class-names", str(mapping), "--out", str(out),
+                 "--clip", *models["clip_a"]]) == 2
+    assert not out.exists()
