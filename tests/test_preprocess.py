@@ -255,6 +255,18 @@ def test_combined_text_encoder_layout():
         CombinedTextEncoder([Fake("l", 5, 3, 2), Fake("g", 6, 4, 3)])
 
 
+def test_latent_sample_is_seeded_per_item(models):
+    from src.preprocess.autoencoders import DiffusersAutoencoder
+
+    vae = DiffusersAutoencoder(models["vae"], latent="sample")
+    pixels = torch.stack([decode_image(image_bytes(i), RES) for i in range(2)])
+    both = vae.encode(pixels, [5, 6], seed=0)
+    torch.testing.assert_close(vae.encode(pixels[1:], [6], seed=0)[0], both[1])  # independent of the batch
+    assert (vae.encode(pixels[1:], [7], seed=0)[0] - both[1]).abs().max() > 0.01
+    mean = DiffusersAutoencoder(models["vae"]).encode(pixels)
+    assert mean.shape == both.shape == (2, 4, 8, 8) and not torch.equal(mean, both)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # End to end
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Frozen image autoencoders for preprocessing: `identity` (pixel space) or an SD-style AutoencoderKL (diffusers).
 
 Decision: latents are the posterior mean of the AutoencoderKL by default (`latent="mean"`, deterministic and
-what the decoder reconstructs best); `latent="sample"` draws one sample per image, seeded per chunk. Latents are
+what the decoder reconstructs best); `latent="sample"` draws one sample per image, mean + std * noise with the
+noise seeded by (seed, item index), so it does not depend on batching, workers or resumption. Latents are
 stored unscaled: the VAE's own scaling_factor/shift_factor are recorded in meta.json, but training normalises by
 the dataset's global mean and std instead (SPEC 6).
 """
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from src.data.shards import IDENTITY_AUTOENCODER
+from src.preprocess.sources import item_rng
 from src.preprocess.text import PRECISIONS
 
 LATENT_MODES = ("mean", "sample")
@@ -26,7 +29,7 @@ class IdentityAutoencoder:
     downsample = 1
     latent_channels = 3
 
-    def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode(self, pixels: torch.Tensor, indices: list[int] | None = None, seed: int = 0) -> torch.Tensor:
         """Pixels (B, 3, H, W) in [-1, 1] -> the same tensor."""
         return pixels
 
@@ -80,11 +83,18 @@ class DiffusersAutoencoder:
         self.latent_channels = int(cfg.latent_channels)
 
     @torch.no_grad()
-    def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Pixels (B, 3, H, W) in [-1, 1] -> unscaled latents (B, C, H/f, W/f), float32 on the CPU."""
+    def encode(self, pixels: torch.Tensor, indices: list[int] | None = None, seed: int = 0) -> torch.Tensor:
+        """Pixels (B, 3, H, W) in [-1, 1] -> unscaled latents (B, C, H/f, W/f), float32 on the CPU.
+
+        indices: the items' indices, which seed their noise when latent="sample".
+        """
         dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
-        latents = dist.mean if self.latent == "mean" else dist.sample(generator=generator)
-        return latents.float().cpu()
+        mean = dist.mean.float().cpu()
+        if self.latent == "mean":
+            return mean
+        if indices is None or len(indices) != len(mean):
+            raise ValueError("latent='sample' needs one item index per image to seed its noise")
+        return sample_latents(mean, dist.std.float().cpu(), indices, seed)
 
     def describe(self) -> dict:
         """What meta.json records about the autoencoder."""
@@ -92,6 +102,12 @@ class DiffusersAutoencoder:
         return {"autoencoder": self.name, "autoencoder_path": self.path, "autoencoder_latent": self.latent,
                 "autoencoder_downsample": self.downsample, "autoencoder_scaling_factor": cfg.scaling_factor,
                 "autoencoder_shift_factor": cfg.shift_factor}
+
+
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, indices: list[int], seed: int) -> torch.Tensor:
+    """mean + std * noise, the noise of item i drawn from a generator seeded by (seed + 1, i)."""
+    noise = np.stack([item_rng(seed + 1, i).standard_normal(mean.shape[1:], dtype=np.float32) for i in indices])
+    return mean + std * torch.from_numpy(noise)
 
 
 def load_autoencoder(spec: str, device: str = "cpu", precision: str = "float32", latent: str = "mean",

@@ -27,7 +27,6 @@ from tqdm import tqdm
 from src.data.shards import IDENTITY_AUTOENCODER, META_FILE, SHARD_PATTERN, ShardWriter, read_meta
 from src.preprocess.autoencoders import LATENT_MODES, check_autoencoder_path, load_autoencoder
 from src.preprocess.images import PreparedImages, collate_prepared
-from src.preprocess.sources import item_rng
 from src.preprocess.text import PRECISIONS, CachedTextEncoder, CombinedTextEncoder, T5TextEncoder, check_clip_spec, \
     load_clip
 from src.utils.io import atomic_write_bytes, atomic_write_json
@@ -137,6 +136,9 @@ def prepare_output(out: Path, settings: dict) -> str:
     config_path = out / WORK_DIR / CONFIG_FILE
     if config_path.is_file():
         previous = json.loads(config_path.read_text())
+        if previous["fingerprint"] != fingerprint and not any((out / WORK_DIR).glob("*.done.json")):
+            previous = {"fingerprint": fingerprint, "settings": settings}  # nothing done yet: start afresh
+            atomic_write_json(config_path, previous)
         if previous["fingerprint"] != fingerprint:
             raise ValueError(f"out={str(out)!r} holds an unfinished run with other settings (differing: "
                              f"{_differences(previous['settings'], settings)}); rerun it with those or delete the folder")
@@ -204,13 +206,6 @@ class ChunkWriter:
                                             "sumsq": self.sumsq, "numel": self.numel, "skipped": self.skipped})
 
 
-def sample_latents(mean: torch.Tensor, std: torch.Tensor, indices: list[int], seed: int) -> torch.Tensor:
-    """mean + std * noise with the noise seeded per item, so a sample does not depend on batching or resumption."""
-    noise = torch.stack([torch.from_numpy(item_rng(seed + 1, i).standard_normal(mean.shape[1:], dtype=np.float32))
-                         for i in indices])
-    return mean + std * noise
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The job
 # ----------------------------------------------------------------------------------------------------------------
@@ -219,8 +214,7 @@ class Models:
     """The frozen autoencoder and the combined, cached text encoder of one job."""
 
     def __init__(self, cfg: PreprocessConfig, device: str):
-        latent = "mean" if cfg.latent == "sample" else cfg.latent  # sampling is done here, seeded per item
-        self.autoencoder = load_autoencoder(cfg.autoencoder, device=device, precision="float32", latent=latent,
+        self.autoencoder = load_autoencoder(cfg.autoencoder, device=device, precision="float32", latent=cfg.latent,
                                             config=cfg.autoencoder_config)
         clips = [load_clip(m, w, device=device, precision=cfg.precision) for m, w in cfg.clip]
         t5 = T5TextEncoder(cfg.t5, device=device, precision=cfg.precision, max_length=cfg.t5_length) if cfg.t5 else None
@@ -232,12 +226,7 @@ class Models:
 
     def encode_images(self, pixels: torch.Tensor, indices: list[int], cfg: PreprocessConfig) -> torch.Tensor:
         """Pixels -> float32 latents on the CPU (posterior mean, or a per-item seeded sample)."""
-        ae = self.autoencoder
-        if cfg.latent == "sample" and hasattr(ae, "vae"):
-            with torch.no_grad():
-                dist = ae.vae.encode(pixels.to(ae.device, ae.dtype)).latent_dist
-            return sample_latents(dist.mean.float().cpu(), dist.std.float().cpu(), indices, cfg.seed)
-        return ae.encode(pixels)
+        return self.autoencoder.encode(pixels, indices, cfg.seed)
 
     def describe(self) -> dict:
         """What meta.json records about the models: autoencoder settings and the text encoders' layout."""
@@ -265,8 +254,7 @@ def preprocess(source, cfg: PreprocessConfig) -> dict | None:
     n_chunks = math.ceil(len(source) / cfg.chunk_size)
     order = item_order(len(source), cfg.seed, cfg.shuffle)
     pending = [c for c in range(n_chunks) if not done_path(out, c).is_file()]
-    done_before = sum(len(order[c * cfg.chunk_size:(c + 1) * cfg.chunk_size]) for c in range(n_chunks)) \
-        - sum(len(order[c * cfg.chunk_size:(c + 1) * cfg.chunk_size]) for c in pending)
+    done_before = len(order) - sum(min(cfg.chunk_size, len(order) - c * cfg.chunk_size) for c in pending)
     if cfg.max_chunks is not None:
         pending = pending[:cfg.max_chunks]
     if pending:
