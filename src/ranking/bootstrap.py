@@ -23,6 +23,7 @@ from src.ranking.aggregate import average_weights, fronts_per_setting, mean_over
 from src.ranking.paper import COLUMNS
 
 CHUNK_BYTES = 64 * 2**20  # memory bound on the batched (draws, d, d) covariance stacks
+FEATURE_CACHE_BYTES = 512 * 2**20  # sample features kept in memory; beyond this they are reloaded per chunk
 CONSISTENCY_RTOL = 1e-3
 
 
@@ -35,9 +36,9 @@ def sqrtm_psd(cov: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0.0, None))[..., None, :]) @ np.swapaxes(v, -1, -2)
 
 
-def frechet_distance(mu1, cov1, mu2, cov2) -> np.ndarray:
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) for (stacks of) Gaussians (Heusel et al. 2017)."""
-    root2 = sqrtm_psd(cov2)
+def frechet_distance(mu1, cov1, mu2, cov2, root2: np.ndarray | None = None) -> np.ndarray:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) for (stacks of) Gaussians (Heusel et al. 2017); root2 = S2^(1/2)."""
+    root2 = sqrtm_psd(cov2) if root2 is None else root2
     # tr (S1 S2)^(1/2) = sum of sqrt eigenvalues of S2^(1/2) S1 S2^(1/2), which is symmetric PSD.
     eig = np.linalg.eigvalsh(root2 @ cov1 @ root2)
     tr_sqrt = np.sqrt(np.clip(eig, 0.0, None)).sum(axis=-1)
@@ -82,19 +83,26 @@ def bootstrap_metrics(records: pd.DataFrame, draws: int, seed: int = 0) -> Metri
     if int(draws) < 1:
         raise ValueError(f"bootstrap draws={draws!r}: must be a positive integer")
     rng = np.random.default_rng(seed)
-    clip = np.tile(records["clip_score"].to_numpy(float), (draws, 1))
-    fid = np.tile(records["fid_clip"].to_numpy(float), (draws, 1))
-    result = MetricDraws(clip=clip, fid=fid)
-    samples, references = _load_arrays(records, result.fixed)
-    _check_consistency(records, samples, references, result.inconsistent)
-
+    result = MetricDraws(
+        clip=np.tile(records["clip_score"].to_numpy(float), (draws, 1)),
+        fid=np.tile(records["fid_clip"].to_numpy(float), (draws, 1)),
+    )
+    references: dict[str, np.ndarray] = {}
+    features: dict[int, np.ndarray | None] = {}  # None: over the memory budget, reloaded per chunk of draws
     sample_counts: dict[tuple, np.ndarray] = {}  # (dataset, n) -> (draws, n), shared by paired records
-    for row, (scores, _) in samples.items():
+    kept_bytes = 0
+    for row in range(len(records)):
+        loaded = _load_record(records, row, references, result.fixed)
+        if loaded is None:
+            continue
+        scores, feats, ref = loaded
+        _check_consistency(records, row, scores, feats, ref, result.inconsistent)
         key = (records["dataset"].iat[row], len(scores))
         if key not in sample_counts:
             sample_counts[key] = rng.multinomial(key[1], np.full(key[1], 1.0 / key[1]), size=draws).astype(float)
-        counts = sample_counts[key]
-        clip[:, row] = counts @ scores / len(scores)
+        result.clip[:, row] = sample_counts[key] @ scores / len(scores)
+        kept_bytes += feats.nbytes
+        features[row] = feats if kept_bytes <= FEATURE_CACHE_BYTES else None
     ref_counts = {
         path: rng.multinomial(len(ref), np.full(len(ref), 1.0 / len(ref)), size=draws).astype(float)
         for path, ref in references.items()
@@ -106,72 +114,66 @@ def bootstrap_metrics(records: pd.DataFrame, draws: int, seed: int = 0) -> Metri
         sl = slice(start, min(start + chunk, draws))
         for path, ref in references.items():
             mu_r, cov_r = resampled_moments(ref, ref_counts[path][sl])
-            for row, (scores, feats) in samples.items():
+            root_r = sqrtm_psd(cov_r)  # shared by every record with this reference
+            for row, feats in features.items():
                 if records["reference_arrays"].iat[row] != path:
                     continue
-                counts = sample_counts[(records["dataset"].iat[row], len(scores))][sl]
-                mu_s, cov_s = resampled_moments(feats, counts)
-                fid[sl, row] = frechet_distance(mu_s, cov_s, mu_r, cov_r)
+                if feats is None:
+                    feats = _load_record(records, row, references, {})[1]
+                counts = sample_counts[(records["dataset"].iat[row], len(feats))][sl]
+                result.fid[sl, row] = frechet_distance(*resampled_moments(feats, counts), mu_r, cov_r, root_r)
     return result
 
 
-def _load_arrays(records: pd.DataFrame, fixed: dict[int, str]):
-    """Per-sample arrays per resamplable row, reference features per path; others recorded in fixed."""
-    cache: dict[str, dict] = {}
-    samples, references = {}, {}
-    for row in range(len(records)):
-        arrays, reference = records["arrays"].iat[row], records["reference_arrays"].iat[row]
-        if not arrays or not reference:
-            fixed[row] = "no arrays / reference_arrays in the record"
-            continue
-        missing = [p for p in (arrays, reference) if not Path(p).is_file()]
-        if missing:
-            fixed[row] = f"missing file {missing[0]}"
-            continue
-        data, ref = _npz(arrays, cache), _npz(reference, cache)
-        for name, source, path in (("clip_scores", data, arrays), ("features", data, arrays), ("features", ref, reference)):
-            if name not in source:
-                raise ValueError(f"{path}: npz lacks the array {name!r} (has {sorted(source)})")
-        scores = np.asarray(data["clip_scores"], np.float64).reshape(-1)
-        feats = np.asarray(data["features"], np.float64)
-        ref_feats = np.asarray(ref["features"], np.float64)
-        if feats.ndim != 2 or ref_feats.ndim != 2 or feats.shape[1] != ref_feats.shape[1] or len(feats) != len(scores):
-            raise ValueError(
-                f"{arrays}: features {feats.shape} / clip_scores {scores.shape} do not match reference features "
-                f"{ref_feats.shape} of {reference}; expected (n, d), (n,) and (m, d)"
-            )
-        if len(feats) < 2 or len(ref_feats) < 2:
-            fixed[row] = "fewer than 2 samples or reference rows"
-            continue
-        if not (np.isfinite(feats).all() and np.isfinite(scores).all() and np.isfinite(ref_feats).all()):
-            fixed[row] = "non-finite clip_scores or features"
-            continue
-        samples[row] = (scores, feats)
-        references[reference] = ref_feats
-    return samples, references
+def _load_record(records: pd.DataFrame, row: int, references: dict, fixed: dict[int, str]):
+    """(clip_scores, features, reference features) of one record, validated; None (reason in fixed) if unusable."""
+    arrays, reference = records["arrays"].iat[row], records["reference_arrays"].iat[row]
+    if not (isinstance(arrays, str) and arrays and isinstance(reference, str) and reference):
+        fixed[row] = "no arrays / reference_arrays in the record"
+        return None
+    missing = [p for p in (arrays, reference) if not Path(p).is_file()]
+    if missing:
+        fixed[row] = f"missing file {missing[0]}"
+        return None
+    scores, feats = _npz(arrays, ("clip_scores", "features"))
+    scores = scores.reshape(-1)
+    if reference not in references:
+        references[reference] = _npz(reference, ("features",))[0]
+    ref = references[reference]
+    if feats.ndim != 2 or ref.ndim != 2 or feats.shape[1] != ref.shape[1] or len(feats) != len(scores):
+        raise ValueError(
+            f"{arrays}: features {feats.shape} / clip_scores {scores.shape} do not match reference features "
+            f"{ref.shape} of {reference}; expected (n, d), (n,) and (m, d)"
+        )
+    if len(feats) < 2 or len(ref) < 2:
+        fixed[row] = "fewer than 2 samples or reference rows"
+        return None
+    if not (np.isfinite(feats).all() and np.isfinite(scores).all() and np.isfinite(ref).all()):
+        fixed[row] = "non-finite clip_scores or features"
+        return None
+    return scores, feats, ref
 
 
-def _npz(path: str, cache: dict) -> dict:
-    """Arrays of an npz file, loaded once."""
-    if path not in cache:
-        with np.load(path) as data:
-            cache[path] = {k: data[k] for k in data.files}
-    return cache[path]
+def _npz(path: str, names: Sequence[str]) -> list[np.ndarray]:
+    """Named arrays of an npz file as float64; a clear error naming the file when one is absent."""
+    with np.load(path) as data:
+        absent = [n for n in names if n not in data.files]
+        if absent:
+            raise ValueError(f"{path}: npz lacks the array(s) {absent} (has {sorted(data.files)})")
+        return [np.asarray(data[n], np.float64) for n in names]
 
 
-def _check_consistency(records, samples, references, out: dict[int, str]) -> None:
-    """Flag records whose stored CLIP score / FID differ from the values recomputed from their arrays."""
-    for row, (scores, feats) in samples.items():
-        stored_clip, stored_fid = records["clip_score"].iat[row], records["fid_clip"].iat[row]
-        clip = float(scores.mean())
-        fid = frechet_from_features(feats, references[records["reference_arrays"].iat[row]])
-        bad = []
-        if not np.isclose(clip, stored_clip, rtol=CONSISTENCY_RTOL, atol=1e-6, equal_nan=True):
-            bad.append(f"clip_score {stored_clip:.6g} vs {clip:.6g}")
-        if not np.isclose(fid, stored_fid, rtol=CONSISTENCY_RTOL, atol=1e-6, equal_nan=True):
-            bad.append(f"fid_clip {stored_fid:.6g} vs {fid:.6g}")
-        if bad:
-            out[row] = "recorded vs recomputed: " + ", ".join(bad)
+def _check_consistency(records, row, scores, feats, ref, out: dict[int, str]) -> None:
+    """Flag a record whose stored CLIP score / FID differ from the values recomputed from its arrays."""
+    stored_clip, stored_fid = records["clip_score"].iat[row], records["fid_clip"].iat[row]
+    clip, fid = float(scores.mean()), frechet_from_features(feats, ref)
+    bad = []
+    if not np.isclose(clip, stored_clip, rtol=CONSISTENCY_RTOL, atol=1e-6, equal_nan=True):
+        bad.append(f"clip_score {stored_clip:.6g} vs {clip:.6g}")
+    if not np.isclose(fid, stored_fid, rtol=CONSISTENCY_RTOL, atol=1e-6, equal_nan=True):
+        bad.append(f"fid_clip {stored_fid:.6g} vs {fid:.6g}")
+    if bad:
+        out[row] = "recorded vs recomputed: " + ", ".join(bad)
 
 
 # ---------------------------------------------------------------------------------------------- ranks

@@ -59,11 +59,11 @@ def _as_costs(points: np.ndarray, maximize: Sequence[bool]) -> np.ndarray:
     pts = np.asarray(points, dtype=np.float64)
     if pts.ndim != 2:
         raise ValueError(f"non_dominated_ranks: points must be an (n, k) array, got shape {pts.shape}")
+    if pts.shape[1] == 0:
+        raise ValueError("non_dominated_ranks: points has no objective columns; at least one is needed")
     flags = np.asarray(maximize)
     if flags.ndim != 1 or flags.dtype != bool or len(flags) != pts.shape[1]:
         raise ValueError(
             f"non_dominated_ranks: maximize must hold one bool per column ({pts.shape[1]}), got {maximize!r}"
         )
-    if pts.shape[1] == 0:
-        raise ValueError("non_dominated_ranks: points has no objective columns; at least one is needed")
     return np.where(flags, -pts, pts)

@@ -45,8 +45,8 @@ def publish_wandb(report, paths: dict[str, Path], project: str | None = None) ->
         shown = table1(report)
         run.log({
             "rank_table": wandb.Table(columns=shown.headers, data=shown.rows),
-            "average_ranks": wandb.Table(dataframe=report.table.reset_index().astype(str)),
-            **{name: wandb.Image(str(path)) for name, path in paths.items() if Path(path).suffix == ".png"},
+            "average_rank_table": wandb.Table(dataframe=report.table.reset_index().astype(str)),
+            **{f"figures/{name}": wandb.Image(str(path)) for name, path in paths.items() if Path(path).suffix == ".png"},
         })
         for row in report.spearman.itertuples(index=False):
             if np.isfinite(row.spearman):

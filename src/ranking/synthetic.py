@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import io
+import json
+import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from src.ranking.bootstrap import frechet_from_features
-from src.utils.io import atomic_write_bytes, atomic_write_json
 
 # The six Euler sampler settings of the study (SPEC 7): (steps, CFG scale).
 SAMPLER_SETTINGS = ((50, 1.0), (50, 2.5), (50, 5.0), (5, 5.0), (10, 5.0), (25, 5.0))
@@ -34,11 +36,12 @@ def write_synthetic_sweep(
     missing: Sequence[tuple] = (),
     failed: Sequence[str] = (),
     running: Sequence[str] = (),
+    sampler_settings: Sequence[tuple[int, float]] = SAMPLER_SETTINGS,
 ) -> Path:
     """Write one run dir per (recipe, dataset); quality (default decreasing along recipes) orders the recipes.
 
     missing: (recipe, dataset, steps, cfg, ema) records left out; failed: recipes whose jobs wrote error.json;
-    running: recipes whose jobs have only .hydra/config.yaml.
+    running: recipes whose jobs have only .hydra/config.yaml; sampler_settings: (steps, CFG) pairs, default SPEC 7's six.
     """
     sweep_dir = Path(sweep_dir)
     rng = np.random.default_rng(seed)
@@ -63,7 +66,7 @@ def write_synthetic_sweep(
                 atomic_write_json(run_dir / "error.json", {"error": "loss is NaN at step 120", "type": "FloatingPointError"})
                 continue
             records = []
-            for steps, cfg in SAMPLER_SETTINGS:
+            for steps, cfg in sampler_settings:
                 for ema in (True, False):
                     if (recipe, dataset, steps, cfg, ema) in missing_keys:
                         continue
@@ -89,16 +92,27 @@ def write_synthetic_sweep(
 
 def _write_npz(path: Path, **arrays) -> None:
     """Atomically write an npz file."""
-    import io
-
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    atomic_write_bytes(path, buffer.getvalue())
+    _write_bytes(path, buffer.getvalue())
 
 
 def _write_text(path: Path, text: str) -> None:
     """Atomically write a text file."""
-    atomic_write_bytes(path, text.encode())
+    _write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    """Atomically write a JSON file."""
+    _write_bytes(path, json.dumps(obj, indent=1).encode())
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Temp file then rename; no fsync, since synthetic data need not survive a crash (keeps tests fast)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,0 +1,149 @@
+"""Loading sweeps and averaging fronts over control settings (SPEC 9), on hand-made and synthetic sweeps."""
+import json
+
+import numpy as np
+import pytest
+
+from src.ranking.aggregate import (
+    average_ranks, control_settings, describe_fifty_step, find_run_dirs, load_sweep, missing_settings, rank_table,
+    setting_groups,
+)
+from src.ranking.synthetic import write_synthetic_sweep
+
+EMA = True
+
+
+def record(recipe, steps, cfg, clip, fid, created="2024-03-05T12:00:00", dataset="digits"):
+    """A results.json record with only what ranking reads (plus a few optional fields)."""
+    return {
+        "recipe": recipe, "family": recipe, "params": {}, "dataset": dataset, "setting": f"{steps} steps, cfg {cfg:.1f}",
+        "steps": steps, "cfg": cfg, "shift": 1.0, "ema": EMA, "clip_score": clip, "fid_clip": fid,
+        "fid_inception": None, "n_samples": 8, "checkpoint_step": 10, "arrays": None, "reference_arrays": None,
+        "config": {}, "created": created,
+    }
+
+
+def write_run(run_dir, records=None, error=None, hydra=True):
+    """A run directory in the layout the evaluation writes."""
+    run_dir.mkdir(parents=True)
+    if hydra:
+        (run_dir / ".hydra").mkdir()
+        (run_dir / ".hydra" / "config.yaml").write_text("loss: x\n")
+    if records is not None:
+        (run_dir / "results.json").write_text(json.dumps(records))
+    if error is not None:
+        (run_dir / "error.json").write_text(json.dumps(error))
+
+
+@pytest.fixture
+def hand_sweep(tmp_path):
+    """Three recipes, three settings; hand-worked fronts:
+
+    5 steps cfg 5:  A (0.3, 1) > B (0.2, 2) > C (0.1, 3)            -> A1 B2 C3
+    50 steps cfg 1: B (0.3, 1) dominates C (0.25, 1.5) dominates A  -> B1 C2 A3
+    50 steps cfg 5: A (0.3, 2) and B (0.2, 1) trade off; C missing  -> A1 B1
+    """
+    sweep = tmp_path / "hand"
+    write_run(sweep / "0", [record("A", 5, 5.0, 0.3, 1.0), record("A", 50, 1.0, 0.2, 2.0), record("A", 50, 5.0, 0.3, 2.0)])
+    write_run(sweep / "1", [record("B", 5, 5.0, 0.2, 2.0), record("B", 50, 1.0, 0.3, 1.0), record("B", 50, 5.0, 0.2, 1.0)])
+    write_run(sweep / "2", [record("C", 5, 5.0, 0.1, 3.0), record("C", 50, 1.0, 0.25, 1.5)])
+    # A rerun of A's 5-step setting that came out worse, older than the record above: dropped as a duplicate.
+    write_run(sweep / "nested" / "3", [record("A", 5, 5.0, 0.0, 9.0, created="2024-03-01T00:00:00")])
+    write_run(sweep / "4", error={"error": "CUDA out of memory\ntraceback...", "type": "OutOfMemoryError"})
+    write_run(sweep / "5")  # running or killed: only .hydra/config.yaml
+    (sweep / "not_a_run").mkdir()
+    return sweep
+
+
+def test_run_dirs_found_recursively_with_status(hand_sweep):
+    assert [p.relative_to(hand_sweep).as_posix() for p in find_run_dirs(hand_sweep)] == ["0", "1", "2", "4", "5", "nested/3"]
+    sweep = load_sweep([hand_sweep])
+    status = dict(zip([p.split("/")[-1] for p in sweep.runs["run_dir"]], sweep.runs["status"]))
+    assert status == {"0": "done", "1": "done", "2": "done", "3": "done", "4": "failed", "5": "incomplete"}
+    failed = sweep.runs.set_index("status").loc["failed", "error"]
+    assert failed == "OutOfMemoryError: CUDA out of memory"
+    assert sweep.partial and sweep.name == "hand"
+
+
+def test_duplicate_keeps_newest_record(hand_sweep):
+    sweep = load_sweep([hand_sweep])
+    assert len(sweep.records) == 8 and len(sweep.duplicates) == 1
+    assert sweep.duplicates.iloc[0]["clip_score"] == 0.0
+    kept = sweep.records[(sweep.records["recipe"] == "A") & (sweep.records["steps"] == 5)]
+    assert kept["clip_score"].tolist() == [0.3]
+
+
+def test_hand_worked_fronts_and_averages(hand_sweep):
+    ranked = rank_table(load_sweep([hand_sweep]).records)
+    fronts = {(r.recipe, r.steps, r.cfg): r.front for r in ranked.itertuples()}
+    assert fronts == {
+        ("A", 5, 5.0): 1, ("B", 5, 5.0): 2, ("C", 5, 5.0): 3,
+        ("A", 50, 1.0): 3, ("B", 50, 1.0): 1, ("C", 50, 1.0): 2,
+        ("A", 50, 5.0): 1, ("B", 50, 5.0): 1,
+    }
+    table = average_ranks(ranked, setting_groups(ranked))
+    assert list(table.index) == ["B", "A", "C"]  # sorted by the average over all settings
+    np.testing.assert_allclose(table.loc["A", ["all", "5 steps", "50 steps"]].to_numpy(float), [5 / 3, 1, 2])
+    np.testing.assert_allclose(table.loc["B", ["all", "5 steps", "50 steps"]].to_numpy(float), [4 / 3, 2, 1])
+    np.testing.assert_allclose(table.loc["C", ["all", "5 steps", "50 steps"]].to_numpy(float), [2.5, 3, 2])
+    assert table.loc["C", ["n all", "n 5 steps", "n 50 steps"]].tolist() == [2, 1, 1]
+    assert table.loc["A", ["n all", "n 5 steps", "n 50 steps"]].tolist() == [3, 1, 2]
+
+
+def test_fifty_step_column_is_configurable(hand_sweep):
+    ranked = rank_table(load_sweep([hand_sweep]).records)
+    table = average_ranks(ranked, setting_groups(ranked, fifty_step_cfg=[5.0]))
+    assert table.loc["A", "50 steps"] == 1 and table.loc["B", "50 steps"] == 1
+    assert np.isnan(table.loc["C", "50 steps"]) and table.loc["C", "n 50 steps"] == 0
+    assert "CFG 5.0, chosen" in describe_fifty_step(ranked, [5.0])
+    assert "CFG 1.0, 5.0, all 50-step settings (default)" in describe_fifty_step(ranked, None)
+    with pytest.raises(ValueError, match=r"no 50-step setting has CFG scale \[7.0\]; the sweep has \[1.0, 5.0\]"):
+        setting_groups(ranked, fifty_step_cfg=[7.0])
+    with pytest.raises(ValueError, match="finite"):
+        setting_groups(ranked, fifty_step_cfg=[float("nan")])
+
+
+def test_missing_settings_are_listed(hand_sweep):
+    ranked = rank_table(load_sweep([hand_sweep]).records)
+    assert missing_settings(ranked) == {"C": ["digits, 50 steps, cfg 5.0, EMA"]}
+
+
+def test_nan_metric_goes_to_last_front(tmp_path):
+    sweep = tmp_path / "nan"
+    write_run(sweep / "0", [record("A", 5, 5.0, 0.3, 1.0), record("B", 5, 5.0, None, 0.5), record("C", 5, 5.0, 0.1, 3.0)])
+    ranked = rank_table(load_sweep([sweep]).records)
+    assert dict(zip(ranked["recipe"], ranked["front"])) == {"A": 1, "C": 2, "B": 3}
+
+
+def test_bad_records_raise_naming_the_file(tmp_path):
+    write_run(tmp_path / "s" / "0", [{"recipe": "A", "dataset": "digits"}])
+    with pytest.raises(ValueError, match=r"results.json: record 0 lacks required field\(s\) \['setting'"):
+        load_sweep([tmp_path / "s"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_sweep([tmp_path / "nowhere"])
+
+
+def test_unreadable_results_are_reported_not_fatal(tmp_path):
+    write_run(tmp_path / "s" / "0", [record("A", 5, 5.0, 0.3, 1.0)])
+    write_run(tmp_path / "s" / "1")
+    (tmp_path / "s" / "1" / "results.json").write_text("[{")
+    sweep = load_sweep([tmp_path / "s"])
+    assert sweep.runs["status"].tolist() == ["done", "unreadable"] and len(sweep.records) == 1
+
+
+def test_synthetic_sweep_with_missing_setting_and_failed_job(tmp_path):
+    recipes = ("rf/lognorm(0.00, 1.00)", "eps/linear", "edm(-1.20, 1.20)", "v/cos")
+    write_synthetic_sweep(
+        tmp_path / "syn", recipes=recipes, datasets=("digits", "shapes"),
+        missing=[("eps/linear", "shapes", 5, 5.0, False)], failed=("v/cos",), n_samples=8, n_reference=8, dim=2,
+    )
+    sweep = load_sweep([tmp_path / "syn"])
+    assert sweep.runs["status"].value_counts().to_dict() == {"done": 6, "failed": 2}
+    ranked = rank_table(sweep.records)
+    assert len(control_settings(ranked)) == 24 and ranked["recipe"].nunique() == 3
+    assert missing_settings(ranked) == {"eps/linear": ["shapes, 5 steps, cfg 5.0, raw"]}
+    table = average_ranks(ranked, setting_groups(ranked))
+    assert table.loc["eps/linear", ["n all", "n 5 steps", "n 50 steps"]].tolist() == [23, 3, 12]
+    assert table.loc["rf/lognorm(0.00, 1.00)", ["n all", "n 5 steps", "n 50 steps"]].tolist() == [24, 4, 12]
+    # Paths in records are made absolute, relative ones resolved against the run directory.
+    assert all(p.startswith(str(tmp_path)) for p in ranked["reference_arrays"])

@@ -1,0 +1,128 @@
+"""Bootstrap of evaluation samples: Frechet distance, resampled moments, paired draws, separability."""
+import json
+
+import numpy as np
+import pytest
+from scipy import linalg
+
+import src.metrics
+from src.ranking.aggregate import load_sweep, rank_table, setting_groups
+from src.ranking.bootstrap import (
+    bootstrap_metrics, bootstrap_ranks, frechet_distance, frechet_from_features, inseparable_pairs, prob_better,
+    resampled_moments,
+)
+from src.ranking.synthetic import write_synthetic_sweep
+
+RECIPES = ("good", "twin-a", "twin-b")
+
+
+def scipy_fid(a, b):
+    """The textbook formula with scipy's sqrtm (as in pytorch-fid)."""
+    mu1, mu2, s1, s2 = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def test_frechet_matches_scipy_sqrtm():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(40, 5)) @ rng.normal(size=(5, 5))
+    b = rng.normal(0.5, 1.3, size=(60, 5))
+    assert frechet_from_features(a, b) == pytest.approx(scipy_fid(a, b), rel=1e-8)
+    assert frechet_from_features(a, a) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_frechet_agrees_with_project_metric_if_present():
+    fid_from_features = getattr(src.metrics, "fid_from_features", None)
+    if fid_from_features is None:
+        pytest.skip("src.metrics.fid_from_features not written yet")
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(50, 6)), rng.normal(0.3, 1.1, size=(70, 6))
+    assert frechet_from_features(a, b) == pytest.approx(float(fid_from_features(a, b)), rel=1e-5)
+
+
+def test_resampled_moments_equal_moments_of_repeated_rows():
+    rng = np.random.default_rng(2)
+    x = rng.normal(3.0, 2.0, size=(12, 3))
+    counts = rng.multinomial(12, np.full(12, 1 / 12), size=4).astype(float)
+    mu, cov = resampled_moments(x, counts)
+    for b in range(4):
+        rows = np.repeat(x, counts[b].astype(int), axis=0)
+        np.testing.assert_allclose(mu[b], rows.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(cov[b], np.cov(rows, rowvar=False), rtol=1e-10, atol=1e-12)
+    batched = frechet_distance(mu, cov, mu[::-1], cov[::-1])
+    assert batched[0] == pytest.approx(scipy_fid(np.repeat(x, counts[0].astype(int), 0), np.repeat(x, counts[3].astype(int), 0)))
+
+
+@pytest.fixture
+def twin_sweep(tmp_path):
+    """'good' is far better; 'twin-b' is a byte-identical copy of 'twin-a' (same arrays, same metrics)."""
+    sweep = write_synthetic_sweep(tmp_path / "twins", recipes=RECIPES, quality=(1.0, 0.3, 0.3), datasets=("digits",),
+                                  n_samples=32, n_reference=48, dim=4)
+    a, b = (json.loads((sweep / str(i) / "results.json").read_text()) for i in (1, 2))
+    for rec_a, rec_b in zip(a, b):
+        rec_b.update({k: rec_a[k] for k in ("clip_score", "fid_clip")}, arrays=f"../1/{rec_a['arrays']}")
+    (sweep / "2" / "results.json").write_text(json.dumps(b))
+    return sweep
+
+
+def test_identical_recipes_cannot_be_separated_and_a_dominant_one_can(twin_sweep):
+    ranked = rank_table(load_sweep([twin_sweep]).records)
+    boot = bootstrap_ranks(ranked, setting_groups(ranked), draws=60, seed=0)
+    # Paired draws: the twins get identical resampled metrics in every draw, hence always tie.
+    np.testing.assert_array_equal(boot.draws["all"][:, 1], boot.draws["all"][:, 2])
+    p = boot.prob_better["all"]
+    assert p.loc["twin-a", "twin-b"] == 0.5
+    assert p.loc["good", "twin-a"] == 1.0 and p.loc["twin-a", "good"] == 0.0
+    assert inseparable_pairs(p, 0.95, ["good", "twin-a", "twin-b"]) == [("twin-a", "twin-b", 0.5)]
+    lo, hi = boot.intervals.loc["good", "all lo"], boot.intervals.loc["good", "all hi"]
+    assert lo == hi == 1.0
+    assert not boot.metrics.fixed and not boot.metrics.inconsistent
+
+
+def test_draws_are_reproducible_and_depend_on_seed(twin_sweep):
+    records = load_sweep([twin_sweep]).records
+    first, again, other = (bootstrap_metrics(records, 8, seed=s) for s in (0, 0, 1))
+    np.testing.assert_array_equal(first.fid, again.fid)
+    assert not np.array_equal(first.fid, other.fid)
+    # Draws scatter around the recorded values (resampling inflates FID a little, never to another scale).
+    assert np.all(np.abs(np.median(first.clip, 0) - records["clip_score"].to_numpy()) < 0.01)
+    assert np.all(np.median(first.fid, 0) < 3 * records["fid_clip"].to_numpy() + 1)
+
+
+def test_records_without_arrays_stay_fixed_and_inconsistent_ones_are_flagged(twin_sweep):
+    results = twin_sweep / "0" / "results.json"
+    recs = json.loads(results.read_text())
+    recs[0]["arrays"] = None
+    recs[1]["fid_clip"] *= 1.1
+    results.write_text(json.dumps(recs))
+    records = load_sweep([twin_sweep]).records
+    draws = bootstrap_metrics(records, 5, seed=0)
+    assert list(draws.fixed) == [0] and np.all(draws.fid[:, 0] == recs[0]["fid_clip"])
+    assert list(draws.inconsistent) == [1] and "fid_clip" in draws.inconsistent[1]
+
+
+def test_prob_better_counts_ties_half():
+    avg = np.array([[1.0, 2.0, 1.0], [1.0, 1.0, 2.0], [2.0, 1.0, 2.0], [1.0, 1.0, 1.0]])
+    p = prob_better(avg)
+    assert p[0, 1] == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
+    np.testing.assert_allclose(p + p.T, 1.0)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"draws": 0}, "positive"), ({"confidence": 1.0}, "confidence"),
+                                             ({"separation": 0.4}, "separation")])
+def test_bad_bootstrap_settings_raise(twin_sweep, kwargs, message):
+    ranked = rank_table(load_sweep([twin_sweep]).records)
+    with pytest.raises(ValueError, match=message):
+        bootstrap_ranks(ranked, setting_groups(ranked), **{"draws": 4, **kwargs})
+
+
+def test_reloading_features_over_the_memory_budget_gives_the_same_draws(twin_sweep, monkeypatch):
+    import src.ranking.bootstrap as bootstrap
+
+    records = load_sweep([twin_sweep]).records
+    cached = bootstrap_metrics(records, 6, seed=3)
+    monkeypatch.setattr(bootstrap, "FEATURE_CACHE_BYTES", 0)
+    monkeypatch.setattr(bootstrap, "CHUNK_BYTES", 8 * 4 * 4 * 4 * 2)  # two draws per chunk at d = 4
+    reloaded = bootstrap_metrics(records, 6, seed=3)
+    np.testing.assert_array_equal(cached.fid, reloaded.fid)
+    np.testing.assert_array_equal(cached.clip, reloaded.clip)

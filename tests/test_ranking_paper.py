@@ -1,0 +1,48 @@
+"""The paper's Table 1 as data and the Spearman comparison with it (SPEC 9)."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from src.ranking.paper import PAPER_TABLE1, paper_ranks, paper_table, spearman_vs_paper
+
+
+def test_table1_transcribed_from_spec():
+    table = paper_table()
+    assert len(table) == 16
+    assert table.loc["rf/lognorm(0.00, 1.00)"].tolist() == [1.54, 1.25, 1.50]
+    assert table.loc["edm(-1.20, 1.20)"].tolist() == [15.58, 20.25, 15.00]
+    # Table 1 is sorted by the average over all settings; 5- and 50-step values are multiples of 0.25 (SPEC 9).
+    assert table["all"].is_monotonic_increasing
+    assert np.allclose((table[["5 steps", "50 steps"]] * 4) % 1, 0)
+
+
+def frame(values):
+    """An average-rank frame with the three columns set to the same values."""
+    index = pd.Index(list(values), name="recipe")
+    return pd.DataFrame({c: list(values.values()) for c in ("all", "5 steps", "50 steps")}, index=index)
+
+
+def test_spearman_is_one_for_the_paper_order_and_minus_one_reversed():
+    names = ["rf/lognorm(0.00, 1.00)", "rf/cosmap", "v/linear", "edm/rf", "not-in-paper"]
+    same = spearman_vs_paper(frame(dict(zip(names, [1.0, 2.0, 3.0, 4.0, 5.0])))).set_index("column")
+    assert same.loc["all", "spearman"] == pytest.approx(1.0) and same.loc["all", "n_shared"] == 4
+    reversed_ = spearman_vs_paper(frame(dict(zip(names, [4.0, 3.0, 2.0, 1.0, 0.0])))).set_index("column")
+    assert reversed_.loc["all", "spearman"] == pytest.approx(-1.0)
+
+
+def test_spearman_on_a_known_shuffle():
+    # Paper ranks (all) of these four: 1.54 < 2.08 < 2.71 < 2.75; ours swaps the middle two: rho = 1 - 6*2/(4*15) = 0.8.
+    names = ["rf/lognorm(0.00, 1.00)", "rf/lognorm(1.00, 0.60)", "rf/lognorm(0.50, 0.60)", "rf/mode(1.29)"]
+    result = spearman_vs_paper(frame(dict(zip(names, [1.0, 3.0, 2.0, 4.0])))).set_index("column")
+    assert result.loc["all", "spearman"] == pytest.approx(0.8)
+
+
+def test_spearman_needs_three_shared_recipes():
+    result = spearman_vs_paper(frame({"rf": 1.0, "v/cos": 2.0, "mine": 3.0}))
+    assert result["n_shared"].tolist() == [2, 2, 2] and result["spearman"].isna().all()
+
+
+def test_uniform_rf_aliases_match_the_paper_row():
+    ranks = paper_ranks(["rf/mode(0.00)", "rf", "mine"])
+    assert ranks.loc["rf/mode(0.00)", "all"] == PAPER_TABLE1["rf"][0] == ranks.loc["rf", "all"]
+    assert ranks.loc["mine"].isna().all()

@@ -1,0 +1,125 @@
+"""The rank report end to end on synthetic sweeps: files, Markdown parsed back, partial sweeps, errors."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from src.ranking.aggregate import average_ranks, load_sweep, rank_table, setting_groups
+from src.ranking.report import build_report, latest_sweep, main, markdown
+from src.ranking.synthetic import write_synthetic_sweep
+from src.ranking.tables import parse_markdown_table
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ("rf/lognorm(0.00, 1.00)", "eps/linear", "my/new(0.50)", "edm(-1.20, 1.20)", "v/cos")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """One dataset, 12 control settings, a missing setting, a failed and a running job."""
+    root = tmp_path_factory.mktemp("multirun") / "demo"
+    return write_synthetic_sweep(
+        root, recipes=RECIPES, datasets=("digits",), n_samples=24, n_reference=32, dim=3,
+        missing=[("eps/linear", "digits", 5, 5.0, True)], failed=("edm(-1.20, 1.20)",), running=("v/cos",),
+    )
+
+
+@pytest.fixture(scope="module")
+def report_run(sweep, tmp_path_factory):
+    """The CLI run once: output directory and terminal text."""
+    out = tmp_path_factory.mktemp("report")
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert main([str(sweep), "--out", str(out), "--bootstrap", "30"]) == 0
+    return out, buffer.getvalue()
+
+
+def test_report_files_exist(report_run):
+    out, _ = report_run
+    for name in ("report.md", "report.html", "ranks.csv", "records.csv", "runs.csv", "spearman.csv", "table2.csv",
+                 "separability.csv"):
+        assert (out / name).stat().st_size > 0, name
+    for name in ("pareto_fronts.png", "average_ranks.png", "metrics_vs_steps.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and "<table>" in html
+    assert not list(out.glob(".*tmp"))  # no temp files left behind
+
+
+def test_markdown_table_parses_back_to_the_averages(report_run, sweep):
+    out, _ = report_run
+    rows = parse_markdown_table((out / "report.md").read_text())
+    ranked = rank_table(load_sweep([sweep]).records)
+    expected = average_ranks(ranked, setting_groups(ranked))
+    assert [r["recipe"].rstrip(" *") for r in rows] == list(expected.index)  # sorted by average over all settings
+    assert list(rows[0]) == ["recipe", "all (n=12)", "5 steps (n=2)", "50 steps (n=6)", "paper all", "paper 5 steps",
+                             "paper 50 steps"]
+    for row in rows:
+        recipe = row["recipe"].rstrip(" *")
+        value, interval = row["all (n=12)"].split(" [", 1)
+        assert float(value) == pytest.approx(expected.loc[recipe, "all"], abs=0.005)
+        lo, hi = (float(x) for x in interval.split("]")[0].split(", "))
+        assert 1.0 <= lo <= hi <= 3.0
+    eps = next(r for r in rows if r["recipe"].startswith("eps/linear"))
+    assert eps["recipe"] == "eps/linear *" and "(n=11)" in eps["all (n=12)"] and "(n=1)" in eps["5 steps (n=2)"]
+    assert eps["paper all"] == "2.88"
+    mine = next(r for r in rows if r["recipe"] == "my/new(0.50)")
+    assert mine["paper all"] == "-"
+
+
+def test_csv_matches_and_report_states_partial_sweep(report_run):
+    out, terminal = report_run
+    ranks = pd.read_csv(out / "ranks.csv").set_index("recipe")
+    assert ranks.loc["eps/linear", "n all"] == 11 and ranks.loc["eps/linear", "missing settings"] == 1
+    runs = pd.read_csv(out / "runs.csv")
+    assert runs["status"].value_counts().to_dict() == {"done": 3, "failed": 1, "incomplete": 1}
+    text = (out / "report.md").read_text()
+    for needle in ("PARTIAL SWEEP", "1 failed, 1 running or killed", "eps/linear lacks 1 of 12 settings: "
+                   "digits, 5 steps, cfg 5.0, EMA", "FloatingPointError: loss is NaN", "Spearman correlation",
+                   "50 steps column: the 50-step settings at CFG 1.0, 2.5, 5.0, all 50-step settings (default)",
+                   "paper Table 2 form", "percentile interval over 30 paired bootstrap draws"):
+        assert needle in text, needle
+    assert "PARTIAL SWEEP" in terminal and "| recipe | all (n=12)" in terminal
+
+
+def test_fifty_step_cfg_and_no_bootstrap(sweep, tmp_path):
+    report = build_report([sweep], fifty_step_cfg=[5.0], draws=0)
+    rows = parse_markdown_table(markdown(report))
+    assert "50 steps (n=2)" in rows[0] and "[" not in rows[0]["all (n=12)"]
+    assert "chosen with --fifty-step-cfg" in markdown(report)
+
+
+def test_no_results_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "empty" / "0" / ".hydra").mkdir(parents=True)
+    (tmp_path / "empty" / "0" / ".hydra" / "config.yaml").write_text("a: 1\n")
+    assert main([str(tmp_path / "empty")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no results found in" in err and str(tmp_path / "empty") in err
+    assert main([str(tmp_path / "empty"), "--fifty-step-cfg", "7"]) == 1
+
+
+def test_latest_sweep_by_mtime_and_default_out_dir(sweep, tmp_path, monkeypatch):
+    root = tmp_path / "outputs" / "multirun"
+    small = dict(recipes=RECIPES[:2], datasets=("digits",), n_samples=4, n_reference=4, dim=2, sampler_settings=[(25, 5.0)])
+    old, new = write_synthetic_sweep(root / "old", **small), write_synthetic_sweep(root / "new", **small)
+    for path, t in ((old, 2e9), (new, 1e9)):  # "old" touched last
+        for p in (path, *path.iterdir()):
+            os.utime(p, (t, t))
+    assert latest_sweep(root) == old
+    monkeypatch.chdir(tmp_path)
+    assert main(["--bootstrap", "0"]) == 0
+    assert (tmp_path / "reports" / "old" / "report.md").is_file()
+
+
+def test_module_runs_and_fails_cleanly_without_sweeps(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "src.ranking.report", "--multirun-root", str(tmp_path / "none")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"rank report: error: no sweep found: {tmp_path / 'none'} has no sweep directories"
