@@ -16,7 +16,8 @@ EMA = True
 def record(recipe, steps, cfg, clip, fid, created="2024-03-05T12:00:00", dataset="digits"):
     """A results.json record with only what ranking reads (plus a few optional fields)."""
     return {
-        "recipe": recipe, "family": recipe, "params": {}, "dataset": dataset, "setting": f"{steps} steps, cfg {cfg:.1f}",
+        "recipe": recipe, "family": recipe, "params": {}, "dataset": dataset,
+        "setting": f"{steps} steps, cfg {cfg:.1f}",
         "steps": steps, "cfg": cfg, "shift": 1.0, "ema": EMA, "clip_score": clip, "fid_clip": fid,
         "fid_inception": None, "n_samples": 8, "checkpoint_step": 10, "arrays": None, "reference_arrays": None,
         "config": {}, "created": created,
@@ -44,8 +45,10 @@ def hand_sweep(tmp_path):
     50 steps cfg 5: A (0.3, 2) and B (0.2, 1) trade off; C missing  -> A1 B1
     """
     sweep = tmp_path / "hand"
-    write_run(sweep / "0", [record("A", 5, 5.0, 0.3, 1.0), record("A", 50, 1.0, 0.2, 2.0), record("A", 50, 5.0, 0.3, 2.0)])
-    write_run(sweep / "1", [record("B", 5, 5.0, 0.2, 2.0), record("B", 50, 1.0, 0.3, 1.0), record("B", 50, 5.0, 0.2, 1.0)])
+    write_run(sweep / "0", [record("A", 5, 5.0, 0.3, 1.0), record("A", 50, 1.0, 0.2, 2.0),
+                            record("A", 50, 5.0, 0.3, 2.0)])
+    write_run(sweep / "1", [record("B", 5, 5.0, 0.2, 2.0), record("B", 50, 1.0, 0.3, 1.0),
+                            record("B", 50, 5.0, 0.2, 1.0)])
     write_run(sweep / "2", [record("C", 5, 5.0, 0.1, 3.0), record("C", 50, 1.0, 0.25, 1.5)])
     # A rerun of A's 5-step setting that came out worse, older than the record above: dropped as a duplicate.
     write_run(sweep / "nested" / "3", [record("A", 5, 5.0, 0.0, 9.0, created="2024-03-01T00:00:00")])
@@ -56,7 +59,8 @@ def hand_sweep(tmp_path):
 
 
 def test_run_dirs_found_recursively_with_status(hand_sweep):
-    assert [p.relative_to(hand_sweep).as_posix() for p in find_run_dirs(hand_sweep)] == ["0", "1", "2", "4", "5", "nested/3"]
+    found = [p.relative_to(hand_sweep).as_posix() for p in find_run_dirs(hand_sweep)]
+    assert found == ["0", "1", "2", "4", "5", "nested/3"]
     sweep = load_sweep([hand_sweep])
     status = dict(zip([p.split("/")[-1] for p in sweep.runs["run_dir"]], sweep.runs["status"]))
     assert status == {"0": "done", "1": "done", "2": "done", "3": "done", "4": "failed", "5": "incomplete"}
@@ -110,7 +114,8 @@ def test_missing_settings_are_listed(hand_sweep):
 
 def test_nan_metric_goes_to_last_front(tmp_path):
     sweep = tmp_path / "nan"
-    write_run(sweep / "0", [record("A", 5, 5.0, 0.3, 1.0), record("B", 5, 5.0, None, 0.5), record("C", 5, 5.0, 0.1, 3.0)])
+    write_run(sweep / "0", [record("A", 5, 5.0, 0.3, 1.0), record("B", 5, 5.0, None, 0.5),
+                            record("C", 5, 5.0, 0.1, 3.0)])
     ranked = rank_table(load_sweep([sweep]).records)
     assert dict(zip(ranked["recipe"], ranked["front"])) == {"A": 1, "C": 2, "B": 3}
 

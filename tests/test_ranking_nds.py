@@ -103,7 +103,8 @@ def test_bad_input_raises_clear_error(points, maximize, nan_policy, message):
 
 point_sets = st.integers(1, 3).flatmap(
     lambda k: st.tuples(
-        arrays(np.int64, st.tuples(st.integers(0, 25), st.just(k)), elements=st.integers(0, 4)),  # small ints: many ties
+        # small integers: many ties and equal points
+        arrays(np.int64, st.tuples(st.integers(0, 25), st.just(k)), elements=st.integers(0, 4)),
         st.lists(st.booleans(), min_size=k, max_size=k),
     )
 )

@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -82,7 +81,8 @@ def test_csv_matches_and_report_states_partial_sweep(report_run):
     assert runs["status"].value_counts().to_dict() == {"done": 3, "failed": 1, "incomplete": 1}
     text = (out / "report.md").read_text()
     for needle in ("PARTIAL SWEEP", "1 failed, 1 running or killed", "eps/linear lacks 1 of 12 settings: "
-                   "digits, 5 steps, cfg 5.0, EMA", "FloatingPointError: loss is NaN", "Spearman correlation",
+                   "digits, 5 steps, cfg 5.0, EMA", "FloatingPointError: loss is NaN",
+                   "loss='v/cos' data=digits | running or killed", "Spearman correlation",
                    "50 steps column: the 50-step settings at CFG 1.0, 2.5, 5.0, all 50-step settings (default)",
                    "paper Table 2 form", "percentile interval over 30 paired bootstrap draws"):
         assert needle in text, needle
@@ -107,7 +107,8 @@ def test_no_results_is_a_one_line_error(tmp_path, capsys):
 
 def test_latest_sweep_by_mtime_and_default_out_dir(sweep, tmp_path, monkeypatch):
     root = tmp_path / "outputs" / "multirun"
-    small = dict(recipes=RECIPES[:2], datasets=("digits",), n_samples=4, n_reference=4, dim=2, sampler_settings=[(25, 5.0)])
+    small = dict(recipes=RECIPES[:2], datasets=("digits",), n_samples=4, n_reference=4, dim=2,
+                 sampler_settings=[(25, 5.0)])
     old, new = write_synthetic_sweep(root / "old", **small), write_synthetic_sweep(root / "new", **small)
     for path, t in ((old, 2e9), (new, 1e9)):  # "old" touched last
         for p in (path, *path.iterdir()):

@@ -10,6 +10,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from src.ranking.nds import non_dominated_ranks
 from src.ranking.paper import COLUMNS
@@ -72,7 +73,8 @@ def find_run_dirs(root: Path | str) -> list[Path]:
 def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
     """Status row and record rows of one run directory."""
     results, error = run_dir / "results.json", run_dir / "error.json"
-    status = {"run_dir": str(run_dir), "status": "incomplete", "error": "", "n_records": 0}
+    status = {"run_dir": str(run_dir), "status": "incomplete", "error": "", "n_records": 0,
+              "overrides": _read_overrides(run_dir)}
     records: list[dict] = []
     if error.is_file():
         status["status"] = "failed"
@@ -103,10 +105,20 @@ def load_sweep(dirs: Iterable[Path | str]) -> Sweep:
             status, records = load_run(run_dir)
             statuses.append({"sweep": root.name, **status})
             rows.extend({"sweep": root.name, **rec} for rec in records)
-    runs = pd.DataFrame(statuses, columns=["sweep", "run_dir", "status", "error", "n_records"])
+    runs = pd.DataFrame(statuses, columns=["sweep", "run_dir", "status", "error", "n_records", "overrides"])
     records = pd.DataFrame(rows, columns=["sweep", "run_dir", *REQUIRED_FIELDS, *OPTIONAL_FIELDS])
     records, duplicates = _drop_duplicates(records)
     return Sweep(roots=roots, records=records, runs=runs, duplicates=duplicates)
+
+
+def _read_overrides(run_dir: Path) -> str:
+    """The job's Hydra overrides (.hydra/overrides.yaml) as one string, naming the recipe of a failed job."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    try:
+        overrides = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return ""
+    return " ".join(map(str, overrides)) if isinstance(overrides, list) else ""
 
 
 def _read_error(path: Path) -> str:
@@ -173,7 +185,8 @@ def control_settings(records: pd.DataFrame) -> pd.DataFrame:
     """The control settings present, one row each (dataset, setting, ema, steps, cfg), in a stable order."""
     cols = [*SETTING_KEY, "steps", "cfg"]
     settings = records[cols].drop_duplicates(SETTING_KEY)
-    settings = settings.sort_values(["dataset", "steps", "cfg", "setting", "ema"], ascending=[True, True, True, True, False])
+    order = ["dataset", "steps", "cfg", "setting", "ema"]
+    settings = settings.sort_values(order, ascending=[True, True, True, True, False])  # EMA before raw
     return settings.reset_index(drop=True)
 
 
@@ -235,8 +248,10 @@ def rank_table(records: pd.DataFrame) -> pd.DataFrame:
     return records.assign(front=fronts_per_setting(records))
 
 
-def average_weights(records: pd.DataFrame, groups: dict[str, pd.Series], recipes: Sequence[str]) -> dict[str, np.ndarray]:
-    """Per column a (rows, recipes) matrix W so that fronts @ W is each recipe's mean front over that column's settings."""
+def average_weights(
+    records: pd.DataFrame, groups: dict[str, pd.Series], recipes: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Per column a (rows, recipes) matrix W: fronts @ W is each recipe's mean front over the column's settings."""
     recipe_pos = {r: i for i, r in enumerate(recipes)}
     cols = records["recipe"].map(recipe_pos).to_numpy()
     weights = {}

@@ -37,7 +37,10 @@ def sqrtm_psd(cov: np.ndarray) -> np.ndarray:
 
 
 def frechet_distance(mu1, cov1, mu2, cov2, root2: np.ndarray | None = None) -> np.ndarray:
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) for (stacks of) Gaussians (Heusel et al. 2017); root2 = S2^(1/2)."""
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) for (stacks of) Gaussians (Heusel et al. 2017).
+
+    root2, S2^(1/2), may be passed when several S1 share one S2.
+    """
     root2 = sqrtm_psd(cov2) if root2 is None else root2
     # tr (S1 S2)^(1/2) = sum of sqrt eigenvalues of S2^(1/2) S1 S2^(1/2), which is symmetric PSD.
     eig = np.linalg.eigvalsh(root2 @ cov1 @ root2)
@@ -128,6 +131,9 @@ def bootstrap_metrics(records: pd.DataFrame, draws: int, seed: int = 0) -> Metri
 def _load_record(records: pd.DataFrame, row: int, references: dict, fixed: dict[int, str]):
     """(clip_scores, features, reference features) of one record, validated; None (reason in fixed) if unusable."""
     arrays, reference = records["arrays"].iat[row], records["reference_arrays"].iat[row]
+    if not np.isfinite([records["clip_score"].iat[row], records["fid_clip"].iat[row]]).all():
+        fixed[row] = "recorded CLIP score or FID is null / non-finite (last front in every draw)"
+        return None
     if not (isinstance(arrays, str) and arrays and isinstance(reference, str) and reference):
         fixed[row] = "no arrays / reference_arrays in the record"
         return None

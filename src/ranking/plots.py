@@ -25,7 +25,7 @@ def save_figure(fig: Figure, path: Path | str, dpi: int = 110) -> Path:
 
 
 def plot_pareto_fronts(ranked: pd.DataFrame, ncols: int = 4) -> Figure:
-    """One panel per control setting: FID (x, lower better) vs CLIP score (y, higher better), fronts drawn and numbered."""
+    """One panel per control setting: FID (x, lower better) vs CLIP score (y, higher better), fronts numbered."""
     settings = control_settings(ranked)
     n = max(len(settings), 1)
     ncols = min(ncols, n)
@@ -35,7 +35,8 @@ def plot_pareto_fronts(ranked: pd.DataFrame, ncols: int = 4) -> Figure:
     max_front = int(ranked["front"].max()) if len(ranked) else 1
     cmap = _colormap("viridis_r")
     for ax, setting in zip(axes, settings.itertuples(index=False)):
-        part = ranked[(ranked["dataset"] == setting.dataset) & (ranked["setting"] == setting.setting) & (ranked["ema"] == setting.ema)]
+        same = (ranked["dataset"] == setting.dataset) & (ranked["setting"] == setting.setting)
+        part = ranked[same & (ranked["ema"] == setting.ema)]
         named = part["recipe"].nunique() <= MAX_NAMED_POINTS
         for front, group in part.groupby("front"):
             color = cmap((front - 1) / max(max_front - 1, 1))

@@ -26,7 +26,7 @@ def wandb_mode() -> str | None:
 
 
 def publish_wandb(report, paths: dict[str, Path], project: str | None = None) -> str:
-    """Log the rank table, metrics table and figures to one W&B run (group = sweep name); returns the run's directory."""
+    """Log the rank tables and figures to one W&B run (group = sweep name); returns the run's files directory."""
     import wandb
 
     from src.ranking.report import table1
@@ -46,7 +46,7 @@ def publish_wandb(report, paths: dict[str, Path], project: str | None = None) ->
         run.log({
             "rank_table": wandb.Table(columns=shown.headers, data=shown.rows),
             "average_rank_table": wandb.Table(dataframe=report.table.reset_index().astype(str)),
-            **{f"figures/{name}": wandb.Image(str(path)) for name, path in paths.items() if Path(path).suffix == ".png"},
+            **{f"figures/{name}": wandb.Image(str(p)) for name, p in paths.items() if Path(p).suffix == ".png"},
         })
         for row in report.spearman.itertuples(index=False):
             if np.isfinite(row.spearman):

@@ -197,7 +197,8 @@ def notes(report: RankReport) -> list[str]:
         out.append(f"* {recipe} lacks {len(lacks)} of {report.n_settings['all']} settings: {shown}.")
     bad = report.ranked[~np.isfinite(report.ranked[["clip_score", "fid_clip"]].to_numpy(float)).all(axis=1)]
     if len(bad):
-        out.append(f"{len(bad)} records with a non-finite CLIP score or FID were put in the last front of their setting: "
+        out.append(f"{len(bad)} records with a non-finite CLIP score or FID were put in the last front of their "
+                   "setting: "
                    + "; ".join(_record_label(report.ranked, i) for i in bad.index[:6]) + ".")
     if len(report.sweep.duplicates):
         out.append(f"{len(report.sweep.duplicates)} duplicate records (same recipe and control setting) were "
@@ -226,8 +227,8 @@ def runs_table(report: RankReport) -> Table | None:
     if runs.empty:
         return None
     words = {"failed": "failed", "incomplete": "running or killed", "unreadable": "unreadable"}
-    return Table(["run directory", "status", "error"],
-                 [[r.run_dir, words.get(r.status, r.status), r.error] for r in runs.itertuples(index=False)])
+    rows = [[r.run_dir, r.overrides, words.get(r.status, r.status), r.error] for r in runs.itertuples(index=False)]
+    return Table(["run directory", "overrides", "status", "error"], rows)
 
 
 def terminal_text(report: RankReport) -> str:
@@ -238,7 +239,8 @@ def terminal_text(report: RankReport) -> str:
 def markdown(report: RankReport, figures: dict[str, Path] | None = None) -> str:
     """The full Markdown report."""
     parts = [f"# Rank report: {report.sweep.name}", "", *status_lines(report), "",
-             "## Average rank (paper Table 1 form)", "", table1(report).markdown(), "", *[f"- {n}" for n in notes(report)]]
+             "## Average rank (paper Table 1 form)", "", table1(report).markdown(), "",
+             *[f"- {n}" for n in notes(report)]]
     for title, table in _extra_tables(report):
         parts += ["", f"## {title}", "", table.markdown()]
     for name, path in (figures or {}).items():
@@ -259,7 +261,8 @@ def html_page(report: RankReport, figures: dict[str, Path] | None = None) -> str
     for name, path in (figures or {}).items():
         data = base64.b64encode(Path(path).read_bytes()).decode()
         body += [f"<h2>{esc(name)}</h2>", f'<img alt="{esc(name)}" src="data:image/png;base64,{data}">']
-    style = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto}table{border-collapse:collapse;font-size:13px}"
+    style = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto}"
+             "table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}img{max-width:100%}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>Rank report: {esc(report.sweep.name)}</title>"
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
@@ -289,10 +292,11 @@ def write_report(report: RankReport, out_dir: Path | str) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = {
-        "Pareto fronts per control setting": save_figure(plot_pareto_fronts(report.ranked), out / "pareto_fronts.png"),
-        "Average rank": save_figure(plot_average_ranks(report.table), out / "average_ranks.png"),
-        "Metrics versus sampling steps": save_figure(plot_metrics_vs_steps(report.ranked), out / "metrics_vs_steps.png"),
+        "Pareto fronts per control setting": (plot_pareto_fronts(report.ranked), "pareto_fronts.png"),
+        "Average rank": (plot_average_ranks(report.table), "average_ranks.png"),
+        "Metrics versus sampling steps": (plot_metrics_vs_steps(report.ranked), "metrics_vs_steps.png"),
     }
+    figures = {title: save_figure(fig, out / name) for title, (fig, name) in figures.items()}
     paths = {f.stem: f for f in figures.values()}
     csvs = {
         "ranks": report.table.reset_index(),
@@ -346,8 +350,9 @@ def latest_sweep(root: Path | str = DEFAULT_MULTIRUN) -> Path:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line of python -m src.ranking.report."""
-    parser = argparse.ArgumentParser(prog="python -m src.ranking.report", description="Rank report of a sweep (SPEC 9).")
-    parser.add_argument("sweeps", nargs="*", type=Path, help="sweep directories (default: latest under --multirun-root)")
+    parser = argparse.ArgumentParser(prog="python -m src.ranking.report", description=__doc__.splitlines()[0])
+    parser.add_argument("sweeps", nargs="*", type=Path,
+                        help="sweep directories (default: the latest under --multirun-root)")
     parser.add_argument("--out", type=Path, help="report directory (default reports/<sweep name>)")
     parser.add_argument("--fifty-step-cfg", type=float, nargs="+", metavar="CFG",
                         help="CFG scale(s) of the 50-step column (default: all 50-step settings)")
@@ -356,7 +361,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--separation", type=float, default=0.95, help="ordering probability that separates recipes")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--multirun-root", type=Path, default=DEFAULT_MULTIRUN, help="where sweeps live")
-    parser.add_argument("--wandb", action="store_true", help="publish to W&B (offline unless WANDB_MODE says otherwise)")
+    parser.add_argument("--wandb", action="store_true",
+                        help="publish to W&B (offline unless WANDB_MODE or the user's W&B settings say otherwise)")
     return parser.parse_args(argv)
 
 

@@ -41,7 +41,8 @@ def write_synthetic_sweep(
     """Write one run dir per (recipe, dataset); quality (default decreasing along recipes) orders the recipes.
 
     missing: (recipe, dataset, steps, cfg, ema) records left out; failed: recipes whose jobs wrote error.json;
-    running: recipes whose jobs have only .hydra/config.yaml; sampler_settings: (steps, CFG) pairs, default SPEC 7's six.
+    running: recipes whose jobs have only .hydra/config.yaml; sampler_settings: (steps, CFG) pairs, default the
+    six of SPEC 7.
     """
     sweep_dir = Path(sweep_dir)
     rng = np.random.default_rng(seed)
@@ -60,10 +61,12 @@ def write_synthetic_sweep(
             run_dir = sweep_dir / str(job)
             job += 1
             _write_text(run_dir / ".hydra" / "config.yaml", f"loss: {recipe!r}\ndata: {dataset}\n")
+            _write_text(run_dir / ".hydra" / "overrides.yaml", f"- loss={recipe!r}\n- data={dataset}\n")
             if recipe in running:
                 continue
             if recipe in failed:
-                atomic_write_json(run_dir / "error.json", {"error": "loss is NaN at step 120", "type": "FloatingPointError"})
+                error = {"error": "loss is NaN at step 120", "type": "FloatingPointError"}
+                atomic_write_json(run_dir / "error.json", error)
                 continue
             records = []
             for steps, cfg in sampler_settings:
@@ -122,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     recipes = (*DEFAULT_RECIPES, "rf/mode(1.29)", "v/linear")
-    write_synthetic_sweep(args.sweep_dir, recipes=recipes, seed=args.seed, failed=("v/linear",), running=("rf/mode(1.29)",))
+    write_synthetic_sweep(args.sweep_dir, recipes=recipes, seed=args.seed, failed=("v/linear",),
+                          running=("rf/mode(1.29)",))
     print(args.sweep_dir)
 
 

@@ -1,0 +1,51 @@
+"""The ranking reads what src.evaluation writes: Record objects, their npz arrays and the reference cache file."""
+import numpy as np
+import pytest
+
+from src.ranking.report import build_report
+
+
+@pytest.mark.slow  # imports src.evaluation / src.metrics (torch, open_clip)
+def test_report_on_records_written_by_the_evaluation_code(tmp_path):
+    from src.evaluation.records import Record, merge_results
+    from src.metrics import feature_statistics, fid_from_features
+    from src.metrics.files import save_npz
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(40, 5)).astype(np.float32)
+    mu, sigma = feature_statistics(reference)
+    ref_path = save_npz(tmp_path / "cache" / "clip__digits.npz", features=reference, mu=mu, sigma=sigma,
+                        extractor_id=np.asarray("tiny-clip"), dataset_id=np.asarray("digits"))
+    sweep = tmp_path / "multirun" / "compat"
+    for job, (recipe, shift) in enumerate([("rf/lognorm(0.00, 1.00)", 0.1), ("eps/linear", 0.8), ("v/cos", 2.0)]):
+        run_dir = sweep / str(job)
+        (run_dir / ".hydra").mkdir(parents=True)
+        (run_dir / ".hydra" / "config.yaml").write_text("{}\n")
+        records = []
+        for steps, cfg in ((5, 5.0), (25, 5.0), (50, 5.0)):
+            for ema in (True, False):
+                feats = (rng.normal(size=(24, 5)) + shift).astype(np.float32)
+                scores = (0.25 - 0.02 * shift + 0.01 * rng.normal(size=24)).astype(np.float32)
+                arrays = run_dir / "eval" / f"{job}_{steps}_{ema}.npz"
+                save_npz(arrays, clip_scores=scores, features=feats)
+                fid = fid_from_features(feats, reference)
+                if recipe == "v/cos" and steps == 5 and not ema:
+                    fid = float("nan")  # a diverged setting: written as null
+                records.append(Record(
+                    recipe=recipe, family=recipe.split("/")[0], params={}, dataset="digits",
+                    setting=f"{steps} steps, cfg {cfg:.1f}", steps=steps, cfg=cfg, shift=1.0, ema=ema,
+                    clip_score=float(scores.astype(np.float64).mean()), fid_clip=fid, fid_inception=None,
+                    n_samples=24, n_reference=40, seed=0, checkpoint_step=100,
+                    arrays=str(arrays.relative_to(run_dir)), reference_arrays=str(ref_path), config={},
+                ))
+        merge_results(run_dir, records)
+    report = build_report([sweep], draws=20)
+    ranked = report.ranked
+    assert len(ranked) == 18 and ranked["fid_clip"].isna().sum() == 1
+    assert report.bootstrap.metrics.inconsistent == {}  # the bootstrap's FID equals the evaluation's fid_clip
+    nan_row = int(np.flatnonzero(ranked["fid_clip"].isna())[0])
+    assert list(report.bootstrap.metrics.fixed) == [nan_row]  # stays in the last front in every draw
+    assert np.isnan(report.bootstrap.metrics.fid[:, nan_row]).all()
+    diverged = ranked[ranked["fid_clip"].isna()].iloc[0]
+    assert diverged["front"] == ranked[(ranked["setting"] == "5 steps, cfg 5.0") & ~ranked["ema"]]["front"].max()
+    assert list(report.table.index) == ["rf/lognorm(0.00, 1.00)", "eps/linear", "v/cos"]
