@@ -182,8 +182,8 @@ def test_resampled_loader_counts_batches_and_is_deterministic(folder):
     assert len(batches) == 7 and all(len(b["caption"]) == 4 for b in batches)
     again = list(make_loader(path, 4, shuffle=True, seed=1, resampled=True, epoch_batches=7))
     assert [b["caption"] for b in batches] == [b["caption"] for b in again]
-    with pytest.raises(ValueError, match="epoch_batches"):
-        make_loader(path, 4, shuffle=True, seed=1, resampled=True)
+    endless = iter(make_loader(path, 4, shuffle=True, seed=1, resampled=True))  # no epoch_batches: endless
+    assert len([next(endless) for _ in range(30)]) == 30  # more batches than one pass over the 45 samples holds
 
 
 def test_epoch_batches_repeats_a_finite_set(folder):

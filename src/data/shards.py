@@ -298,8 +298,9 @@ def make_loader(shard_dir: str | Path, batch_size: int, shuffle: bool, seed: int
     """Iterable of dict batches {"x0" (normalised), "context", "pooled", "caption"} from a shard folder.
 
     shuffle: shards and samples (before decoding) in a seeded, epoch-dependent order.
-    resampled: draw shards with replacement forever (seeded per rank and worker); needs epoch_batches.
-    epoch_batches: batches per epoch (webdataset's with_epoch); keeps ranks in step.
+    resampled: draw shards with replacement forever (seeded per rank and worker); endless unless epoch_batches.
+    epoch_batches: batches per epoch (webdataset's with_epoch): bounds a resampled stream, keeps ranks in step,
+    and repeats a finite set as needed.
     partial: keep a last smaller batch; defaults to True unless resampled.
     Deterministic for a seed with num_workers=0; each rank reads its own shards (webdataset's split_by_node).
     """
@@ -307,8 +308,6 @@ def make_loader(shard_dir: str | Path, batch_size: int, shuffle: bool, seed: int
         raise ValueError(f"batch_size={batch_size} is not allowed; need >= 1")
     if num_workers < 0:
         raise ValueError(f"num_workers={num_workers} is not allowed; need >= 0")
-    if resampled and epoch_batches is None:
-        raise ValueError("resampled=True gives an endless stream; set epoch_batches to the batches per epoch")
     if epoch_batches is not None and epoch_batches < 1:
         raise ValueError(f"epoch_batches={epoch_batches} is not allowed; need >= 1 or None")
     meta = read_meta(shard_dir)

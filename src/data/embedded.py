@@ -1,0 +1,94 @@
+"""The embedded datasets (digits, shapes) written once as shards with precomputed text embeddings (SPEC 10)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from src.data import digits, shapes
+from src.data.captioned import SPLITS, CaptionedImages
+from src.data.shards import ShardWriter, is_complete, read_meta
+
+DATA_VERSION = 1  # bump when the generated images, captions or shard layout change
+SAMPLES_PER_SHARD = 250  # several shards per split, so ranks and loader workers each get some
+ENCODE_BATCH = 256
+DATASETS: dict[str, Callable[[str], CaptionedImages]] = {
+    "digits": digits.load_digits_split,
+    "shapes": shapes.load_shapes_split,
+}
+
+
+def check_dataset(name: str) -> str:
+    """Return name if it is an embedded dataset, else raise."""
+    if name not in DATASETS:
+        raise ValueError(f"dataset={name!r} is not an embedded dataset; allowed: {', '.join(DATASETS)}")
+    return name
+
+
+def encoder_fingerprint(text_encoder) -> str:
+    """What identifies the encoder's outputs: its fingerprint (name plus weights checksum) or, failing that, name."""
+    return str(getattr(text_encoder, "fingerprint", text_encoder.name))
+
+
+def dataset_version(text_encoder) -> str:
+    """Cache version: the data version plus a short hash of the encoder, so a retrained encoder gets new shards."""
+    digest = hashlib.sha256(encoder_fingerprint(text_encoder).encode()).hexdigest()[:10]
+    return f"v{DATA_VERSION}-{digest}"
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive advisory lock on path (created if needed), held for the with-block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@torch.no_grad()
+def write_split(shard_dir: Path, data: CaptionedImages, text_encoder, meta: dict,
+                latent_mean: float | None = None, latent_std: float | None = None) -> dict:
+    """Encode one split's captions and write its shards (pixel space: the latent is the image)."""
+    with ShardWriter(shard_dir, encoder_names=[text_encoder.name], samples_per_shard=SAMPLES_PER_SHARD,
+                     latent_mean=latent_mean, latent_std=latent_std,
+                     extra_meta={**meta, "encoder_fingerprints": [encoder_fingerprint(text_encoder)]}) as writer:
+        for start in range(0, len(data), ENCODE_BATCH):
+            stop = min(start + ENCODE_BATCH, len(data))
+            context, pooled = text_encoder(data.captions[start:stop])
+            for i in range(start, stop):
+                writer.write(data.images[i], context[i - start], pooled[i - start], data.captions[i], data.extras[i])
+    return read_meta(shard_dir)
+
+
+def prepare_embedded(name: str, cache_dir: str | Path, text_encoder=None) -> dict[str, Path]:
+    """Write dataset `name` once into cache_dir/<name>-<version>/{train,eval}/ and return those folders.
+
+    text_encoder: a TextEncoder; None loads the committed tiny CLIP. Complete folders are reused; incomplete ones
+    are rebuilt. A file lock makes concurrent callers safe: one writes, the others wait and reuse. The eval split
+    is normalised with the training split's latent mean and std.
+    """
+    check_dataset(name)
+    if text_encoder is None:
+        from src.text.encoder import load_tiny_clip_text_encoder  # lazy: open_clip is only needed here
+        text_encoder = load_tiny_clip_text_encoder()
+    version = dataset_version(text_encoder)
+    root = Path(cache_dir) / f"{name}-{version}"
+    dirs = {split: root / split for split in SPLITS}
+    if all(is_complete(d) for d in dirs.values()):
+        return dirs
+    with file_lock(Path(cache_dir) / f".{name}-{version}.lock"):
+        if all(is_complete(d) for d in dirs.values()):  # another process finished while we waited
+            return dirs
+        common = {"dataset": name, "version": version, "image_size": 16}
+        train = write_split(dirs["train"], DATASETS[name]("train"), text_encoder, {**common, "split": "train"})
+        write_split(dirs["eval"], DATASETS[name]("eval"), text_encoder, {**common, "split": "eval"},
+                    latent_mean=train["latent_mean"], latent_std=train["latent_std"])
+    return dirs

@@ -1,0 +1,74 @@
+"""Checksummed local weight files and loading open_clip models through open_clip's own path (SPEC 10)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import open_clip
+import torch
+
+SIDECAR_CREATE_KWARGS = ("image_mean", "image_std", "force_quick_gelu")
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sidecar_path(weights_path: str | Path) -> Path:
+    """The JSON next to a weight file that records its checksum (tiny_clip.pt -> tiny_clip.json)."""
+    return Path(weights_path).with_suffix(".json")
+
+
+def read_sidecar(weights_path: str | Path) -> dict:
+    """The weight file's sidecar JSON; raises FileNotFoundError naming it when absent."""
+    path = sidecar_path(weights_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checksum file {path} for weights {weights_path} is missing")
+    return json.loads(path.read_text())
+
+
+def verify_checksum(weights_path: str | Path, sha256: str) -> None:
+    """Raise a one-line error naming the file when it is absent or its sha256 differs from the expected one."""
+    path = Path(weights_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    actual = sha256_file(path)
+    if actual != sha256:
+        raise ValueError(f"weights file {path} has sha256 {actual}, expected {sha256}: corrupted or replaced")
+
+
+def load_open_clip(model_name: str, weights_path: str | Path, sha256: str | None = None, device: str = "cpu",
+                   **create_kwargs) -> tuple[torch.nn.Module, object]:
+    """Verify a local checkpoint and load it with open_clip.create_model_and_transforms; returns (model, tokenizer).
+
+    sha256: expected checksum; None reads it from the sidecar JSON if there is one, else only checks the file
+    exists. create_kwargs go to open_clip (e.g. force_quick_gelu=True for OpenAI weights, PITFALLS); the sidecar's
+    image_mean, image_std and force_quick_gelu are the defaults.
+    The model is returned frozen in eval mode.
+    """
+    path = Path(weights_path)
+    if sidecar_path(path).is_file():
+        sidecar = read_sidecar(path)
+        sha256 = sidecar.get("sha256") if sha256 is None else sha256
+        # A local path bypasses open_clip's per-weight settings (PITFALLS): the sidecar carries them.
+        for key in SIDECAR_CREATE_KWARGS:
+            if key in sidecar:
+                create_kwargs.setdefault(key, sidecar[key])
+    if sha256 is not None:
+        verify_checksum(path, sha256)
+    elif not path.is_file():
+        raise FileNotFoundError(f"weights file {path} for model {model_name} does not exist")
+    if model_name not in open_clip.list_models():
+        raise ValueError(f"model_name={model_name!r} is not a registered open_clip config; "
+                         f"register it with open_clip.add_model_config first")
+    model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=str(path), device=device,
+                                                        **create_kwargs)
+    model.eval().requires_grad_(False)
+    return model, open_clip.get_tokenizer(model_name)
