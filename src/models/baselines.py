@@ -45,8 +45,8 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        q = self.q(x).unflatten(-1, (self.num_heads, self.head_dim))
-        k, v = self.kv(context).unflatten(-1, (2, self.num_heads, self.head_dim)).unbind(2)
+        q = self.q(x).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        k, v = self.kv(context).unflatten(-1, (2, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
         return self.proj(attention(self.ln_q(q), self.ln_k(k), v))
 
 

@@ -22,6 +22,11 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+def gated(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
+    """Gated residual x + gate * y with a per-sample (B, D) gate (adaLN-Zero)."""
+    return x + gate.unsqueeze(1) * y
+
+
 def layer_norm(x: Tensor) -> Tensor:
     """LayerNorm without affine parameters (the adaLN supplies them)."""
     return F.layer_norm(x, x.shape[-1:], eps=NORM_EPS)
@@ -86,7 +91,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # Contiguous tokens: otherwise the whole residual stream inherits the conv's channels-first strides.
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class TimestepEmbedder(nn.Module):
@@ -146,15 +152,14 @@ class SelfAttention(nn.Module):
         self.proj = None if pre_only else nn.Linear(hidden_size, hidden_size)
 
     def pre_attention(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k, v of shape (B, L, heads, head_dim), q and k normalised per head."""
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(2)
+        """q, k, v of shape (B, heads, L, head_dim), q and k normalised per head."""
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
         return self.ln_q(q), self.ln_k(k), v
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Scaled dot-product attention over (B, L, heads, head_dim) inputs; returns (B, L_q, heads * head_dim)."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2).flatten(2)
+    """Scaled dot-product attention over (B, heads, L, head_dim) inputs; returns (B, L_q, heads * head_dim)."""
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
 
 
 class Mlp(nn.Module):
@@ -210,8 +215,8 @@ class StreamBlock(nn.Module):
         self, attn: Tensor, x: Tensor, gate_msa: Tensor, shift_mlp: Tensor, scale_mlp: Tensor, gate_mlp: Tensor
     ) -> Tensor:
         """Gated residual of the projected attention output, then of the modulated MLP."""
-        x = x + gate_msa.unsqueeze(1) * self.attn.proj(attn)
-        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
+        x = gated(x, gate_msa, self.attn.proj(attn))
+        return gated(x, gate_mlp, self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp)))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         """A plain DiT block: self-attention over this stream's own tokens."""

@@ -41,7 +41,7 @@ class JointBlock(nn.Module):
         blocks = (self.x_block, *self.context_blocks)
         streams = (x, *contexts)
         pre = [block.pre_attention(s, c) for block, s in zip(blocks, streams)]
-        q, k, v = (torch.cat([qkv[i] for qkv, _ in pre], dim=1) for i in range(3))
+        q, k, v = (torch.cat([qkv[i] for qkv, _ in pre], dim=2) for i in range(3))  # along the tokens
         outs = attention(q, k, v).split([s.shape[1] for s in streams], dim=1)
         x = self.x_block.post_attention(outs[0], *pre[0][1])
         if self.context_pre_only:
