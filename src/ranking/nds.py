@@ -48,6 +48,8 @@ def _peel_fronts(dominates: np.ndarray) -> np.ndarray:
     while remaining.any():
         front += 1
         current = remaining & (dominator_count == 0)
+        if not current.any():  # only possible if dominance had a cycle, i.e. a bug upstream; never loop forever
+            raise RuntimeError("non_dominated_ranks: no non-dominated point left; the dominance relation has a cycle")
         ranks[current] = front
         remaining &= ~current
         dominator_count -= dominates[current].sum(axis=0)
