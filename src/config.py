@@ -1,0 +1,51 @@
+"""Configuration helpers shared by the entry point and the tests: resolvers and up-front checks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; raised before any training starts."""
+
+
+def _recipe_slug(loss: Any) -> str:
+    from src.formulations import from_config
+
+    cfg = OmegaConf.to_container(loss, resolve=True) if isinstance(loss, DictConfig) else dict(loss)
+    try:
+        return from_config(cfg).slug
+    except ValueError:
+        # An invalid recipe still needs a directory for its error.json; the job reports the error itself.
+        return "invalid-" + "_".join(f"{k}={v}" for k, v in sorted(cfg.items()))
+
+
+def register_resolvers() -> None:
+    """Register `${recipe_slug:${loss}}` (idempotent)."""
+    if not OmegaConf.has_resolver("recipe_slug"):
+        OmegaConf.register_new_resolver("recipe_slug", _recipe_slug)
+
+
+def to_dict(cfg: DictConfig | Mapping) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def fingerprint(cfg: DictConfig) -> dict:
+    """The parts of a configuration that determine a trained model; a run directory is tied to one."""
+    keys = ("loss", "model", "optim", "train", "seed")
+    out = {k: to_dict(cfg[k]) if isinstance(cfg[k], DictConfig) else cfg[k] for k in keys}
+    out["data"] = {k: v for k, v in to_dict(cfg.data).items() if k not in ("num_workers",)}
+    return out
+
+
+def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]

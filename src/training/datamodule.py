@@ -1,0 +1,89 @@
+"""Lightning data module over the webdataset shards (embedded or precomputed real data)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from src.data.shards import load_eval_set, make_loader
+
+
+class StepIndexedBatches(IterableDataset):
+    """Infinite batches from in-memory tensors; the batch for global step k depends only on (seed, rank, k).
+
+    Iteration starts at `start_step()`, so a run resumed from a checkpoint sees the same batches as an
+    uninterrupted one.
+    """
+
+    def __init__(self, tensors: dict, batch_size: int, seed: int, rank: int, start_step: Callable[[], int]):
+        self.tensors, self.batch_size, self.seed, self.rank, self.start_step = tensors, batch_size, seed, rank, start_step
+        self.n = next(iter(tensors.values())).shape[0]
+
+    def __iter__(self) -> Iterator[dict]:
+        step = self.start_step()
+        while True:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.rank * 7_919 + step + 17) % (2**63 - 1))
+            idx = torch.randint(self.n, (self.batch_size,), generator=g)
+            yield {k: v[idx] for k, v in self.tensors.items()}
+            step += 1
+
+
+class _FixedBatches(IterableDataset):
+    def __init__(self, batches: list[dict]):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Training batches from `train_dir` (batch_size is global, split over ranks); a fixed validation batch."""
+
+    def __init__(
+        self,
+        train_dir: str,
+        eval_dir: str,
+        batch_size: int,
+        seed: int = 0,
+        in_memory: bool = True,
+        num_workers: int = 0,
+        val_samples: int = 256,
+    ):
+        super().__init__()
+        self.train_dir, self.eval_dir = train_dir, eval_dir
+        self.batch_size, self.seed = batch_size, seed
+        self.in_memory, self.num_workers, self.val_samples = in_memory, num_workers, val_samples
+        self._train: dict | None = None
+        self._val: dict | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.in_memory and self._train is None:
+            parts = list(make_loader(self.train_dir, batch_size=4096, shuffle=False, seed=self.seed))
+            self._train = {k: torch.cat([p[k] for p in parts]) for k in ("x0", "context", "pooled")}
+        if self._val is None:
+            ev = load_eval_set(self.eval_dir, n=self.val_samples)
+            self._val = {k: ev[k] for k in ("x0", "context", "pooled")}
+
+    def _global_step(self) -> int:
+        return self.trainer.global_step if self.trainer is not None else 0
+
+    def train_dataloader(self) -> DataLoader:
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if self.batch_size % world:
+            raise ValueError(f"data.batch_size={self.batch_size}: the global batch must divide over {world} ranks")
+        per_rank = self.batch_size // world
+        if self.in_memory:
+            ds = StepIndexedBatches(self._train, per_rank, self.seed, rank, self._global_step)
+            return DataLoader(ds, batch_size=None, num_workers=0)
+        loader = make_loader(
+            self.train_dir, batch_size=per_rank, shuffle=True, seed=self.seed + self._global_step,
+            resampled=True, epoch_batches=None, num_workers=self.num_workers,
+        )
+        return loader
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(_FixedBatches([self._val]), batch_size=None, num_workers=0)

@@ -1,0 +1,118 @@
+"""The LightningModule shared by every recipe: a formulation around one backbone (SPEC sections 5-7).
+
+Randomness in a training step (timesteps, noise, conditioning dropout) is drawn from a generator seeded by
+(seed, rank, global step), and the embedded datasets draw their batches the same way, so a run resumed from a
+checkpoint ends with exactly the weights of an uninterrupted one on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from src.formulations import validation_times
+from src.formulations.base import Formulation, expand_like
+from src.training.conditioning import drop_conditioning
+from src.training.ema import ema_update, make_ema_copy
+
+
+def step_generator(seed: int, rank: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator whose stream depends only on (seed, rank, step)."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + rank * 7_919 + step) % (2**63 - 1))
+    return g
+
+
+class FormulationModule(L.LightningModule):
+    """One recipe: formulation + backbone + EMA copy, AdamW with linear warm-up, stratified validation loss."""
+
+    def __init__(
+        self,
+        formulation: Formulation,
+        backbone: nn.Module,
+        lr: float = 1e-4,
+        betas: Sequence[float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 1000,
+        ema_every: int = 100,
+        ema_decay: float = 0.99,
+        cond_dropout: float = 0.1,
+        cond_groups: Sequence[dict] | None = None,
+        val_levels: int = 8,
+        seed: int = 0,
+        compile: bool = False,
+    ):
+        super().__init__()
+        self.formulation = formulation
+        self.backbone = backbone
+        self.ema_backbone = make_ema_copy(backbone)
+        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
+        self.warmup_steps = warmup_steps
+        self.ema_every, self.ema_decay = ema_every, ema_decay
+        self.cond_dropout, self.cond_groups = cond_dropout, cond_groups
+        self.seed = seed
+        self.register_buffer("val_t", validation_times(formulation, val_levels), persistent=False)
+        # torch.compile wraps the backbone for the training forward only; the plain handle stays the one that is
+        # saved and averaged (compiled modules prefix state-dict keys with `_orig_mod.`).
+        object.__setattr__(self, "_train_forward", torch.compile(backbone) if compile else backbone)
+
+    # ---- the model as the formulation sees it -----------------------------------------------------
+    def denoiser_output(self, backbone: nn.Module, z_t: Tensor, t: Tensor, context: Tensor, pooled: Tensor) -> Tensor:
+        """Raw backbone output at (z_t, t): backbone(c_in(t) z_t, c_noise(t), context, pooled)."""
+        f = self.formulation
+        return backbone(expand_like(f.c_in(t), z_t) * z_t, f.c_noise(t), context, pooled)
+
+    def _loss(self, backbone, x0, eps, t, context, pooled) -> Tensor:
+        z_t = self.formulation.add_noise(x0, eps, t)
+        out = self.denoiser_output(backbone, z_t, t, context, pooled)
+        return self.formulation.loss(out.float(), x0.float(), eps.float(), t)
+
+    # ---- training ---------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        x0, context, pooled = batch["x0"], batch["context"], batch["pooled"]
+        g = step_generator(self.seed, self.global_rank, self.global_step)
+        n = x0.shape[0]
+        t = self.formulation.sample_t(n, generator=g).to(x0.device)
+        eps = torch.randn(x0.shape, generator=g).to(x0.device)
+        context, pooled = drop_conditioning(context, pooled, self.cond_dropout, g, self.cond_groups)
+        loss = self._loss(self._train_forward, x0, eps, t, context, pooled).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step}")
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: checkpoint callbacks run before the module's batch-end hook, and a
+        # checkpoint must hold the EMA of the weights it holds. global_step already counts this step.
+        if self.global_step % self.ema_every == 0:
+            ema_update(self.ema_backbone, self.backbone, self.ema_decay)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(
+            self.backbone.parameters(), lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay
+        )
+        warmup = max(1, self.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- stratified validation loss (SPEC section 7) ----------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        x0, context, pooled = batch["x0"], batch["context"], batch["pooled"]
+        # Fixed noise from an evaluation generator, separate from training's.
+        g = step_generator(self.seed + 1, 0, batch_idx)
+        eps = torch.randn(x0.shape, generator=g).to(x0.device)
+        n = x0.shape[0]
+        for tag, backbone in (("val", self.backbone), ("val_ema", self.ema_backbone)):
+            levels = []
+            for k, tk in enumerate(self.val_t.tolist()):
+                t = torch.full((n,), tk, device=x0.device)
+                loss_k = self._loss(backbone, x0, eps, t, context, pooled).mean()
+                self.log(f"{tag}/loss_t{k}", loss_k, on_epoch=True, batch_size=n)
+                levels.append(loss_k)
+            # Mean over all levels but the last (t = 1), as the paper reports it.
+            self.log(f"{tag}/loss_mean", torch.stack(levels[:-1]).mean(), on_epoch=True, prog_bar=tag == "val_ema", batch_size=n)

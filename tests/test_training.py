@@ -1,0 +1,112 @@
+"""Training end to end on the embedded digits: the loss falls, resume is exact, finished jobs are skipped."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from src.config import ConfigError, register_resolvers
+from src.training.job import run_job
+
+register_resolvers()
+
+TINY = [
+    "model.depth=1", "model.hidden_size=32", "model.num_heads=2",
+    "data.batch_size=16", "data.val_samples=32",
+    "logger=csv", "trainer.enable_progress_bar=false",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def make_cfg(tmp_path, cache_dir, overrides=()):
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        return compose(
+            config_name="config",
+            overrides=[f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", *TINY, *overrides],
+        )
+
+
+def final_state(run_dir: Path) -> dict:
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    return ckpt["state_dict"], ckpt["global_step"]
+
+
+def test_training_loss_falls(tmp_path, cache_dir):
+    cfg = make_cfg(tmp_path, cache_dir, ["train.max_steps=120", "train.val_every=60", "train.ckpt_every=60",
+                                         "optim.warmup_steps=10", "eval.enabled=false"])
+    run_dir = tmp_path / "run"
+    out = run_job(cfg, run_dir)
+    assert out["global_step"] == 120
+    log = pd.read_csv(run_dir / "csv" / "metrics.csv")
+    train = log["train/loss"].dropna().to_numpy()
+    assert len(train) >= 10
+    first, last = train[:3].mean(), train[-3:].mean()
+    assert last < 0.8 * first, (first, last)
+    val = log[["val/loss_mean", "val_ema/loss_mean"]].dropna()
+    assert len(val) == 2  # validated at steps 60 and 120, raw and EMA
+    assert (run_dir / "checkpoints" / "best.ckpt").exists()
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, cache_dir, monkeypatch):
+    overrides = ["train.max_steps=12", "train.val_every=6", "train.ckpt_every=4", "eval.enabled=false",
+                 "train.ema_every=2"]
+    straight = tmp_path / "straight"
+    run_job(make_cfg(tmp_path, cache_dir, overrides), straight)
+
+    # Interrupt the second run at step 10 (last checkpoint: step 8), then rerun the same command.
+    from src.training import module as module_lib
+
+    original = module_lib.FormulationModule.training_step
+
+    def failing_step(self, batch, batch_idx):
+        if self.global_step == 10:
+            raise Interrupt()
+        return original(self, batch, batch_idx)
+
+    resumed = tmp_path / "resumed"
+    monkeypatch.setattr(module_lib.FormulationModule, "training_step", failing_step)
+    with pytest.raises(Interrupt):
+        run_job(make_cfg(tmp_path, cache_dir, overrides), resumed)
+    assert final_state(resumed)[1] == 8
+    monkeypatch.setattr(module_lib.FormulationModule, "training_step", original)
+    run_job(make_cfg(tmp_path, cache_dir, overrides), resumed)
+
+    a, step_a = final_state(straight)
+    b, step_b = final_state(resumed)
+    assert step_a == step_b == 12
+    assert a.keys() == b.keys() and any(k.startswith("ema_backbone.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_changed_config_in_same_directory_is_an_error(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    base = ["train.max_steps=2", "train.val_every=2", "train.ckpt_every=2", "eval.enabled=false"]
+    run_job(make_cfg(tmp_path, cache_dir, base), run_dir)
+    with pytest.raises(ConfigError, match="optim.lr"):
+        run_job(make_cfg(tmp_path, cache_dir, base + ["optim.lr=0.5"]), run_dir)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("loss.s=-1", "s=-1"),
+        ("train.ema_decay=1.5", "train.ema_decay=1.5"),
+        ("data.latent_channels=3", "data.latent_channels=3"),
+    ],
+)
+def test_bad_values_fail_before_training(tmp_path, cache_dir, override, message):
+    cfg = make_cfg(tmp_path, cache_dir, ["eval.enabled=false", override])
+    with pytest.raises(ConfigError, match=message):
+        run_job(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
