@@ -19,6 +19,15 @@ SMALL = dict(input_size=16, patch_size=2, in_channels=3, depth=2, hidden_size=32
 EXTRA = {"mmdit3": dict(context_split=4)}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small models: one thread is as fast, and two spin-wait (40x the CPU time) on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def small(name: str, **overrides) -> torch.nn.Module:
     torch.manual_seed(0)
     return build_backbone(name, **{**SMALL, **EXTRA.get(name, {}), **overrides})
@@ -257,10 +266,10 @@ def test_tiny_default_trains_on_cpu():
     target = torch.randn_like(x)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(15):
+    for _ in range(30):
         loss = (model(x, t, ctx, pooled) - target).square().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.9 * losses[0]
+    assert losses[-1] < 0.8 * losses[0]
