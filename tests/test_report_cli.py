@@ -84,7 +84,8 @@ def test_csv_matches_and_report_states_partial_sweep(report_run):
                    "digits, 5 steps, cfg 5.0, EMA", "FloatingPointError: loss is NaN",
                    "loss='v/cos' data=digits | running or killed", "Spearman correlation",
                    "50 steps column: the 50-step settings at CFG 1.0, 2.5, 5.0, all 50-step settings (default)",
-                   "paper Table 2 form", "percentile interval over 30 paired bootstrap draws"):
+                   "paper Table 2 form", "percentile interval over 30 paired bootstrap draws",
+                   "evaluation sampling noise only"):
         assert needle in text, needle
     assert "PARTIAL SWEEP" in terminal and "| recipe | all (n=12)" in terminal
 
@@ -124,3 +125,20 @@ def test_module_runs_and_fails_cleanly_without_sweeps(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip() == f"rank report: error: no sweep found: {tmp_path / 'none'} has no sweep directories"
+
+
+def test_inseparable_recipes_are_listed(tmp_path):
+    import json
+
+    sweep = write_synthetic_sweep(tmp_path / "twins", recipes=("good", "twin-a", "twin-b"), quality=(1.0, 0.3, 0.3),
+                                  datasets=("digits",), n_samples=16, n_reference=16, dim=3,
+                                  sampler_settings=[(5, 5.0), (50, 5.0)])
+    a, b = (json.loads((sweep / str(i) / "results.json").read_text()) for i in (1, 2))
+    for rec_a, rec_b in zip(a, b):  # twin-b: the same samples and metrics as twin-a
+        rec_b.update(clip_score=rec_a["clip_score"], fid_clip=rec_a["fid_clip"], arrays=f"../1/{rec_a['arrays']}")
+    (sweep / "2" / "results.json").write_text(json.dumps(b))
+    text = markdown(build_report([sweep], draws=20))
+    assert "1 pair of recipes cannot be separated" in text
+    rows = parse_markdown_table(text.split("## Recipes the data cannot separate (all settings)")[1])
+    assert rows == [{"recipe": "twin-a", "cannot be separated from (P(recipe ranks better))": "twin-b (0.50)"},
+                    {"recipe": "twin-b", "cannot be separated from (P(recipe ranks better))": "twin-a (0.50)"}]

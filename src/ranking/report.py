@@ -183,8 +183,13 @@ def notes(report: RankReport) -> list[str]:
             f"[lo, hi]: {boot.confidence:.0%} percentile interval over {report.draws} paired bootstrap draws of the "
             f"evaluation samples and reference images (seed {report.seed}). Two recipes are separated when one ranks "
             f"better in at least {boot.separation:.0%} of the draws (ties count half). A percentile interval of a "
-            "rank need not contain the point value: resampling changes which recipes tie on a front."
+            "rank need not contain the point value: resampling changes which recipes tie on a front. The intervals "
+            "cover evaluation sampling noise only, not the variation between training runs (seeds)."
         )
+        pairs = inseparable_pairs(boot.prob_better["all"], boot.separation, list(report.table.index))
+        out.append(f"{len(pairs)} pair{'s' * (len(pairs) != 1)} of recipes cannot be separated over all settings "
+                   "(listed below)." if pairs
+                   else "The bootstrap separates every pair of recipes over all settings.")
         if boot.metrics.fixed:
             out.append(f"{len(boot.metrics.fixed)} records could not be resampled and keep their values in every draw "
                        f"(e.g. {next(iter(boot.metrics.fixed.values()))}).")
