@@ -36,22 +36,26 @@ PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 31
 
 
 # ---- models and one training step -------------------------------------------------------------------
-def build_pair(size: dict, setup: dict, device: str, qk_norm: str | None = None, with_diffusers: bool = True):
-    """Our MMDiT with random weights and, if asked, diffusers' model holding the same weights."""
+def build_ours(size: dict, setup: dict, device: str, qk_norm: str | None = None) -> MMDiT:
+    """Our MMDiT, built on the device with random weights everywhere (no zero-initialised shortcuts)."""
     torch.manual_seed(0)
     kwargs = {k: v for k, v in setup.items() if k != "context_len"}
-    ours = MMDiT(**kwargs, **size, qk_norm=qk_norm)
-    with torch.no_grad():  # no zero-initialised shortcuts
+    with torch.device(device):
+        ours = MMDiT(**kwargs, **size, qk_norm=qk_norm)
+    with torch.no_grad():
         for p in ours.parameters():
             p.normal_(0, 0.02)
-    theirs = None
-    if with_diffusers:
-        from diffusers import SD3Transformer2DModel
+    return ours
 
+
+def to_diffusers_model(ours: MMDiT):
+    """diffusers' SD3Transformer2DModel on the same device holding the same weights."""
+    from diffusers import SD3Transformer2DModel
+
+    with torch.device(ours.pos_embed.device):
         theirs = SD3Transformer2DModel(**diffusers_config(ours))
-        theirs.load_state_dict(to_diffusers(ours.state_dict()))
-        theirs.to(device)
-    return ours.to(device), theirs
+    theirs.load_state_dict(to_diffusers(ours.state_dict()))
+    return theirs
 
 
 def make_batch(setup: dict, batch: int, device: str) -> tuple[torch.Tensor, ...]:
@@ -115,16 +119,22 @@ def peak_step_memory(step) -> float:
     return peak
 
 
-def train_flops(model, batch: tuple, amp_dtype) -> int:
-    """FLOPs of one forward + backward (torch's FlopCounterMode: matmuls and attention)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x, t, ctx, pooled, target = batch
-    counter = FlopCounterMode(display=False)
-    with counter, torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        (model(x, t, ctx, pooled).float() - target).square().mean().backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
+def train_flops(model: MMDiT, batch_size: int, n_img: int, n_txt: int, attention: bool = True) -> float:
+    """Model FLOPs of one MMDiT training step (forward + backward = 3 x forward; a multiply-add is 2 FLOPs)."""
+    d, r = model.hidden_size, model.mlp_ratio
+    per_sample = 2 * (256 * d + d * d) + 2 * (model.pooled_dim * d + d * d)  # time and pooled MLPs
+    per_sample += 2 * n_img * model.in_channels * model.patch_size**2 * d  # patch embedding
+    per_sample += 2 * n_txt * model.context_dim * d  # context embedder
+    for i in range(model.depth):
+        pre_only = i == model.depth - 1
+        for n, is_text in ((n_img, False), (n_txt, True)):
+            post = not (is_text and pre_only)
+            per_sample += 2 * d * (6 if post else 2) * d  # adaLN modulation
+            per_sample += 2 * n * 3 * d * d  # QKV
+            per_sample += 2 * n * (d * d + 2 * int(r * d) * d) if post else 0  # output projection and MLP
+        per_sample += 4 * (n_img + n_txt) ** 2 * d if attention else 0  # Q K^T and A V
+    per_sample += 2 * d * 2 * d + 2 * n_img * d * model.patch_size**2 * model.in_channels  # output head
+    return 3.0 * per_sample * batch_size
 
 
 # ---- CPU: ours vs diffusers ---------------------------------------------------------------------------
@@ -146,7 +156,8 @@ def bench_cpu(args) -> str:
     ]
     compiled_lines = []
     for size in CPU_SIZES:
-        ours, theirs = build_pair(size, setup, "cpu")
+        ours = build_ours(size, setup, "cpu")
+        theirs = to_diffusers_model(ours)
         batch = make_batch(setup, args.batch, "cpu")
         steps = {"ours": make_step(ours, "ours", batch, None), "diffusers": make_step(theirs, "diffusers", batch, None)}
         for _ in range(args.warmup):
@@ -214,37 +225,37 @@ def bench_cuda(args) -> str:
         f"CUDA {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype} autocast (fp32 weights, "
         f"AdamW); d = {args.depth} (hidden {64 * args.depth}), batch {args.batch}, 256px "
         f"(32x32x16 latents, 256 image tokens), 154 text tokens x 4096, pooled 2048; median of {args.reps} steps "
-        f"after {args.warmup} warm-up steps. MFU = FlopCounterMode FLOPs of forward + backward / step time / "
-        f"{peak:.0f} TFLOP/s bf16 peak. The models do not fit together, so they run one after the other.",
+        f"after {args.warmup} warm-up steps. MFU = model FLOPs (matmuls and attention, forward + backward = 3 x "
+        f"forward) / step time / {peak:.0f} TFLOP/s bf16 dense peak. The models do not fit in memory together, "
+        "so they run one after the other.",
         "",
-        "| model | params | step (ms) | images/s | TFLOP/s | MFU | peak memory (GiB) |",
-        "|---|---|---|---|---|---|---|",
+        "| model | params | step (ms) | images/s | TFLOP/s | MFU | peak memory (GiB) | warm-up incl. compile (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    variants = ["ours"] + (["ours compiled"] if args.compile else []) + ([] if args.no_diffusers else ["diffusers"])
-    flops = None
+    variants = ["ours"] + ([] if args.no_diffusers else ["diffusers"]) + (["ours compiled"] if args.compile else [])
+    n_img, n_txt = (CUDA_SETUP["input_size"] // 2) ** 2, CUDA_SETUP["context_len"]
     for variant in variants:
-        ours, theirs = build_pair(size, CUDA_SETUP, "cuda", qk_norm=args.qk_norm, with_diffusers=variant == "diffusers")
-        n_params = count_parameters(ours)
-        if flops is None:
-            flops = train_flops(ours, batch, amp)
-        model, kind = (theirs, "diffusers") if variant == "diffusers" else (ours, "ours")
+        model = build_ours(size, CUDA_SETUP, "cuda", qk_norm=args.qk_norm)
+        n_params, flops = count_parameters(model), train_flops(model, args.batch, n_img, n_txt)
         if variant == "diffusers":
-            del ours
-        if variant == "ours compiled":
+            model = to_diffusers_model(model)  # ours is freed here: the two do not fit together with AdamW
+        elif variant == "ours compiled":
             model = torch.compile(model)
-        step = make_step(model, kind, batch, amp)
+        step = make_step(model, "diffusers" if variant == "diffusers" else "ours", batch, amp)
+        start = time.perf_counter()
         for _ in range(args.warmup):
             step()
+        torch.cuda.synchronize()
+        warmup_s = time.perf_counter() - start
         torch.cuda.reset_peak_memory_stats()
         ms = statistics.median(timed(step, "cuda") for _ in range(args.reps)) * 1e3
         tflops = flops / (ms / 1e3) / 1e12
         lines.append(
             f"| {variant} | {n_params:,} | {ms:.1f} | {args.batch / (ms / 1e3):.1f} | {tflops:.0f} | "
-            f"{tflops / peak:.1%} | {torch.cuda.max_memory_allocated() / 2**30:.1f} |"
+            f"{tflops / peak:.1%} | {torch.cuda.max_memory_allocated() / 2**30:.1f} | {warmup_s:.0f} |"
         )
         print(lines[-1], flush=True)
         del model, step
-        theirs = ours = None
         gc.collect()
         torch.cuda.empty_cache()
     return "\n".join(lines)

@@ -219,6 +219,9 @@ def test_qk_norm_and_bf16_autocast(name):
     assert rel < 0.05, f"bf16 autocast output differs from fp32 by {rel:.3f} (relative)"
     out.float().square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    with torch.no_grad():  # a model cast to bf16 as a whole runs too
+        pure = model.to(torch.bfloat16)(*(a.to(torch.bfloat16) for a in (x, t, ctx, pooled)))
+    assert pure.dtype == torch.bfloat16 and (pure.float() - ref).norm() / ref.norm() < 0.1
 
 
 def test_state_dict_round_trip_and_weights_only_load(tmp_path):

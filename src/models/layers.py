@@ -106,7 +106,8 @@ class TimestepEmbedder(nn.Module):
         )
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(timestep_embedding(t, self.frequency_embedding_size))
+        freq = timestep_embedding(t, self.frequency_embedding_size)  # float32
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 
 class VectorEmbedder(nn.Module):
