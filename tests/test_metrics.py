@@ -18,6 +18,7 @@ from src.metrics import (
     frechet_distance,
     reference_features,
 )
+from tests.test_sampling import one_thread  # noqa: F401  (autouse fixture)
 
 TINY_CLIP = "TinyTest-CLIP-16"
 TINY_CLIP_CFG = {
@@ -211,3 +212,18 @@ def test_inception_extractor_loads_random_weights_from_a_local_file(tmp_path):
     feats = ext.image_features(images)
     assert feats.shape == (3, 2048) and torch.isfinite(feats).all() and feats.abs().sum() > 0
     torch.testing.assert_close(ext.image_features(images.repeat(1, 3, 1, 1)), feats)
+
+
+def test_committed_tiny_clip_features_classify_digits():
+    """The project's tiny CLIP through the extractor (its [-1, 1] mean/std): zero-shot digits well above chance."""
+    from src.data.digits import class_captions, load_digits_split
+    from src.text import tiny_clip
+
+    ext = ClipFeatureExtractor(tiny_clip.MODEL_NAME, tiny_clip.WEIGHTS_PATH, image_mean=tiny_clip.IMAGE_MEAN,
+                               image_std=tiny_clip.IMAGE_STD)
+    digits = load_digits_split("eval")
+    classes = torch.stack([ext.text_features(names).mean(0) for names in class_captions()])
+    accuracy = float(((ext.image_features(digits.images) @ classes.T).argmax(1) == digits.labels).float().mean())
+    assert accuracy > 0.85, accuracy
+    scores = clip_score(ext.image_features(digits.images), ext.text_features(digits.captions))
+    assert scores.shape == (len(digits),) and float(scores.mean()) > float(scores.min())
