@@ -40,7 +40,9 @@ def common_options(p: argparse.ArgumentParser) -> None:
                    help="a complete shard folder whose latent mean/std this set uses (an eval set reusing training's)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="text encoders' precision (the autoencoder always runs in float32)")
+                   help="text encoders' precision (float32)")
+    p.add_argument("--autoencoder-precision", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="autoencoder precision (float32; SD-style VAEs overflow in float16)")
     p.add_argument("--text-cache", type=int, default=2048, help="captions whose embeddings are memoised (0: off)")
     p.add_argument("--max-chunks", type=int, default=None, help="stop after this many chunks (rerun to go on)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -90,7 +92,8 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         autoencoder_config=args.autoencoder_config, latent=args.latent, clip=[tuple(c) for c in args.clip],
         t5=args.t5, t5_length=args.t5_length, chunk_size=args.chunk_size, batch_size=args.batch_size,
         num_workers=args.num_workers, seed=args.seed, shuffle=args.shuffle, stats_from=args.stats_from,
-        device=args.device, precision=args.precision, text_cache=args.text_cache, max_chunks=args.max_chunks,
+        device=args.device, precision=args.precision,
+        autoencoder_precision=args.autoencoder_precision, text_cache=args.text_cache, max_chunks=args.max_chunks,
         progress=args.progress,
     )
 

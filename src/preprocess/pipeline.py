@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,7 @@ class PreprocessConfig:
     stats_from: str | None = None
     device: str = "auto"
     precision: str = "float32"
+    autoencoder_precision: str = "float32"
     text_cache: int = 2048
     max_chunks: int | None = None
     progress: bool = True
@@ -73,8 +75,9 @@ class PreprocessConfig:
             raise ValueError(f"max_chunks={self.max_chunks} is not allowed; need >= 0 or None")
         if self.latent not in LATENT_MODES:
             raise ValueError(f"latent={self.latent!r} is not allowed; allowed: {', '.join(LATENT_MODES)}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r} is not allowed; allowed: {', '.join(PRECISIONS)}")
+        for name in ("precision", "autoencoder_precision"):
+            if getattr(self, name) not in PRECISIONS:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; allowed: {', '.join(PRECISIONS)}")
         if not self.clip:
             raise ValueError("clip is empty; at least one CLIP text encoder (model name, weights file) is needed")
 
@@ -105,6 +108,7 @@ class PreprocessConfig:
             "seed": self.seed,
             "shuffle": self.shuffle,
             "precision": self.precision,
+            "autoencoder_precision": self.autoencoder_precision,
             "stats_from": resolve(self.stats_from),
         }
 
@@ -214,7 +218,8 @@ class Models:
     """The frozen autoencoder and the combined, cached text encoder of one job."""
 
     def __init__(self, cfg: PreprocessConfig, device: str):
-        self.autoencoder = load_autoencoder(cfg.autoencoder, device=device, precision="float32", latent=cfg.latent,
+        self.autoencoder = load_autoencoder(cfg.autoencoder, device=device, precision=cfg.autoencoder_precision,
+                                            latent=cfg.latent,
                                             config=cfg.autoencoder_config)
         clips = [load_clip(m, w, device=device, precision=cfg.precision) for m, w in cfg.clip]
         t5 = T5TextEncoder(cfg.t5, device=device, precision=cfg.precision, max_length=cfg.t5_length) if cfg.t5 else None
@@ -285,7 +290,8 @@ def _check_stats_source(cfg: PreprocessConfig, models: Models) -> None:
 
 def _process(source, cfg: PreprocessConfig, models: Models, order: np.ndarray, pending: list[int], out: Path,
              done_before: int) -> None:
-    """Encode and write the pending chunks, one DataLoader over all of them (batches never cross chunks)."""
+    """Encode and write the pending chunks: one DataLoader over all of them (batches never cross chunks), the
+    encoders in this thread and the shard writing of batch k in a second thread while batch k + 1 is encoded."""
     batches, plan = [], []
     for c in pending:
         idx = order[c * cfg.chunk_size:(c + 1) * cfg.chunk_size].tolist()
@@ -297,28 +303,54 @@ def _process(source, cfg: PreprocessConfig, models: Models, order: np.ndarray, p
     batch_iter = iter(loader)
     names = models.text.names
     start, written, skipped = time.perf_counter(), 0, 0
+    timers = dict.fromkeys(("read", "autoencoder", "text", "write"), 0.0)
+
+    def timed(name, fn, *args):
+        tick = time.perf_counter()
+        result = fn(*args)
+        timers[name] += time.perf_counter() - tick
+        return result
+
     with tqdm(total=len(order), initial=done_before, unit="sample", disable=not cfg.progress, smoothing=0.1,
-              dynamic_ncols=True) as bar:
+              dynamic_ncols=True) as bar, ThreadPoolExecutor(max_workers=1) as write_thread:
         for c, n_batches in plan:
             with ChunkWriter(out, c, names, models.autoencoder.name, cfg.chunk_size) as writer:
-                for _ in range(n_batches):
-                    batch = next(batch_iter)
-                    writer.skip(batch["skipped"])
-                    if batch["pixels"] is not None:
-                        _write_batch(writer, batch, models, cfg)
-                    written += len(batch["indices"])
-                    skipped += len(batch["skipped"])
-                    bar.update(len(batch["indices"]) + len(batch["skipped"]))
-                    bar.set_postfix(skipped=skipped, refresh=False)
+                pending_write = None
+                try:
+                    for _ in range(n_batches):
+                        batch = timed("read", next, batch_iter)
+                        latents16 = context = pooled = None
+                        if batch["pixels"] is not None:
+                            latents16 = timed("autoencoder", _encode_images, models, batch, cfg)
+                            context, pooled = timed("text", models.cached_text.rows, batch["captions"])
+                        if pending_write is not None:
+                            timed("write", pending_write.result)
+                        pending_write = write_thread.submit(_store, writer, batch, latents16, context, pooled)
+                        written += len(batch["indices"])
+                        skipped += len(batch["skipped"])
+                        bar.update(len(batch["indices"]) + len(batch["skipped"]))
+                        bar.set_postfix(skipped=skipped, refresh=False)
+                finally:  # the writer thread must be idle before the chunk is closed (or abandoned)
+                    if pending_write is not None:
+                        timed("write", pending_write.result)
     seconds = time.perf_counter() - start
     print(f"{out}: wrote {written} samples ({len(pending)} chunks), skipped {skipped}, in {seconds:.1f} s "
-          f"({(written + skipped) / max(seconds, 1e-9):.1f} samples/s); text cache hits {models.cached_text.hits}, "
-          f"misses {models.cached_text.misses}")
+          f"({(written + skipped) / max(seconds, 1e-9):.1f} samples/s); seconds waiting for images "
+          f"{timers['read']:.1f}, in the autoencoder {timers['autoencoder']:.1f}, in the text encoders "
+          f"{timers['text']:.1f}, waiting for the shard writer {timers['write']:.1f}; text cache hits "
+          f"{models.cached_text.hits}, misses {models.cached_text.misses}")
 
 
-def _write_batch(writer: ChunkWriter, batch: dict, models: Models, cfg: PreprocessConfig) -> None:
-    latents16 = models.encode_images(batch["pixels"], batch["indices"], cfg).half()
-    context, pooled = models.cached_text(batch["captions"])
+def _encode_images(models: Models, batch: dict, cfg: PreprocessConfig) -> torch.Tensor:
+    return models.encode_images(batch["pixels"], batch["indices"], cfg).half()
+
+
+def _store(writer: ChunkWriter, batch: dict, latents16: torch.Tensor | None, context: list | None,
+           pooled: list | None) -> None:
+    """Write one encoded batch (runs in the writer thread); unreadable items and non-finite latents are skipped."""
+    writer.skip(batch["skipped"])
+    if latents16 is None:  # every item of the batch was unreadable
+        return
     finite = torch.isfinite(latents16.flatten(1)).all(dim=1).tolist()
     for j, index in enumerate(batch["indices"]):
         if not finite[j]:

@@ -106,13 +106,15 @@ class CombinedTextEncoder:
         return groups
 
     def __call__(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Captions -> (context (B, context_length, context_dim), pooled (B, pooled_dim)), float32 on the CPU."""
+        """Captions -> (context (B, context_length, context_dim), pooled (B, pooled_dim)), float32 on the encoders'
+        device (the first CLIP's)."""
         outputs = [clip(captions) for clip in self.clips]
-        clip_context = torch.cat([o[0].float().cpu() for o in outputs], dim=-1)
-        pooled = torch.cat([o[1].float().cpu() for o in outputs], dim=-1)
+        device = outputs[0][0].device
+        clip_context = torch.cat([o[0].float().to(device) for o in outputs], dim=-1)
+        pooled = torch.cat([o[1].float().to(device) for o in outputs], dim=-1)
         parts = [pad_channels(clip_context, self.context_dim)]
         if self.t5:
-            parts.append(pad_channels(self.t5(captions)[0].float().cpu(), self.context_dim))
+            parts.append(pad_channels(self.t5(captions)[0].float().to(device), self.context_dim))
         return torch.cat(parts, dim=1), pooled
 
 
@@ -131,15 +133,17 @@ class CachedTextEncoder:
         self.cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.hits = self.misses = 0
 
-    def __call__(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Captions -> (context, pooled) as float16 CPU tensors; only unseen distinct captions are encoded."""
+    def rows(self, captions: Sequence[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Captions -> per-caption context and pooled rows, float16 CPU tensors (not stacked: no batch copy)."""
         missing = list(dict.fromkeys(c for c in captions if c not in self.cache))
         self.misses += len(missing)
         self.hits += len(captions) - len(missing)
         fresh = {}
         if missing:
             context, pooled = self.encoder(missing)
-            fresh = {c: (context[i].half(), pooled[i].half()) for i, c in enumerate(missing)}
+            context, pooled = context.half().cpu(), pooled.half().cpu()  # convert on the device: half the copy
+            # clones: a cached view would keep its whole batch alive
+            fresh = {c: (context[i].clone(), pooled[i].clone()) for i, c in enumerate(missing)}
         rows = []
         for c in captions:
             row = fresh.get(c) or self.cache[c]
@@ -149,4 +153,9 @@ class CachedTextEncoder:
                 self.cache.move_to_end(c)
         while len(self.cache) > self.max_entries:
             self.cache.popitem(last=False)
-        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+        return [r[0] for r in rows], [r[1] for r in rows]
+
+    def __call__(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions -> (context, pooled) as float16 CPU tensors; only unseen distinct captions are encoded."""
+        context, pooled = self.rows(captions)
+        return torch.stack(context), torch.stack(pooled)
