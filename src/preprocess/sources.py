@@ -13,6 +13,7 @@ import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -30,6 +31,23 @@ class Record:
     data: bytes
     caption: str
     extras: dict = field(default_factory=dict)
+
+
+class Source(Protocol):
+    """What the pipeline needs of a dataset: a length, item reading, a name for the skip log, a fingerprint."""
+
+    name: str
+
+    def __len__(self) -> int: ...
+
+    def read(self, index: int) -> Record:
+        """Item index's image bytes, caption and extras; raises when the item is unreadable."""
+
+    def describe(self, index: int) -> str:
+        """A short name of the item (its path or tar member) for the skip log, without reading the image."""
+
+    def fingerprint(self) -> dict:
+        """What identifies the item list (paths, counts, hashes), so a resumed run can check it is the same."""
 
 
 def imagenet_caption(name: str) -> str:
