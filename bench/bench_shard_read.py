@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
             if cuda:
                 torch.cuda.empty_cache()
         consume = model_batch / seconds
-        print(f"{name}: {params:,} parameters, step {seconds * 1e3:.1f} ms at batch {model_batch} = {consume:.0f} samples/s")
+        print(f"{name}: {params:,} parameters, step {seconds * 1e3:.1f} ms at batch {model_batch} = "
+              f"{consume:.0f} samples/s")
         verdict = "loader keeps up" if best >= consume else "loader is the bottleneck"
         rows.append(f"| {name} | {params:,} | {model_batch} | {seconds * 1e3:.1f} | {consume:.0f} | {best:.0f} | "
                     f"{best / consume:.2f} ({verdict}) |")
@@ -192,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{header}. Loader batch {batch}; latents {'x'.join(map(str, latent))}, context {context[0]} x {context[1]}, "
         f"pooled {args.pooled} (float16 on disk, {size / 1e6:.2f} MB per sample); {args.samples} samples in shards "
         f"of {args.per_shard}, read with make_loader(shuffle=True, resampled=True) for {batches} batches after each "
-        f"worker's first batch (start-up: the shuffle buffer fills). Training step = forward + backward + AdamW of MM-DiT with {RECIPE}"
+        f"worker's first batch (start-up: the shuffle buffer fills). Training step = forward + backward + AdamW "
+        f"of MM-DiT with {RECIPE}"
         f"{', bf16 autocast' if cuda else ''}, median of {steps} after 2 warm-up steps.",
         "",
         "| loader workers | first batch (s) | samples/s after start-up |",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
@@ -108,7 +107,8 @@ def make_coco(root: Path, n: int = 5) -> tuple[Path, Path]:
         records.append({"id": i + 40, "file_name": name, "width": 20, "height": 20})
         if i < n:  # the last image has no caption
             for j in range(3):
-                annotations.append({"id": 1000 + 10 * i + (2 - j), "image_id": i + 40, "caption": f"image {i} cap {2 - j}"})
+                annotations.append({"id": 1000 + 10 * i + (2 - j), "image_id": i + 40,
+                                    "caption": f"image {i} cap {2 - j}"})
     ann = root / "captions_val2014.json"
     ann.write_text(json.dumps({"images": records[::-1], "annotations": annotations}))
     return images, ann
@@ -194,7 +194,8 @@ def test_class_names_formats(tmp_path):
     by_synset.write_text(json.dumps({"n01443537": ["goldfish"], "n01440764": "tench, Tinca tinca"}))
     keras = tmp_path / "imagenet_class_index.json"
     keras.write_text(json.dumps({"1": ["n01443537", "goldfish"], "0": ["n01440764", "tench"]}))
-    assert read_class_names(loc) == {"n01440764": ["tench", "Tinca tinca"], "n01443537": ["goldfish", "Carassius auratus"]}
+    assert read_class_names(loc) == {"n01440764": ["tench", "Tinca tinca"],
+                                     "n01443537": ["goldfish", "Carassius auratus"]}
     assert read_class_names(by_synset) == {"n01440764": ["tench", "Tinca tinca"], "n01443537": ["goldfish"]}
     assert list(read_class_names(keras)) == ["n01440764", "n01443537"]
     with pytest.raises(FileNotFoundError, match="class_names="):

@@ -145,7 +145,7 @@ def prepare_output(out: Path, settings: dict) -> str:
             atomic_write_json(config_path, previous)
         if previous["fingerprint"] != fingerprint:
             raise ValueError(f"out={str(out)!r} holds an unfinished run with other settings (differing: "
-                             f"{_differences(previous['settings'], settings)}); rerun it with those or delete the folder")
+                             f"{_differences(previous['settings'], settings)}); rerun with those or delete the folder")
         return "resume"
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"out={str(out)!r} is not empty and holds no preprocessing run; choose an empty folder")

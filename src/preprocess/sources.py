@@ -318,7 +318,7 @@ class CocoSource:
         annotations = _require_file(annotations, "annotations")
         raw = json.loads(annotations.read_text(encoding="utf-8"))
         if "images" not in raw or "annotations" not in raw:
-            raise ValueError(f"annotations={str(annotations)!r} lacks 'images' or 'annotations' (a COCO captions file?)")
+            raise ValueError(f"annotations={str(annotations)!r} lacks 'images' or 'annotations' (not COCO captions?)")
         captions: dict[int, list[tuple[int, str]]] = {}
         for a in raw["annotations"]:
             captions.setdefault(int(a["image_id"]), []).append((int(a.get("id", 0)), a["caption"].strip()))
