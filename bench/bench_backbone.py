@@ -7,7 +7,7 @@ process with interleaved repetitions, and report median step times, their ratio 
     python bench/bench_backbone.py --compile             # also torch.compile(ours)
     python bench/bench_backbone.py --device cuda --dtype bf16 --batch 32   # d = 24 at 256px: throughput, MFU
 
-Results go to bench/results/backbone.md (the CPU and CUDA sections are rewritten independently).
+Results go to bench/results/backbone.md (one section per device and CUDA batch size, each rewritten alone).
 """
 
 from __future__ import annotations
@@ -142,24 +142,27 @@ def bench_cpu(args) -> str:
     torch.set_num_threads(args.threads)
     setup = CPU_SETUP
     lines = [
-        f"CPU fp32, {torch.get_num_threads()} threads, torch {torch.__version__}; batch {args.batch}, "
+        f"CPU fp32, {torch.get_num_threads()} thread(s), torch {torch.__version__}; batch {args.batch}, "
         f"{setup['input_size']}x{setup['input_size']}x{setup['in_channels']} latents (patch 2: "
         f"{(setup['input_size'] // 2) ** 2} image tokens), {setup['context_len']} text tokens x "
-        f"{setup['context_dim']}, pooled {setup['pooled_dim']}; {args.reps} interleaved repetitions after "
-        f"{args.warmup} warm-up steps. Step = forward + backward + AdamW. Peak memory: torch allocations during "
-        "one step above the level before it (profiler). One thread by default: on a shared 2-core machine "
-        "timings with 2 threads swing by 10x; --threads 2 to use both.",
+        f"{setup['context_dim']}, pooled {setup['pooled_dim']}; medians of {args.reps} interleaved repetitions "
+        f"after {args.warmup} warm-up steps. Step = forward + backward + AdamW. Peak memory: torch allocations "
+        "during one step above the level before it (profiler). One thread by default: on a shared 2-core "
+        "machine timings with 2 threads swing by 10x; --threads 2 to use both."
+        + (" torch.compile(ours): default mode, interleaved with the others; compile time apart." if args.compile else ""),
         "",
         "| depth | hidden | params | ours (ms) | diffusers (ms) | diffusers / ours | peak memory ours (MiB) | "
-        "peak memory diffusers (MiB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "peak memory diffusers (MiB) |" + (" ours compiled (ms) | ours / compiled | compile (s) |" if args.compile else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|---|" if args.compile else ""),
     ]
-    compiled_lines = []
     for size in CPU_SIZES:
         ours = build_ours(size, setup, "cpu")
         theirs = to_diffusers_model(ours)
         batch = make_batch(setup, args.batch, "cpu")
         steps = {"ours": make_step(ours, "ours", batch, None), "diffusers": make_step(theirs, "diffusers", batch, None)}
+        if args.compile:
+            steps["compiled"] = make_step(torch.compile(ours), "ours", batch, None)
+            compile_s = timed(steps["compiled"], "cpu")
         for _ in range(args.warmup):
             for step in steps.values():
                 step()
@@ -167,40 +170,18 @@ def bench_cpu(args) -> str:
         for r in range(args.reps):
             for k in list(steps)[:: 1 if r % 2 == 0 else -1]:  # alternate the order
                 times[k].append(timed(steps[k], "cpu"))
-        mem = {k: peak_step_memory(step) / 2**20 for k, step in steps.items()}
+        mem = {k: peak_step_memory(steps[k]) / 2**20 for k in ("ours", "diffusers")}
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         lines.append(
             f"| {size['depth']} | {size['hidden_size']} | {count_parameters(ours):,} | {med['ours']:.1f} | "
             f"{med['diffusers']:.1f} | {med['diffusers'] / med['ours']:.2f} | {mem['ours']:.0f} | "
             f"{mem['diffusers']:.0f} |"
+            + (f" {med['compiled']:.1f} | {med['ours'] / med['compiled']:.2f} | {compile_s:.0f} |" if args.compile else "")
         )
         print(lines[-1], flush=True)
-        if args.compile:
-            compiled_lines.append(bench_cpu_compiled(ours, batch, args, size, med["ours"]))
         del ours, theirs, steps
         gc.collect()
-    if compiled_lines:
-        lines += ["", "torch.compile(ours) (default mode; compile time excluded):", ""]
-        lines += ["| depth | hidden | compiled (ms) | eager (ms) | eager / compiled | compile time (s) |", "|---|---|---|---|---|---|"]
-        lines += compiled_lines
     return "\n".join(lines)
-
-
-def bench_cpu_compiled(model, batch, args, size, eager_ms) -> str:
-    compiled = torch.compile(model)
-    step = make_step(compiled, "ours", batch, None)
-    start = time.perf_counter()
-    step()
-    compile_s = time.perf_counter() - start
-    for _ in range(args.warmup):
-        step()
-    ms = statistics.median(timed(step, "cpu") for _ in range(args.reps)) * 1e3
-    line = (
-        f"| {size['depth']} | {size['hidden_size']} | {ms:.1f} | {eager_ms:.1f} | {eager_ms / ms:.2f} | "
-        f"{compile_s:.0f} |"
-    )
-    print(line, flush=True)
-    return line
 
 
 # ---- CUDA: throughput and model FLOPs utilisation at the paper's d = 24 ------------------------------
@@ -264,7 +245,7 @@ def bench_cuda(args) -> str:
 # ---- results file ---------------------------------------------------------------------------------------
 def write_section(name: str, body: str) -> None:
     """Replace this device's section of bench/results/backbone.md, keeping the other (temp file + rename)."""
-    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"  # one section per device (and CUDA batch size)
     text = RESULTS.read_text() if RESULTS.exists() else "# Backbone benchmark: our MMDiT vs diffusers' SD3Transformer2DModel\n"
     section = f"{start}\n## {name.upper()}\n\n{body}\n{end}"
     if start in text and end in text:
@@ -300,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     if not cuda and args.dtype != "fp32":
         raise SystemExit(f"--dtype {args.dtype} on CPU is not supported; allowed: fp32")
     body = bench_cuda(args) if cuda else bench_cpu(args)
-    write_section(args.device, body)
+    write_section("cpu" if not cuda else f"cuda batch {args.batch}", body)
     print(f"\nwritten to {RESULTS.relative_to(ROOT)}")
 
 
