@@ -12,21 +12,25 @@ from src.data.shards import load_eval_set, make_loader
 
 
 class StepIndexedBatches(IterableDataset):
-    """Infinite batches from in-memory tensors; the batch for global step k depends only on (seed, rank, k).
+    """Infinite batches from in-memory tensors; the global batch of step k depends only on (seed, k).
 
+    Rank r of `world` takes its slice of that global batch, so any number of ranks trains on the same samples.
     Iteration starts at `start_step()`, so a run resumed from a checkpoint sees the same batches as an
     uninterrupted one.
     """
 
-    def __init__(self, tensors: dict, batch_size: int, seed: int, rank: int, start_step: Callable[[], int]):
-        self.tensors, self.batch_size, self.seed, self.rank, self.start_step = tensors, batch_size, seed, rank, start_step
+    def __init__(self, tensors: dict, batch_size: int, seed: int, start_step: Callable[[], int],
+                 rank: int = 0, world: int = 1):
+        self.tensors, self.batch_size, self.seed, self.start_step = tensors, batch_size, seed, start_step
+        self.rank, self.world = rank, world
         self.n = next(iter(tensors.values())).shape[0]
 
     def __iter__(self) -> Iterator[dict]:
         step = self.start_step()
+        per_rank = self.batch_size // self.world
         while True:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.rank * 7_919 + step + 17) % (2**63 - 1))
-            idx = torch.randint(self.n, (self.batch_size,), generator=g)
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + step + 17) % (2**63 - 1))
+            idx = torch.randint(self.n, (self.batch_size,), generator=g)[self.rank * per_rank : (self.rank + 1) * per_rank]
             yield {k: v[idx] for k, v in self.tensors.items()}
             step += 1
 
@@ -61,8 +65,9 @@ class ShardDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.in_memory and self._train is None:
-            parts = list(make_loader(self.train_dir, batch_size=4096, shuffle=False, seed=self.seed))
-            self._train = {k: torch.cat([p[k] for p in parts]) for k in ("x0", "context", "pooled")}
+            # Every rank holds the whole set (load_eval_set reads all shards, unsplit); ranks differ by seed.
+            data = load_eval_set(self.train_dir)
+            self._train = {k: data[k] for k in ("x0", "context", "pooled")}
         if self._val is None:
             ev = load_eval_set(self.eval_dir, n=self.val_samples)
             self._val = {k: ev[k] for k in ("x0", "context", "pooled")}
@@ -77,7 +82,7 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError(f"data.batch_size={self.batch_size}: the global batch must divide over {world} ranks")
         per_rank = self.batch_size // world
         if self.in_memory:
-            ds = StepIndexedBatches(self._train, per_rank, self.seed, rank, self._global_step)
+            ds = StepIndexedBatches(self._train, self.batch_size, self.seed, self._global_step, rank, world)
             return DataLoader(ds, batch_size=None, num_workers=0)
         loader = make_loader(
             self.train_dir, batch_size=per_rank, shuffle=True, seed=self.seed + self._global_step,

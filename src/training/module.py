@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from src.formulations import validation_times
 from src.formulations.base import Formulation, expand_like
-from src.training.conditioning import drop_conditioning
+from src.training.conditioning import draw_drops, drop_conditioning
 from src.training.ema import ema_update, make_ema_copy
 
 
@@ -74,11 +74,16 @@ class FormulationModule(L.LightningModule):
     # ---- training ---------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x0, context, pooled = batch["x0"], batch["context"], batch["pooled"]
-        g = step_generator(self.seed, self.global_rank, self.global_step)
-        n = x0.shape[0]
-        t = self.formulation.sample_t(n, generator=g).to(x0.device)
-        eps = torch.randn(x0.shape, generator=g).to(x0.device)
-        context, pooled = drop_conditioning(context, pooled, self.cond_dropout, g, self.cond_groups)
+        # Times, noise and dropout are drawn for the global batch and sliced per rank, so that DDP over any
+        # number of ranks sees the same draws as one process.
+        n, rank, world = x0.shape[0], self.global_rank, self.trainer.world_size if self._trainer else 1
+        rows = slice(rank * n, (rank + 1) * n)
+        g = step_generator(self.seed, 0, self.global_step)
+        t = self.formulation.sample_t(n * world, generator=g)[rows].to(x0.device)
+        eps = torch.randn((n * world, *x0.shape[1:]), generator=g)[rows].to(x0.device)
+        n_groups = len(self.cond_groups) if self.cond_groups else 1
+        drop = draw_drops(n * world, n_groups, self.cond_dropout, g)[rows]
+        context, pooled = drop_conditioning(context, pooled, drop, self.cond_groups)
         loss = self._loss(self._train_forward, x0, eps, t, context, pooled).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step}")
