@@ -6,6 +6,7 @@ the overhead sample / forwards - 1 (target < 10%). The backbone is the tiny MM-D
 (16x16x1 latents, 16 text tokens of 64, pooled 64) with random weights.
 
     python bench/bench_sampler.py                  # CPU, batch 16 (~1-2 min on 2 idle cores)
+    python bench/bench_sampler.py --threads 1      # steadier timings on a shared CPU
     python bench/bench_sampler.py --device cuda     # batch 256
 
 Results go to bench/results/sampler.md (the CPU and CUDA sections are rewritten independently).
@@ -123,7 +124,13 @@ def write_section(device: str, header: str, rows: list[dict], args) -> None:
     intro = ["# Sampler overhead", "", "Written by `python bench/bench_sampler.py` (see its docstring): the time of",
              f"`sample()` for {args.steps} Euler steps against the same {args.steps} backbone forwards on identical",
              "inputs (guided settings: the doubled batch), interleaved repetitions, medians.", ""]
-    body = [line for key in ("CPU", "CUDA") if key in sections for line in sections[key]]
+    body = []
+    for key in ("CPU", "CUDA"):
+        if key in sections:
+            section = sections[key]
+            while section and not section[-1].strip():
+                section = section[:-1]
+            body += section + [""]
     tmp = RESULTS.with_name(f".{RESULTS.name}.{os.getpid()}.tmp")  # atomic: temp file, then rename
     tmp.write_text("\n".join(intro + body).rstrip() + "\n")
     os.replace(tmp, RESULTS)
@@ -135,7 +142,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="default: 16 on CPU, 256 on CUDA")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.batch is None:
         args.batch = 256 if args.device.startswith("cuda") else 16
     net = build_backbone(args.device)

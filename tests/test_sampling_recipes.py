@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from src.formulations import build, get_recipe
-from src.sampling import initial_noise, rf_time_grid, sample, step_times
+from src.formulations import RECIPES, build, get_recipe
+from src.sampling import conversion_coefficients, initial_noise, rf_time_grid, sample, step_times
 from tests.test_sampling import _gaussian, _no_text, exact_flow, gaussian_denoiser, one_thread  # noqa: F401
 
 ONE_PER_FAMILY = [
@@ -50,3 +50,28 @@ def test_rf_sampler_matches_build():
     net = lambda x, t, c, p: x * t.reshape(-1, 1, 1, 1)  # noqa: E731
     a = sample(net, get_recipe("rf"), noise, ctx, pooled, 3, 1.0)
     torch.testing.assert_close(a, sample(net, build("rf"), noise, ctx, pooled, 3, 1.0))
+
+
+def test_every_recipes_conversion_is_linear_with_the_read_off_coefficients():
+    gen = torch.Generator().manual_seed(0)
+    for name in RECIPES:
+        f = get_recipe(name)
+        t = step_times(f, 7, shift=2.0)
+        p, q, r, s = conversion_coefficients(f, t)  # raises where to_x0_eps is not linear
+        z, out = torch.randn(2, 7, 4, generator=gen, dtype=torch.float64)
+        x0, eps = f.to_x0_eps(out, z, t)
+        torch.testing.assert_close(x0, p[:, None] * z + q[:, None] * out, rtol=1e-9, atol=1e-9, msg=name)
+        torch.testing.assert_close(eps, r[:, None] * z + s[:, None] * out, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_a_nonlinear_conversion_is_refused():
+    class Clamped(type(get_recipe("rf"))):
+        def to_x0_eps(self, output, z_t, t):
+            x0, eps = super().to_x0_eps(output, z_t, t)
+            return x0.clamp(-1, 1), eps
+
+    f = Clamped.__new__(Clamped)
+    f.__dict__.update(get_recipe("rf").__dict__)
+    noise, (ctx, pooled) = torch.randn(2, 1, 2, 2), _no_text(2)
+    with pytest.raises(ValueError, match="not linear"):
+        sample(lambda x, *_: x, f, noise, ctx, pooled, 3, 1.0)

@@ -1,14 +1,18 @@
 """The one Euler sampler for every formulation, with classifier-free guidance (SPEC 8).
 
 Each step maps the grid's RF-equivalent time tau to the formulation's own t (same log-SNR), converts the
-network output to (x0_hat, eps_hat) and moves to z_next = a(t_next) x0_hat + b(t_next) eps_hat. For rf this
-is exactly the Euler step of dz = v dt; for the other families it is the Euler step in (sigma, z / a)
-coordinates, i.e. DDIM (Song et al. 2021).
+network output to (x0_hat, eps_hat) with the formulation's `to_x0_eps` and moves to
+z_next = a(t_next) x0_hat + b(t_next) eps_hat. For rf this is exactly the Euler step of dz = v dt; for the
+other families it is the Euler step in (sigma, z / a) coordinates, i.e. DDIM (Song et al. 2021).
 
-Guidance is applied to the raw network output: out = uncond + w (cond - uncond). Every parameterisation
-here is affine in the output at fixed (z_t, t) (x0_hat = p(t) z_t + q(t) out, likewise eps_hat), and affine
-maps preserve combinations whose weights sum to one, so this equals guiding x0_hat and eps_hat (or
-v, eps, D) directly; one conversion per step instead of two.
+Every parameterisation of SPEC 2 (v, eps, EDM's F) is linear in (z_t, output) at fixed t:
+x0_hat = p z + q out, eps_hat = r z + s out. The sampler reads (p, q, r, s) off `to_x0_eps` once per call,
+in float64 on the CPU (and checks the linearity on a random probe), so a step on the device is the backbone
+plus z_next = A z + B out with A = a' p + b' r, B = a' q + b' s: no formulation code, no host syncs and
+few kernel launches inside the loop.
+
+Guidance is applied to the raw network output: out = uncond + w (cond - uncond). Since the conversion is
+linear and the weights (1 - w, w) sum to one, this equals guiding x0_hat and eps_hat (or v, eps, D) directly.
 """
 
 from __future__ import annotations
@@ -45,6 +49,23 @@ def step_times(formulation: Formulation, steps: int, shift: float = 1.0) -> Tens
     return t
 
 
+def conversion_coefficients(formulation: Formulation, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(p, q, r, s), each (k,), with x0_hat = p z + q out and eps_hat = r z + s out at the k times t."""
+    t = t.to(torch.float64)
+    one, zero = torch.ones(len(t), 1, dtype=torch.float64), torch.zeros(len(t), 1, dtype=torch.float64)
+    p, r = formulation.to_x0_eps(zero, one, t)  # to_x0_eps(output, z_t, t)
+    q, s = formulation.to_x0_eps(one, zero, t)
+    gen = torch.Generator().manual_seed(0)
+    z, out = torch.randn(2, len(t), 3, generator=gen, dtype=torch.float64)
+    x0, eps = formulation.to_x0_eps(out, z, t)
+    for got, a, b in ((x0, p, q), (eps, r, s)):
+        expected = a * z + b * out
+        if not bool(((got - expected).abs() <= 1e-7 * ((a * z).abs() + (b * out).abs()) + 1e-12).all()):
+            raise ValueError(f"{formulation.name}: to_x0_eps is not linear in (z_t, output); the sampler needs "
+                             "x0_hat and eps_hat linear in them at fixed t")
+    return p[:, 0], q[:, 0], r[:, 0], s[:, 0]
+
+
 @torch.no_grad()
 def sample(
     backbone: Backbone,
@@ -58,35 +79,30 @@ def sample(
 ) -> Tensor:
     """Euler sampling from z = b(t_max) noise to x0 with guidance scale cfg_scale (SPEC 8); returns x0_hat."""
     _check_args(noise, context, pooled, cfg_scale)
-    f, dtype, device = formulation, noise.dtype, noise.device
-    t64 = step_times(f, steps, shift)
-    # All schedule coefficients once, in float64, then one transfer: no host syncs inside the loop.
-    t_all = t64.to(device=device, dtype=dtype)
-    c_in_all = f.c_in(t64).to(torch.float64).to(device=device, dtype=dtype)
-    c_noise_all = f.c_noise(t64).to(torch.float64).to(device=device, dtype=dtype)
-    a_next = f.a(t64[1:]).to(device=device, dtype=dtype)
-    b_next = f.b(t64[1:]).to(device=device, dtype=dtype)
-    b_max = float(f.b(t64[:1])[0])
+    f, n, dtype, device = formulation, noise.shape[0], noise.dtype, noise.device
+    t = step_times(f, steps, shift)
+    p, q, r, s = conversion_coefficients(f, t)
+    a_next = torch.cat([f.a(t[1:]).to(torch.float64), torch.ones(1, dtype=torch.float64)])
+    b_next = torch.cat([f.b(t[1:]).to(torch.float64), torch.zeros(1, dtype=torch.float64)])
+    # z_next = A z + B out; at the last step (a', b') = (1, 0), so it returns x0_hat = p z + q out.
+    coef_z, coef_out = (a_next * p + b_next * r).tolist(), (a_next * q + b_next * s).tolist()
+    c_in = f.c_in(t).to(torch.float64).tolist()
 
     guided = cfg_scale != 1.0
     if guided:  # both halves in one batched forward: [cond; uncond], uncond = zeroed text (ARCHITECTURE)
         context = torch.cat([context, torch.zeros_like(context)])
         pooled = torch.cat([pooled, torch.zeros_like(pooled)])
+    c_noise = f.c_noise(t).to(torch.float64)[:, None].expand(steps, 2 * n if guided else n)
+    c_noise = c_noise.to(device=device, dtype=dtype)  # one transfer for all steps
 
-    n = noise.shape[0]
-    z = b_max * noise
+    z = float(f.b(t[:1])[0]) * noise
     for i in range(steps):
-        t = t_all[i].expand(n)
-        x_in = c_in_all[i] * z
-        t_in = c_noise_all[i].expand(n)
+        x_in = z if c_in[i] == 1.0 else z * c_in[i]
         if guided:
-            x_in, t_in = torch.cat([x_in, x_in]), torch.cat([t_in, t_in])
-        out = backbone(x_in, t_in, context, pooled).to(dtype)
+            x_in = torch.cat([x_in, x_in])
+        out = backbone(x_in, c_noise[i], context, pooled).to(dtype)
         if guided:
             cond, uncond = out.chunk(2)
-            out = uncond + cfg_scale * (cond - uncond)
-        x0_hat, eps_hat = f.to_x0_eps(out, z, t)
-        if i == steps - 1:  # the next grid point is tau = 0: return the clean estimate
-            return x0_hat
-        z = a_next[i] * x0_hat + b_next[i] * eps_hat
-    raise AssertionError("unreachable")
+            out = torch.lerp(uncond, cond, cfg_scale)  # uncond + w (cond - uncond)
+        z = torch.add(z * coef_z[i], out, alpha=coef_out[i])
+    return z
