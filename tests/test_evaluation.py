@@ -166,6 +166,8 @@ def test_rerun_skips_complete_settings(setup):
     net = Net()
     again = evaluate_backbone(net, settings=SETTINGS, **setup)
     assert net.calls == 0 and again == first
+    as_dicts = [{"steps": 2, "cfg": 1.0}, {"steps": 3, "cfg": 5.0, "shift": 1.0}]  # e.g. from a Hydra config
+    assert evaluate_backbone(net, settings=as_dicts, **setup) == first and net.calls == 0
     more = evaluate_backbone(net, settings=SETTINGS, **{**setup, "n_samples": 13})  # a different sample count
     assert net.calls > 0 and [r["n_samples"] for r in more] == [13, 13] and len(read_results(setup["out_dir"])) == 2
 

@@ -207,7 +207,7 @@ def evaluate_backbone(
     backbone: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor],
     formulation: Formulation,
     eval_set: Any,
-    settings: Sequence[SamplerSetting],
+    settings: Sequence[SamplerSetting | Mapping[str, float]],
     extractor: Any,
     n_samples: int,
     seed: int,
@@ -225,10 +225,12 @@ def evaluate_backbone(
     object. extractor: a ClipFeatureExtractor (image_features, text_features); reference: the evaluation
     images' features from that extractor. inception: (InceptionFeatureExtractor, its ReferenceFeatures) or None.
     decode: normalised latents -> pixels in [-1, 1]. out_dir is the run directory holding results.json.
+    settings: SamplerSettings or mappings {steps, cfg[, shift]}. For bf16 on a GPU, call it under torch.autocast.
     """
     for name, value, low in (("n_samples", n_samples, 2), ("batch_size", batch_size, 1), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"evaluate_backbone: {name}={value!r} must be an integer >= {low}")
+    settings = [s if isinstance(s, SamplerSetting) else SamplerSetting(**s) for s in settings]
     prompts = EvalPrompts.from_any(eval_set)
     base = _base_fields(formulation, base_record)
     out_dir = Path(out_dir)
