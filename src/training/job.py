@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.config import ConfigError, diff_keys, fingerprint, to_dict
+from src.launch.preemption import PreemptionCheckpoint, submitit_signal
 from src.training.checkpoint_io import AtomicCheckpointIO
 from src.training.datamodule import ShardDataModule
 from src.training.module import FormulationModule
@@ -148,6 +149,13 @@ def _wandb_id(run_dir: Path) -> str:
     return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
 
 
+def cluster_plugins() -> list:
+    """Under SLURM: Lightning's SLURM environment without its own requeue (SIGUSR1); submitit owns requeue."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list) -> L.Trainer:
     tr = cfg.trainer
     precision = tr.precision or ("bf16-mixed" if torch.cuda.is_available() and tr.accelerator != "cpu" else "32-true")
@@ -157,7 +165,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list
         max_epochs=-1, val_check_interval=cfg.train.val_every, check_val_every_n_epoch=None,
         num_sanity_val_steps=0, limit_val_batches=1.0, log_every_n_steps=tr.log_every_n_steps,
         enable_progress_bar=tr.enable_progress_bar, gradient_clip_val=tr.gradient_clip_val,
-        callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()], enable_model_summary=False,
+        callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO(), *cluster_plugins()],
+        enable_model_summary=False,
     )
 
 
@@ -190,6 +199,8 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         log.info("%s: results complete, nothing to do", run_dir)
         return {"run_dir": str(run_dir), "skipped": True}
 
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg.torch_threads))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     backbone = build_backbone(cfg)
     module = build_module(cfg, formulation, backbone, meta)
@@ -205,6 +216,9 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_ema/loss_mean", mode="min",
                         save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False),
     ]
+    preempt_signal = submitit_signal()
+    if preempt_signal is not None:  # a submitit SLURM job: checkpoint at the step boundary before a requeue
+        callbacks.append(PreemptionCheckpoint(ckpt_dir / "last.ckpt", preempt_signal))
     if cfg.eval.enabled:
         from src.evaluation.callback import EvaluationCallback
 
