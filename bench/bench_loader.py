@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from src.data.atomic import atomic_write_bytes  # noqa: E402
+from src.utils.io import atomic_write_bytes  # noqa: E402
 from src.data.embedded import prepare_embedded  # noqa: E402
 from src.data.shards import load_eval_set, make_loader, read_meta, write_shards  # noqa: E402
 

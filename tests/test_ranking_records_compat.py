@@ -9,7 +9,7 @@ from src.ranking.report import build_report
 def test_report_on_records_written_by_the_evaluation_code(tmp_path):
     from src.evaluation.records import Record, merge_results
     from src.metrics import feature_statistics, fid_from_features
-    from src.metrics.files import save_npz
+    from src.utils.io import save_npz
 
     rng = np.random.default_rng(0)
     reference = rng.normal(size=(40, 5)).astype(np.float32)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from src.data.atomic import atomic_write_json, temp_sibling
+from src.utils.io import atomic_write_json, temp_sibling
 
 META_FILE = "meta.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -241,7 +241,7 @@ class ShardWriter:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "complete": True,
         }
-        atomic_write_json(self.shard_dir / META_FILE, meta)
+        atomic_write_json(self.shard_dir / META_FILE, meta, sort_keys=True)
 
 
 def write_shards(shard_dir: str | Path, latents, contexts, pooled, captions: Sequence[str],

@@ -25,7 +25,7 @@ from torchvision.utils import save_image
 
 from src.formulations.base import Formulation
 from src.metrics.clip import clip_score
-from src.metrics.files import atomic_write, save_npz
+from src.utils.io import atomic_write, save_npz
 from src.metrics.frechet import feature_statistics, frechet_distance
 from src.metrics.reference import ReferenceFeatures
 from src.evaluation.records import Record, find_record, merge_results, read_results

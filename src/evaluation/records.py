@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
-from src.metrics.files import save_json
+from src.utils.io import atomic_write_json as save_json
 
 RESULTS_FILE = "results.json"
 #: A record is identified by (recipe, dataset, setting, ema): one per control setting of a recipe (SPEC 7, 9).

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from src.metrics.files import load_npz, save_npz
+from src.utils.io import load_npz, save_npz
 from src.metrics.frechet import feature_statistics
 
 Images = Union[Tensor, Iterable[Tensor], Callable[[], Iterable[Tensor]]]

@@ -15,7 +15,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from src.data.atomic import atomic_write_bytes, atomic_write_json
+from src.utils.io import atomic_write_bytes, atomic_write_json
 from src.text.checkpoints import load_open_clip, sha256_file
 
 MODEL_NAME = "tiny-clip-16px"
@@ -69,7 +69,7 @@ def save_tiny_clip(model: torch.nn.Module, weights_path: str | Path, info: dict,
     meta = {"model_name": MODEL_NAME, "config": model_config(), "weights_file": weights_path.name,
             "dtype": str(dtype).removeprefix("torch."), "sha256": sha,
             "image_mean": list(IMAGE_MEAN), "image_std": list(IMAGE_STD), **info}
-    atomic_write_json(weights_path.with_suffix(".json"), meta)
+    atomic_write_json(weights_path.with_suffix(".json"), meta, sort_keys=True)
     return sha
 
 
@@ -78,7 +78,7 @@ def update_tiny_clip_meta(weights_path: str | Path, info: dict) -> None:
     meta_path = Path(weights_path).with_suffix(".json")
     meta = json.loads(meta_path.read_text())
     meta.update(info)
-    atomic_write_json(meta_path, meta)
+    atomic_write_json(meta_path, meta, sort_keys=True)
 
 
 def clip_pixels(images: torch.Tensor, image_size: int = 16) -> torch.Tensor:

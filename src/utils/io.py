@@ -1,21 +1,34 @@
-"""Atomic file writes: a temp file in the same directory, then os.replace, so readers never see half a file."""
+"""Atomic file writes: a temp file in the same directory, fsync, then os.replace, so readers never see half a file.
+
+The one place the project writes results, checkpoints, shards' metadata and caches from.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
+
+import numpy as np
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def temp_sibling(path: str | Path) -> Path:
+    """A unique hidden temporary name in the same folder as path (same file system, so rename is atomic)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write a file by calling write(f) on a temporary file next to path, then renaming it over path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -23,7 +36,25 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, sort_keys: bool = False) -> Path:
+    """Indented, strict JSON (NaN and inf are rejected); objects JSON does not know are written as strings."""
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=False, default=str) + "\n"
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
+    """np.savez atomically (no pickled objects: strings are stored as unicode arrays)."""
+    return atomic_write(path, lambda f: np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()}))
+
+
+def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All arrays of an npz file, loaded eagerly with allow_pickle=False."""
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
