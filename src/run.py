@@ -17,13 +17,15 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from src.config import ConfigError, register_resolvers
+from src.launch.checks import check_no_relaunch_in_multirun
+from src.launch.failures import FAILED, one_line, record_failure, summary
+from src.launch.rundir import RunDirBusy, run_dir_lock
 from src.utils.io import atomic_write_json
 
 register_resolvers()
 log = logging.getLogger(__name__)
 
-#: Jobs of this process that failed: (run name, one-line error). Read after Hydra returns.
-FAILED: list[tuple[str, str]] = []
+__all__ = ["FAILED", "cli", "main"]  # FAILED: (run name, one-line error) of failed jobs, read after Hydra returns
 
 
 def _finish_wandb() -> None:
@@ -41,18 +43,25 @@ def main(cfg: DictConfig) -> dict | None:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     error_file = run_dir / "error.json"
-    error_file.unlink(missing_ok=True)
     try:
-        return run_job(cfg, run_dir)
-    except Exception as e:  # recorded per job so the rest of the sweep goes on
-        one_line = f"{type(e).__name__}: {e}".splitlines()[0]
-        atomic_write_json(error_file, {"type": type(e).__name__, "error": str(e), "traceback": traceback.format_exc()})
-        if not isinstance(e, ConfigError):
+        # The lock first: a job already running in this directory keeps its files (error.json included).
+        with run_dir_lock(run_dir):
+            error_file.unlink(missing_ok=True)
+            try:
+                check_no_relaunch_in_multirun(cfg, HydraConfig.get().mode == RunMode.MULTIRUN)
+                return run_job(cfg, run_dir)
+            except Exception as e:  # recorded per job so the rest of the sweep goes on
+                atomic_write_json(error_file, {"type": type(e).__name__, "error": str(e),
+                                               "traceback": traceback.format_exc()})
+                raise
+    except Exception as e:
+        if not isinstance(e, (ConfigError, RunDirBusy)):
             log.error("%s failed:\n%s", cfg.run_name, traceback.format_exc())
-        FAILED.append((str(cfg.run_name), one_line))
+        record_failure(cfg.run_name, one_line(e))
         if cfg.fail_fast and HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
-        return None
+        # What a launcher that runs jobs in other processes (submitit, SLURM) reads back for the summary.
+        return {"run_dir": str(run_dir), "run_name": str(cfg.run_name), "failed": True, "error": one_line(e)}
     finally:
         _finish_wandb()
 
@@ -60,9 +69,7 @@ def main(cfg: DictConfig) -> dict | None:
 def cli() -> int:
     main()
     if FAILED:
-        print(f"{len(FAILED)} job(s) failed:", file=sys.stderr)
-        for name, err in FAILED:
-            print(f"  {name}: {err}", file=sys.stderr)
+        print(summary(), file=sys.stderr)
         return 1
     return 0
 

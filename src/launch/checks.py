@@ -1,0 +1,53 @@
+"""Launch checks that need to know how the job was started, made before any work."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from src.config import ConfigError
+
+# Strategies whose Lightning launcher starts the other ranks by re-running the command line.
+_RELAUNCHING = ("ddp", "fsdp", "deepspeed")
+
+
+def _strategy_name(strategy) -> str:
+    if isinstance(strategy, (dict, DictConfig)):
+        return str(strategy.get("_target_", "")).rsplit(".", 1)[-1].lower()
+    return str(strategy).lower()
+
+
+def _processes(devices, num_nodes) -> int | None:
+    """Ranks the trainer would start; None when it decides itself ('auto', -1)."""
+    if isinstance(devices, (list, tuple)) or (hasattr(devices, "__len__") and not isinstance(devices, str)):
+        per_node = len(devices)
+    elif str(devices).strip().lstrip("-").isdigit():
+        per_node = int(devices)
+        if per_node < 0:
+            return None
+    elif isinstance(devices, str) and "," in devices:
+        per_node = len([d for d in devices.split(",") if d.strip()])
+    else:
+        return None
+    return per_node * int(num_nodes)
+
+
+def ranks_started_outside() -> bool:
+    """Whether a cluster launcher (SLURM, torchrun) has started this process as one of the ranks."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    return SLURMEnvironment.detect() or TorchElasticEnvironment.detect()
+
+
+def check_no_relaunch_in_multirun(cfg: DictConfig, multirun: bool) -> None:
+    """Refuse Lightning's own re-launch of the ranks inside a multirun (PITFALLS: every rank re-runs the sweep)."""
+    tr = cfg.trainer
+    name = _strategy_name(tr.strategy)
+    if not multirun or "spawn" in name or "fork" in name or not any(s in name for s in _RELAUNCHING):
+        return
+    n = _processes(tr.devices, tr.num_nodes)
+    if (n is None or n > 1) and not ranks_started_outside():
+        raise ConfigError(
+            f"trainer.strategy={name} with trainer.devices={tr.devices} in a local multirun: Lightning would re-run "
+            "the whole sweep in every rank; use hydra/launcher=slurm (SLURM starts the ranks), "
+            "trainer.strategy=ddp_spawn, or a single run"
+        )

@@ -1,0 +1,363 @@
+"""Planning mode: the jobs a sweep would launch, each with its training FLOPs and GPU-hours; launches nothing.
+
+    python -m src.plan +sweep=paper_grid
+    python -m src.plan +sweep=paper_embedded --peak-tflops 989 --mfu 0.4
+    python -m src.plan 'loss=rf,edm' model=dit --flops 6nt
+
+Every argument that is not a --option is a Hydra override, exactly as for `python -m src.run`. The job list is
+Hydra's own expansion (the basic sweeper over the sweep file's hydra.sweeper.params plus the command line).
+
+FLOPs of a job. The forward FLOPs per sample are counted on the meta device (torch.utils.flop_counter over one
+forward of the configured backbone: every matmul, attention included; no memory is allocated), the backward costs
+twice the forward, so training is 3 x forward x global batch x steps. `--flops 6nt` uses the rule of thumb instead:
+6 x params x tokens per sample plus attention (12 x depth x tokens^2 x hidden), tokens = image patches + text
+tokens. The rule overestimates MM-DiT about 2.8x: each token meets only its own stream's weights, and the adaLN
+weights act on one vector per sample, not per token. Validation (every val_every steps, raw and EMA, at every
+level) and evaluation (every sampler setting, x2 with guidance, raw and EMA) add forward passes; they are shown
+apart. GPU-hours = FLOPs / (peak x utilisation) / 3600, at the stated peak (default: H100 SXM dense bf16, 989
+TFLOP/s) and model FLOPs utilisation (default 40%).
+
+The status column reads the run directory: done (complete results: a relaunch skips it), started (a checkpoint:
+a relaunch resumes it), failed (error.json), new.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+H100_BF16_DENSE_TFLOPS = 989.0
+DEFAULT_MFU = 0.4
+PAPER_CONTEXT_LENGTH = 154  # SPEC 5: 77 CLIP + 77 T5 tokens, used when the shards' meta.json is not at hand
+
+
+@dataclass
+class JobPlan:
+    """One job of a sweep and what it costs."""
+
+    index: int
+    overrides: list[str]
+    run_dir: Path
+    model: str
+    params: int
+    image_tokens: int
+    text_tokens: int
+    batch_size: int
+    steps: int
+    gpus: int
+    fwd_flops_per_sample: float
+    train_flops: float
+    eval_flops: float  # validation + evaluation sampling
+    status: str
+    assumptions: list[str] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return self.image_tokens + self.text_tokens
+
+    @property
+    def total_flops(self) -> float:
+        return self.train_flops + self.eval_flops
+
+
+@dataclass
+class Plan:
+    jobs: list[JobPlan]
+    peak_tflops: float
+    mfu: float
+    flops_method: str
+    parallelism: int | None  # jobs at once (the launcher's array_parallelism); None: one after the other
+
+    def gpu_hours(self, flops: float) -> float:
+        return flops / (self.peak_tflops * 1e12 * self.mfu) / 3600.0
+
+
+# ---- the job list: Hydra's own expansion ------------------------------------------------------------------
+@contextlib.contextmanager
+def _hydra_context():
+    """Hydra's compose API over conf/ (the symlink conf/sweep -> ../sweeps included); left as it was found."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from src.config import register_resolvers
+
+    register_resolvers()
+    previous = HydraConfig.instance().cfg
+    try:
+        if GlobalHydra.instance().is_initialized():
+            yield
+        else:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="run"):
+                yield
+    finally:
+        HydraConfig.instance().cfg = previous
+
+
+def _compose(overrides: Sequence[str]) -> DictConfig:
+    from hydra import compose
+
+    return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+
+
+def expand_jobs(overrides: Sequence[str]) -> tuple[DictConfig, list[list[str]]]:
+    """The sweep's base configuration and every job's override list, as `python -m src.run` would launch them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [o for o in overrides if o not in ("-m", "--multirun")]
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(list(overrides))
+    base = _compose([o.input_line for o in parsed if not o.is_sweep_override()])
+    sweeper = base.hydra.sweeper
+    if sweeper._target_ != "hydra._internal.core_plugins.basic_sweeper.BasicSweeper":
+        raise ValueError(f"hydra.sweeper._target_={sweeper._target_}: the planner expands the basic sweeper only")
+    params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+    if not params and not any(o.is_sweep_override() for o in parsed) and str(base.hydra.mode) != "RunMode.MULTIRUN":
+        return base, [list(overrides)]  # a single run
+    batches = BasicSweeper.split_arguments(parser.parse_overrides(params + list(overrides)), None)
+    return base, [list(job) for batch in batches for job in batch]
+
+
+# ---- one job: shapes, parameters, FLOPs ---------------------------------------------------------------------
+_META_CACHE: dict[str, dict] = {}
+
+
+def data_meta(cfg: DictConfig) -> tuple[dict, list[str]]:
+    """The training shards' meta (shapes), and the assumptions made where the shards are not at hand."""
+    data = cfg.data
+    key = f"{data.kind}:{data.name}:{data.train_dir if data.kind == 'shards' else cfg.paths.cache_dir}"
+    if key in _META_CACHE:
+        return _META_CACHE[key], []
+    from src.data.shards import read_meta
+
+    if data.kind == "embedded":
+        from src.data.embedded import prepare_embedded
+
+        # Written once and cached (the first plan of an embedded sweep builds the small shards).
+        meta = read_meta(prepare_embedded(data.name, Path(cfg.paths.cache_dir) / "data")["train"])
+        _META_CACHE[key] = meta
+        return meta, []
+    try:
+        meta = read_meta(data.train_dir)
+        _META_CACHE[key] = meta
+        return meta, []
+    except (FileNotFoundError, OSError, ValueError):
+        pass
+    meta, assumed = {}, [f"no shards at data.train_dir={data.train_dir}"]
+    for k in ("latent_channels", "latent_size", "context_dim", "pooled_dim"):
+        if data.get(k) is None:
+            raise ValueError(f"data.{k}=null and no shards at data.train_dir={data.train_dir}: set data.{k} to plan")
+        meta[k] = int(data[k])
+    meta["context_length"] = PAPER_CONTEXT_LENGTH
+    assumed.append(f"context length {PAPER_CONTEXT_LENGTH} (CLIP 77 + T5 77)")
+    _META_CACHE[key] = meta
+    return meta, assumed
+
+
+def build_on_meta(cfg: DictConfig, meta: dict):
+    """The configured backbone on the meta device (shapes only, no memory)."""
+    import hydra
+    import torch
+
+    _fill_data_shape(cfg, meta)
+    with torch.device("meta"):
+        return hydra.utils.instantiate(cfg.model)
+
+
+def _fill_data_shape(cfg: DictConfig, meta: dict) -> None:
+    with open_dict(cfg):
+        for k in ("latent_channels", "latent_size", "context_dim", "pooled_dim"):
+            if cfg.data[k] is None:
+                cfg.data[k] = int(meta[k])
+
+
+def forward_flops(model, meta: dict) -> float:
+    """FLOPs of one forward pass for one sample, counted on the meta device."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c, s, L, d, v = (int(meta[k]) for k in ("latent_channels", "latent_size", "context_length", "context_dim",
+                                              "pooled_dim"))
+    args = (torch.zeros(1, c, s, s), torch.zeros(1), torch.zeros(1, L, d), torch.zeros(1, v))
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(*(a.to("meta") for a in args))
+    return float(counter.get_total_flops())
+
+
+_COST_CACHE: dict[str, tuple[int, int, int, float]] = {}
+
+
+def _backbone_cost(cfg: DictConfig, meta: dict) -> tuple[int, int, int, float]:
+    """(parameters, depth, hidden size, forward FLOPs per sample), cached per backbone and data shape."""
+    _fill_data_shape(cfg, meta)
+    key = repr((OmegaConf.to_container(cfg.model, resolve=True), meta.get("context_length")))
+    if key not in _COST_CACHE:
+        model = build_on_meta(cfg, meta)
+        params = sum(p.numel() for p in model.parameters())
+        _COST_CACHE[key] = (params, int(model.depth), int(model.hidden_size), forward_flops(model, meta))
+    return _COST_CACHE[key]
+
+
+def rule_of_thumb_flops(params: int, tokens: int, depth: int, hidden: int) -> float:
+    """Forward FLOPs per sample by the 6NT rule's forward third: 2 N T plus attention 4 depth T^2 hidden."""
+    return 2.0 * params * tokens + 4.0 * depth * tokens**2 * hidden
+
+
+def job_gpus(cfg: DictConfig) -> int:
+    """GPUs (or ranks) per job: the launcher's request where it makes one, else the trainer's devices x nodes."""
+    launcher = cfg.hydra.launcher
+    if launcher.get("tasks_per_node") is not None and "nodes" in launcher:
+        return int(launcher.nodes) * int(launcher.tasks_per_node)
+    devices, nodes = cfg.trainer.devices, cfg.trainer.num_nodes
+    return (int(devices) if str(devices).isdigit() else 1) * int(nodes)
+
+
+def job_status(cfg: DictConfig, run_dir: Path) -> str:
+    if not run_dir.is_dir():
+        return "new"
+    if (run_dir / "error.json").is_file():
+        return "failed"
+    from src.training.job import results_complete
+
+    try:
+        if (run_dir / "results.json").is_file() and cfg.eval.enabled and results_complete(cfg, run_dir):
+            return "done"
+    except (ValueError, KeyError):
+        return "started"
+    if (run_dir / "checkpoints" / "last.ckpt").is_file():
+        return "started"
+    return "new"
+
+
+def plan_job(index: int, overrides: list[str], flops_method: str = "count") -> JobPlan:
+    from hydra.core.hydra_config import HydraConfig
+
+    cfg = _compose(overrides)
+    HydraConfig.instance().set_config(cfg)  # for ${hydra:...} in run names (sweeps/backbones.yaml)
+    run_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+    meta, assumed = data_meta(cfg)
+    params, depth, hidden, fwd_counted = _backbone_cost(cfg, meta)
+    patch = int(cfg.model.get("patch_size", 2))
+    image_tokens = (int(meta["latent_size"]) // patch) ** 2
+    text_tokens = int(meta["context_length"])
+    if flops_method == "count":
+        fwd = fwd_counted
+    elif flops_method == "6nt":
+        fwd = rule_of_thumb_flops(params, image_tokens + text_tokens, depth, hidden)
+    else:
+        raise ValueError(f"flops={flops_method!r}: allowed values are 'count', '6nt'")
+    t, ev = cfg.train, cfg.eval
+    batch, steps = int(cfg.data.batch_size), int(t.max_steps)
+    train = 3.0 * fwd * batch * steps
+    # Validation: raw and EMA at every level, every val_every steps. Evaluation: each setting, raw and EMA.
+    n_val = steps // int(t.val_every) if int(t.val_every) > 0 else 0
+    val = fwd * n_val * int(cfg.data.val_samples) * int(t.val_levels) * 2
+    sampling = 0.0
+    if ev.enabled:
+        per_ema = sum(int(s["steps"]) * (1 if float(s["cfg"]) == 1.0 else 2) for s in ev.settings)
+        sampling = fwd * per_ema * int(ev.n_samples) * len(ev.ema)
+    return JobPlan(
+        index=index, overrides=overrides, run_dir=run_dir, model=str(cfg.model._target_).rsplit(".", 1)[-1],
+        params=params, image_tokens=image_tokens, text_tokens=text_tokens, batch_size=batch, steps=steps,
+        gpus=job_gpus(cfg), fwd_flops_per_sample=fwd, train_flops=train, eval_flops=val + sampling,
+        status=job_status(cfg, run_dir), assumptions=assumed,
+    )
+
+
+def plan_sweep(overrides: Sequence[str], peak_tflops: float = H100_BF16_DENSE_TFLOPS, mfu: float = DEFAULT_MFU,
+               flops_method: str = "count") -> Plan:
+    """Expand the sweep and plan every job."""
+    if not peak_tflops > 0:
+        raise ValueError(f"--peak-tflops={peak_tflops}: must be > 0")
+    if not 0 < mfu <= 1:
+        raise ValueError(f"--mfu={mfu}: must be in (0, 1]")
+    with _hydra_context():
+        base, jobs = expand_jobs(overrides)
+        launcher = base.hydra.launcher
+        parallelism = int(launcher.array_parallelism) if launcher.get("array_parallelism") else None
+        planned = [plan_job(i, job, flops_method) for i, job in enumerate(jobs)]
+    return Plan(planned, peak_tflops, mfu, flops_method, parallelism)
+
+
+# ---- printing ------------------------------------------------------------------------------------------------
+def _si(x: float) -> str:
+    for unit, scale in (("Z", 1e21), ("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def render(plan: Plan, root: Path | None = None) -> str:
+    """The job table and the totals."""
+    root = root or Path.cwd()
+    rows = []
+    for j in plan.jobs:
+        try:
+            where = str(j.run_dir.resolve().relative_to(root.resolve()))
+        except ValueError:
+            where = str(j.run_dir)
+        rows.append([str(j.index), where, j.model, f"{j.params / 1e6:.2f}M", f"{j.image_tokens}+{j.text_tokens}",
+                     str(j.batch_size), str(j.steps), str(j.gpus), _si(j.train_flops), _si(j.eval_flops),
+                     f"{plan.gpu_hours(j.total_flops):.3g}", j.status])
+    head = ["#", "run directory", "backbone", "params", "tokens", "batch", "steps", "GPUs", "train FLOP",
+            "eval FLOP", "GPU-h", "status"]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
+    train = sum(j.train_flops for j in plan.jobs)
+    extra = sum(j.eval_flops for j in plan.jobs)
+    left = [j for j in plan.jobs if j.status != "done"]
+    hours = plan.gpu_hours(train + extra)
+    lines += [
+        "",
+        f"{len(plan.jobs)} jobs ({len(left)} to run; done: {len(plan.jobs) - len(left)}). "
+        f"FLOPs ({'counted on the meta device' if plan.flops_method == 'count' else '6NT rule + attention'}): "
+        f"training {_si(train)}, validation + evaluation {_si(extra)}.",
+        f"GPU-hours at {plan.peak_tflops:g} TFLOP/s peak and {plan.mfu:.0%} utilisation: {hours:.4g} in all, "
+        f"{plan.gpu_hours(sum(j.total_flops for j in left)):.4g} still to run.",
+    ]
+    if left and plan.parallelism:
+        gpus = max(j.gpus for j in left)
+        at_once = min(plan.parallelism, len(left))
+        wall = plan.gpu_hours(sum(j.total_flops for j in left)) / (gpus * at_once)
+        lines.append(f"Wall clock with {at_once} jobs of {gpus} GPU(s) at once (array_parallelism): about {wall:.3g} h.")
+    notes = sorted({a for j in plan.jobs for a in j.assumptions})
+    if notes:
+        lines.append("Assumed: " + "; ".join(notes) + ".")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m src.plan", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
+                        help="peak FLOP rate per GPU in TFLOP/s (default: H100 SXM dense bf16, 989)")
+    parser.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="model FLOPs utilisation (default 0.4)")
+    parser.add_argument("--flops", choices=("count", "6nt"), default="count",
+                        help="count: FLOPs counted on the meta device (default); 6nt: the rule of thumb")
+    args, overrides = parser.parse_known_args(argv)
+    unknown = [o for o in overrides if o.startswith("--") and o != "--multirun"]
+    if unknown:
+        parser.error(f"unknown option(s) {unknown}; Hydra overrides are key=value")
+    logging.disable(logging.WARNING)  # Lightning/Hydra chatter; the plan is the output
+    try:
+        plan = plan_sweep(overrides, args.peak_tflops, args.mfu, args.flops)
+    except Exception as e:  # a one-line error, as for `python -m src.run`
+        print(f"plan: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        return 2
+    print(render(plan))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
