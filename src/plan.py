@@ -129,28 +129,29 @@ def expand_jobs(overrides: Sequence[str]) -> tuple[DictConfig, list[list[str]]]:
 
 
 # ---- one job: shapes, parameters, FLOPs ---------------------------------------------------------------------
-_META_CACHE: dict[str, dict] = {}
+_META_CACHE: dict[str, tuple[dict, list[str]]] = {}
 
 
 def data_meta(cfg: DictConfig) -> tuple[dict, list[str]]:
     """The training shards' meta (shapes), and the assumptions made where the shards are not at hand."""
     data = cfg.data
     key = f"{data.kind}:{data.name}:{data.train_dir if data.kind == 'shards' else cfg.paths.cache_dir}"
-    if key in _META_CACHE:
-        return _META_CACHE[key], []
+    if key not in _META_CACHE:
+        _META_CACHE[key] = _read_data_meta(cfg)
+    return _META_CACHE[key]
+
+
+def _read_data_meta(cfg: DictConfig) -> tuple[dict, list[str]]:
     from src.data.shards import read_meta
 
+    data = cfg.data
     if data.kind == "embedded":
         from src.data.embedded import prepare_embedded
 
         # Written once and cached (the first plan of an embedded sweep builds the small shards).
-        meta = read_meta(prepare_embedded(data.name, Path(cfg.paths.cache_dir) / "data")["train"])
-        _META_CACHE[key] = meta
-        return meta, []
+        return read_meta(prepare_embedded(data.name, Path(cfg.paths.cache_dir) / "data")["train"]), []
     try:
-        meta = read_meta(data.train_dir)
-        _META_CACHE[key] = meta
-        return meta, []
+        return read_meta(data.train_dir), []
     except (FileNotFoundError, OSError, ValueError):
         pass
     meta, assumed = {}, [f"no shards at data.train_dir={data.train_dir}"]
@@ -160,7 +161,6 @@ def data_meta(cfg: DictConfig) -> tuple[dict, list[str]]:
         meta[k] = int(data[k])
     meta["context_length"] = PAPER_CONTEXT_LENGTH
     assumed.append(f"context length {PAPER_CONTEXT_LENGTH} (CLIP 77 + T5 77)")
-    _META_CACHE[key] = meta
     return meta, assumed
 
 
@@ -330,7 +330,8 @@ def render(plan: Plan, root: Path | None = None) -> str:
         gpus = max(j.gpus for j in left)
         at_once = min(plan.parallelism, len(left))
         wall = plan.gpu_hours(sum(j.total_flops for j in left)) / (gpus * at_once)
-        lines.append(f"Wall clock with {at_once} jobs of {gpus} GPU(s) at once (array_parallelism): about {wall:.3g} h.")
+        lines.append(f"Wall clock with {at_once} jobs of {gpus} GPU(s) at once (array_parallelism): "
+                     f"about {wall:.3g} h.")
     notes = sorted({a for j in plan.jobs for a in j.assumptions})
     if notes:
         lines.append("Assumed: " + "; ".join(notes) + ".")

@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from src.config import ConfigError, register_resolvers
-from src.launch.checks import check_no_relaunch_in_multirun
+from src.launch.checks import check_launch
 from src.launch.failures import FAILED, one_line, record_failure, summary
 from src.launch.rundir import RunDirBusy, run_dir_lock
 from src.utils.io import atomic_write_json
@@ -48,7 +48,7 @@ def main(cfg: DictConfig) -> dict | None:
         with run_dir_lock(run_dir):
             error_file.unlink(missing_ok=True)
             try:
-                check_no_relaunch_in_multirun(cfg, HydraConfig.get().mode == RunMode.MULTIRUN)
+                check_launch(cfg, HydraConfig.get().mode == RunMode.MULTIRUN)
                 return run_job(cfg, run_dir)
             except Exception as e:  # recorded per job so the rest of the sweep goes on
                 atomic_write_json(error_file, {"type": type(e).__name__, "error": str(e),

@@ -5,7 +5,8 @@ requeueing the job and exiting at once, wherever training is. The requeued job r
 last checkpoint, so without this callback up to train.ckpt_every steps are lost. With it, the signal only sets a
 flag; after the current optimizer step every rank agrees (one all-reduce of a bool per step) to save
 `last.ckpt`, and then submitit's own handler runs: rank 0 requeues and exits. A signal outside the training loop
-(data setup, evaluation) goes to submitit's handler straight away.
+(data setup, evaluation) goes to submitit's handler straight away. SIGTERM (scancel, a preemption that sends no
+signal first), which Lightning turns into a stop of every rank between two steps, also saves `last.ckpt`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import signal
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 
@@ -29,42 +31,50 @@ def submitit_signal() -> signal.Signals | None:
 
 
 class PreemptionCheckpoint(L.Callback):
-    """Defers submitit's requeue handler to the next step boundary and saves `ckpt_path` before it runs."""
+    """Defers submitit's requeue handler to the next step boundary and saves `ckpt_path` before it runs.
+
+    Installed for the training loop only (on_train_start, after Lightning took its snapshot of the handlers, which
+    it restores at teardown); outside it submitit's handler acts at once.
+    """
 
     def __init__(self, ckpt_path: str | Path, signum: signal.Signals):
         self.ckpt_path, self.signum = Path(ckpt_path), signum
-        self._previous = None
+        self._previous = None  # submitit's handler while ours is installed
         self._pending: tuple | None = None  # (signum, frame) of a deferred signal
-        self._training = False
 
     def _handler(self, signum, frame) -> None:
-        if self._training:
-            log.warning("caught %s: checkpointing after this step, then handing over to submitit",
-                        signal.Signals(signum).name)
-            self._pending = (signum, frame)
-        else:
-            self._hand_over(signum, frame)
+        log.warning("caught %s: checkpointing after this step, then handing over to submitit",
+                    signal.Signals(signum).name)
+        self._pending = (signum, frame)
 
-    def _hand_over(self, signum, frame) -> None:
+    def _uninstall(self):
         previous, self._previous = self._previous, None
-        signal.signal(self.signum, previous if previous is not None else signal.SIG_DFL)
-        if callable(previous):
-            previous(signum, frame)
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if self._previous is None:
-            self._previous = signal.getsignal(self.signum)
-            signal.signal(self.signum, self._handler)
+        if previous is not None:
+            signal.signal(self.signum, previous)
+        return previous
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._training = True
+        self._pending = None
+        self._previous = signal.getsignal(self.signum)
+        signal.signal(self.signum, self._handler)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._checkpoint_if_signalled(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._checkpoint_if_signalled(trainer)
-        self._training = False
+        self._uninstall()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._uninstall()
+        # SIGTERM (scancel, preemption without submitit's signal): Lightning stops every rank together between two
+        # steps (SIGTERMException), so the state is whole; save it before SLURM's KillWait runs out.
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+            trainer.save_checkpoint(self.ckpt_path)
+            log.warning("checkpoint on SIGTERM at step %d: %s", trainer.global_step, self.ckpt_path)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._uninstall()
 
     def _checkpoint_if_signalled(self, trainer) -> None:
         # Every rank takes the decision together: saving is collective under DDP/FSDP.
@@ -72,12 +82,8 @@ class PreemptionCheckpoint(L.Callback):
             return
         trainer.save_checkpoint(self.ckpt_path)
         log.warning("preemption checkpoint at step %d: %s", trainer.global_step, self.ckpt_path)
-        self._training = False
         signum, frame = self._pending or (self.signum, None)
         self._pending = None
-        self._hand_over(signum, frame)  # rank 0: submitit requeues and exits; the other ranks are stopped with it
-
-    def teardown(self, trainer, pl_module, stage: str) -> None:
-        if self._previous is not None:
-            signal.signal(self.signum, self._previous)
-            self._previous = None
+        previous = self._uninstall()
+        if callable(previous):  # rank 0: submitit requeues and exits; the other ranks are stopped with the job
+            previous(signum, frame)

@@ -93,7 +93,8 @@ FINAL_STATES = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NO
 def squeue_state(job_id: str) -> str | None:
     """The job's state as squeue reports it, or None when squeue does not list it (long gone, or no squeue)."""
     try:
-        out = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                             timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
     states = out.stdout.split()

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.config import ConfigError, diff_keys, fingerprint, to_dict
 from src.launch.preemption import PreemptionCheckpoint, submitit_signal
+from src.launch.strategies import build_strategy
 from src.training.checkpoint_io import AtomicCheckpointIO
 from src.training.datamodule import ShardDataModule
 from src.training.module import FormulationModule
@@ -161,7 +162,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list
     precision = tr.precision or ("bf16-mixed" if torch.cuda.is_available() and tr.accelerator != "cpu" else "32-true")
     return L.Trainer(
         default_root_dir=str(run_dir), accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes,
-        strategy=tr.strategy, precision=precision, deterministic=tr.deterministic, max_steps=cfg.train.max_steps,
+        strategy=build_strategy(tr.strategy), precision=precision, deterministic=tr.deterministic,
+        max_steps=cfg.train.max_steps,
         max_epochs=-1, val_check_interval=cfg.train.val_every, check_val_every_n_epoch=None,
         num_sanity_val_steps=0, limit_val_batches=1.0, log_every_n_steps=tr.log_every_n_steps,
         enable_progress_bar=tr.enable_progress_bar, gradient_clip_val=tr.gradient_clip_val,

@@ -1,0 +1,332 @@
+"""Fault isolation: a failing job does not stop its sweep; concurrent jobs do not corrupt each other's files."""
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
+from omegaconf import open_dict
+
+from src.config import ConfigError, register_resolvers
+from src.launch import failures
+from src.launch.checks import check_no_relaunch_in_multirun
+from src.launch.rundir import RunDirBusy, run_dir_lock
+
+ROOT = Path(__file__).resolve().parents[1]
+register_resolvers()
+
+TINY = [
+    "model.depth=1", "model.hidden_size=32", "model.num_heads=2", "data.batch_size=16", "data.val_samples=32",
+    "train.max_steps=8", "train.val_every=4", "train.ckpt_every=4", "eval.n_samples=4", "eval.batch_size=4",
+    "eval.settings=[{steps: 2, cfg: 1.0}]", "logger=csv", "trainer.enable_progress_bar=false", "torch_threads=1",
+]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    from src.data.embedded import prepare_embedded
+
+    cache = tmp_path_factory.mktemp("cache")
+    prepare_embedded("digits", cache / "data")  # once, before the subprocesses share it
+    return cache
+
+
+def run_cli(args, timeout=300):
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
+    return subprocess.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+# ---- one failing job in a sweep ----------------------------------------------------------------------------------
+def test_failing_jobs_are_recorded_and_the_sweep_goes_on(tmp_path, cache_dir):
+    """4 jobs: one trains; one diverges (lr 1e30: the loss becomes non-finite); two have an invalid s."""
+    out = run_cli(["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", "sweep_name=faults",
+                   'run_name="${data.name}/${recipe_slug:${loss}}/lr${optim.lr}"', "loss=rf_lognorm",
+                   "loss.s=1.0,-1", "optim.lr=1e-3,1e30", "optim.warmup_steps=1"])
+    assert out.returncode == 1, out.stderr[-3000:]
+    summary = out.stderr[out.stderr.index("3 job(s) failed:"):]
+    assert "digits/rf_lognorm_0.00_1.00/lr1e+30: FloatingPointError: training loss is" in summary
+    assert summary.count("ConfigError: loss: rf_lognorm: s=-1 is not allowed") == 2
+
+    sweep = tmp_path / "outputs" / "multirun" / "faults"
+    good, diverged = sweep / "digits/rf_lognorm_0.00_1.00/lr0.001", sweep / "digits/rf_lognorm_0.00_1.00/lr1e+30"
+    assert (good / "results.json").is_file() and not (good / "error.json").exists()
+    err = json.loads((diverged / "error.json").read_text())
+    assert err["type"] == "FloatingPointError" and "Traceback" in err["traceback"]
+
+    from src.ranking.aggregate import load_sweep
+
+    runs = load_sweep([sweep]).runs.set_index("run_dir")
+    assert runs.loc[str(good), "status"] == "done"
+    assert runs.loc[str(diverged), "status"] == "failed"
+    assert runs.loc[str(diverged), "error"].startswith("FloatingPointError: training loss is")
+    assert (runs["status"] == "failed").sum() == 3
+
+
+# ---- the launcher reads failures back from job processes ------------------------------------------------------------
+class FakeJob:
+    def __init__(self, job_id, result=None, error=None):
+        self.job_id, self._result, self._error = job_id, result, error
+
+    def results(self):
+        if self._error:
+            raise self._error
+        return [self._result]
+
+
+def test_launcher_records_failures_of_remote_jobs(monkeypatch):
+    from submitit.core.utils import UncompletedJobError
+
+    from src.launch import submitit as launch
+
+    monkeypatch.setattr(launch, "wait_for", lambda job: None)
+    monkeypatch.setattr(failures, "FAILED", [])  # record_failure appends to the module's list
+    collect = launch.CollectingSubmititLauncher._collect
+    ok = JobReturn(overrides=["loss=rf"], status=JobStatus.COMPLETED, _return_value={"run_dir": "x"})
+    own = JobReturn(overrides=["loss=edm"], status=JobStatus.COMPLETED,
+                    _return_value={"failed": True, "run_name": "digits/edm", "error": "ConfigError: bad"})
+    assert collect(None, FakeJob("1_0", ok), ["loss=rf"]) is ok
+    assert collect(None, FakeJob("1_1", own), ["loss=edm"]) is own
+    lost = collect(None, FakeJob("1_2", error=UncompletedJobError("Job 1_2 was cancelled\nlong log")),
+                   ["loss=eps_linear"])
+    assert lost.status == JobStatus.COMPLETED and lost.return_value["failed"]  # the sweeper goes on
+    monkeypatch.setattr(launch, "wait_for", lambda job: "CANCELLED")
+    collect(None, FakeJob("1_3", ok), ["loss=v_cos"])
+    assert failures.FAILED == [
+        ("digits/edm", "ConfigError: bad"),
+        ("loss=eps_linear", "job 1_2 ended without a result: UncompletedJobError: Job 1_2 was cancelled"),
+        ("loss=v_cos", "job 1_3 ended without a result: RuntimeError: the scheduler reports CANCELLED and no "
+                       "result was written"),
+    ]
+
+
+# ---- concurrent writers ---------------------------------------------------------------------------------------------
+def _merge_many(run_dir: str, worker: int, n: int) -> None:
+    from src.evaluation.records import merge_results
+
+    for i in range(n):
+        merge_results(run_dir, [{"recipe": f"r{worker}", "dataset": "d", "setting": f"s{i}", "ema": True, "i": i}])
+
+
+def test_concurrent_result_merges_keep_every_record(tmp_path):
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_merge_many, args=(str(tmp_path), w, 25)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert len(records) == 100
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def _write_errors(path: str, worker: int, n: int) -> None:
+    from src.utils.io import atomic_write_json
+
+    for i in range(n):
+        atomic_write_json(path, {"type": "E", "error": f"{worker}-{i}", "traceback": "x" * 200_000})
+
+
+def test_error_json_is_never_seen_half_written(tmp_path):
+    path = tmp_path / "error.json"
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_write_errors, args=(str(path), w, 40)) for w in range(2)]
+    for p in procs:
+        p.start()
+    reads = 0
+    while any(p.is_alive() for p in procs):
+        if path.exists():
+            json.loads(path.read_text())  # raises on a torn file
+            reads += 1
+    assert reads > 0 and all(p.exitcode == 0 for p in procs)
+
+
+# ---- one job per run directory --------------------------------------------------------------------------------------
+HOLD = "import sys, time; from src.launch.rundir import run_dir_lock\nwith run_dir_lock(sys.argv[1]):\n" \
+       "    print('held', flush=True); time.sleep(60)\n"
+
+
+def test_second_job_in_a_busy_run_directory_is_refused(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirBusy, match=f"in use by another job .*pid.*{holder.pid}"):
+            with run_dir_lock(tmp_path):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_dir_lock(tmp_path):  # released when its holder died
+        pass
+
+
+def test_entry_point_leaves_a_busy_run_directory_alone(tmp_path, monkeypatch):
+    """src.run.main on a directory another job holds: no training, error.json (the other job's) untouched."""
+    from src import run
+
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=TINY, return_hydra_config=True)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "error.json").write_text('{"type": "theirs"}')
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+    HydraConfig.instance().set_config(cfg)
+    monkeypatch.setattr(failures, "FAILED", [])
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        holder.stdout.readline()
+        out = run.main(cfg)
+    finally:
+        holder.kill()
+        holder.wait()
+        HydraConfig.instance().cfg = None
+    assert out["failed"] and out["error"].startswith("RunDirBusy:")
+    assert (run_dir / "error.json").read_text() == '{"type": "theirs"}'
+    assert not (run_dir / "checkpoints").exists()
+    assert failures.FAILED[0][1].startswith("RunDirBusy:")
+
+
+# ---- never Lightning's re-launch inside a multirun ------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "strategy, devices, multirun, slurm, refused",
+    [
+        ("ddp", 2, True, False, True),
+        ("fsdp", "auto", True, False, True),
+        ("ddp", 2, False, False, False),  # a single run may re-launch itself
+        ("ddp", 1, True, False, False),
+        ("ddp_spawn", 2, True, False, False),
+        ("ddp", 2, True, True, False),  # SLURM started the ranks
+        ("auto", 2, True, False, False),
+    ],
+)
+def test_relaunching_strategies_are_refused_in_a_local_multirun(monkeypatch, strategy, devices, multirun, slurm,
+                                                                 refused):
+    for key in ("SLURM_NTASKS", "SLURM_JOB_NAME", "TORCHELASTIC_RUN_ID", "LOCAL_RANK", "GROUP_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    if slurm:
+        monkeypatch.setenv("SLURM_NTASKS", "2")
+        monkeypatch.setenv("SLURM_JOB_NAME", "run")
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"trainer.strategy={strategy}", f"trainer.devices={devices}"])
+    if refused:
+        with pytest.raises(ConfigError, match=f"trainer.strategy={strategy} with trainer.devices={devices}"):
+            check_no_relaunch_in_multirun(cfg, multirun)
+    else:
+        check_no_relaunch_in_multirun(cfg, multirun)
+
+
+# ---- preemption: checkpoint at the step boundary, then submitit's handler --------------------------------------------
+class Requeued(BaseException):
+    """What submitit's handler does after requeueing: leave the process (sys.exit) from inside the handler."""
+
+
+def test_preemption_signal_saves_a_checkpoint_before_submitit_requeues(tmp_path, cache_dir, monkeypatch):
+    from src.training import module as module_lib
+    from src.training.job import run_job
+
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    monkeypatch.delenv("SUBMITIT_PREEMPT_SIGNAL", raising=False)
+    calls = []
+
+    def submitit_handler(signum, frame):
+        calls.append(signum)
+        raise Requeued()
+
+    original = module_lib.FormulationModule.training_step
+
+    def step(self, batch, batch_idx):
+        if self.global_step == 5 and not calls:
+            os.kill(os.getpid(), signal.SIGUSR2)  # preempted in the middle of step 5
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(module_lib.FormulationModule, "training_step", step)
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    overrides = [*TINY, "train.max_steps=12", "train.ckpt_every=100", "train.val_every=100", "eval.enabled=false",
+                 f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
+    try:
+        with initialize_config_module(config_module="conf", version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+        with pytest.raises(Requeued):
+            run_job(cfg, tmp_path / "run")
+        assert calls == [signal.SIGUSR2]
+        assert signal.getsignal(signal.SIGUSR2) is submitit_handler  # handed back
+        ckpt = torch.load(tmp_path / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+        assert ckpt["global_step"] == 6  # step 5 finished, then saved: no periodic checkpoint was due
+        # The requeued job: the same command resumes from that checkpoint and finishes.
+        with initialize_config_module(config_module="conf", version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+        assert run_job(cfg, tmp_path / "run")["global_step"] == 12
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+def test_sigterm_saves_a_checkpoint_between_steps(tmp_path, cache_dir, monkeypatch):
+    """scancel: Lightning stops between steps on SIGTERM; last.ckpt is that step, not the last periodic one."""
+    from src.training import module as module_lib
+    from src.training.job import run_job
+
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    original = module_lib.FormulationModule.training_step
+
+    def step(self, batch, batch_idx):
+        if self.global_step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(module_lib.FormulationModule, "training_step", step)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with initialize_config_module(config_module="conf", version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[
+                *TINY, "train.max_steps=12", "train.ckpt_every=100", "train.val_every=100", "eval.enabled=false",
+                f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}"])
+        with pytest.raises(SystemExit):  # Lightning's SIGTERMException
+            run_job(cfg, tmp_path / "run")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    ckpt = torch.load(tmp_path / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 6
+
+
+# ---- a killed local sweep, relaunched -------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_killed_local_sweep_resumes_and_skips(tmp_path, cache_dir):
+    """The local launcher killed (SIGKILL) in its second job; the same command skips the first, resumes the second."""
+    args = ["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", "sweep_name=killed",
+            "train.max_steps=600", "train.ckpt_every=40", "train.val_every=300", "loss=rf,eps_linear"]
+    sweep = tmp_path / "outputs/multirun/killed/digits"
+    first, second = sweep / "rf", sweep / "eps_linear"
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "src.run", *args], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while not (second / "checkpoints" / "last.ckpt").is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    assert (first / "results.json").is_file() and not (second / "results.json").exists()
+    step = torch.load(second / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    assert 0 < step < 600
+    mtime = (first / "results.json").stat().st_mtime_ns
+
+    out = run_cli(args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"{first}: results complete, nothing to do" in out.stderr + out.stdout
+    assert "Restored all states from the checkpoint" in out.stderr + out.stdout
+    assert (first / "results.json").stat().st_mtime_ns == mtime
+    assert (second / "results.json").is_file()

@@ -1,0 +1,193 @@
+"""Sweeps on a real one-node SLURM cluster started on this machine (scripts/slurm_local.sh), through submitit.
+
+Needs root and Debian's slurm-wlm + munge (installed by the script where apt works); skipped with the reason
+otherwise. Each test launches `python -m src.run` with hydra/launcher=slurm_cpu, as a user would.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "slurm_local.sh"
+TINY = [
+    "model.depth=1", "model.hidden_size=32", "model.num_heads=2", "data.batch_size=16", "data.val_samples=32",
+    "eval.n_samples=4", "eval.batch_size=4", "eval.settings=[{steps: 2, cfg: 1.0}]", "logger=csv",
+    "trainer.enable_progress_bar=false", "torch_threads=1", "hydra/launcher=slurm_cpu",
+    "hydra.launcher.cpus_per_task=1", "data=digits",
+]
+RECIPES = ["paper/rf_lognorm_0.00_1.00", "paper/eps_linear", "paper/edm_-1.20_1.20"]
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster needs root (SlurmUser=root, daemons, /etc/slurm)")
+    if shutil.which("slurmctld") is None:
+        out = subprocess.run([str(SCRIPT), "install"], capture_output=True, text=True, timeout=900)
+        if out.returncode != 0:
+            pytest.skip(f"slurm-wlm/munge could not be installed: {out.stderr.strip()[-300:]}")
+    out = subprocess.run([str(SCRIPT), "start"], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        pytest.skip(f"slurmctld/slurmd could not be started: {(out.stderr or out.stdout).strip()[-300:]}")
+    yield
+    subprocess.run(["scancel", "--full", "--quiet", "--partition", "debug"], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    from src.data.embedded import prepare_embedded
+
+    cache = tmp_path_factory.mktemp("cache")
+    prepare_embedded("digits", cache / "data")
+    return cache
+
+
+class Sweep(subprocess.Popen):
+    """`python -m src.run ...` with its output in a file (a pipe nobody reads would block it)."""
+
+    def __init__(self, args, log: Path):
+        self.log = log
+        env = {**os.environ, "WANDB_MODE": "disabled"}
+        with open(log, "w") as f:
+            super().__init__([sys.executable, "-m", "src.run", *args], cwd=ROOT, env=env, stdout=f,
+                             stderr=subprocess.STDOUT, text=True)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def launch(args) -> Sweep:
+    log = Path(tempfile.mkstemp(prefix="sweep-", suffix=".log")[1])
+    return Sweep(args, log)
+
+
+def finish(proc: Sweep, timeout=900):
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"sweep did not end in {timeout} s:\n{proc.output()[-3000:]}")
+    return proc.returncode, proc.output()
+
+
+def wait_for(predicate, timeout, what, proc=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the sweep ended (exit {proc.returncode}) before {what}:\n{proc.output()[-3000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def slurm_job_id(run_dir: Path) -> str:
+    """The SLURM (array task) id of the job that ran in run_dir, as Hydra recorded it."""
+    return str(yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]["job"]["id"])
+
+
+def job_log(sweep: Path, job_id: str) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted((sweep / ".submitit").glob(f"{job_id}*/*_log.*")))
+
+
+def ckpt_step(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+
+
+def test_sweep_on_slurm_cancel_then_relaunch_resumes_and_skips(slurm, cache_dir, tmp_path):
+    """Three recipes as a SLURM array; one job is cancelled mid-training; the relaunch resumes it, skips the rest."""
+    args = ["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", "sweep_name=slurm",
+            "train.max_steps=1500", "train.ckpt_every=50", "train.val_every=500", f"loss={','.join(RECIPES)}"]
+    sweep = tmp_path / "outputs" / "multirun" / "slurm"
+    runs = {r: sweep / "digits" / r.split("/")[1] for r in RECIPES}
+    victim = runs["paper/rf_lognorm_0.00_1.00"]  # job 0: among the first two to start on the 2 CPUs
+
+    proc = launch(args)
+    wait_for(lambda: (victim / "checkpoints" / "last.ckpt").is_file(), 300, "the victim's first checkpoint", proc)
+    job_id = slurm_job_id(victim)
+    subprocess.run(["scancel", job_id], check=True)
+    code, err = finish(proc)
+
+    # The sweep went on: the other two finished; the summary names the cancelled job; non-zero exit.
+    assert code == 1, err[-3000:]
+    summary = err[err.index("1 job(s) failed:"):]
+    assert "loss=paper/rf_lognorm_0.00_1.00" in summary and f"job {job_id} ended without a result" in summary
+    done = [runs["paper/eps_linear"], runs["paper/edm_-1.20_1.20"]]
+    assert all((d / "results.json").is_file() for d in done)
+    assert not (victim / "results.json").exists()
+    interrupted_at = ckpt_step(victim / "checkpoints" / "last.ckpt")
+    assert 50 <= interrupted_at < 1500
+    # scancel sends SIGTERM first: Lightning stops between two steps and the job saves that step.
+    assert f"checkpoint on SIGTERM at step {interrupted_at}" in job_log(sweep, job_id)
+    mtimes = [(d / "results.json").stat().st_mtime_ns for d in done]
+
+    # The same command again: the finished runs are skipped, the cancelled one resumes from its checkpoint.
+    code, err = finish(launch(args))
+    assert code == 0, err[-3000:]
+    assert [(d / "results.json").stat().st_mtime_ns for d in done] == mtimes
+    for d in done:
+        assert "results complete, nothing to do" in job_log(sweep, slurm_job_id(d))
+    log = job_log(sweep, slurm_job_id(victim))
+    assert "Restored all states from the checkpoint" in log
+    assert (victim / "results.json").is_file() and ckpt_step(victim / "checkpoints" / "last.ckpt") == 1500
+
+
+def test_preempted_job_checkpoints_is_requeued_and_resumes(slurm, cache_dir, tmp_path):
+    """submitit's signal (SIGUSR2): a checkpoint at the next step, requeue, resume; the sweep itself succeeds."""
+    args = ["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", "sweep_name=preempt",
+            "train.max_steps=2000", "train.ckpt_every=100000", "train.val_every=1000", "loss=paper/rf"]
+    sweep = tmp_path / "outputs" / "multirun" / "preempt"
+    run_dir = sweep / "digits" / "rf"
+    proc = launch(args)
+    wait_for(lambda: (run_dir / "csv" / "metrics.csv").is_file() and (run_dir / ".hydra").is_dir(), 300,
+             "training to start", proc)
+    time.sleep(3)
+    job_id = slurm_job_id(run_dir)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+
+    def requeued() -> bool:
+        state = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True,
+                               text=True).stdout.strip()
+        return state == "PENDING"
+
+    wait_for(requeued, 120, "the requeue")
+    # SLURM holds a requeued job back for a while (BeginTime); let it start now.
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    code, err = finish(proc)
+    assert code == 0, err[-3000:]
+    log = job_log(sweep, job_id)
+    saved = [int(s) for s in re.findall(r"preemption checkpoint at step (\d+)", log)]
+    assert len(saved) == 1 and 0 < saved[0] < 2000  # no periodic checkpoint was due: this one is the resume point
+    assert "Requeued job" in log and "Restored all states from the checkpoint" in log
+    assert "`max_steps=2000` reached" in log and (run_dir / "results.json").is_file()
+
+
+def test_ranks_started_by_slurm_match_one_process(slurm, cache_dir, tmp_path):
+    """trainer=ddp with two SLURM tasks (gloo on the CPU): the same weights as the one-process run."""
+    common = ["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", "eval.enabled=false",
+              "train.max_steps=8", "train.ckpt_every=4", "train.val_every=4", "optim.warmup_steps=1",
+              "trainer.accelerator=cpu", "loss=paper/rf"]
+    code, err = finish(launch([*common, "sweep_name=one"]))
+    assert code == 0, err[-3000:]
+    code, err = finish(launch([*common, "sweep_name=two", "trainer=ddp", "hydra.launcher.tasks_per_node=2"]))
+    assert code == 0, err[-3000:]
+    two_dir = tmp_path / "outputs/multirun/two/digits/rf"
+    assert "Starting with 2 processes" in job_log(tmp_path / "outputs/multirun/two", slurm_job_id(two_dir))
+    a = torch.load(tmp_path / "outputs/multirun/one/digits/rf/checkpoints/last.ckpt", weights_only=True)
+    b = torch.load(two_dir / "checkpoints/last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 8
+    for k in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=1e-5, atol=1e-6, msg=k)

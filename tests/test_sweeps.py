@@ -1,0 +1,188 @@
+"""Named sweeps (sweeps/ is the config group `sweep` through the symlink conf/sweep) and planning mode (src/plan.py)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir, initialize_config_module
+from hydra.types import RunMode
+
+from src import plan
+from src.config import register_resolvers
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
+register_resolvers()
+
+# Shard data that does not exist, with its shapes given: the planner assumes them (no data preparation, fast).
+FAKE_SHARDS = [
+    "data=shards", "data.name=fake", "data.train_dir=/nonexistent/train", "data.eval_dir=/nonexistent/eval",
+    "data.latent_channels=1", "data.latent_size=16", "data.context_dim=32", "data.pooled_dim=32",
+]
+
+
+def compose_via_module(overrides):
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+
+
+def compose_via_dir(overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+
+
+def as_dict(job: list[str]) -> dict[str, str]:
+    return dict(o.split("=", 1) for o in job)
+
+
+# ---- sweeps/ as a config source ---------------------------------------------------------------------------
+def test_expected_sweeps_exist():
+    assert {"paper_grid", "paper_embedded", "backbones", "smoke"} <= set(SWEEPS)
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+@pytest.mark.parametrize("compose_fn", [compose_via_module, compose_via_dir], ids=["module", "dir"])
+def test_sweep_is_a_multirun_with_its_own_name(name, compose_fn):
+    cfg = compose_fn([f"+sweep={name}"])
+    assert cfg.sweep_name == name
+    assert cfg.hydra.mode == RunMode.MULTIRUN
+    assert cfg.hydra.sweeper.params, "a sweep file must sweep something"
+    assert cfg.hydra.sweep.dir.endswith(f"multirun/{name}")
+
+
+def test_entry_point_finds_sweeps():
+    out = subprocess.run([sys.executable, "-m", "src.run", "+sweep=backbones", "--cfg", "job"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "sweep_name: backbones" in out.stdout
+
+
+def test_paper_recipe_list_is_the_registry():
+    from src.formulations import RECIPES, get_recipe
+
+    cfg = compose_via_module(["+sweep=paper_recipes"])
+    listed = [x.strip() for x in cfg.hydra.sweeper.params.loss.split(",")]
+    expected = [f"paper/{get_recipe(n).slug}" for n in RECIPES]
+    assert len(listed) == len(set(listed)) == 61
+    assert listed == expected  # the paper's order, as scripts/gen_loss_configs.py --sweep prints it
+    for name in listed:
+        assert (ROOT / "conf" / "loss" / f"{name}.yaml").is_file(), name
+
+
+# ---- the job lists --------------------------------------------------------------------------------------------
+def expand(overrides):
+    with plan._hydra_context():
+        return plan.expand_jobs(overrides)[1]
+
+
+@pytest.mark.parametrize(
+    "sweep, key, values",
+    [
+        ("paper_embedded", "data", {"digits", "shapes"}),
+        ("paper_grid", "data.name", {"imagenet", "cc12m"}),
+    ],
+)
+def test_paper_grids_have_122_jobs(sweep, key, values):
+    jobs = [as_dict(j) for j in expand([f"+sweep={sweep}"])]
+    assert len(jobs) == 122
+    assert {(j[key], j["loss"]) for j in jobs} == {(v, j["loss"]) for v in values for j in jobs}
+    assert len({j["loss"] for j in jobs}) == 61
+
+
+def test_backbone_and_smoke_job_lists():
+    backbones = [as_dict(j) for j in expand(["+sweep=backbones"])]
+    assert sorted(j["model"] for j in backbones) == sorted(["dit", "crossdit", "uvit", "mmdit", "mmdit3"])
+    assert len(expand(["+sweep=smoke"])) == 6
+    # A command-line value replaces the file's sweep of the same key (Hydra's rule).
+    assert len(expand(["+sweep=smoke", "data=digits"])) == 3
+    assert len(expand(["loss=rf,edm", "model=dit"])) == 2
+    assert len(expand(["loss=rf"])) == 1  # no sweep: one run
+
+
+def test_paper_grid_is_the_paper_setup_on_slurm(monkeypatch):
+    monkeypatch.setenv("FLOWSWEEP_SHARDS", "/shards")
+    cfg = compose_via_module(["+sweep=paper_grid"])
+    assert cfg.model.depth == 15 and cfg.data.batch_size == 1024 and cfg.train.max_steps == 250000
+    assert cfg.data.train_dir == "/shards/imagenet-256" and cfg.data.eval_dir == "/shards/coco2014-256"
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.flowsweep_launcher.SlurmLauncher"
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 8  # SLURM starts one rank per GPU
+    assert launcher.max_num_timeout > 0  # a run longer than the time limit is requeued and resumes
+    assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == 1  # from SLURM_NTASKS_PER_NODE in the job
+
+
+def test_backbone_runs_get_their_own_directories():
+    p = plan.plan_sweep(["+sweep=backbones", *FAKE_SHARDS, "paths.root_dir=/r"])
+    dirs = [str(j.run_dir) for j in p.jobs]
+    assert len(set(dirs)) == 5
+    assert "/r/outputs/multirun/backbones/fake/mmdit3/rf_lognorm_0.00_1.00" in dirs
+
+
+# ---- FLOPs and GPU-hours ----------------------------------------------------------------------------------------
+def forward_flops(model_name: str, depth: int) -> float:
+    p = plan.plan_sweep([f"model={model_name}", f"model.depth={depth}", "model.hidden_size=64", "model.num_heads=2",
+                         *FAKE_SHARDS])
+    (job,) = p.jobs
+    return job.fwd_flops_per_sample, job
+
+
+@pytest.mark.parametrize("model_name, adaln_per_block", [("dit", 12), ("mmdit", 24)])
+def test_counted_flops_per_block_match_the_transformer_formula(model_name, adaln_per_block):
+    """One block more adds 24 h^2 T (QKV, projection, 4x MLP) + 4 T^2 h (attention) + adaLN on the vector."""
+    h = 64
+    a, job = forward_flops(model_name, 3)
+    b, _ = forward_flops(model_name, 4)
+    T = job.tokens
+    assert job.image_tokens == 64 and job.text_tokens == plan.PAPER_CONTEXT_LENGTH
+    assert b - a == 24 * h * h * T + 4 * T * T * h + adaln_per_block * h * h
+
+
+def test_plan_totals_and_gpu_hours():
+    settings = "eval.settings=[{steps: 2, cfg: 1.0}, {steps: 3, cfg: 5.0}]"
+    p = plan.plan_sweep(["loss=rf,edm", "model=dit", "data.batch_size=8", "train.max_steps=10", "train.val_every=5",
+                         "data.val_samples=4", "eval.n_samples=4", settings, *FAKE_SHARDS],
+                        peak_tflops=100, mfu=0.5)
+    assert len(p.jobs) == 2
+    for j in p.jobs:
+        fwd = j.fwd_flops_per_sample
+        assert j.train_flops == 3 * fwd * 8 * 10
+        # validation: 2 times x 4 samples x 8 levels x raw/EMA; sampling: (2 + 2 x 3 guided) steps x 4 x raw/EMA
+        assert j.eval_flops == pytest.approx(fwd * (2 * 4 * 8 * 2 + (2 + 6) * 4 * 2))
+        assert j.status == "new"
+    total = sum(j.total_flops for j in p.jobs)
+    assert p.gpu_hours(total) == pytest.approx(total / (100e12 * 0.5) / 3600)
+    text = plan.render(p)
+    assert "2 jobs (2 to run; done: 0)" in text and "100 TFLOP/s peak and 50% utilisation" in text
+    assert "no shards at data.train_dir=/nonexistent/train" in text  # assumptions are stated
+    six = plan.plan_sweep(["model=dit", *FAKE_SHARDS], flops_method="6nt").jobs[0]
+    assert six.fwd_flops_per_sample == plan.rule_of_thumb_flops(six.params, six.tokens, 2, 64)
+
+
+def test_plan_status_reads_run_directories(tmp_path):
+    overrides = ["loss=rf,edm,eps_linear", "model=dit", f"paths.root_dir={tmp_path}",
+                 "eval.settings=[{steps: 2, cfg: 1.0}]", "eval.ema=[true]", *FAKE_SHARDS]
+    jobs = plan.plan_sweep(overrides).jobs
+    rf, edm, eps = (j.run_dir for j in jobs)
+    (rf / "checkpoints").mkdir(parents=True)
+    (rf / "checkpoints" / "last.ckpt").write_bytes(b"")
+    edm.mkdir(parents=True)
+    (edm / "error.json").write_text("{}")
+    eps.mkdir(parents=True)
+    (eps / "results.json").write_text(json.dumps([{"steps": 2, "cfg": 1.0, "ema": True}]))
+    p = plan.plan_sweep(overrides)
+    assert [j.status for j in p.jobs] == ["started", "failed", "done"]
+    assert "3 jobs (2 to run; done: 1)" in plan.render(p)
+
+
+def test_plan_cli_launches_nothing(tmp_path, capsys):
+    args = ["loss=rf,edm", "model=dit", f"paths.root_dir={tmp_path}", *FAKE_SHARDS]
+    assert plan.main([*args, "--mfu", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "2 jobs" in out and "30% utilisation" in out
+    assert list(tmp_path.iterdir()) == []  # no sweep directory, no multirun.yaml
+    assert plan.main([*args, "--mfu", "2"]) == 2
+    assert "--mfu=2.0: must be in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        plan.main([*args, "--utilisation", "0.3"])
