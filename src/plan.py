@@ -15,7 +15,8 @@ tokens. The rule overestimates MM-DiT about 2.8x: each token meets only its own 
 weights act on one vector per sample, not per token. Validation (every val_every steps, raw and EMA, at every
 level) and evaluation (every sampler setting, x2 with guidance, raw and EMA) add forward passes; they are shown
 apart. GPU-hours = FLOPs / (peak x utilisation) / 3600, at the stated peak (default: H100 SXM dense bf16, 989
-TFLOP/s) and model FLOPs utilisation (default 40%).
+TFLOP/s) and model FLOPs utilisation (default 40%; bench/results/backbone.md measured 27% for the depth-24 MM-DiT
+at batch 64 per H100, eager, so --mfu 0.27 is the conservative figure).
 
 The status column reads the run directory: done (complete results: a relaunch skips it), started (a checkpoint:
 a relaunch resumes it), failed (error.json), new.
@@ -37,7 +38,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 H100_BF16_DENSE_TFLOPS = 989.0
 DEFAULT_MFU = 0.4
-PAPER_CONTEXT_LENGTH = 154  # SPEC 5: 77 CLIP + 77 T5 tokens, used when the shards' meta.json is not at hand
+# What the paper's setup feeds the backbone at 256^2 (SPEC 5, 6; bench/results/backbone.md): SD3-style latents
+# (factor 8, 16 channels), CLIP + T5 context (77 + 77 tokens x 4096), pooled CLIP L + bigG (2048). Used for the keys
+# a configuration leaves null when its shards' meta.json is not at hand, and stated in the plan.
+PAPER_SHAPES = {"latent_channels": 16, "latent_size": 32, "context_dim": 4096, "pooled_dim": 2048,
+                "context_length": 154}
+PAPER_CONTEXT_LENGTH = PAPER_SHAPES["context_length"]
 
 
 @dataclass
@@ -154,14 +160,10 @@ def _read_data_meta(cfg: DictConfig) -> tuple[dict, list[str]]:
         return read_meta(data.train_dir), []
     except (FileNotFoundError, OSError, ValueError):
         pass
-    meta, assumed = {}, [f"no shards at data.train_dir={data.train_dir}"]
-    for k in ("latent_channels", "latent_size", "context_dim", "pooled_dim"):
-        if data.get(k) is None:
-            raise ValueError(f"data.{k}=null and no shards at data.train_dir={data.train_dir}: set data.{k} to plan")
-        meta[k] = int(data[k])
-    meta["context_length"] = PAPER_CONTEXT_LENGTH
-    assumed.append(f"context length {PAPER_CONTEXT_LENGTH} (CLIP 77 + T5 77)")
-    return meta, assumed
+    meta = {k: int(data[k]) if data.get(k) is not None else v for k, v in PAPER_SHAPES.items()}
+    taken = [f"{k}={v}" for k, v in PAPER_SHAPES.items() if data.get(k) is None]
+    notes = [f"no shards at data.train_dir={data.train_dir}"]
+    return meta, notes + ([f"the paper's {', '.join(taken)}"] if taken else [])
 
 
 def build_on_meta(cfg: DictConfig, meta: dict):
@@ -332,7 +334,7 @@ def render(plan: Plan, root: Path | None = None) -> str:
         wall = plan.gpu_hours(sum(j.total_flops for j in left)) / (gpus * at_once)
         lines.append(f"Wall clock with {at_once} jobs of {gpus} GPU(s) at once (array_parallelism): "
                      f"about {wall:.3g} h.")
-    notes = sorted({a for j in plan.jobs for a in j.assumptions})
+    notes = list(dict.fromkeys(a for j in plan.jobs for a in j.assumptions))
     if notes:
         lines.append("Assumed: " + "; ".join(notes) + ".")
     return "\n".join(lines)
