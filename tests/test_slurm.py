@@ -38,11 +38,14 @@ def slurm():
         out = subprocess.run([str(SCRIPT), "install"], capture_output=True, text=True, timeout=900)
         if out.returncode != 0:
             pytest.skip(f"slurm-wlm/munge could not be installed: {out.stderr.strip()[-300:]}")
+    was_running = subprocess.run([str(SCRIPT), "status"], capture_output=True).returncode == 0
     out = subprocess.run([str(SCRIPT), "start"], capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
         pytest.skip(f"slurmctld/slurmd could not be started: {(out.stderr or out.stdout).strip()[-300:]}")
     yield
     subprocess.run(["scancel", "--full", "--quiet", "--partition", "debug"], capture_output=True)
+    if not was_running:  # leave the machine as found
+        subprocess.run([str(SCRIPT), "stop"], capture_output=True, timeout=60)
 
 
 @pytest.fixture(scope="module")
