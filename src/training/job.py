@@ -201,6 +201,8 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         log.info("%s: results complete, nothing to do", run_dir)
         return {"run_dir": str(run_dir), "skipped": True}
 
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts of bf16-mixed training
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
