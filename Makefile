@@ -10,7 +10,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 SWEEP ?=
 REPORT_ARGS ?=
 
-.PHONY: setup test test-slow test-all run rank-report bench clean tiny-clip
+.PHONY: setup test test-slow test-all run rank-report bench clean tiny-clip slurm-local
 
 setup: $(STAMP)
 
@@ -39,6 +39,18 @@ rank-report: setup
 
 bench: setup
 	@for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+# Named sweeps (sweeps/): make sweep-smoke | sweep-paper_embedded | sweep-backbones | sweep-paper_grid
+sweep-%: setup
+	$(PY) -m src.run +sweep=$* $(ARGS)
+
+# The job list with training FLOPs and GPU-hours, launching nothing: make plan-paper_grid
+plan-%: setup
+	$(PY) -m src.plan +sweep=$* $(ARGS)
+
+# A one-node SLURM cluster on this machine (Debian's slurm-wlm and munge; as root), for the slow SLURM tests.
+slurm-local:
+	scripts/slurm_local.sh start
 
 tiny-clip: setup
 	$(PY) -m src.text.train_tiny_clip

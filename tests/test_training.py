@@ -89,6 +89,15 @@ def test_resume_matches_uninterrupted_run(tmp_path, cache_dir, monkeypatch):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_last_checkpoint_is_the_final_step_and_a_finished_run_is_skipped(tmp_path, cache_dir):
+    # max_steps is not a multiple of ckpt_every: last.ckpt must still hold the final step.
+    overrides = ["train.max_steps=7", "train.val_every=7", "train.ckpt_every=5", "eval.enabled=false"]
+    run_dir = tmp_path / "run"
+    assert run_job(make_cfg(tmp_path, cache_dir, overrides), run_dir)["global_step"] == 7
+    assert final_state(run_dir)[1] == 7
+    assert run_job(make_cfg(tmp_path, cache_dir, overrides), run_dir)["skipped"] is True
+
+
 def test_changed_config_in_same_directory_is_an_error(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     base = ["train.max_steps=2", "train.val_every=2", "train.ckpt_every=2", "eval.enabled=false"]

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from src.config import ConfigError, diff_keys, fingerprint, to_dict
 from src.launch.preemption import PreemptionCheckpoint, submitit_signal
 from src.launch.strategies import build_strategy
+from src.training.callbacks import SaveLastAtEnd
 from src.training.checkpoint_io import AtomicCheckpointIO
 from src.training.datamodule import ShardDataModule
 from src.training.module import FormulationModule
@@ -219,6 +220,7 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
                         every_n_train_steps=cfg.train.ckpt_every, save_top_k=0, save_last=True),
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_ema/loss_mean", mode="min",
                         save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False),
+        SaveLastAtEnd(ckpt_dir / "last.ckpt"),
     ]
     preempt_signal = submitit_signal()
     if preempt_signal is not None:  # a submitit SLURM job: checkpoint at the step boundary before a requeue
