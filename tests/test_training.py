@@ -119,3 +119,20 @@ def test_bad_values_fail_before_training(tmp_path, cache_dir, override, message)
     with pytest.raises(ConfigError, match=message):
         run_job(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_evaluation_writes_one_record_per_setting_and_weights(tmp_path, cache_dir):
+    import json
+
+    overrides = ["train.max_steps=4", "train.val_every=4", "train.ckpt_every=4", "eval.n_samples=6",
+                 "eval.batch_size=4", "eval.settings=[{steps: 2, cfg: 1.0}, {steps: 3, cfg: 5.0}]"]
+    run_dir = tmp_path / "run"
+    run_job(make_cfg(tmp_path, cache_dir, overrides), run_dir)
+    records = json.loads((run_dir / "results.json").read_text())
+    assert sorted((r["steps"], r["cfg"], r["ema"]) for r in records) == [
+        (2, 1.0, False), (2, 1.0, True), (3, 5.0, False), (3, 5.0, True)]
+    for r in records:
+        assert r["recipe"] == "rf/lognorm(0.00, 1.00)" and r["dataset"] == "digits" and r["n_samples"] == 6
+        assert r["checkpoint_step"] == 4 and r["config"]["loss"]["family"] == "rf_lognorm"
+        assert (run_dir / r["arrays"]).exists() and (run_dir / r["arrays"].replace(".npz", ".png")).exists()
+    assert run_job(make_cfg(tmp_path, cache_dir, overrides), run_dir)["skipped"] is True

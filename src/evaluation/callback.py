@@ -16,7 +16,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import ConfigError
-from src.data.shards import decode_latents, load_eval_set
+from src.data.shards import load_eval_set
+from src.evaluation.decoding import make_decoder, reference_images
 from src.evaluation.evaluate import SamplerSetting, evaluate_backbone
 from src.metrics.reference import reference_features
 
@@ -79,15 +80,17 @@ class EvaluationCallback(L.Callback):
 
         extractor = load_clip_extractor(ev, device)
         eval_set = load_eval_set(cfg.data.eval_dir)
+        decode = make_decoder(self.meta, ev.get("autoencoder_path"), device)
         dataset_id = f"{cfg.data.name}:{Path(cfg.data.eval_dir).resolve()}:{eval_set['meta']['count']}"
         cache = Path(cfg.paths.cache_dir) / "reference"
-        reference = reference_features(extractor.id, dataset_id, eval_set["images"], extractor, cache)
+        images = lambda: reference_images(eval_set, decode)  # noqa: E731 -- only computed on a cache miss
+        reference = reference_features(extractor.id, dataset_id, images, extractor, cache)
         inception = None
         if ev.inception.weights_path is not None:
             from src.metrics.inception import InceptionFeatureExtractor
 
             inc = InceptionFeatureExtractor(ev.inception.weights_path, device=device)
-            inception = (inc, reference_features(inc.id, dataset_id, eval_set["images"], inc, cache))
+            inception = (inc, reference_features(inc.id, dataset_id, images, inc, cache))
 
         settings = [SamplerSetting(int(s["steps"]), float(s["cfg"]), float(ev.shift)) for s in ev.settings]
         base = {
@@ -103,7 +106,7 @@ class EvaluationCallback(L.Callback):
             backbone.eval()
             records += evaluate_backbone(
                 backbone, pl_module.formulation, eval_set, settings, extractor, n_samples=int(ev.n_samples),
-                seed=int(ev.seed), batch_size=int(ev.batch_size), decode=lambda x: decode_latents(x, self.meta),
+                seed=int(ev.seed), batch_size=int(ev.batch_size), decode=decode,
                 out_dir=self.run_dir, ema=bool(use_ema), base_record=base, reference=reference, inception=inception,
             )
         self._log(records, loggers, step)

@@ -96,6 +96,12 @@ class DiffusersAutoencoder:
             raise ValueError("latent='sample' needs one item index per image to seed its noise")
         return sample_latents(mean, dist.std.float().cpu(), indices, seed)
 
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents (B, C, h, w) -> pixels (B, 3, h*f, w*f) in [-1, 1], float32 on the latents' device."""
+        pixels = self.vae.decode(latents.to(self.device, self.dtype)).sample
+        return pixels.float().clamp(-1.0, 1.0).to(latents.device)
+
     def describe(self) -> dict:
         """What meta.json records about the autoencoder."""
         cfg = self.vae.config
