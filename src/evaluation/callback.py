@@ -93,7 +93,11 @@ class EvaluationCallback(L.Callback):
             inception = (inc, reference_features(inc.id, dataset_id, images, inc, cache))
 
         settings = [SamplerSetting(int(s["steps"]), float(s["cfg"]), float(ev.shift)) for s in ev.settings]
+        # The study's backbone is MM-DiT; other backbones (the backbone comparison) are ranked as their own entries.
+        backbone_name = str(cfg.model.get("_target_", "MMDiT")).rsplit(".", 1)[-1]
+        recipe = pl_module.formulation.name
         base = {
+            "recipe": recipe if backbone_name == "MMDiT" else f"{recipe} [{backbone_name}]",
             "dataset": cfg.data.name,
             "checkpoint_step": step,
             "config": OmegaConf.to_container(cfg, resolve=True),
