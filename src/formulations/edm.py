@@ -23,8 +23,7 @@ from .schedules import (
     SIGMA_MIN,
     cos_sigma,
     cos_t_from_sigma,
-    rf_sigma,
-    rf_t_from_sigma,
+    RFTimeAxis,
 )
 
 SIGMA_DATA = 0.5
@@ -100,22 +99,10 @@ class EDMBase(Formulation):
         return self.loss_weight(s) * s**2
 
 
-class EDMRFAxis(EDMBase):
+class EDMRFAxis(RFTimeAxis, EDMBase):
     """EDM with sigma(t) = t / (1 - t), t clipped to sigma in [SIGMA_MIN, SIGMA_MAX]."""
 
     t_min, t_max = RF_AXIS_RANGE
-
-    def sigma(self, t: Tensor) -> Tensor:
-        return rf_sigma(t)
-
-    def t_from_sigma(self, sigma: Tensor) -> Tensor:
-        return rf_t_from_sigma(sigma)
-
-    def rf_time(self, t: Tensor) -> Tensor:
-        return t
-
-    def t_from_rf_time(self, tau: Tensor) -> Tensor:
-        return tau
 
 
 class EDM(EDMRFAxis):

@@ -13,13 +13,13 @@ from torch import Tensor
 
 from .base import Formulation, expand_like, mean_flat
 from .densities import CosMap, LogitNormal, Mode, TimestepDensity, Uniform
-from .schedules import rf_sigma, rf_t_from_sigma
+from .schedules import RFTimeAxis
 
 #: Training times are kept in the open interval (0, 1) (SPEC section 11): the float32 spacing below 1.
 _OPEN = 2.0**-24
 
 
-class RectifiedFlow(Formulation):
+class RectifiedFlow(RFTimeAxis, Formulation):
     """Rectified flow with velocity prediction and a timestep density pi(t)."""
 
     t_min = 0.0
@@ -47,18 +47,6 @@ class RectifiedFlow(Formulation):
 
     def b(self, t: Tensor) -> Tensor:
         return t
-
-    def sigma(self, t: Tensor) -> Tensor:
-        return rf_sigma(t)
-
-    def t_from_sigma(self, sigma: Tensor) -> Tensor:
-        return rf_t_from_sigma(sigma)
-
-    def rf_time(self, t: Tensor) -> Tensor:
-        return t
-
-    def t_from_rf_time(self, tau: Tensor) -> Tensor:
-        return tau
 
     # ---- training-time distribution ----
     def sample_t(self, n: int, generator: torch.Generator | None = None) -> Tensor:

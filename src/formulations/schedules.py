@@ -155,3 +155,22 @@ class LinearSchedule:
         device = generator.device if generator is not None else None
         i = torch.randint(0, self.levels, (n,), generator=generator, device=device)
         return i.to(torch.float32) / (self.levels - 1)
+
+
+class RFTimeAxis:
+    """Mixin: the time axis of rectified flow, sigma = t / (1 - t), so t is its own RF-equivalent time.
+
+    Shared by rf and by the EDM families placed on that axis (edm(Pm, Ps), edm/rf).
+    """
+
+    def sigma(self, t):
+        return rf_sigma(t)
+
+    def t_from_sigma(self, sigma):
+        return rf_t_from_sigma(sigma)
+
+    def rf_time(self, t):
+        return t
+
+    def t_from_rf_time(self, tau):
+        return tau
