@@ -1,8 +1,9 @@
 """The LightningModule shared by every recipe: a formulation around one backbone (SPEC sections 5-7).
 
-Randomness in a training step (timesteps, noise, conditioning dropout) is drawn from a generator seeded by
-(seed, rank, global step), and the embedded datasets draw their batches the same way, so a run resumed from a
-checkpoint ends with exactly the weights of an uninterrupted one on the CPU.
+Randomness in a training step (timesteps, noise, conditioning dropout) is drawn for the global batch from
+generators seeded by (seed, global step) and sliced per rank, and the embedded datasets draw their batches the
+same way: a run resumed from a checkpoint ends with exactly the weights of an uninterrupted one on the CPU, and
+DDP over any number of ranks sees the draws of one process.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from src.training.conditioning import draw_drops, drop_conditioning
 from src.training.ema import ema_update, make_ema_copy
 
 
-def step_generator(seed: int, rank: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator whose stream depends only on (seed, rank, step)."""
+def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator whose stream depends only on (seed, step)."""
     g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + rank * 7_919 + step) % (2**63 - 1))
+    g.manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
     return g
 
 
@@ -74,15 +75,16 @@ class FormulationModule(L.LightningModule):
     # ---- training ---------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x0, context, pooled = batch["x0"], batch["context"], batch["pooled"]
-        # Times, noise and dropout are drawn for the global batch and sliced per rank, so that DDP over any
-        # number of ranks sees the same draws as one process.
+        # Drawn for the global batch and sliced per rank (see the module docstring). The noise, the large draw,
+        # comes from a generator on the data's device so a GPU step does not wait for the CPU.
         n, rank, world = x0.shape[0], self.global_rank, self.trainer.world_size if self._trainer else 1
         rows = slice(rank * n, (rank + 1) * n)
-        g = step_generator(self.seed, 0, self.global_step)
+        g = step_generator(self.seed, self.global_step)
         t = self.formulation.sample_t(n * world, generator=g)[rows].to(x0.device)
-        eps = torch.randn((n * world, *x0.shape[1:]), generator=g)[rows].to(x0.device)
         n_groups = len(self.cond_groups) if self.cond_groups else 1
         drop = draw_drops(n * world, n_groups, self.cond_dropout, g)[rows]
+        g_noise = step_generator(self.seed + 3, self.global_step, device=x0.device)
+        eps = torch.randn((n * world, *x0.shape[1:]), generator=g_noise, device=x0.device)[rows]
         context, pooled = drop_conditioning(context, pooled, drop, self.cond_groups)
         loss = self._loss(self._train_forward, x0, eps, t, context, pooled).mean()
         if not torch.isfinite(loss):
@@ -109,7 +111,7 @@ class FormulationModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x0, context, pooled = batch["x0"], batch["context"], batch["pooled"]
         # Fixed noise from an evaluation generator, separate from training's.
-        g = step_generator(self.seed + 1, 0, batch_idx)
+        g = step_generator(self.seed + 1, batch_idx)
         eps = torch.randn(x0.shape, generator=g).to(x0.device)
         n = x0.shape[0]
         for tag, backbone in (("val", self.backbone), ("val_ema", self.ema_backbone)):
