@@ -13,5 +13,7 @@ def _deterministic_torch():
 
     torch.manual_seed(0)
     # One thread: tiny models gain nothing from two, and on a busy machine two threads spin-wait.
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)

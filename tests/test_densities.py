@@ -10,7 +10,6 @@ from scipy import special, stats
 from src.formulations import RECIPES, get_recipe
 from src.formulations.densities import MODE_S_MAX, CosMap, LogitNormal, Mode, Uniform
 
-torch.set_num_threads(1)
 
 RF_DENSITIES = {name: get_recipe(name).timestep_density for name in RECIPES if name.startswith("rf")}
 

@@ -26,7 +26,6 @@ from src.formulations import get_recipe
 from src.metrics import ClipFeatureExtractor, clip_score, fid_from_features, reference_features
 from src.metrics.images import to_rgb01
 from tests.test_metrics import TINY_CLIP, tiny_clip_file  # noqa: F401  (fixture)
-from tests.test_sampling import one_thread  # noqa: F401  (autouse fixture)
 
 SHAPE = (1, 8, 8)
 

@@ -19,7 +19,6 @@ from src.formulations import (
 )
 from src.formulations.schedules import SIGMA_MAX, SIGMA_MIN
 
-torch.set_num_threads(1)
 
 ONE_PER_FAMILY = {get_recipe(n).family: n for n in RECIPES}
 

@@ -18,7 +18,6 @@ from src.metrics import (
     frechet_distance,
     reference_features,
 )
-from tests.test_sampling import one_thread  # noqa: F401  (autouse fixture)
 
 TINY_CLIP = "TinyTest-CLIP-16"
 TINY_CLIP_CFG = {

@@ -19,13 +19,6 @@ SMALL = dict(input_size=16, patch_size=2, in_channels=3, depth=2, hidden_size=32
 EXTRA = {"mmdit3": dict(context_split=4)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models: one thread is as fast, and two spin-wait (40x the CPU time) on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small(name: str, **overrides) -> torch.nn.Module:

@@ -19,13 +19,6 @@ CONFIG = dict(
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models: one thread is as fast, and two spin-wait (40x the CPU time) on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_mmdit(qk_norm):

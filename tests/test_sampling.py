@@ -107,13 +107,6 @@ class _EDM(_RF):
 FORMULATIONS = [_RF(), _CosEps(), _EDM()]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls run far faster on one thread when the CPU is shared (intra-op spin-waiting)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 IDS = [f.name for f in FORMULATIONS]
 
 

@@ -7,7 +7,7 @@ import torch
 
 from src.formulations import RECIPES, build, get_recipe
 from src.sampling import conversion_coefficients, initial_noise, rf_time_grid, sample, step_times
-from tests.test_sampling import _gaussian, _no_text, exact_flow, gaussian_denoiser, one_thread  # noqa: F401
+from tests.test_sampling import _gaussian, _no_text, exact_flow, gaussian_denoiser
 
 ONE_PER_FAMILY = [
     "rf", "rf/lognorm(0.00, 1.00)", "rf/mode(1.29)", "rf/cosmap", "eps/linear", "v/linear", "eps/cos", "v/cos",

@@ -127,9 +127,8 @@ class EvaluationCallback(L.Callback):
         for lg in loggers:
             lg.log_metrics(metrics, step=step)
             if type(lg).__name__ == "WandbLogger":
-                grids = [self.run_dir / r["arrays"].replace(".npz", ".png") for r in records]
-                grids = [g for g in grids if g.exists()]
+                grids = [(self.run_dir / r["arrays"].replace(".npz", ".png"), r) for r in records]
+                grids = [(g, r) for g, r in grids if g.exists()]
                 if grids:
-                    lg.log_image("eval/samples", [str(g) for g in grids],
-                                 caption=[f"{r['setting']}, {'ema' if r['ema'] else 'raw'}" for r in records][: len(grids)],
-                                 step=step)
+                    lg.log_image("eval/samples", [str(g) for g, _ in grids],
+                                 caption=[f"{r['setting']}, {'ema' if r['ema'] else 'raw'}" for _, r in grids], step=step)

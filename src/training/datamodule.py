@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from src.data.shards import load_eval_set, make_loader
+from src.training.module import step_generator
 
 
 class StepIndexedBatches(IterableDataset):
@@ -29,7 +30,8 @@ class StepIndexedBatches(IterableDataset):
         step = self.start_step()
         per_rank = self.batch_size // self.world
         while True:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + step + 17) % (2**63 - 1))
+            # Offset 17 keeps the data's stream apart from the step's own draws (t, noise, dropout).
+            g = step_generator(self.seed, step + 17)
             idx = torch.randint(self.n, (self.batch_size,), generator=g)[self.rank * per_rank : (self.rank + 1) * per_rank]
             yield {k: v[idx] for k, v in self.tensors.items()}
             step += 1
