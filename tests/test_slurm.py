@@ -178,19 +178,30 @@ def test_preempted_job_checkpoints_is_requeued_and_resumes(slurm, cache_dir, tmp
     assert "`max_steps=2000` reached" in log and (run_dir / "results.json").is_file()
 
 
-def test_ranks_started_by_slurm_match_one_process(slurm, cache_dir, tmp_path):
-    """trainer=ddp with two SLURM tasks (gloo on the CPU): the same weights as the one-process run."""
-    common = ["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", "eval.enabled=false",
-              "train.max_steps=8", "train.ckpt_every=4", "train.val_every=4", "optim.warmup_steps=1",
-              "trainer.accelerator=cpu", "loss=paper/rf"]
-    code, err = finish(launch([*common, "sweep_name=one"]))
+SLURM_PAIR = ["eval.enabled=false", "train.max_steps=8", "train.ckpt_every=4", "train.val_every=4",
+              "optim.warmup_steps=1", "train.ema_every=2", "trainer.accelerator=cpu", "loss=paper/rf"]
+
+
+@pytest.fixture(scope="module")
+def one_process_on_slurm(slurm, cache_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("one")
+    code, err = finish(launch(["-m", *TINY, f"paths.root_dir={root}", f"paths.cache_dir={cache_dir}", *SLURM_PAIR,
+                               "sweep_name=one"]))
     assert code == 0, err[-3000:]
-    code, err = finish(launch([*common, "sweep_name=two", "trainer=ddp", "hydra.launcher.tasks_per_node=2"]))
+    return torch.load(root / "outputs/multirun/one/digits/rf/checkpoints/last.ckpt", weights_only=True)
+
+
+@pytest.mark.parametrize("trainer", ["ddp", "fsdp"])
+def test_ranks_started_by_slurm_match_one_process(slurm, cache_dir, tmp_path, one_process_on_slurm, trainer):
+    """trainer=ddp or fsdp with two SLURM tasks (gloo on the CPU): the same weights as the one-process run."""
+    code, err = finish(launch(["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", *SLURM_PAIR,
+                               "sweep_name=two", f"trainer={trainer}", "hydra.launcher.tasks_per_node=2"]))
     assert code == 0, err[-3000:]
     two_dir = tmp_path / "outputs/multirun/two/digits/rf"
     assert "Starting with 2 processes" in job_log(tmp_path / "outputs/multirun/two", slurm_job_id(two_dir))
-    a = torch.load(tmp_path / "outputs/multirun/one/digits/rf/checkpoints/last.ckpt", weights_only=True)
+    a = one_process_on_slurm
     b = torch.load(two_dir / "checkpoints/last.ckpt", weights_only=True)
     assert a["global_step"] == b["global_step"] == 8
+    assert a["state_dict"].keys() == b["state_dict"].keys()
     for k in a["state_dict"]:
         torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=1e-5, atol=1e-6, msg=k)

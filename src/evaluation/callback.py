@@ -7,7 +7,6 @@ so they never end up in checkpoints or in the EMA copy.
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 
@@ -52,6 +51,24 @@ def check_eval_files(cfg_eval: DictConfig) -> None:
         raise ConfigError(f"eval.clip.weights_path=None: required with eval.clip.model_name={cfg_eval.clip.model_name}")
 
 
+def unsharded_backbone(cfg_model: DictConfig, device: torch.device) -> torch.nn.Module:
+    """A plain backbone of the run's architecture on `device`, for the checkpoint's weights to be loaded into.
+
+    Built from the configuration, not copied from the trained module, which under FSDP is a sharded wrapper.
+    Built on the meta device and then allocated, so a large backbone is not randomly initialised only to be
+    overwritten; every tensor must then come from the checkpoint, so a backbone with buffers that are not saved
+    is built the ordinary way.
+    """
+    import hydra
+
+    with torch.device("meta"):
+        backbone = hydra.utils.instantiate(cfg_model)
+    saved = set(backbone.state_dict())
+    if any(name not in saved for name, _ in backbone.named_buffers()):
+        return hydra.utils.instantiate(cfg_model).to(device)
+    return backbone.to_empty(device=device)
+
+
 class EvaluationCallback(L.Callback):
     """Runs the evaluation protocol once training has finished (or at once, when resuming a finished run)."""
 
@@ -73,7 +90,7 @@ class EvaluationCallback(L.Callback):
         cfg, ev = self.cfg, self.cfg.eval
         device = pl_module.device
         path = self._selected_checkpoint()
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         step = int(ckpt["global_step"])
         state = ckpt["state_dict"]
         log.info("evaluating %s (step %d)", path.name, step)
@@ -103,9 +120,9 @@ class EvaluationCallback(L.Callback):
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
         records = []
+        backbone = unsharded_backbone(cfg.model, device)
         for use_ema in ev.ema:
             prefix = "ema_backbone." if use_ema else "backbone."
-            backbone = copy.deepcopy(pl_module.backbone).to(device)
             backbone.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
             backbone.eval()
             records += evaluate_backbone(

@@ -53,17 +53,6 @@ def check_no_relaunch_in_multirun(cfg: DictConfig, multirun: bool) -> None:
         )
 
 
-def check_fsdp(cfg: DictConfig) -> None:
-    """FSDP needs the module's training forward, EMA update and evaluation copy to go through the wrapped backbone."""
-    if "fsdp" in _strategy_name(cfg.trainer.strategy):
-        raise ConfigError(
-            "trainer.strategy=fsdp: not supported yet; FormulationModule trains through its unwrapped backbone handle "
-            "(_train_forward) and the evaluation callback deep-copies the backbone module, both of which bypass "
-            "FSDP's unsharding; use trainer=ddp"
-        )
-
-
 def check_launch(cfg: DictConfig, multirun: bool) -> None:
     """Every launch check, in run.main before the job starts."""
     check_no_relaunch_in_multirun(cfg, multirun)
-    check_fsdp(cfg)

@@ -57,9 +57,15 @@ class FormulationModule(L.LightningModule):
         self.cond_dropout, self.cond_groups = cond_dropout, cond_groups
         self.seed = seed
         self.register_buffer("val_t", validation_times(formulation, val_levels), persistent=False)
-        # torch.compile wraps the backbone for the training forward only; the plain handle stays the one that is
-        # saved and averaged (compiled modules prefix state-dict keys with `_orig_mod.`).
-        object.__setattr__(self, "_train_forward", torch.compile(backbone) if compile else backbone)
+        self.compile_backbone = compile
+        object.__setattr__(self, "_train_forward", backbone)
+
+    def on_fit_start(self) -> None:
+        # After the strategy's setup: under FSDP, `self.backbone` is now the sharded wrapper, and the training
+        # forward must go through it (it gathers the weights). torch.compile wraps that handle for the training
+        # forward only; `self.backbone` stays the one that is saved and averaged (compiled modules prefix
+        # state-dict keys with `_orig_mod.`).
+        object.__setattr__(self, "_train_forward", torch.compile(self.backbone) if self.compile_backbone else self.backbone)
 
     # ---- the model as the formulation sees it -----------------------------------------------------
     def denoiser_output(self, backbone: nn.Module, z_t: Tensor, t: Tensor, context: Tensor, pooled: Tensor) -> Tensor:
@@ -96,6 +102,7 @@ class FormulationModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         # Here, not in on_train_batch_end: checkpoint callbacks run before the module's batch-end hook, and a
         # checkpoint must hold the EMA of the weights it holds. global_step already counts this step.
+        # Under FSDP both backbones are sharded alike (src/launch/strategies.py), so each rank averages its shard.
         if self.global_step % self.ema_every == 0:
             ema_update(self.ema_backbone, self.backbone, self.ema_decay)
 
