@@ -120,17 +120,23 @@ def expand_jobs(overrides: Sequence[str]) -> tuple[DictConfig, list[list[str]]]:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from src.launch.sweeper import NAME_KEYS, swept_keys, tag_jobs
+
     overrides = [o for o in overrides if o not in ("-m", "--multirun")]
     parser = OverridesParser.create()
     parsed = parser.parse_overrides(list(overrides))
     base = _compose([o.input_line for o in parsed if not o.is_sweep_override()])
     sweeper = base.hydra.sweeper
-    if sweeper._target_ != "hydra._internal.core_plugins.basic_sweeper.BasicSweeper":
+    tagging = sweeper._target_ == "hydra_plugins.flowsweep_launcher.TaggingSweeper"
+    if not tagging and sweeper._target_ != "hydra._internal.core_plugins.basic_sweeper.BasicSweeper":
         raise ValueError(f"hydra.sweeper._target_={sweeper._target_}: the planner expands the basic sweeper only")
     params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
     if not params and not any(o.is_sweep_override() for o in parsed) and str(base.hydra.mode) != "RunMode.MULTIRUN":
         return base, [list(overrides)]  # a single run
-    batches = BasicSweeper.split_arguments(parser.parse_overrides(params + list(overrides)), None)
+    parsed = parser.parse_overrides(params + list(overrides))
+    batches = BasicSweeper.split_arguments(parsed, None)
+    if tagging:  # the run_tag each job gets from src.launch.sweeper.TaggingSweeper
+        batches = tag_jobs(batches, swept_keys(parsed, list(base.get("name_keys") or NAME_KEYS)))
     return base, [list(job) for batch in batches for job in batch]
 
 

@@ -1,6 +1,7 @@
 """Named sweeps (sweeps/ is the config group `sweep` through the symlink conf/sweep) and planning mode (src/plan.py)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -186,3 +187,56 @@ def test_plan_cli_launches_nothing(tmp_path, capsys):
     assert "--mfu=2.0: must be in (0, 1]" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         plan.main([*args, "--utilisation", "0.3"])
+
+
+# ---- sweeping keys the run name does not hold ------------------------------------------------------------------
+def test_swept_keys_outside_the_run_name_tag_each_job():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from src.launch.sweeper import NAME_KEYS, run_tag, swept_keys, tag_jobs
+
+    parsed = OverridesParser.create().parse_overrides(
+        ["loss=rf,edm", "loss.s=1,2", "data=digits,shapes", "optim.lr=1e-4,3e-4", "+x=a/b,c", "seed=0", "model=dit"])
+    keys = swept_keys(parsed, NAME_KEYS)
+    assert keys == ["optim.lr", "x"]  # loss and its parameters are in the recipe slug, data in the dataset name
+    assert swept_keys(parsed, [*NAME_KEYS, "x"]) == ["optim.lr"]
+    assert run_tag(["loss=rf", "optim.lr=0.0003", "+x=a/b", "seed=0"], keys) == "/optim.lr=0.0003,x=a_b"
+    assert tag_jobs([[["loss=rf"], ["loss=edm"]]], []) == [[["loss=rf"], ["loss=edm"]]]  # nothing to tag
+    assert tag_jobs([[["optim.lr=0.1"]]], ["optim.lr"]) == [[["optim.lr=0.1", "run_tag='/optim.lr=0.1'"]]]
+
+
+def test_plan_and_named_sweeps_keep_their_directories():
+    dirs = [str(j.run_dir) for j in plan.plan_sweep(["+sweep=smoke", "paths.root_dir=/r"]).jobs]
+    assert "/r/outputs/multirun/smoke/shapes/eps_linear" in dirs  # recipe and dataset sweeps: no tag
+    p = plan.plan_sweep(["loss=rf,edm", "optim.lr=1e-4,3e-4", "model=dit", "paths.root_dir=/r", *FAKE_SHARDS])
+    dirs = sorted(str(j.run_dir) for j in p.jobs)
+    assert dirs == sorted(f"/r/outputs/multirun/default/fake/{r}/optim.lr={lr}"
+                          for r in ("rf", "edm_-1.20_1.20") for lr in ("0.0001", "0.0003"))
+    p = plan.plan_sweep(["+sweep=backbones", "optim.lr=1e-4,3e-4", "paths.root_dir=/r", *FAKE_SHARDS])
+    assert "/r/outputs/multirun/backbones/fake/dit/rf_lognorm_0.00_1.00/optim.lr=0.0003" in {
+        str(j.run_dir) for j in p.jobs}
+
+
+def test_learning_rate_sweep_runs_each_value_in_its_own_directory_and_ranks_them(tmp_path):
+    from src.ranking.aggregate import load_sweep
+
+    args = ["-m", "loss=rf", "optim.lr=1e-4,3e-3", f"paths.root_dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache",
+            "model.depth=1", "model.hidden_size=32", "data.batch_size=16", "data.val_samples=16", "train.max_steps=2",
+            "train.val_every=2", "train.ckpt_every=2", "eval.n_samples=4", "eval.batch_size=4",
+            "eval.settings=[{steps: 2, cfg: 1.0}]", "eval.ema=[true]", "logger=csv",
+            "trainer.enable_progress_bar=false", "torch_threads=1"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    out = subprocess.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    sweep = tmp_path / "outputs/multirun/default/digits/rf"
+    for lr in ("0.0001", "0.003"):
+        run = sweep / f"optim.lr={lr}"
+        assert json.loads((run / "fingerprint.json").read_text())["optim"]["lr"] == float(lr)
+        assert (run / "results.json").is_file()
+    records = load_sweep([tmp_path / "outputs/multirun/default"]).records
+    assert sorted(records["recipe"].unique()) == ["rf [optim.lr=0.0001]", "rf [optim.lr=0.003]"]
+    # The same command again: both runs are found complete and skipped.
+    out = subprocess.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert out.returncode == 0 and (out.stdout + out.stderr).count("results complete, nothing to do") == 2

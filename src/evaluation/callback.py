@@ -51,6 +51,17 @@ def check_eval_files(cfg_eval: DictConfig) -> None:
         raise ConfigError(f"eval.clip.weights_path=None: required with eval.clip.model_name={cfg_eval.clip.model_name}")
 
 
+def ranked_name(recipe: str, cfg: DictConfig) -> str:
+    """The entry a run is ranked as: the recipe, qualified by a backbone other than the study's MM-DiT (the backbone
+    comparison) and by the run's swept values (run_tag, e.g. a learning-rate sweep), each variant its own entry."""
+    backbone = str(cfg.model.get("_target_", "MMDiT")).rsplit(".", 1)[-1]
+    qualifiers = [backbone] if backbone != "MMDiT" else []
+    tag = str(cfg.get("run_tag") or "").strip("/")
+    if tag:
+        qualifiers.append(tag)
+    return f"{recipe} [{', '.join(qualifiers)}]" if qualifiers else recipe
+
+
 def unsharded_backbone(cfg_model: DictConfig, device: torch.device) -> torch.nn.Module:
     """A plain backbone of the run's architecture on `device`, for the checkpoint's weights to be loaded into.
 
@@ -110,11 +121,8 @@ class EvaluationCallback(L.Callback):
             inception = (inc, reference_features(inc.id, dataset_id, images, inc, cache))
 
         settings = [SamplerSetting(int(s["steps"]), float(s["cfg"]), float(ev.shift)) for s in ev.settings]
-        # The study's backbone is MM-DiT; other backbones (the backbone comparison) are ranked as their own entries.
-        backbone_name = str(cfg.model.get("_target_", "MMDiT")).rsplit(".", 1)[-1]
-        recipe = pl_module.formulation.name
         base = {
-            "recipe": recipe if backbone_name == "MMDiT" else f"{recipe} [{backbone_name}]",
+            "recipe": ranked_name(pl_module.formulation.name, cfg),
             "dataset": cfg.data.name,
             "checkpoint_step": step,
             "config": OmegaConf.to_container(cfg, resolve=True),

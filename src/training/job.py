@@ -95,7 +95,8 @@ def check_fingerprint(cfg: DictConfig, run_dir: Path) -> None:
         if changed:
             raise ConfigError(
                 f"{run_dir} holds a run with a different configuration ({', '.join(changed[:5])}); "
-                "use another sweep_name or delete the directory"
+                "use another sweep_name, give this configuration its own directory with run_tag=/<label>, "
+                "or delete the directory"
             )
     else:
         atomic_write_json(path, fp)

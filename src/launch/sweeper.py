@@ -1,0 +1,55 @@
+"""Hydra's basic sweeper, with each job's swept values in its run name (`run_tag`).
+
+A run directory is tied to one configuration (fingerprint.json) and is named from the recipe and the dataset
+(`run_name` in conf/config.yaml). A multirun over any other key (`-m loss=rf,edm optim.lr=1e-4,3e-4`) would send
+several configurations to one directory; this sweeper appends `run_tag=/optim.lr=0.0001` (every swept key outside
+`name_keys`, which the run name already covers) to each job, so they get their own directories. Keys that are not
+swept add nothing: rerunning the same command finds the same directories (resume, skip finished jobs).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.types import Override
+
+# What the default run name (${data.name}/${recipe_slug:${loss}}) already says; a sweep's file may widen it.
+NAME_KEYS = ("loss", "loss.*", "data", "data.name")
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
+
+
+def swept_keys(overrides: Sequence[Override], name_keys: Sequence[str] = NAME_KEYS) -> list[str]:
+    """The keys a multirun sweeps over that the run name does not already hold, in command-line order."""
+    keys = []
+    for o in overrides:
+        key = o.key_or_group
+        if o.is_sweep_override() and key not in keys and not any(fnmatch.fnmatchcase(key, p) for p in name_keys):
+            keys.append(key)
+    return keys
+
+
+def run_tag(job: Sequence[str], keys: Sequence[str]) -> str:
+    """`/k1=v1,k2=v2` from one job's overrides ('' when nothing is swept); '/' in a value becomes '_'."""
+    values = {_key(o): o.split("=", 1)[1] for o in job if "=" in o}
+    parts = [f"{k}={values[k].replace('/', '_')}" for k in keys if k in values]
+    return "/" + ",".join(parts) if parts else ""
+
+
+def tag_jobs(batches: list[list[list[str]]], keys: Sequence[str]) -> list[list[list[str]]]:
+    """Every job's overrides with its run_tag appended (unchanged when no key outside the name is swept)."""
+    if not keys:
+        return batches
+    return [[[*job, f"run_tag='{run_tag(job, keys)}'"] for job in batch] for batch in batches]
+
+
+class TaggingSweeper(BasicSweeper):
+    """BasicSweeper whose jobs carry `run_tag`; selected by conf/hydra/sweeper/tagging.yaml."""
+
+    def split_arguments(self, overrides: list[Override], max_batch_size: int | None) -> list[list[list[str]]]:
+        name_keys = list(self.config.get("name_keys") or NAME_KEYS) if self.config is not None else NAME_KEYS
+        return tag_jobs(BasicSweeper.split_arguments(overrides, max_batch_size), swept_keys(overrides, name_keys))
