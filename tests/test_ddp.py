@@ -58,3 +58,32 @@ def test_two_ranks_match_one_process(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+# ---- several nodes: the trainer takes its shape and its rank from the launcher's environment ----------------------
+SLURM_2x4_RANK5 = {"SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4", "SLURM_NNODES": "2", "SLURM_PROCID": "5",
+                   "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_JOB_NAME": "run", "SLURM_JOB_ID": "42",
+                   "SLURM_NODELIST": "gpu[01-02]"}
+TORCHRUN_2x4_RANK5 = {"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "4", "GROUP_WORLD_SIZE": "2", "RANK": "5",
+                      "LOCAL_RANK": "1", "GROUP_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "gpu01",
+                      "MASTER_PORT": "29500"}
+
+
+@pytest.mark.parametrize("env", [SLURM_2x4_RANK5, TORCHRUN_2x4_RANK5], ids=["slurm", "torchrun"])
+@pytest.mark.parametrize("trainer", ["ddp", "fsdp"])
+def test_two_node_job_gets_its_shape_and_rank_from_the_launcher(monkeypatch, tmp_path, env, trainer):
+    """Two nodes x four ranks, this process rank 5: what trainer=ddp/fsdp make of SLURM's or torchrun's variables."""
+    from src.training.job import build_trainer
+
+    for key in [*SLURM_2x4_RANK5, *TORCHRUN_2x4_RANK5]:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"trainer={trainer}", "trainer.accelerator=cpu"])
+    assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (4, 2)
+    trainer_ = build_trainer(cfg, tmp_path, callbacks=[], loggers=[])
+    assert trainer_.world_size == 8 and trainer_.num_nodes == 2 and trainer_.num_devices == 4
+    assert (trainer_.global_rank, trainer_.local_rank, trainer_.node_rank) == (5, 1, 1)
+    # The launcher started every rank: Lightning starts none itself.
+    assert trainer_.strategy.cluster_environment.creates_processes_externally

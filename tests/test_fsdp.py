@@ -9,6 +9,7 @@ tensor's largest entry on AdamW's moments (measured after 8 steps: weights 3e-8 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -24,7 +25,8 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from src.config import register_resolvers
+from src.config import ConfigError, register_resolvers
+from src.launch.checks import check_launch
 from src.evaluation.callback import unsharded_backbone
 from src.launch.strategies import FSDPStrategy, backbone_wrap_policy, build_strategy
 from src.models import BACKBONES
@@ -71,6 +73,20 @@ def test_fsdp_strategy_is_accepted_on_the_cpu():
     assert isinstance(strategy, FSDPStrategy)
     trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False, enable_progress_bar=False)
     assert trainer.strategy is strategy and trainer.strategy.root_device.type == "cpu"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.strategy.sharding_strategy=ZERO9", "trainer.strategy.sharding_strategy=ZERO9: allowed: FULL_SHARD"),
+    ("trainer.strategy.state_dict_type=sharded", "trainer.strategy.state_dict_type=sharded: allowed: full"),
+    ("trainer.strategy.use_orig_params=false", "trainer.strategy.use_orig_params=False: allowed: true"),
+])
+def test_fsdp_settings_outside_the_tested_ones_are_refused(override, message):
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        good = compose(config_name="config", overrides=["trainer=fsdp"])
+        bad = compose(config_name="config", overrides=["trainer=fsdp", override])
+    check_launch(good, multirun=False)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_launch(bad, multirun=False)
 
 
 # ---- the EMA update on shards, two processes ---------------------------------------------------------------------

@@ -53,6 +53,27 @@ def check_no_relaunch_in_multirun(cfg: DictConfig, multirun: bool) -> None:
         )
 
 
+_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
+
+
+def check_fsdp(cfg: DictConfig) -> None:
+    """The FSDP settings the training module, its EMA update and the evaluation are built and tested for."""
+    strategy = cfg.trainer.strategy
+    if not isinstance(strategy, (dict, DictConfig)) or "fsdp" not in _strategy_name(strategy):
+        return
+    sharding = str(strategy.get("sharding_strategy", "FULL_SHARD")).upper()
+    if sharding not in _SHARDING:
+        raise ConfigError(f"trainer.strategy.sharding_strategy={strategy.sharding_strategy}: allowed: "
+                          + ", ".join(_SHARDING))
+    if strategy.get("state_dict_type", "full") != "full":
+        raise ConfigError(f"trainer.strategy.state_dict_type={strategy.state_dict_type}: allowed: full (the "
+                          "evaluation, resume and skip checks read single-file checkpoints)")
+    if not strategy.get("use_orig_params", False):
+        raise ConfigError(f"trainer.strategy.use_orig_params={strategy.get('use_orig_params')}: allowed: true "
+                          "(AdamW and the EMA update work on the backbone's own parameters)")
+
+
 def check_launch(cfg: DictConfig, multirun: bool) -> None:
     """Every launch check, in run.main before the job starts."""
     check_no_relaunch_in_multirun(cfg, multirun)
+    check_fsdp(cfg)
