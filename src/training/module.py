@@ -121,12 +121,15 @@ class FormulationModule(L.LightningModule):
         g = step_generator(self.seed + 1, batch_idx)
         eps = torch.randn(x0.shape, generator=g).to(x0.device)
         n = x0.shape[0]
+        # Every rank validates the same fixed batch (FSDP needs every rank in each forward anyway); sync_dist
+        # averages equal values, so every rank's checkpoint callback sees the same monitored loss.
         for tag, backbone in (("val", self.backbone), ("val_ema", self.ema_backbone)):
             levels = []
             for k, tk in enumerate(self.val_t.tolist()):
                 t = torch.full((n,), tk, device=x0.device)
                 loss_k = self._loss(backbone, x0, eps, t, context, pooled).mean()
-                self.log(f"{tag}/loss_t{k}", loss_k, on_epoch=True, batch_size=n)
+                self.log(f"{tag}/loss_t{k}", loss_k, on_epoch=True, batch_size=n, sync_dist=True)
                 levels.append(loss_k)
             # Mean over all levels but the last (t = 1), as the paper reports it.
-            self.log(f"{tag}/loss_mean", torch.stack(levels[:-1]).mean(), on_epoch=True, prog_bar=tag == "val_ema", batch_size=n)
+            self.log(f"{tag}/loss_mean", torch.stack(levels[:-1]).mean(), on_epoch=True, prog_bar=tag == "val_ema",
+                     batch_size=n, sync_dist=True)
