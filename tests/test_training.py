@@ -136,3 +136,21 @@ def test_evaluation_writes_one_record_per_setting_and_weights(tmp_path, cache_di
         assert r["checkpoint_step"] == 4 and r["config"]["loss"]["family"] == "rf_lognorm"
         assert (run_dir / r["arrays"]).exists() and (run_dir / r["arrays"].replace(".npz", ".png")).exists()
     assert run_job(make_cfg(tmp_path, cache_dir, overrides), run_dir)["skipped"] is True
+
+
+@pytest.mark.slow
+def test_compiled_backbone_trains_like_the_eager_one(tmp_path, cache_dir):
+    """model.compile=true compiles the training forward only: the same steps, the same checkpoint keys (no
+    `_orig_mod.` prefixes), weights within inductor's float tolerance of the eager run."""
+    overrides = ["train.max_steps=4", "train.val_every=4", "train.ckpt_every=4", "eval.enabled=false",
+                 "train.ema_every=2"]
+    run_job(make_cfg(tmp_path, cache_dir, overrides), tmp_path / "eager")
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    run_job(make_cfg(tmp_path, cache_dir, [*overrides, "model.compile=true"]), tmp_path / "compiled")
+    assert counters["stats"]["unique_graphs"] >= 1  # the training forward went through torch.compile
+    (a, step_a), (b, step_b) = final_state(tmp_path / "eager"), final_state(tmp_path / "compiled")
+    assert step_a == step_b == 4 and a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
