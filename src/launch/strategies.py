@@ -115,7 +115,11 @@ class FSDPStrategy(_LightningFSDPStrategy):
 
         if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
             return super()._setup_model(model)
-        return FullyShardedDataParallel(
+        from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
+
+        model = FullyShardedDataParallel(
             module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
             sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self.kwargs,
         )
+        _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)  # as Lightning does after wrapping
+        return model
