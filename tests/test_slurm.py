@@ -148,10 +148,15 @@ def test_sweep_on_slurm_cancel_then_relaunch_resumes_and_skips(slurm, cache_dir,
     assert (victim / "results.json").is_file() and ckpt_step(victim / "checkpoints" / "last.ckpt") == 1500
 
 
-def test_preempted_job_checkpoints_is_requeued_and_resumes(slurm, cache_dir, tmp_path):
+@pytest.mark.parametrize("ranks, steps", [
+    ([], 2000),
+    # Two SLURM tasks sharded with FSDP: both ranks get the signal, save together, rank 0 requeues the job.
+    (["trainer=fsdp", "trainer.accelerator=cpu", "hydra.launcher.tasks_per_node=2"], 800),
+], ids=["one task", "fsdp two tasks"])
+def test_preempted_job_checkpoints_is_requeued_and_resumes(slurm, cache_dir, tmp_path, ranks, steps):
     """submitit's signal (SIGUSR2): a checkpoint at the next step, requeue, resume; the sweep itself succeeds."""
     args = ["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", "sweep_name=preempt",
-            "train.max_steps=2000", "train.ckpt_every=100000", "train.val_every=1000", "loss=paper/rf"]
+            f"train.max_steps={steps}", "train.ckpt_every=100000", "train.val_every=1000", "loss=paper/rf", *ranks]
     sweep = tmp_path / "outputs" / "multirun" / "preempt"
     run_dir = sweep / "digits" / "rf"
     proc = launch(args)
@@ -173,9 +178,10 @@ def test_preempted_job_checkpoints_is_requeued_and_resumes(slurm, cache_dir, tmp
     assert code == 0, err[-3000:]
     log = job_log(sweep, job_id)
     saved = [int(s) for s in re.findall(r"preemption checkpoint at step (\d+)", log)]
-    assert len(saved) == 1 and 0 < saved[0] < 2000  # no periodic checkpoint was due: this one is the resume point
+    # Each rank logs the one collective save, at the same step; no periodic checkpoint was due: it is the resume point.
+    assert len(saved) == (2 if ranks else 1) and len(set(saved)) == 1 and 0 < saved[0] < steps
     assert "Requeued job" in log and "Restored all states from the checkpoint" in log
-    assert "`max_steps=2000` reached" in log and (run_dir / "results.json").is_file()
+    assert f"`max_steps={steps}` reached" in log and (run_dir / "results.json").is_file()
 
 
 SLURM_PAIR = ["eval.enabled=false", "train.max_steps=8", "train.ckpt_every=4", "train.val_every=4",
