@@ -126,3 +126,21 @@ def test_reloading_features_over_the_memory_budget_gives_the_same_draws(twin_swe
     reloaded = bootstrap_metrics(records, 6, seed=3)
     np.testing.assert_array_equal(cached.fid, reloaded.fid)
     np.testing.assert_array_equal(cached.clip, reloaded.clip)
+
+
+def test_long_bootstraps_announce_their_duration_and_progress(twin_sweep, monkeypatch):
+    import src.ranking.bootstrap as bootstrap
+
+    records = load_sweep([twin_sweep]).records
+    quiet: list[str] = []
+    bootstrap_metrics(records, 20, seed=0, progress=quiet.append)
+    assert quiet == []  # seconds at most: nothing to announce
+    monkeypatch.setattr(bootstrap, "PROGRESS_AFTER_S", -1.0)  # every bootstrap counts as long
+    monkeypatch.setattr(bootstrap, "CHUNK_BYTES", 8 * 4 * 4 * 4 * 2)  # two draws per chunk at d = 4
+    lines: list[str] = []
+    draws = bootstrap_metrics(records, 20, seed=0, progress=lines.append)
+    np.testing.assert_array_equal(draws.fid, bootstrap_metrics(records, 20, seed=0).fid)  # reporting changes nothing
+    assert lines[0].startswith(f"bootstrap: 20 draws x {len(records)} records, about ")
+    assert "--bootstrap 0 skips it" in lines[0]
+    done = [int(line.split()[1].split("/")[0]) for line in lines[1:]]
+    assert done == list(range(2, 20, 2)) and all("left" in line for line in lines[1:])

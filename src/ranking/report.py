@@ -10,7 +10,7 @@ import base64
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -61,6 +61,7 @@ def build_report(
     seed: int = 0,
     confidence: float = 0.9,
     separation: float = 0.95,
+    progress: Callable[[str], None] | None = None,
 ) -> RankReport:
     """Load the sweeps, rank every control setting, average, bootstrap and compare with the paper."""
     if int(draws) < 0:
@@ -74,7 +75,7 @@ def build_report(
     groups = setting_groups(ranked, fifty_step_cfg)
     table = average_ranks(ranked, groups)
     n_settings = {c: int(ranked[np.asarray(groups[c])].drop_duplicates(SETTING_KEY).shape[0]) for c in COLUMNS}
-    boot = bootstrap_ranks(ranked, groups, draws, seed, confidence, separation) if draws else None
+    boot = bootstrap_ranks(ranked, groups, draws, seed, confidence, separation, progress) if draws else None
     if boot is not None:
         table = table.join(boot.intervals)
     table = table.join(paper_ranks(table.index).add_prefix("paper "))
@@ -376,7 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         sweeps = args.sweeps or [latest_sweep(args.multirun_root)]
-        report = build_report(sweeps, args.fifty_step_cfg, args.bootstrap, args.seed, args.confidence, args.separation)
+        report = build_report(sweeps, args.fifty_step_cfg, args.bootstrap, args.seed, args.confidence, args.separation,
+                              progress=lambda line: print(line, file=sys.stderr, flush=True))
     except (NoResultsError, FileNotFoundError, ValueError) as exc:
         print(f"rank report: error: {exc}", file=sys.stderr)
         return 1
