@@ -230,3 +230,21 @@ def test_evaluate_with_the_real_clip_extractor(tiny_clip_file, tmp_path):
     assert -1 <= rec["clip_score"] <= 1 and rec["fid_clip"] > 0 and rec["checkpoint_step"] is None
     with np.load(tmp_path / "run" / rec["arrays"]) as arrays:
         assert arrays["features"].shape == (6, 32)
+
+
+def test_callback_evaluates_on_the_trainers_device_not_the_torn_down_modules():
+    """By on_fit_end Lightning's teardown has moved the module to the CPU; evaluation must still use the GPU."""
+    from types import SimpleNamespace
+
+    from src.evaluation.callback import EvaluationCallback
+
+    callback = EvaluationCallback.__new__(EvaluationCallback)  # no configuration needed for the dispatch
+    seen = {}
+    callback.evaluate = lambda pl_module, loggers, device=None: seen.update(device=device)
+    trainer = SimpleNamespace(global_rank=0, loggers=[], strategy=SimpleNamespace(root_device=torch.device("cuda", 3)))
+    module = torch.nn.Linear(1, 1)  # on the CPU, as after the teardown
+    callback.on_fit_end(trainer, module)
+    assert seen["device"] == torch.device("cuda", 3)
+    seen.clear()
+    callback.on_fit_end(SimpleNamespace(**{**vars(trainer), "global_rank": 1}), module)
+    assert seen == {}  # only rank 0 evaluates

@@ -90,16 +90,18 @@ class EvaluationCallback(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.global_rank != 0:
             return
-        self.evaluate(pl_module, trainer.loggers)
+        # The trainer's device, not pl_module.device: Lightning's teardown has moved the module to the CPU by now.
+        self.evaluate(pl_module, trainer.loggers, device=trainer.strategy.root_device)
 
     def _selected_checkpoint(self) -> Path:
         ckpt_dir = self.run_dir / "checkpoints"
         best = ckpt_dir / "best.ckpt"
         return best if best.exists() else ckpt_dir / "last.ckpt"
 
-    def evaluate(self, pl_module, loggers=()) -> list[dict]:
+    def evaluate(self, pl_module, loggers=(), device: torch.device | None = None) -> list[dict]:
+        """Sample and score the selected checkpoint on `device` (default: the module's); returns the records."""
         cfg, ev = self.cfg, self.cfg.eval
-        device = pl_module.device
+        device = torch.device(device) if device is not None else pl_module.device
         path = self._selected_checkpoint()
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         step = int(ckpt["global_step"])
