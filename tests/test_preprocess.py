@@ -358,6 +358,58 @@ def test_resume_after_stop_and_crash(tmp_path, models, monkeypatch):
         preprocess(source, config(out, models, resolution=8))
 
 
+def assert_same_shards(a: Path, b: Path) -> None:
+    ma, mb = read_meta(a), read_meta(b)
+    assert ma["count"] == mb["count"] and ma["shards"] == mb["shards"] and ma["skipped"] == mb["skipped"]
+    assert ma["latent_mean"] == mb["latent_mean"] and ma["latent_std"] == mb["latent_std"]
+    for x, y in zip(samples(a), samples(b), strict=True):
+        assert x["caption"] == y["caption"] and x["extras"] == y["extras"]
+        np.testing.assert_array_equal(x["latent"], y["latent"])
+        np.testing.assert_allclose(x["context"], y["context"], atol=1e-3)
+
+
+def test_parts_split_a_job_and_the_last_one_assembles(tmp_path, models):
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=5)  # 16 items, 4 chunks of 4 (one unreadable)
+    source = ImageNetSource(train, mapping)
+    preprocess(source, config(tmp_path / "whole", models))
+    out = tmp_path / "parts"
+    assert preprocess(source, config(out, models, part=0, parts=3)) == {"complete": False}
+    assert [done_path(out, c).exists() for c in range(4)] == [True, False, False, True]  # chunks 0 and 3
+    assert not (out / "meta.json").exists()
+    assert preprocess(source, config(out, models, part=2, parts=3)) == {"complete": False}
+    meta = preprocess(source, config(out, models, part=1, parts=3))  # the last part: assembles
+    assert meta["complete"] and not (out / WORK_DIR).exists() and not (out / ".assemble.lock").exists()
+    assert_same_shards(out, tmp_path / "whole")
+    assert preprocess(source, config(out, models, part=0, parts=3))["created"] == meta["created"]  # nothing redone
+    with pytest.raises(ValueError, match=r"part=3/3 is not allowed"):
+        preprocess(source, config(tmp_path / "bad", models, part=3, parts=3))
+
+
+def test_parts_running_at_once_through_the_cli(tmp_path, models):
+    import os
+    import subprocess
+    import sys
+
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=5)
+    preprocess(ImageNetSource(train, mapping), config(tmp_path / "whole", models))
+    out = tmp_path / "parts"
+    argv = ["imagenet", "--root", str(train), "--class-names", str(mapping), "--out", str(out), "--resolution",
+            str(RES), "--clip", *models["clip_a"], "--chunk-size", "4", "--batch-size", "3", "--num-workers", "0",
+            "--device", "cpu", "--no-progress"]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "src.preprocess", *argv, "--part", f"{i}/2"], cwd=root, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert sum("complete:" in o for o in outputs) == 1  # exactly one part assembled the folder
+    assert not (out / WORK_DIR).exists() and not (out / ".assemble.lock").exists()
+    assert_same_shards(out, tmp_path / "whole")
+    with pytest.raises(SystemExit) as exit_info:  # I/N with I >= N: a one-line argparse error
+        main([*argv, "--part", "2/2"])
+    assert exit_info.value.code == 2
+
+
 def test_cc12m_tsv_and_tars_skip_bad_items(tmp_path, models):
     meta = preprocess(TsvSource(make_tsv(tmp_path / "tsv")), config(tmp_path / "a", models, shuffle=False))
     assert meta["count"] == 7 and meta["skipped"] == 2 and meta["dataset"] == "cc12m"

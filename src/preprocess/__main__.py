@@ -46,6 +46,20 @@ def common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-cache", type=int, default=2048, help="captions whose embeddings are memoised (0: off)")
     p.add_argument("--max-chunks", type=int, default=None, help="stop after this many chunks (rerun to go on)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--part", type=part_spec, default=(0, 1), metavar="I/N",
+                   help="do part I of N of the job (chunks c with c %% N == I) into the same --out, e.g. one SLURM "
+                        "array task each: --part $SLURM_ARRAY_TASK_ID/16; the last part to finish assembles")
+
+
+def part_spec(text: str) -> tuple[int, int]:
+    """'3/16' -> (3, 16)."""
+    try:
+        part, parts = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected I/N, e.g. 3/16") from None
+    if parts < 1 or not 0 <= part < parts:
+        raise argparse.ArgumentTypeError(f"{text!r}: need N >= 1 and 0 <= I < N")
+    return part, parts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,12 +108,13 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         num_workers=args.num_workers, seed=args.seed, shuffle=args.shuffle, stats_from=args.stats_from,
         device=args.device, precision=args.precision,
         autoencoder_precision=args.autoencoder_precision, text_cache=args.text_cache, max_chunks=args.max_chunks,
-        progress=args.progress,
+        progress=args.progress, part=args.part[0], parts=args.part[1],
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse, check every input before any work, run; exit status 0 when complete, 3 when stopped early."""
+    """Parse, check every input before any work, run; exit status 0 when complete (or this part is done), 3 when
+    stopped early (--max-chunks), 2 on bad input."""
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)

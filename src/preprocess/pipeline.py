@@ -6,10 +6,15 @@ marker (its latent sums and skipped items) is written atomically. A rerun skips 
 interrupted mid-way has none and is redone from scratch. When every chunk is done the chunk shards are linked
 into `<out>/shard-NNNNNN.tar`, `skipped.log` is written, and `meta.json` (global latent mean/std, SPEC 6;
 `text_groups`) comes last, so an unfinished folder never looks complete.
+
+One job can be split over machines: part i of n (`--part i/n`, e.g. a SLURM array) does the chunks c with
+c % n == i into the same folder; whichever part finds every chunk done assembles the folder (under a lock, once).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -37,6 +42,7 @@ CONFIG_FILE = "config.json"
 MODELS_FILE = "models.json"
 SKIP_LOG = "skipped.log"
 CHUNK_PATTERN = "chunk-{:06d}"
+ASSEMBLY_LOCK = ".assemble.lock"
 
 
 @dataclass
@@ -63,6 +69,8 @@ class PreprocessConfig:
     text_cache: int = 2048
     max_chunks: int | None = None
     progress: bool = True
+    part: int = 0  # this process does the chunks c with c % parts == part (not a setting of the contents)
+    parts: int = 1
 
     def validate(self) -> None:
         """Raise a one-line error for the first setting out of range."""
@@ -73,6 +81,8 @@ class PreprocessConfig:
             raise ValueError(f"num_workers={self.num_workers} is not allowed; need >= 0")
         if self.max_chunks is not None and self.max_chunks < 0:
             raise ValueError(f"max_chunks={self.max_chunks} is not allowed; need >= 0 or None")
+        if self.parts < 1 or not 0 <= self.part < self.parts:
+            raise ValueError(f"part={self.part}/{self.parts} is not allowed; need parts >= 1 and 0 <= part < parts")
         if self.latent not in LATENT_MODES:
             raise ValueError(f"latent={self.latent!r} is not allowed; allowed: {', '.join(LATENT_MODES)}")
         for name in ("precision", "autoencoder_precision"):
@@ -147,7 +157,8 @@ def prepare_output(out: Path, settings: dict) -> str:
             raise ValueError(f"out={str(out)!r} holds an unfinished run with other settings (differing: "
                              f"{_differences(previous['settings'], settings)}); rerun with those or delete the folder")
         return "resume"
-    if out.exists() and any(out.iterdir()):
+    # Parts of one job starting together: another part's work folder (config not written yet) or lock is no obstacle.
+    if out.exists() and any(p.name not in (WORK_DIR, ASSEMBLY_LOCK) for p in out.iterdir()):
         raise ValueError(f"out={str(out)!r} is not empty and holds no preprocessing run; choose an empty folder")
     atomic_write_json(config_path, {"fingerprint": fingerprint, "settings": settings})
     return "fresh"
@@ -156,6 +167,23 @@ def prepare_output(out: Path, settings: dict) -> str:
 def item_order(n: int, seed: int, shuffle: bool) -> np.ndarray:
     """Item indices in writing order: a seeded permutation (shards mix classes) or the source's sorted order."""
     return np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+
+
+def part_chunks(n_chunks: int, part: int, parts: int) -> list[int]:
+    """The chunks part `part` of `parts` writes: every parts-th, starting at part."""
+    return list(range(part, n_chunks, parts))
+
+
+@contextlib.contextmanager
+def assembly_lock(out: Path):
+    """Held while a part decides whether to assemble the folder, so that only one part does."""
+    path = out / ASSEMBLY_LOCK
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def chunk_dir(out: Path, chunk: int) -> Path:
@@ -246,7 +274,11 @@ def resolve_device(device: str) -> str:
 
 
 def preprocess(source, cfg: PreprocessConfig) -> dict | None:
-    """Run (or resume) a job; returns the folder's meta when complete, None when stopped early by max_chunks."""
+    """Run (or resume) a job or one part of it.
+
+    Returns the folder's meta when complete, None when stopped early by max_chunks (rerun to go on), and
+    {"complete": False} when this part's chunks are done and other parts' are not (the last part assembles).
+    """
     cfg.validate()
     cfg.check_inputs()
     out = Path(cfg.out)
@@ -258,23 +290,37 @@ def preprocess(source, cfg: PreprocessConfig) -> dict | None:
         return read_meta(out)
     n_chunks = math.ceil(len(source) / cfg.chunk_size)
     order = item_order(len(source), cfg.seed, cfg.shuffle)
-    pending = [c for c in range(n_chunks) if not done_path(out, c).is_file()]
-    done_before = len(order) - sum(min(cfg.chunk_size, len(order) - c * cfg.chunk_size) for c in pending)
+    mine = part_chunks(n_chunks, cfg.part, cfg.parts)
+    pending = [c for c in mine if not done_path(out, c).is_file()]
+    size = lambda c: min(cfg.chunk_size, len(order) - c * cfg.chunk_size)  # noqa: E731
+    total = sum(size(c) for c in mine)
+    done_before = total - sum(size(c) for c in pending)
     if cfg.max_chunks is not None:
         pending = pending[:cfg.max_chunks]
+    part = f" (part {cfg.part}/{cfg.parts}: {len(mine)} chunks)" if cfg.parts > 1 else ""
     if pending:
         device = resolve_device(cfg.device)
         models = Models(cfg, device)
         _check_stats_source(cfg, models)
         atomic_write_json(out / WORK_DIR / MODELS_FILE, models.describe())
-        print(f"{out}: {len(source)} items, {n_chunks} chunks, {n_chunks - len(pending)} done before; device {device}")
-        _process(source, cfg, models, order, pending, out, done_before)
-    if not all(done_path(out, c).is_file() for c in range(n_chunks)):
+        print(f"{out}: {len(source)} items, {n_chunks} chunks{part}, {len(mine) - len(pending)} done before; "
+              f"device {device}")
+        _process(source, cfg, models, order, pending, out, done_before, total)
+    with assembly_lock(out):
+        if (out / META_FILE).is_file():  # another part finished and assembled the folder meanwhile
+            return read_meta(out)
         remaining = sum(not done_path(out, c).is_file() for c in range(n_chunks))
+        if not remaining:
+            stats = read_meta(cfg.stats_from) if cfg.stats_from else None
+            meta = assemble(out, n_chunks, settings, source.name, cfg, stats)
+            (out / ASSEMBLY_LOCK).unlink(missing_ok=True)
+            return meta
+    if any(not done_path(out, c).is_file() for c in mine):
         print(f"{out}: stopped with {remaining} of {n_chunks} chunks left; rerun to continue")
         return None
-    stats = read_meta(cfg.stats_from) if cfg.stats_from else None
-    return assemble(out, n_chunks, settings, source.name, cfg, stats)
+    print(f"{out}: part {cfg.part}/{cfg.parts} done; {remaining} of {n_chunks} chunks left to other parts "
+          "(the last part to finish assembles the folder)")
+    return {"complete": False}
 
 
 def _check_stats_source(cfg: PreprocessConfig, models: Models) -> None:
@@ -289,7 +335,7 @@ def _check_stats_source(cfg: PreprocessConfig, models: Models) -> None:
 
 
 def _process(source, cfg: PreprocessConfig, models: Models, order: np.ndarray, pending: list[int], out: Path,
-             done_before: int) -> None:
+             done_before: int, total: int) -> None:
     """Encode and write the pending chunks: one DataLoader over all of them (batches never cross chunks), the
     encoders in this thread and the shard writing of batch k in a second thread while batch k + 1 is encoded."""
     batches, plan = [], []
@@ -311,7 +357,7 @@ def _process(source, cfg: PreprocessConfig, models: Models, order: np.ndarray, p
         timers[name] += time.perf_counter() - tick
         return result
 
-    with tqdm(total=len(order), initial=done_before, unit="sample", disable=not cfg.progress, smoothing=0.1,
+    with tqdm(total=total, initial=done_before, unit="sample", disable=not cfg.progress, smoothing=0.1,
               dynamic_ncols=True) as bar, ThreadPoolExecutor(max_workers=1) as write_thread:
         for c, n_batches in plan:
             with ChunkWriter(out, c, names, models.autoencoder.name, cfg.chunk_size) as writer:
