@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path

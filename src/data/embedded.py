@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 from pathlib import Path
 from typing import Callable
@@ -13,6 +11,7 @@ import torch
 from src.data import digits, shapes
 from src.data.captioned import SPLITS, CaptionedImages
 from src.data.shards import ShardWriter, is_complete, read_meta
+from src.utils.io import file_lock
 
 DATA_VERSION = 1  # bump when the generated images, captions or shard layout change
 SAMPLES_PER_SHARD = 250  # several shards per split, so ranks and loader workers each get some
@@ -39,18 +38,6 @@ def dataset_version(text_encoder) -> str:
     """Cache version: the data version plus a short hash of the encoder, so a retrained encoder gets new shards."""
     digest = hashlib.sha256(encoder_fingerprint(text_encoder).encode()).hexdigest()[:10]
     return f"v{DATA_VERSION}-{digest}"
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive advisory lock on path (created if needed), held for the with-block."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 @torch.no_grad()

@@ -6,17 +6,16 @@ file, so readers never see a partial file and concurrent writers in one run dire
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 from src.utils.io import atomic_write_json as save_json
+from src.utils.io import file_lock
 
 RESULTS_FILE = "results.json"
 #: A record is identified by (recipe, dataset, setting, ema): one per control setting of a recipe (SPEC 7, 9).
@@ -96,15 +95,8 @@ def write_results(run_dir: str | os.PathLike, records: Iterable[Mapping[str, Any
     return save_json(results_path(run_dir), rows)
 
 
-@contextmanager
-def _locked(run_dir: Path) -> Iterator[None]:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / f".{RESULTS_FILE}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+def _locked(run_dir: Path):
+    return file_lock(run_dir / f".{RESULTS_FILE}.lock")
 
 
 def merge_results(run_dir: str | os.PathLike, new: Iterable[Mapping[str, Any] | Record]) -> list[dict[str, Any]]:

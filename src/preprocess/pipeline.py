@@ -13,8 +13,6 @@ c % n == i into the same folder; whichever part finds every chunk done assembles
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import math
@@ -35,7 +33,7 @@ from src.preprocess.autoencoders import LATENT_MODES, check_autoencoder_path, lo
 from src.preprocess.images import PreparedImages, collate_prepared
 from src.preprocess.text import PRECISIONS, CachedTextEncoder, CombinedTextEncoder, T5TextEncoder, check_clip_spec, \
     load_clip
-from src.utils.io import atomic_write_bytes, atomic_write_json
+from src.utils.io import atomic_write_bytes, atomic_write_json, file_lock
 
 WORK_DIR = "_work"
 CONFIG_FILE = "config.json"
@@ -174,18 +172,6 @@ def part_chunks(n_chunks: int, part: int, parts: int) -> list[int]:
     return list(range(part, n_chunks, parts))
 
 
-@contextlib.contextmanager
-def assembly_lock(out: Path):
-    """Held while a part decides whether to assemble the folder, so that only one part does."""
-    path = out / ASSEMBLY_LOCK
-    with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 def chunk_dir(out: Path, chunk: int) -> Path:
     return out / WORK_DIR / CHUNK_PATTERN.format(chunk)
 
@@ -306,7 +292,7 @@ def preprocess(source, cfg: PreprocessConfig) -> dict | None:
         print(f"{out}: {len(source)} items, {n_chunks} chunks{part}, {len(mine) - len(pending)} done before; "
               f"device {device}")
         _process(source, cfg, models, order, pending, out, done_before, total)
-    with assembly_lock(out):
+    with file_lock(out / ASSEMBLY_LOCK):  # one part decides, and assembles, at a time
         if (out / META_FILE).is_file():  # another part finished and assembled the folder meanwhile
             return read_meta(out)
         remaining = sum(not done_path(out, c).is_file() for c in range(n_chunks))

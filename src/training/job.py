@@ -14,7 +14,7 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from src.config import ConfigError, diff_keys, fingerprint, to_dict
 from src.launch.preemption import PreemptionCheckpoint, submitit_signal

@@ -1,16 +1,19 @@
 """Atomic file writes: a temp file in the same directory, fsync, then os.replace, so readers never see half a file.
 
-The one place the project writes results, checkpoints, shards' metadata and caches from.
+The one place the project writes results, checkpoints, shards' metadata and caches from; and the advisory file
+lock that serialises writers of one file across processes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
 import uuid
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 import numpy as np
 
@@ -65,3 +68,16 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """All arrays of an npz file, loaded eagerly with allow_pickle=False."""
     with np.load(path, allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive advisory lock on path (created, with its folder, if needed), held for the with-block."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
