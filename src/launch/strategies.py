@@ -121,5 +121,6 @@ class FSDPStrategy(_LightningFSDPStrategy):
             module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
             sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self.kwargs,
         )
-        _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)  # as Lightning does after wrapping
+        # As Lightning does after wrapping.
+        _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
         return model

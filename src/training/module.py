@@ -65,7 +65,8 @@ class FormulationModule(L.LightningModule):
         # forward must go through it (it gathers the weights). torch.compile wraps that handle for the training
         # forward only; `self.backbone` stays the one that is saved and averaged (compiled modules prefix
         # state-dict keys with `_orig_mod.`).
-        object.__setattr__(self, "_train_forward", torch.compile(self.backbone) if self.compile_backbone else self.backbone)
+        forward = torch.compile(self.backbone) if self.compile_backbone else self.backbone
+        object.__setattr__(self, "_train_forward", forward)
 
     # ---- the model as the formulation sees it -----------------------------------------------------
     def denoiser_output(self, backbone: nn.Module, z_t: Tensor, t: Tensor, context: Tensor, pooled: Tensor) -> Tensor:
