@@ -240,3 +240,18 @@ def test_learning_rate_sweep_runs_each_value_in_its_own_directory_and_ranks_them
     out = subprocess.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True,
                          env=env, timeout=600)
     assert out.returncode == 0 and (out.stdout + out.stderr).count("results complete, nothing to do") == 2
+
+
+@pytest.mark.parametrize("model, tag, name", [
+    ("src.models.MMDiT", "", "rf"),
+    ("src.models.DiT", "", "rf [DiT]"),  # the backbone sweep
+    ("src.models.MMDiT", "/optim.lr=0.0001", "rf [optim.lr=0.0001]"),
+    ("src.models.DiT", "/optim.lr=0.0001", "rf [DiT, optim.lr=0.0001]"),
+    ("src.models.DiT", "/model=dit,seed=1", "rf [model=dit,seed=1]"),  # the tag names the backbone already
+])
+def test_ranked_names_qualify_the_recipe(model, tag, name):
+    from omegaconf import OmegaConf
+
+    from src.evaluation.callback import ranked_name
+
+    assert ranked_name("rf", OmegaConf.create({"model": {"_target_": model}, "run_tag": tag})) == name

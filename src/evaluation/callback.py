@@ -55,8 +55,9 @@ def ranked_name(recipe: str, cfg: DictConfig) -> str:
     """The entry a run is ranked as: the recipe, qualified by a backbone other than the study's MM-DiT (the backbone
     comparison) and by the run's swept values (run_tag, e.g. a learning-rate sweep), each variant its own entry."""
     backbone = str(cfg.model.get("_target_", "MMDiT")).rsplit(".", 1)[-1]
-    qualifiers = [backbone] if backbone != "MMDiT" else []
     tag = str(cfg.get("run_tag") or "").strip("/")
+    swept_model = any(part.startswith("model=") for part in tag.split(","))  # the tag names the backbone already
+    qualifiers = [backbone] if backbone != "MMDiT" and not swept_model else []
     if tag:
         qualifiers.append(tag)
     return f"{recipe} [{', '.join(qualifiers)}]" if qualifiers else recipe
