@@ -255,3 +255,14 @@ def test_ranked_names_qualify_the_recipe(model, tag, name):
     from src.evaluation.callback import ranked_name
 
     assert ranked_name("rf", OmegaConf.create({"model": {"_target_": model}, "run_tag": tag})) == name
+
+
+@pytest.mark.parametrize("command", [
+    # conf/experiment/paper.yaml's usage: one recipe with the study's setup
+    "experiment=paper loss=paper/rf_lognorm_0.00_1.00 data.name=imagenet data.train_dir=/x data.eval_dir=/y",
+    # sweeps/backbones.yaml's usage: the backbone comparison at the study's setup on real shards
+    "+sweep=backbones experiment=paper data=shards data.name=cc12m data.train_dir=/x data.eval_dir=/y",
+])
+def test_documented_paper_setup_commands_compose(command):
+    jobs = plan.plan_sweep(command.split()).jobs
+    assert jobs and all(j.steps == 250000 and j.batch_size == 1024 for j in jobs)
