@@ -111,6 +111,10 @@ def test_paper_grid_is_the_paper_setup_on_slurm(monkeypatch):
     assert launcher._target_ == "hydra_plugins.flowsweep_launcher.SlurmLauncher"
     assert launcher.tasks_per_node == launcher.gpus_per_node == 8  # SLURM starts one rank per GPU
     assert launcher.max_num_timeout > 0  # a run longer than the time limit is requeued and resumes
+    assert launcher.nodes == 1 and launcher.timeout_min == 1440
+    # conf/hydra/launcher/local.yaml's example: the local launcher replaces the sweep's SLURM launcher whole.
+    local = compose_via_module(["+sweep=paper_grid", "hydra/launcher=local"]).hydra.launcher
+    assert local._target_ == "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
     assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == 1  # from SLURM_NTASKS_PER_NODE in the job
 
 
