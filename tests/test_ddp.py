@@ -87,3 +87,33 @@ def test_two_node_job_gets_its_shape_and_rank_from_the_launcher(monkeypatch, tmp
     assert (trainer_.global_rank, trainer_.local_rank, trainer_.node_rank) == (5, 1, 1)
     # The launcher started every rank: Lightning starts none itself.
     assert trainer_.strategy.cluster_environment.creates_processes_externally
+
+
+@pytest.mark.slow
+def test_single_run_relaunched_by_lightning_matches_one_process(tmp_path):
+    """`python -m src.run trainer=ddp trainer.devices=2` outside SLURM: Lightning re-launches the command for rank 1,
+    which shares rank 0's run directory (not refused by its lock) and trains with it; weights as one process's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "SLURM_NTASKS", "SLURM_JOB_NAME"):
+        env.pop(key, None)
+
+    def run(name, *extra):
+        args = [*TINY, f"paths.root_dir={tmp_path / name}", f"paths.cache_dir={tmp_path / 'cache'}", *extra]
+        out = subprocess.run([sys.executable, "-m", "src.run", *args], cwd=root, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        ckpt = tmp_path / name / "outputs/runs/digits/rf_lognorm_0.00_1.00/checkpoints/last.ckpt"
+        return out.stdout + out.stderr, torch.load(ckpt, map_location="cpu", weights_only=True)
+
+    _, one = run("one")
+    log, two = run("two", "trainer=ddp", "trainer.devices=2")
+    assert log.count("Starting with 2 processes") >= 1 and "RunDirBusy" not in log
+    assert one["global_step"] == two["global_step"] == 8
+    for k in one["state_dict"]:
+        torch.testing.assert_close(one["state_dict"][k], two["state_dict"][k], rtol=1e-5, atol=1e-6, msg=k)

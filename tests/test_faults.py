@@ -170,6 +170,32 @@ def test_second_job_in_a_busy_run_directory_is_refused(tmp_path):
         pass
 
 
+@pytest.mark.parametrize("env", [{"RANK": "1"}, {"SLURM_PROCID": "3"}, {"LOCAL_RANK": "1"},
+                                 {"NODE_RANK": "1", "LOCAL_RANK": "0"}],
+                         ids=["torchrun", "slurm", "lightning re-launch", "lightning re-launch, node 1"])
+def test_the_other_ranks_of_a_job_share_their_rank_zeros_run_directory(tmp_path, monkeypatch, env):
+    """Only a job's first rank takes the lock; the others (started by torchrun, SLURM or Lightning's re-launch of a
+    single run) train in the same directory instead of being refused (which left rank 0 waiting for them)."""
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                              env={k: v for k, v in os.environ.items() if k not in ("RANK", "SLURM_PROCID")})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        with run_dir_lock(tmp_path):  # not refused
+            pass
+        for key in env:
+            monkeypatch.setenv(key, "0")
+        with pytest.raises(RunDirBusy):  # rank 0 of a second job is
+            with run_dir_lock(tmp_path):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_entry_point_leaves_a_busy_run_directory_alone(tmp_path, monkeypatch):
     """src.run.main on a directory another job holds: no training, error.json (the other job's) untouched."""
     from src import run

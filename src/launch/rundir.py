@@ -22,18 +22,20 @@ class RunDirBusy(RuntimeError):
     """Another live process holds the run directory."""
 
 
-def launch_rank() -> int:
-    """The process's global rank as set by the launcher (torchrun, SLURM), before Lightning knows it; 0 if none."""
-    for key in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
-    return 0
+# Where launchers put a process's rank before Lightning knows it: torchrun (RANK), SLURM (SLURM_PROCID), and
+# Lightning's own re-launch of a single run over several devices (LOCAL_RANK and NODE_RANK in the children).
+RANK_VARIABLES = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK")
+
+
+def is_launch_rank_zero() -> bool:
+    """Whether this process is its job's first rank (or the job has one process)."""
+    return all(os.environ.get(key, "0") in ("", "0") for key in RANK_VARIABLES)
 
 
 @contextlib.contextmanager
 def run_dir_lock(run_dir: str | os.PathLike) -> Iterator[None]:
     """Hold run_dir's lock for the block (rank 0 only: the other ranks of a job share their rank 0's run)."""
-    if launch_rank() != 0:
+    if not is_launch_rank_zero():
         yield
         return
     path = Path(run_dir) / LOCK_FILE
