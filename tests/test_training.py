@@ -112,6 +112,9 @@ def test_changed_config_in_same_directory_is_an_error(tmp_path, cache_dir):
         ("loss.s=-1", "s=-1"),
         ("train.ema_decay=1.5", "train.ema_decay=1.5"),
         ("data.latent_channels=3", "data.latent_channels=3"),
+        ("optim.lr=abc", "optim.lr=abc: must be a number > 0"),
+        ("train.max_steps=2.5", "train.max_steps=2.5: must be an integer >= 1"),
+        ("train.ema_every=true", "train.ema_every=True: must be an integer >= 1"),
     ],
 )
 def test_bad_values_fail_before_training(tmp_path, cache_dir, override, message):

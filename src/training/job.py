@@ -14,7 +14,7 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.config import ConfigError, diff_keys, fingerprint, to_dict
 from src.launch.preemption import PreemptionCheckpoint, submitit_signal
@@ -69,20 +69,23 @@ def resolve_data(cfg: DictConfig) -> dict:
 
 
 def check_values(cfg: DictConfig) -> None:
-    t, o = cfg.train, cfg.optim
-    checks = [
-        ("train.max_steps", t.max_steps, t.max_steps >= 1, ">= 1"),
-        ("train.ema_every", t.ema_every, t.ema_every >= 1, ">= 1"),
-        ("train.ema_decay", t.ema_decay, 0.0 <= t.ema_decay < 1.0, "in [0, 1)"),
-        ("train.cond_dropout", t.cond_dropout, 0.0 <= t.cond_dropout < 1.0, "in [0, 1)"),
-        ("train.val_levels", t.val_levels, t.val_levels >= 2, ">= 2"),
-        ("optim.lr", o.lr, o.lr > 0, "> 0"),
-        ("data.batch_size", cfg.data.batch_size, cfg.data.batch_size >= 1, ">= 1"),
-        ("eval.n_samples", cfg.eval.n_samples, cfg.eval.n_samples >= 2, ">= 2 (FID needs two samples)"),
+    """Numeric settings in range, or a one-line error naming the setting, its value and what is allowed."""
+    integer, number = (int,), (int, float)
+    checks = [  # key, allowed types, test, what is allowed
+        ("train.max_steps", integer, lambda v: v >= 1, ">= 1"),
+        ("train.ema_every", integer, lambda v: v >= 1, ">= 1"),
+        ("train.ema_decay", number, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+        ("train.cond_dropout", number, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+        ("train.val_levels", integer, lambda v: v >= 2, ">= 2"),
+        ("optim.lr", number, lambda v: v > 0, "> 0"),
+        ("data.batch_size", integer, lambda v: v >= 1, ">= 1"),
+        ("eval.n_samples", integer, lambda v: v >= 2, ">= 2 (FID needs two samples)"),
     ]
-    for key, value, ok, allowed in checks:
-        if not ok:
-            raise ConfigError(f"{key}={value}: must be {allowed}")
+    for key, types, ok, allowed in checks:
+        value = OmegaConf.select(cfg, key)
+        kind = "an integer" if types == integer else "a number"
+        if isinstance(value, bool) or not isinstance(value, types) or not ok(value):
+            raise ConfigError(f"{key}={value}: must be {kind} {allowed}")
 
 
 def check_fingerprint(cfg: DictConfig, run_dir: Path) -> None:
