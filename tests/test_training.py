@@ -1,5 +1,6 @@
 """Training end to end on the embedded digits: the loss falls, resume is exact, finished jobs are skipped."""
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -106,6 +107,16 @@ def test_changed_config_in_same_directory_is_an_error(tmp_path, cache_dir):
         run_job(make_cfg(tmp_path, cache_dir, base + ["optim.lr=0.5"]), run_dir)
 
 
+def test_a_launch_that_failed_before_training_does_not_claim_the_directory(tmp_path, cache_dir):
+    """A typo fails the job before its first checkpoint; the corrected command then runs in the same directory."""
+    run_dir = tmp_path / "run"
+    base = ["train.max_steps=2", "train.val_every=2", "train.ckpt_every=2", "eval.enabled=false"]
+    with pytest.raises(ConfigError, match="hidden_size"):
+        run_job(make_cfg(tmp_path, cache_dir, base + ["model.hidden_size=abc"]), run_dir)
+    run_job(make_cfg(tmp_path, cache_dir, base), run_dir)
+    assert final_state(run_dir)[1] == 2
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -115,11 +126,20 @@ def test_changed_config_in_same_directory_is_an_error(tmp_path, cache_dir):
         ("optim.lr=abc", "optim.lr=abc: must be a number > 0"),
         ("train.max_steps=2.5", "train.max_steps=2.5: must be an integer >= 1"),
         ("train.ema_every=true", "train.ema_every=True: must be an integer >= 1"),
+        ("train.val_every=0", "train.val_every=0: must be an integer >= 1"),
+        ("train.ckpt_every=0", "train.ckpt_every=0: must be an integer >= 1"),
+        ("seed=abc", "seed=abc: must be an integer >= 0"),
+        ("data.val_samples=0", "data.val_samples=0: must be an integer >= 1"),
+        ("eval.batch_size=0", "eval.batch_size=0: must be an integer >= 1"),
+        ("eval.settings=[{steps: 0, cfg: 1.0}]", "eval.settings.0.steps=0: must be an integer >= 1"),
+        ("eval.ema=[maybe]", "eval.ema.0=maybe: must be a boolean (true or false)"),
+        ("data=shards", "data.train_dir is not set"),
     ],
 )
 def test_bad_values_fail_before_training(tmp_path, cache_dir, override, message):
-    cfg = make_cfg(tmp_path, cache_dir, ["eval.enabled=false", override])
-    with pytest.raises(ConfigError, match=message):
+    evaluated = "true" if override.startswith("eval.") else "false"  # evaluation settings count when it runs
+    cfg = make_cfg(tmp_path, cache_dir, [f"eval.enabled={evaluated}", override])
+    with pytest.raises(ConfigError, match=re.escape(message)):
         run_job(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
 

@@ -51,6 +51,9 @@ def resolve_data(cfg: DictConfig) -> dict:
         dirs = prepare_embedded(data.name, Path(cfg.paths.cache_dir) / "data")
         train_dir, eval_dir = str(dirs["train"]), str(dirs["eval"])
     elif data.kind == "shards":
+        for key in ("train_dir", "eval_dir"):
+            if OmegaConf.is_missing(data, key):
+                raise ConfigError(f"data.{key} is not set: a folder of shards (python -m src.preprocess ...)")
         train_dir, eval_dir = data.train_dir, data.eval_dir
         for key, path in (("data.train_dir", train_dir), ("data.eval_dir", eval_dir)):
             if not (Path(path) / "meta.json").exists():
@@ -77,22 +80,41 @@ def check_values(cfg: DictConfig) -> None:
         ("train.ema_decay", number, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
         ("train.cond_dropout", number, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
         ("train.val_levels", integer, lambda v: v >= 2, ">= 2"),
+        ("train.val_every", integer, lambda v: v >= 1, ">= 1"),
+        ("train.ckpt_every", integer, lambda v: v >= 1, ">= 1 (resume starts from the last checkpoint)"),
         ("optim.lr", number, lambda v: v > 0, "> 0"),
         ("data.batch_size", integer, lambda v: v >= 1, ">= 1"),
-        ("eval.n_samples", integer, lambda v: v >= 2, ">= 2 (FID needs two samples)"),
+        ("data.val_samples", integer, lambda v: v >= 1, ">= 1"),
+        ("seed", integer, lambda v: v >= 0, ">= 0"),
     ]
+    if cfg.eval.enabled:  # checked before training, not found out when the evaluation starts
+        checks += [
+            ("eval.n_samples", integer, lambda v: v >= 2, ">= 2 (FID needs two samples)"),
+            ("eval.batch_size", integer, lambda v: v >= 1, ">= 1"),
+            ("eval.seed", integer, lambda v: v >= 0, ">= 0"),
+            ("eval.shift", number, lambda v: v > 0, "> 0"),
+        ]
+        for i in range(len(cfg.eval.settings)):
+            checks += [(f"eval.settings.{i}.steps", integer, lambda v: v >= 1, ">= 1"),
+                       (f"eval.settings.{i}.cfg", number, lambda v: v >= 0, ">= 0")]
+        checks += [(f"eval.ema.{i}", (bool,), lambda v: True, "(true or false)") for i in range(len(cfg.eval.ema))]
     for key, types, ok, allowed in checks:
         value = OmegaConf.select(cfg, key)
-        kind = "an integer" if types == integer else "a number"
-        if isinstance(value, bool) or not isinstance(value, types) or not ok(value):
+        kind = {integer: "an integer", number: "a number", (bool,): "a boolean"}[types]
+        if (isinstance(value, bool) and types != (bool,)) or not isinstance(value, types) or not ok(value):
             raise ConfigError(f"{key}={value}: must be {kind} {allowed}")
 
 
 def check_fingerprint(cfg: DictConfig, run_dir: Path) -> None:
-    """A run directory belongs to one configuration: resuming with another one is an error, not a silent mix."""
+    """A run directory belongs to one configuration: resuming with another one is an error, not a silent mix.
+
+    Only once something was trained or evaluated there: a launch that failed before its first checkpoint (a typo in
+    a setting, a missing file) leaves nothing to protect, and its fingerprint is replaced by the next launch's.
+    """
     path = run_dir / "fingerprint.json"
     fp = json.loads(json.dumps(fingerprint(cfg), default=str))
-    if path.exists():
+    worked = (run_dir / "checkpoints" / "last.ckpt").exists() or (run_dir / "results.json").exists()
+    if path.exists() and worked:
         old = json.loads(path.read_text())
         changed = diff_keys(old, fp)
         if changed:
@@ -101,7 +123,7 @@ def check_fingerprint(cfg: DictConfig, run_dir: Path) -> None:
                 "use another sweep_name, give this configuration its own directory with run_tag=/<label>, "
                 "or delete the directory"
             )
-    else:
+    if not path.exists() or not worked:
         atomic_write_json(path, fp)
 
 
