@@ -113,7 +113,7 @@ def check_fingerprint(cfg: DictConfig, run_dir: Path) -> None:
     """
     path = run_dir / "fingerprint.json"
     fp = json.loads(json.dumps(fingerprint(cfg), default=str))
-    worked = (run_dir / "checkpoints" / "last.ckpt").exists() or (run_dir / "results.json").exists()
+    worked = any((run_dir / "checkpoints").glob("*.ckpt")) or (run_dir / "results.json").exists()
     if path.exists() and worked:
         old = json.loads(path.read_text())
         changed = diff_keys(old, fp)
