@@ -119,7 +119,7 @@ def expand_jobs(overrides: Sequence[str]) -> tuple[DictConfig, list[list[str]]]:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from src.launch.sweeper import NAME_KEYS, swept_keys, tag_jobs
+    from src.launch.sweeper import split_tagged
 
     overrides = [o for o in overrides if o not in ("-m", "--multirun")]
     parser = OverridesParser.create()
@@ -133,9 +133,8 @@ def expand_jobs(overrides: Sequence[str]) -> tuple[DictConfig, list[list[str]]]:
     if not params and not any(o.is_sweep_override() for o in parsed) and str(base.hydra.mode) != "RunMode.MULTIRUN":
         return base, [list(overrides)]  # a single run
     parsed = parser.parse_overrides(params + list(overrides))
-    batches = BasicSweeper.split_arguments(parsed, None)
-    if tagging:  # the run_tag each job gets from src.launch.sweeper.TaggingSweeper
-        batches = tag_jobs(batches, swept_keys(parsed, list(base.get("name_keys") or NAME_KEYS)))
+    # The jobs as the configured sweeper launches them (the tagging sweeper adds each job's run_tag).
+    batches = split_tagged(parsed, None, base) if tagging else BasicSweeper.split_arguments(parsed, None)
     return base, [list(job) for batch in batches for job in batch]
 
 

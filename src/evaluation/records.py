@@ -95,15 +95,11 @@ def write_results(run_dir: str | os.PathLike, records: Iterable[Mapping[str, Any
     return save_json(results_path(run_dir), rows)
 
 
-def _locked(run_dir: Path):
-    return file_lock(run_dir / f".{RESULTS_FILE}.lock")
-
-
 def merge_results(run_dir: str | os.PathLike, new: Iterable[Mapping[str, Any] | Record]) -> list[dict[str, Any]]:
     """Add records to results.json, replacing those with the same key; atomic and locked. Returns all records."""
     run_dir = Path(run_dir)
     rows = [r.to_dict() if isinstance(r, Record) else dict(r) for r in new]
-    with _locked(run_dir):
+    with file_lock(run_dir / f".{RESULTS_FILE}.lock"):
         records = read_results(run_dir)
         replaced = {record_key(r) for r in rows}
         records = [r for r in records if record_key(r) not in replaced] + rows

@@ -47,9 +47,15 @@ def tag_jobs(batches: list[list[list[str]]], keys: Sequence[str]) -> list[list[l
     return [[[*job, f"run_tag='{run_tag(job, keys)}'"] for job in batch] for batch in batches]
 
 
+def split_tagged(overrides: list[Override], max_batch_size: int | None, cfg=None) -> list[list[list[str]]]:
+    """The basic sweeper's batches of job overrides, each job with its run_tag; `name_keys` from cfg when it has them.
+    The sweeper launches these jobs and the planner (src/plan.py) lists them."""
+    name_keys = list((cfg.get("name_keys") if cfg is not None else None) or NAME_KEYS)
+    return tag_jobs(BasicSweeper.split_arguments(overrides, max_batch_size), swept_keys(overrides, name_keys))
+
+
 class TaggingSweeper(BasicSweeper):
     """BasicSweeper whose jobs carry `run_tag`; selected by conf/hydra/sweeper/tagging.yaml."""
 
     def split_arguments(self, overrides: list[Override], max_batch_size: int | None) -> list[list[list[str]]]:
-        name_keys = list(self.config.get("name_keys") or NAME_KEYS) if self.config is not None else NAME_KEYS
-        return tag_jobs(BasicSweeper.split_arguments(overrides, max_batch_size), swept_keys(overrides, name_keys))
+        return split_tagged(overrides, max_batch_size, self.config)
