@@ -42,10 +42,15 @@ def test_report_on_records_written_by_the_evaluation_code(tmp_path):
     report = build_report([sweep], draws=20)
     ranked = report.ranked
     assert len(ranked) == 18 and ranked["fid_clip"].isna().sum() == 1
-    assert report.bootstrap.metrics.inconsistent == {}  # the bootstrap's FID equals the evaluation's fid_clip
-    nan_row = int(np.flatnonzero(ranked["fid_clip"].isna())[0])
+    records = report.records
+    assert set(records["fid_features"]) == {"clip_l2norm"}  # Records without the field: the former definition
+    nan_row = int(np.flatnonzero(records["fid_clip"].isna())[0])
     assert list(report.bootstrap.metrics.fixed) == [nan_row]  # stays in the last front in every draw
     assert np.isnan(report.bootstrap.metrics.fid[:, nan_row]).all()
+    # Bootstrap draws scatter around the evaluation's own fid_clip (one Frechet distance for both).
+    finite = records["fid_clip"].notna().to_numpy()
+    median = np.median(report.bootstrap.metrics.fid[:, finite], axis=0)
+    assert np.all(np.abs(median - records.loc[finite, "fid_clip"].to_numpy()) < 0.5 * records.loc[finite, "fid_clip"])
     diverged = ranked[ranked["fid_clip"].isna()].iloc[0]
     assert diverged["front"] == ranked[(ranked["setting"] == "5 steps, cfg 5.0") & ~ranked["ema"]]["front"].max()
     assert list(report.table.index) == ["rf/lognorm(0.00, 1.00)", "eps/linear", "v/cos"]
