@@ -91,7 +91,7 @@ def build_report(
         counts = sweep.runs["status"].value_counts().to_dict()
         where = ", ".join(str(r.resolve()) for r in sweep.roots)
         raise NoResultsError(f"no results found in {where} ({len(sweep.runs)} run directories: {counts or 'none'})")
-    check_fid_features(sweep.records)
+    check_fid_features(pd.concat([sweep.records, sweep.duplicates]))  # before a rerun's record hides an older one
     records = sweep.records if sampler is None else restrict_sampler(sweep.records, sampler)
     ranked = rank_table(pool_seeds(records))
     groups = setting_groups(ranked, fifty_step_cfg)
