@@ -147,7 +147,11 @@ def check_fingerprint(cfg: DictConfig, run_dir: Path) -> None:
 def write_run_config(cfg: DictConfig, run_dir: Path) -> None:
     """The resolved configuration, atomically, to run_dir/config.yaml (Hydra's .hydra/config.yaml is rewritten by
     every launch, refused ones included; this one belongs to the run)."""
-    atomic_write_bytes(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True).encode("utf-8"))
+    try:
+        text = OmegaConf.to_yaml(cfg, resolve=True)
+    except Exception:  # e.g. ${hydra:...} outside a Hydra run (a test calling run_job): kept unresolved
+        text = OmegaConf.to_yaml(cfg)
+    atomic_write_bytes(run_dir / CONFIG_FILE, text.encode("utf-8"))
 
 
 # ---- building -------------------------------------------------------------------------------------
