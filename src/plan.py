@@ -18,8 +18,11 @@ apart. GPU-hours = FLOPs / (peak x utilisation) / 3600, at the stated peak (defa
 TFLOP/s) and model FLOPs utilisation (default 40%; bench/results/backbone.md measured 27% for the depth-24 MM-DiT
 at batch 64 per H100, eager, so --mfu 0.27 is the conservative figure).
 
-The status column reads the run directory: done (complete results: a relaunch skips it), started (a checkpoint:
-a relaunch resumes it), failed (error.json), new.
+The status column reads the run directory with the job's own rules: done (trained, and every record the
+configuration wants is in results.json: a relaunch skips it), to evaluate (trained, but records of these evaluation
+settings are missing: a relaunch evaluates without retraining), resume (a checkpoint before the last step), to train,
+changed configuration (the directory holds a run of another configuration: a relaunch is refused), failed
+(error.json), new.
 """
 
 from __future__ import annotations
@@ -230,20 +233,40 @@ def job_gpus(cfg: DictConfig) -> int:
 
 
 def job_status(cfg: DictConfig, run_dir: Path) -> str:
+    """What a relaunch would do in run_dir, by the job's own rules (src/training/job.py, src/results.py):
+    new (nothing there), failed (error.json), changed configuration (the job would refuse it), done (trained and
+    every wanted record present), to evaluate (trained; records missing or of other settings), resume (a
+    checkpoint before the last step), to train (a directory with nothing trained)."""
     if not run_dir.is_dir():
         return "new"
     if (run_dir / "error.json").is_file():
         return "failed"
-    from src.training.job import results_complete
+    from src.evaluation.run import missing_for
+    from src.training.job import training_finished
 
-    try:
-        if (run_dir / "results.json").is_file() and cfg.eval.enabled and results_complete(cfg, run_dir):
-            return "done"
-    except (ValueError, KeyError):
-        return "started"
+    if _fingerprint_changes(cfg, run_dir):
+        return "changed configuration"
+    if training_finished(cfg, run_dir):
+        try:
+            return "to evaluate" if missing_for(cfg, run_dir) else "done"
+        except (ValueError, KeyError, OSError):  # an unreadable results.json: the job evaluates again
+            return "to evaluate"
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
-        return "started"
-    return "new"
+        return "resume"
+    return "to train"
+
+
+def _fingerprint_changes(cfg: DictConfig, run_dir: Path) -> list[str]:
+    """The job's fingerprint check on the planned configuration; data keys the planner cannot resolve (shards not
+    at hand) are not compared."""
+    from src.config import ConfigError
+    from src.training.job import fingerprint_changes, resolve_data
+
+    cfg = cfg.copy()
+    with contextlib.suppress(ConfigError, OSError, ValueError):
+        resolve_data(cfg)
+    return [k for k in fingerprint_changes(cfg, run_dir)
+            if not (k.startswith("data.") and OmegaConf.select(cfg, k, default=None) is None)]
 
 
 def plan_job(index: int, overrides: list[str], flops_method: str = "count") -> JobPlan:

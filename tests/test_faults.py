@@ -111,7 +111,7 @@ def test_launcher_records_failures_of_remote_jobs(monkeypatch):
 
 # ---- concurrent writers ---------------------------------------------------------------------------------------------
 def _merge_many(run_dir: str, worker: int, n: int) -> None:
-    from src.evaluation.records import merge_results
+    from src.results import merge_results
 
     for i in range(n):
         merge_results(run_dir, [{"recipe": f"r{worker}", "dataset": "d", "setting": f"s{i}", "ema": True, "i": i}])

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 from src.config import ConfigError, register_resolvers
 from src.launch.checks import check_launch
-from src.evaluation.callback import unsharded_backbone
+from src.evaluation.run import unsharded_backbone
 from src.launch.strategies import FSDPStrategy, backbone_wrap_policy, build_strategy
 from src.models import BACKBONES
 from src.training.ema import ema_update, make_ema_copy

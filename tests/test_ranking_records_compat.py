@@ -7,7 +7,7 @@ from src.ranking.report import build_report
 
 @pytest.mark.slow  # imports src.evaluation / src.metrics (torch, open_clip)
 def test_report_on_records_written_by_the_evaluation_code(tmp_path):
-    from src.evaluation.records import Record, merge_results
+    from src.results import Record, merge_results
     from src.metrics import feature_statistics, fid_from_features
     from src.utils.io import save_npz
 
@@ -33,9 +33,12 @@ def test_report_on_records_written_by_the_evaluation_code(tmp_path):
                     fid = float("nan")  # a diverged setting: written as null
                 records.append(Record(
                     recipe=recipe, family=recipe.split("/")[0], params={}, dataset="digits",
+                    tags={}, train_seed=0, backbone="MMDiT",
                     setting=f"{steps} steps, cfg {cfg:.1f}", steps=steps, cfg=cfg, shift=1.0, ema=ema,
+                    sampler="rf_time", n_samples=24, eval_seed=0, feature_extractor="tiny_clip:0123456789ab",
+                    fid_features="clip_raw", checkpoint="best", checkpoint_step=100,
                     clip_score=float(scores.astype(np.float64).mean()), fid_clip=fid, fid_inception=None,
-                    n_samples=24, n_reference=40, seed=0, checkpoint_step=100,
+                    n_reference=40,
                     arrays=str(arrays.relative_to(run_dir)), reference_arrays=str(ref_path), config={},
                 ))
         merge_results(run_dir, records)

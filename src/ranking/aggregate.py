@@ -28,6 +28,7 @@ import yaml
 
 from src.ranking.nds import non_dominated_ranks
 from src.ranking.paper import COLUMNS
+from src.results import FIELDS, entry_name, upgrade
 
 RUN_MARKERS = (".hydra/config.yaml", "results.json", "error.json")
 SETTING_KEY = ["dataset", "setting", "ema"]  # a control setting (SPEC 7: dataset x sampler setting x EMA)
@@ -35,11 +36,9 @@ SETTING_KEY = ["dataset", "setting", "ema"]  # a control setting (SPEC 7: datase
 RECORD_KEY = ["base_entry", "sampler", "train_seed", *SETTING_KEY]
 ENTRY_KEY = ["recipe", *SETTING_KEY]  # in the pooled (seed-mean) table, 'recipe' is the entry
 REQUIRED_FIELDS = ("recipe", "dataset", "setting", "steps", "cfg", "ema", "clip_score", "fid_clip")
-OPTIONAL_FIELDS = (
-    "family", "params", "shift", "fid_inception", "n_samples", "checkpoint_step", "arrays",
-    "reference_arrays", "created",
-)
 DERIVED_FIELDS = ("entry", "base_entry", "train_seed", "sampler", "fid_features")
+# The other record fields (src/results.py) the ranking carries along (all but the config).
+OPTIONAL_FIELDS = tuple(f for f in FIELDS if f not in REQUIRED_FIELDS and f not in DERIVED_FIELDS and f != "config")
 OBJECTIVES = (("clip_score", True), ("fid_clip", False))  # CLIP score up, FID down (SPEC 9)
 METRICS = ("clip_score", "fid_clip", "fid_inception")
 
@@ -289,15 +288,19 @@ def _record_row(rec: dict, run_dir: Path, results: Path, index: int) -> dict:
     missing = [f for f in REQUIRED_FIELDS if f not in rec]
     if missing:
         raise ValueError(f"{results}: record {index} lacks required field(s) {missing}")
+    rec = upgrade(rec)  # legacy records get today's fields
     row = {f: rec[f] for f in REQUIRED_FIELDS}
     row.update({f: rec.get(f) for f in OPTIONAL_FIELDS})
+    # The entry the record is ranked as, from its fields: recipe qualified by backbone, tags and sampler.
+    row["recipe"] = entry_name(rec, drop=())
     row["run_dir"] = str(run_dir)
     row["steps"] = int(row["steps"])
     row["cfg"] = float(row["cfg"])
     row["ema"] = bool(row["ema"])
     for metric in ("clip_score", "fid_clip", "fid_inception"):
         row[metric] = math.nan if row[metric] is None else float(row[metric])
-    row["params"] = json.dumps(row["params"], sort_keys=True) if row["params"] is not None else None
+    for key in ("params", "tags"):  # hashable in the table
+        row[key] = json.dumps(row[key], sort_keys=True) if row[key] is not None else None
     for key in ("arrays", "reference_arrays"):
         row[key] = resolve_path(row[key], run_dir) if row[key] else None
     row["base_entry"], seed = split_seed(str(row["recipe"]))

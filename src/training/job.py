@@ -23,11 +23,12 @@ from src.training.callbacks import SaveLastAtEnd
 from src.training.checkpoint_io import AtomicCheckpointIO
 from src.training.datamodule import ShardDataModule
 from src.training.module import FormulationModule
-from src.utils.io import atomic_write_json
+from src.utils.io import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
 DIM_KEYS = ("latent_channels", "latent_size", "context_dim", "pooled_dim")
+CONFIG_FILE = "config.yaml"  # the run's resolved configuration, written when the job binds its directory
 
 
 # ---- configuration checks -------------------------------------------------------------------------
@@ -105,26 +106,52 @@ def check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value}: must be {kind} {allowed}")
 
 
+def fingerprint_changes(cfg: DictConfig, run_dir: Path) -> list[str]:
+    """The keys whose values differ from the configuration a run in run_dir was trained with ([] when the directory
+    holds nothing trained or evaluated yet: a launch that failed before its first checkpoint leaves nothing to
+    protect). cfg must have its data resolved (resolve_data)."""
+    path = run_dir / "fingerprint.json"
+    if not path.exists() or not _worked(run_dir):
+        return []
+    fp = json.loads(json.dumps(fingerprint(cfg), default=str))
+    return diff_keys(json.loads(path.read_text()), fp)
+
+
+def _worked(run_dir: Path) -> bool:
+    return any((run_dir / "checkpoints").glob("*.ckpt")) or (run_dir / "results.json").exists()
+
+
 def check_fingerprint(cfg: DictConfig, run_dir: Path) -> None:
     """A run directory belongs to one configuration: resuming with another one is an error, not a silent mix.
 
     Only once something was trained or evaluated there: a launch that failed before its first checkpoint (a typo in
     a setting, a missing file) leaves nothing to protect, and its fingerprint is replaced by the next launch's.
+    Binding the directory also writes the resolved configuration to config.yaml (what `python -m src.evaluate`
+    re-evaluates the run with).
     """
+    changed = fingerprint_changes(cfg, run_dir)
+    if changed:
+        raise ConfigError(
+            f"{run_dir} holds a run with a different configuration ({', '.join(changed[:5])}); "
+            "use another sweep_name, give this configuration its own directory with run_tag=/<label>, "
+            "or delete the directory"
+        )
     path = run_dir / "fingerprint.json"
-    fp = json.loads(json.dumps(fingerprint(cfg), default=str))
-    worked = any((run_dir / "checkpoints").glob("*.ckpt")) or (run_dir / "results.json").exists()
-    if path.exists() and worked:
-        old = json.loads(path.read_text())
-        changed = diff_keys(old, fp)
-        if changed:
-            raise ConfigError(
-                f"{run_dir} holds a run with a different configuration ({', '.join(changed[:5])}); "
-                "use another sweep_name, give this configuration its own directory with run_tag=/<label>, "
-                "or delete the directory"
-            )
-    if not path.exists() or not worked:
-        atomic_write_json(path, fp)
+    if not path.exists() or not _worked(run_dir):
+        atomic_write_json(path, json.loads(json.dumps(fingerprint(cfg), default=str)))
+        write_run_config(cfg, run_dir)
+    elif not (run_dir / CONFIG_FILE).exists():  # a run directory from before config.yaml was written
+        write_run_config(cfg, run_dir)
+
+
+def write_run_config(cfg: DictConfig, run_dir: Path) -> None:
+    """The resolved configuration, atomically, to run_dir/config.yaml (Hydra's .hydra/config.yaml is rewritten by
+    every launch, refused ones included; this one belongs to the run)."""
+    try:
+        text = OmegaConf.to_yaml(cfg, resolve=True)
+    except Exception:  # e.g. ${hydra:...} outside a Hydra run (a test calling run_job): kept unresolved
+        text = OmegaConf.to_yaml(cfg)
+    atomic_write_bytes(run_dir / CONFIG_FILE, text.encode("utf-8"))
 
 
 # ---- building -------------------------------------------------------------------------------------
@@ -200,38 +227,55 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list
 
 
 # ---- the job ----------------------------------------------------------------------------------------
-def results_complete(cfg: DictConfig, run_dir: Path) -> bool:
-    from src.evaluation.records import read_results
+def training_finished(cfg: DictConfig, run_dir: Path) -> bool:
+    """last.ckpt holds the final step (an unreadable one counts as not finished: the trainer resumes or fails)."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return False
+    try:
+        ckpt = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # a truncated or foreign file
+        return False
+    return int(ckpt.get("global_step", 0)) >= cfg.train.max_steps
 
-    if not cfg.eval.enabled:
-        return (run_dir / "checkpoints" / "last.ckpt").exists() and _finished_training(cfg, run_dir)
-    records = read_results(run_dir)
-    have = {(r["steps"], float(r["cfg"]), bool(r["ema"])) for r in records}
-    want = {(s["steps"], float(s["cfg"]), bool(e)) for s in cfg.eval.settings for e in cfg.eval.ema}
-    return want <= have
 
+def results_complete(cfg: DictConfig, run_dir: Path, formulation=None) -> bool:
+    """Training finished and every wanted evaluation record present (src.results.missing_records)."""
+    from src.evaluation.run import missing_for
 
-def _finished_training(cfg: DictConfig, run_dir: Path) -> bool:
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    return ckpt.get("global_step", 0) >= cfg.train.max_steps
+    return training_finished(cfg, run_dir) and not missing_for(cfg, run_dir, formulation)
 
 
 def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Train and evaluate one recipe in `run_dir`; resume from its last checkpoint; skip if already complete."""
+    """Train and evaluate one recipe in `run_dir`; resume from its last checkpoint; when training is finished,
+    evaluate only what results.json lacks (never retrain); skip if complete."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     check_values(cfg)
     formulation = build_formulation(cfg)
     meta = resolve_data(cfg)
-    check_fingerprint(cfg, run_dir)
-    if results_complete(cfg, run_dir):
-        log.info("%s: results complete, nothing to do", run_dir)
-        return {"run_dir": str(run_dir), "skipped": True}
+    if cfg.eval.enabled:
+        from src.evaluation.run import check_eval_files
 
-    if torch.cuda.is_available():
-        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts of bf16-mixed training
-    if cfg.get("torch_threads"):
-        torch.set_num_threads(int(cfg.torch_threads))
+        check_eval_files(cfg.eval)
+    check_fingerprint(cfg, run_dir)
+    if training_finished(cfg, run_dir):
+        from src.evaluation.run import describe, evaluate_run, missing_for
+
+        missing = missing_for(cfg, run_dir, formulation)
+        if not missing:
+            log.info("%s: results complete, nothing to do", run_dir)
+            return {"run_dir": str(run_dir), "skipped": True}
+        log.info("%s: results for %s missing: evaluating, training is done", run_dir, describe(cfg, run_dir, missing))
+        _torch_settings(cfg)
+        # Not the CSV logger: opening it on an existing folder deletes the training curve (PITFALLS).
+        loggers = [lg for lg in build_loggers(cfg, run_dir) if type(lg).__name__ != "CSVLogger"]
+        evaluate_run(cfg, run_dir, loggers=loggers, meta=meta)
+        for lg in loggers:
+            lg.finalize("success")
+        return {"run_dir": str(run_dir), "skipped": False, "evaluated_only": True}
+
+    _torch_settings(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     backbone = build_backbone(cfg)
     module = build_module(cfg, formulation, backbone, meta)
@@ -251,7 +295,7 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     preempt_signal = submitit_signal()
     if preempt_signal is not None:  # a submitit SLURM job: checkpoint at the step boundary before a requeue
         callbacks.append(PreemptionCheckpoint(ckpt_dir / "last.ckpt", preempt_signal))
-    if cfg.eval.enabled:
+    if cfg.eval.enabled:  # evaluate_run on rank 0, on the trainer's device, once fit has finished
         from src.evaluation.callback import EvaluationCallback
 
         callbacks.append(EvaluationCallback(cfg, run_dir, meta))
@@ -260,3 +304,10 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     last = ckpt_dir / "last.ckpt"
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
     return {"run_dir": str(run_dir), "skipped": False, "global_step": trainer.global_step}
+
+
+def _torch_settings(cfg: DictConfig) -> None:
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts of bf16-mixed training
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg.torch_threads))
