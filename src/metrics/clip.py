@@ -26,11 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from src.metrics.images import resize_center_crop, to_rgb01
+# The feature definition of fid_clip (recorded as `fid_features`, part of the reference cache key): one definition.
+from src.results import FID_FEATURES, LEGACY_FID_FEATURES  # noqa: F401
 
-#: The feature definition of fid_clip, recorded with every result (`fid_features`) and in the reference cache key.
-FID_FEATURES = "clip_raw"
-#: What results without a `fid_features` field used: FID on L2-normalised CLIP image embeddings.
-LEGACY_FID_FEATURES = "clip_l2norm"
 
 
 def clip_score(image_features: Tensor, text_features: Tensor) -> Tensor:

@@ -28,7 +28,7 @@ import yaml
 
 from src.ranking.nds import non_dominated_ranks
 from src.ranking.paper import COLUMNS
-from src.results import FIELDS, entry_name, upgrade
+from src.results import DEFAULT_SAMPLER, FID_FEATURES, FIELDS, LEGACY_FID_FEATURES, entry_name, upgrade
 
 RUN_MARKERS = (".hydra/config.yaml", "results.json", "error.json")
 SETTING_KEY = ["dataset", "setting", "ema"]  # a control setting (SPEC 7: dataset x sampler setting x EMA)
@@ -42,13 +42,9 @@ OPTIONAL_FIELDS = tuple(f for f in FIELDS if f not in REQUIRED_FIELDS and f not 
 OBJECTIVES = (("clip_score", True), ("fid_clip", False))  # CLIP score up, FID down (SPEC 9)
 METRICS = ("clip_score", "fid_clip", "fid_inception")
 
-# fid_features: the feature definition of fid_clip (src/metrics/clip.py's FID_FEATURES and LEGACY_FID_FEATURES,
-# repeated here so the ranking needs no torch). Records written before the field existed used L2-normalised
-# CLIP embeddings.
-FID_FEATURES = "clip_raw"
-LEGACY_FID_FEATURES = "clip_l2norm"
-# Records written before the sampler was a choice were all made by the shared Euler sampler on the RF-time grid.
-LEGACY_SAMPLER = "rf_time"
+# The feature definition of fid_clip and the sampler of records written before either was recorded: one
+# definition, in the torch-free results module.
+LEGACY_SAMPLER = DEFAULT_SAMPLER
 DEFAULT_FIFTY_STEP_CFG = 5.0  # the 5-step column is at CFG 5.0; 50 steps at the same scale is the matching choice
 REEVALUATE = "python -m src.evaluate RUN_DIR"
 
