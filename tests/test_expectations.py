@@ -1,15 +1,11 @@
 """The planner checks existing shard folders against the paper's setup and against each other."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import torch
 
+from src import plan
 from src.data.expectations import PAPER_DATA, check_shard_folders, paper_differences, split_differences
 from src.data.shards import read_meta, write_shards
 
-ROOT = Path(__file__).resolve().parents[1]
 PAPER_GROUPS = [{"name": "clip:ViT-L-14-quickgelu"}, {"name": "clip:ViT-bigG-14"}, {"name": "t5:t5-v1_1-xxl"}]
 
 
@@ -43,15 +39,15 @@ def test_folders_checked_only_where_they_exist(tmp_path):
     assert read_meta(tmp_path / "own-stats")["latent_mean"] != train["latent_mean"]
 
 
-def test_plan_states_what_the_shards_hold_unlike_the_paper(tmp_path):
+def test_plan_states_what_the_shards_hold_unlike_the_paper(tmp_path, capsys):
     small_folder(tmp_path / "imagenet-256", 0)
     small_folder(tmp_path / "cc12m-256", 1)
     small_folder(tmp_path / "coco2014-256", 2)
-    out = subprocess.run([sys.executable, "-m", "src.plan", "+sweep=paper_grid", f"paths.shards_dir={tmp_path}",
-                          "loss=paper/rf_lognorm_0.00_1.00"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    checks = [line for line in out.stdout.splitlines() if line.startswith("Check: ")]
-    assert len(checks) == 4, out.stdout  # two training folders unlike the paper, each unlike the COCO folder
+    assert plan.main(["+sweep=paper_grid", f"paths.shards_dir={tmp_path}", "loss=paper/rf_lognorm_0.00_1.00",
+                      "model.depth=2"]) == 0
+    out = capsys.readouterr().out
+    checks = [line for line in out.splitlines() if line.startswith("Check: ")]
+    assert len(checks) == 4, out  # two training folders unlike the paper, each unlike the COCO folder
     assert any(f"data.train_dir={tmp_path}/cc12m-256 differs from the paper's setup: latent_channels 4" in c
                for c in checks)
     assert any(f"data.eval_dir={tmp_path}/coco2014-256 is not encoded like" in c for c in checks)
