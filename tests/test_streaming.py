@@ -132,3 +132,21 @@ def test_streaming_run_interrupted_and_resumed_equals_uninterrupted_in_memory_ru
     assert memory.keys() == stream.keys() and any(k.startswith("ema_backbone.") for k in memory)
     for k in memory:
         assert torch.equal(memory[k], stream[k]), k
+
+
+def test_shards_with_pax_headers_are_indexed_too(folders, tmp_path):
+    """Shards written by other tools (PAX extended headers) fall back to tarfile's header parser."""
+    import io
+    import shutil
+    import tarfile
+
+    copy = tmp_path / "pax"
+    shutil.copytree(folders / "train", copy)
+    src, dst = folders / "train" / "shard-000001.tar", copy / "shard-000001.tar"
+    with tarfile.open(src) as old, tarfile.open(dst, "w", format=tarfile.PAX_FORMAT) as new:
+        for member in old:
+            data = old.extractfile(member).read()
+            member.pax_headers = {"comment": "written elsewhere"}
+            new.addfile(member, io.BytesIO(data))
+    idx = torch.arange(N)
+    assert_same_batches([ShardSamples(copy).batch(idx)], [ShardSamples(folders / "train").batch(idx)], 1)
