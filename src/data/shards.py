@@ -404,8 +404,14 @@ class ShardSamples:
             raise ValueError(f"shard folder {shard_dir}: the shards hold {len(shard_ids)} samples, "
                              f"meta.json says {self.meta['count']}; rebuild the folder")
         self.shard = np.asarray(shard_ids, dtype=np.int32)
-        self.offset = np.asarray(offsets, dtype=np.int64).reshape(-1, len(TRAIN_MEMBERS))
-        self.size = np.asarray(sizes, dtype=np.int64).reshape(-1, len(TRAIN_MEMBERS))
+        offset = np.asarray(offsets, dtype=np.int64).reshape(-1, len(TRAIN_MEMBERS))
+        size = np.asarray(sizes, dtype=np.int64).reshape(-1, len(TRAIN_MEMBERS))
+        # Every sample has the same shapes, so ShardWriter's samples share one layout: keep one start per sample
+        # (12 bytes a sample in all, 150 MB for 12M samples) and the layout once.
+        self.start = offset[:, 0].copy()
+        rel = offset - self.start[:, None]
+        uniform = (rel == rel[0]).all() and (size == size[0]).all()
+        self.rel, self.size = (rel[:1], size[:1]) if uniform else (rel, size)
         self.collate = Collate(self.meta["latent_mean"], self.meta["latent_std"])
         self._files: dict[int, int] = {}
         self._pid = -1
@@ -426,7 +432,8 @@ class ShardSamples:
 
     def read(self, i: int) -> dict:
         """Sample i as {"latent", "context", "pooled"} float16 arrays."""
-        offset, size = self.offset[i], self.size[i]
+        row = i if len(self.size) > 1 else 0
+        offset, size = self.start[i] + self.rel[row], self.size[row]
         start, stop = int(offset.min()), int((offset + size).max())
         data = os.pread(self._fd(int(self.shard[i])), stop - start, start)  # one read: the members are adjacent
         return {name.split(".")[0]: npy_array(data[o - start : o - start + n])
