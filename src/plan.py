@@ -67,6 +67,7 @@ class JobPlan:
     eval_flops: float  # validation + evaluation sampling
     status: str
     assumptions: list[str] = field(default_factory=list)
+    data_checks: list[str] = field(default_factory=list)  # what the shard folders hold unlike the paper's setup
 
     @property
     def tokens(self) -> int:
@@ -300,8 +301,14 @@ def plan_job(index: int, overrides: list[str], flops_method: str = "count") -> J
         index=index, overrides=overrides, run_dir=run_dir, model=str(cfg.model._target_).rsplit(".", 1)[-1],
         params=params, image_tokens=image_tokens, text_tokens=text_tokens, batch_size=batch, steps=steps,
         gpus=job_gpus(cfg), fwd_flops_per_sample=fwd, train_flops=train, eval_flops=val + sampling,
-        status=job_status(cfg, run_dir), assumptions=assumed,
+        status=job_status(cfg, run_dir), assumptions=assumed, data_checks=_data_checks(cfg),
     )
+
+
+def _data_checks(cfg: DictConfig) -> list[str]:
+    from src.data.expectations import check_shard_folders
+
+    return check_shard_folders(cfg.data.train_dir, cfg.data.eval_dir) if cfg.data.kind == "shards" else []
 
 
 def plan_sweep(overrides: Sequence[str], peak_tflops: float = H100_BF16_DENSE_TFLOPS, mfu: float = DEFAULT_MFU,
@@ -364,6 +371,7 @@ def render(plan: Plan, root: Path | None = None) -> str:
     notes = list(dict.fromkeys(a for j in plan.jobs for a in j.assumptions))
     if notes:
         lines.append("Assumed: " + "; ".join(notes) + ".")
+    lines += [f"Check: {c}." for c in dict.fromkeys(c for j in plan.jobs for c in j.data_checks)]
     return "\n".join(lines)
 
 
