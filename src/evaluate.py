@@ -61,6 +61,11 @@ def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictC
         defaults = compose(config_name="config", overrides=group)
     OmegaConf.set_struct(defaults, False)  # keys of the run's time that have gone since are kept, not refused
     cfg = OmegaConf.merge(defaults, stored)
+    # A recipe or a backbone is a whole group option: the run's replaces today's default rather than merging into it
+    # (edm's p_mean/p_std merged into the default rf_lognorm's m/s would be another recipe).
+    for group_key in ("loss", "model"):
+        if group_key in stored:
+            cfg[group_key] = stored[group_key]
     try:
         cfg.run_name = str(cfg.run_name)
     except Exception:  # Hydra's ${hydra:...} in an older run's .hydra/config.yaml: no Hydra run here

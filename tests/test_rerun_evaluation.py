@@ -4,7 +4,6 @@ gives the new numbers, keeps the old records apart, and the planner calls the ru
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -27,12 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE = ["train.max_steps=4", "train.val_every=1", "train.ckpt_every=2", "optim.lr=0.3", "optim.warmup_steps=0",
         "train.ema_decay=0.0", "eval.n_samples=8", "eval.batch_size=8", "eval.settings=[{steps: 2, cfg: 5.0}]",
         "eval.ema=[false]", "torch_threads=1"]
-
-
-def _sampler_supported() -> bool:
-    from src.sampling import sample
-
-    return "sampler" in inspect.signature(sample).parameters
 
 
 def _files(run_dir: Path) -> dict[str, tuple[str, int]]:
@@ -88,8 +81,8 @@ CASES = [
     ("eval.shift=3.0", "shift", 3.0, "eval.shift=3.0"),
     ("eval.checkpoint=last", "checkpoint", "last", "eval.checkpoint=last"),
     ("CLIP", "feature_extractor", None, "eval.clip="),
-    pytest.param("sampler=native", "sampler", "native", "sampler=native",
-                 marks=pytest.mark.skipif(not _sampler_supported(), reason="src.sampling.sample has no sampler yet")),
+    # Heun: native equals rf_time on rf recipes (the same grid), Heun changes every family's samples.
+    ("sampler=heun", "sampler", "heun", "sampler=heun"),
 ]
 
 
@@ -178,3 +171,21 @@ def test_evaluate_cli_refuses_training_keys_and_runs_without_checkpoints(run, tm
     shutil.copy(run / "config.yaml", empty / "config.yaml")
     out = _cli(str(empty))
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "no checkpoint" in out.stderr
+
+
+def test_run_config_keeps_the_runs_recipe_and_backbone(tmp_path):
+    """The run's loss and model replace today's defaults whole: an EDM run is not merged into rf_lognorm's m, s."""
+    from omegaconf import OmegaConf
+
+    from src.evaluate import load_run_config
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    stored = {"loss": {"family": "edm", "p_mean": 0.0, "p_std": 0.6},
+              "model": {"_target_": "src.models.DiT", "depth": 1, "hidden_size": 32, "num_heads": 2},
+              "run_name": "digits/edm_0.00_0.60"}
+    OmegaConf.save(OmegaConf.create(stored), run / ".hydra" / "config.yaml")
+    cfg = load_run_config(run, ["eval.n_samples=4"])
+    assert OmegaConf.to_container(cfg.loss) == stored["loss"]
+    assert OmegaConf.to_container(cfg.model) == stored["model"]
+    assert cfg.eval.n_samples == 4
