@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from src.config import ConfigError, diff_keys, fingerprint, to_dict
+from src.config import ConfigError, diff_keys, fingerprint, to_dict, without_throughput_keys
 from src.launch.preemption import PreemptionCheckpoint, submitit_signal
 from src.launch.strategies import build_strategy
 from src.training.callbacks import SaveLastAtEnd
@@ -115,7 +115,7 @@ def check_fingerprint(cfg: DictConfig, run_dir: Path) -> None:
     fp = json.loads(json.dumps(fingerprint(cfg), default=str))
     worked = any((run_dir / "checkpoints").glob("*.ckpt")) or (run_dir / "results.json").exists()
     if path.exists() and worked:
-        old = json.loads(path.read_text())
+        old = without_throughput_keys(json.loads(path.read_text()))
         changed = diff_keys(old, fp)
         if changed:
             raise ConfigError(
@@ -145,6 +145,7 @@ def build_module(cfg: DictConfig, formulation, backbone, meta: dict | None = Non
         warmup_steps=o.warmup_steps, ema_every=t.ema_every, ema_decay=t.ema_decay, cond_dropout=t.cond_dropout,
         cond_groups=groups,
         val_levels=t.val_levels, seed=cfg.seed, compile=getattr(backbone, "compile_requested", False),
+        fused=o.get("fused", "auto"),
     )
 
 

@@ -1,0 +1,86 @@
+"""Throughput options of the backbones: their allowed values, how "auto" resolves, and compilation.
+
+Every option leaves the state-dict layout alone (fused projections concatenate the existing weights at run
+time, compiled blocks are compiled in place), so a checkpoint saved under any setting loads under any other.
+"auto" resolves by device: the faster path on a GPU, today's eager path on the CPU, so the default CPU run
+is numerically the same as before these options existed. Pure torch: no Lightning or Hydra here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+COMPILE_MODES = ("auto", "none", "blocks", "full")  # auto: blocks on a GPU, none on the CPU
+COMPILE_BACKENDS = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")  # torch.compile mode
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # auto: torch's own choice per call
+AUTO_BOOL = ("auto", True, False)
+
+
+def check_choice(name: str, value, allowed: tuple) -> None:
+    """A ValueError naming the setting, the bad value and what is allowed."""
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed; allowed: {', '.join(map(repr, allowed))}")
+
+
+def compile_setting(value) -> str:
+    """model.compile as one of COMPILE_MODES; the former booleans keep their meaning (true = whole backbone)."""
+    if value is True:
+        return "full"
+    if value is False or value is None:
+        return "none"
+    check_choice("compile", value, COMPILE_MODES)
+    return value
+
+
+def resolve_auto(value, device_type: str) -> bool:
+    """True / False as given; "auto" is on for CUDA devices only (the CPU keeps today's numerics)."""
+    return device_type == "cuda" if value == "auto" else bool(value)
+
+
+def resolve_compile(mode: str, device_type: str) -> str:
+    return ("blocks" if device_type == "cuda" else "none") if mode == "auto" else mode
+
+
+def sdpa_backends(name: str) -> list | None:
+    """torch's SDPBackend list for an attention_backend setting; None for torch's own choice."""
+    if name == "auto":
+        return None
+    from torch.nn.attention import SDPBackend
+
+    return [{"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]]
+
+
+def attention_context(name: str):
+    """The context under which the blocks' scaled_dot_product_attention calls use the chosen kernel."""
+    backends = sdpa_backends(name)
+    if backends is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+
+    return sdpa_kernel(backends)
+
+
+def compile_backbone(backbone: nn.Module, mode, device_type: str, backend: str = "default") -> nn.Module:
+    """The handle the training forward calls, after compiling as model.compile asks.
+
+    "blocks" (regional compilation) compiles each transformer block in place (nn.Module.compile): one graph,
+    compiled once and reused by every block of the same shape, so compile time stays small, and the state-dict
+    keys stay as they are. "full" returns torch.compile(backbone): the caller keeps the uncompiled handle for
+    saving and averaging (its keys would carry `_orig_mod.`). A wrapped backbone (FSDP) has no blocks of its
+    own to reach, so "blocks" compiles the wrapper's forward whole.
+    """
+    mode = resolve_compile(compile_setting(mode), device_type)
+    check_choice("compile_backend", backend, COMPILE_BACKENDS)
+    options = {} if backend == "default" else {"mode": backend}
+    if mode == "none":
+        return backbone
+    blocks = getattr(backbone, "transformer_blocks", None)
+    if mode == "blocks" and callable(blocks):
+        for block in blocks():
+            block.compile(**options)
+        return backbone
+    return torch.compile(backbone, **options)
