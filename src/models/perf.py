@@ -64,18 +64,24 @@ def attention_context(name: str):
     return sdpa_kernel(backends)
 
 
-def compile_backbone(backbone: nn.Module, mode, device_type: str, backend: str = "default") -> nn.Module:
+def compile_backbone(
+    backbone: nn.Module, mode, device_type: str, backend: str = "default", dynamo_backend: str = "inductor"
+) -> nn.Module:
     """The handle the training forward calls, after compiling as model.compile asks.
 
     "blocks" (regional compilation) compiles each transformer block in place (nn.Module.compile): one graph,
     compiled once and reused by every block of the same shape, so compile time stays small, and the state-dict
     keys stay as they are. "full" returns torch.compile(backbone): the caller keeps the uncompiled handle for
     saving and averaging (its keys would carry `_orig_mod.`). A wrapped backbone (FSDP) has no blocks of its
-    own to reach, so "blocks" compiles the wrapper's forward whole.
+    own to reach, so "blocks" compiles the wrapper's forward whole. dynamo_backend="aot_eager" (tests, the
+    benchmark's CPU dry run) traces and differentiates the same graphs without inductor's code generation.
     """
     mode = resolve_compile(compile_setting(mode), device_type)
     check_choice("compile_backend", backend, COMPILE_BACKENDS)
-    options = {} if backend == "default" else {"mode": backend}
+    if dynamo_backend != "inductor":  # torch.compile takes a backend or a mode, not both
+        options = {"backend": dynamo_backend}
+    else:
+        options = {} if backend == "default" else {"mode": backend}
     if mode == "none":
         return backbone
     blocks = getattr(backbone, "transformer_blocks", None)

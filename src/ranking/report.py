@@ -62,6 +62,7 @@ def build_report(
     confidence: float = 0.9,
     separation: float = 0.95,
     progress: Callable[[str], None] | None = None,
+    device: str = "cpu",
 ) -> RankReport:
     """Load the sweeps, rank every control setting, average, bootstrap and compare with the paper."""
     if int(draws) < 0:
@@ -75,7 +76,7 @@ def build_report(
     groups = setting_groups(ranked, fifty_step_cfg)
     table = average_ranks(ranked, groups)
     n_settings = {c: int(ranked[np.asarray(groups[c])].drop_duplicates(SETTING_KEY).shape[0]) for c in COLUMNS}
-    boot = bootstrap_ranks(ranked, groups, draws, seed, confidence, separation, progress) if draws else None
+    boot = bootstrap_ranks(ranked, groups, draws, seed, confidence, separation, progress, device) if draws else None
     if boot is not None:
         table = table.join(boot.intervals)
     table = table.join(paper_ranks(table.index).add_prefix("paper "))
@@ -366,6 +367,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--confidence", type=float, default=0.9, help="bootstrap interval level")
     parser.add_argument("--separation", type=float, default=0.95, help="ordering probability that separates recipes")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the bootstrap's Frechet distances run: auto = a GPU when torch sees one, else cpu")
     parser.add_argument("--multirun-root", type=Path, default=DEFAULT_MULTIRUN, help="where sweeps live")
     parser.add_argument("--wandb", action="store_true",
                         help="publish to W&B (offline unless WANDB_MODE or the user's W&B settings say otherwise)")
@@ -378,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         sweeps = args.sweeps or [latest_sweep(args.multirun_root)]
         report = build_report(sweeps, args.fifty_step_cfg, args.bootstrap, args.seed, args.confidence, args.separation,
-                              progress=lambda line: print(line, file=sys.stderr, flush=True))
+                              progress=lambda line: print(line, file=sys.stderr, flush=True), device=args.device)
     except (NoResultsError, FileNotFoundError, ValueError) as exc:
         print(f"rank report: error: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,130 @@
+"""Throughput options (src/models/perf.py): the optimised paths train the same model as the eager step.
+
+Each path (compiled blocks, fused modulation, three-matmul QKV, activation checkpointing, an explicit SDPA kernel,
+fused AdamW) runs a few AdamW steps from the same weights on the same batches through the training module's own
+compile handling and optimizer, and must end within float32 tolerance of the eager step; checkpoints keep one
+layout, so each loads into the others.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from src.formulations import get_recipe
+from src.models import MMDiT, MMDiT3
+from src.models.perf import compile_backbone, resolve_auto, resolve_compile
+from src.training.module import FormulationModule
+
+SIZE = dict(input_size=8, patch_size=2, in_channels=2, depth=2, hidden_size=32, num_heads=2, context_dim=16,
+            pooled_dim=8)
+STEPS = 3
+
+
+def batches(n=STEPS, b=3):
+    g = torch.Generator().manual_seed(7)
+    return [(torch.randn(b, 2, 8, 8, generator=g), torch.rand(b, generator=g), torch.randn(b, 2, 8, 8, generator=g),
+             torch.randn(b, 6, 16, generator=g), torch.randn(b, 8, generator=g)) for _ in range(n)]
+
+
+def train(cls=MMDiT, fused_adamw="auto", **options):
+    """Losses and final state dict of STEPS AdamW steps, through FormulationModule's compile and optimizer."""
+    torch.manual_seed(0)
+    backbone = cls(**SIZE, **options, **({"context_split": 2} if cls is MMDiT3 else {}))
+    with torch.no_grad():  # random weights everywhere: no zero-initialised path hides a difference
+        for p in backbone.parameters():
+            p.normal_(0, 0.1)
+    module = FormulationModule(get_recipe("rf/lognorm(0.00, 1.00)"), backbone, lr=1e-3, warmup_steps=1,
+                               compile=backbone.compile_requested, fused=fused_adamw)
+    module.on_fit_start()
+    opt = module.configure_optimizers()["optimizer"]
+    losses = []
+    for x0, t, eps, ctx, pooled in batches():
+        loss = module._loss(module._train_forward, x0, eps, t, ctx, pooled).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, module.backbone.state_dict()
+
+
+@pytest.fixture(scope="module")
+def eager():
+    return train()
+
+
+def assert_same_training(result, reference, rtol=1e-4, atol=1e-5):
+    (losses, state), (ref_losses, ref_state) = result, reference
+    assert losses == pytest.approx(ref_losses, rel=rtol, abs=atol)
+    assert state.keys() == ref_state.keys()  # one layout: no `_orig_mod.` prefixes, no split projections
+    for k in ref_state:
+        torch.testing.assert_close(state[k], ref_state[k], rtol=rtol, atol=atol, msg=k)
+
+
+@pytest.mark.parametrize("options", [
+    dict(fused_modulation=True), dict(fused_qkv=False), dict(activation_checkpointing=True),
+    dict(attention_backend="math"), dict(fused_adamw=True),
+], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_optimised_paths_train_like_the_eager_step(eager, options):
+    assert_same_training(train(**options), eager)
+
+
+def test_compiled_blocks_train_like_the_eager_step(eager):
+    """Regional compilation (inductor on the CPU) with fused modulation and fused AdamW: the GPU default, forced."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    result = train(compile="blocks", fused_modulation=True, fused_adamw=True)
+    assert counters["stats"]["unique_graphs"] >= 1  # the blocks went through torch.compile
+    assert_same_training(result, eager)
+
+
+def test_three_stream_fused_modulation_matches():
+    assert_same_training(train(MMDiT3, fused_modulation=True), train(MMDiT3))
+
+
+def test_cpu_defaults_are_the_eager_path():
+    """"auto" leaves the CPU on today's exact path (bitwise the same steps); a GPU gets the fast one."""
+    assert resolve_compile("auto", "cpu") == "none" and resolve_compile("auto", "cuda") == "blocks"
+    assert resolve_auto("auto", "cpu") is False and resolve_auto("auto", "cuda") is True
+    defaults = train(compile="auto", fused_modulation="auto", fused_adamw="auto")
+    plain = train(compile="none", fused_modulation=False, fused_adamw=False)
+    assert defaults[0] == plain[0]
+    for k in plain[1]:
+        assert torch.equal(defaults[1][k], plain[1][k]), k
+
+
+def test_checkpoints_load_across_options():
+    """A state dict saved under any option loads strictly under any other and gives the same output."""
+    torch.manual_seed(0)
+    a = MMDiT(**SIZE, fused_qkv=False, fused_modulation=True, activation_checkpointing=True)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.normal_(0, 0.1)
+    compiled = compile_backbone(a, "blocks", "cpu")
+    assert compiled is a and all(k == k.replace("_orig_mod.", "") for k in a.state_dict())
+    b = MMDiT(**SIZE)
+    b.load_state_dict(a.state_dict(), strict=True)
+    a2 = MMDiT(**SIZE, fused_qkv=False, fused_modulation=True)
+    a2.load_state_dict(b.state_dict(), strict=True)
+    x, t, _, ctx, pooled = batches(1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(a2(x, t, ctx, pooled), b(x, t, ctx, pooled), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("setting, value, match", [
+    ("compile", "yes", "compile='yes'"), ("attention_backend", "flash2", "attention_backend='flash2'"),
+    ("fused_modulation", "on", "fused_modulation='on'"), ("compile_backend", "fast", "compile_backend='fast'"),
+])
+def test_bad_option_values_name_the_setting(setting, value, match):
+    with pytest.raises(ValueError, match=match):
+        MMDiT(**SIZE, **{setting: value})
+
+
+def test_fused_modulation_is_refused_where_it_does_not_exist():
+    from src.models import DiT
+
+    with pytest.raises(ValueError, match="fused_modulation=True is not allowed for DiT"):
+        DiT(**SIZE, fused_modulation=True)
+    with pytest.raises(ValueError, match="optim.fused='x'"):
+        FormulationModule(get_recipe("rf/lognorm(0.00, 1.00)"), MMDiT(**SIZE), fused="x")
