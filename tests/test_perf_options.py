@@ -8,6 +8,8 @@ layout, so each loads into the others.
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -69,14 +71,32 @@ def test_optimised_paths_train_like_the_eager_step(eager, options):
     assert_same_training(train(**options), eager)
 
 
-def test_compiled_blocks_train_like_the_eager_step(eager):
-    """Regional compilation (inductor on the CPU) with fused modulation and fused AdamW: the GPU default, forced."""
+def compiled_training(monkeypatch, dynamo_backend: str, **options):
+    """train() with the training module's compile_backbone on the given dynamo backend; graphs compiled counted."""
+    import src.training.module as module_code
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()
+    monkeypatch.setattr(module_code, "compile_backbone", partial(compile_backbone, dynamo_backend=dynamo_backend))
     counters.clear()
-    result = train(compile="blocks", fused_modulation=True, fused_adamw=True)
-    assert counters["stats"]["unique_graphs"] >= 1  # the blocks went through torch.compile
-    assert_same_training(result, eager)
+    result = train(**options)
+    assert counters["stats"]["unique_graphs"] >= 1  # the forward went through torch.compile
+    return result
+
+
+def test_compiled_blocks_train_like_the_eager_step(eager, monkeypatch):
+    """Regional compilation with fused modulation and fused AdamW (the GPU defaults, forced on the CPU): dynamo's
+    graphs and their AOT-autograd backward (aot_eager: inductor's CPU code generation is in the slow test)."""
+    assert_same_training(compiled_training(monkeypatch, "aot_eager", compile="blocks", fused_modulation=True,
+                                           fused_adamw=True), eager)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["blocks", "full"])
+def test_inductor_compiled_training_matches_the_eager_step(eager, monkeypatch, mode):
+    """The same through inductor (minutes on a 2-core CPU)."""
+    assert_same_training(compiled_training(monkeypatch, "inductor", compile=mode, fused_modulation=True,
+                                           fused_adamw=True), eager)
 
 
 def test_three_stream_fused_modulation_matches():
