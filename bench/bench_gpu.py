@@ -228,8 +228,8 @@ def sync(device: str) -> None:
 def measure(cfg: Config, batch: int, args, setup: dict, device: str) -> Result:
     """Build, warm up (compiling), time; the result of one configuration at one batch size."""
     res = Result(config=asdict(cfg), batch=batch)
-    if args.dry_run:  # tiny: two blocks of hidden 64 whatever the depth named, so every path runs in seconds
-        cfg = Config(**{**asdict(cfg), "depth": 2})
+    if args.dry_run:  # tiny: one block of hidden 64 whatever the depth named (one graph per compiled variant)
+        cfg = Config(**{**asdict(cfg), "depth": 1})
     hidden, heads = (64, 2) if args.dry_run else (None, None)
     model = build_ours(cfg, setup, device, hidden, heads)
     res.params = sum(p.numel() for p in model.parameters())
@@ -292,8 +292,11 @@ def run_config(cfg: Config, args, setup: dict, device: str) -> Result:
                 return best
             return res
         best = res
-        if args.dry_run and len(tried) >= 2 or time.perf_counter() > args.deadline - 60:
-            best.notes.append(f"stopped doubling at batch {batch} (time)")
+        if args.dry_run and len(tried) >= 2:
+            best.notes.append(f"dry run: stopped doubling at batch {batch}")
+            return best
+        if time.perf_counter() > args.deadline - 60:
+            best.notes.append(f"stopped doubling at batch {batch} (time budget)")
             return best
         batch *= 2
 
@@ -473,7 +476,7 @@ def main(argv=None) -> int:
                   warmup=args.warmup, dry_run=args.dry_run,
                   setup=(f"{setup['input_size']}x{setup['input_size']}x{setup['in_channels']} latents, "
                          f"{setup['context_len']} text tokens x {setup['context_dim']}, pooled {setup['pooled_dim']}"
-                         + (" (tiny dry run: depth 2, hidden 64, 2 heads; compiled paths captured by dynamo, run eagerly)" if args.dry_run else "")))
+                         + (" (tiny dry run: depth 1, hidden 64, 2 heads; compiled paths captured by dynamo, run eagerly)" if args.dry_run else "")))
     out = args.out
     results: list[Result] = []
     boot = None
