@@ -37,10 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from src.models import MMDiT  # noqa: E402
-from src.models.perf import compile_backbone  # noqa: E402
+from src.models.perf import RESULTS_JSON_TAG, compile_backbone, read_bench_results  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "gpu.md"
-JSON_TAG = "results-json"
+JSON_TAG = RESULTS_JSON_TAG
 # Paper setup at 256px (SPEC section 5): SD3 latents, CLIP + T5 context, pooled CLIP L + bigG.
 GPU_SETUP = dict(input_size=32, patch_size=2, in_channels=16, context_dim=4096, pooled_dim=2048, context_len=154)
 TINY_SETUP = dict(input_size=8, patch_size=2, in_channels=4, context_dim=32, pooled_dim=16, context_len=6)
@@ -353,14 +353,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 def read_results(path: Path) -> dict | None:
     """The JSON copy inside a results file written by this script (None when absent)."""
-    if not path.is_file():
-        return None
-    text = path.read_text()
-    start = text.find(f"<!-- {JSON_TAG}")
-    if start < 0:
-        return None
-    body = text[start + len(JSON_TAG) + 5:text.find("-->", start)]
-    return json.loads(body)
+    return read_bench_results(path)
 
 
 # ---- the bootstrap on the GPU ---------------------------------------------------------------------------------

@@ -148,3 +148,43 @@ def test_fused_modulation_is_refused_where_it_does_not_exist():
         DiT(**SIZE, fused_modulation=True)
     with pytest.raises(ValueError, match="optim.fused='x'"):
         FormulationModule(get_recipe("rf/lognorm(0.00, 1.00)"), MMDiT(**SIZE), fused="x")
+
+
+# ---- the planner reads the measured MFU of the configuration launched ---------------------------------------------
+SHARDS = ["data=shards", "data.name=fake", "data.train_dir=/nonexistent/train", "data.eval_dir=/nonexistent/eval",
+          "data.latent_channels=16", "data.latent_size=32", "data.context_dim=64", "data.pooled_dim=32",
+          "data.batch_size=1024", "trainer.devices=8"]
+
+
+def write_measurements(path, device="NVIDIA H100 80GB HBM3", dry_run=False):
+    """A results file as bench/bench_gpu.py writes it: the d15 default step at two batches, and the eager one."""
+    bench = __import__("tests.test_bench_gpu", fromlist=["load_bench"]).load_bench()
+    results = []
+    for name, batch, mfu, options in [("d15-default", 128, 0.52, {}), ("d15-default-largest", 512, 0.55, {}),
+                                      ("d15-eager", 128, 0.31, dict(compile="none", fused_adamw=False,
+                                                                    fused_modulation=False))]:
+        cfg = bench.Config(name, 15, batch, **{"compile": "blocks", "fused_adamw": True, "fused_modulation": True,
+                                               **options})
+        results.append(bench.Result(config=bench.asdict(cfg), batch=batch, mfu=mfu))
+    header = dict(device=device, torch="x", peak_tflops=989.4, reps=5, warmup=2, dry_run=dry_run, setup="")
+    path.write_text(bench.render(results, header, None))
+
+
+def test_planner_uses_the_measured_mfu_of_the_launched_configuration(tmp_path, monkeypatch):
+    from src import plan
+
+    gpu_md = tmp_path / "gpu.md"
+    monkeypatch.setattr(plan, "GPU_RESULTS", gpu_md)
+    overrides = ["model=mmdit_d15", *SHARDS, f"paths.root_dir={tmp_path}"]
+    p = plan.plan_sweep(overrides, gpu="H100")
+    assert p.mfu == plan.DEFAULT_MFU and "the default 40%: gpu.md has no measurement" in p.mfu_source
+    write_measurements(gpu_md)
+    p = plan.plan_sweep(overrides, gpu="H100")  # 1024 over 8 GPUs: batch 128, the GPU defaults
+    assert p.mfu == 0.52 and "measured 52.0% for d15-default (batch 128)" in plan.render(p)
+    p = plan.plan_sweep([*overrides, "model.compile=none", "model.fused_modulation=false", "optim.fused=false"],
+                        gpu="H100")
+    assert p.mfu == 0.31 and "d15-eager" in p.mfu_source
+    assert plan.plan_sweep(overrides, gpu="H200").mfu == plan.DEFAULT_MFU  # another device: not this measurement
+    assert plan.plan_sweep(overrides, gpu="H100", mfu=0.3).mfu_source == "given (--mfu)"
+    write_measurements(gpu_md, dry_run=True)  # a CPU dry run never stands for a GPU
+    assert plan.plan_sweep(overrides, gpu="H100").mfu == plan.DEFAULT_MFU

@@ -90,3 +90,54 @@ def compile_backbone(
             block.compile(**options)
         return backbone
     return torch.compile(backbone, **options)
+
+
+# ---- measured throughput (bench/bench_gpu.py writes it, src/plan.py reads it) -----------------------------------
+RESULTS_JSON_TAG = "results-json"  # the JSON copy inside bench/results/gpu.md: <!-- results-json {...} -->
+
+
+def read_bench_results(path) -> dict | None:
+    """The JSON copy inside a results file written by bench/bench_gpu.py; None when the file or the copy is absent."""
+    from pathlib import Path
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    text = path.read_text()
+    start = text.find(f"<!-- {RESULTS_JSON_TAG}")
+    if start < 0:
+        return None
+    return json.loads(text[start + len(RESULTS_JSON_TAG) + 5 : text.find("-->", start)])
+
+
+def launch_settings(model: dict, optim: dict) -> dict:
+    """The benchmark's configuration fields of a training launch on a GPU ("auto" settings resolved for CUDA)."""
+    return dict(
+        model="ours", weights="fp32-autocast",  # training: fp32 weights under bf16 autocast (bf16-mixed)
+        compile=resolve_compile(compile_setting(model.get("compile", False)), "cuda"),
+        compile_backend=model.get("compile_backend", "default"),
+        fused_adamw=resolve_auto(optim.get("fused", "auto"), "cuda"),
+        fused_qkv=bool(model.get("fused_qkv", True)),
+        fused_modulation=resolve_auto(model.get("fused_modulation", False), "cuda"),
+        attention_backend=model.get("attention_backend", "auto"),
+        activation_checkpointing=bool(model.get("activation_checkpointing", False)),
+    )
+
+
+def measured_mfu(results: dict | None, gpu: str, depth: int, batch: int, settings: dict) -> tuple[float, str] | None:
+    """(MFU, where it comes from) of the measured configuration matching a launch, or None.
+
+    Matches the device (gpu is a substring of the measured device's name), the depth (paper sizing, hidden 64 d),
+    and every setting; among those, the measured per-GPU batch closest to the launch's.
+    """
+    if not results or gpu.lower() not in str(results["header"].get("device", "")).lower() or results["header"].get(
+            "dry_run"):
+        return None
+    found = [r for r in results["results"] if r["status"].startswith("ok") and r["config"]["depth"] == depth
+             and all(r["config"].get(k) == v for k, v in settings.items())]
+    if not found:
+        return None
+    best = min(found, key=lambda r: (abs(r["batch"] - batch), -r["batch"]))
+    return float(best["mfu"]), (f"measured {best['mfu']:.1%} for {best['config']['name']} (batch {best['batch']}) "
+                                f"on {results['header']['device']}")
