@@ -188,3 +188,31 @@ def test_planner_uses_the_measured_mfu_of_the_launched_configuration(tmp_path, m
     assert plan.plan_sweep(overrides, gpu="H100", mfu=0.3).mfu_source == "given (--mfu)"
     write_measurements(gpu_md, dry_run=True)  # a CPU dry run never stands for a GPU
     assert plan.plan_sweep(overrides, gpu="H100").mfu == plan.DEFAULT_MFU
+
+
+def test_wrapped_backbones_are_not_compiled_by_auto_nor_fused_by_auto(monkeypatch):
+    """Under FSDP the blocks are sharded units: "auto" keeps them eager and per-block (explicit settings say so)."""
+    import src.models.mmdit as mmdit_code
+
+    class Wrapper(torch.nn.Module):  # stands for FSDP's wrapper, which forwards attribute lookups inside
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.inner, name)
+
+    model = MMDiT(**SIZE)
+    wrapper = Wrapper(model)
+    assert compile_backbone(wrapper, "auto", "cuda") is wrapper
+    monkeypatch.setattr(mmdit_code, "is_sharded", lambda block: True)
+    monkeypatch.setattr(mmdit_code, "resolve_auto", lambda value, device: value == "auto" or bool(value))  # a GPU
+    monkeypatch.setattr(MMDiT, "block_modulations", None)  # must not be reached
+    x, t, _, ctx, pooled = batches(1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(MMDiT(**SIZE, fused_modulation="auto")(x, t, ctx, pooled), model(x, t, ctx, pooled))
+    with pytest.raises(ValueError, match="fused_modulation=True is not allowed with FSDP"):
+        MMDiT(**SIZE, fused_modulation=True)(x, t, ctx, pooled)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .backbone import Backbone
 from .layers import StreamBlock, attention
-from .perf import resolve_auto
+from .perf import is_sharded, resolve_auto
 
 
 class JointBlock(nn.Module):
@@ -80,6 +80,10 @@ class MMDiT(Backbone):
 
     def forward_blocks(self, x: Tensor, contexts: list[Tensor], c: Tensor) -> Tensor:
         fused = resolve_auto(self.fused_modulation, x.device.type)
+        if fused and is_sharded(self.joint_blocks[0]):  # FSDP: a block's weights exist only inside its forward
+            if self.fused_modulation is True:
+                raise ValueError("fused_modulation=True is not allowed with FSDP-wrapped blocks; allowed: auto, False")
+            fused = False
         modulations = self.block_modulations(c) if fused else [None] * self.depth
         for block, mods in zip(self.joint_blocks, modulations):
             x, contexts = self.run_block(block, x, contexts, c, mods)

@@ -19,6 +19,22 @@ ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # auto: to
 AUTO_BOOL = ("auto", True, False)
 
 
+def is_sharded(module: nn.Module) -> bool:
+    """Whether FSDP wraps this module (its parameters are shards outside its own forward)."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # a torch built without distributed support
+        return False
+    kinds = (FullyShardedDataParallel,)
+    try:
+        from torch.distributed.fsdp import FSDPModule  # FSDP2 (fully_shard)
+
+        kinds += (FSDPModule,)
+    except ImportError:
+        pass
+    return isinstance(module, kinds)
+
+
 def check_choice(name: str, value, allowed: tuple) -> None:
     """A ValueError naming the setting, the bad value and what is allowed."""
     if value not in allowed:
@@ -73,20 +89,23 @@ def compile_backbone(
     compiled once and reused by every block of the same shape, so compile time stays small, and the state-dict
     keys stay as they are. "full" returns torch.compile(backbone): the caller keeps the uncompiled handle for
     saving and averaging (its keys would carry `_orig_mod.`). A wrapped backbone (FSDP) has no blocks of its
-    own to reach, so "blocks" compiles the wrapper's forward whole. dynamo_backend="aot_eager" (tests, the
+    own (FSDP's shard hooks run per block), so "blocks" compiles the wrapper whole and "auto" leaves it eager. dynamo_backend="aot_eager" (tests, the
     benchmark's CPU dry run) traces and differentiates the same graphs without inductor's code generation.
     """
-    mode = resolve_compile(compile_setting(mode), device_type)
+    requested = compile_setting(mode)
+    mode = resolve_compile(requested, device_type)
     check_choice("compile_backend", backend, COMPILE_BACKENDS)
+    wrapped = not hasattr(type(backbone), "transformer_blocks")  # e.g. FSDP, whose __getattr__ reaches inside
+    if wrapped and requested == "auto":
+        return backbone
     if dynamo_backend != "inductor":  # torch.compile takes a backend or a mode, not both
         options = {"backend": dynamo_backend}
     else:
         options = {} if backend == "default" else {"mode": backend}
     if mode == "none":
         return backbone
-    blocks = getattr(backbone, "transformer_blocks", None)
-    if mode == "blocks" and callable(blocks):
-        for block in blocks():
+    if mode == "blocks" and not wrapped:
+        for block in backbone.transformer_blocks():
             block.compile(**options)
         return backbone
     return torch.compile(backbone, **options)
