@@ -150,8 +150,9 @@ def test_fused_modulation_is_refused_where_it_does_not_exist():
         FormulationModule(get_recipe("rf/lognorm(0.00, 1.00)"), MMDiT(**SIZE), fused="x")
 
 
-# ---- the planner reads the measured MFU of the configuration launched ---------------------------------------------
-SHARDS = ["data=shards", "data.name=fake", "data.train_dir=/nonexistent/train", "data.eval_dir=/nonexistent/eval",
+# ---- the planner reads the measured MFU of the configuration launched (a data name of its own: plan.py caches
+# shard metadata by data name and folder)
+SHARDS = ["data=shards", "data.name=perf", "data.train_dir=/nonexistent/perf-train", "data.eval_dir=/nonexistent/e",
           "data.latent_channels=16", "data.latent_size=32", "data.context_dim=64", "data.pooled_dim=32",
           "data.batch_size=1024", "trainer.devices=8"]
 

@@ -5,6 +5,9 @@ one batched product of count-weighted centred features, the reference's square r
 tr (S1 S2)^(1/2) as the sum of square roots of the eigenvalues of the symmetric PSD product S2^(1/2) S1 S2^(1/2).
 Results equal the numpy path's to round-off (tests/test_bootstrap_torch.py: 1e-6 relative on the same draws).
 
+On one CPU thread this path runs at 0.91x the numpy path's speed (1000 samples x 256 features, 16 draws, 2 records:
+1.44 s vs 1.31 s), so the CPU keeps numpy; the gain is the GPU's (make bench-gpu measures it).
+
 Devices: "cpu" is the numpy path; "cuda" this one on the GPU; "torch-cpu" this one on the CPU (for comparisons
 and tests); "auto" picks "cuda" when torch sees one, else "cpu".
 """
