@@ -178,7 +178,7 @@ def make_batch(setup: dict, batch: int, device: str) -> tuple[torch.Tensor, ...]
 
 
 def make_step(model, cfg: Config, batch: tuple, device: str, dry_run: bool):
-    """(step closure, training forward handle): one AdamW training step on a fixed batch."""
+    """A closure running one AdamW training step on a fixed batch, with the configuration's settings."""
     x, t, ctx, pooled, target = batch
     bf16 = cfg.weights == "bf16-master"
     if bf16:
