@@ -5,8 +5,8 @@ report's bootstrap on the GPU. One prepared run: `make bench-gpu` (under 6 minut
     python bench/bench_gpu.py --dry-run       # every configuration at tiny size on the CPU (tests/test_bench_gpu.py)
     python bench/bench_gpu.py --only d15-default d24-default --no-bootstrap
 
-Setup: 256px (32x32x16 latents, 256 image tokens), 154 text tokens x 4096, pooled 2048, at d = 15 and d = 24, per-GPU
-batch 128 (1024 over 8 GPUs) and the largest batch that fits. One step = forward + backward + AdamW, a fixed batch,
+Setup: 256px (32x32x16 latents, 256 image tokens), 154 text tokens x 4096, pooled 2048, at d = 15 and d = 24 with
+QK-norm (RMSNorm, as experiment=paper trains), per-GPU batch 128 (1024 over 8 GPUs) and the largest batch that fits. One step = forward + backward + AdamW, a fixed batch,
 random weights everywhere. MFU = model FLOPs as the planner counts them (src/plan.py: 3 x the forward FLOPs counted
 on the meta device) / step time / the device's dense bf16 peak. Diffusers' SD3Transformer2DModel (same weights
 through src/models/convert_diffusers.py) runs the plain eager step at the same settings in the same run.
@@ -67,9 +67,10 @@ class Config:
     activation_checkpointing: bool = False
     model: str = "ours"  # or diffusers
     largest_batch: bool = False  # double the batch from `batch` until it no longer fits; report the largest
+    qk_norm: str | None = "rms_norm"  # as the paper setup trains (experiment=paper)
 
     def model_options(self) -> dict:
-        return dict(fused_qkv=self.fused_qkv, fused_modulation=self.fused_modulation,
+        return dict(qk_norm=self.qk_norm, fused_qkv=self.fused_qkv, fused_modulation=self.fused_modulation,
                     attention_backend=self.attention_backend, activation_checkpointing=self.activation_checkpointing)
 
 
@@ -216,7 +217,7 @@ def model_flops(model: MMDiT, setup: dict) -> float:
                 context_length=setup["context_len"], context_dim=setup["context_dim"], pooled_dim=setup["pooled_dim"])
     with torch.device("meta"):
         shadow = MMDiT(**{k: v for k, v in setup.items() if k != "context_len"}, depth=model.depth,
-                       hidden_size=model.hidden_size, num_heads=model.num_heads)
+                       hidden_size=model.hidden_size, num_heads=model.num_heads, qk_norm=model.qk_norm)
     return 3.0 * forward_flops(shadow, meta)
 
 
@@ -304,13 +305,14 @@ def run_config(cfg: Config, args, setup: dict, device: str) -> Result:
 # ---- results --------------------------------------------------------------------------------------------------
 def options_text(c: dict) -> str:
     if c["model"] == "diffusers":
-        return ("diffusers SD3Transformer2DModel, eager, fp32 weights + bf16 autocast, AdamW (foreach)"
+        return (f"diffusers SD3Transformer2DModel, eager, fp32 weights + bf16 autocast, AdamW (foreach), QK-norm "
+                f"{c['qk_norm'] or 'off'}"
                 + (", gradient checkpointing" if c["activation_checkpointing"] else ""))
     parts = [f"compile={c['compile']}" + (f" ({c['compile_backend']})" if c["compile_backend"] != "default" else ""),
              "fused AdamW" if c["fused_adamw"] else "AdamW (foreach)",
              "fused modulation" if c["fused_modulation"] else "per-block modulation",
              "fused QKV" if c["fused_qkv"] else "3 QKV matmuls",
-             f"SDPA {c['attention_backend']}", c["weights"]]
+             f"SDPA {c['attention_backend']}", c["weights"], f"QK-norm {c['qk_norm'] or 'off'}"]
     if c["activation_checkpointing"]:
         parts.append("activation checkpointing")
     return ", ".join(parts)

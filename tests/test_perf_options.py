@@ -176,7 +176,7 @@ def test_planner_uses_the_measured_mfu_of_the_launched_configuration(tmp_path, m
 
     gpu_md = tmp_path / "gpu.md"
     monkeypatch.setattr(plan, "GPU_RESULTS", gpu_md)
-    overrides = ["model=mmdit_d15", *SHARDS, f"paths.root_dir={tmp_path}"]
+    overrides = ["model=mmdit_d15", "model.qk_norm=rms_norm", *SHARDS, f"paths.root_dir={tmp_path}"]
     p = plan.plan_sweep(overrides, gpu="H100")
     assert p.mfu == plan.DEFAULT_MFU and "the default 40%: gpu.md has no measurement" in p.mfu_source
     write_measurements(gpu_md)
@@ -186,6 +186,7 @@ def test_planner_uses_the_measured_mfu_of_the_launched_configuration(tmp_path, m
                         gpu="H100")
     assert p.mfu == 0.31 and "d15-eager" in p.mfu_source
     assert plan.plan_sweep(overrides, gpu="H200").mfu == plan.DEFAULT_MFU  # another device: not this measurement
+    assert plan.plan_sweep([*overrides, "model.qk_norm=null"], gpu="H100").mfu == plan.DEFAULT_MFU  # another model
     assert plan.plan_sweep(overrides, gpu="H100", mfu=0.3).mfu_source == "given (--mfu)"
     write_measurements(gpu_md, dry_run=True)  # a CPU dry run never stands for a GPU
     assert plan.plan_sweep(overrides, gpu="H100").mfu == plan.DEFAULT_MFU

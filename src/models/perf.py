@@ -141,6 +141,7 @@ def launch_settings(model: dict, optim: dict) -> dict:
         fused_modulation=resolve_auto(model.get("fused_modulation", False), "cuda"),
         attention_backend=model.get("attention_backend", "auto"),
         activation_checkpointing=bool(model.get("activation_checkpointing", False)),
+        qk_norm=model.get("qk_norm"),
     )
 
 
