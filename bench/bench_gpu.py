@@ -98,6 +98,9 @@ def configurations(depths=(15, 24), batch=128) -> list[Config]:
         out += [Config(f"d{d}-eager", d, batch), Config(f"d{d}-default", d, batch, **best)]
     for d in depths:  # the reference implementation at the same settings
         out.append(Config(f"d{d}-diffusers", d, batch, model="diffusers"))
+    # What experiment=paper launches today (model.compile=true: the whole backbone compiled), for the planner.
+    out.append(Config(f"d{depths[0]}-full-compile", depths[0], batch, compile="full", fused_adamw=True,
+                      fused_modulation=True))
     for d in depths:  # the largest batch that fits (checkpointed)
         out.append(Config(f"d{d}-default-largest", d, 2 * batch, **best, activation_checkpointing=True,
                           largest_batch=True))
@@ -116,7 +119,6 @@ def configurations(depths=(15, 24), batch=128) -> list[Config]:
         ]
     d = depths[0]
     out += [
-        Config(f"d{d}-full-compile", d, batch, compile="full", fused_adamw=True, fused_modulation=True),
         Config(f"d{d}-default-b16", d, 16, **best),
         Config(f"d{d}-cuda-graphs-b16", d, 16, compile="full", compile_backend="reduce-overhead", fused_adamw=True,
                fused_modulation=True),
