@@ -36,7 +36,9 @@ def train(cls=MMDiT, fused_adamw="auto", **options):
     with torch.no_grad():  # random weights everywhere: no zero-initialised path hides a difference
         for p in backbone.parameters():
             p.normal_(0, 0.1)
-    module = FormulationModule(get_recipe("rf/lognorm(0.00, 1.00)"), backbone, lr=1e-3, warmup_steps=1,
+    # AdamW divides by sqrt(v) + eps: with eps 1e-6 a near-zero gradient's update stays well-conditioned, so float32
+    # round-off in the gradient stays round-off in the weights (at 1e-8 its sign alone sets a +-lr step).
+    module = FormulationModule(get_recipe("rf/lognorm(0.00, 1.00)"), backbone, lr=1e-3, eps=1e-6, warmup_steps=1,
                                compile=backbone.compile_requested, fused=fused_adamw)
     module.on_fit_start()
     opt = module.configure_optimizers()["optimizer"]
@@ -94,9 +96,12 @@ def test_compiled_blocks_train_like_the_eager_step(eager, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["blocks", "full"])
 def test_inductor_compiled_training_matches_the_eager_step(eager, monkeypatch, mode):
-    """The same through inductor (minutes on a 2-core CPU)."""
+    """The same through inductor (minutes on a 2-core CPU). Compiling the whole backbone reorders the float32
+    reductions of the whole step, and AdamW's division by sqrt(v) turns gradient round-off into a fraction of an
+    update: weights are held to 1% of the largest total update (lr per step), losses to float32 round-off."""
+    lr = 1e-3
     assert_same_training(compiled_training(monkeypatch, "inductor", compile=mode, fused_modulation=True,
-                                           fused_adamw=True), eager)
+                                           fused_adamw=True), eager, atol=0.01 * lr * STEPS)
 
 
 def test_three_stream_fused_modulation_matches():
