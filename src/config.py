@@ -33,12 +33,24 @@ def to_dict(cfg: DictConfig | Mapping) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
+# Throughput settings (src/models/perf.py): how the same model is computed, not which model is trained, so a run
+# may resume under other values (a GPU run resumed on another device, compilation switched off to debug).
+THROUGHPUT_KEYS = {"model": ("compile", "compile_backend", "fused_qkv", "fused_modulation", "attention_backend",
+                             "activation_checkpointing"), "optim": ("fused",)}
+
+
+def without_throughput_keys(fp: dict) -> dict:
+    """A fingerprint without THROUGHPUT_KEYS (also applied to fingerprints written before they were dropped)."""
+    return {k: {kk: vv for kk, vv in v.items() if kk not in THROUGHPUT_KEYS.get(k, ())} if isinstance(v, dict) else v
+            for k, v in fp.items()}
+
+
 def fingerprint(cfg: DictConfig) -> dict:
     """The parts of a configuration that determine a trained model; a run directory is tied to one."""
     keys = ("loss", "model", "optim", "train", "seed")
     out = {k: to_dict(cfg[k]) if isinstance(cfg[k], DictConfig) else cfg[k] for k in keys}
     out["data"] = {k: v for k, v in to_dict(cfg.data).items() if k not in ("num_workers",)}
-    return out
+    return without_throughput_keys(out)
 
 
 def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:

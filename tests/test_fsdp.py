@@ -39,7 +39,9 @@ DATA = dict(latent_channels=1, latent_size=8, context_dim=16, pooled_dim=16)
 
 
 def model_cfg(name: str):
-    cfg = OmegaConf.create({"data": DATA, "model": OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml")})
+    with initialize_config_module(config_module="conf", version_base="1.3"):  # defaults: model/base/backbone.yaml
+        model = compose(config_name=f"model/{name}").model
+    cfg = OmegaConf.create({"data": DATA, "model": model})
     cfg.model.depth, cfg.model.hidden_size = 2, 32
     return cfg.model
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -64,12 +65,13 @@ class MetricDraws:
 
 
 def bootstrap_metrics(records: pd.DataFrame, draws: int, seed: int = 0,
-                      progress: Callable[[str], None] | None = None) -> MetricDraws:
+                      progress: Callable[[str], None] | None = None, device: str = "cpu") -> MetricDraws:
     """Paired bootstrap draws of every record's CLIP score and FID from its evaluation sample arrays.
 
     progress, when given, hears the estimated duration once a record has been timed (when it is over
     PROGRESS_AFTER_S) and then every tenth of the draws: at the paper's scale (1464 records, 1000 samples of 768
     features) one draw of one record costs about 0.1 s on one core, so 200 draws take hours on a CPU.
+    device: where the Frechet distances are computed (src/ranking/bootstrap_torch.py: cpu = numpy, cuda, auto).
     """
     if int(draws) < 1:
         raise ValueError(f"bootstrap draws={draws!r}: must be a positive integer")
@@ -98,24 +100,36 @@ def bootstrap_metrics(records: pd.DataFrame, draws: int, seed: int = 0,
         for path, ref in references.items()
     }
 
+    ops = _frechet_ops(device)
     dim = max((ref.shape[1] for ref in references.values()), default=1)
-    chunk = max(1, min(draws, CHUNK_BYTES // (8 * 4 * dim * dim)))
+    chunk = max(1, min(draws, ops.chunk_bytes // (8 * 4 * dim * dim)))
     clock = _Progress(progress, draws, len(features))
     for start in range(0, draws, chunk):
         sl = slice(start, min(start + chunk, draws))
         clock.chunk_done(start)
         for path, ref in references.items():
-            mu_r, cov_r = resampled_moments(ref, ref_counts[path][sl])
-            root_r = sqrtm_psd(cov_r)  # shared by every record with this reference
+            mu_r, cov_r = ops.resampled_moments(ref, ref_counts[path][sl])
+            root_r = ops.sqrtm_psd(cov_r)  # shared by every record with this reference
             for row, feats in features.items():
                 if records["reference_arrays"].iat[row] != path:
                     continue
                 if feats is None:
                     feats = _load_record(records, row, references, {})[1]
                 counts = sample_counts[(records["dataset"].iat[row], len(feats))][sl]
-                result.fid[sl, row] = frechet_distance(*resampled_moments(feats, counts), mu_r, cov_r, root_r)
+                result.fid[sl, row] = ops.frechet_distance(*ops.resampled_moments(feats, counts), mu_r, cov_r, root_r)
                 clock.record_done(sl.stop - sl.start)
     return result
+
+
+def _frechet_ops(device: str):
+    """The numpy functions above ("cpu"), or their batched torch twins on a GPU (src/ranking/bootstrap_torch.py)."""
+    from src.ranking.bootstrap_torch import TorchFrechet, resolve_device
+
+    device = resolve_device(device)
+    if device == "cpu":
+        return SimpleNamespace(resampled_moments=resampled_moments, sqrtm_psd=sqrtm_psd,
+                               frechet_distance=frechet_distance, chunk_bytes=CHUNK_BYTES)
+    return TorchFrechet(device)
 
 
 PROGRESS_AFTER_S = 30.0  # estimated bootstrap durations below this are not reported
@@ -233,6 +247,7 @@ def bootstrap_ranks(
     confidence: float = 0.9,
     separation: float = 0.95,
     progress: Callable[[str], None] | None = None,
+    device: str = "cpu",
 ) -> RankBootstrap:
     """Intervals, first-front probabilities and ordering probabilities of every entry's average rank.
 
@@ -244,7 +259,7 @@ def bootstrap_ranks(
         raise ValueError(f"bootstrap confidence={confidence!r}: must lie in (0, 1)")
     if not 0.5 < separation <= 1.0:
         raise ValueError(f"bootstrap separation={separation!r}: must lie in (0.5, 1]")
-    metrics = bootstrap_metrics(records, draws, seed, progress)
+    metrics = bootstrap_metrics(records, draws, seed, progress, device)
     weights = seed_weights(records, draws, seed)
     cells = _cells(records, pooled)
     clip = pool_draws(metrics.clip, weights, cells, len(pooled))

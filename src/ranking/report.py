@@ -77,6 +77,7 @@ def build_report(
     separation: float = 0.95,
     progress: Callable[[str], None] | None = None,
     sampler: str | None = None,
+    device: str = "cpu",
 ) -> RankReport:
     """Load the sweeps, pool training seeds, rank every control setting, average, bootstrap, compare with the paper.
 
@@ -97,7 +98,8 @@ def build_report(
     groups = setting_groups(ranked, fifty_step_cfg)
     table = average_ranks(ranked, groups)
     n_settings = {c: int(ranked[np.asarray(groups[c])].drop_duplicates(SETTING_KEY).shape[0]) for c in COLUMNS}
-    boot = bootstrap_ranks(records, ranked, groups, draws, seed, confidence, separation, progress) if draws else None
+    boot = bootstrap_ranks(records, ranked, groups, draws, seed, confidence, separation, progress,
+                           device) if draws else None
     if boot is not None:
         table = table.drop(columns=list(boot.first_front.columns)).join(boot.intervals).join(boot.first_front)
     seeds = seed_counts(records)
@@ -447,6 +449,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--confidence", type=float, default=0.9, help="bootstrap interval level")
     parser.add_argument("--separation", type=float, default=0.95, help="ordering probability that separates recipes")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the bootstrap's Frechet distances run: auto = a GPU when torch sees one, else cpu")
     parser.add_argument("--multirun-root", type=Path, default=DEFAULT_MULTIRUN, help="where sweeps live")
     parser.add_argument("--wandb", action="store_true",
                         help="publish to W&B (offline unless WANDB_MODE or the user's W&B settings say otherwise)")
@@ -472,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweeps = args.sweeps or [latest_sweep(args.multirun_root)]
         report = build_report(sweeps, _fifty_step_arg(args.fifty_step_cfg), args.bootstrap, args.seed, args.confidence,
                               args.separation, progress=lambda line: print(line, file=sys.stderr, flush=True),
-                              sampler=args.sampler)
+                              sampler=args.sampler, device=args.device)
     except (NoResultsError, FileNotFoundError, ValueError) as exc:
         print(f"rank report: error: {exc}", file=sys.stderr)
         return 1

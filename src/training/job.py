@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from src.config import ConfigError, diff_keys, fingerprint, to_dict
+from src.config import ConfigError, diff_keys, fingerprint, to_dict, without_throughput_keys
 from src.launch.preemption import PreemptionCheckpoint, submitit_signal
 from src.launch.strategies import build_strategy
 from src.training.callbacks import SaveLastAtEnd
@@ -114,7 +114,7 @@ def fingerprint_changes(cfg: DictConfig, run_dir: Path) -> list[str]:
     if not path.exists() or not _worked(run_dir):
         return []
     fp = json.loads(json.dumps(fingerprint(cfg), default=str))
-    return diff_keys(json.loads(path.read_text()), fp)
+    return diff_keys(without_throughput_keys(json.loads(path.read_text())), fp)
 
 
 def _worked(run_dir: Path) -> bool:
@@ -172,6 +172,7 @@ def build_module(cfg: DictConfig, formulation, backbone, meta: dict | None = Non
         warmup_steps=o.warmup_steps, ema_every=t.ema_every, ema_decay=t.ema_decay, cond_dropout=t.cond_dropout,
         cond_groups=groups,
         val_levels=t.val_levels, seed=cfg.seed, compile=getattr(backbone, "compile_requested", False),
+        fused=o.get("fused", "auto"),
     )
 
 
