@@ -28,20 +28,22 @@ from src.launch.failures import one_line, record_failure, record_sweep_failure
 log = logging.getLogger(__name__)
 
 
-def job_name(cfg: DictConfig) -> str:
+def job_name(cfg: DictConfig, overrides: Sequence[str] | None = None) -> str:
     """The job's run name; for a job whose run name cannot be formed (an invalid recipe names none), its dataset
-    and recipe overrides (`digits/loss=rf_lognorm,loss.s=-1`), or all its overrides."""
+    and recipe overrides (`digits/loss=rf_lognorm,loss.s=-1`), or else all its overrides (default: Hydra's)."""
     try:
         return str(cfg.run_name)
     except Exception:
         pass
-    try:
-        overrides = [str(o) for o in HydraConfig.get().overrides.task]
-    except Exception:
-        return "job"
+    if overrides is None:
+        try:
+            overrides = [str(o) for o in HydraConfig.get().overrides.task]
+        except Exception:
+            return "job"
     loss = [o for o in overrides if o.lstrip("+~").startswith("loss")]
+    tag = [o.split("=", 1)[1].strip("'\"") for o in overrides if o.startswith("run_tag=")]
     data = cfg.data.get("name", "?") if "data" in cfg else "?"
-    return f"{data}/{','.join(loss)}" if loss else " ".join(overrides) or "job"
+    return f"{data}/{','.join(loss)}{''.join(tag)}" if loss else " ".join(overrides) or "job"
 
 
 def config_error(cfg: DictConfig) -> ConfigError | None:
@@ -74,7 +76,7 @@ def check_sweep_jobs(config_loader, sweep_config: DictConfig, batches: list[list
                     valid.append(overrides)
                     continue
                 invalid += 1
-                name, line = job_name(job_cfg), one_line(error)
+                name, line = job_name(job_cfg, overrides), one_line(error)
                 log.error("not launched: %s: %s", name, line)
                 record_failure(name, line)
                 record_sweep_failure(str(sweep_config.hydra.sweep.dir), name, line)

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.config import ConfigError, diff_keys, fingerprint, parse_loss, to_dict
+from src.launch.rundir import is_launch_rank_zero
 from src.launch.preemption import InterruptCheckpoint, PreemptionCheckpoint, submitit_signal
 from src.launch.strategies import build_strategy
 from src.training.callbacks import SaveLastAtEnd
@@ -314,7 +315,9 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     meta = prepare_job(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(run_dir)
+    if is_launch_rank_zero():  # the job owns run_dir (its lock): no live writer holds a temp file there
+        for path in remove_stale_temp_files(run_dir):
+            log.info("removed %s, left by an interrupted write", path)
     bind_fingerprint(cfg, run_dir)
     if results_complete(cfg, run_dir):
         log.info("%s: results complete, nothing to do", run_dir)
