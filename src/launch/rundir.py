@@ -72,6 +72,8 @@ def save_job_config(run_dir: str | os.PathLike, cfg) -> None:
 
     from src.utils.io import atomic_write_bytes
 
+    if not is_launch_rank_zero():  # the job's other ranks share rank 0's directory
+        return
     out = Path(run_dir) / HYDRA_SUBDIR
     hydra_cfg = HydraConfig.instance().cfg  # {"hydra": ...}
     files = {"config.yaml": cfg, "hydra.yaml": hydra_cfg, "overrides.yaml": hydra_cfg.hydra.overrides.task}
