@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,15 +13,39 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; raised before any training starts."""
 
 
-def _recipe_slug(loss: Any) -> str:
+def _frozen(value: Any):
+    """A hashable copy of a plain config value (dicts and lists nested), for the parse cache."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_frozen(frozen: tuple):
     from src.formulations import from_config
 
-    cfg = OmegaConf.to_container(loss, resolve=True) if isinstance(loss, DictConfig) else dict(loss)
     try:
-        return from_config(cfg).slug
-    except ValueError:
-        # An invalid recipe still needs a directory for its error.json; the job reports the error itself.
-        return "invalid-" + "_".join(f"{k}={v}" for k, v in sorted(cfg.items()))
+        return from_config(dict(frozen))
+    except ValueError as e:
+        raise ConfigError(f"loss: {e}") from None
+
+
+def parse_loss(loss: Any):
+    """The formulation a `loss` config describes, or a one-line ConfigError ("loss: ...").
+
+    The one parse of the loss config: the run name's `${recipe_slug:${loss}}` and the training job both call it
+    (cached, so a sweep of 61 recipes parses each once).
+    """
+    cfg = OmegaConf.to_container(loss, resolve=True) if isinstance(loss, DictConfig) else dict(loss)
+    return _parse_frozen(_frozen(cfg))
+
+
+def _recipe_slug(loss: Any) -> str:
+    # An invalid recipe raises: configuration errors are found before Hydra creates a run directory
+    # (src/launch/validate.py), so no directory is ever named after one.
+    return parse_loss(loss).slug
 
 
 def register_resolvers() -> None:

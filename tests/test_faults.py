@@ -48,7 +48,8 @@ def run_cli(args, timeout=300):
 
 # ---- one failing job in a sweep ----------------------------------------------------------------------------------
 def test_failing_jobs_are_recorded_and_the_sweep_goes_on(tmp_path, cache_dir):
-    """4 jobs: one trains; one diverges (lr 1e30: the loss becomes non-finite); two have an invalid s."""
+    """4 jobs: one trains; one diverges (lr 1e30: the loss becomes non-finite); two have an invalid s (found before
+    any job is launched: they get no directory)."""
     out = run_cli(["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", "sweep_name=faults",
                    'run_name="${data.name}/${recipe_slug:${loss}}/lr${optim.lr}"', "loss=rf_lognorm",
                    "loss.s=1.0,-1", "optim.lr=1e-3,1e30", "optim.warmup_steps=1"])
@@ -69,7 +70,13 @@ def test_failing_jobs_are_recorded_and_the_sweep_goes_on(tmp_path, cache_dir):
     assert runs.loc[str(good), "status"] == "done"
     assert runs.loc[str(diverged), "status"] == "failed"
     assert runs.loc[str(diverged), "error"].startswith("FloatingPointError: training loss is")
-    assert (runs["status"] == "failed").sum() == 3
+    assert (runs["status"] == "failed").sum() == 1
+    # The two invalid recipes were never launched: no run directory; the sweep's failures.json names them.
+    assert not [p for p in (sweep / "digits").iterdir() if p.name != "rf_lognorm_0.00_1.00"]
+    from src.launch.failures import read_sweep_failures
+
+    refused = read_sweep_failures(sweep)
+    assert len(refused) == 2 and all("s=-1 is not allowed" in v["error"] for v in refused.values())
 
 
 # ---- the launcher reads failures back from job processes ------------------------------------------------------------

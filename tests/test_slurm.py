@@ -160,9 +160,10 @@ def test_preempted_job_checkpoints_is_requeued_and_resumes(slurm, cache_dir, tmp
     sweep = tmp_path / "outputs" / "multirun" / "preempt"
     run_dir = sweep / "digits" / "rf"
     proc = launch(args)
-    wait_for(lambda: (run_dir / "csv" / "metrics.csv").is_file() and (run_dir / ".hydra").is_dir(), 300,
-             "training to start", proc)
-    time.sleep(3)
+    metrics = run_dir / "csv" / "metrics.csv"
+    # Well into training: two flushes of logged rows (every 10 steps, written every 100), not a fixed sleep.
+    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) > 11 and (run_dir / ".hydra").is_dir(),
+             300, "training to run", proc)
     job_id = slurm_job_id(run_dir)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
 

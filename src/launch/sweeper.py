@@ -58,4 +58,7 @@ class TaggingSweeper(BasicSweeper):
     """BasicSweeper whose jobs carry `run_tag`; selected by conf/hydra/sweeper/tagging.yaml."""
 
     def split_arguments(self, overrides: list[Override], max_batch_size: int | None) -> list[list[list[str]]]:
-        return split_tagged(overrides, max_batch_size, self.config)
+        from src.launch.validate import filter_sweep
+
+        # Every job's configuration checked before any is launched: an invalid one gets no directory.
+        return filter_sweep(self, split_tagged(overrides, max_batch_size, self.config))

@@ -114,7 +114,9 @@ class MMDiT3(MMDiT):
             raise ValueError(f"context_split={context_split!r} is not allowed; allowed: a positive integer")
         self.context_split = context_split
         self.context_embedder_2 = nn.Linear(self.context_dim, self.hidden_size)
-        self.initialize_weights()
+        # The rest was initialised by MMDiT.__init__; the new embedder gets the same init as context_embedder.
+        nn.init.xavier_uniform_(self.context_embedder_2.weight)
+        nn.init.zeros_(self.context_embedder_2.bias)
 
     def check_inputs(self, x: Tensor, t: Tensor, context: Tensor, pooled: Tensor) -> None:
         super().check_inputs(x, t, context, pooled)
