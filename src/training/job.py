@@ -23,6 +23,7 @@ from src.training.callbacks import SaveLastAtEnd
 from src.training.checkpoint_io import AtomicCheckpointIO
 from src.training.datamodule import ShardDataModule
 from src.training.module import FormulationModule
+from src.training.progress import TrainingProgress
 from src.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -240,7 +241,9 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         in_memory=cfg.data.in_memory, num_workers=cfg.data.num_workers, val_samples=cfg.data.val_samples,
     )
     ckpt_dir = run_dir / "checkpoints"
-    callbacks = [
+    # step/max_steps, loss, steps/s and time left (src/training/progress.py), in place of Lightning's own bar.
+    callbacks = [TrainingProgress()] if cfg.trainer.enable_progress_bar else []
+    callbacks += [
         # `last.ckpt` every ckpt_every steps (resume), and the lowest EMA validation loss (model selection).
         ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
                         every_n_train_steps=cfg.train.ckpt_every, save_top_k=0, save_last=True),
