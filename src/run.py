@@ -41,7 +41,8 @@ def _finish_wandb() -> None:
 def main(cfg: DictConfig) -> dict | None:
     from src.utils.progress import SWEEP, quiet_console
 
-    quiet_console(bool(cfg.get("verbose", False)))  # chatter to run.log only (conf/config.yaml: verbose)
+    # Library chatter to run.log only (conf/config.yaml: verbose).
+    quiet_console(bool(cfg.get("verbose", False)), wandb=bool(OmegaConf.select(cfg, "logger.wandb.enabled")))
     hydra_cfg = HydraConfig.get()
     index = OmegaConf.select(hydra_cfg, "job.num", default=None, throw_on_missing=False)
     announce = hydra_cfg.mode == RunMode.MULTIRUN and index is not None

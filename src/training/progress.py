@@ -42,19 +42,22 @@ class TrainingProgress(ProgressBar):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.progress is None:
             return
-        if not self.progress.due():  # reading the metrics costs a device sync: only when they are shown
-            self.progress.update(trainer.global_step)
-            return
+        # Reading the metrics costs a device sync: only when they are shown.
+        self.progress.update(trainer.global_step, **(self._fields(trainer) if self.progress.due() else {}))
+
+    @staticmethod
+    def _fields(trainer) -> dict:
         fields = {}
         metrics = trainer.progress_bar_metrics
         for key, name in (("train/loss", "loss"), ("val_ema/loss_mean", "val loss (EMA)")):
             value = metrics.get(key)
             if value is not None and math.isfinite(float(value)):
                 fields[name] = float(value)
-        self.progress.update(trainer.global_step, **fields)
+        return fields
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.progress is not None:
+            self.progress.fields.update(self._fields(trainer))  # the final values in the closing line
             self.progress.close()
             self.progress = None
 

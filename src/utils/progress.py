@@ -240,11 +240,11 @@ class ConsoleFilter(logging.Filter):
         return record.levelno >= logging.WARNING and (record.name == "src" or record.name.startswith("src."))
 
 
-def quiet_console(verbose: bool) -> None:
+def quiet_console(verbose: bool, wandb: bool = False) -> None:
     """Route the remaining console chatter through logging (so the log file gets it and the console filter decides).
 
     Warnings become log records (py.warnings); Lightning's own stream handler is removed so its messages reach the
-    root handlers once; W&B's terminal output is silenced unless verbose.
+    root handlers once; W&B's terminal lines (wandb=True: the job uses W&B) go to the `wandb` logger unless verbose.
     """
     logging.captureWarnings(True)
     import lightning.pytorch  # noqa: F401 -- imported now so its handler exists to be removed
@@ -256,4 +256,8 @@ def quiet_console(verbose: bool) -> None:
                 logger.removeHandler(handler)
         logger.propagate = True
     if not verbose:
-        os.environ.setdefault("WANDB_SILENT", "true")
+        os.environ.setdefault("WANDB_SILENT", "true")  # what wandb.init reads for the run's own settings
+        if wandb:  # and what its messages before that (setting deprecations) obey: the log file gets them
+            import wandb as wandb_lib
+
+            wandb_lib.termsetup(wandb_lib.Settings(silent=True), logging.getLogger("wandb"))
