@@ -195,6 +195,9 @@ document.querySelectorAll('table.sortable th').forEach(function(th){
   });
 });
 document.body.setAttribute('data-ready','1');
+// For checks (tests, a headless browser): the decoded width of every image once the page has loaded.
+window.addEventListener('load',function(){document.body.setAttribute('data-image-widths',
+  Array.prototype.map.call(document.images,function(i){return i.complete?i.naturalWidth:0;}).join(','));});
 """
 
 

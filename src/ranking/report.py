@@ -182,10 +182,12 @@ def notes(report: RankReport) -> list[str]:
     if boot is not None:
         out.append(
             f"[lo, hi]: {boot.confidence:.0%} percentile interval over {report.draws} paired bootstrap draws of the "
-            f"evaluation samples and reference images (seed {report.seed}). Two recipes are separated when one ranks "
-            f"better in at least {boot.separation:.0%} of the draws (ties count half). A percentile interval of a "
-            "rank need not contain the point value: resampling changes which recipes tie on a front. The intervals "
-            "cover evaluation sampling noise only, not the variation between training runs (seeds)."
+            f"evaluation samples and reference images (seed {report.seed}). "
+            + (f"Two recipes are separated when one ranks better in at least {boot.separation:.0%} of the draws "
+               "(ties count half). " if len(report.table) > 1 else "")
+            + "A percentile interval of a rank need not contain the point value: resampling changes which recipes "
+            "tie on a front. The intervals cover evaluation sampling noise only, not the variation between training "
+            "runs (seeds)."
         )
         pairs = inseparable_pairs(boot.prob_better["all"], boot.separation, list(report.table.index))
         if len(report.table) > 1:  # with one recipe there is no pair to separate

@@ -16,8 +16,12 @@ import sys
 import time
 from typing import Callable, TextIO
 
-#: Seconds between plain progress lines when the output is not a terminal.
+#: Plain progress lines (output not a terminal): at least PLAIN_EVERY_S apart, and then only once a quarter of the
+#: phase is done since the last line or PLAIN_MAX_GAP_S have passed; a short phase gives a few lines, a long one a
+#: line a minute.
 PLAIN_EVERY_S = 10.0
+PLAIN_MAX_GAP_S = 60.0
+PLAIN_FRACTION = 0.25
 
 
 def format_duration(seconds: float | None) -> str:
@@ -44,20 +48,22 @@ class Progress:
     """Progress of one phase, `total` units: a tqdm bar on a terminal, else a plain line every `every_s` seconds.
 
     `update(done, **fields)` sets the absolute position and the fields shown after it (e.g. loss=0.123); the
-    plain form prints the first update, then at most one line per `every_s` seconds, and the final state on
-    `close()`. Rate and time left are measured from the first update, so a resumed phase (starting at
-    done > 0) does not report an inflated rate.
+    plain form prints the first update, then a line at most every `every_s` seconds once a quarter of the total
+    has passed since the last line or `max_gap_s` seconds have, and the final state on `close()`. Rate and time
+    left are measured from the first update, so a resumed phase (starting at done > 0) does not report an
+    inflated rate. unit=None shows no rate (only the time left).
     """
 
-    def __init__(self, total: int, desc: str, unit: str = "it", stream: TextIO | None = None,
-                 terminal: bool | None = None, every_s: float = PLAIN_EVERY_S,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, total: int, desc: str, unit: str | None = "it", stream: TextIO | None = None,
+                 terminal: bool | None = None, every_s: float = PLAIN_EVERY_S, max_gap_s: float = PLAIN_MAX_GAP_S,
+                 clock: Callable[[], float] = time.monotonic, start: tuple[float, int] | None = None):
         self.total, self.desc, self.unit = int(total), desc, unit
+        self.max_gap_s = float(max_gap_s)
         self.stream = stream if stream is not None else sys.stderr
         self.terminal = is_terminal(self.stream) if terminal is None else terminal
         self.every_s, self.clock = float(every_s), clock
         self.done, self.fields = 0, {}
-        self._start: tuple[float, int] | None = None  # (time, done) of the first update
+        self._start = start  # (clock time, done) the rate is measured from: the first update unless given
         self._printed_at: float | None = None
         self._printed_done: int | None = None
         self._bar = None
@@ -65,7 +71,7 @@ class Progress:
         if self.terminal:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=self.total, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True,
+            self._bar = tqdm(total=self.total, desc=desc, unit=unit or "it", file=self.stream, dynamic_ncols=True,
                              leave=True, smoothing=0.1)
 
     # ---- numbers -------------------------------------------------------------------------------
@@ -86,20 +92,25 @@ class Progress:
         """The plain line: 'desc 250/500 (50%), loss 0.123, 12.3 step/s, 20 s left'."""
         pct = f" ({100 * self.done / self.total:.0f}%)" if self.total > 0 else ""
         parts = [f"{self.desc} {self.done}/{self.total}{pct}"]
-        parts += [f"{k} {_fmt(v)}" for k, v in self.fields.items()]
+        parts += [_field(k, v) for k, v in self.fields.items()]
         rate = self.rate()
         if rate is not None:
-            parts.append(f"{rate:.3g} {self.unit}/s")
+            if self.unit:
+                parts.append(f"{rate:.3g} {self.unit}/s")
             if self.done < self.total:
                 parts.append(f"{format_duration(self.remaining_s())} left")
         return ", ".join(parts)
 
     # ---- updates -------------------------------------------------------------------------------
-    def due(self) -> bool:
-        """Whether an update now would be shown (callers skip computing fields otherwise)."""
+    def due(self, done: int | None = None) -> bool:
+        """Whether an update (to `done`) now would be shown (callers skip computing fields otherwise)."""
         if self._printed_at is None:
             return True
-        return self.clock() - self._printed_at >= (0.5 if self._bar is not None else self.every_s)
+        gap = self.clock() - self._printed_at
+        if self._bar is not None:
+            return gap >= 0.5
+        advanced = (self.done if done is None else int(done)) - (self._printed_done or 0)
+        return gap >= self.every_s and (advanced >= PLAIN_FRACTION * self.total or gap >= self.max_gap_s)
 
     def update(self, done: int, **fields) -> None:
         """Set the position to `done` units (absolute) and the shown fields."""
@@ -112,8 +123,8 @@ class Progress:
             self._bar.update(self.done - previous)
             if self.fields and self.due():
                 self._printed_at = now
-                self._bar.set_postfix_str(", ".join(f"{k} {_fmt(v)}" for k, v in self.fields.items()), refresh=False)
-        elif self._printed_at is None or now - self._printed_at >= self.every_s:
+                self._bar.set_postfix_str(", ".join(_field(k, v) for k, v in self.fields.items()), refresh=False)
+        elif self.due():
             self._print(now)
 
     def write(self, text: str) -> None:
@@ -142,6 +153,11 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _field(name: str, value) -> str:
+    """'loss 0.123', but '62.5 samples/s' for rates."""
+    return f"{_fmt(value)} {name}" if name.endswith("/s") else f"{name} {_fmt(value)}"
 
 
 def _fmt(value) -> str:
@@ -202,21 +218,25 @@ SWEEP = SweepProgress()
 
 
 # ---- evaluation: setting i of n, samples/s ----------------------------------------------------------
-def evaluation_hook(stream: TextIO | None = None) -> Callable[[int, int, str, int, float], None]:
-    """The `on_setting(i, n, label, n_samples, seconds)` callback of the evaluation: one line per finished
-    (sampler setting, EMA or raw) evaluation, e.g. 'eval 3/12: 50 steps, cfg 5.0, ema: 100 samples in 1.6 s
-    (62 samples/s), 18 s left'. i counts from 1; seconds is that evaluation's duration (0 for a skipped one)."""
-    spent: list[float] = []
+def evaluation_hook(stream: TextIO | None = None, terminal: bool | None = None, every_s: float = PLAIN_EVERY_S,
+                    clock: Callable[[], float] = time.monotonic) -> Callable[[int, int, str, int, float], None]:
+    """The evaluation's `on_setting(i, n, label, n_samples, seconds)` callback (called after each (sampler setting,
+    EMA or raw) evaluation, i counting from 1, seconds 0 for a setting that was complete already) as a progress
+    display: '  eval 3/12 (25%), setting 25 steps, cfg 5.0 (ema), 62.5 samples/s, 18 s left'."""
+    state: dict = {}
 
     def on_setting(i: int, n: int, label: str, n_samples: int, seconds: float) -> None:
+        progress = state.get("progress")
+        if progress is None or progress.closed or progress.total != n:
+            # Timed from the start of this first setting, so the first line already has a time left.
+            progress = state["progress"] = Progress(n, "  eval", unit=None, stream=stream, terminal=terminal,
+                                                    every_s=every_s, clock=clock, start=(clock() - seconds, i - 1))
+        fields = {"setting": label}
         if seconds > 0:
-            spent.append(float(seconds))
-            speed = f"{n_samples} samples in {seconds:.1f} s ({n_samples / seconds:.3g} samples/s)"
-        else:
-            speed = "complete already"
-        left = (n - i) * sum(spent) / len(spent) if spent and i < n else None
-        tail = f", {format_duration(left)} left" if left is not None else ""
-        print(f"  eval {i}/{n}: {label}: {speed}{tail}", file=stream or sys.stderr, flush=True)
+            fields["samples/s"] = round(n_samples / seconds, 1)
+        progress.update(i, **fields)
+        if i >= n:
+            progress.close()
 
     return on_setting
 
