@@ -175,3 +175,13 @@ def test_verbose_brings_the_chatter_back_and_a_rerun_skips(tmp_path, cache_dir):
     code, console = run_cli(["-m", *args, "loss=rf_lognorm"], tmp_path / "again.txt")
     assert code == 0 and console.splitlines() == ["job 1/1: digits/rf_lognorm_0.00_1.00",
                                                   "  complete already, skipped"], console
+
+
+def test_terminal_bar_of_a_resumed_phase_starts_at_the_resume_point():
+    out = io.StringIO()
+    p = Progress(500, "train", unit="step", stream=out, terminal=True)
+    p.update(400)
+    assert p._bar.n == 400 and p._bar.initial == 400
+    p.update(450)
+    p.close()
+    assert "450/500" in out.getvalue()

@@ -213,3 +213,23 @@ def test_report_renders_in_a_headless_browser(report_dir, tmp_path):
         assert image.size == (1400, 1800)
         assert len(np.unique(np.asarray(image.convert("L")))) > 20  # rendered content, not a blank page
     shutil.copy(shot, tmp_path / "kept.png")
+
+
+def test_wandb_gets_the_figures_samples_and_html_report(tmp_path, monkeypatch):
+    from src.ranking.publish import publish_wandb
+    from src.ranking.report import write_report
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    sweep = write_synthetic_sweep(tmp_path / "sweep", recipes=RECIPES[:2], datasets=("digits",), n_samples=16,
+                                  n_reference=8, dim=2, sampler_settings=[(5, 5.0), (25, 5.0)])
+    add_grids(sweep, labelled=True)
+    report = build_report([sweep], draws=0)
+    run_dir = Path(publish_wandb(report, write_report(report, tmp_path / "report"), project="test-rank-report"))
+    media = run_dir / "media"
+    images = sorted(p.name.split("_0_")[0] for p in (media / "images").rglob("*.png"))
+    assert images == ["average_ranks", "metrics_vs_steps", "pareto_fronts", "samples_digits", "steps_cfg_digits"]
+    assert [p.parent.name for p in (media / "images").rglob("samples_digits*.png")] == ["samples"]
+    assert len(list((media / "html").glob("report*.html"))) == 1

@@ -22,7 +22,7 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 # lighter, and beyond the fifth they are grey.
 FRONT_STYLES = (("#D55E00", "*"), ("#0072B2", "s"), ("#009E73", "^"), ("#CC79A7", "D"), ("#E69F00", "v"))
 LATER_FRONT = ("#7f7f7f", "o")
-TEXT = {"title": 11, "label": 10, "tick": 9, "note": 8}  # font sizes (points) at the saved size
+TEXT = {"title": 12, "label": 11, "tick": 10, "note": 9}  # font sizes (points) at the saved size
 
 
 def front_style(front: int) -> tuple[str, str]:

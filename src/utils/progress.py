@@ -120,7 +120,12 @@ class Progress:
         previous, self.done = self.done, int(done)
         self.fields.update(fields)
         if self._bar is not None:
-            self._bar.update(self.done - previous)
+            if previous == 0 and self._bar.n == 0 and self.done > 0 and self._start[1] == self.done:
+                # a resumed phase: start the bar there, so its rate counts only this run's progress
+                self._bar.initial = self._bar.n = self._bar.last_print_n = self.done
+                self._bar.refresh()
+            else:
+                self._bar.update(self.done - previous)
             if self.fields and self.due():
                 self._printed_at = now
                 self._bar.set_postfix_str(", ".join(_field(k, v) for k, v in self.fields.items()), refresh=False)
