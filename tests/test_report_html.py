@@ -43,6 +43,17 @@ def test_labelled_grid_upscales_cells_and_reads_back_exactly(tmp_path):
         save_labelled_grid(torch.zeros(2, 8, 8), None, tmp_path / "bad.png")
 
 
+def test_captions_wrap_at_spaces_within_the_cell():
+    from src.evaluation.grids import font, wrap
+
+    f = font(11)
+    assert wrap("a photo of a handwritten nine", 96, f) == ["a photo of a", "handwritten nine"]
+    assert wrap("a red circle", 500, f) == ["a red circle"]
+    lines = wrap("one two three four five six seven eight nine ten", 60, f)
+    assert len(lines) == 3 and lines[-1].endswith("...") and all(f.getlength(x) <= 60 for x in lines)
+    assert all(f.getlength(x) <= 40 for x in wrap("supercalifragilistic", 40, f, max_lines=9))
+
+
 def test_plain_torchvision_grid_is_cut_and_npz_grid_preferred(tmp_path):
     images = torch.rand(12, 3, 16, 16) * 2 - 1
     save_image((images + 1) / 2, tmp_path / "g.png", nrow=8)  # what the evaluation writes today

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import textwrap
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -54,17 +53,24 @@ def upscale(image: np.ndarray, min_side: int = MIN_CELL) -> Image.Image:
 
 
 def wrap(text: str, width_px: int, fnt, max_lines: int = 3) -> list[str]:
-    """text broken into lines no wider than width_px (at most max_lines; the last one ends in '...' if cut)."""
-    chars = max(4, int(width_px / max(1.0, fnt.getlength("n"))))
-    while chars > 4:
-        lines = textwrap.wrap(text, chars, break_long_words=True) or [""]
-        if all(fnt.getlength(line) <= width_px for line in lines):
-            break
-        chars -= 1
+    """text broken at spaces into lines no wider than width_px (a word too long for a line is cut between
+    characters); at most max_lines, the last one ending in '...' if text was left out."""
+    fits = lambda line: fnt.getlength(line) <= width_px  # noqa: E731
+    lines: list[str] = []
+    for word in text.split() or [""]:
+        candidate = f"{lines[-1]} {word}" if lines else word
+        if lines and fits(candidate):
+            lines[-1] = candidate
+            continue
+        while not fits(word) and len(word) > 1:  # split a long word
+            cut = max(1, max(k for k in range(1, len(word) + 1) if fits(word[:k]) or k == 1))
+            lines.append(word[:cut])
+            word = word[cut:]
+        lines.append(word)
     if len(lines) > max_lines:
         lines = lines[:max_lines]
         last = lines[-1]
-        while last and fnt.getlength(last + "...") > width_px:
+        while last and not fits(last + "..."):
             last = last[:-1]
         lines[-1] = last + "..."
     return lines
@@ -135,7 +141,7 @@ def save_sheet(rows: Sequence[tuple[str, Sequence[np.ndarray | None]]], column_l
     sizes = [c.size for row in cells for c in row if c is not None] or [(min_cell, min_cell)]
     cw, ch = max(s[0] for s in sizes), max(s[1] for s in sizes)
     ncol = max([len(column_labels)] + [len(r) for r in cells])
-    label_w = min(260, max([int(small.getlength(label)) + 2 * PAD for label, _ in rows] + [60]))
+    label_w = min(260, max([math.ceil(small.getlength(label)) + 2 * PAD for label, _ in rows] + [60]))
     head_lines = [wrap(str(c), cw, small, 3) for c in column_labels]
     head_h = (small.size + 2) * max([len(h) for h in head_lines] + [1]) + PAD
     title_h = fnt.size + 3 * PAD if title else 0
