@@ -188,3 +188,24 @@ def test_terminal_bar_of_a_resumed_phase_starts_at_the_resume_point():
     p.update(450)
     p.close()
     assert "450/500" in out.getvalue()
+
+
+def test_training_progress_lines_carry_the_loss():
+    from types import SimpleNamespace
+
+    from src.training.progress import TrainingProgress
+
+    out = io.StringIO()
+    bar = TrainingProgress(stream=out, terminal=False, every_s=0.0)
+    trainer = SimpleNamespace(max_steps=8, global_step=0, is_global_zero=True, callbacks=[],
+                              progress_bar_metrics={})
+    bar.on_train_start(trainer, None)
+    for step in range(1, 9):
+        trainer.global_step = step
+        trainer.progress_bar_metrics = {"train/loss": 1.0 / step, **({"val_ema/loss_mean": 0.5} if step >= 4 else {})}
+        bar.on_train_batch_end(trainer, None, None, None, step - 1)
+    bar.on_train_end(trainer, None)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "  train 0/8 (0%)" and len(lines) == 5  # the start, each quarter (the last closes it)
+    assert all("loss " in line for line in lines[1:]), lines
+    assert lines[-1].startswith("  train 8/8 (100%), loss 0.125, val loss (EMA) 0.5, ")

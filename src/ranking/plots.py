@@ -54,7 +54,7 @@ def plot_pareto_fronts(ranked: pd.DataFrame, ncols: int = 3) -> Figure:
     n = max(len(settings), 1)
     ncols = min(ncols, n)
     nrows = math.ceil(n / ncols)
-    panel_w, panel_h, head_in, foot_in = 5.0, 4.2, 1.0, 0.1  # inches; head: title and legend above the panels
+    panel_w, panel_h, head_in, foot_in = 5.0, 4.2, 1.25, 0.1  # inches; head: title and legend above the panels
     fig = Figure(figsize=(panel_w * ncols, panel_h * nrows + head_in + foot_in))
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, setting in zip(axes, settings.itertuples(index=False)):
@@ -70,10 +70,13 @@ def plot_pareto_fronts(ranked: pd.DataFrame, ncols: int = 3) -> Figure:
                     lw=2.2 if first else 1.0, ls="-" if first else "--", zorder=2)
             ax.scatter(group["fid_clip"], group["clip_score"], color=color, marker=marker, s=140 if first else 50,
                        edgecolors="black", linewidths=0.6, zorder=4 if first else 3)
+            lo, hi = part["fid_clip"].min(), part["fid_clip"].max()
             for row in group.itertuples(index=False):
                 text = f"{front}: {row.recipe}" if named else str(front)
-                ax.annotate(text, (row.fid_clip, row.clip_score), fontsize=TEXT["note"], xytext=(5, 4),
-                            textcoords="offset points", fontweight="bold" if first else "normal")
+                right = hi > lo and row.fid_clip > (lo + hi) / 2  # labels point inwards, away from the panel edge
+                ax.annotate(text, (row.fid_clip, row.clip_score), fontsize=TEXT["note"], xytext=(-6 if right else 6, 4),
+                            textcoords="offset points", ha="right" if right else "left",
+                            fontweight="bold" if first else "normal")
         ax.set_title(setting_label(setting.dataset, setting.setting, setting.ema), fontsize=TEXT["label"])
         ax.set_xlabel("FID (CLIP features), lower better", fontsize=TEXT["label"])
         ax.set_ylabel("CLIP score, higher better", fontsize=TEXT["label"])
@@ -83,8 +86,8 @@ def plot_pareto_fronts(ranked: pd.DataFrame, ncols: int = 3) -> Figure:
     for ax in axes[len(settings):]:
         ax.set_axis_off()
     height = panel_h * nrows + head_in + foot_in
-    fig.subplots_adjust(left=0.55 / (panel_w * ncols), right=1 - 0.15 / (panel_w * ncols),
-                        bottom=(0.55 + foot_in) / height, top=1 - head_in / height, wspace=0.28, hspace=0.42)
+    fig.subplots_adjust(left=0.85 / (panel_w * ncols), right=1 - 0.2 / (panel_w * ncols),
+                        bottom=(0.6 + foot_in) / height, top=1 - head_in / height, wspace=0.3, hspace=0.42)
     fig.suptitle("Non-dominated fronts per control setting (front index at each point)", fontsize=TEXT["title"] + 1,
                  y=1 - 0.12 / height, va="top")
     from matplotlib.lines import Line2D
@@ -93,7 +96,7 @@ def plot_pareto_fronts(ranked: pd.DataFrame, ncols: int = 3) -> Figure:
     handles = [Line2D([], [], color=front_style(f)[0], marker=front_style(f)[1], ls="-" if f == 1 else "--",
                       ms=12 if f == 1 else 7, markeredgecolor="black",
                       label=f"front {f}" if f <= len(FRONT_STYLES) else f"front {f}+") for f in shown]
-    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.45 / height), ncols=len(handles),
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.4 / height), ncols=len(handles),
                fontsize=TEXT["label"], frameon=False)
     return fig
 

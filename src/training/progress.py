@@ -43,7 +43,8 @@ class TrainingProgress(ProgressBar):
         if self.progress is None:
             return
         # Reading the metrics costs a device sync: only when they are shown.
-        self.progress.update(trainer.global_step, **(self._fields(trainer) if self.progress.due() else {}))
+        step = trainer.global_step
+        self.progress.update(step, **(self._fields(trainer) if self.progress.due(step) else {}))
 
     @staticmethod
     def _fields(trainer) -> dict:
