@@ -168,11 +168,11 @@ def test_sample_sheets_show_the_same_sample_across_recipes_and_settings(tmp_path
     assert strip.size[0] > 3 * 96  # three settings side by side
 
 
-def test_one_recipe_report_says_nothing_about_pairs_or_correlations(tmp_path):
+def test_one_recipe_report_says_nothing_about_separating_pairs(tmp_path):
     sweep = write_synthetic_sweep(tmp_path / "one", recipes=("eps/linear",), datasets=("digits",), n_samples=8,
                                   n_reference=8, dim=2, sampler_settings=SETTINGS)
     report = build_report([sweep], draws=5)
-    assert not any("separat" in line or "Spearman" in line for line in notes(report))
+    assert not any("separat" in line for line in notes(report))
     assert any("percentile interval" in line for line in notes(report))  # the interval still explained
 
 
@@ -239,7 +239,12 @@ def test_wandb_gets_the_figures_samples_and_html_report(tmp_path, monkeypatch):
                                   n_reference=8, dim=2, sampler_settings=[(5, 5.0), (25, 5.0)])
     add_grids(sweep, labelled=True)
     report = build_report([sweep], draws=0)
-    run_dir = Path(publish_wandb(report, write_report(report, tmp_path / "report"), project="test-rank-report"))
+    import wandb
+
+    try:
+        run_dir = Path(publish_wandb(report, write_report(report, tmp_path / "report"), project="test-rank-report"))
+    finally:
+        wandb.teardown()  # W&B keeps its first settings (WANDB_DIR) per process; later tests set their own
     media = run_dir / "media"
     images = sorted(p.name.split("_0_")[0] for p in (media / "images").rglob("*.png"))
     assert images == ["average_ranks", "metrics_vs_steps", "pareto_fronts", "samples_digits", "steps_cfg_digits"]

@@ -243,7 +243,7 @@ def test_learning_rate_sweep_runs_each_value_in_its_own_directory_and_ranks_them
     # The same command again: both runs are found complete and skipped.
     out = subprocess.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True,
                          env=env, timeout=600)
-    assert out.returncode == 0 and (out.stdout + out.stderr).count("results complete, nothing to do") == 2
+    assert out.returncode == 0 and (out.stdout + out.stderr).count("complete already, skipped") == 2
 
 
 @pytest.mark.parametrize("model, tag, name", [

@@ -212,8 +212,7 @@ def notes(report: RankReport) -> list[str]:
     if len(report.sweep.duplicates):
         out.append(f"{len(report.sweep.duplicates)} duplicate records (same recipe and control setting) were "
                    "dropped, keeping the newest by 'created'.")
-    if len(report.spearman) and report.spearman["n_shared"].max() >= 3:  # fewer shared recipes: no correlation
-        out.append(spearman_line(report.spearman))
+    out.append(spearman_line(report.spearman))
     return out
 
 
