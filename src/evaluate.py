@@ -106,7 +106,9 @@ def evaluate(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[dict]:
         import torch
 
         torch.set_num_threads(int(cfg.torch_threads))
-    return evaluate_run(cfg, run_dir, meta=meta)
+    from src.utils.progress import evaluation_hook
+
+    return evaluate_run(cfg, run_dir, meta=meta, on_setting=evaluation_hook())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from src.config import ConfigError, register_resolvers
 from src.launch.checks import check_launch
@@ -43,6 +43,25 @@ def _finish_wandb() -> None:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict | None:
+    from src.utils.progress import SWEEP, quiet_console
+
+    # Library chatter to run.log only (conf/config.yaml: verbose).
+    quiet_console(bool(cfg.get("verbose", False)), wandb=bool(OmegaConf.select(cfg, "logger.wandb.enabled")))
+    hydra_cfg = HydraConfig.get()
+    index = OmegaConf.select(hydra_cfg, "job.num", default=None, throw_on_missing=False)
+    announce = hydra_cfg.mode == RunMode.MULTIRUN and index is not None
+    if announce:  # "job 2/3: digits/edm(-1.20, 1.20) (about 1 min left in the sweep)"
+        SWEEP.start(int(index), job_name(cfg))
+    result = None
+    try:
+        result = _job(cfg)
+        return result
+    finally:
+        if announce:
+            SWEEP.finish(skipped=bool(result and result.get("skipped")), failed=not result or bool(result.get("failed")))
+
+
+def _job(cfg: DictConfig) -> dict | None:
     from src.training.job import prepare_job, run_job
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)

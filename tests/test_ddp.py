@@ -107,7 +107,8 @@ def test_single_run_relaunched_by_lightning_matches_one_process(tmp_path):
         env.pop(key, None)
 
     def run(name, *extra):
-        args = [*TINY, f"paths.root_dir={tmp_path / name}", f"paths.cache_dir={tmp_path / 'cache'}", *extra]
+        args = [*TINY, f"paths.root_dir={tmp_path / name}", f"paths.cache_dir={tmp_path / 'cache'}",
+                "verbose=true", *extra]  # Lightning's "Starting with 2 processes" is an INFO line
         out = subprocess.run([sys.executable, "-m", "src.run", *args], cwd=root, env=env, capture_output=True,
                              text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]

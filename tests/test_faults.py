@@ -339,7 +339,8 @@ def test_sigterm_saves_a_checkpoint_between_steps(tmp_path, cache_dir, monkeypat
 def test_killed_local_sweep_resumes_and_skips(tmp_path, cache_dir):
     """The local launcher killed (SIGKILL) in its second job; the same command skips the first, resumes the second."""
     args = ["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", "sweep_name=killed",
-            "train.max_steps=600", "train.ckpt_every=40", "train.val_every=300", "loss=rf,eps_linear"]
+            "train.max_steps=600", "train.ckpt_every=40", "train.val_every=300", "loss=rf,eps_linear",
+            "verbose=true"]  # the INFO lines read below reach the console only when verbose
     sweep = tmp_path / "outputs/multirun/killed/digits"
     first, second = sweep / "rf", sweep / "eps_linear"
     env = {**os.environ, "WANDB_MODE": "disabled"}

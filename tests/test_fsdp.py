@@ -166,7 +166,8 @@ RUN = Path("outputs/runs/digits/rf_lognorm_0.00_1.00")
 
 def run_command(prefix: list[str], root: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-    args = [*prefix, *TINY, f"paths.root_dir={root}", f"paths.cache_dir={cache}", *extra]
+    # verbose=true: Lightning's INFO lines ("Starting with 2 processes", "Restored all states") reach the console
+    args = [*prefix, *TINY, f"paths.root_dir={root}", f"paths.cache_dir={cache}", "verbose=true", *extra]
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 

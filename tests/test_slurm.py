@@ -26,6 +26,7 @@ TINY = [
     "eval.n_samples=4", "eval.batch_size=4", "eval.settings=[{steps: 2, cfg: 1.0}]", "logger=csv",
     "trainer.enable_progress_bar=false", "torch_threads=1", "hydra/launcher=slurm_cpu",
     "hydra.launcher.cpus_per_task=1", "data=digits",
+    "verbose=true",  # the job logs keep Lightning's and the job's INFO lines, which these tests read
 ]
 RECIPES = ["paper/rf_lognorm_0.00_1.00", "paper/eps_linear", "paper/edm_-1.20_1.20"]
 

@@ -262,7 +262,7 @@ def test_learning_rate_sweep_runs_each_value_in_its_own_directory_and_ranks_them
     # The same command again: both runs are found complete and skipped.
     out = subprocess.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True,
                          env=env, timeout=600)
-    assert out.returncode == 0 and (out.stdout + out.stderr).count("results complete, nothing to do") == 2
+    assert out.returncode == 0 and (out.stdout + out.stderr).count("complete already, skipped") == 2
     # Another evaluation setting: both runs are evaluated again, not retrained, and the old records stay.
     checkpoint = (sweep / "optim.lr=0.0001" / "checkpoints" / "last.ckpt").stat().st_mtime_ns
     out = subprocess.run([sys.executable, "-m", "src.run", *args, "eval.n_samples=3"], cwd=ROOT, capture_output=True,

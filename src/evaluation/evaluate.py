@@ -23,11 +23,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
-from torchvision.utils import save_image
 
+from src.evaluation.grids import save_labelled_grid
 from src.formulations.base import Formulation
 from src.metrics.clip import clip_score
-from src.utils.io import atomic_write, save_npz
 from src.metrics.frechet import feature_statistics, frechet_distance
 from src.metrics.reference import ReferenceFeatures
 from src.results import (
@@ -35,6 +34,7 @@ from src.results import (
     run_fields, setting_label,
 )
 from src.sampling import initial_noise, sample
+from src.utils.io import save_npz
 
 log = logging.getLogger(__name__)
 
@@ -208,11 +208,10 @@ def sample_prompts(prompts: EvalPrompts, n: int) -> list[str]:
 
 
 def _save_grid(images: Tensor, path: Path, prompts: Sequence[str] | None = None) -> None:
-    """PNG grid, 8 per row, of images in [-1, 1]; written atomically. prompts: the caption of each image (the
-    npz beside it stores them; a labelled renderer can draw them)."""
+    """PNG grid, 8 per row, of images in [-1, 1], each cell enlarged and labelled with its prompt; atomic."""
     if prompts is not None and len(prompts) != len(images):
         raise ValueError(f"_save_grid: {len(images)} images but {len(prompts)} prompts")
-    atomic_write(path, lambda f: save_image((images + 1) / 2, f, nrow=8, format="png"))
+    save_labelled_grid(images, prompts, path)
 
 
 def _fid(features: Tensor, reference: ReferenceFeatures) -> float:
@@ -277,7 +276,9 @@ def evaluate_backbone(
             arrays = out_dir / EVAL_SUBDIR / f"{stem}.npz"
             captions = sample_prompts(prompts, n_samples)
             extra = {} if inc_feats is None else {"inception_features": inc_feats.numpy()}
-            save_npz(arrays, clip_scores=scores.numpy(), features=feats.numpy(), prompts=captions, **extra)
+            # The grid's samples themselves ride along for the report's sample sheets (src/ranking/samples.py).
+            save_npz(arrays, clip_scores=scores.numpy(), features=feats.numpy(), prompts=captions,
+                     grid=grid.float().numpy(), **extra)
             _save_grid(grid, out_dir / EVAL_SUBDIR / f"{stem}.png", captions[: len(grid)])
             record = Record(
                 **{k: v for k, v in wanted.items() if k not in ("checkpoint_step", "config")},

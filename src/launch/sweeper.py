@@ -59,6 +59,9 @@ class TaggingSweeper(BasicSweeper):
 
     def split_arguments(self, overrides: list[Override], max_batch_size: int | None) -> list[list[list[str]]]:
         from src.launch.validate import filter_sweep
+        from src.utils.progress import SWEEP
 
         # Every job's configuration checked before any is launched: an invalid one gets no directory.
-        return filter_sweep(self, split_tagged(overrides, max_batch_size, self.config))
+        batches = filter_sweep(self, split_tagged(overrides, max_batch_size, self.config))
+        SWEEP.planned(sum(len(batch) for batch in batches))  # "job i of n" (src/run.py announces each job)
+        return batches

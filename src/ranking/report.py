@@ -10,7 +10,6 @@ intervals, the first-front probabilities and the separability verdicts include t
 from __future__ import annotations
 
 import argparse
-import base64
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from src.ranking.aggregate import (
 )
 from src.ranking.bootstrap import RankBootstrap, bootstrap_ranks, inseparable_pairs
 from src.ranking.paper import COLUMNS, paper_ranks, spearman_vs_paper
+from src.ranking.samples import sample_figures
 from src.ranking.plots import plot_average_ranks, plot_metrics_vs_steps, plot_pareto_fronts, save_figure
 from src.ranking.tables import Table, fmt
 from src.utils.io import atomic_write_bytes
@@ -247,14 +247,17 @@ def notes(report: RankReport) -> list[str]:
             f"[lo, hi]: {boot.confidence:.0%} percentile interval over {report.draws} bootstrap draws (seed "
             f"{report.seed}), each resampling every entry's training seeds and, paired across entries, the evaluation "
             "samples and reference images, so the intervals include training-seed variance (none for an entry with "
-            f"one seed). Two entries are separated when one ranks better in at least {boot.separation:.0%} of the "
-            "draws (ties count half). A percentile interval of a rank need not contain the point value: resampling "
-            "changes which entries tie on a front."
+            "one seed). "
+            + (f"Two entries are separated when one ranks better in at least {boot.separation:.0%} of the draws "
+               "(ties count half). " if len(report.table) > 1 else "")
+            + "A percentile interval of a rank need not contain the point value: resampling changes which entries "
+            "tie on a front."
         )
         pairs = inseparable_pairs(boot.prob_better["all"], boot.separation, list(report.table.index))
-        out.append(f"{len(pairs)} pair{'s' * (len(pairs) != 1)} of entries cannot be separated over all settings "
-                   "(listed below)." if pairs
-                   else "The bootstrap separates every pair of entries over all settings.")
+        if len(report.table) > 1:  # with one entry there is no pair to separate
+            out.append(f"{len(pairs)} pair{'s' * (len(pairs) != 1)} of entries cannot be separated over all "
+                       "settings (listed below)." if pairs
+                       else "The bootstrap separates every pair of entries over all settings.")
         if boot.metrics.fixed:
             out.append(f"{len(boot.metrics.fixed)} records could not be resampled and keep their values in every draw "
                        f"(e.g. {next(iter(boot.metrics.fixed.values()))}).")
@@ -334,23 +337,11 @@ def markdown(report: RankReport, figures: dict[str, Path] | None = None) -> str:
 
 
 def html_page(report: RankReport, figures: dict[str, Path] | None = None) -> str:
-    """A self-contained HTML page with the tables and the figures embedded."""
-    import html as html_lib
+    """A self-contained HTML page with the tables, figures and samples embedded (src/ranking/html.py)."""
+    from src.ranking import html
 
-    esc = html_lib.escape
-    body = [f"<h1>Rank report: {esc(report.sweep.name)}</h1>", *[f"<p>{esc(s)}</p>" for s in status_lines(report)],
-            "<h2>Average rank (paper Table 1 form)</h2>", table1(report).html(),
-            "<ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes(report)) + "</ul>"]
-    for title, table in _extra_tables(report):
-        body += [f"<h2>{esc(title)}</h2>", table.html()]
-    for name, path in (figures or {}).items():
-        data = base64.b64encode(Path(path).read_bytes()).decode()
-        body += [f"<h2>{esc(name)}</h2>", f'<img alt="{esc(name)}" src="data:image/png;base64,{data}">']
-    style = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto}"
-             "table{border-collapse:collapse;font-size:13px}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}img{max-width:100%}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Rank report: {esc(report.sweep.name)}</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+    return html.html_page(f"Rank report: {report.sweep.name}", status_lines(report), report.table, notes(report),
+                          figures or {}, _extra_tables(report))
 
 
 def _extra_tables(report: RankReport) -> list[tuple[str, Table]]:
@@ -382,6 +373,7 @@ def write_report(report: RankReport, out_dir: Path | str) -> dict[str, Path]:
         "Metrics versus sampling steps": (plot_metrics_vs_steps(report.ranked), "metrics_vs_steps.png"),
     }
     figures = {title: save_figure(fig, out / name) for title, (fig, name) in figures.items()}
+    figures.update(sample_figures(report.ranked, out, list(report.table.index)))  # src/ranking/samples.py
     paths = {f.stem: f for f in figures.values()}
     csvs = {
         "ranks": report.table.reset_index(),

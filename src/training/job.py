@@ -25,7 +25,9 @@ from src.training.callbacks import SaveLastAtEnd
 from src.training.checkpoint_io import AtomicCheckpointIO, checkpoint_to_resume
 from src.training.datamodule import ShardDataModule
 from src.training.module import FormulationModule
+from src.training.progress import TrainingProgress
 from src.utils.io import atomic_write_bytes, atomic_write_json, remove_stale_temp_files
+from src.utils.progress import evaluation_hook
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +362,7 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         log.info("%s: results for %s missing: evaluating, training is done", run_dir, describe(cfg, run_dir, missing))
         _torch_settings(cfg)
         loggers = build_loggers(cfg, run_dir)  # the CSV logger appends (src/training/metrics_log.py)
-        evaluate_run(cfg, run_dir, loggers=loggers, meta=meta)
+        evaluate_run(cfg, run_dir, loggers=loggers, meta=meta, on_setting=evaluation_hook())
         for lg in loggers:
             lg.finalize("success")
         return {"run_dir": str(run_dir), "skipped": False, "evaluated_only": True}
@@ -374,7 +376,9 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         in_memory=cfg.data.in_memory, num_workers=cfg.data.num_workers, val_samples=cfg.data.val_samples,
     )
     ckpt_dir = run_dir / "checkpoints"
-    callbacks = [
+    # step/max_steps, loss, steps/s and time left (src/training/progress.py), in place of Lightning's own bar.
+    callbacks = [TrainingProgress()] if cfg.trainer.enable_progress_bar else []
+    callbacks += [
         # `last.ckpt` every ckpt_every steps (resume), and the lowest EMA validation loss (model selection).
         ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
                         every_n_train_steps=cfg.train.ckpt_every, save_top_k=0, save_last=True),
@@ -389,7 +393,7 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     if cfg.eval.enabled:  # evaluate_run on rank 0, on the trainer's device, once fit has finished
         from src.evaluation.callback import EvaluationCallback
 
-        callbacks.append(EvaluationCallback(cfg, run_dir, meta))
+        callbacks.append(EvaluationCallback(cfg, run_dir, meta, on_setting=evaluation_hook()))
     loggers = build_loggers(cfg, run_dir)
     trainer = build_trainer(cfg, run_dir, callbacks, loggers)
     resume = checkpoint_to_resume(ckpt_dir)  # last.ckpt, or the previous one if it is unreadable
