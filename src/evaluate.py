@@ -99,7 +99,8 @@ def evaluate(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[dict]:
     missing = missing_for(cfg, run_dir)
     log = logging.getLogger("src.evaluate")
     if missing:
-        log.info("%s: results for %s missing: evaluating", run_dir, describe(cfg, run_dir, missing))
+        log.info("%s: results for %s missing: evaluating", run_dir, describe(cfg, run_dir, missing),
+                 extra={"console": True})
     else:
         log.info("%s: results complete, nothing to do", run_dir)
     if cfg.get("torch_threads"):

@@ -359,7 +359,8 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         if not missing:
             log.info("%s: results complete, nothing to do", run_dir)
             return {"run_dir": str(run_dir), "skipped": True}
-        log.info("%s: results for %s missing: evaluating, training is done", run_dir, describe(cfg, run_dir, missing))
+        log.info("%s: results for %s missing: evaluating, training is done", run_dir, describe(cfg, run_dir, missing),
+                 extra={"console": True})
         _torch_settings(cfg)
         loggers = build_loggers(cfg, run_dir)  # the CSV logger appends (src/training/metrics_log.py)
         evaluate_run(cfg, run_dir, loggers=loggers, meta=meta, on_setting=evaluation_hook())

@@ -248,7 +248,8 @@ def evaluation_hook(stream: TextIO | None = None, terminal: bool | None = None, 
 
 # ---- the console: quiet unless verbose ----------------------------------------------------------------
 class ConsoleFilter(logging.Filter):
-    """What reaches the console: errors from anyone, warnings from this project (src.*); everything when verbose.
+    """What reaches the console: errors from anyone, warnings from this project (src.*), lines logged with
+    extra={"console": True} (what a relaunch decided, e.g. evaluating without retraining); everything when verbose.
 
     Library INFO chatter (open_clip's model loading, Lightning's device lines) and expected warnings
     (captured into the py.warnings logger) still reach the run's log file, whose handler has no such filter.
@@ -260,7 +261,7 @@ class ConsoleFilter(logging.Filter):
         self.verbose = str(verbose).lower() in ("1", "true", "yes")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.verbose or record.levelno >= logging.ERROR:
+        if self.verbose or record.levelno >= logging.ERROR or getattr(record, "console", False):
             return True
         return record.levelno >= logging.WARNING and (record.name == "src" or record.name.startswith("src."))
 
