@@ -46,3 +46,16 @@ def test_uniform_rf_aliases_match_the_paper_row():
     ranks = paper_ranks(["rf/mode(0.00)", "rf", "mine"])
     assert ranks.loc["rf/mode(0.00)", "all"] == PAPER_TABLE1["rf"][0] == ranks.loc["rf", "all"]
     assert ranks.loc["mine"].isna().all()
+
+
+def test_paper_top_three_in_our_top_five():
+    from src.ranking.paper import top_overlap
+
+    theirs = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+    assert top_overlap(theirs, theirs) == 3
+    assert top_overlap(-theirs, theirs) == 1  # reversed: the paper's best three are our 7th, 6th and 5th
+    assert top_overlap(-np.arange(1.0, 11.0), np.arange(1.0, 11.0)) == 0
+    ours = np.array([6.0, 1.0, 5.0, 2.0, 3.0, 4.0, 7.0])  # paper's 1st is our 6th, 2nd our 1st, 3rd our 5th
+    assert top_overlap(ours, theirs) == 2
+    ours_tied = np.array([5.0, 1.0, 1.0, 1.0, 1.0, 5.0, 7.0])  # a tie at the boundary counts in
+    assert top_overlap(ours_tied, theirs) == 3

@@ -72,8 +72,24 @@ def spearman_vs_paper(average_ranks: pd.DataFrame) -> pd.DataFrame:
         if len(both) >= MIN_SHARED and both["ours"].nunique() > 1 and both["paper"].nunique() > 1:
             result = stats.spearmanr(both["ours"], both["paper"])
             rho, p_value = float(result.statistic), float(result.pvalue)
-        rows.append({"column": column, "n_shared": len(both), "spearman": rho, "p_value": p_value})
-    return pd.DataFrame(rows, columns=["column", "n_shared", "spearman", "p_value"])
+        top = top_overlap(both["ours"].to_numpy(), both["paper"].to_numpy()) if len(both) > TOP_OURS else math.nan
+        rows.append({"column": column, "n_shared": len(both), "spearman": rho, "p_value": p_value,
+                     "paper top 3 in our top 5": top})
+    return pd.DataFrame(rows, columns=["column", "n_shared", "spearman", "p_value", "paper top 3 in our top 5"])
+
+
+TOP_PAPER, TOP_OURS = 3, 5
+
+
+def top_overlap(ours: np.ndarray, theirs: np.ndarray) -> int:
+    """How many of Table 1's best TOP_PAPER recipes are among our best TOP_OURS (over shared recipes).
+
+    Ties count in our favour at the boundary: a recipe is in our top 5 when fewer than 5 recipes rank strictly better.
+    """
+    ours, theirs = np.asarray(ours, float), np.asarray(theirs, float)
+    paper_top = np.argsort(theirs, kind="stable")[:TOP_PAPER]
+    better = (ours[None, :] < ours[paper_top, None]).sum(axis=1)
+    return int((better < TOP_OURS).sum())
 
 
 def spearman_draws(draws: dict[str, np.ndarray], recipes, confidence: float = 0.9) -> pd.DataFrame:
@@ -99,5 +115,9 @@ def spearman_draws(draws: dict[str, np.ndarray], recipes, confidence: float = 0.
                 rho = np.where(norm > 0, ours @ ref / np.where(norm > 0, norm, 1.0), np.nan)
             if np.isfinite(rho).any():
                 lo, hi = np.nanpercentile(rho, [tail, 100.0 - tail])
-        rows.append({"column": column, "lo": float(lo), "hi": float(hi)})
-    return pd.DataFrame(rows, columns=["column", "lo", "hi"])
+        top = math.nan
+        if shared.sum() > TOP_OURS:
+            finite = avg[:, shared]
+            top = float(np.mean([top_overlap(row, theirs) for row in finite]))
+        rows.append({"column": column, "lo": float(lo), "hi": float(hi), "top 3 in top 5 (mean over draws)": top})
+    return pd.DataFrame(rows, columns=["column", "lo", "hi", "top 3 in top 5 (mean over draws)"])

@@ -10,6 +10,7 @@ intervals, the first-front probabilities and the separability verdicts include t
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,11 +300,14 @@ def spearman_line(spearman: pd.DataFrame) -> str:
     if shared == 0:
         return "Paper comparison: no recipe of this sweep is in the paper's Table 1."
     parts = []
-    for row in spearman.itertuples(index=False):
+    for _, row in spearman.iterrows():
         interval = f", bootstrap interval [{row.lo:.2f}, {row.hi:.2f}]" if "lo" in spearman and np.isfinite(row.lo) \
             else ""
         value = f"{row.spearman:.2f} (p={row.p_value:.2g}, {row.n_shared} recipes{interval})" \
             if np.isfinite(row.spearman) else f"n/a ({row.n_shared} shared recipes, need >= 3 with distinct ranks)"
+        top = row.get("paper top 3 in our top 5", math.nan)
+        if np.isfinite(top):
+            value += f", the paper's top 3 in our top 5: {int(top)} of 3"
         parts.append(f"{row.column}: {value}")
     return ("Spearman correlation with the paper's Table 1 over shared recipes: " + "; ".join(parts)
             + " (the paper ranks 61 recipes on other data; its 50-step column may average other CFG scales).")
