@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import zlib
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -164,8 +166,15 @@ def test_evaluate_writes_records_arrays_and_grid(setup):
     assert rec["reference_arrays"] == str(ref.path.resolve())  # the cache lies outside the run dir: absolute
     text = setup["extractor"].text_features([f"a photo of a {k % 10}" for k in range(12)])
     np.testing.assert_allclose(scores, clip_score(torch.tensor(feats), text).numpy(), rtol=1e-5, atol=1e-6)
-    grid = Image.open(str(run / rec["arrays"]).replace(".npz", ".png"))
-    assert grid.size == (8 * 10 + 2, 2 * 10 + 2)  # 12 images of 8x8, 8 per row, padding 2
+    # The PNG grid: the 12 samples, enlarged and labelled with their prompts; its cells read back as the npz's grid.
+    png = Path(str(run / rec["arrays"]).replace(".npz", ".png"))
+    from src.evaluation.grids import cut_grid, read_grid, read_prompts
+
+    with np.load(run / rec["arrays"]) as arrays:
+        assert arrays["grid"].shape == (12, 1, 8, 8)  # grey samples, as generated
+    cells, stored = cut_grid(png), read_grid(run / rec["arrays"], None)
+    assert cells.shape == (12, 8, 8, 3) and np.array_equal(cells, stored)
+    assert read_prompts(run / rec["arrays"], png) == [f"a photo of a {k % 10}" for k in range(12)]
 
 
 def test_rerun_skips_complete_settings(setup):

@@ -155,9 +155,13 @@ def test_sweep_console_shows_progress_and_no_chatter(tmp_path, cache_dir):
     lines = console.splitlines()
     assert lines[0] == "job 1/1: digits/rf_lognorm_0.00_1.00"  # the sweeper told the job how many there are
     assert lines[1] == "  train 0/8 (0%)"
-    assert lines[-3].startswith("  train 8/8 (100%), loss ") and "step/s" in lines[-3]
-    assert lines[-2:] == ["  evaluating the selected checkpoint", lines[-1]] and lines[-1].startswith("  done in ")
-    assert len(lines) <= 6, console
+    at = lines.index("  evaluating the selected checkpoint")
+    assert lines[at - 1].startswith("  train 8/8 (100%), loss ") and "step/s" in lines[at - 1]
+    evaluation = lines[at + 1:-1]  # one line per (setting, EMA or raw) at most, the last one closing it
+    assert evaluation and all(line.startswith("  eval ") and "samples/s" in line for line in evaluation), lines
+    assert evaluation[-1].startswith("  eval 2/2 (100%), setting 2 steps, cfg 1.0")
+    assert lines[-1].startswith("  done in ")
+    assert len(lines) <= 8, console
     for chatter in ("[INFO]", "HYDRA", "Loading full pretrained weights", "GPU available", "eval mode"):
         assert chatter not in console, chatter
     # the chatter is in the run's log file instead, the expected warnings included

@@ -377,7 +377,10 @@ def write_report(report: RankReport, out_dir: Path | str) -> dict[str, Path]:
         "Metrics versus sampling steps": (plot_metrics_vs_steps(report.ranked), "metrics_vs_steps.png"),
     }
     figures = {title: save_figure(fig, out / name) for title, (fig, name) in figures.items()}
-    figures.update(sample_figures(report.ranked, out, list(report.table.index)))  # src/ranking/samples.py
+    # Samples of each entry's first training seed (the seed-mean table has no samples): src/ranking/samples.py
+    first_seed = report.records.sort_values(["entry", "train_seed"], kind="stable").drop_duplicates(
+        ["entry", "dataset", "setting", "ema"]).assign(recipe=lambda r: r["entry"])
+    figures.update(sample_figures(first_seed, out, list(report.table.index)))
     paths = {f.stem: f for f in figures.values()}
     csvs = {
         "ranks": report.table.reset_index(),
