@@ -1,4 +1,4 @@
-"""Plain evaluation of trained backbones (SPEC 7): sampler settings, metrics, results records."""
+"""Plain evaluation of trained backbones (docs/evaluation.md#evaluation-protocol): sampler settings, metrics, results records."""
 
 from src.evaluation.evaluate import PAPER_SETTINGS, EvalPrompts, SamplerSetting, evaluate_backbone
 from src.evaluation.records import (

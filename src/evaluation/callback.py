@@ -1,6 +1,6 @@
 """The evaluation callback: after training, sample and score the checkpoint with the lowest EMA validation loss.
 
-SPEC section 7: six sampler settings, each with EMA and raw weights; CLIP score and FID on CLIP features (and
+docs/evaluation.md#evaluation-protocol: six sampler settings, each with EMA and raw weights; CLIP score and FID on CLIP features (and
 Inception FID where its weights are configured). The feature extractors live here, not in the LightningModule,
 so they never end up in checkpoints or in the EMA copy.
 """

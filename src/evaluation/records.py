@@ -1,4 +1,4 @@
-"""The results record (one per recipe, dataset, sampler setting, EMA; SPEC 7) and results.json in a run dir.
+"""The results record (one per recipe, dataset, sampler setting, EMA; docs/evaluation.md#results-records) and results.json in a run dir.
 
 results.json is a JSON list of records. Every write goes through a temporary file and a rename, under a lock
 file, so readers never see a partial file and concurrent writers in one run directory do not lose records.
@@ -18,7 +18,7 @@ from src.utils.io import atomic_write_json as save_json
 from src.utils.io import file_lock
 
 RESULTS_FILE = "results.json"
-#: A record is identified by (recipe, dataset, setting, ema): one per control setting of a recipe (SPEC 7, 9).
+#: A record is identified by (recipe, dataset, setting, ema): one per control setting of a recipe (docs/evaluation.md#results-records, docs/ranking.md#control-settings).
 RECORD_KEY = ("recipe", "dataset", "setting", "ema")
 
 

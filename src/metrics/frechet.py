@@ -1,4 +1,4 @@
-"""Frechet distance between Gaussian fits of feature sets (Heusel et al. 2017), in float64 (SPEC 7)."""
+"""Frechet distance between Gaussian fits of feature sets (Heusel et al. 2017), in float64 (docs/evaluation.md#fid-on-clip-features)."""
 
 from __future__ import annotations
 

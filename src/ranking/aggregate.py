@@ -1,4 +1,4 @@
-"""Load a sweep's results and rank recipes per control setting, averaged as in the paper's Table 1 (SPEC 9)."""
+"""Load a sweep's results and rank recipes per control setting, averaged as in the paper's Table 1 (docs/ranking.md#average-rank-and-columns)."""
 from __future__ import annotations
 
 import json
@@ -16,14 +16,14 @@ from src.ranking.nds import non_dominated_ranks
 from src.ranking.paper import COLUMNS
 
 RUN_MARKERS = (".hydra/config.yaml", "results.json", "error.json")
-SETTING_KEY = ["dataset", "setting", "ema"]  # a control setting (SPEC 7: dataset x sampler setting x EMA)
+SETTING_KEY = ["dataset", "setting", "ema"]  # a control setting (docs/ranking.md#control-settings: dataset x sampler setting x EMA)
 RECORD_KEY = ["recipe", *SETTING_KEY]
 REQUIRED_FIELDS = ("recipe", "dataset", "setting", "steps", "cfg", "ema", "clip_score", "fid_clip")
 OPTIONAL_FIELDS = (
     "family", "params", "shift", "fid_inception", "n_samples", "checkpoint_step", "arrays",
     "reference_arrays", "created",
 )
-OBJECTIVES = (("clip_score", True), ("fid_clip", False))  # CLIP score up, FID down (SPEC 9)
+OBJECTIVES = (("clip_score", True), ("fid_clip", False))  # CLIP score up, FID down (docs/ranking.md#objectives)
 
 
 @dataclass

@@ -1,10 +1,10 @@
-"""Bootstrap intervals for average ranks by resampling evaluation samples (beyond the paper; SPEC 7, 9).
+"""Bootstrap intervals for average ranks by resampling evaluation samples (beyond the paper; docs/ranking.md#bootstrap-intervals).
 
 Each draw resamples, with replacement, the per-sample CLIP scores and sample feature rows of every record
 and the reference feature rows, recomputes CLIP score and FID (Frechet distance on CLIP features, float64,
 covariances with ddof=1), then the fronts per control setting and the average ranks. The draws are paired:
 within a draw every record of a dataset uses the same resampled prompt indices, because all recipes and
-settings share prompts and initial noise (SPEC 7, common random numbers), and every record with the same
+settings share prompts and initial noise (docs/sampling.md#common-random-numbers), and every record with the same
 reference file uses the same resampled reference rows.
 
 Separability: two recipes are separated when one has the better (lower) average rank in at least

@@ -12,7 +12,7 @@ import numpy as np
 
 from src.ranking.bootstrap import frechet_from_features
 
-# The six Euler sampler settings of the study (SPEC 7): (steps, CFG scale).
+# The six Euler sampler settings of the study (docs/evaluation.md#sampler-settings): (steps, CFG scale).
 SAMPLER_SETTINGS = ((50, 1.0), (50, 2.5), (50, 5.0), (5, 5.0), (10, 5.0), (25, 5.0))
 DEFAULT_RECIPES = ("rf/lognorm(0.00, 1.00)", "rf/cosmap", "eps/linear", "v/cos", "edm(-1.20, 1.20)")
 DATASETS = ("digits", "shapes")
@@ -42,7 +42,7 @@ def write_synthetic_sweep(
 
     missing: (recipe, dataset, steps, cfg, ema) records left out; failed: recipes whose jobs wrote error.json;
     running: recipes whose jobs have only .hydra/config.yaml; sampler_settings: (steps, CFG) pairs, default the
-    six of SPEC 7.
+    six (docs/evaluation.md#sampler-settings).
     """
     sweep_dir = Path(sweep_dir)
     rng = np.random.default_rng(seed)
@@ -53,7 +53,7 @@ def write_synthetic_sweep(
     for dataset in datasets:
         references[dataset] = rng.standard_normal((n_reference, dim))
         _write_npz(sweep_dir / "reference" / f"{dataset}.npz", features=references[dataset])
-    prompt_noise = {d: rng.standard_normal((n_samples, dim)) for d in datasets}  # common random numbers (SPEC 7)
+    prompt_noise = {d: rng.standard_normal((n_samples, dim)) for d in datasets}  # common random numbers (docs/sampling.md#common-random-numbers)
     missing_keys = {(r, d, int(s), float(c), bool(e)) for r, d, s, c, e in missing}
     job = 0
     for recipe, q in zip(recipes, quality):

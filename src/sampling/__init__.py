@@ -1,4 +1,4 @@
-"""The sampler shared by every formulation (SPEC 8): time grids, common random noise, Euler with CFG."""
+"""The sampler shared by every formulation (docs/sampling.md#sampler): time grids, common random noise, Euler with CFG."""
 
 from src.sampling.euler import conversion_coefficients, sample, step_times
 from src.sampling.noise import initial_noise

@@ -1,11 +1,11 @@
-"""The one Euler sampler for every formulation, with classifier-free guidance (SPEC 8).
+"""The one Euler sampler for every formulation, with classifier-free guidance (docs/sampling.md#sampler).
 
 Each step maps the grid's RF-equivalent time tau to the formulation's own t (same log-SNR), converts the
 network output to (x0_hat, eps_hat) with the formulation's `to_x0_eps` and moves to
 z_next = a(t_next) x0_hat + b(t_next) eps_hat. For rf this is exactly the Euler step of dz = v dt; for the
 other families it is the Euler step in (sigma, z / a) coordinates, i.e. DDIM (Song et al. 2021).
 
-Every parameterisation of SPEC 2 (v, eps, EDM's F) is linear in (z_t, output) at fixed t:
+Every parameterisation of docs/formulations.md#formulation-families (v, eps, EDM's F) is linear in (z_t, output) at fixed t:
 x0_hat = p z + q out, eps_hat = r z + s out. The sampler reads (p, q, r, s) off `to_x0_eps` once per call,
 in float64 on the CPU (and checks the linearity on a random probe), so a step on the device is the backbone
 plus z_next = A z + B out with A = a' p + b' r, B = a' q + b' s: no formulation code, no host syncs and
@@ -77,7 +77,7 @@ def sample(
     cfg_scale: float,
     shift: float = 1.0,
 ) -> Tensor:
-    """Euler sampling from z = b(t_max) noise to x0 with guidance scale cfg_scale (SPEC 8); returns x0_hat."""
+    """Euler sampling from z = b(t_max) noise to x0 with guidance scale cfg_scale (docs/sampling.md#sampler); returns x0_hat."""
     _check_args(noise, context, pooled, cfg_scale)
     f, n, dtype, device = formulation, noise.shape[0], noise.dtype, noise.device
     t = step_times(f, steps, shift)
