@@ -10,7 +10,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 SWEEP ?=
 REPORT_ARGS ?=
 
-.PHONY: setup test test-slow test-all run rank-report bench clean tiny-clip slurm-local
+.PHONY: setup test test-slow test-all run rank-report bench bench-gpu clean tiny-clip slurm-local
 
 setup: $(STAMP)
 
@@ -38,7 +38,13 @@ rank-report: setup
 	$(PY) -m src.ranking.report $(SWEEP) $(REPORT_ARGS)
 
 bench: setup
-	@for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+	@for f in bench/bench_*.py; do [ $$f = bench/bench_gpu.py ] && continue; echo "== $$f"; $(PY) $$f || exit 1; done
+
+# One GPU, under 6 minutes: the MM-DiT step with each throughput lever, diffusers' step, the GPU bootstrap;
+# writes bench/results/gpu.md. BENCH_ARGS=--dry-run runs every configuration at tiny size on the CPU.
+BENCH_ARGS ?=
+bench-gpu: setup
+	$(PY) bench/bench_gpu.py $(BENCH_ARGS)
 
 # Named sweeps (sweeps/): make sweep-smoke | sweep-paper_embedded | sweep-backbones | sweep-paper_grid
 sweep-%: setup

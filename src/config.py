@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,15 +13,39 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; raised before any training starts."""
 
 
-def _recipe_slug(loss: Any) -> str:
+def _frozen(value: Any):
+    """A hashable copy of a plain config value (dicts and lists nested), for the parse cache."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_frozen(frozen: tuple):
     from src.formulations import from_config
 
-    cfg = OmegaConf.to_container(loss, resolve=True) if isinstance(loss, DictConfig) else dict(loss)
     try:
-        return from_config(cfg).slug
-    except ValueError:
-        # An invalid recipe still needs a directory for its error.json; the job reports the error itself.
-        return "invalid-" + "_".join(f"{k}={v}" for k, v in sorted(cfg.items()))
+        return from_config(dict(frozen))
+    except ValueError as e:
+        raise ConfigError(f"loss: {e}") from None
+
+
+def parse_loss(loss: Any):
+    """The formulation a `loss` config describes, or a one-line ConfigError ("loss: ...").
+
+    The one parse of the loss config: the run name's `${recipe_slug:${loss}}` and the training job both call it
+    (cached, so a sweep of 61 recipes parses each once).
+    """
+    cfg = OmegaConf.to_container(loss, resolve=True) if isinstance(loss, DictConfig) else dict(loss)
+    return _parse_frozen(_frozen(cfg))
+
+
+def _recipe_slug(loss: Any) -> str:
+    # An invalid recipe raises: configuration errors are found before Hydra creates a run directory
+    # (src/launch/validate.py), so no directory is ever named after one.
+    return parse_loss(loss).slug
 
 
 def register_resolvers() -> None:
@@ -33,12 +58,24 @@ def to_dict(cfg: DictConfig | Mapping) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
+# Throughput settings (src/models/perf.py): how the same model is computed, not which model is trained, so a run
+# may resume under other values (a GPU run resumed on another device, compilation switched off to debug).
+THROUGHPUT_KEYS = {"model": ("compile", "compile_backend", "fused_qkv", "fused_modulation", "attention_backend",
+                             "activation_checkpointing"), "optim": ("fused",)}
+
+
+def without_throughput_keys(fp: dict) -> dict:
+    """A fingerprint without THROUGHPUT_KEYS (also applied to fingerprints written before they were dropped)."""
+    return {k: {kk: vv for kk, vv in v.items() if kk not in THROUGHPUT_KEYS.get(k, ())} if isinstance(v, dict) else v
+            for k, v in fp.items()}
+
+
 def fingerprint(cfg: DictConfig) -> dict:
     """The parts of a configuration that determine a trained model; a run directory is tied to one."""
     keys = ("loss", "model", "optim", "train", "seed")
     out = {k: to_dict(cfg[k]) if isinstance(cfg[k], DictConfig) else cfg[k] for k in keys}
     out["data"] = {k: v for k, v in to_dict(cfg.data).items() if k not in ("num_workers",)}
-    return out
+    return without_throughput_keys(out)
 
 
 def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:

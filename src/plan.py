@@ -15,11 +15,15 @@ tokens. The rule overestimates MM-DiT about 2.8x: each token meets only its own 
 weights act on one vector per sample, not per token. Validation (every val_every steps, raw and EMA, at every
 level) and evaluation (every sampler setting, x2 with guidance, raw and EMA) add forward passes; they are shown
 apart. GPU-hours = FLOPs / (peak x utilisation) / 3600, at the stated peak (default: H100 SXM dense bf16, 989
-TFLOP/s) and model FLOPs utilisation (default 40%; bench/results/backbone.md measured 27% for the depth-24 MM-DiT
-at batch 64 per H100, eager, so --mfu 0.27 is the conservative figure).
+TFLOP/s) and model FLOPs utilisation: --mfu, else the MFU measured by `make bench-gpu` (bench/results/gpu.md) for
+the configuration launched (depth, per-GPU batch, throughput settings) when its device matches --gpu, else 40%
+(bench/results/backbone.md measured 27% for the depth-24 MM-DiT at batch 64 per H100, eager). The plan says which.
 
-The status column reads the run directory: done (complete results: a relaunch skips it), started (a checkpoint:
-a relaunch resumes it), failed (error.json), new.
+The status column reads the run directory with the job's own rules: done (trained, and every record the
+configuration wants is in results.json: a relaunch skips it), to evaluate (trained, but records of these evaluation
+settings are missing: a relaunch evaluates without retraining), resume (a checkpoint before the last step), to train,
+changed configuration (the directory holds a run of another configuration: a relaunch is refused), failed
+(error.json), new.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 H100_BF16_DENSE_TFLOPS = 989.0
 DEFAULT_MFU = 0.4
-# What the paper's setup feeds the backbone at 256^2 (docs/backbone.md#backbone-mm-dit, docs/training.md#paper-setup; bench/results/backbone.md): SD3-style latents
+GPU_RESULTS = CONF_DIR.parent / "bench" / "results" / "gpu.md"  # written by make bench-gpu
+# What the paper's setup feeds the backbone at 256^2 (SPEC 5, 6; bench/results/backbone.md): SD3-style latents
 # (factor 8, 16 channels), CLIP + T5 context (77 + 77 tokens x 4096), pooled CLIP L + bigG (2048). Used for the keys
 # a configuration leaves null when its shards' meta.json is not at hand, and stated in the plan.
 PAPER_SHAPES = {"latent_channels": 16, "latent_size": 32, "context_dim": 4096, "pooled_dim": 2048,
@@ -64,6 +69,7 @@ class JobPlan:
     eval_flops: float  # validation + evaluation sampling
     status: str
     assumptions: list[str] = field(default_factory=list)
+    data_checks: list[str] = field(default_factory=list)  # what the shard folders hold unlike the paper's setup
 
     @property
     def tokens(self) -> int:
@@ -81,6 +87,7 @@ class Plan:
     mfu: float
     flops_method: str
     parallelism: int | None  # jobs at once (the launcher's array_parallelism); None: one after the other
+    mfu_source: str = "given (--mfu)"
 
     def gpu_hours(self, flops: float) -> float:
         return flops / (self.peak_tflops * 1e12 * self.mfu) / 3600.0
@@ -230,20 +237,40 @@ def job_gpus(cfg: DictConfig) -> int:
 
 
 def job_status(cfg: DictConfig, run_dir: Path) -> str:
+    """What a relaunch would do in run_dir, by the job's own rules (src/training/job.py, src/results.py):
+    new (nothing there), failed (error.json), changed configuration (the job would refuse it), done (trained and
+    every wanted record present), to evaluate (trained; records missing or of other settings), resume (a
+    checkpoint before the last step), to train (a directory with nothing trained)."""
     if not run_dir.is_dir():
         return "new"
     if (run_dir / "error.json").is_file():
         return "failed"
-    from src.training.job import results_complete
+    from src.evaluation.run import missing_for
+    from src.training.job import training_finished
 
-    try:
-        if (run_dir / "results.json").is_file() and cfg.eval.enabled and results_complete(cfg, run_dir):
-            return "done"
-    except (ValueError, KeyError):
-        return "started"
+    if _fingerprint_changes(cfg, run_dir):
+        return "changed configuration"
+    if training_finished(cfg, run_dir):
+        try:
+            return "to evaluate" if missing_for(cfg, run_dir) else "done"
+        except (ValueError, KeyError, OSError):  # an unreadable results.json: the job evaluates again
+            return "to evaluate"
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
-        return "started"
-    return "new"
+        return "resume"
+    return "to train"
+
+
+def _fingerprint_changes(cfg: DictConfig, run_dir: Path) -> list[str]:
+    """The job's fingerprint check on the planned configuration; data keys the planner cannot resolve (shards not
+    at hand) are not compared."""
+    from src.config import ConfigError
+    from src.training.job import fingerprint_changes, resolve_data
+
+    cfg = cfg.copy()
+    with contextlib.suppress(ConfigError, OSError, ValueError):
+        resolve_data(cfg)
+    return [k for k in fingerprint_changes(cfg, run_dir)
+            if not (k.startswith("data.") and OmegaConf.select(cfg, k, default=None) is None)]
 
 
 def plan_job(index: int, overrides: list[str], flops_method: str = "count") -> JobPlan:
@@ -277,23 +304,49 @@ def plan_job(index: int, overrides: list[str], flops_method: str = "count") -> J
         index=index, overrides=overrides, run_dir=run_dir, model=str(cfg.model._target_).rsplit(".", 1)[-1],
         params=params, image_tokens=image_tokens, text_tokens=text_tokens, batch_size=batch, steps=steps,
         gpus=job_gpus(cfg), fwd_flops_per_sample=fwd, train_flops=train, eval_flops=val + sampling,
-        status=job_status(cfg, run_dir), assumptions=assumed,
+        status=job_status(cfg, run_dir), assumptions=assumed, data_checks=_data_checks(cfg),
     )
 
 
-def plan_sweep(overrides: Sequence[str], peak_tflops: float = H100_BF16_DENSE_TFLOPS, mfu: float = DEFAULT_MFU,
-               flops_method: str = "count") -> Plan:
-    """Expand the sweep and plan every job."""
+def _data_checks(cfg: DictConfig) -> list[str]:
+    from src.data.expectations import check_shard_folders
+
+    return check_shard_folders(cfg.data.train_dir, cfg.data.eval_dir) if cfg.data.kind == "shards" else []
+
+
+def plan_sweep(overrides: Sequence[str], peak_tflops: float = H100_BF16_DENSE_TFLOPS, mfu: float | None = None,
+               flops_method: str = "count", gpu: str | None = None) -> Plan:
+    """Expand the sweep and plan every job; mfu None: measured for the launch's configuration, else DEFAULT_MFU."""
     if not peak_tflops > 0:
         raise ValueError(f"--peak-tflops={peak_tflops}: must be > 0")
-    if not 0 < mfu <= 1:
+    if mfu is not None and not 0 < mfu <= 1:
         raise ValueError(f"--mfu={mfu}: must be in (0, 1]")
     with _hydra_context():
         base, jobs = expand_jobs(overrides)
         launcher = base.hydra.launcher
         parallelism = int(launcher.array_parallelism) if launcher.get("array_parallelism") else None
         planned = [plan_job(i, job, flops_method) for i, job in enumerate(jobs)]
-    return Plan(planned, peak_tflops, mfu, flops_method, parallelism)
+        source = "given (--mfu)"
+        if mfu is None and planned:
+            mfu, source = launch_mfu(_compose(jobs[0]), planned[0], gpu)
+    return Plan(planned, peak_tflops, mfu or DEFAULT_MFU, flops_method, parallelism, source)
+
+
+def launch_mfu(cfg: DictConfig, job: JobPlan, gpu: str | None) -> tuple[float, str]:
+    """The MFU measured by make bench-gpu for this launch (device, depth, per-GPU batch, settings), else the default."""
+    import torch
+
+    from src.models.perf import launch_settings, measured_mfu, read_bench_results
+
+    gpu = gpu or (torch.cuda.get_device_name() if torch.cuda.is_available() else "H100")
+    depth = int(cfg.model.depth)
+    settings = launch_settings(OmegaConf.to_container(cfg.model), OmegaConf.to_container(cfg.optim))
+    found = None
+    if cfg.model.get("hidden_size") in (None, 64 * depth) and str(cfg.model._target_).endswith(".MMDiT"):
+        found = measured_mfu(read_bench_results(GPU_RESULTS), gpu, depth, job.batch_size // max(1, job.gpus),
+                             settings)
+    return found or (DEFAULT_MFU, f"the default {DEFAULT_MFU:.0%}: {GPU_RESULTS.name} has no measurement of this "
+                                  f"configuration on {gpu}")
 
 
 # ---- printing ------------------------------------------------------------------------------------------------
@@ -330,7 +383,7 @@ def render(plan: Plan, root: Path | None = None) -> str:
         f"FLOPs ({'counted on the meta device' if plan.flops_method == 'count' else '6NT rule + attention'}): "
         f"training {_si(train)}, validation + evaluation {_si(extra)}.",
         f"GPU-hours at {plan.peak_tflops:g} TFLOP/s peak and {plan.mfu:.0%} utilisation: {hours:.4g} in all, "
-        f"{plan.gpu_hours(sum(j.total_flops for j in left)):.4g} still to run.",
+        f"{plan.gpu_hours(sum(j.total_flops for j in left)):.4g} still to run. Utilisation: {plan.mfu_source}.",
     ]
     if left and plan.parallelism:
         gpus = max(j.gpus for j in left)
@@ -341,6 +394,7 @@ def render(plan: Plan, root: Path | None = None) -> str:
     notes = list(dict.fromkeys(a for j in plan.jobs for a in j.assumptions))
     if notes:
         lines.append("Assumed: " + "; ".join(notes) + ".")
+    lines += [f"Check: {c}." for c in dict.fromkeys(c for j in plan.jobs for c in j.data_checks)]
     return "\n".join(lines)
 
 
@@ -349,7 +403,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                         help="peak FLOP rate per GPU in TFLOP/s (default: H100 SXM dense bf16, 989)")
-    parser.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="model FLOPs utilisation (default 0.4)")
+    parser.add_argument("--mfu", type=float, default=None,
+                        help="model FLOPs utilisation (default: measured in bench/results/gpu.md for the launch, "
+                             "else 0.4)")
+    parser.add_argument("--gpu", help="the jobs' GPU, matched against bench/results/gpu.md (default: this machine's "
+                                      "GPU, else H100)")
     parser.add_argument("--flops", choices=("count", "6nt"), default="count",
                         help="count: FLOPs counted on the meta device (default); 6nt: the rule of thumb")
     args, overrides = parser.parse_known_args(argv)
@@ -358,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown option(s) {unknown}; Hydra overrides are key=value")
     logging.disable(logging.WARNING)  # Lightning/Hydra chatter; the plan is the output
     try:
-        plan = plan_sweep(overrides, args.peak_tflops, args.mfu, args.flops)
+        plan = plan_sweep(overrides, args.peak_tflops, args.mfu, args.flops, args.gpu)
     except Exception as e:  # a one-line error, as for `python -m src.run`
         print(f"plan: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
         return 2

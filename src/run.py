@@ -1,11 +1,14 @@
 """Entry point: `python -m src.run [-m] key=value ...` trains and evaluates recipes (Hydra multirun = a sweep).
 
 A failing job in a multirun writes error.json into its run directory and the sweep goes on; the command ends
-with a summary of the failed jobs and a non-zero exit. Configuration errors are one line, before any work.
+with a summary of the failed jobs and a non-zero exit. Configuration errors are one line, before any work and
+before any directory is created (src/launch/validate.py); a job refused by its run directory (another
+configuration trained there, another job running there) writes nothing into it.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 import traceback
@@ -14,12 +17,13 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from src.config import ConfigError, register_resolvers
 from src.launch.checks import check_launch
-from src.launch.failures import FAILED, one_line, record_failure, summary
-from src.launch.rundir import RunDirBusy, run_dir_lock
+from src.launch.failures import FAILED, clear_sweep_failure, one_line, record_failure, record_sweep_failure, summary
+from src.launch.rundir import RunDirBusy, run_dir_lock, run_log, save_job_config
+from src.launch.validate import job_name
 from src.utils.io import atomic_write_json
 
 register_resolvers()
@@ -39,29 +43,59 @@ def _finish_wandb() -> None:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict | None:
-    from src.training.job import run_job
+    from src.utils.progress import SWEEP, quiet_console
+
+    # Library chatter to run.log only (conf/config.yaml: verbose).
+    quiet_console(bool(cfg.get("verbose", False)), wandb=bool(OmegaConf.select(cfg, "logger.wandb.enabled")))
+    hydra_cfg = HydraConfig.get()
+    index = OmegaConf.select(hydra_cfg, "job.num", default=None, throw_on_missing=False)
+    announce = hydra_cfg.mode == RunMode.MULTIRUN and index is not None
+    if announce:  # "job 2/3: digits/edm(-1.20, 1.20) (about 1 min left in the sweep)"
+        SWEEP.start(int(index), job_name(cfg))
+    result = None
+    try:
+        result = _job(cfg)
+        return result
+    finally:
+        if announce:
+            SWEEP.finish(skipped=bool(result and result.get("skipped")), failed=not result or bool(result.get("failed")))
+
+
+def _job(cfg: DictConfig) -> dict | None:
+    from src.training.job import prepare_job, run_job
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    launched = copy.deepcopy(cfg)  # as composed, for .hydra/config.yaml (the job fills in data folders and shapes)
     error_file = run_dir / "error.json"
     try:
-        # The lock first: a job already running in this directory keeps its files (error.json included).
-        with run_dir_lock(run_dir):
+        # Everything that can refuse the job, before anything is written into its directory: a refused relaunch
+        # leaves a finished run exactly as it was (its error goes to the summary and the sweep's failures.json).
+        prepare_job(cfg, run_dir, multirun)
+        # The lock next: a job already running in this directory keeps its files (error.json included).
+        with run_dir_lock(run_dir), run_log(run_dir):
             error_file.unlink(missing_ok=True)
+            save_job_config(run_dir, launched)
             try:
-                check_launch(cfg, HydraConfig.get().mode == RunMode.MULTIRUN)
-                return run_job(cfg, run_dir)
+                result = run_job(cfg, run_dir)
             except Exception as e:  # recorded per job so the rest of the sweep goes on
-                atomic_write_json(error_file, {"type": type(e).__name__, "error": str(e),
-                                               "traceback": traceback.format_exc()})
+                if not isinstance(e, ConfigError):  # a configuration error says nothing about the run
+                    log.error("%s failed:\n%s", job_name(cfg), traceback.format_exc())
+                    atomic_write_json(error_file, {"type": type(e).__name__, "error": str(e),
+                                                   "traceback": traceback.format_exc()})
                 raise
+        if multirun:
+            clear_sweep_failure(HydraConfig.get().sweep.dir, job_name(cfg))
+        return result
     except Exception as e:
-        if not isinstance(e, (ConfigError, RunDirBusy)):
-            log.error("%s failed:\n%s", cfg.run_name, traceback.format_exc())
-        record_failure(cfg.run_name, one_line(e))
-        if cfg.fail_fast and HydraConfig.get().mode == RunMode.MULTIRUN:
+        name = job_name(cfg)
+        record_failure(name, one_line(e))
+        if multirun and isinstance(e, (ConfigError, RunDirBusy)):  # nothing about them in the run directory
+            record_sweep_failure(HydraConfig.get().sweep.dir, name, one_line(e))
+        if cfg.fail_fast and multirun:
             raise
         # What a launcher that runs jobs in other processes (submitit, SLURM) reads back for the summary.
-        return {"run_dir": str(run_dir), "run_name": str(cfg.run_name), "failed": True, "error": one_line(e)}
+        return {"run_dir": str(run_dir), "run_name": name, "failed": True, "error": one_line(e)}
     finally:
         _finish_wandb()
 

@@ -1,6 +1,7 @@
 """Data parallel training on the CPU: two ranks (gloo) follow the one-process run step for step.
 
 The global batch of every step and its times, noise and dropout are one draw, sliced per rank (datamodule, module),
+in memory and streaming from the shard files alike,
 and DDP averages the ranks' gradients of their slice means, which is the gradient of the global mean. So the runs
 differ only by float summation order. Tolerance after 8 AdamW steps: relative 1e-6 on the validation losses (the
 loss curve: validated after every step), absolute 1e-6 + relative 1e-5 on the weights. Measured on CPU: identical
@@ -27,16 +28,18 @@ TINY = [
 
 def test_ranks_take_disjoint_slices_of_one_global_batch():
     data = {"x0": torch.arange(100).float()[:, None], "context": torch.zeros(100, 1), "pooled": torch.zeros(100, 1)}
-    whole = [next(iter(StepIndexedBatches(data, 16, seed=3, start_step=lambda: s)))["x0"] for s in range(3)]
+    whole = [next(iter(StepIndexedBatches(data, 16, seed=3, start_step=s)))["x0"] for s in range(3)]
     for step in range(3):
-        parts = [next(iter(StepIndexedBatches(data, 16, 3, lambda: step, rank=r, world=2)))["x0"] for r in range(2)]
+        parts = [next(iter(StepIndexedBatches(data, 16, 3, step, rank=r, world=2)))["x0"] for r in range(2)]
         assert parts[0].shape[0] == parts[1].shape[0] == 8
         assert torch.equal(torch.cat(parts), whole[step])  # rank r gets rows r*8 .. r*8+7 of the global batch
         assert not torch.equal(parts[0], parts[1])
 
 
 @pytest.mark.slow
-def test_two_ranks_match_one_process(tmp_path):
+@pytest.mark.parametrize("data", [[], ["data.in_memory=false", "data.num_workers=2"]], ids=["in_memory", "streaming"])
+def test_two_ranks_match_one_process(tmp_path, data):
+    """In memory, and streaming from the shard files with two loader workers per rank."""
     def run(name, overrides):
         with initialize_config_module(config_module="conf", version_base="1.3"):
             cfg = compose(config_name="config", overrides=[*TINY, f"paths.root_dir={tmp_path}",
@@ -47,9 +50,9 @@ def test_two_ranks_match_one_process(tmp_path):
         state = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         return val, state
 
-    one_val, one = run("one", ["trainer.devices=1"])
+    one_val, one = run("one", ["trainer.devices=1", *data])
     # ddp_spawn: the ranks are processes started by this one (never Lightning's re-launch of the command line).
-    two_val, two = run("two", ["trainer.devices=2", "trainer.strategy=ddp_spawn"])
+    two_val, two = run("two", ["trainer.devices=2", "trainer.strategy=ddp_spawn", *data])
     assert one["global_step"] == two["global_step"] == 8
     assert len(one_val) == 8  # the validation loss after every step: the loss curve
     pd.testing.assert_frame_equal(one_val, two_val, rtol=1e-6, atol=0)
@@ -104,7 +107,8 @@ def test_single_run_relaunched_by_lightning_matches_one_process(tmp_path):
         env.pop(key, None)
 
     def run(name, *extra):
-        args = [*TINY, f"paths.root_dir={tmp_path / name}", f"paths.cache_dir={tmp_path / 'cache'}", *extra]
+        args = [*TINY, f"paths.root_dir={tmp_path / name}", f"paths.cache_dir={tmp_path / 'cache'}",
+                "verbose=true", *extra]  # Lightning's "Starting with 2 processes" is an INFO line
         out = subprocess.run([sys.executable, "-m", "src.run", *args], cwd=root, env=env, capture_output=True,
                              text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]

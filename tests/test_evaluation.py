@@ -19,7 +19,7 @@ from src.evaluation import (
     find_record,
     merge_results,
     read_results,
-    record_key,
+    record_identity,
     write_results,
 )
 from src.formulations import get_recipe
@@ -104,19 +104,25 @@ def test_paper_settings_and_labels():
 
 # ---- records --------------------------------------------------------------------------------------
 def _record(**over) -> Record:
-    base = dict(recipe="rf", family="rf", params={}, dataset="toy", setting="5 steps, cfg 5.0", steps=5, cfg=5.0,
-                shift=1.0, ema=True, clip_score=0.25, fid_clip=1.5, fid_inception=None, n_samples=10,
-                n_reference=20, seed=0, checkpoint_step=7, arrays="eval/a.npz", reference_arrays="/r.npz")
+    base = dict(recipe="rf", family="rf", params={}, dataset="toy", tags={}, train_seed=0, backbone="MMDiT",
+                setting="5 steps, cfg 5.0", steps=5, cfg=5.0, shift=1.0, ema=True, sampler="rf_time",
+                n_samples=10, eval_seed=0, feature_extractor="fake", fid_features="clip_raw", checkpoint="best",
+                checkpoint_step=7, clip_score=0.25, fid_clip=1.5, fid_inception=None, n_reference=20,
+                arrays="eval/a.npz", reference_arrays="/r.npz")
     return Record(**{**base, **over})
 
 
 def test_results_json_round_trip_and_merge(tmp_path):
     write_results(tmp_path, [_record(), _record(ema=False)])
-    assert [record_key(r) for r in read_results(tmp_path)] == [
-        ("rf", "toy", "5 steps, cfg 5.0", True), ("rf", "toy", "5 steps, cfg 5.0", False)]
+    assert [record_identity(r) for r in read_results(tmp_path)] == [
+        record_identity(_record()), record_identity(_record(ema=False))]
+    assert record_identity(_record())[:3] == ("rf", "rf", "{}") and record_identity(_record())[11] is True
     merged = merge_results(tmp_path, [_record(fid_clip=0.5), _record(recipe="edm/rf")])
     assert len(merged) == 3 and read_results(tmp_path) == merged
-    assert find_record(merged, ("rf", "toy", "5 steps, cfg 5.0", True))["fid_clip"] == 0.5
+    assert find_record(merged, record_identity(_record()))["fid_clip"] == 0.5
+    # Another evaluation setting is another record: kept apart, not replaced.
+    merged = merge_results(tmp_path, [_record(n_samples=20, fid_clip=0.7)])
+    assert len(merged) == 4 and find_record(merged, record_identity(_record()))["fid_clip"] == 0.5
     assert Record.from_dict(merged[0]) == Record.from_dict(json.loads((tmp_path / "results.json").read_text())[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == [".results.json.lock", "results.json"]
 
@@ -124,8 +130,8 @@ def test_results_json_round_trip_and_merge(tmp_path):
 def test_record_non_finite_metric_is_null_and_missing_field_is_named(tmp_path):
     assert _record(fid_clip=float("nan")).to_dict()["fid_clip"] is None
     d = _record().to_dict()
-    del d["seed"]
-    with pytest.raises(ValueError, match="seed"):
+    del d["n_samples"]
+    with pytest.raises(ValueError, match="n_samples"):
         Record.from_dict(d)
     (tmp_path / "results.json").write_text("{}")
     with pytest.raises(ValueError, match="JSON list"):
@@ -145,11 +151,13 @@ def test_evaluate_writes_records_arrays_and_grid(setup):
     assert rec["recipe"] == "rf/lognorm(0.00, 1.00)" and rec["family"] == "rf_lognorm"
     assert rec["params"] == {"m": 0.0, "s": 1.0} and rec["setting"] == "3 steps, cfg 5.0"
     assert (rec["steps"], rec["cfg"], rec["shift"], rec["ema"]) == (3, 5.0, 1.0, True)
-    assert (rec["n_samples"], rec["n_reference"], rec["seed"], rec["checkpoint_step"]) == (12, 40, 3, 100)
+    assert (rec["n_samples"], rec["n_reference"], rec["eval_seed"], rec["checkpoint_step"]) == (12, 40, 3, 100)
+    assert (rec["sampler"], rec["fid_features"], rec["checkpoint"], rec["tags"]) == ("rf_time", "clip_raw", "best", {})
     assert rec["config"] == {"lr": 1e-3} and rec["fid_inception"] is None and rec["created"]
     with np.load(run / rec["arrays"]) as arrays:
-        scores, feats = arrays["clip_scores"], arrays["features"]
+        scores, feats, prompts = arrays["clip_scores"], arrays["features"], arrays["prompts"]
     assert scores.shape == (12,) and feats.shape == (12, 8)
+    assert list(prompts) == [f"a photo of a {k % 10}" for k in range(12)]  # sample k is prompted with caption k % N
     assert rec["clip_score"] == pytest.approx(float(scores.mean()), rel=1e-6)
     ref = setup["reference"]
     assert rec["fid_clip"] == pytest.approx(fid_from_features(feats, ref.features), rel=1e-9)
@@ -168,7 +176,11 @@ def test_rerun_skips_complete_settings(setup):
     as_dicts = [{"steps": 2, "cfg": 1.0}, {"steps": 3, "cfg": 5.0, "shift": 1.0}]  # e.g. from a Hydra config
     assert evaluate_backbone(net, settings=as_dicts, **setup) == first and net.calls == 0
     more = evaluate_backbone(net, settings=SETTINGS, **{**setup, "n_samples": 13})  # a different sample count
-    assert net.calls > 0 and [r["n_samples"] for r in more] == [13, 13] and len(read_results(setup["out_dir"])) == 2
+    assert net.calls > 0 and [r["n_samples"] for r in more] == [13, 13]
+    # The 12-sample records stay, kept apart by their settings, with their own arrays.
+    stored = read_results(setup["out_dir"])
+    assert stored[:2] == first and stored[2:] == more
+    assert {r["arrays"] for r in first}.isdisjoint(r["arrays"] for r in more)
 
 
 def test_interrupted_evaluation_keeps_finished_settings_and_resumes(setup):
@@ -240,7 +252,7 @@ def test_callback_evaluates_on_the_trainers_device_not_the_torn_down_modules():
 
     callback = EvaluationCallback.__new__(EvaluationCallback)  # no configuration needed for the dispatch
     seen = {}
-    callback.evaluate = lambda pl_module, loggers, device=None: seen.update(device=device)
+    callback.evaluate = lambda loggers, device=None: seen.update(device=device)
     trainer = SimpleNamespace(global_rank=0, loggers=[], strategy=SimpleNamespace(root_device=torch.device("cuda", 3)))
     module = torch.nn.Linear(1, 1)  # on the CPU, as after the teardown
     callback.on_fit_end(trainer, module)

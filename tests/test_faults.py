@@ -48,7 +48,8 @@ def run_cli(args, timeout=300):
 
 # ---- one failing job in a sweep ----------------------------------------------------------------------------------
 def test_failing_jobs_are_recorded_and_the_sweep_goes_on(tmp_path, cache_dir):
-    """4 jobs: one trains; one diverges (lr 1e30: the loss becomes non-finite); two have an invalid s."""
+    """4 jobs: one trains; one diverges (lr 1e30: the loss becomes non-finite); two have an invalid s (found before
+    any job is launched: they get no directory)."""
     out = run_cli(["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", "sweep_name=faults",
                    'run_name="${data.name}/${recipe_slug:${loss}}/lr${optim.lr}"', "loss=rf_lognorm",
                    "loss.s=1.0,-1", "optim.lr=1e-3,1e30", "optim.warmup_steps=1"])
@@ -69,7 +70,13 @@ def test_failing_jobs_are_recorded_and_the_sweep_goes_on(tmp_path, cache_dir):
     assert runs.loc[str(good), "status"] == "done"
     assert runs.loc[str(diverged), "status"] == "failed"
     assert runs.loc[str(diverged), "error"].startswith("FloatingPointError: training loss is")
-    assert (runs["status"] == "failed").sum() == 3
+    assert (runs["status"] == "failed").sum() == 1
+    # The two invalid recipes were never launched: no run directory; the sweep's failures.json names them.
+    assert not [p for p in (sweep / "digits").iterdir() if p.name != "rf_lognorm_0.00_1.00"]
+    from src.launch.failures import read_sweep_failures
+
+    refused = read_sweep_failures(sweep)
+    assert len(refused) == 2 and all("s=-1 is not allowed" in v["error"] for v in refused.values())
 
 
 # ---- the launcher reads failures back from job processes ------------------------------------------------------------
@@ -111,7 +118,7 @@ def test_launcher_records_failures_of_remote_jobs(monkeypatch):
 
 # ---- concurrent writers ---------------------------------------------------------------------------------------------
 def _merge_many(run_dir: str, worker: int, n: int) -> None:
-    from src.evaluation.records import merge_results
+    from src.results import merge_results
 
     for i in range(n):
         merge_results(run_dir, [{"recipe": f"r{worker}", "dataset": "d", "setting": f"s{i}", "ema": True, "i": i}])
@@ -332,7 +339,8 @@ def test_sigterm_saves_a_checkpoint_between_steps(tmp_path, cache_dir, monkeypat
 def test_killed_local_sweep_resumes_and_skips(tmp_path, cache_dir):
     """The local launcher killed (SIGKILL) in its second job; the same command skips the first, resumes the second."""
     args = ["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", "sweep_name=killed",
-            "train.max_steps=600", "train.ckpt_every=40", "train.val_every=300", "loss=rf,eps_linear"]
+            "train.max_steps=600", "train.ckpt_every=40", "train.val_every=300", "loss=rf,eps_linear",
+            "verbose=true"]  # the INFO lines read below reach the console only when verbose
     sweep = tmp_path / "outputs/multirun/killed/digits"
     first, second = sweep / "rf", sweep / "eps_linear"
     env = {**os.environ, "WANDB_MODE": "disabled"}

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 from src.config import ConfigError, register_resolvers
 from src.launch.checks import check_launch
-from src.evaluation.callback import unsharded_backbone
+from src.evaluation.run import unsharded_backbone
 from src.launch.strategies import FSDPStrategy, backbone_wrap_policy, build_strategy
 from src.models import BACKBONES
 from src.training.ema import ema_update, make_ema_copy
@@ -39,7 +39,9 @@ DATA = dict(latent_channels=1, latent_size=8, context_dim=16, pooled_dim=16)
 
 
 def model_cfg(name: str):
-    cfg = OmegaConf.create({"data": DATA, "model": OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml")})
+    with initialize_config_module(config_module="conf", version_base="1.3"):  # defaults: model/base/backbone.yaml
+        model = compose(config_name=f"model/{name}").model
+    cfg = OmegaConf.create({"data": DATA, "model": model})
     cfg.model.depth, cfg.model.hidden_size = 2, 32
     return cfg.model
 
@@ -164,7 +166,8 @@ RUN = Path("outputs/runs/digits/rf_lognorm_0.00_1.00")
 
 def run_command(prefix: list[str], root: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-    args = [*prefix, *TINY, f"paths.root_dir={root}", f"paths.cache_dir={cache}", *extra]
+    # verbose=true: Lightning's INFO lines ("Starting with 2 processes", "Restored all states") reach the console
+    args = [*prefix, *TINY, f"paths.root_dir={root}", f"paths.cache_dir={cache}", "verbose=true", *extra]
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 

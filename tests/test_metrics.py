@@ -82,6 +82,44 @@ def test_frechet_distance_equals_torchmetrics_fid_on_the_same_features():
     assert ours == pytest.approx(float(metric.compute()), rel=1e-7)
 
 
+def test_fid_on_raw_clip_features_matches_torchmetrics_compute_fid(tiny_clip_file):
+    """FID on the extractor's raw CLIP image features against torchmetrics' own _compute_fid (float64, same mean
+    and covariance), to 1e-6 relative; and not the FID of the L2-normalised features."""
+    from torchmetrics.image.fid import _compute_fid
+
+    ext = ClipFeatureExtractor(TINY_CLIP, tiny_clip_file[0])
+    real = ext.image_features(_digits(200))
+    fake = ext.image_features(_digits(150, offset=200).flip(-1))
+    (mu_f, s_f), (mu_r, s_r) = feature_statistics(fake), feature_statistics(real)
+    reference = float(_compute_fid(*(torch.from_numpy(a) for a in (mu_f, s_f, mu_r, s_r))))
+    ours = fid_from_features(fake, real)
+    assert ours == pytest.approx(reference, rel=1e-6)
+    assert ours == pytest.approx(frechet_distance(mu_f, s_f, mu_r, s_r), rel=1e-12)
+    unit = torch.nn.functional.normalize
+    assert abs(fid_from_features(unit(fake, dim=1), unit(real, dim=1)) - ours) > 0.1 * ours
+
+
+def test_frechet_module_is_torch_free():
+    """The ranking imports src.metrics.frechet; it must not pull in torch (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, src.metrics.frechet, src.ranking.bootstrap, src.ranking.report, src.ranking.synthetic; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_batched_frechet_equals_one_at_a_time():
+    rng = np.random.default_rng(3)
+    a = [rng.normal(size=(30, 4)) * (1 + k) for k in range(3)]
+    stats = [feature_statistics(x) for x in a]
+    ref_mu, ref_s = feature_statistics(rng.normal(size=(40, 4)))
+    batched = frechet_distance(np.stack([m for m, _ in stats]), np.stack([s for _, s in stats]), ref_mu, ref_s)
+    assert batched.shape == (3,)
+    np.testing.assert_allclose(batched, [frechet_distance(m, s, ref_mu, ref_s) for m, s in stats], rtol=1e-12)
+
+
 def test_feature_statistics_are_float64_and_unbiased():
     x = np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32)
     mu, sigma = feature_statistics(x)
@@ -110,15 +148,25 @@ def test_clip_extractor_loads_the_local_file(tiny_clip_file):
     images = _digits(6)
     feats = ext.image_features(images)
     assert feats.shape == (6, 32) and feats.dtype == torch.float32
-    torch.testing.assert_close(feats.norm(dim=1), torch.ones(6))
+    # Raw embeddings (the paper's FID features): not unit vectors.
+    assert not torch.allclose(feats.norm(dim=1), torch.ones(6), atol=1e-3)
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
-    manual = model.encode_image(((images.repeat(1, 3, 1, 1) + 1) / 2 - mean) / std, normalize=True)
+    manual = model.encode_image(((images.repeat(1, 3, 1, 1) + 1) / 2 - mean) / std, normalize=False)
     torch.testing.assert_close(feats, manual.detach(), rtol=1e-5, atol=1e-5)
+    assert ext.id.endswith(":clip_raw")
+    from src.metrics.clip import FID_FEATURES, LEGACY_FID_FEATURES
+    from src.ranking import aggregate
+
+    # The ranking repeats the names (it must not import torch); they must stay equal.
+    assert (aggregate.FID_FEATURES, aggregate.LEGACY_FID_FEATURES) == (FID_FEATURES, LEGACY_FID_FEATURES)
     torch.testing.assert_close(ext.image_features(images.repeat(1, 3, 1, 1)), feats)
     assert ext.image_features(_digits(2)[:, :, ::2, ::2]).shape == (2, 32)  # 8x8 input is resized to 16
     text = ext.text_features(["a photo of a zero", "a photo of a one"])
     assert text.shape == (2, 32)
+    # The CLIP score stays the cosine of the normalised embeddings, whatever the features' scale.
+    normed = torch.nn.functional.normalize(manual.detach()[:2], dim=1)
+    torch.testing.assert_close(clip_score(feats[:2], text), (normed * text).sum(1), rtol=1e-5, atol=1e-6)
     tokens = open_clip.get_tokenizer(TINY_CLIP)(["a photo of a zero"])
     torch.testing.assert_close(text[:1], model.encode_text(tokens, normalize=True).detach())
 
@@ -177,6 +225,22 @@ def test_reference_features_are_computed_once_and_cached(tmp_path):
     np.testing.assert_array_equal(again.sigma, ref.sigma)
     other = reference_features("toy", "shapes/test", [images[:10], images[10:20]], extractor, tmp_path)
     assert other.path != ref.path and other.n == 20
+
+
+def test_reference_cache_of_the_former_normalised_features_is_never_reused(tiny_clip_file, tmp_path):
+    """The cache key holds the feature definition: statistics cached under the old id (L2-normalised features)
+    are not found for the raw-feature extractor, which computes its own."""
+    from src.metrics import reference_path
+
+    ext = ClipFeatureExtractor(TINY_CLIP, tiny_clip_file[0])
+    old_id = ext.id.rsplit(":", 1)[0]  # the id before the feature definition was part of it
+    unit = lambda x: torch.nn.functional.normalize(ext.image_features(x), dim=1)  # noqa: E731
+    old = reference_features(old_id, "digits/test", _digits(20), unit, tmp_path)
+    assert reference_path(ext.id, "digits/test", tmp_path) != old.path
+    new = reference_features(ext.id, "digits/test", _digits(20), ext, tmp_path)
+    assert new.path != old.path
+    np.testing.assert_allclose(new.features, ext.image_features(_digits(20)).numpy())
+    assert not np.allclose(np.linalg.norm(new.features, axis=1), 1.0, atol=1e-3)
 
 
 # ---- Inception extractor --------------------------------------------------------------------------

@@ -85,13 +85,19 @@ def test_hand_worked_fronts_and_averages(hand_sweep):
         ("A", 50, 1.0): 3, ("B", 50, 1.0): 1, ("C", 50, 1.0): 2,
         ("A", 50, 5.0): 1, ("B", 50, 5.0): 1,
     }
-    table = average_ranks(ranked, setting_groups(ranked))
+    table = average_ranks(ranked, setting_groups(ranked, "all"))
     assert list(table.index) == ["B", "A", "C"]  # sorted by the average over all settings
     np.testing.assert_allclose(table.loc["A", ["all", "5 steps", "50 steps"]].to_numpy(float), [5 / 3, 1, 2])
     np.testing.assert_allclose(table.loc["B", ["all", "5 steps", "50 steps"]].to_numpy(float), [4 / 3, 2, 1])
     np.testing.assert_allclose(table.loc["C", ["all", "5 steps", "50 steps"]].to_numpy(float), [2.5, 3, 2])
     assert table.loc["C", ["n all", "n 5 steps", "n 50 steps"]].tolist() == [2, 1, 1]
     assert table.loc["A", ["n all", "n 5 steps", "n 50 steps"]].tolist() == [3, 1, 2]
+    # Share of settings on the first front: A is first at 5 steps and at 50 steps cfg 5.0, not at cfg 1.0.
+    assert table.loc["A", ["P(front 1) all", "P(front 1) 5 steps", "P(front 1) 50 steps"]].tolist() == [2 / 3, 1, 0.5]
+    # Default 50-step column: CFG 5.0 only (the 5-step column's scale); C has no such setting.
+    default = average_ranks(ranked, setting_groups(ranked))
+    assert default.loc["A", "50 steps"] == 1 and default.loc["B", "50 steps"] == 1
+    assert np.isnan(default.loc["C", "50 steps"]) and default.loc["C", "n 50 steps"] == 0
 
 
 def test_fifty_step_column_is_configurable(hand_sweep):
@@ -100,7 +106,10 @@ def test_fifty_step_column_is_configurable(hand_sweep):
     assert table.loc["A", "50 steps"] == 1 and table.loc["B", "50 steps"] == 1
     assert np.isnan(table.loc["C", "50 steps"]) and table.loc["C", "n 50 steps"] == 0
     assert "CFG 5.0, chosen" in describe_fifty_step(ranked, [5.0])
-    assert "CFG 1.0, 5.0, all 50-step settings (default)" in describe_fifty_step(ranked, None)
+    assert "CFG 5.0, the default: the paper's 50-step averages are multiples of 0.25" in describe_fifty_step(ranked, None)
+    assert "CFG 1.0, 5.0, all 50-step settings (--fifty-step-cfg all)" in describe_fifty_step(ranked, "all")
+    with pytest.raises(ValueError, match="'every'"):
+        setting_groups(ranked, fifty_step_cfg="every")
     with pytest.raises(ValueError, match=r"no 50-step setting has CFG scale \[7.0\]; the sweep has \[1.0, 5.0\]"):
         setting_groups(ranked, fifty_step_cfg=[7.0])
     with pytest.raises(ValueError, match="finite"):
@@ -147,8 +156,11 @@ def test_synthetic_sweep_with_missing_setting_and_failed_job(tmp_path):
     ranked = rank_table(sweep.records)
     assert len(control_settings(ranked)) == 24 and ranked["recipe"].nunique() == 3
     assert missing_settings(ranked) == {"eps/linear": ["shapes, 5 steps, cfg 5.0, raw"]}
-    table = average_ranks(ranked, setting_groups(ranked))
+    table = average_ranks(ranked, setting_groups(ranked, "all"))
     assert table.loc["eps/linear", ["n all", "n 5 steps", "n 50 steps"]].tolist() == [23, 3, 12]
     assert table.loc["rf/lognorm(0.00, 1.00)", ["n all", "n 5 steps", "n 50 steps"]].tolist() == [24, 4, 12]
+    # The default 50-step column: CFG 5.0 x EMA/raw x two datasets = 4 settings, as in the paper.
+    default = average_ranks(ranked, setting_groups(ranked))
+    assert default.loc["rf/lognorm(0.00, 1.00)", "n 50 steps"] == 4
     # Paths in records are made absolute, relative ones resolved against the run directory.
     assert all(p.startswith(str(tmp_path)) for p in ranked["reference_arrays"])

@@ -1,15 +1,14 @@
-"""Bootstrap of evaluation samples: Frechet distance, resampled moments, paired draws, separability."""
+"""Bootstrap of evaluation samples: Frechet distance, resampled moments, paired draws, separability (training-seed
+resampling: tests/test_ranking_seeds.py)."""
 import json
 
 import numpy as np
 import pytest
 from scipy import linalg
 
-from src.ranking.aggregate import load_sweep, rank_table, setting_groups
-from src.ranking.bootstrap import (
-    bootstrap_metrics, bootstrap_ranks, frechet_distance, frechet_from_features, inseparable_pairs, prob_better,
-    resampled_moments,
-)
+from src.metrics.frechet import fid_from_features, frechet_distance
+from src.ranking.aggregate import load_sweep, pool_seeds, rank_table, setting_groups
+from src.ranking.bootstrap import bootstrap_metrics, bootstrap_ranks, inseparable_pairs, prob_better, resampled_moments
 from src.ranking.synthetic import write_synthetic_sweep
 
 RECIPES = ("good", "twin-a", "twin-b")
@@ -26,17 +25,17 @@ def test_frechet_matches_scipy_sqrtm():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(40, 5)) @ rng.normal(size=(5, 5))
     b = rng.normal(0.5, 1.3, size=(60, 5))
-    assert frechet_from_features(a, b) == pytest.approx(scipy_fid(a, b), rel=1e-8)
-    assert frechet_from_features(a, a) == pytest.approx(0.0, abs=1e-9)
+    assert fid_from_features(a, b) == pytest.approx(scipy_fid(a, b), rel=1e-8)
+    assert fid_from_features(a, a) == pytest.approx(0.0, abs=1e-9)
 
 
-@pytest.mark.slow  # importing src.metrics pulls in torch and open_clip (about 6 s of CPU)
-def test_frechet_agrees_with_project_metric():
-    from src.metrics import fid_from_features
+def test_bootstrap_uses_the_metric_frechet_distance():
+    """One Frechet distance: the bootstrap's is the evaluation's (src/metrics/frechet.py), not a copy."""
+    import src.metrics.frechet as metric
+    import src.ranking.bootstrap as bootstrap
 
-    rng = np.random.default_rng(1)
-    a, b = rng.normal(size=(50, 6)), rng.normal(0.3, 1.1, size=(70, 6))
-    assert frechet_from_features(a, b) == pytest.approx(float(fid_from_features(a, b)), rel=1e-5)
+    assert bootstrap.frechet_distance is metric.frechet_distance
+    assert not hasattr(bootstrap, "frechet_from_features") and not hasattr(bootstrap, "_check_consistency")
 
 
 def test_resampled_moments_equal_moments_of_repeated_rows():
@@ -65,9 +64,14 @@ def twin_sweep(tmp_path):
     return sweep
 
 
+def _boot(sweep, **kwargs):
+    records = load_sweep([sweep]).records
+    ranked = rank_table(pool_seeds(records))
+    return bootstrap_ranks(records, ranked, setting_groups(ranked), **kwargs)
+
+
 def test_identical_recipes_cannot_be_separated_and_a_dominant_one_can(twin_sweep):
-    ranked = rank_table(load_sweep([twin_sweep]).records)
-    boot = bootstrap_ranks(ranked, setting_groups(ranked), draws=60, seed=0)
+    boot = _boot(twin_sweep, draws=60, seed=0)
     # Paired draws: the twins get identical resampled metrics in every draw, hence always tie.
     np.testing.assert_array_equal(boot.draws["all"][:, 1], boot.draws["all"][:, 2])
     p = boot.prob_better["all"]
@@ -76,7 +80,9 @@ def test_identical_recipes_cannot_be_separated_and_a_dominant_one_can(twin_sweep
     assert inseparable_pairs(p, 0.95, ["good", "twin-a", "twin-b"]) == [("twin-a", "twin-b", 0.5)]
     lo, hi = boot.intervals.loc["good", "all lo"], boot.intervals.loc["good", "all hi"]
     assert lo == hi == 1.0
-    assert not boot.metrics.fixed and not boot.metrics.inconsistent
+    assert boot.first_front.loc["good", "P(front 1) all"] == 1.0
+    assert boot.first_front.loc["twin-a", "P(front 1) all"] == boot.first_front.loc["twin-b", "P(front 1) all"] < 0.5
+    assert not boot.metrics.fixed
 
 
 def test_draws_are_reproducible_and_depend_on_seed(twin_sweep):
@@ -89,16 +95,16 @@ def test_draws_are_reproducible_and_depend_on_seed(twin_sweep):
     assert np.all(np.median(first.fid, 0) < 3 * records["fid_clip"].to_numpy() + 1)
 
 
-def test_records_without_arrays_stay_fixed_and_inconsistent_ones_are_flagged(twin_sweep):
+def test_records_without_arrays_stay_fixed(twin_sweep):
     results = twin_sweep / "0" / "results.json"
     recs = json.loads(results.read_text())
     recs[0]["arrays"] = None
-    recs[1]["fid_clip"] *= 1.1
     results.write_text(json.dumps(recs))
     records = load_sweep([twin_sweep]).records
     draws = bootstrap_metrics(records, 5, seed=0)
     assert list(draws.fixed) == [0] and np.all(draws.fid[:, 0] == recs[0]["fid_clip"])
-    assert list(draws.inconsistent) == [1] and "fid_clip" in draws.inconsistent[1]
+    assert "no arrays" in draws.fixed[0]
+    assert not np.all(draws.fid[:, 1] == recs[1]["fid_clip"])  # the others are resampled
 
 
 def test_prob_better_counts_ties_half():
@@ -111,9 +117,8 @@ def test_prob_better_counts_ties_half():
 @pytest.mark.parametrize("kwargs, message", [({"draws": 0}, "positive"), ({"confidence": 1.0}, "confidence"),
                                              ({"separation": 0.4}, "separation")])
 def test_bad_bootstrap_settings_raise(twin_sweep, kwargs, message):
-    ranked = rank_table(load_sweep([twin_sweep]).records)
     with pytest.raises(ValueError, match=message):
-        bootstrap_ranks(ranked, setting_groups(ranked), **{"draws": 4, **kwargs})
+        _boot(twin_sweep, **{"draws": 4, **kwargs})
 
 
 def test_reloading_features_over_the_memory_budget_gives_the_same_draws(twin_sweep, monkeypatch):

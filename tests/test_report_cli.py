@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from src.ranking.aggregate import average_ranks, load_sweep, rank_table, setting_groups
+from src.ranking.aggregate import average_ranks, load_sweep, pool_seeds, rank_table, setting_groups
 from src.ranking.report import build_report, latest_sweep, main, markdown
 from src.ranking.synthetic import write_synthetic_sweep
 from src.ranking.tables import parse_markdown_table
@@ -48,18 +48,20 @@ def test_report_files_exist(report_run):
     for name in ("pareto_fronts.png", "average_ranks.png", "metrics_vs_steps.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3 and "<table>" in html
+    assert html.count("data:image/png;base64,") == 3 and "<table" in html
     assert not list(out.glob(".*tmp"))  # no temp files left behind
 
 
 def test_markdown_table_parses_back_to_the_averages(report_run, sweep):
     out, _ = report_run
     rows = parse_markdown_table((out / "report.md").read_text())
-    ranked = rank_table(load_sweep([sweep]).records)
+    ranked = rank_table(pool_seeds(load_sweep([sweep]).records))
     expected = average_ranks(ranked, setting_groups(ranked))
     assert [r["recipe"].rstrip(" *") for r in rows] == list(expected.index)  # sorted by average over all settings
-    assert list(rows[0]) == ["recipe", "all (n=12)", "5 steps (n=2)", "50 steps (n=6)", "paper all", "paper 5 steps",
+    assert list(rows[0]) == ["recipe", "all (n=12)", "5 steps (n=2)", "50 steps (n=2)", "P(front 1) all",
+                             "P(front 1) 5 steps", "P(front 1) 50 steps", "seeds", "paper all", "paper 5 steps",
                              "paper 50 steps"]
+    assert all(r["seeds"] == "1" for r in rows)  # one run per recipe: one seed each, none marked
     for row in rows:
         recipe = row["recipe"].rstrip(" *")
         value, interval = row["all (n=12)"].split(" [", 1)
@@ -83,9 +85,11 @@ def test_csv_matches_and_report_states_partial_sweep(report_run):
     for needle in ("PARTIAL SWEEP", "1 failed, 1 running or killed", "eps/linear lacks 1 of 12 settings: "
                    "digits, 5 steps, cfg 5.0, EMA", "FloatingPointError: loss is NaN",
                    "loss='v/cos' data=digits | running or killed", "Spearman correlation",
-                   "50 steps column: the 50-step settings at CFG 1.0, 2.5, 5.0, all 50-step settings (default)",
-                   "paper Table 2 form", "percentile interval over 30 paired bootstrap draws",
-                   "evaluation sampling noise only"):
+                   "50 steps column: the 50-step settings at CFG 5.0, the default: the paper's 50-step averages",
+                   "(2 settings: digits x 50 steps, cfg 5.0 x EMA, raw)", "5 steps column: 2 settings: digits x 5 steps,"
+                   " cfg 5.0 x EMA, raw", "paper Table 2 form", "percentile interval over 30 bootstrap draws",
+                   "so the intervals include training-seed variance", "Seeds: every entry has 1 training seed.",
+                   "FID features: raw (un-normalised) CLIP image embeddings"):
         assert needle in text, needle
     assert "PARTIAL SWEEP" in terminal and "| recipe | all (n=12)" in terminal
 
@@ -138,7 +142,7 @@ def test_inseparable_recipes_are_listed(tmp_path):
         rec_b.update(clip_score=rec_a["clip_score"], fid_clip=rec_a["fid_clip"], arrays=f"../1/{rec_a['arrays']}")
     (sweep / "2" / "results.json").write_text(json.dumps(b))
     text = markdown(build_report([sweep], draws=20))
-    assert "1 pair of recipes cannot be separated" in text
+    assert "1 pair of entries cannot be separated" in text
     rows = parse_markdown_table(text.split("## Recipes the data cannot separate (all settings)")[1])
     assert rows == [{"recipe": "twin-a", "cannot be separated from (P(recipe ranks better))": "twin-b (0.50)"},
                     {"recipe": "twin-b", "cannot be separated from (P(recipe ranks better))": "twin-a (0.50)"}]

@@ -166,19 +166,38 @@ def test_plan_totals_and_gpu_hours():
 
 
 def test_plan_status_reads_run_directories(tmp_path):
-    overrides = ["loss=rf,edm,eps_linear", "model=dit", f"paths.root_dir={tmp_path}",
-                 "eval.settings=[{steps: 2, cfg: 1.0}]", "eval.ema=[true]", *FAKE_SHARDS]
+    import torch
+
+    from src.evaluation.run import wanted_for
+
+    overrides = ["loss=rf,edm,eps_linear,v_cos", "model=dit", f"paths.root_dir={tmp_path}",
+                 "eval.settings=[{steps: 2, cfg: 1.0}]", "eval.ema=[true]", "train.max_steps=5", *FAKE_SHARDS]
     jobs = plan.plan_sweep(overrides).jobs
-    rf, edm, eps = (j.run_dir for j in jobs)
+    rf, edm, eps, v = (j.run_dir for j in jobs)
     (rf / "checkpoints").mkdir(parents=True)
-    (rf / "checkpoints" / "last.ckpt").write_bytes(b"")
+    torch.save({"global_step": 3}, rf / "checkpoints" / "last.ckpt")  # training interrupted at step 3 of 5
     edm.mkdir(parents=True)
     (edm / "error.json").write_text("{}")
-    eps.mkdir(parents=True)
-    (eps / "results.json").write_text(json.dumps([{"steps": 2, "cfg": 1.0, "ema": True}]))
+    (eps / "checkpoints").mkdir(parents=True)
+    torch.save({"global_step": 5}, eps / "checkpoints" / "last.ckpt")  # trained
+    (eps / "eval").mkdir()
+    (eps / "eval" / "a.npz").write_bytes(b"")
+    with plan._hydra_context():
+        eps_cfg = plan._compose(jobs[2].overrides)
+        [wanted] = wanted_for(eps_cfg)
+    record = {**wanted, "arrays": "eval/a.npz", "clip_score": 0.2, "fid_clip": 1.0}
+    (eps / "results.json").write_text(json.dumps([record]))
+    v.mkdir(parents=True)
     p = plan.plan_sweep(overrides)
-    assert [j.status for j in p.jobs] == ["started", "failed", "done"]
-    assert "3 jobs (2 to run; done: 1)" in plan.render(p)
+    assert [j.status for j in p.jobs] == ["resume", "failed", "done", "to train"]
+    assert "4 jobs (3 to run; done: 1)" in plan.render(p)
+    # Another evaluation setting: the finished run is to be evaluated, not done (and not retrained).
+    for key in ("eval.n_samples=7", "eval.seed=5", "eval.shift=3.0", "eval.checkpoint=last", "eval.ema=[true,false]",
+                "eval.settings=[{steps: 3, cfg: 1.0}]"):
+        assert plan.plan_sweep([*overrides, key]).jobs[2].status == "to evaluate", key
+    # A record whose arrays are gone does not count.
+    (eps / "eval" / "a.npz").unlink()
+    assert plan.plan_sweep(overrides).jobs[2].status == "to evaluate"
 
 
 def test_plan_cli_launches_nothing(tmp_path, capsys):
@@ -243,22 +262,38 @@ def test_learning_rate_sweep_runs_each_value_in_its_own_directory_and_ranks_them
     # The same command again: both runs are found complete and skipped.
     out = subprocess.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True,
                          env=env, timeout=600)
-    assert out.returncode == 0 and (out.stdout + out.stderr).count("results complete, nothing to do") == 2
+    assert out.returncode == 0 and (out.stdout + out.stderr).count("complete already, skipped") == 2
+    # Another evaluation setting: both runs are evaluated again, not retrained, and the old records stay.
+    checkpoint = (sweep / "optim.lr=0.0001" / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    out = subprocess.run([sys.executable, "-m", "src.run", *args, "eval.n_samples=3"], cwd=ROOT, capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (out.stdout + out.stderr).count("results for eval.n_samples=3 missing: evaluating, training is done") == 2
+    assert (sweep / "optim.lr=0.0001" / "checkpoints" / "last.ckpt").stat().st_mtime_ns == checkpoint
+    records = json.loads((sweep / "optim.lr=0.0001" / "results.json").read_text())
+    assert sorted(r["n_samples"] for r in records) == [3, 4]
 
 
-@pytest.mark.parametrize("model, tag, name", [
-    ("src.models.MMDiT", "", "rf"),
-    ("src.models.DiT", "", "rf [DiT]"),  # the backbone sweep
-    ("src.models.MMDiT", "/optim.lr=0.0001", "rf [optim.lr=0.0001]"),
-    ("src.models.DiT", "/optim.lr=0.0001", "rf [DiT, optim.lr=0.0001]"),
-    ("src.models.DiT", "/model=dit,seed=1", "rf [model=dit,seed=1]"),  # the tag names the backbone already
+@pytest.mark.parametrize("model, tag, sampler, name", [
+    ("src.models.MMDiT", "", "rf_time", "rf"),
+    ("src.models.DiT", "", "rf_time", "rf [DiT]"),  # the backbone sweep
+    ("src.models.MMDiT", "/optim.lr=0.0001", "rf_time", "rf [optim.lr=0.0001]"),
+    ("src.models.DiT", "/optim.lr=0.0001", "rf_time", "rf [DiT, optim.lr=0.0001]"),
+    ("src.models.DiT", "/model=dit,seed=1", "rf_time", "rf [model=dit]"),  # the tag names the backbone already
+    ("src.models.MMDiT", "/seed=2", "rf_time", "rf"),  # training seeds pool as replicates of one entry
+    ("src.models.MMDiT", "/sampler=native", "native", "rf [sampler=native]"),
+    ("src.models.MMDiT", "", "native", "rf [sampler=native]"),  # evaluated with another sampler
 ])
-def test_ranked_names_qualify_the_recipe(model, tag, name):
+def test_ranked_names_are_built_from_the_records_fields(model, tag, sampler, name):
     from omegaconf import OmegaConf
 
-    from src.evaluation.callback import ranked_name
+    from src.results import entry_name, run_fields
 
-    assert ranked_name("rf", OmegaConf.create({"model": {"_target_": model}, "run_tag": tag})) == name
+    cfg = OmegaConf.create({"model": {"_target_": model}, "run_tag": tag, "data": {"name": "digits"}, "seed": 0})
+    record = {"recipe": "rf", **run_fields(cfg), "sampler": sampler}
+    assert entry_name(record) == name
+    if "seed" in tag:
+        assert entry_name(record, drop=()).endswith("seed=" + tag.rsplit("=", 1)[1] + "]")
 
 
 @pytest.mark.parametrize("command", [

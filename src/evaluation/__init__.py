@@ -1,20 +1,18 @@
-"""Plain evaluation of trained backbones (docs/evaluation.md#evaluation-protocol): sampler settings, metrics, results records."""
+"""Plain evaluation of trained backbones (SPEC 7): sampler settings, metrics; the records live in src.results."""
 
 from src.evaluation.evaluate import PAPER_SETTINGS, EvalPrompts, SamplerSetting, evaluate_backbone
-from src.evaluation.records import (
-    RECORD_KEY,
+from src.results import (
     RESULTS_FILE,
     Record,
     find_record,
     merge_results,
     read_results,
-    record_key,
+    record_identity,
     write_results,
 )
 
 __all__ = [
     "PAPER_SETTINGS",
-    "RECORD_KEY",
     "RESULTS_FILE",
     "EvalPrompts",
     "Record",
@@ -23,6 +21,6 @@ __all__ = [
     "find_record",
     "merge_results",
     "read_results",
-    "record_key",
+    "record_identity",
     "write_results",
 ]

@@ -9,6 +9,8 @@ interrupted evaluation resumes where it stopped.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import logging
 import math
 import os
@@ -21,25 +23,23 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
-from torchvision.utils import save_image
 
+from src.evaluation.grids import save_labelled_grid
 from src.formulations.base import Formulation
 from src.metrics.clip import clip_score
-from src.utils.io import atomic_write, save_npz
 from src.metrics.frechet import feature_statistics, frechet_distance
 from src.metrics.reference import ReferenceFeatures
-from src.evaluation.records import Record, find_record, merge_results, read_results
+from src.results import (
+    DEFAULT_SAMPLER, FID_FEATURES, Record, _num, merge_results, missing_records, read_results, record_identity,
+    run_fields, setting_label,
+)
 from src.sampling import initial_noise, sample
+from src.utils.io import save_npz
 
 log = logging.getLogger(__name__)
 
 GRID_SAMPLES = 64
 EVAL_SUBDIR = "eval"
-
-
-def _num(x: float) -> str:
-    """At least one decimal (5.0, 2.5), more only where needed (7.25)."""
-    return f"{x:.1f}" if round(x, 1) == x else f"{x:g}"
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,7 @@ class SamplerSetting:
     @property
     def label(self) -> str:
         """e.g. "50 steps, cfg 5.0" (", shift 3.0" appended when shifted)."""
-        text = f"{self.steps} steps, cfg {_num(self.cfg)}"
-        return text if self.shift == 1.0 else f"{text}, shift {_num(self.shift)}"
+        return setting_label(self.steps, self.cfg, self.shift)
 
 
 #: The paper's six settings: 50 steps at CFG 1.0, 2.5, 5.0; 5, 10, 25 steps at CFG 5.0 (section 5.1).
@@ -107,9 +106,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "_", text).strip("_")
 
 
-def _stem(recipe: str, dataset: str, setting: SamplerSetting, ema: bool) -> str:
-    return (f"{_slug(recipe)}__{_slug(dataset)}__{'ema' if ema else 'raw'}__"
-            f"{setting.steps}steps_cfg{_num(setting.cfg)}_shift{_num(setting.shift)}")
+def _stem(record: Mapping[str, Any]) -> str:
+    """File name stem of a record's arrays and grid: readable settings, then a digest of its whole identity, so
+    records kept apart by other settings (n_samples, eval seed, extractor, ...) never share a file."""
+    digest = hashlib.sha1(repr(record_identity(record)).encode()).hexdigest()[:8]
+    return (f"{_slug(record['recipe'])}__{_slug(record['dataset'])}__{'ema' if record['ema'] else 'raw'}__"
+            f"{record['steps']}steps_cfg{_num(record['cfg'])}_shift{_num(record['shift'])}__{digest}")
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -139,7 +141,8 @@ def _eval_mode(backbone: Any) -> Iterator[None]:
             backbone.train()
 
 
-def _base_fields(formulation: Formulation, base_record: Mapping[str, Any]) -> dict[str, Any]:
+def _base_fields(formulation: Formulation, base_record: Mapping[str, Any], extractor: Any) -> dict[str, Any]:
+    """The fields every record of this call shares; settings not given take the defaults of a plain evaluation."""
     if "dataset" not in base_record:
         raise ValueError(f"base_record needs 'dataset' (the evaluation set's name); got keys {sorted(base_record)}")
     return {
@@ -147,22 +150,16 @@ def _base_fields(formulation: Formulation, base_record: Mapping[str, Any]) -> di
         "family": base_record.get("family", formulation.family),
         "params": dict(base_record.get("params", formulation.params())),
         "dataset": str(base_record["dataset"]),
+        "tags": dict(base_record.get("tags", {})),
+        "train_seed": base_record.get("train_seed"),
+        "backbone": base_record.get("backbone", run_fields({})["backbone"]),
+        "sampler": str(base_record.get("sampler", DEFAULT_SAMPLER)),
+        "feature_extractor": base_record.get("feature_extractor", getattr(extractor, "id", type(extractor).__name__)),
+        "fid_features": FID_FEATURES,
+        "checkpoint": str(base_record.get("checkpoint", "best")),
         "checkpoint_step": base_record.get("checkpoint_step"),
         "config": dict(base_record.get("config", {})),
     }
-
-
-def _is_complete(rec: Mapping[str, Any], out_dir: Path, n_samples: int, seed: int, base: Mapping[str, Any],
-                 reference: ReferenceFeatures, inception: Any) -> bool:
-    """A record counts as done if it used the same samples, checkpoint and reference and its arrays exist."""
-    return (
-        rec.get("n_samples") == n_samples
-        and rec.get("seed") == seed
-        and rec.get("checkpoint_step") == base["checkpoint_step"]
-        and rec.get("n_reference") == reference.n
-        and bool(rec.get("arrays")) and (out_dir / rec["arrays"]).is_file()
-        and (inception is None or rec.get("fid_inception") is not None)
-    )
 
 
 def _text_features(extractor: Any, prompts: EvalPrompts, n: int, batch: int = 256) -> Tensor:
@@ -171,18 +168,29 @@ def _text_features(extractor: Any, prompts: EvalPrompts, n: int, batch: int = 25
     return torch.cat([extractor.text_features(captions[i : i + batch]) for i in range(0, len(captions), batch)])
 
 
+def sampler_kwargs(sampler: str) -> dict[str, str]:
+    """{"sampler": name} when src.sampling.sample takes a sampler argument; {} for the default sampler otherwise."""
+    if "sampler" in inspect.signature(sample).parameters:
+        return {"sampler": sampler}
+    if sampler != DEFAULT_SAMPLER:
+        raise ValueError(f"sampler={sampler}: this version of src.sampling.sample has only {DEFAULT_SAMPLER!r}")
+    return {}
+
+
 def _generate(backbone, formulation, prompts: EvalPrompts, setting: SamplerSetting, extractor, inception,
-              n: int, seed: int, batch_size: int, decode, device) -> tuple[Tensor, Tensor | None, Tensor]:
+              n: int, seed: int, batch_size: int, decode, device,
+              sampler: str = DEFAULT_SAMPLER) -> tuple[Tensor, Tensor | None, Tensor]:
     """Sample n images in batches; returns CLIP features (n, d), Inception features or None, the grid images."""
     feats, inc_feats, grid = [], [], []
     n_prompts = len(prompts.captions)
+    extra = sampler_kwargs(sampler)
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         idx = torch.arange(start, stop) % n_prompts
         noise = initial_noise(stop - start, prompts.latent_shape, seed, start=start).to(device)
         context = prompts.context[idx].to(device=device, dtype=torch.float32)
         pooled = prompts.pooled[idx].to(device=device, dtype=torch.float32)
-        x0 = sample(backbone, formulation, noise, context, pooled, setting.steps, setting.cfg, setting.shift)
+        x0 = sample(backbone, formulation, noise, context, pooled, setting.steps, setting.cfg, setting.shift, **extra)
         with torch.no_grad():
             images = decode(x0).float().clamp(-1.0, 1.0)
         feats.append(extractor.image_features(images).float().cpu())
@@ -194,9 +202,16 @@ def _generate(backbone, formulation, prompts: EvalPrompts, setting: SamplerSetti
     return torch.cat(feats), (torch.cat(inc_feats) if inception is not None else None), torch.cat(grid)
 
 
-def _save_grid(images: Tensor, path: Path) -> None:
-    """PNG grid, 8 per row, of images in [-1, 1]; written atomically."""
-    atomic_write(path, lambda f: save_image((images + 1) / 2, f, nrow=8, format="png"))
+def sample_prompts(prompts: EvalPrompts, n: int) -> list[str]:
+    """The caption of each of n samples (sample k is prompted with caption k % N)."""
+    return [prompts.captions[k % len(prompts.captions)] for k in range(n)]
+
+
+def _save_grid(images: Tensor, path: Path, prompts: Sequence[str] | None = None) -> None:
+    """PNG grid, 8 per row, of images in [-1, 1], each cell enlarged and labelled with its prompt; atomic."""
+    if prompts is not None and len(prompts) != len(images):
+        raise ValueError(f"_save_grid: {len(images)} images but {len(prompts)} prompts")
+    save_labelled_grid(images, prompts, path)
 
 
 def _fid(features: Tensor, reference: ReferenceFeatures) -> float:
@@ -218,6 +233,7 @@ def evaluate_backbone(
     base_record: Mapping[str, Any],
     reference: ReferenceFeatures,
     inception: tuple[Any, ReferenceFeatures] | None = None,
+    progress: Callable[[SamplerSetting, float], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate one backbone at each sampler setting; returns one record per setting (docs/evaluation.md#results-records).
 
@@ -226,46 +242,56 @@ def evaluate_backbone(
     images' features from that extractor. inception: (InceptionFeatureExtractor, its ReferenceFeatures) or None.
     decode: normalised latents -> pixels in [-1, 1]. out_dir is the run directory holding results.json.
     settings: SamplerSettings or mappings {steps, cfg[, shift]}. For bf16 on a GPU, call it under torch.autocast.
+    base_record: dataset, and optionally the run's other record fields (recipe, tags, train_seed, backbone,
+    sampler, feature_extractor, checkpoint, checkpoint_step, config). A setting whose record is already in
+    results.json with exactly these settings (src.results.missing_records) is not sampled again.
+    progress(setting, seconds) is called after each setting sampled.
     """
     for name, value, low in (("n_samples", n_samples, 2), ("batch_size", batch_size, 1), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"evaluate_backbone: {name}={value!r} must be an integer >= {low}")
     settings = [s if isinstance(s, SamplerSetting) else SamplerSetting(**s) for s in settings]
     prompts = EvalPrompts.from_any(eval_set)
-    base = _base_fields(formulation, base_record)
+    base = _base_fields(formulation, base_record, extractor)
+    sampler_kwargs(base["sampler"])  # an unknown sampler fails before any sampling
     out_dir = Path(out_dir)
     device = _device_of(backbone, prompts.context.device)
     existing = read_results(out_dir)
     text_features, results = None, []
     with _eval_mode(backbone):
         for setting in settings:
-            key = (base["recipe"], base["dataset"], setting.label, bool(ema))
-            done = find_record(existing, key)
-            if done is not None and _is_complete(done, out_dir, n_samples, seed, base, reference, inception):
-                log.info("skip %s: %s, %s (complete in results.json)", *key[:3])
-                results.append(done)
+            wanted = {**base, "setting": setting.label, "steps": setting.steps, "cfg": float(setting.cfg),
+                      "shift": float(setting.shift), "ema": bool(ema), "n_samples": n_samples, "eval_seed": seed}
+            if not missing_records(existing, [wanted], out_dir, need_inception=inception is not None):
+                log.info("skip %s: %s, %s (complete in results.json)", base["recipe"], base["dataset"], setting.label)
+                results.append(next(r for r in reversed(existing) if record_identity(r) == record_identity(wanted)))
                 continue
             started = time.perf_counter()
             if text_features is None:
                 text_features = _text_features(extractor, prompts, n_samples)
             feats, inc_feats, grid = _generate(backbone, formulation, prompts, setting, extractor, inception,
-                                               n_samples, seed, batch_size, decode, device)
+                                               n_samples, seed, batch_size, decode, device, base["sampler"])
             scores = clip_score(feats, text_features[torch.arange(n_samples) % len(text_features)])
-            stem = _stem(base["recipe"], base["dataset"], setting, ema)
+            stem = _stem(wanted)
             arrays = out_dir / EVAL_SUBDIR / f"{stem}.npz"
+            captions = sample_prompts(prompts, n_samples)
             extra = {} if inc_feats is None else {"inception_features": inc_feats.numpy()}
-            save_npz(arrays, clip_scores=scores.numpy(), features=feats.numpy(), **extra)
-            _save_grid(grid, out_dir / EVAL_SUBDIR / f"{stem}.png")
+            # The grid's samples themselves ride along for the report's sample sheets (src/ranking/samples.py).
+            save_npz(arrays, clip_scores=scores.numpy(), features=feats.numpy(), prompts=captions,
+                     grid=grid.float().numpy(), **extra)
+            _save_grid(grid, out_dir / EVAL_SUBDIR / f"{stem}.png", captions[: len(grid)])
             record = Record(
-                recipe=base["recipe"], family=base["family"], params=base["params"], dataset=base["dataset"],
-                setting=setting.label, steps=setting.steps, cfg=float(setting.cfg), shift=float(setting.shift),
-                ema=bool(ema), clip_score=float(scores.double().mean()), fid_clip=_fid(feats, reference),
+                **{k: v for k, v in wanted.items() if k not in ("checkpoint_step", "config")},
+                clip_score=float(scores.double().mean()), fid_clip=_fid(feats, reference),
                 fid_inception=None if inc_feats is None else _fid(inc_feats, inception[1]),
-                n_samples=n_samples, n_reference=reference.n, seed=seed, checkpoint_step=base["checkpoint_step"],
+                n_reference=reference.n, checkpoint_step=base["checkpoint_step"],
                 arrays=_rel(arrays, out_dir), reference_arrays=_rel(reference.path, out_dir), config=base["config"],
             ).to_dict()
             merge_results(out_dir, [record])
             results.append(record)
-            log.info("%s: %s, %s: clip_score %s, fid_clip %s (%.1f s)", *key[:3], record["clip_score"],
-                     record["fid_clip"], time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            log.info("%s: %s, %s: clip_score %s, fid_clip %s (%.1f s)", base["recipe"], base["dataset"],
+                     setting.label, record["clip_score"], record["fid_clip"], seconds)
+            if progress is not None:
+                progress(setting, seconds)
     return results

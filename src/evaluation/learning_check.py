@@ -20,8 +20,8 @@ from omegaconf import OmegaConf
 
 from src.data.digits import class_captions
 from src.data.shards import decode_latents, load_eval_set
-from src.evaluation.callback import load_clip_extractor
-from src.evaluation.records import read_results
+from src.evaluation.run import backbone_weights, load_clip_extractor, select_checkpoint
+from src.results import read_results
 from src.formulations import from_config
 from src.metrics.frechet import fid_from_features
 from src.sampling import initial_noise, sample
@@ -54,10 +54,8 @@ def learning_check(run_dir: str | Path, n: int = 200, steps: int = 25, cfg_scale
     torch.manual_seed(cfg.seed)  # the same initialisation the run started from
     untrained = hydra.utils.instantiate(cfg.model).eval()
     trained = copy.deepcopy(untrained)
-    ckpt_dir = run_dir / "checkpoints"
-    path = ckpt_dir / "best.ckpt" if (ckpt_dir / "best.ckpt").exists() else ckpt_dir / "last.ckpt"
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    trained.load_state_dict({k[len("ema_backbone."):]: v for k, v in state.items() if k.startswith("ema_backbone.")})
+    state = torch.load(select_checkpoint(run_dir, "best"), map_location="cpu", weights_only=True)["state_dict"]
+    trained.load_state_dict(backbone_weights(state, ema=True))
 
     eval_set = load_eval_set(cfg.data.eval_dir)
     n = min(n, len(eval_set["captions"]))

@@ -141,5 +141,3 @@ def validation_times(formulation: Formulation, levels: int = 8) -> Tensor:
         raise ValueError(f"validation_times: levels={levels!r} is not allowed; levels must be >= 2")
     return formulation.clip_t(torch.linspace(0.0, 1.0, levels, dtype=torch.float32))
 
-
-LOG_2PI = math.log(2 * math.pi)

@@ -45,9 +45,6 @@ class EDMBase(Formulation):
     def b(self, t: Tensor) -> Tensor:
         return self.sigma(t)
 
-    def log_snr(self, t: Tensor) -> Tensor:
-        return -2.0 * torch.log(self.sigma(t))
-
     def _uniform_t(self, n: int, generator: torch.Generator | None) -> Tensor:
         device = generator.device if generator is not None else None
         u = torch.rand(n, generator=generator, dtype=torch.float64, device=device)

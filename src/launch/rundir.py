@@ -56,3 +56,47 @@ def run_dir_lock(run_dir: str | os.PathLike) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+HYDRA_SUBDIR = ".hydra"
+
+
+def save_job_config(run_dir: str | os.PathLike, cfg) -> None:
+    """Write the job's `.hydra/{config,hydra,overrides}.yaml`, as Hydra would, once the job owns run_dir.
+
+    Hydra's own copy (hydra.output_subdir) is off (conf/config.yaml): Hydra writes it before the job runs, so a
+    relaunch that is then refused would overwrite a finished run's record of its configuration.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from src.utils.io import atomic_write_bytes
+
+    if not is_launch_rank_zero():  # the job's other ranks share rank 0's directory
+        return
+    out = Path(run_dir) / HYDRA_SUBDIR
+    hydra_cfg = HydraConfig.instance().cfg  # {"hydra": ...}
+    files = {"config.yaml": cfg, "hydra.yaml": hydra_cfg, "overrides.yaml": hydra_cfg.hydra.overrides.task}
+    for name, node in files.items():
+        atomic_write_bytes(out / name, OmegaConf.to_yaml(node).encode("utf-8"))
+
+
+RUN_LOG = "run.log"
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] %(message)s"  # as conf/hydra/job_logging/console.yaml
+
+
+@contextlib.contextmanager
+def run_log(run_dir: str | os.PathLike) -> Iterator[None]:
+    """Append the job's log (the root logger's records) to `<run dir>/run.log` for the block: only once the job
+    owns the directory, so a refused job adds nothing to a finished run's log."""
+    import logging
+
+    handler = logging.FileHandler(Path(run_dir) / RUN_LOG)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()

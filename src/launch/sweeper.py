@@ -58,4 +58,10 @@ class TaggingSweeper(BasicSweeper):
     """BasicSweeper whose jobs carry `run_tag`; selected by conf/hydra/sweeper/tagging.yaml."""
 
     def split_arguments(self, overrides: list[Override], max_batch_size: int | None) -> list[list[list[str]]]:
-        return split_tagged(overrides, max_batch_size, self.config)
+        from src.launch.validate import filter_sweep
+        from src.utils.progress import SWEEP
+
+        # Every job's configuration checked before any is launched: an invalid one gets no directory.
+        batches = filter_sweep(self, split_tagged(overrides, max_batch_size, self.config))
+        SWEEP.planned(sum(len(batch) for batch in batches))  # "job i of n" (src/run.py announces each job)
+        return batches

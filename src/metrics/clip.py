@@ -2,13 +2,16 @@
 
 Definitions used throughout the project:
 - clip_score: per sample, the raw cosine similarity of the CLIP image embedding of the sample and the CLIP
-  text embedding of its prompt (no 100x scale, no clipping at 0; the paper's values are about 0.25).
-- fid_clip: the Frechet distance (float64, unbiased covariances) between Gaussian fits of the
-  L2-normalised CLIP image embeddings (the output of `encode_image`, i.e. after the visual projection) of
-  the samples and of the evaluation images. Images are mapped from [-1, 1] to [0, 1], grey repeated to RGB,
-  resized (shorter side, bicubic, antialiased) and centre-cropped to the model's image size, and normalised
-  with the model's mean and std. Because of the L2 normalisation, values are not comparable with clean-fid's
-  "clip_vit_b_32" FID (which uses unnormalised embeddings) and are bounded by 4 + 4 = 8 for unit vectors.
+  text embedding of its prompt (no 100x scale, no clipping at 0; the paper's values are about 0.25). The cosine
+  normalises both embeddings itself, so it does not matter whether they arrive normalised.
+- fid_clip: the Frechet distance (float64, unbiased covariances) between Gaussian fits of the raw, un-normalised
+  CLIP image embeddings (the output of `encode_image` after the visual projection, `normalize=False`) of the
+  samples and of the evaluation images, as the paper computes it (its Table 2 values, 44 to 148 with CLIP L/14,
+  are those of raw embeddings; unit vectors would bound FID by 8). Images are mapped from [-1, 1] to [0, 1], grey
+  repeated to RGB, resized (shorter side, bicubic, antialiased) and centre-cropped to the model's image size, and
+  normalised with the model's mean and std. Records name this definition `fid_features = "clip_raw"`
+  (FID_FEATURES); records written before it (FID on L2-normalised embeddings) have no such field and are read as
+  "clip_l2norm" (LEGACY_FID_FEATURES). The rank report refuses to rank a sweep that mixes the two.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from src.metrics.images import resize_center_crop, to_rgb01
+# The feature definition of fid_clip (recorded as `fid_features`, part of the reference cache key): one definition.
+from src.results import FID_FEATURES, LEGACY_FID_FEATURES  # noqa: F401
+
 
 
 def clip_score(image_features: Tensor, text_features: Tensor) -> Tensor:
@@ -90,15 +96,19 @@ class ClipFeatureExtractor:
 
     @property
     def id(self) -> str:
-        """Identifies the features for the reference-statistics cache: model name and weights file."""
-        return f"clip:{self.model_name}:{self.weights_path.name}"
+        """Identifies the features for the reference-statistics cache: model, weights file and feature definition
+        (raw embeddings), so statistics cached from the former L2-normalised features are never reused."""
+        return f"clip:{self.model_name}:{self.weights_path.name}:{FID_FEATURES}"
 
     @torch.no_grad()
     def image_features(self, images: Tensor) -> Tensor:
-        """L2-normalised image embeddings (B, d), float32 on CPU, of (B, 1 or 3, H, W) images in [-1, 1]."""
+        """Raw (un-normalised) image embeddings (B, d), float32 on CPU, of (B, 1 or 3, H, W) images in [-1, 1].
+
+        FID is computed on these as they are (FID_FEATURES); clip_score normalises them itself (cosine).
+        """
         x = resize_center_crop(to_rgb01(images.to(self.device)), self.image_size)
         x = (x - self.mean) / self.std
-        return self.model.encode_image(x, normalize=True).float().cpu()
+        return self.model.encode_image(x, normalize=False).float().cpu()
 
     @torch.no_grad()
     def text_features(self, captions: Sequence[str]) -> Tensor:

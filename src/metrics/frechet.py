@@ -1,13 +1,17 @@
-"""Frechet distance between Gaussian fits of feature sets (Heusel et al. 2017), in float64 (docs/evaluation.md#fid-on-clip-features)."""
+"""Frechet distance between Gaussian fits of feature sets (Heusel et al. 2017), in float64 (SPEC 7).
+
+The one implementation of the project: the evaluation's FID (src/evaluation) and the rank report's bootstrap
+(src/ranking/bootstrap.py) both call it. numpy only, no torch at import time, so the ranking stays importable
+without torch (torch tensors are still accepted: they are converted through `.numpy()`).
+"""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 
 def _as_float64(x, name: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
+    if hasattr(x, "detach"):  # a torch tensor; converted without importing torch here
         x = x.detach().cpu().double().numpy()
     arr = np.asarray(x, dtype=np.float64)
     if not np.all(np.isfinite(arr)):
@@ -23,32 +27,37 @@ def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(axis=0), np.atleast_2d(np.cov(x, rowvar=False))
 
 
-def _sqrtm_psd(sigma: np.ndarray) -> np.ndarray:
-    """Symmetric square root of a PSD matrix; round-off negative eigenvalues are clipped to 0."""
-    lam, vec = np.linalg.eigh((sigma + sigma.T) / 2)
-    return (vec * np.sqrt(np.clip(lam, 0.0, None))) @ vec.T
+def sqrtm_psd(sigma: np.ndarray) -> np.ndarray:
+    """Symmetric square root of (a stack of) PSD matrices via eigh; round-off negative eigenvalues clipped to 0."""
+    sigma = np.asarray(sigma, np.float64)
+    lam, vec = np.linalg.eigh((sigma + np.swapaxes(sigma, -1, -2)) / 2)
+    return (vec * np.sqrt(np.clip(lam, 0.0, None))[..., None, :]) @ np.swapaxes(vec, -1, -2)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """d^2 = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), float64.
+def frechet_distance(mu1, sigma1, mu2, sigma2, root2: np.ndarray | None = None):
+    """d^2 = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), float64; a float, or an array for stacks.
 
-    tr (S1 S2)^(1/2) is computed as tr (S1^(1/2) S2 S1^(1/2))^(1/2): that matrix is symmetric PSD and has the
-    same eigenvalues as S1 S2, so eigh gives real eigenvalues and no imaginary parts arise; round-off
-    negative eigenvalues are clipped to 0, and a round-off negative total to 0.
+    mu (..., d) and sigma (..., d, d) may carry leading batch dimensions (the bootstrap's draws); they broadcast.
+    tr (S1 S2)^(1/2) is computed as tr (S2^(1/2) S1 S2^(1/2))^(1/2): that matrix is symmetric PSD with the
+    eigenvalues of S1 S2, so eigh gives real eigenvalues and no imaginary parts arise. Round-off negative
+    eigenvalues are clipped to 0, and a round-off negative total to 0. root2, S2^(1/2), may be passed when many
+    S1 share one S2 (the bootstrap: every record of a dataset against one reference).
     """
     mu1, mu2 = _as_float64(mu1, "mu1"), _as_float64(mu2, "mu2")
     s1, s2 = _as_float64(sigma1, "sigma1"), _as_float64(sigma2, "sigma2")
     d = mu1.shape[-1] if mu1.ndim else 0
-    if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+    if (mu1.ndim < 1 or mu2.shape[-1:] != (d,) or s1.shape[-2:] != (d, d) or s2.shape[-2:] != (d, d)):
         raise ValueError(
             f"frechet_distance: shapes must be mu (d,), sigma (d, d), got {mu1.shape}, {s1.shape}, {mu2.shape}, {s2.shape}"
         )
-    root1 = _sqrtm_psd(s1)
-    inner = root1 @ s2 @ root1
-    lam = np.linalg.eigvalsh((inner + inner.T) / 2)
-    tr_covmean = float(np.sqrt(np.clip(lam, 0.0, None)).sum())
+    root2 = sqrtm_psd(s2) if root2 is None else np.asarray(root2, np.float64)
+    inner = root2 @ s1 @ root2
+    lam = np.linalg.eigvalsh((inner + np.swapaxes(inner, -1, -2)) / 2)
+    tr_covmean = np.sqrt(np.clip(lam, 0.0, None)).sum(axis=-1)
     diff = mu1 - mu2
-    return max(0.0, float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean))
+    trace = np.trace(s1, axis1=-2, axis2=-1) + np.trace(s2, axis1=-2, axis2=-1)
+    out = np.maximum(0.0, (diff**2).sum(axis=-1) + trace - 2.0 * tr_covmean)
+    return float(out) if np.ndim(out) == 0 else out
 
 
 def fid_from_features(features_a, features_b) -> float:

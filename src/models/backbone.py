@@ -8,9 +8,21 @@ y = MLP(sinusoidal(1000 t)) + MLP(pooled) (paper section 4, Fig. 2a). Subclasses
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from .layers import POS_GRIDS, QK_NORMS, FinalLayer, PatchEmbed, TimestepEmbedder, VectorEmbedder, sincos_2d_grid
+from .layers import (
+    POS_GRIDS,
+    QK_NORMS,
+    FinalLayer,
+    PatchEmbed,
+    SelfAttention,
+    TimestepEmbedder,
+    VectorEmbedder,
+    sincos_2d_grid,
+)
+from .perf import ATTENTION_BACKENDS, AUTO_BOOL, COMPILE_BACKENDS, attention_context, check_choice, compile_setting
 
 TIME_SCALE = 1000.0  # the network sees 1000 * c_noise(t) (diffusers' timestep convention)
 
@@ -27,7 +39,12 @@ class Backbone(nn.Module):
     Sized by depth d as in the paper: hidden 64 d, d heads of width 64, MLP ratio 4; hidden_size and
     num_heads override. input_size is the base latent side (the paper's 256px grid); inputs of other sizes
     and aspect ratios take the centre crop of a pos_embed_max_size-square grid of patch positions.
-    `compile` is only recorded (compile_requested) for the caller, which compiles the backbone itself.
+    `compile` is only recorded (compile_requested) for the caller, which compiles the backbone itself
+    (src/models/perf.py compile_backbone). The other throughput options (perf.py) change how the same weights
+    are used, never the state-dict layout: fused_qkv (one QKV matmul per stream, else three on its slices),
+    fused_modulation (MM-DiT: every block's adaLN projection of y in one matmul over the concatenated weights;
+    "auto" = on CUDA only), attention_backend (the SDPA kernel), activation_checkpointing (recompute each
+    block's activations in the backward pass instead of storing them).
     """
 
     def __init__(
@@ -46,7 +63,12 @@ class Backbone(nn.Module):
         pos_grid: str = "centered",
         pos_embed_ref_size: int | None = None,
         qk_norm: str | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
+        compile_backend: str = "default",
+        fused_qkv: bool = True,
+        fused_modulation: bool | str = False,
+        attention_backend: str = "auto",
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         self.depth = _positive_int("depth", depth)
@@ -88,7 +110,22 @@ class Backbone(nn.Module):
             )
         self.pos_embed_ref_size = base if pos_embed_ref_size is None else pos_embed_ref_size
         _positive_int("pos_embed_ref_size", self.pos_embed_ref_size)
-        self.compile_requested = bool(compile)
+        self.compile_requested = compile_setting(compile)
+        check_choice("compile_backend", compile_backend, COMPILE_BACKENDS)
+        self.compile_backend = compile_backend
+        check_choice("fused_qkv", fused_qkv, (True, False))
+        self.fused_qkv = bool(fused_qkv)
+        check_choice("fused_modulation", fused_modulation, AUTO_BOOL)
+        if fused_modulation is True and not self.supports_fused_modulation:
+            raise ValueError(
+                f"fused_modulation=True is not allowed for {type(self).__name__}; allowed: 'auto', False "
+                "(only MM-DiT computes its blocks' modulations in one matmul)"
+            )
+        self.fused_modulation = fused_modulation
+        check_choice("attention_backend", attention_backend, ATTENTION_BACKENDS)
+        self.attention_backend = attention_backend
+        check_choice("activation_checkpointing", activation_checkpointing, (True, False))
+        self.activation_checkpointing = bool(activation_checkpointing)
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, self.hidden_size)
         self.t_embedder = TimestepEmbedder(self.hidden_size)
@@ -108,9 +145,35 @@ class Backbone(nn.Module):
         """Text token streams in the hidden size (one stream; MMDiT3 splits it in two)."""
         return [self.context_embedder(context)]
 
+    supports_fused_modulation = False  # MM-DiT computes every block's adaLN modulation in one matmul
+    block_lists: tuple[str, ...] = ()  # names of the ModuleLists (or modules) holding the transformer blocks
+
     # ---- shared -------------------------------------------------------------------------------------
+    def transformer_blocks(self) -> list[nn.Module]:
+        """The transformer blocks, in order of their lists (the units of regional compilation)."""
+        out = []
+        for name in self.block_lists:
+            module = getattr(self, name, None)
+            if isinstance(module, nn.ModuleList):
+                out.extend(module)
+            elif module is not None:
+                out.append(module)
+        return out
+
+    def run_block(self, block: nn.Module, *args):
+        """block(*args), its activations recomputed in the backward pass under activation_checkpointing."""
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
     def initialize_weights(self) -> None:
-        """DiT's initialisation with adaLN-Zero: every modulation and the final projection start at zero."""
+        """DiT's initialisation with adaLN-Zero: every modulation and the final projection start at zero.
+
+        Every subclass calls this once its blocks exist, so the layer options are handed to them here too.
+        """
+        for module in self.modules():
+            if isinstance(module, SelfAttention):
+                module.fused_qkv = self.fused_qkv
 
         def _basic_init(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):
@@ -172,7 +235,8 @@ class Backbone(nn.Module):
         h, w = x.shape[2] // self.patch_size, x.shape[3] // self.patch_size
         tokens = self.x_embedder(x) + self.cropped_pos_embed(h, w)
         c = self.t_embedder(TIME_SCALE * t) + self.y_embedder(pooled)
-        tokens = self.forward_blocks(tokens, self.embed_context(context), c)
+        with attention_context(self.attention_backend):
+            tokens = self.forward_blocks(tokens, self.embed_context(context), c)
         return self.unpatchify(self.final_layer(tokens, c), h, w)
 
     def extra_repr(self) -> str:

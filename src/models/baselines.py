@@ -16,6 +16,8 @@ from .layers import Mlp, QKNorm, SelfAttention, StreamBlock, attention, layer_no
 class DiT(Backbone):
     """DiT over the concatenation of text and image tokens: one set of weights for both modalities."""
 
+    block_lists = ("blocks",)
+
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.blocks = nn.ModuleList(
@@ -27,7 +29,7 @@ class DiT(Backbone):
         n = x.shape[1]
         tokens = torch.cat([x, *contexts], dim=1)
         for block in self.blocks:
-            tokens = block(tokens, c)
+            tokens = self.run_block(block, tokens, c)
         return tokens[:, :n]
 
 
@@ -71,6 +73,8 @@ class CrossDiTBlock(nn.Module):
 class CrossDiT(Backbone):
     """CrossDiT: image tokens self-attend and cross-attend to the embedded text tokens."""
 
+    block_lists = ("blocks",)
+
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.blocks = nn.ModuleList(
@@ -88,7 +92,7 @@ class CrossDiT(Backbone):
     def forward_blocks(self, x: Tensor, contexts: list[Tensor], c: Tensor) -> Tensor:
         (context,) = contexts
         for block in self.blocks:
-            x = block(x, context, c)
+            x = self.run_block(block, x, context, c)
         return x
 
 
@@ -98,6 +102,8 @@ class UViT(Backbone):
     depth // 2 blocks going in, one middle block when depth is odd, depth // 2 going out; each outgoing
     block first merges the matching incoming block's output through a linear layer on the concatenation.
     """
+
+    block_lists = ("in_blocks", "mid_block", "out_blocks")
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -119,10 +125,10 @@ class UViT(Backbone):
         tokens = torch.cat([x, *contexts], dim=1)
         skips = []
         for block in self.in_blocks:
-            tokens = block(tokens, c)
+            tokens = self.run_block(block, tokens, c)
             skips.append(tokens)
         if self.mid_block is not None:
-            tokens = self.mid_block(tokens, c)
+            tokens = self.run_block(self.mid_block, tokens, c)
         for block, skip_linear in zip(self.out_blocks, self.skip_linears):
-            tokens = block(skip_linear(torch.cat([tokens, skips.pop()], dim=-1)), c)
+            tokens = self.run_block(block, skip_linear(torch.cat([tokens, skips.pop()], dim=-1)), c)
         return tokens[:, :n]

@@ -139,7 +139,13 @@ class QKNorm(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Fused QKV projection with optional QK-norm, and the output projection (absent when pre_only)."""
+    """Fused QKV projection with optional QK-norm, and the output projection (absent when pre_only).
+
+    The weights are always one (3 D, D) qkv matrix; fused_qkv = False runs it as three matmuls on its slices
+    (a benchmark lever: the same parameters, the same checkpoint).
+    """
+
+    fused_qkv = True
 
     def __init__(self, hidden_size: int, num_heads: int, qk_norm: str | None = None, pre_only: bool = False):
         super().__init__()
@@ -154,7 +160,12 @@ class SelfAttention(nn.Module):
 
     def pre_attention(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v of shape (B, heads, L, head_dim), q and k normalised per head."""
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
+        if self.fused_qkv:
+            qkv = self.qkv(x)
+        else:
+            w, b = self.qkv.weight.chunk(3), self.qkv.bias.chunk(3)
+            qkv = torch.cat([F.linear(x, w[i], b[i]) for i in range(3)], dim=-1)
+        q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
         return self.ln_q(q), self.ln_k(k), v
 
 
@@ -205,9 +216,15 @@ class StreamBlock(nn.Module):
         n_mods = 2 if pre_only else 6
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, n_mods * hidden_size))
 
-    def pre_attention(self, x: Tensor, c: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, ...]]:
-        """(q, k, v) of the modulated tokens, and what post_attention needs."""
-        mods = self.adaLN_modulation(c).chunk(2 if self.pre_only else 6, dim=1)
+    def pre_attention(
+        self, x: Tensor, c: Tensor, modulation: Tensor | None = None
+    ) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, ...]]:
+        """(q, k, v) of the modulated tokens, and what post_attention needs.
+
+        modulation: this block's adaLN_modulation(c) when the caller computed it already (fused modulation).
+        """
+        modulation = self.adaLN_modulation(c) if modulation is None else modulation
+        mods = modulation.chunk(2 if self.pre_only else 6, dim=1)
         shift_msa, scale_msa = mods[:2]
         qkv = self.attn.pre_attention(modulate(layer_norm(x), shift_msa, scale_msa))
         return qkv, (x, *mods[2:])

@@ -7,10 +7,12 @@ the concatenation of all their tokens. Follows Stability-AI/sd3.5 mmditx.py (blo
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import Backbone
 from .layers import StreamBlock, attention
+from .perf import is_sharded, resolve_auto
 
 
 class JointBlock(nn.Module):
@@ -37,10 +39,14 @@ class JointBlock(nn.Module):
             for _ in range(num_context_streams)
         )
 
-    def forward(self, x: Tensor, contexts: list[Tensor], c: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def forward(
+        self, x: Tensor, contexts: list[Tensor], c: Tensor, modulations: list[Tensor] | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
+        """modulations: each stream's adaLN_modulation(c), when computed for all blocks at once."""
         blocks = (self.x_block, *self.context_blocks)
         streams = (x, *contexts)
-        pre = [block.pre_attention(s, c) for block, s in zip(blocks, streams)]
+        modulations = modulations or [None] * len(blocks)
+        pre = [block.pre_attention(s, c, m) for block, s, m in zip(blocks, streams, modulations)]
         q, k, v = (torch.cat([qkv[i] for qkv, _ in pre], dim=2) for i in range(3))  # along the tokens
         outs = attention(q, k, v).split([s.shape[1] for s in streams], dim=1)
         x = self.x_block.post_attention(outs[0], *pre[0][1])
@@ -54,6 +60,8 @@ class MMDiT(Backbone):
     """MM-DiT: separate weights for image and text tokens, joint attention (the paper's backbone)."""
 
     num_context_streams = 1
+    block_lists = ("joint_blocks",)
+    supports_fused_modulation = True
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -71,9 +79,28 @@ class MMDiT(Backbone):
         self.initialize_weights()
 
     def forward_blocks(self, x: Tensor, contexts: list[Tensor], c: Tensor) -> Tensor:
-        for block in self.joint_blocks:
-            x, contexts = block(x, contexts, c)
+        fused = resolve_auto(self.fused_modulation, x.device.type)
+        if fused and is_sharded(self.joint_blocks[0]):  # FSDP: a block's weights exist only inside its forward
+            if self.fused_modulation is True:
+                raise ValueError("fused_modulation=True is not allowed with FSDP-wrapped blocks; allowed: auto, False")
+            fused = False
+        modulations = self.block_modulations(c) if fused else [None] * self.depth
+        for block, mods in zip(self.joint_blocks, modulations):
+            x, contexts = self.run_block(block, x, contexts, c, mods)
         return x
+
+    def block_modulations(self, c: Tensor) -> list[list[Tensor]]:
+        """Every block's per-stream adaLN_modulation(c) from one matmul over the concatenated weights.
+
+        y is the same vector for every block, so the depth x streams small (B, D) x (D, 6 D) products become one
+        wide one; the weights stay where they are (concatenated per call, so gradients reach each of them).
+        """
+        linears = [s.adaLN_modulation[1] for b in self.joint_blocks for s in (b.x_block, *b.context_blocks)]
+        weight = torch.cat([lin.weight for lin in linears])
+        bias = torch.cat([lin.bias for lin in linears])
+        out = F.linear(F.silu(c), weight, bias).split([lin.out_features for lin in linears], dim=1)
+        per_block = 1 + self.num_context_streams
+        return [list(out[i : i + per_block]) for i in range(0, len(out), per_block)]
 
 
 class MMDiT3(MMDiT):
@@ -87,7 +114,9 @@ class MMDiT3(MMDiT):
             raise ValueError(f"context_split={context_split!r} is not allowed; allowed: a positive integer")
         self.context_split = context_split
         self.context_embedder_2 = nn.Linear(self.context_dim, self.hidden_size)
-        self.initialize_weights()
+        # The rest was initialised by MMDiT.__init__; the new embedder gets the same init as context_embedder.
+        nn.init.xavier_uniform_(self.context_embedder_2.weight)
+        nn.init.zeros_(self.context_embedder_2.bias)
 
     def check_inputs(self, x: Tensor, t: Tensor, context: Tensor, pooled: Tensor) -> None:
         super().check_inputs(x, t, context, pooled)

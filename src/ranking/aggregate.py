@@ -1,9 +1,23 @@
-"""Load a sweep's results and rank recipes per control setting, averaged as in the paper's Table 1 (docs/ranking.md#average-rank-and-columns)."""
+"""Load a sweep's results and rank recipes per control setting, averaged as in the paper's Table 1 (SPEC 9).
+
+Training seeds are replicates of one entry, not entries of their own. A run's ranked name carries its swept
+values (`rf [optim.lr=0.0001,seed=1]`, see src/launch/sweeper.py); the entry is that name without the seed
+(`rf [optim.lr=0.0001]`), the seed is the replicate. Replicates enter non-dominated sorting through their mean:
+per control setting, an entry's CLIP score and FID are the means over its training seeds (seed-mean), and the
+entries are sorted on these; an entry's rank in a column is its mean front over the column's settings. The
+bootstrap (src/ranking/bootstrap.py) resamples the training seeds of every entry as well as the evaluation
+samples, so intervals, first-front probabilities and separability include the variation between training runs.
+An entry with fewer seeds than the others is ranked on the seeds it has and marked in the report.
+
+Sampler variants (the records' `sampler` field) are separate entries when a sweep holds several
+(`eps/linear [sampler=native]`), unless the report is restricted to one sampler.
+"""
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -14,16 +28,25 @@ import yaml
 
 from src.ranking.nds import non_dominated_ranks
 from src.ranking.paper import COLUMNS
+from src.results import DEFAULT_SAMPLER, FID_FEATURES, FIELDS, LEGACY_FID_FEATURES, entry_name, upgrade
 
 RUN_MARKERS = (".hydra/config.yaml", "results.json", "error.json")
-SETTING_KEY = ["dataset", "setting", "ema"]  # a control setting (docs/ranking.md#control-settings: dataset x sampler setting x EMA)
-RECORD_KEY = ["recipe", *SETTING_KEY]
+SETTING_KEY = ["dataset", "setting", "ema"]  # a control setting (SPEC 7: dataset x sampler setting x EMA)
+# One record per (entry, sampler, training seed, control setting); a rerun's newer record replaces the older one.
+RECORD_KEY = ["base_entry", "sampler", "train_seed", *SETTING_KEY]
+ENTRY_KEY = ["recipe", *SETTING_KEY]  # in the pooled (seed-mean) table, 'recipe' is the entry
 REQUIRED_FIELDS = ("recipe", "dataset", "setting", "steps", "cfg", "ema", "clip_score", "fid_clip")
-OPTIONAL_FIELDS = (
-    "family", "params", "shift", "fid_inception", "n_samples", "checkpoint_step", "arrays",
-    "reference_arrays", "created",
-)
-OBJECTIVES = (("clip_score", True), ("fid_clip", False))  # CLIP score up, FID down (docs/ranking.md#objectives)
+DERIVED_FIELDS = ("entry", "base_entry", "train_seed", "sampler", "fid_features")
+# The other record fields (src/results.py) the ranking carries along (all but the config).
+OPTIONAL_FIELDS = tuple(f for f in FIELDS if f not in REQUIRED_FIELDS and f not in DERIVED_FIELDS and f != "config")
+OBJECTIVES = (("clip_score", True), ("fid_clip", False))  # CLIP score up, FID down (SPEC 9)
+METRICS = ("clip_score", "fid_clip", "fid_inception")
+
+# The feature definition of fid_clip and the sampler of records written before either was recorded: one
+# definition, in the torch-free results module.
+LEGACY_SAMPLER = DEFAULT_SAMPLER
+DEFAULT_FIFTY_STEP_CFG = 5.0  # the 5-step column is at CFG 5.0; 50 steps at the same scale is the matching choice
+REEVALUATE = "python -m src.evaluate RUN_DIR"
 
 
 @dataclass
@@ -106,9 +129,129 @@ def load_sweep(dirs: Iterable[Path | str]) -> Sweep:
             statuses.append({"sweep": root.name, **status})
             rows.extend({"sweep": root.name, **rec} for rec in records)
     runs = pd.DataFrame(statuses, columns=["sweep", "run_dir", "status", "error", "n_records", "overrides"])
-    records = pd.DataFrame(rows, columns=["sweep", "run_dir", *REQUIRED_FIELDS, *OPTIONAL_FIELDS])
+    records = pd.DataFrame(rows, columns=["sweep", "run_dir", *REQUIRED_FIELDS, *OPTIONAL_FIELDS, *DERIVED_FIELDS])
     records, duplicates = _drop_duplicates(records)
-    return Sweep(roots=roots, records=records, runs=runs, duplicates=duplicates)
+    return Sweep(roots=roots, records=name_entries(records), runs=runs, duplicates=duplicates)
+
+
+# ---------------------------------------------------------------------------------------------- entries
+
+
+def split_seed(recipe: str) -> tuple[str, str | None]:
+    """('rf [optim.lr=0.0001]', '1') from a ranked name 'rf [optim.lr=0.0001,seed=1]'; (recipe, None) without one.
+
+    The qualifiers in brackets are ', '-separated (a backbone name, the run tag); the run tag's swept values are
+    ','-separated `key=value` pairs (a piece without '=' belongs to the value before it, e.g. a list value).
+    """
+    match = re.fullmatch(r"(?P<base>.*?) \[(?P<quals>.*)\]", recipe)
+    if match is None:
+        return recipe, None
+    seed, groups = None, []
+    for group in match["quals"].split(", "):
+        pairs: list[str] = []
+        for piece in group.split(","):
+            if "=" in piece or not pairs:
+                pairs.append(piece)
+            else:
+                pairs[-1] += "," + piece
+        kept = []
+        for pair in pairs:
+            if pair.startswith("seed="):
+                seed = pair.split("=", 1)[1]
+            else:
+                kept.append(pair)
+        if kept:
+            groups.append(",".join(kept))
+    return (f"{match['base']} [{', '.join(groups)}]" if groups else match["base"]), seed
+
+
+def _sampler_name(value) -> str:
+    """The sampler of a record: its `sampler` field (a name, or a mapping with a 'name'), else the legacy one."""
+    if isinstance(value, dict):
+        value = value.get("name")
+    return str(value) if value not in (None, "") else LEGACY_SAMPLER
+
+
+def name_entries(records: pd.DataFrame) -> pd.DataFrame:
+    """Set 'entry': the ranked name without its seed, qualified by the sampler when the records hold several.
+
+    A sampler already in the run tag (a swept `sampler=`) is not repeated.
+    """
+    records = records.copy()
+    several = records["sampler"].nunique() > 1
+    entries = []
+    for base, sampler in zip(records["base_entry"], records["sampler"]):
+        if several and "sampler=" not in base:
+            base = f"{base[:-1]}, sampler={sampler}]" if base.endswith("]") else f"{base} [sampler={sampler}]"
+        entries.append(base)
+    records["entry"] = pd.Series(entries, index=records.index, dtype=object)
+    return records
+
+
+def restrict_sampler(records: pd.DataFrame, sampler: str) -> pd.DataFrame:
+    """The records of one sampler, entries renamed without the sampler; a clear error naming those present."""
+    present = sorted(records["sampler"].unique())
+    if sampler not in present:
+        raise ValueError(f"--sampler {sampler}: no records of that sampler; the sweep has {present or 'none'}")
+    kept = records[records["sampler"] == sampler].reset_index(drop=True)
+    kept["base_entry"] = [_drop_qualifier(b, f"sampler={sampler}") for b in kept["base_entry"]]
+    return name_entries(kept)
+
+
+def _drop_qualifier(name: str, qualifier: str) -> str:
+    """The ranked name without one `key=value` qualifier (its brackets dropped when nothing else is left)."""
+    match = re.fullmatch(r"(?P<base>.*?) \[(?P<quals>.*)\]", name)
+    if match is None:
+        return name
+    groups = [",".join(p for p in g.split(",") if p != qualifier) for g in match["quals"].split(", ")]
+    groups = [g for g in groups if g]
+    return f"{match['base']} [{', '.join(groups)}]" if groups else match["base"]
+
+
+def check_fid_features(records: pd.DataFrame) -> None:
+    """Refuse, in one line naming the runs and the fix, to rank records that mix FID feature definitions."""
+    kinds = sorted(records["fid_features"].unique())
+    if len(kinds) <= 1:
+        return
+    other = records[records["fid_features"] != FID_FEATURES] if FID_FEATURES in kinds else \
+        records[records["fid_features"] != kinds[0]]
+    runs = sorted(other["run_dir"].unique())
+    shown = ", ".join(runs[:5]) + (f" and {len(runs) - 5} more" if len(runs) > 5 else "")
+    counts = ", ".join(f"{k}: {int((records['fid_features'] == k).sum())} records" for k in kinds)
+    raise ValueError(
+        f"the sweep mixes FID feature definitions ({counts}); re-evaluate these runs with `{REEVALUATE}`: {shown}"
+    )
+
+
+def pool_seeds(records: pd.DataFrame) -> pd.DataFrame:
+    """One row per (entry, control setting): the seed-mean metrics, the number of seeds and their labels.
+
+    'recipe' in the result is the entry. A seed whose metric is NaN (e.g. diverged samples) makes the mean NaN,
+    which puts the entry in the last front of that setting: a recipe that sometimes diverges is not hidden.
+    """
+    if records.empty:
+        return records.assign(recipe=records.get("entry"), n_seeds=pd.Series(dtype=int), seeds="")
+    keys = ["entry", *SETTING_KEY]
+    grouped = records.groupby(keys, sort=False)
+    pooled = grouped[["steps", "cfg", "family", "shift", "n_samples", "sampler", "fid_features"]].first()
+    for metric in METRICS:
+        pooled[metric] = grouped[metric].agg(lambda s: float(np.mean(s.to_numpy(float))))
+    pooled["n_seeds"] = grouped["train_seed"].nunique()
+    pooled["seeds"] = grouped["train_seed"].agg(lambda s: ",".join(sorted(set(s), key=_seed_order)))
+    pooled = pooled.reset_index().rename(columns={"entry": "recipe"})
+    return pooled
+
+
+def _seed_order(label: str):
+    """Seeds in numeric order when they are numbers."""
+    return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
+
+
+def seed_counts(records: pd.DataFrame) -> pd.DataFrame:
+    """Per entry: 'seeds' (distinct training seeds) and 'seeds min' (fewest seeds in any of its settings)."""
+    per_entry = records.groupby("entry")["train_seed"].nunique().rename("seeds")
+    per_setting = records.groupby(["entry", *SETTING_KEY])["train_seed"].nunique().groupby("entry").min()
+    return pd.concat([per_entry, per_setting.rename("seeds min")], axis=1)
 
 
 def _read_overrides(run_dir: Path) -> str:
@@ -141,17 +284,28 @@ def _record_row(rec: dict, run_dir: Path, results: Path, index: int) -> dict:
     missing = [f for f in REQUIRED_FIELDS if f not in rec]
     if missing:
         raise ValueError(f"{results}: record {index} lacks required field(s) {missing}")
+    rec = upgrade(rec)  # legacy records get today's fields
     row = {f: rec[f] for f in REQUIRED_FIELDS}
     row.update({f: rec.get(f) for f in OPTIONAL_FIELDS})
+    # The entry the record is ranked as, from its fields: recipe qualified by backbone, tags and sampler.
+    row["recipe"] = entry_name(rec, drop=())
     row["run_dir"] = str(run_dir)
     row["steps"] = int(row["steps"])
     row["cfg"] = float(row["cfg"])
     row["ema"] = bool(row["ema"])
     for metric in ("clip_score", "fid_clip", "fid_inception"):
         row[metric] = math.nan if row[metric] is None else float(row[metric])
-    row["params"] = json.dumps(row["params"], sort_keys=True) if row["params"] is not None else None
+    for key in ("params", "tags"):  # hashable in the table
+        row[key] = json.dumps(row[key], sort_keys=True) if row[key] is not None else None
     for key in ("arrays", "reference_arrays"):
         row[key] = resolve_path(row[key], run_dir) if row[key] else None
+    row["base_entry"], seed = split_seed(str(row["recipe"]))
+    config = rec.get("config") if isinstance(rec.get("config"), dict) else {}
+    if seed is None and config.get("seed") is not None:  # a run outside a seed sweep: its configured seed
+        seed = str(config["seed"])
+    row["train_seed"] = "" if seed is None else str(seed)
+    row["sampler"] = _sampler_name(rec.get("sampler"))
+    row["fid_features"] = str(rec.get("fid_features") or LEGACY_FID_FEATURES)
     return row
 
 
@@ -195,13 +349,31 @@ def setting_label(dataset: str, setting: str, ema: bool) -> str:
     return f"{dataset}, {setting}, {'EMA' if ema else 'raw'}"
 
 
-def setting_groups(records: pd.DataFrame, fifty_step_cfg: Sequence[float] | None = None) -> dict[str, pd.Series]:
-    """Row masks of the column groups: all settings, the 5-step ones, the 50-step ones (optionally some CFG scales)."""
+def fifty_step_scales(records: pd.DataFrame, fifty_step_cfg: Sequence[float] | str | None = None) -> list[float] | None:
+    """The CFG scales of the 50-step column: None for all, else a list.
+
+    Default (None): CFG 5.0 when the sweep has 50-step settings at that scale, else all 50-step settings. The
+    paper's 50-step averages are multiples of 0.25, i.e. four settings: one CFG scale x EMA/raw x two datasets;
+    its 5-step column is at CFG 5.0, so 50 steps at CFG 5.0 is the matching choice. "all": every 50-step setting.
+    """
+    if isinstance(fifty_step_cfg, str):
+        if fifty_step_cfg != "all":
+            raise ValueError(f"fifty_step_cfg={fifty_step_cfg!r}: give CFG scale(s) or 'all'")
+        return None
+    if fifty_step_cfg is None:
+        fifty = records.loc[records["steps"] == 50, "cfg"].to_numpy(float)
+        return [DEFAULT_FIFTY_STEP_CFG] if np.isclose(fifty, DEFAULT_FIFTY_STEP_CFG).any() else None
+    return list(fifty_step_cfg)
+
+
+def setting_groups(records: pd.DataFrame, fifty_step_cfg: Sequence[float] | str | None = None) -> dict[str, pd.Series]:
+    """Row masks of the column groups: all settings, the 5-step ones, the 50-step ones (see fifty_step_scales)."""
     fifty = records["steps"] == 50
-    if fifty_step_cfg is not None:
-        cfgs = [float(c) for c in fifty_step_cfg]
+    scales = fifty_step_scales(records, fifty_step_cfg)
+    if scales is not None:
+        cfgs = [float(c) for c in scales]
         if not cfgs or not all(math.isfinite(c) for c in cfgs):
-            raise ValueError(f"fifty_step_cfg={list(fifty_step_cfg)!r}: give one or more finite CFG scales")
+            raise ValueError(f"fifty_step_cfg={list(scales)!r}: give one or more finite CFG scales")
         present = sorted(records.loc[fifty, "cfg"].unique().tolist())
         absent = [c for c in cfgs if not np.isclose(present, c).any()]
         if absent:
@@ -212,16 +384,43 @@ def setting_groups(records: pd.DataFrame, fifty_step_cfg: Sequence[float] | None
     return {"all": pd.Series(True, index=records.index), "5 steps": records["steps"] == 5, "50 steps": fifty}
 
 
-def describe_fifty_step(records: pd.DataFrame, fifty_step_cfg: Sequence[float] | None) -> str:
-    """One sentence stating which settings the 50-step column averages."""
+def describe_fifty_step(records: pd.DataFrame, fifty_step_cfg: Sequence[float] | str | None) -> str:
+    """One sentence stating which settings the 50-step column averages and why."""
     present = sorted(records.loc[records["steps"] == 50, "cfg"].unique().tolist())
-    chosen = present if fifty_step_cfg is None else sorted(float(c) for c in fifty_step_cfg)
-    scales = ", ".join(f"{c:.1f}" if round(c, 1) == c else f"{c:g}" for c in chosen) or "none present"
-    how = "all 50-step settings (default)" if fifty_step_cfg is None else "chosen with --fifty-step-cfg"
-    return (
-        f"50 steps column: the 50-step settings at CFG {scales}, {how}; the paper does not state which CFG "
-        "scale(s) its 50-step column uses (its values are multiples of 0.25, suggesting one)."
-    )
+    scales = fifty_step_scales(records, fifty_step_cfg)
+    chosen = present if scales is None else sorted(float(c) for c in scales)
+    text = ", ".join(_cfg(c) for c in chosen) or "none present"
+    if fifty_step_cfg is None and scales is not None:
+        how = ("the default: the paper's 50-step averages are multiples of 0.25, i.e. four settings (one CFG scale x "
+               "EMA/raw x two datasets), and its 5-step column is at CFG 5.0, so 50 steps at CFG 5.0 matches it; "
+               "--fifty-step-cfg chooses others")
+    elif fifty_step_cfg is None:
+        how = f"all 50-step settings (default when the sweep has none at CFG {_cfg(DEFAULT_FIFTY_STEP_CFG)})"
+    elif scales is None:
+        how = "all 50-step settings (--fifty-step-cfg all)"
+    else:
+        how = "chosen with --fifty-step-cfg"
+    return f"50 steps column: the 50-step settings at CFG {text}, {how}."
+
+
+def _cfg(c: float) -> str:
+    return f"{c:.1f}" if round(c, 1) == c else f"{c:g}"
+
+
+def describe_column(records: pd.DataFrame, mask) -> str:
+    """Which control settings a column averages, e.g. '4 settings: digits, shapes x 50 steps, cfg 5.0 x EMA, raw'."""
+    part = records[np.asarray(mask, bool)].drop_duplicates(SETTING_KEY)
+    if part.empty:
+        return "no settings"
+    datasets = sorted(part["dataset"].unique())
+    samplers = part.sort_values(["steps", "cfg"]).drop_duplicates("setting")["setting"].tolist()
+    emas = [e for e in (True, False) if e in set(part["ema"])]
+    n = len(part)
+    if n == len(datasets) * len(samplers) * len(emas):  # the full product: say it as one
+        return (f"{n} setting{'s' * (n != 1)}: {', '.join(datasets)} x {'; '.join(samplers)} x "
+                f"{', '.join('EMA' if e else 'raw' for e in emas)}")
+    labels = [setting_label(*k) for k in part[SETTING_KEY].itertuples(index=False, name=None)]
+    return f"{n} settings: " + "; ".join(labels)
 
 
 # ---------------------------------------------------------------------------------------------- ranking
@@ -248,39 +447,48 @@ def rank_table(records: pd.DataFrame) -> pd.DataFrame:
     return records.assign(front=fronts_per_setting(records))
 
 
-def average_weights(
+def column_indicators(
     records: pd.DataFrame, groups: dict[str, pd.Series], recipes: Sequence[str]
 ) -> dict[str, np.ndarray]:
-    """Per column a (rows, recipes) matrix W: fronts @ W is each recipe's mean front over the column's settings."""
+    """Per column a (rows, recipes) 0/1 integer matrix: row r counts towards recipe j's average in that column."""
     recipe_pos = {r: i for i, r in enumerate(recipes)}
     cols = records["recipe"].map(recipe_pos).to_numpy()
-    weights = {}
+    indicators = {}
     for name, mask in groups.items():
-        w = np.zeros((len(records), len(recipes)))
+        w = np.zeros((len(records), len(recipes)), dtype=np.int64)
         rows = np.flatnonzero(np.asarray(mask))
-        w[rows, cols[rows]] = 1.0
-        counts = w.sum(axis=0)
-        weights[name] = np.divide(w, counts, out=np.full_like(w, np.nan), where=counts > 0)
-    return weights
+        w[rows, cols[rows]] = 1
+        indicators[name] = w
+    return indicators
 
 
 def average_ranks(ranked: pd.DataFrame, groups: dict[str, pd.Series]) -> pd.DataFrame:
-    """Mean front per recipe over each column's control settings, with the number of settings covered ('n <column>')."""
+    """Mean front per recipe over each column's control settings, with the number of settings covered ('n <column>')
+    and the share of those settings in which it is on the first front ('P(front 1) <column>')."""
     recipes = sorted(ranked["recipe"].unique())
-    weights = average_weights(ranked, groups, recipes)
-    fronts = ranked["front"].to_numpy(float)
+    indicators = column_indicators(ranked, groups, recipes)
+    fronts = ranked["front"].to_numpy(np.int64)
     table = pd.DataFrame(index=pd.Index(recipes, name="recipe"))
     for name in COLUMNS:
-        mask = np.asarray(groups[name])
-        table[name] = mean_over_settings(fronts, weights[name])
-        table[f"n {name}"] = ranked[mask].groupby("recipe").size().reindex(recipes, fill_value=0).astype(int)
+        table[name] = mean_over_settings(fronts, indicators[name])
+        table[f"n {name}"] = indicators[name].sum(axis=0)
+    for name in COLUMNS:
+        table[f"P(front 1) {name}"] = mean_over_settings(fronts == 1, indicators[name])
     return table.sort_values(["all", "recipe"], na_position="last")
 
 
-def mean_over_settings(fronts: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """fronts (rows,) or (B, rows) @ weights, NaN for recipes with no settings (all-NaN weight columns)."""
-    out = np.asarray(fronts, dtype=float) @ np.nan_to_num(weights)
-    out[..., np.isnan(weights).all(axis=0)] = np.nan
+def mean_over_settings(values: np.ndarray, indicator: np.ndarray) -> np.ndarray:
+    """Per recipe the mean of integer values (fronts, or first-front flags) over its settings, exactly.
+
+    values (rows,) or (B, rows); indicator (rows, recipes) 0/1. The sum of integers is exact, and one division of
+    two integers gives the float nearest the true mean: 2.5, never 2.4999999999999996. NaN for recipes with no
+    settings.
+    """
+    sums = np.asarray(values).astype(np.int64) @ indicator
+    counts = indicator.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = sums / counts
+    out[..., counts == 0] = np.nan
     return out
 
 

@@ -1,13 +1,22 @@
-"""Bootstrap intervals for average ranks by resampling evaluation samples (beyond the paper; docs/ranking.md#bootstrap-intervals).
+"""Bootstrap intervals for average ranks, resampling training seeds and evaluation samples (beyond the paper; SPEC 7, 9).
 
-Each draw resamples, with replacement, the per-sample CLIP scores and sample feature rows of every record
-and the reference feature rows, recomputes CLIP score and FID (Frechet distance on CLIP features, float64,
-covariances with ddof=1), then the fronts per control setting and the average ranks. The draws are paired:
-within a draw every record of a dataset uses the same resampled prompt indices, because all recipes and
-settings share prompts and initial noise (docs/sampling.md#common-random-numbers), and every record with the same
-reference file uses the same resampled reference rows.
+Each draw
+1. resamples, with replacement, the per-sample CLIP scores and sample feature rows of every record and the
+   reference feature rows, and recomputes CLIP score and FID (src/metrics/frechet.py, the evaluation's own
+   Frechet distance, float64, covariances with ddof=1). The draws are paired: within a draw every record of a
+   dataset uses the same resampled prompt indices, because all recipes and settings share prompts and initial
+   noise (SPEC 7, common random numbers), and every record with the same reference file uses the same resampled
+   reference rows;
+2. resamples, with replacement and per entry, the entry's training seeds (k seeds drawn from its k), and takes
+   per control setting the mean of the drawn seeds' metrics (a seed drawn twice counts twice; when no drawn seed
+   has a setting, all the entry's seeds for it are used);
+3. sorts the entries per control setting on these seed-means and averages their fronts over each column.
 
-Separability: two recipes are separated when one has the better (lower) average rank in at least
+So the percentile intervals, the first-front probabilities and the separability verdicts include training-seed
+variance; an entry with one seed contributes none (its interval covers evaluation noise only). With k seeds the
+seed bootstrap underestimates the between-seed variance by a factor (k - 1) / k, the usual bootstrap bias.
+
+Separability: two entries are separated when one has the better (lower) average rank in at least
 `separation` (default 0.95) of the draws, ties counting half; otherwise the data cannot separate them.
 """
 from __future__ import annotations
@@ -15,40 +24,21 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
-from src.ranking.aggregate import average_weights, fronts_per_setting, mean_over_settings
-from src.ranking.paper import COLUMNS
+from src.metrics.frechet import frechet_distance, sqrtm_psd
+from src.ranking.aggregate import column_indicators, fronts_per_setting, mean_over_settings
+from src.ranking.paper import COLUMNS, spearman_draws
 
 CHUNK_BYTES = 64 * 2**20  # memory bound on the batched (draws, d, d) covariance stacks
 FEATURE_CACHE_BYTES = 512 * 2**20  # sample features kept in memory; beyond this they are reloaded per chunk
-CONSISTENCY_RTOL = 1e-3
 
 
-# ---------------------------------------------------------------------------------------------- Frechet distance
-
-
-def sqrtm_psd(cov: np.ndarray) -> np.ndarray:
-    """Symmetric square root of (a stack of) positive semi-definite matrices, via eigh."""
-    w, v = np.linalg.eigh(cov)
-    return (v * np.sqrt(np.clip(w, 0.0, None))[..., None, :]) @ np.swapaxes(v, -1, -2)
-
-
-def frechet_distance(mu1, cov1, mu2, cov2, root2: np.ndarray | None = None) -> np.ndarray:
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) for (stacks of) Gaussians (Heusel et al. 2017).
-
-    root2, S2^(1/2), may be passed when several S1 share one S2.
-    """
-    root2 = sqrtm_psd(cov2) if root2 is None else root2
-    # tr (S1 S2)^(1/2) = sum of sqrt eigenvalues of S2^(1/2) S1 S2^(1/2), which is symmetric PSD.
-    eig = np.linalg.eigvalsh(root2 @ cov1 @ root2)
-    tr_sqrt = np.sqrt(np.clip(eig, 0.0, None)).sum(axis=-1)
-    diff = np.asarray(mu1) - np.asarray(mu2)
-    trace = np.trace(cov1, axis1=-2, axis2=-1) + np.trace(cov2, axis1=-2, axis2=-1)
-    return (diff**2).sum(axis=-1) + trace - 2.0 * tr_sqrt
+# ---------------------------------------------------------------------------------------------- moments
 
 
 def resampled_moments(x: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -62,13 +52,6 @@ def resampled_moments(x: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np
     return mean0 + centre, cov
 
 
-def frechet_from_features(a: np.ndarray, b: np.ndarray) -> float:
-    """Frechet distance between two feature sets, float64 (the bootstrap's own definition)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    ones_a, ones_b = np.ones((1, len(a))), np.ones((1, len(b)))
-    return float(frechet_distance(*resampled_moments(a, ones_a), *resampled_moments(b, ones_b))[0])
-
-
 # ---------------------------------------------------------------------------------------------- per-record draws
 
 
@@ -79,16 +62,16 @@ class MetricDraws:
     clip: np.ndarray
     fid: np.ndarray
     fixed: dict[int, str] = field(default_factory=dict)  # row -> why it keeps its point values
-    inconsistent: dict[int, str] = field(default_factory=dict)  # row -> recomputed vs recorded metric
 
 
 def bootstrap_metrics(records: pd.DataFrame, draws: int, seed: int = 0,
-                      progress: Callable[[str], None] | None = None) -> MetricDraws:
+                      progress: Callable[[str], None] | None = None, device: str = "cpu") -> MetricDraws:
     """Paired bootstrap draws of every record's CLIP score and FID from its evaluation sample arrays.
 
     progress, when given, hears the estimated duration once a record has been timed (when it is over
     PROGRESS_AFTER_S) and then every tenth of the draws: at the paper's scale (1464 records, 1000 samples of 768
     features) one draw of one record costs about 0.1 s on one core, so 200 draws take hours on a CPU.
+    device: where the Frechet distances are computed (src/ranking/bootstrap_torch.py: cpu = numpy, cuda, auto).
     """
     if int(draws) < 1:
         raise ValueError(f"bootstrap draws={draws!r}: must be a positive integer")
@@ -106,7 +89,6 @@ def bootstrap_metrics(records: pd.DataFrame, draws: int, seed: int = 0,
         if loaded is None:
             continue
         scores, feats, ref = loaded
-        _check_consistency(records, row, scores, feats, ref, result.inconsistent)
         key = (records["dataset"].iat[row], len(scores))
         if key not in sample_counts:
             sample_counts[key] = rng.multinomial(key[1], np.full(key[1], 1.0 / key[1]), size=draws).astype(float)
@@ -118,24 +100,36 @@ def bootstrap_metrics(records: pd.DataFrame, draws: int, seed: int = 0,
         for path, ref in references.items()
     }
 
+    ops = _frechet_ops(device)
     dim = max((ref.shape[1] for ref in references.values()), default=1)
-    chunk = max(1, min(draws, CHUNK_BYTES // (8 * 4 * dim * dim)))
+    chunk = max(1, min(draws, ops.chunk_bytes // (8 * 4 * dim * dim)))
     clock = _Progress(progress, draws, len(features))
     for start in range(0, draws, chunk):
         sl = slice(start, min(start + chunk, draws))
         clock.chunk_done(start)
         for path, ref in references.items():
-            mu_r, cov_r = resampled_moments(ref, ref_counts[path][sl])
-            root_r = sqrtm_psd(cov_r)  # shared by every record with this reference
+            mu_r, cov_r = ops.resampled_moments(ref, ref_counts[path][sl])
+            root_r = ops.sqrtm_psd(cov_r)  # shared by every record with this reference
             for row, feats in features.items():
                 if records["reference_arrays"].iat[row] != path:
                     continue
                 if feats is None:
                     feats = _load_record(records, row, references, {})[1]
                 counts = sample_counts[(records["dataset"].iat[row], len(feats))][sl]
-                result.fid[sl, row] = frechet_distance(*resampled_moments(feats, counts), mu_r, cov_r, root_r)
+                result.fid[sl, row] = ops.frechet_distance(*ops.resampled_moments(feats, counts), mu_r, cov_r, root_r)
                 clock.record_done(sl.stop - sl.start)
     return result
+
+
+def _frechet_ops(device: str):
+    """The numpy functions above ("cpu"), or their batched torch twins on a GPU (src/ranking/bootstrap_torch.py)."""
+    from src.ranking.bootstrap_torch import TorchFrechet, resolve_device
+
+    device = resolve_device(device)
+    if device == "cpu":
+        return SimpleNamespace(resampled_moments=resampled_moments, sqrtm_psd=sqrtm_psd,
+                               frechet_distance=frechet_distance, chunk_bytes=CHUNK_BYTES)
+    return TorchFrechet(device)
 
 
 PROGRESS_AFTER_S = 30.0  # estimated bootstrap durations below this are not reported
@@ -224,63 +218,120 @@ def _npz(path: str, names: Sequence[str]) -> list[np.ndarray]:
         return [np.asarray(data[n], np.float64) for n in names]
 
 
-def _check_consistency(records, row, scores, feats, ref, out: dict[int, str]) -> None:
-    """Flag a record whose stored CLIP score / FID differ from the values recomputed from its arrays."""
-    stored_clip, stored_fid = records["clip_score"].iat[row], records["fid_clip"].iat[row]
-    clip, fid = float(scores.mean()), frechet_from_features(feats, ref)
-    bad = []
-    if not np.isclose(clip, stored_clip, rtol=CONSISTENCY_RTOL, atol=1e-6, equal_nan=True):
-        bad.append(f"clip_score {stored_clip:.6g} vs {clip:.6g}")
-    if not np.isclose(fid, stored_fid, rtol=CONSISTENCY_RTOL, atol=1e-6, equal_nan=True):
-        bad.append(f"fid_clip {stored_fid:.6g} vs {fid:.6g}")
-    if bad:
-        out[row] = "recorded vs recomputed: " + ", ".join(bad)
-
-
 # ---------------------------------------------------------------------------------------------- ranks
 
 
 @dataclass
 class RankBootstrap:
-    """Bootstrap draws of average ranks per column, percentile intervals and pairwise ordering probabilities."""
+    """Bootstrap draws of average ranks per column, percentile intervals, first-front probabilities and pairwise
+    ordering probabilities of the entries."""
 
-    recipes: list[str]
-    draws: dict[str, np.ndarray]  # column -> (B, recipes)
-    intervals: pd.DataFrame  # index recipe; columns '<column> lo', '<column> hi'
-    prob_better: dict[str, pd.DataFrame]  # column -> P(row recipe ranks better than column recipe)
+    recipes: list[str]  # the entries
+    draws: dict[str, np.ndarray]  # column -> (B, entries)
+    intervals: pd.DataFrame  # index entry; columns '<column> lo', '<column> hi'
+    first_front: pd.DataFrame  # index entry; 'P(front 1) <column>': share of draws x settings on the first front
+    prob_better: dict[str, pd.DataFrame]  # column -> P(row entry ranks better than column entry)
+    spearman: pd.DataFrame  # column, lo, hi: percentile interval of the Spearman correlation with the paper
     metrics: MetricDraws
+    seed_weights: np.ndarray  # (B, records): how often each record's training seed was drawn
     confidence: float
     separation: float
 
 
 def bootstrap_ranks(
     records: pd.DataFrame,
+    pooled: pd.DataFrame,
     groups: dict[str, pd.Series],
     draws: int = 200,
     seed: int = 0,
     confidence: float = 0.9,
     separation: float = 0.95,
     progress: Callable[[str], None] | None = None,
+    device: str = "cpu",
 ) -> RankBootstrap:
-    """Percentile intervals of every recipe's average rank and pairwise ordering probabilities (see module doc)."""
+    """Intervals, first-front probabilities and ordering probabilities of every entry's average rank.
+
+    records: one row per training seed and control setting (load_sweep's, with 'entry' and 'train_seed');
+    pooled: the seed-mean table of pool_seeds(records) ('recipe' = entry); groups: the column masks on pooled.
+    See the module docstring for what a draw resamples.
+    """
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"bootstrap confidence={confidence!r}: must lie in (0, 1)")
     if not 0.5 < separation <= 1.0:
         raise ValueError(f"bootstrap separation={separation!r}: must lie in (0.5, 1]")
-    metrics = bootstrap_metrics(records, draws, seed, progress)
-    fronts = fronts_per_setting(records, metrics.clip, metrics.fid)
-    recipes = sorted(records["recipe"].unique())
-    weights = average_weights(records, groups, recipes)
+    metrics = bootstrap_metrics(records, draws, seed, progress, device)
+    weights = seed_weights(records, draws, seed)
+    cells = _cells(records, pooled)
+    clip = pool_draws(metrics.clip, weights, cells, len(pooled))
+    fid = pool_draws(metrics.fid, weights, cells, len(pooled))
+    fronts = fronts_per_setting(pooled, clip, fid)
+    recipes = sorted(pooled["recipe"].unique())
+    indicators = column_indicators(pooled, groups, recipes)
     tail = 100.0 * (1.0 - confidence) / 2.0
-    per_column, intervals, prob = {}, pd.DataFrame(index=pd.Index(recipes, name="recipe")), {}
+    index = pd.Index(recipes, name="recipe")
+    per_column, intervals, first, prob = {}, pd.DataFrame(index=index), pd.DataFrame(index=index), {}
     for column in COLUMNS:
-        avg = mean_over_settings(fronts, weights[column])
+        avg = mean_over_settings(fronts, indicators[column])
         per_column[column] = avg
         with np.errstate(invalid="ignore"):
-            lo, hi = np.nanpercentile(avg, [tail, 100.0 - tail], axis=0) if np.isfinite(avg).any() else (np.nan, np.nan)
+            # Draw values, not interpolations: the bounds stay exact multiples of 1 / (settings averaged).
+            lo = np.nanpercentile(avg, tail, axis=0, method="lower") if np.isfinite(avg).any() else np.nan
+            hi = np.nanpercentile(avg, 100.0 - tail, axis=0, method="higher") if np.isfinite(avg).any() else np.nan
         intervals[f"{column} lo"], intervals[f"{column} hi"] = lo, hi
+        on_first = ((fronts == 1).astype(np.int64) @ indicators[column]).sum(axis=0)  # over draws and settings
+        n = indicators[column].sum(axis=0) * draws
+        with np.errstate(invalid="ignore", divide="ignore"):
+            first[f"P(front 1) {column}"] = np.where(n > 0, on_first / np.maximum(n, 1), np.nan)
         prob[column] = pd.DataFrame(prob_better(avg), index=recipes, columns=recipes)
-    return RankBootstrap(recipes, per_column, intervals, prob, metrics, confidence, separation)
+    spearman = spearman_draws(per_column, recipes, confidence)
+    return RankBootstrap(recipes, per_column, intervals, first, prob, spearman, metrics, weights, confidence,
+                         separation)
+
+
+def seed_weights(records: pd.DataFrame, draws: int, seed: int = 0) -> np.ndarray:
+    """(draws, records): per draw, how often each record's training seed was drawn from its entry's seeds.
+
+    Per entry, k seeds are drawn with replacement from its k seeds (the same draw for all its settings and
+    datasets: a seed label is one replicate). Its own random stream, so the evaluation-sample draws of a given
+    seed do not change with the number of training seeds.
+    """
+    rng = np.random.default_rng([int(seed), 1])
+    weights = np.ones((draws, len(records)))
+    labels = records["train_seed"].to_numpy()
+    for _, rows in sorted(records.groupby("entry", sort=True).indices.items()):
+        seeds, position = np.unique(labels[rows], return_inverse=True)
+        if len(seeds) > 1:
+            counts = rng.multinomial(len(seeds), np.full(len(seeds), 1.0 / len(seeds)), size=draws)
+            weights[:, rows] = counts[:, position]
+    return weights
+
+
+def _cells(records: pd.DataFrame, pooled: pd.DataFrame) -> np.ndarray:
+    """For every record, the row of pooled (its entry and control setting)."""
+    where = {key: i for i, key in enumerate(pooled[["recipe", "dataset", "setting", "ema"]].itertuples(index=False,
+                                                                                                      name=None))}
+    keys = records[["entry", "dataset", "setting", "ema"]].itertuples(index=False, name=None)
+    return np.array([where[key] for key in keys], dtype=np.int64)
+
+
+def pool_draws(values: np.ndarray, weights: np.ndarray, cells: np.ndarray, n_cells: int) -> np.ndarray:
+    """(B, cells): per draw the weighted mean of the records' values in each cell (entry x control setting).
+
+    A drawn record with a NaN value makes the cell NaN (last front); a cell none of whose seeds was drawn (a seed
+    lacking that setting) takes the mean over all its records.
+    """
+    member = np.zeros((len(cells), n_cells))
+    member[np.arange(len(cells)), cells] = 1.0
+    drawn = weights > 0
+    nan = np.isnan(values)
+    num = np.where(drawn & ~nan, weights * np.nan_to_num(values), 0.0) @ member
+    den = weights @ member
+    every = np.nan_to_num(values) @ member / np.maximum(member.sum(axis=0), 1.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(den > 0, num / np.where(den > 0, den, 1.0), every)
+    out[((drawn & nan).astype(float) @ member > 0) & (den > 0)] = np.nan
+    out[(nan.astype(float) @ member > 0) & (den == 0)] = np.nan
+    return out
 
 
 def prob_better(avg: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 from scipy import stats
 
@@ -73,3 +74,30 @@ def spearman_vs_paper(average_ranks: pd.DataFrame) -> pd.DataFrame:
             rho, p_value = float(result.statistic), float(result.pvalue)
         rows.append({"column": column, "n_shared": len(both), "spearman": rho, "p_value": p_value})
     return pd.DataFrame(rows, columns=["column", "n_shared", "spearman", "p_value"])
+
+
+def spearman_draws(draws: dict[str, np.ndarray], recipes, confidence: float = 0.9) -> pd.DataFrame:
+    """Percentile interval of the Spearman correlation with Table 1 over bootstrap draws of the average ranks.
+
+    draws: column -> (B, recipes) average ranks. Over the recipes Table 1 shares with the draws; a draw whose
+    ranks are all tied has no correlation and is left out.
+    """
+    paper = paper_ranks(recipes)
+    tail = 100.0 * (1.0 - confidence) / 2.0
+    rows = []
+    for column in COLUMNS:
+        avg = np.asarray(draws[column], float)
+        shared = paper[column].notna().to_numpy() & np.isfinite(avg).all(axis=0)
+        lo = hi = math.nan
+        theirs = paper[column].to_numpy(float)[shared]
+        if shared.sum() >= MIN_SHARED and len(np.unique(theirs)) > 1:
+            ours = stats.rankdata(avg[:, shared], axis=1)
+            ours = ours - ours.mean(axis=1, keepdims=True)
+            ref = stats.rankdata(theirs) - stats.rankdata(theirs).mean()
+            norm = np.sqrt((ours**2).sum(axis=1) * (ref**2).sum())
+            with np.errstate(invalid="ignore", divide="ignore"):
+                rho = np.where(norm > 0, ours @ ref / np.where(norm > 0, norm, 1.0), np.nan)
+            if np.isfinite(rho).any():
+                lo, hi = np.nanpercentile(rho, [tail, 100.0 - tail])
+        rows.append({"column": column, "lo": float(lo), "hi": float(hi)})
+    return pd.DataFrame(rows, columns=["column", "lo", "hi"])

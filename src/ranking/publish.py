@@ -26,7 +26,9 @@ def wandb_mode() -> str | None:
 
 
 def publish_wandb(report, paths: dict[str, Path], project: str | None = None) -> str:
-    """Log the rank tables and figures to one W&B run (group = sweep name); returns the run's files directory."""
+    """Log the rank tables, figures, sample sheets and the HTML report to one W&B run (group = sweep name); returns
+    the run's files directory. Sample sheets (samples_*.png, steps_cfg_*.png) go under samples/, other PNGs
+    under figures/."""
     import wandb
 
     from src.ranking.report import table1
@@ -43,10 +45,14 @@ def publish_wandb(report, paths: dict[str, Path], project: str | None = None) ->
     )
     try:
         shown = table1(report)
+        pngs = {name: Path(p) for name, p in paths.items() if Path(p).suffix == ".png"}
+        sample = lambda name: name.startswith(("samples_", "steps_cfg_"))  # noqa: E731
+        html = Path(paths["report_html"]) if "report_html" in paths else None
         run.log({
             "rank_table": wandb.Table(columns=shown.headers, data=shown.rows),
             "average_rank_table": wandb.Table(dataframe=report.table.reset_index().astype(str)),
-            **{f"figures/{name}": wandb.Image(str(p)) for name, p in paths.items() if Path(p).suffix == ".png"},
+            **{f"{'samples' if sample(name) else 'figures'}/{name}": wandb.Image(str(p)) for name, p in pngs.items()},
+            **({"report": wandb.Html(html, inject=False)} if html is not None and html.is_file() else {}),
         })
         for row in report.spearman.itertuples(index=False):
             if np.isfinite(row.spearman):

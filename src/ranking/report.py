@@ -2,11 +2,14 @@
 
 Writes into reports/<sweep name>/ (or --out): report.md (Table 1 and Table 2 forms, notes), report.html
 (tables and figures embedded), CSVs of every table, and PNG figures; prints Table 1 to the terminal.
+
+The training seeds of a recipe are replicates of one entry (see src/ranking/aggregate.py): fronts per control
+setting on the seed-mean CLIP score and FID; the bootstrap resamples seeds and evaluation samples, so the
+intervals, the first-front probabilities and the separability verdicts include training-seed variance.
 """
 from __future__ import annotations
 
 import argparse
-import base64
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +19,13 @@ import numpy as np
 import pandas as pd
 
 from src.ranking.aggregate import (
-    SETTING_KEY, Sweep, average_ranks, describe_fifty_step, load_sweep, missing_settings, rank_table, setting_groups,
-    setting_label,
+    LEGACY_SAMPLER, SETTING_KEY, Sweep, average_ranks, check_fid_features, describe_column,
+    describe_fifty_step, load_sweep, missing_settings, pool_seeds, rank_table, restrict_sampler, seed_counts,
+    setting_groups, setting_label,
 )
 from src.ranking.bootstrap import RankBootstrap, bootstrap_ranks, inseparable_pairs
 from src.ranking.paper import COLUMNS, paper_ranks, spearman_vs_paper
+from src.ranking.samples import sample_figures
 from src.ranking.plots import plot_average_ranks, plot_metrics_vs_steps, plot_pareto_fronts, save_figure
 from src.ranking.tables import Table, fmt
 from src.utils.io import atomic_write_bytes
@@ -29,6 +34,11 @@ DEFAULT_MULTIRUN = Path("outputs/multirun")
 DEFAULT_REPORTS = Path("reports")
 DEFAULT_DRAWS = 200
 TABLE2_STEPS = 25  # the paper's Table 2 compares metrics at 25 sampling steps, EMA weights
+FEWER_SEEDS = "\u2020"  # marks an entry with fewer training seeds than the most any entry has
+FEATURE_NAMES = {"clip_raw": "raw (un-normalised) CLIP image embeddings, as the paper",
+                 "clip_l2norm": "L2-normalised CLIP image embeddings (results written before FID moved to raw "
+                                "embeddings; not the paper's definition, re-evaluate with `python -m src.evaluate "
+                                "RUN_DIR`)"}
 
 
 class NoResultsError(RuntimeError):
@@ -40,8 +50,9 @@ class RankReport:
     """Everything the report shows: ranked records, the average-rank table, notes and bootstrap draws."""
 
     sweep: Sweep
-    ranked: pd.DataFrame  # records with their front per control setting
-    table: pd.DataFrame  # per recipe: averages, 'n <column>', '<column> lo/hi', 'paper <column>'
+    records: pd.DataFrame  # one row per entry, training seed and control setting (after --sampler)
+    ranked: pd.DataFrame  # per entry ('recipe') and control setting: seed-mean metrics, n_seeds, front
+    table: pd.DataFrame  # per entry: averages, 'n <column>', 'P(front 1) <column>', '<column> lo/hi', seeds, paper
     n_settings: dict[str, int]  # control settings per column in the sweep
     missing: dict[str, list[str]]
     spearman: pd.DataFrame
@@ -49,6 +60,9 @@ class RankReport:
     bootstrap: RankBootstrap | None
     draws: int
     seed: int
+    column_notes: dict[str, str]  # column -> which control settings it averages
+    sampler_note: str
+    max_seeds: int
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -56,14 +70,21 @@ class RankReport:
 
 def build_report(
     sweep_dirs: Sequence[Path | str],
-    fifty_step_cfg: Sequence[float] | None = None,
+    fifty_step_cfg: Sequence[float] | str | None = None,
     draws: int = DEFAULT_DRAWS,
     seed: int = 0,
     confidence: float = 0.9,
     separation: float = 0.95,
     progress: Callable[[str], None] | None = None,
+    sampler: str | None = None,
+    device: str = "cpu",
 ) -> RankReport:
-    """Load the sweeps, rank every control setting, average, bootstrap and compare with the paper."""
+    """Load the sweeps, pool training seeds, rank every control setting, average, bootstrap, compare with the paper.
+
+    fifty_step_cfg: CFG scale(s) of the 50-step column, "all", or None for the default (CFG 5.0 when present).
+    sampler: rank only the records of this sampler; None ranks every sampler, variants as separate entries.
+    A sweep whose records mix FID feature definitions is refused (ValueError naming the runs to re-evaluate).
+    """
     if int(draws) < 0:
         raise ValueError(f"bootstrap draws={draws!r}: must be 0 (off) or a positive integer")
     sweep = load_sweep(sweep_dirs)
@@ -71,21 +92,44 @@ def build_report(
         counts = sweep.runs["status"].value_counts().to_dict()
         where = ", ".join(str(r.resolve()) for r in sweep.roots)
         raise NoResultsError(f"no results found in {where} ({len(sweep.runs)} run directories: {counts or 'none'})")
-    ranked = rank_table(sweep.records)
+    check_fid_features(pd.concat([sweep.records, sweep.duplicates]))  # before a rerun's record hides an older one
+    records = sweep.records if sampler is None else restrict_sampler(sweep.records, sampler)
+    ranked = rank_table(pool_seeds(records))
     groups = setting_groups(ranked, fifty_step_cfg)
     table = average_ranks(ranked, groups)
     n_settings = {c: int(ranked[np.asarray(groups[c])].drop_duplicates(SETTING_KEY).shape[0]) for c in COLUMNS}
-    boot = bootstrap_ranks(ranked, groups, draws, seed, confidence, separation, progress) if draws else None
+    boot = bootstrap_ranks(records, ranked, groups, draws, seed, confidence, separation, progress,
+                           device) if draws else None
     if boot is not None:
-        table = table.join(boot.intervals)
-    table = table.join(paper_ranks(table.index).add_prefix("paper "))
+        table = table.drop(columns=list(boot.first_front.columns)).join(boot.intervals).join(boot.first_front)
+    seeds = seed_counts(records)
+    table = table.join(seeds).join(paper_ranks(table.index).add_prefix("paper "))
     missing = missing_settings(ranked)
     table["missing settings"] = [len(missing.get(r, [])) for r in table.index]
+    spearman = spearman_vs_paper(table[list(COLUMNS)])
+    if boot is not None:
+        spearman = spearman.merge(boot.spearman, on="column", how="left")
     return RankReport(
-        sweep=sweep, ranked=ranked, table=table, n_settings=n_settings, missing=missing,
-        spearman=spearman_vs_paper(table[list(COLUMNS)]), fifty_step_note=describe_fifty_step(ranked, fifty_step_cfg),
-        bootstrap=boot, draws=int(draws), seed=seed,
+        sweep=sweep, records=records, ranked=ranked, table=table, n_settings=n_settings, missing=missing,
+        spearman=spearman, fifty_step_note=describe_fifty_step(ranked, fifty_step_cfg), bootstrap=boot,
+        draws=int(draws), seed=seed, column_notes={c: describe_column(ranked, groups[c]) for c in COLUMNS},
+        sampler_note=_sampler_note(sweep.records, sampler), max_seeds=int(seeds["seeds"].max()),
     )
+
+
+def _sampler_note(records: pd.DataFrame, sampler: str | None) -> str:
+    """Which sampler(s) the ranking covers."""
+    present = sorted(records["sampler"].unique())
+    legacy = " (records without a sampler field count as rf_time, the shared Euler sampler on the RF-time grid)" \
+        if LEGACY_SAMPLER in present else ""
+    if sampler is not None:
+        others = [s for s in present if s != sampler]
+        return (f"Sampler: restricted to {sampler} (--sampler); "
+                + (f"left out: {', '.join(others)}" if others else "the sweep has no other") + f"{legacy}.")
+    if len(present) == 1:
+        return f"Sampler: {present[0]} for every record{legacy}."
+    return (f"Sampler: the sweep has {len(present)} samplers ({', '.join(present)}); each sampler variant is its own "
+            f"entry (e.g. [sampler={present[-1]}]); --sampler NAME ranks one{legacy}.")
 
 
 def metrics_table(ranked: pd.DataFrame, steps: int = TABLE2_STEPS, ema: bool = True) -> pd.DataFrame:
@@ -103,13 +147,16 @@ def metrics_table(ranked: pd.DataFrame, steps: int = TABLE2_STEPS, ema: bool = T
 
 
 def table1(report: RankReport) -> Table:
-    """Table 1 form: average rank over all / 5-step / 50-step settings with intervals, n and the paper's ranks."""
+    """Table 1 form: per entry the average rank over all / 5-step / 50-step settings with intervals and n, the
+    probability of being on the first front, the number of training seeds, and the paper's ranks."""
     has_paper = report.table[[f"paper {c}" for c in COLUMNS]].notna().any().any()
     headers = ["recipe"] + [f"{c} (n={report.n_settings[c]})" for c in COLUMNS]
+    headers += [f"P(front 1) {c}" for c in COLUMNS] + ["seeds"]
     headers += [f"paper {c}" for c in COLUMNS] if has_paper else []
     rows = []
     for recipe, row in report.table.iterrows():
-        cells = [recipe + (" *" if recipe in report.missing else "")]
+        cells = [recipe + (" *" if recipe in report.missing else "") + (f" {FEWER_SEEDS}" if _fewer_seeds(report, row)
+                                                                        else "")]
         for c in COLUMNS:
             cell = fmt(row[c])
             if f"{c} lo" in row and np.isfinite(row[c]):
@@ -117,9 +164,17 @@ def table1(report: RankReport) -> Table:
             if row[f"n {c}"] != report.n_settings[c]:
                 cell += f" (n={int(row[f'n {c}'])})"
             cells.append(cell)
+        cells += [fmt(row[f"P(front 1) {c}"]) for c in COLUMNS]
+        seeds, fewest = int(row["seeds"]), int(row["seeds min"])
+        cells.append(str(seeds) if fewest == seeds else f"{fewest}-{seeds}")
         cells += [fmt(row[f"paper {c}"]) for c in COLUMNS] if has_paper else []
         rows.append(cells)
     return Table(headers, rows)
+
+
+def _fewer_seeds(report: RankReport, row: pd.Series) -> bool:
+    """An entry with fewer training seeds (in some setting) than the most any entry has."""
+    return int(row["seeds min"]) < report.max_seeds
 
 
 def table2(report: RankReport) -> Table | None:
@@ -171,46 +226,71 @@ def status_lines(report: RankReport) -> list[str]:
 
 
 def notes(report: RankReport) -> list[str]:
-    """The footnotes of Table 1: definitions, missing settings, bootstrap, paper comparison."""
+    """The footnotes of Table 1: definitions, settings per column, seeds, sampler, bootstrap, paper comparison."""
+    kinds = sorted(report.records["fid_features"].unique())
     out = [
         "Rank: per control setting (dataset, sampler setting, EMA or raw weights), non-dominated sorting of the "
-        "recipes on CLIP score (higher better) and FID on CLIP features (lower better); front 1 is non-dominated. "
-        "A recipe's rank is its mean front over a column's settings; n = settings averaged.",
-        report.fifty_step_note,
+        "entries on CLIP score (higher better) and FID on CLIP features (lower better); front 1 is non-dominated. "
+        "The training seeds of a recipe are replicates of one entry: it is sorted on the means over its seeds "
+        "(seed-mean CLIP score and FID). An entry's rank is its mean front over a column's settings; n = settings "
+        "averaged. P(front 1): the share of the column's settings in which the entry is on the first front"
+        + (" (over the bootstrap draws)." if report.bootstrap is not None else "."),
+        "FID features: " + "; ".join(FEATURE_NAMES.get(k, k) for k in kinds) + ".",
+        *[f"{c} column: {report.column_notes[c]}." for c in COLUMNS[:2]],
+        f"{report.fifty_step_note[:-1]} ({report.column_notes['50 steps']}).",
+        _seed_note(report),
+        report.sampler_note,
     ]
     boot = report.bootstrap
     if boot is not None:
         out.append(
-            f"[lo, hi]: {boot.confidence:.0%} percentile interval over {report.draws} paired bootstrap draws of the "
-            f"evaluation samples and reference images (seed {report.seed}). Two recipes are separated when one ranks "
-            f"better in at least {boot.separation:.0%} of the draws (ties count half). A percentile interval of a "
-            "rank need not contain the point value: resampling changes which recipes tie on a front. The intervals "
-            "cover evaluation sampling noise only, not the variation between training runs (seeds)."
+            f"[lo, hi]: {boot.confidence:.0%} percentile interval over {report.draws} bootstrap draws (seed "
+            f"{report.seed}), each resampling every entry's training seeds and, paired across entries, the evaluation "
+            "samples and reference images, so the intervals include training-seed variance (none for an entry with "
+            "one seed). "
+            + (f"Two entries are separated when one ranks better in at least {boot.separation:.0%} of the draws "
+               "(ties count half). " if len(report.table) > 1 else "")
+            + "A percentile interval of a rank need not contain the point value: resampling changes which entries "
+            "tie on a front."
         )
         pairs = inseparable_pairs(boot.prob_better["all"], boot.separation, list(report.table.index))
-        out.append(f"{len(pairs)} pair{'s' * (len(pairs) != 1)} of recipes cannot be separated over all settings "
-                   "(listed below)." if pairs
-                   else "The bootstrap separates every pair of recipes over all settings.")
+        if len(report.table) > 1:  # with one entry there is no pair to separate
+            out.append(f"{len(pairs)} pair{'s' * (len(pairs) != 1)} of entries cannot be separated over all "
+                       "settings (listed below)." if pairs
+                       else "The bootstrap separates every pair of entries over all settings.")
         if boot.metrics.fixed:
             out.append(f"{len(boot.metrics.fixed)} records could not be resampled and keep their values in every draw "
                        f"(e.g. {next(iter(boot.metrics.fixed.values()))}).")
-        for row, why in boot.metrics.inconsistent.items():
-            out.append(f"WARNING: {_record_label(report.ranked, row)}: {why}.")
     else:
-        out.append("No bootstrap (--bootstrap 0): the averages carry no intervals.")
+        out.append("No bootstrap (--bootstrap 0): the averages carry no intervals; entries are still ranked on "
+                   "their seed-mean metrics.")
     for recipe, lacks in report.missing.items():
         shown = "; ".join(lacks[:6]) + (f"; ... ({len(lacks) - 6} more)" if len(lacks) > 6 else "")
         out.append(f"* {recipe} lacks {len(lacks)} of {report.n_settings['all']} settings: {shown}.")
     bad = report.ranked[~np.isfinite(report.ranked[["clip_score", "fid_clip"]].to_numpy(float)).all(axis=1)]
     if len(bad):
-        out.append(f"{len(bad)} records with a non-finite CLIP score or FID were put in the last front of their "
-                   "setting: "
+        out.append(f"{len(bad)} entries x settings with a non-finite CLIP score or FID (in at least one seed) were put "
+                   "in the last front of their setting: "
                    + "; ".join(_record_label(report.ranked, i) for i in bad.index[:6]) + ".")
     if len(report.sweep.duplicates):
-        out.append(f"{len(report.sweep.duplicates)} duplicate records (same recipe and control setting) were "
+        out.append(f"{len(report.sweep.duplicates)} duplicate records (same recipe, seed and control setting) were "
                    "dropped, keeping the newest by 'created'.")
     out.append(spearman_line(report.spearman))
     return out
+
+
+def _seed_note(report: RankReport) -> str:
+    """How many training seeds the entries have, and which have fewer."""
+    table = report.table
+    fewer = [r for r, row in table.iterrows() if _fewer_seeds(report, row)]
+    counts = sorted(set(table["seeds"].astype(int)))
+    text = (f"Seeds: every entry has {counts[0]} training seed{'s' * (counts[0] != 1)}" if len(counts) == 1 and
+            not fewer else f"Seeds: entries have {counts[0]} to {counts[-1]} training seeds ('seeds' column)")
+    if fewer:
+        text += (f"; {FEWER_SEEDS} marks entries with fewer than {report.max_seeds} seeds (in some setting), ranked "
+                 "on the seeds they have: " + ", ".join(fewer[:8])
+                 + (f" and {len(fewer) - 8} more" if len(fewer) > 8 else ""))
+    return text + "."
 
 
 def spearman_line(spearman: pd.DataFrame) -> str:
@@ -220,8 +300,10 @@ def spearman_line(spearman: pd.DataFrame) -> str:
         return "Paper comparison: no recipe of this sweep is in the paper's Table 1."
     parts = []
     for row in spearman.itertuples(index=False):
-        value = f"{row.spearman:.2f} (p={row.p_value:.2g}, {row.n_shared} recipes)" if np.isfinite(row.spearman) else \
-            f"n/a ({row.n_shared} shared recipes, need >= 3 with distinct ranks)"
+        interval = f", bootstrap interval [{row.lo:.2f}, {row.hi:.2f}]" if "lo" in spearman and np.isfinite(row.lo) \
+            else ""
+        value = f"{row.spearman:.2f} (p={row.p_value:.2g}, {row.n_shared} recipes{interval})" \
+            if np.isfinite(row.spearman) else f"n/a ({row.n_shared} shared recipes, need >= 3 with distinct ranks)"
         parts.append(f"{row.column}: {value}")
     return ("Spearman correlation with the paper's Table 1 over shared recipes: " + "; ".join(parts)
             + " (the paper ranks 61 recipes on other data; its 50-step column may average other CFG scales).")
@@ -255,23 +337,11 @@ def markdown(report: RankReport, figures: dict[str, Path] | None = None) -> str:
 
 
 def html_page(report: RankReport, figures: dict[str, Path] | None = None) -> str:
-    """A self-contained HTML page with the tables and the figures embedded."""
-    import html as html_lib
+    """A self-contained HTML page with the tables, figures and samples embedded (src/ranking/html.py)."""
+    from src.ranking import html
 
-    esc = html_lib.escape
-    body = [f"<h1>Rank report: {esc(report.sweep.name)}</h1>", *[f"<p>{esc(s)}</p>" for s in status_lines(report)],
-            "<h2>Average rank (paper Table 1 form)</h2>", table1(report).html(),
-            "<ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes(report)) + "</ul>"]
-    for title, table in _extra_tables(report):
-        body += [f"<h2>{esc(title)}</h2>", table.html()]
-    for name, path in (figures or {}).items():
-        data = base64.b64encode(Path(path).read_bytes()).decode()
-        body += [f"<h2>{esc(name)}</h2>", f'<img alt="{esc(name)}" src="data:image/png;base64,{data}">']
-    style = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto}"
-             "table{border-collapse:collapse;font-size:13px}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}img{max-width:100%}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Rank report: {esc(report.sweep.name)}</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+    return html.html_page(f"Rank report: {report.sweep.name}", status_lines(report), report.table, notes(report),
+                          figures or {}, _extra_tables(report))
 
 
 def _extra_tables(report: RankReport) -> list[tuple[str, Table]]:
@@ -285,7 +355,7 @@ def _extra_tables(report: RankReport) -> list[tuple[str, Table]]:
 
 
 def _record_label(ranked: pd.DataFrame, row: int) -> str:
-    """A record named by recipe and control setting."""
+    """An entry named with a control setting."""
     rec = ranked.iloc[int(row)]  # ranked keeps load_sweep's RangeIndex, so labels are positions
     return f"{rec['recipe']} @ {setting_label(rec['dataset'], rec['setting'], rec['ema'])}"
 
@@ -303,10 +373,12 @@ def write_report(report: RankReport, out_dir: Path | str) -> dict[str, Path]:
         "Metrics versus sampling steps": (plot_metrics_vs_steps(report.ranked), "metrics_vs_steps.png"),
     }
     figures = {title: save_figure(fig, out / name) for title, (fig, name) in figures.items()}
+    figures.update(sample_figures(report.ranked, out, list(report.table.index)))  # src/ranking/samples.py
     paths = {f.stem: f for f in figures.values()}
     csvs = {
         "ranks": report.table.reset_index(),
-        "records": report.ranked.drop(columns=["config"], errors="ignore"),
+        "fronts": report.ranked,
+        "records": report.records.drop(columns=["config"], errors="ignore"),
         "runs": report.sweep.runs,
         "spearman": report.spearman,
         "table2": _flat_columns(metrics_table(report.ranked)).reset_index(),
@@ -360,16 +432,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("sweeps", nargs="*", type=Path,
                         help="sweep directories (default: the latest under --multirun-root)")
     parser.add_argument("--out", type=Path, help="report directory (default reports/<sweep name>)")
-    parser.add_argument("--fifty-step-cfg", type=float, nargs="+", metavar="CFG",
-                        help="CFG scale(s) of the 50-step column (default: all 50-step settings)")
+    parser.add_argument("--fifty-step-cfg", nargs="+", metavar="CFG",
+                        help="CFG scale(s) of the 50-step column, or 'all' (default: 5.0, the 5-step column's scale, "
+                             "when the sweep has it, else all 50-step settings)")
+    parser.add_argument("--sampler", metavar="NAME",
+                        help="rank only this sampler's records (default: every sampler, variants as separate entries)")
     parser.add_argument("--bootstrap", type=int, default=DEFAULT_DRAWS, metavar="N", help="bootstrap draws, 0 = off")
     parser.add_argument("--confidence", type=float, default=0.9, help="bootstrap interval level")
     parser.add_argument("--separation", type=float, default=0.95, help="ordering probability that separates recipes")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the bootstrap's Frechet distances run: auto = a GPU when torch sees one, else cpu")
     parser.add_argument("--multirun-root", type=Path, default=DEFAULT_MULTIRUN, help="where sweeps live")
     parser.add_argument("--wandb", action="store_true",
                         help="publish to W&B (offline unless WANDB_MODE or the user's W&B settings say otherwise)")
     return parser.parse_args(argv)
+
+
+def _fifty_step_arg(values: Sequence[str] | None) -> list[float] | str | None:
+    """--fifty-step-cfg: None (default), 'all', or CFG scales; a clear error for anything else."""
+    if values is None:
+        return None
+    if list(values) == ["all"]:
+        return "all"
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        raise ValueError(f"--fifty-step-cfg {' '.join(values)}: give CFG scale(s) (e.g. 5.0) or 'all'") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -377,8 +466,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         sweeps = args.sweeps or [latest_sweep(args.multirun_root)]
-        report = build_report(sweeps, args.fifty_step_cfg, args.bootstrap, args.seed, args.confidence, args.separation,
-                              progress=lambda line: print(line, file=sys.stderr, flush=True))
+        report = build_report(sweeps, _fifty_step_arg(args.fifty_step_cfg), args.bootstrap, args.seed, args.confidence,
+                              args.separation, progress=lambda line: print(line, file=sys.stderr, flush=True),
+                              sampler=args.sampler, device=args.device)
     except (NoResultsError, FileNotFoundError, ValueError) as exc:
         print(f"rank report: error: {exc}", file=sys.stderr)
         return 1

@@ -10,7 +10,13 @@ from torch import Tensor
 from src.formulations.base import Formulation
 
 
-def _check_shift(alpha: float) -> float:
+def check_steps(steps: int) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    return steps
+
+
+def check_shift(alpha: float) -> float:
     try:
         value = float(alpha)
     except (TypeError, ValueError):
@@ -21,8 +27,8 @@ def _check_shift(alpha: float) -> float:
 
 
 def shift_time(t: Tensor | float, alpha: float) -> Tensor | float:
-    """Timestep shift t_m = alpha t / (1 + (alpha - 1) t) (paper section 5.3.2, docs/sampling.md#timestep-shift); identity at alpha = 1."""
-    alpha = _check_shift(alpha)
+    """Timestep shift t_m = alpha t / (1 + (alpha - 1) t) (paper section 5.3.2, SPEC 5); identity at alpha = 1."""
+    alpha = check_shift(alpha)
     return alpha * t / (1.0 + (alpha - 1.0) * t)
 
 
@@ -33,9 +39,8 @@ def rf_time_grid(formulation: Formulation, steps: int, shift: float = 1.0) -> Te
     shift the first point is exactly the formulation's largest noise level tau_max (the shift never asks for
     more noise than the formulation trains on). For rf (tau_max = 1) this is the paper's shifted grid.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    shift = _check_shift(shift)
+    check_steps(steps)
+    shift = check_shift(shift)
     t_max = torch.tensor([formulation.t_max], dtype=torch.float64)
     a, b = formulation.a(t_max), formulation.b(t_max)
     tau_max = float((b / (a + b))[0])  # = sigma / (1 + sigma), finite also where a_t = 0 (rf at t = 1)

@@ -1,40 +1,99 @@
-"""Lightning data module over the webdataset shards (embedded or precomputed real data)."""
+"""Lightning data module over the webdataset shards (embedded or precomputed real data).
+
+Which samples a training step sees is a function of (seed, step, rank, world size) only, in memory and streaming
+alike: step k draws the indices of its global batch from a generator seeded by (seed, k), rank r of `world` takes
+rows [r B/world, (r+1) B/world) of it, and loader worker w of W produces the steps k = w (mod W). So
+- a run resumed at step k sees the batches an uninterrupted run sees from step k on (exact resume);
+- ranks hold disjoint slices of the one global batch a single process would draw (DDP = one process);
+- workers split the steps, never the samples of a step, and no two workers produce the same step;
+- streaming (`in_memory=false`: each worker reads the samples it needs from the shard files) and in-memory
+  training see identical batches, bit for bit.
+Indices are drawn uniformly with replacement, as the in-memory path always has.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from src.data.shards import load_eval_set, make_loader
+from src.data.shards import ShardSamples, load_eval_set
 from src.training.module import step_generator
+
+log = logging.getLogger(__name__)
+
+DATA_STREAM_OFFSET = 17  # keeps the data's stream apart from the step's own draws (t, noise, dropout)
+
+
+def global_batch_indices(seed: int, step: int, batch_size: int, n: int) -> torch.Tensor:
+    """The dataset indices of step `step`'s global batch (uniform, with replacement)."""
+    return torch.randint(n, (batch_size,), generator=step_generator(seed, step + DATA_STREAM_OFFSET))
+
+
+class InMemorySamples:
+    """A dict of equally long tensors, indexed like ShardSamples."""
+
+    def __init__(self, tensors: dict):
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def batch(self, indices: torch.Tensor) -> dict:
+        return {k: v[indices] for k, v in self.tensors.items()}
 
 
 class StepIndexedBatches(IterableDataset):
-    """Infinite batches from in-memory tensors; the global batch of step k depends only on (seed, k).
+    """Infinite batches for this rank from step `start_step` on; see the module docstring.
 
-    Rank r of `world` takes its slice of that global batch, so any number of ranks trains on the same samples.
-    Iteration starts at `start_step()`, so a run resumed from a checkpoint sees the same batches as an
-    uninterrupted one.
+    source: a dict of tensors (in memory) or anything with `len()` and `batch(indices) -> dict` (ShardSamples).
+    Under a DataLoader with W workers, worker w yields steps start + w, start + w + W, ...; the DataLoader takes
+    one batch from each worker in turn, so the batches arrive in step order.
     """
 
-    def __init__(self, tensors: dict, batch_size: int, seed: int, start_step: Callable[[], int],
-                 rank: int = 0, world: int = 1):
-        self.tensors, self.batch_size, self.seed, self.start_step = tensors, batch_size, seed, start_step
+    def __init__(self, source, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world: int = 1):
+        if batch_size % world:
+            raise ValueError(f"data.batch_size={batch_size}: the global batch must divide over {world} ranks")
+        self.source = InMemorySamples(source) if isinstance(source, dict) else source
+        self.batch_size, self.seed, self.start_step = batch_size, seed, start_step
         self.rank, self.world = rank, world
-        self.n = next(iter(tensors.values())).shape[0]
+        self.n = len(self.source)
+
+    def indices(self, step: int) -> torch.Tensor:
+        """This rank's rows of step `step`'s global batch."""
+        per_rank = self.batch_size // self.world
+        return global_batch_indices(self.seed, step, self.batch_size, self.n)[self.rank * per_rank:
+                                                                              (self.rank + 1) * per_rank]
 
     def __iter__(self) -> Iterator[dict]:
-        step = self.start_step()
-        per_rank = self.batch_size // self.world
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        step = self.start_step + worker
         while True:
-            # Offset 17 keeps the data's stream apart from the step's own draws (t, noise, dropout).
-            g = step_generator(self.seed, step + 17)
-            idx = torch.randint(self.n, (self.batch_size,), generator=g)[self.rank * per_rank : (self.rank + 1) * per_rank]
-            yield {k: v[idx] for k, v in self.tensors.items()}
-            step += 1
+            yield self.source.batch(self.indices(step))
+            step += workers
+
+
+class StepLoader(DataLoader):
+    """A DataLoader whose every iteration starts at the trainer's current step.
+
+    The start is read here, in the main process, when iteration begins (after Lightning restored a checkpoint),
+    and travels to the workers as a plain number. Workers are not persistent: a new iteration (a resumed fit, a new
+    epoch) starts fresh workers at the new step, never workers that are still at the old one. An iteration lasts
+    the whole fit (the stream is endless), so persistent workers would save nothing.
+    """
+
+    def __init__(self, dataset: StepIndexedBatches, start_step: Callable[[], int], num_workers: int = 0):
+        super().__init__(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                         pin_memory=torch.cuda.is_available(), prefetch_factor=2 if num_workers else None)
+        self._start_step = start_step
+
+    def __iter__(self):
+        self.dataset.start_step = int(self._start_step())
+        return super().__iter__()
 
 
 class _FixedBatches(IterableDataset):
@@ -46,7 +105,11 @@ class _FixedBatches(IterableDataset):
 
 
 class ShardDataModule(L.LightningDataModule):
-    """Training batches from `train_dir` (batch_size is global, split over ranks); a fixed validation batch."""
+    """Training batches from `train_dir` (batch_size is global, split over ranks); a fixed validation batch.
+
+    in_memory: load the training split once per rank (the embedded data); otherwise stream it from the shard files
+    with `num_workers` loader processes per rank. Both give the same batches (module docstring).
+    """
 
     def __init__(
         self,
@@ -59,17 +122,24 @@ class ShardDataModule(L.LightningDataModule):
         val_samples: int = 256,
     ):
         super().__init__()
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers} is not allowed; need >= 0")
         self.train_dir, self.eval_dir = train_dir, eval_dir
         self.batch_size, self.seed = batch_size, seed
         self.in_memory, self.num_workers, self.val_samples = in_memory, num_workers, val_samples
-        self._train: dict | None = None
+        self._train = None
         self._val: dict | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        if self.in_memory and self._train is None:
-            # Every rank holds the whole set (load_eval_set reads all shards, unsplit); ranks differ by seed.
-            data = load_eval_set(self.train_dir)
-            self._train = {k: data[k] for k in ("x0", "context", "pooled")}
+        if self._train is None:
+            if self.in_memory:
+                # Every rank holds the whole set (load_eval_set reads all shards, unsplit); ranks take their rows.
+                data = load_eval_set(self.train_dir)
+                self._train = {k: data[k] for k in ("x0", "context", "pooled")}
+            else:
+                self._train = ShardSamples(self.train_dir)  # the index of where each sample lies; no data read
+                log.info("streaming %d training samples from %s with %d loader worker(s)",
+                         len(self._train), self.train_dir, self.num_workers)
         if self._val is None:
             ev = load_eval_set(self.eval_dir, n=self.val_samples)
             self._val = {k: ev[k] for k in ("x0", "context", "pooled")}
@@ -80,17 +150,9 @@ class ShardDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank = self.trainer.global_rank if self.trainer is not None else 0
         world = self.trainer.world_size if self.trainer is not None else 1
-        if self.batch_size % world:
-            raise ValueError(f"data.batch_size={self.batch_size}: the global batch must divide over {world} ranks")
-        per_rank = self.batch_size // world
-        if self.in_memory:
-            ds = StepIndexedBatches(self._train, self.batch_size, self.seed, self._global_step, rank, world)
-            return DataLoader(ds, batch_size=None, num_workers=0)
-        loader = make_loader(
-            self.train_dir, batch_size=per_rank, shuffle=True, seed=self.seed + self._global_step,
-            resampled=True, epoch_batches=None, num_workers=self.num_workers,
-        )
-        return loader
+        ds = StepIndexedBatches(self._train, self.batch_size, self.seed, 0, rank, world)
+        # In memory, the batch is a tensor index: workers would only add copies between processes.
+        return StepLoader(ds, self._global_step, num_workers=0 if self.in_memory else self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(_FixedBatches([self._val]), batch_size=None, num_workers=0)

@@ -5,6 +5,7 @@ Called by the Hydra entry point (src/run.py) with a composed configuration, and 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -16,50 +17,124 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from src.config import ConfigError, diff_keys, fingerprint, to_dict
-from src.launch.preemption import PreemptionCheckpoint, submitit_signal
+from src.config import ConfigError, diff_keys, fingerprint, parse_loss, to_dict, without_throughput_keys
+from src.launch.rundir import is_launch_rank_zero
+from src.launch.preemption import InterruptCheckpoint, PreemptionCheckpoint, submitit_signal
 from src.launch.strategies import build_strategy
 from src.training.callbacks import SaveLastAtEnd
-from src.training.checkpoint_io import AtomicCheckpointIO
+from src.training.checkpoint_io import AtomicCheckpointIO, checkpoint_to_resume
 from src.training.datamodule import ShardDataModule
 from src.training.module import FormulationModule
-from src.utils.io import atomic_write_json
+from src.training.progress import TrainingProgress
+from src.utils.io import atomic_write_bytes, atomic_write_json, remove_stale_temp_files
+from src.utils.progress import evaluation_hook
 
 log = logging.getLogger(__name__)
 
 DIM_KEYS = ("latent_channels", "latent_size", "context_dim", "pooled_dim")
+CONFIG_FILE = "config.yaml"  # the run's resolved configuration, written when the job binds its directory
 
 
-# ---- configuration checks -------------------------------------------------------------------------
+# ---- configuration checks: every one before any data is built or any file is written --------------------------
 def build_formulation(cfg: DictConfig):
-    from src.formulations import from_config
+    """The recipe's formulation (the loss config is parsed once, in src.config.parse_loss)."""
+    return parse_loss(cfg.loss)
 
+
+def _embedded_shapes(name: str) -> dict:
+    """What the embedded dataset `name` will feed the backbone, known without building it: its images (pixel
+    space) and the tiny CLIP text encoder's widths. Checked against the built shards' meta.json by resolve_data."""
+    from src.data import digits, shapes
+    from src.text import tiny_clip
+
+    images = {"digits": digits, "shapes": shapes}[name]
+    clip = tiny_clip.model_config()
+    return {"latent_channels": images.CHANNELS, "latent_size": images.IMAGE_SIZE,
+            "context_dim": clip["text_cfg"]["width"], "pooled_dim": clip["embed_dim"]}
+
+
+def check_data(cfg: DictConfig) -> dict:
+    """The data settings, checked without building anything; returns the shapes (DIM_KEYS) the backbone will see."""
+    from src.data.shards import read_meta
+
+    data = cfg.data
+    if data.kind == "embedded":
+        from src.data.embedded import check_dataset
+
+        try:
+            check_dataset(data.name)
+        except ValueError as e:
+            raise ConfigError(f"data.name={data.name}: {e}") from None
+        found, where = _embedded_shapes(data.name), f"the embedded {data.name} data"
+    elif data.kind == "shards":
+        for key in ("train_dir", "eval_dir"):
+            if OmegaConf.is_missing(data, key) or data[key] is None:
+                raise ConfigError(f"data.{key} is not set: a folder of shards (python -m src.preprocess ...)")
+            if not (Path(data[key]) / "meta.json").exists():
+                raise ConfigError(f"data.{key}={data[key]}: no webdataset shard folder there (meta.json missing)")
+        found, where = read_meta(data.train_dir), f"the shards in {data.train_dir}"
+    else:
+        raise ConfigError(f"data.kind={data.kind!r}: allowed values are 'embedded', 'shards'")
+    shapes = {}
+    for key in DIM_KEYS:
+        if data[key] is not None and int(data[key]) != int(found[key]):
+            raise ConfigError(f"data.{key}={data[key]}: {where} have {found[key]}")
+        shapes[key] = int(found[key])
+    return shapes
+
+
+def check_model(cfg: DictConfig, shapes: dict) -> None:
+    """Build the configured backbone on the meta device (no memory, no weights) for the data's shapes: a model
+    setting that cannot work is a one-line error before the data are built."""
+    checked = copy.deepcopy(cfg)
+    with open_dict(checked):
+        for key, value in shapes.items():
+            checked.data[key] = value
     try:
-        return from_config(to_dict(cfg.loss))
-    except ValueError as e:
-        raise ConfigError(f"loss: {e}") from None
+        key = repr(OmegaConf.to_container(checked.model, resolve=True))
+        if key in _CHECKED_MODELS:
+            return
+        with torch.device("meta"):
+            hydra.utils.instantiate(checked.model)
+    except Exception as e:  # instantiate wraps constructor errors; surface the model's own message
+        cause = e.__cause__ or e
+        raise ConfigError(f"model: {cause}") from None
+    _CHECKED_MODELS.add(key)
+
+
+_CHECKED_MODELS: set[str] = set()  # model configs already built on the meta device (a sweep checks each once)
+
+
+def check_config(cfg: DictConfig, multirun: bool = False) -> dict:
+    """Every configuration check (values, loss, data, model, evaluation, launch), in that order, before anything is
+    built or written; a ConfigError names the setting. Returns the data shapes."""
+    from src.launch.checks import check_launch
+
+    check_values(cfg)
+    build_formulation(cfg)
+    shapes = check_data(cfg)
+    check_model(cfg, shapes)
+    if cfg.eval.enabled:
+        from src.evaluation.run import check_eval_files
+
+        check_eval_files(cfg.eval)
+    check_launch(cfg, multirun)
+    return shapes
 
 
 def resolve_data(cfg: DictConfig) -> dict:
     """Locate (or build, for embedded data) the shards and fill the data shape keys from their meta.json."""
     from src.data.shards import read_meta
 
+    check_data(cfg)
     data = cfg.data
     if data.kind == "embedded":
         from src.data.embedded import prepare_embedded
 
         dirs = prepare_embedded(data.name, Path(cfg.paths.cache_dir) / "data")
         train_dir, eval_dir = str(dirs["train"]), str(dirs["eval"])
-    elif data.kind == "shards":
-        for key in ("train_dir", "eval_dir"):
-            if OmegaConf.is_missing(data, key):
-                raise ConfigError(f"data.{key} is not set: a folder of shards (python -m src.preprocess ...)")
-        train_dir, eval_dir = data.train_dir, data.eval_dir
-        for key, path in (("data.train_dir", train_dir), ("data.eval_dir", eval_dir)):
-            if not (Path(path) / "meta.json").exists():
-                raise ConfigError(f"{key}={path}: no webdataset shard folder there (meta.json missing)")
     else:
-        raise ConfigError(f"data.kind={data.kind!r}: allowed values are 'embedded', 'shards'")
+        train_dir, eval_dir = data.train_dir, data.eval_dir
     meta = read_meta(train_dir)
     with open_dict(cfg):
         cfg.data.train_dir, cfg.data.eval_dir = train_dir, eval_dir
@@ -73,8 +148,8 @@ def resolve_data(cfg: DictConfig) -> dict:
 
 def check_values(cfg: DictConfig) -> None:
     """Numeric settings in range, or a one-line error naming the setting, its value and what is allowed."""
-    integer, number = (int,), (int, float)
-    checks = [  # key, allowed types, test, what is allowed
+    integer, number, boolean = (int,), (int, float), (bool,)
+    checks = [  # key, allowed types, range test (None: any value of the type), what is allowed
         ("train.max_steps", integer, lambda v: v >= 1, ">= 1"),
         ("train.ema_every", integer, lambda v: v >= 1, ">= 1"),
         ("train.ema_decay", number, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
@@ -86,8 +161,9 @@ def check_values(cfg: DictConfig) -> None:
         ("data.batch_size", integer, lambda v: v >= 1, ">= 1"),
         ("data.val_samples", integer, lambda v: v >= 1, ">= 1"),
         ("seed", integer, lambda v: v >= 0, ">= 0"),
+        ("eval.enabled", boolean, None, "(true or false)"),
     ]
-    if cfg.eval.enabled:  # checked before training, not found out when the evaluation starts
+    if cfg.eval.enabled is True:  # checked before training, not found out when the evaluation starts
         checks += [
             ("eval.n_samples", integer, lambda v: v >= 2, ">= 2 (FID needs two samples)"),
             ("eval.batch_size", integer, lambda v: v >= 1, ">= 1"),
@@ -97,34 +173,78 @@ def check_values(cfg: DictConfig) -> None:
         for i in range(len(cfg.eval.settings)):
             checks += [(f"eval.settings.{i}.steps", integer, lambda v: v >= 1, ">= 1"),
                        (f"eval.settings.{i}.cfg", number, lambda v: v >= 0, ">= 0")]
-        checks += [(f"eval.ema.{i}", (bool,), lambda v: True, "(true or false)") for i in range(len(cfg.eval.ema))]
+        checks += [(f"eval.ema.{i}", boolean, None, "(true or false)") for i in range(len(cfg.eval.ema))]
     for key, types, ok, allowed in checks:
         value = OmegaConf.select(cfg, key)
-        kind = {integer: "an integer", number: "a number", (bool,): "a boolean"}[types]
-        if (isinstance(value, bool) and types != (bool,)) or not isinstance(value, types) or not ok(value):
+        kind = {integer: "an integer", number: "a number", boolean: "a boolean"}[types]
+        # bool is an int subclass: True is no step count, and 1 is no boolean.
+        if isinstance(value, bool) != (types == boolean) or not isinstance(value, types):
             raise ConfigError(f"{key}={value}: must be {kind} {allowed}")
+        if ok is not None and not ok(value):
+            raise ConfigError(f"{key}={value}: must be {kind} {allowed}")
+
+
+def _bound(run_dir: Path) -> bool:
+    """Whether something was trained or evaluated in run_dir (then it belongs to its fingerprint's configuration).
+    A launch that failed before its first checkpoint (a typo in a setting, a missing file) leaves nothing to protect."""
+    return any((run_dir / "checkpoints").glob("*.ckpt")) or (run_dir / "results.json").exists()
+
+
+def _fingerprint_json(cfg: DictConfig) -> dict:
+    return json.loads(json.dumps(fingerprint(cfg), default=str))
+
+
+def fingerprint_changes(cfg: DictConfig, run_dir: Path) -> list[str]:
+    """The keys whose values differ from the configuration a run in run_dir was trained with ([] when the directory
+    holds nothing trained or evaluated yet: a launch that failed before its first checkpoint leaves nothing to
+    protect). cfg must have its data resolved (resolve_data)."""
+    path = run_dir / "fingerprint.json"
+    if not path.exists() or not _bound(run_dir):
+        return []
+    return diff_keys(without_throughput_keys(json.loads(path.read_text())), _fingerprint_json(cfg))
 
 
 def check_fingerprint(cfg: DictConfig, run_dir: Path) -> None:
     """A run directory belongs to one configuration: resuming with another one is an error, not a silent mix.
+    Reads only: a refused launch leaves the directory exactly as it was."""
+    changed = fingerprint_changes(cfg, run_dir)
+    if changed:
+        raise ConfigError(
+            f"{run_dir} holds a run with a different configuration ({', '.join(changed[:5])}); "
+            "use another sweep_name, give this configuration its own directory with run_tag=/<label>, "
+            "or delete the directory"
+        )
 
-    Only once something was trained or evaluated there: a launch that failed before its first checkpoint (a typo in
-    a setting, a missing file) leaves nothing to protect, and its fingerprint is replaced by the next launch's.
-    """
-    path = run_dir / "fingerprint.json"
-    fp = json.loads(json.dumps(fingerprint(cfg), default=str))
-    worked = any((run_dir / "checkpoints").glob("*.ckpt")) or (run_dir / "results.json").exists()
-    if path.exists() and worked:
-        old = json.loads(path.read_text())
-        changed = diff_keys(old, fp)
-        if changed:
-            raise ConfigError(
-                f"{run_dir} holds a run with a different configuration ({', '.join(changed[:5])}); "
-                "use another sweep_name, give this configuration its own directory with run_tag=/<label>, "
-                "or delete the directory"
-            )
-    if not path.exists() or not worked:
-        atomic_write_json(path, fp)
+
+def bind_fingerprint(cfg: DictConfig, run_dir: Path) -> None:
+    """Tie run_dir to this configuration (after check_fingerprint passed), unless a run is already bound there.
+
+    Binding also writes the resolved configuration to config.yaml (what `python -m src.evaluate` re-evaluates the
+    run with); a run directory from before config.yaml existed gets one."""
+    if not (run_dir / "fingerprint.json").exists() or not _bound(run_dir):
+        atomic_write_json(run_dir / "fingerprint.json", _fingerprint_json(cfg))
+        write_run_config(cfg, run_dir)
+    elif not (run_dir / CONFIG_FILE).exists():
+        write_run_config(cfg, run_dir)
+
+
+def write_run_config(cfg: DictConfig, run_dir: Path) -> None:
+    """The resolved configuration, atomically, to run_dir/config.yaml (it belongs to the run: Hydra's
+    .hydra/config.yaml is the launch's)."""
+    try:
+        text = OmegaConf.to_yaml(cfg, resolve=True)
+    except Exception:  # e.g. ${hydra:...} outside a Hydra run (a test calling run_job): kept unresolved
+        text = OmegaConf.to_yaml(cfg)
+    atomic_write_bytes(run_dir / CONFIG_FILE, text.encode("utf-8"))
+
+
+def prepare_job(cfg: DictConfig, run_dir: str | Path, multirun: bool = False) -> dict:
+    """Everything that may refuse the job, before anything is written into run_dir: the configuration checks,
+    the data (built into the cache if embedded) and the run directory's fingerprint. Returns the data's meta."""
+    check_config(cfg, multirun)
+    meta = resolve_data(cfg)
+    check_fingerprint(cfg, Path(run_dir))
+    return meta
 
 
 # ---- building -------------------------------------------------------------------------------------
@@ -139,21 +259,22 @@ def build_backbone(cfg: DictConfig) -> torch.nn.Module:
 def build_module(cfg: DictConfig, formulation, backbone, meta: dict | None = None) -> FormulationModule:
     o, t = cfg.optim, cfg.train
     # Which context tokens / pooled channels belong to which text encoder, for per-encoder dropout.
-    groups = to_dict(t.cond_groups) if t.get("cond_groups") else (meta or {}).get("text_groups")
+    groups = to_dict(t.cond_groups) if t.cond_groups else (meta or {}).get("text_groups")
     return FormulationModule(
         formulation, backbone, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
         warmup_steps=o.warmup_steps, ema_every=t.ema_every, ema_decay=t.ema_decay, cond_dropout=t.cond_dropout,
         cond_groups=groups,
         val_levels=t.val_levels, seed=cfg.seed, compile=getattr(backbone, "compile_requested", False),
+        fused=o.get("fused", "auto"),
     )
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
-    from lightning.pytorch.loggers import CSVLogger
+    from src.training.metrics_log import ResumableCSVLogger
 
     loggers = []
-    if cfg.logger.csv:
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
+    if cfg.logger.csv:  # csv/metrics.csv: every attempt's rows (a resume appends; read with read_metrics)
+        loggers.append(ResumableCSVLogger(save_dir=str(run_dir), name="csv", version=""))
     w = cfg.logger.wandb
     if w.enabled and os.environ.get("WANDB_MODE", w.mode) != "disabled":
         from lightning.pytorch.loggers import WandbLogger
@@ -200,38 +321,54 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list
 
 
 # ---- the job ----------------------------------------------------------------------------------------
-def results_complete(cfg: DictConfig, run_dir: Path) -> bool:
-    from src.evaluation.records import read_results
+def training_finished(cfg: DictConfig, run_dir: Path) -> bool:
+    """last.ckpt holds the final step (an unreadable one counts as not finished: the trainer resumes or fails)."""
+    try:
+        last = checkpoint_to_resume(run_dir / "checkpoints", repair=False)  # last.ckpt, else last.prev.ckpt
+        if last is None:
+            return False
+        ckpt = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # a truncated or foreign file
+        return False
+    return int(ckpt.get("global_step", 0)) >= cfg.train.max_steps
 
-    if not cfg.eval.enabled:
-        return (run_dir / "checkpoints" / "last.ckpt").exists() and _finished_training(cfg, run_dir)
-    records = read_results(run_dir)
-    have = {(r["steps"], float(r["cfg"]), bool(r["ema"])) for r in records}
-    want = {(s["steps"], float(s["cfg"]), bool(e)) for s in cfg.eval.settings for e in cfg.eval.ema}
-    return want <= have
 
+def results_complete(cfg: DictConfig, run_dir: Path, formulation=None) -> bool:
+    """Training finished and every wanted evaluation record present (src.results.missing_records)."""
+    from src.evaluation.run import missing_for
 
-def _finished_training(cfg: DictConfig, run_dir: Path) -> bool:
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    return ckpt.get("global_step", 0) >= cfg.train.max_steps
+    return training_finished(cfg, run_dir) and not missing_for(cfg, run_dir, formulation)
 
 
 def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Train and evaluate one recipe in `run_dir`; resume from its last checkpoint; skip if already complete."""
+    """Train and evaluate one recipe in `run_dir`; resume from its last checkpoint; when training is finished,
+    evaluate only what results.json lacks (never retrain); skip if complete."""
     run_dir = Path(run_dir)
+    meta = prepare_job(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    check_values(cfg)
+    if is_launch_rank_zero():  # the job owns run_dir (its lock): no live writer holds a temp file there
+        for path in remove_stale_temp_files(run_dir):
+            log.info("removed %s, left by an interrupted write", path)
+    bind_fingerprint(cfg, run_dir)
     formulation = build_formulation(cfg)
-    meta = resolve_data(cfg)
-    check_fingerprint(cfg, run_dir)
-    if results_complete(cfg, run_dir):
-        log.info("%s: results complete, nothing to do", run_dir)
-        return {"run_dir": str(run_dir), "skipped": True}
 
-    if torch.cuda.is_available():
-        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts of bf16-mixed training
-    if cfg.get("torch_threads"):
-        torch.set_num_threads(int(cfg.torch_threads))
+    if training_finished(cfg, run_dir):
+        from src.evaluation.run import describe, evaluate_run, missing_for
+
+        missing = missing_for(cfg, run_dir, formulation)
+        if not missing:
+            log.info("%s: results complete, nothing to do", run_dir)
+            return {"run_dir": str(run_dir), "skipped": True}
+        log.info("%s: results for %s missing: evaluating, training is done", run_dir, describe(cfg, run_dir, missing),
+                 extra={"console": True})
+        _torch_settings(cfg)
+        loggers = build_loggers(cfg, run_dir)  # the CSV logger appends (src/training/metrics_log.py)
+        evaluate_run(cfg, run_dir, loggers=loggers, meta=meta, on_setting=evaluation_hook())
+        for lg in loggers:
+            lg.finalize("success")
+        return {"run_dir": str(run_dir), "skipped": False, "evaluated_only": True}
+
+    _torch_settings(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     backbone = build_backbone(cfg)
     module = build_module(cfg, formulation, backbone, meta)
@@ -240,7 +377,9 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         in_memory=cfg.data.in_memory, num_workers=cfg.data.num_workers, val_samples=cfg.data.val_samples,
     )
     ckpt_dir = run_dir / "checkpoints"
-    callbacks = [
+    # step/max_steps, loss, steps/s and time left (src/training/progress.py), in place of Lightning's own bar.
+    callbacks = [TrainingProgress()] if cfg.trainer.enable_progress_bar else []
+    callbacks += [
         # `last.ckpt` every ckpt_every steps (resume), and the lowest EMA validation loss (model selection).
         ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
                         every_n_train_steps=cfg.train.ckpt_every, save_top_k=0, save_last=True),
@@ -248,15 +387,23 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
                         save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False),
         SaveLastAtEnd(ckpt_dir / "last.ckpt"),
     ]
+    callbacks.append(InterruptCheckpoint(ckpt_dir / "last.ckpt"))  # SIGTERM, Ctrl-C: save, stop; a rerun resumes
     preempt_signal = submitit_signal()
     if preempt_signal is not None:  # a submitit SLURM job: checkpoint at the step boundary before a requeue
         callbacks.append(PreemptionCheckpoint(ckpt_dir / "last.ckpt", preempt_signal))
-    if cfg.eval.enabled:
+    if cfg.eval.enabled:  # evaluate_run on rank 0, on the trainer's device, once fit has finished
         from src.evaluation.callback import EvaluationCallback
 
-        callbacks.append(EvaluationCallback(cfg, run_dir, meta))
+        callbacks.append(EvaluationCallback(cfg, run_dir, meta, on_setting=evaluation_hook()))
     loggers = build_loggers(cfg, run_dir)
     trainer = build_trainer(cfg, run_dir, callbacks, loggers)
-    last = ckpt_dir / "last.ckpt"
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
+    resume = checkpoint_to_resume(ckpt_dir)  # last.ckpt, or the previous one if it is unreadable
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume is not None else None)
     return {"run_dir": str(run_dir), "skipped": False, "global_step": trainer.global_step}
+
+
+def _torch_settings(cfg: DictConfig) -> None:
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts of bf16-mixed training
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg.torch_threads))

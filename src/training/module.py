@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from src.formulations import validation_times
 from src.formulations.base import Formulation, expand_like
+from src.models.perf import AUTO_BOOL, check_choice, compile_backbone, compile_setting, resolve_auto
 from src.training.conditioning import draw_drops, drop_conditioning
 from src.training.ema import ema_update, make_ema_copy
 
@@ -45,7 +46,8 @@ class FormulationModule(L.LightningModule):
         cond_groups: Sequence[dict] | None = None,
         val_levels: int = 8,
         seed: int = 0,
-        compile: bool = False,
+        compile: bool | str = False,
+        fused: bool | str = "auto",
     ):
         super().__init__()
         self.formulation = formulation
@@ -57,15 +59,19 @@ class FormulationModule(L.LightningModule):
         self.cond_dropout, self.cond_groups = cond_dropout, cond_groups
         self.seed = seed
         self.register_buffer("val_t", validation_times(formulation, val_levels), persistent=False)
-        self.compile_backbone = compile
+        self.compile_backbone = compile_setting(compile)
+        check_choice("optim.fused", fused, AUTO_BOOL)
+        self.fused_adamw = fused
         object.__setattr__(self, "_train_forward", backbone)
 
     def on_fit_start(self) -> None:
         # After the strategy's setup: under FSDP, `self.backbone` is now the sharded wrapper, and the training
         # forward must go through it (it gathers the weights). torch.compile wraps that handle for the training
         # forward only; `self.backbone` stays the one that is saved and averaged (compiled modules prefix
-        # state-dict keys with `_orig_mod.`).
-        forward = torch.compile(self.backbone) if self.compile_backbone else self.backbone
+        # state-dict keys with `_orig_mod.`). Regional compilation ("blocks") compiles the blocks in place and
+        # keeps the keys. "auto" resolves by device (src/models/perf.py): blocks on a GPU, eager on the CPU.
+        backend = getattr(self.backbone, "compile_backend", "default")
+        forward = compile_backbone(self.backbone, self.compile_backbone, self.device.type, backend)
         object.__setattr__(self, "_train_forward", forward)
 
     # ---- the model as the formulation sees it -----------------------------------------------------
@@ -108,8 +114,12 @@ class FormulationModule(L.LightningModule):
             ema_update(self.ema_backbone, self.backbone, self.ema_decay)
 
     def configure_optimizers(self):
+        # Fused AdamW (one kernel for all parameters) where optim.fused asks; "auto" = on CUDA only, so the CPU
+        # keeps the default (foreach) update and its exact numerics. Same update rule either way.
+        params = list(self.backbone.parameters())
+        fused = resolve_auto(self.fused_adamw, params[0].device.type if params else "cpu")
         opt = torch.optim.AdamW(
-            self.backbone.parameters(), lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay
+            params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay, fused=fused or None
         )
         warmup = max(1, self.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))

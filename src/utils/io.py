@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import tempfile
 import uuid
 from pathlib import Path
@@ -24,14 +25,42 @@ def temp_sibling(path: str | Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
 
 
+# The temp names of temp_sibling (32 hex digits) and atomic_write (mkstemp's 8 characters): `.<name>.<random>.tmp`.
+_TEMP_NAME = re.compile(r"\..+\.([0-9a-f]{32}|[0-9a-z_]{8})\.tmp")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is one of this module's temp names (a write in progress, or one a kill interrupted)."""
+    return _TEMP_NAME.fullmatch(name) is not None
+
+
+def remove_stale_temp_files(root: str | os.PathLike, skip: tuple[str, ...] = ("wandb",)) -> list[Path]:
+    """Delete the temp files interrupted writes left under root (a kill during a checkpoint or .npz write).
+
+    Only for a folder this process owns (the run directory under its lock, src/launch/rundir.py): a temp file
+    there belongs to no live writer. Folders named in `skip` (other libraries' files) are not entered.
+    """
+    removed = []
+    for current, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in skip]
+        for name in files:
+            if is_temp_name(name):
+                path = Path(current) / name
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write a file by calling write(f) on a temporary file next to path, then renaming it over path."""
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None],
+                 before_replace: Callable[[Path], None] | None = None) -> Path:
+    """Write a file by calling write(f) on a temporary file next to path, then renaming it over path.
+    before_replace(path), if given, runs once the new content is complete, just before the rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -41,6 +70,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace(path)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

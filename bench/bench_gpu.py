@@ -1,0 +1,506 @@
+"""Paper-scale training throughput of the MM-DiT step on one GPU, each throughput lever on and off; the rank
+report's bootstrap on the GPU. One prepared run: `make bench-gpu` (under 6 minutes on one H100 / H200).
+
+    python bench/bench_gpu.py                 # on a GPU: every configuration, then the bootstrap; bench/results/gpu.md
+    python bench/bench_gpu.py --dry-run       # every configuration at tiny size on the CPU (tests/test_bench_gpu.py)
+    python bench/bench_gpu.py --only d15-default d24-default --no-bootstrap
+
+Setup: 256px (32x32x16 latents, 256 image tokens), 154 text tokens x 4096, pooled 2048, at d = 15 and d = 24 with
+QK-norm (RMSNorm, as experiment=paper trains), per-GPU batch 128 (1024 over 8 GPUs) and the largest batch that fits. One step = forward + backward + AdamW, a fixed batch,
+random weights everywhere. MFU = model FLOPs as the planner counts them (src/plan.py: 3 x the forward FLOPs counted
+on the meta device) / step time / the device's dense bf16 peak. Diffusers' SD3Transformer2DModel (same weights
+through src/models/convert_diffusers.py) runs the plain eager step at the same settings in the same run.
+
+Robust by construction: each configuration runs in try/except (an OOM or a compile failure is recorded, not fatal),
+a global time budget skips what no longer fits (recorded as skipped), and the results file is rewritten after each
+configuration (a JSON copy inside it feeds the planner: src/plan.py --mfu auto).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from src.models import MMDiT  # noqa: E402
+from src.models.perf import RESULTS_JSON_TAG, compile_backbone, read_bench_results  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "gpu.md"
+JSON_TAG = RESULTS_JSON_TAG
+# Paper setup at 256px (SPEC section 5): SD3 latents, CLIP + T5 context, pooled CLIP L + bigG.
+GPU_SETUP = dict(input_size=32, patch_size=2, in_channels=16, context_dim=4096, pooled_dim=2048, context_len=154)
+TINY_SETUP = dict(input_size=8, patch_size=2, in_channels=4, context_dim=32, pooled_dim=16, context_len=6)
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "H20": 148.0,
+                    "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
+BUDGET_S = 330.0  # the whole run, compilation included: leaves margin inside 6 minutes
+BOOTSTRAP_RESERVE_S = 45.0  # kept for the bootstrap measurement at the end
+
+
+@dataclass
+class Config:
+    """One measured configuration: a model depth and batch, and each throughput lever's setting."""
+
+    name: str
+    depth: int
+    batch: int
+    compile: str = "none"  # none | blocks | full (src/models/perf.py)
+    compile_backend: str = "default"  # torch.compile mode (reduce-overhead = CUDA graphs)
+    fused_adamw: bool = False
+    fused_qkv: bool = True
+    fused_modulation: bool = False
+    attention_backend: str = "auto"
+    weights: str = "fp32-autocast"  # or bf16-master: bf16 weights, fp32 master copy in the optimizer
+    activation_checkpointing: bool = False
+    model: str = "ours"  # or diffusers
+    largest_batch: bool = False  # double the batch from `batch` until it no longer fits; report the largest
+    qk_norm: str | None = "rms_norm"  # as the paper setup trains (experiment=paper)
+
+    def model_options(self) -> dict:
+        return dict(qk_norm=self.qk_norm, fused_qkv=self.fused_qkv, fused_modulation=self.fused_modulation,
+                    attention_backend=self.attention_backend, activation_checkpointing=self.activation_checkpointing)
+
+
+@dataclass
+class Result:
+    config: dict
+    status: str = "ok"  # ok | failed: ... | skipped: ...
+    batch: int = 0
+    params: int = 0
+    step_ms: float = float("nan")
+    images_per_s: float = float("nan")
+    tflops: float = float("nan")
+    mfu: float = float("nan")
+    peak_gib: float = float("nan")
+    warmup_s: float = float("nan")
+    notes: list[str] = field(default_factory=list)
+
+
+# ---- the configurations ---------------------------------------------------------------------------------------
+def configurations(depths=(15, 24), batch=128) -> list[Config]:
+    """In priority order: what matters most runs first, so a budget cut drops the least important."""
+    best = dict(compile="blocks", fused_adamw=True, fused_modulation=True)  # the GPU defaults ("auto" settings)
+    out = []
+    for d in depths:  # the headline: today's eager step and the default GPU step
+        out += [Config(f"d{d}-eager", d, batch), Config(f"d{d}-default", d, batch, **best)]
+    for d in depths:  # the reference implementation at the same settings
+        out.append(Config(f"d{d}-diffusers", d, batch, model="diffusers"))
+    # What experiment=paper launches today (model.compile=true: the whole backbone compiled), for the planner.
+    out.append(Config(f"d{depths[0]}-full-compile", depths[0], batch, compile="full", fused_adamw=True,
+                      fused_modulation=True))
+    for d in depths:  # the largest batch that fits (checkpointed)
+        out.append(Config(f"d{d}-default-largest", d, 2 * batch, **best, activation_checkpointing=True,
+                          largest_batch=True))
+    for d in depths:  # each lever against the default
+        out += [
+            Config(f"d{d}-default-checkpointing", d, batch, **best, activation_checkpointing=True),
+            Config(f"d{d}-default-no-fused-adamw", d, batch, **{**best, "fused_adamw": False}),
+            Config(f"d{d}-default-no-fused-modulation", d, batch, **{**best, "fused_modulation": False}),
+            Config(f"d{d}-default-unfused-qkv", d, batch, **best, fused_qkv=False),
+            Config(f"d{d}-default-bf16-master", d, batch, **best, weights="bf16-master"),
+            Config(f"d{d}-default-flash", d, batch, **best, attention_backend="flash"),
+            Config(f"d{d}-default-cudnn", d, batch, **best, attention_backend="cudnn"),
+            Config(f"d{d}-default-efficient", d, batch, **best, attention_backend="efficient"),
+            Config(f"d{d}-eager-fused", d, batch, fused_adamw=True, fused_modulation=True),
+            Config(f"d{d}-diffusers-checkpointing", d, batch, model="diffusers", activation_checkpointing=True),
+        ]
+    d = depths[0]
+    out += [
+        Config(f"d{d}-default-b16", d, 16, **best),
+        Config(f"d{d}-cuda-graphs-b16", d, 16, compile="full", compile_backend="reduce-overhead", fused_adamw=True,
+               fused_modulation=True),
+    ]
+    return out
+
+
+# ---- one training step ----------------------------------------------------------------------------------------
+class MasterAdamW:
+    """AdamW on fp32 master copies of bf16 weights: the step reads bf16 gradients, updates the fp32 copies and writes
+    them back rounded to bf16 (the model computes in bf16 without autocast)."""
+
+    def __init__(self, params, fused: bool, **kwargs):
+        self.params = [p for p in params if p.requires_grad]
+        self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params]
+        self.opt = torch.optim.AdamW(self.master, fused=fused or None, **kwargs)
+
+    def step(self) -> None:
+        for p, m in zip(self.params, self.master):
+            m.grad = p.grad.float() if p.grad is not None else None
+        self.opt.step()
+        with torch.no_grad():
+            for p, m in zip(self.params, self.master):
+                p.copy_(m)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+def build_ours(cfg: Config, setup: dict, device: str, hidden: int | None = None, heads: int | None = None) -> MMDiT:
+    torch.manual_seed(0)
+    kwargs = {k: v for k, v in setup.items() if k != "context_len"}
+    with torch.device(device):
+        model = MMDiT(**kwargs, depth=cfg.depth, hidden_size=hidden, num_heads=heads, **cfg.model_options())
+    with torch.no_grad():  # random weights everywhere (no zero-initialised shortcut)
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return model
+
+
+def to_diffusers_model(ours: MMDiT):
+    from diffusers import SD3Transformer2DModel
+
+    from src.models.convert_diffusers import diffusers_config, to_diffusers
+
+    with torch.device(ours.pos_embed.device):
+        theirs = SD3Transformer2DModel(**diffusers_config(ours))
+    theirs.load_state_dict(to_diffusers(ours.state_dict()))
+    return theirs
+
+
+def make_batch(setup: dict, batch: int, device: str) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator(device=device).manual_seed(1)
+    s, c, length = setup["input_size"], setup["in_channels"], setup["context_len"]
+    shapes = [(batch, c, s, s), (batch,), (batch, length, setup["context_dim"]), (batch, setup["pooled_dim"]),
+              (batch, c, s, s)]
+    return tuple(torch.rand(sh, generator=g, device=device) if len(sh) == 1 else
+                 torch.randn(sh, generator=g, device=device) for sh in shapes)
+
+
+def make_step(model, cfg: Config, batch: tuple, device: str, dry_run: bool):
+    """A closure running one AdamW training step on a fixed batch, with the configuration's settings."""
+    x, t, ctx, pooled, target = batch
+    bf16 = cfg.weights == "bf16-master"
+    if bf16:
+        model.to(torch.bfloat16)
+        x, t, ctx, pooled = (a.to(torch.bfloat16) for a in (x, t, ctx, pooled))
+        opt = MasterAdamW(model.parameters(), cfg.fused_adamw, lr=1e-4)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cfg.fused_adamw or None)
+    forward = model
+    if cfg.model == "ours":
+        forward = compile_backbone(model, cfg.compile, "cuda", cfg.compile_backend,
+                                   dynamo_backend="eager" if dry_run else "inductor")
+    autocast = not bf16
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            if cfg.model == "ours":
+                out = forward(x, t, ctx, pooled)
+            else:
+                out = forward(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled,
+                              timestep=1000 * t).sample
+            loss = F.mse_loss(out.float(), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def model_flops(model: MMDiT, setup: dict) -> float:
+    """Training FLOPs per sample as the planner counts them (3 x the forward counted on the meta device)."""
+    from src.plan import forward_flops
+
+    meta = dict(latent_channels=setup["in_channels"], latent_size=setup["input_size"],
+                context_length=setup["context_len"], context_dim=setup["context_dim"], pooled_dim=setup["pooled_dim"])
+    with torch.device("meta"):
+        shadow = MMDiT(**{k: v for k, v in setup.items() if k != "context_len"}, depth=model.depth,
+                       hidden_size=model.hidden_size, num_heads=model.num_heads, qk_norm=model.qk_norm)
+    return 3.0 * forward_flops(shadow, meta)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(cfg: Config, batch: int, args, setup: dict, device: str) -> Result:
+    """Build, warm up (compiling), time; the result of one configuration at one batch size."""
+    res = Result(config=asdict(cfg), batch=batch)
+    if args.dry_run:  # tiny: one block of hidden 64 whatever the depth named (one graph per compiled variant)
+        cfg = Config(**{**asdict(cfg), "depth": 1})
+    hidden, heads = (64, 2) if args.dry_run else (None, None)
+    model = build_ours(cfg, setup, device, hidden, heads)
+    res.params = sum(p.numel() for p in model.parameters())
+    flops = model_flops(model, setup) * batch
+    if cfg.model == "diffusers":
+        model = to_diffusers_model(model)
+        if cfg.activation_checkpointing:
+            model.enable_gradient_checkpointing()
+    data = make_batch(setup, batch, device)
+    step = make_step(model, cfg, data, device, args.dry_run)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    res.warmup_s = time.perf_counter() - start
+    times = []
+    for _ in range(args.reps):
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    res.step_ms = statistics.median(times) * 1e3
+    res.images_per_s = batch / (res.step_ms / 1e3)
+    res.tflops = flops / (res.step_ms / 1e3) / 1e12
+    peak = args.peak_tflops
+    res.mfu = res.tflops / peak if peak else float("nan")
+    if device == "cuda":
+        res.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    del model, step, data
+    return res
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def run_config(cfg: Config, args, setup: dict, device: str) -> Result:
+    """measure() in try/except; for largest_batch, doubling until it no longer fits (the last fit is reported)."""
+    batch, best, tried = cfg.batch, None, []
+    while True:
+        if not args.dry_run:  # each configuration compiles afresh (inductor's on-disk caches keep repeats short)
+            torch._dynamo.reset()
+        try:
+            res = measure(cfg, batch, args, setup, device)
+        except Exception as exc:  # noqa: BLE001 - recorded, never fatal
+            reason = "out of memory" if is_oom(exc) else f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            if not is_oom(exc) and args.verbose:
+                traceback.print_exc()
+            res = Result(config=asdict(cfg), batch=batch, status=f"failed: {reason}")
+        finally:
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        tried.append(batch)
+        if not cfg.largest_batch or res.status != "ok":
+            if best is not None:
+                best.notes.append(f"batch {batch}: {res.status}")
+                return best
+            return res
+        best = res
+        if args.dry_run and len(tried) >= 2:
+            best.notes.append(f"dry run: stopped doubling at batch {batch}")
+            return best
+        if time.perf_counter() > args.deadline - 60:
+            best.notes.append(f"stopped doubling at batch {batch} (time budget)")
+            return best
+        batch *= 2
+
+
+# ---- results --------------------------------------------------------------------------------------------------
+def options_text(c: dict) -> str:
+    if c["model"] == "diffusers":
+        return (f"diffusers SD3Transformer2DModel, eager, fp32 weights + bf16 autocast, AdamW (foreach), QK-norm "
+                f"{c['qk_norm'] or 'off'}"
+                + (", gradient checkpointing" if c["activation_checkpointing"] else ""))
+    parts = [f"compile={c['compile']}" + (f" ({c['compile_backend']})" if c["compile_backend"] != "default" else ""),
+             "fused AdamW" if c["fused_adamw"] else "AdamW (foreach)",
+             "fused modulation" if c["fused_modulation"] else "per-block modulation",
+             "fused QKV" if c["fused_qkv"] else "3 QKV matmuls",
+             f"SDPA {c['attention_backend']}", c["weights"], f"QK-norm {c['qk_norm'] or 'off'}"]
+    if c["activation_checkpointing"]:
+        parts.append("activation checkpointing")
+    return ", ".join(parts)
+
+
+def render(results: list[Result], header: dict, bootstrap: dict | None) -> str:
+    lines = [
+        "# GPU benchmark: the MM-DiT training step, each throughput lever; the rank report's bootstrap",
+        "",
+        "Written by `make bench-gpu` (bench/bench_gpu.py); rewritten after every configuration.",
+        "",
+        f"Device: {header['device']}; torch {header['torch']}; peak {header['peak_tflops']} TFLOP/s dense bf16. "
+        f"Setup: {header['setup']}. Step = forward + backward + AdamW on a fixed batch; median of {header['reps']} "
+        f"steps after {header['warmup']} warm-up steps (warm-up includes compilation). MFU = model FLOPs as the "
+        "planner counts them (3 x forward, counted on the meta device) / step time / peak.",
+        "",
+        "| configuration | depth | batch | options | step (ms) | images/s | TFLOP/s | MFU | peak memory (GiB) | "
+        "warm-up (s) | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        c = r.config
+        status = r.status + ("; " + "; ".join(r.notes) if r.notes else "")
+        lines.append(f"| {c['name']} | {c['depth']} | {r.batch} | {options_text(c)} | {r.step_ms:.1f} | "
+                     f"{r.images_per_s:.1f} | {r.tflops:.0f} | {r.mfu:.1%} | {r.peak_gib:.1f} | {r.warmup_s:.0f} | "
+                     f"{status} |")
+    if bootstrap:
+        lines += ["", "## Rank report bootstrap on the GPU", "", bootstrap["text"]]
+    payload = {"header": header, "results": [asdict(r) for r in results], "bootstrap": bootstrap}
+    lines += ["", f"<!-- {JSON_TAG}", json.dumps(payload, default=str), "-->", ""]
+    return "\n".join(lines)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_results(path: Path) -> dict | None:
+    """The JSON copy inside a results file written by this script (None when absent)."""
+    return read_bench_results(path)
+
+
+# ---- the bootstrap on the GPU ---------------------------------------------------------------------------------
+def bench_bootstrap(args, device: str) -> dict:
+    """The paper grid's bootstrap (1464 records x 200 draws, 1000 samples x 768 features), timed on a few records.
+
+    Each record costs the same (the same shapes), so the grid's time is the measured time per record x 1464. The
+    first record's draws are checked against the numpy path (a few draws, the numpy path is slow).
+    """
+    from src.ranking.bootstrap import frechet_distance, resampled_moments, sqrtm_psd
+    from src.ranking.bootstrap_torch import TorchFrechet
+
+    n, dim, draws, grid = (40, 16, 8, 1464) if args.dry_run else (1000, 768, 200, 1464)
+    records = 2 if args.dry_run else args.bootstrap_records
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(n, dim))
+    feats = [rng.normal(size=(n, dim)) * 1.1 + 0.1 * i for i in range(records)]
+    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=draws).astype(float)
+    ops = TorchFrechet("cuda" if device == "cuda" else "torch-cpu")
+    chunk = max(1, min(draws, ops.chunk_bytes // (8 * 4 * dim * dim)))
+    sync(device)
+    start = time.perf_counter()
+    fids = []
+    for s in range(0, draws, chunk):
+        sl = slice(s, min(s + chunk, draws))
+        mu_r, cov_r = ops.resampled_moments(ref, counts[sl])
+        root_r = ops.sqrtm_psd(cov_r)
+        for f in feats:
+            fids.append(ops.frechet_distance(*ops.resampled_moments(f, counts[sl]), mu_r, cov_r, root_r))
+    sync(device)
+    elapsed = time.perf_counter() - start
+    per_record = elapsed / records
+    check = min(4, draws)
+    mu_r, cov_r = resampled_moments(ref, counts[:check])
+    expected = frechet_distance(*resampled_moments(feats[0], counts[:check]), mu_r, cov_r, sqrtm_psd(cov_r))
+    got = fids[0][:check] if chunk >= check else np.concatenate(fids[::records])[:check]
+    rel = float(np.max(np.abs(got - expected) / np.abs(expected)))
+    grid_min = per_record * grid / 60
+    text = (f"{records} records x {draws} draws at {n} samples x {dim} features on {header_device(device)}: "
+            f"{elapsed:.1f} s, {per_record:.2f} s per record (chunks of {chunk} draws), so the paper grid's {grid} "
+            f"records take about {grid_min:.1f} min. Largest relative difference from the numpy path over "
+            f"{check} draws of the first record: {rel:.1e}.")
+    return dict(text=text, seconds_per_record=per_record, grid_minutes=grid_min, max_rel_diff=rel, draws=draws,
+                samples=n, features=dim)
+
+
+def header_device(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else "CPU (dry run)"
+
+
+def peak_for(name: str) -> float | None:
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):  # "H100 PCIe" before "H100"
+        if key.lower() in name.lower():
+            return PEAK_BF16_TFLOPS[key]
+    return None
+
+
+# ---- main -----------------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dry-run", action="store_true", help="every configuration at tiny size on the CPU")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results file (default bench/results/gpu.md)")
+    p.add_argument("--budget-s", type=float, default=BUDGET_S, help="time budget of the whole run, compilation incl.")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run only these configurations")
+    p.add_argument("--depths", type=int, nargs="+", default=[15, 24])
+    p.add_argument("--batch", type=int, default=128, help="per-GPU batch (1024 over 8 GPUs)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--peak-tflops", type=float, help="dense bf16 peak (default: from the device name)")
+    p.add_argument("--bootstrap", dest="bootstrap", action="store_true", default=None,
+                   help="time the rank report's bootstrap (default: on when a GPU is present, and in --dry-run)")
+    p.add_argument("--no-bootstrap", dest="bootstrap", action="store_false")
+    p.add_argument("--bootstrap-records", type=int, default=4, help="records timed (the grid's time scales from them)")
+    p.add_argument("--verbose", action="store_true", help="print tracebacks of failed configurations")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    args.deadline = start + args.budget_s
+    cuda = torch.cuda.is_available()
+    if not args.dry_run and not cuda:
+        print("bench_gpu: no CUDA device; run --dry-run on the CPU (the GPU figures are measured on a GPU only)",
+              file=sys.stderr)
+        return 2
+    device = "cpu" if args.dry_run else "cuda"
+    setup = TINY_SETUP if args.dry_run else GPU_SETUP
+    name = header_device(device)
+    if args.peak_tflops is None:
+        args.peak_tflops = 1.0 if args.dry_run else peak_for(name)  # dry run: MFU is meaningless, only exercised
+    if args.dry_run:
+        args.warmup, args.reps, args.batch = 1, 1, 2
+        torch.set_num_threads(1)
+        torch._dynamo.config.cache_size_limit = 64  # graphs are reused across configurations, not reset
+    if cuda and not args.dry_run:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    configs = configurations(tuple(args.depths), args.batch)
+    if args.only:
+        unknown = sorted(set(args.only) - {c.name for c in configs})
+        if unknown:
+            print(f"bench_gpu: --only {unknown}: unknown; allowed: {[c.name for c in configs]}", file=sys.stderr)
+            return 2
+        configs = [c for c in configs if c.name in args.only]
+    if args.dry_run:
+        for c in configs:
+            if c.attention_backend in ("cudnn", "efficient"):  # CUDA-only kernels: exercise the option with math
+                c.attention_backend = "math"
+    do_bootstrap = (cuda or args.dry_run) if args.bootstrap is None else args.bootstrap
+    reserve = BOOTSTRAP_RESERVE_S if do_bootstrap and not args.dry_run else 0.0
+    header = dict(device=name, torch=torch.__version__, peak_tflops=args.peak_tflops, reps=args.reps,
+                  warmup=args.warmup, dry_run=args.dry_run,
+                  setup=(f"{setup['input_size']}x{setup['input_size']}x{setup['in_channels']} latents, "
+                         f"{setup['context_len']} text tokens x {setup['context_dim']}, pooled {setup['pooled_dim']}"
+                         + (" (tiny dry run: depth 1, hidden 64, 2 heads; compiled paths captured by dynamo, run eagerly)" if args.dry_run else "")))
+    out = args.out
+    results: list[Result] = []
+    boot = None
+    print(f"bench_gpu: {len(configs)} configurations on {name}, budget {args.budget_s:.0f} s -> {out}", flush=True)
+    for cfg in configs:
+        left = args.deadline - reserve - time.perf_counter()
+        needs = 5 if args.dry_run else (60 if cfg.compile != "none" else 25)  # a start that cannot finish is a skip
+        if left < needs:
+            res = Result(config=asdict(cfg), batch=cfg.batch, status="skipped: time budget")
+        else:
+            res = run_config(cfg, args, setup, device)
+        results.append(res)
+        print(f"  {cfg.name:34s} batch {res.batch:4d}  {res.step_ms:8.1f} ms  {res.images_per_s:8.1f} img/s  "
+              f"{res.tflops:6.0f} TFLOP/s  MFU {res.mfu:6.1%}  {res.peak_gib:5.1f} GiB  warm-up {res.warmup_s:5.0f} s"
+              f"  {res.status}", flush=True)
+        write_atomic(out, render(results, header, boot))
+    if do_bootstrap:
+        try:
+            boot = bench_bootstrap(args, device)
+            print(f"  bootstrap: {boot['text']}", flush=True)
+        except Exception as exc:  # noqa: BLE001 - recorded, never fatal
+            boot = dict(text=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            print(f"  bootstrap {boot['text']}", flush=True)
+        write_atomic(out, render(results, header, boot))
+    print(f"bench_gpu: done in {time.perf_counter() - start:.0f} s; results in {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

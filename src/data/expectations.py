@@ -1,0 +1,55 @@
+"""What the paper's setup expects of its shard folders, and what a pair of folders holds instead.
+
+The paper (section 5.1 with the SD3 setup) trains at 256^2 on SD3-style autoencoder latents (factor 8, 16 channels)
+with three frozen text encoders: CLIP L/14 and CLIP bigG/14 (77 tokens each, concatenated in channels to
+768 + 1280 = 2048 and zero-padded to 4096) followed by T5-XXL (77 tokens of 4096), and the two CLIPs' pooled
+vectors concatenated (2048). The evaluation split (COCO-2014) must be encoded like the training split and normalised
+with its statistics. `python -m src.plan` states every difference before anything is launched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from src.data.shards import is_complete, read_meta
+
+PAPER_DATA = {"latent_channels": 16, "latent_size": 32, "context_length": 154, "context_dim": 4096,
+              "pooled_dim": 2048}
+# Text encoder kinds in `text_groups` order (names "clip:<model>" / "t5:<model>", src/preprocess/text.py).
+PAPER_TEXT_ENCODERS = ["clip", "clip", "t5"]
+# What the evaluation split must share with the training split.
+SAME_IN_BOTH_SPLITS = ("shapes", "autoencoder", "encoder_names", "text_groups", "latent_mean", "latent_std")
+
+
+def paper_differences(meta: dict) -> list[str]:
+    """How a training folder's meta.json differs from the paper's setup (empty: it matches)."""
+    out = [f"{key} {meta.get(key)} (paper: {want})" for key, want in PAPER_DATA.items() if meta.get(key) != want]
+    groups = meta.get("text_groups") or []
+    kinds = [str(g.get("name", "")).split(":", 1)[0] for g in groups]
+    if kinds != PAPER_TEXT_ENCODERS:
+        names = ", ".join(str(g.get("name")) for g in groups) or "none recorded"
+        out.append(f"text groups {names} (paper: CLIP L/14, CLIP bigG/14, T5-XXL)")
+    return out
+
+
+def split_differences(train_meta: dict, eval_meta: dict) -> list[str]:
+    """What the evaluation folder does not share with the training folder (empty: consistent)."""
+    return [f"{key} {eval_meta.get(key)!r} vs training {train_meta.get(key)!r}"
+            for key in SAME_IN_BOTH_SPLITS if eval_meta.get(key) != train_meta.get(key)]
+
+
+def check_shard_folders(train_dir: str | Path, eval_dir: str | Path) -> list[str]:
+    """One line per problem found in a pair of existing shard folders; folders not (yet) there are not checked."""
+    if not is_complete(train_dir):
+        return []
+    train = read_meta(train_dir)
+    notes = []
+    diffs = paper_differences(train)
+    if diffs:
+        notes.append(f"data.train_dir={train_dir} differs from the paper's setup: {'; '.join(diffs)}")
+    if is_complete(eval_dir):
+        diffs = split_differences(train, read_meta(eval_dir))
+        if diffs:
+            notes.append(f"data.eval_dir={eval_dir} is not encoded like data.train_dir ({'; '.join(diffs)}): "
+                         "preprocess it with the same models and --stats-from the training folder")
+    return notes

@@ -1,0 +1,133 @@
+"""Re-evaluate a finished run: `python -m src.evaluate RUN_DIR [key=value ...]`.
+
+    python -m src.evaluate outputs/multirun/default/digits/rf_lognorm_0.00_1.00 eval.n_samples=200
+    python -m src.evaluate RUN_DIR eval.seed=7 eval.checkpoint=last eval.clip.model_name=ViT-L-14-quickgelu \
+        eval.clip.weights_path=/models/clip_l14.pt
+
+Loads the run's own configuration (RUN_DIR/config.yaml, written by the job; .hydra/config.yaml for older runs),
+merged over today's default configuration so keys added since take their defaults, applies the overrides (only
+eval.*, sampler.* and paths.* may change: anything else would describe another trained model) and evaluates
+every record results.json lacks, from the run's checkpoint; never trains. Records of other settings stay in
+results.json, kept apart by their settings (src/results.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from src.config import ConfigError, register_resolvers
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+#: The configuration groups an evaluation may change; the rest belongs to the trained model (its fingerprint).
+OVERRIDABLE = ("eval", "sampler", "paths")
+USAGE = "usage: python -m src.evaluate RUN_DIR [eval.KEY=VALUE | sampler=NAME | sampler.KEY=VALUE | paths.KEY=VALUE ...]"
+
+
+def run_config_path(run_dir: Path) -> Path:
+    """RUN_DIR/config.yaml, or Hydra's copy in older run directories; FileNotFoundError naming RUN_DIR."""
+    for path in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"{run_dir}: no config.yaml (nor .hydra/config.yaml): not a run directory")
+
+
+def _check_override(override: str) -> str:
+    key = override.split("=", 1)[0].lstrip("+~")
+    if "=" not in override or not key:
+        raise ConfigError(f"{override!r}: overrides are key=value")
+    if key.split(".")[0] not in OVERRIDABLE:
+        raise ConfigError(f"{key}: only eval.*, sampler.* and paths.* may change when re-evaluating a trained run "
+                          f"(anything else is another model: train it with python -m src.run)")
+    return override
+
+
+def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """The run's configuration over today's defaults, with the (evaluation) overrides applied."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_resolvers()
+    run_dir = Path(run_dir)
+    overrides = [_check_override(o) for o in overrides]
+    group = [o for o in overrides if o.split("=", 1)[0].lstrip("+") == "sampler"]  # a config group choice
+    stored = OmegaConf.load(run_config_path(run_dir))
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="evaluate"):
+        defaults = compose(config_name="config", overrides=group)
+    OmegaConf.set_struct(defaults, False)  # keys of the run's time that have gone since are kept, not refused
+    cfg = OmegaConf.merge(defaults, stored)
+    # A recipe or a backbone is a whole group option: the run's replaces today's default rather than merging into it
+    # (edm's p_mean/p_std merged into the default rf_lognorm's m/s would be another recipe).
+    for group_key in ("loss", "model"):
+        if group_key in stored:
+            cfg[group_key] = stored[group_key]
+    try:
+        cfg.run_name = str(cfg.run_name)
+    except Exception:  # Hydra's ${hydra:...} in an older run's .hydra/config.yaml: no Hydra run here
+        cfg.run_name = run_dir.name
+    if group and "sampler" in defaults:  # the chosen sampler group replaces the run's
+        cfg.sampler = defaults.sampler
+    rest = [o for o in overrides if o not in group]
+    if rest:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in rest]))
+    return cfg
+
+
+def evaluate(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[dict]:
+    """Evaluate what the run lacks under these settings; returns the run's current records."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
+    for o in overrides:  # before anything heavy is imported
+        _check_override(o)
+    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        raise FileNotFoundError(f"{run_dir / 'checkpoints'}: no checkpoint (last.ckpt) to evaluate; train the run first")
+    cfg = load_run_config(run_dir, overrides)
+    if not cfg.eval.enabled:
+        raise ConfigError("eval.enabled=false: nothing to evaluate")
+
+    from src.evaluation.run import check_eval_files, describe, evaluate_run, missing_for
+    from src.training.job import resolve_data
+
+    check_eval_files(cfg.eval)
+    meta = resolve_data(cfg)
+    missing = missing_for(cfg, run_dir)
+    log = logging.getLogger("src.evaluate")
+    if missing:
+        log.info("%s: results for %s missing: evaluating", run_dir, describe(cfg, run_dir, missing),
+                 extra={"console": True})
+    else:
+        log.info("%s: results complete, nothing to do", run_dir)
+    if cfg.get("torch_threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg.torch_threads))
+    from src.utils.progress import evaluation_hook
+
+    return evaluate_run(cfg, run_dir, meta=meta, on_setting=evaluation_hook())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__ + "\n" + USAGE)
+        return 0 if argv else 2
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    try:
+        records = evaluate(argv[0], argv[1:])
+    except Exception as e:  # one line, as for python -m src.run and src.plan
+        print(f"evaluate: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        return 2
+    for r in records:
+        print(f"{r['setting']:<28} {'ema' if r['ema'] else 'raw'}  n={r['n_samples']:<5} "
+              f"clip_score {r['clip_score']:.4f}  fid_clip {r['fid_clip']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

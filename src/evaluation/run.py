@@ -1,0 +1,235 @@
+"""Evaluate a trained run directory: `evaluate_run(cfg, run_dir)` samples and scores every record its configuration
+wants and results.json lacks (src.results.missing_records), from the chosen checkpoint.
+
+Called by the training job after training (rank 0, on the trainer's device) and by `python -m src.evaluate RUN_DIR`
+to re-evaluate a finished run with other evaluation settings. Nothing here needs the trainer: the backbone is built
+from `cfg.model` and the weights come from the checkpoint file, so a run trained under FSDP evaluates the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from src.config import ConfigError
+from src.results import (
+    CHECKPOINTS, describe_missing, missing_records, read_results, select_current, wanted_records,
+)
+
+log = logging.getLogger(__name__)
+
+#: on_setting(i, n, label, n_samples, seconds): called after each (sampler setting, EMA) evaluated, i = 1..n.
+OnSetting = Callable[[int, int, str, int, float], None]
+
+
+# ---- checkpoint and weights ---------------------------------------------------------------------------------
+def select_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
+    """The checkpoint file to evaluate: "best" = best.ckpt (lowest EMA validation loss), else last.ckpt where
+    no validation has produced one; "last" = last.ckpt. Raises FileNotFoundError naming the folder when absent."""
+    if which not in CHECKPOINTS:
+        raise ConfigError(f"eval.checkpoint={which}: allowed values are {', '.join(CHECKPOINTS)}")
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    best, last = ckpt_dir / "best.ckpt", ckpt_dir / "last.ckpt"
+    path = best if which == "best" and best.is_file() else last
+    if not path.is_file():
+        raise FileNotFoundError(f"{ckpt_dir}: no checkpoint (last.ckpt) to evaluate; train the run first")
+    return path
+
+
+def backbone_weights(state_dict: dict[str, torch.Tensor], ema: bool) -> dict[str, torch.Tensor]:
+    """The backbone's own state dict from a FormulationModule checkpoint: the EMA copy or the raw weights."""
+    prefix = "ema_backbone." if ema else "backbone."
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def unsharded_backbone(cfg_model: DictConfig, device: torch.device) -> torch.nn.Module:
+    """A plain backbone of the run's architecture on `device`, for the checkpoint's weights to be loaded into.
+
+    Built from the configuration, not copied from the trained module, which under FSDP is a sharded wrapper.
+    Built on the meta device and then allocated, so a large backbone is not randomly initialised only to be
+    overwritten; every tensor must then come from the checkpoint, so a backbone with buffers that are not saved
+    is built the ordinary way.
+    """
+    import hydra
+
+    with torch.device("meta"):
+        backbone = hydra.utils.instantiate(cfg_model)
+    saved = set(backbone.state_dict())
+    if any(name not in saved for name, _ in backbone.named_buffers()):
+        return hydra.utils.instantiate(cfg_model).to(device)
+    return backbone.to_empty(device=device)
+
+
+# ---- feature extractor -------------------------------------------------------------------------------------
+def check_eval_files(cfg_eval: DictConfig) -> None:
+    """Missing weight files are configuration errors, found before training starts."""
+    for key in ("clip.weights_path", "inception.weights_path"):
+        path = OmegaConf.select(cfg_eval, key)
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"eval.{key}={path}: file not found (weights are loaded from local files only)")
+    if cfg_eval.clip.model_name is not None and cfg_eval.clip.weights_path is None:
+        raise ConfigError(f"eval.clip.weights_path=None: required with eval.clip.model_name={cfg_eval.clip.model_name}")
+    which = OmegaConf.select(cfg_eval, "checkpoint", default="best")
+    if which not in CHECKPOINTS:
+        raise ConfigError(f"eval.checkpoint={which}: allowed values are {', '.join(CHECKPOINTS)}")
+
+
+def feature_extractor_name(cfg_eval: DictConfig) -> str:
+    """Names the CLIP feature extractor by model and weights: "tiny_clip:<sha256[:12]>" for the committed tiny
+    CLIP, "<model>:<sha256[:12]>" for weights with a checksum file beside them, else "<model>:<absolute path>";
+    ",quickgelu" appended when QuickGELU is forced. Cheap: no weights are read."""
+    clip = cfg_eval.clip
+    if clip.model_name is None:
+        from src.text import tiny_clip
+
+        model, path = "tiny_clip", Path(tiny_clip.WEIGHTS_PATH)
+    else:
+        model, path = str(clip.model_name), Path(str(clip.weights_path))
+    sidecar = path.with_suffix(".json")
+    sha = json.loads(sidecar.read_text()).get("sha256") if sidecar.is_file() else None
+    name = f"{model}:{sha[:12]}" if sha else f"{model}:{path.resolve()}"
+    return name + (",quickgelu" if clip.get("force_quick_gelu", False) else "")
+
+
+def load_clip_extractor(cfg_eval: DictConfig, device: torch.device):
+    """The CLIP feature extractor of the evaluation: the configured open_clip model, or the tiny CLIP."""
+    from src.metrics.clip import ClipFeatureExtractor
+
+    clip = cfg_eval.clip
+    if clip.model_name is None:
+        from src.text import tiny_clip
+        from src.text.checkpoints import read_sidecar, verify_checksum
+
+        verify_checksum(tiny_clip.WEIGHTS_PATH, read_sidecar(tiny_clip.WEIGHTS_PATH)["sha256"])
+        return ClipFeatureExtractor(
+            tiny_clip.MODEL_NAME, tiny_clip.WEIGHTS_PATH, device=device,
+            image_mean=tiny_clip.IMAGE_MEAN, image_std=tiny_clip.IMAGE_STD, config_key="eval.clip.weights_path",
+        )
+    return ClipFeatureExtractor(clip.model_name, clip.weights_path, device=device, config_key="eval.clip.weights_path",
+                                force_quick_gelu=bool(clip.get("force_quick_gelu", False)))
+
+
+# ---- what is wanted, what is missing ------------------------------------------------------------------------
+def wanted_for(cfg: DictConfig, formulation=None) -> list[dict[str, Any]]:
+    """Every record the configuration asks for (src.results.wanted_records), for the run's formulation."""
+    if formulation is None:
+        from src.formulations import from_config
+
+        formulation = from_config(OmegaConf.to_container(cfg.loss, resolve=True))
+    recipe = {"recipe": formulation.name, "family": formulation.family, "params": formulation.params()}
+    return wanted_records(cfg, recipe, feature_extractor_name(cfg.eval))
+
+
+def missing_for(cfg: DictConfig, run_dir: str | Path, formulation=None) -> list[dict[str, Any]]:
+    """The wanted records results.json lacks ([] when the evaluation is disabled)."""
+    if not cfg.eval.enabled:
+        return []
+    return missing_records(read_results(run_dir), wanted_for(cfg, formulation), run_dir,
+                           need_inception=cfg.eval.inception.weights_path is not None)
+
+
+def describe(cfg: DictConfig, run_dir: str | Path, missing: list[dict[str, Any]]) -> str:
+    """e.g. "eval.n_samples=200": what the missing records differ in from the stored ones."""
+    return describe_missing(missing, read_results(run_dir))
+
+
+# ---- the evaluation -----------------------------------------------------------------------------------------
+def evaluate_run(cfg: DictConfig, run_dir: str | Path, device: torch.device | str | None = None,
+                 on_setting: OnSetting | None = None, loggers: Iterable = (), meta: dict | None = None
+                 ) -> list[dict[str, Any]]:
+    """Sample and score every wanted record results.json lacks; returns the wanted records (old and new).
+
+    cfg: the run's resolved configuration (data.train_dir / eval_dir filled in). device: default the first GPU
+    when there is one, else the CPU. loggers: Lightning loggers the metrics are logged to. meta: the training
+    shards' meta.json (read from cfg.data.train_dir when not given).
+    """
+    from src.data.shards import load_eval_set, read_meta
+    from src.evaluation.decoding import make_decoder, reference_images
+    from src.evaluation.evaluate import SamplerSetting, evaluate_backbone
+    from src.formulations import from_config
+    from src.metrics.reference import reference_features
+
+    run_dir, ev = Path(run_dir), cfg.eval
+    check_eval_files(ev)
+    formulation = from_config(OmegaConf.to_container(cfg.loss, resolve=True))
+    wanted = wanted_for(cfg, formulation)
+    missing = missing_for(cfg, run_dir, formulation)
+    if not missing:
+        return select_current(read_results(run_dir), wanted)
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    which = str(OmegaConf.select(ev, "checkpoint", default="best"))
+    path = select_checkpoint(run_dir, which)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    step, state = int(ckpt["global_step"]), ckpt["state_dict"]
+    log.info("evaluating %s (step %d): %d record(s)", path.name, step, len(missing))
+
+    meta = meta if meta is not None else read_meta(cfg.data.train_dir)
+    extractor = load_clip_extractor(ev, device)
+    eval_set = load_eval_set(cfg.data.eval_dir)
+    decode = make_decoder(meta, ev.get("autoencoder_path"), device)
+    dataset_id = f"{cfg.data.name}:{Path(cfg.data.eval_dir).resolve()}:{eval_set['meta']['count']}"
+    cache = Path(cfg.paths.cache_dir) / "reference"
+    images = lambda: reference_images(eval_set, decode)  # noqa: E731 -- only computed on a cache miss
+    reference = reference_features(extractor.id, dataset_id, images, extractor, cache)
+    inception = None
+    if ev.inception.weights_path is not None:
+        from src.metrics.inception import InceptionFeatureExtractor
+
+        inc = InceptionFeatureExtractor(ev.inception.weights_path, device=device)
+        inception = (inc, reference_features(inc.id, dataset_id, images, inc, cache))
+
+    first = wanted[0]
+    base = {k: first[k] for k in ("recipe", "family", "params", "dataset", "tags", "train_seed", "backbone",
+                                  "sampler", "feature_extractor", "checkpoint")}
+    base.update(checkpoint_step=step, config=OmegaConf.to_container(cfg, resolve=True))
+    total, done = len(missing), 0
+
+    def progress(setting, seconds: float) -> None:
+        nonlocal done
+        done += 1
+        if on_setting is not None:
+            on_setting(done, total, setting.label, int(ev.n_samples), seconds)
+
+    backbone = unsharded_backbone(cfg.model, device)
+    for use_ema in ev.ema:
+        settings = [SamplerSetting(m["steps"], m["cfg"], m["shift"]) for m in missing if m["ema"] == bool(use_ema)]
+        if not settings:
+            continue
+        backbone.load_state_dict(backbone_weights(state, bool(use_ema)))
+        backbone.eval()
+        evaluate_backbone(
+            backbone, formulation, eval_set, settings, extractor, n_samples=int(ev.n_samples), seed=int(ev.seed),
+            batch_size=int(ev.batch_size), decode=decode, out_dir=run_dir, ema=bool(use_ema), base_record=base,
+            reference=reference, inception=inception, progress=progress,
+        )
+    records = select_current(read_results(run_dir), wanted)
+    log_metrics(records, loggers, step, run_dir)
+    return records
+
+
+def log_metrics(records: list[dict], loggers: Iterable, step: int, run_dir: Path) -> None:
+    """The records' metrics (and, for W&B, the sample grids) to the run's loggers."""
+    loggers = list(loggers)
+    if not loggers or not records:
+        return
+    metrics = {}
+    for r in records:
+        tag = f"eval/{'ema' if r['ema'] else 'raw'}/{r['steps']}steps_cfg{r['cfg']:g}"
+        metrics[f"{tag}/clip_score"] = r["clip_score"]
+        metrics[f"{tag}/fid_clip"] = r["fid_clip"]
+        if r.get("fid_inception") is not None:
+            metrics[f"{tag}/fid_inception"] = r["fid_inception"]
+    for lg in loggers:
+        lg.log_metrics(metrics, step=step)
+        if type(lg).__name__ == "WandbLogger":
+            grids = [(run_dir / r["arrays"].replace(".npz", ".png"), r) for r in records]
+            grids = [(g, r) for g, r in grids if g.exists()]
+            if grids:
+                lg.log_image("eval/samples", [str(g) for g, _ in grids],
+                             caption=[f"{r['setting']}, {'ema' if r['ema'] else 'raw'}" for _, r in grids], step=step)

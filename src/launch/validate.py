@@ -1,0 +1,110 @@
+"""Configuration errors before Hydra creates anything: every job of a sweep is checked before the first is launched.
+
+Hydra creates a job's run directory (and configures its log file there) before it calls the task function, so a
+check inside the job comes too late to leave nothing behind. Here the same checks (src.training.job.check_config:
+values, loss, data, model on the meta device, evaluation files) run earlier:
+- a multirun: the tagging sweeper (src/launch/sweeper.py) composes every job's configuration and checks it before
+  any job is launched; a job with an error is not launched, its one-line error goes to the end-of-sweep summary
+  and to `<sweep dir>/failures.json` (src/launch/failures.py), and the valid jobs run (fail_fast=true launches
+  none);
+- a single run: a Hydra callback (`hydra.callbacks.check_config` in conf/config.yaml) checks the configuration
+  when the run starts, before its directory exists, and exits with the one-line error.
+The job checks again when it starts (cheap, cached), for callers that bypass both (tests, other sweepers).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from src.config import ConfigError
+from src.launch.failures import one_line, record_failure, record_sweep_failure
+
+log = logging.getLogger(__name__)
+
+
+def job_name(cfg: DictConfig, overrides: Sequence[str] | None = None) -> str:
+    """The job's run name; for a job whose run name cannot be formed (an invalid recipe names none), its dataset
+    and recipe overrides (`digits/loss=rf_lognorm,loss.s=-1`), or else all its overrides (default: Hydra's)."""
+    try:
+        return str(cfg.run_name)
+    except Exception:
+        pass
+    if overrides is None:
+        try:
+            overrides = [str(o) for o in HydraConfig.get().overrides.task]
+        except Exception:
+            return "job"
+    loss = [o for o in overrides if o.lstrip("+~").startswith("loss")]
+    tag = [o.split("=", 1)[1].strip("'\"") for o in overrides if o.startswith("run_tag=")]
+    data = cfg.data.get("name", "?") if "data" in cfg else "?"
+    return f"{data}/{','.join(loss)}{''.join(tag)}" if loss else " ".join(overrides) or "job"
+
+
+def config_error(cfg: DictConfig) -> ConfigError | None:
+    """The first configuration error of a composed job configuration (hydra key included or not), or None.
+    The configuration is not changed."""
+    from src.training.job import check_config
+
+    try:
+        check_config(cfg)
+    except ConfigError as e:
+        return e
+    except Exception as e:  # a setting that breaks a check in another way (an interpolation that does not resolve)
+        return ConfigError(one_line(e))
+    return None
+
+
+def check_sweep_jobs(config_loader, sweep_config: DictConfig, batches: list[list[list[str]]]) -> list[list[list[str]]]:
+    """The batches without their invalid jobs (none at all under fail_fast when one is invalid); every invalid job is
+    recorded (summary, `<sweep dir>/failures.json`) and named on stderr before anything is launched."""
+    previous = HydraConfig.instance().cfg
+    kept, invalid = [], 0
+    try:
+        for batch in batches:
+            valid = []
+            for overrides in batch:
+                job_cfg = config_loader.load_sweep_config(sweep_config, list(overrides))
+                HydraConfig.instance().set_config(job_cfg)  # for ${hydra:...} in run names
+                error = config_error(job_cfg)
+                if error is None:
+                    valid.append(overrides)
+                    continue
+                invalid += 1
+                name, line = job_name(job_cfg, overrides), one_line(error)
+                log.error("not launched: %s: %s", name, line)
+                record_failure(name, line)
+                record_sweep_failure(str(sweep_config.hydra.sweep.dir), name, line)
+            if valid:
+                kept.append(valid)
+    finally:
+        HydraConfig.instance().cfg = previous
+    if invalid and sweep_config.get("fail_fast"):
+        log.error("fail_fast: %d job(s) have configuration errors; launching none", invalid)
+        return []
+    return kept
+
+
+class CheckConfigOnRunStart(Callback):
+    """A single run's configuration checked before Hydra creates its directory; an error ends the command with
+    its one line (exit status 1)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        previous = HydraConfig.instance().cfg
+        try:
+            HydraConfig.instance().set_config(config)
+            error = config_error(config)
+        finally:
+            HydraConfig.instance().cfg = previous
+        if error is not None:
+            sys.exit(one_line(error))  # printed on stderr, exit status 1; nothing was created
+
+
+def filter_sweep(sweeper, batches: Sequence) -> list:
+    """check_sweep_jobs for a Hydra sweeper after its setup (its config loader and configuration)."""
+    return check_sweep_jobs(sweeper.hydra_context.config_loader, sweeper.config, [list(b) for b in batches])

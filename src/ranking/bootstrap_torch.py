@@ -1,0 +1,71 @@
+"""The rank report's bootstrap Frechet distances in torch, batched over draws, in float64, on a GPU when present.
+
+The same math as the numpy path of src/ranking/bootstrap.py, on (draws, d, d) stacks: the resampled covariance as
+one batched product of count-weighted centred features, the reference's square root by eigh, and
+tr (S1 S2)^(1/2) as the sum of square roots of the eigenvalues of the symmetric PSD product S2^(1/2) S1 S2^(1/2).
+Results equal the numpy path's to round-off (tests/test_bootstrap_torch.py: 1e-6 relative on the same draws).
+
+On one CPU thread this path runs at 0.91x the numpy path's speed (1000 samples x 256 features, 16 draws, 2 records:
+1.44 s vs 1.31 s), so the CPU keeps numpy; the gain is the GPU's (make bench-gpu measures it).
+
+Devices: "cpu" is the numpy path; "cuda" this one on the GPU; "torch-cpu" this one on the CPU (for comparisons
+and tests); "auto" picks "cuda" when torch sees one, else "cpu".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+DEVICES = ("auto", "cpu", "cuda", "torch-cpu")
+GPU_CHUNK_BYTES = 4 * 2**30  # memory bound on the (draws, d, d) float64 stacks on a GPU
+CPU_CHUNK_BYTES = 64 * 2**20  # as the numpy path
+
+
+def resolve_device(device: str) -> str:
+    """The bootstrap's device setting as "cpu" (numpy), "cuda" or "torch-cpu"; a clear error for others."""
+    if device not in DEVICES:
+        raise ValueError(f"bootstrap device={device!r} is not allowed; allowed: {', '.join(DEVICES)}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("bootstrap device='cuda' is not allowed here: torch sees no CUDA device; allowed: auto, cpu")
+    return device
+
+
+class TorchFrechet:
+    """resampled_moments / sqrtm_psd / frechet_distance of the numpy path, float64 torch on one device."""
+
+    def __init__(self, device: str = "cuda"):
+        self.device = torch.device("cpu" if device == "torch-cpu" else device)
+        self.chunk_bytes = GPU_CHUNK_BYTES if self.device.type == "cuda" else CPU_CHUNK_BYTES
+
+    def _tensor(self, x) -> torch.Tensor:
+        return torch.as_tensor(x, dtype=torch.float64, device=self.device)
+
+    def resampled_moments(self, x, counts) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean (B, d) and covariance (B, d, d), ddof=1, of x's rows repeated counts[b] times (counts sum to n)."""
+        x, counts = self._tensor(x), self._tensor(counts)
+        n = x.shape[0]
+        centre = x.mean(dim=0)
+        x0 = x - centre  # covariance is shift invariant; centring keeps float64 sums accurate
+        mean0 = counts @ x0 / n
+        scatter = torch.matmul(x0.T.unsqueeze(0) * counts.unsqueeze(1), x0)  # (B, d, n) @ (n, d)
+        cov = (scatter - n * mean0.unsqueeze(-1) * mean0.unsqueeze(-2)) / (n - 1)
+        return mean0 + centre, cov
+
+    @staticmethod
+    def sqrtm_psd(cov: torch.Tensor) -> torch.Tensor:
+        """Symmetric square root of a stack of PSD matrices, via eigh (negative round-off eigenvalues clipped)."""
+        w, v = torch.linalg.eigh(cov)
+        return (v * w.clamp(min=0.0).sqrt().unsqueeze(-2)) @ v.transpose(-1, -2)
+
+    def frechet_distance(self, mu1, cov1, mu2, cov2, root2: torch.Tensor | None = None) -> np.ndarray:
+        """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) per draw, as a numpy array (B,)."""
+        mu1, cov1, mu2, cov2 = (self._tensor(a) for a in (mu1, cov1, mu2, cov2))
+        root2 = self.sqrtm_psd(cov2) if root2 is None else root2
+        eig = torch.linalg.eigvalsh(root2 @ cov1 @ root2)
+        tr_sqrt = eig.clamp(min=0.0).sqrt().sum(dim=-1)
+        trace = cov1.diagonal(dim1=-2, dim2=-1).sum(-1) + cov2.diagonal(dim1=-2, dim2=-1).sum(-1)
+        fid = ((mu1 - mu2) ** 2).sum(dim=-1) + trace - 2.0 * tr_sqrt
+        return fid.cpu().numpy()

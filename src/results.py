@@ -1,0 +1,384 @@
+"""The results of a run: one record per evaluated setting, its identity, results.json, and when a run is complete.
+
+Torch-free on purpose (no torch, no Lightning): the ranking, the planner and the report import it.
+
+A record holds every setting that changes a number (the recipe and the run's swept values, the training seed, the
+sampler setting, EMA, sampler, number of samples, initial-noise seed, feature extractor, FID feature definition and
+the checkpoint chosen) next to the numbers. Its identity is the tuple of those settings. One rule decides
+completeness for the training job, the evaluation, the planner and the report: a run is complete when every record
+its configuration wants (`wanted_records`) exists with exactly those settings (`missing_records` is empty).
+Records of other settings stay in results.json, kept apart by their identity; `select_current` picks the wanted
+ones. The name a record is ranked under is built at ranking time from its fields (`entry_name`).
+
+results.json is a JSON list of records, written atomically (temp file, rename) under a lock file, so readers never
+see a partial file and concurrent writers in one run directory do not lose records.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from src.utils.io import atomic_write_json, file_lock
+
+RESULTS_FILE = "results.json"
+#: The FID feature definition of new records: raw (un-normalised) CLIP image embeddings, as the paper computes it.
+FID_FEATURES = "clip_raw"
+#: What records written before the field existed used: L2-normalised CLIP image embeddings.
+LEGACY_FID_FEATURES = "clip_l2norm"
+#: The sampler of records written before the field existed, and of configurations without a `sampler` group.
+DEFAULT_SAMPLER = "rf_time"
+#: The study's backbone; any other is named in the ranked entry (the backbone comparison).
+DEFAULT_BACKBONE = "MMDiT"
+CHECKPOINTS = ("best", "last")
+
+#: The settings that make a record: two records with the same values are the same result (its identity).
+IDENTITY_FIELDS = (
+    "recipe", "family", "params", "dataset", "tags", "train_seed", "backbone",
+    "setting", "steps", "cfg", "shift", "ema", "sampler",
+    "n_samples", "eval_seed", "feature_extractor", "fid_features", "checkpoint",
+)
+METRIC_FIELDS = ("clip_score", "fid_clip", "fid_inception")
+#: Which configuration key sets each evaluation setting (for the one-line "results for ... missing" message).
+CONFIG_KEYS = {
+    "setting": "eval.settings", "steps": "eval.settings", "cfg": "eval.settings", "shift": "eval.shift",
+    "ema": "eval.ema", "sampler": "sampler", "n_samples": "eval.n_samples", "eval_seed": "eval.seed",
+    "feature_extractor": "eval.clip", "fid_features": "fid_features", "checkpoint": "eval.checkpoint",
+}
+
+
+@dataclass
+class Record:
+    """One evaluation result: a run's checkpoint sampled at one setting, with or without EMA weights."""
+
+    recipe: str  # the formulation's name, e.g. "rf/lognorm(0.00, 1.00)" (not qualified: see entry_name)
+    family: str
+    params: dict[str, float]
+    dataset: str
+    tags: dict[str, Any]  # the job's swept values outside the run name (its run_tag), e.g. {"optim.lr": 0.0001}
+    train_seed: int | None  # cfg.seed: initialisation and data order of the training
+    backbone: str  # class name of the backbone, e.g. "MMDiT", "DiT"
+    setting: str  # setting_label(steps, cfg, shift), e.g. "50 steps, cfg 5.0"
+    steps: int
+    cfg: float
+    shift: float
+    ema: bool
+    sampler: str  # the sampler's name (cfg.sampler.name), "rf_time" by default
+    n_samples: int
+    eval_seed: int  # initial-noise seed (common random numbers)
+    feature_extractor: str | None  # CLIP model and weights, e.g. "tiny_clip:<sha256[:12]>", "ViT-L-14-quickgelu:/path"
+    fid_features: str  # the FID feature definition: "clip_raw" (raw image embeddings) or legacy "clip_l2norm"
+    checkpoint: str  # "best" (lowest EMA validation loss, else last) or "last"
+    checkpoint_step: int | None
+    clip_score: float | None  # mean raw cosine (src/metrics/clip.py)
+    fid_clip: float | None  # Frechet distance on CLIP image features (fid_features says which)
+    fid_inception: float | None  # torch-fidelity Inception pool features; None when not computed
+    n_reference: int  # evaluation images behind the reference statistics
+    arrays: str  # npz relative to the run dir: clip_scores (n,), features (n, d), prompts (n,) [, inception_features]
+    reference_arrays: str  # npz with the evaluation images' features (m, d); relative to the run dir or absolute
+    config: dict[str, Any] = field(default_factory=dict)
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; non-finite metrics become null."""
+        d = asdict(self)
+        for k in METRIC_FIELDS:
+            if d[k] is not None and not math.isfinite(d[k]):
+                d[k] = None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Record":
+        """Rebuild a record (a legacy one gets its defaults, see upgrade); a missing field is an error naming it."""
+        d = upgrade(d)
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in d and n not in ("config", "created")]
+        if missing:
+            raise ValueError(f"results record lacks field(s) {missing}; has {sorted(d)}")
+        return cls(**{n: d[n] for n in names if n in d})
+
+
+FIELDS = tuple(f.name for f in fields(Record))
+
+
+# ---- names and tags ----------------------------------------------------------------------------------------
+def _num(x: float) -> str:
+    """At least one decimal (5.0, 2.5), more only where needed (7.25)."""
+    return f"{x:.1f}" if round(x, 1) == x else f"{x:g}"
+
+
+def setting_label(steps: int, cfg: float, shift: float = 1.0) -> str:
+    """e.g. "50 steps, cfg 5.0" (", shift 3.0" appended when shifted)."""
+    text = f"{int(steps)} steps, cfg {_num(float(cfg))}"
+    return text if float(shift) == 1.0 else f"{text}, shift {_num(float(shift))}"
+
+
+def _value(text: str) -> Any:
+    """A tag value as the number it spells (1, 0.0001, true) or the text itself."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_run_tag(run_tag: str | None) -> dict[str, Any]:
+    """The swept values of a run_tag: "/optim.lr=0.0001,seed=1" -> {"optim.lr": 0.0001, "seed": 1}.
+
+    The tagging sweeper (src/launch/sweeper.py) writes "/k1=v1,k2=v2"; "/" between items is read too. A piece
+    without "=" belongs to the previous value (a value holding a comma)."""
+    tags: dict[str, Any] = {}
+    last = None
+    for piece in str(run_tag or "").replace("/", ",").split(","):
+        if "=" in piece:
+            last, text = piece.split("=", 1)
+            tags[last.strip()] = text.strip()
+        elif last is not None and piece:
+            tags[last] += "," + piece
+    return {k: _value(v) for k, v in tags.items()}
+
+
+def _show(value: Any) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def entry_name(record: Mapping[str, Any], drop: Sequence[str] = ("seed",)) -> str:
+    """The name a record is ranked under: its recipe qualified by a backbone other than MMDiT, its tags (minus
+    `drop`; the training seed by default, so seeds pool as replicates) and a sampler other than the default.
+
+    e.g. "rf/lognorm(0.00, 1.00)", "rf [optim.lr=0.0001]", "rf [DiT]", "eps/linear [sampler=native]".
+    """
+    rec = upgrade(record)
+    tags = {k: v for k, v in rec["tags"].items() if k not in drop}
+    qualifiers = []
+    if rec["backbone"] != DEFAULT_BACKBONE and "model" not in tags:  # a swept model names the backbone already
+        qualifiers.append(rec["backbone"])
+    qualifiers += [f"{k}={_show(v)}" for k, v in tags.items()]
+    if rec["sampler"] != DEFAULT_SAMPLER and "sampler" not in rec["tags"]:
+        qualifiers.append(f"sampler={rec['sampler']}")
+    return f"{rec['recipe']} [{', '.join(qualifiers)}]" if qualifiers else rec["recipe"]
+
+
+# ---- legacy records ----------------------------------------------------------------------------------------
+def _split_legacy_name(recipe: str) -> tuple[str, str | None, dict[str, Any]]:
+    """A legacy recipe field "rf [DiT, optim.lr=0.0001]" -> ("rf", "DiT", {"optim.lr": 0.0001})."""
+    if not (recipe.endswith("]") and " [" in recipe):
+        return recipe, None, {}
+    base, inside = recipe[:-1].rsplit(" [", 1)
+    backbone, tags = None, {}
+    for part in inside.split(", "):
+        if "=" in part:
+            tags.update(parse_run_tag(part))
+        else:
+            backbone = part
+    return base, backbone, tags
+
+
+def upgrade(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A record with every field of today's schema: legacy records (before tags, sampler, ...) get defaults.
+
+    Legacy records named their ranked entry in `recipe` ("rf [optim.lr=0.0001]"); the name is split into the
+    recipe, the backbone and the tags. Defaults: train_seed from the stored config, sampler "rf_time", eval_seed
+    from `seed`, fid_features "clip_l2norm" (what the metric computed then), checkpoint "best", feature_extractor
+    None (not recorded: such a record never matches a wanted one, so it is recomputed, not trusted).
+    """
+    d = dict(record)
+    if "tags" in d and "backbone" in d:
+        return d
+    config = d.get("config") if isinstance(d.get("config"), Mapping) else {}
+    recipe, backbone, tags = _split_legacy_name(str(d.get("recipe", "")))
+    if "recipe" in d:
+        d["recipe"] = recipe
+    if "run_tag" in config:
+        tags = parse_run_tag(config.get("run_tag"))
+    target = (config.get("model") or {}).get("_target_") if isinstance(config.get("model"), Mapping) else None
+    d.setdefault("tags", tags)
+    d.setdefault("backbone", str(target).rsplit(".", 1)[-1] if target else backbone or DEFAULT_BACKBONE)
+    d.setdefault("train_seed", config.get("seed"))
+    d.setdefault("sampler", DEFAULT_SAMPLER)
+    if "eval_seed" not in d and "seed" in d:
+        d["eval_seed"] = d.pop("seed")
+    d.setdefault("fid_features", LEGACY_FID_FEATURES)
+    d.setdefault("feature_extractor", None)
+    d.setdefault("checkpoint", "best")
+    return d
+
+
+# ---- identity ------------------------------------------------------------------------------------------------
+def _canonical(name: str, value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return json.dumps(value, sort_keys=True, default=str)
+    if name == "ema":
+        return bool(value)
+    if name in ("cfg", "shift") and value is not None:
+        return float(value)
+    if name in ("steps", "n_samples", "eval_seed", "train_seed") and value is not None and not isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def record_identity(record: Mapping[str, Any] | Record) -> tuple:
+    """The settings of a record (IDENTITY_FIELDS, in that order), comparable and hashable; not its numbers."""
+    d = upgrade(record.to_dict() if isinstance(record, Record) else record)
+    return tuple(_canonical(k, d.get(k)) for k in IDENTITY_FIELDS)
+
+
+def describe_identity(record: Mapping[str, Any]) -> str:
+    """A short human-readable summary of a record's settings."""
+    d = upgrade(record)
+    return (f"{entry_name(d, drop=())} @ {d['dataset']}, {d['setting']}, {'ema' if d['ema'] else 'raw'}, "
+            f"sampler {d['sampler']}, n={d['n_samples']}, eval seed {d['eval_seed']}, {d['feature_extractor']}, "
+            f"{d['fid_features']}, {d['checkpoint']} checkpoint")
+
+
+# ---- results.json ------------------------------------------------------------------------------------------
+def results_path(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / RESULTS_FILE
+
+
+def read_results(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a run directory as stored ([] when it has no results.json); see upgrade for legacy ones."""
+    path = results_path(run_dir)
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise ValueError(f"{path}: expected a JSON list of record objects")
+    return data
+
+
+def write_results(run_dir: str | os.PathLike, records: Iterable[Mapping[str, Any] | Record]) -> Path:
+    """Replace results.json atomically with these records."""
+    rows = [r.to_dict() if isinstance(r, Record) else dict(r) for r in records]
+    return atomic_write_json(results_path(run_dir), rows)
+
+
+def merge_results(run_dir: str | os.PathLike, new: Iterable[Mapping[str, Any] | Record]) -> list[dict[str, Any]]:
+    """Add records to results.json, replacing those with the same identity (records of other settings stay);
+    atomic and locked. Returns all records."""
+    run_dir = Path(run_dir)
+    rows = [r.to_dict() if isinstance(r, Record) else dict(r) for r in new]
+    with file_lock(run_dir / f".{RESULTS_FILE}.lock"):
+        records = read_results(run_dir)
+        replaced = {record_identity(r) for r in rows}
+        records = [r for r in records if record_identity(r) not in replaced] + rows
+        write_results(run_dir, records)
+    return records
+
+
+def find_record(records: Iterable[Mapping[str, Any]], identity: tuple) -> dict[str, Any] | None:
+    """The record with this identity (record_identity), or None (the last one if several)."""
+    found = None
+    for r in records:
+        if record_identity(r) == identity:
+            found = dict(r)
+    return found
+
+
+# ---- what a configuration wants, and the completeness rule -----------------------------------------------------
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    """cfg[key] for a dotted key of a DictConfig or nested mapping, default when absent or None."""
+    node = cfg
+    for part in key.split("."):
+        try:
+            node = node[part] if isinstance(node, Mapping) or hasattr(node, "__getitem__") else getattr(node, part)
+        except (KeyError, AttributeError, TypeError, IndexError):
+            return default
+        if node is None:
+            return default
+    return node
+
+
+def run_fields(cfg: Any) -> dict[str, Any]:
+    """The fields every record of a run shares, from its configuration (recipe fields excepted)."""
+    target = str(_get(cfg, "model._target_", DEFAULT_BACKBONE))
+    return {
+        "dataset": str(_get(cfg, "data.name")),
+        "tags": parse_run_tag(_get(cfg, "run_tag", "")),
+        "train_seed": _get(cfg, "seed"),
+        "backbone": target.rsplit(".", 1)[-1],
+    }
+
+
+def wanted_records(cfg: Any, recipe: Mapping[str, Any], feature_extractor: str) -> list[dict[str, Any]]:
+    """The identity fields of every record the configuration asks for: sampler settings x EMA, each with the
+    configured sampler, n_samples, eval seed, shift, feature extractor, FID features and checkpoint.
+
+    recipe: {"recipe": name, "family": ..., "params": {...}} of the run's formulation; feature_extractor: its
+    name (src.evaluation.run.feature_extractor_name)."""
+    ev = _get(cfg, "eval")
+    shift = float(_get(ev, "shift", 1.0))
+    common = {
+        "recipe": recipe["recipe"], "family": recipe["family"], "params": dict(recipe["params"]),
+        **run_fields(cfg),
+        "shift": shift, "sampler": str(_get(cfg, "sampler.name", DEFAULT_SAMPLER)),
+        "n_samples": int(ev["n_samples"]), "eval_seed": int(ev["seed"]),
+        "feature_extractor": feature_extractor, "fid_features": FID_FEATURES,
+        "checkpoint": str(_get(ev, "checkpoint", "best")),
+    }
+    return [
+        {**common, "setting": setting_label(s["steps"], s["cfg"], shift), "steps": int(s["steps"]),
+         "cfg": float(s["cfg"]), "ema": bool(ema)}
+        for s in ev["settings"] for ema in ev["ema"]
+    ]
+
+
+def _usable(record: Mapping[str, Any], run_dir: Path | None, need_inception: bool) -> bool:
+    """A record counts when its arrays are on disk (the report reads them) and it has what is configured."""
+    if run_dir is not None and not (record.get("arrays") and (Path(run_dir) / record["arrays"]).is_file()):
+        return False
+    return not need_inception or record.get("fid_inception") is not None
+
+
+def missing_records(records: Iterable[Mapping[str, Any]], wanted: Iterable[Mapping[str, Any]],
+                    run_dir: str | os.PathLike | None = None, need_inception: bool = False) -> list[dict[str, Any]]:
+    """THE completeness rule: the wanted records that no stored record matches with exactly those settings
+    (same identity, its arrays present in run_dir when given, an Inception FID when one is configured).
+    A run is complete when this is empty."""
+    run_dir = Path(run_dir) if run_dir is not None else None
+    have = {record_identity(r) for r in records if _usable(r, run_dir, need_inception)}
+    return [dict(w) for w in wanted if record_identity(w) not in have]
+
+
+def select_current(records: Iterable[Mapping[str, Any]], wanted: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The stored records matching a wanted setting (the newest where several), in the order of `wanted`."""
+    by_identity: dict[tuple, dict] = {}
+    for r in records:
+        key = record_identity(r)
+        if key not in by_identity or str(r.get("created", "")) >= str(by_identity[key].get("created", "")):
+            by_identity[key] = dict(r)
+    return [by_identity[k] for k in (record_identity(w) for w in wanted) if k in by_identity]
+
+
+def describe_missing(missing: Sequence[Mapping[str, Any]], records: Iterable[Mapping[str, Any]]) -> str:
+    """What is missing, in configuration terms: "eval.n_samples=200", "eval.clip=<name>", "all settings"...
+
+    Names each evaluation setting whose wanted value no stored record has; "no results yet" when there are none."""
+    records = [upgrade(r) for r in records]
+    if not missing:
+        return "nothing"
+    if not records:
+        return "no results yet"
+    changed = []
+    for name in ("sampler", "n_samples", "eval_seed", "shift", "feature_extractor", "fid_features", "checkpoint",
+                 "train_seed", "tags"):
+        values = {_canonical(name, m.get(name)) for m in missing}
+        absent = sorted((v for v in values if v not in {_canonical(name, r.get(name)) for r in records}), key=str)
+        if absent:
+            key = CONFIG_KEYS.get(name, name)
+            changed.append(f"{key}={','.join(_show(v) for v in absent)}")
+    if not changed:  # the same evaluation settings: some sampler settings or EMA flags are missing
+        labels = sorted({f"{m['setting']} ({'ema' if m['ema'] else 'raw'})" for m in missing})
+        changed.append(f"{len(missing)} setting(s): {'; '.join(labels[:4])}{' ...' if len(labels) > 4 else ''}")
+    return ", ".join(changed)

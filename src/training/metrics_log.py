@@ -1,0 +1,74 @@
+"""The training curve in `csv/metrics.csv`, kept across resumes.
+
+Lightning's CSVLogger deletes an existing metrics.csv when a new fit starts in the same folder, so a resumed (or
+evaluation-only) rerun would keep only its own rows. Here every attempt appends its rows to the one file, each row
+tagged with its `attempt` (0, 1, ...). A resumed attempt re-logs the steps between its checkpoint and the point
+where the previous attempt stopped; `read_metrics` keeps, for each step, the rows of the latest attempt that
+logged it, which gives the curve of the run as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pandas as pd
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+METRICS_FILE = "metrics.csv"
+ATTEMPT = "attempt"
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, appending to the file of earlier attempts instead of deleting it."""
+
+    def __init__(self, log_dir: str) -> None:
+        super().__init__(log_dir)
+        self.attempt = 0
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                reader = csv.DictReader(f)
+                self.metrics_keys = sorted(reader.fieldnames or [])  # the header the earlier rows were written with
+                attempts = [int(row[ATTEMPT]) for row in reader if row.get(ATTEMPT) not in (None, "")]
+            self.attempt = max(attempts, default=0) + 1
+
+    def _check_log_dir_exists(self) -> None:  # Lightning's version removes metrics.csv
+        pass
+
+    def log_metrics(self, metrics_dict: dict, step: int | None = None) -> None:
+        super().log_metrics({**metrics_dict, ATTEMPT: self.attempt}, step)
+
+
+class ResumableCSVLogger(CSVLogger):
+    """CSVLogger whose metrics.csv holds every attempt's rows (see the module docstring)."""
+
+    @property
+    def experiment(self) -> _AppendingWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def read_metrics(path: str | os.PathLike) -> pd.DataFrame:
+    """A run's training curve from `<run dir>/csv/metrics.csv` (or the file itself), as if it had never stopped:
+    a value logged again at the same step by a later attempt (a resume redoing the steps after its checkpoint)
+    replaces the earlier one; rows left without values are dropped. Other values are kept whatever attempt logged
+    them, so an evaluation-only rerun adds its rows to the training curve."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "csv" / METRICS_FILE
+    log = pd.read_csv(path)
+    if ATTEMPT not in log or log.empty:
+        return log
+    log[ATTEMPT] = log[ATTEMPT].fillna(0).astype(int)  # rows written before attempts were recorded
+    metrics = [c for c in log.columns if c not in ("step", "epoch", ATTEMPT)]
+    out = log.copy()
+    for name in metrics:
+        logged = log[name].notna()
+        latest = log[ATTEMPT].where(logged).groupby(log["step"]).transform("max")
+        out.loc[logged & (log[ATTEMPT] < latest), name] = float("nan")
+    out = out[out[metrics].notna().any(axis=1)]
+    return out.sort_values(["step", ATTEMPT], kind="stable").reset_index(drop=True)

@@ -1,0 +1,79 @@
+"""bench/bench_gpu.py (make bench-gpu) works before it meets a GPU: its --dry-run runs every configuration at tiny
+size on the CPU, and a failing configuration is recorded, not fatal."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "bench_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_gpu"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dry_run_runs_every_configuration_and_writes_the_results(tmp_path, capsys):
+    bench = load_bench()
+    out = tmp_path / "gpu.md"
+    assert bench.main(["--dry-run", "--out", str(out), "--budget-s", "3600"]) == 0
+    printed = capsys.readouterr().out
+    data = bench.read_results(out)
+    names = [c.name for c in bench.configurations()]
+    assert [r["config"]["name"] for r in data["results"]] == names
+    assert all(r["status"] == "ok" for r in data["results"]), [(r["config"]["name"], r["status"])
+                                                              for r in data["results"] if r["status"] != "ok"]
+    assert all(name in printed for name in names)  # printed as it goes
+    text = out.read_text()
+    assert "| d24-default |" in text and "| d15-diffusers |" in text and "SDPA cudnn" not in text  # CPU: math
+    largest = next(r for r in data["results"] if r["config"]["name"] == "d15-default-largest")
+    assert largest["batch"] > largest["config"]["batch"] // 2  # the doubling ran
+    assert data["bootstrap"]["max_rel_diff"] < 1e-6 and data["header"]["dry_run"] is True
+
+
+def test_a_failing_configuration_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch):
+    bench = load_bench()
+    real = bench.measure
+
+    def measure(cfg, *args, **kwargs):
+        if cfg.name == "d15-eager":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if cfg.name == "d15-diffusers":
+            raise RuntimeError("compile failed: something")
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "measure", measure)
+    out = tmp_path / "gpu.md"
+    argv = ["--dry-run", "--out", str(out), "--no-bootstrap", "--only", "d15-eager", "d15-diffusers", "d24-eager"]
+    assert bench.main(argv) == 0
+    status = {r["config"]["name"]: r["status"] for r in bench.read_results(out)["results"]}
+    assert status == {"d15-eager": "failed: out of memory", "d15-diffusers": "failed: RuntimeError: compile failed: "
+                      "something", "d24-eager": "ok"}
+
+
+def test_time_budget_skips_what_no_longer_fits(tmp_path):
+    bench = load_bench()
+    out = tmp_path / "gpu.md"
+    assert bench.main(["--dry-run", "--out", str(out), "--no-bootstrap", "--budget-s", "0",
+                       "--only", "d15-eager"]) == 0
+    assert bench.read_results(out)["results"][0]["status"] == "skipped: time budget"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no GPU is present")
+def test_without_a_gpu_only_the_dry_run_runs(tmp_path, capsys):
+    assert load_bench().main(["--out", str(tmp_path / "gpu.md")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err and not (tmp_path / "gpu.md").exists()
+
+
+def test_make_target_runs_the_benchmark():
+    dry = subprocess.run(["make", "-n", "bench-gpu"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "bench/bench_gpu.py" in dry

@@ -1,0 +1,62 @@
+"""The batched torch bootstrap (src/ranking/bootstrap_torch.py) equals the numpy path on the same draws."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from src.ranking.aggregate import load_sweep
+from src.ranking.bootstrap import bootstrap_metrics, frechet_distance, resampled_moments, sqrtm_psd
+from src.ranking.bootstrap_torch import TorchFrechet, resolve_device
+from src.ranking.report import main
+from src.ranking.synthetic import write_synthetic_sweep
+
+RTOL = 1e-6
+
+
+def test_batched_frechet_equals_numpy_on_the_same_draws():
+    rng = np.random.default_rng(0)
+    n, m, d, draws = 200, 150, 24, 7
+    feats = rng.normal(size=(n, d)) @ rng.normal(size=(d, d))
+    ref = rng.normal(size=(m, d)) + 0.3
+    counts = rng.multinomial(n, np.full(n, 1 / n), size=draws).astype(float)
+    ref_counts = rng.multinomial(m, np.full(m, 1 / m), size=draws).astype(float)
+    mu_r, cov_r = resampled_moments(ref, ref_counts)
+    expected = frechet_distance(*resampled_moments(feats, counts), mu_r, cov_r, sqrtm_psd(cov_r))
+
+    ops = TorchFrechet("torch-cpu")
+    tmu_r, tcov_r = ops.resampled_moments(ref, ref_counts)
+    np.testing.assert_allclose(tcov_r.numpy(), cov_r, rtol=1e-10, atol=1e-12)
+    got = ops.frechet_distance(*ops.resampled_moments(feats, counts), tmu_r, tcov_r, ops.sqrtm_psd(tcov_r))
+    assert got.dtype == np.float64 and got.shape == (draws,)
+    np.testing.assert_allclose(got, expected, rtol=RTOL)
+
+
+def test_bootstrap_metrics_on_the_torch_path_equal_the_numpy_path(tmp_path):
+    sweep = write_synthetic_sweep(tmp_path / "s", recipes=("rf", "edm"), datasets=("digits",), n_samples=40,
+                                  n_reference=60, dim=8)
+    records = load_sweep([sweep]).records
+    numpy_draws = bootstrap_metrics(records, 12, seed=3, device="cpu")
+    torch_draws = bootstrap_metrics(records, 12, seed=3, device="torch-cpu")
+    np.testing.assert_array_equal(torch_draws.clip, numpy_draws.clip)
+    np.testing.assert_allclose(torch_draws.fid, numpy_draws.fid, rtol=RTOL)
+    assert torch_draws.fixed == numpy_draws.fixed and torch_draws.inconsistent == numpy_draws.inconsistent
+
+
+def test_device_setting():
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="device='gpu' is not allowed"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda' is not allowed here"):
+            resolve_device("cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where no GPU is present")
+def test_report_cli_refuses_cuda_without_a_gpu(tmp_path, capsys):
+    sweep = write_synthetic_sweep(tmp_path / "s", recipes=("rf", "edm"), datasets=("digits",), n_samples=16,
+                                  n_reference=20, dim=4)
+    assert main([str(sweep), "--out", str(tmp_path / "r"), "--bootstrap", "4", "--device", "cuda"]) == 1
+    assert "device='cuda' is not allowed here" in capsys.readouterr().err

@@ -1,0 +1,53 @@
+"""The planner checks existing shard folders against the paper's setup and against each other."""
+
+import torch
+
+from src import plan
+from src.data.expectations import PAPER_DATA, check_shard_folders, paper_differences, split_differences
+from src.data.shards import read_meta, write_shards
+
+PAPER_GROUPS = [{"name": "clip:ViT-L-14-quickgelu"}, {"name": "clip:ViT-bigG-14"}, {"name": "t5:t5-v1_1-xxl"}]
+
+
+def small_folder(path, seed, **kw):
+    g = torch.Generator().manual_seed(seed)
+    n = 6
+    return write_shards(path, torch.randn(n, 4, 8, 8, generator=g), torch.randn(n, 5, 16, generator=g),
+                        torch.randn(n, 8, generator=g), [f"c{i}" for i in range(n)], encoder_names=["clip:a"],
+                        samples_per_shard=4, **kw)
+
+
+def test_paper_meta_has_no_differences_and_each_difference_is_named():
+    paper = {**PAPER_DATA, "text_groups": PAPER_GROUPS}
+    assert paper_differences(paper) == []
+    other = {**paper, "latent_channels": 4, "context_dim": 768, "text_groups": PAPER_GROUPS[:1]}
+    assert paper_differences(other) == [
+        "latent_channels 4 (paper: 16)", "context_dim 768 (paper: 4096)",
+        "text groups clip:ViT-L-14-quickgelu (paper: CLIP L/14, CLIP bigG/14, T5-XXL)"]
+    assert split_differences(paper, {**paper, "latent_std": 2.0}) == ["latent_std 2.0 vs training None"]
+
+
+def test_folders_checked_only_where_they_exist(tmp_path):
+    assert check_shard_folders(tmp_path / "none", tmp_path / "none") == []
+    train = small_folder(tmp_path / "train", 0)
+    small_folder(tmp_path / "same", 1, latent_mean=train["latent_mean"], latent_std=train["latent_std"])
+    small_folder(tmp_path / "own-stats", 2)
+    notes = check_shard_folders(tmp_path / "train", tmp_path / "same")
+    assert len(notes) == 1 and "differs from the paper's setup: latent_channels 4 (paper: 16)" in notes[0]
+    notes = check_shard_folders(tmp_path / "train", tmp_path / "own-stats")
+    assert len(notes) == 2 and "is not encoded like data.train_dir (latent_mean" in notes[1]
+    assert read_meta(tmp_path / "own-stats")["latent_mean"] != train["latent_mean"]
+
+
+def test_plan_states_what_the_shards_hold_unlike_the_paper(tmp_path, capsys):
+    small_folder(tmp_path / "imagenet-256", 0)
+    small_folder(tmp_path / "cc12m-256", 1)
+    small_folder(tmp_path / "coco2014-256", 2)
+    assert plan.main(["+sweep=paper_grid", f"paths.shards_dir={tmp_path}", "loss=paper/rf_lognorm_0.00_1.00",
+                      "model.depth=2"]) == 0
+    out = capsys.readouterr().out
+    checks = [line for line in out.splitlines() if line.startswith("Check: ")]
+    assert len(checks) == 4, out  # two training folders unlike the paper, each unlike the COCO folder
+    assert any(f"data.train_dir={tmp_path}/cc12m-256 differs from the paper's setup: latent_channels 4" in c
+               for c in checks)
+    assert any(f"data.eval_dir={tmp_path}/coco2014-256 is not encoded like" in c for c in checks)

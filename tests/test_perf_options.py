@@ -1,0 +1,225 @@
+"""Throughput options (src/models/perf.py): the optimised paths train the same model as the eager step.
+
+Each path (compiled blocks, fused modulation, three-matmul QKV, activation checkpointing, an explicit SDPA kernel,
+fused AdamW) runs a few AdamW steps from the same weights on the same batches through the training module's own
+compile handling and optimizer, and must end within float32 tolerance of the eager step; checkpoints keep one
+layout, so each loads into the others.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+
+from src.formulations import get_recipe
+from src.models import MMDiT, MMDiT3
+from src.models.perf import compile_backbone, resolve_auto, resolve_compile
+from src.training.module import FormulationModule
+
+SIZE = dict(input_size=8, patch_size=2, in_channels=2, depth=2, hidden_size=32, num_heads=2, context_dim=16,
+            pooled_dim=8)
+STEPS = 3
+
+
+def batches(n=STEPS, b=3):
+    g = torch.Generator().manual_seed(7)
+    return [(torch.randn(b, 2, 8, 8, generator=g), torch.rand(b, generator=g), torch.randn(b, 2, 8, 8, generator=g),
+             torch.randn(b, 6, 16, generator=g), torch.randn(b, 8, generator=g)) for _ in range(n)]
+
+
+def train(cls=MMDiT, fused_adamw="auto", **options):
+    """Losses and final state dict of STEPS AdamW steps, through FormulationModule's compile and optimizer."""
+    torch.manual_seed(0)
+    backbone = cls(**SIZE, **options, **({"context_split": 2} if cls is MMDiT3 else {}))
+    with torch.no_grad():  # random weights everywhere: no zero-initialised path hides a difference
+        for p in backbone.parameters():
+            p.normal_(0, 0.1)
+    # AdamW divides by sqrt(v) + eps: with eps 1e-6 a near-zero gradient's update stays well-conditioned, so float32
+    # round-off in the gradient stays round-off in the weights (at 1e-8 its sign alone sets a +-lr step).
+    module = FormulationModule(get_recipe("rf/lognorm(0.00, 1.00)"), backbone, lr=1e-3, eps=1e-6, warmup_steps=1,
+                               compile=backbone.compile_requested, fused=fused_adamw)
+    module.on_fit_start()
+    opt = module.configure_optimizers()["optimizer"]
+    losses = []
+    for x0, t, eps, ctx, pooled in batches():
+        loss = module._loss(module._train_forward, x0, eps, t, ctx, pooled).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, module.backbone.state_dict()
+
+
+@pytest.fixture(scope="module")
+def eager():
+    return train()
+
+
+def assert_same_training(result, reference, rtol=1e-4, atol=1e-5):
+    (losses, state), (ref_losses, ref_state) = result, reference
+    assert losses == pytest.approx(ref_losses, rel=rtol, abs=atol)
+    assert state.keys() == ref_state.keys()  # one layout: no `_orig_mod.` prefixes, no split projections
+    for k in ref_state:
+        torch.testing.assert_close(state[k], ref_state[k], rtol=rtol, atol=atol, msg=k)
+
+
+@pytest.mark.parametrize("options", [
+    dict(fused_modulation=True), dict(fused_qkv=False), dict(activation_checkpointing=True),
+    dict(attention_backend="math"), dict(fused_adamw=True),
+], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_optimised_paths_train_like_the_eager_step(eager, options):
+    assert_same_training(train(**options), eager)
+
+
+def compiled_training(monkeypatch, dynamo_backend: str, **options):
+    """train() with the training module's compile_backbone on the given dynamo backend; graphs compiled counted."""
+    import src.training.module as module_code
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(module_code, "compile_backbone", partial(compile_backbone, dynamo_backend=dynamo_backend))
+    counters.clear()
+    result = train(**options)
+    assert counters["stats"]["unique_graphs"] >= 1  # the forward went through torch.compile
+    return result
+
+
+def test_compiled_blocks_train_like_the_eager_step(eager, monkeypatch):
+    """Regional compilation with fused modulation and fused AdamW (the GPU defaults, forced on the CPU): dynamo's
+    graphs and their AOT-autograd backward (aot_eager: inductor's CPU code generation is in the slow test)."""
+    assert_same_training(compiled_training(monkeypatch, "aot_eager", compile="blocks", fused_modulation=True,
+                                           fused_adamw=True), eager)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["blocks", "full"])
+def test_inductor_compiled_training_matches_the_eager_step(eager, monkeypatch, mode):
+    """The same through inductor (minutes on a 2-core CPU). Compiling the whole backbone reorders the float32
+    reductions of the whole step, and AdamW's division by sqrt(v) turns gradient round-off into a fraction of an
+    update: weights are held to 1% of the largest total update (lr per step), losses to float32 round-off."""
+    lr = 1e-3
+    assert_same_training(compiled_training(monkeypatch, "inductor", compile=mode, fused_modulation=True,
+                                           fused_adamw=True), eager, atol=0.01 * lr * STEPS)
+
+
+def test_three_stream_fused_modulation_matches():
+    assert_same_training(train(MMDiT3, fused_modulation=True), train(MMDiT3))
+
+
+def test_cpu_defaults_are_the_eager_path():
+    """"auto" leaves the CPU on today's exact path (bitwise the same steps); a GPU gets the fast one."""
+    assert resolve_compile("auto", "cpu") == "none" and resolve_compile("auto", "cuda") == "blocks"
+    assert resolve_auto("auto", "cpu") is False and resolve_auto("auto", "cuda") is True
+    defaults = train(compile="auto", fused_modulation="auto", fused_adamw="auto")
+    plain = train(compile="none", fused_modulation=False, fused_adamw=False)
+    assert defaults[0] == plain[0]
+    for k in plain[1]:
+        assert torch.equal(defaults[1][k], plain[1][k]), k
+
+
+def test_checkpoints_load_across_options():
+    """A state dict saved under any option loads strictly under any other and gives the same output."""
+    torch.manual_seed(0)
+    a = MMDiT(**SIZE, fused_qkv=False, fused_modulation=True, activation_checkpointing=True)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.normal_(0, 0.1)
+    compiled = compile_backbone(a, "blocks", "cpu")
+    assert compiled is a and all(k == k.replace("_orig_mod.", "") for k in a.state_dict())
+    b = MMDiT(**SIZE)
+    b.load_state_dict(a.state_dict(), strict=True)
+    a2 = MMDiT(**SIZE, fused_qkv=False, fused_modulation=True)
+    a2.load_state_dict(b.state_dict(), strict=True)
+    x, t, _, ctx, pooled = batches(1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(a2(x, t, ctx, pooled), b(x, t, ctx, pooled), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("setting, value, match", [
+    ("compile", "yes", "compile='yes'"), ("attention_backend", "flash2", "attention_backend='flash2'"),
+    ("fused_modulation", "on", "fused_modulation='on'"), ("compile_backend", "fast", "compile_backend='fast'"),
+])
+def test_bad_option_values_name_the_setting(setting, value, match):
+    with pytest.raises(ValueError, match=match):
+        MMDiT(**SIZE, **{setting: value})
+
+
+def test_fused_modulation_is_refused_where_it_does_not_exist():
+    from src.models import DiT
+
+    with pytest.raises(ValueError, match="fused_modulation=True is not allowed for DiT"):
+        DiT(**SIZE, fused_modulation=True)
+    with pytest.raises(ValueError, match="optim.fused='x'"):
+        FormulationModule(get_recipe("rf/lognorm(0.00, 1.00)"), MMDiT(**SIZE), fused="x")
+
+
+# ---- the planner reads the measured MFU of the configuration launched (a data name of its own: plan.py caches
+# shard metadata by data name and folder)
+SHARDS = ["data=shards", "data.name=perf", "data.train_dir=/nonexistent/perf-train", "data.eval_dir=/nonexistent/e",
+          "data.latent_channels=16", "data.latent_size=32", "data.context_dim=64", "data.pooled_dim=32",
+          "data.batch_size=1024", "trainer.devices=8"]
+
+
+def write_measurements(path, device="NVIDIA H100 80GB HBM3", dry_run=False):
+    """A results file as bench/bench_gpu.py writes it: the d15 default step at two batches, and the eager one."""
+    bench = __import__("tests.test_bench_gpu", fromlist=["load_bench"]).load_bench()
+    results = []
+    for name, batch, mfu, options in [("d15-default", 128, 0.52, {}), ("d15-default-largest", 512, 0.55, {}),
+                                      ("d15-eager", 128, 0.31, dict(compile="none", fused_adamw=False,
+                                                                    fused_modulation=False))]:
+        cfg = bench.Config(name, 15, batch, **{"compile": "blocks", "fused_adamw": True, "fused_modulation": True,
+                                               **options})
+        results.append(bench.Result(config=bench.asdict(cfg), batch=batch, mfu=mfu))
+    header = dict(device=device, torch="x", peak_tflops=989.4, reps=5, warmup=2, dry_run=dry_run, setup="")
+    path.write_text(bench.render(results, header, None))
+
+
+def test_planner_uses_the_measured_mfu_of_the_launched_configuration(tmp_path, monkeypatch):
+    from src import plan
+
+    gpu_md = tmp_path / "gpu.md"
+    monkeypatch.setattr(plan, "GPU_RESULTS", gpu_md)
+    overrides = ["model=mmdit_d15", "model.qk_norm=rms_norm", *SHARDS, f"paths.root_dir={tmp_path}"]
+    p = plan.plan_sweep(overrides, gpu="H100")
+    assert p.mfu == plan.DEFAULT_MFU and "the default 40%: gpu.md has no measurement" in p.mfu_source
+    write_measurements(gpu_md)
+    p = plan.plan_sweep(overrides, gpu="H100")  # 1024 over 8 GPUs: batch 128, the GPU defaults
+    assert p.mfu == 0.52 and "measured 52.0% for d15-default (batch 128)" in plan.render(p)
+    p = plan.plan_sweep([*overrides, "model.compile=none", "model.fused_modulation=false", "optim.fused=false"],
+                        gpu="H100")
+    assert p.mfu == 0.31 and "d15-eager" in p.mfu_source
+    assert plan.plan_sweep(overrides, gpu="H200").mfu == plan.DEFAULT_MFU  # another device: not this measurement
+    assert plan.plan_sweep([*overrides, "model.qk_norm=null"], gpu="H100").mfu == plan.DEFAULT_MFU  # another model
+    assert plan.plan_sweep(overrides, gpu="H100", mfu=0.3).mfu_source == "given (--mfu)"
+    write_measurements(gpu_md, dry_run=True)  # a CPU dry run never stands for a GPU
+    assert plan.plan_sweep(overrides, gpu="H100").mfu == plan.DEFAULT_MFU
+
+
+def test_wrapped_backbones_are_not_compiled_by_auto_nor_fused_by_auto(monkeypatch):
+    """Under FSDP the blocks are sharded units: "auto" keeps them eager and per-block (explicit settings say so)."""
+    import src.models.mmdit as mmdit_code
+
+    class Wrapper(torch.nn.Module):  # stands for FSDP's wrapper, which forwards attribute lookups inside
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.inner, name)
+
+    model = MMDiT(**SIZE)
+    wrapper = Wrapper(model)
+    assert compile_backbone(wrapper, "auto", "cuda") is wrapper
+    monkeypatch.setattr(mmdit_code, "is_sharded", lambda block: True)
+    monkeypatch.setattr(mmdit_code, "resolve_auto", lambda value, device: value == "auto" or bool(value))  # a GPU
+    monkeypatch.setattr(MMDiT, "block_modulations", None)  # must not be reached
+    x, t, _, ctx, pooled = batches(1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(MMDiT(**SIZE, fused_modulation="auto")(x, t, ctx, pooled), model(x, t, ctx, pooled))
+    with pytest.raises(ValueError, match="fused_modulation=True is not allowed with FSDP"):
+        MMDiT(**SIZE, fused_modulation=True)(x, t, ctx, pooled)

@@ -1,0 +1,230 @@
+"""Training seeds as replicates of one entry, sampler variants, exact averages and the FID-feature refusal, through
+the report's own entry points (build_report, main) on synthetic sweeps written in the run-directory layout."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from src.ranking.aggregate import load_sweep, pool_seeds, split_seed
+from src.ranking.bootstrap import inseparable_pairs, seed_weights
+from src.ranking.report import FEWER_SEEDS, build_report, main, markdown
+from src.ranking.synthetic import write_synthetic_sweep
+from src.ranking.tables import parse_markdown_table
+
+SMALL = dict(datasets=("digits", "shapes"), n_samples=16, n_reference=24, dim=3,
+             sampler_settings=[(5, 5.0), (50, 5.0)])
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("rf", ("rf", None)),
+    ("rf [seed=0]", ("rf", "0")),
+    ("rf [optim.lr=0.0001,seed=1]", ("rf [optim.lr=0.0001]", "1")),
+    ("rf [seed=2,optim.lr=0.0001]", ("rf [optim.lr=0.0001]", "2")),
+    ("rf [DiT, seed=2]", ("rf [DiT]", "2")),
+    ("rf [model.depths=[1,2],seed=3]", ("rf [model.depths=[1,2]]", "3")),
+    ("eps/linear [sampler=native,seed=1]", ("eps/linear [sampler=native]", "1")),
+    ("rf/lognorm(0.00, 1.00) [optim.lr=0.0001]", ("rf/lognorm(0.00, 1.00) [optim.lr=0.0001]", None)),
+])
+def test_the_seed_is_split_off_the_ranked_name(name, expected):
+    assert split_seed(name) == expected
+
+
+def test_a_recipe_with_three_seeds_is_one_entry_ranked_on_seed_means(tmp_path):
+    sweep = write_synthetic_sweep(tmp_path / "s", recipes=("rf", "eps/linear", "v/cos"), seeds=(0, 1, 2), **SMALL)
+    report = build_report([sweep], draws=0)
+    assert list(report.table.index) == ["rf", "eps/linear", "v/cos"]  # never "rf [seed=1]"
+    assert report.table["seeds"].tolist() == [3, 3, 3] and report.max_seeds == 3
+    assert len(report.records) == 3 * 3 * 2 * 4 and len(report.ranked) == 3 * 2 * 4
+    # --bootstrap 0 still pools the seeds: the ranked metrics are the seed means.
+    records = report.records
+    for row in report.ranked.itertuples(index=False):
+        same = records[(records["entry"] == row.recipe) & (records["dataset"] == row.dataset)
+                       & (records["setting"] == row.setting) & (records["ema"] == row.ema)]
+        assert sorted(same["train_seed"]) == ["0", "1", "2"]
+        assert row.clip_score == pytest.approx(same["clip_score"].mean(), rel=1e-12)
+        assert row.fid_clip == pytest.approx(same["fid_clip"].mean(), rel=1e-12)
+        assert row.n_seeds == 3
+    rows = parse_markdown_table(markdown(report))
+    assert [r["recipe"] for r in rows] == ["rf", "eps/linear", "v/cos"] and {r["seeds"] for r in rows} == {"3"}
+    assert "Seeds: every entry has 3 training seeds." in markdown(report)
+
+
+def _disagreeing(tmp_path, name, disagree: bool):
+    """A and B: equal on average; their seeds disagree strongly (or not at all); C is far behind."""
+    quality = ((0.95, 0.15, 0.55), (0.15, 0.95, 0.55), (0.0, 0.0, 0.0)) if disagree else \
+        ((0.95, 0.95, 0.95), (0.55, 0.55, 0.55), (0.0, 0.0, 0.0))
+    return write_synthetic_sweep(tmp_path / name, recipes=("A", "B", "C"), quality=quality, seeds=(0, 1, 2), **SMALL)
+
+
+def test_intervals_widen_when_seeds_disagree_and_such_recipes_are_not_separable(tmp_path):
+    agree = build_report([_disagreeing(tmp_path, "agree", False)], draws=80)
+    disagree = build_report([_disagreeing(tmp_path, "disagree", True)], draws=80)
+    width = {name: (r.table["all hi"] - r.table["all lo"]).loc[["A", "B"]].sum()
+             for name, r in (("agree", agree), ("disagree", disagree))}
+    assert width["disagree"] >= 1.5 and width["disagree"] > 4 * width["agree"], width
+    # Seeds that agree: every pair separated. Seeds that disagree: A and B cannot be told apart.
+    order = list(agree.table.index)
+    assert inseparable_pairs(agree.bootstrap.prob_better["all"], 0.95, order) == []
+    pairs = inseparable_pairs(disagree.bootstrap.prob_better["all"], 0.95, list(disagree.table.index))
+    assert [tuple(sorted(p[:2])) for p in pairs] == [("A", "B")]
+    text = markdown(disagree)
+    assert "1 pair of entries cannot be separated" in text and "include training-seed variance" in text
+    assert 0.0 < disagree.table.loc["A", "P(front 1) all"] < 1.0
+    # The same evaluation samples with the seeds not resampled would separate them: the verdict comes from seeds.
+    assert disagree.bootstrap.seed_weights.sum(axis=1).tolist() == [len(disagree.records)] * 80
+    assert (disagree.bootstrap.seed_weights != 1).any()
+
+
+def test_seed_weights_draw_k_of_k_seeds_per_entry_and_leave_single_seeds_alone(tmp_path):
+    sweep = write_synthetic_sweep(tmp_path / "s", recipes=("A", "B"), seeds=(0, 1, 2), missing_seeds=[("B", 1),
+                                                                                                       ("B", 2)], **SMALL)
+    records = load_sweep([sweep]).records
+    w = seed_weights(records, 50, seed=0)
+    a, b = (records["entry"] == "A").to_numpy(), (records["entry"] == "B").to_numpy()
+    assert np.all(w[:, b] == 1.0)  # one seed: nothing to resample
+    per_seed = pd.DataFrame(w[:, a].T).groupby(records.loc[a, "train_seed"].to_numpy()).first()
+    assert np.all(per_seed.sum(axis=0) == 3)  # 3 seeds drawn from 3, the same draw for all the seed's records
+    for seed_label in ("0", "1", "2"):
+        rows = np.flatnonzero(a & (records["train_seed"] == seed_label).to_numpy())
+        assert np.all(w[:, rows] == w[:, rows[:1]])
+    np.testing.assert_array_equal(w, seed_weights(records, 50, seed=0))
+    assert not np.array_equal(w, seed_weights(records, 50, seed=1))
+
+
+def test_a_recipe_with_fewer_seeds_is_ranked_and_marked(tmp_path, capsys):
+    sweep = write_synthetic_sweep(tmp_path / "multirun" / "s", recipes=("rf", "eps/linear", "v/cos"), seeds=(0, 1, 2),
+                                  missing_seeds=[("eps/linear", 2)], **SMALL)
+    out = tmp_path / "report"
+    assert main([str(sweep), "--out", str(out), "--bootstrap", "10"]) == 0
+    rows = {r["recipe"]: r for r in parse_markdown_table((out / "report.md").read_text())}
+    assert set(rows) == {"rf", f"eps/linear {FEWER_SEEDS}", "v/cos"}
+    assert rows[f"eps/linear {FEWER_SEEDS}"]["seeds"] == "2" and rows["rf"]["seeds"] == "3"
+    assert rows[f"eps/linear {FEWER_SEEDS}"]["all (n=8)"].split(" [")[0] != "-"  # ranked, not dropped
+    ranks = pd.read_csv(out / "ranks.csv").set_index("recipe")
+    assert ranks.loc["eps/linear", "seeds"] == 2 and ranks.loc["rf", "seeds"] == 3
+    assert f"{FEWER_SEEDS} marks entries with fewer than 3 seeds" in capsys.readouterr().out
+    records = pd.read_csv(out / "records.csv")
+    assert sorted(records["train_seed"].unique()) == [0, 1, 2] and set(records["entry"]) == {"rf", "eps/linear",
+                                                                                             "v/cos"}
+
+
+def test_sampler_variants_are_separate_entries_or_restricted_to_one(tmp_path, capsys):
+    root = tmp_path / "multirun"
+    common = dict(recipes=("rf", "eps/linear"), datasets=("digits",), n_samples=8, n_reference=12, dim=2,
+                  sampler_settings=[(5, 5.0), (50, 5.0)])
+    shared = write_synthetic_sweep(root / "shared", sampler="rf_time", **common)
+    native = write_synthetic_sweep(root / "native", sampler="native", seed=1, **common)
+    both = build_report([shared, native], draws=0)
+    assert sorted(both.table.index) == ["eps/linear [sampler=native]", "eps/linear [sampler=rf_time]",
+                                        "rf [sampler=native]", "rf [sampler=rf_time]"]
+    assert "the sweep has 2 samplers (native, rf_time); each sampler variant is its own entry" in both.sampler_note
+    one = build_report([shared, native], draws=0, sampler="native")
+    assert sorted(one.table.index) == ["eps/linear", "rf"]
+    assert set(one.records["sampler"]) == {"native"}
+    assert "Sampler: restricted to native (--sampler); left out: rf_time" in markdown(one)
+    assert main([str(shared), str(native), "--sampler", "heun", "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "rank report: error: --sampler heun: no records of that sampler; the sweep has ['native', 'rf_time']"
+
+
+def test_a_swept_sampler_in_the_run_tag_is_not_repeated(tmp_path):
+    sweep = write_synthetic_sweep(tmp_path / "s", recipes=("rf",), datasets=("digits",), n_samples=8, n_reference=8,
+                                  dim=2, sampler_settings=[(5, 5.0)], sampler="native")
+    other = write_synthetic_sweep(tmp_path / "t", recipes=("rf",), datasets=("digits",), n_samples=8, n_reference=8,
+                                  dim=2, sampler_settings=[(5, 5.0)], sampler="rf_time")
+    for path, name in ((sweep, "native"), (other, "rf_time")):  # as the tagging sweeper names a swept sampler
+        results = path / "0" / "results.json"
+        recs = json.loads(results.read_text())
+        for rec in recs:
+            rec["recipe"] = f"rf [sampler={name},seed=0]"
+        results.write_text(json.dumps(recs))
+    report = build_report([sweep, other], draws=0)
+    assert sorted(report.table.index) == ["rf [sampler=native]", "rf [sampler=rf_time]"]
+
+
+def test_mixed_fid_feature_definitions_are_refused_in_one_line(tmp_path, capsys):
+    root = tmp_path / "multirun"
+    new = write_synthetic_sweep(root / "new", recipes=("rf", "eps/linear"), **SMALL)
+    old = write_synthetic_sweep(root / "old", recipes=("rf", "eps/linear"), fid_features=None, **SMALL)
+    assert main([str(new), str(old), "--bootstrap", "0", "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("rank report: error: the sweep mixes FID feature definitions")
+    assert "clip_l2norm: 16 records" in err and "clip_raw: 16 records" in err
+    assert "`python -m src.evaluate RUN_DIR`" in err and str(old / "0") in err and str(new / "0") not in err
+    assert not (tmp_path / "r").exists()  # nothing half-written
+    # One definition alone is ranked, and the report names it.
+    assert main([str(old), "--bootstrap", "0", "--out", str(tmp_path / "r")]) == 0
+    assert "FID features: L2-normalised CLIP image embeddings" in (tmp_path / "r" / "report.md").read_text()
+
+
+def _chain_sweep(root):
+    """Three recipes strictly ordered in each of 12 settings, the order chosen so the averages are 2.5, 2.75, 1.25:
+    what summing 1/12 twelve times gets wrong in floating point."""
+    settings = [(d, s, c, e) for d in ("digits", "shapes") for s, c in ((5, 5.0), (25, 5.0), (50, 5.0))
+                for e in (True, False)]
+    # Front of A per setting; the 50-step settings (cfg 5.0) are positions 4, 5, 10, 11.
+    front_a = dict(zip(range(12), (3, 3, 3, 2, 3, 3, 2, 2, 2, 2, 2, 3)))
+    front_b = dict(zip(range(12), (1, 2, 2, 3, 1, 1, 3, 1, 1, 3, 1, 2)))
+    runs = {"A": [], "B": [], "C": []}
+    for i, (dataset, steps, cfg, ema) in enumerate(settings):
+        fronts = {"A": front_a[i], "B": front_b[i]}
+        fronts["C"] = 6 - fronts["A"] - fronts["B"]
+        for recipe, front in fronts.items():
+            runs[recipe].append({
+                "recipe": recipe, "dataset": dataset, "setting": f"{steps} steps, cfg {cfg:.1f}", "steps": steps,
+                "cfg": cfg, "ema": ema, "clip_score": 0.4 - 0.1 * front, "fid_clip": float(front),
+                "fid_features": "clip_raw",
+            })
+    for job, (recipe, records) in enumerate(runs.items()):
+        (root / str(job)).mkdir(parents=True)
+        (root / str(job) / "results.json").write_text(json.dumps(records))
+    return root
+
+
+def test_averages_of_integer_fronts_are_exact_in_tables_and_csv(tmp_path):
+    sweep = _chain_sweep(tmp_path / "chain")
+    out = tmp_path / "report"
+    assert main([str(sweep), "--out", str(out), "--bootstrap", "0"]) == 0
+    text = (out / "ranks.csv").read_text()
+    ranks = pd.read_csv(out / "ranks.csv", dtype=str).set_index("recipe")
+    assert ranks.loc["A", "all"] == "2.5" and ranks.loc["A", "50 steps"] == "2.75"
+    assert ranks.loc["B", "50 steps"] == "1.25" and ranks.loc["A", "n 50 steps"] == "4"
+    assert "2.4999999" not in text and "1.2499999" not in text and "0.9999999" not in text
+    assert float(ranks.loc["C", "all"]) * 12 == sum(6 - a - b for a, b in zip(
+        (3, 3, 3, 2, 3, 3, 2, 2, 2, 2, 2, 3), (1, 2, 2, 3, 1, 1, 3, 1, 1, 3, 1, 2)))
+    # Every average over n settings is the float nearest k / n.
+    for column in ("all", "5 steps", "50 steps"):
+        for recipe in ranks.index:
+            value, n = float(ranks.loc[recipe, column]), int(ranks.loc[recipe, f"n {column}"])
+            assert value == round(value * n) / n and ranks.loc[recipe, column] == repr(round(value * n) / n)
+    rows = {r["recipe"]: r for r in parse_markdown_table((out / "report.md").read_text())}
+    assert rows["B"]["50 steps (n=4)"] == "1.25" and rows["A"]["all (n=12)"] == "2.50"
+    md = (out / "report.md").read_text()
+    assert "50 steps column: the 50-step settings at CFG 5.0, the default" in md
+    assert "(4 settings: digits, shapes x 50 steps, cfg 5.0 x EMA, raw)" in md
+
+
+def test_bootstrap_bounds_and_first_front_probabilities_are_exact_too(tmp_path):
+    sweep = write_synthetic_sweep(tmp_path / "s", recipes=("A", "B", "C"), quality=((0.9, 0.3, 0.6), (0.3, 0.9, 0.6),
+                                                                                    (0.5, 0.5, 0.5)),
+                                  seeds=(0, 1, 2), datasets=("digits", "shapes"), n_samples=12, n_reference=16, dim=2)
+    report = build_report([sweep], draws=40)
+    n = report.table["n all"].to_numpy()
+    for bound in ("all lo", "all hi"):
+        values = report.table[bound].to_numpy(float)
+        np.testing.assert_array_equal(values, np.round(values * n) / n)
+    share = report.table["P(front 1) all"].to_numpy(float)
+    np.testing.assert_array_equal(share, np.round(share * n * 40) / (n * 40))
+    assert (report.table["all lo"] <= report.table["all hi"]).all()
+
+
+def test_pool_seeds_propagates_a_diverged_seed(tmp_path):
+    sweep = write_synthetic_sweep(tmp_path / "s", recipes=("A", "B"), seeds=(0, 1), datasets=("digits",), n_samples=8,
+                                  n_reference=8, dim=2, sampler_settings=[(5, 5.0)])
+    results = sweep / "0" / "results.json"  # A, seed 0
+    recs = json.loads(results.read_text())
+    recs[0]["fid_clip"] = None
+    results.write_text(json.dumps(recs))
+    pooled = pool_seeds(load_sweep([sweep]).records).set_index(["recipe", "ema"])
+    assert np.isnan(pooled.loc[("A", True), "fid_clip"]) and np.isfinite(pooled.loc[("A", False), "fid_clip"])

@@ -1,0 +1,327 @@
+"""Nothing lost or falsified on a rerun, and configuration errors before anything is created.
+
+- a refused relaunch leaves every file of the finished run byte-identical (Hydra's per-job files and run.log too);
+- configuration errors (loss, model, data, eval) create no run directory and no embedded data folder;
+- csv/metrics.csv keeps every attempt's rows (a kill -9 and a resume lose no logged step);
+- a truncated last.ckpt falls back to last.prev.ckpt and the run ends with the uninterrupted run's weights;
+- temp files of an interrupted write are removed when the job starts again;
+- Ctrl-C (SIGINT) saves a checkpoint at a step boundary, exits non-zero, and a rerun resumes.
+"""
+
+import hashlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from src.config import ConfigError, parse_loss, register_resolvers
+
+ROOT = Path(__file__).resolve().parents[1]
+register_resolvers()
+
+TINY = [
+    "model.depth=1", "model.hidden_size=32", "model.num_heads=2", "data.batch_size=16", "data.val_samples=32",
+    "train.max_steps=4", "train.val_every=2", "train.ckpt_every=2", "eval.n_samples=4", "eval.batch_size=4",
+    "eval.settings=[{steps: 2, cfg: 1.0}]", "eval.ema=[true]", "logger=csv", "trainer.enable_progress_bar=false",
+    "torch_threads=1",
+]
+# A longer run for interrupting: small steps, a checkpoint every 10, a logged training loss every step.
+LONG = [*TINY, "train.max_steps=300", "train.ckpt_every=10", "train.val_every=100", "trainer.log_every_n_steps=1",
+        "eval.enabled=false"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    from src.data.embedded import prepare_embedded
+
+    cache = tmp_path_factory.mktemp("cache")
+    prepare_embedded("digits", cache / "data")  # once, before the subprocesses share it
+    return cache
+
+
+def cli(args, **kwargs):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=600, **kwargs)
+
+
+def popen(args, log_path):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable, "-m", "src.run", *args], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+
+
+def wait_for(condition, proc, log_path, timeout=300):
+    """Poll condition() until it holds; fail if the process ends first or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"ended (exit {proc.returncode}) first:\n{Path(log_path).read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"timed out:\n{Path(log_path).read_text()[-3000:]}"
+        time.sleep(0.01)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under root (hidden ones included), by relative path."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def ckpt_step(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+
+
+def backbone_weights(path: Path) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith(("backbone.", "ema_backbone."))}
+
+
+def compose_cfg(overrides):
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+# ---- a refused relaunch writes nothing -------------------------------------------------------------------------
+@pytest.mark.slow
+def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache_dir):
+    args = ["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", "sweep_name=refuse",
+            "loss=rf", "optim.lr=1e-3"]
+    first = cli(args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    sweep = tmp_path / "outputs/multirun/refuse"
+    run = sweep / "digits/rf"
+    assert (run / "results.json").is_file() and (run / ".hydra/config.yaml").is_file()
+    before = tree_digest(run)
+
+    # The same sweep with a changed training setting: refused, and the finished run is untouched.
+    second = cli([*args[:-1], "optim.lr=3e-4"])
+    assert second.returncode == 1
+    assert "digits/rf: ConfigError:" in second.stderr and "different configuration (optim.lr)" in second.stderr
+    assert tree_digest(run) == before
+    assert "lr: 0.001" in (run / ".hydra/config.yaml").read_text()
+
+    from src.launch.failures import read_sweep_failures
+    from src.ranking.aggregate import load_sweep
+
+    assert "optim.lr" in read_sweep_failures(sweep)["digits/rf"]["error"]  # the refusal is recorded at the sweep
+    loaded = load_sweep([sweep])
+    assert list(loaded.runs["status"]) == ["done"] and not loaded.partial
+
+
+# ---- configuration errors create nothing ---------------------------------------------------------------------
+@pytest.mark.parametrize("overrides, message", [
+    (["loss=rf_lognorm", "loss.s=-1"], "loss: rf_lognorm: s=-1 is not allowed"),
+    (["model.num_heads=3"], "model: num_heads=3 is not allowed with hidden_size=64"),
+    (["model.patch_size=3"], "model: input_size=16 is not allowed; allowed: multiples of patch_size=3"),
+    (["data.name=mnist"], "data.name=mnist: dataset='mnist' is not an embedded dataset"),
+    (["data=shards", "data.train_dir=/nonexistent", "data.eval_dir=/nonexistent"], "data.train_dir=/nonexistent"),
+    (["eval.n_samples=1"], "eval.n_samples=1: must be an integer >= 2"),
+    (["eval.ema=[1]"], "eval.ema.0=1: must be a boolean"),
+    (["eval.clip.weights_path=/nonexistent.bin", "eval.clip.model_name=ViT-B-32"], "eval.clip.weights_path"),
+    (["train.max_steps=0"], "train.max_steps=0: must be an integer >= 1"),
+], ids=["loss", "model heads", "model patch", "data name", "data shards", "eval n_samples", "eval ema",
+        "eval weights", "train"])
+def test_config_errors_are_found_before_anything_is_built(tmp_path, overrides, message):
+    """check_config (what the sweeper and the run-start callback call) raises one line; nothing was created."""
+    from src.training.job import prepare_job
+
+    cfg = compose_cfg([*overrides, f"paths.root_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")) as info:
+        prepare_job(cfg, tmp_path / "run")
+    assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # no .cache/data, no run directory
+
+
+def test_config_error_via_the_cli_is_one_line_and_creates_nothing(tmp_path):
+    out = cli(["loss=rf_lognorm", "loss.s=-1", f"paths.root_dir={tmp_path}"])
+    assert out.returncode == 1
+    assert out.stderr.strip() == "ConfigError: loss: rf_lognorm: s=-1 is not allowed; s must be > 0"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sweep_with_config_errors_launches_none_of_them(tmp_path):
+    """Every job is checked before the first is launched: invalid jobs get no directory, the data are not built."""
+    out = cli(["-m", f"paths.root_dir={tmp_path}", "sweep_name=bad", "loss=rf_lognorm", "loss.s=-1,-2",
+               "model.num_heads=3"])
+    assert out.returncode == 1
+    assert "2 job(s) failed:" in out.stderr
+    assert "digits/loss=rf_lognorm,loss.s=-1: ConfigError: loss: rf_lognorm: s=-1 is not allowed" in out.stderr
+    sweep = tmp_path / "outputs/multirun/bad"
+    assert sorted(p.name for p in sweep.iterdir() if not p.name.startswith(".")) == ["failures.json", "multirun.yaml"]
+    assert not (tmp_path / ".cache").exists()
+
+
+def test_the_loss_config_is_parsed_once_per_distinct_config():
+    first = parse_loss({"family": "rf_lognorm", "m": 0.0, "s": 1.0})
+    assert parse_loss({"s": 1.0, "family": "rf_lognorm", "m": 0.0}) is first  # cached: one parse
+    with pytest.raises(ConfigError, match="^loss: "):
+        parse_loss({"family": "rf_mode", "s": 2.5})
+
+
+def test_embedded_shapes_known_before_building_match_the_shards(cache_dir):
+    """check_model builds the backbone for the shapes the embedded data will have, before they exist."""
+    from src.data.shards import read_meta
+    from src.training.job import DIM_KEYS, _embedded_shapes
+
+    meta = read_meta(next((Path(cache_dir) / "data").glob("digits-*")) / "train")
+    assert _embedded_shapes("digits") == {k: meta[k] for k in DIM_KEYS}
+
+
+# ---- checkpoints: the previous last.ckpt kept, a corrupt one falls back ----------------------------------------
+def test_previous_last_checkpoint_is_kept_and_an_unreadable_one_falls_back(tmp_path, caplog):
+    from src.training.checkpoint_io import AtomicCheckpointIO, checkpoint_to_resume
+
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"global_step": 1}, tmp_path / "last.ckpt")
+    assert not (tmp_path / "last.prev.ckpt").exists()
+    io.save_checkpoint({"global_step": 2}, tmp_path / "last.ckpt")
+    assert ckpt_step(tmp_path / "last.prev.ckpt") == 1 and ckpt_step(tmp_path / "last.ckpt") == 2
+    assert checkpoint_to_resume(tmp_path) == tmp_path / "last.ckpt"
+
+    data = (tmp_path / "last.ckpt").read_bytes()
+    (tmp_path / "last.ckpt").write_bytes(data[: len(data) // 2])  # truncated
+    assert checkpoint_to_resume(tmp_path, repair=False) == tmp_path / "last.prev.ckpt"
+    with caplog.at_level(logging.WARNING):
+        assert checkpoint_to_resume(tmp_path) == tmp_path / "last.ckpt"
+    warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warning) == 1 and f"{tmp_path / 'last.ckpt'} is unreadable" in warning[0]
+    assert "last.prev.ckpt" in warning[0] and "\n" not in warning[0]
+    assert ckpt_step(tmp_path / "last.ckpt") == 1  # the previous one took its place
+
+    (tmp_path / "last.prev.ckpt").write_bytes(b"")
+    (tmp_path / "last.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="no readable last.prev.ckpt"):
+        checkpoint_to_resume(tmp_path)
+
+
+@pytest.mark.slow
+def test_killed_run_with_a_truncated_last_checkpoint_resumes_from_the_previous_one(tmp_path, cache_dir):
+    """kill -9 mid-training, last.ckpt truncated, rerun: the warning names the file, the run resumes from
+    last.prev.ckpt and ends with the weights and the training curve of an uninterrupted run."""
+    reference = cli([*LONG, f"paths.root_dir={tmp_path / 'ref'}", f"paths.cache_dir={cache_dir}"])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    ref_run = tmp_path / "ref/outputs/runs/digits/rf_lognorm_0.00_1.00"
+
+    args = [*LONG, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
+    run = tmp_path / "outputs/runs/digits/rf_lognorm_0.00_1.00"
+    log_path = tmp_path / "first.log"
+    proc = popen(args, log_path)
+    wait_for(lambda: (run / "checkpoints/last.prev.ckpt").is_file(), proc, log_path)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait()
+    last = run / "checkpoints/last.ckpt"
+    killed_at = ckpt_step(last)
+    previous = ckpt_step(run / "checkpoints/last.prev.ckpt")
+    assert 0 < previous < killed_at < 300
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 3])
+
+    second = cli(args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    output = second.stdout + second.stderr
+    assert f"{last} is unreadable" in output and "resuming from the previous checkpoint" in output
+    assert ckpt_step(last) == 300
+    ref_weights, weights = backbone_weights(ref_run / "checkpoints/last.ckpt"), backbone_weights(last)
+    assert ref_weights.keys() == weights.keys()
+    assert all(torch.equal(ref_weights[k], weights[k]) for k in weights)
+
+    # The training curve: every step the uninterrupted run logged, with the same values.
+    from src.training.metrics_log import read_metrics
+
+    ref_log, log = read_metrics(ref_run), read_metrics(run)
+    ref_loss = ref_log.dropna(subset=["train/loss"]).set_index("step")["train/loss"]
+    loss = log.dropna(subset=["train/loss"]).set_index("step")["train/loss"]
+    assert len(ref_loss) == 300 and list(loss.index) == list(ref_loss.index)
+    pd.testing.assert_series_equal(loss, ref_loss)
+    raw = pd.read_csv(run / "csv/metrics.csv")
+    assert set(raw["attempt"]) == {0, 1} and (raw["step"] < previous).any()  # the first attempt's rows kept
+
+
+def test_read_metrics_joins_attempts():
+    """Values a later attempt logged again replace the earlier ones at that step; other rows are kept."""
+    from src.training.metrics_log import read_metrics
+
+    rows = pd.DataFrame([
+        {"attempt": 0, "step": 0, "train/loss": 1.0}, {"attempt": 0, "step": 1, "train/loss": 0.9},
+        {"attempt": 0, "step": 2, "train/loss": 0.8}, {"attempt": 0, "step": 2, "val/loss": 0.7},
+        {"attempt": 1, "step": 2, "train/loss": 0.8}, {"attempt": 1, "step": 3, "train/loss": 0.6},
+        {"attempt": 2, "step": 3, "eval/fid": 0.1},  # an evaluation-only rerun
+    ])
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        rows.to_csv(Path(d) / "metrics.csv", index=False)
+        log = read_metrics(Path(d) / "metrics.csv")
+    assert list(log.dropna(subset=["train/loss"])["step"]) == [0, 1, 2, 3]
+    assert list(log.dropna(subset=["train/loss"])["attempt"]) == [0, 0, 1, 1]
+    assert log.dropna(subset=["val/loss"])["step"].tolist() == [2]
+    assert log.dropna(subset=["eval/fid"])["step"].tolist() == [3]
+
+
+# ---- temp files of interrupted writes -------------------------------------------------------------------------
+KILLED_WRITE = """
+import os, signal, sys
+from src.training.checkpoint_io import AtomicCheckpointIO
+import torch
+real_save = torch.save
+def save_then_die(obj, f):
+    f.write(b"half a checkpoint"); f.flush(); os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save_then_die
+AtomicCheckpointIO().save_checkpoint({"global_step": 1}, sys.argv[1])
+"""
+
+
+def test_temp_files_of_an_interrupted_write_are_removed_on_restart(tmp_path, cache_dir):
+    from src.training.job import run_job
+    from src.utils.io import is_temp_name
+
+    run = tmp_path / "run"
+    # A real kill -9 in the middle of a checkpoint write leaves its temp file...
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(run / "checkpoints/last.ckpt")], cwd=ROOT)
+    assert killed.returncode == -signal.SIGKILL
+    left = [p for p in (run / "checkpoints").iterdir() if is_temp_name(p.name)]
+    assert len(left) == 1 and not (run / "checkpoints/last.ckpt").exists()
+    # ... and so would one during an .npz write (uuid-style name); a file that is not a temp file stays.
+    (run / "eval").mkdir()
+    (run / "eval" / f".x.npz.{'a' * 32}.tmp").write_bytes(b"partial")
+    (run / "eval" / "notes.tmp").write_text("mine")
+
+    cfg = compose_cfg([*TINY, "eval.enabled=false", f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}"])
+    assert run_job(cfg, run)["global_step"] == 4
+    assert not [p for p in run.rglob("*") if is_temp_name(p.name)]
+    assert (run / "eval/notes.tmp").read_text() == "mine"
+
+
+# ---- Ctrl-C --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sigint_saves_a_checkpoint_exits_non_zero_and_the_rerun_resumes(tmp_path, cache_dir):
+    args = [*LONG, "train.ckpt_every=1000", f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
+    run = tmp_path / "outputs/runs/digits/rf_lognorm_0.00_1.00"
+    log_path = tmp_path / "first.log"
+    proc = popen(args, log_path)
+
+    def training() -> bool:  # a few logged steps: the loop is running
+        path = run / "csv/metrics.csv"
+        return path.is_file() and len(path.read_text().splitlines()) > 3
+
+    wait_for(training, proc, log_path)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) != 0
+    out = log_path.read_text()
+    assert "caught SIGINT" in out and "checkpoint on SIGINT at step" in out
+    step = ckpt_step(run / "checkpoints/last.ckpt")  # no periodic checkpoint was due (ckpt_every=1000)
+    assert f"checkpoint on SIGINT at step {step}:" in out and 0 < step < 300
+    assert not (run / "error.json").exists()  # interrupted, not failed
+
+    second = cli(args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Restored all states from the checkpoint" in second.stdout + second.stderr
+    assert ckpt_step(run / "checkpoints/last.ckpt") == 300

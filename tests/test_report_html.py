@@ -1,0 +1,260 @@
+"""The report a researcher reads: labelled sample grids, sample comparison sheets, a self-contained HTML file
+(checked by parsing it, and in a real headless browser), readable figures, no meaningless messages."""
+import base64
+import html.parser
+import io
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torchvision.utils import save_image
+
+from src.evaluation.grids import cut_grid, read_grid, read_prompts, save_labelled_grid, to_uint8
+from src.ranking.report import build_report, main, notes
+from src.ranking.synthetic import write_synthetic_sweep
+
+RECIPES = ("rf/lognorm(0.00, 1.00)", "eps/linear", "edm(-1.20, 1.20)")
+SETTINGS = [(5, 5.0), (25, 5.0), (50, 5.0)]
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+# ---- grids ------------------------------------------------------------------------------------------------------
+def test_labelled_grid_upscales_cells_and_reads_back_exactly(tmp_path):
+    images = torch.rand(20, 3, 16, 16) * 2 - 1
+    prompts = [f"a photo of a digit {k}" for k in range(20)]
+    path = save_labelled_grid(images, prompts, tmp_path / "grid.png")
+    with Image.open(path) as png:
+        layout = json.loads(png.info["flowsweep-grid"])
+        assert layout["cell"] == [96, 96] and layout["ncol"] == 8 and layout["caption_h"] > 0
+        assert png.size[0] >= 8 * 96 and png.size[1] >= 3 * (96 + layout["caption_h"])
+    assert np.array_equal(read_grid(None, path), to_uint8(images))  # the cells, downscaled back
+    assert not list(tmp_path.glob(".*tmp"))
+    grey = save_labelled_grid(torch.zeros(2, 1, 8, 8), None, tmp_path / "grey.png")  # no prompts, one channel
+    assert read_grid(None, grey).shape == (2, 8, 8, 3)
+    with pytest.raises(ValueError, match="prompts: 1 for 2 images"):
+        save_labelled_grid(torch.zeros(2, 3, 8, 8), ["one"], tmp_path / "bad.png")
+    with pytest.raises(ValueError, match=r"expected shape \(B, 1 or 3, H, W\)"):
+        save_labelled_grid(torch.zeros(2, 8, 8), None, tmp_path / "bad.png")
+
+
+def test_captions_wrap_at_spaces_within_the_cell():
+    from src.evaluation.grids import font, wrap
+
+    f = font(11)
+    assert wrap("a photo of a handwritten nine", 96, f) == ["a photo of a", "handwritten nine"]
+    assert wrap("a red circle", 500, f) == ["a red circle"]
+    lines = wrap("one two three four five six seven eight nine ten", 60, f)
+    assert len(lines) == 3 and lines[-1].endswith("...") and all(f.getlength(x) <= 60 for x in lines)
+    assert all(f.getlength(x) <= 40 for x in wrap("supercalifragilistic", 40, f, max_lines=9))
+
+
+def test_plain_torchvision_grid_is_cut_and_npz_grid_preferred(tmp_path):
+    images = torch.rand(12, 3, 16, 16) * 2 - 1
+    save_image((images + 1) / 2, tmp_path / "g.png", nrow=8)  # what the evaluation writes today
+    assert np.array_equal(cut_grid(tmp_path / "g.png", 12), to_uint8(images))
+    other = torch.rand(12, 3, 16, 16) * 2 - 1
+    np.savez(tmp_path / "g.npz", grid=other.numpy(), prompts=np.array([f"p{k}" for k in range(12)]))
+    assert np.array_equal(read_grid(tmp_path / "g.npz", tmp_path / "g.png"), to_uint8(other))
+    assert read_prompts(tmp_path / "g.npz") == [f"p{k}" for k in range(12)]
+    np.savez(tmp_path / "h.npz", features=np.zeros(3))
+    (tmp_path / "h.json").write_text(json.dumps({"prompts": ["a", "b"]}))
+    assert read_prompts(tmp_path / "h.npz", tmp_path / "h.png") == ["a", "b"]
+    assert read_grid(tmp_path / "missing.npz", tmp_path / "missing.png") is None
+
+
+# ---- a synthetic sweep with sample grids ------------------------------------------------------------------------
+def add_grids(sweep: Path, labelled: bool) -> None:
+    """Write each record's grid as the evaluation does (labelled grid or plain torchvision grid), sample k of
+    recipe r a flat grey that encodes (r, k)."""
+    for results in sweep.rglob("results.json"):
+        records = json.loads(results.read_text())
+        for rec in records:
+            npz = results.parent / rec["arrays"]
+            r = RECIPES.index(rec["recipe"])
+            images = torch.stack([torch.full((3, 16, 16), -1 + 0.2 * r + 0.02 * k) for k in range(16)])
+            if labelled:
+                save_labelled_grid(images, [f"a photo of a {k}" for k in range(16)], npz.with_suffix(".png"))
+            else:
+                save_image((images + 1) / 2, npz.with_suffix(".png"), nrow=8)
+                npz.with_suffix(".json").write_text(json.dumps({"prompts": [f"prompt {k}" for k in range(16)]}))
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multirun") / "demo"
+    sweep = write_synthetic_sweep(root, recipes=RECIPES, datasets=("digits",), n_samples=16, n_reference=16, dim=2,
+                                  sampler_settings=SETTINGS)
+    add_grids(sweep, labelled=True)
+    out = tmp_path_factory.mktemp("report")
+    with io.StringIO() as buffer:
+        import contextlib
+
+        with contextlib.redirect_stdout(buffer):
+            assert main([str(sweep), "--out", str(out), "--bootstrap", "10"]) == 0
+    return out
+
+
+class Refs(html.parser.HTMLParser):
+    """Every src and href of a page, the images' sources and the rank table's header titles."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs, self.images, self.titles, self.tags = [], [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append(tag)
+        self.refs += [(tag, k, v) for k, v in attrs.items() if k in ("src", "href", "srcset", "action", "data")]
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+        if tag == "th":
+            self.titles.append(attrs.get("title", ""))
+
+
+def test_html_report_is_self_contained(report_dir):
+    text = (report_dir / "report.html").read_text()
+    refs = Refs()
+    refs.feed(text)
+    for tag, key, value in refs.refs:  # only embedded data and in-page anchors
+        assert value.startswith("data:image/png;base64,") or (key == "href" and value.startswith("#")), (tag, value)
+    assert "http://" not in text and "https://" not in text and "url(" not in text
+    assert "link" not in refs.tags and "iframe" not in refs.tags
+    assert len(refs.images) == 5  # Pareto fronts, average ranks, metrics vs steps, two sample sheets
+    for src in refs.images:
+        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as image:
+            image.load()
+            assert min(image.size) > 100
+
+
+def test_html_report_tables_are_ranked_defined_and_sortable(report_dir):
+    text = (report_dir / "report.html").read_text()
+    refs = Refs()
+    refs.feed(text)
+    assert all(refs.titles) and len(set(refs.titles)) > 5  # every header has its definition on hover
+    ranks = pd.read_csv(report_dir / "ranks.csv")
+    table = text[text.index('id="rank-table"'):text.index("</table>", text.index('id="rank-table"'))]
+    positions = [table.index(f">{recipe}<") for recipe in ranks["recipe"]]
+    assert positions == sorted(positions)  # rows in rank order
+    assert ">all interval<" in table and ">all lo<" not in table  # lo/hi merged into one interval column
+    assert 'class="sortable"' in text and "addEventListener('click'" in text
+    assert 'id="definitions"' in text and "FID (CLIP features)" in text
+    assert "Samples, digits: same prompts across recipes" in text
+    assert "Samples, digits: one prompt across sampler settings" in text
+
+
+def test_sample_sheets_show_the_same_sample_across_recipes_and_settings(tmp_path):
+    from src.ranking.aggregate import load_sweep
+    from src.ranking.samples import chosen_setting, sample_figures
+
+    sweep = write_synthetic_sweep(tmp_path / "s", recipes=RECIPES, datasets=("digits",), n_samples=16,
+                                  n_reference=16, dim=2, sampler_settings=SETTINGS)
+    add_grids(sweep, labelled=False)  # plain grids, prompts in a JSON beside them
+    records = load_sweep([sweep]).records
+    assert chosen_setting(records) == ("25 steps, cfg 5.0", True)
+    order = ["edm(-1.20, 1.20)", "rf/lognorm(0.00, 1.00)", "eps/linear"]
+    figures = sample_figures(records, tmp_path / "out", order)
+    sheet = np.asarray(Image.open(figures["Samples, digits: same prompts across recipes"]).convert("RGB"))[..., 0]
+    # row i is recipe order[i], column k its sample k (a flat grey encoding (recipe, k)), each at least 96x96 px
+    centres = {}
+    for recipe in order:
+        for k in range(8):
+            grey = (0.2 * RECIPES.index(recipe) + 0.02 * k) * 127.5  # neighbours differ by 2.55 levels
+            ys, xs = np.nonzero(np.abs(sheet.astype(float) - grey) <= 1)
+            assert len(ys) >= 96 * 96, (recipe, k)
+            centres[recipe, k] = (ys.mean(), xs.mean())
+    for k in range(8):
+        rows = [centres[recipe, k][0] for recipe in order]
+        assert rows == sorted(rows)  # rows follow the rank order
+    for recipe in order:
+        columns = [centres[recipe, k][1] for k in range(8)]
+        assert columns == sorted(columns)  # sample k in column k
+    strip = Image.open(figures["Samples, digits: one prompt across sampler settings"])
+    assert strip.size[0] > 3 * 96  # three settings side by side
+
+
+def test_one_recipe_report_says_nothing_about_separating_pairs(tmp_path):
+    sweep = write_synthetic_sweep(tmp_path / "one", recipes=("eps/linear",), datasets=("digits",), n_samples=8,
+                                  n_reference=8, dim=2, sampler_settings=SETTINGS)
+    report = build_report([sweep], draws=5)
+    assert not any("separat" in line for line in notes(report))
+    assert any("percentile interval" in line for line in notes(report))  # the interval still explained
+
+
+def test_pareto_title_and_legend_clear_the_panels():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from src.ranking.aggregate import rank_table
+    from src.ranking.plots import OKABE_ITO, front_style, plot_pareto_fronts, series_style
+
+    ranked = rank_table(pd.DataFrame({
+        "recipe": ["a", "b", "c"] * 2, "dataset": "digits", "setting": ["25 steps, cfg 5.0"] * 3 + ["5 steps, cfg 5.0"] * 3,
+        "steps": [25] * 3 + [5] * 3, "cfg": 5.0, "ema": True, "clip_score": [0.3, 0.2, 0.1, 0.3, 0.25, 0.2],
+        "fid_clip": [0.1, 0.2, 0.3, 0.1, 0.3, 0.05],
+    }))
+    fig = plot_pareto_fronts(ranked)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    title = fig._suptitle.get_window_extent(renderer)
+    legend = fig.legends[0].get_window_extent(renderer)
+    for ax in fig.axes:
+        if ax.axison:
+            top = ax.title.get_window_extent(renderer).y1
+            assert top < legend.y0 < legend.y1 < title.y0
+    assert front_style(1) != front_style(2) and series_style(0)[0] == OKABE_ITO[0]
+    assert len({series_style(i) for i in range(12)}) == 12
+
+
+# ---- a real browser ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_report_renders_in_a_headless_browser(report_dir, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian's chromium (/usr/bin/chromium): apt-get install -y chromium")
+    page = (report_dir / "report.html").read_text()
+    # Script errors are recorded on the page itself, by a handler installed before anything else runs.
+    probe = ("<script>window.addEventListener('error',function(e){document.documentElement.setAttribute("
+             "'data-errors',(document.documentElement.getAttribute('data-errors')||'')+e.message+';');});</script>")
+    checked = tmp_path / "report.html"
+    checked.write_text(page.replace("<head>", "<head>" + probe, 1))
+    flags = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--virtual-time-budget=10000"]
+    dom = subprocess.run([*flags, f"--user-data-dir={tmp_path / 'profile1'}", "--dump-dom", checked.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert 'data-ready="1"' in dom and "data-errors" not in dom.split("<head>", 1)[0], dom[:300]  # <html ...>
+    widths = dom.split('data-image-widths="', 1)[1].split('"', 1)[0].split(",")
+    assert len(widths) == 5 and all(int(w) > 100 for w in widths), widths  # every image present and decoded
+    shot = tmp_path / "report.png"
+    subprocess.run([*flags, f"--user-data-dir={tmp_path / 'profile2'}", "--window-size=1400,1800",
+                    f"--screenshot={shot}", checked.as_uri()], capture_output=True, timeout=120)
+    with Image.open(shot) as image:
+        assert image.size == (1400, 1800)
+        assert len(np.unique(np.asarray(image.convert("L")))) > 20  # rendered content, not a blank page
+
+
+def test_wandb_gets_the_figures_samples_and_html_report(tmp_path, monkeypatch):
+    from src.ranking.publish import publish_wandb
+    from src.ranking.report import write_report
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    sweep = write_synthetic_sweep(tmp_path / "sweep", recipes=RECIPES[:2], datasets=("digits",), n_samples=16,
+                                  n_reference=8, dim=2, sampler_settings=[(5, 5.0), (25, 5.0)])
+    add_grids(sweep, labelled=True)
+    report = build_report([sweep], draws=0)
+    import wandb
+
+    try:
+        run_dir = Path(publish_wandb(report, write_report(report, tmp_path / "report"), project="test-rank-report"))
+    finally:
+        wandb.teardown()  # W&B keeps its first settings (WANDB_DIR) per process; later tests set their own
+    media = run_dir / "media"
+    images = sorted(p.name.split("_0_")[0] for p in (media / "images").rglob("*.png"))
+    assert images == ["average_ranks", "metrics_vs_steps", "pareto_fronts", "samples_digits", "steps_cfg_digits"]
+    assert [p.parent.name for p in (media / "images").rglob("samples_digits*.png")] == ["samples"]
+    assert len(list((media / "html").glob("report*.html"))) == 1

@@ -1,0 +1,191 @@
+"""Rerunning a finished run with another evaluation setting recomputes exactly the evaluation (never the training),
+gives the new numbers, keeps the old records apart, and the planner calls the run "to evaluate", not "done"."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from src import plan
+from src.training import job
+from tests.test_training import make_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+# The smoke sweep's sizes (sweeps/smoke.yaml): a depth-1 backbone for a few steps, 8 samples, one cheap setting.
+# A learning rate too high on purpose (and no EMA lag): the lowest validation loss is at an early step, so best.ckpt
+# and last.ckpt differ.
+BASE = ["train.max_steps=4", "train.val_every=1", "train.ckpt_every=2", "optim.lr=0.3", "optim.warmup_steps=0",
+        "train.ema_decay=0.0", "eval.n_samples=8", "eval.batch_size=8", "eval.settings=[{steps: 2, cfg: 5.0}]",
+        "eval.ema=[false]", "torch_threads=1"]
+
+
+def _files(run_dir: Path) -> dict[str, tuple[str, int]]:
+    """Every checkpoint's sha256 and mtime."""
+    return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted((run_dir / "checkpoints").glob("*.ckpt"))}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One finished, evaluated run (and its cache), copied by each test."""
+    root = tmp_path_factory.mktemp("trained")
+    cfg = make_cfg(root, root / "cache", BASE)
+    out = job.run_job(cfg, root / "run")
+    assert out["global_step"] == 4
+    return root
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+    shutil.copytree(trained / "run", tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.fixture(scope="module")
+def other_clip(tmp_path_factory) -> Path:
+    """A second feature extractor: the tiny CLIP's architecture, randomly initialised, saved to its own file."""
+    import open_clip
+
+    from src.text import tiny_clip
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("clip") / "random_tiny_clip.pt"
+    torch.save(open_clip.create_model(tiny_clip.MODEL_NAME).state_dict(), path)
+    return path
+
+
+def _cfg(trained: Path, overrides=()):
+    return make_cfg(trained, trained / "cache", [*BASE, *overrides])
+
+
+def _no_training(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a trainer was built: the rerun retrained")
+
+    monkeypatch.setattr(job, "build_trainer", refuse)
+    monkeypatch.setattr(job, "build_backbone", refuse)
+
+
+CASES = [
+    ("eval.n_samples=6", "n_samples", 6, "eval.n_samples=6"),
+    ("eval.seed=99", "eval_seed", 99, "eval.seed=99"),
+    ("eval.shift=3.0", "shift", 3.0, "eval.shift=3.0"),
+    ("eval.checkpoint=last", "checkpoint", "last", "eval.checkpoint=last"),
+    ("CLIP", "feature_extractor", None, "eval.clip="),
+    # Heun: native equals rf_time on rf recipes (the same grid), Heun changes every family's samples.
+    ("sampler=heun", "sampler", "heun", "sampler=heun"),
+]
+
+
+@pytest.mark.parametrize("override, field, value, message", CASES)
+def test_changed_evaluation_setting_evaluates_again_without_training(trained, run, other_clip, monkeypatch, caplog,
+                                                                    override, field, value, message):
+    if override == "CLIP":
+        from src.text import tiny_clip
+
+        override = [f"eval.clip.model_name={tiny_clip.MODEL_NAME}", f"eval.clip.weights_path={other_clip}"]
+    overrides = override if isinstance(override, list) else [override]
+    before = json.loads((run / "results.json").read_text())
+    checkpoints = _files(run)
+    cfg = _cfg(trained, overrides)
+    assert plan.job_status(cfg, run) == "to evaluate"
+    assert plan.job_status(_cfg(trained), run) == "done"
+
+    _no_training(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="src.training.job"):
+        out = job.run_job(cfg, run)
+    assert out == {"run_dir": str(run), "skipped": False, "evaluated_only": True}
+    lines = [r.getMessage() for r in caplog.records if "missing: evaluating, training is done" in r.getMessage()]
+    assert len(lines) == 1 and f"results for {message}" in lines[0], lines
+    assert _files(run) == checkpoints  # no checkpoint written or touched
+
+    after = json.loads((run / "results.json").read_text())
+    assert after[: len(before)] == before  # the old records stay, kept apart by their settings
+    [new] = after[len(before):]
+    [old] = before
+    if value is not None:
+        assert new[field] == value
+    assert new[field] != old[field]
+    assert new["fid_clip"] != old["fid_clip"]  # new numbers
+    assert (run / new["arrays"]).is_file() and new["arrays"] != old["arrays"]
+    if field == "checkpoint":
+        assert new["checkpoint_step"] == 4 and old["checkpoint_step"] < 4  # best.ckpt is an earlier step here
+    assert plan.job_status(cfg, run) == "done"
+    # Complete now: the same command again does nothing.
+    assert job.run_job(_cfg(trained, overrides), run)["skipped"] is True
+
+
+def test_legacy_records_are_evaluated_again(trained, run, monkeypatch):
+    """Records of today's schema before this change (no tags, sampler, eval_seed, fid_features, ...) describe
+    another FID feature definition: the run is to evaluate, and the evaluation runs without training."""
+    records = json.loads((run / "results.json").read_text())
+    legacy = [{k: v for k, v in r.items() if k not in ("tags", "train_seed", "backbone", "sampler", "eval_seed",
+                                                       "feature_extractor", "fid_features", "checkpoint")}
+              | {"seed": r["eval_seed"]} for r in records]
+    (run / "results.json").write_text(json.dumps(legacy))
+    cfg = _cfg(trained)
+    assert plan.job_status(cfg, run) == "to evaluate"
+    _no_training(monkeypatch)
+    assert job.run_job(cfg, run)["evaluated_only"] is True
+    after = json.loads((run / "results.json").read_text())
+    assert len(after) == 2 and after[0] == legacy[0] and after[1]["fid_features"] == "clip_raw"
+    assert plan.job_status(cfg, run) == "done"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "src.evaluate", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_evaluate_cli_re_evaluates_a_finished_run(trained, run):
+    checkpoints = _files(run)
+    before = json.loads((run / "results.json").read_text())
+    out = _cli(str(run), "eval.seed=7", "eval.ema=[true,false]")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "results for eval.seed=7 missing: evaluating" in out.stderr
+    after = json.loads((run / "results.json").read_text())
+    assert after[:1] == before and sorted((r["eval_seed"], r["ema"]) for r in after[1:]) == [(7, False), (7, True)]
+    assert _files(run) == checkpoints
+    assert "n=8" in out.stdout and out.stdout.count("clip_score") == 2
+    # The stored configuration is the run's own: training keys were not taken from today's defaults.
+    stored = (run / "config.yaml").read_text()
+    assert "max_steps: 4" in stored and "hidden_size: 32" in stored
+
+
+def test_evaluate_cli_refuses_training_keys_and_runs_without_checkpoints(run, tmp_path):
+    out = _cli(str(run), "optim.lr=0.5")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "optim.lr: only eval.*, sampler.* and paths.* may change" in out.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(run / "config.yaml", empty / "config.yaml")
+    out = _cli(str(empty))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "no checkpoint" in out.stderr
+
+
+def test_run_config_keeps_the_runs_recipe_and_backbone(tmp_path):
+    """The run's loss and model replace today's defaults whole: an EDM run is not merged into rf_lognorm's m, s."""
+    from omegaconf import OmegaConf
+
+    from src.evaluate import load_run_config
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    stored = {"loss": {"family": "edm", "p_mean": 0.0, "p_std": 0.6},
+              "model": {"_target_": "src.models.DiT", "depth": 1, "hidden_size": 32, "num_heads": 2},
+              "run_name": "digits/edm_0.00_0.60"}
+    OmegaConf.save(OmegaConf.create(stored), run / ".hydra" / "config.yaml")
+    cfg = load_run_config(run, ["eval.n_samples=4"])
+    assert OmegaConf.to_container(cfg.loss) == stored["loss"]
+    assert OmegaConf.to_container(cfg.model) == stored["model"]
+    assert cfg.eval.n_samples == 4

@@ -1,0 +1,167 @@
+"""src/results.py: the one record schema, its identity, the completeness rule, legacy records, entry names."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from src.results import (
+    FIELDS, IDENTITY_FIELDS, Record, describe_missing, entry_name, merge_results, missing_records, parse_run_tag,
+    read_results, record_identity, select_current, upgrade, wanted_records,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = {"recipe": "rf/lognorm(0.00, 1.00)", "family": "rf_lognorm", "params": {"m": 0.0, "s": 1.0}}
+CFG = {
+    "data": {"name": "digits"}, "seed": 1, "run_tag": "/optim.lr=0.0001,seed=1",
+    "model": {"_target_": "src.models.MMDiT"},
+    "eval": {"settings": [{"steps": 5, "cfg": 5.0}, {"steps": 50, "cfg": 1.0}], "ema": [True, False], "shift": 1.0,
+             "n_samples": 100, "seed": 1234, "checkpoint": "best"},
+}
+# A record as results.json held it before this schema (the ranked name in `recipe`, `seed` for the noise seed).
+LEGACY = {
+    "recipe": "rf/lognorm(0.00, 1.00) [DiT, optim.lr=0.0001]", "family": "rf_lognorm", "params": {"m": 0.0, "s": 1.0},
+    "dataset": "digits", "setting": "5 steps, cfg 5.0", "steps": 5, "cfg": 5.0, "shift": 1.0, "ema": True,
+    "clip_score": 0.25, "fid_clip": 1.5, "fid_inception": None, "n_samples": 100, "n_reference": 297, "seed": 1234,
+    "checkpoint_step": 500, "arrays": "eval/a.npz", "reference_arrays": "/r.npz", "config": {},
+    "created": "2024-01-01T00:00:00+00:00",
+}
+
+
+def test_results_module_imports_without_torch_or_lightning():
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'lightning', 'pytorch_lightning', 'open_clip'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import src.results\n"
+        "assert not any(m.split('.')[0] in ('torch', 'lightning') for m in sys.modules)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_run_tag_parses_into_tags():
+    assert parse_run_tag("/optim.lr=0.0001,seed=1") == {"optim.lr": 0.0001, "seed": 1}
+    assert parse_run_tag("/optim.lr=0.0001/seed=1") == {"optim.lr": 0.0001, "seed": 1}
+    assert parse_run_tag("") == {} and parse_run_tag(None) == {}
+    assert parse_run_tag("/model=dit,flag=true,list=[1,2]") == {"model": "dit", "flag": True, "list": "[1,2]"}
+
+
+def test_wanted_records_cover_settings_times_ema_with_every_evaluation_setting():
+    wanted = wanted_records(CFG, RECIPE, "tiny_clip:0123456789ab")
+    assert [(w["setting"], w["ema"]) for w in wanted] == [
+        ("5 steps, cfg 5.0", True), ("5 steps, cfg 5.0", False), ("50 steps, cfg 1.0", True),
+        ("50 steps, cfg 1.0", False)]
+    w = wanted[0]
+    assert set(w) == set(IDENTITY_FIELDS)
+    assert (w["tags"], w["train_seed"], w["backbone"], w["sampler"], w["n_samples"], w["eval_seed"]) == (
+        {"optim.lr": 0.0001, "seed": 1}, 1, "MMDiT", "rf_time", 100, 1234)
+    assert (w["feature_extractor"], w["fid_features"], w["checkpoint"]) == ("tiny_clip:0123456789ab", "clip_raw", "best")
+    shifted = wanted_records({**CFG, "eval": {**CFG["eval"], "shift": 3.0}}, RECIPE, "x")[0]
+    assert shifted["setting"] == "5 steps, cfg 5.0, shift 3.0" and shifted["shift"] == 3.0
+    sampled = wanted_records({**CFG, "sampler": {"name": "native"}}, RECIPE, "x")[0]
+    assert sampled["sampler"] == "native"
+
+
+def _stored(wanted: dict, tmp_path: Path, **metrics) -> dict:
+    (tmp_path / "eval").mkdir(exist_ok=True)
+    arrays = tmp_path / "eval" / f"{len(list((tmp_path / 'eval').iterdir()))}.npz"
+    arrays.write_bytes(b"")
+    return {**wanted, "clip_score": 0.2, "fid_clip": 1.0, "fid_inception": None, "n_reference": 10,
+            "checkpoint_step": 4, "arrays": str(arrays.relative_to(tmp_path)), "reference_arrays": "/r.npz",
+            **metrics}
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("n_samples", 200, "eval.n_samples=200"),
+    ("eval_seed", 7, "eval.seed=7"),
+    ("shift", 3.0, "eval.shift=3.0"),
+    ("sampler", "native", "sampler=native"),
+    ("feature_extractor", "ViT-L-14-quickgelu:/m.pt", "eval.clip=ViT-L-14-quickgelu:/m.pt"),
+    ("checkpoint", "last", "eval.checkpoint=last"),
+])
+def test_completeness_needs_exactly_the_wanted_settings(tmp_path, field, value, message):
+    wanted = wanted_records(CFG, RECIPE, "tiny_clip:0123456789ab")
+    records = [_stored(w, tmp_path) for w in wanted]
+    assert missing_records(records, wanted, tmp_path) == []
+    changed = [{**w, field: value} for w in wanted]
+    assert missing_records(records, changed, tmp_path) == changed  # every record of the old setting is stale
+    assert describe_missing(changed, records) == message
+    assert select_current(records, changed) == [] and select_current(records, wanted) == records
+
+
+def test_completeness_needs_the_arrays_and_a_configured_inception_fid(tmp_path):
+    wanted = wanted_records(CFG, RECIPE, "x")
+    records = [_stored(w, tmp_path) for w in wanted]
+    assert missing_records(records, wanted, tmp_path, need_inception=True) == wanted
+    (tmp_path / records[1]["arrays"]).unlink()
+    assert missing_records(records, wanted, tmp_path) == [wanted[1]]
+    assert describe_missing([wanted[1]], records) == "1 setting(s): 5 steps, cfg 5.0 (raw)"
+    assert describe_missing(wanted, []) == "no results yet"
+
+
+def test_merge_keeps_records_of_other_settings_and_replaces_the_same_one(tmp_path):
+    wanted = wanted_records(CFG, RECIPE, "x")[:1]
+    first = _stored(wanted[0], tmp_path, fid_clip=1.0)
+    merge_results(tmp_path, [first])
+    merge_results(tmp_path, [_stored({**wanted[0], "n_samples": 200}, tmp_path, fid_clip=2.0)])
+    merge_results(tmp_path, [_stored(wanted[0], tmp_path, fid_clip=3.0)])  # the same settings again: replaced
+    stored = read_results(tmp_path)
+    assert sorted((r["n_samples"], r["fid_clip"]) for r in stored) == [(100, 3.0), (200, 2.0)]
+    assert [r["fid_clip"] for r in select_current(stored, wanted)] == [3.0]
+
+
+def test_legacy_record_reads_with_defaults():
+    rec = upgrade(LEGACY)
+    assert rec["recipe"] == "rf/lognorm(0.00, 1.00)" and rec["backbone"] == "DiT"
+    assert rec["tags"] == {"optim.lr": 0.0001} and rec["train_seed"] is None
+    assert (rec["sampler"], rec["eval_seed"], rec["fid_features"], rec["checkpoint"]) == (
+        "rf_time", 1234, "clip_l2norm", "best")
+    assert "seed" not in rec and set(FIELDS) <= set(rec)
+    assert Record.from_dict(LEGACY).eval_seed == 1234
+    assert entry_name(LEGACY) == "rf/lognorm(0.00, 1.00) [DiT, optim.lr=0.0001]"  # the name it was ranked under
+    # With its configuration stored, the tags and training seed come from it.
+    with_config = upgrade({**LEGACY, "recipe": "rf", "config": {"run_tag": "/seed=3", "seed": 3,
+                                                                  "model": {"_target_": "src.models.MMDiT"}}})
+    assert (with_config["tags"], with_config["train_seed"], with_config["backbone"]) == ({"seed": 3}, 3, "MMDiT")
+    # A legacy record never satisfies a wanted one: its FID used other features, so the run is evaluated again.
+    wanted = wanted_records(CFG, RECIPE, "x")
+    assert len(missing_records([LEGACY], wanted)) == len(wanted)
+
+
+def test_legacy_results_json_loads_in_the_ranking(tmp_path):
+    pd = pytest.importorskip("pandas")
+    from src.ranking.aggregate import load_sweep
+
+    run = tmp_path / "sweep" / "run"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps([LEGACY, {**LEGACY, "ema": False}]))
+    sweep = load_sweep([tmp_path / "sweep"])
+    assert isinstance(sweep.records, pd.DataFrame) and len(sweep.records) == 2
+    assert set(sweep.records["recipe"]) == {"rf/lognorm(0.00, 1.00) [DiT, optim.lr=0.0001]"}
+    assert set(sweep.records["eval_seed"]) == {1234} and set(sweep.records["fid_features"]) == {"clip_l2norm"}
+
+
+def test_identity_is_the_settings_not_the_numbers():
+    wanted = wanted_records(CFG, RECIPE, "x")[0]
+    a = {**wanted, "clip_score": 0.1, "fid_clip": 1.0, "created": "a"}
+    b = {**wanted, "clip_score": 0.9, "fid_clip": 9.0, "created": "b", "ema": 1}
+    assert record_identity(a) == record_identity(b)
+    def change(value):
+        if isinstance(value, bool):
+            return not value
+        if isinstance(value, (int, float)):
+            return value + 1
+        return {"x": 1} if isinstance(value, dict) else f"other-{value}"
+
+    for field in IDENTITY_FIELDS:
+        other = {**wanted, field: change(wanted[field])}
+        assert record_identity(other) != record_identity(a), field

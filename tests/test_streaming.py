@@ -1,0 +1,152 @@
+"""Streaming training from shard files (data.in_memory=false): the same batches as in memory, step for step.
+
+Which samples a step sees depends only on (seed, step, rank, world size): loader workers split the steps, ranks
+split each step's global batch, and a resumed run starts at its restored step (src/training/datamodule.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from src.config import register_resolvers
+from src.data.shards import ShardSamples, load_eval_set, write_shards
+from src.training.datamodule import ShardDataModule, StepIndexedBatches, StepLoader
+from src.training.job import run_job
+
+register_resolvers()
+
+N = 53  # samples, in shards of 10 (the last one short)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Latent-like training and evaluation shard folders (4x8x8 latents, 6x16 contexts, 8 pooled)."""
+    root = tmp_path_factory.mktemp("streaming")
+    g = torch.Generator().manual_seed(0)
+    for name, n in (("train", N), ("eval", 12)):
+        write_shards(root / name, torch.randn(n, 4, 8, 8, generator=g), torch.randn(n, 6, 16, generator=g),
+                     torch.randn(n, 8, generator=g), [f"caption {i}" for i in range(n)],
+                     encoder_names=["enc"], samples_per_shard=10)
+    return root
+
+
+def in_memory(folder) -> dict:
+    ev = load_eval_set(folder)
+    return {k: ev[k] for k in ("x0", "context", "pooled")}
+
+
+def assert_same_batches(a, b, steps: int) -> None:
+    for step, x, y in zip(range(steps), a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]), (step, k)
+
+
+def test_a_sample_read_from_its_shard_is_the_sample_in_memory(folders):
+    samples, memory = ShardSamples(folders / "train"), in_memory(folders / "train")
+    assert len(samples) == N
+    idx = torch.tensor([52, 0, 9, 10, 10, 31])  # shard boundaries, the short last shard, a repeat
+    assert_same_batches([samples.batch(idx)], [{k: v[idx] for k, v in memory.items()}], 1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streaming_loader_gives_the_in_memory_batches_from_any_start(folders, workers):
+    memory = in_memory(folders / "train")
+    stream = StepLoader(StepIndexedBatches(ShardSamples(folders / "train"), 8, seed=5), lambda: 7, workers)
+    assert_same_batches(StepIndexedBatches(memory, 8, seed=5, start_step=7), stream, 6)
+    # Iterating again (a resumed fit, a new epoch) starts fresh workers at the step current then.
+    start = {"step": 7}
+    stream = StepLoader(StepIndexedBatches(ShardSamples(folders / "train"), 8, seed=5), lambda: start["step"], workers)
+    first = [b["x0"] for _, b in zip(range(3), stream)]
+    start["step"] = 11
+    again = [b["x0"] for _, b in zip(range(3), stream)]
+    expect = [next(iter(StepIndexedBatches(memory, 8, seed=5, start_step=s)))["x0"] for s in (7, 8, 9, 11, 12, 13)]
+    assert len(first + again) == 6 and all(torch.equal(x, y) for x, y in zip(first + again, expect))
+
+
+def test_ranks_and_workers_split_steps_not_samples(folders):
+    samples = ShardSamples(folders / "train")
+    whole = StepIndexedBatches(samples, 8, seed=2)
+    ranks = [StepLoader(StepIndexedBatches(samples, 8, seed=2, rank=r, world=2), lambda: 0, num_workers=2)
+             for r in range(2)]
+    for step, full, part0, part1 in zip(range(5), whole, *ranks):
+        assert part0["x0"].shape[0] == part1["x0"].shape[0] == 4
+        # Rank r holds rows 4r .. 4r+3 of the one global batch: disjoint positions, together one process's batch.
+        assert torch.equal(torch.cat([part0["x0"], part1["x0"]]), full["x0"]), step
+    assert whole.indices(3).tolist() != whole.indices(4).tolist()  # each step its own draw, whichever worker reads it
+
+
+def test_datamodule_streams_when_not_in_memory(folders):
+    dm = ShardDataModule(str(folders / "train"), str(folders / "eval"), batch_size=8, in_memory=False, num_workers=2,
+                         val_samples=4)
+    dm.setup()
+    assert isinstance(dm._train, ShardSamples)
+    loader = dm.train_dataloader()
+    assert loader.num_workers == 2 and not loader.persistent_workers
+    with pytest.raises(ValueError, match="data.num_workers=-1"):
+        ShardDataModule("a", "b", 8, num_workers=-1)
+
+
+# ---- training ---------------------------------------------------------------------------------------------------
+class Interrupt(Exception):
+    pass
+
+
+def train(folders, tmp_path, name, *overrides):
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "data=shards", f"data.train_dir={folders / 'train'}", f"data.eval_dir={folders / 'eval'}",
+            "data.batch_size=8", "data.val_samples=4", "model.depth=1", "model.hidden_size=32", "model.num_heads=2",
+            "train.max_steps=8", "train.val_every=3", "train.ckpt_every=4", "train.ema_every=2",
+            "optim.warmup_steps=1", "eval.enabled=false", "logger=csv", "trainer.enable_progress_bar=false",
+            "trainer.accelerator=cpu", f"paths.root_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}",
+            *overrides])
+    run_job(cfg, tmp_path / name)
+    ckpt = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    return ckpt["state_dict"], ckpt["global_step"]
+
+
+def test_streaming_run_interrupted_and_resumed_equals_uninterrupted_in_memory_run(folders, tmp_path, monkeypatch):
+    """Two worker processes, validation every 3 steps, interrupted at step 6 (last checkpoint at 4), resumed."""
+    memory, step_m = train(folders, tmp_path, "memory", "data.in_memory=true", "data.num_workers=0")
+
+    from src.training import module as module_lib
+
+    original = module_lib.FormulationModule.training_step
+
+    def failing_step(self, batch, batch_idx):
+        if self.global_step == 6:
+            raise Interrupt()
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(module_lib.FormulationModule, "training_step", failing_step)
+    streaming = ["data.in_memory=false", "data.num_workers=2"]
+    with pytest.raises(Interrupt):
+        train(folders, tmp_path, "stream", *streaming)
+    monkeypatch.setattr(module_lib.FormulationModule, "training_step", original)
+    stream, step_s = train(folders, tmp_path, "stream", *streaming)
+
+    assert step_m == step_s == 8
+    assert memory.keys() == stream.keys() and any(k.startswith("ema_backbone.") for k in memory)
+    for k in memory:
+        assert torch.equal(memory[k], stream[k]), k
+
+
+def test_shards_with_pax_headers_are_indexed_too(folders, tmp_path):
+    """Shards written by other tools (PAX extended headers) fall back to tarfile's header parser."""
+    import io
+    import shutil
+    import tarfile
+
+    copy = tmp_path / "pax"
+    shutil.copytree(folders / "train", copy)
+    src, dst = folders / "train" / "shard-000001.tar", copy / "shard-000001.tar"
+    with tarfile.open(src) as old, tarfile.open(dst, "w", format=tarfile.PAX_FORMAT) as new:
+        for member in old:
+            data = old.extractfile(member).read()
+            member.pax_headers = {"comment": "written elsewhere"}
+            new.addfile(member, io.BytesIO(data))
+    idx = torch.arange(N)
+    assert_same_batches([ShardSamples(copy).batch(idx)], [ShardSamples(folders / "train").batch(idx)], 1)
