@@ -1,4 +1,4 @@
-"""Plain evaluation of trained backbones (SPEC 7): sampler settings, metrics; the records live in src.results."""
+"""Plain evaluation of trained backbones (docs/evaluation.md#evaluation-protocol): sampler settings, metrics; the records live in src.results."""
 
 from src.evaluation.evaluate import PAPER_SETTINGS, EvalPrompts, SamplerSetting, evaluate_backbone
 from src.results import (

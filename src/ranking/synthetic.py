@@ -48,7 +48,7 @@ def write_synthetic_sweep(
 
     missing: (recipe, dataset, steps, cfg, ema) records left out; failed: recipes whose jobs wrote error.json;
     running: recipes whose jobs have only .hydra/config.yaml; sampler_settings: (steps, CFG) pairs, default the
-    six of SPEC 7. seeds: training seeds, one run per seed, named as a seed sweep names them (`rf [seed=1]`); a
+    six (docs/evaluation.md#sampler-settings). seeds: training seeds, one run per seed, named as a seed sweep names them (`rf [seed=1]`); a
     recipe's quality may then be one value per seed (seeds that disagree); missing_seeds: (recipe, seed) runs left
     out. sampler: written as the records' `sampler` field (absent when None); fid_features: the records' feature
     definition (absent when None, as in results written before the field existed).

@@ -27,7 +27,7 @@ def check_shift(alpha: float) -> float:
 
 
 def shift_time(t: Tensor | float, alpha: float) -> Tensor | float:
-    """Timestep shift t_m = alpha t / (1 + (alpha - 1) t) (paper section 5.3.2, SPEC 5); identity at alpha = 1."""
+    """Timestep shift t_m = alpha t / (1 + (alpha - 1) t) (paper section 5.3.2, docs/sampling.md#timestep-shift); identity at alpha = 1."""
     alpha = check_shift(alpha)
     return alpha * t / (1.0 + (alpha - 1.0) * t)
 
