@@ -30,7 +30,7 @@ from src.models.convert_diffusers import diffusers_config, to_diffusers  # noqa:
 RESULTS = ROOT / "bench" / "results" / "backbone.md"
 CPU_SIZES = [dict(depth=2, hidden_size=128, num_heads=2), dict(depth=4, hidden_size=256, num_heads=4)]
 CPU_SETUP = dict(input_size=32, patch_size=2, in_channels=4, context_dim=256, pooled_dim=256, context_len=32)
-# Paper setup at 256px (SPEC section 5): 32 x 32 latents of 16 channels, 154 CLIP+T5 tokens of 4096, pooled 2048.
+# Paper setup at 256px (docs/backbone.md#backbone-mm-dit): 32 x 32 latents of 16 channels, 154 CLIP+T5 tokens of 4096, pooled 2048.
 CUDA_SETUP = dict(input_size=32, patch_size=2, in_channels=16, context_dim=4096, pooled_dim=2048, context_len=154)
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0}
 

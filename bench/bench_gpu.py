@@ -41,7 +41,7 @@ from src.models.perf import RESULTS_JSON_TAG, compile_backbone, read_bench_resul
 
 RESULTS = ROOT / "bench" / "results" / "gpu.md"
 JSON_TAG = RESULTS_JSON_TAG
-# Paper setup at 256px (SPEC section 5): SD3 latents, CLIP + T5 context, pooled CLIP L + bigG.
+# Paper setup at 256px (docs/backbone.md#backbone-mm-dit): SD3 latents, CLIP + T5 context, pooled CLIP L + bigG.
 GPU_SETUP = dict(input_size=32, patch_size=2, in_channels=16, context_dim=4096, pooled_dim=2048, context_len=154)
 TINY_SETUP = dict(input_size=8, patch_size=2, in_channels=4, context_dim=32, pooled_dim=16, context_len=6)
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "H20": 148.0,

@@ -1,4 +1,4 @@
-"""Overhead of the sampler (src/sampling, SPEC 8) over the bare backbone forwards it makes.
+"""Overhead of the sampler (src/sampling, docs/sampling.md#sampler) over the bare backbone forwards it makes.
 
 For each recipe and CFG scale: time sample() for 25 steps, and the same 25 backbone forward calls on
 identical inputs (the guided batch doubled as sample() does), in interleaved repetitions; report medians and

@@ -42,7 +42,7 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 H100_BF16_DENSE_TFLOPS = 989.0
 DEFAULT_MFU = 0.4
 GPU_RESULTS = CONF_DIR.parent / "bench" / "results" / "gpu.md"  # written by make bench-gpu
-# What the paper's setup feeds the backbone at 256^2 (SPEC 5, 6; bench/results/backbone.md): SD3-style latents
+# What the paper's setup feeds the backbone at 256^2 (docs/backbone.md#backbone-mm-dit, docs/training.md#paper-setup; bench/results/backbone.md): SD3-style latents
 # (factor 8, 16 channels), CLIP + T5 context (77 + 77 tokens x 4096), pooled CLIP L + bigG (2048). Used for the keys
 # a configuration leaves null when its shards' meta.json is not at hand, and stated in the plan.
 PAPER_SHAPES = {"latent_channels": 16, "latent_size": 32, "context_dim": 4096, "pooled_dim": 2048,

@@ -16,7 +16,7 @@ def test_one_encoder_drops_whole_samples_at_the_rate():
 
 
 def test_encoders_drop_independently_sd3_layout():
-    # Two CLIPs share tokens 0-2 and split channels; T5 owns tokens 2-4 (SPEC section 5).
+    # Two CLIPs share tokens 0-2 and split channels; T5 owns tokens 2-4 (docs/backbone.md#text-encoders).
     groups = [
         {"context_tokens": [0, 2], "context_channels": [0, 2], "pooled_channels": [0, 1]},
         {"context_tokens": [0, 2], "context_channels": [2, 3], "pooled_channels": [1, 2]},

@@ -1,4 +1,4 @@
-"""Timestep densities of SPEC section 3: normalisation, sampler/density agreement, shapes, bad parameters."""
+"""Timestep densities (docs/formulations.md#timestep-densities-for-rf): normalisation, sampler/density agreement, shapes, bad parameters."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Formulations of SPEC sections 1-4: the 61 recipes, the loss identity, conversions, schedules, EDM, errors."""
+"""Formulations (docs/formulations.md): the 61 recipes, the loss identity, conversions, schedules, EDM, errors."""
 
 import math
 import re
@@ -29,7 +29,7 @@ def two(x):
 
 
 def paper_names():
-    """The 61 names of SPEC section 4, written out independently of the registry."""
+    """The 61 names (docs/formulations.md#the-61-recipes), written out independently of the registry."""
     modes = [two(s) for s in np.round(np.linspace(-1, 1.75, 7), 2)] + ["1.00"]
     names = ["eps/linear", "v/linear", "eps/cos", "v/cos"]
     names += [f"rf/mode({s})" for s in modes] + ["rf"]
@@ -121,7 +121,7 @@ def test_true_target_recovers_x0_and_eps(name):
 
 
 def test_w_eps_of_the_matched_edm_variants():
-    # SPEC section 2: edm/rf weights like rf, edm/cos like v/cos, eps-prediction has weight 1.
+    # docs/formulations.md#edm-matched-to-rf-and-cosine: edm/rf weights like rf, edm/cos like v/cos, eps-prediction has weight 1.
     t = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
     torch.testing.assert_close(get_recipe("edm/rf").w_eps(t), get_recipe("rf").w_eps(t))
     torch.testing.assert_close(get_recipe("edm/rf").w_eps(t), 1 / (1 - t) ** 2)

@@ -1,4 +1,4 @@
-"""Backbones (SPEC section 5): shapes, input checks, adaLN-Zero, conditioning paths, positional grid, configs."""
+"""Backbones (docs/backbone.md#backbone-mm-dit): shapes, input checks, adaLN-Zero, conditioning paths, positional grid, configs."""
 
 from __future__ import annotations
 
@@ -181,7 +181,7 @@ def test_centered_grid_is_dits_grid_at_the_base_size_and_a_centre_crop_elsewhere
     s, m, d = 8, 13, model.hidden_size
     base = model.cropped_pos_embed(s, s)[0].numpy()
     np.testing.assert_allclose(base, _mae_grid(d, np.arange(s), np.arange(s)), atol=1e-6)
-    # SPEC: positions (p - (h_max - s)/2) * 256/S with p the grid row of a centre crop of h rows.
+    # docs/backbone.md#positional-embedding: positions (p - (h_max - s)/2) * 256/S with p the grid row of a centre crop of h rows.
     h, w = 5, 12
     rows = np.arange((m - h) // 2, (m - h) // 2 + h) - (m - s) // 2
     cols = np.arange((m - w) // 2, (m - w) // 2 + w) - (m - s) // 2

@@ -1,4 +1,4 @@
-"""Loading sweeps and averaging fronts over control settings (SPEC 9), on hand-made and synthetic sweeps."""
+"""Loading sweeps and averaging fronts over control settings (docs/ranking.md#average-rank-and-columns), on hand-made and synthetic sweeps."""
 import json
 
 import numpy as np

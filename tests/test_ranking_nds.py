@@ -1,4 +1,4 @@
-"""Non-dominated sorting: hand-worked fronts and properties on random point sets (SPEC 9, Deb's definition)."""
+"""Non-dominated sorting: hand-worked fronts and properties on random point sets (docs/ranking.md#non-dominated-sorting, Deb's definition)."""
 import numpy as np
 import pytest
 from hypothesis import given, settings

@@ -1,4 +1,4 @@
-"""The paper's Table 1 as data and the Spearman comparison with it (SPEC 9)."""
+"""The paper's Table 1 as data and the Spearman comparison with it (docs/ranking.md#comparison-with-table-1)."""
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,7 +11,7 @@ def test_table1_transcribed_from_spec():
     assert len(table) == 16
     assert table.loc["rf/lognorm(0.00, 1.00)"].tolist() == [1.54, 1.25, 1.50]
     assert table.loc["edm(-1.20, 1.20)"].tolist() == [15.58, 20.25, 15.00]
-    # Table 1 is sorted by the average over all settings; 5- and 50-step values are multiples of 0.25 (SPEC 9).
+    # Table 1 is sorted by the average over all settings; 5- and 50-step values are multiples of 0.25 (docs/ranking.md#comparison-with-table-1).
     assert table["all"].is_monotonic_increasing
     assert np.allclose((table[["5 steps", "50 steps"]] * 4) % 1, 0)
 

@@ -1,4 +1,4 @@
-"""Tests for src.sampling: time grids, common random noise, and the Euler sampler (SPEC 8)."""
+"""Tests for src.sampling: time grids, common random noise, and the Euler sampler (docs/sampling.md#sampler)."""
 
 from __future__ import annotations
 

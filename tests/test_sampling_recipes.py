@@ -1,4 +1,4 @@
-"""The sampler on the real recipes, one per family (SPEC 2, 8): exact-flow convergence on Gaussian data."""
+"""The sampler on the real recipes, one per family (docs/formulations.md#formulation-families, docs/sampling.md#the-update): exact-flow convergence on Gaussian data."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""UCI handwritten digits (shipped with scikit-learn) as a captioned 16x16 dataset: the ImageNet analogue (SPEC 10)."""
+"""UCI handwritten digits (shipped with scikit-learn) as a captioned 16x16 dataset: the ImageNet analogue (docs/data.md#digits)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ CHANNELS = 1
 EVAL_SIZE = 297  # 1797 - 1500: a stratified held-out split, the COCO analogue
 SPLIT_SEED = 0
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-# Several names per class, drawn at random per image, as the paper does with ImageNet synonyms (SPEC 6).
+# Several names per class, drawn at random per image, as the paper does with ImageNet synonyms (docs/data.md#digits).
 DIGIT_NAMES: dict[int, tuple[str, ...]] = {
     d: (w, str(d), f"digit {w}", f"number {w}", f"handwritten {w}") + (("nought",) if d == 0 else ())
     for d, w in enumerate(WORDS)

@@ -1,4 +1,4 @@
-"""The embedded datasets (digits, shapes) written once as shards with precomputed text embeddings (SPEC 10)."""
+"""The embedded datasets (digits, shapes) written once as shards with precomputed text embeddings (docs/data.md#embedded-datasets)."""
 
 from __future__ import annotations
 

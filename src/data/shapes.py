@@ -1,4 +1,4 @@
-"""Procedural 16x16 coloured shapes with compositional captions: the CC12M analogue (SPEC 10)."""
+"""Procedural 16x16 coloured shapes with compositional captions: the CC12M analogue (docs/data.md#shapes)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ One format for the embedded pixel-space data and for real precomputed autoencode
 `latent.npy` float16 (C, H, W), `context.npy` float16 (L, D_ctx), `pooled.npy` float16 (D_vec,), `txt` (caption),
 `json` (extras, e.g. label). The folder's `meta.json` is written last and carries `complete: true`; a folder
 without it is incomplete and is rebuilt by whoever prepares it. Latents are normalised by one global mean and
-std (SPEC 6) when read.
+std (docs/data.md#pixels-and-latents) when read.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""From the normalised latents the backbone produces to pixels in [-1, 1], for the evaluation (SPEC sections 6, 7).
+"""From the normalised latents the backbone produces to pixels in [-1, 1], for the evaluation (docs/data.md#pixels-and-latents, docs/evaluation.md#samples-and-prompts).
 
 Pixel-space shards (the identity autoencoder) are un-normalised; latent shards are un-normalised with the
 global mean and std and decoded by the frozen AutoencoderKL they were encoded with, loaded from a local path.

@@ -1,4 +1,4 @@
-"""Plain evaluation of a trained backbone at the paper's sampler settings (SPEC 7), no Lightning.
+"""Plain evaluation of a trained backbone at the paper's sampler settings (docs/evaluation.md#evaluation-protocol), no Lightning.
 
 For each setting: sample n prompts of the evaluation set with common random numbers (the noise of prompt k
 depends only on (seed, k)), decode to pixels, embed with CLIP (and optionally Inception), and write the
@@ -44,7 +44,7 @@ EVAL_SUBDIR = "eval"
 
 @dataclass(frozen=True)
 class SamplerSetting:
-    """Euler steps, CFG scale and timestep shift of one sampler setting (SPEC 7)."""
+    """Euler steps, CFG scale and timestep shift of one sampler setting (docs/evaluation.md#sampler-settings)."""
 
     steps: int
     cfg: float
@@ -235,7 +235,7 @@ def evaluate_backbone(
     inception: tuple[Any, ReferenceFeatures] | None = None,
     progress: Callable[[SamplerSetting, float], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Evaluate one backbone at each sampler setting; returns one record per setting (SPEC 7).
+    """Evaluate one backbone at each sampler setting; returns one record per setting (docs/evaluation.md#results-records).
 
     eval_set: captions, context, pooled (and latent_shape or x0), as a mapping (src.data's load_eval_set) or an
     object. extractor: a ClipFeatureExtractor (image_features, text_features); reference: the evaluation

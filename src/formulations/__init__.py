@@ -1,4 +1,4 @@
-"""The training formulations of the study (SPEC sections 1-4): rf with timestep densities, eps/v diffusion,
+"""The training formulations of the study (docs/formulations.md): rf with timestep densities, eps/v diffusion,
 EDM; the 61 paper recipes and construction from configuration."""
 
 from .base import Formulation, expand_like, format_param, mean_flat, validation_times

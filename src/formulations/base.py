@@ -1,4 +1,4 @@
-"""The interface every training formulation implements (SPEC sections 1-2).
+"""The interface every training formulation implements (docs/formulations.md#conventions).
 
 A formulation is the forward process z_t = a_t x0 + b_t eps, a training-time density over t, what the
 network predicts, and the loss. Everything downstream (the LightningModule, the sampler, the validation
@@ -31,7 +31,7 @@ def mean_flat(x: Tensor) -> Tensor:
 class Formulation(ABC):
     """One training formulation: process (a_t, b_t), timestep density, parameterisation and loss."""
 
-    #: Times are clipped to [t_min, t_max] where the process is singular at an end (SPEC section 2).
+    #: Times are clipped to [t_min, t_max] where the process is singular at an end (docs/formulations.md#clipping-at-the-ends).
     t_min: float = 0.0
     t_max: float = 1.0
 
@@ -136,7 +136,7 @@ def format_param(x: float) -> str:
 
 
 def validation_times(formulation: Formulation, levels: int = 8) -> Tensor:
-    """SPEC section 7: `levels` equally spaced t in [0, 1], clipped to [t_min, t_max], float32."""
+    """docs/evaluation.md#validation-loss: `levels` equally spaced t in [0, 1], clipped to [t_min, t_max], float32."""
     if levels < 2:
         raise ValueError(f"validation_times: levels={levels!r} is not allowed; levels must be >= 2")
     return formulation.clip_t(torch.linspace(0.0, 1.0, levels, dtype=torch.float32))

@@ -1,4 +1,4 @@
-"""Variance-preserving diffusion: eps- and v-prediction on the linear and cosine schedules (SPEC section 2).
+"""Variance-preserving diffusion: eps- and v-prediction on the linear and cosine schedules (docs/formulations.md#variance-preserving-diffusion).
 
 z_t = a_t x0 + b_t eps with a_t^2 + b_t^2 = 1. eps-prediction (Ho et al. 2020) trains ||eps_hat - eps||^2
 (w_eps = 1); v-prediction (Salimans & Ho 2022) predicts v = a eps - b x0 and trains ||v_hat - v||^2, with

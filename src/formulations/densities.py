@@ -1,4 +1,4 @@
-"""Timestep densities pi(t) for rectified flow (paper section 3.1, SPEC section 3).
+"""Timestep densities pi(t) for rectified flow (paper section 3.1, docs/formulations.md#timestep-densities-for-rf).
 
 Each density draws training times with an optional torch.Generator and evaluates pi(t) on [0, 1].
 Samples and densities are computed in float64. t = 0 is data, t = 1 is noise.

@@ -1,4 +1,4 @@
-"""EDM (Karras et al. 2022): z = x0 + sigma eps, preconditioned denoiser D, weighted ||D - x0||^2 (SPEC section 2).
+"""EDM (Karras et al. 2022): z = x0 + sigma eps, preconditioned denoiser D, weighted ||D - x0||^2 (docs/formulations.md#edm-preconditioning).
 
 D(z; sigma) = c_skip z + c_out F(c_in z; c_noise) with sigma_data = 0.5. The loss weight lambda(sigma) on
 ||D - x0||^2 is per family; since D - x0 = -sigma (eps_hat - eps), w_eps = lambda sigma^2.

@@ -1,4 +1,4 @@
-"""Family registry, the 61 paper recipes (SPEC section 4) and construction from configuration.
+"""Family registry, the 61 paper recipes (docs/formulations.md#the-61-recipes) and construction from configuration.
 
 A family is a key (also the conf/loss/<key>.yaml name) and a builder whose keyword arguments are the
 family's parameters. A new family is one module plus one `register_family` line here.

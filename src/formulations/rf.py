@@ -15,7 +15,7 @@ from .base import Formulation, expand_like, mean_flat
 from .densities import CosMap, LogitNormal, Mode, TimestepDensity, Uniform
 from .schedules import RFTimeAxis
 
-#: Training times are kept in the open interval (0, 1) (SPEC section 11): the float32 spacing below 1.
+#: Training times are kept in the open interval (0, 1) (docs/design.md#public-names): the float32 spacing below 1.
 _OPEN = 2.0**-24
 
 

@@ -1,4 +1,4 @@
-"""Noise schedules sigma(t) = b_t / a_t and their inverses (SPEC section 2).
+"""Noise schedules sigma(t) = b_t / a_t and their inverses (docs/formulations.md#formulation-families).
 
 - rf axis: a = 1 - t, b = t, sigma = t / (1 - t) (rectified flow; also EDM's time axis here).
 - cosine: a = cos(pi t / 2), b = sin(pi t / 2), sigma = tan(pi t / 2).

@@ -1,4 +1,4 @@
-"""Evaluation metrics (SPEC 7): Frechet distance, CLIP score, CLIP and Inception features, reference cache.
+"""Evaluation metrics (docs/evaluation.md): Frechet distance, CLIP score, CLIP and Inception features, reference cache.
 
 fid_clip and clip_score are defined precisely in src/metrics/clip.py. The names below are imported lazily
 (PEP 562), so that `src.metrics.frechet`, which is numpy only, can be imported by the rank report without

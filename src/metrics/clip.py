@@ -1,4 +1,4 @@
-"""CLIP score and CLIP image/text features from any open_clip model loaded from a local file (SPEC 7).
+"""CLIP score and CLIP image/text features from any open_clip model loaded from a local file (docs/evaluation.md#clip-score).
 
 Definitions used throughout the project:
 - clip_score: per sample, the raw cosine similarity of the CLIP image embedding of the sample and the CLIP

@@ -1,4 +1,4 @@
-"""Frechet distance between Gaussian fits of feature sets (Heusel et al. 2017), in float64 (SPEC 7).
+"""Frechet distance between Gaussian fits of feature sets (Heusel et al. 2017), in float64 (docs/evaluation.md#fid-on-clip-features).
 
 The one implementation of the project: the evaluation's FID (src/evaluation) and the rank report's bootstrap
 (src/ranking/bootstrap.py) both call it. numpy only, no torch at import time, so the ranking stays importable

@@ -1,4 +1,4 @@
-"""Image checks and conversions shared by the feature extractors (pixels in [-1, 1], SPEC conventions)."""
+"""Image checks and conversions shared by the feature extractors (pixels in [-1, 1], docs/data.md#pixels-and-latents)."""
 
 from __future__ import annotations
 

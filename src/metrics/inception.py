@@ -1,4 +1,4 @@
-"""Inception-v3 pool features (2048-d) through torch-fidelity, weights from a local file (SPEC 7, extra metric)."""
+"""Inception-v3 pool features (2048-d) through torch-fidelity, weights from a local file (docs/evaluation.md#inception-fid, extra metric)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Backbones (SPEC section 5): MM-DiT and the baselines of the paper's architecture comparison.
+"""Backbones (docs/backbone.md#backbone-mm-dit): MM-DiT and the baselines of the paper's architecture comparison.
 
 Every backbone is called as backbone(x, t, context, pooled) -> tensor shaped like x; see backbone.py.
 """

@@ -1,4 +1,4 @@
-"""The frame every backbone shares (SPEC section 5): embedders, cropped positional grid, output head, checks.
+"""The frame every backbone shares (docs/backbone.md#backbone-mm-dit): embedders, cropped positional grid, output head, checks.
 
 Call signature of all backbones: backbone(x (B,C,H,W), t (B,), context (B,L,context_dim), pooled
 (B,pooled_dim)) -> (B,C,H,W). t is the formulation's c_noise(t), O(1); the backbone embeds 1000 * t as
@@ -196,7 +196,7 @@ class Backbone(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def cropped_pos_embed(self, h: int, w: int) -> Tensor:
-        """Centre crop (1, h w, D) of the positional grid for h x w patches (SPEC section 5)."""
+        """Centre crop (1, h w, D) of the positional grid for h x w patches (docs/backbone.md#positional-embedding)."""
         m = self.pos_embed_max_size
         top, left = (m - h) // 2, (m - w) // 2
         grid = self.pos_embed.view(1, m, m, -1)[:, top : top + h, left : left + w, :]

@@ -1,4 +1,4 @@
-"""Layers shared by the backbones (SPEC section 5): embedders, the positional grid, attention, adaLN blocks.
+"""Layers shared by the backbones (docs/backbone.md#backbone-mm-dit): embedders, the positional grid, attention, adaLN blocks.
 
 References: Peebles & Xie 2023 (DiT, facebookresearch/DiT models.py), Esser et al. 2024 (MM-DiT, section 4
 and Fig. 2; Stability-AI/sd3.5 mmditx.py). Pure torch: no Lightning or Hydra here.
@@ -54,7 +54,7 @@ def sincos_1d(dim: int, pos: Tensor) -> Tensor:
 
 
 def grid_positions(grid_size: int, base_size: int, pos_grid: str, ref_size: int) -> Tensor:
-    """Positions of the grid_size rows (or columns) of the positional grid (SPEC section 5).
+    """Positions of the grid_size rows (or columns) of the positional grid (docs/backbone.md#positional-embedding).
 
     "centered": (p - (grid_size - base_size) // 2) * ref_size / base_size, the paper's centred grid
     (p - (h_max - s)/2) * 256/S: the base-size centre crop gets positions 0, 1, ... scaled by ref/base.

@@ -4,7 +4,7 @@ Decision: latents are the posterior mean of the AutoencoderKL by default (`laten
 what the decoder reconstructs best); `latent="sample"` draws one sample per image, mean + std * noise with the
 noise seeded by (seed, item index), so it does not depend on batching, workers or resumption. Latents are
 stored unscaled: the VAE's own scaling_factor/shift_factor are recorded in meta.json, but training normalises by
-the dataset's global mean and std instead (SPEC 6).
+the dataset's global mean and std instead (docs/data.md#pixels-and-latents).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The items (in a seeded random order, so every shard mixes classes) are cut into 
 chunk becomes one complete src.data.shards.ShardWriter folder under `<out>/_work/chunk-NNNNNN/` and then a done
 marker (its latent sums and skipped items) is written atomically. A rerun skips chunks with a marker; a chunk
 interrupted mid-way has none and is redone from scratch. When every chunk is done the chunk shards are linked
-into `<out>/shard-NNNNNN.tar`, `skipped.log` is written, and `meta.json` (global latent mean/std, SPEC 6;
+into `<out>/shard-NNNNNN.tar`, `skipped.log` is written, and `meta.json` (global latent mean/std, docs/data.md#pixels-and-latents;
 `text_groups`) comes last, so an unfinished folder never looks complete.
 
 One job can be split over machines: part i of n (`--part i/n`, e.g. a SLURM array) does the chunks c with

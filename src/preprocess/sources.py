@@ -51,7 +51,7 @@ class Source(Protocol):
 
 
 def imagenet_caption(name: str) -> str:
-    """The paper's ImageNet caption template (SPEC 6)."""
+    """The paper's ImageNet caption template (docs/data.md#real-data)."""
     return f"a photo of a {name}"
 
 

@@ -1,4 +1,4 @@
-"""Text encoders from local files and their SD3 combination (SPEC 5), with the token/channel map `text_groups`.
+"""Text encoders from local files and their SD3 combination (docs/backbone.md#text-encoders), with the token/channel map `text_groups`.
 
 CLIP encoders are src.text.encoder.ClipTextEncoder (open_clip, penultimate hidden states + projected pooled).
 T5 is transformers' T5EncoderModel (final hidden states, padded to a fixed length without an attention mask, as
@@ -74,7 +74,7 @@ class T5TextEncoder:
 
 
 class CombinedTextEncoder:
-    """SD3's combination of CLIP encoders (and optionally one T5) into one (context, pooled) pair (SPEC 5)."""
+    """SD3's combination of CLIP encoders (and optionally one T5) into one (context, pooled) pair (docs/backbone.md#text-encoders)."""
 
     def __init__(self, clips: Sequence, t5=None):
         if not clips:

@@ -1,4 +1,4 @@
-"""Ranking of recipes by non-dominated sorting per control setting, and the rank report (SPEC 9)."""
+"""Ranking of recipes by non-dominated sorting per control setting, and the rank report (docs/ranking.md#ranking)."""
 from src.ranking.aggregate import (
     Sweep, average_ranks, control_settings, find_run_dirs, load_sweep, missing_settings, pool_seeds, rank_table,
     setting_groups, split_seed,

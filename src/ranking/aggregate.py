@@ -1,4 +1,4 @@
-"""Load a sweep's results and rank recipes per control setting, averaged as in the paper's Table 1 (SPEC 9).
+"""Load a sweep's results and rank recipes per control setting, averaged as in the paper's Table 1 (docs/ranking.md#average-rank-and-columns).
 
 Training seeds are replicates of one entry, not entries of their own. A run's ranked name carries its swept
 values (`rf [optim.lr=0.0001,seed=1]`, see src/launch/sweeper.py); the entry is that name without the seed
@@ -31,7 +31,7 @@ from src.ranking.paper import COLUMNS
 from src.results import DEFAULT_SAMPLER, FID_FEATURES, FIELDS, LEGACY_FID_FEATURES, entry_name, upgrade
 
 RUN_MARKERS = (".hydra/config.yaml", "results.json", "error.json")
-SETTING_KEY = ["dataset", "setting", "ema"]  # a control setting (SPEC 7: dataset x sampler setting x EMA)
+SETTING_KEY = ["dataset", "setting", "ema"]  # a control setting (docs/ranking.md#control-settings: dataset x sampler setting x EMA)
 # One record per (entry, sampler, training seed, control setting); a rerun's newer record replaces the older one.
 RECORD_KEY = ["base_entry", "sampler", "train_seed", *SETTING_KEY]
 ENTRY_KEY = ["recipe", *SETTING_KEY]  # in the pooled (seed-mean) table, 'recipe' is the entry
@@ -39,7 +39,7 @@ REQUIRED_FIELDS = ("recipe", "dataset", "setting", "steps", "cfg", "ema", "clip_
 DERIVED_FIELDS = ("entry", "base_entry", "train_seed", "sampler", "fid_features")
 # The other record fields (src/results.py) the ranking carries along (all but the config).
 OPTIONAL_FIELDS = tuple(f for f in FIELDS if f not in REQUIRED_FIELDS and f not in DERIVED_FIELDS and f != "config")
-OBJECTIVES = (("clip_score", True), ("fid_clip", False))  # CLIP score up, FID down (SPEC 9)
+OBJECTIVES = (("clip_score", True), ("fid_clip", False))  # CLIP score up, FID down (docs/ranking.md#objectives)
 METRICS = ("clip_score", "fid_clip", "fid_inception")
 
 # The feature definition of fid_clip and the sampler of records written before either was recorded: one

@@ -1,11 +1,11 @@
-"""Bootstrap intervals for average ranks, resampling training seeds and evaluation samples (beyond the paper; SPEC 7, 9).
+"""Bootstrap intervals for average ranks, resampling training seeds and evaluation samples (beyond the paper; docs/ranking.md#bootstrap-intervals).
 
 Each draw
 1. resamples, with replacement, the per-sample CLIP scores and sample feature rows of every record and the
    reference feature rows, and recomputes CLIP score and FID (src/metrics/frechet.py, the evaluation's own
    Frechet distance, float64, covariances with ddof=1). The draws are paired: within a draw every record of a
    dataset uses the same resampled prompt indices, because all recipes and settings share prompts and initial
-   noise (SPEC 7, common random numbers), and every record with the same reference file uses the same resampled
+   noise (docs/sampling.md#common-random-numbers), and every record with the same reference file uses the same resampled
    reference rows;
 2. resamples, with replacement and per entry, the entry's training seeds (k seeds drawn from its k), and takes
    per control setting the mean of the drawn seeds' metrics (a seed drawn twice counts twice; when no drawn seed

@@ -1,4 +1,4 @@
-"""Non-dominated sorting (Deb et al. 2002), the ranking of Esser et al. 2024, section 5.1 (SPEC 9)."""
+"""Non-dominated sorting (Deb et al. 2002), the ranking of Esser et al. 2024, section 5.1 (docs/ranking.md#non-dominated-sorting)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -39,7 +39,7 @@ def non_dominated_ranks(points, maximize: Sequence[bool], nan_policy: str = "rai
 
 
 def _peel_fronts(dominates: np.ndarray) -> np.ndarray:
-    """Repeatedly take the points no remaining point dominates, giving them fronts 1, 2, ... (SPEC 9)."""
+    """Repeatedly take the points no remaining point dominates, giving them fronts 1, 2, ... (docs/ranking.md#non-dominated-sorting)."""
     n = len(dominates)
     ranks = np.zeros(n, dtype=np.int64)
     dominator_count = dominates.sum(axis=0)

@@ -1,4 +1,4 @@
-"""The paper's Table 1 (Esser et al. 2024, section 5.1) as data, and the Spearman comparison with it (SPEC 9)."""
+"""The paper's Table 1 (Esser et al. 2024, section 5.1) as data, and the Spearman comparison with it (docs/ranking.md#comparison-with-table-1)."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ from scipy import stats
 
 COLUMNS = ("all", "5 steps", "50 steps")
 
-# Table 1: average non-dominated rank over all / 5-step / 50-step control settings (SPEC 9).
+# Table 1: average non-dominated rank over all / 5-step / 50-step control settings (docs/ranking.md#comparison-with-table-1).
 PAPER_TABLE1: dict[str, tuple[float, float, float]] = {
     "rf/lognorm(0.00, 1.00)": (1.54, 1.25, 1.50),
     "rf/lognorm(1.00, 0.60)": (2.08, 3.50, 2.00),
@@ -29,7 +29,7 @@ PAPER_TABLE1: dict[str, tuple[float, float, float]] = {
     "edm(-1.20, 1.20)": (15.58, 20.25, 15.00),
 }
 
-# "rf" is uniform t, i.e. rf/mode(0.00) (SPEC 4); other spellings of it match the paper's row.
+# "rf" is uniform t, i.e. rf/mode(0.00) (docs/formulations.md#the-61-recipes); other spellings of it match the paper's row.
 ALIASES = {"rf/mode(0.00)": "rf", "rf/uniform": "rf", "rf/mode(-0.00)": "rf"}
 
 MIN_SHARED = 3  # fewer shared recipes make a rank correlation meaningless

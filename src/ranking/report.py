@@ -1,4 +1,4 @@
-"""The rank report of a sweep (SPEC 9): python -m src.ranking.report [SWEEP_DIR ...] [--out DIR] [...].
+"""The rank report of a sweep (docs/ranking.md#ranking): python -m src.ranking.report [SWEEP_DIR ...] [--out DIR] [...].
 
 Writes into reports/<sweep name>/ (or --out): report.md (Table 1 and Table 2 forms, notes), report.html
 (tables and figures embedded), CSVs of every table, and PNG figures; prints Table 1 to the terminal.

@@ -13,7 +13,7 @@ import numpy as np
 from src.metrics.frechet import fid_from_features
 from src.ranking.aggregate import FID_FEATURES
 
-# The six Euler sampler settings of the study (SPEC 7): (steps, CFG scale).
+# The six Euler sampler settings of the study (docs/evaluation.md#sampler-settings): (steps, CFG scale).
 SAMPLER_SETTINGS = ((50, 1.0), (50, 2.5), (50, 5.0), (5, 5.0), (10, 5.0), (25, 5.0))
 DEFAULT_RECIPES = ("rf/lognorm(0.00, 1.00)", "rf/cosmap", "eps/linear", "v/cos", "edm(-1.20, 1.20)")
 DATASETS = ("digits", "shapes")
@@ -48,7 +48,7 @@ def write_synthetic_sweep(
 
     missing: (recipe, dataset, steps, cfg, ema) records left out; failed: recipes whose jobs wrote error.json;
     running: recipes whose jobs have only .hydra/config.yaml; sampler_settings: (steps, CFG) pairs, default the
-    six of SPEC 7. seeds: training seeds, one run per seed, named as a seed sweep names them (`rf [seed=1]`); a
+    six (docs/evaluation.md#sampler-settings). seeds: training seeds, one run per seed, named as a seed sweep names them (`rf [seed=1]`); a
     recipe's quality may then be one value per seed (seeds that disagree); missing_seeds: (recipe, seed) runs left
     out. sampler: written as the records' `sampler` field (absent when None); fid_features: the records' feature
     definition (absent when None, as in results written before the field existed).
@@ -70,7 +70,7 @@ def write_synthetic_sweep(
     for dataset in datasets:
         references[dataset] = rng.standard_normal((n_reference, dim))
         _write_npz(sweep_dir / "reference" / f"{dataset}.npz", features=references[dataset])
-    prompt_noise = {d: rng.standard_normal((n_samples, dim)) for d in datasets}  # common random numbers (SPEC 7)
+    prompt_noise = {d: rng.standard_normal((n_samples, dim)) for d in datasets}  # common random numbers (docs/sampling.md#common-random-numbers)
     missing_keys = {(r, d, int(s), float(c), bool(e)) for r, d, s, c, e in missing}
     job = 0
     for recipe, qualities in zip(recipes, per_seed):

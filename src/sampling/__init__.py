@@ -1,4 +1,4 @@
-"""Sampling (SPEC 8): time grids, common random noise, and the samplers (Euler on the shared RF-time grid, Euler/DDIM
+"""Sampling (docs/sampling.md#sampler): time grids, common random noise, and the samplers (Euler on the shared RF-time grid, Euler/DDIM
 in each family's own time, Heun), all with classifier-free guidance over one denoiser seam."""
 
 from src.sampling.denoiser import Denoiser, conversion_coefficients

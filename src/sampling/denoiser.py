@@ -1,6 +1,6 @@
 """The seam every solver uses: the guided network at a grid's times and its conversion to (x0_hat, eps_hat).
 
-Every parameterisation of SPEC 2 (v, eps, EDM's F) is linear in (z_t, output) at fixed t:
+Every parameterisation of docs/formulations.md#formulation-families (v, eps, EDM's F) is linear in (z_t, output) at fixed t:
 x0_hat = p z + q out, eps_hat = r z + s out. The denoiser reads (p, q, r, s) off the formulation's `to_x0_eps`
 once per call, in float64 on the CPU (and checks the linearity on a random probe), so a solver step on the device
 is the backbone plus a few fused tensor operations: no formulation code and no host syncs inside the loop.

@@ -1,4 +1,4 @@
-"""The Euler step on any grid (SPEC 8): z_next = a(t_next) x0_hat + b(t_next) eps_hat.
+"""The Euler step on any grid (docs/sampling.md#sampler): z_next = a(t_next) x0_hat + b(t_next) eps_hat.
 
 For rf this is exactly the Euler step of dz = v dt; for the other families it is the Euler step in
 (sigma, z / a) coordinates, i.e. DDIM (Song et al. 2021), and equally the Euler step of the RF-equivalent ODE in

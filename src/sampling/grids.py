@@ -3,7 +3,7 @@
 A grid function takes (formulation, steps, shift) and returns the `steps` evaluation times in the formulation's own
 t, float64, from t_max down; after the last one every solver steps to the data (a, b) = (1, 0) and returns x0_hat.
 
-- `rf_time` (the default, SPEC 8): uniform in RF-equivalent time tau = sigma / (1 + sigma), shifted, mapped to each
+- `rf_time` (the default, docs/sampling.md#sampler): uniform in RF-equivalent time tau = sigma / (1 + sigma), shifted, mapped to each
   formulation's t with the same log-SNR. One grid for every family.
 - `native`: each family's own sampling grid, as its own codebase samples it:
   eps/linear, v/linear: DDIM's "trailing" timesteps over the T = 1000 discrete levels (diffusers' DDIMScheduler

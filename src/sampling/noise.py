@@ -1,4 +1,4 @@
-"""Common random numbers: the initial noise of prompt k is the same for every recipe and setting (SPEC 7)."""
+"""Common random numbers: the initial noise of prompt k is the same for every recipe and setting (docs/sampling.md#common-random-numbers)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 | name      | solver | grid    | network evaluations per sample (x2 batch with CFG) |
 |-----------|--------|---------|-----------------------------------------------------|
-| rf_time   | Euler  | rf_time | steps (the default; SPEC 8)                         |
+| rf_time   | Euler  | rf_time | steps (the default; docs/sampling.md#sampler)                         |
 | native    | Euler  | native  | steps (Euler/DDIM in each family's own time)        |
 | heun      | Heun   | rf_time | 2 steps - 1                                         |
 
@@ -69,7 +69,7 @@ def sample(
 ) -> Tensor:
     """Sample from z = b(t_max) noise to the data with guidance scale cfg_scale; returns x0_hat.
 
-    `sampler` names a solver and a grid (SAMPLERS); the default is the shared Euler sampler of SPEC 8.
+    `sampler` names a solver and a grid (SAMPLERS); the default is the shared Euler sampler (docs/sampling.md#sampler).
     """
     solver, grid, _ = get_sampler(sampler)
     check_sample_args(noise, context, pooled, cfg_scale)

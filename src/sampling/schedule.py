@@ -1,4 +1,4 @@
-"""Time grids for the sampler: the resolution-dependent shift and the grid in RF-equivalent time (SPEC 5, 8)."""
+"""Time grids for the sampler: the resolution-dependent shift and the grid in RF-equivalent time (docs/sampling.md#timestep-shift, docs/sampling.md#the-shared-rf-time-grid)."""
 
 from __future__ import annotations
 
@@ -27,13 +27,13 @@ def check_shift(alpha: float) -> float:
 
 
 def shift_time(t: Tensor | float, alpha: float) -> Tensor | float:
-    """Timestep shift t_m = alpha t / (1 + (alpha - 1) t) (paper section 5.3.2, SPEC 5); identity at alpha = 1."""
+    """Timestep shift t_m = alpha t / (1 + (alpha - 1) t) (paper section 5.3.2, docs/sampling.md#timestep-shift); identity at alpha = 1."""
     alpha = check_shift(alpha)
     return alpha * t / (1.0 + (alpha - 1.0) * t)
 
 
 def rf_time_grid(formulation: Formulation, steps: int, shift: float = 1.0) -> Tensor:
-    """steps + 1 RF-equivalent times tau, float64, from tau(t_max) down to 0: uniform, then shifted (SPEC 8).
+    """steps + 1 RF-equivalent times tau, float64, from tau(t_max) down to 0: uniform, then shifted (docs/sampling.md#the-shared-rf-time-grid).
 
     The uniform grid lives in unshifted time and starts at shift_time(tau_max, 1 / shift), so that after the
     shift the first point is exactly the formulation's largest noise level tau_max (the shift never asks for

@@ -1,4 +1,4 @@
-"""Checksummed local weight files and loading open_clip models through open_clip's own path (SPEC 10)."""
+"""Checksummed local weight files and loading open_clip models through open_clip's own path (docs/data.md#tiny-clip)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Frozen text encoders: captions -> (context token sequence, pooled vector), as SD3 conditions (SPEC 5).
+"""Frozen text encoders: captions -> (context token sequence, pooled vector), as SD3 conditions (docs/backbone.md#text-encoders).
 
 SD3 concatenates CLIP L/14, OpenCLIP bigG/14 and T5-XXL; each encoder here is one such member, so a future
 concatenating encoder only needs `__call__`, `context_dim`, `pooled_dim` and `name` from each.

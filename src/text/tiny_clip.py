@@ -1,4 +1,4 @@
-"""The tiny CLIP: an open_clip CLIP for 16x16 images trained on the embedded datasets (SPEC 10).
+"""The tiny CLIP: an open_clip CLIP for 16x16 images trained on the embedded datasets (docs/data.md#tiny-clip).
 
 It plays the roles CLIP L/14 plays in the paper: text encoder for the backbone and feature extractor for the
 evaluation. The architecture is a small open_clip config (model_configs/tiny-clip-16px.json) registered with

@@ -1,4 +1,4 @@
-"""Train the tiny CLIP on both embedded datasets' training splits and commit-ready save it (SPEC 10).
+"""Train the tiny CLIP on both embedded datasets' training splits and commit-ready save it (docs/data.md#tiny-clip).
 
 python -m src.text.train_tiny_clip [--steps N] [--out assets/tiny_clip/tiny_clip.pt]
 

@@ -1,4 +1,4 @@
-"""Classifier-free guidance dropout of the text conditioning (SPEC section 5)."""
+"""Classifier-free guidance dropout of the text conditioning (docs/backbone.md#classifier-free-guidance-dropout)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Exponential moving average of the backbone's weights (SPEC section 6: every 100 steps, decay 0.99)."""
+"""Exponential moving average of the backbone's weights (docs/training.md#paper-setup: every 100 steps, decay 0.99)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The LightningModule shared by every recipe: a formulation around one backbone (SPEC sections 5-7).
+"""The LightningModule shared by every recipe: a formulation around one backbone (docs/training.md).
 
 Randomness in a training step (timesteps, noise, conditioning dropout) is drawn for the global batch from
 generators seeded by (seed, global step) and sliced per rank, and the embedded datasets draw their batches the
@@ -125,7 +125,7 @@ class FormulationModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    # ---- stratified validation loss (SPEC section 7) ----------------------------------------------
+    # ---- stratified validation loss (docs/evaluation.md#validation-loss) --------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x0, context, pooled = batch["x0"], batch["context"], batch["pooled"]
         # Fixed noise from an evaluation generator, separate from training's.
