@@ -1,4 +1,4 @@
-"""Plain evaluation of trained backbones (SPEC 7): sampler settings, metrics; the records live in src.results.
+"""Plain evaluation of trained backbones (docs/evaluation.md#evaluation-protocol): sampler settings, metrics; the records live in src.results.
 
 The names below are imported lazily (PEP 562), so that `src.evaluation.grids` (PIL and numpy only) can be imported
 by the rank report without pulling in torch through this package's __init__.
