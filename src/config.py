@@ -61,7 +61,9 @@ def to_dict(cfg: DictConfig | Mapping) -> dict:
 # Throughput settings (src/models/perf.py): how the same model is computed, not which model is trained, so a run
 # may resume under other values (a GPU run resumed on another device, compilation switched off to debug).
 THROUGHPUT_KEYS = {"model": ("compile", "compile_backend", "fused_qkv", "fused_modulation", "attention_backend",
-                             "activation_checkpointing"), "optim": ("fused",)}
+                             "activation_checkpointing"), "optim": ("fused",),
+                   # Streaming and in-memory loading give the same batches (src/training/datamodule.py).
+                   "data": ("num_workers", "in_memory")}
 
 
 def without_throughput_keys(fp: dict) -> dict:
@@ -74,7 +76,7 @@ def fingerprint(cfg: DictConfig) -> dict:
     """The parts of a configuration that determine a trained model; a run directory is tied to one."""
     keys = ("loss", "model", "optim", "train", "seed")
     out = {k: to_dict(cfg[k]) if isinstance(cfg[k], DictConfig) else cfg[k] for k in keys}
-    out["data"] = {k: v for k, v in to_dict(cfg.data).items() if k not in ("num_workers",)}
+    out["data"] = to_dict(cfg.data)
     return without_throughput_keys(out)
 
 

@@ -65,3 +65,12 @@ def test_every_data_option_composes(data):
 def test_family_parameters_override():
     cfg = compose_cfg(["loss=rf_lognorm", "loss.m=0.5", "loss.s=0.6"])
     assert cfg.run_name == "digits/rf_lognorm_0.50_0.60"
+
+
+def test_loading_mode_and_workers_do_not_change_the_fingerprint():
+    """Streaming and in-memory loading give the same batches: switching between them resumes the same run."""
+    from src.config import fingerprint
+
+    base = fingerprint(compose_cfg(["data.in_memory=true", "data.num_workers=0"]))
+    assert fingerprint(compose_cfg(["data.in_memory=false", "data.num_workers=2"])) == base
+    assert fingerprint(compose_cfg(["data.batch_size=32"])) != base
