@@ -321,7 +321,7 @@ def test_sigint_saves_a_checkpoint_exits_non_zero_and_the_rerun_resumes(tmp_path
     assert f"checkpoint on SIGINT at step {step}:" in out and 0 < step < 300
     assert not (run / "error.json").exists()  # interrupted, not failed
 
-    second = cli(args)
+    second = cli([*args, "verbose=true"])  # Lightning's restore line is library chatter: shown when verbose
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Restored all states from the checkpoint" in second.stdout + second.stderr
     assert ckpt_step(run / "checkpoints/last.ckpt") == 300
