@@ -111,6 +111,20 @@ def ckpt_step(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
 
 
+def preempt_and_requeue(job_id: str) -> None:
+    """Send submitit's preemption signal, wait until SLURM has requeued the job, and let it start again now."""
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+
+    def requeued() -> bool:
+        state = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True,
+                               text=True).stdout.strip()
+        return state == "PENDING"
+
+    wait_for(requeued, 120, "the requeue")
+    # SLURM holds a requeued job back for a while (BeginTime); let it start now.
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+
+
 def test_sweep_on_slurm_cancel_then_relaunch_resumes_and_skips(slurm, cache_dir, tmp_path):
     """Three recipes as a SLURM array; one job is cancelled mid-training; the relaunch resumes it, skips the rest."""
     args = ["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", "sweep_name=slurm",
@@ -166,16 +180,7 @@ def test_preempted_job_checkpoints_is_requeued_and_resumes(slurm, cache_dir, tmp
     wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) > 11 and (run_dir / ".hydra").is_dir(),
              300, "training to run", proc)
     job_id = slurm_job_id(run_dir)
-    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-
-    def requeued() -> bool:
-        state = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True,
-                               text=True).stdout.strip()
-        return state == "PENDING"
-
-    wait_for(requeued, 120, "the requeue")
-    # SLURM holds a requeued job back for a while (BeginTime); let it start now.
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    preempt_and_requeue(job_id)
     code, err = finish(proc)
     assert code == 0, err[-3000:]
     log = job_log(sweep, job_id)
@@ -231,19 +236,12 @@ def test_streaming_shards_sweep_preempted_job_equals_uninterrupted_run(slurm, ca
     victim = sweep / "digits_shards" / "rf_lognorm_0.00_1.00"
 
     proc = launch(["-m", *common, "sweep_name=shards", f"loss={','.join(recipes)}"])
-    wait_for(lambda: (victim / "csv" / "metrics.csv").is_file() and (victim / ".hydra").is_dir(), 300,
-             "training to start", proc)
-    time.sleep(3)
+    metrics = victim / "csv" / "metrics.csv"
+    # Training under way: a flush of logged rows, not a fixed sleep.
+    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) > 1 and (victim / ".hydra").is_dir(),
+             300, "training to start", proc)
     job_id = slurm_job_id(victim)
-    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-
-    def requeued() -> bool:
-        state = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True,
-                               text=True).stdout.strip()
-        return state == "PENDING"
-
-    wait_for(requeued, 120, "the requeue")
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    preempt_and_requeue(job_id)
     code, err = finish(proc)
     assert code == 0, err[-3000:]
     log = job_log(sweep, job_id)
