@@ -70,13 +70,17 @@ def test_failing_jobs_are_recorded_and_the_sweep_goes_on(tmp_path, cache_dir):
     assert runs.loc[str(good), "status"] == "done"
     assert runs.loc[str(diverged), "status"] == "failed"
     assert runs.loc[str(diverged), "error"].startswith("FloatingPointError: training loss is")
-    assert (runs["status"] == "failed").sum() == 1
-    # The two invalid recipes were never launched: no run directory; the sweep's failures.json names them.
+    # The two invalid recipes were never launched: no run directory; the sweep's failures.json names them, and the
+    # report's run table lists them as failed (a sweep missing two jobs is not complete).
     assert not [p for p in (sweep / "digits").iterdir() if p.name != "rf_lognorm_0.00_1.00"]
     from src.launch.failures import read_sweep_failures
 
     refused = read_sweep_failures(sweep)
     assert len(refused) == 2 and all("s=-1 is not allowed" in v["error"] for v in refused.values())
+    assert (runs["status"] == "failed").sum() == 3
+    for name in refused:
+        assert runs.loc[str(sweep / name), "status"] == "failed"
+        assert "s=-1 is not allowed" in runs.loc[str(sweep / name), "error"]
 
 
 # ---- the launcher reads failures back from job processes ------------------------------------------------------------

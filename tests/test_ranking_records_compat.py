@@ -46,7 +46,7 @@ def test_report_on_records_written_by_the_evaluation_code(tmp_path):
     ranked = report.ranked
     assert len(ranked) == 18 and ranked["fid_clip"].isna().sum() == 1
     records = report.records
-    assert set(records["fid_features"]) == {"clip_l2norm"}  # Records without the field: the former definition
+    assert set(records["fid_features"]) == {"clip_raw"}  # what the evaluation code writes: the paper's raw features
     nan_row = int(np.flatnonzero(records["fid_clip"].isna())[0])
     assert list(report.bootstrap.metrics.fixed) == [nan_row]  # stays in the last front in every draw
     assert np.isnan(report.bootstrap.metrics.fid[:, nan_row]).all()

@@ -228,3 +228,48 @@ def test_pool_seeds_propagates_a_diverged_seed(tmp_path):
     results.write_text(json.dumps(recs))
     pooled = pool_seeds(load_sweep([sweep]).records).set_index(["recipe", "ema"])
     assert np.isnan(pooled.loc[("A", True), "fid_clip"]) and np.isfinite(pooled.loc[("A", False), "fid_clip"])
+
+
+def test_a_partial_re_evaluation_with_other_settings_is_refused_in_one_line(tmp_path, capsys):
+    """One run re-evaluated with eval.n_samples=24 next to runs at 16: its newest records would be ranked against the
+    others' 16-sample ones. The report refuses, naming the setting, its values and the run."""
+    root = tmp_path / "multirun"
+    sweep = write_synthetic_sweep(root / "s", recipes=("rf", "eps/linear"), **SMALL)
+    redo = write_synthetic_sweep(tmp_path / "redo", recipes=("rf",), **{**SMALL, "n_samples": 24})
+    results = sweep / "0" / "results.json"
+    old = json.loads(results.read_text())
+    newer = json.loads((redo / "0" / "results.json").read_text())[:3]  # interrupted after three settings
+    for rec in newer:
+        rec["created"] = "2024-03-06T12:00:00"
+        (sweep / "0" / rec["arrays"]).write_bytes((redo / "0" / rec["arrays"]).read_bytes())
+    assert old[0]["recipe"] == newer[0]["recipe"] == "rf"
+    results.write_text(json.dumps(old + newer))
+    before = results.read_bytes()
+    assert main([str(sweep), "--bootstrap", "0", "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("rank report: error: the sweep mixes evaluation settings: "
+                                                   "eval.n_samples = 16 (13 records), 24 (3 records)")
+    assert "`python -m src.evaluate RUN_DIR eval.n_samples=...`" in err and err.rstrip().endswith(str(sweep / "0"))
+    assert not (tmp_path / "r").exists() and results.read_bytes() == before
+    # A value swept on purpose is part of the entry's name: ranked, not refused.
+    for rec in newer:
+        rec["recipe"], rec["tags"] = "rf [eval.n_samples=24]", {"eval.n_samples": 24}
+    results.write_text(json.dumps(old + newer))
+    report = build_report([sweep], draws=0)
+    assert "rf [eval.n_samples=24]" in report.table.index
+
+
+def test_a_job_refused_before_it_had_a_run_directory_makes_the_sweep_partial(tmp_path):
+    """A job with a configuration error is recorded only in the sweep's failures.json (record_sweep_failure, as the
+    sweeper writes it); the report lists it as failed instead of calling the sweep complete."""
+    from src.launch.failures import record_sweep_failure
+
+    sweep = write_synthetic_sweep(tmp_path / "s", recipes=("rf", "eps/linear"), **SMALL)
+    assert not build_report([sweep], draws=0).sweep.partial
+    record_sweep_failure(sweep, "digits/rf_lognorm_-1.00_1.00", "ConfigError: loss: rf_lognorm: s=-1 is not allowed")
+    report = build_report([sweep], draws=0)
+    assert report.sweep.partial
+    failed = report.sweep.runs[report.sweep.runs["status"] == "failed"]
+    assert failed["run_dir"].tolist() == [str(sweep / "digits/rf_lognorm_-1.00_1.00")]
+    text = markdown(report)
+    assert "PARTIAL SWEEP" in text and "ConfigError: loss: rf_lognorm: s=-1 is not allowed" in text

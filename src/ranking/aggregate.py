@@ -26,9 +26,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from src.launch.failures import read_sweep_failures
 from src.ranking.nds import non_dominated_ranks
 from src.ranking.paper import COLUMNS
-from src.results import DEFAULT_SAMPLER, FID_FEATURES, FIELDS, LEGACY_FID_FEATURES, entry_name, upgrade
+from src.results import CONFIG_KEYS, DEFAULT_SAMPLER, FID_FEATURES, FIELDS, LEGACY_FID_FEATURES, entry_name, upgrade
 
 RUN_MARKERS = (".hydra/config.yaml", "results.json", "error.json")
 SETTING_KEY = ["dataset", "setting", "ema"]  # a control setting (docs/ranking.md#control-settings: dataset x sampler setting x EMA)
@@ -124,10 +125,17 @@ def load_sweep(dirs: Iterable[Path | str]) -> Sweep:
         raise ValueError("load_sweep: no sweep directory given")
     statuses, rows = [], []
     for root in roots:
-        for run_dir in find_run_dirs(root):
+        found = find_run_dirs(root)
+        for run_dir in found:
             status, records = load_run(run_dir)
             statuses.append({"sweep": root.name, **status})
             rows.extend({"sweep": root.name, **rec} for rec in records)
+        # Jobs that failed before they could use their run directory (a configuration error, a busy directory) are
+        # only in the sweep's failures.json; without it a sweep missing a recipe would look complete.
+        for name, failure in sorted(read_sweep_failures(root).items()):
+            if root / name not in found:
+                statuses.append({"sweep": root.name, "run_dir": str(root / name), "status": "failed",
+                                 "error": str(failure.get("error", "")), "n_records": 0, "overrides": ""})
     runs = pd.DataFrame(statuses, columns=["sweep", "run_dir", "status", "error", "n_records", "overrides"])
     records = pd.DataFrame(rows, columns=["sweep", "run_dir", *REQUIRED_FIELDS, *OPTIONAL_FIELDS, *DERIVED_FIELDS])
     records, duplicates = _drop_duplicates(records)
@@ -221,6 +229,47 @@ def check_fid_features(records: pd.DataFrame) -> None:
     raise ValueError(
         f"the sweep mixes FID feature definitions ({counts}); re-evaluate these runs with `{REEVALUATE}`: {shown}"
     )
+
+
+#: Evaluation settings every ranked record must share (a sampler is an entry qualifier, a shift is in the setting).
+UNIFORM_EVAL_FIELDS = ("n_samples", "eval_seed", "feature_extractor", "checkpoint")
+
+
+def check_eval_settings(records: pd.DataFrame) -> None:
+    """Refuse, in one line naming the setting, its values and the runs, to rank records evaluated differently.
+
+    A run re-evaluated with another `eval.n_samples` (or seed, CLIP model, checkpoint) keeps its older records;
+    the newest record per setting is ranked, so re-evaluating only some runs, or a re-evaluation interrupted
+    half-way, would compare 200-sample FIDs with 100-sample ones. A value swept on purpose (in the run tag, hence
+    in the entry's name) is a comparison the user asked for and is not refused. Records without the field (written
+    before it existed) are not checked.
+    """
+    for name in UNIFORM_EVAL_FIELDS:
+        if name not in records.columns:
+            continue
+        key = CONFIG_KEYS[name]
+        swept = records["tags"].map(lambda tags: any(str(k).startswith(key) for k in _tag_keys(tags))) \
+            if "tags" in records.columns else pd.Series(False, index=records.index)
+        part = records[~swept & records[name].notna()]
+        values = part[name].astype(str)
+        if values.nunique() <= 1:
+            continue
+        counts = values.value_counts()
+        common = counts.index[0]
+        runs = sorted(part.loc[values != common, "run_dir"].unique())
+        shown = ", ".join(runs[:5]) + (f" and {len(runs) - 5} more" if len(runs) > 5 else "")
+        listed = ", ".join(f"{v} ({n} records)" for v, n in counts.items())
+        raise ValueError(
+            f"the sweep mixes evaluation settings: {key} = {listed}; re-evaluate these runs with "
+            f"`{REEVALUATE} {key}=...` so every run has the same: {shown}"
+        )
+
+
+def _tag_keys(tags) -> list[str]:
+    """The swept keys of a record's tags (a JSON object in the table, see _record_row)."""
+    if isinstance(tags, str):
+        tags = json.loads(tags) if tags else {}
+    return list(tags) if isinstance(tags, dict) else []
 
 
 def pool_seeds(records: pd.DataFrame) -> pd.DataFrame:

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from src.ranking.aggregate import (
-    LEGACY_SAMPLER, SETTING_KEY, Sweep, average_ranks, check_fid_features, describe_column,
+    LEGACY_SAMPLER, SETTING_KEY, Sweep, average_ranks, check_eval_settings, check_fid_features, describe_column,
     describe_fifty_step, load_sweep, missing_settings, pool_seeds, rank_table, restrict_sampler, seed_counts,
     setting_groups, setting_label,
 )
@@ -84,7 +84,8 @@ def build_report(
 
     fifty_step_cfg: CFG scale(s) of the 50-step column, "all", or None for the default (CFG 5.0 when present).
     sampler: rank only the records of this sampler; None ranks every sampler, variants as separate entries.
-    A sweep whose records mix FID feature definitions is refused (ValueError naming the runs to re-evaluate).
+    A sweep whose records mix FID feature definitions, or evaluation settings (eval.n_samples, eval.seed, the CLIP
+    model, eval.checkpoint) outside a swept value, is refused (ValueError naming the runs to re-evaluate).
     """
     if int(draws) < 0:
         raise ValueError(f"bootstrap draws={draws!r}: must be 0 (off) or a positive integer")
@@ -94,6 +95,7 @@ def build_report(
         where = ", ".join(str(r.resolve()) for r in sweep.roots)
         raise NoResultsError(f"no results found in {where} ({len(sweep.runs)} run directories: {counts or 'none'})")
     check_fid_features(pd.concat([sweep.records, sweep.duplicates]))  # before a rerun's record hides an older one
+    check_eval_settings(sweep.records)  # the newest record per setting: a partial re-evaluation would mix settings
     records = sweep.records if sampler is None else restrict_sampler(sweep.records, sampler)
     ranked = rank_table(pool_seeds(records))
     groups = setting_groups(ranked, fifty_step_cfg)
