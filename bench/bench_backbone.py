@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from src.models import MMDiT, count_parameters  # noqa: E402
-from src.models.convert_diffusers import diffusers_config, to_diffusers  # noqa: E402
+from src.models.convert_diffusers import diffusers_model  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "backbone.md"
 CPU_SIZES = [dict(depth=2, hidden_size=128, num_heads=2), dict(depth=4, hidden_size=256, num_heads=4)]
@@ -46,16 +46,6 @@ def build_ours(size: dict, setup: dict, device: str, qk_norm: str | None = None)
         for p in ours.parameters():
             p.normal_(0, 0.02)
     return ours
-
-
-def to_diffusers_model(ours: MMDiT):
-    """diffusers' SD3Transformer2DModel on the same device holding the same weights."""
-    from diffusers import SD3Transformer2DModel
-
-    with torch.device(ours.pos_embed.device):
-        theirs = SD3Transformer2DModel(**diffusers_config(ours))
-    theirs.load_state_dict(to_diffusers(ours.state_dict()))
-    return theirs
 
 
 def make_batch(setup: dict, batch: int, device: str) -> tuple[torch.Tensor, ...]:
@@ -157,7 +147,7 @@ def bench_cpu(args) -> str:
     ]
     for size in CPU_SIZES:
         ours = build_ours(size, setup, "cpu")
-        theirs = to_diffusers_model(ours)
+        theirs = diffusers_model(ours)
         batch = make_batch(setup, args.batch, "cpu")
         steps = {"ours": make_step(ours, "ours", batch, None), "diffusers": make_step(theirs, "diffusers", batch, None)}
         if args.compile:
@@ -219,7 +209,7 @@ def bench_cuda(args) -> str:
         model = build_ours(size, CUDA_SETUP, "cuda", qk_norm=args.qk_norm)
         n_params, flops = count_parameters(model), train_flops(model, args.batch, n_img, n_txt)
         if variant == "diffusers":
-            model = to_diffusers_model(model)  # ours is freed here: the two do not fit together with AdamW
+            model = diffusers_model(model)  # ours is freed here: the two do not fit together with AdamW
         elif variant == "ours compiled":
             model = torch.compile(model)
         step = make_step(model, "diffusers" if variant == "diffusers" else "ours", batch, amp)

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from src.models import MMDiT  # noqa: E402
+from src.models.convert_diffusers import diffusers_model  # noqa: E402
 from src.models.perf import RESULTS_JSON_TAG, compile_backbone, read_bench_results  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "gpu.md"
@@ -160,17 +161,6 @@ def build_ours(cfg: Config, setup: dict, device: str, hidden: int | None = None,
     return model
 
 
-def to_diffusers_model(ours: MMDiT):
-    from diffusers import SD3Transformer2DModel
-
-    from src.models.convert_diffusers import diffusers_config, to_diffusers
-
-    with torch.device(ours.pos_embed.device):
-        theirs = SD3Transformer2DModel(**diffusers_config(ours))
-    theirs.load_state_dict(to_diffusers(ours.state_dict()))
-    return theirs
-
-
 def make_batch(setup: dict, batch: int, device: str) -> tuple[torch.Tensor, ...]:
     g = torch.Generator(device=device).manual_seed(1)
     s, c, length = setup["input_size"], setup["in_channels"], setup["context_len"]
@@ -238,7 +228,7 @@ def measure(cfg: Config, batch: int, args, setup: dict, device: str) -> Result:
     res.params = sum(p.numel() for p in model.parameters())
     flops = model_flops(model, setup) * batch
     if cfg.model == "diffusers":
-        model = to_diffusers_model(model)
+        model = diffusers_model(model)
         if cfg.activation_checkpointing:
             model.enable_gradient_checkpointing()
     data = make_batch(setup, batch, device)

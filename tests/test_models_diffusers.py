@@ -103,3 +103,14 @@ def test_converter_rejects_foreign_layouts():
         to_diffusers(sd)
     with pytest.raises(ValueError, match="dual_attention_layers"):
         mmdit_kwargs({**diffusers_config(random_mmdit(None)), "dual_attention_layers": (0,)})
+
+
+def test_diffusers_model_builds_the_counterpart_with_our_weights():
+    """The benchmarks' one constructor of diffusers' model (src.models.convert_diffusers.diffusers_model)."""
+    from src.models.convert_diffusers import diffusers_model
+
+    ours = random_mmdit("rms_norm")
+    theirs = diffusers_model(ours).eval()
+    x, t, ctx, pooled = inputs(16, 12)
+    with torch.no_grad():
+        assert torch.allclose(ours(x, t, ctx, pooled), run_diffusers(theirs, x, t, ctx, pooled), atol=1e-5)

@@ -143,6 +143,17 @@ def diffusers_config(model) -> dict:
     )
 
 
+def diffusers_model(model):
+    """diffusers' SD3Transformer2DModel on our MMDiT's device holding the same weights (diffusers is imported here:
+    it is a test and benchmark dependency, not a runtime one)."""
+    from diffusers import SD3Transformer2DModel
+
+    with torch.device(model.pos_embed.device):
+        theirs = SD3Transformer2DModel(**diffusers_config(model))
+    theirs.load_state_dict(to_diffusers(model.state_dict()))
+    return theirs
+
+
 def mmdit_kwargs(config: Mapping) -> dict:
     """MMDiT(**kwargs) arguments for an SD3Transformer2DModel config (a mapping, e.g. model.config)."""
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
