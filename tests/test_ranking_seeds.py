@@ -273,3 +273,23 @@ def test_a_job_refused_before_it_had_a_run_directory_makes_the_sweep_partial(tmp
     assert failed["run_dir"].tolist() == [str(sweep / "digits/rf_lognorm_-1.00_1.00")]
     text = markdown(report)
     assert "PARTIAL SWEEP" in text and "ConfigError: loss: rf_lognorm: s=-1 is not allowed" in text
+
+
+def test_train_seeds_ranks_one_seed_alone_and_refuses_an_absent_one(tmp_path, capsys, monkeypatch):
+    sweep = _disagreeing(tmp_path, "d", disagree=True)
+    pooled = build_report([sweep], draws=0)
+    alone = build_report([sweep], draws=0, train_seeds=[0])
+    assert set(alone.records["train_seed"]) == {"0"} and alone.table["seeds"].tolist() == [1, 1, 1]
+    gap_alone, gap_pooled = (r.table.loc["B", "all"] - r.table.loc["A", "all"] for r in (alone, pooled))
+    assert gap_alone > gap_pooled and gap_alone > 0  # seed 0 favours A (quality 0.95 vs 0.15); the seeds balance
+    assert "restricted to training seed 0 (--train-seeds)" in markdown(alone)
+    monkeypatch.chdir(tmp_path)  # the default report directory is relative: reports/<sweep>-train_seeds=0
+    assert main([str(sweep), "--bootstrap", "0", "--train-seeds", "0"]) == 0
+    assert (tmp_path / "reports" / "d-train_seeds=0" / "report.md").is_file()
+    assert not (tmp_path / "reports" / "d").exists()
+    capsys.readouterr()
+    assert main([str(sweep), "--bootstrap", "0", "--train-seeds", "0", "7", "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert err == "rank report: error: --train-seeds 7: no records of that training seed; the sweep has ['0', '1', " \
+                  "'2']\n"
+    assert not (tmp_path / "r").exists()

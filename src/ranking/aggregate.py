@@ -206,6 +206,18 @@ def restrict_sampler(records: pd.DataFrame, sampler: str) -> pd.DataFrame:
     return name_entries(kept)
 
 
+def restrict_train_seeds(records: pd.DataFrame, seeds: Sequence[int | str]) -> pd.DataFrame:
+    """The records of these training seeds (e.g. one seed alone, to see what a single-seed study would have said);
+    a clear error naming the seeds present when none matches."""
+    wanted = [str(s) for s in seeds]
+    present = sorted(records["train_seed"].astype(str).unique(), key=lambda s: (len(s), s))
+    absent = [s for s in wanted if s not in present]
+    if absent:
+        raise ValueError(f"--train-seeds {' '.join(absent)}: no records of that training seed; the sweep has "
+                         f"{present or 'none'}")
+    return records[records["train_seed"].astype(str).isin(wanted)].reset_index(drop=True)
+
+
 def _drop_qualifier(name: str, qualifier: str) -> str:
     """The ranked name without one `key=value` qualifier (its brackets dropped when nothing else is left)."""
     match = re.fullmatch(r"(?P<base>.*?) \[(?P<quals>.*)\]", name)

@@ -21,7 +21,8 @@ import pandas as pd
 
 from src.ranking.aggregate import (
     LEGACY_SAMPLER, SETTING_KEY, Sweep, average_ranks, check_eval_settings, check_fid_features, describe_column,
-    describe_fifty_step, load_sweep, missing_settings, pool_seeds, rank_table, restrict_sampler, seed_counts,
+    describe_fifty_step, load_sweep, missing_settings, pool_seeds, rank_table, restrict_sampler, restrict_train_seeds,
+    seed_counts,
     setting_groups, setting_label,
 )
 from src.ranking.bootstrap import RankBootstrap, bootstrap_ranks, inseparable_pairs
@@ -64,6 +65,7 @@ class RankReport:
     column_notes: dict[str, str]  # column -> which control settings it averages
     sampler_note: str
     max_seeds: int
+    train_seeds: list[str] | None = None  # --train-seeds: the training seeds ranked (None: all, pooled)
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -79,11 +81,13 @@ def build_report(
     progress: Callable[[str], None] | None = None,
     sampler: str | None = None,
     device: str = "cpu",
+    train_seeds: Sequence[int | str] | None = None,
 ) -> RankReport:
     """Load the sweeps, pool training seeds, rank every control setting, average, bootstrap, compare with the paper.
 
     fifty_step_cfg: CFG scale(s) of the 50-step column, "all", or None for the default (CFG 5.0 when present).
     sampler: rank only the records of this sampler; None ranks every sampler, variants as separate entries.
+    train_seeds: rank only the records of these training seeds; None pools every seed as replicates.
     A sweep whose records mix FID feature definitions, or evaluation settings (eval.n_samples, eval.seed, the CLIP
     model, eval.checkpoint) outside a swept value, is refused (ValueError naming the runs to re-evaluate).
     """
@@ -97,6 +101,8 @@ def build_report(
     check_fid_features(pd.concat([sweep.records, sweep.duplicates]))  # before a rerun's record hides an older one
     check_eval_settings(sweep.records)  # the newest record per setting: a partial re-evaluation would mix settings
     records = sweep.records if sampler is None else restrict_sampler(sweep.records, sampler)
+    if train_seeds is not None:
+        records = restrict_train_seeds(records, train_seeds)
     ranked = rank_table(pool_seeds(records))
     groups = setting_groups(ranked, fifty_step_cfg)
     table = average_ranks(ranked, groups)
@@ -117,6 +123,7 @@ def build_report(
         spearman=spearman, fifty_step_note=describe_fifty_step(ranked, fifty_step_cfg), bootstrap=boot,
         draws=int(draws), seed=seed, column_notes={c: describe_column(ranked, groups[c]) for c in COLUMNS},
         sampler_note=_sampler_note(sweep.records, sampler), max_seeds=int(seeds["seeds"].max()),
+        train_seeds=None if train_seeds is None else [str(s) for s in train_seeds],
     )
 
 
@@ -293,6 +300,9 @@ def _seed_note(report: RankReport) -> str:
         text += (f"; {FEWER_SEEDS} marks entries with fewer than {report.max_seeds} seeds (in some setting), ranked "
                  "on the seeds they have: " + ", ".join(fewer[:8])
                  + (f" and {len(fewer) - 8} more" if len(fewer) > 8 else ""))
+    if report.train_seeds is not None:
+        text += f"; restricted to training seed{'s' * (len(report.train_seeds) != 1)} " \
+                f"{', '.join(report.train_seeds)} (--train-seeds)"
     return text + "."
 
 
@@ -446,6 +456,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "when the sweep has it, else all 50-step settings)")
     parser.add_argument("--sampler", metavar="NAME",
                         help="rank only this sampler's records (default: every sampler, variants as separate entries)")
+    parser.add_argument("--train-seeds", nargs="+", metavar="SEED",
+                        help="rank only these training seeds (default: every seed, pooled as replicates)")
     parser.add_argument("--bootstrap", type=int, default=DEFAULT_DRAWS, metavar="N", help="bootstrap draws, 0 = off")
     parser.add_argument("--confidence", type=float, default=0.9, help="bootstrap interval level")
     parser.add_argument("--separation", type=float, default=0.95, help="ordering probability that separates recipes")
@@ -477,11 +489,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweeps = args.sweeps or [latest_sweep(args.multirun_root)]
         report = build_report(sweeps, _fifty_step_arg(args.fifty_step_cfg), args.bootstrap, args.seed, args.confidence,
                               args.separation, progress=lambda line: print(line, file=sys.stderr, flush=True),
-                              sampler=args.sampler, device=args.device)
+                              sampler=args.sampler, device=args.device, train_seeds=args.train_seeds)
     except (NoResultsError, FileNotFoundError, ValueError) as exc:
         print(f"rank report: error: {exc}", file=sys.stderr)
         return 1
-    out_dir = args.out or DEFAULT_REPORTS / report.sweep.name
+    # A report of some seeds never lands where the pooled report of the same sweep is.
+    restricted = f"-train_seeds={'_'.join(report.train_seeds)}" if report.train_seeds is not None else ""
+    out_dir = args.out or DEFAULT_REPORTS / f"{report.sweep.name}{restricted}"
     paths = write_report(report, out_dir)
     print(terminal_text(report))
     print(f"\nReport written to {out_dir}/ (report.md, report.html, CSVs, PNGs).")
