@@ -1,0 +1,100 @@
+"""The fidelity study's tables: how well each rung of the embedded proxy predicts the paper's Table 1.
+
+    python scripts/fidelity_table.py default=outputs/multirun/table1 steps4x=outputs/multirun/table1_rung1 \
+        [--bootstrap 200] [--out bench/results/fidelity_table1.md]
+
+Each NAME=SWEEP_DIR is one rung (a sweep of Table 1's recipes, e.g. sweeps/table1.yaml). Per rung it builds the rank
+report (src.ranking.report: seeds pooled as replicates, bootstrap over seeds and samples) and the report of each
+training seed alone (--train-seeds), and prints per column: Spearman with Table 1, its interval, each seed alone,
+and how many of the paper's top 3 are in our top 5; then the recipes that disagree most with the paper (the gap
+between our position and the paper's among the recipes both rank). Nothing is written unless --out is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from src.ranking.paper import COLUMNS  # noqa: E402
+from src.ranking.report import NoResultsError, build_report  # noqa: E402
+from src.utils.io import atomic_write_bytes  # noqa: E402
+
+
+def positions(values: pd.Series) -> pd.Series:
+    """1-based position of each recipe by average rank (ties share the mean position)."""
+    return values.rank(method="average")
+
+
+def rung_tables(name: str, sweep: Path, draws: int, seed: int) -> list[str]:
+    """Markdown lines for one rung."""
+    pooled = build_report([sweep], draws=draws, seed=seed)
+    seeds = sorted(pooled.records["train_seed"].astype(str).unique(), key=lambda s: (len(s), s))
+    alone = {s: build_report([sweep], draws=0, train_seeds=[s]).spearman.set_index("column") for s in seeds}
+    sp = pooled.spearman.set_index("column")
+    n_runs = int((pooled.sweep.runs["status"] == "done").sum())
+    head = ["column", "seeds pooled", "p", "90% interval (seeds and samples)",
+            *[f"seed {s} alone" for s in seeds], "paper's top 3 in our top 5"]
+    lines = [f"### Rung `{name}` ({sweep}): {n_runs} finished runs, seeds {', '.join(seeds)}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for column in COLUMNS:
+        row = sp.loc[column]
+        interval = f"[{row['lo']:.2f}, {row['hi']:.2f}]" if "lo" in sp and pd.notna(row.get("lo")) else "-"
+        cells = [column, f"{row['spearman']:.2f}", f"{row['p_value']:.2f}", interval,
+                 *[f"{alone[s].loc[column, 'spearman']:.2f}" for s in seeds],
+                 _count(row["paper top 3 in our top 5"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = pooled.table
+    ours, paper = positions(table["all"]), positions(table["paper all"])
+    gap = (ours - paper).dropna().sort_values(key=abs, ascending=False)
+    lines += ["", "Largest disagreements on 'all' (our position - the paper's, among the recipes both rank): "
+              + "; ".join(f"{r} {ours[r]:.0f} vs {paper[r]:.0f}" for r in gap.index[:5]) + ".", "",
+              f"Pairs of recipes the bootstrap cannot separate over all settings: "
+              f"{_inseparable(pooled)} of {len(table) * (len(table) - 1) // 2}.", ""]
+    return lines
+
+
+def _count(value) -> str:
+    return "-" if pd.isna(value) else f"{int(value)} of 3"
+
+
+def _inseparable(report) -> str:
+    if report.bootstrap is None:
+        return "- (no bootstrap)"
+    from src.ranking.bootstrap import inseparable_pairs
+
+    return str(len(inseparable_pairs(report.bootstrap.prob_better["all"], report.bootstrap.separation,
+                                     list(report.table.index))))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("rungs", nargs="+", metavar="NAME=SWEEP_DIR")
+    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap draws of the pooled report")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--out", type=Path, help="write the Markdown here as well (atomically)")
+    args = parser.parse_args(argv)
+    lines: list[str] = []
+    for rung in args.rungs:
+        name, sep, path = rung.partition("=")
+        if not sep or not name or not path:
+            parser.error(f"rung {rung!r}: expected NAME=SWEEP_DIR, e.g. default=outputs/multirun/table1")
+        try:
+            lines += rung_tables(name, Path(path), args.bootstrap, args.seed)
+        except (FileNotFoundError, ValueError, NoResultsError) as exc:  # no such sweep, nothing ranked, mixed settings: one line
+            print(f"fidelity table: error: rung {name}: {exc}", file=sys.stderr)
+            return 1
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        atomic_write_bytes(args.out, (text + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
