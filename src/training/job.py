@@ -9,6 +9,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import hydra
@@ -18,9 +19,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.config import ConfigError, diff_keys, fingerprint, parse_loss, to_dict, without_throughput_keys
-from src.launch.rundir import is_launch_rank_zero
 from src.launch.preemption import InterruptCheckpoint, PreemptionCheckpoint, submitit_signal
+from src.launch.rundir import is_launch_rank_zero
 from src.launch.strategies import build_strategy
+from src.results import parse_run_tag
 from src.training.callbacks import SaveLastAtEnd
 from src.training.checkpoint_io import AtomicCheckpointIO, checkpoint_to_resume
 from src.training.datamodule import ShardDataModule
@@ -340,6 +342,74 @@ def results_complete(cfg: DictConfig, run_dir: Path, formulation=None) -> bool:
     return training_finished(cfg, run_dir) and not missing_for(cfg, run_dir, formulation)
 
 
+REUSED_FILE = "reused_training.json"  # names the run directory whose checkpoints this run evaluates
+
+
+def _single_process_launch() -> bool:
+    """One process in this job (the ranks of a multi-process job would race over a copy)."""
+    return is_launch_rank_zero() and all(os.environ.get(k, "1") in ("", "1") for k in ("WORLD_SIZE", "SLURM_NTASKS"))
+
+
+#: Swept keys that change only the evaluation: jobs differing in nothing else share one training.
+EVALUATION_ONLY = ("sampler", "eval.")
+
+
+def _run_tags(run_dir: Path) -> dict | None:
+    """The swept values of the run in run_dir (its config.yaml's run_tag); None when unreadable."""
+    try:
+        return parse_run_tag(OmegaConf.load(run_dir / CONFIG_FILE).get("run_tag", ""))
+    except Exception:  # noqa: BLE001 (a missing or foreign file: not a twin)
+        return None
+
+
+def trained_twin(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """A sibling run directory of the same sweep that finished training exactly this model: the same fingerprint,
+    and swept values that differ only in evaluation settings (`-m sampler=rf_time,native`, `eval.n_samples=...`).
+    Those get their own directories and ranked entries but need not train again. Runs without swept values (a
+    deliberate retraining in another directory, e.g. to check determinism) are never twins."""
+    tags = parse_run_tag(cfg.get("run_tag", ""))
+    if not tags:
+        return None
+    for twin in sorted(p for p in run_dir.parent.iterdir() if p.is_dir() and p != run_dir):
+        other = _run_tags(twin)
+        if not other or set(other) != set(tags):
+            continue
+        differing = [k for k in tags if str(other[k]) != str(tags[k])]
+        if not all(k.startswith(EVALUATION_ONLY) for k in differing):
+            continue
+        if (twin / "fingerprint.json").is_file() and _bound(twin) and not fingerprint_changes(cfg, twin) \
+                and training_finished(cfg, twin):
+            return twin
+    return None
+
+
+def reuse_training(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """Link (else copy) a trained twin's checkpoints into run_dir, which has none yet, so only the evaluation runs.
+
+    The checkpoints land in a temporary directory renamed into place, so an interruption leaves either none (the
+    rerun looks again) or all. Off with reuse_training=false, and in multi-process jobs."""
+    ckpt_dir = run_dir / "checkpoints"
+    if not cfg.get("reuse_training", True) or not _single_process_launch() or _bound(run_dir):
+        return None
+    twin = trained_twin(cfg, run_dir)
+    if twin is None:
+        return None
+    staging = run_dir / ".checkpoints.reuse.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for src in sorted((twin / "checkpoints").glob("*.ckpt")):
+        try:
+            os.link(src, staging / src.name)  # checkpoints are replaced by rename, never rewritten: a link is safe
+        except OSError:
+            shutil.copy2(src, staging / src.name)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # holds no checkpoint (nothing is bound): left by a failed launch
+    os.replace(staging, ckpt_dir)
+    atomic_write_json(run_dir / REUSED_FILE, {"checkpoints_from": str(twin.resolve())})
+    log.info("%s: reusing the model trained in %s (the same training configuration); evaluating only", run_dir, twin,
+             extra={"console": True})
+    return twin
+
+
 def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train and evaluate one recipe in `run_dir`; resume from its last checkpoint; when training is finished,
     evaluate only what results.json lacks (never retrain); skip if complete."""
@@ -351,6 +421,7 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
             log.info("removed %s, left by an interrupted write", path)
     bind_fingerprint(cfg, run_dir)
     formulation = build_formulation(cfg)
+    twin = reuse_training(cfg, run_dir)
 
     if training_finished(cfg, run_dir):
         from src.evaluation.run import describe, evaluate_run, missing_for
@@ -359,8 +430,9 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         if not missing:
             log.info("%s: results complete, nothing to do", run_dir)
             return {"run_dir": str(run_dir), "skipped": True}
-        log.info("%s: results for %s missing: evaluating, training is done", run_dir, describe(cfg, run_dir, missing),
-                 extra={"console": True})
+        if twin is None:  # (a reused training said so already)
+            log.info("%s: results for %s missing: evaluating, training is done", run_dir,
+                     describe(cfg, run_dir, missing), extra={"console": True})
         _torch_settings(cfg)
         loggers = build_loggers(cfg, run_dir)  # the CSV logger appends (src/training/metrics_log.py)
         evaluate_run(cfg, run_dir, loggers=loggers, meta=meta, on_setting=evaluation_hook())

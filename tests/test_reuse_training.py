@@ -1,0 +1,48 @@
+"""A sweep over settings that only change the evaluation (the sampler) trains each model once: the second
+directory links the first's checkpoints and evaluates (src/training/job.py reuse_training), through the CLI."""
+import json
+import os
+
+from src.results import read_results
+from tests.test_faults import TINY, cache_dir, run_cli  # noqa: F401 (cache_dir is a fixture)
+
+
+def _sweep(tmp_path, cache_dir, *extra):
+    return run_cli(["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", "sweep_name=s",
+                    "loss=rf", "sampler=rf_time,native", *extra])
+
+
+def test_a_sampler_sweep_trains_each_model_once(tmp_path, cache_dir):
+    out = _sweep(tmp_path, cache_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    recipe = tmp_path / "outputs" / "multirun" / "s" / "digits" / "rf"
+    first, second = recipe / "sampler=rf_time", recipe / "sampler=native"
+    assert not (first / "reused_training.json").exists()
+    assert json.loads((second / "reused_training.json").read_text()) == {"checkpoints_from": str(first.resolve())}
+    assert f"reusing the model trained in {first}" in out.stdout  # the console handler
+    names = sorted(p.name for p in (first / "checkpoints").glob("*.ckpt"))
+    assert names and names == sorted(p.name for p in (second / "checkpoints").glob("*.ckpt"))
+    for name in names:  # the same files (hard links), not a second training
+        assert os.path.samefile(first / "checkpoints" / name, second / "checkpoints" / name)
+    for run_dir, sampler in ((first, "rf_time"), (second, "native")):
+        records = read_results(run_dir)
+        assert records and {r["sampler"] for r in records} == {sampler}
+    assert not list(second.glob(".checkpoints.reuse.tmp"))
+    # Rerunning changes nothing: both are complete.
+    before = (second / "results.json").read_bytes()
+    again = _sweep(tmp_path, cache_dir)
+    assert again.returncode == 0 and (second / "results.json").read_bytes() == before
+
+
+def test_reuse_training_false_and_other_seeds_train_again(tmp_path, cache_dir):
+    out = _sweep(tmp_path, cache_dir, "reuse_training=false")
+    assert out.returncode == 0, out.stderr[-3000:]
+    recipe = tmp_path / "outputs" / "multirun" / "s" / "digits" / "rf"
+    assert not list(recipe.glob("*/reused_training.json"))
+    a, b = (recipe / d / "checkpoints" / "last.ckpt" for d in ("sampler=rf_time", "sampler=native"))
+    assert not os.path.samefile(a, b)
+    # A twin must have the same training configuration: another seed is another model.
+    seeds = run_cli(["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", "sweep_name=t",
+                     "loss=rf", "seed=0,1"])
+    assert seeds.returncode == 0, seeds.stderr[-3000:]
+    assert not list((tmp_path / "outputs" / "multirun" / "t").rglob("reused_training.json"))
