@@ -240,7 +240,11 @@ def job_status(cfg: DictConfig, run_dir: Path) -> str:
     """What a relaunch would do in run_dir, by the job's own rules (src/training/job.py, src/results.py):
     new (nothing there), failed (error.json), changed configuration (the job would refuse it), done (trained and
     every wanted record present), to evaluate (trained; records missing or of other settings), resume (a
-    checkpoint before the last step), to train (a directory with nothing trained)."""
+    checkpoint before the last step), to train (a directory with nothing trained), to evaluate (trained in TWIN)
+    for a directory whose tagged sibling trained the same model (reuse_training)."""
+    twin = _trained_twin(cfg, run_dir)
+    if twin is not None:  # the job links the twin's checkpoints and only evaluates (src/training/job.py)
+        return f"to evaluate (trained in {twin.name})"
     if not run_dir.is_dir():
         return "new"
     if (run_dir / "error.json").is_file():
@@ -258,6 +262,21 @@ def job_status(cfg: DictConfig, run_dir: Path) -> str:
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
         return "resume"
     return "to train"
+
+
+def _trained_twin(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """The sibling whose training a new run directory would reuse (reuse_training), as the job decides it."""
+    from src.config import ConfigError
+    from src.training.job import _bound, resolve_data, trained_twin
+
+    if not cfg.get("reuse_training", True) or not run_dir.parent.is_dir() or (run_dir.is_dir() and _bound(run_dir)):
+        return None
+    cfg = cfg.copy()
+    try:
+        resolve_data(cfg)
+    except (ConfigError, OSError, ValueError):  # data not at hand: the planner cannot compare fingerprints
+        return None
+    return trained_twin(cfg, run_dir)
 
 
 def _fingerprint_changes(cfg: DictConfig, run_dir: Path) -> list[str]:

@@ -370,7 +370,9 @@ def trained_twin(cfg: DictConfig, run_dir: Path) -> Path | None:
     tags = parse_run_tag(cfg.get("run_tag", ""))
     if not tags:
         return None
-    for twin in sorted(p for p in run_dir.parent.iterdir() if p.is_dir() and p != run_dir):
+    siblings = [p for p in run_dir.parent.iterdir() if p.is_dir() and p != run_dir]
+    # The directory that trained comes before those that reuse it, so reused_training.json names the trainer.
+    for twin in sorted(siblings, key=lambda p: ((p / REUSED_FILE).exists(), p.name)):
         other = _run_tags(twin)
         if not other or set(other) != set(tags):
             continue
