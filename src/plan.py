@@ -267,9 +267,9 @@ def job_status(cfg: DictConfig, run_dir: Path) -> str:
 def _trained_twin(cfg: DictConfig, run_dir: Path) -> Path | None:
     """The sibling whose training a new run directory would reuse (reuse_training), as the job decides it."""
     from src.config import ConfigError
-    from src.training.job import _bound, resolve_data, trained_twin
+    from src.training.job import is_bound, resolve_data, trained_twin
 
-    if not cfg.get("reuse_training", True) or not run_dir.parent.is_dir() or (run_dir.is_dir() and _bound(run_dir)):
+    if not cfg.get("reuse_training", True) or not run_dir.parent.is_dir() or (run_dir.is_dir() and is_bound(run_dir)):
         return None
     cfg = cfg.copy()
     try:

@@ -186,7 +186,7 @@ def check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value}: must be {kind} {allowed}")
 
 
-def _bound(run_dir: Path) -> bool:
+def is_bound(run_dir: Path) -> bool:
     """Whether something was trained or evaluated in run_dir (then it belongs to its fingerprint's configuration).
     A launch that failed before its first checkpoint (a typo in a setting, a missing file) leaves nothing to protect."""
     return any((run_dir / "checkpoints").glob("*.ckpt")) or (run_dir / "results.json").exists()
@@ -201,7 +201,7 @@ def fingerprint_changes(cfg: DictConfig, run_dir: Path) -> list[str]:
     holds nothing trained or evaluated yet: a launch that failed before its first checkpoint leaves nothing to
     protect). cfg must have its data resolved (resolve_data)."""
     path = run_dir / "fingerprint.json"
-    if not path.exists() or not _bound(run_dir):
+    if not path.exists() or not is_bound(run_dir):
         return []
     return diff_keys(without_throughput_keys(json.loads(path.read_text())), _fingerprint_json(cfg))
 
@@ -223,7 +223,7 @@ def bind_fingerprint(cfg: DictConfig, run_dir: Path) -> None:
 
     Binding also writes the resolved configuration to config.yaml (what `python -m src.evaluate` re-evaluates the
     run with); a run directory from before config.yaml existed gets one."""
-    if not (run_dir / "fingerprint.json").exists() or not _bound(run_dir):
+    if not (run_dir / "fingerprint.json").exists() or not is_bound(run_dir):
         atomic_write_json(run_dir / "fingerprint.json", _fingerprint_json(cfg))
         write_run_config(cfg, run_dir)
     elif not (run_dir / CONFIG_FILE).exists():
@@ -379,7 +379,7 @@ def trained_twin(cfg: DictConfig, run_dir: Path) -> Path | None:
         differing = [k for k in tags if str(other[k]) != str(tags[k])]
         if not all(k.startswith(EVALUATION_ONLY) for k in differing):
             continue
-        if (twin / "fingerprint.json").is_file() and _bound(twin) and not fingerprint_changes(cfg, twin) \
+        if (twin / "fingerprint.json").is_file() and is_bound(twin) and not fingerprint_changes(cfg, twin) \
                 and training_finished(cfg, twin):
             return twin
     return None
@@ -391,7 +391,7 @@ def reuse_training(cfg: DictConfig, run_dir: Path) -> Path | None:
     The checkpoints land in a temporary directory renamed into place, so an interruption leaves either none (the
     rerun looks again) or all. Off with reuse_training=false, and in multi-process jobs."""
     ckpt_dir = run_dir / "checkpoints"
-    if not cfg.get("reuse_training", True) or not _single_process_launch() or _bound(run_dir):
+    if not cfg.get("reuse_training", True) or not _single_process_launch() or is_bound(run_dir):
         return None
     twin = trained_twin(cfg, run_dir)
     if twin is None:
