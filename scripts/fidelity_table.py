@@ -86,7 +86,7 @@ def main(argv=None) -> int:
             parser.error(f"rung {rung!r}: expected NAME=SWEEP_DIR, e.g. default=outputs/multirun/table1")
         try:
             lines += rung_tables(name, Path(path), args.bootstrap, args.seed)
-        except (FileNotFoundError, ValueError, NoResultsError) as exc:  # no such sweep, nothing ranked, mixed settings: one line
+        except (FileNotFoundError, ValueError, NoResultsError) as exc:  # no sweep, nothing ranked, mixed settings
             print(f"fidelity table: error: rung {name}: {exc}", file=sys.stderr)
             return 1
     text = "\n".join(lines)

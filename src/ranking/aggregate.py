@@ -132,8 +132,9 @@ def load_sweep(dirs: Iterable[Path | str]) -> Sweep:
             rows.extend({"sweep": root.name, **rec} for rec in records)
         # Jobs that failed before they could use their run directory (a configuration error, a busy directory) are
         # only in the sweep's failures.json; without it a sweep missing a recipe would look complete.
+        found_set = set(found)
         for name, failure in sorted(read_sweep_failures(root).items()):
-            if root / name not in found:
+            if root / name not in found_set:
                 statuses.append({"sweep": root.name, "run_dir": str(root / name), "status": "failed",
                                  "error": str(failure.get("error", "")), "n_records": 0, "overrides": ""})
     runs = pd.DataFrame(statuses, columns=["sweep", "run_dir", "status", "error", "n_records", "overrides"])
