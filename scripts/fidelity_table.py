@@ -21,6 +21,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from src.ranking.aggregate import seed_order  # noqa: E402
 from src.ranking.paper import COLUMNS  # noqa: E402
 from src.ranking.report import NoResultsError, build_report  # noqa: E402
 from src.utils.io import atomic_write_bytes  # noqa: E402
@@ -34,7 +35,7 @@ def positions(values: pd.Series) -> pd.Series:
 def rung_tables(name: str, sweep: Path, draws: int, seed: int) -> list[str]:
     """Markdown lines for one rung."""
     pooled = build_report([sweep], draws=draws, seed=seed)
-    seeds = sorted(pooled.records["train_seed"].astype(str).unique(), key=lambda s: (len(s), s))
+    seeds = sorted(pooled.records["train_seed"].astype(str).unique(), key=seed_order)
     alone = {s: build_report([sweep], draws=0, train_seeds=[s]).spearman.set_index("column") for s in seeds}
     sp = pooled.spearman.set_index("column")
     n_runs = int((pooled.sweep.runs["status"] == "done").sum())
@@ -64,12 +65,8 @@ def _count(value) -> str:
 
 
 def _inseparable(report) -> str:
-    if report.bootstrap is None:
-        return "- (no bootstrap)"
-    from src.ranking.bootstrap import inseparable_pairs
-
-    return str(len(inseparable_pairs(report.bootstrap.prob_better["all"], report.bootstrap.separation,
-                                     list(report.table.index))))
+    pairs = report.inseparable()
+    return "- (no bootstrap)" if pairs is None else str(len(pairs))
 
 
 def main(argv=None) -> int:

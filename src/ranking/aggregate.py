@@ -118,11 +118,20 @@ def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
     return status, records
 
 
-def load_sweep(dirs: Iterable[Path | str]) -> Sweep:
-    """Records and run statuses of every run directory under the given sweep directories."""
+def load_sweep(dirs: Iterable[Path | str], by_sweep: bool = False) -> Sweep:
+    """Records and run statuses of every run directory under the given sweep directories.
+
+    by_sweep: qualify every entry by its sweep directory's name (`rf [sweep=table1_rung1]`), so that sweeps of the
+    same recipes (e.g. two budgets of one study) are ranked side by side instead of pooled.
+    """
     roots = tuple(Path(d) for d in dirs)
     if not roots:
         raise ValueError("load_sweep: no sweep directory given")
+    names = [root.name for root in roots]
+    if by_sweep and len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"--by-sweep: sweep directories share the name(s) {twice}; the name is the entries' "
+                         "qualifier, so each sweep needs its own")
     statuses, rows = [], []
     for root in roots:
         found = find_run_dirs(root)
@@ -139,6 +148,8 @@ def load_sweep(dirs: Iterable[Path | str]) -> Sweep:
                                  "error": str(failure.get("error", "")), "n_records": 0, "overrides": ""})
     runs = pd.DataFrame(statuses, columns=["sweep", "run_dir", "status", "error", "n_records", "overrides"])
     records = pd.DataFrame(rows, columns=["sweep", "run_dir", *REQUIRED_FIELDS, *OPTIONAL_FIELDS, *DERIVED_FIELDS])
+    if by_sweep:
+        records["base_entry"] = [_qualify(b, f"sweep={s}") for b, s in zip(records["base_entry"], records["sweep"])]
     records, duplicates = _drop_duplicates(records)
     return Sweep(roots=roots, records=name_entries(records), runs=runs, duplicates=duplicates)
 
@@ -191,10 +202,39 @@ def name_entries(records: pd.DataFrame) -> pd.DataFrame:
     entries = []
     for base, sampler in zip(records["base_entry"], records["sampler"]):
         if several and "sampler=" not in base:
-            base = f"{base[:-1]}, sampler={sampler}]" if base.endswith("]") else f"{base} [sampler={sampler}]"
+            base = _qualify(base, f"sampler={sampler}")
         entries.append(base)
     records["entry"] = pd.Series(entries, index=records.index, dtype=object)
     return records
+
+
+def _qualify(name: str, qualifier: str) -> str:
+    """The ranked name with one more `key=value` qualifier in its brackets."""
+    return f"{name[:-1]}, {qualifier}]" if name.endswith("]") else f"{name} [{qualifier}]"
+
+
+def check_sweep_overlap(sweep: Sweep) -> None:
+    """Refuse, in one line, to pool sweeps that hold the same entry, training seed and control setting.
+
+    Within one sweep directory the newest record of a key wins (a rerun job). Across the sweep directories given
+    to one report the same key means two experiments of the same recipe (e.g. two budgets of a study whose run
+    tags do not differ): keeping the newer would silently replace one by the other.
+    """
+    if len(sweep.roots) < 2 or sweep.duplicates.empty:
+        return
+    key = [k for k in RECORD_KEY if k in sweep.duplicates.columns]
+    both = sweep.duplicates.merge(sweep.records[[*key, "sweep"]], on=key, suffixes=("", "_kept"))
+    clash = both[both["sweep"] != both["sweep_kept"]]
+    if clash.empty:
+        return
+    first = clash.iloc[0]
+    seed = f" seed {first['train_seed']}" if first["train_seed"] != "" else ""
+    sweeps = sorted(set(clash["sweep"]) | set(clash["sweep_kept"]))
+    raise ValueError(
+        f"sweeps {', '.join(sweeps)} both hold {first['base_entry']}{seed} at {first['dataset']}, "
+        f"{first['setting']} ({len(clash)} records in all); rank each sweep alone, or pass --by-sweep to rank each "
+        "sweep's entries side by side"
+    )
 
 
 def restrict_sampler(records: pd.DataFrame, sampler: str) -> pd.DataFrame:
@@ -211,7 +251,7 @@ def restrict_train_seeds(records: pd.DataFrame, seeds: Sequence[int | str]) -> p
     """The records of these training seeds (e.g. one seed alone, to see what a single-seed study would have said);
     a clear error naming the seeds present when none matches."""
     wanted = [str(s) for s in seeds]
-    present = sorted(records["train_seed"].astype(str).unique(), key=lambda s: (len(s), s))
+    present = sorted(records["train_seed"].astype(str).unique(), key=seed_order)
     absent = [s for s in wanted if s not in present]
     if absent:
         raise ValueError(f"--train-seeds {' '.join(absent)}: no records of that training seed; the sweep has "
@@ -299,13 +339,13 @@ def pool_seeds(records: pd.DataFrame) -> pd.DataFrame:
     for metric in METRICS:
         pooled[metric] = grouped[metric].agg(lambda s: float(np.mean(s.to_numpy(float))))
     pooled["n_seeds"] = grouped["train_seed"].nunique()
-    pooled["seeds"] = grouped["train_seed"].agg(lambda s: ",".join(sorted(set(s), key=_seed_order)))
+    pooled["seeds"] = grouped["train_seed"].agg(lambda s: ",".join(sorted(set(s), key=seed_order)))
     pooled = pooled.reset_index().rename(columns={"entry": "recipe"})
     return pooled
 
 
-def _seed_order(label: str):
-    """Seeds in numeric order when they are numbers."""
+def seed_order(label: str):
+    """Sort key of training-seed labels: numeric order when they are numbers (2 before 10)."""
     return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
 
 

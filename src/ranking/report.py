@@ -20,10 +20,9 @@ import numpy as np
 import pandas as pd
 
 from src.ranking.aggregate import (
-    LEGACY_SAMPLER, SETTING_KEY, Sweep, average_ranks, check_eval_settings, check_fid_features, describe_column,
-    describe_fifty_step, load_sweep, missing_settings, pool_seeds, rank_table, restrict_sampler, restrict_train_seeds,
-    seed_counts,
-    setting_groups, setting_label,
+    LEGACY_SAMPLER, SETTING_KEY, Sweep, average_ranks, check_eval_settings, check_fid_features, check_sweep_overlap,
+    describe_column, describe_fifty_step, load_sweep, missing_settings, pool_seeds, rank_table, restrict_sampler,
+    restrict_train_seeds, seed_counts, setting_groups, setting_label,
 )
 from src.ranking.bootstrap import RankBootstrap, bootstrap_ranks, inseparable_pairs
 from src.ranking.paper import COLUMNS, paper_ranks, spearman_vs_paper
@@ -66,6 +65,14 @@ class RankReport:
     sampler_note: str
     max_seeds: int
     train_seeds: list[str] | None = None  # --train-seeds: the training seeds ranked (None: all, pooled)
+    by_sweep: bool = False  # --by-sweep: entries qualified by their sweep directory's name
+
+    def inseparable(self) -> list[tuple[str, str, float]] | None:
+        """Pairs of entries the bootstrap cannot separate over all settings (None without a bootstrap)."""
+        if self.bootstrap is None:
+            return None
+        boot = self.bootstrap
+        return inseparable_pairs(boot.prob_better["all"], boot.separation, list(self.table.index))
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -82,23 +89,27 @@ def build_report(
     sampler: str | None = None,
     device: str = "cpu",
     train_seeds: Sequence[int | str] | None = None,
+    by_sweep: bool = False,
 ) -> RankReport:
     """Load the sweeps, pool training seeds, rank every control setting, average, bootstrap, compare with the paper.
 
     fifty_step_cfg: CFG scale(s) of the 50-step column, "all", or None for the default (CFG 5.0 when present).
     sampler: rank only the records of this sampler; None ranks every sampler, variants as separate entries.
     train_seeds: rank only the records of these training seeds; None pools every seed as replicates.
+    by_sweep: rank each sweep directory's entries as entries of their own (`rf [sweep=NAME]`). Without it, sweeps
+    that hold the same entry, seed and setting are refused (ValueError) rather than one hiding the other.
     A sweep whose records mix FID feature definitions, or evaluation settings (eval.n_samples, eval.seed, the CLIP
     model, eval.checkpoint) outside a swept value, is refused (ValueError naming the runs to re-evaluate).
     """
     if int(draws) < 0:
         raise ValueError(f"bootstrap draws={draws!r}: must be 0 (off) or a positive integer")
-    sweep = load_sweep(sweep_dirs)
+    sweep = load_sweep(sweep_dirs, by_sweep=by_sweep)
     if sweep.records.empty:
         counts = sweep.runs["status"].value_counts().to_dict()
         where = ", ".join(str(r.resolve()) for r in sweep.roots)
         raise NoResultsError(f"no results found in {where} ({len(sweep.runs)} run directories: {counts or 'none'})")
     check_fid_features(pd.concat([sweep.records, sweep.duplicates]))  # before a rerun's record hides an older one
+    check_sweep_overlap(sweep)
     check_eval_settings(sweep.records)  # the newest record per setting: a partial re-evaluation would mix settings
     records = sweep.records if sampler is None else restrict_sampler(sweep.records, sampler)
     if train_seeds is not None:
@@ -123,7 +134,7 @@ def build_report(
         spearman=spearman, fifty_step_note=describe_fifty_step(ranked, fifty_step_cfg), bootstrap=boot,
         draws=int(draws), seed=seed, column_notes={c: describe_column(ranked, groups[c]) for c in COLUMNS},
         sampler_note=_sampler_note(sweep.records, sampler), max_seeds=int(seeds["seeds"].max()),
-        train_seeds=None if train_seeds is None else [str(s) for s in train_seeds],
+        train_seeds=None if train_seeds is None else [str(s) for s in train_seeds], by_sweep=by_sweep,
     )
 
 
@@ -207,8 +218,7 @@ def separability_table(report: RankReport) -> Table | None:
     """Per recipe, the recipes the bootstrap cannot separate it from (all settings)."""
     if report.bootstrap is None:
         return None
-    boot = report.bootstrap
-    pairs = inseparable_pairs(boot.prob_better["all"], boot.separation, list(report.table.index))
+    pairs = report.inseparable()
     partners: dict[str, list[str]] = {}
     for a, b, p in pairs:
         partners.setdefault(a, []).append(f"{b} ({p:.2f})")
@@ -251,6 +261,9 @@ def notes(report: RankReport) -> list[str]:
         _seed_note(report),
         report.sampler_note,
     ]
+    if report.by_sweep:
+        out.append(f"Sweeps ranked side by side (--by-sweep): each entry is qualified by its sweep directory "
+                   f"({', '.join(root.name for root in report.sweep.roots)}).")
     boot = report.bootstrap
     if boot is not None:
         out.append(
@@ -263,7 +276,7 @@ def notes(report: RankReport) -> list[str]:
             + "A percentile interval of a rank need not contain the point value: resampling changes which entries "
             "tie on a front."
         )
-        pairs = inseparable_pairs(boot.prob_better["all"], boot.separation, list(report.table.index))
+        pairs = report.inseparable()
         if len(report.table) > 1:  # with one entry there is no pair to separate
             out.append(f"{len(pairs)} pair{'s' * (len(pairs) != 1)} of entries cannot be separated over all "
                        "settings (listed below)." if pairs
@@ -458,6 +471,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="rank only this sampler's records (default: every sampler, variants as separate entries)")
     parser.add_argument("--train-seeds", nargs="+", metavar="SEED",
                         help="rank only these training seeds (default: every seed, pooled as replicates)")
+    parser.add_argument("--by-sweep", action="store_true",
+                        help="rank each sweep directory's entries separately, qualified by its name (default: pool "
+                             "the sweeps; refused when two hold the same entry, seed and setting)")
     parser.add_argument("--bootstrap", type=int, default=DEFAULT_DRAWS, metavar="N", help="bootstrap draws, 0 = off")
     parser.add_argument("--confidence", type=float, default=0.9, help="bootstrap interval level")
     parser.add_argument("--separation", type=float, default=0.95, help="ordering probability that separates recipes")
@@ -489,12 +505,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweeps = args.sweeps or [latest_sweep(args.multirun_root)]
         report = build_report(sweeps, _fifty_step_arg(args.fifty_step_cfg), args.bootstrap, args.seed, args.confidence,
                               args.separation, progress=lambda line: print(line, file=sys.stderr, flush=True),
-                              sampler=args.sampler, device=args.device, train_seeds=args.train_seeds)
+                              sampler=args.sampler, device=args.device, train_seeds=args.train_seeds,
+                              by_sweep=args.by_sweep)
     except (NoResultsError, FileNotFoundError, ValueError) as exc:
         print(f"rank report: error: {exc}", file=sys.stderr)
         return 1
     # A report of some seeds never lands where the pooled report of the same sweep is.
     restricted = f"-train_seeds={'_'.join(report.train_seeds)}" if report.train_seeds is not None else ""
+    restricted += "-by_sweep" if report.by_sweep else ""
     out_dir = args.out or DEFAULT_REPORTS / f"{report.sweep.name}{restricted}"
     paths = write_report(report, out_dir)
     print(terminal_text(report))
