@@ -6,8 +6,9 @@
 Each NAME=SWEEP_DIR is one rung (a sweep of Table 1's recipes, e.g. sweeps/table1.yaml). Per rung it builds the rank
 report (src.ranking.report: seeds pooled as replicates, bootstrap over seeds and samples) and the report of each
 training seed alone (--train-seeds), and prints per column: Spearman with Table 1, its interval, each seed alone,
-and how many of the paper's top 3 are in our top 5; then the recipes that disagree most with the paper (the gap
-between our position and the paper's among the recipes both rank). Nothing is written unless --out is given.
+the mean Spearman between the seeds' own rankings (seed vs seed: the proxy's self-consistency), and how many of the
+paper's top 3 are in our top 5; then the recipes that disagree most with the paper (the gap between our position
+and the paper's among the recipes both rank). Nothing is written unless --out is given.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,11 +39,12 @@ def rung_tables(name: str, sweep: Path, draws: int, seed: int) -> list[str]:
     """Markdown lines for one rung."""
     pooled = build_report([sweep], draws=draws, seed=seed)
     seeds = sorted(pooled.records["train_seed"].astype(str).unique(), key=seed_order)
-    alone = {s: build_report([sweep], draws=0, train_seeds=[s]).spearman.set_index("column") for s in seeds}
+    reports = {s: build_report([sweep], draws=0, train_seeds=[s]) for s in seeds}
+    alone = {s: r.spearman.set_index("column") for s, r in reports.items()}
     sp = pooled.spearman.set_index("column")
     n_runs = int((pooled.sweep.runs["status"] == "done").sum())
     head = ["column", "seeds pooled", "p", "90% interval (seeds and samples)",
-            *[f"seed {s} alone" for s in seeds], "paper's top 3 in our top 5"]
+            *[f"seed {s} alone" for s in seeds], "seed vs seed", "paper's top 3 in our top 5"]
     lines = [f"### Rung `{name}` ({sweep}): {n_runs} finished runs, seeds {', '.join(seeds)}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for column in COLUMNS:
@@ -48,25 +52,54 @@ def rung_tables(name: str, sweep: Path, draws: int, seed: int) -> list[str]:
         interval = f"[{row['lo']:.2f}, {row['hi']:.2f}]" if "lo" in sp and pd.notna(row.get("lo")) else "-"
         cells = [column, f"{row['spearman']:.2f}", f"{row['p_value']:.2f}", interval,
                  *[f"{alone[s].loc[column, 'spearman']:.2f}" for s in seeds],
+                 _fmt(seed_agreement([r.table[column] for r in reports.values()])),
                  _count(row["paper top 3 in our top 5"])]
         lines.append("| " + " | ".join(cells) + " |")
     table = pooled.table
     ours, paper = positions(table["all"]), positions(table["paper all"])
     gap = (ours - paper).dropna().sort_values(key=abs, ascending=False)
     lines += ["", "Largest disagreements on 'all' (our position - the paper's, among the recipes both rank): "
-              + "; ".join(f"{r} {ours[r]:.0f} vs {paper[r]:.0f}" for r in gap.index[:5]) + ".", "",
-              f"Pairs of recipes the bootstrap cannot separate over all settings: "
-              f"{_inseparable(pooled)} of {len(table) * (len(table) - 1) // 2}.", ""]
+              + "; ".join(f"{r} {ours[r]:.0f} vs {paper[r]:.0f}" for r in gap.index[:5]) + ".", ""]
+    agree = seed_agreement([r.table["all"] for r in reports.values()])
+    if len(seeds) > 1 and not pd.isna(agree):
+        pooled_r = spearman_brown(agree, len(seeds))
+        lines += [f"Noise ceiling on 'all': seeds agree at {agree:.2f}, so the mean of {len(seeds)} seeds has "
+                  f"reliability {pooled_r:.2f} (Spearman-Brown); were the proxy's expected ranking exactly the "
+                  f"paper's, training-seed noise alone would hold the pooled Spearman near sqrt({pooled_r:.2f}) = "
+                  f"{np.sqrt(max(pooled_r, 0.0)):.2f}.", ""]
+    pairs = pooled.inseparable()
+    lines += [f"Pairs of recipes the bootstrap cannot separate over all settings: {len(pairs)} of "
+              f"{len(table) * (len(table) - 1) // 2}." if pairs is not None else
+              "Pairs the bootstrap cannot separate: not computed (--bootstrap 0).", ""]
     return lines
+
+
+def seed_agreement(rankings: list[pd.Series]) -> float:
+    """Mean Spearman correlation between the average ranks of every pair of training seeds, each seed ranked alone.
+
+    The proxy's self-consistency: how well one training seed's ranking predicts another's. A proxy whose seeds
+    agree at 0.3 cannot be expected to predict the paper at 0.8 (NaN with fewer than two seeds).
+    """
+    rhos = []
+    for i, a in enumerate(rankings):
+        for b in rankings[i + 1:]:
+            both = pd.concat([a, b], axis=1).dropna()
+            if len(both) >= 3 and both.iloc[:, 0].nunique() > 1 and both.iloc[:, 1].nunique() > 1:
+                rhos.append(float(stats.spearmanr(both.iloc[:, 0], both.iloc[:, 1]).statistic))
+    return float(np.mean(rhos)) if rhos else float("nan")
+
+
+def spearman_brown(r: float, k: int) -> float:
+    """Reliability of the mean of k replicates whose pairwise agreement is r (Spearman-Brown prophecy)."""
+    return k * r / (1.0 + (k - 1) * r)
+
+
+def _fmt(value: float) -> str:
+    return "-" if pd.isna(value) else f"{value:.2f}"
 
 
 def _count(value) -> str:
     return "-" if pd.isna(value) else f"{int(value)} of 3"
-
-
-def _inseparable(report) -> str:
-    pairs = report.inseparable()
-    return "- (no bootstrap)" if pairs is None else str(len(pairs))
 
 
 def main(argv=None) -> int:

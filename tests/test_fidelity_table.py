@@ -1,7 +1,11 @@
 """scripts/fidelity_table.py (the README's fidelity-study command) on a synthetic sweep of Table 1 recipes."""
+import importlib.util
+import math
 import subprocess
 import sys
 from pathlib import Path
+
+import pandas as pd
 
 from src.ranking.synthetic import write_synthetic_sweep
 from src.ranking.tables import parse_markdown_table
@@ -23,10 +27,36 @@ def test_fidelity_table_per_rung_with_each_seed_alone(tmp_path):
     rows = parse_markdown_table(text)
     assert [r["column"] for r in rows] == ["all", "5 steps", "50 steps"]
     assert set(rows[0]) == {"column", "seeds pooled", "p", "90% interval (seeds and samples)", "seed 0 alone",
-                            "seed 1 alone", "paper's top 3 in our top 5"}
+                            "seed 1 alone", "seed vs seed", "paper's top 3 in our top 5"}
     for row in rows:
         assert -1.0 <= float(row["seeds pooled"]) <= 1.0 and row["90% interval (seeds and samples)"].startswith("[")
+        assert -1.0 <= float(row["seed vs seed"]) <= 1.0
     assert "Largest disagreements on 'all'" in text and "cannot separate over all settings" in text
+    assert "Noise ceiling on 'all': seeds agree at" in text and "mean of 2 seeds has reliability" in text
     bad = subprocess.run([sys.executable, "scripts/fidelity_table.py", str(sweep)], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "expected NAME=SWEEP_DIR" in bad.stderr
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("fidelity_table", ROOT / "scripts" / "fidelity_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_seed_agreement_is_the_mean_pairwise_spearman_between_seeds():
+    seed_agreement = _script().seed_agreement
+    a = pd.Series([1.0, 2.0, 3.0, 4.0], index=list("abcd"))
+    assert seed_agreement([a, a.copy()]) == 1.0
+    assert seed_agreement([a, a[::-1].set_axis(a.index)]) == -1.0
+    # Three seeds: pairs (a, a) 1.0, (a, r) -1.0, (a, r) -1.0 -> mean -1/3; only the recipes both rank count.
+    r = pd.Series([4.0, 3.0, 2.0, 1.0, 9.0], index=list("abcde"))
+    assert math.isclose(seed_agreement([a, a.copy(), r]), -1.0 / 3.0)
+    assert math.isnan(seed_agreement([a]))
+
+
+def test_spearman_brown():
+    spearman_brown = _script().spearman_brown
+    assert spearman_brown(0.5, 1) == 0.5 and spearman_brown(1.0, 3) == 1.0
+    assert math.isclose(spearman_brown(0.54, 3), 1.62 / 2.08)
