@@ -17,14 +17,13 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from src.ranking.aggregate import seed_order  # noqa: E402
+from src.ranking.agreement import noise_ceiling, spearman_brown  # noqa: E402
 from src.ranking.paper import COLUMNS  # noqa: E402
 from src.ranking.report import NoResultsError, build_report  # noqa: E402
 from src.utils.io import atomic_write_bytes  # noqa: E402
@@ -39,8 +38,7 @@ def rung_tables(name: str, sweep: Path, draws: int, seed: int) -> list[str]:
     """Markdown lines for one rung."""
     pooled = build_report([sweep], draws=draws, seed=seed)
     seeds = sorted(pooled.records["train_seed"].astype(str).unique(), key=seed_order)
-    reports = {s: build_report([sweep], draws=0, train_seeds=[s]) for s in seeds}
-    alone = {s: r.spearman.set_index("column") for s, r in reports.items()}
+    alone = {s: build_report([sweep], draws=0, train_seeds=[s]).spearman.set_index("column") for s in seeds}
     sp = pooled.spearman.set_index("column")
     n_runs = int((pooled.sweep.runs["status"] == "done").sum())
     head = ["column", "seeds pooled", "p", "90% interval (seeds and samples)",
@@ -52,7 +50,7 @@ def rung_tables(name: str, sweep: Path, draws: int, seed: int) -> list[str]:
         interval = f"[{row['lo']:.2f}, {row['hi']:.2f}]" if "lo" in sp and pd.notna(row.get("lo")) else "-"
         cells = [column, f"{row['spearman']:.2f}", f"{row['p_value']:.2f}", interval,
                  *[f"{alone[s].loc[column, 'spearman']:.2f}" for s in seeds],
-                 _fmt(seed_agreement([r.table[column] for r in reports.values()])),
+                 _fmt(pooled.seed_agreement.get(column, float("nan"))),
                  _count(row["paper top 3 in our top 5"])]
         lines.append("| " + " | ".join(cells) + " |")
     table = pooled.table
@@ -60,38 +58,17 @@ def rung_tables(name: str, sweep: Path, draws: int, seed: int) -> list[str]:
     gap = (ours - paper).dropna().sort_values(key=abs, ascending=False)
     lines += ["", "Largest disagreements on 'all' (our position - the paper's, among the recipes both rank): "
               + "; ".join(f"{r} {ours[r]:.0f} vs {paper[r]:.0f}" for r in gap.index[:5]) + ".", ""]
-    agree = seed_agreement([r.table["all"] for r in reports.values()])
+    agree = pooled.seed_agreement.get("all", float("nan"))
     if len(seeds) > 1 and not pd.isna(agree):
-        pooled_r = spearman_brown(agree, len(seeds))
         lines += [f"Noise ceiling on 'all': seeds agree at {agree:.2f}, so the mean of {len(seeds)} seeds has "
-                  f"reliability {pooled_r:.2f} (Spearman-Brown); were the proxy's expected ranking exactly the "
-                  f"paper's, training-seed noise alone would hold the pooled Spearman near sqrt({pooled_r:.2f}) = "
-                  f"{np.sqrt(max(pooled_r, 0.0)):.2f}.", ""]
+                  f"reliability {spearman_brown(agree, len(seeds)):.2f} (Spearman-Brown); were the proxy's expected "
+                  f"ranking exactly the paper's, training-seed noise alone would hold the pooled Spearman near "
+                  f"{_fmt(noise_ceiling(agree, len(seeds)))}.", ""]
     pairs = pooled.inseparable()
     lines += [f"Pairs of recipes the bootstrap cannot separate over all settings: {len(pairs)} of "
               f"{len(table) * (len(table) - 1) // 2}." if pairs is not None else
               "Pairs the bootstrap cannot separate: not computed (--bootstrap 0).", ""]
     return lines
-
-
-def seed_agreement(rankings: list[pd.Series]) -> float:
-    """Mean Spearman correlation between the average ranks of every pair of training seeds, each seed ranked alone.
-
-    The proxy's self-consistency: how well one training seed's ranking predicts another's. A proxy whose seeds
-    agree at 0.3 cannot be expected to predict the paper at 0.8 (NaN with fewer than two seeds).
-    """
-    rhos = []
-    for i, a in enumerate(rankings):
-        for b in rankings[i + 1:]:
-            both = pd.concat([a, b], axis=1).dropna()
-            if len(both) >= 3 and both.iloc[:, 0].nunique() > 1 and both.iloc[:, 1].nunique() > 1:
-                rhos.append(float(stats.spearmanr(both.iloc[:, 0], both.iloc[:, 1]).statistic))
-    return float(np.mean(rhos)) if rhos else float("nan")
-
-
-def spearman_brown(r: float, k: int) -> float:
-    """Reliability of the mean of k replicates whose pairwise agreement is r (Spearman-Brown prophecy)."""
-    return k * r / (1.0 + (k - 1) * r)
 
 
 def _fmt(value: float) -> str:

@@ -1,11 +1,7 @@
 """scripts/fidelity_table.py (the README's fidelity-study command) on a synthetic sweep of Table 1 recipes."""
-import importlib.util
-import math
 import subprocess
 import sys
 from pathlib import Path
-
-import pandas as pd
 
 from src.ranking.synthetic import write_synthetic_sweep
 from src.ranking.tables import parse_markdown_table
@@ -37,26 +33,3 @@ def test_fidelity_table_per_rung_with_each_seed_alone(tmp_path):
                          text=True, timeout=120)
     assert bad.returncode == 2 and "expected NAME=SWEEP_DIR" in bad.stderr
 
-
-def _script():
-    spec = importlib.util.spec_from_file_location("fidelity_table", ROOT / "scripts" / "fidelity_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_seed_agreement_is_the_mean_pairwise_spearman_between_seeds():
-    seed_agreement = _script().seed_agreement
-    a = pd.Series([1.0, 2.0, 3.0, 4.0], index=list("abcd"))
-    assert seed_agreement([a, a.copy()]) == 1.0
-    assert seed_agreement([a, a[::-1].set_axis(a.index)]) == -1.0
-    # Three seeds: pairs (a, a) 1.0, (a, r) -1.0, (a, r) -1.0 -> mean -1/3; only the recipes both rank count.
-    r = pd.Series([4.0, 3.0, 2.0, 1.0, 9.0], index=list("abcde"))
-    assert math.isclose(seed_agreement([a, a.copy(), r]), -1.0 / 3.0)
-    assert math.isnan(seed_agreement([a]))
-
-
-def test_spearman_brown():
-    spearman_brown = _script().spearman_brown
-    assert spearman_brown(0.5, 1) == 0.5 and spearman_brown(1.0, 3) == 1.0
-    assert math.isclose(spearman_brown(0.54, 3), 1.62 / 2.08)

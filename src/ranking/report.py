@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -24,6 +24,7 @@ from src.ranking.aggregate import (
     describe_column, describe_fifty_step, load_sweep, missing_settings, pool_seeds, rank_table, restrict_sampler,
     restrict_train_seeds, seed_counts, setting_groups, setting_label,
 )
+from src.ranking.agreement import noise_ceiling, seed_agreement, spearman_brown
 from src.ranking.bootstrap import RankBootstrap, bootstrap_ranks, inseparable_pairs
 from src.ranking.paper import COLUMNS, paper_ranks, spearman_vs_paper
 from src.ranking.samples import sample_figures
@@ -66,6 +67,7 @@ class RankReport:
     max_seeds: int
     train_seeds: list[str] | None = None  # --train-seeds: the training seeds ranked (None: all, pooled)
     by_sweep: bool = False  # --by-sweep: entries qualified by their sweep directory's name
+    seed_agreement: dict[str, float] = field(default_factory=dict)  # column -> mean Spearman between seeds alone
 
     def inseparable(self) -> list[tuple[str, str, float]] | None:
         """Pairs of entries the bootstrap cannot separate over all settings (None without a bootstrap)."""
@@ -129,13 +131,29 @@ def build_report(
     spearman = spearman_vs_paper(table[list(COLUMNS)])
     if boot is not None:
         spearman = spearman.merge(boot.spearman, on="column", how="left")
+    agreement = seed_agreements(records, fifty_step_cfg)
+    spearman["seed agreement"] = spearman["column"].map(agreement)
     return RankReport(
         sweep=sweep, records=records, ranked=ranked, table=table, n_settings=n_settings, missing=missing,
         spearman=spearman, fifty_step_note=describe_fifty_step(ranked, fifty_step_cfg), bootstrap=boot,
         draws=int(draws), seed=seed, column_notes={c: describe_column(ranked, groups[c]) for c in COLUMNS},
         sampler_note=_sampler_note(sweep.records, sampler), max_seeds=int(seeds["seeds"].max()),
         train_seeds=None if train_seeds is None else [str(s) for s in train_seeds], by_sweep=by_sweep,
+        seed_agreement=agreement,
     )
+
+
+def seed_agreements(records: pd.DataFrame, fifty_step_cfg=None) -> dict[str, float]:
+    """Per column, the mean Spearman correlation between the average ranks of every pair of training seeds, each
+    seed ranked alone (src/ranking/agreement.py); NaN with fewer than two seeds."""
+    seeds = sorted(records["train_seed"].astype(str).unique())
+    if len(seeds) < 2:
+        return {c: math.nan for c in COLUMNS}
+    tables = []
+    for s in seeds:
+        ranked = rank_table(pool_seeds(records[records["train_seed"].astype(str) == s]))
+        tables.append(average_ranks(ranked, setting_groups(ranked, fifty_step_cfg)))
+    return {c: seed_agreement([t[c] for t in tables if c in t]) for c in COLUMNS}
 
 
 def _sampler_note(records: pd.DataFrame, sampler: str | None) -> str:
@@ -259,6 +277,7 @@ def notes(report: RankReport) -> list[str]:
         *[f"{c} column: {report.column_notes[c]}." for c in COLUMNS[:2]],
         f"{report.fifty_step_note[:-1]} ({report.column_notes['50 steps']}).",
         _seed_note(report),
+        *_agreement_note(report),
         report.sampler_note,
     ]
     if report.by_sweep:
@@ -317,6 +336,23 @@ def _seed_note(report: RankReport) -> str:
         text += f"; restricted to training seed{'s' * (len(report.train_seeds) != 1)} " \
                 f"{', '.join(report.train_seeds)} (--train-seeds)"
     return text + "."
+
+
+def _agreement_note(report: RankReport) -> list[str]:
+    """How well the training seeds, each ranked alone, agree: the study's self-consistency (none with one seed)."""
+    agree = report.seed_agreement
+    if not agree or all(math.isnan(v) for v in agree.values()):
+        return []
+    k = report.max_seeds
+    text = ("Seed agreement (each training seed ranked alone; mean Spearman over pairs of seeds): "
+            + ", ".join(f"{c} {v:.2f}" for c, v in agree.items() if not math.isnan(v)))
+    r = agree.get("all", math.nan)
+    if not math.isnan(r) and k > 1:
+        ceiling = noise_ceiling(r, k)
+        text += (f"; the {k}-seed mean ranked here has reliability {spearman_brown(r, k):.2f} on 'all' "
+                 "(Spearman-Brown)" + (f", so seed noise alone holds its correlation with a noise-free reference "
+                                       f"near {ceiling:.2f}" if not math.isnan(ceiling) else ""))
+    return [text + "."]
 
 
 def spearman_line(spearman: pd.DataFrame) -> str:
