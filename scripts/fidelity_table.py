@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -58,6 +59,9 @@ def rung_tables(name: str, sweep: Path, draws: int, seed: int) -> list[str]:
     gap = (ours - paper).dropna().sort_values(key=abs, ascending=False)
     lines += ["", "Largest disagreements on 'all' (our position - the paper's, among the recipes both rank): "
               + "; ".join(f"{r} {ours[r]:.0f} vs {paper[r]:.0f}" for r in gap.index[:5]) + ".", ""]
+    lines += ["Spearman on 'all' leaving out one parameterisation (which family drives the disagreement): "
+              + "; ".join(f"without {g} ({n} recipe{'s' * (n != 1)}) {_fmt(rho)}" for g, n, rho in leave_one_family_out(pooled))
+              + ".", ""]
     agree = pooled.seed_agreement.get("all", float("nan"))
     if len(seeds) > 1 and not pd.isna(agree):
         lines += [f"Noise ceiling on 'all': seeds agree at {agree:.2f}, so the mean of {len(seeds)} seeds has "
@@ -69,6 +73,23 @@ def rung_tables(name: str, sweep: Path, draws: int, seed: int) -> list[str]:
               f"{len(table) * (len(table) - 1) // 2}." if pairs is not None else
               "Pairs the bootstrap cannot separate: not computed (--bootstrap 0).", ""]
     return lines
+
+
+def parameterisation(family: str) -> str:
+    """The prediction target of a recipe family: rf, eps, v or edm (edm_cos and edm_rf are EDM-preconditioned)."""
+    return str(family).split("_")[0]
+
+
+def leave_one_family_out(report) -> list[tuple[str, int, float]]:
+    """(parameterisation, recipes left out, Spearman of 'all' with Table 1 over the remaining recipes)."""
+    family = report.records.drop_duplicates("entry").set_index("entry")["family"].map(parameterisation)
+    both = pd.concat([report.table["all"], report.table["paper all"], family.rename("group")], axis=1).dropna()
+    out = []
+    for group in sorted(both["group"].unique()):
+        rest = both[both["group"] != group]
+        rho = stats.spearmanr(rest["all"], rest["paper all"]).statistic if len(rest) >= 3 else float("nan")
+        out.append((group, int((both["group"] == group).sum()), float(rho)))
+    return out
 
 
 def _fmt(value: float) -> str:

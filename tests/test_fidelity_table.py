@@ -28,6 +28,9 @@ def test_fidelity_table_per_rung_with_each_seed_alone(tmp_path):
         assert -1.0 <= float(row["seeds pooled"]) <= 1.0 and row["90% interval (seeds and samples)"].startswith("[")
         assert -1.0 <= float(row["seed vs seed"]) <= 1.0
     assert "Largest disagreements on 'all'" in text and "cannot separate over all settings" in text
+    assert "leaving out one parameterisation" in text
+    for family in ("edm", "eps", "rf", "v"):  # one recipe each here: 3 left, a Spearman for each
+        assert f"without {family} (1 recipe) " in text and f"without {family} (1 recipe) -," not in text
     assert "Noise ceiling on 'all': seeds agree at" in text and "mean of 2 seeds has reliability" in text
     bad = subprocess.run([sys.executable, "scripts/fidelity_table.py", str(sweep)], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
