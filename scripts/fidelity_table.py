@@ -60,7 +60,8 @@ def rung_tables(name: str, sweep: Path, draws: int, seed: int) -> list[str]:
     lines += ["", "Largest disagreements on 'all' (our position - the paper's, among the recipes both rank): "
               + "; ".join(f"{r} {ours[r]:.0f} vs {paper[r]:.0f}" for r in gap.index[:5]) + ".", ""]
     lines += ["Spearman on 'all' leaving out one parameterisation (which family drives the disagreement): "
-              + "; ".join(f"without {g} ({n} recipe{'s' * (n != 1)}) {_fmt(rho)}" for g, n, rho in leave_one_family_out(pooled))
+              + "; ".join(f"without {g} ({n} recipe{'s' * (n != 1)}) {_fmt(rho)}"
+                          for g, n, rho in leave_one_family_out(pooled))
               + ".", ""]
     agree = pooled.seed_agreement.get("all", float("nan"))
     if len(seeds) > 1 and not pd.isna(agree):
