@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from src.ranking.aggregate import seed_order  # noqa: E402
 from src.ranking.agreement import noise_ceiling, spearman_brown  # noqa: E402
-from src.ranking.paper import COLUMNS  # noqa: E402
+from src.ranking.paper import COLUMNS, spearman_vs_paper  # noqa: E402
 from src.ranking.report import NoResultsError, build_report  # noqa: E402
 from src.utils.io import atomic_write_bytes  # noqa: E402
 
@@ -39,7 +39,9 @@ def rung_tables(name: str, sweep: Path, draws: int, seed: int) -> list[str]:
     """Markdown lines for one rung."""
     pooled = build_report([sweep], draws=draws, seed=seed)
     seeds = sorted(pooled.records["train_seed"].astype(str).unique(), key=seed_order)
-    alone = {s: build_report([sweep], draws=0, train_seeds=[s]).spearman.set_index("column") for s in seeds}
+    # Each seed alone, as --train-seeds S would rank it (one seed: alone is the pooled report).
+    per_seed = pooled.seed_ranks or {seeds[0]: pooled.table}
+    alone = {s: spearman_vs_paper(per_seed[s][list(COLUMNS)]).set_index("column") for s in seeds}
     sp = pooled.spearman.set_index("column")
     n_runs = int((pooled.sweep.runs["status"] == "done").sum())
     head = ["column", "seeds pooled", "p", "90% interval (seeds and samples)",
@@ -64,7 +66,7 @@ def rung_tables(name: str, sweep: Path, draws: int, seed: int) -> list[str]:
                           for g, n, rho in leave_one_family_out(pooled))
               + ".", ""]
     agree = pooled.seed_agreement.get("all", float("nan"))
-    if len(seeds) > 1 and not pd.isna(agree):
+    if not pd.isna(agree):
         lines += [f"Noise ceiling on 'all': seeds agree at {agree:.2f}, so the mean of {len(seeds)} seeds has "
                   f"reliability {spearman_brown(agree, len(seeds)):.2f} (Spearman-Brown); were the proxy's expected "
                   f"ranking exactly the paper's, training-seed noise alone would hold the pooled Spearman near "

@@ -22,7 +22,7 @@ import pandas as pd
 from src.ranking.aggregate import (
     LEGACY_SAMPLER, SETTING_KEY, Sweep, average_ranks, check_eval_settings, check_fid_features, check_sweep_overlap,
     describe_column, describe_fifty_step, load_sweep, missing_settings, pool_seeds, rank_table, restrict_sampler,
-    restrict_train_seeds, seed_counts, setting_groups, setting_label,
+    restrict_train_seeds, seed_counts, seed_order, setting_groups, setting_label,
 )
 from src.ranking.agreement import noise_ceiling, seed_agreement, spearman_brown
 from src.ranking.bootstrap import RankBootstrap, bootstrap_ranks, inseparable_pairs
@@ -67,7 +67,13 @@ class RankReport:
     max_seeds: int
     train_seeds: list[str] | None = None  # --train-seeds: the training seeds ranked (None: all, pooled)
     by_sweep: bool = False  # --by-sweep: entries qualified by their sweep directory's name
-    seed_agreement: dict[str, float] = field(default_factory=dict)  # column -> mean Spearman between seeds alone
+    seed_ranks: dict[str, pd.DataFrame] = field(default_factory=dict)  # training seed -> its average ranks, alone
+
+    @property
+    def seed_agreement(self) -> dict[str, float]:
+        """Per column, the mean Spearman correlation between the seeds' own average ranks (NaN with one seed)."""
+        tables = list(self.seed_ranks.values())
+        return {c: seed_agreement([t[c] for t in tables if c in t]) if len(tables) > 1 else math.nan for c in COLUMNS}
 
     def inseparable(self) -> list[tuple[str, str, float]] | None:
         """Pairs of entries the bootstrap cannot separate over all settings (None without a bootstrap)."""
@@ -131,29 +137,30 @@ def build_report(
     spearman = spearman_vs_paper(table[list(COLUMNS)])
     if boot is not None:
         spearman = spearman.merge(boot.spearman, on="column", how="left")
-    agreement = seed_agreements(records, fifty_step_cfg)
-    spearman["seed agreement"] = spearman["column"].map(agreement)
-    return RankReport(
+    seed_ranks = ranks_per_seed(records, fifty_step_cfg)
+    report = RankReport(
         sweep=sweep, records=records, ranked=ranked, table=table, n_settings=n_settings, missing=missing,
         spearman=spearman, fifty_step_note=describe_fifty_step(ranked, fifty_step_cfg), bootstrap=boot,
         draws=int(draws), seed=seed, column_notes={c: describe_column(ranked, groups[c]) for c in COLUMNS},
         sampler_note=_sampler_note(sweep.records, sampler), max_seeds=int(seeds["seeds"].max()),
         train_seeds=None if train_seeds is None else [str(s) for s in train_seeds], by_sweep=by_sweep,
-        seed_agreement=agreement,
+        seed_ranks=seed_ranks,
     )
+    report.spearman["seed agreement"] = report.spearman["column"].map(report.seed_agreement)
+    return report
 
 
-def seed_agreements(records: pd.DataFrame, fifty_step_cfg=None) -> dict[str, float]:
-    """Per column, the mean Spearman correlation between the average ranks of every pair of training seeds, each
-    seed ranked alone (src/ranking/agreement.py); NaN with fewer than two seeds."""
-    seeds = sorted(records["train_seed"].astype(str).unique())
+def ranks_per_seed(records: pd.DataFrame, fifty_step_cfg=None) -> dict[str, pd.DataFrame]:
+    """Each training seed ranked alone (what --train-seeds S gives): seed -> average ranks per entry and column.
+    Empty with fewer than two seeds: alone is then the same as pooled."""
+    seeds = sorted(records["train_seed"].astype(str).unique(), key=seed_order)
     if len(seeds) < 2:
-        return {c: math.nan for c in COLUMNS}
-    tables = []
+        return {}
+    out = {}
     for s in seeds:
         ranked = rank_table(pool_seeds(records[records["train_seed"].astype(str) == s]))
-        tables.append(average_ranks(ranked, setting_groups(ranked, fifty_step_cfg)))
-    return {c: seed_agreement([t[c] for t in tables if c in t]) for c in COLUMNS}
+        out[s] = average_ranks(ranked, setting_groups(ranked, fifty_step_cfg))
+    return out
 
 
 def _sampler_note(records: pd.DataFrame, sampler: str | None) -> str:
