@@ -8,7 +8,9 @@ report (src.ranking.report: seeds pooled as replicates, bootstrap over seeds and
 training seed alone (--train-seeds), and prints per column: Spearman with Table 1, its interval, each seed alone,
 the mean Spearman between the seeds' own rankings (seed vs seed: the proxy's self-consistency), and how many of the
 paper's top 3 are in our top 5; then the recipes that disagree most with the paper (the gap between our position
-and the paper's among the recipes both rank). Nothing is written unless --out is given.
+and the paper's among the recipes both rank), the Spearman leaving out one parameterisation, and each recipe's
+average rank with each dataset ranked alone (which dataset carries the agreement, and whether its seeds agree).
+Nothing is written unless --out is given.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from scipy import stats
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from src.ranking.aggregate import seed_order  # noqa: E402
-from src.ranking.agreement import noise_ceiling, spearman_brown  # noqa: E402
+from src.ranking.aggregate import average_ranks, pool_seeds, rank_table, seed_order, setting_groups  # noqa: E402
+from src.ranking.agreement import noise_ceiling, seed_agreement, spearman_brown  # noqa: E402
 from src.ranking.paper import COLUMNS, spearman_vs_paper  # noqa: E402
-from src.ranking.report import NoResultsError, build_report  # noqa: E402
+from src.ranking.report import NoResultsError, build_report, ranks_per_seed  # noqa: E402
 from src.utils.io import atomic_write_bytes  # noqa: E402
 
 
@@ -65,6 +67,7 @@ def rung_tables(name: str, sweep: Path, draws: int, seed: int) -> list[str]:
               + "; ".join(f"without {g} ({n} recipe{'s' * (n != 1)}) {_fmt(rho)}"
                           for g, n, rho in leave_one_family_out(pooled))
               + ".", ""]
+    lines += dataset_table(pooled)
     agree = pooled.seed_agreement.get("all", float("nan"))
     if not pd.isna(agree):
         lines += [f"Noise ceiling on 'all': seeds agree at {agree:.2f}, so the mean of {len(seeds)} seeds has "
@@ -93,6 +96,42 @@ def leave_one_family_out(report) -> list[tuple[str, int, float]]:
         rho = stats.spearmanr(rest["all"], rest["paper all"]).statistic if len(rest) >= 3 else float("nan")
         out.append((group, int((both["group"] == group).sum()), float(rho)))
     return out
+
+
+def per_dataset(report) -> dict[str, tuple[pd.DataFrame, float]]:
+    """dataset -> (average ranks per column with that dataset's settings ranked alone, seed agreement on 'all').
+
+    The paper averages ranks over both of its datasets; a proxy dataset whose ranking disagrees with the paper's on
+    its own, or whose seeds disagree with each other, shows which half of the proxy misleads the pooled ranking."""
+    out = {}
+    for dataset in sorted(report.records["dataset"].unique()):
+        records = report.records[report.records["dataset"] == dataset]
+        ranked = rank_table(pool_seeds(records))
+        seeds = ranks_per_seed(records)
+        agree = seed_agreement([t["all"] for t in seeds.values()]) if seeds else float("nan")
+        out[str(dataset)] = (average_ranks(ranked, setting_groups(ranked, None)), agree)
+    return out
+
+
+def dataset_table(report) -> list[str]:
+    """Markdown: each recipe's average rank on 'all' per dataset alone, pooled and in the paper, with the Spearman of
+    each column with the paper's and the seeds' agreement."""
+    datasets = per_dataset(report)
+    if len(datasets) < 2:
+        return []
+    ranks = pd.concat({d: t["all"] for d, (t, _) in datasets.items()}, axis=1)
+    ranks["both"], ranks["paper"] = report.table["all"], report.table["paper all"]
+    ranks = ranks.sort_values("paper", na_position="last")
+    head = ["recipe", *[f"{d} alone" for d in datasets], "both (the report)", "paper"]
+    lines = ["Average rank on 'all' with each dataset's settings ranked alone (which dataset carries the agreement):",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join([str(r), *[_fmt(v) for v in row]]) + " |" for r, row in ranks.iterrows()]
+    rho = [spearman_vs_paper(ranks[[c]].rename(columns={c: "all"})).set_index("column").loc["all", "spearman"]
+           for c in ranks.columns[:-1]]
+    lines.append("| Spearman with the paper | " + " | ".join(_fmt(v) for v in rho) + " | |")
+    lines.append("| seed vs seed | " + " | ".join(_fmt(a) for _, a in datasets.values())
+                 + f" | {_fmt(report.seed_agreement.get('all', float('nan')))} | |")
+    return lines + [""]
 
 
 def _fmt(value: float) -> str:

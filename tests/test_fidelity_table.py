@@ -31,6 +31,16 @@ def test_fidelity_table_per_rung_with_each_seed_alone(tmp_path):
     assert "leaving out one parameterisation" in text
     for family in ("edm", "eps", "rf", "v"):  # one recipe each here: 3 left, a Spearman for each
         assert f"without {family} (1 recipe) " in text and f"without {family} (1 recipe) -," not in text
+    # Each dataset ranked alone: one row per recipe, then the Spearman and the seeds' agreement per dataset.
+    assert "with each dataset's settings ranked alone" in text
+    datasets = parse_markdown_table(text[text.index("| recipe | digits alone"):])
+    assert [r["recipe"] for r in datasets[:len(RECIPES)]] == list(RECIPES)  # in the paper's order
+    assert set(datasets[0]) == {"recipe", "digits alone", "shapes alone", "both (the report)", "paper"}
+    assert [r["recipe"] for r in datasets[len(RECIPES):]] == ["Spearman with the paper", "seed vs seed"]
+    assert datasets[-2]["both (the report)"] == rows[0]["seeds pooled"]  # the pooled column is the report's
+    assert datasets[-1]["both (the report)"] == rows[0]["seed vs seed"]
+    for column in ("digits alone", "shapes alone"):
+        assert -1.0 <= float(datasets[-2][column]) <= 1.0 and -1.0 <= float(datasets[-1][column]) <= 1.0
     assert "Noise ceiling on 'all': seeds agree at" in text and "mean of 2 seeds has reliability" in text
     bad = subprocess.run([sys.executable, "scripts/fidelity_table.py", str(sweep)], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
