@@ -11,7 +11,8 @@ import torch
 from hydra import compose, initialize_config_module
 
 from src.config import register_resolvers
-from src.data.shards import ShardSamples, load_eval_set, write_shards
+from src.data import shards as shards_lib
+from src.data.shards import INDEX_FILE, ShardSamples, build_index, load_eval_set, load_index, write_shards
 from src.training.datamodule import ShardDataModule, StepIndexedBatches, StepLoader
 from src.training.job import run_job
 
@@ -149,4 +150,38 @@ def test_shards_with_pax_headers_are_indexed_too(folders, tmp_path):
             member.pax_headers = {"comment": "written elsewhere"}
             new.addfile(member, io.BytesIO(data))
     idx = torch.arange(N)
+    assert load_index(copy, shards_lib.shard_paths(copy)) is None  # the copied index no longer fits that shard
     assert_same_batches([ShardSamples(copy).batch(idx)], [ShardSamples(folders / "train").batch(idx)], 1)
+
+
+def test_the_writer_indexes_the_samples_so_streaming_starts_without_reading_tar_headers(folders, monkeypatch):
+    """index.npz (written before meta.json) is what the header scan would find; with it no header is read."""
+    train = folders / "train"
+    paths = shards_lib.shard_paths(train)
+    index, scanned = load_index(train, paths), build_index(paths)
+    assert index is not None and index.keys() == scanned.keys()
+    for key in index:
+        assert (index[key] == scanned[key]).all(), key
+    monkeypatch.setattr(shards_lib, "_scan_tar", lambda path: pytest.fail(f"read the headers of {path}"))
+    idx = torch.tensor([52, 0, 9, 10, 10, 31])
+    assert_same_batches([ShardSamples(train).batch(idx)], [{k: v[idx] for k, v in in_memory(train).items()}], 1)
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "foreign"])
+def test_a_folder_without_a_usable_index_is_scanned(folders, tmp_path, damage):
+    """Folders written before index.npz existed, or whose index is damaged, read the tar headers instead."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folders / "train", copy)
+    index = copy / INDEX_FILE
+    if damage == "missing":
+        index.unlink()
+    elif damage == "truncated":
+        index.write_bytes(index.read_bytes()[:100])
+    else:
+        import numpy as np
+        np.savez(index, something=np.zeros(3))
+    assert load_index(copy, shards_lib.shard_paths(copy)) is None
+    idx = torch.arange(N)
+    assert_same_batches([ShardSamples(copy).batch(idx)], [in_memory(folders / "train")], 1)

@@ -3,8 +3,9 @@
 One format for the embedded pixel-space data and for real precomputed autoencoder latents. Per sample:
 `latent.npy` float16 (C, H, W), `context.npy` float16 (L, D_ctx), `pooled.npy` float16 (D_vec,), `txt` (caption),
 `json` (extras, e.g. label). The folder's `meta.json` is written last and carries `complete: true`; a folder
-without it is incomplete and is rebuilt by whoever prepares it. Latents are normalised by one global mean and
-std (docs/data.md#pixels-and-latents) when read.
+without it is incomplete and is rebuilt by whoever prepares it. Just before it, `index.npz` records where every
+sample's members lie in its shard, so that streaming starts without reading the tar headers again. Latents are
+normalised by one global mean and std (docs/data.md#pixels-and-latents) when read.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import re
 import shutil
 import time
+import zipfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -23,9 +25,10 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from src.utils.io import atomic_write_json, temp_sibling
+from src.utils.io import atomic_write_json, load_npz, save_npz, temp_sibling
 
 META_FILE = "meta.json"
+INDEX_FILE = "index.npz"  # the byte offsets of every sample (ShardSamples); optional: a folder without one is scanned
 SHARD_PATTERN = "shard-{:06d}.tar"
 SHARD_GLOB = "shard-*.tar"
 FORMAT_VERSION = 1
@@ -107,8 +110,9 @@ def shard_paths(shard_dir: str | Path) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------
 
 def _is_shard_folder_entry(name: str) -> bool:
-    """Whether a file name is one a ShardWriter creates (shards, meta.json, their temporaries)."""
-    return name == META_FILE or re.fullmatch(r"\.?(shard-\d{6}\.tar|meta\.json)(\.[0-9a-f]{32}\.tmp)?", name) is not None
+    """Whether a file name is one a ShardWriter creates (shards, meta.json, index.npz, their temporaries)."""
+    return re.fullmatch(r"\.?(shard-\d{6}\.tar|meta\.json|index\.npz)(\.([0-9a-f]{32}|[0-9a-z_]{8})\.tmp)?",
+                        name) is not None
 
 
 class ShardWriter:
@@ -161,6 +165,8 @@ class ShardWriter:
                 self._tmp_path.unlink(missing_ok=True)
             return
         self._finish_shard()
+        if self.count:  # (none: _write_meta refuses the folder)
+            save_npz(self.shard_dir / INDEX_FILE, **build_index([str(self.shard_dir / n) for n in self.shards]))
         self._write_meta()
 
     def write(self, latent, context, pooled, caption: str, extras: dict | None = None) -> None:
@@ -377,41 +383,69 @@ def _scan_tar_slow(path: str) -> list[tuple[str, str, int, int]]:
         return [(*m.name.partition(".")[::2], m.offset_data, m.size) for m in tar if m.isfile()]
 
 
+def build_index(paths: Sequence[str]) -> dict[str, np.ndarray]:
+    """Where each sample's training members lie, from the shards' tar headers (about 3 header reads per sample).
+
+    shard (N,) int32 and start (N,) int64: the shard and byte offset of sample i's first member; rel and size
+    (k, 3): the members' offsets from that start and their sizes, one row per sample, or a single row when every
+    sample shares the layout (ShardWriter's do: 12 bytes a sample in all, 150 MB for 12M samples); shard_bytes:
+    each shard's file size, which load_index checks.
+    """
+    shard_ids, offsets, sizes = [], [], []
+    for s, path in enumerate(paths):
+        by_key: dict[str, dict[str, tuple[int, int]]] = {}
+        for key, ext, offset, size in _scan_tar(path):
+            by_key.setdefault(key, {})[ext] = (offset, size)
+        for key, members in by_key.items():  # dicts keep insertion order: writing order
+            missing = [m for m in TRAIN_MEMBERS if m not in members]
+            if missing:
+                raise ValueError(f"{path}: sample {key} lacks {', '.join(missing)}; not a training shard")
+            shard_ids.append(s)
+            offsets.append([members[m][0] for m in TRAIN_MEMBERS])
+            sizes.append([members[m][1] for m in TRAIN_MEMBERS])
+    offset = np.asarray(offsets, dtype=np.int64).reshape(-1, len(TRAIN_MEMBERS))
+    size = np.asarray(sizes, dtype=np.int64).reshape(-1, len(TRAIN_MEMBERS))
+    start = offset[:, 0].copy()
+    rel = offset - start[:, None]
+    uniform = len(rel) > 0 and (rel == rel[0]).all() and (size == size[0]).all()
+    return {"shard": np.asarray(shard_ids, dtype=np.int32), "start": start,
+            "rel": rel[:1] if uniform else rel, "size": size[:1] if uniform else size,
+            "shard_bytes": np.asarray([os.path.getsize(p) for p in paths], dtype=np.int64)}
+
+
+def load_index(shard_dir: str | Path, paths: Sequence[str]) -> dict[str, np.ndarray] | None:
+    """The folder's index.npz when it describes these shards (one entry per shard, each of the recorded size);
+    None when there is none, it is unreadable, or a shard was rewritten since (the caller scans the headers)."""
+    try:
+        index = load_npz(Path(shard_dir) / INDEX_FILE)
+        recorded = index["shard_bytes"]
+        if len(recorded) != len(paths) or any(int(b) != os.path.getsize(p) for b, p in zip(recorded, paths)):
+            return None
+        if index["rel"].shape[1:] != (len(TRAIN_MEMBERS),) or len(index["shard"]) != len(index["start"]):
+            return None
+        return index
+    except (OSError, KeyError, ValueError, IndexError, EOFError, zipfile.BadZipFile):  # missing, truncated, foreign
+        return None
+
+
 class ShardSamples:
     """Sample i of a shard folder (writing order, as load_eval_set numbers them), read on demand.
 
-    The tar headers are scanned once (about 3 header reads per sample, no data read); afterwards a sample costs one
-    read of its contiguous latent, context and pooled members. Picklable and fork-safe: each process opens the
-    shard files itself.
+    Where each sample lies comes from the folder's index.npz (ShardWriter writes it), else from one scan of the tar
+    headers (build_index); afterwards a sample costs one read of its contiguous latent, context and pooled members.
+    Picklable and fork-safe: each process opens the shard files itself.
     """
 
     def __init__(self, shard_dir: str | Path):
         self.meta = read_meta(shard_dir)
         self.paths = shard_paths(shard_dir)
-        shard_ids, offsets, sizes = [], [], []
-        for s, path in enumerate(self.paths):
-            by_key: dict[str, dict[str, tuple[int, int]]] = {}
-            for key, ext, offset, size in _scan_tar(path):
-                by_key.setdefault(key, {})[ext] = (offset, size)
-            for key, members in by_key.items():  # dicts keep insertion order: writing order
-                missing = [m for m in TRAIN_MEMBERS if m not in members]
-                if missing:
-                    raise ValueError(f"{path}: sample {key} lacks {', '.join(missing)}; not a training shard")
-                shard_ids.append(s)
-                offsets.append([members[m][0] for m in TRAIN_MEMBERS])
-                sizes.append([members[m][1] for m in TRAIN_MEMBERS])
-        if len(shard_ids) != self.meta["count"]:
-            raise ValueError(f"shard folder {shard_dir}: the shards hold {len(shard_ids)} samples, "
+        index = load_index(shard_dir, self.paths)
+        if index is None:  # written before index.npz existed, or the shards changed since: read the headers
+            index = build_index(self.paths)
+        if len(index["shard"]) != self.meta["count"]:
+            raise ValueError(f"shard folder {shard_dir}: the shards hold {len(index['shard'])} samples, "
                              f"meta.json says {self.meta['count']}; rebuild the folder")
-        self.shard = np.asarray(shard_ids, dtype=np.int32)
-        offset = np.asarray(offsets, dtype=np.int64).reshape(-1, len(TRAIN_MEMBERS))
-        size = np.asarray(sizes, dtype=np.int64).reshape(-1, len(TRAIN_MEMBERS))
-        # Every sample has the same shapes, so ShardWriter's samples share one layout: keep one start per sample
-        # (12 bytes a sample in all, 150 MB for 12M samples) and the layout once.
-        self.start = offset[:, 0].copy()
-        rel = offset - self.start[:, None]
-        uniform = (rel == rel[0]).all() and (size == size[0]).all()
-        self.rel, self.size = (rel[:1], size[:1]) if uniform else (rel, size)
+        self.shard, self.start, self.rel, self.size = (index[k] for k in ("shard", "start", "rel", "size"))
         self.collate = Collate(self.meta["latent_mean"], self.meta["latent_std"])
         self._files: dict[int, int] = {}
         self._pid = -1
