@@ -155,7 +155,8 @@ Slowest streaming mode: {worst:.3f} of in-memory speed (target: at least 0.90).
 
 {args.real_samples} random samples of 4 x 32 x 32 latents, 154 x 4096 contexts, 2048 pooled (float16, 1.3 MB each) in
 shards of 64 (written in {write_s:.1f} s; ShardSamples ready to read in {scan_s * 1000:.1f} ms, from index.npz).
-ShardSamples reading the global batches (32) of consecutive steps, random access, one process, median of 3 runs of 8 batches: **{read:.0f} samples/s**.
+ShardSamples reading the global batches (32) of consecutive steps, random access, one process, median of 3 runs of
+8 batches: **{read:.0f} samples/s**.
 
 The d = 24 model consumes {D24_SAMPLES_PER_S} samples/s per H100 (bench/results/shard_read.md: 296.7 ms per step at
 batch 32; the paper's batch 1024 over 8 GPUs is 128 per GPU and step). One reading process here delivers
@@ -173,8 +174,8 @@ shards of 1000 (the files just written, so in the page cache; medians of 3):
 
 The index is {header_s / index_s:.0f}x faster here; for ImageNet's 1.28M samples that is
 {header_s / args.index_samples * 1.28e6:.0f} s of header reads per rank against
-{index_s / args.index_samples * 1.28e6:.1f} s, and on a network file system each header read is a round trip (the scan reads about 3 headers of 512 bytes per
-sample, the index one file).
+{index_s / args.index_samples * 1.28e6:.1f} s, and on a network file system each header read is a round trip (the scan
+reads about 3 headers of 512 bytes per sample, the index one file).
 """
     RESULTS.write_text(text)
     print(text)
