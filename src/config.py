@@ -72,6 +72,22 @@ def without_throughput_keys(fp: dict) -> dict:
             for k, v in fp.items()}
 
 
+# Keys added to the configuration after runs were fingerprinted, with the value every earlier run had: a stored
+# fingerprint that lacks one matches a configuration holding that value (an old run still resumes), not another one.
+ADDED_KEYS = {"data": {"image_size": 16}}
+
+
+def with_added_keys(stored: dict, current: dict) -> dict:
+    """stored, with each ADDED_KEYS key it lacks filled in where current holds that key's earlier value."""
+    out = dict(stored)
+    for section, added in ADDED_KEYS.items():
+        if not isinstance(out.get(section), dict) or not isinstance(current.get(section), dict):
+            continue
+        missing = {k: v for k, v in added.items() if k not in out[section] and current[section].get(k) == v}
+        out[section] = {**out[section], **missing}
+    return out
+
+
 def fingerprint(cfg: DictConfig) -> dict:
     """The parts of a configuration that determine a trained model; a run directory is tied to one."""
     keys = ("loss", "model", "optim", "train", "seed")

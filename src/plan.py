@@ -152,7 +152,8 @@ _META_CACHE: dict[str, tuple[dict, list[str]]] = {}
 def data_meta(cfg: DictConfig) -> tuple[dict, list[str]]:
     """The training shards' meta (shapes), and the assumptions made where the shards are not at hand."""
     data = cfg.data
-    key = f"{data.kind}:{data.name}:{data.train_dir if data.kind == 'shards' else cfg.paths.cache_dir}"
+    where = data.train_dir if data.kind == "shards" else f"{cfg.paths.cache_dir}:{data.get('image_size')}"
+    key = f"{data.kind}:{data.name}:{where}"
     if key not in _META_CACHE:
         _META_CACHE[key] = _read_data_meta(cfg)
     return _META_CACHE[key]
@@ -163,10 +164,16 @@ def _read_data_meta(cfg: DictConfig) -> tuple[dict, list[str]]:
 
     data = cfg.data
     if data.kind == "embedded":
-        from src.data.embedded import prepare_embedded
+        from src.config import ConfigError
+        from src.data.embedded import check_image_size, prepare_embedded
 
+        try:
+            check_image_size(data.image_size)
+        except ValueError as e:
+            raise ConfigError(f"data.{e}") from None
         # Written once and cached (the first plan of an embedded sweep builds the small shards).
-        return read_meta(prepare_embedded(data.name, Path(cfg.paths.cache_dir) / "data")["train"]), []
+        dirs = prepare_embedded(data.name, Path(cfg.paths.cache_dir) / "data", image_size=data.image_size)
+        return read_meta(dirs["train"]), []
     try:
         return read_meta(data.train_dir), []
     except (FileNotFoundError, OSError, ValueError):

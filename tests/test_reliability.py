@@ -122,12 +122,13 @@ def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache
     (["model.num_heads=3"], "model: num_heads=3 is not allowed with hidden_size=64"),
     (["model.patch_size=3"], "model: input_size=16 is not allowed; allowed: multiples of patch_size=3"),
     (["data.name=mnist"], "data.name=mnist: dataset='mnist' is not an embedded dataset"),
+    (["data.image_size=20"], "data.image_size=20 is not allowed; allowed: a multiple of 8 from 8 to 64"),
     (["data=shards", "data.train_dir=/nonexistent", "data.eval_dir=/nonexistent"], "data.train_dir=/nonexistent"),
     (["eval.n_samples=1"], "eval.n_samples=1: must be an integer >= 2"),
     (["eval.ema=[1]"], "eval.ema.0=1: must be a boolean"),
     (["eval.clip.weights_path=/nonexistent.bin", "eval.clip.model_name=ViT-B-32"], "eval.clip.weights_path"),
     (["train.max_steps=0"], "train.max_steps=0: must be an integer >= 1"),
-], ids=["loss", "model heads", "model patch", "data name", "data shards", "eval n_samples", "eval ema",
+], ids=["loss", "model heads", "model patch", "data name", "data image size", "data shards", "eval n_samples", "eval ema",
         "eval weights", "train"])
 def test_config_errors_are_found_before_anything_is_built(tmp_path, overrides, message):
     """check_config (what the sweeper and the run-start callback call) raises one line; nothing was created."""
@@ -171,8 +172,8 @@ def test_embedded_shapes_known_before_building_match_the_shards(cache_dir):
     from src.data.shards import read_meta
     from src.training.job import DIM_KEYS, _embedded_shapes
 
-    meta = read_meta(next((Path(cache_dir) / "data").glob("digits-*")) / "train")
-    assert _embedded_shapes("digits") == {k: meta[k] for k in DIM_KEYS}
+    meta = read_meta(next((Path(cache_dir) / "data").glob("digits-v*")) / "train")
+    assert _embedded_shapes("digits", 16) == {k: meta[k] for k in DIM_KEYS}
 
 
 # ---- checkpoints: the previous last.ckpt kept, a corrupt one falls back ----------------------------------------

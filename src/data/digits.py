@@ -1,4 +1,4 @@
-"""UCI handwritten digits (shipped with scikit-learn) as a captioned 16x16 dataset: the ImageNet analogue (docs/data.md#digits)."""
+"""UCI handwritten digits (shipped with scikit-learn) as a captioned 16x16 dataset (other sizes on request): the ImageNet analogue (docs/data.md#digits)."""
 
 from __future__ import annotations
 
@@ -32,10 +32,10 @@ def class_captions() -> list[list[str]]:
     return [[digit_caption(n) for n in DIGIT_NAMES[d]] for d in range(10)]
 
 
-def upsample_digits(raw: np.ndarray) -> torch.Tensor:
-    """Raw 8x8 digits with values 0..16, shape (N, 64) -> (N, 1, 16, 16) float32 in [-1, 1] (bilinear)."""
+def upsample_digits(raw: np.ndarray, image_size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Raw 8x8 digits with values 0..16, shape (N, 64) -> (N, 1, S, S) float32 in [-1, 1] (bilinear; S = 16)."""
     x = torch.as_tensor(raw, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
-    x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
     return (x * 2.0 - 1.0).clamp(-1.0, 1.0)
 
 
@@ -49,8 +49,9 @@ def split_indices(split: str) -> np.ndarray:
     return np.sort(train if split == "train" else held_out)
 
 
-def load_digits_split(split: str, seed: int = 0) -> CaptionedImages:
-    """The train or eval split of the digits; seed picks each image's class name (fixed per image)."""
+def load_digits_split(split: str, seed: int = 0, image_size: int = IMAGE_SIZE) -> CaptionedImages:
+    """The train or eval split of the digits; seed picks each image's class name (fixed per image); image_size:
+    the side the 8x8 originals are upsampled to (the same digits and captions at every size)."""
     data = load_digits()
     rng = np.random.default_rng(seed)
     choice = rng.random(len(data.target))  # one draw per image over the whole set: captions do not depend on split
@@ -63,7 +64,7 @@ def load_digits_split(split: str, seed: int = 0) -> CaptionedImages:
         captions.append(digit_caption(name))
         extras.append({"label": d, "name": name, "source_index": int(i)})
     return CaptionedImages(
-        images=upsample_digits(data.data[idx]),
+        images=upsample_digits(data.data[idx], image_size),
         captions=captions,
         labels=torch.as_tensor(data.target[idx], dtype=torch.long),
         extras=extras,

@@ -22,6 +22,18 @@ DATASETS: dict[str, Callable[[str], CaptionedImages]] = {
 }
 
 
+IMAGE_SIZE = 16  # the default side of both datasets
+IMAGE_SIZES = range(8, 65, 8)  # multiples of 8 (the digits' native size) up to 64
+
+
+def check_image_size(image_size) -> int:
+    """Return image_size if the embedded datasets can be made at it, else raise."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size not in IMAGE_SIZES:
+        raise ValueError(f"image_size={image_size!r} is not allowed; allowed: a multiple of 8 from 8 to 64 "
+                         f"(default {IMAGE_SIZE})")
+    return image_size
+
+
 def check_dataset(name: str) -> str:
     """Return name if it is an embedded dataset, else raise."""
     if name not in DATASETS:
@@ -55,27 +67,33 @@ def write_split(shard_dir: Path, data: CaptionedImages, text_encoder, meta: dict
     return read_meta(shard_dir)
 
 
-def prepare_embedded(name: str, cache_dir: str | Path, text_encoder=None) -> dict[str, Path]:
+def prepare_embedded(name: str, cache_dir: str | Path, text_encoder=None,
+                     image_size: int = IMAGE_SIZE) -> dict[str, Path]:
     """Write dataset `name` once into cache_dir/<name>-<version>/{train,eval}/ and return those folders.
 
-    text_encoder: a TextEncoder; None loads the committed tiny CLIP. Complete folders are reused; incomplete ones
+    image_size: the side of the images (the same scenes and captions at every size); sizes other than the default
+    get their own folder, <name>-<size>px-<version>. text_encoder: a TextEncoder; None loads the committed tiny CLIP. Complete folders are reused; incomplete ones
     are rebuilt. A file lock makes concurrent callers safe: one writes, the others wait and reuse. The eval split
     is normalised with the training split's latent mean and std.
     """
     check_dataset(name)
+    check_image_size(image_size)
     if text_encoder is None:
         from src.text.encoder import load_tiny_clip_text_encoder  # lazy: open_clip is only needed here
         text_encoder = load_tiny_clip_text_encoder()
     version = dataset_version(text_encoder)
-    root = Path(cache_dir) / f"{name}-{version}"
+    folder = name if image_size == IMAGE_SIZE else f"{name}-{image_size}px"
+    root = Path(cache_dir) / f"{folder}-{version}"
     dirs = {split: root / split for split in SPLITS}
     if all(is_complete(d) for d in dirs.values()):
         return dirs
-    with file_lock(Path(cache_dir) / f".{name}-{version}.lock"):
+    with file_lock(Path(cache_dir) / f".{folder}-{version}.lock"):
         if all(is_complete(d) for d in dirs.values()):  # another process finished while we waited
             return dirs
-        common = {"dataset": name, "version": version, "image_size": 16}
-        train = write_split(dirs["train"], DATASETS[name]("train"), text_encoder, {**common, "split": "train"})
-        write_split(dirs["eval"], DATASETS[name]("eval"), text_encoder, {**common, "split": "eval"},
+        common = {"dataset": name, "version": version, "image_size": image_size}
+        load = DATASETS[name]
+        train = write_split(dirs["train"], load("train", image_size=image_size), text_encoder,
+                            {**common, "split": "train"})
+        write_split(dirs["eval"], load("eval", image_size=image_size), text_encoder, {**common, "split": "eval"},
                     latent_mean=train["latent_mean"], latent_std=train["latent_std"])
     return dirs

@@ -68,19 +68,23 @@ def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarr
 
 
 def render(color: tuple[float, float, float], shape: str, centre: tuple[float, float], r: float,
-           background: float) -> np.ndarray:
-    """One anti-aliased (3, 16, 16) image with values in [0, 1]."""
-    n = IMAGE_SIZE * SUPERSAMPLE
+           background: float, image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """One anti-aliased (3, S, S) image with values in [0, 1]; centre and r in pixels of that size."""
+    n = image_size * SUPERSAMPLE
     coords = (np.arange(n) + 0.5) / SUPERSAMPLE
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
     mask = shape_mask(shape, xx - centre[0], yy - centre[1], r).astype(np.float32)
-    coverage = mask.reshape(IMAGE_SIZE, SUPERSAMPLE, IMAGE_SIZE, SUPERSAMPLE).mean(axis=(1, 3))
+    coverage = mask.reshape(image_size, SUPERSAMPLE, image_size, SUPERSAMPLE).mean(axis=(1, 3))
     rgb = np.asarray(color, dtype=np.float32)[:, None, None]
     return background * (1.0 - coverage) + rgb * coverage
 
 
-def load_shapes_split(split: str, seed: int = 0, n: int | None = None) -> CaptionedImages:
-    """The train or eval split (4000 / 500 images by default), deterministic in (seed, split); classes balanced."""
+def load_shapes_split(split: str, seed: int = 0, n: int | None = None,
+                      image_size: int = IMAGE_SIZE) -> CaptionedImages:
+    """The train or eval split (4000 / 500 images by default), deterministic in (seed, split); classes balanced.
+
+    image_size: the side in pixels; the scene (positions, sizes, colours, captions) is the same at every size,
+    drawn in units of the 16-pixel default and scaled, so only the sampling grid changes."""
     check_split(split)
     n = SPLIT_SIZES[split] if n is None else n
     if n < 1:
@@ -89,7 +93,8 @@ def load_shapes_split(split: str, seed: int = 0, n: int | None = None) -> Captio
     # Balanced classes: repeat a permutation of all labels, each repetition freshly shuffled.
     reps = -(-n // NUM_CLASSES)
     labels = np.concatenate([rng.permutation(NUM_CLASSES) for _ in range(reps)])[:n]
-    images = np.empty((n, CHANNELS, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    images = np.empty((n, CHANNELS, image_size, image_size), dtype=np.float32)
+    scale = image_size / IMAGE_SIZE
     captions, extras = [], []
     for k, label in enumerate(labels):
         color, shape, position = label_attributes(int(label))
@@ -99,7 +104,7 @@ def load_shapes_split(split: str, seed: int = 0, n: int | None = None) -> Captio
         centre = (cx + rng.uniform(-0.75, 0.75), cy + rng.uniform(-0.75, 0.75))
         r = rng.uniform(2.6, 3.4)
         background = rng.uniform(0.0, 0.15)
-        images[k] = render(rgb, shape, centre, r, background)
+        images[k] = render(rgb, shape, (centre[0] * scale, centre[1] * scale), r * scale, background, image_size)
         captions.append(shape_caption(color, shape, position))
         extras.append({"label": int(label), "color": color, "shape": shape, "position": position})
     return CaptionedImages(

@@ -18,7 +18,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from src.config import ConfigError, diff_keys, fingerprint, parse_loss, to_dict, without_throughput_keys
+from src.config import (
+    ConfigError, diff_keys, fingerprint, parse_loss, to_dict, with_added_keys, without_throughput_keys,
+)
 from src.launch.preemption import InterruptCheckpoint, PreemptionCheckpoint, submitit_signal
 from src.launch.rundir import is_launch_rank_zero
 from src.launch.strategies import build_strategy
@@ -43,7 +45,7 @@ def build_formulation(cfg: DictConfig):
     return parse_loss(cfg.loss)
 
 
-def _embedded_shapes(name: str) -> dict:
+def _embedded_shapes(name: str, image_size: int) -> dict:
     """What the embedded dataset `name` will feed the backbone, known without building it: its images (pixel
     space) and the tiny CLIP text encoder's widths. Checked against the built shards' meta.json by resolve_data."""
     from src.data import digits, shapes
@@ -51,7 +53,7 @@ def _embedded_shapes(name: str) -> dict:
 
     images = {"digits": digits, "shapes": shapes}[name]
     clip = tiny_clip.model_config()
-    return {"latent_channels": images.CHANNELS, "latent_size": images.IMAGE_SIZE,
+    return {"latent_channels": images.CHANNELS, "latent_size": image_size,
             "context_dim": clip["text_cfg"]["width"], "pooled_dim": clip["embed_dim"]}
 
 
@@ -61,13 +63,18 @@ def check_data(cfg: DictConfig) -> dict:
 
     data = cfg.data
     if data.kind == "embedded":
-        from src.data.embedded import check_dataset
+        from src.data.embedded import check_dataset, check_image_size
 
         try:
             check_dataset(data.name)
         except ValueError as e:
             raise ConfigError(f"data.name={data.name}: {e}") from None
-        found, where = _embedded_shapes(data.name), f"the embedded {data.name} data"
+        try:
+            check_image_size(data.image_size)
+        except ValueError as e:
+            raise ConfigError(f"data.{e}") from None
+        found = _embedded_shapes(data.name, data.image_size)
+        where = f"the embedded {data.name} data at {data.image_size}x{data.image_size}"
     elif data.kind == "shards":
         for key in ("train_dir", "eval_dir"):
             if OmegaConf.is_missing(data, key) or data[key] is None:
@@ -133,7 +140,7 @@ def resolve_data(cfg: DictConfig) -> dict:
     if data.kind == "embedded":
         from src.data.embedded import prepare_embedded
 
-        dirs = prepare_embedded(data.name, Path(cfg.paths.cache_dir) / "data")
+        dirs = prepare_embedded(data.name, Path(cfg.paths.cache_dir) / "data", image_size=data.image_size)
         train_dir, eval_dir = str(dirs["train"]), str(dirs["eval"])
     else:
         train_dir, eval_dir = data.train_dir, data.eval_dir
@@ -203,7 +210,8 @@ def fingerprint_changes(cfg: DictConfig, run_dir: Path) -> list[str]:
     path = run_dir / "fingerprint.json"
     if not path.exists() or not is_bound(run_dir):
         return []
-    return diff_keys(without_throughput_keys(json.loads(path.read_text())), _fingerprint_json(cfg))
+    current = _fingerprint_json(cfg)
+    return diff_keys(with_added_keys(without_throughput_keys(json.loads(path.read_text())), current), current)
 
 
 def check_fingerprint(cfg: DictConfig, run_dir: Path) -> None:
