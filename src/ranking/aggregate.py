@@ -259,6 +259,33 @@ def restrict_train_seeds(records: pd.DataFrame, seeds: Sequence[int | str]) -> p
     return records[records["train_seed"].astype(str).isin(wanted)].reset_index(drop=True)
 
 
+def bare_recipe(entry: str) -> str:
+    """The recipe of a ranked entry, without its qualifiers: `eps/linear [sampler=native]` -> `eps/linear`."""
+    return entry.split(" [", 1)[0]
+
+
+def restrict_recipes(records: pd.DataFrame, recipes: Sequence[str]) -> pd.DataFrame:
+    """The records of these recipes (every variant of each: samplers, swept keys), to rank them among themselves;
+    a clear error naming the recipes present when one is absent."""
+    bare = records["base_entry"].map(bare_recipe)
+    present = sorted(bare.unique())
+    absent = [r for r in recipes if r not in present]
+    if absent:
+        raise ValueError(f"--recipes {' '.join(repr(r) for r in absent)}: not in the sweep; it has "
+                         f"{', '.join(present) or 'none'}")
+    return records[bare.isin(list(recipes))].reset_index(drop=True)
+
+
+def restrict_datasets(records: pd.DataFrame, datasets: Sequence[str]) -> pd.DataFrame:
+    """The records of these datasets (their control settings only); a clear error naming those present."""
+    present = sorted(records["dataset"].astype(str).unique())
+    absent = [d for d in datasets if d not in present]
+    if absent:
+        raise ValueError(f"--datasets {' '.join(absent)}: no records of that dataset; the sweep has "
+                         f"{', '.join(present) or 'none'}")
+    return records[records["dataset"].astype(str).isin(list(datasets))].reset_index(drop=True)
+
+
 def _drop_qualifier(name: str, qualifier: str) -> str:
     """The ranked name without one `key=value` qualifier (its brackets dropped when nothing else is left)."""
     match = re.fullmatch(r"(?P<base>.*?) \[(?P<quals>.*)\]", name)

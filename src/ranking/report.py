@@ -10,7 +10,9 @@ intervals, the first-front probabilities and the separability verdicts include t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +23,8 @@ import pandas as pd
 
 from src.ranking.aggregate import (
     LEGACY_SAMPLER, SETTING_KEY, Sweep, average_ranks, check_eval_settings, check_fid_features, check_sweep_overlap,
-    describe_column, describe_fifty_step, load_sweep, missing_settings, pool_seeds, rank_table, restrict_sampler,
-    restrict_train_seeds, seed_counts, seed_order, setting_groups, setting_label,
+    describe_column, describe_fifty_step, load_sweep, missing_settings, pool_seeds, rank_table, restrict_datasets,
+    restrict_recipes, restrict_sampler, restrict_train_seeds, seed_counts, seed_order, setting_groups, setting_label,
 )
 from src.ranking.agreement import noise_ceiling, seed_agreement, spearman_brown
 from src.ranking.bootstrap import RankBootstrap, bootstrap_ranks, inseparable_pairs
@@ -67,6 +69,8 @@ class RankReport:
     max_seeds: int
     train_seeds: list[str] | None = None  # --train-seeds: the training seeds ranked (None: all, pooled)
     by_sweep: bool = False  # --by-sweep: entries qualified by their sweep directory's name
+    recipes: list[str] | None = None  # --recipes: the recipes ranked among themselves (None: every recipe)
+    datasets: list[str] | None = None  # --datasets: the datasets whose settings are ranked (None: all)
     seed_ranks: dict[str, pd.DataFrame] = field(default_factory=dict)  # training seed -> its average ranks, alone
 
     @property
@@ -98,12 +102,16 @@ def build_report(
     device: str = "cpu",
     train_seeds: Sequence[int | str] | None = None,
     by_sweep: bool = False,
+    recipes: Sequence[str] | None = None,
+    datasets: Sequence[str] | None = None,
 ) -> RankReport:
     """Load the sweeps, pool training seeds, rank every control setting, average, bootstrap, compare with the paper.
 
     fifty_step_cfg: CFG scale(s) of the 50-step column, "all", or None for the default (CFG 5.0 when present).
     sampler: rank only the records of this sampler; None ranks every sampler, variants as separate entries.
     train_seeds: rank only the records of these training seeds; None pools every seed as replicates.
+    recipes, datasets: rank only these recipes (each with all its variants) among themselves, on only these
+    datasets' settings; None: all.
     by_sweep: rank each sweep directory's entries as entries of their own (`rf [sweep=NAME]`). Without it, sweeps
     that hold the same entry, seed and setting are refused (ValueError) rather than one hiding the other.
     A sweep whose records mix FID feature definitions, or evaluation settings (eval.n_samples, eval.seed, the CLIP
@@ -122,6 +130,10 @@ def build_report(
     records = sweep.records if sampler is None else restrict_sampler(sweep.records, sampler)
     if train_seeds is not None:
         records = restrict_train_seeds(records, train_seeds)
+    if recipes is not None:
+        records = restrict_recipes(records, recipes)
+    if datasets is not None:
+        records = restrict_datasets(records, datasets)
     ranked = rank_table(pool_seeds(records))
     groups = setting_groups(ranked, fifty_step_cfg)
     table = average_ranks(ranked, groups)
@@ -144,6 +156,7 @@ def build_report(
         draws=int(draws), seed=seed, column_notes={c: describe_column(ranked, groups[c]) for c in COLUMNS},
         sampler_note=_sampler_note(sweep.records, sampler), max_seeds=int(seeds["seeds"].max()),
         train_seeds=None if train_seeds is None else [str(s) for s in train_seeds], by_sweep=by_sweep,
+        recipes=None if recipes is None else list(recipes), datasets=None if datasets is None else list(datasets),
         seed_ranks=seed_ranks,
     )
     report.spearman["seed agreement"] = report.spearman["column"].map(report.seed_agreement)
@@ -287,6 +300,10 @@ def notes(report: RankReport) -> list[str]:
         *_agreement_note(report),
         report.sampler_note,
     ]
+    if report.recipes is not None or report.datasets is not None:
+        out.append("Restricted: " + "; ".join(
+            ([f"only {', '.join(report.recipes)}, ranked among themselves (--recipes)"] if report.recipes else [])
+            + ([f"only the settings of {', '.join(report.datasets)} (--datasets)"] if report.datasets else [])) + ".")
     if report.by_sweep:
         out.append(f"Sweeps ranked side by side (--by-sweep): each entry is qualified by its sweep directory "
                    f"({', '.join(root.name for root in report.sweep.roots)}).")
@@ -514,6 +531,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="rank only this sampler's records (default: every sampler, variants as separate entries)")
     parser.add_argument("--train-seeds", nargs="+", metavar="SEED",
                         help="rank only these training seeds (default: every seed, pooled as replicates)")
+    parser.add_argument("--recipes", nargs="+", metavar="RECIPE",
+                        help="rank only these recipes among themselves, e.g. rf edm/rf (default: every recipe)")
+    parser.add_argument("--datasets", nargs="+", metavar="DATASET",
+                        help="rank only these datasets' control settings (default: every dataset)")
     parser.add_argument("--by-sweep", action="store_true",
                         help="rank each sweep directory's entries separately, qualified by its name (default: pool "
                              "the sweeps; refused when two hold the same entry, seed and setting)")
@@ -541,6 +562,14 @@ def _fifty_step_arg(values: Sequence[str] | None) -> list[float] | str | None:
         raise ValueError(f"--fifty-step-cfg {' '.join(values)}: give CFG scale(s) (e.g. 5.0) or 'all'") from None
 
 
+def _names_slug(names: Sequence[str]) -> str:
+    """Recipe names as a folder-name part: `edm/rf` -> `edm_rf`, joined by +; a short hash beyond four."""
+    slugs = [re.sub(r"[^A-Za-z0-9.-]+", "_", n).strip("_") for n in names]
+    if len(slugs) <= 4:
+        return "+".join(slugs)
+    return f"{len(slugs)}_recipes_{hashlib.sha1('+'.join(sorted(slugs)).encode()).hexdigest()[:8]}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Build, write and print the rank report; a one-line error and exit status 1 when there is nothing to rank."""
     args = parse_args(argv)
@@ -549,13 +578,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = build_report(sweeps, _fifty_step_arg(args.fifty_step_cfg), args.bootstrap, args.seed, args.confidence,
                               args.separation, progress=lambda line: print(line, file=sys.stderr, flush=True),
                               sampler=args.sampler, device=args.device, train_seeds=args.train_seeds,
-                              by_sweep=args.by_sweep)
+                              by_sweep=args.by_sweep, recipes=args.recipes, datasets=args.datasets)
     except (NoResultsError, FileNotFoundError, ValueError) as exc:
         print(f"rank report: error: {exc}", file=sys.stderr)
         return 1
     # A report of some seeds never lands where the pooled report of the same sweep is.
     restricted = f"-train_seeds={'_'.join(report.train_seeds)}" if report.train_seeds is not None else ""
     restricted += "-by_sweep" if report.by_sweep else ""
+    restricted += f"-recipes={_names_slug(report.recipes)}" if report.recipes is not None else ""
+    restricted += f"-datasets={'_'.join(report.datasets)}" if report.datasets is not None else ""
     out_dir = args.out or DEFAULT_REPORTS / f"{report.sweep.name}{restricted}"
     paths = write_report(report, out_dir)
     print(terminal_text(report))
