@@ -1,6 +1,11 @@
 """data.image_size: the embedded datasets at a finer pixel grid (more values per sample, as a larger latent has)."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -81,3 +86,23 @@ def test_runs_fingerprinted_before_image_size_existed_still_resume(tmp_path):
     assert fingerprint_changes(cfg_at(16), run_dir) == []
     changed = fingerprint_changes(cfg_at(32), run_dir)
     assert "data.image_size" in changed and "data.latent_size" in changed
+
+
+def test_a_run_at_32_pixels_through_the_cli_trains_and_evaluates_at_that_size(tmp_path):
+    """`python -m src.run data.image_size=32`: the backbone takes 32x32 inputs and the samples evaluated are 32x32."""
+    tiny = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "data.batch_size=8", "data.val_samples=8",
+            "train.max_steps=2", "train.val_every=2", "train.ckpt_every=2", "eval.n_samples=4", "eval.batch_size=4",
+            "eval.settings=[{steps: 2, cfg: 1.0}]", "eval.ema=[true]", "logger=csv",
+            "trainer.enable_progress_bar=false", "torch_threads=1"]
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "src.run", *tiny, "data=digits", "data.image_size=32",
+                          f"paths.root_dir={tmp_path}"], cwd=root, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "WANDB_MODE": "disabled"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    (record,) = json.loads(next(tmp_path.glob("outputs/**/results.json")).read_text())
+    assert record["config"]["data"]["latent_size"] == 32 and record["config"]["model"]["input_size"] == 32
+    assert record["config"]["data"]["image_size"] == 32 and "32px" in record["config"]["data"]["train_dir"]
+    run_dir = next(tmp_path.glob("outputs/**/results.json")).parent
+    with np.load(run_dir / record["arrays"]) as arrays:
+        shapes = {k: arrays[k].shape for k in arrays.files}
+    assert any(s[-2:] == (32, 32) for s in shapes.values()), shapes
