@@ -185,3 +185,26 @@ def test_a_folder_without_a_usable_index_is_scanned(folders, tmp_path, damage):
     assert load_index(copy, shards_lib.shard_paths(copy)) is None
     idx = torch.arange(N)
     assert_same_batches([ShardSamples(copy).batch(idx)], [in_memory(folders / "train")], 1)
+
+
+def test_loader_workers_leave_job_signals_to_the_training_process(folders, monkeypatch):
+    """SLURM signals every process of a job and Ctrl-C the whole process group: the workers ignore SIGINT, SIGTERM
+    and submitit's preemption signal, so the fit reaches its checkpoint at the next step boundary."""
+    import os
+    import signal
+    import time
+
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")  # a submitit SLURM job: its preemption signal is SIGUSR2
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    memory = in_memory(folders / "train")
+    loader = StepLoader(StepIndexedBatches(ShardSamples(folders / "train"), 8, seed=5), lambda: 0, 2)
+    it = iter(loader)
+    batches = [next(it)]
+    for worker in it._workers:
+        for signum in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
+            os.kill(worker.pid, signum)
+    time.sleep(0.5)
+    assert all(w.is_alive() for w in it._workers)
+    batches += [next(it) for _ in range(5)]
+    assert_same_batches(StepIndexedBatches(memory, 8, seed=5), batches, 6)
+    del it

@@ -14,6 +14,7 @@ Indices are drawn uniformly with replacement, as the in-memory path always has.
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Callable, Iterator
 
 import lightning as L
@@ -77,6 +78,21 @@ class StepIndexedBatches(IterableDataset):
             step += workers
 
 
+def ignore_job_signals(worker_id: int | None = None) -> None:
+    """Loader workers leave interrupts and preemption to the training process (their worker_init_fn).
+
+    SLURM signals every process of a job (preemption: submitit's SIGUSR2, scancel: SIGTERM) and Ctrl-C reaches the
+    whole process group. The training process answers each at a step boundary with a checkpoint
+    (src/launch/preemption.py); a worker that died of the signal, or ran submitit's requeue handler itself, would
+    fail the fit before that boundary. The workers stop when the training process shuts the loader down, or, if it
+    is killed, when their watchdog sees it gone.
+    """
+    from src.launch.preemption import submitit_signal
+
+    for signum in {signal.SIGINT, signal.SIGTERM, submitit_signal()} - {None}:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class StepLoader(DataLoader):
     """A DataLoader whose every iteration starts at the trainer's current step.
 
@@ -88,7 +104,8 @@ class StepLoader(DataLoader):
 
     def __init__(self, dataset: StepIndexedBatches, start_step: Callable[[], int], num_workers: int = 0):
         super().__init__(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                         pin_memory=torch.cuda.is_available(), prefetch_factor=2 if num_workers else None)
+                         pin_memory=torch.cuda.is_available(), prefetch_factor=2 if num_workers else None,
+                         worker_init_fn=ignore_job_signals if num_workers else None)
         self._start_step = start_step
 
     def __iter__(self):
