@@ -106,3 +106,17 @@ def test_a_run_at_32_pixels_through_the_cli_trains_and_evaluates_at_that_size(tm
     with np.load(run_dir / record["arrays"]) as arrays:
         shapes = {k: arrays[k].shape for k in arrays.files}
     assert any(s[-2:] == (32, 32) for s in shapes.values()), shapes
+
+
+def test_the_planner_reads_each_image_size_from_its_own_shards(tmp_path):
+    """`python -m src.plan -m data.image_size=16,32` sizes each job's backbone from its own data (no shared cache)."""
+    from src.plan import data_meta
+
+    metas = []
+    for size in (16, 32):
+        with initialize_config_module(config_module="conf", version_base="1.3"):
+            cfg = compose(config_name="config", overrides=["data=shapes", f"data.image_size={size}",
+                                                           f"paths.root_dir={tmp_path}",
+                                                           f"paths.cache_dir={tmp_path / 'cache'}"])
+        metas.append(data_meta(cfg)[0])
+    assert [m["latent_size"] for m in metas] == [16, 32]
