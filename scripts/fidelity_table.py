@@ -25,10 +25,10 @@ from scipy import stats
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from src.ranking.aggregate import average_ranks, pool_seeds, rank_table, seed_order, setting_groups  # noqa: E402
+from src.ranking.aggregate import seed_order  # noqa: E402
 from src.ranking.agreement import noise_ceiling, seed_agreement, spearman_brown  # noqa: E402
 from src.ranking.paper import COLUMNS, spearman_vs_paper  # noqa: E402
-from src.ranking.report import NoResultsError, build_report, ranks_per_seed  # noqa: E402
+from src.ranking.report import NoResultsError, build_report, rank_records, ranks_per_seed  # noqa: E402
 from src.utils.io import atomic_write_bytes  # noqa: E402
 
 
@@ -106,10 +106,9 @@ def per_dataset(report) -> dict[str, tuple[pd.DataFrame, float]]:
     out = {}
     for dataset in sorted(report.records["dataset"].unique()):
         records = report.records[report.records["dataset"] == dataset]
-        ranked = rank_table(pool_seeds(records))
         seeds = ranks_per_seed(records)
         agree = seed_agreement([t["all"] for t in seeds.values()]) if seeds else float("nan")
-        out[str(dataset)] = (average_ranks(ranked, setting_groups(ranked, None)), agree)
+        out[str(dataset)] = (rank_records(records), agree)
     return out
 
 

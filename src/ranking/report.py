@@ -169,11 +169,13 @@ def ranks_per_seed(records: pd.DataFrame, fifty_step_cfg=None) -> dict[str, pd.D
     seeds = sorted(records["train_seed"].astype(str).unique(), key=seed_order)
     if len(seeds) < 2:
         return {}
-    out = {}
-    for s in seeds:
-        ranked = rank_table(pool_seeds(records[records["train_seed"].astype(str) == s]))
-        out[s] = average_ranks(ranked, setting_groups(ranked, fifty_step_cfg))
-    return out
+    return {s: rank_records(records[records["train_seed"].astype(str) == s], fifty_step_cfg) for s in seeds}
+
+
+def rank_records(records: pd.DataFrame, fifty_step_cfg=None) -> pd.DataFrame:
+    """Average ranks per entry and column of these records alone (seeds pooled), as the report ranks a sweep."""
+    ranked = rank_table(pool_seeds(records))
+    return average_ranks(ranked, setting_groups(ranked, fifty_step_cfg))
 
 
 def _sampler_note(records: pd.DataFrame, sampler: str | None) -> str:

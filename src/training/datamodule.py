@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from src.data.shards import ShardSamples, load_eval_set
+from src.launch.preemption import submitit_signal
 from src.training.module import step_generator
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,6 @@ def ignore_job_signals(worker_id: int | None = None) -> None:
     fail the fit before that boundary. The workers stop when the training process shuts the loader down, or, if it
     is killed, when their watchdog sees it gone.
     """
-    from src.launch.preemption import submitit_signal
-
     for signum in {signal.SIGINT, signal.SIGTERM, submitit_signal()} - {None}:
         signal.signal(signum, signal.SIG_IGN)
 
