@@ -164,13 +164,10 @@ def _read_data_meta(cfg: DictConfig) -> tuple[dict, list[str]]:
 
     data = cfg.data
     if data.kind == "embedded":
-        from src.config import ConfigError
-        from src.data.embedded import check_image_size, prepare_embedded
+        from src.data.embedded import prepare_embedded
+        from src.training.job import check_data
 
-        try:
-            check_image_size(data.image_size)
-        except ValueError as e:
-            raise ConfigError(f"data.{e}") from None
+        check_data(cfg)  # the job's own checks (dataset, image size), with its one-line errors
         # Written once and cached (the first plan of an embedded sweep builds the small shards).
         dirs = prepare_embedded(data.name, Path(cfg.paths.cache_dir) / "data", image_size=data.image_size)
         return read_meta(dirs["train"]), []
