@@ -67,7 +67,7 @@ class Config:
     weights: str = "fp32-autocast"  # or bf16-master: bf16 weights, fp32 master copy in the optimizer
     activation_checkpointing: bool = False
     model: str = "ours"  # or diffusers
-    largest_batch: bool = False  # double the batch from `batch` until it no longer fits; report the largest
+    largest_batch: bool = False  # the largest batch that fits, sized from the same depth's default (run_config)
     qk_norm: str | None = "rms_norm"  # as the paper setup trains (experiment=paper)
 
     def model_options(self) -> dict:
@@ -86,35 +86,42 @@ class Result:
     tflops: float = float("nan")
     mfu: float = float("nan")
     peak_gib: float = float("nan")
+    static_gib: float = float("nan")  # allocated between steps: weights, optimizer states, the batch
     warmup_s: float = float("nan")
     notes: list[str] = field(default_factory=list)
 
 
 # ---- the configurations ---------------------------------------------------------------------------------------
 def configurations(depths=(15, 24), batch=128) -> list[Config]:
-    """In priority order: what matters most runs first, so a budget cut drops the least important."""
+    """In priority order: what matters most runs first, so a budget cut drops the least important.
+
+    Compiling costs tens of seconds per new graph on a cold machine, so the order is: today's eager step and the
+    default GPU step at each depth, the reference implementation, then the levers most likely to move MFU (bf16
+    weights, the largest batch, the attention kernel), then each remaining lever against the default.
+    """
     best = dict(compile="blocks", fused_adamw=True, fused_modulation=True)  # the GPU defaults ("auto" settings)
     out = []
     for d in depths:  # the headline: today's eager step and the default GPU step
         out += [Config(f"d{d}-eager", d, batch), Config(f"d{d}-default", d, batch, **best)]
     for d in depths:  # the reference implementation at the same settings
         out.append(Config(f"d{d}-diffusers", d, batch, model="diffusers"))
+    for d in reversed(depths):  # the levers with the most room: bf16 weights, the largest batch that fits
+        out.append(Config(f"d{d}-default-bf16-master", d, batch, **best, weights="bf16-master"))
+    for d in depths:  # sized from the default's measured memory; checkpointed only when the default did not fit
+        out.append(Config(f"d{d}-default-largest", d, batch, **best, largest_batch=True))
+    for d in depths:
+        out.append(Config(f"d{d}-default-cudnn", d, batch, **best, attention_backend="cudnn"))
     # What experiment=paper launches today (model.compile=true: the whole backbone compiled), for the planner.
     out.append(Config(f"d{depths[0]}-full-compile", depths[0], batch, compile="full", fused_adamw=True,
                       fused_modulation=True))
-    for d in depths:  # the largest batch that fits (checkpointed)
-        out.append(Config(f"d{d}-default-largest", d, 2 * batch, **best, activation_checkpointing=True,
-                          largest_batch=True))
-    for d in depths:  # each lever against the default
+    for d in depths:  # each remaining lever against the default
         out += [
-            Config(f"d{d}-default-checkpointing", d, batch, **best, activation_checkpointing=True),
             Config(f"d{d}-default-no-fused-adamw", d, batch, **{**best, "fused_adamw": False}),
             Config(f"d{d}-default-no-fused-modulation", d, batch, **{**best, "fused_modulation": False}),
             Config(f"d{d}-default-unfused-qkv", d, batch, **best, fused_qkv=False),
-            Config(f"d{d}-default-bf16-master", d, batch, **best, weights="bf16-master"),
             Config(f"d{d}-default-flash", d, batch, **best, attention_backend="flash"),
-            Config(f"d{d}-default-cudnn", d, batch, **best, attention_backend="cudnn"),
             Config(f"d{d}-default-efficient", d, batch, **best, attention_backend="efficient"),
+            Config(f"d{d}-default-checkpointing", d, batch, **best, activation_checkpointing=True),
             Config(f"d{d}-eager-fused", d, batch, fused_adamw=True, fused_modulation=True),
             Config(f"d{d}-diffusers-checkpointing", d, batch, model="diffusers", activation_checkpointing=True),
         ]
@@ -253,6 +260,7 @@ def measure(cfg: Config, batch: int, args, setup: dict, device: str) -> Result:
     res.mfu = res.tflops / peak if peak else float("nan")
     if device == "cuda":
         res.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+        res.static_gib = torch.cuda.memory_allocated() / 2**30
     del model, step, data
     return res
 
@@ -261,9 +269,32 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def run_config(cfg: Config, args, setup: dict, device: str) -> Result:
-    """measure() in try/except; for largest_batch, doubling until it no longer fits (the last fit is reported)."""
-    batch, best, tried = cfg.batch, None, []
+def largest_batch_plan(cfg: Config, done: list[Result], device: str, dry_run: bool) -> tuple[int, bool]:
+    """(batch, activation checkpointing) to try first for a largest-batch configuration.
+
+    Compiling a new batch size costs as much as the first compile, so instead of doubling until it fails, the batch
+    is sized from the same depth's default step: its activation memory per sample (peak minus what stays allocated
+    between steps) and the device's free memory, rounded down to a multiple of 32 (90% of the device, for
+    fragmentation). Where the default did not fit, checkpointing is on and the batch is the default's.
+    """
+    base = next((r for r in done if r.config["name"] == f"d{cfg.depth}-default"), None)
+    if dry_run or device != "cuda":
+        return 2 * cfg.batch, cfg.activation_checkpointing
+    if base is None or base.status != "ok" or not base.peak_gib > base.static_gib:
+        return cfg.batch, True
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    per_sample = (base.peak_gib - base.static_gib) / base.batch
+    fits = int((0.9 * total - base.static_gib) / per_sample) // 32 * 32
+    return max(fits, cfg.batch), cfg.activation_checkpointing
+
+
+def run_config(cfg: Config, args, setup: dict, device: str, done: list[Result] = ()) -> Result:
+    """measure() in try/except. For largest_batch: the planned batch, then smaller by 20% while it runs out of memory
+    (at most three tries); the first that fits is reported, with the tries in its notes."""
+    batch, tried = cfg.batch, []
+    if cfg.largest_batch:
+        batch, checkpointing = largest_batch_plan(cfg, list(done), device, args.dry_run)
+        cfg = Config(**{**asdict(cfg), "activation_checkpointing": checkpointing})
     while True:
         if not args.dry_run:  # each configuration compiles afresh (inductor's on-disk caches keep repeats short)
             torch._dynamo.reset()
@@ -278,20 +309,12 @@ def run_config(cfg: Config, args, setup: dict, device: str) -> Result:
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
+        res.notes = [f"batch {b}: out of memory" for b in tried] + res.notes
         tried.append(batch)
-        if not cfg.largest_batch or res.status != "ok":
-            if best is not None:
-                best.notes.append(f"batch {batch}: {res.status}")
-                return best
+        retry = cfg.largest_batch and res.status == "failed: out of memory" and len(tried) < 3
+        if not retry or time.perf_counter() > args.deadline - 60:
             return res
-        best = res
-        if args.dry_run and len(tried) >= 2:
-            best.notes.append(f"dry run: stopped doubling at batch {batch}")
-            return best
-        if time.perf_counter() > args.deadline - 60:
-            best.notes.append(f"stopped doubling at batch {batch} (time budget)")
-            return best
-        batch *= 2
+        batch = max(1, int(batch * 0.8) // 32 * 32)
 
 
 # ---- results --------------------------------------------------------------------------------------------------
@@ -351,14 +374,16 @@ def read_results(path: Path) -> dict | None:
 
 
 # ---- the bootstrap on the GPU ---------------------------------------------------------------------------------
-def bench_bootstrap(args, device: str) -> dict:
-    """The paper grid's bootstrap (1464 records x 200 draws, 1000 samples x 768 features), timed on a few records.
+def bench_bootstrap(args, device: str, deadline: float = float("inf")) -> dict:
+    """The paper grid's bootstrap (1464 records x 200 draws, 1000 samples x 768 features), timed on a few records,
+    with each way of taking tr (S1 S2)^(1/2): batched eigh (the default) and Newton-Schulz (matrix products only).
 
-    Each record costs the same (the same shapes), so the grid's time is the measured time per record x 1464. The
-    first record's draws are checked against the numpy path (a few draws, the numpy path is slow).
+    Each record costs the same (the same shapes), so the grid's time is the median time per record x 1464. The
+    first record's draws are checked against the numpy path (a few draws, the numpy path is slow). Records stop at
+    the deadline, so a slow method reports what it measured.
     """
     from src.ranking.bootstrap import frechet_distance, resampled_moments, sqrtm_psd
-    from src.ranking.bootstrap_torch import TorchFrechet
+    from src.ranking.bootstrap_torch import TRACE_SQRT_METHODS, TorchFrechet
 
     n, dim, draws, grid = (40, 16, 8, 1464) if args.dry_run else (1000, 768, 200, 1464)
     records = 2 if args.dry_run else args.bootstrap_records
@@ -366,32 +391,47 @@ def bench_bootstrap(args, device: str) -> dict:
     ref = rng.normal(size=(n, dim))
     feats = [rng.normal(size=(n, dim)) * 1.1 + 0.1 * i for i in range(records)]
     counts = rng.multinomial(n, np.full(n, 1.0 / n), size=draws).astype(float)
-    ops = TorchFrechet("cuda" if device == "cuda" else "torch-cpu")
-    chunk = max(1, min(draws, ops.chunk_bytes // (8 * 4 * dim * dim)))
-    sync(device)
-    start = time.perf_counter()
-    fids = []
-    for s in range(0, draws, chunk):
-        sl = slice(s, min(s + chunk, draws))
-        mu_r, cov_r = ops.resampled_moments(ref, counts[sl])
-        root_r = ops.sqrtm_psd(cov_r)
-        for f in feats:
-            fids.append(ops.frechet_distance(*ops.resampled_moments(f, counts[sl]), mu_r, cov_r, root_r))
-    sync(device)
-    elapsed = time.perf_counter() - start
-    per_record = elapsed / records
     check = min(4, draws)
     mu_r, cov_r = resampled_moments(ref, counts[:check])
     expected = frechet_distance(*resampled_moments(feats[0], counts[:check]), mu_r, cov_r, sqrtm_psd(cov_r))
-    got = fids[0][:check] if chunk >= check else np.concatenate(fids[::records])[:check]
-    rel = float(np.max(np.abs(got - expected) / np.abs(expected)))
-    grid_min = per_record * grid / 60
-    text = (f"{records} records x {draws} draws at {n} samples x {dim} features on {header_device(device)}: "
-            f"{elapsed:.1f} s, {per_record:.2f} s per record (chunks of {chunk} draws), so the paper grid's {grid} "
-            f"records take about {grid_min:.1f} min. Largest relative difference from the numpy path over "
-            f"{check} draws of the first record: {rel:.1e}.")
-    return dict(text=text, seconds_per_record=per_record, grid_minutes=grid_min, max_rel_diff=rel, draws=draws,
-                samples=n, features=dim)
+    methods, texts = {}, []
+    for i, method in enumerate(TRACE_SQRT_METHODS):
+        ops = TorchFrechet("cuda" if device == "cuda" else "torch-cpu", trace_sqrt=method)
+        chunk = max(1, min(draws, ops.chunk_bytes // (8 * 4 * dim * dim)))
+        chunks = [slice(s, min(s + chunk, draws)) for s in range(0, draws, chunk)]
+        sync(device)
+        start = time.perf_counter()
+        refs = []  # the reference's moments and square root per chunk of draws, shared by every record
+        for sl in chunks:
+            mu, cov = ops.resampled_moments(ref, counts[sl])
+            refs.append((mu, cov, ops.sqrtm_psd(cov)))
+        sync(device)
+        ref_s = time.perf_counter() - start
+        fids, times = [], []
+        # Half the time left to the first method, the rest to the second; record by record, so a slow one stops.
+        stop = time.perf_counter() + (deadline - time.perf_counter()) / (len(TRACE_SQRT_METHODS) - i)
+        for f in feats:
+            t0 = time.perf_counter()
+            fids.append(np.concatenate([ops.frechet_distance(*ops.resampled_moments(f, counts[sl]), *r)
+                                        for sl, r in zip(chunks, refs)]))
+            sync(device)
+            times.append(time.perf_counter() - t0)
+            if time.perf_counter() > stop:
+                break
+        per_record = statistics.median(times)
+        rel = float(np.max(np.abs(fids[0][:check] - expected) / np.abs(expected)))
+        grid_min = per_record * grid / 60
+        methods[method] = dict(seconds_per_record=per_record, grid_minutes=grid_min, max_rel_diff=rel,
+                               records=len(times), reference_s=ref_s)
+        texts.append(f"- {method}: {len(times)} records x {draws} draws: {per_record:.2f} s per record (median; "
+                     f"chunks of {chunk} draws; the reference's square roots {ref_s:.1f} s, once per report), so "
+                     f"the paper grid's {grid} records take about {grid_min:.1f} min; largest relative difference "
+                     f"from the numpy path over {check} draws of the first record: {rel:.1e}.")
+    best = min(methods, key=lambda m: methods[m]["seconds_per_record"])
+    text = "\n".join([f"{draws} draws at {n} samples x {dim} features on {header_device(device)}, "
+                      "tr (S1 S2)^(1/2) taken two ways:", ""] + texts)
+    return dict(text=text, methods=methods, fastest=best, draws=draws, samples=n, features=dim,
+                **{k: methods[best][k] for k in ("seconds_per_record", "grid_minutes", "max_rel_diff")})
 
 
 def header_device(device: str) -> str:
@@ -470,11 +510,12 @@ def main(argv=None) -> int:
     print(f"bench_gpu: {len(configs)} configurations on {name}, budget {args.budget_s:.0f} s -> {out}", flush=True)
     for cfg in configs:
         left = args.deadline - reserve - time.perf_counter()
-        needs = 5 if args.dry_run else (60 if cfg.compile != "none" else 25)  # a start that cannot finish is a skip
+        # A start that cannot finish is a skip: the whole backbone compiles for minutes, one block for about one.
+        needs = 5 if args.dry_run else {"none": 25, "blocks": 60, "full": 150}[cfg.compile]
         if left < needs:
             res = Result(config=asdict(cfg), batch=cfg.batch, status="skipped: time budget")
         else:
-            res = run_config(cfg, args, setup, device)
+            res = run_config(cfg, args, setup, device, results)
         results.append(res)
         print(f"  {cfg.name:34s} batch {res.batch:4d}  {res.step_ms:8.1f} ms  {res.images_per_s:8.1f} img/s  "
               f"{res.tflops:6.0f} TFLOP/s  MFU {res.mfu:6.1%}  {res.peak_gib:5.1f} GiB  warm-up {res.warmup_s:5.0f} s"
@@ -482,7 +523,7 @@ def main(argv=None) -> int:
         write_atomic(out, render(results, header, boot))
     if do_bootstrap:
         try:
-            boot = bench_bootstrap(args, device)
+            boot = bench_bootstrap(args, device, args.deadline)
             print(f"  bootstrap: {boot['text']}", flush=True)
         except Exception as exc:  # noqa: BLE001 - recorded, never fatal
             boot = dict(text=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")

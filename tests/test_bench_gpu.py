@@ -36,8 +36,23 @@ def test_dry_run_runs_every_configuration_and_writes_the_results(tmp_path, capsy
     text = out.read_text()
     assert "| d24-default |" in text and "| d15-diffusers |" in text and "SDPA cudnn" not in text  # CPU: math
     largest = next(r for r in data["results"] if r["config"]["name"] == "d15-default-largest")
-    assert largest["batch"] > largest["config"]["batch"] // 2  # the doubling ran
+    assert largest["batch"] == 2 * largest["config"]["batch"]  # the dry run's planned batch ran
     assert data["bootstrap"]["max_rel_diff"] < 1e-6 and data["header"]["dry_run"] is True
+    assert {m: v["max_rel_diff"] < 1e-6 for m, v in data["bootstrap"]["methods"].items()} == {
+        "eigh": True, "newton-schulz": True}
+
+
+def test_largest_batch_is_sized_from_the_defaults_memory(monkeypatch):
+    """Activation memory per sample = (peak - what stays allocated) / batch; the batch fills 90% of the device,
+    rounded down to a multiple of 32; without a fitting default, checkpointing at the default's batch."""
+    bench = load_bench()
+    monkeypatch.setattr(bench.torch.cuda, "get_device_properties",
+                        lambda i: type("P", (), {"total_memory": 100 * 2**30})())
+    cfg = next(c for c in bench.configurations() if c.name == "d24-default-largest")
+    default = bench.Result(config={"name": "d24-default"}, batch=128, peak_gib=60.0, static_gib=20.0)
+    assert bench.largest_batch_plan(cfg, [default], "cuda", False) == (224, False)  # (90 - 20) / (40 / 128)
+    oom = bench.Result(config={"name": "d24-default"}, batch=128, status="failed: out of memory")
+    assert bench.largest_batch_plan(cfg, [oom], "cuda", False) == (128, True)
 
 
 def test_a_failing_configuration_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch):

@@ -33,6 +33,25 @@ def test_batched_frechet_equals_numpy_on_the_same_draws():
     np.testing.assert_allclose(got, expected, rtol=RTOL)
 
 
+def test_newton_schulz_trace_equals_numpy_on_rank_deficient_resamples():
+    """More features than distinct resampled rows (120 rows, ~76 distinct, 96 features): singular covariances, the
+    case where the iteration converges slowest; the Frechet distances still match the numpy path to RTOL."""
+    rng = np.random.default_rng(1)
+    n, d, draws = 120, 96, 5
+    feats = rng.normal(size=(n, d)) * 1.1 + 0.1
+    ref = rng.normal(size=(n, d))
+    counts = rng.multinomial(n, np.full(n, 1 / n), size=draws).astype(float)
+    mu_r, cov_r = resampled_moments(ref, counts)
+    expected = frechet_distance(*resampled_moments(feats, counts), mu_r, cov_r, sqrtm_psd(cov_r))
+    ops = TorchFrechet("torch-cpu", trace_sqrt="newton-schulz")
+    tmu_r, tcov_r = ops.resampled_moments(ref, counts)
+    got = ops.frechet_distance(*ops.resampled_moments(feats, counts), tmu_r, tcov_r, ops.sqrtm_psd(tcov_r))
+    assert np.linalg.matrix_rank(cov_r[0]) < d
+    np.testing.assert_allclose(got, expected, rtol=RTOL)
+    with pytest.raises(ValueError, match="trace_sqrt='svd' is not allowed; allowed: 'eigh', 'newton-schulz'"):
+        TorchFrechet("torch-cpu", trace_sqrt="svd")
+
+
 def test_bootstrap_metrics_on_the_torch_path_equal_the_numpy_path(tmp_path):
     sweep = write_synthetic_sweep(tmp_path / "s", recipes=("rf", "edm"), datasets=("digits",), n_samples=40,
                                   n_reference=60, dim=8)

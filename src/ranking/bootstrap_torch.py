@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 DEVICES = ("auto", "cpu", "cuda", "torch-cpu")
+TRACE_SQRT_METHODS = ("eigh", "newton-schulz")
+NEWTON_SCHULZ_ITERATIONS = 30  # converged to ~1e-8 relative on rank-deficient resampled covariances (tests)
 GPU_CHUNK_BYTES = 4 * 2**30  # memory bound on the (draws, d, d) float64 stacks on a GPU
 CPU_CHUNK_BYTES = 64 * 2**20  # as the numpy path
 
@@ -36,9 +38,12 @@ def resolve_device(device: str) -> str:
 class TorchFrechet:
     """resampled_moments / sqrtm_psd / frechet_distance of the numpy path, float64 torch on one device."""
 
-    def __init__(self, device: str = "cuda"):
+    def __init__(self, device: str = "cuda", trace_sqrt: str = "eigh"):
+        if trace_sqrt not in TRACE_SQRT_METHODS:
+            raise ValueError(f"trace_sqrt={trace_sqrt!r} is not allowed; allowed: {', '.join(map(repr, TRACE_SQRT_METHODS))}")
         self.device = torch.device("cpu" if device == "torch-cpu" else device)
         self.chunk_bytes = GPU_CHUNK_BYTES if self.device.type == "cuda" else CPU_CHUNK_BYTES
+        self.trace_sqrt = trace_sqrt
 
     def _tensor(self, x) -> torch.Tensor:
         return torch.as_tensor(x, dtype=torch.float64, device=self.device)
@@ -64,8 +69,30 @@ class TorchFrechet:
         """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) per draw, as a numpy array (B,)."""
         mu1, cov1, mu2, cov2 = (self._tensor(a) for a in (mu1, cov1, mu2, cov2))
         root2 = self.sqrtm_psd(cov2) if root2 is None else root2
-        eig = torch.linalg.eigvalsh(root2 @ cov1 @ root2)
-        tr_sqrt = eig.clamp(min=0.0).sqrt().sum(dim=-1)
+        product = root2 @ cov1 @ root2
+        if self.trace_sqrt == "eigh":
+            tr_sqrt = torch.linalg.eigvalsh(product).clamp(min=0.0).sqrt().sum(dim=-1)
+        else:
+            tr_sqrt = trace_sqrt_newton_schulz(product)
         trace = cov1.diagonal(dim1=-2, dim2=-1).sum(-1) + cov2.diagonal(dim1=-2, dim2=-1).sum(-1)
         fid = ((mu1 - mu2) ** 2).sum(dim=-1) + trace - 2.0 * tr_sqrt
         return fid.cpu().numpy()
+
+
+def trace_sqrt_newton_schulz(a: torch.Tensor, iterations: int = NEWTON_SCHULZ_ITERATIONS) -> torch.Tensor:
+    """tr A^(1/2) for a stack of symmetric PSD matrices by the coupled Newton-Schulz iteration: matrix products only.
+
+    A GPU runs batched eigh of a few hundred 768 x 768 matrices one matrix at a time; these products run as one
+    batch. A is scaled by its Frobenius norm so every eigenvalue lies in [0, 1], where the iteration converges;
+    eigenvalues at round-off level converge slowly but add only their (negligible) square roots. The count is fixed,
+    not a residual test: on a rank-deficient A (a resample of 1000 rows has ~632 distinct ones) ZY never reaches I,
+    and many more iterations would amplify negative round-off eigenvalues.
+    """
+    norm = torch.linalg.matrix_norm(a).clamp(min=torch.finfo(a.dtype).tiny)
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    y = a / norm[..., None, None]
+    z = eye.expand_as(a)
+    for _ in range(iterations):
+        t = 1.5 * eye - 0.5 * (z @ y)
+        y, z = y @ t, t @ z
+    return y.diagonal(dim1=-2, dim2=-1).sum(-1) * norm.sqrt()
