@@ -89,6 +89,51 @@ class Result:
     static_gib: float = float("nan")  # allocated between steps: weights, optimizer states, the batch
     warmup_s: float = float("nan")
     notes: list[str] = field(default_factory=list)
+    breakdown: dict = field(default_factory=dict)  # --profile: milliseconds per step by kind of kernel
+
+
+# ---- where the step's time goes (--profile) -----------------------------------------------------------------
+# Kernel names by kind, tried in order: attention first (its CUTLASS kernels would otherwise count as matmuls).
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "_scaled_dot_product")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "aten::mm", "aten::addmm", "aten::bmm")),
+    ("optimizer", ("multi_tensor", "adam", "foreach")),
+    ("compiled (inductor)", ("triton_",)),
+    ("copy / cast", ("copy", "memcpy", "memset", "fill", "cat")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def time_breakdown(events, steps: int, step_ms: float, device: str) -> dict:
+    """Milliseconds per step by kind: device kernels on a GPU (self CPU time of operators in the dry run), and the
+    time the device sat idle (the step's time not covered by kernels: launches, synchronisation, Python)."""
+    from torch.autograd import DeviceType
+
+    totals: dict[str, float] = {}
+    for e in events:
+        on_device = e.device_type == DeviceType.CUDA
+        if device == "cuda" and not on_device or device != "cuda" and on_device:
+            continue
+        us = e.time_range.elapsed_us() if on_device else e.self_cpu_time_total
+        totals[kernel_kind(e.name)] = totals.get(kernel_kind(e.name), 0.0) + us / 1e3 / steps
+    if device == "cuda":
+        totals["device idle"] = max(0.0, step_ms - sum(totals.values()))
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def profile_steps(step, device: str, steps: int = 2):
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    return prof.events()
 
 
 # ---- the configurations ---------------------------------------------------------------------------------------
@@ -131,6 +176,8 @@ def configurations(depths=(15, 24), batch=128) -> list[Config]:
         Config(f"d{d}-cuda-graphs-b16", d, 16, compile="full", compile_backend="reduce-overhead", fused_adamw=True,
                fused_modulation=True),
     ]
+    for d in depths:  # inductor's autotuned matmul and attention templates: minutes of compilation per new graph
+        out.append(Config(f"d{d}-default-max-autotune", d, batch, **best, compile_backend="max-autotune-no-cudagraphs"))
     return out
 
 
@@ -261,6 +308,8 @@ def measure(cfg: Config, batch: int, args, setup: dict, device: str) -> Result:
     if device == "cuda":
         res.peak_gib = torch.cuda.max_memory_allocated() / 2**30
         res.static_gib = torch.cuda.memory_allocated() / 2**30
+    if args.profile:
+        res.breakdown = time_breakdown(profile_steps(step, device), 2, res.step_ms, device)
     del model, step, data
     return res
 
@@ -354,6 +403,17 @@ def render(results: list[Result], header: dict, bootstrap: dict | None) -> str:
         lines.append(f"| {c['name']} | {c['depth']} | {r.batch} | {options_text(c)} | {r.step_ms:.1f} | "
                      f"{r.images_per_s:.1f} | {r.tflops:.0f} | {r.mfu:.1%} | {r.peak_gib:.1f} | {r.warmup_s:.0f} | "
                      f"{status} |")
+    profiled = [r for r in results if r.breakdown]
+    if profiled:
+        lines += ["", "## Where the step's time goes (--profile)", "",
+                  "Milliseconds per step by kind of device kernel (torch.profiler, 2 steps after the timed ones); "
+                  "'device idle' is the step's time not covered by kernels.", "",
+                  "| configuration | batch | step (ms) | " + " | ".join(k for k, _ in KERNEL_KINDS) +
+                  " | other | device idle |", "|---|---|---|" + "---|" * (len(KERNEL_KINDS) + 2)]
+        for r in profiled:
+            kinds = [k for k, _ in KERNEL_KINDS] + ["other", "device idle"]
+            cells = [f"{r.breakdown.get(k, 0.0):.1f} ({r.breakdown.get(k, 0.0) / r.step_ms:.0%})" for k in kinds]
+            lines.append(f"| {r.config['name']} | {r.batch} | {r.step_ms:.1f} | " + " | ".join(cells) + " |")
     if bootstrap:
         lines += ["", "## Rank report bootstrap on the GPU", "", bootstrap["text"]]
     payload = {"header": header, "results": [asdict(r) for r in results], "bootstrap": bootstrap}
@@ -461,6 +521,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="time the rank report's bootstrap (default: on when a GPU is present, and in --dry-run)")
     p.add_argument("--no-bootstrap", dest="bootstrap", action="store_false")
     p.add_argument("--bootstrap-records", type=int, default=4, help="records timed (the grid's time scales from them)")
+    p.add_argument("--profile", action="store_true", help="also profile each configuration: time by kind of kernel")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failed configurations")
     return p.parse_args(argv)
 
@@ -511,7 +572,8 @@ def main(argv=None) -> int:
     for cfg in configs:
         left = args.deadline - reserve - time.perf_counter()
         # A start that cannot finish is a skip: the whole backbone compiles for minutes, one block for about one.
-        needs = 5 if args.dry_run else {"none": 25, "blocks": 60, "full": 150}[cfg.compile]
+        needs = 5 if args.dry_run else ({"none": 25, "blocks": 60, "full": 150}[cfg.compile]
+                                         + (90 if "autotune" in cfg.compile_backend else 0))
         if left < needs:
             res = Result(config=asdict(cfg), batch=cfg.batch, status="skipped: time budget")
         else:

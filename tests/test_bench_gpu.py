@@ -92,3 +92,15 @@ def test_without_a_gpu_only_the_dry_run_runs(tmp_path, capsys):
 def test_make_target_runs_the_benchmark():
     dry = subprocess.run(["make", "-n", "bench-gpu"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "bench/bench_gpu.py" in dry
+
+
+def test_profile_breaks_the_step_down_by_kind_of_kernel(tmp_path):
+    bench = load_bench()
+    out = tmp_path / "gpu.md"
+    assert bench.main(["--dry-run", "--profile", "--no-bootstrap", "--out", str(out), "--only", "d15-default"]) == 0
+    breakdown = bench.read_results(out)["results"][0]["breakdown"]
+    assert breakdown["matmul"] > 0 and breakdown["attention"] > 0 and breakdown["optimizer"] > 0
+    assert "## Where the step's time goes" in out.read_text()
+    assert bench.kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+    assert bench.kernel_kind("fmha_cutlassB_f32_aligned_64x64") == "attention"  # before its CUTLASS name
+    assert bench.kernel_kind("triton_per_fused_native_layer_norm_0") == "compiled (inductor)"
