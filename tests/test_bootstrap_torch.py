@@ -8,7 +8,7 @@ import torch
 
 from src.ranking.aggregate import load_sweep
 from src.ranking.bootstrap import bootstrap_metrics, frechet_distance, resampled_moments, sqrtm_psd
-from src.ranking.bootstrap_torch import TorchFrechet, resolve_device
+from src.ranking.bootstrap_torch import TorchFrechet, default_trace_sqrt, resolve_device
 from src.ranking.report import main
 from src.ranking.synthetic import write_synthetic_sweep
 
@@ -50,6 +50,8 @@ def test_newton_schulz_trace_equals_numpy_on_rank_deficient_resamples():
     np.testing.assert_allclose(got, expected, rtol=RTOL)
     with pytest.raises(ValueError, match="trace_sqrt='svd' is not allowed; allowed: 'eigh', 'newton-schulz'"):
         TorchFrechet("torch-cpu", trace_sqrt="svd")
+    # The GPU takes Newton-Schulz by default (faster there: bench/results/gpu.md); the CPU keeps eigh.
+    assert default_trace_sqrt("cuda") == "newton-schulz" and TorchFrechet("torch-cpu").trace_sqrt == "eigh"
 
 
 def test_bootstrap_metrics_on_the_torch_path_equal_the_numpy_path(tmp_path):
