@@ -16,8 +16,9 @@ weights act on one vector per sample, not per token. Validation (every val_every
 level) and evaluation (every sampler setting, x2 with guidance, raw and EMA) add forward passes; they are shown
 apart. GPU-hours = FLOPs / (peak x utilisation) / 3600, at the stated peak (default: H100 SXM dense bf16, 989
 TFLOP/s) and model FLOPs utilisation: --mfu, else the MFU measured by `make bench-gpu` (bench/results/gpu.md) for
-the configuration launched (depth, per-GPU batch, throughput settings) when its device matches --gpu, else 40%
-(bench/results/backbone.md measured 27% for the depth-24 MM-DiT at batch 64 per H100, eager). The plan says which.
+the configuration launched (depth, per-GPU batch, throughput settings) when its device matches --gpu, else 37%
+(the paper grid's launch, d = 15 at batch 128 with the GPU defaults, measured 37.1% on an H200; an H100 has the same
+bf16 peak and less memory bandwidth, so expect no more there). The plan says which.
 
 The status column reads the run directory with the job's own rules: done (trained, and every record the
 configuration wants is in results.json: a relaunch skips it), to evaluate (trained, but records of these evaluation
@@ -40,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 H100_BF16_DENSE_TFLOPS = 989.0
-DEFAULT_MFU = 0.4
+DEFAULT_MFU = 0.37  # the paper grid's launch measured on an H200 (bench/results/gpu.md)
 GPU_RESULTS = CONF_DIR.parent / "bench" / "results" / "gpu.md"  # written by make bench-gpu
 # What the paper's setup feeds the backbone at 256^2 (docs/backbone.md#backbone-mm-dit, docs/training.md#paper-setup; bench/results/backbone.md): SD3-style latents
 # (factor 8, 16 channels), CLIP + T5 context (77 + 77 tokens x 4096), pooled CLIP L + bigG (2048). Used for the keys
@@ -428,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="peak FLOP rate per GPU in TFLOP/s (default: H100 SXM dense bf16, 989)")
     parser.add_argument("--mfu", type=float, default=None,
                         help="model FLOPs utilisation (default: measured in bench/results/gpu.md for the launch, "
-                             "else 0.4)")
+                             "else 0.37)")
     parser.add_argument("--gpu", help="the jobs' GPU, matched against bench/results/gpu.md (default: this machine's "
                                       "GPU, else H100)")
     parser.add_argument("--flops", choices=("count", "6nt"), default="count",

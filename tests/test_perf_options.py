@@ -183,7 +183,7 @@ def test_planner_uses_the_measured_mfu_of_the_launched_configuration(tmp_path, m
     monkeypatch.setattr(plan, "GPU_RESULTS", gpu_md)
     overrides = ["model=mmdit_d15", "model.qk_norm=rms_norm", *SHARDS, f"paths.root_dir={tmp_path}"]
     p = plan.plan_sweep(overrides, gpu="H100")
-    assert p.mfu == plan.DEFAULT_MFU and "the default 40%: gpu.md has no measurement" in p.mfu_source
+    assert p.mfu == plan.DEFAULT_MFU and "the default 37%: gpu.md has no measurement" in p.mfu_source
     write_measurements(gpu_md)
     p = plan.plan_sweep(overrides, gpu="H100")  # 1024 over 8 GPUs: batch 128, the GPU defaults
     assert p.mfu == 0.52 and "measured 52.0% for d15-default (batch 128)" in plan.render(p)
@@ -195,6 +195,19 @@ def test_planner_uses_the_measured_mfu_of_the_launched_configuration(tmp_path, m
     assert plan.plan_sweep(overrides, gpu="H100", mfu=0.3).mfu_source == "given (--mfu)"
     write_measurements(gpu_md, dry_run=True)  # a CPU dry run never stands for a GPU
     assert plan.plan_sweep(overrides, gpu="H100").mfu == plan.DEFAULT_MFU
+
+
+def test_planner_reads_the_committed_gpu_measurements(tmp_path):
+    """bench/results/gpu.md as make bench-gpu wrote it on an H200: the paper grid's launch (d15, batch 128, the GPU
+    defaults) takes its measured MFU there, and the stated default elsewhere."""
+    from src import plan
+    from src.models.perf import read_bench_results
+
+    measured = {r["config"]["name"]: r for r in read_bench_results(plan.GPU_RESULTS)["results"]}["d15-default"]
+    overrides = ["model=mmdit_d15", "model.qk_norm=rms_norm", *SHARDS, f"paths.root_dir={tmp_path}"]
+    p = plan.plan_sweep(overrides, gpu="H200")
+    assert p.mfu == measured["mfu"] and "d15-default (batch 128) on NVIDIA H200" in p.mfu_source
+    assert plan.plan_sweep(overrides, gpu="A100").mfu == plan.DEFAULT_MFU
 
 
 def test_wrapped_backbones_are_not_compiled_by_auto_nor_fused_by_auto(monkeypatch):

@@ -52,7 +52,8 @@ class TorchFrechet:
     def __init__(self, device: str = "cuda", trace_sqrt: str | None = None):
         trace_sqrt = trace_sqrt or default_trace_sqrt(device)
         if trace_sqrt not in TRACE_SQRT_METHODS:
-            raise ValueError(f"trace_sqrt={trace_sqrt!r} is not allowed; allowed: {', '.join(map(repr, TRACE_SQRT_METHODS))}")
+            allowed = ", ".join(map(repr, TRACE_SQRT_METHODS))
+            raise ValueError(f"trace_sqrt={trace_sqrt!r} is not allowed; allowed: {allowed}")
         self.device = torch.device("cpu" if device == "torch-cpu" else device)
         self.chunk_bytes = GPU_CHUNK_BYTES if self.device.type == "cuda" else CPU_CHUNK_BYTES
         self.trace_sqrt = trace_sqrt
