@@ -198,13 +198,14 @@ def test_loader_workers_leave_job_signals_to_the_training_process(folders, monke
     monkeypatch.setenv("SLURM_JOB_ID", "1")
     memory = in_memory(folders / "train")
     loader = StepLoader(StepIndexedBatches(ShardSamples(folders / "train"), 8, seed=5), lambda: 0, 2)
-    it = iter(loader)
-    batches = [next(it)]
-    for worker in it._workers:
-        for signum in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
-            os.kill(worker.pid, signum)
-    time.sleep(0.5)
-    assert all(w.is_alive() for w in it._workers)
-    batches += [next(it) for _ in range(5)]
-    assert_same_batches(StepIndexedBatches(memory, 8, seed=5), batches, 6)
-    del it
+    for when in ("while the workers start", "once they run"):
+        it = iter(loader)
+        batches = [next(it)] if when == "once they run" else []
+        for worker in it._workers:  # while starting: before their worker_init_fn ran (the signals wait, blocked)
+            for signum in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
+                os.kill(worker.pid, signum)
+        time.sleep(0.5)
+        assert all(w.is_alive() for w in it._workers), when
+        batches += [next(it) for _ in range(6 - len(batches))]
+        assert_same_batches(StepIndexedBatches(memory, 8, seed=5), batches, 6)
+        del it

@@ -79,6 +79,11 @@ class StepIndexedBatches(IterableDataset):
             step += workers
 
 
+def job_signals() -> set[signal.Signals]:
+    """The signals a job's every process receives: Ctrl-C, scancel's SIGTERM and submitit's preemption signal."""
+    return {signal.SIGINT, signal.SIGTERM, submitit_signal()} - {None}
+
+
 def ignore_job_signals(worker_id: int | None = None) -> None:
     """Loader workers leave interrupts and preemption to the training process (their worker_init_fn).
 
@@ -86,10 +91,13 @@ def ignore_job_signals(worker_id: int | None = None) -> None:
     whole process group. The training process answers each at a step boundary with a checkpoint
     (src/launch/preemption.py); a worker that died of the signal, or ran submitit's requeue handler itself, would
     fail the fit before that boundary. The workers stop when the training process shuts the loader down, or, if it
-    is killed, when their watchdog sees it gone.
+    is killed, when their watchdog sees it gone. A worker starts with these signals blocked (StepLoader.__iter__):
+    one that came before this function ran waits, and is discarded here, once ignored, as the block is lifted.
     """
-    for signum in {signal.SIGINT, signal.SIGTERM, submitit_signal()} - {None}:
+    signals = job_signals()
+    for signum in signals:
         signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
 
 
 class StepLoader(DataLoader):
@@ -109,7 +117,16 @@ class StepLoader(DataLoader):
 
     def __iter__(self):
         self.dataset.start_step = int(self._start_step())
-        return super().__iter__()
+        if not self.num_workers:
+            return super().__iter__()
+        # The workers start here (forked with this thread's signal mask). Blocked, a job signal that reaches a worker
+        # before its worker_init_fn (ignore_job_signals) ran waits instead of killing it; this process receives its
+        # own copy of the signal as soon as the block is lifted below.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, job_signals())
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class _FixedBatches(IterableDataset):
