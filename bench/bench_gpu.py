@@ -436,7 +436,8 @@ def read_results(path: Path) -> dict | None:
 # ---- the bootstrap on the GPU ---------------------------------------------------------------------------------
 def bench_bootstrap(args, device: str, deadline: float = float("inf")) -> dict:
     """The paper grid's bootstrap (1464 records x 200 draws, 1000 samples x 768 features), timed on a few records,
-    with each way of taking tr (S1 S2)^(1/2): batched eigh (the default) and Newton-Schulz (matrix products only).
+    with each way of taking tr (S1 S2)^(1/2): batched eigh and Newton-Schulz (matrix products only; the GPU's
+    default since this measured it faster: src/ranking/bootstrap_torch.py).
 
     Each record costs the same (the same shapes), so the grid's time is the median time per record x 1464. The
     first record's draws are checked against the numpy path (a few draws, the numpy path is slow). Records stop at
