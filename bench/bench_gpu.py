@@ -343,6 +343,9 @@ def run_config(cfg: Config, args, setup: dict, device: str, done: list[Result] =
     batch, tried = cfg.batch, []
     if cfg.largest_batch:
         batch, checkpointing = largest_batch_plan(cfg, list(done), device, args.dry_run)
+        if batch == cfg.batch and not checkpointing:  # the default's batch is already the largest: measured there
+            return Result(config=asdict(cfg), batch=batch, status=f"skipped: no batch above {batch} fits (from "
+                                                                  f"d{cfg.depth}-default's memory)")
         cfg = Config(**{**asdict(cfg), "activation_checkpointing": checkpointing})
     while True:
         if not args.dry_run:  # each configuration compiles afresh (inductor's on-disk caches keep repeats short)

@@ -53,6 +53,12 @@ def test_largest_batch_is_sized_from_the_defaults_memory(monkeypatch):
     assert bench.largest_batch_plan(cfg, [default], "cuda", False) == (224, False)  # (90 - 20) / (40 / 128)
     oom = bench.Result(config={"name": "d24-default"}, batch=128, status="failed: out of memory")
     assert bench.largest_batch_plan(cfg, [oom], "cuda", False) == (128, True)
+    full = bench.Result(config={"name": "d24-default"}, batch=128, peak_gib=80.0, static_gib=20.0)
+    assert bench.largest_batch_plan(cfg, [full], "cuda", False) == (128, False)  # no room above the default's batch
+    args = bench.parse_args([])  # as on a GPU
+    args.deadline = float("inf")
+    res = bench.run_config(cfg, args, bench.TINY_SETUP, "cuda", [full])  # skipped: nothing is built or measured
+    assert res.status.startswith("skipped: no batch above 128 fits")
 
 
 def test_a_failing_configuration_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch):
