@@ -439,8 +439,9 @@ def read_results(path: Path) -> dict | None:
 # ---- the bootstrap on the GPU ---------------------------------------------------------------------------------
 def bench_bootstrap(args, device: str, deadline: float = float("inf")) -> dict:
     """The paper grid's bootstrap (1464 records x 200 draws, 1000 samples x 768 features), timed on a few records,
-    with each way of taking tr (S1 S2)^(1/2): batched eigh (the default) and Newton-Schulz (matrix products only;
-    faster, but short of 1e-6 on power-law spectra: src/ranking/bootstrap_torch.py).
+    each way the report can take it: the row form (the default when a draw has fewer distinct rows than features, as
+    here: eigenvalues of the ~632 x 632 cross-Gram matrix), and the square-root form with tr (S1 S2)^(1/2) by batched
+    eigh or by Newton-Schulz (matrix products only; short of 1e-6 on power-law spectra: src/ranking/bootstrap_torch.py).
 
     Each record costs the same (the same shapes), so the grid's time is the median time per record x 1464. The
     first record's draws are checked against the numpy path (a few draws, the numpy path is slow). Records stop at
@@ -459,25 +460,28 @@ def bench_bootstrap(args, device: str, deadline: float = float("inf")) -> dict:
     mu_r, cov_r = resampled_moments(ref, counts[:check])
     expected = frechet_distance(*resampled_moments(feats[0], counts[:check]), mu_r, cov_r, sqrtm_psd(cov_r))
     methods, texts = {}, []
-    for i, method in enumerate(TRACE_SQRT_METHODS):
-        ops = TorchFrechet("cuda" if device == "cuda" else "torch-cpu", trace_sqrt=method)
+    forms = ("rows", *TRACE_SQRT_METHODS)
+    for i, method in enumerate(forms):
+        ops = TorchFrechet("cuda" if device == "cuda" else "torch-cpu",
+                           trace_sqrt="eigh" if method == "rows" else method)
+        resample, distance = ((ops.resampled_rows, ops.frechet_distance_rows) if method == "rows" else
+                              (ops.resampled_moments, ops.frechet_distance))
         chunk = max(1, min(draws, ops.chunk_bytes // (8 * 4 * dim * dim)))
         chunks = [slice(s, min(s + chunk, draws)) for s in range(0, draws, chunk)]
         sync(device)
         start = time.perf_counter()
-        refs = []  # the reference's moments and square root per chunk of draws, shared by every record
+        refs = []  # the reference's rows, or moments and square root, per chunk of draws, shared by every record
         for sl in chunks:
-            mu, cov = ops.resampled_moments(ref, counts[sl])
-            refs.append((mu, cov, ops.sqrtm_psd(cov)))
+            mu, second = resample(ref, counts[sl])
+            refs.append((mu, second) if method == "rows" else (mu, second, ops.sqrtm_psd(second)))
         sync(device)
         ref_s = time.perf_counter() - start
         fids, times = [], []
         # Half the time left to the first method, the rest to the second; record by record, so a slow one stops.
-        stop = time.perf_counter() + (deadline - time.perf_counter()) / (len(TRACE_SQRT_METHODS) - i)
+        stop = time.perf_counter() + (deadline - time.perf_counter()) / (len(forms) - i)
         for f in feats:
             t0 = time.perf_counter()
-            fids.append(np.concatenate([ops.frechet_distance(*ops.resampled_moments(f, counts[sl]), *r)
-                                        for sl, r in zip(chunks, refs)]))
+            fids.append(np.concatenate([distance(*resample(f, counts[sl]), *r) for sl, r in zip(chunks, refs)]))
             sync(device)
             times.append(time.perf_counter() - t0)
             if time.perf_counter() > stop:
@@ -487,14 +491,14 @@ def bench_bootstrap(args, device: str, deadline: float = float("inf")) -> dict:
         grid_min = per_record * grid / 60
         methods[method] = dict(seconds_per_record=per_record, grid_minutes=grid_min, max_rel_diff=rel,
                                records=len(times), reference_s=ref_s)
-        texts.append(f"- {method}: {len(times)} records x {draws} draws: {per_record:.2f} s per record (median; "
-                     f"chunks of {chunk} draws; the reference's square roots {ref_s:.1f} s, once per report), so "
+        texts.append(f"- {method if method == 'rows' else 'square roots, ' + method}: {len(times)} records x {draws} draws: {per_record:.2f} s per record (median; "
+                     f"chunks of {chunk} draws; the reference's own work {ref_s:.1f} s, once per report), so "
                      f"the paper grid's {grid} records take about {grid_min:.1f} min; largest relative difference "
                      f"from the numpy path over {check} draws of the first record: {rel:.1e}.")
     text = "\n".join([f"{draws} draws at {n} samples x {dim} features on {header_device(device)}, "
-                      "tr (S1 S2)^(1/2) taken two ways:", ""] + texts)
-    return dict(text=text, methods=methods, draws=draws, samples=n, features=dim,  # headline: the default, eigh
-                **{k: methods["eigh"][k] for k in ("seconds_per_record", "grid_minutes", "max_rel_diff")})
+                      "the Frechet distances taken three ways:", ""] + texts)
+    return dict(text=text, methods=methods, draws=draws, samples=n, features=dim,  # headline: the report's, rows
+                **{k: methods["rows"][k] for k in ("seconds_per_record", "grid_minutes", "max_rel_diff")})
 
 
 def header_device(device: str) -> str:

@@ -39,7 +39,7 @@ def test_dry_run_runs_every_configuration_and_writes_the_results(tmp_path, capsy
     assert largest["batch"] == 2 * largest["config"]["batch"]  # the dry run's planned batch ran
     assert data["bootstrap"]["max_rel_diff"] < 1e-6 and data["header"]["dry_run"] is True
     assert {m: v["max_rel_diff"] < 1e-6 for m, v in data["bootstrap"]["methods"].items()} == {
-        "eigh": True, "newton-schulz": True}
+        "rows": True, "eigh": True, "newton-schulz": True}
 
 
 def test_largest_batch_is_sized_from_the_defaults_memory(monkeypatch):

@@ -54,9 +54,10 @@ def test_newton_schulz_trace_equals_numpy_on_a_flat_spectrum():
     assert TorchFrechet("torch-cpu").trace_sqrt == "eigh"  # the default (see trace_sqrt_newton_schulz)
 
 
-def test_bootstrap_metrics_on_the_torch_path_equal_the_numpy_path(tmp_path):
+@pytest.mark.parametrize("dim", [8, 48])  # more distinct rows than features (square roots), fewer (the row form)
+def test_bootstrap_metrics_on_the_torch_path_equal_the_numpy_path(tmp_path, dim):
     sweep = write_synthetic_sweep(tmp_path / "s", recipes=("rf", "edm"), datasets=("digits",), n_samples=40,
-                                  n_reference=60, dim=8)
+                                  n_reference=60, dim=dim)
     records = load_sweep([sweep]).records
     numpy_draws = bootstrap_metrics(records, 12, seed=3, device="cpu")
     torch_draws = bootstrap_metrics(records, 12, seed=3, device="torch-cpu")

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from scipy import linalg
 
-from src.metrics.frechet import fid_from_features, frechet_distance
+from src.metrics.frechet import fid_from_features, frechet_distance, frechet_distance_rows
 from src.ranking.aggregate import load_sweep, pool_seeds, rank_table, setting_groups
-from src.ranking.bootstrap import bootstrap_metrics, bootstrap_ranks, inseparable_pairs, prob_better, resampled_moments
+from src.ranking.bootstrap import (bootstrap_metrics, bootstrap_ranks, inseparable_pairs, prob_better, resampled_moments,
+                                   resampled_rows, use_rows)
 from src.ranking.synthetic import write_synthetic_sweep
 
 RECIPES = ("good", "twin-a", "twin-b")
@@ -50,6 +51,58 @@ def test_resampled_moments_equal_moments_of_repeated_rows():
     batched = frechet_distance(mu, cov, mu[::-1], cov[::-1])
     first, last = (np.repeat(x, counts[b].astype(int), axis=0) for b in (0, 3))
     assert batched[0] == pytest.approx(scipy_fid(first, last))
+
+
+def test_row_form_equals_the_metric_frechet_distance_on_resampled_draws():
+    """The bootstrap's row form (a draw with fewer distinct rows than features: 60 rows resampled, ~38 distinct, 48
+    features) gives the metric's distance, and its rows reproduce the resampled covariance."""
+    rng = np.random.default_rng(4)
+    n, d = 60, 48
+    x = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) / 5
+    ref = rng.normal(size=(n, d)) + 0.3
+    counts, ref_counts = (rng.multinomial(n, np.full(n, 1 / n), size=5).astype(float) for _ in range(2))
+    mu, cov = resampled_moments(x, counts)
+    mu_rows, rows = resampled_rows(x, counts)
+    np.testing.assert_allclose(mu_rows, mu, rtol=1e-12)
+    np.testing.assert_allclose(np.swapaxes(rows, -1, -2) @ rows, cov, rtol=1e-10, atol=1e-12)
+    expected = frechet_distance(mu, cov, *resampled_moments(ref, ref_counts))
+    np.testing.assert_allclose(frechet_distance_rows(mu_rows, rows, *resampled_rows(ref, ref_counts)), expected,
+                               rtol=1e-8)
+    assert use_rows(counts, ref_counts, d) and not use_rows(counts, ref_counts, 20)
+
+
+def test_row_form_is_accurate_on_a_steep_spectrum():
+    """Eigenvalues ~ i^-2, like real embeddings': the row form agrees to 1e-6 with the sum of the singular values
+    of K = B1 B2^T, which never squares the condition number."""
+    rng = np.random.default_rng(5)
+    n, d = 300, 256
+    scale = np.arange(1, d + 1) ** -1.0
+    basis = np.linalg.qr(rng.normal(size=(d, d)))[0]
+    x, ref = ((rng.normal(size=(n, d)) * scale) @ basis + shift for shift in (0.01, 0.0))
+    counts, ref_counts = (rng.multinomial(n, np.full(n, 1 / n), size=3).astype(float) for _ in range(2))
+    (mu1, b1), (mu2, b2) = resampled_rows(x, counts), resampled_rows(ref, ref_counts)
+    nuclear = np.linalg.svd(b1 @ np.swapaxes(b2, -1, -2), compute_uv=False).sum(-1)
+    exact = ((mu1 - mu2) ** 2).sum(-1) + (b1**2).sum((-1, -2)) + (b2**2).sum((-1, -2)) - 2 * nuclear
+    np.testing.assert_allclose(frechet_distance_rows(mu1, b1, mu2, b2), exact, rtol=1e-6)
+
+
+def test_bootstrap_takes_the_row_form_when_draws_have_fewer_rows_than_features(tmp_path, monkeypatch):
+    """40 samples, 48 features: the row form; its draws equal the square-root form's (use_rows forced off)."""
+    import src.ranking.bootstrap as bootstrap
+
+    sweep = write_synthetic_sweep(tmp_path / "s", recipes=("rf", "edm"), datasets=("digits",), n_samples=40,
+                                  n_reference=60, dim=48)
+    records = load_sweep([sweep]).records
+    calls = []
+    monkeypatch.setattr(bootstrap, "use_rows", lambda *a: calls.append(bootstrap_use_rows(*a)) or calls[-1])
+    rows = bootstrap_metrics(records, 6, seed=1)
+    assert calls and all(calls)
+    monkeypatch.setattr(bootstrap, "use_rows", lambda *a: False)
+    # 1e-6: the square-root form adds sqrt(round-off) for each of the ~23 zero eigenvalues (about 1e-8 relative)
+    np.testing.assert_allclose(rows.fid, bootstrap_metrics(records, 6, seed=1).fid, rtol=1e-6)
+
+
+bootstrap_use_rows = use_rows
 
 
 @pytest.fixture

@@ -60,6 +60,28 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, root2: np.ndarray | None = None):
     return float(out) if np.ndim(out) == 0 else out
 
 
+def frechet_distance_rows(mu1, rows1, mu2, rows2):
+    """The same d^2 from each side's rows B with B^T B = sigma (..., m, d), for stacks of low-rank covariances.
+
+    The bootstrap's resampled covariances have rank below d whenever a draw holds fewer distinct rows than
+    features (1000 samples resampled: ~632 distinct; CLIP L/14: 768 features). Then, with S1 = B1^T B1 and
+    S2 = B2^T B2, the non-zero eigenvalues of S1 S2 are those of K K^T with K = B1 B2^T (m1 x m2), so
+    tr (S1 S2)^(1/2) is the sum of the square roots of the eigenvalues of the smaller of K K^T and K^T K, and
+    tr S = |B|_F^2: no d x d square root at all. Zero rows (padding) add zero eigenvalues and change nothing.
+    In the bootstrap at 1000 x 768 on one CPU thread it is 3.0x faster (bench/results/bootstrap.md), and on steep
+    spectra the more accurate form: it agrees with the singular values of K, which never square the condition
+    number, to 2.5e-7 where the square-root form is 3e-6 off (eigenvalues ~ i^-2; tests/test_ranking_bootstrap.py).
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    rows1, rows2 = np.asarray(rows1, np.float64), np.asarray(rows2, np.float64)
+    k = rows1 @ np.swapaxes(rows2, -1, -2)
+    gram = k @ np.swapaxes(k, -1, -2) if k.shape[-2] <= k.shape[-1] else np.swapaxes(k, -1, -2) @ k
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0.0, None)).sum(axis=-1)
+    trace = (rows1**2).sum(axis=(-1, -2)) + (rows2**2).sum(axis=(-1, -2))
+    out = np.maximum(0.0, ((mu1 - mu2) ** 2).sum(axis=-1) + trace - 2.0 * tr_covmean)
+    return float(out) if np.ndim(out) == 0 else out
+
+
 def fid_from_features(features_a, features_b) -> float:
     """Frechet distance between the Gaussian fits of two (n, d) feature sets."""
     return frechet_distance(*feature_statistics(features_a), *feature_statistics(features_b))

@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from src.metrics.frechet import frechet_distance, sqrtm_psd
+from src.metrics.frechet import frechet_distance, frechet_distance_rows, sqrtm_psd
 from src.ranking.aggregate import column_indicators, fronts_per_setting, mean_over_settings
 from src.ranking.paper import COLUMNS, spearman_draws
 
@@ -52,6 +52,26 @@ def resampled_moments(x: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np
     return mean0 + centre, cov
 
 
+def resampled_rows(x: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (B, d) and rows (B, m, d) with rows^T rows = the covariance of resampled_moments: each distinct drawn row,
+    centred on the draw's mean and weighted by sqrt(count / (n - 1)); zero rows pad the draws to the largest m."""
+    n = x.shape[0]
+    centre = x.mean(axis=0)
+    x0 = x - centre
+    mean0 = counts @ x0 / n
+    drawn = counts > 0
+    m = int(drawn.sum(axis=1).max())
+    order = np.argsort(~drawn, axis=1, kind="stable")[:, :m]  # each draw's drawn rows first
+    weight = np.sqrt(np.take_along_axis(counts, order, axis=1) / (n - 1))  # 0 on the padding
+    rows = weight[..., None] * (x0[order] - mean0[:, None, :])
+    return mean0 + centre, rows
+
+
+def use_rows(counts: np.ndarray, ref_counts: np.ndarray, dim: int) -> bool:
+    """Whether the row form (frechet_distance_rows) is the smaller problem: fewer distinct drawn rows than features."""
+    return min(int((counts > 0).sum(axis=1).max()), int((ref_counts > 0).sum(axis=1).max())) < dim
+
+
 # ---------------------------------------------------------------------------------------------- per-record draws
 
 
@@ -70,7 +90,8 @@ def bootstrap_metrics(records: pd.DataFrame, draws: int, seed: int = 0,
 
     progress, when given, hears the estimated duration once a record has been timed (when it is over
     PROGRESS_AFTER_S) and then every tenth of the draws: at the paper's scale (1464 records, 1000 samples of 768
-    features) one draw of one record costs about 0.1 s on one core, so 200 draws take hours on a CPU.
+    features) one draw of one record costs about 40 ms on one core (the row form; bench/results/bootstrap.md), so
+    200 draws take hours on a CPU.
     device: where the Frechet distances are computed (src/ranking/bootstrap_torch.py: cpu = numpy, cuda, auto).
     """
     if int(draws) < 1:
@@ -108,15 +129,24 @@ def bootstrap_metrics(records: pd.DataFrame, draws: int, seed: int = 0,
         sl = slice(start, min(start + chunk, draws))
         clock.chunk_done(start)
         for path, ref in references.items():
-            mu_r, cov_r = ops.resampled_moments(ref, ref_counts[path][sl])
-            root_r = ops.sqrtm_psd(cov_r)  # shared by every record with this reference
+            ref_draws = ref_counts[path][sl]
+            ref_forms: dict[str, tuple] = {}  # the reference's rows, or moments and root: once per chunk, shared
             for row, feats in features.items():
                 if records["reference_arrays"].iat[row] != path:
                     continue
                 if feats is None:
                     feats = _load_record(records, row, references, {})[1]
                 counts = sample_counts[(records["dataset"].iat[row], len(feats))][sl]
-                result.fid[sl, row] = ops.frechet_distance(*ops.resampled_moments(feats, counts), mu_r, cov_r, root_r)
+                if use_rows(counts, ref_draws, ref.shape[1]):  # fewer distinct rows than features: the row form
+                    if "rows" not in ref_forms:
+                        ref_forms["rows"] = ops.resampled_rows(ref, ref_draws)
+                    fid = ops.frechet_distance_rows(*ops.resampled_rows(feats, counts), *ref_forms["rows"])
+                else:
+                    if "moments" not in ref_forms:
+                        mu_r, cov_r = ops.resampled_moments(ref, ref_draws)
+                        ref_forms["moments"] = (mu_r, cov_r, ops.sqrtm_psd(cov_r))
+                    fid = ops.frechet_distance(*ops.resampled_moments(feats, counts), *ref_forms["moments"])
+                result.fid[sl, row] = fid
                 clock.record_done(sl.stop - sl.start)
     return result
 
@@ -128,7 +158,8 @@ def _frechet_ops(device: str):
     device = resolve_device(device)
     if device == "cpu":
         return SimpleNamespace(resampled_moments=resampled_moments, sqrtm_psd=sqrtm_psd,
-                               frechet_distance=frechet_distance, chunk_bytes=CHUNK_BYTES)
+                               frechet_distance=frechet_distance, resampled_rows=resampled_rows,
+                               frechet_distance_rows=frechet_distance_rows, chunk_bytes=CHUNK_BYTES)
     return TorchFrechet(device)
 
 

@@ -82,6 +82,30 @@ class TorchFrechet:
         fid = ((mu1 - mu2) ** 2).sum(dim=-1) + trace - 2.0 * tr_sqrt
         return fid.cpu().numpy()
 
+    def resampled_rows(self, x, counts) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean (B, d) and zero-padded rows (B, m, d) with rows^T rows = the resampled covariance (numpy twin)."""
+        x, counts = self._tensor(x), self._tensor(counts)
+        n = x.shape[0]
+        centre = x.mean(dim=0)
+        x0 = x - centre
+        mean0 = counts @ x0 / n
+        drawn = counts > 0
+        m = int(drawn.sum(dim=1).max())
+        order = torch.argsort((~drawn).to(torch.int8), dim=1, stable=True)[:, :m]  # each draw's drawn rows first
+        weight = (torch.gather(counts, 1, order) / (n - 1)).sqrt()  # 0 on the padding
+        rows = weight.unsqueeze(-1) * (x0[order] - mean0.unsqueeze(1))
+        return mean0 + centre, rows
+
+    def frechet_distance_rows(self, mu1, rows1, mu2, rows2) -> np.ndarray:
+        """d^2 from each side's rows (src/metrics/frechet.py frechet_distance_rows), as a numpy array (B,)."""
+        mu1, rows1, mu2, rows2 = (self._tensor(a) for a in (mu1, rows1, mu2, rows2))
+        k = rows1 @ rows2.transpose(-1, -2)
+        gram = k @ k.transpose(-1, -2) if k.shape[-2] <= k.shape[-1] else k.transpose(-1, -2) @ k
+        tr_sqrt = torch.linalg.eigvalsh(gram).clamp(min=0.0).sqrt().sum(dim=-1)
+        trace = (rows1**2).sum(dim=(-1, -2)) + (rows2**2).sum(dim=(-1, -2))
+        fid = ((mu1 - mu2) ** 2).sum(dim=-1) + trace - 2.0 * tr_sqrt
+        return fid.clamp(min=0.0).cpu().numpy()
+
 
 def trace_sqrt_newton_schulz(a: torch.Tensor, iterations: int = NEWTON_SCHULZ_ITERATIONS) -> torch.Tensor:
     """tr A^(1/2) for a stack of symmetric PSD matrices by the coupled Newton-Schulz iteration: matrix products only.
