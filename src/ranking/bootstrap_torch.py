@@ -3,8 +3,9 @@
 The same math as the numpy path of src/ranking/bootstrap.py, on (draws, d, d) stacks: the resampled covariance as
 one batched product of count-weighted centred features, the reference's square root by eigh, and
 tr (S1 S2)^(1/2) = tr (S2^(1/2) S1 S2^(1/2))^(1/2) of the symmetric PSD product, as the sum of the square roots of
-its eigenvalues (eigh). Results equal the numpy path's to 1e-6 relative on the same draws
-(tests/test_bootstrap_torch.py).
+its eigenvalues (eigh); and the row form (frechet_distance_rows: eigenvalues of the cross-Gram matrix of the
+resampled rows), which the report takes when draws hold fewer distinct rows than features. Results equal the numpy
+path's to 1e-6 relative on the same draws (tests/test_bootstrap_torch.py).
 The Newton-Schulz iteration (trace_sqrt="newton-schulz", matrix products only) ran 3.7x faster on an H200 but is not
 accurate enough to be a default: see trace_sqrt_newton_schulz.
 
@@ -39,7 +40,8 @@ def resolve_device(device: str) -> str:
 
 
 class TorchFrechet:
-    """resampled_moments / sqrtm_psd / frechet_distance of the numpy path, float64 torch on one device."""
+    """resampled_moments / sqrtm_psd / frechet_distance and resampled_rows / frechet_distance_rows of the numpy
+    path, float64 torch on one device."""
 
     def __init__(self, device: str = "cuda", trace_sqrt: str = "eigh"):
         if trace_sqrt not in TRACE_SQRT_METHODS:
@@ -116,8 +118,8 @@ def trace_sqrt_newton_schulz(a: torch.Tensor, iterations: int = NEWTON_SCHULZ_IT
     and grow 2.25x per iteration (the iteration diverges past ~45), while the small true eigenvalues of a power-law
     spectrum (like real embeddings') still need more. Measured against the numpy path (1000 x 768, two draws): flat
     spectrum 2.6e-8 at 30 iterations; eigenvalues ~ i^-1 5.5e-6 at 30, 1.7e-7 at 40; ~ i^-2 at best 1.1e-5 (45), then
-    divergence. The 1e-6 the report promises is not reached everywhere, so eigh stays the default; a full-rank
-    formulation (the Gram matrix of the resampled rows) is the way to a fast exact one.
+    divergence. The 1e-6 the report promises is not reached everywhere, so eigh stays the default. The row form's
+    cross-Gram matrix, made full-rank by deflating its known null vectors, is where this iteration could converge.
     """
     norm = torch.linalg.matrix_norm(a).clamp(min=torch.finfo(a.dtype).tiny)
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
