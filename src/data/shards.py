@@ -146,6 +146,9 @@ class ShardWriter:
         self._numel = 0
         self._tar: wds.TarWriter | None = None
         self._tmp_path: Path | None = None
+        # Where each sample's training members land, known as they are written (plain ustar layout, checked per
+        # sample); None once a sample's layout did not check out: the index is then built by scanning the shards.
+        self._index: tuple[list, list, list] | None = ([], [], [])
 
     def __enter__(self) -> "ShardWriter":
         # Start from an empty folder: a stale meta.json must not outlive the rewrite.
@@ -166,7 +169,9 @@ class ShardWriter:
             return
         self._finish_shard()
         if self.count:  # (none: _write_meta refuses the folder)
-            save_npz(self.shard_dir / INDEX_FILE, **build_index([str(self.shard_dir / n) for n in self.shards]))
+            paths = [str(self.shard_dir / n) for n in self.shards]
+            save_npz(self.shard_dir / INDEX_FILE, **(pack_index(*self._index, paths) if self._index is not None
+                                                     else build_index(paths)))
         self._write_meta()
 
     def write(self, latent, context, pooled, caption: str, extras: dict | None = None) -> None:
@@ -182,14 +187,16 @@ class ShardWriter:
                 raise ValueError(f"sample {self.count}: {name} has non-finite values after float16 conversion")
         if self._tar is None:
             self._open_shard()
-        self._tar.write({
-            "__key__": f"{self.count:09d}",
+        sample = {
             "latent.npy": npy_bytes(latent16),
             "context.npy": npy_bytes(context16),
             "pooled.npy": npy_bytes(pooled16),
             "txt": caption.encode("utf-8"),
             "json": json.dumps(extras or {}, sort_keys=True).encode("utf-8"),
-        })
+        }
+        pos = self._tar.tarstream.offset
+        self._tar.write({"__key__": f"{self.count:09d}", **sample})
+        self._record_layout(pos, sample)
         stored = latent16.astype(np.float64)  # statistics of what a reader will see
         self._sum += float(stored.sum())
         self._sumsq += float((stored**2).sum())
@@ -197,6 +204,23 @@ class ShardWriter:
         self.count += 1
         if self.count % self.samples_per_shard == 0:
             self._finish_shard()
+
+    def _record_layout(self, pos: int, sample: dict[str, bytes]) -> None:
+        """Index the sample just written from its members' sizes: TarWriter writes them in sorted key order, each
+        a 512-byte ustar header and its data padded to 512 bytes. Checked against where the tar stream ended up."""
+        if self._index is None:
+            return
+        where = {}
+        for ext in sorted(sample):
+            where[ext] = (pos + _TAR_BLOCK, len(sample[ext]))
+            pos += _TAR_BLOCK + -(-len(sample[ext]) // _TAR_BLOCK) * _TAR_BLOCK
+        if pos != self._tar.tarstream.offset:  # another header layout (PAX, GNU long names): scan at the end
+            self._index = None
+            return
+        shard_ids, offsets, sizes = self._index
+        shard_ids.append(len(self.shards) - 1)
+        offsets.append([where[m][0] for m in TRAIN_MEMBERS])
+        sizes.append([where[m][1] for m in TRAIN_MEMBERS])
 
     def _check_shapes(self, shapes: dict[str, list[int]]) -> None:
         if len(shapes["latent"]) != 3 or len(shapes["context"]) != 2 or len(shapes["pooled"]) != 1:
@@ -403,6 +427,11 @@ def build_index(paths: Sequence[str]) -> dict[str, np.ndarray]:
             shard_ids.append(s)
             offsets.append([members[m][0] for m in TRAIN_MEMBERS])
             sizes.append([members[m][1] for m in TRAIN_MEMBERS])
+    return pack_index(shard_ids, offsets, sizes, paths)
+
+
+def pack_index(shard_ids: list[int], offsets: list, sizes: list, paths: Sequence[str]) -> dict[str, np.ndarray]:
+    """The index arrays of build_index from each sample's shard, member offsets and member sizes."""
     offset = np.asarray(offsets, dtype=np.int64).reshape(-1, len(TRAIN_MEMBERS))
     size = np.asarray(sizes, dtype=np.int64).reshape(-1, len(TRAIN_MEMBERS))
     start = offset[:, 0].copy()
