@@ -213,7 +213,7 @@ class ShardWriter:
         where = {}
         for ext in sorted(sample):
             where[ext] = (pos + _TAR_BLOCK, len(sample[ext]))
-            pos += _TAR_BLOCK + -(-len(sample[ext]) // _TAR_BLOCK) * _TAR_BLOCK
+            pos += member_span(len(sample[ext]))
         if pos != self._tar.tarstream.offset:  # another header layout (PAX, GNU long names): scan at the end
             self._index = None
             return
@@ -377,6 +377,11 @@ TRAIN_MEMBERS = ("latent.npy", "context.npy", "pooled.npy")  # what a training b
 _TAR_BLOCK = 512
 
 
+def member_span(size: int) -> int:
+    """Bytes a plain ustar member of `size` data bytes takes: its 512-byte header and the data padded to 512."""
+    return _TAR_BLOCK + -(-size // _TAR_BLOCK) * _TAR_BLOCK
+
+
 def _scan_tar(path: str) -> list[tuple[str, str, int, int]]:
     """(key, extension, data offset, size) of every regular member, in file order, from the tar headers alone.
 
@@ -396,7 +401,7 @@ def _scan_tar(path: str) -> list[tuple[str, str, int, int]]:
             size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
             key, _, ext = name.partition(".")
             members.append((key, ext, pos + _TAR_BLOCK, size))
-            pos += _TAR_BLOCK + -(-size // _TAR_BLOCK) * _TAR_BLOCK
+            pos += member_span(size)
     return members
 
 
