@@ -1,12 +1,15 @@
-"""The rank report's bootstrap FIDs at the paper's sample size: the row form against the square-root form, one run.
+"""The rank report's bootstrap FIDs at the paper's sample size: the row form against the square-root form, and
+the worker threads against one thread and against BLAS threading alone, one run.
 
 A resample of 1000 evaluation samples holds about 632 distinct rows, fewer than CLIP L/14's 768 features, so the
 bootstrap takes frechet_distance_rows (the eigenvalues of a ~632 x 632 cross-Gram matrix; no d x d square root).
-This times bootstrap_metrics (numpy, the CPU path) with it and with the square-root form forced (use_rows off), on
-the same records and draws, interleaved, and checks the two agree.
+Part 1 times bootstrap_metrics (numpy, the CPU path) on one worker with it and with the square-root form forced
+(use_rows off), on the same records and draws, interleaved, and checks the two agree. Part 2 times the row form with
+1 and with every usable core's worker threads (BLAS held to one thread each, the report's default), against the
+serial loop with BLAS threading over every core (the report before it had workers), and checks the draws are equal.
 
-    python bench/bench_bootstrap.py                  # 4 records x 8 draws, 1000 x 768, one thread (~30 s)
-    python bench/bench_bootstrap.py --draws 16 --records 4
+    python bench/bench_bootstrap.py                  # 4 records x 8 draws, 1000 x 768 (~1 min on 2 cores)
+    python bench/bench_bootstrap.py --draws 16 --records 8
 
 Results go to bench/results/bootstrap.md.
 """
@@ -19,7 +22,9 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -28,58 +33,72 @@ RESULTS = ROOT / "bench" / "results" / "bootstrap.md"
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--records", type=int, default=4)
+    p.add_argument("--records", type=int, default=4, help="records (parallel work within a chunk of draws)")
     p.add_argument("--draws", type=int, default=8)
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--features", type=int, default=768)
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (medians reported)")
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(args.threads)  # before numpy loads its BLAS
 
     import numpy as np
+    from threadpoolctl import threadpool_info
 
     import src.ranking.bootstrap as bootstrap
     from src.ranking.aggregate import load_sweep
     from src.ranking.synthetic import write_synthetic_sweep
 
+    cores = bootstrap.resolve_workers(0)
+    blas = max((pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"), default=1)
+    record_pool = bootstrap._record_pool
+
+    @contextmanager
+    def blas_threads_only(workers):  # the serial loop with BLAS's own threads (before the worker threads)
+        yield SimpleNamespace(map=map)
+
     with tempfile.TemporaryDirectory() as tmp:
-        recipes = ("rf", "edm", "eps/linear", "v/cos")[: max(1, args.records)]
-        sweep = write_synthetic_sweep(Path(tmp) / "s", recipes=recipes, datasets=("digits",), n_samples=args.samples,
-                                      n_reference=args.samples, dim=args.features, sampler_settings=[(50, 1.0)])
+        recipes = ("rf", "edm", "eps/linear", "v/cos")
+        sweep = write_synthetic_sweep(Path(tmp) / "s", recipes=recipes[: max(1, min(4, args.records))],
+                                      datasets=("digits",), n_samples=args.samples, n_reference=args.samples,
+                                      dim=args.features, sampler_settings=[(50, 1.0), (25, 1.0), (10, 1.0)])
         records = load_sweep([sweep]).records.iloc[: args.records]
         use_rows = bootstrap.use_rows
-        times = {"rows": [], "square roots": []}
+        runs = {"rows, 1 worker": dict(workers=1), "square roots, 1 worker": dict(workers=1, form=False),
+                f"rows, {cores} workers": dict(workers=cores),
+                f"rows, serial, BLAS on {blas} threads": dict(workers=1, pool=blas_threads_only)}
+        bootstrap.bootstrap_metrics(records, 1, seed=0, workers=1)  # warm-up: first calls load BLAS/LAPACK paths
+        times = {name: [] for name in runs}
         out = {}
         for _ in range(args.reps):
-            for form in times:
-                bootstrap.use_rows = use_rows if form == "rows" else (lambda *a: False)
+            for name, run in runs.items():
+                bootstrap.use_rows = use_rows if run.get("form", True) else (lambda *a: False)
+                bootstrap._record_pool = run.get("pool", record_pool)
                 start = time.perf_counter()
-                out[form] = bootstrap.bootstrap_metrics(records, args.draws, seed=0).fid
-                times[form].append(time.perf_counter() - start)
-        bootstrap.use_rows = use_rows
-    per = {form: statistics.median(t) / (len(records) * args.draws) for form, t in times.items()}
-    rel = float(np.max(np.abs(out["rows"] - out["square roots"]) / np.abs(out["square roots"])))
-    speedup = per["square roots"] / per["rows"]
+                out[name] = bootstrap.bootstrap_metrics(records, args.draws, seed=0, workers=run["workers"]).fid
+                times[name].append(time.perf_counter() - start)
+        bootstrap.use_rows, bootstrap._record_pool = use_rows, record_pool
+    per = {name: statistics.median(t) / (len(records) * args.draws) for name, t in times.items()}
+    rows1, sqrt1, rows_w, rows_blas = runs
+    rel = float(np.max(np.abs(out[rows1] - out[sqrt1]) / np.abs(out[sqrt1])))
+    equal = all(np.array_equal(out[rows1], out[name]) for name in (rows_w,))
     text = "\n".join([
-        "# Bootstrap FIDs: the row form vs the square-root form",
+        "# Bootstrap FIDs: the row form vs the square-root form; worker threads",
         "",
         "Written by `python bench/bench_bootstrap.py` (bench/bench_bootstrap.py).",
         "",
-        f"numpy on the CPU, {args.threads} thread(s); {len(records)} records x {args.draws} draws of {args.samples} "
+        f"numpy on the CPU ({cores} usable cores); {len(records)} records x {args.draws} draws of {args.samples} "
         f"samples x {args.features} features (synthetic sweep), the reference resampled too; medians of "
-        f"{args.reps} interleaved repetitions of bootstrap_metrics, per record and draw (the reference's own "
-        "work, once per draw, included).",
+        f"{args.reps} interleaved repetitions of bootstrap_metrics, wall time per record and draw (the reference's "
+        "own work, once per chunk of draws, included).",
         "",
-        "| form | per record and draw (ms) |",
+        "| run | per record and draw (ms) |",
         "|---|---|",
-        f"| rows (frechet_distance_rows, the default when a draw has fewer distinct rows than features) | "
-        f"{per['rows'] * 1e3:.0f} |",
-        f"| square roots (frechet_distance, forced) | {per['square roots'] * 1e3:.0f} |",
+        *(f"| {name} | {per[name] * 1e3:.1f} |" for name in runs),
         "",
-        f"Speed-up {speedup:.2f}x; largest relative difference between the two forms' FIDs: {rel:.1e}.",
+        f"Row form vs square-root form on one worker: {per[sqrt1] / per[rows1]:.2f}x; largest relative difference "
+        f"between the two forms' FIDs: {rel:.1e}.",
+        f"{cores} worker threads vs 1: {per[rows1] / per[rows_w]:.2f}x; vs the serial loop with BLAS threading: "
+        f"{per[rows_blas] / per[rows_w]:.2f}x. Draws on {cores} workers equal those on 1: {equal}.",
         "",
     ])
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +106,7 @@ def main(argv=None) -> int:
     tmp_out.write_text(text)
     os.replace(tmp_out, args.out)
     print(text)
-    return 0
+    return 0 if equal else 1
 
 
 if __name__ == "__main__":

@@ -10,11 +10,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bench_bootstrap_times_both_forms_and_finds_them_equal(tmp_path):
+def test_bench_bootstrap_times_both_forms_and_the_workers_and_finds_them_equal(tmp_path):
     out = tmp_path / "bootstrap.md"
     subprocess.run([sys.executable, "bench/bench_bootstrap.py", "--records", "2", "--draws", "3", "--samples", "60",
                     "--features", "48", "--reps", "1", "--out", str(out)], cwd=ROOT, check=True, capture_output=True)
     text = out.read_text()
-    assert "| rows (frechet_distance_rows" in text and "| square roots (frechet_distance, forced) |" in text
+    assert "| rows, 1 worker |" in text and "| square roots, 1 worker |" in text
+    assert re.search(r"\| rows, \d+ workers \|", text) and re.search(r"\| rows, serial, BLAS on \d+ threads \|", text)
     rel = float(re.search(r"FIDs: ([0-9.e+-]+)\.", text).group(1))
     assert rel < 1e-6
+    assert re.search(r"Draws on \d+ workers equal those on 1: True\.", text)

@@ -9,7 +9,7 @@ from scipy import linalg
 from src.metrics.frechet import fid_from_features, frechet_distance, frechet_distance_rows
 from src.ranking.aggregate import load_sweep, pool_seeds, rank_table, setting_groups
 from src.ranking.bootstrap import (bootstrap_metrics, bootstrap_ranks, inseparable_pairs, prob_better, resampled_moments,
-                                   resampled_rows, use_rows)
+                                   resampled_rows, resolve_workers, use_rows)
 from src.ranking.synthetic import write_synthetic_sweep
 
 RECIPES = ("good", "twin-a", "twin-b")
@@ -184,6 +184,39 @@ def test_reloading_features_over_the_memory_budget_gives_the_same_draws(twin_swe
     reloaded = bootstrap_metrics(records, 6, seed=3)
     np.testing.assert_array_equal(cached.fid, reloaded.fid)
     np.testing.assert_array_equal(cached.clip, reloaded.clip)
+
+
+def test_draws_do_not_depend_on_the_number_of_workers(tmp_path):
+    """Worker threads compute records in parallel with BLAS held to one thread: the same arithmetic, equal draws."""
+    sweep = write_synthetic_sweep(tmp_path / "s", recipes=("rf", "edm", "eps/linear"), datasets=("digits",),
+                                  n_samples=40, n_reference=60, dim=48)
+    records = load_sweep([sweep]).records
+    assert len(records) >= 6
+    one, *more = (bootstrap_metrics(records, 5, seed=2, workers=w) for w in (1, 2, 3, 0))
+    for other in more:
+        np.testing.assert_array_equal(one.fid, other.fid)
+        np.testing.assert_array_equal(one.clip, other.clip)
+
+
+@pytest.mark.parametrize("workers", [-1, 1.5, "2", True])
+def test_bad_worker_counts_are_refused(workers):
+    with pytest.raises(ValueError, match=r"bootstrap workers=.* is not allowed; allowed: 0 \(every usable core\)"):
+        resolve_workers(workers)
+
+
+def test_report_cli_refuses_a_bad_worker_count_before_writing(tmp_path, capsys):
+    from src.ranking.report import main
+
+    sweep = write_synthetic_sweep(tmp_path / "s", recipes=("rf", "edm"), datasets=("digits",), n_samples=16,
+                                  n_reference=20, dim=4)
+    for draws in ("4", "0"):
+        assert main([str(sweep), "--out", str(tmp_path / "r"), "--bootstrap", draws, "--workers", "-2"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["rank report: error: bootstrap workers=-2 is not allowed; allowed: 0 (every usable core) or a "
+                       "positive integer"]
+        assert not (tmp_path / "r").exists()
+    assert main([str(sweep), "--out", str(tmp_path / "r"), "--bootstrap", "4", "--workers", "2"]) == 0
+    assert (tmp_path / "r" / "report.md").is_file()
 
 
 def test_long_bootstraps_announce_their_duration_and_progress(twin_sweep, monkeypatch):

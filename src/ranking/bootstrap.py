@@ -21,7 +21,10 @@ Separability: two entries are separated when one has the better (lower) average 
 """
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,6 +32,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
+from threadpoolctl import threadpool_limits
 
 from src.metrics.frechet import frechet_distance, frechet_distance_rows, sqrtm_psd
 from src.ranking.aggregate import column_indicators, fronts_per_setting, mean_over_settings
@@ -85,14 +89,17 @@ class MetricDraws:
 
 
 def bootstrap_metrics(records: pd.DataFrame, draws: int, seed: int = 0,
-                      progress: Callable[[str], None] | None = None, device: str = "cpu") -> MetricDraws:
+                      progress: Callable[[str], None] | None = None, device: str = "cpu",
+                      workers: int = 0) -> MetricDraws:
     """Paired bootstrap draws of every record's CLIP score and FID from its evaluation sample arrays.
 
     progress, when given, hears the estimated duration once a record has been timed (when it is over
     PROGRESS_AFTER_S) and then every tenth of the draws: at the paper's scale (1464 records, 1000 samples of 768
     features) one draw of one record costs about 40 ms on one core (the row form; bench/results/bootstrap.md), so
-    200 draws take hours on a CPU.
+    200 draws take about 3.3 core-hours, divided among the workers.
     device: where the Frechet distances are computed (src/ranking/bootstrap_torch.py: cpu = numpy, cuda, auto).
+    workers: threads computing the numpy path's records in parallel, 0 = every usable core (resolve_workers); the
+    draws are the same for any number.
     """
     if int(draws) < 1:
         raise ValueError(f"bootstrap draws={draws!r}: must be a positive integer")
@@ -104,13 +111,14 @@ def bootstrap_metrics(records: pd.DataFrame, draws: int, seed: int = 0,
     references: dict[str, np.ndarray] = {}
     features: dict[int, np.ndarray | None] = {}  # None: over the memory budget, reloaded per chunk of draws
     sample_counts: dict[tuple, np.ndarray] = {}  # (dataset, n) -> (draws, n), shared by paired records
+    sample_key: dict[int, tuple] = {}
     kept_bytes = 0
     for row in range(len(records)):
         loaded = _load_record(records, row, references, result.fixed)
         if loaded is None:
             continue
         scores, feats, ref = loaded
-        key = (records["dataset"].iat[row], len(scores))
+        key = sample_key[row] = (records["dataset"].iat[row], len(scores))
         if key not in sample_counts:
             sample_counts[key] = rng.multinomial(key[1], np.full(key[1], 1.0 / key[1]), size=draws).astype(float)
         result.clip[:, row] = sample_counts[key] @ scores / len(scores)
@@ -122,33 +130,62 @@ def bootstrap_metrics(records: pd.DataFrame, draws: int, seed: int = 0,
     }
 
     ops = _frechet_ops(device)
+    workers = resolve_workers(workers) if isinstance(ops, SimpleNamespace) else 1  # torch batches on its device
     dim = max((ref.shape[1] for ref in references.values()), default=1)
     chunk = max(1, min(draws, ops.chunk_bytes // (8 * 4 * dim * dim)))
-    clock = _Progress(progress, draws, len(features))
-    for start in range(0, draws, chunk):
-        sl = slice(start, min(start + chunk, draws))
-        clock.chunk_done(start)
-        for path, ref in references.items():
-            ref_draws = ref_counts[path][sl]
-            ref_forms: dict[str, tuple] = {}  # the reference's rows, or moments and root: once per chunk, shared
-            for row, feats in features.items():
-                if records["reference_arrays"].iat[row] != path:
-                    continue
-                if feats is None:
-                    feats = _load_record(records, row, references, {})[1]
-                counts = sample_counts[(records["dataset"].iat[row], len(feats))][sl]
-                if use_rows(counts, ref_draws, ref.shape[1]):  # fewer distinct rows than features: the row form
-                    if "rows" not in ref_forms:
-                        ref_forms["rows"] = ops.resampled_rows(ref, ref_draws)
-                    fid = ops.frechet_distance_rows(*ops.resampled_rows(feats, counts), *ref_forms["rows"])
-                else:
-                    if "moments" not in ref_forms:
-                        mu_r, cov_r = ops.resampled_moments(ref, ref_draws)
-                        ref_forms["moments"] = (mu_r, cov_r, ops.sqrtm_psd(cov_r))
-                    fid = ops.frechet_distance(*ops.resampled_moments(feats, counts), *ref_forms["moments"])
-                result.fid[sl, row] = fid
-                clock.record_done(sl.stop - sl.start)
+    clock = _Progress(progress, draws, len(features), workers)
+    with _record_pool(workers) as pool:
+        for start in range(0, draws, chunk):
+            sl = slice(start, min(start + chunk, draws))
+            clock.chunk_done(start)
+            for path, ref in references.items():
+                rows = [row for row in features if records["reference_arrays"].iat[row] == path]
+                counts = {row: sample_counts[sample_key[row]][sl]
+                          for row in rows}
+                ref_draws = ref_counts[path][sl]
+                # fewer distinct rows than features: the row form; the reference's form once per chunk, shared
+                row_form = {row: use_rows(counts[row], ref_draws, ref.shape[1]) for row in rows}
+                ref_rows = ops.resampled_rows(ref, ref_draws) if any(row_form.values()) else None
+                ref_moments = None
+                if not all(row_form.values()):
+                    mu_r, cov_r = ops.resampled_moments(ref, ref_draws)
+                    ref_moments = (mu_r, cov_r, ops.sqrtm_psd(cov_r))
+
+                def fid_draws(row: int) -> np.ndarray:
+                    feats = features[row]
+                    if feats is None:
+                        feats = _load_record(records, row, references, {})[1]
+                    if row_form[row]:
+                        return ops.frechet_distance_rows(*ops.resampled_rows(feats, counts[row]), *ref_rows)
+                    return ops.frechet_distance(*ops.resampled_moments(feats, counts[row]), *ref_moments)
+
+                for row, fid in zip(rows, pool.map(fid_draws, rows)):
+                    result.fid[sl, row] = fid
+                    clock.record_done(sl.stop - sl.start)
     return result
+
+
+def resolve_workers(workers: int) -> int:
+    """The bootstrap's worker threads: workers, or every core this process may use for 0; a clear error below 0."""
+    if not isinstance(workers, (int, np.integer)) or isinstance(workers, bool) or workers < 0:
+        raise ValueError(f"bootstrap workers={workers!r} is not allowed; allowed: 0 (every usable core) or a "
+                         "positive integer")
+    if workers == 0:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return int(workers)
+
+
+@contextmanager
+def _record_pool(workers: int):
+    """map over records: serial for one worker, else threads. numpy's matmul and eigvalsh release the GIL, and
+    BLAS is held to one thread per worker, so w workers run ~w times faster (bench/results/bootstrap.md) and every
+    record's arithmetic is the same for any w: the draws do not depend on the worker count."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        if workers == 1:
+            yield SimpleNamespace(map=map)
+        else:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bootstrap") as pool:
+                yield pool
 
 
 def _frechet_ops(device: str):
@@ -169,25 +206,31 @@ PROGRESS_AFTER_S = 30.0  # estimated bootstrap durations below this are not repo
 class _Progress:
     """Estimated duration once a record has been timed, then a line every tenth of the draws (see bootstrap_metrics)."""
 
-    def __init__(self, say: Callable[[str], None] | None, draws: int, records: int):
-        self.say, self.draws, self.records = say, draws, records
+    def __init__(self, say: Callable[[str], None] | None, draws: int, records: int, workers: int = 1):
+        self.say, self.draws, self.records, self.workers = say, draws, records, workers
         self.start = time.perf_counter()
         self.estimate: float | None = None
         self.first_record: float | None = None
+        self.records_done = 0
         self.next_tenth = 1
 
     def record_done(self, draws_in_chunk: int) -> None:
         if self.say is None or self.estimate is not None:
             return
         now = time.perf_counter()
-        if self.first_record is None:  # the first record's time includes the reference's moments: time the second
+        self.records_done += 1
+        if self.first_record is None:  # the first record's time includes the reference's moments: time the next
             self.first_record = now
             return
-        per = (now - self.first_record) / draws_in_chunk  # one record, one draw
+        # w workers finish records about w at a time: time 2w of them (fewer when the chunk holds fewer)
+        timed = self.records_done - 1
+        if timed < min(2 * self.workers, self.records - 1):
+            return
+        per = (now - self.first_record) / timed / draws_in_chunk  # one record, one draw, wall time
         self.estimate = per * self.records * self.draws
         if self.estimate > PROGRESS_AFTER_S:
             self.say(f"bootstrap: {self.draws} draws x {self.records} records, about {_duration(self.estimate)} "
-                     "(--bootstrap 0 skips it, fewer draws shorten it)")
+                     f"on {self.workers} worker(s) (--bootstrap 0 skips it, fewer draws shorten it)")
 
     def chunk_done(self, draws_done: int) -> None:
         if self.say is None or self.estimate is None or self.estimate <= PROGRESS_AFTER_S:
@@ -279,6 +322,7 @@ def bootstrap_ranks(
     separation: float = 0.95,
     progress: Callable[[str], None] | None = None,
     device: str = "cpu",
+    workers: int = 0,
 ) -> RankBootstrap:
     """Intervals, first-front probabilities and ordering probabilities of every entry's average rank.
 
@@ -290,7 +334,7 @@ def bootstrap_ranks(
         raise ValueError(f"bootstrap confidence={confidence!r}: must lie in (0, 1)")
     if not 0.5 < separation <= 1.0:
         raise ValueError(f"bootstrap separation={separation!r}: must lie in (0.5, 1]")
-    metrics = bootstrap_metrics(records, draws, seed, progress, device)
+    metrics = bootstrap_metrics(records, draws, seed, progress, device, workers)
     weights = seed_weights(records, draws, seed)
     cells = _cells(records, pooled)
     clip = pool_draws(metrics.clip, weights, cells, len(pooled))

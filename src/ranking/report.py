@@ -27,7 +27,7 @@ from src.ranking.aggregate import (
     restrict_recipes, restrict_sampler, restrict_train_seeds, seed_counts, seed_order, setting_groups, setting_label,
 )
 from src.ranking.agreement import noise_ceiling, seed_agreement, spearman_brown
-from src.ranking.bootstrap import RankBootstrap, bootstrap_ranks, inseparable_pairs
+from src.ranking.bootstrap import RankBootstrap, bootstrap_ranks, inseparable_pairs, resolve_workers
 from src.ranking.paper import COLUMNS, paper_ranks, spearman_vs_paper
 from src.ranking.samples import sample_figures
 from src.ranking.plots import plot_average_ranks, plot_metrics_vs_steps, plot_pareto_fronts, save_figure
@@ -100,6 +100,7 @@ def build_report(
     progress: Callable[[str], None] | None = None,
     sampler: str | None = None,
     device: str = "cpu",
+    workers: int = 0,
     train_seeds: Sequence[int | str] | None = None,
     by_sweep: bool = False,
     recipes: Sequence[str] | None = None,
@@ -112,6 +113,7 @@ def build_report(
     train_seeds: rank only the records of these training seeds; None pools every seed as replicates.
     recipes, datasets: rank only these recipes (each with all its variants) among themselves, on only these
     datasets' settings; None: all.
+    workers: the bootstrap's threads on the CPU, 0 = every usable core (the draws do not depend on it).
     by_sweep: rank each sweep directory's entries as entries of their own (`rf [sweep=NAME]`). Without it, sweeps
     that hold the same entry, seed and setting are refused (ValueError) rather than one hiding the other.
     A sweep whose records mix FID feature definitions, or evaluation settings (eval.n_samples, eval.seed, the CLIP
@@ -119,6 +121,7 @@ def build_report(
     """
     if int(draws) < 0:
         raise ValueError(f"bootstrap draws={draws!r}: must be 0 (off) or a positive integer")
+    resolve_workers(workers)  # a bad value is refused before any work, with or without draws
     sweep = load_sweep(sweep_dirs, by_sweep=by_sweep)
     if sweep.records.empty:
         counts = sweep.runs["status"].value_counts().to_dict()
@@ -139,7 +142,7 @@ def build_report(
     table = average_ranks(ranked, groups)
     n_settings = {c: int(ranked[np.asarray(groups[c])].drop_duplicates(SETTING_KEY).shape[0]) for c in COLUMNS}
     boot = bootstrap_ranks(records, ranked, groups, draws, seed, confidence, separation, progress,
-                           device) if draws else None
+                           device, workers) if draws else None
     if boot is not None:
         table = table.drop(columns=list(boot.first_front.columns)).join(boot.intervals).join(boot.first_front)
     seeds = seed_counts(records)
@@ -546,6 +549,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where the bootstrap's Frechet distances run: auto = a GPU when torch sees one, else cpu")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="threads for the bootstrap on the CPU, 0 = every usable core (the draws do not depend "
+                             "on it)")
     parser.add_argument("--multirun-root", type=Path, default=DEFAULT_MULTIRUN, help="where sweeps live")
     parser.add_argument("--wandb", action="store_true",
                         help="publish to W&B (offline unless WANDB_MODE or the user's W&B settings say otherwise)")
@@ -579,8 +585,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweeps = args.sweeps or [latest_sweep(args.multirun_root)]
         report = build_report(sweeps, _fifty_step_arg(args.fifty_step_cfg), args.bootstrap, args.seed, args.confidence,
                               args.separation, progress=lambda line: print(line, file=sys.stderr, flush=True),
-                              sampler=args.sampler, device=args.device, train_seeds=args.train_seeds,
-                              by_sweep=args.by_sweep, recipes=args.recipes, datasets=args.datasets)
+                              sampler=args.sampler, device=args.device, workers=args.workers,
+                              train_seeds=args.train_seeds, by_sweep=args.by_sweep, recipes=args.recipes,
+                              datasets=args.datasets)
     except (NoResultsError, FileNotFoundError, ValueError) as exc:
         print(f"rank report: error: {exc}", file=sys.stderr)
         return 1
