@@ -24,6 +24,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -441,7 +442,8 @@ def bench_bootstrap(args, device: str, deadline: float = float("inf")) -> dict:
     """The paper grid's bootstrap (1464 records x 200 draws, 1000 samples x 768 features), timed on a few records,
     each way the report can take it: the row form (the default when a draw has fewer distinct rows than features, as
     here: eigenvalues of the ~632 x 632 cross-Gram matrix), and the square-root form with tr (S1 S2)^(1/2) by batched
-    eigh or by Newton-Schulz (matrix products only; short of 1e-6 on power-law spectra: src/ranking/bootstrap_torch.py).
+    eigh or by Newton-Schulz (matrix products only; short of 1e-6 on power-law spectra: src/ranking/bootstrap_torch.py);
+    then the report's path without a GPU, numpy on the machine's cores (bench_bootstrap_cpu), for the comparison.
 
     Each record costs the same (the same shapes), so the grid's time is the median time per record x 1464. The
     first record's draws are checked against the numpy path (a few draws, the numpy path is slow). Records stop at
@@ -495,10 +497,41 @@ def bench_bootstrap(args, device: str, deadline: float = float("inf")) -> dict:
                      f"chunks of {chunk} draws; the reference's own work {ref_s:.1f} s, once per report), so "
                      f"the paper grid's {grid} records take about {grid_min:.1f} min; largest relative difference "
                      f"from the numpy path over {check} draws of the first record: {rel:.1e}.")
+    if time.perf_counter() < deadline:
+        cpu = bench_bootstrap_cpu(n, dim, 4 if args.dry_run else CPU_BOOTSTRAP_DRAWS, grid, draws)
+        methods["cpu workers"] = cpu
+        texts.append(f"- rows, numpy on the CPU's {cpu['workers']} worker threads (the report's path without a GPU): "
+                     f"{cpu['records']} records x {cpu['draws']} draws: {cpu['ms_per_record_draw']:.1f} ms per record "
+                     f"and draw (wall), so the paper grid's {grid} records x {draws} draws take about "
+                     f"{cpu['grid_minutes']:.1f} min.")
     text = "\n".join([f"{draws} draws at {n} samples x {dim} features on {header_device(device)}, "
-                      "the Frechet distances taken three ways:", ""] + texts)
+                      f"the Frechet distances taken {len(texts)} ways:", ""] + texts)
     return dict(text=text, methods=methods, draws=draws, samples=n, features=dim,  # headline: the report's, rows
                 **{k: methods["rows"][k] for k in ("seconds_per_record", "grid_minutes", "max_rel_diff")})
+
+
+CPU_BOOTSTRAP_DRAWS = 24  # the CPU path's timing: 2 records per core x 24 draws, a few seconds on 16 cores
+
+
+def bench_bootstrap_cpu(n: int, dim: int, draws: int, grid: int, grid_draws: int) -> dict:
+    """The report's own CPU path (bootstrap_metrics, numpy, every usable core's worker thread) on a synthetic sweep
+    of two records per core: wall time per record and draw, and the paper grid's time from it."""
+    from src.ranking.aggregate import load_sweep
+    from src.ranking.bootstrap import bootstrap_metrics, resolve_workers
+    from src.ranking.synthetic import write_synthetic_sweep
+
+    workers = resolve_workers(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        recipes = ("rf", "edm", "eps/linear", "v/cos")[: max(1, -(-2 * workers // 12))]  # 12 records per recipe
+        sweep = write_synthetic_sweep(Path(tmp) / "s", recipes=recipes, datasets=("digits",), n_samples=n,
+                                      n_reference=n, dim=dim)
+        records = load_sweep([sweep]).records.iloc[: max(2, 2 * workers)]
+        bootstrap_metrics(records, 1, workers=0)  # warm-up
+        start = time.perf_counter()
+        bootstrap_metrics(records, draws, workers=0)
+        per = (time.perf_counter() - start) / (len(records) * draws)
+    return dict(workers=workers, records=len(records), draws=draws, ms_per_record_draw=per * 1e3,
+                grid_minutes=per * grid * grid_draws / 60)
 
 
 def header_device(device: str) -> str:

@@ -38,8 +38,12 @@ def test_dry_run_runs_every_configuration_and_writes_the_results(tmp_path, capsy
     largest = next(r for r in data["results"] if r["config"]["name"] == "d15-default-largest")
     assert largest["batch"] == 2 * largest["config"]["batch"]  # the dry run's planned batch ran
     assert data["bootstrap"]["max_rel_diff"] < 1e-6 and data["header"]["dry_run"] is True
-    assert {m: v["max_rel_diff"] < 1e-6 for m, v in data["bootstrap"]["methods"].items()} == {
+    methods = data["bootstrap"]["methods"]
+    cpu = methods.pop("cpu workers")  # the report's numpy path on every core: timed, it is the reference itself
+    assert {m: v["max_rel_diff"] < 1e-6 for m, v in methods.items()} == {
         "rows": True, "eigh": True, "newton-schulz": True}
+    assert cpu["workers"] >= 1 and cpu["records"] >= 2 and cpu["ms_per_record_draw"] > 0 and cpu["grid_minutes"] > 0
+    assert "numpy on the CPU's" in text
 
 
 def test_largest_batch_is_sized_from_the_defaults_memory(monkeypatch):
