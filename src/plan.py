@@ -24,7 +24,10 @@ The status column reads the run directory with the job's own rules: done (traine
 configuration wants is in results.json: a relaunch skips it), to evaluate (trained, but records of these evaluation
 settings are missing: a relaunch evaluates without retraining), resume (a checkpoint before the last step), to train,
 changed configuration (the directory holds a run of another configuration: a relaunch is refused), failed
-(error.json), new.
+(error.json), new; to evaluate (trained in TWIN) or (after TWIN trains) for a job that differs from a sibling only in
+evaluation settings (a sampler sweep): it evaluates the sibling's model (src/launch/sweeper.py training_waves).
+"GPU-hours in all" counts each model's training once; "still to run" counts what a relaunch runs: no training for
+trained or reused models, the steps left for a resume, and the evaluation of every job not done.
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ class JobPlan:
     status: str
     assumptions: list[str] = field(default_factory=list)
     data_checks: list[str] = field(default_factory=list)  # what the shard folders hold unlike the paper's setup
+    trains_here: bool = True  # False: the job evaluates a sibling's model (reuse_training)
+    train_left: float = 1.0  # share of the training a relaunch still runs (0 when trained, resume: the steps left)
 
     @property
     def tokens(self) -> int:
@@ -78,7 +83,25 @@ class JobPlan:
 
     @property
     def total_flops(self) -> float:
-        return self.train_flops + self.eval_flops
+        """What the job costs in the sweep: its training (unless it evaluates a sibling's model) and evaluation."""
+        return self.train_flops * self.trains_here + self.eval_flops
+
+    @property
+    def flops_left(self) -> float:
+        """What a relaunch still runs: the training left and, unless the job is done, the evaluation."""
+        return self.train_flops * self.train_left + (self.eval_flops if self.status != "done" else 0.0)
+
+    def set_status(self, status: str, run_dir_step: int | None = None) -> None:
+        """The status and what it leaves to run: a twin's training or a finished one leaves none, resume the steps
+        after run_dir_step."""
+        self.status = status
+        self.trains_here = not status.startswith("to evaluate (")
+        if status in ("done", "to evaluate") or not self.trains_here:
+            self.train_left = 0.0
+        elif status == "resume" and run_dir_step is not None and self.steps > 0:
+            self.train_left = min(1.0, max(0.0, 1.0 - run_dir_step / self.steps))
+        else:
+            self.train_left = 1.0
 
 
 @dataclass
@@ -324,12 +347,29 @@ def plan_job(index: int, overrides: list[str], flops_method: str = "count") -> J
     if ev.enabled:
         per_ema = sum(int(s["steps"]) * (1 if float(s["cfg"]) == 1.0 else 2) for s in ev.settings)
         sampling = fwd * per_ema * int(ev.n_samples) * len(ev.ema)
-    return JobPlan(
+    job = JobPlan(
         index=index, overrides=overrides, run_dir=run_dir, model=str(cfg.model._target_).rsplit(".", 1)[-1],
         params=params, image_tokens=image_tokens, text_tokens=text_tokens, batch_size=batch, steps=steps,
         gpus=job_gpus(cfg), fwd_flops_per_sample=fwd, train_flops=train, eval_flops=val + sampling,
-        status=job_status(cfg, run_dir), assumptions=assumed, data_checks=_data_checks(cfg),
+        status="new", assumptions=assumed, data_checks=_data_checks(cfg),
     )
+    status = job_status(cfg, run_dir)
+    job.set_status(status, _checkpoint_step(run_dir) if status == "resume" else None)
+    return job
+
+
+def _checkpoint_step(run_dir: Path) -> int | None:
+    """The step of the run's last checkpoint (what a relaunch resumes from); None when unreadable."""
+    import torch
+
+    from src.training.checkpoint_io import checkpoint_to_resume
+
+    try:
+        last = checkpoint_to_resume(run_dir / "checkpoints", repair=False)
+        ckpt = torch.load(last, map_location="cpu", weights_only=True, mmap=True) if last is not None else None
+    except Exception:  # noqa: BLE001 (a truncated or foreign file: the job resumes or fails, count it all)
+        return None
+    return int(ckpt.get("global_step", 0)) if ckpt is not None else None
 
 
 def _data_checks(cfg: DictConfig) -> list[str]:
@@ -350,10 +390,29 @@ def plan_sweep(overrides: Sequence[str], peak_tflops: float = H100_BF16_DENSE_TF
         launcher = base.hydra.launcher
         parallelism = int(launcher.array_parallelism) if launcher.get("array_parallelism") else None
         planned = [plan_job(i, job, flops_method) for i, job in enumerate(jobs)]
+        _plan_training_waves(base, jobs, planned)
         source = "given (--mfu)"
         if mfu is None and planned:
             mfu, source = launch_mfu(_compose(jobs[0]), planned[0], gpu)
     return Plan(planned, peak_tflops, mfu or DEFAULT_MFU, flops_method, parallelism, source)
+
+
+#: Statuses of a job that trains when the sweep is launched.
+TRAINS = ("new", "to train", "resume", "failed")
+
+
+def _plan_training_waves(base: DictConfig, jobs: list[list[str]], planned: list[JobPlan]) -> None:
+    """Jobs that evaluate the model another job of this sweep trains first (src/launch/sweeper.py training_waves):
+    'to evaluate (after TWIN trains)', at no training cost."""
+    from src.launch.sweeper import leaders, shares_training, training_key
+
+    if not shares_training(base, jobs):
+        return
+    first = leaders(jobs)
+    for i, job in enumerate(planned):
+        leader = planned[first[training_key(jobs[i])]]
+        if leader is not job and job.status in ("new", "to train") and leader.status in TRAINS:
+            job.set_status(f"to evaluate (after {leader.run_dir.name} trains)")
 
 
 def launch_mfu(cfg: DictConfig, job: JobPlan, gpu: str | None) -> tuple[float, str]:
@@ -391,13 +450,14 @@ def render(plan: Plan, root: Path | None = None) -> str:
         except ValueError:
             where = str(j.run_dir)
         rows.append([str(j.index), where, j.model, f"{j.params / 1e6:.2f}M", f"{j.image_tokens}+{j.text_tokens}",
-                     str(j.batch_size), str(j.steps), str(j.gpus), _si(j.train_flops), _si(j.eval_flops),
+                     str(j.batch_size), str(j.steps), str(j.gpus), _si(j.train_flops) if j.trains_here else "reused",
+                     _si(j.eval_flops),
                      f"{plan.gpu_hours(j.total_flops):.3g}", j.status])
     head = ["#", "run directory", "backbone", "params", "tokens", "batch", "steps", "GPUs", "train FLOP",
             "eval FLOP", "GPU-h", "status"]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
-    train = sum(j.train_flops for j in plan.jobs)
+    train = sum(j.train_flops * j.trains_here for j in plan.jobs)  # a model reused by its twins counts once
     extra = sum(j.eval_flops for j in plan.jobs)
     left = [j for j in plan.jobs if j.status != "done"]
     hours = plan.gpu_hours(train + extra)
@@ -407,12 +467,12 @@ def render(plan: Plan, root: Path | None = None) -> str:
         f"FLOPs ({'counted on the meta device' if plan.flops_method == 'count' else '6NT rule + attention'}): "
         f"training {_si(train)}, validation + evaluation {_si(extra)}.",
         f"GPU-hours at {plan.peak_tflops:g} TFLOP/s peak and {plan.mfu:.0%} utilisation: {hours:.4g} in all, "
-        f"{plan.gpu_hours(sum(j.total_flops for j in left)):.4g} still to run. Utilisation: {plan.mfu_source}.",
+        f"{plan.gpu_hours(sum(j.flops_left for j in left)):.4g} still to run. Utilisation: {plan.mfu_source}.",
     ]
     if left and plan.parallelism:
         gpus = max(j.gpus for j in left)
         at_once = min(plan.parallelism, len(left))
-        wall = plan.gpu_hours(sum(j.total_flops for j in left)) / (gpus * at_once)
+        wall = plan.gpu_hours(sum(j.flops_left for j in left)) / (gpus * at_once)
         lines.append(f"Wall clock with {at_once} jobs of {gpus} GPU(s) at once (array_parallelism): "
                      f"about {wall:.3g} h.")
     notes = list(dict.fromkeys(a for j in plan.jobs for a in j.assumptions))

@@ -163,6 +163,26 @@ def test_sweep_on_slurm_cancel_then_relaunch_resumes_and_skips(slurm, cache_dir,
     assert (victim / "results.json").is_file() and ckpt_step(victim / "checkpoints" / "last.ckpt") == 1500
 
 
+def test_sampler_sweep_on_slurm_trains_each_model_once(slurm, cache_dir, tmp_path):
+    """Two recipes x two samplers: the models train in a first array of two, the second array evaluates them."""
+    recipes = RECIPES[:2]
+    args = ["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", "sweep_name=samplers",
+            "train.max_steps=200", f"loss={','.join(recipes)}", "sampler=rf_time,native"]
+    code, out = finish(launch(args))
+    assert code == 0, out[-3000:]
+    sweep = tmp_path / "outputs" / "multirun" / "samplers"
+    for recipe in recipes:
+        trained, evaluated = (sweep / "digits" / recipe.split("/")[1] / f"sampler={s}" for s in ("rf_time", "native"))
+        assert not (trained / "reused_training.json").exists()
+        reused = yaml.safe_load((evaluated / "reused_training.json").read_text())
+        assert reused == {"checkpoints_from": str(trained.resolve())}
+        assert os.path.samefile(trained / "checkpoints" / "last.ckpt", evaluated / "checkpoints" / "last.ckpt")
+        assert (trained / "results.json").is_file() and (evaluated / "results.json").is_file()
+        assert "reusing the model trained in" in job_log(sweep, slurm_job_id(evaluated))
+        # Two SLURM arrays: the evaluating job was submitted after the training job ended.
+        assert slurm_job_id(trained).split("_")[0] != slurm_job_id(evaluated).split("_")[0]
+
+
 @pytest.mark.parametrize("ranks, steps", [
     ([], 2000),
     # Two SLURM tasks sharded with FSDP: both ranks get the signal, save together, rank 0 requeues the job.

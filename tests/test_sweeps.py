@@ -191,6 +191,11 @@ def test_plan_status_reads_run_directories(tmp_path):
     p = plan.plan_sweep(overrides)
     assert [j.status for j in p.jobs] == ["resume", "failed", "done", "to train"]
     assert "4 jobs (3 to run; done: 1)" in plan.render(p)
+    # Still to run: 2 of rf's 5 steps, edm's and v's whole training, every evaluation but the done job's.
+    assert [j.train_left for j in p.jobs] == [pytest.approx(0.4), 1.0, 0.0, 1.0]
+    left = sum(j.train_flops * share + j.eval_flops for j, share in zip(p.jobs, (0.4, 1, 0, 1)) if j.status != "done")
+    assert sum(j.flops_left for j in p.jobs) == pytest.approx(left)
+    assert f"{p.gpu_hours(left):.4g} still to run" in plan.render(p)
     # Another evaluation setting: the finished run is to be evaluated, not done (and not retrained).
     for key in ("eval.n_samples=7", "eval.seed=5", "eval.shift=3.0", "eval.checkpoint=last", "eval.ema=[true,false]",
                 "eval.settings=[{steps: 3, cfg: 1.0}]"):
@@ -226,6 +231,52 @@ def test_swept_keys_outside_the_run_name_tag_each_job():
     assert run_tag(["loss=rf", "optim.lr=0.0003", "+x=a/b", "seed=0"], keys) == "/optim.lr=0.0003,x=a_b"
     assert tag_jobs([[["loss=rf"], ["loss=edm"]]], []) == [[["loss=rf"], ["loss=edm"]]]  # nothing to tag
     assert tag_jobs([[["optim.lr=0.1"]]], ["optim.lr"]) == [[["optim.lr=0.1", "run_tag='/optim.lr=0.1'"]]]
+
+
+def _jobs(*overrides, cfg=None, max_batch_size=None):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from src.launch.sweeper import split_tagged
+
+    cfg = OmegaConf.create(cfg if cfg is not None else {"hydra": {"launcher": {}}})
+    batches = split_tagged(OverridesParser.create().parse_overrides(list(overrides)), max_batch_size, cfg)
+    return [[next(o.split("=", 1)[1] for o in job if o.startswith(k)) for k in ("loss=", "sampler=")]
+            for job in batches[0]], [len(b) for b in batches]
+
+
+def test_jobs_sharing_a_training_launch_in_two_waves():
+    """A sampler sweep: the first job of each model in the first batch, the others (which evaluate its model) in a
+    later one, so a launcher running a batch at once (a SLURM array) trains each model once."""
+    first, sizes = _jobs("loss=rf,edm", "sampler=rf_time,native,heun")
+    assert first == [["rf", "rf_time"], ["edm", "rf_time"]] and sizes == [2, 4]
+    _, sizes = _jobs("loss=rf,edm", "sampler=rf_time,native,heun", max_batch_size=3)
+    assert sizes == [2, 3, 1]  # no batch holds both waves
+    _, sizes = _jobs("loss=rf", "sampler=native", "eval.n_samples=4,8")  # eval.* settings too
+    assert sizes == [1, 1]
+    # No reuse, no waves: the product order in one batch.
+    product = [["rf", "rf_time"], ["rf", "native"], ["edm", "rf_time"], ["edm", "native"]]
+    for case in ({"cfg": {"reuse_training": False, "hydra": {"launcher": {}}}},
+                 {"cfg": {"hydra": {"launcher": {"tasks_per_node": 2, "nodes": 1}}}}):  # multi-process jobs
+        assert _jobs("loss=rf,edm", "sampler=rf_time,native", **case) == (product, [4])
+    assert _jobs("loss=rf,edm", "sampler=rf_time,native", "reuse_training=false") == (product, [4])
+    assert _jobs("loss=rf,edm", "sampler=rf_time", "seed=0,1")[1] == [4]  # seeds: four models
+
+
+def test_plan_of_a_sampler_sweep_counts_each_training_once():
+    args = ["loss=rf,edm", "sampler=rf_time,native", "model=dit", "paths.root_dir=/r", *FAKE_SHARDS]
+    p = plan.plan_sweep(args, peak_tflops=100, mfu=0.5)
+    assert [j.status for j in p.jobs] == ["new", "new", "to evaluate (after sampler=rf_time trains)",
+                                          "to evaluate (after sampler=rf_time trains)"]
+    assert [j.run_dir.parent.name for j in p.jobs] == ["rf", "edm_-1.20_1.20", "rf", "edm_-1.20_1.20"]
+    train = sum(j.train_flops for j in p.jobs[:2])
+    all_flops = train + sum(j.eval_flops for j in p.jobs)
+    text = plan.render(p)
+    assert f"GPU-hours at 100 TFLOP/s peak and 50% utilisation: {p.gpu_hours(all_flops):.4g} in all, " \
+           f"{p.gpu_hours(all_flops):.4g} still to run" in text
+    assert f"training {plan._si(train)}," in text and text.count(" reused ") == 2
+    off = plan.plan_sweep([*args, "reuse_training=false"], peak_tflops=100, mfu=0.5)
+    assert [j.status for j in off.jobs] == ["new"] * 4 and all(j.trains_here for j in off.jobs)
 
 
 def test_plan_and_named_sweeps_keep_their_directories():

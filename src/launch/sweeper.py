@@ -48,10 +48,58 @@ def tag_jobs(batches: list[list[list[str]]], keys: Sequence[str]) -> list[list[l
 
 
 def split_tagged(overrides: list[Override], max_batch_size: int | None, cfg=None) -> list[list[list[str]]]:
-    """The basic sweeper's batches of job overrides, each job with its run_tag; `name_keys` from cfg when it has them.
-    The sweeper launches these jobs and the planner (src/plan.py) lists them."""
+    """The basic sweeper's batches of job overrides, each job with its run_tag; `name_keys` from cfg when it has them;
+    in training waves (training_waves) when jobs share a training. The sweeper launches these jobs and the planner
+    (src/plan.py) lists them."""
     name_keys = list((cfg.get("name_keys") if cfg is not None else None) or NAME_KEYS)
-    return tag_jobs(BasicSweeper.split_arguments(overrides, max_batch_size), swept_keys(overrides, name_keys))
+    jobs = tag_jobs(BasicSweeper.split_arguments(overrides, None), swept_keys(overrides, name_keys))[0]
+    first = len(jobs)
+    if cfg is not None and shares_training(cfg, jobs):
+        jobs = training_waves(jobs)
+        first = len(leaders(jobs))
+    size = max_batch_size or len(jobs)
+    # A wave never shares a batch with the next: the sweeper launches (and waits for) one batch at a time.
+    return [jobs[i:min(i + size, end)] for start, end in ((0, first), (first, len(jobs)))
+            for i in range(start, end, size)]
+
+
+#: Swept keys that change only the evaluation: jobs differing in nothing else share one training (a later job
+#: links the first one's checkpoints and evaluates only: src/training/job.py reuse_training).
+EVALUATION_ONLY = ("sampler", "eval.")
+
+
+def training_key(job: Sequence[str]) -> tuple[str, ...]:
+    """A job's overrides without those that change only its evaluation (and without its run_tag)."""
+    return tuple(o for o in job if not _key(o).startswith(EVALUATION_ONLY) and _key(o) != "run_tag")
+
+
+def leaders(jobs: Sequence[Sequence[str]]) -> dict[tuple[str, ...], int]:
+    """The first job of each training: training_key -> its index in jobs."""
+    first: dict[tuple[str, ...], int] = {}
+    for i, job in enumerate(jobs):
+        first.setdefault(training_key(job), i)
+    return first
+
+
+def shares_training(cfg, jobs: Sequence[Sequence[str]]) -> bool:
+    """Whether some jobs will reuse another's training: two share a training_key, reuse_training is on (in the base
+    configuration and every job), and each job is one process (the launcher starts one task; reuse is off in
+    multi-process jobs)."""
+    if len(leaders(jobs)) == len(jobs) or not cfg.get("reuse_training", True):
+        return False
+    if any(_key(o) == "reuse_training" and o.split("=", 1)[1].strip().lower() != "true" for job in jobs for o in job):
+        return False
+    launcher = cfg.get("hydra", {}).get("launcher", {}) or {}
+    return int(launcher.get("tasks_per_node") or 1) * int(launcher.get("nodes") or 1) == 1
+
+
+def training_waves(jobs: Sequence[Sequence[str]]) -> list[list[str]]:
+    """The first job of each training, then the others: a launcher that runs a batch at once (a SLURM array) trains
+    each model once, and the second wave, launched when the first is over, finds the trained twin and evaluates
+    only. Order within each wave is the sweep's."""
+    first = set(leaders(jobs).values())
+    return [list(jobs[i]) for i in range(len(jobs)) if i in first] + \
+        [list(jobs[i]) for i in range(len(jobs)) if i not in first]
 
 
 class TaggingSweeper(BasicSweeper):

@@ -24,6 +24,7 @@ from src.config import (
 from src.launch.preemption import InterruptCheckpoint, PreemptionCheckpoint, submitit_signal
 from src.launch.rundir import is_launch_rank_zero
 from src.launch.strategies import build_strategy
+from src.launch.sweeper import EVALUATION_ONLY
 from src.results import parse_run_tag
 from src.training.callbacks import SaveLastAtEnd
 from src.training.checkpoint_io import AtomicCheckpointIO, checkpoint_to_resume
@@ -357,9 +358,6 @@ def _single_process_launch() -> bool:
     """One process in this job (the ranks of a multi-process job would race over a copy)."""
     return is_launch_rank_zero() and all(os.environ.get(k, "1") in ("", "1") for k in ("WORLD_SIZE", "SLURM_NTASKS"))
 
-
-#: Swept keys that change only the evaluation: jobs differing in nothing else share one training.
-EVALUATION_ONLY = ("sampler", "eval.")
 
 
 def _run_tags(run_dir: Path) -> dict | None:
