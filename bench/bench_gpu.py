@@ -441,8 +441,8 @@ def read_results(path: Path) -> dict | None:
 def bench_bootstrap(args, device: str, deadline: float = float("inf")) -> dict:
     """The paper grid's bootstrap (1464 records x 200 draws, 1000 samples x 768 features), timed on a few records,
     each way the report can take it: the row form (the default when a draw has fewer distinct rows than features, as
-    here: eigenvalues of the ~632 x 632 cross-Gram matrix), and the square-root form with tr (S1 S2)^(1/2) by batched
-    eigh or by Newton-Schulz (matrix products only; short of 1e-6 on power-law spectra: src/ranking/bootstrap_torch.py);
+    here: eigenvalues of the ~632 x 632 cross-Gram matrix, or its certified Newton-Schulz nuclear norm), and the
+    square-root form with tr (S1 S2)^(1/2) by batched eigh or by Newton-Schulz (matrix products only; short of 1e-6 on power-law spectra: src/ranking/bootstrap_torch.py);
     then the report's path without a GPU, numpy on the machine's cores (bench_bootstrap_cpu), for the comparison.
 
     Each record costs the same (the same shapes), so the grid's time is the median time per record x 1464. The
@@ -455,18 +455,22 @@ def bench_bootstrap(args, device: str, deadline: float = float("inf")) -> dict:
     n, dim, draws, grid = (40, 16, 8, 1464) if args.dry_run else (1000, 768, 200, 1464)
     records = 2 if args.dry_run else args.bootstrap_records
     rng = np.random.default_rng(0)
-    ref = rng.normal(size=(n, dim))
-    feats = [rng.normal(size=(n, dim)) * 1.1 + 0.1 * i for i in range(records)]
+    # Covariance eigenvalues ~ i^-1.5, a stand-in for real embeddings' power-law spectra: the certified Newton-Schulz
+    # form's iterations grow with the steepness (about 5 more per unit of the exponent), the others' do not.
+    spectrum, basis = np.arange(1, dim + 1) ** -0.75, np.linalg.qr(rng.normal(size=(dim, dim)))[0]
+    ref = (rng.normal(size=(n, dim)) * spectrum) @ basis
+    feats = [(rng.normal(size=(n, dim)) * spectrum * 1.1) @ basis + 0.01 * i for i in range(records)]
     counts = rng.multinomial(n, np.full(n, 1.0 / n), size=draws).astype(float)
     check = min(4, draws)
     mu_r, cov_r = resampled_moments(ref, counts[:check])
     expected = frechet_distance(*resampled_moments(feats[0], counts[:check]), mu_r, cov_r, sqrtm_psd(cov_r))
     methods, texts = {}, []
-    forms = ("rows", *TRACE_SQRT_METHODS)
+    forms = ("rows", "rows-newton-schulz", *TRACE_SQRT_METHODS)
     for i, method in enumerate(forms):
+        rows = method.startswith("rows")
         ops = TorchFrechet("cuda" if device == "cuda" else "torch-cpu",
-                           trace_sqrt="eigh" if method == "rows" else method)
-        resample, distance = ((ops.resampled_rows, ops.frechet_distance_rows) if method == "rows" else
+                           trace_sqrt=method.removeprefix("rows-") if method != "rows" else "eigh")
+        resample, distance = ((ops.resampled_rows, ops.frechet_distance_rows) if rows else
                               (ops.resampled_moments, ops.frechet_distance))
         chunk = max(1, min(draws, ops.chunk_bytes // (8 * 4 * dim * dim)))
         chunks = [slice(s, min(s + chunk, draws)) for s in range(0, draws, chunk)]
@@ -475,11 +479,11 @@ def bench_bootstrap(args, device: str, deadline: float = float("inf")) -> dict:
         refs = []  # the reference's rows, or moments and square root, per chunk of draws, shared by every record
         for sl in chunks:
             mu, second = resample(ref, counts[sl])
-            refs.append((mu, second) if method == "rows" else (mu, second, ops.sqrtm_psd(second)))
+            refs.append((mu, second) if rows else (mu, second, ops.sqrtm_psd(second)))
         sync(device)
         ref_s = time.perf_counter() - start
         fids, times = [], []
-        # Half the time left to the first method, the rest to the second; record by record, so a slow one stops.
+        # An equal share of the time left to each method still to run; record by record, so a slow one stops.
         stop = time.perf_counter() + (deadline - time.perf_counter()) / (len(forms) - i)
         for f in feats:
             t0 = time.perf_counter()
@@ -492,9 +496,12 @@ def bench_bootstrap(args, device: str, deadline: float = float("inf")) -> dict:
         rel = float(np.max(np.abs(fids[0][:check] - expected) / np.abs(expected)))
         grid_min = per_record * grid / 60
         methods[method] = dict(seconds_per_record=per_record, grid_minutes=grid_min, max_rel_diff=rel,
-                               records=len(times), reference_s=ref_s)
-        texts.append(f"- {method if method == 'rows' else 'square roots, ' + method}: {len(times)} records x {draws} draws: {per_record:.2f} s per record (median; "
-                     f"chunks of {chunk} draws; the reference's own work {ref_s:.1f} s, once per report), so "
+                               records=len(times), reference_s=ref_s, eigh_fallbacks=ops.fallbacks)
+        name = {"rows": "rows, eigh", "rows-newton-schulz": "rows, newton-schulz (certified)"}.get(
+            method, f"square roots, {method}")
+        fallbacks = f", {ops.fallbacks} draws left to eigh" if method == "rows-newton-schulz" else ""
+        texts.append(f"- {name}: {len(times)} records x {draws} draws{fallbacks}: {per_record:.2f} s per record "
+                     f"(median; chunks of {chunk} draws; the reference's own work {ref_s:.1f} s, once per report), so "
                      f"the paper grid's {grid} records take about {grid_min:.1f} min; largest relative difference "
                      f"from the numpy path over {check} draws of the first record: {rel:.1e}.")
     if time.perf_counter() < deadline:

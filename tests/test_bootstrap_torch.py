@@ -54,6 +54,61 @@ def test_newton_schulz_trace_equals_numpy_on_a_flat_spectrum():
     assert TorchFrechet("torch-cpu").trace_sqrt == "eigh"  # the default (see trace_sqrt_newton_schulz)
 
 
+def _power_law_rows(power: float, seed: int, n: int = 300, d: int = 256, draws: int = 3):
+    """Resampled rows of features whose covariance eigenvalues fall as i^-power (real embeddings' are power laws)."""
+    from src.ranking.bootstrap import resampled_rows
+
+    rng = np.random.default_rng(seed)
+    scale = np.arange(1, d + 1) ** (-power / 2)
+    x, ref = ((rng.normal(size=(n, d)) * scale) @ np.linalg.qr(rng.normal(size=(d, d)))[0] + s for s in (0.01, 0))
+    counts, ref_counts = (rng.multinomial(n, np.full(n, 1 / n), size=draws).astype(float) for _ in range(2))
+    return resampled_rows(x, counts), resampled_rows(ref, ref_counts)
+
+
+@pytest.mark.parametrize("power", [0.0, 1.0, 2.0, 3.0])
+def test_row_form_newton_schulz_is_certified_on_power_law_spectra(power):
+    """The polar iteration's nuclear norm meets the numpy path to 1e-6 and the SVD's to 1e-7 (a steeper spectrum
+    only takes more iterations), without falling back to eigh."""
+    from src.metrics.frechet import frechet_distance_rows
+
+    (mu1, b1), (mu2, b2) = _power_law_rows(power, seed=int(power))
+    assert b1.shape[1] < b1.shape[2]  # fewer distinct rows than features: the row form
+    rest = ((mu1 - mu2) ** 2).sum(-1) + (b1**2).sum((-1, -2)) + (b2**2).sum((-1, -2))
+    svd = rest - 2 * np.linalg.svd(b1 @ np.swapaxes(b2, -1, -2), compute_uv=False).sum(-1)
+    ops = TorchFrechet("torch-cpu", trace_sqrt="newton-schulz")
+    got = ops.frechet_distance_rows(mu1, b1, mu2, b2)
+    assert ops.fallbacks == 0
+    np.testing.assert_allclose(got, frechet_distance_rows(mu1, b1, mu2, b2), rtol=RTOL)
+    np.testing.assert_allclose(got, svd, rtol=1e-7)
+
+
+def test_polar_iteration_bound_holds_at_every_iteration_and_unconverged_draws_fall_back(monkeypatch):
+    import src.ranking.bootstrap_torch as bt
+
+    (_, b1), (_, b2) = _power_law_rows(2.0, seed=7)
+    k = torch.from_numpy(b1 @ np.swapaxes(b2, -1, -2))
+    exact = torch.linalg.svdvals(k).sum(-1)
+    seen = []
+
+    def never(value, bound):  # records every iteration's value and bound, accepts none
+        seen.append((value, bound))
+        return torch.zeros_like(value, dtype=torch.bool)
+
+    nuclear, done = bt.nuclear_norm_newton_schulz(k, never, max_iterations=60)
+    assert not done.any() and len(seen) == 61
+    for value, bound in seen:  # the bound is an upper bound on the error, and it shrinks by orders
+        assert torch.all((exact - value).abs() <= bound * (1 + 1e-9) + 1e-13 * exact)
+    assert torch.all(seen[-1][1] < 1e-7 * exact) and torch.all(seen[0][1] > 1e-3 * exact)
+    # A draw that is not certified in the iterations allowed is computed by eigh instead: the same FIDs.
+    real = bt.nuclear_norm_newton_schulz
+    monkeypatch.setattr(bt, "nuclear_norm_newton_schulz", lambda k, c: real(k, c, max_iterations=3))
+    (mu1, b1), (mu2, b2) = _power_law_rows(1.0, seed=3)
+    ops = TorchFrechet("torch-cpu", trace_sqrt="newton-schulz")
+    np.testing.assert_allclose(ops.frechet_distance_rows(mu1, b1, mu2, b2),
+                               TorchFrechet("torch-cpu").frechet_distance_rows(mu1, b1, mu2, b2), rtol=1e-12)
+    assert ops.fallbacks == 3
+
+
 @pytest.mark.parametrize("dim", [8, 48])  # more distinct rows than features (square roots), fewer (the row form)
 def test_bootstrap_metrics_on_the_torch_path_equal_the_numpy_path(tmp_path, dim):
     sweep = write_synthetic_sweep(tmp_path / "s", recipes=("rf", "edm"), datasets=("digits",), n_samples=40,
