@@ -261,6 +261,11 @@ def test_jobs_sharing_a_training_launch_in_two_waves():
         assert _jobs("loss=rf,edm", "sampler=rf_time,native", **case) == (product, [4])
     assert _jobs("loss=rf,edm", "sampler=rf_time,native", "reuse_training=false") == (product, [4])
     assert _jobs("loss=rf,edm", "sampler=rf_time", "seed=0,1")[1] == [4]  # seeds: four models
+    # A sampler in the run name (a sweep file's name_keys): each job has its own directory, no twin, one wave.
+    named = {"name_keys": ["loss", "data", "sampler"], "hydra": {"launcher": {}}}
+    assert _jobs("loss=rf,edm", "sampler=rf_time,native", "optim.lr=1e-4", cfg=named) == (product, [4])
+    assert _jobs("loss=rf,edm", "sampler=rf_time,native", "optim.lr=1e-4,3e-4", cfg=named)[1] == [8]  # lr tagged
+    assert _jobs("loss=rf,edm", "sampler=rf_time,native", "optim.lr=1e-4,3e-4")[1] == [4, 4]  # sampler tagged too
 
 
 def test_plan_of_a_sampler_sweep_counts_each_training_once():

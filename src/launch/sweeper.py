@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.types import Override
 
+from src.results import parse_run_tag
+
 # What the default run name (${data.name}/${recipe_slug:${loss}}) already says; a sweep's file may widen it.
 NAME_KEYS = ("loss", "loss.*", "data", "data.name")
 
@@ -69,8 +71,13 @@ EVALUATION_ONLY = ("sampler", "eval.")
 
 
 def training_key(job: Sequence[str]) -> tuple[str, ...]:
-    """A job's overrides without those that change only its evaluation (and without its run_tag)."""
-    return tuple(o for o in job if not _key(o).startswith(EVALUATION_ONLY) and _key(o) != "run_tag")
+    """A job's overrides without its run_tag and without the evaluation-only ones among its tagged keys: jobs with the
+    same key train the same model in the same parent directory (a swept key the run name holds, e.g. a sweep file's
+    name_keys, gives each job its own directory, where reuse_training looks for no twin)."""
+    tag = next((o.split("=", 1)[1].strip("'\"") for o in job if _key(o) == "run_tag"), "")
+    tagged = set(parse_run_tag(tag))
+    return tuple(o for o in job
+                 if _key(o) != "run_tag" and not (_key(o) in tagged and _key(o).startswith(EVALUATION_ONLY)))
 
 
 def leaders(jobs: Sequence[Sequence[str]]) -> dict[tuple[str, ...], int]:
