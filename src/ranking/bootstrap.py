@@ -140,8 +140,7 @@ def bootstrap_metrics(records: pd.DataFrame, draws: int, seed: int = 0,
             clock.chunk_done(start)
             for path, ref in references.items():
                 rows = [row for row in features if records["reference_arrays"].iat[row] == path]
-                counts = {row: sample_counts[sample_key[row]][sl]
-                          for row in rows}
+                counts = {row: sample_counts[sample_key[row]][sl] for row in rows}
                 ref_draws = ref_counts[path][sl]
                 # fewer distinct rows than features: the row form; the reference's form once per chunk, shared
                 row_form = {row: use_rows(counts[row], ref_draws, ref.shape[1]) for row in rows}
