@@ -47,6 +47,34 @@ def test_a_sampler_sweep_trains_each_model_once(tmp_path, cache_dir):
     assert again.returncode == 0 and (second / "results.json").read_bytes() == before
 
 
+def test_the_other_ranks_of_a_multi_process_job_leave_evaluation_to_rank_zero(tmp_path, cache_dir):
+    """Rank 1 of a two-task job (SLURM's variables) neither trains a model its twin trained nor evaluates: rank 0
+    links and evaluates (once, not once per rank)."""
+    import subprocess
+    import sys
+
+    from tests.test_faults import ROOT
+
+    assert _sweep(tmp_path, cache_dir).returncode == 0
+    recipe = tmp_path / "outputs" / "multirun" / "s" / "digits" / "rf"
+    trained = {d: (recipe / d / "results.json").read_bytes() for d in ("sampler=rf_time", "sampler=native")}
+    args = ["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", "sweep_name=s", "loss=rf",
+            "sampler=rf_time,native,heun", "eval.n_samples=6"]  # trained twins with records missing, and a new one
+    env = {**os.environ, "WANDB_MODE": "disabled", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}
+    out = subprocess.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert {d: (recipe / d / "results.json").read_bytes() for d in trained} == trained  # not evaluated by rank 1
+    heun = recipe / "sampler=heun"
+    assert not list(heun.glob("checkpoints/*.ckpt")) and not (heun / "results.json").exists()  # nor trained
+    rank0 = run_cli(args)
+    assert rank0.returncode == 0, rank0.stderr[-3000:]
+    assert json.loads((heun / "reused_training.json").read_text()) == {
+        "checkpoints_from": str((recipe / "sampler=rf_time").resolve())}
+    for d in ("sampler=rf_time", "sampler=native", "sampler=heun"):  # rank 0 evaluated each
+        assert 6 in {r["n_samples"] for r in read_results(recipe / d)}, d
+
+
 def test_reuse_training_false_and_other_seeds_train_again(tmp_path, cache_dir):
     out = _sweep(tmp_path, cache_dir, "reuse_training=false")
     assert out.returncode == 0, out.stderr[-3000:]

@@ -183,6 +183,26 @@ def test_sampler_sweep_on_slurm_trains_each_model_once(slurm, cache_dir, tmp_pat
         assert slurm_job_id(trained).split("_")[0] != slurm_job_id(evaluated).split("_")[0]
 
 
+def test_sampler_sweep_of_two_task_jobs_trains_once_and_evaluates_on_rank_zero(slurm, cache_dir, tmp_path):
+    """FSDP over two SLURM tasks: the second wave's job links the model on rank 0 and evaluates there; rank 1 ends."""
+    recipe = RECIPES[0]
+    args = ["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", "sweep_name=ranks",
+            "train.max_steps=100", f"loss={recipe}", "sampler=rf_time,native", "trainer=fsdp",
+            "trainer.accelerator=cpu", "hydra.launcher.tasks_per_node=2"]
+    code, out = finish(launch(args))
+    assert code == 0, out[-3000:]
+    sweep = tmp_path / "outputs" / "multirun" / "ranks"
+    trained, evaluated = (sweep / "digits" / recipe.split("/")[1] / f"sampler={s}" for s in ("rf_time", "native"))
+    assert yaml.safe_load((evaluated / "reused_training.json").read_text()) == {
+        "checkpoints_from": str(trained.resolve())}
+    assert os.path.samefile(trained / "checkpoints" / "last.ckpt", evaluated / "checkpoints" / "last.ckpt")
+    assert (evaluated / "results.json").is_file()
+    log = job_log(sweep, slurm_job_id(evaluated))
+    assert "reusing the model trained in" in log and "training is done; rank 0 evaluates" in log
+    assert "Restored all states" not in log  # no training, and one evaluation (rank 0's), not one per rank:
+    assert len(re.findall(r"evaluating \S+ \(step 100\): \d+ record\(s\)", log)) == 1
+
+
 @pytest.mark.parametrize("ranks, steps", [
     ([], 2000),
     # Two SLURM tasks sharded with FSDP: both ranks get the signal, save together, rank 0 requeues the job.

@@ -256,9 +256,9 @@ def test_jobs_sharing_a_training_launch_in_two_waves():
     assert sizes == [1, 1]
     # No reuse, no waves: the product order in one batch.
     product = [["rf", "rf_time"], ["rf", "native"], ["edm", "rf_time"], ["edm", "native"]]
-    for case in ({"cfg": {"reuse_training": False, "hydra": {"launcher": {}}}},
-                 {"cfg": {"hydra": {"launcher": {"tasks_per_node": 2, "nodes": 1}}}}):  # multi-process jobs
-        assert _jobs("loss=rf,edm", "sampler=rf_time,native", **case) == (product, [4])
+    assert _jobs("loss=rf,edm", "sampler=rf_time,native", cfg={"reuse_training": False}) == (product, [4])
+    multi_process = {"hydra": {"launcher": {"tasks_per_node": 2, "nodes": 1}}}  # rank 0 links, evaluates
+    assert _jobs("loss=rf,edm", "sampler=rf_time,native", cfg=multi_process)[1] == [2, 2]
     assert _jobs("loss=rf,edm", "sampler=rf_time,native", "reuse_training=false") == (product, [4])
     assert _jobs("loss=rf,edm", "sampler=rf_time", "seed=0,1")[1] == [4]  # seeds: four models
     # A sampler in the run name (a sweep file's name_keys): each job has its own directory, no twin, one wave.

@@ -89,15 +89,12 @@ def leaders(jobs: Sequence[Sequence[str]]) -> dict[tuple[str, ...], int]:
 
 
 def shares_training(cfg, jobs: Sequence[Sequence[str]]) -> bool:
-    """Whether some jobs will reuse another's training: two share a training_key, reuse_training is on (in the base
-    configuration and every job), and each job is one process (the launcher starts one task; reuse is off in
-    multi-process jobs)."""
+    """Whether some jobs will reuse another's training: two share a training_key and reuse_training is on (in the
+    base configuration and every job)."""
     if len(leaders(jobs)) == len(jobs) or not cfg.get("reuse_training", True):
         return False
-    if any(_key(o) == "reuse_training" and o.split("=", 1)[1].strip().lower() != "true" for job in jobs for o in job):
-        return False
-    launcher = cfg.get("hydra", {}).get("launcher", {}) or {}
-    return int(launcher.get("tasks_per_node") or 1) * int(launcher.get("nodes") or 1) == 1
+    return not any(_key(o) == "reuse_training" and o.split("=", 1)[1].strip().lower() != "true"
+                   for job in jobs for o in job)
 
 
 def training_waves(jobs: Sequence[Sequence[str]]) -> list[list[str]]:

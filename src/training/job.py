@@ -354,11 +354,6 @@ def results_complete(cfg: DictConfig, run_dir: Path, formulation=None) -> bool:
 REUSED_FILE = "reused_training.json"  # names the run directory whose checkpoints this run evaluates
 
 
-def _single_process_launch() -> bool:
-    """One process in this job (the ranks of a multi-process job would race over a copy)."""
-    return is_launch_rank_zero() and all(os.environ.get(k, "1") in ("", "1") for k in ("WORLD_SIZE", "SLURM_NTASKS"))
-
-
 
 def _run_tags(run_dir: Path) -> dict | None:
     """The swept values of the run in run_dir (its config.yaml's run_tag); None when unreadable."""
@@ -395,13 +390,14 @@ def reuse_training(cfg: DictConfig, run_dir: Path) -> Path | None:
     """Link (else copy) a trained twin's checkpoints into run_dir, which has none yet, so only the evaluation runs.
 
     The checkpoints land in a temporary directory renamed into place, so an interruption leaves either none (the
-    rerun looks again) or all. Off with reuse_training=false, and in multi-process jobs."""
+    rerun looks again) or all. Off with reuse_training=false. In a multi-process job only rank 0 links; the others
+    get the twin too (run_job lets rank 0 alone evaluate)."""
     ckpt_dir = run_dir / "checkpoints"
-    if not cfg.get("reuse_training", True) or not _single_process_launch() or is_bound(run_dir):
+    if not cfg.get("reuse_training", True) or is_bound(run_dir):
         return None
     twin = trained_twin(cfg, run_dir)
-    if twin is None:
-        return None
+    if twin is None or not is_launch_rank_zero():
+        return twin
     staging = run_dir / ".checkpoints.reuse.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -431,8 +427,12 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     formulation = build_formulation(cfg)
     twin = reuse_training(cfg, run_dir)
 
-    if training_finished(cfg, run_dir):
+    if twin is not None or training_finished(cfg, run_dir):
         from src.evaluation.run import describe, evaluate_run, missing_for
+
+        if not is_launch_rank_zero():  # evaluation is one process's work: the job's other ranks end here
+            log.info("%s: training is done; rank 0 evaluates", run_dir)
+            return {"run_dir": str(run_dir), "skipped": True}
 
         missing = missing_for(cfg, run_dir, formulation)
         if not missing:
