@@ -91,6 +91,7 @@ class Result:
     warmup_s: float = float("nan")
     notes: list[str] = field(default_factory=list)
     breakdown: dict = field(default_factory=dict)  # --profile: milliseconds per step by kind of kernel
+    top_kernels: list = field(default_factory=list)  # --profile: [name, kind, ms per step] of the costliest kernels
 
 
 # ---- where the step's time goes (--profile) -----------------------------------------------------------------
@@ -109,21 +110,28 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
 
 
-def time_breakdown(events, steps: int, step_ms: float, device: str) -> dict:
+TOP_KERNELS = 15  # the costliest kernels listed per profiled configuration: what kernel work would target
+
+
+def time_breakdown(events, steps: int, step_ms: float, device: str) -> tuple[dict, list]:
     """Milliseconds per step by kind: device kernels on a GPU (self CPU time of operators in the dry run), and the
-    time the device sat idle (the step's time not covered by kernels: launches, synchronisation, Python)."""
+    time the device sat idle (the step's time not covered by kernels: launches, synchronisation, Python); and the
+    TOP_KERNELS costliest kernels by name (inductor's names say which operations each one fused)."""
     from torch.autograd import DeviceType
 
     totals: dict[str, float] = {}
+    by_name: dict[str, float] = {}
     for e in events:
         on_device = e.device_type == DeviceType.CUDA
         if device == "cuda" and not on_device or device != "cuda" and on_device:
             continue
-        us = e.time_range.elapsed_us() if on_device else e.self_cpu_time_total
-        totals[kernel_kind(e.name)] = totals.get(kernel_kind(e.name), 0.0) + us / 1e3 / steps
+        ms = (e.time_range.elapsed_us() if on_device else e.self_cpu_time_total) / 1e3 / steps
+        totals[kernel_kind(e.name)] = totals.get(kernel_kind(e.name), 0.0) + ms
+        by_name[e.name] = by_name.get(e.name, 0.0) + ms
     if device == "cuda":
         totals["device idle"] = max(0.0, step_ms - sum(totals.values()))
-    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:TOP_KERNELS]
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1])), [[n, kernel_kind(n), ms] for n, ms in top]
 
 
 def profile_steps(step, device: str, steps: int = 2):
@@ -310,7 +318,7 @@ def measure(cfg: Config, batch: int, args, setup: dict, device: str) -> Result:
         res.peak_gib = torch.cuda.max_memory_allocated() / 2**30
         res.static_gib = torch.cuda.memory_allocated() / 2**30
     if args.profile:
-        res.breakdown = time_breakdown(profile_steps(step, device), 2, res.step_ms, device)
+        res.breakdown, res.top_kernels = time_breakdown(profile_steps(step, device), 2, res.step_ms, device)
     del model, step, data
     return res
 
@@ -418,6 +426,11 @@ def render(results: list[Result], header: dict, bootstrap: dict | None) -> str:
             kinds = [k for k, _ in KERNEL_KINDS] + ["other", "device idle"]
             cells = [f"{r.breakdown.get(k, 0.0):.1f} ({r.breakdown.get(k, 0.0) / r.step_ms:.0%})" for k in kinds]
             lines.append(f"| {r.config['name']} | {r.batch} | {r.step_ms:.1f} | " + " | ".join(cells) + " |")
+        for r in profiled:
+            lines += ["", f"Costliest kernels of {r.config['name']} (batch {r.batch}), ms per step:", "",
+                      "| kernel | kind | ms | share |", "|---|---|---|---|"]
+            lines += [f"| `{name[:100]}` | {kind} | {ms:.2f} | {ms / r.step_ms:.1%} |"
+                      for name, kind, ms in r.top_kernels]
     if bootstrap:
         lines += ["", "## Rank report bootstrap on the GPU", "", bootstrap["text"]]
     payload = {"header": header, "results": [asdict(r) for r in results], "bootstrap": bootstrap}

@@ -111,6 +111,10 @@ def test_profile_breaks_the_step_down_by_kind_of_kernel(tmp_path):
     breakdown = bench.read_results(out)["results"][0]["breakdown"]
     assert breakdown["matmul"] > 0 and breakdown["attention"] > 0 and breakdown["optimizer"] > 0
     assert "## Where the step's time goes" in out.read_text()
+    top = bench.read_results(out)["results"][0]["top_kernels"]
+    times = [ms for _, _, ms in top]
+    assert 0 < len(top) <= bench.TOP_KERNELS and times == sorted(times, reverse=True)
+    assert "Costliest kernels of d15-default" in out.read_text() and f"| `{top[0][0][:100]}` |" in out.read_text()
     assert bench.kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
     assert bench.kernel_kind("fmha_cutlassB_f32_aligned_64x64") == "attention"  # before its CUTLASS name
     assert bench.kernel_kind("triton_per_fused_native_layer_norm_0") == "compiled (inductor)"
