@@ -354,7 +354,6 @@ def results_complete(cfg: DictConfig, run_dir: Path, formulation=None) -> bool:
 REUSED_FILE = "reused_training.json"  # names the run directory whose checkpoints this run evaluates
 
 
-
 def _run_tags(run_dir: Path) -> dict | None:
     """The swept values of the run in run_dir (its config.yaml's run_tag); None when unreadable."""
     try:
