@@ -20,6 +20,7 @@ def test_a_sampler_sweep_trains_each_model_once(tmp_path, cache_dir):
     assert not (first / "reused_training.json").exists()
     assert json.loads((second / "reused_training.json").read_text()) == {"checkpoints_from": str(first.resolve())}
     assert f"reusing the model trained in {first}" in out.stdout  # the console handler
+    assert "2 jobs share 1 training(s): 1 job(s) train first, then the other 1 evaluate the same models" in out.stdout
     names = sorted(p.name for p in (first / "checkpoints").glob("*.ckpt"))
     assert names and names == sorted(p.name for p in (second / "checkpoints").glob("*.ckpt"))
     for name in names:  # the same files (hard links), not a second training

@@ -10,12 +10,15 @@ swept add nothing: rerunning the same command finds the same directories (resume
 from __future__ import annotations
 
 import fnmatch
+import logging
 from collections.abc import Sequence
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.types import Override
 
 from src.results import parse_run_tag
+
+log = logging.getLogger(__name__)
 
 # What the default run name (${data.name}/${recipe_slug:${loss}}) already says; a sweep's file may widen it.
 NAME_KEYS = ("loss", "loss.*", "data", "data.name")
@@ -59,6 +62,8 @@ def split_tagged(overrides: list[Override], max_batch_size: int | None, cfg=None
     if cfg is not None and shares_training(cfg, jobs):
         jobs = training_waves(jobs)
         first = len(leaders(jobs))
+        log.info("%d jobs share %d training(s): %d job(s) train first, then the other %d evaluate the same models",
+                 len(jobs), first, first, len(jobs) - first, extra={"console": True})
     size = max_batch_size or len(jobs)
     # A wave never shares a batch with the next: the sweeper launches (and waits for) one batch at a time.
     return [jobs[i:min(i + size, end)] for start, end in ((0, first), (first, len(jobs)))
