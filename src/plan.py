@@ -76,6 +76,7 @@ class JobPlan:
     data_checks: list[str] = field(default_factory=list)  # what the shard folders hold unlike the paper's setup
     trains_here: bool = True  # False: the job evaluates a sibling's model (reuse_training)
     train_left: float = 1.0  # share of the training a relaunch still runs (0 when trained, resume: the steps left)
+    wave: int = 1  # 2: launched when the first wave is over (src/launch/sweeper.py training_waves)
 
     @property
     def tokens(self) -> int:
@@ -411,7 +412,10 @@ def _plan_training_waves(base: DictConfig, jobs: list[list[str]], planned: list[
     first = leaders(jobs)
     for i, job in enumerate(planned):
         leader = planned[first[training_key(jobs[i])]]
-        if leader is not job and job.status in ("new", "to train") and leader.status in TRAINS:
+        if leader is job:
+            continue
+        job.wave = 2
+        if job.status in ("new", "to train") and leader.status in TRAINS:
             job.set_status(f"to evaluate (after {leader.run_dir.name} trains)")
 
 
@@ -472,9 +476,13 @@ def render(plan: Plan, root: Path | None = None) -> str:
     if left and plan.parallelism:
         gpus = max(j.gpus for j in left)
         at_once = min(plan.parallelism, len(left))
-        wall = plan.gpu_hours(sum(j.flops_left for j in left)) / (gpus * at_once)
-        lines.append(f"Wall clock with {at_once} jobs of {gpus} GPU(s) at once (array_parallelism): "
-                     f"about {wall:.3g} h.")
+        waves: dict[int, list[JobPlan]] = {}  # the second wave starts when the first is over
+        for j in left:
+            waves.setdefault(j.wave, []).append(j)
+        wall = sum(plan.gpu_hours(sum(j.flops_left for j in wave)) / (gpus * min(plan.parallelism, len(wave)))
+                   for wave in waves.values())
+        lines.append(f"Wall clock with {at_once} jobs of {gpus} GPU(s) at once (array_parallelism)"
+                     f"{f', in {len(waves)} waves' if len(waves) > 1 else ''}: about {wall:.3g} h.")
     notes = list(dict.fromkeys(a for j in plan.jobs for a in j.assumptions))
     if notes:
         lines.append("Assumed: " + "; ".join(notes) + ".")

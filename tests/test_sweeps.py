@@ -280,6 +280,12 @@ def test_plan_of_a_sampler_sweep_counts_each_training_once():
     assert f"GPU-hours at 100 TFLOP/s peak and 50% utilisation: {p.gpu_hours(all_flops):.4g} in all, " \
            f"{p.gpu_hours(all_flops):.4g} still to run" in text
     assert f"training {plan._si(train)}," in text and text.count(" reused ") == 2
+    # Wall clock on an array of 8: the two trainings side by side, then the two evaluations side by side.
+    slurm = plan.plan_sweep([*args, "hydra/launcher=slurm_cpu", "hydra.launcher.array_parallelism=8"],
+                            peak_tflops=100, mfu=0.5)
+    wall = sum(slurm.gpu_hours(sum(j.flops_left for j in wave)) / 2 for wave in (slurm.jobs[:2], slurm.jobs[2:]))
+    assert [j.wave for j in slurm.jobs] == [1, 1, 2, 2]
+    assert f"(array_parallelism), in 2 waves: about {wall:.3g} h." in plan.render(slurm)
     off = plan.plan_sweep([*args, "reuse_training=false"], peak_tflops=100, mfu=0.5)
     assert [j.status for j in off.jobs] == ["new"] * 4 and all(j.trains_here for j in off.jobs)
 
