@@ -455,8 +455,9 @@ def bench_bootstrap(args, device: str, deadline: float = float("inf")) -> dict:
     """The paper grid's bootstrap (1464 records x 200 draws, 1000 samples x 768 features), timed on a few records,
     each way the report can take it: the row form (the default when a draw has fewer distinct rows than features, as
     here: eigenvalues of the ~632 x 632 cross-Gram matrix, or its certified Newton-Schulz nuclear norm), and the
-    square-root form with tr (S1 S2)^(1/2) by batched eigh or by Newton-Schulz (matrix products only; short of 1e-6 on power-law spectra: src/ranking/bootstrap_torch.py);
-    then the report's path without a GPU, numpy on the machine's cores (bench_bootstrap_cpu), for the comparison.
+    square-root form with tr (S1 S2)^(1/2) by batched eigh or by Newton-Schulz (matrix products only; short of 1e-6
+    on power-law spectra: src/ranking/bootstrap_torch.py); then the report's path without a GPU, numpy on the
+    machine's cores (bench_bootstrap_cpu), for the comparison.
 
     Each record costs the same (the same shapes), so the grid's time is the median time per record x 1464. The
     first record's draws are checked against the numpy path (a few draws, the numpy path is slow). Records stop at
