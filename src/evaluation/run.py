@@ -181,7 +181,8 @@ def evaluate_run(cfg: DictConfig, run_dir: str | Path, device: torch.device | st
     if ev.inception.weights_path is not None:
         from src.metrics.inception import InceptionFeatureExtractor
 
-        inc = InceptionFeatureExtractor(ev.inception.weights_path, device=device)
+        inc = InceptionFeatureExtractor(ev.inception.weights_path, device=device,
+                                         config_key="eval.inception.weights_path")
         inception = (inc, reference_features(inc.id, dataset_id, images, inc, cache))
 
     first = wanted[0]

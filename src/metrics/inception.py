@@ -25,7 +25,7 @@ class InceptionFeatureExtractor:
         self,
         weights_path: str | os.PathLike | None,
         device: str | torch.device = "cpu",
-        config_key: str = "metrics.inception.weights_path",
+        config_key: str = "eval.inception.weights_path",
     ):
         path = require_file(weights_path, config_key)
         state = torch.load(path, map_location="cpu", weights_only=True)

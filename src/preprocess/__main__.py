@@ -48,7 +48,8 @@ def common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--part", type=part_spec, default=(0, 1), metavar="I/N",
                    help="do part I of N of the job (chunks c with c %% N == I) into the same --out, e.g. one SLURM "
-                        "array task each: --part $SLURM_ARRAY_TASK_ID/16; the last part to finish assembles")
+                        "array task each (--array=0-15): --part $SLURM_ARRAY_TASK_ID/16; the last part to finish "
+                        "assembles")
 
 
 def part_spec(text: str) -> tuple[int, int]:

@@ -1,0 +1,71 @@
+"""The rank report's documented options through its command line (main(argv), as `python -m src.ranking.report`)."""
+import contextlib
+import io
+
+import pandas as pd
+import pytest
+
+from src.ranking.report import main
+from src.ranking.synthetic import write_synthetic_sweep
+from src.ranking.tables import parse_markdown_table
+
+SMALL = dict(datasets=("digits",), n_samples=8, n_reference=12, dim=2,
+             sampler_settings=[(5, 5.0), (50, 1.0), (50, 2.5), (50, 5.0)])
+
+
+def report(args, out):
+    """Run the CLI; the report's Markdown table (rows) and its text."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main([*map(str, args), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    return parse_markdown_table(text), text
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    return write_synthetic_sweep(tmp_path_factory.mktemp("multirun") / "s", recipes=("rf", "eps/linear", "v/cos"),
+                                 **SMALL)
+
+
+def test_fifty_step_cfg_chooses_the_fifty_step_column(sweep, tmp_path):
+    rows, text = report([sweep, "--bootstrap", "0", "--fifty-step-cfg", "2.5"], tmp_path / "a")
+    assert "50 steps (n=2)" in rows[0] and "50 steps column: the 50-step settings at CFG 2.5, chosen with" in text
+    rows, text = report([sweep, "--bootstrap", "0", "--fifty-step-cfg", "all"], tmp_path / "b")
+    assert "50 steps (n=6)" in rows[0] and "CFG 1.0, 2.5, 5.0, all 50-step settings (--fifty-step-cfg all)" in text
+
+
+def test_confidence_and_separation_reach_the_report(sweep, tmp_path):
+    _, default = report([sweep, "--bootstrap", "20"], tmp_path / "a")
+    assert "90% percentile interval over 20 bootstrap draws" in default and "at least 95% of the draws" in default
+    _, text = report([sweep, "--bootstrap", "20", "--confidence", "0.5", "--separation", "0.6"], tmp_path / "b")
+    assert "50% percentile interval over 20 bootstrap draws" in text and "at least 60% of the draws" in text
+    wide = pd.read_csv(tmp_path / "a" / "ranks.csv", index_col=0)
+    narrow = pd.read_csv(tmp_path / "b" / "ranks.csv", index_col=0)
+    lo, hi = [c for c in wide.columns if c.startswith("all") and c.endswith("lo")], \
+        [c for c in wide.columns if c.startswith("all") and c.endswith("hi")]
+    assert lo and hi
+    assert (narrow[lo[0]] >= wide[lo[0]]).all() and (narrow[hi[0]] <= wide[hi[0]]).all()  # nested intervals
+
+
+def test_device_cpu_gives_the_default_report_here(sweep, tmp_path):
+    report([sweep, "--bootstrap", "10"], tmp_path / "auto")
+    report([sweep, "--bootstrap", "10", "--device", "cpu"], tmp_path / "cpu")
+    auto = pd.read_csv(tmp_path / "auto" / "ranks.csv")
+    cpu = pd.read_csv(tmp_path / "cpu" / "ranks.csv")
+    import torch
+
+    if not torch.cuda.is_available():  # auto is the CPU here: the same numbers
+        pd.testing.assert_frame_equal(auto, cpu)
+    assert list(cpu.iloc[:, 0]) == list(auto.iloc[:, 0])
+
+
+def test_two_sweeps_are_pooled_and_a_sampler_is_chosen(tmp_path):
+    root = tmp_path / "multirun"
+    first = write_synthetic_sweep(root / "a", recipes=("rf", "eps/linear"), sampler="rf_time", **SMALL)
+    more = write_synthetic_sweep(root / "b", recipes=("v/cos",), seed=2, sampler="rf_time", **SMALL)
+    native = write_synthetic_sweep(root / "c", recipes=("rf",), seed=3, sampler="native", **SMALL)
+    rows, _ = report([first, more, "--bootstrap", "0"], tmp_path / "pooled")
+    assert sorted(r["recipe"] for r in rows) == ["eps/linear", "rf", "v/cos"]
+    rows, text = report([first, more, native, "--bootstrap", "0", "--sampler", "rf_time"], tmp_path / "one")
+    assert sorted(r["recipe"] for r in rows) == ["eps/linear", "rf", "v/cos"]
+    assert "Sampler: restricted to rf_time (--sampler); left out: native" in text
