@@ -68,6 +68,7 @@ def assert_same_training(result, reference, rtol=1e-4, atol=1e-5):
 @pytest.mark.parametrize("options", [
     dict(fused_modulation=True), dict(fused_qkv=False), dict(activation_checkpointing=True),
     dict(attention_backend="math"), dict(fused_adamw=True),
+    dict(activation_checkpointing=True, attention_backend="math"),  # the recompute must use the chosen kernel too
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_optimised_paths_train_like_the_eager_step(eager, options):
     assert_same_training(train(**options), eager)

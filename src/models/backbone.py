@@ -163,7 +163,12 @@ class Backbone(nn.Module):
     def run_block(self, block: nn.Module, *args):
         """block(*args), its activations recomputed in the backward pass under activation_checkpointing."""
         if self.activation_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
+            # The backward's recompute runs outside forward()'s attention context: enter it there too, or the
+            # recompute picks torch's own kernel and its saved tensors differ from the forward's (CheckpointError).
+            def contexts():
+                return attention_context(self.attention_backend), attention_context(self.attention_backend)
+
+            return checkpoint(block, *args, use_reentrant=False, context_fn=contexts)
         return block(*args)
 
     def initialize_weights(self) -> None:
