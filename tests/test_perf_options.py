@@ -198,7 +198,7 @@ def test_planner_uses_the_measured_mfu_of_the_launched_configuration(tmp_path, m
     assert plan.plan_sweep(overrides, gpu="H100").mfu == plan.DEFAULT_MFU
 
 
-def test_planner_reads_the_committed_gpu_measurements(tmp_path):
+def test_planner_reads_the_committed_gpu_measurements(tmp_path, capsys):
     """bench/results/gpu.md as make bench-gpu wrote it on an H200: the paper grid's launch (d15, batch 128, the GPU
     defaults) takes its measured MFU there, and the stated default elsewhere."""
     from src import plan
@@ -209,6 +209,10 @@ def test_planner_reads_the_committed_gpu_measurements(tmp_path):
     p = plan.plan_sweep(overrides, gpu="H200")
     assert p.mfu == measured["mfu"] and "d15-default (batch 128) on NVIDIA H200" in p.mfu_source
     assert plan.plan_sweep(overrides, gpu="A100").mfu == plan.DEFAULT_MFU
+    # The command line says which it used (python -m src.plan ... --gpu H200).
+    assert plan.main([*overrides, "--gpu", "H200"]) == 0
+    out = capsys.readouterr().out
+    assert f"Utilisation: measured {measured['mfu']:.1%} for d15-default (batch 128) on NVIDIA H200." in out
 
 
 def test_wrapped_backbones_are_not_compiled_by_auto_nor_fused_by_auto(monkeypatch):
