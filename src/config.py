@@ -74,13 +74,16 @@ def without_throughput_keys(fp: dict) -> dict:
 
 # Keys added to the configuration after runs were fingerprinted, with the value every earlier run had: a stored
 # fingerprint that lacks one matches a configuration holding that value (an old run still resumes), not another one.
-ADDED_KEYS = {"data": {"image_size": 16}}
+TRAINER_KEYS = ("gradient_clip_val", "precision")  # the trainer settings in the fingerprint (each null before)
+ADDED_KEYS = {"data": {"image_size": 16}, "trainer": dict.fromkeys(TRAINER_KEYS)}
 
 
 def with_added_keys(stored: dict, current: dict) -> dict:
     """stored, with each ADDED_KEYS key it lacks filled in where current holds that key's earlier value."""
     out = dict(stored)
     for section, added in ADDED_KEYS.items():
+        if section not in out and isinstance(current.get(section), dict):
+            out[section] = {}  # a section added whole (trainer)
         if not isinstance(out.get(section), dict) or not isinstance(current.get(section), dict):
             continue
         missing = {k: v for k, v in added.items() if k not in out[section] and current[section].get(k) == v}
@@ -93,6 +96,8 @@ def fingerprint(cfg: DictConfig) -> dict:
     keys = ("loss", "model", "optim", "train", "seed")
     out = {k: to_dict(cfg[k]) if isinstance(cfg[k], DictConfig) else cfg[k] for k in keys}
     out["data"] = to_dict(cfg.data)
+    # The trainer settings that change the trained weights (the rest: devices, logging, progress).
+    out["trainer"] = {k: cfg.trainer.get(k) for k in TRAINER_KEYS}
     return without_throughput_keys(out)
 
 

@@ -90,6 +90,54 @@ def test_resume_matches_uninterrupted_run(tmp_path, cache_dir, monkeypatch):
         assert torch.equal(a[k], b[k]), k
 
 
+def validation_rows(run_dir: Path) -> list:
+    from src.training.metrics_log import read_metrics
+
+    log = read_metrics(run_dir / "csv" / "metrics.csv")
+    return log[["step", "val_ema/loss_mean"]].dropna().values.tolist()
+
+
+@pytest.mark.parametrize("killed_at", [8, 12])
+def test_killed_in_the_validation_of_a_checkpoint_step_resumes_to_the_same_run(tmp_path, cache_dir, monkeypatch,
+                                                                                killed_at):
+    """A job killed while validating a step that is also a checkpoint step (the final one included): its last
+    checkpoint is the step before, so the rerun validates that step, selects the same best model and evaluates it."""
+    overrides = ["train.max_steps=12", "train.val_every=4", "train.ckpt_every=4", "eval.n_samples=4",
+                 "eval.batch_size=4", "eval.settings=[{steps: 2, cfg: 5.0}]", "eval.ema=[true]", "optim.lr=0.05"]
+    straight = tmp_path / "straight"
+    run_job(make_cfg(tmp_path, cache_dir, overrides), straight)
+
+    from src.training import module as module_lib
+
+    original = module_lib.FormulationModule.validation_step
+
+    def killed(self, batch, batch_idx):
+        if self.global_step == killed_at:
+            raise Interrupt()
+        return original(self, batch, batch_idx)
+
+    resumed = tmp_path / "resumed"
+    monkeypatch.setattr(module_lib.FormulationModule, "validation_step", killed)
+    with pytest.raises(Interrupt):
+        run_job(make_cfg(tmp_path, cache_dir, overrides), resumed)
+    assert final_state(resumed)[1] == killed_at - 4  # not a checkpoint of a step whose validation did not run
+    monkeypatch.setattr(module_lib.FormulationModule, "validation_step", original)
+    run_job(make_cfg(tmp_path, cache_dir, overrides), resumed)
+
+    assert validation_rows(resumed) == validation_rows(straight) and len(validation_rows(straight)) == 3
+    for name in ("last.ckpt", "best.ckpt"):
+        a = torch.load(straight / "checkpoints" / name, map_location="cpu", weights_only=True)
+        b = torch.load(resumed / "checkpoints" / name, map_location="cpu", weights_only=True)
+        assert a["global_step"] == b["global_step"], name
+        for k in a["state_dict"]:
+            assert torch.equal(a["state_dict"][k], b["state_dict"][k]), (name, k)
+    import json
+
+    records = [json.loads((d / "results.json").read_text()) for d in (straight, resumed)]
+    assert [(r["checkpoint_step"], r["fid_clip"]) for r in records[0]] == \
+        [(r["checkpoint_step"], r["fid_clip"]) for r in records[1]]
+
+
 def test_last_checkpoint_is_the_final_step_and_a_finished_run_is_skipped(tmp_path, cache_dir):
     # max_steps is not a multiple of ckpt_every: last.ckpt must still hold the final step.
     overrides = ["train.max_steps=7", "train.val_every=7", "train.ckpt_every=5", "eval.enabled=false"]
@@ -105,6 +153,22 @@ def test_changed_config_in_same_directory_is_an_error(tmp_path, cache_dir):
     run_job(make_cfg(tmp_path, cache_dir, base), run_dir)
     with pytest.raises(ConfigError, match="optim.lr"):
         run_job(make_cfg(tmp_path, cache_dir, base + ["optim.lr=0.5"]), run_dir)
+    # Trainer settings that change the weights belong to the run too; a finished run is not served as theirs.
+    for override, key in (("trainer.gradient_clip_val=0.01", "trainer.gradient_clip_val"),
+                          ("trainer.precision=bf16-mixed", "trainer.precision")):
+        with pytest.raises(ConfigError, match=key):
+            run_job(make_cfg(tmp_path, cache_dir, base + [override]), run_dir)
+    assert run_job(make_cfg(tmp_path, cache_dir, base + ["trainer.log_every_n_steps=1"]), run_dir)["skipped"]
+    # A run fingerprinted before the trainer section counted resumes under the settings it had (null).
+    import json
+
+    stored = json.loads((run_dir / "fingerprint.json").read_text())
+    assert stored["trainer"] == {"gradient_clip_val": None, "precision": None}
+    del stored["trainer"]
+    (run_dir / "fingerprint.json").write_text(json.dumps(stored))
+    assert run_job(make_cfg(tmp_path, cache_dir, base), run_dir)["skipped"]
+    with pytest.raises(ConfigError, match="trainer.gradient_clip_val"):
+        run_job(make_cfg(tmp_path, cache_dir, base + ["trainer.gradient_clip_val=1.0"]), run_dir)
 
 
 def test_a_launch_that_failed_before_training_does_not_claim_the_directory(tmp_path, cache_dir):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import Checkpoint
 
 
 class SaveLastAtEnd(L.Callback):
@@ -16,3 +17,35 @@ class SaveLastAtEnd(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         trainer.save_checkpoint(str(self.path), weights_only=False)
+
+
+class StepCheckpoint(Checkpoint):
+    """Write `last.ckpt` every `every` training steps; at a step that is also validated, after that validation.
+
+    Lightning's ModelCheckpoint(every_n_train_steps) saves when the batch ends, before the step's validation: a job
+    killed in between left a checkpoint of step N without step N's validation, and the resumed run never ran it
+    (the final step's validation included, so best.ckpt missed it and the evaluation used an older model). Here a
+    checkpoint of step N always includes everything due at step N. A Checkpoint, so that Lightning runs it with
+    the checkpoint callbacks after all others; list it after the best-checkpoint callback, whose state it saves.
+    """
+
+    def __init__(self, path: str | Path, every: int, val_every: int):
+        self.path, self.every, self.val_every = Path(path), every, val_every
+        self._after_validation: int | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self._after_validation is not None:  # a validation that did not run (none is configured to skip)
+            self._after_validation = None
+            trainer.save_checkpoint(str(self.path), weights_only=False)
+        if step % self.every:
+            return
+        if step % self.val_every == 0:  # Lightning validates at every val_every-th step (val_check_interval)
+            self._after_validation = step
+            return
+        trainer.save_checkpoint(str(self.path), weights_only=False)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._after_validation == trainer.global_step and not trainer.sanity_checking:
+            self._after_validation = None
+            trainer.save_checkpoint(str(self.path), weights_only=False)

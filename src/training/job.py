@@ -26,7 +26,7 @@ from src.launch.rundir import is_launch_rank_zero
 from src.launch.strategies import build_strategy
 from src.launch.sweeper import EVALUATION_ONLY
 from src.results import parse_run_tag
-from src.training.callbacks import SaveLastAtEnd
+from src.training.callbacks import SaveLastAtEnd, StepCheckpoint
 from src.training.checkpoint_io import AtomicCheckpointIO, checkpoint_to_resume
 from src.training.datamodule import ShardDataModule
 from src.training.module import FormulationModule
@@ -459,11 +459,10 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     # step/max_steps, loss, steps/s and time left (src/training/progress.py), in place of Lightning's own bar.
     callbacks = [TrainingProgress()] if cfg.trainer.enable_progress_bar else []
     callbacks += [
-        # `last.ckpt` every ckpt_every steps (resume), and the lowest EMA validation loss (model selection).
-        ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
-                        every_n_train_steps=cfg.train.ckpt_every, save_top_k=0, save_last=True),
+        # The lowest EMA validation loss (model selection), and `last.ckpt` every ckpt_every steps (resume).
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_ema/loss_mean", mode="min",
                         save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False),
+        StepCheckpoint(ckpt_dir / "last.ckpt", every=cfg.train.ckpt_every, val_every=cfg.train.val_every),
         SaveLastAtEnd(ckpt_dir / "last.ckpt"),
     ]
     callbacks.append(InterruptCheckpoint(ckpt_dir / "last.ckpt"))  # SIGTERM, Ctrl-C: save, stop; a rerun resumes
