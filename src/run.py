@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -58,7 +59,9 @@ def main(cfg: DictConfig) -> dict | None:
         return result
     finally:
         if announce:
-            SWEEP.finish(skipped=bool(result and result.get("skipped")), failed=not result or bool(result.get("failed")))
+            stopped = isinstance(sys.exc_info()[1], (SystemExit, KeyboardInterrupt))  # Ctrl-C, SIGTERM
+            failed = not result or bool(result.get("failed"))
+            SWEEP.finish(skipped=bool(result and result.get("skipped")), failed=failed, stopped=stopped)
 
 
 def _job(cfg: DictConfig) -> dict | None:
@@ -101,7 +104,19 @@ def _job(cfg: DictConfig) -> dict | None:
 
 
 def cli() -> int:
-    main()
+    try:
+        main()
+    except SystemExit as e:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not isinstance(e, SIGTERMException):  # Ctrl-C: Lightning exits with status 1 itself
+            raise
+        # kill / scancel: training stopped between two steps with last.ckpt saved. A SystemExit without a code, which
+        # would end the command with status 0 as if it had finished.
+        if FAILED:
+            print(summary(), file=sys.stderr)
+        print("stopped on SIGTERM (last.ckpt saved); rerun the command to resume", file=sys.stderr)
+        return 128 + signal.SIGTERM
     if FAILED:
         print(summary(), file=sys.stderr)
         return 1

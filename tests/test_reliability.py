@@ -326,3 +326,27 @@ def test_sigint_saves_a_checkpoint_exits_non_zero_and_the_rerun_resumes(tmp_path
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Restored all states from the checkpoint" in second.stdout + second.stderr
     assert ckpt_step(run / "checkpoints/last.ckpt") == 300
+
+
+@pytest.mark.slow
+def test_sigterm_in_a_sweep_saves_stops_non_zero_and_the_rerun_resumes(tmp_path, cache_dir):
+    """`kill` (SIGTERM) of a multirun during training: last.ckpt at that step, the job says it stopped, the command
+    exits 143 (a stop, not a finished sweep), and the same command resumes."""
+    args = ["-m", *LONG, "train.ckpt_every=1000", f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}",
+            "sweep_name=term", "loss=rf_lognorm"]
+    run = tmp_path / "outputs/multirun/term/digits/rf_lognorm_0.00_1.00"
+    log_path = tmp_path / "first.log"
+    proc = popen(args, log_path)
+    wait_for(lambda: (run / "csv/metrics.csv").is_file()
+             and len((run / "csv/metrics.csv").read_text().splitlines()) > 3, proc, log_path)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    out = log_path.read_text()
+    step = ckpt_step(run / "checkpoints/last.ckpt")
+    assert 0 < step < 300 and f"checkpoint on SIGTERM at step {step}:" in (run / "run.log").read_text()
+    assert "stopped after" in out and "rerun the command to resume" in out
+    assert out.rstrip().endswith("stopped on SIGTERM (last.ckpt saved); rerun the command to resume"), out[-2000:]
+    assert not (run / "error.json").exists()  # interrupted, not failed
+    second = cli(args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert ckpt_step(run / "checkpoints/last.ckpt") == 300

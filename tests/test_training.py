@@ -138,6 +138,55 @@ def test_killed_in_the_validation_of_a_checkpoint_step_resumes_to_the_same_run(t
         [(r["checkpoint_step"], r["fid_clip"]) for r in records[1]]
 
 
+@pytest.mark.parametrize("hook, at", [("training_step", 6), ("validation_step", 8), ("validation_step", 12)],
+                         ids=["training", "validation", "final-validation"])
+def test_ctrl_c_stops_and_the_rerun_ends_as_the_uninterrupted_run(tmp_path, cache_dir, monkeypatch, hook, at):
+    """Ctrl-C in a training step, in a validation, in the final validation: the job stops with status 1 before the
+    evaluation, and the rerun ends with the same validations, training-loss rows, checkpoints and results."""
+    import json
+    import os
+    import signal
+
+    overrides = ["train.max_steps=12", "train.val_every=4", "train.ckpt_every=100", "eval.n_samples=4",
+                 "eval.batch_size=4", "eval.settings=[{steps: 2, cfg: 5.0}]", "eval.ema=[true]", "optim.lr=0.05",
+                 "trainer.log_every_n_steps=1"]
+    straight = tmp_path / "straight"
+    run_job(make_cfg(tmp_path, cache_dir, overrides), straight)
+
+    from src.training import module as module_lib
+    from src.training.metrics_log import read_metrics
+
+    original = getattr(module_lib.FormulationModule, hook)
+    sent = []
+
+    def interrupted(self, batch, batch_idx):
+        if self.global_step == at and not sent:
+            sent.append(at)
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, batch, batch_idx)
+
+    resumed = tmp_path / "resumed"
+    monkeypatch.setattr(module_lib.FormulationModule, hook, interrupted)
+    with pytest.raises(SystemExit) as stop:
+        run_job(make_cfg(tmp_path, cache_dir, overrides), resumed)
+    assert stop.value.code == 1 and sent == [at]
+    assert not (resumed / "results.json").exists()  # stopped before the evaluation
+    monkeypatch.setattr(module_lib.FormulationModule, hook, original)
+    run_job(make_cfg(tmp_path, cache_dir, overrides), resumed)
+
+    assert validation_rows(resumed) == validation_rows(straight)
+    losses = [read_metrics(d)[["step", "train/loss"]].dropna().values.tolist() for d in (straight, resumed)]
+    assert losses[0] == losses[1] and len(losses[0]) == 12
+    for name in ("last.ckpt", "best.ckpt"):
+        a = torch.load(straight / "checkpoints" / name, map_location="cpu", weights_only=True)
+        b = torch.load(resumed / "checkpoints" / name, map_location="cpu", weights_only=True)
+        assert a["global_step"] == b["global_step"], name
+        for k in a["state_dict"]:
+            assert torch.equal(a["state_dict"][k], b["state_dict"][k]), (name, k)
+    records = [json.loads((d / "results.json").read_text()) for d in (straight, resumed)]
+    assert [r["fid_clip"] for r in records[0]] == [r["fid_clip"] for r in records[1]]
+
+
 def test_last_checkpoint_is_the_final_step_and_a_finished_run_is_skipped(tmp_path, cache_dir):
     # max_steps is not a multiple of ckpt_every: last.ckpt must still hold the final step.
     overrides = ["train.max_steps=7", "train.val_every=7", "train.ckpt_every=5", "eval.enabled=false"]

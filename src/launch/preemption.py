@@ -20,7 +20,7 @@ import signal
 import threading
 from pathlib import Path
 
-import lightning as L
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
@@ -34,15 +34,67 @@ def submitit_signal() -> signal.Signals | None:
     return getattr(signal.Signals, name, None)
 
 
-class PreemptionCheckpoint(L.Callback):
+class StopAtStepBoundary(Checkpoint):
+    """A signal during training: save `ckpt_path` at the next step boundary, then stop (subclasses: how).
+
+    The boundary after step N is where a checkpoint of step N is whole: after Lightning logged the step's metrics
+    and, at a validated step, after its validation (and the best-checkpoint callback that follows it). Lightning's
+    batch end comes before both, so at a validated step the save waits for the validation's end, and elsewhere the
+    stop waits for the next step's start. Every rank takes the decision together (one all-reduce of a bool per
+    step): saving is collective under DDP/FSDP. A Checkpoint, so Lightning runs it after the other callbacks.
+    """
+
+    def __init__(self, ckpt_path: str | Path, val_every: int):
+        self.ckpt_path, self.val_every = Path(ckpt_path), val_every
+        self._stop_next = False  # saved at a batch end: stop when the next step starts
+
+    def signalled(self) -> bool:
+        raise NotImplementedError
+
+    def stop(self, trainer) -> None:
+        """After the checkpoint: end the job (raise, or hand over to another handler)."""
+        raise NotImplementedError
+
+    def save(self, trainer) -> None:
+        trainer.save_checkpoint(self.ckpt_path)
+
+    def _decide(self, trainer) -> bool:
+        return trainer.strategy.reduce_boolean_decision(self.signalled(), all=False)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.val_every == 0:  # Lightning validates now: on_validation_end saves
+            return
+        if self._decide(trainer):
+            self.save(trainer)
+            self._stop_next = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._stop_next:
+            self._stop_next = False
+            self.stop(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit" and self._decide(trainer):
+            self.save(trainer)
+            self.stop(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # After the last step SaveLastAtEnd has saved it; a signal still pending stops the job before the evaluation.
+        if self._stop_next or self._decide(trainer):
+            self._stop_next = False
+            self.stop(trainer)
+
+
+class PreemptionCheckpoint(StopAtStepBoundary):
     """Defers submitit's requeue handler to the next step boundary and saves `ckpt_path` before it runs.
 
     Installed for the training loop only (on_train_start, after Lightning took its snapshot of the handlers, which
     it restores at teardown); outside it submitit's handler acts at once.
     """
 
-    def __init__(self, ckpt_path: str | Path, signum: signal.Signals):
-        self.ckpt_path, self.signum = Path(ckpt_path), signum
+    def __init__(self, ckpt_path: str | Path, signum: signal.Signals, val_every: int):
+        super().__init__(ckpt_path, val_every)
+        self.signum = signum
         self._previous = None  # submitit's handler while ours is installed
         self._pending: tuple | None = None  # (signum, frame) of a deferred signal
 
@@ -62,11 +114,22 @@ class PreemptionCheckpoint(L.Callback):
         self._previous = signal.getsignal(self.signum)
         signal.signal(self.signum, self._handler)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._checkpoint_if_signalled(trainer)
+    def signalled(self) -> bool:
+        return self._pending is not None
+
+    def save(self, trainer) -> None:
+        super().save(trainer)
+        log.warning("preemption checkpoint at step %d: %s", trainer.global_step, self.ckpt_path)
+
+    def stop(self, trainer) -> None:
+        signum, frame = self._pending or (self.signum, None)
+        self._pending = None
+        previous = self._uninstall()
+        if callable(previous):  # rank 0: submitit requeues and exits; the other ranks are stopped with the job
+            previous(signum, frame)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._checkpoint_if_signalled(trainer)
+        super().on_train_end(trainer, pl_module)
         self._uninstall()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
@@ -75,31 +138,20 @@ class PreemptionCheckpoint(L.Callback):
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self._uninstall()
 
-    def _checkpoint_if_signalled(self, trainer) -> None:
-        # Every rank takes the decision together: saving is collective under DDP/FSDP.
-        if not trainer.strategy.reduce_boolean_decision(self._pending is not None, all=False):
-            return
-        trainer.save_checkpoint(self.ckpt_path)
-        log.warning("preemption checkpoint at step %d: %s", trainer.global_step, self.ckpt_path)
-        signum, frame = self._pending or (self.signum, None)
-        self._pending = None
-        previous = self._uninstall()
-        if callable(previous):  # rank 0: submitit requeues and exits; the other ranks are stopped with the job
-            previous(signum, frame)
 
-
-class InterruptCheckpoint(L.Callback):
+class InterruptCheckpoint(StopAtStepBoundary):
     """SIGTERM and SIGINT (Ctrl-C) during training: save `ckpt_path` at a step boundary, then stop (non-zero exit).
 
-    SIGTERM: Lightning's own handler stops every rank together between two steps (SIGTERMException); the state is
-    whole then, and saved here. SIGINT: Python would raise KeyboardInterrupt wherever training is (in the middle of
-    an optimizer step, say), so during training the signal only sets a flag; after the current step every rank
-    agrees to save, then a KeyboardInterrupt stops the fit (Lightning exits with status 1). A second Ctrl-C stops
-    at once, without a checkpoint.
+    SIGTERM: Lightning's own handler stops every rank together between two steps, after the step's validation
+    (SIGTERMException); the state is whole then, and saved here. SIGINT: Python would raise KeyboardInterrupt
+    wherever training is (in the middle of an optimizer step, say), so during training the signal only sets a flag;
+    at the next step boundary (StopAtStepBoundary) every rank agrees to save, then a KeyboardInterrupt stops the fit
+    (Lightning exits with status 1). A Ctrl-C in the final validation stops once training has ended, before the
+    evaluation. A second Ctrl-C stops at once, without a checkpoint.
     """
 
-    def __init__(self, ckpt_path: str | Path):
-        self.ckpt_path = Path(ckpt_path)
+    def __init__(self, ckpt_path: str | Path, val_every: int):
+        super().__init__(ckpt_path, val_every)
         self._previous = None  # the SIGINT handler before ours
         self._pending = False
 
@@ -119,17 +171,23 @@ class InterruptCheckpoint(L.Callback):
             self._previous = signal.getsignal(signal.SIGINT)
             signal.signal(signal.SIGINT, self._handler)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self._pending, all=False):
-            return
-        trainer.save_checkpoint(self.ckpt_path)
+    def signalled(self) -> bool:
+        return self._pending
+
+    def save(self, trainer) -> None:
+        super().save(trainer)
         log.warning("checkpoint on SIGINT at step %d: %s", trainer.global_step, self.ckpt_path)
+
+    def stop(self, trainer) -> None:
         self._pending = False
         self._uninstall()
         raise KeyboardInterrupt(f"stopped on SIGINT after saving {self.ckpt_path}")
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._uninstall()
+        try:
+            super().on_train_end(trainer, pl_module)
+        finally:
+            self._uninstall()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._uninstall()

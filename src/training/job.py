@@ -465,10 +465,11 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         StepCheckpoint(ckpt_dir / "last.ckpt", every=cfg.train.ckpt_every, val_every=cfg.train.val_every),
         SaveLastAtEnd(ckpt_dir / "last.ckpt"),
     ]
-    callbacks.append(InterruptCheckpoint(ckpt_dir / "last.ckpt"))  # SIGTERM, Ctrl-C: save, stop; a rerun resumes
+    # SIGTERM, Ctrl-C: save, stop; a rerun resumes
+    callbacks.append(InterruptCheckpoint(ckpt_dir / "last.ckpt", val_every=cfg.train.val_every))
     preempt_signal = submitit_signal()
     if preempt_signal is not None:  # a submitit SLURM job: checkpoint at the step boundary before a requeue
-        callbacks.append(PreemptionCheckpoint(ckpt_dir / "last.ckpt", preempt_signal))
+        callbacks.append(PreemptionCheckpoint(ckpt_dir / "last.ckpt", preempt_signal, val_every=cfg.train.val_every))
     if cfg.eval.enabled:  # evaluate_run on rank 0, on the trainer's device, once fit has finished
         from src.evaluation.callback import EvaluationCallback
 

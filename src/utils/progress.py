@@ -203,12 +203,14 @@ class SweepProgress:
         tail = f" (about {format_duration(left)} left in the sweep)" if left is not None else ""
         return self._say(f"job {index + 1}{of}: {name}{tail}")
 
-    def finish(self, skipped: bool = False, failed: bool = False) -> str:
-        """Print and return how the job ended and how long it took."""
+    def finish(self, skipped: bool = False, failed: bool = False, stopped: bool = False) -> str:
+        """Print and return how the job ended and how long it took (stopped: by Ctrl-C or SIGTERM)."""
         took = self.clock() - self._started if self._started is not None else 0.0
         self._started = None
         if skipped:
             return self._say("  complete already, skipped")
+        if stopped:
+            return self._say(f"  stopped after {format_duration(took)}; rerun the command to resume")
         if not failed:
             self.durations.append(took)
         return self._say(f"  {'failed' if failed else 'done'} in {format_duration(took)}")
