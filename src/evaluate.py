@@ -73,9 +73,18 @@ def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictC
     if group and "sampler" in defaults:  # the chosen sampler group replaces the run's
         cfg.sampler = defaults.sampler
     rest = [o for o in overrides if o not in group]
+    for o in rest:  # a typo (eval.n_sample=...) would be evaluated as nothing changed
+        key = o.split("=", 1)[0]
+        if not key.startswith("+") and OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+            section = key.split(".")[0]
+            known = sorted(cfg[section]) if OmegaConf.is_dict(cfg.get(section)) else []
+            raise ConfigError(f"{key}: no such setting; {section}.* has {', '.join(known)}")
     if rest:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in rest]))
     return cfg
+
+
+_ABSENT = object()
 
 
 def evaluate(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[dict]:
@@ -91,10 +100,10 @@ def evaluate(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[dict]:
     if not cfg.eval.enabled:
         raise ConfigError("eval.enabled=false: nothing to evaluate")
 
-    from src.evaluation.run import check_eval_files, describe, evaluate_run, missing_for
-    from src.training.job import resolve_data
+    from src.evaluation.run import describe, evaluate_run, missing_for
+    from src.training.job import check_config, resolve_data
 
-    check_eval_files(cfg.eval)
+    check_config(cfg)  # the values, the sampler, the weight files: as src.run checks them, before any work
     meta = resolve_data(cfg)
     missing = missing_for(cfg, run_dir)
     log = logging.getLogger("src.evaluate")
@@ -107,9 +116,11 @@ def evaluate(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[dict]:
         import torch
 
         torch.set_num_threads(int(cfg.torch_threads))
+    from src.launch.rundir import run_log
     from src.utils.progress import evaluation_hook
 
-    return evaluate_run(cfg, run_dir, meta=meta, on_setting=evaluation_hook())
+    with run_log(run_dir):  # library chatter (open_clip's loading lines) to run.log, as in a job
+        return evaluate_run(cfg, run_dir, meta=meta, on_setting=evaluation_hook())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,7 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__ + "\n" + USAGE)
         return 0 if argv else 2
-    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    from src.utils.progress import ConsoleFilter
+
+    console = logging.StreamHandler()  # what src.run shows: errors, this project's warnings, its console lines
+    console.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+    console.addFilter(ConsoleFilter())
+    logging.basicConfig(level=logging.INFO, handlers=[console])
     try:
         records = evaluate(argv[0], argv[1:])
     except Exception as e:  # one line, as for python -m src.run and src.plan

@@ -189,13 +189,10 @@ def _read_data_meta(cfg: DictConfig) -> tuple[dict, list[str]]:
 
     data = cfg.data
     if data.kind == "embedded":
-        from src.data.embedded import prepare_embedded
-        from src.training.job import check_data
+        from src.training.job import embedded_shapes, check_data
 
         check_data(cfg)  # the job's own checks (dataset, image size), with its one-line errors
-        # Written once and cached (the first plan of an embedded sweep builds the small shards).
-        dirs = prepare_embedded(data.name, Path(cfg.paths.cache_dir) / "data", image_size=data.image_size)
-        return read_meta(dirs["train"]), []
+        return embedded_shapes(data.name, data.image_size), []  # known without building the shards
     try:
         return read_meta(data.train_dir), []
     except (FileNotFoundError, OSError, ValueError):
@@ -324,7 +321,11 @@ def _fingerprint_changes(cfg: DictConfig, run_dir: Path) -> list[str]:
 def plan_job(index: int, overrides: list[str], flops_method: str = "count") -> JobPlan:
     from hydra.core.hydra_config import HydraConfig
 
+    from src.training.job import check_choices, check_values
+
     cfg = _compose(overrides)
+    check_values(cfg)  # the job's value checks: a plan of train.max_steps=-1 is no plan
+    check_choices(cfg)
     HydraConfig.instance().set_config(cfg)  # for ${hydra:...} in run names (sweeps/backbones.yaml)
     run_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
     meta, assumed = data_meta(cfg)

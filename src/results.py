@@ -364,12 +364,13 @@ def select_current(records: Iterable[Mapping[str, Any]], wanted: Iterable[Mappin
 def describe_missing(missing: Sequence[Mapping[str, Any]], records: Iterable[Mapping[str, Any]]) -> str:
     """What is missing, in configuration terms: "eval.n_samples=200", "eval.clip=<name>", "all settings"...
 
-    Names each evaluation setting whose wanted value no stored record has; "no results yet" when there are none."""
+    Names each evaluation setting whose wanted value no stored record has; "all settings (none evaluated yet)" when
+    there are none."""
     records = [upgrade(r) for r in records]
     if not missing:
         return "nothing"
     if not records:
-        return "no results yet"
+        return "all settings (none evaluated yet)"
     changed = []
     for name in ("sampler", "n_samples", "eval_seed", "shift", "feature_extractor", "fid_features", "checkpoint",
                  "train_seed", "tags"):

@@ -56,6 +56,8 @@ def main(cfg: DictConfig) -> dict | None:
     result = None
     try:
         result = _job(cfg)
+        if not announce and result and result.get("skipped"):  # a sweep's jobs say so through SWEEP.finish
+            print(f"complete already, skipped: {result['run_dir']}", file=sys.stderr, flush=True)
         return result
     finally:
         if announce:

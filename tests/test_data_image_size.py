@@ -106,6 +106,11 @@ def test_a_run_at_32_pixels_through_the_cli_trains_and_evaluates_at_that_size(tm
     with np.load(run_dir / record["arrays"]) as arrays:
         shapes = {k: arrays[k].shape for k in arrays.files}
     assert any(s[-2:] == (32, 32) for s in shapes.values()), shapes
+    # The same command again: the finished run is skipped, and says so.
+    again = subprocess.run([sys.executable, "-m", "src.run", *tiny, "data=digits", "data.image_size=32",
+                            f"paths.root_dir={tmp_path}"], cwd=root, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "WANDB_MODE": "disabled"})
+    assert again.returncode == 0 and again.stderr.strip() == f"complete already, skipped: {run_dir}", again.stderr
 
 
 def test_the_planner_reads_each_image_size_from_its_own_shards(tmp_path):

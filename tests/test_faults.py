@@ -81,6 +81,13 @@ def test_failing_jobs_are_recorded_and_the_sweep_goes_on(tmp_path, cache_dir):
     for name in refused:
         assert runs.loc[str(sweep / name), "status"] == "failed"
         assert "s=-1 is not allowed" in runs.loc[str(sweep / name), "error"]
+    # The corrected command: no run will ever have the invalid jobs' stand-in names, so this launch drops them.
+    out = run_cli(["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", "sweep_name=faults",
+                   'run_name="${data.name}/${recipe_slug:${loss}}/lr${optim.lr}"', "loss=rf_lognorm",
+                   "loss.s=1.0", "optim.lr=1e-3", "optim.warmup_steps=1"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert read_sweep_failures(sweep) == {}
+    assert load_sweep([sweep]).runs.set_index("run_dir").loc[str(diverged), "status"] == "failed"  # its error.json
 
 
 # ---- the launcher reads failures back from job processes ------------------------------------------------------------

@@ -247,7 +247,7 @@ def test_reference_cache_of_the_former_normalised_features_is_never_reused(tiny_
 def test_inception_extractor_missing_or_bad_file(tmp_path):
     from src.metrics import InceptionFeatureExtractor
 
-    with pytest.raises(FileNotFoundError, match=r"metrics\.inception\.weights_path.*missing\.pth"):
+    with pytest.raises(FileNotFoundError, match=r"eval\.inception\.weights_path.*missing\.pth"):
         InceptionFeatureExtractor(tmp_path / "missing.pth")
     torch.save({"step": 3}, tmp_path / "not_weights.pth")
     with pytest.raises(ValueError, match="not a state dict"):

@@ -444,7 +444,7 @@ def test_coco_cli_with_training_statistics(tmp_path, models, capsys):
     assert main(argv + ["--resolution", "8"]) == 2  # the folder holds a set made with other settings
 
 
-def test_missing_inputs_fail_before_any_work(tmp_path, models):
+def test_missing_inputs_fail_before_any_work(tmp_path, models, capsys):
     train, mapping = make_imagenet(tmp_path / "imagenet", per_class=1)
     out = tmp_path / "out"
     base = ["imagenet", "--root", str(train), "--class-names", str(mapping), "--out", str(out), "--device", "cpu"]
@@ -465,4 +465,16 @@ def test_missing_inputs_fail_before_any_work(tmp_path, models):
         assert main(base + extra) == 2
     assert main(["imagenet", "--root", str(tmp_path / "no-root"), "--class-names", str(mapping), "--out", str(out),
                  "--clip", *models["clip_a"]]) == 2
+    # A file that is not weights, a GPU that is not there, a stop before the first chunk: refused before any work.
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(b"not a checkpoint")
+    refused = [(["--clip", models["clip_a"][0], str(garbage)], "not a weights file torch.load(weights_only=True)"),
+               (["--clip", *models["clip_a"], "--max-chunks", "0"], "max_chunks=0 is not allowed; need >= 1")]
+    if not torch.cuda.is_available():
+        refused.append((["--clip", *models["clip_a"], "--device", "cuda"], "device='cuda' is not allowed here"))
+    capsys.readouterr()
+    for extra, message in refused:
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
     assert not out.exists()

@@ -11,6 +11,7 @@
 import hashlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -99,7 +100,7 @@ def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache
     sweep = tmp_path / "outputs/multirun/refuse"
     run = sweep / "digits/rf"
     assert (run / "results.json").is_file() and (run / ".hydra/config.yaml").is_file()
-    before = tree_digest(run)
+    before, sweep_before = tree_digest(run), tree_digest(sweep)
 
     # The same sweep with a changed training setting: refused, and the finished run is untouched.
     second = cli([*args[:-1], "optim.lr=3e-4"])
@@ -107,11 +108,17 @@ def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache
     assert "digits/rf: ConfigError:" in second.stderr and "different configuration (optim.lr)" in second.stderr
     assert tree_digest(run) == before
     assert "lr: 0.001" in (run / ".hydra/config.yaml").read_text()
+    # Refused whole, the command changed nothing of the sweep either (multirun.yaml, failures.json, their times).
+    assert tree_digest(sweep) == sweep_before
+    # A bad value on the finished run is refused as on a fresh one: nothing rewritten (not even .hydra/).
+    for bad, message in (("optim.fused=maybe", "optim.fused=maybe: not allowed"),
+                         ("eval.settings=[]", "eval.settings=[]: must be a non-empty list")):
+        out = cli([*args, bad])
+        assert out.returncode == 1 and message in out.stderr, out.stderr[-2000:]
+        assert tree_digest(sweep) == sweep_before
 
-    from src.launch.failures import read_sweep_failures
     from src.ranking.aggregate import load_sweep
 
-    assert "optim.lr" in read_sweep_failures(sweep)["digits/rf"]["error"]  # the refusal is recorded at the sweep
     loaded = load_sweep([sweep])
     assert list(loaded.runs["status"]) == ["done"] and not loaded.partial
 
@@ -128,14 +135,32 @@ def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache
     (["eval.ema=[1]"], "eval.ema.0=1: must be a boolean"),
     (["eval.clip.weights_path=/nonexistent.bin", "eval.clip.model_name=ViT-B-32"], "eval.clip.weights_path"),
     (["train.max_steps=0"], "train.max_steps=0: must be an integer >= 1"),
+    # Settings that Lightning, torch or the evaluation would refuse only after the run directory exists (or after
+    # the training): here before anything.
+    (["optim.fused=maybe"], "optim.fused=maybe: not allowed; allowed: auto, true, false"),
+    (["optim.betas=[2,3]"], "optim.betas=[2, 3]: not allowed; allowed: two numbers in [0, 1)"),
+    (["optim.eps=0"], "optim.eps=0: not allowed; allowed: a number > 0"),
+    (["optim.weight_decay=-1"], "optim.weight_decay=-1: not allowed; allowed: a number >= 0"),
+    (["torch_threads=-2"], "torch_threads=-2: must be an integer >= 1"),
+    (["trainer.devices=0"], "trainer.devices=0: not allowed; allowed: an integer >= 1, -1 (all) or auto"),
+    (["trainer.precision=bogus"], "trainer.precision=bogus: not allowed; allowed: null (bf16-mixed on a GPU"),
+    (["trainer.accelerator=tpu"], "trainer.accelerator=tpu: not allowed; allowed: auto, cpu, gpu, cuda, mps"),
+    (["data.val_samples=100000"], "data.val_samples=100000: the evaluation split holds 297 samples"),
+    (["sampler.name=bogus"], "sampler.name=bogus: sampler='bogus' is not allowed; choose one of rf_time"),
+    (["eval.settings=5"], "eval.settings=5: must be a non-empty list"),
+    (["eval.ema=[]"], "eval.ema=[]: must be a non-empty list"),
+    ([f"eval.inception.weights_path={ROOT / 'README.md'}"], "eval.inception.weights_path=.*: not a weights file"),
 ], ids=["loss", "model heads", "model patch", "data name", "data image size", "data shards", "eval n_samples", "eval ema",
-        "eval weights", "train"])
+        "eval weights", "train", "optim fused", "optim betas", "optim eps", "optim weight decay", "torch threads",
+        "trainer devices", "trainer precision", "trainer accelerator", "val samples", "sampler", "eval settings",
+        "eval ema empty", "inception file"])
 def test_config_errors_are_found_before_anything_is_built(tmp_path, overrides, message):
     """check_config (what the sweeper and the run-start callback call) raises one line; nothing was created."""
     from src.training.job import prepare_job
 
     cfg = compose_cfg([*overrides, f"paths.root_dir={tmp_path}"])
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")) as info:
+    pattern = message if ".*" in message else re.escape(message)
+    with pytest.raises(ConfigError, match=pattern) as info:
         prepare_job(cfg, tmp_path / "run")
     assert "\n" not in str(info.value)
     assert list(tmp_path.iterdir()) == []  # no .cache/data, no run directory
@@ -148,6 +173,15 @@ def test_config_error_via_the_cli_is_one_line_and_creates_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_key_added_with_plus_is_a_typo_not_a_silent_no_op(tmp_path):
+    out = cli(["+train.max_step=100", f"paths.root_dir={tmp_path}"])
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[0] == (
+        "ConfigError: +train.max_step=100: train.max_step is not a setting of this configuration, so nothing would "
+        "read it (a typo?); set an existing key without '+'")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_sweep_with_config_errors_launches_none_of_them(tmp_path):
     """Every job is checked before the first is launched: invalid jobs get no directory, the data are not built."""
     out = cli(["-m", f"paths.root_dir={tmp_path}", "sweep_name=bad", "loss=rf_lognorm", "loss.s=-1,-2",
@@ -155,8 +189,7 @@ def test_sweep_with_config_errors_launches_none_of_them(tmp_path):
     assert out.returncode == 1
     assert "2 job(s) failed:" in out.stderr
     assert "digits/loss=rf_lognorm,loss.s=-1: ConfigError: loss: rf_lognorm: s=-1 is not allowed" in out.stderr
-    sweep = tmp_path / "outputs/multirun/bad"
-    assert sorted(p.name for p in sweep.iterdir() if not p.name.startswith(".")) == ["failures.json", "multirun.yaml"]
+    assert not (tmp_path / "outputs").exists()  # refused whole: no sweep directory, no multirun.yaml, no failures.json
     assert not (tmp_path / ".cache").exists()
 
 
@@ -170,10 +203,10 @@ def test_the_loss_config_is_parsed_once_per_distinct_config():
 def test_embedded_shapes_known_before_building_match_the_shards(cache_dir):
     """check_model builds the backbone for the shapes the embedded data will have, before they exist."""
     from src.data.shards import read_meta
-    from src.training.job import DIM_KEYS, _embedded_shapes
+    from src.training.job import DIM_KEYS, embedded_shapes
 
     meta = read_meta(next((Path(cache_dir) / "data").glob("digits-v*")) / "train")
-    assert _embedded_shapes("digits", 16) == {k: meta[k] for k in DIM_KEYS}
+    assert embedded_shapes("digits", 16) == {k: meta[k] for k in (*DIM_KEYS, "context_length")}
 
 
 # ---- checkpoints: the previous last.ckpt kept, a corrupt one falls back ----------------------------------------

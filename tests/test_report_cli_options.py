@@ -69,3 +69,27 @@ def test_two_sweeps_are_pooled_and_a_sampler_is_chosen(tmp_path):
     rows, text = report([first, more, native, "--bootstrap", "0", "--sampler", "rf_time"], tmp_path / "one")
     assert sorted(r["recipe"] for r in rows) == ["eps/linear", "rf", "v/cos"]
     assert "Sampler: restricted to rf_time (--sampler); left out: native" in text
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--confidence", "1.5"], "bootstrap confidence=1.5: must lie in (0, 1)"),
+    (["--separation", "2"], "bootstrap separation=2.0: must lie in (0.5, 1]"),
+    (["--seed", "-1"], "bootstrap seed=-1: must be an integer >= 0"),
+])
+def test_bad_option_values_are_refused_with_or_without_draws(sweep, tmp_path, capsys, flags, message):
+    for draws in ("0", "5"):
+        assert main([str(sweep), "--bootstrap", draws, *flags, "--out", str(tmp_path / "r")]) == 1
+        assert capsys.readouterr().err.strip() == f"rank report: error: {message}"
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_sweep_given_twice_and_an_unwritable_out_dir_are_refused(sweep, tmp_path, capsys):
+    assert main([str(sweep), str(sweep), "--bootstrap", "0", "--out", str(tmp_path / "r")]) == 1
+    assert capsys.readouterr().err.strip() == (f"rank report: error: sweep directory given twice: {sweep.resolve()}; "
+                                               "give each once")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main([str(sweep), "--bootstrap", "0", "--out", str(blocker / "r")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"rank report: error: --out {blocker / 'r'}: ") and "\n" not in err

@@ -157,6 +157,8 @@ def test_evaluate_cli_re_evaluates_a_finished_run(trained, run):
     assert after[:1] == before and sorted((r["eval_seed"], r["ema"]) for r in after[1:]) == [(7, False), (7, True)]
     assert _files(run) == checkpoints
     assert "n=8" in out.stdout and out.stdout.count("clip_score") == 2
+    assert "[root]" not in out.stderr and "Loading" not in out.stderr  # open_clip's lines: in run.log, as in a job
+    assert "Loading" in (run / "run.log").read_text()
     # The stored configuration is the run's own: training keys were not taken from today's defaults.
     stored = (run / "config.yaml").read_text()
     assert "max_steps: 4" in stored and "hidden_size: 32" in stored
@@ -166,6 +168,15 @@ def test_evaluate_cli_refuses_training_keys_and_runs_without_checkpoints(run, tm
     out = _cli(str(run), "optim.lr=0.5")
     assert out.returncode == 2 and out.stderr.count("\n") == 1
     assert "optim.lr: only eval.*, sampler.* and paths.* may change" in out.stderr
+    # Bad values and unknown keys: the checks of src.run, one line, before anything is loaded or written.
+    before = (run / "results.json").read_bytes()
+    for override, message in (("eval.n_samples=1", "eval.n_samples=1: must be an integer >= 2"),
+                              ("eval.settings=5", "eval.settings=5: must be a non-empty list"),
+                              ("sampler.name=bogus", "sampler.name=bogus: sampler='bogus' is not allowed"),
+                              ("eval.n_sample=6", "eval.n_sample: no such setting; eval.* has ")):
+        out = _cli(str(run), override)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and message in out.stderr, (override, out.stderr)
+    assert (run / "results.json").read_bytes() == before
     empty = tmp_path / "empty"
     empty.mkdir()
     shutil.copy(run / "config.yaml", empty / "config.yaml")

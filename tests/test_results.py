@@ -105,7 +105,7 @@ def test_completeness_needs_the_arrays_and_a_configured_inception_fid(tmp_path):
     (tmp_path / records[1]["arrays"]).unlink()
     assert missing_records(records, wanted, tmp_path) == [wanted[1]]
     assert describe_missing([wanted[1]], records) == "1 setting(s): 5 steps, cfg 5.0 (raw)"
-    assert describe_missing(wanted, []) == "no results yet"
+    assert describe_missing(wanted, []) == "all settings (none evaluated yet)"
 
 
 def test_merge_keeps_records_of_other_settings_and_replaces_the_same_one(tmp_path):

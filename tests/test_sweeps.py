@@ -213,6 +213,12 @@ def test_plan_cli_launches_nothing(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []  # no sweep directory, no multirun.yaml
     assert plan.main([*args, "--mfu", "2"]) == 2
     assert "--mfu=2.0: must be in (0, 1]" in capsys.readouterr().err
+    # The job's own value checks: no plan of a job that could not run.
+    assert plan.main([*args, "train.max_steps=-1"]) == 2
+    assert "train.max_steps=-1: must be an integer >= 1" in capsys.readouterr().err
+    # An embedded sweep is planned without building its data.
+    assert plan.main(["+sweep=smoke", f"paths.root_dir={tmp_path}", "--mfu", "0.3"]) == 0
+    assert "6 jobs" in capsys.readouterr().out and not (tmp_path / ".cache").exists()
     with pytest.raises(SystemExit):
         plan.main([*args, "--utilisation", "0.3"])
 

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import ConfigError
+from src.utils.io import weights_file_error
 from src.results import (
     CHECKPOINTS, describe_missing, missing_records, read_results, select_current, wanted_records,
 )
@@ -68,11 +69,16 @@ def unsharded_backbone(cfg_model: DictConfig, device: torch.device) -> torch.nn.
 
 # ---- feature extractor -------------------------------------------------------------------------------------
 def check_eval_files(cfg_eval: DictConfig) -> None:
-    """Missing weight files are configuration errors, found before training starts."""
+    """Missing or unreadable weight files are configuration errors, found before training starts."""
     for key in ("clip.weights_path", "inception.weights_path"):
         path = OmegaConf.select(cfg_eval, key)
-        if path is not None and not Path(path).is_file():
+        if path is None:
+            continue
+        if not Path(path).is_file():
             raise ConfigError(f"eval.{key}={path}: file not found (weights are loaded from local files only)")
+        error = weights_file_error(path)
+        if error is not None:
+            raise ConfigError(f"eval.{key}={path}: not a weights file torch.load(weights_only=True) reads ({error})")
     if cfg_eval.clip.model_name is not None and cfg_eval.clip.weights_path is None:
         raise ConfigError(f"eval.clip.weights_path=None: required with eval.clip.model_name={cfg_eval.clip.model_name}")
     which = OmegaConf.select(cfg_eval, "checkpoint", default="best")

@@ -37,17 +37,30 @@ def summary() -> str:
 SWEEP_FAILURES = "failures.json"
 
 
-def record_sweep_failure(sweep_dir: str | os.PathLike, name: str, error: str) -> None:
+def record_sweep_failure(sweep_dir: str | os.PathLike, name: str, error: str, nameless: bool = False) -> None:
     """Note in `<sweep dir>/failures.json` a job that failed before it could use its run directory (a configuration
     error, a refused relaunch, a busy directory): such a job writes nothing into its run directory, so the sweep's
-    own file is where a reader (and the rank report) finds it. Entries are keyed by run name, the latest kept."""
+    own file is where a reader (and the rank report) finds it. Entries are keyed by run name, the latest kept;
+    nameless: the job has no run name, `name` stands in for one (forget_nameless_failures drops it)."""
     from src.utils.io import atomic_write_json, file_lock
 
     path = Path(sweep_dir) / SWEEP_FAILURES
     with file_lock(Path(sweep_dir) / f".{SWEEP_FAILURES}.lock"):
         failures = read_sweep_failures(sweep_dir)
         failures[str(name)] = {"error": str(error).splitlines()[0] if str(error) else "unknown error",
-                               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                               "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **({"nameless": True} if nameless else {})}
+        atomic_write_json(path, failures, sort_keys=True)
+
+
+def forget_nameless_failures(sweep_dir: str | os.PathLike) -> None:
+    """Drop the entries of jobs without a run name (an earlier launch's invalid recipes: no run clears them)."""
+    from src.utils.io import atomic_write_json, file_lock
+
+    path = Path(sweep_dir) / SWEEP_FAILURES
+    if not path.is_file() or not any(v.get("nameless") for v in read_sweep_failures(sweep_dir).values()):
+        return
+    with file_lock(Path(sweep_dir) / f".{SWEEP_FAILURES}.lock"):
+        failures = {k: v for k, v in read_sweep_failures(sweep_dir).items() if not v.get("nameless")}
         atomic_write_json(path, failures, sort_keys=True)
 
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 import fnmatch
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.types import Override
+from omegaconf import OmegaConf
 
 from src.results import parse_run_tag
 
@@ -113,6 +115,30 @@ def training_waves(jobs: Sequence[Sequence[str]]) -> list[list[str]]:
 
 class TaggingSweeper(BasicSweeper):
     """BasicSweeper whose jobs carry `run_tag`; selected by conf/hydra/sweeper/tagging.yaml."""
+
+    def sweep(self, arguments: list[str]) -> list:
+        """BasicSweeper.sweep, except that a sweep whose every job was refused creates nothing: Hydra writes the
+        sweep directory and multirun.yaml before launching, which would record settings no job ran with."""
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        params = [*self._parse_config(), *arguments]
+        overrides = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides(params)
+        self.overrides = self.split_arguments(overrides, self.max_batch_size)
+        if not self.overrides:
+            return []
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        returns, initial_job_idx = [], 0
+        while not self.is_done():
+            batch = self.get_job_batch()
+            self.validate_batch_is_legal(batch)
+            results = self.launcher.launch(batch, initial_job_idx=initial_job_idx)
+            for r in results:
+                _ = r.return_value  # raises if the job raised (fail_fast)
+            initial_job_idx += len(batch)
+            returns.append(results)
+        return returns
 
     def split_arguments(self, overrides: list[Override], max_batch_size: int | None) -> list[list[list[str]]]:
         from src.launch.validate import filter_sweep

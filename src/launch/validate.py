@@ -23,7 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from src.config import ConfigError
-from src.launch.failures import one_line, record_failure, record_sweep_failure
+from src.launch.failures import forget_nameless_failures, one_line, record_failure, record_sweep_failure
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +31,9 @@ log = logging.getLogger(__name__)
 def job_name(cfg: DictConfig, overrides: Sequence[str] | None = None) -> str:
     """The job's run name; for a job whose run name cannot be formed (an invalid recipe names none), its dataset
     and recipe overrides (`digits/loss=rf_lognorm,loss.s=-1`), or else all its overrides (default: Hydra's)."""
-    try:
-        return str(cfg.run_name)
-    except Exception:
-        pass
+    name = run_name(cfg)
+    if name is not None:
+        return name
     if overrides is None:
         try:
             overrides = [str(o) for o in HydraConfig.get().overrides.task]
@@ -46,12 +45,40 @@ def job_name(cfg: DictConfig, overrides: Sequence[str] | None = None) -> str:
     return f"{data}/{','.join(loss)}{''.join(tag)}" if loss else " ".join(overrides) or "job"
 
 
-def config_error(cfg: DictConfig) -> ConfigError | None:
+def run_name(cfg: DictConfig) -> str | None:
+    """The job's run name, or None when its configuration forms none (an invalid recipe)."""
+    try:
+        return str(cfg.run_name)
+    except Exception:
+        return None
+
+
+#: The configuration's own sections (conf/): a key added under one of them with `+` is read by nothing.
+SECTIONS = ("loss", "model", "data", "sampler", "optim", "train", "trainer", "eval", "logger", "paths")
+
+
+def check_added_keys(overrides: Sequence[str]) -> None:
+    """`+train.max_step=100` (a typo of an existing key, added with `+`) would be accepted and ignored: refused.
+    `+sweep=NAME` (a config group), `++key=value` and keys under hydra stay allowed."""
+    for override in overrides:
+        key = str(override).split("=", 1)[0]
+        if key.startswith("+") and not key.startswith("++") and "." in key and key[1:].split(".")[0] in SECTIONS:
+            raise ConfigError(f"{override}: {key[1:]} is not a setting of this configuration, so nothing would read "
+                              f"it (a typo?); set an existing key without '+'")
+
+
+def config_error(cfg: DictConfig, overrides: Sequence[str] | None = None) -> ConfigError | None:
     """The first configuration error of a composed job configuration (hydra key included or not), or None.
-    The configuration is not changed."""
+    overrides: the job's command-line overrides (default: Hydra's). The configuration is not changed."""
     from src.training.job import check_config
 
     try:
+        if overrides is None:
+            try:
+                overrides = [str(o) for o in cfg.hydra.overrides.task]
+            except Exception:  # noqa: BLE001 -- a configuration without Hydra's key (tests, callers)
+                overrides = []
+        check_added_keys(overrides)
         check_config(cfg)
     except ConfigError as e:
         return e
@@ -64,29 +91,36 @@ def check_sweep_jobs(config_loader, sweep_config: DictConfig, batches: list[list
     """The batches without their invalid jobs (none at all under fail_fast when one is invalid); every invalid job is
     recorded (summary, `<sweep dir>/failures.json`) and named on stderr before anything is launched."""
     previous = HydraConfig.instance().cfg
-    kept, invalid = [], 0
+    kept, invalid = [], []  # invalid: (run name or None, its name for messages, the error line)
     try:
         for batch in batches:
             valid = []
             for overrides in batch:
                 job_cfg = config_loader.load_sweep_config(sweep_config, list(overrides))
                 HydraConfig.instance().set_config(job_cfg)  # for ${hydra:...} in run names
-                error = config_error(job_cfg)
+                error = config_error(job_cfg, list(overrides))
                 if error is None:
                     valid.append(overrides)
                     continue
-                invalid += 1
                 name, line = job_name(job_cfg, overrides), one_line(error)
+                invalid.append((run_name(job_cfg), name, line))
                 log.error("not launched: %s: %s", name, line)
                 record_failure(name, line)
-                record_sweep_failure(str(sweep_config.hydra.sweep.dir), name, line)
             if valid:
                 kept.append(valid)
     finally:
         HydraConfig.instance().cfg = previous
     if invalid and sweep_config.get("fail_fast"):
-        log.error("fail_fast: %d job(s) have configuration errors; launching none", invalid)
+        log.error("fail_fast: %d job(s) have configuration errors; launching none", len(invalid))
         return []
+    # Kept in the sweep's failures.json (its report then knows a job is missing) only when the sweep launches
+    # something: a command refused whole changes nothing. A later run of the job's name clears its entry; a job
+    # without a run name (an invalid recipe) has a stand-in name no run has, so each launch replaces those.
+    if kept:
+        sweep_dir = str(sweep_config.hydra.sweep.dir)
+        forget_nameless_failures(sweep_dir)
+        for name, shown, line in invalid:
+            record_sweep_failure(sweep_dir, shown, line, nameless=name is None)
     return kept
 
 

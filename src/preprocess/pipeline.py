@@ -77,8 +77,13 @@ class PreprocessConfig:
                 raise ValueError(f"{name}={getattr(self, name)} is not allowed; need >= 1")
         if self.num_workers < 0:
             raise ValueError(f"num_workers={self.num_workers} is not allowed; need >= 0")
-        if self.max_chunks is not None and self.max_chunks < 0:
-            raise ValueError(f"max_chunks={self.max_chunks} is not allowed; need >= 0 or None")
+        if self.max_chunks is not None and self.max_chunks < 1:
+            raise ValueError(f"max_chunks={self.max_chunks} is not allowed; need >= 1 or None (no limit)")
+        if str(self.device).startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"device={self.device!r} is not allowed here: torch sees no CUDA device; allowed: cpu")
         if self.parts < 1 or not 0 <= self.part < self.parts:
             raise ValueError(f"part={self.part}/{self.parts} is not allowed; need parts >= 1 and 0 <= part < parts")
         if self.latent not in LATENT_MODES:

@@ -26,6 +26,12 @@ def check_clip_spec(model: str, weights: str | Path) -> None:
     """Fail before any work when a CLIP weight file or its model config is missing."""
     if not Path(weights).is_file():
         raise FileNotFoundError(f"clip weights={str(weights)!r} for model {model!r} is not a file")
+    from src.utils.io import weights_file_error
+
+    error = weights_file_error(weights)
+    if error is not None:
+        raise ValueError(f"clip weights={str(weights)!r} for model {model!r}: not a weights file "
+                         f"torch.load(weights_only=True) reads ({error})")
     if model.endswith(".json"):
         if not Path(model).is_file():
             raise FileNotFoundError(f"clip model config={model!r} is not a file")

@@ -121,7 +121,21 @@ def build_report(
     """
     if int(draws) < 0:
         raise ValueError(f"bootstrap draws={draws!r}: must be 0 (off) or a positive integer")
-    resolve_workers(workers)  # a bad value is refused before any work, with or without draws
+    # Bad values are refused before any work, with or without draws (a typo found now, not in a later run).
+    resolve_workers(workers)
+    from src.ranking.bootstrap_torch import resolve_device
+
+    resolve_device(device)
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"bootstrap confidence={confidence!r}: must lie in (0, 1)")
+    if not 0.5 < separation <= 1.0:
+        raise ValueError(f"bootstrap separation={separation!r}: must lie in (0.5, 1]")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"bootstrap seed={seed!r}: must be an integer >= 0")
+    resolved = [Path(d).resolve() for d in sweep_dirs]
+    twice = sorted({str(d) for d in resolved if resolved.count(d) > 1})
+    if twice:
+        raise ValueError(f"sweep directory given twice: {', '.join(twice)}; give each once")
     sweep = load_sweep(sweep_dirs, by_sweep=by_sweep)
     if sweep.records.empty:
         counts = sweep.runs["status"].value_counts().to_dict()
@@ -597,7 +611,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     restricted += f"-recipes={_names_slug(report.recipes)}" if report.recipes is not None else ""
     restricted += f"-datasets={'_'.join(report.datasets)}" if report.datasets is not None else ""
     out_dir = args.out or DEFAULT_REPORTS / f"{report.sweep.name}{restricted}"
-    paths = write_report(report, out_dir)
+    try:
+        paths = write_report(report, out_dir)
+    except OSError as exc:  # an output folder that cannot be made or written
+        print(f"rank report: error: --out {out_dir}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     print(terminal_text(report))
     print(f"\nReport written to {out_dir}/ (report.md, report.html, CSVs, PNGs).")
     if args.wandb:

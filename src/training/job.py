@@ -46,7 +46,7 @@ def build_formulation(cfg: DictConfig):
     return parse_loss(cfg.loss)
 
 
-def _embedded_shapes(name: str, image_size: int) -> dict:
+def embedded_shapes(name: str, image_size: int) -> dict:
     """What the embedded dataset `name` will feed the backbone, known without building it: its images (pixel
     space) and the tiny CLIP text encoder's widths. Checked against the built shards' meta.json by resolve_data."""
     from src.data import digits, shapes
@@ -54,8 +54,18 @@ def _embedded_shapes(name: str, image_size: int) -> dict:
 
     images = {"digits": digits, "shapes": shapes}[name]
     clip = tiny_clip.model_config()
-    return {"latent_channels": images.CHANNELS, "latent_size": image_size,
-            "context_dim": clip["text_cfg"]["width"], "pooled_dim": clip["embed_dim"]}
+    return {"latent_channels": images.CHANNELS, "latent_size": image_size, "context_dim": clip["text_cfg"]["width"],
+            "pooled_dim": clip["embed_dim"], "context_length": clip["text_cfg"]["context_length"]}
+
+
+def _eval_count(data: DictConfig) -> int:
+    """How many samples the evaluation split holds (the validation loss draws data.val_samples of them)."""
+    from src.data import digits, shapes
+    from src.data.shards import read_meta
+
+    if data.kind == "embedded":
+        return {"digits": digits.EVAL_SIZE, "shapes": shapes.SPLIT_SIZES["eval"]}[data.name]
+    return int(read_meta(data.eval_dir)["count"])
 
 
 def check_data(cfg: DictConfig) -> dict:
@@ -74,7 +84,7 @@ def check_data(cfg: DictConfig) -> dict:
             check_image_size(data.image_size)
         except ValueError as e:
             raise ConfigError(f"data.{e}") from None
-        found = _embedded_shapes(data.name, data.image_size)
+        found = embedded_shapes(data.name, data.image_size)
         where = f"the embedded {data.name} data at {data.image_size}x{data.image_size}"
     elif data.kind == "shards":
         for key in ("train_dir", "eval_dir"):
@@ -90,6 +100,10 @@ def check_data(cfg: DictConfig) -> dict:
         if data[key] is not None and int(data[key]) != int(found[key]):
             raise ConfigError(f"data.{key}={data[key]}: {where} have {found[key]}")
         shapes[key] = int(found[key])
+    held_out = _eval_count(data)
+    if data.val_samples > held_out:
+        raise ConfigError(f"data.val_samples={data.val_samples}: the evaluation split holds {held_out} samples; "
+                          f"allowed: 1 to {held_out}")
     return shapes
 
 
@@ -121,13 +135,19 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> dict:
     from src.launch.checks import check_launch
 
     check_values(cfg)
+    check_choices(cfg)
     build_formulation(cfg)
     shapes = check_data(cfg)
     check_model(cfg, shapes)
     if cfg.eval.enabled:
         from src.evaluation.run import check_eval_files
+        from src.sampling.registry import get_sampler
 
         check_eval_files(cfg.eval)
+        try:  # else a typo is found after the training, when the evaluation starts
+            get_sampler(cfg.sampler.name)
+        except ValueError as e:
+            raise ConfigError(f"sampler.name={cfg.sampler.name}: {e}") from None
     check_launch(cfg, multirun)
     return shapes
 
@@ -173,7 +193,15 @@ def check_values(cfg: DictConfig) -> None:
         ("seed", integer, lambda v: v >= 0, ">= 0"),
         ("eval.enabled", boolean, None, "(true or false)"),
     ]
+    optional = [("torch_threads", integer, lambda v: v >= 1, ">= 1 (or null: torch's default)"),
+                ("data.num_workers", integer, lambda v: v >= 0, ">= 0")]
+    checks += [c for c in optional if OmegaConf.select(cfg, c[0]) is not None]
     if cfg.eval.enabled is True:  # checked before training, not found out when the evaluation starts
+        for key in ("eval.settings", "eval.ema"):
+            value = OmegaConf.select(cfg, key)
+            if not OmegaConf.is_list(value) or len(value) == 0:
+                example = "[{steps: 25, cfg: 5.0}]" if key == "eval.settings" else "[true, false]"
+                raise ConfigError(f"{key}={value}: must be a non-empty list, e.g. {key}='{example}'")
         checks += [
             ("eval.n_samples", integer, lambda v: v >= 2, ">= 2 (FID needs two samples)"),
             ("eval.batch_size", integer, lambda v: v >= 1, ">= 1"),
@@ -192,6 +220,45 @@ def check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value}: must be {kind} {allowed}")
         if ok is not None and not ok(value):
             raise ConfigError(f"{key}={value}: must be {kind} {allowed}")
+
+
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")  # and Lightning's aliases:
+PRECISION_ALIASES = (None, 32, 16, 64, "32", "16", "64", "bf16")  # None: bf16-mixed on a GPU, else 32-true
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+def check_choices(cfg: DictConfig) -> None:
+    """The optimizer's and the trainer's settings: a ConfigError naming the setting, its value and what is allowed
+    (else Lightning or torch refuses them mid-launch, after the run directory exists, in a traceback)."""
+    from src.models.perf import AUTO_BOOL
+
+    def refuse(key, value, allowed):
+        raise ConfigError(f"{key}={value}: not allowed; allowed: {allowed}")
+
+    optim = cfg.optim
+    if optim.fused not in AUTO_BOOL:
+        refuse("optim.fused", optim.fused, "auto, true, false")
+    if isinstance(optim.eps, bool) or not isinstance(optim.eps, (int, float)) or not optim.eps > 0:
+        refuse("optim.eps", optim.eps, "a number > 0")
+    wd = optim.weight_decay
+    if isinstance(wd, bool) or not isinstance(wd, (int, float)) or wd < 0:
+        refuse("optim.weight_decay", wd, "a number >= 0")
+    betas = list(optim.betas) if OmegaConf.is_list(optim.betas) else None
+    if betas is None or len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                                   and 0 <= b < 1 for b in betas):
+        refuse("optim.betas", optim.betas, "two numbers in [0, 1), e.g. [0.9, 0.999]")
+    tr = cfg.trainer
+    if tr.precision not in PRECISIONS + PRECISION_ALIASES:
+        refuse("trainer.precision", tr.precision, "null (bf16-mixed on a GPU, else 32-true), " + ", ".join(PRECISIONS))
+    if tr.accelerator not in ACCELERATORS:
+        refuse("trainer.accelerator", tr.accelerator, ", ".join(ACCELERATORS))
+    for key in ("devices", "num_nodes"):
+        value = tr[key]
+        ok = (isinstance(value, int) and not isinstance(value, bool) and (value >= 1 or (key == "devices"
+                                                                                           and value == -1))
+              or (key == "devices" and value == "auto"))
+        if not ok:
+            refuse(f"trainer.{key}", value, "an integer >= 1" + (", -1 (all) or auto" if key == "devices" else ""))
 
 
 def is_bound(run_dir: Path) -> bool:

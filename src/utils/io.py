@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import re
@@ -112,3 +113,27 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def weights_file_error(path: str | os.PathLike) -> str | None:
+    """Why a weights file cannot be read as tensors by torch.load(weights_only=True) (the exception's name), or
+    None. Memory-mapped, so checking a large file reads little; cached per file version (every job of a sweep asks).
+    """
+    stat = Path(path).stat()
+    return _weights_file_error(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _weights_file_error(path: str, mtime_ns: int, size: int) -> str | None:
+    import torch
+
+    try:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+    except Exception as e:  # noqa: BLE001 -- any failure is the answer (torch's messages run to paragraphs)
+        return type(e).__name__
+    return None
