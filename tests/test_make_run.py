@@ -26,7 +26,7 @@ SECRET = "local-" + "5ecre7" * 6 + "0123"  # a credential in the environment mus
 def make_run_commands() -> list[list[str]]:
     """The `python -m ...` commands of `make run`, as argument lists (the interpreter left out)."""
     out = subprocess.run(["make", "-n", "run", "PY=python"], cwd=ROOT, capture_output=True, text=True, check=True)
-    return [shlex.split(line)[1:] for line in out.stdout.splitlines() if line.startswith("python -m ")]
+    return [shlex.split(line)[1:] for line in out.stdout.splitlines() if line.startswith("python -m src.")]
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +72,14 @@ def test_make_run_trains_evaluates_and_ranks_with_wandb_offline(tmp_path, cache_
 
     leaked = [p for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert not leaked, f"the W&B credential was written to {leaked}"
+
+    # README, Evaluation: relaunching with another evaluation setting evaluates without training.
+    checkpoints = {p.name: p.read_bytes() for p in (runs / "rf_lognorm_0.00_1.00/checkpoints").glob("*.ckpt")}
+    console = run(["-m", "src.run", "-m", "loss=rf_lognorm", "eval.checkpoint=last", *SHORTER,
+                   f"paths.cache_dir={cache_dir}"])
+    assert "results for eval.checkpoint=last missing: evaluating, training is done" in console
+    assert {p.name: p.read_bytes() for p in (runs / "rf_lognorm_0.00_1.00/checkpoints").glob("*.ckpt")} == checkpoints
+    import json
+
+    records = json.loads((runs / "rf_lognorm_0.00_1.00/results.json").read_text())
+    assert sorted({r["checkpoint"] for r in records}) == ["best", "last"] and len(records) == 24

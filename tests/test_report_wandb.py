@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from src.ranking.publish import publish_wandb, wandb_mode
-from src.ranking.report import build_report, write_report
+from src.ranking.publish import wandb_mode
+from src.ranking.report import main
 from src.ranking.synthetic import write_synthetic_sweep
 
 
@@ -18,16 +18,16 @@ def test_mode_defaults_to_offline_and_respects_env_and_user_settings(tmp_path, m
     assert wandb_mode() is None  # W&B reads WANDB_MODE itself
 
 
-def test_offline_publish_writes_run_files(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
+def test_offline_publish_writes_run_files(tmp_path, monkeypatch, capsys):
+    """`python -m src.ranking.report SWEEP --wandb` with no W&B settings at all: offline run files, no credential."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # the project's default decides: offline
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "local-" + "0" * 40)
     sweep = write_synthetic_sweep(tmp_path / "sweep", recipes=("rf/cosmap", "v/cos"), datasets=("digits",),
                                   n_samples=4, n_reference=4, dim=2, sampler_settings=[(5, 5.0), (25, 5.0)])
-    report = build_report([sweep], draws=0)
-    paths = write_report(report, tmp_path / "report")
-    run_dir = publish_wandb(report, paths, project="test-rank-report")
+    assert main([str(sweep), "--bootstrap", "0", "--out", str(tmp_path / "report"), "--wandb"]) == 0
+    run_dir = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("W&B run files: ")
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and Path(run_dir).parent == runs[0]
     assert list(runs[0].glob("run-*.wandb")), "offline run data file missing"
@@ -35,6 +35,7 @@ def test_offline_publish_writes_run_files(tmp_path, monkeypatch):
     tables = sorted(p.name.split("_0_")[0] for p in (runs[0] / "files" / "media" / "table").glob("*.table.json"))
     assert len(images) == 3 and tables == ["average_rank_table", "rank_table"]
     assert not any("api_key" in p.read_text(errors="ignore") for p in runs[0].rglob("*.yaml"))
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and b"local-" + b"0" * 40 in p.read_bytes()]
     import wandb
 
     assert wandb.run is None  # finished, so a later job does not log into this run
