@@ -275,9 +275,12 @@ def test_latent_sample_is_seeded_per_item(models):
 def test_imagenet_autoencoder_clips_t5(tmp_path, models):
     train, mapping = make_imagenet(tmp_path / "imagenet")
     out = tmp_path / "shards"
-    cfg = config(out, models, autoencoder=models["vae"], clip=[models["clip_a"], models["clip_b"]], t5=models["t5"],
-                 t5_length=8)
-    meta = preprocess(ImageNetSource(train, mapping, seed=0), cfg)
+    # README: two --clip options (CLIP L/14 and bigG in the paper), an autoencoder and T5, through the command line.
+    assert main(["imagenet", "--root", str(train), "--class-names", str(mapping), "--out", str(out),
+                 "--resolution", str(RES), "--autoencoder", models["vae"], "--clip", *models["clip_a"],
+                 "--clip", *models["clip_b"], "--t5", models["t5"], "--t5-length", "8", "--chunk-size", "4",
+                 "--batch-size", "3", "--num-workers", "0", "--device", "cpu", "--no-progress"]) == 0
+    meta = read_meta(out)
     assert is_complete(out) and meta["count"] == 12 and meta["skipped"] == 1
     assert len(meta["shards"]) == 4 and not (out / WORK_DIR).exists()  # 13 items in chunks of 4
     assert meta["shapes"] == {"latent": [4, 8, 8], "context": [12 + 8, 96], "pooled": [24 + 16]}
@@ -302,7 +305,8 @@ def test_imagenet_autoencoder_clips_t5(tmp_path, models):
         assert r["caption"] in {f"a photo of a {n}" for n in SYNSETS[r["extras"]["synset"]]}
         assert np.abs(r["context"][:12, 80:]).max() == 0  # CLIP block zero-padded to the T5 width
     # one sample against the models run directly
-    m = Models(cfg, "cpu")
+    m = Models(config(out, models, autoencoder=models["vae"], clip=[models["clip_a"], models["clip_b"]],
+                      t5=models["t5"], t5_length=8), "cpu")
     r = rows[0]
     pixels = decode_image((train / r["extras"]["source"]).read_bytes(), RES)[None]
     expected = m.autoencoder.vae.encode(pixels).latent_dist.mean[0].half().numpy()
@@ -411,12 +415,20 @@ def test_parts_running_at_once_through_the_cli(tmp_path, models):
 
 
 def test_cc12m_tsv_and_tars_skip_bad_items(tmp_path, models):
-    meta = preprocess(TsvSource(make_tsv(tmp_path / "tsv")), config(tmp_path / "a", models, shuffle=False))
+    """README: `python -m src.preprocess cc12m --tsv ... | --tars ...` (the command line, as the README gives it)."""
+    common = ["--resolution", str(RES), "--clip", *models["clip_a"], "--chunk-size", "4", "--batch-size", "3",
+              "--device", "cpu", "--no-progress"]
+    tsv = make_tsv(tmp_path / "tsv")
+    assert main(["cc12m", "--tsv", str(tsv), "--image-root", str(tsv.parent), "--out", str(tmp_path / "a"),
+                 "--num-workers", "0", "--no-shuffle", *common]) == 0
+    meta = read_meta(tmp_path / "a")
     assert meta["count"] == 7 and meta["skipped"] == 2 and meta["dataset"] == "cc12m"
     assert [r["caption"] for r in samples(tmp_path / "a")] == [f"a caption number {i}" for i in range(7)]
     log = (tmp_path / "a" / SKIP_LOG).read_text()
     assert "images/bad.jpg" in log and "images/missing.jpg" in log and "FileNotFoundError" in log
-    meta = preprocess(TarSource(make_tars(tmp_path / "tars")), config(tmp_path / "b", models, num_workers=2))
+    assert main(["cc12m", "--tars", str(make_tars(tmp_path / "tars")), "--out", str(tmp_path / "b"),
+                 "--num-workers", "2", *common]) == 0
+    meta = read_meta(tmp_path / "b")
     assert meta["count"] == 6 and meta["skipped"] == 4
     log = (tmp_path / "b" / SKIP_LOG).read_text()
     assert "00000.tar:000009999" in log and "no .txt caption" in log and "00001.tar:000019998" in log
