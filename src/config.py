@@ -74,6 +74,9 @@ def without_throughput_keys(fp: dict) -> dict:
 
 # Keys added to the configuration after runs were fingerprinted, with the value every earlier run had: a stored
 # fingerprint that lacks one matches a configuration holding that value (an old run still resumes), not another one.
+#: Lightning's precision aliases (None: bf16-mixed on a GPU, else 32-true), as the fingerprint records them.
+PRECISION_ALIASES = {None: None, 32: "32-true", 16: "16-mixed", 64: "64-true", "32": "32-true", "16": "16-mixed",
+                     "64": "64-true", "bf16": "bf16-mixed"}
 TRAINER_KEYS = ("gradient_clip_val", "precision")  # the trainer settings in the fingerprint (each null before)
 ADDED_KEYS = {"data": {"image_size": 16}, "trainer": dict.fromkeys(TRAINER_KEYS)}
 
@@ -98,6 +101,9 @@ def fingerprint(cfg: DictConfig) -> dict:
     out["data"] = to_dict(cfg.data)
     # The trainer settings that change the trained weights (the rest: devices, logging, progress).
     out["trainer"] = {k: cfg.trainer.get(k) for k in TRAINER_KEYS}
+    precision = out["trainer"]["precision"]  # an alias names the same precision (16 = 16-mixed)
+    out["trainer"]["precision"] = PRECISION_ALIASES.get(precision, precision) if isinstance(
+        precision, (str, int, type(None))) else precision
     return without_throughput_keys(out)
 
 

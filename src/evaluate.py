@@ -73,9 +73,9 @@ def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictC
     if group and "sampler" in defaults:  # the chosen sampler group replaces the run's
         cfg.sampler = defaults.sampler
     rest = [o for o in overrides if o not in group]
-    for o in rest:  # a typo (eval.n_sample=...) would be evaluated as nothing changed
-        key = o.split("=", 1)[0]
-        if not key.startswith("+") and OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+    for o in rest:  # a typo (eval.n_sample=..., or +eval.n_sample=...) would be evaluated as nothing changed
+        key = o.split("=", 1)[0].lstrip("+")
+        if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
             section = key.split(".")[0]
             known = sorted(cfg[section]) if OmegaConf.is_dict(cfg.get(section)) else []
             raise ConfigError(f"{key}: no such setting; {section}.* has {', '.join(known)}")
@@ -111,7 +111,7 @@ def evaluate(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[dict]:
         log.info("%s: results for %s missing: evaluating", run_dir, describe(cfg, run_dir, missing),
                  extra={"console": True})
     else:
-        log.info("%s: results complete, nothing to do", run_dir)
+        log.info("%s: results complete, nothing to do", run_dir, extra={"console": True})
     if cfg.get("torch_threads"):
         import torch
 

@@ -383,3 +383,25 @@ def test_sigterm_in_a_sweep_saves_stops_non_zero_and_the_rerun_resumes(tmp_path,
     second = cli(args)
     assert second.returncode == 0, second.stderr[-3000:]
     assert ckpt_step(run / "checkpoints/last.ckpt") == 300
+
+
+def test_valid_trainer_and_strategy_settings_pass_the_checks():
+    """What Lightning accepts is not refused: device indices, precision aliases, arguments of an instantiated
+    strategy added with `+`; a precision alias fingerprints as the name it stands for."""
+    from src.config import fingerprint
+    from src.launch.validate import config_error
+    from src.training.job import check_choices
+
+    for overrides in (["trainer.devices=[0,1]"], ["trainer.devices='0,1'"], ["trainer.devices=auto"],
+                      ["trainer.devices=-1"], ["trainer.precision=16"], ["trainer.precision=transformer-engine"]):
+        check_choices(compose_cfg(overrides))
+    for bad in (["trainer.devices=[]"], ["trainer.devices='a,b'"], ["trainer.num_nodes=0"]):
+        with pytest.raises(ConfigError, match=bad[0].split("=")[0]):
+            check_choices(compose_cfg(bad))
+    added = ["trainer=fsdp", "+trainer.strategy.cpu_offload=true"]
+    assert config_error(compose_cfg(added), added) is None
+    error = config_error(compose_cfg(["+trainer.gradient_clip=1.0"]), ["+trainer.gradient_clip=1.0"])
+    assert error is not None and "trainer.gradient_clip is not a setting" in str(error)
+    assert fingerprint(compose_cfg(["trainer.precision=16"]))["trainer"]["precision"] == "16-mixed"
+    assert fingerprint(compose_cfg(["trainer.precision=bf16"]))["trainer"]["precision"] == "bf16-mixed"
+    assert fingerprint(compose_cfg([]))["trainer"]["precision"] is None

@@ -173,7 +173,8 @@ def test_evaluate_cli_refuses_training_keys_and_runs_without_checkpoints(run, tm
     for override, message in (("eval.n_samples=1", "eval.n_samples=1: must be an integer >= 2"),
                               ("eval.settings=5", "eval.settings=5: must be a non-empty list"),
                               ("sampler.name=bogus", "sampler.name=bogus: sampler='bogus' is not allowed"),
-                              ("eval.n_sample=6", "eval.n_sample: no such setting; eval.* has ")):
+                              ("eval.n_sample=6", "eval.n_sample: no such setting; eval.* has "),
+                              ("+eval.n_sample=6", "eval.n_sample: no such setting; eval.* has ")):
         out = _cli(str(run), override)
         assert out.returncode == 2 and out.stderr.count("\n") == 1 and message in out.stderr, (override, out.stderr)
     assert (run / "results.json").read_bytes() == before

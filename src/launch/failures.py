@@ -57,10 +57,13 @@ def forget_nameless_failures(sweep_dir: str | os.PathLike) -> None:
     from src.utils.io import atomic_write_json, file_lock
 
     path = Path(sweep_dir) / SWEEP_FAILURES
-    if not path.is_file() or not any(v.get("nameless") for v in read_sweep_failures(sweep_dir).values()):
+    def nameless(entry) -> bool:
+        return isinstance(entry, dict) and bool(entry.get("nameless"))
+
+    if not path.is_file() or not any(nameless(v) for v in read_sweep_failures(sweep_dir).values()):
         return
     with file_lock(Path(sweep_dir) / f".{SWEEP_FAILURES}.lock"):
-        failures = {k: v for k, v in read_sweep_failures(sweep_dir).items() if not v.get("nameless")}
+        failures = {k: v for k, v in read_sweep_failures(sweep_dir).items() if not nameless(v)}
         atomic_write_json(path, failures, sort_keys=True)
 
 

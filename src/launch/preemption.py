@@ -44,6 +44,8 @@ class StopAtStepBoundary(Checkpoint):
     step): saving is collective under DDP/FSDP. A Checkpoint, so Lightning runs it after the other callbacks.
     """
 
+    stop_at_once = False  # after a save at a batch end: stop there (not when the next step starts)
+
     def __init__(self, ckpt_path: str | Path, val_every: int):
         self.ckpt_path, self.val_every = Path(ckpt_path), val_every
         self._stop_next = False  # saved at a batch end: stop when the next step starts
@@ -66,7 +68,10 @@ class StopAtStepBoundary(Checkpoint):
             return
         if self._decide(trainer):
             self.save(trainer)
-            self._stop_next = True
+            if self.stop_at_once:
+                self.stop(trainer)
+            else:
+                self._stop_next = True
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._stop_next:
@@ -89,8 +94,11 @@ class PreemptionCheckpoint(StopAtStepBoundary):
     """Defers submitit's requeue handler to the next step boundary and saves `ckpt_path` before it runs.
 
     Installed for the training loop only (on_train_start, after Lightning took its snapshot of the handlers, which
-    it restores at teardown); outside it submitit's handler acts at once.
+    it restores at teardown); outside it submitit's handler acts at once. The handover follows the save at once
+    (the step's logged metrics may be lost): the requeue must happen inside the scheduler's grace period.
     """
+
+    stop_at_once = True
 
     def __init__(self, ckpt_path: str | Path, signum: signal.Signals, val_every: int):
         super().__init__(ckpt_path, val_every)

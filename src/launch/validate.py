@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from src.config import ConfigError
 from src.launch.failures import forget_nameless_failures, one_line, record_failure, record_sweep_failure
@@ -57,14 +57,19 @@ def run_name(cfg: DictConfig) -> str | None:
 SECTIONS = ("loss", "model", "data", "sampler", "optim", "train", "trainer", "eval", "logger", "paths")
 
 
-def check_added_keys(overrides: Sequence[str]) -> None:
+def check_added_keys(overrides: Sequence[str], cfg: DictConfig | None = None) -> None:
     """`+train.max_step=100` (a typo of an existing key, added with `+`) would be accepted and ignored: refused.
-    `+sweep=NAME` (a config group), `++key=value` and keys under hydra stay allowed."""
+    `+sweep=NAME` (a config group), `++key=value`, keys under hydra and keys added to a node that is instantiated
+    (`_target_`: `+trainer.strategy.cpu_offload=true`, passed to its class) stay allowed."""
     for override in overrides:
         key = str(override).split("=", 1)[0]
-        if key.startswith("+") and not key.startswith("++") and "." in key and key[1:].split(".")[0] in SECTIONS:
-            raise ConfigError(f"{override}: {key[1:]} is not a setting of this configuration, so nothing would read "
-                              f"it (a typo?); set an existing key without '+'")
+        if not (key.startswith("+") and not key.startswith("++") and "." in key and key[1:].split(".")[0] in SECTIONS):
+            continue
+        parent = OmegaConf.select(cfg, key[1:].rsplit(".", 1)[0], default=None) if cfg is not None else None
+        if OmegaConf.is_dict(parent) and "_target_" in parent:
+            continue
+        raise ConfigError(f"{override}: {key[1:]} is not a setting of this configuration, so nothing would read it "
+                          f"(a typo?); set an existing key without '+'")
 
 
 def config_error(cfg: DictConfig, overrides: Sequence[str] | None = None) -> ConfigError | None:
@@ -78,7 +83,7 @@ def config_error(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Con
                 overrides = [str(o) for o in cfg.hydra.overrides.task]
             except Exception:  # noqa: BLE001 -- a configuration without Hydra's key (tests, callers)
                 overrides = []
-        check_added_keys(overrides)
+        check_added_keys(overrides, cfg)
         check_config(cfg)
     except ConfigError as e:
         return e

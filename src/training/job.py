@@ -19,7 +19,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.config import (
-    ConfigError, diff_keys, fingerprint, parse_loss, to_dict, with_added_keys, without_throughput_keys,
+    PRECISION_ALIASES, ConfigError, diff_keys, fingerprint, parse_loss, to_dict, with_added_keys,
+    without_throughput_keys,
 )
 from src.launch.preemption import InterruptCheckpoint, PreemptionCheckpoint, submitit_signal
 from src.launch.rundir import is_launch_rank_zero
@@ -222,8 +223,9 @@ def check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value}: must be {kind} {allowed}")
 
 
-PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")  # and Lightning's aliases:
-PRECISION_ALIASES = (None, 32, 16, 64, "32", "16", "64", "bf16")  # None: bf16-mixed on a GPU, else 32-true
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
+              "transformer-engine-float16")
+
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
 
@@ -248,17 +250,25 @@ def check_choices(cfg: DictConfig) -> None:
                                                    and 0 <= b < 1 for b in betas):
         refuse("optim.betas", optim.betas, "two numbers in [0, 1), e.g. [0.9, 0.999]")
     tr = cfg.trainer
-    if tr.precision not in PRECISIONS + PRECISION_ALIASES:
+    if tr.precision not in PRECISIONS and tr.precision not in PRECISION_ALIASES:
         refuse("trainer.precision", tr.precision, "null (bf16-mixed on a GPU, else 32-true), " + ", ".join(PRECISIONS))
     if tr.accelerator not in ACCELERATORS:
         refuse("trainer.accelerator", tr.accelerator, ", ".join(ACCELERATORS))
-    for key in ("devices", "num_nodes"):
-        value = tr[key]
-        ok = (isinstance(value, int) and not isinstance(value, bool) and (value >= 1 or (key == "devices"
-                                                                                           and value == -1))
-              or (key == "devices" and value == "auto"))
-        if not ok:
-            refuse(f"trainer.{key}", value, "an integer >= 1" + (", -1 (all) or auto" if key == "devices" else ""))
+    def index(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    nodes = tr.num_nodes
+    if not (index(nodes) and nodes >= 1):
+        refuse("trainer.num_nodes", nodes, "an integer >= 1")
+    devices = tr.devices
+    chosen = list(devices) if OmegaConf.is_list(devices) else (
+        [d.strip() for d in devices.split(",") if d.strip()] if isinstance(devices, str) and "," in devices else None)
+    if chosen is not None:  # which devices: [0, 1] or "0,1"
+        ok = bool(chosen) and all(index(d) or (isinstance(d, str) and d.isdigit()) for d in chosen)
+    else:
+        ok = (index(devices) and devices >= 1) or devices in (-1, "auto")
+    if not ok:
+        refuse("trainer.devices", devices, "an integer >= 1, -1 (all), auto, or device indices ([0, 1] or '0,1')")
 
 
 def is_bound(run_dir: Path) -> bool:

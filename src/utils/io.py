@@ -116,8 +116,8 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
 
 
 def weights_file_error(path: str | os.PathLike) -> str | None:
-    """Why a weights file cannot be read as tensors by torch.load(weights_only=True) (the exception's name), or
-    None. Memory-mapped, so checking a large file reads little; cached per file version (every job of a sweep asks).
+    """Why a weights file cannot be read as tensors by torch.load(weights_only=True) (safetensors for .safetensors),
+    as the exception's name, or None. Memory-mapped, so checking a large file reads little; cached per file version (every job of a sweep asks).
     """
     stat = Path(path).stat()
     return _weights_file_error(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
@@ -128,6 +128,12 @@ def _weights_file_error(path: str, mtime_ns: int, size: int) -> str | None:
     import torch
 
     try:
+        if path.endswith(".safetensors"):  # open_clip reads these with safetensors, not torch.load
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                f.keys()
+            return None
         try:
             torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
