@@ -117,8 +117,8 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
 
 def weights_file_error(path: str | os.PathLike) -> str | None:
     """Why a weights file cannot be read as tensors by torch.load(weights_only=True) (safetensors for .safetensors),
-    as the exception's name, or None. Memory-mapped, so checking a large file reads little; cached per file version (every job of a sweep asks).
-    """
+    as the exception's name, or None. Memory-mapped, so checking a large file reads little; cached per file version
+    (every job of a sweep asks)."""
     stat = Path(path).stat()
     return _weights_file_error(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
 
