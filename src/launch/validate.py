@@ -92,6 +92,28 @@ def config_error(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Con
     return None
 
 
+def refused_by_run_dir(cfg: DictConfig) -> ConfigError | None:
+    """The refusal of a relaunch into a run directory trained under another configuration (the job's own check),
+    found before anything is launched, so that a sweep refused whole writes nothing; None when there is nothing to
+    compare or the comparison cannot be made here (the job checks again)."""
+    from pathlib import Path
+
+    from src.training.job import check_fingerprint, resolve_data
+
+    try:
+        run_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+        if not (run_dir / "fingerprint.json").is_file():
+            return None
+        resolved = cfg.copy()
+        resolve_data(resolved)  # the data keys of the fingerprint (a bound run's data exist)
+        check_fingerprint(resolved, run_dir)
+    except ConfigError as e:
+        return e
+    except Exception:  # noqa: BLE001 -- left to the job, which reports it in its own way
+        return None
+    return None
+
+
 def check_sweep_jobs(config_loader, sweep_config: DictConfig, batches: list[list[list[str]]]) -> list[list[list[str]]]:
     """The batches without their invalid jobs (none at all under fail_fast when one is invalid); every invalid job is
     recorded (summary, `<sweep dir>/failures.json`) and named on stderr before anything is launched."""
@@ -103,7 +125,7 @@ def check_sweep_jobs(config_loader, sweep_config: DictConfig, batches: list[list
             for overrides in batch:
                 job_cfg = config_loader.load_sweep_config(sweep_config, list(overrides))
                 HydraConfig.instance().set_config(job_cfg)  # for ${hydra:...} in run names
-                error = config_error(job_cfg, list(overrides))
+                error = config_error(job_cfg, list(overrides)) or refused_by_run_dir(job_cfg)
                 if error is None:
                     valid.append(overrides)
                     continue
