@@ -90,6 +90,21 @@ def test_resume_matches_uninterrupted_run(tmp_path, cache_dir, monkeypatch):
         assert torch.equal(a[k], b[k]), k
 
 
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    """The same last and best checkpoints (step and weights, bitwise) and the same evaluation records."""
+    import json
+
+    for name in ("last.ckpt", "best.ckpt"):
+        a = torch.load(reference / "checkpoints" / name, map_location="cpu", weights_only=True)
+        b = torch.load(run_dir / "checkpoints" / name, map_location="cpu", weights_only=True)
+        assert a["global_step"] == b["global_step"], name
+        for k in a["state_dict"]:
+            assert torch.equal(a["state_dict"][k], b["state_dict"][k]), (name, k)
+    records = [json.loads((d / "results.json").read_text()) for d in (reference, run_dir)]
+    assert [(r["checkpoint_step"], r["fid_clip"]) for r in records[0]] == \
+        [(r["checkpoint_step"], r["fid_clip"]) for r in records[1]]
+
+
 def validation_rows(run_dir: Path) -> list:
     from src.training.metrics_log import read_metrics
 
@@ -125,17 +140,7 @@ def test_killed_in_the_validation_of_a_checkpoint_step_resumes_to_the_same_run(t
     run_job(make_cfg(tmp_path, cache_dir, overrides), resumed)
 
     assert validation_rows(resumed) == validation_rows(straight) and len(validation_rows(straight)) == 3
-    for name in ("last.ckpt", "best.ckpt"):
-        a = torch.load(straight / "checkpoints" / name, map_location="cpu", weights_only=True)
-        b = torch.load(resumed / "checkpoints" / name, map_location="cpu", weights_only=True)
-        assert a["global_step"] == b["global_step"], name
-        for k in a["state_dict"]:
-            assert torch.equal(a["state_dict"][k], b["state_dict"][k]), (name, k)
-    import json
-
-    records = [json.loads((d / "results.json").read_text()) for d in (straight, resumed)]
-    assert [(r["checkpoint_step"], r["fid_clip"]) for r in records[0]] == \
-        [(r["checkpoint_step"], r["fid_clip"]) for r in records[1]]
+    assert_same_run(resumed, straight)
 
 
 @pytest.mark.parametrize("hook, at", [("training_step", 6), ("validation_step", 8), ("validation_step", 12)],
@@ -143,7 +148,6 @@ def test_killed_in_the_validation_of_a_checkpoint_step_resumes_to_the_same_run(t
 def test_ctrl_c_stops_and_the_rerun_ends_as_the_uninterrupted_run(tmp_path, cache_dir, monkeypatch, hook, at):
     """Ctrl-C in a training step, in a validation, in the final validation: the job stops with status 1 before the
     evaluation, and the rerun ends with the same validations, training-loss rows, checkpoints and results."""
-    import json
     import os
     import signal
 
@@ -177,14 +181,7 @@ def test_ctrl_c_stops_and_the_rerun_ends_as_the_uninterrupted_run(tmp_path, cach
     assert validation_rows(resumed) == validation_rows(straight)
     losses = [read_metrics(d)[["step", "train/loss"]].dropna().values.tolist() for d in (straight, resumed)]
     assert losses[0] == losses[1] and len(losses[0]) == 12
-    for name in ("last.ckpt", "best.ckpt"):
-        a = torch.load(straight / "checkpoints" / name, map_location="cpu", weights_only=True)
-        b = torch.load(resumed / "checkpoints" / name, map_location="cpu", weights_only=True)
-        assert a["global_step"] == b["global_step"], name
-        for k in a["state_dict"]:
-            assert torch.equal(a["state_dict"][k], b["state_dict"][k]), (name, k)
-    records = [json.loads((d / "results.json").read_text()) for d in (straight, resumed)]
-    assert [r["fid_clip"] for r in records[0]] == [r["fid_clip"] for r in records[1]]
+    assert_same_run(resumed, straight)
 
 
 def test_last_checkpoint_is_the_final_step_and_a_finished_run_is_skipped(tmp_path, cache_dir):
