@@ -142,7 +142,7 @@ def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache
     (["optim.eps=0"], "optim.eps=0: not allowed; allowed: a number > 0"),
     (["optim.weight_decay=-1"], "optim.weight_decay=-1: not allowed; allowed: a number >= 0"),
     (["torch_threads=-2"], "torch_threads=-2: must be an integer >= 1"),
-    (["trainer.devices=0"], "trainer.devices=0: not allowed; allowed: an integer >= 1, -1 (all) or auto"),
+    (["trainer.devices=0"], "trainer.devices=0: not allowed; allowed: an integer >= 1, -1 (all), auto, or device"),
     (["trainer.precision=bogus"], "trainer.precision=bogus: not allowed; allowed: null (bf16-mixed on a GPU"),
     (["trainer.accelerator=tpu"], "trainer.accelerator=tpu: not allowed; allowed: auto, cpu, gpu, cuda, mps"),
     (["data.val_samples=100000"], "data.val_samples=100000: the evaluation split holds 297 samples"),
