@@ -72,12 +72,13 @@ def without_throughput_keys(fp: dict) -> dict:
             for k, v in fp.items()}
 
 
-# Keys added to the configuration after runs were fingerprinted, with the value every earlier run had: a stored
-# fingerprint that lacks one matches a configuration holding that value (an old run still resumes), not another one.
 #: Lightning's precision aliases (None: bf16-mixed on a GPU, else 32-true), as the fingerprint records them.
 PRECISION_ALIASES = {None: None, 32: "32-true", 16: "16-mixed", 64: "64-true", "32": "32-true", "16": "16-mixed",
                      "64": "64-true", "bf16": "bf16-mixed"}
 TRAINER_KEYS = ("gradient_clip_val", "precision")  # the trainer settings in the fingerprint (each null before)
+
+# Keys added to the configuration after runs were fingerprinted, with the value every earlier run had: a stored
+# fingerprint that lacks one matches a configuration holding that value (an old run still resumes), not another one.
 ADDED_KEYS = {"data": {"image_size": 16}, "trainer": dict.fromkeys(TRAINER_KEYS)}
 
 

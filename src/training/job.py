@@ -224,8 +224,7 @@ def check_values(cfg: DictConfig) -> None:
 
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
-              "transformer-engine-float16")
-
+              "transformer-engine-float16")  # and Lightning's aliases (src.config.PRECISION_ALIASES)
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
 
@@ -254,6 +253,7 @@ def check_choices(cfg: DictConfig) -> None:
         refuse("trainer.precision", tr.precision, "null (bf16-mixed on a GPU, else 32-true), " + ", ".join(PRECISIONS))
     if tr.accelerator not in ACCELERATORS:
         refuse("trainer.accelerator", tr.accelerator, ", ".join(ACCELERATORS))
+
     def index(v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
