@@ -46,6 +46,9 @@ def _check_override(override: str) -> str:
     return override
 
 
+_ABSENT = object()  # OmegaConf.select's default: tells a missing key from a null one
+
+
 def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
     """The run's configuration over today's defaults, with the (evaluation) overrides applied."""
     from hydra import compose, initialize_config_dir
@@ -83,8 +86,6 @@ def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictC
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in rest]))
     return cfg
 
-
-_ABSENT = object()
 
 
 def evaluate(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[dict]:

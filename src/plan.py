@@ -189,7 +189,7 @@ def _read_data_meta(cfg: DictConfig) -> tuple[dict, list[str]]:
 
     data = cfg.data
     if data.kind == "embedded":
-        from src.training.job import embedded_shapes, check_data
+        from src.training.job import check_data, embedded_shapes
 
         check_data(cfg)  # the job's own checks (dataset, image size), with its one-line errors
         return embedded_shapes(data.name, data.image_size), []  # known without building the shards

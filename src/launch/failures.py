@@ -57,6 +57,7 @@ def forget_nameless_failures(sweep_dir: str | os.PathLike) -> None:
     from src.utils.io import atomic_write_json, file_lock
 
     path = Path(sweep_dir) / SWEEP_FAILURES
+
     def nameless(entry) -> bool:
         return isinstance(entry, dict) and bool(entry.get("nameless"))
 

@@ -23,6 +23,8 @@ from pathlib import Path
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from src.training.callbacks import validated_at
+
 log = logging.getLogger(__name__)
 
 
@@ -64,7 +66,7 @@ class StopAtStepBoundary(Checkpoint):
         return trainer.strategy.reduce_boolean_decision(self.signalled(), all=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.val_every == 0:  # Lightning validates now: on_validation_end saves
+        if validated_at(trainer.global_step, self.val_every):  # on_validation_end saves
             return
         if self._decide(trainer):
             self.save(trainer)

@@ -164,6 +164,16 @@ def bootstrap_metrics(records: pd.DataFrame, draws: int, seed: int = 0,
     return result
 
 
+def check_settings(confidence: float, separation: float, seed: int) -> None:
+    """The bootstrap's interval level, separation probability and seed, or a ValueError naming the bad one."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"bootstrap confidence={confidence!r}: must lie in (0, 1)")
+    if not 0.5 < separation <= 1.0:
+        raise ValueError(f"bootstrap separation={separation!r}: must lie in (0.5, 1]")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"bootstrap seed={seed!r}: must be an integer >= 0")
+
+
 def resolve_workers(workers: int) -> int:
     """The bootstrap's worker threads: workers, or every core this process may use for 0; a clear error below 0."""
     if not isinstance(workers, (int, np.integer)) or isinstance(workers, bool) or workers < 0:
@@ -329,10 +339,7 @@ def bootstrap_ranks(
     pooled: the seed-mean table of pool_seeds(records) ('recipe' = entry); groups: the column masks on pooled.
     See the module docstring for what a draw resamples.
     """
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"bootstrap confidence={confidence!r}: must lie in (0, 1)")
-    if not 0.5 < separation <= 1.0:
-        raise ValueError(f"bootstrap separation={separation!r}: must lie in (0.5, 1]")
+    check_settings(confidence, separation, seed)
     metrics = bootstrap_metrics(records, draws, seed, progress, device, workers)
     weights = seed_weights(records, draws, seed)
     cells = _cells(records, pooled)

@@ -27,7 +27,7 @@ from src.ranking.aggregate import (
     restrict_recipes, restrict_sampler, restrict_train_seeds, seed_counts, seed_order, setting_groups, setting_label,
 )
 from src.ranking.agreement import noise_ceiling, seed_agreement, spearman_brown
-from src.ranking.bootstrap import RankBootstrap, bootstrap_ranks, inseparable_pairs, resolve_workers
+from src.ranking.bootstrap import RankBootstrap, bootstrap_ranks, check_settings, inseparable_pairs, resolve_workers
 from src.ranking.paper import COLUMNS, paper_ranks, spearman_vs_paper
 from src.ranking.samples import sample_figures
 from src.ranking.plots import plot_average_ranks, plot_metrics_vs_steps, plot_pareto_fronts, save_figure
@@ -126,12 +126,7 @@ def build_report(
     from src.ranking.bootstrap_torch import resolve_device
 
     resolve_device(device)
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"bootstrap confidence={confidence!r}: must lie in (0, 1)")
-    if not 0.5 < separation <= 1.0:
-        raise ValueError(f"bootstrap separation={separation!r}: must lie in (0.5, 1]")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"bootstrap seed={seed!r}: must be an integer >= 0")
+    check_settings(confidence, separation, seed)
     resolved = [Path(d).resolve() for d in sweep_dirs]
     twice = sorted({str(d) for d in resolved if resolved.count(d) > 1})
     if twice:

@@ -19,6 +19,11 @@ class SaveLastAtEnd(L.Callback):
         trainer.save_checkpoint(str(self.path), weights_only=False)
 
 
+def validated_at(step: int, val_every: int) -> bool:
+    """Whether Lightning validates after training step `step` (val_check_interval=val_every, counted in steps)."""
+    return step % val_every == 0
+
+
 class StepCheckpoint(Checkpoint):
     """Write `last.ckpt` every `every` training steps; at a step that is also validated, after that validation.
 
@@ -40,7 +45,7 @@ class StepCheckpoint(Checkpoint):
             trainer.save_checkpoint(str(self.path), weights_only=False)
         if step % self.every:
             return
-        if step % self.val_every == 0:  # Lightning validates at every val_every-th step (val_check_interval)
+        if validated_at(step, self.val_every):
             self._after_validation = step
             return
         trainer.save_checkpoint(str(self.path), weights_only=False)
