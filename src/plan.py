@@ -511,7 +511,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         plan = plan_sweep(overrides, args.peak_tflops, args.mfu, args.flops, args.gpu)
     except Exception as e:  # a one-line error, as for `python -m src.run`
-        print(f"plan: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        from src.launch.validate import hydra_error_line
+
+        line = hydra_error_line(e) or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        print(f"plan: {line}", file=sys.stderr)
         return 2
     print(render(plan))
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -24,7 +26,7 @@ from src.config import ConfigError, register_resolvers
 from src.launch.checks import check_launch
 from src.launch.failures import FAILED, clear_sweep_failure, one_line, record_failure, record_sweep_failure, summary
 from src.launch.rundir import RunDirBusy, run_dir_lock, run_log, save_job_config
-from src.launch.validate import job_name
+from src.launch.validate import hydra_error_line, job_name
 from src.utils.io import atomic_write_json
 
 register_resolvers()
@@ -106,8 +108,20 @@ def _job(cfg: DictConfig) -> dict | None:
 
 
 def cli() -> int:
+    # Hydra's composition errors (an option or a key that does not exist, an override it cannot parse) reach us as
+    # exceptions, to be said in one line; Hydra itself prints them over many lines. A user's HYDRA_FULL_ERROR=1
+    # keeps Hydra's full report.
+    condense = "HYDRA_FULL_ERROR" not in os.environ
+    if condense:
+        os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
+    except HydraException as e:
+        line = hydra_error_line(e) if condense else None
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        return 1
     except SystemExit as e:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -119,6 +133,9 @@ def cli() -> int:
             print(summary(), file=sys.stderr)
         print("stopped on SIGTERM (last.ckpt saved); rerun the command to resume", file=sys.stderr)
         return 128 + signal.SIGTERM
+    finally:
+        if condense:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
     if FAILED:
         print(summary(), file=sys.stderr)
         return 1

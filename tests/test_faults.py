@@ -41,7 +41,7 @@ def cache_dir(tmp_path_factory):
 
 
 def run_cli(args, timeout=300):
-    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
+    env = {**os.environ, "WANDB_MODE": "disabled"}
     return subprocess.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env)
 

@@ -141,7 +141,7 @@ def cache_dir(tmp_path_factory):
 
 def run_cli(args, log_path: Path):
     """The CLI with its console (stdout and stderr together) going to a file, as under SLURM or `> log 2>&1`."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
+    env = {**os.environ, "WANDB_MODE": "disabled"}
     with open(log_path, "w") as log:
         proc = subprocess.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                               env=env, timeout=600)

@@ -173,6 +173,62 @@ def test_config_error_via_the_cli_is_one_line_and_creates_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+LOSS_OPTIONS = ("edm, edm_cos, edm_rf, eps_cos, eps_linear, recipe, rf, rf_cosmap, rf_lognorm, rf_mode, v_cos, "
+                "v_linear")
+GRAMMAR = "the syntax: https://hydra.cc/docs/advanced/override_grammar/basic"
+
+
+@pytest.mark.parametrize("args, line", [
+    (["loss=bogus"], f"loss=bogus: no such option in config group loss; allowed: {LOSS_OPTIONS}"),
+    (["-m", "loss=rf,bogus"], f"loss=bogus: no such option in config group loss; allowed: {LOSS_OPTIONS}"),
+    (["+sweep=bogus"], "sweep=bogus: no such option in config group sweep; allowed: backbones, paper_embedded, "
+                       "paper_grid, paper_recipes, smoke, table1"),
+    (["hydra/launcher=bogus"], "hydra/launcher=bogus: no such option in config group hydra/launcher; allowed: basic, "
+                               "local, slurm, slurm_8gpu, slurm_cpu, submitit_local, submitit_slurm"),
+    (["train.max_stepz=3"], "train.max_stepz: no such setting (a typo?); the settings of train: max_steps, val_every, "
+                            "ckpt_every, ema_every, ema_decay, cond_dropout, cond_groups, val_levels"),
+    (["-m", "train.max_stepz=1,2"], "train.max_stepz: no such setting (a typo?); the settings of train: max_steps, "
+                                    "val_every, ckpt_every, ema_every, ema_decay, cond_dropout, cond_groups, val_levels"),
+    (["model.depth.x=3"], "model.depth.x: no such setting (a typo?)"),
+    (["~train.max_stepz"], "Could not delete from config. 'train.max_stepz' does not exist."),
+    (["train.max_steps=[1"], f"train.max_steps=[1: not a valid override (no viable alternative at input '[1'); "
+                             f"{GRAMMAR}"),
+], ids=["option", "option in a sweep", "sweep", "launcher", "key", "key in a sweep", "key under a value", "deletion",
+        "syntax"])
+def test_hydra_composition_errors_are_one_line_and_create_nothing(tmp_path, args, line):
+    """Hydra's own errors (an option or a setting that does not exist, an override it cannot parse) in one line
+    naming the setting and what is allowed; Hydra prints them over many lines with its search path."""
+    out = cli([*args, f"paths.root_dir={tmp_path}"])
+    assert out.returncode == 1
+    assert out.stderr.strip() == line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hydra_full_error_keeps_hydras_own_report(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "src.run", "loss=bogus", f"paths.root_dir={tmp_path}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"})
+    assert out.returncode == 1
+    assert "Traceback" in out.stderr and "MissingConfigException" in out.stderr
+    assert "Available options in 'loss'" in out.stderr
+
+
+@pytest.mark.parametrize("module", ["src.plan", "src.evaluate"])
+def test_hydra_composition_errors_of_plan_and_evaluate_are_one_line(tmp_path, module):
+    if module == "src.evaluate":  # a run directory first; a sampler is what it may change
+        (tmp_path / "config.yaml").write_text("seed: 0\n")
+        (tmp_path / "checkpoints").mkdir()
+        (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+        args, line = [str(tmp_path), "sampler=bogus"], "sampler=bogus: no such option in config group sampler; " \
+                                                       "allowed: heun, native, rf_time"
+    else:
+        args, line = ["loss=bogus"], f"loss=bogus: no such option in config group loss; allowed: {LOSS_OPTIONS}"
+    out = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"{module.split('.')[1]}: {line}"
+
+
 def test_a_key_added_with_plus_is_a_typo_not_a_silent_no_op(tmp_path):
     out = cli(["+train.max_step=100", f"paths.root_dir={tmp_path}"])
     assert out.returncode == 1

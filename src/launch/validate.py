@@ -114,6 +114,32 @@ def refused_by_run_dir(cfg: DictConfig) -> ConfigError | None:
     return None
 
 
+def hydra_error_line(exc: BaseException) -> str | None:
+    """Hydra's own composition and override errors in one line that names the setting, the value and what is
+    allowed (Hydra prints several lines: the options one per line, the config search path); None for others."""
+    from hydra.errors import (CompactHydraException, ConfigCompositionException, MissingConfigException,
+                              OverrideParseException)
+
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and exc.options:
+        group, _, value = str(exc.missing_cfg_file).rpartition("/")
+        return f"{group}={value}: no such option in config group {group}; allowed: {', '.join(exc.options)}"
+    if isinstance(exc, OverrideParseException):
+        grammar = "https://hydra.cc/docs/advanced/override_grammar/basic"
+        return f"{exc.override}: not a valid override ({exc.message.splitlines()[0]}); the syntax: {grammar}"
+    if isinstance(exc, ConfigCompositionException):
+        key = getattr(exc.__cause__, "full_key", None)
+        parent = getattr(exc.__cause__, "parent_node", None)
+        if key:
+            known = list(parent.keys()) if OmegaConf.is_dict(parent) else []
+            section = key.rsplit(".", 1)[0] if "." in key else "the configuration"
+            allowed = f"; the settings of {section}: {', '.join(map(str, known))}" if known else ""
+            return f"{key}: no such setting (a typo?){allowed}"
+    if isinstance(exc, CompactHydraException):
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        return " ".join(lines) if lines else None
+    return None
+
+
 def check_sweep_jobs(config_loader, sweep_config: DictConfig, batches: list[list[list[str]]]) -> list[list[list[str]]]:
     """The batches without their invalid jobs (none at all under fail_fast when one is invalid); every invalid job is
     recorded (summary, `<sweep dir>/failures.json`) and named on stderr before anything is launched."""
