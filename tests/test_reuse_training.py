@@ -88,3 +88,22 @@ def test_reuse_training_false_and_other_seeds_train_again(tmp_path, cache_dir):
                      "loss=rf", "seed=0,1"])
     assert seeds.returncode == 0, seeds.stderr[-3000:]
     assert not list((tmp_path / "outputs" / "multirun" / "t").rglob("reused_training.json"))
+
+
+def test_a_failed_training_is_not_repeated_by_the_jobs_that_share_it(tmp_path, cache_dir):
+    """The first wave's training diverges: the second wave's job, which would train the same model again and fail the
+    same way, is not launched; it is named in the summary and failures.json; nothing is created for it."""
+    from src.launch.failures import read_sweep_failures
+
+    out = _sweep(tmp_path, cache_dir, "optim.lr=1e30", "optim.warmup_steps=1")
+    assert out.returncode == 1
+    sweep = tmp_path / "outputs" / "multirun" / "s"
+    recipe = sweep / "digits" / "rf"
+    assert json.loads((recipe / "sampler=rf_time" / "error.json").read_text())["type"] == "FloatingPointError"
+    assert not (recipe / "sampler=native").exists()
+    line = "not launched: the training it shares with digits/rf/sampler=rf_time failed; rerun the sweep to retry"
+    summary = out.stderr[out.stderr.index("2 job(s) failed:"):]
+    assert "digits/rf/sampler=rf_time: FloatingPointError: training loss is" in summary
+    assert f"digits/rf/sampler=native: {line}" in summary
+    assert read_sweep_failures(sweep)["digits/rf/sampler=native"]["error"] == line
+    assert "job 2/" not in out.stderr  # one job was launched, of one

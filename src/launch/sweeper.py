@@ -113,6 +113,16 @@ def training_waves(jobs: Sequence[Sequence[str]]) -> list[list[str]]:
         [list(jobs[i]) for i in range(len(jobs)) if i not in first]
 
 
+def _trained(cfg, value: dict) -> bool:
+    """Whether a failed job's training finished (its evaluation failed): its twins can still evaluate that model."""
+    from src.training.job import training_finished
+
+    try:
+        return training_finished(cfg, Path(value["run_dir"]))
+    except Exception:  # noqa: BLE001 -- no configuration or directory came back: count it as not trained
+        return False
+
+
 class TaggingSweeper(BasicSweeper):
     """BasicSweeper whose jobs carry `run_tag`; selected by conf/hydra/sweeper/tagging.yaml."""
 
@@ -129,16 +139,46 @@ class TaggingSweeper(BasicSweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        waves = shares_training(self.config, [job for batch in self.overrides for job in batch])
+        failed_trainings: dict[tuple[str, ...], str] = {}  # training_key -> the run name of its failed first job
         returns, initial_job_idx = [], 0
         while not self.is_done():
             batch = self.get_job_batch()
+            if waves and failed_trainings:
+                batch = self._without_failed_trainings(batch, failed_trainings, sweep_dir)
+                if not batch:
+                    continue
             self.validate_batch_is_legal(batch)
             results = self.launcher.launch(batch, initial_job_idx=initial_job_idx)
-            for r in results:
-                _ = r.return_value  # raises if the job raised (fail_fast)
+            for job, r in zip(batch, results):
+                value = r.return_value  # raises if the job raised (fail_fast)
+                if waves and isinstance(value, dict) and value.get("failed") and not _trained(r.cfg, value):
+                    failed_trainings.setdefault(training_key(job), str(value.get("run_name", "?")))
             initial_job_idx += len(batch)
             returns.append(results)
         return returns
+
+    def _without_failed_trainings(self, batch, failed_trainings: dict, sweep_dir: Path) -> list:
+        """A second-wave batch without the jobs whose model the first wave failed to train: each would train the same
+        model again (in the second wave, all at once) and most likely fail the same way. They are recorded as not
+        launched (summary, failures.json); rerunning the sweep retries the training, then evaluates them."""
+        from src.launch.failures import record_failure, record_sweep_failure
+        from src.launch.validate import job_name
+        from src.utils.progress import SWEEP
+
+        kept = []
+        for job in batch:
+            trainer = failed_trainings.get(training_key(job))
+            if trainer is None:
+                kept.append(job)
+                continue
+            name = job_name(self.hydra_context.config_loader.load_sweep_config(self.config, list(job)), job)
+            line = f"not launched: the training it shares with {trainer} failed; rerun the sweep to retry"
+            log.error("%s: %s", name, line)
+            record_failure(name, line)
+            record_sweep_failure(sweep_dir, name, line)
+            SWEEP.drop(1)
+        return kept
 
     def split_arguments(self, overrides: list[Override], max_batch_size: int | None) -> list[list[list[str]]]:
         from src.launch.validate import filter_sweep

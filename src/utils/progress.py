@@ -189,6 +189,11 @@ class SweepProgress:
     def planned(self, total: int) -> None:
         self.total, self.durations = int(total), []
 
+    def drop(self, n: int) -> None:
+        """n planned jobs will not be launched (their training failed in the first wave)."""
+        if self.total is not None:
+            self.total = max(self.total - n, 0)
+
     def remaining_s(self, index: int) -> float | None:
         """Estimated seconds for jobs index.. (0-based) to the end, including the one starting now."""
         if self.total is None or not self.durations:
