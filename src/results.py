@@ -240,6 +240,10 @@ def describe_identity(record: Mapping[str, Any]) -> str:
 
 
 # ---- results.json ------------------------------------------------------------------------------------------
+# What to do about a damaged results.json (written atomically by this project, so damaged by something else).
+REDO = "delete it and rerun the command to evaluate the run again (its training is kept)"
+
+
 def results_path(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / RESULTS_FILE
 
@@ -252,9 +256,9 @@ def read_results(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        raise ValueError(f"{path}: not valid JSON ({exc}); {REDO}") from exc
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise ValueError(f"{path}: expected a JSON list of record objects")
+        raise ValueError(f"{path}: expected a JSON list of record objects; {REDO}")
     return data
 
 

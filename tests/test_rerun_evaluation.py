@@ -141,6 +141,25 @@ def test_legacy_records_are_evaluated_again(trained, run, monkeypatch):
     assert plan.job_status(cfg, run) == "done"
 
 
+@pytest.mark.parametrize("damage", [b'[{"clip_score": 0.3', b'{"not": "a list"}'], ids=["truncated", "not a list"])
+def test_a_damaged_results_file_is_named_kept_and_replaced_once_deleted(trained, run, monkeypatch, damage):
+    """results.json damaged by something else (this project writes it atomically): the job fails in one line that
+    names the file and what to do, and leaves it as it is; once deleted, the rerun evaluates again without training."""
+    (run / "results.json").write_bytes(damage)
+    checkpoints = _files(run)
+    cfg = _cfg(trained)
+    with pytest.raises(ValueError) as info:
+        job.run_job(cfg, run)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{run / 'results.json'}: ")
+    assert message.endswith("delete it and rerun the command to evaluate the run again (its training is kept)")
+    assert (run / "results.json").read_bytes() == damage and _files(run) == checkpoints
+    (run / "results.json").unlink()
+    _no_training(monkeypatch)
+    assert job.run_job(_cfg(trained), run)["evaluated_only"] is True
+    assert len(json.loads((run / "results.json").read_text())) == 1 and _files(run) == checkpoints
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "src.evaluate", *args], cwd=ROOT, capture_output=True, text=True,
