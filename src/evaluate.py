@@ -101,10 +101,14 @@ def evaluate(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[dict]:
     if not cfg.eval.enabled:
         raise ConfigError("eval.enabled=false: nothing to evaluate")
 
-    from src.evaluation.run import describe, evaluate_run, missing_for
-    from src.training.job import check_config, resolve_data
+    from src.evaluation.run import checkpoint_step, describe, evaluate_run, missing_for
+    from src.training.job import check_config, resolve_data, training_finished
 
     check_config(cfg)  # the values, the sampler, the weight files: as src.run checks them, before any work
+    if not training_finished(cfg, run_dir):  # its results would be of a model that is not the run's final one
+        raise ConfigError(f"{run_dir}: training is not finished (last.ckpt is of step "
+                          f"{checkpoint_step(run_dir, 'last')} of train.max_steps={cfg.train.max_steps}); rerun its "
+                          f"python -m src.run command to resume it, which evaluates at the end")
     meta = resolve_data(cfg)
     missing = missing_for(cfg, run_dir)
     log = logging.getLogger("src.evaluate")

@@ -355,6 +355,13 @@ def missing_records(records: Iterable[Mapping[str, Any]], wanted: Iterable[Mappi
     return [dict(w) for w in wanted if record_identity(w) not in have]
 
 
+def of_step(records: Iterable[Mapping[str, Any]], checkpoint: str, step: int | None) -> list[dict[str, Any]]:
+    """The records without those of this checkpoint ("best" or "last") at another step than its step now (none left
+    out when step is None): those were scored before training went on, and are not this model's results."""
+    return [dict(r) for r in records if step is None or r.get("checkpoint_step") in (None, step)
+            or upgrade(r)["checkpoint"] != checkpoint]
+
+
 def select_current(records: Iterable[Mapping[str, Any]], wanted: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The stored records matching a wanted setting (the newest where several), in the order of `wanted`."""
     by_identity: dict[tuple, dict] = {}

@@ -204,6 +204,45 @@ def test_evaluate_cli_refuses_training_keys_and_runs_without_checkpoints(run, tm
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "no checkpoint" in out.stderr
 
 
+def _set_step(path: Path, step: int) -> None:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt["global_step"] = step
+    torch.save(ckpt, path)
+
+
+def test_records_of_an_earlier_checkpoint_are_evaluated_again(trained, run, monkeypatch, caplog):
+    """Records scored before training went on (an unfinished run evaluated, then resumed: best.ckpt is of a later
+    step now) are not this model's: the run is to evaluate, and the evaluation replaces them without training."""
+    records = json.loads((run / "results.json").read_text())
+    ckpt_step = records[0]["checkpoint_step"]
+    for r in records:
+        r["checkpoint_step"] = ckpt_step - 1
+    (run / "results.json").write_text(json.dumps(records))
+    cfg = _cfg(trained)
+    assert plan.job_status(cfg, run) == "to evaluate"
+    _no_training(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="src.training.job"):
+        assert job.run_job(cfg, run)["evaluated_only"] is True
+    assert f"results for checkpoint step {ckpt_step} (the stored records are of step {ckpt_step - 1}) missing" \
+        in caplog.text
+    after = json.loads((run / "results.json").read_text())
+    assert len(after) == 1 and after[0]["checkpoint_step"] == ckpt_step and after[0]["fid_clip"] == \
+        pytest.approx(records[0]["fid_clip"])  # the same model scored again: the same numbers
+    assert plan.job_status(cfg, run) == "done"
+
+
+def test_evaluate_cli_refuses_a_run_whose_training_is_not_finished(run):
+    """Its results would be of an intermediate model, kept as the run's own after it resumes."""
+    _set_step(run / "checkpoints" / "last.ckpt", 2)
+    before = (run / "results.json").read_bytes()
+    out = _cli(str(run), "eval.seed=7")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.strip() == (f"evaluate: ConfigError: {run}: training is not finished (last.ckpt is of step 2 of "
+                                  f"train.max_steps=4); rerun its python -m src.run command to resume it, which "
+                                  f"evaluates at the end")
+    assert (run / "results.json").read_bytes() == before
+
+
 def test_run_config_keeps_the_runs_recipe_and_backbone(tmp_path):
     """The run's loss and model replace today's defaults whole: an EDM run is not merged into rf_lognorm's m, s."""
     from omegaconf import OmegaConf

@@ -30,8 +30,8 @@ from src.metrics.clip import clip_score
 from src.metrics.frechet import feature_statistics, frechet_distance
 from src.metrics.reference import ReferenceFeatures
 from src.results import (
-    DEFAULT_SAMPLER, FID_FEATURES, Record, _num, merge_results, missing_records, read_results, record_identity,
-    run_fields, setting_label,
+    DEFAULT_SAMPLER, FID_FEATURES, Record, _num, merge_results, missing_records, of_step, read_results,
+    record_identity, run_fields, setting_label,
 )
 from src.sampling import initial_noise, sample
 from src.utils.io import save_npz
@@ -256,7 +256,8 @@ def evaluate_backbone(
     sampler_kwargs(base["sampler"])  # an unknown sampler fails before any sampling
     out_dir = Path(out_dir)
     device = _device_of(backbone, prompts.context.device)
-    existing = read_results(out_dir)
+    # Records of this checkpoint at another step were scored before training went on: not this model's.
+    existing = of_step(read_results(out_dir), base["checkpoint"], base.get("checkpoint_step"))
     text_features, results = None, []
     with _eval_mode(backbone):
         for setting in settings:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from src.config import ConfigError
 from src.utils.io import weights_file_error
 from src.results import (
-    CHECKPOINTS, describe_missing, missing_records, read_results, select_current, wanted_records,
+    CHECKPOINTS, describe_missing, missing_records, of_step, read_results, select_current, wanted_records,
 )
 
 log = logging.getLogger(__name__)
@@ -133,16 +133,38 @@ def wanted_for(cfg: DictConfig, formulation=None) -> list[dict[str, Any]]:
 
 
 def missing_for(cfg: DictConfig, run_dir: str | Path, formulation=None) -> list[dict[str, Any]]:
-    """The wanted records results.json lacks ([] when the evaluation is disabled)."""
+    """The wanted records results.json lacks ([] when the evaluation is disabled). A record of another checkpoint
+    step than the checkpoint the evaluation would use now counts as missing: it was scored before training went on
+    (an unfinished run evaluated, then resumed), so its numbers are not this model's."""
     if not cfg.eval.enabled:
         return []
-    return missing_records(read_results(run_dir), wanted_for(cfg, formulation), run_dir,
+    which = str(OmegaConf.select(cfg.eval, "checkpoint", default="best"))
+    records = of_step(read_results(run_dir), which, checkpoint_step(run_dir, which))
+    return missing_records(records, wanted_for(cfg, formulation), run_dir,
                            need_inception=cfg.eval.inception.weights_path is not None)
 
 
+def checkpoint_step(run_dir: str | Path, which: str) -> int | None:
+    """The training step of the checkpoint an evaluation would use now; None when there is none or it is unreadable
+    (the evaluation then says so)."""
+    try:
+        path = select_checkpoint(run_dir, which)
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def describe(cfg: DictConfig, run_dir: str | Path, missing: list[dict[str, Any]]) -> str:
-    """e.g. "eval.n_samples=200": what the missing records differ in from the stored ones."""
-    return describe_missing(missing, read_results(run_dir))
+    """e.g. "eval.n_samples=200": what the missing records differ in from the stored ones; "checkpoint step 300
+    (the stored records are of step 120)" for records scored before training went on."""
+    records = read_results(run_dir)
+    which = str(OmegaConf.select(cfg.eval, "checkpoint", default="best"))
+    step = checkpoint_step(run_dir, which)
+    current = of_step(records, which, step)
+    stale = sorted({r["checkpoint_step"] for r in records if r not in current})
+    if stale and not current:
+        return f"checkpoint step {step} (the stored records are of step {', '.join(map(str, stale))})"
+    return describe_missing(missing, current)
 
 
 # ---- the evaluation -----------------------------------------------------------------------------------------
