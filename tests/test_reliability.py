@@ -142,6 +142,7 @@ def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache
     (["optim.eps=0"], "optim.eps=0: not allowed; allowed: a number > 0"),
     (["optim.weight_decay=-1"], "optim.weight_decay=-1: not allowed; allowed: a number >= 0"),
     (["torch_threads=-2"], "torch_threads=-2: must be an integer >= 1"),
+    (["paths.cache_dir="], "paths.cache_dir=: must be a folder (relative paths are taken from the directory"),
     (["trainer.devices=0"], "trainer.devices=0: not allowed; allowed: an integer >= 1, -1 (all), auto, or device"),
     (["trainer.precision=bogus"], "trainer.precision=bogus: not allowed; allowed: null (bf16-mixed on a GPU"),
     (["trainer.accelerator=tpu"], "trainer.accelerator=tpu: not allowed; allowed: auto, cpu, gpu, cuda, mps"),
@@ -152,7 +153,7 @@ def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache
     ([f"eval.inception.weights_path={ROOT / 'README.md'}"], "eval.inception.weights_path=.*: not a weights file"),
 ], ids=["loss", "model heads", "model patch", "data name", "data image size", "data shards", "eval n_samples", "eval ema",
         "eval weights", "train", "optim fused", "optim betas", "optim eps", "optim weight decay", "torch threads",
-        "trainer devices", "trainer precision", "trainer accelerator", "val samples", "sampler", "eval settings",
+        "cache dir", "trainer devices", "trainer precision", "trainer accelerator", "val samples", "sampler", "eval settings",
         "eval ema empty", "inception file"])
 def test_config_errors_are_found_before_anything_is_built(tmp_path, overrides, message):
     """check_config (what the sweeper and the run-start callback call) raises one line; nothing was created."""

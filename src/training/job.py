@@ -213,6 +213,11 @@ def check_values(cfg: DictConfig) -> None:
             checks += [(f"eval.settings.{i}.steps", integer, lambda v: v >= 1, ">= 1"),
                        (f"eval.settings.{i}.cfg", number, lambda v: v >= 0, ">= 0")]
         checks += [(f"eval.ema.{i}", boolean, None, "(true or false)") for i in range(len(cfg.eval.ema))]
+    for key in ("paths.root_dir", "paths.output_dir", "paths.cache_dir"):  # empty: files land in the current folder
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{key}={'' if value is None else value}: must be a folder (relative paths are taken "
+                              f"from the directory the command is launched in)")
     for key, types, ok, allowed in checks:
         value = OmegaConf.select(cfg, key)
         kind = {integer: "an integer", number: "a number", boolean: "a boolean"}[types]
