@@ -49,6 +49,21 @@ def _check_override(override: str) -> str:
 _ABSENT = object()  # OmegaConf.select's default: tells a missing key from a null one
 
 
+def _stored_config(path: Path) -> DictConfig:
+    """The run's configuration file, or a one-line error naming it when it is damaged (a file cut short parses but
+    lacks sections, which today's defaults would fill in: another model than the one trained)."""
+    from src.utils.io import first_line
+
+    try:
+        stored = OmegaConf.load(path)
+    except Exception as e:  # noqa: BLE001 -- YAML's errors run over several lines
+        raise ConfigError(f"{path}: not a readable configuration ({first_line(e)}); restore it") from e
+    missing = [k for k in ("loss", "model", "data", "train") if not OmegaConf.is_dict(stored) or k not in stored]
+    if missing:
+        raise ConfigError(f"{path}: not a run's whole configuration (no {', '.join(missing)}); restore it")
+    return stored
+
+
 def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
     """The run's configuration over today's defaults, with the (evaluation) overrides applied."""
     from hydra import compose, initialize_config_dir
@@ -58,7 +73,7 @@ def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictC
     run_dir = Path(run_dir)
     overrides = [_check_override(o) for o in overrides]
     group = [o for o in overrides if o.split("=", 1)[0].lstrip("+") == "sampler"]  # a config group choice
-    stored = OmegaConf.load(run_config_path(run_dir))
+    stored = _stored_config(run_config_path(run_dir))
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="evaluate"):
         defaults = compose(config_name="config", overrides=group)

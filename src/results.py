@@ -340,9 +340,20 @@ def wanted_records(cfg: Any, recipe: Mapping[str, Any], feature_extractor: str) 
 
 def _usable(record: Mapping[str, Any], run_dir: Path | None, need_inception: bool) -> bool:
     """A record counts when its arrays are on disk (the report reads them) and it has what is configured."""
-    if run_dir is not None and not (record.get("arrays") and (Path(run_dir) / record["arrays"]).is_file()):
+    if run_dir is not None and not (record.get("arrays") and _readable_npz(Path(run_dir) / record["arrays"])):
         return False
     return not need_inception or record.get("fid_inception") is not None
+
+
+def _readable_npz(path: Path) -> bool:
+    """The file is there and its zip directory reads (a truncated file fails here; the arrays are not loaded)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return bool(z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def missing_records(records: Iterable[Mapping[str, Any]], wanted: Iterable[Mapping[str, Any]],

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from src import plan
+from src.config import ConfigError
 from src.training import job
 from tests.test_training import make_cfg
 
@@ -243,6 +244,45 @@ def test_evaluate_cli_refuses_a_run_whose_training_is_not_finished(run):
     assert (run / "results.json").read_bytes() == before
 
 
+@pytest.mark.parametrize("damage", ["cut", "yaml"])
+def test_damaged_run_files_are_named_in_one_line(trained, run, damage):
+    """A damaged config.yaml (src.evaluate) or fingerprint.json, best.ckpt (src.run's job): one line naming the file
+    and the way out, nothing written."""
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text("\n".join(text.splitlines()[:4]) if damage == "cut" else "loss: {family: [\n")
+    out = _cli(str(run), "eval.seed=7")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith(f"evaluate: ConfigError: {run / 'config.yaml'}: not a ")
+    assert out.stderr.rstrip().endswith("restore it")
+
+
+def test_damaged_fingerprint_and_checkpoint_are_named(trained, run):
+    (run / "fingerprint.json").write_text('{"loss": {"fam')
+    with pytest.raises(ConfigError, match=r"fingerprint.json: not valid JSON .*: restore it, or move the directory"):
+        job.run_job(_cfg(trained), run)
+    shutil.copy(trained / "run" / "fingerprint.json", run / "fingerprint.json")
+    best = run / "checkpoints" / "best.ckpt"
+    best.write_bytes(best.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"best.ckpt: cannot be read as a checkpoint \(.*\); restore it, or evaluate "
+                                         r"the other one with eval.checkpoint=last$"):
+        job.run_job(_cfg(trained, ["eval.seed=5"]), run)
+
+
+def test_a_truncated_arrays_file_makes_its_record_missing(trained, run, monkeypatch):
+    """The report reads each record's arrays (the bootstrap): a truncated one is evaluated again, not served."""
+    [record] = json.loads((run / "results.json").read_text())
+    arrays = run / record["arrays"]
+    arrays.write_bytes(arrays.read_bytes()[:100])
+    cfg = _cfg(trained)
+    assert plan.job_status(cfg, run) == "to evaluate"
+    _no_training(monkeypatch)
+    assert job.run_job(cfg, run)["evaluated_only"] is True
+    import numpy as np
+
+    assert np.load(arrays)["clip_scores"].shape[0] == 8
+    assert plan.job_status(cfg, run) == "done"
+
+
 def test_run_config_keeps_the_runs_recipe_and_backbone(tmp_path):
     """The run's loss and model replace today's defaults whole: an EDM run is not merged into rf_lognorm's m, s."""
     from omegaconf import OmegaConf
@@ -253,7 +293,7 @@ def test_run_config_keeps_the_runs_recipe_and_backbone(tmp_path):
     (run / ".hydra").mkdir(parents=True)
     stored = {"loss": {"family": "edm", "p_mean": 0.0, "p_std": 0.6},
               "model": {"_target_": "src.models.DiT", "depth": 1, "hidden_size": 32, "num_heads": 2},
-              "run_name": "digits/edm_0.00_0.60"}
+              "data": {"name": "digits"}, "train": {"max_steps": 4}, "run_name": "digits/edm_0.00_0.60"}
     OmegaConf.save(OmegaConf.create(stored), run / ".hydra" / "config.yaml")
     cfg = load_run_config(run, ["eval.n_samples=4"])
     assert OmegaConf.to_container(cfg.loss) == stored["loss"]

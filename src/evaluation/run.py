@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import ConfigError
-from src.utils.io import weights_file_error
+from src.utils.io import first_line, weights_file_error
 from src.results import (
     CHECKPOINTS, describe_missing, missing_records, of_step, read_results, select_current, wanted_records,
 )
@@ -193,8 +193,13 @@ def evaluate_run(cfg: DictConfig, run_dir: str | Path, device: torch.device | st
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     which = str(OmegaConf.select(ev, "checkpoint", default="best"))
     path = select_checkpoint(run_dir, which)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    step, state = int(ckpt["global_step"]), ckpt["state_dict"]
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        step, state = int(ckpt["global_step"]), ckpt["state_dict"]
+    except Exception as e:  # truncated or foreign: name the file and the way out
+        other = "eval.checkpoint=last" if which == "best" else "eval.checkpoint=best"
+        raise ValueError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {first_line(e)}); restore it, "
+                         f"or evaluate the other one with {other}") from e
     log.info("evaluating %s (step %d): %d record(s)", path.name, step, len(missing))
 
     meta = meta if meta is not None else read_meta(cfg.data.train_dir)

@@ -294,7 +294,12 @@ def fingerprint_changes(cfg: DictConfig, run_dir: Path) -> list[str]:
     if not path.exists() or not is_bound(run_dir):
         return []
     current = _fingerprint_json(cfg)
-    return diff_keys(with_added_keys(without_throughput_keys(json.loads(path.read_text())), current), current)
+    try:
+        stored = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # this project writes it atomically: damaged elsewhere
+        raise ConfigError(f"{path}: not valid JSON ({e}); it records the configuration this directory was trained "
+                          f"with: restore it, or move the directory away to train anew") from e
+    return diff_keys(with_added_keys(without_throughput_keys(stored), current), current)
 
 
 def check_fingerprint(cfg: DictConfig, run_dir: Path) -> None:

@@ -115,6 +115,12 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (library messages run over several)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def weights_file_error(path: str | os.PathLike) -> str | None:
     """Why a weights file cannot be read as tensors by torch.load(weights_only=True) (safetensors for .safetensors),
     as the exception's name, or None. Memory-mapped, so checking a large file reads little; cached per file version
