@@ -75,29 +75,36 @@ def _job(cfg: DictConfig) -> dict | None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     launched = copy.deepcopy(cfg)  # as composed, for .hydra/config.yaml (the job fills in data folders and shapes)
     error_file = run_dir / "error.json"
+    finished = False  # a finished run: one that fails now (a relaunch asking for more) leaves its files as they were
     try:
         # Everything that can refuse the job, before anything is written into its directory: a refused relaunch
         # leaves a finished run exactly as it was (its error goes to the summary and the sweep's failures.json).
         prepare_job(cfg, run_dir, multirun)
         # The lock next: a job already running in this directory keeps its files (error.json included).
         with run_dir_lock(run_dir), run_log(run_dir):
-            error_file.unlink(missing_ok=True)
-            save_job_config(run_dir, launched)
+            finished = run_finished(cfg, run_dir)
+            if not finished:  # the launch's record first, so that a crash mid-training leaves it
+                error_file.unlink(missing_ok=True)
+                save_job_config(run_dir, launched)
             try:
                 result = run_job(cfg, run_dir)
             except Exception as e:  # recorded per job so the rest of the sweep goes on
                 if not isinstance(e, ConfigError):  # a configuration error says nothing about the run
                     log.error("%s failed:\n%s", job_name(cfg), traceback.format_exc())
-                    atomic_write_json(error_file, {"type": type(e).__name__, "error": str(e),
-                                                   "traceback": traceback.format_exc()})
+                    if not finished:
+                        atomic_write_json(error_file, {"type": type(e).__name__, "error": str(e),
+                                                       "traceback": traceback.format_exc()})
                 raise
+            if finished:
+                error_file.unlink(missing_ok=True)
+                save_job_config(run_dir, launched)
         if multirun:
             clear_sweep_failure(HydraConfig.get().sweep.dir, job_name(cfg))
         return result
     except Exception as e:
         name = job_name(cfg)
         record_failure(name, one_line(e))
-        if multirun and isinstance(e, (ConfigError, RunDirBusy)):  # nothing about them in the run directory
+        if multirun and (finished or isinstance(e, (ConfigError, RunDirBusy))):  # nothing about them in the run dir
             record_sweep_failure(HydraConfig.get().sweep.dir, name, one_line(e))
         if cfg.fail_fast and multirun:
             raise
@@ -105,6 +112,14 @@ def _job(cfg: DictConfig) -> dict | None:
         return {"run_dir": str(run_dir), "run_name": name, "failed": True, "error": one_line(e)}
     finally:
         _finish_wandb()
+
+
+def run_finished(cfg: DictConfig, run_dir: Path) -> bool:
+    """Training done and results stored: what a later launch that fails must leave as it was."""
+    from src.results import results_path
+    from src.training.job import training_finished
+
+    return results_path(run_dir).is_file() and training_finished(cfg, run_dir)
 
 
 def cli() -> int:

@@ -122,6 +122,22 @@ def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache
     loaded = load_sweep([sweep])
     assert list(loaded.runs["status"]) == ["done"] and not loaded.partial
 
+    # A relaunch asking for more that fails in the job (best.ckpt damaged, found when the evaluation loads it): the
+    # finished run keeps its files (no error.json, .hydra/ as it was; run.log gets the error); the sweep's
+    # failures.json names the job.
+    best = run / "checkpoints" / "best.ckpt"
+    best.write_bytes(best.read_bytes()[:1000])
+    before = {k: v for k, v in tree_digest(run).items() if k not in ("run.log", ".run.lock")}  # the log, the lock
+    failed = cli([*args, "eval.seed=5"])
+    assert failed.returncode == 1
+    assert "digits/rf: ValueError: " in failed.stderr and "best.ckpt: cannot be read as a checkpoint" in failed.stderr
+    assert {k: v for k, v in tree_digest(run).items() if k not in ("run.log", ".run.lock")} == before
+    assert "cannot be read as a checkpoint" in (run / "run.log").read_text()
+    from src.launch.failures import read_sweep_failures
+
+    assert "best.ckpt: cannot be read" in read_sweep_failures(sweep)["digits/rf"]["error"]
+    assert list(load_sweep([sweep]).runs["status"]) == ["done"]
+
 
 # ---- configuration errors create nothing ---------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, message", [
