@@ -36,7 +36,7 @@ __all__ = ["FAILED", "cli", "main"]  # FAILED: (run name, one-line error) of fai
 
 
 def _finish_wandb() -> None:
-    # A W&B run left open would swallow the next multirun job's logs (PITFALLS).
+    # A W&B run left open would swallow the next multirun job's logs (docs/pitfalls.md).
     if "wandb" in sys.modules:
         import wandb
 

@@ -39,7 +39,8 @@ def ranks_started_outside() -> bool:
 
 
 def check_no_relaunch_in_multirun(cfg: DictConfig, multirun: bool) -> None:
-    """Refuse Lightning's own re-launch of the ranks inside a multirun (PITFALLS: every rank re-runs the sweep)."""
+    """Refuse Lightning's own re-launch of the ranks inside a multirun (docs/pitfalls.md: every rank would re-run
+    the sweep)."""
     tr = cfg.trainer
     name = _strategy_name(tr.strategy)
     if not multirun or "spawn" in name or "fork" in name or not any(s in name for s in _RELAUNCHING):

@@ -1,6 +1,6 @@
 """State-dict conversion between our MMDiT and diffusers' SD3Transformer2DModel, both ways.
 
-Pure mapping of tensors: diffusers is not imported here. Differences handled (PITFALLS, diffusers):
+Pure mapping of tensors: diffusers is not imported here. Differences handled (docs/pitfalls.md):
 - diffusers splits the fused QKV projection into to_q/to_k/to_v (image) and add_q/k/v_proj (text);
 - its output head (norm_out) and the last block's text modulation (norm1_context, an AdaLayerNormContinuous)
   order their modulation as (scale, shift); ours, like the reference MM-DiT, as (shift, scale);

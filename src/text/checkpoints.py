@@ -49,15 +49,15 @@ def load_open_clip(model_name: str, weights_path: str | Path, sha256: str | None
     """Verify a local checkpoint and load it with open_clip.create_model_and_transforms; returns (model, tokenizer).
 
     sha256: expected checksum; None reads it from the sidecar JSON if there is one, else only checks the file
-    exists. create_kwargs go to open_clip (e.g. force_quick_gelu=True for OpenAI weights, PITFALLS); the sidecar's
-    image_mean, image_std and force_quick_gelu are the defaults.
+    exists. create_kwargs go to open_clip (e.g. force_quick_gelu=True for OpenAI weights, docs/pitfalls.md); the
+    sidecar's image_mean, image_std and force_quick_gelu are the defaults.
     The model is returned frozen in eval mode.
     """
     path = Path(weights_path)
     if sidecar_path(path).is_file():
         sidecar = read_sidecar(path)
         sha256 = sidecar.get("sha256") if sha256 is None else sha256
-        # A local path bypasses open_clip's per-weight settings (PITFALLS): the sidecar carries them.
+        # A local path bypasses open_clip's per-weight settings (docs/pitfalls.md): the sidecar carries them.
         for key in SIDECAR_CREATE_KWARGS:
             if key in sidecar:
                 create_kwargs.setdefault(key, sidecar[key])
