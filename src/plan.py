@@ -318,7 +318,7 @@ def _fingerprint_changes(cfg: DictConfig, run_dir: Path) -> list[str]:
             if not (k.startswith("data.") and OmegaConf.select(cfg, k, default=None) is None)]
 
 
-def plan_job(index: int, overrides: list[str], flops_method: str = "count") -> JobPlan:
+def plan_job(index: int, overrides: list[str], flops_method: str = "count", single: bool = False) -> JobPlan:
     from hydra.core.hydra_config import HydraConfig
 
     from src.training.job import check_choices, check_values
@@ -327,7 +327,8 @@ def plan_job(index: int, overrides: list[str], flops_method: str = "count") -> J
     check_values(cfg)  # the job's value checks: a plan of train.max_steps=-1 is no plan
     check_choices(cfg)
     HydraConfig.instance().set_config(cfg)  # for ${hydra:...} in run names (sweeps/backbones.yaml)
-    run_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+    # A single run (no -m, no sweep) lands in hydra.run.dir (outputs/runs/...), a sweep's job in the sweep's folder.
+    run_dir = Path(str(cfg.hydra.run.dir)) if single else Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
     meta, assumed = data_meta(cfg)
     params, depth, hidden, fwd_counted = _backbone_cost(cfg, meta)
     patch = int(cfg.model.get("patch_size", 2))
@@ -391,7 +392,8 @@ def plan_sweep(overrides: Sequence[str], peak_tflops: float = H100_BF16_DENSE_TF
         base, jobs = expand_jobs(overrides)
         launcher = base.hydra.launcher
         parallelism = int(launcher.array_parallelism) if launcher.get("array_parallelism") else None
-        planned = [plan_job(i, job, flops_method) for i, job in enumerate(jobs)]
+        single = not {"-m", "--multirun"} & set(overrides) and jobs == [list(overrides)]
+        planned = [plan_job(i, job, flops_method, single) for i, job in enumerate(jobs)]
         _plan_training_waves(base, jobs, planned)
         source = "given (--mfu)"
         if mfu is None and planned:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.types import RunMode
@@ -181,7 +182,7 @@ def test_plan_status_reads_run_directories(tmp_path):
     (eps / "checkpoints").mkdir(parents=True)
     torch.save({"global_step": 5}, eps / "checkpoints" / "last.ckpt")  # trained
     (eps / "eval").mkdir()
-    (eps / "eval" / "a.npz").write_bytes(b"")
+    np.savez(eps / "eval" / "a.npz", clip_scores=np.zeros(2))  # the record's arrays (read by the report)
     with plan._hydra_context():
         eps_cfg = plan._compose(jobs[2].overrides)
         [wanted] = wanted_for(eps_cfg)
@@ -306,6 +307,15 @@ def test_plan_and_named_sweeps_keep_their_directories():
     p = plan.plan_sweep(["+sweep=backbones", "optim.lr=1e-4,3e-4", "paths.root_dir=/r", *FAKE_SHARDS])
     assert "/r/outputs/multirun/backbones/fake/dit/rf_lognorm_0.00_1.00/optim.lr=0.0003" in {
         str(j.run_dir) for j in p.jobs}
+
+
+def test_plan_of_a_single_run_names_the_single_runs_directory():
+    """`python -m src.run loss=rf` (no -m) runs in hydra.run.dir (outputs/runs/...): the plan says that one."""
+    [single] = plan.plan_sweep(["loss=rf", "paths.root_dir=/r"]).jobs
+    assert str(single.run_dir) == "/r/outputs/runs/digits/rf"
+    for multirun in ("-m", "--multirun"):
+        [job] = plan.plan_sweep([multirun, "loss=rf", "paths.root_dir=/r"]).jobs
+        assert str(job.run_dir) == "/r/outputs/multirun/default/digits/rf"
 
 
 def test_learning_rate_sweep_runs_each_value_in_its_own_directory_and_ranks_them(tmp_path):
