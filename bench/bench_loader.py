@@ -4,8 +4,8 @@ python bench/bench_loader.py [--quick]
 
 Loader: src.data.shards.make_loader over the embedded digits shards (written with the committed tiny CLIP) and
 over synthetic shards shaped like real SD3-style data (4x32x32 latents, 77 x 768 context). Training step: the
-default backbone (conf/model/mmdit.yaml on digits: MM-DiT depth 2, hidden 96, batch 64) with rf/lognorm(0.00, 1.00)
-and AdamW; a small stand-in MLP is timed instead if src.models or src.formulations cannot be imported.
+default backbone (conf/model/mmdit.yaml, built as `python -m src.run` builds it, on digits, batch 64) with
+rf/lognorm(0.00, 1.00) and AdamW.
 """
 
 from __future__ import annotations
@@ -45,33 +45,33 @@ def loader_throughput(shard_dir: Path, batch_size: int, batches: int, num_worker
 
 def training_step_time(meta: dict, steps: int) -> tuple[float, str]:
     """Median seconds of one optimisation step of the default backbone at batch 64, and what was timed."""
+    from hydra import compose, initialize_config_dir
+
+    from src.config import register_resolvers
+    from src.formulations import get_recipe
+    from src.training.job import build_backbone
+
+    register_resolvers()
     g = torch.Generator().manual_seed(0)
     c, s = meta["latent_channels"], meta["latent_size"]
     x0 = torch.randn(BATCH, c, s, s, generator=g)
     ctx = torch.randn(BATCH, meta["context_length"], meta["context_dim"], generator=g)
     pooled = torch.randn(BATCH, meta["pooled_dim"], generator=g)
-    try:
-        from src.formulations import get_recipe
-        from src.models import MMDiT
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config")  # the default run's model, as `python -m src.run` builds it
+    cfg.model.input_size, cfg.model.in_channels = s, c
+    cfg.model.context_dim, cfg.model.pooled_dim = meta["context_dim"], meta["pooled_dim"]
+    model = build_backbone(cfg)
+    f = get_recipe("rf/lognorm(0.00, 1.00)")
+    what = (f"MM-DiT depth {cfg.model.depth}, hidden {cfg.model.hidden_size}, {cfg.model.num_heads} heads "
+            f"(conf/model/mmdit.yaml), rf/lognorm(0.00, 1.00), AdamW")
 
-        model = MMDiT(input_size=s, in_channels=c, depth=2, hidden_size=96, num_heads=3, patch_size=2,
-                      context_dim=meta["context_dim"], pooled_dim=meta["pooled_dim"])
-        f = get_recipe("rf/lognorm(0.00, 1.00)")
-        what = "MM-DiT depth 2, hidden 96 (conf/model/mmdit.yaml), rf/lognorm(0.00, 1.00), AdamW"
-
-        def loss_fn():
-            t = f.sample_t(BATCH, generator=g)
-            eps = torch.randn(x0.shape, generator=g)
-            z_t = f.add_noise(x0, eps, t)
-            out = model(f.c_in(t).view(-1, 1, 1, 1) * z_t, f.c_noise(t), ctx, pooled)
-            return f.loss(out, x0, eps, t).mean()
-    except Exception as err:  # the stand-in keeps the benchmark usable while other packages are in progress
-        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(c * s * s, 512), torch.nn.GELU(),
-                                    torch.nn.Linear(512, c * s * s))
-        what = f"stand-in MLP (src.models/src.formulations unavailable: {type(err).__name__})"
-
-        def loss_fn():
-            return (model(x0).view_as(x0) - x0).pow(2).mean()
+    def loss_fn():
+        t = f.sample_t(BATCH, generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        z_t = f.add_noise(x0, eps, t)
+        out = model(f.c_in(t).view(-1, 1, 1, 1) * z_t, f.c_noise(t), ctx, pooled)
+        return f.loss(out, x0, eps, t).mean()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     times = []
     for i in range(steps + 3):
