@@ -570,7 +570,9 @@ def peak_for(name: str) -> float | None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dry-run", action="store_true", help="every configuration at tiny size on the CPU")
-    p.add_argument("--out", type=Path, default=RESULTS, help="results file (default bench/results/gpu.md)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results file (default bench/results/gpu.md; a --dry-run: gpu-dry-run.md in the temp folder, "
+                        "so the measured figures are never replaced by a CPU check)")
     p.add_argument("--budget-s", type=float, default=BUDGET_S, help="time budget of the whole run, compilation incl.")
     p.add_argument("--only", nargs="+", metavar="NAME", help="run only these configurations")
     p.add_argument("--depths", type=int, nargs="+", default=[15, 24])
@@ -589,6 +591,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.out is None:
+        args.out = Path(tempfile.gettempdir()) / "gpu-dry-run.md" if args.dry_run else RESULTS
     start = time.perf_counter()
     args.deadline = start + args.budget_s
     cuda = torch.cuda.is_available()

@@ -99,6 +99,16 @@ def test_without_a_gpu_only_the_dry_run_runs(tmp_path, capsys):
     assert "no CUDA device" in capsys.readouterr().err and not (tmp_path / "gpu.md").exists()
 
 
+def test_a_dry_run_never_replaces_the_measured_results(tmp_path, monkeypatch):
+    """`make bench-gpu BENCH_ARGS=--dry-run` without --out writes to the temp folder, not bench/results/gpu.md."""
+    bench = load_bench()
+    measured = (ROOT / "bench" / "results" / "gpu.md").read_bytes()
+    monkeypatch.setattr(bench.tempfile, "gettempdir", lambda: str(tmp_path))
+    assert bench.main(["--dry-run", "--no-bootstrap", "--only", "d15-eager"]) == 0
+    assert (tmp_path / "gpu-dry-run.md").is_file()
+    assert (ROOT / "bench" / "results" / "gpu.md").read_bytes() == measured
+
+
 def test_make_target_runs_the_benchmark():
     dry = subprocess.run(["make", "-n", "bench-gpu"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "bench/bench_gpu.py" in dry
