@@ -214,10 +214,13 @@ def build_on_meta(cfg: DictConfig, meta: dict):
 
 
 def _fill_data_shape(cfg: DictConfig, meta: dict) -> None:
+    from src.training.job import fill_context_split
+
     with open_dict(cfg):
         for k in ("latent_channels", "latent_size", "context_dim", "pooled_dim"):
             if cfg.data[k] is None:
                 cfg.data[k] = int(meta[k])
+    fill_context_split(cfg, meta)
 
 
 def forward_flops(model, meta: dict) -> float:

@@ -279,3 +279,34 @@ def test_tiny_default_trains_on_cpu():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_mmdit3_splits_its_text_streams_where_the_datas_second_text_group_begins(tmp_path):
+    """model=mmdit3 (context_split: null): on SD3-style data (CLIP's 77 tokens, then T5's) the first stream is the
+    77 CLIP tokens; on one encoder's data half the context. Set where the job resolves its data, before the model
+    is built and fingerprinted, and in the planner."""
+    from src.config import fingerprint
+    from src.data.shards import text_split, write_shards
+    from src.training.job import check_config, resolve_data
+    from tests.test_training import make_cfg
+
+    groups = [{"name": "clip:a", "context_tokens": [0, 6], "pooled_channels": [0, 4]},
+              {"name": "clip:b", "context_tokens": [0, 6], "pooled_channels": [4, 8]},
+              {"name": "t5:c", "context_tokens": [6, 10]}]
+    assert text_split({"context_length": 10, "text_groups": groups}) == 6
+    assert text_split({"context_length": 16, "text_groups": [{"name": "clip:a", "context_tokens": [0, 16]}]}) == 8
+    assert text_split({"context_length": 154}) == 77
+    g = torch.Generator().manual_seed(0)
+    dirs = {}
+    for split, n in (("train", 8), ("eval", 4)):
+        dirs[split] = tmp_path / split
+        write_shards(dirs[split], torch.randn(n, 1, 8, 8, generator=g), torch.randn(n, 10, 16, generator=g),
+                     torch.randn(n, 8, generator=g), [f"c{i}" for i in range(n)], encoder_names=["a", "b", "c"],
+                     extra_meta={"text_groups": groups})
+    cfg = make_cfg(tmp_path, tmp_path / "cache", ["model=mmdit3", "data=shards", "data.name=fake",
+                                                  f"data.train_dir={dirs['train']}", f"data.eval_dir={dirs['eval']}",
+                                                  "data.batch_size=4", "data.val_samples=4", "eval.enabled=false"])
+    assert cfg.model.context_split is None
+    check_config(cfg)  # builds the model on the meta device with the split
+    resolve_data(cfg)
+    assert cfg.model.context_split == 6 and fingerprint(cfg)["model"]["context_split"] == 6

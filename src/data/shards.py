@@ -90,6 +90,14 @@ def read_meta(shard_dir: str | Path) -> dict:
     return meta
 
 
+def text_split(meta: dict) -> int:
+    """Where the second text token group begins (SD3-style data: the 77 CLIP tokens, then T5's 77), from meta's
+    text_groups; half the context when one group spans it (one encoder). The 3-stream MM-DiT's first stream."""
+    starts = {int(g["context_tokens"][0]) for g in meta.get("text_groups") or [] if g.get("context_tokens")}
+    starts.discard(0)
+    return min(starts) if starts else max(int(meta["context_length"]) // 2, 1)
+
+
 def is_complete(shard_dir: str | Path) -> bool:
     """Whether the folder holds a finished shard set (meta.json with complete: true and every shard present)."""
     try:

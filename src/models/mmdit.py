@@ -108,24 +108,31 @@ class MMDiT3(MMDiT):
 
     num_context_streams = 2
 
-    def __init__(self, *, context_split: int = 77, **kwargs):
+    def __init__(self, *, context_split: int | None = 77, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(context_split, bool) or not isinstance(context_split, int) or context_split < 1:
-            raise ValueError(f"context_split={context_split!r} is not allowed; allowed: a positive integer")
+        if context_split is not None and (isinstance(context_split, bool) or not isinstance(context_split, int)
+                                          or context_split < 1):
+            raise ValueError(f"context_split={context_split!r} is not allowed; allowed: a positive integer, or null "
+                             f"(half the context's tokens)")
+        # None: half the tokens of the context it is given (a run sets it from its data's text groups instead).
         self.context_split = context_split
         self.context_embedder_2 = nn.Linear(self.context_dim, self.hidden_size)
         # The rest was initialised by MMDiT.__init__; the new embedder gets the same init as context_embedder.
         nn.init.xavier_uniform_(self.context_embedder_2.weight)
         nn.init.zeros_(self.context_embedder_2.bias)
 
+    def _split(self, context: Tensor) -> int:
+        return self.context_split if self.context_split is not None else max(context.shape[1] // 2, 1)
+
     def check_inputs(self, x: Tensor, t: Tensor, context: Tensor, pooled: Tensor) -> None:
         super().check_inputs(x, t, context, pooled)
-        if context.shape[1] <= self.context_split:
+        if context.shape[1] <= self._split(context):
             raise ValueError(
-                f"context has {context.shape[1]} tokens; allowed: more than context_split={self.context_split} "
+                f"context has {context.shape[1]} tokens; allowed: more than context_split={self._split(context)} "
                 "(the first context_split tokens form one text stream, the rest the other)"
             )
 
     def embed_context(self, context: Tensor) -> list[Tensor]:
-        first, second = context[:, : self.context_split], context[:, self.context_split :]
+        split = self._split(context)
+        first, second = context[:, :split], context[:, split:]
         return [self.context_embedder(first), self.context_embedder_2(second)]

@@ -70,7 +70,8 @@ def _eval_count(data: DictConfig) -> int:
 
 
 def check_data(cfg: DictConfig) -> dict:
-    """The data settings, checked without building anything; returns the shapes (DIM_KEYS) the backbone will see."""
+    """The data settings, checked without building anything; returns the shapes (DIM_KEYS) the backbone will see, and
+    the text tokens' layout (context_length, text_groups) where the data say."""
     from src.data.shards import read_meta
 
     data = cfg.data
@@ -101,11 +102,12 @@ def check_data(cfg: DictConfig) -> dict:
         if data[key] is not None and int(data[key]) != int(found[key]):
             raise ConfigError(f"data.{key}={data[key]}: {where} have {found[key]}")
         shapes[key] = int(found[key])
+    text = {k: found[k] for k in ("context_length", "text_groups") if k in found}  # for model.context_split
     held_out = _eval_count(data)
     if data.val_samples > held_out:
         raise ConfigError(f"data.val_samples={data.val_samples}: the evaluation split holds {held_out} samples; "
                           f"allowed: 1 to {held_out}")
-    return shapes
+    return {**shapes, **text}
 
 
 def check_model(cfg: DictConfig, shapes: dict) -> None:
@@ -113,8 +115,9 @@ def check_model(cfg: DictConfig, shapes: dict) -> None:
     setting that cannot work is a one-line error before the data are built."""
     checked = copy.deepcopy(cfg)
     with open_dict(checked):
-        for key, value in shapes.items():
-            checked.data[key] = value
+        for key in DIM_KEYS:
+            checked.data[key] = shapes[key]
+    fill_context_split(checked, shapes)
     try:
         key = repr(OmegaConf.to_container(checked.model, resolve=True))
         if key in _CHECKED_MODELS:
@@ -174,7 +177,17 @@ def resolve_data(cfg: DictConfig) -> dict:
                 cfg.data[key] = meta[key]
             elif int(cfg.data[key]) != int(meta[key]):
                 raise ConfigError(f"data.{key}={cfg.data[key]}: the shards in {train_dir} have {meta[key]}")
+    fill_context_split(cfg, meta)
     return meta
+
+
+def fill_context_split(cfg: DictConfig, meta: dict) -> None:
+    """model.context_split: null (the 3-stream MM-DiT) = where the data's second text group begins (77 CLIP tokens
+    in the paper's data; src.data.shards.text_split), set before the model is built and fingerprinted."""
+    from src.data.shards import text_split
+
+    if "context_split" in cfg.model and cfg.model.context_split is None:
+        cfg.model.context_split = text_split(meta)
 
 
 def check_values(cfg: DictConfig) -> None:
