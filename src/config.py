@@ -79,7 +79,7 @@ TRAINER_KEYS = ("gradient_clip_val", "precision")  # the trainer settings in the
 
 # Keys added to the configuration after runs were fingerprinted, with the value every earlier run had: a stored
 # fingerprint that lacks one matches a configuration holding that value (an old run still resumes), not another one.
-ADDED_KEYS = {"data": {"image_size": 16}, "trainer": dict.fromkeys(TRAINER_KEYS)}
+ADDED_KEYS = {"data": {"image_size": 16}, "trainer": dict.fromkeys(TRAINER_KEYS), "train": {"shift": 1.0}}
 
 
 def with_added_keys(stored: dict, current: dict) -> dict:

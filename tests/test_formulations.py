@@ -360,3 +360,18 @@ def test_validation_times():
 def test_bad_configuration_raises_a_clear_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_training_shift_lowers_every_log_snr_by_two_log_alpha(name):
+    """shift_t: the resolution-dependent shift on RF-equivalent time, for every family alike: log-SNR - 2 log alpha
+    (where the result stays inside [t_min, t_max]); the identity at alpha = 1."""
+    f = get_recipe(name)
+    t = f.sample_t(4096, torch.Generator().manual_seed(0)).double()
+    assert torch.equal(f.shift_t(t, 1.0), t)
+    shifted = f.shift_t(t, 3.0)
+    assert shifted.min() >= f.t_min and shifted.max() <= f.t_max
+    inside = (shifted > f.t_min + 1e-6) & (shifted < f.t_max - 1e-6) & (t > f.t_min + 1e-6) & (t < f.t_max - 1e-6)
+    assert inside.sum() > 100
+    drop = f.log_snr(t[inside]) - f.log_snr(shifted[inside])
+    assert torch.allclose(drop, torch.full_like(drop, 2 * math.log(3.0)), atol=1e-6), name

@@ -193,6 +193,7 @@ def test_config_error_via_the_cli_is_one_line_and_creates_nothing(tmp_path):
 LOSS_OPTIONS = ("edm, edm_cos, edm_rf, eps_cos, eps_linear, recipe, rf, rf_cosmap, rf_lognorm, rf_mode, v_cos, "
                 "v_linear")
 GRAMMAR = "the syntax: https://hydra.cc/docs/advanced/override_grammar/basic"
+TRAIN_KEYS = "max_steps, val_every, ckpt_every, ema_every, ema_decay, cond_dropout, cond_groups, val_levels, shift"
 
 
 @pytest.mark.parametrize("args, line", [
@@ -202,10 +203,8 @@ GRAMMAR = "the syntax: https://hydra.cc/docs/advanced/override_grammar/basic"
                        "paper_grid, paper_recipes, smoke, table1"),
     (["hydra/launcher=bogus"], "hydra/launcher=bogus: no such option in config group hydra/launcher; allowed: basic, "
                                "local, slurm, slurm_8gpu, slurm_cpu, submitit_local, submitit_slurm"),
-    (["train.max_stepz=3"], "train.max_stepz: no such setting (a typo?); the settings of train: max_steps, val_every, "
-                            "ckpt_every, ema_every, ema_decay, cond_dropout, cond_groups, val_levels"),
-    (["-m", "train.max_stepz=1,2"], "train.max_stepz: no such setting (a typo?); the settings of train: max_steps, "
-                                    "val_every, ckpt_every, ema_every, ema_decay, cond_dropout, cond_groups, val_levels"),
+    (["train.max_stepz=3"], f"train.max_stepz: no such setting (a typo?); the settings of train: {TRAIN_KEYS}"),
+    (["-m", "train.max_stepz=1,2"], f"train.max_stepz: no such setting (a typo?); the settings of train: {TRAIN_KEYS}"),
     (["model.depth.x=3"], "model.depth.x: no such setting (a typo?)"),
     (["~train.max_stepz"], "Could not delete from config. 'train.max_stepz' does not exist."),
     (["train.max_steps=[1"], f"train.max_steps=[1: not a valid override (no viable alternative at input '[1'); "

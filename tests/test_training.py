@@ -287,3 +287,37 @@ def test_compiled_backbone_trains_like_the_eager_one(tmp_path, cache_dir):
     assert step_a == step_b == 4 and a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_train_shift_trains_at_shifted_times(tmp_path, cache_dir, monkeypatch):
+    """train.shift=3.0: every training step's times are the recipe's draws under the shift (the same draws, moved
+    toward noise); train.shift is part of the run's fingerprint (a changed value is another model)."""
+    from src.config import fingerprint
+    from src.training import module as module_lib
+
+    seen = {}
+    original = module_lib.FormulationModule._loss
+
+    def record(self, forward, x0, eps, t, *args):
+        seen.setdefault(self.shift, []).append(t.detach().clone())
+        return original(self, forward, x0, eps, t, *args)
+
+    monkeypatch.setattr(module_lib.FormulationModule, "_loss", record)
+    for shift in (1.0, 3.0):
+        cfg = make_cfg(tmp_path, cache_dir, ["loss=rf_lognorm", "train.max_steps=2", "train.val_every=2",
+                                             "train.ckpt_every=2", f"train.shift={shift}", "eval.enabled=false"])
+        assert fingerprint(cfg)["train"]["shift"] == shift
+        run_job(cfg, tmp_path / f"shift{shift}")
+    n = cfg.data.batch_size
+    plain = torch.cat([t for t in seen[1.0] if len(t) == n])  # training steps (validation batches differ in size)
+    shifted = torch.cat([t for t in seen[3.0] if len(t) == n])
+    assert len(plain) == 2 * n and torch.allclose(shifted, 3 * plain / (1 + 2 * plain), atol=1e-6)
+
+
+@pytest.mark.parametrize("override, message", [("train.shift=0", "train.shift=0: must be a number > 0 (1.0 = no "
+                                                                  "shift)")])
+def test_train_shift_is_checked(tmp_path, cache_dir, override, message):
+    from src.training.job import check_values
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_values(make_cfg(tmp_path, cache_dir, [override]))

@@ -18,6 +18,23 @@ import torch
 from torch import Tensor
 
 
+def check_shift(alpha: float) -> float:
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(alpha, bool) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"shift must be a finite number > 0 (1.0 = no shift), got {alpha!r}")
+    return value
+
+
+def shift_time(t: Tensor | float, alpha: float) -> Tensor | float:
+    """Timestep shift t_m = alpha t / (1 + (alpha - 1) t) (paper section 5.3.2, docs/sampling.md#timestep-shift);
+    the identity at alpha = 1."""
+    alpha = check_shift(alpha)
+    return alpha * t / (1.0 + (alpha - 1.0) * t)
+
+
 def expand_like(t: Tensor, x: Tensor) -> Tensor:
     """Reshape a (B,) tensor so it broadcasts against x of shape (B, ...)."""
     return t.reshape(t.shape + (1,) * (x.ndim - t.ndim))
@@ -84,6 +101,15 @@ class Formulation(ABC):
     def t_from_rf_time(self, tau: Tensor) -> Tensor:
         """The time with the same log-SNR as rectified flow at tau."""
         return self.t_from_sigma(tau / (1.0 - tau))
+
+    def shift_t(self, t: Tensor, alpha: float) -> Tensor:
+        """Times under the resolution-dependent shift (paper section 5.3.2), for training: the shift acts on
+        RF-equivalent time, tau -> alpha tau / (1 + (alpha - 1) tau), which lowers every log-SNR by 2 log alpha, the
+        same for every family; the result is kept in [t_min, t_max]. The identity at alpha = 1."""
+        if check_shift(alpha) == 1.0:
+            return t
+        tau = self.rf_time(t.double())
+        return self.clip_t(self.t_from_rf_time(shift_time(tau, alpha))).to(t.dtype)
 
     def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """z_t = a_t x0 + b_t eps."""

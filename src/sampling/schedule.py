@@ -1,35 +1,19 @@
-"""Time grids for the sampler: the resolution-dependent shift and the grid in RF-equivalent time (docs/sampling.md#timestep-shift, docs/sampling.md#the-shared-rf-time-grid)."""
+"""Time grids for the sampler: the grid in RF-equivalent time (docs/sampling.md#the-shared-rf-time-grid) and the
+resolution-dependent shift (docs/sampling.md#timestep-shift; defined with the formulations, which shift training
+times too)."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
 
-from src.formulations.base import Formulation
+from src.formulations.base import Formulation, check_shift, shift_time  # noqa: F401 (re-exported)
 
 
 def check_steps(steps: int) -> int:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     return steps
-
-
-def check_shift(alpha: float) -> float:
-    try:
-        value = float(alpha)
-    except (TypeError, ValueError):
-        value = math.nan
-    if isinstance(alpha, bool) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"shift must be a finite number > 0 (1.0 = no shift), got {alpha!r}")
-    return value
-
-
-def shift_time(t: Tensor | float, alpha: float) -> Tensor | float:
-    """Timestep shift t_m = alpha t / (1 + (alpha - 1) t) (paper section 5.3.2, docs/sampling.md#timestep-shift); identity at alpha = 1."""
-    alpha = check_shift(alpha)
-    return alpha * t / (1.0 + (alpha - 1.0) * t)
 
 
 def rf_time_grid(formulation: Formulation, steps: int, shift: float = 1.0) -> Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -199,6 +200,7 @@ def check_values(cfg: DictConfig) -> None:
         ("train.ema_decay", number, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
         ("train.cond_dropout", number, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
         ("train.val_levels", integer, lambda v: v >= 2, ">= 2"),
+        ("train.shift", number, lambda v: v > 0 and math.isfinite(v), "> 0 (1.0 = no shift)"),
         ("train.val_every", integer, lambda v: v >= 1, ">= 1"),
         ("train.ckpt_every", integer, lambda v: v >= 1, ">= 1 (resume starts from the last checkpoint)"),
         ("optim.lr", number, lambda v: v > 0, "> 0"),
@@ -375,7 +377,7 @@ def build_module(cfg: DictConfig, formulation, backbone, meta: dict | None = Non
         formulation, backbone, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
         warmup_steps=o.warmup_steps, ema_every=t.ema_every, ema_decay=t.ema_decay, cond_dropout=t.cond_dropout,
         cond_groups=groups,
-        val_levels=t.val_levels, seed=cfg.seed, compile=getattr(backbone, "compile_requested", False),
+        val_levels=t.val_levels, shift=t.get("shift", 1.0), seed=cfg.seed, compile=getattr(backbone, "compile_requested", False),
         fused=o.get("fused", "auto"),
     )
 

@@ -45,6 +45,7 @@ class FormulationModule(L.LightningModule):
         cond_dropout: float = 0.1,
         cond_groups: Sequence[dict] | None = None,
         val_levels: int = 8,
+        shift: float = 1.0,
         seed: int = 0,
         compile: bool | str = False,
         fused: bool | str = "auto",
@@ -58,6 +59,7 @@ class FormulationModule(L.LightningModule):
         self.ema_every, self.ema_decay = ema_every, ema_decay
         self.cond_dropout, self.cond_groups = cond_dropout, cond_groups
         self.seed = seed
+        self.shift = shift  # the resolution-dependent shift of the training times (1.0: none)
         self.register_buffer("val_t", validation_times(formulation, val_levels), persistent=False)
         self.compile_backbone = compile_setting(compile)
         check_choice("optim.fused", fused, AUTO_BOOL)
@@ -93,7 +95,7 @@ class FormulationModule(L.LightningModule):
         n, rank, world = x0.shape[0], self.global_rank, self.trainer.world_size if self._trainer else 1
         rows = slice(rank * n, (rank + 1) * n)
         g = step_generator(self.seed, self.global_step)
-        t = self.formulation.sample_t(n * world, generator=g)[rows].to(x0.device)
+        t = self.formulation.shift_t(self.formulation.sample_t(n * world, generator=g), self.shift)[rows].to(x0.device)
         n_groups = len(self.cond_groups) if self.cond_groups else 1
         drop = draw_drops(n * world, n_groups, self.cond_dropout, g)[rows]
         g_noise = step_generator(self.seed + 3, self.global_step, device=x0.device)
