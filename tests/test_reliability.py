@@ -232,7 +232,7 @@ def test_hydra_full_error_keeps_hydras_own_report(tmp_path):
 @pytest.mark.parametrize("module", ["src.plan", "src.evaluate"])
 def test_hydra_composition_errors_of_plan_and_evaluate_are_one_line(tmp_path, module):
     if module == "src.evaluate":  # a run directory first; a sampler is what it may change
-        (tmp_path / "config.yaml").write_text("seed: 0\n")
+        (tmp_path / "config.yaml").write_text("{loss: {family: rf}, model: {}, data: {}, train: {}}\n")
         (tmp_path / "checkpoints").mkdir()
         (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
         args, line = [str(tmp_path), "sampler=bogus"], "sampler=bogus: no such option in config group sampler; " \
