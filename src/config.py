@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -67,9 +68,17 @@ THROUGHPUT_KEYS = {"model": ("compile", "compile_backend", "fused_qkv", "fused_m
 
 
 def without_throughput_keys(fp: dict) -> dict:
-    """A fingerprint without THROUGHPUT_KEYS (also applied to fingerprints written before they were dropped)."""
-    return {k: {kk: vv for kk, vv in v.items() if kk not in THROUGHPUT_KEYS.get(k, ())} if isinstance(v, dict) else v
-            for k, v in fp.items()}
+    """A fingerprint without THROUGHPUT_KEYS (also applied to fingerprints written before they were dropped), the
+    embedded data's folders named as their content is (below)."""
+    out = {k: {kk: vv for kk, vv in v.items() if kk not in THROUGHPUT_KEYS.get(k, ())} if isinstance(v, dict) else v
+           for k, v in fp.items()}
+    data = out.get("data")
+    if isinstance(data, dict) and data.get("kind") == "embedded":
+        # <cache dir>/data/<name>-v<version>-<hash>/train: the folder's name says what it holds; where the cache
+        # lies (paths.cache_dir) does not change the data. Stored fingerprints with whole paths compare the same.
+        out["data"] = {k: "/".join(Path(str(v)).parts[-2:]) if k in ("train_dir", "eval_dir") and v else v
+                       for k, v in data.items()}
+    return out
 
 
 #: Lightning's precision aliases (None: bf16-mixed on a GPU, else 32-true), as the fingerprint records them.

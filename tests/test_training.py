@@ -191,6 +191,17 @@ def test_last_checkpoint_is_the_final_step_and_a_finished_run_is_skipped(tmp_pat
     assert run_job(make_cfg(tmp_path, cache_dir, overrides), run_dir)["global_step"] == 7
     assert final_state(run_dir)[1] == 7
     assert run_job(make_cfg(tmp_path, cache_dir, overrides), run_dir)["skipped"] is True
+    # The embedded data in another cache (paths.cache_dir) are the same data: still this run, not another one. A
+    # fingerprint stored with whole paths (before they were named by their folder) compares the same.
+    assert run_job(make_cfg(tmp_path, tmp_path / "other_cache", overrides), run_dir)["skipped"] is True
+    import json
+
+    stored = json.loads((run_dir / "fingerprint.json").read_text())
+    assert stored["data"]["train_dir"].endswith("/train") and not stored["data"]["train_dir"].startswith("/")
+    stored["data"]["train_dir"] = f"{cache_dir}/data/{stored['data']['train_dir']}"
+    stored["data"]["eval_dir"] = f"/elsewhere/data/{stored['data']['eval_dir']}"
+    (run_dir / "fingerprint.json").write_text(json.dumps(stored))
+    assert run_job(make_cfg(tmp_path, cache_dir, overrides), run_dir)["skipped"] is True
 
 
 def test_changed_config_in_same_directory_is_an_error(tmp_path, cache_dir):
@@ -268,6 +279,17 @@ def test_evaluation_writes_one_record_per_setting_and_weights(tmp_path, cache_di
         assert r["recipe"] == "rf/lognorm(0.00, 1.00)" and r["dataset"] == "digits" and r["n_samples"] == 6
         assert r["checkpoint_step"] == 4 and r["config"]["loss"]["family"] == "rf_lognorm"
         assert (run_dir / r["arrays"]).exists() and (run_dir / r["arrays"].replace(".npz", ".png")).exists()
+    assert run_job(make_cfg(tmp_path, cache_dir, overrides), run_dir)["skipped"] is True
+    # The embedded data in another cache (paths.cache_dir) are the same data: still this run, not another one. A
+    # fingerprint stored with whole paths (before they were named by their folder) compares the same.
+    assert run_job(make_cfg(tmp_path, tmp_path / "other_cache", overrides), run_dir)["skipped"] is True
+    import json
+
+    stored = json.loads((run_dir / "fingerprint.json").read_text())
+    assert stored["data"]["train_dir"].endswith("/train") and not stored["data"]["train_dir"].startswith("/")
+    stored["data"]["train_dir"] = f"{cache_dir}/data/{stored['data']['train_dir']}"
+    stored["data"]["eval_dir"] = f"/elsewhere/data/{stored['data']['eval_dir']}"
+    (run_dir / "fingerprint.json").write_text(json.dumps(stored))
     assert run_job(make_cfg(tmp_path, cache_dir, overrides), run_dir)["skipped"] is True
 
 
