@@ -80,6 +80,28 @@ def test_incomplete_folder_is_rebuilt(tmp_path):
     assert encoder.calls > 0 and is_complete(dirs["train"]) and is_complete(dirs["eval"])
 
 
+def test_a_shard_cut_short_is_found_and_rebuilt(tmp_path):
+    """A shard file truncated after the folder was finished (a full disk, a copy interrupted): meta.json records
+    each shard's size, so the folder is not complete and the next caller rebuilds it; a shards run refuses it."""
+    from src.config import ConfigError
+    from src.training.job import check_data
+    from tests.test_training import make_cfg
+
+    dirs = prepare_embedded("digits", tmp_path, text_encoder=StubEncoder())
+    shard = dirs["train"] / "shard-000000.tar"
+    assert read_meta(dirs["train"])["shard_bytes"][0] == shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[:5000])
+    assert not is_complete(dirs["train"])
+    cfg = make_cfg(tmp_path, tmp_path / "cache", ["data=shards", "data.name=x", f"data.train_dir={dirs['train']}",
+                                                  f"data.eval_dir={dirs['eval']}", "data.val_samples=8"])
+    with pytest.raises(ConfigError, match=r"data.train_dir=.*: shard-000000.tar missing or not of the size meta.json "
+                                          r"records \(cut short\?\); write the folder again"):
+        check_data(cfg)
+    encoder = StubEncoder()
+    prepare_embedded("digits", tmp_path, text_encoder=encoder)
+    assert encoder.calls > 0 and is_complete(dirs["train"])
+
+
 def test_concurrent_callers_write_once(tmp_path):
     encoders = [StubEncoder() for _ in range(3)]
     results = [None] * 3

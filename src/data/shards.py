@@ -99,12 +99,25 @@ def text_split(meta: dict) -> int:
 
 
 def is_complete(shard_dir: str | Path) -> bool:
-    """Whether the folder holds a finished shard set (meta.json with complete: true and every shard present)."""
+    """Whether the folder holds a finished shard set (meta.json with complete: true and every shard present, of
+    the size meta.json records where it does)."""
     try:
         meta = read_meta(shard_dir)
     except (FileNotFoundError, json.JSONDecodeError):
         return False
-    return all((Path(shard_dir) / name).is_file() for name in meta.get("shards", []))
+    return not damaged_shards(shard_dir, meta)
+
+
+def damaged_shards(shard_dir: str | Path, meta: dict) -> list[str]:
+    """The shards of a folder that are missing or not of the size meta.json records (folders written before the
+    sizes were recorded: missing ones only)."""
+    sizes = meta.get("shard_bytes") or [None] * len(meta.get("shards", []))
+    damaged = []
+    for name, size in zip(meta.get("shards", []), sizes):
+        path = Path(shard_dir) / name
+        if not path.is_file() or (size is not None and path.stat().st_size != size):
+            damaged.append(name)
+    return damaged
 
 
 def shard_paths(shard_dir: str | Path) -> list[str]:
@@ -148,6 +161,7 @@ class ShardWriter:
         self.extra_meta = dict(extra_meta or {})
         self.count = 0
         self.shards: list[str] = []
+        self.shard_bytes: list[int] = []  # each shard's size, in meta.json: a file cut short is found (is_complete)
         self.shapes: dict[str, list[int]] | None = None
         self._sum = 0.0
         self._sumsq = 0.0
@@ -248,6 +262,7 @@ class ShardWriter:
         if self._tar is None:
             return
         self._tar.close()
+        self.shard_bytes.append(self._tmp_path.stat().st_size)
         os.replace(self._tmp_path, self.shard_dir / self.shards[-1])
         self._tar, self._tmp_path = None, None
 
@@ -266,6 +281,7 @@ class ShardWriter:
             "format_version": FORMAT_VERSION,
             "count": self.count,
             "shards": self.shards,
+            "shard_bytes": self.shard_bytes,
             "shapes": self.shapes,
             "latent_mean": float(self.latent_mean),
             "latent_std": float(self.latent_std),

@@ -73,7 +73,7 @@ def _eval_count(data: DictConfig) -> int:
 def check_data(cfg: DictConfig) -> dict:
     """The data settings, checked without building anything; returns the shapes (DIM_KEYS) the backbone will see, and
     the text tokens' layout (context_length, text_groups) where the data say."""
-    from src.data.shards import read_meta
+    from src.data.shards import damaged_shards, read_meta
 
     data = cfg.data
     if data.kind == "embedded":
@@ -96,6 +96,11 @@ def check_data(cfg: DictConfig) -> dict:
             if not (Path(data[key]) / "meta.json").exists():
                 raise ConfigError(f"data.{key}={data[key]}: no webdataset shard folder there (meta.json missing)")
         found, where = read_meta(data.train_dir), f"the shards in {data.train_dir}"
+        for key in ("train_dir", "eval_dir"):  # a shard cut short fails mid-training, in a reader's traceback
+            damaged = damaged_shards(data[key], found if key == "train_dir" else read_meta(data[key]))
+            if damaged:
+                raise ConfigError(f"data.{key}={data[key]}: {', '.join(damaged[:3])} missing or not of the size "
+                                  f"meta.json records (cut short?); write the folder again")
     else:
         raise ConfigError(f"data.kind={data.kind!r}: allowed values are 'embedded', 'shards'")
     shapes = {}
