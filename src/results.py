@@ -71,7 +71,7 @@ class Record:
     sampler: str  # the sampler's name (cfg.sampler.name), "rf_time" by default
     n_samples: int
     eval_seed: int  # initial-noise seed (common random numbers)
-    feature_extractor: str | None  # CLIP model and weights, e.g. "tiny_clip:<sha256[:12]>", "ViT-L-14-quickgelu:/path"
+    feature_extractor: str | None  # CLIP model and its weights' content: "tiny_clip:<sha256[:12]>", "ViT-L-14:<sha...>"
     fid_features: str  # the FID feature definition: "clip_raw" (raw image embeddings) or legacy "clip_l2norm"
     checkpoint: str  # "best" (lowest EMA validation loss, else last) or "last"
     checkpoint_step: int | None
