@@ -249,6 +249,52 @@ def test_a_damaged_reference_cache_is_computed_again(trained, run, tmp_path, cap
     assert last["eval_seed"] == 99 and Path(last["reference_arrays"]) == reference
 
 
+class _FakeInception:
+    """Stands in for torch-fidelity's network (what matters here is which weights file, not Inception): features
+    scaled by the file's one number, named by the file's content as the real extractor is."""
+
+    def __init__(self, weights_path, device="cpu", config_key=""):
+        self.scale = float(torch.load(weights_path, map_location="cpu", weights_only=True)["w"])
+        self.id = f"fake-inception:{hashlib.sha256(Path(weights_path).read_bytes()).hexdigest()[:16]}"
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return images.flatten(1)[:, :6].float().cpu() * self.scale
+
+
+def test_inception_weights_replaced_at_the_same_path_are_evaluated_again(trained, run, tmp_path, monkeypatch, caplog):
+    """Records name the Inception weights behind fid_inception by content: a file replaced in place makes the run to
+    evaluate (it counted as complete with the old Inception FID), as does a record from before the field; turning
+    Inception off leaves the run complete."""
+    import src.metrics.inception
+
+    monkeypatch.setattr(src.metrics.inception, "InceptionFeatureExtractor", _FakeInception)
+    weights, cache = tmp_path / "inception.pth", f"paths.cache_dir={_own_cache(trained, tmp_path)}"
+    torch.save({"w": torch.tensor(1.0)}, weights)
+    overrides = [f"eval.inception.weights_path={weights}"]
+    evaluate(run, [*overrides, cache])
+    [first] = json.loads((run / "results.json").read_text())
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert first["inception_extractor"] == f"inception-v3-2048:{sha[:12]}" and first["fid_inception"] > 0
+    assert plan.job_status(_cfg(trained, overrides), run) == "done"
+
+    torch.save({"w": torch.tensor(2.0)}, weights)  # the same path, other weights
+    assert plan.job_status(_cfg(trained, overrides), run) == "to evaluate"
+    with caplog.at_level(logging.INFO, logger="src.evaluate"):
+        evaluate(run, [*overrides, cache])
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert any(f"results for eval.inception=inception-v3-2048:{sha[:12]} missing" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    [second] = json.loads((run / "results.json").read_text())  # the same settings: it replaced the first
+    assert second["inception_extractor"] == f"inception-v3-2048:{sha[:12]}"
+    assert second["fid_inception"] == pytest.approx(4 * first["fid_inception"], rel=1e-6)
+    assert second["fid_clip"] == pytest.approx(first["fid_clip"], rel=1e-6)
+    assert plan.job_status(_cfg(trained, overrides), run) == "done"
+    assert plan.job_status(_cfg(trained), run) == "done"  # Inception off: the record is complete as it is
+    del second["inception_extractor"]  # as written before the field
+    (run / "results.json").write_text(json.dumps([second]))
+    assert plan.job_status(_cfg(trained, overrides), run) == "to evaluate"
+
+
 @pytest.mark.parametrize("damage", [b'[{"clip_score": 0.3', b'{"not": "a list"}'], ids=["truncated", "not a list"])
 def test_a_damaged_results_file_is_named_kept_and_replaced_once_deleted(trained, run, monkeypatch, damage):
     """results.json damaged by something else (this project writes it atomically): the job fails in one line that

@@ -107,6 +107,12 @@ def feature_extractor_name(cfg_eval: DictConfig, cache_dir: str | Path | None = 
     return name + (",quickgelu" if clip.get("force_quick_gelu", False) else "")
 
 
+def inception_extractor_name(cfg_eval: DictConfig, cache_dir: str | Path | None = None) -> str | None:
+    """Names the Inception weights by content, "inception-v3-2048:<sha256[:12]>"; None when Inception is off."""
+    path = cfg_eval.inception.weights_path
+    return None if path is None else f"inception-v3-2048:{weights_sha256(str(path), cache_dir)[:12]}"
+
+
 def load_clip_extractor(cfg_eval: DictConfig, device: torch.device):
     """The CLIP feature extractor of the evaluation: the configured open_clip model, or the tiny CLIP."""
     from src.metrics.clip import ClipFeatureExtractor
@@ -133,7 +139,9 @@ def wanted_for(cfg: DictConfig, formulation=None) -> list[dict[str, Any]]:
 
         formulation = from_config(OmegaConf.to_container(cfg.loss, resolve=True))
     recipe = {"recipe": formulation.name, "family": formulation.family, "params": formulation.params()}
-    return wanted_records(cfg, recipe, feature_extractor_name(cfg.eval, OmegaConf.select(cfg, "paths.cache_dir")))
+    cache_dir = OmegaConf.select(cfg, "paths.cache_dir")
+    return wanted_records(cfg, recipe, feature_extractor_name(cfg.eval, cache_dir),
+                          inception_extractor_name(cfg.eval, cache_dir))
 
 
 def missing_for(cfg: DictConfig, run_dir: str | Path, formulation=None) -> list[dict[str, Any]]:
@@ -196,11 +204,13 @@ def evaluate_run(cfg: DictConfig, run_dir: str | Path, device: torch.device | st
 
         inc = InceptionFeatureExtractor(ev.inception.weights_path, device=device,
                                          config_key="eval.inception.weights_path")
+        if inception_extractor_name(ev, cfg.paths.cache_dir) != wanted[0]["inception_extractor"]:
+            raise RuntimeError("eval.inception: the weights file changed while the evaluation started; run it again")
         inception = (inc, reference_features(inc.id, dataset_id, images, inc, cache))
 
     first = wanted[0]
     base = {k: first[k] for k in ("recipe", "family", "params", "dataset", "tags", "train_seed", "backbone",
-                                  "sampler", "feature_extractor", "checkpoint")}
+                                  "sampler", "feature_extractor", "checkpoint", "inception_extractor")}
     base.update(checkpoint_step=step, config=OmegaConf.to_container(cfg, resolve=True))
     total, done = len(missing), 0
 
