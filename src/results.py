@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -49,6 +49,7 @@ CONFIG_KEYS = {
     "setting": "eval.settings", "steps": "eval.settings", "cfg": "eval.settings", "shift": "eval.shift",
     "ema": "eval.ema", "sampler": "sampler", "n_samples": "eval.n_samples", "eval_seed": "eval.seed",
     "feature_extractor": "eval.clip", "fid_features": "fid_features", "checkpoint": "eval.checkpoint",
+    "inception_extractor": "eval.inception",
 }
 
 
@@ -71,7 +72,7 @@ class Record:
     sampler: str  # the sampler's name (cfg.sampler.name), "rf_time" by default
     n_samples: int
     eval_seed: int  # initial-noise seed (common random numbers)
-    feature_extractor: str | None  # CLIP model and weights, e.g. "tiny_clip:<sha256[:12]>", "ViT-L-14-quickgelu:/path"
+    feature_extractor: str | None  # CLIP model and its weights' content: "tiny_clip:<sha256[:12]>", "ViT-L-14:<sha...>"
     fid_features: str  # the FID feature definition: "clip_raw" (raw image embeddings) or legacy "clip_l2norm"
     checkpoint: str  # "best" (lowest EMA validation loss, else last) or "last"
     checkpoint_step: int | None
@@ -81,6 +82,9 @@ class Record:
     n_reference: int  # evaluation images behind the reference statistics
     arrays: str  # npz relative to the run dir: clip_scores (n,), features (n, d), prompts (n,) [, inception_features]
     reference_arrays: str  # npz with the evaluation images' features (m, d); relative to the run dir or absolute
+    # The Inception weights behind fid_inception, "inception-v3-2048:<sha256[:12]>"; None without (and in records
+    # written before the field: their Inception FID cannot say which weights it measured).
+    inception_extractor: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
@@ -97,7 +101,8 @@ class Record:
         """Rebuild a record (a legacy one gets its defaults, see upgrade); a missing field is an error naming it."""
         d = upgrade(d)
         names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in d and n not in ("config", "created")]
+        optional = {f.name for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING}
+        missing = [n for n in names if n not in d and n not in optional]
         if missing:
             raise ValueError(f"results record lacks field(s) {missing}; has {sorted(d)}")
         return cls(**{n: d[n] for n in names if n in d})
@@ -209,6 +214,7 @@ def upgrade(record: Mapping[str, Any]) -> dict[str, Any]:
     d.setdefault("fid_features", LEGACY_FID_FEATURES)
     d.setdefault("feature_extractor", None)
     d.setdefault("checkpoint", "best")
+    d.setdefault("inception_extractor", None)
     return d
 
 
@@ -315,12 +321,14 @@ def run_fields(cfg: Any) -> dict[str, Any]:
     }
 
 
-def wanted_records(cfg: Any, recipe: Mapping[str, Any], feature_extractor: str) -> list[dict[str, Any]]:
+def wanted_records(cfg: Any, recipe: Mapping[str, Any], feature_extractor: str,
+                   inception_extractor: str | None = None) -> list[dict[str, Any]]:
     """The identity fields of every record the configuration asks for: sampler settings x EMA, each with the
-    configured sampler, n_samples, eval seed, shift, feature extractor, FID features and checkpoint.
+    configured sampler, n_samples, eval seed, shift, feature extractor, FID features and checkpoint (and the
+    Inception extractor, which a stored record must match when one is configured, see missing_records).
 
-    recipe: {"recipe": name, "family": ..., "params": {...}} of the run's formulation; feature_extractor: its
-    name (src.evaluation.run.feature_extractor_name)."""
+    recipe: {"recipe": name, "family": ..., "params": {...}} of the run's formulation; feature_extractor,
+    inception_extractor: their names (src.evaluation.run.feature_extractor_name, inception_extractor_name)."""
     ev = _get(cfg, "eval")
     shift = float(_get(ev, "shift", 1.0))
     common = {
@@ -329,7 +337,7 @@ def wanted_records(cfg: Any, recipe: Mapping[str, Any], feature_extractor: str) 
         "shift": shift, "sampler": str(_get(cfg, "sampler.name", DEFAULT_SAMPLER)),
         "n_samples": int(ev["n_samples"]), "eval_seed": int(ev["seed"]),
         "feature_extractor": feature_extractor, "fid_features": FID_FEATURES,
-        "checkpoint": str(_get(ev, "checkpoint", "best")),
+        "checkpoint": str(_get(ev, "checkpoint", "best")), "inception_extractor": inception_extractor,
     }
     return [
         {**common, "setting": setting_label(s["steps"], s["cfg"], shift), "steps": int(s["steps"]),
@@ -356,14 +364,26 @@ def _readable_npz(path: Path) -> bool:
         return False
 
 
+def _same_inception(record: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
+    """Where the wanted record names Inception weights, the stored one's Inception FID is of those weights."""
+    name = wanted.get("inception_extractor")
+    return name is None or (record.get("fid_inception") is not None and record.get("inception_extractor") == name)
+
+
 def missing_records(records: Iterable[Mapping[str, Any]], wanted: Iterable[Mapping[str, Any]],
                     run_dir: str | os.PathLike | None = None, need_inception: bool = False) -> list[dict[str, Any]]:
     """THE completeness rule: the wanted records that no stored record matches with exactly those settings
-    (same identity, its arrays present in run_dir when given, an Inception FID when one is configured).
-    A run is complete when this is empty."""
+    (same identity, its arrays present in run_dir when given, an Inception FID when one is configured, of the
+    Inception weights the wanted record names). A run is complete when this is empty.
+
+    The Inception extractor is not part of the identity: a record evaluated again with other Inception weights
+    replaces the one before (its CLIP numbers are the same), and turning Inception off keeps records complete."""
     run_dir = Path(run_dir) if run_dir is not None else None
-    have = {record_identity(r) for r in records if _usable(r, run_dir, need_inception)}
-    return [dict(w) for w in wanted if record_identity(w) not in have]
+    have: dict[tuple, list[Mapping[str, Any]]] = {}
+    for r in records:
+        if _usable(r, run_dir, need_inception):
+            have.setdefault(record_identity(r), []).append(r)
+    return [dict(w) for w in wanted if not any(_same_inception(r, w) for r in have.get(record_identity(w), []))]
 
 
 def of_step(records: Iterable[Mapping[str, Any]], checkpoint: str, step: int | None) -> list[dict[str, Any]]:
@@ -395,8 +415,10 @@ def describe_missing(missing: Sequence[Mapping[str, Any]], records: Iterable[Map
         return "all settings (none evaluated yet)"
     changed = []
     for name in ("sampler", "n_samples", "eval_seed", "shift", "feature_extractor", "fid_features", "checkpoint",
-                 "train_seed", "tags"):
+                 "inception_extractor", "train_seed", "tags"):
         values = {_canonical(name, m.get(name)) for m in missing}
+        if name == "inception_extractor":  # None: Inception is not configured, which no record prevents
+            values.discard(None)
         absent = sorted((v for v in values if v not in {_canonical(name, r.get(name)) for r in records}), key=str)
         if absent:
             key = CONFIG_KEYS.get(name, name)

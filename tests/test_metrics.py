@@ -243,6 +243,84 @@ def test_reference_cache_of_the_former_normalised_features_is_never_reused(tiny_
     assert not np.allclose(np.linalg.norm(new.features, axis=1), 1.0, atol=1e-3)
 
 
+def test_reference_cache_is_keyed_by_the_weights_content_not_the_file_name(tiny_clip_file, tmp_path):
+    """Two different weights files both called clip.pt get their own reference statistics (the auditor's FID 123.59
+    for 75.67 came from sharing them); a file replaced at the same path is another extractor; the same bytes at
+    another path are the same features. QuickGELU and the image mean and std change the features: the key too."""
+    from src.metrics import reference_path
+
+    path, _ = tiny_clip_file
+    torch.manual_seed(5)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    torch.save(open_clip.create_model(TINY_CLIP).state_dict(), tmp_path / "a" / "clip.pt")
+    (tmp_path / "b" / "clip.pt").write_bytes(path.read_bytes())
+    a, b = (ClipFeatureExtractor(TINY_CLIP, tmp_path / folder / "clip.pt") for folder in ("a", "b"))
+    assert a.id != b.id and reference_path(a.id, "digits", tmp_path) != reference_path(b.id, "digits", tmp_path)
+    ref_a = reference_features(a.id, "digits", _digits(20), a, tmp_path / "cache")
+    ref_b = reference_features(b.id, "digits", _digits(20), b, tmp_path / "cache")
+    np.testing.assert_allclose(ref_b.features, b.image_features(_digits(20)).numpy())
+    assert not np.allclose(ref_a.features, ref_b.features)
+    assert ClipFeatureExtractor(TINY_CLIP, path).id == b.id  # same bytes, same features
+    (tmp_path / "a" / "clip.pt").write_bytes(path.read_bytes())  # replaced in place: now b's weights
+    assert ClipFeatureExtractor(TINY_CLIP, tmp_path / "a" / "clip.pt").id == b.id
+    others = {ClipFeatureExtractor(TINY_CLIP, path, force_quick_gelu=True).id,
+              ClipFeatureExtractor(TINY_CLIP, path, image_mean=(0.5,) * 3, image_std=(0.5,) * 3).id}
+    assert len(others) == 2 and b.id not in others
+
+
+def test_weights_sha256_is_computed_once_per_file_version(tmp_path, monkeypatch):
+    """The checksum naming a weights file is remembered (in the process and under the cache folder) until the file
+    changes; a file rewritten with the same size and its old mtime (cp -p) is hashed again."""
+    import hashlib
+    import os
+
+    from src.utils import io
+
+    hashed = []
+    monkeypatch.setattr(io, "sha256_file", lambda p, real=io.sha256_file: hashed.append(p) or real(p))
+    weights, cache = tmp_path / "w.pt", tmp_path / "cache"
+    weights.write_bytes(b"1" * 1000)
+    expected = hashlib.sha256(b"1" * 1000).hexdigest()
+    assert io.weights_sha256(weights, cache) == expected and len(hashed) == 1
+    assert io.weights_sha256(weights, cache) == expected and len(hashed) == 1
+    monkeypatch.setattr(io, "_SHA256", {})  # a new process: the cache folder remembers it
+    assert io.weights_sha256(weights, cache) == expected and len(hashed) == 1
+    assert json.loads((cache / io.WEIGHTS_SHA256_FILE).read_text())[str(weights.resolve())]["sha256"] == expected
+    stat = weights.stat()
+    weights.write_bytes(b"2" * 1000)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert io.weights_sha256(weights, cache) == hashlib.sha256(b"2" * 1000).hexdigest() and len(hashed) == 2
+    (cache / io.WEIGHTS_SHA256_FILE).write_text("{not json")  # a damaged cache is only a cache
+    monkeypatch.setattr(io, "_SHA256", {})
+    assert io.weights_sha256(weights, cache) == hashlib.sha256(b"2" * 1000).hexdigest() and len(hashed) == 3
+    assert json.loads((cache / io.WEIGHTS_SHA256_FILE).read_text())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "not npz", "arrays missing"])
+def test_an_unreadable_reference_cache_is_computed_again(tmp_path, caplog, damage):
+    """A damaged cache file (this project writes it atomically: something else damaged it) is a miss: one warning
+    line naming it, the statistics computed again and the file replaced."""
+    from src.utils.io import save_npz
+
+    images = torch.randn(30, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    extractor = lambda x: x.flatten(1)[:, :5]  # noqa: E731
+    good = reference_features("toy", "digits/test", images, extractor, tmp_path)
+    data = good.path.read_bytes()
+    if damage == "arrays missing":
+        save_npz(good.path, features=good.features)
+    else:
+        good.path.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "not npz": b"x" * 100}[damage])
+    with caplog.at_level("WARNING", logger="src.metrics.reference"):
+        again = reference_features("toy", "digits/test", images, extractor, tmp_path)
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith(f"reference cache {good.path} is unreadable (") and "computing it again" in line
+    assert "\n" not in line
+    np.testing.assert_array_equal(again.sigma, good.sigma)
+    np.testing.assert_array_equal(reference_features("toy", "digits/test", None, extractor, tmp_path).mu, good.mu)
+    assert [p.name for p in tmp_path.iterdir()] == [good.path.name]  # replaced, no temp file left
+
+
 # ---- Inception extractor --------------------------------------------------------------------------
 def test_inception_extractor_missing_or_bad_file(tmp_path):
     from src.metrics import InceptionFeatureExtractor
@@ -252,6 +330,22 @@ def test_inception_extractor_missing_or_bad_file(tmp_path):
     torch.save({"step": 3}, tmp_path / "not_weights.pth")
     with pytest.raises(ValueError, match="not a state dict"):
         InceptionFeatureExtractor(tmp_path / "not_weights.pth")
+
+
+def test_inception_reference_cache_is_keyed_by_the_weights_content(tmp_path):
+    """As for CLIP: two Inception files of one name are two extractors, a replaced file another one."""
+    from unittest import mock
+
+    from src.metrics import InceptionFeatureExtractor
+
+    for folder, value in (("a", 0.0), ("b", 1.0)):
+        (tmp_path / folder).mkdir()
+        torch.save({"w": torch.full((2,), value)}, tmp_path / folder / "inception.pth")
+    with mock.patch("src.metrics.inception.FeatureExtractorInceptionV3"):  # the network itself is not needed
+        a, b = (InceptionFeatureExtractor(tmp_path / f / "inception.pth") for f in ("a", "b"))
+        assert a.id != b.id
+        (tmp_path / "a" / "inception.pth").write_bytes((tmp_path / "b" / "inception.pth").read_bytes())
+        assert InceptionFeatureExtractor(tmp_path / "a" / "inception.pth").id == b.id
 
 
 @pytest.mark.slow

@@ -150,6 +150,8 @@ def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache
     (["eval.n_samples=1"], "eval.n_samples=1: must be an integer >= 2"),
     (["eval.ema=[1]"], "eval.ema.0=1: must be a boolean"),
     (["eval.clip.weights_path=/nonexistent.bin", "eval.clip.model_name=ViT-B-32"], "eval.clip.weights_path"),
+    (["eval.clip.model_name=ViT-Bogus", f"eval.clip.weights_path={ROOT / 'assets/tiny_clip/tiny_clip.pt'}"],
+     "eval.clip.model_name=ViT-Bogus: not an open_clip model; allowed: tiny-clip-16px, ViT-L-14, "),
     (["train.max_steps=0"], "train.max_steps=0: must be an integer >= 1"),
     # Settings that Lightning, torch or the evaluation would refuse only after the run directory exists (or after
     # the training): here before anything.
@@ -168,8 +170,9 @@ def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache
     (["eval.ema=[]"], "eval.ema=[]: must be a non-empty list"),
     ([f"eval.inception.weights_path={ROOT / 'README.md'}"], "eval.inception.weights_path=.*: not a weights file"),
 ], ids=["loss", "model heads", "model patch", "data name", "data image size", "data shards", "eval n_samples", "eval ema",
-        "eval weights", "train", "optim fused", "optim betas", "optim eps", "optim weight decay", "torch threads",
-        "cache dir", "trainer devices", "trainer precision", "trainer accelerator", "val samples", "sampler", "eval settings",
+        "eval weights", "eval clip model", "train", "optim fused", "optim betas", "optim eps", "optim weight decay",
+        "torch threads", "cache dir", "trainer devices", "trainer precision", "trainer accelerator", "val samples",
+        "sampler", "eval settings",
         "eval ema empty", "inception file"])
 def test_config_errors_are_found_before_anything_is_built(tmp_path, overrides, message):
     """check_config (what the sweeper and the run-start callback call) raises one line; nothing was created."""

@@ -12,11 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from src import plan
 from src.config import ConfigError
+from src.evaluate import evaluate
 from src.training import job
 from tests.test_training import make_cfg
 
@@ -140,6 +142,158 @@ def test_legacy_records_are_evaluated_again(trained, run, monkeypatch):
     after = json.loads((run / "results.json").read_text())
     assert len(after) == 2 and after[0] == legacy[0] and after[1]["fid_features"] == "clip_raw"
     assert plan.job_status(cfg, run) == "done"
+
+
+def test_records_naming_weights_by_their_path_are_evaluated_again(trained, run, other_clip, monkeypatch):
+    """The committed tiny CLIP keeps the name its records had (its sidecar's sha256 is its content's): default runs
+    stay complete. Records written when a configured file was named by its path ("<model>:<path>") cannot say which
+    weights they measured: the run is to evaluate, and it evaluates without training."""
+    from src.text import tiny_clip
+    from src.text.checkpoints import read_sidecar
+
+    [record] = json.loads((run / "results.json").read_text())
+    assert record["feature_extractor"] == f"tiny_clip:{read_sidecar(tiny_clip.WEIGHTS_PATH)['sha256'][:12]}"
+    cfg = _cfg(trained, [f"eval.clip.model_name={tiny_clip.MODEL_NAME}", f"eval.clip.weights_path={other_clip}"])
+    _no_training(monkeypatch)
+    assert job.run_job(cfg, run)["evaluated_only"] is True
+    records = json.loads((run / "results.json").read_text())
+    sha = hashlib.sha256(other_clip.read_bytes()).hexdigest()
+    assert records[-1]["feature_extractor"] == f"{tiny_clip.MODEL_NAME}:{sha[:12]}"
+    records[-1]["feature_extractor"] = f"{tiny_clip.MODEL_NAME}:{other_clip.resolve()}"  # as written before
+    (run / "results.json").write_text(json.dumps(records))
+    assert plan.job_status(cfg, run) == "to evaluate"
+    assert job.run_job(cfg, run)["evaluated_only"] is True
+    after = json.loads((run / "results.json").read_text())
+    assert len(after) == 3 and after[:2] == records and plan.job_status(cfg, run) == "done"
+
+
+def _clip_file(path: Path, seed: int) -> Path:
+    """A tiny CLIP of another random initialisation (the tiny CLIP's architecture) saved at path."""
+    import open_clip
+
+    from src.text import tiny_clip
+
+    torch.manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(open_clip.create_model(tiny_clip.MODEL_NAME).state_dict(), path)
+    return path
+
+
+def _clip_args(path: Path) -> list[str]:
+    from src.text import tiny_clip
+
+    return [f"eval.clip.model_name={tiny_clip.MODEL_NAME}", f"eval.clip.weights_path={path}"]
+
+
+def _own_cache(trained: Path, tmp_path: Path, name: str = "cache") -> Path:
+    """A copy of the trained run's cache (its data and reference statistics), for a test to change."""
+    shutil.copytree(trained / "cache", tmp_path / name)
+    return tmp_path / name
+
+
+def test_weights_files_of_one_name_are_two_feature_extractors(trained, run, tmp_path):
+    """a/clip.pt and b/clip.pt hold different weights: b's FID is measured against b's own reference statistics,
+    not the ones cached for a (the cache was keyed by the file's name: the auditor's FID 123.59 for 75.67)."""
+    a, b = _clip_file(tmp_path / "a" / "clip.pt", 1), _clip_file(tmp_path / "b" / "clip.pt", 2)
+    cache = _own_cache(trained, tmp_path)
+    for path in (a, b):
+        out = _cli(str(run), *_clip_args(path), f"paths.cache_dir={cache}")
+        assert out.returncode == 0 and "missing: evaluating" in out.stderr, out.stderr[-3000:]
+    _, rec_a, rec_b = json.loads((run / "results.json").read_text())
+    # b alone, in another copy of the run with a cache that never saw a: the same FID.
+    alone = tmp_path / "alone"
+    shutil.copytree(trained / "run", alone)
+    evaluate(alone, [*_clip_args(b), f"paths.cache_dir={_own_cache(trained, tmp_path, 'cache_b')}"])
+    truth = json.loads((alone / "results.json").read_text())[-1]
+    assert rec_b["fid_clip"] == pytest.approx(truth["fid_clip"], rel=1e-4)
+    assert rec_b["feature_extractor"] == truth["feature_extractor"] != rec_a["feature_extractor"]
+    assert rec_a["reference_arrays"] != rec_b["reference_arrays"]
+
+
+def test_weights_replaced_at_the_same_path_are_evaluated_again(trained, run, tmp_path):
+    """A weights file overwritten in place is another feature extractor: the rerun evaluates (it said "results
+    complete, nothing to do" and served the old FID); its checksum is remembered under the cache folder."""
+    path, cache = _clip_file(tmp_path / "clip.pt", 1), _own_cache(trained, tmp_path)
+    out = _cli(str(run), *_clip_args(path), f"paths.cache_dir={cache}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    first = json.loads((run / "results.json").read_text())[-1]
+    _clip_file(path, 3)  # the same path and size, other weights
+    cfg = _cfg(trained, _clip_args(path))
+    assert plan.job_status(cfg, run) == "to evaluate"
+    out = _cli(str(run), *_clip_args(path), f"paths.cache_dir={cache}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert f"results for eval.clip=tiny-clip-16px:{sha[:12]} missing: evaluating" in out.stderr, out.stderr
+    new = json.loads((run / "results.json").read_text())[-1]
+    assert new["feature_extractor"] == f"tiny-clip-16px:{sha[:12]}" != first["feature_extractor"]
+    assert new["fid_clip"] != first["fid_clip"] and new["reference_arrays"] != first["reference_arrays"]
+    assert json.loads((cache / "weights_sha256.json").read_text())[str(path.resolve())]["sha256"] == sha
+    assert plan.job_status(cfg, run) == "done"
+
+
+def test_a_damaged_reference_cache_is_computed_again(trained, run, tmp_path, caplog):
+    """A truncated reference-statistics file (BadZipFile, and the evaluation stopped) is a cache miss: one warning
+    line naming it, the statistics computed again, the file replaced."""
+    from src.utils.io import load_npz
+
+    cache = f"paths.cache_dir={_own_cache(trained, tmp_path)}"
+    evaluate(run, ["eval.seed=98", cache])
+    reference = Path(json.loads((run / "results.json").read_text())[-1]["reference_arrays"])
+    intact = load_npz(reference)
+    reference.write_bytes(reference.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="src.metrics.reference"):
+        evaluate(run, ["eval.seed=99", cache])
+    [line] = [r.getMessage() for r in caplog.records if r.name == "src.metrics.reference"]
+    assert line.startswith(f"reference cache {reference} is unreadable (BadZipFile") and "\n" not in line
+    np.testing.assert_array_equal(load_npz(reference)["features"], intact["features"])
+    last = json.loads((run / "results.json").read_text())[-1]
+    assert last["eval_seed"] == 99 and Path(last["reference_arrays"]) == reference
+
+
+class _FakeInception:
+    """Stands in for torch-fidelity's network (what matters here is which weights file, not Inception): features
+    scaled by the file's one number, named by the file's content as the real extractor is."""
+
+    def __init__(self, weights_path, device="cpu", config_key=""):
+        self.scale = float(torch.load(weights_path, map_location="cpu", weights_only=True)["w"])
+        self.id = f"fake-inception:{hashlib.sha256(Path(weights_path).read_bytes()).hexdigest()[:16]}"
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return images.flatten(1)[:, :6].float().cpu() * self.scale
+
+
+def test_inception_weights_replaced_at_the_same_path_are_evaluated_again(trained, run, tmp_path, monkeypatch, caplog):
+    """Records name the Inception weights behind fid_inception by content: a file replaced in place makes the run to
+    evaluate (it counted as complete with the old Inception FID), as does a record from before the field; turning
+    Inception off leaves the run complete."""
+    import src.metrics.inception
+
+    monkeypatch.setattr(src.metrics.inception, "InceptionFeatureExtractor", _FakeInception)
+    weights, cache = tmp_path / "inception.pth", f"paths.cache_dir={_own_cache(trained, tmp_path)}"
+    torch.save({"w": torch.tensor(1.0)}, weights)
+    overrides = [f"eval.inception.weights_path={weights}"]
+    evaluate(run, [*overrides, cache])
+    [first] = json.loads((run / "results.json").read_text())
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert first["inception_extractor"] == f"inception-v3-2048:{sha[:12]}" and first["fid_inception"] > 0
+    assert plan.job_status(_cfg(trained, overrides), run) == "done"
+
+    torch.save({"w": torch.tensor(2.0)}, weights)  # the same path, other weights
+    assert plan.job_status(_cfg(trained, overrides), run) == "to evaluate"
+    with caplog.at_level(logging.INFO, logger="src.evaluate"):
+        evaluate(run, [*overrides, cache])
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert any(f"results for eval.inception=inception-v3-2048:{sha[:12]} missing" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    [second] = json.loads((run / "results.json").read_text())  # the same settings: it replaced the first
+    assert second["inception_extractor"] == f"inception-v3-2048:{sha[:12]}"
+    assert second["fid_inception"] == pytest.approx(4 * first["fid_inception"], rel=1e-6)
+    assert second["fid_clip"] == pytest.approx(first["fid_clip"], rel=1e-6)
+    assert plan.job_status(_cfg(trained, overrides), run) == "done"
+    assert plan.job_status(_cfg(trained), run) == "done"  # Inception off: the record is complete as it is
+    del second["inception_extractor"]  # as written before the field
+    (run / "results.json").write_text(json.dumps([second]))
+    assert plan.job_status(_cfg(trained, overrides), run) == "to evaluate"
 
 
 @pytest.mark.parametrize("damage", [b'[{"clip_score": 0.3', b'{"not": "a list"}'], ids=["truncated", "not a list"])

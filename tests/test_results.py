@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from src.results import (
@@ -61,7 +62,7 @@ def test_wanted_records_cover_settings_times_ema_with_every_evaluation_setting()
         ("5 steps, cfg 5.0", True), ("5 steps, cfg 5.0", False), ("50 steps, cfg 1.0", True),
         ("50 steps, cfg 1.0", False)]
     w = wanted[0]
-    assert set(w) == set(IDENTITY_FIELDS)
+    assert set(w) == {*IDENTITY_FIELDS, "inception_extractor"} and w["inception_extractor"] is None
     assert (w["tags"], w["train_seed"], w["backbone"], w["sampler"], w["n_samples"], w["eval_seed"]) == (
         {"optim.lr": 0.0001, "seed": 1}, 1, "MMDiT", "rf_time", 100, 1234)
     assert (w["feature_extractor"], w["fid_features"], w["checkpoint"]) == ("tiny_clip:0123456789ab", "clip_raw", "best")
@@ -74,7 +75,7 @@ def test_wanted_records_cover_settings_times_ema_with_every_evaluation_setting()
 def _stored(wanted: dict, tmp_path: Path, **metrics) -> dict:
     (tmp_path / "eval").mkdir(exist_ok=True)
     arrays = tmp_path / "eval" / f"{len(list((tmp_path / 'eval').iterdir()))}.npz"
-    arrays.write_bytes(b"")
+    np.savez(arrays, clip_scores=np.zeros(2))  # a readable arrays file (a truncated one does not count)
     return {**wanted, "clip_score": 0.2, "fid_clip": 1.0, "fid_inception": None, "n_reference": 10,
             "checkpoint_step": 4, "arrays": str(arrays.relative_to(tmp_path)), "reference_arrays": "/r.npz",
             **metrics}
@@ -106,6 +107,24 @@ def test_completeness_needs_the_arrays_and_a_configured_inception_fid(tmp_path):
     assert missing_records(records, wanted, tmp_path) == [wanted[1]]
     assert describe_missing([wanted[1]], records) == "1 setting(s): 5 steps, cfg 5.0 (raw)"
     assert describe_missing(wanted, []) == "all settings (none evaluated yet)"
+
+
+def test_a_configured_inception_needs_a_fid_of_its_weights(tmp_path):
+    """Records name the Inception weights behind fid_inception (not part of the identity): with Inception configured,
+    a record of other weights, or of none named (written before the field), is missing; without, it counts."""
+    wanted = wanted_records(CFG, RECIPE, "x", inception_extractor="inception-v3-2048:aaa")
+    assert wanted[0]["inception_extractor"] == "inception-v3-2048:aaa"
+    plain = wanted_records(CFG, RECIPE, "x")
+    stored = [_stored(w, tmp_path, fid_inception=9.0) for w in wanted]
+    assert missing_records(stored, wanted, tmp_path, need_inception=True) == []
+    assert missing_records(stored, plain, tmp_path) == []  # Inception turned off: complete as it is
+    other = [{**r, "inception_extractor": "inception-v3-2048:bbb"} for r in stored]
+    before = [{k: v for k, v in r.items() if k != "inception_extractor"} for r in stored]
+    for records in (other, before):
+        assert missing_records(records, wanted, tmp_path, need_inception=True) == wanted
+        assert describe_missing(wanted, records) == "eval.inception=inception-v3-2048:aaa"
+    assert describe_missing([{**plain[0], "n_samples": 7}], stored) == "eval.n_samples=7"
+    assert Record.from_dict(before[0]).inception_extractor is None  # optional: today's records without it read
 
 
 def test_merge_keeps_records_of_other_settings_and_replaces_the_same_one(tmp_path):

@@ -141,7 +141,8 @@ def _eval_mode(backbone: Any) -> Iterator[None]:
             backbone.train()
 
 
-def _base_fields(formulation: Formulation, base_record: Mapping[str, Any], extractor: Any) -> dict[str, Any]:
+def _base_fields(formulation: Formulation, base_record: Mapping[str, Any], extractor: Any,
+                 inception: Any = None) -> dict[str, Any]:
     """The fields every record of this call shares; settings not given take the defaults of a plain evaluation."""
     if "dataset" not in base_record:
         raise ValueError(f"base_record needs 'dataset' (the evaluation set's name); got keys {sorted(base_record)}")
@@ -158,6 +159,8 @@ def _base_fields(formulation: Formulation, base_record: Mapping[str, Any], extra
         "fid_features": FID_FEATURES,
         "checkpoint": str(base_record.get("checkpoint", "best")),
         "checkpoint_step": base_record.get("checkpoint_step"),
+        "inception_extractor": None if inception is None else (
+            base_record.get("inception_extractor") or getattr(inception[0], "id", type(inception[0]).__name__)),
         "config": dict(base_record.get("config", {})),
     }
 
@@ -252,7 +255,7 @@ def evaluate_backbone(
             raise ValueError(f"evaluate_backbone: {name}={value!r} must be an integer >= {low}")
     settings = [s if isinstance(s, SamplerSetting) else SamplerSetting(**s) for s in settings]
     prompts = EvalPrompts.from_any(eval_set)
-    base = _base_fields(formulation, base_record, extractor)
+    base = _base_fields(formulation, base_record, extractor, inception)
     sampler_kwargs(base["sampler"])  # an unknown sampler fails before any sampling
     out_dir = Path(out_dir)
     device = _device_of(backbone, prompts.context.device)

@@ -8,7 +8,6 @@ from `cfg.model` and the weights come from the checkpoint file, so a run trained
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import ConfigError
-from src.utils.io import first_line, weights_file_error
+from src.utils.io import first_line, weights_file_error, weights_sha256
 from src.results import (
     CHECKPOINTS, describe_missing, missing_records, of_step, read_results, select_current, wanted_records,
 )
@@ -81,15 +80,22 @@ def check_eval_files(cfg_eval: DictConfig) -> None:
             raise ConfigError(f"eval.{key}={path}: not a weights file torch.load(weights_only=True) reads ({error})")
     if cfg_eval.clip.model_name is not None and cfg_eval.clip.weights_path is None:
         raise ConfigError(f"eval.clip.weights_path=None: required with eval.clip.model_name={cfg_eval.clip.model_name}")
+    if cfg_eval.clip.model_name is not None:  # else a typo is found after the training, when the evaluation starts
+        from src.metrics.clip import model_name_error
+
+        error = model_name_error(cfg_eval.clip.model_name)
+        if error is not None:
+            raise ConfigError(error)
     which = OmegaConf.select(cfg_eval, "checkpoint", default="best")
     if which not in CHECKPOINTS:
         raise ConfigError(f"eval.checkpoint={which}: allowed values are {', '.join(CHECKPOINTS)}")
 
 
-def feature_extractor_name(cfg_eval: DictConfig) -> str:
-    """Names the CLIP feature extractor by model and weights: "tiny_clip:<sha256[:12]>" for the committed tiny
-    CLIP, "<model>:<sha256[:12]>" for weights with a checksum file beside them, else "<model>:<absolute path>";
-    ",quickgelu" appended when QuickGELU is forced. Cheap: no weights are read."""
+def feature_extractor_name(cfg_eval: DictConfig, cache_dir: str | Path | None = None) -> str:
+    """Names the CLIP feature extractor by model and the content of its weights: "tiny_clip:<sha256[:12]>" for the
+    committed tiny CLIP, "<model>:<sha256[:12]>" for a configured file (",quickgelu" appended when QuickGELU is
+    forced). A file replaced at the same path is another extractor, so its records are computed again. The sha256
+    is computed once per file version and remembered under cache_dir (src.utils.io.weights_sha256)."""
     clip = cfg_eval.clip
     if clip.model_name is None:
         from src.text import tiny_clip
@@ -97,10 +103,14 @@ def feature_extractor_name(cfg_eval: DictConfig) -> str:
         model, path = "tiny_clip", Path(tiny_clip.WEIGHTS_PATH)
     else:
         model, path = str(clip.model_name), Path(str(clip.weights_path))
-    sidecar = path.with_suffix(".json")
-    sha = json.loads(sidecar.read_text()).get("sha256") if sidecar.is_file() else None
-    name = f"{model}:{sha[:12]}" if sha else f"{model}:{path.resolve()}"
+    name = f"{model}:{weights_sha256(path, cache_dir)[:12]}"
     return name + (",quickgelu" if clip.get("force_quick_gelu", False) else "")
+
+
+def inception_extractor_name(cfg_eval: DictConfig, cache_dir: str | Path | None = None) -> str | None:
+    """Names the Inception weights by content, "inception-v3-2048:<sha256[:12]>"; None when Inception is off."""
+    path = cfg_eval.inception.weights_path
+    return None if path is None else f"inception-v3-2048:{weights_sha256(str(path), cache_dir)[:12]}"
 
 
 def load_clip_extractor(cfg_eval: DictConfig, device: torch.device):
@@ -129,7 +139,9 @@ def wanted_for(cfg: DictConfig, formulation=None) -> list[dict[str, Any]]:
 
         formulation = from_config(OmegaConf.to_container(cfg.loss, resolve=True))
     recipe = {"recipe": formulation.name, "family": formulation.family, "params": formulation.params()}
-    return wanted_records(cfg, recipe, feature_extractor_name(cfg.eval))
+    cache_dir = OmegaConf.select(cfg, "paths.cache_dir")
+    return wanted_records(cfg, recipe, feature_extractor_name(cfg.eval, cache_dir),
+                          inception_extractor_name(cfg.eval, cache_dir))
 
 
 def missing_for(cfg: DictConfig, run_dir: str | Path, formulation=None) -> list[dict[str, Any]]:
@@ -204,6 +216,9 @@ def evaluate_run(cfg: DictConfig, run_dir: str | Path, device: torch.device | st
 
     meta = meta if meta is not None else read_meta(cfg.data.train_dir)
     extractor = load_clip_extractor(ev, device)
+    if feature_extractor_name(ev, cfg.paths.cache_dir) != wanted[0]["feature_extractor"]:
+        # Replaced since the wanted records were named: their name would not be these weights'.
+        raise RuntimeError("eval.clip: the weights file changed while the evaluation started; run it again")
     eval_set = load_eval_set(cfg.data.eval_dir)
     decode = make_decoder(meta, ev.get("autoencoder_path"), device)
     dataset_id = f"{cfg.data.name}:{Path(cfg.data.eval_dir).resolve()}:{eval_set['meta']['count']}"
@@ -216,11 +231,13 @@ def evaluate_run(cfg: DictConfig, run_dir: str | Path, device: torch.device | st
 
         inc = InceptionFeatureExtractor(ev.inception.weights_path, device=device,
                                          config_key="eval.inception.weights_path")
+        if inception_extractor_name(ev, cfg.paths.cache_dir) != wanted[0]["inception_extractor"]:
+            raise RuntimeError("eval.inception: the weights file changed while the evaluation started; run it again")
         inception = (inc, reference_features(inc.id, dataset_id, images, inc, cache))
 
     first = wanted[0]
     base = {k: first[k] for k in ("recipe", "family", "params", "dataset", "tags", "train_seed", "backbone",
-                                  "sampler", "feature_extractor", "checkpoint")}
+                                  "sampler", "feature_extractor", "checkpoint", "inception_extractor")}
     base.update(checkpoint_step=step, config=OmegaConf.to_container(cfg, resolve=True))
     total, done = len(missing), 0
 

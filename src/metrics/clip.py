@@ -26,9 +26,27 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from src.metrics.images import resize_center_crop, to_rgb01
+from src.utils.io import weights_sha256
 # The feature definition of fid_clip (recorded as `fid_features`, part of the reference cache key): one definition.
 from src.results import FID_FEATURES, LEGACY_FID_FEATURES  # noqa: F401
 
+#: The CLIP models of the paper, named in the error for an unknown model (open_clip knows a few hundred).
+KNOWN_MODELS = ("ViT-L-14", "ViT-L-14-quickgelu", "ViT-bigG-14")
+
+
+def model_name_error(model_name: str, config_key: str = "eval.clip.model_name") -> str | None:
+    """The one-line error for a model name open_clip has no config for (after the tiny CLIP is registered), or None."""
+    from src.text import tiny_clip  # registers the tiny CLIP's config
+
+    models = open_clip.list_models()
+    if str(model_name).replace("/", "-") in models:  # create_model accepts "ViT-L/14" for "ViT-L-14"
+        return None
+    import difflib
+
+    close = difflib.get_close_matches(str(model_name), models, n=3, cutoff=0.75)
+    allowed = list(dict.fromkeys([tiny_clip.MODEL_NAME, *close, *(m for m in KNOWN_MODELS if m in models)]))
+    return (f"{config_key}={model_name}: not an open_clip model; allowed: {', '.join(allowed)}, ... "
+            f"(open_clip.list_models(), {len(models)} models)")
 
 
 def clip_score(image_features: Tensor, text_features: Tensor) -> Tensor:
@@ -71,13 +89,14 @@ class ClipFeatureExtractor:
         config_key: str = "metrics.clip.weights_path",
     ):
         path = require_file(weights_path, config_key)
-        if model_name.replace("/", "-") not in open_clip.list_models():
-            raise ValueError(
-                f"metrics.clip.model_name: unknown open_clip model {model_name!r} (register custom configs with "
-                f"open_clip.add_model_config first)"
-            )
+        error = model_name_error(model_name, config_key.rsplit(".", 1)[0] + ".model_name")
+        if error is not None:
+            raise ValueError(error)
         override = {k: tuple(v) for k, v in (("mean", image_mean), ("std", image_std)) if v is not None}
         self.model_name, self.weights_path, self.device = model_name, path, torch.device(device)
+        self.force_quick_gelu = bool(force_quick_gelu)
+        # Hashed before the weights are read: the id names the file's content (cached per file version).
+        self.weights_sha256 = weights_sha256(path)
         self.model = open_clip.create_model(
             model_name,
             pretrained=str(path),
@@ -96,9 +115,12 @@ class ClipFeatureExtractor:
 
     @property
     def id(self) -> str:
-        """Identifies the features for the reference-statistics cache: model, weights file and feature definition
-        (raw embeddings), so statistics cached from the former L2-normalised features are never reused."""
-        return f"clip:{self.model_name}:{self.weights_path.name}:{FID_FEATURES}"
+        """Identifies the features for the reference-statistics cache: the model, the weights' content (sha256: not
+        the file's name, which other weights may share), QuickGELU, the image mean and std, and the feature
+        definition (raw embeddings), so statistics cached from the former L2-normalised features are never reused."""
+        stats = ",".join(f"{v:g}" for v in (*self.mean.flatten().tolist(), *self.std.flatten().tolist()))
+        gelu = ",quickgelu" if self.force_quick_gelu else ""
+        return f"clip:{self.model_name}:{self.weights_sha256[:16]}{gelu},mean_std={stats}:{FID_FEATURES}"
 
     @torch.no_grad()
     def image_features(self, images: Tensor) -> Tensor:

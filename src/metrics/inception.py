@@ -10,6 +10,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 
 from src.metrics.clip import require_file
 from src.metrics.images import to_uint8
+from src.utils.io import weights_sha256
 
 
 class InceptionFeatureExtractor:
@@ -28,6 +29,7 @@ class InceptionFeatureExtractor:
         config_key: str = "eval.inception.weights_path",
     ):
         path = require_file(weights_path, config_key)
+        self.weights_sha256 = weights_sha256(path)  # before the weights are read: the id names this content
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
             raise ValueError(f"{config_key}: {path} is not a state dict of tensors (torch-fidelity's Inception file)")
@@ -38,8 +40,8 @@ class InceptionFeatureExtractor:
 
     @property
     def id(self) -> str:
-        """Identifies the features for the reference-statistics cache."""
-        return f"inception-v3-2048:{self.weights_path.name}"
+        """Identifies the features for the reference-statistics cache: by the weights' content, not the file name."""
+        return f"inception-v3-2048:{self.weights_sha256[:16]}"
 
     @torch.no_grad()
     def image_features(self, images: Tensor) -> Tensor:

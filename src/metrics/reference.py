@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Union
@@ -17,6 +19,7 @@ from src.utils.io import load_npz, save_npz
 from src.metrics.frechet import feature_statistics
 
 Images = Union[Tensor, Iterable[Tensor], Callable[[], Iterable[Tensor]]]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,24 @@ def _batches(images: Images, batch_size: int = 256) -> Iterable[Tensor]:
     return images
 
 
+_CACHE_KEYS = ("features", "mu", "sigma", "extractor_id", "dataset_id")
+
+
+def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
+    """A cache entry's arrays, or None (with a one-line warning) when it cannot be read: truncated or damaged by
+    something else (this project writes it atomically), it is computed again and replaced."""
+    try:
+        data = load_npz(path)
+        absent = [k for k in _CACHE_KEYS if k not in data]
+        if absent:
+            raise KeyError(f"no {', '.join(absent)}")
+        return data
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        log.warning("reference cache %s is unreadable (%s: %s); computing it again", path, type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "")
+        return None
+
+
 def reference_features(
     extractor_id: str,
     dataset_id: str,
@@ -68,11 +89,12 @@ def reference_features(
     """
     path = reference_path(extractor_id, dataset_id, cache_dir)
     if path.is_file():
-        data = load_npz(path)
-        if str(data["extractor_id"]) != extractor_id or str(data["dataset_id"]) != dataset_id:
-            raise ValueError(f"reference cache {path} holds ({data['extractor_id']}, {data['dataset_id']}), "
-                             f"expected ({extractor_id}, {dataset_id})")
-        return ReferenceFeatures(extractor_id, dataset_id, data["features"], data["mu"], data["sigma"], path)
+        data = _read_cache(path)
+        if data is not None:
+            if str(data["extractor_id"]) != extractor_id or str(data["dataset_id"]) != dataset_id:
+                raise ValueError(f"reference cache {path} holds ({data['extractor_id']}, {data['dataset_id']}), "
+                                 f"expected ({extractor_id}, {dataset_id})")
+            return ReferenceFeatures(extractor_id, dataset_id, data["features"], data["mu"], data["sigma"], path)
     extract = getattr(extractor, "image_features", extractor)
     with torch.no_grad():
         chunks = [extract(batch).detach().float().cpu() for batch in _batches(images)]

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import open_clip
 import torch
 
+from src.utils.io import sha256_file
+
 SIDECAR_CREATE_KWARGS = ("image_mean", "image_std", "force_quick_gelu")
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def sidecar_path(weights_path: str | Path) -> Path:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -19,6 +21,7 @@ from typing import IO, Any, Callable, Iterator
 
 import numpy as np
 
+log = logging.getLogger(__name__)
 
 def temp_sibling(path: str | Path) -> Path:
     """A unique hidden temporary name in the same folder as path (same file system, so rename is atomic)."""
@@ -149,3 +152,64 @@ def _weights_file_error(path: str, mtime_ns: int, size: int) -> str | None:
     except Exception as e:  # noqa: BLE001 -- any failure is the answer (torch's messages run to paragraphs)
         return type(e).__name__
     return None
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+#: Where weights_sha256 remembers the checksums it computed, under paths.cache_dir.
+WEIGHTS_SHA256_FILE = "weights_sha256.json"
+_SHA256: dict[tuple, str] = {}  # (resolved path, size, mtime_ns, ctime_ns) -> sha256, for this process
+
+
+def _file_version(path: Path) -> tuple:
+    # ctime too: unlike mtime it cannot be set back (cp -p, touch -d), and a file renamed over this path changes it.
+    st = path.stat()
+    return str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def weights_sha256(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
+    """The sha256 of a weights file: its identity, so a file replaced at the same path (or another file of the same
+    name) is another feature extractor. Hashed once per file version (resolved path, size, mtime_ns, ctime_ns):
+    remembered in this process and, with cache_dir, in cache_dir/weights_sha256.json, so a large file is not read
+    again at every launch."""
+    version = _file_version(Path(path).resolve())
+    if version in _SHA256:
+        return _SHA256[version]
+    store = Path(cache_dir) / WEIGHTS_SHA256_FILE if cache_dir is not None else None
+    fields = dict(zip(("size", "mtime_ns", "ctime_ns"), version[1:]))
+    known = _read_sha256_store(store).get(version[0]) if store is not None else None
+    if isinstance(known, dict) and all(known.get(k) == v for k, v in fields.items()) and known.get("sha256"):
+        _SHA256[version] = str(known["sha256"])
+        return _SHA256[version]
+    sha = sha256_file(version[0])
+    if _file_version(Path(version[0])) != version:  # written to while read: a hash of no one version, not kept
+        return sha
+    if store is not None:
+        _remember_sha256(store, version[0], {**fields, "sha256": sha})
+    _SHA256[version] = sha
+    return sha
+
+
+def _read_sha256_store(store: Path) -> dict:
+    try:
+        data = json.loads(store.read_text())
+    except (OSError, ValueError):  # absent or damaged: only a cache, rebuilt as files are hashed
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _remember_sha256(store: Path, path: str, entry: dict) -> None:
+    try:
+        with file_lock(store.with_name(f".{store.name}.lock")):  # jobs of a sweep add entries concurrently
+            data = _read_sha256_store(store)
+            data[path] = entry
+            atomic_write_json(store, data, sort_keys=True)
+    except OSError as e:  # a read-only cache folder costs a hash per launch, nothing else
+        log.debug("could not remember the sha256 of %s in %s: %s", path, store, e)
