@@ -90,7 +90,9 @@ def _job(cfg: DictConfig) -> dict | None:
                 result = run_job(cfg, run_dir)
             except Exception as e:  # recorded per job so the rest of the sweep goes on
                 if not isinstance(e, ConfigError):  # a configuration error says nothing about the run
-                    log.error("%s failed:\n%s", job_name(cfg), traceback.format_exc())
+                    # One line on the console; the traceback in run.log (and error.json) for whoever digs.
+                    log.error("%s failed: %s (traceback in %s)", job_name(cfg), one_line(e), run_dir / "run.log")
+                    log.info("%s failed:\n%s", job_name(cfg), traceback.format_exc())
                     if not finished:
                         atomic_write_json(error_file, {"type": type(e).__name__, "error": str(e),
                                                        "traceback": traceback.format_exc()})

@@ -133,6 +133,10 @@ def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache
     assert "digits/rf: ValueError: " in failed.stderr and "best.ckpt: cannot be read as a checkpoint" in failed.stderr
     assert {k: v for k, v in tree_digest(run).items() if k not in ("run.log", ".run.lock")} == before
     assert "cannot be read as a checkpoint" in (run / "run.log").read_text()
+    # The console says it in one line and where the traceback is; run.log holds the traceback.
+    console = failed.stdout + failed.stderr
+    assert "Traceback" not in console and f"(traceback in {run / 'run.log'})" in failed.stdout
+    assert "Traceback (most recent call last)" in (run / "run.log").read_text()
     from src.launch.failures import read_sweep_failures
 
     assert "best.ckpt: cannot be read" in read_sweep_failures(sweep)["digits/rf"]["error"]
