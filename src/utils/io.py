@@ -23,6 +23,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+
 def temp_sibling(path: str | Path) -> Path:
     """A unique hidden temporary name in the same folder as path (same file system, so rename is atomic)."""
     path = Path(path)
