@@ -92,9 +92,9 @@ def feature_extractor_name(cfg_eval: DictConfig) -> str:
     ",quickgelu" appended when QuickGELU is forced. Cheap: no weights are read."""
     clip = cfg_eval.clip
     if clip.model_name is None:
-        from src.text import tiny_clip
+        from src.text.tiny_clip_paths import WEIGHTS_PATH  # (not tiny_clip: the report names it without open_clip)
 
-        model, path = "tiny_clip", Path(tiny_clip.WEIGHTS_PATH)
+        model, path = "tiny_clip", Path(WEIGHTS_PATH)
     else:
         model, path = str(clip.model_name), Path(str(clip.weights_path))
     sidecar = path.with_suffix(".json")
