@@ -93,7 +93,7 @@ def test_one_run_evaluated_in_part_is_not_done_in_a_sweep_from_before_jobs_json(
     results.write_text(json.dumps(json.loads(results.read_text())[:1]))
     # A record whose arrays are gone counts as missing too (the job evaluates it again; the bootstrap reads them).
     (sweep / NAMES[2] / json.loads((sweep / NAMES[2] / "results.json").read_text())[0]["arrays"]).unlink()
-    code, text, _ = report(capsys, sweep, "--out", tmp_path / "r", "--recipes", "edm(-1.20, 1.20)")
+    code, text, _ = report(capsys, sweep, "--out", tmp_path / "r")
     assert code == 0 and "3 run directories (1 done, 2 partial results)" in text
     assert "PARTIAL SWEEP: 2 runs evaluated in part" in text
     assert "digits/eps_linear (1 of 2 records), digits/rf_lognorm_0.00_1.00 (1 of 2 records)" in text
