@@ -164,3 +164,121 @@ def test_synthetic_sweep_with_missing_setting_and_failed_job(tmp_path):
     assert default.loc["rf/lognorm(0.00, 1.00)", "n 50 steps"] == 4
     # Paths in records are made absolute, relative ones resolved against the run directory.
     assert all(p.startswith(str(tmp_path)) for p in ranked["reference_arrays"])
+
+
+# ---- training settings of the runs ranked together (check_training_settings) -------------------------------------
+def fingerprint(max_steps=8, lr=0.001, cache="/a/.cache", depth=2, target="src.models.MMDiT"):
+    """A fingerprint.json as the job writes it (src.config.fingerprint), with the keys the check compares."""
+    return {"loss": {"family": "rf"}, "seed": 0, "model": {"_target_": target, "depth": depth},
+            "optim": {"lr": lr, "betas": [0.9, 0.999]}, "train": {"max_steps": max_steps},
+            "data": {"name": "digits", "kind": "embedded", "train_dir": f"{cache}/data/digits-v1-abc/train",
+                     "eval_dir": f"{cache}/data/digits-v1-abc/eval", "batch_size": 64},
+            "trainer": {"gradient_clip_val": None, "precision": None}}
+
+
+def trained_runs(tmp_path, prints, tags=None, name="s"):
+    """A sweep of one run per fingerprint (recipes A, B, ...), each with one record; tags: the runs' run tags."""
+    sweep = tmp_path / name
+    for i, fp in enumerate(prints):
+        rec = record("ABCDEFG"[i], 5, 5.0, 0.3 - i / 10, 1.0 + i)
+        if tags and tags[i]:
+            rec["tags"] = tags[i]
+        write_run(sweep / str(i), [rec])
+        (sweep / str(i) / "fingerprint.json").write_text(json.dumps(fp))
+    return sweep
+
+
+def test_runs_trained_with_other_settings_are_refused_in_one_line(tmp_path):
+    from src.ranking.aggregate import check_training_settings
+
+    sweep = trained_runs(tmp_path, [fingerprint(), fingerprint(), fingerprint(max_steps=9)])
+    with pytest.raises(ValueError) as err:
+        check_training_settings(load_sweep([sweep]).records)
+    line = str(err.value)
+    assert "\n" not in line and line.startswith(
+        "the runs ranked together were trained with different settings: train.max_steps = 8 (2 runs), 9 (1 run) on "
+        "digits; ")
+    assert "retrain these runs with train.max_steps=8" in line and line.endswith(str(sweep / "2"))
+    assert "--by-sweep" not in line  # one sweep
+
+
+def test_training_settings_that_name_their_entries_or_do_not_matter_are_not_refused(tmp_path):
+    from src.ranking.aggregate import check_training_settings
+
+    # A swept learning rate (in the run tags: entries of their own), another cache of the same embedded data, another
+    # backbone with its own model settings (it names its entries), throughput keys, a fingerprint from before
+    # trainer settings were recorded.
+    older = fingerprint()
+    del older["trainer"]
+    prints = [fingerprint(lr=1e-4), fingerprint(lr=3e-4, cache="/b/.cache"),
+              {**fingerprint(depth=4, target="src.models.DiT"), "optim": {"lr": 1e-3, "betas": [0.9, 0.999],
+                                                                         "fused": True}},
+              older]
+    tags = [{"optim.lr": 0.0001}, {"optim.lr": 0.0003}, None, None]
+    check_training_settings(load_sweep([trained_runs(tmp_path, prints, tags)]).records)
+    # Runs without a fingerprint.json (made by hand, or before it existed) are not compared.
+    (tmp_path / "s" / "3" / "fingerprint.json").unlink()
+    check_training_settings(load_sweep([tmp_path / "s"]).records)
+
+
+def test_sweeps_trained_differently_are_refused_pooled_and_ranked_by_sweep(tmp_path, capsys):
+    from src.ranking.report import main
+
+    short = trained_runs(tmp_path, [fingerprint(), fingerprint()], name="short")
+    long = trained_runs(tmp_path, [fingerprint(max_steps=9)], name="long")
+    for run in long.iterdir():
+        results = run / "results.json"
+        results.write_text(results.read_text().replace('"recipe": "A"', '"recipe": "Z"').replace('"family": "A"',
+                                                                                                 '"family": "Z"'))
+    assert main([str(short), str(long), "--bootstrap", "0", "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.max_steps = 8 (2 runs), 9 (1 run) on digits" in err
+    assert "pass --by-sweep to rank each sweep's entries side by side" in err
+    assert main([str(short), str(long), "--bootstrap", "0", "--by-sweep", "--out", str(tmp_path / "r")]) == 0
+
+
+# ---- the sweep's own records: jobs.json, failures.json --------------------------------------------------------------
+def test_planned_jobs_without_results_and_failures_into_existing_directories_are_shown(hand_sweep):
+    from src.launch.failures import record_sweep_failure
+    from src.launch.planned import record_planned_jobs
+
+    record_planned_jobs(hand_sweep, {"0": {"run_dir": "0", "overrides": ["loss=A"]},
+                                     "never": {"run_dir": "digits/never", "overrides": ["loss=N"]}})
+    record_planned_jobs(hand_sweep, {"1": {"run_dir": "1", "overrides": ["loss=B"]}})  # a later, partial relaunch
+    assert sorted(json.loads((hand_sweep / "jobs.json").read_text())) == ["0", "1", "never"]
+    record_sweep_failure(hand_sweep, "1", "ConfigError: holds a run with a different configuration")
+    runs = load_sweep([hand_sweep]).runs
+    never = runs[runs["status"] == "missing"].iloc[0]
+    assert never["run_dir"] == str(hand_sweep / "digits/never") and never["overrides"] == "loss=N"
+    refused = runs[runs["status"] == "refused"].iloc[0]
+    assert refused["run_dir"] == str(hand_sweep / "1") and refused["error"].startswith(
+        "ConfigError: holds a run with a different configuration (its latest launch at ")
+    assert refused["error"].endswith("not run; the directory holds an earlier run: done)")
+    assert runs.loc[runs["run_dir"] == str(hand_sweep / "1"), "status"].tolist() == ["done", "refused"]
+
+
+@pytest.mark.parametrize("name", ["failures.json", "jobs.json"])
+def test_a_damaged_sweep_record_makes_the_sweep_partial_and_writers_keep_it_aside(tmp_path, name, caplog):
+    from src.launch.failures import clear_sweep_failure, record_sweep_failure
+    from src.launch.planned import record_planned_jobs
+
+    sweep = tmp_path / "s"
+    write_run(sweep / "0", [record("A", 5, 5.0, 0.3, 1.0)])
+    assert not load_sweep([sweep]).partial
+    (sweep / name).write_text('{"digits/x": {"err')
+    loaded = load_sweep([sweep])
+    assert loaded.partial and len(loaded.problems) == 1
+    assert loaded.problems[0].startswith(f"{sweep / name} is unreadable (not valid JSON: ")
+    for attempt in range(2):  # a second damaged file does not replace the first one kept aside
+        (sweep / name).write_text('{"digits/x": {"err')
+        if name == "failures.json":
+            (record_sweep_failure if attempt == 0 else clear_sweep_failure)(sweep, "digits/y", *(
+                ["ConfigError: y"] if attempt == 0 else []))
+        else:
+            record_planned_jobs(sweep, {"digits/y": {"run_dir": "digits/y"}})
+    assert [p.name for p in sorted(sweep.glob(f"{name}.damaged*"))] == [f"{name}.damaged", f"{name}.damaged.1"]
+    assert all(p.read_text() == '{"digits/x": {"err' for p in sweep.glob(f"{name}.damaged*"))
+    assert "kept as" in caplog.text and json.loads((sweep / name).read_text()) is not None
+    notes = load_sweep([sweep]).notes
+    assert len(notes) == 2 and notes[0] == f"{sweep / (name + '.damaged')} is a damaged {name} a launch kept aside; " \
+                                           "what it recorded is not in this report"

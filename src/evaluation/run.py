@@ -98,9 +98,9 @@ def feature_extractor_name(cfg_eval: DictConfig, cache_dir: str | Path | None = 
     is computed once per file version and remembered under cache_dir (src.utils.io.weights_sha256)."""
     clip = cfg_eval.clip
     if clip.model_name is None:
-        from src.text import tiny_clip
+        from src.text.tiny_clip_paths import WEIGHTS_PATH  # (not tiny_clip: the report names it without open_clip)
 
-        model, path = "tiny_clip", Path(tiny_clip.WEIGHTS_PATH)
+        model, path = "tiny_clip", Path(WEIGHTS_PATH)
     else:
         model, path = str(clip.model_name), Path(str(clip.weights_path))
     name = f"{model}:{weights_sha256(path, cache_dir)[:12]}"

@@ -6,10 +6,11 @@ one a launcher appends to when it collects failures reported by job processes (S
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
+
+from src.launch.sweep_files import read_for_update, read_sweep_file
 
 #: (run name, one-line error) of every failed job, in the order they were collected.
 FAILED: list[tuple[str, str]] = []
@@ -41,12 +42,13 @@ def record_sweep_failure(sweep_dir: str | os.PathLike, name: str, error: str, na
     """Note in `<sweep dir>/failures.json` a job that failed before it could use its run directory (a configuration
     error, a refused relaunch, a busy directory): such a job writes nothing into its run directory, so the sweep's
     own file is where a reader (and the rank report) finds it. Entries are keyed by run name, the latest kept;
-    nameless: the job has no run name, `name` stands in for one (forget_nameless_failures drops it)."""
+    nameless: the job has no run name, `name` stands in for one (forget_nameless_failures drops it). A damaged file
+    is kept aside as failures.json.damaged, with a warning (src/launch/sweep_files.py)."""
     from src.utils.io import atomic_write_json, file_lock
 
     path = Path(sweep_dir) / SWEEP_FAILURES
     with file_lock(Path(sweep_dir) / f".{SWEEP_FAILURES}.lock"):
-        failures = read_sweep_failures(sweep_dir)
+        failures = read_for_update(path)
         failures[str(name)] = {"error": str(error).splitlines()[0] if str(error) else "unknown error",
                                "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **({"nameless": True} if nameless else {})}
         atomic_write_json(path, failures, sort_keys=True)
@@ -54,38 +56,33 @@ def record_sweep_failure(sweep_dir: str | os.PathLike, name: str, error: str, na
 
 def forget_nameless_failures(sweep_dir: str | os.PathLike) -> None:
     """Drop the entries of jobs without a run name (an earlier launch's invalid recipes: no run clears them)."""
-    from src.utils.io import atomic_write_json, file_lock
-
-    path = Path(sweep_dir) / SWEEP_FAILURES
-
-    def nameless(entry) -> bool:
-        return isinstance(entry, dict) and bool(entry.get("nameless"))
-
-    if not path.is_file() or not any(nameless(v) for v in read_sweep_failures(sweep_dir).values()):
-        return
-    with file_lock(Path(sweep_dir) / f".{SWEEP_FAILURES}.lock"):
-        failures = {k: v for k, v in read_sweep_failures(sweep_dir).items() if not nameless(v)}
-        atomic_write_json(path, failures, sort_keys=True)
+    _update_failures(sweep_dir, lambda failures: {k: v for k, v in failures.items()
+                                                  if not (isinstance(v, dict) and v.get("nameless"))})
 
 
 def clear_sweep_failure(sweep_dir: str | os.PathLike, name: str) -> None:
     """Drop a job's entry from `<sweep dir>/failures.json` once it ran (no file written when it has none)."""
+    _update_failures(sweep_dir, lambda failures: {k: v for k, v in failures.items() if k != str(name)})
+
+
+def _update_failures(sweep_dir: str | os.PathLike, change) -> None:
+    """Rewrite failures.json with change(entries) when that differs; nothing is written when there is no file. A
+    damaged file is kept aside (read_for_update) rather than read as empty and overwritten."""
     from src.utils.io import atomic_write_json, file_lock
 
     path = Path(sweep_dir) / SWEEP_FAILURES
-    if not path.is_file() or str(name) not in read_sweep_failures(sweep_dir):
+    if not path.is_file():
         return
     with file_lock(Path(sweep_dir) / f".{SWEEP_FAILURES}.lock"):
-        failures = read_sweep_failures(sweep_dir)
-        if failures.pop(str(name), None) is not None:
-            atomic_write_json(path, failures, sort_keys=True)
+        if not path.is_file():
+            return
+        failures = read_for_update(path)
+        changed = change(failures)
+        if changed != failures or not path.is_file():  # (a damaged file set aside: a readable one replaces it)
+            atomic_write_json(path, changed, sort_keys=True)
 
 
 def read_sweep_failures(sweep_dir: str | os.PathLike) -> dict[str, dict]:
-    """{run name: {"error", "time"}} from `<sweep dir>/failures.json` ({} when there is none)."""
-    path = Path(sweep_dir) / SWEEP_FAILURES
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    """{run name: {"error", "time"}} from `<sweep dir>/failures.json` ({} when there is none); DamagedSweepFile (a
+    ValueError naming the file) when it cannot be read: a damaged record of failed jobs is not an empty one."""
+    return read_sweep_file(Path(sweep_dir) / SWEEP_FAILURES)

@@ -139,6 +139,11 @@ class TaggingSweeper(BasicSweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        # The jobs this launch will run, added to those of earlier launches: the report names a planned job that
+        # never started (a sweep killed half-way) instead of calling the sweep complete.
+        from src.launch.planned import record_planned_jobs
+
+        record_planned_jobs(sweep_dir, self.planned_jobs)
         waves = shares_training(self.config, [job for batch in self.overrides for job in batch])
         failed_trainings: dict[tuple[str, ...], str] = {}  # training_key -> the run name of its failed first job
         returns, initial_job_idx = [], 0
@@ -185,6 +190,7 @@ class TaggingSweeper(BasicSweeper):
         from src.utils.progress import SWEEP
 
         # Every job's configuration checked before any is launched: an invalid one gets no directory.
-        batches = filter_sweep(self, split_tagged(overrides, max_batch_size, self.config))
+        self.planned_jobs: dict[str, dict] = {}  # run name -> run_dir, overrides of every valid job (jobs.json)
+        batches = filter_sweep(self, split_tagged(overrides, max_batch_size, self.config), self.planned_jobs)
         SWEEP.planned(sum(len(batch) for batch in batches))  # "job i of n" (src/run.py announces each job)
         return batches

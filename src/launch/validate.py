@@ -140,9 +140,11 @@ def hydra_error_line(exc: BaseException) -> str | None:
     return None
 
 
-def check_sweep_jobs(config_loader, sweep_config: DictConfig, batches: list[list[list[str]]]) -> list[list[list[str]]]:
+def check_sweep_jobs(config_loader, sweep_config: DictConfig, batches: list[list[list[str]]],
+                     planned: dict | None = None) -> list[list[list[str]]]:
     """The batches without their invalid jobs (none at all under fail_fast when one is invalid); every invalid job is
-    recorded (summary, `<sweep dir>/failures.json`) and named on stderr before anything is launched."""
+    recorded (summary, `<sweep dir>/failures.json`) and named on stderr before anything is launched.
+    planned: filled with {run name: {"run_dir", "overrides"}} of the valid jobs (for the sweep's jobs.json)."""
     previous = HydraConfig.instance().cfg
     kept, invalid = [], []  # invalid: (run name or None, its name for messages, the error line)
     try:
@@ -154,6 +156,9 @@ def check_sweep_jobs(config_loader, sweep_config: DictConfig, batches: list[list
                 error = config_error(job_cfg, list(overrides)) or refused_by_run_dir(job_cfg)
                 if error is None:
                     valid.append(overrides)
+                    if planned is not None:
+                        planned[job_name(job_cfg, overrides)] = {"run_dir": str(job_cfg.hydra.sweep.subdir),
+                                                                 "overrides": [str(o) for o in overrides]}
                     continue
                 name, line = job_name(job_cfg, overrides), one_line(error)
                 invalid.append((run_name(job_cfg), name, line))
@@ -192,6 +197,6 @@ class CheckConfigOnRunStart(Callback):
             sys.exit(one_line(error))  # printed on stderr, exit status 1; nothing was created
 
 
-def filter_sweep(sweeper, batches: Sequence) -> list:
+def filter_sweep(sweeper, batches: Sequence, planned: dict | None = None) -> list:
     """check_sweep_jobs for a Hydra sweeper after its setup (its config loader and configuration)."""
-    return check_sweep_jobs(sweeper.hydra_context.config_loader, sweeper.config, [list(b) for b in batches])
+    return check_sweep_jobs(sweeper.hydra_context.config_loader, sweeper.config, [list(b) for b in batches], planned)

@@ -26,10 +26,15 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from src.config import ADDED_KEYS, without_throughput_keys
 from src.launch.failures import read_sweep_failures
+from src.launch.planned import planned_run_dir, read_planned_jobs
+from src.launch.sweep_files import DamagedSweepFile, damaged_copies
 from src.ranking.nds import non_dominated_ranks
 from src.ranking.paper import COLUMNS
-from src.results import CONFIG_KEYS, DEFAULT_SAMPLER, FID_FEATURES, FIELDS, LEGACY_FID_FEATURES, entry_name, upgrade
+from src.results import (
+    CONFIG_KEYS, DEFAULT_SAMPLER, FID_FEATURES, FIELDS, LEGACY_FID_FEATURES, describe_missing, entry_name, upgrade,
+)
 
 RUN_MARKERS = (".hydra/config.yaml", "results.json", "error.json")
 SETTING_KEY = ["dataset", "setting", "ema"]  # a control setting (docs/ranking.md#control-settings: dataset x sampler setting x EMA)
@@ -48,6 +53,13 @@ METRICS = ("clip_score", "fid_clip", "fid_inception")
 LEGACY_SAMPLER = DEFAULT_SAMPLER
 DEFAULT_FIFTY_STEP_CFG = 5.0  # the 5-step column is at CFG 5.0; 50 steps at the same scale is the matching choice
 REEVALUATE = "python -m src.evaluate RUN_DIR"
+# n_wanted, n_missing: the records the run's configuration asks for, and how many of them it lacks (None: unknown).
+RUN_COLUMNS = ["sweep", "run_dir", "status", "error", "n_records", "n_wanted", "n_missing", "overrides"]
+#: What each run status means, as the report says it. done: every record its configuration asks for; partial: some
+#: of them (killed during the evaluation); incomplete: no results.json; missing: planned in jobs.json, never started;
+#: refused: failures.json says its latest launch did not run, and the directory holds an earlier run.
+STATUS_WORDS = {"done": "done", "partial": "partial results", "failed": "failed", "incomplete": "running or killed",
+                "unreadable": "unreadable", "missing": "never started", "refused": "relaunch not run"}
 
 
 @dataclass
@@ -58,6 +70,8 @@ class Sweep:
     records: pd.DataFrame
     runs: pd.DataFrame
     duplicates: pd.DataFrame
+    problems: tuple[str, ...] = ()  # sweep-level reasons its completeness is unknown (a damaged failures.json)
+    notes: tuple[str, ...] = ()  # sweep-level facts the reader should know (a damaged file a launch kept aside)
 
     @property
     def name(self) -> str:
@@ -66,8 +80,9 @@ class Sweep:
 
     @property
     def partial(self) -> bool:
-        """True when some run has no results (running, killed, failed or unreadable)."""
-        return bool((self.runs["status"] != "done").any())
+        """True when some run lacks results (running, killed, failed, unreadable, partly evaluated, never started,
+        relaunch not run) or the sweep's own records cannot say whether it is complete."""
+        return bool((self.runs["status"] != "done").any()) or bool(self.problems)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -95,10 +110,11 @@ def find_run_dirs(root: Path | str) -> list[Path]:
 
 
 def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
-    """Status row and record rows of one run directory."""
+    """Status row and record rows of one run directory. A run is done when results.json holds every record its
+    configuration asks for (the job's own rule, run_completeness); with only some of them it is partial."""
     results, error = run_dir / "results.json", run_dir / "error.json"
-    status = {"run_dir": str(run_dir), "status": "incomplete", "error": "", "n_records": 0,
-              "overrides": _read_overrides(run_dir)}
+    status = {"run_dir": str(run_dir), "status": "incomplete", "error": "", "n_records": 0, "n_wanted": None,
+              "n_missing": None, "overrides": _read_overrides(run_dir)}
     records: list[dict] = []
     if error.is_file():
         status["status"] = "failed"
@@ -115,7 +131,55 @@ def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
         status["n_records"] = len(records)
         if status["status"] == "incomplete":
             status["status"] = "done"
+            wanted = run_completeness(run_dir, raw)
+            if wanted is not None:
+                n_wanted, missing, absent = wanted
+                status.update(n_wanted=n_wanted, n_missing=len(missing))
+                if missing:  # killed during its evaluation, or relaunched with more settings and not finished
+                    what = [f"missing: {describe_missing(absent, raw)}"] if absent else []
+                    if len(missing) > len(absent):
+                        what.append(f"{len(missing) - len(absent)} without their arrays (eval/*.npz)")
+                    status.update(status="partial", error=f"{n_wanted - len(missing)} of the {n_wanted} records "
+                                  f"its configuration asks for; {'; '.join(what)}")
     return status, records
+
+
+def run_completeness(run_dir: Path, records: list[dict]) -> tuple[int, list[dict], list[dict]] | None:
+    """(how many records the run's configuration asks for, those it lacks by the job's own rule, those of them
+    results.json does not hold at all); None when no configuration of the run can say (a hand-made run directory, a
+    configuration of another version). The rule is src.results.missing_records, as src.evaluation.run.missing_for
+    applies it: a wanted record counts when one with exactly its settings is stored and its arrays are on disk.
+
+    The configuration is the latest launch's (.hydra/config.yaml, written by every launch that ran in the
+    directory), else config.yaml (the one the directory was bound with): a relaunch may ask for more evaluation
+    settings than the first launch did. A CLIP model whose weights are not on this machine (a sweep copied from the
+    cluster) cannot be named here as the job named it, so any stored name counts for it.
+    """
+    from omegaconf import OmegaConf
+
+    from src.results import missing_records
+
+    for path in (run_dir / ".hydra" / "config.yaml", run_dir / "config.yaml"):
+        try:
+            cfg = OmegaConf.load(path) if path.is_file() else None
+            if cfg is None or not (OmegaConf.is_dict(cfg.get("eval")) and OmegaConf.is_dict(cfg.get("loss"))):
+                continue
+            if not cfg.eval.enabled:
+                return 0, [], []
+            from src.evaluation.run import wanted_for  # (torch: only for real run directories)
+
+            wanted = wanted_for(cfg)
+            clip = OmegaConf.select(cfg, "eval.clip.weights_path")
+            if clip is not None and not Path(str(clip)).is_file():
+                stored = {r.get("feature_extractor") for r in records}
+                wanted = [{**w, "feature_extractor": next(iter(stored))} for w in wanted] if len(stored) == 1 \
+                    else wanted
+            need_inception = OmegaConf.select(cfg, "eval.inception.weights_path") is not None
+            return (len(wanted), missing_records(records, wanted, run_dir, need_inception),
+                    missing_records(records, wanted, None, need_inception))
+        except Exception:  # noqa: BLE001 -- a file this version cannot read as a configuration: try the next
+            continue
+    return None
 
 
 def load_sweep(dirs: Iterable[Path | str], by_sweep: bool = False) -> Sweep:
@@ -132,26 +196,79 @@ def load_sweep(dirs: Iterable[Path | str], by_sweep: bool = False) -> Sweep:
         twice = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"--by-sweep: sweep directories share the name(s) {twice}; the name is the entries' "
                          "qualifier, so each sweep needs its own")
-    statuses, rows = [], []
+    statuses, rows, problems, notes = [], [], [], []
     for root in roots:
         found = find_run_dirs(root)
+        held = {}  # run directory -> its status
         for run_dir in found:
             status, records = load_run(run_dir)
             statuses.append({"sweep": root.name, **status})
             rows.extend({"sweep": root.name, **rec} for rec in records)
-        # Jobs that failed before they could use their run directory (a configuration error, a busy directory) are
-        # only in the sweep's failures.json; without it a sweep missing a recipe would look complete.
-        found_set = set(found)
-        for name, failure in sorted(read_sweep_failures(root).items()):
-            if root / name not in found_set:
-                statuses.append({"sweep": root.name, "run_dir": str(root / name), "status": "failed",
-                                 "error": str(failure.get("error", "")), "n_records": 0, "overrides": ""})
-    runs = pd.DataFrame(statuses, columns=["sweep", "run_dir", "status", "error", "n_records", "overrides"])
+            held[run_dir] = status["status"]
+        found_rows, found_problems, found_notes = _sweep_record_rows(root, held)
+        statuses += found_rows
+        problems += found_problems
+        notes += found_notes
+    runs = pd.DataFrame(statuses, columns=RUN_COLUMNS)
     records = pd.DataFrame(rows, columns=["sweep", "run_dir", *REQUIRED_FIELDS, *OPTIONAL_FIELDS, *DERIVED_FIELDS])
     if by_sweep:
         records["base_entry"] = [_qualify(b, f"sweep={s}") for b, s in zip(records["base_entry"], records["sweep"])]
     records, duplicates = _drop_duplicates(records)
-    return Sweep(roots=roots, records=name_entries(records), runs=runs, duplicates=duplicates)
+    return Sweep(roots=roots, records=name_entries(records), runs=runs, duplicates=duplicates,
+                 problems=tuple(problems), notes=tuple(notes))
+
+
+def _sweep_record_rows(root: Path, held: dict[Path, str]) -> tuple[list[dict], list[str], list[str]]:
+    """Status rows from the sweep's own records, for the jobs its run directories cannot speak for; then the lines
+    saying why its completeness is unknown, and notes.
+
+    failures.json: jobs that failed before they could use their run directory (a configuration error, a refused
+    relaunch, a busy directory). Without a directory the job is failed; with one, the directory holds an earlier
+    run, which is ranked, and the row says the latest launch did not run (refused). jobs.json: the jobs the sweep
+    was launched to run; one with neither a run directory nor a failure never started (a sweep killed half-way).
+    Sweeps launched before jobs.json existed have none: their run directories are all the report knows.
+    """
+    from src.launch.failures import SWEEP_FAILURES
+    from src.launch.planned import SWEEP_JOBS
+
+    rows, problems, notes = [], [], []
+
+    def row(run_dir: Path, status: str, error: str, overrides: str = "") -> dict:
+        return {"sweep": root.name, "run_dir": str(run_dir), "status": status, "error": error, "n_records": 0,
+                "n_wanted": None, "n_missing": None, "overrides": overrides}
+
+    try:
+        planned = read_planned_jobs(root)
+    except DamagedSweepFile as exc:
+        planned = {}
+        problems.append(f"{exc}: the jobs the sweep was launched to run are unknown, so it may be incomplete")
+    try:
+        failures = read_sweep_failures(root)
+    except DamagedSweepFile as exc:
+        failures = {}
+        problems.append(f"{exc}: the jobs it recorded as failed are unknown, so the sweep may be incomplete")
+
+    def overrides(name: str) -> str:
+        return " ".join(map(str, planned.get(name, {}).get("overrides") or []))
+
+    for name, failure in sorted(failures.items()):
+        error = str(failure.get("error", "")) if isinstance(failure, dict) else str(failure)
+        run_dir = root / name
+        if run_dir in held:
+            when = f" at {failure['time']}" if isinstance(failure, dict) and failure.get("time") else ""
+            rows.append(row(run_dir, "refused", f"{error} (its latest launch{when}, not run; the directory holds "
+                                                f"an earlier run: {STATUS_WORDS.get(held[run_dir], held[run_dir])})",
+                            overrides(name)))
+        else:
+            rows.append(row(run_dir, "failed", error, overrides(name)))
+    for name, job in sorted(planned.items()):
+        run_dir = planned_run_dir(root, job)
+        if run_dir not in held and name not in failures:
+            rows.append(row(run_dir, "missing", f"planned in {SWEEP_JOBS}, never started", overrides(name)))
+    for name in (SWEEP_FAILURES, SWEEP_JOBS):
+        for aside in damaged_copies(root, name):
+            notes.append(f"{aside} is a damaged {name} a launch kept aside; what it recorded is not in this report")
+    return rows, problems, notes
 
 
 # ---------------------------------------------------------------------------------------------- entries
@@ -343,6 +460,108 @@ def check_eval_settings(records: pd.DataFrame) -> None:
             f"the sweep mixes evaluation settings: {key} = {listed}; re-evaluate these runs with "
             f"`{REEVALUATE} {key}=...` so every run has the same: {shown}"
         )
+
+
+#: Training settings that never make runs incomparable: the recipe (the entry's name), the training seed (seeds are
+#: replicates of one entry) and the dataset (a control setting of its own).
+ENTRY_KEYS = ("loss", "seed", "data.name")
+
+
+def training_settings(run_dir: Path | str) -> dict[str, str] | None:
+    """The settings a run was trained with, as dotted key -> JSON value, from its fingerprint.json (the keys that
+    determine the trained model, src.config.fingerprint); None when it has none (a hand-made or very old run).
+
+    Keys added to the fingerprint after a run was made read as the value every earlier run had (ADDED_KEYS). An
+    embedded dataset's folders are compared by their own names (dataset, size and data version), not by the cache
+    they lie in: two caches of the same data are the same training data.
+    """
+    try:
+        fp = json.loads((Path(run_dir) / "fingerprint.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(fp, dict):
+        return None
+    fp = without_throughput_keys(fp)
+    for section, added in ADDED_KEYS.items():
+        fp[section] = {**added, **fp[section]} if isinstance(fp.get(section), dict) else fp.get(section, dict(added))
+    data = fp.get("data") if isinstance(fp.get("data"), dict) else {}
+    if data.get("kind") == "embedded":
+        for key in ("train_dir", "eval_dir"):
+            if isinstance(data.get(key), str):
+                data[key] = "/".join(Path(data[key]).parts[-2:])
+    return _flatten(fp)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = json.dumps(value, sort_keys=True)
+    return out
+
+
+def _named_by(key: str, names: Iterable[str]) -> bool:
+    """Whether a dotted setting is one of these keys or lies under one (`model` covers `model.depth`)."""
+    return any(key == n or key.startswith(f"{n}.") for n in names)
+
+
+def check_training_settings(records: pd.DataFrame, by_sweep: bool = False) -> None:
+    """Refuse, in one line naming the setting, its values and the runs, to rank runs trained differently together.
+
+    Runs are compared within each dataset (the control settings they share): every training setting of their
+    fingerprint.json must agree, except the recipe, the training seed and the values swept on purpose (the run's
+    tag, part of its entry's name: `-m optim.lr=1e-4,3e-4` ranks two entries). Backbone settings (model.*) are
+    compared among runs of one backbone, which names its entries (`rf [DiT]`). A relaunch with another
+    train.max_steps trains only the new recipes (the others' directories hold the older configuration), and two
+    sweeps of different budgets pooled into one report would otherwise rank 9-step models against 8-step ones.
+    With by_sweep every sweep's entries are their own, so runs are compared within each sweep. Runs without a
+    fingerprint.json are not checked.
+    """
+    if records.empty:
+        return
+    columns = ["run_dir", "dataset", "tags", "sweep"]
+    runs = records[[c for c in columns if c in records.columns]].drop_duplicates("run_dir")
+    values: dict[tuple, dict[str, list[str]]] = {}  # (group, key) -> value -> runs
+    for run in runs.itertuples(index=False):
+        settings = training_settings(run.run_dir)
+        if settings is None:
+            continue
+        swept = _tag_keys(getattr(run, "tags", None))
+        group = (str(run.dataset), str(getattr(run, "sweep", "")) if by_sweep else "")
+        for key, value in settings.items():
+            if _named_by(key, ENTRY_KEYS) or _named_by(key, swept):
+                continue
+            where = (*group, str(settings.get("model._target_")) if key.startswith("model.") else "")
+            values.setdefault((where, key), {}).setdefault(value, []).append(str(run.run_dir))
+    differing = [(where, key, runs_by_value) for (where, key), runs_by_value in sorted(values.items())
+                 if len(runs_by_value) > 1]
+    if not differing:
+        return
+    where, key, runs_by_value = differing[0]
+    ordered = sorted(runs_by_value.items(), key=lambda item: (-len(item[1]), item[0]))
+    common = ordered[0][0]
+    listed = ", ".join(f"{_shown(v)} ({len(r)} run{'s' * (len(r) != 1)})" for v, r in ordered)
+    odd = sorted(r for v, rs in ordered[1:] for r in rs)
+    shown = ", ".join(odd[:5]) + (f" and {len(odd) - 5} more" if len(odd) > 5 else "")
+    others = sorted({k for _, k, _ in differing} - {key})
+    also = f" (also differing: {', '.join(others[:5])}{' ...' if len(others) > 5 else ''})" if others else ""
+    involved = [r for rs in runs_by_value.values() for r in rs]
+    sweeps = set(records.loc[records["run_dir"].isin(involved), "sweep"]) if "sweep" in records.columns else set()
+    by_sweep_hint = ", or pass --by-sweep to rank each sweep's entries side by side" if len(sweeps) > 1 else ""
+    raise ValueError(
+        f"the runs ranked together were trained with different settings: {key} = {listed} on {where[0]}{also}; "
+        "runs are ranked against each other only when trained alike (a value swept on purpose, in the run tag, "
+        f"names its own entries): retrain these runs with {key}={_shown(common)} (delete their directories and "
+        f"relaunch, or use another sweep_name){by_sweep_hint}: {shown}"
+    )
+
+
+def _shown(value: str) -> str:
+    """A JSON value as a command line would give it (strings without their quotes)."""
+    loaded = json.loads(value)
+    return loaded if isinstance(loaded, str) else value
 
 
 def _tag_keys(tags) -> list[str]:

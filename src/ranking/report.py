@@ -22,9 +22,10 @@ import numpy as np
 import pandas as pd
 
 from src.ranking.aggregate import (
-    LEGACY_SAMPLER, SETTING_KEY, Sweep, average_ranks, check_eval_settings, check_fid_features, check_sweep_overlap,
-    describe_column, describe_fifty_step, load_sweep, missing_settings, pool_seeds, rank_table, restrict_datasets,
-    restrict_recipes, restrict_sampler, restrict_train_seeds, seed_counts, seed_order, setting_groups, setting_label,
+    LEGACY_SAMPLER, SETTING_KEY, STATUS_WORDS, Sweep, average_ranks, check_eval_settings, check_fid_features,
+    check_sweep_overlap, check_training_settings, describe_column, describe_fifty_step, load_sweep, missing_settings,
+    pool_seeds, rank_table, restrict_datasets, restrict_recipes, restrict_sampler, restrict_train_seeds, seed_counts,
+    seed_order, setting_groups, setting_label,
 )
 from src.ranking.agreement import noise_ceiling, seed_agreement, spearman_brown
 from src.ranking.bootstrap import RankBootstrap, bootstrap_ranks, check_settings, inseparable_pairs, resolve_workers
@@ -117,7 +118,8 @@ def build_report(
     by_sweep: rank each sweep directory's entries as entries of their own (`rf [sweep=NAME]`). Without it, sweeps
     that hold the same entry, seed and setting are refused (ValueError) rather than one hiding the other.
     A sweep whose records mix FID feature definitions, or evaluation settings (eval.n_samples, eval.seed, the CLIP
-    model, eval.checkpoint) outside a swept value, is refused (ValueError naming the runs to re-evaluate).
+    model, eval.checkpoint) outside a swept value, is refused (ValueError naming the runs to re-evaluate); so are
+    runs ranked together that were trained with different settings outside a swept value (check_training_settings).
     """
     if int(draws) < 0:
         raise ValueError(f"bootstrap draws={draws!r}: must be 0 (off) or a positive integer")
@@ -146,6 +148,8 @@ def build_report(
         records = restrict_recipes(records, recipes)
     if datasets is not None:
         records = restrict_datasets(records, datasets)
+    # The runs actually ranked together (after --recipes and the like) must have been trained alike.
+    check_training_settings(records, by_sweep)
     ranked = rank_table(pool_seeds(records))
     groups = setting_groups(ranked, fifty_step_cfg)
     table = average_ranks(ranked, groups)
@@ -280,21 +284,66 @@ def separability_table(report: RankReport) -> Table | None:
 
 
 def status_lines(report: RankReport) -> list[str]:
-    """What the sweep contains and whether it is partial."""
+    """What the sweep contains and whether it is partial, with the reasons and the runs they concern."""
     runs = report.sweep.runs
     counts = runs["status"].value_counts()
     parts = [f"{counts.get('done', 0)} done"]
-    for status, words in (("failed", "failed"), ("incomplete", "running or killed"), ("unreadable", "unreadable")):
+    for status in ("partial", "failed", "incomplete", "unreadable", "missing"):
         if counts.get(status, 0):
-            parts.append(f"{counts[status]} {words}")
+            parts.append(f"{counts[status]} {STATUS_WORDS[status]}")
+    n_refused = int(counts.get("refused", 0))
+    refused = f"; {n_refused} relaunch{'es' * (n_refused != 1)} not run (failures.json)" if n_refused else ""
     lines = [
-        f"Sweep {report.sweep.name}: {len(runs)} run directories ({', '.join(parts)}); "
-        f"{len(report.ranked)} records, {report.ranked['recipe'].nunique()} recipes, "
+        f"Sweep {report.sweep.name}: {int((runs['status'] != 'refused').sum())} run directories ({', '.join(parts)})"
+        f"{refused}; {len(report.ranked)} records, {report.ranked['recipe'].nunique()} recipes, "
         f"{report.n_settings['all']} control settings."
     ]
     if report.sweep.partial:
-        lines.append("PARTIAL SWEEP: some runs have no results; the ranks cover the finished records only.")
+        lines.append(f"PARTIAL SWEEP: {'; '.join(_partial_reasons(report.sweep))}; the ranks cover the finished "
+                     "records only.")
+    lines += list(report.sweep.notes)
     return lines
+
+
+#: How the PARTIAL SWEEP line says each kind of unfinished run.
+PARTIAL_WORDS = {
+    "missing": "planned in jobs.json but never started",
+    "partial": "evaluated in part (results.json lacks records their configuration asks for)",
+    "incomplete": "running or killed, no results yet",
+    "failed": "failed",
+    "unreadable": "with an unreadable results.json",
+    "refused": "whose latest launch did not run, their directories holding earlier runs (failures.json)",
+}
+
+
+def _partial_reasons(sweep: Sweep) -> list[str]:
+    """Why the sweep is partial: the sweep-level problems, then each kind of unfinished run with its runs named."""
+    reasons = list(sweep.problems)
+    runs = sweep.runs
+    for status, words in PARTIAL_WORDS.items():
+        part = runs[runs["status"] == status]
+        if part.empty:
+            continue
+        names = [_run_label(sweep, r) for r in part.itertuples(index=False)]
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        reasons.append(f"{len(part)} run{'s' * (len(part) != 1)} {words}: {shown}")
+    return reasons
+
+
+def _run_label(sweep: Sweep, run) -> str:
+    """A run named by its directory within its sweep (`digits/edm_-1.20_1.20`), with its records when partial."""
+    root = next((r for r in sweep.roots if r.name == run.sweep), None)
+    label = str(run.run_dir)
+    if root is not None:
+        try:
+            label = Path(run.run_dir).relative_to(root).as_posix()
+        except ValueError:
+            pass
+    if len(sweep.roots) > 1:
+        label = f"{run.sweep}/{label}"
+    if run.status == "partial" and run.n_wanted:
+        label += f" ({int(run.n_wanted - run.n_missing)} of {int(run.n_wanted)} records)"
+    return label
 
 
 def notes(report: RankReport) -> list[str]:
@@ -413,12 +462,13 @@ def spearman_line(spearman: pd.DataFrame) -> str:
 
 
 def runs_table(report: RankReport) -> Table | None:
-    """Run directories without results (failed, running or killed, unreadable)."""
+    """Runs without all their results (failed, running or killed, evaluated in part, unreadable, never started,
+    relaunch not run)."""
     runs = report.sweep.runs[report.sweep.runs["status"] != "done"]
     if runs.empty:
         return None
-    words = {"failed": "failed", "incomplete": "running or killed", "unreadable": "unreadable"}
-    rows = [[r.run_dir, r.overrides, words.get(r.status, r.status), r.error] for r in runs.itertuples(index=False)]
+    rows = [[r.run_dir, r.overrides, STATUS_WORDS.get(r.status, r.status), r.error]
+            for r in runs.itertuples(index=False)]
     return Table(["run directory", "overrides", "status", "error"], rows)
 
 
@@ -452,7 +502,7 @@ def _extra_tables(report: RankReport) -> list[tuple[str, Table]]:
     candidates = [
         ("Recipes the data cannot separate (all settings)", separability_table(report)),
         (f"Metrics at {TABLE2_STEPS} steps, EMA weights (paper Table 2 form)", table2(report)),
-        ("Runs without results", runs_table(report)),
+        ("Runs without all their results", runs_table(report)),
     ]
     return [(title, table) for title, table in candidates if table is not None and table.rows]
 

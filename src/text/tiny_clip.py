@@ -17,11 +17,9 @@ import torch.nn.functional as F
 
 from src.utils.io import atomic_write_bytes, atomic_write_json
 from src.text.checkpoints import load_open_clip, sha256_file
+from src.text.tiny_clip_paths import MODEL_NAME, WEIGHTS_PATH
 
-MODEL_NAME = "tiny-clip-16px"
 CONFIG_PATH = Path(__file__).parent / "model_configs" / f"{MODEL_NAME}.json"
-REPO_ROOT = Path(__file__).resolve().parents[2]
-WEIGHTS_PATH = REPO_ROOT / "assets" / "tiny_clip" / "tiny_clip.pt"
 # ToTensor's [0, 1] normalised by mean = std = 0.5 is [-1, 1], the project's pixel range: tensors in [-1, 1] are
 # already the model's normalised input.
 IMAGE_MEAN = (0.5, 0.5, 0.5)
