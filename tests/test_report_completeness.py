@@ -162,3 +162,20 @@ def test_a_damaged_failures_json_makes_the_sweep_partial_and_a_launch_keeps_it_a
     code, text, _ = report(capsys, sweep, "--out", tmp_path / "r")
     assert code == 0 and "PARTIAL" not in text  # jobs.json names the sweep's jobs: all done
     assert f"{sweep / 'failures.json.damaged'} is a damaged failures.json a launch kept aside" in text
+
+
+def test_the_report_ranks_the_records_the_latest_launch_asked_for(base, tmp_path, capsys):
+    """A relaunch with more samples (eval.n_samples=6), then the sweep's own command again (its n=4 records are
+    there: complete already): the report ranks the n=4 records the latest launch asked for, not the newer n=6 ones."""
+    from src.ranking.aggregate import load_sweep
+
+    root, sweep = copy_of(base, tmp_path)
+    _, cache = base
+    more = run_cli(root, cache, RECIPES, "eval.n_samples=6")
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert set(load_sweep([sweep]).records["n_samples"]) == {6}  # that launch asked for n=6
+    again = run_cli(root, cache, RECIPES)
+    assert again.returncode == 0 and again.stderr.count("complete already, skipped") == 3, again.stderr[-3000:]
+    loaded = load_sweep([sweep])
+    assert set(loaded.records["n_samples"]) == {4} and set(loaded.duplicates["n_samples"]) == {6}
+    assert list(loaded.runs["status"]) == ["done"] * 3

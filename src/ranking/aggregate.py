@@ -33,7 +33,8 @@ from src.launch.sweep_files import DamagedSweepFile, damaged_copies
 from src.ranking.nds import non_dominated_ranks
 from src.ranking.paper import COLUMNS
 from src.results import (
-    CONFIG_KEYS, DEFAULT_SAMPLER, FID_FEATURES, FIELDS, LEGACY_FID_FEATURES, describe_missing, entry_name, upgrade,
+    CONFIG_KEYS, DEFAULT_SAMPLER, FID_FEATURES, FIELDS, LEGACY_FID_FEATURES, describe_missing, entry_name, record_identity,
+    upgrade,
 )
 
 RUN_MARKERS = (".hydra/config.yaml", "results.json", "error.json")
@@ -129,11 +130,15 @@ def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
             raise ValueError(f"{results}: expected a JSON list of records, got {type(raw).__name__}")
         records = [_record_row(rec, run_dir, results, i) for i, rec in enumerate(raw)]
         status["n_records"] = len(records)
+        wanted = run_completeness(run_dir, raw)
+        if wanted is not None:  # of two records of one setting, the one the latest launch asked for is ranked
+            ids = {record_identity(w) for w in wanted[3]}
+            for row, rec in zip(records, raw):
+                row["_wanted"] = record_identity(upgrade(rec)) in ids
         if status["status"] == "incomplete":
             status["status"] = "done"
-            wanted = run_completeness(run_dir, raw)
             if wanted is not None:
-                n_wanted, missing, absent = wanted
+                n_wanted, missing, absent, _ = wanted
                 status.update(n_wanted=n_wanted, n_missing=len(missing))
                 if missing:  # killed during its evaluation, or relaunched with more settings and not finished
                     what = [f"missing: {describe_missing(absent, raw)}"] if absent else []
@@ -144,9 +149,10 @@ def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
     return status, records
 
 
-def run_completeness(run_dir: Path, records: list[dict]) -> tuple[int, list[dict], list[dict]] | None:
+def run_completeness(run_dir: Path, records: list[dict]
+                     ) -> tuple[int, list[dict], list[dict], list[dict]] | None:
     """(how many records the run's configuration asks for, those it lacks by the job's own rule, those of them
-    results.json does not hold at all); None when no configuration of the run can say (a hand-made run directory, a
+    results.json does not hold at all, the records it asks for); None when no configuration of the run can say (a hand-made run directory, a
     configuration of another version). The rule is src.results.missing_records, as src.evaluation.run.missing_for
     applies it: a wanted record counts when one with exactly its settings is stored and its arrays are on disk.
 
@@ -165,7 +171,7 @@ def run_completeness(run_dir: Path, records: list[dict]) -> tuple[int, list[dict
             if cfg is None or not (OmegaConf.is_dict(cfg.get("eval")) and OmegaConf.is_dict(cfg.get("loss"))):
                 continue
             if not cfg.eval.enabled:
-                return 0, [], []
+                return 0, [], [], []
             from src.evaluation.run import wanted_for  # (torch: only for real run directories)
 
             wanted = wanted_for(cfg)
@@ -176,7 +182,7 @@ def run_completeness(run_dir: Path, records: list[dict]) -> tuple[int, list[dict
                     else wanted
             need_inception = OmegaConf.select(cfg, "eval.inception.weights_path") is not None
             return (len(wanted), missing_records(records, wanted, run_dir, need_inception),
-                    missing_records(records, wanted, None, need_inception))
+                    missing_records(records, wanted, None, need_inception), wanted)
         except Exception:  # noqa: BLE001 -- a file this version cannot read as a configuration: try the next
             continue
     return None
@@ -210,7 +216,8 @@ def load_sweep(dirs: Iterable[Path | str], by_sweep: bool = False) -> Sweep:
         problems += found_problems
         notes += found_notes
     runs = pd.DataFrame(statuses, columns=RUN_COLUMNS)
-    records = pd.DataFrame(rows, columns=["sweep", "run_dir", *REQUIRED_FIELDS, *OPTIONAL_FIELDS, *DERIVED_FIELDS])
+    records = pd.DataFrame(rows, columns=["sweep", "run_dir", *REQUIRED_FIELDS, *OPTIONAL_FIELDS, *DERIVED_FIELDS,
+                                          "_wanted"])
     if by_sweep:
         records["base_entry"] = [_qualify(b, f"sweep={s}") for b, s in zip(records["base_entry"], records["sweep"])]
     records, duplicates = _drop_duplicates(records)
@@ -481,14 +488,9 @@ def training_settings(run_dir: Path | str) -> dict[str, str] | None:
         return None
     if not isinstance(fp, dict):
         return None
-    fp = without_throughput_keys(fp)
+    fp = without_throughput_keys(fp)  # (embedded data's folders by their names)
     for section, added in ADDED_KEYS.items():
         fp[section] = {**added, **fp[section]} if isinstance(fp.get(section), dict) else fp.get(section, dict(added))
-    data = fp.get("data") if isinstance(fp.get("data"), dict) else {}
-    if data.get("kind") == "embedded":
-        for key in ("train_dir", "eval_dir"):
-            if isinstance(data.get(key), str):
-                data[key] = "/".join(Path(data[key]).parts[-2:])
     return _flatten(fp)
 
 
@@ -669,14 +671,19 @@ def resolve_path(path: str, run_dir: Path) -> str:
 
 
 def _drop_duplicates(records: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Keep the newest record per (recipe, control setting) (e.g. a rerun job); return the dropped ones."""
+    """Keep one record per (recipe, control setting): one its run's latest launch asked for (`_wanted`: e.g. the
+    default eval.n_samples again after a relaunch with more), else the newest (a rerun job); return the dropped."""
+    wanted = records["_wanted"] if "_wanted" in records.columns else pd.Series(True, index=records.index)
+    records = records.drop(columns=["_wanted"], errors="ignore")
     if records.empty:
         return records.reset_index(drop=True), records.copy()
-    order = records.assign(_created=records["created"].fillna("").astype(str), _pos=np.arange(len(records)))
-    order = order.sort_values(["_created", "_pos"], kind="stable")
+    order = records.assign(_w=wanted.fillna(True).astype(bool).to_numpy(),
+                           _created=records["created"].fillna("").astype(str), _pos=np.arange(len(records)))
+    order = order.sort_values(["_w", "_created", "_pos"], kind="stable")
     keep = ~order.duplicated(RECORD_KEY, keep="last")
-    kept = order[keep].sort_values("_pos").drop(columns=["_created", "_pos"]).reset_index(drop=True)
-    dropped = order[~keep].sort_values("_pos").drop(columns=["_created", "_pos"]).reset_index(drop=True)
+    helpers = ["_w", "_created", "_pos"]
+    kept = order[keep].sort_values("_pos").drop(columns=helpers).reset_index(drop=True)
+    dropped = order[~keep].sort_values("_pos").drop(columns=helpers).reset_index(drop=True)
     return kept, dropped
 
 
