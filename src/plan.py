@@ -521,6 +521,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         line = hydra_error_line(e) or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         print(f"plan: {line}", file=sys.stderr)
         return 2
+    finally:  # process-wide: a caller in the same process (a notebook, a test) keeps its warnings
+        logging.disable(logging.NOTSET)
     print(render(plan))
     return 0
 

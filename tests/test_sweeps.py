@@ -211,6 +211,9 @@ def test_plan_cli_launches_nothing(tmp_path, capsys):
     assert plan.main([*args, "--mfu", "0.3"]) == 0
     out = capsys.readouterr().out
     assert "2 jobs" in out and "30% utilisation" in out
+    import logging
+
+    assert logging.root.manager.disable == logging.NOTSET  # the caller's logging as it was (a notebook's warnings)
     assert list(tmp_path.iterdir()) == []  # no sweep directory, no multirun.yaml
     assert plan.main([*args, "--mfu", "2"]) == 2
     assert "--mfu=2.0: must be in (0, 1]" in capsys.readouterr().err
