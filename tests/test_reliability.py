@@ -218,12 +218,26 @@ TRAIN_KEYS = "max_steps, val_every, ckpt_every, ema_every, ema_decay, cond_dropo
                              f"{GRAMMAR}"),
 ], ids=["option", "option in a sweep", "sweep", "launcher", "key", "key in a sweep", "key under a value", "deletion",
         "syntax"])
-def test_hydra_composition_errors_are_one_line_and_create_nothing(tmp_path, args, line):
+def test_hydra_composition_errors_are_one_line_and_create_nothing(tmp_path, monkeypatch, capsys, args, line):
     """Hydra's own errors (an option or a setting that does not exist, an override it cannot parse) in one line
-    naming the setting and what is allowed; Hydra prints them over many lines with its search path."""
-    out = cli([*args, f"paths.root_dir={tmp_path}"])
-    assert out.returncode == 1
-    assert out.stderr.strip() == line
+    naming the setting and what is allowed; Hydra prints them over many lines with its search path. src.run's cli()
+    in this process (the command itself: test_hydra_composition_errors_through_the_command)."""
+    from src.run import cli as run_cli
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setattr(sys, "argv", ["src/run.py", *args, f"paths.root_dir={tmp_path}"])
+    assert run_cli() == 1
+    assert capsys.readouterr().err.strip() == line
+    assert list(tmp_path.iterdir()) == [] and "HYDRA_FULL_ERROR" not in os.environ
+
+
+def test_hydra_composition_errors_through_the_command(tmp_path):
+    for args, line in ((["-m", "loss=rf,bogus"], f"loss=bogus: no such option in config group loss; allowed: "
+                                                 f"{LOSS_OPTIONS}"),
+                       (["train.max_stepz=3"], f"train.max_stepz: no such setting (a typo?); the settings of train: "
+                                               f"{TRAIN_KEYS}")):
+        out = cli([*args, f"paths.root_dir={tmp_path}"])
+        assert out.returncode == 1 and out.stderr.strip() == line
     assert list(tmp_path.iterdir()) == []
 
 

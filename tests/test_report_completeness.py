@@ -127,6 +127,7 @@ def test_a_relaunch_with_other_training_settings_is_refused_in_one_line_and_its_
     assert "not run; the directory holds an earlier run: done)" in md
 
 
+@pytest.mark.slow  # the quick suite's time budget; `make test-slow` runs it
 def test_sweeps_of_different_budgets_are_not_pooled(base, tmp_path, capsys):
     """Two sweeps of different recipes, one trained 8 steps and one 9, named in one report: refused in one line;
     --by-sweep ranks each sweep's entries side by side."""

@@ -191,6 +191,7 @@ def _own_cache(trained: Path, tmp_path: Path, name: str = "cache") -> Path:
     return tmp_path / name
 
 
+@pytest.mark.slow  # the quick suite's time budget; `make test-slow` runs it
 def test_weights_files_of_one_name_are_two_feature_extractors(trained, run, tmp_path):
     """a/clip.pt and b/clip.pt hold different weights: b's FID is measured against b's own reference statistics,
     not the ones cached for a (the cache was keyed by the file's name: the auditor's FID 123.59 for 75.67)."""

@@ -3,6 +3,8 @@ directory links the first's checkpoints and evaluates (src/training/job.py reuse
 import json
 import os
 
+import pytest
+
 from src.results import read_results
 from tests.test_faults import TINY, cache_dir, run_cli  # noqa: F401 (cache_dir is a fixture)
 
@@ -48,6 +50,7 @@ def test_a_sampler_sweep_trains_each_model_once(tmp_path, cache_dir):
     assert again.returncode == 0 and (second / "results.json").read_bytes() == before
 
 
+@pytest.mark.slow  # the quick suite's time budget; `make test-slow` runs it
 def test_the_other_ranks_of_a_multi_process_job_leave_evaluation_to_rank_zero(tmp_path, cache_dir):
     """Rank 1 of a two-task job (SLURM's variables) neither trains a model its twin trained nor evaluates: rank 0
     links and evaluates (once, not once per rank)."""
@@ -76,6 +79,7 @@ def test_the_other_ranks_of_a_multi_process_job_leave_evaluation_to_rank_zero(tm
         assert 6 in {r["n_samples"] for r in read_results(recipe / d)}, d
 
 
+@pytest.mark.slow  # the quick suite's time budget; `make test-slow` runs it
 def test_reuse_training_false_and_other_seeds_train_again(tmp_path, cache_dir):
     out = _sweep(tmp_path, cache_dir, "reuse_training=false")
     assert out.returncode == 0, out.stderr[-3000:]
