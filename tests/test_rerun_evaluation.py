@@ -211,6 +211,7 @@ def test_weights_files_of_one_name_are_two_feature_extractors(trained, run, tmp_
     assert rec_a["reference_arrays"] != rec_b["reference_arrays"]
 
 
+@pytest.mark.slow  # the quick suite's time budget (the Inception twin below runs in it)
 def test_weights_replaced_at_the_same_path_are_evaluated_again(trained, run, tmp_path):
     """A weights file overwritten in place is another feature extractor: the rerun evaluates (it said "results
     complete, nothing to do" and served the old FID); its checksum is remembered under the cache folder."""
@@ -387,15 +388,17 @@ def test_records_of_an_earlier_checkpoint_are_evaluated_again(trained, run, monk
     assert plan.job_status(cfg, run) == "done"
 
 
-def test_evaluate_cli_refuses_a_run_whose_training_is_not_finished(run):
+def test_evaluate_cli_refuses_a_run_whose_training_is_not_finished(run, capsys):
     """Its results would be of an intermediate model, kept as the run's own after it resumes."""
+    from src.evaluate import main as evaluate_main
+
     _set_step(run / "checkpoints" / "last.ckpt", 2)
     before = (run / "results.json").read_bytes()
-    out = _cli(str(run), "eval.seed=7")
-    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
-    assert out.stderr.strip() == (f"evaluate: ConfigError: {run}: training is not finished (last.ckpt is of step 2 of "
-                                  f"train.max_steps=4); rerun its python -m src.run command to resume it, which "
-                                  f"evaluates at the end")
+    assert evaluate_main([str(run), "eval.seed=7"]) == 2  # the command's main, in this process
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.strip() == (
+        f"evaluate: ConfigError: {run}: training is not finished (last.ckpt is of step 2 of train.max_steps=4); rerun "
+        f"its python -m src.run command to resume it, which evaluates at the end")
     assert (run / "results.json").read_bytes() == before
 
 
