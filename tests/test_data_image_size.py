@@ -88,6 +88,7 @@ def test_runs_fingerprinted_before_image_size_existed_still_resume(tmp_path):
     assert "data.image_size" in changed and "data.latent_size" in changed
 
 
+@pytest.mark.slow  # the quick suite's time budget; the 32px seed sweep of test_cli_sweeps covers it through the CLI
 def test_a_run_at_32_pixels_through_the_cli_trains_and_evaluates_at_that_size(tmp_path):
     """`python -m src.run data.image_size=32`: the backbone takes 32x32 inputs and the samples evaluated are 32x32."""
     tiny = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "data.batch_size=8", "data.val_samples=8",

@@ -340,25 +340,29 @@ def test_evaluate_cli_re_evaluates_a_finished_run(trained, run):
     assert "max_steps: 4" in stored and "hidden_size: 32" in stored
 
 
-def test_evaluate_cli_refuses_training_keys_and_runs_without_checkpoints(run, tmp_path):
+def test_evaluate_cli_refuses_training_keys_and_runs_without_checkpoints(run, tmp_path, capsys):
     out = _cli(str(run), "optim.lr=0.5")
     assert out.returncode == 2 and out.stderr.count("\n") == 1
     assert "optim.lr: only eval.*, sampler.* and paths.* may change" in out.stderr
     # Bad values and unknown keys: the checks of src.run, one line, before anything is loaded or written.
     before = (run / "results.json").read_bytes()
+    from src.evaluate import main as evaluate_main
+
     for override, message in (("eval.n_samples=1", "eval.n_samples=1: must be an integer >= 2"),
                               ("eval.settings=5", "eval.settings=5: must be a non-empty list"),
                               ("sampler.name=bogus", "sampler.name=bogus: sampler='bogus' is not allowed"),
                               ("eval.n_sample=6", "eval.n_sample: no such setting; eval.* has "),
                               ("+eval.n_sample=6", "eval.n_sample: no such setting; eval.* has ")):
-        out = _cli(str(run), override)
-        assert out.returncode == 2 and out.stderr.count("\n") == 1 and message in out.stderr, (override, out.stderr)
+        assert evaluate_main([str(run), override]) == 2  # the command's main, in this process (one CLI call above)
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (override, err)
     assert (run / "results.json").read_bytes() == before
     empty = tmp_path / "empty"
     empty.mkdir()
     shutil.copy(run / "config.yaml", empty / "config.yaml")
-    out = _cli(str(empty))
-    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "no checkpoint" in out.stderr
+    assert evaluate_main([str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no checkpoint" in err
 
 
 def _set_step(path: Path, step: int) -> None:

@@ -321,6 +321,7 @@ def test_plan_of_a_single_run_names_the_single_runs_directory():
         assert str(job.run_dir) == "/r/outputs/multirun/default/digits/rf"
 
 
+@pytest.mark.slow  # the quick suite's time budget; run tags are planned and tested quickly above; test_faults sweeps optim.lr through the CLI
 def test_learning_rate_sweep_runs_each_value_in_its_own_directory_and_ranks_them(tmp_path):
     from src.ranking.aggregate import load_sweep
 
