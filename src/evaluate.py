@@ -157,9 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         records = evaluate(argv[0], argv[1:])
     except Exception as e:  # one line, as for python -m src.run and src.plan
+        from src.launch.failures import one_line
         from src.launch.validate import hydra_error_line
 
-        line = hydra_error_line(e) or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        line = hydra_error_line(e) or one_line(e)
         print(f"evaluate: {line}", file=sys.stderr)
         return 2
     for r in records:

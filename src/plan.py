@@ -516,9 +516,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         plan = plan_sweep(overrides, args.peak_tflops, args.mfu, args.flops, args.gpu)
     except Exception as e:  # a one-line error, as for `python -m src.run`
+        from src.launch.failures import one_line
         from src.launch.validate import hydra_error_line
 
-        line = hydra_error_line(e) or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        line = hydra_error_line(e) or one_line(e)
         print(f"plan: {line}", file=sys.stderr)
         return 2
     finally:  # process-wide: a caller in the same process (a notebook, a test) keeps its warnings
