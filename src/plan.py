@@ -113,6 +113,7 @@ class Plan:
     flops_method: str
     parallelism: int | None  # jobs at once (the launcher's array_parallelism); None: one after the other
     mfu_source: str = "given (--mfu)"
+    not_launched: list[str] = field(default_factory=list)  # jobs that name another job's run directory
 
     def gpu_hours(self, flops: float) -> float:
         return flops / (self.peak_tflops * 1e12 * self.mfu) / 3600.0
@@ -396,12 +397,33 @@ def plan_sweep(overrides: Sequence[str], peak_tflops: float = H100_BF16_DENSE_TF
         launcher = base.hydra.launcher
         parallelism = int(launcher.array_parallelism) if launcher.get("array_parallelism") else None
         single = not {"-m", "--multirun"} & set(overrides) and jobs == [list(overrides)]
+        jobs, not_launched = (jobs, []) if single else _distinct_runs(jobs)
         planned = [plan_job(i, job, flops_method, single) for i, job in enumerate(jobs)]
         _plan_training_waves(base, jobs, planned)
         source = "given (--mfu)"
         if mfu is None and planned:
             mfu, source = launch_mfu(_compose(jobs[0]), planned[0], gpu)
-    return Plan(planned, peak_tflops, mfu or DEFAULT_MFU, flops_method, parallelism, source)
+    return Plan(planned, peak_tflops, mfu or DEFAULT_MFU, flops_method, parallelism, source, not_launched)
+
+
+def _distinct_runs(jobs: list[list[str]]) -> tuple[list[list[str]], list[str]]:
+    """The jobs the sweeper launches, without those naming an earlier job's run directory (src/launch/validate.py
+    same_run_dir: launched once, or refused), and a line for each of those."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from src.launch.validate import same_run_dir
+
+    runs: dict = {}
+    kept, lines = [], []
+    for job in jobs:
+        cfg = _compose(job)
+        HydraConfig.instance().set_config(cfg)  # for ${hydra:...} in run names
+        twin = same_run_dir(cfg, job, runs)
+        if twin is None:
+            kept.append(job)
+        else:
+            lines.append(f"{twin[1]}: {twin[2]}" if twin[0] else twin[2])
+    return kept, lines
 
 
 #: Statuses of a job that trains when the sweep is launched.
@@ -489,6 +511,7 @@ def render(plan: Plan, root: Path | None = None) -> str:
                    for wave in waves.values())
         lines.append(f"Wall clock with {at_once} jobs of {gpus} GPU(s) at once (array_parallelism)"
                      f"{f', in {len(waves)} waves' if len(waves) > 1 else ''}: about {wall:.3g} h.")
+    lines += [f"Not launched: {line}." for line in plan.not_launched]
     notes = list(dict.fromkeys(a for j in plan.jobs for a in j.assumptions))
     if notes:
         lines.append("Assumed: " + "; ".join(notes) + ".")

@@ -293,3 +293,19 @@ def test_train_seeds_ranks_one_seed_alone_and_refuses_an_absent_one(tmp_path, ca
     assert err == "rank report: error: --train-seeds 7: no records of that training seed; the sweep has ['0', '1', " \
                   "'2']\n"
     assert not (tmp_path / "r").exists()
+
+
+def test_inception_fids_of_two_weights_files_are_not_ranked_together(tmp_path, capsys):
+    """Each run's records name the Inception weights behind fid_inception (by content); two runs evaluated with
+    different Inception files would rank two metrics as one. Refused in one line naming the setting and the run."""
+    sweep = write_synthetic_sweep(tmp_path / "s", recipes=("rf", "eps/linear"), **SMALL)
+    for run, weights in (("0", "inception-v3-2048:aaaaaaaaaaaa"), ("1", "inception-v3-2048:bbbbbbbbbbbb")):
+        results = sweep / run / "results.json"
+        records = json.loads(results.read_text())
+        for rec in records:
+            rec["fid_inception"], rec["inception_extractor"] = 10.0, weights
+        results.write_text(json.dumps(records))
+    assert main([str(sweep), "--bootstrap", "0", "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the sweep mixes evaluation settings: eval.inception = inception-v3-2048:" in err
+    assert not (tmp_path / "r").exists()

@@ -387,3 +387,42 @@ def test_ranked_names_are_built_from_the_records_fields(model, tag, sampler, nam
 def test_documented_paper_setup_commands_compose(command):
     jobs = plan.plan_sweep(command.split()).jobs
     assert jobs and all(j.steps == 250000 and j.batch_size == 1024 for j in jobs)
+
+
+# ---- two jobs of one sweep naming one run directory ---------------------------------------------------------------
+SAME_DIR = ["loss=rf_lognorm", "loss.m=0,0.0,0.5", "run_name=${data.name}/same"]  # 0 and 0.0: one value spelled twice
+
+
+def test_plan_launches_a_run_directory_once(tmp_path, capsys):
+    """loss.m=0 and 0.0 are one run (equal settings): planned once; loss.m=0.5 under a run_name that leaves out the
+    recipe would share their directory with other settings: refused. The plan says both, as the sweeper does."""
+    assert plan.main(["-m", *SAME_DIR, f"paths.root_dir={tmp_path}", *FAKE_SHARDS, "--mfu", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "1 jobs (1 to run" in out
+    assert "Not launched: fake/same: loss.m=0.0 is the same run as loss.m=0 (equal settings): launched once." in out
+    assert ("Not launched: loss.m=0.5: run directory fake/same is also that of the job with loss.m=0, whose settings "
+            "differ (loss.m); run_name must tell the jobs apart") in out
+
+
+def test_sweep_launches_a_run_directory_once_and_refuses_a_second_configuration_in_it(tmp_path):
+    """Through the sweeper: the job spelling loss.m=0 as 0.0 is not launched a second time (on a SLURM array the two
+    would write one directory at once); the job with other settings in that directory is refused before anything is
+    launched, named in the summary and failures.json; the first job runs to the end."""
+    from src.launch.failures import read_sweep_failures
+
+    args = ["-m", *SAME_DIR, f"paths.root_dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache", "model.depth=1",
+            "model.hidden_size=32", "model.num_heads=2", "data.batch_size=16", "data.val_samples=16",
+            "train.max_steps=2", "train.val_every=2", "train.ckpt_every=2", "eval.n_samples=4", "eval.batch_size=4",
+            "eval.settings=[{steps: 2, cfg: 1.0}]", "eval.ema=[true]", "logger=csv", "torch_threads=1"]
+    out = subprocess.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "WANDB_MODE": "disabled"}, timeout=600)
+    assert out.returncode == 1, out.stderr[-3000:]
+    console = out.stdout + out.stderr
+    assert "digits/same: loss.m=0.0 is the same run as loss.m=0 (equal settings): launched once" in console
+    assert "job 1/1: digits/same" in console and "job 2/" not in console
+    summary = out.stderr[out.stderr.index("1 job(s) failed:"):]
+    assert "digits/same [loss.m=0.5]: run directory digits/same is also that of the job with loss.m=0" in summary
+    sweep = tmp_path / "outputs/multirun/default"
+    assert json.loads((sweep / "digits/same/fingerprint.json").read_text())["loss"]["m"] == 0
+    assert (sweep / "digits/same/results.json").is_file() and not (sweep / "digits/same/error.json").exists()
+    assert [v["error"] for v in read_sweep_failures(sweep).values()] == [summary.splitlines()[1].split(": ", 1)[1]]

@@ -147,6 +147,7 @@ def check_sweep_jobs(config_loader, sweep_config: DictConfig, batches: list[list
     planned: filled with {run name: {"run_dir", "overrides"}} of the valid jobs (for the sweep's jobs.json)."""
     previous = HydraConfig.instance().cfg
     kept, invalid = [], []  # invalid: (run name or None, its name for messages, the error line)
+    runs: dict[str, tuple[list[str], dict]] = {}  # run directory -> the first job's overrides and settings
     try:
         for batch in batches:
             valid = []
@@ -155,6 +156,16 @@ def check_sweep_jobs(config_loader, sweep_config: DictConfig, batches: list[list
                 HydraConfig.instance().set_config(job_cfg)  # for ${hydra:...} in run names
                 error = config_error(job_cfg, list(overrides)) or refused_by_run_dir(job_cfg)
                 if error is None:
+                    twin = same_run_dir(job_cfg, list(overrides), runs)
+                    if twin is not None and not twin[0]:
+                        log.warning("%s", twin[2], extra={"console": True})  # an earlier job's run: launched once
+                        continue
+                    if twin is not None:
+                        shown = f"{job_name(job_cfg, overrides)} [{twin[1]}]"
+                        invalid.append((None, shown, twin[2]))  # a stand-in name: the twin's run clears no entry
+                        log.error("not launched: %s: %s", shown, twin[2])
+                        record_failure(shown, twin[2])
+                        continue
                     valid.append(overrides)
                     if planned is not None:
                         planned[job_name(job_cfg, overrides)] = {"run_dir": str(job_cfg.hydra.sweep.subdir),
@@ -195,6 +206,49 @@ class CheckConfigOnRunStart(Callback):
             HydraConfig.instance().cfg = previous
         if error is not None:
             sys.exit(one_line(error))  # printed on stderr, exit status 1; nothing was created
+
+
+def job_settings(cfg: DictConfig) -> dict:
+    """A job's configuration without Hydra's own node (its overrides, its directories), unresolved: two jobs with
+    equal settings are the same run."""
+    settings = OmegaConf.to_container(cfg, resolve=False)
+    settings.pop("hydra", None)
+    return settings
+
+
+def differing_keys(a, b, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested containers (a key missing on one side differs)."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [] if a == b else [prefix or "(the configuration)"]
+    out = []
+    for key in [*a, *(k for k in b if k not in a)]:
+        both = key in a and key in b
+        out += differing_keys(a[key], b[key], f"{prefix}{key}.") if both else [f"{prefix}{key}"]
+    return [k.rstrip(".") for k in out]
+
+
+def same_run_dir(cfg: DictConfig, overrides: list[str], runs: dict[str, tuple[list[str], dict]]
+                 ) -> tuple[bool, str, str] | None:
+    """Whether a sweep's job names a run directory an earlier job of the sweep has: `-m optim.lr=1e-4,0.0001` or
+    `loss.m=0,0.0` spell one value twice; a run_name that leaves out a swept key sends two configurations to one
+    directory. None for a new directory (recorded in runs); else (refused, the overrides that tell the job apart,
+    a one-line message). With the earlier job's settings it is the same run, launched once (two array tasks in one
+    directory would write each other's checkpoints); with other settings it is refused: both would train into one
+    directory, which the second would refuse, or, on a SLURM array, corrupt."""
+    run_dir, settings = str(cfg.hydra.sweep.subdir), job_settings(cfg)
+    if run_dir not in runs:
+        runs[run_dir] = (overrides, settings)
+        return None
+    first, first_settings = runs[run_dir]
+    own = ", ".join(o for o in overrides if o not in first) or "the same overrides"
+    other = ", ".join(o for o in first if o not in overrides) or "the same overrides"
+    if first_settings == settings:
+        return False, own, f"{run_dir}: {own} is the same run as {other} (equal settings): launched once"
+    keys = differing_keys(first_settings, settings)
+    shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+    return True, own, (f"run directory {run_dir} is also that of the job with {other}, whose settings differ "
+                       f"({shown}); run_name must tell the jobs apart (the default names the dataset and the recipe, "
+                       f"and the sweeper adds each swept key)")
 
 
 def filter_sweep(sweeper, batches: Sequence, planned: dict | None = None) -> list:

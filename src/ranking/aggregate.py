@@ -436,17 +436,18 @@ def check_fid_features(records: pd.DataFrame) -> None:
 
 
 #: Evaluation settings every ranked record must share (a sampler is an entry qualifier, a shift is in the setting).
-UNIFORM_EVAL_FIELDS = ("n_samples", "eval_seed", "feature_extractor", "checkpoint")
+UNIFORM_EVAL_FIELDS = ("n_samples", "eval_seed", "feature_extractor", "inception_extractor", "checkpoint")
 
 
 def check_eval_settings(records: pd.DataFrame) -> None:
     """Refuse, in one line naming the setting, its values and the runs, to rank records evaluated differently.
 
-    A run re-evaluated with another `eval.n_samples` (or seed, CLIP model, checkpoint) keeps its older records;
-    the newest record per setting is ranked, so re-evaluating only some runs, or a re-evaluation interrupted
-    half-way, would compare 200-sample FIDs with 100-sample ones. A value swept on purpose (in the run tag, hence
-    in the entry's name) is a comparison the user asked for and is not refused. Records without the field (written
-    before it existed) are not checked.
+    A run re-evaluated with another `eval.n_samples` (or seed, CLIP model, Inception weights, checkpoint) keeps its
+    older records; the newest record per setting is ranked, so re-evaluating only some runs, or a re-evaluation
+    interrupted half-way, would compare 200-sample FIDs with 100-sample ones (and Inception FIDs of two weights files
+    would be ranked as one metric). A value swept on purpose (in the run tag, hence in the entry's name) is a
+    comparison the user asked for and is not refused. Records without the field (written before it existed, or
+    evaluated without Inception) are not checked.
     """
     for name in UNIFORM_EVAL_FIELDS:
         if name not in records.columns:
