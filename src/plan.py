@@ -531,7 +531,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       "GPU, else H100)")
     parser.add_argument("--flops", choices=("count", "6nt"), default="count",
                         help="count: FLOPs counted on the meta device (default); 6nt: the rule of thumb")
+    parser.add_argument("--config-dir", "-cd", action="append", default=[],
+                        help="a folder of configurations added to the search path, as for python -m src.run "
+                             "(e.g. conf/loss/<name>.yaml of a formulation defined outside this repository)")
     args, overrides = parser.parse_known_args(argv)
+    if args.config_dir:  # what Hydra's --config-dir does for src.run, for the compose API
+        dirs = [Path(d).resolve() for d in args.config_dir]
+        missing = [str(d) for d in dirs if not d.is_dir()]
+        if missing:
+            parser.error(f"--config-dir {missing[0]}: no such folder")
+        overrides = [*overrides, "hydra.searchpath=[" + ",".join(f"file://{d}" for d in dirs) + "]"]
     unknown = [o for o in overrides if o.startswith("--") and o != "--multirun"]
     if unknown:
         parser.error(f"unknown option(s) {unknown}; Hydra overrides are key=value")

@@ -1,13 +1,18 @@
 """Family registry, the 61 paper recipes (docs/formulations.md#the-61-recipes) and construction from configuration.
 
 A family is a key (also the conf/loss/<key>.yaml name) and a builder whose keyword arguments are the
-family's parameters. A new family is one module plus one `register_family` line here.
+family's parameters. A new family is one module plus one `register_family` line here, or, without changing this
+repository, a builder named by its import path, `family: mypackage.module:builder` in a loss configuration; such a
+family is checked against what every formulation must satisfy (checks.py) when it is built.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
+import importlib
 import inspect
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -42,19 +47,65 @@ def family_params(family: str) -> list[str]:
     return list(inspect.signature(_builder(family)).parameters)
 
 
+#: A family defined outside this repository: "package.module:builder" (the builder may be a class attribute, a.b).
+IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
 def _builder(family: str) -> Callable[..., Formulation]:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown formulation family {family!r}; valid families: {', '.join(FAMILIES)}")
-    return FAMILIES[family]
+    if family in FAMILIES:
+        return FAMILIES[family]
+    if isinstance(family, str) and IMPORT_PATH.fullmatch(family):
+        return _imported_builder(family)
+    raise ValueError(f"unknown formulation family {family!r}; valid families: {', '.join(FAMILIES)}, or "
+                     "'package.module:builder' for one defined outside this repository")
+
+
+@functools.cache
+def _imported_builder(path: str) -> Callable[..., Formulation]:
+    """The builder a family's import path names; a one-line error when it cannot be imported."""
+    module_name, attribute = path.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 -- an ImportError, or any error raised while the module runs
+        raise ValueError(f"family {path!r}: cannot import {module_name} ({type(e).__name__}: {e}); the module must "
+                         "be importable where the job runs (the working directory or PYTHONPATH)") from None
+    try:
+        builder = functools.reduce(getattr, attribute.split("."), module)
+    except AttributeError:
+        raise ValueError(f"family {path!r}: {module_name} has no {attribute}") from None
+    if not callable(builder):
+        raise ValueError(f"family {path!r}: {attribute} is a {type(builder).__name__}, not a builder (a function or "
+                         "class whose keyword arguments are the family's parameters)")
+    return builder
 
 
 def build(family: str, **params: Any) -> Formulation:
-    """Build a formulation from its family key and parameters, e.g. build("rf_lognorm", m=0.0, s=1.0)."""
+    """Build a formulation from its family key and parameters, e.g. build("rf_lognorm", m=0.0, s=1.0), or from a
+    builder's import path ("package.module:builder"), whose formulation is checked (checks.check_formulation)."""
     expected = family_params(family)
     if set(params) != set(expected):
         got = ", ".join(sorted(params)) or "none"
         raise ValueError(f"family {family!r} takes parameters ({', '.join(expected)}); got ({got})")
-    return FAMILIES[family](**params)
+    formulation = _builder(family)(**params)
+    if family not in FAMILIES:
+        _check_imported(family, formulation)
+    return formulation
+
+
+def _check_imported(path: str, formulation: Any) -> None:
+    """A family from outside: a Formulation, with a key of its own, that satisfies what every formulation must."""
+    from .checks import check_formulation
+
+    if not isinstance(formulation, Formulation):
+        raise ValueError(f"family {path!r}: the builder returned a {type(formulation).__name__}, not a Formulation "
+                         "(src.formulations.Formulation)")
+    if formulation.family in FAMILIES:
+        raise ValueError(f"family {path!r}: its formulations call their family {formulation.family!r}, the key of a "
+                         "built-in family, whose runs and records they would be taken for; give it a key of its own")
+    if formulation.name in RECIPE_SPECS:
+        raise ValueError(f"family {path!r}: its formulation is named {formulation.name!r}, a paper recipe's name, as "
+                         "which the rank report would take it; give it a name of its own")
+    check_formulation(formulation, path)
 
 
 # ---- the 61 recipes (names as printed in the paper) ---------------------------------------------

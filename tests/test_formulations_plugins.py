@@ -1,0 +1,164 @@
+"""Formulations defined outside the repository (`family: module:builder`, docs/formulations.md#adding-a-family): the
+checks every formulation must pass, the one-line errors of a broken one, and the documented example end to end."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.formulations import RECIPES, from_config, get_recipe
+from src.formulations.checks import formulation_errors
+from src.formulations.densities import Uniform
+from src.formulations.rf import RectifiedFlow
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "docs" / "examples"
+
+
+def test_every_paper_recipe_satisfies_the_formulation_checks():
+    assert {name: formulation_errors(get_recipe(name)) for name in RECIPES} == {name: [] for name in RECIPES}
+
+
+class Plugin(RectifiedFlow):
+    """A uniform rectified flow under a name and family key of its own; subclasses break one property each."""
+
+    def __init__(self):
+        super().__init__(Uniform())
+
+    @property
+    def name(self):
+        return "rf/plugin"
+
+    @property
+    def family(self):
+        return "rf_plugin"
+
+
+class Unweighted(Plugin):
+    def w_eps(self, t):  # the loss is ||v_hat - v||^2, whose eps-space weight is 1 / (1 - t)^2
+        return torch.ones_like(t)
+
+
+class WrongTarget(Plugin):
+    def target(self, x0, eps, t):
+        return x0 - eps
+
+
+class Unseeded(Plugin):
+    def sample_t(self, n, generator=None):
+        return torch.rand(n)  # ignores the generator: training would not be reproducible
+
+
+class OutOfRange(Plugin):
+    def sample_t(self, n, generator=None):
+        return 2 * torch.rand(n, generator=generator)
+
+
+class WrongInverse(Plugin):
+    def t_from_sigma(self, sigma):
+        return sigma
+
+
+class BadKey(Plugin):
+    @property
+    def family(self):
+        return "rf/plugin"
+
+
+@pytest.mark.parametrize("cls, phrase", [
+    (Unweighted, "loss is not w_eps(t) * mean (eps_hat - eps)^2"),
+    (WrongTarget, "to_x0_eps(target(x0, eps, t)) does not give back x0 and eps"),
+    (Unseeded, "sample_t gives other times for the same generator seed"),
+    (OutOfRange, "sample_t gives times outside [t_min, t_max] = [0.0, 1.0]"),
+    (WrongInverse, "t_from_rf_time or t_from_sigma does not invert it"),
+    (BadKey, "family is 'rf/plugin', not a key of letters, digits and '_'"),
+])
+def test_a_broken_formulation_is_named_by_the_property_it_breaks(cls, phrase):
+    assert formulation_errors(Plugin()) == []
+    errors = formulation_errors(cls())
+    assert len(errors) == 1 and phrase in errors[0]
+
+
+@pytest.fixture
+def plugins(tmp_path, monkeypatch):
+    """A module `plugins` on sys.path with builders of the classes above and a few broken builders."""
+    (tmp_path / "plugins.py").write_text(
+        "from tests.test_formulations_plugins import Plugin, Unweighted\n"
+        "from src.formulations.rf import rf\n"
+        "def good(): return Plugin()\n"
+        "def unweighted(): return Unweighted()\n"
+        "def builtin(): return rf()\n"
+        "def not_a_formulation(): return 'rf'\n"
+        "class Named(Plugin):\n"
+        "    @property\n"
+        "    def name(self): return 'rf/cosmap'\n"
+        "def named(): return Named()\n"
+        "NUMBER = 3\n"
+    )
+    (tmp_path / "raising.py").write_text("raise RuntimeError('broken on import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize("family, message", [
+    ("plugins:unweighted", "formulation rf/plugin (plugins:unweighted) breaks what every formulation must satisfy: "
+                           "loss is not w_eps(t)"),
+    ("plugins:builtin", "its formulations call their family 'rf', the key of a built-in family"),
+    ("plugins:named", "its formulation is named 'rf/cosmap', a paper recipe's name"),
+    ("plugins:not_a_formulation", "the builder returned a str, not a Formulation"),
+    ("plugins:missing", "family 'plugins:missing': plugins has no missing"),
+    ("plugins:NUMBER", "NUMBER is a int, not a builder"),
+    ("nowhere:builder", "cannot import nowhere (ModuleNotFoundError: No module named 'nowhere'); the module must be "
+                        "importable where the job runs"),
+    ("raising:builder", "cannot import raising (RuntimeError: broken on import)"),
+    ("not a path", "unknown formulation family 'not a path'; valid families: rf, rf_lognorm"),
+])
+def test_an_imported_family_that_cannot_be_used_is_refused_in_one_line(plugins, family, message):
+    assert from_config({"family": "plugins:good"}).name == "rf/plugin"
+    with pytest.raises(ValueError) as e:
+        from_config({"family": family})
+    assert message in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"family 'plugins:good' takes parameters \(\); got \(k\)"):
+        from_config({"family": "plugins:good", "k": 1.0})
+
+
+def test_the_documented_example_family_trains_evaluates_plans_and_ranks(tmp_path, monkeypatch, capsys):
+    """docs/examples: rf/power(k) from its own module and configuration folder, swept next to a built-in recipe with
+    the command the example documents; the plan takes the same --config-dir."""
+    from src import plan
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    assert plan.main(["-m", "loss=rf_power,rf_lognorm", "loss.k=3", "--config-dir", str(EXAMPLES / "conf"),
+                      f"paths.root_dir={tmp_path}", "--mfu", "0.3"]) == 2  # loss.k is not rf_lognorm's
+    assert "loss.k: no such setting" in capsys.readouterr().err
+    assert plan.main(["-m", "loss=rf_power,rf_lognorm", "--config-dir", str(EXAMPLES / "conf"),
+                      f"paths.root_dir={tmp_path}", "--mfu", "0.3"]) == 0
+    assert "outputs/multirun/default/digits/rf_power_2.00" in capsys.readouterr().out
+    assert plan.main(["-m", "loss=rf_power", "loss.k=1.5,3", "--config-dir", str(EXAMPLES / "conf"),
+                      f"paths.root_dir={tmp_path}", "--mfu", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "digits/rf_power_1.50" in out and "digits/rf_power_3.00" in out and "2 jobs" in out
+    with pytest.raises(SystemExit):
+        plan.main(["loss=rf_power", "--config-dir", str(tmp_path / "absent")])
+    assert f"--config-dir {tmp_path / 'absent'}: no such folder" in capsys.readouterr().err
+
+    args = ["--config-dir", "docs/examples/conf", "-m", "loss=rf_power,rf_lognorm", f"paths.root_dir={tmp_path}",
+            f"paths.cache_dir={tmp_path}/cache", "model.depth=1", "model.hidden_size=32", "model.num_heads=2",
+            "data.batch_size=16", "data.val_samples=16", "train.max_steps=2", "train.val_every=2", "train.ckpt_every=2",
+            "eval.n_samples=4", "eval.batch_size=4", "eval.settings=[{steps: 2, cfg: 1.0}]", "eval.ema=[true]",
+            "logger=csv", "torch_threads=1"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": os.pathsep.join([str(EXAMPLES), str(ROOT)])}
+    out = subprocess.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    sweep = tmp_path / "outputs/multirun/default"
+    records = json.loads((sweep / "digits/rf_power_2.00/results.json").read_text())
+    assert {(r["recipe"], r["family"], r["params"]["k"]) for r in records} == {("rf/power(2.00)", "rf_power", 2.0)}
+    from src.ranking.report import build_report
+
+    report = build_report([sweep], draws=0)
+    assert sorted(report.table.index) == ["rf/lognorm(0.00, 1.00)", "rf/power(2.00)"]
