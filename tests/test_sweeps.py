@@ -426,3 +426,16 @@ def test_sweep_launches_a_run_directory_once_and_refuses_a_second_configuration_
     assert json.loads((sweep / "digits/same/fingerprint.json").read_text())["loss"]["m"] == 0
     assert (sweep / "digits/same/results.json").is_file() and not (sweep / "digits/same/error.json").exists()
     assert [v["error"] for v in read_sweep_failures(sweep).values()] == [summary.splitlines()[1].split(": ", 1)[1]]
+
+
+def test_a_plan_says_why_a_job_shares_a_directory_under_the_default_run_name(tmp_path, capsys):
+    """loss.m=0.001 and 0.002 differ, but the recipe's name rounds them alike and the sweeper tags no loss key: the
+    refusal says so instead of blaming a run_name the user never set; a job given twice is said as such."""
+    args = [f"paths.root_dir={tmp_path}", *FAKE_SHARDS, "--mfu", "0.3"]
+    assert plan.main(["-m", "loss=rf_lognorm", "loss.m=0.001,0.002", *args]) == 0
+    out = capsys.readouterr().out
+    assert "whose settings differ (loss.m); run_name must tell the jobs apart" in out
+    assert "the recipe's name gives its parameters to two decimals: sweep with name_keys=[data,data.name]" in out
+    assert plan.main(["-m", "seed=0,0", *args]) == 0
+    out = capsys.readouterr().out
+    assert "the same job given twice (equal settings): launched once." in out and "same overrides" not in out

@@ -14,6 +14,7 @@ The job checks again when it starts (cheap, cached), for callers that bypass bot
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import sys
 from collections.abc import Sequence
@@ -242,13 +243,20 @@ def same_run_dir(cfg: DictConfig, overrides: list[str], runs: dict[str, tuple[li
     first, first_settings = runs[run_dir]
     own = ", ".join(o for o in overrides if o not in first) or "the same overrides"
     other = ", ".join(o for o in first if o not in overrides) or "the same overrides"
-    if first_settings == settings:
-        return False, own, f"{run_dir}: {own} is the same run as {other} (equal settings): launched once"
+    if first_settings == settings:  # -m seed=0,0 gives one job twice: no override tells them apart
+        said = f"{own} is the same run as {other}" if list(overrides) != list(first) else "the same job given twice"
+        return False, own, f"{run_dir}: {said} (equal settings): launched once"
     keys = differing_keys(first_settings, settings)
     shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+    # The sweeper tags no key of name_keys: values the run name rounds alike (the recipe slug gives loss parameters
+    # to two decimals, loss.m=0.001,0.002) share a directory under the default run_name too.
+    named = [str(p) for p in (cfg.get("name_keys") or ())]
+    hint = ("; the recipe's name gives its parameters to two decimals: sweep with name_keys=[data,data.name] to add "
+            "them to the run tag") \
+        if named and all(any(fnmatch.fnmatchcase(k, p) for p in named) for k in keys) else ""
     return True, own, (f"run directory {run_dir} is also that of the job with {other}, whose settings differ "
                        f"({shown}); run_name must tell the jobs apart (the default names the dataset and the recipe, "
-                       f"and the sweeper adds each swept key)")
+                       f"and the sweeper adds each swept key outside name_keys){hint}")
 
 
 def filter_sweep(sweeper, batches: Sequence, planned: dict | None = None) -> list:
