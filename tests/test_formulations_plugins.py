@@ -89,6 +89,7 @@ def plugins(tmp_path, monkeypatch):
     (tmp_path / "plugins.py").write_text(
         "from tests.test_formulations_plugins import Plugin, Unweighted\n"
         "from src.formulations.rf import rf\n"
+        "import torch\n"
         "def good(): return Plugin()\n"
         "def unweighted(): return Unweighted()\n"
         "def builtin(): return rf()\n"
@@ -97,6 +98,13 @@ def plugins(tmp_path, monkeypatch):
         "    @property\n"
         "    def name(self): return 'rf/cosmap'\n"
         "def named(): return Named()\n"
+        "class NamedLikeBuiltin(Plugin):\n"
+        "    @property\n"
+        "    def name(self): return 'rf/lognorm(0.30, 1.00)'\n"
+        "def named_like_builtin(): return NamedLikeBuiltin()\n"
+        "class Ends(Plugin):\n"
+        "    def sample_t(self, n, generator=None): return torch.zeros(n)\n"
+        "def ends(): return Ends()\n"
         "NUMBER = 3\n"
     )
     (tmp_path / "raising.py").write_text("raise RuntimeError('broken on import')\n")
@@ -108,7 +116,9 @@ def plugins(tmp_path, monkeypatch):
     ("plugins:unweighted", "formulation rf/plugin (plugins:unweighted) breaks what every formulation must satisfy: "
                            "loss is not w_eps(t)"),
     ("plugins:builtin", "its formulations call their family 'rf', the key of a built-in family"),
-    ("plugins:named", "its formulation is named 'rf/cosmap', a paper recipe's name"),
+    ("plugins:named", "its formulation is named 'rf/cosmap', a name the built-in families give"),
+    ("plugins:named_like_builtin", "named 'rf/lognorm(0.30, 1.00)', a name the built-in families give"),
+    ("plugins:ends", "sample_t gives only the ends t_min, t_max = 0.0, 1.0 in 64 draws"),
     ("plugins:not_a_formulation", "the builder returned a str, not a Formulation"),
     ("plugins:missing", "family 'plugins:missing': plugins has no missing"),
     ("plugins:NUMBER", "NUMBER is a int, not a builder"),

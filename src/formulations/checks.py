@@ -76,6 +76,8 @@ def formulation_errors(f: Formulation, n: int = 64) -> list[str]:
         errors.append(f"loss is not w_eps(t) * mean (eps_hat - eps)^2 (relative difference {off:.3g}): the loss or "
                       "w_eps is wrong")
     interior = t[(t > f.t_min) & (t < f.t_max)]
+    if not len(interior):
+        return errors + [f"sample_t gives only the ends t_min, t_max = {f.t_min}, {f.t_max} in {n} draws"]
     sigma = f.sigma(interior)
     tau = f.rf_time(interior)
     off = max(_close(tau, sigma / (1 + sigma)), _close(f.t_from_rf_time(tau), interior),

@@ -47,6 +47,9 @@ def family_params(family: str) -> list[str]:
     return list(inspect.signature(_builder(family)).parameters)
 
 
+#: The names the built-in families give, for any parameters (and "rf/uniform", which the report reads as "rf").
+BUILTIN_NAME = re.compile(r"rf(/(uniform|cosmap|lognorm\(.*\)|mode\(.*\)))?|(eps|v)/(linear|cos)|edm(/(rf|cos)|\(.*\))")
+
 #: A family defined outside this repository: "package.module:builder" (the builder may be a class attribute, a.b).
 IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
@@ -102,9 +105,9 @@ def _check_imported(path: str, formulation: Any) -> None:
     if formulation.family in FAMILIES:
         raise ValueError(f"family {path!r}: its formulations call their family {formulation.family!r}, the key of a "
                          "built-in family, whose runs and records they would be taken for; give it a key of its own")
-    if formulation.name in RECIPE_SPECS:
-        raise ValueError(f"family {path!r}: its formulation is named {formulation.name!r}, a paper recipe's name, as "
-                         "which the rank report would take it; give it a name of its own")
+    if BUILTIN_NAME.fullmatch(formulation.name):
+        raise ValueError(f"family {path!r}: its formulation is named {formulation.name!r}, a name the built-in "
+                         "families give, as which the rank report would take it; give it a name of its own")
     check_formulation(formulation, path)
 
 
