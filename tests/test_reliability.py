@@ -283,6 +283,13 @@ def test_sweep_with_config_errors_launches_none_of_them(tmp_path):
     assert "digits/loss=rf_lognorm,loss.s=-1: ConfigError: loss: rf_lognorm: s=-1 is not allowed" in out.stderr
     assert not (tmp_path / "outputs").exists()  # refused whole: no sweep directory, no multirun.yaml, no failures.json
     assert not (tmp_path / ".cache").exists()
+    # Hydra's own default run directory, the job's number, is set only at launch (and names a run by its place in
+    # the sweep): refused in one line per job, not a traceback.
+    out = cli(["-m", f"paths.root_dir={tmp_path}", "loss=rf,edm", "hydra.sweep.subdir=${hydra.job.num}"])
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.count("ConfigError: hydra.sweep.subdir=${hydra.job.num}: does not resolve before the job is "
+                            "launched") == 2
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_the_loss_config_is_parsed_once_per_distinct_config():

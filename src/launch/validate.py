@@ -155,7 +155,8 @@ def check_sweep_jobs(config_loader, sweep_config: DictConfig, batches: list[list
             for overrides in batch:
                 job_cfg = config_loader.load_sweep_config(sweep_config, list(overrides))
                 HydraConfig.instance().set_config(job_cfg)  # for ${hydra:...} in run names
-                error = config_error(job_cfg, list(overrides)) or refused_by_run_dir(job_cfg)
+                error = (config_error(job_cfg, list(overrides)) or unnamed_run_dir(job_cfg)
+                         or refused_by_run_dir(job_cfg))
                 if error is None:
                     twin = same_run_dir(job_cfg, list(overrides), runs)
                     if twin is not None and not twin[0]:
@@ -207,6 +208,20 @@ class CheckConfigOnRunStart(Callback):
             HydraConfig.instance().cfg = previous
         if error is not None:
             sys.exit(one_line(error))  # printed on stderr, exit status 1; nothing was created
+
+
+def unnamed_run_dir(cfg: DictConfig) -> ConfigError | None:
+    """A run directory that cannot be named before the job is launched: `hydra.sweep.subdir=${hydra.job.num}`
+    (Hydra's own default) is set only at launch, and would name a run by its place in the sweep, so a relaunch with
+    other jobs would resume or skip the wrong runs."""
+    try:
+        str(cfg.hydra.sweep.subdir)
+    except Exception as e:  # noqa: BLE001 -- an interpolation Hydra fills only when the job is launched
+        value = OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir")
+        return ConfigError(f"hydra.sweep.subdir={value}: does not resolve before the job is launched "
+                           f"({type(e).__name__}); a run directory is named from the job's configuration, so that "
+                           "rerunning the command finds each run to resume or skip it: keep the default ${run_name}")
+    return None
 
 
 def job_settings(cfg: DictConfig) -> dict:
