@@ -402,6 +402,12 @@ def test_plan_launches_a_run_directory_once(tmp_path, capsys):
     assert "Not launched: fake/same: loss.m=0.0 is the same run as loss.m=0 (equal settings): launched once." in out
     assert ("Not launched: loss.m=0.5: run directory fake/same is also that of the job with loss.m=0, whose settings "
             "differ (loss.m); run_name must tell the jobs apart") in out
+    # A tagged key spelled two ways gets two tags ("50", "50.0"), hence two directories, for one training.
+    assert plan.main(["-m", "optim.warmup_steps=50,50.0,60", f"paths.root_dir={tmp_path}", *FAKE_SHARDS,
+                      "--mfu", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "2 jobs (2 to run" in out and "optim.warmup_steps=50.0 is the same run as optim.warmup_steps=50 (equal " \
+        "settings, in fake/rf_lognorm_0.00_1.00/optim.warmup_steps=50): launched once." in out
 
 
 def test_sweep_launches_a_run_directory_once_and_refuses_a_second_configuration_in_it(tmp_path):

@@ -232,6 +232,16 @@ def job_settings(cfg: DictConfig) -> dict:
     return settings
 
 
+def _apart(overrides: Sequence[str], other: Sequence[str]) -> str:
+    """The overrides of a job that another job lacks, as said on the console (the sweeper's run tag left out)."""
+    return ", ".join(o for o in overrides if o not in other and not o.startswith("run_tag=")) or "the same overrides"
+
+
+def _unnamed(settings: dict) -> dict:
+    """Settings without the keys that only name the run (its directory and its tag)."""
+    return {k: v for k, v in settings.items() if k not in ("run_name", "run_tag")}
+
+
 def differing_keys(a, b, prefix: str = "") -> list[str]:
     """The dotted keys whose values differ between two nested containers (a key missing on one side differs)."""
     if not (isinstance(a, dict) and isinstance(b, dict)):
@@ -253,11 +263,15 @@ def same_run_dir(cfg: DictConfig, overrides: list[str], runs: dict[str, tuple[li
     directory, which the second would refuse, or, on a SLURM array, corrupt."""
     run_dir, settings = str(cfg.hydra.sweep.subdir), job_settings(cfg)
     if run_dir not in runs:
+        # Equal settings under another tag (`optim.warmup_steps=50,50.0` tags "50" and "50.0"): the same training.
+        twin = next((d for d, (_, s) in runs.items() if _unnamed(s) == _unnamed(settings)), None)
+        if twin is not None:
+            own, other = _apart(overrides, runs[twin][0]), _apart(runs[twin][0], overrides)
+            return False, own, f"{run_dir}: {own} is the same run as {other} (equal settings, in {twin}): launched once"
         runs[run_dir] = (overrides, settings)
         return None
     first, first_settings = runs[run_dir]
-    own = ", ".join(o for o in overrides if o not in first) or "the same overrides"
-    other = ", ".join(o for o in first if o not in overrides) or "the same overrides"
+    own, other = _apart(overrides, first), _apart(first, overrides)
     if first_settings == settings:  # -m seed=0,0 gives one job twice: no override tells them apart
         said = f"{own} is the same run as {other}" if list(overrides) != list(first) else "the same job given twice"
         return False, own, f"{run_dir}: {said} (equal settings): launched once"
