@@ -64,8 +64,6 @@ def split_tagged(overrides: list[Override], max_batch_size: int | None, cfg=None
     if cfg is not None and shares_training(cfg, jobs):
         jobs = training_waves(jobs)
         first = len(leaders(jobs))
-        log.info("%d jobs share %d training(s): %d job(s) train first, then the other %d evaluate the same models",
-                 len(jobs), first, first, len(jobs) - first, extra={"console": True})
     size = max_batch_size or len(jobs)
     # A wave never shares a batch with the next: the sweeper launches (and waits for) one batch at a time.
     return [jobs[i:min(i + size, end)] for start, end in ((0, first), (first, len(jobs)))
@@ -192,5 +190,10 @@ class TaggingSweeper(BasicSweeper):
         # Every job's configuration checked before any is launched: an invalid one gets no directory.
         self.planned_jobs: dict[str, dict] = {}  # run name -> run_dir, overrides of every valid job (jobs.json)
         batches = filter_sweep(self, split_tagged(overrides, max_batch_size, self.config), self.planned_jobs)
-        SWEEP.planned(sum(len(batch) for batch in batches))  # "job i of n" (src/run.py announces each job)
+        jobs = [job for batch in batches for job in batch]  # the ones launched: without refused or repeated jobs
+        if shares_training(self.config, jobs):
+            first = len(leaders(jobs))
+            log.info("%d jobs share %d training(s): %d job(s) train first, then the other %d evaluate the same models",
+                     len(jobs), first, first, len(jobs) - first, extra={"console": True})
+        SWEEP.planned(len(jobs))  # "job i of n" (src/run.py announces each job)
         return batches
