@@ -248,7 +248,9 @@ def _backbone_cost(cfg: DictConfig, meta: dict) -> tuple[int, int, int, float]:
     if key not in _COST_CACHE:
         model = build_on_meta(cfg, meta)
         params = sum(p.numel() for p in model.parameters())
-        _COST_CACHE[key] = (params, int(model.depth), int(model.hidden_size), forward_flops(model, meta))
+        # depth and width feed only the 6NT rule; a backbone of the user's own may not say them (then 0).
+        depth, hidden = (int(getattr(model, k, None) or cfg.model.get(k) or 0) for k in ("depth", "hidden_size"))
+        _COST_CACHE[key] = (params, depth, hidden, forward_flops(model, meta))
     return _COST_CACHE[key]
 
 

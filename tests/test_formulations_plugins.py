@@ -1,5 +1,6 @@
-"""Formulations defined outside the repository (`family: module:builder`, docs/formulations.md#adding-a-family): the
-checks every formulation must pass, the one-line errors of a broken one, and the documented example end to end."""
+"""Code defined outside the repository: formulations (`family: module:builder`, docs/formulations.md#adding-a-family),
+the checks every formulation must pass, the one-line errors of a broken one, and the documented examples (a
+formulation, a backbone: docs/examples/) end to end through the commands."""
 
 import json
 import os
@@ -172,3 +173,28 @@ def test_the_documented_example_family_trains_evaluates_plans_and_ranks(tmp_path
 
     report = build_report([sweep], draws=0)
     assert sorted(report.table.index) == ["rf/lognorm(0.00, 1.00)", "rf/power(2.00)"]
+
+
+def test_the_documented_example_backbone_plans_trains_and_evaluates(tmp_path, monkeypatch, capsys):
+    """docs/examples/convnet.py through conf/model/convnet.yaml: the command its docstring gives, with the example
+    formulation; the plan counts its FLOPs on the meta device."""
+    from src import plan
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    assert plan.main(["model=convnet", "loss=rf_power", "--config-dir", str(EXAMPLES / "conf"),
+                      f"paths.root_dir={tmp_path}", "--mfu", "0.3"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "rf_power_2.00" in line)
+    assert row.split()[2] == "ConvNet"
+    args = ["--config-dir", "docs/examples/conf", "model=convnet", "loss=rf_power", f"paths.root_dir={tmp_path}",
+            f"paths.cache_dir={tmp_path}/cache", "model.depth=1", "data.batch_size=16", "data.val_samples=16",
+            "train.max_steps=2", "train.val_every=2", "train.ckpt_every=2", "eval.n_samples=4", "eval.batch_size=4",
+            "eval.settings=[{steps: 2, cfg: 1.0}]", "eval.ema=[true]", "logger=csv", "torch_threads=1"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": os.pathsep.join([str(EXAMPLES), str(ROOT)])}
+    out = subprocess.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    [record] = json.loads((tmp_path / "outputs/runs/digits/rf_power_2.00/results.json").read_text())
+    assert (record["backbone"], record["recipe"]) == ("ConvNet", "rf/power(2.00)") and record["fid_clip"] > 0
+    from src.ranking.report import build_report
+
+    assert list(build_report([tmp_path / "outputs/runs"], draws=0).table.index) == ["rf/power(2.00) [ConvNet]"]
