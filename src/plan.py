@@ -424,7 +424,7 @@ def _distinct_runs(jobs: list[list[str]]) -> tuple[list[list[str]], list[str]]:
         if twin is None:
             kept.append(job)
         else:
-            lines.append(f"{twin[1]}: {twin[2]}" if twin[0] else twin[2])
+            lines.append(f"{twin.apart}: {twin.line}" if twin.refused else twin.line)
     return kept, lines
 
 

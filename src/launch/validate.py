@@ -18,6 +18,7 @@ import fnmatch
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
@@ -159,14 +160,14 @@ def check_sweep_jobs(config_loader, sweep_config: DictConfig, batches: list[list
                          or refused_by_run_dir(job_cfg))
                 if error is None:
                     twin = same_run_dir(job_cfg, list(overrides), runs)
-                    if twin is not None and not twin[0]:
-                        log.warning("%s", twin[2], extra={"console": True})  # an earlier job's run: launched once
+                    if twin is not None and not twin.refused:
+                        log.warning("%s", twin.line, extra={"console": True})  # an earlier job's run: launched once
                         continue
                     if twin is not None:
-                        shown = f"{job_name(job_cfg, overrides)} [{twin[1]}]"
-                        invalid.append((None, shown, twin[2]))  # a stand-in name: the twin's run clears no entry
-                        log.error("not launched: %s: %s", shown, twin[2])
-                        record_failure(shown, twin[2])
+                        shown = f"{job_name(job_cfg, overrides)} [{twin.apart}]"
+                        invalid.append((None, shown, twin.line))  # a stand-in name: the twin's run clears no entry
+                        log.error("not launched: %s: %s", shown, twin.line)
+                        record_failure(shown, twin.line)
                         continue
                     valid.append(overrides)
                     if planned is not None:
@@ -253,28 +254,36 @@ def differing_keys(a, b, prefix: str = "") -> list[str]:
     return [k.rstrip(".") for k in out]
 
 
-def same_run_dir(cfg: DictConfig, overrides: list[str], runs: dict[str, tuple[list[str], dict]]
-                 ) -> tuple[bool, str, str] | None:
+class SameRun(NamedTuple):
+    """A job whose run is an earlier job's (same_run_dir)."""
+
+    refused: bool  # False: the same settings, launched once; True: other settings in the same directory
+    apart: str  # the overrides that tell the job apart from the earlier one
+    line: str  # what the console says
+
+
+def same_run_dir(cfg: DictConfig, overrides: list[str], runs: dict[str, tuple[list[str], dict]]) -> SameRun | None:
     """Whether a sweep's job names a run directory an earlier job of the sweep has: `-m optim.lr=1e-4,0.0001` or
     `loss.m=0,0.0` spell one value twice; a run_name that leaves out a swept key sends two configurations to one
-    directory. None for a new directory (recorded in runs); else (refused, the overrides that tell the job apart,
-    a one-line message). With the earlier job's settings it is the same run, launched once (two array tasks in one
-    directory would write each other's checkpoints); with other settings it is refused: both would train into one
-    directory, which the second would refuse, or, on a SLURM array, corrupt."""
+    directory. None for a new directory (recorded in runs), else a SameRun. With the earlier job's settings it is
+    the same run, launched once (two array tasks in one directory would write each other's checkpoints); with other
+    settings it is refused: both would train into one directory, which the second would refuse, or, on a SLURM
+    array, corrupt."""
     run_dir, settings = str(cfg.hydra.sweep.subdir), job_settings(cfg)
     if run_dir not in runs:
         # Equal settings under another tag (`optim.warmup_steps=50,50.0` tags "50" and "50.0"): the same training.
         twin = next((d for d, (_, s) in runs.items() if _unnamed(s) == _unnamed(settings)), None)
         if twin is not None:
             own, other = _apart(overrides, runs[twin][0]), _apart(runs[twin][0], overrides)
-            return False, own, f"{run_dir}: {own} is the same run as {other} (equal settings, in {twin}): launched once"
+            return SameRun(False, own, f"{run_dir}: {own} is the same run as {other} (equal settings, in {twin}): "
+                                      "launched once")
         runs[run_dir] = (overrides, settings)
         return None
     first, first_settings = runs[run_dir]
     own, other = _apart(overrides, first), _apart(first, overrides)
     if first_settings == settings:  # -m seed=0,0 gives one job twice: no override tells them apart
         said = f"{own} is the same run as {other}" if list(overrides) != list(first) else "the same job given twice"
-        return False, own, f"{run_dir}: {said} (equal settings): launched once"
+        return SameRun(False, own, f"{run_dir}: {said} (equal settings): launched once")
     keys = differing_keys(first_settings, settings)
     shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
     # The sweeper tags no key of name_keys: values the run name rounds alike (the recipe slug gives loss parameters
@@ -283,9 +292,9 @@ def same_run_dir(cfg: DictConfig, overrides: list[str], runs: dict[str, tuple[li
     hint = ("; the recipe's name gives its parameters to two decimals: sweep with name_keys=[data,data.name] to add "
             "them to the run tag") \
         if named and all(any(fnmatch.fnmatchcase(k, p) for p in named) for k in keys) else ""
-    return True, own, (f"run directory {run_dir} is also that of the job with {other}, whose settings differ "
-                       f"({shown}); run_name must tell the jobs apart (the default names the dataset and the recipe, "
-                       f"and the sweeper adds each swept key outside name_keys){hint}")
+    return SameRun(True, own, f"run directory {run_dir} is also that of the job with {other}, whose settings differ "
+                              f"({shown}); run_name must tell the jobs apart (the default names the dataset and the "
+                              f"recipe, and the sweeper adds each swept key outside name_keys){hint}")
 
 
 def filter_sweep(sweeper, batches: Sequence, planned: dict | None = None) -> list:
