@@ -354,7 +354,11 @@ def plan_job(index: int, overrides: list[str], flops_method: str = "count", sing
     val = fwd * n_val * int(cfg.data.val_samples) * int(t.val_levels) * 2
     sampling = 0.0
     if ev.enabled:
-        per_ema = sum(int(s["steps"]) * (1 if float(s["cfg"]) == 1.0 else 2) for s in ev.settings)
+        from src.sampling import sampler_nfe
+
+        # Network evaluations of the configured sampler (heun: 2 steps - 1), a doubled batch under guidance.
+        per_ema = sum(sampler_nfe(str(cfg.sampler.name), int(s["steps"])) * (1 if float(s["cfg"]) == 1.0 else 2)
+                      for s in ev.settings)
         sampling = fwd * per_ema * int(ev.n_samples) * len(ev.ema)
     job = JobPlan(
         index=index, overrides=overrides, run_dir=run_dir, model=str(cfg.model._target_).rsplit(".", 1)[-1],

@@ -164,6 +164,11 @@ def test_plan_totals_and_gpu_hours():
     assert "no shards at data.train_dir=/nonexistent/train" in text  # assumptions are stated
     six = plan.plan_sweep(["model=dit", *FAKE_SHARDS], flops_method="6nt").jobs[0]
     assert six.fwd_flops_per_sample == plan.rule_of_thumb_flops(six.params, six.tokens, 2, 64)
+    # Heun evaluates the network 2 steps - 1 times: (3 + 2 x 5 guided) evaluations per sample.
+    heun = plan.plan_sweep(["loss=rf", "model=dit", "data.batch_size=8", "train.max_steps=10", "train.val_every=5",
+                            "data.val_samples=4", "eval.n_samples=4", settings, "sampler=heun", *FAKE_SHARDS]).jobs[0]
+    fwd = heun.fwd_flops_per_sample
+    assert heun.eval_flops == pytest.approx(fwd * (2 * 4 * 8 * 2 + (3 + 10) * 4 * 2))
 
 
 def test_plan_status_reads_run_directories(tmp_path):
