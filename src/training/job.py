@@ -251,6 +251,7 @@ def check_values(cfg: DictConfig) -> None:
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
               "transformer-engine-float16")  # and Lightning's aliases (src.config.PRECISION_ALIASES)
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+WANDB_MODES = ("offline", "online", "disabled", "shared", "dryrun", "run")  # what wandb.Settings(mode=...) takes
 
 
 def check_choices(cfg: DictConfig) -> None:
@@ -294,6 +295,15 @@ def check_choices(cfg: DictConfig) -> None:
         ok = (index(devices) and devices >= 1) or devices in (-1, "auto")
     if not ok:
         refuse("trainer.devices", devices, "an integer >= 1, -1 (all), auto, or device indices ([0, 1] or '0,1')")
+    # W&B refuses an unknown mode in wandb.init, inside the job: after the run directory exists, in words of its own.
+    w = cfg.logger.wandb
+    for key, value in (("logger.csv", cfg.logger.csv), ("logger.wandb.enabled", w.enabled)):
+        if not isinstance(value, bool):
+            refuse(key, value, "true, false")
+    if w.enabled:
+        for key, mode in (("logger.wandb.mode", w.mode), ("WANDB_MODE", os.environ.get("WANDB_MODE", "offline"))):
+            if mode not in WANDB_MODES:
+                refuse(key, mode, ", ".join(WANDB_MODES))
 
 
 def is_bound(run_dir: Path) -> bool:
