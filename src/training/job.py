@@ -420,10 +420,13 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
 
 
 def _wandb_id(run_dir: Path) -> str:
-    """A stable W&B run id per run directory, so a resumed job continues its W&B run."""
-    import hashlib
+    """The W&B run id of the run directory's earlier attempts (wandb/[offline-]run-<time>-<id>), so a resumed job
+    continues its W&B run; a new one for a directory W&B never ran in (a hash of the path would resume an old W&B
+    run of a deleted directory at the same path, mixing its history with this training's)."""
+    import secrets
 
-    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+    earlier = sorted((run_dir / "wandb").glob("*run-*-*"), key=lambda p: p.name.split("run-", 1)[1])
+    return earlier[-1].name.rsplit("-", 1)[1] if earlier else secrets.token_hex(8)
 
 
 def cluster_plugins() -> list:
