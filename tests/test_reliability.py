@@ -169,6 +169,8 @@ def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache
     (["trainer.devices=0"], "trainer.devices=0: not allowed; allowed: an integer >= 1, -1 (all), auto, or device"),
     (["trainer.precision=bogus"], "trainer.precision=bogus: not allowed; allowed: null (bf16-mixed on a GPU"),
     (["trainer.accelerator=tpu"], "trainer.accelerator=tpu: not allowed; allowed: auto, cpu, gpu, cuda, mps"),
+    (["logger.wandb.mode=bogus"], "logger.wandb.mode=bogus: not allowed; allowed: offline, online, disabled"),
+    (["logger.wandb.enabled=maybe"], "logger.wandb.enabled=maybe: not allowed; allowed: true, false"),
     (["data.val_samples=100000"], "data.val_samples=100000: the evaluation split holds 297 samples"),
     (["sampler.name=bogus"], "sampler.name=bogus: sampler='bogus' is not allowed; choose one of rf_time"),
     (["eval.settings=5"], "eval.settings=5: must be a non-empty list"),
@@ -176,7 +178,8 @@ def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache
     ([f"eval.inception.weights_path={ROOT / 'README.md'}"], "eval.inception.weights_path=.*: not a weights file"),
 ], ids=["loss", "model heads", "model patch", "data name", "data image size", "data shards", "eval n_samples", "eval ema",
         "eval weights", "eval clip model", "train", "optim fused", "optim betas", "optim eps", "optim weight decay",
-        "torch threads", "cache dir", "trainer devices", "trainer precision", "trainer accelerator", "val samples",
+        "torch threads", "cache dir", "trainer devices", "trainer precision", "trainer accelerator", "wandb mode",
+        "wandb enabled", "val samples",
         "sampler", "eval settings",
         "eval ema empty", "inception file"])
 def test_config_errors_are_found_before_anything_is_built(tmp_path, overrides, message):

@@ -101,6 +101,19 @@ def test_fifty_step_cfg_and_no_bootstrap(sweep, tmp_path):
     assert "chosen with --fifty-step-cfg" in markdown(report)
 
 
+def test_a_rewrite_without_the_bootstrap_leaves_no_earlier_separability_or_sample_sheet(sweep, tmp_path):
+    from src.ranking.report import write_report
+
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "separability.csv").write_text("recipe,other,p_better,column\n")  # an earlier report's, bootstrap on
+    (out / "samples_gone.png").write_bytes(PNG_MAGIC)  # of a dataset this report no longer has
+    (out / "notes.txt").write_text("the user's")
+    write_report(build_report([sweep], draws=0), out)
+    assert not (out / "separability.csv").exists() and not (out / "samples_gone.png").exists()
+    assert (out / "notes.txt").exists() and (out / "ranks.csv").exists()
+
+
 def test_no_results_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "empty" / "0" / ".hydra").mkdir(parents=True)
     (tmp_path / "empty" / "0" / ".hydra" / "config.yaml").write_text("a: 1\n")

@@ -48,3 +48,31 @@ def _no_leftover_run():
 
     if wandb.run is not None:
         wandb.finish()
+
+
+def test_publish_goes_to_the_project_and_entity_the_runs_logged_to(tmp_path, monkeypatch):
+    """A sweep trained with logger.wandb.project=P: the report's run joins the sweep's group in P, not the default."""
+    import wandb
+    import yaml
+
+    from src.ranking.publish import publish_wandb
+    from src.ranking.report import build_report
+
+    sweep = write_synthetic_sweep(tmp_path / "sweep", recipes=("rf/cosmap", "v/cos"), datasets=("digits",),
+                                  n_samples=4, n_reference=4, dim=2, sampler_settings=[(5, 5.0)])
+    for config in sweep.glob("*/.hydra/config.yaml"):
+        cfg = yaml.safe_load(config.read_text()) or {}
+        cfg["logger"] = {"csv": True, "wandb": {"enabled": True, "mode": "offline", "project": "my-proj",
+                                                "entity": "my-team"}}
+        config.write_text(yaml.safe_dump(cfg))
+    seen = {}
+
+    def init(**kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.setenv("WANDB_PROJECT", "elsewhere")
+    with pytest.raises(RuntimeError, match="stop"):
+        publish_wandb(build_report([sweep], draws=0), {})
+    assert (seen["project"], seen["entity"], seen["group"]) == ("my-proj", "my-team", "sweep")

@@ -25,6 +25,23 @@ def wandb_mode() -> str | None:
     return settings.get("default", "mode", fallback=None) or "offline"
 
 
+def runs_wandb_target(run_dirs) -> tuple[str | None, str | None]:
+    """(project, entity) the sweep's training runs logged to (logger.wandb of the first run directory's latest
+    configuration with W&B on), so the report lands in their group; (None, None) when no run used W&B."""
+    import yaml
+
+    for run_dir in run_dirs:
+        for path in (Path(run_dir) / ".hydra" / "config.yaml", Path(run_dir) / "config.yaml"):
+            try:
+                w = (yaml.safe_load(path.read_text()) or {})["logger"]["wandb"]
+            except (OSError, yaml.YAMLError, KeyError, TypeError):
+                continue
+            if isinstance(w, dict) and w.get("enabled"):
+                return w.get("project"), w.get("entity")
+            break  # this run's latest launch did not use W&B
+    return None, None
+
+
 def publish_wandb(report, paths: dict[str, Path], project: str | None = None) -> str:
     """Log the rank tables, figures, sample sheets and the HTML report to one W&B run (group = sweep name); returns
     the run's files directory. Sample sheets (samples_*.png, steps_cfg_*.png) go under samples/, other PNGs
@@ -34,8 +51,11 @@ def publish_wandb(report, paths: dict[str, Path], project: str | None = None) ->
     from src.ranking.report import table1
 
     mode = wandb_mode()
+    # The training runs pass logger.wandb.project/entity explicitly (WANDB_PROJECT does not move them): the same here.
+    run_project, entity = runs_wandb_target(report.sweep.runs["run_dir"]) if project is None else (None, None)
     run = wandb.init(
-        project=project or os.environ.get("WANDB_PROJECT", DEFAULT_PROJECT),
+        project=project or run_project or os.environ.get("WANDB_PROJECT", DEFAULT_PROJECT),
+        entity=entity,
         group=report.sweep.name,
         job_type="rank-report",
         name=f"rank-report {report.sweep.name}",

@@ -549,6 +549,12 @@ def write_report(report: RankReport, out_dir: Path | str) -> dict[str, Path]:
         paths[name] = _write_text(out / f"{name}.csv", frame.to_csv(index=False))
     paths["report_md"] = _write_text(out / "report.md", markdown(report, figures))
     paths["report_html"] = _write_text(out / "report.html", html_page(report, figures))
+    # A report written here before (with the bootstrap on, or other sample sheets) must not leave its files beside
+    # this one's as if they were current: only outputs of this function's own names are removed.
+    written = {Path(p).name for p in paths.values()}
+    for stale in ["separability.csv", *(f.name for g in ("samples_*.png", "steps_cfg_*.png") for f in out.glob(g))]:
+        if stale not in written:
+            (out / stale).unlink(missing_ok=True)
     return paths
 
 

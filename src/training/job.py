@@ -251,6 +251,7 @@ def check_values(cfg: DictConfig) -> None:
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
               "transformer-engine-float16")  # and Lightning's aliases (src.config.PRECISION_ALIASES)
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+WANDB_MODES = ("offline", "online", "disabled", "shared", "dryrun", "run")  # what wandb.Settings(mode=...) takes
 
 
 def check_choices(cfg: DictConfig) -> None:
@@ -294,6 +295,15 @@ def check_choices(cfg: DictConfig) -> None:
         ok = (index(devices) and devices >= 1) or devices in (-1, "auto")
     if not ok:
         refuse("trainer.devices", devices, "an integer >= 1, -1 (all), auto, or device indices ([0, 1] or '0,1')")
+    # W&B refuses an unknown mode in wandb.init, inside the job: after the run directory exists, in words of its own.
+    w = cfg.logger.wandb
+    for key, value in (("logger.csv", cfg.logger.csv), ("logger.wandb.enabled", w.enabled)):
+        if not isinstance(value, bool):
+            refuse(key, value, "true, false")
+    if w.enabled:
+        for key, mode in (("logger.wandb.mode", w.mode), ("WANDB_MODE", os.environ.get("WANDB_MODE", "offline"))):
+            if mode not in WANDB_MODES:
+                refuse(key, mode, ", ".join(WANDB_MODES))
 
 
 def is_bound(run_dir: Path) -> bool:
@@ -410,10 +420,13 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
 
 
 def _wandb_id(run_dir: Path) -> str:
-    """A stable W&B run id per run directory, so a resumed job continues its W&B run."""
-    import hashlib
+    """The W&B run id of the run directory's earlier attempts (wandb/[offline-]run-<time>-<id>), so a resumed job
+    continues its W&B run; a new one for a directory W&B never ran in (a hash of the path would resume an old W&B
+    run of a deleted directory at the same path, mixing its history with this training's)."""
+    import secrets
 
-    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+    earlier = sorted((run_dir / "wandb").glob("*run-*-*"), key=lambda p: p.name.split("run-", 1)[1])
+    return earlier[-1].name.rsplit("-", 1)[1] if earlier else secrets.token_hex(8)
 
 
 def cluster_plugins() -> list:
