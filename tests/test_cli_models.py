@@ -1,6 +1,7 @@
 """Every backbone and every CPU-runnable throughput setting through `python -m src.run`, as the README shows them."""
 import json
 
+import pytest
 import torch
 import yaml
 
@@ -9,6 +10,10 @@ from tests.test_progress import TINY, cache_dir, run_cli  # noqa: F401 -- cache_
 SMALL = [a for a in TINY if not a.startswith("model.depth=")] + ["model.depth=2"]  # UViT needs a skip: depth >= 2
 
 
+# The quick suite's time budget: `make test-slow` runs it. Quickly covered elsewhere: each backbone and each
+# throughput path in-process (tests/test_models.py, tests/test_perf_options.py), a backbone of the user's own
+# through the command (tests/test_formulations_plugins.py).
+@pytest.mark.slow
 def test_every_backbone_trains_with_the_throughput_settings(tmp_path, cache_dir):  # noqa: F811
     """The five backbones, with the settings a user may set on a CPU off their defaults; MM-DiT sized by depth."""
     common = [*SMALL, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", "loss=rf_lognorm"]
