@@ -61,6 +61,12 @@ def run_dir_lock(run_dir: str | os.PathLike) -> Iterator[None]:
 HYDRA_SUBDIR = ".hydra"
 
 
+def launch_configs(run_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """A run's configuration files, newest first: the latest launch's `.hydra/config.yaml`, then the `config.yaml`
+    the directory was bound with (runs from before the job wrote its own .hydra have only that one)."""
+    return Path(run_dir) / HYDRA_SUBDIR / "config.yaml", Path(run_dir) / "config.yaml"
+
+
 def save_job_config(run_dir: str | os.PathLike, cfg) -> None:
     """Write the job's `.hydra/{config,hydra,overrides}.yaml`, as Hydra would, once the job owns run_dir.
 

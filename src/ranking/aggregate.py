@@ -29,6 +29,7 @@ import yaml
 from src.config import ADDED_KEYS, without_throughput_keys
 from src.launch.failures import read_sweep_failures
 from src.launch.planned import planned_run_dir, read_planned_jobs
+from src.launch.rundir import launch_configs
 from src.launch.sweep_files import DamagedSweepFile, damaged_copies
 from src.ranking.nds import non_dominated_ranks
 from src.ranking.paper import COLUMNS
@@ -165,7 +166,7 @@ def run_completeness(run_dir: Path, records: list[dict]
 
     from src.results import missing_records
 
-    for path in (run_dir / ".hydra" / "config.yaml", run_dir / "config.yaml"):
+    for path in launch_configs(run_dir):
         try:
             cfg = OmegaConf.load(path) if path.is_file() else None
             if cfg is None or not (OmegaConf.is_dict(cfg.get("eval")) and OmegaConf.is_dict(cfg.get("loss"))):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from src.launch.rundir import launch_configs
 from src.ranking.paper import COLUMNS
 
 DEFAULT_PROJECT = "flowsweep"
@@ -31,7 +32,7 @@ def runs_wandb_target(run_dirs) -> tuple[str | None, str | None]:
     import yaml
 
     for run_dir in run_dirs:
-        for path in (Path(run_dir) / ".hydra" / "config.yaml", Path(run_dir) / "config.yaml"):
+        for path in launch_configs(run_dir):
             try:
                 w = (yaml.safe_load(path.read_text()) or {})["logger"]["wandb"]
             except (OSError, yaml.YAMLError, KeyError, TypeError):
