@@ -22,6 +22,9 @@ EXAMPLES = ROOT / "docs" / "examples"
 
 def test_every_paper_recipe_satisfies_the_formulation_checks():
     assert {name: formulation_errors(get_recipe(name)) for name in RECIPES} == {name: [] for name in RECIPES}
+    from src.formulations.registry import BUILTIN_NAME  # the names a family from outside may not take
+
+    assert [name for name in RECIPES if not BUILTIN_NAME.fullmatch(name)] == []
 
 
 class Plugin(RectifiedFlow):
