@@ -160,7 +160,9 @@ def test_the_documented_example_family_trains_evaluates_plans_and_ranks(tmp_path
         plan.main(["loss=rf_power", "--config-dir", str(tmp_path / "absent")])
     assert f"--config-dir {tmp_path / 'absent'}: no such folder" in capsys.readouterr().err
 
-    args = ["--config-dir", "docs/examples/conf", "-m", "loss=rf_power,rf_lognorm", f"paths.root_dir={tmp_path}",
+    # With the example sampler too (docs/examples/ab2.py): each model trained once, evaluated by both samplers.
+    args = ["--config-dir", "docs/examples/conf", "-m", "loss=rf_power,rf_lognorm", "sampler=rf_time,ab2",
+            f"paths.root_dir={tmp_path}",
             f"paths.cache_dir={tmp_path}/cache", "model.depth=1", "model.hidden_size=32", "model.num_heads=2",
             "data.batch_size=16", "data.val_samples=16", "train.max_steps=2", "train.val_every=2", "train.ckpt_every=2",
             "eval.n_samples=4", "eval.batch_size=4", "eval.settings=[{steps: 2, cfg: 1.0}]", "eval.ema=[true]",
@@ -170,25 +172,35 @@ def test_the_documented_example_family_trains_evaluates_plans_and_ranks(tmp_path
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     sweep = tmp_path / "outputs/multirun/default"
-    records = json.loads((sweep / "digits/rf_power_2.00/results.json").read_text())
-    assert {(r["recipe"], r["family"], r["params"]["k"]) for r in records} == {("rf/power(2.00)", "rf_power", 2.0)}
+    for sampler, name in (("rf_time", "rf_time"), ("ab2", "ab2:AB2")):
+        records = json.loads((sweep / f"digits/rf_power_2.00/sampler={sampler}/results.json").read_text())
+        assert {(r["recipe"], r["family"], r["params"]["k"], r["sampler"]) for r in records} == {
+            ("rf/power(2.00)", "rf_power", 2.0, name)}
+    assert (sweep / "digits/rf_power_2.00/sampler=ab2/reused_training.json").is_file()
     from src.ranking.report import build_report
 
     report = build_report([sweep], draws=0)
-    assert sorted(report.table.index) == ["rf/lognorm(0.00, 1.00)", "rf/power(2.00)"]
+    assert sorted(report.table.index) == [f"{r} [sampler={s}]" for r in ("rf/lognorm(0.00, 1.00)", "rf/power(2.00)")
+                                          for s in ("ab2", "rf_time")]
+    from src import evaluate  # the documented re-evaluation of a trained run with a sampler from outside
+
+    run = sweep / "digits/rf_lognorm_0.00_1.00/sampler=rf_time"
+    assert evaluate.main([str(run), "sampler.name=ab2:AB2"]) == 0
+    assert sorted(r["sampler"] for r in json.loads((run / "results.json").read_text())) == ["ab2:AB2", "rf_time"]
 
 
 def test_the_documented_example_backbone_plans_trains_and_evaluates(tmp_path, monkeypatch, capsys):
     """docs/examples/convnet.py through conf/model/convnet.yaml: the command its docstring gives, with the example
-    formulation; the plan counts its FLOPs on the meta device."""
+    formulation and the example sampler (docs/examples/ab2.py); the plan counts its FLOPs on the meta device."""
     from src import plan
 
     monkeypatch.syspath_prepend(str(EXAMPLES))
-    assert plan.main(["model=convnet", "loss=rf_power", "--config-dir", str(EXAMPLES / "conf"),
+    assert plan.main(["model=convnet", "loss=rf_power", "sampler=ab2", "--config-dir", str(EXAMPLES / "conf"),
                       f"paths.root_dir={tmp_path}", "--mfu", "0.3"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if "rf_power_2.00" in line)
     assert row.split()[2] == "ConvNet"
-    args = ["--config-dir", "docs/examples/conf", "model=convnet", "loss=rf_power", f"paths.root_dir={tmp_path}",
+    args = ["--config-dir", "docs/examples/conf", "model=convnet", "loss=rf_power", "sampler=ab2",
+            f"paths.root_dir={tmp_path}",
             f"paths.cache_dir={tmp_path}/cache", "model.depth=1", "data.batch_size=16", "data.val_samples=16",
             "train.max_steps=2", "train.val_every=2", "train.ckpt_every=2", "eval.n_samples=4", "eval.batch_size=4",
             "eval.settings=[{steps: 2, cfg: 1.0}]", "eval.ema=[true]", "logger=csv", "torch_threads=1"]
@@ -197,7 +209,9 @@ def test_the_documented_example_backbone_plans_trains_and_evaluates(tmp_path, mo
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     [record] = json.loads((tmp_path / "outputs/runs/digits/rf_power_2.00/results.json").read_text())
-    assert (record["backbone"], record["recipe"]) == ("ConvNet", "rf/power(2.00)") and record["fid_clip"] > 0
+    assert (record["backbone"], record["recipe"], record["sampler"]) == ("ConvNet", "rf/power(2.00)", "ab2:AB2")
+    assert record["fid_clip"] > 0
     from src.ranking.report import build_report
 
-    assert list(build_report([tmp_path / "outputs/runs"], draws=0).table.index) == ["rf/power(2.00) [ConvNet]"]
+    assert list(build_report([tmp_path / "outputs/runs"], draws=0).table.index) == [
+        "rf/power(2.00) [ConvNet, sampler=ab2:AB2]"]  # the sampler by its recorded name, the import path

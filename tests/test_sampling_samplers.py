@@ -38,7 +38,8 @@ def test_an_unknown_sampler_is_a_one_line_error_naming_the_allowed_ones():
     for bad in ("natve", None, 3):
         with pytest.raises(ValueError) as err:
             sample(_nonlinear_backbone, get_recipe("rf"), noise, ctx, pooled, 5, 1.0, sampler=bad)
-        assert str(err.value) == f"sampler={bad!r} is not allowed; choose one of rf_time, native, heun"
+        assert str(err.value) == (f"sampler={bad!r} is not allowed; choose one of rf_time, native, heun, or "
+                                  "'package.module:NAME' for a Sampler defined outside this repository")
     with pytest.raises(ValueError, match="sampler='x'"):
         sampler_nfe("x", 5)
 

@@ -746,7 +746,9 @@ def describe_fifty_step(records: pd.DataFrame, fifty_step_cfg: Sequence[float] |
     present = sorted(records.loc[records["steps"] == 50, "cfg"].unique().tolist())
     scales = fifty_step_scales(records, fifty_step_cfg)
     chosen = present if scales is None else sorted(float(c) for c in scales)
-    text = ", ".join(_cfg(c) for c in chosen) or "none present"
+    if not present:
+        return "50 steps column: the sweep has no 50-step settings."
+    text = ", ".join(_cfg(c) for c in chosen)
     if fifty_step_cfg is None and scales is not None:
         how = ("the default: the paper's 50-step averages are multiples of 0.25, i.e. four settings (one CFG scale x "
                "EMA/raw x two datasets), and its 5-step column is at CFG 5.0, so 50 steps at CFG 5.0 matches it; "

@@ -197,7 +197,8 @@ def rank_records(records: pd.DataFrame, fifty_step_cfg=None) -> pd.DataFrame:
 def _sampler_note(records: pd.DataFrame, sampler: str | None) -> str:
     """Which sampler(s) the ranking covers."""
     present = sorted(records["sampler"].unique())
-    legacy = " (records without a sampler field count as rf_time, the shared Euler sampler on the RF-time grid)" \
+    legacy = (" (rf_time: the shared Euler sampler on the RF-time grid, as which records written before the sampler "
+              "was recorded count)") \
         if LEGACY_SAMPLER in present else ""
     if sampler is not None:
         others = [s for s in present if s != sampler]

@@ -6,17 +6,22 @@
 | native    | Euler  | native  | steps (Euler/DDIM in each family's own time)        |
 | heun      | Heun   | rf_time | 2 steps - 1                                         |
 
-A new sampler is a solver function (denoiser, z) -> x0_hat, or a grid function, plus one line in SAMPLERS.
+A new sampler is a solver function (denoiser, z) -> x0_hat, or a grid function, plus one line in SAMPLERS; or,
+without changing this repository, a Sampler named by its import path, `name: package.module:NAME` in a sampler
+configuration, checked against what every sampler must satisfy (checks.py) when it is first looked up.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
 from src.formulations.base import Formulation
+from src.formulations.registry import IMPORT_PATH
 from src.sampling.denoiser import Backbone, Denoiser, check_sample_args
 from src.sampling.euler import euler
 from src.sampling.grids import GRIDS, Grid
@@ -39,10 +44,32 @@ SAMPLERS: dict[str, Sampler] = {
 
 
 def get_sampler(name: str) -> Sampler:
-    """The sampler called `name`, or a one-line ValueError naming the setting and the allowed names."""
-    if not isinstance(name, str) or name not in SAMPLERS:
-        raise ValueError(f"sampler={name!r} is not allowed; choose one of {', '.join(SAMPLERS)}")
-    return SAMPLERS[name]
+    """The sampler called `name` (built in, or an import path), or a one-line ValueError naming the setting."""
+    if isinstance(name, str) and name in SAMPLERS:
+        return SAMPLERS[name]
+    if isinstance(name, str) and IMPORT_PATH.fullmatch(name):
+        return _imported_sampler(name)
+    raise ValueError(f"sampler={name!r} is not allowed; choose one of {', '.join(SAMPLERS)}, or "
+                     "'package.module:NAME' for a Sampler defined outside this repository")
+
+
+@functools.cache
+def _imported_sampler(path: str) -> Sampler:
+    """The Sampler an import path names, checked once (checks.check_sampler); a one-line error when unusable."""
+    from src.sampling.checks import check_sampler
+
+    module_name, attribute = path.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 -- an ImportError, or any error raised while the module runs
+        raise ValueError(f"sampler {path!r}: cannot import {module_name} ({type(e).__name__}: {e}); the module must "
+                         "be importable where the job runs (the working directory or PYTHONPATH)") from None
+    try:
+        sampler = functools.reduce(getattr, attribute.split("."), module)
+    except AttributeError:
+        raise ValueError(f"sampler {path!r}: {module_name} has no {attribute}") from None
+    check_sampler(sampler, path)
+    return Sampler(sampler.solver, sampler.grid, sampler.nfe)
 
 
 def sampler_nfe(name: str, steps: int) -> int:

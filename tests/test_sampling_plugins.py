@@ -1,0 +1,139 @@
+"""Samplers defined outside the repository (`sampler.name: module:NAME`, docs/sampling.md#adding-a-sampler): the checks
+every sampler must pass, the one-line errors of a broken one, and the documented example (docs/examples/ab2.py).
+The example through the commands is in test_formulations_plugins.py (with the example formulation and backbone)."""
+
+import pytest
+import torch
+
+from src.formulations import get_recipe
+from src.sampling import GRIDS, SAMPLERS, Sampler, euler, get_sampler, sample, sampler_nfe
+from src.sampling.checks import sampler_errors
+from src.sampling.denoiser import next_process
+from tests.test_sampling import _gaussian, exact_flow, gaussian_denoiser
+
+EXAMPLE = "ab2:AB2"
+
+
+def test_every_built_in_sampler_satisfies_the_sampler_checks():
+    assert {name: sampler_errors(s) for name, s in SAMPLERS.items()} == {name: [] for name in SAMPLERS}
+
+
+def flipped(denoiser, z):
+    """Euler in RF-equivalent coordinates with the velocity's sign flipped (x0_hat - eps_hat)."""
+    f, t = denoiser.formulation, denoiser.t
+    p, q, r, s = denoiser.coefficients
+    a, b = f.a(t).double(), f.b(t).double()
+    a_next, b_next = next_process(f, t)
+    c, c_next = (a + b).tolist(), (a_next + b_next).tolist()
+    h = (b_next / (a_next + b_next) - b / (a + b)).tolist()
+    for i in range(len(t)):
+        out = denoiser.output(z, i)
+        v = (p[i] - r[i]).item() * z + (q[i] - s[i]).item() * out
+        z = c_next[i] * (z / c[i] + h[i] * v)
+    return z
+
+
+def stops_early(denoiser, z):
+    """Euler without its last step: returns the noisy z at the last grid time, not x0_hat."""
+    return euler(_Truncated(denoiser), z)
+
+
+class _Truncated:
+    def __init__(self, denoiser):
+        self.__dict__.update(denoiser.__dict__)
+        self._denoiser = denoiser
+        self.t = denoiser.t[:1]
+        self.coefficients = tuple(c[:1] for c in denoiser.coefficients)
+
+    def output(self, z, i):
+        return self._denoiser.output(z, i)
+
+
+def double_call(denoiser, z):
+    for i in range(len(denoiser.t)):
+        denoiser.output(z, i)
+    return euler(denoiser, z)
+
+
+def raising(denoiser, z):
+    raise RuntimeError("not implemented yet")
+
+
+def increasing(f, steps, shift):
+    return torch.linspace(f.t_min, f.t_max, steps, dtype=torch.float64)
+
+
+BROKEN = {
+    "flipped": (Sampler(flipped, GRIDS["rf_time"], lambda steps: steps),
+                "with the exact denoiser of Gaussian data it does not sample that Gaussian for rf at 256 steps"),
+    "stops_early": (Sampler(stops_early, GRIDS["rf_time"], lambda steps: 1),
+                    "does not sample that Gaussian for rf"),
+    "miscounted": (Sampler(double_call, GRIDS["rf_time"], lambda steps: steps),
+                   "its solver evaluates the network 2 times for rf at 1 steps, but nfe(1) = 1"),
+    "raising": (Sampler(raising, GRIDS["rf_time"], lambda steps: steps), "it raises RuntimeError: not implemented yet"),
+    "increasing": (Sampler(euler, increasing, lambda steps: steps), "its grid for rf at 2 steps is not decreasing"),
+    "no_nfe": (Sampler(euler, GRIDS["rf_time"], lambda steps: 0), "nfe(1) is 0, not a number of network evaluations"),
+}
+
+
+@pytest.mark.parametrize("name", BROKEN)
+def test_a_broken_sampler_is_named_by_the_property_it_breaks(name):
+    broken, phrase = BROKEN[name]
+    errors = sampler_errors(broken)
+    assert len(errors) == 1 and phrase in errors[0], errors
+
+
+@pytest.fixture
+def sampler_plugins(tmp_path, monkeypatch):
+    """A module `sampler_plugins` on sys.path holding a good sampler and the broken ones above."""
+    (tmp_path / "sampler_plugins.py").write_text(
+        "from src.sampling import SAMPLERS\n"
+        "from tests.test_sampling_plugins import BROKEN\n"
+        "GOOD = SAMPLERS['heun']\n"
+        "FLIPPED = BROKEN['flipped'][0]\n"
+        "TEXT = 'rf_time'\n"
+    )
+    (tmp_path / "sampler_raising.py").write_text("raise RuntimeError('broken on import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+@pytest.mark.parametrize("name, message", [
+    ("sampler_plugins:FLIPPED", "sampler 'sampler_plugins:FLIPPED' breaks what every sampler must satisfy: with the "
+                                "exact denoiser of Gaussian data it does not sample that Gaussian"),
+    ("sampler_plugins:TEXT", "it is a str, not a src.sampling.Sampler(solver, grid, nfe) of three functions"),
+    ("sampler_plugins:MISSING", "sampler 'sampler_plugins:MISSING': sampler_plugins has no MISSING"),
+    ("nowhere:SAMPLER", "cannot import nowhere (ModuleNotFoundError: No module named 'nowhere'); the module must be "
+                        "importable where the job runs"),
+    ("sampler_raising:S", "cannot import sampler_raising (RuntimeError: broken on import)"),
+    ("not a path", "sampler='not a path' is not allowed; choose one of rf_time, native, heun, or "
+                   "'package.module:NAME'"),
+])
+def test_an_imported_sampler_that_cannot_be_used_is_refused_in_one_line(sampler_plugins, name, message):
+    assert get_sampler("sampler_plugins:GOOD") == SAMPLERS["heun"]
+    assert sampler_nfe("sampler_plugins:GOOD", 5) == 9
+    with pytest.raises(ValueError) as e:
+        get_sampler(name)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_example_sampler_is_second_order_at_one_evaluation_per_step(monkeypatch):
+    """docs/examples/ab2.py: against the exact probability-flow map of Gaussian data, halving the step divides its
+    error by about 4 (Euler's by 2), and at 10 steps it is as accurate as Heun's 19 evaluations."""
+    from tests.test_formulations_plugins import EXAMPLES
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    mu, cov = _gaussian()
+    noise = torch.randn(500, 3, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    context, pooled = torch.zeros(500, 2, 4, dtype=torch.float64), torch.zeros(500, 4, dtype=torch.float64)
+    for recipe in ("rf", "eps/linear", "edm(-1.20, 1.20)"):
+        f = get_recipe(recipe)
+        exact = exact_flow(f, mu, cov, noise)
+
+        def error(name, steps):
+            out = sample(gaussian_denoiser(f, mu, cov), f, noise, context, pooled, steps, 1.0, sampler=name)
+            return float(((out.reshape(500, 3) - exact) ** 2).mean().sqrt())
+
+        assert 3.3 < error(EXAMPLE, 10) / error(EXAMPLE, 20) < 5.0
+        assert 1.8 < error("rf_time", 10) / error("rf_time", 20) < 2.2
+        assert error(EXAMPLE, 10) < 1.1 * error("heun", 10)
+    assert sampler_nfe(EXAMPLE, 10) == 10 and sampler_nfe("heun", 10) == 19
