@@ -244,6 +244,9 @@ def test_swept_keys_outside_the_run_name_tag_each_job():
     assert keys == ["optim.lr", "x"]  # loss and its parameters are in the recipe slug, data in the dataset name
     assert swept_keys(parsed, [*NAME_KEYS, "x"]) == ["optim.lr"]
     assert run_tag(["loss=rf", "optim.lr=0.0003", "+x=a/b", "seed=0"], keys) == "/optim.lr=0.0003,x=a_b"
+    # Strings as themselves, not as the basic sweeper escapes or quotes them for Hydra's parser (sampler.name=a:B)
+    assert run_tag(["sampler.name=ab2\\:AB2", '+x="c(d)"', "optim.lr=[1,2]"], ["sampler.name", "x", "optim.lr"]) == \
+        "/sampler.name=ab2:AB2,x=c(d),optim.lr=[1,2]"
     assert tag_jobs([[["loss=rf"], ["loss=edm"]]], []) == [[["loss=rf"], ["loss=edm"]]]  # nothing to tag
     assert tag_jobs([[["optim.lr=0.1"]]], ["optim.lr"]) == [[["optim.lr=0.1", "run_tag='/optim.lr=0.1'"]]]
 

@@ -40,9 +40,22 @@ def swept_keys(overrides: Sequence[Override], name_keys: Sequence[str] = NAME_KE
     return keys
 
 
+def _value_text(override: str) -> str:
+    """The value of a job's override as a directory name shows it: a string as itself (the basic sweeper writes
+    `ab2\\:AB2` for ab2:AB2, escaped for Hydra's parser, and keeps a quoted string's quotes), anything else as typed."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    raw = override.split("=", 1)[1]
+    try:
+        value = OverridesParser.create().parse_override(override).value()
+    except Exception:  # noqa: BLE001 -- Hydra parses it again when the job starts and reports it there
+        return raw
+    return value if isinstance(value, str) else raw
+
+
 def run_tag(job: Sequence[str], keys: Sequence[str]) -> str:
     """`/k1=v1,k2=v2` from one job's overrides ('' when nothing is swept); '/' in a value becomes '_'."""
-    values = {_key(o): o.split("=", 1)[1] for o in job if "=" in o}
+    values = {_key(o): _value_text(o) for o in job if "=" in o}
     parts = [f"{k}={values[k].replace('/', '_')}" for k in keys if k in values]
     return "/" + ",".join(parts) if parts else ""
 
