@@ -41,6 +41,19 @@ def test_offline_publish_writes_run_files(tmp_path, monkeypatch, capsys):
     assert wandb.run is None  # finished, so a later job does not log into this run
 
 
+def test_disabled_wandb_publishes_nothing_and_says_so(tmp_path, monkeypatch, capsys):
+    """WANDB_MODE=disabled: the report is written, no W&B files, and no path to files that do not exist."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    sweep = write_synthetic_sweep(tmp_path / "sweep", recipes=("rf/cosmap", "v/cos"), datasets=("digits",),
+                                  n_samples=4, n_reference=4, dim=2, sampler_settings=[(5, 5.0)])
+    assert main([str(sweep), "--bootstrap", "0", "--out", str(tmp_path / "report"), "--wandb"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        "W&B is disabled (WANDB_MODE=disabled or the mode in W&B's settings): nothing published")
+    assert (tmp_path / "report" / "report.md").is_file()
+    assert not [p for p in (tmp_path / "wandb_dir").rglob("*") if p.is_file()]  # W&B makes the folder, writes nothing
+
+
 @pytest.fixture(autouse=True)
 def _no_leftover_run():
     yield

@@ -43,9 +43,9 @@ def runs_wandb_target(run_dirs) -> tuple[str | None, str | None]:
     return None, None
 
 
-def publish_wandb(report, paths: dict[str, Path], project: str | None = None) -> str:
+def publish_wandb(report, paths: dict[str, Path], project: str | None = None) -> str | None:
     """Log the rank tables, figures, sample sheets and the HTML report to one W&B run (group = sweep name); returns
-    the run's files directory. Sample sheets (samples_*.png, steps_cfg_*.png) go under samples/, other PNGs
+    the run's files directory, None when W&B is disabled (WANDB_MODE=disabled: no run, no files). Sample sheets (samples_*.png, steps_cfg_*.png) go under samples/, other PNGs
     under figures/."""
     import wandb
 
@@ -64,6 +64,9 @@ def publish_wandb(report, paths: dict[str, Path], project: str | None = None) ->
                 "fifty_step": report.fifty_step_note},
         settings=wandb.Settings(console="off", **({"mode": mode} if mode else {})),
     )
+    if getattr(run, "disabled", False):  # a no-op run: its files directory is never created
+        wandb.finish()
+        return None
     try:
         shown = table1(report)
         pngs = {name: Path(p) for name, p in paths.items() if Path(p).suffix == ".png"}

@@ -673,7 +673,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.wandb:
         from src.ranking.publish import publish_wandb
 
-        print(f"W&B run files: {publish_wandb(report, paths)}")
+        files = publish_wandb(report, paths)
+        print(f"W&B run files: {files}" if files else "W&B is disabled (WANDB_MODE=disabled or the mode in W&B's "
+              "settings): nothing published")
     return 0
 
 
