@@ -104,10 +104,42 @@ def with_added_keys(stored: dict, current: dict) -> dict:
     return out
 
 
+def module_digest(name: str) -> str:
+    """"file.py:<sha256[:12]>" of a module's source file, found without running it; "unknown" when it has none."""
+    import hashlib
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    origin = Path(spec.origin) if spec is not None and spec.origin else None
+    if origin is None or not origin.is_file():
+        return "unknown"
+    return f"{origin.name}:{hashlib.sha256(origin.read_bytes()).hexdigest()[:12]}"
+
+
+def outside_code(cfg: DictConfig) -> dict[str, str]:
+    """The source of the code a configuration names from outside this repository (a formulation's builder, a
+    backbone's _target_), by content: editing it changes the model a run trains, as a changed setting does. Only the
+    named module's own file counts (not what it imports)."""
+    out = {}
+    family = OmegaConf.select(cfg, "loss.family", default=None)
+    if isinstance(family, str) and ":" in family:
+        out["loss.family"] = module_digest(family.split(":", 1)[0])
+    target = OmegaConf.select(cfg, "model._target_", default=None)
+    if isinstance(target, str) and "." in target and not target.startswith("src."):
+        out["model._target_"] = module_digest(target.rsplit(".", 1)[0])
+    return out
+
+
 def fingerprint(cfg: DictConfig) -> dict:
-    """The parts of a configuration that determine a trained model; a run directory is tied to one."""
+    """The parts of a configuration that determine a trained model; a run directory is tied to one. With code from
+    outside the repository, its content too ("code": outside_code)."""
     keys = ("loss", "model", "optim", "train", "seed")
     out = {k: to_dict(cfg[k]) if isinstance(cfg[k], DictConfig) else cfg[k] for k in keys}
+    if code := outside_code(cfg):
+        out["code"] = code
     out["data"] = to_dict(cfg.data)
     # The trainer settings that change the trained weights (the rest: devices, logging, progress).
     out["trainer"] = {k: cfg.trainer.get(k) for k in TRAINER_KEYS}

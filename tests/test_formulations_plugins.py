@@ -215,3 +215,82 @@ def test_the_documented_example_backbone_plans_trains_and_evaluates(tmp_path, mo
 
     assert list(build_report([tmp_path / "outputs/runs"], draws=0).table.index) == [
         "rf/power(2.00) [ConvNet, sampler=ab2:AB2]"]  # the sampler by its recorded name, the import path
+
+
+# ---- code from outside is part of what a run directory is tied to ----------------------------------------------
+def _outside(tmp_path, monkeypatch):
+    """A copy of the example formulation and backbone modules in tmp_path, importable there."""
+    for name in ("rf_power", "convnet"):
+        (tmp_path / f"{name}.py").write_text((EXAMPLES / f"{name}.py").read_text())
+        monkeypatch.delitem(sys.modules, name, raising=False)  # imported from docs/examples by an earlier test
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=[
+            "loss.family=rf_power:rf_power", "+loss.k=2.0", "~loss.m", "~loss.s", "model._target_=convnet.ConvNet"])
+
+
+def test_editing_code_from_outside_ties_the_run_directory_to_the_code_it_trained(tmp_path, monkeypatch):
+    """The fingerprint holds the content of the formulation's and the backbone's modules: an edit after training is
+    refused like a changed setting, in one line naming what was edited, and the directory keeps its files."""
+    from src.config import ConfigError, fingerprint
+    from src.training.job import bind_fingerprint, check_fingerprint
+
+    cfg = _outside(tmp_path, monkeypatch)
+    code = fingerprint(cfg)["code"]
+    assert set(code) == {"loss.family", "model._target_"} and code["loss.family"].startswith("rf_power.py:")
+    assert "code" not in fingerprint(_builtin_cfg())  # built-in code only: fingerprints as before
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    bind_fingerprint(cfg, run)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"trained")  # bound: something was trained here
+    check_fingerprint(cfg, run)  # the same code: resumes
+    stored = (run / "fingerprint.json").read_text()
+    with open(tmp_path / "rf_power.py", "a") as f:
+        f.write("# an edit\n")
+    with pytest.raises(ConfigError) as e:
+        check_fingerprint(cfg, run)
+    assert "(code.loss.family; the code its loss.family names has been edited since)" in str(e.value)
+    assert "\n" not in str(e.value) and (run / "fingerprint.json").read_text() == stored
+    # A run trained before the code was recorded: its code is unknown, so it is not compared.
+    legacy = json.loads(stored)
+    del legacy["code"]
+    (run / "fingerprint.json").write_text(json.dumps(legacy))
+    check_fingerprint(cfg, run)
+
+
+def _builtin_cfg():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config")
+
+
+@pytest.mark.slow
+def test_a_relaunch_after_editing_the_formulations_module_is_refused_and_changes_nothing(tmp_path):
+    """Through the command: train with a copy of the example formulation, edit it, relaunch: exit 1 naming the
+    edited code, every file of the finished run as it was; with the code restored the relaunch skips the done run."""
+    from tests.test_reliability import TINY, tree_digest
+
+    source = (EXAMPLES / "rf_power.py").read_text()
+    (tmp_path / "rf_power.py").write_text(source)
+    args = ["--config-dir", str(EXAMPLES / "conf"), "-m", "loss=rf_power", f"paths.root_dir={tmp_path}",
+            f"paths.cache_dir={tmp_path}/cache", *TINY]
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+
+    def run():
+        return subprocess.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True,
+                              env=env, timeout=600)
+
+    assert (first := run()).returncode == 0, first.stderr[-3000:]
+    done = tmp_path / "outputs/multirun/default/digits/rf_power_2.00"
+    before = tree_digest(done)
+    (tmp_path / "rf_power.py").write_text(source.replace("u ** (1.0 / self.k)", "u ** (0.5 / self.k)"))
+    refused = run()
+    assert refused.returncode == 1
+    assert "the code its loss.family names has been edited since" in refused.stderr, refused.stderr[-3000:]
+    assert tree_digest(done) == before
+    (tmp_path / "rf_power.py").write_text(source)
+    again = run()
+    assert again.returncode == 0 and "complete" in again.stdout + again.stderr, again.stderr[-3000:]

@@ -329,6 +329,8 @@ def fingerprint_changes(cfg: DictConfig, run_dir: Path) -> list[str]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:  # this project writes it atomically: damaged elsewhere
         raise ConfigError(f"{path}: not valid JSON ({e}); it records the configuration this directory was trained "
                           f"with: restore it, or move the directory away to train anew") from e
+    if "code" not in stored:  # trained before the code from outside was recorded: its content is unknown
+        current.pop("code", None)
     return diff_keys(with_added_keys(without_throughput_keys(stored), current), current)
 
 
@@ -337,8 +339,10 @@ def check_fingerprint(cfg: DictConfig, run_dir: Path) -> None:
     Reads only: a refused launch leaves the directory exactly as it was."""
     changed = fingerprint_changes(cfg, run_dir)
     if changed:
+        edited = [k.removeprefix("code.") for k in changed if k.startswith("code.")]
+        what = f"; the code its {' and '.join(edited)} names has been edited since" if edited else ""
         raise ConfigError(
-            f"{run_dir} holds a run with a different configuration ({', '.join(changed[:5])}); "
+            f"{run_dir} holds a run with a different configuration ({', '.join(changed[:5])}{what}); "
             "use another sweep_name, give this configuration its own directory with run_tag=/<label>, "
             "or delete the directory"
         )
