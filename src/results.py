@@ -49,7 +49,7 @@ CONFIG_KEYS = {
     "setting": "eval.settings", "steps": "eval.settings", "cfg": "eval.settings", "shift": "eval.shift",
     "ema": "eval.ema", "sampler": "sampler", "n_samples": "eval.n_samples", "eval_seed": "eval.seed",
     "feature_extractor": "eval.clip", "fid_features": "fid_features", "checkpoint": "eval.checkpoint",
-    "inception_extractor": "eval.inception",
+    "inception_extractor": "eval.inception", "sampler_code": "the sampler's code",
 }
 
 
@@ -85,6 +85,9 @@ class Record:
     # The Inception weights behind fid_inception, "inception-v3-2048:<sha256[:12]>"; None without (and in records
     # written before the field: their Inception FID cannot say which weights it measured).
     inception_extractor: str | None = None
+    # The content of a sampler from outside the repository, "ab2.py:<sha256[:12]>" (a record of an edited sampler's
+    # code is not a current result); None for the built-in samplers and in records written before the field.
+    sampler_code: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
@@ -215,6 +218,7 @@ def upgrade(record: Mapping[str, Any]) -> dict[str, Any]:
     d.setdefault("feature_extractor", None)
     d.setdefault("checkpoint", "best")
     d.setdefault("inception_extractor", None)
+    d.setdefault("sampler_code", None)
     return d
 
 
@@ -322,7 +326,7 @@ def run_fields(cfg: Any) -> dict[str, Any]:
 
 
 def wanted_records(cfg: Any, recipe: Mapping[str, Any], feature_extractor: str,
-                   inception_extractor: str | None = None) -> list[dict[str, Any]]:
+                   inception_extractor: str | None = None, sampler_code: str | None = None) -> list[dict[str, Any]]:
     """The identity fields of every record the configuration asks for: sampler settings x EMA, each with the
     configured sampler, n_samples, eval seed, shift, feature extractor, FID features and checkpoint (and the
     Inception extractor, which a stored record must match when one is configured, see missing_records).
@@ -338,6 +342,7 @@ def wanted_records(cfg: Any, recipe: Mapping[str, Any], feature_extractor: str,
         "n_samples": int(ev["n_samples"]), "eval_seed": int(ev["seed"]),
         "feature_extractor": feature_extractor, "fid_features": FID_FEATURES,
         "checkpoint": str(_get(ev, "checkpoint", "best")), "inception_extractor": inception_extractor,
+        "sampler_code": sampler_code,
     }
     return [
         {**common, "setting": setting_label(s["steps"], s["cfg"], shift), "steps": int(s["steps"]),
@@ -370,6 +375,13 @@ def _same_inception(record: Mapping[str, Any], wanted: Mapping[str, Any]) -> boo
     return name is None or (record.get("fid_inception") is not None and record.get("inception_extractor") == name)
 
 
+def _same_sampler_code(record: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
+    """A sampler from outside: the stored record was sampled by its code as it is now ("unknown" where its module
+    cannot be found, e.g. a report read on another machine: then any stored record counts)."""
+    code = wanted.get("sampler_code")
+    return code in (None, "unknown") or record.get("sampler_code") == code
+
+
 def missing_records(records: Iterable[Mapping[str, Any]], wanted: Iterable[Mapping[str, Any]],
                     run_dir: str | os.PathLike | None = None, need_inception: bool = False) -> list[dict[str, Any]]:
     """THE completeness rule: the wanted records that no stored record matches with exactly those settings
@@ -383,7 +395,8 @@ def missing_records(records: Iterable[Mapping[str, Any]], wanted: Iterable[Mappi
     for r in records:
         if _usable(r, run_dir, need_inception):
             have.setdefault(record_identity(r), []).append(r)
-    return [dict(w) for w in wanted if not any(_same_inception(r, w) for r in have.get(record_identity(w), []))]
+    return [dict(w) for w in wanted
+            if not any(_same_inception(r, w) and _same_sampler_code(r, w) for r in have.get(record_identity(w), []))]
 
 
 def of_step(records: Iterable[Mapping[str, Any]], checkpoint: str, step: int | None) -> list[dict[str, Any]]:
@@ -415,9 +428,9 @@ def describe_missing(missing: Sequence[Mapping[str, Any]], records: Iterable[Map
         return "all settings (none evaluated yet)"
     changed = []
     for name in ("sampler", "n_samples", "eval_seed", "shift", "feature_extractor", "fid_features", "checkpoint",
-                 "inception_extractor", "train_seed", "tags"):
+                 "inception_extractor", "sampler_code", "train_seed", "tags"):
         values = {_canonical(name, m.get(name)) for m in missing}
-        if name == "inception_extractor":  # None: Inception is not configured, which no record prevents
+        if name in ("inception_extractor", "sampler_code"):  # None: not configured / built in, which no record prevents
             values.discard(None)
         absent = sorted((v for v in values if v not in {_canonical(name, r.get(name)) for r in records}), key=str)
         if absent:

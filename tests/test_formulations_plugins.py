@@ -186,7 +186,28 @@ def test_the_documented_example_family_trains_evaluates_plans_and_ranks(tmp_path
 
     run = sweep / "digits/rf_lognorm_0.00_1.00/sampler=rf_time"
     assert evaluate.main([str(run), "sampler.name=ab2:AB2"]) == 0
-    assert sorted(r["sampler"] for r in json.loads((run / "results.json").read_text())) == ["ab2:AB2", "rf_time"]
+    records = json.loads((run / "results.json").read_text())
+    assert sorted(r["sampler"] for r in records) == ["ab2:AB2", "rf_time"]
+    code = {r["sampler"]: r["sampler_code"] for r in records}
+    assert code["rf_time"] is None and code["ab2:AB2"].startswith("ab2.py:")
+
+    # The sampler's code edited: its records are no longer current; the run's evaluation is redone, and replaced.
+    from src.ranking.aggregate import load_run
+    from src.sampling.registry import _imported_sampler
+
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    (edited / "ab2.py").write_text((EXAMPLES / "ab2.py").read_text() + "# edited\n")
+    monkeypatch.syspath_prepend(str(edited))
+    monkeypatch.delitem(sys.modules, "ab2")
+    _imported_sampler.cache_clear()
+    sampler_run = sweep / "digits/rf_power_2.00/sampler=ab2"
+    status, _ = load_run(sampler_run)
+    assert status["status"] == "partial" and "the sampler's code=ab2.py:" in status["error"]
+    assert evaluate.main([str(sampler_run)]) == 0
+    [record] = json.loads((sampler_run / "results.json").read_text())
+    assert record["sampler_code"] != code["ab2:AB2"] and load_run(sampler_run)[0]["status"] == "done"
+    _imported_sampler.cache_clear()
 
 
 def test_the_documented_example_backbone_plans_trains_and_evaluates(tmp_path, monkeypatch, capsys):

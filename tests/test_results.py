@@ -62,7 +62,8 @@ def test_wanted_records_cover_settings_times_ema_with_every_evaluation_setting()
         ("5 steps, cfg 5.0", True), ("5 steps, cfg 5.0", False), ("50 steps, cfg 1.0", True),
         ("50 steps, cfg 1.0", False)]
     w = wanted[0]
-    assert set(w) == {*IDENTITY_FIELDS, "inception_extractor"} and w["inception_extractor"] is None
+    assert set(w) == {*IDENTITY_FIELDS, "inception_extractor", "sampler_code"} and w["inception_extractor"] is None
+    assert w["sampler_code"] is None  # a built-in sampler
     assert (w["tags"], w["train_seed"], w["backbone"], w["sampler"], w["n_samples"], w["eval_seed"]) == (
         {"optim.lr": 0.0001, "seed": 1}, 1, "MMDiT", "rf_time", 100, 1234)
     assert (w["feature_extractor"], w["fid_features"], w["checkpoint"]) == ("tiny_clip:0123456789ab", "clip_raw", "best")

@@ -161,6 +161,7 @@ def _base_fields(formulation: Formulation, base_record: Mapping[str, Any], extra
         "checkpoint_step": base_record.get("checkpoint_step"),
         "inception_extractor": None if inception is None else (
             base_record.get("inception_extractor") or getattr(inception[0], "id", type(inception[0]).__name__)),
+        "sampler_code": base_record.get("sampler_code"),
         "config": dict(base_record.get("config", {})),
     }
 

@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from src.config import ConfigError
 from src.utils.io import first_line, weights_file_error, weights_sha256
 from src.results import (
-    CHECKPOINTS, describe_missing, missing_records, of_step, read_results, select_current, wanted_records,
+    CHECKPOINTS, DEFAULT_SAMPLER, describe_missing, missing_records, of_step, read_results, select_current,
+    wanted_records,
 )
 
 log = logging.getLogger(__name__)
@@ -140,8 +141,11 @@ def wanted_for(cfg: DictConfig, formulation=None) -> list[dict[str, Any]]:
         formulation = from_config(OmegaConf.to_container(cfg.loss, resolve=True))
     recipe = {"recipe": formulation.name, "family": formulation.family, "params": formulation.params()}
     cache_dir = OmegaConf.select(cfg, "paths.cache_dir")
+    from src.sampling.registry import sampler_code
+
     return wanted_records(cfg, recipe, feature_extractor_name(cfg.eval, cache_dir),
-                          inception_extractor_name(cfg.eval, cache_dir))
+                          inception_extractor_name(cfg.eval, cache_dir),
+                          sampler_code(str(OmegaConf.select(cfg, "sampler.name", default=DEFAULT_SAMPLER))))
 
 
 def missing_for(cfg: DictConfig, run_dir: str | Path, formulation=None) -> list[dict[str, Any]]:
@@ -237,7 +241,8 @@ def evaluate_run(cfg: DictConfig, run_dir: str | Path, device: torch.device | st
 
     first = wanted[0]
     base = {k: first[k] for k in ("recipe", "family", "params", "dataset", "tags", "train_seed", "backbone",
-                                  "sampler", "feature_extractor", "checkpoint", "inception_extractor")}
+                                  "sampler", "feature_extractor", "checkpoint", "inception_extractor",
+                                  "sampler_code")}
     base.update(checkpoint_step=step, config=OmegaConf.to_container(cfg, resolve=True))
     total, done = len(missing), 0
 

@@ -72,6 +72,16 @@ def _imported_sampler(path: str) -> Sampler:
     return Sampler(sampler.solver, sampler.grid, sampler.nfe)
 
 
+def sampler_code(name: str) -> str | None:
+    """"file.py:<sha256[:12]>" of a sampler from outside this repository (its module file's content, so results of
+    an edited sampler are not taken for the current ones); None for a built-in sampler."""
+    if name in SAMPLERS or not IMPORT_PATH.fullmatch(str(name)):
+        return None
+    from src.config import module_digest
+
+    return module_digest(str(name).split(":", 1)[0])
+
+
 def sampler_nfe(name: str, steps: int) -> int:
     """Network evaluations per sample (per guided pair with CFG) of sampler `name` at `steps` steps."""
     return get_sampler(name).nfe(steps)
