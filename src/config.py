@@ -104,25 +104,12 @@ def with_added_keys(stored: dict, current: dict) -> dict:
     return out
 
 
-def module_digest(name: str) -> str:
-    """"file.py:<sha256[:12]>" of a module's source file, found without running it; "unknown" when it has none."""
-    import hashlib
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        spec = None
-    origin = Path(spec.origin) if spec is not None and spec.origin else None
-    if origin is None or not origin.is_file():
-        return "unknown"
-    return f"{origin.name}:{hashlib.sha256(origin.read_bytes()).hexdigest()[:12]}"
-
-
 def outside_code(cfg: DictConfig) -> dict[str, str]:
     """The source of the code a configuration names from outside this repository (a formulation's builder, a
     backbone's _target_), by content: editing it changes the model a run trains, as a changed setting does. Only the
     named module's own file counts (not what it imports)."""
+    from src.utils.plugins import module_digest
+
     out = {}
     family = OmegaConf.select(cfg, "loss.family", default=None)
     if isinstance(family, str) and ":" in family:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import difflib
 import functools
-import importlib
 import inspect
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
+
+from src.utils.plugins import IMPORT_PATH, import_object
 
 from . import ddpm, edm, rf
 from .base import Formulation
@@ -50,8 +51,6 @@ def family_params(family: str) -> list[str]:
 #: The names the built-in families give, for any parameters (and "rf/uniform", which the report reads as "rf").
 BUILTIN_NAME = re.compile(r"rf(/(uniform|cosmap|lognorm\(.*\)|mode\(.*\)))?|(eps|v)/(linear|cos)|edm(/(rf|cos)|\(.*\))")
 
-#: A family defined outside this repository: "package.module:builder" (the builder may be a class attribute, a.b).
-IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
 
 def _builder(family: str) -> Callable[..., Formulation]:
@@ -66,19 +65,10 @@ def _builder(family: str) -> Callable[..., Formulation]:
 @functools.cache
 def _imported_builder(path: str) -> Callable[..., Formulation]:
     """The builder a family's import path names; a one-line error when it cannot be imported."""
-    module_name, attribute = path.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # noqa: BLE001 -- an ImportError, or any error raised while the module runs
-        raise ValueError(f"family {path!r}: cannot import {module_name} ({type(e).__name__}: {e}); the module must "
-                         "be importable where the job runs (the working directory or PYTHONPATH)") from None
-    try:
-        builder = functools.reduce(getattr, attribute.split("."), module)
-    except AttributeError:
-        raise ValueError(f"family {path!r}: {module_name} has no {attribute}") from None
+    builder = import_object(path, "family")
     if not callable(builder):
-        raise ValueError(f"family {path!r}: {attribute} is a {type(builder).__name__}, not a builder (a function or "
-                         "class whose keyword arguments are the family's parameters)")
+        raise ValueError(f"family {path!r}: {path.split(':')[1]} is a {type(builder).__name__}, not a builder (a "
+                         "function or class whose keyword arguments are the family's parameters)")
     return builder
 
 

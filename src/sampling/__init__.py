@@ -10,7 +10,7 @@ from src.sampling.registry import SAMPLERS, Sampler, get_sampler, sample, sample
 from src.sampling.schedule import rf_time_grid, shift_time
 
 __all__ = [
-    "GRIDS", "SAMPLERS", "Denoiser", "Sampler", "conversion_coefficients", "euler", "get_sampler", "heun", "initial_noise",
-    "karras_times", "native_times", "rf_time_grid", "sample", "sampler_nfe", "sampler_times", "shift_time",
+    "GRIDS", "SAMPLERS", "Denoiser", "Sampler", "conversion_coefficients", "euler", "get_sampler", "heun",
+    "initial_noise", "karras_times", "native_times", "rf_time_grid", "sample", "sampler_nfe", "sampler_times", "shift_time",
     "step_times", "trailing_times", "uniform_times",
 ]

@@ -14,14 +14,13 @@ configuration, checked against what every sampler must satisfy (checks.py) when 
 from __future__ import annotations
 
 import functools
-import importlib
 from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
 from src.formulations.base import Formulation
-from src.formulations.registry import IMPORT_PATH
+from src.utils.plugins import IMPORT_PATH, import_object, module_digest
 from src.sampling.denoiser import Backbone, Denoiser, check_sample_args
 from src.sampling.euler import euler
 from src.sampling.grids import GRIDS, Grid
@@ -58,16 +57,7 @@ def _imported_sampler(path: str) -> Sampler:
     """The Sampler an import path names, checked once (checks.check_sampler); a one-line error when unusable."""
     from src.sampling.checks import check_sampler
 
-    module_name, attribute = path.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # noqa: BLE001 -- an ImportError, or any error raised while the module runs
-        raise ValueError(f"sampler {path!r}: cannot import {module_name} ({type(e).__name__}: {e}); the module must "
-                         "be importable where the job runs (the working directory or PYTHONPATH)") from None
-    try:
-        sampler = functools.reduce(getattr, attribute.split("."), module)
-    except AttributeError:
-        raise ValueError(f"sampler {path!r}: {module_name} has no {attribute}") from None
+    sampler = import_object(path, "sampler")
     check_sampler(sampler, path)
     return Sampler(sampler.solver, sampler.grid, sampler.nfe)
 
@@ -77,8 +67,6 @@ def sampler_code(name: str) -> str | None:
     an edited sampler are not taken for the current ones); None for a built-in sampler."""
     if name in SAMPLERS or not IMPORT_PATH.fullmatch(str(name)):
         return None
-    from src.config import module_digest
-
     return module_digest(str(name).split(":", 1)[0])
 
 
