@@ -33,7 +33,7 @@ from src.preprocess.autoencoders import LATENT_MODES, check_autoencoder_path, lo
 from src.preprocess.images import PreparedImages, collate_prepared
 from src.preprocess.text import PRECISIONS, CachedTextEncoder, CombinedTextEncoder, T5TextEncoder, check_clip_spec, \
     load_clip
-from src.utils.io import atomic_write_bytes, atomic_write_json, file_lock
+from src.utils.io import atomic_write_bytes, atomic_write_json, file_lock, first_line
 
 WORK_DIR = "_work"
 CONFIG_FILE = "config.json"
@@ -77,6 +77,8 @@ class PreprocessConfig:
                 raise ValueError(f"{name}={getattr(self, name)} is not allowed; need >= 1")
         if self.num_workers < 0:
             raise ValueError(f"num_workers={self.num_workers} is not allowed; need >= 0")
+        if self.text_cache < 0:
+            raise ValueError(f"text_cache={self.text_cache} is not allowed; need >= 0 (0 disables the cache)")
         if self.max_chunks is not None and self.max_chunks < 1:
             raise ValueError(f"max_chunks={self.max_chunks} is not allowed; need >= 1 or None (no limit)")
         if str(self.device).startswith("cuda"):
@@ -103,7 +105,7 @@ class PreprocessConfig:
         if self.t5 is not None and not (Path(self.t5) / "config.json").is_file():
             raise FileNotFoundError(f"t5={self.t5!r} is not a transformers model folder (no config.json)")
         if self.stats_from is not None:
-            read_meta(self.stats_from)
+            read_stats_meta(self.stats_from)
 
     def settings(self, source) -> dict:
         """Everything that determines the shard contents (the resume fingerprint); not workers, device, batch."""
@@ -126,6 +128,22 @@ class PreprocessConfig:
         }
 
 
+def read_stats_meta(stats_from: str) -> dict:
+    """The meta.json of a --stats-from folder, which must be a complete shard folder with latent statistics."""
+    allowed = "a complete shard folder, e.g. the training set's --out"
+    try:
+        meta = read_meta(stats_from)
+    except FileNotFoundError as e:  # no meta.json, or an unfinished one
+        raise FileNotFoundError(f"stats_from={stats_from!r} is not allowed: {e}; need {allowed}") from None
+    except ValueError as e:  # a meta.json that is not JSON
+        raise ValueError(f"stats_from={stats_from!r} is not allowed: {e}; need {allowed}") from None
+    missing = [k for k in ("latent_mean", "latent_std", "latent_channels") if k not in meta]
+    if missing:
+        raise ValueError(f"stats_from={stats_from!r} is not allowed: its meta.json lacks {', '.join(missing)}; "
+                         f"need {allowed}")
+    return meta
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Output folder state
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,9 +158,14 @@ def _differences(a: dict, b: dict) -> str:
     return ", ".join(keys) or "none"
 
 
-def prepare_output(out: Path, settings: dict) -> str:
-    """'complete' (same settings, nothing to do), 'resume' or 'fresh'; raises if out holds something else."""
+def prepare_output(out: Path, settings: dict, write: bool = True) -> str:
+    """'complete' (same settings, nothing to do), 'resume' or 'fresh'; raises if out holds something else.
+
+    write=False only checks: a command refused later (a model that does not load) must leave out as it was.
+    """
     fingerprint = fingerprint_of(settings)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out={str(out)!r} is a file; need a folder (new, empty, or one this command wrote)")
     if (out / META_FILE).is_file():
         meta = json.loads((out / META_FILE).read_text())
         done = meta.get("preprocess", {})
@@ -155,7 +178,8 @@ def prepare_output(out: Path, settings: dict) -> str:
         previous = json.loads(config_path.read_text())
         if previous["fingerprint"] != fingerprint and not any((out / WORK_DIR).glob("*.done.json")):
             previous = {"fingerprint": fingerprint, "settings": settings}  # nothing done yet: start afresh
-            atomic_write_json(config_path, previous)
+            if write:
+                atomic_write_json(config_path, previous)
         if previous["fingerprint"] != fingerprint:
             raise ValueError(f"out={str(out)!r} holds an unfinished run with other settings (differing: "
                              f"{_differences(previous['settings'], settings)}); rerun with those or delete the folder")
@@ -163,7 +187,8 @@ def prepare_output(out: Path, settings: dict) -> str:
     # Parts of one job starting together: another part's work folder (config not written yet) or lock is no obstacle.
     if out.exists() and any(p.name not in (WORK_DIR, ASSEMBLY_LOCK) for p in out.iterdir()):
         raise ValueError(f"out={str(out)!r} is not empty and holds no preprocessing run; choose an empty folder")
-    atomic_write_json(config_path, {"fingerprint": fingerprint, "settings": settings})
+    if write:
+        atomic_write_json(config_path, {"fingerprint": fingerprint, "settings": settings})
     return "fresh"
 
 
@@ -237,11 +262,15 @@ class Models:
     """The frozen autoencoder and the combined, cached text encoder of one job."""
 
     def __init__(self, cfg: PreprocessConfig, device: str):
-        self.autoencoder = load_autoencoder(cfg.autoencoder, device=device, precision=cfg.autoencoder_precision,
-                                            latent=cfg.latent,
-                                            config=cfg.autoencoder_config)
-        clips = [load_clip(m, w, device=device, precision=cfg.precision) for m, w in cfg.clip]
-        t5 = T5TextEncoder(cfg.t5, device=device, precision=cfg.precision, max_length=cfg.t5_length) if cfg.t5 else None
+        self.autoencoder = _load(
+            f"autoencoder={cfg.autoencoder!r}", "a diffusers AutoencoderKL folder (save_pretrained), a single weights "
+            f"file with autoencoder_config, or {IDENTITY_AUTOENCODER!r}", load_autoencoder, cfg.autoencoder,
+            device=device, precision=cfg.autoencoder_precision, latent=cfg.latent, config=cfg.autoencoder_config)
+        clips = [_load(f"clip={m!r} {w!r}", "an open_clip model name or config .json and weights of that model",
+                       load_clip, m, w, device=device, precision=cfg.precision) for m, w in cfg.clip]
+        t5 = _load(f"t5={cfg.t5!r}", "a transformers T5 encoder folder with its tokenizer (save_pretrained)",
+                   T5TextEncoder, cfg.t5, device=device, precision=cfg.precision,
+                   max_length=cfg.t5_length) if cfg.t5 else None
         self.text = CombinedTextEncoder(clips, t5)
         self.cached_text = CachedTextEncoder(self.text, cfg.text_cache)
         if cfg.resolution % self.autoencoder.downsample:
@@ -255,6 +284,18 @@ class Models:
     def describe(self) -> dict:
         """What meta.json records about the models: autoencoder settings and the text encoders' layout."""
         return {**self.autoencoder.describe(), "text_groups": self.text.groups}
+
+
+def _load(setting: str, allowed: str, load, *args, **kwargs):
+    """load(*args, **kwargs), with any failure but lack of memory as one line naming the setting (libraries raise
+    OSError, KeyError, RuntimeError, AssertionError with pages of text for a folder or file of the wrong kind)."""
+    try:
+        return load(*args, **kwargs)
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as e:
+        raise ValueError(f"{setting} could not be loaded ({type(e).__name__}: {first_line(e)}); need {allowed}") \
+            from e
 
 
 def resolve_device(device: str) -> str:
@@ -274,7 +315,7 @@ def preprocess(source, cfg: PreprocessConfig) -> dict | None:
     cfg.check_inputs()
     out = Path(cfg.out)
     settings = cfg.settings(source)
-    state = prepare_output(out, settings)
+    state = prepare_output(out, settings, write=False)
     if state == "complete":
         shutil.rmtree(out / WORK_DIR, ignore_errors=True)
         print(f"{out}: already complete with these settings; nothing to do")
@@ -289,10 +330,12 @@ def preprocess(source, cfg: PreprocessConfig) -> dict | None:
     if cfg.max_chunks is not None:
         pending = pending[:cfg.max_chunks]
     part = f" (part {cfg.part}/{cfg.parts}: {len(mine)} chunks)" if cfg.parts > 1 else ""
-    if pending:
+    if pending:  # the models load (and may be refused) before anything is written
         device = resolve_device(cfg.device)
         models = Models(cfg, device)
         _check_stats_source(cfg, models)
+    prepare_output(out, settings)  # again, now writing: another part may have started the folder meanwhile
+    if pending:
         atomic_write_json(out / WORK_DIR / MODELS_FILE, models.describe())
         print(f"{out}: {len(source)} items, {n_chunks} chunks{part}, {len(mine) - len(pending)} done before; "
               f"device {device}")
@@ -302,7 +345,7 @@ def preprocess(source, cfg: PreprocessConfig) -> dict | None:
             return read_meta(out)
         remaining = sum(not done_path(out, c).is_file() for c in range(n_chunks))
         if not remaining:
-            stats = read_meta(cfg.stats_from) if cfg.stats_from else None
+            stats = read_stats_meta(cfg.stats_from) if cfg.stats_from else None
             meta = assemble(out, n_chunks, settings, source.name, cfg, stats)
             (out / ASSEMBLY_LOCK).unlink(missing_ok=True)
             return meta
@@ -317,7 +360,7 @@ def preprocess(source, cfg: PreprocessConfig) -> dict | None:
 def _check_stats_source(cfg: PreprocessConfig, models: Models) -> None:
     if cfg.stats_from is None:
         return
-    meta = read_meta(cfg.stats_from)
+    meta = read_stats_meta(cfg.stats_from)
     if meta.get("latent_channels") != models.autoencoder.latent_channels or \
             (meta.get("autoencoder") == IDENTITY_AUTOENCODER) != (cfg.autoencoder == IDENTITY_AUTOENCODER):
         raise ValueError(f"stats_from={cfg.stats_from!r} was made with autoencoder {meta.get('autoencoder')!r} "

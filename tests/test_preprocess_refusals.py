@@ -1,0 +1,70 @@
+"""Preprocessing as a real user's data and mistakes meet it: refusals that change nothing, odd images, odd tables."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.preprocess.__main__ import main
+from src.preprocess.pipeline import WORK_DIR, done_path
+from tests.test_preprocess import RES, make_imagenet, save_clip, save_t5, save_vae
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    return {"clip_a": save_clip(root, "clip-a", 32, 24), "clip_b": save_clip(root, "clip-b", 48, 16),
+            "vae": save_vae(root / "vae"), "t5": save_t5(root / "t5")}
+
+
+def imagenet_argv(train: Path, mapping: Path, out: Path, models: dict) -> list[str]:
+    return ["imagenet", "--root", str(train), "--class-names", str(mapping), "--out", str(out), "--resolution",
+            str(RES), "--clip", *models["clip_a"], "--chunk-size", "4", "--batch-size", "3", "--num-workers", "0",
+            "--device", "cpu", "--no-progress"]
+
+
+def test_refused_after_loading_the_models_writes_nothing(tmp_path, models, capsys):
+    """Errors found only when the models load (or the statistics folder is read) are one line naming the setting,
+    exit 2, and leave --out as it was: not created, or an unfinished run untouched."""
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=2)  # 7 items: 2 chunks
+    empty_config = tmp_path / "empty"  # a folder with a config.json that no library can build a model from
+    empty_config.mkdir()
+    (empty_config / "config.json").write_text("{}")
+    odd_meta = tmp_path / "odd-meta"
+    odd_meta.mkdir()
+    (odd_meta / "meta.json").write_text(json.dumps({"complete": True, "latent_channels": 3}))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    out = tmp_path / "out"
+    argv = imagenet_argv(train, mapping, out, models)
+    cases = [
+        (["--resolution", "15", "--autoencoder", models["vae"]], "resolution=15 is not allowed"),
+        (["--autoencoder", str(empty_config)], "autoencoder="),
+        (["--clip", models["clip_b"][0], models["clip_a"][1]], "clip="),  # weights of another model
+        (["--t5", str(empty_config)], "t5="),
+        (["--stats-from", str(train)], "stats_from="),  # an image folder, not a shard folder
+        (["--stats-from", str(odd_meta)], "stats_from="),  # a meta.json without latent statistics
+        (["--text-cache", "-1"], "text_cache=-1 is not allowed"),
+    ]
+    capsys.readouterr()
+    for extra, message in cases:
+        assert main([*argv, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "need" in err, err
+        assert not out.exists(), extra
+    # A run killed in its first chunk is left exactly as it was by a refused rerun with another setting.
+    assert main([*argv, "--max-chunks", "1"]) == 3
+    shutil.rmtree(out / WORK_DIR / "chunk-000000")
+    done_path(out, 0).unlink()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main([*argv, "--autoencoder", str(empty_config)]) == 2
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # --out naming a file
+    capsys.readouterr()
+    assert main([*imagenet_argv(train, mapping, a_file, models)]) == 2
+    assert "out=" in capsys.readouterr().err and a_file.read_text() == "x"
