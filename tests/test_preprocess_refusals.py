@@ -68,3 +68,37 @@ def test_refused_after_loading_the_models_writes_nothing(tmp_path, models, capsy
     capsys.readouterr()
     assert main([*imagenet_argv(train, mapping, a_file, models)]) == 2
     assert "out=" in capsys.readouterr().err and a_file.read_text() == "x"
+
+
+def test_assembled_folder_has_its_index_and_every_shard_size(tmp_path, models, monkeypatch):
+    """The folder's index.npz (streaming starts without scanning the tars) and shard_bytes cover every shard, so a
+    shard cut short after assembly is found by is_complete."""
+    import numpy as np
+
+    import src.data.shards as shards_module
+    from src.data.shards import ShardSamples, is_complete, iter_samples, read_meta
+
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=4)  # 13 items: 4 chunks, one unreadable
+    out = tmp_path / "out"
+    assert main(imagenet_argv(train, mapping, out, models)) == 0
+    meta = read_meta(out)
+    assert len(meta["shards"]) == 4 and (out / "index.npz").is_file()
+    assert meta["shard_bytes"] == [(out / name).stat().st_size for name in meta["shards"]]
+
+    def no_scan(paths):
+        raise AssertionError("the folder's index.npz was not used")
+
+    monkeypatch.setattr(shards_module, "build_index", no_scan)
+    streamed = ShardSamples(out)
+    rows = list(iter_samples(out))
+    assert len(streamed) == meta["count"] == len(rows) == 12
+    for i, row in enumerate(rows):  # the index points at each sample's members, in writing order
+        sample = streamed.read(i)
+        for name in ("latent", "context", "pooled"):
+            np.testing.assert_array_equal(sample[name], row[name])
+    streamed.close()
+    last = out / meta["shards"][-1]
+    data = last.read_bytes()
+    last.unlink()  # a new file, not the chunk's hard link
+    last.write_bytes(data[: len(data) // 2])
+    assert not is_complete(out)

@@ -28,12 +28,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from src.data.shards import IDENTITY_AUTOENCODER, META_FILE, SHARD_PATTERN, ShardWriter, read_meta
+from src.data.shards import IDENTITY_AUTOENCODER, INDEX_FILE, META_FILE, SHARD_PATTERN, ShardWriter, build_index, \
+    load_index, pack_index, read_meta
 from src.preprocess.autoencoders import LATENT_MODES, check_autoencoder_path, load_autoencoder
 from src.preprocess.images import PreparedImages, collate_prepared
 from src.preprocess.text import PRECISIONS, CachedTextEncoder, CombinedTextEncoder, T5TextEncoder, check_clip_spec, \
     load_clip
-from src.utils.io import atomic_write_bytes, atomic_write_json, file_lock, first_line
+from src.utils.io import atomic_write_bytes, atomic_write_json, file_lock, first_line, save_npz
 
 WORK_DIR = "_work"
 CONFIG_FILE = "config.json"
@@ -473,6 +474,7 @@ def assemble(out: Path, n_chunks: int, settings: dict, dataset: str, cfg: Prepro
         name = SHARD_PATTERN.format(j)
         _link(chunk_dir(out, m["chunk"]) / cm["shards"][0], out / name)
         shards.append(name)
+    _write_index(out, [chunk_dir(out, m["chunk"]) for m in full], [str(out / name) for name in shards])
     numel = sum(m["numel"] for m in full)
     mean = sum(m["sum"] for m in full) / numel
     std = math.sqrt(max(sum(m["sumsq"] for m in full) / numel - mean**2, 0.0))
@@ -493,6 +495,7 @@ def assemble(out: Path, n_chunks: int, settings: dict, dataset: str, cfg: Prepro
         "resolution": cfg.resolution,
         **models_meta,
         "skipped": len(skipped),
+        "shard_bytes": [os.path.getsize(out / name) for name in shards],  # every shard's (is_complete checks them)
         "preprocess": {"fingerprint": fingerprint_of(settings), "settings": settings},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "complete": True,
@@ -502,6 +505,19 @@ def assemble(out: Path, n_chunks: int, settings: dict, dataset: str, cfg: Prepro
     print(f"{out}: complete: {count} samples in {len(shards)} shards, {len(skipped)} skipped; "
           f"latent mean {meta['latent_mean']:.4f} std {meta['latent_std']:.4f}")
     return read_meta(out)
+
+
+def _write_index(out: Path, chunk_dirs: list[Path], shards: list[str]) -> None:
+    """The folder's index.npz from the chunks' own (chunk j's one shard is the folder's shard j), so that training
+    streams without scanning every tar header (docs/data.md#shard-format)."""
+    shard_ids, offsets, sizes = [], [], []
+    for j, (folder, shard) in enumerate(zip(chunk_dirs, shards)):
+        index = load_index(folder, [shard]) or build_index([shard])  # a chunk written without one: scanned
+        n = len(index["start"])
+        shard_ids += [j] * n
+        offsets.append(index["start"][:, None] + np.broadcast_to(index["rel"], (n, index["rel"].shape[1])))
+        sizes.append(np.broadcast_to(index["size"], (n, index["size"].shape[1])))
+    save_npz(out / INDEX_FILE, **pack_index(shard_ids, np.concatenate(offsets), np.concatenate(sizes), shards))
 
 
 def _write_skip_log(out: Path, skipped: list[dict], total: int) -> None:
