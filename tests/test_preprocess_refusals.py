@@ -102,3 +102,50 @@ def test_assembled_folder_has_its_index_and_every_shard_size(tmp_path, models, m
     last.unlink()  # a new file, not the chunk's hard link
     last.write_bytes(data[: len(data) // 2])
     assert not is_complete(out)
+
+
+def encoded(image, fmt: str = "PNG") -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_sixteen_bit_grey_is_scaled_and_undefined_ranges_are_refused():
+    """PIL's own conversion clips 16-bit grey to white; 32-bit and float pixels have no range to scale from."""
+    import numpy as np
+    from PIL import Image
+
+    from src.preprocess.images import decode_image
+
+    ramp = np.tile(np.linspace(0, 1, 32), (24, 1))
+    grey16 = Image.fromarray(np.round(ramp * 65535).astype(np.uint16))
+    assert grey16.mode.startswith("I;16")
+    grey8 = Image.fromarray(np.round(ramp * 255).astype(np.uint8))
+    torch.testing.assert_close(decode_image(encoded(grey16), RES), decode_image(encoded(grey8), RES),
+                               atol=1.01 / 127.5, rtol=0)
+    for pixels in (np.float32(ramp), np.int32(ramp * 40000)):
+        with pytest.raises(ValueError, match="no defined range"):
+            decode_image(encoded(Image.fromarray(pixels), "TIFF"), RES)
+
+
+def test_a_long_strip_is_not_resized_whole(monkeypatch):
+    """A 2 x 6000 banner gives its centre square without a 256 x 768,000 intermediate image."""
+    import numpy as np
+    from PIL import Image
+
+    from src.preprocess.images import MAX_ASPECT, decode_image, resize_center_crop
+
+    sizes = []
+    resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: (sizes.append(size),
+                                                                            resize(self, size, *a, **k))[1])
+    strip = Image.fromarray(np.full((6000, 2, 3), 200, np.uint8))
+    assert decode_image(encoded(strip), 256).shape == (3, 256, 256)
+    assert max(max(s) for s in sizes) <= MAX_ASPECT * 256
+    # Within MAX_ASPECT nothing changes; beyond, the same centre square up to a fraction of a pixel.
+    ramp = np.tile(np.linspace(0, 255, 200), (20, 1))[:, :, None].repeat(3, axis=2).astype(np.uint8)
+    cut = resize_center_crop(Image.fromarray(ramp), RES)
+    whole = resize(Image.fromarray(ramp), (160, RES), Image.BICUBIC).crop((72, 0, 72 + RES, RES))
+    assert np.abs(np.asarray(cut, np.int16) - np.asarray(whole, np.int16)).max() <= 2
