@@ -149,3 +149,27 @@ def test_a_long_strip_is_not_resized_whole(monkeypatch):
     cut = resize_center_crop(Image.fromarray(ramp), RES)
     whole = resize(Image.fromarray(ramp), (160, RES), Image.BICUBIC).crop((72, 0, 72 + RES, RES))
     assert np.abs(np.asarray(cut, np.int16) - np.asarray(whole, np.int16)).max() <= 2
+
+
+def test_cc12m_tables_and_tars_as_downloaded(tmp_path, models, capsys):
+    """CC12M's own TSV lists URLs: refused at once, not read item by item to end with nothing. A spreadsheet's
+    UTF-8 BOM is no part of the header. A tar that is empty or compressed (an interrupted download) is named."""
+    from src.preprocess import TsvSource
+    from tests.test_preprocess import make_tars, make_tsv
+
+    tsv = make_tsv(tmp_path / "tsv")
+    text = tsv.read_text()
+    tsv.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    source = TsvSource(tsv)
+    assert len(source) == 9 and source.read(0).caption == "a caption number 0"
+    urls = tmp_path / "cc12m.tsv"
+    urls.write_text("".join(f"https://example.com/{i}.jpg\tcaption {i}\n" for i in range(5)))
+    tars = make_tars(tmp_path / "tars")
+    (tars / "00002.tar").write_bytes(b"")
+    common = ["--clip", *models["clip_a"], "--resolution", str(RES), "--num-workers", "0", "--device", "cpu"]
+    capsys.readouterr()
+    for argv, message in ((["--tsv", str(urls)], "lists image URLs"), (["--tars", str(tars)], "00002.tar")):
+        assert main(["cc12m", *argv, "--out", str(tmp_path / "out"), *common]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "out").exists()

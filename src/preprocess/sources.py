@@ -20,6 +20,7 @@ import numpy as np
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_CHOICES = ("first", "random")
+UTF8_BOM = b"\xef\xbb\xbf"
 TSV_HEADER_NAMES = ({"path", "image", "image_path", "file", "filepath", "filename", "url"}, {"caption", "text"})
 
 
@@ -180,15 +181,22 @@ class TsvSource:
     def __init__(self, tsv: str | Path, image_root: str | Path | None = None):
         self.tsv = _require_file(tsv, "tsv")
         self.image_root = _require_dir(image_root, "image_root") if image_root else self.tsv.parent
-        offsets = []
+        offsets, urls = [], 0
         with open(self.tsv, "rb") as f:
             pos = 0
             for n, line in enumerate(f):
+                if n == 0 and line.startswith(UTF8_BOM):  # a spreadsheet's export: the BOM is no part of row 1
+                    pos = len(UTF8_BOM)
+                    line = line[pos:]
                 if line.strip() and not (n == 0 and self._is_header(line)):
                     offsets.append(pos)
+                    urls += line.startswith((b"http://", b"https://"))
                 pos += len(line)
         if not offsets:
             raise ValueError(f"tsv={str(self.tsv)!r} has no rows")
+        if urls == len(offsets):  # CC12M's own TSV: every item would be skipped, after reading all of them
+            raise ValueError(f"tsv={str(self.tsv)!r} lists image URLs, not files; this command reads local images: "
+                             "download them first (e.g. img2dataset, then --tars DIR) or give a TSV of local paths")
         self.offsets = np.asarray(offsets, dtype=np.int64)
 
     @staticmethod
@@ -243,6 +251,26 @@ def list_tars(tars: str | Path | list) -> list[Path]:
     return paths
 
 
+def _tar_members(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
+    """Sample key -> {extension: (data offset, size)} of one tar; a file that is no tar (empty, compressed, an
+    interrupted download's) is a one-line error naming it, not a traceback."""
+    members: dict[str, dict[str, tuple[int, int]]] = {}
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                base = m.name.rsplit("/", 1)[-1]
+                key, dot, ext = base.partition(".")  # webdataset: the extension starts at the first dot
+                if dot:
+                    members.setdefault(f"{m.name[: len(m.name) - len(base)]}{key}", {})[ext.lower()] = \
+                        (m.offset_data, m.size)
+    except tarfile.TarError as e:
+        raise ValueError(f"tars={str(path)!r} is not a readable tar file ({type(e).__name__}: {e}); need "
+                         "uncompressed webdataset .tar files: re-download or remove it") from None
+    return members
+
+
 class TarSource:
     """CC12M as webdataset tars; the index keeps each image's and caption's byte range inside its tar."""
 
@@ -252,16 +280,7 @@ class TarSource:
         self.tars = list_tars(tars)
         tar_ids, keys, spans = [], [], []
         for t, path in enumerate(self.tars):
-            members: dict[str, dict[str, tuple[int, int]]] = {}
-            with tarfile.open(path, "r:") as tf:
-                for m in tf:
-                    if not m.isfile():
-                        continue
-                    base = m.name.rsplit("/", 1)[-1]
-                    key, dot, ext = base.partition(".")  # webdataset: the extension starts at the first dot
-                    if dot:
-                        members.setdefault(f"{m.name[: len(m.name) - len(base)]}{key}", {})[ext.lower()] = \
-                            (m.offset_data, m.size)
+            members = _tar_members(path)
             for key in sorted(members):
                 exts = members[key]
                 image_ext = next((e for e in WDS_IMAGE_EXTENSIONS if e in exts), None)
