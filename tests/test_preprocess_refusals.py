@@ -173,3 +173,42 @@ def test_cc12m_tables_and_tars_as_downloaded(tmp_path, models, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
         assert not (tmp_path / "out").exists()
+
+
+def test_annotation_and_class_name_files_of_the_wrong_kind(tmp_path, models, capsys):
+    """COCO's instances file for its captions file, a caption that is null, an image listed twice, a class-name file
+    that is not JSON, not UTF-8 or names a class twice: one line naming the setting, before any work."""
+    from tests.test_preprocess import make_coco
+
+    images, ann = make_coco(tmp_path / "coco")
+    raw = json.loads(ann.read_text())
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=1)
+    common = ["--clip", *models["clip_a"], "--resolution", str(RES), "--num-workers", "0", "--device", "cpu",
+              "--out", str(tmp_path / "out")]
+    coco_cases = [
+        ({**raw, "annotations": [{"image_id": 40, "id": 1, "bbox": [0, 0, 1, 1], "category_id": 1}]},
+         "without a caption"),  # an instances file
+        ({**raw, "annotations": [{"image_id": 40, "id": 1, "caption": None}]}, "without a caption"),
+        ({**raw, "images": raw["images"] + raw["images"][-1:]}, "more than once"),  # id 40, captioned
+        ("{not json", "not valid JSON"),
+    ]
+    names_cases = [
+        ("names.json", b"{not json", "not valid JSON"),
+        ("names.json", json.dumps({"n00000001": 3}).encode(), "not a name or a list of names"),
+        ("names.txt", b"n00000001 caf\xe9\n", "not UTF-8"),
+        ("names.txt", mapping.read_bytes() + b"n00000001 again\n", "n00000001 again on line 4"),
+    ]
+    capsys.readouterr()
+    for content, message in coco_cases:
+        path = tmp_path / "captions.json"
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+        assert main(["coco", "--images", str(images), "--annotations", str(path), *common]) == 2
+        err = capsys.readouterr().err
+        assert "annotations=" in err and message in err and err.count("\n") == 1, err
+    for name, content, message in names_cases:
+        path = tmp_path / name
+        path.write_bytes(content)
+        assert main(["imagenet", "--root", str(train), "--class-names", str(path), *common]) == 2
+        err = capsys.readouterr().err
+        assert "class_names=" in err and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()

@@ -75,6 +75,20 @@ def _require_dir(path: str | Path, setting: str) -> Path:
     return path
 
 
+def _read_text(path: Path, setting: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{setting}={str(path)!r} is not UTF-8 text ({e}); save it as UTF-8") from None
+
+
+def _read_json(path: Path, setting: str):
+    try:
+        return json.loads(_read_text(path, setting))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{setting}={str(path)!r} is not valid JSON ({e})") from None
+
+
 def _digest(strings) -> str:
     h = hashlib.sha256()
     for s in strings:
@@ -94,11 +108,14 @@ def read_class_names(path: str | Path) -> dict[str, list[str]]:
     order for the text file and the Keras-style JSON, and sorted synsets for the synset-keyed JSON.
     """
     path = _require_file(path, "class_names")
-    text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".json":
-        raw = json.loads(text)
+        raw = _read_json(path, "class_names")
         if not isinstance(raw, dict) or not raw:
             raise ValueError(f"class_names={str(path)!r}: expected a non-empty JSON object")
+        odd = [k for k, v in raw.items() if not (isinstance(v, str) or isinstance(v, list)
+                                                   and all(isinstance(n, str) for n in v))]
+        if odd:
+            raise ValueError(f"class_names={str(path)!r}: the value of {odd[0]!r} is not a name or a list of names")
         if all(k.isdigit() for k in raw):  # Keras: {"0": ["n01440764", "tench"]}
             items = [(raw[k][0], raw[k][1:]) for k in sorted(raw, key=int)]
         else:
@@ -109,10 +126,13 @@ def read_class_names(path: str | Path) -> dict[str, list[str]]:
             mapping[synset] = [n.strip().replace("_", " ") for s in names for n in s.split(",") if n.strip()]
     else:
         mapping = {}
-        for line_no, line in enumerate(text.splitlines(), 1):
+        for line_no, line in enumerate(_read_text(path, "class_names").splitlines(), 1):
             if not line.strip():
                 continue
             synset, _, names = line.strip().partition(" ")
+            if synset in mapping:  # which line's names and label would win is a guess: refuse
+                raise ValueError(f"class_names={str(path)!r} lists {synset} again on line {line_no}; need each "
+                                 "class once")
             mapping[synset] = [n.strip() for n in names.split(",") if n.strip()]
     empty = [s for s, names in mapping.items() if not names]
     if empty:
@@ -335,16 +355,23 @@ class CocoSource:
             raise ValueError(f"caption_choice={caption_choice!r} is not allowed; allowed: {', '.join(CAPTION_CHOICES)}")
         self.images = _require_dir(images, "images")
         annotations = _require_file(annotations, "annotations")
-        raw = json.loads(annotations.read_text(encoding="utf-8"))
-        if "images" not in raw or "annotations" not in raw:
+        raw = _read_json(annotations, "annotations")
+        if not isinstance(raw, dict) or "images" not in raw or "annotations" not in raw:
             raise ValueError(f"annotations={str(annotations)!r} lacks 'images' or 'annotations' (not COCO captions?)")
         captions: dict[int, list[tuple[int, str]]] = {}
         for a in raw["annotations"]:
+            if not isinstance(a.get("caption"), str):  # e.g. instances_val2014.json, given for captions_val2014.json
+                raise ValueError(f"annotations={str(annotations)!r} has an annotation without a caption text "
+                                 f"({json.dumps(a)[:80]}); need COCO captions, e.g. captions_val2014.json")
             captions.setdefault(int(a["image_id"]), []).append((int(a.get("id", 0)), a["caption"].strip()))
         self.annotations = annotations
         self.caption_choice, self.seed = caption_choice, seed
         # "first" = lowest annotation id: independent of the file's record order.
         rows = sorted((int(im["id"]), im["file_name"]) for im in raw["images"] if int(im["id"]) in captions)
+        twice = [a for a, b in zip(rows, rows[1:]) if a[0] == b[0]]
+        if twice:  # one image twice in the evaluation set would weigh it double
+            raise ValueError(f"annotations={str(annotations)!r} lists image id {twice[0][0]} more than once; "
+                             "need each image once")
         if not rows:
             raise ValueError(f"annotations={str(annotations)!r} has no image with a caption")
         self.image_ids = [r[0] for r in rows]
