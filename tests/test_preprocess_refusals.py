@@ -212,3 +212,27 @@ def test_annotation_and_class_name_files_of_the_wrong_kind(tmp_path, models, cap
         err = capsys.readouterr().err
         assert "class_names=" in err and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_t5_folder_as_google_ships_it_needs_sentencepiece(tmp_path, models, monkeypatch, capsys):
+    """google/t5-v1_1-xxl (README's --t5) has spiece.model and no tokenizer.json: transformers needs sentencepiece
+    to read it, so the preprocess extra installs it and its absence is named before any work."""
+    import importlib.util
+    import tomllib
+
+    extra = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert any(r.startswith("sentencepiece") for r in extra["project"]["optional-dependencies"]["preprocess"])
+    t5 = tmp_path / "t5-v1_1-xxl"
+    t5.mkdir()
+    (t5 / "config.json").write_text("{}")
+    (t5 / "spiece.model").write_bytes(b"\0")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sentencepiece"
+                        else find_spec(name, *a))
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=1)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main([*imagenet_argv(train, mapping, out, models), "--t5", str(t5)]) == 2
+    err = capsys.readouterr().err
+    assert "t5=" in err and "sentencepiece" in err and err.count("\n") == 1, err
+    assert not out.exists()

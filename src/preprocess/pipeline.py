@@ -33,7 +33,7 @@ from src.data.shards import IDENTITY_AUTOENCODER, INDEX_FILE, META_FILE, SHARD_P
 from src.preprocess.autoencoders import LATENT_MODES, check_autoencoder_path, load_autoencoder
 from src.preprocess.images import PreparedImages, collate_prepared
 from src.preprocess.text import PRECISIONS, CachedTextEncoder, CombinedTextEncoder, T5TextEncoder, check_clip_spec, \
-    load_clip
+    check_t5_folder, load_clip
 from src.utils.io import atomic_write_bytes, atomic_write_json, file_lock, first_line, save_npz
 
 WORK_DIR = "_work"
@@ -103,8 +103,8 @@ class PreprocessConfig:
             check_autoencoder_path(self.autoencoder, self.autoencoder_config)
         for model, weights in self.clip:
             check_clip_spec(model, weights)
-        if self.t5 is not None and not (Path(self.t5) / "config.json").is_file():
-            raise FileNotFoundError(f"t5={self.t5!r} is not a transformers model folder (no config.json)")
+        if self.t5 is not None:
+            check_t5_folder(self.t5)
         if self.stats_from is not None:
             read_stats_meta(self.stats_from)
 

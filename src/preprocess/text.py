@@ -49,6 +49,20 @@ def load_clip(model: str, weights: str | Path, device: str, precision: str = "fl
     return ClipTextEncoder(model, weights, device=device, precision=OPEN_CLIP_PRECISION[precision])
 
 
+def check_t5_folder(path: str | Path) -> None:
+    """Fail before any work when the T5 folder is missing, or holds only a sentencepiece tokenizer (spiece.model,
+    as google/t5-v1_1-xxl ships it) and the sentencepiece package that reads it is not installed."""
+    import importlib.util
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"t5={str(path)!r} is not a transformers model folder (no config.json)")
+    if (path / "spiece.model").is_file() and not (path / "tokenizer.json").is_file() \
+            and importlib.util.find_spec("sentencepiece") is None:
+        raise ValueError(f"t5={str(path)!r} has only a sentencepiece tokenizer (spiece.model, no tokenizer.json); "
+                         "need the sentencepiece package: pip install -e '.[preprocess]'")
+
+
 class T5TextEncoder:
     """T5 encoder (transformers, local folder with tokenizer): final hidden states (B, max_length, d_model)."""
 
@@ -58,8 +72,7 @@ class T5TextEncoder:
         from transformers import AutoTokenizer, T5EncoderModel
 
         path = Path(path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"t5={str(path)!r} is not a transformers model folder (no config.json)")
+        check_t5_folder(path)
         if max_length < 1:
             raise ValueError(f"t5_length={max_length} is not allowed; need >= 1")
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
