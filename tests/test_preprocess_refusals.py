@@ -236,3 +236,27 @@ def test_a_t5_folder_as_google_ships_it_needs_sentencepiece(tmp_path, models, mo
     err = capsys.readouterr().err
     assert "t5=" in err and "sentencepiece" in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_a_chunk_another_process_is_writing_is_left_to_it(tmp_path, models):
+    """Two commands writing into one folder at once (an array submitted twice): a chunk the other holds is neither
+    deleted nor rewritten; the folder completes once every chunk is done, equal to an undisturbed run."""
+    import fcntl
+
+    from src.preprocess import ImageNetSource, PreprocessConfig, preprocess
+    from tests.test_preprocess import assert_same_shards
+
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=4)  # 13 items: 4 chunks
+    source = ImageNetSource(train, mapping)
+    cfg = dict(resolution=RES, clip=[models["clip_a"]], chunk_size=4, batch_size=3, num_workers=0, device="cpu",
+               progress=False)
+    preprocess(source, PreprocessConfig(out=str(tmp_path / "whole"), **cfg))
+    out = tmp_path / "out"
+    (out / WORK_DIR).mkdir(parents=True)
+    with open(out / WORK_DIR / "chunk-000001.lock", "a") as held:  # the other process, busy with chunk 1
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        assert preprocess(source, PreprocessConfig(out=str(out), **cfg)) is None  # chunk 1 left to the other
+        assert [done_path(out, c).exists() for c in range(4)] == [True, False, True, True]
+        fcntl.flock(held.fileno(), fcntl.LOCK_UN)
+    assert preprocess(source, PreprocessConfig(out=str(out), **cfg))["complete"]
+    assert_same_shards(out, tmp_path / "whole")

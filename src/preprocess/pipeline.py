@@ -13,6 +13,8 @@ c % n == i into the same folder; whichever part finds every chunk done assembles
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -383,7 +385,7 @@ def _process(source, cfg: PreprocessConfig, models: Models, order: np.ndarray, p
                         collate_fn=collate_prepared, pin_memory=torch.cuda.is_available() and cfg.device != "cpu")
     batch_iter = iter(loader)
     names = models.text.names
-    start, written, skipped = time.perf_counter(), 0, 0
+    start, written, skipped, elsewhere = time.perf_counter(), 0, 0, 0
     timers = dict.fromkeys(("read", "autoencoder", "text", "write"), 0.0)
 
     def timed(name, fn, *args):
@@ -395,31 +397,58 @@ def _process(source, cfg: PreprocessConfig, models: Models, order: np.ndarray, p
     with tqdm(total=total, initial=done_before, unit="sample", disable=not cfg.progress, smoothing=0.1,
               dynamic_ncols=True) as bar, ThreadPoolExecutor(max_workers=1) as write_thread:
         for c, n_batches in plan:
-            with ChunkWriter(out, c, names, models.autoencoder.name, cfg.chunk_size) as writer:
-                pending_write = None
-                try:
+            with chunk_claim(out, c) as claimed:
+                if not claimed:  # another process writes (or has written) this chunk: pass its batches by
                     for _ in range(n_batches):
                         batch = timed("read", next, batch_iter)
-                        latents16 = context = pooled = None
-                        if batch["pixels"] is not None:
-                            latents16 = timed("autoencoder", _encode_images, models, batch, cfg)
-                            context, pooled = timed("text", models.cached_text.rows, batch["captions"])
+                        bar.update(len(batch["indices"]) + len(batch["skipped"]))
+                    elsewhere += 1
+                    continue
+                with ChunkWriter(out, c, names, models.autoencoder.name, cfg.chunk_size) as writer:
+                    pending_write = None
+                    try:
+                        for _ in range(n_batches):
+                            batch = timed("read", next, batch_iter)
+                            latents16 = context = pooled = None
+                            if batch["pixels"] is not None:
+                                latents16 = timed("autoencoder", _encode_images, models, batch, cfg)
+                                context, pooled = timed("text", models.cached_text.rows, batch["captions"])
+                            if pending_write is not None:
+                                timed("write", pending_write.result)
+                            pending_write = write_thread.submit(_store, writer, batch, latents16, context, pooled)
+                            written += len(batch["indices"])
+                            skipped += len(batch["skipped"])
+                            bar.update(len(batch["indices"]) + len(batch["skipped"]))
+                            bar.set_postfix(skipped=skipped, refresh=False)
+                    finally:  # the writer thread must be idle before the chunk is closed (or abandoned)
                         if pending_write is not None:
                             timed("write", pending_write.result)
-                        pending_write = write_thread.submit(_store, writer, batch, latents16, context, pooled)
-                        written += len(batch["indices"])
-                        skipped += len(batch["skipped"])
-                        bar.update(len(batch["indices"]) + len(batch["skipped"]))
-                        bar.set_postfix(skipped=skipped, refresh=False)
-                finally:  # the writer thread must be idle before the chunk is closed (or abandoned)
-                    if pending_write is not None:
-                        timed("write", pending_write.result)
     seconds = time.perf_counter() - start
-    print(f"{out}: wrote {written} samples ({len(pending)} chunks), skipped {skipped}, in {seconds:.1f} s "
+    if elsewhere:
+        print(f"{out}: {elsewhere} chunk(s) left to another process writing into this folder")
+    print(f"{out}: wrote {written} samples ({len(pending) - elsewhere} chunks), skipped {skipped}, in {seconds:.1f} s "
           f"({(written + skipped) / max(seconds, 1e-9):.1f} samples/s); seconds waiting for images "
           f"{timers['read']:.1f}, in the autoencoder {timers['autoencoder']:.1f}, in the text encoders "
           f"{timers['text']:.1f}, waiting for the shard writer {timers['write']:.1f}; text cache hits "
           f"{models.cached_text.hits}, misses {models.cached_text.misses}")
+
+
+@contextlib.contextmanager
+def chunk_claim(out: Path, chunk: int):
+    """True while this process alone may write the chunk (an exclusive lock, released by the kernel if it dies);
+    False when another process holds it, or finished the chunk since this one planned its work. Two commands
+    writing into one folder at once (an array submitted twice, overlapping --part values) then never delete or
+    rewrite each other's chunk while it is being written or assembled."""
+    with open(out / WORK_DIR / f"{CHUNK_PATTERN.format(chunk)}.lock", "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield not done_path(out, chunk).is_file()
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _encode_images(models: Models, batch: dict, cfg: PreprocessConfig) -> torch.Tensor:
