@@ -260,3 +260,19 @@ def test_a_chunk_another_process_is_writing_is_left_to_it(tmp_path, models):
         fcntl.flock(held.fileno(), fcntl.LOCK_UN)
     assert preprocess(source, PreprocessConfig(out=str(out), **cfg))["complete"]
     assert_same_shards(out, tmp_path / "whole")
+
+
+def test_file_names_that_are_not_utf8(tmp_path, models):
+    """Linux file names are bytes: one in Latin-1 (café.jpg) is an item like any other, and a corrupt one is named
+    in skipped.log, not a failed command."""
+    import os
+
+    from src.data.shards import read_meta
+
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=1)
+    first = next((train / "n00000001").iterdir())
+    os.rename(first, os.fsencode(first.parent) + b"/caf\xe9.jpg")
+    os.rename(train / "n00000002" / "n00000002_broken.JPEG", os.fsencode(train / "n00000002") + b"/broken\xe9.jpg")
+    out = tmp_path / "out"
+    assert main(imagenet_argv(train, mapping, out, models)) == 0
+    assert read_meta(out)["count"] == 3 and b"broken\xe9.jpg" in (out / "skipped.log").read_bytes()

@@ -552,4 +552,4 @@ def _write_index(out: Path, chunk_dirs: list[Path], shards: list[str]) -> None:
 def _write_skip_log(out: Path, skipped: list[dict], total: int) -> None:
     lines = [f"# {len(skipped)} of {total} items skipped (unreadable or corrupt); index\tsource\terror"]
     lines += [f"{s['index']}\t{s['source']}\t{s['error']}" for s in sorted(skipped, key=lambda s: s["index"])]
-    atomic_write_bytes(out / SKIP_LOG, ("\n".join(lines) + "\n").encode("utf-8"))
+    atomic_write_bytes(out / SKIP_LOG, ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))  # file names

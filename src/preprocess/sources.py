@@ -92,7 +92,7 @@ def _read_json(path: Path, setting: str):
 def _digest(strings) -> str:
     h = hashlib.sha256()
     for s in strings:
-        h.update(s.encode("utf-8") + b"\0")
+        h.update(s.encode("utf-8", "surrogateescape") + b"\0")  # a file name need not be UTF-8
     return h.hexdigest()[:16]
 
 
