@@ -84,11 +84,9 @@ class PreprocessConfig:
             raise ValueError(f"text_cache={self.text_cache} is not allowed; need >= 0 (0 disables the cache)")
         if self.max_chunks is not None and self.max_chunks < 1:
             raise ValueError(f"max_chunks={self.max_chunks} is not allowed; need >= 1 or None (no limit)")
-        if str(self.device).startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ValueError(f"device={self.device!r} is not allowed here: torch sees no CUDA device; allowed: cpu")
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed} is not allowed; need >= 0")
+        self._validate_device()
         if self.parts < 1 or not 0 <= self.part < self.parts:
             raise ValueError(f"part={self.part}/{self.parts} is not allowed; need parts >= 1 and 0 <= part < parts")
         if self.latent not in LATENT_MODES:
@@ -98,6 +96,22 @@ class PreprocessConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; allowed: {', '.join(PRECISIONS)}")
         if not self.clip:
             raise ValueError("clip is empty; at least one CLIP text encoder (model name, weights file) is needed")
+
+    def _validate_device(self) -> None:
+        if self.device == "auto":
+            return
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:  # torch's message lists two dozen device types
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):  # else a model's loading would take the blame
+            raise ValueError(f"device={self.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device={self.device!r} is not allowed here: torch sees no CUDA device; allowed: cpu")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise ValueError(f"device={self.device!r} is not allowed here: torch sees "
+                                 f"{torch.cuda.device_count()} CUDA device(s); allowed: cpu, cuda, cuda:0 ...")
 
     def check_inputs(self) -> None:
         """Fail before any work when a weight file, model folder or statistics folder is missing."""
