@@ -73,9 +73,9 @@ def test_refused_after_loading_the_models_writes_nothing(tmp_path, models, capsy
     assert "out=" in capsys.readouterr().err and a_file.read_text() == "x"
 
 
-def test_assembled_folder_has_its_index_and_every_shard_size(tmp_path, models, monkeypatch):
+def test_assembled_folder_has_its_index_and_every_shard_size(tmp_path, models, monkeypatch, capsys):
     """The folder's index.npz (streaming starts without scanning the tars) and shard_bytes cover every shard, so a
-    shard cut short after assembly is found by is_complete."""
+    shard cut short after assembly is found by is_complete, and by a rerun of the command."""
     import numpy as np
 
     import src.data.shards as shards_module
@@ -105,6 +105,9 @@ def test_assembled_folder_has_its_index_and_every_shard_size(tmp_path, models, m
     last.unlink()  # a new file, not the chunk's hard link
     last.write_bytes(data[: len(data) // 2])
     assert not is_complete(out)
+    capsys.readouterr()
+    assert main(imagenet_argv(train, mapping, out, models)) == 2  # a rerun does not call it complete
+    assert f"{meta['shards'][-1]} is missing or not of its recorded size" in capsys.readouterr().err
 
 
 def encoded(image, fmt: str = "PNG") -> bytes:

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from src.data.shards import IDENTITY_AUTOENCODER, INDEX_FILE, META_FILE, SHARD_PATTERN, ShardWriter, build_index, \
-    load_index, pack_index, read_meta
+    damaged_shards, load_index, pack_index, read_meta
 from src.preprocess.autoencoders import LATENT_MODES, check_autoencoder_path, load_autoencoder
 from src.preprocess.images import PreparedImages, collate_prepared
 from src.preprocess.text import PRECISIONS, CachedTextEncoder, CombinedTextEncoder, T5TextEncoder, check_clip_spec, \
@@ -334,9 +334,14 @@ def preprocess(source, cfg: PreprocessConfig) -> dict | None:
     settings = cfg.settings(source)
     state = prepare_output(out, settings, write=False)
     if state == "complete":
+        meta = read_meta(out)
+        damaged = damaged_shards(out, meta)
+        if damaged:  # deleted or cut short since: "nothing to do" would send training to a broken folder
+            raise ValueError(f"out={str(out)!r} is complete but {', '.join(damaged[:3])} is missing or not of its "
+                             f"recorded size; delete the folder and rerun")
         shutil.rmtree(out / WORK_DIR, ignore_errors=True)
         print(f"{out}: already complete with these settings; nothing to do")
-        return read_meta(out)
+        return meta
     n_chunks = math.ceil(len(source) / cfg.chunk_size)
     order = item_order(len(source), cfg.seed, cfg.shuffle)
     mine = part_chunks(n_chunks, cfg.part, cfg.parts)
