@@ -4,11 +4,13 @@ The items (in a seeded random order, so every shard mixes classes) are cut into 
 chunk becomes one complete src.data.shards.ShardWriter folder under `<out>/_work/chunk-NNNNNN/` and then a done
 marker (its latent sums and skipped items) is written atomically. A rerun skips chunks with a marker; a chunk
 interrupted mid-way has none and is redone from scratch. When every chunk is done the chunk shards are linked
-into `<out>/shard-NNNNNN.tar`, `skipped.log` is written, and `meta.json` (global latent mean/std, docs/data.md#pixels-and-latents;
-`text_groups`) comes last, so an unfinished folder never looks complete.
+into `<out>/shard-NNNNNN.tar`, `skipped.log` and `index.npz` are written, and `meta.json` (global latent mean/std,
+docs/data.md#pixels-and-latents; `text_groups`) comes last, so an unfinished folder never looks complete. Nothing
+is written before the models have loaded: a command refused on its inputs leaves the folder as it was.
 
 One job can be split over machines: part i of n (`--part i/n`, e.g. a SLURM array) does the chunks c with
 c % n == i into the same folder; whichever part finds every chunk done assembles the folder (under a lock, once).
+Each chunk is written under its own lock, so two commands into one folder never write the same chunk at once.
 """
 
 from __future__ import annotations
