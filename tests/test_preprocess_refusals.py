@@ -282,3 +282,28 @@ def test_file_names_that_are_not_utf8(tmp_path, models):
     out = tmp_path / "out"
     assert main(imagenet_argv(train, mapping, out, models)) == 0
     assert read_meta(out)["count"] == 3 and b"broken\xe9.jpg" in (out / "skipped.log").read_bytes()
+
+
+def test_stats_from_a_folder_of_another_autoencoder(tmp_path, models, capsys):
+    """--stats-from a folder encoded by another autoencoder of as many channels, or with sampled latents, is
+    refused before any work: its latent statistics are not this set's."""
+    from src.data.shards import ShardWriter
+
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=1)
+    other = tmp_path / "other"  # 4 latent channels like the tiny VAE, but another autoencoder's
+    with ShardWriter(other, encoder_names=["clip:x"], autoencoder="AutoencoderKL:other-vae") as writer:
+        for i in range(2):
+            writer.write(torch.randn(4, RES // 2, RES // 2), torch.zeros(12, 32), torch.zeros(24), f"caption {i}")
+    train_out = tmp_path / "train"
+    argv = imagenet_argv(train, mapping, train_out, models)
+    assert main([*argv, "--autoencoder", models["vae"], "--latent", "sample"]) == 0
+    out = tmp_path / "out"
+    capsys.readouterr()
+    for stats in (other, train_out):  # another autoencoder; the same one's samples, not its means
+        assert main([*imagenet_argv(train, mapping, out, models), "--autoencoder", models["vae"],
+                     "--stats-from", str(stats)]) == 2
+        err = capsys.readouterr().err
+        assert "stats_from=" in err and "its statistics do not apply" in err and err.count("\n") == 1, err
+        assert not out.exists()
+    assert main([*imagenet_argv(train, mapping, out, models), "--autoencoder", models["vae"], "--latent", "sample",
+                 "--stats-from", str(train_out)]) == 0

@@ -385,11 +385,16 @@ def _check_stats_source(cfg: PreprocessConfig, models: Models) -> None:
     if cfg.stats_from is None:
         return
     meta = read_stats_meta(cfg.stats_from)
+    ours = models.autoencoder.describe()
+    # Another autoencoder (even one of as many channels) or posterior mean vs sample: other latent statistics; the
+    # planner would flag the pair of folders too (src/data/expectations.py compares the autoencoder names).
     if meta.get("latent_channels") != models.autoencoder.latent_channels or \
-            (meta.get("autoencoder") == IDENTITY_AUTOENCODER) != (cfg.autoencoder == IDENTITY_AUTOENCODER):
+            meta.get("autoencoder") != ours["autoencoder"] or \
+            meta.get("autoencoder_latent") != ours.get("autoencoder_latent"):
         raise ValueError(f"stats_from={cfg.stats_from!r} was made with autoencoder {meta.get('autoencoder')!r} "
-                         f"({meta.get('latent_channels')} channels); this job's gives "
-                         f"{models.autoencoder.latent_channels} channels: its statistics do not apply")
+                         f"({meta.get('latent_channels')} channels, latent {meta.get('autoencoder_latent')}); this "
+                         f"job's is {ours['autoencoder']!r} ({models.autoencoder.latent_channels} channels, latent "
+                         f"{ours.get('autoencoder_latent')}): its statistics do not apply")
 
 
 def _process(source, cfg: PreprocessConfig, models: Models, order: np.ndarray, pending: list[int], out: Path,
