@@ -307,3 +307,14 @@ def test_stats_from_a_folder_of_another_autoencoder(tmp_path, models, capsys):
         assert not out.exists()
     assert main([*imagenet_argv(train, mapping, out, models), "--autoencoder", models["vae"], "--latent", "sample",
                  "--stats-from", str(train_out)]) == 0
+
+
+def test_class_names_with_a_byte_order_mark(tmp_path):
+    """An editor's UTF-8 BOM is no part of the first synset (which then matched no class folder)."""
+    from src.preprocess.sources import read_class_names
+    from tests.test_preprocess import SYNSETS
+
+    _, mapping = make_imagenet(tmp_path / "imagenet", per_class=1)
+    for name, content in (("names.txt", mapping.read_bytes()), ("names.json", json.dumps(SYNSETS).encode())):
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + content)
+        assert list(read_class_names(tmp_path / name)) == list(SYNSETS)

@@ -77,7 +77,7 @@ def _require_dir(path: str | Path, setting: str) -> Path:
 
 def _read_text(path: Path, setting: str) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a BOM (an editor's) is no part of the first name
     except UnicodeDecodeError as e:
         raise ValueError(f"{setting}={str(path)!r} is not UTF-8 text ({e}); save it as UTF-8") from None
 
