@@ -268,6 +268,26 @@ def test_a_chunk_another_process_is_writing_is_left_to_it(tmp_path, models):
     assert_same_shards(out, tmp_path / "whole")
 
 
+def test_tar_members_named_beyond_ascii(tmp_path):
+    """A webdataset tar of one's own with members named café.jpg / 猫.jpg: items like any other (numpy's bytes_
+    encoded the keys as ASCII and the command failed)."""
+    import tarfile
+
+    from src.preprocess import TarSource
+    from tests.test_preprocess import _add, image_bytes
+
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    with tarfile.open(tars / "00000.tar", "w") as tf:
+        for i, key in enumerate(("café", "猫", "plain")):
+            _add(tf, f"{key}.jpg", image_bytes(i))
+            _add(tf, f"{key}.txt", f"caption of {key}".encode())
+    source = TarSource(tars)
+    assert sorted(source.read(i).caption for i in range(len(source))) == ["caption of café", "caption of plain",
+                                                                           "caption of 猫"]
+    assert "00000.tar:猫" in {source.describe(i) for i in range(len(source))}
+
+
 def test_file_names_that_are_not_utf8(tmp_path, models):
     """Linux file names are bytes: one in Latin-1 (café.jpg) is an item like any other, and a corrupt one is named
     in skipped.log, not a failed command."""

@@ -312,18 +312,22 @@ class TarSource:
         if not keys:
             raise ValueError(f"tars={str(self.tars[0].parent)!r}: no samples with an image (jpg, png, webp) found")
         self.tar_ids = np.asarray(tar_ids, dtype=np.int32)
-        self.keys = np.asarray(keys, dtype=np.bytes_)
+        # UTF-8 bytes: numpy's bytes_ would encode as ASCII and fail on a member named café.jpg
+        self.keys = np.asarray([k.encode("utf-8", "surrogateescape") for k in keys], dtype=np.bytes_)
         self.spans = np.asarray(spans, dtype=np.int64)  # image offset, size, caption offset, size
 
     def __len__(self) -> int:
         return len(self.keys)
 
+    def _key(self, index: int) -> str:
+        return self.keys[index].decode("utf-8", "surrogateescape")
+
     def describe(self, index: int) -> str:
-        return f"{self.tars[int(self.tar_ids[index])].name}:{self.keys[index].decode('utf-8')}"
+        return f"{self.tars[int(self.tar_ids[index])].name}:{self._key(index)}"
 
     def read(self, index: int) -> Record:
         path = self.tars[int(self.tar_ids[index])]
-        key = self.keys[index].decode("utf-8")
+        key = self._key(index)
         image_off, image_size, text_off, text_size = (int(v) for v in self.spans[index])
         if text_off < 0:
             raise ValueError(f"{path.name}:{key} has no .txt caption")
