@@ -338,3 +338,18 @@ def test_class_names_with_a_byte_order_mark(tmp_path):
     for name, content in (("names.txt", mapping.read_bytes()), ("names.json", json.dumps(SYNSETS).encode())):
         (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + content)
         assert list(read_class_names(tmp_path / name)) == list(SYNSETS)
+
+
+def test_meta_records_the_autoencoder_by_its_absolute_path(tmp_path, models, monkeypatch):
+    """--autoencoder given relative to where preprocessing ran: the evaluation, which decodes with meta.json's
+    autoencoder_path, runs from wherever training was launched."""
+    import os
+
+    from src.data.shards import read_meta
+
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=1)
+    monkeypatch.chdir(Path(models["vae"]).parent)
+    out = tmp_path / "out"
+    assert main([*imagenet_argv(train, mapping, out, models), "--autoencoder", "vae"]) == 0
+    path = read_meta(out)["autoencoder_path"]
+    assert os.path.isabs(path) and Path(path) == Path(models["vae"]).resolve()
