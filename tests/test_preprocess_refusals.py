@@ -244,12 +244,13 @@ def test_a_t5_folder_as_google_ships_it_needs_sentencepiece(tmp_path, models, mo
     assert not out.exists()
 
 
-def test_a_chunk_another_process_is_writing_is_left_to_it(tmp_path, models):
+def test_a_chunk_another_process_is_writing_is_left_to_it(tmp_path, models, monkeypatch):
     """Two commands writing into one folder at once (an array submitted twice): a chunk the other holds is neither
     deleted nor rewritten; the folder completes once every chunk is done, equal to an undisturbed run."""
     import fcntl
 
     from src.preprocess import ImageNetSource, PreprocessConfig, preprocess
+    from src.preprocess.pipeline import chunk_claim
     from tests.test_preprocess import assert_same_shards
 
     train, mapping = make_imagenet(tmp_path / "imagenet", per_class=4)  # 13 items: 4 chunks
@@ -266,6 +267,22 @@ def test_a_chunk_another_process_is_writing_is_left_to_it(tmp_path, models):
         fcntl.flock(held.fileno(), fcntl.LOCK_UN)
     assert preprocess(source, PreprocessConfig(out=str(out), **cfg))["complete"]
     assert_same_shards(out, tmp_path / "whole")
+    # The slower of two processes, still passing by chunks when the other assembled (and removed _work), and then
+    # finding the folder complete: no crash on the vanished lock files, no lock file left behind.
+    with chunk_claim(out, 2) as claimed:
+        assert not claimed
+    import src.preprocess.pipeline as pipeline
+
+    again = tmp_path / "again"
+    original = pipeline._process
+
+    def other_process_finishes_first(*args):  # this process's work, all done by the other meanwhile
+        monkeypatch.setattr(pipeline, "_process", original)
+        preprocess(source, PreprocessConfig(out=str(again), **cfg))
+
+    monkeypatch.setattr(pipeline, "_process", other_process_finishes_first)
+    assert preprocess(source, PreprocessConfig(out=str(again), **cfg))["complete"]
+    assert [p.name for p in again.iterdir() if p.name.startswith(".")] == []
 
 
 def test_tar_members_named_beyond_ascii(tmp_path):

@@ -366,6 +366,7 @@ def preprocess(source, cfg: PreprocessConfig) -> dict | None:
         _process(source, cfg, models, order, pending, out, done_before, total)
     with file_lock(out / ASSEMBLY_LOCK):  # one part decides, and assembles, at a time
         if (out / META_FILE).is_file():  # another part finished and assembled the folder meanwhile
+            (out / ASSEMBLY_LOCK).unlink(missing_ok=True)  # this process made it anew: leave the folder clean
             return read_meta(out)
         remaining = sum(not done_path(out, c).is_file() for c in range(n_chunks))
         if not remaining:
@@ -465,7 +466,12 @@ def chunk_claim(out: Path, chunk: int):
     False when another process holds it, or finished the chunk since this one planned its work. Two commands
     writing into one folder at once (an array submitted twice, overlapping --part values) then never delete or
     rewrite each other's chunk while it is being written or assembled."""
-    with open(out / WORK_DIR / f"{CHUNK_PATTERN.format(chunk)}.lock", "a") as f:
+    try:
+        f = open(out / WORK_DIR / f"{CHUNK_PATTERN.format(chunk)}.lock", "a")
+    except FileNotFoundError:  # the other process finished every chunk and assembled the folder meanwhile
+        yield False
+        return
+    with f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
