@@ -370,3 +370,27 @@ def test_meta_records_the_autoencoder_by_its_absolute_path(tmp_path, models, mon
     assert main([*imagenet_argv(train, mapping, out, models), "--autoencoder", "vae"]) == 0
     path = read_meta(out)["autoencoder_path"]
     assert os.path.isabs(path) and Path(path) == Path(models["vae"]).resolve()
+
+
+def test_a_folder_finished_by_another_process_while_the_models_loaded(tmp_path, models, monkeypatch):
+    """The same command twice (an array submitted twice): the second, still loading its models when the first
+    assembles the folder, then finds it complete: it neither redoes the work nor leaves _work/ in the folder."""
+    import src.preprocess.pipeline as pipeline
+    from src.preprocess import ImageNetSource, PreprocessConfig, preprocess
+
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=2)
+    source = ImageNetSource(train, mapping)
+    cfg = PreprocessConfig(out=str(tmp_path / "out"), resolution=RES, clip=[models["clip_a"]], chunk_size=4,
+                           batch_size=3, num_workers=0, device="cpu", progress=False)
+    loading = pipeline.Models
+
+    def the_other_finishes_meanwhile(*args):
+        monkeypatch.setattr(pipeline, "Models", loading)
+        preprocess(source, cfg)  # the first command, from start to assembly
+        monkeypatch.setattr(pipeline, "_process", lambda *a: pytest.fail("the work was done again"))
+        return loading(*args)
+
+    monkeypatch.setattr(pipeline, "Models", the_other_finishes_meanwhile)
+    meta = preprocess(source, cfg)
+    assert meta["complete"] and sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "index.npz", "meta.json", "shard-000000.tar", "shard-000001.tar", "skipped.log"]

@@ -334,16 +334,8 @@ def preprocess(source, cfg: PreprocessConfig) -> dict | None:
     cfg.check_inputs()
     out = Path(cfg.out)
     settings = cfg.settings(source)
-    state = prepare_output(out, settings, write=False)
-    if state == "complete":
-        meta = read_meta(out)
-        damaged = damaged_shards(out, meta)
-        if damaged:  # deleted or cut short since: "nothing to do" would send training to a broken folder
-            raise ValueError(f"out={str(out)!r} is complete but {', '.join(damaged[:3])} is missing or not of its "
-                             f"recorded size; delete the folder and rerun")
-        shutil.rmtree(out / WORK_DIR, ignore_errors=True)
-        print(f"{out}: already complete with these settings; nothing to do")
-        return meta
+    if prepare_output(out, settings, write=False) == "complete":
+        return _already_complete(out)
     n_chunks = math.ceil(len(source) / cfg.chunk_size)
     order = item_order(len(source), cfg.seed, cfg.shuffle)
     mine = part_chunks(n_chunks, cfg.part, cfg.parts)
@@ -358,7 +350,9 @@ def preprocess(source, cfg: PreprocessConfig) -> dict | None:
         device = resolve_device(cfg.device)
         models = Models(cfg, device)
         _check_stats_source(cfg, models)
-    prepare_output(out, settings)  # again, now writing: another part may have started the folder meanwhile
+    # Again, now writing: another process may have started the folder, or even finished it, while the models loaded.
+    if prepare_output(out, settings) == "complete":
+        return _already_complete(out)
     if pending:
         atomic_write_json(out / WORK_DIR / MODELS_FILE, models.describe())
         print(f"{out}: {len(source)} items, {n_chunks} chunks{part}, {len(mine) - len(pending)} done before; "
@@ -380,6 +374,18 @@ def preprocess(source, cfg: PreprocessConfig) -> dict | None:
     print(f"{out}: part {cfg.part}/{cfg.parts} done; {remaining} of {n_chunks} chunks left to other parts "
           "(the last part to finish assembles the folder)")
     return {"complete": False}
+
+
+def _already_complete(out: Path) -> dict:
+    """The meta of a folder complete with these settings (nothing to do), unless a shard went missing since."""
+    meta = read_meta(out)
+    damaged = damaged_shards(out, meta)
+    if damaged:  # deleted or cut short since: "nothing to do" would send training to a broken folder
+        raise ValueError(f"out={str(out)!r} is complete but {', '.join(damaged[:3])} is missing or not of its "
+                         f"recorded size; delete the folder and rerun")
+    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    print(f"{out}: already complete with these settings; nothing to do")
+    return meta
 
 
 def _check_stats_source(cfg: PreprocessConfig, models: Models) -> None:
