@@ -320,9 +320,12 @@ def test_file_names_that_are_not_utf8(tmp_path, models):
     first = next((train / "n00000001").iterdir())
     os.rename(first, os.fsencode(first.parent) + b"/caf\xe9.jpg")
     os.rename(train / "n00000002" / "n00000002_broken.JPEG", os.fsencode(train / "n00000002") + b"/broken\xe9.jpg")
+    (train / "n00000003" / "empty.jpg").write_bytes(b"")
     out = tmp_path / "out"
     assert main(imagenet_argv(train, mapping, out, models)) == 0
-    assert read_meta(out)["count"] == 3 and b"broken\xe9.jpg" in (out / "skipped.log").read_bytes()
+    log = (out / "skipped.log").read_bytes()
+    assert read_meta(out)["count"] == 3 and b"broken\xe9.jpg" in log
+    assert b"UnidentifiedImageError: cannot identify image file\n" in log  # no memory address: the same every run
 
 
 def test_stats_from_a_folder_of_another_autoencoder(tmp_path, models, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -11,6 +12,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 
+MEMORY_ADDRESS = re.compile(r" ?<[\w.]+ object at 0x[0-9a-f]+>")  # PIL names the BytesIO it could not read
 MAX_ASPECT = 4  # longer / shorter side kept before resizing: a 1 x 20000 banner would otherwise take gigabytes
 HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # 16-bit grey (PNG, TIFF): 0..65535
 
@@ -70,8 +72,8 @@ class PreparedImages(Dataset):
             record = self.source.read(index)
             pixels = decode_image(record.data, self.resolution)
         except Exception as e:  # any unreadable item is skipped and logged, never fatal
-            return {"index": index, "skip": f"{type(e).__name__}: {e}".replace("\n", " ")[:300],
-                    "source": self.source.describe(index)}
+            message = MEMORY_ADDRESS.sub("", f"{type(e).__name__}: {e}").replace("\n", " ")  # same log every run
+            return {"index": index, "skip": message[:300], "source": self.source.describe(index)}
         return {"index": index, "pixels": pixels, "caption": record.caption, "key": record.key,
                 "extras": record.extras}
 
