@@ -37,7 +37,8 @@ def common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-shuffle", dest="shuffle", action="store_false",
                    help="write items in sorted source order (default: a seeded random order)")
     p.add_argument("--stats-from", default=None,
-                   help="a complete shard folder whose latent mean/std this set uses (an eval set reusing training's)")
+                   help="a complete shard folder, made with the same autoencoder and --latent, whose latent mean/std "
+                        "this set uses (an eval set reusing training's)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="text encoders' precision (float32)")

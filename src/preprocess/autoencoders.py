@@ -75,7 +75,8 @@ class DiffusersAutoencoder:
             sub = {} if (p / "config.json").is_file() else {"subfolder": "vae"}
             vae = AutoencoderKL.from_pretrained(str(p), local_files_only=True, torch_dtype=dtype, **sub)
         self.vae = vae.to(device).eval().requires_grad_(False)
-        self.path, self.latent, self.dtype = str(path), latent, dtype
+        # Absolute: meta.json's autoencoder_path is what the evaluation decodes with, from wherever training runs.
+        self.path, self.latent, self.dtype = str(Path(path).resolve()), latent, dtype
         self.device = torch.device(device)
         cfg = self.vae.config
         self.name = f"AutoencoderKL:{Path(path).name}"

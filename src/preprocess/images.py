@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -11,14 +12,39 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 
+MEMORY_ADDRESS = re.compile(r" ?<[\w.]+ object at 0x[0-9a-f]+>")  # PIL names the BytesIO it could not read
+MAX_ASPECT = 4  # longer / shorter side kept before resizing: a 1 x 20000 banner would otherwise take gigabytes
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # 16-bit grey (PNG, TIFF): 0..65535
+
+
 def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
-    """Resize so the shorter side is `resolution` (bicubic, antialiased), then crop the centre square."""
+    """Resize so the shorter side is `resolution` (bicubic, antialiased), then crop the centre square.
+
+    An image longer than MAX_ASPECT times its shorter side is first cut to its centre MAX_ASPECT : 1 part, which
+    holds the square and its neighbourhood: the same square, without resizing the whole strip.
+    """
     w, h = image.size
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        cw, ch = min(w, MAX_ASPECT * h), min(h, MAX_ASPECT * w)
+        image = image.crop(((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch))
+        w, h = image.size
     scale = resolution / min(w, h)
     nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
     image = image.resize((nw, nh), Image.BICUBIC)
     left, top = (nw - resolution) // 2, (nh - resolution) // 2
     return image.crop((left, top, left + resolution, top + resolution))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. PIL's own conversion clips 16-bit grey to 255 (an all-white image), so it is scaled here; 32-bit
+    integer and float pixels have no defined range and are refused (the item is skipped and logged)."""
+    if image.mode in HIGH_DEPTH_MODES:
+        grey = np.asarray(image).astype(np.float32) / 257.0  # 65535 -> 255
+        return Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode in ("I", "F"):
+        raise ValueError(f"image mode {image.mode!r} (32-bit pixels of no defined range) is not supported; "
+                         "convert it to 8 or 16 bits")
+    return image.convert("RGB")
 
 
 def decode_image(data: bytes, resolution: int) -> torch.Tensor:
@@ -27,7 +53,7 @@ def decode_image(data: bytes, resolution: int) -> torch.Tensor:
         warnings.simplefilter("ignore")  # palette-with-transparency and EXIF warnings; errors still raise
         image = Image.open(io.BytesIO(data))
         image.load()
-        image = ImageOps.exif_transpose(image).convert("RGB")
+        image = to_rgb(ImageOps.exif_transpose(image))
     pixels = np.asarray(resize_center_crop(image, resolution), dtype=np.float32)
     return torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1.0
 
@@ -46,8 +72,8 @@ class PreparedImages(Dataset):
             record = self.source.read(index)
             pixels = decode_image(record.data, self.resolution)
         except Exception as e:  # any unreadable item is skipped and logged, never fatal
-            return {"index": index, "skip": f"{type(e).__name__}: {e}".replace("\n", " ")[:300],
-                    "source": self.source.describe(index)}
+            message = MEMORY_ADDRESS.sub("", f"{type(e).__name__}: {e}").replace("\n", " ")  # same log every run
+            return {"index": index, "skip": message[:300], "source": self.source.describe(index)}
         return {"index": index, "pixels": pixels, "caption": record.caption, "key": record.key,
                 "extras": record.extras}
 

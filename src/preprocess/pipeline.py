@@ -4,15 +4,19 @@ The items (in a seeded random order, so every shard mixes classes) are cut into 
 chunk becomes one complete src.data.shards.ShardWriter folder under `<out>/_work/chunk-NNNNNN/` and then a done
 marker (its latent sums and skipped items) is written atomically. A rerun skips chunks with a marker; a chunk
 interrupted mid-way has none and is redone from scratch. When every chunk is done the chunk shards are linked
-into `<out>/shard-NNNNNN.tar`, `skipped.log` is written, and `meta.json` (global latent mean/std, docs/data.md#pixels-and-latents;
-`text_groups`) comes last, so an unfinished folder never looks complete.
+into `<out>/shard-NNNNNN.tar`, `skipped.log` and `index.npz` are written, and `meta.json` (global latent mean/std,
+docs/data.md#pixels-and-latents; `text_groups`) comes last, so an unfinished folder never looks complete. Nothing
+is written before the models have loaded: a command refused on its inputs leaves the folder as it was.
 
 One job can be split over machines: part i of n (`--part i/n`, e.g. a SLURM array) does the chunks c with
 c % n == i into the same folder; whichever part finds every chunk done assembles the folder (under a lock, once).
+Each chunk is written under its own lock, so two commands into one folder never write the same chunk at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -28,12 +32,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from src.data.shards import IDENTITY_AUTOENCODER, META_FILE, SHARD_PATTERN, ShardWriter, read_meta
+from src.data.shards import IDENTITY_AUTOENCODER, INDEX_FILE, META_FILE, SHARD_PATTERN, ShardWriter, build_index, \
+    damaged_shards, load_index, pack_index, read_meta
 from src.preprocess.autoencoders import LATENT_MODES, check_autoencoder_path, load_autoencoder
 from src.preprocess.images import PreparedImages, collate_prepared
 from src.preprocess.text import PRECISIONS, CachedTextEncoder, CombinedTextEncoder, T5TextEncoder, check_clip_spec, \
-    load_clip
-from src.utils.io import atomic_write_bytes, atomic_write_json, file_lock
+    check_t5_folder, load_clip
+from src.utils.io import atomic_write_bytes, atomic_write_json, file_lock, first_line, save_npz
 
 WORK_DIR = "_work"
 CONFIG_FILE = "config.json"
@@ -77,13 +82,13 @@ class PreprocessConfig:
                 raise ValueError(f"{name}={getattr(self, name)} is not allowed; need >= 1")
         if self.num_workers < 0:
             raise ValueError(f"num_workers={self.num_workers} is not allowed; need >= 0")
+        if self.text_cache < 0:
+            raise ValueError(f"text_cache={self.text_cache} is not allowed; need >= 0 (0 disables the cache)")
         if self.max_chunks is not None and self.max_chunks < 1:
             raise ValueError(f"max_chunks={self.max_chunks} is not allowed; need >= 1 or None (no limit)")
-        if str(self.device).startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ValueError(f"device={self.device!r} is not allowed here: torch sees no CUDA device; allowed: cpu")
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed} is not allowed; need >= 0")
+        self._validate_device()
         if self.parts < 1 or not 0 <= self.part < self.parts:
             raise ValueError(f"part={self.part}/{self.parts} is not allowed; need parts >= 1 and 0 <= part < parts")
         if self.latent not in LATENT_MODES:
@@ -94,16 +99,32 @@ class PreprocessConfig:
         if not self.clip:
             raise ValueError("clip is empty; at least one CLIP text encoder (model name, weights file) is needed")
 
+    def _validate_device(self) -> None:
+        if self.device == "auto":
+            return
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:  # torch's message lists two dozen device types
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):  # else a model's loading would take the blame
+            raise ValueError(f"device={self.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device={self.device!r} is not allowed here: torch sees no CUDA device; allowed: cpu")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise ValueError(f"device={self.device!r} is not allowed here: torch sees "
+                                 f"{torch.cuda.device_count()} CUDA device(s); allowed: cpu, cuda, cuda:0 ...")
+
     def check_inputs(self) -> None:
         """Fail before any work when a weight file, model folder or statistics folder is missing."""
         if self.autoencoder != IDENTITY_AUTOENCODER:
             check_autoencoder_path(self.autoencoder, self.autoencoder_config)
         for model, weights in self.clip:
             check_clip_spec(model, weights)
-        if self.t5 is not None and not (Path(self.t5) / "config.json").is_file():
-            raise FileNotFoundError(f"t5={self.t5!r} is not a transformers model folder (no config.json)")
+        if self.t5 is not None:
+            check_t5_folder(self.t5)
         if self.stats_from is not None:
-            read_meta(self.stats_from)
+            read_stats_meta(self.stats_from)
 
     def settings(self, source) -> dict:
         """Everything that determines the shard contents (the resume fingerprint); not workers, device, batch."""
@@ -126,6 +147,22 @@ class PreprocessConfig:
         }
 
 
+def read_stats_meta(stats_from: str) -> dict:
+    """The meta.json of a --stats-from folder, which must be a complete shard folder with latent statistics."""
+    allowed = "a complete shard folder, e.g. the training set's --out"
+    try:
+        meta = read_meta(stats_from)
+    except FileNotFoundError as e:  # no meta.json, or an unfinished one
+        raise FileNotFoundError(f"stats_from={stats_from!r} is not allowed: {e}; need {allowed}") from None
+    except ValueError as e:  # a meta.json that is not JSON
+        raise ValueError(f"stats_from={stats_from!r} is not allowed: {e}; need {allowed}") from None
+    missing = [k for k in ("latent_mean", "latent_std", "latent_channels") if k not in meta]
+    if missing:
+        raise ValueError(f"stats_from={stats_from!r} is not allowed: its meta.json lacks {', '.join(missing)}; "
+                         f"need {allowed}")
+    return meta
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Output folder state
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,9 +177,14 @@ def _differences(a: dict, b: dict) -> str:
     return ", ".join(keys) or "none"
 
 
-def prepare_output(out: Path, settings: dict) -> str:
-    """'complete' (same settings, nothing to do), 'resume' or 'fresh'; raises if out holds something else."""
+def prepare_output(out: Path, settings: dict, write: bool = True) -> str:
+    """'complete' (same settings, nothing to do), 'resume' or 'fresh'; raises if out holds something else.
+
+    write=False only checks: a command refused later (a model that does not load) must leave out as it was.
+    """
     fingerprint = fingerprint_of(settings)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out={str(out)!r} is a file; need a folder (new, empty, or one this command wrote)")
     if (out / META_FILE).is_file():
         meta = json.loads((out / META_FILE).read_text())
         done = meta.get("preprocess", {})
@@ -155,7 +197,8 @@ def prepare_output(out: Path, settings: dict) -> str:
         previous = json.loads(config_path.read_text())
         if previous["fingerprint"] != fingerprint and not any((out / WORK_DIR).glob("*.done.json")):
             previous = {"fingerprint": fingerprint, "settings": settings}  # nothing done yet: start afresh
-            atomic_write_json(config_path, previous)
+            if write:
+                atomic_write_json(config_path, previous)
         if previous["fingerprint"] != fingerprint:
             raise ValueError(f"out={str(out)!r} holds an unfinished run with other settings (differing: "
                              f"{_differences(previous['settings'], settings)}); rerun with those or delete the folder")
@@ -163,7 +206,8 @@ def prepare_output(out: Path, settings: dict) -> str:
     # Parts of one job starting together: another part's work folder (config not written yet) or lock is no obstacle.
     if out.exists() and any(p.name not in (WORK_DIR, ASSEMBLY_LOCK) for p in out.iterdir()):
         raise ValueError(f"out={str(out)!r} is not empty and holds no preprocessing run; choose an empty folder")
-    atomic_write_json(config_path, {"fingerprint": fingerprint, "settings": settings})
+    if write:
+        atomic_write_json(config_path, {"fingerprint": fingerprint, "settings": settings})
     return "fresh"
 
 
@@ -237,11 +281,15 @@ class Models:
     """The frozen autoencoder and the combined, cached text encoder of one job."""
 
     def __init__(self, cfg: PreprocessConfig, device: str):
-        self.autoencoder = load_autoencoder(cfg.autoencoder, device=device, precision=cfg.autoencoder_precision,
-                                            latent=cfg.latent,
-                                            config=cfg.autoencoder_config)
-        clips = [load_clip(m, w, device=device, precision=cfg.precision) for m, w in cfg.clip]
-        t5 = T5TextEncoder(cfg.t5, device=device, precision=cfg.precision, max_length=cfg.t5_length) if cfg.t5 else None
+        self.autoencoder = _load(
+            f"autoencoder={cfg.autoencoder!r}", "a diffusers AutoencoderKL folder (save_pretrained), a single weights "
+            f"file with autoencoder_config, or {IDENTITY_AUTOENCODER!r}", load_autoencoder, cfg.autoencoder,
+            device=device, precision=cfg.autoencoder_precision, latent=cfg.latent, config=cfg.autoencoder_config)
+        clips = [_load(f"clip={m!r} {w!r}", "an open_clip model name or config .json and weights of that model",
+                       load_clip, m, w, device=device, precision=cfg.precision) for m, w in cfg.clip]
+        t5 = _load(f"t5={cfg.t5!r}", "a transformers T5 encoder folder with its tokenizer (save_pretrained)",
+                   T5TextEncoder, cfg.t5, device=device, precision=cfg.precision,
+                   max_length=cfg.t5_length) if cfg.t5 else None
         self.text = CombinedTextEncoder(clips, t5)
         self.cached_text = CachedTextEncoder(self.text, cfg.text_cache)
         if cfg.resolution % self.autoencoder.downsample:
@@ -255,6 +303,18 @@ class Models:
     def describe(self) -> dict:
         """What meta.json records about the models: autoencoder settings and the text encoders' layout."""
         return {**self.autoencoder.describe(), "text_groups": self.text.groups}
+
+
+def _load(setting: str, allowed: str, load, *args, **kwargs):
+    """load(*args, **kwargs), with any failure but lack of memory as one line naming the setting (libraries raise
+    OSError, KeyError, RuntimeError, AssertionError with pages of text for a folder or file of the wrong kind)."""
+    try:
+        return load(*args, **kwargs)
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as e:
+        raise ValueError(f"{setting} could not be loaded ({type(e).__name__}: {first_line(e)}); need {allowed}") \
+            from e
 
 
 def resolve_device(device: str) -> str:
@@ -274,11 +334,8 @@ def preprocess(source, cfg: PreprocessConfig) -> dict | None:
     cfg.check_inputs()
     out = Path(cfg.out)
     settings = cfg.settings(source)
-    state = prepare_output(out, settings)
-    if state == "complete":
-        shutil.rmtree(out / WORK_DIR, ignore_errors=True)
-        print(f"{out}: already complete with these settings; nothing to do")
-        return read_meta(out)
+    if prepare_output(out, settings, write=False) == "complete":
+        return _already_complete(out)
     n_chunks = math.ceil(len(source) / cfg.chunk_size)
     order = item_order(len(source), cfg.seed, cfg.shuffle)
     mine = part_chunks(n_chunks, cfg.part, cfg.parts)
@@ -289,20 +346,25 @@ def preprocess(source, cfg: PreprocessConfig) -> dict | None:
     if cfg.max_chunks is not None:
         pending = pending[:cfg.max_chunks]
     part = f" (part {cfg.part}/{cfg.parts}: {len(mine)} chunks)" if cfg.parts > 1 else ""
-    if pending:
+    if pending:  # the models load (and may be refused) before anything is written
         device = resolve_device(cfg.device)
         models = Models(cfg, device)
         _check_stats_source(cfg, models)
+    # Again, now writing: another process may have started the folder, or even finished it, while the models loaded.
+    if prepare_output(out, settings) == "complete":
+        return _already_complete(out)
+    if pending:
         atomic_write_json(out / WORK_DIR / MODELS_FILE, models.describe())
         print(f"{out}: {len(source)} items, {n_chunks} chunks{part}, {len(mine) - len(pending)} done before; "
               f"device {device}")
         _process(source, cfg, models, order, pending, out, done_before, total)
     with file_lock(out / ASSEMBLY_LOCK):  # one part decides, and assembles, at a time
         if (out / META_FILE).is_file():  # another part finished and assembled the folder meanwhile
+            (out / ASSEMBLY_LOCK).unlink(missing_ok=True)  # this process made it anew: leave the folder clean
             return read_meta(out)
         remaining = sum(not done_path(out, c).is_file() for c in range(n_chunks))
         if not remaining:
-            stats = read_meta(cfg.stats_from) if cfg.stats_from else None
+            stats = read_stats_meta(cfg.stats_from) if cfg.stats_from else None
             meta = assemble(out, n_chunks, settings, source.name, cfg, stats)
             (out / ASSEMBLY_LOCK).unlink(missing_ok=True)
             return meta
@@ -314,15 +376,32 @@ def preprocess(source, cfg: PreprocessConfig) -> dict | None:
     return {"complete": False}
 
 
+def _already_complete(out: Path) -> dict:
+    """The meta of a folder complete with these settings (nothing to do), unless a shard went missing since."""
+    meta = read_meta(out)
+    damaged = damaged_shards(out, meta)
+    if damaged:  # deleted or cut short since: "nothing to do" would send training to a broken folder
+        raise ValueError(f"out={str(out)!r} is complete but {', '.join(damaged[:3])} is missing or not of its "
+                         f"recorded size; delete the folder and rerun")
+    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    print(f"{out}: already complete with these settings; nothing to do")
+    return meta
+
+
 def _check_stats_source(cfg: PreprocessConfig, models: Models) -> None:
     if cfg.stats_from is None:
         return
-    meta = read_meta(cfg.stats_from)
+    meta = read_stats_meta(cfg.stats_from)
+    ours = models.autoencoder.describe()
+    # Another autoencoder (even one of as many channels) or posterior mean vs sample: other latent statistics; the
+    # planner would flag the pair of folders too (src/data/expectations.py compares the autoencoder names).
     if meta.get("latent_channels") != models.autoencoder.latent_channels or \
-            (meta.get("autoencoder") == IDENTITY_AUTOENCODER) != (cfg.autoencoder == IDENTITY_AUTOENCODER):
+            meta.get("autoencoder") != ours["autoencoder"] or \
+            meta.get("autoencoder_latent") != ours.get("autoencoder_latent"):
         raise ValueError(f"stats_from={cfg.stats_from!r} was made with autoencoder {meta.get('autoencoder')!r} "
-                         f"({meta.get('latent_channels')} channels); this job's gives "
-                         f"{models.autoencoder.latent_channels} channels: its statistics do not apply")
+                         f"({meta.get('latent_channels')} channels, latent {meta.get('autoencoder_latent')}); this "
+                         f"job's is {ours['autoencoder']!r} ({models.autoencoder.latent_channels} channels, latent "
+                         f"{ours.get('autoencoder_latent')}): its statistics do not apply")
 
 
 def _process(source, cfg: PreprocessConfig, models: Models, order: np.ndarray, pending: list[int], out: Path,
@@ -339,7 +418,7 @@ def _process(source, cfg: PreprocessConfig, models: Models, order: np.ndarray, p
                         collate_fn=collate_prepared, pin_memory=torch.cuda.is_available() and cfg.device != "cpu")
     batch_iter = iter(loader)
     names = models.text.names
-    start, written, skipped = time.perf_counter(), 0, 0
+    start, written, skipped, elsewhere = time.perf_counter(), 0, 0, 0
     timers = dict.fromkeys(("read", "autoencoder", "text", "write"), 0.0)
 
     def timed(name, fn, *args):
@@ -351,31 +430,63 @@ def _process(source, cfg: PreprocessConfig, models: Models, order: np.ndarray, p
     with tqdm(total=total, initial=done_before, unit="sample", disable=not cfg.progress, smoothing=0.1,
               dynamic_ncols=True) as bar, ThreadPoolExecutor(max_workers=1) as write_thread:
         for c, n_batches in plan:
-            with ChunkWriter(out, c, names, models.autoencoder.name, cfg.chunk_size) as writer:
-                pending_write = None
-                try:
+            with chunk_claim(out, c) as claimed:
+                if not claimed:  # another process writes (or has written) this chunk: pass its batches by
                     for _ in range(n_batches):
                         batch = timed("read", next, batch_iter)
-                        latents16 = context = pooled = None
-                        if batch["pixels"] is not None:
-                            latents16 = timed("autoencoder", _encode_images, models, batch, cfg)
-                            context, pooled = timed("text", models.cached_text.rows, batch["captions"])
+                        bar.update(len(batch["indices"]) + len(batch["skipped"]))
+                    elsewhere += 1
+                    continue
+                with ChunkWriter(out, c, names, models.autoencoder.name, cfg.chunk_size) as writer:
+                    pending_write = None
+                    try:
+                        for _ in range(n_batches):
+                            batch = timed("read", next, batch_iter)
+                            latents16 = context = pooled = None
+                            if batch["pixels"] is not None:
+                                latents16 = timed("autoencoder", _encode_images, models, batch, cfg)
+                                context, pooled = timed("text", models.cached_text.rows, batch["captions"])
+                            if pending_write is not None:
+                                timed("write", pending_write.result)
+                            pending_write = write_thread.submit(_store, writer, batch, latents16, context, pooled)
+                            written += len(batch["indices"])
+                            skipped += len(batch["skipped"])
+                            bar.update(len(batch["indices"]) + len(batch["skipped"]))
+                            bar.set_postfix(skipped=skipped, refresh=False)
+                    finally:  # the writer thread must be idle before the chunk is closed (or abandoned)
                         if pending_write is not None:
                             timed("write", pending_write.result)
-                        pending_write = write_thread.submit(_store, writer, batch, latents16, context, pooled)
-                        written += len(batch["indices"])
-                        skipped += len(batch["skipped"])
-                        bar.update(len(batch["indices"]) + len(batch["skipped"]))
-                        bar.set_postfix(skipped=skipped, refresh=False)
-                finally:  # the writer thread must be idle before the chunk is closed (or abandoned)
-                    if pending_write is not None:
-                        timed("write", pending_write.result)
     seconds = time.perf_counter() - start
-    print(f"{out}: wrote {written} samples ({len(pending)} chunks), skipped {skipped}, in {seconds:.1f} s "
+    if elsewhere:
+        print(f"{out}: {elsewhere} chunk(s) left to another process writing into this folder")
+    print(f"{out}: wrote {written} samples ({len(pending) - elsewhere} chunks), skipped {skipped}, in {seconds:.1f} s "
           f"({(written + skipped) / max(seconds, 1e-9):.1f} samples/s); seconds waiting for images "
           f"{timers['read']:.1f}, in the autoencoder {timers['autoencoder']:.1f}, in the text encoders "
           f"{timers['text']:.1f}, waiting for the shard writer {timers['write']:.1f}; text cache hits "
           f"{models.cached_text.hits}, misses {models.cached_text.misses}")
+
+
+@contextlib.contextmanager
+def chunk_claim(out: Path, chunk: int):
+    """True while this process alone may write the chunk (an exclusive lock, released by the kernel if it dies);
+    False when another process holds it, or finished the chunk since this one planned its work. Two commands
+    writing into one folder at once (an array submitted twice, overlapping --part values) then never delete or
+    rewrite each other's chunk while it is being written or assembled."""
+    try:
+        f = open(out / WORK_DIR / f"{CHUNK_PATTERN.format(chunk)}.lock", "a")
+    except FileNotFoundError:  # the other process finished every chunk and assembled the folder meanwhile
+        yield False
+        return
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield not done_path(out, chunk).is_file()
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _encode_images(models: Models, batch: dict, cfg: PreprocessConfig) -> torch.Tensor:
@@ -430,6 +541,7 @@ def assemble(out: Path, n_chunks: int, settings: dict, dataset: str, cfg: Prepro
         name = SHARD_PATTERN.format(j)
         _link(chunk_dir(out, m["chunk"]) / cm["shards"][0], out / name)
         shards.append(name)
+    _write_index(out, [chunk_dir(out, m["chunk"]) for m in full], [str(out / name) for name in shards])
     numel = sum(m["numel"] for m in full)
     mean = sum(m["sum"] for m in full) / numel
     std = math.sqrt(max(sum(m["sumsq"] for m in full) / numel - mean**2, 0.0))
@@ -450,6 +562,7 @@ def assemble(out: Path, n_chunks: int, settings: dict, dataset: str, cfg: Prepro
         "resolution": cfg.resolution,
         **models_meta,
         "skipped": len(skipped),
+        "shard_bytes": [os.path.getsize(out / name) for name in shards],  # every shard's (is_complete checks them)
         "preprocess": {"fingerprint": fingerprint_of(settings), "settings": settings},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "complete": True,
@@ -461,7 +574,20 @@ def assemble(out: Path, n_chunks: int, settings: dict, dataset: str, cfg: Prepro
     return read_meta(out)
 
 
+def _write_index(out: Path, chunk_dirs: list[Path], shards: list[str]) -> None:
+    """The folder's index.npz from the chunks' own (chunk j's one shard is the folder's shard j), so that training
+    streams without scanning every tar header (docs/data.md#shard-format)."""
+    shard_ids, offsets, sizes = [], [], []
+    for j, (folder, shard) in enumerate(zip(chunk_dirs, shards)):
+        index = load_index(folder, [shard]) or build_index([shard])  # a chunk written without one: scanned
+        n = len(index["start"])
+        shard_ids += [j] * n
+        offsets.append(index["start"][:, None] + np.broadcast_to(index["rel"], (n, index["rel"].shape[1])))
+        sizes.append(np.broadcast_to(index["size"], (n, index["size"].shape[1])))
+    save_npz(out / INDEX_FILE, **pack_index(shard_ids, np.concatenate(offsets), np.concatenate(sizes), shards))
+
+
 def _write_skip_log(out: Path, skipped: list[dict], total: int) -> None:
     lines = [f"# {len(skipped)} of {total} items skipped (unreadable or corrupt); index\tsource\terror"]
     lines += [f"{s['index']}\t{s['source']}\t{s['error']}" for s in sorted(skipped, key=lambda s: s["index"])]
-    atomic_write_bytes(out / SKIP_LOG, ("\n".join(lines) + "\n").encode("utf-8"))
+    atomic_write_bytes(out / SKIP_LOG, ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))  # file names

@@ -20,6 +20,7 @@ import numpy as np
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_CHOICES = ("first", "random")
+UTF8_BOM = b"\xef\xbb\xbf"
 TSV_HEADER_NAMES = ({"path", "image", "image_path", "file", "filepath", "filename", "url"}, {"caption", "text"})
 
 
@@ -74,10 +75,24 @@ def _require_dir(path: str | Path, setting: str) -> Path:
     return path
 
 
+def _read_text(path: Path, setting: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")  # a BOM (an editor's) is no part of the first name
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{setting}={str(path)!r} is not UTF-8 text ({e}); save it as UTF-8") from None
+
+
+def _read_json(path: Path, setting: str):
+    try:
+        return json.loads(_read_text(path, setting))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{setting}={str(path)!r} is not valid JSON ({e})") from None
+
+
 def _digest(strings) -> str:
     h = hashlib.sha256()
     for s in strings:
-        h.update(s.encode("utf-8") + b"\0")
+        h.update(s.encode("utf-8", "surrogateescape") + b"\0")  # a file name need not be UTF-8
     return h.hexdigest()[:16]
 
 
@@ -93,11 +108,14 @@ def read_class_names(path: str | Path) -> dict[str, list[str]]:
     order for the text file and the Keras-style JSON, and sorted synsets for the synset-keyed JSON.
     """
     path = _require_file(path, "class_names")
-    text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".json":
-        raw = json.loads(text)
+        raw = _read_json(path, "class_names")
         if not isinstance(raw, dict) or not raw:
             raise ValueError(f"class_names={str(path)!r}: expected a non-empty JSON object")
+        odd = [k for k, v in raw.items() if not (isinstance(v, str) or isinstance(v, list)
+                                                   and all(isinstance(n, str) for n in v))]
+        if odd:
+            raise ValueError(f"class_names={str(path)!r}: the value of {odd[0]!r} is not a name or a list of names")
         if all(k.isdigit() for k in raw):  # Keras: {"0": ["n01440764", "tench"]}
             items = [(raw[k][0], raw[k][1:]) for k in sorted(raw, key=int)]
         else:
@@ -108,10 +126,13 @@ def read_class_names(path: str | Path) -> dict[str, list[str]]:
             mapping[synset] = [n.strip().replace("_", " ") for s in names for n in s.split(",") if n.strip()]
     else:
         mapping = {}
-        for line_no, line in enumerate(text.splitlines(), 1):
+        for line_no, line in enumerate(_read_text(path, "class_names").splitlines(), 1):
             if not line.strip():
                 continue
             synset, _, names = line.strip().partition(" ")
+            if synset in mapping:  # which line's names and label would win is a guess: refuse
+                raise ValueError(f"class_names={str(path)!r} lists {synset} again on line {line_no}; need each "
+                                 "class once")
             mapping[synset] = [n.strip() for n in names.split(",") if n.strip()]
     empty = [s for s, names in mapping.items() if not names]
     if empty:
@@ -180,15 +201,22 @@ class TsvSource:
     def __init__(self, tsv: str | Path, image_root: str | Path | None = None):
         self.tsv = _require_file(tsv, "tsv")
         self.image_root = _require_dir(image_root, "image_root") if image_root else self.tsv.parent
-        offsets = []
+        offsets, urls = [], 0
         with open(self.tsv, "rb") as f:
             pos = 0
             for n, line in enumerate(f):
+                if n == 0 and line.startswith(UTF8_BOM):  # a spreadsheet's export: the BOM is no part of row 1
+                    pos = len(UTF8_BOM)
+                    line = line[pos:]
                 if line.strip() and not (n == 0 and self._is_header(line)):
                     offsets.append(pos)
+                    urls += line.startswith((b"http://", b"https://"))
                 pos += len(line)
         if not offsets:
             raise ValueError(f"tsv={str(self.tsv)!r} has no rows")
+        if urls == len(offsets):  # CC12M's own TSV: every item would be skipped, after reading all of them
+            raise ValueError(f"tsv={str(self.tsv)!r} lists image URLs, not files; this command reads local images: "
+                             "download them first (e.g. img2dataset, then --tars DIR) or give a TSV of local paths")
         self.offsets = np.asarray(offsets, dtype=np.int64)
 
     @staticmethod
@@ -243,6 +271,26 @@ def list_tars(tars: str | Path | list) -> list[Path]:
     return paths
 
 
+def _tar_members(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
+    """Sample key -> {extension: (data offset, size)} of one tar; a file that is no tar (empty, compressed, an
+    interrupted download's) is a one-line error naming it, not a traceback."""
+    members: dict[str, dict[str, tuple[int, int]]] = {}
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                base = m.name.rsplit("/", 1)[-1]
+                key, dot, ext = base.partition(".")  # webdataset: the extension starts at the first dot
+                if dot:
+                    members.setdefault(f"{m.name[: len(m.name) - len(base)]}{key}", {})[ext.lower()] = \
+                        (m.offset_data, m.size)
+    except tarfile.TarError as e:
+        raise ValueError(f"tars={str(path)!r} is not a readable tar file ({type(e).__name__}: {e}); need "
+                         "uncompressed webdataset .tar files: re-download or remove it") from None
+    return members
+
+
 class TarSource:
     """CC12M as webdataset tars; the index keeps each image's and caption's byte range inside its tar."""
 
@@ -252,16 +300,7 @@ class TarSource:
         self.tars = list_tars(tars)
         tar_ids, keys, spans = [], [], []
         for t, path in enumerate(self.tars):
-            members: dict[str, dict[str, tuple[int, int]]] = {}
-            with tarfile.open(path, "r:") as tf:
-                for m in tf:
-                    if not m.isfile():
-                        continue
-                    base = m.name.rsplit("/", 1)[-1]
-                    key, dot, ext = base.partition(".")  # webdataset: the extension starts at the first dot
-                    if dot:
-                        members.setdefault(f"{m.name[: len(m.name) - len(base)]}{key}", {})[ext.lower()] = \
-                            (m.offset_data, m.size)
+            members = _tar_members(path)
             for key in sorted(members):
                 exts = members[key]
                 image_ext = next((e for e in WDS_IMAGE_EXTENSIONS if e in exts), None)
@@ -273,18 +312,22 @@ class TarSource:
         if not keys:
             raise ValueError(f"tars={str(self.tars[0].parent)!r}: no samples with an image (jpg, png, webp) found")
         self.tar_ids = np.asarray(tar_ids, dtype=np.int32)
-        self.keys = np.asarray(keys, dtype=np.bytes_)
+        # UTF-8 bytes: numpy's bytes_ would encode as ASCII and fail on a member named café.jpg
+        self.keys = np.asarray([k.encode("utf-8", "surrogateescape") for k in keys], dtype=np.bytes_)
         self.spans = np.asarray(spans, dtype=np.int64)  # image offset, size, caption offset, size
 
     def __len__(self) -> int:
         return len(self.keys)
 
+    def _key(self, index: int) -> str:
+        return self.keys[index].decode("utf-8", "surrogateescape")
+
     def describe(self, index: int) -> str:
-        return f"{self.tars[int(self.tar_ids[index])].name}:{self.keys[index].decode('utf-8')}"
+        return f"{self.tars[int(self.tar_ids[index])].name}:{self._key(index)}"
 
     def read(self, index: int) -> Record:
         path = self.tars[int(self.tar_ids[index])]
-        key = self.keys[index].decode("utf-8")
+        key = self._key(index)
         image_off, image_size, text_off, text_size = (int(v) for v in self.spans[index])
         if text_off < 0:
             raise ValueError(f"{path.name}:{key} has no .txt caption")
@@ -316,16 +359,23 @@ class CocoSource:
             raise ValueError(f"caption_choice={caption_choice!r} is not allowed; allowed: {', '.join(CAPTION_CHOICES)}")
         self.images = _require_dir(images, "images")
         annotations = _require_file(annotations, "annotations")
-        raw = json.loads(annotations.read_text(encoding="utf-8"))
-        if "images" not in raw or "annotations" not in raw:
+        raw = _read_json(annotations, "annotations")
+        if not isinstance(raw, dict) or "images" not in raw or "annotations" not in raw:
             raise ValueError(f"annotations={str(annotations)!r} lacks 'images' or 'annotations' (not COCO captions?)")
         captions: dict[int, list[tuple[int, str]]] = {}
         for a in raw["annotations"]:
+            if not isinstance(a.get("caption"), str):  # e.g. instances_val2014.json, given for captions_val2014.json
+                raise ValueError(f"annotations={str(annotations)!r} has an annotation without a caption text "
+                                 f"({json.dumps(a)[:80]}); need COCO captions, e.g. captions_val2014.json")
             captions.setdefault(int(a["image_id"]), []).append((int(a.get("id", 0)), a["caption"].strip()))
         self.annotations = annotations
         self.caption_choice, self.seed = caption_choice, seed
         # "first" = lowest annotation id: independent of the file's record order.
         rows = sorted((int(im["id"]), im["file_name"]) for im in raw["images"] if int(im["id"]) in captions)
+        twice = [a for a, b in zip(rows, rows[1:]) if a[0] == b[0]]
+        if twice:  # one image twice in the evaluation set would weigh it double
+            raise ValueError(f"annotations={str(annotations)!r} lists image id {twice[0][0]} more than once; "
+                             "need each image once")
         if not rows:
             raise ValueError(f"annotations={str(annotations)!r} has no image with a caption")
         self.image_ids = [r[0] for r in rows]

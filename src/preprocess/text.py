@@ -25,7 +25,8 @@ OPEN_CLIP_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 def check_clip_spec(model: str, weights: str | Path) -> None:
     """Fail before any work when a CLIP weight file or its model config is missing."""
     if not Path(weights).is_file():
-        raise FileNotFoundError(f"clip weights={str(weights)!r} for model {model!r} is not a file")
+        raise FileNotFoundError(f"clip weights={str(weights)!r} for model {model!r} is not a file; need a local "
+                                f"weights file of that open_clip model")
     from src.utils.io import weights_file_error
 
     error = weights_file_error(weights)
@@ -34,7 +35,8 @@ def check_clip_spec(model: str, weights: str | Path) -> None:
                          f"torch.load(weights_only=True) reads ({error})")
     if model.endswith(".json"):
         if not Path(model).is_file():
-            raise FileNotFoundError(f"clip model config={model!r} is not a file")
+            raise FileNotFoundError(f"clip model config={model!r} is not a file; need an open_clip model name or "
+                                    f"a model config .json")
     elif model not in open_clip.list_models():
         raise ValueError(f"clip model={model!r} is not an open_clip model name; use one of open_clip.list_models() "
                          f"(OpenAI weights need the -quickgelu name) or a path to a model config .json")
@@ -49,6 +51,21 @@ def load_clip(model: str, weights: str | Path, device: str, precision: str = "fl
     return ClipTextEncoder(model, weights, device=device, precision=OPEN_CLIP_PRECISION[precision])
 
 
+def check_t5_folder(path: str | Path) -> None:
+    """Fail before any work when the T5 folder is missing, or holds only a sentencepiece tokenizer (spiece.model,
+    as google/t5-v1_1-xxl ships it) and the sentencepiece package that reads it is not installed."""
+    import importlib.util
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"t5={str(path)!r} is not a transformers model folder (no config.json); need a "
+                                f"T5 encoder folder saved with save_pretrained, with its tokenizer")
+    if (path / "spiece.model").is_file() and not (path / "tokenizer.json").is_file() \
+            and importlib.util.find_spec("sentencepiece") is None:
+        raise ValueError(f"t5={str(path)!r} has only a sentencepiece tokenizer (spiece.model, no tokenizer.json); "
+                         "need the sentencepiece package: pip install -e '.[preprocess]'")
+
+
 class T5TextEncoder:
     """T5 encoder (transformers, local folder with tokenizer): final hidden states (B, max_length, d_model)."""
 
@@ -58,8 +75,7 @@ class T5TextEncoder:
         from transformers import AutoTokenizer, T5EncoderModel
 
         path = Path(path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"t5={str(path)!r} is not a transformers model folder (no config.json)")
+        check_t5_folder(path)
         if max_length < 1:
             raise ValueError(f"t5_length={max_length} is not allowed; need >= 1")
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

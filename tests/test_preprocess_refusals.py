@@ -1,0 +1,403 @@
+"""Preprocessing as a real user's data and mistakes meet it: refusals that change nothing, odd images, odd tables."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.preprocess.__main__ import main
+from src.preprocess.pipeline import WORK_DIR, done_path
+from tests.test_preprocess import RES, make_imagenet, save_clip, save_t5, save_vae
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    return {"clip_a": save_clip(root, "clip-a", 32, 24), "clip_b": save_clip(root, "clip-b", 48, 16),
+            "vae": save_vae(root / "vae"), "t5": save_t5(root / "t5")}
+
+
+def imagenet_argv(train: Path, mapping: Path, out: Path, models: dict) -> list[str]:
+    return ["imagenet", "--root", str(train), "--class-names", str(mapping), "--out", str(out), "--resolution",
+            str(RES), "--clip", *models["clip_a"], "--chunk-size", "4", "--batch-size", "3", "--num-workers", "0",
+            "--device", "cpu", "--no-progress"]
+
+
+def test_refused_after_loading_the_models_writes_nothing(tmp_path, models, capsys):
+    """Errors found only when the models load (or the statistics folder is read) are one line naming the setting,
+    exit 2, and leave --out as it was: not created, or an unfinished run untouched."""
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=2)  # 7 items: 2 chunks
+    empty_config = tmp_path / "empty"  # a folder with a config.json that no library can build a model from
+    empty_config.mkdir()
+    (empty_config / "config.json").write_text("{}")
+    odd_meta = tmp_path / "odd-meta"
+    odd_meta.mkdir()
+    (odd_meta / "meta.json").write_text(json.dumps({"complete": True, "latent_channels": 3}))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    out = tmp_path / "out"
+    argv = imagenet_argv(train, mapping, out, models)
+    cases = [
+        (["--clip", models["clip_a"][0], str(tmp_path / "nope.pt")], "clip weights="),  # missing paths
+        (["--clip", str(tmp_path / "nope.json"), models["clip_a"][1]], "clip model config="),
+        (["--t5", str(tmp_path / "no-t5")], "t5="),
+        (["--autoencoder", str(tmp_path / "no-vae")], "autoencoder="),
+        (["--resolution", "15", "--autoencoder", models["vae"]], "resolution=15 is not allowed"),
+        (["--autoencoder", str(empty_config)], "autoencoder="),
+        (["--clip", models["clip_b"][0], models["clip_a"][1]], "clip="),  # weights of another model
+        (["--t5", str(empty_config)], "t5="),
+        (["--stats-from", str(train)], "stats_from="),  # an image folder, not a shard folder
+        (["--stats-from", str(odd_meta)], "stats_from="),  # a meta.json without latent statistics
+        (["--text-cache", "-1"], "text_cache=-1 is not allowed"),
+        (["--seed", "-1"], "seed=-1 is not allowed"),
+        (["--device", "tpu"], "device='tpu' is not allowed"),  # not blamed on the first model that loads
+        (["--device", "mps"], "device='mps' is not allowed"),
+    ]
+    capsys.readouterr()
+    for extra, message in cases:
+        assert main([*argv, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and any(w in err for w in ("need", "allowed:", "give")), err
+        assert not out.exists(), extra
+    # A run killed in its first chunk is left exactly as it was by a refused rerun with another setting.
+    assert main([*argv, "--max-chunks", "1"]) == 3
+    shutil.rmtree(out / WORK_DIR / "chunk-000000")
+    done_path(out, 0).unlink()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main([*argv, "--autoencoder", str(empty_config)]) == 2
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # --out naming a file
+    capsys.readouterr()
+    assert main([*imagenet_argv(train, mapping, a_file, models)]) == 2
+    assert "out=" in capsys.readouterr().err and a_file.read_text() == "x"
+
+
+def test_assembled_folder_has_its_index_and_every_shard_size(tmp_path, models, monkeypatch, capsys):
+    """The folder's index.npz (streaming starts without scanning the tars) and shard_bytes cover every shard, so a
+    shard cut short after assembly is found by is_complete, and by a rerun of the command."""
+    import numpy as np
+
+    import src.data.shards as shards_module
+    from src.data.shards import ShardSamples, is_complete, iter_samples, read_meta
+
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=4)  # 13 items: 4 chunks, one unreadable
+    out = tmp_path / "out"
+    assert main(imagenet_argv(train, mapping, out, models)) == 0
+    meta = read_meta(out)
+    assert len(meta["shards"]) == 4 and (out / "index.npz").is_file()
+    assert meta["shard_bytes"] == [(out / name).stat().st_size for name in meta["shards"]]
+
+    def no_scan(paths):
+        raise AssertionError("the folder's index.npz was not used")
+
+    monkeypatch.setattr(shards_module, "build_index", no_scan)
+    streamed = ShardSamples(out)
+    rows = list(iter_samples(out))
+    assert len(streamed) == meta["count"] == len(rows) == 12
+    for i, row in enumerate(rows):  # the index points at each sample's members, in writing order
+        sample = streamed.read(i)
+        for name in ("latent", "context", "pooled"):
+            np.testing.assert_array_equal(sample[name], row[name])
+    streamed.close()
+    last = out / meta["shards"][-1]
+    data = last.read_bytes()
+    last.unlink()  # a new file, not the chunk's hard link
+    last.write_bytes(data[: len(data) // 2])
+    assert not is_complete(out)
+    capsys.readouterr()
+    assert main(imagenet_argv(train, mapping, out, models)) == 2  # a rerun does not call it complete
+    assert f"{meta['shards'][-1]} is missing or not of its recorded size" in capsys.readouterr().err
+
+
+def encoded(image, fmt: str = "PNG") -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_sixteen_bit_grey_is_scaled_and_undefined_ranges_are_refused():
+    """PIL's own conversion clips 16-bit grey to white; 32-bit and float pixels have no range to scale from."""
+    import numpy as np
+    from PIL import Image
+
+    from src.preprocess.images import decode_image
+
+    ramp = np.tile(np.linspace(0, 1, 32), (24, 1))
+    grey16 = Image.fromarray(np.round(ramp * 65535).astype(np.uint16))
+    assert grey16.mode.startswith("I;16")
+    grey8 = Image.fromarray(np.round(ramp * 255).astype(np.uint8))
+    torch.testing.assert_close(decode_image(encoded(grey16), RES), decode_image(encoded(grey8), RES),
+                               atol=1.01 / 127.5, rtol=0)
+    for pixels in (np.float32(ramp), np.int32(ramp * 40000)):
+        with pytest.raises(ValueError, match="no defined range"):
+            decode_image(encoded(Image.fromarray(pixels), "TIFF"), RES)
+
+
+def test_a_long_strip_is_not_resized_whole(monkeypatch):
+    """A 2 x 6000 banner gives its centre square without a 256 x 768,000 intermediate image."""
+    import numpy as np
+    from PIL import Image
+
+    from src.preprocess.images import MAX_ASPECT, decode_image, resize_center_crop
+
+    sizes = []
+    resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: (sizes.append(size),
+                                                                            resize(self, size, *a, **k))[1])
+    strip = Image.fromarray(np.full((6000, 2, 3), 200, np.uint8))
+    assert decode_image(encoded(strip), 256).shape == (3, 256, 256)
+    assert max(max(s) for s in sizes) <= MAX_ASPECT * 256
+    # Within MAX_ASPECT nothing changes; beyond, the same centre square up to a fraction of a pixel.
+    ramp = np.tile(np.linspace(0, 255, 200), (20, 1))[:, :, None].repeat(3, axis=2).astype(np.uint8)
+    cut = resize_center_crop(Image.fromarray(ramp), RES)
+    whole = resize(Image.fromarray(ramp), (160, RES), Image.BICUBIC).crop((72, 0, 72 + RES, RES))
+    assert np.abs(np.asarray(cut, np.int16) - np.asarray(whole, np.int16)).max() <= 2
+
+
+def test_cc12m_tables_and_tars_as_downloaded(tmp_path, models, capsys):
+    """CC12M's own TSV lists URLs: refused at once, not read item by item to end with nothing. A spreadsheet's
+    UTF-8 BOM is no part of the header. A tar that is empty or compressed (an interrupted download) is named."""
+    from src.preprocess import TsvSource
+    from tests.test_preprocess import make_tars, make_tsv
+
+    tsv = make_tsv(tmp_path / "tsv")
+    text = tsv.read_text()
+    tsv.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    source = TsvSource(tsv)
+    assert len(source) == 9 and source.read(0).caption == "a caption number 0"
+    urls = tmp_path / "cc12m.tsv"
+    urls.write_text("".join(f"https://example.com/{i}.jpg\tcaption {i}\n" for i in range(5)))
+    tars = make_tars(tmp_path / "tars")
+    (tars / "00002.tar").write_bytes(b"")
+    common = ["--clip", *models["clip_a"], "--resolution", str(RES), "--num-workers", "0", "--device", "cpu"]
+    capsys.readouterr()
+    for argv, message in ((["--tsv", str(urls)], "lists image URLs"), (["--tars", str(tars)], "00002.tar")):
+        assert main(["cc12m", *argv, "--out", str(tmp_path / "out"), *common]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "out").exists()
+
+
+def test_annotation_and_class_name_files_of_the_wrong_kind(tmp_path, models, capsys):
+    """COCO's instances file for its captions file, a caption that is null, an image listed twice, a class-name file
+    that is not JSON, not UTF-8 or names a class twice: one line naming the setting, before any work."""
+    from tests.test_preprocess import make_coco
+
+    images, ann = make_coco(tmp_path / "coco")
+    raw = json.loads(ann.read_text())
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=1)
+    common = ["--clip", *models["clip_a"], "--resolution", str(RES), "--num-workers", "0", "--device", "cpu",
+              "--out", str(tmp_path / "out")]
+    coco_cases = [
+        ({**raw, "annotations": [{"image_id": 40, "id": 1, "bbox": [0, 0, 1, 1], "category_id": 1}]},
+         "without a caption"),  # an instances file
+        ({**raw, "annotations": [{"image_id": 40, "id": 1, "caption": None}]}, "without a caption"),
+        ({**raw, "images": raw["images"] + raw["images"][-1:]}, "more than once"),  # id 40, captioned
+        ("{not json", "not valid JSON"),
+    ]
+    names_cases = [
+        ("names.json", b"{not json", "not valid JSON"),
+        ("names.json", json.dumps({"n00000001": 3}).encode(), "not a name or a list of names"),
+        ("names.txt", b"n00000001 caf\xe9\n", "not UTF-8"),
+        ("names.txt", mapping.read_bytes() + b"n00000001 again\n", "n00000001 again on line 4"),
+    ]
+    capsys.readouterr()
+    for content, message in coco_cases:
+        path = tmp_path / "captions.json"
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+        assert main(["coco", "--images", str(images), "--annotations", str(path), *common]) == 2
+        err = capsys.readouterr().err
+        assert "annotations=" in err and message in err and err.count("\n") == 1, err
+    for name, content, message in names_cases:
+        path = tmp_path / name
+        path.write_bytes(content)
+        assert main(["imagenet", "--root", str(train), "--class-names", str(path), *common]) == 2
+        err = capsys.readouterr().err
+        assert "class_names=" in err and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_t5_folder_as_google_ships_it_needs_sentencepiece(tmp_path, models, monkeypatch, capsys):
+    """google/t5-v1_1-xxl (README's --t5) has spiece.model and no tokenizer.json: transformers needs sentencepiece
+    to read it, so the preprocess extra installs it and its absence is named before any work."""
+    import importlib.util
+    import tomllib
+
+    extra = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert any(r.startswith("sentencepiece") for r in extra["project"]["optional-dependencies"]["preprocess"])
+    t5 = tmp_path / "t5-v1_1-xxl"
+    t5.mkdir()
+    (t5 / "config.json").write_text("{}")
+    (t5 / "spiece.model").write_bytes(b"\0")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sentencepiece"
+                        else find_spec(name, *a))
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=1)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main([*imagenet_argv(train, mapping, out, models), "--t5", str(t5)]) == 2
+    err = capsys.readouterr().err
+    assert "t5=" in err and "sentencepiece" in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_a_chunk_another_process_is_writing_is_left_to_it(tmp_path, models, monkeypatch):
+    """Two commands writing into one folder at once (an array submitted twice): a chunk the other holds is neither
+    deleted nor rewritten; the folder completes once every chunk is done, equal to an undisturbed run."""
+    import fcntl
+
+    from src.preprocess import ImageNetSource, PreprocessConfig, preprocess
+    from src.preprocess.pipeline import chunk_claim
+    from tests.test_preprocess import assert_same_shards
+
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=4)  # 13 items: 4 chunks
+    source = ImageNetSource(train, mapping)
+    cfg = dict(resolution=RES, clip=[models["clip_a"]], chunk_size=4, batch_size=3, num_workers=0, device="cpu",
+               progress=False)
+    preprocess(source, PreprocessConfig(out=str(tmp_path / "whole"), **cfg))
+    out = tmp_path / "out"
+    (out / WORK_DIR).mkdir(parents=True)
+    with open(out / WORK_DIR / "chunk-000001.lock", "a") as held:  # the other process, busy with chunk 1
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        assert preprocess(source, PreprocessConfig(out=str(out), **cfg)) is None  # chunk 1 left to the other
+        assert [done_path(out, c).exists() for c in range(4)] == [True, False, True, True]
+        fcntl.flock(held.fileno(), fcntl.LOCK_UN)
+    assert preprocess(source, PreprocessConfig(out=str(out), **cfg))["complete"]
+    assert_same_shards(out, tmp_path / "whole")
+    # The slower of two processes, still passing by chunks when the other assembled (and removed _work), and then
+    # finding the folder complete: no crash on the vanished lock files, no lock file left behind.
+    with chunk_claim(out, 2) as claimed:
+        assert not claimed
+    import src.preprocess.pipeline as pipeline
+
+    again = tmp_path / "again"
+    original = pipeline._process
+
+    def other_process_finishes_first(*args):  # this process's work, all done by the other meanwhile
+        monkeypatch.setattr(pipeline, "_process", original)
+        preprocess(source, PreprocessConfig(out=str(again), **cfg))
+
+    monkeypatch.setattr(pipeline, "_process", other_process_finishes_first)
+    assert preprocess(source, PreprocessConfig(out=str(again), **cfg))["complete"]
+    assert [p.name for p in again.iterdir() if p.name.startswith(".")] == []
+
+
+def test_tar_members_named_beyond_ascii(tmp_path):
+    """A webdataset tar of one's own with members named café.jpg / 猫.jpg: items like any other (numpy's bytes_
+    encoded the keys as ASCII and the command failed)."""
+    import tarfile
+
+    from src.preprocess import TarSource
+    from tests.test_preprocess import _add, image_bytes
+
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    with tarfile.open(tars / "00000.tar", "w") as tf:
+        for i, key in enumerate(("café", "猫", "plain")):
+            _add(tf, f"{key}.jpg", image_bytes(i))
+            _add(tf, f"{key}.txt", f"caption of {key}".encode())
+    source = TarSource(tars)
+    assert sorted(source.read(i).caption for i in range(len(source))) == ["caption of café", "caption of plain",
+                                                                           "caption of 猫"]
+    assert "00000.tar:猫" in {source.describe(i) for i in range(len(source))}
+
+
+def test_file_names_that_are_not_utf8(tmp_path, models):
+    """Linux file names are bytes: one in Latin-1 (café.jpg) is an item like any other, and a corrupt one is named
+    in skipped.log, not a failed command."""
+    import os
+
+    from src.data.shards import read_meta
+
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=1)
+    first = next((train / "n00000001").iterdir())
+    os.rename(first, os.fsencode(first.parent) + b"/caf\xe9.jpg")
+    os.rename(train / "n00000002" / "n00000002_broken.JPEG", os.fsencode(train / "n00000002") + b"/broken\xe9.jpg")
+    (train / "n00000003" / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    assert main(imagenet_argv(train, mapping, out, models)) == 0
+    log = (out / "skipped.log").read_bytes()
+    assert read_meta(out)["count"] == 3 and b"broken\xe9.jpg" in log
+    assert b"UnidentifiedImageError: cannot identify image file\n" in log  # no memory address: the same every run
+
+
+def test_stats_from_a_folder_of_another_autoencoder(tmp_path, models, capsys):
+    """--stats-from a folder encoded by another autoencoder of as many channels, or with sampled latents, is
+    refused before any work: its latent statistics are not this set's."""
+    from src.data.shards import ShardWriter
+
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=1)
+    other = tmp_path / "other"  # 4 latent channels like the tiny VAE, but another autoencoder's
+    with ShardWriter(other, encoder_names=["clip:x"], autoencoder="AutoencoderKL:other-vae") as writer:
+        for i in range(2):
+            writer.write(torch.randn(4, RES // 2, RES // 2), torch.zeros(12, 32), torch.zeros(24), f"caption {i}")
+    train_out = tmp_path / "train"
+    argv = imagenet_argv(train, mapping, train_out, models)
+    assert main([*argv, "--autoencoder", models["vae"], "--latent", "sample"]) == 0
+    out = tmp_path / "out"
+    capsys.readouterr()
+    for stats in (other, train_out):  # another autoencoder; the same one's samples, not its means
+        assert main([*imagenet_argv(train, mapping, out, models), "--autoencoder", models["vae"],
+                     "--stats-from", str(stats)]) == 2
+        err = capsys.readouterr().err
+        assert "stats_from=" in err and "its statistics do not apply" in err and err.count("\n") == 1, err
+        assert not out.exists()
+    assert main([*imagenet_argv(train, mapping, out, models), "--autoencoder", models["vae"], "--latent", "sample",
+                 "--stats-from", str(train_out)]) == 0
+
+
+def test_class_names_with_a_byte_order_mark(tmp_path):
+    """An editor's UTF-8 BOM is no part of the first synset (which then matched no class folder)."""
+    from src.preprocess.sources import read_class_names
+    from tests.test_preprocess import SYNSETS
+
+    _, mapping = make_imagenet(tmp_path / "imagenet", per_class=1)
+    for name, content in (("names.txt", mapping.read_bytes()), ("names.json", json.dumps(SYNSETS).encode())):
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + content)
+        assert list(read_class_names(tmp_path / name)) == list(SYNSETS)
+
+
+def test_meta_records_the_autoencoder_by_its_absolute_path(tmp_path, models, monkeypatch):
+    """--autoencoder given relative to where preprocessing ran: the evaluation, which decodes with meta.json's
+    autoencoder_path, runs from wherever training was launched."""
+    import os
+
+    from src.data.shards import read_meta
+
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=1)
+    monkeypatch.chdir(Path(models["vae"]).parent)
+    out = tmp_path / "out"
+    assert main([*imagenet_argv(train, mapping, out, models), "--autoencoder", "vae"]) == 0
+    path = read_meta(out)["autoencoder_path"]
+    assert os.path.isabs(path) and Path(path) == Path(models["vae"]).resolve()
+
+
+def test_a_folder_finished_by_another_process_while_the_models_loaded(tmp_path, models, monkeypatch):
+    """The same command twice (an array submitted twice): the second, still loading its models when the first
+    assembles the folder, then finds it complete: it neither redoes the work nor leaves _work/ in the folder."""
+    import src.preprocess.pipeline as pipeline
+    from src.preprocess import ImageNetSource, PreprocessConfig, preprocess
+
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=2)
+    source = ImageNetSource(train, mapping)
+    cfg = PreprocessConfig(out=str(tmp_path / "out"), resolution=RES, clip=[models["clip_a"]], chunk_size=4,
+                           batch_size=3, num_workers=0, device="cpu", progress=False)
+    loading = pipeline.Models
+
+    def the_other_finishes_meanwhile(*args):
+        monkeypatch.setattr(pipeline, "Models", loading)
+        preprocess(source, cfg)  # the first command, from start to assembly
+        monkeypatch.setattr(pipeline, "_process", lambda *a: pytest.fail("the work was done again"))
+        return loading(*args)
+
+    monkeypatch.setattr(pipeline, "Models", the_other_finishes_meanwhile)
+    meta = preprocess(source, cfg)
+    assert meta["complete"] and sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "index.npz", "meta.json", "shard-000000.tar", "shard-000001.tar", "skipped.log"]
