@@ -354,13 +354,14 @@ def _usable(record: Mapping[str, Any], run_dir: Path | None, need_inception: boo
 
 
 def _readable_npz(path: Path) -> bool:
-    """The file is there and its zip directory reads (a truncated file fails here; the arrays are not loaded)."""
+    """The file is there and reads whole: its zip directory (a truncated file fails there) and every array's CRC (a
+    file damaged inside, e.g. overwritten in part, keeps its directory but fails the report's bootstrap)."""
     import zipfile
 
     try:
         with zipfile.ZipFile(path) as z:
-            return bool(z.namelist())
-    except (OSError, zipfile.BadZipFile):
+            return bool(z.namelist()) and z.testzip() is None
+    except Exception:  # noqa: BLE001 -- zipfile and zlib raise many kinds for a damaged member: all mean unreadable
         return False
 
 

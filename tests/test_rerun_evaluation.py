@@ -445,6 +445,49 @@ def test_a_truncated_arrays_file_makes_its_record_missing(trained, run, monkeypa
     assert plan.job_status(cfg, run) == "done"
 
 
+def _damage_inside(path: Path) -> None:
+    """Zero a stretch of the file's middle: its zip directory (at the end) still reads, its arrays do not."""
+    data = bytearray(path.read_bytes())
+    data[200:1200] = bytes(1000)
+    path.write_bytes(bytes(data))
+
+
+def test_an_arrays_file_damaged_inside_makes_its_record_missing(trained, run, monkeypatch):
+    """A file overwritten in part keeps its zip directory: its CRCs tell, so it is evaluated again, not served."""
+    [record] = json.loads((run / "results.json").read_text())
+    arrays = run / record["arrays"]
+    _damage_inside(arrays)
+    cfg = _cfg(trained)
+    assert plan.job_status(cfg, run) == "to evaluate"
+    _no_training(monkeypatch)
+    assert job.run_job(cfg, run)["evaluated_only"] is True
+    assert np.load(arrays)["clip_scores"].shape[0] == 8
+    assert plan.job_status(cfg, run) == "done"
+
+
+def test_the_report_lists_a_damaged_arrays_file_instead_of_failing(trained, run):
+    """The bootstrap keeps the record's values, naming the file (as for a missing one); the sample sheets fall
+    back to the grid PNG; the run is partial."""
+    from src.evaluation.grids import read_grid, read_prompts
+    from src.ranking.aggregate import load_sweep
+    from src.ranking.bootstrap import bootstrap_metrics
+
+    [record] = json.loads((run / "results.json").read_text())
+    arrays = run / record["arrays"]
+    png = arrays.with_suffix(".png")
+    clean = read_grid(arrays, None)
+    _damage_inside(arrays)  # the per-sample scores and features, stored first
+    data = bytearray(arrays.read_bytes())
+    data[-3000:-1500] = bytes(1500)  # and the grid's samples, stored last
+    arrays.write_bytes(bytes(data))
+    assert np.array_equal(read_grid(arrays, png), clean)  # cut from the PNG
+    assert read_prompts(arrays, png) is None or len(read_prompts(arrays, png)) == 8  # read or none, never raised
+    sweep = load_sweep([run.parent])
+    assert list(sweep.runs["status"]) == ["partial"]
+    draws = bootstrap_metrics(sweep.records, 3, seed=0)
+    assert list(draws.fixed) == [0] and draws.fixed[0].startswith(f"unreadable file {arrays.resolve()} (BadZipFile")
+
+
 def test_run_config_keeps_the_runs_recipe_and_backbone(tmp_path):
     """The run's loss and model replace today's defaults whole: an EDM run is not merged into rf_lognorm's m, s."""
     from omegaconf import OmegaConf
