@@ -117,6 +117,8 @@ def evaluate(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[dict]:
         raise ConfigError("eval.enabled=false: nothing to evaluate")
 
     from src.evaluation.run import checkpoint_step, describe, evaluate_run, missing_for
+    from src.launch.rundir import EVAL_REQUEST
+    from src.utils.io import atomic_write_bytes
     from src.training.job import check_config, resolve_data, training_finished
 
     check_config(cfg)  # the values, the sampler, the weight files: as src.run checks them, before any work
@@ -126,6 +128,9 @@ def evaluate(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[dict]:
                           f"python -m src.run command to resume it, which evaluates at the end")
     meta = resolve_data(cfg)
     missing = missing_for(cfg, run_dir)
+    # The run's latest request, for the rank report: these records are ranked (and the run complete with them)
+    # until the next launch; written once every check has passed, so a refused command changes nothing.
+    atomic_write_bytes(run_dir / EVAL_REQUEST, OmegaConf.to_yaml(cfg).encode("utf-8"))
     log = logging.getLogger("src.evaluate")
     if missing:
         log.info("%s: results for %s missing: evaluating", run_dir, describe(cfg, run_dir, missing),

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -364,6 +365,34 @@ def test_evaluate_cli_refuses_training_keys_and_runs_without_checkpoints(run, tm
     assert evaluate_main([str(empty)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no checkpoint" in err
+
+
+def test_the_report_ranks_what_the_latest_re_evaluation_asked_for(run, monkeypatch):
+    """After `python -m src.evaluate RUN eval.n_samples=6` the report ranks (and counts complete) the 6-sample
+    records, as its refusal of mixed settings advises, until the next launch asks for its own settings again."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from src.launch.rundir import EVAL_REQUEST, save_job_config
+    from src.ranking.aggregate import load_sweep
+
+    def ranked():
+        sweep = load_sweep([run.parent])
+        return sorted(sweep.records["n_samples"]), list(sweep.runs["status"])
+
+    assert ranked() == ([8], ["done"])
+    with pytest.raises(ConfigError, match="eval.n_samples=1: must be an integer >= 2"):
+        evaluate(run, ["eval.n_samples=1"])
+    assert not (run / EVAL_REQUEST).exists()  # a refused command changes nothing
+    evaluate(run, ["eval.n_samples=6"])
+    assert ranked() == ([6], ["done"])
+    evaluate(run, [])  # back to the run's own settings: complete already, and ranked again
+    assert ranked() == ([8], ["done"])
+    evaluate(run, ["eval.n_samples=6"])
+    monkeypatch.setattr(HydraConfig, "instance", lambda: SimpleNamespace(cfg=OmegaConf.create(
+        {"hydra": {"overrides": {"task": []}}})))
+    save_job_config(run, OmegaConf.load(run / "config.yaml"))  # a launch: its own settings are the latest request
+    assert not (run / EVAL_REQUEST).exists() and ranked() == ([8], ["done"])
 
 
 def _set_step(path: Path, step: int) -> None:
