@@ -352,6 +352,8 @@ def test_evaluate_cli_refuses_training_keys_and_runs_without_checkpoints(run, tm
     for override, message in (("eval.n_samples=1", "eval.n_samples=1: must be an integer >= 2"),
                               ("eval.settings=5", "eval.settings=5: must be a non-empty list"),
                               ("eval.settings=[{steps: 2, cfg: 5.0, shift: 3.0}]", "eval.settings.0.shift: no such key"),
+                              ("eval.settings={steps: 2, cfg: 1}", "eval.settings={steps: 2, cfg: 1}: must be a list"),
+                              ("eval.clip=null", "eval.clip=null: eval.clip is a group of settings (force_quick_gelu, "),
                               ("sampler.name=bogus", "sampler.name=bogus: sampler='bogus' is not allowed"),
                               ("eval.n_sample=6", "eval.n_sample: no such setting; eval.* has "),
                               ("+eval.n_sample=6", "eval.n_sample: no such setting; eval.* has ")):
@@ -365,6 +367,22 @@ def test_evaluate_cli_refuses_training_keys_and_runs_without_checkpoints(run, tm
     assert evaluate_main([str(empty)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no checkpoint" in err
+    assert evaluate_main([str(tmp_path)]) == 2  # the folder holding runs (a sweep's) is not one
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path}: no config.yaml (nor .hydra/config.yaml): not a run directory" in err
+
+
+def test_evaluate_cli_says_in_one_line_what_ctrl_c_kept(run, monkeypatch, capsys):
+    import src.evaluate as cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "evaluate", interrupted)
+    assert cli.main([str(run)]) == 1
+    err = capsys.readouterr().err
+    assert err == ("evaluate: interrupted; the settings evaluated so far are kept in results.json, rerun the command "
+                   "to evaluate the rest\n")
 
 
 def test_the_report_ranks_what_the_latest_re_evaluation_asked_for(run, monkeypatch):
