@@ -299,7 +299,8 @@ def test_inception_weights_replaced_at_the_same_path_are_evaluated_again(trained
     assert plan.job_status(_cfg(trained, overrides), run) == "to evaluate"
 
 
-@pytest.mark.parametrize("damage", [b'[{"clip_score": 0.3', b'{"not": "a list"}'], ids=["truncated", "not a list"])
+@pytest.mark.parametrize("damage", [b'[{"clip_score": 0.3', b'{"not": "a list"}', b'[{"a": 1}]'],
+                         ids=["truncated", "not a list", "not records"])
 def test_a_damaged_results_file_is_named_kept_and_replaced_once_deleted(trained, run, monkeypatch, damage):
     """results.json damaged by something else (this project writes it atomically): the job fails in one line that
     names the file and what to do, and leaves it as it is; once deleted, the rerun evaluates again without training."""
