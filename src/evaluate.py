@@ -143,9 +143,6 @@ def evaluate(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[dict]:
                           f"python -m src.run command to resume it, which evaluates at the end")
     meta = resolve_data(cfg)
     missing = missing_for(cfg, run_dir)
-    # The run's latest request, for the rank report: these records are ranked (and the run complete with them)
-    # until the next launch; written once every check has passed, so a refused command changes nothing.
-    atomic_write_bytes(run_dir / EVAL_REQUEST, OmegaConf.to_yaml(cfg).encode("utf-8"))
     log = logging.getLogger("src.evaluate")
     if missing:
         log.info("%s: results for %s missing: evaluating", run_dir, describe(cfg, run_dir, missing),
@@ -160,7 +157,11 @@ def evaluate(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[dict]:
     from src.utils.progress import evaluation_hook
 
     with run_log(run_dir):  # library chatter (open_clip's loading lines) to run.log, as in a job
-        return evaluate_run(cfg, run_dir, meta=meta, on_setting=evaluation_hook())
+        records = evaluate_run(cfg, run_dir, meta=meta, on_setting=evaluation_hook())
+    # The run's latest request, for the rank report: these records are ranked (and the run complete with them) until
+    # the next launch. Written once they all exist, so a refused, failed or interrupted command leaves the one before.
+    atomic_write_bytes(run_dir / EVAL_REQUEST, OmegaConf.to_yaml(cfg).encode("utf-8"))
+    return records
 
 
 def main(argv: Sequence[str] | None = None) -> int:

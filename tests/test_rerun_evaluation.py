@@ -386,6 +386,10 @@ def test_evaluate_cli_says_in_one_line_what_ctrl_c_kept(run, monkeypatch, capsys
                    "to evaluate the rest\n")
 
 
+def _fail(*args, **kwargs):
+    raise RuntimeError("sampling failed")
+
+
 def test_the_report_ranks_what_the_latest_re_evaluation_asked_for(run, monkeypatch):
     """After `python -m src.evaluate RUN eval.n_samples=6` the report ranks (and counts complete) the 6-sample
     records, as its refusal of mixed settings advises, until the next launch asks for its own settings again."""
@@ -403,6 +407,11 @@ def test_the_report_ranks_what_the_latest_re_evaluation_asked_for(run, monkeypat
     with pytest.raises(ConfigError, match="eval.n_samples=1: must be an integer >= 2"):
         evaluate(run, ["eval.n_samples=1"])
     assert not (run / EVAL_REQUEST).exists()  # a refused command changes nothing
+    monkeypatch.setattr("src.evaluation.evaluate.evaluate_backbone", _fail)
+    with pytest.raises(RuntimeError, match="sampling failed"):
+        evaluate(run, ["eval.n_samples=6"])
+    assert not (run / EVAL_REQUEST).exists() and ranked() == ([8], ["done"])  # nor does a failed one
+    monkeypatch.undo()
     evaluate(run, ["eval.n_samples=6"])
     assert ranked() == ([6], ["done"])
     evaluate(run, [])  # back to the run's own settings: complete already, and ranked again
