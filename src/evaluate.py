@@ -64,6 +64,18 @@ def _stored_config(path: Path) -> DictConfig:
     return stored
 
 
+def _check_shape(key: str, text: str, current) -> None:
+    """A group of settings takes only a group, a list only a list: eval.clip=null would fail later in a traceback,
+    eval.settings={steps: 2, cfg: 1} in OmegaConf's merge, neither naming the setting."""
+    value = OmegaConf.select(OmegaConf.from_dotlist([f"{key}={text}"]), key)
+    if OmegaConf.is_dict(current) and not OmegaConf.is_dict(value):
+        first = sorted(current)[0] if len(current) else "KEY"
+        raise ConfigError(f"{key}={text}: {key} is a group of settings ({', '.join(sorted(current))}); set one of "
+                          f"them, e.g. {key}.{first}=VALUE")
+    if OmegaConf.is_list(current) and OmegaConf.is_dict(value):
+        raise ConfigError(f"{key}={text}: must be a list, in brackets ({key}='[...]')")
+
+
 def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
     """The run's configuration over today's defaults, with the (evaluation) overrides applied."""
     from hydra import compose, initialize_config_dir
@@ -92,11 +104,13 @@ def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictC
         cfg.sampler = defaults.sampler
     rest = [o for o in overrides if o not in group]
     for o in rest:  # a typo (eval.n_sample=..., or +eval.n_sample=...) would be evaluated as nothing changed
-        key = o.split("=", 1)[0].lstrip("+")
-        if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+        key, text = o.lstrip("+").split("=", 1)
+        current = OmegaConf.select(cfg, key, default=_ABSENT)
+        if current is _ABSENT:
             section = key.split(".")[0]
             known = sorted(cfg[section]) if OmegaConf.is_dict(cfg.get(section)) else []
             raise ConfigError(f"{key}: no such setting; {section}.* has {', '.join(known)}")
+        _check_shape(key, text, current)
     if rest:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in rest]))
     return cfg
@@ -110,6 +124,7 @@ def evaluate(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[dict]:
         raise FileNotFoundError(f"{run_dir}: no such run directory")
     for o in overrides:  # before anything heavy is imported
         _check_override(o)
+    run_config_path(run_dir)  # a sweep's folder or any other is not a run directory, not an untrained run
     if not (run_dir / "checkpoints" / "last.ckpt").is_file():
         raise FileNotFoundError(f"{run_dir / 'checkpoints'}: no checkpoint (last.ckpt) to evaluate; train the run first")
     cfg = load_run_config(run_dir, overrides)
@@ -117,6 +132,8 @@ def evaluate(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[dict]:
         raise ConfigError("eval.enabled=false: nothing to evaluate")
 
     from src.evaluation.run import checkpoint_step, describe, evaluate_run, missing_for
+    from src.launch.rundir import EVAL_REQUEST
+    from src.utils.io import atomic_write_bytes
     from src.training.job import check_config, resolve_data, training_finished
 
     check_config(cfg)  # the values, the sampler, the weight files: as src.run checks them, before any work
@@ -140,7 +157,11 @@ def evaluate(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[dict]:
     from src.utils.progress import evaluation_hook
 
     with run_log(run_dir):  # library chatter (open_clip's loading lines) to run.log, as in a job
-        return evaluate_run(cfg, run_dir, meta=meta, on_setting=evaluation_hook())
+        records = evaluate_run(cfg, run_dir, meta=meta, on_setting=evaluation_hook())
+    # The run's latest request, for the rank report: these records are ranked (and the run complete with them) until
+    # the next launch. Written once they all exist, so a refused, failed or interrupted command leaves the one before.
+    atomic_write_bytes(run_dir / EVAL_REQUEST, OmegaConf.to_yaml(cfg).encode("utf-8"))
+    return records
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -156,6 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, handlers=[console])
     try:
         records = evaluate(argv[0], argv[1:])
+    except KeyboardInterrupt:  # Ctrl-C: every setting finished is in results.json already (merged one by one)
+        print("evaluate: interrupted; the settings evaluated so far are kept in results.json, rerun the command to "
+              "evaluate the rest", file=sys.stderr)
+        return 1
     except Exception as e:  # one line, as for python -m src.run and src.plan
         from src.launch.failures import one_line
         from src.launch.validate import hydra_error_line

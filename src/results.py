@@ -44,6 +44,8 @@ IDENTITY_FIELDS = (
     "n_samples", "eval_seed", "feature_extractor", "fid_features", "checkpoint",
 )
 METRIC_FIELDS = ("clip_score", "fid_clip", "fid_inception")
+#: The fields without which a stored record is no record (every schema had them; the rank report needs them).
+RECORD_REQUIRED = ("recipe", "dataset", "setting", "steps", "cfg", "ema", "clip_score", "fid_clip")
 #: Which configuration key sets each evaluation setting (for the one-line "results for ... missing" message).
 CONFIG_KEYS = {
     "setting": "eval.settings", "steps": "eval.settings", "cfg": "eval.settings", "shift": "eval.shift",
@@ -269,6 +271,10 @@ def read_results(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
         raise ValueError(f"{path}: not valid JSON ({exc}); {REDO}") from exc
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise ValueError(f"{path}: expected a JSON list of record objects; {REDO}")
+    for i, r in enumerate(data):  # else kept and added to, and the rank report refuses the file later
+        lacking = [k for k in RECORD_REQUIRED if k not in r]
+        if lacking:
+            raise ValueError(f"{path}: record {i} lacks required field(s) {lacking}; {REDO}")
     return data
 
 
@@ -359,13 +365,14 @@ def _usable(record: Mapping[str, Any], run_dir: Path | None, need_inception: boo
 
 
 def _readable_npz(path: Path) -> bool:
-    """The file is there and its zip directory reads (a truncated file fails here; the arrays are not loaded)."""
+    """The file is there and reads whole: its zip directory (a truncated file fails there) and every array's CRC (a
+    file damaged inside, e.g. overwritten in part, keeps its directory but fails the report's bootstrap)."""
     import zipfile
 
     try:
         with zipfile.ZipFile(path) as z:
-            return bool(z.namelist())
-    except (OSError, zipfile.BadZipFile):
+            return bool(z.namelist()) and z.testzip() is None
+    except Exception:  # noqa: BLE001 -- zipfile and zlib raise many kinds for a damaged member: all mean unreadable
         return False
 
 

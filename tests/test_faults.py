@@ -132,7 +132,8 @@ def _merge_many(run_dir: str, worker: int, n: int) -> None:
     from src.results import merge_results
 
     for i in range(n):
-        merge_results(run_dir, [{"recipe": f"r{worker}", "dataset": "d", "setting": f"s{i}", "ema": True, "i": i}])
+        merge_results(run_dir, [{"recipe": f"r{worker}", "dataset": "d", "setting": f"s{i}", "steps": i, "cfg": 1.0,
+                                 "ema": True, "clip_score": 0.2, "fid_clip": 1.0, "i": i}])
 
 
 def test_concurrent_result_merges_keep_every_record(tmp_path):

@@ -33,3 +33,16 @@ def test_default_rf_lognorm_run_beats_its_initialisation(tmp_path):
     assert out["trained_zero_shot_accuracy"] >= 0.7, out  # chance is 0.1
     assert out["untrained_zero_shot_accuracy"] <= 0.3, out
     assert json.loads((run_dir / "learning_check.json").read_text()) == out
+
+
+@pytest.mark.parametrize("args, message", [(["--n", "0"], "argument --n: 0: must be an integer >= 2"),
+                                           (["--n", "1"], "argument --n: 1: must be an integer >= 2"),
+                                           (["--steps", "0"], "argument --steps: 0: must be an integer >= 1"),
+                                           (["--cfg", "-1"], "argument --cfg: -1: must be a number >= 0.0")])
+def test_bad_options_are_one_line_errors_before_any_work(tmp_path, capsys, args, message):
+    """(--n 0 failed in a reshape traceback after loading the run, --n 1 in FID without naming the option.)"""
+    from src.evaluation.learning_check import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path), *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

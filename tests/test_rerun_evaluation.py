@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -298,7 +299,8 @@ def test_inception_weights_replaced_at_the_same_path_are_evaluated_again(trained
     assert plan.job_status(_cfg(trained, overrides), run) == "to evaluate"
 
 
-@pytest.mark.parametrize("damage", [b'[{"clip_score": 0.3', b'{"not": "a list"}'], ids=["truncated", "not a list"])
+@pytest.mark.parametrize("damage", [b'[{"clip_score": 0.3', b'{"not": "a list"}', b'[{"a": 1}]'],
+                         ids=["truncated", "not a list", "not records"])
 def test_a_damaged_results_file_is_named_kept_and_replaced_once_deleted(trained, run, monkeypatch, damage):
     """results.json damaged by something else (this project writes it atomically): the job fails in one line that
     names the file and what to do, and leaves it as it is; once deleted, the rerun evaluates again without training."""
@@ -350,6 +352,9 @@ def test_evaluate_cli_refuses_training_keys_and_runs_without_checkpoints(run, tm
 
     for override, message in (("eval.n_samples=1", "eval.n_samples=1: must be an integer >= 2"),
                               ("eval.settings=5", "eval.settings=5: must be a non-empty list"),
+                              ("eval.settings=[{steps: 2, cfg: 5.0, shift: 3.0}]", "eval.settings.0.shift: no such key"),
+                              ("eval.settings={steps: 2, cfg: 1}", "eval.settings={steps: 2, cfg: 1}: must be a list"),
+                              ("eval.clip=null", "eval.clip=null: eval.clip is a group of settings (force_quick_gelu, "),
                               ("sampler.name=bogus", "sampler.name=bogus: sampler='bogus' is not allowed"),
                               ("eval.n_sample=6", "eval.n_sample: no such setting; eval.* has "),
                               ("+eval.n_sample=6", "eval.n_sample: no such setting; eval.* has ")):
@@ -363,6 +368,59 @@ def test_evaluate_cli_refuses_training_keys_and_runs_without_checkpoints(run, tm
     assert evaluate_main([str(empty)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no checkpoint" in err
+    assert evaluate_main([str(tmp_path)]) == 2  # the folder holding runs (a sweep's) is not one
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path}: no config.yaml (nor .hydra/config.yaml): not a run directory" in err
+
+
+def test_evaluate_cli_says_in_one_line_what_ctrl_c_kept(run, monkeypatch, capsys):
+    import src.evaluate as cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "evaluate", interrupted)
+    assert cli.main([str(run)]) == 1
+    err = capsys.readouterr().err
+    assert err == ("evaluate: interrupted; the settings evaluated so far are kept in results.json, rerun the command "
+                   "to evaluate the rest\n")
+
+
+def _fail(*args, **kwargs):
+    raise RuntimeError("sampling failed")
+
+
+def test_the_report_ranks_what_the_latest_re_evaluation_asked_for(run, monkeypatch):
+    """After `python -m src.evaluate RUN eval.n_samples=6` the report ranks (and counts complete) the 6-sample
+    records, as its refusal of mixed settings advises, until the next launch asks for its own settings again."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from src.launch.rundir import EVAL_REQUEST, save_job_config
+    from src.ranking.aggregate import load_sweep
+
+    def ranked():
+        sweep = load_sweep([run.parent])
+        return sorted(sweep.records["n_samples"]), list(sweep.runs["status"])
+
+    assert ranked() == ([8], ["done"])
+    with pytest.raises(ConfigError, match="eval.n_samples=1: must be an integer >= 2"):
+        evaluate(run, ["eval.n_samples=1"])
+    assert not (run / EVAL_REQUEST).exists()  # a refused command changes nothing
+    monkeypatch.setattr("src.evaluation.evaluate.evaluate_backbone", _fail)
+    with pytest.raises(RuntimeError, match="sampling failed"):
+        evaluate(run, ["eval.n_samples=6"])
+    assert not (run / EVAL_REQUEST).exists() and ranked() == ([8], ["done"])  # nor does a failed one
+    monkeypatch.undo()
+    evaluate(run, ["eval.n_samples=6"])
+    assert ranked() == ([6], ["done"])
+    evaluate(run, [])  # back to the run's own settings: complete already, and ranked again
+    assert ranked() == ([8], ["done"])
+    evaluate(run, ["eval.n_samples=6"])
+    monkeypatch.setattr(HydraConfig, "instance", lambda: SimpleNamespace(cfg=OmegaConf.create(
+        {"hydra": {"overrides": {"task": []}}})))
+    save_job_config(run, OmegaConf.load(run / "config.yaml"))  # a launch: its own settings are the latest request
+    assert not (run / EVAL_REQUEST).exists() and ranked() == ([8], ["done"])
 
 
 def _set_step(path: Path, step: int) -> None:
@@ -443,6 +501,49 @@ def test_a_truncated_arrays_file_makes_its_record_missing(trained, run, monkeypa
 
     assert np.load(arrays)["clip_scores"].shape[0] == 8
     assert plan.job_status(cfg, run) == "done"
+
+
+def _damage_inside(path: Path) -> None:
+    """Zero a stretch of the file's middle: its zip directory (at the end) still reads, its arrays do not."""
+    data = bytearray(path.read_bytes())
+    data[200:1200] = bytes(1000)
+    path.write_bytes(bytes(data))
+
+
+def test_an_arrays_file_damaged_inside_makes_its_record_missing(trained, run, monkeypatch):
+    """A file overwritten in part keeps its zip directory: its CRCs tell, so it is evaluated again, not served."""
+    [record] = json.loads((run / "results.json").read_text())
+    arrays = run / record["arrays"]
+    _damage_inside(arrays)
+    cfg = _cfg(trained)
+    assert plan.job_status(cfg, run) == "to evaluate"
+    _no_training(monkeypatch)
+    assert job.run_job(cfg, run)["evaluated_only"] is True
+    assert np.load(arrays)["clip_scores"].shape[0] == 8
+    assert plan.job_status(cfg, run) == "done"
+
+
+def test_the_report_lists_a_damaged_arrays_file_instead_of_failing(trained, run):
+    """The bootstrap keeps the record's values, naming the file (as for a missing one); the sample sheets fall
+    back to the grid PNG; the run is partial."""
+    from src.evaluation.grids import read_grid, read_prompts
+    from src.ranking.aggregate import load_sweep
+    from src.ranking.bootstrap import bootstrap_metrics
+
+    [record] = json.loads((run / "results.json").read_text())
+    arrays = run / record["arrays"]
+    png = arrays.with_suffix(".png")
+    clean = read_grid(arrays, None)
+    _damage_inside(arrays)  # the per-sample scores and features, stored first
+    data = bytearray(arrays.read_bytes())
+    data[-3000:-1500] = bytes(1500)  # and the grid's samples, stored last
+    arrays.write_bytes(bytes(data))
+    assert np.array_equal(read_grid(arrays, png), clean)  # cut from the PNG
+    assert read_prompts(arrays, png) is None or len(read_prompts(arrays, png)) == 8  # read or none, never raised
+    sweep = load_sweep([run.parent])
+    assert list(sweep.runs["status"]) == ["partial"]
+    draws = bootstrap_metrics(sweep.records, 3, seed=0)
+    assert list(draws.fixed) == [0] and draws.fixed[0].startswith(f"unreadable file {arrays.resolve()} (BadZipFile")
 
 
 def test_run_config_keeps_the_runs_recipe_and_backbone(tmp_path):

@@ -254,6 +254,13 @@ def test_a_launch_that_failed_before_training_does_not_claim_the_directory(tmp_p
         ("eval.batch_size=0", "eval.batch_size=0: must be an integer >= 1"),
         ("eval.settings=[{steps: 0, cfg: 1.0}]", "eval.settings.0.steps=0: must be an integer >= 1"),
         ("eval.ema=[maybe]", "eval.ema.0=maybe: must be a boolean (true or false)"),
+        # Read by nothing: the shift-1.0 records would be served as the shifted setting's.
+        ("eval.settings=[{steps: 2, cfg: 1.0, shift: 3.0}]",
+         "eval.settings.0.shift: no such key; an entry has only steps, cfg; the shift is eval.shift"),
+        ("eval.settings=[[2, 1.0]]", "eval.settings.0=[2, 1.0]: must be a mapping {steps: N, cfg: W}"),
+        ("eval.settings=[{steps: 2, cfg: 1.0}, {steps: 2, cfg: 1}]",
+         "eval.settings.1={steps: 2, cfg: 1}: the same setting as eval.settings.0; list each setting once"),
+        ("eval.ema=[false, false]", "eval.ema=[False, False]: lists a value twice"),
         ("data=shards", "data.train_dir is not set"),
     ],
 )

@@ -196,14 +196,25 @@ def cut_grid(png: str | Path, n: int | None = None) -> np.ndarray:
                      for k in range(count)])
 
 
+def _npz_array(npz: str | Path | None, name: str) -> np.ndarray | None:
+    """One array of an npz file; None when the file or the array is absent, or the file is damaged (the report
+    then falls back to the PNG, as for a missing file, and lists the record as unreadable)."""
+    if npz is None or not Path(npz).is_file():
+        return None
+    try:
+        with np.load(npz, allow_pickle=False) as data:
+            return data[name] if name in data.files else None
+    except Exception:  # noqa: BLE001 -- zipfile, zlib and numpy's header parser raise many kinds
+        return None
+
+
 def read_grid(npz: str | Path | None, png: str | Path | None, n: int | None = None) -> np.ndarray | None:
     """The evaluation's grid samples (k, H, W, 3) uint8: the npz's `grid` array ((k, C, H, W) in [-1, 1]) when
     present, else cut from the PNG; None when neither is readable."""
-    if npz is not None and Path(npz).is_file():
-        with np.load(npz, allow_pickle=False) as data:
-            if "grid" in data.files:
-                grid = to_uint8(data["grid"])
-                return grid if n is None else grid[:n]
+    grid = _npz_array(npz, "grid")
+    if grid is not None:
+        grid = to_uint8(grid)
+        return grid if n is None else grid[:n]
     if png is not None and Path(png).is_file():
         return cut_grid(png, n)
     return None
@@ -211,10 +222,9 @@ def read_grid(npz: str | Path | None, png: str | Path | None, n: int | None = No
 
 def read_prompts(npz: str | Path | None, png: str | Path | None = None) -> list[str] | None:
     """The grid's prompts: the npz's `prompts` array, else `prompts` in a JSON beside the PNG; None otherwise."""
-    if npz is not None and Path(npz).is_file():
-        with np.load(npz, allow_pickle=False) as data:
-            if "prompts" in data.files:
-                return [str(p) for p in data["prompts"]]
+    prompts = _npz_array(npz, "prompts")
+    if prompts is not None:
+        return [str(p) for p in prompts]
     if png is not None:
         side = Path(png).with_suffix(".json")
         if side.is_file():

@@ -73,12 +73,25 @@ def learning_check(run_dir: str | Path, n: int = 200, steps: int = 25, cfg_scale
     return out
 
 
+def _at_least(low: float, kind=int):
+    """An argparse type: a number of this kind >= low (else argparse's one-line error naming the option)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value != value or value < low:  # (value != value: nan)
+            raise argparse.ArgumentTypeError(f"{text}: must be {'an integer' if kind is int else 'a number'} >= {low}")
+        return value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
-    parser.add_argument("--n", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--cfg", type=float, default=5.0)
+    parser.add_argument("--n", type=_at_least(2), default=200, help="samples (>= 2: FID needs two)")
+    parser.add_argument("--steps", type=_at_least(1), default=25)
+    parser.add_argument("--cfg", type=_at_least(0.0, float), default=5.0)
     args = parser.parse_args(argv)
     try:
         result = learning_check(args.run_dir, args.n, args.steps, args.cfg)

@@ -61,6 +61,17 @@ def run_dir_lock(run_dir: str | os.PathLike) -> Iterator[None]:
 HYDRA_SUBDIR = ".hydra"
 
 
+#: The configuration of the latest `python -m src.evaluate` in a run directory: what the rank report ranks and
+#: calls complete until the next launch (which removes it: save_job_config).
+EVAL_REQUEST = "eval_request.yaml"
+
+
+def evaluation_configs(run_dir: str | os.PathLike) -> tuple[Path, ...]:
+    """The configurations whose evaluation settings a run's records are ranked under, newest first: the latest
+    re-evaluation's request (only when no launch came after it), then launch_configs."""
+    return (Path(run_dir) / EVAL_REQUEST, *launch_configs(run_dir))
+
+
 def launch_configs(run_dir: str | os.PathLike) -> tuple[Path, Path]:
     """A run's configuration files, newest first: the latest launch's `.hydra/config.yaml`, then the `config.yaml`
     the directory was bound with (runs from before the job wrote its own .hydra have only that one)."""
@@ -85,6 +96,7 @@ def save_job_config(run_dir: str | os.PathLike, cfg) -> None:
     files = {"config.yaml": cfg, "hydra.yaml": hydra_cfg, "overrides.yaml": hydra_cfg.hydra.overrides.task}
     for name, node in files.items():
         atomic_write_bytes(out / name, OmegaConf.to_yaml(node).encode("utf-8"))
+    (Path(run_dir) / EVAL_REQUEST).unlink(missing_ok=True)  # this launch's settings are the run's latest request
 
 
 RUN_LOG = "run.log"

@@ -29,7 +29,7 @@ import yaml
 from src.config import ADDED_KEYS, without_throughput_keys
 from src.launch.failures import read_sweep_failures
 from src.launch.planned import planned_run_dir, read_planned_jobs
-from src.launch.rundir import launch_configs
+from src.launch.rundir import evaluation_configs
 from src.launch.sweep_files import DamagedSweepFile, damaged_copies
 from src.ranking.nds import non_dominated_ranks
 from src.ranking.paper import COLUMNS
@@ -157,16 +157,17 @@ def run_completeness(run_dir: Path, records: list[dict]
     configuration of another version). The rule is src.results.missing_records, as src.evaluation.run.missing_for
     applies it: a wanted record counts when one with exactly its settings is stored and its arrays are on disk.
 
-    The configuration is the latest launch's (.hydra/config.yaml, written by every launch that ran in the
-    directory), else config.yaml (the one the directory was bound with): a relaunch may ask for more evaluation
-    settings than the first launch did. A CLIP model whose weights are not on this machine (a sweep copied from the
-    cluster) cannot be named here as the job named it, so any stored name counts for it.
+    The configuration is the latest request's: a `python -m src.evaluate` since the last launch (eval_request.yaml),
+    else the latest launch's (.hydra/config.yaml, written by every launch that ran in the directory), else
+    config.yaml (the one the directory was bound with): a relaunch may ask for more evaluation settings than the
+    first launch did, and a re-evaluation for other ones. A CLIP model whose weights are not on this machine (a sweep
+    copied from the cluster) cannot be named here as the job named it, so any stored name counts for it.
     """
     from omegaconf import OmegaConf
 
     from src.results import missing_records
 
-    for path in launch_configs(run_dir):
+    for path in evaluation_configs(run_dir):
         try:
             cfg = OmegaConf.load(path) if path.is_file() else None
             if cfg is None or not (OmegaConf.is_dict(cfg.get("eval")) and OmegaConf.is_dict(cfg.get("loss"))):

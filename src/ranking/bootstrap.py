@@ -273,10 +273,14 @@ def _load_record(records: pd.DataFrame, row: int, references: dict, fixed: dict[
     if missing:
         fixed[row] = f"missing file {missing[0]}"
         return None
-    scores, feats = _npz(arrays, ("clip_scores", "features"))
+    try:
+        scores, feats = _npz(arrays, ("clip_scores", "features"))
+        if reference not in references:
+            references[reference] = _npz(reference, ("features",))[0]
+    except UnreadableArrays as e:  # as a missing file: the run shows as partial, src.evaluate computes it again
+        fixed[row] = str(e)
+        return None
     scores = scores.reshape(-1)
-    if reference not in references:
-        references[reference] = _npz(reference, ("features",))[0]
     ref = references[reference]
     if feats.ndim != 2 or ref.ndim != 2 or feats.shape[1] != ref.shape[1] or len(feats) != len(scores):
         raise ValueError(
@@ -292,13 +296,24 @@ def _load_record(records: pd.DataFrame, row: int, references: dict, fixed: dict[
     return scores, feats, ref
 
 
+class UnreadableArrays(Exception):
+    """An npz file that cannot be read (damaged after it was written: it is written atomically)."""
+
+
 def _npz(path: str, names: Sequence[str]) -> list[np.ndarray]:
-    """Named arrays of an npz file as float64; a clear error naming the file when one is absent."""
-    with np.load(path) as data:
-        absent = [n for n in names if n not in data.files]
-        if absent:
-            raise ValueError(f"{path}: npz lacks the array(s) {absent} (has {sorted(data.files)})")
-        return [np.asarray(data[n], np.float64) for n in names]
+    """Named arrays of an npz file as float64; a clear error naming the file when one is absent, UnreadableArrays
+    when the file is damaged (a bad zip directory, CRC or array header)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            files = sorted(data.files)
+            arrays = [np.asarray(data[n], np.float64) for n in names if n in files]
+    except Exception as e:  # noqa: BLE001 -- zipfile, zlib and numpy's header parser raise many kinds
+        text = str(e).strip().splitlines()
+        raise UnreadableArrays(f"unreadable file {path} ({type(e).__name__}: {text[0] if text else ''})") from e
+    absent = [n for n in names if n not in files]
+    if absent:
+        raise ValueError(f"{path}: npz lacks the array(s) {absent} (has {files})")
+    return arrays
 
 
 # ---------------------------------------------------------------------------------------------- ranks

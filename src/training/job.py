@@ -229,6 +229,7 @@ def check_values(cfg: DictConfig) -> None:
             ("eval.seed", integer, lambda v: v >= 0, ">= 0"),
             ("eval.shift", number, lambda v: v > 0, "> 0"),
         ]
+        check_setting_keys(cfg.eval.settings)
         for i in range(len(cfg.eval.settings)):
             checks += [(f"eval.settings.{i}.steps", integer, lambda v: v >= 1, ">= 1"),
                        (f"eval.settings.{i}.cfg", number, lambda v: v >= 0, ">= 0")]
@@ -246,6 +247,39 @@ def check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value}: must be {kind} {allowed}")
         if ok is not None and not ok(value):
             raise ConfigError(f"{key}={value}: must be {kind} {allowed}")
+    if cfg.eval.enabled is True:
+        check_no_repeats(cfg.eval)
+
+
+#: The keys of one eval.settings entry; the shift is one for all settings (eval.shift), as records name it.
+SETTING_KEYS = ("steps", "cfg")
+
+
+def check_setting_keys(settings) -> None:
+    """Each eval.settings entry is {steps, cfg}: any other key (a per-setting shift, a typo) would be read by nothing,
+    and the records of the setting without it would be served as its results."""
+    for i, entry in enumerate(settings):
+        if not OmegaConf.is_dict(entry):
+            raise ConfigError(f"eval.settings.{i}={entry}: must be a mapping {{steps: N, cfg: W}}")
+        other = sorted(set(entry) - set(SETTING_KEYS))
+        if other:
+            hint = "; the shift is eval.shift, one for all settings" if "shift" in other else ""
+            raise ConfigError(f"eval.settings.{i}.{other[0]}: no such key; an entry has only "
+                              f"{', '.join(SETTING_KEYS)}{hint}")
+
+
+def check_no_repeats(ev) -> None:
+    """A setting or EMA flag listed twice would be sampled twice and reported (and counted as wanted) twice."""
+    seen: dict[tuple, int] = {}
+    for i, entry in enumerate(ev.settings):
+        key = (int(entry.steps), float(entry.cfg))
+        if key in seen:
+            raise ConfigError(f"eval.settings.{i}={{steps: {entry.steps}, cfg: {entry.cfg}}}: the same setting as "
+                              f"eval.settings.{seen[key]}; list each setting once")
+        seen[key] = i
+    flags = [bool(e) for e in ev.ema]
+    if len(set(flags)) < len(flags):
+        raise ConfigError(f"eval.ema={flags}: lists a value twice; allowed: [true, false], [true] or [false]")
 
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
