@@ -3,6 +3,7 @@
     python -m src.evaluate outputs/multirun/default/digits/rf_lognorm_0.00_1.00 eval.n_samples=200
     python -m src.evaluate RUN_DIR eval.seed=7 eval.checkpoint=last eval.clip.model_name=ViT-L-14-quickgelu \
         eval.clip.weights_path=/models/clip_l14.pt
+    PYTHONPATH=docs/examples python -m src.evaluate RUN_DIR --config-dir docs/examples/conf sampler=ab2
 
 Loads the run's own configuration (RUN_DIR/config.yaml, written by the job; .hydra/config.yaml for older runs),
 merged over today's default configuration so keys added since take their defaults, applies the overrides (only
@@ -25,7 +26,8 @@ from src.config import ConfigError, register_resolvers
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 #: The configuration groups an evaluation may change; the rest belongs to the trained model (its fingerprint).
 OVERRIDABLE = ("eval", "sampler", "paths")
-USAGE = "usage: python -m src.evaluate RUN_DIR [eval.KEY=VALUE | sampler=NAME | sampler.KEY=VALUE | paths.KEY=VALUE ...]"
+USAGE = ("usage: python -m src.evaluate RUN_DIR [--config-dir DIR] "
+         "[eval.KEY=VALUE | sampler=NAME | sampler.KEY=VALUE | paths.KEY=VALUE ...]")
 
 
 def run_config_path(run_dir: Path) -> Path:
@@ -76,8 +78,10 @@ def _check_shape(key: str, text: str, current) -> None:
         raise ConfigError(f"{key}={text}: must be a list, in brackets ({key}='[...]')")
 
 
-def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
-    """The run's configuration over today's defaults, with the (evaluation) overrides applied."""
+def load_run_config(run_dir: str | Path, overrides: Sequence[str] = (), config_dirs: Sequence[Path] = ()
+                    ) -> DictConfig:
+    """The run's configuration over today's defaults, with the (evaluation) overrides applied; config_dirs are
+    folders of configurations added to the search path (--config-dir: `sampler=NAME` of a folder of your own)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -88,7 +92,8 @@ def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictC
     stored = _stored_config(run_config_path(run_dir))
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="evaluate"):
-        defaults = compose(config_name="config", overrides=group)
+        searchpath = ["hydra.searchpath=[" + ",".join(f"file://{Path(d).resolve()}" for d in config_dirs) + "]"]
+        defaults = compose(config_name="config", overrides=group + (searchpath if config_dirs else []))
     OmegaConf.set_struct(defaults, False)  # keys of the run's time that have gone since are kept, not refused
     cfg = OmegaConf.merge(defaults, stored)
     # A recipe or a backbone is a whole group option: the run's replaces today's default rather than merging into it
@@ -117,7 +122,7 @@ def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictC
 
 
 
-def evaluate(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[dict]:
+def evaluate(run_dir: str | Path, overrides: Sequence[str] = (), config_dirs: Sequence[Path] = ()) -> list[dict]:
     """Evaluate what the run lacks under these settings; returns the run's current records."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -127,7 +132,7 @@ def evaluate(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[dict]:
     run_config_path(run_dir)  # a sweep's folder or any other is not a run directory, not an untrained run
     if not (run_dir / "checkpoints" / "last.ckpt").is_file():
         raise FileNotFoundError(f"{run_dir / 'checkpoints'}: no checkpoint (last.ckpt) to evaluate; train the run first")
-    cfg = load_run_config(run_dir, overrides)
+    cfg = load_run_config(run_dir, overrides, config_dirs)
     if not cfg.eval.enabled:
         raise ConfigError("eval.enabled=false: nothing to evaluate")
 
@@ -164,6 +169,27 @@ def evaluate(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[dict]:
     return records
 
 
+def _config_dirs(argv: list[str]) -> tuple[list[Path], list[str]]:
+    """(--config-dir folders, the other arguments); as for python -m src.run and src.plan, -cd for short."""
+    dirs, rest, it = [], [], iter(argv)
+    for arg in it:
+        if arg in ("--config-dir", "-cd"):
+            value = next(it, None)
+            if value is None:
+                raise ConfigError(f"{arg}: needs a folder")
+        elif arg.startswith("--config-dir="):
+            value = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+            continue
+        if not Path(value).is_dir():
+            raise ConfigError(f"--config-dir {value}: no such folder")
+        dirs.append(Path(value))
+    if not rest:
+        raise ConfigError(USAGE)
+    return dirs, rest
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -176,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.addFilter(ConsoleFilter())
     logging.basicConfig(level=logging.INFO, handlers=[console])
     try:
-        records = evaluate(argv[0], argv[1:])
+        config_dirs, argv = _config_dirs(argv)
+        records = evaluate(argv[0], argv[1:], config_dirs)
     except KeyboardInterrupt:  # Ctrl-C: every setting finished is in results.json already (merged one by one)
         print("evaluate: interrupted; the settings evaluated so far are kept in results.json, rerun the command to "
               "evaluate the rest", file=sys.stderr)

@@ -185,7 +185,7 @@ def test_the_documented_example_family_trains_evaluates_plans_and_ranks(tmp_path
     from src import evaluate  # the documented re-evaluation of a trained run with a sampler from outside
 
     run = sweep / "digits/rf_lognorm_0.00_1.00/sampler=rf_time"
-    assert evaluate.main([str(run), "sampler.name=ab2:AB2"]) == 0
+    assert evaluate.main([str(run), "--config-dir", str(EXAMPLES / "conf"), "sampler=ab2"]) == 0
     records = json.loads((run / "results.json").read_text())
     assert sorted(r["sampler"] for r in records) == ["ab2:AB2", "rf_time"]
     code = {r["sampler"]: r["sampler_code"] for r in records}

@@ -371,6 +371,15 @@ def test_evaluate_cli_refuses_training_keys_and_runs_without_checkpoints(run, tm
     assert evaluate_main([str(tmp_path)]) == 2  # the folder holding runs (a sweep's) is not one
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{tmp_path}: no config.yaml (nor .hydra/config.yaml): not a run directory" in err
+    absent = f"--config-dir {tmp_path / 'absent'}: no such folder"
+    for argv, message in (([str(run), "--config-dir", str(tmp_path / "absent")], absent),
+                          ([str(run), f"--config-dir={tmp_path / 'absent'}"], absent),
+                          ([str(run), "--config-dir"], "--config-dir: needs a folder"),
+                          (["--config-dir", str(tmp_path)], "usage: python -m src.evaluate RUN_DIR")):
+        assert evaluate_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (argv, err)
+    assert (run / "results.json").read_bytes() == before
 
 
 def test_evaluate_cli_says_in_one_line_what_ctrl_c_kept(run, monkeypatch, capsys):
