@@ -45,13 +45,14 @@ def runs_wandb_target(run_dirs) -> tuple[str | None, str | None]:
 
 def publish_wandb(report, paths: dict[str, Path], project: str | None = None) -> str | None:
     """Log the rank tables, figures, sample sheets and the HTML report to one W&B run (group = sweep name); returns
-    the run's files directory, None when W&B is disabled (WANDB_MODE=disabled: no run, no files). Sample sheets (samples_*.png, steps_cfg_*.png) go under samples/, other PNGs
-    under figures/."""
+    the run's files directory, None when W&B is disabled (WANDB_MODE=disabled: no run, no files). Sample sheets
+    (samples_*.png, steps_cfg_*.png) go under samples/, other PNGs under figures/."""
     import wandb
 
     from src.ranking.report import table1
 
-    mode = wandb_mode()
+    # Given explicitly, WANDB_MODE too: W&B's own reading of the environment is cached per process (wandb.setup).
+    mode = os.environ.get("WANDB_MODE") or wandb_mode()
     # The training runs pass logger.wandb.project/entity explicitly (WANDB_PROJECT does not move them): the same here.
     run_project, entity = runs_wandb_target(report.sweep.runs["run_dir"]) if project is None else (None, None)
     run = wandb.init(
