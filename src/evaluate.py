@@ -117,8 +117,9 @@ def evaluate(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[dict]:
         raise ConfigError("eval.enabled=false: nothing to evaluate")
 
     from src.evaluation.run import checkpoint_step, describe, evaluate_run, missing_for
-    from src.training.job import check_config, resolve_data, training_finished
+    from src.training.job import check_config, check_trained_code, resolve_data, training_finished
 
+    check_trained_code(cfg, run_dir)  # a formulation or backbone module from outside edited since the training
     check_config(cfg)  # the values, the sampler, the weight files: as src.run checks them, before any work
     if not training_finished(cfg, run_dir):  # its results would be of a model that is not the run's final one
         raise ConfigError(f"{run_dir}: training is not finished (last.ckpt is of step "

@@ -315,3 +315,26 @@ def test_a_relaunch_after_editing_the_formulations_module_is_refused_and_changes
     (tmp_path / "rf_power.py").write_text(source)
     again = run()
     assert again.returncode == 0 and "complete" in again.stdout + again.stderr, again.stderr[-3000:]
+
+
+def test_re_evaluating_a_run_after_editing_its_formulations_module_is_refused(tmp_path, monkeypatch, capsys):
+    """src.evaluate takes the run's own settings, but the code from outside it names can be edited after the
+    training: sampling the trained model with the edited formulation would be another model's evaluation."""
+    from omegaconf import OmegaConf
+
+    from src import evaluate
+    from src.training.job import bind_fingerprint
+
+    cfg = _outside(tmp_path, monkeypatch)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    OmegaConf.save(cfg, run / "config.yaml")
+    bind_fingerprint(cfg, run)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"trained")
+    with open(tmp_path / "rf_power.py", "a") as f:
+        f.write("# an edit\n")
+    before = sorted(p.name for p in run.rglob("*"))
+    assert evaluate.main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "was trained with other code: the file its loss.family names has been edited since (rf_power.py:" in err
+    assert err.count("\n") == 1 and sorted(p.name for p in run.rglob("*")) == before
