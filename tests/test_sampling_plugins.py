@@ -59,6 +59,25 @@ def raising(denoiser, z):
     raise RuntimeError("not implemented yet")
 
 
+def float64_only(denoiser, z):
+    """Passes every check run in float64; the evaluation samples in float32."""
+    if z.dtype != torch.float64:
+        raise TypeError(f"expected float64, got {z.dtype}")
+    return euler(denoiser, z)
+
+
+def promoting(denoiser, z):
+    """Euler with (1,)-shaped float64 coefficients: float32 noise comes back float64."""
+    f, t = denoiser.formulation, denoiser.t
+    p, q, r, s = denoiser.coefficients
+    a_next, b_next = next_process(f, t)
+    for i in range(len(t)):
+        out = denoiser.output(z, i)
+        x0, eps = p[i:i + 1] * z + q[i:i + 1] * out, r[i:i + 1] * z + s[i:i + 1] * out
+        z = a_next[i:i + 1] * x0 + b_next[i:i + 1] * eps
+    return z
+
+
 def increasing(f, steps, shift):
     return torch.linspace(f.t_min, f.t_max, steps, dtype=torch.float64)
 
@@ -73,6 +92,10 @@ BROKEN = {
     "raising": (Sampler(raising, GRIDS["rf_time"], lambda steps: steps), "it raises RuntimeError: not implemented yet"),
     "increasing": (Sampler(euler, increasing, lambda steps: steps), "its grid for rf at 2 steps is not decreasing"),
     "no_nfe": (Sampler(euler, GRIDS["rf_time"], lambda steps: 0), "nfe(1) is 0, not a number of network evaluations"),
+    "float64_only": (Sampler(float64_only, GRIDS["rf_time"], lambda steps: steps),
+                     "it raises TypeError: expected float64, got torch.float32"),
+    "promoting": (Sampler(promoting, GRIDS["rf_time"], lambda steps: steps),
+                  "its solver returns torch.float64 samples for torch.float32 noise"),
 }
 
 
