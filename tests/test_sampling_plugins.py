@@ -2,6 +2,8 @@
 every sampler must pass, the one-line errors of a broken one, and the documented example (docs/examples/ab2.py).
 The example through the commands is in test_formulations_plugins.py (with the example formulation and backbone)."""
 
+import re
+
 import pytest
 import torch
 
@@ -115,6 +117,8 @@ def sampler_plugins(tmp_path, monkeypatch):
         "GOOD = SAMPLERS['heun']\n"
         "FLIPPED = BROKEN['flipped'][0]\n"
         "TEXT = 'rf_time'\n"
+        "from src.sampling import GRIDS, Sampler, heun\n"
+        "ODD = Sampler(heun, GRIDS['rf_time'], lambda steps: 2 * steps - 1 if steps <= 5 else 2 * steps)\n"
     )
     (tmp_path / "sampler_raising.py").write_text("raise RuntimeError('broken on import')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -160,3 +164,28 @@ def test_the_example_sampler_is_second_order_at_one_evaluation_per_step(monkeypa
         assert 1.8 < error("rf_time", 10) / error("rf_time", 20) < 2.2
         assert error(EXAMPLE, 10) < 1.1 * error("heun", 10)
     assert sampler_nfe(EXAMPLE, 10) == 10 and sampler_nfe("heun", 10) == 19
+
+
+def test_a_sampler_miscounting_its_evaluations_at_the_evaluations_steps_is_refused_by_the_plan_and_the_job(
+        sampler_plugins, tmp_path, capsys):
+    """The lookup checks nfe at 1, 2 and 5 steps; at the steps the evaluation asks for (50) a sampler may count
+    otherwise, and the plan would count FLOPs of evaluations that never run: refused before anything runs."""
+    from src import plan
+    from src.config import ConfigError
+    from src.sampling.registry import check_steps
+    from src.training.job import check_config
+    from tests.test_formulations_plugins import _builtin_cfg
+
+    assert get_sampler("sampler_plugins:ODD").nfe(5) == 9  # passes the lookup's checks
+    check_steps("sampler_plugins:GOOD", (5, 50))
+    message = "its solver evaluates the network 99 times at 50 steps, but nfe(50) = 100"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_steps("sampler_plugins:ODD", (5, 50))
+    args = ["sampler.name=sampler_plugins:ODD", "eval.settings=[{steps: 50, cfg: 1.0}]", f"paths.root_dir={tmp_path}"]
+    assert plan.main(args) != 0
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    cfg = _builtin_cfg()
+    cfg.sampler.name, cfg.eval.settings = "sampler_plugins:ODD", [{"steps": 50, "cfg": 1.0}]
+    with pytest.raises(ConfigError, match=f"sampler.name=sampler_plugins:ODD: .*{re.escape(message)}"):
+        check_config(cfg)

@@ -140,6 +140,23 @@ def _errors(sampler) -> list[str]:
     return []
 
 
+def steps_errors(sampler, steps) -> list[str]:
+    """At the step counts an evaluation asks for (sampler_errors tries 1, 2 and 5): nfe(steps) is a number of network
+    evaluations and the solver evaluates the network that many times; one sample on rf's Gaussian denoiser each."""
+    f = get_recipe("rf")
+    try:
+        for n in sorted({int(k) for k in steps}):
+            nfe = sampler.nfe(n)
+            if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+                return [f"nfe({n}) is {nfe!r}, not a number of network evaluations >= 1"]
+            if (calls := _run(sampler, f, n, 1)[1]) != nfe:
+                return [f"its solver evaluates the network {calls} times at {n} steps, but nfe({n}) = {nfe} (the plan "
+                        "counts the evaluation's FLOPs from nfe)"]
+    except Exception as e:  # noqa: BLE001 -- as in sampler_errors: the sampler's own code failed
+        return [f"it raises {type(e).__name__}: {e}".splitlines()[0]]
+    return []
+
+
 def check_sampler(sampler, where: str) -> None:
     """ValueError in one line naming the sampler and every property it breaks (sampler_errors)."""
     errors = sampler_errors(sampler)

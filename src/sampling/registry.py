@@ -62,6 +62,17 @@ def _imported_sampler(path: str) -> Sampler:
     return Sampler(sampler.solver, sampler.grid, sampler.nfe)
 
 
+@functools.cache
+def check_steps(name: str, steps: tuple[int, ...]) -> None:
+    """A sampler from outside at the evaluation's step counts (checks.steps_errors); built-in ones are tested."""
+    from src.sampling.checks import steps_errors
+
+    sampler = get_sampler(name)
+    if name not in SAMPLERS and (errors := steps_errors(sampler, steps)):
+        raise ValueError(f"sampler {name!r} at the evaluation's steps {list(steps)}: {'; '.join(errors)} "
+                         "(docs/sampling.md#adding-a-sampler)")
+
+
 def sampler_code(name: str) -> str | None:
     """"file.py:<sha256[:12]>" of a sampler from outside this repository (its module file's content, so results of
     an edited sampler are not taken for the current ones); None for a built-in sampler."""

@@ -151,11 +151,12 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> dict:
     check_model(cfg, shapes)
     if cfg.eval.enabled:
         from src.evaluation.run import check_eval_files
-        from src.sampling.registry import get_sampler
+        from src.sampling.registry import check_steps, get_sampler
 
         check_eval_files(cfg.eval)
         try:  # else a typo is found after the training, when the evaluation starts
             get_sampler(cfg.sampler.name)
+            check_steps(str(cfg.sampler.name), tuple(sorted({int(s.steps) for s in cfg.eval.settings})))
         except ValueError as e:
             raise ConfigError(f"sampler.name={cfg.sampler.name}: {e}") from None
     check_launch(cfg, multirun)
