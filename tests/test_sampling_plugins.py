@@ -189,3 +189,22 @@ def test_a_sampler_miscounting_its_evaluations_at_the_evaluations_steps_is_refus
     cfg.sampler.name, cfg.eval.settings = "sampler_plugins:ODD", [{"steps": 50, "cfg": 1.0}]
     with pytest.raises(ConfigError, match=f"sampler.name=sampler_plugins:ODD: .*{re.escape(message)}"):
         check_config(cfg)
+
+
+def test_the_code_of_a_sampler_in_a_package_is_the_packages_and_naming_it_runs_none_of_it(tmp_path, monkeypatch):
+    """`mypkg:S` whose __init__.py imports S from mypkg/impl.py: an edit of impl.py is an edit of the sampler (its
+    records must be evaluated again), and naming the code (the rank report does) runs neither file."""
+    from src.sampling.registry import sampler_code
+
+    package = tmp_path / "mysamplers"
+    package.mkdir()
+    (package / "__init__.py").write_text("open(__file__ + '.ran', 'w').close()\nfrom .impl import S\n")
+    (package / "impl.py").write_text("from src.sampling import SAMPLERS\nS = SAMPLERS['heun']\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = sampler_code("mysamplers:S")
+    assert before.startswith("mysamplers/:") and sampler_code("mysamplers.impl:S").startswith("impl.py:")
+    with open(package / "impl.py", "a") as f:
+        f.write("# an edit\n")
+    assert sampler_code("mysamplers:S") != before
+    assert not (package / "__init__.py.ran").exists()  # found, not imported
+    assert sampler_code("mysamplers.nowhere:S") == sampler_code("nowhere.at_all:S") == "unknown"
