@@ -3,6 +3,7 @@ every sampler must pass, the one-line errors of a broken one, and the documented
 The example through the commands is in test_formulations_plugins.py (with the example formulation and backbone)."""
 
 import re
+import sys
 
 import pytest
 import torch
@@ -208,3 +209,20 @@ def test_the_code_of_a_sampler_in_a_package_is_the_packages_and_naming_it_runs_n
     assert sampler_code("mysamplers:S") != before
     assert not (package / "__init__.py.ran").exists()  # found, not imported
     assert sampler_code("mysamplers.nowhere:S") == sampler_code("nowhere.at_all:S") == "unknown"
+
+
+def test_records_name_the_sampler_code_the_job_imported_not_the_file_edited_during_its_training(tmp_path,
+                                                                                                 monkeypatch):
+    """A job imports its sampler before the training and writes its records after it: a file edited meanwhile is
+    not the code that sampled, so the records must not carry the edited file's digest (they would pass as current)."""
+    from src.sampling.registry import sampler_code
+
+    (tmp_path / "sampler_during.py").write_text("from src.sampling import SAMPLERS\nS = SAMPLERS['heun']\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    get_sampler("sampler_during:S")  # the job's configuration check, before its training
+    imported = sampler_code("sampler_during:S")
+    with open(tmp_path / "sampler_during.py", "a") as f:
+        f.write("# edited while the job trains\n")
+    assert sampler_code("sampler_during:S") == imported  # the code this process samples with
+    monkeypatch.delitem(sys.modules, "sampler_during")  # another process (the rank report) reads the file
+    assert sampler_code("sampler_during:S") != imported
