@@ -103,6 +103,21 @@ def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictC
 
 
 
+def _check_sampler_tag(run_dir: Path, cfg: DictConfig) -> None:
+    """A sweep's run directory of one sampler (run_tag sampler=rf_time) names its records' ranked entry: records of
+    another sampler written there would be ranked as that sampler's ("eps/linear [sampler=rf_time]")."""
+    from src.results import DEFAULT_SAMPLER, parse_run_tag
+
+    tags = parse_run_tag(cfg.get("run_tag", ""))
+    tagged = [k for k in tags if k == "sampler" or k.startswith("sampler.")]
+    own = OmegaConf.select(_stored_config(run_config_path(run_dir)), "sampler.name", default=DEFAULT_SAMPLER)
+    if tagged and str(cfg.sampler.name) != str(own):
+        raise ConfigError(
+            f"sampler.name={cfg.sampler.name}: {run_dir} is its sweep's directory of {tagged[0]}={tags[tagged[0]]} "
+            f"(sampler.name={own}), whose records are ranked as that sampler's; relaunch the sweep with the sampler "
+            "added (its training is reused) or evaluate a run directory without a swept sampler")
+
+
 def evaluate(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[dict]:
     """Evaluate what the run lacks under these settings; returns the run's current records."""
     run_dir = Path(run_dir)
@@ -113,6 +128,7 @@ def evaluate(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[dict]:
     if not (run_dir / "checkpoints" / "last.ckpt").is_file():
         raise FileNotFoundError(f"{run_dir / 'checkpoints'}: no checkpoint (last.ckpt) to evaluate; train the run first")
     cfg = load_run_config(run_dir, overrides)
+    _check_sampler_tag(run_dir, cfg)
     if not cfg.eval.enabled:
         raise ConfigError("eval.enabled=false: nothing to evaluate")
 

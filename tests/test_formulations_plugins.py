@@ -184,11 +184,16 @@ def test_the_documented_example_family_trains_evaluates_plans_and_ranks(tmp_path
                                           for s in ("ab2", "rf_time")]
     from src import evaluate  # the documented re-evaluation of a trained run with a sampler from outside
 
+    # Not into the sweep's directory of another sampler: its records would be ranked as rf_time's.
     run = sweep / "digits/rf_lognorm_0.00_1.00/sampler=rf_time"
-    assert evaluate.main([str(run), "sampler.name=ab2:AB2"]) == 0
-    records = json.loads((run / "results.json").read_text())
-    assert sorted(r["sampler"] for r in records) == ["ab2:AB2", "rf_time"]
-    code = {r["sampler"]: r["sampler_code"] for r in records}
+    before = (run / "results.json").read_text()
+    capsys.readouterr()
+    assert evaluate.main([str(run), "sampler.name=ab2:AB2"]) == 2
+    assert "is its sweep's directory of sampler=rf_time" in capsys.readouterr().err
+    assert (run / "results.json").read_text() == before
+    code = {r["sampler"]: r["sampler_code"] for r in json.loads(before)}
+    code.update((r["sampler"], r["sampler_code"]) for r in json.loads(
+        (sweep / "digits/rf_power_2.00/sampler=ab2/results.json").read_text()))
     assert code["rf_time"] is None and code["ab2:AB2"].startswith("ab2.py:")
 
     # The sampler's code edited: its records are no longer current; the run's evaluation is redone, and replaced.
@@ -199,7 +204,7 @@ def test_the_documented_example_family_trains_evaluates_plans_and_ranks(tmp_path
     edited.mkdir()
     (edited / "ab2.py").write_text((EXAMPLES / "ab2.py").read_text() + "# edited\n")
     monkeypatch.syspath_prepend(str(edited))
-    monkeypatch.delitem(sys.modules, "ab2")
+    monkeypatch.delitem(sys.modules, "ab2", raising=False)
     _imported_sampler.cache_clear()
     sampler_run = sweep / "digits/rf_power_2.00/sampler=ab2"
     status, _ = load_run(sampler_run)
