@@ -170,7 +170,7 @@ def entry_name(record: Mapping[str, Any], drop: Sequence[str] = ("seed",)) -> st
     if rec["backbone"] != DEFAULT_BACKBONE and "model" not in tags:  # a swept model names the backbone already
         qualifiers.append(rec["backbone"])
     qualifiers += [f"{k}={_show(v)}" for k, v in tags.items()]
-    if rec["sampler"] != DEFAULT_SAMPLER and "sampler" not in rec["tags"]:
+    if rec["sampler"] != DEFAULT_SAMPLER and not {"sampler", "sampler.name"} & set(rec["tags"]):  # swept: named
         qualifiers.append(f"sampler={rec['sampler']}")
     return f"{rec['recipe']} [{', '.join(qualifiers)}]" if qualifiers else rec["recipe"]
 

@@ -185,3 +185,11 @@ def test_identity_is_the_settings_not_the_numbers():
     for field in IDENTITY_FIELDS:
         other = {**wanted, field: change(wanted[field])}
         assert record_identity(other) != record_identity(a), field
+
+
+def test_a_sweep_over_sampler_name_names_the_sampler_once():
+    """-m sampler.name=ab2:AB2,rf_time (a sampler from outside, named by import path): the tag names the sampler."""
+    record = {"recipe": RECIPE["recipe"], "backbone": "MMDiT", "tags": {"sampler.name": "ab2:AB2"},
+              "sampler": "ab2:AB2"}
+    assert entry_name(record) == "rf/lognorm(0.00, 1.00) [sampler.name=ab2:AB2]"
+    assert entry_name({**record, "tags": {}}) == "rf/lognorm(0.00, 1.00) [sampler=ab2:AB2]"
