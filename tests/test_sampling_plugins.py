@@ -120,6 +120,8 @@ def sampler_plugins(tmp_path, monkeypatch):
         "TEXT = 'rf_time'\n"
         "from src.sampling import GRIDS, Sampler, heun\n"
         "ODD = Sampler(heun, GRIDS['rf_time'], lambda steps: 2 * steps - 1 if steps <= 5 else 2 * steps)\n"
+        "NOSHIFT = Sampler(heun, lambda f, steps, shift: GRIDS['rf_time'](f, steps, 1.0),\n"
+        "                  lambda steps: 2 * steps - 1)\n"
     )
     (tmp_path / "sampler_raising.py").write_text("raise RuntimeError('broken on import')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -226,3 +228,19 @@ def test_records_name_the_sampler_code_the_job_imported_not_the_file_edited_duri
     assert sampler_code("sampler_during:S") == imported  # the code this process samples with
     monkeypatch.delitem(sys.modules, "sampler_during")  # another process (the rank report) reads the file
     assert sampler_code("sampler_during:S") != imported
+
+
+def test_a_sampler_whose_grid_ignores_the_shift_is_refused_when_the_evaluation_shifts(sampler_plugins):
+    """eval.shift=3 is recorded in every record's setting ("5 steps, cfg 1.0, shift 3.0"); a grid that ignores its
+    shift argument would sample unshifted under that label. Unshifted evaluations may use it."""
+    from src.config import ConfigError
+    from src.sampling.registry import check_steps
+    from src.training.job import check_config
+    from tests.test_formulations_plugins import _builtin_cfg
+
+    check_steps("sampler_plugins:NOSHIFT", (5, 50), 1.0)
+    check_steps("sampler_plugins:GOOD", (5, 50), 3.0)
+    cfg = _builtin_cfg()
+    cfg.sampler.name, cfg.eval.shift = "sampler_plugins:NOSHIFT", 3.0
+    with pytest.raises(ConfigError, match=re.escape("its grid at 5 steps is the same with shift 3.0 as without")):
+        check_config(cfg)

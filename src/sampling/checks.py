@@ -140,12 +140,16 @@ def _errors(sampler) -> list[str]:
     return []
 
 
-def steps_errors(sampler, steps) -> list[str]:
+def steps_errors(sampler, steps, shift: float = 1.0) -> list[str]:
     """At the step counts an evaluation asks for (sampler_errors tries 1, 2 and 5): nfe(steps) is a number of network
-    evaluations and the solver evaluates the network that many times; one sample on rf's Gaussian denoiser each."""
+    evaluations and the solver evaluates the network that many times; one sample on rf's Gaussian denoiser each. With
+    a shift, the grid of 2 steps or more must move (a grid ignoring it would be recorded as shifted)."""
     f = get_recipe("rf")
     try:
         for n in sorted({int(k) for k in steps}):
+            if shift != 1.0 and n >= 2 and torch.equal(sampler.grid(f, n, shift), sampler.grid(f, n, 1.0)):
+                return [f"its grid at {n} steps is the same with shift {shift} as without (its records would say "
+                        "shifted): it must apply `shift` as the built-in grids do (src/sampling/grids.py)"]
             nfe = sampler.nfe(n)
             if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
                 return [f"nfe({n}) is {nfe!r}, not a number of network evaluations >= 1"]

@@ -73,14 +73,15 @@ def _imported_sampler(path: str) -> Sampler:
 
 
 @functools.cache
-def check_steps(name: str, steps: tuple[int, ...]) -> None:
-    """A sampler from outside at the evaluation's step counts (checks.steps_errors); built-in ones are tested."""
+def check_steps(name: str, steps: tuple[int, ...], shift: float = 1.0) -> None:
+    """A sampler from outside at the evaluation's step counts and shift (checks.steps_errors); built-in ones are
+    tested."""
     from src.sampling.checks import steps_errors
 
     sampler = get_sampler(name)
-    if name not in SAMPLERS and (errors := steps_errors(sampler, steps)):
-        raise ValueError(f"sampler {name!r} at the evaluation's steps {list(steps)}: {'; '.join(errors)} "
-                         "(docs/sampling.md#adding-a-sampler)")
+    if name not in SAMPLERS and (errors := steps_errors(sampler, steps, shift)):
+        raise ValueError(f"sampler {name!r} at the evaluation's steps {list(steps)}, shift {shift}: "
+                         f"{'; '.join(errors)} (docs/sampling.md#adding-a-sampler)")
 
 
 def sampler_code(name: str) -> str | None:

@@ -156,7 +156,8 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> dict:
         check_eval_files(cfg.eval)
         try:  # else a typo is found after the training, when the evaluation starts
             get_sampler(cfg.sampler.name)
-            check_steps(str(cfg.sampler.name), tuple(sorted({int(s.steps) for s in cfg.eval.settings})))
+            check_steps(str(cfg.sampler.name), tuple(sorted({int(s.steps) for s in cfg.eval.settings})),
+                        float(cfg.eval.get("shift", 1.0)))
         except ValueError as e:
             raise ConfigError(f"sampler.name={cfg.sampler.name}: {e}") from None
     check_launch(cfg, multirun)
