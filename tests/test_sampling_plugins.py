@@ -12,6 +12,7 @@ from src.formulations import get_recipe
 from src.sampling import GRIDS, SAMPLERS, Sampler, euler, get_sampler, sample, sampler_nfe
 from src.sampling.checks import sampler_errors
 from src.sampling.denoiser import next_process
+from tests.test_evaluation import setup  # noqa: F401 -- the fixture
 from tests.test_sampling import _gaussian, exact_flow, gaussian_denoiser
 
 EXAMPLE = "ab2:AB2"
@@ -244,3 +245,46 @@ def test_a_sampler_whose_grid_ignores_the_shift_is_refused_when_the_evaluation_s
     cfg.sampler.name, cfg.eval.shift = "sampler_plugins:NOSHIFT", 3.0
     with pytest.raises(ConfigError, match=re.escape("its grid at 5 steps is the same with shift 3.0 as without")):
         check_config(cfg)
+
+
+ANCESTRAL = '''
+import torch
+from src.sampling import GRIDS, Sampler
+from src.sampling.denoiser import next_process
+
+
+def ancestral(denoiser, z):
+    """Euler steps with half of the next noise level drawn afresh (from torch's global generator)."""
+    f, t = denoiser.formulation, denoiser.t
+    p, q, r, s = denoiser.coefficients
+    a_next, b_next = next_process(f, t)
+    for i in range(len(t)):
+        out = denoiser.output(z, i)
+        x0, eps = p[i].item() * z + q[i].item() * out, r[i].item() * z + s[i].item() * out
+        b = b_next[i].item()
+        fresh = 0.5 * b
+        z = a_next[i].item() * x0 + (b * b - fresh * fresh) ** 0.5 * eps + fresh * torch.randn_like(z)
+    return z
+
+
+S = Sampler(ancestral, GRIDS["rf_time"], lambda steps: steps)
+'''
+
+
+def test_a_stochastic_sampler_from_outside_draws_the_same_in_every_evaluation(setup, tmp_path, monkeypatch):
+    """It passes the checks (a distribution check); its draws in the evaluation are seeded per batch as the initial
+    noise is, so its records do not depend on what the process drew before (training, another setting, a resume)."""
+    from src.evaluation.evaluate import evaluate_backbone
+    from tests.test_evaluation import SETTINGS, Net
+
+    (tmp_path / "sampler_ancestral.py").write_text(ANCESTRAL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = {**setup["base_record"], "sampler": "sampler_ancestral:S"}
+    scores = []
+    for state in (1, 2):
+        net = Net()  # (which seeds torch's generator)
+        torch.manual_seed(state)
+        records = evaluate_backbone(net, settings=SETTINGS, **{**setup, "base_record": base,
+                                                               "out_dir": tmp_path / f"run{state}"})
+        scores.append([(r["clip_score"], r["fid_clip"]) for r in records])
+    assert scores[0] == scores[1]
