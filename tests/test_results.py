@@ -208,3 +208,16 @@ def test_tags_of_run_directories_named_before_run_tags_showed_strings_as_themsel
     assert missing_records(stored, wanted) == []
     assert record_identity(stored[0]) == record_identity(wanted[0])
     assert entry_name({**stored[0], "backbone": "MMDiT"}) == "rf/lognorm(0.00, 1.00) [x=a b]"
+
+
+def test_the_report_names_a_swept_sampler_name_once():
+    """The rank report qualifies entries by sampler when the records hold several, unless the run tag names it."""
+    import pandas as pd
+
+    from src.ranking.aggregate import name_entries
+
+    records = pd.DataFrame({
+        "base_entry": ["rf [sampler.name=ab2:AB2]", "rf [sampler.name=rf_time]", "rf [sampler=heun]", "rf [lr=0.1]"],
+        "sampler": ["ab2:AB2", "rf_time", "heun", "native"]})
+    assert name_entries(records)["entry"].tolist() == [
+        "rf [sampler.name=ab2:AB2]", "rf [sampler.name=rf_time]", "rf [sampler=heun]", "rf [lr=0.1, sampler=native]"]
