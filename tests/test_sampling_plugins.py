@@ -211,6 +211,15 @@ def test_the_code_of_a_sampler_in_a_package_is_the_packages_and_naming_it_runs_n
         f.write("# an edit\n")
     assert sampler_code("mysamplers:S") != before
     assert not (package / "__init__.py.ran").exists()  # found, not imported
+    # Its subpackages count; other folders under it (a virtual environment, say) are not its code.
+    for folder, text in ((".venv/lib", "x = 1\n"), ("sub", "")):
+        (package / folder).mkdir(parents=True)
+        (package / folder / "__init__.py").write_text(text)
+    after = sampler_code("mysamplers:S")
+    (package / ".venv/lib/__init__.py").write_text("x = 2\n")
+    assert sampler_code("mysamplers:S") == after
+    (package / "sub/__init__.py").write_text("y = 2\n")
+    assert sampler_code("mysamplers:S") != after
     assert sampler_code("mysamplers.nowhere:S") == sampler_code("nowhere.at_all:S") == "unknown"
 
 

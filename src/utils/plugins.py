@@ -62,6 +62,16 @@ def module_digest(name: str) -> str:
     if spec.submodule_search_locations is None or origin.name != "__init__.py":
         return f"{origin.name}:{hashlib.sha256(origin.read_bytes()).hexdigest()[:12]}"
     folder, digest = origin.parent, hashlib.sha256()
-    for path in sorted(folder.rglob("*.py")):
+    for path in sorted(_package_files(folder)):
         digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return f"{folder.name}/:{digest.hexdigest()[:12]}"
+
+
+def _package_files(folder: Path):
+    """The .py files of a package: its own and its subpackages' (folders with an __init__.py), not whatever else
+    lies under it (a virtual environment, data, notebooks' checkpoints)."""
+    for path in folder.iterdir():
+        if path.suffix == ".py" and path.is_file():
+            yield path
+        elif path.is_dir() and (path / "__init__.py").is_file():
+            yield from _package_files(path)
