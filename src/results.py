@@ -144,7 +144,7 @@ def _as_swept(text: str) -> str:
     sweeper's text, quoted ('a b', quotes kept) or escaped for Hydra's parser (ab2\\:AB2, a\\ b)."""
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
         return re.sub(r"\\(['\"])", r"\1", text[1:-1])
-    return re.sub(r"\\(.)", r"\1", text)
+    return re.sub(r"\\([\\()\[\]{}:=, \t])", r"\1", text)  # only what Hydra escapes
 
 
 def same_tags(tags: Mapping[str, Any]) -> dict[str, Any]:

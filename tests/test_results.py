@@ -202,6 +202,7 @@ def test_tags_of_run_directories_named_before_run_tags_showed_strings_as_themsel
     assert parse_run_tag("/x='a b',s=ab2\\:AB2,y='1',z=a\\ b,w=\"it's\",v='c,d'") == {
         "x": "a b", "s": "ab2:AB2", "y": 1, "z": "a b", "w": "it's", "v": "c,d"}
     assert parse_run_tag("/x=a b,s=ab2:AB2,optim.lr=0.0001") == {"x": "a b", "s": "ab2:AB2", "optim.lr": 0.0001}
+    assert parse_run_tag("/x=a\\b,y=f\\(x\\)") == {"x": "a\\b", "y": "f(x)"}  # a backslash Hydra did not add stays
     cfg = {**CFG, "run_tag": "/x=a b"}
     wanted = wanted_records(cfg, RECIPE, "tiny_clip:0123456789ab")
     stored = [{**w, "tags": {"x": "'a b'"}, "clip_score": 0.3, "fid_clip": 2.0} for w in wanted]  # written then
