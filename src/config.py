@@ -107,7 +107,7 @@ def with_added_keys(stored: dict, current: dict) -> dict:
 def outside_code(cfg: DictConfig) -> dict[str, str]:
     """The source of the code a configuration names from outside this repository (a formulation's builder, a
     backbone's _target_), by content: editing it changes the model a run trains, as a changed setting does. Only the
-    named module's own file counts (not what it imports)."""
+    named module's own file counts (not what it imports; a package: its and its subpackages' .py files)."""
     from src.utils.plugins import module_digest
 
     out = {}

@@ -122,7 +122,23 @@ def load_run_config(run_dir: str | Path, overrides: Sequence[str] = (), config_d
 
 
 
-def evaluate(run_dir: str | Path, overrides: Sequence[str] = (), config_dirs: Sequence[Path] = ()) -> list[dict]:
+def _check_sampler_tag(run_dir: Path, cfg: DictConfig) -> None:
+    """A sweep's run directory of one sampler (run_tag sampler=rf_time) names its records' ranked entry: records of
+    another sampler written there would be ranked as that sampler's ("eps/linear [sampler=rf_time]")."""
+    from src.results import DEFAULT_SAMPLER, parse_run_tag
+
+    tags = parse_run_tag(cfg.get("run_tag", ""))
+    tagged = [k for k in tags if k == "sampler" or k.startswith("sampler.")]
+    own = OmegaConf.select(_stored_config(run_config_path(run_dir)), "sampler.name", default=DEFAULT_SAMPLER)
+    if tagged and str(cfg.sampler.name) != str(own):
+        raise ConfigError(
+            f"sampler.name={cfg.sampler.name}: {run_dir} is its sweep's directory of {tagged[0]}={tags[tagged[0]]} "
+            f"(sampler.name={own}), whose records are ranked as that sampler's; relaunch the sweep with the sampler "
+            "added (its training is reused) or evaluate a run directory without a swept sampler")
+
+
+def evaluate(run_dir: str | Path, overrides: Sequence[str] = (), config_dirs: Sequence[Path] = ()
+             ) -> list[dict]:
     """Evaluate what the run lacks under these settings; returns the run's current records."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -133,14 +149,16 @@ def evaluate(run_dir: str | Path, overrides: Sequence[str] = (), config_dirs: Se
     if not (run_dir / "checkpoints" / "last.ckpt").is_file():
         raise FileNotFoundError(f"{run_dir / 'checkpoints'}: no checkpoint (last.ckpt) to evaluate; train the run first")
     cfg = load_run_config(run_dir, overrides, config_dirs)
+    _check_sampler_tag(run_dir, cfg)
     if not cfg.eval.enabled:
         raise ConfigError("eval.enabled=false: nothing to evaluate")
 
     from src.evaluation.run import checkpoint_step, describe, evaluate_run, missing_for
     from src.launch.rundir import EVAL_REQUEST
     from src.utils.io import atomic_write_bytes
-    from src.training.job import check_config, resolve_data, training_finished
+    from src.training.job import check_config, check_trained_code, resolve_data, training_finished
 
+    check_trained_code(cfg, run_dir)  # a formulation or backbone module from outside edited since the training
     check_config(cfg)  # the values, the sampler, the weight files: as src.run checks them, before any work
     if not training_finished(cfg, run_dir):  # its results would be of a model that is not the run's final one
         raise ConfigError(f"{run_dir}: training is not finished (last.ckpt is of step "

@@ -355,8 +355,12 @@ def plan_job(index: int, overrides: list[str], flops_method: str = "count", sing
     sampling = 0.0
     if ev.enabled:
         from src.sampling import sampler_nfe
+        from src.sampling.registry import check_steps
 
-        # Network evaluations of the configured sampler (heun: 2 steps - 1), a doubled batch under guidance.
+        # Network evaluations of the configured sampler (heun: 2 steps - 1), a doubled batch under guidance; one from
+        # outside is first checked to make nfe(steps) evaluations at these steps (as the job checks it).
+        check_steps(str(cfg.sampler.name), tuple(sorted({int(s["steps"]) for s in ev.settings})),
+                    float(ev.get("shift", 1.0)))
         per_ema = sum(sampler_nfe(str(cfg.sampler.name), int(s["steps"])) * (1 if float(s["cfg"]) == 1.0 else 2)
                       for s in ev.settings)
         sampling = fwd * per_ema * int(ev.n_samples) * len(ev.ema)

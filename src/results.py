@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -140,6 +141,19 @@ def _value(text: str) -> Any:
     return text
 
 
+def _as_swept(text: str) -> str:
+    """A string tag value as run tags show it: run tags written before strings were shown as themselves hold the
+    sweeper's text, quoted ('a b', quotes kept) or escaped for Hydra's parser (ab2\\:AB2, a\\ b)."""
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return re.sub(r"\\(['\"])", r"\1", text[1:-1])
+    return re.sub(r"\\([\\()\[\]{}:=, \t])", r"\1", text)  # only what Hydra escapes
+
+
+def same_tags(tags: Mapping[str, Any]) -> dict[str, Any]:
+    """Tags as today's run tags give them, for tags stored from an older run tag (_as_swept)."""
+    return {k: _value(_as_swept(v)) if isinstance(v, str) else v for k, v in tags.items()}
+
+
 def parse_run_tag(run_tag: str | None) -> dict[str, Any]:
     """The swept values of a run_tag: "/optim.lr=0.0001,seed=1" -> {"optim.lr": 0.0001, "seed": 1}.
 
@@ -153,7 +167,7 @@ def parse_run_tag(run_tag: str | None) -> dict[str, Any]:
             tags[last.strip()] = text.strip()
         elif last is not None and piece:
             tags[last] += "," + piece
-    return {k: _value(v) for k, v in tags.items()}
+    return {k: _value(_as_swept(v)) for k, v in tags.items()}
 
 
 def _show(value: Any) -> str:
@@ -167,12 +181,12 @@ def entry_name(record: Mapping[str, Any], drop: Sequence[str] = ("seed",)) -> st
     e.g. "rf/lognorm(0.00, 1.00)", "rf [optim.lr=0.0001]", "rf [DiT]", "eps/linear [sampler=native]".
     """
     rec = upgrade(record)
-    tags = {k: v for k, v in rec["tags"].items() if k not in drop}
+    tags = {k: v for k, v in same_tags(rec["tags"]).items() if k not in drop}
     qualifiers = []
     if rec["backbone"] != DEFAULT_BACKBONE and "model" not in tags:  # a swept model names the backbone already
         qualifiers.append(rec["backbone"])
     qualifiers += [f"{k}={_show(v)}" for k, v in tags.items()]
-    if rec["sampler"] != DEFAULT_SAMPLER and "sampler" not in rec["tags"]:
+    if rec["sampler"] != DEFAULT_SAMPLER and not {"sampler", "sampler.name"} & set(rec["tags"]):  # swept: named
         qualifiers.append(f"sampler={rec['sampler']}")
     return f"{rec['recipe']} [{', '.join(qualifiers)}]" if qualifiers else rec["recipe"]
 
@@ -226,6 +240,8 @@ def upgrade(record: Mapping[str, Any]) -> dict[str, Any]:
 
 # ---- identity ------------------------------------------------------------------------------------------------
 def _canonical(name: str, value: Any) -> Any:
+    if name == "tags" and isinstance(value, Mapping):  # an older run tag's 'a b' is today's a b
+        value = same_tags(value)
     if isinstance(value, Mapping):
         return json.dumps(value, sort_keys=True, default=str)
     if name == "ema":

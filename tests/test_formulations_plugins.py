@@ -184,11 +184,16 @@ def test_the_documented_example_family_trains_evaluates_plans_and_ranks(tmp_path
                                           for s in ("ab2", "rf_time")]
     from src import evaluate  # the documented re-evaluation of a trained run with a sampler from outside
 
+    # Not into the sweep's directory of another sampler: its records would be ranked as rf_time's.
     run = sweep / "digits/rf_lognorm_0.00_1.00/sampler=rf_time"
-    assert evaluate.main([str(run), "--config-dir", str(EXAMPLES / "conf"), "sampler=ab2"]) == 0
-    records = json.loads((run / "results.json").read_text())
-    assert sorted(r["sampler"] for r in records) == ["ab2:AB2", "rf_time"]
-    code = {r["sampler"]: r["sampler_code"] for r in records}
+    before = (run / "results.json").read_text()
+    capsys.readouterr()
+    assert evaluate.main([str(run), "sampler.name=ab2:AB2"]) == 2
+    assert "is its sweep's directory of sampler=rf_time" in capsys.readouterr().err
+    assert (run / "results.json").read_text() == before
+    code = {r["sampler"]: r["sampler_code"] for r in json.loads(before)}
+    code.update((r["sampler"], r["sampler_code"]) for r in json.loads(
+        (sweep / "digits/rf_power_2.00/sampler=ab2/results.json").read_text()))
     assert code["rf_time"] is None and code["ab2:AB2"].startswith("ab2.py:")
 
     # The sampler's code edited: its records are no longer current; the run's evaluation is redone, and replaced.
@@ -199,7 +204,7 @@ def test_the_documented_example_family_trains_evaluates_plans_and_ranks(tmp_path
     edited.mkdir()
     (edited / "ab2.py").write_text((EXAMPLES / "ab2.py").read_text() + "# edited\n")
     monkeypatch.syspath_prepend(str(edited))
-    monkeypatch.delitem(sys.modules, "ab2")
+    monkeypatch.delitem(sys.modules, "ab2", raising=False)
     _imported_sampler.cache_clear()
     sampler_run = sweep / "digits/rf_power_2.00/sampler=ab2"
     status, _ = load_run(sampler_run)
@@ -236,6 +241,13 @@ def test_the_documented_example_backbone_plans_trains_and_evaluates(tmp_path, mo
 
     assert list(build_report([tmp_path / "outputs/runs"], draws=0).table.index) == [
         "rf/power(2.00) [ConvNet, sampler=ab2:AB2]"]  # the sampler by its recorded name, the import path
+    # The documented re-evaluation of a single run with a sampler of a folder of your own (--config-dir).
+    from src import evaluate
+
+    run = tmp_path / "outputs/runs/digits/rf_power_2.00"
+    assert evaluate.main([str(run), "--config-dir", str(EXAMPLES / "conf"), "sampler=ab2", "eval.n_samples=6"]) == 0
+    assert sorted((r["sampler"], r["n_samples"]) for r in json.loads((run / "results.json").read_text())) == [
+        ("ab2:AB2", 4), ("ab2:AB2", 6)]
 
 
 # ---- code from outside is part of what a run directory is tied to ----------------------------------------------
@@ -315,3 +327,26 @@ def test_a_relaunch_after_editing_the_formulations_module_is_refused_and_changes
     (tmp_path / "rf_power.py").write_text(source)
     again = run()
     assert again.returncode == 0 and "complete" in again.stdout + again.stderr, again.stderr[-3000:]
+
+
+def test_re_evaluating_a_run_after_editing_its_formulations_module_is_refused(tmp_path, monkeypatch, capsys):
+    """src.evaluate takes the run's own settings, but the code from outside it names can be edited after the
+    training: sampling the trained model with the edited formulation would be another model's evaluation."""
+    from omegaconf import OmegaConf
+
+    from src import evaluate
+    from src.training.job import bind_fingerprint
+
+    cfg = _outside(tmp_path, monkeypatch)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    OmegaConf.save(cfg, run / "config.yaml")
+    bind_fingerprint(cfg, run)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"trained")
+    with open(tmp_path / "rf_power.py", "a") as f:
+        f.write("# an edit\n")
+    before = sorted(p.name for p in run.rglob("*"))
+    assert evaluate.main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "was trained with other code: the file its loss.family names has been edited since (rf_power.py:" in err
+    assert err.count("\n") == 1 and sorted(p.name for p in run.rglob("*")) == before

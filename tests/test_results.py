@@ -185,3 +185,40 @@ def test_identity_is_the_settings_not_the_numbers():
     for field in IDENTITY_FIELDS:
         other = {**wanted, field: change(wanted[field])}
         assert record_identity(other) != record_identity(a), field
+
+
+def test_a_sweep_over_sampler_name_names_the_sampler_once():
+    """-m sampler.name=ab2:AB2,rf_time (a sampler from outside, named by import path): the tag names the sampler."""
+    record = {"recipe": RECIPE["recipe"], "backbone": "MMDiT", "tags": {"sampler.name": "ab2:AB2"},
+              "sampler": "ab2:AB2"}
+    assert entry_name(record) == "rf/lognorm(0.00, 1.00) [sampler.name=ab2:AB2]"
+    assert entry_name({**record, "tags": {}}) == "rf/lognorm(0.00, 1.00) [sampler=ab2:AB2]"
+
+
+def test_tags_of_run_directories_named_before_run_tags_showed_strings_as_themselves_are_todays():
+    """Run tags used to hold the sweeper's text of a swept string: quoted ('a b') or escaped for Hydra (ab2\\:AB2).
+    A relaunch names the directory x=a b now; the old directory's run must be the same run (reused, not retrained,
+    and its records current) and one ranked entry, not a second one `[x='a b']`."""
+    assert parse_run_tag("/x='a b',s=ab2\\:AB2,y='1',z=a\\ b,w=\"it's\",v='c,d'") == {
+        "x": "a b", "s": "ab2:AB2", "y": 1, "z": "a b", "w": "it's", "v": "c,d"}
+    assert parse_run_tag("/x=a b,s=ab2:AB2,optim.lr=0.0001") == {"x": "a b", "s": "ab2:AB2", "optim.lr": 0.0001}
+    assert parse_run_tag("/x=a\\b,y=f\\(x\\)") == {"x": "a\\b", "y": "f(x)"}  # a backslash Hydra did not add stays
+    cfg = {**CFG, "run_tag": "/x=a b"}
+    wanted = wanted_records(cfg, RECIPE, "tiny_clip:0123456789ab")
+    stored = [{**w, "tags": {"x": "'a b'"}, "clip_score": 0.3, "fid_clip": 2.0} for w in wanted]  # written then
+    assert missing_records(stored, wanted) == []
+    assert record_identity(stored[0]) == record_identity(wanted[0])
+    assert entry_name({**stored[0], "backbone": "MMDiT"}) == "rf/lognorm(0.00, 1.00) [x=a b]"
+
+
+def test_the_report_names_a_swept_sampler_name_once():
+    """The rank report qualifies entries by sampler when the records hold several, unless the run tag names it."""
+    import pandas as pd
+
+    from src.ranking.aggregate import name_entries
+
+    records = pd.DataFrame({
+        "base_entry": ["rf [sampler.name=ab2:AB2]", "rf [sampler.name=rf_time]", "rf [sampler=heun]", "rf [lr=0.1]"],
+        "sampler": ["ab2:AB2", "rf_time", "heun", "native"]})
+    assert name_entries(records)["entry"].tolist() == [
+        "rf [sampler.name=ab2:AB2]", "rf [sampler.name=rf_time]", "rf [sampler=heun]", "rf [lr=0.1, sampler=native]"]

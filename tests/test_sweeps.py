@@ -251,6 +251,24 @@ def test_swept_keys_outside_the_run_name_tag_each_job():
     assert tag_jobs([[["optim.lr=0.1"]]], ["optim.lr"]) == [[["optim.lr=0.1", "run_tag='/optim.lr=0.1'"]]]
 
 
+@pytest.mark.parametrize("value, shown", [
+    ('"it\'s"', "it's"), ("'a\\'b'", "a'b"), ("${oc.env:HOME}", "${oc.env:HOME}"),
+    ("'a b'", "a b"), ("'c,d'", "c,d"), ("'k=v'", "k=v"),
+])
+def test_a_swept_string_with_quotes_or_an_interpolation_is_its_run_tag_as_typed(value, shown):
+    """The job's run_tag override is a quoted string of Hydra's grammar: a quote in the value ended it (the job
+    failed to parse), a ${...} in it was resolved into the directory name (x=/root: a folder more)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from src.launch.sweeper import split_tagged
+
+    batches = split_tagged(OverridesParser.create().parse_overrides([f"+x={value},plain"]), None)
+    tag_override = batches[0][0][-1]
+    tag = OverridesParser.create().parse_override(tag_override).value()
+    assert OmegaConf.create({"run_tag": tag}).run_tag == f"/x={shown}"
+
+
 def _jobs(*overrides, cfg=None, max_batch_size=None):
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf

@@ -34,6 +34,7 @@ from src.results import (
     record_identity, run_fields, setting_label,
 )
 from src.sampling import initial_noise, sample
+from src.sampling.noise import _index_seed
 from src.utils.io import save_npz
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,18 @@ def sampler_kwargs(sampler: str) -> dict[str, str]:
     return {}
 
 
+@contextmanager
+def _sampler_draws(device: torch.device, seed: int, start: int) -> Iterator[None]:
+    """A stochastic sampler (one from outside may draw fresh noise at each step) draws from torch's global generators:
+    seeded per batch from (seed, start), as the initial noise is, its records do not depend on what the process drew
+    before (the training, another setting, a resumed evaluation); the caller's generators are left as they were."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(_index_seed(seed, start))
+        yield
+
+
 def _generate(backbone, formulation, prompts: EvalPrompts, setting: SamplerSetting, extractor, inception,
               n: int, seed: int, batch_size: int, decode, device,
               sampler: str = DEFAULT_SAMPLER) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -194,7 +207,9 @@ def _generate(backbone, formulation, prompts: EvalPrompts, setting: SamplerSetti
         noise = initial_noise(stop - start, prompts.latent_shape, seed, start=start).to(device)
         context = prompts.context[idx].to(device=device, dtype=torch.float32)
         pooled = prompts.pooled[idx].to(device=device, dtype=torch.float32)
-        x0 = sample(backbone, formulation, noise, context, pooled, setting.steps, setting.cfg, setting.shift, **extra)
+        with _sampler_draws(noise.device, seed, start):
+            x0 = sample(backbone, formulation, noise, context, pooled, setting.steps, setting.cfg, setting.shift,
+                        **extra)
         with torch.no_grad():
             images = decode(x0).float().clamp(-1.0, 1.0)
         feats.append(extractor.image_features(images).float().cpu())

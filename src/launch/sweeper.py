@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -60,11 +61,19 @@ def run_tag(job: Sequence[str], keys: Sequence[str]) -> str:
     return "/" + ",".join(parts) if parts else ""
 
 
+def _quoted(text: str) -> str:
+    """text as a single-quoted value of Hydra's override grammar: a quote in a swept string (it's) would end it, and a
+    ${...} in one would be resolved in the directory name (to a path, say) instead of shown as swept."""
+    text = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)  # backslashes before a quote are doubled
+    text = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, text)  # and before the closing quote
+    return "'" + text.replace("${", "\\${") + "'"
+
+
 def tag_jobs(batches: list[list[list[str]]], keys: Sequence[str]) -> list[list[list[str]]]:
     """Every job's overrides with its run_tag appended (unchanged when no key outside the name is swept)."""
     if not keys:
         return batches
-    return [[[*job, f"run_tag='{run_tag(job, keys)}'"] for job in batch] for batch in batches]
+    return [[[*job, f"run_tag={_quoted(run_tag(job, keys))}"] for job in batch] for batch in batches]
 
 
 def split_tagged(overrides: list[Override], max_batch_size: int | None, cfg=None) -> list[list[list[str]]]:

@@ -318,16 +318,20 @@ def _sampler_name(value) -> str:
     return str(value) if value not in (None, "") else LEGACY_SAMPLER
 
 
+#: A ranked name's qualifier naming the sampler: "[sampler=native]", "[lr=0.1, sampler.name=ab2:AB2]".
+SAMPLER_TAG = re.compile(r"[\[ ]sampler(\.name)?=")
+
+
 def name_entries(records: pd.DataFrame) -> pd.DataFrame:
     """Set 'entry': the ranked name without its seed, qualified by the sampler when the records hold several.
 
-    A sampler already in the run tag (a swept `sampler=`) is not repeated.
+    A sampler already in the run tag (a swept `sampler=` or `sampler.name=`) is not repeated.
     """
     records = records.copy()
     several = records["sampler"].nunique() > 1
     entries = []
     for base, sampler in zip(records["base_entry"], records["sampler"]):
-        if several and "sampler=" not in base:
+        if several and not SAMPLER_TAG.search(base):
             base = _qualify(base, f"sampler={sampler}")
         entries.append(base)
     records["entry"] = pd.Series(entries, index=records.index, dtype=object)

@@ -4,12 +4,12 @@ A sampler named by import path (`sampler.name: package.module:NAME`, registry.py
 looked up (before any training of the job that evaluates with it), so that a sign error or a miscounted network
 evaluation is a one-line configuration error, not a silently wrong column of the ranking:
 - its grid gives `steps` float64 times, decreasing (repeating t_min at the end is allowed), inside [t_min, t_max];
-- its solver returns samples of the noise's shape, finite, after exactly nfe(steps) network evaluations (the plan
-  counts the evaluation's FLOPs from nfe);
+- its solver returns samples of the noise's shape and dtype (float64, and float32 as the evaluation samples),
+  finite, after exactly nfe(steps) network evaluations (the plan counts the evaluation's FLOPs from nfe);
 - with the exact denoiser of Gaussian data, started from the data's exact distribution at the grid's first time, it
   samples that Gaussian: mean and standard deviation within 5% of the data's after 256 steps, for rf, eps/linear,
   v/cos and EDM (a distribution check, so a stochastic sampler passes too).
-Small float64 tensors, a few hundred milliseconds. Pure torch: no Lightning or Hydra here.
+Small tensors, a few hundred milliseconds. Pure torch: no Lightning or Hydra here.
 """
 
 from __future__ import annotations
@@ -75,8 +75,9 @@ def start(f: Formulation, t: Tensor, noise: Tensor) -> Tensor:
     return a * mu + (a * a * std**2 + b * b).sqrt() * noise
 
 
-def _run(sampler, f: Formulation, steps: int, n: int, cfg_scale: float = 1.0) -> tuple[Tensor, int]:
-    """(samples, network evaluations) of the sampler on the Gaussian's exact denoiser."""
+def _run(sampler, f: Formulation, steps: int, n: int, cfg_scale: float = 1.0,
+         dtype: torch.dtype = torch.float64) -> tuple[Tensor, int]:
+    """(samples, network evaluations) of the sampler on the Gaussian's exact denoiser, with noise of `dtype`."""
     from src.sampling.denoiser import Denoiser
 
     t = sampler.grid(f, steps, 1.0)
@@ -84,11 +85,11 @@ def _run(sampler, f: Formulation, steps: int, n: int, cfg_scale: float = 1.0) ->
     noise = torch.randn(n, len(MU), 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     if n > 1:
         noise = (noise - noise.mean(0)) / noise.std(0)
-    context, pooled = torch.zeros(n, 1, 1, dtype=torch.float64), torch.zeros(n, 1, dtype=torch.float64)
-    denoiser = Denoiser(gaussian_backbone(f, t, calls), f, t, context, pooled, cfg_scale, noise.dtype, noise.device)
+    context, pooled = torch.zeros(n, 1, 1, dtype=dtype), torch.zeros(n, 1, dtype=dtype)
+    denoiser = Denoiser(gaussian_backbone(f, t, calls), f, t, context, pooled, cfg_scale, dtype, noise.device)
     with torch.random.fork_rng(devices=[]):  # a stochastic solver's draws leave the caller's generator alone
         torch.manual_seed(0)
-        out = sampler.solver(denoiser, start(f, t, noise))
+        out = sampler.solver(denoiser, start(f, t, noise).to(dtype))
     return out, len(calls)
 
 
@@ -113,11 +114,16 @@ def _errors(sampler) -> list[str]:
         if errors := _grid_errors(sampler, f):
             return errors
         for steps in (1, 2, 5):
-            for cfg_scale in (1.0, 3.0):
-                out, calls = _run(sampler, f, steps, 3, cfg_scale)
+            # float64 as in the distribution check, and float32 as the evaluation samples
+            for cfg_scale, dtype in ((1.0, torch.float64), (3.0, torch.float64), (1.0, torch.float32),
+                                     (3.0, torch.float32)):
+                out, calls = _run(sampler, f, steps, 3, cfg_scale, dtype)
                 if not (isinstance(out, Tensor) and out.shape == (3, len(MU), 1, 1)):
                     return [f"its solver returns {type(out).__name__} {tuple(getattr(out, 'shape', ()))}, not "
                             "samples of the noise's shape (3, 2, 1, 1)"]
+                if out.dtype != dtype:
+                    return [f"its solver returns {out.dtype} samples for {dtype} noise, not the noise's dtype (the "
+                            "evaluation samples in float32)"]
                 if not bool(torch.isfinite(out).all()):
                     return [f"its solver returns non-finite samples for {f.name} at {steps} steps"]
                 if calls != sampler.nfe(steps):
@@ -131,6 +137,27 @@ def _errors(sampler) -> list[str]:
             return [f"with the exact denoiser of Gaussian data it does not sample that Gaussian for {f.name} "
                           f"at {STEPS} steps (mean or std off by {off:.0%} of the data's std; at most "
                      f"{TOLERANCE:.0%}): a sign, a coefficient or the step to the data is wrong"]
+    return []
+
+
+def steps_errors(sampler, steps, shift: float = 1.0) -> list[str]:
+    """At the step counts an evaluation asks for (sampler_errors tries 1, 2 and 5): nfe(steps) is a number of network
+    evaluations and the solver evaluates the network that many times; one sample on rf's Gaussian denoiser each. With
+    a shift, the grid of 2 steps or more must move (a grid ignoring it would be recorded as shifted)."""
+    f = get_recipe("rf")
+    try:
+        for n in sorted({int(k) for k in steps}):
+            if shift != 1.0 and n >= 2 and torch.equal(sampler.grid(f, n, shift), sampler.grid(f, n, 1.0)):
+                return [f"its grid at {n} steps is the same with shift {shift} as without (its records would say "
+                        "shifted): it must apply `shift` as the built-in grids do (src/sampling/grids.py)"]
+            nfe = sampler.nfe(n)
+            if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+                return [f"nfe({n}) is {nfe!r}, not a number of network evaluations >= 1"]
+            if (calls := _run(sampler, f, n, 1)[1]) != nfe:
+                return [f"its solver evaluates the network {calls} times at {n} steps, but nfe({n}) = {nfe} (the plan "
+                        "counts the evaluation's FLOPs from nfe)"]
+    except Exception as e:  # noqa: BLE001 -- as in sampler_errors: the sampler's own code failed
+        return [f"it raises {type(e).__name__}: {e}".splitlines()[0]]
     return []
 
 

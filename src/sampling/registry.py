@@ -14,6 +14,7 @@ configuration, checked against what every sampler must satisfy (checks.py) when 
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Callable, NamedTuple
 
 import torch
@@ -52,22 +53,48 @@ def get_sampler(name: str) -> Sampler:
                      "'package.module:NAME' for a Sampler defined outside this repository")
 
 
+#: module name -> (the module as imported here, its code's digest then): a job samples with the code it imported
+#: before its training, which the file may no longer be by the time the records are written.
+_LOADED: dict[str, tuple[object, str]] = {}
+
+
 @functools.cache
 def _imported_sampler(path: str) -> Sampler:
     """The Sampler an import path names, checked once (checks.check_sampler); a one-line error when unusable."""
     from src.sampling.checks import check_sampler
 
+    module_name = path.split(":", 1)[0]
+    code = module_digest(module_name)  # the file about to run (or already imported, from an earlier lookup)
     sampler = import_object(path, "sampler")
+    if module_name not in _LOADED or _LOADED[module_name][0] is not sys.modules.get(module_name):
+        _LOADED[module_name] = (sys.modules.get(module_name), code)
     check_sampler(sampler, path)
     return Sampler(sampler.solver, sampler.grid, sampler.nfe)
 
 
+@functools.cache
+def check_steps(name: str, steps: tuple[int, ...], shift: float = 1.0) -> None:
+    """A sampler from outside at the evaluation's step counts and shift (checks.steps_errors); built-in ones are
+    tested."""
+    from src.sampling.checks import steps_errors
+
+    sampler = get_sampler(name)
+    if name not in SAMPLERS and (errors := steps_errors(sampler, steps, shift)):
+        raise ValueError(f"sampler {name!r} at the evaluation's steps {list(steps)}, shift {shift}: "
+                         f"{'; '.join(errors)} (docs/sampling.md#adding-a-sampler)")
+
+
 def sampler_code(name: str) -> str | None:
     """"file.py:<sha256[:12]>" of a sampler from outside this repository (its module file's content, so results of
-    an edited sampler are not taken for the current ones); None for a built-in sampler."""
+    an edited sampler are not taken for the current ones), as it was when this process imported it (the code that
+    samples here); None for a built-in sampler."""
     if name in SAMPLERS or not IMPORT_PATH.fullmatch(str(name)):
         return None
-    return module_digest(str(name).split(":", 1)[0])
+    module_name = str(name).split(":", 1)[0]
+    module, code = _LOADED.get(module_name, (None, None))
+    if module is not None and module is sys.modules.get(module_name):  # imported here: the code that samples
+        return code
+    return module_digest(module_name)
 
 
 def sampler_nfe(name: str, steps: int) -> int:

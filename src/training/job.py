@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.config import (
-    PRECISION_ALIASES, ConfigError, diff_keys, fingerprint, parse_loss, to_dict, with_added_keys,
+    PRECISION_ALIASES, ConfigError, diff_keys, fingerprint, outside_code, parse_loss, to_dict, with_added_keys,
     without_throughput_keys,
 )
 from src.launch.preemption import InterruptCheckpoint, PreemptionCheckpoint, submitit_signal
@@ -151,11 +151,13 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> dict:
     check_model(cfg, shapes)
     if cfg.eval.enabled:
         from src.evaluation.run import check_eval_files
-        from src.sampling.registry import get_sampler
+        from src.sampling.registry import check_steps, get_sampler
 
         check_eval_files(cfg.eval)
         try:  # else a typo is found after the training, when the evaluation starts
             get_sampler(cfg.sampler.name)
+            check_steps(str(cfg.sampler.name), tuple(sorted({int(s.steps) for s in cfg.eval.settings})),
+                        float(cfg.eval.get("shift", 1.0)))
         except ValueError as e:
             raise ConfigError(f"sampler.name={cfg.sampler.name}: {e}") from None
     check_launch(cfg, multirun)
@@ -380,6 +382,26 @@ def check_fingerprint(cfg: DictConfig, run_dir: Path) -> None:
             "use another sweep_name, give this configuration its own directory with run_tag=/<label>, "
             "or delete the directory"
         )
+
+
+def check_trained_code(cfg: DictConfig, run_dir: Path) -> None:
+    """Re-evaluating a trained run (src.evaluate): its settings are the run's own, but the code from outside the
+    repository it names (fingerprint "code") may have been edited since; sampling with the edited code would evaluate
+    another model than the one trained. Reads only."""
+    try:
+        stored = json.loads((run_dir / "fingerprint.json").read_text()).get("code")
+    except (OSError, ValueError, AttributeError):  # no fingerprint (an older run): nothing recorded to compare
+        return
+    if not isinstance(stored, dict):  # trained before the code from outside was recorded
+        return
+    current = outside_code(cfg)
+    # "unknown": the module cannot be found here, which check_config reports as such
+    edited = [k for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k) != "unknown"]
+    if edited:
+        raise ConfigError(
+            f"{run_dir} was trained with other code: the file its {' and '.join(edited)} names has been edited since "
+            f"({', '.join(f'{stored.get(k)} -> {current.get(k)}' for k in edited)}); restore it, or train the edited "
+            "code in another directory (python -m src.run)")
 
 
 def bind_fingerprint(cfg: DictConfig, run_dir: Path) -> None:
