@@ -352,9 +352,11 @@ def test_evaluate_cli_refuses_training_keys_and_runs_without_checkpoints(run, tm
 
     for override, message in (("eval.n_samples=1", "eval.n_samples=1: must be an integer >= 2"),
                               ("eval.settings=5", "eval.settings=5: must be a non-empty list"),
-                              ("eval.settings=[{steps: 2, cfg: 5.0, shift: 3.0}]", "eval.settings.0.shift: no such key"),
+                              ("eval.settings=[{steps: 2, cfg: 5.0, shift: 3.0}]",
+                               "eval.settings.0.shift: no such key"),
                               ("eval.settings={steps: 2, cfg: 1}", "eval.settings={steps: 2, cfg: 1}: must be a list"),
-                              ("eval.clip=null", "eval.clip=null: eval.clip is a group of settings (force_quick_gelu, "),
+                              ("eval.clip=null",
+                               "eval.clip=null: eval.clip is a group of settings (force_quick_gelu, "),
                               ("sampler.name=bogus", "sampler.name=bogus: sampler='bogus' is not allowed"),
                               ("eval.n_sample=6", "eval.n_sample: no such setting; eval.* has "),
                               ("+eval.n_sample=6", "eval.n_sample: no such setting; eval.* has ")):

@@ -11,6 +11,6 @@ from src.sampling.schedule import rf_time_grid, shift_time
 
 __all__ = [
     "GRIDS", "SAMPLERS", "Denoiser", "Sampler", "conversion_coefficients", "euler", "get_sampler", "heun",
-    "initial_noise", "karras_times", "native_times", "rf_time_grid", "sample", "sampler_nfe", "sampler_times", "shift_time",
-    "step_times", "trailing_times", "uniform_times",
+    "initial_noise", "karras_times", "native_times", "rf_time_grid", "sample", "sampler_nfe", "sampler_times",
+    "shift_time", "step_times", "trailing_times", "uniform_times",
 ]
