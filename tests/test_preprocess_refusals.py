@@ -11,15 +11,7 @@ import torch
 
 from src.preprocess.__main__ import main
 from src.preprocess.pipeline import WORK_DIR, done_path
-from tests.test_preprocess import RES, make_imagenet, save_clip, save_t5, save_vae
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    return {"clip_a": save_clip(root, "clip-a", 32, 24), "clip_b": save_clip(root, "clip-b", 48, 16),
-            "vae": save_vae(root / "vae"), "t5": save_t5(root / "t5")}
+from tests.test_preprocess import RES, make_imagenet, models  # noqa: F401 (models: the shared fixture)
 
 
 def imagenet_argv(train: Path, mapping: Path, out: Path, models: dict) -> list[str]:

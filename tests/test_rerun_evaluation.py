@@ -499,21 +499,6 @@ def test_damaged_fingerprint_and_checkpoint_are_named(trained, run):
         job.run_job(_cfg(trained, ["eval.seed=5"]), run)
 
 
-def test_a_truncated_arrays_file_makes_its_record_missing(trained, run, monkeypatch):
-    """The report reads each record's arrays (the bootstrap): a truncated one is evaluated again, not served."""
-    [record] = json.loads((run / "results.json").read_text())
-    arrays = run / record["arrays"]
-    arrays.write_bytes(arrays.read_bytes()[:100])
-    cfg = _cfg(trained)
-    assert plan.job_status(cfg, run) == "to evaluate"
-    _no_training(monkeypatch)
-    assert job.run_job(cfg, run)["evaluated_only"] is True
-    import numpy as np
-
-    assert np.load(arrays)["clip_scores"].shape[0] == 8
-    assert plan.job_status(cfg, run) == "done"
-
-
 def _damage_inside(path: Path) -> None:
     """Zero a stretch of the file's middle: its zip directory (at the end) still reads, its arrays do not."""
     data = bytearray(path.read_bytes())
@@ -521,11 +506,17 @@ def _damage_inside(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_an_arrays_file_damaged_inside_makes_its_record_missing(trained, run, monkeypatch):
-    """A file overwritten in part keeps its zip directory: its CRCs tell, so it is evaluated again, not served."""
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])
+
+
+@pytest.mark.parametrize("damage", [_truncate, _damage_inside], ids=["truncated", "damaged inside"])
+def test_a_damaged_arrays_file_makes_its_record_missing(trained, run, monkeypatch, damage):
+    """The report reads each record's arrays (the bootstrap): a truncated file, or one overwritten in part that keeps
+    its zip directory (its CRCs tell), is evaluated again, not served."""
     [record] = json.loads((run / "results.json").read_text())
     arrays = run / record["arrays"]
-    _damage_inside(arrays)
+    damage(arrays)
     cfg = _cfg(trained)
     assert plan.job_status(cfg, run) == "to evaluate"
     _no_training(monkeypatch)
