@@ -176,14 +176,20 @@ def evaluate(run_dir: str | Path, overrides: Sequence[str] = (), config_dirs: Se
         import torch
 
         torch.set_num_threads(int(cfg.torch_threads))
-    from src.launch.rundir import run_log
+    from src.launch.rundir import run_dir_lock, run_log
+    from src.utils.io import remove_stale_temp_files
     from src.utils.progress import evaluation_hook
 
-    with run_log(run_dir):  # library chatter (open_clip's loading lines) to run.log, as in a job
+    # The run's lock, as a job holds it: a relaunched sweep's job (or a second src.evaluate) does not sample the
+    # same records at the same time, and a temp file left in the run is no live writer's, so it can go.
+    with run_dir_lock(run_dir), run_log(run_dir):  # library chatter (open_clip's loading lines) to run.log
+        for path in remove_stale_temp_files(run_dir):
+            log.info("removed %s, left by an interrupted write", path)
         records = evaluate_run(cfg, run_dir, meta=meta, on_setting=evaluation_hook())
-    # The run's latest request, for the rank report: these records are ranked (and the run complete with them) until
-    # the next launch. Written once they all exist, so a refused, failed or interrupted command leaves the one before.
-    atomic_write_bytes(run_dir / EVAL_REQUEST, OmegaConf.to_yaml(cfg).encode("utf-8"))
+        # The run's latest request, for the rank report: these records are ranked (and the run complete with them)
+        # until the next launch. Written once they all exist, so a refused, failed or interrupted command leaves the
+        # one before.
+        atomic_write_bytes(run_dir / EVAL_REQUEST, OmegaConf.to_yaml(cfg).encode("utf-8"))
     return records
 
 

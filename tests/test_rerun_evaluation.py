@@ -397,6 +397,33 @@ def test_evaluate_cli_says_in_one_line_what_ctrl_c_kept(run, monkeypatch, capsys
                    "to evaluate the rest\n")
 
 
+def test_evaluate_holds_the_run_lock_and_clears_what_interrupted_writes_left(run, capsys):
+    """A job (or another src.evaluate) holding the run is not joined: one line, nothing written. Once free, the
+    temp files a killed evaluation left are removed, as a job's launch removes them."""
+    import fcntl
+
+    from src.evaluate import main as evaluate_main
+    from src.launch.rundir import LOCK_FILE
+
+    arrays = run / json.loads((run / "results.json").read_text())[0]["arrays"]
+    left = [run / f".results.json.{'a' * 32}.tmp", arrays.with_name(f".{arrays.name}.k3x_9q2z.tmp")]
+    for path in left:
+        path.write_bytes(b"partial")
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != LOCK_FILE}
+    with open(run / LOCK_FILE, "a+") as held:  # another process's lock (flock: per open file, so this conflicts)
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write('{"host": "node7", "pid": 1234}')
+        held.flush()
+        assert evaluate_main([str(run), "eval.seed=7"]) == 2
+        fcntl.flock(held.fileno(), fcntl.LOCK_UN)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{run} is in use by another job" in err and "node7" in err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != LOCK_FILE} == before
+    assert evaluate_main([str(run)]) == 0  # complete already: nothing sampled, the leftovers still cleared
+    assert not any(p.exists() for p in left)
+    assert (run / "results.json").stat().st_mtime_ns == before[run / "results.json"]
+
+
 def _fail(*args, **kwargs):
     raise RuntimeError("sampling failed")
 
