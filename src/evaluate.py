@@ -156,7 +156,7 @@ def evaluate(run_dir: str | Path, overrides: Sequence[str] = (), config_dirs: Se
     from src.evaluation.run import checkpoint_step, describe, evaluate_run, missing_for
     from src.launch.rundir import EVAL_REQUEST
     from src.utils.io import atomic_write_bytes
-    from src.training.job import check_config, check_trained_code, resolve_data, training_finished
+    from src.training.job import check_config, check_decoder, check_trained_code, resolve_data, training_finished
 
     check_trained_code(cfg, run_dir)  # a formulation or backbone module from outside edited since the training
     check_config(cfg)  # the values, the sampler, the weight files: as src.run checks them, before any work
@@ -165,7 +165,8 @@ def evaluate(run_dir: str | Path, overrides: Sequence[str] = (), config_dirs: Se
                           f"{checkpoint_step(run_dir, 'last')} of train.max_steps={cfg.train.max_steps}); rerun its "
                           f"python -m src.run command to resume it, which evaluates at the end")
     meta = resolve_data(cfg)
-    missing = missing_for(cfg, run_dir)
+    check_decoder(cfg, meta)
+    missing = missing_for(cfg, run_dir, meta=meta)
     log = logging.getLogger("src.evaluate")
     if missing:
         log.info("%s: results for %s missing: evaluating", run_dir, describe(cfg, run_dir, missing),

@@ -53,6 +53,7 @@ CONFIG_KEYS = {
     "ema": "eval.ema", "sampler": "sampler", "n_samples": "eval.n_samples", "eval_seed": "eval.seed",
     "feature_extractor": "eval.clip", "fid_features": "fid_features", "checkpoint": "eval.checkpoint",
     "inception_extractor": "eval.inception", "sampler_code": "the sampler's code",
+    "decoder": "the autoencoder (eval.autoencoder_path)",
 }
 
 
@@ -91,6 +92,9 @@ class Record:
     # The content of a sampler from outside the repository, "ab2.py:<sha256[:12]>" (a record of an edited sampler's
     # code is not a current result); None for the built-in samplers and in records written before the field.
     sampler_code: str | None = None
+    # What decoded latent samples to pixels, by content: "AutoencoderKL:<name>:<sha256[:12]>"
+    # (src.evaluation.decoding.decoder_name); None for pixel-space data and in records written before the field.
+    decoder: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
@@ -235,6 +239,7 @@ def upgrade(record: Mapping[str, Any]) -> dict[str, Any]:
     d.setdefault("checkpoint", "best")
     d.setdefault("inception_extractor", None)
     d.setdefault("sampler_code", None)
+    d.setdefault("decoder", None)
     return d
 
 
@@ -348,13 +353,15 @@ def run_fields(cfg: Any) -> dict[str, Any]:
 
 
 def wanted_records(cfg: Any, recipe: Mapping[str, Any], feature_extractor: str,
-                   inception_extractor: str | None = None, sampler_code: str | None = None) -> list[dict[str, Any]]:
+                   inception_extractor: str | None = None, sampler_code: str | None = None,
+                   decoder: str | None = None) -> list[dict[str, Any]]:
     """The identity fields of every record the configuration asks for: sampler settings x EMA, each with the
     configured sampler, n_samples, eval seed, shift, feature extractor, FID features and checkpoint (and the
     Inception extractor, which a stored record must match when one is configured, see missing_records).
 
     recipe: {"recipe": name, "family": ..., "params": {...}} of the run's formulation; feature_extractor,
-    inception_extractor: their names (src.evaluation.run.feature_extractor_name, inception_extractor_name)."""
+    inception_extractor, decoder: their names (src.evaluation.run.feature_extractor_name, inception_extractor_name,
+    src.evaluation.decoding.decoder_name)."""
     ev = _get(cfg, "eval")
     shift = float(_get(ev, "shift", 1.0))
     common = {
@@ -364,7 +371,7 @@ def wanted_records(cfg: Any, recipe: Mapping[str, Any], feature_extractor: str,
         "n_samples": int(ev["n_samples"]), "eval_seed": int(ev["seed"]),
         "feature_extractor": feature_extractor, "fid_features": FID_FEATURES,
         "checkpoint": str(_get(ev, "checkpoint", "best")), "inception_extractor": inception_extractor,
-        "sampler_code": sampler_code,
+        "sampler_code": sampler_code, "decoder": decoder,
     }
     return [
         {**common, "setting": setting_label(s["steps"], s["cfg"], shift), "steps": int(s["steps"]),
@@ -405,11 +412,20 @@ def _same_sampler_code(record: Mapping[str, Any], wanted: Mapping[str, Any]) -> 
     return code in (None, "unknown") or record.get("sampler_code") == code
 
 
+def _same_decoder(record: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
+    """Latent samples were decoded by the autoencoder the wanted record names (None: pixel space; "unknown": the
+    shards or the autoencoder are not on this machine, e.g. a report read off the cluster: then any record counts).
+    A latent-space record without the field is not trusted: it is evaluated again, as one without a CLIP name."""
+    name = wanted.get("decoder")
+    return name in (None, "unknown") or record.get("decoder") == name
+
+
 def missing_records(records: Iterable[Mapping[str, Any]], wanted: Iterable[Mapping[str, Any]],
                     run_dir: str | os.PathLike | None = None, need_inception: bool = False) -> list[dict[str, Any]]:
     """THE completeness rule: the wanted records that no stored record matches with exactly those settings
     (same identity, its arrays present in run_dir when given, an Inception FID when one is configured, of the
-    Inception weights the wanted record names). A run is complete when this is empty.
+    Inception weights the wanted record names, sampled by the sampler code and decoded by the autoencoder it names).
+    A run is complete when this is empty.
 
     The Inception extractor is not part of the identity: a record evaluated again with other Inception weights
     replaces the one before (its CLIP numbers are the same), and turning Inception off keeps records complete."""
@@ -419,7 +435,8 @@ def missing_records(records: Iterable[Mapping[str, Any]], wanted: Iterable[Mappi
         if _usable(r, run_dir, need_inception):
             have.setdefault(record_identity(r), []).append(r)
     return [dict(w) for w in wanted
-            if not any(_same_inception(r, w) and _same_sampler_code(r, w) for r in have.get(record_identity(w), []))]
+            if not any(_same_inception(r, w) and _same_sampler_code(r, w) and _same_decoder(r, w)
+                       for r in have.get(record_identity(w), []))]
 
 
 def of_step(records: Iterable[Mapping[str, Any]], checkpoint: str, step: int | None) -> list[dict[str, Any]]:
@@ -451,10 +468,10 @@ def describe_missing(missing: Sequence[Mapping[str, Any]], records: Iterable[Map
         return "all settings (none evaluated yet)"
     changed = []
     for name in ("sampler", "n_samples", "eval_seed", "shift", "feature_extractor", "fid_features", "checkpoint",
-                 "inception_extractor", "sampler_code", "train_seed", "tags"):
+                 "inception_extractor", "sampler_code", "decoder", "train_seed", "tags"):
         values = {_canonical(name, m.get(name)) for m in missing}
-        if name in ("inception_extractor", "sampler_code"):  # None: not configured / built in, which no record prevents
-            values.discard(None)
+        if name in ("inception_extractor", "sampler_code", "decoder"):
+            values -= {None, "unknown"}  # not configured, built in, or not at hand: no record is missing for them
         absent = sorted((v for v in values if v not in {_canonical(name, r.get(name)) for r in records}), key=str)
         if absent:
             key = CONFIG_KEYS.get(name, name)

@@ -55,18 +55,26 @@ def shards(tmp_path_factory):
     return root
 
 
-def test_preprocess_stream_train_evaluate_rank(shards):
-    train_dir, eval_dir = shards / "shards/imagenet", shards / "shards/coco"
+def data_args(shards: Path) -> list[str]:
+    return ["data=shards", "data.name=imagenet", f"data.train_dir={shards / 'shards/imagenet'}",
+            f"data.eval_dir={shards / 'shards/coco'}", f"paths.cache_dir={shards / 'cache'}"]
+
+
+@pytest.fixture(scope="module")
+def sweep(shards) -> Path:
+    """The two recipes trained on the shards (streamed by two loader workers) and evaluated, by the sweep command."""
+    out = shards / "out"
+    cli("src.run", "-m", f"loss={','.join(RECIPES)}", *data_args(shards), "data.in_memory=false",
+        "data.num_workers=2", "sweep_name=e2e", f"paths.root_dir={out}", *TRAIN, timeout=300)
+    return out / "outputs/multirun/e2e"
+
+
+def test_preprocess_stream_train_evaluate_rank(shards, sweep):
+    train_dir = shards / "shards/imagenet"
     meta = read_meta(train_dir)
     assert meta["count"] == 12 and meta["skipped"] == 1  # the corrupt image was skipped, and logged
     assert meta["autoencoder"] != "identity" and meta["shapes"]["latent"] == [4, RES // 2, RES // 2]
 
-    out = shards / "out"
-    cli("src.run", "-m", f"loss={','.join(RECIPES)}", "data=shards", "data.name=imagenet",
-        f"data.train_dir={train_dir}", f"data.eval_dir={eval_dir}", "data.in_memory=false", "data.num_workers=2",
-        "sweep_name=e2e", f"paths.root_dir={out}", f"paths.cache_dir={shards / 'cache'}", *TRAIN, timeout=300)
-
-    sweep = out / "outputs/multirun/e2e"
     run_dirs = sorted(p.parent for p in sweep.glob("imagenet/*/results.json"))
     assert len(run_dirs) == 2
     for run_dir in run_dirs:
@@ -83,3 +91,37 @@ def test_preprocess_stream_train_evaluate_rank(shards):
     cli("src.ranking.report", str(sweep), "--out", str(report), "--bootstrap", "20")
     text = "\n".join(p.read_text() for p in report.glob("*.md"))
     assert "rf/lognorm(0.00, 1.00)" in text and "eps/linear" in text
+
+
+def test_another_autoencoder_evaluates_again_and_a_missing_one_is_refused_before_training(shards, sweep, tmp_path):
+    """The autoencoder decodes every sample and reference image, so records name it by content: re-evaluating with
+    another one (eval.autoencoder_path) computes the records and reference statistics again and replaces them. A
+    missing one is refused in one line before anything is trained or rewritten."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(next(sweep.glob("imagenet/rf_*")), run)
+    before = json.loads((run / "results.json").read_text())
+    decoder = before[0]["decoder"]
+    assert decoder.startswith("AutoencoderKL:vae:") and {r["decoder"] for r in before} == {decoder}
+    references = set((shards / "cache/reference").iterdir())
+    torch.manual_seed(5)
+    other = save_vae(tmp_path / "vae")  # folder name "vae" too: known by its content, not its name
+    text = cli("src.evaluate", str(run), f"eval.autoencoder_path={other}")
+    assert "results for the autoencoder (eval.autoencoder_path)=AutoencoderKL:vae:" in text
+    after = json.loads((run / "results.json").read_text())
+    assert len(after) == len(before) and len({r["decoder"] for r in after}) == 1 and after[0]["decoder"] != decoder
+    assert [r["fid_clip"] for r in after] != [r["fid_clip"] for r in before]
+    assert len(set((shards / "cache/reference").iterdir()) - references) == 1  # the new reconstructions' statistics
+
+    files = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    out = subprocess.run([sys.executable, "-m", "src.evaluate", str(run), f"eval.autoencoder_path={tmp_path / 'gone'}"],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    message = f"eval.autoencoder_path={tmp_path / 'gone'}: the shards hold AutoencoderKL:vae latents"
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == files
+    new = subprocess.run([sys.executable, "-m", "src.run", "loss=rf", *data_args(shards), f"paths.root_dir={tmp_path}",
+                          *TRAIN, f"eval.autoencoder_path={tmp_path / 'gone'}"],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    assert new.returncode != 0 and message in new.stderr, new.stderr[-2000:]
+    assert not list(tmp_path.glob("outputs/**/*.ckpt"))

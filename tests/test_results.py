@@ -62,8 +62,9 @@ def test_wanted_records_cover_settings_times_ema_with_every_evaluation_setting()
         ("5 steps, cfg 5.0", True), ("5 steps, cfg 5.0", False), ("50 steps, cfg 1.0", True),
         ("50 steps, cfg 1.0", False)]
     w = wanted[0]
-    assert set(w) == {*IDENTITY_FIELDS, "inception_extractor", "sampler_code"} and w["inception_extractor"] is None
-    assert w["sampler_code"] is None  # a built-in sampler
+    assert set(w) == {*IDENTITY_FIELDS, "inception_extractor", "sampler_code", "decoder"}
+    assert w["inception_extractor"] is None and w["sampler_code"] is None  # no Inception, a built-in sampler
+    assert w["decoder"] is None  # pixel space
     assert (w["tags"], w["train_seed"], w["backbone"], w["sampler"], w["n_samples"], w["eval_seed"]) == (
         {"optim.lr": 0.0001, "seed": 1}, 1, "MMDiT", "rf_time", 100, 1234)
     assert (w["feature_extractor"], w["fid_features"], w["checkpoint"]) == ("tiny_clip:0123456789ab", "clip_raw", "best")
@@ -126,6 +127,22 @@ def test_a_configured_inception_needs_a_fid_of_its_weights(tmp_path):
         assert describe_missing(wanted, records) == "eval.inception=inception-v3-2048:aaa"
     assert describe_missing([{**plain[0], "n_samples": 7}], stored) == "eval.n_samples=7"
     assert Record.from_dict(before[0]).inception_extractor is None  # optional: today's records without it read
+
+
+def test_latent_records_need_the_decoder_the_configuration_names(tmp_path):
+    """Latent samples decoded by another autoencoder (or by one not named: a record written before the field) are
+    not the current results; pixel space (None) and an autoencoder not on this machine ("unknown") take any."""
+    wanted = wanted_records(CFG, RECIPE, "x", decoder="AutoencoderKL:vae:aaa")
+    stored = [_stored(w, tmp_path) for w in wanted]
+    assert missing_records(stored, wanted, tmp_path) == []
+    other = [{**r, "decoder": "AutoencoderKL:vae:bbb"} for r in stored]
+    before = [{k: v for k, v in r.items() if k != "decoder"} for r in stored]
+    for records in (other, before):
+        assert missing_records(records, wanted, tmp_path) == wanted
+        assert describe_missing(wanted, records) == "the autoencoder (eval.autoencoder_path)=AutoencoderKL:vae:aaa"
+    for name in (None, "unknown"):
+        assert missing_records(other, wanted_records(CFG, RECIPE, "x", decoder=name), tmp_path) == []
+    assert Record.from_dict(before[0]).decoder is None and Record.from_dict(stored[0]).decoder.endswith(":aaa")
 
 
 def test_merge_keeps_records_of_other_settings_and_replaces_the_same_one(tmp_path):

@@ -6,6 +6,8 @@ global mean and std and decoded by the frozen AutoencoderKL they were encoded wi
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,22 +16,56 @@ from torch import Tensor
 
 from src.config import ConfigError
 from src.data.shards import IDENTITY_AUTOENCODER, decode_latents
+from src.utils.io import weights_sha256
 
 
-def make_decoder(meta: dict, autoencoder_path: str | None = None, device: str | torch.device = "cpu",
-                 batch_size: int = 64) -> Callable[[Tensor], Tensor]:
-    """A function: normalised latents (B, C, h, w) -> pixels (B, 3 or C, H, W) in [-1, 1]."""
+def autoencoder_source(meta: dict, autoencoder_path: str | None = None) -> tuple[Path, str | None] | None:
+    """(the autoencoder's folder or single weights file, its config folder for a single file) that decodes the
+    shards' latents: eval.autoencoder_path, else the one meta.json names; None for pixel-space shards. A missing
+    one is a configuration error, raised before training (src.training.job.prepare_job) as well as here."""
     if meta.get("autoencoder", IDENTITY_AUTOENCODER) == IDENTITY_AUTOENCODER:
-        return lambda x: decode_latents(x, meta)
+        return None
     path = autoencoder_path or meta.get("autoencoder_path")
     if not path or not Path(path).exists():
         raise ConfigError(
             f"eval.autoencoder_path={path}: the shards hold {meta['autoencoder']} latents; give the local folder of "
             "that AutoencoderKL to decode samples for CLIP score and FID"
         )
+    return Path(path), meta.get("autoencoder_config")
+
+
+def decoder_name(meta: dict, autoencoder_path: str | None = None, cache_dir: str | os.PathLike | None = None
+                 ) -> str | None:
+    """Names the decoder by content, "<meta's autoencoder>:<sha256[:12]>" of its files' sha256 (weights and config),
+    so an autoencoder replaced at its path, or another one given with eval.autoencoder_path, is another decoder: the
+    records and the reference statistics it changes are computed again. None for pixel-space shards. Each file is
+    hashed once per version (src.utils.io.weights_sha256, remembered under cache_dir)."""
+    source = autoencoder_source(meta, autoencoder_path)
+    if source is None:
+        return None
+    path, config = source
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+        path = path / "vae"  # a whole pipeline's folder: only its autoencoder decodes
+    files = {f.relative_to(path).as_posix(): f for f in sorted(path.rglob("*"))
+             if f.is_file() and not f.name.startswith(".")} if path.is_dir() else {path.name: path}
+    if config is not None:
+        files["config/config.json"] = Path(config) / "config.json"
+    digest = hashlib.sha256()
+    for name, f in files.items():
+        digest.update(f"{name}:{weights_sha256(f, cache_dir)}\n".encode())
+    return f"{meta['autoencoder']}:{digest.hexdigest()[:12]}"
+
+
+def make_decoder(meta: dict, autoencoder_path: str | None = None, device: str | torch.device = "cpu",
+                 batch_size: int = 64) -> Callable[[Tensor], Tensor]:
+    """A function: normalised latents (B, C, h, w) -> pixels (B, 3 or C, H, W) in [-1, 1]."""
+    source = autoencoder_source(meta, autoencoder_path)
+    if source is None:
+        return lambda x: decode_latents(x, meta)
     from src.preprocess.autoencoders import DiffusersAutoencoder
 
-    autoencoder = DiffusersAutoencoder(str(path), device=str(device))
+    path, config = source
+    autoencoder = DiffusersAutoencoder(str(path), device=str(device), config=config)
     mean, std = meta["latent_mean"], meta["latent_std"]
 
     def decode(x: Tensor) -> Tensor:

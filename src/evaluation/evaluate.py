@@ -163,6 +163,7 @@ def _base_fields(formulation: Formulation, base_record: Mapping[str, Any], extra
         "inception_extractor": None if inception is None else (
             base_record.get("inception_extractor") or getattr(inception[0], "id", type(inception[0]).__name__)),
         "sampler_code": base_record.get("sampler_code"),
+        "decoder": base_record.get("decoder"),
         "config": dict(base_record.get("config", {})),
     }
 

@@ -133,8 +133,24 @@ def load_clip_extractor(cfg_eval: DictConfig, device: torch.device):
 
 
 # ---- what is wanted, what is missing ------------------------------------------------------------------------
-def wanted_for(cfg: DictConfig, formulation=None) -> list[dict[str, Any]]:
-    """Every record the configuration asks for (src.results.wanted_records), for the run's formulation."""
+def decoder_for(cfg: DictConfig, meta: dict | None = None) -> str | None:
+    """The decoder's name (src.evaluation.decoding.decoder_name) for the run's shards (meta: their meta.json, read
+    from cfg.data.train_dir when not given); "unknown" when the shards or the autoencoder are not at hand (a sweep
+    read off the cluster: any stored record counts; a job or src.evaluate refuses to start without them)."""
+    from src.data.shards import read_meta
+    from src.evaluation.decoding import decoder_name
+
+    try:
+        meta = meta if meta is not None else read_meta(cfg.data.train_dir)
+        return decoder_name(meta, OmegaConf.select(cfg, "eval.autoencoder_path"),
+                            OmegaConf.select(cfg, "paths.cache_dir"))
+    except Exception:  # noqa: BLE001 -- no shards, no meta.json, no autoencoder, an unresolvable path: not at hand
+        return "unknown"
+
+
+def wanted_for(cfg: DictConfig, formulation=None, meta: dict | None = None) -> list[dict[str, Any]]:
+    """Every record the configuration asks for (src.results.wanted_records), for the run's formulation (meta: the
+    training shards' meta.json, read when not given)."""
     if formulation is None:
         from src.formulations import from_config
 
@@ -145,10 +161,12 @@ def wanted_for(cfg: DictConfig, formulation=None) -> list[dict[str, Any]]:
 
     return wanted_records(cfg, recipe, feature_extractor_name(cfg.eval, cache_dir),
                           inception_extractor_name(cfg.eval, cache_dir),
-                          sampler_code(str(OmegaConf.select(cfg, "sampler.name", default=DEFAULT_SAMPLER))))
+                          sampler_code(str(OmegaConf.select(cfg, "sampler.name", default=DEFAULT_SAMPLER))),
+                          decoder_for(cfg, meta))
 
 
-def missing_for(cfg: DictConfig, run_dir: str | Path, formulation=None) -> list[dict[str, Any]]:
+def missing_for(cfg: DictConfig, run_dir: str | Path, formulation=None, meta: dict | None = None
+                ) -> list[dict[str, Any]]:
     """The wanted records results.json lacks ([] when the evaluation is disabled). A record of another checkpoint
     step than the checkpoint the evaluation would use now counts as missing: it was scored before training went on
     (an unfinished run evaluated, then resumed), so its numbers are not this model's."""
@@ -156,7 +174,7 @@ def missing_for(cfg: DictConfig, run_dir: str | Path, formulation=None) -> list[
         return []
     which = str(OmegaConf.select(cfg.eval, "checkpoint", default="best"))
     records = of_step(read_results(run_dir), which, checkpoint_step(run_dir, which))
-    return missing_records(records, wanted_for(cfg, formulation), run_dir,
+    return missing_records(records, wanted_for(cfg, formulation, meta), run_dir,
                            need_inception=cfg.eval.inception.weights_path is not None)
 
 
@@ -194,7 +212,7 @@ def evaluate_run(cfg: DictConfig, run_dir: str | Path, device: torch.device | st
     shards' meta.json (read from cfg.data.train_dir when not given).
     """
     from src.data.shards import load_eval_set, read_meta
-    from src.evaluation.decoding import make_decoder, reference_images
+    from src.evaluation.decoding import decoder_name, make_decoder, reference_images
     from src.evaluation.evaluate import SamplerSetting, evaluate_backbone
     from src.formulations import from_config
     from src.metrics.reference import reference_features
@@ -202,8 +220,9 @@ def evaluate_run(cfg: DictConfig, run_dir: str | Path, device: torch.device | st
     run_dir, ev = Path(run_dir), cfg.eval
     check_eval_files(ev)
     formulation = from_config(OmegaConf.to_container(cfg.loss, resolve=True))
-    wanted = wanted_for(cfg, formulation)
-    missing = missing_for(cfg, run_dir, formulation)
+    meta = meta if meta is not None else read_meta(cfg.data.train_dir)
+    wanted = wanted_for(cfg, formulation, meta)
+    missing = missing_for(cfg, run_dir, formulation, meta)
     if not missing:
         return select_current(read_results(run_dir), wanted)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -218,14 +237,18 @@ def evaluate_run(cfg: DictConfig, run_dir: str | Path, device: torch.device | st
                          f"or evaluate the other one with {other}") from e
     log.info("evaluating %s (step %d): %d record(s)", path.name, step, len(missing))
 
-    meta = meta if meta is not None else read_meta(cfg.data.train_dir)
     extractor = load_clip_extractor(ev, device)
     if feature_extractor_name(ev, cfg.paths.cache_dir) != wanted[0]["feature_extractor"]:
         # Replaced since the wanted records were named: their name would not be these weights'.
         raise RuntimeError("eval.clip: the weights file changed while the evaluation started; run it again")
     eval_set = load_eval_set(cfg.data.eval_dir)
     decode = make_decoder(meta, ev.get("autoencoder_path"), device)
+    if decoder_name(meta, ev.get("autoencoder_path"), cfg.paths.cache_dir) != wanted[0]["decoder"]:
+        raise RuntimeError("eval.autoencoder_path: the autoencoder's files changed while the evaluation started; run "
+                           "it again")
     dataset_id = f"{cfg.data.name}:{Path(cfg.data.eval_dir).resolve()}:{eval_set['meta']['count']}"
+    if wanted[0]["decoder"] is not None:  # latent shards: the references are this autoencoder's reconstructions
+        dataset_id += f":{wanted[0]['decoder']}"
     cache = Path(cfg.paths.cache_dir) / "reference"
     images = lambda: reference_images(eval_set, decode)  # noqa: E731 -- only computed on a cache miss
     reference = reference_features(extractor.id, dataset_id, images, extractor, cache)
@@ -242,7 +265,7 @@ def evaluate_run(cfg: DictConfig, run_dir: str | Path, device: torch.device | st
     first = wanted[0]
     base = {k: first[k] for k in ("recipe", "family", "params", "dataset", "tags", "train_seed", "backbone",
                                   "sampler", "feature_extractor", "checkpoint", "inception_extractor",
-                                  "sampler_code")}
+                                  "sampler_code", "decoder")}
     base.update(checkpoint_step=step, config=OmegaConf.to_container(cfg, resolve=True))
     total, done = len(missing), 0
 

@@ -77,6 +77,8 @@ class DiffusersAutoencoder:
         self.vae = vae.to(device).eval().requires_grad_(False)
         # Absolute: meta.json's autoencoder_path is what the evaluation decodes with, from wherever training runs.
         self.path, self.latent, self.dtype = str(Path(path).resolve()), latent, dtype
+        # A single file's config folder: the evaluation needs it too to build the decoder from the file.
+        self.config = str(Path(config).resolve()) if p.is_file() and config is not None else None
         self.device = torch.device(device)
         cfg = self.vae.config
         self.name = f"AutoencoderKL:{Path(path).name}"
@@ -106,9 +108,10 @@ class DiffusersAutoencoder:
     def describe(self) -> dict:
         """What meta.json records about the autoencoder."""
         cfg = self.vae.config
-        return {"autoencoder": self.name, "autoencoder_path": self.path, "autoencoder_latent": self.latent,
-                "autoencoder_downsample": self.downsample, "autoencoder_scaling_factor": cfg.scaling_factor,
-                "autoencoder_shift_factor": cfg.shift_factor}
+        out = {"autoencoder": self.name, "autoencoder_path": self.path, "autoencoder_latent": self.latent,
+               "autoencoder_downsample": self.downsample, "autoencoder_scaling_factor": cfg.scaling_factor,
+               "autoencoder_shift_factor": cfg.shift_factor}
+        return out if self.config is None else {**out, "autoencoder_config": self.config}
 
 
 def sample_latents(mean: torch.Tensor, std: torch.Tensor, indices: list[int], seed: int) -> torch.Tensor:

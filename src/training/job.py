@@ -431,8 +431,18 @@ def prepare_job(cfg: DictConfig, run_dir: str | Path, multirun: bool = False) ->
     the data (built into the cache if embedded) and the run directory's fingerprint. Returns the data's meta."""
     check_config(cfg, multirun)
     meta = resolve_data(cfg)
+    check_decoder(cfg, meta)
     check_fingerprint(cfg, Path(run_dir))
     return meta
+
+
+def check_decoder(cfg: DictConfig, meta: dict) -> None:
+    """Latent shards: the autoencoder that decodes samples for the evaluation is at hand (else it is found missing
+    after the training, when the evaluation starts)."""
+    if cfg.eval.enabled:
+        from src.evaluation.decoding import autoencoder_source
+
+        autoencoder_source(meta, OmegaConf.select(cfg, "eval.autoencoder_path"))
 
 
 # ---- building -------------------------------------------------------------------------------------
@@ -613,7 +623,7 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
             log.info("%s: training is done; rank 0 evaluates", run_dir)
             return {"run_dir": str(run_dir), "skipped": True}
 
-        missing = missing_for(cfg, run_dir, formulation)
+        missing = missing_for(cfg, run_dir, formulation, meta)
         if not missing:
             log.info("%s: results complete, nothing to do", run_dir)
             return {"run_dir": str(run_dir), "skipped": True}
