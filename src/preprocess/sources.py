@@ -134,7 +134,7 @@ def _hash_file(path: Path, known: dict | None, hashed: dict) -> str:
 CHANGES = {
     "kind": "is another dataset or layout", "count": "has another number of items",
     "items": "lists other images (added, removed or renamed)", "sizes": "has images of other sizes (replaced?)",
-    "tsv_sha256": "has other contents", "annotations_sha256": "has other contents",
+    "tsv_sha256": "has other contents", "annotations_sha256": "has other contents", "tsv_bytes": "has another size",
     "classes": "has other class names", "spans": "has members of other sizes (rewritten?)",
 }
 
@@ -268,7 +268,7 @@ class TsvSource:
     """
 
     name = "cc12m"
-    settings = {"tsv": "tsv", "tsv_sha256": "tsv", "count": "tsv", "image_root": "image_root"}
+    settings = {"tsv": "tsv", "tsv_sha256": "tsv", "tsv_bytes": "tsv", "count": "tsv", "image_root": "image_root"}
 
     def __init__(self, tsv: str | Path, image_root: str | Path | None = None):
         self.tsv = _require_file(tsv, "tsv")
