@@ -234,6 +234,51 @@ def test_sources_enumerate_layouts(tmp_path):
     assert coco.read(0).extras["captions"] == ["image 0 cap 0", "image 0 cap 1", "image 0 cap 2"]
 
 
+def test_source_identities_see_what_changed(tmp_path):
+    """An image folder is known by its images' names and sizes (no image read): an image added, removed, renamed
+    or replaced by one of another size is another source, and the refusal names root= and what changed; a file
+    merely touched is not. The COCO captions file is known by its sha256, the tars by their members' sizes."""
+    import os
+
+    from src.preprocess.pipeline import prepare_output
+
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=2)
+    cls = train / "n00000001"
+    base = ImageNetSource(train, mapping).fingerprint()
+    os.utime(cls / "n00000001_0.JPEG", ns=(1, 1))
+    assert ImageNetSource(train, mapping).fingerprint() == base
+    changes = {"added": ("items", lambda: (cls / "n00000001_9.JPEG").write_bytes(image_bytes(9))),
+               "removed": ("items", lambda: (cls / "n00000001_9.JPEG").unlink()),
+               "renamed": ("items", lambda: (cls / "n00000001_0.JPEG").rename(cls / "n00000001_8.JPEG")),
+               "replaced": ("sizes", lambda: (cls / "n00000001_8.JPEG").write_bytes(image_bytes(50)))}
+    previous = base
+    for what, (key, change) in changes.items():
+        change()
+        source = ImageNetSource(train, mapping)
+        assert source.fingerprint()[key] != previous[key], what
+        previous = source.fingerprint()
+    out = tmp_path / "out"
+    old_settings = {"source": base, "resolution": RES}
+    prepare_output(out, old_settings)
+    (out / WORK_DIR / "chunk-000000.done.json").write_text("{}")
+    with pytest.raises(ValueError, match=f"out=.* unfinished run made from other source data: root={str(train)!r} "
+                                         "lists other images .*; restore that data, use a new output folder"):
+        prepare_output(out, {"source": source.fingerprint(), "resolution": RES}, write=False, source=source)
+    images, ann = make_coco(tmp_path / "coco")
+    coco = CocoSource(images, ann).fingerprint()
+    ann.write_text(ann.read_text().replace("image 0 cap 1", "image 0 cap X"))  # same size
+    assert CocoSource(images, ann).fingerprint()["annotations_sha256"] != coco["annotations_sha256"]
+    tars = make_tars(tmp_path / "tars")
+    before = TarSource(tars).fingerprint()
+    with tarfile.open(tars / "00000.tar") as tf:
+        members = [(m.name, tf.extractfile(m).read()) for m in tf]
+    with tarfile.open(tars / "00000.tar", "w") as tf:  # the same members, one image of another size
+        for name, data in members:
+            _add(tf, name, image_bytes(250) if name == "000000001.jpg" else data)
+    after = TarSource(tars).fingerprint()
+    assert after["items"] == before["items"] and after["spans"] != before["spans"]
+
+
 def test_combined_text_encoder_layout():
     class Fake:
         def __init__(self, name, length, width, pooled):

@@ -11,7 +11,7 @@ import torch
 
 from src.preprocess.__main__ import main
 from src.preprocess.pipeline import WORK_DIR, done_path
-from tests.test_preprocess import RES, make_imagenet, models  # noqa: F401 (models: the shared fixture)
+from tests.test_preprocess import RES, make_imagenet, make_tsv, models  # noqa: F401 (models: the shared fixture)
 
 
 def imagenet_argv(train: Path, mapping: Path, out: Path, models: dict) -> list[str]:
@@ -393,3 +393,90 @@ def test_a_folder_finished_by_another_process_while_the_models_loaded(tmp_path, 
     meta = preprocess(source, cfg)
     assert meta["complete"] and sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "index.npz", "meta.json", "shard-000000.tar", "shard-000001.tar", "skipped.log"]
+
+
+def tsv_argv(tsv: Path, out: Path, models: dict) -> list[str]:
+    return ["cc12m", "--tsv", str(tsv), "--out", str(out), "--resolution", str(RES), "--clip", *models["clip_a"],
+            "--chunk-size", "4", "--batch-size", "4", "--num-workers", "0", "--device", "cpu", "--no-progress"]
+
+
+def edit_in_place(tsv: Path) -> None:
+    """A caption corrected without changing the TSV's size (the size-only identity took it for the same)."""
+    text = tsv.read_text()
+    tsv.write_text(text.replace("a caption number 3", "a caption NUMBER 3"))
+    assert tsv.stat().st_size == len(text.encode()) and tsv.read_text() != text
+
+
+def files_of(out: Path) -> dict:
+    return {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def test_a_tsv_edited_in_place_is_refused_on_resume(tmp_path, models, monkeypatch, capsys):
+    """A resumed run whose TSV has other contents of the same size is refused in one line naming tsv=, what
+    changed and the way out, and changes nothing; the unchanged TSV resumes, hashed once per file version (the
+    hash kept in the folder's state, not recomputed by the next process) and kept in meta.json."""
+    import hashlib
+
+    from src.data.shards import read_meta
+    from src.utils import io
+
+    tsv = make_tsv(tmp_path / "tsv")  # 9 items: 3 chunks
+    original = tsv.read_bytes()
+    out = tmp_path / "out"
+    assert main([*tsv_argv(tsv, out, models), "--max-chunks", "1"]) == 3
+    before = files_of(out)
+    edit_in_place(tsv)
+    capsys.readouterr()
+    assert main(tsv_argv(tsv, out, models)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"tsv={str(tsv)!r} has other contents (sha256 " in err, err
+    assert "restore that data, use a new output folder or delete" in err and files_of(out) == before
+    tsv.write_bytes(original)  # restored: the same data again
+    hashed = []
+    monkeypatch.setattr(io, "sha256_file", lambda p, real=io.sha256_file: hashed.append(p) or real(p))
+    monkeypatch.setattr(io, "_SHA256", {})
+    assert main([*tsv_argv(tsv, out, models), "--max-chunks", "1"]) == 3 and len(hashed) == 1  # a new version
+    monkeypatch.setattr(io, "_SHA256", {})  # a new process: the folder's state remembers the hash
+    assert main(tsv_argv(tsv, out, models)) == 0 and len(hashed) == 1
+    files = read_meta(out)["preprocess"]["files"]
+    assert files[str(tsv.resolve())]["sha256"] == hashlib.sha256(original).hexdigest()
+    monkeypatch.setattr(io, "_SHA256", {})
+    assert main(tsv_argv(tsv, out, models)) == 0 and "nothing to do" in capsys.readouterr().out and len(hashed) == 1
+
+
+def to_legacy(settings: dict) -> dict:
+    """Settings as written before content identities: the TSV known by its size."""
+    source = {k: v for k, v in settings["source"].items() if k not in ("identity", "tsv_sha256")}
+    return {**settings, "source": {**source, "tsv_bytes": Path(source["tsv"]).stat().st_size}}
+
+
+def test_a_state_written_before_content_hashes_still_resumes(tmp_path, models, capsys):
+    """An unfinished run or a complete folder whose state knows the TSV by its size only (the earlier format)
+    resumes, or is complete, with the same TSV; once the TSV was modified after that state was written, nothing
+    tells whether its contents are the same: refused, naming tsv= and the way out, and nothing changes."""
+    from src.data.shards import META_FILE, read_meta
+    from src.preprocess.pipeline import CONFIG_FILE, fingerprint_of
+
+    tsv = make_tsv(tmp_path / "tsv")
+    unfinished, complete = tmp_path / "unfinished", tmp_path / "complete"
+    for out in (unfinished, complete):
+        assert main([*tsv_argv(tsv, out, models), "--max-chunks", "1"]) == 3
+        state = json.loads((out / WORK_DIR / CONFIG_FILE).read_text())
+        legacy = to_legacy(state["settings"])
+        (out / WORK_DIR / CONFIG_FILE).write_text(json.dumps({"fingerprint": fingerprint_of(legacy),
+                                                              "settings": legacy}))
+    assert main(tsv_argv(tsv, complete, models)) == 0  # resumed from the legacy state
+    assert read_meta(complete)["preprocess"]["settings"]["source"]["tsv_sha256"]
+    meta = json.loads((complete / META_FILE).read_text())
+    legacy = to_legacy(meta["preprocess"]["settings"])
+    meta["preprocess"] = {"fingerprint": fingerprint_of(legacy), "settings": legacy}
+    (complete / META_FILE).write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(tsv_argv(tsv, complete, models)) == 0 and "nothing to do" in capsys.readouterr().out
+    edit_in_place(tsv)
+    for out in (unfinished, complete):
+        before = files_of(out)
+        assert main(tsv_argv(tsv, out, models)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"known by content (tsv={str(tsv)!r} by its name and size only)" in err, err
+        assert "use a new output folder or delete" in err and files_of(out) == before

@@ -36,6 +36,7 @@ from src.data.shards import IDENTITY_AUTOENCODER, INDEX_FILE, META_FILE, SHARD_P
     damaged_shards, load_index, pack_index, read_meta
 from src.preprocess.autoencoders import LATENT_MODES, check_autoencoder_path, load_autoencoder
 from src.preprocess.images import PreparedImages, collate_prepared
+from src.preprocess.sources import source_change
 from src.preprocess.text import PRECISIONS, CachedTextEncoder, CombinedTextEncoder, T5TextEncoder, check_clip_spec, \
     check_t5_folder, load_clip
 from src.utils.io import atomic_write_bytes, atomic_write_json, file_lock, first_line, save_npz
@@ -126,11 +127,12 @@ class PreprocessConfig:
         if self.stats_from is not None:
             read_stats_meta(self.stats_from)
 
-    def settings(self, source) -> dict:
-        """Everything that determines the shard contents (the resume fingerprint); not workers, device, batch."""
+    def settings(self, source, known: dict | None = None) -> dict:
+        """Everything that determines the shard contents (the resume fingerprint); not workers, device, batch.
+        known: the source file hashes an earlier run into the folder kept (remembered_hashes)."""
         resolve = lambda p: None if p is None else str(Path(p).resolve())  # noqa: E731
         return {
-            "source": source.fingerprint(),
+            "source": source.fingerprint(known),
             "resolution": self.resolution,
             "autoencoder": self.autoencoder if self.autoencoder == IDENTITY_AUTOENCODER else resolve(self.autoencoder),
             "autoencoder_config": resolve(self.autoencoder_config),
@@ -177,37 +179,98 @@ def _differences(a: dict, b: dict) -> str:
     return ", ".join(keys) or "none"
 
 
-def prepare_output(out: Path, settings: dict, write: bool = True) -> str:
+def remembered_hashes(out: Path) -> dict:
+    """The source file hashes (resolved path -> {size, mtime_ns, ctime_ns, sha256}) a run into out kept, so a
+    resume or rerun does not hash an unchanged multi-GB TSV again (src.utils.io.file_sha256)."""
+    known = {}
+    for path, key in ((out / META_FILE, "preprocess"), (out / WORK_DIR / CONFIG_FILE, None)):
+        try:
+            state = json.loads(path.read_text())
+            files = (state.get(key, {}) if key else state).get("files", {})
+        except (OSError, ValueError, AttributeError):  # absent or odd: only a cache; prepare_output judges the state
+            continue
+        known.update(files if isinstance(files, dict) else {})
+    return known
+
+
+def _refusal(out: Path, holds: str, stored: dict, settings: dict, source, way_out: str) -> str:
+    """Why out's state (meta.json or the work folder's config) is not this run: the source data named by its setting
+    and what changed, else the differing settings."""
+    old, new = stored.get("source"), settings.get("source")
+    if source is not None and isinstance(old, dict) and "identity" not in old:  # legacy: compared on what it kept
+        new = source.legacy_fingerprint()
+    others = sorted(k for k in set(stored) | set(settings) if k != "source" and stored.get(k) != settings.get(k))
+    if source is None or old == new or not isinstance(old, dict):
+        differing = ", ".join(others) if old == new else _differences(stored, settings)
+        return f"out={str(out)!r} {holds} with other settings (differing: {differing}); {way_out}"
+    return (f"out={str(out)!r} {holds} made from other source data: {source_change(source, old, new)}"
+            f"{' and other settings: ' + ', '.join(others) if others else ''}; restore that data, use a new output "
+            f"folder or delete {out} to start over")
+
+
+def legacy_state(out: Path, state_file: Path, stored: dict, settings: dict, source) -> bool:
+    """Whether a state written before content identities (sources.IDENTITY; a TSV known by its size, a captions
+    file not at all) holds this run, so a finished or half-done folder need not be redone for the new format.
+
+    The rule: its source fingerprint must equal the source's legacy_fingerprint(), every other setting must be
+    equal, and no file the old fingerprint did not cover (source.legacy_files()) may have been modified (mtime, or
+    ctime, which cannot be set back) since the state was written: the file then is the one that run read. A match
+    whose file changed since is refused: nothing can tell whether the content is the same.
+    """
+    old = stored.get("source")
+    if source is None or not isinstance(old, dict) or "identity" in old or old != source.legacy_fingerprint():
+        return False
+    if fingerprint_of({**stored, "source": None}) != fingerprint_of({**settings, "source": None}):
+        return False
+    written = state_file.stat().st_mtime_ns
+    for setting, path in source.legacy_files():
+        st = path.stat()
+        if max(st.st_mtime_ns, st.st_ctime_ns) >= written:
+            raise ValueError(f"out={str(out)!r} was made before sources were known by content ({setting}="
+                             f"{str(path)!r} by its name and size only), and that file was modified since; cannot tell "
+                             f"whether it is the same data: use a new output folder or delete {out} to start over")
+    return True
+
+
+def prepare_output(out: Path, settings: dict, write: bool = True, source=None, files: dict | None = None) -> str:
     """'complete' (same settings, nothing to do), 'resume' or 'fresh'; raises if out holds something else.
 
     write=False only checks: a command refused later (a model that does not load) must leave out as it was.
+    source: to name what changed in the source data and to accept states of the legacy format (legacy_state);
+    files: the source file hashes to keep in the state (remembered_hashes).
     """
     fingerprint = fingerprint_of(settings)
+    state = {"fingerprint": fingerprint, "settings": settings, "files": files or {}}
     if out.exists() and not out.is_dir():
         raise ValueError(f"out={str(out)!r} is a file; need a folder (new, empty, or one this command wrote)")
     if (out / META_FILE).is_file():
         meta = json.loads((out / META_FILE).read_text())
         done = meta.get("preprocess", {})
-        if meta.get("complete") and done.get("fingerprint") == fingerprint:
+        if meta.get("complete") and (done.get("fingerprint") == fingerprint or
+                                     legacy_state(out, out / META_FILE, done.get("settings", {}), settings, source)):
             return "complete"
-        raise ValueError(f"out={str(out)!r} already holds a shard set made with other settings "
-                         f"(differing: {_differences(done.get('settings', {}), settings)}); choose another folder")
+        raise ValueError(_refusal(out, "already holds a shard set", done.get("settings", {}), settings, source,
+                                  "choose another folder"))
     config_path = out / WORK_DIR / CONFIG_FILE
     if config_path.is_file():
         previous = json.loads(config_path.read_text())
-        if previous["fingerprint"] != fingerprint and not any((out / WORK_DIR).glob("*.done.json")):
-            previous = {"fingerprint": fingerprint, "settings": settings}  # nothing done yet: start afresh
+        if previous["fingerprint"] != fingerprint and (
+                not any((out / WORK_DIR).glob("*.done.json"))  # nothing done yet: start afresh
+                or legacy_state(out, config_path, previous["settings"], settings, source)):  # kept in today's format
+            previous = state
             if write:
                 atomic_write_json(config_path, previous)
         if previous["fingerprint"] != fingerprint:
-            raise ValueError(f"out={str(out)!r} holds an unfinished run with other settings (differing: "
-                             f"{_differences(previous['settings'], settings)}); rerun with those or delete the folder")
+            raise ValueError(_refusal(out, "holds an unfinished run", previous["settings"], settings, source,
+                                      "rerun with those or delete the folder"))
+        if write and previous.get("files") != state["files"]:  # hashes of new file versions (e.g. touched)
+            atomic_write_json(config_path, state)
         return "resume"
     # Parts of one job starting together: another part's work folder (config not written yet) or lock is no obstacle.
     if out.exists() and any(p.name not in (WORK_DIR, ASSEMBLY_LOCK) for p in out.iterdir()):
         raise ValueError(f"out={str(out)!r} is not empty and holds no preprocessing run; choose an empty folder")
     if write:
-        atomic_write_json(config_path, {"fingerprint": fingerprint, "settings": settings})
+        atomic_write_json(config_path, state)
     return "fresh"
 
 
@@ -333,8 +396,9 @@ def preprocess(source, cfg: PreprocessConfig) -> dict | None:
     cfg.validate()
     cfg.check_inputs()
     out = Path(cfg.out)
-    settings = cfg.settings(source)
-    if prepare_output(out, settings, write=False) == "complete":
+    settings = cfg.settings(source, remembered_hashes(out))
+    files = getattr(source, "hashed", {})
+    if prepare_output(out, settings, write=False, source=source, files=files) == "complete":
         return _already_complete(out)
     n_chunks = math.ceil(len(source) / cfg.chunk_size)
     order = item_order(len(source), cfg.seed, cfg.shuffle)
@@ -351,7 +415,7 @@ def preprocess(source, cfg: PreprocessConfig) -> dict | None:
         models = Models(cfg, device)
         _check_stats_source(cfg, models)
     # Again, now writing: another process may have started the folder, or even finished it, while the models loaded.
-    if prepare_output(out, settings) == "complete":
+    if prepare_output(out, settings, source=source, files=files) == "complete":
         return _already_complete(out)
     if pending:
         atomic_write_json(out / WORK_DIR / MODELS_FILE, models.describe())
@@ -365,7 +429,7 @@ def preprocess(source, cfg: PreprocessConfig) -> dict | None:
         remaining = sum(not done_path(out, c).is_file() for c in range(n_chunks))
         if not remaining:
             stats = read_stats_meta(cfg.stats_from) if cfg.stats_from else None
-            meta = assemble(out, n_chunks, settings, source.name, cfg, stats)
+            meta = assemble(out, n_chunks, settings, source.name, cfg, stats, files)
             (out / ASSEMBLY_LOCK).unlink(missing_ok=True)
             return meta
     if any(not done_path(out, c).is_file() for c in mine):
@@ -524,8 +588,9 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def assemble(out: Path, n_chunks: int, settings: dict, dataset: str, cfg: PreprocessConfig,
-             stats_meta: dict | None) -> dict:
-    """Link the chunk shards into the folder, write skipped.log, then meta.json last; returns the meta."""
+             stats_meta: dict | None, files: dict | None = None) -> dict:
+    """Link the chunk shards into the folder, write skipped.log, then meta.json last; returns the meta.
+    files: the source file hashes, kept for a rerun (remembered_hashes)."""
     markers = [json.loads(done_path(out, c).read_text()) for c in range(n_chunks)]
     full = [m for m in markers if m["count"] > 0]
     skipped = [s for m in markers for s in m["skipped"]]
@@ -563,7 +628,7 @@ def assemble(out: Path, n_chunks: int, settings: dict, dataset: str, cfg: Prepro
         **models_meta,
         "skipped": len(skipped),
         "shard_bytes": [os.path.getsize(out / name) for name in shards],  # every shard's (is_complete checks them)
-        "preprocess": {"fingerprint": fingerprint_of(settings), "settings": settings},
+        "preprocess": {"fingerprint": fingerprint_of(settings), "settings": settings, "files": files or {}},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "complete": True,
     }

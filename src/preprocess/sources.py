@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +18,16 @@ from typing import Protocol
 
 import numpy as np
 
+from src.utils.io import file_sha256
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_CHOICES = ("first", "random")
 UTF8_BOM = b"\xef\xbb\xbf"
 TSV_HEADER_NAMES = ({"path", "image", "image_path", "file", "filepath", "filename", "url"}, {"caption", "text"})
+#: Marks fingerprints that identify files by content (sha256) and image folders by names and sizes; one without it
+#: was written before, when a TSV or captions file counted as the same if its size was (pipeline.legacy_state).
+IDENTITY = 2
 
 
 @dataclass
@@ -38,6 +44,8 @@ class Source(Protocol):
     """What the pipeline needs of a dataset: a length, item reading, a name for the skip log, a fingerprint."""
 
     name: str
+    settings: dict[str, str]  # fingerprint key -> the setting (CLI option) it comes from, for refusals
+    hashed: dict[str, dict]  # resolved path -> {size, mtime_ns, ctime_ns, sha256} of the files fingerprint() hashed
 
     def __len__(self) -> int: ...
 
@@ -47,8 +55,15 @@ class Source(Protocol):
     def describe(self, index: int) -> str:
         """A short name of the item (its path or tar member) for the skip log, without reading the image."""
 
-    def fingerprint(self) -> dict:
-        """What identifies the item list (paths, counts, hashes), so a resumed run can check it is the same."""
+    def fingerprint(self, known: dict | None = None) -> dict:
+        """What identifies the items and their contents (paths, counts, hashes), so a resumed run can check it is
+        the same; known: hashes an earlier run kept ({resolved path: {size, mtime_ns, ctime_ns, sha256}})."""
+
+    def legacy_fingerprint(self) -> dict:
+        """The fingerprint as written before IDENTITY (a TSV or captions file by its size or not at all)."""
+
+    def legacy_files(self) -> list[tuple[str, Path]]:
+        """(setting, file) whose contents legacy_fingerprint does not cover."""
 
 
 def imagenet_caption(name: str) -> str:
@@ -94,6 +109,48 @@ def _digest(strings) -> str:
     for s in strings:
         h.update(s.encode("utf-8", "surrogateescape") + b"\0")  # a file name need not be UTF-8
     return h.hexdigest()[:16]
+
+
+def _sizes_digest(sizes) -> str:
+    return hashlib.sha256(np.asarray(sizes, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # missing: skipped and logged when read
+        return -1
+
+
+def _hash_file(path: Path, known: dict | None, hashed: dict) -> str:
+    """sha256 of a source file, taken from known when it holds this file version; the version is kept in hashed."""
+    sha, entry = file_sha256(path, known)
+    if entry is not None:
+        hashed[str(path.resolve())] = entry
+    return sha
+
+
+#: What a difference in a fingerprint key means, for the refusal of a resumed run (source_change).
+CHANGES = {
+    "kind": "is another dataset or layout", "count": "has another number of items",
+    "items": "lists other images (added, removed or renamed)", "sizes": "has images of other sizes (replaced?)",
+    "tsv_sha256": "has other contents", "annotations_sha256": "has other contents", "tsv_bytes": "has another size",
+    "classes": "has other class names", "spans": "has members of other sizes (rewritten?)",
+}
+
+
+def source_change(source, old: dict, new: dict) -> str:
+    """One phrase per differing fingerprint key, naming its setting, e.g. "tsv='/d/a.tsv' has other contents
+    (sha256 0a1b2c3d4e5f -> 9f8e7d6c5b4a)"."""
+    phrases = []
+    for key in sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k != "identity"):
+        setting = source.settings.get(key, key)
+        value = getattr(source, setting, None)
+        named = f"{setting}={str(value)!r}" if isinstance(value, (str, Path)) else setting
+        what = CHANGES.get(key, "differs")
+        a, b = (v[:12] if isinstance(v, str) and key in CHANGES else v for v in (old.get(key), new.get(key)))
+        phrases.append(f"{named} {what} ({'sha256 ' if key.endswith('sha256') else ''}{a} -> {b})")
+    return "; ".join(phrases) or "none"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,10 +201,13 @@ class ImageNetSource:
     """ImageNet in its folder layout (root/<synset>/<image>); captions "a photo of a <random synonym>"."""
 
     name = "imagenet"
+    settings = {"root": "root", "count": "root", "items": "root", "sizes": "root", "classes": "class_names"}
 
     def __init__(self, root: str | Path, class_names: str | Path, seed: int = 0):
         self.root = _require_dir(root, "root")
+        self.class_names = Path(class_names)
         self.classes = read_class_names(class_names)
+        self.hashed: dict[str, dict] = {}
         self.seed = seed
         self.label_of = {synset: i for i, synset in enumerate(self.classes)}
         folders = sorted(p.name for p in self.root.iterdir() if p.is_dir())
@@ -157,10 +217,15 @@ class ImageNetSource:
         if unknown:
             raise ValueError(f"root={str(self.root)!r} has class folders missing from class_names: "
                              f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
-        self.paths: list[str] = []
+        files: list[tuple[str, int]] = []
         for folder in folders:
-            self.paths += sorted(f"{folder}/{p.name}" for p in (self.root / folder).iterdir()
-                                 if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            with os.scandir(self.root / folder) as entries:  # one stat per image, as is_file() took: with its size
+                files += sorted((f"{folder}/{e.name}", e.stat().st_size) for e in entries
+                                if os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS and e.is_file())
+        self.paths = [rel for rel, _ in files]
+        # Names and sizes identify the images: an image replaced by another of another size is seen, without
+        # reading 1.28M images at every resume (one replaced by one of equal size is not).
+        self.sizes = _sizes_digest([size for _, size in files])
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -180,10 +245,16 @@ class ImageNetSource:
         caption, extras = self.caption(index)
         return Record(rel, (self.root / rel).read_bytes(), caption, {**extras, "source": rel})
 
-    def fingerprint(self) -> dict:
+    def fingerprint(self, known: dict | None = None) -> dict:
+        return {**self.legacy_fingerprint(), "identity": IDENTITY, "sizes": self.sizes}
+
+    def legacy_fingerprint(self) -> dict:
         return {"kind": self.name, "root": str(self.root.resolve()), "count": len(self), "seed": self.seed,
                 "classes": _digest(f"{k}:{'|'.join(v)}" for k, v in self.classes.items()),
                 "items": _digest(self.paths)}
+
+    def legacy_files(self) -> list[tuple[str, Path]]:
+        return []  # the legacy fingerprint has the class names and the image names: image sizes are not kept
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -197,9 +268,11 @@ class TsvSource:
     """
 
     name = "cc12m"
+    settings = {"tsv": "tsv", "tsv_sha256": "tsv", "tsv_bytes": "tsv", "count": "tsv", "image_root": "image_root"}
 
     def __init__(self, tsv: str | Path, image_root: str | Path | None = None):
         self.tsv = _require_file(tsv, "tsv")
+        self.hashed: dict[str, dict] = {}
         self.image_root = _require_dir(image_root, "image_root") if image_root else self.tsv.parent
         offsets, urls = [], 0
         with open(self.tsv, "rb") as f:
@@ -246,10 +319,18 @@ class TsvSource:
         path, caption = self._row(index)
         return Record(path, (self.image_root / path).read_bytes(), caption, {"source": path})
 
-    def fingerprint(self) -> dict:
-        stat = self.tsv.stat()
+    def fingerprint(self, known: dict | None = None) -> dict:
+        # The TSV's sha256: an edit that keeps its size (a caption corrected, rows reordered) is other data.
+        return {"kind": "cc12m-tsv", "identity": IDENTITY, "tsv": str(self.tsv.resolve()),
+                "image_root": str(self.image_root.resolve()), "count": len(self),
+                "tsv_sha256": _hash_file(self.tsv, known, self.hashed)}
+
+    def legacy_fingerprint(self) -> dict:
         return {"kind": "cc12m-tsv", "tsv": str(self.tsv.resolve()), "image_root": str(self.image_root.resolve()),
-                "count": len(self), "tsv_bytes": stat.st_size}
+                "count": len(self), "tsv_bytes": self.tsv.stat().st_size}
+
+    def legacy_files(self) -> list[tuple[str, Path]]:
+        return [("tsv", self.tsv)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -295,9 +376,11 @@ class TarSource:
     """CC12M as webdataset tars; the index keeps each image's and caption's byte range inside its tar."""
 
     name = "cc12m"
+    settings = {"tars": "tars", "count": "tars", "items": "tars", "spans": "tars"}
 
     def __init__(self, tars: str | Path | list):
         self.tars = list_tars(tars)
+        self.hashed: dict[str, dict] = {}
         tar_ids, keys, spans = [], [], []
         for t, path in enumerate(self.tars):
             members = _tar_members(path)
@@ -340,9 +423,19 @@ class TarSource:
             raise ValueError(f"{path.name}:{key} has an empty caption")
         return Record(key, data, caption, {"source": f"{path.name}:{key}"})
 
-    def fingerprint(self) -> dict:
+    def fingerprint(self, known: dict | None = None) -> dict:
+        # Member names, offsets and sizes, and tar sizes: a tar rewritten with other images is seen without reading
+        # the terabytes (one rewritten byte for byte in the same sizes is not).
+        spans = hashlib.sha256(self.spans.tobytes())
+        spans.update(np.asarray([p.stat().st_size for p in self.tars], dtype=np.int64).tobytes())
+        return {**self.legacy_fingerprint(), "identity": IDENTITY, "spans": spans.hexdigest()[:16]}
+
+    def legacy_fingerprint(self) -> dict:
         return {"kind": "cc12m-wds", "tars": _digest(str(p.resolve()) for p in self.tars), "count": len(self),
                 "items": hashlib.sha256(self.keys.tobytes()).hexdigest()[:16]}
+
+    def legacy_files(self) -> list[tuple[str, Path]]:
+        return [("tars", p) for p in self.tars]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -353,6 +446,8 @@ class CocoSource:
     """COCO captions: one item per image (images with no caption are left out); caption "first" or "random"."""
 
     name = "coco"
+    settings = {"images": "images", "sizes": "images", "annotations": "annotations", "count": "annotations",
+                "items": "annotations", "annotations_sha256": "annotations", "caption_choice": "caption"}
 
     def __init__(self, images: str | Path, annotations: str | Path, caption_choice: str = "first", seed: int = 0):
         if caption_choice not in CAPTION_CHOICES:
@@ -370,6 +465,7 @@ class CocoSource:
             captions.setdefault(int(a["image_id"]), []).append((int(a.get("id", 0)), a["caption"].strip()))
         self.annotations = annotations
         self.caption_choice, self.seed = caption_choice, seed
+        self.hashed: dict[str, dict] = {}
         # "first" = lowest annotation id: independent of the file's record order.
         rows = sorted((int(im["id"]), im["file_name"]) for im in raw["images"] if int(im["id"]) in captions)
         twice = [a for a, b in zip(rows, rows[1:]) if a[0] == b[0]]
@@ -398,7 +494,16 @@ class CocoSource:
         extras = {"image_id": self.image_ids[index], "source": file_name, "captions": captions}
         return Record(str(self.image_ids[index]), (self.images / file_name).read_bytes(), caption, extras)
 
-    def fingerprint(self) -> dict:
+    def fingerprint(self, known: dict | None = None) -> dict:
+        # The captions file's sha256 (an edited caption is other data) and the listed images' sizes (-1: missing).
+        return {**self.legacy_fingerprint(), "identity": IDENTITY,
+                "sizes": _sizes_digest([_size(self.images / f) for f in self.file_names]),
+                "annotations_sha256": _hash_file(self.annotations, known, self.hashed)}
+
+    def legacy_fingerprint(self) -> dict:
         return {"kind": self.name, "images": str(self.images.resolve()), "annotations": str(self.annotations.resolve()),
                 "count": len(self), "caption_choice": self.caption_choice, "seed": self.seed,
                 "items": _digest(self.file_names)}
+
+    def legacy_files(self) -> list[tuple[str, Path]]:
+        return [("annotations", self.annotations)]

@@ -198,6 +198,25 @@ def weights_sha256(path: str | os.PathLike, cache_dir: str | os.PathLike | None 
     return sha
 
 
+def file_sha256(path: str | os.PathLike, known: dict | None = None) -> tuple[str, dict | None]:
+    """The sha256 of a file, hashed once per file version (resolved path, size, mtime_ns, ctime_ns), like
+    weights_sha256 but remembered by the caller: `known` maps resolved paths to {size, mtime_ns, ctime_ns, sha256}
+    kept from an earlier process. Returns the sha256 and the entry to keep for this version (None when the file was
+    written to while read: a hash of no one version)."""
+    version = _file_version(Path(path).resolve())
+    fields = dict(zip(("size", "mtime_ns", "ctime_ns"), version[1:]))
+    if version not in _SHA256:
+        entry = (known or {}).get(version[0])
+        if isinstance(entry, dict) and all(entry.get(k) == v for k, v in fields.items()) and entry.get("sha256"):
+            _SHA256[version] = str(entry["sha256"])
+        else:
+            sha = sha256_file(version[0])
+            if _file_version(Path(version[0])) != version:
+                return sha, None
+            _SHA256[version] = sha
+    return _SHA256[version], {**fields, "sha256": _SHA256[version]}
+
+
 def _read_sha256_store(store: Path) -> dict:
     try:
         data = json.loads(store.read_text())
