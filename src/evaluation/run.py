@@ -192,7 +192,8 @@ def missing_for(cfg: DictConfig, run_dir: str | Path, formulation=None) -> list[
     which = str(OmegaConf.select(cfg.eval, "checkpoint", default="best"))
     records = of_step(read_results(run_dir), which, checkpoint_step(run_dir, which))
     return missing_records(records, wanted_for(cfg, formulation), run_dir,
-                           need_inception=cfg.eval.inception.weights_path is not None)
+                           need_inception=cfg.eval.inception.weights_path is not None,
+                           cache_dir=OmegaConf.select(cfg, "paths.cache_dir"))
 
 
 def checkpoint_step(run_dir: str | Path, which: str) -> int | None:
