@@ -430,8 +430,8 @@ class VerifiedArrays:
             return False
         if version in _VERIFIED:
             return True
-        fields = dict(zip(("size", "mtime_ns", "ctime_ns"), version[1:]))
-        if self.store is not None and self._stored().get(version[0]) == fields:
+        stamp = dict(zip(("size", "mtime_ns", "ctime_ns"), version[1:]))
+        if self.store is not None and self._stored().get(version[0]) == stamp:
             _VERIFIED.add(version)
             return True
         if not _readable_npz(path):
@@ -442,7 +442,7 @@ class VerifiedArrays:
             settled = False
         if settled:
             _VERIFIED.add(version)
-            self.found[version[0]] = fields
+            self.found[version[0]] = stamp
         return True
 
     def save(self) -> None:

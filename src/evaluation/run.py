@@ -49,7 +49,7 @@ def chosen_best(last: str | Path) -> dict[str, Any] | None:
         states = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("callbacks") or {}
     except Exception:  # noqa: BLE001 -- a truncated or foreign file
         return None
-    for state in states.values():
+    for state in states.values() if isinstance(states, dict) else ():
         if isinstance(state, dict) and Path(str(state.get("best_model_path") or "")).name == "best.ckpt":
             score, step = state.get("best_model_score"), state.get("best_model_step")
             return {"step": None if step is None else int(step), "score": None if score is None else float(score)}
