@@ -22,7 +22,9 @@ bf16 peak and less memory bandwidth, so expect no more there). The plan says whi
 
 The status column reads the run directory with the job's own rules: done (trained, and every record the
 configuration wants is in results.json: a relaunch skips it), to evaluate (trained, but records of these evaluation
-settings are missing: a relaunch evaluates without retraining), resume (a checkpoint before the last step), to train,
+settings are missing: a relaunch evaluates without retraining), best.ckpt missing (to evaluate, but the checkpoint
+validation chose was deleted or lost: a relaunch fails saying so; restore it, or evaluate last.ckpt with
+eval.checkpoint=last), resume (a checkpoint before the last step), to train,
 changed configuration (the directory holds a run of another configuration: a relaunch is refused), failed
 (error.json), new; to evaluate (trained in TWIN) or (after TWIN trains) for a job that differs from a sibling only in
 evaluation settings (a sampler sweep): it evaluates the sibling's model (src/launch/sweeper.py training_waves).
@@ -97,7 +99,7 @@ class JobPlan:
         after run_dir_step."""
         self.status = status
         self.trains_here = not status.startswith("to evaluate (")
-        if status in ("done", "to evaluate") or not self.trains_here:
+        if status in ("done", "to evaluate", "best.ckpt missing") or not self.trains_here:
             self.train_left = 0.0
         elif status == "resume" and run_dir_step is not None and self.steps > 0:
             self.train_left = min(1.0, max(0.0, 1.0 - run_dir_step / self.steps))
@@ -271,7 +273,8 @@ def job_gpus(cfg: DictConfig) -> int:
 def job_status(cfg: DictConfig, run_dir: Path) -> str:
     """What a relaunch would do in run_dir, by the job's own rules (src/training/job.py, src/results.py):
     new (nothing there), failed (error.json), changed configuration (the job would refuse it), done (trained and
-    every wanted record present), to evaluate (trained; records missing or of other settings), resume (a
+    every wanted record present), to evaluate (trained; records missing or of other settings), best.ckpt missing
+    (to evaluate, but the checkpoint validation chose is gone: the job would fail naming it), resume (a
     checkpoint before the last step), to train (a directory with nothing trained), to evaluate (trained in TWIN)
     for a directory whose tagged sibling trained the same model (reuse_training)."""
     twin = _trained_twin(cfg, run_dir)
@@ -281,14 +284,19 @@ def job_status(cfg: DictConfig, run_dir: Path) -> str:
         return "new"
     if (run_dir / "error.json").is_file():
         return "failed"
-    from src.evaluation.run import missing_for
+    from src.evaluation.run import MissingBestCheckpoint, missing_for, select_checkpoint
     from src.training.job import training_finished
 
     if _fingerprint_changes(cfg, run_dir):
         return "changed configuration"
     if training_finished(cfg, run_dir):
         try:
-            return "to evaluate" if missing_for(cfg, run_dir) else "done"
+            if not missing_for(cfg, run_dir):
+                return "done"
+            select_checkpoint(run_dir, str(OmegaConf.select(cfg, "eval.checkpoint", default="best")))
+            return "to evaluate"
+        except MissingBestCheckpoint:  # the job fails saying so: nothing runs until it is restored or last is chosen
+            return "best.ckpt missing"
         except (ValueError, KeyError, OSError):  # an unreadable results.json: the job evaluates again
             return "to evaluate"
     if (run_dir / "checkpoints" / "last.ckpt").is_file():

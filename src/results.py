@@ -20,12 +20,13 @@ import json
 import math
 import os
 import re
+import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from src.utils.io import atomic_write_json, file_lock
+from src.utils.io import atomic_write_json, file_lock, file_version, read_json_store, update_json_store
 
 RESULTS_FILE = "results.json"
 #: The FID feature definition of new records: raw (un-normalised) CLIP image embeddings, as the paper computes it.
@@ -380,11 +381,14 @@ def wanted_records(cfg: Any, recipe: Mapping[str, Any], feature_extractor: str,
     ]
 
 
-def _usable(record: Mapping[str, Any], run_dir: Path | None, need_inception: bool) -> bool:
-    """A record counts when its arrays are on disk (the report reads them) and it has what is configured."""
-    if run_dir is not None and not (record.get("arrays") and _readable_npz(Path(run_dir) / record["arrays"])):
+def _usable(record: Mapping[str, Any], run_dir: Path | None, need_inception: bool,
+            readable: Callable[[Path], bool] | None = None) -> bool:
+    """A record counts when it has what is configured and its arrays are on disk and read whole (the report reads
+    them); readable(path) says whether they do (default: _readable_npz, every time)."""
+    if need_inception and record.get("fid_inception") is None:
         return False
-    return not need_inception or record.get("fid_inception") is not None
+    readable = readable or _readable_npz
+    return run_dir is None or bool(record.get("arrays") and readable(Path(run_dir) / record["arrays"]))
 
 
 def _readable_npz(path: Path) -> bool:
@@ -397,6 +401,64 @@ def _readable_npz(path: Path) -> bool:
             return bool(z.namelist()) and z.testzip() is None
     except Exception:  # noqa: BLE001 -- zipfile and zlib raise many kinds for a damaged member: all mean unreadable
         return False
+
+
+#: Where the completeness check remembers the arrays files it has read whole, under paths.cache_dir.
+VERIFIED_ARRAYS_FILE = "verified_arrays.json"
+#: A file changed this recently when it was read is read again next time: a rewrite within the file system's
+#: timestamp granularity (a clock tick, up to 2 s on some) could leave its size, mtime and ctime as they were.
+SETTLED_NS = 3_000_000_000
+_VERIFIED: set[tuple] = set()  # file versions (resolved path, size, mtime_ns, ctime_ns) read whole in this process
+_STORES: dict[str, dict] = {}  # each VERIFIED_ARRAYS_FILE's entries as this process read or wrote them
+
+
+class VerifiedArrays:
+    """_readable_npz once per file version: reading every array's CRC reads every byte (about 4 GB for the paper's
+    grid), at every plan, report and job. A version (resolved path, size, mtime_ns, ctime_ns, as
+    src.utils.io.weights_sha256 keys its checksums) read whole is remembered in this process and, with cache_dir, in
+    cache_dir/verified_arrays.json, so that a later command reads it only when it changed (rewritten, damaged in
+    place, replaced). Only the cache folder is written, never a run directory: the plan and the report read runs
+    they do not own. Unreadable files are not remembered (checked again each time, and rare)."""
+
+    def __init__(self, cache_dir: str | os.PathLike | None = None):
+        self.store = Path(cache_dir) / VERIFIED_ARRAYS_FILE if cache_dir is not None else None
+        self.found: dict[str, dict[str, int]] = {}  # verified here, for save()
+
+    def _stored(self) -> dict:
+        key = str(self.store)
+        if key not in _STORES:  # read once per process: entries other processes add later only cost a read
+            _STORES[key] = read_json_store(self.store)
+        return _STORES[key]
+
+    def __call__(self, path: Path) -> bool:
+        try:
+            version = file_version(Path(path).resolve())
+        except OSError:
+            return False
+        if version in _VERIFIED:
+            return True
+        stamp = dict(zip(("size", "mtime_ns", "ctime_ns"), version[1:]))
+        if self.store is not None and self._stored().get(version[0]) == stamp:
+            _VERIFIED.add(version)
+            return True
+        if not _readable_npz(path):
+            return False
+        try:  # written to while read, or too recently to tell a rewrite apart: verified now, not remembered
+            settled = file_version(Path(version[0])) == version and time.time_ns() - max(version[2:]) >= SETTLED_NS
+        except OSError:
+            settled = False
+        if settled:
+            _VERIFIED.add(version)
+            self.found[version[0]] = stamp
+        return True
+
+    def save(self) -> None:
+        """Add the versions verified since the last save to the cache file (one write per completeness check)."""
+        if self.store is not None and self.found:
+            data = update_json_store(self.store, self.found)
+            if data is not None:
+                _STORES[str(self.store)] = data
+            self.found = {}
 
 
 def _same_inception(record: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
@@ -421,20 +483,29 @@ def _same_decoder(record: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
 
 
 def missing_records(records: Iterable[Mapping[str, Any]], wanted: Iterable[Mapping[str, Any]],
-                    run_dir: str | os.PathLike | None = None, need_inception: bool = False) -> list[dict[str, Any]]:
+                    run_dir: str | os.PathLike | None = None, need_inception: bool = False,
+                    cache_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """THE completeness rule: the wanted records that no stored record matches with exactly those settings
-    (same identity, its arrays present in run_dir when given, an Inception FID when one is configured, of the
-    Inception weights the wanted record names, sampled by the sampler code and decoded by the autoencoder it names).
-    A run is complete when this is empty.
+    (same identity, its arrays present in run_dir when given and read whole, an Inception FID when one is
+    configured, of the Inception weights the wanted record names, sampled by the sampler code and decoded by the
+    autoencoder it names). A run is complete when this is empty.
 
     The Inception extractor is not part of the identity: a record evaluated again with other Inception weights
-    replaces the one before (its CLIP numbers are the same), and turning Inception off keeps records complete."""
+    replaces the one before (its CLIP numbers are the same), and turning Inception off keeps records complete.
+    Arrays are read once per file version (VerifiedArrays; remembered under cache_dir, the configuration's
+    paths.cache_dir, when given), and only those of records of wanted settings."""
     run_dir = Path(run_dir) if run_dir is not None else None
+    wanted = [dict(w) for w in wanted]
+    ids = {record_identity(w) for w in wanted}
+    readable = VerifiedArrays(cache_dir) if run_dir is not None else None
     have: dict[tuple, list[Mapping[str, Any]]] = {}
     for r in records:
-        if _usable(r, run_dir, need_inception):
-            have.setdefault(record_identity(r), []).append(r)
-    return [dict(w) for w in wanted
+        key = record_identity(r)
+        if key in ids and _usable(r, run_dir, need_inception, readable):
+            have.setdefault(key, []).append(r)
+    if readable is not None:
+        readable.save()
+    return [w for w in wanted
             if not any(_same_inception(r, w) and _same_sampler_code(r, w) and _same_decoder(r, w)
                        for r in have.get(record_identity(w), []))]
 

@@ -502,6 +502,62 @@ def test_evaluate_cli_refuses_a_run_whose_training_is_not_finished(run, capsys):
     assert (run / "results.json").read_bytes() == before
 
 
+def _edit_best_state(last: Path, **changes) -> None:
+    """Change the best-checkpoint callback's state stored in last.ckpt (as an older run, or one never validated,
+    wrote it)."""
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    [key] = [k for k in ckpt["callbacks"] if k.startswith("ModelCheckpoint{")]
+    for name, value in changes.items():
+        if value is None:
+            ckpt["callbacks"][key].pop(name)
+        else:
+            ckpt["callbacks"][key][name] = value
+    torch.save(ckpt, last)
+
+
+def test_a_lost_best_checkpoint_is_named_not_replaced_by_last(trained, run, monkeypatch):
+    """best.ckpt deleted after validation chose it: evaluating last.ckpt in its place served another model's numbers
+    as "best". Records of the chosen step stay its results (done); an evaluation that needs the file fails in one line
+    naming it (the planner says so); records scored from last.ckpt in its place are not current; a run no validation
+    chose a checkpoint for still evaluates last.ckpt."""
+    from src.evaluation.run import MissingBestCheckpoint, select_checkpoint
+
+    best, last = run / "checkpoints" / "best.ckpt", run / "checkpoints" / "last.ckpt"
+    step = torch.load(best, map_location="cpu", weights_only=True)["global_step"]
+    assert step < 4  # best and last differ here (BASE)
+    states = torch.load(last, map_location="cpu", weights_only=True)["callbacks"]
+    [state] = [v for k, v in states.items() if k.startswith("ModelCheckpoint{")]
+    assert state["best_model_step"] == step  # under ModelCheckpoint's own key: older runs resume their best score
+    best.unlink()
+    cfg, more = _cfg(trained), _cfg(trained, ["eval.seed=5"])
+    assert plan.job_status(cfg, run) == "done"  # its records were scored from the chosen step
+    with pytest.raises(MissingBestCheckpoint) as info:
+        select_checkpoint(run, "best")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(
+        f"{best}: missing, though validation chose it (step {step}, val_ema/loss_mean ")
+    assert message.endswith("); restore it, or evaluate last.ckpt with eval.checkpoint=last")
+    assert select_checkpoint(run, "last") == last
+    before = (run / "results.json").read_bytes()
+    assert plan.job_status(more, run) == "best.ckpt missing"
+    _no_training(monkeypatch)
+    with pytest.raises(MissingBestCheckpoint, match=f"^{best}: missing, though validation chose it"):
+        job.run_job(more, run)
+    assert (run / "results.json").read_bytes() == before
+    assert plan.job_status(_cfg(trained, ["eval.checkpoint=last"]), run) == "to evaluate"
+
+    records = json.loads(before)  # scored from last.ckpt in its place, as before this check
+    (run / "results.json").write_text(json.dumps([{**r, "checkpoint_step": 4} for r in records]))
+    assert plan.job_status(cfg, run) == "best.ckpt missing"
+    (run / "results.json").write_bytes(before)
+    _edit_best_state(last, best_model_step=None)  # a run checkpointed before the step was kept: records unknown
+    assert plan.job_status(cfg, run) == "best.ckpt missing"
+    with pytest.raises(MissingBestCheckpoint, match=r"chose it \(val_ema/loss_mean [0-9.]+\); restore it"):
+        job.run_job(cfg, run)
+    _edit_best_state(last, best_model_path="")  # no validation ever chose one: last.ckpt is evaluated
+    assert select_checkpoint(run, "best") == last
+
+
 @pytest.mark.parametrize("damage", ["cut", "yaml"])
 def test_damaged_run_files_are_named_in_one_line(trained, run, damage):
     """A damaged config.yaml (src.evaluate) or fingerprint.json, best.ckpt (src.run's job): one line naming the file

@@ -111,6 +111,54 @@ def test_completeness_needs_the_arrays_and_a_configured_inception_fid(tmp_path):
     assert describe_missing(wanted, []) == "all settings (none evaluated yet)"
 
 
+def test_arrays_are_read_whole_once_per_file_version(tmp_path, monkeypatch):
+    """The completeness check read every record's arrays whole (a CRC over every member) at each plan, report and job:
+    about 4 GB for the paper's grid. A file version (path, size, mtime, ctime) read whole is remembered in the process
+    and under the cache folder, never in the run directory; one changed in place is read again, and a damaged one
+    counts as missing; one written too recently to tell a rewrite apart is read every time."""
+    import os
+
+    import src.results as results
+
+    monkeypatch.setattr(results, "_VERIFIED", set())
+    monkeypatch.setattr(results, "_STORES", {})
+    read = []
+    monkeypatch.setattr(results, "_readable_npz", lambda p, real=results._readable_npz: read.append(p) or real(p))
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    run.mkdir()
+    wanted = wanted_records(CFG, RECIPE, "x")
+    records = [_stored(w, run) for w in wanted]
+    other = _stored({**wanted[0], "n_samples": 7}, run)  # of settings not wanted: its arrays are not read
+
+    def missing():
+        return missing_records([*records, other], wanted, run, cache_dir=cache)
+
+    assert missing() == [] and len(read) == 4  # just written: read every time
+    assert missing() == [] and len(read) == 8 and not cache.exists()
+    monkeypatch.setattr(results, "SETTLED_NS", 0)  # as for files written a while ago
+    in_run = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert missing() == [] and len(read) == 12
+    assert missing() == [] and len(read) == 12  # remembered in this process
+    monkeypatch.setattr(results, "_VERIFIED", set())
+    monkeypatch.setattr(results, "_STORES", {})
+    assert missing() == [] and len(read) == 12  # a new process: remembered under the cache folder
+    assert sorted(json.loads((cache / results.VERIFIED_ARRAYS_FILE).read_text())) == sorted(
+        str((run / r["arrays"]).resolve()) for r in records)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == in_run  # nothing written in the run directory
+
+    arrays = run / records[1]["arrays"]
+    intact, stat = arrays.read_bytes(), arrays.stat()
+    arrays.write_bytes(intact[:60] + bytes(100) + intact[160:])  # damaged in place: the same size, its zip directory
+    os.utime(arrays, ns=(stat.st_atime_ns, stat.st_mtime_ns - 10**9))  # (another mtime, whatever the clock's tick)
+    assert not results._readable_npz(arrays) and len(read) == 13
+    assert missing() == [wanted[1]] and len(read) == 14
+    assert missing() == [wanted[1]] and len(read) == 15  # an unreadable file is not remembered
+    arrays.write_bytes(intact)  # restored
+    os.utime(arrays, ns=(stat.st_atime_ns, stat.st_mtime_ns - 2 * 10**9))
+    assert missing() == [] and len(read) == 16
+    assert missing() == [] and len(read) == 16
+
+
 def test_a_configured_inception_needs_a_fid_of_its_weights(tmp_path):
     """Records name the Inception weights behind fid_inception (not part of the identity): with Inception configured,
     a record of other weights, or of none named (written before the field), is missing; without, it counts."""

@@ -30,9 +30,36 @@ OnSetting = Callable[[int, int, str, int, float], None]
 
 
 # ---- checkpoint and weights ---------------------------------------------------------------------------------
+class MissingBestCheckpoint(FileNotFoundError):
+    """best.ckpt is gone though a validation chose it: evaluating last.ckpt in its place would score another model
+    under the name "best". step: the step validation chose (None where last.ckpt does not say, older runs)."""
+
+    def __init__(self, message: str, step: int | None):
+        super().__init__(message)
+        self.step = step
+
+
+def chosen_best(last: str | Path) -> dict[str, Any] | None:
+    """What last.ckpt says validation chose as best.ckpt: {"step": int | None, "score": float | None}; None when no
+    validation has produced one (or last.ckpt cannot be read: the evaluation names it when it loads it).
+
+    Read from the ModelCheckpoint state Lightning saves in every checkpoint (src/training/callbacks.py
+    BestCheckpoint): a best_model_path ending in best.ckpt means one was written, wherever the run lay then."""
+    try:
+        states = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("callbacks") or {}
+    except Exception:  # noqa: BLE001 -- a truncated or foreign file
+        return None
+    for state in states.values() if isinstance(states, dict) else ():
+        if isinstance(state, dict) and Path(str(state.get("best_model_path") or "")).name == "best.ckpt":
+            score, step = state.get("best_model_score"), state.get("best_model_step")
+            return {"step": None if step is None else int(step), "score": None if score is None else float(score)}
+    return None
+
+
 def select_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
     """The checkpoint file to evaluate: "best" = best.ckpt (lowest EMA validation loss), else last.ckpt where
-    no validation has produced one; "last" = last.ckpt. Raises FileNotFoundError naming the folder when absent."""
+    no validation has produced one; "last" = last.ckpt. Raises FileNotFoundError naming the folder when absent,
+    MissingBestCheckpoint when best.ckpt is gone though a validation chose it (last.ckpt's callback state says so)."""
     if which not in CHECKPOINTS:
         raise ConfigError(f"eval.checkpoint={which}: allowed values are {', '.join(CHECKPOINTS)}")
     ckpt_dir = Path(run_dir) / "checkpoints"
@@ -40,6 +67,13 @@ def select_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
     path = best if which == "best" and best.is_file() else last
     if not path.is_file():
         raise FileNotFoundError(f"{ckpt_dir}: no checkpoint (last.ckpt) to evaluate; train the run first")
+    chosen = chosen_best(last) if which == "best" and path == last else None
+    if chosen is not None:  # deleted or lost: last.ckpt is another model, its records would be served as best's
+        said = [f"step {chosen['step']}"] if chosen["step"] is not None else []
+        said += [f"val_ema/loss_mean {chosen['score']:.6g}"] if chosen["score"] is not None else []
+        which_one = f" ({', '.join(said)})" if said else ""
+        raise MissingBestCheckpoint(f"{best}: missing, though validation chose it{which_one}; restore it, or evaluate "
+                                    "last.ckpt with eval.checkpoint=last", chosen["step"])
     return path
 
 
@@ -169,21 +203,29 @@ def missing_for(cfg: DictConfig, run_dir: str | Path, formulation=None, meta: di
                 ) -> list[dict[str, Any]]:
     """The wanted records results.json lacks ([] when the evaluation is disabled). A record of another checkpoint
     step than the checkpoint the evaluation would use now counts as missing: it was scored before training went on
-    (an unfinished run evaluated, then resumed), so its numbers are not this model's."""
+    (an unfinished run evaluated, then resumed), or from last.ckpt in place of a lost best.ckpt, so its numbers are
+    not this model's. Raises MissingBestCheckpoint as checkpoint_step does."""
     if not cfg.eval.enabled:
         return []
     which = str(OmegaConf.select(cfg.eval, "checkpoint", default="best"))
     records = of_step(read_results(run_dir), which, checkpoint_step(run_dir, which))
     return missing_records(records, wanted_for(cfg, formulation, meta), run_dir,
-                           need_inception=cfg.eval.inception.weights_path is not None)
+                           need_inception=cfg.eval.inception.weights_path is not None,
+                           cache_dir=OmegaConf.select(cfg, "paths.cache_dir"))
 
 
 def checkpoint_step(run_dir: str | Path, which: str) -> int | None:
     """The training step of the checkpoint an evaluation would use now; None when there is none or it is unreadable
-    (the evaluation then says so)."""
+    (the evaluation then says so). For a best.ckpt lost after validation chose it, the step chosen: records of it
+    are still its results (scored before it was lost); raises MissingBestCheckpoint where last.ckpt does not say the
+    step (runs before BestCheckpoint), as no stored record can then be told to be of that model."""
     try:
         path = select_checkpoint(run_dir, which)
         return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except MissingBestCheckpoint as e:
+        if e.step is None:
+            raise
+        return e.step
     except Exception:  # noqa: BLE001
         return None
 

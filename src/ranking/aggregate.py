@@ -183,7 +183,10 @@ def run_completeness(run_dir: Path, records: list[dict]
                 wanted = [{**w, "feature_extractor": next(iter(stored))} for w in wanted] if len(stored) == 1 \
                     else wanted
             need_inception = OmegaConf.select(cfg, "eval.inception.weights_path") is not None
-            return (len(wanted), missing_records(records, wanted, run_dir, need_inception),
+            # The arrays files read whole are remembered under the run's cache folder (as wanted_for remembers the
+            # weights' checksums there), never in the run directory: the report only reads runs.
+            cache_dir = OmegaConf.select(cfg, "paths.cache_dir")
+            return (len(wanted), missing_records(records, wanted, run_dir, need_inception, cache_dir),
                     missing_records(records, wanted, None, need_inception), wanted)
         except Exception:  # noqa: BLE001 -- a file this version cannot read as a configuration: try the next
             continue

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 
 
 class SaveLastAtEnd(L.Callback):
@@ -22,6 +22,32 @@ class SaveLastAtEnd(L.Callback):
 def validated_at(step: int, val_every: int) -> bool:
     """Whether Lightning validates after training step `step` (val_check_interval=val_every, counted in steps)."""
     return step % val_every == 0
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (save_top_k=1, no save_last) that also remembers the step of the checkpoint it
+    chose, `best_model_step` in its state (saved in last.ckpt with the rest): where best.ckpt is lost, the evaluation
+    names that model and still tells its records apart (src/evaluation/run.py select_checkpoint, checkpoint_step).
+    Its state keeps ModelCheckpoint's key, so runs checkpointed before this class resume their best score."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.best_model_step: int | None = None
+
+    @property
+    def state_key(self) -> str:
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def _update_best_and_save(self, current, trainer: L.Trainer, monitor_candidates) -> None:
+        self.best_model_step = trainer.global_step  # (called only for a new best) set first: best.ckpt holds it too
+        super()._update_best_and_save(current, trainer, monitor_candidates)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "best_model_step": self.best_model_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.best_model_step = state_dict.get("best_model_step")
 
 
 class StepCheckpoint(Checkpoint):

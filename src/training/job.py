@@ -16,7 +16,6 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.config import (
@@ -28,7 +27,7 @@ from src.launch.rundir import is_launch_rank_zero
 from src.launch.strategies import build_strategy
 from src.launch.sweeper import EVALUATION_ONLY
 from src.results import parse_run_tag
-from src.training.callbacks import SaveLastAtEnd, StepCheckpoint
+from src.training.callbacks import BestCheckpoint, SaveLastAtEnd, StepCheckpoint
 from src.training.checkpoint_io import AtomicCheckpointIO, checkpoint_to_resume
 from src.training.datamodule import ShardDataModule
 from src.training.module import FormulationModule
@@ -650,8 +649,8 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     callbacks = [TrainingProgress()] if cfg.trainer.enable_progress_bar else []
     callbacks += [
         # The lowest EMA validation loss (model selection), and `last.ckpt` every ckpt_every steps (resume).
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_ema/loss_mean", mode="min",
-                        save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False),
+        BestCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_ema/loss_mean", mode="min",
+                       save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False),
         StepCheckpoint(ckpt_dir / "last.ckpt", every=cfg.train.ckpt_every, val_every=cfg.train.val_every),
         SaveLastAtEnd(ckpt_dir / "last.ckpt"),
     ]

@@ -169,7 +169,9 @@ WEIGHTS_SHA256_FILE = "weights_sha256.json"
 _SHA256: dict[tuple, str] = {}  # (resolved path, size, mtime_ns, ctime_ns) -> sha256, for this process
 
 
-def _file_version(path: Path) -> tuple:
+def file_version(path: Path) -> tuple:
+    """(path, size, mtime_ns, ctime_ns): what changes when the file at path is rewritten, replaced or renamed over.
+    Raises OSError where there is no file."""
     # ctime too: unlike mtime it cannot be set back (cp -p, touch -d), and a file renamed over this path changes it.
     st = path.stat()
     return str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns
@@ -180,20 +182,20 @@ def weights_sha256(path: str | os.PathLike, cache_dir: str | os.PathLike | None 
     name) is another feature extractor. Hashed once per file version (resolved path, size, mtime_ns, ctime_ns):
     remembered in this process and, with cache_dir, in cache_dir/weights_sha256.json, so a large file is not read
     again at every launch."""
-    version = _file_version(Path(path).resolve())
+    version = file_version(Path(path).resolve())
     if version in _SHA256:
         return _SHA256[version]
     store = Path(cache_dir) / WEIGHTS_SHA256_FILE if cache_dir is not None else None
     fields = dict(zip(("size", "mtime_ns", "ctime_ns"), version[1:]))
-    known = _read_sha256_store(store).get(version[0]) if store is not None else None
+    known = read_json_store(store).get(version[0]) if store is not None else None
     if isinstance(known, dict) and all(known.get(k) == v for k, v in fields.items()) and known.get("sha256"):
         _SHA256[version] = str(known["sha256"])
         return _SHA256[version]
     sha = sha256_file(version[0])
-    if _file_version(Path(version[0])) != version:  # written to while read: a hash of no one version, not kept
+    if file_version(Path(version[0])) != version:  # written to while read: a hash of no one version, not kept
         return sha
     if store is not None:
-        _remember_sha256(store, version[0], {**fields, "sha256": sha})
+        update_json_store(store, {version[0]: {**fields, "sha256": sha}})
     _SHA256[version] = sha
     return sha
 
@@ -203,7 +205,7 @@ def file_sha256(path: str | os.PathLike, known: dict | None = None) -> tuple[str
     weights_sha256 but remembered by the caller: `known` maps resolved paths to {size, mtime_ns, ctime_ns, sha256}
     kept from an earlier process. Returns the sha256 and the entry to keep for this version (None when the file was
     written to while read: a hash of no one version)."""
-    version = _file_version(Path(path).resolve())
+    version = file_version(Path(path).resolve())
     fields = dict(zip(("size", "mtime_ns", "ctime_ns"), version[1:]))
     if version not in _SHA256:
         entry = (known or {}).get(version[0])
@@ -211,25 +213,31 @@ def file_sha256(path: str | os.PathLike, known: dict | None = None) -> tuple[str
             _SHA256[version] = str(entry["sha256"])
         else:
             sha = sha256_file(version[0])
-            if _file_version(Path(version[0])) != version:
+            if file_version(Path(version[0])) != version:
                 return sha, None
             _SHA256[version] = sha
     return _SHA256[version], {**fields, "sha256": _SHA256[version]}
 
 
-def _read_sha256_store(store: Path) -> dict:
+def read_json_store(store: Path) -> dict:
+    """The entries of a cache file of JSON entries by key; {} when absent or damaged (only a cache, rebuilt)."""
     try:
         data = json.loads(store.read_text())
-    except (OSError, ValueError):  # absent or damaged: only a cache, rebuilt as files are hashed
+    except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
 
 
-def _remember_sha256(store: Path, path: str, entry: dict) -> None:
+def update_json_store(store: Path, entries: dict) -> dict | None:
+    """Add entries to a cache file of JSON entries, under its lock (jobs of a sweep add entries concurrently);
+    returns all its entries, None where it cannot be written (a read-only cache folder costs a recomputation
+    next time, nothing else)."""
     try:
-        with file_lock(store.with_name(f".{store.name}.lock")):  # jobs of a sweep add entries concurrently
-            data = _read_sha256_store(store)
-            data[path] = entry
+        with file_lock(store.with_name(f".{store.name}.lock")):
+            data = read_json_store(store)
+            data.update(entries)
             atomic_write_json(store, data, sort_keys=True)
-    except OSError as e:  # a read-only cache folder costs a hash per launch, nothing else
-        log.debug("could not remember the sha256 of %s in %s: %s", path, store, e)
+        return data
+    except OSError as e:
+        log.debug("could not remember %d entries in %s: %s", len(entries), store, e)
+        return None
