@@ -153,7 +153,7 @@ def evaluate(run_dir: str | Path, overrides: Sequence[str] = (), config_dirs: Se
     if not cfg.eval.enabled:
         raise ConfigError("eval.enabled=false: nothing to evaluate")
 
-    from src.evaluation.run import checkpoint_step, describe, evaluate_run, missing_for
+    from src.evaluation.run import checkpoint_step, describe, evaluate_run, missing_for, select_checkpoint
     from src.launch.rundir import EVAL_REQUEST
     from src.utils.io import atomic_write_bytes
     from src.training.job import check_config, check_decoder, check_trained_code, resolve_data, training_finished
@@ -169,6 +169,7 @@ def evaluate(run_dir: str | Path, overrides: Sequence[str] = (), config_dirs: Se
     missing = missing_for(cfg, run_dir, meta=meta)
     log = logging.getLogger("src.evaluate")
     if missing:
+        select_checkpoint(run_dir, str(cfg.eval.checkpoint))  # a lost best.ckpt is named before "evaluating"
         log.info("%s: results for %s missing: evaluating", run_dir, describe(cfg, run_dir, missing),
                  extra={"console": True})
     else:

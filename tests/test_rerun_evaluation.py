@@ -515,7 +515,7 @@ def _edit_best_state(last: Path, **changes) -> None:
     torch.save(ckpt, last)
 
 
-def test_a_lost_best_checkpoint_is_named_not_replaced_by_last(trained, run, monkeypatch):
+def test_a_lost_best_checkpoint_is_named_not_replaced_by_last(trained, run, monkeypatch, caplog):
     """best.ckpt deleted after validation chose it: evaluating last.ckpt in its place served another model's numbers
     as "best". Records of the chosen step stay its results (done); an evaluation that needs the file fails in one line
     naming it (the planner says so); records scored from last.ckpt in its place are not current; a run no validation
@@ -541,8 +541,10 @@ def test_a_lost_best_checkpoint_is_named_not_replaced_by_last(trained, run, monk
     before = (run / "results.json").read_bytes()
     assert plan.job_status(more, run) == "best.ckpt missing"
     _no_training(monkeypatch)
-    with pytest.raises(MissingBestCheckpoint, match=f"^{best}: missing, though validation chose it"):
+    with caplog.at_level(logging.INFO), pytest.raises(MissingBestCheckpoint,
+                                                      match=f"^{best}: missing, though validation chose it"):
         job.run_job(more, run)
+    assert "evaluating" not in caplog.text  # named before the job says it evaluates
     assert (run / "results.json").read_bytes() == before
     assert plan.job_status(_cfg(trained, ["eval.checkpoint=last"]), run) == "to evaluate"
 

@@ -616,7 +616,7 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     twin = reuse_training(cfg, run_dir)
 
     if twin is not None or training_finished(cfg, run_dir):
-        from src.evaluation.run import describe, evaluate_run, missing_for
+        from src.evaluation.run import describe, evaluate_run, missing_for, select_checkpoint
 
         if not is_launch_rank_zero():  # evaluation is one process's work: the job's other ranks end here
             log.info("%s: training is done; rank 0 evaluates", run_dir)
@@ -626,6 +626,8 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         if not missing:
             log.info("%s: results complete, nothing to do", run_dir)
             return {"run_dir": str(run_dir), "skipped": True}
+        # A checkpoint to evaluate, before saying the job evaluates (a lost best.ckpt is named instead).
+        select_checkpoint(run_dir, str(OmegaConf.select(cfg, "eval.checkpoint", default="best")))
         if twin is None:  # (a reused training said so already)
             log.info("%s: results for %s missing: evaluating, training is done", run_dir,
                      describe(cfg, run_dir, missing), extra={"console": True})
