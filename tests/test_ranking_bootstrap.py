@@ -186,6 +186,19 @@ def test_reloading_features_over_the_memory_budget_gives_the_same_draws(twin_swe
     np.testing.assert_array_equal(cached.clip, reloaded.clip)
 
 
+def test_draws_do_not_depend_on_the_order_of_the_records(tmp_path):
+    """Each record's draws depend on the records, not on their order (the sweeps' order on the command line, the
+    records' in results.json): two datasets listed shapes first draw as listed digits first."""
+    sweep = write_synthetic_sweep(tmp_path / "s", recipes=("rf", "edm"), n_samples=16, n_reference=24, dim=3,
+                                  sampler_settings=((5, 5.0),))
+    records = load_sweep([sweep]).records
+    assert records["dataset"].iloc[0] == "digits" and set(records["dataset"]) == {"digits", "shapes"}
+    backwards = records.iloc[::-1].reset_index(drop=True)
+    first, second = bootstrap_metrics(records, 5, seed=0), bootstrap_metrics(backwards, 5, seed=0)
+    np.testing.assert_array_equal(first.clip, second.clip[:, ::-1])
+    np.testing.assert_array_equal(first.fid, second.fid[:, ::-1])
+
+
 def test_draws_do_not_depend_on_the_number_of_workers(tmp_path):
     """Worker threads compute records in parallel with BLAS held to one thread: the same arithmetic, equal draws."""
     sweep = write_synthetic_sweep(tmp_path / "s", recipes=("rf", "edm", "eps/linear"), datasets=("digits",),

@@ -137,6 +137,20 @@ def test_latest_sweep_by_mtime_and_default_out_dir(sweep, tmp_path, monkeypatch)
     assert (tmp_path / "reports" / "old" / "report.md").is_file()
 
 
+def test_latest_sweep_of_sweeps_touched_at_once_does_not_depend_on_the_listing_order(tmp_path, monkeypatch):
+    root = tmp_path / "multirun"
+    for name in ("a", "b"):
+        (root / name / "run").mkdir(parents=True)
+    for p in (root / "a", root / "a" / "run", root / "b", root / "b" / "run"):
+        os.utime(p, (1e9, 1e9))
+    listed = Path.iterdir
+    found = set()
+    for order in (sorted, lambda paths: sorted(paths, reverse=True)):
+        monkeypatch.setattr(Path, "iterdir", lambda self, order=order: iter(order(listed(self))))
+        found.add(latest_sweep(root))
+    assert found == {root / "b"}
+
+
 def test_module_runs_and_fails_cleanly_without_sweeps(tmp_path):
     result = subprocess.run([sys.executable, "-m", "src.ranking.report", "--multirun-root", str(tmp_path / "none")],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)

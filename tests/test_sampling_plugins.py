@@ -297,3 +297,15 @@ def test_a_stochastic_sampler_from_outside_draws_the_same_in_every_evaluation(se
                                                                "out_dir": tmp_path / f"run{state}"})
         scores.append([(r["clip_score"], r["fid_clip"]) for r in records])
     assert scores[0] == scores[1]
+
+
+def test_a_stochastic_samplers_draws_are_not_the_initial_noise():
+    """Its draws come from a stream of their own: seeded as the batch's initial noise is, its first fresh noise
+    would be the first prompt's initial noise again (an ancestral step would add the noise it started from)."""
+    from src.evaluation.evaluate import _sampler_draws
+    from src.sampling import initial_noise
+
+    noise = initial_noise(4, (1, 4, 4), seed=1234, start=8)
+    with _sampler_draws(torch.device("cpu"), 1234, 8):
+        fresh = torch.randn(noise.shape)
+    assert not any(torch.equal(fresh[i], noise[j]) for i in range(4) for j in range(4))

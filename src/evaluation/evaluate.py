@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 GRID_SAMPLES = 64
 EVAL_SUBDIR = "eval"
+SAMPLER_STREAM = 1  # _index_seed stream of a stochastic sampler's draws (the initial noise is stream None)
 
 
 @dataclass(frozen=True)
@@ -186,12 +187,14 @@ def sampler_kwargs(sampler: str) -> dict[str, str]:
 @contextmanager
 def _sampler_draws(device: torch.device, seed: int, start: int) -> Iterator[None]:
     """A stochastic sampler (one from outside may draw fresh noise at each step) draws from torch's global generators:
-    seeded per batch from (seed, start), as the initial noise is, its records do not depend on what the process drew
-    before (the training, another setting, a resumed evaluation); the caller's generators are left as they were."""
+    seeded per batch from (seed, start), on a stream of their own, its records do not depend on what the process drew
+    before (the training, another setting, a resumed evaluation), though they do on eval.batch_size (the batches'
+    starts); the caller's generators are left as they were."""
     devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(_index_seed(seed, start))
+        # Its own stream: seeded as the initial noise of prompt `start` is, the first draw would be that noise again.
+        torch.manual_seed(_index_seed(seed, start, stream=SAMPLER_STREAM))
         yield
 
 

@@ -112,21 +112,26 @@ def bootstrap_metrics(records: pd.DataFrame, draws: int, seed: int = 0,
     features: dict[int, np.ndarray | None] = {}  # None: over the memory budget, reloaded per chunk of draws
     sample_counts: dict[tuple, np.ndarray] = {}  # (dataset, n) -> (draws, n), shared by paired records
     sample_key: dict[int, tuple] = {}
+    scores_of: dict[int, np.ndarray] = {}
     kept_bytes = 0
     for row in range(len(records)):
         loaded = _load_record(records, row, references, result.fixed)
         if loaded is None:
             continue
         scores, feats, ref = loaded
-        key = sample_key[row] = (records["dataset"].iat[row], len(scores))
-        if key not in sample_counts:
-            sample_counts[key] = rng.multinomial(key[1], np.full(key[1], 1.0 / key[1]), size=draws).astype(float)
-        result.clip[:, row] = sample_counts[key] @ scores / len(scores)
+        sample_key[row], scores_of[row] = (records["dataset"].iat[row], len(scores)), scores
         kept_bytes += feats.nbytes
         features[row] = feats if kept_bytes <= FEATURE_CACHE_BYTES else None
+    # Drawn in sorted order, not in the records' (the order of the sweeps on the command line, of the records in a
+    # results.json): the same records get the same draws however they were listed.
+    for key in sorted(set(sample_key.values())):
+        sample_counts[key] = rng.multinomial(key[1], np.full(key[1], 1.0 / key[1]), size=draws).astype(float)
+    for row, scores in scores_of.items():
+        result.clip[:, row] = sample_counts[sample_key[row]] @ scores / len(scores)
     ref_counts = {
-        path: rng.multinomial(len(ref), np.full(len(ref), 1.0 / len(ref)), size=draws).astype(float)
-        for path, ref in references.items()
+        path: rng.multinomial(len(references[path]), np.full(len(references[path]), 1.0 / len(references[path])),
+                              size=draws).astype(float)
+        for path in sorted(references)
     }
 
     ops = _frechet_ops(device)

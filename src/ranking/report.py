@@ -577,7 +577,8 @@ def _write_text(path: Path, text: str) -> Path:
 
 
 def latest_sweep(root: Path | str = DEFAULT_MULTIRUN) -> Path:
-    """The sweep directory under root most recently modified (its own or a direct child's mtime)."""
+    """The sweep directory under root most recently modified (its own or a direct child's mtime; of sweeps touched
+    at the same time, the name sorting last)."""
     root = Path(root)
     sweeps = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
     if not sweeps:
@@ -586,7 +587,8 @@ def latest_sweep(root: Path | str = DEFAULT_MULTIRUN) -> Path:
     def touched(path: Path) -> float:
         return max([path.stat().st_mtime] + [c.stat().st_mtime for c in path.iterdir() if c.is_dir()])
 
-    return max(sweeps, key=touched)
+    # The name breaks ties (mtimes are as coarse as the kernel's clock tick), not the directory's listing order.
+    return max(sweeps, key=lambda p: (touched(p), p.name))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

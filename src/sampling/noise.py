@@ -7,9 +7,11 @@ import torch
 from torch import Tensor
 
 
-def _index_seed(seed: int, k: int) -> int:
-    """A 64-bit seed for prompt index k, mixed from (seed, k) by numpy's SeedSequence (no collisions by offsets)."""
-    return int(np.random.SeedSequence([seed, k]).generate_state(1, dtype=np.uint64)[0])
+def _index_seed(seed: int, k: int, stream: int | None = None) -> int:
+    """A 64-bit seed for prompt index k, mixed from (seed, k) by numpy's SeedSequence (no collisions by offsets).
+    stream: another stream for the same (seed, k), independent of the initial noise's (None)."""
+    entropy = [seed, k] if stream is None else [seed, k, stream]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
 
 
 def initial_noise(
