@@ -90,6 +90,59 @@ def test_resume_matches_uninterrupted_run(tmp_path, cache_dir, monkeypatch):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_training_streams_are_independent_of_each_other_and_of_other_seeds():
+    """Every (seed, stream, step) has a stream of its own: replicate seeds, a step's data and its draws, and the
+    validation noise share none (version 1 did: seed s's noise was seed s + 3's times)."""
+    from src.training.module import DATA, NOISE, TIMES, VALIDATION, step_generator
+
+    first = {}
+    for seed in range(5):
+        for stream in (TIMES, NOISE, DATA, VALIDATION):
+            for step in range(40):
+                draws = tuple(torch.rand(4, generator=step_generator(seed, step, stream)).tolist())
+                assert draws not in first, (seed, stream, step, first.get(draws))
+                first[draws] = (seed, stream, step)
+    old = [torch.rand(4, generator=step_generator(s, k, c, streams=1)) for s, k, c in ((0, 5, NOISE), (3, 5, TIMES))]
+    assert torch.equal(*old)
+    with pytest.raises(ValueError, match="streams=3: allowed versions are 1 and 2"):
+        step_generator(0, 0, streams=3)
+
+
+def test_a_run_made_before_independent_streams_resumes_with_its_own(tmp_path, cache_dir, monkeypatch):
+    """A run directory bound before fingerprint.json recorded "streams" trained with version 1: resumed today, it ends
+    with exactly the weights of an uninterrupted version-1 run (not a mix of two streams); a new run takes today's."""
+    import json
+
+    from src.training import module as module_lib
+
+    overrides = ["train.max_steps=6", "train.val_every=3", "train.ckpt_every=3", "eval.enabled=false"]
+    monkeypatch.setattr(module_lib, "STREAMS", 1)  # the code before: every run of version 1
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_job(make_cfg(tmp_path, cache_dir, overrides), straight)
+    original = module_lib.FormulationModule.training_step
+
+    def failing_step(self, batch, batch_idx):
+        if self.global_step == 4:
+            raise Interrupt()
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(module_lib.FormulationModule, "training_step", failing_step)
+    with pytest.raises(Interrupt):
+        run_job(make_cfg(tmp_path, cache_dir, overrides), resumed)
+    monkeypatch.undo()  # today's code
+    fingerprint = json.loads((resumed / "fingerprint.json").read_text())
+    assert fingerprint.pop("streams") == 1
+    (resumed / "fingerprint.json").write_text(json.dumps(fingerprint))  # as written before the key existed
+    run_job(make_cfg(tmp_path, cache_dir, overrides), resumed)
+    a, b = final_state(straight), final_state(resumed)
+    assert a[1] == b[1] == 6 and all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+    new = tmp_path / "new"
+    run_job(make_cfg(tmp_path, cache_dir, overrides), new)
+    assert json.loads((new / "fingerprint.json").read_text())["streams"] == module_lib.STREAMS == 2
+    key = "backbone.x_embedder.proj.weight"
+    assert not torch.equal(final_state(new)[0][key], a[0][key])  # other draws
+
+
 def assert_same_run(run_dir: Path, reference: Path) -> None:
     """The same last and best checkpoints (step and weights, bitwise) and the same evaluation records."""
     import json

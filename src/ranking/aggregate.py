@@ -499,6 +499,7 @@ def training_settings(run_dir: Path | str) -> dict[str, str] | None:
     if not isinstance(fp, dict):
         return None
     fp = without_throughput_keys(fp)  # (embedded data's folders by their names)
+    fp.pop("streams", None)  # the version of the random streams: other draws of one configuration, as seeds are
     for section, added in ADDED_KEYS.items():
         fp[section] = {**added, **fp[section]} if isinstance(fp.get(section), dict) else fp.get(section, dict(added))
     return _flatten(fp)

@@ -23,16 +23,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from src.data.shards import ShardSamples, load_eval_set
 from src.launch.preemption import submitit_signal
-from src.training.module import step_generator
+from src.training.module import DATA, STREAMS, step_generator
 
 log = logging.getLogger(__name__)
 
-DATA_STREAM_OFFSET = 17  # keeps the data's stream apart from the step's own draws (t, noise, dropout)
 
-
-def global_batch_indices(seed: int, step: int, batch_size: int, n: int) -> torch.Tensor:
-    """The dataset indices of step `step`'s global batch (uniform, with replacement)."""
-    return torch.randint(n, (batch_size,), generator=step_generator(seed, step + DATA_STREAM_OFFSET))
+def global_batch_indices(seed: int, step: int, batch_size: int, n: int, streams: int = STREAMS) -> torch.Tensor:
+    """The dataset indices of step `step`'s global batch (uniform, with replacement); streams: the run's version
+    of step_generator."""
+    return torch.randint(n, (batch_size,), generator=step_generator(seed, step, DATA, streams=streams))
 
 
 class InMemorySamples:
@@ -56,19 +55,20 @@ class StepIndexedBatches(IterableDataset):
     one batch from each worker in turn, so the batches arrive in step order.
     """
 
-    def __init__(self, source, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world: int = 1):
+    def __init__(self, source, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world: int = 1,
+                 streams: int = STREAMS):
         if batch_size % world:
             raise ValueError(f"data.batch_size={batch_size}: the global batch must divide over {world} ranks")
         self.source = InMemorySamples(source) if isinstance(source, dict) else source
         self.batch_size, self.seed, self.start_step = batch_size, seed, start_step
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.streams = rank, world, streams
         self.n = len(self.source)
 
     def indices(self, step: int) -> torch.Tensor:
         """This rank's rows of step `step`'s global batch."""
         per_rank = self.batch_size // self.world
-        return global_batch_indices(self.seed, step, self.batch_size, self.n)[self.rank * per_rank:
-                                                                              (self.rank + 1) * per_rank]
+        indices = global_batch_indices(self.seed, step, self.batch_size, self.n, self.streams)
+        return indices[self.rank * per_rank:(self.rank + 1) * per_rank]
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -153,12 +153,13 @@ class ShardDataModule(L.LightningDataModule):
         in_memory: bool = True,
         num_workers: int = 0,
         val_samples: int = 256,
+        streams: int = STREAMS,
     ):
         super().__init__()
         if num_workers < 0:
             raise ValueError(f"data.num_workers={num_workers} is not allowed; need >= 0")
         self.train_dir, self.eval_dir = train_dir, eval_dir
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed, self.streams = batch_size, seed, streams
         self.in_memory, self.num_workers, self.val_samples = in_memory, num_workers, val_samples
         self._train = None
         self._val: dict | None = None
@@ -183,7 +184,7 @@ class ShardDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank = self.trainer.global_rank if self.trainer is not None else 0
         world = self.trainer.world_size if self.trainer is not None else 1
-        ds = StepIndexedBatches(self._train, self.batch_size, self.seed, 0, rank, world)
+        ds = StepIndexedBatches(self._train, self.batch_size, self.seed, 0, rank, world, self.streams)
         # In memory, the batch is a tensor index: workers would only add copies between processes.
         return StepLoader(ds, self._global_step, num_workers=0 if self.in_memory else self.num_workers)
 

@@ -351,6 +351,21 @@ def _fingerprint_json(cfg: DictConfig) -> dict:
     return json.loads(json.dumps(fingerprint(cfg), default=str))
 
 
+def run_streams(run_dir: Path) -> int:
+    """The version of the training's random streams in run_dir (src.training.module.STREAMS): the one its
+    fingerprint.json was bound with, 1 for a run bound before the key existed (so it resumes exactly); today's for a
+    directory with nothing trained (every rank of a job reads the same, before or after rank 0 binds it)."""
+    from src.training.module import STREAMS
+
+    if not is_bound(run_dir):
+        return STREAMS
+    try:
+        stored = json.loads((run_dir / "fingerprint.json").read_text())
+    except (OSError, ValueError):  # check_fingerprint has named a damaged one already
+        return STREAMS
+    return int(stored.get("streams", 1)) if isinstance(stored, dict) else STREAMS
+
+
 def fingerprint_changes(cfg: DictConfig, run_dir: Path) -> list[str]:
     """The keys whose values differ from the configuration a run in run_dir was trained with ([] when the directory
     holds nothing trained or evaluated yet: a launch that failed before its first checkpoint leaves nothing to
@@ -366,6 +381,7 @@ def fingerprint_changes(cfg: DictConfig, run_dir: Path) -> list[str]:
                           f"with: restore it, or move the directory away to train anew") from e
     if "code" not in stored:  # trained before the code from outside was recorded: its content is unknown
         current.pop("code", None)
+    stored.pop("streams", None)  # the run's own draws (run_streams), not a setting: any version resumes as it was
     return diff_keys(with_added_keys(without_throughput_keys(stored), current), current)
 
 
@@ -409,7 +425,9 @@ def bind_fingerprint(cfg: DictConfig, run_dir: Path) -> None:
     Binding also writes the resolved configuration to config.yaml (what `python -m src.evaluate` re-evaluates the
     run with); a run directory from before config.yaml existed gets one."""
     if not (run_dir / "fingerprint.json").exists() or not is_bound(run_dir):
-        atomic_write_json(run_dir / "fingerprint.json", _fingerprint_json(cfg))
+        from src.training.module import STREAMS
+
+        atomic_write_json(run_dir / "fingerprint.json", {**_fingerprint_json(cfg), "streams": STREAMS})
         write_run_config(cfg, run_dir)
     elif not (run_dir / CONFIG_FILE).exists():
         write_run_config(cfg, run_dir)
@@ -453,7 +471,8 @@ def build_backbone(cfg: DictConfig) -> torch.nn.Module:
         raise ConfigError(f"model: {cause}") from None
 
 
-def build_module(cfg: DictConfig, formulation, backbone, meta: dict | None = None) -> FormulationModule:
+def build_module(cfg: DictConfig, formulation, backbone, meta: dict | None = None, streams: int | None = None
+                 ) -> FormulationModule:
     o, t = cfg.optim, cfg.train
     # Which context tokens / pooled channels belong to which text encoder, for per-encoder dropout.
     groups = to_dict(t.cond_groups) if t.cond_groups else (meta or {}).get("text_groups")
@@ -462,7 +481,7 @@ def build_module(cfg: DictConfig, formulation, backbone, meta: dict | None = Non
         warmup_steps=o.warmup_steps, ema_every=t.ema_every, ema_decay=t.ema_decay, cond_dropout=t.cond_dropout,
         cond_groups=groups,
         val_levels=t.val_levels, shift=t.get("shift", 1.0), seed=cfg.seed, compile=getattr(backbone, "compile_requested", False),
-        fused=o.get("fused", "auto"),
+        fused=o.get("fused", "auto"), **({} if streams is None else {"streams": streams}),
     )
 
 
@@ -641,10 +660,12 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     _torch_settings(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     backbone = build_backbone(cfg)
-    module = build_module(cfg, formulation, backbone, meta)
+    streams = run_streams(run_dir)  # a run bound before today's streams resumes with its own draws
+    module = build_module(cfg, formulation, backbone, meta, streams)
     datamodule = ShardDataModule(
         cfg.data.train_dir, cfg.data.eval_dir, batch_size=cfg.data.batch_size, seed=cfg.seed,
         in_memory=cfg.data.in_memory, num_workers=cfg.data.num_workers, val_samples=cfg.data.val_samples,
+        streams=streams,
     )
     ckpt_dir = run_dir / "checkpoints"
     # step/max_steps, loss, steps/s and time left (src/training/progress.py), in place of Lightning's own bar.

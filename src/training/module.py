@@ -1,8 +1,8 @@
 """The LightningModule shared by every recipe: a formulation around one backbone (docs/training.md).
 
 Randomness in a training step (timesteps, noise, conditioning dropout) is drawn for the global batch from
-generators seeded by (seed, global step) and sliced per rank, and the embedded datasets draw their batches the
-same way: a run resumed from a checkpoint ends with exactly the weights of an uninterrupted one on the CPU, and
+generators seeded by (seed, stream, global step) and sliced per rank, and the embedded datasets draw their batches
+the same way: a run resumed from a checkpoint ends with exactly the weights of an uninterrupted one on the CPU, and
 DDP over any number of ranks sees the draws of one process.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -21,10 +22,29 @@ from src.training.conditioning import draw_drops, drop_conditioning
 from src.training.ema import ema_update, make_ema_copy
 
 
-def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator whose stream depends only on (seed, step)."""
+#: The random streams of training (step_generator): a step's times and dropout decisions, its noise, its batch's
+#: data indices, and the fixed validation noise (its step: the validation batch's index).
+TIMES, NOISE, DATA, VALIDATION = 0, 1, 2, 3
+#: How new runs seed their streams (fingerprint.json "streams"; a run made before the key keeps version 1).
+#: 2: (seed, stream, step) mixed by numpy's SeedSequence, so no two of them share a stream.
+#: 1: seed * 1_000_003 + step, streams told apart by offsets of the seed or the step: they overlapped (on the CPU
+#: seed s's noise was seed s + 3's times, its validation noise seed s + 1's first steps' times, and a step's data
+#: indices the times of the step 17 later). Kept so that such runs resume exactly.
+STREAMS = 2
+_V1_OFFSETS = {TIMES: (0, 0), NOISE: (3, 0), DATA: (0, 17), VALIDATION: (1, 0)}  # (seed, step) offsets
+
+
+def step_generator(seed: int, step: int, stream: int = TIMES, device: torch.device | str = "cpu",
+                   streams: int = STREAMS) -> torch.Generator:
+    """A generator whose draws depend only on (seed, stream, step), for the `streams` version of the run."""
     g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+    if streams == 1:
+        seed_offset, step_offset = _V1_OFFSETS[stream]
+        g.manual_seed(((seed + seed_offset) * 1_000_003 + step + step_offset) % (2**63 - 1))
+    elif streams == 2:
+        g.manual_seed(int(np.random.SeedSequence([seed, stream, step]).generate_state(1, dtype=np.uint64)[0]))
+    else:
+        raise ValueError(f"streams={streams}: allowed versions are 1 and 2")
     return g
 
 
@@ -49,6 +69,7 @@ class FormulationModule(L.LightningModule):
         seed: int = 0,
         compile: bool | str = False,
         fused: bool | str = "auto",
+        streams: int = STREAMS,
     ):
         super().__init__()
         self.formulation = formulation
@@ -58,7 +79,7 @@ class FormulationModule(L.LightningModule):
         self.warmup_steps = warmup_steps
         self.ema_every, self.ema_decay = ema_every, ema_decay
         self.cond_dropout, self.cond_groups = cond_dropout, cond_groups
-        self.seed = seed
+        self.seed, self.streams = seed, streams
         self.shift = shift  # the resolution-dependent shift of the training times (1.0: none)
         self.register_buffer("val_t", validation_times(formulation, val_levels), persistent=False)
         self.compile_backbone = compile_setting(compile)
@@ -94,11 +115,11 @@ class FormulationModule(L.LightningModule):
         # comes from a generator on the data's device so a GPU step does not wait for the CPU.
         n, rank, world = x0.shape[0], self.global_rank, self.trainer.world_size if self._trainer else 1
         rows = slice(rank * n, (rank + 1) * n)
-        g = step_generator(self.seed, self.global_step)
+        g = step_generator(self.seed, self.global_step, TIMES, streams=self.streams)
         t = self.formulation.shift_t(self.formulation.sample_t(n * world, generator=g), self.shift)[rows].to(x0.device)
         n_groups = len(self.cond_groups) if self.cond_groups else 1
         drop = draw_drops(n * world, n_groups, self.cond_dropout, g)[rows]
-        g_noise = step_generator(self.seed + 3, self.global_step, device=x0.device)
+        g_noise = step_generator(self.seed, self.global_step, NOISE, device=x0.device, streams=self.streams)
         eps = torch.randn((n * world, *x0.shape[1:]), generator=g_noise, device=x0.device)[rows]
         context, pooled = drop_conditioning(context, pooled, drop, self.cond_groups)
         loss = self._loss(self._train_forward, x0, eps, t, context, pooled).mean()
@@ -131,7 +152,7 @@ class FormulationModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x0, context, pooled = batch["x0"], batch["context"], batch["pooled"]
         # Fixed noise from an evaluation generator, separate from training's.
-        g = step_generator(self.seed + 1, batch_idx)
+        g = step_generator(self.seed, batch_idx, VALIDATION, streams=self.streams)
         eps = torch.randn(x0.shape, generator=g).to(x0.device)
         n = x0.shape[0]
         # Every rank validates the same fixed batch (FSDP needs every rank in each forward anyway); sync_dist
