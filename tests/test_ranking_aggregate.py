@@ -207,10 +207,11 @@ def test_training_settings_that_name_their_entries_or_do_not_matter_are_not_refu
 
     # A swept learning rate (in the run tags: entries of their own), another cache of the same embedded data, another
     # backbone with its own model settings (it names its entries), throughput keys, a fingerprint from before
-    # trainer settings were recorded.
+    # trainer settings (and the random streams' version) were recorded.
     older = fingerprint()
     del older["trainer"]
-    prints = [fingerprint(lr=1e-4), fingerprint(lr=3e-4, cache="/b/.cache"),
+    # Random streams of two versions: other draws of one configuration, as two seeds are.
+    prints = [{**fingerprint(lr=1e-4), "streams": 2}, {**fingerprint(lr=3e-4, cache="/b/.cache"), "streams": 3},
               {**fingerprint(depth=4, target="src.models.DiT"), "optim": {"lr": 1e-3, "betas": [0.9, 0.999],
                                                                          "fused": True}},
               older]
