@@ -1,8 +1,9 @@
 """Lightning data module over the webdataset shards (embedded or precomputed real data).
 
 Which samples a training step sees is a function of (seed, step, rank, world size) only, in memory and streaming
-alike: step k draws the indices of its global batch from a generator seeded by (seed, k), rank r of `world` takes
-rows [r B/world, (r+1) B/world) of it, and loader worker w of W produces the steps k = w (mod W). So
+alike: step k draws the indices of its global batch from a generator seeded by (seed, k) (the data's own stream),
+rank r of `world` takes rows [r B/world, (r+1) B/world) of it, and loader worker w of W produces the steps
+k = w (mod W). So
 - a run resumed at step k sees the batches an uninterrupted run sees from step k on (exact resume);
 - ranks hold disjoint slices of the one global batch a single process would draw (DDP = one process);
 - workers split the steps, never the samples of a step, and no two workers produce the same step;
