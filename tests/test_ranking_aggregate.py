@@ -129,6 +129,16 @@ def test_nan_metric_goes_to_last_front(tmp_path):
     assert dict(zip(ranked["recipe"], ranked["front"])) == {"A": 1, "C": 2, "B": 3}
 
 
+def test_infinite_metric_goes_to_last_front_as_nan_does(tmp_path):
+    # JSON Infinity (a writer other than Record.to_dict, which stores null): the best CLIP score must not carry an
+    # infinite FID to the first front while the report says non-finite records are in the last one.
+    sweep = tmp_path / "inf"
+    write_run(sweep / "0", [record("A", 5, 5.0, 0.4, float("inf")), record("B", 5, 5.0, 0.3, 1.0),
+                            record("C", 5, 5.0, 0.2, 2.0), record("D", 5, 5.0, float("-inf"), 0.5)])
+    ranked = rank_table(load_sweep([sweep]).records)
+    assert dict(zip(ranked["recipe"], ranked["front"])) == {"B": 1, "C": 2, "A": 3, "D": 3}
+
+
 def test_bad_records_raise_naming_the_file(tmp_path):
     write_run(tmp_path / "s" / "0", [{"recipe": "A", "dataset": "digits"}])
     with pytest.raises(ValueError, match=r"results.json: record 0 lacks required field\(s\) \['setting'"):

@@ -654,7 +654,10 @@ def _record_row(rec: dict, run_dir: Path, results: Path, index: int) -> dict:
     row["cfg"] = float(row["cfg"])
     row["ema"] = bool(row["ema"])
     for metric in ("clip_score", "fid_clip", "fid_inception"):
-        row[metric] = math.nan if row[metric] is None else float(row[metric])
+        # Non-finite as null, as the writer stores it (Record.to_dict): an inf FID (JSON Infinity) of a diverged run
+        # would otherwise dominate on its CLIP score instead of going to the last front.
+        value = math.nan if row[metric] is None else float(row[metric])
+        row[metric] = value if math.isfinite(value) else math.nan
     for key in ("params", "tags"):  # hashable in the table
         row[key] = json.dumps(row[key], sort_keys=True) if row[key] is not None else None
     for key in ("arrays", "reference_arrays"):
