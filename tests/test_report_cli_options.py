@@ -93,3 +93,19 @@ def test_a_sweep_given_twice_and_an_unwritable_out_dir_are_refused(sweep, tmp_pa
         assert main([str(sweep), "--bootstrap", "0", "--out", str(blocker / "r")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"rank report: error: --out {blocker / 'r'}: ") and "\n" not in err
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_work(sweep, tmp_path, capsys, monkeypatch):
+    import src.ranking.report as report_module
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("build_report ran before --out was checked")
+
+    monkeypatch.setattr(report_module, "build_report", no_work)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    for out, why in ((blocker, "is a file"), (blocker / "r", f"lies under the file {blocker}")):
+        assert main([str(sweep), "--bootstrap", "5", "--out", str(out)]) == 1
+        assert capsys.readouterr().err.strip() == (f"rank report: error: --out {out}: {why}; give a folder (made "
+                                                   "when absent)")
+    assert blocker.read_text() == "not a folder"

@@ -644,10 +644,22 @@ def _names_slug(names: Sequence[str]) -> str:
     return f"{len(slugs)}_recipes_{hashlib.sha1('+'.join(sorted(slugs)).encode()).hexdigest()[:8]}"
 
 
+def _check_out(out: Path | None) -> None:
+    """Refuse an --out that is a file or lies under one before any work: it was found only after the bootstrap,
+    which takes hours at the paper's scale."""
+    if out is None:
+        return
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == out else f"lies under the file {existing}"
+        raise ValueError(f"--out {out}: {where}; give a folder (made when absent)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Build, write and print the rank report; a one-line error and exit status 1 when there is nothing to rank."""
     args = parse_args(argv)
     try:
+        _check_out(args.out)
         sweeps = args.sweeps or [latest_sweep(args.multirun_root)]
         report = build_report(sweeps, _fifty_step_arg(args.fifty_step_cfg), args.bootstrap, args.seed, args.confidence,
                               args.separation, progress=lambda line: print(line, file=sys.stderr, flush=True),
