@@ -295,6 +295,18 @@ def test_train_seeds_ranks_one_seed_alone_and_refuses_an_absent_one(tmp_path, ca
     assert not (tmp_path / "r").exists()
 
 
+def test_entries_without_the_chosen_seed_or_dataset_are_named_not_dropped_unsaid(tmp_path):
+    sweep = write_synthetic_sweep(tmp_path / "s", recipes=("rf", "eps/linear", "v/cos"), seeds=(0, 1),
+                                  missing_seeds=[("eps/linear", 1)], **SMALL)
+    alone = build_report([sweep], draws=0, train_seeds=[1])
+    assert sorted(alone.table.index) == ["rf", "v/cos"] and alone.left_out == ["eps/linear"]
+    assert "Not ranked: 1 entry without records of the training seed(s) 1 chosen: eps/linear." in markdown(alone)
+    assert build_report([sweep], draws=0).left_out == []
+    assert "Not ranked" not in markdown(build_report([sweep], draws=0, train_seeds=[0]))
+    # --recipes leaves out the others on purpose: they are not listed
+    assert build_report([sweep], draws=0, recipes=["rf"], train_seeds=[1]).left_out == []
+
+
 def test_inception_fids_of_two_weights_files_are_not_ranked_together(tmp_path, capsys):
     """Each run's records name the Inception weights behind fid_inception (by content); two runs evaluated with
     different Inception files would rank two metrics as one. Refused in one line naming the setting and the run."""

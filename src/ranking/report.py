@@ -73,6 +73,7 @@ class RankReport:
     recipes: list[str] | None = None  # --recipes: the recipes ranked among themselves (None: every recipe)
     datasets: list[str] | None = None  # --datasets: the datasets whose settings are ranked (None: all)
     seed_ranks: dict[str, pd.DataFrame] = field(default_factory=dict)  # training seed -> its average ranks, alone
+    left_out: list[str] = field(default_factory=list)  # entries --train-seeds / --datasets left without records
 
     @property
     def seed_agreement(self) -> dict[str, float]:
@@ -142,12 +143,15 @@ def build_report(
     check_sweep_overlap(sweep)
     check_eval_settings(sweep.records)  # the newest record per setting: a partial re-evaluation would mix settings
     records = sweep.records if sampler is None else restrict_sampler(sweep.records, sampler)
-    if train_seeds is not None:
-        records = restrict_train_seeds(records, train_seeds)
     if recipes is not None:
         records = restrict_recipes(records, recipes)
+    entries = sorted(records["entry"].unique())
+    if train_seeds is not None:
+        records = restrict_train_seeds(records, train_seeds)
     if datasets is not None:
         records = restrict_datasets(records, datasets)
+    # Entries with no record of the chosen seeds or datasets would vanish from the table unsaid: they are named.
+    left_out = [e for e in entries if e not in set(records["entry"])]
     # The runs actually ranked together (after --recipes and the like) must have been trained alike.
     check_training_settings(records, by_sweep)
     ranked = rank_table(pool_seeds(records))
@@ -173,7 +177,7 @@ def build_report(
         sampler_note=_sampler_note(sweep.records, sampler), max_seeds=int(seeds["seeds"].max()),
         train_seeds=None if train_seeds is None else [str(s) for s in train_seeds], by_sweep=by_sweep,
         recipes=None if recipes is None else list(recipes), datasets=None if datasets is None else list(datasets),
-        seed_ranks=seed_ranks,
+        seed_ranks=seed_ranks, left_out=left_out,
     )
     report.spearman["seed agreement"] = report.spearman["column"].map(report.seed_agreement)
     return report
@@ -368,6 +372,12 @@ def notes(report: RankReport) -> list[str]:
         out.append("Restricted: " + "; ".join(
             ([f"only {', '.join(report.recipes)}, ranked among themselves (--recipes)"] if report.recipes else [])
             + ([f"only the settings of {', '.join(report.datasets)} (--datasets)"] if report.datasets else [])) + ".")
+    if report.left_out:
+        why = " and ".join(([f"training seed(s) {', '.join(report.train_seeds)}"] if report.train_seeds else [])
+                           + ([f"dataset(s) {', '.join(report.datasets)}"] if report.datasets else []))
+        out.append(f"Not ranked: {len(report.left_out)} entr{'ies' if len(report.left_out) != 1 else 'y'} without "
+                   f"records of the {why} chosen: " + ", ".join(report.left_out[:8])
+                   + (f" and {len(report.left_out) - 8} more" if len(report.left_out) > 8 else "") + ".")
     if report.by_sweep:
         out.append(f"Sweeps ranked side by side (--by-sweep): each entry is qualified by its sweep directory "
                    f"({', '.join(root.name for root in report.sweep.roots)}).")
