@@ -387,8 +387,9 @@ def restrict_train_seeds(records: pd.DataFrame, seeds: Sequence[int | str]) -> p
     present = sorted(records["train_seed"].astype(str).unique(), key=seed_order)
     absent = [s for s in wanted if s not in present]
     if absent:
+        named = [s for s in present if s]  # '' is a run without a seed, not a seed to choose
         raise ValueError(f"--train-seeds {' '.join(absent)}: no records of that training seed; the sweep has "
-                         f"{present or 'none'}")
+                         f"{named if named else 'none (its runs name no training seed)'}")
     return records[records["train_seed"].astype(str).isin(wanted)].reset_index(drop=True)
 
 
@@ -726,7 +727,7 @@ def fifty_step_scales(records: pd.DataFrame, fifty_step_cfg: Sequence[float] | s
     """
     if isinstance(fifty_step_cfg, str):
         if fifty_step_cfg != "all":
-            raise ValueError(f"fifty_step_cfg={fifty_step_cfg!r}: give CFG scale(s) or 'all'")
+            raise ValueError(f"--fifty-step-cfg {fifty_step_cfg!r}: give CFG scale(s) or 'all'")
         return None
     if fifty_step_cfg is None:
         fifty = records.loc[records["steps"] == 50, "cfg"].to_numpy(float)
@@ -741,12 +742,13 @@ def setting_groups(records: pd.DataFrame, fifty_step_cfg: Sequence[float] | str 
     if scales is not None:
         cfgs = [float(c) for c in scales]
         if not cfgs or not all(math.isfinite(c) for c in cfgs):
-            raise ValueError(f"fifty_step_cfg={list(scales)!r}: give one or more finite CFG scales")
+            raise ValueError(f"--fifty-step-cfg {' '.join(map(str, scales))}: give one or more finite CFG scales")
         present = sorted(records.loc[fifty, "cfg"].unique().tolist())
         absent = [c for c in cfgs if not np.isclose(present, c).any()]
         if absent:
             raise ValueError(
-                f"fifty_step_cfg={cfgs}: no 50-step setting has CFG scale {absent}; the sweep has {present or 'none'}"
+                f"--fifty-step-cfg {' '.join(map(str, cfgs))}: no 50-step setting has CFG scale {absent}; the sweep has "
+                f"{present or 'none'}"
             )
         fifty = fifty & np.isclose(records["cfg"].to_numpy()[:, None], cfgs).any(axis=1)
     return {"all": pd.Series(True, index=records.index), "5 steps": records["steps"] == 5, "50 steps": fifty}
