@@ -8,7 +8,7 @@ import pytest
 
 from src.ranking.aggregate import load_sweep, pool_seeds, split_seed
 from src.ranking.bootstrap import inseparable_pairs, seed_weights
-from src.ranking.report import FEWER_SEEDS, build_report, main, markdown
+from src.ranking.report import FEWER_SEEDS, build_report, main, markdown, status_lines
 from src.ranking.synthetic import write_synthetic_sweep
 from src.ranking.tables import parse_markdown_table
 
@@ -305,6 +305,13 @@ def test_entries_without_the_chosen_seed_or_dataset_are_named_not_dropped_unsaid
     assert "Not ranked" not in markdown(build_report([sweep], draws=0, train_seeds=[0]))
     # --recipes leaves out the others on purpose: they are not listed
     assert build_report([sweep], draws=0, recipes=["rf"], train_seeds=[1]).left_out == []
+
+
+def test_the_status_line_counts_the_records_ranked_not_the_seed_mean_cells(tmp_path):
+    sweep = write_synthetic_sweep(tmp_path / "s", recipes=("rf", "eps/linear", "v/cos"), seeds=(0, 1),
+                                  missing_seeds=[("eps/linear", 1)], **SMALL)
+    # 5 runs x 2 datasets x 4 settings, not the 3 x 8 = 24 seed-mean cells
+    assert "; 40 records, 3 recipes, 8 control settings." in status_lines(build_report([sweep], draws=0))[0]
 
 
 def test_inception_fids_of_two_weights_files_are_not_ranked_together(tmp_path, capsys):

@@ -300,7 +300,8 @@ def status_lines(report: RankReport) -> list[str]:
     refused = f"; {n_refused} relaunch{'es' * (n_refused != 1)} not run (failures.json)" if n_refused else ""
     lines = [
         f"Sweep {report.sweep.name}: {int((runs['status'] != 'refused').sum())} run directories ({', '.join(parts)})"
-        f"{refused}; {len(report.ranked)} records, {report.ranked['recipe'].nunique()} recipes, "
+        # records: those ranked (one per entry, training seed and setting), not the seed-mean cells
+        f"{refused}; {len(report.records)} records, {report.ranked['recipe'].nunique()} recipes, "
         f"{report.n_settings['all']} control settings."
     ]
     if report.sweep.partial:
