@@ -139,6 +139,24 @@ def test_infinite_metric_goes_to_last_front_as_nan_does(tmp_path):
     assert dict(zip(ranked["recipe"], ranked["front"])) == {"B": 1, "C": 2, "A": 3, "D": 3}
 
 
+def test_the_report_counts_and_lists_every_non_finite_cell_it_names(tmp_path):
+    from src.ranking.report import build_report, notes
+
+    sweep = tmp_path / "nan7"
+    write_run(sweep / "0", [record("A", steps, 5.0, None, 1.0) for steps in (5, 10, 25, 50)]
+              + [record("A", 50, cfg, None, 1.0) for cfg in (1.0, 2.5, 7.5)] + [record("A", 50, 4.0, 0.2, 1.0)])
+    line = next(n for n in notes(build_report([sweep], draws=0)) if "non-finite" in n)
+    assert line.startswith("7 entries x settings with a non-finite") and line.endswith("; ... (1 more).")
+
+
+def test_the_duplicates_note_states_the_rule_that_kept_the_record(hand_sweep):
+    from src.ranking.report import build_report, notes
+
+    line = next(n for n in notes(build_report([hand_sweep], draws=0)) if "duplicate" in n)
+    assert line == ("1 duplicate records (same recipe, seed and control setting) were dropped, keeping the one the "
+                    "run's latest launch or re-evaluation asked for, else the newest by 'created'.")
+
+
 def test_bad_records_raise_naming_the_file(tmp_path):
     write_run(tmp_path / "s" / "0", [{"recipe": "A", "dataset": "digits"}])
     with pytest.raises(ValueError, match=r"results.json: record 0 lacks required field\(s\) \['setting'"):

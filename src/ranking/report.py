@@ -412,10 +412,12 @@ def notes(report: RankReport) -> list[str]:
     if len(bad):
         out.append(f"{len(bad)} entries x settings with a non-finite CLIP score or FID (in at least one seed) were put "
                    "in the last front of their setting: "
-                   + "; ".join(_record_label(report.ranked, i) for i in bad.index[:6]) + ".")
-    if len(report.sweep.duplicates):
+                   + "; ".join(_record_label(report.ranked, i) for i in bad.index[:6])
+                   + (f"; ... ({len(bad) - 6} more)" if len(bad) > 6 else "") + ".")
+    if len(report.sweep.duplicates):  # the rule of _drop_duplicates: the latest request's record, else the newest
         out.append(f"{len(report.sweep.duplicates)} duplicate records (same recipe, seed and control setting) were "
-                   "dropped, keeping the newest by 'created'.")
+                   "dropped, keeping the one the run's latest launch or re-evaluation asked for, else the newest by "
+                   "'created'.")
     out.append(spearman_line(report.spearman))
     return out
 
