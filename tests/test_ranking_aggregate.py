@@ -165,6 +165,21 @@ def test_bad_records_raise_naming_the_file(tmp_path):
         load_sweep([tmp_path / "nowhere"])
 
 
+@pytest.mark.parametrize("field, value, expected", [
+    ("ema", "false", "ema='false'; expected true or false"),  # a truthy string, once ranked as EMA
+    ("ema", None, "ema=None; expected true or false"),
+    ("clip_score", "abc", "clip_score='abc'; expected a number or null"),
+    ("fid_clip", [1.0], r"fid_clip=\[1.0\]; expected a number or null"),  # was a TypeError traceback
+    ("cfg", None, "cfg=None; expected a number"),
+])
+def test_a_record_field_of_the_wrong_type_is_refused_naming_it(tmp_path, field, value, expected):
+    bad = record("A", 5, 5.0, 0.3, 1.0)
+    bad[field] = value
+    write_run(tmp_path / "s" / "0", [record("A", 50, 5.0, 0.3, 1.0), bad])
+    with pytest.raises(ValueError, match=rf"results.json: record 1 has {expected}$"):
+        load_sweep([tmp_path / "s"])
+
+
 def test_unreadable_results_are_reported_not_fatal(tmp_path):
     write_run(tmp_path / "s" / "0", [record("A", 5, 5.0, 0.3, 1.0)])
     write_run(tmp_path / "s" / "1")

@@ -651,14 +651,20 @@ def _record_row(rec: dict, run_dir: Path, results: Path, index: int) -> dict:
     # The entry the record is ranked as, from its fields: recipe qualified by backbone, tags and sampler.
     row["recipe"] = entry_name(rec, drop=())
     row["run_dir"] = str(run_dir)
-    row["steps"] = int(row["steps"])
-    row["cfg"] = float(row["cfg"])
+    # A hand-edited or foreign record's wrong type is named, not read as another setting ("false" is truthy).
+    if isinstance(row["ema"], str) or row["ema"] not in (True, False):
+        raise ValueError(f"{results}: record {index} has ema={row['ema']!r}; expected true or false")
     row["ema"] = bool(row["ema"])
-    for metric in ("clip_score", "fid_clip", "fid_inception"):
+    for key, kind in (("steps", int), ("cfg", float), *((m, float) for m in METRICS)):
+        try:
+            row[key] = math.nan if key in METRICS and row[key] is None else kind(row[key])
+        except (TypeError, ValueError):
+            raise ValueError(f"{results}: record {index} has {key}={row[key]!r}; expected a number"
+                             + (" or null" if key in METRICS else "")) from None
+    for metric in METRICS:
         # Non-finite as null, as the writer stores it (Record.to_dict): an inf FID (JSON Infinity) of a diverged run
         # would otherwise dominate on its CLIP score instead of going to the last front.
-        value = math.nan if row[metric] is None else float(row[metric])
-        row[metric] = value if math.isfinite(value) else math.nan
+        row[metric] = row[metric] if math.isfinite(row[metric]) else math.nan
     for key in ("params", "tags"):  # hashable in the table
         row[key] = json.dumps(row[key], sort_keys=True) if row[key] is not None else None
     for key in ("arrays", "reference_arrays"):
