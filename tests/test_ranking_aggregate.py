@@ -161,6 +161,8 @@ def test_bad_records_raise_naming_the_file(tmp_path):
     write_run(tmp_path / "s" / "0", [{"recipe": "A", "dataset": "digits"}])
     with pytest.raises(ValueError, match=r"results.json: record 0 lacks required field\(s\) \['setting'"):
         load_sweep([tmp_path / "s"])
+    with pytest.raises(FileNotFoundError, match="is a file, not a directory"):
+        load_sweep([tmp_path / "s" / "0" / "results.json"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_sweep([tmp_path / "nowhere"])
 

@@ -98,8 +98,9 @@ def is_run_dir(path: Path) -> bool:
 def find_run_dirs(root: Path | str) -> list[Path]:
     """Run directories under root (root itself included), not descending into a run directory."""
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"sweep directory {str(root)!r} does not exist")
+    if not root.is_dir():  # a file given by mistake (a results.json, a config) is not said to be absent
+        raise FileNotFoundError(f"sweep directory {str(root)!r} " + ("is a file, not a directory" if root.exists()
+                                                                     else "does not exist"))
     found = []
     for current, dirs, _ in os.walk(root):
         path = Path(current)
