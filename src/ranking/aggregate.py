@@ -754,8 +754,8 @@ def setting_groups(records: pd.DataFrame, fifty_step_cfg: Sequence[float] | str 
         absent = [c for c in cfgs if not np.isclose(present, c).any()]
         if absent:
             raise ValueError(
-                f"--fifty-step-cfg {' '.join(map(str, cfgs))}: no 50-step setting has CFG scale {absent}; the sweep has "
-                f"{present or 'none'}"
+                f"--fifty-step-cfg {' '.join(map(str, cfgs))}: no 50-step setting has CFG scale {absent}; the sweep "
+                f"has {present or 'none'}"
             )
         fifty = fifty & np.isclose(records["cfg"].to_numpy()[:, None], cfgs).any(axis=1)
     return {"all": pd.Series(True, index=records.index), "5 steps": records["steps"] == 5, "50 steps": fifty}
