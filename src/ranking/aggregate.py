@@ -200,7 +200,9 @@ def load_sweep(dirs: Iterable[Path | str], by_sweep: bool = False) -> Sweep:
     by_sweep: qualify every entry by its sweep directory's name (`rf [sweep=table1_rung1]`), so that sweeps of the
     same recipes (e.g. two budgets of one study) are ranked side by side instead of pooled.
     """
-    roots = tuple(Path(d) for d in dirs)
+    # `.` and `..` have no name of their own (the sweep's name titles the report and names its default folder):
+    # those are made absolute, without following links; other paths stay as given.
+    roots = tuple(Path(d) if Path(d).name not in ("", "..") else Path(os.path.abspath(d)) for d in dirs)
     if not roots:
         raise ValueError("load_sweep: no sweep directory given")
     names = [root.name for root in roots]
