@@ -173,6 +173,9 @@ def test_bad_records_raise_naming_the_file(tmp_path):
     ("clip_score", "abc", "clip_score='abc'; expected a number or null"),
     ("fid_clip", [1.0], r"fid_clip=\[1.0\]; expected a number or null"),  # was a TypeError traceback
     ("cfg", None, "cfg=None; expected a number"),
+    ("dataset", None, "dataset=None; expected a non-empty string"),  # was dropped by the grouping, unsaid
+    ("setting", "", "setting=''; expected a non-empty string"),
+    ("recipe", None, "recipe=None; expected a non-empty string"),  # was ranked as a recipe called None
 ])
 def test_a_record_field_of_the_wrong_type_is_refused_naming_it(tmp_path, field, value, expected):
     bad = record("A", 5, 5.0, 0.3, 1.0)

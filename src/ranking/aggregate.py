@@ -648,6 +648,10 @@ def _record_row(rec: dict, run_dir: Path, results: Path, index: int) -> dict:
     missing = [f for f in REQUIRED_FIELDS if f not in rec]
     if missing:
         raise ValueError(f"{results}: record {index} lacks required field(s) {missing}")
+    # A null name would be dropped unsaid by the grouping per setting (or ranked as a recipe called None).
+    for key in ("recipe", "dataset", "setting"):
+        if not isinstance(rec[key], str) or not rec[key]:
+            raise ValueError(f"{results}: record {index} has {key}={rec[key]!r}; expected a non-empty string")
     rec = upgrade(rec)  # legacy records get today's fields
     row = {f: rec[f] for f in REQUIRED_FIELDS}
     row.update({f: rec.get(f) for f in OPTIONAL_FIELDS})
