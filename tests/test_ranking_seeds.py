@@ -314,6 +314,18 @@ def test_the_status_line_counts_the_records_ranked_not_the_seed_mean_cells(tmp_p
     assert "; 40 records, 3 recipes, 8 control settings." in status_lines(build_report([sweep], draws=0))[0]
 
 
+def test_the_report_counts_the_point_values_outside_their_intervals(tmp_path):
+    # With three seeds the draws sort into fewer fronts than the seed-mean point does, so several point values lie
+    # above their interval: the note says how many (it blamed ties on a front and gave no count).
+    recipes = ("rf", "eps/linear", "v/cos", "v/linear", "edm/rf", "edm/cos", "rf/cosmap", "rf/mode(1.29)")
+    sweep = write_synthetic_sweep(tmp_path / "s", recipes=recipes, seeds=(0, 1, 2), **SMALL)
+    report = build_report([sweep], draws=20)
+    table = report.table
+    outside = int(((table["all"] < table["all lo"]) | (table["all"] > table["all hi"])).sum())
+    assert outside > 0 and (table["all"] >= table["all lo"]).all()  # above their intervals, never below
+    assert f"here {outside} of 8 'all' values lie outside their interval." in markdown(report)
+
+
 def test_inception_fids_of_two_weights_files_are_not_ranked_together(tmp_path, capsys):
     """Each run's records name the Inception weights behind fid_inception (by content); two runs evaluated with
     different Inception files would rank two metrics as one. Refused in one line naming the setting and the run."""
