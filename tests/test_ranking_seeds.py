@@ -119,6 +119,9 @@ def test_sampler_variants_are_separate_entries_or_restricted_to_one(tmp_path, ca
     assert sorted(both.table.index) == ["eps/linear [sampler=native]", "eps/linear [sampler=rf_time]",
                                         "rf [sampler=native]", "rf [sampler=rf_time]"]
     assert "the sweep has 2 samplers (native, rf_time); each sampler variant is its own entry" in both.sampler_note
+    # rf and eps/linear are in Table 1; their qualified entries are not compared, and the report says so
+    assert "Paper comparison: none; the paper's recipes are here only as qualified entries (e.g. " in markdown(both)
+    assert "no recipe of this sweep is in the paper's Table 1" not in markdown(both)
     one = build_report([shared, native], draws=0, sampler="native")
     assert sorted(one.table.index) == ["eps/linear", "rf"]
     assert set(one.records["sampler"]) == {"native"}

@@ -22,14 +22,14 @@ import numpy as np
 import pandas as pd
 
 from src.ranking.aggregate import (
-    LEGACY_SAMPLER, SETTING_KEY, STATUS_WORDS, Sweep, average_ranks, check_eval_settings, check_fid_features,
-    check_sweep_overlap, check_training_settings, describe_column, describe_fifty_step, load_sweep, missing_settings,
-    pool_seeds, rank_table, restrict_datasets, restrict_recipes, restrict_sampler, restrict_train_seeds, seed_counts,
-    seed_order, setting_groups, setting_label,
+    LEGACY_SAMPLER, SETTING_KEY, STATUS_WORDS, Sweep, average_ranks, bare_recipe, check_eval_settings,
+    check_fid_features, check_sweep_overlap, check_training_settings, describe_column, describe_fifty_step, load_sweep,
+    missing_settings, pool_seeds, rank_table, restrict_datasets, restrict_recipes, restrict_sampler,
+    restrict_train_seeds, seed_counts, seed_order, setting_groups, setting_label,
 )
 from src.ranking.agreement import noise_ceiling, seed_agreement, spearman_brown
 from src.ranking.bootstrap import RankBootstrap, bootstrap_ranks, check_settings, inseparable_pairs, resolve_workers
-from src.ranking.paper import COLUMNS, paper_ranks, spearman_vs_paper
+from src.ranking.paper import COLUMNS, PAPER_TABLE1, paper_name, paper_ranks, spearman_vs_paper
 from src.ranking.samples import sample_figures
 from src.ranking.plots import plot_average_ranks, plot_metrics_vs_steps, plot_pareto_fronts, save_figure
 from src.ranking.tables import Table, fmt
@@ -421,7 +421,7 @@ def notes(report: RankReport) -> list[str]:
         out.append(f"{len(report.sweep.duplicates)} duplicate records (same recipe, seed and control setting) were "
                    "dropped, keeping the one the run's latest launch or re-evaluation asked for, else the newest by "
                    "'created'.")
-    out.append(spearman_line(report.spearman))
+    out.append(spearman_line(report.spearman, list(report.table.index)))
     return out
 
 
@@ -465,10 +465,17 @@ def _agreement_note(report: RankReport) -> list[str]:
     return [text + "."]
 
 
-def spearman_line(spearman: pd.DataFrame) -> str:
+def spearman_line(spearman: pd.DataFrame, entries: Sequence[str] = ()) -> str:
     """One sentence with the Spearman correlations against the paper's Table 1."""
     shared = int(spearman["n_shared"].max()) if len(spearman) else 0
     if shared == 0:
+        # Entries qualified by a sampler or swept value (`rf [sampler=native]`) are not the paper's recipe itself:
+        # the sweep may well hold the paper's recipes, only not unqualified.
+        qualified = [e for e in entries if bare_recipe(e) != e and paper_name(bare_recipe(e)) in PAPER_TABLE1]
+        if qualified:
+            return (f"Paper comparison: none; the paper's recipes are here only as qualified entries (e.g. "
+                    f"{qualified[0]}), which are not compared with its Table 1 (--sampler NAME ranks one sampler's "
+                    "records unqualified).")
         return "Paper comparison: no recipe of this sweep is in the paper's Table 1."
     parts = []
     for _, row in spearman.iterrows():
