@@ -121,3 +121,12 @@ def test_option_errors_name_the_option_as_given(sweep, tmp_path, capsys):
         assert main([str(sweep), "--bootstrap", "0", *flags, "--out", str(tmp_path / "r")]) == 1
         assert capsys.readouterr().err == f"rank report: error: {message}\n"
     assert not (tmp_path / "r").exists()
+
+
+def test_too_few_draws_for_the_separation_are_flagged(sweep, tmp_path):
+    _, text = report([sweep, "--bootstrap", "2"], tmp_path / "a")
+    assert "Only 2 draws: fewer than 20 cannot show a 95% separation" in text
+    _, text = report([sweep, "--bootstrap", "2", "--separation", "0.6"], tmp_path / "b")  # 3 draws needed
+    assert "Only 2 draws: fewer than 3 cannot show a 60% separation" in text
+    _, text = report([sweep, "--bootstrap", "20"], tmp_path / "c")
+    assert "Only 20 draws" not in text

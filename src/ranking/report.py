@@ -402,6 +402,12 @@ def notes(report: RankReport) -> list[str]:
             out.append(f"{len(pairs)} pair{'s' * (len(pairs) != 1)} of entries cannot be separated over all "
                        "settings (listed below)." if pairs
                        else "The bootstrap separates every pair of entries over all settings.")
+            # With fewer than 1 / (1 - separation) draws one draw's order decides: 1 draw 'separates' every pair.
+            needed = math.ceil(1.0 / (1.0 - boot.separation) - 1e-9) if boot.separation < 1.0 else 1
+            if report.draws < needed:
+                out.append(f"Only {report.draws} draw{'s' * (report.draws != 1)}: fewer than {needed} cannot show a "
+                           f"{boot.separation:.0%} separation, so a pair ordered alike in every draw counts as "
+                           "separated; use more draws (--bootstrap) before reading the verdicts.")
         if boot.metrics.fixed:
             out.append(f"{len(boot.metrics.fixed)} records could not be resampled and keep their values in every draw "
                        f"(e.g. {next(iter(boot.metrics.fixed.values()))}).")
