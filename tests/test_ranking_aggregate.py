@@ -129,12 +129,60 @@ def test_nan_metric_goes_to_last_front(tmp_path):
     assert dict(zip(ranked["recipe"], ranked["front"])) == {"A": 1, "C": 2, "B": 3}
 
 
+def test_infinite_metric_goes_to_last_front_as_nan_does(tmp_path):
+    # JSON Infinity (a writer other than Record.to_dict, which stores null): the best CLIP score must not carry an
+    # infinite FID to the first front while the report says non-finite records are in the last one.
+    sweep = tmp_path / "inf"
+    write_run(sweep / "0", [record("A", 5, 5.0, 0.4, float("inf")), record("B", 5, 5.0, 0.3, 1.0),
+                            record("C", 5, 5.0, 0.2, 2.0), record("D", 5, 5.0, float("-inf"), 0.5)])
+    ranked = rank_table(load_sweep([sweep]).records)
+    assert dict(zip(ranked["recipe"], ranked["front"])) == {"B": 1, "C": 2, "A": 3, "D": 3}
+
+
+def test_the_report_counts_and_lists_every_non_finite_cell_it_names(tmp_path):
+    from src.ranking.report import build_report, notes
+
+    sweep = tmp_path / "nan7"
+    write_run(sweep / "0", [record("A", steps, 5.0, None, 1.0) for steps in (5, 10, 25, 50)]
+              + [record("A", 50, cfg, None, 1.0) for cfg in (1.0, 2.5, 7.5)] + [record("A", 50, 4.0, 0.2, 1.0)])
+    line = next(n for n in notes(build_report([sweep], draws=0)) if "non-finite" in n)
+    assert line.startswith("7 entries x settings with a non-finite") and line.endswith("; ... (1 more).")
+
+
+def test_the_duplicates_note_states_the_rule_that_kept_the_record(hand_sweep):
+    from src.ranking.report import build_report, notes
+
+    line = next(n for n in notes(build_report([hand_sweep], draws=0)) if "duplicate" in n)
+    assert line == ("1 duplicate records (same recipe, seed and control setting) were dropped, keeping the one the "
+                    "run's latest launch or re-evaluation asked for, else the newest by 'created'.")
+
+
 def test_bad_records_raise_naming_the_file(tmp_path):
     write_run(tmp_path / "s" / "0", [{"recipe": "A", "dataset": "digits"}])
     with pytest.raises(ValueError, match=r"results.json: record 0 lacks required field\(s\) \['setting'"):
         load_sweep([tmp_path / "s"])
+    with pytest.raises(FileNotFoundError, match="is a file, not a directory"):
+        load_sweep([tmp_path / "s" / "0" / "results.json"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_sweep([tmp_path / "nowhere"])
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("ema", "false", "ema='false'; expected true or false"),  # a truthy string, once ranked as EMA
+    ("ema", None, "ema=None; expected true or false"),
+    ("clip_score", "abc", "clip_score='abc'; expected a number or null"),
+    ("fid_clip", [1.0], r"fid_clip=\[1.0\]; expected a number or null"),  # was a TypeError traceback
+    ("cfg", None, "cfg=None; expected a number"),
+    ("dataset", None, "dataset=None; expected a non-empty string"),  # was dropped by the grouping, unsaid
+    ("setting", "", "setting=''; expected a non-empty string"),
+    ("recipe", None, "recipe=None; expected a non-empty string"),  # was ranked as a recipe called None
+])
+def test_a_record_field_of_the_wrong_type_is_refused_naming_it(tmp_path, field, value, expected):
+    bad = record("A", 5, 5.0, 0.3, 1.0)
+    bad[field] = value
+    write_run(tmp_path / "s" / "0", [record("A", 50, 5.0, 0.3, 1.0), bad])
+    with pytest.raises(ValueError, match=rf"results.json: record 1 has {expected}$"):
+        load_sweep([tmp_path / "s"])
 
 
 def test_unreadable_results_are_reported_not_fatal(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 from src.ranking.aggregate import load_sweep, pool_seeds, split_seed
 from src.ranking.bootstrap import inseparable_pairs, seed_weights
-from src.ranking.report import FEWER_SEEDS, build_report, main, markdown
+from src.ranking.report import FEWER_SEEDS, build_report, main, markdown, status_lines
 from src.ranking.synthetic import write_synthetic_sweep
 from src.ranking.tables import parse_markdown_table
 
@@ -119,6 +119,9 @@ def test_sampler_variants_are_separate_entries_or_restricted_to_one(tmp_path, ca
     assert sorted(both.table.index) == ["eps/linear [sampler=native]", "eps/linear [sampler=rf_time]",
                                         "rf [sampler=native]", "rf [sampler=rf_time]"]
     assert "the sweep has 2 samplers (native, rf_time); each sampler variant is its own entry" in both.sampler_note
+    # rf and eps/linear are in Table 1; their qualified entries are not compared, and the report says so
+    assert "Paper comparison: none; the paper's recipes are here only as qualified entries (e.g. " in markdown(both)
+    assert "no recipe of this sweep is in the paper's Table 1" not in markdown(both)
     one = build_report([shared, native], draws=0, sampler="native")
     assert sorted(one.table.index) == ["eps/linear", "rf"]
     assert set(one.records["sampler"]) == {"native"}
@@ -293,6 +296,37 @@ def test_train_seeds_ranks_one_seed_alone_and_refuses_an_absent_one(tmp_path, ca
     assert err == "rank report: error: --train-seeds 7: no records of that training seed; the sweep has ['0', '1', " \
                   "'2']\n"
     assert not (tmp_path / "r").exists()
+
+
+def test_entries_without_the_chosen_seed_or_dataset_are_named_not_dropped_unsaid(tmp_path):
+    sweep = write_synthetic_sweep(tmp_path / "s", recipes=("rf", "eps/linear", "v/cos"), seeds=(0, 1),
+                                  missing_seeds=[("eps/linear", 1)], **SMALL)
+    alone = build_report([sweep], draws=0, train_seeds=[1])
+    assert sorted(alone.table.index) == ["rf", "v/cos"] and alone.left_out == ["eps/linear"]
+    assert "Not ranked: 1 entry without records of the training seed(s) 1 chosen: eps/linear." in markdown(alone)
+    assert build_report([sweep], draws=0).left_out == []
+    assert "Not ranked" not in markdown(build_report([sweep], draws=0, train_seeds=[0]))
+    # --recipes leaves out the others on purpose: they are not listed
+    assert build_report([sweep], draws=0, recipes=["rf"], train_seeds=[1]).left_out == []
+
+
+def test_the_status_line_counts_the_records_ranked_not_the_seed_mean_cells(tmp_path):
+    sweep = write_synthetic_sweep(tmp_path / "s", recipes=("rf", "eps/linear", "v/cos"), seeds=(0, 1),
+                                  missing_seeds=[("eps/linear", 1)], **SMALL)
+    # 5 runs x 2 datasets x 4 settings, not the 3 x 8 = 24 seed-mean cells
+    assert "; 40 records, 3 recipes, 8 control settings." in status_lines(build_report([sweep], draws=0))[0]
+
+
+def test_the_report_counts_the_point_values_outside_their_intervals(tmp_path):
+    # With three seeds the draws sort into fewer fronts than the seed-mean point does, so several point values lie
+    # above their interval: the note says how many (it blamed ties on a front and gave no count).
+    recipes = ("rf", "eps/linear", "v/cos", "v/linear", "edm/rf", "edm/cos", "rf/cosmap", "rf/mode(1.29)")
+    sweep = write_synthetic_sweep(tmp_path / "s", recipes=recipes, seeds=(0, 1, 2), **SMALL)
+    report = build_report([sweep], draws=20)
+    table = report.table
+    outside = int(((table["all"] < table["all lo"]) | (table["all"] > table["all hi"])).sum())
+    assert outside > 0 and (table["all"] >= table["all lo"]).all()  # above their intervals, never below
+    assert f"here {outside} of 8 'all' values lie outside their interval." in markdown(report)
 
 
 def test_inception_fids_of_two_weights_files_are_not_ranked_together(tmp_path, capsys):

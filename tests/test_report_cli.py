@@ -173,3 +173,13 @@ def test_inseparable_recipes_are_listed(tmp_path):
     rows = parse_markdown_table(text.split("## Recipes the data cannot separate (all settings)")[1])
     assert rows == [{"recipe": "twin-a", "cannot be separated from (P(recipe ranks better))": "twin-b (0.50)"},
                     {"recipe": "twin-b", "cannot be separated from (P(recipe ranks better))": "twin-a (0.50)"}]
+
+
+def test_a_sweep_given_as_dot_or_dotdot_is_named_by_its_folder(sweep, tmp_path, monkeypatch, capsys):
+    # `.` once titled the report "Rank report: " and wrote it into reports/ itself; `..` into the current folder
+    monkeypatch.chdir(sweep)
+    assert load_sweep(["."]).name == sweep.name and load_sweep(["0/.."]).name == sweep.name
+    out = tmp_path / "r"
+    assert main([".", "--bootstrap", "0", "--out", str(out)]) == 0
+    assert (out / "report.md").read_text().startswith(f"# Rank report: {sweep.name}\n")
+    capsys.readouterr()

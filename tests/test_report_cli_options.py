@@ -93,3 +93,40 @@ def test_a_sweep_given_twice_and_an_unwritable_out_dir_are_refused(sweep, tmp_pa
         assert main([str(sweep), "--bootstrap", "0", "--out", str(blocker / "r")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"rank report: error: --out {blocker / 'r'}: ") and "\n" not in err
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_work(sweep, tmp_path, capsys, monkeypatch):
+    import src.ranking.report as report_module
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("build_report ran before --out was checked")
+
+    monkeypatch.setattr(report_module, "build_report", no_work)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    for out, why in ((blocker, "is a file"), (blocker / "r", f"lies under the file {blocker}")):
+        assert main([str(sweep), "--bootstrap", "5", "--out", str(out)]) == 1
+        assert capsys.readouterr().err.strip() == (f"rank report: error: --out {out}: {why}; give a folder (made "
+                                                   "when absent)")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_option_errors_name_the_option_as_given(sweep, tmp_path, capsys):
+    for flags, message in ((["--fifty-step-cfg", "5", "3.5"], "--fifty-step-cfg 5.0 3.5: no 50-step setting has "
+                                                              "CFG scale [3.5]; the sweep has [1.0, 2.5, 5.0]"),
+                           (["--fifty-step-cfg", "7"], "--fifty-step-cfg 7.0: no 50-step setting has CFG scale [7.0]; "
+                                                       "the sweep has [1.0, 2.5, 5.0]"),
+                           (["--train-seeds", "3"], "--train-seeds 3: no records of that training seed; the sweep has "
+                                                    "none (its runs name no training seed)")):
+        assert main([str(sweep), "--bootstrap", "0", *flags, "--out", str(tmp_path / "r")]) == 1
+        assert capsys.readouterr().err == f"rank report: error: {message}\n"
+    assert not (tmp_path / "r").exists()
+
+
+def test_too_few_draws_for_the_separation_are_flagged(sweep, tmp_path):
+    _, text = report([sweep, "--bootstrap", "2"], tmp_path / "a")
+    assert "Only 2 draws: fewer than 20 cannot show a 95% separation" in text
+    _, text = report([sweep, "--bootstrap", "2", "--separation", "0.6"], tmp_path / "b")  # 3 draws needed
+    assert "Only 2 draws: fewer than 3 cannot show a 60% separation" in text
+    _, text = report([sweep, "--bootstrap", "20"], tmp_path / "c")
+    assert "Only 20 draws" not in text

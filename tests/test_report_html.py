@@ -258,3 +258,14 @@ def test_wandb_gets_the_figures_samples_and_html_report(tmp_path, monkeypatch):
     assert images == ["average_ranks", "metrics_vs_steps", "pareto_fronts", "samples_digits", "steps_cfg_digits"]
     assert [p.parent.name for p in (media / "images").rglob("samples_digits*.png")] == ["samples"]
     assert len(list((media / "html").glob("report*.html"))) == 1
+
+
+def test_definitions_say_what_the_report_computes():
+    from src.ranking.html import TERMS, definition
+
+    interval = definition("all interval")
+    assert "training seeds" in interval and "not training seeds" not in interval  # the bootstrap resamples seeds
+    assert "bootstrap draws" in definition("P(front 1) all") and "settings" in definition("P(front 1) all")
+    fid = dict(TERMS)["FID (CLIP features)"]
+    assert "0.02" not in fid and not fid.startswith("Frechet distance between the Gaussian statistics of L2")
+    assert "training seeds" in dict(TERMS)["Bootstrap interval"]

@@ -98,8 +98,9 @@ def is_run_dir(path: Path) -> bool:
 def find_run_dirs(root: Path | str) -> list[Path]:
     """Run directories under root (root itself included), not descending into a run directory."""
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"sweep directory {str(root)!r} does not exist")
+    if not root.is_dir():  # a file given by mistake (a results.json, a config) is not said to be absent
+        raise FileNotFoundError(f"sweep directory {str(root)!r} " + ("is a file, not a directory" if root.exists()
+                                                                     else "does not exist"))
     found = []
     for current, dirs, _ in os.walk(root):
         path = Path(current)
@@ -199,7 +200,9 @@ def load_sweep(dirs: Iterable[Path | str], by_sweep: bool = False) -> Sweep:
     by_sweep: qualify every entry by its sweep directory's name (`rf [sweep=table1_rung1]`), so that sweeps of the
     same recipes (e.g. two budgets of one study) are ranked side by side instead of pooled.
     """
-    roots = tuple(Path(d) for d in dirs)
+    # `.` and `..` have no name of their own (the sweep's name titles the report and names its default folder):
+    # those are made absolute, without following links; other paths stay as given.
+    roots = tuple(Path(d) if Path(d).name not in ("", "..") else Path(os.path.abspath(d)) for d in dirs)
     if not roots:
         raise ValueError("load_sweep: no sweep directory given")
     names = [root.name for root in roots]
@@ -387,8 +390,9 @@ def restrict_train_seeds(records: pd.DataFrame, seeds: Sequence[int | str]) -> p
     present = sorted(records["train_seed"].astype(str).unique(), key=seed_order)
     absent = [s for s in wanted if s not in present]
     if absent:
+        named = [s for s in present if s]  # '' is a run without a seed, not a seed to choose
         raise ValueError(f"--train-seeds {' '.join(absent)}: no records of that training seed; the sweep has "
-                         f"{present or 'none'}")
+                         f"{named if named else 'none (its runs name no training seed)'}")
     return records[records["train_seed"].astype(str).isin(wanted)].reset_index(drop=True)
 
 
@@ -645,17 +649,30 @@ def _record_row(rec: dict, run_dir: Path, results: Path, index: int) -> dict:
     missing = [f for f in REQUIRED_FIELDS if f not in rec]
     if missing:
         raise ValueError(f"{results}: record {index} lacks required field(s) {missing}")
+    # A null name would be dropped unsaid by the grouping per setting (or ranked as a recipe called None).
+    for key in ("recipe", "dataset", "setting"):
+        if not isinstance(rec[key], str) or not rec[key]:
+            raise ValueError(f"{results}: record {index} has {key}={rec[key]!r}; expected a non-empty string")
     rec = upgrade(rec)  # legacy records get today's fields
     row = {f: rec[f] for f in REQUIRED_FIELDS}
     row.update({f: rec.get(f) for f in OPTIONAL_FIELDS})
     # The entry the record is ranked as, from its fields: recipe qualified by backbone, tags and sampler.
     row["recipe"] = entry_name(rec, drop=())
     row["run_dir"] = str(run_dir)
-    row["steps"] = int(row["steps"])
-    row["cfg"] = float(row["cfg"])
+    # A hand-edited or foreign record's wrong type is named, not read as another setting ("false" is truthy).
+    if isinstance(row["ema"], str) or row["ema"] not in (True, False):
+        raise ValueError(f"{results}: record {index} has ema={row['ema']!r}; expected true or false")
     row["ema"] = bool(row["ema"])
-    for metric in ("clip_score", "fid_clip", "fid_inception"):
-        row[metric] = math.nan if row[metric] is None else float(row[metric])
+    for key, kind in (("steps", int), ("cfg", float), *((m, float) for m in METRICS)):
+        try:
+            row[key] = math.nan if key in METRICS and row[key] is None else kind(row[key])
+        except (TypeError, ValueError):
+            raise ValueError(f"{results}: record {index} has {key}={row[key]!r}; expected a number"
+                             + (" or null" if key in METRICS else "")) from None
+    for metric in METRICS:
+        # Non-finite as null, as the writer stores it (Record.to_dict): an inf FID (JSON Infinity) of a diverged run
+        # would otherwise dominate on its CLIP score instead of going to the last front.
+        row[metric] = row[metric] if math.isfinite(row[metric]) else math.nan
     for key in ("params", "tags"):  # hashable in the table
         row[key] = json.dumps(row[key], sort_keys=True) if row[key] is not None else None
     for key in ("arrays", "reference_arrays"):
@@ -724,7 +741,7 @@ def fifty_step_scales(records: pd.DataFrame, fifty_step_cfg: Sequence[float] | s
     """
     if isinstance(fifty_step_cfg, str):
         if fifty_step_cfg != "all":
-            raise ValueError(f"fifty_step_cfg={fifty_step_cfg!r}: give CFG scale(s) or 'all'")
+            raise ValueError(f"--fifty-step-cfg {fifty_step_cfg!r}: give CFG scale(s) or 'all'")
         return None
     if fifty_step_cfg is None:
         fifty = records.loc[records["steps"] == 50, "cfg"].to_numpy(float)
@@ -739,12 +756,13 @@ def setting_groups(records: pd.DataFrame, fifty_step_cfg: Sequence[float] | str 
     if scales is not None:
         cfgs = [float(c) for c in scales]
         if not cfgs or not all(math.isfinite(c) for c in cfgs):
-            raise ValueError(f"fifty_step_cfg={list(scales)!r}: give one or more finite CFG scales")
+            raise ValueError(f"--fifty-step-cfg {' '.join(map(str, scales))}: give one or more finite CFG scales")
         present = sorted(records.loc[fifty, "cfg"].unique().tolist())
         absent = [c for c in cfgs if not np.isclose(present, c).any()]
         if absent:
             raise ValueError(
-                f"fifty_step_cfg={cfgs}: no 50-step setting has CFG scale {absent}; the sweep has {present or 'none'}"
+                f"--fifty-step-cfg {' '.join(map(str, cfgs))}: no 50-step setting has CFG scale {absent}; the sweep "
+                f"has {present or 'none'}"
             )
         fifty = fifty & np.isclose(records["cfg"].to_numpy()[:, None], cfgs).any(axis=1)
     return {"all": pd.Series(True, index=records.index), "5 steps": records["steps"] == 5, "50 steps": fifty}

@@ -34,28 +34,30 @@ DEFINITIONS: list[tuple[str, str]] = [
     (r"^n (.+)$", "Number of control settings averaged for {g} (fewer than the sweep has when the recipe lacks some)."),
     (r"^paper (.+)$", "The paper's average rank for {g} (Esser et al. 2024, Table 1; 61 recipes on ImageNet and CC12M)."),
     (r"^(.+) interval$", "Bootstrap percentile interval [lo, hi] of the average rank for {g}: resampling the "
-                         "evaluation samples and reference images; it covers evaluation noise, not training seeds."),
+                         "training seeds, the evaluation samples and the reference images; it covers training-seed "
+                         "variance too (none for a recipe with one seed)."),
     (r"^missing settings$", "Control settings the sweep has but this recipe lacks (failed or unfinished evaluations)."),
     (r"^mean rank(.*)$", "Mean of the average rank over the seed replicates."),
     (r"^seeds?$", "Number of training seeds (replicates) of the recipe."),
-    (r"^P\(front 1\)(.*)$", "Probability of being on the first front (non-dominated), over bootstrap draws and seeds."),
+    (r"^P\(front 1\)(.*)$", "Share of the column's control settings in which the recipe is on the first front "
+                            "(non-dominated), over the bootstrap draws when there are any."),
     (r"^(all|5 steps|50 steps)$", "Average rank over {g}: the mean non-dominated front (1 = best) of the recipe, "
                                   "one front per control setting (dataset, sampler setting, EMA or raw weights)."),
 ]
 TERMS = [
     ("CLIP score", "Mean cosine similarity between the CLIP image embedding of a sample and the CLIP text embedding "
                    "of its prompt (higher is better)."),
-    ("FID (CLIP features)", "Frechet distance between the Gaussian statistics of L2-normalised CLIP image embeddings "
-                            "of the samples and of the evaluation images (lower is better; small values such as 0.02 "
-                            "are normal after the normalisation)."),
+    ("FID (CLIP features)", "Frechet distance between the Gaussian statistics of the CLIP image embeddings of the "
+                            "samples and of the evaluation images (lower is better); the notes say which embeddings "
+                            "(raw, as the paper, or L2-normalised in older results)."),
     ("Control setting", "One (dataset, sampler setting, EMA or raw weights) combination; recipes are ranked within "
                         "each."),
     ("Front", "Non-dominated sorting on (CLIP score up, FID down): front 1 holds the recipes no other recipe beats on "
               "both; removing them, the next front is non-dominated among the rest, and so on."),
     ("Average rank", "A recipe's mean front over a group of control settings (all, 5 steps, 50 steps); lower is "
                      "better."),
-    ("Bootstrap interval", "Percentile interval of the average rank over paired bootstrap draws of the evaluation "
-                           "samples and reference images."),
+    ("Bootstrap interval", "Percentile interval of the average rank over bootstrap draws that resample the training "
+                           "seeds and, paired across recipes, the evaluation samples and reference images."),
     ("Common random noise", "Sample k uses the same prompt and the same initial noise in every recipe and sampler "
                             "setting, so the sample sheets compare like with like."),
 ]

@@ -22,14 +22,14 @@ import numpy as np
 import pandas as pd
 
 from src.ranking.aggregate import (
-    LEGACY_SAMPLER, SETTING_KEY, STATUS_WORDS, Sweep, average_ranks, check_eval_settings, check_fid_features,
-    check_sweep_overlap, check_training_settings, describe_column, describe_fifty_step, load_sweep, missing_settings,
-    pool_seeds, rank_table, restrict_datasets, restrict_recipes, restrict_sampler, restrict_train_seeds, seed_counts,
-    seed_order, setting_groups, setting_label,
+    LEGACY_SAMPLER, SETTING_KEY, STATUS_WORDS, Sweep, average_ranks, bare_recipe, check_eval_settings,
+    check_fid_features, check_sweep_overlap, check_training_settings, describe_column, describe_fifty_step, load_sweep,
+    missing_settings, pool_seeds, rank_table, restrict_datasets, restrict_recipes, restrict_sampler,
+    restrict_train_seeds, seed_counts, seed_order, setting_groups, setting_label,
 )
 from src.ranking.agreement import noise_ceiling, seed_agreement, spearman_brown
 from src.ranking.bootstrap import RankBootstrap, bootstrap_ranks, check_settings, inseparable_pairs, resolve_workers
-from src.ranking.paper import COLUMNS, paper_ranks, spearman_vs_paper
+from src.ranking.paper import COLUMNS, PAPER_TABLE1, paper_name, paper_ranks, spearman_vs_paper
 from src.ranking.samples import sample_figures
 from src.ranking.plots import plot_average_ranks, plot_metrics_vs_steps, plot_pareto_fronts, save_figure
 from src.ranking.tables import Table, fmt
@@ -73,6 +73,7 @@ class RankReport:
     recipes: list[str] | None = None  # --recipes: the recipes ranked among themselves (None: every recipe)
     datasets: list[str] | None = None  # --datasets: the datasets whose settings are ranked (None: all)
     seed_ranks: dict[str, pd.DataFrame] = field(default_factory=dict)  # training seed -> its average ranks, alone
+    left_out: list[str] = field(default_factory=list)  # entries --train-seeds / --datasets left without records
 
     @property
     def seed_agreement(self) -> dict[str, float]:
@@ -142,12 +143,15 @@ def build_report(
     check_sweep_overlap(sweep)
     check_eval_settings(sweep.records)  # the newest record per setting: a partial re-evaluation would mix settings
     records = sweep.records if sampler is None else restrict_sampler(sweep.records, sampler)
-    if train_seeds is not None:
-        records = restrict_train_seeds(records, train_seeds)
     if recipes is not None:
         records = restrict_recipes(records, recipes)
+    entries = sorted(records["entry"].unique())
+    if train_seeds is not None:
+        records = restrict_train_seeds(records, train_seeds)
     if datasets is not None:
         records = restrict_datasets(records, datasets)
+    # Entries with no record of the chosen seeds or datasets would vanish from the table unsaid: they are named.
+    left_out = [e for e in entries if e not in set(records["entry"])]
     # The runs actually ranked together (after --recipes and the like) must have been trained alike.
     check_training_settings(records, by_sweep)
     ranked = rank_table(pool_seeds(records))
@@ -173,7 +177,7 @@ def build_report(
         sampler_note=_sampler_note(sweep.records, sampler), max_seeds=int(seeds["seeds"].max()),
         train_seeds=None if train_seeds is None else [str(s) for s in train_seeds], by_sweep=by_sweep,
         recipes=None if recipes is None else list(recipes), datasets=None if datasets is None else list(datasets),
-        seed_ranks=seed_ranks,
+        seed_ranks=seed_ranks, left_out=left_out,
     )
     report.spearman["seed agreement"] = report.spearman["column"].map(report.seed_agreement)
     return report
@@ -296,7 +300,8 @@ def status_lines(report: RankReport) -> list[str]:
     refused = f"; {n_refused} relaunch{'es' * (n_refused != 1)} not run (failures.json)" if n_refused else ""
     lines = [
         f"Sweep {report.sweep.name}: {int((runs['status'] != 'refused').sum())} run directories ({', '.join(parts)})"
-        f"{refused}; {len(report.ranked)} records, {report.ranked['recipe'].nunique()} recipes, "
+        # records: those ranked (one per entry, training seed and setting), not the seed-mean cells
+        f"{refused}; {len(report.records)} records, {report.ranked['recipe'].nunique()} recipes, "
         f"{report.n_settings['all']} control settings."
     ]
     if report.sweep.partial:
@@ -368,6 +373,12 @@ def notes(report: RankReport) -> list[str]:
         out.append("Restricted: " + "; ".join(
             ([f"only {', '.join(report.recipes)}, ranked among themselves (--recipes)"] if report.recipes else [])
             + ([f"only the settings of {', '.join(report.datasets)} (--datasets)"] if report.datasets else [])) + ".")
+    if report.left_out:
+        why = " and ".join(([f"training seed(s) {', '.join(report.train_seeds)}"] if report.train_seeds else [])
+                           + ([f"dataset(s) {', '.join(report.datasets)}"] if report.datasets else []))
+        out.append(f"Not ranked: {len(report.left_out)} entr{'ies' if len(report.left_out) != 1 else 'y'} without "
+                   f"records of the {why} chosen: " + ", ".join(report.left_out[:8])
+                   + (f" and {len(report.left_out) - 8} more" if len(report.left_out) > 8 else "") + ".")
     if report.by_sweep:
         out.append(f"Sweeps ranked side by side (--by-sweep): each entry is qualified by its sweep directory "
                    f"({', '.join(root.name for root in report.sweep.roots)}).")
@@ -380,14 +391,23 @@ def notes(report: RankReport) -> list[str]:
             "one seed). "
             + (f"Two entries are separated when one ranks better in at least {boot.separation:.0%} of the draws "
                "(ties count half). " if len(report.table) > 1 else "")
-            + "A percentile interval of a rank need not contain the point value: resampling changes which entries "
-            "tie on a front."
+            + "A percentile interval of a rank need not contain the point value: the noise resampling adds breaks "
+            "dominance chains into fewer fronts, so the draws tend to rank entries lower (better) than the point "
+            "value, most for low-ranked entries and with several seeds (the point pools them all, a draw resamples "
+            f"them); here {_outside(report.table, 'all')} of {len(report.table)} 'all' values lie outside their "
+            "interval."
         )
         pairs = report.inseparable()
         if len(report.table) > 1:  # with one entry there is no pair to separate
             out.append(f"{len(pairs)} pair{'s' * (len(pairs) != 1)} of entries cannot be separated over all "
                        "settings (listed below)." if pairs
                        else "The bootstrap separates every pair of entries over all settings.")
+            # With fewer than 1 / (1 - separation) draws one draw's order decides: 1 draw 'separates' every pair.
+            needed = math.ceil(1.0 / (1.0 - boot.separation) - 1e-9) if boot.separation < 1.0 else 1
+            if report.draws < needed:
+                out.append(f"Only {report.draws} draw{'s' * (report.draws != 1)}: fewer than {needed} cannot show a "
+                           f"{boot.separation:.0%} separation, so a pair ordered alike in every draw counts as "
+                           "separated; use more draws (--bootstrap) before reading the verdicts.")
         if boot.metrics.fixed:
             out.append(f"{len(boot.metrics.fixed)} records could not be resampled and keep their values in every draw "
                        f"(e.g. {next(iter(boot.metrics.fixed.values()))}).")
@@ -401,12 +421,20 @@ def notes(report: RankReport) -> list[str]:
     if len(bad):
         out.append(f"{len(bad)} entries x settings with a non-finite CLIP score or FID (in at least one seed) were put "
                    "in the last front of their setting: "
-                   + "; ".join(_record_label(report.ranked, i) for i in bad.index[:6]) + ".")
-    if len(report.sweep.duplicates):
+                   + "; ".join(_record_label(report.ranked, i) for i in bad.index[:6])
+                   + (f"; ... ({len(bad) - 6} more)" if len(bad) > 6 else "") + ".")
+    if len(report.sweep.duplicates):  # the rule of _drop_duplicates: the latest request's record, else the newest
         out.append(f"{len(report.sweep.duplicates)} duplicate records (same recipe, seed and control setting) were "
-                   "dropped, keeping the newest by 'created'.")
-    out.append(spearman_line(report.spearman))
+                   "dropped, keeping the one the run's latest launch or re-evaluation asked for, else the newest by "
+                   "'created'.")
+    out.append(spearman_line(report.spearman, list(report.table.index)))
     return out
+
+
+def _outside(table: pd.DataFrame, column: str) -> int:
+    """How many entries' point value of a column lies outside its bootstrap interval."""
+    point, lo, hi = (table[c].to_numpy(float) for c in (column, f"{column} lo", f"{column} hi"))
+    return int(((point < lo) | (point > hi)).sum())
 
 
 def _seed_note(report: RankReport) -> str:
@@ -443,10 +471,17 @@ def _agreement_note(report: RankReport) -> list[str]:
     return [text + "."]
 
 
-def spearman_line(spearman: pd.DataFrame) -> str:
+def spearman_line(spearman: pd.DataFrame, entries: Sequence[str] = ()) -> str:
     """One sentence with the Spearman correlations against the paper's Table 1."""
     shared = int(spearman["n_shared"].max()) if len(spearman) else 0
     if shared == 0:
+        # Entries qualified by a sampler or swept value (`rf [sampler=native]`) are not the paper's recipe itself:
+        # the sweep may well hold the paper's recipes, only not unqualified.
+        qualified = [e for e in entries if bare_recipe(e) != e and paper_name(bare_recipe(e)) in PAPER_TABLE1]
+        if qualified:
+            return (f"Paper comparison: none; the paper's recipes are here only as qualified entries (e.g. "
+                    f"{qualified[0]}), which are not compared with its Table 1 (--sampler NAME ranks one sampler's "
+                    "records unqualified).")
         return "Paper comparison: no recipe of this sweep is in the paper's Table 1."
     parts = []
     for _, row in spearman.iterrows():
@@ -646,10 +681,22 @@ def _names_slug(names: Sequence[str]) -> str:
     return f"{len(slugs)}_recipes_{hashlib.sha1('+'.join(sorted(slugs)).encode()).hexdigest()[:8]}"
 
 
+def _check_out(out: Path | None) -> None:
+    """Refuse an --out that is a file or lies under one before any work: it was found only after the bootstrap,
+    which takes hours at the paper's scale."""
+    if out is None:
+        return
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == out else f"lies under the file {existing}"
+        raise ValueError(f"--out {out}: {where}; give a folder (made when absent)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Build, write and print the rank report; a one-line error and exit status 1 when there is nothing to rank."""
     args = parse_args(argv)
     try:
+        _check_out(args.out)
         sweeps = args.sweeps or [latest_sweep(args.multirun_root)]
         report = build_report(sweeps, _fifty_step_arg(args.fifty_step_cfg), args.bootstrap, args.seed, args.confidence,
                               args.separation, progress=lambda line: print(line, file=sys.stderr, flush=True),
