@@ -48,9 +48,18 @@ def paper_table() -> pd.DataFrame:
 
 
 def paper_ranks(recipes) -> pd.DataFrame:
-    """The paper's average ranks for the given recipe names (NaN where Table 1 lacks the recipe)."""
+    """The paper's average ranks for the given recipe names (NaN where Table 1 lacks the recipe, and for the second
+    spelling of a recipe whose row another name here takes)."""
     table = paper_table()
-    rows = [table.loc[paper_name(r)] if paper_name(r) in table.index else None for r in recipes]
+    recipes = list(recipes)
+    # One entry per row of Table 1: where two spellings of one recipe are both here (rf and rf/mode(0.00)), the
+    # paper's own spelling (else the first) stands for the row; the other would count it twice in the correlation.
+    stands_for: dict[str, str] = {}
+    for r in recipes:
+        name = paper_name(r)
+        if name in table.index and (name not in stands_for or r == name):
+            stands_for[name] = r
+    rows = [table.loc[paper_name(r)] if stands_for.get(paper_name(r)) == r else None for r in recipes]
     frame = pd.DataFrame(
         [row.to_numpy() if row is not None else [math.nan] * len(COLUMNS) for row in rows],
         index=pd.Index(list(recipes), name="recipe"),
