@@ -343,3 +343,14 @@ def test_inception_fids_of_two_weights_files_are_not_ranked_together(tmp_path, c
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the sweep mixes evaluation settings: eval.inception = inception-v3-2048:" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_sample_sheets_show_the_numerically_first_seed():
+    """Seeds 2 and 10: the sheet shows seed 2's samples (as text, "10" sorted first)."""
+    from src.ranking.report import first_seed_records
+
+    records = pd.DataFrame([
+        {"entry": e, "dataset": "digits", "setting": "5 steps, cfg 5.0", "ema": True, "train_seed": s, "arrays": a}
+        for e in ("rf", "edm") for s, a in (("10", f"{e}10.npz"), ("2", f"{e}2.npz"))])  # labels, as records hold them
+    first = first_seed_records(records)
+    assert sorted(first["arrays"]) == ["edm2.npz", "rf2.npz"] and list(first["recipe"]) == list(first["entry"])

@@ -552,6 +552,13 @@ def _record_label(ranked: pd.DataFrame, row: int) -> str:
 # ---------------------------------------------------------------------------------------------- writing
 
 
+def first_seed_records(records: pd.DataFrame) -> pd.DataFrame:
+    """Each entry's records of its first training seed (numeric order: 2 before 10), one per dataset, setting and
+    EMA, with `recipe` = the entry: what its sample sheets show."""
+    by_seed = records.assign(_seed=records["train_seed"].astype(str).map(seed_order))
+    return by_seed.sort_values(["entry", "_seed"], kind="stable").drop_duplicates(
+        ["entry", "dataset", "setting", "ema"]).drop(columns="_seed").assign(recipe=lambda r: r["entry"])
+
 def write_report(report: RankReport, out_dir: Path | str) -> dict[str, Path]:
     """Write the Markdown, HTML, CSV and PNG outputs into out_dir; returns name -> path."""
     out = Path(out_dir)
@@ -563,9 +570,7 @@ def write_report(report: RankReport, out_dir: Path | str) -> dict[str, Path]:
     }
     figures = {title: save_figure(fig, out / name) for title, (fig, name) in figures.items()}
     # Samples of each entry's first training seed (the seed-mean table has no samples): src/ranking/samples.py
-    first_seed = report.records.sort_values(["entry", "train_seed"], kind="stable").drop_duplicates(
-        ["entry", "dataset", "setting", "ema"]).assign(recipe=lambda r: r["entry"])
-    figures.update(sample_figures(first_seed, out, list(report.table.index)))
+    figures.update(sample_figures(first_seed_records(report.records), out, list(report.table.index)))
     paths = {f.stem: f for f in figures.values()}
     csvs = {
         "ranks": report.table.reset_index(),
