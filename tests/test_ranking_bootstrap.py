@@ -225,7 +225,7 @@ def test_report_cli_refuses_a_bad_worker_count_before_writing(tmp_path, capsys):
     for draws in ("4", "0"):
         assert main([str(sweep), "--out", str(tmp_path / "r"), "--bootstrap", draws, "--workers", "-2"]) == 1
         err = capsys.readouterr().err.strip().splitlines()
-        assert err == ["rank report: error: bootstrap workers=-2 is not allowed; allowed: 0 (every usable core) or a "
+        assert err == ["rank report: error: --workers -2 is not allowed; allowed: 0 (every usable core) or a "
                        "positive integer"]
         assert not (tmp_path / "r").exists()
     assert main([str(sweep), "--out", str(tmp_path / "r"), "--bootstrap", "4", "--workers", "2"]) == 0

@@ -72,9 +72,10 @@ def test_two_sweeps_are_pooled_and_a_sampler_is_chosen(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--confidence", "1.5"], "bootstrap confidence=1.5: must lie in (0, 1)"),
-    (["--separation", "2"], "bootstrap separation=2.0: must lie in (0.5, 1]"),
-    (["--seed", "-1"], "bootstrap seed=-1: must be an integer >= 0"),
+    (["--confidence", "1.5"], "--confidence 1.5: must lie in (0, 1)"),
+    (["--separation", "2"], "--separation 2.0: must lie in (0.5, 1]"),
+    (["--seed", "-1"], "--seed -1: must be an integer >= 0"),
+    (["--bootstrap", "-3"], "--bootstrap -3: must be an integer >= 0 (0: no bootstrap)"),
 ])
 def test_bad_option_values_are_refused_with_or_without_draws(sweep, tmp_path, capsys, flags, message):
     for draws in ("0", "5"):

@@ -697,11 +697,23 @@ def _check_out(out: Path | None) -> None:
         raise ValueError(f"--out {out}: {where}; give a folder (made when absent)")
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """The bootstrap's options, refused naming the option as given (the library's checks name its arguments)."""
+    if args.bootstrap < 0:
+        raise ValueError(f"--bootstrap {args.bootstrap}: must be an integer >= 0 (0: no bootstrap)")
+    try:
+        check_settings(args.confidence, args.separation, args.seed)
+        resolve_workers(args.workers)
+    except ValueError as exc:  # "bootstrap confidence=1.5: ..." -> "--confidence 1.5: ..."
+        raise ValueError(re.sub(r"^bootstrap (\w+)=", r"--\1 ", str(exc))) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Build, write and print the rank report; a one-line error and exit status 1 when there is nothing to rank."""
     args = parse_args(argv)
     try:
         _check_out(args.out)
+        _check_options(args)
         sweeps = args.sweeps or [latest_sweep(args.multirun_root)]
         report = build_report(sweeps, _fifty_step_arg(args.fifty_step_cfg), args.bootstrap, args.seed, args.confidence,
                               args.separation, progress=lambda line: print(line, file=sys.stderr, flush=True),
