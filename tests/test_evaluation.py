@@ -171,9 +171,12 @@ def test_evaluate_writes_records_arrays_and_grid(setup):
     from src.evaluation.grids import cut_grid, read_grid, read_prompts
 
     with np.load(run / rec["arrays"]) as arrays:
-        assert arrays["grid"].shape == (12, 1, 8, 8)  # grey samples, as generated
+        grid = arrays["grid"]
+    assert grid.shape == (12, 1, 8, 8) and grid.dtype == np.uint8  # grey samples, as generated, as the PNG's 8 bits
     cells, stored = cut_grid(png), read_grid(run / rec["arrays"], None)
     assert cells.shape == (12, 8, 8, 3) and np.array_equal(cells, stored)
+    np.savez(run / "float.npz", grid=grid / 127.5 - 1.0)  # a float grid in [-1, 1], as arrays were written before
+    assert np.array_equal(read_grid(run / "float.npz", None), stored)
     assert read_prompts(run / rec["arrays"], png) == [f"a photo of a {k % 10}" for k in range(12)]
 
 

@@ -36,12 +36,23 @@ def font(size: int = 11) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
 
 
-def to_uint8(images) -> np.ndarray:
-    """(B, C, H, W) in [-1, 1] (torch or numpy) -> (B, H, W, 3) uint8; one channel is repeated to three."""
-    array = images.detach().cpu().float().numpy() if hasattr(images, "detach") else np.asarray(images, np.float32)
+def quantize(images) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] (torch or numpy) -> (B, C, H, W) uint8, as the PNGs hold them (C = 1 or 3); uint8
+    input is taken as quantized already."""
+    if isinstance(images, np.ndarray) and images.dtype == np.uint8:
+        array = images
+    else:
+        array = images.detach().cpu().float().numpy() if hasattr(images, "detach") else np.asarray(images, np.float32)
+        array = np.clip((array + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
     if array.ndim != 4 or array.shape[1] not in (1, 3):
         raise ValueError(f"images: expected shape (B, 1 or 3, H, W), got {tuple(array.shape)}")
-    array = np.clip((array + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    return array
+
+
+def to_uint8(images) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] (torch or numpy), or quantized already -> (B, H, W, 3) uint8; one channel is repeated
+    to three."""
+    array = quantize(images).transpose(0, 2, 3, 1)
     return np.repeat(array, 3, axis=3) if array.shape[3] == 1 else array
 
 
@@ -209,8 +220,8 @@ def _npz_array(npz: str | Path | None, name: str) -> np.ndarray | None:
 
 
 def read_grid(npz: str | Path | None, png: str | Path | None, n: int | None = None) -> np.ndarray | None:
-    """The evaluation's grid samples (k, H, W, 3) uint8: the npz's `grid` array ((k, C, H, W) in [-1, 1]) when
-    present, else cut from the PNG; None when neither is readable."""
+    """The evaluation's grid samples (k, H, W, 3) uint8: the npz's `grid` array ((k, C, H, W) uint8, or in [-1, 1]
+    as float in arrays written before) when present, else cut from the PNG; None when neither is readable."""
     grid = _npz_array(npz, "grid")
     if grid is not None:
         grid = to_uint8(grid)
