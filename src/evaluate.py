@@ -1,7 +1,7 @@
 """Re-evaluate a finished run: `python -m src.evaluate RUN_DIR [key=value ...]`.
 
     python -m src.evaluate outputs/multirun/default/digits/rf_lognorm_0.00_1.00 eval.n_samples=200
-    python -m src.evaluate RUN_DIR eval.seed=7 eval.checkpoint=last eval.clip.model_name=ViT-L-14-quickgelu \
+    python -m src.evaluate RUN_DIR eval.seed=7 eval.checkpoint=last eval.clip.model_name=ViT-L-14-quickgelu \\
         eval.clip.weights_path=/models/clip_l14.pt
     PYTHONPATH=docs/examples python -m src.evaluate RUN_DIR --config-dir docs/examples/conf sampler=ab2
 

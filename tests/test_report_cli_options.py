@@ -131,3 +131,12 @@ def test_too_few_draws_for_the_separation_are_flagged(sweep, tmp_path):
     assert "Only 2 draws: fewer than 3 cannot show a 60% separation" in text
     _, text = report([sweep, "--bootstrap", "20"], tmp_path / "c")
     assert "Only 20 draws" not in text
+
+
+def test_a_report_of_one_sampler_never_lands_where_the_full_report_is(tmp_path, monkeypatch):
+    first = write_synthetic_sweep(tmp_path / "multirun" / "s", recipes=("rf", "eps/linear"), sampler="rf_time", **SMALL)
+    monkeypatch.chdir(tmp_path)  # the default report directory is relative: reports/<sweep>-sampler=...
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main([str(first), "--bootstrap", "0", "--sampler", "rf_time"]) == 0
+    assert (tmp_path / "reports" / "s-sampler=rf_time" / "report.md").is_file()
+    assert not (tmp_path / "reports" / "s").exists()

@@ -649,3 +649,12 @@ def test_run_config_keeps_the_runs_recipe_and_backbone(tmp_path):
     assert OmegaConf.to_container(cfg.loss) == stored["loss"]
     assert OmegaConf.to_container(cfg.model) == stored["model"]
     assert cfg.eval.n_samples == 4
+
+
+def test_evaluate_help_shows_its_examples_as_commands(capsys):
+    """The help's example that continues over two lines keeps its backslash and line break (a shell command)."""
+    from src.evaluate import main as evaluate_main
+
+    assert evaluate_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "eval.clip.model_name=ViT-L-14-quickgelu \\\n        eval.clip.weights_path=/models/clip_l14.pt" in out

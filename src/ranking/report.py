@@ -728,6 +728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     restricted += "-by_sweep" if report.by_sweep else ""
     restricted += f"-recipes={_names_slug(report.recipes)}" if report.recipes is not None else ""
     restricted += f"-datasets={'_'.join(report.datasets)}" if report.datasets is not None else ""
+    restricted += f"-sampler={_names_slug([args.sampler])}" if args.sampler is not None else ""
     out_dir = args.out or DEFAULT_REPORTS / f"{report.sweep.name}{restricted}"
     try:
         paths = write_report(report, out_dir)
