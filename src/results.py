@@ -413,7 +413,7 @@ _STORES: dict[str, dict] = {}  # each VERIFIED_ARRAYS_FILE's entries as this pro
 
 
 class VerifiedArrays:
-    """_readable_npz once per file version: reading every array's CRC reads every byte (about 80 GB for the paper's
+    """_readable_npz once per file version: reading every array's CRC reads every byte (about 23 GB for the paper's
     grid), at every plan, report and job. A version (resolved path, size, mtime_ns, ctime_ns, as
     src.utils.io.weights_sha256 keys its checksums) read whole is remembered in this process and, with cache_dir, in
     cache_dir/verified_arrays.json, so that a later command reads it only when it changed (rewritten, damaged in
