@@ -199,7 +199,8 @@ def test_plan_status_reads_run_directories(tmp_path):
     assert "4 jobs (3 to run; done: 1)" in plan.render(p)
     # Still to run: 2 of rf's 5 steps, edm's and v's whole training, every evaluation but the done job's.
     assert [j.train_left for j in p.jobs] == [pytest.approx(0.4), 1.0, 0.0, 1.0]
-    left = sum(j.train_flops * share + j.eval_flops for j, share in zip(p.jobs, (0.4, 1, 0, 1)) if j.status != "done")
+    left = sum((j.train_flops + j.val_flops) * share + j.eval_flops - j.val_flops
+               for j, share in zip(p.jobs, (0.4, 1, 0, 1)) if j.status != "done")
     assert sum(j.flops_left for j in p.jobs) == pytest.approx(left)
     assert f"{p.gpu_hours(left):.4g} still to run" in plan.render(p)
     # Another evaluation setting: the finished run is to be evaluated, not done (and not retrained).
@@ -209,6 +210,53 @@ def test_plan_status_reads_run_directories(tmp_path):
     # A record whose arrays are gone does not count.
     (eps / "eval" / "a.npz").unlink()
     assert plan.plan_sweep(overrides).jobs[2].status == "to evaluate"
+
+
+def test_plan_of_failed_runs_is_what_their_relaunch_does(tmp_path):
+    """A relaunch removes error.json and goes on from what the directory holds (src/run.py _job): it resumes, only
+    evaluates, skips a finished run; a directory of another configuration is refused, error.json or not; an unreadable
+    results.json makes the job fail naming it. Validation belongs to the training: a trained run's relaunch samples
+    only the records it lacks."""
+    import torch
+
+    from src.evaluation.run import wanted_for
+    from src.training.job import _fingerprint_json
+
+    overrides = ["loss=rf,edm,eps_linear,v_cos", "model=dit", f"paths.root_dir={tmp_path}", "train.val_every=1",
+                 "data.val_samples=4", "eval.settings=[{steps: 2, cfg: 1.0}]", "eval.ema=[true]", "train.max_steps=5",
+                 *FAKE_SHARDS]
+    jobs = plan.plan_sweep(overrides).jobs
+    rf, edm, eps, v = (j.run_dir for j in jobs)
+    for run_dir, step in ((rf, 3), (edm, 5), (eps, 5), (v, 5)):
+        (run_dir / "checkpoints").mkdir(parents=True)
+        torch.save({"global_step": step}, run_dir / "checkpoints" / "last.ckpt")
+        (run_dir / "error.json").write_text("{}")
+    (eps / "eval").mkdir()
+    np.savez(eps / "eval" / "a.npz", clip_scores=np.zeros(2))
+    with plan._hydra_context():
+        eps_cfg, v_cfg = plan._compose(jobs[2].overrides), plan._compose(jobs[3].overrides)
+        [wanted] = wanted_for(eps_cfg)
+        stored = _fingerprint_json(v_cfg)
+    (eps / "results.json").write_text(json.dumps([{**wanted, "arrays": "eval/a.npz", "clip_score": 0.2,
+                                                   "fid_clip": 1.0}]))
+    stored["train"]["ema_decay"] = 0.5  # v's directory holds a run of another configuration
+    (v / "fingerprint.json").write_text(json.dumps(stored))
+    p = plan.plan_sweep(overrides)
+    assert [j.status for j in p.jobs] == ["failed: resume", "failed: to evaluate", "done", "changed configuration"]
+    assert [j.train_left for j in p.jobs] == [pytest.approx(0.4), 0.0, 0.0, 1.0]
+    r, e = p.jobs[:2]
+    assert r.val_flops == r.fwd_flops_per_sample * 5 * 4 * 8 * 2  # 5 validations of 4 samples x 8 levels, raw and EMA
+    assert r.flops_left == pytest.approx((r.train_flops + r.val_flops) * 0.4 + r.eval_flops - r.val_flops)
+    assert e.flops_left == pytest.approx(e.fwd_flops_per_sample * 2 * 100)  # sampling only: 2 steps x 100 samples
+    # Another setting added: only its records are sampled (3 steps, guided: 6 evaluations x 100 samples).
+    eps_only = ["-m", *overrides, "loss=eps_linear"]
+    [more] = plan.plan_sweep([*eps_only, "eval.settings=[{steps: 2, cfg: 1.0}, {steps: 3, cfg: 5.0}]"]).jobs
+    assert more.status == "failed: to evaluate"
+    assert more.flops_left == pytest.approx(more.fwd_flops_per_sample * 6 * 100)
+    (eps / "results.json").write_text("[{")
+    assert plan.job_status(eps_cfg, eps) == "failed: results.json unreadable"
+    (eps / "error.json").unlink()
+    assert plan.job_status(eps_cfg, eps) == "results.json unreadable"
 
 
 def test_plan_cli_launches_nothing(tmp_path, capsys):
@@ -311,7 +359,9 @@ def test_plan_of_a_sampler_sweep_counts_each_training_once():
                                           "to evaluate (after sampler=rf_time trains)"]
     assert [j.run_dir.parent.name for j in p.jobs] == ["rf", "edm_-1.20_1.20", "rf", "edm_-1.20_1.20"]
     train = sum(j.train_flops for j in p.jobs[:2])
-    all_flops = train + sum(j.eval_flops for j in p.jobs)
+    # Each model's validation once (its training's), every job's sampling.
+    all_flops = train + sum(j.val_flops for j in p.jobs[:2]) + sum(j.eval_flops - j.val_flops for j in p.jobs)
+    assert all(j.val_flops > 0 for j in p.jobs)
     text = plan.render(p)
     assert f"GPU-hours at 100 TFLOP/s peak and 50% utilisation: {p.gpu_hours(all_flops):.4g} in all, " \
            f"{p.gpu_hours(all_flops):.4g} still to run" in text
