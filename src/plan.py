@@ -445,8 +445,8 @@ def _data_checks(cfg: DictConfig) -> list[str]:
 def plan_sweep(overrides: Sequence[str], peak_tflops: float = H100_BF16_DENSE_TFLOPS, mfu: float | None = None,
                flops_method: str = "count", gpu: str | None = None) -> Plan:
     """Expand the sweep and plan every job; mfu None: measured for the launch's configuration, else DEFAULT_MFU."""
-    if not peak_tflops > 0:
-        raise ValueError(f"--peak-tflops={peak_tflops}: must be > 0")
+    if not 0 < peak_tflops < float("inf"):  # inf would plan every job at 0 GPU-hours
+        raise ValueError(f"--peak-tflops={peak_tflops}: must be a finite number > 0")
     if mfu is not None and not 0 < mfu <= 1:
         raise ValueError(f"--mfu={mfu}: must be in (0, 1]")
     with _hydra_context():

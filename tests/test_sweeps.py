@@ -270,6 +270,8 @@ def test_plan_cli_launches_nothing(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []  # no sweep directory, no multirun.yaml
     assert plan.main([*args, "--mfu", "2"]) == 2
     assert "--mfu=2.0: must be in (0, 1]" in capsys.readouterr().err
+    assert plan.main([*args, "--peak-tflops", "inf"]) == 2  # not a plan of 0 GPU-hours
+    assert "--peak-tflops=inf: must be a finite number > 0" in capsys.readouterr().err
     # The job's own value checks: no plan of a job that could not run.
     assert plan.main([*args, "train.max_steps=-1"]) == 2
     assert "train.max_steps=-1: must be an integer >= 1" in capsys.readouterr().err
