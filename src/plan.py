@@ -25,14 +25,15 @@ configuration wants is in results.json: a relaunch skips it), to evaluate (train
 settings are missing: a relaunch evaluates without retraining), best.ckpt missing (to evaluate, but the checkpoint
 validation chose was deleted or lost: a relaunch fails saying so; restore it, or evaluate last.ckpt with
 eval.checkpoint=last), results.json unreadable (to evaluate, but a relaunch fails naming the file: delete it),
-resume (a checkpoint before the last step), to train, changed configuration (the directory holds a run of another
-configuration: a relaunch is refused), failed (error.json; a relaunch trains anew) or failed: <status> (error.json;
-a relaunch removes it and does what <status> says; a finished run is done), new; to evaluate (trained in TWIN) or
-(after TWIN trains) for a job that differs from a sibling only in evaluation settings (a sampler sweep): it evaluates
-the sibling's model (src/launch/sweeper.py training_waves). "GPU-hours in all" counts each model's training and
-validation once; "still to run" counts what a relaunch runs: no training or validation for trained or reused models,
-the steps left (and their validation) for a resume, and the evaluation of every job not done: for a trained run,
-only the records results.json lacks.
+resume (a checkpoint before the last step), last.ckpt unreadable (and no readable last.prev.ckpt: a relaunch fails
+naming it; delete the checkpoints folder to train anew), to train, changed configuration (the directory holds a run
+of another configuration: a relaunch is refused), failed (error.json; a relaunch trains anew) or failed: <status>
+(error.json; a relaunch removes it and does what <status> says; a finished run is done), new; to evaluate (trained
+in TWIN) or (after TWIN trains) for a job that differs from a sibling only in evaluation settings (a sampler sweep):
+it evaluates the sibling's model (src/launch/sweeper.py training_waves). "GPU-hours in all" counts each model's
+training and validation once; "still to run" counts what a relaunch runs: no training or validation for trained or
+reused models, the steps left (and their validation) for a resume, and the evaluation of every job not done: for a
+trained run, only the records results.json lacks.
 """
 
 from __future__ import annotations
@@ -307,8 +308,8 @@ def job_status(cfg: DictConfig, run_dir: Path) -> str:
 
 
 def _trained_status(cfg: DictConfig, run_dir: Path) -> str:
-    """done, to evaluate, best.ckpt missing, results.json unreadable, resume or to train: what the run directory's
-    checkpoints and records leave to run."""
+    """done, to evaluate, best.ckpt missing, results.json unreadable, resume, last.ckpt unreadable or to train: what
+    the run directory's checkpoints and records leave to run."""
     from src.evaluation.run import MissingBestCheckpoint, missing_for, select_checkpoint
     from src.results import read_results
     from src.training.job import training_finished
@@ -328,6 +329,12 @@ def _trained_status(cfg: DictConfig, run_dir: Path) -> str:
         except (ValueError, KeyError, OSError):  # an unreadable results.json: the job evaluates again
             return "to evaluate"
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
+        from src.training.checkpoint_io import checkpoint_to_resume
+
+        try:
+            checkpoint_to_resume(run_dir / "checkpoints", repair=False)
+        except RuntimeError:  # nor a readable last.prev.ckpt: the job fails naming it until the folder is deleted
+            return "last.ckpt unreadable"
         return "resume"
     return "to train"
 
@@ -484,7 +491,8 @@ def _distinct_runs(jobs: list[list[str]]) -> tuple[list[list[str]], list[str]]:
 
 
 #: Statuses of a job that trains when the sweep is launched.
-TRAINS = ("new", "to train", "resume", "failed", "failed: resume")
+TRAINS = ("new", "to train", "resume", "failed", "failed: resume", "last.ckpt unreadable",
+          "failed: last.ckpt unreadable")
 
 
 def _plan_training_waves(base: DictConfig, jobs: list[list[str]], planned: list[JobPlan]) -> None:

@@ -210,6 +210,13 @@ def test_plan_status_reads_run_directories(tmp_path):
     # A record whose arrays are gone does not count.
     (eps / "eval" / "a.npz").unlink()
     assert plan.plan_sweep(overrides).jobs[2].status == "to evaluate"
+    # An unreadable last.ckpt and no readable last.prev.ckpt: the job fails naming it; with one, it resumes from it.
+    (rf / "checkpoints" / "last.ckpt").write_bytes(b"torn")
+    with plan._hydra_context():
+        rf_cfg = plan._compose(jobs[0].overrides)
+    assert plan.job_status(rf_cfg, rf) == "last.ckpt unreadable"
+    torch.save({"global_step": 2}, rf / "checkpoints" / "last.prev.ckpt")
+    assert plan.job_status(rf_cfg, rf) == "resume"
 
 
 def test_plan_of_failed_runs_is_what_their_relaunch_does(tmp_path):
