@@ -119,6 +119,10 @@ class JobPlan:
             self.train_left = min(1.0, max(0.0, 1.0 - run_dir_step / self.steps))
         else:
             self.train_left = 1.0
+        from src.training.job import REUSED_FILE
+
+        if self.train_left == 0.0 and (self.run_dir / REUSED_FILE).is_file():
+            self.trains_here = False  # it evaluated a sibling's model (reuse_training): that training counts once
 
 
 @dataclass

@@ -385,6 +385,25 @@ def test_plan_of_a_sampler_sweep_counts_each_training_once():
     assert [j.status for j in off.jobs] == ["new"] * 4 and all(j.trains_here for j in off.jobs)
 
 
+def test_plan_counts_a_reused_training_once_after_the_sweep_ran(tmp_path):
+    """A directory that evaluated its twin's model (reused_training.json) trained nothing: "in all" still counts that
+    model's training once, as before the sweep ran."""
+    import torch
+
+    args = ["-m", "loss=rf", "sampler=rf_time,native", "model=dit", f"paths.root_dir={tmp_path}", "train.max_steps=5",
+            *FAKE_SHARDS]
+    before = plan.plan_sweep(args, peak_tflops=100, mfu=0.5)
+    for j in before.jobs:
+        (j.run_dir / "checkpoints").mkdir(parents=True)
+        torch.save({"global_step": 5}, j.run_dir / "checkpoints" / "last.ckpt")
+    native = before.jobs[1].run_dir
+    (native / "reused_training.json").write_text(json.dumps({"checkpoints_from": str(before.jobs[0].run_dir)}))
+    after = plan.plan_sweep(args, peak_tflops=100, mfu=0.5)
+    assert [j.status for j in after.jobs] == ["to evaluate", "to evaluate"]
+    assert [j.trains_here for j in after.jobs] == [True, False] and plan.render(after).count(" reused ") == 1
+    assert sum(j.total_flops for j in after.jobs) == pytest.approx(sum(j.total_flops for j in before.jobs))
+
+
 def test_plan_and_named_sweeps_keep_their_directories():
     dirs = [str(j.run_dir) for j in plan.plan_sweep(["+sweep=smoke", "paths.root_dir=/r"]).jobs]
     assert "/r/outputs/multirun/smoke/shapes/eps_linear" in dirs  # recipe and dataset sweeps: no tag
