@@ -27,10 +27,11 @@ validation chose was deleted or lost: a relaunch fails saying so; restore it, or
 eval.checkpoint=last), results.json unreadable (to evaluate, but a relaunch fails naming the file: delete it),
 resume (a checkpoint before the last step), last.ckpt unreadable (and no readable last.prev.ckpt: a relaunch fails
 naming it; delete the checkpoints folder to train anew), to train, changed configuration (the directory holds a run
-of another configuration: a relaunch is refused), failed (error.json; a relaunch trains anew) or failed: <status>
-(error.json; a relaunch removes it and does what <status> says; a finished run is done), new; to evaluate (trained
-in TWIN) or (after TWIN trains) for a job that differs from a sibling only in evaluation settings (a sampler sweep):
-it evaluates the sibling's model (src/launch/sweeper.py training_waves). "GPU-hours in all" counts each model's
+of another configuration: a relaunch is refused; fingerprint.json unreadable: the same, naming the file), failed
+(error.json; a relaunch trains anew) or failed: <status> (error.json; a relaunch removes it and does what <status>
+says; a finished run is done), new; to evaluate (trained in TWIN) or (after TWIN trains) for a job that differs from
+a sibling only in evaluation settings (a sampler sweep): it evaluates the sibling's model (src/launch/sweeper.py
+training_waves). "GPU-hours in all" counts each model's
 training and validation once; "still to run" counts what a relaunch runs: no training or validation for trained or
 reused models, the steps left (and their validation) for a resume, and the evaluation of every job not done: for a
 trained run, only the records results.json lacks.
@@ -301,8 +302,13 @@ def job_status(cfg: DictConfig, run_dir: Path) -> str:
         return f"to evaluate (trained in {twin.name})"
     if not run_dir.is_dir():
         return "new"
-    if _fingerprint_changes(cfg, run_dir):  # refused before anything runs, error.json or not
-        return "changed configuration"
+    from src.config import ConfigError
+
+    try:
+        if _fingerprint_changes(cfg, run_dir):  # refused before anything runs, error.json or not
+            return "changed configuration"
+    except ConfigError:  # a damaged fingerprint.json: this job is refused naming it, the sweep's others run
+        return "fingerprint.json unreadable"
     status = _trained_status(cfg, run_dir)
     if (run_dir / "error.json").is_file() and status != "done":
         # A relaunch removes error.json and goes on from what the directory holds (src/run.py _job): it trains anew,

@@ -264,6 +264,9 @@ def test_plan_of_failed_runs_is_what_their_relaunch_does(tmp_path):
     assert plan.job_status(eps_cfg, eps) == "failed: results.json unreadable"
     (eps / "error.json").unlink()
     assert plan.job_status(eps_cfg, eps) == "results.json unreadable"
+    # A damaged fingerprint.json: that job is refused naming it (the sweep's others run), not the whole plan.
+    (v / "fingerprint.json").write_text('{"loss')
+    assert plan.job_status(v_cfg, v) == "fingerprint.json unreadable"
 
 
 def test_plan_cli_launches_nothing(tmp_path, capsys):
