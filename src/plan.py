@@ -25,16 +25,17 @@ configuration wants is in results.json: a relaunch skips it), to evaluate (train
 settings are missing: a relaunch evaluates without retraining), best.ckpt missing (to evaluate, but the checkpoint
 validation chose was deleted or lost: a relaunch fails saying so; restore it, or evaluate last.ckpt with
 eval.checkpoint=last), results.json unreadable (to evaluate, but a relaunch fails naming the file: delete it),
-resume (a checkpoint before the last step), last.ckpt unreadable (and no readable last.prev.ckpt: a relaunch fails
-naming it; delete the checkpoints folder to train anew), to train, changed configuration (the directory holds a run
-of another configuration: a relaunch is refused; fingerprint.json unreadable: the same, naming the file), failed
-(error.json; a relaunch trains anew) or failed: <status> (error.json; a relaunch removes it and does what <status>
-says; a finished run is done), new; to evaluate (trained in TWIN) or (after TWIN trains) for a job that differs from
-a sibling only in evaluation settings (a sampler sweep): it evaluates the sibling's model (src/launch/sweeper.py
-training_waves). "GPU-hours in all" counts each model's
-training and validation once; "still to run" counts what a relaunch runs: no training or validation for trained or
-reused models, the steps left (and their validation) for a resume, and the evaluation of every job not done: for a
-trained run, only the records results.json lacks.
+best.ckpt unreadable (or last.ckpt with eval.checkpoint=last: to evaluate, but a relaunch fails naming it), resume
+(a checkpoint before the last step), cannot resume (last.ckpt unreadable, and no readable last.prev.ckpt: a relaunch
+fails naming it; delete the checkpoints folder to train anew), to train, changed configuration (the directory holds
+a run of another configuration: a relaunch is refused; fingerprint.json unreadable: the same, naming the file),
+failed (error.json; a relaunch trains anew) or failed: <status> (error.json; a relaunch removes it and does what
+<status> says; a finished run is done), new; to evaluate (trained in TWIN) or (after TWIN trains) for a job that
+differs from a sibling only in evaluation settings (a sampler sweep): it evaluates the sibling's model
+(src/launch/sweeper.py training_waves). "GPU-hours in all" counts each model's training and validation once; "still
+to run" counts what a relaunch runs: no training or validation for trained or reused models, the steps left (and
+their validation) for a resume, and the evaluation of every job not done: for a trained run, only the records
+results.json lacks.
 """
 
 from __future__ import annotations
@@ -114,7 +115,9 @@ class JobPlan:
         self.status = status
         self.trains_here = not status.startswith("to evaluate (")
         runs = status.removeprefix("failed: ")  # a failed run's relaunch goes on from what it left
-        if runs in ("done", "to evaluate", "best.ckpt missing", "results.json unreadable") or not self.trains_here:
+        trained = ("done", "to evaluate", "best.ckpt missing", "results.json unreadable", "best.ckpt unreadable",
+                   "last.ckpt unreadable")  # the last two: the checkpoint to evaluate is torn
+        if runs in trained or not self.trains_here:
             self.train_left = 0.0
         elif runs == "resume" and run_dir_step is not None and self.steps > 0:
             self.train_left = min(1.0, max(0.0, 1.0 - run_dir_step / self.steps))
@@ -318,9 +321,9 @@ def job_status(cfg: DictConfig, run_dir: Path) -> str:
 
 
 def _trained_status(cfg: DictConfig, run_dir: Path) -> str:
-    """done, to evaluate, best.ckpt missing, results.json unreadable, resume, last.ckpt unreadable or to train: what
-    the run directory's checkpoints and records leave to run."""
-    from src.evaluation.run import MissingBestCheckpoint, missing_for, select_checkpoint
+    """done, to evaluate, best.ckpt missing, results.json unreadable, best.ckpt unreadable, resume, cannot resume or
+    to train: what the run directory's checkpoints and records leave to run."""
+    from src.evaluation.run import MissingBestCheckpoint, checkpoint_step, missing_for, select_checkpoint
     from src.results import read_results
     from src.training.job import training_finished
 
@@ -332,7 +335,10 @@ def _trained_status(cfg: DictConfig, run_dir: Path) -> str:
         try:
             if not missing_for(cfg, run_dir):
                 return "done"
-            select_checkpoint(run_dir, str(OmegaConf.select(cfg, "eval.checkpoint", default="best")))
+            which = str(OmegaConf.select(cfg, "eval.checkpoint", default="best"))
+            path = select_checkpoint(run_dir, which)
+            if checkpoint_step(run_dir, which) is None:  # torn: the evaluation fails naming it
+                return f"{path.name} unreadable"
             return "to evaluate"
         except MissingBestCheckpoint:  # the job fails saying so: nothing runs until it is restored or last is chosen
             return "best.ckpt missing"
@@ -344,7 +350,7 @@ def _trained_status(cfg: DictConfig, run_dir: Path) -> str:
         try:
             checkpoint_to_resume(run_dir / "checkpoints", repair=False)
         except RuntimeError:  # nor a readable last.prev.ckpt: the job fails naming it until the folder is deleted
-            return "last.ckpt unreadable"
+            return "cannot resume (last.ckpt unreadable)"
         return "resume"
     return "to train"
 
@@ -501,8 +507,8 @@ def _distinct_runs(jobs: list[list[str]]) -> tuple[list[list[str]], list[str]]:
 
 
 #: Statuses of a job that trains when the sweep is launched.
-TRAINS = ("new", "to train", "resume", "failed", "failed: resume", "last.ckpt unreadable",
-          "failed: last.ckpt unreadable")
+TRAINS = ("new", "to train", "resume", "failed", "failed: resume", "cannot resume (last.ckpt unreadable)",
+          "failed: cannot resume (last.ckpt unreadable)")
 
 
 def _plan_training_waves(base: DictConfig, jobs: list[list[str]], planned: list[JobPlan]) -> None:

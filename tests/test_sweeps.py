@@ -214,7 +214,7 @@ def test_plan_status_reads_run_directories(tmp_path):
     (rf / "checkpoints" / "last.ckpt").write_bytes(b"torn")
     with plan._hydra_context():
         rf_cfg = plan._compose(jobs[0].overrides)
-    assert plan.job_status(rf_cfg, rf) == "last.ckpt unreadable"
+    assert plan.job_status(rf_cfg, rf) == "cannot resume (last.ckpt unreadable)"
     torch.save({"global_step": 2}, rf / "checkpoints" / "last.prev.ckpt")
     assert plan.job_status(rf_cfg, rf) == "resume"
 
