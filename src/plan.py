@@ -297,9 +297,9 @@ def job_status(cfg: DictConfig, run_dir: Path) -> str:
     new (nothing there), changed configuration (the job would refuse it), done (trained and every wanted record
     present), to evaluate (trained; records missing or of other settings), best.ckpt missing (to evaluate, but the
     checkpoint validation chose is gone: the job would fail naming it), resume (a checkpoint before the last step),
-    to train (a directory with nothing trained), failed (error.json; trains anew) or failed: <one of the above> (what
-    the relaunch does), to evaluate (trained in TWIN) for a directory whose tagged sibling trained the same model
-    (reuse_training)."""
+    to train (a directory with nothing trained), <file> unreadable / cannot resume (the job fails naming a damaged
+    file), failed (error.json; trains anew) or failed: <one of the above> (what the relaunch does), to evaluate
+    (trained in TWIN) for a directory whose tagged sibling trained the same model (reuse_training)."""
     twin = _trained_twin(cfg, run_dir)
     if twin is not None:  # the job links the twin's checkpoints and only evaluates (src/training/job.py)
         return f"to evaluate (trained in {twin.name})"
@@ -342,7 +342,7 @@ def _trained_status(cfg: DictConfig, run_dir: Path) -> str:
             return "to evaluate"
         except MissingBestCheckpoint:  # the job fails saying so: nothing runs until it is restored or last is chosen
             return "best.ckpt missing"
-        except (ValueError, KeyError, OSError):  # an unreadable results.json: the job evaluates again
+        except (ValueError, KeyError, OSError):  # anything else unreadable: left to the job, which evaluates or says
             return "to evaluate"
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
         from src.training.checkpoint_io import checkpoint_to_resume
