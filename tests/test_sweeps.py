@@ -388,6 +388,16 @@ def test_plan_of_a_sampler_sweep_counts_each_training_once():
     assert [j.status for j in off.jobs] == ["new"] * 4 and all(j.trains_here for j in off.jobs)
 
 
+def test_plan_wall_clock_counts_the_array_rounds():
+    """Three equal jobs two at a time: the third starts when one of the first two ends (two jobs' time, not 1.5)."""
+    p = plan.plan_sweep(["loss=rf,edm,eps_linear", "model=dit", "paths.root_dir=/r", "hydra/launcher=slurm_cpu",
+                         "hydra.launcher.array_parallelism=2", *FAKE_SHARDS], peak_tflops=100, mfu=0.5)
+    first = p.jobs[0]
+    assert all(j.flops_left == first.flops_left for j in p.jobs)
+    assert f"at once (array_parallelism): about {2 * p.gpu_hours(first.flops_left) / first.gpus:.3g} h." \
+        in plan.render(p)
+
+
 def test_plan_counts_a_reused_training_once_after_the_sweep_ran(tmp_path):
     """A directory that evaluated its twin's model (reused_training.json) trained nothing: "in all" still counts that
     model's training once, as before the sweep ran."""
