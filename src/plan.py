@@ -24,12 +24,18 @@ The status column reads the run directory with the job's own rules: done (traine
 configuration wants is in results.json: a relaunch skips it), to evaluate (trained, but records of these evaluation
 settings are missing: a relaunch evaluates without retraining), best.ckpt missing (to evaluate, but the checkpoint
 validation chose was deleted or lost: a relaunch fails saying so; restore it, or evaluate last.ckpt with
-eval.checkpoint=last), resume (a checkpoint before the last step), to train,
-changed configuration (the directory holds a run of another configuration: a relaunch is refused), failed
-(error.json), new; to evaluate (trained in TWIN) or (after TWIN trains) for a job that differs from a sibling only in
-evaluation settings (a sampler sweep): it evaluates the sibling's model (src/launch/sweeper.py training_waves).
-"GPU-hours in all" counts each model's training once; "still to run" counts what a relaunch runs: no training for
-trained or reused models, the steps left for a resume, and the evaluation of every job not done.
+eval.checkpoint=last), results.json unreadable (to evaluate, but a relaunch fails naming the file: delete it),
+best.ckpt unreadable (or last.ckpt with eval.checkpoint=last: to evaluate, but a relaunch fails naming it), resume
+(a checkpoint before the last step), cannot resume (last.ckpt unreadable, and no readable last.prev.ckpt: a relaunch
+fails naming it; delete the checkpoints folder to train anew), to train, changed configuration (the directory holds
+a run of another configuration: a relaunch is refused; fingerprint.json unreadable: the same, naming the file),
+failed (error.json; a relaunch trains anew) or failed: <status> (error.json; a relaunch removes it and does what
+<status> says; a finished run is done), new; to evaluate (trained in TWIN) or (after TWIN trains) for a job that
+differs from a sibling only in evaluation settings (a sampler sweep): it evaluates the sibling's model
+(src/launch/sweeper.py training_waves). "GPU-hours in all" counts each model's training and validation once; "still
+to run" counts what a relaunch runs: no training or validation for trained or reused models, the steps left (and
+their validation) for a resume, and the evaluation of every job not done: for a trained run, only the records
+results.json lacks.
 """
 
 from __future__ import annotations
@@ -78,6 +84,8 @@ class JobPlan:
     data_checks: list[str] = field(default_factory=list)  # what the shard folders hold unlike the paper's setup
     trains_here: bool = True  # False: the job evaluates a sibling's model (reuse_training)
     train_left: float = 1.0  # share of the training a relaunch still runs (0 when trained, resume: the steps left)
+    val_flops: float = 0.0  # the validation in eval_flops: run by the training (with its share left), not by a reuse
+    sampling_left: float | None = None  # the evaluation a relaunch runs: a trained run's missing records (None: all)
     wave: int = 1  # 2: launched when the first wave is over (src/launch/sweeper.py training_waves)
 
     @property
@@ -85,26 +93,40 @@ class JobPlan:
         return self.image_tokens + self.text_tokens
 
     @property
+    def sampling_flops(self) -> float:
+        return self.eval_flops - self.val_flops
+
+    @property
     def total_flops(self) -> float:
-        """What the job costs in the sweep: its training (unless it evaluates a sibling's model) and evaluation."""
-        return self.train_flops * self.trains_here + self.eval_flops
+        """What the job costs in the sweep: its training and validation (unless it evaluates a sibling's model) and
+        evaluation."""
+        return (self.train_flops + self.val_flops) * self.trains_here + self.sampling_flops
 
     @property
     def flops_left(self) -> float:
-        """What a relaunch still runs: the training left and, unless the job is done, the evaluation."""
-        return self.train_flops * self.train_left + (self.eval_flops if self.status != "done" else 0.0)
+        """What a relaunch still runs: the training (and its validation) left and, unless the job is done, the
+        evaluation (of a trained run: the records it lacks)."""
+        sampling = self.sampling_flops if self.sampling_left is None else self.sampling_left
+        return (self.train_flops + self.val_flops) * self.train_left + (sampling if self.status != "done" else 0.0)
 
     def set_status(self, status: str, run_dir_step: int | None = None) -> None:
         """The status and what it leaves to run: a twin's training or a finished one leaves none, resume the steps
         after run_dir_step."""
         self.status = status
         self.trains_here = not status.startswith("to evaluate (")
-        if status in ("done", "to evaluate", "best.ckpt missing") or not self.trains_here:
+        runs = status.removeprefix("failed: ")  # a failed run's relaunch goes on from what it left
+        trained = ("done", "to evaluate", "best.ckpt missing", "results.json unreadable", "best.ckpt unreadable",
+                   "last.ckpt unreadable")  # the last two: the checkpoint to evaluate is torn
+        if runs in trained or not self.trains_here:
             self.train_left = 0.0
-        elif status == "resume" and run_dir_step is not None and self.steps > 0:
+        elif runs == "resume" and run_dir_step is not None and self.steps > 0:
             self.train_left = min(1.0, max(0.0, 1.0 - run_dir_step / self.steps))
         else:
             self.train_left = 1.0
+        from src.training.job import REUSED_FILE
+
+        if self.train_left == 0.0 and (self.run_dir / REUSED_FILE).is_file():
+            self.trains_here = False  # it evaluated a sibling's model (reuse_training): that training counts once
 
 
 @dataclass
@@ -272,34 +294,63 @@ def job_gpus(cfg: DictConfig) -> int:
 
 def job_status(cfg: DictConfig, run_dir: Path) -> str:
     """What a relaunch would do in run_dir, by the job's own rules (src/training/job.py, src/results.py):
-    new (nothing there), failed (error.json), changed configuration (the job would refuse it), done (trained and
-    every wanted record present), to evaluate (trained; records missing or of other settings), best.ckpt missing
-    (to evaluate, but the checkpoint validation chose is gone: the job would fail naming it), resume (a
-    checkpoint before the last step), to train (a directory with nothing trained), to evaluate (trained in TWIN)
-    for a directory whose tagged sibling trained the same model (reuse_training)."""
+    new (nothing there), changed configuration (the job would refuse it), done (trained and every wanted record
+    present), to evaluate (trained; records missing or of other settings), best.ckpt missing (to evaluate, but the
+    checkpoint validation chose is gone: the job would fail naming it), resume (a checkpoint before the last step),
+    to train (a directory with nothing trained), <file> unreadable / cannot resume (the job fails naming a damaged
+    file), failed (error.json; trains anew) or failed: <one of the above> (what the relaunch does), to evaluate
+    (trained in TWIN) for a directory whose tagged sibling trained the same model (reuse_training)."""
     twin = _trained_twin(cfg, run_dir)
     if twin is not None:  # the job links the twin's checkpoints and only evaluates (src/training/job.py)
         return f"to evaluate (trained in {twin.name})"
     if not run_dir.is_dir():
         return "new"
-    if (run_dir / "error.json").is_file():
-        return "failed"
-    from src.evaluation.run import MissingBestCheckpoint, missing_for, select_checkpoint
+    from src.config import ConfigError
+
+    try:
+        if _fingerprint_changes(cfg, run_dir):  # refused before anything runs, error.json or not
+            return "changed configuration"
+    except ConfigError:  # a damaged fingerprint.json: this job is refused naming it, the sweep's others run
+        return "fingerprint.json unreadable"
+    status = _trained_status(cfg, run_dir)
+    if (run_dir / "error.json").is_file() and status != "done":
+        # A relaunch removes error.json and goes on from what the directory holds (src/run.py _job): it trains anew,
+        # resumes or only evaluates. A finished run is skipped (and its error.json removed): done.
+        return "failed" if status == "to train" else f"failed: {status}"
+    return status
+
+
+def _trained_status(cfg: DictConfig, run_dir: Path) -> str:
+    """done, to evaluate, best.ckpt missing, results.json unreadable, best.ckpt unreadable, resume, cannot resume or
+    to train: what the run directory's checkpoints and records leave to run."""
+    from src.evaluation.run import MissingBestCheckpoint, checkpoint_step, missing_for, select_checkpoint
+    from src.results import read_results
     from src.training.job import training_finished
 
-    if _fingerprint_changes(cfg, run_dir):
-        return "changed configuration"
     if training_finished(cfg, run_dir):
+        try:
+            read_results(run_dir)
+        except (ValueError, OSError):  # the job fails naming it (delete it to evaluate again): nothing runs till then
+            return "results.json unreadable"
         try:
             if not missing_for(cfg, run_dir):
                 return "done"
-            select_checkpoint(run_dir, str(OmegaConf.select(cfg, "eval.checkpoint", default="best")))
+            which = str(OmegaConf.select(cfg, "eval.checkpoint", default="best"))
+            path = select_checkpoint(run_dir, which)
+            if checkpoint_step(run_dir, which) is None:  # torn: the evaluation fails naming it
+                return f"{path.name} unreadable"
             return "to evaluate"
         except MissingBestCheckpoint:  # the job fails saying so: nothing runs until it is restored or last is chosen
             return "best.ckpt missing"
-        except (ValueError, KeyError, OSError):  # an unreadable results.json: the job evaluates again
+        except (ValueError, KeyError, OSError):  # anything else unreadable: left to the job, which evaluates or says
             return "to evaluate"
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
+        from src.training.checkpoint_io import checkpoint_to_resume
+
+        try:
+            checkpoint_to_resume(run_dir / "checkpoints", repair=False)
+        except RuntimeError:  # nor a readable last.prev.ckpt: the job fails naming it until the folder is deleted
+            return "cannot resume (last.ckpt unreadable)"
         return "resume"
     return "to train"
 
@@ -362,25 +413,36 @@ def plan_job(index: int, overrides: list[str], flops_method: str = "count", sing
     val = fwd * n_val * int(cfg.data.val_samples) * int(t.val_levels) * 2
     sampling = 0.0
     if ev.enabled:
-        from src.sampling import sampler_nfe
         from src.sampling.registry import check_steps
 
-        # Network evaluations of the configured sampler (heun: 2 steps - 1), a doubled batch under guidance; one from
-        # outside is first checked to make nfe(steps) evaluations at these steps (as the job checks it).
+        # A sampler from outside is first checked to make nfe(steps) evaluations at these steps (as the job checks it).
         check_steps(str(cfg.sampler.name), tuple(sorted({int(s["steps"]) for s in ev.settings})),
                     float(ev.get("shift", 1.0)))
-        per_ema = sum(sampler_nfe(str(cfg.sampler.name), int(s["steps"])) * (1 if float(s["cfg"]) == 1.0 else 2)
-                      for s in ev.settings)
-        sampling = fwd * per_ema * int(ev.n_samples) * len(ev.ema)
+        sampling = _sampling_flops(cfg, fwd, [s for s in ev.settings for _ in ev.ema])
     job = JobPlan(
         index=index, overrides=overrides, run_dir=run_dir, model=str(cfg.model._target_).rsplit(".", 1)[-1],
         params=params, image_tokens=image_tokens, text_tokens=text_tokens, batch_size=batch, steps=steps,
         gpus=job_gpus(cfg), fwd_flops_per_sample=fwd, train_flops=train, eval_flops=val + sampling,
-        status="new", assumptions=assumed, data_checks=_data_checks(cfg),
+        status="new", assumptions=assumed, data_checks=_data_checks(cfg), val_flops=val,
     )
     status = job_status(cfg, run_dir)
-    job.set_status(status, _checkpoint_step(run_dir) if status == "resume" else None)
+    job.set_status(status, _checkpoint_step(run_dir) if status.endswith("resume") else None)
+    if status.endswith("to evaluate"):  # a relaunch samples only the records results.json lacks
+        from src.evaluation.run import missing_for
+
+        with contextlib.suppress(Exception):  # unreadable: the job evaluates or fails, count it all
+            job.sampling_left = _sampling_flops(cfg, fwd, missing_for(cfg, run_dir))
     return job
+
+
+def _sampling_flops(cfg: DictConfig, fwd: float, settings) -> float:
+    """Forward FLOPs of sampling eval.n_samples at each of these settings (steps, cfg): the configured sampler's
+    network evaluations (heun: 2 steps - 1), a doubled batch under guidance."""
+    from src.sampling import sampler_nfe
+
+    nfe = sum(sampler_nfe(str(cfg.sampler.name), int(s["steps"])) * (1 if float(s["cfg"]) == 1.0 else 2)
+              for s in settings)
+    return fwd * nfe * int(cfg.eval.n_samples)
 
 
 def _checkpoint_step(run_dir: Path) -> int | None:
@@ -406,8 +468,8 @@ def _data_checks(cfg: DictConfig) -> list[str]:
 def plan_sweep(overrides: Sequence[str], peak_tflops: float = H100_BF16_DENSE_TFLOPS, mfu: float | None = None,
                flops_method: str = "count", gpu: str | None = None) -> Plan:
     """Expand the sweep and plan every job; mfu None: measured for the launch's configuration, else DEFAULT_MFU."""
-    if not peak_tflops > 0:
-        raise ValueError(f"--peak-tflops={peak_tflops}: must be > 0")
+    if not 0 < peak_tflops < float("inf"):  # inf would plan every job at 0 GPU-hours
+        raise ValueError(f"--peak-tflops={peak_tflops}: must be a finite number > 0")
     if mfu is not None and not 0 < mfu <= 1:
         raise ValueError(f"--mfu={mfu}: must be in (0, 1]")
     with _hydra_context():
@@ -445,7 +507,8 @@ def _distinct_runs(jobs: list[list[str]]) -> tuple[list[list[str]], list[str]]:
 
 
 #: Statuses of a job that trains when the sweep is launched.
-TRAINS = ("new", "to train", "resume", "failed")
+TRAINS = ("new", "to train", "resume", "failed", "failed: resume", "cannot resume (last.ckpt unreadable)",
+          "failed: cannot resume (last.ckpt unreadable)")
 
 
 def _plan_training_waves(base: DictConfig, jobs: list[list[str]], planned: list[JobPlan]) -> None:
@@ -461,7 +524,7 @@ def _plan_training_waves(base: DictConfig, jobs: list[list[str]], planned: list[
         if leader is job:
             continue
         job.wave = 2
-        if job.status in ("new", "to train") and leader.status in TRAINS:
+        if job.status in ("new", "to train", "failed") and leader.status in TRAINS:  # nothing trained: it reuses
             job.set_status(f"to evaluate (after {leader.run_dir.name} trains)")
 
 
@@ -501,14 +564,14 @@ def render(plan: Plan, root: Path | None = None) -> str:
             where = str(j.run_dir)
         rows.append([str(j.index), where, j.model, f"{j.params / 1e6:.2f}M", f"{j.image_tokens}+{j.text_tokens}",
                      str(j.batch_size), str(j.steps), str(j.gpus), _si(j.train_flops) if j.trains_here else "reused",
-                     _si(j.eval_flops),
+                     _si(j.total_flops - j.train_flops * j.trains_here),  # a reused model's validation is its twin's
                      f"{plan.gpu_hours(j.total_flops):.3g}", j.status])
     head = ["#", "run directory", "backbone", "params", "tokens", "batch", "steps", "GPUs", "train FLOP",
             "eval FLOP", "GPU-h", "status"]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
     train = sum(j.train_flops * j.trains_here for j in plan.jobs)  # a model reused by its twins counts once
-    extra = sum(j.eval_flops for j in plan.jobs)
+    extra = sum(j.total_flops for j in plan.jobs) - train
     left = [j for j in plan.jobs if j.status != "done"]
     hours = plan.gpu_hours(train + extra)
     lines += [
@@ -525,7 +588,7 @@ def render(plan: Plan, root: Path | None = None) -> str:
         waves: dict[int, list[JobPlan]] = {}  # the second wave starts when the first is over
         for j in left:
             waves.setdefault(j.wave, []).append(j)
-        wall = sum(plan.gpu_hours(sum(j.flops_left for j in wave)) / (gpus * min(plan.parallelism, len(wave)))
+        wall = sum(_array_hours([plan.gpu_hours(j.flops_left) / gpus for j in wave], plan.parallelism)
                    for wave in waves.values())
         lines.append(f"Wall clock with {at_once} jobs of {gpus} GPU(s) at once (array_parallelism)"
                      f"{f', in {len(waves)} waves' if len(waves) > 1 else ''}: about {wall:.3g} h.")
@@ -535,6 +598,17 @@ def render(plan: Plan, root: Path | None = None) -> str:
         lines.append("Assumed: " + "; ".join(notes) + ".")
     lines += [f"Check: {c}." for c in dict.fromkeys(c for j in plan.jobs for c in j.data_checks)]
     return "\n".join(lines)
+
+
+def _array_hours(hours: list[float], at_once: int) -> float:
+    """When the last of these jobs ends, each started in order on the first of at_once slots to free up (a SLURM
+    array): 122 equal jobs 64 at a time take two jobs' time, not 122 / 64 of one."""
+    import heapq
+
+    slots = [0.0] * min(at_once, len(hours))
+    for h in hours:
+        heapq.heappush(slots, heapq.heappop(slots) + h)
+    return max(slots, default=0.0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

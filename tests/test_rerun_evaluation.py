@@ -307,6 +307,7 @@ def test_a_damaged_results_file_is_named_kept_and_replaced_once_deleted(trained,
     (run / "results.json").write_bytes(damage)
     checkpoints = _files(run)
     cfg = _cfg(trained)
+    assert plan.job_status(cfg, run) == "results.json unreadable"  # not "to evaluate": the job fails naming it
     with pytest.raises(ValueError) as info:
         job.run_job(cfg, run)
     message = str(info.value)
@@ -574,11 +575,14 @@ def test_damaged_run_files_are_named_in_one_line(trained, run, damage):
 
 def test_damaged_fingerprint_and_checkpoint_are_named(trained, run):
     (run / "fingerprint.json").write_text('{"loss": {"fam')
+    assert plan.job_status(_cfg(trained), run) == "fingerprint.json unreadable"  # the plan says what the job does
     with pytest.raises(ConfigError, match=r"fingerprint.json: not valid JSON .*: restore it, or move the directory"):
         job.run_job(_cfg(trained), run)
     shutil.copy(trained / "run" / "fingerprint.json", run / "fingerprint.json")
     best = run / "checkpoints" / "best.ckpt"
     best.write_bytes(best.read_bytes()[:1000])
+    assert plan.job_status(_cfg(trained), run) == "done"  # nothing to evaluate: the job skips it
+    assert plan.job_status(_cfg(trained, ["eval.seed=5"]), run) == "best.ckpt unreadable"
     with pytest.raises(ValueError, match=r"best.ckpt: cannot be read as a checkpoint \(.*\); restore it, or evaluate "
                                          r"the other one with eval.checkpoint=last$"):
         job.run_job(_cfg(trained, ["eval.seed=5"]), run)

@@ -199,7 +199,8 @@ def test_plan_status_reads_run_directories(tmp_path):
     assert "4 jobs (3 to run; done: 1)" in plan.render(p)
     # Still to run: 2 of rf's 5 steps, edm's and v's whole training, every evaluation but the done job's.
     assert [j.train_left for j in p.jobs] == [pytest.approx(0.4), 1.0, 0.0, 1.0]
-    left = sum(j.train_flops * share + j.eval_flops for j, share in zip(p.jobs, (0.4, 1, 0, 1)) if j.status != "done")
+    left = sum((j.train_flops + j.val_flops) * share + j.eval_flops - j.val_flops
+               for j, share in zip(p.jobs, (0.4, 1, 0, 1)) if j.status != "done")
     assert sum(j.flops_left for j in p.jobs) == pytest.approx(left)
     assert f"{p.gpu_hours(left):.4g} still to run" in plan.render(p)
     # Another evaluation setting: the finished run is to be evaluated, not done (and not retrained).
@@ -209,6 +210,63 @@ def test_plan_status_reads_run_directories(tmp_path):
     # A record whose arrays are gone does not count.
     (eps / "eval" / "a.npz").unlink()
     assert plan.plan_sweep(overrides).jobs[2].status == "to evaluate"
+    # An unreadable last.ckpt and no readable last.prev.ckpt: the job fails naming it; with one, it resumes from it.
+    (rf / "checkpoints" / "last.ckpt").write_bytes(b"torn")
+    with plan._hydra_context():
+        rf_cfg = plan._compose(jobs[0].overrides)
+    assert plan.job_status(rf_cfg, rf) == "cannot resume (last.ckpt unreadable)"
+    torch.save({"global_step": 2}, rf / "checkpoints" / "last.prev.ckpt")
+    assert plan.job_status(rf_cfg, rf) == "resume"
+
+
+def test_plan_of_failed_runs_is_what_their_relaunch_does(tmp_path):
+    """A relaunch removes error.json and goes on from what the directory holds (src/run.py _job): it resumes, only
+    evaluates, skips a finished run; a directory of another configuration is refused, error.json or not; an unreadable
+    results.json makes the job fail naming it. Validation belongs to the training: a trained run's relaunch samples
+    only the records it lacks."""
+    import torch
+
+    from src.evaluation.run import wanted_for
+    from src.training.job import _fingerprint_json
+
+    overrides = ["loss=rf,edm,eps_linear,v_cos", "model=dit", f"paths.root_dir={tmp_path}", "train.val_every=1",
+                 "data.val_samples=4", "eval.settings=[{steps: 2, cfg: 1.0}]", "eval.ema=[true]", "train.max_steps=5",
+                 *FAKE_SHARDS]
+    jobs = plan.plan_sweep(overrides).jobs
+    rf, edm, eps, v = (j.run_dir for j in jobs)
+    for run_dir, step in ((rf, 3), (edm, 5), (eps, 5), (v, 5)):
+        (run_dir / "checkpoints").mkdir(parents=True)
+        torch.save({"global_step": step}, run_dir / "checkpoints" / "last.ckpt")
+        (run_dir / "error.json").write_text("{}")
+    (eps / "eval").mkdir()
+    np.savez(eps / "eval" / "a.npz", clip_scores=np.zeros(2))
+    with plan._hydra_context():
+        eps_cfg, v_cfg = plan._compose(jobs[2].overrides), plan._compose(jobs[3].overrides)
+        [wanted] = wanted_for(eps_cfg)
+        stored = _fingerprint_json(v_cfg)
+    (eps / "results.json").write_text(json.dumps([{**wanted, "arrays": "eval/a.npz", "clip_score": 0.2,
+                                                   "fid_clip": 1.0}]))
+    stored["train"]["ema_decay"] = 0.5  # v's directory holds a run of another configuration
+    (v / "fingerprint.json").write_text(json.dumps(stored))
+    p = plan.plan_sweep(overrides)
+    assert [j.status for j in p.jobs] == ["failed: resume", "failed: to evaluate", "done", "changed configuration"]
+    assert [j.train_left for j in p.jobs] == [pytest.approx(0.4), 0.0, 0.0, 1.0]
+    r, e = p.jobs[:2]
+    assert r.val_flops == r.fwd_flops_per_sample * 5 * 4 * 8 * 2  # 5 validations of 4 samples x 8 levels, raw and EMA
+    assert r.flops_left == pytest.approx((r.train_flops + r.val_flops) * 0.4 + r.eval_flops - r.val_flops)
+    assert e.flops_left == pytest.approx(e.fwd_flops_per_sample * 2 * 100)  # sampling only: 2 steps x 100 samples
+    # Another setting added: only its records are sampled (3 steps, guided: 6 evaluations x 100 samples).
+    eps_only = ["-m", *overrides, "loss=eps_linear"]
+    [more] = plan.plan_sweep([*eps_only, "eval.settings=[{steps: 2, cfg: 1.0}, {steps: 3, cfg: 5.0}]"]).jobs
+    assert more.status == "failed: to evaluate"
+    assert more.flops_left == pytest.approx(more.fwd_flops_per_sample * 6 * 100)
+    (eps / "results.json").write_text("[{")
+    assert plan.job_status(eps_cfg, eps) == "failed: results.json unreadable"
+    (eps / "error.json").unlink()
+    assert plan.job_status(eps_cfg, eps) == "results.json unreadable"
+    # A damaged fingerprint.json: that job is refused naming it (the sweep's others run), not the whole plan.
+    (v / "fingerprint.json").write_text('{"loss')
+    assert plan.job_status(v_cfg, v) == "fingerprint.json unreadable"
 
 
 def test_plan_cli_launches_nothing(tmp_path, capsys):
@@ -222,6 +280,8 @@ def test_plan_cli_launches_nothing(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []  # no sweep directory, no multirun.yaml
     assert plan.main([*args, "--mfu", "2"]) == 2
     assert "--mfu=2.0: must be in (0, 1]" in capsys.readouterr().err
+    assert plan.main([*args, "--peak-tflops", "inf"]) == 2  # not a plan of 0 GPU-hours
+    assert "--peak-tflops=inf: must be a finite number > 0" in capsys.readouterr().err
     # The job's own value checks: no plan of a job that could not run.
     assert plan.main([*args, "train.max_steps=-1"]) == 2
     assert "train.max_steps=-1: must be an integer >= 1" in capsys.readouterr().err
@@ -311,7 +371,9 @@ def test_plan_of_a_sampler_sweep_counts_each_training_once():
                                           "to evaluate (after sampler=rf_time trains)"]
     assert [j.run_dir.parent.name for j in p.jobs] == ["rf", "edm_-1.20_1.20", "rf", "edm_-1.20_1.20"]
     train = sum(j.train_flops for j in p.jobs[:2])
-    all_flops = train + sum(j.eval_flops for j in p.jobs)
+    # Each model's validation once (its training's), every job's sampling.
+    all_flops = train + sum(j.val_flops for j in p.jobs[:2]) + sum(j.eval_flops - j.val_flops for j in p.jobs)
+    assert all(j.val_flops > 0 for j in p.jobs)
     text = plan.render(p)
     assert f"GPU-hours at 100 TFLOP/s peak and 50% utilisation: {p.gpu_hours(all_flops):.4g} in all, " \
            f"{p.gpu_hours(all_flops):.4g} still to run" in text
@@ -324,6 +386,35 @@ def test_plan_of_a_sampler_sweep_counts_each_training_once():
     assert f"(array_parallelism), in 2 waves: about {wall:.3g} h." in plan.render(slurm)
     off = plan.plan_sweep([*args, "reuse_training=false"], peak_tflops=100, mfu=0.5)
     assert [j.status for j in off.jobs] == ["new"] * 4 and all(j.trains_here for j in off.jobs)
+
+
+def test_plan_wall_clock_counts_the_array_rounds():
+    """Three equal jobs two at a time: the third starts when one of the first two ends (two jobs' time, not 1.5)."""
+    p = plan.plan_sweep(["loss=rf,edm,eps_linear", "model=dit", "paths.root_dir=/r", "hydra/launcher=slurm_cpu",
+                         "hydra.launcher.array_parallelism=2", *FAKE_SHARDS], peak_tflops=100, mfu=0.5)
+    first = p.jobs[0]
+    assert all(j.flops_left == first.flops_left for j in p.jobs)
+    assert f"at once (array_parallelism): about {2 * p.gpu_hours(first.flops_left) / first.gpus:.3g} h." \
+        in plan.render(p)
+
+
+def test_plan_counts_a_reused_training_once_after_the_sweep_ran(tmp_path):
+    """A directory that evaluated its twin's model (reused_training.json) trained nothing: "in all" still counts that
+    model's training once, as before the sweep ran."""
+    import torch
+
+    args = ["-m", "loss=rf", "sampler=rf_time,native", "model=dit", f"paths.root_dir={tmp_path}", "train.max_steps=5",
+            *FAKE_SHARDS]
+    before = plan.plan_sweep(args, peak_tflops=100, mfu=0.5)
+    for j in before.jobs:
+        (j.run_dir / "checkpoints").mkdir(parents=True)
+        torch.save({"global_step": 5}, j.run_dir / "checkpoints" / "last.ckpt")
+    native = before.jobs[1].run_dir
+    (native / "reused_training.json").write_text(json.dumps({"checkpoints_from": str(before.jobs[0].run_dir)}))
+    after = plan.plan_sweep(args, peak_tflops=100, mfu=0.5)
+    assert [j.status for j in after.jobs] == ["to evaluate", "to evaluate"]
+    assert [j.trains_here for j in after.jobs] == [True, False] and plan.render(after).count(" reused ") == 1
+    assert sum(j.total_flops for j in after.jobs) == pytest.approx(sum(j.total_flops for j in before.jobs))
 
 
 def test_plan_and_named_sweeps_keep_their_directories():
