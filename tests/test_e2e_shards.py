@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,7 +94,8 @@ def test_preprocess_stream_train_evaluate_rank(shards, sweep):
     assert "rf/lognorm(0.00, 1.00)" in text and "eps/linear" in text
 
 
-def test_another_autoencoder_evaluates_again_and_a_missing_one_is_refused_before_training(shards, sweep, tmp_path):
+def test_another_autoencoder_evaluates_again_and_a_missing_one_is_refused_before_training(shards, sweep, tmp_path,
+                                                                                            capsys):
     """The autoencoder decodes every sample and reference image, so records name it by content: re-evaluating with
     another one (eval.autoencoder_path) computes the records and reference statistics again and replaces them. A
     missing one is refused in one line before anything is trained or rewritten."""
@@ -114,14 +116,24 @@ def test_another_autoencoder_evaluates_again_and_a_missing_one_is_refused_before
     assert [r["fid_clip"] for r in after] != [r["fid_clip"] for r in before]
     assert len(set((shards / "cache/reference").iterdir()) - references) == 1  # the new reconstructions' statistics
 
+    # The refusals, in this process (the command lines around them are the ones above): src.evaluate's main, and the
+    # job's checks before anything is written (what python -m src.run's job runs first).
+    from hydra import compose, initialize_config_module
+
+    from src.config import ConfigError
+    from src.evaluate import main as evaluate_main
+    from src.training.job import prepare_job
+
     files = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
-    out = subprocess.run([sys.executable, "-m", "src.evaluate", str(run), f"eval.autoencoder_path={tmp_path / 'gone'}"],
-                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
-    message = f"eval.autoencoder_path={tmp_path / 'gone'}: the shards hold AutoencoderKL:vae latents"
-    assert out.returncode == 2 and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr[-2000:]
+    gone = f"eval.autoencoder_path={tmp_path / 'gone'}"
+    message = f"{gone}: the shards hold AutoencoderKL:vae latents"
+    assert evaluate_main([str(run), gone]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == files
-    new = subprocess.run([sys.executable, "-m", "src.run", "loss=rf", *data_args(shards), f"paths.root_dir={tmp_path}",
-                          *TRAIN, f"eval.autoencoder_path={tmp_path / 'gone'}"],
-                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
-    assert new.returncode != 0 and message in new.stderr, new.stderr[-2000:]
-    assert not list(tmp_path.glob("outputs/**/*.ckpt"))
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["loss=rf", *data_args(shards), f"paths.root_dir={tmp_path}",
+                                                       *TRAIN, gone])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        prepare_job(cfg, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
