@@ -15,6 +15,7 @@ from src.data import shards as shards_lib
 from src.data.shards import INDEX_FILE, ShardSamples, build_index, load_eval_set, load_index, write_shards
 from src.training.datamodule import ShardDataModule, StepIndexedBatches, StepLoader
 from src.training.job import run_job
+from tests.test_training import Interrupt, interrupt_at
 
 register_resolvers()
 
@@ -91,10 +92,6 @@ def test_datamodule_streams_when_not_in_memory(folders):
 
 
 # ---- training ---------------------------------------------------------------------------------------------------
-class Interrupt(Exception):
-    pass
-
-
 def train(folders, tmp_path, name, *overrides):
     with initialize_config_module(config_module="conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
@@ -113,20 +110,11 @@ def test_streaming_run_interrupted_and_resumed_equals_uninterrupted_in_memory_ru
     """Two worker processes, validation every 3 steps, interrupted at step 6 (last checkpoint at 4), resumed."""
     memory, step_m = train(folders, tmp_path, "memory", "data.in_memory=true", "data.num_workers=0")
 
-    from src.training import module as module_lib
-
-    original = module_lib.FormulationModule.training_step
-
-    def failing_step(self, batch, batch_idx):
-        if self.global_step == 6:
-            raise Interrupt()
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(module_lib.FormulationModule, "training_step", failing_step)
+    interrupt_at(monkeypatch, 6)
     streaming = ["data.in_memory=false", "data.num_workers=2"]
     with pytest.raises(Interrupt):
         train(folders, tmp_path, "stream", *streaming)
-    monkeypatch.setattr(module_lib.FormulationModule, "training_step", original)
+    monkeypatch.undo()
     stream, step_s = train(folders, tmp_path, "stream", *streaming)
 
     assert step_m == step_s == 8

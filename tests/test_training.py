@@ -58,6 +58,21 @@ class Interrupt(Exception):
     pass
 
 
+def interrupt_at(monkeypatch, step: int, hook: str = "training_step") -> None:
+    """Make FormulationModule's `hook` raise Interrupt at global step `step` (a kill there); monkeypatch.undo() or
+    setattr back restores it."""
+    from src.training import module as module_lib
+
+    original = getattr(module_lib.FormulationModule, hook)
+
+    def interrupted(self, batch, batch_idx):
+        if self.global_step == step:
+            raise Interrupt()
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(module_lib.FormulationModule, hook, interrupted)
+
+
 def test_resume_matches_uninterrupted_run(tmp_path, cache_dir, monkeypatch):
     overrides = ["train.max_steps=12", "train.val_every=6", "train.ckpt_every=4", "eval.enabled=false",
                  "train.ema_every=2"]
@@ -65,21 +80,12 @@ def test_resume_matches_uninterrupted_run(tmp_path, cache_dir, monkeypatch):
     run_job(make_cfg(tmp_path, cache_dir, overrides), straight)
 
     # Interrupt the second run at step 10 (last checkpoint: step 8), then rerun the same command.
-    from src.training import module as module_lib
-
-    original = module_lib.FormulationModule.training_step
-
-    def failing_step(self, batch, batch_idx):
-        if self.global_step == 10:
-            raise Interrupt()
-        return original(self, batch, batch_idx)
-
     resumed = tmp_path / "resumed"
-    monkeypatch.setattr(module_lib.FormulationModule, "training_step", failing_step)
+    interrupt_at(monkeypatch, 10)
     with pytest.raises(Interrupt):
         run_job(make_cfg(tmp_path, cache_dir, overrides), resumed)
     assert final_state(resumed)[1] == 8
-    monkeypatch.setattr(module_lib.FormulationModule, "training_step", original)
+    monkeypatch.undo()
     run_job(make_cfg(tmp_path, cache_dir, overrides), resumed)
 
     a, step_a = final_state(straight)
@@ -119,14 +125,7 @@ def test_a_run_made_before_independent_streams_resumes_with_its_own(tmp_path, ca
     monkeypatch.setattr(module_lib, "STREAMS", 1)  # the code before: every run of version 1
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_job(make_cfg(tmp_path, cache_dir, overrides), straight)
-    original = module_lib.FormulationModule.training_step
-
-    def failing_step(self, batch, batch_idx):
-        if self.global_step == 4:
-            raise Interrupt()
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(module_lib.FormulationModule, "training_step", failing_step)
+    interrupt_at(monkeypatch, 4)
     with pytest.raises(Interrupt):
         run_job(make_cfg(tmp_path, cache_dir, overrides), resumed)
     monkeypatch.undo()  # today's code
@@ -175,21 +174,12 @@ def test_killed_in_the_validation_of_a_checkpoint_step_resumes_to_the_same_run(t
     straight = tmp_path / "straight"
     run_job(make_cfg(tmp_path, cache_dir, overrides), straight)
 
-    from src.training import module as module_lib
-
-    original = module_lib.FormulationModule.validation_step
-
-    def killed(self, batch, batch_idx):
-        if self.global_step == killed_at:
-            raise Interrupt()
-        return original(self, batch, batch_idx)
-
     resumed = tmp_path / "resumed"
-    monkeypatch.setattr(module_lib.FormulationModule, "validation_step", killed)
+    interrupt_at(monkeypatch, killed_at, "validation_step")
     with pytest.raises(Interrupt):
         run_job(make_cfg(tmp_path, cache_dir, overrides), resumed)
     assert final_state(resumed)[1] == killed_at - 4  # not a checkpoint of a step whose validation did not run
-    monkeypatch.setattr(module_lib.FormulationModule, "validation_step", original)
+    monkeypatch.undo()
     run_job(make_cfg(tmp_path, cache_dir, overrides), resumed)
 
     assert validation_rows(resumed) == validation_rows(straight) and len(validation_rows(straight)) == 3

@@ -186,17 +186,10 @@ def weights_sha256(path: str | os.PathLike, cache_dir: str | os.PathLike | None 
     if version in _SHA256:
         return _SHA256[version]
     store = Path(cache_dir) / WEIGHTS_SHA256_FILE if cache_dir is not None else None
-    fields = dict(zip(("size", "mtime_ns", "ctime_ns"), version[1:]))
-    known = read_json_store(store).get(version[0]) if store is not None else None
-    if isinstance(known, dict) and all(known.get(k) == v for k, v in fields.items()) and known.get("sha256"):
-        _SHA256[version] = str(known["sha256"])
-        return _SHA256[version]
-    sha = sha256_file(version[0])
-    if file_version(Path(version[0])) != version:  # written to while read: a hash of no one version, not kept
-        return sha
-    if store is not None:
-        update_json_store(store, {version[0]: {**fields, "sha256": sha}})
-    _SHA256[version] = sha
+    known = read_json_store(store) if store is not None else {}
+    sha, entry = file_sha256(path, known)
+    if store is not None and entry is not None and known.get(version[0]) != entry:  # hashed here: remember it
+        update_json_store(store, {version[0]: entry})
     return sha
 
 
@@ -213,7 +206,7 @@ def file_sha256(path: str | os.PathLike, known: dict | None = None) -> tuple[str
             _SHA256[version] = str(entry["sha256"])
         else:
             sha = sha256_file(version[0])
-            if file_version(Path(version[0])) != version:
+            if file_version(Path(version[0])) != version:  # written to while read: a hash of no one version, not kept
                 return sha, None
             _SHA256[version] = sha
     return _SHA256[version], {**fields, "sha256": _SHA256[version]}
