@@ -1,4 +1,4 @@
-"""Baseline backbones of the paper's architecture comparison (section 5.2.1, Fig. 4): DiT, CrossDiT, UViT.
+"""Baseline backbones of the paper's architecture comparison (section 5.2, Fig. 4): DiT, CrossDiT, UViT.
 
 All share the MM-DiT frame (embedders, positional grid, output head, call signature) and its adaLN-Zero
 conditioning on y = MLP(1000 t) + MLP(pooled); they differ in how text tokens enter the blocks.

@@ -1,4 +1,4 @@
-"""MM-DiT (Esser et al. 2024, section 4, Fig. 2) and its 3-stream variant (section 5.2.1, Fig. 4).
+"""MM-DiT (Esser et al. 2024, section 4, Fig. 2) and its 3-stream variant (section 5.2, Fig. 4).
 
 Each stream (image tokens, text tokens) has its own weights; the streams meet in one joint attention over
 the concatenation of all their tokens. Follows Stability-AI/sd3.5 mmditx.py (block_mixing, JointBlock).
