@@ -29,15 +29,16 @@ validation chose was deleted or lost: a relaunch fails saying so; restore it, or
 eval.checkpoint=last), results.json unreadable (to evaluate, but a relaunch fails naming the file: delete it),
 best.ckpt unreadable (or last.ckpt with eval.checkpoint=last: to evaluate, but a relaunch fails naming it), resume
 (a checkpoint before the last step), cannot resume (last.ckpt unreadable, and no readable last.prev.ckpt: a relaunch
-fails naming it; delete the checkpoints folder to train anew), to train, changed configuration (the directory holds
-a run of another configuration: a relaunch is refused; fingerprint.json unreadable: the same, naming the file),
+fails naming it; delete the checkpoints folder to train anew), to train, refused: changed configuration (the
+directory holds a run of another configuration: a relaunch does not run the job, it is recorded in the sweep's
+failures.json and the directory left as it is; refused: fingerprint.json unreadable: the same, naming the file),
 failed (error.json; a relaunch trains anew) or failed: <status> (error.json; a relaunch removes it and does what
 <status> says; a finished run is done), new; to evaluate (trained in TWIN) or (after TWIN trains) for a job that
 differs from a sibling only in evaluation settings (a sampler sweep): it evaluates the sibling's model
 (src/launch/sweeper.py training_waves). "GPU-hours in all" counts each model's training and validation once; "still
 to run" counts what a relaunch runs: no training or validation for trained or reused models, the steps left (and
 their validation) for a resume, and the evaluation of every job not done: for a trained run, only the records
-results.json lacks.
+results.json lacks; nothing for a refused job, which the plan names apart with what training it anew would cost.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 H100_BF16_DENSE_TFLOPS = 989.0
+#: The status of a job a relaunch refuses (its directory holds a run of another configuration): nothing runs.
+REFUSED = "refused: "
 DEFAULT_MFU = 0.37  # the paper grid's launch measured on an H200 (bench/results/gpu.md)
 GPU_RESULTS = CONF_DIR.parent / "bench" / "results" / "gpu.md"  # written by make bench-gpu
 # What the paper's setup feeds the backbone at 256^2 (docs/backbone.md#backbone-mm-dit, docs/training.md#paper-setup; bench/results/backbone.md): SD3-style latents
@@ -107,11 +110,17 @@ class JobPlan:
         return (self.train_flops + self.val_flops) * self.trains_here + self.sampling_flops
 
     @property
+    def refused(self) -> bool:
+        """A relaunch does not run the job: its directory holds another configuration's run (job_status)."""
+        return self.status.startswith(REFUSED)
+
+    @property
     def flops_left(self) -> float:
-        """What a relaunch still runs: the training (and its validation) left and, unless the job is done, the
-        evaluation (of a trained run: the records it lacks)."""
+        """What a relaunch still runs: the training (and its validation) left and, unless the job is done (or
+        refused), the evaluation (of a trained run: the records it lacks)."""
         sampling = self.sampling_flops if self.sampling_left is None else self.sampling_left
-        return (self.train_flops + self.val_flops) * self.train_left + (sampling if self.status != "done" else 0.0)
+        runs = self.status != "done" and not self.refused
+        return (self.train_flops + self.val_flops) * self.train_left + (sampling if runs else 0.0)
 
     def set_status(self, status: str, run_dir_step: int | None = None) -> None:
         """The status and what it leaves to run: a twin's training or a finished one leaves none, resume the steps
@@ -121,7 +130,7 @@ class JobPlan:
         runs = status.removeprefix("failed: ")  # a failed run's relaunch goes on from what it left
         trained = ("done", "to evaluate", "best.ckpt missing", "results.json unreadable", "best.ckpt unreadable",
                    "last.ckpt unreadable")  # the last two: the checkpoint to evaluate is torn
-        if runs in trained or not self.trains_here:
+        if runs in trained or not self.trains_here or status.startswith(REFUSED):
             self.train_left = 0.0
         elif runs == "resume" and run_dir_step is not None and self.steps > 0:
             self.train_left = min(1.0, max(0.0, 1.0 - run_dir_step / self.steps))
@@ -317,7 +326,7 @@ def job_gpus(cfg: DictConfig) -> int:
 
 def job_status(cfg: DictConfig, run_dir: Path) -> str:
     """What a relaunch would do in run_dir, by the job's own rules (src/training/job.py, src/results.py):
-    new (nothing there), changed configuration (the job would refuse it), done (trained and every wanted record
+    new (nothing there), refused: changed configuration (the launch refuses it), done (trained and every wanted record
     present), to evaluate (trained; records missing or of other settings), best.ckpt missing (to evaluate, but the
     checkpoint validation chose is gone: the job would fail naming it), resume (a checkpoint before the last step),
     to train (a directory with nothing trained), <file> unreadable / cannot resume (the job fails naming a damaged
@@ -332,9 +341,9 @@ def job_status(cfg: DictConfig, run_dir: Path) -> str:
 
     try:
         if _fingerprint_changes(cfg, run_dir):  # refused before anything runs, error.json or not
-            return "changed configuration"
+            return f"{REFUSED}changed configuration"
     except ConfigError:  # a damaged fingerprint.json: this job is refused naming it, the sweep's others run
-        return "fingerprint.json unreadable"
+        return f"{REFUSED}fingerprint.json unreadable"
     status = _trained_status(cfg, run_dir)
     if (run_dir / "error.json").is_file() and status != "done":
         # A relaunch removes error.json and goes on from what the directory holds (src/run.py _job): it trains anew,
@@ -623,14 +632,16 @@ def render(plan: Plan, root: Path | None = None) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
     train = sum(j.train_flops * j.trains_here for j in plan.jobs)  # a model reused by its twins counts once
     extra = sum(j.total_flops for j in plan.jobs) - train
-    left = [j for j in plan.jobs if j.status != "done"]
+    left = [j for j in plan.jobs if j.status != "done" and not j.refused]
+    refused = [j for j in plan.jobs if j.refused]
     hours = sum(plan.job_hours(j, j.total_flops) for j in plan.jobs)
     rates = sorted({j.mfu for j in plan.jobs})
     utilisation = f"{rates[0]:.0%} utilisation" if len(rates) == 1 else \
         f"each job's utilisation ({rates[0]:.0%} to {rates[-1]:.0%})"
     lines += [
         "",
-        f"{len(plan.jobs)} jobs ({len(left)} to run; done: {len(plan.jobs) - len(left)}). "
+        f"{len(plan.jobs)} jobs ({len(left)} to run; done: {len(plan.jobs) - len(left) - len(refused)}"
+        f"{f'; refused: {len(refused)}' if refused else ''}). "
         f"FLOPs ({'counted on the meta device' if plan.flops_method == 'count' else '6NT rule + attention'}): "
         f"training {_si(train)}, validation + evaluation {_si(extra)}.",
         f"GPU-hours at {plan.peak_tflops:g} TFLOP/s peak and {utilisation}: {hours:.4g} in all, "
@@ -646,6 +657,11 @@ def render(plan: Plan, root: Path | None = None) -> str:
                    for wave in waves.values())
         lines.append(f"Wall clock with {at_once} jobs of {gpus} GPU(s) at once (array_parallelism)"
                      f"{f', in {len(waves)} waves' if len(waves) > 1 else ''}: about {wall:.3g} h.")
+    if refused:
+        lines.append(f"Refused by a relaunch, not in 'still to run' (jobs {', '.join(str(j.index) for j in refused)}): "
+                     "their directories hold a run of another configuration, or an unreadable fingerprint.json; "
+                     "trained anew in other directories (another sweep_name), they take "
+                     f"{sum(plan.job_hours(j, j.total_flops) for j in refused):.4g} GPU-hours.")
     lines += [f"Not launched: {line}." for line in plan.not_launched]
     notes = list(dict.fromkeys(a for j in plan.jobs for a in j.assumptions))
     if notes:
