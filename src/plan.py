@@ -16,9 +16,11 @@ weights act on one vector per sample, not per token. Validation (every val_every
 level) and evaluation (every sampler setting, x2 with guidance, raw and EMA) add forward passes; they are shown
 apart. GPU-hours = FLOPs / (peak x utilisation) / 3600, at the stated peak (default: H100 SXM dense bf16, 989
 TFLOP/s) and model FLOPs utilisation: --mfu, else the MFU measured by `make bench-gpu` (bench/results/gpu.md) for
-the configuration launched (depth, per-GPU batch, throughput settings) when its device matches --gpu, else 37%
-(the paper grid's launch, d = 15 at batch 128 with the GPU defaults, measured 37.1% on an H200; an H100 has the same
-bf16 peak and less memory bandwidth, so expect no more there). The plan says which.
+each job's own configuration (depth, per-GPU batch, throughput settings: a sweep over backbones or depths plans each
+job at its own) when the measured device is the one --gpu names (whole words of its name, case and "NVIDIA" aside:
+H200 or h200 is an "NVIDIA H200", H1 or A is no device), else 37% (the paper grid's launch, d = 15 at batch 128
+with the GPU defaults, measured 37.1% on an H200; an H100 has the same bf16 peak and less memory bandwidth, so expect
+no more there). The plan says which, and why it used the default.
 
 The status column reads the run directory with the job's own rules: done (trained, and every record the
 configuration wants is in results.json: a relaunch skips it), to evaluate (trained, but records of these evaluation
@@ -27,15 +29,16 @@ validation chose was deleted or lost: a relaunch fails saying so; restore it, or
 eval.checkpoint=last), results.json unreadable (to evaluate, but a relaunch fails naming the file: delete it),
 best.ckpt unreadable (or last.ckpt with eval.checkpoint=last: to evaluate, but a relaunch fails naming it), resume
 (a checkpoint before the last step), cannot resume (last.ckpt unreadable, and no readable last.prev.ckpt: a relaunch
-fails naming it; delete the checkpoints folder to train anew), to train, changed configuration (the directory holds
-a run of another configuration: a relaunch is refused; fingerprint.json unreadable: the same, naming the file),
+fails naming it; delete the checkpoints folder to train anew), to train, refused: changed configuration (the
+directory holds a run of another configuration: a relaunch does not run the job, it is recorded in the sweep's
+failures.json and the directory left as it is; refused: fingerprint.json unreadable: the same, naming the file),
 failed (error.json; a relaunch trains anew) or failed: <status> (error.json; a relaunch removes it and does what
 <status> says; a finished run is done), new; to evaluate (trained in TWIN) or (after TWIN trains) for a job that
 differs from a sibling only in evaluation settings (a sampler sweep): it evaluates the sibling's model
 (src/launch/sweeper.py training_waves). "GPU-hours in all" counts each model's training and validation once; "still
 to run" counts what a relaunch runs: no training or validation for trained or reused models, the steps left (and
 their validation) for a resume, and the evaluation of every job not done: for a trained run, only the records
-results.json lacks.
+results.json lacks; nothing for a refused job, which the plan names apart with what training it anew would cost.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 H100_BF16_DENSE_TFLOPS = 989.0
+#: The status of a job a relaunch refuses (its directory holds a run of another configuration): nothing runs.
+REFUSED = "refused: "
 DEFAULT_MFU = 0.37  # the paper grid's launch measured on an H200 (bench/results/gpu.md)
 GPU_RESULTS = CONF_DIR.parent / "bench" / "results" / "gpu.md"  # written by make bench-gpu
 # What the paper's setup feeds the backbone at 256^2 (docs/backbone.md#backbone-mm-dit, docs/training.md#paper-setup; bench/results/backbone.md): SD3-style latents
@@ -87,6 +92,8 @@ class JobPlan:
     val_flops: float = 0.0  # the validation in eval_flops: run by the training (with its share left), not by a reuse
     sampling_left: float | None = None  # the evaluation a relaunch runs: a trained run's missing records (None: all)
     wave: int = 1  # 2: launched when the first wave is over (src/launch/sweeper.py training_waves)
+    mfu: float = DEFAULT_MFU  # the utilisation its GPU-hours are planned at (launch_mfu: of its own configuration)
+    mfu_source: str = ""  # where mfu comes from, as the plan says it
 
     @property
     def tokens(self) -> int:
@@ -103,11 +110,17 @@ class JobPlan:
         return (self.train_flops + self.val_flops) * self.trains_here + self.sampling_flops
 
     @property
+    def refused(self) -> bool:
+        """A relaunch does not run the job: its directory holds another configuration's run (job_status)."""
+        return self.status.startswith(REFUSED)
+
+    @property
     def flops_left(self) -> float:
-        """What a relaunch still runs: the training (and its validation) left and, unless the job is done, the
-        evaluation (of a trained run: the records it lacks)."""
+        """What a relaunch still runs: the training (and its validation) left and, unless the job is done (or
+        refused), the evaluation (of a trained run: the records it lacks)."""
         sampling = self.sampling_flops if self.sampling_left is None else self.sampling_left
-        return (self.train_flops + self.val_flops) * self.train_left + (sampling if self.status != "done" else 0.0)
+        runs = self.status != "done" and not self.refused
+        return (self.train_flops + self.val_flops) * self.train_left + (sampling if runs else 0.0)
 
     def set_status(self, status: str, run_dir_step: int | None = None) -> None:
         """The status and what it leaves to run: a twin's training or a finished one leaves none, resume the steps
@@ -117,7 +130,7 @@ class JobPlan:
         runs = status.removeprefix("failed: ")  # a failed run's relaunch goes on from what it left
         trained = ("done", "to evaluate", "best.ckpt missing", "results.json unreadable", "best.ckpt unreadable",
                    "last.ckpt unreadable")  # the last two: the checkpoint to evaluate is torn
-        if runs in trained or not self.trains_here:
+        if runs in trained or not self.trains_here or status.startswith(REFUSED):
             self.train_left = 0.0
         elif runs == "resume" and run_dir_step is not None and self.steps > 0:
             self.train_left = min(1.0, max(0.0, 1.0 - run_dir_step / self.steps))
@@ -133,14 +146,33 @@ class JobPlan:
 class Plan:
     jobs: list[JobPlan]
     peak_tflops: float
-    mfu: float
     flops_method: str
     parallelism: int | None  # jobs at once (the launcher's array_parallelism); None: one after the other
-    mfu_source: str = "given (--mfu)"
     not_launched: list[str] = field(default_factory=list)  # jobs that name another job's run directory
 
-    def gpu_hours(self, flops: float) -> float:
-        return flops / (self.peak_tflops * 1e12 * self.mfu) / 3600.0
+    @property
+    def mfu(self) -> float | None:
+        """The utilisation every job is planned at; None where the jobs' configurations differ in it."""
+        values = {j.mfu for j in self.jobs} or {DEFAULT_MFU}
+        return values.pop() if len(values) == 1 else None
+
+    @property
+    def mfu_source(self) -> str:
+        """Where the jobs' utilisation comes from: one source, or each with the jobs (#) it is of."""
+        jobs: dict[str, list[str]] = {}
+        for j in self.jobs:
+            jobs.setdefault(j.mfu_source, []).append(str(j.index))
+        if len(jobs) == 1:
+            return next(iter(jobs))
+        return "; ".join(f"{source} (job{'s' * (len(i) > 1)} {', '.join(i)})" for source, i in jobs.items())
+
+    def gpu_hours(self, flops: float, mfu: float | None = None) -> float:
+        """GPU-hours of these FLOPs at this utilisation (default: the one every job is planned at)."""
+        return flops / (self.peak_tflops * 1e12 * (mfu or self.mfu)) / 3600.0
+
+    def job_hours(self, job: JobPlan, flops: float) -> float:
+        """GPU-hours of FLOPs of this job, at its own utilisation."""
+        return self.gpu_hours(flops, job.mfu)
 
 
 # ---- the job list: Hydra's own expansion ------------------------------------------------------------------
@@ -294,7 +326,7 @@ def job_gpus(cfg: DictConfig) -> int:
 
 def job_status(cfg: DictConfig, run_dir: Path) -> str:
     """What a relaunch would do in run_dir, by the job's own rules (src/training/job.py, src/results.py):
-    new (nothing there), changed configuration (the job would refuse it), done (trained and every wanted record
+    new (nothing there), refused: changed configuration (the launch refuses it), done (trained and every wanted record
     present), to evaluate (trained; records missing or of other settings), best.ckpt missing (to evaluate, but the
     checkpoint validation chose is gone: the job would fail naming it), resume (a checkpoint before the last step),
     to train (a directory with nothing trained), <file> unreadable / cannot resume (the job fails naming a damaged
@@ -309,9 +341,9 @@ def job_status(cfg: DictConfig, run_dir: Path) -> str:
 
     try:
         if _fingerprint_changes(cfg, run_dir):  # refused before anything runs, error.json or not
-            return "changed configuration"
+            return f"{REFUSED}changed configuration"
     except ConfigError:  # a damaged fingerprint.json: this job is refused naming it, the sweep's others run
-        return "fingerprint.json unreadable"
+        return f"{REFUSED}fingerprint.json unreadable"
     status = _trained_status(cfg, run_dir)
     if (run_dir / "error.json").is_file() and status != "done":
         # A relaunch removes error.json and goes on from what the directory holds (src/run.py _job): it trains anew,
@@ -383,7 +415,9 @@ def _fingerprint_changes(cfg: DictConfig, run_dir: Path) -> list[str]:
             if not (k.startswith("data.") and OmegaConf.select(cfg, k, default=None) is None)]
 
 
-def plan_job(index: int, overrides: list[str], flops_method: str = "count", single: bool = False) -> JobPlan:
+def plan_job(index: int, overrides: list[str], flops_method: str = "count", single: bool = False,
+             mfu: float | None = None, gpu: str | None = None) -> JobPlan:
+    """One job and what it costs; mfu None: the MFU measured for its configuration on this GPU (launch_mfu)."""
     from hydra.core.hydra_config import HydraConfig
 
     from src.training.job import check_choices, check_values
@@ -425,6 +459,7 @@ def plan_job(index: int, overrides: list[str], flops_method: str = "count", sing
         gpus=job_gpus(cfg), fwd_flops_per_sample=fwd, train_flops=train, eval_flops=val + sampling,
         status="new", assumptions=assumed, data_checks=_data_checks(cfg), val_flops=val,
     )
+    job.mfu, job.mfu_source = (mfu, "given (--mfu)") if mfu is not None else launch_mfu(cfg, job, gpu)
     status = job_status(cfg, run_dir)
     job.set_status(status, _checkpoint_step(run_dir) if status.endswith("resume") else None)
     if status.endswith("to evaluate"):  # a relaunch samples only the records results.json lacks
@@ -467,23 +502,24 @@ def _data_checks(cfg: DictConfig) -> list[str]:
 
 def plan_sweep(overrides: Sequence[str], peak_tflops: float = H100_BF16_DENSE_TFLOPS, mfu: float | None = None,
                flops_method: str = "count", gpu: str | None = None) -> Plan:
-    """Expand the sweep and plan every job; mfu None: measured for the launch's configuration, else DEFAULT_MFU."""
+    """Expand the sweep and plan every job; mfu None: each job's measured for its configuration, else DEFAULT_MFU."""
     if not 0 < peak_tflops < float("inf"):  # inf would plan every job at 0 GPU-hours
         raise ValueError(f"--peak-tflops={peak_tflops}: must be a finite number > 0")
     if mfu is not None and not 0 < mfu <= 1:
         raise ValueError(f"--mfu={mfu}: must be in (0, 1]")
+    from src.models.perf import gpu_words
+
+    if gpu is not None and not gpu_words(gpu):  # "NVIDIA" alone, or "": no device to look up
+        raise ValueError(f"--gpu={gpu!r}: names no GPU model; give one, e.g. H100, H200 or 'NVIDIA H200'")
     with _hydra_context():
         base, jobs = expand_jobs(overrides)
         launcher = base.hydra.launcher
         parallelism = int(launcher.array_parallelism) if launcher.get("array_parallelism") else None
         single = not {"-m", "--multirun"} & set(overrides) and jobs == [list(overrides)]
         jobs, not_launched = (jobs, []) if single else _distinct_runs(jobs)
-        planned = [plan_job(i, job, flops_method, single) for i, job in enumerate(jobs)]
+        planned = [plan_job(i, job, flops_method, single, mfu, gpu) for i, job in enumerate(jobs)]
         _plan_training_waves(base, jobs, planned)
-        source = "given (--mfu)"
-        if mfu is None and planned:
-            mfu, source = launch_mfu(_compose(jobs[0]), planned[0], gpu)
-    return Plan(planned, peak_tflops, mfu or DEFAULT_MFU, flops_method, parallelism, source, not_launched)
+    return Plan(planned, peak_tflops, flops_method, parallelism, not_launched)
 
 
 def _distinct_runs(jobs: list[list[str]]) -> tuple[list[list[str]], list[str]]:
@@ -528,21 +564,45 @@ def _plan_training_waves(base: DictConfig, jobs: list[list[str]], planned: list[
             job.set_status(f"to evaluate (after {leader.run_dir.name} trains)")
 
 
-def launch_mfu(cfg: DictConfig, job: JobPlan, gpu: str | None) -> tuple[float, str]:
-    """The MFU measured by make bench-gpu for this launch (device, depth, per-GPU batch, settings), else the default."""
+def jobs_gpu(gpu: str | None) -> tuple[str, str]:
+    """The jobs' GPU (--gpu, else this machine's, else H100) and how the plan names it."""
+    if gpu is not None:
+        return gpu, gpu
     import torch
 
-    from src.models.perf import launch_settings, measured_mfu, read_bench_results
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        return name, f"{name} (this machine's GPU)"
+    return "H100", "H100 (no --gpu, and no GPU here)"
 
-    gpu = gpu or (torch.cuda.get_device_name() if torch.cuda.is_available() else "H100")
+
+def launch_mfu(cfg: DictConfig, job: JobPlan, gpu: str | None) -> tuple[float, str]:
+    """The MFU measured by make bench-gpu for this job's launch (device, depth, per-GPU batch, settings), else the
+    default; and where it comes from, saying why when it is the default."""
+    from src.models.perf import launch_settings, measured_mfu, read_bench_results, same_gpu
+
+    gpu, named = jobs_gpu(gpu)
+    results = read_bench_results(GPU_RESULTS)
     depth = int(cfg.model.depth)
     settings = launch_settings(OmegaConf.to_container(cfg.model), OmegaConf.to_container(cfg.optim))
-    found = None
-    if cfg.model.get("hidden_size") in (None, 64 * depth) and str(cfg.model._target_).endswith(".MMDiT"):
-        found = measured_mfu(read_bench_results(GPU_RESULTS), gpu, depth, job.batch_size // max(1, job.gpus),
-                             settings)
-    return found or (DEFAULT_MFU, f"the default {DEFAULT_MFU:.0%}: {GPU_RESULTS.name} has no measurement of this "
-                                  f"configuration on {gpu}")
+    measured = cfg.model.get("hidden_size") in (None, 64 * depth) and str(cfg.model._target_).endswith(".MMDiT")
+    found = measured_mfu(results, gpu, depth, job.batch_size // max(1, job.gpus), settings) if measured else None
+    if found:
+        return found
+    device = str(results["header"].get("device", "")) if results else ""
+    if not results:
+        why = "has no measurement (make bench-gpu writes them)"
+    elif results["header"].get("dry_run"):
+        why = "has no measurement on a GPU (a CPU dry run)"
+    elif not same_gpu(gpu, device):
+        why = f"has no measurement on {named}, only on {device} (--gpu names the jobs' GPU)"
+    elif not measured:
+        why = (f"measures MM-DiT at hidden_size 64 x depth only, not {job.model} at depth {depth}, hidden_size "
+               f"{cfg.model.get('hidden_size')}")
+    else:
+        why = (f"has no measurement of this configuration (depth {depth}, per-GPU batch near "
+               f"{job.batch_size // max(1, job.gpus)}, these throughput settings) on {device}")
+    return DEFAULT_MFU, f"the default {DEFAULT_MFU:.0%}: {GPU_RESULTS.name} {why}"
 
 
 # ---- printing ------------------------------------------------------------------------------------------------
@@ -565,22 +625,27 @@ def render(plan: Plan, root: Path | None = None) -> str:
         rows.append([str(j.index), where, j.model, f"{j.params / 1e6:.2f}M", f"{j.image_tokens}+{j.text_tokens}",
                      str(j.batch_size), str(j.steps), str(j.gpus), _si(j.train_flops) if j.trains_here else "reused",
                      _si(j.total_flops - j.train_flops * j.trains_here),  # a reused model's validation is its twin's
-                     f"{plan.gpu_hours(j.total_flops):.3g}", j.status])
+                     f"{plan.job_hours(j, j.total_flops):.3g}", j.status])
     head = ["#", "run directory", "backbone", "params", "tokens", "batch", "steps", "GPUs", "train FLOP",
             "eval FLOP", "GPU-h", "status"]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
     train = sum(j.train_flops * j.trains_here for j in plan.jobs)  # a model reused by its twins counts once
     extra = sum(j.total_flops for j in plan.jobs) - train
-    left = [j for j in plan.jobs if j.status != "done"]
-    hours = plan.gpu_hours(train + extra)
+    left = [j for j in plan.jobs if j.status != "done" and not j.refused]
+    refused = [j for j in plan.jobs if j.refused]
+    hours = sum(plan.job_hours(j, j.total_flops) for j in plan.jobs)
+    rates = sorted({j.mfu for j in plan.jobs})
+    utilisation = f"{rates[0]:.0%} utilisation" if len(rates) == 1 else \
+        f"each job's utilisation ({rates[0]:.0%} to {rates[-1]:.0%})"
     lines += [
         "",
-        f"{len(plan.jobs)} jobs ({len(left)} to run; done: {len(plan.jobs) - len(left)}). "
+        f"{len(plan.jobs)} jobs ({len(left)} to run; done: {len(plan.jobs) - len(left) - len(refused)}"
+        f"{f'; refused: {len(refused)}' if refused else ''}). "
         f"FLOPs ({'counted on the meta device' if plan.flops_method == 'count' else '6NT rule + attention'}): "
         f"training {_si(train)}, validation + evaluation {_si(extra)}.",
-        f"GPU-hours at {plan.peak_tflops:g} TFLOP/s peak and {plan.mfu:.0%} utilisation: {hours:.4g} in all, "
-        f"{plan.gpu_hours(sum(j.flops_left for j in left)):.4g} still to run. Utilisation: {plan.mfu_source}.",
+        f"GPU-hours at {plan.peak_tflops:g} TFLOP/s peak and {utilisation}: {hours:.4g} in all, "
+        f"{sum(plan.job_hours(j, j.flops_left) for j in left):.4g} still to run. Utilisation: {plan.mfu_source}.",
     ]
     if left and plan.parallelism:
         gpus = max(j.gpus for j in left)
@@ -588,10 +653,15 @@ def render(plan: Plan, root: Path | None = None) -> str:
         waves: dict[int, list[JobPlan]] = {}  # the second wave starts when the first is over
         for j in left:
             waves.setdefault(j.wave, []).append(j)
-        wall = sum(_array_hours([plan.gpu_hours(j.flops_left) / gpus for j in wave], plan.parallelism)
+        wall = sum(_array_hours([plan.job_hours(j, j.flops_left) / gpus for j in wave], plan.parallelism)
                    for wave in waves.values())
         lines.append(f"Wall clock with {at_once} jobs of {gpus} GPU(s) at once (array_parallelism)"
                      f"{f', in {len(waves)} waves' if len(waves) > 1 else ''}: about {wall:.3g} h.")
+    if refused:
+        lines.append(f"Refused by a relaunch, not in 'still to run' (jobs {', '.join(str(j.index) for j in refused)}): "
+                     "their directories hold a run of another configuration, or an unreadable fingerprint.json; "
+                     "trained anew in other directories (another sweep_name), they take "
+                     f"{sum(plan.job_hours(j, j.total_flops) for j in refused):.4g} GPU-hours.")
     lines += [f"Not launched: {line}." for line in plan.not_launched]
     notes = list(dict.fromkeys(a for j in plan.jobs for a in j.assumptions))
     if notes:
@@ -619,8 +689,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mfu", type=float, default=None,
                         help="model FLOPs utilisation (default: measured in bench/results/gpu.md for the launch, "
                              "else 0.37)")
-    parser.add_argument("--gpu", help="the jobs' GPU, matched against bench/results/gpu.md (default: this machine's "
-                                      "GPU, else H100)")
+    parser.add_argument("--gpu", help="the jobs' GPU model, matched by whole words against the device measured in "
+                                      "bench/results/gpu.md, e.g. H100, H200 (default: this machine's GPU, else H100)")
     parser.add_argument("--flops", choices=("count", "6nt"), default="count",
                         help="count: FLOPs counted on the meta device (default); 6nt: the rule of thumb")
     parser.add_argument("--config-dir", "-cd", action="append", default=[],

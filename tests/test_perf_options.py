@@ -163,15 +163,17 @@ SHARDS = ["data=shards", "data.name=perf", "data.train_dir=/nonexistent/perf-tra
           "data.batch_size=1024", "trainer.devices=8"]
 
 
-def write_measurements(path, device="NVIDIA H100 80GB HBM3", dry_run=False):
-    """A results file as bench/bench_gpu.py writes it: the d15 default step at two batches, and the eager one."""
+def write_measurements(path, device="NVIDIA H100 80GB HBM3", dry_run=False, more=()):
+    """A results file as bench/bench_gpu.py writes it: the d15 default step at two batches, and the eager one;
+    more: further (name, depth, batch, mfu, options)."""
     bench = __import__("tests.test_bench_gpu", fromlist=["load_bench"]).load_bench()
     results = []
-    for name, batch, mfu, options in [("d15-default", 128, 0.52, {}), ("d15-default-largest", 512, 0.55, {}),
-                                      ("d15-eager", 128, 0.31, dict(compile="none", fused_adamw=False,
-                                                                    fused_modulation=False))]:
-        cfg = bench.Config(name, 15, batch, **{"compile": "blocks", "fused_adamw": True, "fused_modulation": True,
-                                               **options})
+    for name, depth, batch, mfu, options in [("d15-default", 15, 128, 0.52, {}),
+                                             ("d15-default-largest", 15, 512, 0.55, {}),
+                                             ("d15-eager", 15, 128, 0.31, dict(compile="none", fused_adamw=False,
+                                                                               fused_modulation=False)), *more]:
+        cfg = bench.Config(name, depth, batch, **{"compile": "blocks", "fused_adamw": True, "fused_modulation": True,
+                                                  **options})
         results.append(bench.Result(config=bench.asdict(cfg), batch=batch, mfu=mfu))
     header = dict(device=device, torch="x", peak_tflops=989.4, reps=5, warmup=2, dry_run=dry_run, setup="")
     path.write_text(bench.render(results, header, None))
@@ -196,6 +198,57 @@ def test_planner_uses_the_measured_mfu_of_the_launched_configuration(tmp_path, m
     assert plan.plan_sweep(overrides, gpu="H100", mfu=0.3).mfu_source == "given (--mfu)"
     write_measurements(gpu_md, dry_run=True)  # a CPU dry run never stands for a GPU
     assert plan.plan_sweep(overrides, gpu="H100").mfu == plan.DEFAULT_MFU
+
+
+def test_planner_matches_the_gpu_by_whole_model_names_and_says_why_it_falls_back(tmp_path, monkeypatch, capsys):
+    """--gpu H1 or --gpu A once took an H100's measurement (a substring of its name); an unknown GPU's plan now says
+    it used the default and why."""
+    from src import plan
+
+    monkeypatch.setattr(plan, "GPU_RESULTS", tmp_path / "gpu.md")
+    write_measurements(tmp_path / "gpu.md")
+    overrides = ["model=mmdit_d15", "model.qk_norm=rms_norm", *SHARDS, f"paths.root_dir={tmp_path}"]
+    for gpu in ("H100", "h100", "NVIDIA H100", "H100 80GB", "nvidia-h100"):
+        assert plan.plan_sweep(overrides, gpu=gpu).mfu == 0.52, gpu
+    for gpu in ("H1", "A", "100", "H100 PCIe", "H200", "GH100"):
+        p = plan.plan_sweep(overrides, gpu=gpu)
+        assert p.mfu == plan.DEFAULT_MFU, gpu
+        assert p.mfu_source == (f"the default 37%: gpu.md has no measurement on {gpu}, only on NVIDIA H100 80GB HBM3 "
+                                "(--gpu names the jobs' GPU)")
+    from src.models.perf import same_gpu
+
+    assert same_gpu("H200", "NVIDIA H200") and not same_gpu("H100", "NVIDIA H200") and not same_gpu("", "NVIDIA H200")
+    assert plan.main([*overrides, "--gpu", "A100"]) == 0
+    assert "Utilisation: the default 37%: gpu.md has no measurement on A100, only on NVIDIA H100 80GB HBM3" \
+        in capsys.readouterr().out
+    assert plan.main([*overrides, "--gpu", "NVIDIA"]) == 2
+    assert "--gpu='NVIDIA': names no GPU model; give one, e.g. H100, H200 or 'NVIDIA H200'\n" \
+        in capsys.readouterr().err
+    why = plan.plan_sweep([*overrides, "model.depth=14"], gpu="H100").mfu_source  # measured, not at this depth
+    assert why.startswith("the default 37%: gpu.md has no measurement of this configuration (depth 14")
+    why = plan.plan_sweep(["model=dit", *overrides[2:]], gpu="H100").mfu_source
+    assert why.startswith("the default 37%: gpu.md measures MM-DiT at hidden_size 64 x depth only, not DiT")
+
+
+def test_planner_gives_each_job_the_mfu_of_its_own_configuration(tmp_path, monkeypatch, capsys):
+    """A sweep over depths: the d24 job at the d24 measurement, not at the first job's (d15)."""
+    from src import plan
+
+    monkeypatch.setattr(plan, "GPU_RESULTS", tmp_path / "gpu.md")
+    write_measurements(tmp_path / "gpu.md", more=[("d24-default", 24, 128, 0.6, {})])
+    overrides = ["-m", "model=mmdit_d15,mmdit_d24", "model.qk_norm=rms_norm", *SHARDS, f"paths.root_dir={tmp_path}"]
+    p = plan.plan_sweep(overrides, gpu="H100")
+    d15, d24 = p.jobs
+    assert (d15.mfu, d24.mfu) == (0.52, 0.6) and p.mfu is None
+    assert "d24-default (batch 128)" in d24.mfu_source
+    assert p.mfu_source == ("measured 52.0% for d15-default (batch 128) on NVIDIA H100 80GB HBM3 (job 0); "
+                            "measured 60.0% for d24-default (batch 128) on NVIDIA H100 80GB HBM3 (job 1)")
+    hours = [j.total_flops / (plan.H100_BF16_DENSE_TFLOPS * 1e12 * mfu) / 3600 for j, mfu in ((d15, 0.52), (d24, 0.6))]
+    text = plan.render(p)
+    assert [line.split()[-2] for line in text.splitlines()[1:3]] == [f"{h:.3g}" for h in hours]
+    assert f"peak and each job's utilisation (52% to 60%): {sum(hours):.4g} in all" in text
+    given = plan.plan_sweep(overrides, gpu="H100", mfu=0.3)
+    assert given.mfu == 0.3 and [j.mfu for j in given.jobs] == [0.3, 0.3] and given.mfu_source == "given (--mfu)"
 
 
 def test_planner_reads_the_committed_gpu_measurements(tmp_path, capsys):

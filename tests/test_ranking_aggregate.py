@@ -185,6 +185,41 @@ def test_a_record_field_of_the_wrong_type_is_refused_naming_it(tmp_path, field, 
         load_sweep([tmp_path / "s"])
 
 
+@pytest.mark.parametrize("field, value, expected", [
+    ("decoder", ["AutoencoderKL"], r"decoder=\['AutoencoderKL'\]; expected a string or null"),  # was ranked as is
+    ("sampler_code", {"ab2.py": 1}, r"sampler_code=\{'ab2.py': 1\}; expected a string or null"),
+    ("eval_seed", "1234", "eval_seed='1234'; expected an integer or null"),  # a number stored as a string
+    ("train_seed", 1.5, "train_seed=1.5; expected an integer or null"),
+    ("n_samples", True, "n_samples=True; expected an integer or null"),
+    ("shift", "3.0", "shift='3.0'; expected a number or null"),
+    ("sampler", ["native"], r"sampler=\['native'\]; expected a string or null"),
+    ("tags", "lr=0.1", "tags='lr=0.1'; expected an object"),  # was an AttributeError traceback
+    ("backbone", None, "backbone=None; expected a string"),  # was a TypeError traceback
+    ("arrays", 5, "arrays=5; expected a string or null"),  # was a TypeError traceback
+    ("fid_inception", "3.5", "fid_inception='3.5'; expected a number or null"),
+    ("fid_inception", True, "fid_inception=True; expected a number or null"),
+])
+def test_junk_in_an_optional_record_field_is_refused_naming_it(tmp_path, capsys, field, value, expected):
+    """As a required field's wrong type: one line naming the file, the record and the field, and no traceback."""
+    from src.ranking.report import main
+
+    bad = record("A", 5, 5.0, 0.3, 1.0)
+    bad[field] = value
+    write_run(tmp_path / "s" / "0", [record("A", 50, 5.0, 0.3, 1.0), bad])
+    with pytest.raises(ValueError, match=rf"results.json: record 1 has {expected}$"):
+        load_sweep([tmp_path / "s"])
+    assert main([str(tmp_path / "s"), "--bootstrap", "0", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"rank report: error: {tmp_path / 's' / '0' / 'results.json'}: ")
+
+
+def test_optional_record_fields_of_their_types_or_null_load(tmp_path):
+    good = {**record("A", 5, 5.0, 0.3, 1.0), "decoder": None, "sampler_code": "ab2.py:0123456789ab", "shift": 1,
+            "train_seed": None, "sampler": {"name": "rf_time"}, "tags": {}, "backbone": "MMDiT", "n_reference": 8}
+    write_run(tmp_path / "s" / "0", [good])
+    assert len(load_sweep([tmp_path / "s"]).records) == 1
+
+
 def test_unreadable_results_are_reported_not_fatal(tmp_path):
     write_run(tmp_path / "s" / "0", [record("A", 5, 5.0, 0.3, 1.0)])
     write_run(tmp_path / "s" / "1")

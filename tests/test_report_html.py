@@ -147,6 +147,45 @@ def test_html_report_tables_are_ranked_defined_and_sortable(report_dir):
     assert "Samples, digits: one prompt across sampler settings" in text
 
 
+class Cells(html.parser.HTMLParser):
+    """The header and cell texts of the table with id `table_id`."""
+
+    def __init__(self, table_id: str):
+        super().__init__()
+        self.table_id, self.inside, self.cell, self.headers, self.rows = table_id, False, None, [], []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.inside = dict(attrs).get("id") == self.table_id
+        elif self.inside and tag == "tr":
+            self.rows.append([])
+        elif self.inside and tag in ("th", "td"):
+            self.cell = ""
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell += data
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self.inside = False
+        elif self.inside and tag in ("th", "td"):
+            (self.headers if tag == "th" else self.rows[-1]).append(self.cell)
+            self.cell = None
+
+
+def test_html_rank_table_shows_seed_counts_as_integers(report_dir):
+    """'seeds min' as 'seeds' (1, not 1.00), with its own definition on hover."""
+    text = (report_dir / "report.html").read_text()
+    cells = Cells("rank-table")
+    cells.feed(text)
+    rows = [r for r in cells.rows if r]
+    for column in ("seeds", "seeds min"):
+        at = cells.headers.index(column)
+        assert [r[at] for r in rows] == ["1"] * len(RECIPES), column
+    assert "Fewest training seeds the recipe has in any one control setting" in text
+
+
 def test_sample_sheets_show_the_same_sample_across_recipes_and_settings(tmp_path):
     from src.ranking.aggregate import load_sweep
     from src.ranking.samples import chosen_setting, sample_figures

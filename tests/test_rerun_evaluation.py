@@ -575,7 +575,8 @@ def test_damaged_run_files_are_named_in_one_line(trained, run, damage):
 
 def test_damaged_fingerprint_and_checkpoint_are_named(trained, run):
     (run / "fingerprint.json").write_text('{"loss": {"fam')
-    assert plan.job_status(_cfg(trained), run) == "fingerprint.json unreadable"  # the plan says what the job does
+    # The plan says what the job does.
+    assert plan.job_status(_cfg(trained), run) == "refused: fingerprint.json unreadable"
     with pytest.raises(ConfigError, match=r"fingerprint.json: not valid JSON .*: restore it, or move the directory"):
         job.run_job(_cfg(trained), run)
     shutil.copy(trained / "run" / "fingerprint.json", run / "fingerprint.json")

@@ -249,8 +249,17 @@ def test_plan_of_failed_runs_is_what_their_relaunch_does(tmp_path):
     stored["train"]["ema_decay"] = 0.5  # v's directory holds a run of another configuration
     (v / "fingerprint.json").write_text(json.dumps(stored))
     p = plan.plan_sweep(overrides)
-    assert [j.status for j in p.jobs] == ["failed: resume", "failed: to evaluate", "done", "changed configuration"]
-    assert [j.train_left for j in p.jobs] == [pytest.approx(0.4), 0.0, 0.0, 1.0]
+    assert [j.status for j in p.jobs] == ["failed: resume", "failed: to evaluate", "done",
+                                          "refused: changed configuration"]
+    # The launch refuses v's job before it writes anything (src/launch/validate.py refused_by_run_dir, the job's
+    # check_fingerprint): nothing of it is still to run, though the sweep in all counts its training.
+    assert [j.train_left for j in p.jobs] == [pytest.approx(0.4), 0.0, 0.0, 0.0] and p.jobs[3].flops_left == 0
+    text = plan.render(p)
+    assert "4 jobs (2 to run; done: 1; refused: 1)" in text
+    assert f"{sum(p.job_hours(j, j.flops_left) for j in p.jobs[:2]):.4g} still to run" in text
+    assert "Refused by a relaunch, not in 'still to run' (jobs 3): their directories hold a run of another " \
+           f"configuration, or an unreadable fingerprint.json; trained anew in other directories (another " \
+           f"sweep_name), they take {p.job_hours(p.jobs[3], p.jobs[3].total_flops):.4g} GPU-hours." in text
     r, e = p.jobs[:2]
     assert r.val_flops == r.fwd_flops_per_sample * 5 * 4 * 8 * 2  # 5 validations of 4 samples x 8 levels, raw and EMA
     assert r.flops_left == pytest.approx((r.train_flops + r.val_flops) * 0.4 + r.eval_flops - r.val_flops)
@@ -266,7 +275,7 @@ def test_plan_of_failed_runs_is_what_their_relaunch_does(tmp_path):
     assert plan.job_status(eps_cfg, eps) == "results.json unreadable"
     # A damaged fingerprint.json: that job is refused naming it (the sweep's others run), not the whole plan.
     (v / "fingerprint.json").write_text('{"loss')
-    assert plan.job_status(v_cfg, v) == "fingerprint.json unreadable"
+    assert plan.job_status(v_cfg, v) == "refused: fingerprint.json unreadable"
 
 
 def test_plan_cli_launches_nothing(tmp_path, capsys):

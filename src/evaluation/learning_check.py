@@ -54,7 +54,8 @@ def learning_check(run_dir: str | Path, n: int = 200, steps: int = 25, cfg_scale
     torch.manual_seed(cfg.seed)  # the same initialisation the run started from
     untrained = hydra.utils.instantiate(cfg.model).eval()
     trained = copy.deepcopy(untrained)
-    state = torch.load(select_checkpoint(run_dir, "best"), map_location="cpu", weights_only=True)["state_dict"]
+    best = select_checkpoint(run_dir, "best")
+    state = torch.load(best, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
     trained.load_state_dict(backbone_weights(state, ema=True))
 
     eval_set = load_eval_set(cfg.data.eval_dir)

@@ -9,6 +9,7 @@ is numerically the same as before these options existed. Pure torch: no Lightnin
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
 from torch import nn
@@ -145,13 +146,26 @@ def launch_settings(model: dict, optim: dict) -> dict:
     )
 
 
+def gpu_words(name: str) -> list[str]:
+    """A GPU's name as lower-case words without the vendor: "NVIDIA H100 80GB HBM3" -> ["h100", "80gb", "hbm3"]."""
+    return [w for w in re.findall(r"[a-z0-9]+", name.lower()) if w != "nvidia"]
+
+
+def same_gpu(gpu: str, device: str) -> bool:
+    """Whether the GPU named (H100, h200, "NVIDIA H200") is the measured device: its words, vendor and case aside,
+    are whole words of the device's name, in order ("H200" is an "NVIDIA H200"; "H1", "A" or "H100 PCIe" is no
+    "NVIDIA H100 80GB HBM3")."""
+    words, have = gpu_words(gpu), gpu_words(device)
+    return bool(words) and any(have[i:i + len(words)] == words for i in range(len(have)))
+
+
 def measured_mfu(results: dict | None, gpu: str, depth: int, batch: int, settings: dict) -> tuple[float, str] | None:
     """(MFU, where it comes from) of the measured configuration matching a launch, or None.
 
-    Matches the device (gpu is a substring of the measured device's name), the depth (paper sizing, hidden 64 d),
-    and every setting; among those, the measured per-GPU batch closest to the launch's.
+    Matches the device (same_gpu), the depth (paper sizing, hidden 64 d), and every setting; among those, the
+    measured per-GPU batch closest to the launch's.
     """
-    if not results or gpu.lower() not in str(results["header"].get("device", "")).lower() or results["header"].get(
+    if not results or not same_gpu(gpu, str(results["header"].get("device", ""))) or results["header"].get(
             "dry_run"):
         return None
     found = [r for r in results["results"] if r["status"].startswith("ok") and r["config"]["depth"] == depth

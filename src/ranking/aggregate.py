@@ -47,6 +47,15 @@ REQUIRED_FIELDS = ("recipe", "dataset", "setting", "steps", "cfg", "ema", "clip_
 DERIVED_FIELDS = ("entry", "base_entry", "train_seed", "sampler", "fid_features")
 # The other record fields (src/results.py) the ranking carries along (all but the config).
 OPTIONAL_FIELDS = tuple(f for f in FIELDS if f not in REQUIRED_FIELDS and f not in DERIVED_FIELDS and f != "config")
+#: The type of each other record field the report reads, when present and not null (tags and backbone name the
+#: entry: never null). A hand-edited or foreign record's other type is refused naming it, as a required field's is.
+FIELD_KINDS = {
+    **dict.fromkeys(("family", "backbone", "sampler", "feature_extractor", "fid_features", "checkpoint", "arrays",
+                     "reference_arrays", "inception_extractor", "sampler_code", "decoder", "created"), "a string"),
+    **dict.fromkeys(("train_seed", "n_samples", "eval_seed", "checkpoint_step", "n_reference"), "an integer"),
+    "shift": "a number", "params": "an object", "tags": "an object",
+}
+NOT_NULL = ("tags", "backbone")
 OBJECTIVES = (("clip_score", True), ("fid_clip", False))  # CLIP score up, FID down (docs/ranking.md#objectives)
 METRICS = ("clip_score", "fid_clip", "fid_inception")
 
@@ -654,6 +663,13 @@ def _record_row(rec: dict, run_dir: Path, results: Path, index: int) -> dict:
         if not isinstance(rec[key], str) or not rec[key]:
             raise ValueError(f"{results}: record {index} has {key}={rec[key]!r}; expected a non-empty string")
     rec = upgrade(rec)  # legacy records get today's fields
+    for key, kind in FIELD_KINDS.items():
+        value = rec.get(key)
+        if key == "sampler" and isinstance(value, dict):  # a mapping with the sampler's name (_sampler_name)
+            value = value.get("name", value)
+        if not _of_kind(value, kind) and (value is not None or key in NOT_NULL):
+            raise ValueError(f"{results}: record {index} has {key}={rec.get(key)!r}; expected {kind}"
+                             + ("" if key in NOT_NULL else " or null"))
     row = {f: rec[f] for f in REQUIRED_FIELDS}
     row.update({f: rec.get(f) for f in OPTIONAL_FIELDS})
     # The entry the record is ranked as, from its fields: recipe qualified by backbone, tags and sampler.
@@ -665,6 +681,8 @@ def _record_row(rec: dict, run_dir: Path, results: Path, index: int) -> dict:
     row["ema"] = bool(row["ema"])
     for key, kind in (("steps", int), ("cfg", float), *((m, float) for m in METRICS)):
         try:
+            if isinstance(row[key], (bool, str)):  # true or "0.3": a number no writer stores
+                raise TypeError
             row[key] = math.nan if key in METRICS and row[key] is None else kind(row[key])
         except (TypeError, ValueError):
             raise ValueError(f"{results}: record {index} has {key}={row[key]!r}; expected a number"
@@ -685,6 +703,16 @@ def _record_row(rec: dict, run_dir: Path, results: Path, index: int) -> dict:
     row["sampler"] = _sampler_name(rec.get("sampler"))
     row["fid_features"] = str(rec.get("fid_features") or LEGACY_FID_FEATURES)
     return row
+
+
+def _of_kind(value, kind: str) -> bool:
+    """Whether a JSON value is of a FIELD_KINDS kind (true and false are no numbers, "3" is no integer)."""
+    if kind == "a string":
+        return isinstance(value, str)
+    if kind == "an object":
+        return isinstance(value, dict)
+    number = (int, float) if kind == "a number" else int
+    return isinstance(value, number) and not isinstance(value, bool)
 
 
 def resolve_path(path: str, run_dir: Path) -> str:

@@ -39,6 +39,8 @@ DEFINITIONS: list[tuple[str, str]] = [
     (r"^missing settings$", "Control settings the sweep has but this recipe lacks (failed or unfinished evaluations)."),
     (r"^mean rank(.*)$", "Mean of the average rank over the seed replicates."),
     (r"^seeds?$", "Number of training seeds (replicates) of the recipe."),
+    (r"^seeds min$", "Fewest training seeds the recipe has in any one control setting (fewer than 'seeds' when a "
+                     "seed lacks some setting)."),
     (r"^P\(front 1\)(.*)$", "Share of the column's control settings in which the recipe is on the first front "
                             "(non-dominated), over the bootstrap draws when there are any."),
     (r"^(all|5 steps|50 steps)$", "Average rank over {g}: the mean non-dominated front (1 = best) of the recipe, "
@@ -108,7 +110,7 @@ def rank_table_view(table: pd.DataFrame) -> tuple[list[str], list[list[object]]]
     def integral(column: str) -> bool:  # counts (n, seeds, missing settings) shown without decimals
         values = pd.to_numeric(table[column], errors="coerce").to_numpy(float)
         finite = values[np.isfinite(values)]
-        return bool(re.search(r"^n |seeds?$|missing", column)) and len(finite) > 0 \
+        return bool(re.search(r"^(n |seeds?\b)|missing", column)) and len(finite) > 0 \
             and bool(np.all(finite == np.round(finite)))
 
     counts = {c for c in columns if integral(c)}
