@@ -129,8 +129,14 @@ def hydra_error_line(exc: BaseException) -> str | None:
         grammar = "https://hydra.cc/docs/advanced/override_grammar/basic"
         return f"{exc.override}: not a valid override ({exc.message.splitlines()[0]}); the syntax: {grammar}"
     if isinstance(exc, ConfigCompositionException):
+        from omegaconf.errors import KeyValidationError, ValidationError
+
         key = getattr(exc.__cause__, "full_key", None)
         parent = getattr(exc.__cause__, "parent_node", None)
+        if key and isinstance(exc.__cause__, ValidationError) and not isinstance(exc.__cause__, KeyValidationError):
+            # A value of the wrong type for a typed setting (hydra.launcher.timeout_min=abc): the key exists.
+            reason = str(exc.__cause__.msg or exc.__cause__).splitlines()[0]
+            return f"{key}={getattr(exc.__cause__, 'value', '?')}: not a valid value ({reason})"
         if key:
             known = list(parent.keys()) if OmegaConf.is_dict(parent) else []
             section = key.rsplit(".", 1)[0] if "." in key else "the configuration"
