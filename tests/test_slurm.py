@@ -163,6 +163,23 @@ def test_sweep_on_slurm_cancel_then_relaunch_resumes_and_skips(slurm, cache_dir,
     assert (victim / "results.json").is_file() and ckpt_step(victim / "checkpoints" / "last.ckpt") == 1500
 
 
+@pytest.mark.parametrize("setting, line", [
+    ("hydra.launcher.partition=nosuch", "ConfigError: hydra.launcher.partition=nosuch: refused by SLURM (invalid "
+                                        "partition specified: nosuch; allocation failure: Invalid partition name "
+                                        "specified); the partitions: debug"),
+    (f"hydra.launcher.tasks_per_node={os.cpu_count() + 1}",
+     f"ConfigError: hydra.launcher.nodes=1 hydra.launcher.tasks_per_node={os.cpu_count() + 1} "
+     "hydra.launcher.cpus_per_task=1: refused by SLURM (allocation failure: Requested node configuration is not "
+     f"available); the nodes: debug: 1 node(s) of {os.cpu_count()} CPUs"),
+], ids=["partition", "tasks"])
+def test_settings_the_cluster_refuses_are_one_line_and_write_nothing(slurm, cache_dir, tmp_path, setting, line):
+    """sbatch --test-only before the sweep writes anything: no sweep directory, no jobs.json, no job submitted."""
+    code, err = finish(launch(["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}",
+                               "loss=paper/rf", setting]))
+    assert code == 1 and err.strip().startswith(line) and len(err.strip().splitlines()) == 1, err[-3000:]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_sampler_sweep_on_slurm_trains_each_model_once(slurm, cache_dir, tmp_path):
     """Two recipes x two samplers: the models train in a first array of two, the second array evaluates them."""
     recipes = RECIPES[:2]

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,7 +24,8 @@ from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher as base
 from omegaconf import OmegaConf
 
-from src.launch.failures import one_line, record_failure
+from src.config import ConfigError
+from src.launch.failures import LaunchError, one_line, record_failure
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +33,10 @@ log = logging.getLogger(__name__)
 class CollectingSubmititLauncher(base.BaseSubmititLauncher):
     """Base of the plugin class in hydra_plugins/flowsweep_launcher (Hydra loads launchers from there only)."""
 
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        # Copied from hydra_submitit_launcher 1.2 (BaseSubmititLauncher.launch) up to map_array; the waiting differs.
+    def executor(self):
+        """submitit's executor for this launcher's settings (hydra_submitit_launcher 1.2's, as in its launch)."""
         import submitit
 
-        assert self.config is not None
-        num_jobs = len(job_overrides)
-        assert num_jobs > 0
         params = self.params
         init_params = {"folder": self.params["submitit_folder"]}
         specific_init_keys = {"max_num_timeout"}
@@ -48,7 +48,38 @@ class CollectingSubmititLauncher(base.BaseSubmititLauncher):
             x if x in baseparams else f"{self._EXECUTOR}_{x}": y for x, y in params.items() if x not in init_keys
         }
         executor.update_parameters(**params)
+        return executor
 
+    def preflight(self) -> None:
+        """The launcher's settings checked before the sweep writes anything (TaggingSweeper.sweep): by their values,
+        then by the cluster (`sbatch --test-only` on the script submitit would submit: partition, account, QOS, GPUs,
+        node sizes). ConfigError naming the setting, or LaunchError when SLURM cannot be reached."""
+        check_slurm_params(self.params)
+        missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+        if missing:
+            raise LaunchError(f"{' and '.join(missing)} not found on PATH: hydra/launcher=slurm submits the sweep "
+                              "with SLURM's commands, so launch it on a machine of the cluster (a login node), or run "
+                              "it here with hydra/launcher=local")
+        text = self.executor()._executor._make_submission_file_text("true", "preflight")
+        with tempfile.NamedTemporaryFile("w", prefix="flowsweep-preflight-", suffix=".sh") as script:
+            script.write(text)
+            script.flush()
+            try:
+                out = subprocess.run(["sbatch", "--test-only", script.name], capture_output=True, text=True,
+                                     timeout=120)
+            except subprocess.TimeoutExpired:
+                raise LaunchError("sbatch --test-only did not answer in 120 s: the SLURM controller is not "
+                                  "reachable; nothing was submitted") from None
+        if out.returncode != 0:
+            raise sbatch_refusal(self.params, out.stderr + out.stdout)
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        # Copied from hydra_submitit_launcher 1.2 (BaseSubmititLauncher.launch) up to map_array; the waiting differs.
+        from submitit.core.utils import FailedJobError
+
+        assert self.config is not None
+        assert len(job_overrides) > 0
+        executor = self.executor()
         log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {self.config.hydra.sweep.dir}")
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -59,7 +90,11 @@ class CollectingSubmititLauncher(base.BaseSubmititLauncher):
             idx = initial_job_idx + idx
             log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
             job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
-        jobs = executor.map_array(self, *zip(*job_params))
+        try:
+            jobs = executor.map_array(self, *zip(*job_params))
+        except (FailedJobError, OSError) as e:  # sbatch refused or could not run (the preflight passed before)
+            error = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            raise LaunchError(f"sbatch did not submit the {len(job_params)} job(s) of this batch: {error}") from None
         log.info("submitted %d job(s): %s", len(jobs), jobs[0].job_id.split("_")[0] if jobs else "")
         return [self._collect(job, list(overrides)) for job, overrides in zip(jobs, job_overrides)]
 
@@ -122,3 +157,76 @@ def wait_for(job, result_grace_s: float = 30.0, max_poll_s: float = 10.0) -> str
             ended_at = None  # pending, running, requeued: keep waiting
         time.sleep(poll)
         poll = min(2 * poll, max_poll_s)
+
+
+#: Lower bounds of the launcher's numeric settings (None allowed where SLURM's default applies), with what they mean.
+BOUNDS = {"nodes": (1, "nodes per job"), "tasks_per_node": (1, "ranks per node"),
+          "gpus_per_node": (0, "GPUs per node"), "cpus_per_task": (1, "CPUs per rank"), "mem_gb": (1, "GB per node"),
+          "timeout_min": (1, "minutes per submission"), "max_num_timeout": (0, "requeues after a time-out"),
+          "array_parallelism": (1, "jobs of the sweep at once"), "signal_delay_s": (0, "seconds")}
+OPTIONAL = {"gpus_per_node", "cpus_per_task", "mem_gb"}
+
+
+def check_slurm_params(params: dict) -> None:
+    """ConfigError for a launcher setting SLURM or submitit would take in another sense or reject only later: a count
+    below its minimum (timeout_min=0 is no time limit to SLURM, a negative one is read as a time), or a time-out
+    signal that would come before the job could train."""
+    for key, (low, what) in BOUNDS.items():
+        value = params.get(key)
+        if value is None and key in OPTIONAL:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            allowed = f"an integer >= {low}" + (" or null (SLURM's default)" if key in OPTIONAL else "")
+            hint = "; it follows gpus_per_node unless set (CPU-only: hydra/launcher=slurm_cpu)" \
+                if key == "tasks_per_node" else ""
+            raise ConfigError(f"hydra.launcher.{key}={value}: not allowed ({what}); allowed: {allowed}{hint}")
+    if params["signal_delay_s"] >= 60 * params["timeout_min"]:
+        raise ConfigError(f"hydra.launcher.signal_delay_s={params['signal_delay_s']} with "
+                          f"hydra.launcher.timeout_min={params['timeout_min']}: the time-out signal would come before "
+                          "the job trains a step (each submission would checkpoint and requeue at once); allowed: "
+                          f"signal_delay_s < 60 x timeout_min = {60 * params['timeout_min']}")
+
+
+#: sbatch's refusals (a piece of its message, lower case) and the launcher settings each is about; None: no setting.
+REFUSALS = (
+    ("unable to contact slurm controller", None),
+    ("invalid partition", ("partition",)),
+    ("invalid account", ("account",)),
+    ("invalid qos", ("qos",)),
+    ("generic resource", ("gpus_per_node", "gres")),
+    ("node configuration is not available", ("nodes", "tasks_per_node", "cpus_per_task", "gpus_per_node", "mem_gb")),
+    ("processors requested", ("nodes", "tasks_per_node", "cpus_per_task")),
+    ("memory", ("mem_gb",)),
+    ("time limit", ("timeout_min",)),
+)
+
+
+def _sinfo(fmt: str, partition: str | None = None) -> list[str]:
+    """sinfo's lines in the given format (deduplicated, in order); [] when it gives none."""
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", fmt, *(["-p", partition] if partition else [])],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return list(dict.fromkeys(line.strip() for line in out.stdout.splitlines() if line.strip()))
+
+
+def sbatch_refusal(params: dict, message: str) -> ConfigError | LaunchError:
+    """The one-line error for `sbatch --test-only`'s refusal of the launcher's settings: the settings it is about
+    with their values, sbatch's own words, and what the cluster has (its partitions, the sizes of their nodes)."""
+    said = "; ".join(line.strip().removeprefix("sbatch: error: ").removeprefix("sbatch: ")
+                     for line in message.splitlines() if line.strip()) or "no message"
+    lower = said.lower()
+    keys = next((keys for piece, keys in REFUSALS if piece in lower), ())
+    if keys is None:
+        return LaunchError(f"SLURM cannot be reached ({said}); nothing was submitted: start the cluster's controller "
+                           "or launch where it answers")
+    named = " ".join(f"hydra.launcher.{k}={params.get(k)}" for k in keys if params.get(k) is not None) \
+        or "hydra.launcher"
+    if "partition" in keys:
+        partitions = _sinfo("%R")
+        have = f"; the partitions: {', '.join(partitions)}" if partitions else ""
+    else:
+        nodes = _sinfo("%R: %D node(s) of %c CPUs, %m MB, gres %G", params.get("partition"))
+        have = f"; the nodes: {'; '.join(nodes)}" if nodes else ""
+    return ConfigError(f"{named}: refused by SLURM ({said}){have}")

@@ -1,0 +1,137 @@
+"""The SLURM launcher's checks before a sweep writes anything, without a cluster: its settings by value, sbatch's
+refusals (a fake sbatch on PATH) and SLURM's commands missing, each one line with a non-zero exit and no files.
+The same on the real local cluster: tests/test_slurm.py."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from src.config import ConfigError
+from src.launch import submitit as launch
+from src.launch.failures import LaunchError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: conf/hydra/launcher/slurm_cpu.yaml's settings, as the launcher holds them.
+PARAMS = {"nodes": 1, "tasks_per_node": 1, "gpus_per_node": None, "cpus_per_task": 2, "mem_gb": None,
+          "timeout_min": 120, "max_num_timeout": 3, "array_parallelism": 64, "signal_delay_s": 60, "partition": None}
+
+
+def test_launcher_defaults_pass():
+    launch.check_slurm_params(PARAMS)
+    launch.check_slurm_params({**PARAMS, "gpus_per_node": 8, "tasks_per_node": 8, "mem_gb": 512, "nodes": 4})
+
+
+@pytest.mark.parametrize("change, line", [
+    ({"timeout_min": 0}, "hydra.launcher.timeout_min=0: not allowed (minutes per submission); allowed: an integer >= 1"),
+    ({"timeout_min": -5}, "hydra.launcher.timeout_min=-5: not allowed"),
+    ({"nodes": 0}, "hydra.launcher.nodes=0: not allowed (nodes per job); allowed: an integer >= 1"),
+    ({"tasks_per_node": 0}, "hydra.launcher.tasks_per_node=0: not allowed (ranks per node); allowed: an integer >= 1; "
+                            "it follows gpus_per_node unless set (CPU-only: hydra/launcher=slurm_cpu)"),
+    ({"tasks_per_node": None}, "hydra.launcher.tasks_per_node=None: not allowed"),
+    ({"gpus_per_node": -1}, "hydra.launcher.gpus_per_node=-1: not allowed (GPUs per node); allowed: an integer >= 0 "
+                            "or null (SLURM's default)"),
+    ({"cpus_per_task": 0}, "hydra.launcher.cpus_per_task=0: not allowed"),
+    ({"mem_gb": 0}, "hydra.launcher.mem_gb=0: not allowed (GB per node)"),
+    ({"array_parallelism": 0}, "hydra.launcher.array_parallelism=0: not allowed"),
+    ({"signal_delay_s": 600, "timeout_min": 5},
+     "hydra.launcher.signal_delay_s=600 with hydra.launcher.timeout_min=5: the time-out signal would come before the "
+     "job trains a step"),
+], ids=["timeout 0", "timeout negative", "nodes", "tasks", "tasks null", "gpus", "cpus", "mem", "parallelism",
+        "signal"])
+def test_bad_launcher_settings_are_named(change, line):
+    with pytest.raises(ConfigError) as e:
+        launch.check_slurm_params({**PARAMS, **change})
+    assert str(e.value).startswith(line) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("said, expected", [
+    ("sbatch: error: invalid partition specified: gpu\nallocation failure: Invalid partition name specified",
+     "ConfigError: hydra.launcher.partition=gpu: refused by SLURM (invalid partition specified: gpu; allocation "
+     "failure: Invalid partition name specified); the partitions: debug*, big"),
+    ("sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified",
+     "ConfigError: hydra.launcher.account=nobody: refused by SLURM (Batch job submission failed: Invalid account or "
+     "account/partition combination specified); the nodes: debug*: 1 node(s) of 2 CPUs"),
+    ("allocation failure: Requested node configuration is not available",
+     "ConfigError: hydra.launcher.nodes=1 hydra.launcher.tasks_per_node=1 hydra.launcher.cpus_per_task=2: refused by "
+     "SLURM (allocation failure: Requested node configuration is not available); the nodes: debug*: 1 node(s) of 2 "
+     "CPUs"),
+    ("allocation failure: Unable to contact slurm controller (connect failure)",
+     "LaunchError: SLURM cannot be reached (allocation failure: Unable to contact slurm controller (connect failure));"
+     " nothing was submitted"),
+    ("sbatch: unrecognized option '--mail-typ=END'",
+     "ConfigError: hydra.launcher: refused by SLURM (unrecognized option '--mail-typ=END'); the nodes: debug*"),
+], ids=["partition", "account", "node sizes", "controller down", "other"])
+def test_sbatch_refusals_name_the_setting_and_what_the_cluster_has(monkeypatch, said, expected):
+    from src.launch.failures import one_line
+
+    monkeypatch.setattr(launch, "_sinfo", lambda fmt, partition=None: ["debug*", "big"] if fmt == "%R" else
+                        ["debug*: 1 node(s) of 2 CPUs, 1 MB, gres (null)"])
+    error = launch.sbatch_refusal({**PARAMS, "partition": "gpu", "account": "nobody"}, said)
+    assert one_line(error).startswith(expected) and isinstance(error, (ConfigError, LaunchError))
+
+
+def fake_slurm(bin_dir: Path, sbatch: str) -> None:
+    """sbatch (the given shell body), srun, squeue and sinfo as scripts in bin_dir."""
+    bin_dir.mkdir()
+    for name, body in {"sbatch": sbatch, "srun": "exit 0", "squeue": "exit 0", "sinfo": "echo 'debug*'"}.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+
+
+def sweep(tmp_path: Path, path: str, *args: str) -> subprocess.CompletedProcess:
+    root = tmp_path / "root"
+    return subprocess.run([sys.executable, "-m", "src.run", "-m", "hydra/launcher=slurm_cpu", "loss=paper/rf",
+                           "data=digits", f"paths.root_dir={root}", f"paths.cache_dir={tmp_path / 'cache'}", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "WANDB_MODE": "disabled", "PATH": path})
+
+
+def test_partition_refused_by_sbatch_is_one_line_and_writes_nothing(tmp_path):
+    fake_slurm(tmp_path / "bin", 'echo "sbatch: error: invalid partition specified: gpu" >&2\n'
+                                 'echo "allocation failure: Invalid partition name specified" >&2; exit 1')
+    out = sweep(tmp_path, f"{tmp_path / 'bin'}:{os.environ['PATH']}", "hydra.launcher.partition=gpu")
+    assert out.returncode == 1
+    assert out.stderr.strip() == ("ConfigError: hydra.launcher.partition=gpu: refused by SLURM (invalid partition "
+                                  "specified: gpu; allocation failure: Invalid partition name specified); the "
+                                  "partitions: debug*")
+    assert not (tmp_path / "root").exists()
+
+
+def test_bad_launcher_value_is_one_line_and_writes_nothing(tmp_path):
+    fake_slurm(tmp_path / "bin", "exit 0")
+    out = sweep(tmp_path, f"{tmp_path / 'bin'}:{os.environ['PATH']}", "hydra.launcher.timeout_min=0")
+    assert out.returncode == 1
+    assert out.stderr.strip() == ("ConfigError: hydra.launcher.timeout_min=0: not allowed (minutes per submission); "
+                                  "allowed: an integer >= 1")
+    assert not (tmp_path / "root").exists()
+
+
+def test_no_sbatch_on_path_is_one_line_and_writes_nothing(tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = sweep(tmp_path, str(tmp_path / "empty"))
+    assert out.returncode == 1
+    assert out.stderr.strip() == ("LaunchError: sbatch and srun not found on PATH: hydra/launcher=slurm submits the "
+                                  "sweep with SLURM's commands, so launch it on a machine of the cluster (a login "
+                                  "node), or run it here with hydra/launcher=local")
+    assert not (tmp_path / "root").exists()
+
+
+def test_submission_refused_after_the_check_is_one_line(tmp_path):
+    """sbatch takes the test submission but refuses the array (the controller went down in between, a limit on
+    arrays): one line naming the batch and sbatch's words, exit 1, no traceback."""
+    from src.data.embedded import prepare_embedded
+
+    prepare_embedded("digits", tmp_path / "cache" / "data")
+    fake_slurm(tmp_path / "bin", '[ "$1" = --test-only ] && exit 0\n'
+                                 'echo "sbatch: error: Batch job submission failed: Invalid job array specification" >&2'
+                                 "; exit 1")
+    out = sweep(tmp_path, f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == ("LaunchError: sbatch did not submit the 1 job(s) of this batch: "
+                                                   "sbatch: error: Batch job submission failed: Invalid job array "
+                                                   "specification")
+    assert "Traceback" not in out.stderr
