@@ -142,7 +142,9 @@ def test_sweep_on_slurm_cancel_then_relaunch_resumes_and_skips(slurm, cache_dir,
     # The sweep went on: the other two finished; the summary names the cancelled job; non-zero exit.
     assert code == 1, err[-3000:]
     summary = err[err.index("1 job(s) failed:"):]
-    assert "loss=paper/rf_lognorm_0.00_1.00" in summary and f"job {job_id} ended without a result" in summary
+    # Named as the job names itself (its run name), with the file submitit kept its output in.
+    assert f"  digits/rf_lognorm_0.00_1.00: job {job_id} ended without a result" in summary
+    assert f"(its log: {sweep / '.submitit' / job_id / f'{job_id}_0_log.err'})" in summary
     done = [runs["paper/eps_linear"], runs["paper/edm_-1.20_1.20"]]
     assert all((d / "results.json").is_file() for d in done)
     assert not (victim / "results.json").exists()

@@ -135,3 +135,44 @@ def test_submission_refused_after_the_check_is_one_line(tmp_path):
                                                    "sbatch: error: Batch job submission failed: Invalid job array "
                                                    "specification")
     assert "Traceback" not in out.stderr
+
+
+# ---- jobs that end without a result -----------------------------------------------------------------------------------
+def test_job_that_ended_without_a_result_is_named_by_its_run_and_its_log(monkeypatch, tmp_path):
+    """A killed or cancelled array task is named in the summary as the job names itself (`digits/rf`, as in the
+    sweep's files and the rank report), not by its whole override list, with the file submitit kept its output in."""
+    from submitit.core.utils import JobPaths
+
+    from src.launch import failures
+
+    class Killed:
+        job_id = "136_0"
+        paths = JobPaths(tmp_path / ".submitit" / "%j", job_id="136_0", task_id=0)
+
+    monkeypatch.setattr(launch, "wait_for", lambda job: "CANCELLED")
+    monkeypatch.setattr(failures, "FAILED", [])
+    overrides = ["model.depth=1", "torch_threads=1", "data=digits", "loss=paper/rf"]
+    ret = launch.CollectingSubmititLauncher._collect(None, Killed(), overrides, lambda o: "digits/rf")
+    log_file = tmp_path / ".submitit" / "136_0" / "136_0_0_log.err"
+    error = f"job 136_0 ended without a result: RuntimeError: the scheduler reports CANCELLED and no result was " \
+            f"written (its log: {log_file})"
+    assert failures.FAILED == [("digits/rf", error)]
+    assert ret.return_value == {"failed": True, "run_name": "digits/rf", "error": error}
+
+
+def test_sweep_job_name_is_the_run_name():
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    from src.config import register_resolvers
+    from src.launch.validate import sweep_job_name
+
+    register_resolvers()
+    with initialize_config_module("conf", version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        cfg = loader.load_configuration("config", ["hydra/launcher=slurm_cpu"], run_mode=RunMode.MULTIRUN)
+        assert sweep_job_name(loader, cfg, ["data=digits", "loss=paper/rf"]) == "digits/rf"
+        assert sweep_job_name(loader, cfg, ["data=digits", "loss=paper/rf", "optim.lr=0.001",
+                                            "run_tag='/optim.lr=0.001'"]) == "digits/rf/optim.lr=0.001"
+        assert sweep_job_name(loader, cfg, ["loss=bogus"]) == "loss=bogus"  # cannot be composed: its overrides

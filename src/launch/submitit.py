@@ -96,10 +96,17 @@ class CollectingSubmititLauncher(base.BaseSubmititLauncher):
             error = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
             raise LaunchError(f"sbatch did not submit the {len(job_params)} job(s) of this batch: {error}") from None
         log.info("submitted %d job(s): %s", len(jobs), jobs[0].job_id.split("_")[0] if jobs else "")
-        return [self._collect(job, list(overrides)) for job, overrides in zip(jobs, job_overrides)]
+        return [self._collect(job, list(overrides), self._run_name) for job, overrides in zip(jobs, job_overrides)]
 
-    def _collect(self, job, overrides: list[str]) -> JobReturn:
-        """The job's JobReturn; a job that failed or never returned is recorded and reported as completed."""
+    def _run_name(self, overrides: list[str]) -> str:
+        """A job's run name, as the job itself and the sweep's files name it (`digits/rf`)."""
+        from src.launch.validate import sweep_job_name
+
+        return sweep_job_name(self.hydra_context.config_loader, self.config, overrides)
+
+    def _collect(self, job, overrides: list[str], name_of=None) -> JobReturn:
+        """The job's JobReturn; a job that failed or never returned is recorded and reported as completed.
+        name_of(overrides): the job's run name for a job that returned none (default: its overrides)."""
         name = " ".join(filter_overrides(overrides)) or f"job {job.job_id}"
         try:
             ended = wait_for(job)
@@ -107,12 +114,15 @@ class CollectingSubmititLauncher(base.BaseSubmititLauncher):
                 raise RuntimeError(f"the scheduler reports {ended} and no result was written")
             ret = job.results()[0]  # rank 0's return
         except Exception as e:  # submitit.core.utils.UncompletedJobError: cancelled, killed, node failure, ...
-            error = f"job {job.job_id} ended without a result: {one_line(e)}"
+            name = name_of(overrides) if name_of is not None else name
+            paths = getattr(job, "paths", None)  # where submitit keeps the job's output (its traceback, if any)
+            error = f"job {job.job_id} ended without a result: {one_line(e)}" + \
+                (f" (its log: {paths.stderr})" if paths is not None else "")
             record_failure(name, error)
             return JobReturn(overrides=overrides, status=JobStatus.COMPLETED,
                              _return_value={"failed": True, "run_name": name, "error": error})
         if ret.status == JobStatus.FAILED:  # the task raised: only with fail_fast=true; the sweeper re-raises
-            record_failure(name, one_line(ret._return_value))
+            record_failure(name_of(overrides) if name_of is not None else name, one_line(ret._return_value))
             return ret
         value = ret._return_value
         if isinstance(value, dict) and value.get("failed"):
