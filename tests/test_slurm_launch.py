@@ -26,7 +26,8 @@ def test_launcher_defaults_pass():
 
 
 @pytest.mark.parametrize("change, line", [
-    ({"timeout_min": 0}, "hydra.launcher.timeout_min=0: not allowed (minutes per submission); allowed: an integer >= 1"),
+    ({"timeout_min": 0},
+     "hydra.launcher.timeout_min=0: not allowed (minutes per submission); allowed: an integer >= 1"),
     ({"timeout_min": -5}, "hydra.launcher.timeout_min=-5: not allowed"),
     ({"nodes": 0}, "hydra.launcher.nodes=0: not allowed (nodes per job); allowed: an integer >= 1"),
     ({"tasks_per_node": 0}, "hydra.launcher.tasks_per_node=0: not allowed (ranks per node); allowed: an integer >= 1; "
@@ -126,9 +127,8 @@ def test_submission_refused_after_the_check_is_one_line(tmp_path):
     from src.data.embedded import prepare_embedded
 
     prepare_embedded("digits", tmp_path / "cache" / "data")
-    fake_slurm(tmp_path / "bin", '[ "$1" = --test-only ] && exit 0\n'
-                                 'echo "sbatch: error: Batch job submission failed: Invalid job array specification" >&2'
-                                 "; exit 1")
+    refusal = "sbatch: error: Batch job submission failed: Invalid job array specification"
+    fake_slurm(tmp_path / "bin", f'[ "$1" = --test-only ] && exit 0\necho "{refusal}" >&2; exit 1')
     out = sweep(tmp_path, f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1] == ("LaunchError: sbatch did not submit the 1 job(s) of this batch: "
@@ -137,7 +137,7 @@ def test_submission_refused_after_the_check_is_one_line(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-# ---- jobs that end without a result -----------------------------------------------------------------------------------
+# ---- jobs that end without a result ----------------------------------------------------------------------------------
 def test_job_that_ended_without_a_result_is_named_by_its_run_and_its_log(monkeypatch, tmp_path):
     """A killed or cancelled array task is named in the summary as the job names itself (`digits/rf`, as in the
     sweep's files and the rank report), not by its whole override list, with the file submitit kept its output in."""
