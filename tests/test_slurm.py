@@ -182,6 +182,22 @@ def test_settings_the_cluster_refuses_are_one_line_and_write_nothing(slurm, cach
     assert list(tmp_path.iterdir()) == []
 
 
+def test_timeout_over_the_partitions_limit_is_refused_not_left_pending(slurm, cache_dir, tmp_path):
+    """The local cluster does not enforce partition limits at submission: a job over the partition's MaxTime would
+    stay PENDING (PartitionTimeLimit) and the sweep would wait for ever."""
+    subprocess.run(["scontrol", "update", "PartitionName=debug", "MaxTime=60"], check=True)
+    try:
+        code, err = finish(launch(["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}",
+                                   "loss=paper/rf", "hydra.launcher.timeout_min=61"]), timeout=300)
+    finally:
+        subprocess.run(["scontrol", "update", "PartitionName=debug", "MaxTime=INFINITE"], check=True)
+    assert code == 1 and err.strip() == (
+        "ConfigError: hydra.launcher.timeout_min=61: over the time limit of partition debug (1:00:00, 60 min), so "
+        "SLURM would keep the jobs pending (PartitionTimeLimit); allowed: up to 60 (a run that needs longer is "
+        "requeued, max_num_timeout times)"), err[-3000:]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_sampler_sweep_on_slurm_trains_each_model_once(slurm, cache_dir, tmp_path):
     """Two recipes x two samplers: the models train in a first array of two, the second array evaluates them."""
     recipes = RECIPES[:2]

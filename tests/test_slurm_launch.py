@@ -176,3 +176,28 @@ def test_sweep_job_name_is_the_run_name():
         assert sweep_job_name(loader, cfg, ["data=digits", "loss=paper/rf", "optim.lr=0.001",
                                             "run_tag='/optim.lr=0.001'"]) == "digits/rf/optim.lr=0.001"
         assert sweep_job_name(loader, cfg, ["loss=bogus"]) == "loss=bogus"  # cannot be composed: its overrides
+
+
+@pytest.mark.parametrize("limit, minutes", [("infinite", None), ("UNLIMITED", None), ("1:00:00", 60), ("30:00", 30),
+                                            ("2-00:00:00", 2880), ("1-12", 2160), ("45", 45)])
+def test_slurm_time_limits_in_minutes(limit, minutes):
+    assert launch.slurm_minutes(limit) == minutes
+
+
+def test_timeout_over_the_partitions_time_limit_is_refused(monkeypatch):
+    """sbatch --test-only takes it, and SLURM keeps such a job pending for ever (PartitionTimeLimit) where the cluster
+    does not enforce partition limits at submission: the sweep would wait without a word."""
+    shown = {None: ["debug* 1:00:00", "long 7-00:00:00"], "long": ["long 7-00:00:00"], "gpu": ["gpu infinite"]}
+    monkeypatch.setattr(launch, "_sinfo", lambda fmt, partition=None: shown[partition])
+    with pytest.raises(ConfigError) as e:
+        launch.check_time_limit(PARAMS)  # the default partition's
+    assert str(e.value) == ("hydra.launcher.timeout_min=120: over the time limit of partition debug (1:00:00, 60 min), "
+                            "so SLURM would keep the jobs pending (PartitionTimeLimit); allowed: up to 60 (a run that "
+                            "needs longer is requeued, max_num_timeout times)")
+    launch.check_time_limit({**PARAMS, "timeout_min": 60})
+    launch.check_time_limit({**PARAMS, "partition": "long", "timeout_min": 10080})
+    launch.check_time_limit({**PARAMS, "partition": "gpu", "timeout_min": 100000})
+    with pytest.raises(ConfigError, match="timeout_min=10081: over the time limit of partition long"):
+        launch.check_time_limit({**PARAMS, "partition": "long", "timeout_min": 10081})
+    monkeypatch.setattr(launch, "_sinfo", lambda fmt, partition=None: [])  # no answer: left to SLURM
+    launch.check_time_limit(PARAMS)

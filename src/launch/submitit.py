@@ -72,6 +72,7 @@ class CollectingSubmititLauncher(base.BaseSubmititLauncher):
                                   "reachable; nothing was submitted") from None
         if out.returncode != 0:
             raise sbatch_refusal(self.params, out.stderr + out.stdout)
+        check_time_limit(self.params)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         # Copied from hydra_submitit_launcher 1.2 (BaseSubmititLauncher.launch) up to map_array; the waiting differs.
@@ -240,3 +241,37 @@ def sbatch_refusal(params: dict, message: str) -> ConfigError | LaunchError:
         nodes = _sinfo("%R: %D node(s) of %c CPUs, %m MB, gres %G", params.get("partition"))
         have = f"; the nodes: {'; '.join(nodes)}" if nodes else ""
     return ConfigError(f"{named}: refused by SLURM ({said}){have}")
+
+
+def slurm_minutes(limit: str) -> float | None:
+    """Minutes in a SLURM time limit as sinfo gives it (`[days-]hours:minutes:seconds`, `minutes:seconds`,
+    `minutes`); None for no limit (`infinite`, `UNLIMITED`) or a text it cannot read."""
+    days, _, clock = limit.strip().rpartition("-")
+    try:
+        parts = [int(p) for p in clock.split(":")]
+        whole_days = int(days) if days else 0
+    except ValueError:
+        return None
+    if len(parts) == 3:
+        return whole_days * 1440 + parts[0] * 60 + parts[1] + parts[2] / 60
+    if len(parts) == 2:
+        return whole_days * 1440 + (parts[0] * 60 + parts[1] if days else parts[0] + parts[1] / 60)
+    return whole_days * 1440 + (parts[0] * 60 if days else parts[0])
+
+
+def check_time_limit(params: dict) -> None:
+    """ConfigError for a timeout_min over the partition's time limit: sbatch --test-only takes such a job, and
+    unless the cluster enforces partition limits at submission SLURM keeps it pending for ever (PartitionTimeLimit)
+    while the sweep waits for it."""
+    lines = [line.split() for line in _sinfo("%P %l", params.get("partition"))]
+    limits = [(name.rstrip("*"), limit) for name, limit in (p for p in lines if len(p) == 2)
+              if params.get("partition") or name.endswith("*")]  # the named partition, else the default one
+    if not limits:
+        return
+    partition, limit = limits[0]
+    minutes = slurm_minutes(limit)
+    if minutes is not None and params["timeout_min"] > minutes:
+        raise ConfigError(f"hydra.launcher.timeout_min={params['timeout_min']}: over the time limit of partition "
+                          f"{partition} ({limit}, {minutes:g} min), so SLURM would keep the jobs pending "
+                          f"(PartitionTimeLimit); allowed: up to {int(minutes)} (a run that needs longer is requeued, "
+                          "max_num_timeout times)")
