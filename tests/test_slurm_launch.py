@@ -201,3 +201,32 @@ def test_timeout_over_the_partitions_time_limit_is_refused(monkeypatch):
         launch.check_time_limit({**PARAMS, "partition": "long", "timeout_min": 10081})
     monkeypatch.setattr(launch, "_sinfo", lambda fmt, partition=None: [])  # no answer: left to SLURM
     launch.check_time_limit(PARAMS)
+
+
+def test_wait_goes_on_while_the_controller_does_not_answer(monkeypatch):
+    """A controller restart (squeue: `Unable to contact slurm controller`) is not the end of the job: it runs on, and
+    its result is collected once it is written. A job squeue no longer knows (`Invalid job id`) has ended."""
+    from types import SimpleNamespace
+
+    answers = iter([(1, "", "slurm_load_jobs error: Unable to contact slurm controller (connect failure)")] * 5
+                   + [(0, "RUNNING\n", "")])
+    monkeypatch.setattr(launch.subprocess, "run", lambda *a, **k: SimpleNamespace(
+        **dict(zip(("returncode", "stdout", "stderr"), next(answers)))))
+    clock = iter(range(0, 10_000, 100))  # 100 s between polls: far past any grace
+    monkeypatch.setattr(launch.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(launch.time, "sleep", lambda s: None)
+
+    class Job:
+        job_id, polls = "7_0", 0
+        paths = SimpleNamespace(result_pickle=SimpleNamespace(exists=lambda: True))
+
+        def done(self):
+            self.polls += 1
+            return self.polls > 6  # the result after the controller is back
+
+    assert launch.wait_for(Job()) is None
+    gone = SimpleNamespace(returncode=1, stdout="", stderr="slurm_load_jobs error: Invalid job id specified")
+    monkeypatch.setattr(launch.subprocess, "run", lambda *a, **k: gone)
+    assert launch.squeue_state("7_0") is None
+    never = SimpleNamespace(done=lambda: False, job_id="8_0")
+    assert launch.wait_for(never) == "no longer in the queue"

@@ -136,13 +136,22 @@ FINAL_STATES = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NO
                 "SPECIAL_EXIT", "TIMEOUT"}
 
 
+#: squeue_state when the controller does not answer (restarting, overloaded): the job's state is unknown, not over.
+NO_ANSWER = "NO ANSWER"
+
+
 def squeue_state(job_id: str) -> str | None:
-    """The job's state as squeue reports it, or None when squeue does not list it (long gone, or no squeue)."""
+    """The job's state as squeue reports it; None when squeue does not list it (long gone: `Invalid job id`, or no
+    squeue); NO_ANSWER when squeue fails otherwise (the controller unreachable or slow)."""
     try:
         out = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
                              timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
+    except OSError:
         return None
+    except subprocess.TimeoutExpired:
+        return NO_ANSWER
+    if out.returncode != 0 and "invalid job id" not in out.stderr.lower():
+        return NO_ANSWER
     states = out.stdout.split()
     return states[0].upper() if out.returncode == 0 and states else None
 
@@ -152,14 +161,21 @@ def wait_for(job, result_grace_s: float = 30.0, max_poll_s: float = 10.0) -> str
 
     submitit alone asks sacct, and waits forever for a job that died without a result where sacct gives no answer
     (clusters or test clusters without accounting). squeue is asked as well: a job it lists in a final state, or
-    no longer lists, has ended; its result file gets result_grace_s to appear (shared file systems lag).
+    no longer lists, has ended; its result file gets result_grace_s to appear (shared file systems lag). While the
+    controller does not answer, the job runs on (slurmd keeps it): the wait goes on.
     """
-    poll, ended_at, state = 1.0, None, None
+    poll, ended_at, state, warned = 1.0, None, None, False
     while True:
         if job.done():  # the result file, or sacct saying the job ended
             return None if job.paths.result_pickle.exists() else getattr(job, "state", "ended")
         state = squeue_state(job.job_id)
-        if state is None or state in FINAL_STATES:
+        if state == NO_ANSWER:
+            if not warned:
+                log.warning("squeue does not answer about job %s (the SLURM controller is unreachable); waiting",
+                            job.job_id)
+                warned = True
+            ended_at = None
+        elif state is None or state in FINAL_STATES:
             ended_at = ended_at if ended_at is not None else time.monotonic()
             if time.monotonic() - ended_at > result_grace_s:
                 return state or "no longer in the queue"
