@@ -134,11 +134,11 @@ def cli() -> int:
         os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
-    except LaunchError as e:  # the cluster took none of a batch's jobs: one line, then what failed before it
+    except LaunchError as e:  # the cluster took none of a batch's jobs, or Ctrl-C while waiting for them
         print(one_line(e), file=sys.stderr)
         if FAILED:
             print(summary(), file=sys.stderr)
-        return 1
+        return e.exit_status
     except HydraException as e:
         line = hydra_error_line(e) if condense else None
         if line is None:

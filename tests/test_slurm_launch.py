@@ -230,3 +230,33 @@ def test_wait_goes_on_while_the_controller_does_not_answer(monkeypatch):
     assert launch.squeue_state("7_0") is None
     never = SimpleNamespace(done=lambda: False, job_id="8_0")
     assert launch.wait_for(never) == "no longer in the queue"
+
+
+def test_ctrl_c_while_waiting_says_the_jobs_run_on(monkeypatch, capsys, tmp_path):
+    """Ctrl-C in the launching command stops its waiting, not the SLURM jobs: one line saying so and how to stop them
+    (exit status 130), instead of a KeyboardInterrupt traceback that leaves the user thinking the sweep stopped."""
+    from types import SimpleNamespace
+
+    from src import run
+    from src.launch.failures import StoppedWaiting
+
+    def interrupted(job):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launch, "wait_for", interrupted)
+    launcher = launch.CollectingSubmititLauncher.__new__(launch.CollectingSubmititLauncher)
+    launcher.config = SimpleNamespace(hydra=SimpleNamespace(sweep=SimpleNamespace(dir=str(tmp_path))))
+    jobs = [SimpleNamespace(job_id="156_0"), SimpleNamespace(job_id="156_1")]
+    with pytest.raises(StoppedWaiting) as e:
+        launcher._collect_all(jobs, [["loss=paper/rf"], ["loss=paper/eps_linear"]])
+    line = (f"stopped waiting; the sweep's 2 job(s) run on in SLURM job 156 and write their runs under {tmp_path} "
+            "(`scancel 156` stops them; this command again, once they are over, skips the finished runs)")
+    assert str(e.value) == line
+
+    def main():
+        raise e.value
+
+    monkeypatch.setattr(run, "main", main)
+    monkeypatch.setattr(run, "FAILED", [])
+    assert run.cli() == 130
+    assert capsys.readouterr().err == f"StoppedWaiting: {line}\n"

@@ -91,3 +91,11 @@ def read_sweep_failures(sweep_dir: str | os.PathLike) -> dict[str, dict]:
 class LaunchError(RuntimeError):
     """The launcher could not hand the sweep's jobs to the cluster (no SLURM commands, controller down, a refused
     submission): said in one line by src.run, with the summary of jobs that failed before it."""
+
+    exit_status = 1
+
+
+class StoppedWaiting(LaunchError):
+    """Ctrl-C while the launcher waited for jobs that run on without it (SLURM): said in one line, exit status 130."""
+
+    exit_status = 130

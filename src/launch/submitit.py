@@ -25,7 +25,7 @@ from hydra_plugins.hydra_submitit_launcher import submitit_launcher as base
 from omegaconf import OmegaConf
 
 from src.config import ConfigError
-from src.launch.failures import LaunchError, one_line, record_failure
+from src.launch.failures import LaunchError, StoppedWaiting, one_line, record_failure
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,17 @@ class CollectingSubmititLauncher(base.BaseSubmititLauncher):
             error = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
             raise LaunchError(f"sbatch did not submit the {len(job_params)} job(s) of this batch: {error}") from None
         log.info("submitted %d job(s): %s", len(jobs), jobs[0].job_id.split("_")[0] if jobs else "")
-        return [self._collect(job, list(overrides), self._run_name) for job, overrides in zip(jobs, job_overrides)]
+        return self._collect_all(jobs, job_overrides)
+
+    def _collect_all(self, jobs: Sequence, job_overrides: Sequence[Sequence[str]]) -> list[JobReturn]:
+        """Every job's JobReturn, in order; Ctrl-C stops the waiting, not the jobs, and says so in one line."""
+        try:
+            return [self._collect(job, list(overrides), self._run_name) for job, overrides in zip(jobs, job_overrides)]
+        except KeyboardInterrupt:
+            ids = " ".join(sorted({str(job.job_id).split("_")[0] for job in jobs}))
+            raise StoppedWaiting(f"stopped waiting; the sweep's {len(jobs)} job(s) run on in SLURM job {ids} and "
+                                 f"write their runs under {self.config.hydra.sweep.dir} (`scancel {ids}` stops them; "
+                                 "this command again, once they are over, skips the finished runs)") from None
 
     def _run_name(self, overrides: list[str]) -> str:
         """A job's run name, as the job itself and the sweep's files name it (`digits/rf`)."""
