@@ -260,3 +260,40 @@ def test_ctrl_c_while_waiting_says_the_jobs_run_on(monkeypatch, capsys, tmp_path
     monkeypatch.setattr(run, "FAILED", [])
     assert run.cli() == 130
     assert capsys.readouterr().err == f"StoppedWaiting: {line}\n"
+
+
+@pytest.mark.parametrize("overrides, refused", [
+    (["hydra.launcher.tasks_per_node=2"], True),  # the default trainer: one process
+    (["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=8"], True),  # tasks follow the GPUs
+    (["hydra.launcher.nodes=2"], True),
+    (["hydra.launcher.tasks_per_node=2", "trainer=ddp"], False),  # SLURM starts its ranks
+    (["hydra.launcher.tasks_per_node=2", "trainer=fsdp"], False),
+    (["hydra.launcher.tasks_per_node=2", "trainer.strategy=ddp_spawn"], True),
+    ([], False),
+], ids=["tasks", "gpus", "nodes", "ddp", "fsdp", "spawn", "one task"])
+def test_several_tasks_per_run_need_a_trainer_with_ranks(overrides, refused):
+    """hydra/launcher=slurm hydra.launcher.gpus_per_node=8 without trainer=ddp started 8 copies of a one-process
+    training in one run directory (found on the local cluster: both tasks trained and wrote the same checkpoints)."""
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    from src.config import register_resolvers
+    from src.launch.checks import check_ranks_for_launcher
+
+    register_resolvers()
+    with initialize_config_module("conf", version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        args = overrides if any(o.startswith("hydra/launcher=") for o in overrides) else \
+            ["hydra/launcher=slurm_cpu", *overrides]
+        sweep = loader.load_configuration("config", [*args, "hydra.mode=MULTIRUN"], run_mode=RunMode.MULTIRUN)
+        # A job as the sweeper's checks have it: Hydra's settings from the command, the job's own overrides.
+        job = loader.load_sweep_config(sweep, ["loss=paper/rf", *(o for o in args if not o.startswith("hydra"))])
+        if refused:
+            with pytest.raises(ConfigError, match=r"^hydra.launcher.tasks_per_node=\d+ \(nodes=\d+\) with "
+                                                  r"trainer.strategy=\w+: SLURM would start \d+ copies"):
+                check_ranks_for_launcher(job)
+        else:
+            check_ranks_for_launcher(job)
+        single = loader.load_configuration("config", [*args, "hydra.mode=RUN"], run_mode=RunMode.RUN)
+        check_ranks_for_launcher(single)  # a single run: the launcher is not used
