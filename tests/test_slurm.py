@@ -198,6 +198,34 @@ def test_timeout_over_the_partitions_limit_is_refused_not_left_pending(slurm, ca
     assert list(tmp_path.iterdir()) == []
 
 
+def test_relaunch_while_the_jobs_are_queued_submits_none_again(slurm, cache_dir, tmp_path):
+    """The cluster busy, a sweep's array waits; the same command again submits none of its jobs a second time and
+    ends at once naming the queued job; once the first launch is over, the command again skips the finished runs."""
+    blocker = subprocess.run(["sbatch", "--parsable", f"--cpus-per-task={os.cpu_count()}", "--wrap", "sleep 600"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    args = ["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", "sweep_name=queued",
+            "train.max_steps=50", f"loss={','.join(RECIPES[:2])}"]
+    sweep = tmp_path / "outputs" / "multirun" / "queued"
+    try:
+        first = launch(args)
+        wait_for(lambda: (sweep / "slurm_jobs.json").is_file(), 300, "the first launch's submission", first)
+        code, err = finish(launch(args), timeout=300)
+        assert code == 1, err[-3000:]
+        summary = err[err.index("2 job(s) failed:"):]
+        assert re.search(r"digits/rf_lognorm_0.00_1.00: not submitted: SLURM job \d+_0 of an earlier launch has this "
+                         r"run \(PENDING\)", summary), summary
+        queued = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+        assert len(queued) == 2  # the blocker and the first launch's array: nothing submitted twice
+    finally:
+        subprocess.run(["scancel", blocker], check=True)
+    code, err = finish(first)
+    assert code == 0, err[-3000:]
+    code, err = finish(launch(args))
+    assert code == 0, err[-3000:]
+    for name in ("rf_lognorm_0.00_1.00", "eps_linear"):
+        assert "complete already, skipped" in job_log(sweep, slurm_job_id(sweep / "digits" / name))
+
+
 def test_sampler_sweep_on_slurm_trains_each_model_once(slurm, cache_dir, tmp_path):
     """Two recipes x two samplers: the models train in a first array of two, the second array evaluates them."""
     recipes = RECIPES[:2]

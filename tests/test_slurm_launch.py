@@ -297,3 +297,30 @@ def test_several_tasks_per_run_need_a_trainer_with_ranks(overrides, refused):
             check_ranks_for_launcher(job)
         single = loader.load_configuration("config", [*args, "hydra.mode=RUN"], run_mode=RunMode.RUN)
         check_ranks_for_launcher(single)  # a single run: the launcher is not used
+
+
+# ---- a relaunch while the earlier launch's jobs are queued ------------------------------------------------------------
+def test_runs_whose_earlier_job_has_not_ended_are_found(monkeypatch, tmp_path):
+    """Relaunching a sweep whose jobs are still queued submitted every job again: the second copies waited in the
+    queue, then skipped the run or were refused by its lock, and the relaunch waited for them (hours on a busy
+    cluster) for nothing. The launcher records each run's SLURM job and asks squeue about it first."""
+    from src.launch import failures
+
+    launch.record_slurm_jobs(tmp_path, {"digits/rf": "172_0", "digits/edm": "172_1"})
+    launch.record_slurm_jobs(tmp_path, {"digits/eps_linear": "175"})  # a later launch adds its own
+    states = {"172_0": "PENDING", "172_1": "COMPLETED", "175": None}
+    monkeypatch.setattr(launch, "squeue_state", lambda job_id: states[job_id])
+    names = ["digits/rf", "digits/edm", "digits/eps_linear", "digits/v_cos"]
+    assert launch.queued_elsewhere(tmp_path, names) == {"digits/rf": ("172_0", "PENDING")}
+    states["172_1"] = "REQUEUED"  # preempted and requeued: it still has the run
+    assert launch.queued_elsewhere(tmp_path, names) == {"digits/rf": ("172_0", "PENDING"),
+                                                        "digits/edm": ("172_1", "REQUEUED")}
+
+    monkeypatch.setattr(failures, "FAILED", [])
+    ret = launch.already_queued(["loss=paper/rf"], "digits/rf", "172_0", "PENDING")
+    error = ("not submitted: SLURM job 172_0 of an earlier launch has this run (PENDING); wait for it to end (this "
+             "command again then skips or resumes the run), or `scancel 172_0` first")
+    assert ret.return_value == {"failed": True, "run_name": "digits/rf", "error": error}
+    assert failures.FAILED == [("digits/rf", error)]
+    (tmp_path / launch.SLURM_JOBS).write_text("{not json")  # damaged: nothing known, every job is submitted
+    assert launch.queued_elsewhere(tmp_path, names) == {}

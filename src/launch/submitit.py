@@ -86,18 +86,41 @@ class CollectingSubmititLauncher(base.BaseSubmititLauncher):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if "mode" in self.config.hydra.sweep:
             os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
+        names = self._names(sweep_dir, job_overrides)
+        queued = queued_elsewhere(sweep_dir, names)
+        returns: dict[int, JobReturn] = {}
         job_params: list[Any] = []
-        for idx, overrides in enumerate(job_overrides):
-            idx = initial_job_idx + idx
-            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
-            job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
+        submitted: list[int] = []  # the indices of the jobs submitted now
+        for idx, (overrides, name) in enumerate(zip(job_overrides, names)):
+            if name in queued:  # a relaunch while the earlier launch's job waits or runs: not a second one
+                returns[idx] = already_queued(list(overrides), name, *queued[name])
+                continue
+            log.info(f"\t#{initial_job_idx + idx} : {' '.join(filter_overrides(overrides))}")
+            job_params.append((list(overrides), "hydra.sweep.dir", initial_job_idx + idx,
+                               f"job_id_for_{initial_job_idx + idx}", Singleton.get_state()))
+            submitted.append(idx)
+        if job_params:
+            try:
+                jobs = executor.map_array(self, *zip(*job_params))
+            except (FailedJobError, OSError) as e:  # sbatch refused or could not run (the preflight passed before)
+                error = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+                raise LaunchError(f"sbatch did not submit the {len(job_params)} job(s) of this batch: {error}") \
+                    from None
+            log.info("submitted %d job(s): %s", len(jobs), jobs[0].job_id.split("_")[0] if jobs else "")
+            record_slurm_jobs(sweep_dir, {names[i]: job.job_id for i, job in zip(submitted, jobs)})
+            returns.update(zip(submitted, self._collect_all(jobs, [job_overrides[i] for i in submitted])))
+        return [returns[i] for i in range(len(job_overrides))]
+
+    def _names(self, sweep_dir: Path, job_overrides: Sequence[Sequence[str]]) -> list[str]:
+        """Each job's run name: from the sweep's jobs.json, which the sweeper has just written, else composed."""
+        from src.launch.planned import read_planned_jobs
+
         try:
-            jobs = executor.map_array(self, *zip(*job_params))
-        except (FailedJobError, OSError) as e:  # sbatch refused or could not run (the preflight passed before)
-            error = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-            raise LaunchError(f"sbatch did not submit the {len(job_params)} job(s) of this batch: {error}") from None
-        log.info("submitted %d job(s): %s", len(jobs), jobs[0].job_id.split("_")[0] if jobs else "")
-        return self._collect_all(jobs, job_overrides)
+            planned = read_planned_jobs(sweep_dir)
+        except ValueError:  # damaged: the names are composed
+            planned = {}
+        by_overrides = {tuple(job.get("overrides", ())): name for name, job in planned.items()}
+        return [by_overrides.get(tuple(map(str, o))) or self._run_name(list(o)) for o in job_overrides]
 
     def _collect_all(self, jobs: Sequence, job_overrides: Sequence[Sequence[str]]) -> list[JobReturn]:
         """Every job's JobReturn, in order; Ctrl-C stops the waiting, not the jobs, and says so in one line."""
@@ -144,6 +167,54 @@ class CollectingSubmititLauncher(base.BaseSubmititLauncher):
 #: SLURM states after which a job never runs again (PREEMPTED is not one: a preempted job may be requeued).
 FINAL_STATES = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
                 "SPECIAL_EXIT", "TIMEOUT"}
+
+
+#: `<sweep dir>/slurm_jobs.json`: {run name: the SLURM job id of its latest submission}, for a relaunch to find jobs
+#: an earlier launch left queued or running (queued_elsewhere).
+SLURM_JOBS = "slurm_jobs.json"
+#: States of a job that has not ended (will run, runs, or is being requeued).
+LIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
+               "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "SUSPENDED"}
+
+
+def record_slurm_jobs(sweep_dir: str | os.PathLike, ids: dict[str, str]) -> None:
+    """Add {run name: SLURM job id} of the jobs just submitted to the sweep's slurm_jobs.json."""
+    from src.launch.sweep_files import read_for_update
+    from src.utils.io import atomic_write_json, file_lock
+
+    path = Path(sweep_dir) / SLURM_JOBS
+    with file_lock(Path(sweep_dir) / f".{SLURM_JOBS}.lock"):
+        recorded = read_for_update(path)
+        recorded.update({str(name): str(job_id) for name, job_id in ids.items()})
+        atomic_write_json(path, recorded, sort_keys=True)
+
+
+def queued_elsewhere(sweep_dir: str | os.PathLike, names: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """{run name: (SLURM job id, state)} of the given runs whose latest submission (slurm_jobs.json) has not ended:
+    submitting them again would queue a second job for the run, which waits, then skips the run or is refused by
+    its lock, leaving this command waiting on it (hours, on a busy cluster) for nothing."""
+    from src.launch.sweep_files import read_sweep_file
+
+    try:
+        recorded = read_sweep_file(Path(sweep_dir) / SLURM_JOBS)
+    except ValueError:  # damaged: nothing known, submit (the run directory's lock still guards the run)
+        return {}
+    live = {}
+    for name in dict.fromkeys(names):
+        job_id = recorded.get(name)
+        state = squeue_state(str(job_id)) if job_id else None
+        if state in LIVE_STATES:
+            live[name] = (str(job_id), state)
+    return live
+
+
+def already_queued(overrides: list[str], name: str, job_id: str, state: str) -> JobReturn:
+    """The return of a job not submitted because an earlier launch's job for its run has not ended (recorded)."""
+    error = f"not submitted: SLURM job {job_id} of an earlier launch has this run ({state}); wait for it to end " \
+            f"(this command again then skips or resumes the run), or `scancel {job_id}` first"
+    record_failure(name, error)
+    return JobReturn(overrides=overrides, status=JobStatus.COMPLETED,
+                     _return_value={"failed": True, "run_name": name, "error": error})
 
 
 #: squeue_state when the controller does not answer (restarting, overloaded): the job's state is unknown, not over.
