@@ -6,6 +6,10 @@ running, and nothing says which jobs were lost. This launcher waits for every jo
 own error, which src.run.main returns, or the scheduler's reason) for the summary of `python -m src.run`, and lets
 the sweep end normally. Preemption and time-outs stay submitit's business: on its signal (SIGUSR2) it requeues the
 job, whose rerun resumes from the run directory's last checkpoint (src/launch/preemption.py saves one first).
+
+Before the sweep writes anything, preflight checks the settings by value and with `sbatch --test-only` (one-line
+errors naming the setting). A relaunch submits no run whose job from an earlier launch is still queued or running
+(slurm_jobs.json); a controller that does not answer is waited out; Ctrl-C stops the waiting, not the jobs.
 """
 
 from __future__ import annotations
