@@ -201,7 +201,8 @@ def test_timeout_over_the_partitions_limit_is_refused_not_left_pending(slurm, ca
 def test_relaunch_while_the_jobs_are_queued_submits_none_again(slurm, cache_dir, tmp_path):
     """The cluster busy, a sweep's array waits; the same command again submits none of its jobs a second time and
     ends at once naming the queued job; once the first launch is over, the command again skips the finished runs."""
-    blocker = subprocess.run(["sbatch", "--parsable", f"--cpus-per-task={os.cpu_count()}", "--wrap", "sleep 600"],
+    blocker = subprocess.run(["sbatch", "--parsable", f"--cpus-per-task={os.cpu_count()}", "--output=/dev/null",
+                              "--wrap", "sleep 600"],
                              capture_output=True, text=True, check=True).stdout.strip()
     args = ["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", "sweep_name=queued",
             "train.max_steps=50", f"loss={','.join(RECIPES[:2])}"]
