@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.config import ConfigError, register_resolvers
 from src.launch.checks import check_launch
-from src.launch.failures import FAILED, clear_sweep_failure, one_line, record_failure, record_sweep_failure, summary
+from src.launch.failures import (FAILED, LaunchError, clear_sweep_failure, one_line, record_failure,
+                                 record_sweep_failure, summary)
 from src.launch.rundir import RunDirBusy, run_dir_lock, run_log, save_job_config
 from src.launch.validate import hydra_error_line, job_name
 from src.utils.io import atomic_write_json
@@ -133,6 +134,11 @@ def cli() -> int:
         os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
+    except LaunchError as e:  # the cluster took none of a batch's jobs, or Ctrl-C while waiting for them
+        print(one_line(e), file=sys.stderr)
+        if FAILED:
+            print(summary(), file=sys.stderr)
+        return e.exit_status
     except HydraException as e:
         line = hydra_error_line(e) if condense else None
         if line is None:

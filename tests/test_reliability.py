@@ -218,7 +218,12 @@ TRAIN_KEYS = "max_steps, val_every, ckpt_every, ema_every, ema_decay, cond_dropo
     (["~train.max_stepz"], "Could not delete from config. 'train.max_stepz' does not exist."),
     (["train.max_steps=[1"], f"train.max_steps=[1: not a valid override (no viable alternative at input '[1'); "
                              f"{GRAMMAR}"),
-], ids=["option", "sweep", "launcher", "key", "key under a value", "deletion", "syntax"])
+    (["hydra/launcher=slurm_cpu", "hydra.launcher.timeout_min=abc"],
+     "hydra.launcher.timeout_min=abc: not a valid value (Value 'abc' of type 'str' could not be converted to Integer)"),
+    (["hydra/launcher=slurm_cpu", "hydra.launcher.mem_gb=4GB"],
+     "hydra.launcher.mem_gb=4GB: not a valid value (Value '4GB' of type 'str' could not be converted to Integer)"),
+], ids=["option", "sweep", "launcher", "key", "key under a value", "deletion", "syntax", "typed value",
+        "launcher memory"])
 def test_hydra_composition_errors_are_one_line_and_create_nothing(tmp_path, monkeypatch, capsys, args, line):
     """Hydra's own errors (an option or a setting that does not exist, an override it cannot parse) in one line
     naming the setting and what is allowed; Hydra prints them over many lines with its search path. src.run's cli()

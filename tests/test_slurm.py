@@ -142,7 +142,9 @@ def test_sweep_on_slurm_cancel_then_relaunch_resumes_and_skips(slurm, cache_dir,
     # The sweep went on: the other two finished; the summary names the cancelled job; non-zero exit.
     assert code == 1, err[-3000:]
     summary = err[err.index("1 job(s) failed:"):]
-    assert "loss=paper/rf_lognorm_0.00_1.00" in summary and f"job {job_id} ended without a result" in summary
+    # Named as the job names itself (its run name), with the file submitit kept its output in.
+    assert f"  digits/rf_lognorm_0.00_1.00: job {job_id} ended without a result" in summary
+    assert f"(its log: {sweep / '.submitit' / job_id / f'{job_id}_0_log.err'})" in summary
     done = [runs["paper/eps_linear"], runs["paper/edm_-1.20_1.20"]]
     assert all((d / "results.json").is_file() for d in done)
     assert not (victim / "results.json").exists()
@@ -161,6 +163,68 @@ def test_sweep_on_slurm_cancel_then_relaunch_resumes_and_skips(slurm, cache_dir,
     log = job_log(sweep, slurm_job_id(victim))
     assert "Restored all states from the checkpoint" in log
     assert (victim / "results.json").is_file() and ckpt_step(victim / "checkpoints" / "last.ckpt") == 1500
+
+
+@pytest.mark.parametrize("setting, line", [
+    ("hydra.launcher.partition=nosuch", "ConfigError: hydra.launcher.partition=nosuch: refused by SLURM (invalid "
+                                        "partition specified: nosuch; allocation failure: Invalid partition name "
+                                        "specified); the partitions: debug"),
+    (f"hydra.launcher.tasks_per_node={os.cpu_count() + 1}",
+     f"ConfigError: hydra.launcher.nodes=1 hydra.launcher.tasks_per_node={os.cpu_count() + 1} "
+     "hydra.launcher.cpus_per_task=1: refused by SLURM (allocation failure: Requested node configuration is not "
+     f"available); the nodes: debug: 1 node(s) of {os.cpu_count()} CPUs"),
+], ids=["partition", "tasks"])
+def test_settings_the_cluster_refuses_are_one_line_and_write_nothing(slurm, cache_dir, tmp_path, setting, line):
+    """sbatch --test-only before the sweep writes anything: no sweep directory, no jobs.json, no job submitted."""
+    code, err = finish(launch(["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}",
+                               "loss=paper/rf", setting]))
+    assert code == 1 and err.strip().startswith(line) and len(err.strip().splitlines()) == 1, err[-3000:]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_timeout_over_the_partitions_limit_is_refused_not_left_pending(slurm, cache_dir, tmp_path):
+    """The local cluster does not enforce partition limits at submission: a job over the partition's MaxTime would
+    stay PENDING (PartitionTimeLimit) and the sweep would wait for ever."""
+    subprocess.run(["scontrol", "update", "PartitionName=debug", "MaxTime=60"], check=True)
+    try:
+        code, err = finish(launch(["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}",
+                                   "loss=paper/rf", "hydra.launcher.timeout_min=61"]), timeout=300)
+    finally:
+        subprocess.run(["scontrol", "update", "PartitionName=debug", "MaxTime=INFINITE"], check=True)
+    assert code == 1 and err.strip() == (
+        "ConfigError: hydra.launcher.timeout_min=61: over the time limit of partition debug (1:00:00, 60 min), so "
+        "SLURM would keep the jobs pending (PartitionTimeLimit); allowed: up to 60 (a run that needs longer is "
+        "requeued, max_num_timeout times)"), err[-3000:]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_relaunch_while_the_jobs_are_queued_submits_none_again(slurm, cache_dir, tmp_path):
+    """The cluster busy, a sweep's array waits; the same command again submits none of its jobs a second time and
+    ends at once naming the queued job; once the first launch is over, the command again skips the finished runs."""
+    blocker = subprocess.run(["sbatch", "--parsable", f"--cpus-per-task={os.cpu_count()}", "--output=/dev/null",
+                              "--wrap", "sleep 600"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    args = ["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", "sweep_name=queued",
+            "train.max_steps=50", f"loss={','.join(RECIPES[:2])}"]
+    sweep = tmp_path / "outputs" / "multirun" / "queued"
+    try:
+        first = launch(args)
+        wait_for(lambda: (sweep / "slurm_jobs.json").is_file(), 300, "the first launch's submission", first)
+        code, err = finish(launch(args), timeout=300)
+        assert code == 1, err[-3000:]
+        summary = err[err.index("2 job(s) failed:"):]
+        assert re.search(r"digits/rf_lognorm_0.00_1.00: not submitted: SLURM job \d+_0 of an earlier launch has this "
+                         r"run \(PENDING\)", summary), summary
+        queued = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+        assert len(queued) == 2  # the blocker and the first launch's array: nothing submitted twice
+    finally:
+        subprocess.run(["scancel", blocker], check=True)
+    code, err = finish(first)
+    assert code == 0, err[-3000:]
+    code, err = finish(launch(args))
+    assert code == 0, err[-3000:]
+    for name in ("rf_lognorm_0.00_1.00", "eps_linear"):
+        assert "complete already, skipped" in job_log(sweep, slurm_job_id(sweep / "digits" / name))
 
 
 def test_sampler_sweep_on_slurm_trains_each_model_once(slurm, cache_dir, tmp_path):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from src.config import ConfigError
 
@@ -74,7 +74,27 @@ def check_fsdp(cfg: DictConfig) -> None:
                           "(AdamW and the EMA update work on the backbone's own parameters)")
 
 
+def check_ranks_for_launcher(cfg: DictConfig) -> None:
+    """A sweep launched with several tasks per run (submitit: tasks_per_node x nodes, which the GPU launcher ties to
+    gpus_per_node) needs a trainer whose ranks those tasks are; under a one-process trainer every task would run the
+    whole training in the same run directory, writing each other's checkpoints. Checked where the configuration has
+    Hydra's node (the sweeper's checks before launching); a job's own configuration has none."""
+    launcher = OmegaConf.select(cfg, "hydra.launcher", default=None)
+    if str(OmegaConf.select(cfg, "hydra.mode", default="")) != "RunMode.MULTIRUN" or launcher is None \
+            or launcher.get("tasks_per_node") is None:
+        return
+    tasks, nodes = int(launcher.tasks_per_node), int(launcher.get("nodes") or 1)
+    name = _strategy_name(cfg.trainer.strategy)
+    if tasks * nodes > 1 and ("spawn" in name or "fork" in name or not any(s in name for s in _RELAUNCHING)):
+        raise ConfigError(
+            f"hydra.launcher.tasks_per_node={tasks} (nodes={nodes}) with trainer.strategy={name}: SLURM would start "
+            f"{tasks * nodes} copies of this one-process training in one run directory; use trainer=ddp or "
+            "trainer=fsdp (SLURM starts their ranks), or one task per run: hydra.launcher.tasks_per_node=1 (it "
+            "follows hydra.launcher.gpus_per_node)")
+
+
 def check_launch(cfg: DictConfig, multirun: bool) -> None:
     """Every launch check, in run.main before the job starts."""
     check_no_relaunch_in_multirun(cfg, multirun)
+    check_ranks_for_launcher(cfg)
     check_fsdp(cfg)

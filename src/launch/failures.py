@@ -86,3 +86,16 @@ def read_sweep_failures(sweep_dir: str | os.PathLike) -> dict[str, dict]:
     """{run name: {"error", "time"}} from `<sweep dir>/failures.json` ({} when there is none); DamagedSweepFile (a
     ValueError naming the file) when it cannot be read: a damaged record of failed jobs is not an empty one."""
     return read_sweep_file(Path(sweep_dir) / SWEEP_FAILURES)
+
+
+class LaunchError(RuntimeError):
+    """The launcher could not hand the sweep's jobs to the cluster (no SLURM commands, controller down, a refused
+    submission): said in one line by src.run, with the summary of jobs that failed before it."""
+
+    exit_status = 1
+
+
+class StoppedWaiting(LaunchError):
+    """Ctrl-C while the launcher waited for jobs that run on without it (SLURM): said in one line, exit status 130."""
+
+    exit_status = 130

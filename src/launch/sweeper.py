@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -151,6 +152,13 @@ class TaggingSweeper(BasicSweeper):
         sweep directory and multirun.yaml before launching, which would record settings no job ran with."""
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
+        from src.config import ConfigError
+        from src.launch.failures import LaunchError, one_line
+
+        try:  # the launcher's own settings (SLURM: partition, sizes, the cluster answering), before anything is written
+            getattr(self.launcher, "preflight", lambda: None)()
+        except (ConfigError, LaunchError) as e:
+            sys.exit(one_line(e))  # printed on stderr, exit status 1
         params = [*self._parse_config(), *arguments]
         overrides = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides(params)
         self.overrides = self.split_arguments(overrides, self.max_batch_size)

@@ -47,6 +47,22 @@ def job_name(cfg: DictConfig, overrides: Sequence[str] | None = None) -> str:
     return f"{data}/{','.join(loss)}{''.join(tag)}" if loss else " ".join(overrides) or "job"
 
 
+def sweep_job_name(config_loader, sweep_config: DictConfig, overrides: Sequence[str]) -> str:
+    """job_name of one job of a sweep, from its overrides (a launcher naming a job that returned nothing: killed,
+    cancelled); its overrides when its configuration cannot be composed."""
+    from hydra.core.utils import filter_overrides
+
+    previous = HydraConfig.instance().cfg
+    try:
+        cfg = config_loader.load_sweep_config(sweep_config, list(overrides))
+        HydraConfig.instance().set_config(cfg)  # for ${hydra:...} in run names
+        return job_name(cfg, overrides)
+    except Exception:  # noqa: BLE001 -- a name for a summary line; the overrides say which job it was
+        return " ".join(filter_overrides(list(overrides))) or "job"
+    finally:
+        HydraConfig.instance().cfg = previous
+
+
 def run_name(cfg: DictConfig) -> str | None:
     """The job's run name, or None when its configuration forms none (an invalid recipe)."""
     try:
@@ -129,8 +145,14 @@ def hydra_error_line(exc: BaseException) -> str | None:
         grammar = "https://hydra.cc/docs/advanced/override_grammar/basic"
         return f"{exc.override}: not a valid override ({exc.message.splitlines()[0]}); the syntax: {grammar}"
     if isinstance(exc, ConfigCompositionException):
+        from omegaconf.errors import KeyValidationError, ValidationError
+
         key = getattr(exc.__cause__, "full_key", None)
         parent = getattr(exc.__cause__, "parent_node", None)
+        if key and isinstance(exc.__cause__, ValidationError) and not isinstance(exc.__cause__, KeyValidationError):
+            # A value of the wrong type for a typed setting (hydra.launcher.timeout_min=abc): the key exists.
+            reason = str(exc.__cause__.msg or exc.__cause__).splitlines()[0]
+            return f"{key}={getattr(exc.__cause__, 'value', '?')}: not a valid value ({reason})"
         if key:
             known = list(parent.keys()) if OmegaConf.is_dict(parent) else []
             section = key.rsplit(".", 1)[0] if "." in key else "the configuration"

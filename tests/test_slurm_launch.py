@@ -1,0 +1,326 @@
+"""The SLURM launcher's checks before a sweep writes anything, without a cluster: its settings by value, sbatch's
+refusals (a fake sbatch on PATH) and SLURM's commands missing, each one line with a non-zero exit and no files.
+The same on the real local cluster: tests/test_slurm.py."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from src.config import ConfigError
+from src.launch import submitit as launch
+from src.launch.failures import LaunchError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: conf/hydra/launcher/slurm_cpu.yaml's settings, as the launcher holds them.
+PARAMS = {"nodes": 1, "tasks_per_node": 1, "gpus_per_node": None, "cpus_per_task": 2, "mem_gb": None,
+          "timeout_min": 120, "max_num_timeout": 3, "array_parallelism": 64, "signal_delay_s": 60, "partition": None}
+
+
+def test_launcher_defaults_pass():
+    launch.check_slurm_params(PARAMS)
+    launch.check_slurm_params({**PARAMS, "gpus_per_node": 8, "tasks_per_node": 8, "mem_gb": 512, "nodes": 4})
+
+
+@pytest.mark.parametrize("change, line", [
+    ({"timeout_min": 0},
+     "hydra.launcher.timeout_min=0: not allowed (minutes per submission); allowed: an integer >= 1"),
+    ({"timeout_min": -5}, "hydra.launcher.timeout_min=-5: not allowed"),
+    ({"nodes": 0}, "hydra.launcher.nodes=0: not allowed (nodes per job); allowed: an integer >= 1"),
+    ({"tasks_per_node": 0}, "hydra.launcher.tasks_per_node=0: not allowed (ranks per node); allowed: an integer >= 1; "
+                            "it follows gpus_per_node unless set (CPU-only: hydra/launcher=slurm_cpu)"),
+    ({"tasks_per_node": None}, "hydra.launcher.tasks_per_node=None: not allowed"),
+    ({"gpus_per_node": -1}, "hydra.launcher.gpus_per_node=-1: not allowed (GPUs per node); allowed: an integer >= 0 "
+                            "or null (SLURM's default)"),
+    ({"cpus_per_task": 0}, "hydra.launcher.cpus_per_task=0: not allowed"),
+    ({"mem_gb": 0}, "hydra.launcher.mem_gb=0: not allowed (GB per node)"),
+    ({"array_parallelism": 0}, "hydra.launcher.array_parallelism=0: not allowed"),
+    ({"signal_delay_s": 600, "timeout_min": 5},
+     "hydra.launcher.signal_delay_s=600 with hydra.launcher.timeout_min=5: the time-out signal would come before the "
+     "job trains a step"),
+], ids=["timeout 0", "timeout negative", "nodes", "tasks", "tasks null", "gpus", "cpus", "mem", "parallelism",
+        "signal"])
+def test_bad_launcher_settings_are_named(change, line):
+    with pytest.raises(ConfigError) as e:
+        launch.check_slurm_params({**PARAMS, **change})
+    assert str(e.value).startswith(line) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("said, expected", [
+    ("sbatch: error: invalid partition specified: gpu\nallocation failure: Invalid partition name specified",
+     "ConfigError: hydra.launcher.partition=gpu: refused by SLURM (invalid partition specified: gpu; allocation "
+     "failure: Invalid partition name specified); the partitions: debug*, big"),
+    ("sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified",
+     "ConfigError: hydra.launcher.account=nobody: refused by SLURM (Batch job submission failed: Invalid account or "
+     "account/partition combination specified); the nodes: debug*: 1 node(s) of 2 CPUs"),
+    ("allocation failure: Requested node configuration is not available",
+     "ConfigError: hydra.launcher.nodes=1 hydra.launcher.tasks_per_node=1 hydra.launcher.cpus_per_task=2: refused by "
+     "SLURM (allocation failure: Requested node configuration is not available); the nodes: debug*: 1 node(s) of 2 "
+     "CPUs"),
+    ("allocation failure: Unable to contact slurm controller (connect failure)",
+     "LaunchError: SLURM cannot be reached (allocation failure: Unable to contact slurm controller (connect failure));"
+     " nothing was submitted"),
+    ("sbatch: unrecognized option '--mail-typ=END'",
+     "ConfigError: hydra.launcher: refused by SLURM (unrecognized option '--mail-typ=END'); the nodes: debug*"),
+], ids=["partition", "account", "node sizes", "controller down", "other"])
+def test_sbatch_refusals_name_the_setting_and_what_the_cluster_has(monkeypatch, said, expected):
+    from src.launch.failures import one_line
+
+    monkeypatch.setattr(launch, "_sinfo", lambda fmt, partition=None: ["debug*", "big"] if fmt == "%R" else
+                        ["debug*: 1 node(s) of 2 CPUs, 1 MB, gres (null)"])
+    error = launch.sbatch_refusal({**PARAMS, "partition": "gpu", "account": "nobody"}, said)
+    assert one_line(error).startswith(expected) and isinstance(error, (ConfigError, LaunchError))
+
+
+def fake_slurm(bin_dir: Path, sbatch: str) -> None:
+    """sbatch (the given shell body), srun, squeue and sinfo as scripts in bin_dir."""
+    bin_dir.mkdir()
+    for name, body in {"sbatch": sbatch, "srun": "exit 0", "squeue": "exit 0", "sinfo": "echo 'debug*'"}.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+
+
+def sweep(tmp_path: Path, path: str, *args: str) -> subprocess.CompletedProcess:
+    root = tmp_path / "root"
+    return subprocess.run([sys.executable, "-m", "src.run", "-m", "hydra/launcher=slurm_cpu", "loss=paper/rf",
+                           "data=digits", f"paths.root_dir={root}", f"paths.cache_dir={tmp_path / 'cache'}", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "WANDB_MODE": "disabled", "PATH": path})
+
+
+def test_partition_refused_by_sbatch_is_one_line_and_writes_nothing(tmp_path):
+    fake_slurm(tmp_path / "bin", 'echo "sbatch: error: invalid partition specified: gpu" >&2\n'
+                                 'echo "allocation failure: Invalid partition name specified" >&2; exit 1')
+    out = sweep(tmp_path, f"{tmp_path / 'bin'}:{os.environ['PATH']}", "hydra.launcher.partition=gpu")
+    assert out.returncode == 1
+    assert out.stderr.strip() == ("ConfigError: hydra.launcher.partition=gpu: refused by SLURM (invalid partition "
+                                  "specified: gpu; allocation failure: Invalid partition name specified); the "
+                                  "partitions: debug*")
+    assert not (tmp_path / "root").exists()
+
+
+def test_bad_launcher_value_is_one_line_and_writes_nothing(tmp_path):
+    fake_slurm(tmp_path / "bin", "exit 0")
+    out = sweep(tmp_path, f"{tmp_path / 'bin'}:{os.environ['PATH']}", "hydra.launcher.timeout_min=0")
+    assert out.returncode == 1
+    assert out.stderr.strip() == ("ConfigError: hydra.launcher.timeout_min=0: not allowed (minutes per submission); "
+                                  "allowed: an integer >= 1")
+    assert not (tmp_path / "root").exists()
+
+
+def test_no_sbatch_on_path_is_one_line_and_writes_nothing(tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = sweep(tmp_path, str(tmp_path / "empty"))
+    assert out.returncode == 1
+    assert out.stderr.strip() == ("LaunchError: sbatch and srun not found on PATH: hydra/launcher=slurm submits the "
+                                  "sweep with SLURM's commands, so launch it on a machine of the cluster (a login "
+                                  "node), or run it here with hydra/launcher=local")
+    assert not (tmp_path / "root").exists()
+
+
+def test_submission_refused_after_the_check_is_one_line(tmp_path):
+    """sbatch takes the test submission but refuses the array (the controller went down in between, a limit on
+    arrays): one line naming the batch and sbatch's words, exit 1, no traceback."""
+    from src.data.embedded import prepare_embedded
+
+    prepare_embedded("digits", tmp_path / "cache" / "data")
+    refusal = "sbatch: error: Batch job submission failed: Invalid job array specification"
+    fake_slurm(tmp_path / "bin", f'[ "$1" = --test-only ] && exit 0\necho "{refusal}" >&2; exit 1')
+    out = sweep(tmp_path, f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == ("LaunchError: sbatch did not submit the 1 job(s) of this batch: "
+                                                   "sbatch: error: Batch job submission failed: Invalid job array "
+                                                   "specification")
+    assert "Traceback" not in out.stderr
+
+
+# ---- jobs that end without a result ----------------------------------------------------------------------------------
+def test_job_that_ended_without_a_result_is_named_by_its_run_and_its_log(monkeypatch, tmp_path):
+    """A killed or cancelled array task is named in the summary as the job names itself (`digits/rf`, as in the
+    sweep's files and the rank report), not by its whole override list, with the file submitit kept its output in."""
+    from submitit.core.utils import JobPaths
+
+    from src.launch import failures
+
+    class Killed:
+        job_id = "136_0"
+        paths = JobPaths(tmp_path / ".submitit" / "%j", job_id="136_0", task_id=0)
+
+    monkeypatch.setattr(launch, "wait_for", lambda job: "CANCELLED")
+    monkeypatch.setattr(failures, "FAILED", [])
+    overrides = ["model.depth=1", "torch_threads=1", "data=digits", "loss=paper/rf"]
+    ret = launch.CollectingSubmititLauncher._collect(None, Killed(), overrides, lambda o: "digits/rf")
+    log_file = tmp_path / ".submitit" / "136_0" / "136_0_0_log.err"
+    error = f"job 136_0 ended without a result: RuntimeError: the scheduler reports CANCELLED and no result was " \
+            f"written (its log: {log_file})"
+    assert failures.FAILED == [("digits/rf", error)]
+    assert ret.return_value == {"failed": True, "run_name": "digits/rf", "error": error}
+
+
+def test_sweep_job_name_is_the_run_name():
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    from src.config import register_resolvers
+    from src.launch.validate import sweep_job_name
+
+    register_resolvers()
+    with initialize_config_module("conf", version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        cfg = loader.load_configuration("config", ["hydra/launcher=slurm_cpu"], run_mode=RunMode.MULTIRUN)
+        assert sweep_job_name(loader, cfg, ["data=digits", "loss=paper/rf"]) == "digits/rf"
+        assert sweep_job_name(loader, cfg, ["data=digits", "loss=paper/rf", "optim.lr=0.001",
+                                            "run_tag='/optim.lr=0.001'"]) == "digits/rf/optim.lr=0.001"
+        assert sweep_job_name(loader, cfg, ["loss=bogus"]) == "loss=bogus"  # cannot be composed: its overrides
+
+
+@pytest.mark.parametrize("limit, minutes", [("infinite", None), ("UNLIMITED", None), ("1:00:00", 60), ("30:00", 30),
+                                            ("2-00:00:00", 2880), ("1-12", 2160), ("45", 45)])
+def test_slurm_time_limits_in_minutes(limit, minutes):
+    assert launch.slurm_minutes(limit) == minutes
+
+
+def test_timeout_over_the_partitions_time_limit_is_refused(monkeypatch):
+    """sbatch --test-only takes it, and SLURM keeps such a job pending for ever (PartitionTimeLimit) where the cluster
+    does not enforce partition limits at submission: the sweep would wait without a word."""
+    shown = {None: ["debug* 1:00:00", "long 7-00:00:00"], "long": ["long 7-00:00:00"], "gpu": ["gpu infinite"]}
+    monkeypatch.setattr(launch, "_sinfo", lambda fmt, partition=None: shown[partition])
+    with pytest.raises(ConfigError) as e:
+        launch.check_time_limit(PARAMS)  # the default partition's
+    assert str(e.value) == ("hydra.launcher.timeout_min=120: over the time limit of partition debug (1:00:00, 60 min), "
+                            "so SLURM would keep the jobs pending (PartitionTimeLimit); allowed: up to 60 (a run that "
+                            "needs longer is requeued, max_num_timeout times)")
+    launch.check_time_limit({**PARAMS, "timeout_min": 60})
+    launch.check_time_limit({**PARAMS, "partition": "long", "timeout_min": 10080})
+    launch.check_time_limit({**PARAMS, "partition": "gpu", "timeout_min": 100000})
+    with pytest.raises(ConfigError, match="timeout_min=10081: over the time limit of partition long"):
+        launch.check_time_limit({**PARAMS, "partition": "long", "timeout_min": 10081})
+    monkeypatch.setattr(launch, "_sinfo", lambda fmt, partition=None: [])  # no answer: left to SLURM
+    launch.check_time_limit(PARAMS)
+
+
+def test_wait_goes_on_while_the_controller_does_not_answer(monkeypatch):
+    """A controller restart (squeue: `Unable to contact slurm controller`) is not the end of the job: it runs on, and
+    its result is collected once it is written. A job squeue no longer knows (`Invalid job id`) has ended."""
+    from types import SimpleNamespace
+
+    answers = iter([(1, "", "slurm_load_jobs error: Unable to contact slurm controller (connect failure)")] * 5
+                   + [(0, "RUNNING\n", "")])
+    monkeypatch.setattr(launch.subprocess, "run", lambda *a, **k: SimpleNamespace(
+        **dict(zip(("returncode", "stdout", "stderr"), next(answers)))))
+    clock = iter(range(0, 10_000, 100))  # 100 s between polls: far past any grace
+    monkeypatch.setattr(launch.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(launch.time, "sleep", lambda s: None)
+
+    class Job:
+        job_id, polls = "7_0", 0
+        paths = SimpleNamespace(result_pickle=SimpleNamespace(exists=lambda: True))
+
+        def done(self):
+            self.polls += 1
+            return self.polls > 6  # the result after the controller is back
+
+    assert launch.wait_for(Job()) is None
+    gone = SimpleNamespace(returncode=1, stdout="", stderr="slurm_load_jobs error: Invalid job id specified")
+    monkeypatch.setattr(launch.subprocess, "run", lambda *a, **k: gone)
+    assert launch.squeue_state("7_0") is None
+    never = SimpleNamespace(done=lambda: False, job_id="8_0")
+    assert launch.wait_for(never) == "no longer in the queue"
+
+
+def test_ctrl_c_while_waiting_says_the_jobs_run_on(monkeypatch, capsys, tmp_path):
+    """Ctrl-C in the launching command stops its waiting, not the SLURM jobs: one line saying so and how to stop them
+    (exit status 130), instead of a KeyboardInterrupt traceback that leaves the user thinking the sweep stopped."""
+    from types import SimpleNamespace
+
+    from src import run
+    from src.launch.failures import StoppedWaiting
+
+    def interrupted(job):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launch, "wait_for", interrupted)
+    launcher = launch.CollectingSubmititLauncher.__new__(launch.CollectingSubmititLauncher)
+    launcher.config = SimpleNamespace(hydra=SimpleNamespace(sweep=SimpleNamespace(dir=str(tmp_path))))
+    jobs = [SimpleNamespace(job_id="156_0"), SimpleNamespace(job_id="156_1")]
+    with pytest.raises(StoppedWaiting) as e:
+        launcher._collect_all(jobs, [["loss=paper/rf"], ["loss=paper/eps_linear"]])
+    line = (f"stopped waiting; the sweep's 2 job(s) run on in SLURM job 156 and write their runs under {tmp_path} "
+            "(`scancel 156` stops them; this command again, once they are over, skips the finished runs)")
+    assert str(e.value) == line
+
+    def main():
+        raise e.value
+
+    monkeypatch.setattr(run, "main", main)
+    monkeypatch.setattr(run, "FAILED", [])
+    assert run.cli() == 130
+    assert capsys.readouterr().err == f"StoppedWaiting: {line}\n"
+
+
+@pytest.mark.parametrize("overrides, refused", [
+    (["hydra.launcher.tasks_per_node=2"], True),  # the default trainer: one process
+    (["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=8"], True),  # tasks follow the GPUs
+    (["hydra.launcher.nodes=2"], True),
+    (["hydra.launcher.tasks_per_node=2", "trainer=ddp"], False),  # SLURM starts its ranks
+    (["hydra.launcher.tasks_per_node=2", "trainer=fsdp"], False),
+    (["hydra.launcher.tasks_per_node=2", "trainer.strategy=ddp_spawn"], True),
+    ([], False),
+], ids=["tasks", "gpus", "nodes", "ddp", "fsdp", "spawn", "one task"])
+def test_several_tasks_per_run_need_a_trainer_with_ranks(overrides, refused):
+    """hydra/launcher=slurm hydra.launcher.gpus_per_node=8 without trainer=ddp started 8 copies of a one-process
+    training in one run directory (found on the local cluster: both tasks trained and wrote the same checkpoints)."""
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    from src.config import register_resolvers
+    from src.launch.checks import check_ranks_for_launcher
+
+    register_resolvers()
+    with initialize_config_module("conf", version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        args = overrides if any(o.startswith("hydra/launcher=") for o in overrides) else \
+            ["hydra/launcher=slurm_cpu", *overrides]
+        sweep = loader.load_configuration("config", [*args, "hydra.mode=MULTIRUN"], run_mode=RunMode.MULTIRUN)
+        # A job as the sweeper's checks have it: Hydra's settings from the command, the job's own overrides.
+        job = loader.load_sweep_config(sweep, ["loss=paper/rf", *(o for o in args if not o.startswith("hydra"))])
+        if refused:
+            with pytest.raises(ConfigError, match=r"^hydra.launcher.tasks_per_node=\d+ \(nodes=\d+\) with "
+                                                  r"trainer.strategy=\w+: SLURM would start \d+ copies"):
+                check_ranks_for_launcher(job)
+        else:
+            check_ranks_for_launcher(job)
+        single = loader.load_configuration("config", [*args, "hydra.mode=RUN"], run_mode=RunMode.RUN)
+        check_ranks_for_launcher(single)  # a single run: the launcher is not used
+
+
+# ---- a relaunch while the earlier launch's jobs are queued ------------------------------------------------------------
+def test_runs_whose_earlier_job_has_not_ended_are_found(monkeypatch, tmp_path):
+    """Relaunching a sweep whose jobs are still queued submitted every job again: the second copies waited in the
+    queue, then skipped the run or were refused by its lock, and the relaunch waited for them (hours on a busy
+    cluster) for nothing. The launcher records each run's SLURM job and asks squeue about it first."""
+    from src.launch import failures
+
+    launch.record_slurm_jobs(tmp_path, {"digits/rf": "172_0", "digits/edm": "172_1"})
+    launch.record_slurm_jobs(tmp_path, {"digits/eps_linear": "175"})  # a later launch adds its own
+    states = {"172_0": "PENDING", "172_1": "COMPLETED", "175": None}
+    monkeypatch.setattr(launch, "squeue_state", lambda job_id: states[job_id])
+    names = ["digits/rf", "digits/edm", "digits/eps_linear", "digits/v_cos"]
+    assert launch.queued_elsewhere(tmp_path, names) == {"digits/rf": ("172_0", "PENDING")}
+    states["172_1"] = "REQUEUED"  # preempted and requeued: it still has the run
+    assert launch.queued_elsewhere(tmp_path, names) == {"digits/rf": ("172_0", "PENDING"),
+                                                        "digits/edm": ("172_1", "REQUEUED")}
+
+    monkeypatch.setattr(failures, "FAILED", [])
+    ret = launch.already_queued(["loss=paper/rf"], "digits/rf", "172_0", "PENDING")
+    error = ("not submitted: SLURM job 172_0 of an earlier launch has this run (PENDING); wait for it to end (this "
+             "command again then skips or resumes the run), or `scancel 172_0` first")
+    assert ret.return_value == {"failed": True, "run_name": "digits/rf", "error": error}
+    assert failures.FAILED == [("digits/rf", error)]
+    (tmp_path / launch.SLURM_JOBS).write_text("{not json")  # damaged: nothing known, every job is submitted
+    assert launch.queued_elsewhere(tmp_path, names) == {}
