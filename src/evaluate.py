@@ -156,7 +156,8 @@ def evaluate(run_dir: str | Path, overrides: Sequence[str] = (), config_dirs: Se
     from src.evaluation.run import checkpoint_step, describe, evaluate_run, missing_for, select_checkpoint
     from src.launch.rundir import EVAL_REQUEST
     from src.utils.io import atomic_write_bytes
-    from src.training.job import check_config, check_decoder, check_trained_code, resolve_data, training_finished
+    from src.training.job import training_finished
+    from src.training.prepare import check_config, check_decoder, check_trained_code, resolve_data
 
     check_trained_code(cfg, run_dir)  # a formulation or backbone module from outside edited since the training
     check_config(cfg)  # the values, the sampler, the weight files: as src.run checks them, before any work

@@ -136,7 +136,7 @@ class JobPlan:
             self.train_left = min(1.0, max(0.0, 1.0 - run_dir_step / self.steps))
         else:
             self.train_left = 1.0
-        from src.training.job import REUSED_FILE
+        from src.training.prepare import REUSED_FILE
 
         if self.train_left == 0.0 and (self.run_dir / REUSED_FILE).is_file():
             self.trains_here = False  # it evaluated a sibling's model (reuse_training): that training counts once
@@ -246,7 +246,7 @@ def _read_data_meta(cfg: DictConfig) -> tuple[dict, list[str]]:
 
     data = cfg.data
     if data.kind == "embedded":
-        from src.training.job import check_data, embedded_shapes
+        from src.training.prepare import check_data, embedded_shapes
 
         check_data(cfg)  # the job's own checks (dataset, image size), with its one-line errors
         return embedded_shapes(data.name, data.image_size), []  # known without building the shards
@@ -271,7 +271,7 @@ def build_on_meta(cfg: DictConfig, meta: dict):
 
 
 def _fill_data_shape(cfg: DictConfig, meta: dict) -> None:
-    from src.training.job import fill_context_split
+    from src.training.prepare import fill_context_split
 
     with open_dict(cfg):
         for k in ("latent_channels", "latent_size", "context_dim", "pooled_dim"):
@@ -390,10 +390,12 @@ def _trained_status(cfg: DictConfig, run_dir: Path) -> str:
 def _trained_twin(cfg: DictConfig, run_dir: Path) -> Path | None:
     """The sibling whose training a new run directory would reuse (reuse_training), as the job decides it."""
     from src.config import ConfigError
-    from src.training.job import is_bound, resolve_data, trained_twin
+    from src.training.prepare import is_bound, resolve_data
 
     if not cfg.get("reuse_training", True) or not run_dir.parent.is_dir() or (run_dir.is_dir() and is_bound(run_dir)):
         return None
+    from src.training.job import trained_twin  # Lightning: only where a sibling's training may be reused
+
     cfg = cfg.copy()
     try:
         resolve_data(cfg)
@@ -406,7 +408,7 @@ def _fingerprint_changes(cfg: DictConfig, run_dir: Path) -> list[str]:
     """The job's fingerprint check on the planned configuration; data keys the planner cannot resolve (shards not
     at hand) are not compared."""
     from src.config import ConfigError
-    from src.training.job import fingerprint_changes, resolve_data
+    from src.training.prepare import fingerprint_changes, resolve_data
 
     cfg = cfg.copy()
     with contextlib.suppress(ConfigError, OSError, ValueError):
@@ -420,7 +422,7 @@ def plan_job(index: int, overrides: list[str], flops_method: str = "count", sing
     """One job and what it costs; mfu None: the MFU measured for its configuration on this GPU (launch_mfu)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from src.training.job import check_choices, check_values
+    from src.training.prepare import check_choices, check_values
 
     cfg = _compose(overrides)
     check_values(cfg)  # the job's value checks: a plan of train.max_steps=-1 is no plan

@@ -70,7 +70,8 @@ def main(cfg: DictConfig) -> dict | None:
 
 
 def _job(cfg: DictConfig) -> dict | None:
-    from src.training.job import prepare_job, run_job
+    from src.training.job import run_job
+    from src.training.prepare import prepare_job
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN

@@ -84,7 +84,7 @@ def test_a_shard_cut_short_is_found_and_rebuilt(tmp_path):
     """A shard file truncated after the folder was finished (a full disk, a copy interrupted): meta.json records
     each shard's size, so the folder is not complete and the next caller rebuilds it; a shards run refuses it."""
     from src.config import ConfigError
-    from src.training.job import check_data
+    from src.training.prepare import check_data
     from tests.test_training import make_cfg
 
     dirs = prepare_embedded("digits", tmp_path, text_encoder=StubEncoder())

@@ -15,7 +15,7 @@ from src.config import register_resolvers
 from src.data import digits, shapes
 from src.data.embedded import check_image_size, prepare_embedded
 from src.data.shards import load_eval_set, read_meta
-from src.training.job import fingerprint_changes, resolve_data
+from src.training.prepare import fingerprint_changes, resolve_data
 
 register_resolvers()
 
@@ -78,7 +78,7 @@ def test_runs_fingerprinted_before_image_size_existed_still_resume(tmp_path):
         resolve_data(cfg)
         return cfg
 
-    from src.training.job import _fingerprint_json
+    from src.training.prepare import _fingerprint_json
 
     old = _fingerprint_json(cfg_at(16))
     del old["data"]["image_size"]

@@ -122,7 +122,7 @@ def test_another_autoencoder_evaluates_again_and_a_missing_one_is_refused_before
 
     from src.config import ConfigError
     from src.evaluate import main as evaluate_main
-    from src.training.job import prepare_job
+    from src.training.prepare import prepare_job
 
     files = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     gone = f"eval.autoencoder_path={tmp_path / 'gone'}"

@@ -268,7 +268,7 @@ def test_editing_code_from_outside_ties_the_run_directory_to_the_code_it_trained
     """The fingerprint holds the content of the formulation's and the backbone's modules: an edit after training is
     refused like a changed setting, in one line naming what was edited, and the directory keeps its files."""
     from src.config import ConfigError, fingerprint
-    from src.training.job import bind_fingerprint, check_fingerprint
+    from src.training.prepare import bind_fingerprint, check_fingerprint
 
     cfg = _outside(tmp_path, monkeypatch)
     code = fingerprint(cfg)["code"]
@@ -335,7 +335,7 @@ def test_re_evaluating_a_run_after_editing_its_formulations_module_is_refused(tm
     from omegaconf import OmegaConf
 
     from src import evaluate
-    from src.training.job import bind_fingerprint
+    from src.training.prepare import bind_fingerprint
 
     cfg = _outside(tmp_path, monkeypatch)
     run = tmp_path / "run"

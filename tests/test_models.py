@@ -287,7 +287,7 @@ def test_mmdit3_splits_its_text_streams_where_the_datas_second_text_group_begins
     is built and fingerprinted, and in the planner."""
     from src.config import fingerprint
     from src.data.shards import text_split, write_shards
-    from src.training.job import check_config, resolve_data
+    from src.training.prepare import check_config, resolve_data
     from tests.test_training import make_cfg
 
     groups = [{"name": "clip:a", "context_tokens": [0, 6], "pooled_channels": [0, 4]},

@@ -184,7 +184,7 @@ def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache
         "eval ema empty", "inception file"])
 def test_config_errors_are_found_before_anything_is_built(tmp_path, overrides, message):
     """check_config (what the sweeper and the run-start callback call) raises one line; nothing was created."""
-    from src.training.job import prepare_job
+    from src.training.prepare import prepare_job
 
     cfg = compose_cfg([*overrides, f"paths.root_dir={tmp_path}"])
     pattern = message if ".*" in message else re.escape(message)
@@ -199,6 +199,39 @@ def test_config_error_via_the_cli_is_one_line_and_creates_nothing(tmp_path):
     assert out.returncode == 1
     assert out.stderr.strip() == "ConfigError: loss: rf_lognorm: s=-1 is not allowed; s must be > 0"
     assert list(tmp_path.iterdir()) == []
+
+
+#: Runs a module as `python -m` would, with Lightning's packages refused on import.
+WITHOUT_LIGHTNING = (
+    "import runpy, sys\n"
+    "class Block:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name.split('.')[0] in ('lightning', 'pytorch_lightning'):\n"
+    "            raise ImportError('blocked: ' + name)\n"
+    "sys.meta_path.insert(0, Block())\n"
+    "module, sys.argv = sys.argv[1], sys.argv[1:]\n"
+    "runpy.run_module(module, run_name='__main__')\n"
+)
+
+
+def test_refusals_before_launching_and_plans_do_not_import_lightning(tmp_path):
+    """The job's checks (src.training.prepare), the launcher's and the planner import no Lightning: a refused
+    sweep says so in a couple of seconds, not after the 4 s Lightning takes to import."""
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+
+    def run(*args, **changes):
+        return subprocess.run([sys.executable, "-c", WITHOUT_LIGHTNING, *args], cwd=ROOT, capture_output=True,
+                              text=True, env={**env, **changes}, timeout=300)
+
+    out = run("src.run", "-m", "loss=rf_lognorm", "loss.s=-1,-2", f"paths.root_dir={tmp_path}")
+    assert out.returncode == 1 and "blocked" not in out.stderr, out.stderr[-2000:]
+    assert "ConfigError: loss: rf_lognorm: s=-1 is not allowed; s must be > 0" in out.stderr
+    out = run("src.run", "-m", "hydra/launcher=slurm_cpu", "loss=rf", f"paths.root_dir={tmp_path}",
+              PATH=str(tmp_path))  # no SLURM here
+    assert out.returncode == 1 and out.stderr.startswith("LaunchError: sbatch and srun not found"), out.stderr[-2000:]
+    out = run("src.plan", "-m", "loss=rf,edm", f"paths.root_dir={tmp_path}")
+    assert out.returncode == 0 and "2 jobs (2 to run; done: 0)" in out.stdout, out.stderr[-2000:]
+    assert not (tmp_path / "outputs").exists()
 
 
 LOSS_OPTIONS = ("edm, edm_cos, edm_rf, eps_cos, eps_linear, recipe, rf, rf_cosmap, rf_lognorm, rf_mode, v_cos, "
@@ -310,7 +343,7 @@ def test_the_loss_config_is_parsed_once_per_distinct_config():
 def test_embedded_shapes_known_before_building_match_the_shards(cache_dir):
     """check_model builds the backbone for the shapes the embedded data will have, before they exist."""
     from src.data.shards import read_meta
-    from src.training.job import DIM_KEYS, embedded_shapes
+    from src.training.prepare import DIM_KEYS, embedded_shapes
 
     meta = read_meta(next((Path(cache_dir) / "data").glob("digits-v*")) / "train")
     assert embedded_shapes("digits", 16) == {k: meta[k] for k in (*DIM_KEYS, "context_length")}
@@ -497,7 +530,7 @@ def test_valid_trainer_and_strategy_settings_pass_the_checks():
     strategy added with `+`; a precision alias fingerprints as the name it stands for."""
     from src.config import fingerprint
     from src.launch.validate import config_error
-    from src.training.job import check_choices
+    from src.training.prepare import check_choices
 
     for overrides in (["trainer.devices=[0,1]"], ["trainer.devices='0,1'"], ["trainer.devices=auto"],
                       ["trainer.devices=-1"], ["trainer.precision=16"], ["trainer.precision=transformer-engine"]):

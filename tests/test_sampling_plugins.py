@@ -177,7 +177,7 @@ def test_a_sampler_miscounting_its_evaluations_at_the_evaluations_steps_is_refus
     from src import plan
     from src.config import ConfigError
     from src.sampling.registry import check_steps
-    from src.training.job import check_config
+    from src.training.prepare import check_config
     from tests.test_formulations_plugins import _builtin_cfg
 
     assert get_sampler("sampler_plugins:ODD").nfe(5) == 9  # passes the lookup's checks
@@ -245,7 +245,7 @@ def test_a_sampler_whose_grid_ignores_the_shift_is_refused_when_the_evaluation_s
     shift argument would sample unshifted under that label. Unshifted evaluations may use it."""
     from src.config import ConfigError
     from src.sampling.registry import check_steps
-    from src.training.job import check_config
+    from src.training.prepare import check_config
     from tests.test_formulations_plugins import _builtin_cfg
 
     check_steps("sampler_plugins:NOSHIFT", (5, 50), 1.0)

@@ -227,7 +227,7 @@ def test_plan_of_failed_runs_is_what_their_relaunch_does(tmp_path):
     import torch
 
     from src.evaluation.run import wanted_for
-    from src.training.job import _fingerprint_json
+    from src.training.prepare import _fingerprint_json
 
     overrides = ["loss=rf,edm,eps_linear,v_cos", "model=dit", f"paths.root_dir={tmp_path}", "train.val_every=1",
                  "data.val_samples=4", "eval.settings=[{steps: 2, cfg: 1.0}]", "eval.ema=[true]", "train.max_steps=5",

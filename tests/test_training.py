@@ -99,7 +99,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, cache_dir, monkeypatch):
 def test_training_streams_are_independent_of_each_other_and_of_other_seeds():
     """Every (seed, stream, step) has a stream of its own: replicate seeds, a step's data and its draws, and the
     validation noise share none (version 1 did: seed s's noise was seed s + 3's times)."""
-    from src.training.module import DATA, NOISE, TIMES, VALIDATION, step_generator
+    from src.training.streams import DATA, NOISE, TIMES, VALIDATION, step_generator
 
     first = {}
     for seed in range(5):
@@ -378,7 +378,7 @@ def test_train_shift_trains_at_shifted_times(tmp_path, cache_dir, monkeypatch):
 @pytest.mark.parametrize("override, message", [("train.shift=0", "train.shift=0: must be a number > 0 (1.0 = no "
                                                                   "shift)")])
 def test_train_shift_is_checked(tmp_path, cache_dir, override, message):
-    from src.training.job import check_values
+    from src.training.prepare import check_values
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_values(make_cfg(tmp_path, cache_dir, [override]))

@@ -93,7 +93,7 @@ def check_added_keys(overrides: Sequence[str], cfg: DictConfig | None = None) ->
 def config_error(cfg: DictConfig, overrides: Sequence[str] | None = None) -> ConfigError | None:
     """The first configuration error of a composed job configuration (hydra key included or not), or None.
     overrides: the job's command-line overrides (default: Hydra's). The configuration is not changed."""
-    from src.training.job import check_config
+    from src.training.prepare import check_config
 
     try:
         if overrides is None:
@@ -116,7 +116,7 @@ def refused_by_run_dir(cfg: DictConfig) -> ConfigError | None:
     compare or the comparison cannot be made here (the job checks again)."""
     from pathlib import Path
 
-    from src.training.job import check_fingerprint, resolve_data
+    from src.training.prepare import check_fingerprint, resolve_data
 
     try:
         run_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)

@@ -17,9 +17,7 @@ import torch.nn.functional as F
 
 from src.utils.io import atomic_write_bytes, atomic_write_json
 from src.text.checkpoints import load_open_clip, sha256_file
-from src.text.tiny_clip_paths import MODEL_NAME, WEIGHTS_PATH
-
-CONFIG_PATH = Path(__file__).parent / "model_configs" / f"{MODEL_NAME}.json"
+from src.text.tiny_clip_paths import CONFIG_PATH, MODEL_NAME, WEIGHTS_PATH, model_config  # noqa: F401
 # ToTensor's [0, 1] normalised by mean = std = 0.5 is [-1, 1], the project's pixel range: tensors in [-1, 1] are
 # already the model's normalised input.
 IMAGE_MEAN = (0.5, 0.5, 0.5)
@@ -33,11 +31,6 @@ def register() -> None:
 
 
 register()
-
-
-def model_config() -> dict:
-    """The registered open_clip config of the tiny CLIP."""
-    return json.loads(CONFIG_PATH.read_text())
 
 
 def create_tiny_clip(seed: int = 0) -> torch.nn.Module:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from src.data.shards import ShardSamples, load_eval_set
 from src.launch.preemption import submitit_signal
-from src.training.module import DATA, STREAMS, step_generator
+from src.training.streams import DATA, STREAMS, step_generator
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,449 @@
+"""Everything that may refuse a job, before anything is built or written (src/training/job.py runs it first):
+the configuration checks, the data (built into the cache if embedded, else checked), the autoencoder the evaluation
+decodes with, and the run directory's fingerprint, which ties the directory to one configuration once the job binds
+it. No Lightning here: the launcher checks every job of a sweep with these before launching any
+(src/launch/validate.py), and the planner reads run directories with them (src/plan.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from src.config import (
+    PRECISION_ALIASES, ConfigError, diff_keys, fingerprint, outside_code, parse_loss, with_added_keys,
+    without_throughput_keys,
+)
+from src.utils.io import atomic_write_bytes, atomic_write_json
+
+DIM_KEYS = ("latent_channels", "latent_size", "context_dim", "pooled_dim")
+CONFIG_FILE = "config.yaml"  # the run's resolved configuration, written when the job binds its directory
+REUSED_FILE = "reused_training.json"  # names the run directory whose checkpoints this run evaluates
+
+
+# ---- configuration checks: every one before any data is built or any file is written --------------------------
+def build_formulation(cfg: DictConfig):
+    """The recipe's formulation (the loss config is parsed once, in src.config.parse_loss)."""
+    return parse_loss(cfg.loss)
+
+
+def embedded_shapes(name: str, image_size: int) -> dict:
+    """What the embedded dataset `name` will feed the backbone, known without building it: its images (pixel
+    space) and the tiny CLIP text encoder's widths. Checked against the built shards' meta.json by resolve_data."""
+    from src.data import digits, shapes
+    from src.text import tiny_clip_paths
+
+    images = {"digits": digits, "shapes": shapes}[name]
+    clip = tiny_clip_paths.model_config()
+    return {"latent_channels": images.CHANNELS, "latent_size": image_size, "context_dim": clip["text_cfg"]["width"],
+            "pooled_dim": clip["embed_dim"], "context_length": clip["text_cfg"]["context_length"]}
+
+
+def _eval_count(data: DictConfig) -> int:
+    """How many samples the evaluation split holds (the validation loss draws data.val_samples of them)."""
+    from src.data import digits, shapes
+    from src.data.shards import read_meta
+
+    if data.kind == "embedded":
+        return {"digits": digits.EVAL_SIZE, "shapes": shapes.SPLIT_SIZES["eval"]}[data.name]
+    return int(read_meta(data.eval_dir)["count"])
+
+
+def check_data(cfg: DictConfig) -> dict:
+    """The data settings, checked without building anything; returns the shapes (DIM_KEYS) the backbone will see, and
+    the text tokens' layout (context_length, text_groups) where the data say."""
+    from src.data.shards import damaged_shards, read_meta
+
+    data = cfg.data
+    if data.kind == "embedded":
+        from src.data.embedded import check_dataset, check_image_size
+
+        try:
+            check_dataset(data.name)
+        except ValueError as e:
+            raise ConfigError(f"data.name={data.name}: {e}") from None
+        try:
+            check_image_size(data.image_size)
+        except ValueError as e:
+            raise ConfigError(f"data.{e}") from None
+        found = embedded_shapes(data.name, data.image_size)
+        where = f"the embedded {data.name} data at {data.image_size}x{data.image_size}"
+    elif data.kind == "shards":
+        for key in ("train_dir", "eval_dir"):
+            if OmegaConf.is_missing(data, key) or data[key] is None:
+                raise ConfigError(f"data.{key} is not set: a folder of shards (python -m src.preprocess ...)")
+            if not (Path(data[key]) / "meta.json").exists():
+                raise ConfigError(f"data.{key}={data[key]}: no webdataset shard folder there (meta.json missing)")
+        found, where = read_meta(data.train_dir), f"the shards in {data.train_dir}"
+        for key in ("train_dir", "eval_dir"):  # a shard cut short fails mid-training, in a reader's traceback
+            damaged = damaged_shards(data[key], found if key == "train_dir" else read_meta(data[key]))
+            if damaged:
+                raise ConfigError(f"data.{key}={data[key]}: {', '.join(damaged[:3])} missing or not of the size "
+                                  f"meta.json records (cut short?); write the folder again")
+    else:
+        raise ConfigError(f"data.kind={data.kind!r}: allowed values are 'embedded', 'shards'")
+    shapes = {}
+    for key in DIM_KEYS:
+        if data[key] is not None and int(data[key]) != int(found[key]):
+            raise ConfigError(f"data.{key}={data[key]}: {where} have {found[key]}")
+        shapes[key] = int(found[key])
+    text = {k: found[k] for k in ("context_length", "text_groups") if k in found}  # for model.context_split
+    held_out = _eval_count(data)
+    if data.val_samples > held_out:
+        raise ConfigError(f"data.val_samples={data.val_samples}: the evaluation split holds {held_out} samples; "
+                          f"allowed: 1 to {held_out}")
+    return {**shapes, **text}
+
+
+def check_model(cfg: DictConfig, shapes: dict) -> None:
+    """Build the configured backbone on the meta device (no memory, no weights) for the data's shapes: a model
+    setting that cannot work is a one-line error before the data are built."""
+    checked = copy.deepcopy(cfg)
+    with open_dict(checked):
+        for key in DIM_KEYS:
+            checked.data[key] = shapes[key]
+    fill_context_split(checked, shapes)
+    try:
+        key = repr(OmegaConf.to_container(checked.model, resolve=True))
+        if key in _CHECKED_MODELS:
+            return
+        with torch.device("meta"):
+            hydra.utils.instantiate(checked.model)
+    except Exception as e:  # instantiate wraps constructor errors; surface the model's own message
+        cause = e.__cause__ or e
+        raise ConfigError(f"model: {cause}") from None
+    _CHECKED_MODELS.add(key)
+
+
+_CHECKED_MODELS: set[str] = set()  # model configs already built on the meta device (a sweep checks each once)
+
+
+def check_config(cfg: DictConfig, multirun: bool = False) -> dict:
+    """Every configuration check (values, loss, data, model, evaluation, launch), in that order, before anything is
+    built or written; a ConfigError names the setting. Returns the data shapes."""
+    from src.launch.checks import check_launch
+
+    check_values(cfg)
+    check_choices(cfg)
+    build_formulation(cfg)
+    shapes = check_data(cfg)
+    check_model(cfg, shapes)
+    if cfg.eval.enabled:
+        from src.evaluation.run import check_eval_files
+        from src.sampling.registry import check_steps, get_sampler
+
+        check_eval_files(cfg.eval)
+        try:  # else a typo is found after the training, when the evaluation starts
+            get_sampler(cfg.sampler.name)
+            check_steps(str(cfg.sampler.name), tuple(sorted({int(s.steps) for s in cfg.eval.settings})),
+                        float(cfg.eval.get("shift", 1.0)))
+        except ValueError as e:
+            raise ConfigError(f"sampler.name={cfg.sampler.name}: {e}") from None
+    check_launch(cfg, multirun)
+    return shapes
+
+
+def resolve_data(cfg: DictConfig) -> dict:
+    """Locate (or build, for embedded data) the shards and fill the data shape keys from their meta.json."""
+    from src.data.shards import read_meta
+
+    check_data(cfg)
+    data = cfg.data
+    if data.kind == "embedded":
+        from src.data.embedded import prepare_embedded
+
+        dirs = prepare_embedded(data.name, Path(cfg.paths.cache_dir) / "data", image_size=data.image_size)
+        train_dir, eval_dir = str(dirs["train"]), str(dirs["eval"])
+    else:
+        train_dir, eval_dir = data.train_dir, data.eval_dir
+    meta = read_meta(train_dir)
+    with open_dict(cfg):
+        cfg.data.train_dir, cfg.data.eval_dir = train_dir, eval_dir
+        for key in DIM_KEYS:
+            if cfg.data[key] is None:
+                cfg.data[key] = meta[key]
+            elif int(cfg.data[key]) != int(meta[key]):
+                raise ConfigError(f"data.{key}={cfg.data[key]}: the shards in {train_dir} have {meta[key]}")
+    fill_context_split(cfg, meta)
+    return meta
+
+
+def fill_context_split(cfg: DictConfig, meta: dict) -> None:
+    """model.context_split: null (the 3-stream MM-DiT) = where the data's second text group begins (77 CLIP tokens
+    in the paper's data; src.data.shards.text_split), set before the model is built and fingerprinted."""
+    from src.data.shards import text_split
+
+    if "context_split" in cfg.model and cfg.model.context_split is None:
+        cfg.model.context_split = text_split(meta)
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Numeric settings in range, or a one-line error naming the setting, its value and what is allowed."""
+    integer, number, boolean = (int,), (int, float), (bool,)
+    checks = [  # key, allowed types, range test (None: any value of the type), what is allowed
+        ("train.max_steps", integer, lambda v: v >= 1, ">= 1"),
+        ("train.ema_every", integer, lambda v: v >= 1, ">= 1"),
+        ("train.ema_decay", number, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+        ("train.cond_dropout", number, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+        ("train.val_levels", integer, lambda v: v >= 2, ">= 2"),
+        ("train.shift", number, lambda v: v > 0 and math.isfinite(v), "> 0 (1.0 = no shift)"),
+        ("train.val_every", integer, lambda v: v >= 1, ">= 1"),
+        ("train.ckpt_every", integer, lambda v: v >= 1, ">= 1 (resume starts from the last checkpoint)"),
+        ("optim.lr", number, lambda v: v > 0, "> 0"),
+        ("data.batch_size", integer, lambda v: v >= 1, ">= 1"),
+        ("data.val_samples", integer, lambda v: v >= 1, ">= 1"),
+        ("seed", integer, lambda v: v >= 0, ">= 0"),
+        ("eval.enabled", boolean, None, "(true or false)"),
+    ]
+    optional = [("torch_threads", integer, lambda v: v >= 1, ">= 1 (or null: torch's default)"),
+                ("data.num_workers", integer, lambda v: v >= 0, ">= 0")]
+    checks += [c for c in optional if OmegaConf.select(cfg, c[0]) is not None]
+    if cfg.eval.enabled is True:  # checked before training, not found out when the evaluation starts
+        for key in ("eval.settings", "eval.ema"):
+            value = OmegaConf.select(cfg, key)
+            if not OmegaConf.is_list(value) or len(value) == 0:
+                example = "[{steps: 25, cfg: 5.0}]" if key == "eval.settings" else "[true, false]"
+                raise ConfigError(f"{key}={value}: must be a non-empty list, e.g. {key}='{example}'")
+        checks += [
+            ("eval.n_samples", integer, lambda v: v >= 2, ">= 2 (FID needs two samples)"),
+            ("eval.batch_size", integer, lambda v: v >= 1, ">= 1"),
+            ("eval.seed", integer, lambda v: v >= 0, ">= 0"),
+            ("eval.shift", number, lambda v: v > 0, "> 0"),
+        ]
+        check_setting_keys(cfg.eval.settings)
+        for i in range(len(cfg.eval.settings)):
+            checks += [(f"eval.settings.{i}.steps", integer, lambda v: v >= 1, ">= 1"),
+                       (f"eval.settings.{i}.cfg", number, lambda v: v >= 0, ">= 0")]
+        checks += [(f"eval.ema.{i}", boolean, None, "(true or false)") for i in range(len(cfg.eval.ema))]
+    for key in ("paths.root_dir", "paths.output_dir", "paths.cache_dir"):  # empty: files land in the current folder
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{key}={'' if value is None else value}: must be a folder (relative paths are taken "
+                              f"from the directory the command is launched in)")
+    for key, types, ok, allowed in checks:
+        value = OmegaConf.select(cfg, key)
+        kind = {integer: "an integer", number: "a number", boolean: "a boolean"}[types]
+        # bool is an int subclass: True is no step count, and 1 is no boolean.
+        if isinstance(value, bool) != (types == boolean) or not isinstance(value, types):
+            raise ConfigError(f"{key}={value}: must be {kind} {allowed}")
+        if ok is not None and not ok(value):
+            raise ConfigError(f"{key}={value}: must be {kind} {allowed}")
+    if cfg.eval.enabled is True:
+        check_no_repeats(cfg.eval)
+
+
+#: The keys of one eval.settings entry; the shift is one for all settings (eval.shift), as records name it.
+SETTING_KEYS = ("steps", "cfg")
+
+
+def check_setting_keys(settings) -> None:
+    """Each eval.settings entry is {steps, cfg}: any other key (a per-setting shift, a typo) would be read by nothing,
+    and the records of the setting without it would be served as its results."""
+    for i, entry in enumerate(settings):
+        if not OmegaConf.is_dict(entry):
+            raise ConfigError(f"eval.settings.{i}={entry}: must be a mapping {{steps: N, cfg: W}}")
+        other = sorted(set(entry) - set(SETTING_KEYS))
+        if other:
+            hint = "; the shift is eval.shift, one for all settings" if "shift" in other else ""
+            raise ConfigError(f"eval.settings.{i}.{other[0]}: no such key; an entry has only "
+                              f"{', '.join(SETTING_KEYS)}{hint}")
+
+
+def check_no_repeats(ev) -> None:
+    """A setting or EMA flag listed twice would be sampled twice and reported (and counted as wanted) twice."""
+    seen: dict[tuple, int] = {}
+    for i, entry in enumerate(ev.settings):
+        key = (int(entry.steps), float(entry.cfg))
+        if key in seen:
+            raise ConfigError(f"eval.settings.{i}={{steps: {entry.steps}, cfg: {entry.cfg}}}: the same setting as "
+                              f"eval.settings.{seen[key]}; list each setting once")
+        seen[key] = i
+    flags = [bool(e) for e in ev.ema]
+    if len(set(flags)) < len(flags):
+        raise ConfigError(f"eval.ema={flags}: lists a value twice; allowed: [true, false], [true] or [false]")
+
+
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
+              "transformer-engine-float16")  # and Lightning's aliases (src.config.PRECISION_ALIASES)
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+WANDB_MODES = ("offline", "online", "disabled", "shared", "dryrun", "run")  # what wandb.Settings(mode=...) takes
+
+
+def check_choices(cfg: DictConfig) -> None:
+    """The optimizer's and the trainer's settings: a ConfigError naming the setting, its value and what is allowed
+    (else Lightning or torch refuses them mid-launch, after the run directory exists, in a traceback)."""
+    from src.models.perf import AUTO_BOOL
+
+    def refuse(key, value, allowed):
+        raise ConfigError(f"{key}={value}: not allowed; allowed: {allowed}")
+
+    optim = cfg.optim
+    if optim.fused not in AUTO_BOOL:
+        refuse("optim.fused", optim.fused, "auto, true, false")
+    if isinstance(optim.eps, bool) or not isinstance(optim.eps, (int, float)) or not optim.eps > 0:
+        refuse("optim.eps", optim.eps, "a number > 0")
+    wd = optim.weight_decay
+    if isinstance(wd, bool) or not isinstance(wd, (int, float)) or wd < 0:
+        refuse("optim.weight_decay", wd, "a number >= 0")
+    betas = list(optim.betas) if OmegaConf.is_list(optim.betas) else None
+    if betas is None or len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                                   and 0 <= b < 1 for b in betas):
+        refuse("optim.betas", optim.betas, "two numbers in [0, 1), e.g. [0.9, 0.999]")
+    tr = cfg.trainer
+    if tr.precision not in PRECISIONS and tr.precision not in PRECISION_ALIASES:
+        refuse("trainer.precision", tr.precision, "null (bf16-mixed on a GPU, else 32-true), " + ", ".join(PRECISIONS))
+    if tr.accelerator not in ACCELERATORS:
+        refuse("trainer.accelerator", tr.accelerator, ", ".join(ACCELERATORS))
+
+    def index(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    nodes = tr.num_nodes
+    if not (index(nodes) and nodes >= 1):
+        refuse("trainer.num_nodes", nodes, "an integer >= 1")
+    devices = tr.devices
+    chosen = list(devices) if OmegaConf.is_list(devices) else (
+        [d.strip() for d in devices.split(",") if d.strip()] if isinstance(devices, str) and "," in devices else None)
+    if chosen is not None:  # which devices: [0, 1] or "0,1"
+        ok = bool(chosen) and all(index(d) or (isinstance(d, str) and d.isdigit()) for d in chosen)
+    else:
+        ok = (index(devices) and devices >= 1) or devices in (-1, "auto")
+    if not ok:
+        refuse("trainer.devices", devices, "an integer >= 1, -1 (all), auto, or device indices ([0, 1] or '0,1')")
+    # W&B refuses an unknown mode in wandb.init, inside the job: after the run directory exists, in words of its own.
+    w = cfg.logger.wandb
+    for key, value in (("logger.csv", cfg.logger.csv), ("logger.wandb.enabled", w.enabled)):
+        if not isinstance(value, bool):
+            refuse(key, value, "true, false")
+    if w.enabled:
+        for key, mode in (("logger.wandb.mode", w.mode), ("WANDB_MODE", os.environ.get("WANDB_MODE", "offline"))):
+            if mode not in WANDB_MODES:
+                refuse(key, mode, ", ".join(WANDB_MODES))
+
+
+def is_bound(run_dir: Path) -> bool:
+    """Whether something was trained or evaluated in run_dir (then it belongs to its fingerprint's configuration).
+    A launch that failed before its first checkpoint (a typo in a setting, a missing file) leaves nothing to protect."""
+    return any((run_dir / "checkpoints").glob("*.ckpt")) or (run_dir / "results.json").exists()
+
+
+def _fingerprint_json(cfg: DictConfig) -> dict:
+    return json.loads(json.dumps(fingerprint(cfg), default=str))
+
+
+def run_streams(run_dir: Path) -> int:
+    """The version of the training's random streams in run_dir (src.training.streams.STREAMS): the one its
+    fingerprint.json was bound with, 1 for a run bound before the key existed (so it resumes exactly); today's for a
+    directory with nothing trained (every rank of a job reads the same, before or after rank 0 binds it)."""
+    from src.training.streams import STREAMS
+
+    if not is_bound(run_dir):
+        return STREAMS
+    try:
+        stored = json.loads((run_dir / "fingerprint.json").read_text())
+    except (OSError, ValueError):  # check_fingerprint has named a damaged one already
+        return STREAMS
+    return int(stored.get("streams", 1)) if isinstance(stored, dict) else STREAMS
+
+
+def fingerprint_changes(cfg: DictConfig, run_dir: Path) -> list[str]:
+    """The keys whose values differ from the configuration a run in run_dir was trained with ([] when the directory
+    holds nothing trained or evaluated yet: a launch that failed before its first checkpoint leaves nothing to
+    protect). cfg must have its data resolved (resolve_data)."""
+    path = run_dir / "fingerprint.json"
+    if not path.exists() or not is_bound(run_dir):
+        return []
+    current = _fingerprint_json(cfg)
+    try:
+        stored = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # this project writes it atomically: damaged elsewhere
+        raise ConfigError(f"{path}: not valid JSON ({e}); it records the configuration this directory was trained "
+                          f"with: restore it, or move the directory away to train anew") from e
+    if "code" not in stored:  # trained before the code from outside was recorded: its content is unknown
+        current.pop("code", None)
+    stored.pop("streams", None)  # the run's own draws (run_streams), not a setting: any version resumes as it was
+    return diff_keys(with_added_keys(without_throughput_keys(stored), current), current)
+
+
+def check_fingerprint(cfg: DictConfig, run_dir: Path) -> None:
+    """A run directory belongs to one configuration: resuming with another one is an error, not a silent mix.
+    Reads only: a refused launch leaves the directory exactly as it was."""
+    changed = fingerprint_changes(cfg, run_dir)
+    if changed:
+        edited = [k.removeprefix("code.") for k in changed if k.startswith("code.")]
+        what = f"; the code its {' and '.join(edited)} names has been edited since" if edited else ""
+        raise ConfigError(
+            f"{run_dir} holds a run with a different configuration ({', '.join(changed[:5])}{what}); "
+            "use another sweep_name, give this configuration its own directory with run_tag=/<label>, "
+            "or delete the directory"
+        )
+
+
+def check_trained_code(cfg: DictConfig, run_dir: Path) -> None:
+    """Re-evaluating a trained run (src.evaluate): its settings are the run's own, but the code from outside the
+    repository it names (fingerprint "code") may have been edited since; sampling with the edited code would evaluate
+    another model than the one trained. Reads only."""
+    try:
+        stored = json.loads((run_dir / "fingerprint.json").read_text()).get("code")
+    except (OSError, ValueError, AttributeError):  # no fingerprint (an older run): nothing recorded to compare
+        return
+    if not isinstance(stored, dict):  # trained before the code from outside was recorded
+        return
+    current = outside_code(cfg)
+    # "unknown": the module cannot be found here, which check_config reports as such
+    edited = [k for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k) != "unknown"]
+    if edited:
+        raise ConfigError(
+            f"{run_dir} was trained with other code: the file its {' and '.join(edited)} names has been edited since "
+            f"({', '.join(f'{stored.get(k)} -> {current.get(k)}' for k in edited)}); restore it, or train the edited "
+            "code in another directory (python -m src.run)")
+
+
+def bind_fingerprint(cfg: DictConfig, run_dir: Path) -> None:
+    """Tie run_dir to this configuration (after check_fingerprint passed), unless a run is already bound there.
+
+    Binding also writes the resolved configuration to config.yaml (what `python -m src.evaluate` re-evaluates the
+    run with); a run directory from before config.yaml existed gets one."""
+    if not (run_dir / "fingerprint.json").exists() or not is_bound(run_dir):
+        from src.training.streams import STREAMS
+
+        atomic_write_json(run_dir / "fingerprint.json", {**_fingerprint_json(cfg), "streams": STREAMS})
+        write_run_config(cfg, run_dir)
+    elif not (run_dir / CONFIG_FILE).exists():
+        write_run_config(cfg, run_dir)
+
+
+def write_run_config(cfg: DictConfig, run_dir: Path) -> None:
+    """The resolved configuration, atomically, to run_dir/config.yaml (it belongs to the run: Hydra's
+    .hydra/config.yaml is the launch's)."""
+    try:
+        text = OmegaConf.to_yaml(cfg, resolve=True)
+    except Exception:  # e.g. ${hydra:...} outside a Hydra run (a test calling run_job): kept unresolved
+        text = OmegaConf.to_yaml(cfg)
+    atomic_write_bytes(run_dir / CONFIG_FILE, text.encode("utf-8"))
+
+
+def prepare_job(cfg: DictConfig, run_dir: str | Path, multirun: bool = False) -> dict:
+    """Everything that may refuse the job, before anything is written into run_dir: the configuration checks,
+    the data (built into the cache if embedded) and the run directory's fingerprint. Returns the data's meta."""
+    check_config(cfg, multirun)
+    meta = resolve_data(cfg)
+    check_decoder(cfg, meta)
+    check_fingerprint(cfg, Path(run_dir))
+    return meta
+
+
+def check_decoder(cfg: DictConfig, meta: dict) -> None:
+    """Latent shards: the autoencoder that decodes samples for the evaluation is at hand (else it is found missing
+    after the training, when the evaluation starts)."""
+    if cfg.eval.enabled:
+        from src.evaluation.decoding import autoencoder_source
+
+        autoencoder_source(meta, OmegaConf.select(cfg, "eval.autoencoder_path"))
