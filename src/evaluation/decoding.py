@@ -22,7 +22,7 @@ from src.utils.io import weights_sha256
 def autoencoder_source(meta: dict, autoencoder_path: str | None = None) -> tuple[Path, str | None] | None:
     """(the autoencoder's folder or single weights file, its config folder for a single file) that decodes the
     shards' latents: eval.autoencoder_path, else the one meta.json names; None for pixel-space shards. A missing
-    one is a configuration error, raised before training (src.training.job.prepare_job) as well as here."""
+    one is a configuration error, raised before training (src.training.prepare.prepare_job) as well as here."""
     if meta.get("autoencoder", IDENTITY_AUTOENCODER) == IDENTITY_AUTOENCODER:
         return None
     path = autoencoder_path or meta.get("autoencoder_path")

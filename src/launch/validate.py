@@ -1,7 +1,7 @@
 """Configuration errors before Hydra creates anything: every job of a sweep is checked before the first is launched.
 
 Hydra creates a job's run directory (and configures its log file there) before it calls the task function, so a
-check inside the job comes too late to leave nothing behind. Here the same checks (src.training.job.check_config:
+check inside the job comes too late to leave nothing behind. Here the same checks (src.training.prepare.check_config:
 values, loss, data, model on the meta device, evaluation files) run earlier:
 - a multirun: the tagging sweeper (src/launch/sweeper.py) composes every job's configuration and checks it before
   any job is launched; a job with an error is not launched, its one-line error goes to the end-of-sweep summary
