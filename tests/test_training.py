@@ -119,10 +119,10 @@ def test_a_run_made_before_independent_streams_resumes_with_its_own(tmp_path, ca
     with exactly the weights of an uninterrupted version-1 run (not a mix of two streams); a new run takes today's."""
     import json
 
-    from src.training import module as module_lib
+    from src.training import streams as streams_lib
 
     overrides = ["train.max_steps=6", "train.val_every=3", "train.ckpt_every=3", "eval.enabled=false"]
-    monkeypatch.setattr(module_lib, "STREAMS", 1)  # the code before: every run of version 1
+    monkeypatch.setattr(streams_lib, "STREAMS", 1)  # the code before: every run of version 1
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_job(make_cfg(tmp_path, cache_dir, overrides), straight)
     interrupt_at(monkeypatch, 4)
@@ -137,7 +137,7 @@ def test_a_run_made_before_independent_streams_resumes_with_its_own(tmp_path, ca
     assert a[1] == b[1] == 6 and all(torch.equal(a[0][k], b[0][k]) for k in a[0])
     new = tmp_path / "new"
     run_job(make_cfg(tmp_path, cache_dir, overrides), new)
-    assert json.loads((new / "fingerprint.json").read_text())["streams"] == module_lib.STREAMS == 2
+    assert json.loads((new / "fingerprint.json").read_text())["streams"] == streams_lib.STREAMS == 2
     key = "backbone.x_embedder.proj.weight"
     assert not torch.equal(final_state(new)[0][key], a[0][key])  # other draws
 
