@@ -320,7 +320,32 @@ def test_runs_whose_earlier_job_has_not_ended_are_found(monkeypatch, tmp_path):
     ret = launch.already_queued(["loss=paper/rf"], "digits/rf", "172_0", "PENDING")
     error = ("not submitted: SLURM job 172_0 of an earlier launch has this run (PENDING); wait for it to end (this "
              "command again then skips or resumes the run), or `scancel 172_0` first")
-    assert ret.return_value == {"failed": True, "run_name": "digits/rf", "error": error}
+    assert ret.return_value == {"failed": True, "run_name": "digits/rf", "error": error, "queued": "172_0"}
     assert failures.FAILED == [("digits/rf", error)]
     (tmp_path / launch.SLURM_JOBS).write_text("{not json")  # damaged: nothing known, every job is submitted
     assert launch.queued_elsewhere(tmp_path, names) == {}
+
+
+def test_twins_of_a_run_still_queued_say_so_not_that_its_training_failed(tmp_path):
+    """A sampler sweep relaunched while its first-wave job is still in SLURM: that job is not submitted again, and
+    the jobs that share its training are not launched, naming the SLURM job instead of a failed training."""
+    from src.data.embedded import prepare_embedded
+    from src.launch.planned import read_planned_jobs
+
+    prepare_embedded("digits", tmp_path / "cache" / "data")
+    fake_slurm(tmp_path / "bin", '[ "$1" = --test-only ] && exit 0\necho "sbatch: error: refused" >&2; exit 1')
+    path = f"{tmp_path / 'bin'}:{os.environ['PATH']}"
+    out = sweep(tmp_path, path, "sampler=rf_time,heun")  # submission refused: jobs.json names the two runs
+    assert out.returncode == 1 and "LaunchError: sbatch did not submit" in out.stderr, out.stderr[-2000:]
+    sweep_dir = tmp_path / "root/outputs/multirun/default"
+    first, twin = "digits/rf/sampler=rf_time", "digits/rf/sampler=heun"  # the first wave: the sweep's first job
+    assert set(read_planned_jobs(sweep_dir)) == {first, twin}
+    launch.record_slurm_jobs(sweep_dir, {first: "41"})
+    (tmp_path / "bin/squeue").write_text("#!/bin/sh\necho RUNNING\n")  # job 41 still trains the first run
+    out = sweep(tmp_path, path, "sampler=rf_time,heun")
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert f"{first}: not submitted: SLURM job 41 of an earlier launch has this run (RUNNING)" in out.stderr
+    assert (f"{twin}: not launched: the training it shares with {first} is in SLURM job 41 of an earlier launch; "
+            "this command again, once that job is over, evaluates it") in out.stderr
+    assert "failed; rerun the sweep" not in out.stderr
+

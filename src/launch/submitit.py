@@ -218,7 +218,7 @@ def already_queued(overrides: list[str], name: str, job_id: str, state: str) -> 
             f"(this command again then skips or resumes the run), or `scancel {job_id}` first"
     record_failure(name, error)
     return JobReturn(overrides=overrides, status=JobStatus.COMPLETED,
-                     _return_value={"failed": True, "run_name": name, "error": error})
+                     _return_value={"failed": True, "run_name": name, "error": error, "queued": job_id})
 
 
 #: squeue_state when the controller does not answer (restarting, overloaded): the job's state is unknown, not over.

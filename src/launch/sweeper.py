@@ -173,7 +173,7 @@ class TaggingSweeper(BasicSweeper):
 
         record_planned_jobs(sweep_dir, self.planned_jobs)
         waves = shares_training(self.config, [job for batch in self.overrides for job in batch])
-        failed_trainings: dict[tuple[str, ...], str] = {}  # training_key -> the run name of its failed first job
+        failed_trainings: dict[tuple[str, ...], dict] = {}  # training_key -> the failed return of its first job
         returns, initial_job_idx = [], 0
         while not self.is_done():
             batch = self.get_job_batch()
@@ -186,7 +186,7 @@ class TaggingSweeper(BasicSweeper):
             for job, r in zip(batch, results):
                 value = r.return_value  # raises if the job raised (fail_fast)
                 if waves and isinstance(value, dict) and value.get("failed") and not _trained(r.cfg, value):
-                    failed_trainings.setdefault(training_key(job), str(value.get("run_name", "?")))
+                    failed_trainings.setdefault(training_key(job), value)
             initial_job_idx += len(batch)
             returns.append(results)
         return returns
@@ -201,12 +201,17 @@ class TaggingSweeper(BasicSweeper):
 
         kept = []
         for job in batch:
-            trainer = failed_trainings.get(training_key(job))
-            if trainer is None:
+            first = failed_trainings.get(training_key(job))
+            if first is None:
                 kept.append(job)
                 continue
             name = job_name(self.hydra_context.config_loader.load_sweep_config(self.config, list(job)), job)
-            line = f"not launched: the training it shares with {trainer} failed; rerun the sweep to retry"
+            trainer = first.get("run_name", "?")
+            if first.get("queued"):  # not submitted: an earlier launch's SLURM job is training it (src/launch/submitit)
+                line = (f"not launched: the training it shares with {trainer} is in SLURM job {first['queued']} of an "
+                        "earlier launch; this command again, once that job is over, evaluates it")
+            else:
+                line = f"not launched: the training it shares with {trainer} failed; rerun the sweep to retry"
             log.error("%s: %s", name, line)
             record_failure(name, line)
             record_sweep_failure(sweep_dir, name, line)
