@@ -38,7 +38,9 @@ differs from a sibling only in evaluation settings (a sampler sweep): it evaluat
 (src/launch/sweeper.py training_waves). "GPU-hours in all" counts each model's training and validation once; "still
 to run" counts what a relaunch runs: no training or validation for trained or reused models, the steps left (and
 their validation) for a resume, and the evaluation of every job not done: for a trained run, only the records
-results.json lacks; nothing for a refused job, which the plan names apart with what training it anew would cost.
+results.json lacks; nothing for a refused job, which the plan names apart with what training it anew would cost,
+nor for a blocked one (best.ckpt missing, a file unreadable, cannot resume: a relaunch fails naming the file), which
+it names apart with what it costs once the file is restored or deleted.
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 H100_BF16_DENSE_TFLOPS = 989.0
 #: The status of a job a relaunch refuses (its directory holds a run of another configuration): nothing runs.
 REFUSED = "refused: "
+#: Statuses (after "failed: ") of a job whose relaunch fails naming a damaged or missing file: nothing runs until the
+#: file is restored or deleted; then what the status says (evaluate, or train anew for "cannot resume").
+BLOCKED = ("best.ckpt missing", "results.json unreadable", "best.ckpt unreadable", "last.ckpt unreadable",
+           "cannot resume")
 DEFAULT_MFU = 0.37  # the paper grid's launch measured on an H200 (bench/results/gpu.md)
 GPU_RESULTS = CONF_DIR.parent / "bench" / "results" / "gpu.md"  # written by make bench-gpu
 # What the paper's setup feeds the backbone at 256^2 (docs/backbone.md#backbone-mm-dit, docs/training.md#paper-setup; bench/results/backbone.md): SD3-style latents
@@ -115,9 +121,16 @@ class JobPlan:
         return self.status.startswith(REFUSED)
 
     @property
+    def blocked(self) -> bool:
+        """A relaunch fails naming a file of the run directory (BLOCKED): nothing runs until it is restored or
+        deleted."""
+        return self.status.removeprefix("failed: ").startswith(BLOCKED)
+
+    @property
     def flops_left(self) -> float:
         """What a relaunch still runs: the training (and its validation) left and, unless the job is done (or
-        refused), the evaluation (of a trained run: the records it lacks)."""
+        refused), the evaluation (of a trained run: the records it lacks). Of a blocked job: what runs once its
+        file is restored or deleted."""
         sampling = self.sampling_flops if self.sampling_left is None else self.sampling_left
         runs = self.status != "done" and not self.refused
         return (self.train_flops + self.val_flops) * self.train_left + (sampling if runs else 0.0)
@@ -634,16 +647,17 @@ def render(plan: Plan, root: Path | None = None) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
     train = sum(j.train_flops * j.trains_here for j in plan.jobs)  # a model reused by its twins counts once
     extra = sum(j.total_flops for j in plan.jobs) - train
-    left = [j for j in plan.jobs if j.status != "done" and not j.refused]
+    left = [j for j in plan.jobs if j.status != "done" and not j.refused and not j.blocked]
     refused = [j for j in plan.jobs if j.refused]
+    blocked = [j for j in plan.jobs if j.blocked]
     hours = sum(plan.job_hours(j, j.total_flops) for j in plan.jobs)
     rates = sorted({j.mfu for j in plan.jobs})
     utilisation = f"{rates[0]:.0%} utilisation" if len(rates) == 1 else \
         f"each job's utilisation ({rates[0]:.0%} to {rates[-1]:.0%})"
     lines += [
         "",
-        f"{len(plan.jobs)} jobs ({len(left)} to run; done: {len(plan.jobs) - len(left) - len(refused)}"
-        f"{f'; refused: {len(refused)}' if refused else ''}). "
+        f"{len(plan.jobs)} jobs ({len(left)} to run; done: {len(plan.jobs) - len(left) - len(refused) - len(blocked)}"
+        f"{f'; refused: {len(refused)}' if refused else ''}{f'; blocked: {len(blocked)}' if blocked else ''}). "
         f"FLOPs ({'counted on the meta device' if plan.flops_method == 'count' else '6NT rule + attention'}): "
         f"training {_si(train)}, validation + evaluation {_si(extra)}.",
         f"GPU-hours at {plan.peak_tflops:g} TFLOP/s peak and {utilisation}: {hours:.4g} in all, "
@@ -664,6 +678,10 @@ def render(plan: Plan, root: Path | None = None) -> str:
                      "their directories hold a run of another configuration, or an unreadable fingerprint.json; "
                      "trained anew in other directories (another sweep_name), they take "
                      f"{sum(plan.job_hours(j, j.total_flops) for j in refused):.4g} GPU-hours.")
+    if blocked:
+        lines.append(f"Blocked, not in 'still to run' (jobs {', '.join(str(j.index) for j in blocked)}): a relaunch "
+                     "fails naming the file in their status until it is restored or deleted; then they take "
+                     f"{sum(plan.job_hours(j, j.flops_left) for j in blocked):.4g} GPU-hours.")
     lines += [f"Not launched: {line}." for line in plan.not_launched]
     notes = list(dict.fromkeys(a for j in plan.jobs for a in j.assumptions))
     if notes:

@@ -215,6 +215,15 @@ def test_plan_status_reads_run_directories(tmp_path):
     with plan._hydra_context():
         rf_cfg = plan._compose(jobs[0].overrides)
     assert plan.job_status(rf_cfg, rf) == "cannot resume (last.ckpt unreadable)"
+    # Its relaunch fails naming the file: nothing of it is still to run until the checkpoints are deleted; the plan
+    # names it apart with what it costs then (training anew).
+    p = plan.plan_sweep(overrides)
+    assert [j.status for j in p.jobs] == ["cannot resume (last.ckpt unreadable)", "failed", "to evaluate", "to train"]
+    text = plan.render(p)
+    assert "4 jobs (3 to run; done: 0; blocked: 1)" in text
+    assert f"{sum(p.job_hours(j, j.flops_left) for j in p.jobs[1:]):.4g} still to run" in text
+    assert "Blocked, not in 'still to run' (jobs 0): a relaunch fails naming the file in their status until it is " \
+           f"restored or deleted; then they take {p.job_hours(p.jobs[0], p.jobs[0].total_flops):.4g} GPU-hours." in text
     torch.save({"global_step": 2}, rf / "checkpoints" / "last.prev.ckpt")
     assert plan.job_status(rf_cfg, rf) == "resume"
 
