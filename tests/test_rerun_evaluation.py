@@ -547,6 +547,14 @@ def test_a_lost_best_checkpoint_is_named_not_replaced_by_last(trained, run, monk
         job.run_job(more, run)
     assert "evaluating" not in caplog.text  # named before the job says it evaluates
     assert (run / "results.json").read_bytes() == before
+    from src.evaluate import evaluate  # python -m src.evaluate RUN eval.seed=5: the same, before its "evaluating"
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO), pytest.raises(MissingBestCheckpoint,
+                                                      match=f"^{best}: missing, though validation chose it"):
+        evaluate(run, ["eval.seed=5"])
+    assert "evaluating" not in caplog.text and "missing" not in caplog.text
+    assert (run / "results.json").read_bytes() == before
     assert plan.job_status(_cfg(trained, ["eval.checkpoint=last"]), run) == "to evaluate"
 
     records = json.loads(before)  # scored from last.ckpt in its place, as before this check
