@@ -111,6 +111,21 @@ def test_bad_launcher_value_is_one_line_and_writes_nothing(tmp_path):
     assert not (tmp_path / "root").exists()
 
 
+def test_a_submitit_without_the_script_method_skips_only_the_test_submission(tmp_path, monkeypatch, caplog):
+    """preflight builds sbatch's script with a private submitit method: another submitit without it still gets the
+    checks of the values and the partition's time limit, and a warning instead of a traceback."""
+    import types
+
+    fake_slurm(tmp_path / "bin", "exit 1")  # never asked: no script to try
+    (tmp_path / "bin/sinfo").write_text("#!/bin/sh\necho 'debug* 1:00:00'\n")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    launcher = types.SimpleNamespace(params=dict(PARAMS, timeout_min=30), executor=lambda: types.SimpleNamespace())
+    launch.CollectingSubmititLauncher.preflight(launcher)
+    assert "not tried with sbatch --test-only" in caplog.text
+    with pytest.raises(ConfigError, match="^hydra.launcher.timeout_min=120: over the time limit of partition debug"):
+        launch.CollectingSubmititLauncher.preflight(types.SimpleNamespace(params=PARAMS, executor=launcher.executor))
+
+
 def test_no_sbatch_on_path_is_one_line_and_writes_nothing(tmp_path):
     (tmp_path / "empty").mkdir()
     out = sweep(tmp_path, str(tmp_path / "empty"))

@@ -64,7 +64,13 @@ class CollectingSubmititLauncher(base.BaseSubmititLauncher):
             raise LaunchError(f"{' and '.join(missing)} not found on PATH: hydra/launcher=slurm submits the sweep "
                               "with SLURM's commands, so launch it on a machine of the cluster (a login node), or run "
                               "it here with hydra/launcher=local")
-        text = self.executor()._executor._make_submission_file_text("true", "preflight")
+        check_time_limit(self.params)  # sbatch --test-only takes a job over the partition's limit (see there)
+        try:  # submitit's own sbatch script (a private method, there since submitit 1.0)
+            text = self.executor()._executor._make_submission_file_text("true", "preflight")
+        except AttributeError:  # another submitit: its submissions still report sbatch's refusals in one line
+            log.warning("submitit %s has no _make_submission_file_text: the settings are not tried with sbatch "
+                        "--test-only before submitting", getattr(__import__("submitit"), "__version__", "?"))
+            return
         with tempfile.NamedTemporaryFile("w", prefix="flowsweep-preflight-", suffix=".sh") as script:
             script.write(text)
             script.flush()
@@ -76,7 +82,6 @@ class CollectingSubmititLauncher(base.BaseSubmititLauncher):
                                   "reachable; nothing was submitted") from None
         if out.returncode != 0:
             raise sbatch_refusal(self.params, out.stderr + out.stdout)
-        check_time_limit(self.params)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         # Copied from hydra_submitit_launcher 1.2 (BaseSubmititLauncher.launch) up to map_array; the waiting differs.
