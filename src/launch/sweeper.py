@@ -196,7 +196,7 @@ class TaggingSweeper(BasicSweeper):
         model again (in the second wave, all at once) and most likely fail the same way. They are recorded as not
         launched (summary, failures.json); rerunning the sweep retries the training, then evaluates them."""
         from src.launch.failures import record_failure, record_sweep_failure
-        from src.launch.validate import job_name
+        from src.launch.validate import sweep_job_name
         from src.utils.progress import SWEEP
 
         kept = []
@@ -205,7 +205,7 @@ class TaggingSweeper(BasicSweeper):
             if first is None:
                 kept.append(job)
                 continue
-            name = job_name(self.hydra_context.config_loader.load_sweep_config(self.config, list(job)), job)
+            name = sweep_job_name(self.hydra_context.config_loader, self.config, job)
             trainer = first.get("run_name", "?")
             if first.get("queued"):  # not submitted: an earlier launch's SLURM job is training it (src/launch/submitit)
                 line = (f"not launched: the training it shares with {trainer} is in SLURM job {first['queued']} of an "
