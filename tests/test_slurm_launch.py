@@ -341,6 +341,7 @@ def test_runs_whose_earlier_job_has_not_ended_are_found(monkeypatch, tmp_path):
     assert launch.queued_elsewhere(tmp_path, names) == {}
 
 
+@pytest.mark.slow  # a sweep through src.run (13 s): the quick suite keeps the unit test of the relaunch above
 def test_twins_of_a_run_still_queued_say_so_not_that_its_training_failed(tmp_path):
     """A sampler sweep relaunched while its first-wave job is still in SLURM: that job is not submitted again, and
     the jobs that share its training are not launched, naming the SLURM job instead of a failed training."""
@@ -349,15 +350,13 @@ def test_twins_of_a_run_still_queued_say_so_not_that_its_training_failed(tmp_pat
 
     prepare_embedded("digits", tmp_path / "cache" / "data")
     fake_slurm(tmp_path / "bin", '[ "$1" = --test-only ] && exit 0\necho "sbatch: error: refused" >&2; exit 1')
-    path = f"{tmp_path / 'bin'}:{os.environ['PATH']}"
-    out = sweep(tmp_path, path, "sampler=rf_time,heun")  # submission refused: jobs.json names the two runs
-    assert out.returncode == 1 and "LaunchError: sbatch did not submit" in out.stderr, out.stderr[-2000:]
-    sweep_dir = tmp_path / "root/outputs/multirun/default"
-    first, twin = "digits/rf/sampler=rf_time", "digits/rf/sampler=heun"  # the first wave: the sweep's first job
-    assert set(read_planned_jobs(sweep_dir)) == {first, twin}
-    launch.record_slurm_jobs(sweep_dir, {first: "41"})
     (tmp_path / "bin/squeue").write_text("#!/bin/sh\necho RUNNING\n")  # job 41 still trains the first run
-    out = sweep(tmp_path, path, "sampler=rf_time,heun")
+    sweep_dir = tmp_path / "root/outputs/multirun/default"
+    sweep_dir.mkdir(parents=True)
+    first, twin = "digits/rf/sampler=rf_time", "digits/rf/sampler=heun"  # the first wave: the sweep's first job
+    launch.record_slurm_jobs(sweep_dir, {first: "41"})  # an earlier launch's job for the first run
+    out = sweep(tmp_path, f"{tmp_path / 'bin'}:{os.environ['PATH']}", "sampler=rf_time,heun")
+    assert set(read_planned_jobs(sweep_dir)) == {first, twin}
     assert out.returncode == 1, out.stderr[-2000:]
     assert f"{first}: not submitted: SLURM job 41 of an earlier launch has this run (RUNNING)" in out.stderr
     assert (f"{twin}: not launched: the training it shares with {first} is in SLURM job 41 of an earlier launch; "
