@@ -314,7 +314,7 @@ def test_several_tasks_per_run_need_a_trainer_with_ranks(overrides, refused):
         check_ranks_for_launcher(single)  # a single run: the launcher is not used
 
 
-# ---- a relaunch while the earlier launch's jobs are queued ------------------------------------------------------------
+# ---- a relaunch while the earlier launch's jobs are queued -----------------------------------------------------------
 def test_runs_whose_earlier_job_has_not_ended_are_found(monkeypatch, tmp_path):
     """Relaunching a sweep whose jobs are still queued submitted every job again: the second copies waited in the
     queue, then skipped the run or were refused by its lock, and the relaunch waited for them (hours on a busy
