@@ -158,6 +158,14 @@ def cli() -> int:
             print(summary(), file=sys.stderr)
         print("stopped on SIGTERM (last.ckpt saved); rerun the command to resume", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except Exception as e:
+        # fail_fast=true: the sweeper re-raises the first failed job's error, which the job has said in one line and
+        # recorded (its traceback is in its run.log and error.json): the summary, not a second, longer telling.
+        if not FAILED or FAILED[-1][1] != one_line(e):
+            raise
+        print(summary(), file=sys.stderr)
+        print("fail_fast=true: the sweep stopped at the first failed job; rerun it to go on", file=sys.stderr)
+        return 1
     finally:
         if condense:
             os.environ.pop("HYDRA_FULL_ERROR", None)

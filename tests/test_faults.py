@@ -90,6 +90,20 @@ def test_failing_jobs_are_recorded_and_the_sweep_goes_on(tmp_path, cache_dir):
     assert load_sweep([sweep]).runs.set_index("run_dir").loc[str(diverged), "status"] == "failed"  # its error.json
 
 
+def test_fail_fast_stops_at_the_first_failed_job_in_one_line(tmp_path, cache_dir):
+    """fail_fast=true: the sweep stops at the first failed job and says so with the summary, not a traceback (the
+    job's own is in its run.log and error.json)."""
+    out = run_cli(["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", "sweep_name=ff",
+                   "loss=rf_lognorm,edm", "optim.lr=1e30", "optim.warmup_steps=1", "eval.enabled=false",
+                   "fail_fast=true"])
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-3:] == [
+        "1 job(s) failed:", "  digits/rf_lognorm_0.00_1.00: FloatingPointError: training loss is inf at step 1",
+        "fail_fast=true: the sweep stopped at the first failed job; rerun it to go on"]
+    runs = tmp_path / "outputs/multirun/ff/digits"
+    assert (runs / "rf_lognorm_0.00_1.00/error.json").is_file() and not (runs / "edm_-1.20_1.20").exists()
+
+
 # ---- the launcher reads failures back from job processes ------------------------------------------------------------
 class FakeJob:
     def __init__(self, job_id, result=None, error=None):

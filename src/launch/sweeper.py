@@ -161,7 +161,9 @@ class TaggingSweeper(BasicSweeper):
             sys.exit(one_line(e))  # printed on stderr, exit status 1
         params = [*self._parse_config(), *arguments]
         overrides = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides(params)
-        self.overrides = self.split_arguments(overrides, self.max_batch_size)
+        # fail_fast: one job at a time, so that the sweep stops at the first that fails (the sweeper reads a batch's
+        # results only once the whole batch has run).
+        self.overrides = self.split_arguments(overrides, 1 if self.config.get("fail_fast") else self.max_batch_size)
         if not self.overrides:
             return []
         sweep_dir = Path(self.config.hydra.sweep.dir)
