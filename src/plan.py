@@ -60,9 +60,9 @@ H100_BF16_DENSE_TFLOPS = 989.0
 #: The status of a job a relaunch refuses (its directory holds a run of another configuration): nothing runs.
 REFUSED = "refused: "
 #: Statuses (after "failed: ") of a job whose relaunch fails naming a damaged or missing file: nothing runs until the
-#: file is restored or deleted; then what the status says (evaluate, or train anew for "cannot resume").
-BLOCKED = ("best.ckpt missing", "results.json unreadable", "best.ckpt unreadable", "last.ckpt unreadable",
-           "cannot resume")
+#: file is restored or deleted; then what the status says (evaluate a trained run, or train anew for "cannot resume").
+TRAINED_BLOCKED = ("best.ckpt missing", "results.json unreadable", "best.ckpt unreadable", "last.ckpt unreadable")
+BLOCKED = (*TRAINED_BLOCKED, "cannot resume")
 DEFAULT_MFU = 0.37  # the paper grid's launch measured on an H200 (bench/results/gpu.md)
 GPU_RESULTS = CONF_DIR.parent / "bench" / "results" / "gpu.md"  # written by make bench-gpu
 # What the paper's setup feeds the backbone at 256^2 (docs/backbone.md#backbone-mm-dit, docs/training.md#paper-setup; bench/results/backbone.md): SD3-style latents
@@ -141,9 +141,7 @@ class JobPlan:
         self.status = status
         self.trains_here = not status.startswith("to evaluate (")
         runs = status.removeprefix("failed: ")  # a failed run's relaunch goes on from what it left
-        trained = ("done", "to evaluate", "best.ckpt missing", "results.json unreadable", "best.ckpt unreadable",
-                   "last.ckpt unreadable")  # the last two: the checkpoint to evaluate is torn
-        if runs in trained or not self.trains_here or status.startswith(REFUSED):
+        if runs in ("done", "to evaluate", *TRAINED_BLOCKED) or not self.trains_here or status.startswith(REFUSED):
             self.train_left = 0.0
         elif runs == "resume" and run_dir_step is not None and self.steps > 0:
             self.train_left = min(1.0, max(0.0, 1.0 - run_dir_step / self.steps))

@@ -91,23 +91,30 @@ def sweep(tmp_path: Path, path: str, *args: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "WANDB_MODE": "disabled", "PATH": path})
 
 
-def test_partition_refused_by_sbatch_is_one_line_and_writes_nothing(tmp_path):
-    fake_slurm(tmp_path / "bin", 'echo "sbatch: error: invalid partition specified: gpu" >&2\n'
-                                 'echo "allocation failure: Invalid partition name specified" >&2; exit 1')
-    out = sweep(tmp_path, f"{tmp_path / 'bin'}:{os.environ['PATH']}", "hydra.launcher.partition=gpu")
+@pytest.mark.parametrize("sbatch, args, line", [
+    pytest.param('echo "sbatch: error: invalid partition specified: gpu" >&2\n'
+                 'echo "allocation failure: Invalid partition name specified" >&2; exit 1',
+                 ["hydra.launcher.partition=gpu"],
+                 "ConfigError: hydra.launcher.partition=gpu: refused by SLURM (invalid partition specified: gpu; "
+                 "allocation failure: Invalid partition name specified); the partitions: debug*", id="partition"),
+    pytest.param("exit 0", ["hydra.launcher.timeout_min=0"],
+                 "ConfigError: hydra.launcher.timeout_min=0: not allowed (minutes per submission); allowed: an "
+                 "integer >= 1", id="value"),
+    pytest.param(None, [],  # no SLURM commands on PATH at all
+                 "LaunchError: sbatch and srun not found on PATH: hydra/launcher=slurm submits the sweep with SLURM's "
+                 "commands, so launch it on a machine of the cluster (a login node), or run it here with "
+                 "hydra/launcher=local", id="no sbatch"),
+])
+def test_a_refused_launch_is_one_line_and_writes_nothing(tmp_path, sbatch, args, line):
+    if sbatch is None:
+        (tmp_path / "bin").mkdir()
+        path = str(tmp_path / "bin")
+    else:
+        fake_slurm(tmp_path / "bin", sbatch)
+        path = f"{tmp_path / 'bin'}:{os.environ['PATH']}"
+    out = sweep(tmp_path, path, *args)
     assert out.returncode == 1
-    assert out.stderr.strip() == ("ConfigError: hydra.launcher.partition=gpu: refused by SLURM (invalid partition "
-                                  "specified: gpu; allocation failure: Invalid partition name specified); the "
-                                  "partitions: debug*")
-    assert not (tmp_path / "root").exists()
-
-
-def test_bad_launcher_value_is_one_line_and_writes_nothing(tmp_path):
-    fake_slurm(tmp_path / "bin", "exit 0")
-    out = sweep(tmp_path, f"{tmp_path / 'bin'}:{os.environ['PATH']}", "hydra.launcher.timeout_min=0")
-    assert out.returncode == 1
-    assert out.stderr.strip() == ("ConfigError: hydra.launcher.timeout_min=0: not allowed (minutes per submission); "
-                                  "allowed: an integer >= 1")
+    assert out.stderr.strip() == line
     assert not (tmp_path / "root").exists()
 
 
@@ -124,16 +131,6 @@ def test_a_submitit_without_the_script_method_skips_only_the_test_submission(tmp
     assert "not tried with sbatch --test-only" in caplog.text
     with pytest.raises(ConfigError, match="^hydra.launcher.timeout_min=120: over the time limit of partition debug"):
         launch.CollectingSubmititLauncher.preflight(types.SimpleNamespace(params=PARAMS, executor=launcher.executor))
-
-
-def test_no_sbatch_on_path_is_one_line_and_writes_nothing(tmp_path):
-    (tmp_path / "empty").mkdir()
-    out = sweep(tmp_path, str(tmp_path / "empty"))
-    assert out.returncode == 1
-    assert out.stderr.strip() == ("LaunchError: sbatch and srun not found on PATH: hydra/launcher=slurm submits the "
-                                  "sweep with SLURM's commands, so launch it on a machine of the cluster (a login "
-                                  "node), or run it here with hydra/launcher=local")
-    assert not (tmp_path / "root").exists()
 
 
 def test_submission_refused_after_the_check_is_one_line(tmp_path):

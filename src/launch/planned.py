@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from src.launch.sweep_files import DamagedSweepFile, read_for_update, read_sweep_file
+from src.launch.sweep_files import DamagedSweepFile, read_sweep_file, update_sweep_file
 
 SWEEP_JOBS = "jobs.json"
 
@@ -25,18 +25,12 @@ SWEEP_JOBS = "jobs.json"
 def record_planned_jobs(sweep_dir: str | os.PathLike, jobs: Mapping[str, Mapping]) -> None:
     """Add the jobs a launch is about to run ({run name: {"run_dir", "overrides"}}) to `<sweep dir>/jobs.json`;
     the entries of earlier launches stay."""
-    from src.utils.io import atomic_write_json, file_lock
-
     if not jobs:
         return
-    sweep_dir = Path(sweep_dir)
     now = time.strftime("%Y-%m-%dT%H:%M:%S")
-    with file_lock(sweep_dir / f".{SWEEP_JOBS}.lock"):
-        planned = read_for_update(sweep_dir / SWEEP_JOBS)
-        for name, job in jobs.items():
-            overrides = [str(o) for o in job.get("overrides", ())]
-            planned[str(name)] = {"run_dir": str(job["run_dir"]), "overrides": overrides, "time": now}
-        atomic_write_json(sweep_dir / SWEEP_JOBS, planned, sort_keys=True)
+    added = {str(name): {"run_dir": str(job["run_dir"]), "overrides": [str(o) for o in job.get("overrides", ())],
+                         "time": now} for name, job in jobs.items()}
+    update_sweep_file(Path(sweep_dir) / SWEEP_JOBS, lambda planned: {**planned, **added})
 
 
 def read_planned_jobs(sweep_dir: str | os.PathLike) -> dict[str, dict]:

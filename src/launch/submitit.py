@@ -150,26 +150,29 @@ class CollectingSubmititLauncher(base.BaseSubmititLauncher):
     def _collect(self, job, overrides: list[str], name_of=None) -> JobReturn:
         """The job's JobReturn; a job that failed or never returned is recorded and reported as completed.
         name_of(overrides): the job's run name for a job that returned none (default: its overrides)."""
-        name = " ".join(filter_overrides(overrides)) or f"job {job.job_id}"
+        def name() -> str:  # composed only for a job that failed
+            return name_of(overrides) if name_of is not None else \
+                " ".join(filter_overrides(overrides)) or f"job {job.job_id}"
+
         try:
             ended = wait_for(job)
             if ended is not None:
                 raise RuntimeError(f"the scheduler reports {ended} and no result was written")
             ret = job.results()[0]  # rank 0's return
         except Exception as e:  # submitit.core.utils.UncompletedJobError: cancelled, killed, node failure, ...
-            name = name_of(overrides) if name_of is not None else name
             paths = getattr(job, "paths", None)  # where submitit keeps the job's output (its traceback, if any)
             error = f"job {job.job_id} ended without a result: {one_line(e)}" + \
                 (f" (its log: {paths.stderr})" if paths is not None else "")
-            record_failure(name, error)
+            failed = name()
+            record_failure(failed, error)
             return JobReturn(overrides=overrides, status=JobStatus.COMPLETED,
-                             _return_value={"failed": True, "run_name": name, "error": error})
+                             _return_value={"failed": True, "run_name": failed, "error": error})
         if ret.status == JobStatus.FAILED:  # the task raised: only with fail_fast=true; the sweeper re-raises
-            record_failure(name_of(overrides) if name_of is not None else name, one_line(ret._return_value))
+            record_failure(name(), one_line(ret._return_value))
             return ret
         value = ret._return_value
         if isinstance(value, dict) and value.get("failed"):
-            record_failure(value.get("run_name", name), value.get("error", "failed"))
+            record_failure(value.get("run_name") or name(), value.get("error", "failed"))
         return ret
 
 
@@ -188,14 +191,10 @@ LIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "R
 
 def record_slurm_jobs(sweep_dir: str | os.PathLike, ids: dict[str, str]) -> None:
     """Add {run name: SLURM job id} of the jobs just submitted to the sweep's slurm_jobs.json."""
-    from src.launch.sweep_files import read_for_update
-    from src.utils.io import atomic_write_json, file_lock
+    from src.launch.sweep_files import update_sweep_file
 
-    path = Path(sweep_dir) / SLURM_JOBS
-    with file_lock(Path(sweep_dir) / f".{SLURM_JOBS}.lock"):
-        recorded = read_for_update(path)
-        recorded.update({str(name): str(job_id) for name, job_id in ids.items()})
-        atomic_write_json(path, recorded, sort_keys=True)
+    update_sweep_file(Path(sweep_dir) / SLURM_JOBS,
+                      lambda recorded: {**recorded, **{str(name): str(job_id) for name, job_id in ids.items()}})
 
 
 def queued_elsewhere(sweep_dir: str | os.PathLike, names: Sequence[str]) -> dict[str, tuple[str, str]]:

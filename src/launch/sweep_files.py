@@ -60,6 +60,16 @@ def read_for_update(path: str | os.PathLike) -> dict:
         return {}
 
 
+def update_sweep_file(path: str | os.PathLike, change) -> None:
+    """Rewrite the sweep file at path with change(entries), under its lock (`.<name>.lock` beside it), atomically;
+    a damaged file is kept aside first (read_for_update)."""
+    from src.utils.io import atomic_write_json, file_lock
+
+    path = Path(path)
+    with file_lock(path.with_name(f".{path.name}.lock")):
+        atomic_write_json(path, change(read_for_update(path)), sort_keys=True)
+
+
 def damaged_copies(sweep_dir: str | os.PathLike, name: str) -> list[Path]:
     """The damaged copies of `name` a launch kept aside in sweep_dir (read_for_update), oldest name first."""
     return sorted(Path(sweep_dir).glob(f"{name}{DAMAGED_SUFFIX}*"))
