@@ -4,6 +4,7 @@ Needs root and Debian's slurm-wlm + munge (installed by the script where apt wor
 otherwise. Each test launches `python -m src.run` with hydra/launcher=slurm_cpu, as a user would.
 """
 
+import json
 import os
 import re
 import shutil
@@ -152,6 +153,8 @@ def test_sweep_on_slurm_cancel_then_relaunch_resumes_and_skips(slurm, cache_dir,
     assert 50 <= interrupted_at < 1500
     # scancel sends SIGTERM first: Lightning stops between two steps and the job saves that step.
     assert f"checkpoint on SIGTERM at step {interrupted_at}" in job_log(sweep, job_id)
+    # The rank report's reason: the scheduler's, in the run's error.json (the relaunch removes it).
+    assert "the scheduler reports" in json.loads((victim / "error.json").read_text())["error"]
     mtimes = [(d / "results.json").stat().st_mtime_ns for d in done]
 
     # The same command again: the finished runs are skipped, the cancelled one resumes from its checkpoint.
@@ -163,6 +166,7 @@ def test_sweep_on_slurm_cancel_then_relaunch_resumes_and_skips(slurm, cache_dir,
     log = job_log(sweep, slurm_job_id(victim))
     assert "Restored all states from the checkpoint" in log
     assert (victim / "results.json").is_file() and ckpt_step(victim / "checkpoints" / "last.ckpt") == 1500
+    assert not (victim / "error.json").exists()
 
 
 @pytest.mark.parametrize("setting, line", [

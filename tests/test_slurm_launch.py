@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from src.config import ConfigError
 from src.launch import submitit as launch
@@ -170,6 +171,43 @@ def test_job_that_ended_without_a_result_is_named_by_its_run_and_its_log(monkeyp
             f"written (its log: {log_file})"
     assert failures.FAILED == [("digits/rf", error)]
     assert ret.return_value == {"failed": True, "run_name": "digits/rf", "error": error}
+
+
+@pytest.mark.parametrize("made", ["nothing", "run_dir", "results"])
+def test_the_rank_report_says_why_the_scheduler_ended_a_job(monkeypatch, tmp_path, made):
+    """A job the scheduler ended without a result is failed in the rank report, with the scheduler's reason, not
+    "running or killed" (a run directory without results: its error.json) nor "never started" (no directory: the
+    sweep's failures.json); a run whose results stay as they were keeps its files (failures.json names the launch)."""
+    from types import SimpleNamespace
+
+    from src.launch import failures
+    from src.launch.planned import record_planned_jobs
+    from src.ranking.aggregate import load_sweep
+
+    class Killed:
+        job_id = "136_0"
+
+    sweep_dir = tmp_path / "sweep"
+    record_planned_jobs(sweep_dir, {"digits/rf": {"run_dir": "digits/rf", "overrides": ["loss=paper/rf"]}})
+    run_dir = sweep_dir / "digits/rf"
+    if made != "nothing":
+        (run_dir / ".hydra").mkdir(parents=True)
+        (run_dir / ".hydra/config.yaml").write_text("seed: 0\n")
+    if made == "results":
+        (run_dir / "results.json").write_text("[]")
+    monkeypatch.setattr(launch, "wait_for", lambda job: "OUT_OF_MEMORY")
+    monkeypatch.setattr(failures, "FAILED", [])
+    launcher = SimpleNamespace(config=OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}}}))
+    launch.CollectingSubmititLauncher._collect(launcher, Killed(), ["loss=paper/rf"], lambda o: "digits/rf")
+
+    runs = load_sweep([sweep_dir]).runs
+    reason = "job 136_0 ended without a result: RuntimeError: the scheduler reports OUT_OF_MEMORY"
+    if made == "results":  # the earlier run's results stand; its directory is untouched
+        assert not (run_dir / "error.json").exists()
+        assert list(runs["status"]) == ["done", "refused"] and reason in runs["error"].iloc[1]
+    else:
+        assert list(runs["status"]) == ["failed"] and reason in runs["error"].iloc[0]
+        assert (run_dir / "error.json").exists() == (made == "run_dir")
 
 
 def test_sweep_job_name_is_the_run_name():

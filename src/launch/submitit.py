@@ -29,7 +29,10 @@ from hydra_plugins.hydra_submitit_launcher import submitit_launcher as base
 from omegaconf import OmegaConf
 
 from src.config import ConfigError
-from src.launch.failures import LaunchError, StoppedWaiting, one_line, record_failure
+from src.launch.failures import LaunchError, StoppedWaiting, one_line, record_failure, record_sweep_failure
+from src.launch.planned import planned_run_dir, read_planned_jobs
+from src.launch.sweep_files import DamagedSweepFile
+from src.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +168,8 @@ class CollectingSubmititLauncher(base.BaseSubmititLauncher):
                 (f" (its log: {paths.stderr})" if paths is not None else "")
             failed = name()
             record_failure(failed, error)
+            if self is not None:
+                record_lost_job(self.config.hydra.sweep.dir, failed, error)
             return JobReturn(overrides=overrides, status=JobStatus.COMPLETED,
                              _return_value={"failed": True, "run_name": failed, "error": error})
         if ret.status == JobStatus.FAILED:  # the task raised: only with fail_fast=true; the sweeper re-raises
@@ -174,6 +179,22 @@ class CollectingSubmititLauncher(base.BaseSubmititLauncher):
         if isinstance(value, dict) and value.get("failed"):
             record_failure(value.get("run_name") or name(), value.get("error", "failed"))
         return ret
+
+
+def record_lost_job(sweep_dir: str | os.PathLike, name: str, error: str) -> None:
+    """Where the rank report finds a job the scheduler ended without a result (cancelled, out of memory, node
+    failure), so that it says why rather than "running or killed": the error.json of a run directory without results
+    (the job's rerun removes it, as it does its own); else, for a job that never made its directory or a run whose
+    results stay as they were, the sweep's failures.json (cleared once the job runs)."""
+    try:
+        job = read_planned_jobs(sweep_dir).get(name)
+    except DamagedSweepFile:
+        job = None
+    run_dir = planned_run_dir(sweep_dir, job) if job is not None else None
+    if run_dir is not None and run_dir.is_dir() and not (run_dir / "results.json").exists():
+        atomic_write_json(run_dir / "error.json", {"type": "JobLost", "error": error, "traceback": ""})
+    else:
+        record_sweep_failure(sweep_dir, name, error)
 
 
 #: SLURM states after which a job never runs again (PREEMPTED is not one: a preempted job may be requeued).
