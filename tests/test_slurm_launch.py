@@ -282,6 +282,36 @@ def test_wait_goes_on_while_the_controller_does_not_answer(monkeypatch):
     assert launch.wait_for(never) == "no longer in the queue"
 
 
+def test_a_job_pending_for_more_than_its_turn_is_said_once_per_reason(monkeypatch, caplog):
+    """Drained nodes, a partition down or a QOS limit can keep a job pending for ever: the sweep says so once per
+    reason, with SLURM's words, instead of waiting silently; waiting for its turn (Priority, Resources) says nothing."""
+    from types import SimpleNamespace
+
+    answers = iter(["PENDING Priority", "PENDING ReqNodeNotAvail, UnavailableNodes:node1",
+                    "PENDING ReqNodeNotAvail, UnavailableNodes:node1", "PENDING QOSMaxJobsPerUserLimit",
+                    "PENDING Resources", "RUNNING None"])
+    monkeypatch.setattr(launch.subprocess, "run", lambda *a, **k: SimpleNamespace(returncode=0,
+                                                                                  stdout=next(answers) + "\n",
+                                                                                  stderr=""))
+    monkeypatch.setattr(launch.time, "sleep", lambda s: None)
+
+    class Job:
+        job_id, polls = "9_0", 0
+        paths = SimpleNamespace(result_pickle=SimpleNamespace(exists=lambda: True))
+
+        def done(self):
+            self.polls += 1
+            return self.polls > 6
+
+    with caplog.at_level("WARNING", logger=launch.__name__):
+        assert launch.wait_for(Job()) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "job 9_0 is pending: ReqNodeNotAvail, UnavailableNodes:node1 (SLURM's reason); waiting",
+        "job 9_0 is pending: QOSMaxJobsPerUserLimit (SLURM's reason); waiting"]
+    monkeypatch.setattr(launch.subprocess, "run", lambda *a, **k: SimpleNamespace(returncode=0, stdout="", stderr=""))
+    assert launch.squeue_job("9_0") == (None, "")  # not listed: long gone
+
+
 def test_ctrl_c_while_waiting_says_the_jobs_run_on(monkeypatch, capsys, tmp_path):
     """Ctrl-C in the launching command stops its waiting, not the SLURM jobs: one line saying so and how to stop them
     (exit status 130), instead of a KeyboardInterrupt traceback that leaves the user thinking the sweep stopped."""

@@ -253,17 +253,30 @@ NO_ANSWER = "NO ANSWER"
 def squeue_state(job_id: str) -> str | None:
     """The job's state as squeue reports it; None when squeue does not list it (long gone: `Invalid job id`, or no
     squeue); NO_ANSWER when squeue fails otherwise (the controller unreachable or slow)."""
+    return squeue_job(job_id)[0]
+
+
+def squeue_job(job_id: str) -> tuple[str | None, str]:
+    """(state, SLURM's reason) of the job, as squeue_state says the state; the reason is "" where squeue gives none."""
     try:
-        out = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
-                             timeout=60)
+        out = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T %r"], capture_output=True,
+                             text=True, timeout=60)
     except OSError:
-        return None
+        return None, ""
     except subprocess.TimeoutExpired:
-        return NO_ANSWER
+        return NO_ANSWER, ""
     if out.returncode != 0 and "invalid job id" not in out.stderr.lower():
-        return NO_ANSWER
-    states = out.stdout.split()
-    return states[0].upper() if out.returncode == 0 and states else None
+        return NO_ANSWER, ""
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        return None, ""
+    state, _, reason = lines[0].strip().partition(" ")
+    return state.upper(), reason.strip()
+
+
+#: Reasons a pending job waits for its turn (cluster busy, array_parallelism, a start time): nothing to say. Any other
+#: (drained or down nodes, a partition down, QOS or account limits, a hold) is said once, as it may never pass.
+TURN_REASONS = {"", "None", "Resources", "Priority", "BeginTime", "Dependency", "JobArrayTaskLimit", "Prolog"}
 
 
 def wait_for(job, result_grace_s: float = 30.0, max_poll_s: float = 10.0) -> str | None:
@@ -272,13 +285,14 @@ def wait_for(job, result_grace_s: float = 30.0, max_poll_s: float = 10.0) -> str
     submitit alone asks sacct, and waits forever for a job that died without a result where sacct gives no answer
     (clusters or test clusters without accounting). squeue is asked as well: a job it lists in a final state, or
     no longer lists, has ended; its result file gets result_grace_s to appear (shared file systems lag). While the
-    controller does not answer, the job runs on (slurmd keeps it): the wait goes on.
+    controller does not answer, the job runs on (slurmd keeps it): the wait goes on. A job pending for a reason
+    other than its turn (TURN_REASONS) is said once per reason.
     """
-    poll, ended_at, state, warned = 1.0, None, None, False
+    poll, ended_at, state, warned, said = 1.0, None, None, False, ""
     while True:
         if job.done():  # the result file, or sacct saying the job ended
             return None if job.paths.result_pickle.exists() else getattr(job, "state", "ended")
-        state = squeue_state(job.job_id)
+        state, reason = squeue_job(job.job_id)
         if state == NO_ANSWER:
             if not warned:
                 log.warning("squeue does not answer about job %s (the SLURM controller is unreachable); waiting",
@@ -292,6 +306,9 @@ def wait_for(job, result_grace_s: float = 30.0, max_poll_s: float = 10.0) -> str
             poll = 1.0
         else:
             ended_at = None  # pending, running, requeued: keep waiting
+            if state == "PENDING" and reason.split(",")[0] not in TURN_REASONS and reason != said:
+                log.warning("job %s is pending: %s (SLURM's reason); waiting", job.job_id, reason)
+                said = reason
         time.sleep(poll)
         poll = min(2 * poll, max_poll_s)
 
