@@ -254,7 +254,7 @@ def evaluate_run(cfg: DictConfig, run_dir: str | Path, device: torch.device | st
     shards' meta.json (read from cfg.data.train_dir when not given).
     """
     from src.data.shards import load_eval_set, read_meta
-    from src.evaluation.decoding import decoder_name, make_decoder, reference_images
+    from src.evaluation.decoding import decoder_name, make_decoder, own_latent_stats, reference_images
     from src.evaluation.evaluate import SamplerSetting, evaluate_backbone
     from src.formulations import from_config
     from src.metrics.reference import reference_features
@@ -291,8 +291,10 @@ def evaluate_run(cfg: DictConfig, run_dir: str | Path, device: torch.device | st
     dataset_id = f"{cfg.data.name}:{Path(cfg.data.eval_dir).resolve()}:{eval_set['meta']['count']}"
     if wanted[0]["decoder"] is not None:  # latent shards: the references are this autoencoder's reconstructions
         dataset_id += f":{wanted[0]['decoder']}"
+        if own_latent_stats(eval_set, meta):  # (reconstructions cached before were un-normalised with training's)
+            dataset_id += ":own_latent_stats"
     cache = Path(cfg.paths.cache_dir) / "reference"
-    images = lambda: reference_images(eval_set, decode)  # noqa: E731 -- only computed on a cache miss
+    images = lambda: reference_images(eval_set, decode, meta)  # noqa: E731 -- only computed on a cache miss
     reference = reference_features(extractor.id, dataset_id, images, extractor, cache)
     inception = None
     if ev.inception.weights_path is not None:
