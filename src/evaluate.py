@@ -175,10 +175,9 @@ def evaluate(run_dir: str | Path, overrides: Sequence[str] = (), config_dirs: Se
                  extra={"console": True})
     else:
         log.info("%s: results complete, nothing to do", run_dir, extra={"console": True})
-    if cfg.get("torch_threads"):
-        import torch
+    from src.training.job import _torch_settings
 
-        torch.set_num_threads(int(cfg.torch_threads))
+    _torch_settings(cfg)  # as a job evaluates (torch_threads; TF32 matmuls on a GPU): the same record, the same numbers
     from src.launch.rundir import run_dir_lock, run_log
     from src.utils.io import remove_stale_temp_files
     from src.utils.progress import evaluation_hook

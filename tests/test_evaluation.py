@@ -272,3 +272,17 @@ def test_callback_evaluates_on_the_trainers_device_not_the_torn_down_modules():
     seen.clear()
     callback.on_fit_end(SimpleNamespace(**{**vars(trainer), "global_rank": 1}), module)
     assert seen == {}  # only rank 0 evaluates
+
+
+def test_force_quick_gelu_without_a_clip_model_is_refused():
+    """The tiny CLIP ignored it: its records were named ",quickgelu" for features computed with GELU."""
+    from omegaconf import OmegaConf
+
+    from src.config import ConfigError
+    from src.evaluation.run import check_eval_files
+
+    ev = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "eval" / "default.yaml")
+    check_eval_files(ev)
+    ev.clip.force_quick_gelu = True
+    with pytest.raises(ConfigError, match=r"eval.clip.force_quick_gelu=true: only with eval.clip.model_name"):
+        check_eval_files(ev)

@@ -269,6 +269,25 @@ def test_reference_cache_is_keyed_by_the_weights_content_not_the_file_name(tiny_
     assert len(others) == 2 and b.id not in others
 
 
+def test_reference_cache_key_tells_an_evaluation_folder_written_again_apart(tmp_path):
+    """The key held the folder, its name and its count only: a folder deleted and preprocessed again at another
+    resolution (same path, same count) was served the former images' statistics."""
+    from omegaconf import OmegaConf
+
+    from src.evaluation.run import reference_dataset_id
+    from src.metrics import reference_path
+
+    data = OmegaConf.create({"name": "coco", "eval_dir": str(tmp_path / "coco")})
+    meta = {"count": 5000, "image_size": 256, "shapes": {"latent": [4, 32, 32]}, "created": "2026-12-01T10:00:00"}
+    again = {**meta, "image_size": 512, "shapes": {"latent": [4, 64, 64]}, "created": "2026-12-02T10:00:00"}
+    key = reference_dataset_id(data, {"meta": meta}, "AutoencoderKL:vae:abc")
+    assert key == reference_dataset_id(data, {"meta": dict(meta)}, "AutoencoderKL:vae:abc")
+    assert key != reference_dataset_id(data, {"meta": again}, "AutoencoderKL:vae:abc")
+    assert key != reference_dataset_id(data, {"meta": meta}, "AutoencoderKL:vae:def")
+    assert reference_path("clip", key, tmp_path) != reference_path("clip", reference_dataset_id(
+        data, {"meta": again}, "AutoencoderKL:vae:abc"), tmp_path)
+
+
 def test_weights_sha256_is_computed_once_per_file_version(tmp_path, monkeypatch):
     """The checksum naming a weights file is remembered (in the process and under the cache folder) until the file
     changes; a file rewritten with the same size and its old mtime (cp -p) is hashed again."""

@@ -326,6 +326,15 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           env=env, timeout=300)
 
 
+def test_evaluate_samples_under_the_jobs_torch_settings(run, monkeypatch):
+    """src.evaluate set only the thread count; a job evaluates after _torch_settings, which on a GPU also sets TF32
+    matmuls: a record computed by either differed in float rounding (the samples of 50 steps, their metrics)."""
+    seen = []
+    monkeypatch.setattr(job, "_torch_settings", lambda cfg: seen.append(cfg.get("torch_threads")))
+    evaluate(run)
+    assert seen == [1]
+
+
 def test_evaluate_cli_re_evaluates_a_finished_run(trained, run):
     checkpoints = _files(run)
     before = json.loads((run / "results.json").read_text())

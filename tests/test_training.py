@@ -382,3 +382,15 @@ def test_train_shift_is_checked(tmp_path, cache_dir, override, message):
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_values(make_cfg(tmp_path, cache_dir, [override]))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.shift=inf", "eval.shift=inf: must be a number > 0 (1.0 = no shift)"),
+    ("eval.settings=[{steps: 2, cfg: inf}]", "eval.settings.0.cfg=inf: must be a number >= 0, finite"),
+])
+def test_infinite_eval_shift_or_cfg_fails_before_training(tmp_path, cache_dir, override, message):
+    """"> 0" let infinity through: the sampler refused it only once the training had ended."""
+    from src.training.prepare import check_values
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_values(make_cfg(tmp_path, cache_dir, ["eval.enabled=true", override]))

@@ -8,6 +8,8 @@ from `cfg.model` and the weights come from the checkpoint file, so a run trained
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -115,6 +117,10 @@ def check_eval_files(cfg_eval: DictConfig) -> None:
             raise ConfigError(f"eval.{key}={path}: not a weights file torch.load(weights_only=True) reads ({error})")
     if cfg_eval.clip.model_name is not None and cfg_eval.clip.weights_path is None:
         raise ConfigError(f"eval.clip.weights_path=None: required with eval.clip.model_name={cfg_eval.clip.model_name}")
+    if cfg_eval.clip.model_name is None and cfg_eval.clip.get("force_quick_gelu", False):
+        # The tiny CLIP loads without it: its records would be named ",quickgelu" for features computed with GELU.
+        raise ConfigError("eval.clip.force_quick_gelu=true: only with eval.clip.model_name (OpenAI weights); the tiny "
+                          "CLIP (eval.clip.model_name=null) was trained with GELU")
     if cfg_eval.clip.model_name is not None:  # else a typo is found after the training, when the evaluation starts
         from src.metrics.clip import model_name_error
 
@@ -243,6 +249,18 @@ def describe(cfg: DictConfig, run_dir: str | Path, missing: list[dict[str, Any]]
     return describe_missing(missing, current)
 
 
+def reference_dataset_id(cfg_data: DictConfig, eval_set: dict, decoder: str | None) -> str:
+    """The evaluation set's key in the reference-statistics cache: its name, folder and count, a digest of its
+    meta.json (a folder written again, e.g. at another resolution, is another set: its statistics are not served from
+    the former one's), and for latent shards the decoder of its reconstructions."""
+    own = eval_set["meta"]
+    digest = hashlib.sha256(json.dumps(own, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    dataset_id = f"{cfg_data.name}:{Path(cfg_data.eval_dir).resolve()}:{own['count']}:{digest}"
+    if decoder is not None:  # latent shards: the references are this autoencoder's reconstructions
+        dataset_id += f":{decoder}"
+    return dataset_id
+
+
 # ---- the evaluation -----------------------------------------------------------------------------------------
 def evaluate_run(cfg: DictConfig, run_dir: str | Path, device: torch.device | str | None = None,
                  on_setting: OnSetting | None = None, loggers: Iterable = (), meta: dict | None = None
@@ -288,11 +306,9 @@ def evaluate_run(cfg: DictConfig, run_dir: str | Path, device: torch.device | st
     if decoder_name(meta, ev.get("autoencoder_path"), cfg.paths.cache_dir) != wanted[0]["decoder"]:
         raise RuntimeError("eval.autoencoder_path: the autoencoder's files changed while the evaluation started; run "
                            "it again")
-    dataset_id = f"{cfg.data.name}:{Path(cfg.data.eval_dir).resolve()}:{eval_set['meta']['count']}"
-    if wanted[0]["decoder"] is not None:  # latent shards: the references are this autoencoder's reconstructions
-        dataset_id += f":{wanted[0]['decoder']}"
+    dataset_id = reference_dataset_id(cfg.data, eval_set, wanted[0]["decoder"])
     cache = Path(cfg.paths.cache_dir) / "reference"
-    images = lambda: reference_images(eval_set, decode)  # noqa: E731 -- only computed on a cache miss
+    images = lambda: reference_images(eval_set, decode, meta)  # noqa: E731 -- only computed on a cache miss
     reference = reference_features(extractor.id, dataset_id, images, extractor, cache)
     inception = None
     if ev.inception.weights_path is not None:

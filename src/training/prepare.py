@@ -215,12 +215,13 @@ def check_values(cfg: DictConfig) -> None:
             ("eval.n_samples", integer, lambda v: v >= 2, ">= 2 (FID needs two samples)"),
             ("eval.batch_size", integer, lambda v: v >= 1, ">= 1"),
             ("eval.seed", integer, lambda v: v >= 0, ">= 0"),
-            ("eval.shift", number, lambda v: v > 0, "> 0"),
+            # finite: an infinite shift or guidance scale passes "> 0" but fails the sampler, after the training
+            ("eval.shift", number, lambda v: v > 0 and math.isfinite(v), "> 0 (1.0 = no shift)"),
         ]
         check_setting_keys(cfg.eval.settings)
         for i in range(len(cfg.eval.settings)):
             checks += [(f"eval.settings.{i}.steps", integer, lambda v: v >= 1, ">= 1"),
-                       (f"eval.settings.{i}.cfg", number, lambda v: v >= 0, ">= 0")]
+                       (f"eval.settings.{i}.cfg", number, lambda v: v >= 0 and math.isfinite(v), ">= 0, finite")]
         checks += [(f"eval.ema.{i}", boolean, None, "(true or false)") for i in range(len(cfg.eval.ema))]
     for key in ("paths.root_dir", "paths.output_dir", "paths.cache_dir"):  # empty: files land in the current folder
         value = OmegaConf.select(cfg, key)
