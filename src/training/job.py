@@ -51,11 +51,16 @@ def build_module(cfg: DictConfig, formulation, backbone, meta: dict | None = Non
     o, t = cfg.optim, cfg.train
     # Which context tokens / pooled channels belong to which text encoder, for per-encoder dropout.
     groups = to_dict(t.cond_groups) if t.cond_groups else (meta or {}).get("text_groups")
+    # model.compile and compile_backend: the backbone's record of them where it keeps one (src/models/backbone.py);
+    # a backbone of your own takes them as keys it does not read, and is compiled whole as they ask (docs/backbone.md).
+    compile_mode = getattr(backbone, "compile_requested", OmegaConf.select(cfg, "model.compile", default=False))
+    compile_backend = getattr(backbone, "compile_backend",
+                              OmegaConf.select(cfg, "model.compile_backend", default="default"))
     return FormulationModule(
         formulation, backbone, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
         warmup_steps=o.warmup_steps, ema_every=t.ema_every, ema_decay=t.ema_decay, cond_dropout=t.cond_dropout,
-        cond_groups=groups,
-        val_levels=t.val_levels, shift=t.get("shift", 1.0), seed=cfg.seed, compile=getattr(backbone, "compile_requested", False),
+        cond_groups=groups, val_levels=t.val_levels, shift=t.get("shift", 1.0), seed=cfg.seed,
+        compile=compile_mode, compile_backend=compile_backend,
         fused=o.get("fused", "auto"), **({} if streams is None else {"streams": streams}),
     )
 

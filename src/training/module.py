@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from src.formulations import validation_times
 from src.formulations.base import Formulation, expand_like
-from src.models.perf import AUTO_BOOL, check_choice, compile_backbone, compile_setting, resolve_auto
+from src.models.perf import AUTO_BOOL, COMPILE_BACKENDS, check_choice, compile_backbone, compile_setting, resolve_auto
 from src.training.conditioning import draw_drops, drop_conditioning
 from src.training.ema import ema_update, make_ema_copy
 from src.training.streams import NOISE, STREAMS, TIMES, VALIDATION, step_generator
@@ -42,6 +42,7 @@ class FormulationModule(L.LightningModule):
         shift: float = 1.0,
         seed: int = 0,
         compile: bool | str = False,
+        compile_backend: str | None = None,
         fused: bool | str = "auto",
         streams: int = STREAMS,
     ):
@@ -57,6 +58,9 @@ class FormulationModule(L.LightningModule):
         self.shift = shift  # the resolution-dependent shift of the training times (1.0: none)
         self.register_buffer("val_t", validation_times(formulation, val_levels), persistent=False)
         self.compile_backbone = compile_setting(compile)
+        if compile_backend is not None:
+            check_choice("compile_backend", compile_backend, COMPILE_BACKENDS)
+        self.compile_mode = compile_backend  # torch.compile's mode; None: the backbone's own compile_backend
         check_choice("optim.fused", fused, AUTO_BOOL)
         self.fused_adamw = fused
         object.__setattr__(self, "_train_forward", backbone)
@@ -67,7 +71,7 @@ class FormulationModule(L.LightningModule):
         # forward only; `self.backbone` stays the one that is saved and averaged (compiled modules prefix
         # state-dict keys with `_orig_mod.`). Regional compilation ("blocks") compiles the blocks in place and
         # keeps the keys. "auto" resolves by device (src/models/perf.py): blocks on a GPU, eager on the CPU.
-        backend = getattr(self.backbone, "compile_backend", "default")
+        backend = self.compile_mode or getattr(self.backbone, "compile_backend", "default")
         forward = compile_backbone(self.backbone, self.compile_backbone, self.device.type, backend)
         object.__setattr__(self, "_train_forward", forward)
 

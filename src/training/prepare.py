@@ -116,6 +116,12 @@ def check_model(cfg: DictConfig, shapes: dict) -> None:
             return
         with torch.device("meta"):
             hydra.utils.instantiate(checked.model)
+        # Read by the training module for every backbone, one of your own included (it takes them as unread keys).
+        from src.models.perf import COMPILE_BACKENDS, check_choice, compile_setting
+
+        compile_setting(OmegaConf.select(checked, "model.compile", default=False))
+        check_choice("compile_backend", OmegaConf.select(checked, "model.compile_backend", default="default"),
+                     COMPILE_BACKENDS)
     except Exception as e:  # instantiate wraps constructor errors; surface the model's own message
         cause = e.__cause__ or e
         raise ConfigError(f"model: {cause}") from None
