@@ -139,6 +139,27 @@ def test_checkpoints_load_across_options():
         torch.testing.assert_close(a2(x, t, ctx, pooled), b(x, t, ctx, pooled), rtol=1e-5, atol=1e-6)
 
 
+def test_the_configured_adamw_kernel_replaces_the_checkpoints_on_resume():
+    """optim.fused is not in the fingerprint: a run checkpointed with the fused kernel and resumed with
+    optim.fused=false (or under "auto" on another device) updates with the configured one. torch's
+    Optimizer.load_state_dict takes each parameter group's `fused` from the checkpoint (tests/test_training.py has
+    the resumed job)."""
+    from types import SimpleNamespace
+
+    backbone = MMDiT(**SIZE)
+    fused = torch.optim.AdamW(backbone.parameters(), fused=True)
+    for p in backbone.parameters():
+        p.grad = torch.ones_like(p)
+    fused.step()
+    checkpoint = {"optimizer_states": [fused.state_dict()]}
+    module = FormulationModule(get_recipe("rf/lognorm(0.00, 1.00)"), backbone, fused=False)
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    module.on_load_checkpoint(checkpoint)  # Lightning's hook, before it loads the optimizer state
+    opt = module.configure_optimizers()["optimizer"]
+    opt.load_state_dict(checkpoint["optimizer_states"][0])
+    assert not opt.param_groups[0]["fused"]
+
+
 @pytest.mark.parametrize("setting, value, match", [
     ("compile", "yes", "compile='yes'"), ("attention_backend", "flash2", "attention_backend='flash2'"),
     ("fused_modulation", "on", "fused_modulation='on'"), ("compile_backend", "fast", "compile_backend='fast'"),

@@ -96,6 +96,31 @@ def test_resume_matches_uninterrupted_run(tmp_path, cache_dir, monkeypatch):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
+def test_a_resumed_run_updates_with_the_configured_adamw_kernel(tmp_path, cache_dir, monkeypatch):
+    """optim.fused is a throughput setting (not in the fingerprint): a run resumed under another value, or under
+    "auto" on another device, uses the configured kernel. torch's Optimizer.load_state_dict had taken it from the
+    checkpoint's parameter groups, so a run checkpointed with the fused kernel stayed fused."""
+    from src.training import module as module_lib
+
+    overrides = ["train.max_steps=2", "train.val_every=10", "train.ckpt_every=1", "eval.enabled=false"]
+    run_dir = tmp_path / "run"
+    interrupt_at(monkeypatch, 1)
+    with pytest.raises(Interrupt):
+        run_job(make_cfg(tmp_path, cache_dir, [*overrides, "optim.fused=true"]), run_dir)
+    monkeypatch.undo()
+    kernels = []
+    original = module_lib.FormulationModule.training_step
+
+    def record(self, batch, batch_idx):
+        kernels.append(self.trainer.optimizers[0].param_groups[0]["fused"])
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(module_lib.FormulationModule, "training_step", record)
+    run_job(make_cfg(tmp_path, cache_dir, [*overrides, "optim.fused=false"]), run_dir)
+    assert final_state(run_dir)[1] == 2 and kernels == [None]  # step 2, resumed from step 1
+
+
 def test_training_streams_are_independent_of_each_other_and_of_other_seeds():
     """Every (seed, stream, step) has a stream of its own: replicate seeds, a step's data and its draws, and the
     validation noise share none (version 1 did: seed s's noise was seed s + 3's times)."""

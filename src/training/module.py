@@ -118,13 +118,25 @@ class FormulationModule(L.LightningModule):
         # Fused AdamW (one kernel for all parameters) where optim.fused asks; "auto" = on CUDA only, so the CPU
         # keeps the default (foreach) update and its exact numerics. Same update rule either way.
         params = list(self.backbone.parameters())
-        fused = resolve_auto(self.fused_adamw, params[0].device.type if params else "cpu")
+        fused = self._fused_kernel(params[0].device.type if params else "cpu")
         opt = torch.optim.AdamW(
-            params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay, fused=fused or None
+            params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay, fused=fused
         )
         warmup = max(1, self.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _fused_kernel(self, device_type: str) -> bool | None:
+        return resolve_auto(self.fused_adamw, device_type) or None
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # torch's Optimizer.load_state_dict takes each parameter group's settings from the checkpoint, the AdamW kernel
+        # (`fused`) included: a run resumed under another optim.fused (or, under "auto", on another device) kept the
+        # one it was saved with. Set to the configured kernel here, before Lightning loads the optimizer state.
+        fused = self._fused_kernel(self.trainer.strategy.root_device.type)
+        for state in checkpoint.get("optimizer_states", []):
+            for group in state.get("param_groups", []):
+                group["fused"] = fused
 
     # ---- stratified validation loss (docs/evaluation.md#validation-loss) --------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
