@@ -317,6 +317,12 @@ def test_a_launch_that_failed_before_training_does_not_claim_the_directory(tmp_p
         ("train.ema_every=true", "train.ema_every=True: must be an integer >= 1"),
         ("train.val_every=0", "train.val_every=0: must be an integer >= 1"),
         ("train.ckpt_every=0", "train.ckpt_every=0: must be an integer >= 1"),
+        # Trained as if 0 (no warm-up), or a TypeError in the first step.
+        ("optim.warmup_steps=-10", "optim.warmup_steps=-10: must be a number >= 0"),
+        ("optim.warmup_steps=abc", "optim.warmup_steps=abc: must be a number >= 0"),
+        # Trained without clipping, or Lightning's TypeError once the run directory was bound.
+        ("trainer.gradient_clip_val=0", "trainer.gradient_clip_val=0: must be a number > 0 (or null: no clipping)"),
+        ("trainer.gradient_clip_val=abc", "trainer.gradient_clip_val=abc: must be a number > 0"),
         ("seed=abc", "seed=abc: must be an integer >= 0"),
         ("data.val_samples=0", "data.val_samples=0: must be an integer >= 1"),
         ("eval.batch_size=0", "eval.batch_size=0: must be an integer >= 1"),

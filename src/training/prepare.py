@@ -203,13 +203,16 @@ def check_values(cfg: DictConfig) -> None:
         ("train.val_every", integer, lambda v: v >= 1, ">= 1"),
         ("train.ckpt_every", integer, lambda v: v >= 1, ">= 1 (resume starts from the last checkpoint)"),
         ("optim.lr", number, lambda v: v > 0, "> 0"),
+        ("optim.warmup_steps", number, lambda v: v >= 0, ">= 0 (0: the full rate from the first step)"),
         ("data.batch_size", integer, lambda v: v >= 1, ">= 1"),
         ("data.val_samples", integer, lambda v: v >= 1, ">= 1"),
         ("seed", integer, lambda v: v >= 0, ">= 0"),
         ("eval.enabled", boolean, None, "(true or false)"),
     ]
     optional = [("torch_threads", integer, lambda v: v >= 1, ">= 1 (or null: torch's default)"),
-                ("data.num_workers", integer, lambda v: v >= 0, ">= 0")]
+                ("data.num_workers", integer, lambda v: v >= 0, ">= 0"),
+                # Lightning clips nothing at <= 0, and takes a string only when it builds the trainer.
+                ("trainer.gradient_clip_val", number, lambda v: 0 < v < math.inf, "> 0 (or null: no clipping)")]
     checks += [c for c in optional if OmegaConf.select(cfg, c[0]) is not None]
     if cfg.eval.enabled is True:  # checked before training, not found out when the evaluation starts
         for key in ("eval.settings", "eval.ema"):
