@@ -16,7 +16,9 @@ from torch import Tensor, nn
 
 from src.formulations import validation_times
 from src.formulations.base import Formulation, expand_like
-from src.models.perf import AUTO_BOOL, COMPILE_BACKENDS, check_choice, compile_backbone, compile_setting, resolve_auto
+from src.models.perf import (
+    AUTO_BOOL, COMPILE_BACKENDS, check_choice, compile_backbone, compile_setting, is_sharded, resolve_auto,
+)
 from src.training.conditioning import draw_drops, drop_conditioning
 from src.training.ema import ema_update, make_ema_copy
 from src.training.streams import NOISE, STREAMS, TIMES, VALIDATION, step_generator
@@ -113,6 +115,15 @@ class FormulationModule(L.LightningModule):
         # Under FSDP both backbones are sharded alike (src/launch/strategies.py), so each rank averages its shard.
         if self.global_step % self.ema_every == 0:
             ema_update(self.ema_backbone, self.backbone, self.ema_decay)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Under FSDP Lightning refuses norm clipping at the first step (its precision plugin has no handle on the
+        # root module); the root's own clip_grad_norm_ takes the norm over every rank's shards (a collective).
+        root = self.trainer.strategy.model
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and is_sharded(root):
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         # Fused AdamW (one kernel for all parameters) where optim.fused asks; "auto" = on CUDA only, so the CPU
