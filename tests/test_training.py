@@ -323,6 +323,13 @@ def test_a_launch_that_failed_before_training_does_not_claim_the_directory(tmp_p
         # Trained without clipping, or Lightning's TypeError once the run directory was bound.
         ("trainer.gradient_clip_val=0", "trainer.gradient_clip_val=0: must be a number > 0 (or null: no clipping)"),
         ("trainer.gradient_clip_val=abc", "trainer.gradient_clip_val=abc: must be a number > 0"),
+        # A KeyError at the first dropped sample; a range past the 16 tokens drops nothing there, silently.
+        ("train.cond_groups=[{context_token: [0, 16], pooled_channels: [0, 64]}]",
+         "train.cond_groups.0.context_token: no such key; an entry has context_tokens, pooled_channels, "
+         "context_channels and name (both optional)"),
+        ("train.cond_groups=[{context_tokens: [16, 32], pooled_channels: [0, 64]}]",
+         "train.cond_groups.0.context_tokens=[16, 32]: must be [start, end] with 0 <= start <= end <= context_length "
+         "= 16"),
         ("seed=abc", "seed=abc: must be an integer >= 0"),
         ("data.val_samples=0", "data.val_samples=0: must be an integer >= 1"),
         ("eval.batch_size=0", "eval.batch_size=0: must be an integer >= 1"),

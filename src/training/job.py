@@ -49,8 +49,9 @@ def build_backbone(cfg: DictConfig) -> torch.nn.Module:
 def build_module(cfg: DictConfig, formulation, backbone, meta: dict | None = None, streams: int | None = None
                  ) -> FormulationModule:
     o, t = cfg.optim, cfg.train
-    # Which context tokens / pooled channels belong to which text encoder, for per-encoder dropout.
-    groups = to_dict(t.cond_groups) if t.cond_groups else (meta or {}).get("text_groups")
+    # Which context tokens / pooled channels belong to which text encoder, for per-encoder dropout (a list: to_dict
+    # made {first key: second key} of it, and the first training step failed).
+    groups = OmegaConf.to_container(t.cond_groups, resolve=True) if t.cond_groups else (meta or {}).get("text_groups")
     # model.compile and compile_backend: the backbone's record of them where it keeps one (src/models/backbone.py);
     # a backbone of your own takes them as keys it does not read, and is compiled whole as they ask (docs/backbone.md).
     compile_mode = getattr(backbone, "compile_requested", OmegaConf.select(cfg, "model.compile", default=False))

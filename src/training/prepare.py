@@ -140,6 +140,7 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> dict:
     check_choices(cfg)
     build_formulation(cfg)
     shapes = check_data(cfg)
+    check_cond_groups(cfg, shapes)
     check_model(cfg, shapes)
     if cfg.eval.enabled:
         from src.evaluation.run import check_eval_files
@@ -154,6 +155,41 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> dict:
             raise ConfigError(f"sampler.name={cfg.sampler.name}: {e}") from None
     check_launch(cfg, multirun)
     return shapes
+
+
+#: The keys of one train.cond_groups entry and the data size each range lies in (context_channels is optional, and
+#: name too, as in the shards' text_groups; an empty range, e.g. T5's pooled channels, is allowed).
+GROUP_KEYS = {"context_tokens": "context_length", "pooled_channels": "pooled_dim", "context_channels": "context_dim"}
+
+
+def check_cond_groups(cfg: DictConfig, shapes: dict) -> None:
+    """train.cond_groups (per-encoder dropout) within the data's conditioning: a typo of a key failed at the first
+    dropped sample, in a traceback, and a range past the data's end dropped nothing there, silently."""
+    groups = cfg.train.cond_groups
+    if groups is None:
+        return
+    if not OmegaConf.is_list(groups) or len(groups) == 0:
+        raise ConfigError(f"train.cond_groups={groups}: must be null (the data's text groups) or a non-empty list of "
+                          "{context_tokens: [start, end], pooled_channels: [start, end]}")
+    for i, group in enumerate(groups):
+        where = f"train.cond_groups.{i}"
+        if not OmegaConf.is_dict(group):
+            raise ConfigError(f"{where}={group}: must be a mapping {{context_tokens: [start, end], pooled_channels: "
+                              "[start, end]}")
+        other = sorted(set(group) - {*GROUP_KEYS, "name"})
+        if other:
+            raise ConfigError(f"{where}.{other[0]}: no such key; an entry has {', '.join(GROUP_KEYS)} and name "
+                              "(both optional)")
+        for key, size_key in GROUP_KEYS.items():
+            value = group.get(key)
+            if value is None and key == "context_channels":
+                continue
+            size = shapes.get(size_key)
+            ends = list(value) if OmegaConf.is_list(value) else []
+            if not (len(ends) == 2 and all(isinstance(e, int) and not isinstance(e, bool) for e in ends)
+                    and 0 <= ends[0] <= ends[1] and (size is None or ends[1] <= size)):
+                raise ConfigError(f"{where}.{key}={value}: must be [start, end] with 0 <= start <= end <= "
+                                  f"{size_key}{'' if size is None else f' = {size}'}")
 
 
 def resolve_data(cfg: DictConfig) -> dict:
