@@ -96,6 +96,34 @@ def test_resume_matches_uninterrupted_run(tmp_path, cache_dir, monkeypatch):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_ema_averages_every_ema_every_th_step_and_a_checkpoint_holds_it(tmp_path, cache_dir, monkeypatch):
+    """train.ema_every=2: the EMA averages the weights after steps 2 and 4, and last.ckpt of step 4 holds that
+    average (docs/training.md#ema). The update read Lightning's step count inside its optimizer_step hook, which
+    counts the step only once the hook returns: it averaged the weights after steps 1 and 3."""
+    from src.training import module as module_lib
+
+    weights = []
+    original = module_lib.FormulationModule.optimizer_step
+
+    def record(self, *args, **kwargs):
+        def snapshot():
+            return {name: p.detach().clone() for name, p in self.backbone.named_parameters()}
+
+        weights.extend([] if weights else [snapshot()])  # the initial weights, the EMA's start
+        original(self, *args, **kwargs)
+        weights.append(snapshot())
+
+    monkeypatch.setattr(module_lib.FormulationModule, "optimizer_step", record)
+    overrides = ["train.max_steps=4", "train.val_every=4", "train.ckpt_every=4", "eval.enabled=false",
+                 "train.ema_every=2", "train.ema_decay=0.5", "optim.warmup_steps=0"]
+    run_job(make_cfg(tmp_path, cache_dir, overrides), tmp_path / "run")
+    state, step = final_state(tmp_path / "run")
+    assert step == 4 and len(weights) == 5
+    for name, start in weights[0].items():
+        want = 0.5 * (0.5 * start + 0.5 * weights[2][name]) + 0.5 * weights[4][name]
+        torch.testing.assert_close(state[f"ema_backbone.{name}"], want, msg=name)
+
+
 @pytest.mark.slow
 def test_a_resumed_run_updates_with_the_configured_adamw_kernel(tmp_path, cache_dir, monkeypatch):
     """optim.fused is a throughput setting (not in the fingerprint): a run resumed under another value, or under

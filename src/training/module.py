@@ -111,9 +111,10 @@ class FormulationModule(L.LightningModule):
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         # Here, not in on_train_batch_end: checkpoint callbacks run before the module's batch-end hook, and a
-        # checkpoint must hold the EMA of the weights it holds. global_step already counts this step.
+        # checkpoint must hold the EMA of the weights it holds. Lightning counts this step in global_step only once
+        # this hook returns: this is step global_step + 1 (read as is, the EMA averaged steps 1, 1 + every, ...).
         # Under FSDP both backbones are sharded alike (src/launch/strategies.py), so each rank averages its shard.
-        if self.global_step % self.ema_every == 0:
+        if (self.global_step + 1) % self.ema_every == 0:
             ema_update(self.ema_backbone, self.backbone, self.ema_decay)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
