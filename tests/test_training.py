@@ -324,6 +324,30 @@ def test_changed_config_in_same_directory_is_an_error(tmp_path, cache_dir):
         run_job(make_cfg(tmp_path, cache_dir, base + ["trainer.gradient_clip_val=1.0"]), run_dir)
 
 
+def test_only_rank_zero_binds_the_run_directory(tmp_path, cache_dir, monkeypatch):
+    """The job's other ranks write nothing into the run directory: each also wrote fingerprint.json and config.yaml
+    through temp files, which rank 0's removal of stale temp files could delete before their rename (an FSDP job
+    failed at its start, FileNotFoundError on .fingerprint.json.<random>.tmp)."""
+    from src.training import job as job_lib
+
+    class Bound(Exception):
+        pass
+
+    def stop(cfg):  # the job's next step after binding
+        raise Bound()
+
+    monkeypatch.setattr(job_lib, "build_formulation", stop)
+    monkeypatch.setenv("RANK", "1")
+    run_dir = tmp_path / "run"
+    with pytest.raises(Bound):
+        run_job(make_cfg(tmp_path, cache_dir, ["eval.enabled=false"]), run_dir)
+    assert not (run_dir / "fingerprint.json").exists() and not (run_dir / "config.yaml").exists()
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(Bound):
+        run_job(make_cfg(tmp_path, cache_dir, ["eval.enabled=false"]), run_dir)
+    assert (run_dir / "fingerprint.json").is_file() and (run_dir / "config.yaml").is_file()
+
+
 def test_a_launch_that_failed_before_training_does_not_claim_the_directory(tmp_path, cache_dir):
     """A typo fails the job before its first checkpoint; the corrected command then runs in the same directory."""
     run_dir = tmp_path / "run"

@@ -208,7 +208,8 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     if is_launch_rank_zero():  # the job owns run_dir (its lock): no live writer holds a temp file there
         for path in remove_stale_temp_files(run_dir):
             log.info("removed %s, left by an interrupted write", path)
-    bind_fingerprint(cfg, run_dir)
+        # Rank 0 alone: another rank's temp file of the same write could be removed above, failing its rename.
+        bind_fingerprint(cfg, run_dir)
     formulation = build_formulation(cfg)
     twin = reuse_training(cfg, run_dir)
 
