@@ -34,3 +34,27 @@ def test_encoders_drop_independently_sd3_layout():
     all_dropped = (clip_l & big_g & t5).float().mean().item()
     assert abs(all_dropped - 0.464**3) < 0.01  # about 10% fully unconditional
     assert (c[:, 0:2, 3] == 1).all()  # zero padding channels of the CLIP tokens belong to nobody
+
+
+def test_cond_groups_set_in_the_configuration_reach_the_training_module():
+    """train.cond_groups (a list of groups, as the shards' text_groups): the job turned the list into a dict of its
+    first group's two keys, and the first training step failed; a group of three keys failed at once."""
+    from hydra import compose, initialize_config_module
+
+    from src.config import register_resolvers
+    from src.formulations import get_recipe
+    from src.training.job import build_module
+    from src.training.prepare import check_cond_groups
+
+    groups = [{"name": "clip", "context_tokens": [0, 8], "context_channels": [0, 64], "pooled_channels": [0, 64]},
+              {"context_tokens": [8, 16], "pooled_channels": [64, 64]}]
+    register_resolvers()
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"train.cond_groups={groups}".replace("'", "")])
+    check_cond_groups(cfg, {"context_length": 16, "context_dim": 64, "pooled_dim": 64})  # in range, name allowed
+    module = build_module(cfg, get_recipe("rf/lognorm(0.00, 1.00)"), torch.nn.Linear(1, 1))
+    assert module.cond_groups == groups
+    drop = torch.tensor([[True, False], [False, True]])
+    c, p = drop_conditioning(torch.ones(2, 16, 64), torch.ones(2, 64), drop, module.cond_groups)
+    assert (c[0, :8] == 0).all() and (c[0, 8:] == 1).all() and (p[0] == 0).all()
+    assert (c[1, :8] == 1).all() and (c[1, 8:] == 0).all() and (p[1] == 1).all()

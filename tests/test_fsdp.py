@@ -235,6 +235,24 @@ def test_fsdp_two_ranks_match_one_process(one_process, fsdp):
 
 
 @pytest.mark.slow
+def test_gradient_clipping_under_fsdp_clips_as_one_process(tmp_path, cache):
+    """trainer.gradient_clip_val under trainer=fsdp: the norm is taken over every rank's shards, and the run ends as
+    one process that clips (Lightning's FSDP precision plugin refused norm clipping at the first step)."""
+    # AdamW's eps 1: the update's size follows the gradient's, so clipping to 0.01 changes the weights.
+    clip = ["trainer.gradient_clip_val=0.01", "optim.eps=1.0", "eval.enabled=false"]
+    runs = {}
+    one_process = [sys.executable, "-m", "src.run"]
+    for name, prefix in (("one", one_process), ("fsdp", torchrun("-m", "src.run", "trainer=fsdp")),
+                         ("unclipped", one_process)):
+        out = run_command(prefix, tmp_path / name, cache, *(clip if name != "unclipped" else clip[1:]))
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs[name] = checkpoint(tmp_path / name / RUN)["state_dict"]
+    for k, v in runs["one"].items():
+        torch.testing.assert_close(runs["fsdp"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert any(not torch.allclose(runs["unclipped"][k], v, rtol=1e-3, atol=1e-5) for k, v in runs["one"].items())
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("interrupted", ["fsdp", "one process"])
 def test_interrupted_run_resumes_under_fsdp(tmp_path, cache, fsdp, interrupted):
     """Stopped at step 10 (last checkpoint: step 8), under FSDP or in one process; `torchrun ... trainer=fsdp` resumes

@@ -8,6 +8,7 @@ layout, so each loads into the others.
 
 from __future__ import annotations
 
+import re
 from functools import partial
 
 import pytest
@@ -136,6 +137,27 @@ def test_checkpoints_load_across_options():
     x, t, _, ctx, pooled = batches(1)[0]
     with torch.no_grad():
         torch.testing.assert_close(a2(x, t, ctx, pooled), b(x, t, ctx, pooled), rtol=1e-5, atol=1e-6)
+
+
+def test_the_configured_adamw_kernel_replaces_the_checkpoints_on_resume():
+    """optim.fused is not in the fingerprint: a run checkpointed with the fused kernel and resumed with
+    optim.fused=false (or under "auto" on another device) updates with the configured one. torch's
+    Optimizer.load_state_dict takes each parameter group's `fused` from the checkpoint (tests/test_training.py has
+    the resumed job)."""
+    from types import SimpleNamespace
+
+    backbone = MMDiT(**SIZE)
+    fused = torch.optim.AdamW(backbone.parameters(), fused=True)
+    for p in backbone.parameters():
+        p.grad = torch.ones_like(p)
+    fused.step()
+    checkpoint = {"optimizer_states": [fused.state_dict()]}
+    module = FormulationModule(get_recipe("rf/lognorm(0.00, 1.00)"), backbone, fused=False)
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    module.on_load_checkpoint(checkpoint)  # Lightning's hook, before it loads the optimizer state
+    opt = module.configure_optimizers()["optimizer"]
+    opt.load_state_dict(checkpoint["optimizer_states"][0])
+    assert not opt.param_groups[0]["fused"]
 
 
 @pytest.mark.parametrize("setting, value, match", [
@@ -294,3 +316,48 @@ def test_wrapped_backbones_are_not_compiled_by_auto_nor_fused_by_auto(monkeypatc
         torch.testing.assert_close(MMDiT(**SIZE, fused_modulation="auto")(x, t, ctx, pooled), model(x, t, ctx, pooled))
     with pytest.raises(ValueError, match="fused_modulation=True is not allowed with FSDP"):
         MMDiT(**SIZE, fused_modulation=True)(x, t, ctx, pooled)
+
+
+def test_a_backbone_of_your_own_is_compiled_as_model_compile_asks(monkeypatch):
+    """docs/backbone.md: a backbone of your own (no transformer blocks, the shared keys taken and left unread, as
+    docs/examples/convnet.py does) is compiled whole under model.compile=full, with model.compile_backend's mode.
+    The job read both from the backbone's own record of them, which such a backbone lacks: it stayed eager."""
+    from hydra import compose, initialize_config_module
+
+    import src.training.module as module_code
+    from src.config import register_resolvers
+    from src.training.job import build_module
+
+    class Own(torch.nn.Module):
+        def __init__(self, **shared_keys):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+
+        def forward(self, x, t, context, pooled):
+            return x
+
+    register_resolvers()
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["model.compile=full", "model.compile_backend=max-autotune"])
+    calls = []
+    monkeypatch.setattr(module_code, "compile_backbone",
+                        lambda backbone, mode, device, backend: calls.append((mode, backend)) or backbone)
+    build_module(cfg, get_recipe("rf/lognorm(0.00, 1.00)"), Own()).on_fit_start()
+    assert calls == [("full", "max-autotune")]
+
+
+def test_compile_settings_of_a_backbone_of_your_own_are_checked_before_training():
+    """Such a backbone does not check model.compile and compile_backend itself: refused in one line by the checks
+    that run before anything is built, not at the first training step."""
+    from hydra import compose, initialize_config_module
+
+    from src.config import ConfigError, register_resolvers
+    from src.training.prepare import DIM_KEYS, check_model
+
+    register_resolvers()
+    for setting, message in (("model.compile=yes", "model: compile='yes' is not allowed"),
+                             ("model.compile_backend=fast", "model: compile_backend='fast' is not allowed")):
+        with initialize_config_module(config_module="conf", version_base="1.3"):
+            cfg = compose(config_name="config", overrides=["model._target_=torch.nn.Identity", setting])
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            check_model(cfg, dict.fromkeys(DIM_KEYS, 1))

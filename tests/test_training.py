@@ -96,6 +96,59 @@ def test_resume_matches_uninterrupted_run(tmp_path, cache_dir, monkeypatch):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_ema_averages_every_ema_every_th_step_and_a_checkpoint_holds_it(tmp_path, cache_dir, monkeypatch):
+    """train.ema_every=2: the EMA averages the weights after steps 2 and 4, and last.ckpt of step 4 holds that
+    average (docs/training.md#ema). The update read Lightning's step count inside its optimizer_step hook, which
+    counts the step only once the hook returns: it averaged the weights after steps 1 and 3."""
+    from src.training import module as module_lib
+
+    weights = []
+    original = module_lib.FormulationModule.optimizer_step
+
+    def record(self, *args, **kwargs):
+        def snapshot():
+            return {name: p.detach().clone() for name, p in self.backbone.named_parameters()}
+
+        weights.extend([] if weights else [snapshot()])  # the initial weights, the EMA's start
+        original(self, *args, **kwargs)
+        weights.append(snapshot())
+
+    monkeypatch.setattr(module_lib.FormulationModule, "optimizer_step", record)
+    overrides = ["train.max_steps=4", "train.val_every=4", "train.ckpt_every=4", "eval.enabled=false",
+                 "train.ema_every=2", "train.ema_decay=0.5", "optim.warmup_steps=0"]
+    run_job(make_cfg(tmp_path, cache_dir, overrides), tmp_path / "run")
+    state, step = final_state(tmp_path / "run")
+    assert step == 4 and len(weights) == 5
+    for name, start in weights[0].items():
+        want = 0.5 * (0.5 * start + 0.5 * weights[2][name]) + 0.5 * weights[4][name]
+        torch.testing.assert_close(state[f"ema_backbone.{name}"], want, msg=name)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_updates_with_the_configured_adamw_kernel(tmp_path, cache_dir, monkeypatch):
+    """optim.fused is a throughput setting (not in the fingerprint): a run resumed under another value, or under
+    "auto" on another device, uses the configured kernel. torch's Optimizer.load_state_dict had taken it from the
+    checkpoint's parameter groups, so a run checkpointed with the fused kernel stayed fused."""
+    from src.training import module as module_lib
+
+    overrides = ["train.max_steps=2", "train.val_every=10", "train.ckpt_every=1", "eval.enabled=false"]
+    run_dir = tmp_path / "run"
+    interrupt_at(monkeypatch, 1)
+    with pytest.raises(Interrupt):
+        run_job(make_cfg(tmp_path, cache_dir, [*overrides, "optim.fused=true"]), run_dir)
+    monkeypatch.undo()
+    kernels = []
+    original = module_lib.FormulationModule.training_step
+
+    def record(self, batch, batch_idx):
+        kernels.append(self.trainer.optimizers[0].param_groups[0]["fused"])
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(module_lib.FormulationModule, "training_step", record)
+    run_job(make_cfg(tmp_path, cache_dir, [*overrides, "optim.fused=false"]), run_dir)
+    assert final_state(run_dir)[1] == 2 and kernels == [None]  # step 2, resumed from step 1
+
+
 def test_training_streams_are_independent_of_each_other_and_of_other_seeds():
     """Every (seed, stream, step) has a stream of its own: replicate seeds, a step's data and its draws, and the
     validation noise share none (version 1 did: seed s's noise was seed s + 3's times)."""
@@ -271,6 +324,30 @@ def test_changed_config_in_same_directory_is_an_error(tmp_path, cache_dir):
         run_job(make_cfg(tmp_path, cache_dir, base + ["trainer.gradient_clip_val=1.0"]), run_dir)
 
 
+def test_only_rank_zero_binds_the_run_directory(tmp_path, cache_dir, monkeypatch):
+    """The job's other ranks write nothing into the run directory: each also wrote fingerprint.json and config.yaml
+    through temp files, which rank 0's removal of stale temp files could delete before their rename (an FSDP job
+    failed at its start, FileNotFoundError on .fingerprint.json.<random>.tmp)."""
+    from src.training import job as job_lib
+
+    class Bound(Exception):
+        pass
+
+    def stop(cfg):  # the job's next step after binding
+        raise Bound()
+
+    monkeypatch.setattr(job_lib, "build_formulation", stop)
+    monkeypatch.setenv("RANK", "1")
+    run_dir = tmp_path / "run"
+    with pytest.raises(Bound):
+        run_job(make_cfg(tmp_path, cache_dir, ["eval.enabled=false"]), run_dir)
+    assert not (run_dir / "fingerprint.json").exists() and not (run_dir / "config.yaml").exists()
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(Bound):
+        run_job(make_cfg(tmp_path, cache_dir, ["eval.enabled=false"]), run_dir)
+    assert (run_dir / "fingerprint.json").is_file() and (run_dir / "config.yaml").is_file()
+
+
 def test_a_launch_that_failed_before_training_does_not_claim_the_directory(tmp_path, cache_dir):
     """A typo fails the job before its first checkpoint; the corrected command then runs in the same directory."""
     run_dir = tmp_path / "run"
@@ -292,6 +369,19 @@ def test_a_launch_that_failed_before_training_does_not_claim_the_directory(tmp_p
         ("train.ema_every=true", "train.ema_every=True: must be an integer >= 1"),
         ("train.val_every=0", "train.val_every=0: must be an integer >= 1"),
         ("train.ckpt_every=0", "train.ckpt_every=0: must be an integer >= 1"),
+        # Trained as if 0 (no warm-up), or a TypeError in the first step.
+        ("optim.warmup_steps=-10", "optim.warmup_steps=-10: must be a number >= 0"),
+        ("optim.warmup_steps=abc", "optim.warmup_steps=abc: must be a number >= 0"),
+        # Trained without clipping, or Lightning's TypeError once the run directory was bound.
+        ("trainer.gradient_clip_val=0", "trainer.gradient_clip_val=0: must be a number > 0 (or null: no clipping)"),
+        ("trainer.gradient_clip_val=abc", "trainer.gradient_clip_val=abc: must be a number > 0"),
+        # A KeyError at the first dropped sample; a range past the 16 tokens drops nothing there, silently.
+        ("train.cond_groups=[{context_token: [0, 16], pooled_channels: [0, 64]}]",
+         "train.cond_groups.0.context_token: no such key; an entry has context_tokens, pooled_channels, "
+         "context_channels and name (both optional)"),
+        ("train.cond_groups=[{context_tokens: [16, 32], pooled_channels: [0, 64]}]",
+         "train.cond_groups.0.context_tokens=[16, 32]: must be [start, end] with 0 <= start <= end <= context_length "
+         "= 16"),
         ("seed=abc", "seed=abc: must be an integer >= 0"),
         ("data.val_samples=0", "data.val_samples=0: must be an integer >= 1"),
         ("eval.batch_size=0", "eval.batch_size=0: must be an integer >= 1"),

@@ -49,13 +49,19 @@ def build_backbone(cfg: DictConfig) -> torch.nn.Module:
 def build_module(cfg: DictConfig, formulation, backbone, meta: dict | None = None, streams: int | None = None
                  ) -> FormulationModule:
     o, t = cfg.optim, cfg.train
-    # Which context tokens / pooled channels belong to which text encoder, for per-encoder dropout.
-    groups = to_dict(t.cond_groups) if t.cond_groups else (meta or {}).get("text_groups")
+    # Which context tokens / pooled channels belong to which text encoder, for per-encoder dropout (a list: to_dict
+    # made {first key: second key} of it, and the first training step failed).
+    groups = OmegaConf.to_container(t.cond_groups, resolve=True) if t.cond_groups else (meta or {}).get("text_groups")
+    # model.compile and compile_backend: the backbone's record of them where it keeps one (src/models/backbone.py);
+    # a backbone of your own takes them as keys it does not read, and is compiled whole as they ask (docs/backbone.md).
+    compile_mode = getattr(backbone, "compile_requested", OmegaConf.select(cfg, "model.compile", default=False))
+    compile_backend = getattr(backbone, "compile_backend",
+                              OmegaConf.select(cfg, "model.compile_backend", default="default"))
     return FormulationModule(
         formulation, backbone, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
         warmup_steps=o.warmup_steps, ema_every=t.ema_every, ema_decay=t.ema_decay, cond_dropout=t.cond_dropout,
-        cond_groups=groups,
-        val_levels=t.val_levels, shift=t.get("shift", 1.0), seed=cfg.seed, compile=getattr(backbone, "compile_requested", False),
+        cond_groups=groups, val_levels=t.val_levels, shift=t.get("shift", 1.0), seed=cfg.seed,
+        compile=compile_mode, compile_backend=compile_backend,
         fused=o.get("fused", "auto"), **({} if streams is None else {"streams": streams}),
     )
 
@@ -202,7 +208,8 @@ def run_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     if is_launch_rank_zero():  # the job owns run_dir (its lock): no live writer holds a temp file there
         for path in remove_stale_temp_files(run_dir):
             log.info("removed %s, left by an interrupted write", path)
-    bind_fingerprint(cfg, run_dir)
+        # Rank 0 alone: another rank's temp file of the same write could be removed above, failing its rename.
+        bind_fingerprint(cfg, run_dir)
     formulation = build_formulation(cfg)
     twin = reuse_training(cfg, run_dir)
 

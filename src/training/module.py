@@ -16,7 +16,9 @@ from torch import Tensor, nn
 
 from src.formulations import validation_times
 from src.formulations.base import Formulation, expand_like
-from src.models.perf import AUTO_BOOL, check_choice, compile_backbone, compile_setting, resolve_auto
+from src.models.perf import (
+    AUTO_BOOL, COMPILE_BACKENDS, check_choice, compile_backbone, compile_setting, is_sharded, resolve_auto,
+)
 from src.training.conditioning import draw_drops, drop_conditioning
 from src.training.ema import ema_update, make_ema_copy
 from src.training.streams import NOISE, STREAMS, TIMES, VALIDATION, step_generator
@@ -42,6 +44,7 @@ class FormulationModule(L.LightningModule):
         shift: float = 1.0,
         seed: int = 0,
         compile: bool | str = False,
+        compile_backend: str | None = None,
         fused: bool | str = "auto",
         streams: int = STREAMS,
     ):
@@ -57,6 +60,9 @@ class FormulationModule(L.LightningModule):
         self.shift = shift  # the resolution-dependent shift of the training times (1.0: none)
         self.register_buffer("val_t", validation_times(formulation, val_levels), persistent=False)
         self.compile_backbone = compile_setting(compile)
+        if compile_backend is not None:
+            check_choice("compile_backend", compile_backend, COMPILE_BACKENDS)
+        self.compile_mode = compile_backend  # torch.compile's mode; None: the backbone's own compile_backend
         check_choice("optim.fused", fused, AUTO_BOOL)
         self.fused_adamw = fused
         object.__setattr__(self, "_train_forward", backbone)
@@ -67,7 +73,7 @@ class FormulationModule(L.LightningModule):
         # forward only; `self.backbone` stays the one that is saved and averaged (compiled modules prefix
         # state-dict keys with `_orig_mod.`). Regional compilation ("blocks") compiles the blocks in place and
         # keeps the keys. "auto" resolves by device (src/models/perf.py): blocks on a GPU, eager on the CPU.
-        backend = getattr(self.backbone, "compile_backend", "default")
+        backend = self.compile_mode or getattr(self.backbone, "compile_backend", "default")
         forward = compile_backbone(self.backbone, self.compile_backbone, self.device.type, backend)
         object.__setattr__(self, "_train_forward", forward)
 
@@ -105,22 +111,44 @@ class FormulationModule(L.LightningModule):
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         # Here, not in on_train_batch_end: checkpoint callbacks run before the module's batch-end hook, and a
-        # checkpoint must hold the EMA of the weights it holds. global_step already counts this step.
+        # checkpoint must hold the EMA of the weights it holds. Lightning counts this step in global_step only once
+        # this hook returns: this is step global_step + 1 (read as is, the EMA averaged steps 1, 1 + every, ...).
         # Under FSDP both backbones are sharded alike (src/launch/strategies.py), so each rank averages its shard.
-        if self.global_step % self.ema_every == 0:
+        if (self.global_step + 1) % self.ema_every == 0:
             ema_update(self.ema_backbone, self.backbone, self.ema_decay)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Under FSDP Lightning refuses norm clipping at the first step (its precision plugin has no handle on the
+        # root module); the root's own clip_grad_norm_ takes the norm over every rank's shards (a collective).
+        root = self.trainer.strategy.model
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and is_sharded(root):
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         # Fused AdamW (one kernel for all parameters) where optim.fused asks; "auto" = on CUDA only, so the CPU
         # keeps the default (foreach) update and its exact numerics. Same update rule either way.
         params = list(self.backbone.parameters())
-        fused = resolve_auto(self.fused_adamw, params[0].device.type if params else "cpu")
+        fused = self._fused_kernel(params[0].device.type if params else "cpu")
         opt = torch.optim.AdamW(
-            params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay, fused=fused or None
+            params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay, fused=fused
         )
         warmup = max(1, self.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _fused_kernel(self, device_type: str) -> bool | None:
+        return resolve_auto(self.fused_adamw, device_type) or None
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # torch's Optimizer.load_state_dict takes each parameter group's settings from the checkpoint, the AdamW kernel
+        # (`fused`) included: a run resumed under another optim.fused (or, under "auto", on another device) kept the
+        # one it was saved with. Set to the configured kernel here, before Lightning loads the optimizer state.
+        fused = self._fused_kernel(self.trainer.strategy.root_device.type)
+        for state in checkpoint.get("optimizer_states", []):
+            for group in state.get("param_groups", []):
+                group["fused"] = fused
 
     # ---- stratified validation loss (docs/evaluation.md#validation-loss) --------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -116,6 +116,12 @@ def check_model(cfg: DictConfig, shapes: dict) -> None:
             return
         with torch.device("meta"):
             hydra.utils.instantiate(checked.model)
+        # Read by the training module for every backbone, one of your own included (it takes them as unread keys).
+        from src.models.perf import COMPILE_BACKENDS, check_choice, compile_setting
+
+        compile_setting(OmegaConf.select(checked, "model.compile", default=False))
+        check_choice("compile_backend", OmegaConf.select(checked, "model.compile_backend", default="default"),
+                     COMPILE_BACKENDS)
     except Exception as e:  # instantiate wraps constructor errors; surface the model's own message
         cause = e.__cause__ or e
         raise ConfigError(f"model: {cause}") from None
@@ -134,6 +140,7 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> dict:
     check_choices(cfg)
     build_formulation(cfg)
     shapes = check_data(cfg)
+    check_cond_groups(cfg, shapes)
     check_model(cfg, shapes)
     if cfg.eval.enabled:
         from src.evaluation.run import check_eval_files
@@ -148,6 +155,41 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> dict:
             raise ConfigError(f"sampler.name={cfg.sampler.name}: {e}") from None
     check_launch(cfg, multirun)
     return shapes
+
+
+#: The keys of one train.cond_groups entry and the data size each range lies in (context_channels is optional, and
+#: name too, as in the shards' text_groups; an empty range, e.g. T5's pooled channels, is allowed).
+GROUP_KEYS = {"context_tokens": "context_length", "pooled_channels": "pooled_dim", "context_channels": "context_dim"}
+
+
+def check_cond_groups(cfg: DictConfig, shapes: dict) -> None:
+    """train.cond_groups (per-encoder dropout) within the data's conditioning: a typo of a key failed at the first
+    dropped sample, in a traceback, and a range past the data's end dropped nothing there, silently."""
+    groups = cfg.train.cond_groups
+    if groups is None:
+        return
+    if not OmegaConf.is_list(groups) or len(groups) == 0:
+        raise ConfigError(f"train.cond_groups={groups}: must be null (the data's text groups) or a non-empty list of "
+                          "{context_tokens: [start, end], pooled_channels: [start, end]}")
+    for i, group in enumerate(groups):
+        where = f"train.cond_groups.{i}"
+        if not OmegaConf.is_dict(group):
+            raise ConfigError(f"{where}={group}: must be a mapping {{context_tokens: [start, end], pooled_channels: "
+                              "[start, end]}")
+        other = sorted(set(group) - {*GROUP_KEYS, "name"})
+        if other:
+            raise ConfigError(f"{where}.{other[0]}: no such key; an entry has {', '.join(GROUP_KEYS)} and name "
+                              "(both optional)")
+        for key, size_key in GROUP_KEYS.items():
+            value = group.get(key)
+            if value is None and key == "context_channels":
+                continue
+            size = shapes.get(size_key)
+            ends = list(value) if OmegaConf.is_list(value) else []
+            if not (len(ends) == 2 and all(isinstance(e, int) and not isinstance(e, bool) for e in ends)
+                    and 0 <= ends[0] <= ends[1] and (size is None or ends[1] <= size)):
+                raise ConfigError(f"{where}.{key}={value}: must be [start, end] with 0 <= start <= end <= "
+                                  f"{size_key}{'' if size is None else f' = {size}'}")
 
 
 def resolve_data(cfg: DictConfig) -> dict:
@@ -197,13 +239,16 @@ def check_values(cfg: DictConfig) -> None:
         ("train.val_every", integer, lambda v: v >= 1, ">= 1"),
         ("train.ckpt_every", integer, lambda v: v >= 1, ">= 1 (resume starts from the last checkpoint)"),
         ("optim.lr", number, lambda v: v > 0, "> 0"),
+        ("optim.warmup_steps", number, lambda v: v >= 0, ">= 0 (0: the full rate from the first step)"),
         ("data.batch_size", integer, lambda v: v >= 1, ">= 1"),
         ("data.val_samples", integer, lambda v: v >= 1, ">= 1"),
         ("seed", integer, lambda v: v >= 0, ">= 0"),
         ("eval.enabled", boolean, None, "(true or false)"),
     ]
     optional = [("torch_threads", integer, lambda v: v >= 1, ">= 1 (or null: torch's default)"),
-                ("data.num_workers", integer, lambda v: v >= 0, ">= 0")]
+                ("data.num_workers", integer, lambda v: v >= 0, ">= 0"),
+                # Lightning clips nothing at <= 0, and takes a string only when it builds the trainer.
+                ("trainer.gradient_clip_val", number, lambda v: 0 < v < math.inf, "> 0 (or null: no clipping)")]
     checks += [c for c in optional if OmegaConf.select(cfg, c[0]) is not None]
     if cfg.eval.enabled is True:  # checked before training, not found out when the evaluation starts
         for key in ("eval.settings", "eval.ema"):
