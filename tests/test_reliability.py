@@ -168,6 +168,8 @@ def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache
     (["paths.cache_dir="], "paths.cache_dir=: must be a folder (relative paths are taken from the directory"),
     (["trainer.devices=0"], "trainer.devices=0: not allowed; allowed: an integer >= 1, -1 (all), auto, or device"),
     (["trainer.precision=bogus"], "trainer.precision=bogus: not allowed; allowed: null (bf16-mixed on a GPU"),
+    (["trainer.precision=bf16-true"], "trainer.precision=bf16-true: not allowed: the weights, their EMA and AdamW's "
+                                      "state would be half precision"),
     (["trainer.accelerator=tpu"], "trainer.accelerator=tpu: not allowed; allowed: auto, cpu, gpu, cuda, mps"),
     (["logger.wandb.mode=bogus"], "logger.wandb.mode=bogus: not allowed; allowed: offline, online, disabled"),
     (["logger.wandb.enabled=maybe"], "logger.wandb.enabled=maybe: not allowed; allowed: true, false"),
@@ -178,7 +180,7 @@ def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache
     ([f"eval.inception.weights_path={ROOT / 'README.md'}"], "eval.inception.weights_path=.*: not a weights file"),
 ], ids=["loss", "model heads", "model patch", "data name", "data image size", "data shards", "eval n_samples", "eval ema",
         "eval weights", "eval clip model", "train", "optim fused", "optim betas", "optim eps", "optim weight decay",
-        "torch threads", "cache dir", "trainer devices", "trainer precision", "trainer accelerator", "wandb mode",
+        "torch threads", "cache dir", "trainer devices", "trainer precision", "trainer half weights", "trainer accelerator", "wandb mode",
         "wandb enabled", "val samples",
         "sampler", "eval settings",
         "eval ema empty", "inception file"])

@@ -316,8 +316,10 @@ def check_no_repeats(ev) -> None:
         raise ConfigError(f"eval.ema={flags}: lists a value twice; allowed: [true, false], [true] or [false]")
 
 
-PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "64-true", "transformer-engine",
               "transformer-engine-float16")  # and Lightning's aliases (src.config.PRECISION_ALIASES)
+#: Lightning precisions that hold the weights themselves in half precision: the EMA and AdamW would update them there.
+HALF_WEIGHTS = ("bf16-true", "16-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 WANDB_MODES = ("offline", "online", "disabled", "shared", "dryrun", "run")  # what wandb.Settings(mode=...) takes
 
@@ -343,6 +345,11 @@ def check_choices(cfg: DictConfig) -> None:
                                                    and 0 <= b < 1 for b in betas):
         refuse("optim.betas", optim.betas, "two numbers in [0, 1), e.g. [0.9, 0.999]")
     tr = cfg.trainer
+    if tr.precision in HALF_WEIGHTS:  # Lightning takes them, and the run learns next to nothing, silently
+        raise ConfigError(f"trainer.precision={tr.precision}: not allowed: the weights, their EMA and AdamW's state "
+                          "would be half precision, where an update of optim.lr or an EMA step of 1 - "
+                          "train.ema_decay mostly rounds to no change; allowed: bf16-mixed (the GPU default), "
+                          "16-mixed, 32-true")
     if tr.precision not in PRECISIONS and tr.precision not in PRECISION_ALIASES:
         refuse("trainer.precision", tr.precision, "null (bf16-mixed on a GPU, else 32-true), " + ", ".join(PRECISIONS))
     if tr.accelerator not in ACCELERATORS:
