@@ -9,7 +9,9 @@ Setup: 256px (32x32x16 latents, 256 image tokens), 154 text tokens x 4096, poole
 QK-norm (RMSNorm, as experiment=paper trains), per-GPU batch 128 (1024 over 8 GPUs) and the largest batch that fits. One step = forward + backward + AdamW, a fixed batch,
 random weights everywhere. MFU = model FLOPs as the planner counts them (src/plan.py: 3 x the forward FLOPs counted
 on the meta device) / step time / the device's dense bf16 peak. Diffusers' SD3Transformer2DModel (same weights
-through src/models/convert_diffusers.py) runs the plain eager step at the same settings in the same run.
+through src/models/convert_diffusers.py) runs the plain eager step at the same settings in the same run. The `-job`
+rows time the training job's own step at the GPU defaults (the training module, rf/lognorm, the EMA, Lightning's
+fit loop): what a launch gets, and the figure the planner prefers.
 
 Robust by construction: each configuration runs in try/except (an OOM or a compile failure is recorded, not fatal),
 a global time budget skips what no longer fits (recorded as skipped), and the results file is rewritten after each
@@ -21,12 +23,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import statistics
 import sys
 import tempfile
 import time
 import traceback
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -67,7 +71,7 @@ class Config:
     attention_backend: str = "auto"
     weights: str = "fp32-autocast"  # or bf16-master: bf16 weights, fp32 master copy in the optimizer
     activation_checkpointing: bool = False
-    model: str = "ours"  # or diffusers
+    model: str = "ours"  # or diffusers, or job: ours inside the training job's module and Lightning's loop
     largest_batch: bool = False  # the largest batch that fits, sized from the same depth's default (run_config)
     qk_norm: str | None = "rms_norm"  # as the paper setup trains (experiment=paper)
 
@@ -159,6 +163,8 @@ def configurations(depths=(15, 24), batch=128) -> list[Config]:
         out += [Config(f"d{d}-eager", d, batch), Config(f"d{d}-default", d, batch, **best)]
     for d in depths:  # the reference implementation at the same settings
         out.append(Config(f"d{d}-diffusers", d, batch, model="diffusers"))
+    for d in depths:  # the training job's own step at the defaults: what a launch gets (the planner's figure)
+        out.append(Config(f"d{d}-job", d, batch, **best, model="job"))
     for d in reversed(depths):  # the levers with the most room: bf16 weights, the largest batch that fits
         out.append(Config(f"d{d}-default-bf16-master", d, batch, **best, weights="bf16-master"))
     for d in depths:  # sized from the default's measured memory; checkpointed only when the default did not fit
@@ -264,6 +270,78 @@ def make_step(model, cfg: Config, batch: tuple, device: str, dry_run: bool):
     return step
 
 
+def step_times(step, device: str, warmup: int, reps: int) -> tuple[float, list[float]]:
+    """(warm-up seconds, the seconds of each timed step) of a step closure, synchronised after each step."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    sync(device)
+    warmup_s = time.perf_counter() - start
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return warmup_s, times
+
+
+def job_times(model: MMDiT, cfg: Config, batch: tuple, device: str, warmup: int, reps: int, dry_run: bool
+              ) -> tuple[float, list[float]]:
+    """(warm-up seconds, the seconds of each timed step) of the training job's own step: the training module of
+    `python -m src.run` (rf/lognorm around the backbone, the EMA every 100 steps and conditioning dropout as
+    experiment=paper, the loss check, logging) in Lightning's fit loop at the job's precision, on a fixed batch
+    already on the device (the data loader is bench_loader's and bench_shard_read's business). A step's time runs
+    from one batch's start to the next's, synchronised there: the loop's own work between steps counts."""
+    import lightning as L
+
+    from src.formulations.registry import get_recipe
+    from src.training.module import FormulationModule
+
+    module = FormulationModule(
+        get_recipe("rf/lognorm(0.00, 1.00)"), model, lr=1e-4, eps=1e-15, warmup_steps=1000, ema_every=100,
+        cond_dropout=0.464, compile="none" if dry_run else cfg.compile, compile_backend=cfg.compile_backend,
+        fused=cfg.fused_adamw)
+    x0, _, context, pooled, _ = batch
+    marks: list[float] = []
+
+    class Clock(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            sync(device)
+            marks.append(time.perf_counter())
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            sync(device)
+            marks.append(time.perf_counter())
+
+    class Fixed(torch.utils.data.Dataset):  # the one batch, warmup + reps times (batch_size=None: no collation)
+        def __len__(self) -> int:
+            return warmup + reps
+
+        def __getitem__(self, i: int) -> dict:
+            return {"x0": x0, "context": context, "pooled": pooled}
+
+    quiet = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [q.level for q in quiet]
+    with warnings.catch_warnings():  # Lightning's hints and tips, as the job keeps them off the console
+        warnings.simplefilter("ignore")
+        for q in quiet:
+            q.setLevel(logging.ERROR)
+        try:
+            trainer = L.Trainer(
+                accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=warmup + reps,
+                precision="bf16-mixed" if device == "cuda" else "32-true", logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                callbacks=[Clock()])
+            start = time.perf_counter()
+            trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(Fixed(), batch_size=None))
+        finally:
+            for q, level in zip(quiet, levels):
+                q.setLevel(level)
+    steps = [b - a for a, b in zip(marks, marks[1:])]
+    return marks[warmup] - start, steps[warmup:]
+
+
 def model_flops(model: MMDiT, setup: dict) -> float:
     """Training FLOPs per sample as the planner counts them (3 x the forward counted on the meta device)."""
     from src.plan import forward_flops
@@ -295,20 +373,14 @@ def measure(cfg: Config, batch: int, args, setup: dict, device: str) -> Result:
         if cfg.activation_checkpointing:
             model.enable_gradient_checkpointing()
     data = make_batch(setup, batch, device)
-    step = make_step(model, cfg, data, device, args.dry_run)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.warmup):
-        step()
-    sync(device)
-    res.warmup_s = time.perf_counter() - start
-    times = []
-    for _ in range(args.reps):
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
+    if cfg.model == "job":
+        step = None
+        res.warmup_s, times = job_times(model, cfg, data, device, args.warmup, args.reps, args.dry_run)
+    else:
+        step = make_step(model, cfg, data, device, args.dry_run)
+        res.warmup_s, times = step_times(step, device, args.warmup, args.reps)
     res.step_ms = statistics.median(times) * 1e3
     res.images_per_s = batch / (res.step_ms / 1e3)
     res.tflops = flops / (res.step_ms / 1e3) / 1e12
@@ -317,7 +389,7 @@ def measure(cfg: Config, batch: int, args, setup: dict, device: str) -> Result:
     if device == "cuda":
         res.peak_gib = torch.cuda.max_memory_allocated() / 2**30
         res.static_gib = torch.cuda.memory_allocated() / 2**30
-    if args.profile:
+    if args.profile and step is not None:
         res.breakdown, res.top_kernels = time_breakdown(profile_steps(step, device), 2, res.step_ms, device)
     del model, step, data
     return res
@@ -384,7 +456,8 @@ def options_text(c: dict) -> str:
         return (f"diffusers SD3Transformer2DModel, eager, fp32 weights + bf16 autocast, AdamW (foreach), QK-norm "
                 f"{c['qk_norm'] or 'off'}"
                 + (", gradient checkpointing" if c["activation_checkpointing"] else ""))
-    parts = [f"compile={c['compile']}" + (f" ({c['compile_backend']})" if c["compile_backend"] != "default" else ""),
+    job = "the training job's step (Lightning's loop, rf/lognorm, EMA every 100 steps), " if c["model"] == "job" else ""
+    parts = [f"{job}compile={c['compile']}" + (f" ({c['compile_backend']})" if c["compile_backend"] != "default" else ""),
              "fused AdamW" if c["fused_adamw"] else "AdamW (foreach)",
              "fused modulation" if c["fused_modulation"] else "per-block modulation",
              "fused QKV" if c["fused_qkv"] else "3 QKV matmuls",

@@ -220,6 +220,13 @@ def test_planner_uses_the_measured_mfu_of_the_launched_configuration(tmp_path, m
     assert plan.plan_sweep(overrides, gpu="H100", mfu=0.3).mfu_source == "given (--mfu)"
     write_measurements(gpu_md, dry_run=True)  # a CPU dry run never stands for a GPU
     assert plan.plan_sweep(overrides, gpu="H100").mfu == plan.DEFAULT_MFU
+    # The training job's own step, measured, is what a launch gets: preferred to the bare backbone step.
+    write_measurements(gpu_md, more=[("d15-job", 15, 128, 0.47, dict(model="job"))])
+    p = plan.plan_sweep(overrides, gpu="H100")
+    assert p.mfu == 0.47 and "measured 47.0% for d15-job (batch 128)" in p.mfu_source
+    eager = plan.plan_sweep([*overrides, "model.compile=none", "model.fused_modulation=false", "optim.fused=false"],
+                            gpu="H100")
+    assert eager.mfu == 0.31  # no job step measured with these settings: the backbone step's
 
 
 def test_planner_matches_the_gpu_by_whole_model_names_and_says_why_it_falls_back(tmp_path, monkeypatch, capsys):

@@ -163,13 +163,18 @@ def measured_mfu(results: dict | None, gpu: str, depth: int, batch: int, setting
     """(MFU, where it comes from) of the measured configuration matching a launch, or None.
 
     Matches the device (same_gpu), the depth (paper sizing, hidden 64 d), and every setting; among those, the
-    measured per-GPU batch closest to the launch's.
+    measured per-GPU batch closest to the launch's. The training job's own step (the benchmark's `model: job` rows:
+    the backbone inside the training module and Lightning's loop) is preferred to the bare backbone step.
     """
     if not results or not same_gpu(gpu, str(results["header"].get("device", ""))) or results["header"].get(
             "dry_run"):
         return None
-    found = [r for r in results["results"] if r["status"].startswith("ok") and r["config"]["depth"] == depth
-             and all(r["config"].get(k) == v for k, v in settings.items())]
+
+    def matching(wanted: dict) -> list[dict]:
+        return [r for r in results["results"] if r["status"].startswith("ok") and r["config"]["depth"] == depth
+                and all(r["config"].get(k) == v for k, v in wanted.items())]
+
+    found = (matching({**settings, "model": "job"}) if settings.get("model") == "ours" else []) or matching(settings)
     if not found:
         return None
     best = min(found, key=lambda r: (abs(r["batch"] - batch), -r["batch"]))
