@@ -59,6 +59,7 @@ def _eval_count(data: DictConfig) -> int:
 def check_data(cfg: DictConfig) -> dict:
     """The data settings, checked without building anything; returns the shapes (DIM_KEYS) the backbone will see, and
     the text tokens' layout (context_length, text_groups) where the data say."""
+    from src.data.expectations import SAME_ENCODING, split_differences
     from src.data.shards import damaged_shards, read_meta
 
     data = cfg.data
@@ -87,6 +88,12 @@ def check_data(cfg: DictConfig) -> dict:
             if damaged:
                 raise ConfigError(f"data.{key}={data[key]}: {', '.join(damaged[:3])} missing or not of the size "
                                   f"meta.json records (cut short?); write the folder again")
+        # Else the first validation fails in a traceback (other shapes), or the evaluation silently conditions on
+        # another encoder's embeddings.
+        diffs = split_differences(found, read_meta(data.eval_dir), SAME_ENCODING)
+        if diffs:
+            raise ConfigError(f"data.eval_dir={data.eval_dir} is not encoded like data.train_dir ({'; '.join(diffs)})"
+                              f": preprocess it with the same models and --stats-from the training folder")
     else:
         raise ConfigError(f"data.kind={data.kind!r}: allowed values are 'embedded', 'shards'")
     shapes = {}
