@@ -172,6 +172,7 @@ def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache
     (["logger.wandb.mode=bogus"], "logger.wandb.mode=bogus: not allowed; allowed: offline, online, disabled"),
     (["logger.wandb.enabled=maybe"], "logger.wandb.enabled=maybe: not allowed; allowed: true, false"),
     (["data.val_samples=100000"], "data.val_samples=100000: the evaluation split holds 297 samples"),
+    (["data.in_memory=no"], "data.in_memory=no: must be a boolean (true or false)"),
     (["sampler.name=bogus"], "sampler.name=bogus: sampler='bogus' is not allowed; choose one of rf_time"),
     (["eval.settings=5"], "eval.settings=5: must be a non-empty list"),
     (["eval.ema=[]"], "eval.ema=[]: must be a non-empty list"),
@@ -179,7 +180,7 @@ def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache
 ], ids=["loss", "model heads", "model patch", "data name", "data image size", "data shards", "eval n_samples", "eval ema",
         "eval weights", "eval clip model", "train", "optim fused", "optim betas", "optim eps", "optim weight decay",
         "torch threads", "cache dir", "trainer devices", "trainer precision", "trainer accelerator", "wandb mode",
-        "wandb enabled", "val samples",
+        "wandb enabled", "val samples", "in memory",
         "sampler", "eval settings",
         "eval ema empty", "inception file"])
 def test_config_errors_are_found_before_anything_is_built(tmp_path, overrides, message):

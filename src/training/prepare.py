@@ -206,6 +206,7 @@ def check_values(cfg: DictConfig) -> None:
         ("optim.lr", number, lambda v: v > 0, "> 0"),
         ("data.batch_size", integer, lambda v: v >= 1, ">= 1"),
         ("data.val_samples", integer, lambda v: v >= 1, ">= 1"),
+        ("data.in_memory", boolean, None, "(true or false)"),  # any other value would read as true or false
         ("seed", integer, lambda v: v >= 0, ">= 0"),
         ("eval.enabled", boolean, None, "(true or false)"),
     ]
