@@ -109,6 +109,41 @@ def check_data(cfg: DictConfig) -> dict:
     return {**shapes, **text}
 
 
+#: The ranges of a train.cond_groups entry and the data size each lies within (src/training/conditioning.py).
+COND_GROUP_RANGES = {"context_tokens": "context_length", "context_channels": "context_dim",
+                     "pooled_channels": "pooled_dim"}
+
+
+def check_cond_groups(cfg: DictConfig, shapes: dict) -> None:
+    """train.cond_groups, the text encoders' parts that dropout zeroes: each range within the data (a range past
+    the end would drop nothing), no key the dropout would not read (a misspelt context_channels drops every
+    channel), and none missing (it would fail at the first step, in a traceback)."""
+    groups = OmegaConf.select(cfg, "train.cond_groups")
+    if groups is None:
+        return
+    if not OmegaConf.is_list(groups) or len(groups) == 0:
+        raise ConfigError(f"train.cond_groups={groups}: must be null (the shards' text groups) or a non-empty list "
+                          f"of {{context_tokens: [start, end], pooled_channels: [start, end]}}")
+    for i, group in enumerate(groups):
+        if not OmegaConf.is_dict(group):
+            raise ConfigError(f"train.cond_groups.{i}={group}: must be a mapping {{context_tokens: [start, end], "
+                              f"pooled_channels: [start, end]}}")
+        other = sorted(set(group) - set(COND_GROUP_RANGES) - {"name"})
+        if other:
+            raise ConfigError(f"train.cond_groups.{i}.{other[0]}: no such key; a group has "
+                              f"{', '.join(COND_GROUP_RANGES)} (optional) and a name")
+        for key, size_key in COND_GROUP_RANGES.items():
+            value = group.get(key)
+            if value is None and key == "context_channels":  # optional: every channel
+                continue
+            size = int(shapes[size_key])
+            r = list(value) if OmegaConf.is_list(value) else []
+            if not (len(r) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in r)
+                    and 0 <= r[0] <= r[1] <= size):
+                raise ConfigError(f"train.cond_groups.{i}.{key}={value}: not allowed; allowed: [start, end] with "
+                                  f"0 <= start <= end <= {size} (the data's {size_key})")
+
+
 def check_model(cfg: DictConfig, shapes: dict) -> None:
     """Build the configured backbone on the meta device (no memory, no weights) for the data's shapes: a model
     setting that cannot work is a one-line error before the data are built."""
@@ -141,6 +176,7 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> dict:
     check_choices(cfg)
     build_formulation(cfg)
     shapes = check_data(cfg)
+    check_cond_groups(cfg, shapes)
     check_model(cfg, shapes)
     if cfg.eval.enabled:
         from src.evaluation.run import check_eval_files
