@@ -1,4 +1,4 @@
-"""The planner checks existing shard folders against the paper's setup and against each other."""
+"""The planner checks existing shard folders against the paper's setup and against each other; a run refuses what it cannot train."""
 
 import pytest
 import torch
@@ -85,3 +85,24 @@ def test_an_evaluation_split_encoded_otherwise_is_refused_before_training(tmp_pa
     with pytest.raises(ConfigError, match=r"not encoded like data.train_dir \(encoder_names \['clip:b'\] vs training "
                                           r"\['clip:a'\]\): preprocess it with the same models"):
         check("other-encoder")
+
+
+def test_training_shards_of_non_square_latents_are_refused_in_one_line(tmp_path):
+    """meta.json records [H, W] for them; the configuration's latent_size is one side (a TypeError before)."""
+    from hydra import compose, initialize_config_module
+
+    from src.config import register_resolvers
+    from src.training.prepare import ConfigError, check_data
+
+    register_resolvers()
+    g = torch.Generator().manual_seed(0)
+    for name in ("train", "eval"):
+        write_shards(tmp_path / name, torch.randn(4, 4, 8, 6, generator=g), torch.randn(4, 5, 16, generator=g),
+                     torch.randn(4, 8, generator=g), ["c"] * 4, encoder_names=["clip:a"], latent_mean=0.0,
+                     latent_std=1.0)
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "data=shards", f"data.train_dir={tmp_path / 'train'}", f"data.eval_dir={tmp_path / 'eval'}",
+            "data.val_samples=4"])
+    with pytest.raises(ConfigError, match=rf"^data.train_dir={tmp_path}/train: latents of 8 x 6; allowed: square"):
+        check_data(cfg)

@@ -88,6 +88,10 @@ def check_data(cfg: DictConfig) -> dict:
             if damaged:
                 raise ConfigError(f"data.{key}={data[key]}: {', '.join(damaged[:3])} missing or not of the size "
                                   f"meta.json records (cut short?); write the folder again")
+        if not isinstance(found["latent_size"], int):  # ShardWriter records [H, W] for H != W: no one size to build
+            h, w = found["latent_size"]
+            raise ConfigError(f"data.train_dir={data.train_dir}: latents of {h} x {w}; allowed: square latents "
+                              f"(data.latent_size is their side)")
         # Else the first validation fails in a traceback (other shapes), or the evaluation silently conditions on
         # another encoder's embeddings.
         diffs = split_differences(found, read_meta(data.eval_dir), SAME_ENCODING)
