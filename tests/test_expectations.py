@@ -1,4 +1,4 @@
-"""The planner checks existing shard folders against the paper's setup and against each other; a run refuses what it cannot train."""
+"""Shard folders checked against the paper's setup and each other (the planner); what a run cannot train is refused."""
 
 import pytest
 import torch
