@@ -398,6 +398,9 @@ def make_loader(shard_dir: str | Path, batch_size: int, shuffle: bool, seed: int
 # ----------------------------------------------------------------------------------------------------------------
 
 TRAIN_MEMBERS = ("latent.npy", "context.npy", "pooled.npy")  # what a training batch needs of a sample
+# Shard files a ShardSamples keeps open per process (the least recently read closed first): a step's random samples
+# touch most shards of a folder, and real folders hold thousands (CC12M: about 12,000), past the open-file limit.
+MAX_OPEN_SHARDS = 64
 _TAR_BLOCK = 512
 
 
@@ -517,9 +520,12 @@ class ShardSamples:
     def _fd(self, shard: int) -> int:
         if self._pid != os.getpid():  # a forked worker must not share the parent's descriptors' lifetimes
             self._files, self._pid = {}, os.getpid()
-        fd = self._files.get(shard)
+        fd = self._files.pop(shard, None)
         if fd is None:
-            fd = self._files[shard] = os.open(self.paths[shard], os.O_RDONLY)
+            if len(self._files) >= MAX_OPEN_SHARDS:  # the least recently read: dicts keep insertion order
+                os.close(self._files.pop(next(iter(self._files))))
+            fd = os.open(self.paths[shard], os.O_RDONLY)
+        self._files[shard] = fd  # (re)inserted: the most recently read
         return fd
 
     def read(self, i: int) -> dict:
