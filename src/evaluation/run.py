@@ -283,7 +283,7 @@ def evaluate_run(cfg: DictConfig, run_dir: str | Path, device: torch.device | st
     if feature_extractor_name(ev, cfg.paths.cache_dir) != wanted[0]["feature_extractor"]:
         # Replaced since the wanted records were named: their name would not be these weights'.
         raise RuntimeError("eval.clip: the weights file changed while the evaluation started; run it again")
-    eval_set = load_eval_set(cfg.data.eval_dir)
+    eval_set = load_eval_set(cfg.data.eval_dir, prompts=int(ev.n_samples))  # all images, the prompts sampled
     decode = make_decoder(meta, ev.get("autoencoder_path"), device)
     if decoder_name(meta, ev.get("autoencoder_path"), cfg.paths.cache_dir) != wanted[0]["decoder"]:
         raise RuntimeError("eval.autoencoder_path: the autoencoder's files changed while the evaluation started; run "
