@@ -221,6 +221,23 @@ def test_a_folder_of_more_shards_than_the_open_file_limit_streams(tmp_path):
     assert_same_batches([batch], [{k: v[idx] for k, v in in_memory(tmp_path / "many").items()}], 1)
 
 
+def test_a_shard_damaged_at_its_recorded_size_is_named_when_read(folders, tmp_path):
+    """Bytes overwritten in place (a copy preallocated and cut short, a disk error) keep meta.json's sizes, so the
+    checks before launching pass: the reader names the shard and the sample, not only 'bad magic bytes'."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folders / "train", copy)
+    shard = copy / "shard-000002.tar"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2:] = bytes(len(data) - len(data) // 2)  # the second half zeroed, the size kept
+    shard.write_bytes(bytes(data))
+    samples = ShardSamples(copy)
+    samples.batch(torch.tensor([20]))  # the first sample of the shard is intact
+    with pytest.raises(ValueError, match=rf"^{shard}: sample 29 at byte \d+ is not what index.npz records \(npy"):
+        samples.batch(torch.tensor([29]))
+
+
 def test_loader_workers_leave_job_signals_to_the_training_process(folders, monkeypatch):
     """SLURM signals every process of a job and Ctrl-C the whole process group: the workers ignore SIGINT, SIGTERM
     and submitit's preemption signal, so the fit reaches its checkpoint at the next step boundary."""

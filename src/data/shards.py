@@ -536,8 +536,12 @@ class ShardSamples:
         offset, size = self.start[i] + self.rel[row], self.size[row]
         start, stop = int(offset.min()), int((offset + size).max())
         data = os.pread(self._fd(int(self.shard[i])), stop - start, start)  # one read: the members are adjacent
-        return {name.split(".")[0]: npy_array(data[o - start : o - start + n])
-                for name, o, n in zip(TRAIN_MEMBERS, offset.tolist(), size.tolist())}
+        try:
+            return {name.split(".")[0]: npy_array(data[o - start : o - start + n])
+                    for name, o, n in zip(TRAIN_MEMBERS, offset.tolist(), size.tolist())}
+        except ValueError as e:  # overwritten in place at the same size (meta.json's sizes still match): name it
+            raise ValueError(f"{self.paths[int(self.shard[i])]}: sample {i} at byte {start} is not what index.npz "
+                             f"records ({e}); write the folder again") from None
 
     def batch(self, indices) -> dict:
         """Samples `indices` as a training batch {"x0" (normalised), "context", "pooled"}, exactly as in memory."""
