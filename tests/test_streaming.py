@@ -91,6 +91,22 @@ def test_datamodule_streams_when_not_in_memory(folders):
         ShardDataModule("a", "b", 8, num_workers=-1)
 
 
+def test_the_evaluation_split_is_normalised_as_the_training_split(folders):
+    """The model takes latents normalised by the training split's statistics, and the evaluation decodes with them:
+    an evaluation folder written with its own (preprocessed without --stats-from; these folders are) gave the
+    validation loss other inputs, and latent FID references un-normalised with the wrong statistics."""
+    train, own = shards_lib.read_meta(folders / "train"), shards_lib.read_meta(folders / "eval")
+    assert (own["latent_mean"], own["latent_std"]) != (train["latent_mean"], train["latent_std"])
+    raw = load_eval_set(folders / "eval")["x0"] * own["latent_std"] + own["latent_mean"]
+    dm = ShardDataModule(str(folders / "train"), str(folders / "eval"), batch_size=8, val_samples=4)
+    dm.setup()
+    expect = (raw[:4] - train["latent_mean"]) / train["latent_std"]
+    torch.testing.assert_close(dm._val["x0"], expect, rtol=1e-5, atol=1e-5)
+    ev = load_eval_set(folders / "eval", stats=train)
+    torch.testing.assert_close(ev["x0"], (raw - train["latent_mean"]) / train["latent_std"], rtol=1e-5, atol=1e-5)
+    assert ev["meta"] == own
+
+
 # ---- training ---------------------------------------------------------------------------------------------------
 def train(folders, tmp_path, name, *overrides):
     with initialize_config_module(config_module="conf", version_base="1.3"):

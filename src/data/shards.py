@@ -572,12 +572,15 @@ def decode_latents(x0_norm: torch.Tensor, meta: dict) -> torch.Tensor:
     return x0_norm * meta["latent_std"] + meta["latent_mean"]
 
 
-def load_eval_set(shard_dir: str | Path, n: int | None = None, prompts: int | None = None) -> dict:
+def load_eval_set(shard_dir: str | Path, n: int | None = None, prompts: int | None = None,
+                  stats: dict | None = None) -> dict:
     """The first n samples (all if None) in writing order: x0 (normalised), images, captions, context, pooled,
-    labels (from the json extras' "label", -1 where absent), extras and meta.
+    labels (from the json extras' "label", -1 where absent), extras and meta (the folder's).
 
     prompts: captions, context and pooled of the first `prompts` samples only (what an evaluation of that many
     samples conditions on); the whole COCO-2014 split's 40,504 contexts of 154 x 4096 would take 100 GB as float32.
+    stats: the meta.json whose latent_mean and latent_std normalise x0, default the folder's own; an evaluation
+    split is normalised as the training split is (what the model takes and the decoder un-normalises).
     """
     for name, value in (("n", n), ("prompts", prompts)):
         if value is not None and value < 1:
@@ -592,14 +595,16 @@ def load_eval_set(shard_dir: str | Path, n: int | None = None, prompts: int | No
         samples.append(s)
         if n is not None and len(samples) == n:
             break
-    collate = Collate(meta["latent_mean"], meta["latent_std"])
+    stats = meta if stats is None else stats
+    collate = Collate(stats["latent_mean"], stats["latent_std"])
     batch = collate(samples if prompts is None else samples[:prompts])
     if prompts is not None and len(samples) > prompts:
         batch["x0"] = collate.x0(samples)
     extras = [s["extras"] for s in samples]
     return {
         "x0": batch["x0"],
-        "images": decode_latents(batch["x0"], meta) if meta.get("autoencoder") == IDENTITY_AUTOENCODER else None,
+        "images": decode_latents(batch["x0"], {**meta, **{k: stats[k] for k in ("latent_mean", "latent_std")}})
+        if meta.get("autoencoder") == IDENTITY_AUTOENCODER else None,
         "captions": batch["caption"],
         "context": batch["context"],
         "pooled": batch["pooled"],

@@ -283,7 +283,8 @@ def evaluate_run(cfg: DictConfig, run_dir: str | Path, device: torch.device | st
     if feature_extractor_name(ev, cfg.paths.cache_dir) != wanted[0]["feature_extractor"]:
         # Replaced since the wanted records were named: their name would not be these weights'.
         raise RuntimeError("eval.clip: the weights file changed while the evaluation started; run it again")
-    eval_set = load_eval_set(cfg.data.eval_dir, prompts=int(ev.n_samples))  # all images, the prompts sampled
+    # Every image (the references), the prompts sampled; normalised as the training split, as `decode` expects.
+    eval_set = load_eval_set(cfg.data.eval_dir, prompts=int(ev.n_samples), stats=meta)
     decode = make_decoder(meta, ev.get("autoencoder_path"), device)
     if decoder_name(meta, ev.get("autoencoder_path"), cfg.paths.cache_dir) != wanted[0]["decoder"]:
         raise RuntimeError("eval.autoencoder_path: the autoencoder's files changed while the evaluation started; run "
@@ -291,6 +292,9 @@ def evaluate_run(cfg: DictConfig, run_dir: str | Path, device: torch.device | st
     dataset_id = f"{cfg.data.name}:{Path(cfg.data.eval_dir).resolve()}:{eval_set['meta']['count']}"
     if wanted[0]["decoder"] is not None:  # latent shards: the references are this autoencoder's reconstructions
         dataset_id += f":{wanted[0]['decoder']}"
+    own = tuple(eval_set["meta"][k] for k in ("latent_mean", "latent_std"))
+    if own != (meta["latent_mean"], meta["latent_std"]):  # references cached before were un-normalised wrongly
+        dataset_id += f":stats={meta['latent_mean']!r},{meta['latent_std']!r}"
     cache = Path(cfg.paths.cache_dir) / "reference"
     images = lambda: reference_images(eval_set, decode)  # noqa: E731 -- only computed on a cache miss
     reference = reference_features(extractor.id, dataset_id, images, extractor, cache)
