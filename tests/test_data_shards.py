@@ -73,6 +73,22 @@ def test_round_trip_in_writing_order(folder):
     assert first["captions"] == data["captions"][:12] and torch.equal(first["x0"], ev["x0"][:12])
 
 
+def test_an_evaluation_holds_the_text_embeddings_of_the_prompts_it_samples_only(folder):
+    """Every image is a reference for FID, but only the first n_samples prompts condition the samples (sample k
+    takes prompt k mod their number, src.evaluation.evaluate): the whole COCO-2014 split's contexts (40,504 x 154 x
+    4096) would take 100 GB as float32 in every evaluation (src.evaluation.run asks for prompts=eval.n_samples)."""
+    path, _ = folder
+    ev = load_eval_set(path)
+    some = load_eval_set(path, prompts=12)
+    assert torch.equal(some["x0"], ev["x0"]) and torch.equal(some["images"], ev["images"])
+    assert torch.equal(some["labels"], ev["labels"]) and some["extras"] == ev["extras"]
+    assert some["captions"] == ev["captions"][:12]
+    assert torch.equal(some["context"], ev["context"][:12]) and torch.equal(some["pooled"], ev["pooled"][:12])
+    assert torch.equal(load_eval_set(path, prompts=N + 5)["context"], ev["context"])  # all there are
+    with pytest.raises(ValueError, match="prompts=0 is not allowed"):
+        load_eval_set(path, prompts=0)
+
+
 def test_decode_latents_inverts_normalisation_and_refuses_real_autoencoders(folder):
     path, data = folder
     meta = read_meta(path)

@@ -36,19 +36,6 @@ def test_latents_go_through_the_autoencoder(tmp_path):
     assert torch.allclose(reference_images({"images": None, "x0": x}, decode), expected, atol=1e-5)
 
 
-def test_reference_latents_with_statistics_of_their_own_are_decoded_as_themselves():
-    """An evaluation folder preprocessed without --stats-from normalises its latents with its own mean and std; the
-    decoder un-normalises with the training shards'. Before, the references were the autoencoder's decoding of
-    other latents (x * 3.0 + 0.1 here in place of x * 2.0 + 0.5)."""
-    train_meta = {"autoencoder": "AutoencoderKL:vae", "latent_mean": 0.1, "latent_std": 3.0}
-    decode = lambda z: z * 3.0 + 0.1  # noqa: E731 -- the autoencoder here is the identity on un-normalised latents
-    x = torch.randn(3, 4, 8, 8)
-    own = {"images": None, "x0": x, "meta": {**train_meta, "latent_mean": 0.5, "latent_std": 2.0}}
-    assert torch.allclose(reference_images(own, decode, train_meta), x * 2.0 + 0.5, atol=1e-6)
-    same = {"images": None, "x0": x, "meta": train_meta}
-    assert torch.equal(reference_images(same, decode, train_meta), decode(x))
-
-
 def test_missing_autoencoder_is_a_clear_error(tmp_path):
     meta = {"autoencoder": "AutoencoderKL:vae", "autoencoder_path": str(tmp_path / "gone"), "latent_mean": 0.0,
             "latent_std": 1.0}

@@ -1,5 +1,6 @@
-"""The planner checks existing shard folders against the paper's setup and against each other."""
+"""Shard folders checked against the paper's setup and each other (the planner); what a run cannot train is refused."""
 
+import pytest
 import torch
 
 from src import plan
@@ -51,3 +52,57 @@ def test_plan_states_what_the_shards_hold_unlike_the_paper(tmp_path, capsys):
     assert any(f"data.train_dir={tmp_path}/cc12m-256 differs from the paper's setup: latent_channels 4" in c
                for c in checks)
     assert any(f"data.eval_dir={tmp_path}/coco2014-256 is not encoded like" in c for c in checks)
+
+
+def test_an_evaluation_split_encoded_otherwise_is_refused_before_training(tmp_path):
+    """Else the first validation fails in a traceback (another width), or the evaluation conditions on what the model
+    never saw (other encoders, as many tokens): one line naming the folder and the difference, before any work."""
+    from hydra import compose, initialize_config_module
+
+    from src.config import register_resolvers
+    from src.training.prepare import ConfigError, check_data
+
+    register_resolvers()
+    train = small_folder(tmp_path / "train", 0)
+    stats = {"latent_mean": train["latent_mean"], "latent_std": train["latent_std"]}
+    small_folder(tmp_path / "same", 1, **stats)
+    g = torch.Generator().manual_seed(2)
+    for name, width, encoder in (("wide", 24, "clip:a"), ("other-encoder", 16, "clip:b")):
+        write_shards(tmp_path / name, torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 5, width, generator=g),
+                     torch.randn(4, 8, generator=g), ["c"] * 4, encoder_names=[encoder], **stats)
+
+    def check(eval_dir):
+        with initialize_config_module(config_module="conf", version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[
+                "data=shards", f"data.train_dir={tmp_path / 'train'}", f"data.eval_dir={tmp_path / eval_dir}",
+                "data.val_samples=4"])
+        return check_data(cfg)
+
+    assert check("same")["context_dim"] == 16
+    with pytest.raises(ConfigError, match=rf"^data.eval_dir={tmp_path}/wide is not encoded like data.train_dir "
+                                          r"\(shapes .*'context': \[5, 24\].* vs training .*\[5, 16\]"):
+        check("wide")
+    with pytest.raises(ConfigError, match=r"not encoded like data.train_dir \(encoder_names \['clip:b'\] vs training "
+                                          r"\['clip:a'\]\): preprocess it with the same models"):
+        check("other-encoder")
+
+
+def test_training_shards_of_non_square_latents_are_refused_in_one_line(tmp_path):
+    """meta.json records [H, W] for them; the configuration's latent_size is one side (a TypeError before)."""
+    from hydra import compose, initialize_config_module
+
+    from src.config import register_resolvers
+    from src.training.prepare import ConfigError, check_data
+
+    register_resolvers()
+    g = torch.Generator().manual_seed(0)
+    for name in ("train", "eval"):
+        write_shards(tmp_path / name, torch.randn(4, 4, 8, 6, generator=g), torch.randn(4, 5, 16, generator=g),
+                     torch.randn(4, 8, generator=g), ["c"] * 4, encoder_names=["clip:a"], latent_mean=0.0,
+                     latent_std=1.0)
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "data=shards", f"data.train_dir={tmp_path / 'train'}", f"data.eval_dir={tmp_path / 'eval'}",
+            "data.val_samples=4"])
+    with pytest.raises(ConfigError, match=rf"^data.train_dir={tmp_path}/train: latents of 8 x 6; allowed: square"):
+        check_data(cfg)

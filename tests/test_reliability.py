@@ -174,14 +174,23 @@ def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache
     (["logger.wandb.mode=bogus"], "logger.wandb.mode=bogus: not allowed; allowed: offline, online, disabled"),
     (["logger.wandb.enabled=maybe"], "logger.wandb.enabled=maybe: not allowed; allowed: true, false"),
     (["data.val_samples=100000"], "data.val_samples=100000: the evaluation split holds 297 samples"),
+    (["data.in_memory=no"], "data.in_memory=no: must be a boolean (true or false)"),
+    (["trainer.devices=3", "trainer.accelerator=cpu"],  # else found once the three ranks have started
+     "data.batch_size=64: the global batch must divide over the 3 ranks (trainer.devices=3 x num_nodes=1); allowed: "
+     "multiples of 3"),
+    (["train.cond_groups=[{context_tokens: [0, 77], pooled_channels: [0, 8]}]"],  # the digits have 16 tokens
+     "train.cond_groups.0.context_tokens=[0, 77]: not allowed; allowed: [start, end] with 0 <= start <= end <= 16"),
+    (["train.cond_groups=[{context_tokens: [0, 16], pooled_channels: [0, 8], context_channel: [0, 8]}]"],
+     "train.cond_groups.0.context_channel: no such key; a group has context_tokens, context_channels, pooled_chan"),
     (["sampler.name=bogus"], "sampler.name=bogus: sampler='bogus' is not allowed; choose one of rf_time"),
     (["eval.settings=5"], "eval.settings=5: must be a non-empty list"),
     (["eval.ema=[]"], "eval.ema=[]: must be a non-empty list"),
     ([f"eval.inception.weights_path={ROOT / 'README.md'}"], "eval.inception.weights_path=.*: not a weights file"),
 ], ids=["loss", "model heads", "model patch", "data name", "data image size", "data shards", "eval n_samples", "eval ema",
         "eval weights", "eval clip model", "train", "optim fused", "optim betas", "optim eps", "optim weight decay",
-        "torch threads", "cache dir", "trainer devices", "trainer precision", "trainer half weights", "trainer accelerator", "wandb mode",
-        "wandb enabled", "val samples",
+        "torch threads", "cache dir", "trainer devices", "trainer precision", "trainer half weights",
+        "trainer accelerator", "wandb mode", "wandb enabled", "val samples", "in memory", "batch over ranks",
+        "cond groups range", "cond groups key",
         "sampler", "eval settings",
         "eval ema empty", "inception file"])
 def test_config_errors_are_found_before_anything_is_built(tmp_path, overrides, message):

@@ -91,6 +91,24 @@ def test_datamodule_streams_when_not_in_memory(folders):
         ShardDataModule("a", "b", 8, num_workers=-1)
 
 
+def test_the_evaluation_split_is_normalised_as_the_training_split(folders):
+    """The model takes latents normalised by the training split's statistics, and the evaluation decodes with them:
+    an evaluation folder written with its own (preprocessed without --stats-from; these folders are) gave the
+    validation loss other inputs, and latent FID references un-normalised with the wrong statistics."""
+    train, own = shards_lib.read_meta(folders / "train"), shards_lib.read_meta(folders / "eval")
+    assert (own["latent_mean"], own["latent_std"]) != (train["latent_mean"], train["latent_std"])
+    raw = load_eval_set(folders / "eval")["x0"] * own["latent_std"] + own["latent_mean"]
+    dm = ShardDataModule(str(folders / "train"), str(folders / "eval"), batch_size=8, val_samples=4)
+    dm.setup()
+    expect = (raw[:4] - train["latent_mean"]) / train["latent_std"]
+    torch.testing.assert_close(dm._val["x0"], expect, rtol=1e-5, atol=1e-5)
+    ev = load_eval_set(folders / "eval", stats=train)
+    torch.testing.assert_close(ev["x0"], (raw - train["latent_mean"]) / train["latent_std"], rtol=1e-5, atol=1e-5)
+    assert ev["meta"] == own
+    # What the evaluation decodes its FID references from: the decoder un-normalises with the training statistics.
+    torch.testing.assert_close(shards_lib.decode_latents(ev["x0"], train), raw, rtol=1e-5, atol=1e-5)
+
+
 # ---- training ---------------------------------------------------------------------------------------------------
 def train(folders, tmp_path, name, *overrides):
     with initialize_config_module(config_module="conf", version_base="1.3"):
@@ -194,6 +212,48 @@ def test_a_folder_without_a_usable_index_is_scanned(folders, tmp_path, damage):
     assert load_index(copy, shards_lib.shard_paths(copy)) is None
     idx = torch.arange(N)
     assert_same_batches([ShardSamples(copy).batch(idx)], [in_memory(folders / "train")], 1)
+
+
+def test_a_folder_of_more_shards_than_the_open_file_limit_streams(tmp_path):
+    """Real folders hold thousands of shards (ImageNet 1,281, CC12M about 12,000 of 1,000 samples) and a step's
+    random samples touch most of them: a reader keeping every shard it read open ran out of file descriptors
+    (OSError: Too many open files, at a soft limit of 1,024) within the first steps. Here one-sample shards, 20 more
+    than the descriptors left under a lowered limit."""
+    import os
+    import resource
+
+    fds = list(map(int, os.listdir("/proc/self/fd")))
+    limit = max(fds) + 1 + 72  # room for the reader's MAX_OPEN_SHARDS (64) and a few more
+    n = limit - len(fds) + 20
+    g = torch.Generator().manual_seed(3)
+    write_shards(tmp_path / "many", torch.randn(n, 1, 2, 2, generator=g), torch.randn(n, 2, 4, generator=g),
+                 torch.randn(n, 4, generator=g), ["c"] * n, encoder_names=["enc"], samples_per_shard=1)
+    samples, idx = ShardSamples(tmp_path / "many"), torch.arange(n).flip(0)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        batch = samples.batch(idx)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        samples.close()
+    assert_same_batches([batch], [{k: v[idx] for k, v in in_memory(tmp_path / "many").items()}], 1)
+
+
+def test_a_shard_damaged_at_its_recorded_size_is_named_when_read(folders, tmp_path):
+    """Bytes overwritten in place (a copy preallocated and cut short, a disk error) keep meta.json's sizes, so the
+    checks before launching pass: the reader names the shard and the sample, not only 'bad magic bytes'."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folders / "train", copy)
+    shard = copy / "shard-000002.tar"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2:] = bytes(len(data) - len(data) // 2)  # the second half zeroed, the size kept
+    shard.write_bytes(bytes(data))
+    samples = ShardSamples(copy)
+    samples.batch(torch.tensor([20]))  # the first sample of the shard is intact
+    with pytest.raises(ValueError, match=rf"^{shard}: sample 29 at byte \d+ is not what index.npz records \(npy"):
+        samples.batch(torch.tensor([29]))
 
 
 def test_loader_workers_leave_job_signals_to_the_training_process(folders, monkeypatch):

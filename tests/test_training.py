@@ -377,11 +377,11 @@ def test_a_launch_that_failed_before_training_does_not_claim_the_directory(tmp_p
         ("trainer.gradient_clip_val=abc", "trainer.gradient_clip_val=abc: must be a number > 0"),
         # A KeyError at the first dropped sample; a range past the 16 tokens drops nothing there, silently.
         ("train.cond_groups=[{context_token: [0, 16], pooled_channels: [0, 64]}]",
-         "train.cond_groups.0.context_token: no such key; an entry has context_tokens, pooled_channels, "
-         "context_channels and name (both optional)"),
+         "train.cond_groups.0.context_token: no such key; a group has context_tokens, context_channels, "
+         "pooled_channels (optional) and a name"),
         ("train.cond_groups=[{context_tokens: [16, 32], pooled_channels: [0, 64]}]",
-         "train.cond_groups.0.context_tokens=[16, 32]: must be [start, end] with 0 <= start <= end <= context_length "
-         "= 16"),
+         "train.cond_groups.0.context_tokens=[16, 32]: not allowed; allowed: [start, end] with 0 <= start <= end "
+         "<= 16 (the data's context_length)"),
         ("seed=abc", "seed=abc: must be an integer >= 0"),
         ("data.val_samples=0", "data.val_samples=0: must be an integer >= 1"),
         ("eval.batch_size=0", "eval.batch_size=0: must be an integer >= 1"),

@@ -335,12 +335,14 @@ class Collate:
     def __init__(self, latent_mean: float, latent_std: float):
         self.latent_mean, self.latent_std = latent_mean, latent_std
 
-    def __call__(self, samples: list[dict]) -> dict:
+    def x0(self, samples: list[dict]) -> torch.Tensor:
         # numpy rather than torch ops: no intra-op thread start-up inside loader workers
         latent = np.stack([s["latent"] for s in samples]).astype(np.float32)
-        x0 = (latent - np.float32(self.latent_mean)) / np.float32(self.latent_std)
+        return torch.from_numpy((latent - np.float32(self.latent_mean)) / np.float32(self.latent_std))
+
+    def __call__(self, samples: list[dict]) -> dict:
         return {
-            "x0": torch.from_numpy(x0),
+            "x0": self.x0(samples),
             "context": torch.from_numpy(np.stack([s["context"] for s in samples]).astype(np.float32)),
             "pooled": torch.from_numpy(np.stack([s["pooled"] for s in samples]).astype(np.float32)),
             "caption": [s["caption"] for s in samples],
@@ -398,6 +400,9 @@ def make_loader(shard_dir: str | Path, batch_size: int, shuffle: bool, seed: int
 # ----------------------------------------------------------------------------------------------------------------
 
 TRAIN_MEMBERS = ("latent.npy", "context.npy", "pooled.npy")  # what a training batch needs of a sample
+# Shard files a ShardSamples keeps open per process (the least recently read closed first): a step's random samples
+# touch most shards of a folder, and real folders hold thousands (CC12M: about 12,000), past the open-file limit.
+MAX_OPEN_SHARDS = 64
 _TAR_BLOCK = 512
 
 
@@ -517,9 +522,12 @@ class ShardSamples:
     def _fd(self, shard: int) -> int:
         if self._pid != os.getpid():  # a forked worker must not share the parent's descriptors' lifetimes
             self._files, self._pid = {}, os.getpid()
-        fd = self._files.get(shard)
+        fd = self._files.pop(shard, None)
         if fd is None:
-            fd = self._files[shard] = os.open(self.paths[shard], os.O_RDONLY)
+            if len(self._files) >= MAX_OPEN_SHARDS:  # the least recently read: dicts keep insertion order
+                os.close(self._files.pop(next(iter(self._files))))
+            fd = os.open(self.paths[shard], os.O_RDONLY)
+        self._files[shard] = fd  # (re)inserted: the most recently read
         return fd
 
     def read(self, i: int) -> dict:
@@ -528,8 +536,12 @@ class ShardSamples:
         offset, size = self.start[i] + self.rel[row], self.size[row]
         start, stop = int(offset.min()), int((offset + size).max())
         data = os.pread(self._fd(int(self.shard[i])), stop - start, start)  # one read: the members are adjacent
-        return {name.split(".")[0]: npy_array(data[o - start : o - start + n])
-                for name, o, n in zip(TRAIN_MEMBERS, offset.tolist(), size.tolist())}
+        try:
+            return {name.split(".")[0]: npy_array(data[o - start : o - start + n])
+                    for name, o, n in zip(TRAIN_MEMBERS, offset.tolist(), size.tolist())}
+        except ValueError as e:  # overwritten in place at the same size (meta.json's sizes still match): name it
+            raise ValueError(f"{self.paths[int(self.shard[i])]}: sample {i} at byte {start} is not what index.npz "
+                             f"records ({e}); write the folder again") from None
 
     def batch(self, indices) -> dict:
         """Samples `indices` as a training batch {"x0" (normalised), "context", "pooled"}, exactly as in memory."""
@@ -560,24 +572,39 @@ def decode_latents(x0_norm: torch.Tensor, meta: dict) -> torch.Tensor:
     return x0_norm * meta["latent_std"] + meta["latent_mean"]
 
 
-def load_eval_set(shard_dir: str | Path, n: int | None = None) -> dict:
+def load_eval_set(shard_dir: str | Path, n: int | None = None, prompts: int | None = None,
+                  stats: dict | None = None) -> dict:
     """The first n samples (all if None) in writing order: x0 (normalised), images, captions, context, pooled,
-    labels (from the json extras' "label", -1 where absent), extras and meta."""
-    if n is not None and n < 1:
-        raise ValueError(f"n={n} is not allowed; need >= 1 or None for the whole set")
+    labels (from the json extras' "label", -1 where absent), extras and meta (the folder's).
+
+    prompts: captions, context and pooled of the first `prompts` samples only (what an evaluation of that many
+    samples conditions on); the whole COCO-2014 split's 40,504 contexts of 154 x 4096 would take 100 GB as float32.
+    stats: the meta.json whose latent_mean and latent_std normalise x0, default the folder's own; an evaluation
+    split is normalised as the training split is (what the model takes and the decoder un-normalises).
+    """
+    for name, value in (("n", n), ("prompts", prompts)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name}={value} is not allowed; need >= 1 or None for the whole set")
     meta = read_meta(shard_dir)
     if n is not None and n > meta["count"]:
         raise ValueError(f"n={n} is more than the {meta['count']} samples in {shard_dir}")
     samples = []
     for s in iter_samples(shard_dir):
+        if prompts is not None and len(samples) >= prompts:  # let go of its text embeddings as soon as read
+            s = {k: v for k, v in s.items() if k not in ("context", "pooled")}
         samples.append(s)
         if n is not None and len(samples) == n:
             break
-    batch = Collate(meta["latent_mean"], meta["latent_std"])(samples)
+    stats = meta if stats is None else stats
+    collate = Collate(stats["latent_mean"], stats["latent_std"])
+    batch = collate(samples if prompts is None else samples[:prompts])
+    if prompts is not None and len(samples) > prompts:
+        batch["x0"] = collate.x0(samples)
     extras = [s["extras"] for s in samples]
     return {
         "x0": batch["x0"],
-        "images": decode_latents(batch["x0"], meta) if meta.get("autoencoder") == IDENTITY_AUTOENCODER else None,
+        "images": decode_latents(batch["x0"], {**meta, **{k: stats[k] for k in ("latent_mean", "latent_std")}})
+        if meta.get("autoencoder") == IDENTITY_AUTOENCODER else None,
         "captions": batch["caption"],
         "context": batch["context"],
         "pooled": batch["pooled"],

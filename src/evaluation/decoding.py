@@ -74,26 +74,11 @@ def make_decoder(meta: dict, autoencoder_path: str | None = None, device: str | 
     return decode
 
 
-def own_latent_stats(eval_set: dict, meta: dict | None) -> bool:
-    """Whether the evaluation latents are normalised with other statistics than the training shards' meta.json
-    (an evaluation folder preprocessed without --stats-from)."""
-    own = eval_set.get("meta")
-    return meta is not None and own is not None and (
-        (own["latent_mean"], own["latent_std"]) != (meta["latent_mean"], meta["latent_std"]))
-
-
-def reference_images(eval_set: dict, decode: Callable[[Tensor], Tensor], meta: dict | None = None) -> Tensor:
+def reference_images(eval_set: dict, decode: Callable[[Tensor], Tensor]) -> Tensor:
     """The evaluation images: stored pixels for pixel-space shards, else the autoencoder's reconstructions of the
-    evaluation latents (so FID measures the generative model, not the autoencoder).
-
-    meta: the training shards' meta.json, whose mean and std `decode` un-normalises with; evaluation latents
-    normalised with statistics of their own are brought to those first, or the autoencoder would decode other
-    latents than the evaluation set's."""
+    evaluation latents (so FID measures the generative model, not the autoencoder). The latents are normalised as
+    the training split's (load_eval_set's stats), which `decode` un-normalises with."""
     if eval_set.get("images") is not None:
         return eval_set["images"]
-    x0 = eval_set["x0"]
-    if own_latent_stats(eval_set, meta):
-        own = eval_set["meta"]
-        x0 = (x0 * own["latent_std"] + own["latent_mean"] - meta["latent_mean"]) / meta["latent_std"]
     with torch.no_grad():
-        return decode(x0)
+        return decode(eval_set["x0"])

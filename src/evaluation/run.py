@@ -300,14 +300,15 @@ def evaluate_run(cfg: DictConfig, run_dir: str | Path, device: torch.device | st
     if feature_extractor_name(ev, cfg.paths.cache_dir) != wanted[0]["feature_extractor"]:
         # Replaced since the wanted records were named: their name would not be these weights'.
         raise RuntimeError("eval.clip: the weights file changed while the evaluation started; run it again")
-    eval_set = load_eval_set(cfg.data.eval_dir)
+    # Every image (the references), the prompts sampled; normalised as the training split, as `decode` expects.
+    eval_set = load_eval_set(cfg.data.eval_dir, prompts=int(ev.n_samples), stats=meta)
     decode = make_decoder(meta, ev.get("autoencoder_path"), device)
     if decoder_name(meta, ev.get("autoencoder_path"), cfg.paths.cache_dir) != wanted[0]["decoder"]:
         raise RuntimeError("eval.autoencoder_path: the autoencoder's files changed while the evaluation started; run "
                            "it again")
     dataset_id = reference_dataset_id(cfg.data, eval_set, wanted[0]["decoder"])
     cache = Path(cfg.paths.cache_dir) / "reference"
-    images = lambda: reference_images(eval_set, decode, meta)  # noqa: E731 -- only computed on a cache miss
+    images = lambda: reference_images(eval_set, decode)  # noqa: E731 -- only computed on a cache miss
     reference = reference_features(extractor.id, dataset_id, images, extractor, cache)
     inception = None
     if ev.inception.weights_path is not None:

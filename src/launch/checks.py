@@ -93,8 +93,28 @@ def check_ranks_for_launcher(cfg: DictConfig) -> None:
             "follows hydra.launcher.gpus_per_node)")
 
 
+def check_batch_over_ranks(cfg: DictConfig) -> None:
+    """data.batch_size is the global batch, split evenly over the ranks (src/training/datamodule.py): one that does
+    not divide is refused where the ranks are known (the launcher's tasks before a sweep is submitted, the trainer's
+    devices in a job), not once every rank has started and set up its process group."""
+    launcher = OmegaConf.select(cfg, "hydra.launcher", default=None)
+    tr = cfg.trainer
+    if str(OmegaConf.select(cfg, "hydra.mode", default="")) == "RunMode.MULTIRUN" and launcher is not None \
+            and launcher.get("tasks_per_node") is not None:
+        nodes = int(launcher.get("nodes") or 1)
+        ranks, where = int(launcher.tasks_per_node) * nodes, f"hydra.launcher.tasks_per_node={launcher.tasks_per_node}"
+        where += f" x nodes={nodes}"
+    else:
+        ranks, where = _processes(tr.devices, tr.num_nodes), f"trainer.devices={tr.devices} x num_nodes={tr.num_nodes}"
+    batch = cfg.data.batch_size
+    if ranks is not None and ranks > 1 and batch % ranks:
+        raise ConfigError(f"data.batch_size={batch}: the global batch must divide over the {ranks} ranks ({where}); "
+                          f"allowed: multiples of {ranks}")
+
+
 def check_launch(cfg: DictConfig, multirun: bool) -> None:
     """Every launch check, in run.main before the job starts."""
     check_no_relaunch_in_multirun(cfg, multirun)
     check_ranks_for_launcher(cfg)
     check_fsdp(cfg)
+    check_batch_over_ranks(cfg)

@@ -22,7 +22,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from src.data.shards import ShardSamples, load_eval_set
+from src.data.shards import ShardSamples, load_eval_set, read_meta
 from src.launch.preemption import submitit_signal
 from src.training.streams import DATA, STREAMS, step_generator
 
@@ -175,8 +175,8 @@ class ShardDataModule(L.LightningDataModule):
                 self._train = ShardSamples(self.train_dir)  # the index of where each sample lies; no data read
                 log.info("streaming %d training samples from %s with %d loader worker(s)",
                          len(self._train), self.train_dir, self.num_workers)
-        if self._val is None:
-            ev = load_eval_set(self.eval_dir, n=self.val_samples)
+        if self._val is None:  # normalised as the training split, whatever the evaluation folder's statistics
+            ev = load_eval_set(self.eval_dir, n=self.val_samples, stats=read_meta(self.train_dir))
             self._val = {k: ev[k] for k in ("x0", "context", "pooled")}
 
     def _global_step(self) -> int:

@@ -59,6 +59,7 @@ def _eval_count(data: DictConfig) -> int:
 def check_data(cfg: DictConfig) -> dict:
     """The data settings, checked without building anything; returns the shapes (DIM_KEYS) the backbone will see, and
     the text tokens' layout (context_length, text_groups) where the data say."""
+    from src.data.expectations import SAME_ENCODING, split_differences
     from src.data.shards import damaged_shards, read_meta
 
     data = cfg.data
@@ -87,6 +88,16 @@ def check_data(cfg: DictConfig) -> dict:
             if damaged:
                 raise ConfigError(f"data.{key}={data[key]}: {', '.join(damaged[:3])} missing or not of the size "
                                   f"meta.json records (cut short?); write the folder again")
+        if not isinstance(found["latent_size"], int):  # ShardWriter records [H, W] for H != W: no one size to build
+            h, w = found["latent_size"]
+            raise ConfigError(f"data.train_dir={data.train_dir}: latents of {h} x {w}; allowed: square latents "
+                              f"(data.latent_size is their side)")
+        # Else the first validation fails in a traceback (other shapes), or the evaluation silently conditions on
+        # another encoder's embeddings.
+        diffs = split_differences(found, read_meta(data.eval_dir), SAME_ENCODING)
+        if diffs:
+            raise ConfigError(f"data.eval_dir={data.eval_dir} is not encoded like data.train_dir ({'; '.join(diffs)})"
+                              f": preprocess it with the same models and --stats-from the training folder")
     else:
         raise ConfigError(f"data.kind={data.kind!r}: allowed values are 'embedded', 'shards'")
     shapes = {}
@@ -100,6 +111,41 @@ def check_data(cfg: DictConfig) -> dict:
         raise ConfigError(f"data.val_samples={data.val_samples}: the evaluation split holds {held_out} samples; "
                           f"allowed: 1 to {held_out}")
     return {**shapes, **text}
+
+
+#: The ranges of a train.cond_groups entry and the data size each lies within (src/training/conditioning.py).
+COND_GROUP_RANGES = {"context_tokens": "context_length", "context_channels": "context_dim",
+                     "pooled_channels": "pooled_dim"}
+
+
+def check_cond_groups(cfg: DictConfig, shapes: dict) -> None:
+    """train.cond_groups, the text encoders' parts that dropout zeroes: each range within the data (a range past
+    the end would drop nothing), no key the dropout would not read (a misspelt context_channels drops every
+    channel), and none missing (it would fail at the first step, in a traceback)."""
+    groups = OmegaConf.select(cfg, "train.cond_groups")
+    if groups is None:
+        return
+    if not OmegaConf.is_list(groups) or len(groups) == 0:
+        raise ConfigError(f"train.cond_groups={groups}: must be null (the shards' text groups) or a non-empty list "
+                          f"of {{context_tokens: [start, end], pooled_channels: [start, end]}}")
+    for i, group in enumerate(groups):
+        if not OmegaConf.is_dict(group):
+            raise ConfigError(f"train.cond_groups.{i}={group}: must be a mapping {{context_tokens: [start, end], "
+                              f"pooled_channels: [start, end]}}")
+        other = sorted(set(group) - set(COND_GROUP_RANGES) - {"name"})
+        if other:
+            raise ConfigError(f"train.cond_groups.{i}.{other[0]}: no such key; a group has "
+                              f"{', '.join(COND_GROUP_RANGES)} (optional) and a name")
+        for key, size_key in COND_GROUP_RANGES.items():
+            value = group.get(key)
+            if value is None and key == "context_channels":  # optional: every channel
+                continue
+            size = int(shapes[size_key])
+            r = list(value) if OmegaConf.is_list(value) else []
+            if not (len(r) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in r)
+                    and 0 <= r[0] <= r[1] <= size):
+                raise ConfigError(f"train.cond_groups.{i}.{key}={value}: not allowed; allowed: [start, end] with "
+                                  f"0 <= start <= end <= {size} (the data's {size_key})")
 
 
 def check_model(cfg: DictConfig, shapes: dict) -> None:
@@ -157,41 +203,6 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> dict:
     return shapes
 
 
-#: The keys of one train.cond_groups entry and the data size each range lies in (context_channels is optional, and
-#: name too, as in the shards' text_groups; an empty range, e.g. T5's pooled channels, is allowed).
-GROUP_KEYS = {"context_tokens": "context_length", "pooled_channels": "pooled_dim", "context_channels": "context_dim"}
-
-
-def check_cond_groups(cfg: DictConfig, shapes: dict) -> None:
-    """train.cond_groups (per-encoder dropout) within the data's conditioning: a typo of a key failed at the first
-    dropped sample, in a traceback, and a range past the data's end dropped nothing there, silently."""
-    groups = cfg.train.cond_groups
-    if groups is None:
-        return
-    if not OmegaConf.is_list(groups) or len(groups) == 0:
-        raise ConfigError(f"train.cond_groups={groups}: must be null (the data's text groups) or a non-empty list of "
-                          "{context_tokens: [start, end], pooled_channels: [start, end]}")
-    for i, group in enumerate(groups):
-        where = f"train.cond_groups.{i}"
-        if not OmegaConf.is_dict(group):
-            raise ConfigError(f"{where}={group}: must be a mapping {{context_tokens: [start, end], pooled_channels: "
-                              "[start, end]}")
-        other = sorted(set(group) - {*GROUP_KEYS, "name"})
-        if other:
-            raise ConfigError(f"{where}.{other[0]}: no such key; an entry has {', '.join(GROUP_KEYS)} and name "
-                              "(both optional)")
-        for key, size_key in GROUP_KEYS.items():
-            value = group.get(key)
-            if value is None and key == "context_channels":
-                continue
-            size = shapes.get(size_key)
-            ends = list(value) if OmegaConf.is_list(value) else []
-            if not (len(ends) == 2 and all(isinstance(e, int) and not isinstance(e, bool) for e in ends)
-                    and 0 <= ends[0] <= ends[1] and (size is None or ends[1] <= size)):
-                raise ConfigError(f"{where}.{key}={value}: must be [start, end] with 0 <= start <= end <= "
-                                  f"{size_key}{'' if size is None else f' = {size}'}")
-
-
 def resolve_data(cfg: DictConfig) -> dict:
     """Locate (or build, for embedded data) the shards and fill the data shape keys from their meta.json."""
     from src.data.shards import read_meta
@@ -242,6 +253,7 @@ def check_values(cfg: DictConfig) -> None:
         ("optim.warmup_steps", number, lambda v: v >= 0, ">= 0 (0: the full rate from the first step)"),
         ("data.batch_size", integer, lambda v: v >= 1, ">= 1"),
         ("data.val_samples", integer, lambda v: v >= 1, ">= 1"),
+        ("data.in_memory", boolean, None, "(true or false)"),  # any other value would read as true or false
         ("seed", integer, lambda v: v >= 0, ">= 0"),
         ("eval.enabled", boolean, None, "(true or false)"),
     ]
