@@ -5,20 +5,21 @@ Slow (each builds its datasets and trains several jobs on two cores): `make test
 import csv
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests import warm
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(args, cwd):
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=1200)
+    proc = warm.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                    timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 

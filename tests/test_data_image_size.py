@@ -1,7 +1,6 @@
 """data.image_size: the embedded datasets at a finer pixel grid (more values per sample, as a larger latent has)."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from src.data import digits, shapes
 from src.data.embedded import check_image_size, prepare_embedded
 from src.data.shards import load_eval_set, read_meta
 from src.training.prepare import fingerprint_changes, resolve_data
+from tests import warm
 
 register_resolvers()
 
@@ -96,9 +96,9 @@ def test_a_run_at_32_pixels_through_the_cli_trains_and_evaluates_at_that_size(tm
             "eval.settings=[{steps: 2, cfg: 1.0}]", "eval.ema=[true]", "logger=csv",
             "trainer.enable_progress_bar=false", "torch_threads=1"]
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-m", "src.run", *tiny, "data=digits", "data.image_size=32",
+    out = warm.run([sys.executable, "-m", "src.run", *tiny, "data=digits", "data.image_size=32",
                           f"paths.root_dir={tmp_path}"], cwd=root, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "WANDB_MODE": "disabled"})
+                   env={**os.environ, "WANDB_MODE": "disabled"})
     assert out.returncode == 0, out.stderr[-3000:]
     (record,) = json.loads(next(tmp_path.glob("outputs/**/results.json")).read_text())
     assert record["config"]["data"]["latent_size"] == 32 and record["config"]["model"]["input_size"] == 32
@@ -108,9 +108,9 @@ def test_a_run_at_32_pixels_through_the_cli_trains_and_evaluates_at_that_size(tm
         shapes = {k: arrays[k].shape for k in arrays.files}
     assert any(s[-2:] == (32, 32) for s in shapes.values()), shapes
     # The same command again: the finished run is skipped, and says so.
-    again = subprocess.run([sys.executable, "-m", "src.run", *tiny, "data=digits", "data.image_size=32",
+    again = warm.run([sys.executable, "-m", "src.run", *tiny, "data=digits", "data.image_size=32",
                             f"paths.root_dir={tmp_path}"], cwd=root, capture_output=True, text=True, timeout=600,
-                           env={**os.environ, "WANDB_MODE": "disabled"})
+                     env={**os.environ, "WANDB_MODE": "disabled"})
     assert again.returncode == 0 and again.stderr.strip() == f"complete already, skipped: {run_dir}", again.stderr
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 from src.data.shards import read_meta
+from tests import warm
 from tests.test_preprocess import RES, make_coco, make_imagenet, save_clip, save_t5, save_vae
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,8 +32,8 @@ TRAIN = [  # a tiny backbone for a few steps, validated and checkpointed midway,
 
 
 def cli(module: str, *args: str, timeout: int = 240) -> str:
-    out = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                         timeout=timeout)
+    out = warm.run([sys.executable, "-m", module, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                   timeout=timeout)
     assert out.returncode == 0, f"python -m {module} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
     return out.stdout + out.stderr
 

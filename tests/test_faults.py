@@ -20,6 +20,7 @@ from src.config import ConfigError, register_resolvers
 from src.launch import failures
 from src.launch.checks import check_no_relaunch_in_multirun
 from src.launch.rundir import RunDirBusy, run_dir_lock
+from tests import warm
 
 ROOT = Path(__file__).resolve().parents[1]
 register_resolvers()
@@ -42,8 +43,8 @@ def cache_dir(tmp_path_factory):
 
 def run_cli(args, timeout=300):
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return warm.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True,
+                    timeout=timeout, env=env)
 
 
 # ---- one failing job in a sweep ----------------------------------------------------------------------------------

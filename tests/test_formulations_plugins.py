@@ -4,7 +4,6 @@ formulation, a backbone: docs/examples/) end to end through the commands."""
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from src.formulations import RECIPES, from_config, get_recipe
 from src.formulations.checks import formulation_errors
 from src.formulations.densities import Uniform
 from src.formulations.rf import RectifiedFlow
+from tests import warm
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "docs" / "examples"
@@ -168,8 +168,8 @@ def test_the_documented_example_family_trains_evaluates_plans_and_ranks(tmp_path
             "eval.n_samples=4", "eval.batch_size=4", "eval.settings=[{steps: 2, cfg: 1.0}]", "eval.ema=[true]",
             "logger=csv", "torch_threads=1"]
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": os.pathsep.join([str(EXAMPLES), str(ROOT)])}
-    out = subprocess.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True, env=env,
-                         timeout=600)
+    out = warm.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True, env=env,
+                   timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     sweep = tmp_path / "outputs/multirun/default"
     for sampler, name in (("rf_time", "rf_time"), ("ab2", "ab2:AB2")):
@@ -231,8 +231,8 @@ def test_the_documented_example_backbone_plans_trains_and_evaluates(tmp_path, mo
             "train.max_steps=2", "train.val_every=2", "train.ckpt_every=2", "eval.n_samples=4", "eval.batch_size=4",
             "eval.settings=[{steps: 2, cfg: 1.0}]", "eval.ema=[true]", "logger=csv", "torch_threads=1"]
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": os.pathsep.join([str(EXAMPLES), str(ROOT)])}
-    out = subprocess.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True, env=env,
-                         timeout=600)
+    out = warm.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True, env=env,
+                   timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     [record] = json.loads((tmp_path / "outputs/runs/digits/rf_power_2.00/results.json").read_text())
     assert (record["backbone"], record["recipe"], record["sampler"]) == ("ConvNet", "rf/power(2.00)", "ab2:AB2")
@@ -313,8 +313,8 @@ def test_a_relaunch_after_editing_the_formulations_module_is_refused_and_changes
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
 
     def run():
-        return subprocess.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True,
-                              env=env, timeout=600)
+        return warm.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True,
+                        env=env, timeout=600)
 
     assert (first := run()).returncode == 0, first.stderr[-3000:]
     done = tmp_path / "outputs/multirun/default/digits/rf_power_2.00"

@@ -6,11 +6,12 @@ Both commands as the README gives them: `python -m src.run` at the defaults (onl
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests import warm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,8 +21,8 @@ def test_default_rf_lognorm_run_beats_its_initialisation(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     def run(*args):
-        proc = subprocess.run([sys.executable, "-m", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=1200)
+        proc = warm.run([sys.executable, "-m", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                        timeout=1200)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         return proc.stdout
 

@@ -12,6 +12,7 @@ import pytest
 from src.utils.progress import (
     ConsoleFilter, Progress, SweepProgress, evaluation_hook, format_duration,
 )
+from tests import warm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,8 +144,8 @@ def run_cli(args, log_path: Path):
     """The CLI with its console (stdout and stderr together) going to a file, as under SLURM or `> log 2>&1`."""
     env = {**os.environ, "WANDB_MODE": "disabled"}
     with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                              env=env, timeout=600)
+        proc = warm.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                        env=env, timeout=600)
     return proc.returncode, log_path.read_text()
 
 

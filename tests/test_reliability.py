@@ -24,6 +24,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from src.config import ConfigError, parse_loss, register_resolvers
+from tests import warm
 
 ROOT = Path(__file__).resolve().parents[1]
 register_resolvers()
@@ -50,8 +51,8 @@ def cache_dir(tmp_path_factory):
 
 def cli(args, **kwargs):
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True,
-                          env=env, timeout=600, **kwargs)
+    return warm.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True,
+                    env=env, timeout=600, **kwargs)
 
 
 def popen(args, log_path):
@@ -293,9 +294,9 @@ def test_hydra_composition_errors_through_the_command(tmp_path):
 
 
 def test_hydra_full_error_keeps_hydras_own_report(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "src.run", "loss=bogus", f"paths.root_dir={tmp_path}"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"})
+    out = warm.run([sys.executable, "-m", "src.run", "loss=bogus", f"paths.root_dir={tmp_path}"], cwd=ROOT,
+                   capture_output=True, text=True, timeout=300,
+                   env={**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"})
     assert out.returncode == 1
     assert "Traceback" in out.stderr and "MissingConfigException" in out.stderr
     assert "Available options in 'loss'" in out.stderr
@@ -311,8 +312,8 @@ def test_hydra_composition_errors_of_plan_and_evaluate_are_one_line(tmp_path, mo
                                                        "allowed: heun, native, rf_time"
     else:
         args, line = ["loss=bogus"], f"loss=bogus: no such option in config group loss; allowed: {LOSS_OPTIONS}"
-    out = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "WANDB_MODE": "disabled"})
+    out = warm.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                   timeout=300, env={**os.environ, "WANDB_MODE": "disabled"})
     assert out.returncode == 2
     assert out.stderr.strip() == f"{module.split('.')[1]}: {line}"
 

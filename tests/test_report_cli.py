@@ -1,6 +1,5 @@
 """The rank report end to end on synthetic sweeps: files, Markdown parsed back, partial sweeps, errors."""
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from src.ranking.aggregate import average_ranks, load_sweep, pool_seeds, rank_ta
 from src.ranking.report import build_report, latest_sweep, main, markdown
 from src.ranking.synthetic import write_synthetic_sweep
 from src.ranking.tables import parse_markdown_table
+from tests import warm
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ("rf/lognorm(0.00, 1.00)", "eps/linear", "my/new(0.50)", "edm(-1.20, 1.20)", "v/cos")
@@ -152,8 +152,8 @@ def test_latest_sweep_of_sweeps_touched_at_once_does_not_depend_on_the_listing_o
 
 
 def test_module_runs_and_fails_cleanly_without_sweeps(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "src.ranking.report", "--multirun-root", str(tmp_path / "none")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = warm.run([sys.executable, "-m", "src.ranking.report", "--multirun-root", str(tmp_path / "none")],
+                      cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip() == f"rank report: error: no sweep found: {tmp_path / 'none'} has no sweep directories"
 

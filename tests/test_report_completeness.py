@@ -5,13 +5,13 @@ with `python -m src.run -m ...`, relaunched, damaged or cut short as a kill leav
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from src.ranking.report import main
+from tests import warm
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -25,9 +25,9 @@ NAMES = ("digits/rf_lognorm_0.00_1.00", "digits/edm_-1.20_1.20", "digits/eps_lin
 
 def run_cli(root: Path, cache: Path, *args: str, steps: int = 8):
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "src.run", "-m", *TINY, f"train.max_steps={steps}",
+    return warm.run([sys.executable, "-m", "src.run", "-m", *TINY, f"train.max_steps={steps}",
                            f"paths.root_dir={root}", f"paths.cache_dir={cache}", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+                    cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
 def report(capsys, *args: str) -> tuple[int, str, str]:

@@ -21,6 +21,7 @@ from src import plan
 from src.config import ConfigError
 from src.evaluate import evaluate
 from src.training import job
+from tests import warm
 from tests.test_training import make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -322,8 +323,8 @@ def test_a_damaged_results_file_is_named_kept_and_replaced_once_deleted(trained,
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "src.evaluate", *args], cwd=ROOT, capture_output=True, text=True,
-                          env=env, timeout=300)
+    return warm.run([sys.executable, "-m", "src.evaluate", *args], cwd=ROOT, capture_output=True, text=True,
+                    env=env, timeout=300)
 
 
 def test_evaluate_samples_under_the_jobs_torch_settings(run, monkeypatch):

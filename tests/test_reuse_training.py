@@ -6,6 +6,7 @@ import os
 import pytest
 
 from src.results import read_results
+from tests import warm
 from tests.test_faults import TINY, cache_dir, run_cli  # noqa: F401 (cache_dir is a fixture)
 
 
@@ -50,7 +51,6 @@ def test_a_sampler_sweep_trains_each_model_once(tmp_path, cache_dir, capsys):
 def test_the_other_ranks_of_a_multi_process_job_leave_evaluation_to_rank_zero(tmp_path, cache_dir):
     """Rank 1 of a two-task job (SLURM's variables) neither trains a model its twin trained nor evaluates: rank 0
     links and evaluates (once, not once per rank)."""
-    import subprocess
     import sys
 
     from tests.test_faults import ROOT
@@ -61,8 +61,8 @@ def test_the_other_ranks_of_a_multi_process_job_leave_evaluation_to_rank_zero(tm
     args = ["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", "sweep_name=s", "loss=rf",
             "sampler=rf_time,native,heun", "eval.n_samples=6"]  # trained twins with records missing, and a new one
     env = {**os.environ, "WANDB_MODE": "disabled", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}
-    out = subprocess.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, env=env)
+    out = warm.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True,
+                   timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert {d: (recipe / d / "results.json").read_bytes() for d in trained} == trained  # not evaluated by rank 1
     heun = recipe / "sampler=heun"

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from src.config import ConfigError
 from src.launch import submitit as launch
 from src.launch.failures import LaunchError
+from tests import warm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,10 +87,10 @@ def fake_slurm(bin_dir: Path, sbatch: str) -> None:
 
 def sweep(tmp_path: Path, path: str, *args: str) -> subprocess.CompletedProcess:
     root = tmp_path / "root"
-    return subprocess.run([sys.executable, "-m", "src.run", "-m", "hydra/launcher=slurm_cpu", "loss=paper/rf",
+    return warm.run([sys.executable, "-m", "src.run", "-m", "hydra/launcher=slurm_cpu", "loss=paper/rf",
                            "data=digits", f"paths.root_dir={root}", f"paths.cache_dir={tmp_path / 'cache'}", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "WANDB_MODE": "disabled", "PATH": path})
+                    cwd=ROOT, capture_output=True, text=True, timeout=300,
+                    env={**os.environ, "WANDB_MODE": "disabled", "PATH": path})
 
 
 @pytest.mark.parametrize("sbatch, args, line", [

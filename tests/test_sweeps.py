@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from hydra.types import RunMode
 
 from src import plan
 from src.config import register_resolvers
+from tests import warm
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
@@ -55,8 +55,8 @@ def test_sweep_is_a_multirun_with_its_own_name(name, compose_fn):
 
 
 def test_entry_point_finds_sweeps():
-    out = subprocess.run([sys.executable, "-m", "src.run", "+sweep=backbones", "--cfg", "job"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    out = warm.run([sys.executable, "-m", "src.run", "+sweep=backbones", "--cfg", "job"], cwd=ROOT,
+                   capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "sweep_name: backbones" in out.stdout
 
@@ -466,8 +466,8 @@ def test_learning_rate_sweep_runs_each_value_in_its_own_directory_and_ranks_them
             "eval.settings=[{steps: 2, cfg: 1.0}]", "eval.ema=[true]", "logger=csv",
             "trainer.enable_progress_bar=false", "torch_threads=1"]
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    out = subprocess.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True,
-                         env=env, timeout=600)
+    out = warm.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True,
+                   env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     sweep = tmp_path / "outputs/multirun/default/digits/rf"
     for lr in ("0.0001", "0.003"):
@@ -477,13 +477,13 @@ def test_learning_rate_sweep_runs_each_value_in_its_own_directory_and_ranks_them
     records = load_sweep([tmp_path / "outputs/multirun/default"]).records
     assert sorted(records["recipe"].unique()) == ["rf [optim.lr=0.0001]", "rf [optim.lr=0.003]"]
     # The same command again: both runs are found complete and skipped.
-    out = subprocess.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True,
-                         env=env, timeout=600)
+    out = warm.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True,
+                   env=env, timeout=600)
     assert out.returncode == 0 and (out.stdout + out.stderr).count("complete already, skipped") == 2
     # Another evaluation setting: both runs are evaluated again, not retrained, and the old records stay.
     checkpoint = (sweep / "optim.lr=0.0001" / "checkpoints" / "last.ckpt").stat().st_mtime_ns
-    out = subprocess.run([sys.executable, "-m", "src.run", *args, "eval.n_samples=3"], cwd=ROOT, capture_output=True,
-                         text=True, env=env, timeout=600)
+    out = warm.run([sys.executable, "-m", "src.run", *args, "eval.n_samples=3"], cwd=ROOT, capture_output=True,
+                   text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (out.stdout + out.stderr).count("results for eval.n_samples=3 missing: evaluating, training is done") == 2
     assert (sweep / "optim.lr=0.0001" / "checkpoints" / "last.ckpt").stat().st_mtime_ns == checkpoint
@@ -555,8 +555,8 @@ def test_sweep_launches_a_run_directory_once_and_refuses_a_second_configuration_
             "model.hidden_size=32", "model.num_heads=2", "data.batch_size=16", "data.val_samples=16",
             "train.max_steps=2", "train.val_every=2", "train.ckpt_every=2", "eval.n_samples=4", "eval.batch_size=4",
             "eval.settings=[{steps: 2, cfg: 1.0}]", "eval.ema=[true]", "logger=csv", "torch_threads=1"]
-    out = subprocess.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "WANDB_MODE": "disabled"}, timeout=600)
+    out = warm.run([sys.executable, "-m", "src.run", *args], cwd=ROOT, capture_output=True, text=True,
+                   env={**os.environ, "WANDB_MODE": "disabled"}, timeout=600)
     assert out.returncode == 1, out.stderr[-3000:]
     console = out.stdout + out.stderr
     assert "digits/same: loss.m=0.0 is the same run as loss.m=0 (equal settings): launched once" in console
