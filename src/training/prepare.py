@@ -422,7 +422,22 @@ def fingerprint_changes(cfg: DictConfig, run_dir: Path) -> list[str]:
     if "code" not in stored:  # trained before the code from outside was recorded: its content is unknown
         current.pop("code", None)
     stored.pop("streams", None)  # the run's own draws (run_streams), not a setting: any version resumes as it was
+    # A paper recipe by name (loss=recipe loss.recipe='rf/lognorm(0.50, 0.60)') is the same model as its family and
+    # parameters (loss=rf_lognorm loss.m=0.5 loss.s=0.6, loss=paper/rf_lognorm_0.50_0.60), in one directory.
+    for fp in (stored, current):
+        if isinstance(fp.get("loss"), dict):
+            fp["loss"] = recipe_as_family(fp["loss"])
     return diff_keys(with_added_keys(without_throughput_keys(stored), current), current)
+
+
+def recipe_as_family(loss: dict) -> dict:
+    """{"recipe": paper name} as the {"family": key, **params} it names; any other loss config as it is."""
+    from src.formulations.registry import RECIPE_SPECS
+
+    if set(loss) != {"recipe"} or loss["recipe"] not in RECIPE_SPECS:
+        return loss
+    family, params = RECIPE_SPECS[loss["recipe"]]
+    return {"family": family, **params}
 
 
 def check_fingerprint(cfg: DictConfig, run_dir: Path) -> None:
