@@ -123,9 +123,20 @@ def check_model(cfg: DictConfig, shapes: dict) -> None:
         check_choice("compile_backend", OmegaConf.select(checked, "model.compile_backend", default="default"),
                      COMPILE_BACKENDS)
     except Exception as e:  # instantiate wraps constructor errors; surface the model's own message
-        cause = e.__cause__ or e
-        raise ConfigError(f"model: {cause}") from None
+        raise model_error(checked.model, e) from None
     _CHECKED_MODELS.add(key)
+
+
+def model_error(model: DictConfig, e: Exception) -> ConfigError:
+    """The one-line error of a backbone that hydra.utils.instantiate could not build: its class that cannot be
+    imported (Hydra's own message spans three lines), else the constructor's own message."""
+    cause = e.__cause__ or e
+    if str(e).startswith("Error locating target") and isinstance(cause, ImportError):
+        inner = cause.__cause__ or cause
+        return ConfigError(f"model._target_={OmegaConf.select(model, '_target_')}: cannot import it "
+                           f"({type(inner).__name__}: {inner}); the module must be importable where the job runs "
+                           "(the working directory or PYTHONPATH)")
+    return ConfigError(f"model: {cause}")
 
 
 _CHECKED_MODELS: set[str] = set()  # model configs already built on the meta device (a sweep checks each once)
