@@ -66,15 +66,30 @@ def _stored_config(path: Path) -> DictConfig:
     return stored
 
 
-def _check_shape(key: str, text: str, current) -> None:
+def _override_value(override: str):
+    """The value of key=value as src.run reads it (Hydra's override grammar: eval.settings=[{steps:2,cfg:1.0}] is a
+    list of one mapping there, where YAML would read the key 'steps:2'); a one-line error for what it cannot parse."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from src.utils.io import first_line
+
+    try:
+        parsed = OverridesParser.create().parse_override(override)
+    except Exception as e:  # noqa: BLE001 -- Hydra's parse errors run over several lines
+        raise ConfigError(f"{override}: not a valid override ({first_line(e)})") from None
+    if parsed.is_sweep_override():
+        raise ConfigError(f"{override}: one value per setting here (a sweep is python -m src.run -m ...)")
+    return parsed.value()
+
+
+def _check_shape(key: str, text: str, value, current) -> None:
     """A group of settings takes only a group, a list only a list: eval.clip=null would fail later in a traceback,
     eval.settings={steps: 2, cfg: 1} in OmegaConf's merge, neither naming the setting."""
-    value = OmegaConf.select(OmegaConf.from_dotlist([f"{key}={text}"]), key)
-    if OmegaConf.is_dict(current) and not OmegaConf.is_dict(value):
+    if OmegaConf.is_dict(current) and not isinstance(value, dict):
         first = sorted(current)[0] if len(current) else "KEY"
         raise ConfigError(f"{key}={text}: {key} is a group of settings ({', '.join(sorted(current))}); set one of "
                           f"them, e.g. {key}.{first}=VALUE")
-    if OmegaConf.is_list(current) and OmegaConf.is_dict(value):
+    if OmegaConf.is_list(current) and isinstance(value, dict):
         raise ConfigError(f"{key}={text}: must be a list, in brackets ({key}='[...]')")
 
 
@@ -108,6 +123,7 @@ def load_run_config(run_dir: str | Path, overrides: Sequence[str] = (), config_d
     if group and "sampler" in defaults:  # the chosen sampler group replaces the run's
         cfg.sampler = defaults.sampler
     rest = [o for o in overrides if o not in group]
+    values = {}
     for o in rest:  # a typo (eval.n_sample=..., or +eval.n_sample=...) would be evaluated as nothing changed
         key, text = o.lstrip("+").split("=", 1)
         current = OmegaConf.select(cfg, key, default=_ABSENT)
@@ -115,9 +131,10 @@ def load_run_config(run_dir: str | Path, overrides: Sequence[str] = (), config_d
             section = key.split(".")[0]
             known = sorted(cfg[section]) if OmegaConf.is_dict(cfg.get(section)) else []
             raise ConfigError(f"{key}: no such setting; {section}.* has {', '.join(known)}")
-        _check_shape(key, text, current)
-    if rest:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in rest]))
+        values[key] = _override_value(o.lstrip("+"))
+        _check_shape(key, text, values[key], current)
+    for key, value in values.items():
+        OmegaConf.update(cfg, key, value, merge=True)
     return cfg
 
 

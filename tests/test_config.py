@@ -74,3 +74,22 @@ def test_loading_mode_and_workers_do_not_change_the_fingerprint():
     base = fingerprint(compose_cfg(["data.in_memory=true", "data.num_workers=0"]))
     assert fingerprint(compose_cfg(["data.in_memory=false", "data.num_workers=2"])) == base
     assert fingerprint(compose_cfg(["data.batch_size=32"])) != base
+
+
+def test_a_paper_recipe_by_name_is_the_run_of_its_family_and_parameters(tmp_path):
+    """loss=recipe loss.recipe='rf/lognorm(0.50, 0.60)' and loss=rf_lognorm loss.m=0.5 loss.s=0.6 name one model and
+    one run directory: either resumes (or skips) the other's run, in both directions; another recipe is refused."""
+    import json
+
+    from src.training.prepare import _fingerprint_json, fingerprint_changes
+
+    by_name = compose_cfg(["loss=recipe", "loss.recipe='rf/lognorm(0.50, 0.60)'"])
+    by_family = compose_cfg(["loss=rf_lognorm", "loss.m=0.5", "loss.s=0.6"])
+    assert by_name.run_name == by_family.run_name == "digits/rf_lognorm_0.50_0.60"
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")  # something trained: the directory is bound
+    for trained, relaunched in ((by_family, by_name), (by_name, by_family)):
+        (tmp_path / "fingerprint.json").write_text(json.dumps(_fingerprint_json(trained)))
+        assert fingerprint_changes(relaunched, tmp_path) == []
+    other = compose_cfg(["loss=recipe", "loss.recipe='rf/lognorm(0.50, 1.00)'"])
+    assert fingerprint_changes(other, tmp_path) == ["loss.s"]

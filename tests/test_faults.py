@@ -286,6 +286,29 @@ def test_relaunching_strategies_are_refused_in_a_local_multirun(monkeypatch, str
         check_no_relaunch_in_multirun(cfg, multirun)
 
 
+def test_a_relaunching_strategy_in_a_local_multirun_is_refused_before_anything_is_written(monkeypatch):
+    """The sweeper's checks before launching ran without the multirun-only launch check: the job refused itself after
+    building the data and making the sweep's directories (README: a command refused whole writes nothing at all)."""
+    from src.launch.validate import config_error
+
+    for key in ("SLURM_NTASKS", "SLURM_JOB_NAME", "TORCHELASTIC_RUN_ID", "LOCAL_RANK", "GROUP_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["trainer=ddp", "trainer.devices=2"])
+    assert config_error(cfg, []) is None  # a single run may re-launch itself
+    assert "in a local multirun" in str(config_error(cfg, [], multirun=True))
+
+
+@pytest.mark.slow  # the quick suite's time budget: the command's own start (about 10 s); the check is tested above
+def test_a_relaunching_strategy_in_a_local_multirun_writes_nothing(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))}
+    out = subprocess.run([sys.executable, "-m", "src.run", "-m", "loss=rf", "trainer=ddp", "trainer.devices=2",
+                          f"paths.root_dir={tmp_path}"], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=300, env={**env, "WANDB_MODE": "disabled"})
+    assert out.returncode == 1 and "digits/rf: ConfigError: trainer.strategy=ddp with trainer.devices=2" in out.stderr
+    assert list(tmp_path.iterdir()) == []  # no data built, no sweep directory
+
+
 # ---- preemption: checkpoint at the step boundary, then submitit's handler --------------------------------------------
 class Requeued(BaseException):
     """What submitit's handler does after requeueing: leave the process (sys.exit) from inside the handler."""

@@ -368,3 +368,25 @@ def test_compile_settings_of_a_backbone_of_your_own_are_checked_before_training(
             cfg = compose(config_name="config", overrides=["model._target_=torch.nn.Identity", setting])
         with pytest.raises(ConfigError, match=re.escape(message)):
             check_model(cfg, dict.fromkeys(DIM_KEYS, 1))
+
+
+def test_a_backbone_whose_module_cannot_be_imported_is_one_line_naming_the_target():
+    """model=convnet without docs/examples on PYTHONPATH: Hydra's error spans three lines, of which the console showed
+    the first, "model: Error loading 'convnet.ConvNet':"; the check (and the job's build) name the setting instead."""
+    from hydra import compose, initialize_config_module
+
+    from src.config import ConfigError, register_resolvers
+    from src.training.job import build_backbone
+    from src.training.prepare import DIM_KEYS, check_model
+
+    register_resolvers()
+    for target, cause in (("not_a_module_here.ConvNet", "No module named 'not_a_module_here'"),
+                          ("src.models.MMDit", "No module named 'src.models.MMDit'")):
+        with initialize_config_module(config_module="conf", version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[f"model._target_={target}"])
+        for build in (lambda: check_model(cfg, dict.fromkeys(DIM_KEYS, 1)), lambda: build_backbone(cfg)):
+            with pytest.raises(ConfigError) as raised:
+                build()
+            message = str(raised.value)
+            assert message.startswith(f"model._target_={target}: cannot import it (ModuleNotFoundError: {cause})")
+            assert "PYTHONPATH" in message and "\n" not in message

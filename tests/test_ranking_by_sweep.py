@@ -58,3 +58,16 @@ def test_by_sweep_needs_distinct_sweep_names(tmp_path, capsys):
     assert err.strip() == ("rank report: error: --by-sweep: sweep directories share the name(s) ['s']; the name is "
                            "the entries' qualifier, so each sweep needs its own")
     assert not (tmp_path / "r").exists()
+
+
+def test_sweep_directories_of_one_name_holding_the_same_runs_are_refused(tmp_path, capsys):
+    """x/default and y/default (the default sweep_name under two paths.root_dir): the same entry, seed and setting in
+    both was pooled by dropping one of them silently, as records of one sweep (a rerun job) would be."""
+    one = write_synthetic_sweep(tmp_path / "x" / "default", recipes=("rf", "eps/linear"), **COMMON)
+    two = write_synthetic_sweep(tmp_path / "y" / "default", recipes=("rf",), seed=1, **COMMON)
+    assert main([str(one), str(two), "--bootstrap", "0", "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"rank report: error: sweeps {one}, {two} both hold rf seed 0 at digits, "), err
+    assert "--by-sweep needs sweep directories of different names" in err
+    assert not (tmp_path / "r").exists()

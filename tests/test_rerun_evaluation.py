@@ -674,6 +674,31 @@ def test_run_config_keeps_the_runs_recipe_and_backbone(tmp_path):
     assert cfg.eval.n_samples == 4
 
 
+def test_evaluate_reads_overrides_as_src_run_does(tmp_path):
+    """eval.settings=[{steps:2,cfg:1.0}] (Hydra's grammar, which src.run takes) was read as YAML by src.evaluate: a
+    mapping with the key 'steps:2', refused as "eval.settings.0.steps:2: no such key"."""
+    from omegaconf import OmegaConf
+
+    from src.config import ConfigError
+    from src.evaluate import load_run_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    stored = {"loss": {"family": "rf"}, "model": {"depth": 1}, "data": {"name": "digits"}, "train": {"max_steps": 4},
+              "run_name": "digits/rf"}
+    OmegaConf.save(OmegaConf.create(stored), run / "config.yaml")
+    cfg = load_run_config(run, ["eval.settings=[{steps:2,cfg:1.0}]", "sampler.name=ab2:AB2", "eval.ema=[true]",
+                                "eval.clip.weights_path=/models/clip.bin", "+eval.seed=7"])
+    assert OmegaConf.to_container(cfg.eval.settings) == [{"steps": 2, "cfg": 1.0}]
+    assert (cfg.sampler.name, list(cfg.eval.ema), cfg.eval.clip.weights_path, cfg.eval.seed) == (
+        "ab2:AB2", [True], "/models/clip.bin", 7)
+    assert cfg.eval.clip.model_name is None  # the rest of the group as it was
+    with pytest.raises(ConfigError, match=r"^eval.n_samples=4,8: one value per setting here"):
+        load_run_config(run, ["eval.n_samples=4,8"])
+    with pytest.raises(ConfigError, match=r"^eval.settings=\[\{steps: 2: not a valid override \("):
+        load_run_config(run, ["eval.settings=[{steps: 2"])
+
+
 def test_evaluate_help_shows_its_examples_as_commands(capsys):
     """The help's example that continues over two lines keeps its backslash and line break (a shell command)."""
     from src.evaluate import main as evaluate_main

@@ -310,6 +310,16 @@ def test_plan_cli_launches_nothing(tmp_path, capsys):
         plan.main([*args, "--utilisation", "0.3"])
 
 
+def test_a_plan_of_shards_without_a_folder_says_so_as_the_job_does(tmp_path, capsys):
+    """`python -m src.plan experiment=paper` (data=shards, no data.train_dir): the job's own line, where the plan said
+    "plan: MissingMandatoryValue: Missing mandatory value: data.train_dir"."""
+    for args in (["experiment=paper"], ["data=shards"]):
+        assert plan.main([*args, f"paths.root_dir={tmp_path}"]) == 2
+        err = capsys.readouterr().err
+        assert err == ("plan: ConfigError: data.train_dir is not set: a folder of shards "
+                       "(python -m src.preprocess ...)\n")
+
+
 # ---- sweeping keys the run name does not hold ------------------------------------------------------------------
 def test_swept_keys_outside_the_run_name_tag_each_job():
     from hydra.core.override_parser.overrides_parser import OverridesParser

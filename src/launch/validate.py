@@ -90,9 +90,11 @@ def check_added_keys(overrides: Sequence[str], cfg: DictConfig | None = None) ->
                           f"(a typo?); set an existing key without '+'")
 
 
-def config_error(cfg: DictConfig, overrides: Sequence[str] | None = None) -> ConfigError | None:
+def config_error(cfg: DictConfig, overrides: Sequence[str] | None = None, multirun: bool = False
+                 ) -> ConfigError | None:
     """The first configuration error of a composed job configuration (hydra key included or not), or None.
-    overrides: the job's command-line overrides (default: Hydra's). The configuration is not changed."""
+    overrides: the job's command-line overrides (default: Hydra's); multirun: a job of a sweep (the launch checks
+    that only a sweep has, e.g. Lightning's own re-launch of the ranks). The configuration is not changed."""
     from src.training.prepare import check_config
 
     try:
@@ -102,7 +104,7 @@ def config_error(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Con
             except Exception:  # noqa: BLE001 -- a configuration without Hydra's key (tests, callers)
                 overrides = []
         check_added_keys(overrides, cfg)
-        check_config(cfg)
+        check_config(cfg, multirun)
     except ConfigError as e:
         return e
     except Exception as e:  # a setting that breaks a check in another way (an interpolation that does not resolve)
@@ -178,7 +180,9 @@ def check_sweep_jobs(config_loader, sweep_config: DictConfig, batches: list[list
             for overrides in batch:
                 job_cfg = config_loader.load_sweep_config(sweep_config, list(overrides))
                 HydraConfig.instance().set_config(job_cfg)  # for ${hydra:...} in run names
-                error = (config_error(job_cfg, list(overrides)) or unnamed_run_dir(job_cfg)
+                local = str(OmegaConf.select(job_cfg, "hydra.launcher._target_", default="")).endswith(
+                    "BasicLauncher")  # a SLURM job's ranks are started by SLURM: the job checks them itself
+                error = (config_error(job_cfg, list(overrides), multirun=local) or unnamed_run_dir(job_cfg)
                          or refused_by_run_dir(job_cfg))
                 if error is None:
                     twin = same_run_dir(job_cfg, list(overrides), runs)

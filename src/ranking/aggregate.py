@@ -368,17 +368,24 @@ def check_sweep_overlap(sweep: Sweep) -> None:
     if len(sweep.roots) < 2 or sweep.duplicates.empty:
         return
     key = [k for k in RECORD_KEY if k in sweep.duplicates.columns]
-    both = sweep.duplicates.merge(sweep.records[[*key, "sweep"]], on=key, suffixes=("", "_kept"))
-    clash = both[both["sweep"] != both["sweep_kept"]]
+    both = sweep.duplicates.merge(sweep.records[[*key, "sweep", "run_dir"]], on=key, suffixes=("", "_kept"))
+
+    def root(run_dir) -> str:  # the sweep directory a run lies in: two of them may share a name (x/default, y/default)
+        return next((str(r) for r in sweep.roots if Path(str(run_dir)).is_relative_to(r)), str(run_dir))
+
+    clash = both[[root(a) != root(b) for a, b in zip(both["run_dir"], both["run_dir_kept"])]]
     if clash.empty:
         return
     first = clash.iloc[0]
     seed = f" seed {first['train_seed']}" if first["train_seed"] != "" else ""
     sweeps = sorted(set(clash["sweep"]) | set(clash["sweep_kept"]))
+    by_sweep = ", or pass --by-sweep to rank each sweep's entries side by side"
+    if len(sweeps) < 2:  # directories of one name: named by their paths; --by-sweep needs names of their own
+        sweeps = sorted({root(d) for d in (*clash["run_dir"], *clash["run_dir_kept"])})
+        by_sweep = " (--by-sweep needs sweep directories of different names)"
     raise ValueError(
         f"sweeps {', '.join(sweeps)} both hold {first['base_entry']}{seed} at {first['dataset']}, "
-        f"{first['setting']} ({len(clash)} records in all); rank each sweep alone, or pass --by-sweep to rank each "
-        "sweep's entries side by side"
+        f"{first['setting']} ({len(clash)} records in all); rank each sweep alone{by_sweep}"
     )
 
 

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from src.config import ConfigError, to_dict
+from src.config import to_dict
 from src.launch.preemption import InterruptCheckpoint, PreemptionCheckpoint, submitit_signal
 from src.launch.rundir import is_launch_rank_zero
 from src.launch.strategies import build_strategy
@@ -26,8 +26,8 @@ from src.training.checkpoint_io import AtomicCheckpointIO, checkpoint_to_resume
 from src.training.datamodule import ShardDataModule
 from src.training.module import FormulationModule
 from src.training.prepare import (
-    CONFIG_FILE, REUSED_FILE, bind_fingerprint, build_formulation, fingerprint_changes, is_bound, prepare_job,
-    run_streams,
+    CONFIG_FILE, REUSED_FILE, bind_fingerprint, build_formulation, fingerprint_changes, is_bound, model_error,
+    prepare_job, run_streams,
 )
 from src.training.progress import TrainingProgress
 from src.utils.io import atomic_write_json, remove_stale_temp_files
@@ -42,8 +42,7 @@ def build_backbone(cfg: DictConfig) -> torch.nn.Module:
     try:
         return hydra.utils.instantiate(cfg.model)
     except Exception as e:  # instantiate wraps constructor errors; surface the model's own message
-        cause = e.__cause__ or e
-        raise ConfigError(f"model: {cause}") from None
+        raise model_error(cfg.model, e) from None
 
 
 def build_module(cfg: DictConfig, formulation, backbone, meta: dict | None = None, streams: int | None = None

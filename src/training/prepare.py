@@ -169,9 +169,20 @@ def check_model(cfg: DictConfig, shapes: dict) -> None:
         check_choice("compile_backend", OmegaConf.select(checked, "model.compile_backend", default="default"),
                      COMPILE_BACKENDS)
     except Exception as e:  # instantiate wraps constructor errors; surface the model's own message
-        cause = e.__cause__ or e
-        raise ConfigError(f"model: {cause}") from None
+        raise model_error(checked.model, e) from None
     _CHECKED_MODELS.add(key)
+
+
+def model_error(model: DictConfig, e: Exception) -> ConfigError:
+    """The one-line error of a backbone that hydra.utils.instantiate could not build: its class that cannot be
+    imported (Hydra's own message spans three lines), else the constructor's own message."""
+    cause = e.__cause__ or e
+    if str(e).startswith("Error locating target") and isinstance(cause, ImportError):
+        inner = cause.__cause__ or cause
+        return ConfigError(f"model._target_={OmegaConf.select(model, '_target_')}: cannot import it "
+                           f"({type(inner).__name__}: {inner}); the module must be importable where the job runs "
+                           "(the working directory or PYTHONPATH)")
+    return ConfigError(f"model: {cause}")
 
 
 _CHECKED_MODELS: set[str] = set()  # model configs already built on the meta device (a sweep checks each once)
@@ -434,7 +445,22 @@ def fingerprint_changes(cfg: DictConfig, run_dir: Path) -> list[str]:
     if "code" not in stored:  # trained before the code from outside was recorded: its content is unknown
         current.pop("code", None)
     stored.pop("streams", None)  # the run's own draws (run_streams), not a setting: any version resumes as it was
+    # A paper recipe by name (loss=recipe loss.recipe='rf/lognorm(0.50, 0.60)') is the same model as its family and
+    # parameters (loss=rf_lognorm loss.m=0.5 loss.s=0.6, loss=paper/rf_lognorm_0.50_0.60), in one directory.
+    for fp in (stored, current):
+        if isinstance(fp.get("loss"), dict):
+            fp["loss"] = recipe_as_family(fp["loss"])
     return diff_keys(with_added_keys(without_throughput_keys(stored), current), current)
+
+
+def recipe_as_family(loss: dict) -> dict:
+    """{"recipe": paper name} as the {"family": key, **params} it names; any other loss config as it is."""
+    from src.formulations.registry import RECIPE_SPECS
+
+    if set(loss) != {"recipe"} or loss["recipe"] not in RECIPE_SPECS:
+        return loss
+    family, params = RECIPE_SPECS[loss["recipe"]]
+    return {"family": family, **params}
 
 
 def check_fingerprint(cfg: DictConfig, run_dir: Path) -> None:
