@@ -325,6 +325,12 @@ def test_a_key_added_with_plus_is_a_typo_not_a_silent_no_op(tmp_path):
         "ConfigError: +train.max_step=100: train.max_step is not a setting of this configuration, so nothing would "
         "read it (a typo?); set an existing key without '+'")
     assert list(tmp_path.iterdir()) == []
+    out = cli(["+trian.max_steps=100", f"paths.root_dir={tmp_path}"])  # a section that does not exist: trained
+    assert out.returncode == 1  # the default run before, with the key read by nothing
+    assert out.stderr.strip().splitlines()[0] == (
+        "ConfigError: +trian.max_steps=100: trian is not a section of this configuration, so nothing would read it "
+        "(a typo of train?); the sections: loss, model, data, sampler, optim, train, trainer, eval, logger, paths")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_sweep_with_config_errors_launches_none_of_them(tmp_path):

@@ -14,6 +14,8 @@ The job checks again when it starts (cheap, cached), for callers that bypass bot
 
 from __future__ import annotations
 
+import difflib
+
 import fnmatch
 import logging
 import sys
@@ -77,11 +79,19 @@ SECTIONS = ("loss", "model", "data", "sampler", "optim", "train", "trainer", "ev
 
 def check_added_keys(overrides: Sequence[str], cfg: DictConfig | None = None) -> None:
     """`+train.max_step=100` (a typo of an existing key, added with `+`) would be accepted and ignored: refused.
+    So is a key under a section that does not exist (`+trian.max_steps=100`).
     `+sweep=NAME` (a config group), `++key=value`, keys under hydra and keys added to a node that is instantiated
     (`_target_`: `+trainer.strategy.cpu_offload=true`, passed to its class) stay allowed."""
     for override in overrides:
         key = str(override).split("=", 1)[0]
-        if not (key.startswith("+") and not key.startswith("++") and "." in key and key[1:].split(".")[0] in SECTIONS):
+        if not (key.startswith("+") and not key.startswith("++") and "." in key):
+            continue
+        section = key[1:].split(".")[0]
+        if section not in SECTIONS and section != "hydra":  # (the composed configuration holds the addition)
+            close = difflib.get_close_matches(section, SECTIONS, n=1)
+            raise ConfigError(f"{override}: {section} is not a section of this configuration, so nothing would read "
+                              f"it{f' (a typo of {close[0]}?)' if close else ''}; the sections: {', '.join(SECTIONS)}")
+        if section not in SECTIONS:
             continue
         parent = OmegaConf.select(cfg, key[1:].rsplit(".", 1)[0], default=None) if cfg is not None else None
         if OmegaConf.is_dict(parent) and "_target_" in parent:
