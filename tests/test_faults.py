@@ -286,6 +286,25 @@ def test_relaunching_strategies_are_refused_in_a_local_multirun(monkeypatch, str
         check_no_relaunch_in_multirun(cfg, multirun)
 
 
+def test_asking_whether_slurm_started_the_ranks_warns_of_nothing_where_srun_exists(monkeypatch, tmp_path):
+    """Lightning's SLURM detection warns that `srun` "is available but not used" on any machine that has it (a login
+    node): that went to the console of every local sweep checked for a re-launching strategy."""
+    import warnings
+
+    from src.launch.checks import ranks_started_outside
+
+    srun = tmp_path / "srun"
+    srun.write_text("#!/bin/sh\n")
+    srun.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    for key in ("SLURM_NTASKS", "SLURM_JOB_NAME", "TORCHELASTIC_RUN_ID", "LOCAL_RANK", "GROUP_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert ranks_started_outside() is False
+    assert [str(w.message) for w in seen] == []
+
+
 def test_a_relaunching_strategy_in_a_local_multirun_is_refused_before_anything_is_written(monkeypatch):
     """The sweeper's checks before launching ran without the multirun-only launch check: the job refused itself after
     building the data and making the sweep's directories (README: a command refused whole writes nothing at all)."""

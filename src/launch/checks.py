@@ -33,9 +33,13 @@ def _processes(devices, num_nodes) -> int | None:
 
 def ranks_started_outside() -> bool:
     """Whether a cluster launcher (SLURM, torchrun) has started this process as one of the ranks."""
+    import warnings
+
     from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
-    return SLURMEnvironment.detect() or TorchElasticEnvironment.detect()
+    with warnings.catch_warnings():  # detect() warns on any machine with srun (a login node) that it is not used
+        warnings.simplefilter("ignore")
+        return SLURMEnvironment.detect() or TorchElasticEnvironment.detect()
 
 
 def check_no_relaunch_in_multirun(cfg: DictConfig, multirun: bool) -> None:
