@@ -457,7 +457,8 @@ def options_text(c: dict) -> str:
                 f"{c['qk_norm'] or 'off'}"
                 + (", gradient checkpointing" if c["activation_checkpointing"] else ""))
     job = "the training job's step (Lightning's loop, rf/lognorm, EMA every 100 steps), " if c["model"] == "job" else ""
-    parts = [f"{job}compile={c['compile']}" + (f" ({c['compile_backend']})" if c["compile_backend"] != "default" else ""),
+    backend = f" ({c['compile_backend']})" if c["compile_backend"] != "default" else ""
+    parts = [f"{job}compile={c['compile']}{backend}",
              "fused AdamW" if c["fused_adamw"] else "AdamW (foreach)",
              "fused modulation" if c["fused_modulation"] else "per-block modulation",
              "fused QKV" if c["fused_qkv"] else "3 QKV matmuls",
