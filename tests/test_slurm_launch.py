@@ -254,6 +254,20 @@ def test_timeout_over_the_partitions_time_limit_is_refused(monkeypatch):
     launch.check_time_limit(PARAMS)
 
 
+class JobWithResult:
+    """A submitit job as wait_for sees it: done (its result written) after some polls."""
+
+    def __init__(self, job_id: str, after_polls: int):
+        from types import SimpleNamespace
+
+        self.job_id, self.after_polls, self.polls = job_id, after_polls, 0
+        self.paths = SimpleNamespace(result_pickle=SimpleNamespace(exists=lambda: True))
+
+    def done(self) -> bool:
+        self.polls += 1
+        return self.polls > self.after_polls
+
+
 def test_wait_goes_on_while_the_controller_does_not_answer(monkeypatch):
     """A controller restart (squeue: `Unable to contact slurm controller`) is not the end of the job: it runs on, and
     its result is collected once it is written. A job squeue no longer knows (`Invalid job id`) has ended."""
@@ -267,15 +281,7 @@ def test_wait_goes_on_while_the_controller_does_not_answer(monkeypatch):
     monkeypatch.setattr(launch.time, "monotonic", lambda: next(clock))
     monkeypatch.setattr(launch.time, "sleep", lambda s: None)
 
-    class Job:
-        job_id, polls = "7_0", 0
-        paths = SimpleNamespace(result_pickle=SimpleNamespace(exists=lambda: True))
-
-        def done(self):
-            self.polls += 1
-            return self.polls > 6  # the result after the controller is back
-
-    assert launch.wait_for(Job()) is None
+    assert launch.wait_for(JobWithResult("7_0", after_polls=6)) is None  # the result after the controller is back
     gone = SimpleNamespace(returncode=1, stdout="", stderr="slurm_load_jobs error: Invalid job id specified")
     monkeypatch.setattr(launch.subprocess, "run", lambda *a, **k: gone)
     assert launch.squeue_state("7_0") is None
@@ -296,16 +302,8 @@ def test_a_job_pending_for_more_than_its_turn_is_said_once_per_reason(monkeypatc
                                                                                   stderr=""))
     monkeypatch.setattr(launch.time, "sleep", lambda s: None)
 
-    class Job:
-        job_id, polls = "9_0", 0
-        paths = SimpleNamespace(result_pickle=SimpleNamespace(exists=lambda: True))
-
-        def done(self):
-            self.polls += 1
-            return self.polls > 6
-
     with caplog.at_level("WARNING", logger=launch.__name__):
-        assert launch.wait_for(Job()) is None
+        assert launch.wait_for(JobWithResult("9_0", after_polls=6)) is None
     assert [r.getMessage() for r in caplog.records] == [
         "job 9_0 is pending: ReqNodeNotAvail, UnavailableNodes:node1 (SLURM's reason); waiting",
         "job 9_0 is pending: QOSMaxJobsPerUserLimit (SLURM's reason); waiting"]
