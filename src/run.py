@@ -27,7 +27,7 @@ from src.launch.checks import check_launch
 from src.launch.failures import (FAILED, LaunchError, clear_sweep_failure, one_line, record_failure,
                                  record_sweep_failure, summary)
 from src.launch.rundir import RunDirBusy, run_dir_lock, run_log, save_job_config
-from src.launch.validate import hydra_error_line, job_name
+from src.launch.validate import hydra_error_line, job_name, misplaced_option
 from src.utils.io import atomic_write_json
 
 register_resolvers()
@@ -131,6 +131,10 @@ def cli() -> int:
     # exceptions, to be said in one line; Hydra itself prints them over many lines. A user's HYDRA_FULL_ERROR=1
     # keeps Hydra's full report.
     condense = "HYDRA_FULL_ERROR" not in os.environ
+    misplaced = misplaced_option(sys.argv[1:]) if condense else None
+    if misplaced:
+        print(misplaced, file=sys.stderr)
+        return 2  # argparse's status for a command line it cannot read
     if condense:
         os.environ["HYDRA_FULL_ERROR"] = "1"
     try:

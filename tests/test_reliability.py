@@ -291,6 +291,14 @@ def test_hydra_composition_errors_through_the_command(tmp_path):
         out = cli([*args, f"paths.root_dir={tmp_path}"])
         assert out.returncode == 1 and out.stderr.strip() == line
     assert list(tmp_path.iterdir()) == []
+    out = cli([f"paths.root_dir={tmp_path}", "loss=rf", "-m", "loss=edm"])  # Hydra: an eight-line usage message
+    assert out.returncode == 2 and out.stderr.strip() == (
+        f"-m: Hydra's options go before the overrides (python -m src.run -m paths.root_dir={tmp_path} ...), here "
+        "loss=edm follows it")
+    assert list(tmp_path.iterdir()) == []
+    from src.launch.validate import misplaced_option  # options before the overrides, or after all of them, are read
+
+    assert misplaced_option(["-m", "loss=rf"]) is misplaced_option(["loss=rf", "--cfg", "job"]) is None
 
 
 def test_hydra_full_error_keeps_hydras_own_report(tmp_path):
@@ -511,6 +519,7 @@ def test_sigint_saves_a_checkpoint_exits_non_zero_and_the_rerun_resumes(tmp_path
     assert "caught SIGINT" in out and "checkpoint on SIGINT at step" in out
     step = ckpt_step(run / "checkpoints/last.ckpt")  # no periodic checkpoint was due (ckpt_every=1000)
     assert f"checkpoint on SIGINT at step {step}:" in out and 0 < step < 300
+    assert "; rerun the command to resume" in out  # a single run said nothing of the way on
     assert not (run / "error.json").exists()  # interrupted, not failed
 
     second = cli([*args, "verbose=true"])  # Lightning's restore line is library chatter: shown when verbose

@@ -186,7 +186,8 @@ class InterruptCheckpoint(StopAtStepBoundary):
 
     def save(self, trainer) -> None:
         super().save(trainer)
-        log.warning("checkpoint on SIGINT at step %d: %s", trainer.global_step, self.ckpt_path)
+        log.warning("checkpoint on SIGINT at step %d: %s; rerun the command to resume", trainer.global_step,
+                    self.ckpt_path)
 
     def stop(self, trainer) -> None:
         self._pending = False
