@@ -23,7 +23,6 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import ConfigError, register_resolvers
-from src.launch.checks import check_launch
 from src.launch.failures import (FAILED, LaunchError, clear_sweep_failure, one_line, record_failure,
                                  record_sweep_failure, summary)
 from src.launch.rundir import RunDirBusy, run_dir_lock, run_log, save_job_config
