@@ -37,7 +37,7 @@ def run(args, *, cwd=None, env=None, timeout=None, capture_output=False, text=Fa
         check=False, **kwargs) -> subprocess.CompletedProcess:
     """subprocess.run's signature and result; `[sys.executable, "-m", module, ...]` runs forked from the server."""
     env = dict(os.environ if env is None else env)
-    if not _warm_enough(args, env, capture_output, stdout, stderr, kwargs):
+    if not _warm_enough(args, capture_output, stdout, stderr, kwargs):
         return subprocess.run(args, cwd=cwd, env=env, timeout=timeout, capture_output=capture_output, text=text,
                               stdout=stdout, stderr=stderr, check=check, **kwargs)
     with tempfile.TemporaryDirectory(prefix="warm-") as tmp, _lock:
@@ -68,7 +68,7 @@ def run(args, *, cwd=None, env=None, timeout=None, capture_output=False, text=Fa
     return done
 
 
-def _warm_enough(args, env, capture_output, stdout, stderr, kwargs) -> bool:
+def _warm_enough(args, capture_output, stdout, stderr, kwargs) -> bool:
     if os.environ.get("FLOWSWEEP_TEST_WARM", "1") == "0" or kwargs:
         return False
     if len(args) < 3 or str(args[0]) != sys.executable or args[1] != "-m":

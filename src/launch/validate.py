@@ -148,17 +148,14 @@ def misplaced_option(argv: Sequence[str]) -> str | None:
     """The one-line error of a Hydra option between overrides (`loss=rf -m loss=edm`): Hydra's argument parser reads
     the overrides after it as unrecognized arguments, in a usage message of eight lines. None otherwise (options
     before the overrides, or after all of them, are read)."""
-    def override(a: str) -> bool:
-        return "=" in a and not a.startswith("-")
-
-    first = next((i for i, a in enumerate(argv) if override(a)), None)
-    option = next((i for i in range(first + 1, len(argv)) if argv[i].startswith("-")), None) if first is not None \
-        else None
-    later = next((a for a in argv[option + 1:] if override(a)), None) if option is not None else None
-    if later is None:
+    overrides = [i for i, a in enumerate(argv) if "=" in a and not a.startswith("-")]
+    between = range(overrides[0] + 1, overrides[-1]) if overrides else range(0)
+    option = next((i for i in between if argv[i].startswith("-")), None)
+    if option is None:
         return None
+    later = next(argv[i] for i in overrides if i > option)
     return (f"{argv[option]}: Hydra's options go before the overrides (python -m src.run {argv[option]} "
-            f"{argv[first]} ...), here {later} follows it")
+            f"{argv[overrides[0]]} ...), here {later} follows it")
 
 
 def hydra_error_line(exc: BaseException) -> str | None:
