@@ -73,6 +73,7 @@ class Config:
     activation_checkpointing: bool = False
     model: str = "ours"  # or diffusers, or job: ours inside the training job's module and Lightning's loop
     largest_batch: bool = False  # the largest batch that fits, sized from the same depth's default (run_config)
+    loss_check_every: int | str = "auto"  # job rows: train.loss_check_every (auto: every 50 steps on a GPU)
     qk_norm: str | None = "rms_norm"  # as the paper setup trains (experiment=paper)
 
     def model_options(self) -> dict:
@@ -165,6 +166,8 @@ def configurations(depths=(15, 24), batch=128) -> list[Config]:
         out.append(Config(f"d{d}-diffusers", d, batch, model="diffusers"))
     for d in depths:  # the training job's own step at the defaults: what a launch gets (the planner's figure)
         out.append(Config(f"d{d}-job", d, batch, **best, model="job"))
+    # The job's step reading its loss back every step (a device sync mid-step), as it did before loss_check_every.
+    out.append(Config(f"d{depths[0]}-job-loss-every-step", depths[0], batch, **best, model="job", loss_check_every=1))
     for d in reversed(depths):  # the levers with the most room: bf16 weights, the largest batch that fits
         out.append(Config(f"d{d}-default-bf16-master", d, batch, **best, weights="bf16-master"))
     for d in depths:  # sized from the default's measured memory; checkpointed only when the default did not fit
@@ -301,7 +304,7 @@ def job_times(model: MMDiT, cfg: Config, batch: tuple, device: str, warmup: int,
     module = FormulationModule(
         get_recipe("rf/lognorm(0.00, 1.00)"), model, lr=1e-4, eps=1e-15, warmup_steps=1000, ema_every=100,
         cond_dropout=0.464, compile="none" if dry_run else cfg.compile, compile_backend=cfg.compile_backend,
-        fused=cfg.fused_adamw)
+        fused=cfg.fused_adamw, loss_check_every=cfg.loss_check_every)
     x0, _, context, pooled, _ = batch
     marks: list[float] = []
 
@@ -465,6 +468,10 @@ def options_text(c: dict) -> str:
              f"SDPA {c['attention_backend']}", c["weights"], f"QK-norm {c['qk_norm'] or 'off'}"]
     if c["activation_checkpointing"]:
         parts.append("activation checkpointing")
+    if c["model"] == "job":  # results read earlier lack the key
+        every = c.get("loss_check_every", "auto")
+        parts.append("loss read back every step" if every == 1 else f"loss read back every {every} steps (auto: 50 on "
+                     "a GPU)" if every == "auto" else f"loss read back every {every} steps")
     return ", ".join(parts)
 
 

@@ -63,6 +63,8 @@ def to_dict(cfg: DictConfig | Mapping) -> dict:
 # may resume under other values (a GPU run resumed on another device, compilation switched off to debug).
 THROUGHPUT_KEYS = {"model": ("compile", "compile_backend", "fused_qkv", "fused_modulation", "attention_backend",
                              "activation_checkpointing"), "optim": ("fused",),
+                   # How often the loss is read back for the NaN check: when a divergence is found, not the weights.
+                   "train": ("loss_check_every",),
                    # Streaming and in-memory loading give the same batches (src/training/datamodule.py).
                    "data": ("num_workers", "in_memory")}
 

@@ -601,7 +601,8 @@ def launch_mfu(cfg: DictConfig, job: JobPlan, gpu: str | None) -> tuple[float, s
     gpu, named = jobs_gpu(gpu)
     results = read_bench_results(GPU_RESULTS)
     depth = int(cfg.model.depth)
-    settings = launch_settings(OmegaConf.to_container(cfg.model), OmegaConf.to_container(cfg.optim))
+    settings = launch_settings(OmegaConf.to_container(cfg.model), OmegaConf.to_container(cfg.optim),
+                               OmegaConf.to_container(cfg.train))
     measured = cfg.model.get("hidden_size") in (None, 64 * depth) and str(cfg.model._target_).endswith(".MMDiT")
     found = measured_mfu(results, gpu, depth, job.batch_size // max(1, job.gpus), settings) if measured else None
     if found:

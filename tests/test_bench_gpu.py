@@ -37,6 +37,7 @@ def test_dry_run_runs_every_configuration_and_writes_the_results(tmp_path, capsy
     assert "| d24-default |" in text and "| d15-diffusers |" in text and "SDPA cudnn" not in text  # CPU: math
     job = next(r for r in data["results"] if r["config"]["name"] == "d15-job")  # the training module in Lightning
     assert job["config"]["model"] == "job" and job["step_ms"] > 0 and "| d15-job | 15 | 2 | the training job's" in text
+    assert "| d15-job-loss-every-step | 15 | 2 |" in text and "loss read back every step" in text
     largest = next(r for r in data["results"] if r["config"]["name"] == "d15-default-largest")
     assert largest["batch"] == 2 * largest["config"]["batch"]  # the dry run's planned batch ran
     assert data["bootstrap"]["max_rel_diff"] < 1e-6 and data["header"]["dry_run"] is True

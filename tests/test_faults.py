@@ -105,6 +105,56 @@ def test_fail_fast_stops_at_the_first_failed_job_in_one_line(tmp_path, cache_dir
     assert (runs / "rf_lognorm_0.00_1.00/error.json").is_file() and not (runs / "edm_-1.20_1.20").exists()
 
 
+def test_a_deferred_loss_check_names_the_first_bad_step_and_saves_nothing_after_it(tmp_path, cache_dir):
+    """train.loss_check_every=4 (a GPU's auto reads the loss every 50 steps): the loss first turns non-finite at step
+    1, is found at the step-2 checkpoint, before it is written, and the error names step 1. Checking only every
+    4 steps would have saved checkpoints of diverged weights at steps 2 and 3."""
+    out = run_cli([*TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", "loss=rf_lognorm",
+                   "optim.lr=1e30", "optim.warmup_steps=1", "train.loss_check_every=4", "train.ckpt_every=1",
+                   "eval.enabled=false"])
+    assert out.returncode == 1, out.stderr[-3000:]
+    (error,) = tmp_path.rglob("error.json")
+    err = json.loads(error.read_text())
+    assert err["type"] == "FloatingPointError" and err["error"] == "training loss is inf at step 1", err
+    ckpt = torch.load(error.parent / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["global_step"] == 1
+    assert all(torch.isfinite(v).all() for k, v in ckpt["state_dict"].items() if v.is_floating_point())
+
+
+def test_a_deferred_loss_check_runs_every_n_steps_and_at_the_end():
+    """Between checkpoints the loss is read every loss_check_every steps, and once more when training ends."""
+    import lightning as L
+
+    from src.formulations import get_recipe
+    from src.models import MMDiT
+    from src.training.module import FormulationModule
+
+    class Batches(torch.utils.data.Dataset):
+        def __len__(self):
+            return 100
+
+        def __getitem__(self, i):
+            return {"x0": torch.randn(2, 2, 8, 8), "context": torch.randn(2, 6, 16), "pooled": torch.randn(2, 8)}
+
+    def fit(max_steps, every, lr):
+        torch.manual_seed(0)
+        backbone = MMDiT(input_size=8, patch_size=2, in_channels=2, depth=1, hidden_size=32, num_heads=2,
+                         context_dim=16, pooled_dim=8)
+        module = FormulationModule(get_recipe("rf"), backbone, lr=lr, warmup_steps=1, loss_check_every=every)
+        steps = []
+        module.training_step = (lambda step: lambda *a: (steps.append(module.global_step), step(*a))[1])(
+            module.training_step)
+        trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+        with pytest.raises(FloatingPointError) as e:
+            trainer.fit(module, torch.utils.data.DataLoader(Batches(), batch_size=None))
+        return str(e.value), steps[-1]
+
+    assert fit(20, 3, 1e30) == ("training loss is inf at step 1", 2)  # found at the end of step 2 (global_step 3)
+    assert fit(2, 5, 1e30) == ("training loss is inf at step 1", 1)  # found when training ends
+    assert fit(20, 1, 1e30) == ("training loss is inf at step 1", 1)  # every step: at once
+
+
 # ---- the launcher reads failures back from job processes ------------------------------------------------------------
 class FakeJob:
     def __init__(self, job_id, result=None, error=None):

@@ -227,6 +227,16 @@ def test_planner_uses_the_measured_mfu_of_the_launched_configuration(tmp_path, m
     eager = plan.plan_sweep([*overrides, "model.compile=none", "model.fused_modulation=false", "optim.fused=false"],
                             gpu="H100")
     assert eager.mfu == 0.31  # no job step measured with these settings: the backbone step's
+    # The job step that reads its loss back every step stands for train.loss_check_every=1 only, whichever is listed
+    # first; rows recorded before the setting was benchmarked stand for its default (auto).
+    write_measurements(gpu_md, more=[("d15-job-loss-every-step", 15, 128, 0.40, dict(model="job", loss_check_every=1)),
+                                     ("d15-job", 15, 128, 0.47, dict(model="job"))])
+    assert plan.plan_sweep(overrides, gpu="H100").mfu == 0.47
+    assert plan.plan_sweep([*overrides, "train.loss_check_every=1"], gpu="H100").mfu == 0.40
+    text = gpu_md.read_text().replace(', "loss_check_every": "auto"', "")
+    assert text.count('"loss_check_every"') == 1  # only the every-step row keeps it: the others read as before it
+    gpu_md.write_text(text)
+    assert plan.plan_sweep(overrides, gpu="H100").mfu == 0.47
 
 
 def test_planner_matches_the_gpu_by_whole_model_names_and_says_why_it_falls_back(tmp_path, monkeypatch, capsys):

@@ -131,9 +131,14 @@ def read_bench_results(path) -> dict | None:
     return json.loads(text[start + len(RESULTS_JSON_TAG) + 5 : text.find("-->", start)])
 
 
-def launch_settings(model: dict, optim: dict) -> dict:
+#: bench_gpu.Config's defaults of the settings added to it after results were recorded.
+BENCH_DEFAULTS = {"loss_check_every": "auto"}
+
+
+def launch_settings(model: dict, optim: dict, train: dict | None = None) -> dict:
     """The benchmark's configuration fields of a training launch on a GPU ("auto" settings resolved for CUDA)."""
     return dict(
+        loss_check_every=(train or {}).get("loss_check_every", "auto"),
         model="ours", weights="fp32-autocast",  # training: fp32 weights under bf16 autocast (bf16-mixed)
         compile=resolve_compile(compile_setting(model.get("compile", False)), "cuda"),
         compile_backend=model.get("compile_backend", "default"),
@@ -171,8 +176,9 @@ def measured_mfu(results: dict | None, gpu: str, depth: int, batch: int, setting
         return None
 
     def matching(wanted: dict) -> list[dict]:
+        # Rows written before a setting was benchmarked hold its default (bench_gpu.Config's).
         return [r for r in results["results"] if r["status"].startswith("ok") and r["config"]["depth"] == depth
-                and all(r["config"].get(k) == v for k, v in wanted.items())]
+                and all(r["config"].get(k, BENCH_DEFAULTS.get(k)) == v for k, v in wanted.items())]
 
     found = (matching({**settings, "model": "job"}) if settings.get("model") == "ours" else []) or matching(settings)
     if not found:

@@ -61,7 +61,8 @@ def build_module(cfg: DictConfig, formulation, backbone, meta: dict | None = Non
         warmup_steps=o.warmup_steps, ema_every=t.ema_every, ema_decay=t.ema_decay, cond_dropout=t.cond_dropout,
         cond_groups=groups, val_levels=t.val_levels, shift=t.get("shift", 1.0), seed=cfg.seed,
         compile=compile_mode, compile_backend=compile_backend,
-        fused=o.get("fused", "auto"), **({} if streams is None else {"streams": streams}),
+        fused=o.get("fused", "auto"), loss_check_every=t.get("loss_check_every", "auto"),
+        **({} if streams is None else {"streams": streams}),
     )
 
 

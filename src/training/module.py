@@ -23,6 +23,12 @@ from src.training.conditioning import draw_drops, drop_conditioning
 from src.training.ema import ema_update, make_ema_copy
 from src.training.streams import NOISE, STREAMS, TIMES, VALIDATION, step_generator
 
+#: How often a GPU run reads back the training loss to check it is finite (train.loss_check_every=auto). Reading a
+#: device value waits for the GPU: every step, the host stalls mid-step and the GPU idles while the next kernels are
+#: queued. In between, the first non-finite loss is kept on the device, so the error still names its step, and a
+#: checkpoint is never written after it (the check also runs before every save). The CPU checks every step.
+LOSS_CHECK_EVERY = 50
+
 
 class FormulationModule(L.LightningModule):
     """One recipe: formulation + backbone + EMA copy, AdamW with linear warm-up, stratified validation loss."""
@@ -47,6 +53,7 @@ class FormulationModule(L.LightningModule):
         compile_backend: str | None = None,
         fused: bool | str = "auto",
         streams: int = STREAMS,
+        loss_check_every: int | str = "auto",
     ):
         super().__init__()
         self.formulation = formulation
@@ -65,6 +72,11 @@ class FormulationModule(L.LightningModule):
         self.compile_mode = compile_backend  # torch.compile's mode; None: the backbone's own compile_backend
         check_choice("optim.fused", fused, AUTO_BOOL)
         self.fused_adamw = fused
+        if not (loss_check_every == "auto" or (type(loss_check_every) is int and loss_check_every >= 1)):
+            raise ValueError(f"train.loss_check_every={loss_check_every}: must be auto or an integer >= 1")
+        self.loss_check_every, self._loss_check_every = loss_check_every, 1  # the latter: resolved at fit start
+        self._bad_step: Tensor | None = None  # the first step with a non-finite loss since the last check (-1: none)
+        self._bad_loss: Tensor | None = None
         object.__setattr__(self, "_train_forward", backbone)
 
     def on_fit_start(self) -> None:
@@ -76,6 +88,8 @@ class FormulationModule(L.LightningModule):
         backend = self.compile_mode or getattr(self.backbone, "compile_backend", "default")
         forward = compile_backbone(self.backbone, self.compile_backbone, self.device.type, backend)
         object.__setattr__(self, "_train_forward", forward)
+        every = self.loss_check_every
+        self._loss_check_every = (1 if self.device.type == "cpu" else LOSS_CHECK_EVERY) if every == "auto" else every
 
     # ---- the model as the formulation sees it -----------------------------------------------------
     def denoiser_output(self, backbone: nn.Module, z_t: Tensor, t: Tensor, context: Tensor, pooled: Tensor) -> Tensor:
@@ -103,10 +117,52 @@ class FormulationModule(L.LightningModule):
         eps = torch.randn((n * world, *x0.shape[1:]), generator=g_noise, device=x0.device)[rows]
         context, pooled = drop_conditioning(context, pooled, drop, self.cond_groups)
         loss = self._loss(self._train_forward, x0, eps, t, context, pooled).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step}")
+        self._watch_loss(loss.detach())
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
+
+    def _watch_loss(self, loss: Tensor) -> None:
+        """Keep the first non-finite loss on the device, no sync (LOSS_CHECK_EVERY); checked every step on the CPU."""
+        if self._loss_check_every == 1:
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step}")
+            return
+        if self._bad_step is None:
+            self._bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self._bad_loss = torch.zeros((), device=loss.device)
+        first = ~torch.isfinite(loss) & (self._bad_step < 0)
+        self._bad_step = torch.where(first, self.global_step, self._bad_step)
+        self._bad_loss = torch.where(first, loss.float(), self._bad_loss)
+
+    def check_loss(self) -> None:
+        """FloatingPointError naming the first step whose training loss was not finite, if any since the last check.
+        Under DDP every rank stops at the same check (a rank that went on alone would wait in the next collective):
+        the earliest bad step over the ranks is taken."""
+        if self._bad_step is None:
+            return
+        none = torch.iinfo(torch.long).max
+        step = torch.where(self._bad_step < 0, none, self._bad_step)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(step, op=torch.distributed.ReduceOp.MIN)
+        first, own = int(step), int(self._bad_step)  # the sync
+        if first == none:
+            return
+        value = float(self._bad_loss) if own == first else "not finite (on another rank)"
+        raise FloatingPointError(f"training loss is {value} at step {first}")
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self._loss_check_every > 1 and self.global_step % self._loss_check_every == 0:
+            self.check_loss()
+
+    def on_validation_start(self) -> None:
+        self.check_loss()  # validating diverged weights would only log NaN
+
+    def on_train_end(self) -> None:
+        self.check_loss()  # the last steps since the last check, before the evaluation of the trained model
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Before the file is written: a checkpoint is never taken of weights trained past a non-finite loss.
+        self.check_loss()
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)

@@ -273,6 +273,8 @@ def check_values(cfg: DictConfig) -> None:
                 # Lightning clips nothing at <= 0, and takes a string only when it builds the trainer.
                 ("trainer.gradient_clip_val", number, lambda v: 0 < v < math.inf, "> 0 (or null: no clipping)")]
     checks += [c for c in optional if OmegaConf.select(cfg, c[0]) is not None]
+    if OmegaConf.select(cfg, "train.loss_check_every", default="auto") != "auto":
+        checks.append(("train.loss_check_every", integer, lambda v: v >= 1, ">= 1 (or auto: 1 on the CPU, 50 on a GPU)"))
     if cfg.eval.enabled is True:  # checked before training, not found out when the evaluation starts
         for key in ("eval.settings", "eval.ema"):
             value = OmegaConf.select(cfg, key)
