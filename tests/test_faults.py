@@ -155,6 +155,33 @@ def test_a_deferred_loss_check_runs_every_n_steps_and_at_the_end():
     assert fit(20, 1, 1e30) == ("training loss is inf at step 1", 1)  # every step: at once
 
 
+def test_a_run_trained_at_null_precision_resumes_only_at_the_precision_it_resolved_to(tmp_path, cache_dir):
+    """trainer.precision=null is bf16-mixed on a GPU and 32-true on the CPU: fingerprint.json records what it
+    resolved to, and a relaunch on another device is refused in one line naming the precision to give, which it
+    then accepts (the finished run is done: nothing retrained)."""
+    args = [*TINY, "train.max_steps=2", "train.val_every=2", "train.ckpt_every=2", "eval.enabled=false",
+            f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", "loss=rf", "run_name=r"]
+    out = run_cli(args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "outputs" / "runs" / "r"
+    fp = json.loads((run / "fingerprint.json").read_text())
+    assert fp["trained_precision"] == "32-true" and fp["trainer"]["precision"] is None
+    fp["trained_precision"] = "bf16-mixed"  # as a GPU would have resolved it
+    (run / "fingerprint.json").write_text(json.dumps(fp))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name not in ("run.log", ".run.lock")}
+    out = run_cli(args)
+    assert out.returncode == 1 and (f"ConfigError: trainer.precision=null: {run} was trained at bf16-mixed, and null "
+                                    "is 32-true here (bf16-mixed on a GPU, else 32-true); resume it with "
+                                    "trainer.precision=bf16-mixed") in out.stderr, out.stderr[-2000:]
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name not in ("run.log", ".run.lock")} \
+        == before
+    out = run_cli([*args, "trainer.precision=bf16-mixed"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    from src.ranking.aggregate import training_settings
+
+    assert "trained_precision" not in training_settings(run)  # not a setting runs are ranked on
+
+
 # ---- the launcher reads failures back from job processes ------------------------------------------------------------
 class FakeJob:
     def __init__(self, job_id, result=None, error=None):

@@ -520,6 +520,9 @@ def training_settings(run_dir: Path | str) -> dict[str, str] | None:
         return None
     fp = without_throughput_keys(fp)  # (embedded data's folders by their names)
     fp.pop("streams", None)  # the version of the random streams: other draws of one configuration, as seeds are
+    # What trainer.precision=null resolved to on the training device: runs recorded before it was kept lack it, so
+    # comparing it would refuse to rank a sweep extended since. (The job refuses to resume at another one.)
+    fp.pop("trained_precision", None)
     for section, added in ADDED_KEYS.items():
         fp[section] = {**added, **fp[section]} if isinstance(fp.get(section), dict) else fp.get(section, dict(added))
     return _flatten(fp)

@@ -27,7 +27,7 @@ from src.training.datamodule import ShardDataModule
 from src.training.module import FormulationModule
 from src.training.prepare import (
     CONFIG_FILE, REUSED_FILE, bind_fingerprint, build_formulation, fingerprint_changes, is_bound, model_error,
-    prepare_job, run_streams,
+    prepare_job, resolved_precision, run_streams,
 )
 from src.training.progress import TrainingProgress
 from src.utils.io import atomic_write_json, remove_stale_temp_files
@@ -107,7 +107,7 @@ def cluster_plugins() -> list:
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list) -> L.Trainer:
     tr = cfg.trainer
-    precision = tr.precision or ("bf16-mixed" if torch.cuda.is_available() and tr.accelerator != "cpu" else "32-true")
+    precision = resolved_precision(tr)
     return L.Trainer(
         default_root_dir=str(run_dir), accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes,
         strategy=build_strategy(tr.strategy), precision=precision, deterministic=tr.deterministic,

@@ -349,6 +349,19 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 WANDB_MODES = ("offline", "online", "disabled", "shared", "dryrun", "run")  # what wandb.Settings(mode=...) takes
 
 
+def resolved_precision(trainer: DictConfig) -> str:
+    """The precision the job trains at: trainer.precision by Lightning's own name for it (an alias resolved); null
+    is bf16-mixed where a GPU trains, else 32-true."""
+    precision = trainer.precision
+    if precision is None:
+        return "bf16-mixed" if torch.cuda.is_available() and trainer.accelerator != "cpu" else "32-true"
+    return PRECISION_ALIASES.get(precision, precision)
+
+
+#: fingerprint.json's record of the precision a run was trained at: trainer.precision=null resolves by device.
+TRAINED_PRECISION = "trained_precision"
+
+
 def check_choices(cfg: DictConfig) -> None:
     """The optimizer's and the trainer's settings: a ConfigError naming the setting, its value and what is allowed
     (else Lightning or torch refuses them mid-launch, after the run directory exists, in a traceback)."""
@@ -447,6 +460,10 @@ def fingerprint_changes(cfg: DictConfig, run_dir: Path) -> list[str]:
     if "code" not in stored:  # trained before the code from outside was recorded: its content is unknown
         current.pop("code", None)
     stored.pop("streams", None)  # the run's own draws (run_streams), not a setting: any version resumes as it was
+    trained = stored.pop(TRAINED_PRECISION, None)  # null resolved (check_trained_precision): the same run if named
+    if isinstance(stored.get("trainer"), dict) and stored["trainer"].get("precision") is None and trained is not None \
+            and current["trainer"]["precision"] == trained:
+        stored["trainer"] = {**stored["trainer"], "precision": trained}
     # A paper recipe by name (loss=recipe loss.recipe='rf/lognorm(0.50, 0.60)') is the same model as its family and
     # parameters (loss=rf_lognorm loss.m=0.5 loss.s=0.6, loss=paper/rf_lognorm_0.50_0.60), in one directory.
     for fp in (stored, current):
@@ -477,6 +494,24 @@ def check_fingerprint(cfg: DictConfig, run_dir: Path) -> None:
             "use another sweep_name, give this configuration its own directory with run_tag=/<label>, "
             "or delete the directory"
         )
+    check_trained_precision(cfg, run_dir)
+
+
+def check_trained_precision(cfg: DictConfig, run_dir: Path) -> None:
+    """trainer.precision=null resolves by device: a run trained on a GPU (bf16-mixed) and resumed on the CPU, or the
+    reverse, would go on at another precision without a word. Checked in the job, where the device is known (not by
+    the planner on a login node)."""
+    if cfg.trainer.precision is not None or not is_bound(run_dir):
+        return
+    try:
+        trained = json.loads((run_dir / "fingerprint.json").read_text()).get(TRAINED_PRECISION)
+    except (OSError, ValueError, AttributeError):  # none (a run bound before it was recorded), or named already
+        return
+    here = resolved_precision(cfg.trainer)
+    if trained is not None and trained != here:
+        raise ConfigError(f"trainer.precision=null: {run_dir} was trained at {trained}, and null is {here} here "
+                          f"(bf16-mixed on a GPU, else 32-true); resume it with trainer.precision={trained}, or train "
+                          "anew in another directory")
 
 
 def check_trained_code(cfg: DictConfig, run_dir: Path) -> None:
@@ -507,7 +542,8 @@ def bind_fingerprint(cfg: DictConfig, run_dir: Path) -> None:
     if not (run_dir / "fingerprint.json").exists() or not is_bound(run_dir):
         from src.training.streams import STREAMS
 
-        atomic_write_json(run_dir / "fingerprint.json", {**_fingerprint_json(cfg), "streams": STREAMS})
+        atomic_write_json(run_dir / "fingerprint.json", {**_fingerprint_json(cfg), "streams": STREAMS,
+                                                         TRAINED_PRECISION: resolved_precision(cfg.trainer)})
         write_run_config(cfg, run_dir)
     elif not (run_dir / CONFIG_FILE).exists():
         write_run_config(cfg, run_dir)
