@@ -9,6 +9,7 @@ layout, so each loads into the others.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from functools import partial
 
 import pytest
@@ -86,6 +87,31 @@ def compiled_training(monkeypatch, dynamo_backend: str, **options):
     result = train(**options)
     assert counters["stats"]["unique_graphs"] >= 1  # the forward went through torch.compile
     return result
+
+
+@pytest.mark.parametrize("options", [dict(attention_backend="cudnn"), dict(attention_backend="efficient"),
+                                     dict(attention_backend="cudnn", activation_checkpointing=True)],
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_cuda_only_attention_kernels_are_torchs_own_choice_off_the_gpu(eager, options):
+    """A run trained with a CUDA-only SDPA kernel evaluates on the CPU (they failed at the first forward there)."""
+    assert_same_training(train(**options), eager)
+
+
+def test_a_cuda_only_attention_kernel_is_refused_for_a_job_on_the_cpu(tmp_path):
+    """Checked in the job, where its device is known (a login node without a GPU submits GPU jobs)."""
+    import os
+    import sys
+
+    from tests import warm
+
+    out = warm.run([sys.executable, "-m", "src.run", "model.attention_backend=cudnn", "train.max_steps=1",
+                    f"paths.root_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"],
+                   capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_MODE": "disabled"},
+                   cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 1
+    assert ("ConfigError: model.attention_backend=cudnn: a kernel for CUDA GPUs, and this job trains on the CPU; "
+            "allowed here: auto, flash, math") in out.stderr, out.stderr[-2000:]
+    assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "cache").exists()  # refused before the data
 
 
 def test_compiled_blocks_train_like_the_eager_step(eager, monkeypatch):

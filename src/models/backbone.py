@@ -165,8 +165,11 @@ class Backbone(nn.Module):
         if self.activation_checkpointing and torch.is_grad_enabled():
             # The backward's recompute runs outside forward()'s attention context: enter it there too, or the
             # recompute picks torch's own kernel and its saved tensors differ from the forward's (CheckpointError).
+            device = args[0].device.type
+
             def contexts():
-                return attention_context(self.attention_backend), attention_context(self.attention_backend)
+                return (attention_context(self.attention_backend, device),
+                        attention_context(self.attention_backend, device))
 
             return checkpoint(block, *args, use_reentrant=False, context_fn=contexts)
         return block(*args)
@@ -240,7 +243,7 @@ class Backbone(nn.Module):
         h, w = x.shape[2] // self.patch_size, x.shape[3] // self.patch_size
         tokens = self.x_embedder(x) + self.cropped_pos_embed(h, w)
         c = self.t_embedder(TIME_SCALE * t) + self.y_embedder(pooled)
-        with attention_context(self.attention_backend):
+        with attention_context(self.attention_backend, x.device.type):
             tokens = self.forward_blocks(tokens, self.embed_context(context), c)
         return self.unpatchify(self.final_layer(tokens, c), h, w)
 

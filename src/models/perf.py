@@ -71,10 +71,16 @@ def sdpa_backends(name: str) -> list | None:
              "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]]
 
 
-def attention_context(name: str):
-    """The context under which the blocks' scaled_dot_product_attention calls use the chosen kernel."""
+#: SDPA kernels torch has for CUDA devices only (flash and math run on the CPU too).
+CUDA_ONLY_ATTENTION = ("cudnn", "efficient")
+
+
+def attention_context(name: str, device_type: str = "cuda"):
+    """The context under which the blocks' scaled_dot_product_attention calls use the chosen kernel. A CUDA-only
+    kernel on another device is torch's own choice: a run trained with one on a GPU evaluates on the CPU (the
+    training job refuses one on the CPU: src.training.prepare.check_device_settings)."""
     backends = sdpa_backends(name)
-    if backends is None:
+    if backends is None or (name in CUDA_ONLY_ATTENTION and device_type != "cuda"):
         return contextlib.nullcontext()
     from torch.nn.attention import sdpa_kernel
 

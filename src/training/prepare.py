@@ -354,8 +354,24 @@ def resolved_precision(trainer: DictConfig) -> str:
     is bf16-mixed where a GPU trains, else 32-true."""
     precision = trainer.precision
     if precision is None:
-        return "bf16-mixed" if torch.cuda.is_available() and trainer.accelerator != "cpu" else "32-true"
+        return "bf16-mixed" if trains_on_gpu(trainer) else "32-true"
     return PRECISION_ALIASES.get(precision, precision)
+
+
+def trains_on_gpu(trainer: DictConfig) -> bool:
+    return torch.cuda.is_available() and trainer.accelerator != "cpu"
+
+
+def check_device_settings(cfg: DictConfig) -> None:
+    """Settings the job's device cannot run, checked in the job (a launch from a login node without a GPU is no
+    sign that its jobs have none): a CUDA-only attention kernel on the CPU failed at the first forward."""
+    from src.models.perf import ATTENTION_BACKENDS, CUDA_ONLY_ATTENTION
+
+    backend = OmegaConf.select(cfg, "model.attention_backend", default="auto")
+    if backend in CUDA_ONLY_ATTENTION and not trains_on_gpu(cfg.trainer):
+        allowed = ", ".join(b for b in ATTENTION_BACKENDS if b not in CUDA_ONLY_ATTENTION)
+        raise ConfigError(f"model.attention_backend={backend}: a kernel for CUDA GPUs, and this job trains on the CPU; "
+                          f"allowed here: {allowed}")
 
 
 #: fingerprint.json's record of the precision a run was trained at: trainer.precision=null resolves by device.
@@ -563,6 +579,7 @@ def prepare_job(cfg: DictConfig, run_dir: str | Path, multirun: bool = False) ->
     """Everything that may refuse the job, before anything is written into run_dir: the configuration checks,
     the data (built into the cache if embedded) and the run directory's fingerprint. Returns the data's meta."""
     check_config(cfg, multirun)
+    check_device_settings(cfg)
     meta = resolve_data(cfg)
     check_decoder(cfg, meta)
     check_fingerprint(cfg, Path(run_dir))
