@@ -140,3 +140,12 @@ def test_a_report_of_one_sampler_never_lands_where_the_full_report_is(tmp_path, 
         assert main([str(first), "--bootstrap", "0", "--sampler", "rf_time"]) == 0
     assert (tmp_path / "reports" / "s-sampler=rf_time" / "report.md").is_file()
     assert not (tmp_path / "reports" / "s").exists()
+    # Another 50-step column (--fifty-step-cfg) is another report too.
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main([str(first), "--bootstrap", "0"]) == 0
+        before = (tmp_path / "reports" / "s" / "report.md").read_bytes()
+        assert main([str(first), "--bootstrap", "0", "--fifty-step-cfg", "2.5", "5"]) == 0
+        assert main([str(first), "--bootstrap", "0", "--fifty-step-cfg", "all"]) == 0
+    assert (tmp_path / "reports" / "s" / "report.md").read_bytes() == before
+    assert "CFG 2.5, 5.0" in (tmp_path / "reports" / "s-fifty_step_cfg=2.5_5" / "report.md").read_text()
+    assert (tmp_path / "reports" / "s-fifty_step_cfg=all" / "report.md").is_file()

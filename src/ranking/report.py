@@ -729,6 +729,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     restricted += f"-recipes={_names_slug(report.recipes)}" if report.recipes is not None else ""
     restricted += f"-datasets={'_'.join(report.datasets)}" if report.datasets is not None else ""
     restricted += f"-sampler={_names_slug([args.sampler])}" if args.sampler is not None else ""
+    fifty = _fifty_step_arg(args.fifty_step_cfg)  # another 50-step column: another report
+    restricted += f"-fifty_step_cfg={fifty if isinstance(fifty, str) else '_'.join(f'{v:g}' for v in fifty)}" \
+        if fifty is not None else ""
     out_dir = args.out or DEFAULT_REPORTS / f"{report.sweep.name}{restricted}"
     try:
         paths = write_report(report, out_dir)
