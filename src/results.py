@@ -115,7 +115,7 @@ class Record:
         optional = {f.name for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING}
         missing = [n for n in names if n not in d and n not in optional]
         if missing:
-            raise ValueError(f"results record lacks field(s) {missing}; has {sorted(d)}")
+            raise ValueError(f"results record lacks field(s) {', '.join(missing)}; has {', '.join(sorted(d))}")
         return cls(**{n: d[n] for n in names if n in d})
 
 
@@ -296,7 +296,7 @@ def read_results(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     for i, r in enumerate(data):  # else kept and added to, and the rank report refuses the file later
         lacking = [k for k in RECORD_REQUIRED if k not in r]
         if lacking:
-            raise ValueError(f"{path}: record {i} lacks required field(s) {lacking}; {REDO}")
+            raise ValueError(f"{path}: record {i} lacks required field(s) {', '.join(lacking)}; {REDO}")
     return data
 
 

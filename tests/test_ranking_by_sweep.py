@@ -55,7 +55,7 @@ def test_by_sweep_needs_distinct_sweep_names(tmp_path, capsys):
     two = write_synthetic_sweep(tmp_path / "y" / "s", recipes=("rf",), **COMMON)
     assert main([str(one), str(two), "--by-sweep", "--bootstrap", "0", "--out", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
-    assert err.strip() == ("rank report: error: --by-sweep: sweep directories share the name(s) ['s']; the name is "
+    assert err.strip() == ("rank report: error: --by-sweep: sweep directories share the name(s) s; the name is "
                            "the entries' qualifier, so each sweep needs its own")
     assert not (tmp_path / "r").exists()
 

@@ -128,7 +128,7 @@ def test_sampler_variants_are_separate_entries_or_restricted_to_one(tmp_path, ca
     assert "Sampler: restricted to native (--sampler); left out: rf_time" in markdown(one)
     assert main([str(shared), str(native), "--sampler", "heun", "--out", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == "rank report: error: --sampler heun: no records of that sampler; the sweep has ['native', 'rf_time']"
+    assert err == "rank report: error: --sampler heun: no records of that sampler; the sweep has native, rf_time"
 
 
 def test_a_swept_sampler_in_the_run_tag_is_not_repeated(tmp_path):
@@ -293,8 +293,8 @@ def test_train_seeds_ranks_one_seed_alone_and_refuses_an_absent_one(tmp_path, ca
     capsys.readouterr()
     assert main([str(sweep), "--bootstrap", "0", "--train-seeds", "0", "7", "--out", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
-    assert err == "rank report: error: --train-seeds 7: no records of that training seed; the sweep has ['0', '1', " \
-                  "'2']\n"
+    assert err == "rank report: error: --train-seeds 7: no records of that training seed; the sweep has 0, 1, " \
+                  "2\n"
     assert not (tmp_path / "r").exists()
 
 

@@ -114,9 +114,9 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(sweep, tmp_path, capsy
 
 def test_option_errors_name_the_option_as_given(sweep, tmp_path, capsys):
     for flags, message in ((["--fifty-step-cfg", "5", "3.5"], "--fifty-step-cfg 5.0 3.5: no 50-step setting has "
-                                                              "CFG scale [3.5]; the sweep has [1.0, 2.5, 5.0]"),
-                           (["--fifty-step-cfg", "7"], "--fifty-step-cfg 7.0: no 50-step setting has CFG scale [7.0]; "
-                                                       "the sweep has [1.0, 2.5, 5.0]"),
+                                                              "CFG scale 3.5; the sweep has 1.0, 2.5, 5.0"),
+                           (["--fifty-step-cfg", "7"], "--fifty-step-cfg 7.0: no 50-step setting has CFG scale 7.0; "
+                                                       "the sweep has 1.0, 2.5, 5.0"),
                            (["--train-seeds", "3"], "--train-seeds 3: no records of that training seed; the sweep has "
                                                     "none (its runs name no training seed)")):
         assert main([str(sweep), "--bootstrap", "0", *flags, "--out", str(tmp_path / "r")]) == 1

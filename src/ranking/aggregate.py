@@ -217,7 +217,7 @@ def load_sweep(dirs: Iterable[Path | str], by_sweep: bool = False) -> Sweep:
     names = [root.name for root in roots]
     if by_sweep and len(set(names)) < len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"--by-sweep: sweep directories share the name(s) {twice}; the name is the entries' "
+        raise ValueError(f"--by-sweep: sweep directories share the name(s) {', '.join(twice)}; the name is the entries' "
                          "qualifier, so each sweep needs its own")
     statuses, rows, problems, notes = [], [], [], []
     for root in roots:
@@ -393,7 +393,8 @@ def restrict_sampler(records: pd.DataFrame, sampler: str) -> pd.DataFrame:
     """The records of one sampler, entries renamed without the sampler; a clear error naming those present."""
     present = sorted(records["sampler"].unique())
     if sampler not in present:
-        raise ValueError(f"--sampler {sampler}: no records of that sampler; the sweep has {present or 'none'}")
+        raise ValueError(f"--sampler {sampler}: no records of that sampler; the sweep has "
+                         f"{', '.join(present) or 'none'}")
     kept = records[records["sampler"] == sampler].reset_index(drop=True)
     kept["base_entry"] = [_drop_qualifier(b, f"sampler={sampler}") for b in kept["base_entry"]]
     return name_entries(kept)
@@ -408,7 +409,7 @@ def restrict_train_seeds(records: pd.DataFrame, seeds: Sequence[int | str]) -> p
     if absent:
         named = [s for s in present if s]  # '' is a run without a seed, not a seed to choose
         raise ValueError(f"--train-seeds {' '.join(absent)}: no records of that training seed; the sweep has "
-                         f"{named if named else 'none (its runs name no training seed)'}")
+                         f"{', '.join(named) if named else 'none (its runs name no training seed)'}")
     return records[records["train_seed"].astype(str).isin(wanted)].reset_index(drop=True)
 
 
@@ -667,7 +668,7 @@ def _record_row(rec: dict, run_dir: Path, results: Path, index: int) -> dict:
         raise ValueError(f"{results}: record {index} is a {type(rec).__name__}, expected an object")
     missing = [f for f in REQUIRED_FIELDS if f not in rec]
     if missing:
-        raise ValueError(f"{results}: record {index} lacks required field(s) {missing}")
+        raise ValueError(f"{results}: record {index} lacks required field(s) {', '.join(missing)}")
     # A null name would be dropped unsaid by the grouping per setting (or ranked as a recipe called None).
     for key in ("recipe", "dataset", "setting"):
         if not isinstance(rec[key], str) or not rec[key]:
@@ -799,8 +800,8 @@ def setting_groups(records: pd.DataFrame, fifty_step_cfg: Sequence[float] | str 
         absent = [c for c in cfgs if not np.isclose(present, c).any()]
         if absent:
             raise ValueError(
-                f"--fifty-step-cfg {' '.join(map(str, cfgs))}: no 50-step setting has CFG scale {absent}; the sweep "
-                f"has {present or 'none'}"
+                f"--fifty-step-cfg {' '.join(map(str, cfgs))}: no 50-step setting has CFG scale "
+                f"{', '.join(map(str, absent))}; the sweep has {', '.join(map(str, present)) or 'none'}"
             )
         fifty = fifty & np.isclose(records["cfg"].to_numpy()[:, None], cfgs).any(axis=1)
     return {"all": pd.Series(True, index=records.index), "5 steps": records["steps"] == 5, "50 steps": fifty}

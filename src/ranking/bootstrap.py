@@ -317,7 +317,7 @@ def _npz(path: str, names: Sequence[str]) -> list[np.ndarray]:
         raise UnreadableArrays(f"unreadable file {path} ({type(e).__name__}: {text[0] if text else ''})") from e
     absent = [n for n in names if n not in files]
     if absent:
-        raise ValueError(f"{path}: npz lacks the array(s) {absent} (has {files})")
+        raise ValueError(f"{path}: npz lacks the array(s) {', '.join(absent)} (has {', '.join(files) or 'none'})")
     return arrays
 
 
