@@ -450,7 +450,8 @@ def test_train_shift_trains_at_shifted_times(tmp_path, cache_dir, monkeypatch):
     original = module_lib.FormulationModule._loss
 
     def record(self, forward, x0, eps, t, *args):
-        seen.setdefault(self.shift, []).append(t.detach().clone())
+        if torch.is_grad_enabled():  # training steps (validation runs without gradients)
+            seen.setdefault(self.shift, []).append(t.detach().clone())
         return original(self, forward, x0, eps, t, *args)
 
     monkeypatch.setattr(module_lib.FormulationModule, "_loss", record)
@@ -460,8 +461,7 @@ def test_train_shift_trains_at_shifted_times(tmp_path, cache_dir, monkeypatch):
         assert fingerprint(cfg)["train"]["shift"] == shift
         run_job(cfg, tmp_path / f"shift{shift}")
     n = cfg.data.batch_size
-    plain = torch.cat([t for t in seen[1.0] if len(t) == n])  # training steps (validation batches differ in size)
-    shifted = torch.cat([t for t in seen[3.0] if len(t) == n])
+    plain, shifted = torch.cat(seen[1.0]), torch.cat(seen[3.0])
     assert len(plain) == 2 * n and torch.allclose(shifted, 3 * plain / (1 + 2 * plain), atol=1e-6)
 
 
@@ -484,3 +484,34 @@ def test_infinite_eval_shift_or_cfg_fails_before_training(tmp_path, cache_dir, o
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_values(make_cfg(tmp_path, cache_dir, ["eval.enabled=true", override]))
+
+
+def test_validation_runs_its_fixed_batch_in_chunks_of_the_training_batch():
+    """data.val_samples (1024 in the paper setup) went through the backbone in one forward per level: a memory peak
+    of its own. In chunks of the per-rank training batch (val_chunk), every logged loss is the same."""
+    from src.formulations import get_recipe
+    from src.models import MMDiT
+    from src.training.module import FormulationModule
+
+    torch.manual_seed(0)
+    backbone = MMDiT(input_size=8, patch_size=2, in_channels=1, depth=1, hidden_size=32, num_heads=2, context_dim=16,
+                     pooled_dim=8)
+    batch = {"x0": torch.randn(10, 1, 8, 8), "context": torch.randn(10, 4, 16), "pooled": torch.randn(10, 8)}
+    sizes = []
+    backbone.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+
+    def logged(val_chunk):
+        module = FormulationModule(get_recipe("rf/lognorm(0.00, 1.00)"), backbone, val_levels=4, val_chunk=val_chunk)
+        module.ema_backbone = backbone  # the hook counts the EMA copy's forwards too
+        out = {}
+        module.log = lambda name, value, **kw: out.__setitem__(name, value.item())
+        sizes.clear()
+        with torch.no_grad():
+            module.validation_step(batch, 0)
+        return out, set(sizes)
+
+    whole, whole_sizes = logged(None)
+    chunked, chunk_sizes = logged(4)
+    assert whole_sizes == {10} and chunk_sizes == {4, 2}
+    assert chunked.keys() == whole.keys() and len(whole) == 2 * 5
+    assert chunked == pytest.approx(whole, rel=1e-6)

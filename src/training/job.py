@@ -62,6 +62,7 @@ def build_module(cfg: DictConfig, formulation, backbone, meta: dict | None = Non
         cond_groups=groups, val_levels=t.val_levels, shift=t.get("shift", 1.0), seed=cfg.seed,
         compile=compile_mode, compile_backend=compile_backend,
         fused=o.get("fused", "auto"), loss_check_every=t.get("loss_check_every", "auto"),
+        val_chunk=cfg.data.batch_size,
         **({} if streams is None else {"streams": streams}),
     )
 

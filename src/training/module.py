@@ -54,6 +54,7 @@ class FormulationModule(L.LightningModule):
         fused: bool | str = "auto",
         streams: int = STREAMS,
         loss_check_every: int | str = "auto",
+        val_chunk: int | None = None,
     ):
         super().__init__()
         self.formulation = formulation
@@ -77,6 +78,10 @@ class FormulationModule(L.LightningModule):
         self.loss_check_every, self._loss_check_every = loss_check_every, 1  # the latter: resolved at fit start
         self._bad_step: Tensor | None = None  # the first step with a non-finite loss since the last check (-1: none)
         self._bad_loss: Tensor | None = None
+        # Validation's fixed batch (data.val_samples, 1024 under experiment=paper) runs in chunks of the per-rank
+        # training batch (val_chunk: the global training batch), which fits where training does; in one forward it
+        # was a memory peak of its own. None: the whole batch at once.
+        self.val_chunk = val_chunk
         object.__setattr__(self, "_train_forward", backbone)
 
     def on_fit_start(self) -> None:
@@ -213,13 +218,17 @@ class FormulationModule(L.LightningModule):
         g = step_generator(self.seed, batch_idx, VALIDATION, streams=self.streams)
         eps = torch.randn(x0.shape, generator=g).to(x0.device)
         n = x0.shape[0]
+        world = self.trainer.world_size if self._trainer else 1
+        size = n if self.val_chunk is None else max(1, self.val_chunk // world)
         # Every rank validates the same fixed batch (FSDP needs every rank in each forward anyway); sync_dist
         # averages equal values, so every rank's checkpoint callback sees the same monitored loss.
         for tag, backbone in (("val", self.backbone), ("val_ema", self.ema_backbone)):
             levels = []
             for k, tk in enumerate(self.val_t.tolist()):
                 t = torch.full((n,), tk, device=x0.device)
-                loss_k = self._loss(backbone, x0, eps, t, context, pooled).mean()
+                loss_k = torch.cat([self._loss(backbone, x0[i:i + size], eps[i:i + size], t[i:i + size],
+                                               context[i:i + size], pooled[i:i + size])
+                                    for i in range(0, n, size)]).mean()
                 self.log(f"{tag}/loss_t{k}", loss_k, on_epoch=True, batch_size=n, sync_dist=True)
                 levels.append(loss_k)
             # Mean over all levels but the last (t = 1), as the paper reports it.
