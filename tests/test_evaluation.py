@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import zlib
 
 from pathlib import Path
@@ -285,4 +286,55 @@ def test_force_quick_gelu_without_a_clip_model_is_refused():
     check_eval_files(ev)
     ev.clip.force_quick_gelu = True
     with pytest.raises(ConfigError, match=r"eval.clip.force_quick_gelu=true: only with eval.clip.model_name"):
+        check_eval_files(ev)
+
+
+def test_a_configured_clip_takes_its_normalisation_from_the_setting_or_the_weights_sidecar(tmp_path):
+    """A local weights file bypasses open_clip's per-weight settings: the tiny CLIP configured by its model name took
+    the model config's (OpenAI's) mean and std, not the 0.5 its sidecar JSON records, and computed other features
+    than the same weights as the default extractor. Now: eval.clip.image_mean/std, else the sidecar's, else the
+    model config's; the extractor's name says which, so records of another normalisation are computed again."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from src.config import ConfigError
+    from src.evaluation.run import check_eval_files, feature_extractor_name, load_clip_extractor
+    from src.text import tiny_clip
+
+    ev = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "eval" / "default.yaml")
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    default = load_clip_extractor(ev, torch.device("cpu")).image_features(images)
+    ev.clip.model_name, ev.clip.weights_path = tiny_clip.MODEL_NAME, str(tiny_clip.WEIGHTS_PATH)
+    check_eval_files(ev)
+    named = load_clip_extractor(ev, torch.device("cpu"))
+    assert named.mean.flatten().tolist() == [0.5, 0.5, 0.5] and named.std.flatten().tolist() == [0.5, 0.5, 0.5]
+    torch.testing.assert_close(named.image_features(images), default)
+    name = feature_extractor_name(ev, tmp_path)
+    assert name.startswith(f"{tiny_clip.MODEL_NAME}:") and name.endswith(",mean=0.5/0.5/0.5,std=0.5/0.5/0.5")
+
+    bare = tmp_path / "bare" / "tiny_clip.pt"  # the same weights without a sidecar: the model config's (OpenAI's)
+    bare.parent.mkdir()
+    shutil.copy(tiny_clip.WEIGHTS_PATH, bare)
+    ev.clip.weights_path = str(bare)
+    assert load_clip_extractor(ev, torch.device("cpu")).mean.flatten()[0].item() == pytest.approx(0.48145466)
+    assert feature_extractor_name(ev, tmp_path) == name.split(",")[0]  # as records made before this were named
+    ev.clip.image_mean, ev.clip.image_std = [0.5, 0.5, 0.5], [0.25, 0.5, 1.0]  # the setting comes first
+    assert load_clip_extractor(ev, torch.device("cpu")).std.flatten().tolist() == [0.25, 0.5, 1.0]
+    assert feature_extractor_name(ev, tmp_path).endswith(",mean=0.5/0.5/0.5,std=0.25/0.5/1")
+
+    for key, value, message in (("image_std", [1.0, 0.0, 1.0], "eval.clip.image_std=[1.0, 0.0, 1.0]: must be three "
+                                 "finite numbers > 0 (per RGB channel)"),
+                                ("image_mean", [0.5], "eval.clip.image_mean=[0.5]: must be three finite numbers")):
+        bad = ev.copy()
+        bad.clip[key] = value
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            check_eval_files(bad)
+    (bare.with_suffix(".json")).write_text("[1, 2")
+    ev.clip.image_mean = ev.clip.image_std = None
+    with pytest.raises(ConfigError, match=r"its sidecar .*tiny_clip.json is not a JSON object"):
+        check_eval_files(ev)
+    ev.clip.model_name = None
+    ev.clip.image_mean = [0.5, 0.5, 0.5]
+    with pytest.raises(ConfigError, match=r"eval.clip.image_mean: only with eval.clip.model_name"):
         check_eval_files(ev)

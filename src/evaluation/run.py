@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -120,7 +121,18 @@ def check_eval_files(cfg_eval: DictConfig) -> None:
         # The tiny CLIP loads without it: its records would be named ",quickgelu" for features computed with GELU.
         raise ConfigError("eval.clip.force_quick_gelu=true: only with eval.clip.model_name (OpenAI weights); the tiny "
                           "CLIP (eval.clip.model_name=null) was trained with GELU")
+    if cfg_eval.clip.model_name is None and any(cfg_eval.clip.get(k) is not None for k in NORMALISATION):
+        raise ConfigError(f"eval.clip.{next(k for k in NORMALISATION if cfg_eval.clip.get(k) is not None)}: only with "
+                          "eval.clip.model_name; the tiny CLIP (eval.clip.model_name=null) has its own")
+    for key in NORMALISATION:
+        value = cfg_eval.clip.get(key)
+        if value is not None and not (OmegaConf.is_list(value) and len(value) == 3 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+                and (key == "image_mean" or all(v > 0 for v in value))):
+            raise ConfigError(f"eval.clip.{key}={value}: must be three finite numbers{' > 0' * (key == 'image_std')} "
+                              "(per RGB channel), or null: the weights' sidecar JSON's, else the model config's")
     if cfg_eval.clip.model_name is not None:  # else a typo is found after the training, when the evaluation starts
+        clip_normalisation(cfg_eval.clip)  # (a damaged sidecar too)
         from src.metrics.clip import model_name_error
 
         error = model_name_error(cfg_eval.clip.model_name)
@@ -129,6 +141,32 @@ def check_eval_files(cfg_eval: DictConfig) -> None:
     which = OmegaConf.select(cfg_eval, "checkpoint", default="best")
     if which not in CHECKPOINTS:
         raise ConfigError(f"eval.checkpoint={which}: allowed values are {', '.join(CHECKPOINTS)}")
+
+
+#: eval.clip's image normalisation keys (null: the weights' sidecar JSON's, else the model config's).
+NORMALISATION = ("image_mean", "image_std")
+
+
+def clip_normalisation(clip: DictConfig) -> dict[str, list[float]]:
+    """The image mean and std a configured CLIP model is given, by key: eval.clip.image_mean / image_std, else the
+    weights' sidecar JSON (`<weights>.json`, as src.text.train_tiny_clip writes it), else none (the model config's:
+    OpenAI's for ViT-L-14). A local file bypasses open_clip's per-weight settings, so weights trained with another
+    normalisation got features silently wrong."""
+    from src.text.checkpoints import sidecar_path
+
+    out = {k: [float(v) for v in clip[k]] for k in NORMALISATION if clip.get(k) is not None}
+    sidecar = sidecar_path(str(clip.weights_path))
+    if len(out) < len(NORMALISATION) and sidecar.is_file():
+        try:
+            recorded = json.loads(sidecar.read_text())
+            for key in NORMALISATION:
+                if key not in out and recorded.get(key) is not None:
+                    out[key] = [float(v) for v in recorded[key]]
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ConfigError(f"eval.clip.weights_path={clip.weights_path}: its sidecar {sidecar} is not a JSON "
+                              f"object with image_mean/image_std lists ({e}); repair it, or give eval.clip.image_mean "
+                              "and eval.clip.image_std") from e
+    return out
 
 
 def feature_extractor_name(cfg_eval: DictConfig, cache_dir: str | Path | None = None) -> str:
@@ -144,6 +182,9 @@ def feature_extractor_name(cfg_eval: DictConfig, cache_dir: str | Path | None = 
     else:
         model, path = str(clip.model_name), Path(str(clip.weights_path))
     name = f"{model}:{weights_sha256(path, cache_dir)[:12]}"
+    if clip.model_name is not None:  # another normalisation is another extractor (the tiny CLIP's is fixed)
+        name += "".join(f",{k.removeprefix('image_')}={'/'.join(f'{v:g}' for v in values)}"
+                        for k, values in clip_normalisation(clip).items())
     return name + (",quickgelu" if clip.get("force_quick_gelu", False) else "")
 
 
@@ -168,7 +209,8 @@ def load_clip_extractor(cfg_eval: DictConfig, device: torch.device):
             image_mean=tiny_clip.IMAGE_MEAN, image_std=tiny_clip.IMAGE_STD, config_key="eval.clip.weights_path",
         )
     return ClipFeatureExtractor(clip.model_name, clip.weights_path, device=device, config_key="eval.clip.weights_path",
-                                force_quick_gelu=bool(clip.get("force_quick_gelu", False)))
+                                force_quick_gelu=bool(clip.get("force_quick_gelu", False)),
+                                **clip_normalisation(clip))
 
 
 # ---- what is wanted, what is missing ------------------------------------------------------------------------
