@@ -428,8 +428,10 @@ def _fingerprint_changes(cfg: DictConfig, run_dir: Path) -> list[str]:
     cfg = cfg.copy()
     with contextlib.suppress(ConfigError, OSError, ValueError):
         resolve_data(cfg)
+    # (train.cond_dropout=auto resolves from the shards' text encoders.)
     return [k for k in fingerprint_changes(cfg, run_dir)
-            if not (k.startswith("data.") and OmegaConf.select(cfg, k, default=None) is None)]
+            if not ((k.startswith("data.") and OmegaConf.select(cfg, k, default=None) is None)
+                    or OmegaConf.select(cfg, k, default=None) == "auto")]
 
 
 def plan_job(index: int, overrides: list[str], flops_method: str = "count", single: bool = False,

@@ -58,3 +58,35 @@ def test_cond_groups_set_in_the_configuration_reach_the_training_module():
     c, p = drop_conditioning(torch.ones(2, 16, 64), torch.ones(2, 64), drop, module.cond_groups)
     assert (c[0, :8] == 0).all() and (c[0, 8:] == 1).all() and (p[0] == 0).all()
     assert (c[1, :8] == 1).all() and (c[1, 8:] == 0).all() and (p[1] == 1).all()
+
+
+def test_auto_cond_dropout_leaves_a_tenth_of_the_samples_unconditional_whatever_the_encoders():
+    """train.cond_dropout=auto (the default): 0.1 with one text encoder, the paper's 0.464 with three. A fixed 0.1 with
+    three encoders' shards left 0.1% of the samples fully unconditional, for the guidance to sample from. Resolved
+    before the run is fingerprinted: the fingerprint holds the number (0.1 for one encoder, as before auto)."""
+    from hydra import compose, initialize_config_module
+
+    from src.config import ConfigError, fingerprint, register_resolvers
+    from src.formulations import get_recipe
+    from src.training.conditioning import per_encoder_dropout
+    from src.training.job import build_module
+    from src.training.prepare import check_values, fill_cond_dropout
+
+    assert per_encoder_dropout(1) == 0.1 and round(per_encoder_dropout(3), 3) == 0.464
+    assert abs(per_encoder_dropout(3) ** 3 - 0.1) < 1e-12
+    three = {"text_groups": [{"context_tokens": [0, 1], "pooled_channels": [0, 1]}] * 3}
+    register_resolvers()
+    for overrides, meta, expected in (([], {}, 0.1), ([], three, per_encoder_dropout(3)),
+                                      (["train.cond_dropout=0.2"], three, 0.2)):
+        with initialize_config_module(config_module="conf", version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+        check_values(cfg)  # auto passes the checks made before the data is at hand
+        assert build_module(cfg, get_recipe("rf"), torch.nn.Linear(1, 1), meta).cond_dropout == expected
+        fill_cond_dropout(cfg, meta)
+        assert fingerprint(cfg)["train"]["cond_dropout"] == expected
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["train.cond_dropout=often"])
+    import pytest
+
+    with pytest.raises(ConfigError, match=r"train.cond_dropout=often: must be a number in \[0, 1\) \(or auto: 10% of "):
+        check_values(cfg)

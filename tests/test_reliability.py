@@ -249,7 +249,8 @@ def test_refusals_before_launching_and_plans_do_not_import_lightning(tmp_path):
 LOSS_OPTIONS = ("edm, edm_cos, edm_rf, eps_cos, eps_linear, recipe, rf, rf_cosmap, rf_lognorm, rf_mode, v_cos, "
                 "v_linear")
 GRAMMAR = "the syntax: https://hydra.cc/docs/advanced/override_grammar/basic"
-TRAIN_KEYS = "max_steps, val_every, ckpt_every, ema_every, ema_decay, cond_dropout, cond_groups, val_levels, shift"
+TRAIN_KEYS = ("max_steps, val_every, ckpt_every, ema_every, ema_decay, cond_dropout, cond_groups, val_levels, shift, "
+              "loss_check_every")
 
 
 @pytest.mark.parametrize("args, line", [

@@ -27,7 +27,7 @@ from src.training.datamodule import ShardDataModule
 from src.training.module import FormulationModule
 from src.training.prepare import (
     CONFIG_FILE, REUSED_FILE, bind_fingerprint, build_formulation, fingerprint_changes, is_bound, model_error,
-    prepare_job, resolved_precision, run_streams,
+    prepare_job, resolved_cond_dropout, resolved_precision, run_streams,
 )
 from src.training.progress import TrainingProgress
 from src.utils.io import atomic_write_json, remove_stale_temp_files
@@ -58,8 +58,8 @@ def build_module(cfg: DictConfig, formulation, backbone, meta: dict | None = Non
                               OmegaConf.select(cfg, "model.compile_backend", default="default"))
     return FormulationModule(
         formulation, backbone, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-        warmup_steps=o.warmup_steps, ema_every=t.ema_every, ema_decay=t.ema_decay, cond_dropout=t.cond_dropout,
-        cond_groups=groups, val_levels=t.val_levels, shift=t.get("shift", 1.0), seed=cfg.seed,
+        warmup_steps=o.warmup_steps, ema_every=t.ema_every, ema_decay=t.ema_decay,
+        cond_dropout=resolved_cond_dropout(cfg, meta or {}), cond_groups=groups, val_levels=t.val_levels, shift=t.get("shift", 1.0), seed=cfg.seed,
         compile=compile_mode, compile_backend=compile_backend,
         fused=o.get("fused", "auto"), loss_check_every=t.get("loss_check_every", "auto"),
         val_chunk=cfg.data.batch_size,

@@ -236,7 +236,25 @@ def resolve_data(cfg: DictConfig) -> dict:
             elif int(cfg.data[key]) != int(meta[key]):
                 raise ConfigError(f"data.{key}={cfg.data[key]}: the shards in {train_dir} have {meta[key]}")
     fill_context_split(cfg, meta)
+    fill_cond_dropout(cfg, meta)
     return meta
+
+
+def fill_cond_dropout(cfg: DictConfig, meta: dict) -> None:
+    """train.cond_dropout=auto: per text encoder of the data (train.cond_groups, else meta.json's text_groups), the
+    probability that leaves 10% of samples fully unconditional (src.training.conditioning.per_encoder_dropout); set
+    before the run is fingerprinted, so the fingerprint holds the number trained with."""
+    cfg.train.cond_dropout = resolved_cond_dropout(cfg, meta)
+
+
+def resolved_cond_dropout(cfg: DictConfig, meta: dict) -> float:
+    """train.cond_dropout as a number (fill_cond_dropout)."""
+    from src.training.conditioning import per_encoder_dropout
+
+    if cfg.train.get("cond_dropout") != "auto":
+        return cfg.train.cond_dropout
+    groups = cfg.train.get("cond_groups") or meta.get("text_groups")
+    return per_encoder_dropout(len(groups) if groups else 1)
 
 
 def fill_context_split(cfg: DictConfig, meta: dict) -> None:
@@ -255,7 +273,6 @@ def check_values(cfg: DictConfig) -> None:
         ("train.max_steps", integer, lambda v: v >= 1, ">= 1"),
         ("train.ema_every", integer, lambda v: v >= 1, ">= 1"),
         ("train.ema_decay", number, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-        ("train.cond_dropout", number, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
         ("train.val_levels", integer, lambda v: v >= 2, ">= 2"),
         ("train.shift", number, lambda v: v > 0 and math.isfinite(v), "> 0 (1.0 = no shift)"),
         ("train.val_every", integer, lambda v: v >= 1, ">= 1"),
@@ -273,6 +290,9 @@ def check_values(cfg: DictConfig) -> None:
                 # Lightning clips nothing at <= 0, and takes a string only when it builds the trainer.
                 ("trainer.gradient_clip_val", number, lambda v: 0 < v < math.inf, "> 0 (or null: no clipping)")]
     checks += [c for c in optional if OmegaConf.select(cfg, c[0]) is not None]
+    if OmegaConf.select(cfg, "train.cond_dropout") != "auto":
+        checks.append(("train.cond_dropout", number, lambda v: 0.0 <= v < 1.0,
+                       "in [0, 1) (or auto: 10% of samples without any text conditioning)"))
     if OmegaConf.select(cfg, "train.loss_check_every", default="auto") != "auto":
         checks.append(("train.loss_check_every", integer, lambda v: v >= 1, ">= 1 (or auto: 1 on the CPU, 50 on a GPU)"))
     if cfg.eval.enabled is True:  # checked before training, not found out when the evaluation starts
