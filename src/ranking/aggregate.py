@@ -217,8 +217,8 @@ def load_sweep(dirs: Iterable[Path | str], by_sweep: bool = False) -> Sweep:
     names = [root.name for root in roots]
     if by_sweep and len(set(names)) < len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"--by-sweep: sweep directories share the name(s) {', '.join(twice)}; the name is the entries' "
-                         "qualifier, so each sweep needs its own")
+        raise ValueError(f"--by-sweep: sweep directories share the name(s) {', '.join(twice)}; the name is the "
+                         "entries' qualifier, so each sweep needs its own")
     statuses, rows, problems, notes = [], [], [], []
     for root in roots:
         found = find_run_dirs(root)

@@ -59,8 +59,8 @@ def build_module(cfg: DictConfig, formulation, backbone, meta: dict | None = Non
     return FormulationModule(
         formulation, backbone, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
         warmup_steps=o.warmup_steps, ema_every=t.ema_every, ema_decay=t.ema_decay,
-        cond_dropout=resolved_cond_dropout(cfg, meta or {}), cond_groups=groups, val_levels=t.val_levels, shift=t.get("shift", 1.0), seed=cfg.seed,
-        compile=compile_mode, compile_backend=compile_backend,
+        cond_dropout=resolved_cond_dropout(cfg, meta or {}), cond_groups=groups, val_levels=t.val_levels,
+        shift=t.get("shift", 1.0), seed=cfg.seed, compile=compile_mode, compile_backend=compile_backend,
         fused=o.get("fused", "auto"), loss_check_every=t.get("loss_check_every", "auto"),
         val_chunk=cfg.data.batch_size,
         **({} if streams is None else {"streams": streams}),

@@ -294,7 +294,8 @@ def check_values(cfg: DictConfig) -> None:
         checks.append(("train.cond_dropout", number, lambda v: 0.0 <= v < 1.0,
                        "in [0, 1) (or auto: 10% of samples without any text conditioning)"))
     if OmegaConf.select(cfg, "train.loss_check_every", default="auto") != "auto":
-        checks.append(("train.loss_check_every", integer, lambda v: v >= 1, ">= 1 (or auto: 1 on the CPU, 50 on a GPU)"))
+        checks.append(("train.loss_check_every", integer, lambda v: v >= 1,
+                       ">= 1 (or auto: 1 on the CPU, 50 on a GPU)"))
     if cfg.eval.enabled is True:  # checked before training, not found out when the evaluation starts
         for key in ("eval.settings", "eval.ema"):
             value = OmegaConf.select(cfg, key)
