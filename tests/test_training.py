@@ -484,3 +484,28 @@ def test_infinite_eval_shift_or_cfg_fails_before_training(tmp_path, cache_dir, o
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_values(make_cfg(tmp_path, cache_dir, ["eval.enabled=true", override]))
+
+
+def test_ema_update_moves_the_copy_a_fraction_one_minus_decay_toward_the_weights_and_copies_buffers():
+    """ema <- decay * ema + (1 - decay) * weights (docs/training.md#ema), with a decay other than 0.5 (where decay
+    and 1 - decay coincide); buffers are copied, not averaged; the copy is frozen and in eval mode."""
+    from src.training.ema import ema_update, make_ema_copy
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = make_ema_copy(model)
+    assert not ema.training and not any(p.requires_grad for p in ema.parameters())
+    assert all(p.requires_grad for p in model.parameters())  # the trained backbone is untouched
+    start = [p.detach().clone() for p in ema.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    model(torch.randn(4, 3))  # moves BatchNorm's running statistics
+    ema_update(ema, model, 0.9)
+    for s, e, m in zip(start, ema.parameters(), model.parameters()):
+        torch.testing.assert_close(e, 0.9 * s + 0.1 * m, rtol=0, atol=1e-6)
+    for eb, mb in zip(ema.buffers(), model.buffers()):
+        assert torch.equal(eb, mb)
+    with pytest.raises(ValueError, match="different parameter lists"):
+        ema_update(ema, torch.nn.Linear(3, 2), 0.9)
+
