@@ -142,6 +142,41 @@ def test_launcher_records_failures_of_remote_jobs(monkeypatch):
     ]
 
 
+def test_failures_are_recorded_in_one_line_and_summarised(monkeypatch):
+    """record_failure keeps the first line of the error; summary() counts and lists them in order, "" when none."""
+    monkeypatch.setattr(failures, "FAILED", [])
+    assert failures.summary() == ""
+    failures.record_failure("digits/a", "ValueError: bad\n  traceback line")
+    failures.record_failure(Path("digits/b"), "")
+    assert failures.summary() == "2 job(s) failed:\n  digits/a: ValueError: bad\n  digits/b: unknown error"
+    assert failures.one_line(ValueError("first\nsecond")) == "ValueError: first"
+
+
+def test_the_sweeps_failures_json_keeps_each_jobs_latest_failure_until_it_runs(tmp_path):
+    """record_sweep_failure writes <sweep dir>/failures.json (one line per error, the latest kept per run name,
+    nameless jobs marked); clear_sweep_failure drops one job's entry, forget_nameless_failures the nameless ones;
+    neither creates the file where there is none."""
+    sweep = tmp_path / "sweep"
+    failures.clear_sweep_failure(sweep, "digits/a")
+    failures.forget_nameless_failures(sweep)
+    assert not (sweep / "failures.json").exists() and failures.read_sweep_failures(sweep) == {}
+    failures.record_sweep_failure(sweep, "digits/a", "ConfigError: first\ndetails")
+    failures.record_sweep_failure(sweep, "digits/a", "ConfigError: second")
+    failures.record_sweep_failure(sweep, "digits/b", "")
+    failures.record_sweep_failure(sweep, "loss=bogus", "ConfigError: no such recipe", nameless=True)
+    recorded = failures.read_sweep_failures(sweep)
+    assert recorded == json.loads((sweep / failures.SWEEP_FAILURES).read_text())
+    assert {k: v["error"] for k, v in recorded.items()} == {
+        "digits/a": "ConfigError: second", "digits/b": "unknown error", "loss=bogus": "ConfigError: no such recipe"}
+    assert [k for k, v in recorded.items() if v.get("nameless")] == ["loss=bogus"]
+    assert all(time.strptime(v["time"], "%Y-%m-%dT%H:%M:%S") for v in recorded.values())
+    failures.clear_sweep_failure(sweep, "digits/a")
+    assert sorted(failures.read_sweep_failures(sweep)) == ["digits/b", "loss=bogus"]
+    failures.forget_nameless_failures(sweep)
+    assert sorted(failures.read_sweep_failures(sweep)) == ["digits/b"]
+    assert not list(sweep.glob("*.tmp")) and not list(sweep.glob(".*.tmp"))
+
+
 # ---- concurrent writers ---------------------------------------------------------------------------------------------
 def _merge_many(run_dir: str, worker: int, n: int) -> None:
     from src.results import merge_results
