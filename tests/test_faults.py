@@ -220,6 +220,55 @@ def test_error_json_is_never_seen_half_written(tmp_path):
     assert reads > 0 and all(p.exitcode == 0 for p in procs)
 
 
+def test_an_atomic_write_replaces_the_file_whole_or_leaves_it_as_it_was(tmp_path, monkeypatch):
+    """A new file renamed over the old one (a reader of the old one reads it whole), its content fsynced before the
+    rename, permissions as the umask says (not mkstemp's 0600); a failed write (NaN in JSON, an error while writing)
+    leaves the old file and no temp file."""
+    import stat
+
+    from src.utils.io import atomic_write, atomic_write_json
+
+    path = tmp_path / "sub" / "results.json"
+    atomic_write_json(path, {"a": 1})
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(json.loads(path.read_text())), real_fsync(fd)))
+    umask = os.umask(0o022)
+    try:
+        with open(path) as reader:
+            atomic_write_json(path, {"b": 2})
+            assert json.loads(reader.read()) == {"a": 1}
+    finally:
+        os.umask(umask)
+    assert synced == [{"a": 1}]  # fsynced while the old file was still in place
+    assert json.loads(path.read_text()) == {"b": 2} and stat.S_IMODE(path.stat().st_mode) == 0o644
+    with pytest.raises(ValueError):
+        atomic_write_json(path, {"x": float("nan")})
+
+    def fail(f):
+        f.write(b"half a file")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, fail)
+    assert json.loads(path.read_text()) == {"b": 2} and os.listdir(path.parent) == ["results.json"]
+
+
+def test_stale_temp_files_are_removed_but_not_in_skipped_folders(tmp_path):
+    """remove_stale_temp_files deletes this module's temp names (temp_sibling's among them) and nothing else; it does
+    not enter wandb/ (another library's files)."""
+    from src.utils.io import remove_stale_temp_files, temp_sibling
+
+    stale = [temp_sibling(tmp_path / "checkpoints" / "last.ckpt"), tmp_path / "eval" / ".x.npz.abcd_123.tmp"]
+    kept = [tmp_path / "wandb" / f".run.{'b' * 32}.tmp", tmp_path / "notes.tmp", tmp_path / "eval" / "x.npz"]
+    for p in (*stale, *kept):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    assert stale[0].parent == tmp_path / "checkpoints" and stale[0].name.startswith(".last.ckpt.")
+    assert sorted(remove_stale_temp_files(tmp_path)) == sorted(stale)
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+
+
 # ---- one job per run directory --------------------------------------------------------------------------------------
 HOLD = "import sys, time; from src.launch.rundir import run_dir_lock\nwith run_dir_lock(sys.argv[1]):\n" \
        "    print('held', flush=True); time.sleep(60)\n"
