@@ -314,6 +314,48 @@ def test_the_other_ranks_of_a_job_share_their_rank_zeros_run_directory(tmp_path,
         holder.wait()
 
 
+def test_the_lock_file_names_only_its_current_holder(tmp_path, monkeypatch):
+    """The refusal names the holder from the lock file: a new holder's record replaces an earlier one's whole."""
+    import socket
+
+    from src.launch.rundir import LOCK_FILE
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "elsewhere", "pid": 1, "slurm_job": "123456789"}))
+    with run_dir_lock(tmp_path):
+        held = json.loads((tmp_path / LOCK_FILE).read_text())
+    assert held == {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": None}
+
+
+def test_a_launch_records_its_configuration_and_ends_the_latest_re_evaluation_request(tmp_path, monkeypatch):
+    """save_job_config writes .hydra/{config,hydra,overrides}.yaml as Hydra would and removes eval_request.yaml (the
+    launch's settings are the run's latest request); a job's other ranks write nothing. A run's configurations are
+    read newest first: that request, the latest launch's, the one the directory was bound with."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from src.launch.rundir import EVAL_REQUEST, evaluation_configs, launch_configs, save_job_config
+
+    assert launch_configs(tmp_path) == (tmp_path / ".hydra" / "config.yaml", tmp_path / "config.yaml")
+    assert evaluation_configs(tmp_path) == (tmp_path / EVAL_REQUEST, *launch_configs(tmp_path))
+    hydra_cfg = OmegaConf.create({"hydra": {"overrides": {"task": ["loss=rf", "seed=1"]}}})
+    monkeypatch.setattr(HydraConfig, "instance", lambda: SimpleNamespace(cfg=hydra_cfg))
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    (tmp_path / EVAL_REQUEST).write_text("eval: {n_samples: 6}\n")
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    save_job_config(tmp_path, OmegaConf.create({"seed": 1}))
+    assert os.listdir(tmp_path) == [EVAL_REQUEST]
+    monkeypatch.setenv("SLURM_PROCID", "")  # set but empty: rank 0
+    save_job_config(tmp_path, OmegaConf.create({"seed": 1}))
+    assert not (tmp_path / EVAL_REQUEST).exists()
+    saved = {name: OmegaConf.to_container(OmegaConf.load(tmp_path / ".hydra" / name))
+             for name in ("config.yaml", "hydra.yaml", "overrides.yaml")}
+    assert saved == {"config.yaml": {"seed": 1}, "hydra.yaml": OmegaConf.to_container(hydra_cfg),
+                     "overrides.yaml": ["loss=rf", "seed=1"]}
+
+
 def test_entry_point_leaves_a_busy_run_directory_alone(tmp_path, monkeypatch):
     """src.run.main on a directory another job holds: no training, error.json (the other job's) untouched."""
     from src import run
