@@ -159,7 +159,7 @@ def test_the_sweeps_failures_json_keeps_each_jobs_latest_failure_until_it_runs(t
     sweep = tmp_path / "sweep"
     failures.clear_sweep_failure(sweep, "digits/a")
     failures.forget_nameless_failures(sweep)
-    assert not (sweep / "failures.json").exists() and failures.read_sweep_failures(sweep) == {}
+    assert not sweep.exists() and failures.read_sweep_failures(sweep) == {}  # not even a lock file written
     failures.record_sweep_failure(sweep, "digits/a", "ConfigError: first\ndetails")
     failures.record_sweep_failure(sweep, "digits/a", "ConfigError: second")
     failures.record_sweep_failure(sweep, "digits/b", "")
