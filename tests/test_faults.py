@@ -431,6 +431,57 @@ def test_asking_whether_slurm_started_the_ranks_warns_of_nothing_where_srun_exis
     assert [str(w.message) for w in seen] == []
 
 
+@pytest.mark.parametrize("devices, num_nodes, ranks", [
+    (2, 1, 2), ("3", 2, 6), ([0, 1], 2, 4), ("0,1,", 1, 2), ("0,1", 3, 6), (-1, 1, None), ("auto", 2, None),
+])
+def test_the_ranks_a_trainer_starts_are_its_devices_times_its_nodes(devices, num_nodes, ranks):
+    from src.launch.checks import _processes
+
+    assert _processes(devices, num_nodes) == ranks
+
+
+def test_launch_checks_count_every_node_and_all_devices(monkeypatch):
+    """The global batch divides over devices x nodes (the trainer's, or the launcher's tasks x nodes);
+    trainer.devices=-1 (all of them) may be several ranks, so it is refused in a local multirun like 'auto'."""
+    from omegaconf import OmegaConf
+
+    from src.launch.checks import check_batch_over_ranks
+
+    for key in ("SLURM_NTASKS", "SLURM_JOB_NAME", "TORCHELASTIC_RUN_ID", "LOCAL_RANK", "GROUP_RANK"):
+        monkeypatch.delenv(key, raising=False)
+
+    def cfg(batch, devices=3, num_nodes=2, launcher=None):
+        hydra = {"hydra": {"mode": "RunMode.MULTIRUN", "launcher": launcher}} if launcher else {}
+        return OmegaConf.create({"trainer": {"strategy": "ddp", "devices": devices, "num_nodes": num_nodes},
+                                 "data": {"batch_size": batch}, **hydra})
+
+    check_batch_over_ranks(cfg(66))
+    check_batch_over_ranks(cfg(65, devices=1, num_nodes=1))
+    with pytest.raises(ConfigError, match="data.batch_size=65: the global batch must divide over the 2 ranks"):
+        check_batch_over_ranks(cfg(65, devices=2, num_nodes=1))
+    with pytest.raises(ConfigError, match=r"data.batch_size=63: the global batch must divide over the 6 ranks "
+                                          r"\(trainer.devices=3 x num_nodes=2\)"):
+        check_batch_over_ranks(cfg(63))
+    check_batch_over_ranks(cfg(8, launcher={"tasks_per_node": 2, "nodes": 2}))
+    with pytest.raises(ConfigError, match=r"over the 4 ranks \(hydra.launcher.tasks_per_node=2 x nodes=2\)"):
+        check_batch_over_ranks(cfg(6, launcher={"tasks_per_node": 2, "nodes": 2}))
+    with pytest.raises(ConfigError, match="trainer.strategy=ddp with trainer.devices=-1 in a local multirun"):
+        check_no_relaunch_in_multirun(cfg(64, devices=-1, num_nodes=1), multirun=True)
+
+
+def test_an_fsdp_strategy_without_use_orig_params_is_refused():
+    """FSDP's own default is use_orig_params=False, which AdamW and the EMA update are not built for: a strategy that
+    leaves the key out is refused like one that sets it false."""
+    from omegaconf import OmegaConf
+
+    from src.launch.checks import check_fsdp
+
+    strategy = {"_target_": "lightning.pytorch.strategies.FSDPStrategy"}
+    with pytest.raises(ConfigError, match="trainer.strategy.use_orig_params=None: allowed: true"):
+        check_fsdp(OmegaConf.create({"trainer": {"strategy": strategy}}))
+    check_fsdp(OmegaConf.create({"trainer": {"strategy": {**strategy, "use_orig_params": True}}}))
+
+
 def test_a_relaunching_strategy_in_a_local_multirun_is_refused_before_anything_is_written(monkeypatch):
     """The sweeper's checks before launching ran without the multirun-only launch check: the job refused itself after
     building the data and making the sweep's directories (README: a command refused whole writes nothing at all)."""
