@@ -58,3 +58,16 @@ def test_cond_groups_set_in_the_configuration_reach_the_training_module():
     c, p = drop_conditioning(torch.ones(2, 16, 64), torch.ones(2, 64), drop, module.cond_groups)
     assert (c[0, :8] == 0).all() and (c[0, 8:] == 1).all() and (p[0] == 0).all()
     assert (c[1, :8] == 1).all() and (c[1, 8:] == 0).all() and (p[1] == 1).all()
+
+
+def test_a_drop_of_another_shape_than_samples_by_groups_is_refused():
+    """One column per encoder group: a drop with another number of columns (or rows) is an error, not a silent
+    partial dropout."""
+    import pytest
+
+    groups = [{"context_tokens": [0, 2], "pooled_channels": [0, 1]},
+              {"context_tokens": [2, 4], "pooled_channels": [1, 2]}]
+    ctx, pooled = torch.ones(3, 4, 2), torch.ones(3, 2)
+    for shape in ((3, 3), (3, 1), (2, 2)):
+        with pytest.raises(ValueError, match=rf"drop has shape \({shape[0]}, {shape[1]}\); expected \(3, 2\)"):
+            drop_conditioning(ctx, pooled, torch.ones(shape, dtype=torch.bool), groups)
