@@ -619,3 +619,17 @@ def test_each_stream_is_seeded_as_its_version_says():
                                VALIDATION: (seed + 1, step)}.items():
             assert step_generator(seed, step, stream, streams=1).initial_seed() == s * 1_000_003 + k
 
+
+def test_a_non_finite_training_loss_stops_the_run_naming_the_step():
+    from types import SimpleNamespace
+
+    module = _unit_module()
+    module._trainer = SimpleNamespace(world_size=1, global_rank=0, global_step=41)
+    module.log = lambda *args, **kwargs: None
+    batch = {"x0": torch.randn(2, 2, 4, 4), "context": torch.ones(2, 4, 3), "pooled": torch.ones(2, 3)}
+    for bad in (float("nan"), float("inf")):
+        module._loss = lambda *args, bad=bad: torch.tensor([1.0, bad])
+        with pytest.raises(FloatingPointError, match=f"training loss is {bad} at step 41"):
+            module.training_step(batch, 0)
+    module._loss = lambda *args: torch.tensor([1.0, 3.0])
+    assert module.training_step(batch, 0).item() == 2.0
