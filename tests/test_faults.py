@@ -219,6 +219,41 @@ def test_launcher_records_failures_of_remote_jobs(monkeypatch):
     ]
 
 
+def test_failures_are_recorded_in_one_line_and_summarised(monkeypatch):
+    """record_failure keeps the first line of the error; summary() counts and lists them in order, "" when none."""
+    monkeypatch.setattr(failures, "FAILED", [])
+    assert failures.summary() == ""
+    failures.record_failure("digits/a", "ValueError: bad\n  traceback line")
+    failures.record_failure(Path("digits/b"), "")
+    assert failures.summary() == "2 job(s) failed:\n  digits/a: ValueError: bad\n  digits/b: unknown error"
+    assert failures.one_line(ValueError("first\nsecond")) == "ValueError: first"
+
+
+def test_the_sweeps_failures_json_keeps_each_jobs_latest_failure_until_it_runs(tmp_path):
+    """record_sweep_failure writes <sweep dir>/failures.json (one line per error, the latest kept per run name,
+    nameless jobs marked); clear_sweep_failure drops one job's entry, forget_nameless_failures the nameless ones;
+    neither creates the file where there is none."""
+    sweep = tmp_path / "sweep"
+    failures.clear_sweep_failure(sweep, "digits/a")
+    failures.forget_nameless_failures(sweep)
+    assert not sweep.exists() and failures.read_sweep_failures(sweep) == {}  # not even a lock file written
+    failures.record_sweep_failure(sweep, "digits/a", "ConfigError: first\ndetails")
+    failures.record_sweep_failure(sweep, "digits/a", "ConfigError: second")
+    failures.record_sweep_failure(sweep, "digits/b", "")
+    failures.record_sweep_failure(sweep, "loss=bogus", "ConfigError: no such recipe", nameless=True)
+    recorded = failures.read_sweep_failures(sweep)
+    assert recorded == json.loads((sweep / failures.SWEEP_FAILURES).read_text())
+    assert {k: v["error"] for k, v in recorded.items()} == {
+        "digits/a": "ConfigError: second", "digits/b": "unknown error", "loss=bogus": "ConfigError: no such recipe"}
+    assert [k for k, v in recorded.items() if v.get("nameless")] == ["loss=bogus"]
+    assert all(time.strptime(v["time"], "%Y-%m-%dT%H:%M:%S") for v in recorded.values())
+    failures.clear_sweep_failure(sweep, "digits/a")
+    assert sorted(failures.read_sweep_failures(sweep)) == ["digits/b", "loss=bogus"]
+    failures.forget_nameless_failures(sweep)
+    assert sorted(failures.read_sweep_failures(sweep)) == ["digits/b"]
+    assert not list(sweep.glob("*.tmp")) and not list(sweep.glob(".*.tmp"))
+
+
 # ---- concurrent writers ---------------------------------------------------------------------------------------------
 def _merge_many(run_dir: str, worker: int, n: int) -> None:
     from src.results import merge_results
@@ -260,6 +295,55 @@ def test_error_json_is_never_seen_half_written(tmp_path):
             json.loads(path.read_text())  # raises on a torn file
             reads += 1
     assert reads > 0 and all(p.exitcode == 0 for p in procs)
+
+
+def test_an_atomic_write_replaces_the_file_whole_or_leaves_it_as_it_was(tmp_path, monkeypatch):
+    """A new file renamed over the old one (a reader of the old one reads it whole), its content fsynced before the
+    rename, permissions as the umask says (not mkstemp's 0600); a failed write (NaN in JSON, an error while writing)
+    leaves the old file and no temp file."""
+    import stat
+
+    from src.utils.io import atomic_write, atomic_write_json
+
+    path = tmp_path / "sub" / "results.json"
+    atomic_write_json(path, {"a": 1})
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(json.loads(path.read_text())), real_fsync(fd)))
+    umask = os.umask(0o022)
+    try:
+        with open(path) as reader:
+            atomic_write_json(path, {"b": 2})
+            assert json.loads(reader.read()) == {"a": 1}
+    finally:
+        os.umask(umask)
+    assert synced == [{"a": 1}]  # fsynced while the old file was still in place
+    assert json.loads(path.read_text()) == {"b": 2} and stat.S_IMODE(path.stat().st_mode) == 0o644
+    with pytest.raises(ValueError):
+        atomic_write_json(path, {"x": float("nan")})
+
+    def fail(f):
+        f.write(b"half a file")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, fail)
+    assert json.loads(path.read_text()) == {"b": 2} and os.listdir(path.parent) == ["results.json"]
+
+
+def test_stale_temp_files_are_removed_but_not_in_skipped_folders(tmp_path):
+    """remove_stale_temp_files deletes this module's temp names (temp_sibling's among them) and nothing else; it does
+    not enter wandb/ (another library's files)."""
+    from src.utils.io import remove_stale_temp_files, temp_sibling
+
+    stale = [temp_sibling(tmp_path / "checkpoints" / "last.ckpt"), tmp_path / "eval" / ".x.npz.abcd_123.tmp"]
+    kept = [tmp_path / "wandb" / f".run.{'b' * 32}.tmp", tmp_path / "notes.tmp", tmp_path / "eval" / "x.npz"]
+    for p in (*stale, *kept):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    assert stale[0].parent == tmp_path / "checkpoints" and stale[0].name.startswith(".last.ckpt.")
+    assert sorted(remove_stale_temp_files(tmp_path)) == sorted(stale)
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
 
 
 # ---- one job per run directory --------------------------------------------------------------------------------------
@@ -305,6 +389,48 @@ def test_the_other_ranks_of_a_job_share_their_rank_zeros_run_directory(tmp_path,
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_the_lock_file_names_only_its_current_holder(tmp_path, monkeypatch):
+    """The refusal names the holder from the lock file: a new holder's record replaces an earlier one's whole."""
+    import socket
+
+    from src.launch.rundir import LOCK_FILE
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "elsewhere", "pid": 1, "slurm_job": "123456789"}))
+    with run_dir_lock(tmp_path):
+        held = json.loads((tmp_path / LOCK_FILE).read_text())
+    assert held == {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": None}
+
+
+def test_a_launch_records_its_configuration_and_ends_the_latest_re_evaluation_request(tmp_path, monkeypatch):
+    """save_job_config writes .hydra/{config,hydra,overrides}.yaml as Hydra would and removes eval_request.yaml (the
+    launch's settings are the run's latest request); a job's other ranks write nothing. A run's configurations are
+    read newest first: that request, the latest launch's, the one the directory was bound with."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from src.launch.rundir import EVAL_REQUEST, evaluation_configs, launch_configs, save_job_config
+
+    assert launch_configs(tmp_path) == (tmp_path / ".hydra" / "config.yaml", tmp_path / "config.yaml")
+    assert evaluation_configs(tmp_path) == (tmp_path / EVAL_REQUEST, *launch_configs(tmp_path))
+    hydra_cfg = OmegaConf.create({"hydra": {"overrides": {"task": ["loss=rf", "seed=1"]}}})
+    monkeypatch.setattr(HydraConfig, "instance", lambda: SimpleNamespace(cfg=hydra_cfg))
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    (tmp_path / EVAL_REQUEST).write_text("eval: {n_samples: 6}\n")
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    save_job_config(tmp_path, OmegaConf.create({"seed": 1}))
+    assert os.listdir(tmp_path) == [EVAL_REQUEST]
+    monkeypatch.setenv("SLURM_PROCID", "")  # set but empty: rank 0
+    save_job_config(tmp_path, OmegaConf.create({"seed": 1}))
+    assert not (tmp_path / EVAL_REQUEST).exists()
+    saved = {name: OmegaConf.to_container(OmegaConf.load(tmp_path / ".hydra" / name))
+             for name in ("config.yaml", "hydra.yaml", "overrides.yaml")}
+    assert saved == {"config.yaml": {"seed": 1}, "hydra.yaml": OmegaConf.to_container(hydra_cfg),
+                     "overrides.yaml": ["loss=rf", "seed=1"]}
 
 
 def test_entry_point_leaves_a_busy_run_directory_alone(tmp_path, monkeypatch):
@@ -380,6 +506,57 @@ def test_asking_whether_slurm_started_the_ranks_warns_of_nothing_where_srun_exis
         warnings.simplefilter("always")
         assert ranks_started_outside() is False
     assert [str(w.message) for w in seen] == []
+
+
+@pytest.mark.parametrize("devices, num_nodes, ranks", [
+    (2, 1, 2), ("3", 2, 6), ([0, 1], 2, 4), ("0,1,", 1, 2), ("0,1", 3, 6), (-1, 1, None), ("auto", 2, None),
+])
+def test_the_ranks_a_trainer_starts_are_its_devices_times_its_nodes(devices, num_nodes, ranks):
+    from src.launch.checks import _processes
+
+    assert _processes(devices, num_nodes) == ranks
+
+
+def test_launch_checks_count_every_node_and_all_devices(monkeypatch):
+    """The global batch divides over devices x nodes (the trainer's, or the launcher's tasks x nodes);
+    trainer.devices=-1 (all of them) may be several ranks, so it is refused in a local multirun like 'auto'."""
+    from omegaconf import OmegaConf
+
+    from src.launch.checks import check_batch_over_ranks
+
+    for key in ("SLURM_NTASKS", "SLURM_JOB_NAME", "TORCHELASTIC_RUN_ID", "LOCAL_RANK", "GROUP_RANK"):
+        monkeypatch.delenv(key, raising=False)
+
+    def cfg(batch, devices=3, num_nodes=2, launcher=None):
+        hydra = {"hydra": {"mode": "RunMode.MULTIRUN", "launcher": launcher}} if launcher else {}
+        return OmegaConf.create({"trainer": {"strategy": "ddp", "devices": devices, "num_nodes": num_nodes},
+                                 "data": {"batch_size": batch}, **hydra})
+
+    check_batch_over_ranks(cfg(66))
+    check_batch_over_ranks(cfg(65, devices=1, num_nodes=1))
+    with pytest.raises(ConfigError, match="data.batch_size=65: the global batch must divide over the 2 ranks"):
+        check_batch_over_ranks(cfg(65, devices=2, num_nodes=1))
+    with pytest.raises(ConfigError, match=r"data.batch_size=63: the global batch must divide over the 6 ranks "
+                                          r"\(trainer.devices=3 x num_nodes=2\)"):
+        check_batch_over_ranks(cfg(63))
+    check_batch_over_ranks(cfg(8, launcher={"tasks_per_node": 2, "nodes": 2}))
+    with pytest.raises(ConfigError, match=r"over the 4 ranks \(hydra.launcher.tasks_per_node=2 x nodes=2\)"):
+        check_batch_over_ranks(cfg(6, launcher={"tasks_per_node": 2, "nodes": 2}))
+    with pytest.raises(ConfigError, match="trainer.strategy=ddp with trainer.devices=-1 in a local multirun"):
+        check_no_relaunch_in_multirun(cfg(64, devices=-1, num_nodes=1), multirun=True)
+
+
+def test_an_fsdp_strategy_without_use_orig_params_is_refused():
+    """FSDP's own default is use_orig_params=False, which AdamW and the EMA update are not built for: a strategy that
+    leaves the key out is refused like one that sets it false."""
+    from omegaconf import OmegaConf
+
+    from src.launch.checks import check_fsdp
+
+    strategy = {"_target_": "lightning.pytorch.strategies.FSDPStrategy"}
+    with pytest.raises(ConfigError, match="trainer.strategy.use_orig_params=None: allowed: true"):
+        check_fsdp(OmegaConf.create({"trainer": {"strategy": strategy}}))
+    check_fsdp(OmegaConf.create({"trainer": {"strategy": {**strategy, "use_orig_params": True}}}))
 
 
 def test_a_relaunching_strategy_in_a_local_multirun_is_refused_before_anything_is_written(monkeypatch):

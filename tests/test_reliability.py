@@ -403,6 +403,43 @@ def test_previous_last_checkpoint_is_kept_and_an_unreadable_one_falls_back(tmp_p
         checkpoint_to_resume(tmp_path)
 
 
+def test_only_last_ckpt_keeps_a_previous_one_and_a_repair_keeps_it_too(tmp_path):
+    """Saving best.ckpt (or any other checkpoint) leaves last.prev.ckpt alone: it is last.ckpt's fallback, not
+    whatever file was saved before. A repaired last.ckpt is a copy of the previous one, which stays, so a second
+    damage of last.ckpt before the next save still finds it."""
+    from src.training.checkpoint_io import AtomicCheckpointIO, checkpoint_to_resume
+
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"global_step": 1}, tmp_path / "last.ckpt")
+    io.save_checkpoint({"global_step": 2}, tmp_path / "last.ckpt")
+    io.save_checkpoint({"global_step": 7}, tmp_path / "best.ckpt")
+    io.save_checkpoint({"global_step": 8}, tmp_path / "best.ckpt")
+    assert ckpt_step(tmp_path / "last.prev.ckpt") == 1 and ckpt_step(tmp_path / "best.ckpt") == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt", "last.prev.ckpt"]
+    (tmp_path / "last.ckpt").write_bytes(b"damaged")
+    assert checkpoint_to_resume(tmp_path) == tmp_path / "last.ckpt" and ckpt_step(tmp_path / "last.ckpt") == 1
+    (tmp_path / "last.ckpt").write_bytes(b"damaged again")
+    assert checkpoint_to_resume(tmp_path, repair=False) == tmp_path / "last.prev.ckpt"
+    assert ckpt_step(tmp_path / "last.prev.ckpt") == 1
+
+
+def test_checkpoints_are_loaded_as_weights_only(tmp_path):
+    """A checkpoint is unpickled with weights_only=True: one holding any other object is refused, not run."""
+    import datetime
+    import pickle
+
+    from src.training.checkpoint_io import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"global_step": 3, "state_dict": {"w": torch.ones(2)}}, tmp_path / "last.ckpt")
+    assert io.load_checkpoint(tmp_path / "last.ckpt")["global_step"] == 3
+    torch.save({"global_step": 3, "when": datetime.date(2026, 1, 1)}, tmp_path / "other.ckpt")
+    with pytest.raises(pickle.UnpicklingError):
+        io.load_checkpoint(tmp_path / "other.ckpt")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        io.load_checkpoint(tmp_path / "missing.ckpt")
+
+
 @pytest.mark.slow
 def test_killed_run_with_a_truncated_last_checkpoint_resumes_from_the_previous_one(tmp_path, cache_dir):
     """kill -9 mid-training, last.ckpt truncated, rerun: the warning names the file, the run resumes from

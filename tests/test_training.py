@@ -515,3 +515,152 @@ def test_validation_runs_its_fixed_batch_in_chunks_of_the_training_batch():
     assert whole_sizes == {10} and chunk_sizes == {4, 2}
     assert chunked.keys() == whole.keys() and len(whole) == 2 * 5
     assert chunked == pytest.approx(whole, rel=1e-6)
+
+
+def test_ema_update_moves_the_copy_a_fraction_one_minus_decay_toward_the_weights_and_copies_buffers():
+    """ema <- decay * ema + (1 - decay) * weights (docs/training.md#ema), with a decay other than 0.5 (where decay
+    and 1 - decay coincide); buffers are copied, not averaged; the copy is frozen and in eval mode."""
+    from src.training.ema import ema_update, make_ema_copy
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = make_ema_copy(model)
+    assert not ema.training and not any(p.requires_grad for p in ema.parameters())
+    assert all(p.requires_grad for p in model.parameters())  # the trained backbone is untouched
+    start = [p.detach().clone() for p in ema.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    model(torch.randn(4, 3))  # moves BatchNorm's running statistics
+    ema_update(ema, model, 0.9)
+    for s, e, m in zip(start, ema.parameters(), model.parameters()):
+        torch.testing.assert_close(e, 0.9 * s + 0.1 * m, rtol=0, atol=1e-6)
+    for eb, mb in zip(ema.buffers(), model.buffers()):
+        assert torch.equal(eb, mb)
+    with pytest.raises(ValueError, match="different parameter lists"):
+        ema_update(ema, torch.nn.Linear(3, 2), 0.9)
+
+
+def _unit_module(**kwargs):
+    """A FormulationModule outside a Trainer (a stand-in backbone: these tests replace its _loss)."""
+    from src.formulations import get_recipe
+    from src.training.module import FormulationModule
+
+    return FormulationModule(get_recipe("rf/lognorm(0.00, 1.00)"), torch.nn.Linear(1, 1), **kwargs)
+
+
+def test_a_training_step_draws_times_dropout_and_noise_from_its_step_streams_for_the_global_batch():
+    """Times, then dropout decisions (probability train.cond_dropout, one per encoder group), from the TIMES stream of
+    (seed, global step); the noise from the NOISE stream; all drawn for the global batch and sliced at this rank's
+    rows (docs/training.md#randomness-and-exact-resume)."""
+    from types import SimpleNamespace
+
+    from src.training.conditioning import draw_drops, drop_conditioning
+    from src.training.streams import NOISE, TIMES, step_generator
+
+    groups = [{"context_tokens": [0, 2], "pooled_channels": [0, 3]},
+              {"context_tokens": [2, 4], "pooled_channels": [3, 3]}]
+    module = _unit_module(cond_dropout=0.3, cond_groups=groups, seed=5, shift=3.0)
+    module._trainer = SimpleNamespace(world_size=2, global_rank=1, global_step=7)
+    module.log = lambda *args, **kwargs: None
+    seen = {}
+
+    def loss(backbone, x0, eps, t, context, pooled):
+        seen.update(eps=eps, t=t, context=context, pooled=pooled)
+        return torch.zeros(len(x0))
+
+    module._loss = loss
+    n = 16
+    batch = {"x0": torch.randn(n, 2, 4, 4), "context": torch.ones(n, 4, 3), "pooled": torch.ones(n, 3)}
+    module.training_step(batch, 0)
+
+    rows = slice(n, 2 * n)  # rank 1 of 2
+    g = step_generator(5, 7, TIMES)
+    f = module.formulation
+    t = f.shift_t(f.sample_t(2 * n, generator=g), 3.0)[rows]
+    drop = draw_drops(2 * n, 2, 0.3, g)[rows]
+    eps = torch.randn(2 * n, 2, 4, 4, generator=step_generator(5, 7, NOISE))[rows]
+    context, pooled = drop_conditioning(batch["context"], batch["pooled"], drop, groups)
+    assert drop.any() and not drop.all() and not torch.equal(drop[:, 0], drop[:, 1])
+    assert torch.equal(seen["t"], t) and torch.equal(seen["eps"], eps)
+    assert torch.equal(seen["context"], context) and torch.equal(seen["pooled"], pooled)
+
+
+def test_validation_draws_fixed_noise_and_logs_the_mean_over_all_levels_but_t_1_for_both_backbones():
+    """The validation noise comes from the VALIDATION stream of (seed, batch index); val/ is the trained backbone,
+    val_ema/ the EMA copy; loss_mean averages every level but the last (t = 1) (docs/evaluation.md)."""
+    from src.training.streams import VALIDATION, step_generator
+
+    module = _unit_module(seed=3, val_levels=4)
+    logged, seen = {}, []
+    module.log = lambda name, value, **kwargs: logged.__setitem__(name, float(value))
+
+    def loss(backbone, x0, eps, t, context, pooled):
+        seen.append(eps)
+        return t + (10.0 if backbone is module.ema_backbone else 0.0)
+
+    module._loss = loss
+    x0 = torch.randn(5, 2, 4, 4)
+    module.validation_step({"x0": x0, "context": torch.ones(5, 4, 3), "pooled": torch.ones(5, 3)}, 2)
+    want = torch.randn(x0.shape, generator=step_generator(3, 2, VALIDATION))
+    assert len(seen) == 8 and all(torch.equal(e, want) for e in seen)
+    levels = module.val_t.tolist()
+    assert len(levels) == 4
+    for tag, offset in (("val", 0.0), ("val_ema", 10.0)):
+        for k, tk in enumerate(levels):
+            assert logged[f"{tag}/loss_t{k}"] == pytest.approx(tk + offset)
+        assert logged[f"{tag}/loss_mean"] == pytest.approx(sum(levels[:-1]) / 3 + offset)
+
+
+def test_adamw_takes_the_configured_settings_and_the_learning_rate_warms_up_linearly_per_step():
+    """optim.*: AdamW's lr, betas, eps and weight decay; the first update at lr / warmup_steps, the warmup_steps-th
+    and every later one at lr, stepped per optimizer step (not per epoch); warmup_steps=0: lr from the start."""
+    module = _unit_module(lr=1e-3, betas=(0.8, 0.95), eps=1e-15, weight_decay=0.05, warmup_steps=4)
+    config = module.configure_optimizers()
+    opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "step"
+    group = opt.param_groups[0]
+    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.8, 0.95), 1e-15, 0.05)
+    assert len(group["params"]) == 2 and all(p in group["params"] for p in module.backbone.parameters())
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.25e-3, 0.5e-3, 0.75e-3, 1e-3, 1e-3, 1e-3])
+    opt = _unit_module(lr=1e-3, warmup_steps=0).configure_optimizers()["optimizer"]
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+
+
+def test_each_stream_is_seeded_as_its_version_says():
+    """Runs resume with the generators they were made with: version 2 seeds numpy's SeedSequence of (seed, stream,
+    step); version 1 seeded seed * 1_000_003 + step, the noise at seed + 3, the validation noise at seed + 1 and
+    the data indices at step + 17 (docs/training.md#randomness-and-exact-resume). A changed formula or offset would
+    resume every existing run with other draws, which no resume test (both halves on today's code) can see."""
+    import numpy as np
+
+    from src.training.streams import DATA, NOISE, TIMES, VALIDATION, step_generator
+
+    assert (TIMES, NOISE, DATA, VALIDATION) == (0, 1, 2, 3)
+    for seed, step in ((0, 0), (2, 5), (7, 1234)):
+        for stream in (TIMES, NOISE, DATA, VALIDATION):
+            want = int(np.random.SeedSequence([seed, stream, step]).generate_state(1, dtype=np.uint64)[0])
+            assert step_generator(seed, step, stream).initial_seed() == want
+        for stream, (s, k) in {TIMES: (seed, step), NOISE: (seed + 3, step), DATA: (seed, step + 17),
+                               VALIDATION: (seed + 1, step)}.items():
+            assert step_generator(seed, step, stream, streams=1).initial_seed() == s * 1_000_003 + k
+
+
+def test_a_non_finite_training_loss_stops_the_run_naming_the_step():
+    from types import SimpleNamespace
+
+    module = _unit_module()
+    module._trainer = SimpleNamespace(world_size=1, global_rank=0, global_step=41)
+    module.log = lambda *args, **kwargs: None
+    batch = {"x0": torch.randn(2, 2, 4, 4), "context": torch.ones(2, 4, 3), "pooled": torch.ones(2, 3)}
+    for bad in (float("nan"), float("inf")):
+        module._loss = lambda *args, bad=bad: torch.tensor([1.0, bad])
+        with pytest.raises(FloatingPointError, match=f"training loss is {bad} at step 41"):
+            module.training_step(batch, 0)
+    module._loss = lambda *args: torch.tensor([1.0, 3.0])
+    assert module.training_step(batch, 0).item() == 2.0
