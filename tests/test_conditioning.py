@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from src.training.conditioning import draw_drops, drop_conditioning
@@ -60,7 +61,6 @@ def test_cond_groups_set_in_the_configuration_reach_the_training_module():
     assert (c[1, :8] == 1).all() and (c[1, 8:] == 0).all() and (p[1] == 1).all()
 
 
-<<<<<<< HEAD
 def test_auto_cond_dropout_leaves_a_tenth_of_the_samples_unconditional_whatever_the_encoders():
     """train.cond_dropout=auto (the default): 0.1 with one text encoder, the paper's 0.464 with three. A fixed 0.1 with
     three encoders' shards left 0.1% of the samples fully unconditional, for the guidance to sample from. Resolved
@@ -87,20 +87,16 @@ def test_auto_cond_dropout_leaves_a_tenth_of_the_samples_unconditional_whatever_
         assert fingerprint(cfg)["train"]["cond_dropout"] == expected
     with initialize_config_module(config_module="conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=["train.cond_dropout=often"])
-    import pytest
-
     with pytest.raises(ConfigError, match=r"train.cond_dropout=often: must be a number in \[0, 1\) \(or auto: 10% of "):
         check_values(cfg)
-=======
+
+
 def test_a_drop_of_another_shape_than_samples_by_groups_is_refused():
     """One column per encoder group: a drop with another number of columns (or rows) is an error, not a silent
     partial dropout."""
-    import pytest
-
     groups = [{"context_tokens": [0, 2], "pooled_channels": [0, 1]},
               {"context_tokens": [2, 4], "pooled_channels": [1, 2]}]
     ctx, pooled = torch.ones(3, 4, 2), torch.ones(3, 2)
     for shape in ((3, 3), (3, 1), (2, 2)):
         with pytest.raises(ValueError, match=rf"drop has shape \({shape[0]}, {shape[1]}\); expected \(3, 2\)"):
             drop_conditioning(ctx, pooled, torch.ones(shape, dtype=torch.bool), groups)
->>>>>>> a453904d716499164fae4da7da4be0d75fe92a13
