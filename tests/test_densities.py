@@ -122,6 +122,14 @@ def test_density_is_zero_outside_the_unit_interval_and_keeps_dtype(density):
     assert p.dtype == torch.float32 and (p == 0).all()
 
 
+@pytest.mark.parametrize("m, s", [(0.0, 1.0), (1.0, 2.2), (0.0, 10.0)])
+def test_lognorm_density_is_zero_at_the_ends(m, s):
+    # pi(t) -> 0 at t = 0 and t = 1 for every s (exp(-logit^2 / 2 s^2) beats 1 / (t (1 - t))); at the ends themselves
+    # it is 0, not the formula at a clamped t (which for a wide s is ~1e11 at t = 1 - 1e-16).
+    p = LogitNormal(m, s).density(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert p.tolist() == [0.0, 0.0]
+
+
 def test_samplers_are_deterministic_given_a_generator():
     for d in (Uniform(), LogitNormal(0.5, 0.6), Mode(1.29), CosMap()):
         a = d.sample(64, torch.Generator().manual_seed(7))
