@@ -17,6 +17,7 @@ from src.formulations import (
     get_recipe,
     validation_times,
 )
+from src.formulations.base import Formulation
 from src.formulations.schedules import SIGMA_MAX, SIGMA_MIN
 
 
@@ -145,6 +146,16 @@ def test_sigma_log_snr_and_rf_time_are_consistent(name):
     tau = f.rf_time(t)
     torch.testing.assert_close(tau, f.sigma(t) / (1 + f.sigma(t)), rtol=1e-12, atol=0)
     torch.testing.assert_close(f.t_from_rf_time(tau), t, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", list(ONE_PER_FAMILY.values()))
+def test_base_class_defaults_agree_with_each_family(name):
+    # a family of its own (docs/formulations.md#adding-a-family) that defines only a and b gets these defaults
+    f = get_recipe(name)
+    t = torch.linspace(f.t_min, f.t_max, 101, dtype=torch.float64)[1:-1]
+    torch.testing.assert_close(Formulation.sigma(f, t), f.sigma(t), rtol=1e-12, atol=0)
+    torch.testing.assert_close(Formulation.rf_time(f, t), f.rf_time(t), rtol=1e-12, atol=0)
+    torch.testing.assert_close(Formulation.t_from_rf_time(f, f.rf_time(t)), t, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", list(ONE_PER_FAMILY.values()))
