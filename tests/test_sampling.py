@@ -291,6 +291,30 @@ def test_sample_rejects_bad_input():
         sample(_nonlinear_backbone, _RF(), noise, ctx[:1], pooled, 2, 1.0)
     with pytest.raises(ValueError, match="cfg_scale"):
         sample(_nonlinear_backbone, _RF(), noise, ctx, pooled, 2, float("nan"))
+    with pytest.raises(ValueError, match="batch sizes differ: noise 2, context 2, pooled 1"):
+        sample(_nonlinear_backbone, _RF(), noise, ctx, pooled[:1], 2, 1.0)
+    with pytest.raises(ValueError, match="cfg_scale"):
+        sample(_nonlinear_backbone, _RF(), noise, ctx, pooled, 2, True)
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 0.5])
+def test_guidance_below_one_is_applied_too(cfg_scale):
+    # out = uncond + w (cond - uncond) for every w != 1; w = 0 is the unconditional model
+    torch.manual_seed(4)
+    noise, ctx, pooled = torch.randn(3, 1, 2, 2), torch.randn(3, 2, 4), torch.randn(3, 4)
+    t1 = torch.ones(3)
+    cond = _nonlinear_backbone(noise, t1, ctx, pooled)
+    uncond = _nonlinear_backbone(noise, t1, torch.zeros_like(ctx), torch.zeros_like(pooled))
+    out = sample(_nonlinear_backbone, _RF(), noise, ctx, pooled, 1, cfg_scale)
+    torch.testing.assert_close(out, noise - (uncond + cfg_scale * (cond - uncond)))
+
+
+def test_samples_keep_the_noise_dtype_whatever_the_backbone_returns():
+    noise, (ctx, pooled) = torch.randn(2, 1, 2, 2), _no_text(2)
+    net = lambda x, t, c, p: _nonlinear_backbone(x, t, c, p).double()  # noqa: E731
+    for cfg_scale in (1.0, 3.0):
+        assert sample(net, _RF(), noise, ctx, pooled, 3, cfg_scale).dtype == torch.float32
+        assert sample(net, _RF(), noise, ctx, pooled, 3, cfg_scale, sampler="heun").dtype == torch.float32
 
 
 # ---- convergence on Gaussian data -----------------------------------------------------------------
