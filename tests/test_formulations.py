@@ -211,6 +211,19 @@ def test_sample_t_range_dtype_and_determinism(name):
     assert f.sample_t(5).shape == (5,)
 
 
+def test_rf_training_times_are_clamped_to_the_open_interval():
+    # docs/formulations.md#rectified-flow: a density's draws of exactly 0 or 1 become 2^-24 and 1 - 2^-24
+    from src.formulations.densities import Uniform
+    from src.formulations.rf import RectifiedFlow
+
+    class Ends(Uniform):
+        def sample(self, n, generator=None):
+            return torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64)
+
+    t = RectifiedFlow(Ends()).sample_t(3)
+    assert t.dtype == torch.float32 and t.tolist() == [2.0**-24, 1 - 2.0**-24, 0.5]
+
+
 def test_linear_trains_on_the_discrete_levels():
     t = get_recipe("v/linear").sample_t(100_000, torch.Generator().manual_seed(0)).double()
     levels = t * 999

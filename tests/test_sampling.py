@@ -309,6 +309,19 @@ def test_guidance_below_one_is_applied_too(cfg_scale):
     torch.testing.assert_close(out, noise - (uncond + cfg_scale * (cond - uncond)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_backbone_gets_its_inputs_in_the_noise_dtype(dtype):
+    seen = []
+
+    def spy(x, t, context, pooled):
+        seen.append((x.dtype, t.dtype))
+        return _nonlinear_backbone(x, t, context, pooled)
+
+    noise, (ctx, pooled) = torch.randn(2, 1, 2, 2, dtype=dtype), _no_text(2)
+    sample(spy, _RF(), noise, ctx, pooled, 2, 3.0)
+    assert seen == [(dtype, dtype)] * 2
+
+
 def test_samples_keep_the_noise_dtype_whatever_the_backbone_returns():
     noise, (ctx, pooled) = torch.randn(2, 1, 2, 2), _no_text(2)
     net = lambda x, t, c, p: _nonlinear_backbone(x, t, c, p).double()  # noqa: E731
