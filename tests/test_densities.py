@@ -103,6 +103,12 @@ def test_lognorm_density_matches_scipy():
         np.testing.assert_allclose(LogitNormal(m, s).density(torch.from_numpy(t)).numpy(), expected, rtol=1e-10)
 
 
+def test_an_rf_recipe_exposes_its_timestep_density():
+    t = np.linspace(0.001, 0.999, 99)
+    got = get_recipe("rf/lognorm(0.50, 0.60)").density(torch.from_numpy(t)).numpy()
+    np.testing.assert_allclose(got, stats.norm.pdf(special.logit(t), 0.5, 0.6) / (t * (1 - t)), rtol=1e-10)
+
+
 def test_cosmap_density_is_the_derivative_of_its_inverse_map():
     # u(t) = (2 / pi) atan(t / (1 - t)) inverts t = 1 - 1 / (tan(pi u / 2) + 1); pi(t) = u'(t).
     t = np.linspace(0.01, 0.99, 99)
