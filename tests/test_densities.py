@@ -103,6 +103,12 @@ def test_lognorm_density_matches_scipy():
         np.testing.assert_allclose(LogitNormal(m, s).density(torch.from_numpy(t)).numpy(), expected, rtol=1e-10)
 
 
+def test_an_rf_recipe_exposes_its_timestep_density():
+    t = np.linspace(0.001, 0.999, 99)
+    got = get_recipe("rf/lognorm(0.50, 0.60)").density(torch.from_numpy(t)).numpy()
+    np.testing.assert_allclose(got, stats.norm.pdf(special.logit(t), 0.5, 0.6) / (t * (1 - t)), rtol=1e-10)
+
+
 def test_cosmap_density_is_the_derivative_of_its_inverse_map():
     # u(t) = (2 / pi) atan(t / (1 - t)) inverts t = 1 - 1 / (tan(pi u / 2) + 1); pi(t) = u'(t).
     t = np.linspace(0.01, 0.99, 99)
@@ -120,6 +126,14 @@ def test_density_is_zero_outside_the_unit_interval_and_keeps_dtype(density):
     t = torch.tensor([-0.5, -1e-9, 1 + 1e-6, 2.0], dtype=torch.float32)
     p = density.density(t)
     assert p.dtype == torch.float32 and (p == 0).all()
+
+
+@pytest.mark.parametrize("m, s", [(0.0, 1.0), (1.0, 2.2), (0.0, 10.0)])
+def test_lognorm_density_is_zero_at_the_ends(m, s):
+    # pi(t) -> 0 at t = 0 and t = 1 for every s (exp(-logit^2 / 2 s^2) beats 1 / (t (1 - t))); at the ends themselves
+    # it is 0, not the formula at a clamped t (which for a wide s is ~1e11 at t = 1 - 1e-16).
+    p = LogitNormal(m, s).density(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert p.tolist() == [0.0, 0.0]
 
 
 def test_samplers_are_deterministic_given_a_generator():

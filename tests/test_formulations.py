@@ -17,6 +17,7 @@ from src.formulations import (
     get_recipe,
     validation_times,
 )
+from src.formulations.base import Formulation
 from src.formulations.schedules import SIGMA_MAX, SIGMA_MIN
 
 
@@ -148,6 +149,16 @@ def test_sigma_log_snr_and_rf_time_are_consistent(name):
 
 
 @pytest.mark.parametrize("name", list(ONE_PER_FAMILY.values()))
+def test_base_class_defaults_agree_with_each_family(name):
+    # a family of its own (docs/formulations.md#adding-a-family) that defines only a and b gets these defaults
+    f = get_recipe(name)
+    t = torch.linspace(f.t_min, f.t_max, 101, dtype=torch.float64)[1:-1]
+    torch.testing.assert_close(Formulation.sigma(f, t), f.sigma(t), rtol=1e-12, atol=0)
+    torch.testing.assert_close(Formulation.rf_time(f, t), f.rf_time(t), rtol=1e-12, atol=0)
+    torch.testing.assert_close(Formulation.t_from_rf_time(f, f.rf_time(t)), t, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", list(ONE_PER_FAMILY.values()))
 def test_t_from_sigma_inverts_sigma(name):
     f = get_recipe(name)
     t = torch.linspace(f.t_min, f.t_max, 2001, dtype=torch.float64)
@@ -200,12 +211,26 @@ def test_sample_t_range_dtype_and_determinism(name):
     assert f.sample_t(5).shape == (5,)
 
 
+def test_rf_training_times_are_clamped_to_the_open_interval():
+    # docs/formulations.md#rectified-flow: a density's draws of exactly 0 or 1 become 2^-24 and 1 - 2^-24
+    from src.formulations.densities import Uniform
+    from src.formulations.rf import RectifiedFlow
+
+    class Ends(Uniform):
+        def sample(self, n, generator=None):
+            return torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64)
+
+    t = RectifiedFlow(Ends()).sample_t(3)
+    assert t.dtype == torch.float32 and t.tolist() == [2.0**-24, 1 - 2.0**-24, 0.5]
+
+
 def test_linear_trains_on_the_discrete_levels():
     t = get_recipe("v/linear").sample_t(100_000, torch.Generator().manual_seed(0)).double()
     levels = t * 999
     torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-4)
     counts = np.bincount(levels.round().long().numpy(), minlength=1000)
     assert len(counts) == 1000 and stats.chisquare(counts).pvalue > 1e-3
+    assert counts.min() > 0  # every level is trained on, the first (t = 0) and the last (t = 1) included
 
 
 @pytest.mark.parametrize("name", ["eps/cos", "edm/rf", "edm/cos"])
@@ -213,6 +238,15 @@ def test_uniform_families_sample_uniformly_over_the_clipped_range(name):
     f = get_recipe(name)
     t = f.sample_t(100_000, torch.Generator().manual_seed(0)).double().numpy()
     assert stats.kstest(t, stats.uniform(f.t_min, f.t_max - f.t_min).cdf).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("name", ["eps/cos", "v/cos", "edm/rf", "edm/cos", "edm(1.20, 1.80)", "edm(-1.20, 1.80)"])
+def test_continuous_t_densities_put_no_mass_on_the_ends(name):
+    # U(t_min, t_max) and edm's truncated normal are continuous: no atom at t_max or t_min (e.g. from clamping a
+    # draw over a wider range: edm(1.20, 1.80) untruncated has 0.08% of its mass above SIGMA_MAX).
+    f = get_recipe(name)
+    t = f.sample_t(1_000_000, torch.Generator().manual_seed(0))
+    assert (t == f.t_max).sum() <= 5 and (t == f.t_min).sum() <= 5
 
 
 @pytest.mark.parametrize("p_mean, p_std", [(-1.2, 1.2), (0.0, 0.6), (1.2, 1.8)])
@@ -251,6 +285,13 @@ def test_linear_abar_against_independent_float64():
     expected = np.exp(0.75 * np.log(abar[:-1]) + 0.25 * np.log(abar[1:]))
     np.testing.assert_allclose((f.a(mid) ** 2).numpy(), expected, rtol=1e-12)
     assert abar[0] == pytest.approx(0.99915) and abar[-1] == pytest.approx(0.0047, abs=1e-4)
+
+
+def test_linear_schedule_saturates_outside_the_unit_interval():
+    f = get_recipe("eps/linear")
+    t = torch.tensor([-0.5, -1e-3, 0.0, 1.0, 1 + 1e-3, 1.5], dtype=torch.float64)
+    a = f.a(t)
+    assert a[0] == a[1] == a[2] and a[3] == a[4] == a[5]
 
 
 def test_linear_abar_matches_diffusers_scaled_linear():
@@ -320,6 +361,12 @@ def test_clip_margins():
         sigma = f.sigma(torch.tensor([f.t_min, f.t_max], dtype=torch.float64))
         assert sigma[0].item() == pytest.approx(SIGMA_MIN, rel=1e-4) and sigma[1].item() == pytest.approx(SIGMA_MAX, rel=1e-4)
         assert float(np.float32(f.t_min)) == f.t_min and float(np.float32(f.t_max)) == f.t_max
+        # rounded inward: sigma stays inside [SIGMA_MIN, SIGMA_MAX], and the next float32 outward would not
+        assert sigma[0].item() >= SIGMA_MIN and sigma[1].item() <= SIGMA_MAX, name
+        out = torch.tensor([np.nextafter(np.float32(f.t_min), np.float32(0)),
+                            np.nextafter(np.float32(f.t_max), np.float32(1))], dtype=torch.float64)
+        outside = f.sigma(out)
+        assert outside[0].item() < SIGMA_MIN and outside[1].item() > SIGMA_MAX, name
 
 
 def test_validation_times():

@@ -195,6 +195,14 @@ def test_rf_time_grid_starts_at_the_formulations_largest_noise_level():
         rf_time_grid(f, 0)
 
 
+def test_rf_time_grid_refuses_a_formulation_without_noise_at_t_max():
+    class NoNoise(_RF):
+        t_max = 0.0
+
+    with pytest.raises(ValueError, match=r"rf: tau\(t_max=0.0\) = 0.0, expected in \(0, 1\]"):
+        rf_time_grid(NoNoise(), 4)
+
+
 def test_step_times_map_tau_to_same_log_snr():
     for f in FORMULATIONS:
         t = step_times(f, 6, shift=2.0)
@@ -211,6 +219,38 @@ def test_initial_noise_is_index_stable():
     assert not torch.equal(full[0], full[1])
     assert not torch.equal(initial_noise(1, (1, 4, 4), seed=8), full[:1])
     assert abs(float(initial_noise(200, (64,), seed=0).std()) - 1) < 0.02
+
+
+def test_initial_noise_values_are_pinned():
+    # common random numbers across versions: results records compare samples drawn from exactly this noise
+    got = initial_noise(2, (3,), seed=0)
+    expected = [[0.5458651781082153, -0.3587554693222046, -0.7178654670715332],
+                [0.8435521125793457, 1.344171166419983, -0.17629097402095795]]
+    torch.testing.assert_close(got, torch.tensor(expected), rtol=0, atol=0)
+    torch.testing.assert_close(initial_noise(1, (3,), seed=7, start=5),
+                               torch.tensor([[0.2583451271057129, -0.2432297021150589, -1.9720906019210815]]),
+                               rtol=0, atol=0)
+
+
+def test_initial_noise_is_the_same_numbers_in_every_dtype_and_seeds_do_not_overlap():
+    x = initial_noise(4, (8,), seed=3)
+    torch.testing.assert_close(initial_noise(4, (8,), seed=3, dtype=torch.float64), x.double(), rtol=0, atol=0)
+    # (seed, k) is mixed, not added: seed 3's prompt 1 is not seed 4's prompt 0
+    assert not torch.equal(x[1], initial_noise(1, (8,), seed=4)[0])
+    for bad in ({"n": -1}, {"seed": -1}, {"start": -1}, {"n": True}):
+        with pytest.raises(ValueError, match="initial_noise"):
+            initial_noise(**{"n": 1, "shape": (2,), "seed": 0, **bad})
+
+
+def test_other_streams_of_a_prompt_differ_from_its_initial_noise():
+    # numpy's SeedSequence drops trailing zeros of its entropy: stream 0 would repeat the noise's seed, so it is refused
+    from src.sampling.noise import _index_seed
+
+    seeds = {_index_seed(3, k, stream) for k in (0, 1) for stream in (None, 1, 2)}
+    assert len(seeds) == 6
+    for bad in (0, -1, True):
+        with pytest.raises(ValueError, match="stream must be an integer >= 1"):
+            _index_seed(3, 1, bad)
 
 
 # ---- the sampler ----------------------------------------------------------------------------------
@@ -291,6 +331,43 @@ def test_sample_rejects_bad_input():
         sample(_nonlinear_backbone, _RF(), noise, ctx[:1], pooled, 2, 1.0)
     with pytest.raises(ValueError, match="cfg_scale"):
         sample(_nonlinear_backbone, _RF(), noise, ctx, pooled, 2, float("nan"))
+    with pytest.raises(ValueError, match="batch sizes differ: noise 2, context 2, pooled 1"):
+        sample(_nonlinear_backbone, _RF(), noise, ctx, pooled[:1], 2, 1.0)
+    with pytest.raises(ValueError, match="cfg_scale"):
+        sample(_nonlinear_backbone, _RF(), noise, ctx, pooled, 2, True)
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 0.5])
+def test_guidance_below_one_is_applied_too(cfg_scale):
+    # out = uncond + w (cond - uncond) for every w != 1; w = 0 is the unconditional model
+    torch.manual_seed(4)
+    noise, ctx, pooled = torch.randn(3, 1, 2, 2), torch.randn(3, 2, 4), torch.randn(3, 4)
+    t1 = torch.ones(3)
+    cond = _nonlinear_backbone(noise, t1, ctx, pooled)
+    uncond = _nonlinear_backbone(noise, t1, torch.zeros_like(ctx), torch.zeros_like(pooled))
+    out = sample(_nonlinear_backbone, _RF(), noise, ctx, pooled, 1, cfg_scale)
+    torch.testing.assert_close(out, noise - (uncond + cfg_scale * (cond - uncond)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_backbone_gets_its_inputs_in_the_noise_dtype(dtype):
+    seen = []
+
+    def spy(x, t, context, pooled):
+        seen.append((x.dtype, t.dtype))
+        return _nonlinear_backbone(x, t, context, pooled)
+
+    noise, (ctx, pooled) = torch.randn(2, 1, 2, 2, dtype=dtype), _no_text(2)
+    sample(spy, _RF(), noise, ctx, pooled, 2, 3.0)
+    assert seen == [(dtype, dtype)] * 2
+
+
+def test_samples_keep_the_noise_dtype_whatever_the_backbone_returns():
+    noise, (ctx, pooled) = torch.randn(2, 1, 2, 2), _no_text(2)
+    net = lambda x, t, c, p: _nonlinear_backbone(x, t, c, p).double()  # noqa: E731
+    for cfg_scale in (1.0, 3.0):
+        assert sample(net, _RF(), noise, ctx, pooled, 3, cfg_scale).dtype == torch.float32
+        assert sample(net, _RF(), noise, ctx, pooled, 3, cfg_scale, sampler="heun").dtype == torch.float32
 
 
 # ---- convergence on Gaussian data -----------------------------------------------------------------

@@ -75,3 +75,16 @@ def test_a_nonlinear_conversion_is_refused():
     noise, (ctx, pooled) = torch.randn(2, 1, 2, 2), _no_text(2)
     with pytest.raises(ValueError, match="not linear"):
         sample(lambda x, *_: x, f, noise, ctx, pooled, 3, 1.0)
+
+
+def test_a_slightly_nonlinear_conversion_is_refused():
+    # the linearity probe is tight: a quadratic term of relative size 1e-4 already fails it
+    class Curved(type(get_recipe("v/cos"))):
+        def to_x0_eps(self, output, z_t, t):
+            x0, eps = super().to_x0_eps(output, z_t, t)
+            return x0 * (1 + 1e-4 * x0), eps
+
+    f = Curved("v", "cos")
+    t = step_times(f, 5)
+    with pytest.raises(ValueError, match="not linear"):
+        conversion_coefficients(f, t)

@@ -12,6 +12,7 @@ import yaml
 
 from src.formulations import get_recipe
 from src.sampling import SAMPLERS, initial_noise, native_times, sample, sampler_nfe, sampler_times, step_times
+from src.sampling import Denoiser, get_sampler
 from tests.test_sampling import _gaussian, _no_text, _nonlinear_backbone, exact_flow, gaussian_denoiser
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -59,6 +60,16 @@ def test_network_evaluations_per_sample(sampler, cfg_scale):
         assert out.shape == noise.shape and bool(out.isfinite().all())
         assert len(calls) == sampler_nfe(sampler, steps) == (2 * steps - 1 if sampler == "heun" else steps)
         assert set(calls) == {6 if cfg_scale != 1.0 else 3}  # with guidance: one doubled batch per evaluation
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_the_denoiser_counts_its_network_evaluations(sampler):
+    f, steps = get_recipe("v/cos"), 4
+    noise, ctx, pooled = _inputs()
+    t = sampler_times(sampler, f, steps)
+    denoiser = Denoiser(_nonlinear_backbone, f, t, ctx, pooled, 2.0, noise.dtype, noise.device)
+    get_sampler(sampler).solver(denoiser, float(f.b(t[:1])[0]) * noise)
+    assert denoiser.calls == sampler_nfe(sampler, steps)
 
 
 def test_heun_with_one_step_is_euler():

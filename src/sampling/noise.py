@@ -9,7 +9,10 @@ from torch import Tensor
 
 def _index_seed(seed: int, k: int, stream: int | None = None) -> int:
     """A 64-bit seed for prompt index k, mixed from (seed, k) by numpy's SeedSequence (no collisions by offsets).
-    stream: another stream for the same (seed, k), independent of the initial noise's (None)."""
+    stream: another stream for the same (seed, k), independent of the initial noise's (None); an integer >= 1, since
+    SeedSequence ignores trailing zeros in its entropy ([seed, k, 0] is [seed, k]: stream 0 would be the noise's)."""
+    if stream is not None and (isinstance(stream, bool) or not isinstance(stream, int) or stream < 1):
+        raise ValueError(f"_index_seed: stream must be an integer >= 1 (0 repeats the initial noise's), got {stream!r}")
     entropy = [seed, k] if stream is None else [seed, k, stream]
     return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
 
