@@ -9,7 +9,7 @@ import pytest
 from src.ranking.aggregate import average_ranks, load_sweep, pool_seeds, rank_table, setting_groups
 from src.ranking.report import build_report, latest_sweep, main, markdown
 from src.ranking.synthetic import write_synthetic_sweep
-from src.ranking.tables import parse_markdown_table
+from src.ranking.tables import Table, parse_markdown_table
 from tests import warm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,3 +183,18 @@ def test_a_sweep_given_as_dot_or_dotdot_is_named_by_its_folder(sweep, tmp_path, 
     assert main([".", "--bootstrap", "0", "--out", str(out)]) == 0
     assert (out / "report.md").read_text().startswith(f"# Rank report: {sweep.name}\n")
     capsys.readouterr()
+
+
+def test_markdown_tables_escape_pipes_and_parse_back_cell_for_cell():
+    table = Table(["recipe", "note"], [["a|b", "x | y |"], ["c", ""]])
+    text = "intro\n" + table.markdown() + "\n\nafter"
+    assert "a\\|b" in text  # the pipe escaped, or it would split the cell
+    assert parse_markdown_table(text) == [{"recipe": "a|b", "note": "x | y |"}, {"recipe": "c", "note": ""}]
+    assert "<th>&lt;b&gt;</th>" in Table(["<b>"], [["<i>"]]).html()
+    assert "<td>&lt;i&gt;</td>" in Table(["<b>"], [["<i>"]]).html()
+
+
+@pytest.mark.parametrize("text", ["no table here", "| a | b |\n| 1 | 2 |", "| a | b |"])
+def test_parse_markdown_table_refuses_text_without_a_header_separator(text):
+    with pytest.raises(ValueError, match="no Markdown table"):
+        parse_markdown_table(text)
