@@ -54,6 +54,13 @@ def test_a_distribution_against_itself_has_fid_zero_never_a_negative_round_off()
     got = ops.frechet_distance(mu, cov, mu, cov)
     assert (got >= 0.0).all() and (frechet_distance(mu, cov, mu, cov) >= 0.0).all()
     np.testing.assert_allclose(got, 0.0, atol=1e-12)
+    counts = rng.multinomial(30, np.full(30, 1 / 30), size=20).astype(float)  # the row form, both trace methods
+    for method in ("eigh", "newton-schulz"):
+        ops = TorchFrechet("torch-cpu", trace_sqrt=method)
+        mean, rows = ops.resampled_rows(x, counts)
+        got = ops.frechet_distance_rows(mean, rows, mean, rows)
+        assert (got >= 0.0).all(), method
+        np.testing.assert_allclose(got, 0.0, atol=1e-12)
 
 
 def test_newton_schulz_trace_equals_numpy_on_a_flat_spectrum():
