@@ -94,6 +94,9 @@ def test_hand_worked_fronts_and_averages(hand_sweep):
     assert table.loc["A", ["n all", "n 5 steps", "n 50 steps"]].tolist() == [3, 1, 2]
     # Share of settings on the first front: A is first at 5 steps and at 50 steps cfg 5.0, not at cfg 1.0.
     assert table.loc["A", ["P(front 1) all", "P(front 1) 5 steps", "P(front 1) 50 steps"]].tolist() == [2 / 3, 1, 0.5]
+    # Second fronts do not count: B is second at 5 steps, C second at 50 steps cfg 1.0.
+    assert table.loc["B", ["P(front 1) all", "P(front 1) 5 steps", "P(front 1) 50 steps"]].tolist() == [2 / 3, 0, 1]
+    assert table.loc["C", ["P(front 1) all", "P(front 1) 5 steps", "P(front 1) 50 steps"]].tolist() == [0, 0, 0]
     # Default 50-step column: CFG 5.0 only (the 5-step column's scale); C has no such setting.
     default = average_ranks(ranked, setting_groups(ranked))
     assert default.loc["A", "50 steps"] == 1 and default.loc["B", "50 steps"] == 1
