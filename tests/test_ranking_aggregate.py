@@ -2,11 +2,12 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from src.ranking.aggregate import (
-    average_ranks, control_settings, describe_fifty_step, find_run_dirs, load_sweep, missing_settings, rank_table,
-    setting_groups,
+    average_ranks, control_settings, describe_column, describe_fifty_step, find_run_dirs, load_sweep, missing_settings,
+    rank_table, seed_order, setting_groups,
 )
 from src.ranking.synthetic import write_synthetic_sweep
 
@@ -117,6 +118,38 @@ def test_fifty_step_column_is_configurable(hand_sweep):
         setting_groups(ranked, fifty_step_cfg=[7.0])
     with pytest.raises(ValueError, match="finite"):
         setting_groups(ranked, fifty_step_cfg=[float("nan")])
+
+
+def _settings(*rows):
+    """A table of control settings (steps, cfg, ema) of one dataset, as the ranked records hold them."""
+    return pd.DataFrame([{"dataset": "digits", "setting": f"{steps} steps, cfg {cfg:.1f}", "steps": steps, "cfg": cfg,
+                          "ema": ema} for steps, cfg, ema in rows])
+
+
+def test_columns_take_exactly_their_settings():
+    records = _settings((2, 5.0, True), (5, 5.0, True), (50, 1.0, True), (50, 5.0, True), (50, 7.0, True))
+    groups = setting_groups(records, [1.0, 5.0])
+    assert groups["5 steps"].tolist() == [False, True, False, False, False]  # 5 steps, not "5 or fewer"
+    assert groups["50 steps"].tolist() == [False, False, True, True, False]  # either chosen scale
+    # Default without a 50-step setting at CFG 5.0: every 50-step setting, not an error.
+    no_five = _settings((5, 5.0, True), (50, 1.0, True), (50, 7.0, False))
+    assert setting_groups(no_five)["50 steps"].tolist() == [False, True, True]
+    assert "default when the sweep has none at CFG 5.0" in describe_fifty_step(no_five, None)
+
+
+def test_settings_are_listed_ema_first_and_columns_described_setting_by_setting():
+    records = _settings((50, 1.0, False), (5, 5.0, False), (5, 5.0, True))
+    listed = control_settings(records)[["steps", "ema"]].itertuples(index=False, name=None)
+    assert list(listed) == [(5, True), (5, False), (50, False)]
+    # Not a full product of datasets x samplers x EMA: each setting named; a product said as one.
+    assert describe_column(records, [True, False, True]) == (
+        "2 settings: digits, 50 steps, cfg 1.0, raw; digits, 5 steps, cfg 5.0, EMA")
+    assert describe_column(records, [True, True, False]) == (
+        "2 settings: digits x 5 steps, cfg 5.0; 50 steps, cfg 1.0 x raw")
+
+
+def test_training_seeds_sort_numerically():
+    assert sorted(["10", "2", "b", "-1", "a"], key=seed_order) == ["-1", "2", "10", "a", "b"]
 
 
 def test_missing_settings_are_listed(hand_sweep):
