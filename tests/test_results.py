@@ -12,7 +12,7 @@ import pytest
 
 from src.results import (
     FIELDS, IDENTITY_FIELDS, Record, describe_missing, entry_name, merge_results, missing_records, parse_run_tag,
-    read_results, record_identity, select_current, upgrade, wanted_records,
+    read_results, record_identity, select_current, setting_label, upgrade, wanted_records,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +54,17 @@ def test_run_tag_parses_into_tags():
     assert parse_run_tag("/optim.lr=0.0001/seed=1") == {"optim.lr": 0.0001, "seed": 1}
     assert parse_run_tag("") == {} and parse_run_tag(None) == {}
     assert parse_run_tag("/model=dit,flag=true,list=[1,2]") == {"model": "dit", "flag": True, "list": "[1,2]"}
+    # Integers stay integers (1 == 1.0 would hide it), so an entry reads `rf [model.depth=4]`, not `depth=4.0`.
+    tags = parse_run_tag("/model.depth=4,optim.lr=1e-4")
+    assert tags == {"model.depth": 4, "optim.lr": 0.0001} and type(tags["model.depth"]) is int
+    record = {"recipe": "rf", "tags": tags, "backbone": "MMDiT", "sampler": "rf_time"}
+    assert entry_name(record) == "rf [model.depth=4, optim.lr=0.0001]"
+
+
+def test_setting_labels_keep_every_decimal_a_scale_needs():
+    assert setting_label(50, 5) == "50 steps, cfg 5.0"
+    assert setting_label(50, 7.25, 1.0) == "50 steps, cfg 7.25"  # not 7.2: another setting than cfg 7.2
+    assert setting_label(25, 4.5, 3.125) == "25 steps, cfg 4.5, shift 3.125"
 
 
 def test_wanted_records_cover_settings_times_ema_with_every_evaluation_setting():
