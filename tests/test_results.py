@@ -59,6 +59,10 @@ def test_run_tag_parses_into_tags():
     assert tags == {"model.depth": 4, "optim.lr": 0.0001} and type(tags["model.depth"]) is int
     record = {"recipe": "rf", "tags": tags, "backbone": "MMDiT", "sampler": "rf_time"}
     assert entry_name(record) == "rf [model.depth=4, optim.lr=0.0001]"
+    # The training seed is dropped by default (seeds pool as replicates); a swept model names the backbone already.
+    assert entry_name({**record, "tags": {"seed": 1, "optim.lr": 0.0001}}) == "rf [optim.lr=0.0001]"
+    assert entry_name({**record, "tags": {"model": "dit"}, "backbone": "DiT"}) == "rf [model=dit]"
+    assert entry_name({**record, "tags": {}, "backbone": "DiT"}) == "rf [DiT]"
 
 
 def test_setting_labels_keep_every_decimal_a_scale_needs():
