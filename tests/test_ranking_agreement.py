@@ -69,4 +69,5 @@ def test_one_seed_has_no_agreement_note(tmp_path):
                                   n_samples=12, n_reference=16, dim=2, sampler_settings=[(5, 5.0)])
     report = build_report([sweep], draws=0)
     assert all(math.isnan(v) for v in report.seed_agreement.values())
+    assert report.seed_ranks == {}  # one seed alone is the pooled ranking: nothing ranked twice
     assert "Seed agreement" not in markdown(report)

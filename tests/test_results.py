@@ -235,6 +235,9 @@ def test_legacy_record_reads_with_defaults():
     # A legacy record never satisfies a wanted one: its FID used other features, so the run is evaluated again.
     wanted = wanted_records(CFG, RECIPE, "x")
     assert len(missing_records([LEGACY], wanted)) == len(wanted)
+    # Only records with both tags and backbone are of today's schema; one with tags alone is upgraded too.
+    half = upgrade({k: v for k, v in LEGACY.items() if k != "sampler"} | {"tags": {}})
+    assert half["backbone"] == "DiT" and half["sampler"] == "rf_time" and half["fid_features"] == "clip_l2norm"
 
 
 def test_legacy_results_json_loads_in_the_ranking(tmp_path):
