@@ -217,6 +217,12 @@ def test_merge_keeps_records_of_other_settings_and_replaces_the_same_one(tmp_pat
     stored = read_results(tmp_path)
     assert sorted((r["n_samples"], r["fid_clip"]) for r in stored) == [(100, 3.0), (200, 2.0)]
     assert [r["fid_clip"] for r in select_current(stored, wanted)] == [3.0]
+    # Of several records of one setting (written by hand, or by an older version), the newest; on a tie the later.
+    old_new = [{**first, "fid_clip": 4.0, "created": "2024-01-02"}, {**first, "fid_clip": 5.0, "created": "2024-01-01"}]
+    assert [r["fid_clip"] for r in select_current(old_new, wanted)] == [4.0]
+    assert [r["fid_clip"] for r in select_current(old_new[::-1], wanted)] == [4.0]
+    tie = [{**first, "fid_clip": 6.0, "created": "2024-01-03"}, {**first, "fid_clip": 7.0, "created": "2024-01-03"}]
+    assert [r["fid_clip"] for r in select_current(tie, wanted)] == [7.0]
 
 
 def test_legacy_record_reads_with_defaults():
