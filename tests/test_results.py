@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from src.results import (
-    FIELDS, IDENTITY_FIELDS, Record, describe_missing, entry_name, merge_results, missing_records, of_step,
+    FIELDS, IDENTITY_FIELDS, Record, describe_missing, entry_name, find_record, merge_results, missing_records, of_step,
     parse_run_tag, read_results, record_identity, select_current, setting_label, upgrade, wanted_records,
 )
 
@@ -127,13 +127,18 @@ def test_completeness_needs_the_arrays_and_a_configured_inception_fid(tmp_path):
     # A sampler's code or decoder that cannot be named here ("unknown") is no setting any record lacks.
     unknown = [{**wanted[1], "sampler_code": "unknown", "decoder": "unknown"}]
     assert describe_missing(unknown, records) == "1 setting(s): 5 steps, cfg 5.0 (raw)"
+    # ... nor a reason to evaluate again: any stored record counts for it.
+    coded = [{**r, "sampler_code": "ab2.py:0123", "decoder": "AutoencoderKL:vae:aaa"} for r in records]
+    assert missing_records(coded, [{**w, "sampler_code": "unknown", "decoder": "unknown"} for w in wanted]) == []
+    assert find_record([{**records[0], "fid_clip": 1.0}, {**records[0], "fid_clip": 2.0}],
+                       record_identity(records[0]))["fid_clip"] == 2.0  # the last of several
 
 
 def test_records_of_the_checkpoint_at_another_step_are_not_current():
     rec = {"recipe": "rf", "dataset": "digits", "setting": "5 steps, cfg 5.0", "steps": 5, "cfg": 5.0, "ema": True,
            "clip_score": 0.2, "fid_clip": 1.0, "tags": {}, "backbone": "MMDiT"}
-    records = [{**rec, "checkpoint": "best", "checkpoint_step": 8}, {**rec, "checkpoint": "best", "checkpoint_step": 4},
-               {**rec, "checkpoint": "best", "checkpoint_step": None}, {**rec, "checkpoint": "last", "checkpoint_step": 4}]
+    records = [{**rec, "checkpoint": which, "checkpoint_step": step}
+               for which, step in (("best", 8), ("best", 4), ("best", None), ("last", 4))]
     # best is now step 8: its step-4 record is stale; one without a step (older schema) and last's are kept.
     assert [r["checkpoint_step"] for r in of_step(records, "best", 8)] == [8, None, 4]
     assert of_step(records, "best", None) == records
