@@ -175,6 +175,17 @@ def test_inseparable_recipes_are_listed(tmp_path):
                     {"recipe": "twin-b", "cannot be separated from (P(recipe ranks better))": "twin-a (0.50)"}]
 
 
+def test_the_separability_table_gives_each_side_its_own_probability():
+    from types import SimpleNamespace
+
+    from src.ranking.report import separability_table
+
+    report = SimpleNamespace(bootstrap=object(), table=pd.DataFrame(index=["a", "b", "c"]),
+                             inseparable=lambda: [("a", "b", 0.8), ("a", "c", 0.3)])
+    rows = separability_table(report).rows
+    assert rows == [["a", "b (0.80); c (0.30)"], ["b", "a (0.20)"], ["c", "a (0.70)"]]
+
+
 def test_a_sweep_given_as_dot_or_dotdot_is_named_by_its_folder(sweep, tmp_path, monkeypatch, capsys):
     # `.` once titled the report "Rank report: " and wrote it into reports/ itself; `..` into the current folder
     monkeypatch.chdir(sweep)
