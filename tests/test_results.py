@@ -208,6 +208,8 @@ def test_a_configured_inception_needs_a_fid_of_its_weights(tmp_path):
         assert describe_missing(wanted, records) == "eval.inception=inception-v3-2048:aaa"
     assert describe_missing([{**plain[0], "n_samples": 7}], stored) == "eval.n_samples=7"
     assert Record.from_dict(before[0]).inception_extractor is None  # optional: today's records without it read
+    nulled = [{**r, "fid_inception": None} for r in stored]  # the weights named, but no Inception FID stored
+    assert missing_records(nulled, wanted, tmp_path) == wanted
 
 
 def test_latent_records_need_the_decoder_the_configuration_names(tmp_path):
@@ -234,6 +236,10 @@ def test_merge_keeps_records_of_other_settings_and_replaces_the_same_one(tmp_pat
     merge_results(tmp_path, [_stored(wanted[0], tmp_path, fid_clip=3.0)])  # the same settings again: replaced
     stored = read_results(tmp_path)
     assert sorted((r["n_samples"], r["fid_clip"]) for r in stored) == [(100, 3.0), (200, 2.0)]
+    (tmp_path / "results.json").write_text(json.dumps([*stored, {"recipe": "rf", "dataset": "digits"}]))
+    with pytest.raises(ValueError, match=r"record 2 lacks required field\(s\) \['setting'"):
+        read_results(tmp_path)  # refused here, not kept, added to and refused later by the report
+    (tmp_path / "results.json").write_text(json.dumps(stored))
     assert [r["fid_clip"] for r in select_current(stored, wanted)] == [3.0]
     # Of several records of one setting (written by hand, or by an older version), the newest; on a tie the later.
     old_new = [{**first, "fid_clip": 4.0, "created": "2024-01-02"}, {**first, "fid_clip": 5.0, "created": "2024-01-01"}]
