@@ -186,6 +186,19 @@ def test_the_separability_table_gives_each_side_its_own_probability():
     assert rows == [["a", "b (0.80); c (0.30)"], ["b", "a (0.20)"], ["c", "a (0.70)"]]
 
 
+def test_table2_is_at_25_steps_with_ema_weights_only():
+    from src.ranking.report import metrics_table
+
+    ranked = pd.DataFrame([
+        {"recipe": "rf", "dataset": "digits", "setting": f"{steps} steps, cfg 5.0", "steps": steps, "ema": ema,
+         "clip_score": clip, "fid_clip": fid, "fid_inception": None}
+        for steps, ema, clip, fid in ((25, True, 0.3, 1.0), (25, False, 0.1, 9.0), (50, True, 0.2, 2.0))])
+    wide = metrics_table(ranked)
+    assert wide.to_dict("records") == [{("digits", "25 steps, cfg 5.0", "clip_score"): 0.3,
+                                        ("digits", "25 steps, cfg 5.0", "fid_clip"): 1.0}]
+    assert metrics_table(ranked, ema=False).iloc[0].tolist() == [0.1, 9.0]
+
+
 def test_a_sweep_given_as_dot_or_dotdot_is_named_by_its_folder(sweep, tmp_path, monkeypatch, capsys):
     # `.` once titled the report "Rank report: " and wrote it into reports/ itself; `..` into the current folder
     monkeypatch.chdir(sweep)
