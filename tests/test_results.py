@@ -124,6 +124,7 @@ def test_completeness_needs_the_arrays_and_a_configured_inception_fid(tmp_path):
     assert missing_records(records, wanted, tmp_path) == [wanted[1]]
     assert describe_missing([wanted[1]], records) == "1 setting(s): 5 steps, cfg 5.0 (raw)"
     assert describe_missing(wanted, []) == "all settings (none evaluated yet)"
+    assert describe_missing([], records) == "nothing"
     # A sampler's code or decoder that cannot be named here ("unknown") is no setting any record lacks.
     unknown = [{**wanted[1], "sampler_code": "unknown", "decoder": "unknown"}]
     assert describe_missing(unknown, records) == "1 setting(s): 5 steps, cfg 5.0 (raw)"
