@@ -152,6 +152,23 @@ def test_training_seeds_sort_numerically():
     assert sorted(["10", "2", "b", "-1", "a"], key=seed_order) == ["-1", "2", "10", "a", "b"]
 
 
+def test_a_run_outside_a_seed_sweep_has_its_configured_training_seed(tmp_path):
+    write_run(tmp_path / "s" / "0", [{**record("A", 5, 5.0, 0.3, 1.0), "config": {"seed": 3}},
+                                     record("B", 5, 5.0, 0.2, 2.0)])
+    records = load_sweep([tmp_path / "s"]).records.set_index("recipe")
+    assert records.loc["A", "train_seed"] == "3" and records.loc["B", "train_seed"] == ""
+
+
+def test_seed_counts_give_the_fewest_seeds_of_any_setting(tmp_path):
+    from src.ranking.aggregate import seed_counts
+
+    seeded = lambda seed, steps: {**record("A", steps, 5.0, 0.3, 1.0), "tags": {"seed": seed}}  # noqa: E731
+    write_run(tmp_path / "s" / "0", [seeded(0, 5), seeded(0, 50)])
+    write_run(tmp_path / "s" / "1", [seeded(1, 5)])  # seed 1 lacks the 50-step setting
+    counts = seed_counts(load_sweep([tmp_path / "s"]).records)
+    assert counts.loc["A"].tolist() == [2, 1]  # seeds, seeds min
+
+
 def test_missing_settings_are_listed(hand_sweep):
     ranked = rank_table(load_sweep([hand_sweep]).records)
     assert missing_settings(ranked) == {"C": ["digits, 50 steps, cfg 5.0, EMA"]}
