@@ -199,6 +199,18 @@ def test_table2_is_at_25_steps_with_ema_weights_only():
     assert metrics_table(ranked, ema=False).iloc[0].tolist() == [0.1, 9.0]
 
 
+def test_table2_lists_the_entries_in_table1_order():
+    from types import SimpleNamespace
+
+    from src.ranking.report import table2
+
+    ranked = pd.DataFrame([{"recipe": r, "dataset": "digits", "setting": "25 steps, cfg 5.0", "steps": 25, "ema": True,
+                            "clip_score": c, "fid_clip": 1.0, "fid_inception": None}
+                           for r, c in (("a", 0.1), ("b", 0.3))])
+    report = SimpleNamespace(ranked=ranked, table=pd.DataFrame(index=["b", "a"]))  # b ranks first
+    assert [row[0] for row in table2(report).rows] == ["b", "a"]
+
+
 def test_a_sweep_given_as_dot_or_dotdot_is_named_by_its_folder(sweep, tmp_path, monkeypatch, capsys):
     # `.` once titled the report "Rank report: " and wrote it into reports/ itself; `..` into the current folder
     monkeypatch.chdir(sweep)
