@@ -33,6 +33,36 @@ def test_batched_frechet_equals_numpy_on_the_same_draws():
     np.testing.assert_allclose(got, expected, rtol=RTOL)
 
 
+
+def test_round_off_negative_eigenvalues_are_clipped_as_the_numpy_path_clips_them():
+    """A covariance with a round-off negative eigenvalue (-1e-6 here, to be seen): clipped to 0, not mirrored."""
+    ops = TorchFrechet("torch-cpu")
+    mu, eye = np.zeros((1, 3)), np.eye(3)[None]
+    bent = np.diag([1.0, 0.5, -1e-6])[None]
+    for cov1, cov2 in ((eye, bent), (bent, eye)):  # in the reference's square root; in the product's eigenvalues
+        expected = frechet_distance(mu, cov1, mu, cov2, sqrtm_psd(cov2))
+        got = ops.frechet_distance(mu, cov1, mu, cov2, ops.sqrtm_psd(ops._tensor(cov2)))
+        np.testing.assert_allclose(got, expected, rtol=RTOL)
+
+
+def test_a_distribution_against_itself_has_fid_zero_never_a_negative_round_off():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 8))
+    mu, cov = x.mean(0)[None].repeat(20, 0), np.cov(x, rowvar=False)[None].repeat(20, 0)
+    cov = cov * rng.uniform(0.5, 2.0, size=(20, 1, 1))  # 20 scales: some draw's round-off lands below zero
+    ops = TorchFrechet("torch-cpu")
+    got = ops.frechet_distance(mu, cov, mu, cov)
+    assert (got >= 0.0).all() and (frechet_distance(mu, cov, mu, cov) >= 0.0).all()
+    np.testing.assert_allclose(got, 0.0, atol=1e-12)
+    counts = rng.multinomial(30, np.full(30, 1 / 30), size=20).astype(float)  # the row form, both trace methods
+    for method in ("eigh", "newton-schulz"):
+        ops = TorchFrechet("torch-cpu", trace_sqrt=method)
+        mean, rows = ops.resampled_rows(x, counts)
+        got = ops.frechet_distance_rows(mean, rows, mean, rows)
+        assert (got >= 0.0).all(), method
+        np.testing.assert_allclose(got, 0.0, atol=1e-12)
+
+
 def test_newton_schulz_trace_equals_numpy_on_a_flat_spectrum():
     """More features than distinct resampled rows (120 rows, ~76 distinct, 96 features): singular covariances. On a
     flat spectrum the iteration reaches RTOL; on power-law spectra it does not (trace_sqrt_newton_schulz), which is

@@ -2,11 +2,12 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from src.ranking.aggregate import (
-    average_ranks, control_settings, describe_fifty_step, find_run_dirs, load_sweep, missing_settings, rank_table,
-    setting_groups,
+    average_ranks, control_settings, describe_column, describe_fifty_step, find_run_dirs, load_sweep, missing_settings,
+    rank_table, seed_order, setting_groups,
 )
 from src.ranking.synthetic import write_synthetic_sweep
 
@@ -94,6 +95,9 @@ def test_hand_worked_fronts_and_averages(hand_sweep):
     assert table.loc["A", ["n all", "n 5 steps", "n 50 steps"]].tolist() == [3, 1, 2]
     # Share of settings on the first front: A is first at 5 steps and at 50 steps cfg 5.0, not at cfg 1.0.
     assert table.loc["A", ["P(front 1) all", "P(front 1) 5 steps", "P(front 1) 50 steps"]].tolist() == [2 / 3, 1, 0.5]
+    # Second fronts do not count: B is second at 5 steps, C second at 50 steps cfg 1.0.
+    assert table.loc["B", ["P(front 1) all", "P(front 1) 5 steps", "P(front 1) 50 steps"]].tolist() == [2 / 3, 0, 1]
+    assert table.loc["C", ["P(front 1) all", "P(front 1) 5 steps", "P(front 1) 50 steps"]].tolist() == [0, 0, 0]
     # Default 50-step column: CFG 5.0 only (the 5-step column's scale); C has no such setting.
     default = average_ranks(ranked, setting_groups(ranked))
     assert default.loc["A", "50 steps"] == 1 and default.loc["B", "50 steps"] == 1
@@ -114,6 +118,55 @@ def test_fifty_step_column_is_configurable(hand_sweep):
         setting_groups(ranked, fifty_step_cfg=[7.0])
     with pytest.raises(ValueError, match="finite"):
         setting_groups(ranked, fifty_step_cfg=[float("nan")])
+
+
+def _settings(*rows):
+    """A table of control settings (steps, cfg, ema) of one dataset, as the ranked records hold them."""
+    return pd.DataFrame([{"dataset": "digits", "setting": f"{steps} steps, cfg {cfg:.1f}", "steps": steps, "cfg": cfg,
+                          "ema": ema} for steps, cfg, ema in rows])
+
+
+def test_columns_take_exactly_their_settings():
+    records = _settings((2, 5.0, True), (5, 5.0, True), (50, 1.0, True), (50, 5.0, True), (50, 7.0, True))
+    groups = setting_groups(records, [1.0, 5.0])
+    assert groups["5 steps"].tolist() == [False, True, False, False, False]  # 5 steps, not "5 or fewer"
+    assert groups["50 steps"].tolist() == [False, False, True, True, False]  # either chosen scale
+    # Default without a 50-step setting at CFG 5.0: every 50-step setting, not an error.
+    no_five = _settings((5, 5.0, True), (50, 1.0, True), (50, 7.0, False))
+    assert setting_groups(no_five)["50 steps"].tolist() == [False, True, True]
+    assert "default when the sweep has none at CFG 5.0" in describe_fifty_step(no_five, None)
+
+
+def test_settings_are_listed_ema_first_and_columns_described_setting_by_setting():
+    records = _settings((50, 1.0, False), (5, 5.0, False), (5, 5.0, True))
+    listed = control_settings(records)[["steps", "ema"]].itertuples(index=False, name=None)
+    assert list(listed) == [(5, True), (5, False), (50, False)]
+    # Not a full product of datasets x samplers x EMA: each setting named; a product said as one.
+    assert describe_column(records, [True, False, True]) == (
+        "2 settings: digits, 50 steps, cfg 1.0, raw; digits, 5 steps, cfg 5.0, EMA")
+    assert describe_column(records, [True, True, False]) == (
+        "2 settings: digits x 5 steps, cfg 5.0; 50 steps, cfg 1.0 x raw")
+
+
+def test_training_seeds_sort_numerically():
+    assert sorted(["10", "2", "b", "-1", "a"], key=seed_order) == ["-1", "2", "10", "a", "b"]
+
+
+def test_a_run_outside_a_seed_sweep_has_its_configured_training_seed(tmp_path):
+    write_run(tmp_path / "s" / "0", [{**record("A", 5, 5.0, 0.3, 1.0), "config": {"seed": 3}},
+                                     record("B", 5, 5.0, 0.2, 2.0)])
+    records = load_sweep([tmp_path / "s"]).records.set_index("recipe")
+    assert records.loc["A", "train_seed"] == "3" and records.loc["B", "train_seed"] == ""
+
+
+def test_seed_counts_give_the_fewest_seeds_of_any_setting(tmp_path):
+    from src.ranking.aggregate import seed_counts
+
+    seeded = lambda seed, steps: {**record("A", steps, 5.0, 0.3, 1.0), "tags": {"seed": seed}}  # noqa: E731
+    write_run(tmp_path / "s" / "0", [seeded(0, 5), seeded(0, 50)])
+    write_run(tmp_path / "s" / "1", [seeded(1, 5)])  # seed 1 lacks the 50-step setting
+    counts = seed_counts(load_sweep([tmp_path / "s"]).records)
+    assert counts.loc["A"].tolist() == [2, 1]  # seeds, seeds min
 
 
 def test_missing_settings_are_listed(hand_sweep):

@@ -20,11 +20,24 @@ def test_seed_agreement_is_the_mean_pairwise_spearman_over_shared_entries():
     assert math.isnan(seed_agreement([a])) and math.isnan(seed_agreement([a, a.iloc[:2]]))
 
 
+def test_seed_agreement_is_a_rank_correlation_and_skips_pairs_it_cannot_correlate():
+    a = pd.Series([1.0, 2.0, 3.0, 4.0], index=list("abcd"))
+    # Monotone but not linear: Spearman 1 (Pearson would be about 0.8).
+    assert seed_agreement([a, pd.Series([1.0, 2.0, 3.0, 100.0], index=list("abcd"))]) == 1.0
+    # Three shared entries are enough; a ranking whose entries all tie has no correlation and its pairs are
+    # skipped, not averaged in as NaN.
+    assert seed_agreement([a.iloc[:3], a.iloc[:3].copy()]) == 1.0
+    tied = pd.Series(2.0, index=list("abcd"))
+    assert seed_agreement([a, tied, a.copy()]) == 1.0
+    assert math.isnan(seed_agreement([a, tied]))
+
+
 def test_spearman_brown_and_the_noise_ceiling():
     assert spearman_brown(0.5, 1) == 0.5 and spearman_brown(1.0, 3) == 1.0
     assert math.isclose(spearman_brown(0.54, 3), 1.62 / 2.08)
     assert math.isclose(noise_ceiling(0.54, 3), math.sqrt(1.62 / 2.08))
     assert math.isnan(noise_ceiling(-0.2, 3))
+    assert math.isnan(noise_ceiling(0.0, 3))  # reliability 0: nothing to bound, not a ceiling of 0
 
 
 def _sweep(tmp_path, name, disagree):
@@ -56,4 +69,5 @@ def test_one_seed_has_no_agreement_note(tmp_path):
                                   n_samples=12, n_reference=16, dim=2, sampler_settings=[(5, 5.0)])
     report = build_report([sweep], draws=0)
     assert all(math.isnan(v) for v in report.seed_agreement.values())
+    assert report.seed_ranks == {}  # one seed alone is the pooled ranking: nothing ranked twice
     assert "Seed agreement" not in markdown(report)

@@ -8,8 +8,8 @@ from scipy import linalg
 
 from src.metrics.frechet import fid_from_features, frechet_distance, frechet_distance_rows
 from src.ranking.aggregate import load_sweep, pool_seeds, rank_table, setting_groups
-from src.ranking.bootstrap import (bootstrap_metrics, bootstrap_ranks, inseparable_pairs, prob_better, resampled_moments,
-                                   resampled_rows, resolve_workers, use_rows)
+from src.ranking.bootstrap import (bootstrap_metrics, bootstrap_ranks, check_settings, inseparable_pairs, pool_draws,
+                                   prob_better, resampled_moments, resampled_rows, resolve_workers, use_rows)
 from src.ranking.synthetic import write_synthetic_sweep
 
 RECIPES = ("good", "twin-a", "twin-b")
@@ -165,6 +165,53 @@ def test_prob_better_counts_ties_half():
     p = prob_better(avg)
     assert p[0, 1] == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
     np.testing.assert_allclose(p + p.T, 1.0)
+
+
+def test_intervals_are_the_draws_at_the_two_tails_of_the_confidence(tmp_path):
+    sweep = write_synthetic_sweep(tmp_path / "close", recipes=("a", "b", "c"), quality=(0.5, 0.5, 0.45),
+                                  datasets=("digits",), n_samples=32, n_reference=48, dim=4)
+    boot = _boot(sweep, draws=60, seed=3, confidence=0.8)
+    for column, avg in boot.draws.items():
+        ordered = np.sort(avg, axis=0)  # 60 draws: the 10% tail ends at draw 5.9, the 90% one at 53.1 (of 0..59)
+        np.testing.assert_array_equal(boot.intervals[f"{column} lo"].to_numpy(), ordered[5])
+        np.testing.assert_array_equal(boot.intervals[f"{column} hi"].to_numpy(), ordered[54])
+    ordered = np.sort(boot.draws["all"], axis=0)  # neighbouring draws differ here, so the tails are pinned
+    assert (ordered[5] != ordered[6]).any() and (ordered[53] != ordered[54]).any()
+
+
+def test_separation_is_strict_at_its_threshold():
+    import pandas as pd
+
+    order = ["a", "b", "c"]
+    prob = pd.DataFrame([[0.5, 0.95, 0.94], [0.05, 0.5, 0.06], [0.06, 0.94, 0.5]], index=order, columns=order)
+    # P = 0.95 (and 0.05) separates at separation 0.95; 0.94 and 0.06 do not.
+    assert inseparable_pairs(prob, 0.95, order) == [("a", "c", 0.94), ("b", "c", 0.06)]
+    check_settings(0.9, 1.0, 0)
+    with pytest.raises(ValueError, match="separation"):
+        check_settings(0.9, 0.5, 0)  # a coin flip separates nothing
+
+
+def test_pool_draws_weights_seeds_by_how_often_they_were_drawn():
+    nan = np.nan
+    cells = np.array([0, 0, 0, 1, 2, 2])  # three seeds of one cell, one of another, two of a third
+    weights = np.array([[2, 1, 0, 1, 1, 1], [0, 0, 3, 1, 1, 1], [1, 0, 2, 1, 1, 1], [0, 3, 0, 1, 0, 0],
+                        [0, 3, 0, 1, 0, 0]], dtype=float)
+    values = np.array([[1, 4, 100, 7, 2, 6], [1, 4, 10, 7, 2, 6], [nan, 4, 10, 7, 2, 6], [nan, 4, 10, 7, 2, 6],
+                       [1, 4, 10, 7, nan, 6]], dtype=float)
+    expected = np.array([[2.0, 7, 4], [10, 7, 4],
+                         [nan, 7, 4],  # a drawn seed's NaN makes the cell NaN (last front)
+                         [4, 7, 4],  # an undrawn seed's NaN does not; a cell none of whose seeds was drawn: all
+                         [4, 7, nan]])  # ... unless one of them is NaN
+    np.testing.assert_array_equal(pool_draws(values, weights, cells, 3), expected)
+
+
+def test_a_record_with_a_null_metric_keeps_it_in_every_draw(twin_sweep):
+    results = twin_sweep / "0" / "results.json"
+    recs = json.loads(results.read_text())
+    recs[0]["fid_clip"] = None  # its arrays are there, but the recorded run diverged: last front in every draw
+    results.write_text(json.dumps(recs))
+    draws = bootstrap_metrics(load_sweep([twin_sweep]).records, 4, seed=0)
+    assert "non-finite" in draws.fixed[0] and np.isnan(draws.fid[:, 0]).all()
 
 
 @pytest.mark.parametrize("kwargs, message", [({"draws": 0}, "positive"), ({"confidence": 1.0}, "confidence"),

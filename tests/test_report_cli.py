@@ -9,7 +9,7 @@ import pytest
 from src.ranking.aggregate import average_ranks, load_sweep, pool_seeds, rank_table, setting_groups
 from src.ranking.report import build_report, latest_sweep, main, markdown
 from src.ranking.synthetic import write_synthetic_sweep
-from src.ranking.tables import parse_markdown_table
+from src.ranking.tables import Table, parse_markdown_table
 from tests import warm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,6 +175,42 @@ def test_inseparable_recipes_are_listed(tmp_path):
                     {"recipe": "twin-b", "cannot be separated from (P(recipe ranks better))": "twin-a (0.50)"}]
 
 
+def test_the_separability_table_gives_each_side_its_own_probability():
+    from types import SimpleNamespace
+
+    from src.ranking.report import separability_table
+
+    report = SimpleNamespace(bootstrap=object(), table=pd.DataFrame(index=["a", "b", "c"]),
+                             inseparable=lambda: [("a", "b", 0.8), ("a", "c", 0.3)])
+    rows = separability_table(report).rows
+    assert rows == [["a", "b (0.80); c (0.30)"], ["b", "a (0.20)"], ["c", "a (0.70)"]]
+
+
+def test_table2_is_at_25_steps_with_ema_weights_only():
+    from src.ranking.report import metrics_table
+
+    ranked = pd.DataFrame([
+        {"recipe": "rf", "dataset": "digits", "setting": f"{steps} steps, cfg 5.0", "steps": steps, "ema": ema,
+         "clip_score": clip, "fid_clip": fid, "fid_inception": None}
+        for steps, ema, clip, fid in ((25, True, 0.3, 1.0), (25, False, 0.1, 9.0), (50, True, 0.2, 2.0))])
+    wide = metrics_table(ranked)
+    assert wide.to_dict("records") == [{("digits", "25 steps, cfg 5.0", "clip_score"): 0.3,
+                                        ("digits", "25 steps, cfg 5.0", "fid_clip"): 1.0}]
+    assert metrics_table(ranked, ema=False).iloc[0].tolist() == [0.1, 9.0]
+
+
+def test_table2_lists_the_entries_in_table1_order():
+    from types import SimpleNamespace
+
+    from src.ranking.report import table2
+
+    ranked = pd.DataFrame([{"recipe": r, "dataset": "digits", "setting": "25 steps, cfg 5.0", "steps": 25, "ema": True,
+                            "clip_score": c, "fid_clip": 1.0, "fid_inception": None}
+                           for r, c in (("a", 0.1), ("b", 0.3))])
+    report = SimpleNamespace(ranked=ranked, table=pd.DataFrame(index=["b", "a"]))  # b ranks first
+    assert [row[0] for row in table2(report).rows] == ["b", "a"]
+
+
 def test_a_sweep_given_as_dot_or_dotdot_is_named_by_its_folder(sweep, tmp_path, monkeypatch, capsys):
     # `.` once titled the report "Rank report: " and wrote it into reports/ itself; `..` into the current folder
     monkeypatch.chdir(sweep)
@@ -183,3 +219,18 @@ def test_a_sweep_given_as_dot_or_dotdot_is_named_by_its_folder(sweep, tmp_path, 
     assert main([".", "--bootstrap", "0", "--out", str(out)]) == 0
     assert (out / "report.md").read_text().startswith(f"# Rank report: {sweep.name}\n")
     capsys.readouterr()
+
+
+def test_markdown_tables_escape_pipes_and_parse_back_cell_for_cell():
+    table = Table(["recipe", "note"], [["a|b", "x | y |"], ["c", ""]])
+    text = "intro\n" + table.markdown() + "\n\nafter"
+    assert "a\\|b" in text  # the pipe escaped, or it would split the cell
+    assert parse_markdown_table(text) == [{"recipe": "a|b", "note": "x | y |"}, {"recipe": "c", "note": ""}]
+    assert "<th>&lt;b&gt;</th>" in Table(["<b>"], [["<i>"]]).html()
+    assert "<td>&lt;i&gt;</td>" in Table(["<b>"], [["<i>"]]).html()
+
+
+@pytest.mark.parametrize("text", ["no table here", "| a | b |\n| 1 | 2 |", "| a | b |"])
+def test_parse_markdown_table_refuses_text_without_a_header_separator(text):
+    with pytest.raises(ValueError, match="no Markdown table"):
+        parse_markdown_table(text)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from src.results import (
-    FIELDS, IDENTITY_FIELDS, Record, describe_missing, entry_name, merge_results, missing_records, parse_run_tag,
-    read_results, record_identity, select_current, upgrade, wanted_records,
+    FIELDS, IDENTITY_FIELDS, Record, describe_missing, entry_name, find_record, merge_results, missing_records, of_step,
+    parse_run_tag, read_results, record_identity, select_current, setting_label, upgrade, wanted_records,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +54,21 @@ def test_run_tag_parses_into_tags():
     assert parse_run_tag("/optim.lr=0.0001/seed=1") == {"optim.lr": 0.0001, "seed": 1}
     assert parse_run_tag("") == {} and parse_run_tag(None) == {}
     assert parse_run_tag("/model=dit,flag=true,list=[1,2]") == {"model": "dit", "flag": True, "list": "[1,2]"}
+    # Integers stay integers (1 == 1.0 would hide it), so an entry reads `rf [model.depth=4]`, not `depth=4.0`.
+    tags = parse_run_tag("/model.depth=4,optim.lr=1e-4")
+    assert tags == {"model.depth": 4, "optim.lr": 0.0001} and type(tags["model.depth"]) is int
+    record = {"recipe": "rf", "tags": tags, "backbone": "MMDiT", "sampler": "rf_time"}
+    assert entry_name(record) == "rf [model.depth=4, optim.lr=0.0001]"
+    # The training seed is dropped by default (seeds pool as replicates); a swept model names the backbone already.
+    assert entry_name({**record, "tags": {"seed": 1, "optim.lr": 0.0001}}) == "rf [optim.lr=0.0001]"
+    assert entry_name({**record, "tags": {"model": "dit"}, "backbone": "DiT"}) == "rf [model=dit]"
+    assert entry_name({**record, "tags": {}, "backbone": "DiT"}) == "rf [DiT]"
+
+
+def test_setting_labels_keep_every_decimal_a_scale_needs():
+    assert setting_label(50, 5) == "50 steps, cfg 5.0"
+    assert setting_label(50, 7.25, 1.0) == "50 steps, cfg 7.25"  # not 7.2: another setting than cfg 7.2
+    assert setting_label(25, 4.5, 3.125) == "25 steps, cfg 4.5, shift 3.125"
 
 
 def test_wanted_records_cover_settings_times_ema_with_every_evaluation_setting():
@@ -109,6 +124,25 @@ def test_completeness_needs_the_arrays_and_a_configured_inception_fid(tmp_path):
     assert missing_records(records, wanted, tmp_path) == [wanted[1]]
     assert describe_missing([wanted[1]], records) == "1 setting(s): 5 steps, cfg 5.0 (raw)"
     assert describe_missing(wanted, []) == "all settings (none evaluated yet)"
+    assert describe_missing([], records) == "nothing"
+    # A sampler's code or decoder that cannot be named here ("unknown") is no setting any record lacks.
+    unknown = [{**wanted[1], "sampler_code": "unknown", "decoder": "unknown"}]
+    assert describe_missing(unknown, records) == "1 setting(s): 5 steps, cfg 5.0 (raw)"
+    # ... nor a reason to evaluate again: any stored record counts for it.
+    coded = [{**r, "sampler_code": "ab2.py:0123", "decoder": "AutoencoderKL:vae:aaa"} for r in records]
+    assert missing_records(coded, [{**w, "sampler_code": "unknown", "decoder": "unknown"} for w in wanted]) == []
+    assert find_record([{**records[0], "fid_clip": 1.0}, {**records[0], "fid_clip": 2.0}],
+                       record_identity(records[0]))["fid_clip"] == 2.0  # the last of several
+
+
+def test_records_of_the_checkpoint_at_another_step_are_not_current():
+    rec = {"recipe": "rf", "dataset": "digits", "setting": "5 steps, cfg 5.0", "steps": 5, "cfg": 5.0, "ema": True,
+           "clip_score": 0.2, "fid_clip": 1.0, "tags": {}, "backbone": "MMDiT"}
+    records = [{**rec, "checkpoint": which, "checkpoint_step": step}
+               for which, step in (("best", 8), ("best", 4), ("best", None), ("last", 4))]
+    # best is now step 8: its step-4 record is stale; one without a step (older schema) and last's are kept.
+    assert [r["checkpoint_step"] for r in of_step(records, "best", 8)] == [8, None, 4]
+    assert of_step(records, "best", None) == records
 
 
 def test_arrays_are_read_whole_once_per_file_version(tmp_path, monkeypatch):
@@ -175,6 +209,8 @@ def test_a_configured_inception_needs_a_fid_of_its_weights(tmp_path):
         assert describe_missing(wanted, records) == "eval.inception=inception-v3-2048:aaa"
     assert describe_missing([{**plain[0], "n_samples": 7}], stored) == "eval.n_samples=7"
     assert Record.from_dict(before[0]).inception_extractor is None  # optional: today's records without it read
+    nulled = [{**r, "fid_inception": None} for r in stored]  # the weights named, but no Inception FID stored
+    assert missing_records(nulled, wanted, tmp_path) == wanted
 
 
 def test_latent_records_need_the_decoder_the_configuration_names(tmp_path):
@@ -201,7 +237,17 @@ def test_merge_keeps_records_of_other_settings_and_replaces_the_same_one(tmp_pat
     merge_results(tmp_path, [_stored(wanted[0], tmp_path, fid_clip=3.0)])  # the same settings again: replaced
     stored = read_results(tmp_path)
     assert sorted((r["n_samples"], r["fid_clip"]) for r in stored) == [(100, 3.0), (200, 2.0)]
+    (tmp_path / "results.json").write_text(json.dumps([*stored, {"recipe": "rf", "dataset": "digits"}]))
+    with pytest.raises(ValueError, match=r"record 2 lacks required field\(s\) \['setting'"):
+        read_results(tmp_path)  # refused here, not kept, added to and refused later by the report
+    (tmp_path / "results.json").write_text(json.dumps(stored))
     assert [r["fid_clip"] for r in select_current(stored, wanted)] == [3.0]
+    # Of several records of one setting (written by hand, or by an older version), the newest; on a tie the later.
+    old_new = [{**first, "fid_clip": 4.0, "created": "2024-01-02"}, {**first, "fid_clip": 5.0, "created": "2024-01-01"}]
+    assert [r["fid_clip"] for r in select_current(old_new, wanted)] == [4.0]
+    assert [r["fid_clip"] for r in select_current(old_new[::-1], wanted)] == [4.0]
+    tie = [{**first, "fid_clip": 6.0, "created": "2024-01-03"}, {**first, "fid_clip": 7.0, "created": "2024-01-03"}]
+    assert [r["fid_clip"] for r in select_current(tie, wanted)] == [7.0]
 
 
 def test_legacy_record_reads_with_defaults():
@@ -220,6 +266,9 @@ def test_legacy_record_reads_with_defaults():
     # A legacy record never satisfies a wanted one: its FID used other features, so the run is evaluated again.
     wanted = wanted_records(CFG, RECIPE, "x")
     assert len(missing_records([LEGACY], wanted)) == len(wanted)
+    # Only records with both tags and backbone are of today's schema; one with tags alone is upgraded too.
+    half = upgrade({k: v for k, v in LEGACY.items() if k != "sampler"} | {"tags": {}})
+    assert half["backbone"] == "DiT" and half["sampler"] == "rf_time" and half["fid_features"] == "clip_l2norm"
 
 
 def test_legacy_results_json_loads_in_the_ranking(tmp_path):

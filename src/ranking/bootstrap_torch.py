@@ -91,7 +91,7 @@ class TorchFrechet:
             tr_sqrt = trace_sqrt_newton_schulz(product)
         trace = cov1.diagonal(dim1=-2, dim2=-1).sum(-1) + cov2.diagonal(dim1=-2, dim2=-1).sum(-1)
         fid = ((mu1 - mu2) ** 2).sum(dim=-1) + trace - 2.0 * tr_sqrt
-        return fid.cpu().numpy()
+        return fid.clamp(min=0.0).cpu().numpy()  # a round-off negative total is 0, as in the numpy path
 
     def resampled_rows(self, x, counts) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean (B, d) and zero-padded rows (B, m, d) with rows^T rows = the resampled covariance (numpy twin)."""
