@@ -238,7 +238,7 @@ def test_merge_keeps_records_of_other_settings_and_replaces_the_same_one(tmp_pat
     stored = read_results(tmp_path)
     assert sorted((r["n_samples"], r["fid_clip"]) for r in stored) == [(100, 3.0), (200, 2.0)]
     (tmp_path / "results.json").write_text(json.dumps([*stored, {"recipe": "rf", "dataset": "digits"}]))
-    with pytest.raises(ValueError, match=r"record 2 lacks required field\(s\) \['setting'"):
+    with pytest.raises(ValueError, match=r"record 2 lacks required field\(s\) setting, steps"):
         read_results(tmp_path)  # refused here, not kept, added to and refused later by the report
     (tmp_path / "results.json").write_text(json.dumps(stored))
     assert [r["fid_clip"] for r in select_current(stored, wanted)] == [3.0]
