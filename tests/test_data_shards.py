@@ -106,6 +106,12 @@ def test_given_statistics_are_used(tmp_path):
     torch.testing.assert_close(ev["x0"], (data["latents"].half().float() - 0.5) / 2.0)
 
 
+def test_samples_without_a_label_are_labelled_minus_one(tmp_path):
+    data = {**_arrays(n=4), "extras": [{"label": 3}, {}, None, {"index": 1}]}
+    write_shards(tmp_path / "s", **data, encoder_names=["x"])
+    assert load_eval_set(tmp_path / "s")["labels"].tolist() == [3, -1, -1, -1]
+
+
 def test_interrupted_writing_leaves_an_incomplete_folder(tmp_path):
     data = _arrays(n=25)
     with pytest.raises(RuntimeError, match="boom"):
@@ -132,6 +138,19 @@ def test_meta_without_marker_or_missing_shard_is_incomplete(folder):
     (path / "meta.json").write_text(json.dumps({**meta, "complete": False}))
     with pytest.raises(FileNotFoundError, match="incomplete"):
         read_meta(path)
+    (path / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "complete"}))
+    with pytest.raises(FileNotFoundError, match="incomplete"):  # no marker at all: not finished either
+        read_meta(path)
+
+
+def test_a_folder_written_before_shard_sizes_were_recorded_is_complete_while_its_shards_are_there(folder):
+    """meta.json gained shard_bytes later: an older folder counts as complete while every shard it names exists."""
+    path, _ = folder
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "shard_bytes"}))
+    assert is_complete(path)
+    (path / "shard-000004.tar").unlink()
+    assert not is_complete(path)
 
 
 def test_writer_validates_input(tmp_path):
@@ -143,6 +162,9 @@ def test_writer_validates_input(tmp_path):
         with ShardWriter(tmp_path / "a", encoder_names=["x"]) as w:
             w.write(torch.zeros(3, 4, 4), torch.zeros(5, 8), torch.zeros(6), "a")
             w.write(torch.zeros(3, 4, 4), torch.zeros(5, 9), torch.zeros(6), "b")
+    for stats in ({"latent_mean": 0.5}, {"latent_std": 2.0}):  # one without the other: refused before writing
+        with pytest.raises(ValueError, match="latent_mean and latent_std must be given together"):
+            ShardWriter(tmp_path / "e", encoder_names=["x"], **stats)
     with pytest.raises(ValueError, match="samples_per_shard=0"):
         ShardWriter(tmp_path / "b", encoder_names=["x"], samples_per_shard=0)
     with pytest.raises(ValueError, match="latents has 3 samples but captions has 2"):
@@ -182,6 +204,14 @@ def test_loader_is_deterministic_for_a_seed(folder):
     assert other != order
     # a second epoch of the same loader gets a new (but reproducible) order
     assert [c for caps, _ in _epoch(first) for c in caps] != order
+
+
+def test_the_seed_shuffles_the_samples_within_a_shard(tmp_path):
+    """One shard: the shard order cannot differ, so only the sample shuffle's own seed tells seeds apart."""
+    write_shards(tmp_path / "one", **_arrays(n=20), encoder_names=["x"], samples_per_shard=20)
+    orders = {tuple(c for b in make_loader(tmp_path / "one", 5, shuffle=True, seed=s) for c in b["caption"])
+              for s in range(3)}
+    assert len(orders) == 3
 
 
 def test_epoch_order_is_reproducible_across_loaders(folder):
@@ -235,11 +265,12 @@ def test_loader_with_workers_reads_everything_once(folder):
 
 
 def test_loader_rejects_bad_settings(folder):
-    path, _ = folder
+    path, data = folder
     with pytest.raises(ValueError, match="batch_size=0"):
         make_loader(path, 0, shuffle=False, seed=0)
     with pytest.raises(ValueError, match="epoch_batches=0"):
         make_loader(path, 2, shuffle=False, seed=0, epoch_batches=0)
+    assert load_eval_set(path, n=N)["captions"] == data["captions"]  # all of them: allowed
     with pytest.raises(ValueError, match="n=46"):
         load_eval_set(path, n=46)
 
