@@ -48,6 +48,10 @@ def test_sizes_that_are_not_multiples_of_8_up_to_64_are_refused(bad):
         check_image_size(bad)
 
 
+def test_every_multiple_of_8_from_8_to_64_is_allowed():
+    assert [check_image_size(size) for size in (8, 16, 24, 32, 40, 48, 56, 64)] == [8, 16, 24, 32, 40, 48, 56, 64]
+
+
 def test_a_32_pixel_dataset_is_cached_apart_and_trains_a_32_pixel_backbone(tmp_path):
     cache = tmp_path / "cache"
     dirs16 = prepare_embedded("shapes", cache / "data")
