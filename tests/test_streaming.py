@@ -80,6 +80,34 @@ def test_ranks_and_workers_split_steps_not_samples(folders):
     assert whole.indices(3).tolist() != whole.indices(4).tolist()  # each step its own draw, whichever worker reads it
 
 
+def test_a_steps_indices_are_drawn_from_the_data_stream_of_the_runs_version():
+    """Uniform over all n samples (the last one too), from the DATA stream of the run's streams version: another
+    stream or version would resume an existing run with other batches, which no resume test on today's code sees."""
+    from src.training.datamodule import global_batch_indices
+    from src.training.streams import DATA, step_generator
+
+    for streams in (1, 2):
+        for step in (0, 5):
+            want = torch.randint(7, (16,), generator=step_generator(3, step, DATA, streams=streams))
+            assert torch.equal(global_batch_indices(3, step, 16, 7, streams=streams), want), (streams, step)
+            batches = StepIndexedBatches({"x0": torch.zeros(7, 1)}, 16, seed=3, streams=streams)
+            assert torch.equal(batches.indices(step), want), (streams, step)
+    assert set(torch.cat([global_batch_indices(0, k, 16, 5) for k in range(10)]).tolist()) == set(range(5))
+
+
+def test_the_datamodule_gives_each_rank_its_rows_of_the_trainers_step(folders):
+    from types import SimpleNamespace
+
+    dm = ShardDataModule(str(folders / "train"), str(folders / "eval"), batch_size=8, seed=4, val_samples=4)
+    dm.setup()
+    whole = next(iter(StepIndexedBatches(in_memory(folders / "train"), 8, seed=4, start_step=3)))["x0"]
+    for rank in range(2):
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, global_step=3)
+        assert torch.equal(next(iter(dm.train_dataloader()))["x0"], whole[4 * rank:4 * rank + 4]), rank
+    with pytest.raises(ValueError, match="data.batch_size=9: the global batch must divide over 2 ranks"):
+        StepIndexedBatches({"x0": torch.zeros(3, 1)}, 9, seed=0, world=2)
+
+
 def test_datamodule_streams_when_not_in_memory(folders):
     dm = ShardDataModule(str(folders / "train"), str(folders / "eval"), batch_size=8, in_memory=False, num_workers=2,
                          val_samples=4)
@@ -105,6 +133,8 @@ def test_the_evaluation_split_is_normalised_as_the_training_split(folders):
     ev = load_eval_set(folders / "eval", stats=train)
     torch.testing.assert_close(ev["x0"], (raw - train["latent_mean"]) / train["latent_std"], rtol=1e-5, atol=1e-5)
     assert ev["meta"] == own
+    # The pixels it holds (identity autoencoder) are decoded with the statistics it was normalised by.
+    torch.testing.assert_close(ev["images"], raw, rtol=1e-5, atol=1e-5)
     # What the evaluation decodes its FID references from: the decoder un-normalises with the training statistics.
     torch.testing.assert_close(shards_lib.decode_latents(ev["x0"], train), raw, rtol=1e-5, atol=1e-5)
 
@@ -158,6 +188,19 @@ def test_shards_with_pax_headers_are_indexed_too(folders, tmp_path):
     idx = torch.arange(N)
     assert load_index(copy, shards_lib.shard_paths(copy)) is None  # the copied index no longer fits that shard
     assert_same_batches([ShardSamples(copy).batch(idx)], [ShardSamples(folders / "train").batch(idx)], 1)
+
+
+def test_shards_whose_samples_lack_a_training_member_are_named(folders, tmp_path):
+    import io
+    import tarfile
+
+    shard = tmp_path / "shard-000000.tar"
+    with tarfile.open(folders / "train" / "shard-000001.tar") as old, tarfile.open(shard, "w") as new:
+        for member in old:
+            if member.name != "000000013.pooled.npy":
+                new.addfile(member, io.BytesIO(old.extractfile(member).read()))
+    with pytest.raises(ValueError, match=rf"^{shard}: sample 000000013 lacks pooled.npy; not a training shard$"):
+        build_index([str(shard)])
 
 
 def test_the_writer_indexes_the_samples_so_streaming_starts_without_reading_tar_headers(folders, monkeypatch):
@@ -254,6 +297,18 @@ def test_a_shard_damaged_at_its_recorded_size_is_named_when_read(folders, tmp_pa
     samples.batch(torch.tensor([20]))  # the first sample of the shard is intact
     with pytest.raises(ValueError, match=rf"^{shard}: sample 29 at byte \d+ is not what index.npz records \(npy"):
         samples.batch(torch.tensor([29]))
+
+
+def test_a_folder_whose_shards_hold_another_count_than_meta_json_is_refused(folders, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folders / "train", copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    (copy / "meta.json").write_text(json.dumps({**meta, "count": N + 1}))
+    with pytest.raises(ValueError, match=rf"the shards hold {N} samples, meta.json says {N + 1}; rebuild the folder"):
+        ShardSamples(copy)
 
 
 def test_loader_workers_leave_job_signals_to_the_training_process(folders, monkeypatch):
