@@ -44,6 +44,8 @@ def test_digits_folders_and_meta(digits_dirs):
         assert (meta["latent_channels"], meta["latent_size"]) == (1, 16)
         assert (meta["context_dim"], meta["pooled_dim"], meta["context_length"]) == (6, 5, 4)
         assert meta["encoder_names"] == ["stub-encoder"] and meta["dataset"] == "digits"
+        assert meta["encoder_fingerprints"] == ["stub-encoder@v1"] and meta["image_size"] == 16
+    assert (train["split"], held_out["split"]) == ("train", "eval")
     # the evaluation split is normalised with the training split's statistics
     assert (held_out["latent_mean"], held_out["latent_std"]) == (train["latent_mean"], train["latent_std"])
     assert -1 < train["latent_mean"] < 0 and 0.3 < train["latent_std"] < 1
