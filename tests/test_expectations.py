@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from src import plan
-from src.data.expectations import PAPER_DATA, check_shard_folders, paper_differences, split_differences
+from src.data.expectations import (PAPER_DATA, SAME_ENCODING, check_shard_folders, paper_differences,
+                                   split_differences)
 from src.data.shards import read_meta, write_shards
 
 PAPER_GROUPS = [{"name": "clip:ViT-L-14-quickgelu"}, {"name": "clip:ViT-bigG-14"}, {"name": "t5:t5-v1_1-xxl"}]
@@ -28,11 +29,34 @@ def test_paper_meta_has_no_differences_and_each_difference_is_named():
     assert split_differences(paper, {**paper, "latent_std": 2.0}) == ["latent_std 2.0 vs training None"]
 
 
+def test_the_paper_setup_is_sd3s():
+    """256^2 images through a factor-8, 16-channel autoencoder; 77 CLIP tokens then 77 T5-XXL tokens of 4096; the
+    two CLIPs' pooled vectors (768 + 1280); text groups CLIP L/14, CLIP bigG/14, T5-XXL in that order."""
+    assert PAPER_DATA == {"latent_channels": 16, "latent_size": 256 // 8, "context_length": 77 + 77,
+                          "context_dim": 4096, "pooled_dim": 768 + 1280}
+    paper = {**PAPER_DATA, "text_groups": PAPER_GROUPS}
+    assert paper_differences({**paper, "text_groups": [PAPER_GROUPS[i] for i in (0, 2, 1)]}) == [
+        "text groups clip:ViT-L-14-quickgelu, t5:t5-v1_1-xxl, clip:ViT-bigG-14 "
+        "(paper: CLIP L/14, CLIP bigG/14, T5-XXL)"]
+
+
+def test_what_the_splits_must_share_and_what_a_run_cannot_do_without():
+    """The planner names every difference of the six; a run is refused for the four of the encoding only (an
+    evaluation split with its own statistics is normalised with the training split's when read)."""
+    train = {"shapes": {"latent": [4, 8, 8]}, "autoencoder": "sd3-vae", "encoder_names": ["clip:a"],
+             "text_groups": [{"name": "clip:a"}], "latent_mean": 0.1, "latent_std": 0.9}
+    for key in train:
+        other = {**train, key: "other"}
+        assert split_differences(train, other) == [f"{key} 'other' vs training {train[key]!r}"], key
+        assert bool(split_differences(train, other, SAME_ENCODING)) is (key not in ("latent_mean", "latent_std"))
+
+
 def test_folders_checked_only_where_they_exist(tmp_path):
     assert check_shard_folders(tmp_path / "none", tmp_path / "none") == []
     train = small_folder(tmp_path / "train", 0)
     small_folder(tmp_path / "same", 1, latent_mean=train["latent_mean"], latent_std=train["latent_std"])
     small_folder(tmp_path / "own-stats", 2)
+    assert len(check_shard_folders(tmp_path / "train", tmp_path / "none")) == 1  # no evaluation folder yet
     notes = check_shard_folders(tmp_path / "train", tmp_path / "same")
     assert len(notes) == 1 and "differs from the paper's setup: latent_channels 4 (paper: 16)" in notes[0]
     notes = check_shard_folders(tmp_path / "train", tmp_path / "own-stats")
