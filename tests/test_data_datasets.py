@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from src.data import digits, shapes
-from src.data.captioned import check_split
+from src.data.captioned import CaptionedImages, check_split
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +128,7 @@ def test_bad_inputs_raise_clear_errors():
         shapes.load_shapes_split("train", n=0)
     with pytest.raises(ValueError, match="label=120"):
         shapes.label_attributes(120)
+    for captions, labels, extras in ((["a"], [0, 1], [{}, {}]), (["a", "b"], [0], [{}, {}]),
+                                     (["a", "b"], [0, 1], [{}])):
+        with pytest.raises(ValueError, match=r"CaptionedImages: images \(2\), captions"):
+            CaptionedImages(torch.zeros(2, 1, 8, 8), captions, torch.tensor(labels), extras)
