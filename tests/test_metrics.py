@@ -169,6 +169,41 @@ def test_clip_score_is_raw_cosine():
     torch.testing.assert_close(half, clip_score(img, txt), rtol=0, atol=0)
 
 
+# ---- image preparation (src/metrics/images.py) ------------------------------------------------------
+def test_images_are_mapped_from_minus_one_one_to_unit_range_clamped_and_grey_repeated():
+    """(x + 1) / 2, clamped: latent references are the autoencoder's unclamped reconstructions."""
+    from src.metrics.images import to_rgb01, to_uint8
+
+    grey = torch.tensor([-1.5, -1.0, 0.0, 0.5, 1.0, 1.2]).view(1, 1, 1, 6)
+    out = to_rgb01(grey)
+    assert out.shape == (1, 3, 1, 6) and torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 0], out[:, 2])
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([0.0, 0.0, 0.5, 0.75, 1.0, 1.0]))
+    assert to_uint8(torch.tensor([0.01, -1.0, 1.0]).view(1, 1, 1, 3))[0, 0, 0].tolist() == [129, 0, 255]  # rounded
+
+
+def test_resize_keeps_the_shorter_side_and_crops_the_centre_as_open_clip_does():
+    """Shorter side resized (bicubic, antialiased, clamped), then the centre cut: bright outer bands of a wide image
+    are cut off, mirrored input gives mirrored output, and the values are torchvision's Resize + CenterCrop."""
+    import torchvision.transforms.functional as TF
+
+    from src.metrics.images import resize_center_crop
+
+    wide = torch.zeros(1, 3, 8, 32)
+    wide[..., :8], wide[..., 24:] = 1.0, 1.0  # only the outer quarters are bright
+    out = resize_center_crop(wide, (4, 4))
+    assert out.shape == (1, 3, 4, 4) and out.abs().max() < 1e-6  # the centre half of a 4 x 16 resize
+    tall = resize_center_crop(wide.transpose(-1, -2), (4, 4))
+    assert tall.shape == (1, 3, 4, 4) and tall.abs().max() < 1e-6
+    x = (torch.rand(2, 3, 12, 20, generator=torch.Generator().manual_seed(0)) > 0.5).float()  # bicubic overshoots
+    for image in (x, x.transpose(-1, -2)):
+        out = resize_center_crop(image, (6, 6))
+        torch.testing.assert_close(resize_center_crop(image.flip(-1), (6, 6)), out.flip(-1))
+        torch.testing.assert_close(resize_center_crop(image.flip(-2), (6, 6)), out.flip(-2))
+        resized = TF.resize(image, [6], interpolation=TF.InterpolationMode.BICUBIC, antialias=True).clamp(0, 1)
+        torch.testing.assert_close(out, TF.center_crop(resized, [6, 6]))
+    assert resize_center_crop(x, (12, 20)) is x  # already the model's size
+
+
 # ---- CLIP extractor -------------------------------------------------------------------------------
 def test_clip_extractor_loads_the_local_file(tiny_clip_file):
     path, model = tiny_clip_file
