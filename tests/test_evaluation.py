@@ -181,6 +181,24 @@ def test_evaluate_writes_records_arrays_and_grid(setup):
     assert read_prompts(run / rec["arrays"], png) == [f"a photo of a {k % 10}" for k in range(12)]
 
 
+def test_sample_k_is_caption_k_mod_n_with_noise_k_at_the_settings_steps_cfg_and_shift(setup):
+    """Each sample's features are those of sampling its own prompt's conditioning from its own initial noise (common
+    random numbers: noise k depends on (seed, k) only) at exactly this setting, decoded and clamped."""
+    from src.sampling import initial_noise, sample
+
+    setting = SamplerSetting(3, 2.5, shift=3.0)
+    rec = evaluate_backbone(Net(), settings=[SamplerSetting(2, 1.0), setting], **setup)[1]
+    assert (rec["setting"], rec["steps"], rec["cfg"], rec["shift"]) == (setting.label, 3, 2.5, 3.0)
+    eval_set, idx = setup["eval_set"], torch.arange(12) % 10
+    with torch.no_grad():
+        x0 = sample(Net().eval(), setup["formulation"], initial_noise(12, SHAPE, 3), eval_set["context"][idx],
+                    eval_set["pooled"][idx], 3, 2.5, 3.0)
+        expected = setup["extractor"].image_features(setup["decode"](x0).clamp(-1, 1))
+    with np.load(setup["out_dir"] / rec["arrays"]) as arrays:
+        np.testing.assert_allclose(arrays["features"], expected.numpy(), rtol=1e-5, atol=1e-6)
+        assert list(arrays["prompts"]) == [f"a photo of a {k % 10}" for k in range(12)]
+
+
 def test_rerun_skips_complete_settings(setup):
     first = evaluate_backbone(Net(), settings=SETTINGS, **setup)
     net = Net()
