@@ -292,6 +292,19 @@ def test_reference_features_are_computed_once_and_cached(tmp_path):
     assert other.path != ref.path and other.n == 20
 
 
+def test_a_reference_cache_file_of_another_pair_is_refused_not_served(tmp_path):
+    """The cache file is checked when read: one that holds another extractor's or set's features (copied or renamed
+    into place) is an error naming both pairs, never served as this pair's statistics."""
+    from src.metrics import reference_path
+
+    images = torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    ref = reference_features("clip:a", "digits/test", images, lambda x: x.flatten(1)[:, :3], tmp_path)
+    for extractor_id, dataset_id in (("clip:b", "digits/test"), ("clip:a", "shapes/test")):
+        reference_path(extractor_id, dataset_id, tmp_path).write_bytes(ref.path.read_bytes())
+        with pytest.raises(ValueError, match=r"holds \(clip:a, digits/test\), expected"):
+            reference_features(extractor_id, dataset_id, images, lambda x: x.flatten(1)[:, :3], tmp_path)
+
+
 def test_reference_cache_of_the_former_normalised_features_is_never_reused(tiny_clip_file, tmp_path):
     """The cache key holds the feature definition: statistics cached under the old id (L2-normalised features)
     are not found for the raw-feature extractor, which computes its own."""
