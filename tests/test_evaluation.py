@@ -214,6 +214,15 @@ def test_rerun_skips_complete_settings(setup):
     assert {r["arrays"] for r in first}.isdisjoint(r["arrays"] for r in more)
 
 
+def test_records_of_another_checkpoint_step_are_sampled_again(setup):
+    """A record of this checkpoint at an earlier step was scored before training went on: not this model's."""
+    first = evaluate_backbone(Net(), settings=SETTINGS[:1], **setup)
+    net = Net()
+    later = evaluate_backbone(net, settings=SETTINGS[:1], **{**setup, "base_record": {
+        **setup["base_record"], "checkpoint_step": 200}})
+    assert net.calls > 0 and [r["checkpoint_step"] for r in first + later] == [100, 200]
+
+
 def test_interrupted_evaluation_keeps_finished_settings_and_resumes(setup):
     with pytest.raises(RuntimeError, match="interrupted"):
         evaluate_backbone(Net(fail_after=7), settings=SETTINGS, **setup)  # the first setting takes 6 calls
