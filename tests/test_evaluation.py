@@ -259,6 +259,20 @@ def test_inception_is_optional_and_recorded(setup, tmp_path):
         assert rec["fid_inception"] == pytest.approx(fid_from_features(arrays["inception_features"], inc_ref.features))
 
 
+def test_the_grid_holds_the_first_samples_with_their_own_prompts(setup, monkeypatch):
+    """The grid's samples are the first GRID_SAMPLES across batches, each drawn over its own prompt."""
+    from src.evaluation import evaluate
+
+    drawn = {}
+    monkeypatch.setattr(evaluate, "GRID_SAMPLES", 7)  # 5 from the first batch, 2 from the second
+    monkeypatch.setattr(evaluate, "save_labelled_grid", lambda images, prompts, path: drawn.update(
+        images=images, prompts=list(prompts)))
+    rec = evaluate_backbone(Net(), settings=SETTINGS[:1], **setup)[0]
+    with np.load(setup["out_dir"] / rec["arrays"]) as arrays:
+        assert arrays["grid"].shape == (7, 1, 8, 8) and list(arrays["prompts"][:7]) == drawn["prompts"]
+    assert drawn["prompts"] == [f"a photo of a {k}" for k in range(7)] and len(drawn["images"]) == 7
+
+
 def test_evaluate_rejects_bad_input(setup):
     with pytest.raises(ValueError, match="n_samples"):
         evaluate_backbone(Net(), settings=SETTINGS, **{**setup, "n_samples": 1})
