@@ -298,6 +298,22 @@ def test_evaluate_with_the_real_clip_extractor(tiny_clip_file, tmp_path):
         assert arrays["features"].shape == (6, 32)
 
 
+def test_select_checkpoint_best_last_and_the_weights_of_ema_or_raw(tmp_path):
+    """best: best.ckpt where there is one, else last.ckpt (no validation chose one); last: last.ckpt; EMA or raw."""
+    from src.evaluation.run import backbone_weights, select_checkpoint
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    torch.save({"global_step": 4, "callbacks": {}}, ckpts / "last.ckpt")
+    assert select_checkpoint(tmp_path, "best") == select_checkpoint(tmp_path, "last") == ckpts / "last.ckpt"
+    torch.save({"global_step": 2}, ckpts / "best.ckpt")
+    assert (select_checkpoint(tmp_path, "best"), select_checkpoint(tmp_path, "last")) == (
+        ckpts / "best.ckpt", ckpts / "last.ckpt")
+    state = {"backbone.w": torch.zeros(1), "ema_backbone.w": torch.ones(1), "other.w": torch.full((1,), 2.0)}
+    assert backbone_weights(state, ema=True) == {"w": state["ema_backbone.w"]}
+    assert backbone_weights(state, ema=False) == {"w": state["backbone.w"]}
+
+
 def test_callback_evaluates_on_the_trainers_device_not_the_torn_down_modules():
     """By on_fit_end Lightning's teardown has moved the module to the CPU; evaluation must still use the GPU."""
     from types import SimpleNamespace

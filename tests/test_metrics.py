@@ -303,6 +303,8 @@ def test_a_reference_cache_file_of_another_pair_is_refused_not_served(tmp_path):
         reference_path(extractor_id, dataset_id, tmp_path).write_bytes(ref.path.read_bytes())
         with pytest.raises(ValueError, match=r"holds \(clip:a, digits/test\), expected"):
             reference_features(extractor_id, dataset_id, images, lambda x: x.flatten(1)[:, :3], tmp_path)
+    with pytest.raises(ValueError, match="no images for dataset 'empty'"):
+        reference_features("clip:a", "empty", [], lambda x: x, tmp_path)
 
 
 def test_reference_cache_of_the_former_normalised_features_is_never_reused(tiny_clip_file, tmp_path):
