@@ -254,6 +254,10 @@ def test_inception_is_optional_and_recorded(setup, tmp_path):
     images = torch.rand(30, *SHAPE, generator=torch.Generator().manual_seed(5)) * 2 - 1
     inc_ref = reference_features("fake-inception", "toy/eval", images, inc, tmp_path / "cache")
     rec = evaluate_backbone(Net(), settings=SETTINGS[:1], inception=(inc, inc_ref), **setup)[0]
+    assert rec["inception_extractor"] == "FakeClip"  # the extractor's id (this one has none: its class)
+    named = {**setup["base_record"], "inception_extractor": "inception-v3-2048:abc"}  # as evaluate_run names it
+    again = evaluate_backbone(Net(), settings=SETTINGS[:1], inception=(inc, inc_ref), **{**setup, "base_record": named})
+    assert again[0]["inception_extractor"] == "inception-v3-2048:abc"
     with np.load(setup["out_dir"] / rec["arrays"]) as arrays:
         assert arrays["inception_features"].shape == (12, 5)
         assert rec["fid_inception"] == pytest.approx(fid_from_features(arrays["inception_features"], inc_ref.features))

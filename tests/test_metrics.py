@@ -447,6 +447,22 @@ def test_inception_reference_cache_is_keyed_by_the_weights_content(tmp_path):
         assert InceptionFeatureExtractor(tmp_path / "a" / "inception.pth").id == b.id
 
 
+def test_inception_is_given_the_images_as_uint8_rounded_as_a_png(tmp_path):
+    from unittest import mock
+
+    from src.metrics import InceptionFeatureExtractor
+    from src.metrics.images import to_uint8
+
+    torch.save({"w": torch.zeros(2)}, tmp_path / "inception.pth")
+    with mock.patch("src.metrics.inception.FeatureExtractorInceptionV3") as network:
+        network.return_value.return_value = (torch.ones(2, 2048),)
+        ext = InceptionFeatureExtractor(tmp_path / "inception.pth")
+        images = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        assert ext.image_features(images).shape == (2, 2048)
+    (given,), _ = network.return_value.call_args
+    assert given.dtype == torch.uint8 and torch.equal(given, to_uint8(images))
+
+
 @pytest.mark.slow
 def test_inception_extractor_loads_random_weights_from_a_local_file(tmp_path):
     from unittest import mock
