@@ -181,6 +181,24 @@ def test_evaluate_writes_records_arrays_and_grid(setup):
     assert read_prompts(run / rec["arrays"], png) == [f"a photo of a {k % 10}" for k in range(12)]
 
 
+def test_sample_k_is_caption_k_mod_n_with_noise_k_at_the_settings_steps_cfg_and_shift(setup):
+    """Each sample's features are those of sampling its own prompt's conditioning from its own initial noise (common
+    random numbers: noise k depends on (seed, k) only) at exactly this setting, decoded and clamped."""
+    from src.sampling import initial_noise, sample
+
+    setting = SamplerSetting(3, 2.5, shift=3.0)
+    rec = evaluate_backbone(Net(), settings=[SamplerSetting(2, 1.0), setting], **setup)[1]
+    assert (rec["setting"], rec["steps"], rec["cfg"], rec["shift"]) == (setting.label, 3, 2.5, 3.0)
+    eval_set, idx = setup["eval_set"], torch.arange(12) % 10
+    with torch.no_grad():
+        x0 = sample(Net().eval(), setup["formulation"], initial_noise(12, SHAPE, 3), eval_set["context"][idx],
+                    eval_set["pooled"][idx], 3, 2.5, 3.0)
+        expected = setup["extractor"].image_features(setup["decode"](x0).clamp(-1, 1))
+    with np.load(setup["out_dir"] / rec["arrays"]) as arrays:
+        np.testing.assert_allclose(arrays["features"], expected.numpy(), rtol=1e-5, atol=1e-6)
+        assert list(arrays["prompts"]) == [f"a photo of a {k % 10}" for k in range(12)]
+
+
 def test_rerun_skips_complete_settings(setup):
     first = evaluate_backbone(Net(), settings=SETTINGS, **setup)
     net = Net()
@@ -194,6 +212,15 @@ def test_rerun_skips_complete_settings(setup):
     stored = read_results(setup["out_dir"])
     assert stored[:2] == first and stored[2:] == more
     assert {r["arrays"] for r in first}.isdisjoint(r["arrays"] for r in more)
+
+
+def test_records_of_another_checkpoint_step_are_sampled_again(setup):
+    """A record of this checkpoint at an earlier step was scored before training went on: not this model's."""
+    first = evaluate_backbone(Net(), settings=SETTINGS[:1], **setup)
+    net = Net()
+    later = evaluate_backbone(net, settings=SETTINGS[:1], **{**setup, "base_record": {
+        **setup["base_record"], "checkpoint_step": 200}})
+    assert net.calls > 0 and [r["checkpoint_step"] for r in first + later] == [100, 200]
 
 
 def test_interrupted_evaluation_keeps_finished_settings_and_resumes(setup):
@@ -227,9 +254,27 @@ def test_inception_is_optional_and_recorded(setup, tmp_path):
     images = torch.rand(30, *SHAPE, generator=torch.Generator().manual_seed(5)) * 2 - 1
     inc_ref = reference_features("fake-inception", "toy/eval", images, inc, tmp_path / "cache")
     rec = evaluate_backbone(Net(), settings=SETTINGS[:1], inception=(inc, inc_ref), **setup)[0]
+    assert rec["inception_extractor"] == "FakeClip"  # the extractor's id (this one has none: its class)
+    named = {**setup["base_record"], "inception_extractor": "inception-v3-2048:abc"}  # as evaluate_run names it
+    again = evaluate_backbone(Net(), settings=SETTINGS[:1], inception=(inc, inc_ref), **{**setup, "base_record": named})
+    assert again[0]["inception_extractor"] == "inception-v3-2048:abc"
     with np.load(setup["out_dir"] / rec["arrays"]) as arrays:
         assert arrays["inception_features"].shape == (12, 5)
         assert rec["fid_inception"] == pytest.approx(fid_from_features(arrays["inception_features"], inc_ref.features))
+
+
+def test_the_grid_holds_the_first_samples_with_their_own_prompts(setup, monkeypatch):
+    """The grid's samples are the first GRID_SAMPLES across batches, each drawn over its own prompt."""
+    from src.evaluation import evaluate
+
+    drawn = {}
+    monkeypatch.setattr(evaluate, "GRID_SAMPLES", 7)  # 5 from the first batch, 2 from the second
+    monkeypatch.setattr(evaluate, "save_labelled_grid", lambda images, prompts, path: drawn.update(
+        images=images, prompts=list(prompts)))
+    rec = evaluate_backbone(Net(), settings=SETTINGS[:1], **setup)[0]
+    with np.load(setup["out_dir"] / rec["arrays"]) as arrays:
+        assert arrays["grid"].shape == (7, 1, 8, 8) and list(arrays["prompts"][:7]) == drawn["prompts"]
+    assert drawn["prompts"] == [f"a photo of a {k}" for k in range(7)] and len(drawn["images"]) == 7
 
 
 def test_evaluate_rejects_bad_input(setup):
@@ -255,6 +300,22 @@ def test_evaluate_with_the_real_clip_extractor(tiny_clip_file, tmp_path):
     assert -1 <= rec["clip_score"] <= 1 and rec["fid_clip"] > 0 and rec["checkpoint_step"] is None
     with np.load(tmp_path / "run" / rec["arrays"]) as arrays:
         assert arrays["features"].shape == (6, 32)
+
+
+def test_select_checkpoint_best_last_and_the_weights_of_ema_or_raw(tmp_path):
+    """best: best.ckpt where there is one, else last.ckpt (no validation chose one); last: last.ckpt; EMA or raw."""
+    from src.evaluation.run import backbone_weights, select_checkpoint
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    torch.save({"global_step": 4, "callbacks": {}}, ckpts / "last.ckpt")
+    assert select_checkpoint(tmp_path, "best") == select_checkpoint(tmp_path, "last") == ckpts / "last.ckpt"
+    torch.save({"global_step": 2}, ckpts / "best.ckpt")
+    assert (select_checkpoint(tmp_path, "best"), select_checkpoint(tmp_path, "last")) == (
+        ckpts / "best.ckpt", ckpts / "last.ckpt")
+    state = {"backbone.w": torch.zeros(1), "ema_backbone.w": torch.ones(1), "other.w": torch.full((1,), 2.0)}
+    assert backbone_weights(state, ema=True) == {"w": state["ema_backbone.w"]}
+    assert backbone_weights(state, ema=False) == {"w": state["backbone.w"]}
 
 
 def test_callback_evaluates_on_the_trainers_device_not_the_torn_down_modules():

@@ -100,3 +100,21 @@ def test_a_single_file_autoencoder_decodes_with_the_config_the_preprocessing_rec
     name = decoder_name(meta)
     (tmp_path / "config" / "config.json").write_text((tmp_path / "config" / "config.json").read_text() + "\n")
     assert decoder_name(meta) != name  # its config is part of it
+
+
+def test_the_decoder_name_holds_which_file_has_which_content_and_ignores_hidden_files(tmp_path):
+    """Two files' contents swapped is another decoder; a hidden file (.DS_Store, a lock) leaves the name as it was."""
+    from src.evaluation.decoding import decoder_name
+
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    (folder / "config.json").write_bytes(b"A")
+    (folder / "weights.bin").write_bytes(b"B")
+    meta = {"autoencoder": "AutoencoderKL:vae", "autoencoder_path": str(folder)}
+    name = decoder_name(meta, cache_dir=tmp_path / "cache")
+    (folder / ".DS_Store").write_bytes(b"junk")
+    assert decoder_name(meta, cache_dir=tmp_path / "cache") == name
+    (tmp_path / "swapped").mkdir()
+    (tmp_path / "swapped" / "config.json").write_bytes(b"B")
+    (tmp_path / "swapped" / "weights.bin").write_bytes(b"A")
+    assert decoder_name(meta, str(tmp_path / "swapped"), tmp_path / "cache") != name

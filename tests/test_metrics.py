@@ -169,6 +169,41 @@ def test_clip_score_is_raw_cosine():
     torch.testing.assert_close(half, clip_score(img, txt), rtol=0, atol=0)
 
 
+# ---- image preparation (src/metrics/images.py) ------------------------------------------------------
+def test_images_are_mapped_from_minus_one_one_to_unit_range_clamped_and_grey_repeated():
+    """(x + 1) / 2, clamped: latent references are the autoencoder's unclamped reconstructions."""
+    from src.metrics.images import to_rgb01, to_uint8
+
+    grey = torch.tensor([-1.5, -1.0, 0.0, 0.5, 1.0, 1.2]).view(1, 1, 1, 6)
+    out = to_rgb01(grey)
+    assert out.shape == (1, 3, 1, 6) and torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 0], out[:, 2])
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([0.0, 0.0, 0.5, 0.75, 1.0, 1.0]))
+    assert to_uint8(torch.tensor([0.01, -1.0, 1.0]).view(1, 1, 1, 3))[0, 0, 0].tolist() == [129, 0, 255]  # rounded
+
+
+def test_resize_keeps_the_shorter_side_and_crops_the_centre_as_open_clip_does():
+    """Shorter side resized (bicubic, antialiased, clamped), then the centre cut: bright outer bands of a wide image
+    are cut off, mirrored input gives mirrored output, and the values are torchvision's Resize + CenterCrop."""
+    import torchvision.transforms.functional as TF
+
+    from src.metrics.images import resize_center_crop
+
+    wide = torch.zeros(1, 3, 8, 32)
+    wide[..., :8], wide[..., 24:] = 1.0, 1.0  # only the outer quarters are bright
+    out = resize_center_crop(wide, (4, 4))
+    assert out.shape == (1, 3, 4, 4) and out.abs().max() < 1e-6  # the centre half of a 4 x 16 resize
+    tall = resize_center_crop(wide.transpose(-1, -2), (4, 4))
+    assert tall.shape == (1, 3, 4, 4) and tall.abs().max() < 1e-6
+    x = (torch.rand(2, 3, 12, 20, generator=torch.Generator().manual_seed(0)) > 0.5).float()  # bicubic overshoots
+    for image in (x, x.transpose(-1, -2)):
+        out = resize_center_crop(image, (6, 6))
+        torch.testing.assert_close(resize_center_crop(image.flip(-1), (6, 6)), out.flip(-1))
+        torch.testing.assert_close(resize_center_crop(image.flip(-2), (6, 6)), out.flip(-2))
+        resized = TF.resize(image, [6], interpolation=TF.InterpolationMode.BICUBIC, antialias=True).clamp(0, 1)
+        torch.testing.assert_close(out, TF.center_crop(resized, [6, 6]))
+    assert resize_center_crop(x, (12, 20)) is x  # already the model's size
+
+
 # ---- CLIP extractor -------------------------------------------------------------------------------
 def test_clip_extractor_loads_the_local_file(tiny_clip_file):
     path, model = tiny_clip_file
@@ -255,6 +290,21 @@ def test_reference_features_are_computed_once_and_cached(tmp_path):
     np.testing.assert_array_equal(again.sigma, ref.sigma)
     other = reference_features("toy", "shapes/test", [images[:10], images[10:20]], extractor, tmp_path)
     assert other.path != ref.path and other.n == 20
+
+
+def test_a_reference_cache_file_of_another_pair_is_refused_not_served(tmp_path):
+    """The cache file is checked when read: one that holds another extractor's or set's features (copied or renamed
+    into place) is an error naming both pairs, never served as this pair's statistics."""
+    from src.metrics import reference_path
+
+    images = torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    ref = reference_features("clip:a", "digits/test", images, lambda x: x.flatten(1)[:, :3], tmp_path)
+    for extractor_id, dataset_id in (("clip:b", "digits/test"), ("clip:a", "shapes/test")):
+        reference_path(extractor_id, dataset_id, tmp_path).write_bytes(ref.path.read_bytes())
+        with pytest.raises(ValueError, match=r"holds \(clip:a, digits/test\), expected"):
+            reference_features(extractor_id, dataset_id, images, lambda x: x.flatten(1)[:, :3], tmp_path)
+    with pytest.raises(ValueError, match="no images for dataset 'empty'"):
+        reference_features("clip:a", "empty", [], lambda x: x, tmp_path)
 
 
 def test_reference_cache_of_the_former_normalised_features_is_never_reused(tiny_clip_file, tmp_path):
@@ -395,6 +445,22 @@ def test_inception_reference_cache_is_keyed_by_the_weights_content(tmp_path):
         assert a.id != b.id
         (tmp_path / "a" / "inception.pth").write_bytes((tmp_path / "b" / "inception.pth").read_bytes())
         assert InceptionFeatureExtractor(tmp_path / "a" / "inception.pth").id == b.id
+
+
+def test_inception_is_given_the_images_as_uint8_rounded_as_a_png(tmp_path):
+    from unittest import mock
+
+    from src.metrics import InceptionFeatureExtractor
+    from src.metrics.images import to_uint8
+
+    torch.save({"w": torch.zeros(2)}, tmp_path / "inception.pth")
+    with mock.patch("src.metrics.inception.FeatureExtractorInceptionV3") as network:
+        network.return_value.return_value = (torch.ones(2, 2048),)
+        ext = InceptionFeatureExtractor(tmp_path / "inception.pth")
+        images = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        assert ext.image_features(images).shape == (2, 2048)
+    (given,), _ = network.return_value.call_args
+    assert given.dtype == torch.uint8 and torch.equal(given, to_uint8(images))
 
 
 @pytest.mark.slow

@@ -42,6 +42,25 @@ def test_labelled_grid_upscales_cells_and_reads_back_exactly(tmp_path):
         save_labelled_grid(torch.zeros(2, 8, 8), None, tmp_path / "bad.png")
 
 
+def test_each_cell_is_at_least_min_cell_and_captioned_with_its_own_prompt(tmp_path, monkeypatch):
+    """Cells of samples whose side does not divide MIN_CELL are still at least MIN_CELL (the smallest integer factor
+    reaching it); non-square samples read back whole; the caption under cell k is prompt k."""
+    from src.evaluation import grids
+
+    assert grids.upscale(np.zeros((10, 10, 3), np.uint8)).size == (100, 100)  # 10x, not 9x (90 px)
+    assert grids.upscale(np.zeros((16, 40, 3), np.uint8)).size == (240, 96)
+    tall = torch.rand(3, 3, 12, 8) * 2 - 1
+    path = save_labelled_grid(tall, None, tmp_path / "tall.png")
+    assert np.array_equal(read_grid(None, path), to_uint8(tall))
+    assert np.array_equal(read_grid(None, path, 2), to_uint8(tall[:2]))  # the first n cells only
+    one = grids.wrap("a photo of a handwritten nine", 96, grids.font(11), max_lines=1)  # two lines' worth
+    assert len(one) == 1 and one[0].endswith("...")
+    captions = []
+    monkeypatch.setattr(grids, "wrap", lambda text, *args: captions.append(text) or [text])
+    grids.render_labelled_grid(torch.zeros(10, 1, 8, 8), [f"prompt {k}" for k in range(10)])
+    assert captions == [f"prompt {k}" for k in range(10)]
+
+
 def test_captions_wrap_at_spaces_within_the_cell():
     from src.evaluation.grids import font, wrap
 
