@@ -171,6 +171,13 @@ def test_plan_totals_and_gpu_hours():
     assert heun.eval_flops == pytest.approx(fwd * (2 * 4 * 8 * 2 + (3 + 10) * 4 * 2))
 
 
+def test_rule_of_thumb_is_the_forward_third_of_6nt_plus_attention():
+    """--flops 6nt: 2 N T for the forward (the backward's 4 N T are the training's 3x) and 4 d T^2 D for the QK^T and
+    attention-times-V matmuls of every layer."""
+    assert plan.rule_of_thumb_flops(params=1000, tokens=10, depth=3, hidden=8) == 2 * 1000 * 10 + 4 * 3 * 10**2 * 8
+    assert plan.rule_of_thumb_flops(params=1000, tokens=10, depth=0, hidden=0) == 20_000  # a backbone of unknown size
+
+
 def test_plan_status_reads_run_directories(tmp_path):
     import torch
 
