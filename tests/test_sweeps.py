@@ -178,6 +178,19 @@ def test_rule_of_thumb_is_the_forward_third_of_6nt_plus_attention():
     assert plan.rule_of_thumb_flops(params=1000, tokens=10, depth=0, hidden=0) == 20_000  # a backbone of unknown size
 
 
+def test_plan_counts_a_jobs_gpus_over_all_its_nodes():
+    """GPUs per job (the wall clock divides each job's GPU-hours by them): SLURM's tasks per node x nodes, else the
+    trainer's devices x num_nodes (a device list or "auto": one per node)."""
+    from omegaconf import OmegaConf
+
+    def cfg(launcher, devices=1, num_nodes=1):
+        return OmegaConf.create({"hydra": {"launcher": launcher}, "trainer": {"devices": devices, "num_nodes": num_nodes}})
+
+    assert plan.job_gpus(cfg({"tasks_per_node": 8, "nodes": 4}, devices=2, num_nodes=3)) == 32
+    assert plan.job_gpus(cfg({"nodes": 4}, devices=2, num_nodes=3)) == 6  # no tasks_per_node: the trainer's
+    assert plan.job_gpus(cfg({}, devices="auto", num_nodes=2)) == 2
+
+
 def test_plan_status_reads_run_directories(tmp_path):
     import torch
 
