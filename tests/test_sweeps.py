@@ -184,7 +184,8 @@ def test_plan_counts_a_jobs_gpus_over_all_its_nodes():
     from omegaconf import OmegaConf
 
     def cfg(launcher, devices=1, num_nodes=1):
-        return OmegaConf.create({"hydra": {"launcher": launcher}, "trainer": {"devices": devices, "num_nodes": num_nodes}})
+        trainer = {"devices": devices, "num_nodes": num_nodes}
+        return OmegaConf.create({"hydra": {"launcher": launcher}, "trainer": trainer})
 
     assert plan.job_gpus(cfg({"tasks_per_node": 8, "nodes": 4}, devices=2, num_nodes=3)) == 32
     assert plan.job_gpus(cfg({"nodes": 4}, devices=2, num_nodes=3)) == 6  # no tasks_per_node: the trainer's
