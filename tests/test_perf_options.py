@@ -147,6 +147,17 @@ def test_cpu_defaults_are_the_eager_path():
         assert torch.equal(defaults[1][k], plain[1][k]), k
 
 
+def test_the_former_compile_booleans_keep_their_meaning():
+    """model.compile=true compiled the whole backbone before the modes existed: it stays "full" (not regional), and
+    false / null stay eager, on any device."""
+    from src.models.perf import compile_setting
+
+    assert compile_setting(True) == "full" and MMDiT(**SIZE, compile=True).compile_requested == "full"
+    assert compile_setting(False) == compile_setting(None) == "none"
+    assert resolve_compile(compile_setting(True), "cpu") == "full"
+    assert resolve_compile(compile_setting(False), "cuda") == "none"
+
+
 def test_checkpoints_load_across_options():
     """A state dict saved under any option loads strictly under any other and gives the same output."""
     torch.manual_seed(0)
