@@ -105,6 +105,21 @@ def test_mmdit3_second_text_stream_is_used_and_has_own_weights():
     assert len(model.joint_blocks[0].context_blocks) == 2
 
 
+def test_mmdit3_streams_partition_the_context_at_context_split():
+    """The first context_split tokens go to one stream, every other token to the other: no token in both, none lost;
+    context_split=null takes half the tokens, rounded down like the data's own split (text_split) for odd lengths."""
+    from src.data.shards import text_split
+
+    model = randomize(small("mmdit3"))  # context_split=4
+    ctx = inputs(length=9)[2]
+    first, second = model.embed_context(ctx)
+    torch.testing.assert_close(first, model.context_embedder(ctx[:, :4]))
+    torch.testing.assert_close(second, model.context_embedder_2(ctx[:, 4:]))
+    half = small("mmdit3", context_split=None)
+    assert [s.shape[1] for s in half.embed_context(ctx)] == [text_split({"context_length": 9}), 5] == [4, 5]
+    assert not half.context_embedder_2.bias.any()  # initialised as context_embedder
+
+
 def test_mmdit_last_block_text_stream_keeps_only_attention_inputs():
     model = small("mmdit", depth=3)
     last, first = model.joint_blocks[-1].context_blocks[0], model.joint_blocks[0].context_blocks[0]
