@@ -158,6 +158,20 @@ def test_the_former_compile_booleans_keep_their_meaning():
     assert resolve_compile(compile_setting(False), "cuda") == "none"
 
 
+def test_compile_backend_is_torch_compiles_mode(monkeypatch):
+    """model.compile_backend is handed to torch.compile as its mode (whole backbone or each block); "default" passes
+    none, and a dynamo backend other than inductor replaces the mode (torch.compile takes one or the other)."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **options: calls.append(options) or model)
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **options: calls.append(options))
+    model = MMDiT(**SIZE)
+    compile_backbone(model, "full", "cpu", backend="max-autotune")
+    compile_backbone(model, "full", "cpu")
+    compile_backbone(model, "blocks", "cpu", backend="reduce-overhead")
+    compile_backbone(model, "full", "cpu", backend="max-autotune", dynamo_backend="aot_eager")
+    assert calls == [{"mode": "max-autotune"}, {}, *[{"mode": "reduce-overhead"}] * 2, {"backend": "aot_eager"}]
+
+
 def test_checkpoints_load_across_options():
     """A state dict saved under any option loads strictly under any other and gives the same output."""
     torch.manual_seed(0)
