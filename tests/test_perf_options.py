@@ -252,6 +252,19 @@ def write_measurements(path, device="NVIDIA H100 80GB HBM3", dry_run=False, more
     path.write_text(bench.render(results, header, None))
 
 
+def test_the_measured_batch_nearest_the_launchs_is_used_the_larger_on_a_tie():
+    from src.models.perf import measured_mfu
+
+    settings = {"compile": "blocks"}
+    rows = [{"status": "ok", "batch": b, "mfu": m, "config": {"name": f"b{b}", "depth": 15, **settings}}
+            for b, m in ((64, 0.4), (192, 0.5))]
+    results = {"header": {"device": "NVIDIA H100 80GB HBM3"}, "results": rows}
+    assert measured_mfu(results, "H100", 15, 100, settings)[0] == 0.4
+    assert measured_mfu(results, "H100", 15, 128, settings) == (0.5, "measured 50.0% for b192 (batch 192) on "
+                                                                     "NVIDIA H100 80GB HBM3")
+    assert measured_mfu(results, "H100", 16, 128, settings) is None  # another depth
+
+
 def test_planner_uses_the_measured_mfu_of_the_launched_configuration(tmp_path, monkeypatch):
     from src import plan
 
