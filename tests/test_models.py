@@ -66,6 +66,20 @@ def test_adaln_zero_output_is_exactly_zero_and_trainable(name):
     assert model.final_layer.linear.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("name", ["mmdit", "mmdit3"])
+def test_adaln_zero_blocks_start_as_the_identity(name):
+    """adaLN-Zero: every MM-DiT block's modulation starts at zero (its gates too), so the image tokens leave the
+    joint blocks as they came in, whatever the other weights."""
+    model = small(name)
+    tokens, c = torch.randn(2, 12, 32), torch.randn(2, 32)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if "adaLN_modulation" not in key:
+                p.normal_()
+        out = model.forward_blocks(tokens, model.embed_context(torch.randn(2, 9, 24)), c)
+    torch.testing.assert_close(out, tokens, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_every_input_conditions_the_output(name):
     model = randomize(small(name))

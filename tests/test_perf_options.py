@@ -321,6 +321,8 @@ def test_planner_matches_the_gpu_by_whole_model_names_and_says_why_it_falls_back
     from src.models.perf import same_gpu
 
     assert same_gpu("H200", "NVIDIA H200") and not same_gpu("H100", "NVIDIA H200") and not same_gpu("", "NVIDIA H200")
+    h100 = "NVIDIA H100 80GB HBM3"
+    assert same_gpu("h100 80gb", h100) and not same_gpu("80GB H100", h100)  # its words in the device's order
     assert plan.main([*overrides, "--gpu", "A100"]) == 0
     assert "Utilisation: the default 37%: gpu.md has no measurement on A100, only on NVIDIA H100 80GB HBM3" \
         in capsys.readouterr().out
