@@ -80,6 +80,19 @@ def test_adaln_zero_blocks_start_as_the_identity(name):
     torch.testing.assert_close(out, tokens, rtol=0, atol=0)
 
 
+def test_fused_qkv_reaches_every_attention_and_the_embedder_mlps_start_small():
+    """fused_qkv=False runs every stream's attention as three matmuls; the time and pooled-text MLPs start at
+    N(0, 0.02) (DiT), not at the xavier init of the other linears."""
+    from src.models.layers import SelfAttention
+
+    model = small("mmdit3", fused_qkv=False)
+    attentions = [m for m in model.modules() if isinstance(m, SelfAttention)]
+    assert len(attentions) == 6 and not any(a.fused_qkv for a in attentions)
+    assert all(a.fused_qkv for a in small("mmdit3").modules() if isinstance(a, SelfAttention))
+    for embedder in (model.t_embedder, model.y_embedder):
+        assert all(0.01 < lin.weight.std() < 0.03 for lin in (embedder.mlp[0], embedder.mlp[2]))
+
+
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_every_input_conditions_the_output(name):
     model = randomize(small(name))
