@@ -172,6 +172,21 @@ def test_compile_backend_is_torch_compiles_mode(monkeypatch):
     assert calls == [{"mode": "max-autotune"}, {}, *[{"mode": "reduce-overhead"}] * 2, {"backend": "aot_eager"}]
 
 
+def test_activation_checkpointing_keeps_the_blocks_activations_out_of_the_graph():
+    """activation_checkpointing: the autograd graph keeps each block's inputs only (recomputed in the backward pass);
+    the same numbers are checked by test_optimised_paths_train_like_the_eager_step, the memory saved here."""
+    def saved(**options):
+        torch.manual_seed(0)
+        model = MMDiT(**SIZE, **options)
+        x, t, _, ctx, pooled = batches(1)[0]
+        count = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda a: count.append(1) or a, lambda a: a):
+            model(x, t, ctx, pooled)
+        return len(count)
+
+    assert saved(activation_checkpointing=True) < saved() / 2
+
+
 def test_checkpoints_load_across_options():
     """A state dict saved under any option loads strictly under any other and gives the same output."""
     torch.manual_seed(0)
