@@ -192,6 +192,15 @@ def test_plan_counts_a_jobs_gpus_over_all_its_nodes():
     assert plan.job_gpus(cfg({}, devices="auto", num_nodes=2)) == 2
 
 
+def test_plan_wall_clock_divides_a_jobs_gpu_hours_over_its_gpus():
+    job = plan.JobPlan(index=0, overrides=[], run_dir=Path("/r/0"), model="MMDiT", params=1, image_tokens=1,
+                       text_tokens=1, batch_size=8, steps=1, gpus=4, fwd_flops_per_sample=1.0,
+                       train_flops=4 * 3600 * 50e12, eval_flops=0.0, status="new", mfu=0.5, mfu_source="given")
+    p = plan.Plan([job], peak_tflops=100, flops_method="count", parallelism=2)
+    assert p.job_hours(job, job.flops_left) == pytest.approx(4.0)  # 4 GPU-hours on 4 GPUs at once: 1 h
+    assert "Wall clock with 1 jobs of 4 GPU(s) at once (array_parallelism): about 1 h." in plan.render(p)
+
+
 def test_plan_status_reads_run_directories(tmp_path):
     import torch
 
