@@ -66,6 +66,33 @@ def test_adaln_zero_output_is_exactly_zero_and_trainable(name):
     assert model.final_layer.linear.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("name", ["mmdit", "mmdit3"])
+def test_adaln_zero_blocks_start_as_the_identity(name):
+    """adaLN-Zero: every MM-DiT block's modulation starts at zero (its gates too), so the image tokens leave the
+    joint blocks as they came in, whatever the other weights."""
+    model = small(name)
+    tokens, c = torch.randn(2, 12, 32), torch.randn(2, 32)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if "adaLN_modulation" not in key:
+                p.normal_()
+        out = model.forward_blocks(tokens, model.embed_context(torch.randn(2, 9, 24)), c)
+    torch.testing.assert_close(out, tokens, rtol=0, atol=0)
+
+
+def test_fused_qkv_reaches_every_attention_and_the_embedder_mlps_start_small():
+    """fused_qkv=False runs every stream's attention as three matmuls; the time and pooled-text MLPs start at
+    N(0, 0.02) (DiT), not at the xavier init of the other linears."""
+    from src.models.layers import SelfAttention
+
+    model = small("mmdit3", fused_qkv=False)
+    attentions = [m for m in model.modules() if isinstance(m, SelfAttention)]
+    assert len(attentions) == 6 and not any(a.fused_qkv for a in attentions)
+    assert all(a.fused_qkv for a in small("mmdit3").modules() if isinstance(a, SelfAttention))
+    for embedder in (model.t_embedder, model.y_embedder):
+        assert all(0.01 < lin.weight.std() < 0.03 for lin in (embedder.mlp[0], embedder.mlp[2]))
+
+
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_every_input_conditions_the_output(name):
     model = randomize(small(name))
@@ -103,6 +130,21 @@ def test_mmdit3_second_text_stream_is_used_and_has_own_weights():
         assert (model(x, t, later, pooled) - model(x, t, ctx, pooled)).abs().max() > 1e-3
     assert not torch.equal(model.context_embedder.weight, model.context_embedder_2.weight)
     assert len(model.joint_blocks[0].context_blocks) == 2
+
+
+def test_mmdit3_streams_partition_the_context_at_context_split():
+    """The first context_split tokens go to one stream, every other token to the other: no token in both, none lost;
+    context_split=null takes half the tokens, rounded down like the data's own split (text_split) for odd lengths."""
+    from src.data.shards import text_split
+
+    model = randomize(small("mmdit3"))  # context_split=4
+    ctx = inputs(length=9)[2]
+    first, second = model.embed_context(ctx)
+    torch.testing.assert_close(first, model.context_embedder(ctx[:, :4]))
+    torch.testing.assert_close(second, model.context_embedder_2(ctx[:, 4:]))
+    half = small("mmdit3", context_split=None)
+    assert [s.shape[1] for s in half.embed_context(ctx)] == [text_split({"context_length": 9}), 5] == [4, 5]
+    assert not half.context_embedder_2.bias.any()  # initialised as context_embedder
 
 
 def test_mmdit_last_block_text_stream_keeps_only_attention_inputs():

@@ -147,6 +147,46 @@ def test_cpu_defaults_are_the_eager_path():
         assert torch.equal(defaults[1][k], plain[1][k]), k
 
 
+def test_the_former_compile_booleans_keep_their_meaning():
+    """model.compile=true compiled the whole backbone before the modes existed: it stays "full" (not regional), and
+    false / null stay eager, on any device."""
+    from src.models.perf import compile_setting
+
+    assert compile_setting(True) == "full" and MMDiT(**SIZE, compile=True).compile_requested == "full"
+    assert compile_setting(False) == compile_setting(None) == "none"
+    assert resolve_compile(compile_setting(True), "cpu") == "full"
+    assert resolve_compile(compile_setting(False), "cuda") == "none"
+
+
+def test_compile_backend_is_torch_compiles_mode(monkeypatch):
+    """model.compile_backend is handed to torch.compile as its mode (whole backbone or each block); "default" passes
+    none, and a dynamo backend other than inductor replaces the mode (torch.compile takes one or the other)."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **options: calls.append(options) or model)
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **options: calls.append(options))
+    model = MMDiT(**SIZE)
+    compile_backbone(model, "full", "cpu", backend="max-autotune")
+    compile_backbone(model, "full", "cpu")
+    compile_backbone(model, "blocks", "cpu", backend="reduce-overhead")
+    compile_backbone(model, "full", "cpu", backend="max-autotune", dynamo_backend="aot_eager")
+    assert calls == [{"mode": "max-autotune"}, {}, *[{"mode": "reduce-overhead"}] * 2, {"backend": "aot_eager"}]
+
+
+def test_activation_checkpointing_keeps_the_blocks_activations_out_of_the_graph():
+    """activation_checkpointing: the autograd graph keeps each block's inputs only (recomputed in the backward pass);
+    the same numbers are checked by test_optimised_paths_train_like_the_eager_step, the memory saved here."""
+    def saved(**options):
+        torch.manual_seed(0)
+        model = MMDiT(**SIZE, **options)
+        x, t, _, ctx, pooled = batches(1)[0]
+        count = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda a: count.append(1) or a, lambda a: a):
+            model(x, t, ctx, pooled)
+        return len(count)
+
+    assert saved(activation_checkpointing=True) < saved() / 2
+
+
 def test_checkpoints_load_across_options():
     """A state dict saved under any option loads strictly under any other and gives the same output."""
     torch.manual_seed(0)
@@ -227,6 +267,19 @@ def write_measurements(path, device="NVIDIA H100 80GB HBM3", dry_run=False, more
     path.write_text(bench.render(results, header, None))
 
 
+def test_the_measured_batch_nearest_the_launchs_is_used_the_larger_on_a_tie():
+    from src.models.perf import measured_mfu
+
+    settings = {"compile": "blocks"}
+    rows = [{"status": "ok", "batch": b, "mfu": m, "config": {"name": f"b{b}", "depth": 15, **settings}}
+            for b, m in ((64, 0.4), (192, 0.5))]
+    results = {"header": {"device": "NVIDIA H100 80GB HBM3"}, "results": rows}
+    assert measured_mfu(results, "H100", 15, 100, settings)[0] == 0.4
+    assert measured_mfu(results, "H100", 15, 128, settings) == (0.5, "measured 50.0% for b192 (batch 192) on "
+                                                                     "NVIDIA H100 80GB HBM3")
+    assert measured_mfu(results, "H100", 16, 128, settings) is None  # another depth
+
+
 def test_planner_uses_the_measured_mfu_of_the_launched_configuration(tmp_path, monkeypatch):
     from src import plan
 
@@ -283,6 +336,8 @@ def test_planner_matches_the_gpu_by_whole_model_names_and_says_why_it_falls_back
     from src.models.perf import same_gpu
 
     assert same_gpu("H200", "NVIDIA H200") and not same_gpu("H100", "NVIDIA H200") and not same_gpu("", "NVIDIA H200")
+    h100 = "NVIDIA H100 80GB HBM3"
+    assert same_gpu("h100 80gb", h100) and not same_gpu("80GB H100", h100)  # its words in the device's order
     assert plan.main([*overrides, "--gpu", "A100"]) == 0
     assert "Utilisation: the default 37%: gpu.md has no measurement on A100, only on NVIDIA H100 80GB HBM3" \
         in capsys.readouterr().out

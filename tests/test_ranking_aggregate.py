@@ -394,6 +394,22 @@ def test_planned_jobs_without_results_and_failures_into_existing_directories_are
     assert runs.loc[runs["run_dir"] == str(hand_sweep / "1"), "status"].tolist() == ["done", "refused"]
 
 
+def test_a_relaunch_updates_its_planned_jobs_and_a_record_of_another_shape_is_damaged(tmp_path):
+    import re
+
+    from src.launch.planned import read_planned_jobs, record_planned_jobs
+    from src.launch.sweep_files import DamagedSweepFile
+
+    record_planned_jobs(tmp_path, {"a": {"run_dir": "a", "overrides": ["loss=A"]}})
+    record_planned_jobs(tmp_path, {"a": {"run_dir": "a", "overrides": ["loss=B"]}})  # relaunched: its latest launch
+    assert read_planned_jobs(tmp_path)["a"]["overrides"] == ["loss=B"]
+    for bad, why in (("[1]", "(a JSON list, expected an object)"),
+                     ('{"a": {"run_dir": 3}}', "(entry 'a' has no run_dir)")):
+        (tmp_path / "jobs.json").write_text(bad)
+        with pytest.raises(DamagedSweepFile, match=re.escape(f"{tmp_path / 'jobs.json'} is unreadable {why}")):
+            read_planned_jobs(tmp_path)
+
+
 @pytest.mark.parametrize("name", ["failures.json", "jobs.json"])
 def test_a_damaged_sweep_record_makes_the_sweep_partial_and_writers_keep_it_aside(tmp_path, name, caplog):
     from src.launch.failures import clear_sweep_failure, record_sweep_failure

@@ -171,6 +171,36 @@ def test_plan_totals_and_gpu_hours():
     assert heun.eval_flops == pytest.approx(fwd * (2 * 4 * 8 * 2 + (3 + 10) * 4 * 2))
 
 
+def test_rule_of_thumb_is_the_forward_third_of_6nt_plus_attention():
+    """--flops 6nt: 2 N T for the forward (the backward's 4 N T are the training's 3x) and 4 d T^2 D for the QK^T and
+    attention-times-V matmuls of every layer."""
+    assert plan.rule_of_thumb_flops(params=1000, tokens=10, depth=3, hidden=8) == 2 * 1000 * 10 + 4 * 3 * 10**2 * 8
+    assert plan.rule_of_thumb_flops(params=1000, tokens=10, depth=0, hidden=0) == 20_000  # a backbone of unknown size
+
+
+def test_plan_counts_a_jobs_gpus_over_all_its_nodes():
+    """GPUs per job (the wall clock divides each job's GPU-hours by them): SLURM's tasks per node x nodes, else the
+    trainer's devices x num_nodes (a device list or "auto": one per node)."""
+    from omegaconf import OmegaConf
+
+    def cfg(launcher, devices=1, num_nodes=1):
+        trainer = {"devices": devices, "num_nodes": num_nodes}
+        return OmegaConf.create({"hydra": {"launcher": launcher}, "trainer": trainer})
+
+    assert plan.job_gpus(cfg({"tasks_per_node": 8, "nodes": 4}, devices=2, num_nodes=3)) == 32
+    assert plan.job_gpus(cfg({"nodes": 4}, devices=2, num_nodes=3)) == 6  # no tasks_per_node: the trainer's
+    assert plan.job_gpus(cfg({}, devices="auto", num_nodes=2)) == 2
+
+
+def test_plan_wall_clock_divides_a_jobs_gpu_hours_over_its_gpus():
+    job = plan.JobPlan(index=0, overrides=[], run_dir=Path("/r/0"), model="MMDiT", params=1, image_tokens=1,
+                       text_tokens=1, batch_size=8, steps=1, gpus=4, fwd_flops_per_sample=1.0,
+                       train_flops=4 * 3600 * 50e12, eval_flops=0.0, status="new", mfu=0.5, mfu_source="given")
+    p = plan.Plan([job], peak_tflops=100, flops_method="count", parallelism=2)
+    assert p.job_hours(job, job.flops_left) == pytest.approx(4.0)  # 4 GPU-hours on 4 GPUs at once: 1 h
+    assert "Wall clock with 1 jobs of 4 GPU(s) at once (array_parallelism): about 1 h." in plan.render(p)
+
+
 def test_plan_status_reads_run_directories(tmp_path):
     import torch
 
