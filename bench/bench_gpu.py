@@ -470,8 +470,10 @@ def options_text(c: dict) -> str:
         parts.append("activation checkpointing")
     if c["model"] == "job":  # results read earlier lack the key
         every = c.get("loss_check_every", "auto")
-        parts.append("loss read back every step" if every == 1 else f"loss read back every {every} steps (auto: 50 on "
-                     "a GPU)" if every == "auto" else f"loss read back every {every} steps")
+        from src.training.module import LOSS_CHECK_EVERY
+
+        parts.append("loss read back every step" if every == 1 else f"loss read back every {every} steps (auto: "
+                     f"{LOSS_CHECK_EVERY} on a GPU)" if every == "auto" else f"loss read back every {every} steps")
     return ", ".join(parts)
 
 

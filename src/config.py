@@ -86,6 +86,9 @@ def without_throughput_keys(fp: dict) -> dict:
 #: Lightning's precision aliases (None: bf16-mixed on a GPU, else 32-true), as the fingerprint records them.
 PRECISION_ALIASES = {None: None, 32: "32-true", 16: "16-mixed", 64: "64-true", "32": "32-true", "16": "16-mixed",
                      "64": "64-true", "bf16": "bf16-mixed"}
+#: fingerprint.json's record of the precision a run was trained at (trainer.precision=null resolves by device): not a
+#: setting; the job refuses to resume at another one (src.training.prepare.check_trained_precision).
+TRAINED_PRECISION = "trained_precision"
 TRAINER_KEYS = ("gradient_clip_val", "precision")  # the trainer settings in the fingerprint (each null before)
 
 # Keys added to the configuration after runs were fingerprinted, with the value every earlier run had: a stored

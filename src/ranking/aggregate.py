@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from src.config import ADDED_KEYS, without_throughput_keys
+from src.config import ADDED_KEYS, TRAINED_PRECISION, without_throughput_keys
 from src.launch.failures import read_sweep_failures
 from src.launch.planned import planned_run_dir, read_planned_jobs
 from src.launch.rundir import evaluation_configs
@@ -523,7 +523,7 @@ def training_settings(run_dir: Path | str) -> dict[str, str] | None:
     fp.pop("streams", None)  # the version of the random streams: other draws of one configuration, as seeds are
     # What trainer.precision=null resolved to on the training device: runs recorded before it was kept lack it, so
     # comparing it would refuse to rank a sweep extended since. (The job refuses to resume at another one.)
-    fp.pop("trained_precision", None)
+    fp.pop(TRAINED_PRECISION, None)
     for section, added in ADDED_KEYS.items():
         fp[section] = {**added, **fp[section]} if isinstance(fp.get(section), dict) else fp.get(section, dict(added))
     return _flatten(fp)

@@ -112,7 +112,7 @@ class FormulationModule(L.LightningModule):
         x0, context, pooled = batch["x0"], batch["context"], batch["pooled"]
         # Drawn for the global batch and sliced per rank (see the module docstring). The noise, the large draw,
         # comes from a generator on the data's device so a GPU step does not wait for the CPU.
-        n, rank, world = x0.shape[0], self.global_rank, self.trainer.world_size if self._trainer else 1
+        n, rank, world = x0.shape[0], self.global_rank, self._world_size()
         rows = slice(rank * n, (rank + 1) * n)
         g = step_generator(self.seed, self.global_step, TIMES, streams=self.streams)
         t = self.formulation.shift_t(self.formulation.sample_t(n * world, generator=g), self.shift)[rows].to(x0.device)
@@ -125,6 +125,9 @@ class FormulationModule(L.LightningModule):
         self._watch_loss(loss.detach())
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
+
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self._trainer else 1  # 1 outside a Trainer (tests, the benchmark)
 
     def _watch_loss(self, loss: Tensor) -> None:
         """Keep the first non-finite loss on the device, no sync (LOSS_CHECK_EVERY); checked every step on the CPU."""
@@ -218,8 +221,7 @@ class FormulationModule(L.LightningModule):
         g = step_generator(self.seed, batch_idx, VALIDATION, streams=self.streams)
         eps = torch.randn(x0.shape, generator=g).to(x0.device)
         n = x0.shape[0]
-        world = self.trainer.world_size if self._trainer else 1
-        size = n if self.val_chunk is None else max(1, self.val_chunk // world)
+        size = n if self.val_chunk is None else max(1, self.val_chunk // self._world_size())
         # Every rank validates the same fixed batch (FSDP needs every rank in each forward anyway); sync_dist
         # averages equal values, so every rank's checkpoint callback sees the same monitored loss.
         for tag, backbone in (("val", self.backbone), ("val_ema", self.ema_backbone)):

@@ -18,8 +18,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.config import (
-    PRECISION_ALIASES, ConfigError, diff_keys, fingerprint, outside_code, parse_loss, with_added_keys,
-    without_throughput_keys,
+    PRECISION_ALIASES, TRAINED_PRECISION, ConfigError, diff_keys, fingerprint, outside_code, parse_loss,
+    with_added_keys, without_throughput_keys,
 )
 from src.utils.io import atomic_write_bytes, atomic_write_json
 
@@ -393,10 +393,6 @@ def check_device_settings(cfg: DictConfig) -> None:
         allowed = ", ".join(b for b in ATTENTION_BACKENDS if b not in CUDA_ONLY_ATTENTION)
         raise ConfigError(f"model.attention_backend={backend}: a kernel for CUDA GPUs, and this job trains on the CPU; "
                           f"allowed here: {allowed}")
-
-
-#: fingerprint.json's record of the precision a run was trained at: trainer.precision=null resolves by device.
-TRAINED_PRECISION = "trained_precision"
 
 
 def check_choices(cfg: DictConfig) -> None:
