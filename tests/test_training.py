@@ -517,6 +517,58 @@ def test_validation_runs_its_fixed_batch_in_chunks_of_the_training_batch():
     assert chunked == pytest.approx(whole, rel=1e-6)
 
 
+def test_validation_splits_its_fixed_batch_over_the_ranks_and_adds_their_sums():
+    """Every rank validated the whole fixed batch. Now rank r takes rows [r * ceil(n / world), ...), a rank short of
+    rows repeats its last one with weight 0 (so every rank runs as many forwards, as FSDP needs), and the per-level
+    sums added over the ranks give the one-process losses."""
+    from types import SimpleNamespace
+
+    from src.formulations import get_recipe
+    from src.models import MMDiT
+    from src.training.module import FormulationModule
+
+    torch.manual_seed(0)
+    backbone = MMDiT(input_size=8, patch_size=2, in_channels=1, depth=1, hidden_size=32, num_heads=2, context_dim=16,
+                     pooled_dim=8)
+    batch = {"x0": torch.randn(10, 1, 8, 8), "context": torch.randn(10, 4, 16), "pooled": torch.randn(10, 8)}
+    seen = []
+    backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+
+    def logged(world, rank, partial):
+        module = FormulationModule(get_recipe("rf/lognorm(0.00, 1.00)"), backbone, val_levels=4, val_chunk=6)
+        module.ema_backbone = backbone
+        if world > 1:  # the sums leave through the strategy's reduce; kept here to be added by hand
+            reduce = lambda tensor, reduce_op: partial.append((reduce_op, tensor.clone())) or tensor  # noqa: E731
+            module._trainer = SimpleNamespace(world_size=world, global_rank=rank,
+                                              strategy=SimpleNamespace(reduce=reduce))
+        module.log = lambda name, value, **kw: None
+        seen.clear()
+        with torch.no_grad():
+            module.validation_step(batch, 0)
+        return [x.shape[0] for x in seen], torch.cat(seen[:2])  # the first level's rows (val backbone)
+
+    one = []
+    module = FormulationModule(get_recipe("rf/lognorm(0.00, 1.00)"), backbone, val_levels=4, val_chunk=6)
+    module.ema_backbone = backbone
+    module.log = lambda name, value, **kw: one.append((name, value.item()))
+    seen.clear()
+    with torch.no_grad():
+        module.validation_step(batch, 0)
+    one_rows = torch.cat(seen[:2])  # chunks of 6 and 4 in one process
+
+    partial, rows = [], []
+    for rank in range(3):
+        sizes, inputs = logged(3, rank, partial)
+        assert sizes == [2, 2] * 4 * 2  # ceil(10 / 3) = 4 rows in chunks of 6 // 3, per level and backbone
+        rows.append(inputs)
+    assert {op for op, _ in partial} == {"sum"} and len(partial) == 3 * 2
+    assert torch.equal(torch.cat([rows[0], rows[1], rows[2][:2]]), one_rows)  # disjoint slices covering the batch
+    assert torch.equal(rows[2][2], rows[2][1]) and torch.equal(rows[2][3], rows[2][1])  # rows 8, 9, then 9 twice
+    val = sum(tensor for (_, tensor), k in zip(partial, [0, 1] * 3) if k == 0) / 10
+    one = dict(one)
+    assert val.tolist() == pytest.approx([one[f"val/loss_t{k}"] for k in range(4)], rel=1e-6)
+
+
 def test_ema_update_moves_the_copy_a_fraction_one_minus_decay_toward_the_weights_and_copies_buffers():
     """ema <- decay * ema + (1 - decay) * weights (docs/training.md#ema), with a decay other than 0.5 (where decay
     and 1 - decay coincide); buffers are copied, not averaged; the copy is frozen and in eval mode."""

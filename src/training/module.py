@@ -219,20 +219,31 @@ class FormulationModule(L.LightningModule):
         x0, context, pooled = batch["x0"], batch["context"], batch["pooled"]
         # Fixed noise from an evaluation generator, separate from training's.
         g = step_generator(self.seed, batch_idx, VALIDATION, streams=self.streams)
-        eps = torch.randn(x0.shape, generator=g).to(x0.device)
-        n = x0.shape[0]
-        size = n if self.val_chunk is None else max(1, self.val_chunk // self._world_size())
-        # Every rank validates the same fixed batch (FSDP needs every rank in each forward anyway); sync_dist
-        # averages equal values, so every rank's checkpoint callback sees the same monitored loss.
+        eps = torch.randn(x0.shape, generator=g)
+        n, world = x0.shape[0], self._world_size()
+        # Every rank holds the whole fixed batch and validates its own ceil(n / world) rows of it; the per-level
+        # sums are added over the ranks. A rank short of rows repeats its last one with weight 0, so every rank
+        # runs the same number of forwards (FSDP gathers weights in each, with every rank).
+        per_rank = -(-n // world)
+        rows = torch.arange(self.global_rank * per_rank, (self.global_rank + 1) * per_rank)
+        weight = (rows < n).to(x0.device, torch.float32)
+        rows = rows.clamp(max=n - 1)
+        x0, eps, context, pooled = x0[rows], eps[rows].to(x0.device), context[rows], pooled[rows]
+        size = per_rank if self.val_chunk is None else max(1, self.val_chunk // world)
         for tag, backbone in (("val", self.backbone), ("val_ema", self.ema_backbone)):
-            levels = []
-            for k, tk in enumerate(self.val_t.tolist()):
-                t = torch.full((n,), tk, device=x0.device)
-                loss_k = torch.cat([self._loss(backbone, x0[i:i + size], eps[i:i + size], t[i:i + size],
+            sums = []
+            for tk in self.val_t.tolist():
+                t = torch.full((per_rank,), tk, device=x0.device)
+                losses = torch.cat([self._loss(backbone, x0[i:i + size], eps[i:i + size], t[i:i + size],
                                                context[i:i + size], pooled[i:i + size])
-                                    for i in range(0, n, size)]).mean()
+                                    for i in range(0, per_rank, size)])
+                sums.append((losses * weight).sum())
+            levels = torch.stack(sums)
+            if self._trainer:  # one collective per backbone; the levels are then equal on every rank
+                levels = self.trainer.strategy.reduce(levels, reduce_op="sum")
+            levels = levels / n
+            for k, loss_k in enumerate(levels):
                 self.log(f"{tag}/loss_t{k}", loss_k, on_epoch=True, batch_size=n, sync_dist=True)
-                levels.append(loss_k)
             # Mean over all levels but the last (t = 1), as the paper reports it.
-            self.log(f"{tag}/loss_mean", torch.stack(levels[:-1]).mean(), on_epoch=True, prog_bar=tag == "val_ema",
+            self.log(f"{tag}/loss_mean", levels[:-1].mean(), on_epoch=True, prog_bar=tag == "val_ema",
                      batch_size=n, sync_dist=True)
