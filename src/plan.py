@@ -339,14 +339,15 @@ def job_gpus(cfg: DictConfig) -> int:
     return (int(devices) if str(devices).isdigit() else 1) * int(nodes)
 
 
-def job_status(cfg: DictConfig, run_dir: Path) -> str:
+def job_status(cfg: DictConfig, run_dir: Path, single: bool = False) -> str:
     """What a relaunch would do in run_dir, by the job's own rules (src/training/job.py, src/results.py):
     new (nothing there), refused: changed configuration (the launch refuses it), done (trained and every wanted record
     present), to evaluate (trained; records missing or of other settings), best.ckpt missing (to evaluate, but the
     checkpoint validation chose is gone: the job would fail naming it), resume (a checkpoint before the last step),
     to train (a directory with nothing trained), <file> unreadable / cannot resume (the job fails naming a damaged
     file), failed (error.json; trains anew) or failed: <one of the above> (what the relaunch does), to evaluate
-    (trained in TWIN) for a directory whose tagged sibling trained the same model (reuse_training)."""
+    (trained in TWIN) for a directory whose tagged sibling trained the same model (reuse_training). single: a run
+    without -m, which trains on this machine whatever the launcher."""
     twin = _trained_twin(cfg, run_dir)
     if twin is not None:  # the job links the twin's checkpoints and only evaluates (src/training/job.py)
         return f"to evaluate (trained in {twin.name})"
@@ -359,6 +360,13 @@ def job_status(cfg: DictConfig, run_dir: Path) -> str:
             return f"{REFUSED}changed configuration"
     except ConfigError:  # a damaged fingerprint.json: this job is refused naming it, the sweep's others run
         return f"{REFUSED}fingerprint.json unreadable"
+    from src.launch.validate import launch_precision
+    from src.training.prepare import other_trained_precision
+
+    here = launch_precision(cfg, single)
+    trained = other_trained_precision(cfg, run_dir, here) if here is not None else None
+    if trained is not None:  # the job refuses to resume it (check_trained_precision)
+        return f"{REFUSED}trained at {trained}, trainer.precision=null is {here} there"
     status = _trained_status(cfg, run_dir)
     if (run_dir / "error.json").is_file() and status != "done":
         # A relaunch removes error.json and goes on from what the directory holds (src/run.py _job): it trains anew,
@@ -479,7 +487,7 @@ def plan_job(index: int, overrides: list[str], flops_method: str = "count", sing
         status="new", assumptions=assumed, data_checks=_data_checks(cfg), val_flops=val,
     )
     job.mfu, job.mfu_source = (mfu, "given (--mfu)") if mfu is not None else launch_mfu(cfg, job, gpu)
-    status = job_status(cfg, run_dir)
+    status = job_status(cfg, run_dir, single)
     job.set_status(status, _checkpoint_step(run_dir) if status.endswith("resume") else None)
     if status.endswith("to evaluate"):  # a relaunch samples only the records results.json lacks
         from src.evaluation.run import missing_for

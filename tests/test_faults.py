@@ -175,11 +175,54 @@ def test_a_run_trained_at_null_precision_resumes_only_at_the_precision_it_resolv
                                     "trainer.precision=bf16-mixed") in out.stderr, out.stderr[-2000:]
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name not in ("run.log", ".run.lock")} \
         == before
+
+    from src import plan
+
+    for launch in ([], ["hydra/launcher=slurm"]):  # without -m, no launcher: it trains here
+        [job] = plan.plan_sweep([*args, *launch]).jobs
+        assert (job.run_dir, job.status) == (run, "refused: trained at bf16-mixed, trainer.precision=null is 32-true "
+                                                  "there")
     out = run_cli([*args, "trainer.precision=bf16-mixed"])
     assert out.returncode == 0, out.stderr[-3000:]
     from src.ranking.aggregate import training_settings
 
     assert "trained_precision" not in training_settings(run)  # not a setting runs are ranked on
+
+
+def test_a_sweep_launch_checks_a_null_precision_on_the_device_its_jobs_train_on(tmp_path, cache_dir):
+    """The planner and the launcher run on a login node: a sweep of GPU-trained runs (null resolved to bf16-mixed)
+    relaunched to SLURM with GPUs resumes there, and was refused before launch because this machine has none. A
+    local launch or trainer.accelerator=cpu trains at 32-true: refused by both; a SLURM launch without gpus_per_node
+    may get GPUs through gres, so the job checks it."""
+    import torch
+
+    from src import plan
+    from src.launch.validate import refused_by_run_dir
+    from src.training.prepare import _fingerprint_json, resolve_data
+
+    args = ["-m", *TINY, "loss=rf", f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
+    [job] = plan.plan_sweep(args).jobs
+    with plan._hydra_context():
+        cfg = plan._compose(job.overrides)
+        resolve_data(cfg)
+        stored = _fingerprint_json(cfg)
+    (job.run_dir / "checkpoints").mkdir(parents=True)
+    torch.save({"global_step": 2}, job.run_dir / "checkpoints" / "last.ckpt")
+    (job.run_dir / "fingerprint.json").write_text(json.dumps({**stored, "trained_precision": "bf16-mixed"}))
+
+    refused, errors = "refused: trained at bf16-mixed, trainer.precision=null is 32-true there", {}
+    for launch, status in ((["hydra/launcher=slurm"], "resume"), (["hydra/launcher=slurm_8gpu"], "resume"),
+                           (["hydra/launcher=local"], refused),
+                           (["hydra/launcher=slurm", "trainer.accelerator=cpu"], refused),
+                           (["hydra/launcher=slurm_cpu"], "resume")):
+        [planned] = plan.plan_sweep([*args, *launch]).jobs
+        assert (planned.run_dir, planned.status) == (job.run_dir, status), launch
+        with plan._hydra_context():
+            error = refused_by_run_dir(plan._compose(planned.overrides))
+        assert (error is None) == (status == "resume"), (launch, error)
+        errors[launch[-1]] = error
+    assert str(errors["hydra/launcher=local"]).startswith(f"trainer.precision=null: {job.run_dir} was trained at bf16-mixed, and null is "
+                                 "32-true where this launch trains"), errors
 
 
 # ---- the launcher reads failures back from job processes ------------------------------------------------------------

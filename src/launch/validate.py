@@ -128,7 +128,7 @@ def refused_by_run_dir(cfg: DictConfig) -> ConfigError | None:
     compare or the comparison cannot be made here (the job checks again)."""
     from pathlib import Path
 
-    from src.training.prepare import check_fingerprint, resolve_data
+    from src.training.prepare import check_fingerprint, check_trained_precision, resolve_data
 
     try:
         run_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
@@ -137,11 +137,27 @@ def refused_by_run_dir(cfg: DictConfig) -> ConfigError | None:
         resolved = cfg.copy()
         resolve_data(resolved)  # the data keys of the fingerprint (a bound run's data exist)
         check_fingerprint(resolved, run_dir)
+        here = launch_precision(resolved)  # not this login node's device: the jobs' (None: the job checks)
+        if here is not None:
+            check_trained_precision(resolved, run_dir, here, "where this launch trains")
     except ConfigError as e:
         return e
     except Exception:  # noqa: BLE001 -- left to the job, which reports it in its own way
         return None
     return None
+
+
+def launch_precision(cfg: DictConfig, single: bool = False) -> str | None:
+    """What the launched jobs train at (trainer.precision; null: bf16-mixed on a GPU, else 32-true) where the launch
+    names their device: trainer.accelerator=cpu, a SLURM launch's gpus_per_node, this machine for a local launch or
+    a single run (no -m: no launcher). None for a launch that asks for no GPUs through gpus_per_node (they may come
+    through gres): the job checks."""
+    from src.training.prepare import resolved_precision
+
+    trainer, launcher = cfg.trainer, cfg.hydra.launcher
+    if single or trainer.precision is not None or trainer.accelerator == "cpu" or "gpus_per_node" not in launcher:
+        return resolved_precision(trainer)
+    return "bf16-mixed" if launcher.gpus_per_node else None
 
 
 def misplaced_option(argv: Sequence[str]) -> str | None:

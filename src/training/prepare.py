@@ -527,24 +527,30 @@ def check_fingerprint(cfg: DictConfig, run_dir: Path) -> None:
             "use another sweep_name, give this configuration its own directory with run_tag=/<label>, "
             "or delete the directory"
         )
-    check_trained_precision(cfg, run_dir)
 
 
-def check_trained_precision(cfg: DictConfig, run_dir: Path) -> None:
+def check_trained_precision(cfg: DictConfig, run_dir: Path, here: str, where: str = "here") -> None:
     """trainer.precision=null resolves by device: a run trained on a GPU (bf16-mixed) and resumed on the CPU, or the
-    reverse, would go on at another precision without a word. Checked in the job, where the device is known (not by
-    the planner on a login node)."""
+    reverse, would go on at another precision without a word. here: what null resolves to where the run would go on,
+    known in the job (resolved_precision); the launcher, on a login node, passes what the launch names
+    (src.launch.validate.launch_precision)."""
+    trained = other_trained_precision(cfg, run_dir, here)
+    if trained is not None:
+        raise ConfigError(f"trainer.precision=null: {run_dir} was trained at {trained}, and null is {here} {where} "
+                          f"(bf16-mixed on a GPU, else 32-true); resume it with trainer.precision={trained}, or train "
+                          "anew in another directory")
+
+
+def other_trained_precision(cfg: DictConfig, run_dir: Path, here: str) -> str | None:
+    """The precision run_dir was trained at when trainer.precision=null, resolving to `here`, would resume it at
+    another; else None."""
     if cfg.trainer.precision is not None or not is_bound(run_dir):
-        return
+        return None
     try:
         trained = json.loads((run_dir / "fingerprint.json").read_text()).get(TRAINED_PRECISION)
     except (OSError, ValueError, AttributeError):  # none (a run bound before it was recorded), or named already
-        return
-    here = resolved_precision(cfg.trainer)
-    if trained is not None and trained != here:
-        raise ConfigError(f"trainer.precision=null: {run_dir} was trained at {trained}, and null is {here} here "
-                          f"(bf16-mixed on a GPU, else 32-true); resume it with trainer.precision={trained}, or train "
-                          "anew in another directory")
+        return None
+    return trained if trained is not None and trained != here else None
 
 
 def check_trained_code(cfg: DictConfig, run_dir: Path) -> None:
@@ -600,6 +606,7 @@ def prepare_job(cfg: DictConfig, run_dir: str | Path, multirun: bool = False) ->
     meta = resolve_data(cfg)
     check_decoder(cfg, meta)
     check_fingerprint(cfg, Path(run_dir))
+    check_trained_precision(cfg, Path(run_dir), resolved_precision(cfg.trainer))  # here, where the device is known
     return meta
 
 
