@@ -1,7 +1,8 @@
 """Entry point: `python -m src.run [-m] key=value ...` trains and evaluates recipes (Hydra multirun = a sweep).
 
-A failing job in a multirun writes error.json into its run directory and the sweep goes on; the command ends
-with a summary of the failed jobs and a non-zero exit. Configuration errors are one line, before any work and
+A failing job in a multirun writes error.json into its run directory (one refused, busy, finished already or failing
+before its directory is locked: the sweep's failures.json instead) and the sweep goes on; the command ends with a
+summary of the failed jobs and a non-zero exit. Configuration errors are one line, before any work and
 before any directory is created (src/launch/validate.py); a job refused by its run directory (another
 configuration trained there, another job running there) writes nothing into it.
 """
@@ -25,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from src.config import ConfigError, register_resolvers
 from src.launch.failures import (FAILED, LaunchError, clear_sweep_failure, one_line, record_failure,
                                  record_sweep_failure, summary)
-from src.launch.rundir import RunDirBusy, run_dir_lock, run_log, save_job_config
+from src.launch.rundir import run_dir_lock, run_log, save_job_config
 from src.launch.validate import hydra_error_line, job_name, misplaced_option
 from src.utils.io import atomic_write_json
 
@@ -77,6 +78,7 @@ def _job(cfg: DictConfig) -> dict | None:
     launched = copy.deepcopy(cfg)  # as composed, for .hydra/config.yaml (the job fills in data folders and shapes)
     error_file = run_dir / "error.json"
     finished = False  # a finished run: one that fails now (a relaunch asking for more) leaves its files as they were
+    in_run_dir = False  # the failure is recorded in the run directory (error.json), else in the sweep's failures.json
     try:
         # Everything that can refuse the job, before anything is written into its directory: a refused relaunch
         # leaves a finished run exactly as it was (its error goes to the summary and the sweep's failures.json).
@@ -97,6 +99,7 @@ def _job(cfg: DictConfig) -> dict | None:
                     if not finished:
                         atomic_write_json(error_file, {"type": type(e).__name__, "error": str(e),
                                                        "traceback": traceback.format_exc()})
+                        in_run_dir = True
                 raise
             if finished:
                 error_file.unlink(missing_ok=True)
@@ -107,7 +110,7 @@ def _job(cfg: DictConfig) -> dict | None:
     except Exception as e:
         name = job_name(cfg)
         record_failure(name, one_line(e))
-        if multirun and (finished or isinstance(e, (ConfigError, RunDirBusy))):  # nothing about them in the run dir
+        if multirun and not in_run_dir:  # refused, busy, finished, or failed before its directory was locked
             record_sweep_failure(HydraConfig.get().sweep.dir, name, one_line(e))
         if cfg.fail_fast and multirun:
             raise

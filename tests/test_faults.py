@@ -91,6 +91,26 @@ def test_failing_jobs_are_recorded_and_the_sweep_goes_on(tmp_path, cache_dir):
     assert load_sweep([sweep]).runs.set_index("run_dir").loc[str(diverged), "status"] == "failed"  # its error.json
 
 
+def test_a_job_failing_before_its_directory_is_locked_is_recorded_in_the_sweeps_failures_json(tmp_path):
+    """A job that fails preparing (here its data cache cannot be made: paths.cache_dir is a file) with an error other
+    than a configuration error wrote neither error.json nor the sweep's failures.json: once the command's summary
+    had scrolled by, nothing said it had failed. Where error.json is not written, failures.json is."""
+    (tmp_path / "afile").touch()
+    out = run_cli(["-m", *TINY, f"paths.root_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'afile'}",
+                   "sweep_name=early", "loss=rf,edm", "eval.enabled=false"])
+    assert out.returncode == 1 and "2 job(s) failed:" in out.stderr, out.stderr[-3000:]
+    from src.launch.failures import read_sweep_failures
+    from src.ranking.aggregate import load_sweep
+
+    sweep = tmp_path / "outputs" / "multirun" / "early"
+    failures = read_sweep_failures(sweep)
+    assert sorted(failures) == ["digits/edm_-1.20_1.20", "digits/rf"]
+    assert all(v["error"].startswith("NotADirectoryError: ") for v in failures.values())
+    assert not list(sweep.rglob("error.json"))
+    runs = load_sweep([sweep]).runs
+    assert len(runs) == 2 and (runs["status"] == "failed").all()
+
+
 def test_fail_fast_stops_at_the_first_failed_job_in_one_line(tmp_path, cache_dir):
     """fail_fast=true: the sweep stops at the first failed job and says so with the summary, not a traceback (the
     job's own is in its run.log and error.json)."""
