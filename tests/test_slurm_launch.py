@@ -137,7 +137,8 @@ def test_a_submitit_without_the_script_method_skips_only_the_test_submission(tmp
 
 def test_submission_refused_after_the_check_is_one_line(tmp_path):
     """sbatch takes the test submission but refuses the array (the controller went down in between, a limit on
-    arrays): one line naming the batch and sbatch's words, exit 1, no traceback."""
+    arrays): one line naming the batch and sbatch's words, exit 1, no traceback. The sweep's failures.json names the
+    job with that line, so the rank report says why it has no run (it said: planned but never started)."""
     from src.data.embedded import prepare_embedded
 
     prepare_embedded("digits", tmp_path / "cache" / "data")
@@ -149,6 +150,14 @@ def test_submission_refused_after_the_check_is_one_line(tmp_path):
                                                    "sbatch: error: Batch job submission failed: Invalid job array "
                                                    "specification")
     assert "Traceback" not in out.stderr
+    from src.launch.failures import read_sweep_failures
+    from src.ranking.aggregate import load_sweep
+
+    [sweep_dir] = (tmp_path / "root" / "outputs" / "multirun").iterdir()
+    failures = read_sweep_failures(sweep_dir)
+    assert list(failures) == ["digits/rf"] and failures["digits/rf"]["error"] == out.stderr.strip().splitlines()[-1]
+    [row] = load_sweep([sweep_dir]).runs.to_dict("records")
+    assert row["status"] == "failed" and row["error"].startswith("LaunchError: sbatch did not submit"), row
 
 
 # ---- jobs that end without a result ----------------------------------------------------------------------------------

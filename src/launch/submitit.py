@@ -116,8 +116,10 @@ class CollectingSubmititLauncher(base.BaseSubmititLauncher):
                 jobs = executor.map_array(self, *zip(*job_params))
             except (FailedJobError, OSError) as e:  # sbatch refused or could not run (the preflight passed before)
                 error = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-                raise LaunchError(f"sbatch did not submit the {len(job_params)} job(s) of this batch: {error}") \
-                    from None
+                refused = LaunchError(f"sbatch did not submit the {len(job_params)} job(s) of this batch: {error}")
+                for i in submitted:  # else the rank report lists them as planned but never started
+                    record_sweep_failure(sweep_dir, names[i], f"LaunchError: {refused}")
+                raise refused from None
             log.info("submitted %d job(s): %s", len(jobs), jobs[0].job_id.split("_")[0] if jobs else "")
             record_slurm_jobs(sweep_dir, {names[i]: job.job_id for i, job in zip(submitted, jobs)})
             returns.update(zip(submitted, self._collect_all(jobs, [job_overrides[i] for i in submitted])))
