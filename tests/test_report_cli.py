@@ -222,10 +222,12 @@ def test_a_sweep_given_as_dot_or_dotdot_is_named_by_its_folder(sweep, tmp_path, 
 
 
 def test_markdown_tables_escape_pipes_and_parse_back_cell_for_cell():
-    table = Table(["recipe", "note"], [["a|b", "x | y |"], ["c", ""]])
+    table = Table(["recipe", "note"], [["a|b", "x | y |"], ["c", ""], ["C:\\runs\\", "a\\|b"]])
     text = "intro\n" + table.markdown() + "\n\nafter"
     assert "a\\|b" in text  # the pipe escaped, or it would split the cell
-    assert parse_markdown_table(text) == [{"recipe": "a|b", "note": "x | y |"}, {"recipe": "c", "note": ""}]
+    assert "| C:\\\\runs\\\\ | a\\\\\\|b |" in text  # backslashes too: a trailing one would escape the separator
+    assert parse_markdown_table(text) == [{"recipe": "a|b", "note": "x | y |"}, {"recipe": "c", "note": ""},
+                                          {"recipe": "C:\\runs\\", "note": "a\\|b"}]
     assert "<th>&lt;b&gt;</th>" in Table(["<b>"], [["<i>"]]).html()
     assert "<td>&lt;i&gt;</td>" in Table(["<b>"], [["<i>"]]).html()
 

@@ -49,8 +49,8 @@ def fmt(value, digits: int = 2) -> str:
 
 
 def _md_row(cells) -> str:
-    """One Markdown table row; '|' in cells escaped."""
-    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+    """One Markdown table row; '|' and '\\' in cells escaped (a backslash before '|' would escape the escape)."""
+    return "| " + " | ".join(str(c).replace("\\", "\\\\").replace("|", "\\|") for c in cells) + " |"
 
 
 def _cells(line: str) -> list[str]:
