@@ -214,6 +214,22 @@ def test_a_record_with_a_null_metric_keeps_it_in_every_draw(twin_sweep):
     assert "non-finite" in draws.fixed[0] and np.isnan(draws.fid[:, 0]).all()
 
 
+def test_a_record_of_one_sample_keeps_its_recorded_metrics_in_every_draw(twin_sweep):
+    """One sample has no covariance to resample (eval.n_samples >= 2 is enforced; a hand-made or truncated record):
+    set aside with its recorded values, as a record without arrays is."""
+    recs = json.loads((twin_sweep / "0" / "results.json").read_text())
+    arrays = twin_sweep / "0" / recs[0]["arrays"]
+    with np.load(arrays) as data:
+        kept = {k: data[k][:1] if k in ("clip_scores", "features") else data[k] for k in data.files}
+    np.savez(arrays, **kept)
+    records = load_sweep([twin_sweep]).records
+    row = int(np.flatnonzero((records["arrays"] == str(arrays)).to_numpy())[0])
+    draws = bootstrap_metrics(records, 4, seed=0)
+    assert draws.fixed[row] == "fewer than 2 samples or reference rows"
+    assert np.all(draws.fid[:, row] == records["fid_clip"].iat[row])
+    assert len(draws.fixed) == 1
+
+
 @pytest.mark.parametrize("kwargs, message", [({"draws": 0}, "positive"), ({"confidence": 1.0}, "confidence"),
                                              ({"separation": 0.4}, "separation")])
 def test_bad_bootstrap_settings_raise(twin_sweep, kwargs, message):

@@ -131,6 +131,11 @@ def test_too_few_draws_for_the_separation_are_flagged(sweep, tmp_path):
     assert "Only 2 draws: fewer than 3 cannot show a 60% separation" in text
     _, text = report([sweep, "--bootstrap", "20"], tmp_path / "c")
     assert "Only 20 draws" not in text
+    # 1 / (1 - 0.9) is 10.000000000000002 in floats: 10 draws suffice, 9 do not
+    _, text = report([sweep, "--bootstrap", "10", "--separation", "0.9"], tmp_path / "d")
+    assert "Only 10 draws" not in text
+    _, text = report([sweep, "--bootstrap", "9", "--separation", "0.9"], tmp_path / "e")
+    assert "Only 9 draws: fewer than 10 cannot show a 90% separation" in text
 
 
 def test_a_report_of_one_sampler_never_lands_where_the_full_report_is(tmp_path, monkeypatch):
