@@ -436,3 +436,27 @@ def test_twins_of_a_run_still_queued_say_so_not_that_its_training_failed(tmp_pat
             "this command again, once that job is over, evaluates it") in out.stderr
     assert "failed; rerun the sweep" not in out.stderr
 
+
+
+def test_submitits_sacct_warnings_are_said_once_while_the_launcher_waits(caplog):
+    """On a cluster without accounting every sacct call fails: sacct prints to the console and submitit warns, every
+    few minutes for days of a sweep. The launcher watches the jobs through squeue as well, so it says the first once,
+    with what it means, and submitit's watcher asks sacct no more while the launcher waits."""
+    import logging
+
+    from submitit.slurm.slurm import SlurmJob
+
+    submitit_log, watcher = logging.getLogger("submitit"), SlurmJob.watcher
+    error = "Command '['sacct', '-o', 'JobID,State,NodeList']' returned non-zero exit status 1."
+    with caplog.at_level(logging.WARNING), launch.sacct_warned_once():
+        watcher.register_job("12345")
+        assert watcher._make_command()[0] == "sacct"
+        for call in (1, 2, 3):
+            submitit_log.warning(f"Call #{call} - Bypassing sacct error {error}, status may be inaccurate.")
+            assert watcher._make_command() is None
+        submitit_log.warning("another warning")
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [f"sacct does not answer ({error}); the jobs are watched through squeue instead (a cluster "
+                    "without accounting: expected)", "another warning"]
+    assert not submitit_log.filters and watcher._make_command()[0] == "sacct"  # only while the launcher waits
+    watcher._registered.discard("12345")

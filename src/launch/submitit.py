@@ -14,6 +14,7 @@ errors naming the setting). A relaunch submits no run whose job from an earlier 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -139,7 +140,9 @@ class CollectingSubmititLauncher(base.BaseSubmititLauncher):
     def _collect_all(self, jobs: Sequence, job_overrides: Sequence[Sequence[str]]) -> list[JobReturn]:
         """Every job's JobReturn, in order; Ctrl-C stops the waiting, not the jobs, and says so in one line."""
         try:
-            return [self._collect(job, list(overrides), self._run_name) for job, overrides in zip(jobs, job_overrides)]
+            with sacct_warned_once():
+                return [self._collect(job, list(overrides), self._run_name)
+                        for job, overrides in zip(jobs, job_overrides)]
         except KeyboardInterrupt:
             ids = " ".join(sorted({str(job.job_id).split("_")[0] for job in jobs}))
             raise StoppedWaiting(f"stopped waiting; the sweep's {len(jobs)} job(s) run on in SLURM job {ids} and "
@@ -279,6 +282,43 @@ def squeue_job(job_id: str) -> tuple[str | None, str]:
 #: Reasons a pending job waits for its turn (cluster busy, array_parallelism, a start time): nothing to say. Any other
 #: (drained or down nodes, a partition down, QOS or account limits, a hold) is said once, as it may never pass.
 TURN_REASONS = {"", "None", "Resources", "Priority", "BeginTime", "Dependency", "JobArrayTaskLimit", "Prolog"}
+
+
+class _SacctOnce(logging.Filter):
+    """submitit asks sacct for its jobs' states, and on a cluster without accounting every call fails: sacct prints
+    "Slurm accounting storage is disabled" and submitit warns "Bypassing sacct error ...", every few minutes of a
+    sweep that runs for days. The launcher watches the jobs through squeue as well (wait_for), so the first failure is
+    said once, with what it means, and sacct is not asked again while the launcher waits (watcher: submitit's)."""
+
+    def __init__(self, watcher) -> None:
+        super().__init__()
+        self.watcher, self.said = watcher, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "Bypassing sacct error" not in message:
+            return True
+        if not self.said:
+            self.said = True
+            self.watcher._make_command = lambda: None  # submitit's watcher skips its update without a command
+            log.warning("sacct does not answer (%s); the jobs are watched through squeue instead (a cluster without "
+                        "accounting: expected)", message.split("Bypassing sacct error ", 1)[1].split(", status")[0])
+        return False
+
+
+@contextlib.contextmanager
+def sacct_warned_once():
+    """While the launcher waits for a batch: sacct's failure said once, and sacct not asked again (_SacctOnce)."""
+    from submitit.slurm.slurm import SlurmJob
+
+    submitit_log, watcher = logging.getLogger("submitit"), SlurmJob.watcher
+    once = _SacctOnce(watcher)
+    submitit_log.addFilter(once)
+    try:
+        yield once
+    finally:
+        submitit_log.removeFilter(once)
+        vars(watcher).pop("_make_command", None)
 
 
 def wait_for(job, result_grace_s: float = 30.0, max_poll_s: float = 10.0) -> str | None:
