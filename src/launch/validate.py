@@ -154,7 +154,7 @@ def launch_precision(cfg: DictConfig, single: bool = False) -> str | None:
     through gres): the job checks."""
     from src.training.prepare import resolved_precision
 
-    trainer, launcher = cfg.trainer, cfg.hydra.launcher
+    trainer, launcher = cfg.trainer, OmegaConf.select(cfg, "hydra.launcher", default=None) or {}
     if single or trainer.precision is not None or trainer.accelerator == "cpu" or "gpus_per_node" not in launcher:
         return resolved_precision(trainer)
     return "bf16-mixed" if launcher.gpus_per_node else None
