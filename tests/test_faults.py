@@ -750,3 +750,84 @@ def test_killed_local_sweep_resumes_and_skips(tmp_path, cache_dir):
     assert "Restored all states from the checkpoint" in out.stderr + out.stdout
     assert (first / "results.json").stat().st_mtime_ns == mtime
     assert (second / "results.json").is_file()
+
+
+def _launch_cfg(strategy="ddp", devices=1, batch=8, launcher=None):
+    from omegaconf import OmegaConf
+
+    hydra = {"hydra": {"mode": "RunMode.MULTIRUN", "launcher": launcher}} if launcher else {}
+    return OmegaConf.create({"trainer": {"strategy": strategy, "devices": devices, "num_nodes": 1},
+                             "data": {"batch_size": batch}, **hydra})
+
+
+def test_a_forking_strategy_starts_its_own_ranks_so_is_no_relaunch_and_no_slurm_ranks(monkeypatch):
+    """ddp_fork forks its ranks without re-running the command: allowed in a local multirun, but under SLURM tasks it
+    is a one-process training per task (like ddp_spawn), refused."""
+    from src.launch.checks import check_ranks_for_launcher
+
+    for key in ("SLURM_NTASKS", "SLURM_JOB_NAME", "TORCHELASTIC_RUN_ID", "LOCAL_RANK", "GROUP_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    check_no_relaunch_in_multirun(_launch_cfg("ddp_fork", devices=2), multirun=True)
+    with pytest.raises(ConfigError, match="tasks_per_node=2 .* with trainer.strategy=ddp_fork: SLURM would start"):
+        check_ranks_for_launcher(_launch_cfg("ddp_fork", launcher={"tasks_per_node": 2, "nodes": 1}))
+
+
+def test_a_launcher_with_nodes_null_counts_one_node():
+    """hydra.launcher.nodes=null is SLURM's default, one node: the ranks are the tasks of that one node."""
+    from src.launch.checks import check_batch_over_ranks, check_ranks_for_launcher
+
+    check_ranks_for_launcher(_launch_cfg("auto", launcher={"tasks_per_node": 1, "nodes": None}))
+    check_batch_over_ranks(_launch_cfg(batch=6, launcher={"tasks_per_node": 2, "nodes": None}))
+
+
+def test_check_launch_runs_the_launcher_and_batch_checks():
+    """run.main's one entry to the launch checks: each check it leaves out would let its refusal through."""
+    from src.launch.checks import check_launch
+
+    with pytest.raises(ConfigError, match="SLURM would start 2 copies"):
+        check_launch(_launch_cfg("auto", launcher={"tasks_per_node": 2, "nodes": 1}), multirun=False)
+    with pytest.raises(ConfigError, match="data.batch_size=3: the global batch must divide over the 2 ranks"):
+        check_launch(_launch_cfg(batch=3, launcher={"tasks_per_node": 2, "nodes": 1}), multirun=False)
+
+
+def test_a_run_directory_locked_before_its_holder_wrote_its_name_is_refused_naming_an_unknown_process(tmp_path):
+    """A holder that has the lock but has not written its record yet leaves the file empty: the refusal still says
+    who holds it, as far as is known, rather than an empty pair of parentheses."""
+    import fcntl
+
+    from src.launch.rundir import LOCK_FILE
+
+    with open(tmp_path / LOCK_FILE, "a+") as held:  # another open file: flock refuses it as another process
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RunDirBusy, match=r"in use by another job \(unknown process\); not starting a second"):
+            with run_dir_lock(tmp_path):
+                pass
+
+
+def test_the_run_log_takes_only_the_records_logged_inside_its_block(tmp_path):
+    """run.log is the job's own log: a record logged once the block is over (the next job of a local sweep, in the
+    same process) is not appended to this run's log."""
+    import logging
+
+    from src.launch.rundir import RUN_LOG, run_log
+
+    logger = logging.getLogger("tests.run_log")
+    logger.setLevel(logging.INFO)
+    with run_log(tmp_path):
+        logger.info("inside")
+    logger.info("after")
+    text = (tmp_path / RUN_LOG).read_text()
+    assert "inside" in text and "after" not in text
+
+
+def test_fsdp_checks_take_lightnings_spellings_of_the_strategy():
+    """Lightning takes `strategy=fsdp` by its registered name and the sharding strategy in any case (it upper-cases
+    it): neither is refused or breaks the check."""
+    from omegaconf import OmegaConf
+
+    from src.launch.checks import check_fsdp
+
+    check_fsdp(OmegaConf.create({"trainer": {"strategy": "fsdp"}}))
+    check_fsdp(OmegaConf.create({"trainer": {"strategy": {"_target_": "lightning.pytorch.strategies.FSDPStrategy",
+                                                          "sharding_strategy": "shard_grad_op",
+                                                          "use_orig_params": True}}}))

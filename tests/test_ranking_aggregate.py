@@ -435,3 +435,16 @@ def test_a_damaged_sweep_record_makes_the_sweep_partial_and_writers_keep_it_asid
     notes = load_sweep([sweep]).notes
     assert len(notes) == 2 and notes[0] == f"{sweep / (name + '.damaged')} is a damaged {name} a launch kept aside; " \
                                            "what it recorded is not in this report"
+
+
+def test_every_damaged_copy_a_writer_keeps_aside_stays_on_disk(tmp_path):
+    """A third damaged record is kept as .damaged.2: the copies kept aside earlier are not written over (what each
+    still holds is the user's only trace of its entries)."""
+    from src.launch.sweep_files import damaged_copies, update_sweep_file
+
+    for n in range(3):
+        (tmp_path / "jobs.json").write_text(f'{{"damaged {n}"')
+        update_sweep_file(tmp_path / "jobs.json", lambda entries: {**entries, "a": {"run_dir": "a"}})
+    copies = damaged_copies(tmp_path, "jobs.json")
+    assert [p.name for p in copies] == ["jobs.json.damaged", "jobs.json.damaged.1", "jobs.json.damaged.2"]
+    assert [p.read_text() for p in copies] == ['{"damaged 0"', '{"damaged 1"', '{"damaged 2"']

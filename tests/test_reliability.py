@@ -610,3 +610,102 @@ def test_valid_trainer_and_strategy_settings_pass_the_checks():
     assert fingerprint(compose_cfg(["trainer.precision=16"]))["trainer"]["precision"] == "16-mixed"
     assert fingerprint(compose_cfg(["trainer.precision=bf16"]))["trainer"]["precision"] == "bf16-mixed"
     assert fingerprint(compose_cfg([]))["trainer"]["precision"] is None
+
+
+def test_added_keys_that_stay_allowed_are_not_refused():
+    """`++key` (add or override), `+sweep=NAME` (a config group) and keys added under hydra are meant: only a `+key`
+    under one of the configuration's own sections is read as a typo."""
+    from src.launch.validate import check_added_keys
+
+    check_added_keys(["++train.max_step=1", "+sweep=table1", "+hydra.job.env_set.X=1"])
+    with pytest.raises(ConfigError, match=r"^\+train.max_step=1: train.max_step is not a setting"):
+        check_added_keys(["+train.max_step=1"])
+
+
+def test_a_job_without_a_run_name_is_named_by_its_dataset_and_recipe_overrides():
+    """An invalid recipe forms no run name: the summary names the job by its dataset and loss overrides (with its run
+    tag), or by all its overrides when it sets no loss."""
+    from omegaconf import OmegaConf
+
+    from src.launch.validate import job_name
+
+    cfg = OmegaConf.create({"run_name": "${no_such_key}", "data": {"name": "digits"}})
+    assert job_name(cfg, ["loss=bogus", "optim.lr=1", "run_tag='/optim.lr=1'"]) == "digits/loss=bogus/optim.lr=1"
+    assert job_name(cfg, ["loss=bogus", "+loss.s=2"]) == "digits/loss=bogus,+loss.s=2"
+    assert job_name(cfg, ["optim.lr=1", "seed=2"]) == "optim.lr=1 seed=2"
+
+
+def test_a_launch_without_gpus_per_node_still_knows_a_precision_that_is_set():
+    """trainer.precision set is what every job trains at, wherever it runs: a relaunch into a run trained at another
+    precision is refused before submitting, not left to each job."""
+    from omegaconf import OmegaConf
+
+    from src.launch.validate import launch_precision
+
+    cfg = OmegaConf.create({"trainer": {"precision": "16-mixed", "accelerator": "gpu"},
+                            "hydra": {"launcher": {"gpus_per_node": 0}}})
+    assert launch_precision(cfg) == "16-mixed"
+    cfg.trainer.precision = None
+    assert launch_precision(cfg) is None  # no GPUs asked through gpus_per_node: the job checks
+
+
+def test_a_sweeps_invalid_jobs_are_recorded_before_launching_and_fail_fast_launches_none(tmp_path, monkeypatch):
+    """The sweeper's check of every job: the valid ones are kept (and planned, a job given twice once), the invalid
+    ones go to the summary and to failures.json (a job without a run name marked nameless, replacing an earlier
+    launch's nameless ones); under fail_fast a configuration error launches nothing, and a sweep refused whole
+    writes nothing."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from src.launch import failures, validate
+
+    class Loader:  # a job's configuration: its seed; seed=9 forms no run name (an invalid recipe)
+        def load_sweep_config(self, sweep_config, overrides):
+            seed = int(overrides[0].split("=")[1])
+            return OmegaConf.create({"run_name": "${no_such_key}" if seed == 9 else f"r{seed}", "seed": seed,
+                                     "hydra": {"sweep": {"dir": sweep_config.hydra.sweep.dir, "subdir": f"r{seed}"}}})
+
+    monkeypatch.setattr(validate.HydraConfig, "instance", lambda: SimpleNamespace(cfg=None, set_config=lambda c: None))
+    monkeypatch.setattr(validate, "config_error",
+                        lambda cfg, overrides, multirun: ConfigError("seed: too big") if cfg.seed >= 5 else None)
+    monkeypatch.setattr(validate, "refused_by_run_dir", lambda cfg: None)
+    monkeypatch.setattr(failures, "FAILED", [])
+
+    def check(sweep_dir, seeds, fail_fast=False):
+        sweep = OmegaConf.create({"fail_fast": fail_fast, "hydra": {"sweep": {"dir": str(sweep_dir)}}})
+        planned = {}
+        return validate.check_sweep_jobs(Loader(), sweep, [[[f"seed={s}"] for s in seeds]], planned), planned
+
+    failures.record_sweep_failure(tmp_path / "a", "loss=gone", "ConfigError: an earlier launch's", nameless=True)
+    kept, planned = check(tmp_path / "a", [0, 5, 9, 0])  # seed=0 twice: one run, launched once
+    assert kept == [[["seed=0"]]] and planned == {"r0": {"run_dir": "r0", "overrides": ["seed=0"]}}
+    assert failures.FAILED == [("r5", "ConfigError: seed: too big"), ("seed=9", "ConfigError: seed: too big")]
+    recorded = failures.read_sweep_failures(tmp_path / "a")
+    assert sorted(recorded) == ["r5", "seed=9"] and recorded["seed=9"]["nameless"] and "nameless" not in recorded["r5"]
+    assert check(tmp_path / "b", [0, 5], fail_fast=True)[0] == []
+    assert check(tmp_path / "c", [5, 6])[0] == []
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_hydra_errors_in_one_line_for_a_top_level_key_an_invalid_key_and_a_config_with_no_options():
+    """A typo of a top-level key names the configuration's own settings; a key Hydra refuses as a key is "no such
+    setting", not a bad value; a missing config without options is said in Hydra's words (no empty "allowed:")."""
+    from hydra.errors import CompactHydraException, ConfigCompositionException, MissingConfigException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, KeyValidationError
+
+    from src.launch.validate import hydra_error_line
+
+    def composition(cause, key, parent=None):
+        cause.full_key, cause.parent_node = key, parent
+        error = ConfigCompositionException("composition failed")
+        error.__cause__ = cause
+        return error
+
+    assert hydra_error_line(composition(ConfigKeyError("missing"), "trian", OmegaConf.create({"a": 1, "b": 2}))) == \
+        "trian: no such setting (a typo?); the settings of the configuration: a, b"
+    assert hydra_error_line(composition(KeyValidationError("bad key"), "data.x")) == "data.x: no such setting (a typo?)"
+    missing = MissingConfigException("Cannot find primary config 'nope'", missing_cfg_file="nope", options=[])
+    assert hydra_error_line(missing) == "Cannot find primary config 'nope'"
+    assert hydra_error_line(CompactHydraException(" \n")) is None

@@ -460,3 +460,32 @@ def test_submitits_sacct_warnings_are_said_once_while_the_launcher_waits(caplog)
                     "without accounting: expected)", "another warning"]
     assert not submitit_log.filters and watcher._make_command()[0] == "sacct"  # only while the launcher waits
     watcher._registered.discard("12345")
+
+
+def test_a_boolean_launcher_count_is_refused():
+    """YAML's true is an int to Python: hydra.launcher.nodes=true would be taken as one node, not named as a typo."""
+    with pytest.raises(ConfigError, match=r"^hydra.launcher.nodes=True: not allowed \(nodes per job\)"):
+        launch.check_slurm_params({**PARAMS, "nodes": True})
+
+
+def test_a_time_out_signal_due_at_the_time_limit_itself_is_refused():
+    """signal_delay_s = 60 x timeout_min: the signal comes as the job starts; a second less leaves it a second."""
+    with pytest.raises(ConfigError, match="signal_delay_s=60 with hydra.launcher.timeout_min=1: the time-out signal"):
+        launch.check_slurm_params({**PARAMS, "signal_delay_s": 60, "timeout_min": 1})
+    launch.check_slurm_params({**PARAMS, "signal_delay_s": 59, "timeout_min": 1})
+
+
+def test_a_refusal_of_node_sizes_shows_the_nodes_of_the_partition_asked_for(monkeypatch):
+    """The nodes said are those of hydra.launcher.partition (sinfo -p), not every partition's; an sbatch that says
+    nothing is said as such."""
+    asked = []
+
+    def sinfo(fmt, partition=None):
+        asked.append(partition)
+        return [f"{partition}: 2 node(s) of 8 CPUs"]
+
+    monkeypatch.setattr(launch, "_sinfo", sinfo)
+    error = launch.sbatch_refusal({**PARAMS, "partition": "gpu"}, "Requested node configuration is not available")
+    assert asked == ["gpu"] and str(error).endswith("; the nodes: gpu: 2 node(s) of 8 CPUs")
+    assert str(launch.sbatch_refusal(PARAMS, "\n")) == "hydra.launcher: refused by SLURM (no message); the nodes: " \
+                                                        "None: 2 node(s) of 8 CPUs"

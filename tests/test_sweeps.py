@@ -620,3 +620,57 @@ def test_a_plan_says_why_a_job_shares_a_directory_under_the_default_run_name(tmp
     assert plan.main(["-m", "seed=0,0", *args]) == 0
     out = capsys.readouterr().out
     assert "the same job given twice (equal settings): launched once." in out and "same overrides" not in out
+
+
+def test_a_package_override_is_tagged_under_its_key():
+    """`-m db@backup=a,b` sweeps the key db: each job's run_tag holds its value, or both jobs would share a
+    directory."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from src.launch.sweeper import run_tag, swept_keys
+
+    keys = swept_keys(OverridesParser.create().parse_overrides(["+x@y.z=a,b"]))
+    assert keys == ["x"] and run_tag(["+x@y.z=a"], keys) == "/x=a"
+
+
+@pytest.mark.parametrize("text", ["a\\'b", "c\\", "\\\\'", "d\\\\", "plain"])
+def test_a_run_tag_with_backslashes_is_read_back_by_hydra_as_written(text):
+    """Backslashes before a quote or the closing quote escape it in Hydra's grammar unless doubled: the tag would
+    end early (the job fails to parse) or lose its backslashes (another directory name)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from src.launch.sweeper import _quoted
+
+    assert OverridesParser.create().parse_override(f"run_tag={_quoted(text)}").value() == text
+
+
+def test_a_sweep_without_name_keys_tags_no_recipe_or_dataset_key():
+    """The default run name already names the recipe and the dataset: with no name_keys (no configuration, or one
+    without the key) only the other swept keys are tagged."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from src.launch.sweeper import split_tagged
+
+    overrides = OverridesParser.create().parse_overrides(["loss=rf,edm", "data=digits,shapes", "seed=0,1"])
+    for cfg in (None, OmegaConf.create({"reuse_training": False})):
+        jobs = [job for batch in split_tagged(overrides, None, cfg) for job in batch]
+        assert {job[-1] for job in jobs} == {"run_tag='/seed=0'", "run_tag='/seed=1'"} and len(jobs) == 8
+
+
+def test_a_refusal_names_five_differing_keys_and_counts_the_others():
+    """Two configurations in one run directory: the refusal names the keys that differ, five of them, and how many
+    more there are."""
+    from omegaconf import OmegaConf
+
+    from src.launch.validate import same_run_dir
+
+    keys = "abcdef"
+
+    def cfg(value):
+        return OmegaConf.create({"hydra": {"sweep": {"subdir": "d"}}, **{k: value for k in keys}})
+
+    runs = {}
+    assert same_run_dir(cfg(1), ["x=1"], runs) is None
+    same = same_run_dir(cfg(2), ["x=2"], runs)
+    assert same.refused and "whose settings differ (a, b, c, d, e and 1 more)" in same.line
