@@ -46,6 +46,25 @@ def test_digits_captions_use_the_class_names(digit_splits):
     assert digit_splits["train"].captions[:3] == ["a photo of a number zero", "a photo of a 1", "a photo of a two"]
 
 
+def test_digit_pixels_map_zero_to_sixteen_onto_minus_one_to_one_smoothly():
+    """The 8x8 originals' 0..16 ink levels span [-1, 1] exactly (8 is mid-grey), and upsampling is bilinear:
+    an isolated dot gives intermediate values, not a blocky 2x2 copy."""
+    levels = torch.tensor([0.0, 8.0, 16.0])[:, None].expand(-1, 64).numpy()
+    flat = digits.upsample_digits(levels)
+    assert flat.shape == (3, 1, 16, 16)
+    assert flat[0].eq(-1).all() and flat[1].eq(0).all() and flat[2].eq(1).all()
+    dot = torch.zeros(1, 64)
+    dot[0, 27] = 16.0
+    values = digits.upsample_digits(dot.numpy()).unique()
+    assert ((values > -0.99) & (values < 0.99)).sum() >= 2
+
+
+def test_zero_has_the_extra_name_nought():
+    """Class 0 is also "nought", so its captions are one more than the other digits'."""
+    captions = digits.class_captions()
+    assert "a photo of a nought" in captions[0] and len(captions[0]) == len(captions[1]) + 1
+
+
 def test_digits_deterministic_and_seed_changes_captions(digit_splits):
     again = digits.load_digits_split("eval")
     assert again.captions == digit_splits["eval"].captions
@@ -105,6 +124,21 @@ def test_shape_masks_are_distinct():
                 assert (masks[a] != masks[b]).mean() > 0.05
     with pytest.raises(ValueError, match="shape='hexagon'"):
         shapes.shape_mask("hexagon", xx, yy, 3.0)
+
+
+def test_render_draws_a_shape_of_its_radius_centred_where_asked():
+    """A circle of radius 3 covers about 9 pi pixels, centred on the requested point to a small fraction of a pixel:
+    the scene described by the caption is the scene drawn, at every image size."""
+    import math
+
+    image = shapes.render((1.0, 1.0, 1.0), "circle", (8.0, 8.0), 3.0, background=0.0)
+    coverage = torch.from_numpy(image[0])
+    assert coverage.sum().item() == pytest.approx(9 * math.pi, rel=0.03)
+    grid = torch.arange(16.0) + 0.5
+    assert (coverage.sum(0) * grid).sum() / coverage.sum() == pytest.approx(8.0, abs=0.01)
+    assert (coverage.sum(1) * grid).sum() / coverage.sum() == pytest.approx(8.0, abs=0.01)
+    square = shapes.render((1.0, 1.0, 1.0), "square", (8.0, 8.0), 3.0, background=0.0)
+    assert square[0].sum() == pytest.approx((2 * 0.85 * 3.0) ** 2, rel=0.05)  # sampled at quarter pixels
 
 
 def test_all_captions_fit_the_tiny_clip_context():

@@ -202,6 +202,49 @@ def test_class_names_formats(tmp_path):
         read_class_names(tmp_path / "nope.txt")
 
 
+def test_keras_class_index_labels_follow_the_numbers_and_names_lose_underscores(tmp_path):
+    """Keras' imagenet_class_index.json keys are "0".."999": label 10 follows 9 (not "1"), and its names are
+    written with underscores ("great_white_shark") where captions need spaces."""
+    keras = tmp_path / "imagenet_class_index.json"
+    keras.write_text(json.dumps({str(i): [f"n{i:08d}", f"class_{i}"] for i in range(12)}))
+    names = read_class_names(keras)
+    assert list(names) == [f"n{i:08d}" for i in range(12)]
+    assert names["n00000010"] == ["class 10"]
+
+
+def test_tsv_rows_keep_local_paths_among_urls_and_trim_captions(tmp_path):
+    """Only the first line can be a header; a TSV that mixes URLs with local files is read (its URL rows are skipped
+    when read), and a caption's surrounding spaces are no part of it."""
+    from src.preprocess.sources import TsvSource
+
+    (tmp_path / "0.jpg").write_bytes(image_bytes(0))
+    tsv = tmp_path / "mixed.tsv"
+    tsv.write_text("path\tcaption\nhttp://example.com/a.jpg\ta url\n0.jpg\t  a local image  \r\nfile\ttext\n")
+    source = TsvSource(tsv)
+    assert len(source) == 3 and source.describe(2) == "file"
+    record = source.read(1)
+    assert record.caption == "a local image" and record.key == "0.jpg"
+
+
+def test_tar_samples_are_keyed_at_the_first_dot_and_extensions_any_case(tmp_path, monkeypatch):
+    """webdataset: a sample's extra components ("k.seg.png") belong to sample k, and "K.JPG" is an image; tars in a
+    folder are read in name order, so item indices do not depend on the file system's listing order."""
+    from src.preprocess.sources import list_tars
+
+    for name in ("b.tar", "a.tar"):
+        with tarfile.open(tmp_path / name, "w") as tf:
+            _add(tf, "k.JPG", image_bytes(1))
+            _add(tf, "k.seg.png", image_bytes(2, "PNG"))
+            _add(tf, "k.TXT", f"caption of {name}".encode())
+    glob = Path.glob
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: sorted(glob(self, pattern), reverse=True))
+    assert list_tars(tmp_path) == [tmp_path / "a.tar", tmp_path / "b.tar"]
+    monkeypatch.undo()
+    tars = TarSource(tmp_path)
+    assert len(tars) == 2 and [tars.describe(i) for i in range(2)] == ["a.tar:k", "b.tar:k"]
+    assert tars.read(1).caption == "caption of b.tar"
+
+
 def test_resize_center_crop_keeps_the_centre():
     array = np.zeros((40, 80, 3), np.uint8)
     array[:, 20:60] = 255  # a white centre square in a wide image
@@ -212,6 +255,62 @@ def test_resize_center_crop_keeps_the_centre():
     assert pixels.shape == (3, 16, 16) and pixels.min() >= -1 and pixels.max() <= 1
     with pytest.raises(Exception):
         decode_image(CORRUPT, 16)
+
+
+def test_decoded_pixels_keep_rows_as_rows_and_tall_images_keep_their_centre():
+    """(3, H, W) with row 0 at the top: a transposed or top-anchored crop would train on rotated/shifted images."""
+    tall = np.zeros((80, 40, 3), np.uint8)
+    tall[20:60] = 255  # a white centre square in a tall image
+    assert np.asarray(resize_center_crop(Image.fromarray(tall), 16)).min() > 200
+    top_white = np.zeros((32, 32, 3), np.uint8)
+    top_white[:16] = 255
+    buf = io.BytesIO()
+    Image.fromarray(top_white).save(buf, format="PNG")
+    pixels = decode_image(buf.getvalue(), 16)
+    assert (pixels[:, :7] > 0.9).all() and (pixels[:, 9:] < -0.9).all()
+
+
+def test_exif_orientation_is_applied_before_cropping():
+    """Camera photos store pixels sideways with an EXIF rotation; the decoded image is the one a viewer shows."""
+    array = np.zeros((16, 32, 3), np.uint8)
+    array[:, :16] = 255  # left half white as stored
+    image = Image.fromarray(array)
+    exif = image.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    stored, upright = io.BytesIO(), io.BytesIO()
+    image.save(stored, format="PNG", exif=exif)
+    image.transpose(Image.Transpose.ROTATE_270).save(upright, format="PNG")
+    torch.testing.assert_close(decode_image(stored.getvalue(), 16), decode_image(upright.getvalue(), 16))
+
+
+def test_sixteen_bit_grey_maps_full_scale_onto_eight_bits_exactly():
+    """65535 is white and k * 257 is exactly k: a 16-bit scan gives the same pixels as its 8-bit version."""
+    from src.preprocess.images import to_rgb
+
+    levels = np.array([[0, 257 * 100, 257 * 200, 65535]], np.uint16)
+    rgb = np.asarray(to_rgb(Image.fromarray(levels)))
+    assert rgb[0, :, 0].tolist() == [0, 100, 200, 255] and rgb.shape == (1, 4, 3)
+
+
+def test_unreadable_items_give_one_short_log_line():
+    """A skip record's error is one line of at most 300 characters: the skip log holds one line per item."""
+    from src.preprocess.images import PreparedImages, collate_prepared
+
+    class Broken:
+        def __len__(self):
+            return 1
+
+        def read(self, index):
+            raise OSError("first line\nsecond line " + "x" * 1000)
+
+        def describe(self, index):
+            return f"item {index}"
+
+    record = PreparedImages(Broken(), 16)[0]
+    assert record["index"] == 0 and record["source"] == "item 0"
+    assert record["skip"].startswith("OSError: first line second line") and len(record["skip"]) == 300
+    batch = collate_prepared([record])
+    assert batch["pixels"] is None and batch["skipped"] == [{"index": 0, "source": "item 0", "error": record["skip"]}]
 
 
 def test_sources_enumerate_layouts(tmp_path):
@@ -301,6 +400,43 @@ def test_combined_text_encoder_layout():
         CombinedTextEncoder([Fake("l", 5, 3, 2), Fake("g", 6, 4, 3)])
 
 
+def test_text_cache_encodes_each_new_caption_once_and_evicts_the_least_recent():
+    """ImageNet batches repeat captions: each distinct unseen caption is encoded once, the cache keeps the most
+    recently used ones, 0 disables it, and the hit/miss counts printed at the end are right."""
+    from src.preprocess.text import CachedTextEncoder
+
+    calls = []
+
+    def encoder(captions):
+        calls.append(list(captions))
+        ids = torch.tensor([float(ord(c[0])) for c in captions])
+        return ids[:, None, None].expand(-1, 2, 3), ids[:, None].expand(-1, 4)
+
+    cached = CachedTextEncoder(encoder, max_entries=2)
+    context, pooled = cached(["a", "b", "a"])
+    assert calls == [["a", "b"]] and context.shape == (3, 2, 3) and context.dtype == torch.float16
+    assert pooled[:, 0].tolist() == [ord("a"), ord("b"), ord("a")]
+    assert (cached.hits, cached.misses) == (1, 2)
+    cached(["a", "c"])  # "a" used again: "b" is the least recently used and goes
+    assert calls[-1] == ["c"] and list(cached.cache) == ["a", "c"]
+    cached(["a"])
+    assert calls[-1] == ["c"] and (cached.hits, cached.misses) == (3, 3)
+    off = CachedTextEncoder(encoder, max_entries=0)
+    off(["a"]), off(["a"])
+    assert calls[-2:] == [["a"], ["a"]] and not off.cache
+    with pytest.raises(ValueError, match="text_cache=-1"):
+        CachedTextEncoder(encoder, max_entries=-1)
+
+
+def test_t5_length_below_one_is_refused_before_loading(tmp_path):
+    """t5_length=0 would give an empty T5 sequence; it is refused before the (large) model loads."""
+    from src.preprocess.text import T5TextEncoder
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="t5_length=0"):
+        T5TextEncoder(tmp_path, max_length=0)
+
+
 def test_latent_sample_is_seeded_per_item(models):
     from src.preprocess.autoencoders import DiffusersAutoencoder
 
@@ -311,6 +447,25 @@ def test_latent_sample_is_seeded_per_item(models):
     assert (vae.encode(pixels[1:], [7], seed=0)[0] - both[1]).abs().max() > 0.01
     mean = DiffusersAutoencoder(models["vae"]).encode(pixels)
     assert mean.shape == both.shape == (2, 4, 8, 8) and not torch.equal(mean, both)
+
+
+def test_latent_noise_stream_downsample_and_autoencoder_files(tmp_path, models):
+    """Sampled latents draw their noise from (seed + 1, index), apart from the caption choice's (seed, index); a
+    batch needs one index per image; the recorded downsample is the VAE's (16 px -> 8); only weight-file suffixes
+    are taken as single-file autoencoders."""
+    from src.preprocess.autoencoders import DiffusersAutoencoder, check_autoencoder_path, sample_latents
+    from src.preprocess.sources import item_rng
+
+    noise = sample_latents(torch.zeros(1, 2, 2, 2), torch.ones(1, 2, 2, 2), [3], seed=0)[0]
+    assert torch.equal(noise, torch.from_numpy(item_rng(1, 3).standard_normal((2, 2, 2), dtype=np.float32)))
+    vae = DiffusersAutoencoder(models["vae"], latent="sample")
+    assert vae.downsample == 2 and vae.describe()["autoencoder_downsample"] == 2
+    with pytest.raises(ValueError, match="one item index per image"):
+        vae.encode(torch.zeros(2, 3, RES, RES), [5])
+    notes = tmp_path / "vae.txt"
+    notes.write_text("not weights")
+    with pytest.raises(ValueError, match="has suffix '.txt'"):
+        check_autoencoder_path(str(notes), str(tmp_path))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -535,3 +690,23 @@ def test_missing_inputs_fail_before_any_work(tmp_path, models, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_every_cli_option_reaches_the_config():
+    """Each command-line option lands in its own PreprocessConfig field (none defaulted or taken from another)."""
+    from src.preprocess.__main__ import build_parser, config_from_args
+
+    args = build_parser().parse_args([
+        "cc12m", "--tsv", "t.tsv", "--out", "o", "--resolution", "32", "--autoencoder", "vae", "--autoencoder-config",
+        "cfg", "--latent", "sample", "--clip", "m", "w.pt", "--t5", "t5", "--t5-length", "9", "--chunk-size", "7",
+        "--batch-size", "5", "--num-workers", "3", "--seed", "11", "--no-shuffle", "--stats-from", "s",
+        "--device", "cpu", "--precision", "bfloat16", "--autoencoder-precision", "float16", "--text-cache", "13",
+        "--max-chunks", "2", "--no-progress", "--part", "1/4"])
+    cfg = config_from_args(args)
+    assert (cfg.out, cfg.resolution, cfg.autoencoder, cfg.autoencoder_config, cfg.latent) == \
+        ("o", 32, "vae", "cfg", "sample")
+    assert (cfg.clip, cfg.t5, cfg.t5_length, cfg.chunk_size, cfg.batch_size, cfg.num_workers, cfg.seed) == \
+        ([("m", "w.pt")], "t5", 9, 7, 5, 3, 11)
+    assert (cfg.shuffle, cfg.stats_from, cfg.device, cfg.precision, cfg.autoencoder_precision) == \
+        (False, "s", "cpu", "bfloat16", "float16")
+    assert (cfg.text_cache, cfg.max_chunks, cfg.progress, cfg.part, cfg.parts) == (13, 2, False, 1, 4)

@@ -480,3 +480,30 @@ def test_a_state_written_before_content_hashes_still_resumes(tmp_path, models, c
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"known by content (tsv={str(tsv)!r} by its name and size only)" in err, err
         assert "use a new output folder or delete" in err and files_of(out) == before
+
+
+def test_each_setting_out_of_range_is_refused_by_name():
+    """validate() names the first setting out of range, at its boundary, before any model or file is touched."""
+    from src.preprocess import PreprocessConfig
+
+    ok = dict(out="unused", clip=[("tiny", "w.pt")], device="cpu")
+    PreprocessConfig(**ok, num_workers=0, parts=2, part=1).validate()
+    cases = [({"num_workers": -1}, "num_workers=-1"), ({"chunk_size": 0}, "chunk_size=0"),
+             ({"batch_size": 0}, "batch_size=0"), ({"resolution": 0}, "resolution=0"),
+             ({"t5_length": 0}, "t5_length=0"), ({"parts": 2, "part": 2}, "part=2/2"),
+             ({"part": -1}, "part=-1/1"), ({"latent": "mode"}, "latent='mode'"),
+             ({"precision": "fp8"}, "precision='fp8'"), ({"clip": []}, "clip is empty")]
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            PreprocessConfig(**{**ok, **change}).validate()
+
+
+def test_skip_log_lists_items_in_index_order(tmp_path):
+    """Chunks finish in any order (parts, workers): the log is sorted by item index, one line per skipped item."""
+    from src.preprocess.pipeline import SKIP_LOG, _write_skip_log
+
+    _write_skip_log(tmp_path, [{"index": 9, "source": "b.jpg", "error": "OSError: x"},
+                               {"index": 2, "source": "a.jpg", "error": "OSError: y"}], 10)
+    lines = (tmp_path / SKIP_LOG).read_text().splitlines()
+    assert lines[0].startswith("# 2 of 10 items skipped")
+    assert lines[1:] == ["2\ta.jpg\tOSError: y", "9\tb.jpg\tOSError: x"]

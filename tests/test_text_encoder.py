@@ -135,3 +135,30 @@ def test_clip_pixels_repeats_grey_and_resizes():
     assert tiny_clip.clip_pixels(torch.full((2, 3, 16, 16), 3.0)).max() == 1.0
     with pytest.raises(ValueError, match="images of shape"):
         tiny_clip.clip_pixels(torch.zeros(2, 4, 16, 16))
+
+
+def test_sidecar_records_the_saved_dtype(random_weights):
+    """Readers of the sidecar learn the stored precision from it (the weights are float16, not the model's float32)."""
+    path, _, _ = random_weights
+    assert read_sidecar(path)["dtype"] == "float16"
+    assert all(v.dtype == torch.float16 for v in torch.load(path).values() if v.is_floating_point())
+
+
+def test_explicit_arguments_win_over_the_sidecar(random_weights, tmp_path):
+    """The sidecar supplies defaults only: a caller's checksum and preprocessing settings are the ones used."""
+    path, _, _ = random_weights
+    copy = tmp_path / "random_clip.pt"
+    shutil.copy(path, copy)
+    shutil.copy(path.with_suffix(".json"), copy.with_suffix(".json"))
+    with pytest.raises(ValueError, match="expected 0000"):
+        load_open_clip(tiny_clip.MODEL_NAME, copy, sha256="0" * 64)
+    model, _ = load_open_clip(tiny_clip.MODEL_NAME, copy, image_mean=(0.1, 0.2, 0.3))
+    assert tuple(model.visual.preprocess_cfg["mean"]) == (0.1, 0.2, 0.3)
+    assert tuple(model.visual.preprocess_cfg["std"]) == tiny_clip.IMAGE_STD
+
+
+def test_clip_pixels_clamps_below_too_and_refuses_unbatched_images():
+    """Out-of-range pixels are clipped to [-1, 1] on both sides; a tensor without a batch dimension is refused."""
+    assert tiny_clip.clip_pixels(torch.full((2, 3, 16, 16), -3.0)).min() == -1.0
+    with pytest.raises(ValueError, match="images of shape"):
+        tiny_clip.clip_pixels(torch.zeros(2, 3, 16))
