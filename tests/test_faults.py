@@ -394,6 +394,14 @@ def test_an_atomic_write_replaces_the_file_whole_or_leaves_it_as_it_was(tmp_path
     assert json.loads(path.read_text()) == {"b": 2} and os.listdir(path.parent) == ["results.json"]
 
 
+def test_first_line_of_an_exception_is_its_first_message_line_or_its_type():
+    """Failure summaries are one line: the first line of a multi-line library message, the type for an empty one."""
+    from src.utils.io import first_line
+
+    assert first_line(RuntimeError("\n  CUDA out of memory.\nTried to allocate 2 GiB\n")) == "CUDA out of memory."
+    assert first_line(KeyError()) == "KeyError"
+
+
 def test_stale_temp_files_are_removed_but_not_in_skipped_folders(tmp_path):
     """remove_stale_temp_files deletes this module's temp names (temp_sibling's among them) and nothing else; it does
     not enter wandb/ (another library's files)."""

@@ -116,6 +116,33 @@ def plugins(tmp_path, monkeypatch):
     return tmp_path
 
 
+def test_module_digest_names_a_package_by_all_its_code_and_nothing_else(tmp_path, monkeypatch):
+    """A run is tied to the code of an outside package: every .py file under it, its subpackages' too, counts
+    (an edit anywhere changes the digest); files that are not its code (notes, a folder without __init__.py)
+    do not; a module is named by its own file; a name with no source is 'unknown'."""
+    from src.utils.plugins import module_digest
+
+    pkg = tmp_path / "digestpkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "venv").mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "core.py").write_text("X = 1\n")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "deep.py").write_text("Y = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "digestpkg", raising=False)
+    first = module_digest("digestpkg")
+    assert first.startswith("digestpkg/:")
+    (pkg / "notes.txt").write_text("not code")
+    (pkg / "venv" / "lib.py").write_text("Z = 1\n")
+    assert module_digest("digestpkg") == first
+    (pkg / "sub" / "deep.py").write_text("Y = 2\n")
+    assert module_digest("digestpkg") != first
+    assert module_digest("digestpkg.core").startswith("core.py:") and len(module_digest("digestpkg.core")) == 8 + 12
+    assert module_digest("digestpkg.core.attr") == "unknown"  # a module is no package: nothing under it
+    assert module_digest("digestpkg.absent") == "unknown" and module_digest("no_such_top_level_module") == "unknown"
+
+
 @pytest.mark.parametrize("family, message", [
     ("plugins:unweighted", "formulation rf/plugin (plugins:unweighted) breaks what every formulation must satisfy: "
                            "loss is not w_eps(t)"),

@@ -396,6 +396,38 @@ def test_weights_sha256_is_computed_once_per_file_version(tmp_path, monkeypatch)
     assert json.loads((cache / io.WEIGHTS_SHA256_FILE).read_text())
 
 
+def test_a_weights_file_written_to_while_hashed_is_not_remembered(tmp_path, monkeypatch):
+    """A checksum of a file that changed under the read belongs to no one version: neither the process nor the cache
+    folder may keep it, or a later launch would trust it."""
+    from src.utils import io
+
+    def hash_then_append(p, real=io.sha256_file):
+        sha = real(p)
+        with open(p, "ab") as f:
+            f.write(b"more")
+        return sha
+
+    monkeypatch.setattr(io, "sha256_file", hash_then_append)
+    monkeypatch.setattr(io, "_SHA256", {})
+    weights, cache = tmp_path / "w.pt", tmp_path / "cache"
+    weights.write_bytes(b"1" * 1000)
+    io.weights_sha256(weights, cache)
+    assert io._SHA256 == {} and not (cache / io.WEIGHTS_SHA256_FILE).exists()
+
+
+def test_json_stores_keep_every_entry_and_read_a_non_object_as_empty(tmp_path):
+    """A cache file of entries by key: a second update adds to the first; a file that is valid JSON but not an
+    object (damaged, or another tool's) reads as no entries rather than breaking the lookups."""
+    from src.utils.io import read_json_store, update_json_store
+
+    store = tmp_path / "store.json"
+    update_json_store(store, {"a": 1})
+    assert update_json_store(store, {"b": 2}) == {"a": 1, "b": 2}
+    assert read_json_store(store) == {"a": 1, "b": 2}
+    store.write_text("[1, 2]")
+    assert read_json_store(store) == {}
+
+
 @pytest.mark.parametrize("damage", ["truncated", "empty", "not npz", "arrays missing"])
 def test_an_unreadable_reference_cache_is_computed_again(tmp_path, caplog, damage):
     """A damaged cache file (this project writes it atomically: something else damaged it) is a miss: one warning

@@ -123,6 +123,75 @@ def test_console_filter_keeps_errors_and_project_warnings_unless_verbose():
     assert all(verbose.filter(_record(n, logging.INFO)) for n in ("root", "py.warnings", "src.x"))
 
 
+def test_format_duration_at_the_unit_boundaries_and_for_impossible_values():
+    """60 s is a minute, 3600 s an hour (never '60 s' or '60 min 00 s'); a negative or infinite estimate is unknown."""
+    assert [format_duration(s) for s in (59.4, 59.6, 60, 3599, 3600)] == \
+        ["59 s", "1 min 00 s", "1 min 00 s", "59 min 59 s", "1 h 00 min"]
+    assert format_duration(-1.0) == "?" and format_duration(float("inf")) == "?"
+
+
+def test_a_dumb_terminal_gets_plain_lines(monkeypatch):
+    """TERM=dumb (Emacs shells, some CI consoles) cannot redraw a bar: plain lines there."""
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setenv("TERM", "xterm")
+    assert Progress(1, "x", stream=Tty()).terminal
+    monkeypatch.setenv("TERM", "dumb")
+    assert not Progress(1, "x", stream=Tty()).terminal
+
+
+def test_plain_line_without_progress_or_total_shows_no_rate_or_percentage():
+    """A stalled phase shows no '0 step/s' (and no time left); a phase of zero units shows no percentage."""
+    clock = Clock()
+    p = Progress(10, "train", unit="step", stream=io.StringIO(), terminal=False, clock=clock)
+    p.update(5)
+    clock.t = 10.0
+    p.update(5)
+    assert p.rate() is None and p.line() == "train 5/10 (50%)"
+    assert Progress(0, "eval", stream=io.StringIO(), terminal=False).line() == "eval 0/0"
+
+
+def test_sweep_progress_new_plan_forgets_old_durations_and_drops_never_go_below_zero():
+    """A new sweep in the same process starts without an estimate; failed jobs do not enter the mean; dropping more
+    jobs than planned leaves no total rather than 'job 1/-2'."""
+    clock = Clock()
+    sweep = SweepProgress(stream=io.StringIO(), clock=clock)
+    sweep.planned(2)
+    sweep.start(0, "a")
+    clock.t = 60.0
+    sweep.finish()
+    sweep.start(1, "b")
+    clock.t = 90.0
+    sweep.finish(failed=True)
+    assert sweep.durations == [60.0]
+    sweep.planned(2)
+    assert sweep.start(0, "c") == "job 1/2: c"
+    sweep.drop(5)
+    assert sweep.total == 0 and sweep.start(0, "d") == "job 1: d"
+
+
+def test_evaluation_hook_starts_a_new_display_when_the_number_of_settings_changes():
+    """The next evaluation (another run, another count of settings) is counted against its own total."""
+    clock, out = Clock(), io.StringIO()
+    hook = evaluation_hook(out, terminal=False, clock=clock)
+    hook(1, 4, "a", 10, 1.0)
+    hook(1, 2, "b", 10, 1.0)
+    assert out.getvalue().splitlines()[-1].startswith("  eval 1/2 (50%), setting b")
+
+
+def test_console_filter_lets_console_lines_and_the_src_logger_through():
+    """Lines logged with extra={"console": True} (a relaunch's decision) reach the console at INFO; the package logger
+    'src' itself counts as the project; verbose=1 or yes (shell spellings) means verbose."""
+    quiet = ConsoleFilter(False)
+    record = _record("src.run", logging.INFO)
+    record.console = True
+    assert quiet.filter(record)
+    assert quiet.filter(_record("src", logging.WARNING)) and not quiet.filter(_record("srcery", logging.WARNING))
+    assert ConsoleFilter("1").verbose and ConsoleFilter("yes").verbose and not ConsoleFilter("no").verbose
+
+
 # ---- the real command --------------------------------------------------------------------------------------------
 TINY = [
     "model.depth=1", "model.hidden_size=32", "model.num_heads=2", "data.batch_size=16", "data.val_samples=32",

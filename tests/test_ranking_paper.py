@@ -64,3 +64,60 @@ def test_paper_top_three_in_our_top_five():
     assert top_overlap(ours, theirs) == 2
     ours_tied = np.array([5.0, 1.0, 1.0, 1.0, 1.0, 5.0, 7.0])  # a tie at the boundary counts in
     assert top_overlap(ours_tied, theirs) == 3
+
+
+PAPER_ORDER = list(PAPER_TABLE1)  # Table 1 is sorted by its "all" column
+
+
+def test_top_three_overlap_needs_more_recipes_than_our_top_five():
+    """With five shared recipes or fewer every paper top-3 recipe is trivially in our top 5: the report must say
+    nothing (NaN) rather than a perfect 3."""
+    five = spearman_vs_paper(frame(dict(zip(PAPER_ORDER[:5], [1.0, 2.0, 3.0, 4.0, 5.0]))))
+    assert five["paper top 3 in our top 5"].isna().all()
+    six = spearman_vs_paper(frame(dict(zip(PAPER_ORDER[:6], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])))).set_index("column")
+    assert six.loc["all", "paper top 3 in our top 5"] == 3
+
+
+def test_spearman_vs_paper_compares_every_column_the_ranks_have():
+    """A sweep without an all-settings column still gets its 5- and 50-step comparisons (a missing column is
+    skipped, not the end of the table)."""
+    ranks = frame(dict(zip(PAPER_ORDER[:4], [1.0, 2.0, 3.0, 4.0])))[["5 steps", "50 steps"]]
+    assert spearman_vs_paper(ranks)["column"].tolist() == ["5 steps", "50 steps"]
+
+
+def test_spearman_draws_interval_over_draws_with_recipes_the_draws_leave_unranked_left_out():
+    """The percentile interval of the per-draw Spearman correlation: one draw in Table 1's order (rho 1) and one
+    reversed (rho -1) give the central 90% [-0.9, 0.9]; a draw with all ranks tied has no correlation and is left
+    out, as is a recipe with no finite draw; the three recipes left are enough for an interval but too few for the
+    top-3 overlap."""
+    from src.ranking.paper import spearman_draws
+
+    recipes = PAPER_ORDER[:4] + ["mine"]
+    draws = np.array([[1.0, 2.0, 3.0, np.nan, 9.0], [3.0, 2.0, 1.0, np.nan, 9.0], [5.0, 5.0, 5.0, np.nan, 9.0]])
+    result = spearman_draws({c: draws for c in ("all", "5 steps", "50 steps")}, recipes).set_index("column")
+    assert result.loc["all", "lo"] == pytest.approx(-0.9) and result.loc["all", "hi"] == pytest.approx(0.9)
+    assert result["top 3 in top 5 (mean over draws)"].isna().all()
+    wide = spearman_draws({c: draws for c in ("all", "5 steps", "50 steps")}, recipes, confidence=0.5)
+    assert wide.set_index("column").loc["all", "hi"] == pytest.approx(0.5)
+
+
+def test_spearman_draws_top_overlap_is_averaged_over_draws_with_more_than_five_recipes():
+    """The top-3-in-top-5 figure is the mean over draws, and only with more than five shared recipes."""
+    from src.ranking.paper import spearman_draws
+
+    in_order, reversed_ = np.arange(1.0, 7.0), np.arange(6.0, 0.0, -1.0)
+    draws = {c: np.stack([in_order, reversed_]) for c in ("all", "5 steps", "50 steps")}
+    result = spearman_draws(draws, PAPER_ORDER[:6]).set_index("column")
+    assert result.loc["all", "top 3 in top 5 (mean over draws)"] == pytest.approx((3 + 2) / 2)
+    five = spearman_draws({c: d[:, :5] for c, d in draws.items()}, PAPER_ORDER[:5])
+    assert five["top 3 in top 5 (mean over draws)"].isna().all()
+
+
+def test_spearman_draws_correlates_with_table1_ties_as_long_as_two_values_differ():
+    """At 50 steps Table 1 ties eps/linear and rf/mode(1.75) (2.75); with rf (5.75) the three still have an order
+    to correlate with."""
+    from src.ranking.paper import spearman_draws
+
+    draws = np.array([[1.0, 2.0, 3.0], [1.0, 1.0, 3.0]])
+    result = spearman_draws({c: draws for c in ("all", "5 steps", "50 steps")}, ["eps/linear", "rf/mode(1.75)", "rf"])
+    assert np.isfinite(result.set_index("column").loc["50 steps", ["lo", "hi"]].astype(float)).all()

@@ -9,7 +9,7 @@ import pytest
 from src.ranking.aggregate import average_ranks, load_sweep, pool_seeds, rank_table, setting_groups
 from src.ranking.report import build_report, latest_sweep, main, markdown
 from src.ranking.synthetic import write_synthetic_sweep
-from src.ranking.tables import Table, parse_markdown_table
+from src.ranking.tables import Table, fmt, parse_markdown_table
 from tests import warm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,3 +236,52 @@ def test_markdown_tables_escape_pipes_and_parse_back_cell_for_cell():
 def test_parse_markdown_table_refuses_text_without_a_header_separator(text):
     with pytest.raises(ValueError, match="no Markdown table"):
         parse_markdown_table(text)
+
+
+def test_fmt_writes_a_dash_for_a_missing_or_non_finite_number():
+    """Table cells for a value the report lacks (None, NaN, an infinite ratio) read '-', never 'nan' or 'inf'."""
+    assert [fmt(None), fmt(float("nan")), fmt(float("inf")), fmt(-float("inf"))] == ["-"] * 4
+    assert fmt(1.23456) == "1.23" and fmt(2, digits=1) == "2.0"
+
+
+def test_spearman_line_gives_each_columns_correlation_interval_and_top_three_or_why_not():
+    """The paper-comparison sentence: rho with p, shared count and bootstrap interval where finite; 'n/a' with the
+    reason where not; the top-3 overlap only where defined; and why there is no comparison at all."""
+    from src.ranking.report import spearman_line
+
+    nan = float("nan")
+    frame = pd.DataFrame({"column": ["all", "5 steps", "50 steps"], "n_shared": [6, 2, 4],
+                          "spearman": [0.8, nan, 0.4], "p_value": [0.0012, nan, 0.6],
+                          "paper top 3 in our top 5": [2.0, nan, nan], "lo": [0.5, nan, nan], "hi": [0.9, nan, nan]})
+    line = spearman_line(frame)
+    assert "all: 0.80 (p=0.0012, 6 recipes, bootstrap interval [0.50, 0.90]), the paper's top 3 in our top 5: 2 of " \
+           "3; 5 steps: n/a (2 shared recipes, need >= 3 with distinct ranks); 50 steps: 0.40 (p=0.6, 4 recipes) (" \
+           in line
+    assert spearman_line(frame.drop(columns=["lo", "hi"])).count("bootstrap interval") == 0
+    none = frame.assign(n_shared=0)
+    assert spearman_line(none, ["mine"]) == "Paper comparison: no recipe of this sweep is in the paper's Table 1."
+    assert "qualified entries (e.g. rf/cosmap [sampler=native])" in spearman_line(none, ["rf/cosmap [sampler=native]"])
+
+
+def test_table1_cells_mark_fewer_seeds_missing_settings_and_only_finite_intervals():
+    """Table 1 form: an entry lacking seeds in some setting shows 'fewest-most' seeds and the fewer-seeds mark; a
+    column averaged over fewer settings than the sweep has says its n; an average it lacks gets no interval."""
+    from types import SimpleNamespace
+
+    from src.ranking.report import FEWER_SEEDS, table1
+
+    nan = float("nan")
+    table = pd.DataFrame({
+        "all": [1.5, 2.0], "all lo": [1.0, 1.5], "all hi": [2.0, 2.5], "n all": [3, 4],
+        "5 steps": [1.0, 2.0], "5 steps lo": [1.0, 2.0], "5 steps hi": [1.0, 2.0], "n 5 steps": [2, 2],
+        "50 steps": [nan, 2.0], "50 steps lo": [nan, 2.0], "50 steps hi": [nan, 2.0], "n 50 steps": [0, 2],
+        "P(front 1) all": [0.5, 0.25], "P(front 1) 5 steps": [1.0, 0.0], "P(front 1) 50 steps": [nan, 0.5],
+        "seeds": [3, 3], "seeds min": [2, 3], "paper all": [nan, nan], "paper 5 steps": [nan, nan],
+        "paper 50 steps": [nan, nan]}, index=pd.Index(["a", "b"], name="recipe"))
+    report = SimpleNamespace(table=table, n_settings={"all": 4, "5 steps": 2, "50 steps": 2}, missing=["a"],
+                             max_seeds=3)
+    shown = table1(report)
+    assert shown.headers[:2] == ["recipe", "all (n=4)"] and "paper all" not in shown.headers
+    a, b = shown.rows
+    assert a[:4] == [f"a * {FEWER_SEEDS}", "1.50 [1.00, 2.00] (n=3)", "1.00 [1.00, 1.00]", "- (n=0)"]
+    assert a[-1] == "2-3" and b[0] == "b" and b[-1] == "3"

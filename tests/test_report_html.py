@@ -327,3 +327,110 @@ def test_definitions_say_what_the_report_computes():
     fid = dict(TERMS)["FID (CLIP features)"]
     assert "0.02" not in fid and not fid.startswith("Frechet distance between the Gaussian statistics of L2")
     assert "training seeds" in dict(TERMS)["Bootstrap interval"]
+
+
+def test_chosen_setting_prefers_table2_with_ema_else_the_most_shared_setting():
+    """The side-by-side sheet shows the paper's Table 2 setting (25 steps, largest CFG, EMA weights; a raw-weights
+    run at a larger CFG does not count); without it, the setting most recipes share, ties to more steps."""
+    from src.ranking.samples import chosen_setting
+
+    def records(rows):
+        return pd.DataFrame(rows, columns=["recipe", "setting", "ema", "steps", "cfg"])
+
+    table2 = records([("a", "25 steps, cfg 1.0", True, 25, 1.0), ("a", "25 steps, cfg 5.0", True, 25, 5.0),
+                      ("a", "25 steps, cfg 9.0", False, 25, 9.0)])
+    assert chosen_setting(table2) == ("25 steps, cfg 5.0", True)
+    shared = records([("a", "5 steps, cfg 5.0", True, 5, 5.0), ("b", "5 steps, cfg 5.0", True, 5, 5.0),
+                      ("a", "50 steps, cfg 1.0", False, 50, 1.0), ("b", "50 steps, cfg 1.0", False, 50, 1.0),
+                      ("a", "10 steps, cfg 9.0", True, 10, 9.0)])
+    assert chosen_setting(shared) == ("50 steps, cfg 1.0", False)
+    assert chosen_setting(shared.iloc[:0]) is None
+
+
+def test_sheet_rows_follow_the_rank_order_then_the_unranked_recipes_at_most_max_recipes():
+    """Rows: the ranked recipes present (a ranked recipe without samples takes no row), then the others as they
+    come, cut to the best MAX_RECIPES."""
+    from src.ranking.samples import MAX_RECIPES, _ordered_recipes
+
+    records = pd.DataFrame({"recipe": ["c", "a", "b", "a"]})
+    assert _ordered_recipes(records, ["b", "gone", "a"]) == ["b", "a", "c"]
+    many = pd.DataFrame({"recipe": [f"r{i}" for i in range(MAX_RECIPES + 3)]})
+    assert _ordered_recipes(many, None) == [f"r{i}" for i in range(MAX_RECIPES)]
+
+
+def test_one_sampler_setting_gives_no_settings_sheet(tmp_path):
+    """The steps x CFG sheet compares sampler settings: with one setting there is nothing to compare, so no sheet."""
+    from src.ranking.aggregate import load_sweep
+    from src.ranking.samples import sample_figures
+
+    sweep = write_synthetic_sweep(tmp_path / "s", recipes=RECIPES[:2], datasets=("digits",), n_samples=16,
+                                  n_reference=16, dim=2, sampler_settings=[(25, 5.0)])
+    add_grids(sweep, labelled=False)
+    figures = sample_figures(load_sweep([sweep]).records, tmp_path / "out")
+    assert list(figures) == ["Samples, digits: same prompts across recipes"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["samples_digits.png"]
+
+
+def test_rank_table_cells_show_small_numbers_booleans_and_intervals_readably():
+    """Cells: values under 0.01 keep 3 significant digits (not '0.00'), booleans read yes/no, an interval [lo, hi]
+    sorts by its lower end, a missing value is '-'."""
+    from src.ranking.html import _number
+
+    assert _number(0.00512) == ("0.00512", "0.00512") and _number(0.02)[0] == "0.02"
+    assert _number(True) == ("yes", "1") and _number(np.bool_(False)) == ("no", "0")
+    assert _number((1.0, 2.5)) == ("[1.00, 2.50]", "1.0")
+    assert _number(float("nan")) == ("-", "") and _number(np.int64(3)) == ("3", "3")
+
+
+def test_rank_table_view_numbers_rows_merges_intervals_and_shows_whole_counts_as_integers():
+    """Rows are numbered from 1; an 'X lo'/'X hi' pair becomes 'X interval' (after X, or at the end when X is not a
+    column); counts that are whole numbers drop their decimals, others keep them."""
+    from src.ranking.html import rank_table_view
+
+    table = pd.DataFrame({"all": [1.5, 2.0], "all lo": [1.0, 1.5], "all hi": [2.0, 2.5], "n all": [3.0, 2.0],
+                          "n 5 steps": [1.5, 2.0], "5 steps lo": [1.0, 2.0], "5 steps hi": [3.0, 4.0]},
+                         index=pd.Index(["a", "b"], name="recipe"))
+    headers, rows = rank_table_view(table)
+    assert headers == ["#", "recipe", "all", "all interval", "n all", "n 5 steps", "5 steps interval"]
+    assert rows[0] == [1, "a", 1.5, (1.0, 2.0), 3, 1.5, (1.0, 3.0)]
+    assert rows[1][0] == 2 and type(rows[1][4]) is int and type(rows[1][5]) is not int
+
+
+def test_html_page_files_samples_under_samples_and_links_only_sections_it_has(tmp_path):
+    """A figure titled 'Samples, ...' goes to the Samples section; without sample sheets or extra tables the page
+    links to no such section; empty notes leave no empty bullet."""
+    from src.ranking.html import html_page
+
+    png = tmp_path / "f.png"
+    png.write_bytes(b"\x89PNG")
+    table = pd.DataFrame({"all": [1.0]}, index=pd.Index(["a"], name="recipe"))
+    plain = html_page("t", [], table, ["", "a note"], {"Pareto fronts": png})
+    assert 'href="#samples"' not in plain and 'href="#tables"' not in plain
+    assert "<li></li>" not in plain and "<li>a note</li>" in plain
+    page = html_page("t", [], table, [], {"Samples, digits: x": png, "Pareto fronts": png})
+    assert 'href="#samples"' in page
+    assert page.index('id="samples"') < page.index('id="samples-digits-x"')
+
+
+def test_front_styles_and_legend_name_fronts_beyond_the_fifth_as_one_grey_group():
+    """Fronts 1-5 have their own colour and marker, later ones share grey; the legend lists the fronts present,
+    the later ones once as 'front 6+'."""
+    from src.ranking.plots import FRONT_STYLES, LATER_FRONT, front_style, plot_pareto_fronts
+
+    assert front_style(5) == FRONT_STYLES[4] and front_style(6) == LATER_FRONT and front_style(0) == LATER_FRONT
+    ranked = pd.DataFrame({"recipe": list("abcdefg"), "dataset": "digits", "setting": "25 steps, cfg 5.0",
+                           "steps": 25, "cfg": 5.0, "ema": True, "clip_score": np.linspace(0.1, 0.7, 7),
+                           "fid_clip": np.linspace(0.1, 0.7, 7), "front": [1, 2, 3, 4, 5, 6, 7]})
+    labels = [t.get_text() for t in plot_pareto_fronts(ranked).legends[0].get_texts()]
+    assert labels == ["front 1", "front 2", "front 3", "front 4", "front 5", "front 6+"]
+
+
+def test_steps_cfg_is_the_cfg_with_the_most_step_counts_ties_to_the_largest():
+    """The metrics-vs-steps figure follows the steps sweep: the CFG with the most distinct step counts."""
+    from src.ranking.plots import steps_cfg
+
+    records = pd.DataFrame({"cfg": [1.0, 1.0, 1.0, 5.0, 5.0, 9.0, 9.0], "steps": [5, 25, 50, 5, 25, 5, 5]})
+    assert steps_cfg(records) == 1.0
+    assert steps_cfg(records[records["cfg"] > 1.0]) == 5.0  # 5.0 has two step counts, 9.0 one
+    tied = pd.DataFrame({"cfg": [1.0, 1.0, 5.0, 5.0], "steps": [5, 25, 5, 25]})
+    assert steps_cfg(tied) == 5.0 and steps_cfg(tied.iloc[:0]) is None

@@ -89,3 +89,71 @@ def test_publish_goes_to_the_project_and_entity_the_runs_logged_to(tmp_path, mon
     with pytest.raises(RuntimeError, match="stop"):
         publish_wandb(build_report([sweep], draws=0), {})
     assert (seen["project"], seen["entity"], seen["group"]) == ("my-proj", "my-team", "sweep")
+
+
+def test_unreadable_wandb_settings_mean_offline(tmp_path, monkeypatch):
+    """A settings file W&B's parser rejects must not send the report online: the project's default (offline) holds."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path))
+    (tmp_path / "settings").write_text("mode = online\n")  # no [default] section header
+    assert wandb_mode() == "offline"
+
+
+def _write_logger(path, wandb_cfg):
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"logger": {"csv": True, "wandb": wandb_cfg}}))
+
+
+def test_runs_wandb_target_follows_each_runs_latest_launch_and_skips_runs_without_wandb(tmp_path):
+    """A run relaunched with W&B off does not send the report to the project its first launch (config.yaml) used;
+    the next run that did log to W&B decides."""
+    from src.ranking.publish import runs_wandb_target
+
+    off, on = tmp_path / "off", tmp_path / "on"
+    _write_logger(off / ".hydra" / "config.yaml", {"enabled": False, "project": "latest-off"})
+    _write_logger(off / "config.yaml", {"enabled": True, "project": "stale", "entity": "old-team"})
+    _write_logger(on / "config.yaml", {"enabled": True, "project": "p", "entity": "e"})
+    assert runs_wandb_target([off]) == (None, None)
+    assert runs_wandb_target([off, on]) == ("p", "e")
+
+
+def test_publish_logs_samples_and_figures_apart_and_summarises_the_best_recipe(tmp_path, monkeypatch):
+    """What lands in the W&B run: sample sheets under samples/, other figures under figures/, the HTML report only
+    when its file exists, finite Spearman correlations only, and the best recipe with its average ranks."""
+    import math
+
+    import wandb
+
+    from src.ranking.publish import publish_wandb
+    from src.ranking.report import build_report
+
+    sweep = write_synthetic_sweep(tmp_path / "sweep", recipes=("rf/cosmap", "v/cos", "edm/rf"), datasets=("digits",),
+                                  n_samples=4, n_reference=4, dim=2, sampler_settings=[(5, 5.0)])
+    report = build_report([sweep], draws=0)
+
+    class Run:
+        disabled, dir, summary, logged = False, str(tmp_path / "files"), {}, {}
+
+        def log(self, data):
+            self.logged.update(data)
+
+    run = Run()
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: run)
+    monkeypatch.setattr(wandb, "finish", lambda: None)
+    monkeypatch.setattr(wandb, "Table", lambda **kwargs: kwargs)
+    monkeypatch.setattr(wandb, "Image", lambda path: path)
+    paths = {"samples_digits": tmp_path / "samples_digits.png", "steps_cfg_digits": tmp_path / "s.png",
+             "ranks": tmp_path / "ranks.png", "report_md": tmp_path / "report.md",
+             "report_html": tmp_path / "absent.html"}
+    assert publish_wandb(report, paths, project="p") == run.dir
+    assert sorted(k for k in run.logged if "/" in k) == ["figures/ranks", "samples/samples_digits",
+                                                         "samples/steps_cfg_digits"]
+    assert "report" not in run.logged  # the HTML report was not written: nothing to attach
+    finite = {r.column for r in report.spearman.itertuples() if math.isfinite(r.spearman)}
+    assert finite and finite != set(report.spearman["column"])
+    assert {k.split("/", 1)[1] for k in run.summary if k.startswith("spearman_vs_paper/")} == finite
+    best = report.table["all"].idxmin()
+    assert run.summary["best_recipe"] == best and run.summary["partial_sweep"] is report.sweep.partial
+    assert run.summary["best_average_rank/all"] == report.table.loc[best, "all"]
