@@ -241,8 +241,9 @@ def test_a_sweep_launch_checks_a_null_precision_on_the_device_its_jobs_train_on(
             error = refused_by_run_dir(plan._compose(planned.overrides))
         assert (error is None) == (status == "resume"), (launch, error)
         errors[launch[-1]] = error
-    assert str(errors["hydra/launcher=local"]).startswith(f"trainer.precision=null: {job.run_dir} was trained at bf16-mixed, and null is "
-                                 "32-true where this launch trains"), errors
+    assert str(errors["hydra/launcher=local"]).startswith(
+        f"trainer.precision=null: {job.run_dir} was trained at bf16-mixed, and null is 32-true where this launch "
+        "trains"), errors
 
 
 # ---- the launcher reads failures back from job processes ------------------------------------------------------------
