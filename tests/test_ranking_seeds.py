@@ -354,3 +354,31 @@ def test_sample_sheets_show_the_numerically_first_seed():
         for e in ("rf", "edm") for s, a in (("10", f"{e}10.npz"), ("2", f"{e}2.npz"))])  # labels, as records hold them
     first = first_seed_records(records)
     assert sorted(first["arrays"]) == ["edm2.npz", "rf2.npz"] and list(first["recipe"]) == list(first["entry"])
+
+
+def test_seed_note_lists_eight_entries_with_fewer_seeds_and_counts_the_rest():
+    """The note names at most 8 entries with fewer seeds (the table marks them all) and says how many more."""
+    from types import SimpleNamespace
+
+    from src.ranking.report import _seed_note
+
+    names = ["full"] + [f"r{i}" for i in range(10)]
+    table = pd.DataFrame({"seeds": [2] + [1] * 10, "seeds min": [2] + [1] * 10}, index=names)
+    note = _seed_note(SimpleNamespace(table=table, max_seeds=2, train_seeds=None))
+    assert note.startswith("Seeds: entries have 1 to 2 training seeds ('seeds' column); ")
+    assert note.endswith("ranked on the seeds they have: r0, r1, r2, r3, r4, r5, r6, r7 and 2 more.")
+
+
+def test_seed_note_says_every_entry_has_k_seeds_only_when_none_lacks_one_in_some_setting():
+    """Three seeds in all for every entry, but one seed short in some setting: the note does not claim that every
+    entry has 3 seeds everywhere, and marks the short entry."""
+    from types import SimpleNamespace
+
+    from src.ranking.report import _seed_note
+
+    table = pd.DataFrame({"seeds": [3, 3], "seeds min": [3, 2]}, index=["rf", "edm"])
+    note = _seed_note(SimpleNamespace(table=table, max_seeds=3, train_seeds=None))
+    assert not note.startswith("Seeds: every entry") and note.endswith("ranked on the seeds they have: edm.")
+    table["seeds min"] = 3
+    assert _seed_note(SimpleNamespace(table=table, max_seeds=3, train_seeds=None)) == \
+        "Seeds: every entry has 3 training seeds."

@@ -371,6 +371,104 @@ def test_one_sampler_setting_gives_no_settings_sheet(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["samples_digits.png"]
 
 
+def _grid_npz(path: Path, values, prompts=None) -> Path:
+    """An evaluation npz whose `grid` holds one flat 2x2 sample per value (uint8, (k, 3, 2, 2))."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = np.broadcast_to(np.asarray(values, np.uint8)[:, None, None, None], (len(values), 3, 2, 2))
+    extra = {} if prompts is None else {"prompts": np.asarray(prompts)}
+    np.savez(path, grid=np.ascontiguousarray(grid), **extra)
+    return path
+
+
+def _captured_sheets(monkeypatch) -> dict:
+    """save_sheet replaced: file name -> (rows as (recipe, [sample value or None]), column labels, title)."""
+    import src.ranking.samples as samples
+
+    sheets = {}
+
+    def save(rows, labels, path, title=None):
+        cells = [(recipe, [None if im is None else int(im[0, 0, 0]) for im in images]) for recipe, images in rows]
+        sheets[Path(path).name] = (cells, list(labels), title)
+
+    monkeypatch.setattr(samples, "save_sheet", save)
+    return sheets
+
+
+def _sample_record(recipe, arrays, setting=("25 steps, cfg 5.0", 25, 5.0), ema=True, **extra) -> dict:
+    label, steps, cfg = setting
+    return {"recipe": recipe, "dataset": "digits", "setting": label, "steps": steps, "cfg": cfg, "ema": ema,
+            "arrays": str(arrays), **extra}
+
+
+def test_sample_sheet_finds_a_relative_npz_in_the_run_dir_and_shows_at_most_n_samples(tmp_path, monkeypatch):
+    """Records name their arrays relative to the run directory (the report runs from anywhere), and a run
+    evaluated with 3 samples shows those 3, not the rest of a larger grid array."""
+    from src.ranking.samples import sample_figures
+
+    sheets = _captured_sheets(monkeypatch)
+    _grid_npz(tmp_path / "run" / "eval" / "a.npz", range(10, 90, 10), prompts=[f"p{k}" for k in range(8)])
+    records = pd.DataFrame([_sample_record("a", "eval/a.npz", run_dir=str(tmp_path / "run"), n_samples=3)])
+    sample_figures(records, tmp_path / "out")
+    rows, labels, _ = sheets["samples_digits.png"]
+    assert rows == [("a", [10, 20, 30])] and labels == ["p0", "p1", "p2"]
+
+
+def test_sample_sheet_captions_cycle_through_a_small_evaluation_set(tmp_path, monkeypatch):
+    """Without stored prompts the captions come from the evaluation shards, prompt k being caption k % N: with
+    3 captions and 5 samples the columns read c0 c1 c2 c0 c1."""
+    from src.data.shards import write_shards
+    from src.ranking.samples import sample_figures
+
+    write_shards(tmp_path / "eval_set", torch.randn(3, 1, 2, 2), torch.zeros(3, 2, 4), torch.zeros(3, 4),
+                 ["c0", "c1", "c2"], encoder_names=["enc"])
+    sheets = _captured_sheets(monkeypatch)
+    record = _sample_record("a", _grid_npz(tmp_path / "a.npz", [1, 2, 3, 4, 5]),
+                            config={"data": {"eval_dir": str(tmp_path / "eval_set")}})
+    sample_figures(pd.DataFrame([record]), tmp_path / "out")
+    assert sheets["samples_digits.png"][1] == ["c0", "c1", "c2", "c0", "c1"]
+
+
+def test_sample_sheet_keeps_the_first_prompts_found_and_labels_the_widest_row(tmp_path, monkeypatch):
+    """The prompts are the same in every recipe: the first recipe that has them names the columns (a later one
+    without prompts does not blank them), and there is a label for every column of the widest row."""
+    from src.ranking.samples import sample_figures
+
+    sheets = _captured_sheets(monkeypatch)
+    records = pd.DataFrame([
+        _sample_record("a", _grid_npz(tmp_path / "a.npz", [1, 2, 3], prompts=[f"p{k}" for k in range(8)])),
+        _sample_record("b", _grid_npz(tmp_path / "b.npz", [11, 12, 13, 14, 15]))])
+    sample_figures(records, tmp_path / "out", ["a", "b"])
+    rows, labels, _ = sheets["samples_digits.png"]
+    assert rows == [("a", [1, 2, 3]), ("b", [11, 12, 13, 14, 15])]
+    assert labels == ["p0", "p1", "p2", "p3", "p4"]
+
+
+def test_settings_sheet_orders_settings_by_cfg_then_steps_with_ema_samples_and_the_first_prompt(tmp_path,
+                                                                                              monkeypatch):
+    """The steps x CFG sheet: one column per setting (once, however many recipes have it), ordered by CFG then
+    steps; EMA samples when the sweep evaluated EMA weights; a recipe with a gap keeps its row, one with no sample
+    at all takes none; the title quotes the first recipe's prompt (a recipe lacking the first setting is skipped)."""
+    from src.ranking.samples import sample_figures
+
+    sheets = _captured_sheets(monkeypatch)
+    settings = [("5 steps, cfg 9.0", 5, 9.0), ("50 steps, cfg 5.0", 50, 5.0), ("10 steps, cfg 5.0", 10, 5.0),
+                ("25 steps, cfg 1.0", 25, 1.0)]  # neither by cfg nor by steps
+    rows = []
+    for r, (recipe, prompt) in enumerate((("a", "cat"), ("b", "dog"), ("c", "owl"))):
+        for s, setting in enumerate(settings):
+            for ema in (True, False):
+                if (recipe == "a" and s == 3) or (recipe == "c" and ema):
+                    continue  # a lacks the first column's setting; c has raw-weights samples only
+                value = 100 * r + 10 * s + (1 if ema else 5)
+                npz = _grid_npz(tmp_path / f"{recipe}{s}{ema}.npz", [value], prompts=[prompt])
+                rows.append(_sample_record(recipe, npz, setting, ema))
+    sample_figures(pd.DataFrame(rows), tmp_path / "out", ["a", "b", "c"])
+    cells, labels, title = sheets["steps_cfg_digits.png"]
+    assert labels == ["25 steps, cfg 1.0", "10 steps, cfg 5.0", "50 steps, cfg 5.0", "5 steps, cfg 9.0"]
+    assert cells == [("a", [None, 21, 11, 1]), ("b", [131, 121, 111, 101])]
+    assert "'cat'" in title and "EMA weights" in title
+
+
 def test_rank_table_cells_show_small_numbers_booleans_and_intervals_readably():
     """Cells: values under 0.01 keep 3 significant digits (not '0.00'), booleans read yes/no, an interval [lo, hi]
     sorts by its lower end, a missing value is '-'."""
