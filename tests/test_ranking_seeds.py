@@ -371,14 +371,15 @@ def test_seed_note_lists_eight_entries_with_fewer_seeds_and_counts_the_rest():
 
 def test_seed_note_says_every_entry_has_k_seeds_only_when_none_lacks_one_in_some_setting():
     """Three seeds in all for every entry, but one seed short in some setting: the note does not claim that every
-    entry has 3 seeds everywhere, and marks the short entry."""
+    entry has 3 seeds everywhere (it said "entries have 3 to 3 training seeds"), and marks the short entry."""
     from types import SimpleNamespace
 
     from src.ranking.report import _seed_note
 
     table = pd.DataFrame({"seeds": [3, 3], "seeds min": [3, 2]}, index=["rf", "edm"])
     note = _seed_note(SimpleNamespace(table=table, max_seeds=3, train_seeds=None))
-    assert not note.startswith("Seeds: every entry") and note.endswith("ranked on the seeds they have: edm.")
+    assert note.startswith("Seeds: every entry has 3 training seeds in all ('seeds' column); ")
+    assert note.endswith("ranked on the seeds they have: edm.")
     table["seeds min"] = 3
     assert _seed_note(SimpleNamespace(table=table, max_seeds=3, train_seeds=None)) == \
         "Seeds: every entry has 3 training seeds."

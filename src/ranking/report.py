@@ -442,8 +442,11 @@ def _seed_note(report: RankReport) -> str:
     table = report.table
     fewer = [r for r, row in table.iterrows() if _fewer_seeds(report, row)]
     counts = sorted(set(table["seeds"].astype(int)))
-    text = (f"Seeds: every entry has {counts[0]} training seed{'s' * (counts[0] != 1)}" if len(counts) == 1 and
-            not fewer else f"Seeds: entries have {counts[0]} to {counts[-1]} training seeds ('seeds' column)")
+    if len(counts) == 1:  # with some entries short of a seed in some setting: in all, not everywhere
+        text = f"Seeds: every entry has {counts[0]} training seed{'s' * (counts[0] != 1)}" \
+            + (" in all ('seeds' column)" if fewer else "")
+    else:  # "3 to 3" said nothing
+        text = f"Seeds: entries have {counts[0]} to {counts[-1]} training seeds ('seeds' column)"
     if fewer:
         text += (f"; {FEWER_SEEDS} marks entries with fewer than {report.max_seeds} seeds (in some setting), ranked "
                  "on the seeds they have: " + ", ".join(fewer[:8])
