@@ -646,7 +646,16 @@ def test_a_launch_without_gpus_per_node_still_knows_a_precision_that_is_set():
                             "hydra": {"launcher": {"gpus_per_node": 0}}})
     assert launch_precision(cfg) == "16-mixed"
     cfg.trainer.precision = None
-    assert launch_precision(cfg) is None  # no GPUs asked through gpus_per_node: the job checks
+    assert launch_precision(cfg) is None  # no GPUs asked for (a partition may give them by default): the job checks
+    # GPUs asked for in sbatch's other ways: null is bf16-mixed there, judged before launching.
+    for launcher in ({"gres": "gpu:a100:4"}, {"gpus_per_task": 1}, {"additional_parameters": {"gres": "gpu:8"}},
+                     {"additional_parameters": {"gpus": 8}}, {"additional_parameters": {"gpus-per-node": "4"}},
+                     {"gres": "tmpdisk:10,gpu:2"}):
+        cfg.hydra.launcher = {"gpus_per_node": 0, **launcher}
+        assert launch_precision(cfg) == "bf16-mixed", launcher
+    for launcher in ({"gres": "tmpdisk:10"}, {"gpus_per_task": None}, {"additional_parameters": {"requeue": True}}):
+        cfg.hydra.launcher = {"gpus_per_node": 0, **launcher}
+        assert launch_precision(cfg) is None, launcher
 
 
 def test_a_sweeps_invalid_jobs_are_recorded_before_launching_and_fail_fast_launches_none(tmp_path, monkeypatch):

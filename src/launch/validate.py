@@ -149,15 +149,25 @@ def refused_by_run_dir(cfg: DictConfig) -> ConfigError | None:
 
 def launch_precision(cfg: DictConfig, single: bool = False) -> str | None:
     """What the launched jobs train at (trainer.precision; null: bf16-mixed on a GPU, else 32-true) where the launch
-    names their device: trainer.accelerator=cpu, a SLURM launch's gpus_per_node, this machine for a local launch or
-    a single run (no -m: no launcher). None for a launch that asks for no GPUs through gpus_per_node (they may come
-    through gres): the job checks."""
+    names their device: trainer.accelerator=cpu, a SLURM launch's GPUs (gpus_per_node, gpus_per_task or a gpu gres),
+    this machine for a local launch or a single run (no -m: no launcher). None for a SLURM launch that asks for no
+    GPUs (a partition may give them by default): the job checks."""
     from src.training.prepare import resolved_precision
 
     trainer, launcher = cfg.trainer, OmegaConf.select(cfg, "hydra.launcher", default=None) or {}
     if single or trainer.precision is not None or trainer.accelerator == "cpu" or "gpus_per_node" not in launcher:
         return resolved_precision(trainer)
-    return "bf16-mixed" if launcher.gpus_per_node else None
+    return "bf16-mixed" if asks_for_gpus(launcher) else None
+
+
+def asks_for_gpus(launcher) -> bool:
+    """Whether a SLURM launcher's settings request GPUs: gpus_per_node or gpus_per_task, or a gres naming gpu (its
+    own or an sbatch option in additional_parameters: gres=gpu:8, gpus=8, gpus-per-node=8)."""
+    extra = launcher.get("additional_parameters") or {}
+    counts = [launcher.get("gpus_per_node"), launcher.get("gpus_per_task"),
+              *(extra.get(k) for k in ("gpus", "gpus_per_node", "gpus-per-node", "gpus_per_task", "gpus-per-task"))]
+    gres = [str(g) for g in (launcher.get("gres"), extra.get("gres")) if g]
+    return any(counts) or any(g.startswith("gpu") or ",gpu" in g for g in gres)
 
 
 def misplaced_option(argv: Sequence[str]) -> str | None:
