@@ -562,6 +562,16 @@ def test_resume_after_stop_and_crash(tmp_path, models, monkeypatch):
         preprocess(source, config(out, models, resolution=8))
 
 
+def test_a_stop_after_some_chunks_counts_only_the_chunks_done_before(tmp_path, models, capsys):
+    """--max-chunks limits the chunks this run writes; the start line still counts the chunks written before."""
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=4)  # 13 items, 4 chunks of 4
+    source, out = ImageNetSource(train, mapping), tmp_path / "out"
+    assert preprocess(source, config(out, models, max_chunks=1)) is None
+    assert f"{out}: 13 items, 4 chunks, 0 done before;" in capsys.readouterr().out
+    assert preprocess(source, config(out, models, max_chunks=2)) is None
+    assert f"{out}: 13 items, 4 chunks, 1 done before;" in capsys.readouterr().out
+
+
 def assert_same_shards(a: Path, b: Path) -> None:
     ma, mb = read_meta(a), read_meta(b)
     assert ma["count"] == mb["count"] and ma["shards"] == mb["shards"] and ma["skipped"] == mb["skipped"]

@@ -407,6 +407,7 @@ def preprocess(source, cfg: PreprocessConfig) -> dict | None:
     size = lambda c: min(cfg.chunk_size, len(order) - c * cfg.chunk_size)  # noqa: E731
     total = sum(size(c) for c in mine)
     done_before = total - sum(size(c) for c in pending)
+    done_chunks = len(mine) - len(pending)  # before --max-chunks cuts the pending list
     if cfg.max_chunks is not None:
         pending = pending[:cfg.max_chunks]
     part = f" (part {cfg.part}/{cfg.parts}: {len(mine)} chunks)" if cfg.parts > 1 else ""
@@ -419,7 +420,7 @@ def preprocess(source, cfg: PreprocessConfig) -> dict | None:
         return _already_complete(out)
     if pending:
         atomic_write_json(out / WORK_DIR / MODELS_FILE, models.describe())
-        print(f"{out}: {len(source)} items, {n_chunks} chunks{part}, {len(mine) - len(pending)} done before; "
+        print(f"{out}: {len(source)} items, {n_chunks} chunks{part}, {done_chunks} done before; "
               f"device {device}")
         _process(source, cfg, models, order, pending, out, done_before, total)
     with file_lock(out / ASSEMBLY_LOCK):  # one part decides, and assembles, at a time
