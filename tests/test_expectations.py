@@ -41,14 +41,25 @@ def test_the_paper_setup_is_sd3s():
 
 
 def test_what_the_splits_must_share_and_what_a_run_cannot_do_without():
-    """The planner names every difference of the six; a run is refused for the four of the encoding only (an
+    """The planner names every difference of the seven; a run is refused for the four of the encoding only (an
     evaluation split with its own statistics is normalised with the training split's when read)."""
-    train = {"shapes": {"latent": [4, 8, 8]}, "autoencoder": "sd3-vae", "encoder_names": ["clip:a"],
-             "text_groups": [{"name": "clip:a"}], "latent_mean": 0.1, "latent_std": 0.9}
+    train = {"shapes": {"latent": [4, 8, 8]}, "autoencoder": "sd3-vae", "autoencoder_sha256": "0123456789ab",
+             "encoder_names": ["clip:a"], "text_groups": [{"name": "clip:a"}], "latent_mean": 0.1, "latent_std": 0.9}
     for key in train:
         other = {**train, key: "other"}
         assert split_differences(train, other) == [f"{key} 'other' vs training {train[key]!r}"], key
         assert bool(split_differences(train, other, SAME_ENCODING)) is (key not in ("latent_mean", "latent_std"))
+
+
+def test_another_autoencoder_in_a_folder_of_the_same_name_is_another_encoding():
+    """Autoencoders are named by their folder (AutoencoderKL:vae for .../sd15/vae and .../sdxl/vae alike): their
+    files' content tells them apart, where both folders record it (folders written before do not)."""
+    train = {"shapes": {"latent": [4, 8, 8]}, "autoencoder": "AutoencoderKL:vae", "autoencoder_sha256": "aaaaaaaaaaaa"}
+    other = {**train, "autoencoder_sha256": "bbbbbbbbbbbb"}
+    assert split_differences(train, other, SAME_ENCODING) == ["autoencoder_sha256 'bbbbbbbbbbbb' vs training "
+                                                              "'aaaaaaaaaaaa'"]
+    older = {k: v for k, v in train.items() if k != "autoencoder_sha256"}
+    assert split_differences(train, older, SAME_ENCODING) == split_differences(older, train, SAME_ENCODING) == []
 
 
 def test_folders_checked_only_where_they_exist(tmp_path):

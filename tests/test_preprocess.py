@@ -562,6 +562,16 @@ def test_resume_after_stop_and_crash(tmp_path, models, monkeypatch):
         preprocess(source, config(out, models, resolution=8))
 
 
+def test_a_stop_after_some_chunks_counts_only_the_chunks_done_before(tmp_path, models, capsys):
+    """--max-chunks limits the chunks this run writes; the start line still counts the chunks written before."""
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=4)  # 13 items, 4 chunks of 4
+    source, out = ImageNetSource(train, mapping), tmp_path / "out"
+    assert preprocess(source, config(out, models, max_chunks=1)) is None
+    assert f"{out}: 13 items, 4 chunks, 0 done before;" in capsys.readouterr().out
+    assert preprocess(source, config(out, models, max_chunks=2)) is None
+    assert f"{out}: 13 items, 4 chunks, 1 done before;" in capsys.readouterr().out
+
+
 def assert_same_shards(a: Path, b: Path) -> None:
     ma, mb = read_meta(a), read_meta(b)
     assert ma["count"] == mb["count"] and ma["shards"] == mb["shards"] and ma["skipped"] == mb["skipped"]
@@ -654,6 +664,28 @@ def test_coco_cli_with_training_statistics(tmp_path, models, capsys):
     assert all(r["caption"] in r["extras"]["captions"] for r in rows)
     assert main(argv) == 0 and "already complete" in capsys.readouterr().out
     assert main(argv + ["--resolution", "8"]) == 2  # the folder holds a set made with other settings
+
+
+def test_stats_from_another_autoencoder_in_a_folder_of_the_same_name_is_refused(tmp_path, models, capsys):
+    """The folder name alone (AutoencoderKL:vae) let an evaluation set encoded by another autoencoder borrow the
+    training statistics; the files' content is recorded and compared."""
+    from src.evaluation.decoding import decoder_name
+
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=1)
+    meta = preprocess(ImageNetSource(train, mapping), config(tmp_path / "train", models, autoencoder=models["vae"]))
+    assert decoder_name(meta) == f"AutoencoderKL:vae:{meta['autoencoder_sha256']}"  # the evaluation's name of it
+    torch.manual_seed(3)
+    other = save_vae(tmp_path / "other" / "vae")  # the folder name of models["vae"], other weights
+    images, ann = make_coco(tmp_path / "coco", n=2)
+    out = tmp_path / "eval"
+    capsys.readouterr()
+    assert main(["coco", "--images", str(images), "--annotations", str(ann), "--out", str(out), "--resolution",
+                 str(RES), "--clip", *models["clip_a"], "--autoencoder", other, "--stats-from", str(tmp_path / "train"),
+                 "--num-workers", "0", "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"was made with autoencoder AutoencoderKL:vae:{meta['autoencoder_sha256']} " in err, err
+    assert "its statistics do not apply" in err and err.count("\n") == 1, err
+    assert not (out / "meta.json").exists()
 
 
 def test_missing_inputs_fail_before_any_work(tmp_path, models, capsys):

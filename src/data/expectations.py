@@ -18,10 +18,13 @@ PAPER_DATA = {"latent_channels": 16, "latent_size": 32, "context_length": 154, "
 # Text encoder kinds in `text_groups` order (names "clip:<model>" / "t5:<model>", src/preprocess/text.py).
 PAPER_TEXT_ENCODERS = ["clip", "clip", "t5"]
 # What the evaluation split must share with the training split.
-SAME_IN_BOTH_SPLITS = ("shapes", "autoencoder", "encoder_names", "text_groups", "latent_mean", "latent_std")
+SAME_IN_BOTH_SPLITS = ("shapes", "autoencoder", "autoencoder_sha256", "encoder_names", "text_groups", "latent_mean",
+                       "latent_std")
 # Of those, what a run cannot train or evaluate without (shapes: the validation fails; encoders: the evaluation
 # conditions on embeddings the model never saw): refused before launching (src.training.prepare.check_data).
-SAME_ENCODING = ("shapes", "autoencoder", "encoder_names", "text_groups")
+SAME_ENCODING = ("shapes", "autoencoder", "autoencoder_sha256", "encoder_names", "text_groups")
+# Compared only where both folders record them (folders written before they existed lack them).
+RECORDED_SINCE = ("autoencoder_sha256",)
 
 
 def paper_differences(meta: dict) -> list[str]:
@@ -38,7 +41,8 @@ def paper_differences(meta: dict) -> list[str]:
 def split_differences(train_meta: dict, eval_meta: dict, keys=SAME_IN_BOTH_SPLITS) -> list[str]:
     """What the evaluation folder does not share with the training folder of `keys` (empty: consistent)."""
     return [f"{key} {eval_meta.get(key)!r} vs training {train_meta.get(key)!r}"
-            for key in keys if eval_meta.get(key) != train_meta.get(key)]
+            for key in keys if eval_meta.get(key) != train_meta.get(key)
+            and not (key in RECORDED_SINCE and None in (eval_meta.get(key), train_meta.get(key)))]
 
 
 def check_shard_folders(train_dir: str | Path, eval_dir: str | Path) -> list[str]:

@@ -6,7 +6,6 @@ global mean and std and decoded by the frozen AutoencoderKL they were encoded wi
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +15,6 @@ from torch import Tensor
 
 from src.config import ConfigError
 from src.data.shards import IDENTITY_AUTOENCODER, decode_latents
-from src.utils.io import weights_sha256
 
 
 def autoencoder_source(meta: dict, autoencoder_path: str | None = None) -> tuple[Path, str | None] | None:
@@ -43,17 +41,10 @@ def decoder_name(meta: dict, autoencoder_path: str | None = None, cache_dir: str
     source = autoencoder_source(meta, autoencoder_path)
     if source is None:
         return None
+    from src.preprocess.autoencoders import autoencoder_digest
+
     path, config = source
-    if path.is_dir() and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
-        path = path / "vae"  # a whole pipeline's folder: only its autoencoder decodes
-    files = {f.relative_to(path).as_posix(): f for f in sorted(path.rglob("*"))
-             if f.is_file() and not f.name.startswith(".")} if path.is_dir() else {path.name: path}
-    if config is not None:
-        files["config/config.json"] = Path(config) / "config.json"
-    digest = hashlib.sha256()
-    for name, f in files.items():
-        digest.update(f"{name}:{weights_sha256(f, cache_dir)}\n".encode())
-    return f"{meta['autoencoder']}:{digest.hexdigest()[:12]}"
+    return f"{meta['autoencoder']}:{autoencoder_digest(path, config, cache_dir)}"
 
 
 def make_decoder(meta: dict, autoencoder_path: str | None = None, device: str | torch.device = "cpu",

@@ -9,6 +9,8 @@ the dataset's global mean and std instead (docs/data.md#pixels-and-latents).
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ import torch
 from src.data.shards import IDENTITY_AUTOENCODER
 from src.preprocess.sources import item_rng
 from src.preprocess.text import PRECISIONS
+from src.utils.io import weights_sha256
 
 LATENT_MODES = ("mean", "sample")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
@@ -56,6 +59,24 @@ def check_autoencoder_path(path: str, config: str | None = None) -> Path:
         raise FileNotFoundError(f"autoencoder={path!r} does not exist; give a diffusers AutoencoderKL folder, a "
                                 f"single weights file with autoencoder_config, or {IDENTITY_AUTOENCODER!r}")
     return p
+
+
+def autoencoder_digest(path: str | os.PathLike, config: str | os.PathLike | None = None,
+                       cache_dir: str | os.PathLike | None = None) -> str:
+    """sha256[:12] over the sha256 of the autoencoder's files (weights and config; a pipeline folder's vae/ only,
+    a single file's config folder too): its identity, whatever its folder is called. Each file is hashed once per
+    version (src.utils.io.weights_sha256, remembered under cache_dir)."""
+    path = Path(path)
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+        path = path / "vae"  # a whole pipeline's folder: only its autoencoder encodes and decodes
+    files = {f.relative_to(path).as_posix(): f for f in sorted(path.rglob("*"))
+             if f.is_file() and not f.name.startswith(".")} if path.is_dir() else {path.name: path}
+    if config is not None:
+        files["config/config.json"] = Path(config) / "config.json"
+    digest = hashlib.sha256()
+    for name, f in files.items():
+        digest.update(f"{name}:{weights_sha256(f, cache_dir)}\n".encode())
+    return digest.hexdigest()[:12]
 
 
 class DiffusersAutoencoder:
@@ -110,7 +131,9 @@ class DiffusersAutoencoder:
         cfg = self.vae.config
         out = {"autoencoder": self.name, "autoencoder_path": self.path, "autoencoder_latent": self.latent,
                "autoencoder_downsample": self.downsample, "autoencoder_scaling_factor": cfg.scaling_factor,
-               "autoencoder_shift_factor": cfg.shift_factor}
+               "autoencoder_shift_factor": cfg.shift_factor,
+               # Its content: two autoencoders in folders of one name (.../sd15/vae, .../sdxl/vae) are told apart.
+               "autoencoder_sha256": autoencoder_digest(self.path, self.config)}
         return out if self.config is None else {**out, "autoencoder_config": self.config}
 
 

@@ -407,6 +407,7 @@ def preprocess(source, cfg: PreprocessConfig) -> dict | None:
     size = lambda c: min(cfg.chunk_size, len(order) - c * cfg.chunk_size)  # noqa: E731
     total = sum(size(c) for c in mine)
     done_before = total - sum(size(c) for c in pending)
+    done_chunks = len(mine) - len(pending)  # before --max-chunks cuts the pending list
     if cfg.max_chunks is not None:
         pending = pending[:cfg.max_chunks]
     part = f" (part {cfg.part}/{cfg.parts}: {len(mine)} chunks)" if cfg.parts > 1 else ""
@@ -419,7 +420,7 @@ def preprocess(source, cfg: PreprocessConfig) -> dict | None:
         return _already_complete(out)
     if pending:
         atomic_write_json(out / WORK_DIR / MODELS_FILE, models.describe())
-        print(f"{out}: {len(source)} items, {n_chunks} chunks{part}, {len(mine) - len(pending)} done before; "
+        print(f"{out}: {len(source)} items, {n_chunks} chunks{part}, {done_chunks} done before; "
               f"device {device}")
         _process(source, cfg, models, order, pending, out, done_before, total)
     with file_lock(out / ASSEMBLY_LOCK):  # one part decides, and assembles, at a time
@@ -458,13 +459,17 @@ def _check_stats_source(cfg: PreprocessConfig, models: Models) -> None:
     meta = read_stats_meta(cfg.stats_from)
     ours = models.autoencoder.describe()
     # Another autoencoder (even one of as many channels) or posterior mean vs sample: other latent statistics; the
-    # planner would flag the pair of folders too (src/data/expectations.py compares the autoencoder names).
+    # planner would flag the pair of folders too (src/data/expectations.py compares their names and content).
+    # Its content where both record it (a folder written before autoencoder_sha256 is known by the name only).
+    same_content = None in (meta.get("autoencoder_sha256"), ours.get("autoencoder_sha256")) or \
+        meta["autoencoder_sha256"] == ours["autoencoder_sha256"]
     if meta.get("latent_channels") != models.autoencoder.latent_channels or \
-            meta.get("autoencoder") != ours["autoencoder"] or \
+            meta.get("autoencoder") != ours["autoencoder"] or not same_content or \
             meta.get("autoencoder_latent") != ours.get("autoencoder_latent"):
-        raise ValueError(f"stats_from={cfg.stats_from!r} was made with autoencoder {meta.get('autoencoder')!r} "
+        theirs, mine = (f":{m['autoencoder_sha256']}" if m.get("autoencoder_sha256") else "" for m in (meta, ours))
+        raise ValueError(f"stats_from={cfg.stats_from!r} was made with autoencoder {meta.get('autoencoder')}{theirs} "
                          f"({meta.get('latent_channels')} channels, latent {meta.get('autoencoder_latent')}); this "
-                         f"job's is {ours['autoencoder']!r} ({models.autoencoder.latent_channels} channels, latent "
+                         f"job's is {ours['autoencoder']}{mine} ({models.autoencoder.latent_channels} channels, latent "
                          f"{ours.get('autoencoder_latent')}): its statistics do not apply")
 
 
