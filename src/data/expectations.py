@@ -3,8 +3,9 @@
 The paper (section 5.1 with the SD3 setup) trains at 256^2 on SD3-style autoencoder latents (factor 8, 16 channels)
 with three frozen text encoders: CLIP L/14 and CLIP bigG/14 (77 tokens each, concatenated in channels to
 768 + 1280 = 2048 and zero-padded to 4096) followed by T5-XXL (77 tokens of 4096), and the two CLIPs' pooled
-vectors concatenated (2048). The evaluation split (COCO-2014) must be encoded like the training split and normalised
-with its statistics. `python -m src.plan` states every difference before anything is launched.
+vectors concatenated (2048). The evaluation split (COCO-2014) must be encoded like the training split; it is
+normalised with the training split's statistics wherever it is read, so its own do not matter (one COCO folder serves
+the ImageNet and the CC12M runs). `python -m src.plan` states every difference before anything is launched.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ PAPER_DATA = {"latent_channels": 16, "latent_size": 32, "context_length": 154, "
               "pooled_dim": 2048}
 # Text encoder kinds in `text_groups` order (names "clip:<model>" / "t5:<model>", src/preprocess/text.py).
 PAPER_TEXT_ENCODERS = ["clip", "clip", "t5"]
-# What the evaluation split must share with the training split.
-SAME_IN_BOTH_SPLITS = ("shapes", "autoencoder", "autoencoder_sha256", "encoder_names", "text_groups", "latent_mean",
-                       "latent_std")
-# Of those, what a run cannot train or evaluate without (shapes: the validation fails; encoders: the evaluation
-# conditions on embeddings the model never saw): refused before launching (src.training.prepare.check_data).
+# What the evaluation split must share with the training split (shapes: the validation fails; encoders: the
+# evaluation conditions on embeddings the model never saw): the planner names each difference, and a run is refused
+# before launching (src.training.prepare.check_data). Not the latent statistics: the evaluation split is normalised
+# with the training split's when read (src.data.shards.load_eval_set).
 SAME_ENCODING = ("shapes", "autoencoder", "autoencoder_sha256", "encoder_names", "text_groups")
 # Compared only where both folders record them (folders written before they existed lack them).
 RECORDED_SINCE = ("autoencoder_sha256",)
@@ -38,7 +38,7 @@ def paper_differences(meta: dict) -> list[str]:
     return out
 
 
-def split_differences(train_meta: dict, eval_meta: dict, keys=SAME_IN_BOTH_SPLITS) -> list[str]:
+def split_differences(train_meta: dict, eval_meta: dict, keys=SAME_ENCODING) -> list[str]:
     """What the evaluation folder does not share with the training folder of `keys` (empty: consistent)."""
     return [f"{key} {eval_meta.get(key)!r} vs training {train_meta.get(key)!r}"
             for key in keys if eval_meta.get(key) != train_meta.get(key)
