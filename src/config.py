@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,7 @@ THROUGHPUT_KEYS = {"model": ("compile", "compile_backend", "fused_qkv", "fused_m
 
 def without_throughput_keys(fp: dict) -> dict:
     """A fingerprint without THROUGHPUT_KEYS (also applied to fingerprints written before they were dropped), the
-    embedded data's folders named as their content is (below)."""
+    data's folders named as their content is (below)."""
     out = {k: {kk: vv for kk, vv in v.items() if kk not in THROUGHPUT_KEYS.get(k, ())} if isinstance(v, dict) else v
            for k, v in fp.items()}
     data = out.get("data")
@@ -80,7 +81,29 @@ def without_throughput_keys(fp: dict) -> dict:
         # lies (paths.cache_dir) does not change the data. Stored fingerprints with whole paths compare the same.
         out["data"] = {k: "/".join(Path(str(v)).parts[-2:]) if k in ("train_dir", "eval_dir") and v else v
                        for k, v in data.items()}
+    elif isinstance(data, dict) and data.get("kind") == "shards":
+        # Shard folders moved or staged elsewhere (a node's local disk, another file system) are the same data, and
+        # a folder written again at its path is not: each is named by its content where it is found (a stored
+        # path that is gone stays a path, so a run trained before this compares as before).
+        out["data"] = {k: shard_folder_id(v) or v if k in ("train_dir", "eval_dir") and v else v
+                       for k, v in data.items()}
     return out
+
+
+def shard_folder_id(folder: Any) -> str | None:
+    """A shard folder by its content: the sha256 of its meta.json, which the writer saves once, last (the count, each
+    shard's name and size, the latent statistics, the encoders and autoencoder). The value itself when it is one
+    already; None where there is no meta.json (not a shard folder, or gone)."""
+    if str(folder).startswith(SHARD_ID_PREFIX):
+        return str(folder)
+    try:
+        text = (Path(str(folder)) / "meta.json").read_bytes()
+    except OSError:
+        return None
+    return SHARD_ID_PREFIX + hashlib.sha256(text).hexdigest()[:16]
+
+
+SHARD_ID_PREFIX = "meta.json sha256 "
 
 
 #: Lightning's precision aliases (None: bf16-mixed on a GPU, else 32-true), as the fingerprint records them.

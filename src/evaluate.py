@@ -7,7 +7,8 @@
 
 Loads the run's own configuration (RUN_DIR/config.yaml, written by the job; .hydra/config.yaml for older runs),
 merged over today's default configuration so keys added since take their defaults, applies the overrides (only
-eval.*, sampler.* and paths.* may change: anything else would describe another trained model) and evaluates
+eval.*, sampler.* and paths.* may change, and data.train_dir / data.eval_dir where the run's own shard folders have
+moved: anything else would describe another trained model) and evaluates
 every record results.json lacks, from the run's checkpoint; never trains. Records of other settings stay in
 results.json, kept apart by their settings (src/results.py).
 """
@@ -26,6 +27,8 @@ from src.config import ConfigError, register_resolvers
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 #: The configuration groups an evaluation may change; the rest belongs to the trained model (its fingerprint).
 OVERRIDABLE = ("eval", "sampler", "paths")
+#: Where the run's shard folders lie now, when they have moved: the same folders (by content) or a refusal.
+MOVABLE = ("data.train_dir", "data.eval_dir")
 USAGE = ("usage: python -m src.evaluate RUN_DIR [--config-dir DIR] "
          "[eval.KEY=VALUE | sampler=NAME | sampler.KEY=VALUE | paths.KEY=VALUE ...]")
 
@@ -42,9 +45,10 @@ def _check_override(override: str) -> str:
     key = override.split("=", 1)[0].lstrip("+~")
     if "=" not in override or not key:
         raise ConfigError(f"{override!r}: overrides are key=value")
-    if key.split(".")[0] not in OVERRIDABLE:
-        raise ConfigError(f"{key}: only eval.*, sampler.* and paths.* may change when re-evaluating a trained run "
-                          f"(anything else is another model: train it with python -m src.run)")
+    if key.split(".")[0] not in OVERRIDABLE and key not in MOVABLE:
+        raise ConfigError(f"{key}: only eval.*, sampler.* and paths.* may change when re-evaluating a trained run, "
+                          f"and {' and '.join(MOVABLE)} where the run's shard folders have moved (anything else is "
+                          f"another model: train it with python -m src.run)")
     return override
 
 
@@ -154,6 +158,20 @@ def _check_sampler_tag(run_dir: Path, cfg: DictConfig) -> None:
             "added (its training is reused) or evaluate a run directory without a swept sampler")
 
 
+def _check_moved_data(cfg: DictConfig, run_dir: Path, overrides: Sequence[str]) -> None:
+    """data.train_dir / data.eval_dir given: the folders the run was trained with, moved (its fingerprint.json names
+    them by content), or a one-line refusal; another dataset would be another model's evaluation."""
+    from src.training.prepare import fingerprint_changes
+
+    given = [o.lstrip("+").split("=", 1) for o in overrides if o.lstrip("+").split("=", 1)[0] in MOVABLE]
+    changed = fingerprint_changes(cfg, run_dir) if given else []
+    if changed:
+        key, value = given[0]
+        raise ConfigError(f"{key}={value}: not the data {run_dir} was trained with (its fingerprint.json, which names "
+                          f"each shard folder by its meta.json, records another {' and '.join(changed)}); give where "
+                          "its own folders lie now")
+
+
 def evaluate(run_dir: str | Path, overrides: Sequence[str] = (), config_dirs: Sequence[Path] = ()
              ) -> list[dict]:
     """Evaluate what the run lacks under these settings; returns the run's current records."""
@@ -183,6 +201,7 @@ def evaluate(run_dir: str | Path, overrides: Sequence[str] = (), config_dirs: Se
                           f"{checkpoint_step(run_dir, 'last')} of train.max_steps={cfg.train.max_steps}); rerun its "
                           f"python -m src.run command to resume it, which evaluates at the end")
     meta = resolve_data(cfg)
+    _check_moved_data(cfg, run_dir, overrides)
     check_decoder(cfg, meta)
     missing = missing_for(cfg, run_dir, meta=meta)
     log = logging.getLogger("src.evaluate")

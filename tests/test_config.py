@@ -93,3 +93,84 @@ def test_a_paper_recipe_by_name_is_the_run_of_its_family_and_parameters(tmp_path
         assert fingerprint_changes(relaunched, tmp_path) == []
     other = compose_cfg(["loss=recipe", "loss.recipe='rf/lognorm(0.50, 1.00)'"])
     assert fingerprint_changes(other, tmp_path) == ["loss.s"]
+
+
+def test_shard_folders_are_named_by_their_content_so_moved_data_resumes(tmp_path):
+    """A run on shards records its folders by a digest of their meta.json: moved (or staged on a node's disk) they are
+    the same data under a new path; written again at the same path they are other data; a run recorded with paths
+    (before) compares as before, through the folder where it still is."""
+    import json
+    import shutil
+
+    from tests.test_expectations import small_folder
+    from src.config import SHARD_ID_PREFIX
+    from src.training.prepare import _fingerprint_json, fingerprint_changes, resolve_data
+
+    def cfg_at(train, eval_):
+        cfg = compose_cfg(["data=shards", f"data.train_dir={train}", f"data.eval_dir={eval_}", "data.val_samples=4"])
+        resolve_data(cfg)
+        return cfg
+
+    small_folder(tmp_path / "a/train", 0)
+    small_folder(tmp_path / "a/eval", 1)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")  # something trained: the directory is bound
+    trained = cfg_at(tmp_path / "a/train", tmp_path / "a/eval")
+    stored = _fingerprint_json(trained)
+    assert stored["data"]["train_dir"].startswith(SHARD_ID_PREFIX) and stored["data"]["train_dir"] != \
+        stored["data"]["eval_dir"]
+    (run / "fingerprint.json").write_text(json.dumps(stored))
+
+    shutil.move(tmp_path / "a", tmp_path / "b")  # moved: the same folders
+    assert fingerprint_changes(cfg_at(tmp_path / "b/train", tmp_path / "b/eval"), run) == []
+    small_folder(tmp_path / "c/train", 2)  # another folder: other data
+    assert fingerprint_changes(cfg_at(tmp_path / "c/train", tmp_path / "b/eval"), run) == ["data.train_dir"]
+    shutil.rmtree(tmp_path / "b/eval")
+    small_folder(tmp_path / "b/eval", 3)  # written again in place: other data, at the path trained with
+    assert fingerprint_changes(cfg_at(tmp_path / "b/train", tmp_path / "b/eval"), run) == ["data.eval_dir"]
+
+    # Recorded with paths (before folders were named by content): the same folders where they still are, or a copy.
+    old = {**stored, "data": {**stored["data"], "train_dir": str(tmp_path / "b/train"),
+                              "eval_dir": str(tmp_path / "b/eval")}}
+    (run / "fingerprint.json").write_text(json.dumps(old))
+    shutil.copytree(tmp_path / "b", tmp_path / "copy")
+    assert fingerprint_changes(cfg_at(tmp_path / "copy/train", tmp_path / "copy/eval"), run) == []
+    shutil.rmtree(tmp_path / "b")  # gone: known by its path only, as before
+    assert fingerprint_changes(cfg_at(tmp_path / "copy/train", tmp_path / "copy/eval"), run) == \
+        ["data.eval_dir", "data.train_dir"]
+
+
+def test_re_evaluating_a_run_whose_shards_moved_takes_their_new_folders_and_no_others(tmp_path):
+    """python -m src.evaluate RUN_DIR data.train_dir=NEW data.eval_dir=NEW: the run's config.yaml names where the
+    folders were; the same folders (by content) are taken, other data is refused in one line."""
+    import json
+    import shutil
+
+    from tests.test_expectations import small_folder
+    from src.config import ConfigError
+    from src.evaluate import _check_moved_data, _check_override
+    from src.training.prepare import _fingerprint_json, resolve_data
+
+    def cfg_at(train, eval_):
+        cfg = compose_cfg(["data=shards", f"data.train_dir={train}", f"data.eval_dir={eval_}", "data.val_samples=4"])
+        resolve_data(cfg)
+        return cfg
+
+    small_folder(tmp_path / "a/train", 0)
+    small_folder(tmp_path / "a/eval", 1)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    (run / "fingerprint.json").write_text(json.dumps(_fingerprint_json(cfg_at(tmp_path / "a/train",
+                                                                              tmp_path / "a/eval"))))
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    moved = [f"data.train_dir={tmp_path / 'b/train'}", f"data.eval_dir={tmp_path / 'b/eval'}"]
+    assert [_check_override(o) for o in moved] == moved
+    _check_moved_data(cfg_at(tmp_path / "b/train", tmp_path / "b/eval"), run, moved)  # the same folders: taken
+    small_folder(tmp_path / "other", 2)
+    with pytest.raises(ConfigError, match=rf"^data.train_dir={tmp_path}/other: not the data {run} was trained with "
+                                          r"\(its fingerprint.json, .* records another data.train_dir\); give"):
+        _check_moved_data(cfg_at(tmp_path / "other", tmp_path / "b/eval"), run, [f"data.train_dir={tmp_path}/other"])
+    with pytest.raises(ConfigError, match=r"^data.name: only eval.\*, sampler.\* and paths.\* may change"):
+        _check_override("data.name=cc12m")

@@ -519,7 +519,7 @@ def training_settings(run_dir: Path | str) -> dict[str, str] | None:
         return None
     if not isinstance(fp, dict):
         return None
-    fp = without_throughput_keys(fp)  # (embedded data's folders by their names)
+    fp = without_throughput_keys(fp)  # (data folders by their content: embedded ones' names, shards' meta.json)
     fp.pop("streams", None)  # the version of the random streams: other draws of one configuration, as seeds are
     # What trainer.precision=null resolved to on the training device: runs recorded before it was kept lack it, so
     # comparing it would refuse to rank a sweep extended since. (The job refuses to resume at another one.)
