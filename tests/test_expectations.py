@@ -45,7 +45,8 @@ def test_what_the_splits_must_share_and_what_a_run_cannot_do_without():
     statistics: an evaluation split is normalised with the training split's when read, so one COCO folder serves
     ImageNet and CC12M runs (the paper grid's) without a Check line it could never satisfy."""
     train = {"shapes": {"latent": [4, 8, 8]}, "autoencoder": "sd3-vae", "autoencoder_sha256": "0123456789ab",
-             "encoder_names": ["clip:a"], "text_groups": [{"name": "clip:a"}], "latent_mean": 0.1, "latent_std": 0.9}
+             "encoder_names": ["clip:a"], "encoder_sha256": ["456789abcdef"], "text_groups": [{"name": "clip:a"}],
+             "latent_mean": 0.1, "latent_std": 0.9}
     for key in train:
         other = {**train, key: "other"}
         named = [] if key in ("latent_mean", "latent_std") else [f"{key} 'other' vs training {train[key]!r}"]
@@ -61,6 +62,42 @@ def test_another_autoencoder_in_a_folder_of_the_same_name_is_another_encoding():
                                                               "'aaaaaaaaaaaa'"]
     older = {k: v for k, v in train.items() if k != "autoencoder_sha256"}
     assert split_differences(train, older, SAME_ENCODING) == split_differences(older, train, SAME_ENCODING) == []
+
+
+def test_text_encoders_of_one_name_with_other_weights_are_another_encoding(tmp_path):
+    """Text encoders are named by model or folder (clip:ViT-L-14 for OpenAI and LAION weights alike, t5:t5 for any
+    folder called t5): encoder_sha256 tells them apart, where both folders record it (folders written before do not),
+    and a run is refused in one line naming it and both digests."""
+    from hydra import compose, initialize_config_module
+
+    from src.config import register_resolvers
+    from src.training.prepare import ConfigError, check_data
+
+    register_resolvers()
+    digests = {"train": ["aaaaaaaaaaaa", "cccccccccccc"], "laion": ["bbbbbbbbbbbb", "cccccccccccc"], "older": None}
+    for i, (name, sha) in enumerate(digests.items()):
+        small_folder(tmp_path / name, i, latent_mean=0.0, latent_std=1.0,
+                     extra_meta={} if sha is None else {"encoder_sha256": sha})
+    assert "encoder_sha256" not in read_meta(tmp_path / "older")
+
+    def check(train_dir, eval_dir):
+        with initialize_config_module(config_module="conf", version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[
+                "data=shards", f"data.train_dir={tmp_path / train_dir}", f"data.eval_dir={tmp_path / eval_dir}",
+                "data.val_samples=4"])
+        return check_data(cfg)
+
+    with pytest.raises(ConfigError) as error:
+        check("train", "laion")
+    assert str(error.value) == (f"data.eval_dir={tmp_path / 'laion'} is not encoded like data.train_dir "
+                                "(encoder_sha256 ['bbbbbbbbbbbb', 'cccccccccccc'] vs training ['aaaaaaaaaaaa', "
+                                "'cccccccccccc']): preprocess it with the same models and --stats-from the training "
+                                "folder")
+    notes = check_shard_folders(tmp_path / "train", tmp_path / "laion")
+    assert "(encoder_sha256 ['bbbbbbbbbbbb', 'cccccccccccc'] vs training ['aaaaaaaaaaaa', 'cccccccccccc'])" in notes[-1]
+    for train_dir, eval_dir in (("train", "older"), ("older", "laion"), ("train", "train")):
+        assert check(train_dir, eval_dir)["context_dim"] == 16, (train_dir, eval_dir)
+        assert not any("not encoded like" in n for n in check_shard_folders(tmp_path / train_dir, tmp_path / eval_dir))
 
 
 def test_folders_checked_only_where_they_exist(tmp_path):

@@ -485,6 +485,7 @@ def test_imagenet_autoencoder_clips_t5(tmp_path, models):
     assert len(meta["shards"]) == 4 and not (out / WORK_DIR).exists()  # 13 items in chunks of 4
     assert meta["shapes"] == {"latent": [4, 8, 8], "context": [12 + 8, 96], "pooled": [24 + 16]}
     assert meta["encoder_names"] == ["clip:clip-a", "clip:clip-b", "t5:t5"]
+    assert len(set(meta["encoder_sha256"])) == 3  # each encoder's content, in that order (checked below)
     assert meta["text_groups"] == [
         {"name": "clip:clip-a", "context_tokens": [0, 12], "context_channels": [0, 32], "pooled_channels": [0, 24]},
         {"name": "clip:clip-b", "context_tokens": [0, 12], "context_channels": [32, 80], "pooled_channels": [24, 40]},
@@ -511,6 +512,7 @@ def test_imagenet_autoencoder_clips_t5(tmp_path, models):
     pixels = decode_image((train / r["extras"]["source"]).read_bytes(), RES)[None]
     expected = m.autoencoder.vae.encode(pixels).latent_dist.mean[0].half().numpy()
     np.testing.assert_allclose(r["latent"], expected, atol=2e-3)
+    assert meta["encoder_sha256"] == m.text.sha256 == m.describe()["encoder_sha256"]
     context, pooled = m.text([r["caption"]])
     np.testing.assert_allclose(r["context"], context[0].half().numpy(), atol=2e-3)
     np.testing.assert_allclose(r["pooled"], pooled[0].half().numpy(), atol=2e-3)
@@ -686,6 +688,68 @@ def test_stats_from_another_autoencoder_in_a_folder_of_the_same_name_is_refused(
     assert f"was made with autoencoder AutoencoderKL:vae:{meta['autoencoder_sha256']} " in err, err
     assert "its statistics do not apply" in err and err.count("\n") == 1, err
     assert not (out / "meta.json").exists()
+
+
+def test_text_encoders_of_one_name_with_other_weights_are_other_encoders(tmp_path, models, monkeypatch):
+    """Text encoders are named by model (clip:ViT-L-14 for OpenAI and LAION weights alike) or folder (t5:t5):
+    their files' content tells them apart (encoder_sha256, one per encoder in encoder_names order), and the split
+    check names it; each encoder's files are hashed once however often the models are described."""
+    from src.data.expectations import SAME_ENCODING, split_differences
+    from src.preprocess.text import T5TextEncoder, load_clip
+    from src.utils import io
+
+    torch.manual_seed(5)
+    other_clip = save_clip((tmp_path / "other").mkdir() or tmp_path / "other", "clip-a", 32, 24)  # clip-a's name
+    other_t5 = save_t5(tmp_path / "other" / "t5")  # the folder name of models["t5"], other weights
+
+    def combined(clip, t5):
+        return CombinedTextEncoder([load_clip(*clip, device="cpu")], T5TextEncoder(t5, max_length=4))
+
+    hashed = []
+    monkeypatch.setattr(io, "sha256_file", lambda p, real=io.sha256_file: hashed.append(p) or real(p))
+    monkeypatch.setattr(io, "_SHA256", {})
+    train, same = combined(models["clip_a"], models["t5"]), combined(models["clip_a"], models["t5"])
+    clip_other, t5_other = combined(other_clip, models["t5"]), combined(models["clip_a"], other_t5)
+    assert train.names == clip_other.names == t5_other.names == ["clip:clip-a", "t5:t5"]
+    assert train.sha256 == same.sha256 and len(set(train.sha256)) == 2
+    assert clip_other.sha256 == [clip_other.clips[0].content_sha256, train.sha256[1]] != train.sha256
+    assert t5_other.sha256 == [train.sha256[0], t5_other.t5.content_sha256] != train.sha256
+    assert len(hashed) == len(set(hashed))  # every file once (the CLIP weights also name its fingerprint)
+    files = len(hashed)
+    monkeypatch.setattr(io, "_SHA256", {})  # not even the process's memory: the digests are kept on the encoders
+    assert train.sha256 == same.sha256 and len(hashed) == files
+
+    meta = lambda enc: {"shapes": {}, "encoder_names": enc.names, "encoder_sha256": enc.sha256}  # noqa: E731
+    assert split_differences(meta(train), meta(same), SAME_ENCODING) == []
+    assert split_differences(meta(train), meta(clip_other), SAME_ENCODING) == [
+        f"encoder_sha256 {clip_other.sha256!r} vs training {train.sha256!r}"]
+    older = {k: v for k, v in meta(train).items() if k != "encoder_sha256"}  # written before encoder_sha256
+    assert split_differences(older, meta(t5_other), SAME_ENCODING) == []
+    assert split_differences(meta(t5_other), older, SAME_ENCODING) == []
+
+
+def test_an_evaluation_folder_encoded_with_other_text_weights_is_not_encoded_like_training(tmp_path, models):
+    """meta.json records encoder_sha256; the planner and src.run's data check compare it (preprocess end to end)."""
+    from src.data.expectations import check_shard_folders
+    from src.preprocess.text import clip_digest
+
+    torch.manual_seed(6)
+    other_clip = save_clip((tmp_path / "laion").mkdir() or tmp_path / "laion", "clip-a", 32, 24)  # clip-a's name
+    images, ann = make_coco(tmp_path / "coco", n=2)
+    train = preprocess(CocoSource(images, ann), config(tmp_path / "train", models))
+    assert train["encoder_names"] == ["clip:clip-a"] and train["encoder_sha256"] == [clip_digest(*models["clip_a"])]
+    stats = ["--stats-from", str(tmp_path / "train")]
+    for name, clip in (("same", models["clip_a"]), ("other", other_clip)):
+        assert main(["coco", "--images", str(images), "--annotations", str(ann), "--out", str(tmp_path / name),
+                     "--resolution", str(RES), "--clip", *clip, "--num-workers", "0", "--device", "cpu",
+                     "--no-progress", *stats]) == 0
+    same = check_shard_folders(tmp_path / "train", tmp_path / "same")
+    assert len(same) == 1 and "differs from the paper's setup" in same[0]  # tiny models: only that
+    other = check_shard_folders(tmp_path / "train", tmp_path / "other")
+    digest = clip_digest(*other_clip)
+    assert other[1:] == [f"data.eval_dir={tmp_path / 'other'} is not encoded like data.train_dir (encoder_sha256 "
+                         f"[{digest!r}] vs training {train['encoder_sha256']!r}): preprocess it with the same models "
+                         "and --stats-from the training folder"] and digest != train["encoder_sha256"][0]
 
 
 def test_missing_inputs_fail_before_any_work(tmp_path, models, capsys):

@@ -22,9 +22,9 @@ PAPER_TEXT_ENCODERS = ["clip", "clip", "t5"]
 # evaluation conditions on embeddings the model never saw): the planner names each difference, and a run is refused
 # before launching (src.training.prepare.check_data). Not the latent statistics: the evaluation split is normalised
 # with the training split's when read (src.data.shards.load_eval_set).
-SAME_ENCODING = ("shapes", "autoencoder", "autoencoder_sha256", "encoder_names", "text_groups")
+SAME_ENCODING = ("shapes", "autoencoder", "autoencoder_sha256", "encoder_names", "encoder_sha256", "text_groups")
 # Compared only where both folders record them (folders written before they existed lack them).
-RECORDED_SINCE = ("autoencoder_sha256",)
+RECORDED_SINCE = ("autoencoder_sha256", "encoder_sha256")
 
 
 def paper_differences(meta: dict) -> list[str]:

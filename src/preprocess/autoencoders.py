@@ -9,7 +9,6 @@ the dataset's global mean and std instead (docs/data.md#pixels-and-latents).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 from src.data.shards import IDENTITY_AUTOENCODER
 from src.preprocess.sources import item_rng
 from src.preprocess.text import PRECISIONS
-from src.utils.io import weights_sha256
+from src.utils.io import files_digest, folder_files
 
 LATENT_MODES = ("mean", "sample")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
@@ -69,14 +68,10 @@ def autoencoder_digest(path: str | os.PathLike, config: str | os.PathLike | None
     path = Path(path)
     if path.is_dir() and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
         path = path / "vae"  # a whole pipeline's folder: only its autoencoder encodes and decodes
-    files = {f.relative_to(path).as_posix(): f for f in sorted(path.rglob("*"))
-             if f.is_file() and not f.name.startswith(".")} if path.is_dir() else {path.name: path}
+    files = folder_files(path) if path.is_dir() else {path.name: path}
     if config is not None:
         files["config/config.json"] = Path(config) / "config.json"
-    digest = hashlib.sha256()
-    for name, f in files.items():
-        digest.update(f"{name}:{weights_sha256(f, cache_dir)}\n".encode())
-    return digest.hexdigest()[:12]
+    return files_digest(files, cache_dir)
 
 
 class DiffusersAutoencoder:

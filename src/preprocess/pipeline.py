@@ -364,8 +364,9 @@ class Models:
         return self.autoencoder.encode(pixels, indices, cfg.seed)
 
     def describe(self) -> dict:
-        """What meta.json records about the models: autoencoder settings and the text encoders' layout."""
-        return {**self.autoencoder.describe(), "text_groups": self.text.groups}
+        """What meta.json records about the models: autoencoder settings, the text encoders' layout and content (one
+        digest per encoder in encoder_names order, as the evaluation folder's must match the training folder's)."""
+        return {**self.autoencoder.describe(), "text_groups": self.text.groups, "encoder_sha256": self.text.sha256}
 
 
 def _load(setting: str, allowed: str, load, *args, **kwargs):

@@ -10,6 +10,7 @@ tokens.
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
@@ -17,6 +18,7 @@ import open_clip
 import torch
 
 from src.text.encoder import ClipTextEncoder
+from src.utils.io import files_digest, folder_files
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OPEN_CLIP_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -42,13 +44,24 @@ def check_clip_spec(model: str, weights: str | Path) -> None:
                          f"(OpenAI weights need the -quickgelu name) or a path to a model config .json")
 
 
+def clip_digest(model: str, weights: str | Path) -> str:
+    """sha256[:12] of a CLIP's weights file (and its model config .json where it has one): OpenAI and LAION weights
+    of one open_clip model name are told apart. The files by role, not name: a renamed copy is the same encoder."""
+    files = {"weights": Path(weights), **({"config": Path(model)} if model.endswith(".json") else {})}
+    return files_digest(files)
+
+
 def load_clip(model: str, weights: str | Path, device: str, precision: str = "float32") -> ClipTextEncoder:
-    """An open_clip text encoder; `model` is a registered name or a path to a model config JSON (registered here)."""
+    """An open_clip text encoder; `model` is a registered name or a path to a model config JSON (registered here).
+    Its `content_sha256` is clip_digest's (the weights were just hashed for its fingerprint: no second read)."""
     check_clip_spec(model, weights)
+    spec = model
     if model.endswith(".json"):
         open_clip.add_model_config(model)
         model = Path(model).stem
-    return ClipTextEncoder(model, weights, device=device, precision=OPEN_CLIP_PRECISION[precision])
+    encoder = ClipTextEncoder(model, weights, device=device, precision=OPEN_CLIP_PRECISION[precision])
+    encoder.content_sha256 = clip_digest(spec, weights)
+    return encoder
 
 
 def check_t5_folder(path: str | Path) -> None:
@@ -82,9 +95,15 @@ class T5TextEncoder:
         self.model = T5EncoderModel.from_pretrained(path, dtype=PRECISIONS[precision], local_files_only=True)
         self.model.to(device).eval().requires_grad_(False)
         self.device = torch.device(device)
-        self.name = path.name
+        self.path, self.name = path, path.name
         self.context_length = max_length
         self.context_dim = int(self.model.config.d_model)
+
+    @cached_property
+    def content_sha256(self) -> str:
+        """sha256[:12] of the folder's files (weights, config, tokenizer): two folders called `t5` are told apart.
+        Once per encoder: T5-XXL's weights are 10-20 GB."""
+        return files_digest(folder_files(self.path))
 
     @torch.no_grad()
     def __call__(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,6 +131,12 @@ class CombinedTextEncoder:
         self.pooled_dim = sum(c.pooled_dim for c in clips)
         self.names = [f"clip:{c.name}" for c in clips] + ([f"t5:{t5.name}"] if t5 else [])
         self.groups = self._groups()
+
+    @property
+    def sha256(self) -> list[str]:
+        """Each encoder's content_sha256 in `names` order (computed once, on the encoder): meta.json's
+        encoder_sha256, as names alone call OpenAI and LAION CLIP L/14 weights, or two T5 folders `t5`, the same."""
+        return [e.content_sha256 for e in [*self.clips, *([self.t5] if self.t5 else [])]]
 
     def _groups(self) -> list[dict]:
         groups, channel, pooled = [], 0, 0

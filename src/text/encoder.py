@@ -12,7 +12,8 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 
 from src.text import tiny_clip
-from src.text.checkpoints import load_open_clip, sha256_file
+from src.text.checkpoints import load_open_clip
+from src.utils.io import weights_sha256
 
 
 @runtime_checkable
@@ -40,7 +41,8 @@ class ClipTextEncoder:
         self.model, self.tokenizer = load_open_clip(model_name, weights_path, sha256=sha256, device=device,
                                                     **create_kwargs)
         self.name = model_name
-        self.fingerprint = f"{model_name}@{sha256_file(weights_path)[:16]}"
+        # weights_sha256: hashed once per file version in a process (preprocessing names it by this hash too)
+        self.fingerprint = f"{model_name}@{weights_sha256(weights_path)[:16]}"
         self.device = torch.device(device)
         layers = len(self.model.transformer.resblocks)
         if layers < 2:

@@ -193,6 +193,22 @@ def weights_sha256(path: str | os.PathLike, cache_dir: str | os.PathLike | None 
     return sha
 
 
+def folder_files(path: str | os.PathLike) -> dict[str, Path]:
+    """A model folder's files by relative path (hidden files left out), for files_digest."""
+    path = Path(path)
+    return {f.relative_to(path).as_posix(): f for f in sorted(path.rglob("*"))
+            if f.is_file() and not f.name.startswith(".")}
+
+
+def files_digest(files: dict[str, Path], cache_dir: str | os.PathLike | None = None) -> str:
+    """sha256[:12] over the sha256 of a model's files (name -> path; the names are part of it): its identity,
+    whatever its folder or files are called. Each file is hashed once per version (weights_sha256)."""
+    digest = hashlib.sha256()
+    for name, f in files.items():
+        digest.update(f"{name}:{weights_sha256(f, cache_dir)}\n".encode())
+    return digest.hexdigest()[:12]
+
+
 def file_sha256(path: str | os.PathLike, known: dict | None = None) -> tuple[str, dict | None]:
     """The sha256 of a file, hashed once per file version (resolved path, size, mtime_ns, ctime_ns), like
     weights_sha256 but remembered by the caller: `known` maps resolved paths to {size, mtime_ns, ctime_ns, sha256}
