@@ -82,9 +82,9 @@ def without_throughput_keys(fp: dict) -> dict:
         out["data"] = {k: "/".join(Path(str(v)).parts[-2:]) if k in ("train_dir", "eval_dir") and v else v
                        for k, v in data.items()}
     elif isinstance(data, dict) and data.get("kind") == "shards":
-        # Shard folders moved or staged elsewhere (a node's local disk, another file system) are the same data, and
-        # a folder written again at its path is not: each is named by its content where it is found (a stored
-        # path that is gone stays a path, so a run trained before this compares as before).
+        # Shard folders moved elsewhere (another file system, a renamed folder) are the same data, and a folder
+        # written again at its path is not: each is named by its content where it is found (a stored path that is
+        # gone stays a path, so a run trained before this compares as before).
         out["data"] = {k: shard_folder_id(v) or v if k in ("train_dir", "eval_dir") and v else v
                        for k, v in data.items()}
     return out
