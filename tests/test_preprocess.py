@@ -574,6 +574,23 @@ def test_a_stop_after_some_chunks_counts_only_the_chunks_done_before(tmp_path, m
     assert f"{out}: 13 items, 4 chunks, 1 done before;" in capsys.readouterr().out
 
 
+def test_a_resume_with_other_model_files_at_the_same_paths_is_refused(tmp_path, capsys):
+    """The settings name the models by path: a CLIP weights file replaced there between a stop and the resume would
+    encode the rest of the folder otherwise; models.json's content digests refuse it, writing nothing."""
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=4)  # 13 items, 4 chunks of 4
+    source, out = ImageNetSource(train, mapping), tmp_path / "out"
+    torch.manual_seed(1)
+    clip = save_clip(tmp_path, "clip", 32, 24)
+    assert preprocess(source, config(out, {"clip_a": list(clip)}, max_chunks=1)) is None
+    written = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    torch.manual_seed(2)
+    assert save_clip(tmp_path, "clip", 32, 24) == clip  # other weights, the same files
+    with pytest.raises(ValueError, match=rf"^out='{out}': its chunks done before were encoded by other model files at "
+                                         r"the same paths \(encoder_sha256 \['\w+'\] before, \['\w+'\] now\)"):
+        preprocess(source, config(out, {"clip_a": list(clip)}, max_chunks=1))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == written
+
+
 def assert_same_shards(a: Path, b: Path) -> None:
     ma, mb = read_meta(a), read_meta(b)
     assert ma["count"] == mb["count"] and ma["shards"] == mb["shards"] and ma["skipped"] == mb["skipped"]

@@ -420,7 +420,9 @@ def preprocess(source, cfg: PreprocessConfig) -> dict | None:
     if prepare_output(out, settings, source=source, files=files) == "complete":
         return _already_complete(out)
     if pending:
-        atomic_write_json(out / WORK_DIR / MODELS_FILE, models.describe())
+        described = models.describe()
+        _check_same_models(out, described, n_chunks)
+        atomic_write_json(out / WORK_DIR / MODELS_FILE, described)
         print(f"{out}: {len(source)} items, {n_chunks} chunks{part}, {done_chunks} done before; "
               f"device {device}")
         _process(source, cfg, models, order, pending, out, done_before, total)
@@ -452,6 +454,24 @@ def _already_complete(out: Path) -> dict:
     shutil.rmtree(out / WORK_DIR, ignore_errors=True)
     print(f"{out}: already complete with these settings; nothing to do")
     return meta
+
+
+#: What models.json records of the models' content (their paths are the settings' and compared with them).
+MODEL_CONTENT_KEYS = ("autoencoder_sha256", "encoder_sha256")
+
+
+def _check_same_models(out: Path, described: dict, n_chunks: int) -> None:
+    """The chunks done before were encoded by the models models.json records: weights replaced at the same paths
+    since (a resume, or another --part, with other files there) would put two encodings in one folder."""
+    path = out / WORK_DIR / MODELS_FILE
+    if not path.is_file() or not any(done_path(out, c).is_file() for c in range(n_chunks)):
+        return
+    before = json.loads(path.read_text())
+    changed = [f"{k} {before[k]} before, {described[k]} now" for k in MODEL_CONTENT_KEYS
+               if None not in (before.get(k), described.get(k)) and before[k] != described[k]]
+    if changed:
+        raise ValueError(f"out={str(out)!r}: its chunks done before were encoded by other model files at the same "
+                         f"paths ({'; '.join(changed)}): put those files back, or write to another --out")
 
 
 def _check_stats_source(cfg: PreprocessConfig, models: Models) -> None:
