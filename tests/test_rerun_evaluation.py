@@ -731,3 +731,8 @@ def test_evaluate_refused_by_a_busy_run_says_only_that(run, capsys, caplog, monk
     assert not any("missing: evaluating" in m or "nothing to do" in m for m in said), said
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3 and all(f"{run} is in use by another job" in line for line in err), err
+    monkeypatch.undo()
+    (run / "checkpoints" / "best.ckpt").unlink()  # refused once the lock is held: run.log is left as it was
+    (run / "run.log").write_text("the run's log\n")
+    assert evaluate_main([str(run), "eval.seed=7"]) == 2
+    assert "best.ckpt: missing" in capsys.readouterr().err and (run / "run.log").read_text() == "the run's log\n"
