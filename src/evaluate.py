@@ -196,38 +196,39 @@ def evaluate(run_dir: str | Path, overrides: Sequence[str] = (), config_dirs: Se
 
     check_trained_code(cfg, run_dir)  # a formulation or backbone module from outside edited since the training
     check_config(cfg)  # the values, the sampler, the weight files: as src.run checks them, before any work
-    if not training_finished(cfg, run_dir):  # its results would be of a model that is not the run's final one
-        raise ConfigError(f"{run_dir}: training is not finished (last.ckpt is of step "
-                          f"{checkpoint_step(run_dir, 'last')} of train.max_steps={cfg.train.max_steps}); rerun its "
-                          f"python -m src.run command to resume it, which evaluates at the end")
-    meta = resolve_data(cfg)
-    _check_moved_data(cfg, run_dir, overrides)
-    check_decoder(cfg, meta)
-    missing = missing_for(cfg, run_dir, meta=meta)
-    log = logging.getLogger("src.evaluate")
-    if missing:
-        select_checkpoint(run_dir, str(cfg.eval.checkpoint))  # a lost best.ckpt is named before "evaluating"
-        log.info("%s: results for %s missing: evaluating", run_dir, describe(cfg, run_dir, missing),
-                 extra={"console": True})
-    else:
-        log.info("%s: results complete, nothing to do", run_dir, extra={"console": True})
     from src.training.job import _torch_settings
-
-    _torch_settings(cfg)  # as a job evaluates (torch_threads; TF32 matmuls on a GPU): the same record, the same numbers
     from src.launch.rundir import run_dir_lock, run_log
     from src.utils.io import remove_stale_temp_files
     from src.utils.progress import evaluation_hook
 
-    # The run's lock, as a job holds it: a relaunched sweep's job (or a second src.evaluate) does not sample the
-    # same records at the same time, and a temp file left in the run is no live writer's, so it can go.
-    with run_dir_lock(run_dir), run_log(run_dir):  # library chatter (open_clip's loading lines) to run.log
-        for path in remove_stale_temp_files(run_dir):
-            log.info("removed %s, left by an interrupted write", path)
-        records = evaluate_run(cfg, run_dir, meta=meta, on_setting=evaluation_hook())
-        # The run's latest request, for the rank report: these records are ranked (and the run complete with them)
-        # until the next launch. Written once they all exist, so a refused, failed or interrupted command leaves the
-        # one before.
-        atomic_write_bytes(run_dir / EVAL_REQUEST, OmegaConf.to_yaml(cfg).encode("utf-8"))
+    # The run's lock, as a job holds it, before the run's state is read or said: a relaunched sweep's job (or a second
+    # src.evaluate) working there is refused in one line (not "training is not finished" of a job resuming it, nor a
+    # "missing: evaluating" line before the refusal), and a temp file left in the run is no live writer's, so it can go.
+    with run_dir_lock(run_dir):
+        if not training_finished(cfg, run_dir):  # its results would be of a model that is not the run's final one
+            raise ConfigError(f"{run_dir}: training is not finished (last.ckpt is of step "
+                              f"{checkpoint_step(run_dir, 'last')} of train.max_steps={cfg.train.max_steps}); rerun "
+                              f"its python -m src.run command to resume it, which evaluates at the end")
+        meta = resolve_data(cfg)
+        _check_moved_data(cfg, run_dir, overrides)
+        check_decoder(cfg, meta)
+        missing = missing_for(cfg, run_dir, meta=meta)
+        log = logging.getLogger("src.evaluate")
+        if missing:
+            select_checkpoint(run_dir, str(cfg.eval.checkpoint))  # a lost best.ckpt is named before "evaluating"
+            log.info("%s: results for %s missing: evaluating", run_dir, describe(cfg, run_dir, missing),
+                     extra={"console": True})
+        else:
+            log.info("%s: results complete, nothing to do", run_dir, extra={"console": True})
+        _torch_settings(cfg)  # as a job evaluates (torch_threads; TF32 matmuls on a GPU): the same record and numbers
+        with run_log(run_dir):  # library chatter (open_clip's loading lines) to run.log, once nothing has refused
+            for path in remove_stale_temp_files(run_dir):
+                log.info("removed %s, left by an interrupted write", path)
+            records = evaluate_run(cfg, run_dir, meta=meta, on_setting=evaluation_hook())
+            # The run's latest request, for the rank report: these records are ranked (and the run complete with
+            # them) until the next launch. Written once they all exist, so a refused, failed or interrupted command
+            # leaves the one before.
+            atomic_write_bytes(run_dir / EVAL_REQUEST, OmegaConf.to_yaml(cfg).encode("utf-8"))
     return records
 
 

@@ -164,6 +164,14 @@ def cli() -> int:
             print(summary(), file=sys.stderr)
         print("stopped on SIGTERM (last.ckpt saved); rerun the command to resume", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        # Ctrl-C outside Lightning's fit (which exits 1 itself): in an evaluation-only job (a relaunch with another
+        # evaluation setting, a reused training), whose finished settings are in results.json already, or before a
+        # job started. One line and status 1, as after Ctrl-C in training, not a traceback.
+        if FAILED:
+            print(summary(), file=sys.stderr)
+        print("interrupted (Ctrl-C); rerun the command to resume", file=sys.stderr)
+        return 1
     except Exception as e:
         # fail_fast=true: the sweeper re-raises the first failed job's error, which the job has said in one line and
         # recorded (its traceback is in its run.log and error.json): the summary, not a second, longer telling.

@@ -718,3 +718,22 @@ def test_hydra_errors_in_one_line_for_a_top_level_key_an_invalid_key_and_a_confi
     missing = MissingConfigException("Cannot find primary config 'nope'", missing_cfg_file="nope", options=[])
     assert hydra_error_line(missing) == "Cannot find primary config 'nope'"
     assert hydra_error_line(CompactHydraException(" \n")) is None
+
+
+def test_ctrl_c_outside_training_is_one_line_and_status_1(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in an evaluation-only job (a relaunch with another evaluation setting, a reused training) is not inside
+    Lightning's fit, which exits 1 itself: the command says so in one line with status 1, not a traceback."""
+    from src import run
+
+    def main():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "main", main)
+    monkeypatch.setattr(run, "FAILED", [])
+    monkeypatch.setattr(sys, "argv", ["src/run.py", f"paths.root_dir={tmp_path}"])
+    try:
+        status = run.cli()
+    except KeyboardInterrupt:  # what the command ended with: a traceback, the process killed by SIGINT
+        status = "KeyboardInterrupt"
+    assert status == 1
+    assert capsys.readouterr().err == "interrupted (Ctrl-C); rerun the command to resume\n"

@@ -706,3 +706,33 @@ def test_evaluate_help_shows_its_examples_as_commands(capsys):
     assert evaluate_main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "eval.clip.model_name=ViT-L-14-quickgelu \\\n        eval.clip.weights_path=/models/clip_l14.pt" in out
+
+
+def test_evaluate_refused_by_a_busy_run_says_only_that(run, capsys, caplog, monkeypatch):
+    """While a job works in the run (resuming its training, or evaluating), src.evaluate's one line is that it is in
+    use: not a "results ... missing: evaluating" (or "complete") line before the refusal, nor "training is not
+    finished" of the training the job is resuming."""
+    import fcntl
+
+    from src.evaluate import main as evaluate_main
+    from src.launch.rundir import LOCK_FILE
+
+    with open(run / LOCK_FILE, "a+") as held:  # another process's lock (flock: per open file, so this conflicts)
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write('{"host": "node7", "pid": 1234}')
+        held.flush()
+        with caplog.at_level(logging.INFO, logger="src.evaluate"):
+            assert evaluate_main([str(run), "eval.seed=7"]) == 2
+            assert evaluate_main([str(run)]) == 2
+        monkeypatch.setattr(job, "training_finished", lambda cfg, run_dir: False)  # a job resuming the training
+        assert evaluate_main([str(run)]) == 2
+        fcntl.flock(held.fileno(), fcntl.LOCK_UN)
+    said = [r.getMessage() for r in caplog.records if r.name == "src.evaluate"]
+    assert not any("missing: evaluating" in m or "nothing to do" in m for m in said), said
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and all(f"{run} is in use by another job" in line for line in err), err
+    monkeypatch.undo()
+    (run / "checkpoints" / "best.ckpt").unlink()  # refused once the lock is held: run.log is left as it was
+    (run / "run.log").write_text("the run's log\n")
+    assert evaluate_main([str(run), "eval.seed=7"]) == 2
+    assert "best.ckpt: missing" in capsys.readouterr().err and (run / "run.log").read_text() == "the run's log\n"

@@ -716,3 +716,22 @@ def test_a_non_finite_training_loss_stops_the_run_naming_the_step():
             module.training_step(batch, 0)
     module._loss = lambda *args: torch.tensor([1.0, 3.0])
     assert module.training_step(batch, 0).item() == 2.0
+
+
+def test_a_single_runs_refusal_names_no_sweep_name(tmp_path, cache_dir):
+    """A single run's directory is outputs/runs/<run_name>, whatever sweep_name says: its refusal of a changed
+    configuration points to run_tag (or deleting the directory), not to another sweep_name, which a sweep's does."""
+    from src.training.prepare import bind_fingerprint, prepare_job
+
+    cfg = make_cfg(tmp_path, cache_dir)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    prepare_job(cfg, run)  # resolves the data keys of the fingerprint
+    bind_fingerprint(cfg, run)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"trained")  # bound: something was trained here
+    changed = make_cfg(tmp_path, cache_dir, ["optim.lr=0.5"])
+    with pytest.raises(ConfigError, match=r"different configuration \(optim.lr\); give this configuration its own "
+                                          r"directory with run_tag=/<label>, or delete the directory$"):
+        prepare_job(changed, run)
+    with pytest.raises(ConfigError, match=r"\(optim.lr\); use another sweep_name, give this configuration"):
+        prepare_job(changed, run, multirun=True)

@@ -515,17 +515,18 @@ def recipe_as_family(loss: dict) -> dict:
     return {"family": family, **params}
 
 
-def check_fingerprint(cfg: DictConfig, run_dir: Path) -> None:
+def check_fingerprint(cfg: DictConfig, run_dir: Path, multirun: bool = True) -> None:
     """A run directory belongs to one configuration: resuming with another one is an error, not a silent mix.
-    Reads only: a refused launch leaves the directory exactly as it was."""
+    Reads only: a refused launch leaves the directory exactly as it was. multirun: the way out names sweep_name,
+    which a single run's directory (outputs/runs/<run_name>) does not depend on."""
     changed = fingerprint_changes(cfg, run_dir)
     if changed:
         edited = [k.removeprefix("code.") for k in changed if k.startswith("code.")]
         what = f"; the code its {' and '.join(edited)} names has been edited since" if edited else ""
         raise ConfigError(
             f"{run_dir} holds a run with a different configuration ({', '.join(changed[:5])}{what}); "
-            "use another sweep_name, give this configuration its own directory with run_tag=/<label>, "
-            "or delete the directory"
+            f"{'use another sweep_name, ' if multirun else ''}give this configuration its own directory with "
+            "run_tag=/<label>, or delete the directory"
         )
 
 
@@ -605,7 +606,7 @@ def prepare_job(cfg: DictConfig, run_dir: str | Path, multirun: bool = False) ->
     check_device_settings(cfg)
     meta = resolve_data(cfg)
     check_decoder(cfg, meta)
-    check_fingerprint(cfg, Path(run_dir))
+    check_fingerprint(cfg, Path(run_dir), multirun)
     check_trained_precision(cfg, Path(run_dir), resolved_precision(cfg.trainer))  # here, where the device is known
     return meta
 
