@@ -201,6 +201,9 @@ def evaluate(run_dir: str | Path, overrides: Sequence[str] = (), config_dirs: Se
     from src.utils.io import remove_stale_temp_files
     from src.utils.progress import evaluation_hook
 
+    meta = resolve_data(cfg)  # the settings' own checks: refused without touching the run (not even its lock file)
+    _check_moved_data(cfg, run_dir, overrides)
+    check_decoder(cfg, meta)
     # The run's lock, as a job holds it, before the run's state is read or said: a relaunched sweep's job (or a second
     # src.evaluate) working there is refused in one line (not "training is not finished" of a job resuming it, nor a
     # "missing: evaluating" line before the refusal), and a temp file left in the run is no live writer's, so it can go.
@@ -209,9 +212,6 @@ def evaluate(run_dir: str | Path, overrides: Sequence[str] = (), config_dirs: Se
             raise ConfigError(f"{run_dir}: training is not finished (last.ckpt is of step "
                               f"{checkpoint_step(run_dir, 'last')} of train.max_steps={cfg.train.max_steps}); rerun "
                               f"its python -m src.run command to resume it, which evaluates at the end")
-        meta = resolve_data(cfg)
-        _check_moved_data(cfg, run_dir, overrides)
-        check_decoder(cfg, meta)
         missing = missing_for(cfg, run_dir, meta=meta)
         log = logging.getLogger("src.evaluate")
         if missing:
