@@ -95,32 +95,47 @@ def test_a_paper_recipe_by_name_is_the_run_of_its_family_and_parameters(tmp_path
     assert fingerprint_changes(other, tmp_path) == ["loss.s"]
 
 
-def test_shard_folders_are_named_by_their_content_so_moved_data_resumes(tmp_path):
-    """A run on shards records its folders by a digest of their meta.json: moved (or staged on a node's disk) they are
-    the same data under a new path; written again at the same path they are other data; a run recorded with paths
-    (before) compares as before, through the folder where it still is."""
+def shards_cfg(train, eval_):
+    """The configuration of a run on these shard folders, its data resolved (as a job fingerprints it)."""
+    from src.training.prepare import resolve_data
+
+    cfg = compose_cfg(["data=shards", f"data.train_dir={train}", f"data.eval_dir={eval_}", "data.val_samples=4"])
+    resolve_data(cfg)
+    return cfg
+
+
+def trained_on_shards(tmp_path) -> tuple[Path, dict]:
+    """Shard folders a/train and a/eval, and a run directory bound to a run on them: (run, its fingerprint)."""
     import json
-    import shutil
 
     from tests.test_expectations import small_folder
-    from src.config import SHARD_ID_PREFIX
-    from src.training.prepare import _fingerprint_json, fingerprint_changes, resolve_data
-
-    def cfg_at(train, eval_):
-        cfg = compose_cfg(["data=shards", f"data.train_dir={train}", f"data.eval_dir={eval_}", "data.val_samples=4"])
-        resolve_data(cfg)
-        return cfg
+    from src.training.prepare import _fingerprint_json
 
     small_folder(tmp_path / "a/train", 0)
     small_folder(tmp_path / "a/eval", 1)
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.ckpt").write_bytes(b"x")  # something trained: the directory is bound
-    trained = cfg_at(tmp_path / "a/train", tmp_path / "a/eval")
-    stored = _fingerprint_json(trained)
+    stored = _fingerprint_json(shards_cfg(tmp_path / "a/train", tmp_path / "a/eval"))
+    (run / "fingerprint.json").write_text(json.dumps(stored))
+    return run, stored
+
+
+def test_shard_folders_are_named_by_their_content_so_moved_data_resumes(tmp_path):
+    """A run on shards records its folders by a digest of their meta.json: moved they are the same data under a new
+    path; written again at the same path they are other data; a run recorded with paths (before) compares as before,
+    through the folder where it still is."""
+    import json
+    import shutil
+
+    from tests.test_expectations import small_folder
+    from src.config import SHARD_ID_PREFIX
+    from src.training.prepare import fingerprint_changes
+
+    cfg_at = shards_cfg
+    run, stored = trained_on_shards(tmp_path)
     assert stored["data"]["train_dir"].startswith(SHARD_ID_PREFIX) and stored["data"]["train_dir"] != \
         stored["data"]["eval_dir"]
-    (run / "fingerprint.json").write_text(json.dumps(stored))
 
     shutil.move(tmp_path / "a", tmp_path / "b")  # moved: the same folders
     assert fingerprint_changes(cfg_at(tmp_path / "b/train", tmp_path / "b/eval"), run) == []
@@ -144,26 +159,14 @@ def test_shard_folders_are_named_by_their_content_so_moved_data_resumes(tmp_path
 def test_re_evaluating_a_run_whose_shards_moved_takes_their_new_folders_and_no_others(tmp_path):
     """python -m src.evaluate RUN_DIR data.train_dir=NEW data.eval_dir=NEW: the run's config.yaml names where the
     folders were; the same folders (by content) are taken, other data is refused in one line."""
-    import json
     import shutil
 
     from tests.test_expectations import small_folder
     from src.config import ConfigError
     from src.evaluate import _check_moved_data, _check_override
-    from src.training.prepare import _fingerprint_json, resolve_data
 
-    def cfg_at(train, eval_):
-        cfg = compose_cfg(["data=shards", f"data.train_dir={train}", f"data.eval_dir={eval_}", "data.val_samples=4"])
-        resolve_data(cfg)
-        return cfg
-
-    small_folder(tmp_path / "a/train", 0)
-    small_folder(tmp_path / "a/eval", 1)
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
-    (run / "fingerprint.json").write_text(json.dumps(_fingerprint_json(cfg_at(tmp_path / "a/train",
-                                                                              tmp_path / "a/eval"))))
+    cfg_at = shards_cfg
+    run, _ = trained_on_shards(tmp_path)
     shutil.move(tmp_path / "a", tmp_path / "b")
     moved = [f"data.train_dir={tmp_path / 'b/train'}", f"data.eval_dir={tmp_path / 'b/eval'}"]
     assert [_check_override(o) for o in moved] == moved
