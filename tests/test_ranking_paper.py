@@ -121,3 +121,20 @@ def test_spearman_draws_correlates_with_table1_ties_as_long_as_two_values_differ
     draws = np.array([[1.0, 2.0, 3.0], [1.0, 1.0, 3.0]])
     result = spearman_draws({c: draws for c in ("all", "5 steps", "50 steps")}, ["eps/linear", "rf/mode(1.75)", "rf"])
     assert np.isfinite(result.set_index("column").loc["50 steps", ["lo", "hi"]].astype(float)).all()
+
+
+@pytest.mark.parametrize("entries, hint", [
+    (["rf [sampler=native]", "eps/linear [sampler=native]"], "--sampler NAME ranks one sampler's records"),
+    (["rf [sweep=a]", "eps/linear [sweep=b]"], "without --by-sweep"),
+    (["rf [optim.lr=0.001]", "eps/linear [optim.lr=0.001]"], None),
+])
+def test_the_no_comparison_hint_names_only_an_option_that_drops_the_qualifier(entries, hint):
+    """Entries qualified by a swept learning rate or a sweep (--by-sweep) are not unqualified by --sampler: the
+    sentence must not send the user there."""
+    from src.ranking.report import spearman_line
+
+    frame = pd.DataFrame({r: [float(i + 1)] * 3 for i, r in enumerate(entries)}, index=["all", "5 steps", "50 steps"]).T
+    line = spearman_line(spearman_vs_paper(frame), entries)
+    assert line.startswith("Paper comparison: none; the paper's recipes are here only as qualified entries")
+    assert ("--sampler" in line) == (hint == "--sampler NAME ranks one sampler's records")
+    assert hint is None and line.endswith("Table 1.") or hint in line

@@ -482,9 +482,14 @@ def spearman_line(spearman: pd.DataFrame, entries: Sequence[str] = ()) -> str:
         # the sweep may well hold the paper's recipes, only not unqualified.
         qualified = [e for e in entries if bare_recipe(e) != e and paper_name(bare_recipe(e)) in PAPER_TABLE1]
         if qualified:
+            # A hint only for the qualifiers an option can drop: a sampler (--sampler), a sweep (--by-sweep).
+            keys = {q.split("=", 1)[0] for e in qualified for q in re.split(r",\s*", e.split(" [", 1)[1].rstrip("]"))}
+            hints = (["--sampler NAME ranks one sampler's records unqualified"] if "sampler" in keys else []) \
+                + (["a report of one sweep, without --by-sweep, ranks its recipes unqualified"] if "sweep" in keys
+                   else [])
             return (f"Paper comparison: none; the paper's recipes are here only as qualified entries (e.g. "
-                    f"{qualified[0]}), which are not compared with its Table 1 (--sampler NAME ranks one sampler's "
-                    "records unqualified).")
+                    f"{qualified[0]}), which are not compared with its Table 1"
+                    + (f" ({'; '.join(hints)})" if hints else "") + ".")
         return "Paper comparison: no recipe of this sweep is in the paper's Table 1."
     parts = []
     for _, row in spearman.iterrows():
