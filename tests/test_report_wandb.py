@@ -157,3 +157,26 @@ def test_publish_logs_samples_and_figures_apart_and_summarises_the_best_recipe(t
     best = report.table["all"].idxmin()
     assert run.summary["best_recipe"] == best and run.summary["partial_sweep"] is report.sweep.partial
     assert run.summary["best_average_rank/all"] == report.table.loc[best, "all"]
+
+
+def test_a_restricted_report_is_published_under_its_own_name(tmp_path, monkeypatch):
+    """--recipes ranks some recipes among themselves: its W&B run must not carry the full ranking's name (its
+    best_recipe is the best of those recipes only)."""
+    import wandb
+
+    from src.ranking.report import main
+
+    sweep = write_synthetic_sweep(tmp_path / "sweep", recipes=("rf/cosmap", "v/cos", "edm/rf"), datasets=("digits",),
+                                  n_samples=4, n_reference=4, dim=2, sampler_settings=[(5, 5.0)])
+    seen = []
+
+    def init(**kwargs):
+        seen.append(kwargs)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(wandb, "init", init)
+    for extra in ([], ["--recipes", "v/cos", "edm/rf"]):
+        with pytest.raises(RuntimeError, match="stop"):
+            main([str(sweep), "--bootstrap", "0", "--out", str(tmp_path / "r"), "--wandb", *extra])
+    assert [k["name"] for k in seen] == ["rank-report sweep", "rank-report sweep-recipes=v_cos+edm_rf"]
+    assert seen[1]["config"]["report"] == "sweep-recipes=v_cos+edm_rf" and seen[1]["group"] == "sweep"

@@ -43,10 +43,11 @@ def runs_wandb_target(run_dirs) -> tuple[str | None, str | None]:
     return None, None
 
 
-def publish_wandb(report, paths: dict[str, Path], project: str | None = None) -> str | None:
+def publish_wandb(report, paths: dict[str, Path], project: str | None = None, label: str | None = None) -> str | None:
     """Log the rank tables, figures, sample sheets and the HTML report to one W&B run (group = sweep name); returns
     the run's files directory, None when W&B is disabled (WANDB_MODE=disabled: no run, no files). Sample sheets
-    (samples_*.png, steps_cfg_*.png) go under samples/, other PNGs under figures/."""
+    (samples_*.png, steps_cfg_*.png) go under samples/, other PNGs under figures/. label names the run (default: the
+    sweep's name): a restricted report's (`aud-recipes=rf`), so that it is not taken for the full ranking."""
     import wandb
 
     from src.ranking.report import table1
@@ -60,9 +61,9 @@ def publish_wandb(report, paths: dict[str, Path], project: str | None = None) ->
         entity=entity,
         group=report.sweep.name,
         job_type="rank-report",
-        name=f"rank-report {report.sweep.name}",
+        name=f"rank-report {label or report.sweep.name}",
         config={"sweeps": [str(r) for r in report.sweep.roots], "bootstrap_draws": report.draws, "seed": report.seed,
-                "fifty_step": report.fifty_step_note},
+                "fifty_step": report.fifty_step_note, "report": label or report.sweep.name},
         settings=wandb.Settings(console="off", **({"mode": mode} if mode else {})),
     )
     if getattr(run, "disabled", False):  # a no-op run: its files directory is never created

@@ -751,7 +751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.wandb:
         from src.ranking.publish import publish_wandb
 
-        files = publish_wandb(report, paths)
+        files = publish_wandb(report, paths, label=f"{report.sweep.name}{restricted}")
         print(f"W&B run files: {files}" if files else "W&B is disabled (WANDB_MODE=disabled or the mode in W&B's "
               "settings): nothing published")
     return 0
