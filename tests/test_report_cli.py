@@ -123,6 +123,28 @@ def test_no_results_is_a_one_line_error(tmp_path, capsys):
     assert main([str(tmp_path / "empty"), "--fifty-step-cfg", "7"]) == 1
 
 
+def test_no_results_says_what_the_jobs_are_in_words(tmp_path, capsys):
+    """A sweep killed before any job started, or whose every run failed: the one line says so in the report's words
+    (not a Python dict of statuses) with the first run's error; a folder that holds no job asks if it is a sweep."""
+    import json
+
+    from src.launch.planned import record_planned_jobs
+
+    record_planned_jobs(tmp_path / "killed", {f"digits/r{i}": {"run_dir": f"digits/r{i}"} for i in range(2)})
+    failed = tmp_path / "failed" / "digits" / "rf"
+    failed.mkdir(parents=True)
+    (failed / "error.json").write_text(json.dumps({"type": "FloatingPointError", "error": "loss is inf\nmore"}))
+    (tmp_path / "nothing").mkdir()
+    errors = []
+    for name in ("killed", "failed", "nothing"):
+        assert main([str(tmp_path / name), "--bootstrap", "0", "--out", str(tmp_path / "r")]) == 1
+        errors.append(capsys.readouterr().err.strip())
+    assert all(e.count("\n") == 0 and "{" not in e for e in errors) and not (tmp_path / "r").exists()
+    assert errors[0].endswith("killed (2 jobs: 2 never started)")
+    assert errors[1].endswith(f"failed (1 job: 1 failed; e.g. {failed}: FloatingPointError: loss is inf)")
+    assert errors[2].endswith("nothing (no run directories and no planned jobs: is it a sweep directory?)")
+
+
 def test_latest_sweep_by_mtime_and_default_out_dir(sweep, tmp_path, monkeypatch):
     root = tmp_path / "outputs" / "multirun"
     small = dict(recipes=RECIPES[:2], datasets=("digits",), n_samples=4, n_reference=4, dim=2,

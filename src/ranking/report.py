@@ -136,9 +136,7 @@ def build_report(
         raise ValueError(f"sweep directory given twice: {', '.join(twice)}; give each once")
     sweep = load_sweep(sweep_dirs, by_sweep=by_sweep)
     if sweep.records.empty:
-        counts = sweep.runs["status"].value_counts().to_dict()
-        where = ", ".join(str(r.resolve()) for r in sweep.roots)
-        raise NoResultsError(f"no results found in {where} ({len(sweep.runs)} run directories: {counts or 'none'})")
+        raise NoResultsError(_no_results(sweep))
     check_fid_features(pd.concat([sweep.records, sweep.duplicates]))  # before a rerun's record hides an older one
     check_sweep_overlap(sweep)
     check_eval_settings(sweep.records)  # the newest record per setting: a partial re-evaluation would mix settings
@@ -181,6 +179,19 @@ def build_report(
     )
     report.spearman["seed agreement"] = report.spearman["column"].map(report.seed_agreement)
     return report
+
+
+def _no_results(sweep: Sweep) -> str:
+    """Why nothing can be ranked: the jobs found by status, in the report's words, with the first error."""
+    where = ", ".join(str(r.resolve()) for r in sweep.roots)
+    runs = sweep.runs
+    if runs.empty:
+        return f"no results found in {where} (no run directories and no planned jobs: is it a sweep directory?)"
+    counts = ", ".join(f"{n} {STATUS_WORDS.get(status, status)}" for status, n in runs["status"].value_counts().items())
+    errors = runs[(runs["error"].fillna("").astype(str).str.strip() != "") & (runs["status"] != "missing")]
+    first = f"; e.g. {errors['run_dir'].iloc[0]}: {str(errors['error'].iloc[0]).strip().splitlines()[0]}" \
+        if len(errors) else ""
+    return f"no results found in {where} ({len(runs)} job{'s' * (len(runs) != 1)}: {counts}{first})"
 
 
 def ranks_per_seed(records: pd.DataFrame, fifty_step_cfg=None) -> dict[str, pd.DataFrame]:
