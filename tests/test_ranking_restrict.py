@@ -43,3 +43,19 @@ def test_the_cli_writes_a_report_of_its_own_and_refuses_absent_names(sweep, tmp_
     assert capsys.readouterr().err == ("rank report: error: --datasets imagenet: no records of that dataset; the sweep "
                                        "has digits, shapes\n")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_dataset_the_chosen_recipes_lack_is_not_said_absent_from_the_sweep(tmp_path, capsys):
+    """--recipes eps/linear --datasets shapes where only eps/linear lacks shapes: the error must not claim that the
+    sweep has no shapes (it has); it names the restriction the datasets were looked for in."""
+    missing = [("eps/linear", "shapes", 5, 5.0, ema) for ema in (True, False)]
+    sweep = write_synthetic_sweep(tmp_path / "s", recipes=("rf", "eps/linear"), datasets=("digits", "shapes"),
+                                  n_samples=4, n_reference=4, dim=2, sampler_settings=[(5, 5.0)], missing=missing)
+    args = [str(sweep), "--bootstrap", "0", "--out", str(tmp_path / "r")]
+    assert main([*args, "--recipes", "eps/linear", "--datasets", "shapes"]) == 1
+    assert main([*args, "--datasets", "pets"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["rank report: error: --datasets shapes: no records of that dataset; the sweep restricted to "
+                   "--recipes eps/linear has digits",
+                   "rank report: error: --datasets pets: no records of that dataset; the sweep has digits, shapes"]
+    assert not (tmp_path / "r").exists()

@@ -400,15 +400,15 @@ def restrict_sampler(records: pd.DataFrame, sampler: str) -> pd.DataFrame:
     return name_entries(kept)
 
 
-def restrict_train_seeds(records: pd.DataFrame, seeds: Sequence[int | str]) -> pd.DataFrame:
+def restrict_train_seeds(records: pd.DataFrame, seeds: Sequence[int | str], scope: str = "the sweep") -> pd.DataFrame:
     """The records of these training seeds (e.g. one seed alone, to see what a single-seed study would have said);
-    a clear error naming the seeds present when none matches."""
+    a clear error naming the seeds present when none matches (scope: what the records are, as the error says it)."""
     wanted = [str(s) for s in seeds]
     present = sorted(records["train_seed"].astype(str).unique(), key=seed_order)
     absent = [s for s in wanted if s not in present]
     if absent:
         named = [s for s in present if s]  # '' is a run without a seed, not a seed to choose
-        raise ValueError(f"--train-seeds {' '.join(absent)}: no records of that training seed; the sweep has "
+        raise ValueError(f"--train-seeds {' '.join(absent)}: no records of that training seed; {scope} has "
                          f"{', '.join(named) if named else 'none (its runs name no training seed)'}")
     return records[records["train_seed"].astype(str).isin(wanted)].reset_index(drop=True)
 
@@ -418,24 +418,25 @@ def bare_recipe(entry: str) -> str:
     return entry.split(" [", 1)[0]
 
 
-def restrict_recipes(records: pd.DataFrame, recipes: Sequence[str]) -> pd.DataFrame:
+def restrict_recipes(records: pd.DataFrame, recipes: Sequence[str], scope: str = "the sweep") -> pd.DataFrame:
     """The records of these recipes (every variant of each: samplers, swept keys), to rank them among themselves;
-    a clear error naming the recipes present when one is absent."""
+    a clear error naming the recipes present when one is absent (scope: what the records are)."""
     bare = records["base_entry"].map(bare_recipe)
     present = sorted(bare.unique())
     absent = [r for r in recipes if r not in present]
     if absent:
-        raise ValueError(f"--recipes {' '.join(repr(r) for r in absent)}: not in the sweep; it has "
+        raise ValueError(f"--recipes {' '.join(repr(r) for r in absent)}: not in {scope}; it has "
                          f"{', '.join(present) or 'none'}")
     return records[bare.isin(list(recipes))].reset_index(drop=True)
 
 
-def restrict_datasets(records: pd.DataFrame, datasets: Sequence[str]) -> pd.DataFrame:
-    """The records of these datasets (their control settings only); a clear error naming those present."""
+def restrict_datasets(records: pd.DataFrame, datasets: Sequence[str], scope: str = "the sweep") -> pd.DataFrame:
+    """The records of these datasets (their control settings only); a clear error naming those present (scope: what
+    the records are)."""
     present = sorted(records["dataset"].astype(str).unique())
     absent = [d for d in datasets if d not in present]
     if absent:
-        raise ValueError(f"--datasets {' '.join(absent)}: no records of that dataset; the sweep has "
+        raise ValueError(f"--datasets {' '.join(absent)}: no records of that dataset; {scope} has "
                          f"{', '.join(present) or 'none'}")
     return records[records["dataset"].astype(str).isin(list(datasets))].reset_index(drop=True)
 

@@ -141,13 +141,22 @@ def build_report(
     check_sweep_overlap(sweep)
     check_eval_settings(sweep.records)  # the newest record per setting: a partial re-evaluation would mix settings
     records = sweep.records if sampler is None else restrict_sampler(sweep.records, sampler)
+    # Each restriction's error names what the options before it left, not the whole sweep ("the sweep has shapes"
+    # when --recipes left only digits would send the user looking for a dataset that is there).
+    applied = [f"--sampler {sampler}"] if sampler is not None else []
+
+    def scope() -> str:
+        return "the sweep" + (f" restricted to {' '.join(applied)}" if applied else "")
+
     if recipes is not None:
-        records = restrict_recipes(records, recipes)
+        records = restrict_recipes(records, recipes, scope())
+        applied.append(f"--recipes {' '.join(recipes)}")
     entries = sorted(records["entry"].unique())
     if train_seeds is not None:
-        records = restrict_train_seeds(records, train_seeds)
+        records = restrict_train_seeds(records, train_seeds, scope())
+        applied.append(f"--train-seeds {' '.join(map(str, train_seeds))}")
     if datasets is not None:
-        records = restrict_datasets(records, datasets)
+        records = restrict_datasets(records, datasets, scope())
     # Entries with no record of the chosen seeds or datasets would vanish from the table unsaid: they are named.
     left_out = [e for e in entries if e not in set(records["entry"])]
     # The runs actually ranked together (after --recipes and the like) must have been trained alike.
