@@ -154,3 +154,15 @@ def test_a_report_of_one_sampler_never_lands_where_the_full_report_is(tmp_path, 
     assert (tmp_path / "reports" / "s" / "report.md").read_bytes() == before
     assert "CFG 2.5, 5.0" in (tmp_path / "reports" / "s-fifty_step_cfg=2.5_5" / "report.md").read_text()
     assert (tmp_path / "reports" / "s-fifty_step_cfg=all" / "report.md").is_file()
+
+
+def test_device_cuda_without_a_gpu_names_the_option_as_given(sweep, tmp_path, capsys, monkeypatch):
+    """--device cuda where torch sees no GPU: the line names `--device cuda`, as the other options' errors do, not
+    the library's `bootstrap device='cuda'`."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([str(sweep), "--bootstrap", "0", "--device", "cuda", "--out", str(tmp_path / "r")]) == 1
+    assert capsys.readouterr().err == ("rank report: error: --device cuda is not allowed here: torch sees no CUDA "
+                                       "device; allowed: auto, cpu\n")
+    assert not (tmp_path / "r").exists()

@@ -729,11 +729,14 @@ def _check_options(args: argparse.Namespace) -> None:
     """The bootstrap's options, refused naming the option as given (the library's checks name its arguments)."""
     if args.bootstrap < 0:
         raise ValueError(f"--bootstrap {args.bootstrap}: must be an integer >= 0 (0: no bootstrap)")
+    from src.ranking.bootstrap_torch import resolve_device
+
     try:
         check_settings(args.confidence, args.separation, args.seed)
         resolve_workers(args.workers)
-    except ValueError as exc:  # "bootstrap confidence=1.5: ..." -> "--confidence 1.5: ..."
-        raise ValueError(re.sub(r"^bootstrap (\w+)=", r"--\1 ", str(exc))) from None
+        resolve_device(args.device)  # cuda where torch sees none
+    except ValueError as exc:  # "bootstrap confidence=1.5: ..." -> "--confidence 1.5: ..."; device='cuda' -> cuda
+        raise ValueError(re.sub(r"^bootstrap (\w+)=(?:'([^']*)'|)", r"--\1 \2", str(exc))) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
