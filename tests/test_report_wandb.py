@@ -180,3 +180,24 @@ def test_a_restricted_report_is_published_under_its_own_name(tmp_path, monkeypat
             main([str(sweep), "--bootstrap", "0", "--out", str(tmp_path / "r"), "--wandb", *extra])
     assert [k["name"] for k in seen] == ["rank-report sweep", "rank-report sweep-recipes=v_cos+edm_rf"]
     assert seen[1]["config"]["report"] == "sweep-recipes=v_cos+edm_rf" and seen[1]["group"] == "sweep"
+
+
+def test_a_wandb_that_cannot_start_is_one_line_and_a_failing_exit(tmp_path, monkeypatch, capsys):
+    """WANDB_MODE=online without `wandb login`: W&B raises UsageError; the report (written) says so in one line and
+    exits 1, not with W&B's traceback."""
+    import wandb
+
+    from src.ranking.report import main
+
+    sweep = write_synthetic_sweep(tmp_path / "sweep", recipes=("rf/cosmap", "v/cos"), datasets=("digits",),
+                                  n_samples=4, n_reference=4, dim=2, sampler_settings=[(5, 5.0)])
+
+    def init(**kwargs):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", init)
+    assert main([str(sweep), "--bootstrap", "0", "--out", str(tmp_path / "r"), "--wandb"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("rank report: error: --wandb: UsageError: No API key configured. Use `wandb login` to log "
+                          "in. (the report in ") and err.count("\n") == 1
+    assert (tmp_path / "r" / "report.html").is_file()

@@ -772,9 +772,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(terminal_text(report))
     print(f"\nReport written to {out_dir}/ (report.md, report.html, CSVs, PNGs).")
     if args.wandb:
+        import wandb
+
         from src.ranking.publish import publish_wandb
 
-        files = publish_wandb(report, paths, label=f"{report.sweep.name}{restricted}")
+        try:
+            files = publish_wandb(report, paths, label=f"{report.sweep.name}{restricted}")
+        except (wandb.errors.Error, OSError) as exc:  # no credentials for online mode, no network, ...
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            print(f"rank report: error: --wandb: {type(exc).__name__}: {message} (the report in {out_dir}/ is "
+                  "written; WANDB_MODE=offline publishes it locally, `wandb sync` uploads it later)", file=sys.stderr)
+            return 1
         print(f"W&B run files: {files}" if files else "W&B is disabled (WANDB_MODE=disabled or the mode in W&B's "
               "settings): nothing published")
     return 0
