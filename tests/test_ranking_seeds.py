@@ -1,6 +1,7 @@
 """Training seeds as replicates of one entry, sampler variants, exact averages and the FID-feature refusal, through
 the report's own entry points (build_report, main) on synthetic sweeps written in the run-directory layout."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -383,3 +384,19 @@ def test_seed_note_says_every_entry_has_k_seeds_only_when_none_lacks_one_in_some
     table["seeds min"] = 3
     assert _seed_note(SimpleNamespace(table=table, max_seeds=3, train_seeds=None)) == \
         "Seeds: every entry has 3 training seeds."
+
+
+def test_a_seed_still_without_a_chosen_fifty_step_scale_does_not_refuse_the_report(tmp_path):
+    """--fifty-step-cfg 2.5 where seed 1's runs have not evaluated CFG 2.5 yet: the pooled report ranks it (seed 0
+    has it); ranking each seed alone for the seed agreement must not refuse with 'the sweep has 5.0'. Seed 1's
+    50-step column is then empty, not another scale's."""
+    sweep = write_synthetic_sweep(tmp_path / "s", recipes=("rf", "eps/linear", "v/cos"), datasets=("digits",),
+                                  n_samples=8, n_reference=12, dim=2, seeds=(0, 1),
+                                  sampler_settings=[(5, 5.0), (50, 2.5), (50, 5.0)])
+    records = load_sweep([sweep]).records
+    for run_dir in set(records.loc[records["train_seed"].astype(str) == "1", "run_dir"]):
+        path = Path(run_dir) / "results.json"
+        path.write_text(json.dumps([r for r in json.loads(path.read_text()) if (r["steps"], r["cfg"]) != (50, 2.5)]))
+    report = build_report([sweep], draws=0, fifty_step_cfg=[2.5])
+    assert report.n_settings["50 steps"] == 2 and report.seed_ranks["1"]["50 steps"].isna().all()
+    assert report.seed_ranks["0"]["50 steps"].notna().all()

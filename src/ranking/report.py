@@ -23,9 +23,9 @@ import pandas as pd
 
 from src.ranking.aggregate import (
     LEGACY_SAMPLER, SETTING_KEY, STATUS_WORDS, Sweep, average_ranks, bare_recipe, check_eval_settings,
-    check_fid_features, check_sweep_overlap, check_training_settings, describe_column, describe_fifty_step, load_sweep,
-    missing_settings, pool_seeds, rank_table, restrict_datasets, restrict_recipes, restrict_sampler,
-    restrict_train_seeds, seed_counts, seed_order, setting_groups, setting_label,
+    check_fid_features, check_sweep_overlap, check_training_settings, describe_column, describe_fifty_step,
+    fifty_step_scales, load_sweep, missing_settings, pool_seeds, rank_table, restrict_datasets, restrict_recipes,
+    restrict_sampler, restrict_train_seeds, seed_counts, seed_order, setting_groups, setting_label,
 )
 from src.ranking.agreement import noise_ceiling, seed_agreement, spearman_brown
 from src.ranking.bootstrap import RankBootstrap, bootstrap_ranks, check_settings, inseparable_pairs, resolve_workers
@@ -209,13 +209,20 @@ def ranks_per_seed(records: pd.DataFrame, fifty_step_cfg=None) -> dict[str, pd.D
     seeds = sorted(records["train_seed"].astype(str).unique(), key=seed_order)
     if len(seeds) < 2:
         return {}
-    return {s: rank_records(records[records["train_seed"].astype(str) == s], fifty_step_cfg) for s in seeds}
+    # The pooled report's 50-step column for every seed: resolved per seed, a seed still without a chosen scale was
+    # refused ('the sweep has ...') or, by default, averaged other settings than its peers.
+    scales = fifty_step_scales(records, fifty_step_cfg)
+    return {s: rank_records(records[records["train_seed"].astype(str) == s], scales) for s in seeds}
 
 
-def rank_records(records: pd.DataFrame, fifty_step_cfg=None) -> pd.DataFrame:
-    """Average ranks per entry and column of these records alone (seeds pooled), as the report ranks a sweep."""
+def rank_records(records: pd.DataFrame, scales: Sequence[float] | None = None) -> pd.DataFrame:
+    """Average ranks per entry and column of these records alone (seeds pooled), as the report ranks a sweep, with
+    the 50-step column at these CFG scales (None: every 50-step setting); scales the records lack are skipped."""
     ranked = rank_table(pool_seeds(records))
-    return average_ranks(ranked, setting_groups(ranked, fifty_step_cfg))
+    groups = setting_groups(ranked, "all")
+    if scales is not None:
+        groups["50 steps"] &= np.isclose(ranked["cfg"].to_numpy(float)[:, None], list(scales)).any(axis=1)
+    return average_ranks(ranked, groups)
 
 
 def _sampler_note(records: pd.DataFrame, sampler: str | None) -> str:
