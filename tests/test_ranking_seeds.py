@@ -400,3 +400,5 @@ def test_a_seed_still_without_a_chosen_fifty_step_scale_does_not_refuse_the_repo
     report = build_report([sweep], draws=0, fifty_step_cfg=[2.5])
     assert report.n_settings["50 steps"] == 2 and report.seed_ranks["1"]["50 steps"].isna().all()
     assert report.seed_ranks["0"]["50 steps"].notna().all()
+    with pytest.raises(ValueError, match="scale 2.5; the sweep restricted to --train-seeds 1 has 5.0$"):
+        build_report([sweep], draws=0, fifty_step_cfg=[2.5], train_seeds=["1"])  # nothing at 2.5 to rank: refused

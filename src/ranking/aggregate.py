@@ -789,8 +789,10 @@ def fifty_step_scales(records: pd.DataFrame, fifty_step_cfg: Sequence[float] | s
     return list(fifty_step_cfg)
 
 
-def setting_groups(records: pd.DataFrame, fifty_step_cfg: Sequence[float] | str | None = None) -> dict[str, pd.Series]:
-    """Row masks of the column groups: all settings, the 5-step ones, the 50-step ones (see fifty_step_scales)."""
+def setting_groups(records: pd.DataFrame, fifty_step_cfg: Sequence[float] | str | None = None,
+                   scope: str = "the sweep") -> dict[str, pd.Series]:
+    """Row masks of the column groups: all settings, the 5-step ones, the 50-step ones (see fifty_step_scales);
+    scope: what the records are, as an absent scale's error says it."""
     fifty = records["steps"] == 50
     scales = fifty_step_scales(records, fifty_step_cfg)
     if scales is not None:
@@ -802,7 +804,7 @@ def setting_groups(records: pd.DataFrame, fifty_step_cfg: Sequence[float] | str 
         if absent:
             raise ValueError(
                 f"--fifty-step-cfg {' '.join(map(str, cfgs))}: no 50-step setting has CFG scale "
-                f"{', '.join(map(str, absent))}; the sweep has {', '.join(map(str, present)) or 'none'}"
+                f"{', '.join(map(str, absent))}; {scope} has {', '.join(map(str, present)) or 'none'}"
             )
         fifty = fifty & np.isclose(records["cfg"].to_numpy()[:, None], cfgs).any(axis=1)
     return {"all": pd.Series(True, index=records.index), "5 steps": records["steps"] == 5, "50 steps": fifty}

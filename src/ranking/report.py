@@ -157,12 +157,13 @@ def build_report(
         applied.append(f"--train-seeds {' '.join(map(str, train_seeds))}")
     if datasets is not None:
         records = restrict_datasets(records, datasets, scope())
+        applied.append(f"--datasets {' '.join(datasets)}")
     # Entries with no record of the chosen seeds or datasets would vanish from the table unsaid: they are named.
     left_out = [e for e in entries if e not in set(records["entry"])]
     # The runs actually ranked together (after --recipes and the like) must have been trained alike.
     check_training_settings(records, by_sweep)
     ranked = rank_table(pool_seeds(records))
-    groups = setting_groups(ranked, fifty_step_cfg)
+    groups = setting_groups(ranked, fifty_step_cfg, scope())
     table = average_ranks(ranked, groups)
     n_settings = {c: int(ranked[np.asarray(groups[c])].drop_duplicates(SETTING_KEY).shape[0]) for c in COLUMNS}
     boot = bootstrap_ranks(records, ranked, groups, draws, seed, confidence, separation, progress,
