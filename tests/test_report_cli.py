@@ -307,3 +307,19 @@ def test_table1_cells_mark_fewer_seeds_missing_settings_and_only_finite_interval
     a, b = shown.rows
     assert a[:4] == [f"a * {FEWER_SEEDS}", "1.50 [1.00, 2.00] (n=3)", "1.00 [1.00, 1.00]", "- (n=0)"]
     assert a[-1] == "2-3" and b[0] == "b" and b[-1] == "3"
+
+
+def test_the_multirun_folder_given_for_a_sweep_is_refused_naming_its_sweeps(tmp_path, capsys):
+    """`python -m src.ranking.report outputs/multirun`: pooled as one sweep, two sweeps of the same recipes would
+    silently replace each other's records (and their jobs.json go unread); it is refused naming the sweeps."""
+    root = tmp_path / "multirun"
+    for name in ("a", "b"):
+        sweep = write_synthetic_sweep(root / name, recipes=("rf", "v/cos"), datasets=("digits",), n_samples=4,
+                                      n_reference=4, dim=2, sampler_settings=[(5, 5.0)])
+        (sweep / "multirun.yaml").write_text("hydra: {}\n")  # what every launch writes at a sweep's top
+    assert main([str(root), "--bootstrap", "0", "--out", str(tmp_path / "r")]) == 1
+    assert capsys.readouterr().err == (f"rank report: error: {root} is not a sweep directory but holds 2 sweep(s) "
+                                       f"(a, b): give the sweep directories themselves, e.g. {root / 'a'} "
+                                       f"{root / 'b'}\n")
+    assert not (tmp_path / "r").exists()
+    assert main([str(root / "a"), "--bootstrap", "0", "--out", str(tmp_path / "r")]) == 0

@@ -104,6 +104,19 @@ def is_run_dir(path: Path) -> bool:
     return any((path / marker).is_file() for marker in RUN_MARKERS)
 
 
+#: Files a launch writes at a sweep directory's top (src/launch/sweeper.py, planned.py, failures.py).
+SWEEP_MARKERS = ("multirun.yaml", "jobs.json", "failures.json")
+
+
+def held_sweeps(root: Path) -> list[str]:
+    """The sweep directories directly under root when root is neither a sweep nor a run directory (the multirun
+    folder given by mistake): pooled as one sweep, their jobs.json would go unread and the same entry of two sweeps
+    would silently replace one another. Empty otherwise."""
+    if not root.is_dir() or is_run_dir(root) or any((root / m).is_file() for m in SWEEP_MARKERS):
+        return []
+    return sorted(c.name for c in root.iterdir() if c.is_dir() and any((c / m).is_file() for m in SWEEP_MARKERS))
+
+
 def find_run_dirs(root: Path | str) -> list[Path]:
     """Run directories under root (root itself included), not descending into a run directory."""
     root = Path(root)
@@ -219,6 +232,13 @@ def load_sweep(dirs: Iterable[Path | str], by_sweep: bool = False) -> Sweep:
         twice = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"--by-sweep: sweep directories share the name(s) {', '.join(twice)}; the name is the "
                          "entries' qualifier, so each sweep needs its own")
+    for root in roots:
+        sweeps = held_sweeps(root)
+        if sweeps:
+            shown = " ".join(str(root / n) for n in sweeps[:3]) + (" ..." if len(sweeps) > 3 else "")
+            raise ValueError(f"{root} is not a sweep directory but holds {len(sweeps)} sweep(s) "
+                             f"({', '.join(sweeps[:8])}{' ...' if len(sweeps) > 8 else ''}): give the sweep "
+                             f"directories themselves, e.g. {shown}")
     statuses, rows, problems, notes = [], [], [], []
     for root in roots:
         found = find_run_dirs(root)
