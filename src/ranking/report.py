@@ -210,8 +210,8 @@ def ranks_per_seed(records: pd.DataFrame, fifty_step_cfg=None) -> dict[str, pd.D
     seeds = sorted(records["train_seed"].astype(str).unique(), key=seed_order)
     if len(seeds) < 2:
         return {}
-    # The pooled report's 50-step column for every seed: resolved per seed, a seed still without a chosen scale was
-    # refused ('the sweep has ...') or, by default, averaged other settings than its peers.
+    # Every seed gets the pooled report's 50-step column: resolving it per seed refused a seed still without a
+    # chosen scale ('the sweep has ...') and, by default, could give one seed other settings than its peers.
     scales = fifty_step_scales(records, fifty_step_cfg)
     return {s: rank_records(records[records["train_seed"].astype(str) == s], scales) for s in seeds}
 
