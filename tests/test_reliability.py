@@ -379,6 +379,27 @@ def test_embedded_shapes_known_before_building_match_the_shards(cache_dir):
     assert embedded_shapes("digits", 16) == {k: meta[k] for k in (*DIM_KEYS, "context_length")}
 
 
+def test_a_context_split_past_the_data_context_is_refused_before_the_run():
+    """model=mmdit3 model.context_split=20 on 16 context tokens: refused by the checks before any file is written,
+    not a ValueError at the first training step (with a run directory and error.json)."""
+    from hydra import compose, initialize_config_module
+
+    from src.config import register_resolvers
+    from src.training.prepare import check_model, embedded_shapes
+
+    register_resolvers()
+    shapes = embedded_shapes("digits", 16)
+    for split in (15, 16, 20):
+        with initialize_config_module(config_module="conf", version_base="1.3"):
+            cfg = compose(config_name="config", overrides=["model=mmdit3", f"model.context_split={split}"])
+        if split < shapes["context_length"]:
+            check_model(cfg, shapes)
+            continue
+        with pytest.raises(ConfigError, match=re.escape(f"model.context_split={split} is not allowed; allowed: 1 to "
+                                                        "15 (the data's context has 16 tokens")):
+            check_model(cfg, shapes)
+
+
 # ---- checkpoints: the previous last.ckpt kept, a corrupt one falls back ----------------------------------------
 def test_previous_last_checkpoint_is_kept_and_an_unreadable_one_falls_back(tmp_path, caplog):
     from src.training.checkpoint_io import AtomicCheckpointIO, checkpoint_to_resume

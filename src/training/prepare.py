@@ -156,6 +156,10 @@ def check_model(cfg: DictConfig, shapes: dict) -> None:
         for key in DIM_KEYS:
             checked.data[key] = shapes[key]
     fill_context_split(checked, shapes)
+    split, length = OmegaConf.select(checked, "model.context_split"), shapes.get("context_length")
+    if type(split) is int and length and not 1 <= split < int(length):  # else the first step fails (mmdit3)
+        raise ConfigError(f"model.context_split={split} is not allowed; allowed: 1 to {int(length) - 1} (the data's "
+                          f"context has {length} tokens, the rest form the second text stream), or null")
     try:
         key = repr(OmegaConf.to_container(checked.model, resolve=True))
         if key in _CHECKED_MODELS:
