@@ -98,7 +98,8 @@ def test_cuda_only_attention_kernels_are_torchs_own_choice_off_the_gpu(eager, op
 
 
 def test_a_cuda_only_attention_kernel_is_refused_for_a_job_on_the_cpu(tmp_path):
-    """Checked in the job, where its device is known (a login node without a GPU submits GPU jobs)."""
+    """Checked in the job, where its device is known (a login node without a GPU submits GPU jobs), and for a single
+    run, which trains where it is started, before its directory exists."""
     import os
     import sys
 
@@ -112,6 +113,7 @@ def test_a_cuda_only_attention_kernel_is_refused_for_a_job_on_the_cpu(tmp_path):
     assert ("ConfigError: model.attention_backend=cudnn: a kernel for CUDA GPUs, and this job trains on the CPU; "
             "allowed here: auto, flash, math") in out.stderr, out.stderr[-2000:]
     assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "cache").exists()  # refused before the data
+    assert not (tmp_path / "outputs").exists()  # a single run trains here: refused before its directory exists
 
 
 def test_compiled_blocks_train_like_the_eager_step(eager, monkeypatch):

@@ -288,6 +288,18 @@ def check_sweep_jobs(config_loader, sweep_config: DictConfig, batches: list[list
     return kept
 
 
+def device_error(cfg: DictConfig) -> ConfigError | None:
+    """A setting this machine cannot train with (a CUDA-only attention kernel on the CPU): a single run trains here,
+    so it is refused before its directory exists; a sweep's jobs check it where they run."""
+    from src.training.prepare import check_device_settings
+
+    try:
+        check_device_settings(cfg)
+    except ConfigError as e:
+        return e
+    return None
+
+
 class CheckConfigOnRunStart(Callback):
     """A single run's configuration checked before Hydra creates its directory; an error ends the command with
     its one line (exit status 1)."""
@@ -296,7 +308,7 @@ class CheckConfigOnRunStart(Callback):
         previous = HydraConfig.instance().cfg
         try:
             HydraConfig.instance().set_config(config)
-            error = config_error(config)
+            error = config_error(config) or device_error(config)
         finally:
             HydraConfig.instance().cfg = previous
         if error is not None:
