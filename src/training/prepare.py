@@ -8,6 +8,8 @@ it. No Lightning here: the launcher checks every job of a sweep with these befor
 from __future__ import annotations
 
 import copy
+import difflib
+import importlib
 import json
 import math
 import os
@@ -182,7 +184,16 @@ def model_error(model: DictConfig, e: Exception) -> ConfigError:
     imported (Hydra's own message spans three lines), else the constructor's own message."""
     cause = e.__cause__ or e
     if str(e).startswith("Error locating target") and isinstance(cause, ImportError):
-        inner = cause.__cause__ or cause
+        inner, target = cause.__cause__ or cause, str(OmegaConf.select(model, "_target_"))
+        module_name, _, name = target.rpartition(".")
+        try:  # the module imports, the class name is wrong (convnet.ConvNt): say that, not "No module named"
+            module = importlib.import_module(module_name) if module_name else None
+        except Exception:  # noqa: BLE001 -- the module itself does not import: said below
+            module = None
+        if module is not None and not hasattr(module, name):
+            close = difflib.get_close_matches(name, [n for n in dir(module) if not n.startswith("_")], n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            return ConfigError(f"model._target_={target}: {module_name} has no {name}{hint}")
         return ConfigError(f"model._target_={OmegaConf.select(model, '_target_')}: cannot import it "
                            f"({type(inner).__name__}: {inner}); the module must be importable where the job runs "
                            "(the working directory or PYTHONPATH)")
