@@ -276,13 +276,29 @@ def _read_data_meta(cfg: DictConfig) -> tuple[dict, list[str]]:
 
 
 def build_on_meta(cfg: DictConfig, meta: dict):
-    """The configured backbone on the meta device (shapes only, no memory)."""
+    """The configured backbone on the meta device (shapes only, no memory); a model that cannot be built is the
+    job's one-line ConfigError (a class that cannot be imported, a setting its constructor refuses)."""
     import hydra
     import torch
 
+    from src.training.prepare import model_error
+
     _fill_data_shape(cfg, meta)
-    with torch.device("meta"):
-        return hydra.utils.instantiate(cfg.model)
+    try:
+        with torch.device("meta"):
+            return hydra.utils.instantiate(cfg.model)
+    except Exception as e:  # instantiate wraps constructor errors; surface the model's own message
+        raise model_error(cfg.model, e) from None
+
+
+def configuration_error(e: BaseException | None):
+    """The ConfigError behind an exception, if any: one raised while resolving the run name's
+    ${recipe_slug:${loss}} (an invalid recipe) reaches us wrapped in OmegaConf's InterpolationResolutionError."""
+    from src.config import ConfigError
+
+    while e is not None and not isinstance(e, ConfigError):
+        e = e.__cause__ or e.__context__
+    return e
 
 
 def _fill_data_shape(cfg: DictConfig, meta: dict) -> None:
@@ -746,7 +762,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from src.launch.failures import one_line
         from src.launch.validate import hydra_error_line
 
-        line = hydra_error_line(e) or one_line(e)
+        line = hydra_error_line(e) or one_line(configuration_error(e) or e)
         print(f"plan: {line}", file=sys.stderr)
         return 2
     finally:  # process-wide: a caller in the same process (a notebook, a test) keeps its warnings

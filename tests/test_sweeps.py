@@ -350,6 +350,19 @@ def test_a_plan_of_shards_without_a_folder_says_so_as_the_job_does(tmp_path, cap
                        "(python -m src.preprocess ...)\n")
 
 
+def test_a_plan_of_a_bad_recipe_or_an_unimportable_backbone_says_the_job_s_own_line(tmp_path, capsys):
+    """The plan's line is the job's: it said "plan: InterpolationResolutionError: ConfigError raised while resolving
+    interpolation: loss: ..." for a bad recipe, and Hydra's "Error locating target 'convnet.ConvNet', set env var
+    HYDRA_FULL_ERROR=1 ..." for a backbone whose module is not on PYTHONPATH."""
+    for args, line in ((["loss=rf_lognorm", "loss.s=-1"], "ConfigError: loss: rf_lognorm: s=-1 is not allowed; s must "
+                                                          "be > 0"),
+                       (["model._target_=not_a_module_here.ConvNet"], "ConfigError: model._target_=not_a_module_here."
+                        "ConvNet: cannot import it (ModuleNotFoundError: No module named 'not_a_module_here'); the "
+                        "module must be importable where the job runs (the working directory or PYTHONPATH)")):
+        assert plan.main([*args, f"paths.root_dir={tmp_path}"]) == 2
+        assert capsys.readouterr().err == f"plan: {line}\n"
+
+
 # ---- sweeping keys the run name does not hold ------------------------------------------------------------------
 def test_swept_keys_outside_the_run_name_tag_each_job():
     from hydra.core.override_parser.overrides_parser import OverridesParser
