@@ -358,7 +358,10 @@ def test_a_plan_of_a_bad_recipe_or_an_unimportable_backbone_says_the_job_s_own_l
                                                           "be > 0"),
                        (["model._target_=not_a_module_here.ConvNet"], "ConfigError: model._target_=not_a_module_here."
                         "ConvNet: cannot import it (ModuleNotFoundError: No module named 'not_a_module_here'); the "
-                        "module must be importable where the job runs (the working directory or PYTHONPATH)")):
+                        "module must be importable where the job runs (the working directory or PYTHONPATH)"),
+                       (["model=mmdit3", "model.context_split=20"], "ConfigError: model.context_split=20 is not "
+                        "allowed; allowed: 1 to 15 (the data's context has 16 tokens, the rest form the second text "
+                        "stream), or null")):
         assert plan.main([*args, f"paths.root_dir={tmp_path}"]) == 2
         assert capsys.readouterr().err == f"plan: {line}\n"
 

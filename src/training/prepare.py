@@ -158,10 +158,7 @@ def check_model(cfg: DictConfig, shapes: dict) -> None:
         for key in DIM_KEYS:
             checked.data[key] = shapes[key]
     fill_context_split(checked, shapes)
-    split, length = OmegaConf.select(checked, "model.context_split"), shapes.get("context_length")
-    if type(split) is int and length and not 1 <= split < int(length):  # else the first step fails (mmdit3)
-        raise ConfigError(f"model.context_split={split} is not allowed; allowed: 1 to {int(length) - 1} (the data's "
-                          f"context has {length} tokens, the rest form the second text stream), or null")
+    check_context_split(checked, shapes)
     try:
         key = repr(OmegaConf.to_container(checked.model, resolve=True))
         if key in _CHECKED_MODELS:
@@ -270,6 +267,14 @@ def resolved_cond_dropout(cfg: DictConfig, meta: dict) -> float:
         return cfg.train.cond_dropout
     groups = cfg.train.get("cond_groups") or meta.get("text_groups")
     return per_encoder_dropout(len(groups) if groups else 1)
+
+
+def check_context_split(cfg: DictConfig, meta: dict) -> None:
+    """model.context_split (mmdit3) inside the data's context: else the first training step fails."""
+    split, length = OmegaConf.select(cfg, "model.context_split"), meta.get("context_length")
+    if type(split) is int and length and not 1 <= split < int(length):
+        raise ConfigError(f"model.context_split={split} is not allowed; allowed: 1 to {int(length) - 1} (the data's "
+                          f"context has {length} tokens, the rest form the second text stream), or null")
 
 
 def fill_context_split(cfg: DictConfig, meta: dict) -> None:
