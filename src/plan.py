@@ -245,10 +245,11 @@ _META_CACHE: dict[str, tuple[dict, list[str]]] = {}
 def data_meta(cfg: DictConfig) -> tuple[dict, list[str]]:
     """The training shards' meta (shapes), and the assumptions made where the shards are not at hand."""
     data = cfg.data
-    if data.kind == "shards" and (OmegaConf.is_missing(data, "train_dir") or data.train_dir is None):
-        from src.config import ConfigError  # the job's own line (src.training.prepare.check_data)
+    for key in ("train_dir", "eval_dir") if data.kind == "shards" else ():
+        if OmegaConf.is_missing(data, key) or data[key] is None:
+            from src.config import ConfigError  # the job's own line (src.training.prepare.check_data)
 
-        raise ConfigError("data.train_dir is not set: a folder of shards (python -m src.preprocess ...)")
+            raise ConfigError(f"data.{key} is not set: a folder of shards (python -m src.preprocess ...)")
     where = data.train_dir if data.kind == "shards" else f"{cfg.paths.cache_dir}:{data.get('image_size')}"
     key = f"{data.kind}:{data.name}:{where}"
     if key not in _META_CACHE:

@@ -348,6 +348,9 @@ def test_a_plan_of_shards_without_a_folder_says_so_as_the_job_does(tmp_path, cap
         err = capsys.readouterr().err
         assert err == ("plan: ConfigError: data.train_dir is not set: a folder of shards "
                        "(python -m src.preprocess ...)\n")
+    assert plan.main(["data=shards", "data.train_dir=/no/such/shards", f"paths.root_dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err == ("plan: ConfigError: data.eval_dir is not set: a folder of shards "
+                                       "(python -m src.preprocess ...)\n")  # was MissingMandatoryValue
 
 
 def test_a_plan_of_a_bad_recipe_or_an_unimportable_backbone_says_the_job_s_own_line(tmp_path, capsys):
