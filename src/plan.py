@@ -245,10 +245,11 @@ _META_CACHE: dict[str, tuple[dict, list[str]]] = {}
 def data_meta(cfg: DictConfig) -> tuple[dict, list[str]]:
     """The training shards' meta (shapes), and the assumptions made where the shards are not at hand."""
     data = cfg.data
-    if data.kind == "shards" and (OmegaConf.is_missing(data, "train_dir") or data.train_dir is None):
-        from src.config import ConfigError  # the job's own line (src.training.prepare.check_data)
+    for key in ("train_dir", "eval_dir") if data.kind == "shards" else ():
+        if OmegaConf.is_missing(data, key) or data[key] is None:
+            from src.config import ConfigError  # the job's own line (src.training.prepare.check_data)
 
-        raise ConfigError("data.train_dir is not set: a folder of shards (python -m src.preprocess ...)")
+            raise ConfigError(f"data.{key} is not set: a folder of shards (python -m src.preprocess ...)")
     where = data.train_dir if data.kind == "shards" else f"{cfg.paths.cache_dir}:{data.get('image_size')}"
     key = f"{data.kind}:{data.name}:{where}"
     if key not in _META_CACHE:
@@ -276,13 +277,30 @@ def _read_data_meta(cfg: DictConfig) -> tuple[dict, list[str]]:
 
 
 def build_on_meta(cfg: DictConfig, meta: dict):
-    """The configured backbone on the meta device (shapes only, no memory)."""
+    """The configured backbone on the meta device (shapes only, no memory); a model that cannot be built is the
+    job's one-line ConfigError (a class that cannot be imported, a setting its constructor refuses)."""
     import hydra
     import torch
 
+    from src.training.prepare import check_context_split, model_error
+
     _fill_data_shape(cfg, meta)
-    with torch.device("meta"):
-        return hydra.utils.instantiate(cfg.model)
+    check_context_split(cfg, meta)
+    try:
+        with torch.device("meta"):
+            return hydra.utils.instantiate(cfg.model)
+    except Exception as e:  # instantiate wraps constructor errors; surface the model's own message
+        raise model_error(cfg.model, e) from None
+
+
+def configuration_error(e: BaseException | None):
+    """The ConfigError behind an exception, if any: one raised while resolving the run name's
+    ${recipe_slug:${loss}} (an invalid recipe) reaches us wrapped in OmegaConf's InterpolationResolutionError."""
+    from src.config import ConfigError
+
+    while e is not None and not isinstance(e, ConfigError):
+        e = e.__cause__ or e.__context__
+    return e
 
 
 def _fill_data_shape(cfg: DictConfig, meta: dict) -> None:
@@ -746,7 +764,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from src.launch.failures import one_line
         from src.launch.validate import hydra_error_line
 
-        line = hydra_error_line(e) or one_line(e)
+        line = hydra_error_line(e) or one_line(configuration_error(e) or e)
         print(f"plan: {line}", file=sys.stderr)
         return 2
     finally:  # process-wide: a caller in the same process (a notebook, a test) keeps its warnings

@@ -399,6 +399,7 @@ def test_validation_times():
         (lambda: get_recipe("rf/lognorm(0.5, 0.6)"), r"unknown recipe .*did you mean 'rf/lognorm\(0.50, 0.60\)'.*valid recipes: eps/linear, v/linear"),
         (lambda: get_recipe("sd3"), r"unknown recipe 'sd3'; valid recipes: eps/linear, .*edm/cos"),
         (lambda: from_config({"recipe": "rf/mode(9.00)"}), r"unknown recipe 'rf/mode\(9.00\)'"),
+        (lambda: from_config({"recipe": "???"}), r"^recipe is not set: loss=recipe .*loss.recipe=.*edm/cos$"),
         (lambda: from_config({"m": 0.5}), r"loss config needs 'family' \(one of rf, .*\) or 'recipe'; got \['m'\]"),
         (lambda: from_config({"recipe": "rf", "family": "rf"}), r"'recipe' cannot be combined with \['family'\]"),
         (lambda: from_config({"family": "edm", "p_mean": 0.0, "p_sd": 1.0}), r"family 'edm' takes parameters \(p_mean, p_std\)"),

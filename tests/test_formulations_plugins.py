@@ -242,6 +242,22 @@ def test_the_documented_example_family_trains_evaluates_plans_and_ranks(tmp_path
     _imported_sampler.cache_clear()
 
 
+def test_the_example_backbone_refuses_a_width_its_group_norm_cannot_split(monkeypatch):
+    """model=convnet model.hidden_size=30: a one-line ConfigError before the run, not a RuntimeError from GroupNorm
+    at the first training step."""
+    from hydra import compose, initialize_config_module
+
+    from src.config import ConfigError, register_resolvers
+    from src.training.prepare import check_model, embedded_shapes
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    register_resolvers()
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["model._target_=convnet.ConvNet", "model.hidden_size=30"])
+    with pytest.raises(ConfigError, match=r"^model: hidden_size=30 is not allowed; allowed: a multiple of 8"):
+        check_model(cfg, embedded_shapes("digits", 16))
+
+
 def test_the_documented_example_backbone_plans_trains_and_evaluates(tmp_path, monkeypatch, capsys):
     """docs/examples/convnet.py through conf/model/convnet.yaml: the command its docstring gives, with the example
     formulation and the example sampler (docs/examples/ab2.py); the plan counts its FLOPs on the meta device."""

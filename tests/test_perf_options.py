@@ -98,7 +98,8 @@ def test_cuda_only_attention_kernels_are_torchs_own_choice_off_the_gpu(eager, op
 
 
 def test_a_cuda_only_attention_kernel_is_refused_for_a_job_on_the_cpu(tmp_path):
-    """Checked in the job, where its device is known (a login node without a GPU submits GPU jobs)."""
+    """Checked in the job, where its device is known (a login node without a GPU submits GPU jobs), and for a single
+    run, which trains where it is started, before its directory exists."""
     import os
     import sys
 
@@ -112,6 +113,7 @@ def test_a_cuda_only_attention_kernel_is_refused_for_a_job_on_the_cpu(tmp_path):
     assert ("ConfigError: model.attention_backend=cudnn: a kernel for CUDA GPUs, and this job trains on the CPU; "
             "allowed here: auto, flash, math") in out.stderr, out.stderr[-2000:]
     assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "cache").exists()  # refused before the data
+    assert not (tmp_path / "outputs").exists()  # a single run trains here: refused before its directory exists
 
 
 def test_compiled_blocks_train_like_the_eager_step(eager, monkeypatch):
@@ -472,7 +474,7 @@ def test_a_backbone_whose_module_cannot_be_imported_is_one_line_naming_the_targe
 
     register_resolvers()
     for target, cause in (("not_a_module_here.ConvNet", "No module named 'not_a_module_here'"),
-                          ("src.models.MMDit", "No module named 'src.models.MMDit'")):
+                          ("not_a_package.sub.ConvNet", "No module named 'not_a_package'")):
         with initialize_config_module(config_module="conf", version_base="1.3"):
             cfg = compose(config_name="config", overrides=[f"model._target_={target}"])
         for build in (lambda: check_model(cfg, dict.fromkeys(DIM_KEYS, 1)), lambda: build_backbone(cfg)):
@@ -481,3 +483,10 @@ def test_a_backbone_whose_module_cannot_be_imported_is_one_line_naming_the_targe
             message = str(raised.value)
             assert message.startswith(f"model._target_={target}: cannot import it (ModuleNotFoundError: {cause})")
             assert "PYTHONPATH" in message and "\n" not in message
+    # The module imports but has no such class: a typo in the class name, not a module to put on PYTHONPATH.
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["model._target_=src.models.MMDit"])
+    for build in (lambda: check_model(cfg, dict.fromkeys(DIM_KEYS, 1)), lambda: build_backbone(cfg)):
+        with pytest.raises(ConfigError) as raised:
+            build()
+        assert str(raised.value) == "model._target_=src.models.MMDit: src.models has no MMDit (did you mean MMDiT?)"

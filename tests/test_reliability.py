@@ -248,6 +248,7 @@ def test_refusals_before_launching_and_plans_do_not_import_lightning(tmp_path):
 
 LOSS_OPTIONS = ("edm, edm_cos, edm_rf, eps_cos, eps_linear, recipe, rf, rf_cosmap, rf_lognorm, rf_mode, v_cos, "
                 "v_linear")
+PAPER_OPTIONS = ", ".join(f"paper/{p.stem}" for p in sorted((ROOT / "conf" / "loss" / "paper").glob("*.yaml")))
 GRAMMAR = "the syntax: https://hydra.cc/docs/advanced/override_grammar/basic"
 TRAIN_KEYS = ("max_steps, val_every, ckpt_every, ema_every, ema_decay, cond_dropout, cond_groups, val_levels, shift, "
               "loss_check_every")
@@ -255,6 +256,8 @@ TRAIN_KEYS = ("max_steps, val_every, ckpt_every, ema_every, ema_decay, cond_drop
 
 @pytest.mark.parametrize("args, line", [
     (["loss=bogus"], f"loss=bogus: no such option in config group loss; allowed: {LOSS_OPTIONS}"),
+    (["loss=paper/edm_0.60_1.21"], f"loss=paper/edm_0.60_1.21: no such option in config group loss; allowed: "
+                                   f"{PAPER_OPTIONS}"),
     (["+sweep=bogus"], "sweep=bogus: no such option in config group sweep; allowed: backbones, paper_embedded, "
                        "paper_grid, paper_recipes, smoke, table1"),
     (["hydra/launcher=bogus"], "hydra/launcher=bogus: no such option in config group hydra/launcher; allowed: basic, "
@@ -268,7 +271,7 @@ TRAIN_KEYS = ("max_steps, val_every, ckpt_every, ema_every, ema_decay, cond_drop
      "hydra.launcher.timeout_min=abc: not a valid value (Value 'abc' of type 'str' could not be converted to Integer)"),
     (["hydra/launcher=slurm_cpu", "hydra.launcher.mem_gb=4GB"],
      "hydra.launcher.mem_gb=4GB: not a valid value (Value '4GB' of type 'str' could not be converted to Integer)"),
-], ids=["option", "sweep", "launcher", "key", "key under a value", "deletion", "syntax", "typed value",
+], ids=["option", "paper option", "sweep", "launcher", "key", "key under a value", "deletion", "syntax", "typed value",
         "launcher memory"])
 def test_hydra_composition_errors_are_one_line_and_create_nothing(tmp_path, monkeypatch, capsys, args, line):
     """Hydra's own errors (an option or a setting that does not exist, an override it cannot parse) in one line
@@ -374,6 +377,27 @@ def test_embedded_shapes_known_before_building_match_the_shards(cache_dir):
 
     meta = read_meta(next((Path(cache_dir) / "data").glob("digits-v*")) / "train")
     assert embedded_shapes("digits", 16) == {k: meta[k] for k in (*DIM_KEYS, "context_length")}
+
+
+def test_a_context_split_past_the_data_context_is_refused_before_the_run():
+    """model=mmdit3 model.context_split=20 on 16 context tokens: refused by the checks before any file is written,
+    not a ValueError at the first training step (with a run directory and error.json)."""
+    from hydra import compose, initialize_config_module
+
+    from src.config import register_resolvers
+    from src.training.prepare import check_model, embedded_shapes
+
+    register_resolvers()
+    shapes = embedded_shapes("digits", 16)
+    for split in (15, 16, 20):
+        with initialize_config_module(config_module="conf", version_base="1.3"):
+            cfg = compose(config_name="config", overrides=["model=mmdit3", f"model.context_split={split}"])
+        if split < shapes["context_length"]:
+            check_model(cfg, shapes)
+            continue
+        with pytest.raises(ConfigError, match=re.escape(f"model.context_split={split} is not allowed; allowed: 1 to "
+                                                        "15 (the data's context has 16 tokens")):
+            check_model(cfg, shapes)
 
 
 # ---- checkpoints: the previous last.ckpt kept, a corrupt one falls back ----------------------------------------

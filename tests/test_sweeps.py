@@ -348,6 +348,25 @@ def test_a_plan_of_shards_without_a_folder_says_so_as_the_job_does(tmp_path, cap
         err = capsys.readouterr().err
         assert err == ("plan: ConfigError: data.train_dir is not set: a folder of shards "
                        "(python -m src.preprocess ...)\n")
+    assert plan.main(["data=shards", "data.train_dir=/no/such/shards", f"paths.root_dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err == ("plan: ConfigError: data.eval_dir is not set: a folder of shards "
+                                       "(python -m src.preprocess ...)\n")  # was MissingMandatoryValue
+
+
+def test_a_plan_of_a_bad_recipe_or_an_unimportable_backbone_says_the_job_s_own_line(tmp_path, capsys):
+    """The plan's line is the job's: it said "plan: InterpolationResolutionError: ConfigError raised while resolving
+    interpolation: loss: ..." for a bad recipe, and Hydra's "Error locating target 'convnet.ConvNet', set env var
+    HYDRA_FULL_ERROR=1 ..." for a backbone whose module is not on PYTHONPATH."""
+    for args, line in ((["loss=rf_lognorm", "loss.s=-1"], "ConfigError: loss: rf_lognorm: s=-1 is not allowed; s must "
+                                                          "be > 0"),
+                       (["model._target_=not_a_module_here.ConvNet"], "ConfigError: model._target_=not_a_module_here."
+                        "ConvNet: cannot import it (ModuleNotFoundError: No module named 'not_a_module_here'); the "
+                        "module must be importable where the job runs (the working directory or PYTHONPATH)"),
+                       (["model=mmdit3", "model.context_split=20"], "ConfigError: model.context_split=20 is not "
+                        "allowed; allowed: 1 to 15 (the data's context has 16 tokens, the rest form the second text "
+                        "stream), or null")):
+        assert plan.main([*args, f"paths.root_dir={tmp_path}"]) == 2
+        assert capsys.readouterr().err == f"plan: {line}\n"
 
 
 # ---- sweeping keys the run name does not hold ------------------------------------------------------------------

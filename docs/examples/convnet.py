@@ -21,6 +21,8 @@ class ConvNet(nn.Module):
                  hidden_size: int | None = None, **shared_keys):  # the other keys: the shared backbone settings
         super().__init__()
         width = hidden_size or 64 * depth
+        if width % 8:  # else the first forward fails in GroupNorm, after the run directory exists
+            raise ValueError(f"hidden_size={width} is not allowed; allowed: a multiple of 8 (GroupNorm of 8 groups)")
         self.time = nn.Sequential(nn.Linear(64, width), nn.SiLU(), nn.Linear(width, width))
         self.text = nn.Linear(pooled_dim + context_dim, width)
         self.stem = nn.Conv2d(in_channels, width, 3, padding=1)

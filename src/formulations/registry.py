@@ -144,6 +144,9 @@ def from_config(cfg: Mapping) -> Formulation:
         extra = sorted(set(keys) - {"recipe"})
         if extra:
             raise ValueError(f"loss config: 'recipe' cannot be combined with {extra}; give a recipe or a family")
+        if keys["recipe"] in (None, "???"):  # conf/loss/recipe.yaml without a name
+            names = ", ".join(RECIPES)
+            raise ValueError(f"recipe is not set: loss=recipe \"loss.recipe='<name>'\" with one of: {names}")
         return get_recipe(keys["recipe"])
     if "family" not in keys:
         raise ValueError(f"loss config needs 'family' (one of {', '.join(FAMILIES)}) or 'recipe'; got {sorted(keys)}")

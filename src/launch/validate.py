@@ -18,6 +18,7 @@ import difflib
 
 import fnmatch
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -192,7 +193,13 @@ def hydra_error_line(exc: BaseException) -> str | None:
 
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and exc.options:
         group, _, value = str(exc.missing_cfg_file).rpartition("/")
-        return f"{group}={value}: no such option in config group {group}; allowed: {', '.join(exc.options)}"
+        options = exc.options
+        named = re.search(r"Available options in '([^']+)'", str(exc))  # the override's group: loss=paper/x is loss
+        if named and group.startswith(named.group(1) + "/"):  # an option in a subfolder: loss=paper/edm_0.60_1.21
+            sub = group[len(named.group(1)) + 1:]
+            group, value = named.group(1), f"{sub}/{value}"
+            options = [f"{sub}/{o}" for o in packaged_options(f"{group}/{sub}")] or options
+        return f"{group}={value}: no such option in config group {group}; allowed: {', '.join(options)}"
     if isinstance(exc, OverrideParseException):
         grammar = "https://hydra.cc/docs/advanced/override_grammar/basic"
         return f"{exc.override}: not a valid override ({exc.message.splitlines()[0]}); the syntax: {grammar}"
@@ -214,6 +221,15 @@ def hydra_error_line(exc: BaseException) -> str | None:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         return " ".join(lines) if lines else None
     return None
+
+
+def packaged_options(group: str) -> list[str]:
+    """The options of a configuration group in conf/ (a subfolder: loss/paper); [] where it has none."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.object_type import ObjectType
+
+    return ConfigLoaderImpl(create_config_search_path("pkg://conf")).get_group_options(group, ObjectType.CONFIG)
 
 
 def check_sweep_jobs(config_loader, sweep_config: DictConfig, batches: list[list[list[str]]],
@@ -272,6 +288,18 @@ def check_sweep_jobs(config_loader, sweep_config: DictConfig, batches: list[list
     return kept
 
 
+def device_error(cfg: DictConfig) -> ConfigError | None:
+    """A setting this machine cannot train with (a CUDA-only attention kernel on the CPU): a single run trains here,
+    so it is refused before its directory exists; a sweep's jobs check it where they run."""
+    from src.training.prepare import check_device_settings
+
+    try:
+        check_device_settings(cfg)
+    except ConfigError as e:
+        return e
+    return None
+
+
 class CheckConfigOnRunStart(Callback):
     """A single run's configuration checked before Hydra creates its directory; an error ends the command with
     its one line (exit status 1)."""
@@ -280,7 +308,7 @@ class CheckConfigOnRunStart(Callback):
         previous = HydraConfig.instance().cfg
         try:
             HydraConfig.instance().set_config(config)
-            error = config_error(config)
+            error = config_error(config) or device_error(config)
         finally:
             HydraConfig.instance().cfg = previous
         if error is not None:

@@ -20,6 +20,7 @@ from .layers import (
     SelfAttention,
     TimestepEmbedder,
     VectorEmbedder,
+    choices,
     sincos_2d_grid,
 )
 from .perf import ATTENTION_BACKENDS, AUTO_BOOL, COMPILE_BACKENDS, attention_context, check_choice, compile_setting
@@ -96,10 +97,10 @@ class Backbone(nn.Module):
             raise ValueError(f"mlp_ratio={mlp_ratio!r} is not allowed; allowed: a positive number")
         self.mlp_ratio = float(mlp_ratio)
         if qk_norm not in QK_NORMS:
-            raise ValueError(f"qk_norm={qk_norm!r} is not supported; allowed: {QK_NORMS}")
+            raise ValueError(f"qk_norm={qk_norm!r} is not supported; allowed: {choices(QK_NORMS)}")
         self.qk_norm = qk_norm
         if pos_grid not in POS_GRIDS:
-            raise ValueError(f"pos_grid={pos_grid!r} is not supported; allowed: {POS_GRIDS}")
+            raise ValueError(f"pos_grid={pos_grid!r} is not supported; allowed: {choices(POS_GRIDS)}")
         self.pos_grid = pos_grid
         base = input_size // patch_size
         self.pos_embed_max_size = 2 * base if pos_embed_max_size is None else pos_embed_max_size

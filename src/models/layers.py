@@ -14,6 +14,13 @@ from torch import Tensor, nn
 
 QK_NORMS = (None, "rms_norm")
 POS_GRIDS = ("centered", "diffusers")
+
+
+def choices(values) -> str:
+    """Allowed values as a configuration writes them: null, 'rms_norm' (not a Python tuple)."""
+    return ", ".join("null" if v is None else repr(v) for v in values)
+
+
 NORM_EPS = 1e-6  # LayerNorm and QK RMSNorm epsilon of the reference MM-DiT
 
 
@@ -65,7 +72,7 @@ def grid_positions(grid_size: int, base_size: int, pos_grid: str, ref_size: int)
         return (p - (grid_size - base_size) // 2) * (ref_size / base_size)
     if pos_grid == "diffusers":
         return p * (base_size / grid_size)
-    raise ValueError(f"pos_grid={pos_grid!r} is not supported; allowed: {POS_GRIDS}")
+    raise ValueError(f"pos_grid={pos_grid!r} is not supported; allowed: {choices(POS_GRIDS)}")
 
 
 def sincos_2d_grid(dim: int, grid_size: int, base_size: int, pos_grid: str, ref_size: int) -> Tensor:
@@ -150,7 +157,7 @@ class SelfAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, qk_norm: str | None = None, pre_only: bool = False):
         super().__init__()
         if qk_norm not in QK_NORMS:
-            raise ValueError(f"qk_norm={qk_norm!r} is not supported; allowed: {QK_NORMS}")
+            raise ValueError(f"qk_norm={qk_norm!r} is not supported; allowed: {choices(QK_NORMS)}")
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)

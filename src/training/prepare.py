@@ -8,6 +8,8 @@ it. No Lightning here: the launcher checks every job of a sweep with these befor
 from __future__ import annotations
 
 import copy
+import difflib
+import importlib
 import json
 import math
 import os
@@ -156,6 +158,7 @@ def check_model(cfg: DictConfig, shapes: dict) -> None:
         for key in DIM_KEYS:
             checked.data[key] = shapes[key]
     fill_context_split(checked, shapes)
+    check_context_split(checked, shapes)
     try:
         key = repr(OmegaConf.to_container(checked.model, resolve=True))
         if key in _CHECKED_MODELS:
@@ -178,7 +181,16 @@ def model_error(model: DictConfig, e: Exception) -> ConfigError:
     imported (Hydra's own message spans three lines), else the constructor's own message."""
     cause = e.__cause__ or e
     if str(e).startswith("Error locating target") and isinstance(cause, ImportError):
-        inner = cause.__cause__ or cause
+        inner, target = cause.__cause__ or cause, str(OmegaConf.select(model, "_target_"))
+        module_name, _, name = target.rpartition(".")
+        try:  # the module imports, the class name is wrong (convnet.ConvNt): say that, not "No module named"
+            module = importlib.import_module(module_name) if module_name else None
+        except Exception:  # noqa: BLE001 -- the module itself does not import: said below
+            module = None
+        if module is not None and not hasattr(module, name):
+            close = difflib.get_close_matches(name, [n for n in dir(module) if not n.startswith("_")], n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            return ConfigError(f"model._target_={target}: {module_name} has no {name}{hint}")
         return ConfigError(f"model._target_={OmegaConf.select(model, '_target_')}: cannot import it "
                            f"({type(inner).__name__}: {inner}); the module must be importable where the job runs "
                            "(the working directory or PYTHONPATH)")
@@ -255,6 +267,14 @@ def resolved_cond_dropout(cfg: DictConfig, meta: dict) -> float:
         return cfg.train.cond_dropout
     groups = cfg.train.get("cond_groups") or meta.get("text_groups")
     return per_encoder_dropout(len(groups) if groups else 1)
+
+
+def check_context_split(cfg: DictConfig, meta: dict) -> None:
+    """model.context_split (mmdit3) inside the data's context: else the first training step fails."""
+    split, length = OmegaConf.select(cfg, "model.context_split"), meta.get("context_length")
+    if type(split) is int and length and not 1 <= split < int(length):
+        raise ConfigError(f"model.context_split={split} is not allowed; allowed: 1 to {int(length) - 1} (the data's "
+                          f"context has {length} tokens, the rest form the second text stream), or null")
 
 
 def fill_context_split(cfg: DictConfig, meta: dict) -> None:
