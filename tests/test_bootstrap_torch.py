@@ -166,4 +166,4 @@ def test_report_cli_refuses_cuda_without_a_gpu(tmp_path, capsys):
     sweep = write_synthetic_sweep(tmp_path / "s", recipes=("rf", "edm"), datasets=("digits",), n_samples=16,
                                   n_reference=20, dim=4)
     assert main([str(sweep), "--out", str(tmp_path / "r"), "--bootstrap", "4", "--device", "cuda"]) == 1
-    assert "device='cuda' is not allowed here" in capsys.readouterr().err
+    assert "--device cuda is not allowed here: torch sees no CUDA device" in capsys.readouterr().err
