@@ -282,10 +282,9 @@ def build_on_meta(cfg: DictConfig, meta: dict):
     import hydra
     import torch
 
-    from src.training.prepare import check_context_split, model_error
+    from src.training.prepare import model_error
 
-    _fill_data_shape(cfg, meta)
-    check_context_split(cfg, meta)
+    _fill_data_shape(cfg, meta)  # (and checks model.context_split against the data)
     try:
         with torch.device("meta"):
             return hydra.utils.instantiate(cfg.model)

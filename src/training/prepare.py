@@ -158,7 +158,6 @@ def check_model(cfg: DictConfig, shapes: dict) -> None:
         for key in DIM_KEYS:
             checked.data[key] = shapes[key]
     fill_context_split(checked, shapes)
-    check_context_split(checked, shapes)
     try:
         key = repr(OmegaConf.to_container(checked.model, resolve=True))
         if key in _CHECKED_MODELS:
@@ -191,7 +190,7 @@ def model_error(model: DictConfig, e: Exception) -> ConfigError:
             close = difflib.get_close_matches(name, [n for n in dir(module) if not n.startswith("_")], n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             return ConfigError(f"model._target_={target}: {module_name} has no {name}{hint}")
-        return ConfigError(f"model._target_={OmegaConf.select(model, '_target_')}: cannot import it "
+        return ConfigError(f"model._target_={target}: cannot import it "
                            f"({type(inner).__name__}: {inner}); the module must be importable where the job runs "
                            "(the working directory or PYTHONPATH)")
     return ConfigError(f"model: {cause}")
@@ -269,21 +268,18 @@ def resolved_cond_dropout(cfg: DictConfig, meta: dict) -> float:
     return per_encoder_dropout(len(groups) if groups else 1)
 
 
-def check_context_split(cfg: DictConfig, meta: dict) -> None:
-    """model.context_split (mmdit3) inside the data's context: else the first training step fails."""
-    split, length = OmegaConf.select(cfg, "model.context_split"), meta.get("context_length")
-    if type(split) is int and length and not 1 <= split < int(length):
-        raise ConfigError(f"model.context_split={split} is not allowed; allowed: 1 to {int(length) - 1} (the data's "
-                          f"context has {length} tokens, the rest form the second text stream), or null")
-
-
 def fill_context_split(cfg: DictConfig, meta: dict) -> None:
     """model.context_split: null (the 3-stream MM-DiT) = where the data's second text group begins (77 CLIP tokens
-    in the paper's data; src.data.shards.text_split), set before the model is built and fingerprinted."""
+    in the paper's data; src.data.shards.text_split), set before the model is built and fingerprinted; one given
+    must lie inside the data's context, else the first training step fails (every caller fills, then builds)."""
     from src.data.shards import text_split
 
     if "context_split" in cfg.model and cfg.model.context_split is None:
         cfg.model.context_split = text_split(meta)
+    split, length = OmegaConf.select(cfg, "model.context_split"), meta.get("context_length")
+    if type(split) is int and length and not 1 <= split < int(length):
+        raise ConfigError(f"model.context_split={split} is not allowed; allowed: 1 to {int(length) - 1} (the data's "
+                          f"context has {length} tokens, the rest form the second text stream), or null")
 
 
 def check_values(cfg: DictConfig) -> None:
