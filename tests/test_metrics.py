@@ -368,6 +368,22 @@ def test_reference_cache_key_tells_an_evaluation_folder_written_again_apart(tmp_
         data, {"meta": again}, "AutoencoderKL:vae:abc"), tmp_path)
 
 
+def test_reference_cache_key_is_the_same_for_an_evaluation_folder_moved_or_copied(tmp_path):
+    """The key held the folder's resolved path: COCO copied to node-local disk (or the shards moved, which runs
+    accept: same meta.json) was another set, and its reference statistics, an Inception pass over every image, were
+    computed again."""
+    from omegaconf import OmegaConf
+
+    from src.evaluation.run import reference_dataset_id
+
+    meta = {"count": 5000, "shapes": {"latent": [4, 32, 32]}, "created": "2026-12-01T10:00:00"}
+    here, there = ({"name": "coco", "eval_dir": str(tmp_path / d / "coco")} for d in ("nfs", "scratch"))
+    key = reference_dataset_id(OmegaConf.create(here), {"meta": meta}, "AutoencoderKL:vae:abc")
+    assert key == reference_dataset_id(OmegaConf.create(there), {"meta": dict(meta)}, "AutoencoderKL:vae:abc")
+    assert key != reference_dataset_id(OmegaConf.create({**there, "name": "cc12m"}), {"meta": meta},
+                                       "AutoencoderKL:vae:abc")
+
+
 def test_weights_sha256_is_computed_once_per_file_version(tmp_path, monkeypatch):
     """The checksum naming a weights file is remembered (in the process and under the cache folder) until the file
     changes; a file rewritten with the same size and its old mtime (cp -p) is hashed again."""

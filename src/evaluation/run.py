@@ -291,12 +291,14 @@ def describe(cfg: DictConfig, run_dir: str | Path, missing: list[dict[str, Any]]
 
 
 def reference_dataset_id(cfg_data: DictConfig, eval_set: dict, decoder: str | None) -> str:
-    """The evaluation set's key in the reference-statistics cache: its name, folder and count, a digest of its
-    meta.json (a folder written again, e.g. at another resolution, is another set: its statistics are not served from
-    the former one's), and for latent shards the decoder of its reconstructions."""
+    """The evaluation set's key in the reference-statistics cache: its name and count, a digest of its meta.json (a
+    folder written again, e.g. at another resolution, is another set: its statistics are not served from the former
+    one's), and for latent shards the decoder of its reconstructions. Not its path: meta.json already tells sets
+    apart (the source files' sha256, the settings, the time written), and a folder moved or copied to node-local disk
+    is the same set, whose statistics (an Inception pass over every image) need not be computed again."""
     own = eval_set["meta"]
     digest = hashlib.sha256(json.dumps(own, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    dataset_id = f"{cfg_data.name}:{Path(cfg_data.eval_dir).resolve()}:{own['count']}:{digest}"
+    dataset_id = f"{cfg_data.name}:{own['count']}:{digest}"
     if decoder is not None:  # latent shards: the references are this autoencoder's reconstructions
         dataset_id += f":{decoder}"
     return dataset_id
