@@ -745,6 +745,38 @@ def test_text_encoders_of_one_name_with_other_weights_are_other_encoders(tmp_pat
     assert split_differences(meta(t5_other), older, SAME_ENCODING) == []
 
 
+def test_model_files_are_hashed_once_across_processes_with_a_cache_dir(tmp_path, models, monkeypatch):
+    """Each preprocess process (a resume, every --part of a job, the next folder) read every model file again to
+    name it: 10-20 GB for T5-XXL. With cache_dir (the command line's default .cache) the checksums are remembered
+    per file version; a file replaced since is hashed again, and entries of files gone are dropped."""
+    import json
+
+    from src.utils import io
+
+    hashed = []
+    monkeypatch.setattr(io, "sha256_file", lambda p, real=io.sha256_file: hashed.append(str(p)) or real(p))
+    cache = tmp_path / "cache"
+    models_of = dict(autoencoder=models["vae"], t5=models["t5"], t5_length=4, cache_dir=str(cache))
+
+    def described() -> dict:
+        monkeypatch.setattr(io, "_SHA256", {})  # a new process
+        return Models(config(tmp_path / "out", models, **models_of), "cpu").describe()
+
+    first = described()
+    files = len(hashed)
+    assert files >= 4 and any(p.endswith("model.safetensors") for p in hashed)  # T5, the autoencoder, the CLIP
+    assert described() == first and len(hashed) == files  # the next process: nothing read again
+    gone = tmp_path / "gone.bin"
+    gone.write_bytes(b"x")
+    io.weights_sha256(gone, cache)
+    assert str(gone.resolve()) in json.loads((cache / io.WEIGHTS_SHA256_FILE).read_text())
+    gone.unlink()
+    weights = Path(models["t5"]) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # rewritten in place: another file version, hashed again
+    assert described() == first and len(hashed) == files + 2  # it, and gone.bin before
+    assert str(gone.resolve()) not in json.loads((cache / io.WEIGHTS_SHA256_FILE).read_text())
+
+
 def test_an_evaluation_folder_encoded_with_other_text_weights_is_not_encoded_like_training(tmp_path, models):
     """meta.json records encoder_sha256; the planner and src.run's data check compare it (preprocess end to end)."""
     from src.data.expectations import check_shard_folders
@@ -759,7 +791,9 @@ def test_an_evaluation_folder_encoded_with_other_text_weights_is_not_encoded_lik
     for name, clip in (("same", models["clip_a"]), ("other", other_clip)):
         assert main(["coco", "--images", str(images), "--annotations", str(ann), "--out", str(tmp_path / name),
                      "--resolution", str(RES), "--clip", *clip, "--num-workers", "0", "--device", "cpu",
-                     "--no-progress", *stats]) == 0
+                     "--no-progress", *stats, "--cache-dir", str(tmp_path / "cache")]) == 0
+    remembered = json.loads((tmp_path / "cache" / "weights_sha256.json").read_text())  # --cache-dir: the checksums
+    assert {str(Path(models["clip_a"][1]).resolve()), str(Path(other_clip[1]).resolve())} <= set(remembered)
     same = check_shard_folders(tmp_path / "train", tmp_path / "same")
     assert len(same) == 1 and "differs from the paper's setup" in same[0]  # tiny models: only that
     other = check_shard_folders(tmp_path / "train", tmp_path / "other")

@@ -47,6 +47,9 @@ def common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-cache", type=int, default=2048, help="captions whose embeddings are memoised (0: off)")
     p.add_argument("--max-chunks", type=int, default=None, help="stop after this many chunks (rerun to go on)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--cache-dir", default=".cache",
+                   help="where the model files' checksums are remembered, so a resume, another part or the next "
+                        "folder does not read the weights again to name them (.cache, as src.run's paths.cache_dir)")
     p.add_argument("--part", type=part_spec, default=(0, 1), metavar="I/N",
                    help="do part I of N of the job (chunks c with c %% N == I) into the same --out, e.g. one SLURM "
                         "array task each (--array=0-15): --part $SLURM_ARRAY_TASK_ID/16; the last part to finish "
@@ -110,7 +113,7 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         num_workers=args.num_workers, seed=args.seed, shuffle=args.shuffle, stats_from=args.stats_from,
         device=args.device, precision=args.precision,
         autoencoder_precision=args.autoencoder_precision, text_cache=args.text_cache, max_chunks=args.max_chunks,
-        progress=args.progress, part=args.part[0], parts=args.part[1],
+        progress=args.progress, part=args.part[0], parts=args.part[1], cache_dir=args.cache_dir,
     )
 
 

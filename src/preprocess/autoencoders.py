@@ -78,7 +78,7 @@ class DiffusersAutoencoder:
     """An SD-style diffusers AutoencoderKL from a local folder (save_pretrained layout) or a single weights file."""
 
     def __init__(self, path: str, device: str = "cpu", precision: str = "float32", latent: str = "mean",
-                 config: str | None = None):
+                 config: str | None = None, cache_dir: str | None = None):
         from diffusers import AutoencoderKL
 
         if latent not in LATENT_MODES:
@@ -96,6 +96,7 @@ class DiffusersAutoencoder:
         # A single file's config folder: the evaluation needs it too to build the decoder from the file.
         self.config = str(Path(config).resolve()) if p.is_file() and config is not None else None
         self.device = torch.device(device)
+        self.cache_dir = cache_dir  # where its files' checksums are remembered (autoencoder_digest)
         cfg = self.vae.config
         self.name = f"AutoencoderKL:{Path(path).name}"
         self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
@@ -128,7 +129,7 @@ class DiffusersAutoencoder:
                "autoencoder_downsample": self.downsample, "autoencoder_scaling_factor": cfg.scaling_factor,
                "autoencoder_shift_factor": cfg.shift_factor,
                # Its content: two autoencoders in folders of one name (.../sd15/vae, .../sdxl/vae) are told apart.
-               "autoencoder_sha256": autoencoder_digest(self.path, self.config)}
+               "autoencoder_sha256": autoencoder_digest(self.path, self.config, self.cache_dir)}
         return out if self.config is None else {**out, "autoencoder_config": self.config}
 
 
@@ -139,8 +140,9 @@ def sample_latents(mean: torch.Tensor, std: torch.Tensor, indices: list[int], se
 
 
 def load_autoencoder(spec: str, device: str = "cpu", precision: str = "float32", latent: str = "mean",
-                     config: str | None = None):
+                     config: str | None = None, cache_dir: str | None = None):
     """`identity` or a diffusers AutoencoderKL from a local path."""
     if spec == IDENTITY_AUTOENCODER:
         return IdentityAutoencoder()
-    return DiffusersAutoencoder(spec, device=device, precision=precision, latent=latent, config=config)
+    return DiffusersAutoencoder(spec, device=device, precision=precision, latent=latent, config=config,
+                                cache_dir=cache_dir)

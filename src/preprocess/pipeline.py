@@ -75,6 +75,10 @@ class PreprocessConfig:
     progress: bool = True
     part: int = 0  # this process does the chunks c with c % parts == part (not a setting of the contents)
     parts: int = 1
+    # Where the model files' checksums are remembered (the command line's default: .cache, as src.run's
+    # paths.cache_dir): a resume, another --part or the next folder does not read 10-20 GB of T5 weights again to name
+    # them. None: in this process only. Not a setting of the contents either.
+    cache_dir: str | None = None
 
     def validate(self) -> None:
         """Raise a one-line error for the first setting out of range."""
@@ -347,12 +351,14 @@ class Models:
         self.autoencoder = _load(
             f"autoencoder={cfg.autoencoder!r}", "a diffusers AutoencoderKL folder (save_pretrained), a single weights "
             f"file with autoencoder_config, or {IDENTITY_AUTOENCODER!r}", load_autoencoder, cfg.autoencoder,
-            device=device, precision=cfg.autoencoder_precision, latent=cfg.latent, config=cfg.autoencoder_config)
+            device=device, precision=cfg.autoencoder_precision, latent=cfg.latent, config=cfg.autoencoder_config,
+            cache_dir=cfg.cache_dir)
         clips = [_load(f"clip={m!r} {w!r}", "an open_clip model name or config .json and weights of that model",
-                       load_clip, m, w, device=device, precision=cfg.precision) for m, w in cfg.clip]
+                       load_clip, m, w, device=device, precision=cfg.precision, cache_dir=cfg.cache_dir)
+                 for m, w in cfg.clip]
         t5 = _load(f"t5={cfg.t5!r}", "a transformers T5 encoder folder with its tokenizer (save_pretrained)",
                    T5TextEncoder, cfg.t5, device=device, precision=cfg.precision,
-                   max_length=cfg.t5_length) if cfg.t5 else None
+                   max_length=cfg.t5_length, cache_dir=cfg.cache_dir) if cfg.t5 else None
         self.text = CombinedTextEncoder(clips, t5)
         self.cached_text = CachedTextEncoder(self.text, cfg.text_cache)
         if cfg.resolution % self.autoencoder.downsample:

@@ -44,14 +44,16 @@ def check_clip_spec(model: str, weights: str | Path) -> None:
                          f"(OpenAI weights need the -quickgelu name) or a path to a model config .json")
 
 
-def clip_digest(model: str, weights: str | Path) -> str:
+def clip_digest(model: str, weights: str | Path, cache_dir: str | Path | None = None) -> str:
     """sha256[:12] of a CLIP's weights file (and its model config .json where it has one): OpenAI and LAION weights
-    of one open_clip model name are told apart. The files by role, not name: a renamed copy is the same encoder."""
+    of one open_clip model name are told apart. The files by role, not name: a renamed copy is the same encoder.
+    cache_dir: where the files' checksums are remembered (src.utils.io.weights_sha256)."""
     files = {"weights": Path(weights), **({"config": Path(model)} if model.endswith(".json") else {})}
-    return files_digest(files)
+    return files_digest(files, cache_dir)
 
 
-def load_clip(model: str, weights: str | Path, device: str, precision: str = "float32") -> ClipTextEncoder:
+def load_clip(model: str, weights: str | Path, device: str, precision: str = "float32",
+              cache_dir: str | Path | None = None) -> ClipTextEncoder:
     """An open_clip text encoder; `model` is a registered name or a path to a model config JSON (registered here).
     Its `content_sha256` is clip_digest's (the weights were just hashed for its fingerprint: no second read)."""
     check_clip_spec(model, weights)
@@ -59,8 +61,9 @@ def load_clip(model: str, weights: str | Path, device: str, precision: str = "fl
     if model.endswith(".json"):
         open_clip.add_model_config(model)
         model = Path(model).stem
-    encoder = ClipTextEncoder(model, weights, device=device, precision=OPEN_CLIP_PRECISION[precision])
-    encoder.content_sha256 = clip_digest(spec, weights)
+    encoder = ClipTextEncoder(model, weights, device=device, cache_dir=cache_dir,
+                              precision=OPEN_CLIP_PRECISION[precision])
+    encoder.content_sha256 = clip_digest(spec, weights, cache_dir)
     return encoder
 
 
@@ -84,7 +87,8 @@ class T5TextEncoder:
 
     pooled_dim = 0
 
-    def __init__(self, path: str | Path, device: str = "cpu", precision: str = "float32", max_length: int = 77):
+    def __init__(self, path: str | Path, device: str = "cpu", precision: str = "float32", max_length: int = 77,
+                 cache_dir: str | Path | None = None):
         from transformers import AutoTokenizer, T5EncoderModel
 
         path = Path(path)
@@ -96,14 +100,15 @@ class T5TextEncoder:
         self.model.to(device).eval().requires_grad_(False)
         self.device = torch.device(device)
         self.path, self.name = path, path.name
+        self.cache_dir = cache_dir  # where its files' checksums are remembered (content_sha256)
         self.context_length = max_length
         self.context_dim = int(self.model.config.d_model)
 
     @cached_property
     def content_sha256(self) -> str:
         """sha256[:12] of the folder's files (weights, config, tokenizer): two folders called `t5` are told apart.
-        Once per encoder: T5-XXL's weights are 10-20 GB."""
-        return files_digest(folder_files(self.path))
+        Once per file version: T5-XXL's weights are 10-20 GB, and every --part of a job would read them again."""
+        return files_digest(folder_files(self.path), self.cache_dir)
 
     @torch.no_grad()
     def __call__(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

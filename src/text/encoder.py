@@ -37,12 +37,13 @@ class ClipTextEncoder:
     """
 
     def __init__(self, model_name: str, weights_path: str | Path, sha256: str | None = None, device: str = "cpu",
-                 **create_kwargs):
+                 cache_dir: str | Path | None = None, **create_kwargs):
         self.model, self.tokenizer = load_open_clip(model_name, weights_path, sha256=sha256, device=device,
                                                     **create_kwargs)
         self.name = model_name
-        # weights_sha256: hashed once per file version in a process (preprocessing names it by this hash too)
-        self.fingerprint = f"{model_name}@{weights_sha256(weights_path)[:16]}"
+        # weights_sha256: hashed once per file version in a process, and remembered under cache_dir where one is
+        # given (preprocessing names it by this hash too)
+        self.fingerprint = f"{model_name}@{weights_sha256(weights_path, cache_dir)[:16]}"
         self.device = torch.device(device)
         layers = len(self.model.transformer.resblocks)
         if layers < 2:

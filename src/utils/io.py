@@ -167,6 +167,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 #: Where weights_sha256 remembers the checksums it computed, under paths.cache_dir.
 WEIGHTS_SHA256_FILE = "weights_sha256.json"
 _SHA256: dict[tuple, str] = {}  # (resolved path, size, mtime_ns, ctime_ns) -> sha256, for this process
+_STORED: set[tuple[str, tuple]] = set()  # (store, file version) pairs this process found in or wrote to a store
 
 
 def file_version(path: Path) -> tuple:
@@ -183,13 +184,17 @@ def weights_sha256(path: str | os.PathLike, cache_dir: str | os.PathLike | None 
     remembered in this process and, with cache_dir, in cache_dir/weights_sha256.json, so a large file is not read
     again at every launch."""
     version = file_version(Path(path).resolve())
-    if version in _SHA256:
-        return _SHA256[version]
     store = Path(cache_dir) / WEIGHTS_SHA256_FILE if cache_dir is not None else None
+    # Known in this process, and in the store where one is given (a file first hashed without one is written to it).
+    if version in _SHA256 and (store is None or (str(store), version) in _STORED):
+        return _SHA256[version]
     known = read_json_store(store) if store is not None else {}
     sha, entry = file_sha256(path, known)
-    if store is not None and entry is not None and known.get(version[0]) != entry:  # hashed here: remember it
-        update_json_store(store, {version[0]: entry})
+    if store is not None and entry is not None:
+        if known.get(version[0]) != entry:  # hashed here, or in this process only: remember it
+            # Entries of files gone since (a temporary folder's, a deleted model's) are dropped as it is written.
+            update_json_store(store, {version[0]: entry}, keep=os.path.exists)
+        _STORED.add((str(store), version))
     return sha
 
 
@@ -237,13 +242,15 @@ def read_json_store(store: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def update_json_store(store: Path, entries: dict) -> dict | None:
+def update_json_store(store: Path, entries: dict, keep: Callable[[str], bool] | None = None) -> dict | None:
     """Add entries to a cache file of JSON entries, under its lock (jobs of a sweep add entries concurrently);
     returns all its entries, None where it cannot be written (a read-only cache folder costs a recomputation
-    next time, nothing else)."""
+    next time, nothing else). keep: which of the earlier entries' keys to keep (default all)."""
     try:
         with file_lock(store.with_name(f".{store.name}.lock")):
             data = read_json_store(store)
+            if keep is not None:
+                data = {k: v for k, v in data.items() if keep(k)}
             data.update(entries)
             atomic_write_json(store, data, sort_keys=True)
         return data
