@@ -14,7 +14,6 @@ is the sampler, not a model.
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
