@@ -58,6 +58,14 @@ def _eval_count(data: DictConfig) -> int:
     return int(read_meta(data.eval_dir)["count"])
 
 
+def _missing_shards_fix(data: DictConfig, key: str) -> str:
+    """What to do about a shard folder that is not there, naming the setting the user sets: the paper grid derives
+    data.train_dir and data.eval_dir from paths.shards_dir, so a user who gave that one looks for it."""
+    raw = str(data._get_node(key)._value())  # the value as configured, before interpolation
+    setting = "paths.shards_dir" if "paths.shards_dir" in raw else f"data.{key}"
+    return f"write it with python -m src.preprocess (README: Real data), or set {setting} to where it is"
+
+
 def check_data(cfg: DictConfig) -> dict:
     """The data settings, checked without building anything; returns the shapes (DIM_KEYS) the backbone will see, and
     the text tokens' layout (context_length, text_groups) where the data say."""
@@ -83,7 +91,8 @@ def check_data(cfg: DictConfig) -> dict:
             if OmegaConf.is_missing(data, key) or data[key] is None:
                 raise ConfigError(f"data.{key} is not set: a folder of shards (python -m src.preprocess ...)")
             if not (Path(data[key]) / "meta.json").exists():
-                raise ConfigError(f"data.{key}={data[key]}: no webdataset shard folder there (meta.json missing)")
+                raise ConfigError(f"data.{key}={data[key]}: no webdataset shard folder there (meta.json missing); "
+                                  f"{_missing_shards_fix(data, key)}")
         found, where = read_meta(data.train_dir), f"the shards in {data.train_dir}"
         for key in ("train_dir", "eval_dir"):  # a shard cut short fails mid-training, in a reader's traceback
             damaged = damaged_shards(data[key], found if key == "train_dir" else read_meta(data[key]))
