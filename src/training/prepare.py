@@ -346,6 +346,12 @@ def check_values(cfg: DictConfig) -> None:
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(f"{key}={'' if value is None else value}: must be a folder (relative paths are taken "
                               f"from the directory the command is launched in)")
+    # The sweep's folder is <output_dir>/multirun/<sweep_name>: an empty name made multirun/ itself the sweep (its
+    # runs read as sweeps named after the datasets), null a folder "None", and ".." a folder outside multirun/.
+    name = OmegaConf.select(cfg, "sweep_name")
+    if not isinstance(name, str) or not name.strip() or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ConfigError(f"sweep_name={'null' if name is None else name}: must name a folder inside "
+                          f"{cfg.paths.output_dir}/multirun, e.g. sweep_name=lr_study")
     for key, types, ok, allowed in checks:
         value = OmegaConf.select(cfg, key)
         kind = {integer: "an integer", number: "a number", boolean: "a boolean"}[types]
