@@ -558,12 +558,24 @@ def plan_sweep(overrides: Sequence[str], peak_tflops: float = H100_BF16_DENSE_TF
     with _hydra_context():
         base, jobs = expand_jobs(overrides)
         launcher = base.hydra.launcher
+        check_launcher(launcher)
         parallelism = int(launcher.array_parallelism) if launcher.get("array_parallelism") else None
         single = not {"-m", "--multirun"} & set(overrides) and jobs == [list(overrides)]
         jobs, not_launched = (jobs, []) if single else _distinct_runs(jobs)
         planned = [plan_job(i, job, flops_method, single, mfu, gpu) for i, job in enumerate(jobs)]
         _plan_training_waves(base, jobs, planned)
     return Plan(planned, peak_tflops, flops_method, parallelism, not_launched)
+
+
+def check_launcher(launcher: DictConfig) -> None:
+    """A SLURM launcher's values, checked as src.run checks them before it launches (src/launch/submitit.py
+    preflight, without asking the cluster): gpus_per_node=0 or nodes=0 planned jobs of no GPUs (a ZeroDivisionError),
+    a negative array_parallelism an array of no slots (an IndexError)."""
+    if not str(launcher.get("_target_", "")).endswith("SlurmLauncher"):
+        return
+    from src.launch.submitit import check_slurm_params
+
+    check_slurm_params(OmegaConf.to_container(launcher, resolve=True))
 
 
 def _distinct_runs(jobs: list[list[str]]) -> tuple[list[list[str]], list[str]]:

@@ -162,6 +162,31 @@ def test_an_evaluation_split_encoded_otherwise_is_refused_before_training(tmp_pa
         check("other-encoder")
 
 
+def test_a_missing_shard_folder_says_what_to_do_naming_the_setting_the_user_sets(tmp_path):
+    """`python -m src.run +sweep=paper_grid paths.shards_dir=...` before the shards exist: every job's line said
+    only "data.train_dir=.../imagenet-256: no webdataset shard folder there (meta.json missing)", neither how to
+    make one nor that the grid's folders come from paths.shards_dir."""
+    from hydra import compose, initialize_config_module
+
+    from src.config import register_resolvers
+    from src.training.prepare import ConfigError, check_data
+
+    register_resolvers()
+
+    def check(overrides):
+        with initialize_config_module(config_module="conf", version_base="1.3"):
+            check_data(compose(config_name="config", overrides=overrides))
+
+    with pytest.raises(ConfigError, match=rf"^data.train_dir={tmp_path}/imagenet-256: no webdataset shard folder "
+                                          r"there \(meta.json missing\); write it with python -m src.preprocess "
+                                          r"\(README: Real data\), or set paths.shards_dir to where it is$"):
+        check(["+sweep=paper_grid", f"paths.shards_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"meta.json missing\); write it with python -m src.preprocess "
+                                          r"\(README: Real data\), or set data.eval_dir to where it is$"):
+        small_folder(tmp_path / "train", 0)
+        check(["data=shards", f"data.train_dir={tmp_path / 'train'}", f"data.eval_dir={tmp_path / 'none'}"])
+
+
 def test_training_shards_of_non_square_latents_are_refused_in_one_line(tmp_path):
     """meta.json records [H, W] for them; the configuration's latent_size is one side (a TypeError before)."""
     from hydra import compose, initialize_config_module

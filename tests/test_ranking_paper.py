@@ -138,3 +138,16 @@ def test_the_no_comparison_hint_names_only_an_option_that_drops_the_qualifier(en
     assert line.startswith("Paper comparison: none; the paper's recipes are here only as qualified entries")
     assert ("--sampler" in line) == (hint == "--sampler NAME ranks one sampler's records")
     assert hint is None and line.endswith("Table 1.") or hint in line
+
+
+def test_spearman_p_value_of_a_few_recipes_is_exact():
+    """The report printed "all: 1.00 (p=0, 3 recipes)" (scipy's t approximation): 2 of the 6 orderings of three
+    recipes are as extreme, p = 1/3; of four with two swapped (rho 0.8), 8 of the 24 orderings."""
+    three = spearman_vs_paper(frame({"eps/linear": 1.0, "rf": 2.0, "edm/rf": 3.0})).set_index("column")
+    assert three.loc["all", "spearman"] == pytest.approx(1.0) and three.loc["all", "p_value"] == pytest.approx(1 / 3)
+    names = ["rf/lognorm(0.00, 1.00)", "rf/lognorm(1.00, 0.60)", "rf/lognorm(0.50, 0.60)", "rf/mode(1.29)"]
+    four = spearman_vs_paper(frame(dict(zip(names, [1.0, 3.0, 2.0, 4.0])))).set_index("column")
+    assert four.loc["all", "p_value"] == pytest.approx(8 / 24)
+    # Many recipes: scipy's value, which is close there.
+    many = dict(zip(PAPER_TABLE1, range(16)))
+    assert spearman_vs_paper(frame(many)).loc[0, "p_value"] < 1e-6

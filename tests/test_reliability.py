@@ -176,6 +176,11 @@ def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache
     (["logger.wandb.enabled=maybe"], "logger.wandb.enabled=maybe: not allowed; allowed: true, false"),
     (["data.val_samples=100000"], "data.val_samples=100000: the evaluation split holds 297 samples"),
     (["data.in_memory=no"], "data.in_memory=no: must be a boolean (true or false)"),
+    (["fail_fast=no"], "fail_fast=no: must be a boolean (true or false)"),  # was read as true: the sweep stopped
+    (["reuse_training=no"], "reuse_training=no: must be a boolean (true or false)"),  # was read as true: reused
+    # An empty sweep_name made outputs/multirun the sweep's folder; ".." one outside it.
+    (["sweep_name="], "sweep_name=: must name a folder inside "),
+    (["sweep_name=../elsewhere"], "sweep_name=../elsewhere: must name a folder inside "),
     (["trainer.devices=3", "trainer.accelerator=cpu"],  # else found once the three ranks have started
      "data.batch_size=64: the global batch must divide over the 3 ranks (trainer.devices=3 x num_nodes=1); allowed: "
      "multiples of 3"),
@@ -190,7 +195,8 @@ def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache
 ], ids=["loss", "model heads", "model patch", "data name", "data image size", "data shards", "eval n_samples", "eval ema",
         "eval weights", "eval clip model", "train", "optim fused", "optim betas", "optim eps", "optim weight decay",
         "torch threads", "cache dir", "trainer devices", "trainer precision", "trainer half weights",
-        "trainer accelerator", "wandb mode", "wandb enabled", "val samples", "in memory", "batch over ranks",
+        "trainer accelerator", "wandb mode", "wandb enabled", "val samples", "in memory", "fail fast", "reuse training", "sweep name empty", "sweep name outside",
+        "batch over ranks",
         "cond groups range", "cond groups key",
         "sampler", "eval settings",
         "eval ema empty", "inception file"])

@@ -340,6 +340,20 @@ def test_plan_cli_launches_nothing(tmp_path, capsys):
         plan.main([*args, "--utilisation", "0.3"])
 
 
+def test_a_plan_checks_the_slurm_launcher_s_values_as_the_launch_does(tmp_path, capsys):
+    """hydra.launcher.gpus_per_node=0 (or nodes=0) was a ZeroDivisionError traceback from the wall-clock line, a
+    negative array_parallelism an IndexError, and array_parallelism=0 dropped that line: src.run refuses all three."""
+    args = ["+sweep=paper_grid", "loss=paper/rf", f"paths.root_dir={tmp_path}"]
+    for override, line in (
+            ("hydra.launcher.gpus_per_node=0", "hydra.launcher.tasks_per_node=0: not allowed (ranks per node)"),
+            ("hydra.launcher.nodes=0", "hydra.launcher.nodes=0: not allowed (nodes per job)"),
+            ("hydra.launcher.array_parallelism=-3", "hydra.launcher.array_parallelism=-3: not allowed"),
+            ("hydra.launcher.array_parallelism=0", "hydra.launcher.array_parallelism=0: not allowed")):
+        assert plan.main([*args, override]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"plan: ConfigError: {line}") and err.count("\n") == 1, err
+
+
 def test_a_plan_of_shards_without_a_folder_says_so_as_the_job_does(tmp_path, capsys):
     """`python -m src.plan experiment=paper` (data=shards, no data.train_dir): the job's own line, where the plan said
     "plan: MissingMandatoryValue: Missing mandatory value: data.train_dir"."""

@@ -58,6 +58,14 @@ def _eval_count(data: DictConfig) -> int:
     return int(read_meta(data.eval_dir)["count"])
 
 
+def _missing_shards_fix(data: DictConfig, key: str) -> str:
+    """What to do about a shard folder that is not there, naming the setting the user sets: the paper grid derives
+    data.train_dir and data.eval_dir from paths.shards_dir, so a user who gave that one looks for it."""
+    raw = str(data._get_node(key)._value())  # the value as configured, before interpolation
+    setting = "paths.shards_dir" if "paths.shards_dir" in raw else f"data.{key}"
+    return f"write it with python -m src.preprocess (README: Real data), or set {setting} to where it is"
+
+
 def check_data(cfg: DictConfig) -> dict:
     """The data settings, checked without building anything; returns the shapes (DIM_KEYS) the backbone will see, and
     the text tokens' layout (context_length, text_groups) where the data say."""
@@ -83,7 +91,8 @@ def check_data(cfg: DictConfig) -> dict:
             if OmegaConf.is_missing(data, key) or data[key] is None:
                 raise ConfigError(f"data.{key} is not set: a folder of shards (python -m src.preprocess ...)")
             if not (Path(data[key]) / "meta.json").exists():
-                raise ConfigError(f"data.{key}={data[key]}: no webdataset shard folder there (meta.json missing)")
+                raise ConfigError(f"data.{key}={data[key]}: no webdataset shard folder there (meta.json missing); "
+                                  f"{_missing_shards_fix(data, key)}")
         found, where = read_meta(data.train_dir), f"the shards in {data.train_dir}"
         for key in ("train_dir", "eval_dir"):  # a shard cut short fails mid-training, in a reader's traceback
             damaged = damaged_shards(data[key], found if key == "train_dir" else read_meta(data[key]))
@@ -304,7 +313,9 @@ def check_values(cfg: DictConfig) -> None:
     optional = [("torch_threads", integer, lambda v: v >= 1, ">= 1 (or null: torch's default)"),
                 ("data.num_workers", integer, lambda v: v >= 0, ">= 0"),
                 # Lightning clips nothing at <= 0, and takes a string only when it builds the trainer.
-                ("trainer.gradient_clip_val", number, lambda v: 0 < v < math.inf, "> 0 (or null: no clipping)")]
+                ("trainer.gradient_clip_val", number, lambda v: 0 < v < math.inf, "> 0 (or null: no clipping)"),
+                # Read as truth values: fail_fast=no would stop the sweep, reuse_training=no would still reuse.
+                ("fail_fast", boolean, None, "(true or false)"), ("reuse_training", boolean, None, "(true or false)")]
     checks += [c for c in optional if OmegaConf.select(cfg, c[0]) is not None]
     if OmegaConf.select(cfg, "train.cond_dropout") != "auto":
         checks.append(("train.cond_dropout", number, lambda v: 0.0 <= v < 1.0,
@@ -335,6 +346,12 @@ def check_values(cfg: DictConfig) -> None:
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(f"{key}={'' if value is None else value}: must be a folder (relative paths are taken "
                               f"from the directory the command is launched in)")
+    # The sweep's folder is <output_dir>/multirun/<sweep_name>: an empty name made multirun/ itself the sweep (its
+    # runs read as sweeps named after the datasets), null a folder "None", and ".." a folder outside multirun/.
+    name = OmegaConf.select(cfg, "sweep_name")
+    if not isinstance(name, str) or not name.strip() or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ConfigError(f"sweep_name={'null' if name is None else name}: must name a folder inside "
+                          f"{cfg.paths.output_dir}/multirun, e.g. sweep_name=lr_study")
     for key, types, ok, allowed in checks:
         value = OmegaConf.select(cfg, key)
         kind = {integer: "an integer", number: "a number", boolean: "a boolean"}[types]
