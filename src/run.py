@@ -85,6 +85,9 @@ def _job(cfg: DictConfig) -> dict | None:
         prepare_job(cfg, run_dir, multirun)
         # The lock next: a job already running in this directory keeps its files (error.json included).
         with run_dir_lock(run_dir), run_log(run_dir):
+            if multirun:  # this launch runs here: an earlier one's refusal is no longer the job's latest word, and a
+                # kill from here on would leave it in the report as if this launch had not run
+                clear_sweep_failure(HydraConfig.get().sweep.dir, job_name(cfg))
             finished = run_finished(cfg, run_dir)
             if not finished:  # the launch's record first, so that a crash mid-training leaves it
                 error_file.unlink(missing_ok=True)
@@ -104,8 +107,6 @@ def _job(cfg: DictConfig) -> dict | None:
             if finished:
                 error_file.unlink(missing_ok=True)
                 save_job_config(run_dir, launched)
-        if multirun:
-            clear_sweep_failure(HydraConfig.get().sweep.dir, job_name(cfg))
         return result
     except Exception as e:
         name = job_name(cfg)

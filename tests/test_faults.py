@@ -532,6 +532,37 @@ def test_entry_point_leaves_a_busy_run_directory_alone(tmp_path, monkeypatch):
     assert failures.FAILED[0][1].startswith("RunDirBusy:")
 
 
+def test_a_job_that_runs_clears_an_earlier_refusal_before_it_works(tmp_path, cache_dir, monkeypatch):
+    """failures.json names a launch refused earlier (busy); the next launch that runs the job clears the entry once
+    it holds the directory, not at its end: killed half-way, the report would say its latest launch never ran."""
+    from src import run
+    from src.training import job
+
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[*TINY, f"paths.cache_dir={cache_dir}"],
+                      return_hydra_config=True)
+    sweep = tmp_path / "sweep"
+    with open_dict(cfg):
+        cfg.hydra.mode = "MULTIRUN"
+        cfg.hydra.sweep.dir = str(sweep)
+        cfg.hydra.runtime.output_dir = str(sweep / "digits/rf_lognorm_0.00_1.00")
+    failures.record_sweep_failure(sweep, "digits/rf_lognorm_0.00_1.00", "RunDirBusy: in use by another job")
+    seen = []
+
+    def killed(cfg, run_dir):  # what failures.json says while the job works: a kill leaves that
+        seen.append(failures.read_sweep_failures(sweep))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(job, "run_job", killed)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run._job(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert seen == [{}] and failures.read_sweep_failures(sweep) == {}
+
+
 # ---- never Lightning's re-launch inside a multirun ------------------------------------------------------------------
 @pytest.mark.parametrize(
     "strategy, devices, multirun, slurm, refused",

@@ -534,6 +534,42 @@ def test_read_metrics_joins_attempts():
     assert log.dropna(subset=["eval/fid"])["step"].tolist() == [3]
 
 
+def test_metrics_csv_after_a_row_cut_short_by_a_kill(tmp_path):
+    """kill -9 during an append leaves a row without its newline: the resumed attempt's rows start on a line of
+    their own (the cut row is dropped), so read_metrics still reads the file."""
+    from src.training.metrics_log import ResumableCSVLogger, read_metrics
+
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv/metrics.csv").write_text("attempt,epoch,step,train/loss\n0,0,0,0.9\n0,0,1,0.8\n0,0,2,0.7")
+    logger = ResumableCSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    logger.log_metrics({"train/loss": 0.75}, step=2)
+    logger.save()
+    log = read_metrics(tmp_path)
+    assert log[["step", "attempt", "train/loss"]].values.tolist() == [[0, 0, 0.9], [1, 0, 0.8], [2, 1, 0.75]]
+
+
+def test_metrics_csv_rewrite_for_a_new_column_is_atomic(tmp_path, monkeypatch):
+    """A new column (the evaluation's metrics after training) rewrites metrics.csv: a write that fails (or is killed)
+    half-way leaves the earlier rows, not a truncated file."""
+    import csv
+
+    from src.training.metrics_log import ResumableCSVLogger
+
+    (tmp_path / "csv").mkdir()
+    before = "attempt,epoch,step,train/loss\n0,0,0,0.9\n0,0,1,0.8\n"
+    (tmp_path / "csv/metrics.csv").write_text(before)
+    logger = ResumableCSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    logger.log_metrics({"eval/fid": 3.0}, step=1)
+
+    def killed(self, rows):
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", killed)
+    with pytest.raises(KeyboardInterrupt):
+        logger.save()
+    assert (tmp_path / "csv/metrics.csv").read_text() == before
+
+
 # ---- temp files of interrupted writes -------------------------------------------------------------------------
 KILLED_WRITE = """
 import os, signal, sys

@@ -114,6 +114,20 @@ def test_a_rewrite_without_the_bootstrap_leaves_no_earlier_separability_or_sampl
     assert (out / "notes.txt").exists() and (out / "ranks.csv").exists()
 
 
+def test_a_rewrite_removes_the_temp_files_of_a_killed_report(sweep, tmp_path):
+    """kill -9 while report.html was written leaves its temp file (as large as the page); the next report removes
+    it (it holds the folder's lock: no other report is writing there). Other hidden files stay."""
+    from src.ranking.report import write_report
+
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / ".report.html.k1ll3d_x.tmp").write_bytes(b"<html>half a page")
+    (out / ".ranks.csv.0123456789abcdef0123456789abcdef.tmp").write_text("recipe")
+    (out / ".notes.tmp").write_text("the user's")
+    write_report(build_report([sweep], draws=0), out)
+    assert sorted(p.name for p in out.glob(".*tmp")) == [".notes.tmp"] and (out / "report.html").exists()
+
+
 def test_no_results_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "empty" / "0" / ".hydra").mkdir(parents=True)
     (tmp_path / "empty" / "0" / ".hydra" / "config.yaml").write_text("a: 1\n")

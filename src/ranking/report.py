@@ -33,7 +33,7 @@ from src.ranking.paper import COLUMNS, PAPER_TABLE1, paper_name, paper_ranks, sp
 from src.ranking.samples import sample_figures
 from src.ranking.plots import plot_average_ranks, plot_metrics_vs_steps, plot_pareto_fronts, save_figure
 from src.ranking.tables import Table, fmt
-from src.utils.io import atomic_write_bytes
+from src.utils.io import atomic_write_bytes, file_lock, is_temp_name
 
 DEFAULT_MULTIRUN = Path("outputs/multirun")
 DEFAULT_REPORTS = Path("reports")
@@ -595,10 +595,23 @@ def first_seed_records(records: pd.DataFrame) -> pd.DataFrame:
     return by_seed.sort_values(["entry", "_seed"], kind="stable").drop_duplicates(
         ["entry", "dataset", "setting", "ema"]).drop(columns="_seed").assign(recipe=lambda r: r["entry"])
 
+#: Held while a report is written into its folder: two reports of one sweep at once would mix their files.
+REPORT_LOCK = ".report.lock"
+
+
 def write_report(report: RankReport, out_dir: Path | str) -> dict[str, Path]:
     """Write the Markdown, HTML, CSV and PNG outputs into out_dir; returns name -> path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    with file_lock(out / REPORT_LOCK):
+        # Under the lock no other report writes here: a temp file is one a killed report left (report.html's can be
+        # many MB at the paper's scale), which nothing else would ever remove.
+        for stale in [f for f in out.iterdir() if is_temp_name(f.name)]:
+            stale.unlink(missing_ok=True)
+        return _write_outputs(report, out)
+
+
+def _write_outputs(report: RankReport, out: Path) -> dict[str, Path]:
     figures = {
         "Pareto fronts per control setting": (plot_pareto_fronts(report.ranked), "pareto_fronts.png"),
         "Average rank": (plot_average_ranks(report.table), "average_ranks.png"),

@@ -10,12 +10,15 @@ logged it, which gives the curve of the run as if it had never stopped.
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 
 import pandas as pd
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from src.utils.io import atomic_write_bytes
 
 METRICS_FILE = "metrics.csv"
 ATTEMPT = "attempt"
@@ -27,6 +30,7 @@ class _AppendingWriter(ExperimentWriter):
     def __init__(self, log_dir: str) -> None:
         super().__init__(log_dir)
         self.attempt = 0
+        _drop_partial_row(self.metrics_file_path)
         if os.path.isfile(self.metrics_file_path):
             with open(self.metrics_file_path, newline="") as f:
                 reader = csv.DictReader(f)
@@ -39,6 +43,32 @@ class _AppendingWriter(ExperimentWriter):
 
     def log_metrics(self, metrics_dict: dict, step: int | None = None) -> None:
         super().log_metrics({**metrics_dict, ATTEMPT: self.attempt}, step)
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        # Lightning's truncates the file, then writes it again: a kill in between lost every attempt's rows.
+        with open(self.metrics_file_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_bytes(self.metrics_file_path, text.getvalue().encode("utf-8"))
+
+
+def _drop_partial_row(path: str) -> None:
+    """Cut the row a kill left half-written at the end of metrics.csv (no newline): the next attempt's first row
+    would run on from it, a row of too many fields that read_metrics cannot parse. A file without a whole header
+    line is removed (the next attempt writes one)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return
+        keep = data.rfind(b"\n") + 1
+        f.truncate(keep)
+    if keep == 0:
+        os.remove(path)
 
 
 class ResumableCSVLogger(CSVLogger):
