@@ -128,6 +128,34 @@ def test_a_rewrite_removes_the_temp_files_of_a_killed_report(sweep, tmp_path):
     assert sorted(p.name for p in out.glob(".*tmp")) == [".notes.tmp"] and (out / "report.html").exists()
 
 
+def test_a_report_killed_part_way_leaves_none_of_the_earlier_report_beside_its_files(sweep, tmp_path, monkeypatch):
+    """The previous report's files are removed before this one's are written (after it is computed): a kill midway
+    left this report's figures and CSVs beside the earlier report.md and report.html, read as current. Every file
+    a report writes is one REPORT_FILES names (or a sample sheet), so none is left out of that removal."""
+    from src.ranking import report as report_module
+    from src.ranking.report import REPORT_FILES, write_report
+
+    out = tmp_path / "report"
+    built = build_report([sweep], draws=30)
+    paths = write_report(built, out)
+    sheets = {p.name for p in paths.values() if p.name.startswith(("samples_", "steps_cfg_"))}
+    assert {p.name for p in paths.values()} == set(REPORT_FILES) | sheets
+    (out / "notes.txt").write_text("the user's")
+    real = report_module._write_text
+
+    def killed_at_the_csvs(path, text):
+        if path.name == "fronts.csv":
+            raise KeyboardInterrupt
+        return real(path, text)
+
+    monkeypatch.setattr(report_module, "_write_text", killed_at_the_csvs)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(build_report([sweep], draws=0), out)
+    left = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+    assert left == {"notes.txt", "pareto_fronts.png", "average_ranks.png", "metrics_vs_steps.png", "ranks.csv"} | \
+        sheets  # this report's, up to the kill: no report.md, report.html or separability.csv of the earlier one
+
+
 def test_no_results_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "empty" / "0" / ".hydra").mkdir(parents=True)
     (tmp_path / "empty" / "0" / ".hydra" / "config.yaml").write_text("a: 1\n")

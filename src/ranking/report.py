@@ -608,7 +608,23 @@ def write_report(report: RankReport, out_dir: Path | str) -> dict[str, Path]:
         # many MB at the paper's scale), which nothing else would ever remove.
         for stale in [f for f in out.iterdir() if is_temp_name(f.name)]:
             stale.unlink(missing_ok=True)
+        # The report before this one goes first (this one is computed: a refusal came earlier and changed nothing):
+        # a write killed part-way then leaves some of this report's files, never new ones beside old ones.
+        for previous in report_outputs(out):
+            previous.unlink(missing_ok=True)
         return _write_outputs(report, out)
+
+
+#: The files a report writes (besides the sample sheets, samples_*.png and steps_cfg_*.png), report.html last.
+REPORT_FILES = ("pareto_fronts.png", "average_ranks.png", "metrics_vs_steps.png", "ranks.csv", "fronts.csv",
+                "records.csv", "runs.csv", "spearman.csv", "table2.csv", "separability.csv", "report.md",
+                "report.html")
+
+
+def report_outputs(out: Path) -> list[Path]:
+    """The files of a report in out: its own names only (anything else there is left alone)."""
+    sheets = [f for pattern in ("samples_*.png", "steps_cfg_*.png") for f in sorted(out.glob(pattern))]
+    return [out / name for name in REPORT_FILES if (out / name).is_file()] + sheets
 
 
 def _write_outputs(report: RankReport, out: Path) -> dict[str, Path]:
@@ -639,12 +655,6 @@ def _write_outputs(report: RankReport, out: Path) -> dict[str, Path]:
         paths[name] = _write_text(out / f"{name}.csv", frame.to_csv(index=False))
     paths["report_md"] = _write_text(out / "report.md", markdown(report, figures))
     paths["report_html"] = _write_text(out / "report.html", html_page(report, figures))
-    # A report written here before (with the bootstrap on, or other sample sheets) must not leave its files beside
-    # this one's as if they were current: only outputs of this function's own names are removed.
-    written = {Path(p).name for p in paths.values()}
-    for stale in ["separability.csv", *(f.name for g in ("samples_*.png", "steps_cfg_*.png") for f in out.glob(g))]:
-        if stale not in written:
-            (out / stale).unlink(missing_ok=True)
     return paths
 
 
