@@ -57,7 +57,10 @@ def test_failing_jobs_are_recorded_and_the_sweep_goes_on(tmp_path, cache_dir):
     assert out.returncode == 1, out.stderr[-3000:]
     summary = out.stderr[out.stderr.index("3 job(s) failed:"):]
     assert "digits/rf_lognorm_0.00_1.00/lr1e+30: FloatingPointError: training loss is" in summary
-    assert summary.count("ConfigError: loss: rf_lognorm: s=-1 is not allowed") == 2
+    # The two jobs refused alike: one line naming both.
+    assert summary.count("ConfigError: loss: rf_lognorm: s=-1 is not allowed") == 1
+    refused = "digits/loss=rf_lognorm,loss.s=-1/optim.lr="
+    assert f"  2 jobs ({refused}0.001, {refused}1e+30): ConfigError: loss: rf_lognorm: s=-1 is not allowed" in summary
 
     sweep = tmp_path / "outputs" / "multirun" / "faults"
     good, diverged = sweep / "digits/rf_lognorm_0.00_1.00/lr0.001", sweep / "digits/rf_lognorm_0.00_1.00/lr1e+30"

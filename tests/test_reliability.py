@@ -195,7 +195,8 @@ def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache
 ], ids=["loss", "model heads", "model patch", "data name", "data image size", "data shards", "eval n_samples", "eval ema",
         "eval weights", "eval clip model", "train", "optim fused", "optim betas", "optim eps", "optim weight decay",
         "torch threads", "cache dir", "trainer devices", "trainer precision", "trainer half weights",
-        "trainer accelerator", "wandb mode", "wandb enabled", "val samples", "in memory", "fail fast", "reuse training", "sweep name empty", "sweep name outside",
+        "trainer accelerator", "wandb mode", "wandb enabled", "val samples", "in memory", "fail fast", "reuse training",
+        "sweep name empty", "sweep name outside",
         "batch over ranks",
         "cond groups range", "cond groups key",
         "sampler", "eval settings",
@@ -351,6 +352,18 @@ def test_a_key_added_with_plus_is_a_typo_not_a_silent_no_op(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_jobs_that_failed_alike_are_one_line_of_the_summary():
+    """The paper grid without its data printed 244 lines (a refusal and a summary line per job) for two causes."""
+    from src.launch.failures import grouped
+
+    cc12m = [("cc12m/rf", "ValueError: other"), ("cc12m/edm", "ConfigError: no cc12m"),
+             ("cc12m/eps", "ConfigError: no cc12m")]
+    failures = [(f"imagenet/r{i}", "ConfigError: no imagenet") for i in range(5)] + cc12m
+    assert grouped(failures) == ["5 jobs (imagenet/r0, imagenet/r1, imagenet/r2 and 2 more): ConfigError: no imagenet",
+                                 "cc12m/rf: ValueError: other", "2 jobs (cc12m/edm, cc12m/eps): ConfigError: no cc12m"]
+    assert grouped([("a", "E: x")]) == ["a: E: x"] and grouped([]) == []
+
+
 def test_sweep_with_config_errors_launches_none_of_them(tmp_path):
     """Every job is checked before the first is launched: invalid jobs get no directory, the data are not built."""
     out = cli(["-m", f"paths.root_dir={tmp_path}", "sweep_name=bad", "loss=rf_lognorm", "loss.s=-1,-2",
@@ -361,11 +374,13 @@ def test_sweep_with_config_errors_launches_none_of_them(tmp_path):
     assert not (tmp_path / "outputs").exists()  # refused whole: no sweep directory, no multirun.yaml, no failures.json
     assert not (tmp_path / ".cache").exists()
     # Hydra's own default run directory, the job's number, is set only at launch (and names a run by its place in
-    # the sweep): refused in one line per job, not a traceback.
+    # the sweep): refused in one line for the jobs refused alike, not a traceback.
     out = cli(["-m", f"paths.root_dir={tmp_path}", "loss=rf,edm", "hydra.sweep.subdir=${hydra.job.num}"])
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert out.stderr.count("ConfigError: hydra.sweep.subdir=${hydra.job.num}: does not resolve before the job is "
-                            "launched") == 2
+                            "launched") == 1
+    assert "2 job(s) failed:\n  2 jobs (digits/rf, digits/edm_-1.20_1.20): ConfigError: hydra.sweep.subdir=" in \
+        out.stderr
     assert not (tmp_path / "outputs").exists()
 
 

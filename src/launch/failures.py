@@ -30,9 +30,27 @@ def summary() -> str:
     """The failure summary; empty when every job succeeded."""
     if not FAILED:
         return ""
-    lines = [f"{len(FAILED)} job(s) failed:"]
-    lines += [f"  {name}: {err}" for name, err in FAILED]
-    return "\n".join(lines)
+    return "\n".join([f"{len(FAILED)} job(s) failed:", *(f"  {line}" for line in grouped(FAILED))])
+
+
+NAMES_SHOWN = 3  # job names a line of several jobs failing alike spells out
+
+
+def grouped(failures: list[tuple[str, str]]) -> list[str]:
+    """`name: error` per failed job, in order, jobs that failed with the same error in one line (`61 jobs
+    (imagenet/rf, imagenet/edm, imagenet/eps_linear and 58 more): error`): the paper grid without its data is one
+    cause, not 122 lines."""
+    by_error: dict[str, list[str]] = {}
+    for name, error in failures:
+        by_error.setdefault(error, []).append(name)
+    lines = []
+    for error, names in by_error.items():
+        if len(names) == 1:
+            lines.append(f"{names[0]}: {error}")
+            continue
+        more = f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else ""
+        lines.append(f"{len(names)} jobs ({', '.join(names[:NAMES_SHOWN])}{more}): {error}")
+    return lines
 
 
 SWEEP_FAILURES = "failures.json"

@@ -28,7 +28,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import ConfigError
-from src.launch.failures import forget_nameless_failures, one_line, record_failure, record_sweep_failure
+from src.launch.failures import forget_nameless_failures, grouped, one_line, record_failure, record_sweep_failure
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,6 @@ def check_sweep_jobs(config_loader, sweep_config: DictConfig, batches: list[list
                     if twin is not None:
                         shown = f"{job_name(job_cfg, overrides)} [{twin.apart}]"
                         invalid.append((None, shown, twin.line))  # a stand-in name: the twin's run clears no entry
-                        log.error("not launched: %s: %s", shown, twin.line)
                         record_failure(shown, twin.line)
                         continue
                     valid.append(overrides)
@@ -268,12 +267,13 @@ def check_sweep_jobs(config_loader, sweep_config: DictConfig, batches: list[list
                     continue
                 name, line = job_name(job_cfg, overrides), one_line(error)
                 invalid.append((run_name(job_cfg), name, line))
-                log.error("not launched: %s: %s", name, line)
                 record_failure(name, line)
             if valid:
                 kept.append(valid)
     finally:
         HydraConfig.instance().cfg = previous
+    for line in grouped([(shown, error) for _, shown, error in invalid]):  # jobs refused alike: one line
+        log.error("not launched: %s", line)
     if invalid and sweep_config.get("fail_fast"):
         log.error("fail_fast: %d job(s) have configuration errors; launching none", len(invalid))
         return []
