@@ -178,6 +178,7 @@ def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache
     (["data.in_memory=no"], "data.in_memory=no: must be a boolean (true or false)"),
     (["fail_fast=no"], "fail_fast=no: must be a boolean (true or false)"),  # was read as true: the sweep stopped
     (["reuse_training=no"], "reuse_training=no: must be a boolean (true or false)"),  # was read as true: reused
+    (["verbose=no"], "verbose=no: must be a boolean (true or false)"),  # was read as true: library lines shown
     # An empty sweep_name made outputs/multirun the sweep's folder; ".." one outside it.
     (["sweep_name="], "sweep_name=: must name a folder inside "),
     (["sweep_name=../elsewhere"], "sweep_name=../elsewhere: must name a folder inside "),
@@ -196,7 +197,7 @@ def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache
         "eval weights", "eval clip model", "train", "optim fused", "optim betas", "optim eps", "optim weight decay",
         "torch threads", "cache dir", "trainer devices", "trainer precision", "trainer half weights",
         "trainer accelerator", "wandb mode", "wandb enabled", "val samples", "in memory", "fail fast", "reuse training",
-        "sweep name empty", "sweep name outside",
+        "verbose", "sweep name empty", "sweep name outside",
         "batch over ranks",
         "cond groups range", "cond groups key",
         "sampler", "eval settings",

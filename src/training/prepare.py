@@ -315,7 +315,8 @@ def check_values(cfg: DictConfig) -> None:
                 # Lightning clips nothing at <= 0, and takes a string only when it builds the trainer.
                 ("trainer.gradient_clip_val", number, lambda v: 0 < v < math.inf, "> 0 (or null: no clipping)"),
                 # Read as truth values: fail_fast=no would stop the sweep, reuse_training=no would still reuse.
-                ("fail_fast", boolean, None, "(true or false)"), ("reuse_training", boolean, None, "(true or false)")]
+                ("fail_fast", boolean, None, "(true or false)"), ("reuse_training", boolean, None, "(true or false)"),
+                ("verbose", boolean, None, "(true or false)")]
     checks += [c for c in optional if OmegaConf.select(cfg, c[0]) is not None]
     if OmegaConf.select(cfg, "train.cond_dropout") != "auto":
         checks.append(("train.cond_dropout", number, lambda v: 0.0 <= v < 1.0,
