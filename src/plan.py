@@ -696,9 +696,10 @@ def render(plan: Plan, root: Path | None = None) -> str:
     rates = sorted({j.mfu for j in plan.jobs})
     utilisation = f"{rates[0]:.0%} utilisation" if len(rates) == 1 else \
         f"each job's utilisation ({rates[0]:.0%} to {rates[-1]:.0%})"
+    done = len(plan.jobs) - len(left) - len(refused) - len(blocked)
     lines += [
         "",
-        f"{len(plan.jobs)} jobs ({len(left)} to run; done: {len(plan.jobs) - len(left) - len(refused) - len(blocked)}"
+        f"{len(plan.jobs)} job{'s' * (len(plan.jobs) != 1)} ({len(left)} to run; done: {done}"
         f"{f'; refused: {len(refused)}' if refused else ''}{f'; blocked: {len(blocked)}' if blocked else ''}). "
         f"FLOPs ({'counted on the meta device' if plan.flops_method == 'count' else '6NT rule + attention'}): "
         f"training {_si(train)}, validation + evaluation {_si(extra)}.",
@@ -713,7 +714,7 @@ def render(plan: Plan, root: Path | None = None) -> str:
             waves.setdefault(j.wave, []).append(j)
         wall = sum(_array_hours([plan.job_hours(j, j.flops_left) / gpus for j in wave], plan.parallelism)
                    for wave in waves.values())
-        lines.append(f"Wall clock with {at_once} jobs of {gpus} GPU(s) at once (array_parallelism)"
+        lines.append(f"Wall clock with {at_once} job{'s' * (at_once != 1)} of {gpus} GPU(s) at once (array_parallelism)"
                      f"{f', in {len(waves)} waves' if len(waves) > 1 else ''}: about {wall:.3g} h.")
     if refused:
         lines.append(f"Refused by a relaunch, not in 'still to run' (jobs {', '.join(str(j.index) for j in refused)}): "

@@ -198,7 +198,7 @@ def test_plan_wall_clock_divides_a_jobs_gpu_hours_over_its_gpus():
                        train_flops=4 * 3600 * 50e12, eval_flops=0.0, status="new", mfu=0.5, mfu_source="given")
     p = plan.Plan([job], peak_tflops=100, flops_method="count", parallelism=2)
     assert p.job_hours(job, job.flops_left) == pytest.approx(4.0)  # 4 GPU-hours on 4 GPUs at once: 1 h
-    assert "Wall clock with 1 jobs of 4 GPU(s) at once (array_parallelism): about 1 h." in plan.render(p)
+    assert "Wall clock with 1 job of 4 GPU(s) at once (array_parallelism): about 1 h." in plan.render(p)
 
 
 def test_plan_status_reads_run_directories(tmp_path):
@@ -606,7 +606,7 @@ def test_plan_launches_a_run_directory_once(tmp_path, capsys):
     recipe would share their directory with other settings: refused. The plan says both, as the sweeper does."""
     assert plan.main(["-m", *SAME_DIR, f"paths.root_dir={tmp_path}", *FAKE_SHARDS, "--mfu", "0.3"]) == 0
     out = capsys.readouterr().out
-    assert "1 jobs (1 to run" in out
+    assert "1 job (1 to run" in out
     assert "Not launched: fake/same: loss.m=0.0 is the same run as loss.m=0 (equal settings): launched once." in out
     assert ("Not launched: loss.m=0.5: run directory fake/same is also that of the job with loss.m=0, whose settings "
             "differ (loss.m); run_name must tell the jobs apart") in out
