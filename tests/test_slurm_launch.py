@@ -102,6 +102,10 @@ def sweep(tmp_path: Path, path: str, *args: str) -> subprocess.CompletedProcess:
     pytest.param("exit 0", ["hydra.launcher.timeout_min=0"],
                  "ConfigError: hydra.launcher.timeout_min=0: not allowed (minutes per submission); allowed: an "
                  "integer >= 1", id="value"),
+    pytest.param("exit 0", ['hydra.launcher.setup=["if then"]'],
+                 "ConfigError: hydra.launcher.setup=['if then']: not valid shell (line 1: syntax error near unexpected "
+                 "token `then'; line 1: `if then'); allowed: lines of a bash script, run in order before srun",
+                 id="setup"),
     pytest.param(None, [],  # no SLURM commands on PATH at all
                  "LaunchError: sbatch and srun not found on PATH: hydra/launcher=slurm submits the sweep with SLURM's "
                  "commands, so launch it on a machine of the cluster (a login node), or run it here with "
@@ -489,3 +493,14 @@ def test_a_refusal_of_node_sizes_shows_the_nodes_of_the_partition_asked_for(monk
     assert asked == ["gpu"] and str(error).endswith("; the nodes: gpu: 2 node(s) of 8 CPUs")
     assert str(launch.sbatch_refusal(PARAMS, "\n")) == "hydra.launcher: refused by SLURM (no message); the nodes: " \
                                                         "None: 2 node(s) of 8 CPUs"
+
+
+def test_setup_lines_that_are_not_shell_are_refused():
+    """sbatch --test-only does not parse the script: `setup=["if then"]` queued every job of the sweep, each to fail at
+    its start without a result (a syntax error in SLURM's log) and the sweep directory written."""
+    with pytest.raises(ConfigError, match=r"^hydra.launcher.setup=\['if then'\]: not valid shell \(.*syntax error"):
+        launch.check_slurm_params({**PARAMS, "setup": ["if then"]})
+    with pytest.raises(ConfigError, match="unexpected EOF"):
+        launch.check_slurm_params({**PARAMS, "setup": ["echo 'unclosed"]})
+    launch.check_slurm_params({**PARAMS, "setup": ["module load cuda", "if true; then", "echo ok", "fi"]})
+    launch.check_slurm_params({**PARAMS, "setup": None})

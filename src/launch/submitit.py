@@ -381,6 +381,24 @@ def check_slurm_params(params: dict) -> None:
                           f"hydra.launcher.timeout_min={params['timeout_min']}: the time-out signal would come before "
                           "the job trains a step (each submission would checkpoint and requeue at once); allowed: "
                           f"signal_delay_s < 60 x timeout_min = {60 * params['timeout_min']}")
+    check_setup(params.get("setup"))
+
+
+def check_setup(setup) -> None:
+    """ConfigError for `setup` lines that are not valid shell: sbatch --test-only does not parse the script, so every
+    job of the sweep would queue, then fail at its start with no result (SLURM's log: `syntax error near ...`)."""
+    lines = [str(line) for line in setup or ()]
+    if not lines:
+        return
+    try:
+        out = subprocess.run(["bash", "-n"], input="\n".join(lines) + "\n", capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.TimeoutExpired):  # no bash here to ask: the cluster's runs the script as it is
+        return
+    if out.returncode != 0:
+        said = "; ".join(line.strip().removeprefix("bash: ") for line in out.stderr.splitlines() if line.strip())
+        raise ConfigError(f"hydra.launcher.setup={lines}: not valid shell ({said}); allowed: lines of a bash script, "
+                          "run in order before srun")
 
 
 #: sbatch's refusals (a piece of its message, lower case) and the launcher settings each is about; None: no setting.
