@@ -391,6 +391,38 @@ def test_several_tasks_per_run_need_a_trainer_with_ranks(overrides, refused):
         check_ranks_for_launcher(single)  # a single run: the launcher is not used
 
 
+def test_a_lost_job_whose_run_a_relaunch_submitted_again_writes_nothing_there(monkeypatch, tmp_path):
+    """scancel of a running job, then the same command again at once: the relaunch's job trains in the run directory
+    while the first launch still waits out the cancelled one, whose JobLost error.json was then written there, left
+    beside the new job's results: the rank report called the finished run failed. The first launch's summary still
+    names the lost job; its files say nothing once slurm_jobs.json names a later job for the run."""
+    from types import SimpleNamespace
+
+    from src.launch import failures
+    from src.launch.planned import record_planned_jobs
+
+    class Killed:
+        job_id = "136_0"
+
+    sweep_dir = tmp_path / "sweep"
+    record_planned_jobs(sweep_dir, {"digits/rf": {"run_dir": "digits/rf", "overrides": ["loss=paper/rf"]}})
+    run_dir = sweep_dir / "digits/rf"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra/config.yaml").write_text("seed: 0\n")
+    launch.record_slurm_jobs(sweep_dir, {"digits/rf": "136_0"})
+    launch.record_slurm_jobs(sweep_dir, {"digits/rf": "140"})  # the relaunch's job, training in run_dir now
+    monkeypatch.setattr(launch, "wait_for", lambda job: "CANCELLED")
+    monkeypatch.setattr(failures, "FAILED", [])
+    launcher = SimpleNamespace(config=OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}}}))
+    launch.CollectingSubmititLauncher._collect(launcher, Killed(), ["loss=paper/rf"], lambda o: "digits/rf")
+    assert [name for name, _ in failures.FAILED] == ["digits/rf"]
+    assert not (run_dir / "error.json").exists() and not (sweep_dir / "failures.json").exists()
+
+    launch.record_slurm_jobs(sweep_dir, {"digits/rf": "136_0"})  # the run's latest job: recorded as before
+    launch.CollectingSubmititLauncher._collect(launcher, Killed(), ["loss=paper/rf"], lambda o: "digits/rf")
+    assert '"type": "JobLost"' in (run_dir / "error.json").read_text()
+
+
 # ---- a relaunch while the earlier launch's jobs are queued -----------------------------------------------------------
 def test_runs_whose_earlier_job_has_not_ended_are_found(monkeypatch, tmp_path):
     """Relaunching a sweep whose jobs are still queued submitted every job again: the second copies waited in the

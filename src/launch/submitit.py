@@ -174,7 +174,7 @@ class CollectingSubmititLauncher(base.BaseSubmititLauncher):
             failed = name()
             record_failure(failed, error)
             if self is not None:
-                record_lost_job(self.config.hydra.sweep.dir, failed, error)
+                record_lost_job(self.config.hydra.sweep.dir, failed, error, str(job.job_id))
             return JobReturn(overrides=overrides, status=JobStatus.COMPLETED,
                              _return_value={"failed": True, "run_name": failed, "error": error})
         if ret.status == JobStatus.FAILED:  # the task raised: only with fail_fast=true; the sweeper re-raises
@@ -186,11 +186,14 @@ class CollectingSubmititLauncher(base.BaseSubmititLauncher):
         return ret
 
 
-def record_lost_job(sweep_dir: str | os.PathLike, name: str, error: str) -> None:
+def record_lost_job(sweep_dir: str | os.PathLike, name: str, error: str, job_id: str | None = None) -> None:
     """Where the rank report finds a job the scheduler ended without a result (cancelled, out of memory, node
     failure), so that it says why rather than "running or killed": the error.json of a run directory without results
     (the job's rerun removes it, as it does its own); else, for a job that never made its directory or a run whose
-    results stay as they were, the sweep's failures.json (cleared once the job runs)."""
+    results stay as they were, the sweep's failures.json (cleared once the job runs). Nothing when a later launch
+    has submitted the run again (resubmitted): its job may be training there and records its own outcome."""
+    if job_id is not None and resubmitted(sweep_dir, name, job_id):
+        return
     try:
         job = read_planned_jobs(sweep_dir).get(name)
     except DamagedSweepFile:
@@ -213,6 +216,19 @@ SLURM_JOBS = "slurm_jobs.json"
 #: States of a job that has not ended (will run, runs, or is being requeued).
 LIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
                "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "SUSPENDED"}
+
+
+def resubmitted(sweep_dir: str | os.PathLike, name: str, job_id: str) -> bool:
+    """Whether slurm_jobs.json names another SLURM job than job_id for the run: a relaunch (after a scancel, say)
+    submitted it again while this launcher still waited for job_id. Its error.json, written now, would be left beside
+    the new job's results, and the run reported failed."""
+    from src.launch.sweep_files import read_sweep_file
+
+    try:
+        latest = read_sweep_file(Path(sweep_dir) / SLURM_JOBS).get(name)
+    except ValueError:  # damaged: nothing known, record as before
+        return False
+    return latest is not None and str(latest) != str(job_id)
 
 
 def record_slurm_jobs(sweep_dir: str | os.PathLike, ids: dict[str, str]) -> None:
