@@ -423,6 +423,23 @@ def test_a_lost_job_whose_run_a_relaunch_submitted_again_writes_nothing_there(mo
     assert '"type": "JobLost"' in (run_dir / "error.json").read_text()
 
 
+def test_the_console_says_which_slurm_job_runs_the_sweep(monkeypatch, tmp_path, caplog):
+    """The launcher's line for the submitted batch was INFO, which the console filter keeps for the log file: a SLURM
+    sweep said nothing while it waited (hours), neither the job id to scancel nor where the jobs' output goes."""
+    import logging
+    from types import SimpleNamespace
+
+    from src.utils.progress import ConsoleFilter
+
+    jobs = [SimpleNamespace(job_id="45_0"), SimpleNamespace(job_id="45_1")]
+    with caplog.at_level(logging.INFO):
+        launch.say_submitted(jobs, tmp_path)
+    [record] = caplog.records
+    assert ConsoleFilter().filter(record)
+    assert record.getMessage() == f"submitted 2 job(s) as SLURM job 45; their output: {tmp_path}/.submitit/<job " \
+                                  "id>/, each run's log: <run dir>/run.log"
+
+
 # ---- a relaunch while the earlier launch's jobs are queued -----------------------------------------------------------
 def test_runs_whose_earlier_job_has_not_ended_are_found(monkeypatch, tmp_path):
     """Relaunching a sweep whose jobs are still queued submitted every job again: the second copies waited in the
