@@ -102,6 +102,10 @@ def sweep(tmp_path: Path, path: str, *args: str) -> subprocess.CompletedProcess:
     pytest.param("exit 0", ["hydra.launcher.timeout_min=0"],
                  "ConfigError: hydra.launcher.timeout_min=0: not allowed (minutes per submission); allowed: an "
                  "integer >= 1", id="value"),
+    pytest.param("exit 0", ['hydra.launcher.setup=["if then"]'],
+                 "ConfigError: hydra.launcher.setup=['if then']: not valid shell (line 1: syntax error near unexpected "
+                 "token `then'; line 1: `if then'); allowed: lines of a bash script, run in order before srun",
+                 id="setup"),
     pytest.param(None, [],  # no SLURM commands on PATH at all
                  "LaunchError: sbatch and srun not found on PATH: hydra/launcher=slurm submits the sweep with SLURM's "
                  "commands, so launch it on a machine of the cluster (a login node), or run it here with "
@@ -387,6 +391,55 @@ def test_several_tasks_per_run_need_a_trainer_with_ranks(overrides, refused):
         check_ranks_for_launcher(single)  # a single run: the launcher is not used
 
 
+def test_a_lost_job_whose_run_a_relaunch_submitted_again_writes_nothing_there(monkeypatch, tmp_path):
+    """scancel of a running job, then the same command again at once: the relaunch's job trains in the run directory
+    while the first launch still waits out the cancelled one, whose JobLost error.json was then written there, left
+    beside the new job's results: the rank report called the finished run failed. The first launch's summary still
+    names the lost job; its files say nothing once slurm_jobs.json names a later job for the run."""
+    from types import SimpleNamespace
+
+    from src.launch import failures
+    from src.launch.planned import record_planned_jobs
+
+    class Killed:
+        job_id = "136_0"
+
+    sweep_dir = tmp_path / "sweep"
+    record_planned_jobs(sweep_dir, {"digits/rf": {"run_dir": "digits/rf", "overrides": ["loss=paper/rf"]}})
+    run_dir = sweep_dir / "digits/rf"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra/config.yaml").write_text("seed: 0\n")
+    launch.record_slurm_jobs(sweep_dir, {"digits/rf": "136_0"})
+    launch.record_slurm_jobs(sweep_dir, {"digits/rf": "140"})  # the relaunch's job, training in run_dir now
+    monkeypatch.setattr(launch, "wait_for", lambda job: "CANCELLED")
+    monkeypatch.setattr(failures, "FAILED", [])
+    launcher = SimpleNamespace(config=OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}}}))
+    launch.CollectingSubmititLauncher._collect(launcher, Killed(), ["loss=paper/rf"], lambda o: "digits/rf")
+    assert [name for name, _ in failures.FAILED] == ["digits/rf"]
+    assert not (run_dir / "error.json").exists() and not (sweep_dir / "failures.json").exists()
+
+    launch.record_slurm_jobs(sweep_dir, {"digits/rf": "136_0"})  # the run's latest job: recorded as before
+    launch.CollectingSubmititLauncher._collect(launcher, Killed(), ["loss=paper/rf"], lambda o: "digits/rf")
+    assert '"type": "JobLost"' in (run_dir / "error.json").read_text()
+
+
+def test_the_console_says_which_slurm_job_runs_the_sweep(monkeypatch, tmp_path, caplog):
+    """The launcher's line for the submitted batch was INFO, which the console filter keeps for the log file: a SLURM
+    sweep said nothing while it waited (hours), neither the job id to scancel nor where the jobs' output goes."""
+    import logging
+    from types import SimpleNamespace
+
+    from src.utils.progress import ConsoleFilter
+
+    jobs = [SimpleNamespace(job_id="45_0"), SimpleNamespace(job_id="45_1")]
+    with caplog.at_level(logging.INFO):
+        launch.say_submitted(jobs, tmp_path)
+    [record] = caplog.records
+    assert ConsoleFilter().filter(record)
+    assert record.getMessage() == f"submitted 2 job(s) as SLURM job 45; their output: {tmp_path}/.submitit/<job " \
+                                  "id>/, each run's log: <run dir>/run.log"
+
+
 # ---- a relaunch while the earlier launch's jobs are queued -----------------------------------------------------------
 def test_runs_whose_earlier_job_has_not_ended_are_found(monkeypatch, tmp_path):
     """Relaunching a sweep whose jobs are still queued submitted every job again: the second copies waited in the
@@ -489,3 +542,14 @@ def test_a_refusal_of_node_sizes_shows_the_nodes_of_the_partition_asked_for(monk
     assert asked == ["gpu"] and str(error).endswith("; the nodes: gpu: 2 node(s) of 8 CPUs")
     assert str(launch.sbatch_refusal(PARAMS, "\n")) == "hydra.launcher: refused by SLURM (no message); the nodes: " \
                                                         "None: 2 node(s) of 8 CPUs"
+
+
+def test_setup_lines_that_are_not_shell_are_refused():
+    """sbatch --test-only does not parse the script: `setup=["if then"]` queued every job of the sweep, each to fail at
+    its start without a result (a syntax error in SLURM's log) and the sweep directory written."""
+    with pytest.raises(ConfigError, match=r"^hydra.launcher.setup=\['if then'\]: not valid shell \(.*syntax error"):
+        launch.check_slurm_params({**PARAMS, "setup": ["if then"]})
+    with pytest.raises(ConfigError, match="unexpected EOF"):
+        launch.check_slurm_params({**PARAMS, "setup": ["echo 'unclosed"]})
+    launch.check_slurm_params({**PARAMS, "setup": ["module load cuda", "if true; then", "echo ok", "fi"]})
+    launch.check_slurm_params({**PARAMS, "setup": None})

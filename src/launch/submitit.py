@@ -121,7 +121,7 @@ class CollectingSubmititLauncher(base.BaseSubmititLauncher):
                 for i in submitted:  # else the rank report lists them as planned but never started
                     record_sweep_failure(sweep_dir, names[i], f"LaunchError: {refused}")
                 raise refused from None
-            log.info("submitted %d job(s): %s", len(jobs), jobs[0].job_id.split("_")[0] if jobs else "")
+            say_submitted(jobs, sweep_dir)
             record_slurm_jobs(sweep_dir, {names[i]: job.job_id for i, job in zip(submitted, jobs)})
             returns.update(zip(submitted, self._collect_all(jobs, [job_overrides[i] for i in submitted])))
         return [returns[i] for i in range(len(job_overrides))]
@@ -174,7 +174,7 @@ class CollectingSubmititLauncher(base.BaseSubmititLauncher):
             failed = name()
             record_failure(failed, error)
             if self is not None:
-                record_lost_job(self.config.hydra.sweep.dir, failed, error)
+                record_lost_job(self.config.hydra.sweep.dir, failed, error, str(job.job_id))
             return JobReturn(overrides=overrides, status=JobStatus.COMPLETED,
                              _return_value={"failed": True, "run_name": failed, "error": error})
         if ret.status == JobStatus.FAILED:  # the task raised: only with fail_fast=true; the sweeper re-raises
@@ -186,11 +186,22 @@ class CollectingSubmititLauncher(base.BaseSubmititLauncher):
         return ret
 
 
-def record_lost_job(sweep_dir: str | os.PathLike, name: str, error: str) -> None:
+def say_submitted(jobs: Sequence, sweep_dir: Path) -> None:
+    """The console's line for a batch handed to SLURM: INFO alone stays in the log file (src/utils/progress.py
+    ConsoleFilter), which left the console silent for the hours the launcher waits, without the id to scancel."""
+    ids = " ".join(sorted({str(job.job_id).split("_")[0] for job in jobs}))
+    log.info("submitted %d job(s) as SLURM job %s; their output: %s/<job id>/, each run's log: <run dir>/run.log",
+             len(jobs), ids, sweep_dir / ".submitit", extra={"console": True})
+
+
+def record_lost_job(sweep_dir: str | os.PathLike, name: str, error: str, job_id: str | None = None) -> None:
     """Where the rank report finds a job the scheduler ended without a result (cancelled, out of memory, node
     failure), so that it says why rather than "running or killed": the error.json of a run directory without results
     (the job's rerun removes it, as it does its own); else, for a job that never made its directory or a run whose
-    results stay as they were, the sweep's failures.json (cleared once the job runs)."""
+    results stay as they were, the sweep's failures.json (cleared once the job runs). Nothing when a later launch
+    has submitted the run again (resubmitted): its job may be training there and records its own outcome."""
+    if job_id is not None and resubmitted(sweep_dir, name, job_id):
+        return
     try:
         job = read_planned_jobs(sweep_dir).get(name)
     except DamagedSweepFile:
@@ -213,6 +224,19 @@ SLURM_JOBS = "slurm_jobs.json"
 #: States of a job that has not ended (will run, runs, or is being requeued).
 LIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
                "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "SUSPENDED"}
+
+
+def resubmitted(sweep_dir: str | os.PathLike, name: str, job_id: str) -> bool:
+    """Whether slurm_jobs.json names another SLURM job than job_id for the run: a relaunch (after a scancel, say)
+    submitted it again while this launcher still waited for job_id. Its error.json, written now, would be left beside
+    the new job's results, and the run reported failed."""
+    from src.launch.sweep_files import read_sweep_file
+
+    try:
+        latest = read_sweep_file(Path(sweep_dir) / SLURM_JOBS).get(name)
+    except ValueError:  # damaged: nothing known, record as before
+        return False
+    return latest is not None and str(latest) != str(job_id)
 
 
 def record_slurm_jobs(sweep_dir: str | os.PathLike, ids: dict[str, str]) -> None:
@@ -381,6 +405,24 @@ def check_slurm_params(params: dict) -> None:
                           f"hydra.launcher.timeout_min={params['timeout_min']}: the time-out signal would come before "
                           "the job trains a step (each submission would checkpoint and requeue at once); allowed: "
                           f"signal_delay_s < 60 x timeout_min = {60 * params['timeout_min']}")
+    check_setup(params.get("setup"))
+
+
+def check_setup(setup) -> None:
+    """ConfigError for `setup` lines that are not valid shell: sbatch --test-only does not parse the script, so every
+    job of the sweep would queue, then fail at its start with no result (SLURM's log: `syntax error near ...`)."""
+    lines = [str(line) for line in setup or ()]
+    if not lines:
+        return
+    try:
+        out = subprocess.run(["bash", "-n"], input="\n".join(lines) + "\n", capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.TimeoutExpired):  # no bash here to ask: the cluster's runs the script as it is
+        return
+    if out.returncode != 0:
+        said = "; ".join(line.strip().removeprefix("bash: ") for line in out.stderr.splitlines() if line.strip())
+        raise ConfigError(f"hydra.launcher.setup={lines}: not valid shell ({said}); allowed: lines of a bash script, "
+                          "run in order before srun")
 
 
 #: sbatch's refusals (a piece of its message, lower case) and the launcher settings each is about; None: no setting.
