@@ -110,6 +110,10 @@ def plugins(tmp_path, monkeypatch):
         "    def sample_t(self, n, generator=None): return torch.zeros(n)\n"
         "def ends(): return Ends()\n"
         "NUMBER = 3\n"
+        "def raises(): raise RuntimeError('boom')\n"
+        "class Forgets(Plugin):  # built with k, whose params() leave it out\n"
+        "    def __init__(self, k): super().__init__()\n"
+        "def forgets(k): return Forgets(k)\n"
     )
     (tmp_path / "raising.py").write_text("raise RuntimeError('broken on import')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -156,6 +160,7 @@ def test_module_digest_names_a_package_by_all_its_code_and_nothing_else(tmp_path
     ("nowhere:builder", "cannot import nowhere (ModuleNotFoundError: No module named 'nowhere'); the module must be "
                         "importable where the job runs"),
     ("raising:builder", "cannot import raising (RuntimeError: broken on import)"),
+    ("plugins:raises", "family 'plugins:raises': the builder raised RuntimeError: boom"),
     ("not a path", "unknown formulation family 'not a path'; valid families: rf, rf_lognorm"),
 ])
 def test_an_imported_family_that_cannot_be_used_is_refused_in_one_line(plugins, family, message):
@@ -165,6 +170,18 @@ def test_an_imported_family_that_cannot_be_used_is_refused_in_one_line(plugins, 
     assert message in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(ValueError, match=r"family 'plugins:good' takes parameters \(\); got \(k\)"):
         from_config({"family": "plugins:good", "k": 1.0})
+
+
+def test_an_imported_family_whose_params_leave_out_a_parameter_is_refused(plugins, monkeypatch):
+    """A builder of (k) whose formulation's params() forget k: loss.k=1,2 gave both jobs one run directory (the sweep
+    refused the second, blaming run_name) and, across sweeps, one name in the rank report."""
+    with pytest.raises(ValueError) as e:
+        from_config({"family": "plugins:forgets", "k": 1.0})
+    assert str(e.value) == ("family 'plugins:forgets': its formulation's params() gives {}, not the parameters it was "
+                            "built with, {'k': 1.0}; formulations built with other values would share its run "
+                            "directory and its name in the rank report")
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    assert from_config({"family": "rf_power:rf_power", "k": 3}).slug == "rf_power_3.00"  # 3 == 3.0: the same
 
 
 def test_the_documented_example_family_trains_evaluates_plans_and_ranks(tmp_path, monkeypatch, capsys):
