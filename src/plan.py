@@ -282,14 +282,16 @@ def build_on_meta(cfg: DictConfig, meta: dict):
     import hydra
     import torch
 
-    from src.training.prepare import model_error
+    from src.training.prepare import check_backbone_call, model_error
 
     _fill_data_shape(cfg, meta)  # (and checks model.context_split against the data)
     try:
         with torch.device("meta"):
-            return hydra.utils.instantiate(cfg.model)
+            model = hydra.utils.instantiate(cfg.model)
     except Exception as e:  # instantiate wraps constructor errors; surface the model's own message
         raise model_error(cfg.model, e) from None
+    check_backbone_call(model, meta)  # the job's own check: its call signature, a tensor shaped like x
+    return model
 
 
 def configuration_error(e: BaseException | None):
