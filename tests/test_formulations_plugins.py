@@ -73,7 +73,14 @@ class BadKey(Plugin):
         return "rf/plugin"
 
 
+class Bracketed(Plugin):
+    @property
+    def name(self):
+        return "rf/lognorm(0.00, 1.00) [seed=1]"  # ranked as seed 1 of the paper's recipe
+
+
 @pytest.mark.parametrize("cls, phrase", [
+    (Bracketed, "name is 'rf/lognorm(0.00, 1.00) [seed=1]': '[' and ']' hold the rank report's qualifiers"),
     (Unweighted, "loss is not w_eps(t) * mean (eps_hat - eps)^2"),
     (WrongTarget, "to_x0_eps(target(x0, eps, t)) does not give back x0 and eps"),
     (Unseeded, "sample_t gives other times for the same generator seed"),
