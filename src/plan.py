@@ -282,14 +282,16 @@ def build_on_meta(cfg: DictConfig, meta: dict):
     import hydra
     import torch
 
-    from src.training.prepare import model_error
+    from src.training.prepare import check_backbone_call, model_error
 
     _fill_data_shape(cfg, meta)  # (and checks model.context_split against the data)
     try:
         with torch.device("meta"):
-            return hydra.utils.instantiate(cfg.model)
+            model = hydra.utils.instantiate(cfg.model)
     except Exception as e:  # instantiate wraps constructor errors; surface the model's own message
         raise model_error(cfg.model, e) from None
+    check_backbone_call(model, meta)  # the job's own check: its call signature, a tensor shaped like x
+    return model
 
 
 def configuration_error(e: BaseException | None):
@@ -365,6 +367,12 @@ def job_status(cfg: DictConfig, run_dir: Path, single: bool = False) -> str:
     file), failed (error.json; trains anew) or failed: <one of the above> (what the relaunch does), to evaluate
     (trained in TWIN) for a directory whose tagged sibling trained the same model (reuse_training). single: a run
     without -m, which trains on this machine whatever the launcher."""
+    sweep_dir = None if single else OmegaConf.select(cfg, "hydra.sweep.dir", default=None)
+    if sweep_dir is not None and run_dir.is_relative_to(str(sweep_dir)):
+        from src.launch.validate import nested_run_dir
+
+        if nested_run_dir(Path(str(sweep_dir)), run_dir):  # the launch refuses it: the report would not find it
+            return f"{REFUSED}inside or around an earlier launch's run directory"
     twin = _trained_twin(cfg, run_dir)
     if twin is not None:  # the job links the twin's checkpoints and only evaluates (src/training/job.py)
         return f"to evaluate (trained in {twin.name})"
@@ -718,7 +726,8 @@ def render(plan: Plan, root: Path | None = None) -> str:
                      f"{f', in {len(waves)} waves' if len(waves) > 1 else ''}: about {wall:.3g} h.")
     if refused:
         lines.append(f"Refused by a relaunch, not in 'still to run' (jobs {', '.join(str(j.index) for j in refused)}): "
-                     "their directories hold a run of another configuration, or an unreadable fingerprint.json; "
+                     "their directories hold a run of another configuration, or an unreadable fingerprint.json, or "
+                     "lie inside or around an earlier launch's run directory; "
                      "trained anew in other directories (another sweep_name), they take "
                      f"{sum(plan.job_hours(j, j.total_flops) for j in refused):.4g} GPU-hours.")
     if blocked:

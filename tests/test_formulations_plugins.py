@@ -73,7 +73,14 @@ class BadKey(Plugin):
         return "rf/plugin"
 
 
+class Bracketed(Plugin):
+    @property
+    def name(self):
+        return "rf/lognorm(0.00, 1.00) [seed=1]"  # ranked as seed 1 of the paper's recipe
+
+
 @pytest.mark.parametrize("cls, phrase", [
+    (Bracketed, "name is 'rf/lognorm(0.00, 1.00) [seed=1]': '[' and ']' hold the rank report's qualifiers"),
     (Unweighted, "loss is not w_eps(t) * mean (eps_hat - eps)^2"),
     (WrongTarget, "to_x0_eps(target(x0, eps, t)) does not give back x0 and eps"),
     (Unseeded, "sample_t gives other times for the same generator seed"),
@@ -110,6 +117,10 @@ def plugins(tmp_path, monkeypatch):
         "    def sample_t(self, n, generator=None): return torch.zeros(n)\n"
         "def ends(): return Ends()\n"
         "NUMBER = 3\n"
+        "def raises(): raise RuntimeError('boom')\n"
+        "class Forgets(Plugin):  # built with k, whose params() leave it out\n"
+        "    def __init__(self, k): super().__init__()\n"
+        "def forgets(k): return Forgets(k)\n"
     )
     (tmp_path / "raising.py").write_text("raise RuntimeError('broken on import')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -156,6 +167,7 @@ def test_module_digest_names_a_package_by_all_its_code_and_nothing_else(tmp_path
     ("nowhere:builder", "cannot import nowhere (ModuleNotFoundError: No module named 'nowhere'); the module must be "
                         "importable where the job runs"),
     ("raising:builder", "cannot import raising (RuntimeError: broken on import)"),
+    ("plugins:raises", "family 'plugins:raises': the builder raised RuntimeError: boom"),
     ("not a path", "unknown formulation family 'not a path'; valid families: rf, rf_lognorm"),
 ])
 def test_an_imported_family_that_cannot_be_used_is_refused_in_one_line(plugins, family, message):
@@ -165,6 +177,52 @@ def test_an_imported_family_that_cannot_be_used_is_refused_in_one_line(plugins, 
     assert message in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(ValueError, match=r"family 'plugins:good' takes parameters \(\); got \(k\)"):
         from_config({"family": "plugins:good", "k": 1.0})
+
+
+def test_an_imported_family_whose_params_leave_out_a_parameter_is_refused(plugins, monkeypatch):
+    """A builder of (k) whose formulation's params() forget k: loss.k=1,2 gave both jobs one run directory (the sweep
+    refused the second, blaming run_name) and, across sweeps, one name in the rank report."""
+    with pytest.raises(ValueError) as e:
+        from_config({"family": "plugins:forgets", "k": 1.0})
+    assert str(e.value) == ("family 'plugins:forgets': its formulation's params() gives {}, not the parameters it was "
+                            "built with, {'k': 1.0}; formulations built with other values would share its run "
+                            "directory and its name in the rank report")
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    assert from_config({"family": "rf_power:rf_power", "k": 3}).slug == "rf_power_3.00"  # 3 == 3.0: the same
+
+
+class TwoArgs(torch.nn.Module):
+    def __init__(self, **shared_keys):  # the keys every backbone configuration has
+        super().__init__()
+
+    def forward(self, x, t):
+        return x
+
+
+class Pooled(TwoArgs):
+    def forward(self, x, t, context, pooled):
+        return x.mean((1, 2, 3), keepdim=True)  # broadcasts against x in the loss and the sampler
+
+
+@pytest.mark.parametrize("target, message", [
+    ("TwoArgs", "model: TwoArgs.forward cannot be called as backbone(x, t, context, pooled) (too many positional"),
+    ("Pooled", "model: Pooled returns (1, 1, 1, 1) for x of shape (1, 1, 16, 16); a backbone must return a tensor "
+               "shaped like x"),
+])
+def test_a_backbone_of_ones_own_with_another_call_is_refused_before_training(target, message):
+    """docs/backbone.md: backbone(x, t, context, pooled) -> a tensor shaped like x. Another signature failed at the
+    first training step, after the run directory existed; another output shape trained and was ranked."""
+    from hydra import compose, initialize_config_module
+
+    from src.config import ConfigError, register_resolvers
+    from src.training.prepare import check_model, embedded_shapes
+
+    register_resolvers()
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"model._target_=tests.test_formulations_plugins.{target}"])
+    with pytest.raises(ConfigError) as e:
+        check_model(cfg, embedded_shapes("digits", 16))
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
 def test_the_documented_example_family_trains_evaluates_plans_and_ranks(tmp_path, monkeypatch, capsys):
@@ -334,6 +392,24 @@ def test_editing_code_from_outside_ties_the_run_directory_to_the_code_it_trained
     del legacy["code"]
     (run / "fingerprint.json").write_text(json.dumps(legacy))
     check_fingerprint(cfg, run)
+
+
+def test_another_backbone_in_a_trained_directory_is_not_said_to_be_edited_code(tmp_path, monkeypatch):
+    """model._target_=othernet.ConvNet into a directory trained with convnet.ConvNet: a changed setting, not "the code
+    its model._target_ names has been edited since" (neither file was edited)."""
+    from src.config import ConfigError
+    from src.training.prepare import bind_fingerprint, check_fingerprint
+
+    cfg = _outside(tmp_path, monkeypatch)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    bind_fingerprint(cfg, run)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"trained")
+    (tmp_path / "othernet.py").write_text((EXAMPLES / "convnet.py").read_text() + "# another file\n")
+    cfg.model._target_ = "othernet.ConvNet"
+    with pytest.raises(ConfigError) as e:
+        check_fingerprint(cfg, run)
+    assert "different configuration (code.model._target_, model._target_); use another" in str(e.value)
 
 
 def _builtin_cfg():

@@ -297,7 +297,8 @@ def test_plan_of_failed_runs_is_what_their_relaunch_does(tmp_path):
     assert "4 jobs (2 to run; done: 1; refused: 1)" in text
     assert f"{sum(p.job_hours(j, j.flops_left) for j in p.jobs[:2]):.4g} still to run" in text
     assert "Refused by a relaunch, not in 'still to run' (jobs 3): their directories hold a run of another " \
-           f"configuration, or an unreadable fingerprint.json; trained anew in other directories (another " \
+           f"configuration, or an unreadable fingerprint.json, or lie inside or around an earlier launch's run " \
+           f"directory; trained anew in other directories (another " \
            f"sweep_name), they take {p.job_hours(p.jobs[3], p.jobs[3].total_flops):.4g} GPU-hours." in text
     r, e = p.jobs[:2]
     assert r.val_flops == r.fwd_flops_per_sample * 5 * 4 * 8 * 2  # 5 validations of 4 samples x 8 levels, raw and EMA
@@ -707,3 +708,27 @@ def test_a_refusal_names_five_differing_keys_and_counts_the_others():
     assert same_run_dir(cfg(1), ["x=1"], runs) is None
     same = same_run_dir(cfg(2), ["x=2"], runs)
     assert same.refused and "whose settings differ (a, b, c, d, e and 1 more)" in same.line
+
+
+def test_a_run_directory_inside_or_around_an_earlier_launchs_is_refused(tmp_path):
+    """The sweep relaunched with a key added (sampler=rf_time,ab2) put digits/rf/sampler=ab2 inside the earlier run
+    digits/rf, and taken away the reverse: the rank report, which does not look inside a run directory, counted the
+    inner runs as never started and ranked without them."""
+    from src.launch.validate import nested_run_dir
+
+    sweep = tmp_path / "sweep"
+    (sweep / "digits/rf").mkdir(parents=True)
+    (sweep / "digits/rf/results.json").write_text("[]")
+    (sweep / "digits/edm/sampler=ab2").mkdir(parents=True)
+    (sweep / "digits/edm/sampler=ab2/results.json").write_text("[]")
+    assert str(nested_run_dir(sweep, sweep / "digits/rf/sampler=ab2")) == (
+        "run directory digits/rf/sampler=ab2 would lie inside digits/rf, the run directory of an earlier launch of "
+        "this sweep: the rank report does not look inside a run directory; use another sweep_name")
+    assert "would hold digits/edm/sampler=ab2, the run directory" in str(nested_run_dir(sweep, sweep / "digits/edm"))
+    for fine in ("digits/rf", "digits/edm/sampler=ab2", "digits/edm/sampler=heun", "digits/eps"):  # a relaunch, new
+        assert nested_run_dir(sweep, sweep / fine) is None
+    from omegaconf import OmegaConf  # the plan says so too, rather than "new"
+
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
+    assert plan.job_status(cfg, sweep / "digits/rf/sampler=ab2") == "refused: inside or around an earlier launch's " \
+                                                                     "run directory"

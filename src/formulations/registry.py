@@ -79,14 +79,28 @@ def build(family: str, **params: Any) -> Formulation:
     if set(params) != set(expected):
         got = ", ".join(sorted(params)) or "none"
         raise ValueError(f"family {family!r} takes parameters ({', '.join(expected)}); got ({got})")
-    formulation = _builder(family)(**params)
-    if family not in FAMILIES:
-        _check_imported(family, formulation)
+    if family in FAMILIES:
+        return FAMILIES[family](**params)
+    formulation = _outside(family, "the builder", lambda: _builder(family)(**params))
+    _check_imported(family, formulation, params)
     return formulation
 
 
-def _check_imported(path: str, formulation: Any) -> None:
-    """A family from outside: a Formulation, with a key of its own, that satisfies what every formulation must."""
+def _outside(path: str, what: str, call: Callable[[], Any]) -> Any:
+    """call(), running code from outside: its ValueError is its own one-line message (a parameter out of range);
+    any other exception (a bug, an assert) is one line naming the family, not a traceback or a bare "boom"."""
+    try:
+        return call()
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- whatever the outside code raises
+        raise ValueError(f"family {path!r}: {what} raised {type(e).__name__}: {e}") from None
+
+
+def _check_imported(path: str, formulation: Any, params: Mapping[str, Any]) -> None:
+    """A family from outside: a Formulation, with a key of its own, that satisfies what every formulation must, and
+    whose params() are the parameters it was built with: run directories (its slug) and the rank report (its name)
+    tell formulations apart by them, so one that forgot a parameter would share both with its other values."""
     from .checks import check_formulation
 
     if not isinstance(formulation, Formulation):
@@ -98,7 +112,12 @@ def _check_imported(path: str, formulation: Any) -> None:
     if BUILTIN_NAME.fullmatch(formulation.name):
         raise ValueError(f"family {path!r}: its formulation is named {formulation.name!r}, a name the built-in "
                          "families give, as which the rank report would take it; give it a name of its own")
-    check_formulation(formulation, path)
+    _outside(path, "checking its formulation", lambda: check_formulation(formulation, path))
+    built = formulation.params()
+    if built != dict(params):
+        raise ValueError(f"family {path!r}: its formulation's params() gives {built}, not the parameters it was built "
+                         f"with, {dict(params)}; formulations built with other values would share its run directory "
+                         "and its name in the rank report")
 
 
 # ---- the 61 recipes (names as printed in the paper) ---------------------------------------------

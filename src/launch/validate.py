@@ -133,6 +133,8 @@ def refused_by_run_dir(cfg: DictConfig) -> ConfigError | None:
 
     try:
         run_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+        if nested := nested_run_dir(Path(str(cfg.hydra.sweep.dir)), run_dir):
+            return nested
         if not (run_dir / "fingerprint.json").is_file():
             return None
         resolved = cfg.copy()
@@ -145,6 +147,25 @@ def refused_by_run_dir(cfg: DictConfig) -> ConfigError | None:
         return e
     except Exception:  # noqa: BLE001 -- left to the job, which reports it in its own way
         return None
+    return None
+
+
+def nested_run_dir(sweep_dir: Path, run_dir: Path) -> ConfigError | None:
+    """A run directory inside an earlier launch's (the sweep relaunched with a key added, sampler=rf_time,ab2:
+    digits/rf/sampler=ab2 inside digits/rf), or around its run directories (the key taken away): the rank report
+    does not look inside a run directory, so it counted the inner runs as never started and ranked without them."""
+    from src.ranking.aggregate import find_run_dirs, is_run_dir
+
+    way_out = "the rank report does not look inside a run directory; use another sweep_name"
+    subdir = run_dir.relative_to(sweep_dir)
+    outer = next((p for p in reversed(subdir.parents[:-1]) if is_run_dir(sweep_dir / p)), None)
+    if outer is not None:
+        return ConfigError(f"run directory {subdir} would lie inside {outer}, the run directory of an earlier launch "
+                           f"of this sweep: {way_out}")
+    inner = find_run_dirs(run_dir) if run_dir.is_dir() and not is_run_dir(run_dir) else []
+    if inner:
+        return ConfigError(f"run directory {subdir} would hold {inner[0].relative_to(sweep_dir)}, the run directory "
+                           f"of an earlier launch of this sweep: {way_out}")
     return None
 
 

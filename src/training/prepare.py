@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import importlib
+import inspect
 import json
 import math
 import os
@@ -172,7 +173,7 @@ def check_model(cfg: DictConfig, shapes: dict) -> None:
         if key in _CHECKED_MODELS:
             return
         with torch.device("meta"):
-            hydra.utils.instantiate(checked.model)
+            backbone = hydra.utils.instantiate(checked.model)
         # Read by the training module for every backbone, one of your own included (it takes them as unread keys).
         from src.models.perf import COMPILE_BACKENDS, check_choice, compile_setting
 
@@ -181,7 +182,36 @@ def check_model(cfg: DictConfig, shapes: dict) -> None:
                      COMPILE_BACKENDS)
     except Exception as e:  # instantiate wraps constructor errors; surface the model's own message
         raise model_error(checked.model, e) from None
+    check_backbone_call(backbone, shapes)
     _CHECKED_MODELS.add(key)
+
+
+def check_backbone_call(backbone: torch.nn.Module, shapes: dict) -> None:
+    """One forward on the meta device: backbone(x, t, context, pooled) must return a tensor shaped like x
+    (docs/backbone.md#a-backbone-of-your-own). A backbone of one's own with another signature failed at the first
+    training step, and one returning another shape trained and was ranked: the loss and the sampler broadcast it.
+    A forward the meta device cannot run (data-dependent code) is left to the job."""
+    if not isinstance(backbone, torch.nn.Module) or shapes.get("context_length") is None:
+        return
+    c, s = int(shapes["latent_channels"]), int(shapes["latent_size"])
+    with torch.device("meta"):
+        x = torch.zeros(1, c, s, s)
+        args = (x, torch.zeros(1), torch.zeros(1, int(shapes["context_length"]), int(shapes["context_dim"])),
+                torch.zeros(1, int(shapes["pooled_dim"])))
+    try:
+        inspect.signature(backbone.forward).bind(*args)
+    except TypeError as e:
+        raise ConfigError(f"model: {type(backbone).__name__}.forward cannot be called as backbone(x, t, context, "
+                          f"pooled) ({e})") from None
+    try:
+        with torch.no_grad():
+            out = backbone(*args)
+    except Exception:  # noqa: BLE001 -- not runnable on the meta device; the job runs it for real
+        return
+    if getattr(out, "shape", None) != x.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"model: {type(backbone).__name__} returns {got} for x of shape {tuple(x.shape)}; a backbone "
+                          "must return a tensor shaped like x (docs/backbone.md#a-backbone-of-your-own)")
 
 
 def model_error(model: DictConfig, e: Exception) -> ConfigError:
@@ -555,7 +585,9 @@ def check_fingerprint(cfg: DictConfig, run_dir: Path, multirun: bool = True) -> 
     which a single run's directory (outputs/runs/<run_name>) does not depend on."""
     changed = fingerprint_changes(cfg, run_dir)
     if changed:
-        edited = [k.removeprefix("code.") for k in changed if k.startswith("code.")]
+        # The code differs under the same setting: edited. Under another setting (model._target_=other.Net) it is
+        # other code, which the changed setting already says.
+        edited = [k.removeprefix("code.") for k in changed if k.startswith("code.") and k[5:] not in changed]
         what = f"; the code its {' and '.join(edited)} names has been edited since" if edited else ""
         raise ConfigError(
             f"{run_dir} holds a run with a different configuration ({', '.join(changed[:5])}{what}); "
