@@ -80,7 +80,7 @@ class Bracketed(Plugin):
 
 
 @pytest.mark.parametrize("cls, phrase", [
-    (Bracketed, "name is 'rf/lognorm(0.00, 1.00) [seed=1]': '[' and ']' hold the rank report's qualifiers"),
+    (Bracketed, "name is 'rf/lognorm(0.00, 1.00) [seed=1]': ' [' opens the rank report's qualifiers"),
     (Unweighted, "loss is not w_eps(t) * mean (eps_hat - eps)^2"),
     (WrongTarget, "to_x0_eps(target(x0, eps, t)) does not give back x0 and eps"),
     (Unseeded, "sample_t gives other times for the same generator seed"),
@@ -121,6 +121,12 @@ def plugins(tmp_path, monkeypatch):
         "class Forgets(Plugin):  # built with k, whose params() leave it out\n"
         "    def __init__(self, k): super().__init__()\n"
         "def forgets(k): return Forgets(k)\n"
+        "class Float32(Plugin):  # keeps k as a float32 tensor: params() give it back rounded\n"
+        "    def __init__(self, k): super().__init__(); self.k = torch.tensor(k, dtype=torch.float32)\n"
+        "    def params(self): return {'k': float(self.k)}\n"
+        "    @property\n"
+        "    def name(self): return f'rf/plugin[v2]({float(self.k):.2f})'\n"
+        "def float32(k): return Float32(k)\n"
     )
     (tmp_path / "raising.py").write_text("raise RuntimeError('broken on import')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -189,6 +195,8 @@ def test_an_imported_family_whose_params_leave_out_a_parameter_is_refused(plugin
                             "directory and its name in the rank report")
     monkeypatch.syspath_prepend(str(EXAMPLES))
     assert from_config({"family": "rf_power:rf_power", "k": 3}).slug == "rf_power_3.00"  # 3 == 3.0: the same
+    # 0.6000000238418579 for 0.6 (float32): the same formulation; a bracket without the space is no qualifier
+    assert from_config({"family": "plugins:float32", "k": 0.6}).name == "rf/plugin[v2](0.60)"
 
 
 class TwoArgs(torch.nn.Module):

@@ -214,6 +214,13 @@ def test_config_errors_are_found_before_anything_is_built(tmp_path, overrides, m
     assert list(tmp_path.iterdir()) == []  # no .cache/data, no run directory
 
 
+def test_a_numeric_sweep_name_is_a_folder_name():
+    """Hydra reads sweep_name=2024 as an int: a folder name all the same, not refused by the sweep_name check."""
+    from src.training.prepare import check_values
+
+    check_values(compose_cfg(["sweep_name=2024"]))
+
+
 def test_config_error_via_the_cli_is_one_line_and_creates_nothing(tmp_path):
     out = cli(["loss=rf_lognorm", "loss.s=-1", f"paths.root_dir={tmp_path}"])
     assert out.returncode == 1

@@ -37,9 +37,9 @@ def formulation_errors(f: Formulation, n: int = 64) -> list[str]:
     name, family = getattr(f, "name", None), getattr(f, "family", None)
     if not isinstance(name, str) or not name:
         errors.append(f"name is {name!r}, not a non-empty string")
-    elif "[" in name or "]" in name:  # the report reads "rf/x [seed=1]" as seed 1 of rf/x, "edm(0.00, 1.20) [a]" as edm
-        errors.append(f"name is {name!r}: '[' and ']' hold the rank report's qualifiers (rf [sampler=heun, seed=1]), "
-                      "as which it would read the part in brackets")
+    elif " [" in name:  # the report reads "rf/x [seed=1]" as seed 1 of rf/x, "edm(0.00, 1.20) [a]" as edm
+        errors.append(f"name is {name!r}: ' [' opens the rank report's qualifiers (rf [sampler=heun, seed=1]), as "
+                      "which it would read the part in brackets")
     if not isinstance(family, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", family):
         errors.append(f"family is {family!r}, not a key of letters, digits and '_' (it names run directories)")
     params = f.params()

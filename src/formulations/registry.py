@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -114,10 +115,20 @@ def _check_imported(path: str, formulation: Any, params: Mapping[str, Any]) -> N
                          "families give, as which the rank report would take it; give it a name of its own")
     _outside(path, "checking its formulation", lambda: check_formulation(formulation, path))
     built = formulation.params()
-    if built != dict(params):
+    if not _same_params(built, params):
         raise ValueError(f"family {path!r}: its formulation's params() gives {built}, not the parameters it was built "
                          f"with, {dict(params)}; formulations built with other values would share its run directory "
                          "and its name in the rank report")
+
+
+def _same_params(built: Mapping[str, Any], given: Mapping[str, Any]) -> bool:
+    """The same keys and values, numbers up to float32 round-off (a parameter kept as a float32 tensor gives
+    0.6000000238418579 for 0.6: the same formulation, whose name and slug give two decimals)."""
+    def same(a, b) -> bool:
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12) if numbers else a == b
+
+    return set(built) == set(given) and all(same(built[k], given[k]) for k in given)
 
 
 # ---- the 61 recipes (names as printed in the paper) ---------------------------------------------

@@ -380,6 +380,7 @@ def check_values(cfg: DictConfig) -> None:
     # The sweep's folder is <output_dir>/multirun/<sweep_name>: an empty name made multirun/ itself the sweep (its
     # runs read as sweeps named after the datasets), null a folder "None", and ".." a folder outside multirun/.
     name = OmegaConf.select(cfg, "sweep_name")
+    name = str(name) if isinstance(name, int) and not isinstance(name, bool) else name  # sweep_name=2024: an int
     if not isinstance(name, str) or not name.strip() or Path(name).is_absolute() or ".." in Path(name).parts:
         raise ConfigError(f"sweep_name={'null' if name is None else name}: must name a folder inside "
                           f"{cfg.paths.output_dir}/multirun, e.g. sweep_name=lr_study")
