@@ -128,10 +128,11 @@ def test_a_rewrite_removes_the_temp_files_of_a_killed_report(sweep, tmp_path):
     assert sorted(p.name for p in out.glob(".*tmp")) == [".notes.tmp"] and (out / "report.html").exists()
 
 
-def test_a_report_killed_part_way_leaves_none_of_the_earlier_report_beside_its_files(sweep, tmp_path, monkeypatch):
-    """The previous report's files are removed before this one's are written (after it is computed): a kill midway
-    left this report's figures and CSVs beside the earlier report.md and report.html, read as current. Every file
-    a report writes is one REPORT_FILES names (or a sample sheet), so none is left out of that removal."""
+def test_a_report_killed_part_way_leaves_none_of_its_files_beside_the_earlier_report(sweep, tmp_path, monkeypatch):
+    """A report is written into a staging folder, then replaces the earlier one: a kill or a failure midway left
+    this report's figures and CSVs beside the earlier report.md and report.html, read as current. Every file a
+    report writes is one REPORT_FILES names (or a sample sheet), so none is left out of that replacement; a staging
+    folder a kill -9 left is removed by the next report."""
     from src.ranking import report as report_module
     from src.ranking.report import REPORT_FILES, write_report
 
@@ -140,6 +141,8 @@ def test_a_report_killed_part_way_leaves_none_of_the_earlier_report_beside_its_f
     paths = write_report(built, out)
     sheets = {p.name for p in paths.values() if p.name.startswith(("samples_", "steps_cfg_"))}
     assert {p.name for p in paths.values()} == set(REPORT_FILES) | sheets
+    assert all(p.parent == out and p.is_file() for p in paths.values())
+    earlier = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and not p.name.startswith(".")}
     (out / "notes.txt").write_text("the user's")
     real = report_module._write_text
 
@@ -151,9 +154,13 @@ def test_a_report_killed_part_way_leaves_none_of_the_earlier_report_beside_its_f
     monkeypatch.setattr(report_module, "_write_text", killed_at_the_csvs)
     with pytest.raises(KeyboardInterrupt):
         write_report(build_report([sweep], draws=0), out)
-    left = {p.name for p in out.iterdir() if not p.name.startswith(".")}
-    assert left == {"notes.txt", "pareto_fronts.png", "average_ranks.png", "metrics_vs_steps.png", "ranks.csv"} | \
-        sheets  # this report's, up to the kill: no report.md, report.html or separability.csv of the earlier one
+    left = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and not p.name.startswith(".")}
+    assert left == {**earlier, "notes.txt": b"the user's"}  # the earlier report whole, nothing of this one
+    assert not [p for p in out.iterdir() if p.is_dir()]  # no staging folder
+    (out / ".report-staging-k1ll3d").mkdir()  # as a kill -9 leaves it
+    monkeypatch.setattr(report_module, "_write_text", real)
+    write_report(build_report([sweep], draws=0), out)
+    assert not [p for p in out.iterdir() if p.is_dir()] and not (out / "separability.csv").exists()
 
 
 def test_no_results_is_a_one_line_error(tmp_path, capsys):

@@ -12,8 +12,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import os
 import re
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -604,15 +607,25 @@ def write_report(report: RankReport, out_dir: Path | str) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with file_lock(out / REPORT_LOCK):
-        # Under the lock no other report writes here: a temp file is one a killed report left (report.html's can be
-        # many MB at the paper's scale), which nothing else would ever remove.
-        for stale in [f for f in out.iterdir() if is_temp_name(f.name)]:
-            stale.unlink(missing_ok=True)
-        # The report before this one goes first (this one is computed: a refusal came earlier and changed nothing):
-        # a write killed part-way then leaves some of this report's files, never new ones beside old ones.
-        for previous in report_outputs(out):
-            previous.unlink(missing_ok=True)
-        return _write_outputs(report, out)
+        # Under the lock no other report writes here: a temp file or staging folder is one a killed report left
+        # (report.html's can be many MB at the paper's scale), which nothing else would ever remove.
+        for stale in [f for f in out.iterdir() if is_temp_name(f.name) or f.name.startswith(STAGING)]:
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        # Written whole into a staging folder first: a failure (a plot that raises) or a kill while writing leaves the
+        # earlier report as it was; then the earlier report's files go and this one's are moved in (renames).
+        staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=out))
+        try:
+            staged = _write_outputs(report, staging)
+            for previous in report_outputs(out):
+                previous.unlink(missing_ok=True)
+            for path in staged.values():
+                os.replace(path, out / path.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return {name: out / path.name for name, path in staged.items()}
+
+
+STAGING = ".report-staging-"  # the folder a report is written into before it replaces the earlier one
 
 
 #: The files a report writes (besides the sample sheets, samples_*.png and steps_cfg_*.png), report.html last.
