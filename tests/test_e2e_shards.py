@@ -48,7 +48,8 @@ def shards(tmp_path_factory):
     train, mapping = make_imagenet(root / "imagenet", per_class=4)  # 12 images and a corrupt one
     coco, annotations = make_coco(root / "coco", n=5)
     common = ["--resolution", str(RES), "--autoencoder", vae, "--clip", *clip, "--t5", t5, "--t5-length", "8",
-              "--chunk-size", "4", "--batch-size", "4", "--num-workers", "0", "--device", "cpu", "--no-progress"]
+              "--chunk-size", "4", "--batch-size", "4", "--num-workers", "0", "--device", "cpu", "--no-progress",
+              "--cache-dir", str(root / "checksums")]  # not the repository's .cache
     cli("src.preprocess", "imagenet", "--root", str(train), "--class-names", str(mapping),
         "--out", str(root / "shards/imagenet"), *common)
     cli("src.preprocess", "coco", "--images", str(coco), "--annotations", str(annotations),

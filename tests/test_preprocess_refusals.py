@@ -11,7 +11,7 @@ import torch
 
 from src.preprocess.__main__ import main
 from src.preprocess.pipeline import WORK_DIR, done_path
-from tests.test_preprocess import RES, make_imagenet, make_tsv, models  # noqa: F401 (models: the shared fixture)
+from tests.test_preprocess import RES, make_imagenet, make_tsv, models, own_cache_dir  # noqa: F401 (fixtures)
 
 
 def imagenet_argv(train: Path, mapping: Path, out: Path, models: dict) -> list[str]:

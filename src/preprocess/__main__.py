@@ -8,6 +8,9 @@ import sys
 from src.preprocess.pipeline import PreprocessConfig, preprocess
 from src.preprocess.sources import CAPTION_CHOICES, CocoSource, ImageNetSource, TarSource, TsvSource
 
+#: Where the model files' checksums are remembered: src.run's paths.cache_dir default, from the same directory.
+DEFAULT_CACHE_DIR = ".cache"
+
 EXAMPLE = """example:
   python -m src.preprocess imagenet --root /data/imagenet/train --class-names /data/imagenet/LOC_synset_mapping.txt \\
       --out /data/shards/imagenet-256 --resolution 256 --autoencoder /models/sd-vae \\
@@ -47,7 +50,7 @@ def common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-cache", type=int, default=2048, help="captions whose embeddings are memoised (0: off)")
     p.add_argument("--max-chunks", type=int, default=None, help="stop after this many chunks (rerun to go on)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.add_argument("--cache-dir", default=".cache",
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR,
                    help="where the model files' checksums are remembered, so a resume, another part or the next "
                         "folder does not read the weights again to name them (.cache, as src.run's paths.cache_dir)")
     p.add_argument("--part", type=part_spec, default=(0, 1), metavar="I/N",

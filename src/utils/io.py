@@ -192,8 +192,7 @@ def weights_sha256(path: str | os.PathLike, cache_dir: str | os.PathLike | None 
     sha, entry = file_sha256(path, known)
     if store is not None and entry is not None:
         if known.get(version[0]) != entry:  # hashed here, or in this process only: remember it
-            # Entries of files gone since (a temporary folder's, a deleted model's) are dropped as it is written.
-            update_json_store(store, {version[0]: entry}, keep=os.path.exists)
+            update_json_store(store, {version[0]: entry})
         _STORED.add((str(store), version))
     return sha
 
@@ -242,15 +241,13 @@ def read_json_store(store: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def update_json_store(store: Path, entries: dict, keep: Callable[[str], bool] | None = None) -> dict | None:
+def update_json_store(store: Path, entries: dict) -> dict | None:
     """Add entries to a cache file of JSON entries, under its lock (jobs of a sweep add entries concurrently);
     returns all its entries, None where it cannot be written (a read-only cache folder costs a recomputation
-    next time, nothing else). keep: which of the earlier entries' keys to keep (default all)."""
+    next time, nothing else)."""
     try:
         with file_lock(store.with_name(f".{store.name}.lock")):
             data = read_json_store(store)
-            if keep is not None:
-                data = {k: v for k, v in data.items() if keep(k)}
             data.update(entries)
             atomic_write_json(store, data, sort_keys=True)
         return data
