@@ -21,6 +21,7 @@ import logging
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 from hydra.core.hydra_config import HydraConfig
@@ -127,8 +128,6 @@ def refused_by_run_dir(cfg: DictConfig) -> ConfigError | None:
     """The refusal of a relaunch into a run directory trained under another configuration (the job's own check),
     found before anything is launched, so that a sweep refused whole writes nothing; None when there is nothing to
     compare or the comparison cannot be made here (the job checks again)."""
-    from pathlib import Path
-
     from src.training.prepare import check_fingerprint, check_trained_precision, resolve_data
 
     try:
