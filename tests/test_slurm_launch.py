@@ -425,7 +425,8 @@ def test_a_lost_job_whose_run_a_relaunch_submitted_again_writes_nothing_there(mo
 
 def test_the_console_says_which_slurm_job_runs_the_sweep(monkeypatch, tmp_path, caplog):
     """The launcher's line for the submitted batch was INFO, which the console filter keeps for the log file: a SLURM
-    sweep said nothing while it waited (hours), neither the job id to scancel nor where the jobs' output goes."""
+    sweep said nothing while it waited (hours), neither the job id to scancel nor where the jobs' output goes (the
+    launcher's submitit_folder, default <sweep>/.submitit/%j, or the one configured)."""
     import logging
     from types import SimpleNamespace
 
@@ -433,11 +434,13 @@ def test_the_console_says_which_slurm_job_runs_the_sweep(monkeypatch, tmp_path, 
 
     jobs = [SimpleNamespace(job_id="45_0"), SimpleNamespace(job_id="45_1")]
     with caplog.at_level(logging.INFO):
-        launch.say_submitted(jobs, tmp_path)
-    [record] = caplog.records
-    assert ConsoleFilter().filter(record)
-    assert record.getMessage() == f"submitted 2 job(s) as SLURM job 45; their output: {tmp_path}/.submitit/<job " \
-                                  "id>/, each run's log: <run dir>/run.log"
+        launch.say_submitted(jobs, f"{tmp_path}/.submitit/%j")
+        launch.say_submitted(jobs, "/scratch/logs/%j/")
+    first, second = caplog.records
+    assert ConsoleFilter().filter(first)
+    assert first.getMessage() == f"submitted 2 job(s) as SLURM job 45; their output: {tmp_path}/.submitit/<job " \
+                                 "id>/, each run's log: <run dir>/run.log"
+    assert "their output: /scratch/logs/<job id>/, each" in second.getMessage()
 
 
 # ---- a relaunch while the earlier launch's jobs are queued -----------------------------------------------------------

@@ -121,7 +121,7 @@ class CollectingSubmititLauncher(base.BaseSubmititLauncher):
                 for i in submitted:  # else the rank report lists them as planned but never started
                     record_sweep_failure(sweep_dir, names[i], f"LaunchError: {refused}")
                 raise refused from None
-            say_submitted(jobs, sweep_dir)
+            say_submitted(jobs, str(self.params["submitit_folder"]))
             record_slurm_jobs(sweep_dir, {names[i]: job.job_id for i, job in zip(submitted, jobs)})
             returns.update(zip(submitted, self._collect_all(jobs, [job_overrides[i] for i in submitted])))
         return [returns[i] for i in range(len(job_overrides))]
@@ -186,12 +186,13 @@ class CollectingSubmititLauncher(base.BaseSubmititLauncher):
         return ret
 
 
-def say_submitted(jobs: Sequence, sweep_dir: Path) -> None:
+def say_submitted(jobs: Sequence, folder: str) -> None:
     """The console's line for a batch handed to SLURM: INFO alone stays in the log file (src/utils/progress.py
-    ConsoleFilter), which left the console silent for the hours the launcher waits, without the id to scancel."""
+    ConsoleFilter), which left the console silent for the hours the launcher waits, without the id to scancel.
+    folder: hydra.launcher.submitit_folder, where %j stands for each job's id."""
     ids = " ".join(sorted({str(job.job_id).split("_")[0] for job in jobs}))
-    log.info("submitted %d job(s) as SLURM job %s; their output: %s/<job id>/, each run's log: <run dir>/run.log",
-             len(jobs), ids, sweep_dir / ".submitit", extra={"console": True})
+    log.info("submitted %d job(s) as SLURM job %s; their output: %s/, each run's log: <run dir>/run.log",
+             len(jobs), ids, folder.replace("%j", "<job id>").rstrip("/"), extra={"console": True})
 
 
 def record_lost_job(sweep_dir: str | os.PathLike, name: str, error: str, job_id: str | None = None) -> None:
