@@ -282,16 +282,14 @@ def build_on_meta(cfg: DictConfig, meta: dict):
     import hydra
     import torch
 
-    from src.training.prepare import check_backbone_call, model_error
+    from src.training.prepare import model_error
 
     _fill_data_shape(cfg, meta)  # (and checks model.context_split against the data)
     try:
         with torch.device("meta"):
-            model = hydra.utils.instantiate(cfg.model)
+            return hydra.utils.instantiate(cfg.model)
     except Exception as e:  # instantiate wraps constructor errors; surface the model's own message
         raise model_error(cfg.model, e) from None
-    check_backbone_call(model, meta)  # the job's own check: its call signature, a tensor shaped like x
-    return model
 
 
 def configuration_error(e: BaseException | None):
@@ -336,11 +334,19 @@ def _backbone_cost(cfg: DictConfig, meta: dict) -> tuple[int, int, int, float]:
     _fill_data_shape(cfg, meta)
     key = repr((OmegaConf.to_container(cfg.model, resolve=True), meta.get("context_length")))
     if key not in _COST_CACHE:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from src.training.prepare import check_backbone_call
+
         model = build_on_meta(cfg, meta)
         params = sum(p.numel() for p in model.parameters())
         # depth and width feed only the 6NT rule; a backbone of the user's own may not say them (then 0).
         depth, hidden = (int(getattr(model, k, None) or cfg.model.get(k) or 0) for k in ("depth", "hidden_size"))
-        _COST_CACHE[key] = (params, depth, hidden, forward_flops(model, meta))
+        # The job's own check (its call signature, a tensor shaped like x), whose forward is the one counted.
+        counter = FlopCounterMode(display=False)
+        ran = check_backbone_call(model, meta, within=counter)
+        flops = float(counter.get_total_flops()) if ran else forward_flops(model, meta)
+        _COST_CACHE[key] = (params, depth, hidden, flops)
     return _COST_CACHE[key]
 
 

@@ -7,6 +7,7 @@ it. No Lightning here: the launcher checks every job of a sweep with these befor
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import importlib
@@ -186,13 +187,14 @@ def check_model(cfg: DictConfig, shapes: dict) -> None:
     _CHECKED_MODELS.add(key)
 
 
-def check_backbone_call(backbone: torch.nn.Module, shapes: dict) -> None:
+def check_backbone_call(backbone: torch.nn.Module, shapes: dict, within=None) -> bool:
     """One forward on the meta device: backbone(x, t, context, pooled) must return a tensor shaped like x
     (docs/backbone.md#a-backbone-of-your-own). A backbone of one's own with another signature failed at the first
     training step, and one returning another shape trained and was ranked: the loss and the sampler broadcast it.
-    A forward the meta device cannot run (data-dependent code) is left to the job."""
+    A forward the meta device cannot run (data-dependent code) is left to the job. within: a context the forward
+    runs in (src.plan counts its FLOPs, not running a second one). Whether the forward ran."""
     if not isinstance(backbone, torch.nn.Module) or shapes.get("context_length") is None:
-        return
+        return False
     c, s = int(shapes["latent_channels"]), int(shapes["latent_size"])
     with torch.device("meta"):
         x = torch.zeros(1, c, s, s)
@@ -204,14 +206,15 @@ def check_backbone_call(backbone: torch.nn.Module, shapes: dict) -> None:
         raise ConfigError(f"model: {type(backbone).__name__}.forward cannot be called as backbone(x, t, context, "
                           f"pooled) ({e})") from None
     try:
-        with torch.no_grad():
+        with within or contextlib.nullcontext(), torch.no_grad():
             out = backbone(*args)
     except Exception:  # noqa: BLE001 -- not runnable on the meta device; the job runs it for real
-        return
+        return False
     if getattr(out, "shape", None) != x.shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(f"model: {type(backbone).__name__} returns {got} for x of shape {tuple(x.shape)}; a backbone "
                           "must return a tensor shaped like x (docs/backbone.md#a-backbone-of-your-own)")
+    return True
 
 
 def model_error(model: DictConfig, e: Exception) -> ConfigError:
