@@ -160,6 +160,8 @@ class Plan:
     flops_method: str
     parallelism: int | None  # jobs at once (the launcher's array_parallelism); None: one after the other
     not_launched: list[str] = field(default_factory=list)  # jobs that name another job's run directory
+    refused_before_launch: list[str] = field(default_factory=list)  # invalid jobs, a line per cause (grouped)
+    fail_fast: bool = False  # src.run launches none of the jobs when one is refused before launch
 
     @property
     def mfu(self) -> float | None:
@@ -565,6 +567,7 @@ def plan_sweep(overrides: Sequence[str], peak_tflops: float = H100_BF16_DENSE_TF
         raise ValueError(f"--peak-tflops={peak_tflops}: must be a finite number > 0")
     if mfu is not None and not 0 < mfu <= 1:
         raise ValueError(f"--mfu={mfu}: must be in (0, 1]")
+    from src.launch.failures import grouped
     from src.models.perf import gpu_words
 
     if gpu is not None and not gpu_words(gpu):  # "NVIDIA" alone, or "": no device to look up
@@ -576,9 +579,47 @@ def plan_sweep(overrides: Sequence[str], peak_tflops: float = H100_BF16_DENSE_TF
         parallelism = int(launcher.array_parallelism) if launcher.get("array_parallelism") else None
         single = not {"-m", "--multirun"} & set(overrides) and jobs == [list(overrides)]
         jobs, not_launched = (jobs, []) if single else _distinct_runs(jobs)
-        planned = [plan_job(i, job, flops_method, single, mfu, gpu) for i, job in enumerate(jobs)]
-        _plan_training_waves(base, jobs, planned)
-    return Plan(planned, peak_tflops, flops_method, parallelism, not_launched)
+        planned, valid, invalid = [], [], []
+        for i, job in enumerate(jobs):
+            try:
+                planned.append(plan_job(i, job, flops_method, single, mfu, gpu))
+                valid.append(job)
+            except Exception as e:  # src.run refuses it before launch and launches the rest: so does the plan
+                if single:
+                    raise
+                invalid.append((_job_name(job), error_line(e)))
+        if invalid and not planned:  # nothing to plan: the command's error, each cause once
+            raise JobsRefused(grouped(invalid))
+        _plan_training_waves(base, valid, planned)
+    return Plan(planned, peak_tflops, flops_method, parallelism, not_launched, grouped(invalid),
+                bool(base.get("fail_fast")))
+
+
+class JobsRefused(Exception):
+    """Every job of a sweep is refused before launch: a line per cause (src/launch/failures.py grouped)."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def error_line(e: BaseException) -> str:
+    """The one line src.run gives for this error: Hydra's own, else the configuration error behind it."""
+    from src.launch.failures import one_line
+    from src.launch.validate import hydra_error_line
+
+    return hydra_error_line(e) or one_line(configuration_error(e) or e)
+
+
+def _job_name(overrides: list[str]) -> str:
+    """A job's name in the plan's refusals, as src.run names it (its run name, else its recipe overrides)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from src.launch.validate import job_name
+
+    cfg = _compose(overrides)  # composed before (_distinct_runs)
+    HydraConfig.instance().set_config(cfg)
+    return job_name(cfg, overrides)
 
 
 def check_launcher(launcher: DictConfig) -> None:
@@ -602,9 +643,12 @@ def _distinct_runs(jobs: list[list[str]]) -> tuple[list[list[str]], list[str]]:
     runs: dict = {}
     kept, lines = [], []
     for job in jobs:
-        cfg = _compose(job)
+        cfg = _compose(job)  # one Hydra cannot compose (a typo in a key) ends the command, as for src.run
         HydraConfig.instance().set_config(cfg)  # for ${hydra:...} in run names
-        twin = same_run_dir(cfg, job, runs)
+        try:
+            twin = same_run_dir(cfg, job, runs)
+        except Exception:  # an invalid job (a recipe forming no run name): plan_job names its error
+            twin = None
         if twin is None:
             kept.append(job)
         else:
@@ -741,6 +785,10 @@ def render(plan: Plan, root: Path | None = None) -> str:
                      "fails naming the file in their status until it is restored or deleted; then they take "
                      f"{sum(plan.job_hours(j, j.flops_left) for j in blocked):.4g} GPU-hours.")
     lines += [f"Not launched: {line}." for line in plan.not_launched]
+    if plan.refused_before_launch:
+        lines.append(f"Refused before launch, not in the table (src.run names them and "
+                     f"{'with fail_fast=true launches no job' if plan.fail_fast else 'launches the others'}):")
+        lines += [f"  {line}" for line in plan.refused_before_launch]
     notes = list(dict.fromkeys(a for j in plan.jobs for a in j.assumptions))
     if notes:
         lines.append("Assumed: " + "; ".join(notes) + ".")
@@ -787,17 +835,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.disable(logging.WARNING)  # Lightning/Hydra chatter; the plan is the output
     try:
         plan = plan_sweep(overrides, args.peak_tflops, args.mfu, args.flops, args.gpu)
+    except JobsRefused as e:  # every job: a line per cause
+        print("\n".join(f"plan: {line}" for line in e.lines), file=sys.stderr)
+        return 2
     except Exception as e:  # a one-line error, as for `python -m src.run`
-        from src.launch.failures import one_line
-        from src.launch.validate import hydra_error_line
-
-        line = hydra_error_line(e) or one_line(configuration_error(e) or e)
-        print(f"plan: {line}", file=sys.stderr)
+        print(f"plan: {error_line(e)}", file=sys.stderr)
         return 2
     finally:  # process-wide: a caller in the same process (a notebook, a test) keeps its warnings
         logging.disable(logging.NOTSET)
     print(render(plan))
-    return 0
+    return 1 if plan.refused_before_launch else 0  # src.run, launching the others, ends with status 1 too
 
 
 if __name__ == "__main__":

@@ -384,6 +384,29 @@ def test_a_plan_of_a_bad_recipe_or_an_unimportable_backbone_says_the_job_s_own_l
         assert capsys.readouterr().err == f"plan: {line}\n"
 
 
+def test_a_plan_of_a_sweep_plans_the_valid_jobs_and_names_the_refused_ones_as_src_run_does(tmp_path, capsys):
+    """src.run refuses a sweep's invalid jobs before launch and runs the others; the plan stopped at the first
+    invalid job ("plan: ConfigError: ...", exit 2) and planned none of the valid ones."""
+    root = f"paths.root_dir={tmp_path}"
+    line = "ConfigError: loss: rf_lognorm: s={} is not allowed; s must be > 0"
+    assert plan.main(["-m", "loss=rf_lognorm", "loss.s=-1,1,-2", root, "--mfu", "0.3"]) == 1
+    out = capsys.readouterr().out
+    table, refused = out.split("Refused before launch", 1)
+    assert "rf_lognorm_0.00_1.00" in table and "1 job (1 to run" in table and "s=-" not in table
+    assert refused.splitlines()[1:] == [f"  digits/loss=rf_lognorm,loss.s=-1: {line.format(-1)}",
+                                        f"  digits/loss=rf_lognorm,loss.s=-2: {line.format(-2)}"]
+    assert "launches the others" in refused.splitlines()[0]
+    assert plan.main(["-m", "loss=rf_lognorm", "loss.s=-1,1", root, "--mfu", "0.3", "fail_fast=true"]) == 1
+    assert "with fail_fast=true launches no job" in capsys.readouterr().out
+    # Every job refused: the command's error, a line per cause (jobs refused alike share one).
+    assert plan.main(["-m", "loss=rf_lognorm", "loss.s=-1", "seed=0,1", root]) == 2
+    assert capsys.readouterr().err == (f"plan: 2 jobs (digits/loss=rf_lognorm,loss.s=-1/seed=0, "
+                                       f"digits/loss=rf_lognorm,loss.s=-1/seed=1): {line.format(-1)}\n")
+    # A key no job's configuration has ends the command, as it ends src.run's.
+    assert plan.main(["-m", "loss=edm,rf", "loss.s=1", root]) == 2
+    assert capsys.readouterr().err.startswith("plan: loss.s: no such setting (a typo?)")
+
+
 # ---- sweeping keys the run name does not hold ------------------------------------------------------------------
 def test_swept_keys_outside_the_run_name_tag_each_job():
     from hydra.core.override_parser.overrides_parser import OverridesParser
