@@ -173,3 +173,47 @@ def test_mode_numeric_inverse_inverts_f(s):
     u = Mode(s).f_inverse(t)
     assert ((u >= 0) & (u <= 1)).all()
     torch.testing.assert_close(Mode(s).f(u), t, rtol=0, atol=1e-14)
+
+
+PAPER_MODE_SCALES = [-1.0, -0.54, -0.08, 0.38, 0.83, 1.0, 1.29, 1.75]
+
+
+@pytest.mark.parametrize("s", PAPER_MODE_SCALES)
+def test_mode_density_pinned_at_points_of_the_forward_map(s):
+    """pi(t) = |d f^-1 / dt| = 1 / |f'(u)| at t = f(u), from the paper's f and its derivative by hand,
+    f'(u) = -(1 + s) + s (pi / 2) sin(pi u): no inverse needed. At u = 1/2, t = 1/2 for every s."""
+    u = np.array([0.1, 1 / 3, 0.5, 0.8, 0.95])
+    t = 1 - u - s * (np.cos(np.pi * u / 2) ** 2 - 1 + u)
+    expected = 1 / np.abs(-(1 + s) + s * np.pi / 2 * np.sin(np.pi * u))
+    assert t[2] == pytest.approx(0.5, abs=1e-15)
+    np.testing.assert_allclose(Mode(s).density(torch.from_numpy(t)).numpy(), expected, rtol=1e-9)
+    assert Mode(s).density(torch.tensor([0.5], dtype=torch.float64)).item() == pytest.approx(
+        1 / (1 + s - s * math.pi / 2), rel=1e-9)
+
+
+def test_mode_density_values_at_the_paper_settings():
+    # Hand-computed: pi(1/2) = 1 / (1 + s - s pi / 2); s = 1.29: 1 / (2.29 - 2.02632726) = 3.79258...
+    t = torch.tensor([0.5], dtype=torch.float64)
+    assert Mode(1.29).density(t).item() == pytest.approx(3.792580, rel=1e-6)
+    assert Mode(1.75).density(t).item() == pytest.approx(903.8093, rel=1e-6)
+    assert Mode(-1.0).density(t).item() == pytest.approx(2 / math.pi, rel=1e-12)
+
+
+@pytest.mark.parametrize("s", PAPER_MODE_SCALES)
+def test_mode_density_at_the_ends(s):
+    # t = 1 at u = 0 and t = 0 at u = 1, where f'(u) = -(1 + s): pi = 1 / (1 + s), +inf for s = -1 (the arcsine
+    # density's integrable singularities), the same at both ends as the density is symmetric about 1/2.
+    p = Mode(s).density(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    expected = math.inf if s == -1.0 else 1 / (1 + s)
+    assert p.tolist() == pytest.approx([expected, expected], rel=1e-12)
+
+
+def test_cosmap_and_lognorm_density_pinned_values():
+    # cosmap: pi(t) = 2 / (pi (1 - 2t + 2t^2)): 2 / pi at the ends, 4 / pi at 1/2; lognorm(0, 1) at 1/2: 4 / sqrt(2 pi).
+    t = torch.tensor([0.0, 0.5, 1.0, 0.25], dtype=torch.float64)
+    np.testing.assert_allclose(CosMap().density(t).numpy(), [2 / math.pi, 4 / math.pi, 2 / math.pi, 1.0185916357881302],
+                               rtol=1e-12)
+    half = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    # lognorm(0.5, 0.6) at 1/4: logit = -ln 3, exp(-(ln 3 + 0.5)^2 / 0.72) / (0.6 sqrt(2 pi) 3/16)
+    np.testing.assert_allclose(LogitNormal(0.0, 1.0).density(half)[0].item(), 1.5957691216057308, rtol=1e-12)
+    np.testing.assert_allclose(LogitNormal(0.5, 0.6).density(half)[1].item(), 0.1019240756, rtol=1e-8)

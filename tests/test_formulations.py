@@ -133,6 +133,54 @@ def test_w_eps_of_the_matched_edm_variants():
     torch.testing.assert_close(get_recipe("edm(-1.20, 1.20)").w_eps(t), 1 + sigma**2 / 0.25)
 
 
+@pytest.mark.parametrize(
+    "name, t, w",
+    [
+        ("rf", 0.5, 4.0),  # 1 / (1 - t)^2
+        ("rf/lognorm(0.00, 1.00)", 0.75, 16.0),
+        ("eps/linear", 0.5, 1.0),
+        ("eps/cos", 0.5, 1.0),
+        ("v/cos", 0.5, 2.0),  # 1 / cos^2(pi / 4)
+        ("v/cos", 2 / 3, 4.0),  # 1 / cos^2(pi / 3)
+        ("v/linear", 1.0, 214.58773826213877),  # 1 / abar_999
+        ("v/linear", 499 / 999, 3.60140187577604),  # 1 / abar_499
+        ("edm(0.00, 0.60)", 0.5, 5.0),  # sigma = 1: lambda sigma^2 = (1 + 0.25) / 0.25
+        ("edm(-1.20, 1.20)", 2 / 3, 17.0),  # sigma = 2: (4 + 0.25) / 0.25
+        ("edm/rf", 0.5, 4.0),  # (1 + sigma)^2
+        ("edm/cos", 0.5, 2.0),  # 1 + tan^2(pi / 4)
+    ],
+)
+def test_w_eps_pinned_values(name, t, w):
+    """The eps-space weight at points where it is a hand-computed number (docs/formulations.md#formulation-families)."""
+    got = get_recipe(name).w_eps(torch.tensor([t], dtype=torch.float64)).item()
+    assert got == pytest.approx(w, rel=1e-12)
+
+
+def test_forward_processes_pinned_values():
+    """z_t = a_t x0 + b_t eps with the SPEC's a_t, b_t at hand-computed points, one per family."""
+    x0, eps = torch.tensor([[1.0]], dtype=torch.float64), torch.tensor([[0.0]], dtype=torch.float64)
+    cases = [
+        ("rf", 0.25, 0.75, 0.25),
+        ("eps/cos", 1 / 3, math.sqrt(3) / 2, 0.5),  # cos(pi / 6), sin(pi / 6)
+        ("v/cos", 0.5, math.sqrt(0.5), math.sqrt(0.5)),
+        ("eps/linear", 0.0, math.sqrt(0.99915), math.sqrt(0.00085)),  # abar_0 = 1 - beta_0
+        ("v/linear", 1.0, math.sqrt(0.004660098513077236), math.sqrt(1 - 0.004660098513077236)),
+        ("edm(0.00, 1.20)", 2 / 3, 1.0, 2.0),  # a = 1, b = sigma = t / (1 - t)
+        ("edm/rf", 0.5, 1.0, 1.0),
+        ("edm/cos", 2 / 3, 1.0, math.sqrt(3)),  # sigma = tan(pi / 3)
+    ]
+    for name, t, a, b in cases:
+        f, tt = get_recipe(name), torch.tensor([t], dtype=torch.float64)
+        assert (f.a(tt).item(), f.b(tt).item()) == (pytest.approx(a, rel=1e-12), pytest.approx(b, rel=1e-12)), name
+        assert f.add_noise(x0, eps, tt).item() == pytest.approx(a, rel=1e-12), name
+        assert f.add_noise(eps, x0, tt).item() == pytest.approx(b, rel=1e-12), name
+    # v-prediction's target v = a eps - b x0 and rf's v = eps - x0
+    t = torch.tensor([1 / 3], dtype=torch.float64)
+    x0, eps = torch.tensor([[2.0]], dtype=torch.float64), torch.tensor([[3.0]], dtype=torch.float64)
+    assert get_recipe("v/cos").target(x0, eps, t).item() == pytest.approx(3 * math.sqrt(3) / 2 - 1, rel=1e-12)
+    assert get_recipe("rf").target(x0, eps, t).item() == 1.0
+
+
 # ---- process ------------------------------------------------------------------------------------
 
 

@@ -135,8 +135,11 @@ class Mode(TimestepDensity):
         return 1 - u - self.s * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
 
     def df(self, u: Tensor) -> Tensor:
-        """f'(u) = -(1 + s) + s (pi / 2) sin(pi u), <= 0 on [0, 1] for valid s."""
-        return -(1 + self.s) + self.s * (math.pi / 2) * torch.sin(math.pi * u)
+        """f'(u) = -(1 + s) + s (pi / 2) sin(pi u), <= 0 on [0, 1] for valid s.
+
+        sin(pi u) is evaluated as sin(pi min(u, 1 - u)), exactly 0 at both ends (sin(pi) in floating point is 1e-16):
+        mode(-1)'s density, 1 / |f'|, is then +inf at t = 0 as at t = 1, not 5e15."""
+        return -(1 + self.s) + self.s * (math.pi / 2) * torch.sin(math.pi * torch.minimum(u, 1 - u))
 
     def f_inverse(self, t: Tensor, tol: float = 1e-12) -> Tensor:
         """u with f(u) = t (no closed form): Newton safeguarded by bisection; t in [0, 1], float64.
