@@ -100,6 +100,7 @@ class JobPlan:
     wave: int = 1  # 2: launched when the first wave is over (src/launch/sweeper.py training_waves)
     mfu: float = DEFAULT_MFU  # the utilisation its GPU-hours are planned at (launch_mfu: of its own configuration)
     mfu_source: str = ""  # where mfu comes from, as the plan says it
+    requests_gpus: bool = True  # False: a SLURM launcher asking for no GPUs (hydra/launcher=slurm_cpu)
 
     @property
     def tokens(self) -> int:
@@ -357,6 +358,13 @@ def rule_of_thumb_flops(params: int, tokens: int, depth: int, hidden: int) -> fl
     return 2.0 * params * tokens + 4.0 * depth * tokens**2 * hidden
 
 
+def requests_gpus(launcher: DictConfig) -> bool:
+    """False for a SLURM launcher asking for no GPUs (hydra/launcher=slurm_cpu): its jobs run on CPUs. A local
+    launch plans GPUs wherever the plan is made (a laptop planning a cluster's sweep)."""
+    slurm = str(launcher.get("_target_", "")).endswith("SlurmLauncher")
+    return not slurm or launcher.get("gpus_per_node") is not None
+
+
 def job_gpus(cfg: DictConfig) -> int:
     """GPUs (or ranks) per job: the launcher's request where it makes one, else the trainer's devices x nodes."""
     launcher = cfg.hydra.launcher
@@ -518,6 +526,7 @@ def plan_job(index: int, overrides: list[str], flops_method: str = "count", sing
         params=params, image_tokens=image_tokens, text_tokens=text_tokens, batch_size=batch, steps=steps,
         gpus=job_gpus(cfg), fwd_flops_per_sample=fwd, train_flops=train, eval_flops=val + sampling,
         status="new", assumptions=assumed, data_checks=_data_checks(cfg), val_flops=val,
+        requests_gpus=requests_gpus(cfg.hydra.launcher),
     )
     job.mfu, job.mfu_source = (mfu, "given (--mfu)") if mfu is not None else launch_mfu(cfg, job, gpu)
     status = job_status(cfg, run_dir, single)
@@ -772,8 +781,14 @@ def render(plan: Plan, root: Path | None = None) -> str:
             waves.setdefault(j.wave, []).append(j)
         wall = sum(_array_hours([plan.job_hours(j, j.flops_left) / gpus for j in wave], plan.parallelism)
                    for wave in waves.values())
-        lines.append(f"Wall clock with {at_once} job{'s' * (at_once != 1)} of {gpus} GPU(s) at once (array_parallelism)"
+        devices = f"{gpus} GPU(s)" if all(j.requests_gpus for j in left) else f"{gpus} task(s)"
+        lines.append(f"Wall clock with {at_once} job{'s' * (at_once != 1)} of {devices} at once (array_parallelism)"
                      f"{f', in {len(waves)} waves' if len(waves) > 1 else ''}: about {wall:.3g} h.")
+    cpu_jobs = [j for j in plan.jobs if not j.requests_gpus]
+    if cpu_jobs:
+        lines.append(f"{'All jobs request' if len(cpu_jobs) == len(plan.jobs) else f'{len(cpu_jobs)} jobs request'} "
+                     "no GPU (hydra.launcher.gpus_per_node=null): the GPU-hours are what they would take on GPUs; "
+                     "on CPUs they take far longer (the FLOPs are what they run).")
     if refused:
         lines.append(f"Refused by a relaunch, not in 'still to run' (jobs {', '.join(str(j.index) for j in refused)}): "
                      "their directories hold a run of another configuration, or an unreadable fingerprint.json, or "

@@ -199,6 +199,24 @@ def test_plan_wall_clock_divides_a_jobs_gpu_hours_over_its_gpus():
     p = plan.Plan([job], peak_tflops=100, flops_method="count", parallelism=2)
     assert p.job_hours(job, job.flops_left) == pytest.approx(4.0)  # 4 GPU-hours on 4 GPUs at once: 1 h
     assert "Wall clock with 1 job of 4 GPU(s) at once (array_parallelism): about 1 h." in plan.render(p)
+    assert "request no GPU" not in plan.render(p)
+
+
+def test_a_plan_of_jobs_asking_slurm_for_no_gpu_says_so():
+    """hydra/launcher=slurm_cpu (gpus_per_node=null): the wall clock said "jobs of 1 GPU(s)" of jobs that get none."""
+    from omegaconf import OmegaConf
+
+    slurm = "hydra_plugins.flowsweep_launcher.SlurmLauncher"
+    assert not plan.requests_gpus(OmegaConf.create({"_target_": slurm, "gpus_per_node": None}))
+    assert plan.requests_gpus(OmegaConf.create({"_target_": slurm, "gpus_per_node": 8}))
+    assert plan.requests_gpus(OmegaConf.create({"_target_": "hydra._internal.core_plugins.basic_launcher."
+                                                             "BasicLauncher"}))
+    job = plan.JobPlan(index=0, overrides=[], run_dir=Path("/r/0"), model="MMDiT", params=1, image_tokens=1,
+                       text_tokens=1, batch_size=8, steps=1, gpus=1, fwd_flops_per_sample=1.0, train_flops=1e18,
+                       eval_flops=0.0, status="new", mfu=0.5, mfu_source="given", requests_gpus=False)
+    text = plan.render(plan.Plan([job], peak_tflops=100, flops_method="count", parallelism=2))
+    assert "Wall clock with 1 job of 1 task(s) at once" in text and "GPU(s)" not in text
+    assert "All jobs request no GPU (hydra.launcher.gpus_per_node=null)" in text
 
 
 def test_plan_status_reads_run_directories(tmp_path):
