@@ -201,3 +201,30 @@ def test_a_wandb_that_cannot_start_is_one_line_and_a_failing_exit(tmp_path, monk
     assert err.startswith("rank report: error: --wandb: UsageError: No API key configured. Use `wandb login` to log "
                           "in. (the report in ") and err.count("\n") == 1
     assert (tmp_path / "r" / "report.html").is_file()
+
+
+def test_the_report_is_published_while_its_folder_is_locked(tmp_path, monkeypatch, capsys):
+    """--wandb uploaded the report's files after the report lock was released: another report of the same folder
+    could replace them mid-upload."""
+    import fcntl
+
+    import src.ranking.publish as publish
+
+    sweep = write_synthetic_sweep(tmp_path / "sweep", recipes=("rf/cosmap", "v/cos"), datasets=("digits",),
+                                  n_samples=4, n_reference=4, dim=2, sampler_settings=[(5, 5.0)])
+    seen = {}
+
+    def publish_wandb(report, paths, label=None):
+        with open(tmp_path / "r" / ".report.lock", "a") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                seen["locked"] = False
+            except BlockingIOError:
+                seen["locked"] = True
+        seen["files"] = sorted(Path(p).name for p in paths.values() if Path(p).is_file())
+        return str(tmp_path / "run-files")
+
+    monkeypatch.setattr(publish, "publish_wandb", publish_wandb)
+    assert main([str(sweep), "--bootstrap", "0", "--out", str(tmp_path / "r"), "--wandb"]) == 0
+    assert seen["locked"] and "report.html" in seen["files"]
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"W&B run files: {tmp_path / 'run-files'}"

@@ -602,8 +602,11 @@ def first_seed_records(records: pd.DataFrame) -> pd.DataFrame:
 REPORT_LOCK = ".report.lock"
 
 
-def write_report(report: RankReport, out_dir: Path | str) -> dict[str, Path]:
-    """Write the Markdown, HTML, CSV and PNG outputs into out_dir; returns name -> path."""
+def write_report(report: RankReport, out_dir: Path | str,
+                 then: Callable[[dict[str, Path]], None] | None = None) -> dict[str, Path]:
+    """Write the Markdown, HTML, CSV and PNG outputs into out_dir; returns name -> path. then: called with those
+    paths while the lock is still held (the W&B upload reads them: another report of the folder would replace them
+    mid-upload)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with file_lock(out / REPORT_LOCK):
@@ -622,7 +625,10 @@ def write_report(report: RankReport, out_dir: Path | str) -> dict[str, Path]:
                 os.replace(path, out / path.name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return {name: out / path.name for name, path in staged.items()}
+        written = {name: out / path.name for name, path in staged.items()}
+        if then is not None:
+            then(written)
+        return written
 
 
 STAGING = ".report-staging-"  # the folder a report is written into before it replaces the earlier one
@@ -808,25 +814,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     restricted += f"-fifty_step_cfg={fifty if isinstance(fifty, str) else '_'.join(f'{v:g}' for v in fifty)}" \
         if fifty is not None else ""
     out_dir = args.out or DEFAULT_REPORTS / f"{report.sweep.name}{restricted}"
-    try:
-        paths = write_report(report, out_dir)
-    except OSError as exc:  # an output folder that cannot be made or written
-        print(f"rank report: error: --out {out_dir}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    print(terminal_text(report))
-    print(f"\nReport written to {out_dir}/ (report.md, report.html, CSVs, PNGs).")
-    if args.wandb:
+    published: dict = {}  # the W&B run's files, or the error that stopped the upload
+
+    def publish(paths: dict[str, Path]) -> None:
         import wandb
 
         from src.ranking.publish import publish_wandb
 
         try:
-            files = publish_wandb(report, paths, label=f"{report.sweep.name}{restricted}")
+            published["files"] = publish_wandb(report, paths, label=f"{report.sweep.name}{restricted}")
         except (wandb.errors.Error, OSError) as exc:  # no credentials for online mode, no network, ...
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            print(f"rank report: error: --wandb: {type(exc).__name__}: {message} (the report in {out_dir}/ is "
-                  "written; WANDB_MODE=offline publishes it locally, `wandb sync` uploads it later)", file=sys.stderr)
-            return 1
+            published["error"] = exc
+
+    try:
+        write_report(report, out_dir, then=publish if args.wandb else None)
+    except OSError as exc:  # an output folder that cannot be made or written
+        print(f"rank report: error: --out {out_dir}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(terminal_text(report))
+    print(f"\nReport written to {out_dir}/ (report.md, report.html, CSVs, PNGs).")
+    if "error" in published:
+        exc = published["error"]
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"rank report: error: --wandb: {type(exc).__name__}: {message} (the report in {out_dir}/ is "
+              "written; WANDB_MODE=offline publishes it locally, `wandb sync` uploads it later)", file=sys.stderr)
+        return 1
+    if args.wandb:
+        files = published["files"]
         print(f"W&B run files: {files}" if files else "W&B is disabled (WANDB_MODE=disabled or the mode in W&B's "
               "settings): nothing published")
     return 0
