@@ -32,8 +32,11 @@ def test_some_recipes_on_one_dataset_are_ranked_among_themselves(sweep):
 def test_the_cli_writes_a_report_of_its_own_and_refuses_absent_names(sweep, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default report directory is relative: reports/<sweep>-recipes=...
     assert main([str(sweep), "--bootstrap", "0", "--recipes", "rf", "edm/rf", "--datasets", "digits"]) == 0
-    assert (tmp_path / "reports" / "pairs-recipes=rf+edm_rf-datasets=digits" / "report.md").is_file()
+    report = tmp_path / "reports" / "pairs-recipes=edm_rf+rf-datasets=digits"  # names sorted: one folder per choice
+    assert (report / "report.md").is_file()
     assert not (tmp_path / "reports" / "pairs").exists()  # the full report is never overwritten by a restricted one
+    assert main([str(sweep), "--bootstrap", "0", "--recipes", "edm/rf", "rf", "rf", "--datasets", "digits"]) == 0
+    assert [p.name for p in (tmp_path / "reports").iterdir()] == [report.name]  # was a second folder, edm_rf+rf+rf
     capsys.readouterr()
     assert main([str(sweep), "--bootstrap", "0", "--recipes", "rf", "edm", "--out", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err

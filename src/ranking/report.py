@@ -805,10 +805,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rank report: error: {exc}", file=sys.stderr)
         return 1
     # A report of some seeds never lands where the pooled report of the same sweep is.
-    restricted = f"-train_seeds={'_'.join(report.train_seeds)}" if report.train_seeds is not None else ""
+    # The same selection in another order (--recipes edm rf, rf edm rf) is the same report: one folder.
+    restricted = f"-train_seeds={'_'.join(sorted(set(report.train_seeds), key=seed_order))}" \
+        if report.train_seeds is not None else ""
     restricted += "-by_sweep" if report.by_sweep else ""
-    restricted += f"-recipes={_names_slug(report.recipes)}" if report.recipes is not None else ""
-    restricted += f"-datasets={'_'.join(report.datasets)}" if report.datasets is not None else ""
+    restricted += f"-recipes={_names_slug(sorted(set(report.recipes)))}" if report.recipes is not None else ""
+    restricted += f"-datasets={'_'.join(sorted(set(report.datasets)))}" if report.datasets is not None else ""
     restricted += f"-sampler={_names_slug([args.sampler])}" if args.sampler is not None else ""
     fifty = _fifty_step_arg(args.fifty_step_cfg)  # another 50-step column: another report
     restricted += f"-fifty_step_cfg={fifty if isinstance(fifty, str) else '_'.join(f'{v:g}' for v in fifty)}" \
