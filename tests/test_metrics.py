@@ -292,6 +292,29 @@ def test_reference_features_are_computed_once_and_cached(tmp_path):
     assert other.path != ref.path and other.n == 20
 
 
+def test_temp_files_a_kill_left_in_the_reference_cache_go_after_a_day(tmp_path):
+    """A job killed while writing an entry left `.<entry>.npz.<random>.tmp` (as large as the entry) for ever; the
+    cache is shared by many jobs without a lock, so only temp files untouched for a day are removed."""
+    import os
+    import time
+
+    def extractor(images):
+        return images.flatten(1)[:, :3]
+
+    images = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    ref = reference_features("toy", "digits/test", images, extractor, tmp_path)
+    abandoned, live = tmp_path / f".{ref.path.name}.abcd1234.tmp", tmp_path / ".toy__other.npz.0123abcd.tmp"
+    other = tmp_path / "notes.tmp"  # not one of this project's temp names: never touched
+    for path in (abandoned, live, other):
+        path.write_bytes(b"partial")
+    day_ago = time.time() - 24 * 3600 - 60
+    for path in (abandoned, other):
+        os.utime(path, (day_ago, day_ago))
+    again = reference_features("toy", "digits/test", images, extractor, tmp_path)  # a cache hit cleans too
+    np.testing.assert_array_equal(again.features, ref.features)
+    assert not abandoned.exists() and live.exists() and other.exists()
+
+
 def test_a_reference_cache_file_of_another_pair_is_refused_not_served(tmp_path):
     """The cache file is checked when read: one that holds another extractor's or set's features (copied or renamed
     into place) is an error naming both pairs, never served as this pair's statistics."""

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from src.utils.io import load_npz, save_npz
+from src.utils.io import load_npz, remove_abandoned_temp_files, save_npz
 from src.metrics.frechet import feature_statistics
 
 Images = Union[Tensor, Iterable[Tensor], Callable[[], Iterable[Tensor]]]
@@ -88,6 +88,7 @@ def reference_features(
     one (called only on a cache miss). extractor: an object with `.image_features(images)` or such a callable.
     """
     path = reference_path(extractor_id, dataset_id, cache_dir)
+    remove_abandoned_temp_files(path.parent)  # what kills during earlier writes left (features of a large set)
     if path.is_file():
         data = _read_cache(path)
         if data is not None:

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
@@ -53,6 +54,23 @@ def remove_stale_temp_files(root: str | os.PathLike, skip: tuple[str, ...] = ("w
                 path = Path(current) / name
                 path.unlink(missing_ok=True)
                 removed.append(path)
+    return removed
+
+
+def remove_abandoned_temp_files(folder: str | os.PathLike, older_than_s: float = 24 * 3600) -> list[Path]:
+    """Delete the temp files in folder (not below it) that interrupted writes left (a kill while a shared cache file
+    was written) and no writer has touched for older_than_s: in a folder shared by many jobs, where no lock says
+    whether a temp file's writer is alive, an unchanged day is proof enough (a write takes seconds to minutes)."""
+    removed = []
+    now = time.time()
+    with contextlib.suppress(OSError):  # no folder (yet): nothing left there
+        for entry in os.scandir(folder):
+            try:
+                if is_temp_name(entry.name) and entry.is_file() and now - entry.stat().st_mtime > older_than_s:
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+            except OSError:  # removed meanwhile by another job
+                continue
     return removed
 
 
