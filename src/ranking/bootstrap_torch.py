@@ -143,7 +143,10 @@ def nuclear_norm_newton_schulz(k: torch.Tensor, certified, max_iterations: int =
     Unlike a square root of the Gram matrix, round-off of size eps |K| moves the result by about eps |K| (singular
     values are Lipschitz), so near-zero singular values cost nothing. Error bound, with R = I - X^T X (eigenvalues
     1 - g_i^2 >= 1 - g_i): sum s_i (1 - g_i) <= sqrt(tr (A^T A R) tr R) |K|_F (Cauchy-Schwarz), computed each
-    iteration; a draw's value is kept at the first iteration where certified(value, bound) holds.
+    iteration; a draw's value is kept at the first iteration where certified(value, bound) holds. Each trace is
+    taken in absolute value, not clamped at 0: near convergence its true value lies below its round-off and comes out
+    of either sign, and the magnitude is then the round-off's size. Clamped, a negative trace gave a bound of 0 that
+    certified values off by 1e-10 of the norm.
     """
     if k.shape[-2] < k.shape[-1]:
         k = k.transpose(-1, -2)  # tall: X^T X is the smaller side
@@ -158,7 +161,7 @@ def nuclear_norm_newton_schulz(k: torch.Tensor, certified, max_iterations: int =
         xtx = x.transpose(-1, -2) @ x
         r = eye - xtx
         value = (x * a).sum(dim=(-1, -2)) * scale
-        bound = ((ata * r).sum(dim=(-1, -2)).clamp(min=0.0) * r.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(min=0.0)
+        bound = ((ata * r).sum(dim=(-1, -2)).abs() * r.diagonal(dim1=-2, dim2=-1).sum(-1).abs()
                  ).sqrt() * scale
         accept = ~done & torch.isfinite(value) & certified(value, bound)
         nuclear = torch.where(accept, value, nuclear)
