@@ -126,3 +126,19 @@ def test_paper_grid_plan_gpu_hours_on_h200(tmp_path):
     assert "1.029e+04 in all" in console
     assert "measured 37.1% for d15-default (batch 128) on NVIDIA H200" in console
     assert not (tmp_path / "outputs").exists()
+
+
+def test_sweeps_readme_job_counts():
+    """sweeps/README.md's table: each sweep's number of jobs, as `python -m src.run +sweep=<name>` launches them
+    (the planner's expansion, tests/test_sweeps.py), and `+sweep=paper_embedded data=digits` runs 61 jobs."""
+    from src import plan
+
+    table = (ROOT / "sweeps/README.md").read_text().split("| sweep | jobs | what |")[1].split("\n\n")[0]
+    rows = dict(re.findall(r"^\| `(\w+)` \| (\d+) \|", table, re.M))
+    assert set(rows) == {p.stem for p in (ROOT / "sweeps").glob("*.yaml")}
+    with plan._hydra_context():
+        counts = {name: len(plan.expand_jobs([f"+sweep={name}"])[1]) for name in rows}
+        digits_only = len(plan.expand_jobs(["+sweep=paper_embedded", "data=digits"])[1])
+    assert counts == {name: int(n) for name, n in rows.items()}
+    assert digits_only == 61
+    assert "+sweep=paper_embedded data=digits` runs 61 jobs" in README
