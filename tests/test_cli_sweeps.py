@@ -31,9 +31,16 @@ def ranked(report_dir: Path) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_smoke_sweep_and_its_report(tmp_path):
-    """README: `python -m src.run +sweep=smoke` (3 recipes x {digits, shapes}), then its report."""
+    """README: `python -m src.run +sweep=smoke` (3 recipes x {digits, shapes}), then its report: the commands of
+    `make sweep-smoke` and `make rank-report SWEEP=outputs/multirun/smoke`."""
+    from tests.test_documented_commands import make_commands
+
+    [sweep] = make_commands("sweep-smoke")
+    [report] = make_commands("rank-report", "SWEEP=outputs/multirun/smoke")
+    assert sweep == ["-m", "src.run", "+sweep=smoke"]
+    assert report == ["-m", "src.ranking.report", "outputs/multirun/smoke"]
     start = time.monotonic()
-    run(["src.run", "+sweep=smoke"], tmp_path)
+    run(sweep[1:], tmp_path)
     print(f"smoke sweep from an empty directory: {time.monotonic() - start:.0f} s")
     runs = tmp_path / "outputs/multirun/smoke"
     done = sorted(p.parent.relative_to(runs).as_posix() for p in runs.glob("*/*/results.json"))
@@ -41,7 +48,7 @@ def test_smoke_sweep_and_its_report(tmp_path):
                     for r in ("edm_-1.20_1.20", "eps_linear", "rf_lognorm_0.00_1.00")]
     for path in runs.glob("*/*/results.json"):
         assert len(json.loads(path.read_text())) == 4  # two sampler settings, EMA and raw
-    console = run(["src.ranking.report", "outputs/multirun/smoke"], tmp_path)
+    console = run(report[1:], tmp_path)
     assert "Sweep smoke: 6 run directories (6 done)" in console
     assert set(ranked(tmp_path / "reports/smoke")) == {"rf/lognorm(0.00, 1.00)", "eps/linear", "edm(-1.20, 1.20)"}
 

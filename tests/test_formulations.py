@@ -157,7 +157,8 @@ def test_w_eps_pinned_values(name, t, w):
 
 
 def test_forward_processes_pinned_values():
-    """z_t = a_t x0 + b_t eps with the SPEC's a_t, b_t at hand-computed points, one per family."""
+    """z_t = a_t x0 + b_t eps with the a_t, b_t of docs/formulations.md#forward-process at hand-computed points,
+    one per family."""
     x0, eps = torch.tensor([[1.0]], dtype=torch.float64), torch.tensor([[0.0]], dtype=torch.float64)
     cases = [
         ("rf", 0.25, 0.75, 0.25),
