@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import sys
 import time
@@ -233,19 +234,19 @@ def bench_cuda(args) -> str:
 
 
 # ---- results file ---------------------------------------------------------------------------------------
-def write_section(name: str, body: str) -> None:
-    """Replace this device's section of bench/results/backbone.md, keeping the other (temp file + rename)."""
+def write_section(name: str, body: str, out: Path = RESULTS) -> None:
+    """Replace this device's section of out (bench/results/backbone.md), keeping the other (temp file + rename)."""
     start, end = f"<!-- {name} -->", f"<!-- /{name} -->"  # one section per device (and CUDA batch size)
-    text = RESULTS.read_text() if RESULTS.exists() else "# Backbone benchmark: our MMDiT vs diffusers' SD3Transformer2DModel\n"
+    text = out.read_text() if out.exists() else "# Backbone benchmark: our MMDiT vs diffusers' SD3Transformer2DModel\n"
     section = f"{start}\n## {name.upper()}\n\n{body}\n{end}"
     if start in text and end in text:
         text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".md.tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
-    tmp.replace(RESULTS)
+    tmp.replace(out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -261,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-diffusers", action="store_true", help="CUDA only: skip diffusers")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: stable on a shared machine)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak of the GPU (default: by name)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results file (default: bench/results/backbone.md)")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
@@ -271,8 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     if not cuda and args.dtype != "fp32":
         raise SystemExit(f"--dtype {args.dtype} on CPU is not supported; allowed: fp32")
     body = bench_cuda(args) if cuda else bench_cpu(args)
-    write_section("cpu" if not cuda else f"cuda batch {args.batch}", body)
-    print(f"\nwritten to {RESULTS.relative_to(ROOT)}")
+    write_section("cpu" if not cuda else f"cuda batch {args.batch}", body, args.out)
+    print(f"\nwritten to {args.out}")
 
 
 if __name__ == "__main__":

@@ -119,21 +119,23 @@ def measure(strategy: str, depth: int, hidden: int, steps: int) -> torch.Tensor:
 
 
 def d38_parameters() -> int:
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
+    """model=mmdit_d38 composed as a job composes it (its defaults list: base/backbone.yaml), built on the meta
+    device at the paper's data shapes, as src.plan builds it."""
+    from src import plan
+    from src.data.expectations import PAPER_DATA
     from src.models import count_parameters
 
-    data = dict(latent_channels=16, latent_size=32, context_dim=4096, pooled_dim=2048)
-    cfg = OmegaConf.create({"data": data, "model": OmegaConf.load(REPO / "conf/model/mmdit_d38.yaml")})
-    with torch.device("meta"):
-        return count_parameters(instantiate(cfg.model))
+    with plan._hydra_context():
+        cfg = plan._compose(["model=mmdit_d38", "data=shards"])
+        return count_parameters(plan.build_on_meta(cfg, dict(PAPER_DATA)))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a smaller backbone and fewer steps")
-    args = ap.parse_args()
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "fsdp.md",
+                    help="results file (default: bench/results/fsdp.md)")
+    args = ap.parse_args(argv)
     depth, hidden, steps = (2, 128, 3) if args.quick else (6, 384, 6)
     rows = {s: measure(s, depth, hidden, steps) for s in ("ddp", "fsdp")}
     gib = 2**30
@@ -174,7 +176,7 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    atomic_write_bytes(REPO / "bench" / "results" / "fsdp.md", text.encode())
+    atomic_write_bytes(args.out, text.encode())
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def bench_case(net, recipe: str, cfg: float, batch: int, steps: int, reps: int, 
 
 
 def write_section(device: str, header: str, rows: list[dict], args) -> None:
-    """Rewrite this device kind's section of bench/results/sampler.md, keep the other."""
+    """Rewrite this device kind's section of args.out (bench/results/sampler.md), keep the other."""
     kind = "CUDA" if device.startswith("cuda") else "CPU"
     lines = [f"## {kind}", "", header, "",
              f"| recipe | CFG | {args.steps} forwards (s) | sample() (s) | overhead (medians) | overhead (minimums) "
@@ -112,9 +112,9 @@ def write_section(device: str, header: str, rows: list[dict], args) -> None:
               f"{'met' if min(worst, worst_bare) < 0.10 else 'NOT met'}. On a shared CPU the median comparison carries "
               "the machine's timing noise; the identity-backbone column measures the sampler's cost directly.", ""]
     sections = {}
-    if RESULTS.is_file():
+    if args.out.is_file():
         current = None
-        for line in RESULTS.read_text().splitlines():
+        for line in args.out.read_text().splitlines():
             if line.startswith("## "):
                 current = line[3:].strip()
                 sections[current] = []
@@ -131,19 +131,21 @@ def write_section(device: str, header: str, rows: list[dict], args) -> None:
             while section and not section[-1].strip():
                 section = section[:-1]
             body += section + [""]
-    tmp = RESULTS.with_name(f".{RESULTS.name}.{os.getpid()}.tmp")  # atomic: temp file, then rename
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")  # atomic: temp file, then rename
     tmp.write_text("\n".join(intro + body).rstrip() + "\n")
-    os.replace(tmp, RESULTS)
+    os.replace(tmp, args.out)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=None, help="default: 16 on CPU, 256 on CUDA")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results file (default: bench/results/sampler.md)")
+    args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.batch is None:
@@ -161,7 +163,7 @@ def main() -> None:
               f"parameters, 16x16x1 latents, {CONTEXT_LEN} text tokens), batch {args.batch}, {args.steps} steps, "
               f"{args.reps} repetitions.")
     write_section(args.device, header, rows, args)
-    print(f"wrote {RESULTS}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -119,18 +119,20 @@ def machine(device: str) -> str:
             f"{torch.get_num_threads()} torch threads")
 
 
-def write_section(key: str, text: str) -> None:
-    """Replace (or add) the <!-- key --> section of the results file."""
+def write_section(key: str, text: str, out: Path = RESULTS) -> None:
+    """Replace (or add) the <!-- key --> section of the results file out (temp file + rename)."""
     header = ("# Shard reading vs training-step consumption\n\nWritten by bench/bench_shard_read.py. Each worker's "
               "shuffle buffer (src.data.shards.SHUFFLE_BUFFER samples of raw tar bytes) fills before its first batch: "
               "at 154 x 4096 float16 contexts that is about 1.3 MB x 2000 = 2.6 GB of memory and several seconds "
               "per worker.\n")
-    doc = RESULTS.read_text() if RESULTS.is_file() else header
+    doc = out.read_text() if out.is_file() else header
     block = f"<!-- {key} -->\n{text.rstrip()}\n<!-- /{key} -->\n"
     pattern = re.compile(rf"<!-- {key} -->.*?<!-- /{key} -->\n", re.S)
     doc = pattern.sub(lambda _: block, doc) if pattern.search(doc) else doc.rstrip() + "\n\n" + block
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(doc)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_text(doc)
+    os.replace(tmp, out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -148,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--depth", type=int, nargs="*", default=(), help="also time these paper-size depths (hidden 64 d)")
     p.add_argument("--depth-batch", type=int, default=None, help="batch for the --depth models (default: --batch)")
     p.add_argument("--tmp", default=None, help="folder for the temporary shards (default: the system's)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results file (default: bench/results/shard_read.md)")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
     batch = args.batch or (256 if cuda else 16)
@@ -205,8 +208,8 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---|---|---|---|---|---|",
         *rows,
     ]
-    write_section("cuda" if cuda else "cpu", "\n".join(lines))
-    print(f"wrote {RESULTS}")
+    write_section("cuda" if cuda else "cpu", "\n".join(lines), args.out)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_shard_read import write_bench_shards  # noqa: E402
 from src.data.shards import ShardSamples, build_index, load_index, shard_paths  # noqa: E402
 from src.training.datamodule import global_batch_indices  # noqa: E402
+from src.utils.io import atomic_write_bytes  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "streaming.md"
 # d = 24 on one H100 at 256^2, bf16 (bench/results/shard_read.md, CUDA section): 296.7 ms per step at batch 32.
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--real-samples", type=int, default=256)
     parser.add_argument("--index-samples", type=int, default=20000)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results file (default: bench/results/streaming.md)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     load = os.getloadavg()[0]
@@ -177,7 +178,7 @@ The index is {header_s / index_s:.0f}x faster here; for ImageNet's 1.28M samples
 {index_s / args.index_samples * 1.28e6:.1f} s, and on a network file system each header read is a round trip (the scan
 reads about 3 headers of 512 bytes per sample, the index one file).
 """
-    RESULTS.write_text(text)
+    atomic_write_bytes(args.out, text.encode())
     print(text)
 
 
