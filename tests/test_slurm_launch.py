@@ -556,3 +556,7 @@ def test_setup_lines_that_are_not_shell_are_refused():
         launch.check_slurm_params({**PARAMS, "setup": ["echo 'unclosed"]})
     launch.check_slurm_params({**PARAMS, "setup": ["module load cuda", "if true; then", "echo ok", "fi"]})
     launch.check_slurm_params({**PARAMS, "setup": None})
+    # Patterns that `shopt -s extglob` allows: bash -n never runs the shopt, and refused them.
+    launch.check_slurm_params({**PARAMS, "setup": ["shopt -s extglob", "rm -f /tmp/x/!(*.keep)"]})
+    with pytest.raises(ConfigError, match="not valid shell"):  # without the shopt, they are a syntax error
+        launch.check_slurm_params({**PARAMS, "setup": ["rm -f /tmp/x/!(*.keep)"]})

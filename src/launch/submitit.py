@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -415,8 +416,11 @@ def check_setup(setup) -> None:
     lines = [str(line) for line in setup or ()]
     if not lines:
         return
+    # -n parses without running: a `shopt -s extglob` in the lines never takes effect, so the patterns it allows
+    # (`!(*.tmp)`) would be refused; the check parses with it on when the lines turn it on.
+    extglob = ["-O", "extglob"] if any(re.search(r"\bshopt\s+-s\b.*\bextglob\b", line) for line in lines) else []
     try:
-        out = subprocess.run(["bash", "-n"], input="\n".join(lines) + "\n", capture_output=True, text=True,
+        out = subprocess.run(["bash", *extglob, "-n"], input="\n".join(lines) + "\n", capture_output=True, text=True,
                              timeout=30)
     except (OSError, subprocess.TimeoutExpired):  # no bash here to ask: the cluster's runs the script as it is
         return
