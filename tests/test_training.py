@@ -748,7 +748,8 @@ def test_the_trainer_clips_the_gradient_norm_at_trainer_gradient_clip_val(tmp_pa
     opt = module.configure_optimizers()["optimizer"]
     params = list(module.backbone.parameters())
     for scale, norm in ((3.0, 0.5), (0.05, None)):  # 2-norm of the gradient [3, 4] * scale: 15, then 0.25
-        params[0].grad, params[1].grad = torch.full_like(params[0], 3.0 * scale), torch.full_like(params[1], 4.0 * scale)
+        params[0].grad = torch.full_like(params[0], 3.0 * scale)
+        params[1].grad = torch.full_like(params[1], 4.0 * scale)
         module.configure_gradient_clipping(opt, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
         total = torch.cat([p.grad.flatten() for p in params]).norm().item()
         assert total == pytest.approx(norm if norm is not None else 5.0 * scale, rel=1e-5)
