@@ -191,6 +191,27 @@ def test_separation_is_strict_at_its_threshold():
         check_settings(0.9, 0.5, 0)  # a coin flip separates nothing
 
 
+@pytest.mark.parametrize("separation", [0.75, 0.8, 0.9, 0.95])
+@pytest.mark.parametrize("draws", [100, 200, 1000])
+def test_separation_does_not_depend_on_which_entry_is_listed_first(separation, draws):
+    """a ranks better than b in exactly (1 - separation) of the draws, so b better in `separation` of them: separated,
+    whichever of the two the table lists first (P(a better) = 1 - separation is as strict a bound as P = separation)."""
+    import pandas as pd
+
+    wins = round((1.0 - separation) * draws)
+    avg = np.zeros((draws, 2))
+    avg[:, 0] = 1.0
+    avg[:wins, 0] = -1.0  # a's average rank: better than b's in `wins` draws, worse in the others
+    prob = pd.DataFrame(prob_better(avg), index=["a", "b"], columns=["a", "b"])
+    assert prob.loc["a", "b"] == pytest.approx(1.0 - separation) and prob.loc["b", "a"] == pytest.approx(separation)
+    assert inseparable_pairs(prob, separation, ["b", "a"]) == []
+    assert inseparable_pairs(prob, separation, ["a", "b"]) == []
+    avg[wins, 0] = -1.0  # one more win for a: now inside the open interval, inseparable either way round
+    prob = pd.DataFrame(prob_better(avg), index=["a", "b"], columns=["a", "b"])
+    assert [pair[:2] for pair in inseparable_pairs(prob, separation, ["a", "b"])] == [("a", "b")]
+    assert [pair[:2] for pair in inseparable_pairs(prob, separation, ["b", "a"])] == [("b", "a")]
+
+
 def test_pool_draws_weights_seeds_by_how_often_they_were_drawn():
     nan = np.nan
     cells = np.array([0, 0, 0, 1, 2, 2])  # three seeds of one cell, one of another, two of a third

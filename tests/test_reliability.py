@@ -372,6 +372,14 @@ def test_jobs_that_failed_alike_are_one_line_of_the_summary():
     assert grouped([("a", "E: x")]) == ["a: E: x"] and grouped([]) == []
 
 
+def test_a_group_of_failed_jobs_names_up_to_three_and_counts_only_those_it_leaves_out():
+    from src.launch.failures import grouped
+
+    jobs = [(f"d/r{i}", "E: x") for i in range(4)]
+    assert grouped(jobs[:3]) == ["3 jobs (d/r0, d/r1, d/r2): E: x"]  # all three named: no "and 0 more"
+    assert grouped(jobs) == ["4 jobs (d/r0, d/r1, d/r2 and 1 more): E: x"]
+
+
 def test_sweep_with_config_errors_launches_none_of_them(tmp_path):
     """Every job is checked before the first is launched: invalid jobs get no directory, the data are not built."""
     out = cli(["-m", f"paths.root_dir={tmp_path}", "sweep_name=bad", "loss=rf_lognorm", "loss.s=-1,-2",

@@ -736,3 +736,33 @@ def test_evaluate_refused_by_a_busy_run_says_only_that(run, capsys, caplog, monk
     (run / "run.log").write_text("the run's log\n")
     assert evaluate_main([str(run), "eval.seed=7"]) == 2
     assert "best.ckpt: missing" in capsys.readouterr().err and (run / "run.log").read_text() == "the run's log\n"
+
+
+def test_each_ema_setting_samples_with_its_own_weights_from_the_checkpoint(run, monkeypatch):
+    """eval.ema=[true,false]: the EMA records are sampled with the checkpoint's ema_backbone.* tensors and the raw ones
+    with its backbone.* tensors. (This run trains with ema_decay=0, so its two copies are equal: the EMA copy in the
+    checkpoint is made different first, else sampling either copy for both would pass.)"""
+    from src.evaluation import evaluate as evaluation
+    from src.evaluation.run import select_checkpoint
+
+    path = select_checkpoint(run, "best")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    for k, v in ckpt["state_dict"].items():
+        if k.startswith("ema_backbone.") and v.is_floating_point():
+            ckpt["state_dict"][k] = v + 0.5
+    torch.save(ckpt, path)
+    seen = {}
+
+    def capture(backbone, *args, ema, **kwargs):
+        seen[ema] = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+        return []
+
+    monkeypatch.setattr(evaluation, "evaluate_backbone", capture)
+    evaluate(run, ["eval.seed=7", "eval.ema=[true,false]"])
+    state = ckpt["state_dict"]
+    assert sorted(seen) == [False, True]
+    for ema, prefix in ((True, "ema_backbone."), (False, "backbone.")):
+        expected = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        assert seen[ema].keys() == expected.keys()
+        assert all(torch.equal(seen[ema][k], expected[k]) for k in expected), f"ema={ema}: other weights sampled"
+    assert any(not torch.equal(seen[True][k], seen[False][k]) for k in seen[True])  # the check can tell them apart

@@ -309,3 +309,43 @@ def test_a_stochastic_samplers_draws_are_not_the_initial_noise():
     with _sampler_draws(torch.device("cpu"), 1234, 8):
         fresh = torch.randn(noise.shape)
     assert not any(torch.equal(fresh[i], noise[j]) for i in range(4) for j in range(4))
+
+
+def test_a_stochastic_samplers_draws_leave_the_callers_generator_as_it_was():
+    """Inside _sampler_draws torch's global generator is seeded per (seed, batch start), whatever it held before;
+    on the way out it is restored, so what the caller draws next (training, the next setting) is not shifted."""
+    from src.evaluation.evaluate import _sampler_draws
+
+    draws = []
+    for outer in (1, 2):
+        torch.manual_seed(outer)
+        before = torch.get_rng_state()
+        expected_next = torch.randn(5)
+        torch.set_rng_state(before)
+        with _sampler_draws(torch.device("cpu"), 1234, 8):
+            draws.append(torch.randn(6))
+        assert torch.equal(torch.get_rng_state(), before)
+        assert torch.equal(torch.randn(5), expected_next)
+    assert torch.equal(draws[0], draws[1])
+
+
+def test_each_evaluation_batch_seeds_a_stochastic_samplers_draws_by_its_first_prompt_index(monkeypatch):
+    """Batch [start, stop) draws from torch's generator seeded by (eval seed, start) on the sampler's own stream, as
+    its initial noise is seeded by prompt index: batches get different fresh noise, the same at any earlier state."""
+    from src.evaluation import evaluate as evaluation
+    from src.evaluation.evaluate import SAMPLER_STREAM, EvalPrompts, SamplerSetting
+    from src.sampling.noise import _index_seed
+    from tests.test_evaluation import FakeClip, _eval_set
+
+    drawn = []
+
+    def fake_sample(backbone, formulation, noise, *args, **kwargs):
+        drawn.append(torch.randn(3))  # what a stochastic sampler's first fresh draw would be
+        return noise
+
+    monkeypatch.setattr(evaluation, "sample", fake_sample)
+    evaluation._generate(None, None, EvalPrompts.from_any(_eval_set()), SamplerSetting(2, 1.0), FakeClip(), None,
+                         n=12, seed=3, batch_size=5, decode=lambda x: x, device=torch.device("cpu"))
+    expected = [torch.randn(3, generator=torch.Generator().manual_seed(_index_seed(3, start, stream=SAMPLER_STREAM)))
+                for start in (0, 5, 10)]
+    assert len(drawn) == 3 and all(torch.equal(d, e) for d, e in zip(drawn, expected))

@@ -735,3 +735,42 @@ def test_a_single_runs_refusal_names_no_sweep_name(tmp_path, cache_dir):
         prepare_job(changed, run)
     with pytest.raises(ConfigError, match=r"\(optim.lr\); use another sweep_name, give this configuration"):
         prepare_job(changed, run, multirun=True)
+
+
+def test_the_trainer_clips_the_gradient_norm_at_trainer_gradient_clip_val(tmp_path, cache_dir):
+    """trainer.gradient_clip_val=c: before each update the module scales the gradients to total 2-norm c when larger
+    (torch.nn.utils.clip_grad_norm_), and leaves smaller ones alone; the job's trainer is built with that value."""
+    from src.training.job import build_trainer
+
+    trainer = build_trainer(make_cfg(tmp_path, cache_dir, ["trainer.gradient_clip_val=0.5"]), tmp_path / "run", [], [])
+    module = _unit_module()
+    module.trainer = trainer
+    opt = module.configure_optimizers()["optimizer"]
+    params = list(module.backbone.parameters())
+    for scale, norm in ((3.0, 0.5), (0.05, None)):  # 2-norm of the gradient [3, 4] * scale: 15, then 0.25
+        params[0].grad = torch.full_like(params[0], 3.0 * scale)
+        params[1].grad = torch.full_like(params[1], 4.0 * scale)
+        module.configure_gradient_clipping(opt, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
+        total = torch.cat([p.grad.flatten() for p in params]).norm().item()
+        assert total == pytest.approx(norm if norm is not None else 5.0 * scale, rel=1e-5)
+        assert params[0].grad.item() / params[1].grad.item() == pytest.approx(0.75)  # the direction is kept
+
+
+def test_best_checkpoint_is_the_lowest_ema_validation_loss(tmp_path, cache_dir):
+    """best.ckpt is model selection on val_ema/loss_mean: of the validations logged, the one with the lowest EMA loss,
+    not the lowest loss of the raw weights. Here the EMA never updates (ema_every > max_steps): its loss is the same
+    at every validation, so the first one stays best, while the raw weights improve."""
+    from src.training.metrics_log import read_metrics
+
+    overrides = ["train.max_steps=6", "train.val_every=1", "train.ckpt_every=2", "optim.lr=0.003",
+                 "optim.warmup_steps=0", "train.ema_every=100", "eval.enabled=false"]
+    run_dir = tmp_path / "run"
+    run_job(make_cfg(tmp_path, cache_dir, overrides), run_dir)
+    log = read_metrics(run_dir)
+    ema, raw = log["val_ema/loss_mean"].dropna(), log["val/loss_mean"].dropna()
+    assert len(ema) == len(raw) == 6 and ema.nunique() == 1 and raw.idxmin() != raw.index[0]
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    [state] = [s for s in ckpt["callbacks"].values() if "best_model_score" in s]
+    assert float(state["best_model_score"]) == pytest.approx(ema.min(), rel=1e-6)
+    best = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert best["global_step"] == state["best_model_step"] == 1  # the first validation: after step 1

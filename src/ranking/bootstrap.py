@@ -451,6 +451,8 @@ def inseparable_pairs(prob: pd.DataFrame, separation: float, order: Sequence[str
     for i, a in enumerate(order):
         for b in order[i + 1:]:
             p = prob.loc[a, b]
-            if np.isfinite(p) and 1.0 - separation < p < separation:
+            # max(p, 1 - p): not 1 - separation < p, where 1 - 0.9 = 0.0999... would call P = 0.1 inseparable but
+            # the same pair listed the other way round (P = 0.9) separated.
+            if np.isfinite(p) and max(p, 1.0 - p) < separation:
                 pairs.append((a, b, float(p)))
     return pairs
