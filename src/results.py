@@ -265,14 +265,6 @@ def record_identity(record: Mapping[str, Any] | Record) -> tuple:
     return tuple(_canonical(k, d.get(k)) for k in IDENTITY_FIELDS)
 
 
-def describe_identity(record: Mapping[str, Any]) -> str:
-    """A short human-readable summary of a record's settings."""
-    d = upgrade(record)
-    return (f"{entry_name(d, drop=())} @ {d['dataset']}, {d['setting']}, {'ema' if d['ema'] else 'raw'}, "
-            f"sampler {d['sampler']}, n={d['n_samples']}, eval seed {d['eval_seed']}, {d['feature_extractor']}, "
-            f"{d['fid_features']}, {d['checkpoint']} checkpoint")
-
-
 # ---- results.json ------------------------------------------------------------------------------------------
 # What to do about a damaged results.json (written atomically by this project, so damaged by something else).
 REDO = "delete it and rerun the command to evaluate the run again (its training is kept)"

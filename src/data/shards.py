@@ -30,7 +30,6 @@ from src.utils.io import atomic_write_json, load_npz, save_npz, temp_sibling
 META_FILE = "meta.json"
 INDEX_FILE = "index.npz"  # the byte offsets of every sample (ShardSamples); optional: a folder without one is scanned
 SHARD_PATTERN = "shard-{:06d}.tar"
-SHARD_GLOB = "shard-*.tar"
 FORMAT_VERSION = 1
 IDENTITY_AUTOENCODER = "identity"  # pixel space: the latent is the image
 SHUFFLE_BUFFER = 2000

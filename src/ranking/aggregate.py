@@ -42,7 +42,6 @@ RUN_MARKERS = (".hydra/config.yaml", "results.json", "error.json")
 SETTING_KEY = ["dataset", "setting", "ema"]  # a control setting (docs/ranking.md#control-settings: dataset x sampler setting x EMA)
 # One record per (entry, sampler, training seed, control setting); a rerun's newer record replaces the older one.
 RECORD_KEY = ["base_entry", "sampler", "train_seed", *SETTING_KEY]
-ENTRY_KEY = ["recipe", *SETTING_KEY]  # in the pooled (seed-mean) table, 'recipe' is the entry
 REQUIRED_FIELDS = ("recipe", "dataset", "setting", "steps", "cfg", "ema", "clip_score", "fid_clip")
 DERIVED_FIELDS = ("entry", "base_entry", "train_seed", "sampler", "fid_features")
 # The other record fields (src/results.py) the ranking carries along (all but the config).

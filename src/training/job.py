@@ -134,13 +134,6 @@ def training_finished(cfg: DictConfig, run_dir: Path) -> bool:
     return int(ckpt.get("global_step", 0)) >= cfg.train.max_steps
 
 
-def results_complete(cfg: DictConfig, run_dir: Path, formulation=None) -> bool:
-    """Training finished and every wanted evaluation record present (src.results.missing_records)."""
-    from src.evaluation.run import missing_for
-
-    return training_finished(cfg, run_dir) and not missing_for(cfg, run_dir, formulation)
-
-
 def _run_tags(run_dir: Path) -> dict | None:
     """The swept values of the run in run_dir (its config.yaml's run_tag); None when unreadable."""
     try:
