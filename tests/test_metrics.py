@@ -220,11 +220,11 @@ def test_clip_extractor_loads_the_local_file(tiny_clip_file):
     manual = model.encode_image(((images.repeat(1, 3, 1, 1) + 1) / 2 - mean) / std, normalize=False)
     torch.testing.assert_close(feats, manual.detach(), rtol=1e-5, atol=1e-5)
     assert ext.id.endswith(":clip_raw")
-    from src.metrics.clip import FID_FEATURES, LEGACY_FID_FEATURES
+    from src.metrics.clip import FID_FEATURES
     from src.ranking import aggregate
 
-    # The ranking repeats the names (it must not import torch); they must stay equal.
-    assert (aggregate.FID_FEATURES, aggregate.LEGACY_FID_FEATURES) == (FID_FEATURES, LEGACY_FID_FEATURES)
+    # The ranking (which must not import torch) and the extractor take the name from src.results: one definition.
+    assert aggregate.FID_FEATURES == FID_FEATURES == ext.id.rsplit(":", 1)[1]
     torch.testing.assert_close(ext.image_features(images.repeat(1, 3, 1, 1)), feats)
     assert ext.image_features(_digits(2)[:, :, ::2, ::2]).shape == (2, 32)  # 8x8 input is resized to 16
     text = ext.text_features(["a photo of a zero", "a photo of a one"])

@@ -5,6 +5,7 @@ server answers {"pid"} as soon as the child exists and {"status"} (its exit stat
 it ended. End of input ends the server. Nothing of this project is imported here: each child imports it afresh.
 """
 
+import importlib
 import json
 import os
 import runpy
@@ -13,11 +14,8 @@ import types
 
 # What every command of this project imports (Lightning brings torchmetrics, torchvision and scipy): about 5 s of
 # each command's start on this kind of machine. Importing starts no threads and reads no project state.
-import hydra  # noqa: F401
-import lightning.pytorch  # noqa: F401
-import omegaconf  # noqa: F401
-import pandas  # noqa: F401
-import torch  # noqa: F401
+for _name in ("hydra", "lightning.pytorch", "omegaconf", "pandas", "torch"):
+    importlib.import_module(_name)
 
 #: sys.path as a fresh interpreter builds it, without the entries of this server's own start (its directory,
 #: its PYTHONPATH): a child puts its own in front, as `python -m` would.

@@ -11,7 +11,7 @@ Definitions used throughout the project:
   repeated to RGB, resized (shorter side, bicubic, antialiased) and centre-cropped to the model's image size, and
   normalised with the model's mean and std. Records name this definition `fid_features = "clip_raw"`
   (FID_FEATURES); records written before it (FID on L2-normalised embeddings) have no such field and are read as
-  "clip_l2norm" (LEGACY_FID_FEATURES). The rank report refuses to rank a sweep that mixes the two.
+  "clip_l2norm" (src.results.LEGACY_FID_FEATURES). The rank report refuses to rank a sweep that mixes the two.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch import Tensor
 from src.metrics.images import resize_center_crop, to_rgb01
 from src.utils.io import weights_sha256
 # The feature definition of fid_clip (recorded as `fid_features`, part of the reference cache key): one definition.
-from src.results import FID_FEATURES, LEGACY_FID_FEATURES  # noqa: F401
+from src.results import FID_FEATURES
 
 #: The CLIP models of the paper, named in the error for an unknown model (open_clip knows a few hundred).
 KNOWN_MODELS = ("ViT-L-14", "ViT-L-14-quickgelu", "ViT-bigG-14")

@@ -9,6 +9,7 @@ only, unless `verbose=true`.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
@@ -280,7 +281,7 @@ def quiet_console(verbose: bool, wandb: bool = False) -> None:
     root handlers once; W&B's terminal lines (wandb=True: the job uses W&B) go to the `wandb` logger unless verbose.
     """
     logging.captureWarnings(True)
-    import lightning.pytorch  # noqa: F401 -- imported now so its handler exists to be removed
+    importlib.import_module("lightning.pytorch")  # imported now so its handler exists to be removed
 
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logger = logging.getLogger(name)
