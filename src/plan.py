@@ -70,7 +70,6 @@ GPU_RESULTS = CONF_DIR.parent / "bench" / "results" / "gpu.md"  # written by mak
 # a configuration leaves null when its shards' meta.json is not at hand, and stated in the plan.
 PAPER_SHAPES = {"latent_channels": 16, "latent_size": 32, "context_dim": 4096, "pooled_dim": 2048,
                 "context_length": 154}
-PAPER_CONTEXT_LENGTH = PAPER_SHAPES["context_length"]
 
 
 @dataclass

@@ -141,7 +141,7 @@ def test_counted_flops_per_block_match_the_transformer_formula(model_name, adaln
     a, job = forward_flops(model_name, 3)
     b, _ = forward_flops(model_name, 4)
     T = job.tokens
-    assert job.image_tokens == 64 and job.text_tokens == plan.PAPER_CONTEXT_LENGTH
+    assert job.image_tokens == 64 and job.text_tokens == plan.PAPER_SHAPES["context_length"]
     assert b - a == 24 * h * h * T + 4 * T * T * h + adaln_per_block * h * h
 
 
