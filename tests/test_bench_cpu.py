@@ -27,7 +27,8 @@ def run_bench(script: str, *args: str, out: Path, timeout: int = 300) -> str:
 
 def test_bench_backbone_times_ours_against_diffusers_and_keeps_other_sections(tmp_path):
     out = tmp_path / "backbone.md"
-    out.write_text("# Backbone benchmark\n\n<!-- cuda batch 32 -->\n## CUDA BATCH 32\n\nkept\n<!-- /cuda batch 32 -->\n")
+    out.write_text("# Backbone benchmark\n\n<!-- cuda batch 32 -->\n## CUDA BATCH 32\n\nkept\n"
+                   "<!-- /cuda batch 32 -->\n")
     text = run_bench("bench_backbone.py", "--reps", "1", "--warmup", "0", "--batch", "1", out=out)
     rows = re.findall(r"^\| (\d) \| (\d+) \| [\d,]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| \d+ \| \d+ \|$", text, re.M)
     assert rows == [("2", "128"), ("4", "256")]
