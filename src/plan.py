@@ -487,11 +487,12 @@ def plan_job(index: int, overrides: list[str], flops_method: str = "count", sing
     """One job and what it costs; mfu None: the MFU measured for its configuration on this GPU (launch_mfu)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from src.training.prepare import check_choices, check_values
+    from src.training.prepare import build_formulation, check_choices, check_values
 
     cfg = _compose(overrides)
     check_values(cfg)  # the job's value checks: a plan of train.max_steps=-1 is no plan
     check_choices(cfg)
+    build_formulation(cfg)  # the recipe's check (loss.s=-1), which a run_name without the recipe would not make
     HydraConfig.instance().set_config(cfg)  # for ${hydra:...} in run names (sweeps/backbones.yaml)
     # A single run (no -m, no sweep) lands in hydra.run.dir (outputs/runs/...), a sweep's job in the sweep's folder.
     run_dir = Path(str(cfg.hydra.run.dir)) if single else Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
@@ -586,16 +587,27 @@ def plan_sweep(overrides: Sequence[str], peak_tflops: float = H100_BF16_DENSE_TF
         check_launcher(launcher)
         parallelism = int(launcher.array_parallelism) if launcher.get("array_parallelism") else None
         single = not {"-m", "--multirun"} & set(overrides) and jobs == [list(overrides)]
-        jobs, not_launched = (jobs, []) if single else _distinct_runs(jobs)
-        planned, valid, invalid = [], [], []
-        for i, job in enumerate(jobs):
+        # Each job checked in order as src.run checks them before launch (src/launch/validate.py
+        # check_sweep_jobs): its configuration, then, for a valid one, whether an earlier valid job has its run
+        # directory (launched once, or refused: another configuration in that directory, refused like an invalid job).
+        planned, valid, invalid, not_launched, runs = [], [], [], [], {}
+        for job in jobs:
+            cfg = None if single else _compose(job)  # one Hydra cannot compose (a typo in a key) ends the command
             try:
-                planned.append(plan_job(i, job, flops_method, single, mfu, gpu))
-                valid.append(job)
+                job_plan = plan_job(len(planned) + len(invalid), job, flops_method, single, mfu, gpu)
+                twin = None if single else _same_run(cfg, job, runs)
             except Exception as e:  # src.run refuses it before launch and launches the rest: so does the plan
                 if single:
                     raise
                 invalid.append((_job_name(job), error_line(e)))
+                continue
+            if twin is not None and twin.refused:
+                invalid.append((f"{_job_name(job)} [{twin.apart}]", twin.line))  # src.run's name for it
+            elif twin is not None:
+                not_launched.append(twin.line)
+            else:
+                planned.append(job_plan)
+                valid.append(job)
         if invalid and not planned:  # nothing to plan: the command's error, each cause once
             raise JobsRefused(grouped(invalid))
         _plan_training_waves(base, valid, planned)
@@ -625,7 +637,7 @@ def _job_name(overrides: list[str]) -> str:
 
     from src.launch.validate import job_name
 
-    cfg = _compose(overrides)  # composed before (_distinct_runs)
+    cfg = _compose(overrides)  # composed before (plan_sweep)
     HydraConfig.instance().set_config(cfg)
     return job_name(cfg, overrides)
 
@@ -641,27 +653,15 @@ def check_launcher(launcher: DictConfig) -> None:
     check_slurm_params(OmegaConf.to_container(launcher, resolve=True))
 
 
-def _distinct_runs(jobs: list[list[str]]) -> tuple[list[list[str]], list[str]]:
-    """The jobs the sweeper launches, without those naming an earlier job's run directory (src/launch/validate.py
-    same_run_dir: launched once, or refused), and a line for each of those."""
+def _same_run(cfg: DictConfig, job: list[str], runs: dict):
+    """src/launch/validate.py same_run_dir for a valid job of a sweep: None for a new run directory (recorded in
+    runs), else the SameRun of the earlier job whose directory it names."""
     from hydra.core.hydra_config import HydraConfig
 
     from src.launch.validate import same_run_dir
 
-    runs: dict = {}
-    kept, lines = [], []
-    for job in jobs:
-        cfg = _compose(job)  # one Hydra cannot compose (a typo in a key) ends the command, as for src.run
-        HydraConfig.instance().set_config(cfg)  # for ${hydra:...} in run names
-        try:
-            twin = same_run_dir(cfg, job, runs)
-        except Exception:  # an invalid job (a recipe forming no run name): plan_job names its error
-            twin = None
-        if twin is None:
-            kept.append(job)
-        else:
-            lines.append(f"{twin.apart}: {twin.line}" if twin.refused else twin.line)
-    return kept, lines
+    HydraConfig.instance().set_config(cfg)  # for ${hydra:...} in run names
+    return same_run_dir(cfg, job, runs)
 
 
 #: Statuses of a job that trains when the sweep is launched.

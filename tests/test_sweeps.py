@@ -645,13 +645,29 @@ SAME_DIR = ["loss=rf_lognorm", "loss.m=0,0.0,0.5", "run_name=${data.name}/same"]
 
 def test_plan_launches_a_run_directory_once(tmp_path, capsys):
     """loss.m=0 and 0.0 are one run (equal settings): planned once; loss.m=0.5 under a run_name that leaves out the
-    recipe would share their directory with other settings: refused. The plan says both, as the sweeper does."""
-    assert plan.main(["-m", *SAME_DIR, f"paths.root_dir={tmp_path}", *FAKE_SHARDS, "--mfu", "0.3"]) == 0
+    recipe would share their directory with other settings: refused. The plan says both, as the sweeper does: the
+    refused one among the jobs refused before launch, named as src.run names it, and src.run's exit status 1."""
+    assert plan.main(["-m", *SAME_DIR, f"paths.root_dir={tmp_path}", *FAKE_SHARDS, "--mfu", "0.3"]) == 1
     out = capsys.readouterr().out
     assert "1 job (1 to run" in out
     assert "Not launched: fake/same: loss.m=0.0 is the same run as loss.m=0 (equal settings): launched once." in out
-    assert ("Not launched: loss.m=0.5: run directory fake/same is also that of the job with loss.m=0, whose settings "
-            "differ (loss.m); run_name must tell the jobs apart") in out
+    table, refused = out.split("Refused before launch", 1)
+    assert "loss.m=0.5" not in table
+    assert refused.splitlines()[1].startswith(
+        "  fake/same [loss.m=0.5]: run directory fake/same is also that of the job with loss.m=0, whose settings "
+        "differ (loss.m); run_name must tell the jobs apart")
+    # fail_fast=true: src.run launches none of the jobs (the refused one counts as an invalid job).
+    assert plan.main(["-m", *SAME_DIR, f"paths.root_dir={tmp_path}", *FAKE_SHARDS, "--mfu", "0.3",
+                      "fail_fast=true"]) == 1
+    assert "with fail_fast=true launches no job" in capsys.readouterr().out
+    # An invalid job takes no run directory (src.run checks the valid jobs' directories only): loss.s=-1's jobs are
+    # refused for their recipe, and loss.s=1, loss.m=0 is planned in the directory they name, loss.m=0.5 refused.
+    assert plan.main(["-m", "loss=rf_lognorm", "loss.s=-1,1", "loss.m=0,0.5", "run_name=${data.name}/same",
+                      f"paths.root_dir={tmp_path}", *FAKE_SHARDS, "--mfu", "0.3"]) == 1
+    out = capsys.readouterr().out
+    table, refused = out.split("Refused before launch", 1)
+    assert "1 job (1 to run" in table and "fake/same" in table
+    assert "s=-1 is not allowed" in refused and "fake/same [loss.m=0.5]: run directory fake/same" in refused
     # A tagged key spelled two ways gets two tags ("50", "50.0"), hence two directories, for one training.
     assert plan.main(["-m", "optim.warmup_steps=50,50.0,60", f"paths.root_dir={tmp_path}", *FAKE_SHARDS,
                       "--mfu", "0.3"]) == 0
@@ -688,7 +704,7 @@ def test_a_plan_says_why_a_job_shares_a_directory_under_the_default_run_name(tmp
     """loss.m=0.001 and 0.002 differ, but the recipe's name rounds them alike and the sweeper tags no loss key: the
     refusal says so instead of blaming a run_name the user never set; a job given twice is said as such."""
     args = [f"paths.root_dir={tmp_path}", *FAKE_SHARDS, "--mfu", "0.3"]
-    assert plan.main(["-m", "loss=rf_lognorm", "loss.m=0.001,0.002", *args]) == 0
+    assert plan.main(["-m", "loss=rf_lognorm", "loss.m=0.001,0.002", *args]) == 1  # src.run refuses it: status 1
     out = capsys.readouterr().out
     assert "whose settings differ (loss.m); run_name must tell the jobs apart" in out
     assert "the recipe's name gives its parameters to two decimals: sweep with name_keys=[data,data.name]" in out
