@@ -736,3 +736,23 @@ def test_evaluate_refused_by_a_busy_run_says_only_that(run, capsys, caplog, monk
     (run / "run.log").write_text("the run's log\n")
     assert evaluate_main([str(run), "eval.seed=7"]) == 2
     assert "best.ckpt: missing" in capsys.readouterr().err and (run / "run.log").read_text() == "the run's log\n"
+
+
+def test_evaluating_a_finished_run_again_gives_the_jobs_own_records_and_arrays(run, tmp_path):
+    """src.evaluate of a finished run whose records and arrays were removed samples what the job's evaluation
+    sampled after training, bit for bit: the same best.ckpt (an earlier step than last.ckpt here), prompts, noise
+    and metrics, whatever state the process's global generators are in."""
+    before = json.loads((run / "results.json").read_text())
+    assert before and {r["checkpoint_step"] for r in before} != {4}  # best.ckpt, not the final step
+    arrays = {r["arrays"]: dict(np.load(run / r["arrays"])) for r in before}
+    for path in (run / "results.json", run / "eval_request.yaml"):
+        path.unlink(missing_ok=True)
+    shutil.rmtree(run / "eval")
+    torch.manual_seed(12345)  # other global generator state than the job's
+    after = evaluate(run)
+    keys = ("setting", "ema", "checkpoint_step", "n_samples", "eval_seed", "clip_score", "fid_clip", "arrays")
+    assert [{k: r[k] for k in keys} for r in after] == [{k: r[k] for k in keys} for r in before]
+    for name, saved in arrays.items():
+        again = np.load(run / name)
+        for k in ("clip_scores", "features", "grid"):
+            np.testing.assert_array_equal(again[k], saved[k], err_msg=f"{name}: {k}")
