@@ -766,3 +766,23 @@ def test_each_ema_setting_samples_with_its_own_weights_from_the_checkpoint(run, 
         assert seen[ema].keys() == expected.keys()
         assert all(torch.equal(seen[ema][k], expected[k]) for k in expected), f"ema={ema}: other weights sampled"
     assert any(not torch.equal(seen[True][k], seen[False][k]) for k in seen[True])  # the check can tell them apart
+
+
+def test_evaluating_a_finished_run_again_gives_the_jobs_own_records_and_arrays(run, tmp_path):
+    """src.evaluate of a finished run whose records and arrays were removed samples what the job's evaluation
+    sampled after training, bit for bit: the same best.ckpt (an earlier step than last.ckpt here), prompts, noise
+    and metrics, whatever state the process's global generators are in."""
+    before = json.loads((run / "results.json").read_text())
+    assert before and {r["checkpoint_step"] for r in before} != {4}  # best.ckpt, not the final step
+    arrays = {r["arrays"]: dict(np.load(run / r["arrays"])) for r in before}
+    for path in (run / "results.json", run / "eval_request.yaml"):
+        path.unlink(missing_ok=True)
+    shutil.rmtree(run / "eval")
+    torch.manual_seed(12345)  # other global generator state than the job's
+    after = evaluate(run)
+    keys = ("setting", "ema", "checkpoint_step", "n_samples", "eval_seed", "clip_score", "fid_clip", "arrays")
+    assert [{k: r[k] for k in keys} for r in after] == [{k: r[k] for k in keys} for r in before]
+    for name, saved in arrays.items():
+        again = np.load(run / name)
+        for k in ("clip_scores", "features", "grid"):
+            np.testing.assert_array_equal(again[k], saved[k], err_msg=f"{name}: {k}")

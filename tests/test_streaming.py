@@ -171,6 +171,22 @@ def test_streaming_run_interrupted_and_resumed_equals_uninterrupted_in_memory_ru
         assert torch.equal(memory[k], stream[k]), k
 
 
+@pytest.mark.parametrize("first, second", [(3, 0), (0, 3)])
+def test_a_streaming_run_resumes_exactly_under_another_number_of_loader_workers(folders, tmp_path, monkeypatch,
+                                                                                first, second):
+    """data.num_workers is a throughput setting, not in the fingerprint: a run interrupted at step 5 (last
+    checkpoint at 4, which 3 workers do not divide) and resumed with another number of workers ends with the weights
+    of an uninterrupted in-memory run."""
+    memory, _ = train(folders, tmp_path, "memory", "data.in_memory=true", "data.num_workers=0")
+    interrupt_at(monkeypatch, 5)
+    with pytest.raises(Interrupt):
+        train(folders, tmp_path, "stream", "data.in_memory=false", f"data.num_workers={first}")
+    monkeypatch.undo()
+    stream, step = train(folders, tmp_path, "stream", "data.in_memory=false", f"data.num_workers={second}")
+    assert step == 8 and memory.keys() == stream.keys()
+    for k in memory:
+        assert torch.equal(memory[k], stream[k]), k
+
 def test_shards_with_pax_headers_are_indexed_too(folders, tmp_path):
     """Shards written by other tools (PAX extended headers) fall back to tarfile's header parser."""
     import io

@@ -280,6 +280,53 @@ def test_ctrl_c_stops_and_the_rerun_ends_as_the_uninterrupted_run(tmp_path, cach
     assert_same_run(resumed, straight)
 
 
+@pytest.mark.parametrize("hook, at", [("training_step", 5), ("training_step", 7), ("validation_step", 8)],
+                         ids=["training", "training-before-a-validation", "validation"])
+def test_sigterm_stops_and_the_rerun_logs_the_uninterrupted_runs_steps(tmp_path, cache_dir, monkeypatch, hook, at):
+    """`kill` (SIGTERM): Lightning stops after the step's validation and the job saves last.ckpt there (exit 143).
+    Saved after Lightning counted the step for its loggers, a checkpoint of a validated step made the rerun count it
+    again: every later row of metrics.csv (losses, validations) was labelled one step late."""
+    import os
+    import signal
+
+    overrides = ["train.max_steps=12", "train.val_every=4", "train.ckpt_every=100", "eval.n_samples=4",
+                 "eval.batch_size=4", "eval.settings=[{steps: 2, cfg: 5.0}]", "eval.ema=[true]", "optim.lr=0.05",
+                 "trainer.log_every_n_steps=1"]
+    straight = tmp_path / "straight"
+    run_job(make_cfg(tmp_path, cache_dir, overrides), straight)
+
+    from src.training import module as module_lib
+    from src.training.metrics_log import read_metrics
+
+    original = getattr(module_lib.FormulationModule, hook)
+    sent = []
+
+    def interrupted(self, batch, batch_idx):
+        if self.global_step == at and not sent:
+            sent.append(at)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, batch, batch_idx)
+
+    resumed = tmp_path / "resumed"
+    monkeypatch.setattr(module_lib.FormulationModule, hook, interrupted)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit):  # Lightning's SIGTERMException
+            run_job(make_cfg(tmp_path, cache_dir, overrides), resumed)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert sent == [at] and not (resumed / "results.json").exists()
+    stopped = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert stopped["global_step"] == (at if hook == "validation_step" else at + 1)
+    monkeypatch.setattr(module_lib.FormulationModule, hook, original)
+    run_job(make_cfg(tmp_path, cache_dir, overrides), resumed)
+
+    assert validation_rows(resumed) == validation_rows(straight)
+    losses = [read_metrics(d)[["step", "train/loss"]].dropna().values.tolist() for d in (straight, resumed)]
+    assert losses[0] == losses[1] and len(losses[0]) == 12
+    assert_same_run(resumed, straight)
+
+
 def test_last_checkpoint_is_the_final_step_and_a_finished_run_is_skipped(tmp_path, cache_dir):
     # max_steps is not a multiple of ckpt_every: last.ckpt must still hold the final step.
     overrides = ["train.max_steps=7", "train.val_every=7", "train.ckpt_every=5", "eval.enabled=false"]

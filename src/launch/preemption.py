@@ -204,7 +204,19 @@ class InterruptCheckpoint(StopAtStepBoundary):
         self._uninstall()
         # SIGTERM (scancel, preemption without submitit's signal, kill): every rank stopped between two steps.
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
-            trainer.save_checkpoint(self.ckpt_path)
+            # Lightning raised it at the very end of the step, after counting the step for its loggers
+            # (_batches_that_stepped). A resume from a validated step skips the validation that ran and counts the
+            # step again, as it must for a checkpoint saved when the validation ended (every other save of such a
+            # step): saved with that count, so the rerun logs every later row at the uninterrupted run's step
+            # (docs/pitfalls.md).
+            loop = trainer.fit_loop.epoch_loop
+            counted = int(validated_at(trainer.global_step, self.val_every) and not trainer.validating
+                          and loop._batches_that_stepped == trainer.global_step)
+            loop._batches_that_stepped -= counted
+            try:
+                trainer.save_checkpoint(self.ckpt_path)
+            finally:
+                loop._batches_that_stepped += counted
             log.warning("checkpoint on SIGTERM at step %d: %s", trainer.global_step, self.ckpt_path)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
