@@ -178,8 +178,8 @@ def test_a_restricted_report_is_published_under_its_own_name(tmp_path, monkeypat
     for extra in ([], ["--recipes", "v/cos", "edm/rf"]):
         with pytest.raises(RuntimeError, match="stop"):
             main([str(sweep), "--bootstrap", "0", "--out", str(tmp_path / "r"), "--wandb", *extra])
-    assert [k["name"] for k in seen] == ["rank-report sweep", "rank-report sweep-recipes=v_cos+edm_rf"]
-    assert seen[1]["config"]["report"] == "sweep-recipes=v_cos+edm_rf" and seen[1]["group"] == "sweep"
+    assert [k["name"] for k in seen] == ["rank-report sweep", "rank-report sweep-recipes=edm_rf+v_cos"]  # names sorted
+    assert seen[1]["config"]["report"] == "sweep-recipes=edm_rf+v_cos" and seen[1]["group"] == "sweep"
 
 
 def test_a_wandb_that_cannot_start_is_one_line_and_a_failing_exit(tmp_path, monkeypatch, capsys):
