@@ -174,6 +174,13 @@ def cli() -> int:
         print("interrupted (Ctrl-C); rerun the command to resume", file=sys.stderr)
         return 1
     except Exception as e:
+        if isinstance(e, OSError) and (not FAILED or FAILED[-1][1] != one_line(e)):
+            # A folder or file the launch itself writes (the run or sweep directory, multirun.yaml, jobs.json) on a
+            # read-only or full file system: `OSError: [Errno 30] Read-only file system: '<path>'`, not a traceback.
+            if FAILED:
+                print(summary(), file=sys.stderr)
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            return 1
         # fail_fast=true: the sweeper re-raises the first failed job's error, which the job has said in one line and
         # recorded (its traceback is in its run.log and error.json): the summary, not a second, longer telling.
         if not FAILED or FAILED[-1][1] != one_line(e):

@@ -874,3 +874,93 @@ def test_fsdp_checks_take_lightnings_spellings_of_the_strategy():
     check_fsdp(OmegaConf.create({"trainer": {"strategy": {"_target_": "lightning.pytorch.strategies.FSDPStrategy",
                                                           "sharding_strategy": "shard_grad_op",
                                                           "use_orig_params": True}}}))
+
+
+# ---- a hostile file system: full disks, read-only folders ----------------------------------------------------------
+
+
+def _full_disk(monkeypatch):
+    """Every write to a file atomic_write opens fails as on a full disk (ENOSPC)."""
+    import errno
+    import io as pyio
+
+    from src.utils import io
+
+    class Full(pyio.BufferedWriter):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(io.os, "fdopen", lambda fd, mode="r", *a, **k: Full(real_fdopen(fd, "wb", buffering=0)))
+
+
+def test_a_full_disk_during_a_checkpoint_save_names_the_file_and_the_cause(tmp_path, monkeypatch):
+    """torch.save turns the write's ENOSPC into `RuntimeError: ... unexpected pos 223744 vs 223632`, which names
+    neither; atomic_write raises the OSError with the checkpoint's path, and the old file stays whole."""
+    import errno
+
+    from src.training.checkpoint_io import AtomicCheckpointIO
+
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"w": torch.ones(3)}, path)
+    before = path.read_bytes()
+    _full_disk(monkeypatch)
+    with pytest.raises(OSError) as info:
+        AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(1000)}, path)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert "No space left on device" in failures.one_line(info.value) and str(path) in failures.one_line(info.value)
+    assert path.read_bytes() == before and sorted(os.listdir(path.parent)) == ["last.ckpt"]
+
+
+def test_an_atomic_write_into_a_folder_it_cannot_write_names_the_file_not_its_temp_name(tmp_path, monkeypatch):
+    """A read-only folder refuses the temp file: the error names the file that was to be written."""
+    import errno
+    import tempfile
+
+    from src.utils.io import atomic_write_json
+
+    def refuse(dir=None, prefix="", suffix=""):
+        raise OSError(errno.EROFS, "Read-only file system", os.path.join(dir, f"{prefix}abcd1234{suffix}"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(OSError) as info:
+        atomic_write_json(tmp_path / "reference.npz", {})
+    assert info.value.errno == errno.EROFS and info.value.filename == str(tmp_path / "reference.npz")
+
+
+def test_a_shard_write_failing_on_a_full_disk_names_the_shard_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    """The write's ENOSPC names no file, and closing the shard then fails too (its flush): the temp shard, which
+    fills the disk, was left behind."""
+    import errno
+
+    from src.data.shards import ShardWriter
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def open_shard(writer):
+        real_open_shard(writer)
+        real_close = writer._tar.close
+        monkeypatch.setattr(writer._tar, "close", lambda: (real_close(), full()))
+
+    real_open_shard = ShardWriter._open_shard
+    monkeypatch.setattr(ShardWriter, "_record_layout", full)
+    monkeypatch.setattr(ShardWriter, "_open_shard", open_shard)
+    shard_dir = tmp_path / "train"
+    with pytest.raises(OSError) as info:
+        with ShardWriter(shard_dir, encoder_names=["e"], samples_per_shard=4) as writer:
+            writer.write(torch.zeros(3, 2, 2), torch.zeros(2, 4), torch.zeros(4), "a caption")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(shard_dir / "shard-000000.tar")
+    assert os.listdir(shard_dir) == []
+
+
+def test_an_output_root_that_cannot_be_made_is_one_line_naming_it(tmp_path):
+    """Hydra makes the run directory itself: an output root it cannot create (read-only, full, under a file) was a
+    traceback."""
+    (tmp_path / "file").write_text("")
+    root = tmp_path / "file" / "sub"
+    r = run_cli([f"paths.root_dir={root}", *TINY], timeout=120)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: NotADirectoryError: [Errno 20] Not a directory: ") and str(root) in lines[0]
