@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -439,7 +440,7 @@ def _trained_status(cfg: DictConfig, run_dir: Path) -> str:
             return "best.ckpt missing"
         except (ValueError, KeyError, OSError):  # anything else unreadable: left to the job, which evaluates or says
             return "to evaluate"
-    if (run_dir / "checkpoints" / "last.ckpt").is_file():
+    if os.path.lexists(run_dir / "checkpoints" / "last.ckpt"):  # a dangling link too: the job resumes from the previous
         from src.training.checkpoint_io import checkpoint_to_resume
 
         try:

@@ -126,7 +126,8 @@ def run_finished(cfg: DictConfig, run_dir: Path) -> bool:
     from src.results import results_path
     from src.training.job import training_finished
 
-    return results_path(run_dir).is_file() and training_finished(cfg, run_dir)
+    # Any results.json, a folder or a dangling link too (read_results refuses those, naming it): not evaluated over.
+    return os.path.lexists(results_path(run_dir)) and training_finished(cfg, run_dir)
 
 
 def cli() -> int:

@@ -964,3 +964,37 @@ def test_an_output_root_that_cannot_be_made_is_one_line_naming_it(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr
     assert lines[0].startswith("error: NotADirectoryError: [Errno 20] Not a directory: ") and str(root) in lines[0]
+
+
+def test_a_dangling_last_checkpoint_resumes_from_the_previous_one_not_from_scratch(tmp_path):
+    """last.ckpt a link to nothing (its target moved or deleted): it was taken for a run never saved, which trained
+    again from step 0 over best.ckpt and last.prev.ckpt; it is an unreadable last.ckpt, so the previous one is used."""
+    from src.training.checkpoint_io import LAST, PREVIOUS, AtomicCheckpointIO, checkpoint_to_resume
+
+    ckpt_dir = tmp_path / "checkpoints"
+    for step in (8, 16):
+        AtomicCheckpointIO().save_checkpoint({"global_step": step}, ckpt_dir / LAST)
+    (ckpt_dir / LAST).unlink()
+    (ckpt_dir / LAST).symlink_to(tmp_path / "moved" / LAST)
+    assert checkpoint_to_resume(ckpt_dir, repair=False) == ckpt_dir / PREVIOUS
+    assert checkpoint_to_resume(ckpt_dir) == ckpt_dir / LAST and not (ckpt_dir / LAST).is_symlink()
+    assert torch.load(ckpt_dir / LAST, weights_only=True)["global_step"] == 8
+
+
+def test_a_results_json_that_is_a_folder_or_a_dangling_link_is_refused_naming_it(tmp_path, monkeypatch):
+    """A results.json that is not a file was read as no results: the relaunch evaluated the finished run again,
+    rewriting its samples, and then failed writing results.json. It is refused as an unreadable results.json is,
+    before anything is written."""
+    from src import run
+    from src.results import read_results
+    from src.training import job
+
+    monkeypatch.setattr(job, "training_finished", lambda cfg, run_dir: True)
+    (tmp_path / "a" / "results.json").mkdir(parents=True)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "results.json").symlink_to(tmp_path / "nowhere.json")
+    for name, kind in (("a", "a folder"), ("b", "a link to nothing")):
+        assert run.run_finished(None, tmp_path / name)  # a launch leaves it as it is
+        with pytest.raises(ValueError, match=f"results.json: {kind}, not a results file; move it away"):
+            read_results(tmp_path / name)
+    assert read_results(tmp_path) == [] and not run.run_finished(None, tmp_path)
