@@ -998,3 +998,24 @@ def test_a_results_json_that_is_a_folder_or_a_dangling_link_is_refused_naming_it
         with pytest.raises(ValueError, match=f"results.json: {kind}, not a results file; move it away"):
             read_results(tmp_path / name)
     assert read_results(tmp_path) == [] and not run.run_finished(None, tmp_path)
+
+
+def test_a_run_directory_that_is_a_link_to_nothing_is_refused_and_the_sweep_goes_on(tmp_path, cache_dir):
+    """Hydra's mkdir fails on a dangling link with `File exists`, which stopped the whole sweep at that job (a
+    traceback before src.run said OSErrors in one line). The job is refused before launch, named; the others run."""
+    from src.launch.validate import run_dir_not_a_folder
+
+    root = tmp_path / "root"
+    digits = root / "outputs" / "multirun" / "default" / "digits"
+    digits.mkdir(parents=True)
+    (digits / "rf").symlink_to(tmp_path / "moved")
+    assert "is a link to nothing" in str(run_dir_not_a_folder(digits / "rf"))
+    (tmp_path / "file").write_text("")
+    assert "is a file, not a folder" in str(run_dir_not_a_folder(tmp_path / "file"))
+    assert run_dir_not_a_folder(digits) is None and run_dir_not_a_folder(tmp_path / "none") is None
+    r = run_cli(["-m", "loss=rf,eps_linear", f"paths.root_dir={root}", f"paths.cache_dir={cache_dir}", *TINY,
+                 "eval.enabled=false"])
+    assert r.returncode == 1, r.stderr
+    assert f"digits/rf: ConfigError: run directory {digits / 'rf'} is a link to nothing" in r.stderr
+    assert "Traceback" not in r.stderr and (digits / "eps_linear" / "checkpoints" / "last.ckpt").is_file()
+    assert (digits / "rf").is_symlink() and not (tmp_path / "moved").exists()
