@@ -1019,3 +1019,25 @@ def test_a_run_directory_that_is_a_link_to_nothing_is_refused_and_the_sweep_goes
     assert f"digits/rf: ConfigError: run directory {digits / 'rf'} is a link to nothing" in r.stderr
     assert "Traceback" not in r.stderr and (digits / "eps_linear" / "checkpoints" / "last.ckpt").is_file()
     assert (digits / "rf").is_symlink() and not (tmp_path / "moved").exists()
+
+
+def test_a_metrics_append_on_a_full_disk_names_metrics_csv(tmp_path, monkeypatch):
+    """Lightning's append to metrics.csv raises `[Errno 28] No space left on device` naming no file."""
+    import errno
+    import io as pyio
+
+    from src.training.metrics_log import _AppendingWriter
+
+    writer = _AppendingWriter(str(tmp_path))
+    writer.log_metrics({"loss": 1.0}, 0)
+    writer.save()
+
+    class Full(pyio.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer._fs, "open", lambda *args, **kwargs: Full())
+    writer.log_metrics({"loss": 2.0}, 1)
+    with pytest.raises(OSError) as info:
+        writer.save()
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "metrics.csv")
