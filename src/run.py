@@ -100,9 +100,12 @@ def _job(cfg: DictConfig) -> dict | None:
                     log.error("%s failed: %s (traceback in %s)", job_name(cfg), one_line(e), run_dir / "run.log")
                     log.info("%s failed:\n%s", job_name(cfg), traceback.format_exc())
                     if not finished:
-                        atomic_write_json(error_file, {"type": type(e).__name__, "error": str(e),
-                                                       "traceback": traceback.format_exc()})
-                        in_run_dir = True
+                        try:
+                            atomic_write_json(error_file, {"type": type(e).__name__, "error": str(e),
+                                                           "traceback": traceback.format_exc()})
+                            in_run_dir = True
+                        except OSError as unwritten:  # a full disk: the job's own error is what to say
+                            log.error("%s not written: %s", error_file, one_line(unwritten))
                 raise
             if finished:
                 error_file.unlink(missing_ok=True)
@@ -112,7 +115,11 @@ def _job(cfg: DictConfig) -> dict | None:
         name = job_name(cfg)
         record_failure(name, one_line(e))
         if multirun and not in_run_dir:  # refused, busy, finished, or failed before its directory was locked
-            record_sweep_failure(HydraConfig.get().sweep.dir, name, one_line(e))
+            try:
+                record_sweep_failure(HydraConfig.get().sweep.dir, name, one_line(e))
+            except OSError as unwritten:  # a full or read-only disk: said, and the sweep's other jobs go on
+                log.error("%s not written: %s", Path(HydraConfig.get().sweep.dir) / "failures.json",
+                            one_line(unwritten))
         if cfg.fail_fast and multirun:
             raise
         # What a launcher that runs jobs in other processes (submitit, SLURM) reads back for the summary.

@@ -1041,3 +1041,62 @@ def test_a_metrics_append_on_a_full_disk_names_metrics_csv(tmp_path, monkeypatch
     with pytest.raises(OSError) as info:
         writer.save()
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "metrics.csv")
+
+
+def test_run_log_on_a_full_disk_is_one_warning_and_the_jobs_own_error_stays(tmp_path, capsys):
+    """logging printed a traceback per record run.log could not take, and the handler's last flush on closing
+    replaced the job's own error with a bare `[Errno 28] No space left on device`."""
+    import errno
+    import logging
+
+    from src.launch.rundir import run_log
+
+    class Full:
+        def write(self, *args):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        flush = close = write
+
+    with pytest.raises(ValueError, match="the job's own error"):
+        with run_log(tmp_path):
+            handler = logging.getLogger().handlers[-1]
+            handler.stream = Full()
+            logging.getLogger("src.x").warning("one")
+            logging.getLogger("src.x").warning("two")
+            raise ValueError("the job's own error")
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("run.log not written further: OSError: [Errno 28]") == 1
+
+
+def test_a_sweep_failure_that_cannot_be_recorded_leaves_the_job_failed_not_the_sweep_stopped(tmp_path, monkeypatch):
+    """failures.json on a full disk: its OSError escaped the job's handler and stopped the sweep at that job."""
+    import errno
+
+    from hydra.types import RunMode
+
+    from src import run
+    from src.training import prepare
+
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=TINY, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+        cfg.hydra.mode = RunMode.MULTIRUN
+        cfg.hydra.sweep.dir = str(tmp_path)
+    HydraConfig.instance().set_config(cfg)
+    monkeypatch.setattr(failures, "FAILED", [])
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("refused")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "failures.json"))
+
+    monkeypatch.setattr(prepare, "prepare_job", refuse)
+    monkeypatch.setattr(run, "record_sweep_failure", full)
+    try:
+        out = run._job(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert out["failed"] and out["error"] == "RuntimeError: refused"
+    assert failures.FAILED == [(run.job_name(cfg), "RuntimeError: refused")]
