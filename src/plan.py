@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -388,6 +389,10 @@ def job_status(cfg: DictConfig, run_dir: Path, single: bool = False) -> str:
 
         if nested_run_dir(Path(str(sweep_dir)), run_dir):  # the launch refuses it: the report would not find it
             return f"{REFUSED}inside or around an earlier launch's run directory"
+    from src.launch.validate import run_dir_not_a_folder
+
+    if run_dir_not_a_folder(run_dir):  # the launch refuses it (a link to nothing, a file)
+        return f"{REFUSED}run directory {'a link to nothing' if run_dir.is_symlink() else 'a file'}"
     twin = _trained_twin(cfg, run_dir)
     if twin is not None:  # the job links the twin's checkpoints and only evaluates (src/training/job.py)
         return f"to evaluate (trained in {twin.name})"
@@ -439,7 +444,7 @@ def _trained_status(cfg: DictConfig, run_dir: Path) -> str:
             return "best.ckpt missing"
         except (ValueError, KeyError, OSError):  # anything else unreadable: left to the job, which evaluates or says
             return "to evaluate"
-    if (run_dir / "checkpoints" / "last.ckpt").is_file():
+    if os.path.lexists(run_dir / "checkpoints" / "last.ckpt"):  # a dangling link too: the job resumes from the previous
         from src.training.checkpoint_io import checkpoint_to_resume
 
         try:
@@ -791,7 +796,7 @@ def render(plan: Plan, root: Path | None = None) -> str:
     if refused:
         lines.append(f"Refused by a relaunch, not in 'still to run' (jobs {', '.join(str(j.index) for j in refused)}): "
                      "their directories hold a run of another configuration, or an unreadable fingerprint.json, or "
-                     "lie inside or around an earlier launch's run directory; "
+                     "lie inside or around an earlier launch's run directory, or are a link to nothing or a file; "
                      "trained anew in other directories (another sweep_name), they take "
                      f"{sum(plan.job_hours(j, j.total_flops) for j in refused):.4g} GPU-hours.")
     if blocked:

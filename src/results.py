@@ -278,6 +278,10 @@ def read_results(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of a run directory as stored ([] when it has no results.json); see upgrade for legacy ones."""
     path = results_path(run_dir)
     if not path.is_file():
+        if os.path.lexists(path):  # a folder, a dangling link: written over, or evaluated into, it would be lost
+            kind = "a folder" if path.is_dir() else "a link to nothing" if path.is_symlink() else "not a regular file"
+            raise ValueError(f"{path}: {kind}, not a results file; move it away and rerun the command to evaluate "
+                             "the run again (its training is kept)")
         return []
     try:
         data = json.loads(path.read_text())

@@ -100,9 +100,12 @@ def _job(cfg: DictConfig) -> dict | None:
                     log.error("%s failed: %s (traceback in %s)", job_name(cfg), one_line(e), run_dir / "run.log")
                     log.info("%s failed:\n%s", job_name(cfg), traceback.format_exc())
                     if not finished:
-                        atomic_write_json(error_file, {"type": type(e).__name__, "error": str(e),
-                                                       "traceback": traceback.format_exc()})
-                        in_run_dir = True
+                        try:
+                            atomic_write_json(error_file, {"type": type(e).__name__, "error": str(e),
+                                                           "traceback": traceback.format_exc()})
+                            in_run_dir = True
+                        except OSError as unwritten:  # a full disk: the job's own error is what to say
+                            log.error("%s not written: %s", error_file, one_line(unwritten))
                 raise
             if finished:
                 error_file.unlink(missing_ok=True)
@@ -112,7 +115,11 @@ def _job(cfg: DictConfig) -> dict | None:
         name = job_name(cfg)
         record_failure(name, one_line(e))
         if multirun and not in_run_dir:  # refused, busy, finished, or failed before its directory was locked
-            record_sweep_failure(HydraConfig.get().sweep.dir, name, one_line(e))
+            try:
+                record_sweep_failure(HydraConfig.get().sweep.dir, name, one_line(e))
+            except OSError as unwritten:  # a full or read-only disk: said, and the sweep's other jobs go on
+                log.error("%s not written: %s", Path(HydraConfig.get().sweep.dir) / "failures.json",
+                            one_line(unwritten))
         if cfg.fail_fast and multirun:
             raise
         # What a launcher that runs jobs in other processes (submitit, SLURM) reads back for the summary.
@@ -126,7 +133,8 @@ def run_finished(cfg: DictConfig, run_dir: Path) -> bool:
     from src.results import results_path
     from src.training.job import training_finished
 
-    return results_path(run_dir).is_file() and training_finished(cfg, run_dir)
+    # Any results.json, a folder or a dangling link too (read_results refuses those, naming it): not evaluated over.
+    return os.path.lexists(results_path(run_dir)) and training_finished(cfg, run_dir)
 
 
 def cli() -> int:
@@ -174,6 +182,13 @@ def cli() -> int:
         print("interrupted (Ctrl-C); rerun the command to resume", file=sys.stderr)
         return 1
     except Exception as e:
+        if isinstance(e, OSError) and (not FAILED or FAILED[-1][1] != one_line(e)):
+            # A folder or file the launch itself writes (the run or sweep directory, multirun.yaml, jobs.json) on a
+            # read-only or full file system: `OSError: [Errno 30] Read-only file system: '<path>'`, not a traceback.
+            if FAILED:
+                print(summary(), file=sys.stderr)
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            return 1
         # fail_fast=true: the sweeper re-raises the first failed job's error, which the job has said in one line and
         # recorded (its traceback is in its run.log and error.json): the summary, not a second, longer telling.
         if not FAILED or FAILED[-1][1] != one_line(e):

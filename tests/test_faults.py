@@ -874,3 +874,229 @@ def test_fsdp_checks_take_lightnings_spellings_of_the_strategy():
     check_fsdp(OmegaConf.create({"trainer": {"strategy": {"_target_": "lightning.pytorch.strategies.FSDPStrategy",
                                                           "sharding_strategy": "shard_grad_op",
                                                           "use_orig_params": True}}}))
+
+
+# ---- a hostile file system: full disks, read-only folders ----------------------------------------------------------
+
+
+def _full_disk(monkeypatch):
+    """Every write to a file atomic_write opens fails as on a full disk (ENOSPC)."""
+    import errno
+    import io as pyio
+
+    from src.utils import io
+
+    class Full(pyio.BufferedWriter):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(io.os, "fdopen", lambda fd, mode="r", *a, **k: Full(real_fdopen(fd, "wb", buffering=0)))
+
+
+def test_a_full_disk_during_a_checkpoint_save_names_the_file_and_the_cause(tmp_path, monkeypatch):
+    """torch.save turns the write's ENOSPC into `RuntimeError: ... unexpected pos 223744 vs 223632`, which names
+    neither; atomic_write raises the OSError with the checkpoint's path, and the old file stays whole."""
+    import errno
+
+    from src.training.checkpoint_io import AtomicCheckpointIO
+
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"w": torch.ones(3)}, path)
+    before = path.read_bytes()
+    _full_disk(monkeypatch)
+    with pytest.raises(OSError) as info:
+        AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(1000)}, path)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert "No space left on device" in failures.one_line(info.value) and str(path) in failures.one_line(info.value)
+    assert path.read_bytes() == before and sorted(os.listdir(path.parent)) == ["last.ckpt"]
+
+
+def test_an_atomic_write_into_a_folder_it_cannot_write_names_the_file_not_its_temp_name(tmp_path, monkeypatch):
+    """A read-only folder refuses the temp file: the error names the file that was to be written."""
+    import errno
+    import tempfile
+
+    from src.utils.io import atomic_write_json
+
+    def refuse(dir=None, prefix="", suffix=""):
+        raise OSError(errno.EROFS, "Read-only file system", os.path.join(dir, f"{prefix}abcd1234{suffix}"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(OSError) as info:
+        atomic_write_json(tmp_path / "reference.npz", {})
+    assert info.value.errno == errno.EROFS and info.value.filename == str(tmp_path / "reference.npz")
+
+
+def test_a_shard_write_failing_on_a_full_disk_names_the_shard_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    """The write's ENOSPC names no file, and closing the shard then fails too (its flush): the temp shard, which
+    fills the disk, was left behind."""
+    import errno
+
+    from src.data.shards import ShardWriter
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def open_shard(writer):
+        real_open_shard(writer)
+        real_close = writer._tar.close
+        monkeypatch.setattr(writer._tar, "close", lambda: (real_close(), full()))
+
+    real_open_shard = ShardWriter._open_shard
+    monkeypatch.setattr(ShardWriter, "_record_layout", full)
+    monkeypatch.setattr(ShardWriter, "_open_shard", open_shard)
+    shard_dir = tmp_path / "train"
+    with pytest.raises(OSError) as info:
+        with ShardWriter(shard_dir, encoder_names=["e"], samples_per_shard=4) as writer:
+            writer.write(torch.zeros(3, 2, 2), torch.zeros(2, 4), torch.zeros(4), "a caption")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(shard_dir / "shard-000000.tar")
+    assert os.listdir(shard_dir) == []
+
+
+def test_an_output_root_that_cannot_be_made_is_one_line_naming_it(tmp_path):
+    """Hydra makes the run directory itself: an output root it cannot create (read-only, full, under a file) was a
+    traceback."""
+    (tmp_path / "file").write_text("")
+    root = tmp_path / "file" / "sub"
+    r = run_cli([f"paths.root_dir={root}", *TINY], timeout=120)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: NotADirectoryError: [Errno 20] Not a directory: ") and str(root) in lines[0]
+
+
+def test_a_dangling_last_checkpoint_resumes_from_the_previous_one_not_from_scratch(tmp_path):
+    """last.ckpt a link to nothing (its target moved or deleted): it was taken for a run never saved, which trained
+    again from step 0 over best.ckpt and last.prev.ckpt; it is an unreadable last.ckpt, so the previous one is used."""
+    from src.training.checkpoint_io import LAST, PREVIOUS, AtomicCheckpointIO, checkpoint_to_resume
+
+    ckpt_dir = tmp_path / "checkpoints"
+    for step in (8, 16):
+        AtomicCheckpointIO().save_checkpoint({"global_step": step}, ckpt_dir / LAST)
+    (ckpt_dir / LAST).unlink()
+    (ckpt_dir / LAST).symlink_to(tmp_path / "moved" / LAST)
+    assert checkpoint_to_resume(ckpt_dir, repair=False) == ckpt_dir / PREVIOUS
+    assert checkpoint_to_resume(ckpt_dir) == ckpt_dir / LAST and not (ckpt_dir / LAST).is_symlink()
+    assert torch.load(ckpt_dir / LAST, weights_only=True)["global_step"] == 8
+
+
+def test_a_results_json_that_is_a_folder_or_a_dangling_link_is_refused_naming_it(tmp_path, monkeypatch):
+    """A results.json that is not a file was read as no results: the relaunch evaluated the finished run again,
+    rewriting its samples, and then failed writing results.json. It is refused as an unreadable results.json is,
+    before anything is written."""
+    from src import run
+    from src.results import read_results
+    from src.training import job
+
+    monkeypatch.setattr(job, "training_finished", lambda cfg, run_dir: True)
+    (tmp_path / "a" / "results.json").mkdir(parents=True)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "results.json").symlink_to(tmp_path / "nowhere.json")
+    for name, kind in (("a", "a folder"), ("b", "a link to nothing")):
+        assert run.run_finished(None, tmp_path / name)  # a launch leaves it as it is
+        with pytest.raises(ValueError, match=f"results.json: {kind}, not a results file; move it away"):
+            read_results(tmp_path / name)
+    assert read_results(tmp_path) == [] and not run.run_finished(None, tmp_path)
+
+
+def test_a_run_directory_that_is_a_link_to_nothing_is_refused_and_the_sweep_goes_on(tmp_path, cache_dir):
+    """Hydra's mkdir fails on a dangling link with `File exists`, which stopped the whole sweep at that job (a
+    traceback before src.run said OSErrors in one line). The job is refused before launch, named; the others run."""
+    from src.launch.validate import run_dir_not_a_folder
+
+    root = tmp_path / "root"
+    digits = root / "outputs" / "multirun" / "default" / "digits"
+    digits.mkdir(parents=True)
+    (digits / "rf").symlink_to(tmp_path / "moved")
+    assert "is a link to nothing" in str(run_dir_not_a_folder(digits / "rf"))
+    (tmp_path / "file").write_text("")
+    assert "is a file, not a folder" in str(run_dir_not_a_folder(tmp_path / "file"))
+    assert run_dir_not_a_folder(digits) is None and run_dir_not_a_folder(tmp_path / "none") is None
+    r = run_cli(["-m", "loss=rf,eps_linear", f"paths.root_dir={root}", f"paths.cache_dir={cache_dir}", *TINY,
+                 "eval.enabled=false"])
+    assert r.returncode == 1, r.stderr
+    assert f"digits/rf: ConfigError: run directory {digits / 'rf'} is a link to nothing" in r.stderr
+    assert "Traceback" not in r.stderr and (digits / "eps_linear" / "checkpoints" / "last.ckpt").is_file()
+    assert (digits / "rf").is_symlink() and not (tmp_path / "moved").exists()
+
+
+def test_a_metrics_append_on_a_full_disk_names_metrics_csv(tmp_path, monkeypatch):
+    """Lightning's append to metrics.csv raises `[Errno 28] No space left on device` naming no file."""
+    import errno
+    import io as pyio
+
+    from src.training.metrics_log import _AppendingWriter
+
+    writer = _AppendingWriter(str(tmp_path))
+    writer.log_metrics({"loss": 1.0}, 0)
+    writer.save()
+
+    class Full(pyio.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer._fs, "open", lambda *args, **kwargs: Full())
+    writer.log_metrics({"loss": 2.0}, 1)
+    with pytest.raises(OSError) as info:
+        writer.save()
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "metrics.csv")
+
+
+def test_run_log_on_a_full_disk_is_one_warning_and_the_jobs_own_error_stays(tmp_path, capsys):
+    """logging printed a traceback per record run.log could not take, and the handler's last flush on closing
+    replaced the job's own error with a bare `[Errno 28] No space left on device`."""
+    import errno
+    import logging
+
+    from src.launch.rundir import run_log
+
+    class Full:
+        def write(self, *args):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        flush = close = write
+
+    with pytest.raises(ValueError, match="the job's own error"):
+        with run_log(tmp_path):
+            handler = logging.getLogger().handlers[-1]
+            handler.stream = Full()
+            logging.getLogger("src.x").warning("one")
+            logging.getLogger("src.x").warning("two")
+            raise ValueError("the job's own error")
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("run.log not written further: OSError: [Errno 28]") == 1
+
+
+def test_a_sweep_failure_that_cannot_be_recorded_leaves_the_job_failed_not_the_sweep_stopped(tmp_path, monkeypatch):
+    """failures.json on a full disk: its OSError escaped the job's handler and stopped the sweep at that job."""
+    import errno
+
+    from hydra.types import RunMode
+
+    from src import run
+    from src.training import prepare
+
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=TINY, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+        cfg.hydra.mode = RunMode.MULTIRUN
+        cfg.hydra.sweep.dir = str(tmp_path)
+    HydraConfig.instance().set_config(cfg)
+    monkeypatch.setattr(failures, "FAILED", [])
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("refused")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "failures.json"))
+
+    monkeypatch.setattr(prepare, "prepare_job", refuse)
+    monkeypatch.setattr(run, "record_sweep_failure", full)
+    try:
+        out = run._job(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert out["failed"] and out["error"] == "RuntimeError: refused"
+    assert failures.FAILED == [(run.job_name(cfg), "RuntimeError: refused")]

@@ -508,3 +508,15 @@ def test_skip_log_lists_items_in_index_order(tmp_path):
     lines = (tmp_path / SKIP_LOG).read_text().splitlines()
     assert lines[0].startswith("# 2 of 10 items skipped")
     assert lines[1:] == ["2\ta.jpg\tOSError: y", "9\tb.jpg\tOSError: x"]
+
+
+def test_an_output_folder_the_file_system_refuses_is_one_line_and_status_1(tmp_path, models, capsys):
+    """--out that cannot be made or written (read-only, full, under a file) was a traceback; now one line naming
+    the path and the cause, exit status 1 (2 is bad input)."""
+    train, mapping = make_imagenet(tmp_path / "in")
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "shards"
+    assert main(imagenet_argv(train, mapping, out, models)) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: NotADirectoryError: [Errno 20] Not a directory: ") and str(out) in err
+    assert len(err.splitlines()) == 1

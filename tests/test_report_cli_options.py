@@ -166,3 +166,20 @@ def test_device_cuda_without_a_gpu_names_the_option_as_given(sweep, tmp_path, ca
     assert capsys.readouterr().err == ("rank report: error: --device cuda is not allowed here: torch sees no CUDA "
                                        "device; allowed: auto, cpu\n")
     assert not (tmp_path / "r").exists()
+
+
+def test_an_out_that_is_a_link_to_nothing_is_refused_naming_it(sweep, tmp_path, capsys, monkeypatch):
+    """mkdir fails on a dangling link with a bare `File exists`, after the report's work."""
+    import src.ranking.report as report_module
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("build_report ran before --out was checked")
+
+    monkeypatch.setattr(report_module, "build_report", no_work)
+    link = tmp_path / "reports"
+    link.symlink_to(tmp_path / "moved")
+    for out, why in ((link, "is"), (link / "r", f"lies under {link},")):
+        assert main([str(sweep), "--bootstrap", "5", "--out", str(out)]) == 1
+        assert capsys.readouterr().err.strip() == (f"rank report: error: --out {out}: {why} a link to nothing "
+                                                   f"({tmp_path / 'moved'}); give a folder (made when absent)")
+    assert link.is_symlink() and not (tmp_path / "moved").exists()

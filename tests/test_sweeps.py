@@ -316,7 +316,7 @@ def test_plan_of_failed_runs_is_what_their_relaunch_does(tmp_path):
     assert f"{sum(p.job_hours(j, j.flops_left) for j in p.jobs[:2]):.4g} still to run" in text
     assert "Refused by a relaunch, not in 'still to run' (jobs 3): their directories hold a run of another " \
            f"configuration, or an unreadable fingerprint.json, or lie inside or around an earlier launch's run " \
-           f"directory; trained anew in other directories (another " \
+           f"directory, or are a link to nothing or a file; trained anew in other directories (another " \
            f"sweep_name), they take {p.job_hours(p.jobs[3], p.jobs[3].total_flops):.4g} GPU-hours." in text
     r, e = p.jobs[:2]
     assert r.val_flops == r.fwd_flops_per_sample * 5 * 4 * 8 * 2  # 5 validations of 4 samples x 8 levels, raw and EMA

@@ -10,6 +10,8 @@ normalised by one global mean and std (docs/data.md#pixels-and-latents) when rea
 
 from __future__ import annotations
 
+import contextlib
+
 import io
 import json
 import math
@@ -184,9 +186,17 @@ class ShardWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
+            where = self.shard_dir
             if self._tar is not None:
-                self._tar.close()
-                self._tmp_path.unlink(missing_ok=True)
+                where = self.shard_dir / self.shards[-1]
+                try:
+                    with contextlib.suppress(OSError):  # a full disk fails the close's flush too
+                        self._tar.close()
+                finally:
+                    self._tmp_path.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
+                # `[Errno 28] No space left on device` names no file: say which one
+                raise type(exc)(exc.errno, exc.strerror, str(where)) from exc
             return
         self._finish_shard()
         if self.count:  # (none: _write_meta refuses the folder)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -103,13 +105,29 @@ RUN_LOG = "run.log"
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] %(message)s"  # as conf/hydra/job_logging/console.yaml
 
 
+class _RunLogHandler(logging.FileHandler):
+    """run.log's handler: a write the file system refuses (a full disk) is said once, in one line, and the job goes
+    on without its log; logging's own handleError printed a traceback for every record."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            error = sys.exc_info()[1]
+            print(f"warning: {self.baseFilename} not written further: {type(error).__name__}: {error}",
+                  file=sys.stderr)
+
+
 @contextlib.contextmanager
 def run_log(run_dir: str | os.PathLike) -> Iterator[None]:
     """Append the job's log (the root logger's records) to `<run dir>/run.log` for the block: only once the job
     owns the directory, so a refused job adds nothing to a finished run's log."""
-    import logging
-
-    handler = logging.FileHandler(Path(run_dir) / RUN_LOG)
+    handler = _RunLogHandler(Path(run_dir) / RUN_LOG)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     root.addHandler(handler)
@@ -117,4 +135,5 @@ def run_log(run_dir: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         root.removeHandler(handler)
-        handler.close()
+        with contextlib.suppress(OSError):  # its last flush on a full disk: the job's own error is what to say
+            handler.close()

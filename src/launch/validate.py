@@ -18,6 +18,7 @@ import difflib
 
 import fnmatch
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -134,6 +135,8 @@ def refused_by_run_dir(cfg: DictConfig) -> ConfigError | None:
         run_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
         if nested := nested_run_dir(Path(str(cfg.hydra.sweep.dir)), run_dir):
             return nested
+        if not_a_folder := run_dir_not_a_folder(run_dir):
+            return not_a_folder
         if not (run_dir / "fingerprint.json").is_file():
             return None
         resolved = cfg.copy()
@@ -147,6 +150,15 @@ def refused_by_run_dir(cfg: DictConfig) -> ConfigError | None:
     except Exception:  # noqa: BLE001 -- left to the job, which reports it in its own way
         return None
     return None
+
+
+def run_dir_not_a_folder(run_dir: Path) -> ConfigError | None:
+    """A run directory that is a link to nothing (its target moved or deleted) or a file: Hydra's mkdir fails on it
+    with `File exists`, which stopped the whole sweep."""
+    if not os.path.lexists(run_dir) or run_dir.is_dir():
+        return None
+    kind = f"a link to nothing ({os.readlink(run_dir)})" if run_dir.is_symlink() else "a file, not a folder"
+    return ConfigError(f"run directory {run_dir} is {kind}; restore what it names, or remove it to run the job there")
 
 
 def nested_run_dir(sweep_dir: Path, run_dir: Path) -> ConfigError | None:
@@ -328,7 +340,8 @@ class CheckConfigOnRunStart(Callback):
         previous = HydraConfig.instance().cfg
         try:
             HydraConfig.instance().set_config(config)
-            error = config_error(config) or device_error(config)
+            error = (config_error(config) or device_error(config)
+                     or run_dir_not_a_folder(Path(str(config.hydra.run.dir))))
         finally:
             HydraConfig.instance().cfg = previous
         if error is not None:

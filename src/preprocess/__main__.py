@@ -7,6 +7,7 @@ import sys
 
 from src.preprocess.pipeline import PreprocessConfig, preprocess
 from src.preprocess.sources import CAPTION_CHOICES, CocoSource, ImageNetSource, TarSource, TsvSource
+from src.utils.io import first_line
 
 #: Where the model files' checksums are remembered: src.run's paths.cache_dir default, from the same directory.
 DEFAULT_CACHE_DIR = ".cache"
@@ -122,7 +123,7 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, check every input before any work, run; exit status 0 when complete (or this part is done), 3 when
-    stopped early (--max-chunks), 2 on bad input."""
+    stopped early (--max-chunks), 2 on bad input, 1 when the file system refuses a write (full, read-only)."""
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
@@ -132,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full or read-only disk: the chunks written so far are kept, a rerun resumes
+        print(f"error: {type(e).__name__}: {first_line(e)}", file=sys.stderr)
+        return 1
     return 0 if meta is not None else 3
 
 

@@ -769,6 +769,11 @@ def _check_out(out: Path | None) -> None:
     which takes hours at the paper's scale."""
     if out is None:
         return
+    dangling = next((p for p in (out, *out.parents) if p.is_symlink() and not p.exists()), None)
+    if dangling is not None:  # mkdir fails on it with `File exists`
+        where = "is" if dangling == out else f"lies under {dangling},"
+        raise ValueError(f"--out {out}: {where} a link to nothing ({os.readlink(dangling)}); give a folder (made when "
+                         "absent)")
     existing = next((p for p in (out, *out.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
         where = "is a file" if existing == out else f"lies under the file {existing}"

@@ -44,6 +44,14 @@ class _AppendingWriter(ExperimentWriter):
     def log_metrics(self, metrics_dict: dict, step: int | None = None) -> None:
         super().log_metrics({**metrics_dict, ATTEMPT: self.attempt}, step)
 
+    def save(self) -> None:
+        try:
+            super().save()
+        except OSError as e:  # an append on a full disk names no file (the half row it left is cut at the resume)
+            if e.errno is None or e.filename is not None:
+                raise
+            raise type(e)(e.errno, e.strerror, str(self.metrics_file_path)) from e
+
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
         # Lightning's truncates the file, then writes it again: a kill in between lost every attempt's rows.
         with open(self.metrics_file_path, newline="") as f:

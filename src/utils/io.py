@@ -80,25 +80,64 @@ def _umask() -> int:
     return mask
 
 
+class _WriteErrors:
+    """A binary file that remembers the OSError its writes raised: writers such as torch.save's zip writer catch it
+    and raise an error of their own that names neither the file nor the cause (`unexpected pos 223744 vs 223632`
+    on a full disk)."""
+
+    def __init__(self, f: IO[bytes]):
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+
+def _naming(error: OSError, path: Path, tmp: str | None = None) -> OSError:
+    """The error with path as its file name (`[Errno 28] No space left on device: '<path>'`): an OSError raised by
+    a write names no file, one raised making or renaming the temp file names the temp file."""
+    if error.errno is None or error.filename not in (None, tmp):
+        return error
+    return type(error)(error.errno, error.strerror, str(path))
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None],
                  before_replace: Callable[[Path], None] | None = None) -> Path:
     """Write a file by calling write(f) on a temporary file next to path, then renaming it over path.
-    before_replace(path), if given, runs once the new content is complete, just before the rename."""
+    before_replace(path), if given, runs once the new content is complete, just before the rename.
+    A write the file system refuses (a full disk, a read-only folder) raises an OSError naming path and the cause,
+    whatever error the writer made of it, and leaves path as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared like any file
     try:
-        with os.fdopen(fd, "wb") as f:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _naming(e, path, e.filename) from None
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared like any file
+    f = None
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            f = _WriteErrors(raw)
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            raw.flush()
+            os.fsync(raw.fileno())
         if before_replace is not None:
             before_replace(path)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if f is not None and f.error is not None and e is not f.error:  # the writer's own error hides the cause
+            raise _naming(f.error, path, tmp) from e
+        if isinstance(e, OSError):
+            raise _naming(e, path, tmp) from None
         raise
     return path
 
