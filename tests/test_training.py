@@ -239,45 +239,60 @@ def test_killed_in_the_validation_of_a_checkpoint_step_resumes_to_the_same_run(t
     assert_same_run(resumed, straight)
 
 
-@pytest.mark.parametrize("hook, at", [("training_step", 6), ("validation_step", 8), ("validation_step", 12)],
-                         ids=["training", "validation", "final-validation"])
-def test_ctrl_c_stops_and_the_rerun_ends_as_the_uninterrupted_run(tmp_path, cache_dir, monkeypatch, hook, at):
-    """Ctrl-C in a training step, in a validation, in the final validation: the job stops with status 1 before the
-    evaluation, and the rerun ends with the same validations, training-loss rows, checkpoints and results."""
+INTERRUPTED = ["train.max_steps=12", "train.val_every=4", "train.ckpt_every=100", "eval.n_samples=4",
+               "eval.batch_size=4", "eval.settings=[{steps: 2, cfg: 5.0}]", "eval.ema=[true]", "optim.lr=0.05",
+               "trainer.log_every_n_steps=1"]
+
+
+def interrupt_and_rerun(tmp_path, cache_dir, monkeypatch, hook: str, at: int, signum) -> dict:
+    """An uninterrupted run, and a run sent signum from FormulationModule.<hook> at global step `at` (it must stop
+    before the evaluation), then rerun to its end; checks that the rerun ends as the uninterrupted run (validations,
+    training-loss rows, checkpoints, results); returns the last.ckpt the stopped run left."""
     import os
     import signal
-
-    overrides = ["train.max_steps=12", "train.val_every=4", "train.ckpt_every=100", "eval.n_samples=4",
-                 "eval.batch_size=4", "eval.settings=[{steps: 2, cfg: 5.0}]", "eval.ema=[true]", "optim.lr=0.05",
-                 "trainer.log_every_n_steps=1"]
-    straight = tmp_path / "straight"
-    run_job(make_cfg(tmp_path, cache_dir, overrides), straight)
 
     from src.training import module as module_lib
     from src.training.metrics_log import read_metrics
 
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_job(make_cfg(tmp_path, cache_dir, INTERRUPTED), straight)
     original = getattr(module_lib.FormulationModule, hook)
     sent = []
 
     def interrupted(self, batch, batch_idx):
         if self.global_step == at and not sent:
             sent.append(at)
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
         return original(self, batch, batch_idx)
 
-    resumed = tmp_path / "resumed"
     monkeypatch.setattr(module_lib.FormulationModule, hook, interrupted)
-    with pytest.raises(SystemExit) as stop:
-        run_job(make_cfg(tmp_path, cache_dir, overrides), resumed)
-    assert stop.value.code == 1 and sent == [at]
-    assert not (resumed / "results.json").exists()  # stopped before the evaluation
+    previous = signal.getsignal(signum)
+    try:
+        with pytest.raises(SystemExit) as stop:  # Ctrl-C: status 1; SIGTERM: Lightning's SIGTERMException
+            run_job(make_cfg(tmp_path, cache_dir, INTERRUPTED), resumed)
+    finally:
+        signal.signal(signum, previous)
+    assert sent == [at] and not (resumed / "results.json").exists()  # stopped before the evaluation
+    assert signum != signal.SIGINT or stop.value.code == 1
     monkeypatch.setattr(module_lib.FormulationModule, hook, original)
-    run_job(make_cfg(tmp_path, cache_dir, overrides), resumed)
+    stopped = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    run_job(make_cfg(tmp_path, cache_dir, INTERRUPTED), resumed)
 
     assert validation_rows(resumed) == validation_rows(straight)
     losses = [read_metrics(d)[["step", "train/loss"]].dropna().values.tolist() for d in (straight, resumed)]
     assert losses[0] == losses[1] and len(losses[0]) == 12
     assert_same_run(resumed, straight)
+    return stopped
+
+
+@pytest.mark.parametrize("hook, at", [("training_step", 6), ("validation_step", 8), ("validation_step", 12)],
+                         ids=["training", "validation", "final-validation"])
+def test_ctrl_c_stops_and_the_rerun_ends_as_the_uninterrupted_run(tmp_path, cache_dir, monkeypatch, hook, at):
+    """Ctrl-C in a training step, in a validation, in the final validation: the job stops with status 1 before the
+    evaluation, and the rerun ends with the same validations, training-loss rows, checkpoints and results."""
+    import signal
+
+    interrupt_and_rerun(tmp_path, cache_dir, monkeypatch, hook, at, signal.SIGINT)
 
 
 @pytest.mark.parametrize("hook, at", [("training_step", 5), ("training_step", 7), ("validation_step", 8)],
@@ -286,45 +301,10 @@ def test_sigterm_stops_and_the_rerun_logs_the_uninterrupted_runs_steps(tmp_path,
     """`kill` (SIGTERM): Lightning stops after the step's validation and the job saves last.ckpt there (exit 143).
     Saved after Lightning counted the step for its loggers, a checkpoint of a validated step made the rerun count it
     again: every later row of metrics.csv (losses, validations) was labelled one step late."""
-    import os
     import signal
 
-    overrides = ["train.max_steps=12", "train.val_every=4", "train.ckpt_every=100", "eval.n_samples=4",
-                 "eval.batch_size=4", "eval.settings=[{steps: 2, cfg: 5.0}]", "eval.ema=[true]", "optim.lr=0.05",
-                 "trainer.log_every_n_steps=1"]
-    straight = tmp_path / "straight"
-    run_job(make_cfg(tmp_path, cache_dir, overrides), straight)
-
-    from src.training import module as module_lib
-    from src.training.metrics_log import read_metrics
-
-    original = getattr(module_lib.FormulationModule, hook)
-    sent = []
-
-    def interrupted(self, batch, batch_idx):
-        if self.global_step == at and not sent:
-            sent.append(at)
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, batch, batch_idx)
-
-    resumed = tmp_path / "resumed"
-    monkeypatch.setattr(module_lib.FormulationModule, hook, interrupted)
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit):  # Lightning's SIGTERMException
-            run_job(make_cfg(tmp_path, cache_dir, overrides), resumed)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert sent == [at] and not (resumed / "results.json").exists()
-    stopped = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    stopped = interrupt_and_rerun(tmp_path, cache_dir, monkeypatch, hook, at, signal.SIGTERM)
     assert stopped["global_step"] == (at if hook == "validation_step" else at + 1)
-    monkeypatch.setattr(module_lib.FormulationModule, hook, original)
-    run_job(make_cfg(tmp_path, cache_dir, overrides), resumed)
-
-    assert validation_rows(resumed) == validation_rows(straight)
-    losses = [read_metrics(d)[["step", "train/loss"]].dropna().values.tolist() for d in (straight, resumed)]
-    assert losses[0] == losses[1] and len(losses[0]) == 12
-    assert_same_run(resumed, straight)
 
 
 def test_last_checkpoint_is_the_final_step_and_a_finished_run_is_skipped(tmp_path, cache_dir):
