@@ -277,7 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         line = hydra_error_line(e) or one_line(e)
         print(f"evaluate: {line}", file=sys.stderr)
-        return 2
+        # 2: bad input; 1: the file system refused (a full or read-only disk), as for src.run and src.preprocess
+        return 1 if isinstance(e, OSError) else 2
     for r in records:
         print(f"{r['setting']:<28} {'ema' if r['ema'] else 'raw'}  n={r['n_samples']:<5} "
               f"clip_score {r['clip_score']:.4f}  fid_clip {r['fid_clip']:.4f}")

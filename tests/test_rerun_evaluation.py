@@ -786,3 +786,23 @@ def test_evaluating_a_finished_run_again_gives_the_jobs_own_records_and_arrays(r
         again = np.load(run / name)
         for k in ("clip_scores", "features", "grid"):
             np.testing.assert_array_equal(again[k], saved[k], err_msg=f"{name}: {k}")
+
+
+def test_an_evaluation_on_a_full_disk_is_one_line_and_exit_1_with_the_run_s_files_kept(run, monkeypatch, capsys):
+    """A write the file system refuses (ENOSPC) is not bad input: exit 1, as src.run and src.preprocess end on it (it
+    was 2, the status of a bad setting), in one line naming the file and the cause, and results.json as it was."""
+    import errno
+
+    from src.evaluate import main as evaluate_main
+    from src.utils import io
+
+    before = (run / "results.json").read_bytes()
+
+    def full(path, write, before_replace=None):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(io, "atomic_write", full)
+    assert evaluate_main([str(run), "eval.seed=7"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("evaluate: OSError: [Errno 28] No space left on device: ")
+    assert (run / "results.json").read_bytes() == before
