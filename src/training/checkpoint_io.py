@@ -57,7 +57,7 @@ def checkpoint_to_resume(ckpt_dir: str | os.PathLike, repair: bool = True) -> Pa
     there is none. repair (the job that resumes, owning the run directory): the unreadable `last.ckpt` is replaced
     by the previous one, with a one-line warning naming both, so the next save keeps a readable previous one."""
     last = Path(ckpt_dir) / LAST
-    if not last.is_file() and not os.path.lexists(last):  # a dangling link is unreadable, not a run never saved
+    if not os.path.lexists(last):  # a dangling link too is there (unreadable), not a run never saved
         return None
     why = _readable(last)
     if why is None:
