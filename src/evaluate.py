@@ -15,7 +15,6 @@ results.json, kept apart by their settings (src/results.py).
 
 from __future__ import annotations
 
-import errno
 import logging
 import sys
 from pathlib import Path
@@ -24,14 +23,13 @@ from typing import Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import ConfigError, register_resolvers
+from src.utils.io import refused_write
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 #: The configuration groups an evaluation may change; the rest belongs to the trained model (its fingerprint).
 OVERRIDABLE = ("eval", "sampler", "paths")
 #: Where the run's shard folders lie now, when they have moved: the same folders (by content) or a refusal.
 MOVABLE = ("data.train_dir", "data.eval_dir")
-#: A full disk, a quota, a read-only file system, an I/O error: the file system refused, the input was fine.
-REFUSED_WRITES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 USAGE = ("usage: python -m src.evaluate RUN_DIR [--config-dir DIR] "
          "[eval.KEY=VALUE | sampler=NAME | sampler.KEY=VALUE | paths.KEY=VALUE ...]")
@@ -281,9 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         line = hydra_error_line(e) or one_line(e)
         print(f"evaluate: {line}", file=sys.stderr)
-        # 2: bad input; 1: the file system refused a write (a full or read-only disk), as for src.run and
-        # src.preprocess. Not every OSError: Hydra's missing option and a busy run's lock are OSErrors too.
-        return 1 if isinstance(e, OSError) and e.errno in REFUSED_WRITES else 2
+        # 2: bad input; 1: the file system refused a write (a full or read-only disk), as for src.preprocess.
+        return 1 if refused_write(e) else 2
     for r in records:
         print(f"{r['setting']:<28} {'ema' if r['ema'] else 'raw'}  n={r['n_samples']:<5} "
               f"clip_score {r['clip_score']:.4f}  fid_clip {r['fid_clip']:.4f}")

@@ -349,6 +349,51 @@ def test_force_quick_gelu_without_a_clip_model_is_refused():
         check_eval_files(ev)
 
 
+def test_a_configured_clip_takes_quick_gelu_from_the_setting_or_the_weights_sidecar(tmp_path):
+    """The sidecar's force_quick_gelu was read by preprocessing's text encoders and ignored by the evaluation: the same
+    weights ran with QuickGELU in one and GELU in the other. Now eval.clip.force_quick_gelu=null (the default) takes
+    the sidecar's, an explicit true/false comes first, and the extractor's name says which."""
+    import json
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from src.config import ConfigError
+    from src.evaluation.run import check_eval_files, feature_extractor_name, load_clip_extractor
+    from src.text import tiny_clip
+
+    ev = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "eval" / "default.yaml")
+    assert ev.clip.force_quick_gelu is None
+    weights = tmp_path / "w" / "tiny_clip.pt"
+    weights.parent.mkdir()
+    shutil.copy(tiny_clip.WEIGHTS_PATH, weights)
+    sidecar = json.loads(tiny_clip.WEIGHTS_PATH.with_suffix(".json").read_text())
+    ev.clip.model_name, ev.clip.weights_path = tiny_clip.MODEL_NAME, str(weights)
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+
+    def extractor():
+        check_eval_files(ev)
+        model = load_clip_extractor(ev, torch.device("cpu"))
+        return model.force_quick_gelu, model.image_features(images), feature_extractor_name(ev, tmp_path)
+
+    weights.with_suffix(".json").write_text(json.dumps(sidecar))
+    gelu, gelu_features, gelu_name = extractor()
+    weights.with_suffix(".json").write_text(json.dumps({**sidecar, "force_quick_gelu": True}))
+    quick, quick_features, quick_name = extractor()
+    assert (gelu, quick) == (False, True) and quick_name == gelu_name + ",quickgelu"
+    assert not torch.allclose(gelu_features, quick_features)
+    ev.clip.force_quick_gelu = False  # the setting comes first
+    assert extractor()[0] is False and extractor()[2] == gelu_name
+    ev.clip.force_quick_gelu = "yes"
+    with pytest.raises(ConfigError, match=re.escape("eval.clip.force_quick_gelu=yes: allowed values are true, false, "
+                                                    "null")):
+        check_eval_files(ev)
+    ev.clip.force_quick_gelu = None
+    weights.with_suffix(".json").write_text(json.dumps({**sidecar, "force_quick_gelu": "false"}))
+    with pytest.raises(ConfigError, match=re.escape("its sidecar's force_quick_gelu='false' is not true or false")):
+        check_eval_files(ev)
+
+
 def test_a_configured_clip_takes_its_normalisation_from_the_setting_or_the_weights_sidecar(tmp_path):
     """A local weights file bypasses open_clip's per-weight settings: the tiny CLIP configured by its model name took
     the model config's (OpenAI's) mean and std, not the 0.5 its sidecar JSON records, and computed other features

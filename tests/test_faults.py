@@ -879,6 +879,25 @@ def test_fsdp_checks_take_lightnings_spellings_of_the_strategy():
 # ---- a hostile file system: full disks, read-only folders ----------------------------------------------------------
 
 
+def test_refused_write_tells_the_file_system_refusing_from_bad_input():
+    """One rule for exit status 1 (the file system refused) vs 2 (bad input) in src.evaluate and src.preprocess: it
+    was decided by errno in one and by any OSError in the other, so a path under a file was 1 in one and 2 in the
+    other. Hydra's missing option, a busy lock and a missing file are OSErrors too, and bad input."""
+    import errno
+
+    from hydra.errors import MissingConfigException
+
+    from src.utils.io import refused_write
+
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM):
+        assert refused_write(OSError(code, os.strerror(code), "/x"))
+    assert refused_write(PermissionError(errno.EACCES, "Permission denied"))
+    for bad_input in (FileNotFoundError(errno.ENOENT, "No such file"), NotADirectoryError(errno.ENOTDIR, "Not a dir"),
+                      IsADirectoryError(errno.EISDIR, "Is a directory"), BlockingIOError(errno.EAGAIN, "busy"),
+                      MissingConfigException("Could not find 'loss/nope'", "loss/nope"), ValueError("x"), OSError()):
+        assert not refused_write(bad_input), bad_input
+
+
 def _full_disk(monkeypatch):
     """Every write to a file atomic_write opens fails as on a full disk (ENOSPC)."""
     import errno

@@ -597,6 +597,32 @@ def test_a_resume_with_other_model_files_at_the_same_paths_is_refused(tmp_path, 
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == written
 
 
+def test_a_resume_after_the_clip_sidecar_turned_quick_gelu_on_is_refused(tmp_path, capsys):
+    """The sidecar's force_quick_gelu changes the text features of the same weights file, but the content digest was
+    the files' alone: a sidecar written between a stop and the resume encoded the rest of the folder with QuickGELU.
+    Now the digest carries it when on (and is the files' alone when off, as folders written before recorded it)."""
+    from src.preprocess.text import clip_digest
+    from src.utils.io import files_digest
+
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=4)
+    source, out = ImageNetSource(train, mapping), tmp_path / "out"
+    torch.manual_seed(1)
+    config_file, weights = save_clip(tmp_path, "clip", 32, 24)
+    clip = (config_file, str(Path(weights).rename(tmp_path / "clip_weights.pt")))  # clip.json is the model config
+    plain = clip_digest(*clip)
+    assert plain == files_digest({"weights": Path(clip[1]), "config": Path(clip[0])})
+    assert preprocess(source, config(out, {"clip_a": list(clip)}, max_chunks=1)) is None
+    written = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    Path(clip[1]).with_suffix(".json").write_text(json.dumps({"force_quick_gelu": False}))
+    assert clip_digest(*clip) == plain
+    Path(clip[1]).with_suffix(".json").write_text(json.dumps({"force_quick_gelu": True}))
+    assert clip_digest(*clip) != plain
+    with pytest.raises(ValueError, match=rf"^out='{out}': its chunks done before were encoded by other model files at "
+                                         rf"the same paths \(encoder_sha256 \['{plain}'\] before, \['\w+'\] now\)"):
+        preprocess(source, config(out, {"clip_a": list(clip)}, max_chunks=1))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == written
+
+
 def assert_same_shards(a: Path, b: Path) -> None:
     ma, mb = read_meta(a), read_meta(b)
     assert ma["count"] == mb["count"] and ma["shards"] == mb["shards"] and ma["skipped"] == mb["skipped"]

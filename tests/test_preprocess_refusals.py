@@ -510,13 +510,25 @@ def test_skip_log_lists_items_in_index_order(tmp_path):
     assert lines[1:] == ["2\ta.jpg\tOSError: y", "9\tb.jpg\tOSError: x"]
 
 
-def test_an_output_folder_the_file_system_refuses_is_one_line_and_status_1(tmp_path, models, capsys):
+def test_an_output_folder_the_file_system_refuses_is_one_line_and_status_1(tmp_path, models, capsys, monkeypatch):
     """--out that cannot be made or written (read-only, full, under a file) was a traceback; now one line naming
-    the path and the cause, exit status 1 (2 is bad input)."""
+    the path and the cause. Exit status 1 when the file system refuses (read-only, full), 2 for bad input (a path
+    under a file), as src.evaluate decides (src.utils.io.refused_write): any OSError was 1 here."""
+    import errno
+
     train, mapping = make_imagenet(tmp_path / "in")
     (tmp_path / "file").write_text("")
     out = tmp_path / "file" / "shards"
-    assert main(imagenet_argv(train, mapping, out, models)) == 1
+    assert main(imagenet_argv(train, mapping, out, models)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: NotADirectoryError: [Errno 20] Not a directory: ") and str(out) in err
     assert len(err.splitlines()) == 1
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    out = tmp_path / "shards"
+    assert main(imagenet_argv(train, mapping, out, models)) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: OSError: [Errno 30] Read-only file system: '{out / WORK_DIR}'" and not out.exists()

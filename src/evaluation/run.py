@@ -117,7 +117,11 @@ def check_eval_files(cfg_eval: DictConfig) -> None:
             raise ConfigError(f"eval.{key}={path}: not a weights file torch.load(weights_only=True) reads ({error})")
     if cfg_eval.clip.model_name is not None and cfg_eval.clip.weights_path is None:
         raise ConfigError(f"eval.clip.weights_path=None: required with eval.clip.model_name={cfg_eval.clip.model_name}")
-    if cfg_eval.clip.model_name is None and cfg_eval.clip.get("force_quick_gelu", False):
+    quick = cfg_eval.clip.get("force_quick_gelu")
+    if quick is not None and not isinstance(quick, bool):
+        raise ConfigError(f"eval.clip.force_quick_gelu={quick}: allowed values are true, false, null (the weights' "
+                          "sidecar JSON's, else false)")
+    if cfg_eval.clip.model_name is None and quick:
         # The tiny CLIP loads without it: its records would be named ",quickgelu" for features computed with GELU.
         raise ConfigError("eval.clip.force_quick_gelu=true: only with eval.clip.model_name (OpenAI weights); the tiny "
                           "CLIP (eval.clip.model_name=null) was trained with GELU")
@@ -133,6 +137,7 @@ def check_eval_files(cfg_eval: DictConfig) -> None:
                               "(per RGB channel), or null: the weights' sidecar JSON's, else the model config's")
     if cfg_eval.clip.model_name is not None:  # else a typo is found after the training, when the evaluation starts
         clip_normalisation(cfg_eval.clip)  # (a damaged sidecar too)
+        clip_quick_gelu(cfg_eval.clip)
         from src.metrics.clip import model_name_error
 
         error = model_name_error(cfg_eval.clip.model_name)
@@ -155,10 +160,9 @@ def clip_normalisation(clip: DictConfig) -> dict[str, list[float]]:
     from src.text.checkpoints import sidecar_path
 
     out = {k: [float(v) for v in clip[k]] for k in NORMALISATION if clip.get(k) is not None}
-    sidecar = sidecar_path(str(clip.weights_path))
-    if len(out) < len(NORMALISATION) and sidecar.is_file():
+    if len(out) < len(NORMALISATION):
+        sidecar, recorded = sidecar_path(str(clip.weights_path)), _clip_sidecar(clip)
         try:
-            recorded = json.loads(sidecar.read_text())
             for key in NORMALISATION:
                 if key not in out and recorded.get(key) is not None:
                     out[key] = [float(v) for v in recorded[key]]
@@ -167,6 +171,38 @@ def clip_normalisation(clip: DictConfig) -> dict[str, list[float]]:
                               f"object with image_mean/image_std lists ({e}); repair it, or give eval.clip.image_mean "
                               "and eval.clip.image_std") from e
     return out
+
+
+def clip_quick_gelu(clip: DictConfig) -> bool:
+    """Whether a configured CLIP model runs with QuickGELU: eval.clip.force_quick_gelu when set, else the weights'
+    sidecar JSON's force_quick_gelu (as preprocessing's text encoders take it), else false. The tiny CLIP: false."""
+    if clip.model_name is None:
+        return False
+    if clip.get("force_quick_gelu") is not None:
+        return bool(clip.force_quick_gelu)
+    recorded = _clip_sidecar(clip).get("force_quick_gelu", False)
+    if not isinstance(recorded, bool):
+        raise ConfigError(f"eval.clip.weights_path={clip.weights_path}: its sidecar's force_quick_gelu={recorded!r} "
+                          "is not true or false; repair it, or give eval.clip.force_quick_gelu")
+    return recorded
+
+
+def _clip_sidecar(clip: DictConfig) -> dict:
+    """The configured CLIP weights' sidecar JSON (`<weights>.json`), {} when there is none."""
+    from src.text.checkpoints import sidecar_path
+
+    sidecar = sidecar_path(str(clip.weights_path))
+    if not sidecar.is_file():
+        return {}
+    try:
+        recorded = json.loads(sidecar.read_text())
+    except ValueError as e:
+        raise ConfigError(f"eval.clip.weights_path={clip.weights_path}: its sidecar {sidecar} is not a JSON object "
+                          f"({e}); repair or remove it") from e
+    if not isinstance(recorded, dict):
+        raise ConfigError(f"eval.clip.weights_path={clip.weights_path}: its sidecar {sidecar} is not a JSON object; "
+                          "repair or remove it")
+    return recorded
 
 
 def feature_extractor_name(cfg_eval: DictConfig, cache_dir: str | Path | None = None) -> str:
@@ -185,7 +221,7 @@ def feature_extractor_name(cfg_eval: DictConfig, cache_dir: str | Path | None = 
     if clip.model_name is not None:  # another normalisation is another extractor (the tiny CLIP's is fixed)
         name += "".join(f",{k.removeprefix('image_')}={'/'.join(f'{v:g}' for v in values)}"
                         for k, values in clip_normalisation(clip).items())
-    return name + (",quickgelu" if clip.get("force_quick_gelu", False) else "")
+    return name + (",quickgelu" if clip_quick_gelu(clip) else "")
 
 
 def inception_extractor_name(cfg_eval: DictConfig, cache_dir: str | Path | None = None) -> str | None:
@@ -209,7 +245,7 @@ def load_clip_extractor(cfg_eval: DictConfig, device: torch.device):
             image_mean=tiny_clip.IMAGE_MEAN, image_std=tiny_clip.IMAGE_STD, config_key="eval.clip.weights_path",
         )
     return ClipFeatureExtractor(clip.model_name, clip.weights_path, device=device, config_key="eval.clip.weights_path",
-                                force_quick_gelu=bool(clip.get("force_quick_gelu", False)),
+                                force_quick_gelu=clip_quick_gelu(clip),
                                 **clip_normalisation(clip))
 
 

@@ -7,7 +7,7 @@ import sys
 
 from src.preprocess.pipeline import PreprocessConfig, preprocess
 from src.preprocess.sources import CAPTION_CHOICES, CocoSource, ImageNetSource, TarSource, TsvSource
-from src.utils.io import first_line
+from src.utils.io import first_line, refused_write
 
 #: Where the model files' checksums are remembered: src.run's paths.cache_dir default, from the same directory.
 DEFAULT_CACHE_DIR = ".cache"
@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # a full or read-only disk: the chunks written so far are kept, a rerun resumes
+    except OSError as e:  # a full or read-only disk (1): the chunks written so far are kept, a rerun resumes
         print(f"error: {type(e).__name__}: {first_line(e)}", file=sys.stderr)
-        return 1
+        return 1 if refused_write(e) else 2  # else bad input, e.g. --out names a file
     return 0 if meta is not None else 3
 
 

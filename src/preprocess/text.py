@@ -1,4 +1,5 @@
-"""Text encoders from local files and their SD3 combination (docs/backbone.md#text-encoders), with the token/channel map `text_groups`.
+"""Text encoders from local files and their SD3 combination (docs/backbone.md#text-encoders), with the token/channel
+map `text_groups`.
 
 CLIP encoders are src.text.encoder.ClipTextEncoder (open_clip, penultimate hidden states + projected pooled).
 T5 is transformers' T5EncoderModel (final hidden states, padded to a fixed length without an attention mask, as
@@ -9,6 +10,7 @@ tokens.
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from functools import cached_property
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Sequence
 import open_clip
 import torch
 
+from src.text.checkpoints import sidecar_create_kwargs
 from src.text.encoder import ClipTextEncoder
 from src.utils.io import files_digest, folder_files
 
@@ -47,9 +50,15 @@ def check_clip_spec(model: str, weights: str | Path) -> None:
 def clip_digest(model: str, weights: str | Path, cache_dir: str | Path | None = None) -> str:
     """sha256[:12] of a CLIP's weights file (and its model config .json where it has one): OpenAI and LAION weights
     of one open_clip model name are told apart. The files by role, not name: a renamed copy is the same encoder.
-    cache_dir: where the files' checksums are remembered (src.utils.io.weights_sha256)."""
+    cache_dir: where the files' checksums are remembered (src.utils.io.weights_sha256).
+    QuickGELU from the weights' sidecar JSON (src.text.checkpoints) is another encoder of the same files: it is
+    part of the digest when on, so a sidecar changed since a resume or between the training and evaluation folders
+    is found (off, the digest is the files' alone, as written before)."""
     files = {"weights": Path(weights), **({"config": Path(model)} if model.endswith(".json") else {})}
-    return files_digest(files, cache_dir)
+    digest = files_digest(files, cache_dir)
+    if sidecar_create_kwargs(weights).get("force_quick_gelu"):
+        digest = hashlib.sha256(f"{digest},quickgelu".encode()).hexdigest()[:12]
+    return digest
 
 
 def load_clip(model: str, weights: str | Path, device: str, precision: str = "float32",
@@ -120,7 +129,8 @@ class T5TextEncoder:
 
 
 class CombinedTextEncoder:
-    """SD3's combination of CLIP encoders (and optionally one T5) into one (context, pooled) pair (docs/backbone.md#text-encoders)."""
+    """SD3's combination of CLIP encoders (and optionally one T5) into one (context, pooled) pair
+    (docs/backbone.md#text-encoders)."""
 
     def __init__(self, clips: Sequence, t5=None):
         if not clips:

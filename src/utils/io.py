@@ -7,6 +7,7 @@ lock that serialises writers of one file across processes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -23,6 +24,16 @@ from typing import IO, Any, Callable, Iterator
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+#: A full disk, a quota, a read-only file system, a permission refused, an I/O error: the file system refused, the
+#: input was fine (exit status 1 where bad input is 2). Not every OSError: Hydra's missing option, a missing file and a
+#: busy lock are OSErrors too.
+REFUSED_WRITES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM})
+
+
+def refused_write(e: BaseException) -> bool:
+    """Whether an exception is the file system refusing a write or read (REFUSED_WRITES), not bad input."""
+    return isinstance(e, OSError) and e.errno in REFUSED_WRITES
 
 
 def temp_sibling(path: str | Path) -> Path:
