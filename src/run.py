@@ -84,7 +84,7 @@ def _job(cfg: DictConfig) -> dict | None:
         # leaves a finished run exactly as it was (its error goes to the summary and the sweep's failures.json).
         prepare_job(cfg, run_dir, multirun)
         # The lock next: a job already running in this directory keeps its files (error.json included).
-        with run_dir_lock(run_dir), run_log(run_dir):
+        with run_dir_lock(run_dir), run_log(run_dir) as log_file:
             if multirun:  # this launch runs here: an earlier one's refusal is no longer the job's latest word, and a
                 # kill from here on would leave it in the report as if this launch had not run
                 clear_sweep_failure(HydraConfig.get().sweep.dir, job_name(cfg))
@@ -96,8 +96,8 @@ def _job(cfg: DictConfig) -> dict | None:
                 result = run_job(cfg, run_dir)
             except Exception as e:  # recorded per job so the rest of the sweep goes on
                 if not isinstance(e, ConfigError):  # a configuration error says nothing about the run
-                    # One line on the console; the traceback in run.log (and error.json) for whoever digs.
-                    log.error("%s failed: %s (traceback in %s)", job_name(cfg), one_line(e), run_dir / "run.log")
+                    # One line on the console; the traceback in run.log (and error.json) for whoever digs, and the
+                    # line names only the files that took it (a full disk refuses both).
                     log.info("%s failed:\n%s", job_name(cfg), traceback.format_exc())
                     if not finished:
                         try:
@@ -106,6 +106,10 @@ def _job(cfg: DictConfig) -> dict | None:
                             in_run_dir = True
                         except OSError as unwritten:  # a full disk: the job's own error is what to say
                             log.error("%s not written: %s", error_file, one_line(unwritten))
+                    kept = [str(f) for f, written in ((run_dir / "run.log", not log_file.failed),
+                                                      (error_file, in_run_dir)) if written]
+                    log.error("%s failed: %s (traceback %s)", job_name(cfg), one_line(e),
+                              f"in {' and '.join(kept)}" if kept else "not written: the file system refused")
                 raise
             if finished:
                 error_file.unlink(missing_ok=True)

@@ -1087,6 +1087,52 @@ def test_run_log_on_a_full_disk_is_one_warning_and_the_jobs_own_error_stays(tmp_
     assert "Traceback" not in err and err.count("run.log not written further: OSError: [Errno 28]") == 1
 
 
+def test_a_failed_job_names_only_the_files_that_took_its_traceback(tmp_path, monkeypatch, caplog):
+    """The console line said "(traceback in run.log)" when a full disk had refused run.log and error.json both."""
+    import errno
+    import logging
+
+    from src import run
+    from src.launch import rundir
+    from src.training import job, prepare
+
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=TINY, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+    HydraConfig.instance().set_config(cfg)
+    monkeypatch.setattr(failures, "FAILED", [])
+    monkeypatch.setattr(prepare, "prepare_job", lambda *args: (tmp_path / "run").mkdir(exist_ok=True))
+    monkeypatch.setattr(run, "save_job_config", lambda *args: None)
+
+    def crash(*args):
+        raise RuntimeError("crashed")
+
+    monkeypatch.setattr(job, "run_job", crash)
+    lines = lambda: [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]  # noqa: E731
+    try:
+        with caplog.at_level(logging.INFO):
+            assert run._job(cfg)["failed"]  # a disk with room: both files take it
+            assert lines()[-1].endswith(f"(traceback in {tmp_path / 'run' / 'run.log'} and "
+                                        f"{tmp_path / 'run' / 'error.json'})")
+            caplog.clear()
+            real_emit = rundir._RunLogHandler.emit
+
+            def refuse(self, record):  # run.log's write fails as on a full disk
+                try:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                except OSError:
+                    self.handleError(record)
+
+            monkeypatch.setattr(rundir._RunLogHandler, "emit", lambda self, r: refuse(self, r) or real_emit(self, r))
+            _full_disk(monkeypatch)
+            assert run._job(cfg)["failed"]
+    finally:
+        HydraConfig.instance().cfg = None
+    assert lines()[-1] == f"{run.job_name(cfg)} failed: RuntimeError: crashed (traceback not written: the file " \
+        "system refused)"
+
+
 def test_a_sweep_failure_that_cannot_be_recorded_leaves_the_job_failed_not_the_sweep_stopped(tmp_path, monkeypatch):
     """failures.json on a full disk: its OSError escaped the job's handler and stopped the sweep at that job."""
     import errno

@@ -124,15 +124,16 @@ class _RunLogHandler(logging.FileHandler):
 
 
 @contextlib.contextmanager
-def run_log(run_dir: str | os.PathLike) -> Iterator[None]:
+def run_log(run_dir: str | os.PathLike) -> Iterator[_RunLogHandler]:
     """Append the job's log (the root logger's records) to `<run dir>/run.log` for the block: only once the job
-    owns the directory, so a refused job adds nothing to a finished run's log."""
+    owns the directory, so a refused job adds nothing to a finished run's log. Yields the handler: its `failed`
+    says whether run.log stopped being written (a full disk)."""
     handler = _RunLogHandler(Path(run_dir) / RUN_LOG)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     root.addHandler(handler)
     try:
-        yield
+        yield handler
     finally:
         root.removeHandler(handler)
         with contextlib.suppress(OSError):  # its last flush on a full disk: the job's own error is what to say
