@@ -15,7 +15,7 @@ fit loop): what a launch gets, and the figure the planner prefers.
 
 Robust by construction: each configuration runs in try/except (an OOM or a compile failure is recorded, not fatal),
 a global time budget skips what no longer fits (recorded as skipped), and the results file is rewritten after each
-configuration (a JSON copy inside it feeds the planner: src/plan.py --mfu auto).
+configuration (a JSON copy inside it feeds the planner: src/plan.py without --mfu).
 """
 
 from __future__ import annotations

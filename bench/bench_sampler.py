@@ -2,8 +2,9 @@
 
 For each recipe and CFG scale: time sample() for 25 steps, and the same 25 backbone forward calls on
 identical inputs (the guided batch doubled as sample() does), in interleaved repetitions; report medians and
-the overhead sample / forwards - 1 (target < 10%). The backbone is the tiny MM-DiT of conf/model/mmdit.yaml
-(16x16x1 latents, 16 text tokens of 64, pooled 64) with random weights.
+the overhead sample / forwards - 1 (target < 10%). The backbone is a tiny MM-DiT (MODEL below: depth 2, hidden 96,
+3 heads, 0.62M parameters; wider than conf/model/mmdit.yaml's hidden 64) on 16x16x1 latents, 16 text tokens of 64,
+pooled 64, with random weights.
 
     python bench/bench_sampler.py                  # CPU, batch 16 (~1-2 min on 2 idle cores)
     python bench/bench_sampler.py --threads 1      # steadier timings on a shared CPU

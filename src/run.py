@@ -54,7 +54,7 @@ def main(cfg: DictConfig) -> dict | None:
     hydra_cfg = HydraConfig.get()
     index = OmegaConf.select(hydra_cfg, "job.num", default=None, throw_on_missing=False)
     announce = hydra_cfg.mode == RunMode.MULTIRUN and index is not None
-    if announce:  # "job 2/3: digits/edm(-1.20, 1.20) (about 1 min left in the sweep)"
+    if announce:  # "job 2/3: digits/edm_-1.20_1.20 (about 1 min left in the sweep)"
         SWEEP.start(int(index), job_name(cfg))
     result = None
     try:

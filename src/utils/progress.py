@@ -202,7 +202,7 @@ class SweepProgress:
         return (self.total - index) * sum(self.durations) / len(self.durations)
 
     def start(self, index: int, name: str) -> str:
-        """Print and return 'job 2/3: digits/edm(-1.20, 1.20) (about 1 min 40 s left in the sweep)'."""
+        """Print and return 'job 2/3: digits/edm_-1.20_1.20 (about 1 min 40 s left in the sweep)'."""
         self._started = self.clock()
         of = f"/{self.total}" if self.total else ""
         left = self.remaining_s(index)
