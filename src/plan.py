@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import logging
 import os
 import sys
@@ -488,13 +489,15 @@ def _fingerprint_changes(cfg: DictConfig, run_dir: Path) -> list[str]:
 
 
 def plan_job(index: int, overrides: list[str], flops_method: str = "count", single: bool = False,
-             mfu: float | None = None, gpu: str | None = None) -> JobPlan:
-    """One job and what it costs; mfu None: the MFU measured for its configuration on this GPU (launch_mfu)."""
+             mfu: float | None = None, gpu: str | None = None, composed: DictConfig | None = None) -> JobPlan:
+    """One job and what it costs; mfu None: the MFU measured for its configuration on this GPU (launch_mfu).
+    composed: the job's configuration as _compose(overrides) gave it, when the caller has it (left unchanged: a
+    copy is filled in here); composing is most of a plan's time."""
     from hydra.core.hydra_config import HydraConfig
 
     from src.training.prepare import build_formulation, check_choices, check_values
 
-    cfg = _compose(overrides)
+    cfg = _compose(overrides) if composed is None else copy.deepcopy(composed)
     check_values(cfg)  # the job's value checks: a plan of train.max_steps=-1 is no plan
     check_choices(cfg)
     build_formulation(cfg)  # the recipe's check (loss.s=-1), which a run_name without the recipe would not make
@@ -599,15 +602,15 @@ def plan_sweep(overrides: Sequence[str], peak_tflops: float = H100_BF16_DENSE_TF
         for job in jobs:
             cfg = None if single else _compose(job)  # one Hydra cannot compose (a typo in a key) ends the command
             try:
-                job_plan = plan_job(len(planned) + len(invalid), job, flops_method, single, mfu, gpu)
+                job_plan = plan_job(len(planned) + len(invalid), job, flops_method, single, mfu, gpu, cfg)
                 twin = None if single else _same_run(cfg, job, runs)
             except Exception as e:  # src.run refuses it before launch and launches the rest: so does the plan
                 if single:
                     raise
-                invalid.append((_job_name(job), error_line(e)))
+                invalid.append((_job_name(cfg, job), error_line(e)))
                 continue
             if twin is not None and twin.refused:
-                invalid.append((f"{_job_name(job)} [{twin.apart}]", twin.line))  # src.run's name for it
+                invalid.append((f"{_job_name(cfg, job)} [{twin.apart}]", twin.line))  # src.run's name for it
             elif twin is not None:
                 not_launched.append(twin.line)
             else:
@@ -636,13 +639,12 @@ def error_line(e: BaseException) -> str:
     return hydra_error_line(e) or one_line(configuration_error(e) or e)
 
 
-def _job_name(overrides: list[str]) -> str:
+def _job_name(cfg: DictConfig, overrides: list[str]) -> str:
     """A job's name in the plan's refusals, as src.run names it (its run name, else its recipe overrides)."""
     from hydra.core.hydra_config import HydraConfig
 
     from src.launch.validate import job_name
 
-    cfg = _compose(overrides)  # composed before (plan_sweep)
     HydraConfig.instance().set_config(cfg)
     return job_name(cfg, overrides)
 
