@@ -381,7 +381,7 @@ def _usable(record: Mapping[str, Any], run_dir: Path | None, need_inception: boo
             readable: Callable[[Path], bool] | None = None) -> bool:
     """A record counts when it has what is configured and its arrays are on disk and read whole (the report reads
     them); readable(path) says whether they do (default: _readable_npz, every time)."""
-    if need_inception and record.get("fid_inception") is None:
+    if need_inception and not _has_inception(record):
         return False
     readable = readable or _readable_npz
     return run_dir is None or bool(record.get("arrays") and readable(Path(run_dir) / record["arrays"]))
@@ -460,7 +460,14 @@ class VerifiedArrays:
 def _same_inception(record: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
     """Where the wanted record names Inception weights, the stored one's Inception FID is of those weights."""
     name = wanted.get("inception_extractor")
-    return name is None or (record.get("fid_inception") is not None and record.get("inception_extractor") == name)
+    return name is None or (_has_inception(record) and record.get("inception_extractor") == name)
+
+
+def _has_inception(record: Mapping[str, Any]) -> bool:
+    """An Inception FID was computed: a number, or null beside a null CLIP FID where its extractor is named (samples
+    that diverged: every metric is null, and sampling them again gives the same)."""
+    return record.get("fid_inception") is not None or (
+        record.get("inception_extractor") is not None and record.get("fid_clip") is None)
 
 
 def _same_sampler_code(record: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:

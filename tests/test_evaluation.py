@@ -180,6 +180,40 @@ def test_evaluate_writes_records_arrays_and_grid(setup):
     assert read_prompts(run / rec["arrays"], png) == [f"a photo of a {k % 10}" for k in range(12)]
 
 
+def test_diverged_samples_are_recorded_with_null_metrics_and_the_evaluation_goes_on(setup):
+    """A backbone whose samples are NaN (a diverged run): the FID stopped the whole evaluation with "features contains
+    NaN or inf values", no later setting was scored and the job failed, though the report ranks such a record in
+    the last front of its setting. Now every setting's record holds null metrics (strict JSON), its grid is black
+    (no undefined NaN cast), and a rerun finds the records complete."""
+    import warnings
+
+    class Diverged(Net):
+        def forward(self, *args):
+            return super().forward(*args) * float("nan")
+
+    net = Diverged()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        records = evaluate_backbone(net, settings=SETTINGS, **setup)
+    assert [(r["setting"], r["clip_score"], r["fid_clip"]) for r in records] == [
+        ("2 steps, cfg 1.0", None, None), ("3 steps, cfg 5.0", None, None)]
+    text = (setup["out_dir"] / "results.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"results.json holds {c}")) == records
+    with np.load(setup["out_dir"] / records[0]["arrays"]) as arrays:
+        assert np.isnan(arrays["clip_scores"]).all() and not arrays["grid"].any()
+    calls = net.calls
+    assert evaluate_backbone(net, settings=SETTINGS, **setup) == records and net.calls == calls
+    # With Inception too: its FID is null as well, and the record is complete (it was sampled again at every rerun).
+    inc = FakeClip(dim=5)
+    images = torch.rand(30, *SHAPE, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    inc_ref = reference_features("fake-inception", "toy/eval", images, inc, setup["out_dir"].parent / "cache")
+    records = evaluate_backbone(net, settings=SETTINGS, inception=(inc, inc_ref), **setup)
+    assert [(r["fid_inception"], r["inception_extractor"]) for r in records] == [(None, "FakeClip")] * 2
+    calls = net.calls
+    assert evaluate_backbone(net, settings=SETTINGS, inception=(inc, inc_ref), **setup) == records
+    assert net.calls == calls
+
+
 def test_sample_k_is_caption_k_mod_n_with_noise_k_at_the_settings_steps_cfg_and_shift(setup):
     """Each sample's features are those of sampling its own prompt's conditioning from its own initial noise (common
     random numbers: noise k depends on (seed, k) only) at exactly this setting, decoded and clamped."""
