@@ -101,11 +101,7 @@ class Record:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; non-finite metrics become null."""
-        d = asdict(self)
-        for k in METRIC_FIELDS:
-            if d[k] is not None and not math.isfinite(d[k]):
-                d[k] = None
-        return d
+        return _finite_or_null(asdict(self))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Record":
@@ -297,9 +293,19 @@ def read_results(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def write_results(run_dir: str | os.PathLike, records: Iterable[Mapping[str, Any] | Record]) -> Path:
-    """Replace results.json atomically with these records."""
-    rows = [r.to_dict() if isinstance(r, Record) else dict(r) for r in records]
+    """Replace results.json atomically with these records (non-finite metrics as null, as Record.to_dict)."""
+    rows = [r.to_dict() if isinstance(r, Record) else _finite_or_null(dict(r)) for r in records]
     return atomic_write_json(results_path(run_dir), rows)
+
+
+def _finite_or_null(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with its non-finite metrics set to null: strict JSON has no NaN or Infinity (an older writer's, or
+    another tool's, which json reads) and the strict writer refuses them, so a merge into such a file failed."""
+    for k in METRIC_FIELDS:
+        value = record.get(k)
+        if isinstance(value, float) and not math.isfinite(value):
+            record[k] = None
+    return record
 
 
 def merge_results(run_dir: str | os.PathLike, new: Iterable[Mapping[str, Any] | Record]) -> list[dict[str, Any]]:
@@ -310,7 +316,7 @@ def merge_results(run_dir: str | os.PathLike, new: Iterable[Mapping[str, Any] | 
     with file_lock(run_dir / f".{RESULTS_FILE}.lock"):
         records = read_results(run_dir)
         replaced = {record_identity(r) for r in rows}
-        records = [r for r in records if record_identity(r) not in replaced] + rows
+        records = [_finite_or_null(r) for r in records if record_identity(r) not in replaced] + rows
         write_results(run_dir, records)
     return records
 

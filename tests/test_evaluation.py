@@ -140,6 +140,18 @@ def test_record_non_finite_metric_is_null_and_missing_field_is_named(tmp_path):
         read_results(tmp_path)
 
 
+def test_a_results_file_with_nan_or_infinity_takes_new_records_and_is_written_strict(tmp_path):
+    """A diverged run's metrics stored as NaN / Infinity (an older writer, another tool; json reads them): merging
+    the next evaluation's record wrote them back through the strict writer, "ValueError: Out of range float values
+    are not JSON compliant", and the new record was lost. Now they are written as null, as Record.to_dict does."""
+    (tmp_path / "results.json").write_text(json.dumps([{**_record().to_dict(), "fid_clip": float("inf"),
+                                                        "clip_score": float("nan")}]))
+    merged = merge_results(tmp_path, [_record(ema=False)])
+    assert [(r["ema"], r["clip_score"], r["fid_clip"]) for r in merged] == [(True, None, None), (False, 0.25, 1.5)]
+    text = (tmp_path / "results.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"results.json holds {c}")) == merged
+
+
 # ---- evaluate_backbone ----------------------------------------------------------------------------
 def test_evaluate_writes_records_arrays_and_grid(setup):
     net = Net()
