@@ -281,9 +281,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"evaluate: {line}", file=sys.stderr)
         # 2: bad input; 1: the file system refused a write (a full or read-only disk), as for src.preprocess.
         return 1 if refused_write(e) else 2
-    for r in records:
+    for r in records:  # a null metric: samples that are not finite (a diverged run)
+        clip, fid = ("null (not finite)" if v is None else f"{v:.4f}" for v in (r["clip_score"], r["fid_clip"]))
         print(f"{r['setting']:<28} {'ema' if r['ema'] else 'raw'}  n={r['n_samples']:<5} "
-              f"clip_score {r['clip_score']:.4f}  fid_clip {r['fid_clip']:.4f}")
+              f"clip_score {clip}  fid_clip {fid}")
     return 0
 
 

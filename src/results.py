@@ -101,11 +101,7 @@ class Record:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; non-finite metrics become null."""
-        d = asdict(self)
-        for k in METRIC_FIELDS:
-            if d[k] is not None and not math.isfinite(d[k]):
-                d[k] = None
-        return d
+        return _finite_or_null(asdict(self))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Record":
@@ -297,9 +293,19 @@ def read_results(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def write_results(run_dir: str | os.PathLike, records: Iterable[Mapping[str, Any] | Record]) -> Path:
-    """Replace results.json atomically with these records."""
-    rows = [r.to_dict() if isinstance(r, Record) else dict(r) for r in records]
+    """Replace results.json atomically with these records (non-finite metrics as null, as Record.to_dict)."""
+    rows = [r.to_dict() if isinstance(r, Record) else _finite_or_null(dict(r)) for r in records]
     return atomic_write_json(results_path(run_dir), rows)
+
+
+def _finite_or_null(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with its non-finite metrics set to null: strict JSON has no NaN or Infinity (an older writer's, or
+    another tool's, which json reads) and the strict writer refuses them, so a merge into such a file failed."""
+    for k in METRIC_FIELDS:
+        value = record.get(k)
+        if isinstance(value, float) and not math.isfinite(value):
+            record[k] = None
+    return record
 
 
 def merge_results(run_dir: str | os.PathLike, new: Iterable[Mapping[str, Any] | Record]) -> list[dict[str, Any]]:
@@ -310,7 +316,7 @@ def merge_results(run_dir: str | os.PathLike, new: Iterable[Mapping[str, Any] | 
     with file_lock(run_dir / f".{RESULTS_FILE}.lock"):
         records = read_results(run_dir)
         replaced = {record_identity(r) for r in rows}
-        records = [r for r in records if record_identity(r) not in replaced] + rows
+        records = [_finite_or_null(r) for r in records if record_identity(r) not in replaced] + rows
         write_results(run_dir, records)
     return records
 
@@ -381,7 +387,7 @@ def _usable(record: Mapping[str, Any], run_dir: Path | None, need_inception: boo
             readable: Callable[[Path], bool] | None = None) -> bool:
     """A record counts when it has what is configured and its arrays are on disk and read whole (the report reads
     them); readable(path) says whether they do (default: _readable_npz, every time)."""
-    if need_inception and record.get("fid_inception") is None:
+    if need_inception and not _has_inception(record):
         return False
     readable = readable or _readable_npz
     return run_dir is None or bool(record.get("arrays") and readable(Path(run_dir) / record["arrays"]))
@@ -460,7 +466,14 @@ class VerifiedArrays:
 def _same_inception(record: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
     """Where the wanted record names Inception weights, the stored one's Inception FID is of those weights."""
     name = wanted.get("inception_extractor")
-    return name is None or (record.get("fid_inception") is not None and record.get("inception_extractor") == name)
+    return name is None or (_has_inception(record) and record.get("inception_extractor") == name)
+
+
+def _has_inception(record: Mapping[str, Any]) -> bool:
+    """An Inception FID was computed: a number, or null beside a null CLIP FID where its extractor is named (samples
+    that diverged: every metric is null, and sampling them again gives the same)."""
+    return record.get("fid_inception") is not None or (
+        record.get("inception_extractor") is not None and record.get("fid_clip") is None)
 
 
 def _same_sampler_code(record: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:

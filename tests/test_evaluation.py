@@ -140,6 +140,18 @@ def test_record_non_finite_metric_is_null_and_missing_field_is_named(tmp_path):
         read_results(tmp_path)
 
 
+def test_a_results_file_with_nan_or_infinity_takes_new_records_and_is_written_strict(tmp_path):
+    """A diverged run's metrics stored as NaN / Infinity (an older writer, another tool; json reads them): merging
+    the next evaluation's record wrote them back through the strict writer, "ValueError: Out of range float values
+    are not JSON compliant", and the new record was lost. Now they are written as null, as Record.to_dict does."""
+    (tmp_path / "results.json").write_text(json.dumps([{**_record().to_dict(), "fid_clip": float("inf"),
+                                                        "clip_score": float("nan")}]))
+    merged = merge_results(tmp_path, [_record(ema=False)])
+    assert [(r["ema"], r["clip_score"], r["fid_clip"]) for r in merged] == [(True, None, None), (False, 0.25, 1.5)]
+    text = (tmp_path / "results.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"results.json holds {c}")) == merged
+
+
 # ---- evaluate_backbone ----------------------------------------------------------------------------
 def test_evaluate_writes_records_arrays_and_grid(setup):
     net = Net()
@@ -178,6 +190,40 @@ def test_evaluate_writes_records_arrays_and_grid(setup):
     np.savez(run / "float.npz", grid=grid / 127.5 - 1.0)  # a float grid in [-1, 1], as arrays were written before
     assert np.array_equal(read_grid(run / "float.npz", None), stored)
     assert read_prompts(run / rec["arrays"], png) == [f"a photo of a {k % 10}" for k in range(12)]
+
+
+def test_diverged_samples_are_recorded_with_null_metrics_and_the_evaluation_goes_on(setup):
+    """A backbone whose samples are NaN (a diverged run): the FID stopped the whole evaluation with "features contains
+    NaN or inf values", no later setting was scored and the job failed, though the report ranks such a record in
+    the last front of its setting. Now every setting's record holds null metrics (strict JSON), its grid is black
+    (no undefined NaN cast), and a rerun finds the records complete."""
+    import warnings
+
+    class Diverged(Net):
+        def forward(self, *args):
+            return super().forward(*args) * float("nan")
+
+    net = Diverged()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        records = evaluate_backbone(net, settings=SETTINGS, **setup)
+    assert [(r["setting"], r["clip_score"], r["fid_clip"]) for r in records] == [
+        ("2 steps, cfg 1.0", None, None), ("3 steps, cfg 5.0", None, None)]
+    text = (setup["out_dir"] / "results.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"results.json holds {c}")) == records
+    with np.load(setup["out_dir"] / records[0]["arrays"]) as arrays:
+        assert np.isnan(arrays["clip_scores"]).all() and not arrays["grid"].any()
+    calls = net.calls
+    assert evaluate_backbone(net, settings=SETTINGS, **setup) == records and net.calls == calls
+    # With Inception too: its FID is null as well, and the record is complete (it was sampled again at every rerun).
+    inc = FakeClip(dim=5)
+    images = torch.rand(30, *SHAPE, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    inc_ref = reference_features("fake-inception", "toy/eval", images, inc, setup["out_dir"].parent / "cache")
+    records = evaluate_backbone(net, settings=SETTINGS, inception=(inc, inc_ref), **setup)
+    assert [(r["fid_inception"], r["inception_extractor"]) for r in records] == [(None, "FakeClip")] * 2
+    calls = net.calls
+    assert evaluate_backbone(net, settings=SETTINGS, inception=(inc, inc_ref), **setup) == records
+    assert net.calls == calls
 
 
 def test_sample_k_is_caption_k_mod_n_with_noise_k_at_the_settings_steps_cfg_and_shift(setup):

@@ -178,6 +178,62 @@ def test_a_deferred_loss_check_runs_every_n_steps_and_at_the_end():
     assert fit(20, 1, 1e30) == ("training loss is inf at step 1", 1)  # every step: at once
 
 
+@pytest.mark.parametrize("spoil, error", [
+    (lambda p: p.mul_(1e37), r"val/loss_mean is (inf|nan) after 2 training steps \(the weights diverged"),
+    (lambda p: p.fill_(float("nan")), r"the weights are not finite after 2 training steps \(the last update diverged"),
+], ids=["huge", "nan"])
+def test_an_update_that_diverges_after_a_finite_loss_stops_the_run_before_validation_or_a_checkpoint_takes_it(
+        tmp_path, spoil, error):
+    """The last step's update makes the weights huge (the forward overflows) or NaN; its loss, computed before the
+    update, was finite, so the loss check never saw it. Validation logged the non-finite loss (and best.ckpt takes
+    whatever the first validation gives), last.ckpt was written of the diverged weights and the run ended as done,
+    its evaluation sampling NaN. Now the run stops there, naming it; the checkpoints are of step 1."""
+    import lightning as L
+
+    from src.formulations import get_recipe
+    from src.models import MMDiT
+    from src.training.callbacks import BestCheckpoint, StepCheckpoint
+    from src.training.module import FormulationModule
+
+    class Batches(torch.utils.data.Dataset):
+        def __len__(self):
+            return 100
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            return {"x0": torch.randn(2, 2, 8, 8, generator=g), "context": torch.randn(2, 6, 16, generator=g),
+                    "pooled": torch.randn(2, 8, generator=g)}
+
+    torch.manual_seed(0)
+    backbone = MMDiT(input_size=8, patch_size=2, in_channels=2, depth=1, hidden_size=32, num_heads=2,
+                     context_dim=16, pooled_dim=8)
+    module = FormulationModule(get_recipe("rf"), backbone, lr=1e-3, warmup_steps=1, ema_every=1, val_levels=2)
+    step = module.optimizer_step
+
+    def optimizer_step(*args, **kwargs):
+        step(*args, **kwargs)
+        if module.global_step == 1:  # the second (last) step's update
+            with torch.no_grad():
+                for p in module.backbone.parameters():
+                    spoil(p)
+
+    module.optimizer_step = optimizer_step
+    ckpt = tmp_path / "checkpoints"
+    callbacks = [BestCheckpoint(dirpath=ckpt, filename="best", monitor="val_ema/loss_mean", mode="min", save_top_k=1,
+                                auto_insert_metric_name=False, enable_version_counter=False),
+                 StepCheckpoint(ckpt / "last.ckpt", every=1, val_every=1)]
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, callbacks=callbacks, enable_progress_bar=False,
+                        enable_model_summary=False, val_check_interval=1, check_val_every_n_epoch=None,
+                        limit_val_batches=1, num_sanity_val_steps=0)
+    loader = torch.utils.data.DataLoader(Batches(), batch_size=None)
+    with pytest.raises(FloatingPointError, match=error):
+        trainer.fit(module, loader, loader)
+    for name in ("best.ckpt", "last.ckpt"):
+        saved = torch.load(ckpt / name, weights_only=True, map_location="cpu")
+        assert saved["global_step"] == 1, name
+        assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point()), name
+
+
 def test_a_run_trained_at_null_precision_resumes_only_at_the_precision_it_resolved_to(tmp_path, cache_dir):
     """trainer.precision=null is bf16-mixed on a GPU and 32-true on the CPU: fingerprint.json records what it
     resolved to, and a relaunch on another device is refused in one line naming the precision to give, which it

@@ -523,6 +523,21 @@ def test_front_styles_and_legend_name_fronts_beyond_the_fifth_as_one_grey_group(
     assert labels == ["front 1", "front 2", "front 3", "front 4", "front 5", "front 6+"]
 
 
+def test_pareto_panels_name_the_entries_whose_metrics_are_not_finite():
+    """A diverged entry (null CLIP score and FID: NaN) is ranked in the last front, which the legend lists, but has
+    no point to draw: the panel showed the other entries only, and nothing said it was there. Now the panel names it
+    with its front."""
+    from src.ranking.aggregate import rank_table
+    from src.ranking.plots import plot_pareto_fronts
+
+    ranked = rank_table(pd.DataFrame({
+        "recipe": ["a", "b", "eps/linear"], "dataset": "digits", "setting": "25 steps, cfg 5.0", "steps": 25,
+        "cfg": 5.0, "ema": True, "clip_score": [0.3, 0.2, np.nan], "fid_clip": [0.1, 0.2, np.nan]}))
+    assert ranked["front"].tolist() == [1, 2, 3]
+    (ax,) = [ax for ax in plot_pareto_fronts(ranked).axes if ax.axison]
+    assert "3: eps/linear (not finite, not drawn)" in [t.get_text() for t in ax.texts]
+
+
 def test_steps_cfg_is_the_cfg_with_the_most_step_counts_ties_to_the_largest():
     """The metrics-vs-steps figure follows the steps sweep: the CFG with the most distinct step counts."""
     from src.ranking.plots import steps_cfg

@@ -408,6 +408,20 @@ def test_evaluate_cli_says_in_one_line_what_ctrl_c_kept(run, monkeypatch, capsys
                    "to evaluate the rest\n")
 
 
+def test_evaluate_cli_prints_the_null_metrics_of_diverged_samples(monkeypatch, capsys):
+    """Samples that are not finite are recorded with null CLIP score and FID; the command's summary formatted them as
+    numbers, a TypeError traceback after the evaluation had written them."""
+    import src.evaluate as cli
+
+    record = {"setting": "2 steps, cfg 1.0", "ema": True, "n_samples": 8, "clip_score": None, "fid_clip": None}
+    monkeypatch.setattr(cli, "evaluate", lambda *args, **kwargs: [record, {**record, "clip_score": 0.25,
+                                                                           "fid_clip": 3.5, "ema": False}])
+    assert cli.main(["some_run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("ema  n=8     clip_score null (not finite)  fid_clip null (not finite)"), out
+    assert out[1].endswith("raw  n=8     clip_score 0.2500  fid_clip 3.5000"), out
+
+
 def test_evaluate_holds_the_run_lock_and_clears_what_interrupted_writes_left(run, capsys):
     """A job (or another src.evaluate) holding the run is not joined: one line, nothing written. Once free, the
     temp files a killed evaluation left are removed, as a job's launch removes them."""

@@ -504,6 +504,10 @@ def test_train_shift_is_checked(tmp_path, cache_dir, override, message):
 @pytest.mark.parametrize("override, message", [
     ("eval.shift=inf", "eval.shift=inf: must be a number > 0 (1.0 = no shift)"),
     ("eval.settings=[{steps: 2, cfg: inf}]", "eval.settings.0.cfg=inf: must be a number >= 0, finite"),
+    # An infinite learning rate trained: the first update made the weights NaN ("training loss is nan at step 1"),
+    # and an infinite warm-up trained at a rate of 0, silently.
+    ("optim.lr=inf", "optim.lr=inf: must be a number > 0, finite"),
+    ("optim.warmup_steps=inf", "optim.warmup_steps=inf: must be a number >= 0, finite"),
 ])
 def test_infinite_eval_shift_or_cfg_fails_before_training(tmp_path, cache_dir, override, message):
     """"> 0" let infinity through: the sampler refused it only once the training had ended."""

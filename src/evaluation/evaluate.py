@@ -238,6 +238,9 @@ def _save_grid(images: Tensor, path: Path, prompts: Sequence[str] | None = None)
 
 
 def _fid(features: Tensor, reference: ReferenceFeatures) -> float:
+    """NaN where a sample's features are not finite (diverged samples): the record's FID is null, its last front."""
+    if not bool(torch.isfinite(features).all()):
+        return math.nan
     return frechet_distance(*feature_statistics(features), reference.mu, reference.sigma)
 
 
@@ -312,6 +315,9 @@ def evaluate_backbone(
                 n_reference=reference.n, checkpoint_step=base["checkpoint_step"],
                 arrays=_rel(arrays, out_dir), reference_arrays=_rel(reference.path, out_dir), config=base["config"],
             ).to_dict()
+            if record["clip_score"] is None or record["fid_clip"] is None:
+                log.warning("%s: %s, %s, %s: samples are not finite (diverged); CLIP score and FID recorded as null",
+                            base["recipe"], base["dataset"], setting.label, "EMA" if ema else "raw")
             merge_results(out_dir, [record])
             results.append(record)
             seconds = time.perf_counter() - started

@@ -43,7 +43,8 @@ def quantize(images) -> np.ndarray:
         array = images
     else:
         array = images.detach().cpu().float().numpy() if hasattr(images, "detach") else np.asarray(images, np.float32)
-        array = np.clip((array + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+        # NaN (a diverged sample) as black: its cast to uint8 is undefined (numpy warns).
+        array = np.clip(np.nan_to_num((array + 1.0) * 127.5 + 0.5, nan=0.0), 0, 255).astype(np.uint8)
     if array.ndim != 4 or array.shape[1] not in (1, 3):
         raise ValueError(f"images: expected shape (B, 1 or 3, H, W), got {tuple(array.shape)}")
     return array

@@ -61,6 +61,14 @@ def plot_pareto_fronts(ranked: pd.DataFrame, ncols: int = 3) -> Figure:
         same = (ranked["dataset"] == setting.dataset) & (ranked["setting"] == setting.setting)
         part = ranked[same & (ranked["ema"] == setting.ema)]
         named = part["recipe"].nunique() <= MAX_NAMED_POINTS
+        # Entries whose CLIP score or FID is not finite (diverged samples) have no point: named in the panel instead.
+        bad = ~np.isfinite(part[["clip_score", "fid_clip"]].to_numpy(float)).all(axis=1)
+        if bad.any():
+            front = int(part["front"][bad].max())
+            names = ", ".join(sorted(part["recipe"][bad])) if named else f"{int(bad.sum())} entries"
+            ax.text(0.02, 0.02, f"{front}: {names} (not finite, not drawn)", transform=ax.transAxes,
+                    fontsize=TEXT["note"], ha="left", va="bottom", color=front_style(front)[0], wrap=True)
+            part = part[~bad]
         for front, group in part.groupby("front"):
             front = int(front)
             color, marker = front_style(front)

@@ -158,19 +158,39 @@ class FormulationModule(L.LightningModule):
         value = float(self._bad_loss) if own == first else "not finite (on another rank)"
         raise FloatingPointError(f"training loss is {value} at step {first}")
 
+    def check_weights(self) -> None:
+        """FloatingPointError when the weights or their EMA are not finite: the update of the last step diverged,
+        though every loss so far was finite (its loss was computed before it). One sync; under FSDP each rank checks
+        its shards and all stop together."""
+        params = [p.detach() for m in (self.backbone, self.ema_backbone) for p in m.parameters() if p.numel()]
+        if not params:
+            return
+        bad = torch.stack([~torch.isfinite(p).all() for p in params]).any().to(torch.int32)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if int(bad):
+            raise FloatingPointError(f"the weights are not finite after {self.global_step} training steps (the last "
+                                     "update diverged; every training loss was finite)")
+
+    def check_finite(self) -> None:
+        """check_loss, then check_weights: the first non-finite loss is named before the weights it spoiled."""
+        self.check_loss()
+        self.check_weights()
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self._loss_check_every > 1 and self.global_step % self._loss_check_every == 0:
             self.check_loss()
 
     def on_validation_start(self) -> None:
-        self.check_loss()  # validating diverged weights would only log NaN
+        self.check_finite()  # validating diverged weights would only log NaN (and best.ckpt could take them)
 
     def on_train_end(self) -> None:
-        self.check_loss()  # the last steps since the last check, before the evaluation of the trained model
+        self.check_finite()  # the last steps since the last check, before the evaluation of the trained model
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Before the file is written: a checkpoint is never taken of weights trained past a non-finite loss.
-        self.check_loss()
+        # Before the file is written: a checkpoint is never taken of weights trained past a non-finite loss, nor of
+        # weights a step's update made non-finite.
+        self.check_finite()
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -242,6 +262,11 @@ class FormulationModule(L.LightningModule):
             if self._trainer:  # one collective per backbone; the levels are then equal on every rank
                 levels = self.trainer.strategy.reduce(levels, reduce_op="sum")
             levels = levels / n
+            if not bool(torch.isfinite(levels[:-1]).all()):  # equal on every rank: all stop together
+                # Weights finite but so large that the forward overflows: best.ckpt would take them (a NaN score
+                # counts as inf, and the first validation always saves), and the evaluation would sample them.
+                raise FloatingPointError(f"{tag}/loss_mean is {float(levels[:-1].mean())} after {self.global_step} "
+                                         "training steps (the weights diverged; every training loss was finite)")
             for k, loss_k in enumerate(levels):
                 self.log(f"{tag}/loss_t{k}", loss_k, on_epoch=True, batch_size=n, sync_dist=True)
             # Mean over all levels but the last (t = 1), as the paper reports it.

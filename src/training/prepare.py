@@ -335,8 +335,10 @@ def check_values(cfg: DictConfig) -> None:
         ("train.shift", number, lambda v: v > 0 and math.isfinite(v), "> 0 (1.0 = no shift)"),
         ("train.val_every", integer, lambda v: v >= 1, ">= 1"),
         ("train.ckpt_every", integer, lambda v: v >= 1, ">= 1 (resume starts from the last checkpoint)"),
-        ("optim.lr", number, lambda v: v > 0, "> 0"),
-        ("optim.warmup_steps", number, lambda v: v >= 0, ">= 0 (0: the full rate from the first step)"),
+        # Infinity passed "> 0": the first update made the weights non-finite, found as a training loss of NaN.
+        ("optim.lr", number, lambda v: 0 < v < math.inf, "> 0, finite"),
+        ("optim.warmup_steps", number, lambda v: 0 <= v < math.inf,
+         ">= 0, finite (0: the full rate from the first step)"),
         ("data.batch_size", integer, lambda v: v >= 1, ">= 1"),
         ("data.val_samples", integer, lambda v: v >= 1, ">= 1"),
         ("data.in_memory", boolean, None, "(true or false)"),  # any other value would read as true or false
