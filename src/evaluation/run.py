@@ -117,7 +117,10 @@ def check_eval_files(cfg_eval: DictConfig) -> None:
             raise ConfigError(f"eval.{key}={path}: not a weights file torch.load(weights_only=True) reads ({error})")
     if cfg_eval.clip.model_name is not None and cfg_eval.clip.weights_path is None:
         raise ConfigError(f"eval.clip.weights_path=None: required with eval.clip.model_name={cfg_eval.clip.model_name}")
-    if cfg_eval.clip.model_name is None and cfg_eval.clip.get("force_quick_gelu", False):
+    quick_gelu = cfg_eval.clip.get("force_quick_gelu", False)
+    if not isinstance(quick_gelu, bool):  # else read as a truth value: "no" would switch it on
+        raise ConfigError(f"eval.clip.force_quick_gelu={quick_gelu}: not allowed; allowed: true, false")
+    if cfg_eval.clip.model_name is None and quick_gelu:
         # The tiny CLIP loads without it: its records would be named ",quickgelu" for features computed with GELU.
         raise ConfigError("eval.clip.force_quick_gelu=true: only with eval.clip.model_name (OpenAI weights); the tiny "
                           "CLIP (eval.clip.model_name=null) was trained with GELU")
