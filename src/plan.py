@@ -493,7 +493,8 @@ def plan_job(index: int, overrides: list[str], flops_method: str = "count", sing
     from hydra.core.hydra_config import HydraConfig
 
     from src.launch.validate import check_added_keys
-    from src.training.prepare import build_formulation, check_choices, check_run_name, check_values
+    from src.training.prepare import (build_formulation, check_choices, check_run_name, check_sampler_grids,
+                                      check_values)
 
     cfg = _compose(overrides)
     check_added_keys(overrides, cfg)  # +train.max_step=1: the launch refuses it, so the plan of 500 steps is no plan
@@ -528,6 +529,7 @@ def plan_job(index: int, overrides: list[str], flops_method: str = "count", sing
         # A sampler from outside is first checked to make nfe(steps) evaluations at these steps (as the job checks it).
         check_steps(str(cfg.sampler.name), tuple(sorted({int(s["steps"]) for s in ev.settings})),
                     float(ev.get("shift", 1.0)))
+        check_sampler_grids(cfg, build_formulation(cfg))  # sampler=native at more steps than a schedule's levels
         sampling = _sampling_flops(cfg, fwd, [s for s in ev.settings for _ in ev.ema])
     job = JobPlan(
         index=index, overrides=overrides, run_dir=run_dir, model=str(cfg.model._target_).rsplit(".", 1)[-1],

@@ -248,7 +248,7 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> dict:
 
     check_values(cfg)
     check_choices(cfg)
-    build_formulation(cfg)
+    formulation = build_formulation(cfg)
     check_run_name(cfg)  # after the recipe's check: the default run name holds the recipe's slug
     shapes = check_data(cfg)
     check_cond_groups(cfg, shapes)
@@ -264,8 +264,22 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> dict:
                         float(cfg.eval.get("shift", 1.0)))
         except ValueError as e:
             raise ConfigError(f"sampler.name={cfg.sampler.name}: {e}") from None
+        check_sampler_grids(cfg, formulation)
     check_launch(cfg, multirun)
     return shapes
+
+
+def check_sampler_grids(cfg: DictConfig, formulation) -> None:
+    """The sampler's grid of each evaluation setting, built for the recipe: a grid's own limits (sampler=native on a
+    discrete schedule: steps <= its 1000 levels) were found when the evaluation started, after the training."""
+    from src.sampling.registry import sampler_times
+
+    shift = float(cfg.eval.get("shift", 1.0))
+    for i, entry in enumerate(cfg.eval.settings):
+        try:
+            sampler_times(str(cfg.sampler.name), formulation, int(entry.steps), shift)
+        except ValueError as e:
+            raise ConfigError(f"eval.settings.{i}.steps={entry.steps}: {e}") from None
 
 
 def resolve_data(cfg: DictConfig) -> dict:
