@@ -495,12 +495,16 @@ def plan_job(index: int, overrides: list[str], flops_method: str = "count", sing
     copy is filled in here); composing is most of a plan's time."""
     from hydra.core.hydra_config import HydraConfig
 
-    from src.training.prepare import build_formulation, check_choices, check_values
+    from src.launch.validate import check_added_keys
+    from src.training.prepare import (build_formulation, check_choices, check_run_name, check_sampler_grids,
+                                      check_values)
 
     cfg = _compose(overrides) if composed is None else copy.deepcopy(composed)
+    check_added_keys(overrides, cfg)  # +train.max_step=1: the launch refuses it, so the plan of 500 steps is no plan
     check_values(cfg)  # the job's value checks: a plan of train.max_steps=-1 is no plan
     check_choices(cfg)
     build_formulation(cfg)  # the recipe's check (loss.s=-1), which a run_name without the recipe would not make
+    check_run_name(cfg)  # run_name=../x: a run directory outside the sweep's, which the launch refuses
     HydraConfig.instance().set_config(cfg)  # for ${hydra:...} in run names (sweeps/backbones.yaml)
     # A single run (no -m, no sweep) lands in hydra.run.dir (outputs/runs/...), a sweep's job in the sweep's folder.
     run_dir = Path(str(cfg.hydra.run.dir)) if single else Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
@@ -528,6 +532,7 @@ def plan_job(index: int, overrides: list[str], flops_method: str = "count", sing
         # A sampler from outside is first checked to make nfe(steps) evaluations at these steps (as the job checks it).
         check_steps(str(cfg.sampler.name), tuple(sorted({int(s["steps"]) for s in ev.settings})),
                     float(ev.get("shift", 1.0)))
+        check_sampler_grids(cfg, build_formulation(cfg))  # sampler=native at more steps than a schedule's levels
         sampling = _sampling_flops(cfg, fwd, [s for s in ev.settings for _ in ev.ema])
     job = JobPlan(
         index=index, overrides=overrides, run_dir=run_dir, model=str(cfg.model._target_).rsplit(".", 1)[-1],

@@ -193,6 +193,24 @@ def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache
     (["eval.settings=5"], "eval.settings=5: must be a non-empty list"),
     (["eval.ema=[]"], "eval.ema=[]: must be a non-empty list"),
     ([f"eval.inception.weights_path={ROOT / 'README.md'}"], "eval.inception.weights_path=.*: not a weights file"),
+    # Non-finite optimizer values passed "> 0" / ">= 0": the job failed in its run directory, naming no setting.
+    (["optim.lr=inf"], "optim.lr=inf: must be a number > 0, finite"),
+    (["optim.eps=inf"], "optim.eps=inf: not allowed; allowed: a number > 0, finite"),
+    (["optim.weight_decay=nan"], "optim.weight_decay=nan: not allowed; allowed: a number >= 0, finite"),
+    (["optim.warmup_steps=inf"], "optim.warmup_steps=inf: must be a number >= 0, finite"),
+    # Lightning's refusal came in the run directory; the others Lightning read as truth values or every step.
+    (["trainer.strategy=bogus"], "trainer.strategy=bogus: not allowed; allowed: auto, ddp, ddp_spawn"),
+    (["trainer.deterministic=maybe"], "trainer.deterministic=maybe: not allowed; allowed: true, false, warn"),
+    (["trainer.enable_progress_bar=maybe"], "trainer.enable_progress_bar=maybe: must be a boolean (true or false)"),
+    (["trainer.log_every_n_steps=-1"], "trainer.log_every_n_steps=-1: must be an integer >= 0"),
+    # An empty run_name trained in outputs/runs itself (a sweep: in the sweep's folder); ".." outside it.
+    (["run_name="], "run_name=: must name a folder inside the sweep's folder"),
+    (["run_name=../../elsewhere"], "run_name=../../elsewhere: must name a folder inside the sweep's folder"),
+    (["model.mlp_ratio=nan"], "model: mlp_ratio=nan is not allowed; allowed: a positive finite number"),
+    (["eval.clip.force_quick_gelu=maybe"], "eval.clip.force_quick_gelu=maybe: not allowed; allowed: true, false"),
+    # Found when the evaluation started, after the training.
+    (["sampler=native", "loss=eps_linear", "eval.settings=[{steps: 5000, cfg: 1.0}]"],
+     "eval.settings.0.steps=5000: sampler=native: eps/linear has 1000 discrete levels; steps=5000 is not allowed"),
 ], ids=["loss", "model heads", "model patch", "data name", "data image size", "data shards", "eval n_samples", "eval ema",
         "eval weights", "eval clip model", "train", "optim fused", "optim betas", "optim eps", "optim weight decay",
         "torch threads", "cache dir", "trainer devices", "trainer precision", "trainer half weights",
@@ -201,7 +219,10 @@ def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache
         "batch over ranks",
         "cond groups range", "cond groups key",
         "sampler", "eval settings",
-        "eval ema empty", "inception file"])
+        "eval ema empty", "inception file", "optim lr inf", "optim eps inf", "optim weight decay nan",
+        "optim warmup inf", "trainer strategy", "trainer deterministic", "trainer progress bar",
+        "trainer log every", "run name empty", "run name outside", "model mlp ratio nan", "eval quick gelu",
+        "native steps over levels"])
 def test_config_errors_are_found_before_anything_is_built(tmp_path, overrides, message):
     """check_config (what the sweeper and the run-start callback call) raises one line; nothing was created."""
     from src.training.prepare import prepare_job
@@ -717,6 +738,17 @@ def test_added_keys_that_stay_allowed_are_not_refused():
     check_added_keys(["++train.max_step=1", "+sweep=table1", "+hydra.job.env_set.X=1"])
     with pytest.raises(ConfigError, match=r"^\+train.max_step=1: train.max_step is not a setting"):
         check_added_keys(["+train.max_step=1"])
+
+
+def test_a_top_level_key_added_with_plus_is_a_typo_not_a_silent_no_op():
+    """`+torch_thread=1` (no section) added a key that nothing reads, and the run trained with torch's default."""
+    from src.launch.validate import config_error
+
+    overrides = ["+torch_thread=1"]
+    error = config_error(compose_cfg(overrides), overrides)
+    assert str(error) == ("+torch_thread=1: torch_thread is not a setting of this configuration, so nothing would "
+                          "read it (a typo of torch_threads?); set an existing key without '+'")
+    assert config_error(compose_cfg(["+sweep=smoke"]), ["+sweep=smoke"]) is None  # a config group adds no key
 
 
 def test_a_job_without_a_run_name_is_named_by_its_dataset_and_recipe_overrides():

@@ -112,6 +112,17 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(sweep, tmp_path, capsy
     assert blocker.read_text() == "not a folder"
 
 
+def test_an_empty_out_is_refused_not_read_as_the_current_folder(sweep, tmp_path, capsys, monkeypatch):
+    """`--out "$REPORT_DIR"` with the variable unset: Path('') is ".", and the report's files were written among
+    whatever the current folder holds (the repository's root)."""
+    monkeypatch.chdir(tmp_path)
+    for out in ("", " "):
+        assert main([str(sweep), "--bootstrap", "0", "--out", out]) == 1
+        assert capsys.readouterr().err == (f"rank report: error: --out {out!r}: give a folder (made when absent), or "
+                                           "leave --out out for reports/<sweep name>\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_option_errors_name_the_option_as_given(sweep, tmp_path, capsys):
     for flags, message in ((["--fifty-step-cfg", "5", "3.5"], "--fifty-step-cfg 5.0 3.5: no 50-step setting has "
                                                               "CFG scale 3.5; the sweep has 1.0, 2.5, 5.0"),

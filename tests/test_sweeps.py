@@ -402,6 +402,22 @@ def test_a_plan_of_a_bad_recipe_or_an_unimportable_backbone_says_the_job_s_own_l
         assert capsys.readouterr().err == f"plan: {line}\n"
 
 
+def test_a_plan_refuses_a_plus_key_typo_a_run_name_outside_and_a_grid_as_the_launch_does(tmp_path, capsys):
+    """The plan showed `+train.max_step=1` as a job of 500 steps, `run_name=../x` as a run directory outside the
+    runs' folder and sampler=native at 5000 steps of eps/linear (1000 levels) as a job to run, all with exit 0,
+    where src.run refuses them before anything is launched."""
+    for args, line in ((["+train.max_step=1"], "ConfigError: +train.max_step=1: train.max_step is not a setting of "
+                        "this configuration, so nothing would read it (a typo?); set an existing key without '+'"),
+                       (["run_name=../x"], "ConfigError: run_name=../x: must name a folder inside the sweep's "
+                        f"folder (or {tmp_path}/outputs/runs), e.g. the default "
+                        "run_name='${data.name}/${recipe_slug:${loss}}${run_tag}'"),
+                       (["sampler=native", "loss=eps_linear", "eval.settings=[{steps: 5000, cfg: 1.0}]"],
+                        "ConfigError: eval.settings.0.steps=5000: sampler=native: eps/linear has 1000 discrete "
+                        "levels; steps=5000 is not allowed, use steps <= 1000")):
+        assert plan.main([*args, f"paths.root_dir={tmp_path}"]) == 2
+        assert capsys.readouterr().err == f"plan: {line}\n"
+
+
 def test_a_plan_of_a_sweep_plans_the_valid_jobs_and_names_the_refused_ones_as_src_run_does(tmp_path, capsys):
     """src.run refuses a sweep's invalid jobs before launch and runs the others; the plan stopped at the first
     invalid job ("plan: ConfigError: ...", exit 2) and planned none of the valid ones."""

@@ -87,6 +87,11 @@ def check_added_keys(overrides: Sequence[str], cfg: DictConfig | None = None) ->
     (`_target_`: `+trainer.strategy.cpu_offload=true`, passed to its class) stay allowed."""
     for override in overrides:
         key = str(override).split("=", 1)[0]
+        if key.startswith("+") and not key.startswith("++") and "." not in key and key[1:] in (cfg or {}):
+            # +torch_thread=1: a top-level key of its own (a config group, +sweep=NAME, adds none)
+            close = difflib.get_close_matches(key[1:], [k for k in cfg if k != key[1:]], n=1)
+            raise ConfigError(f"{override}: {key[1:]} is not a setting of this configuration, so nothing would read "
+                              f"it{f' (a typo of {close[0]}?)' if close else ''}; set an existing key without '+'")
         if not (key.startswith("+") and not key.startswith("++") and "." in key):
             continue
         section = key[1:].split(".")[0]

@@ -8,6 +8,8 @@ y = MLP(sinusoidal(1000 t)) + MLP(pooled) (paper section 4, Fig. 2a). Subclasses
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -93,8 +95,8 @@ class Backbone(nn.Module):
         self.in_channels = _positive_int("in_channels", in_channels)
         self.context_dim = _positive_int("context_dim", context_dim)
         self.pooled_dim = _positive_int("pooled_dim", pooled_dim)
-        if mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio={mlp_ratio!r} is not allowed; allowed: a positive number")
+        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not 0 < mlp_ratio < math.inf:
+            raise ValueError(f"mlp_ratio={mlp_ratio!r} is not allowed; allowed: a positive finite number")
         self.mlp_ratio = float(mlp_ratio)
         if qk_norm not in QK_NORMS:
             raise ValueError(f"qk_norm={qk_norm!r} is not supported; allowed: {choices(QK_NORMS)}")

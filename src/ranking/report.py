@@ -714,7 +714,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m src.ranking.report", description=__doc__.splitlines()[0])
     parser.add_argument("sweeps", nargs="*", type=Path,
                         help="sweep directories (default: the latest under --multirun-root)")
-    parser.add_argument("--out", type=Path, help="report directory (default reports/<sweep name>)")
+    parser.add_argument("--out", help="report directory (default reports/<sweep name>)")
     parser.add_argument("--fifty-step-cfg", nargs="+", metavar="CFG",
                         help="CFG scale(s) of the 50-step column, or 'all' (default: 5.0, the 5-step column's scale, "
                              "when the sweep has it, else all 50-step settings)")
@@ -764,11 +764,16 @@ def _names_slug(names: Sequence[str]) -> str:
     return f"{len(slugs)}_recipes_{hashlib.sha1('+'.join(sorted(slugs)).encode()).hexdigest()[:8]}"
 
 
-def _check_out(out: Path | None) -> None:
-    """Refuse an --out that is a file or lies under one before any work: it was found only after the bootstrap,
-    which takes hours at the paper's scale."""
-    if out is None:
-        return
+def _check_out(given: str | None) -> Path | None:
+    """--out as a folder: refused before any work when it is empty (an unset shell variable; Path('') is the current
+    folder, where the report's files were scattered), a file or under one (found only after the bootstrap, which
+    takes hours at the paper's scale)."""
+    if given is None:
+        return None
+    if not given.strip():
+        raise ValueError(f"--out {given!r}: give a folder (made when absent), or leave --out out for "
+                         "reports/<sweep name>")
+    out = Path(given)
     dangling = next((p for p in (out, *out.parents) if p.is_symlink() and not p.exists()), None)
     if dangling is not None:  # mkdir fails on it with `File exists`
         where = "is" if dangling == out else f"lies under {dangling},"
@@ -778,6 +783,7 @@ def _check_out(out: Path | None) -> None:
     if existing is not None and not existing.is_dir():
         where = "is a file" if existing == out else f"lies under the file {existing}"
         raise ValueError(f"--out {out}: {where}; give a folder (made when absent)")
+    return out
 
 
 def _check_options(args: argparse.Namespace) -> None:
@@ -798,7 +804,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Build, write and print the rank report; a one-line error and exit status 1 when there is nothing to rank."""
     args = parse_args(argv)
     try:
-        _check_out(args.out)
+        args.out = _check_out(args.out)
         _check_options(args)
         sweeps = args.sweeps or [latest_sweep(args.multirun_root)]
         report = build_report(sweeps, _fifty_step_arg(args.fifty_step_cfg), args.bootstrap, args.seed, args.confidence,

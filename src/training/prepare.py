@@ -248,7 +248,8 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> dict:
 
     check_values(cfg)
     check_choices(cfg)
-    build_formulation(cfg)
+    formulation = build_formulation(cfg)
+    check_run_name(cfg)  # after the recipe's check: the default run name holds the recipe's slug
     shapes = check_data(cfg)
     check_cond_groups(cfg, shapes)
     check_model(cfg, shapes)
@@ -263,8 +264,22 @@ def check_config(cfg: DictConfig, multirun: bool = False) -> dict:
                         float(cfg.eval.get("shift", 1.0)))
         except ValueError as e:
             raise ConfigError(f"sampler.name={cfg.sampler.name}: {e}") from None
+        check_sampler_grids(cfg, formulation)
     check_launch(cfg, multirun)
     return shapes
+
+
+def check_sampler_grids(cfg: DictConfig, formulation) -> None:
+    """The sampler's grid of each evaluation setting, built for the recipe: a grid's own limits (sampler=native on a
+    discrete schedule: steps <= its 1000 levels) were found when the evaluation started, after the training."""
+    from src.sampling.registry import sampler_times
+
+    shift = float(cfg.eval.get("shift", 1.0))
+    for i, entry in enumerate(cfg.eval.settings):
+        try:
+            sampler_times(str(cfg.sampler.name), formulation, int(entry.steps), shift)
+        except ValueError as e:
+            raise ConfigError(f"eval.settings.{i}.steps={entry.steps}: {e}") from None
 
 
 def resolve_data(cfg: DictConfig) -> dict:
@@ -335,7 +350,7 @@ def check_values(cfg: DictConfig) -> None:
         ("train.shift", number, lambda v: v > 0 and math.isfinite(v), "> 0 (1.0 = no shift)"),
         ("train.val_every", integer, lambda v: v >= 1, ">= 1"),
         ("train.ckpt_every", integer, lambda v: v >= 1, ">= 1 (resume starts from the last checkpoint)"),
-        # Infinity passed "> 0": the first update made the weights non-finite, found as a training loss of NaN.
+        # finite: an infinite rate or warm-up passes "> 0" and ">= 0", and fails in the job (or never trains)
         ("optim.lr", number, lambda v: 0 < v < math.inf, "> 0, finite"),
         ("optim.warmup_steps", number, lambda v: 0 <= v < math.inf,
          ">= 0, finite (0: the full rate from the first step)"),
@@ -351,7 +366,10 @@ def check_values(cfg: DictConfig) -> None:
                 ("trainer.gradient_clip_val", number, lambda v: 0 < v < math.inf, "> 0 (or null: no clipping)"),
                 # Read as truth values: fail_fast=no would stop the sweep, reuse_training=no would still reuse.
                 ("fail_fast", boolean, None, "(true or false)"), ("reuse_training", boolean, None, "(true or false)"),
-                ("verbose", boolean, None, "(true or false)")]
+                ("verbose", boolean, None, "(true or false)"),
+                # Lightning takes any value: "maybe" reads as true, a negative interval as every step.
+                ("trainer.enable_progress_bar", boolean, None, "(true or false)"),
+                ("trainer.log_every_n_steps", integer, lambda v: v >= 0, ">= 0 (0: no training loss rows)")]
     checks += [c for c in optional if OmegaConf.select(cfg, c[0]) is not None]
     if OmegaConf.select(cfg, "train.cond_dropout") != "auto":
         checks.append(("train.cond_dropout", number, lambda v: 0.0 <= v < 1.0,
@@ -399,6 +417,20 @@ def check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value}: must be {kind} {allowed}")
     if cfg.eval.enabled is True:
         check_no_repeats(cfg.eval)
+
+
+def check_run_name(cfg: DictConfig) -> None:
+    """The run directory is <output_dir>/runs/<run_name> (a sweep's: <sweep dir>/<run_name>): an empty run_name made
+    runs/ (or the sweep's folder) the run directory, null a folder "None", and ".." a folder outside them."""
+    try:
+        name = cfg.get("run_name")
+    except Exception:  # noqa: BLE001 -- an interpolation that resolves only where Hydra runs (${hydra:...})
+        return
+    name = str(name) if isinstance(name, int) and not isinstance(name, bool) else name
+    if not isinstance(name, str) or not name.strip("/ ") or ".." in Path(name).parts:
+        raise ConfigError(f"run_name={'null' if name is None else name}: must name a folder inside the sweep's "
+                          f"folder (or {cfg.paths.output_dir}/runs), e.g. the default "
+                          "run_name='${data.name}/${recipe_slug:${loss}}${run_tag}'")
 
 
 #: The keys of one eval.settings entry; the shift is one for all settings (eval.shift), as records name it.
@@ -476,11 +508,11 @@ def check_choices(cfg: DictConfig) -> None:
     optim = cfg.optim
     if optim.fused not in AUTO_BOOL:
         refuse("optim.fused", optim.fused, "auto, true, false")
-    if isinstance(optim.eps, bool) or not isinstance(optim.eps, (int, float)) or not optim.eps > 0:
-        refuse("optim.eps", optim.eps, "a number > 0")
+    if isinstance(optim.eps, bool) or not isinstance(optim.eps, (int, float)) or not 0 < optim.eps < math.inf:
+        refuse("optim.eps", optim.eps, "a number > 0, finite")
     wd = optim.weight_decay
-    if isinstance(wd, bool) or not isinstance(wd, (int, float)) or wd < 0:
-        refuse("optim.weight_decay", wd, "a number >= 0")
+    if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not 0 <= wd < math.inf:  # nan, inf: NaN weights
+        refuse("optim.weight_decay", wd, "a number >= 0, finite")
     betas = list(optim.betas) if OmegaConf.is_list(optim.betas) else None
     if betas is None or len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
                                                    and 0 <= b < 1 for b in betas):
@@ -495,6 +527,12 @@ def check_choices(cfg: DictConfig) -> None:
         refuse("trainer.precision", tr.precision, "null (bf16-mixed on a GPU, else 32-true), " + ", ".join(PRECISIONS))
     if tr.accelerator not in ACCELERATORS:
         refuse("trainer.accelerator", tr.accelerator, ", ".join(ACCELERATORS))
+    deterministic = tr.get("deterministic")
+    if not (deterministic is None or isinstance(deterministic, bool) or deterministic == "warn"):
+        # Lightning reads any other value as true or false
+        refuse("trainer.deterministic", deterministic, "true, false, warn")
+    if (error := strategy_error(tr.strategy)) is not None:  # else Lightning's ValueError, in the run directory
+        refuse("trainer.strategy", tr.strategy, error)
 
     def index(v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= 0
@@ -520,6 +558,26 @@ def check_choices(cfg: DictConfig) -> None:
         for key, mode in (("logger.wandb.mode", w.mode), ("WANDB_MODE", os.environ.get("WANDB_MODE", "offline"))):
             if mode not in WANDB_MODES:
                 refuse(key, mode, ", ".join(WANDB_MODES))
+
+
+#: Strategy names that need no look-up (Lightning's registry is read only for other names: importing it takes seconds).
+COMMON_STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "fsdp", "deepspeed")
+
+
+def strategy_error(strategy) -> str | None:
+    """What trainer.strategy allows, for a name that Lightning would refuse when the job builds its trainer; None
+    for a known name or a configuration with a _target_ (instantiated by the job)."""
+    if OmegaConf.is_dict(strategy) and "_target_" in strategy:
+        return None
+    if isinstance(strategy, str) and strategy in COMMON_STRATEGIES:
+        return None
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    names = ["auto", *StrategyRegistry.available_strategies()]
+    if isinstance(strategy, str) and strategy in names:
+        return None
+    shown = ", ".join(n for n in names if "find_unused" not in n)
+    return f"{shown} (and their _find_unused_parameters_* forms), or a configuration with _target_ (trainer=fsdp)"
 
 
 def is_bound(run_dir: Path) -> bool:
