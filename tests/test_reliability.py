@@ -207,7 +207,7 @@ def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache
     (["run_name="], "run_name=: must name a folder inside the sweep's folder"),
     (["run_name=../../elsewhere"], "run_name=../../elsewhere: must name a folder inside the sweep's folder"),
     (["model.mlp_ratio=nan"], "model: mlp_ratio=nan is not allowed; allowed: a positive finite number"),
-    (["eval.clip.force_quick_gelu=maybe"], "eval.clip.force_quick_gelu=maybe: not allowed; allowed: true, false"),
+    (["eval.clip.force_quick_gelu=maybe"], "eval.clip.force_quick_gelu=maybe: allowed values are true, false, null"),
     # Found when the evaluation started, after the training.
     (["sampler=native", "loss=eps_linear", "eval.settings=[{steps: 5000, cfg: 1.0}]"],
      "eval.settings.0.steps=5000: sampler=native: eps/linear has 1000 discrete levels; steps=5000 is not allowed"),
