@@ -24,8 +24,18 @@ def _frozen(value: Any):
     return value
 
 
+def _types(value: Any):
+    """The types of a plain config value's leaves: part of the parse cache's key, as a tuple compares True == 1 ==
+    1.0, so loss.s=true after loss.s=1.0 in one process took the earlier parse (1.0's) and was not refused."""
+    if isinstance(value, Mapping):
+        return tuple(_types(v) for _, v in sorted((str(k), v) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_types(v) for v in value)
+    return type(value).__name__
+
+
 @functools.lru_cache(maxsize=256)
-def _parse_frozen(frozen: tuple):
+def _parse_frozen(frozen: tuple, types: tuple):  # types: only for the cache's key
     from src.formulations import from_config
 
     try:
@@ -41,7 +51,7 @@ def parse_loss(loss: Any):
     (cached, so a sweep of 61 recipes parses each once).
     """
     cfg = OmegaConf.to_container(loss, resolve=True) if isinstance(loss, DictConfig) else dict(loss)
-    return _parse_frozen(_frozen(cfg))
+    return _parse_frozen(_frozen(cfg), _types(cfg))
 
 
 def _recipe_slug(loss: Any) -> str:

@@ -426,6 +426,10 @@ def test_the_loss_config_is_parsed_once_per_distinct_config():
     assert parse_loss({"s": 1.0, "family": "rf_lognorm", "m": 0.0}) is first  # cached: one parse
     with pytest.raises(ConfigError, match="^loss: "):
         parse_loss({"family": "rf_mode", "s": 2.5})
+    # A tuple compares True == 1.0: `-m loss.s=1.0,true` took 1.0's parse for true, which alone is refused.
+    assert parse_loss({"family": "rf_mode", "s": 1.0}).slug
+    with pytest.raises(ConfigError, match=r"^loss: rf_mode: s=True must be a finite real number"):
+        parse_loss({"family": "rf_mode", "s": True})
 
 
 def test_embedded_shapes_known_before_building_match_the_shards(cache_dir):
