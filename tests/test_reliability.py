@@ -208,6 +208,8 @@ def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache
     (["run_name=../../elsewhere"], "run_name=../../elsewhere: must name a folder inside the sweep's folder"),
     (["model.mlp_ratio=nan"], "model: mlp_ratio=nan is not allowed; allowed: a positive finite number"),
     (["eval.clip.force_quick_gelu=maybe"], "eval.clip.force_quick_gelu=maybe: allowed values are true, false, null"),
+    # Hydra's "Expected a callable target, got 'None' of type 'NoneType'" named no setting.
+    (["model._target_=null"], "model._target_=None: not allowed; need the import path of a backbone class"),
     # Found when the evaluation started, after the training.
     (["sampler=native", "loss=eps_linear", "eval.settings=[{steps: 5000, cfg: 1.0}]"],
      "eval.settings.0.steps=5000: sampler=native: eps/linear has 1000 discrete levels; steps=5000 is not allowed"),
@@ -222,7 +224,7 @@ def test_refused_relaunch_leaves_the_finished_run_byte_identical(tmp_path, cache
         "eval ema empty", "inception file", "optim lr inf", "optim eps inf", "optim weight decay nan",
         "optim warmup inf", "trainer strategy", "trainer deterministic", "trainer progress bar",
         "trainer log every", "run name empty", "run name outside", "model mlp ratio nan", "eval quick gelu",
-        "native steps over levels"])
+        "model target null", "native steps over levels"])
 def test_config_errors_are_found_before_anything_is_built(tmp_path, overrides, message):
     """check_config (what the sweeper and the run-start callback call) raises one line; nothing was created."""
     from src.training.prepare import prepare_job

@@ -221,6 +221,10 @@ def model_error(model: DictConfig, e: Exception) -> ConfigError:
     """The one-line error of a backbone that hydra.utils.instantiate could not build: its class that cannot be
     imported (Hydra's own message spans three lines), else the constructor's own message."""
     cause = e.__cause__ or e
+    target = OmegaConf.select(model, "_target_")
+    if not isinstance(target, str) or not target:  # Hydra: "Expected a callable target, got 'None' of type ..."
+        return ConfigError(f"model._target_={target}: not allowed; need the import path of a backbone class, e.g. "
+                           "src.models.MMDiT (docs/backbone.md#a-backbone-of-your-own)")
     if str(e).startswith("Error locating target") and isinstance(cause, ImportError):
         inner, target = cause.__cause__ or cause, str(OmegaConf.select(model, "_target_"))
         module_name, _, name = target.rpartition(".")
