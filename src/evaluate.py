@@ -166,6 +166,10 @@ def _check_moved_data(cfg: DictConfig, run_dir: Path, overrides: Sequence[str]) 
     from src.training.prepare import fingerprint_changes
 
     given = [o.lstrip("+").split("=", 1) for o in overrides if o.lstrip("+").split("=", 1)[0] in MOVABLE]
+    if given and cfg.data.kind != "shards":  # embedded data are built again where the cache is: nothing to move
+        key, value = given[0]
+        raise ConfigError(f"{key}={value}: {run_dir} was trained on the embedded {cfg.data.name} data, which are "
+                          "built under paths.cache_dir; only a run on shard folders takes their new place")
     changed = fingerprint_changes(cfg, run_dir) if given else []
     if changed:
         key, value = given[0]

@@ -177,3 +177,10 @@ def test_re_evaluating_a_run_whose_shards_moved_takes_their_new_folders_and_no_o
         _check_moved_data(cfg_at(tmp_path / "other", tmp_path / "b/eval"), run, [f"data.train_dir={tmp_path}/other"])
     with pytest.raises(ConfigError, match=r"^data.name: only eval.\*, sampler.\* and paths.\* may change"):
         _check_override("data.name=cc12m")
+    # A run on the embedded data: they are built again under paths.cache_dir, and the setting was silently ignored.
+    from omegaconf import OmegaConf
+
+    embedded = OmegaConf.create({"data": {"kind": "embedded", "name": "digits", "train_dir": "/cache/digits/train"}})
+    with pytest.raises(ConfigError, match=rf"^data.train_dir=/x: {run} was trained on the embedded digits data, which "
+                                          "are built under paths.cache_dir"):
+        _check_moved_data(embedded, run, ["data.train_dir=/x"])
