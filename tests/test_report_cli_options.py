@@ -123,6 +123,22 @@ def test_an_empty_out_is_refused_not_read_as_the_current_folder(sweep, tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_out_in_the_sweep_it_reads_is_refused(tmp_path, capsys):
+    """A report removes the temp files in its folder (a killed report's): in the sweep folder or a run directory they
+    are a running job's writes in progress (failures.json, a checkpoint), which it would have removed mid-write."""
+    sweep = write_synthetic_sweep(tmp_path / "s", recipes=("rf", "eps/linear"), **SMALL)
+    before = sorted(p for p in sweep.rglob("*"))
+    for out, what in ((sweep, "the sweep folder"), (sweep / "0", f"in the run directory {sweep / '0'} of the sweep"),
+                      (sweep / "0" / "eval" / "r", f"in the run directory {sweep / '0'} of the sweep")):
+        assert main([str(sweep), "--bootstrap", "0", "--out", str(out)]) == 1
+        assert capsys.readouterr().err == (f"rank report: error: --out {out}: is {what} the report reads; give a "
+                                           "folder of its own (made when absent), or leave --out out for "
+                                           "reports/<sweep name>\n")
+    assert sorted(p for p in sweep.rglob("*")) == before
+    rows, _ = report([sweep, "--bootstrap", "0"], sweep / "report")  # a folder of its own in the sweep: taken
+    assert rows
+
+
 def test_option_errors_name_the_option_as_given(sweep, tmp_path, capsys):
     for flags, message in ((["--fifty-step-cfg", "5", "3.5"], "--fifty-step-cfg 5.0 3.5: no 50-step setting has "
                                                               "CFG scale 3.5; the sweep has 1.0, 2.5, 5.0"),

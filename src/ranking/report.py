@@ -786,6 +786,22 @@ def _check_out(given: str | None) -> Path | None:
     return out
 
 
+def _check_out_apart(out: Path | None, sweeps: Sequence[str | Path]) -> None:
+    """--out must not be a sweep folder the report reads, nor a run directory in one: writing a report removes the
+    temp files in its folder (a killed report's), and there they are a running job's writes (failures.json, a
+    checkpoint) in progress."""
+    if out is None:
+        return
+    where = out.resolve()
+    for sweep in map(lambda s: Path(s).resolve(), sweeps):
+        run = next((p for p in (where, *where.parents) if sweep in p.parents and (
+            (p / "fingerprint.json").exists() or (p / ".hydra").is_dir())), None)
+        if where == sweep or run is not None:
+            what = "the sweep folder" if where == sweep else f"in the run directory {run} of the sweep"
+            raise ValueError(f"--out {out}: is {what} the report reads; give a folder of its own (made when absent), "
+                             "or leave --out out for reports/<sweep name>")
+
+
 def _check_options(args: argparse.Namespace) -> None:
     """The bootstrap's options, refused naming the option as given (the library's checks name its arguments)."""
     if args.bootstrap < 0:
@@ -807,6 +823,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out = _check_out(args.out)
         _check_options(args)
         sweeps = args.sweeps or [latest_sweep(args.multirun_root)]
+        _check_out_apart(args.out, sweeps)
         report = build_report(sweeps, _fifty_step_arg(args.fifty_step_cfg), args.bootstrap, args.seed, args.confidence,
                               args.separation, progress=lambda line: print(line, file=sys.stderr, flush=True),
                               sampler=args.sampler, device=args.device, workers=args.workers,
