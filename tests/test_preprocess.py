@@ -623,6 +623,32 @@ def test_a_resume_after_the_clip_sidecar_turned_quick_gelu_on_is_refused(tmp_pat
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == written
 
 
+def test_a_complete_folder_of_other_model_files_at_the_same_paths_is_not_complete(tmp_path, models, capsys):
+    """A complete folder was judged by its settings alone, which name the models by path: CLIP weights replaced at the
+    same path since made a rerun say "already complete with these settings" over the former weights' encodings. Its
+    meta.json's content digests refuse it now, as a resume's are, changing nothing."""
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=4)
+    source, out = ImageNetSource(train, mapping), tmp_path / "out"
+    torch.manual_seed(1)
+    clip = save_clip(tmp_path, "clip", 32, 24)
+    assert preprocess(source, config(out, {"clip_a": list(clip)}))["complete"]
+    assert preprocess(source, config(out, {"clip_a": list(clip)}))["complete"]  # the same files: nothing to do
+    written = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    torch.manual_seed(2)
+    assert save_clip(tmp_path, "clip", 32, 24) == clip  # other weights, the same files
+    with pytest.raises(ValueError, match=rf"^out='{out}' already holds a shard set encoded by other model files at "
+                                         r"the same paths \(encoder_sha256 \['\w+'\] then, \['\w+'\] now\)"):
+        preprocess(source, config(out, {"clip_a": list(clip)}))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == written
+    # What it compares is what meta.json records, read off the files without loading a model: autoencoder and T5 too.
+    from src.preprocess.pipeline import MODEL_CONTENT_KEYS, model_content
+
+    full = config(out, models, autoencoder=models["vae"], autoencoder_config=models["vae"],
+                  clip=[models["clip_a"], models["clip_b"]], t5=models["t5"])
+    described = Models(full, "cpu").describe()
+    assert model_content(full) == {k: described[k] for k in MODEL_CONTENT_KEYS}
+
+
 def assert_same_shards(a: Path, b: Path) -> None:
     ma, mb = read_meta(a), read_meta(b)
     assert ma["count"] == mb["count"] and ma["shards"] == mb["shards"] and ma["skipped"] == mb["skipped"]

@@ -513,6 +513,22 @@ def test_records_of_an_earlier_checkpoint_are_evaluated_again(trained, run, monk
     assert plan.job_status(cfg, run) == "done"
 
 
+def test_the_report_does_not_count_records_of_an_earlier_checkpoint_as_current(trained, run, monkeypatch):
+    """The job and the planner call a run whose records are of an earlier step of its checkpoint "to evaluate"; the
+    rank report applied the completeness rule without the step and called it done, ranking the records as current.
+    Now it is partial there too, until the evaluation replaces them."""
+    from src.ranking.aggregate import load_sweep
+
+    records = json.loads((run / "results.json").read_text())
+    (run / "results.json").write_text(json.dumps([{**r, "checkpoint_step": r["checkpoint_step"] - 1} for r in records]))
+    cfg = _cfg(trained)
+    assert plan.job_status(cfg, run) == "to evaluate"
+    assert list(load_sweep([run.parent]).runs["status"]) == ["partial"]
+    _no_training(monkeypatch)
+    assert job.run_job(cfg, run)["evaluated_only"] is True
+    assert list(load_sweep([run.parent]).runs["status"]) == ["done"]
+
+
 def test_evaluate_cli_refuses_a_run_whose_training_is_not_finished(run, capsys):
     """Its results would be of an intermediate model, kept as the run's own after it resumes."""
     from src.evaluate import main as evaluate_main

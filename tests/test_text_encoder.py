@@ -1,5 +1,6 @@
 """Text encoders: loading through open_clip from a checksummed temporary file, penultimate context, pooled vector."""
 
+import json
 import shutil
 
 import open_clip
@@ -8,6 +9,7 @@ import torch
 
 from src.text import tiny_clip
 from src.text.checkpoints import load_open_clip, read_sidecar, sha256_file, verify_checksum
+from src.data.embedded import dataset_version
 from src.text.encoder import ClipTextEncoder, TextEncoder, load_tiny_clip_text_encoder
 
 CAPTIONS = ["a red circle in the top left", "a photo of a zero", "a photo of a handwritten seven"]
@@ -155,6 +157,25 @@ def test_explicit_arguments_win_over_the_sidecar(random_weights, tmp_path):
     model, _ = load_open_clip(tiny_clip.MODEL_NAME, copy, image_mean=(0.1, 0.2, 0.3))
     assert tuple(model.visual.preprocess_cfg["mean"]) == (0.1, 0.2, 0.3)
     assert tuple(model.visual.preprocess_cfg["std"]) == tiny_clip.IMAGE_STD
+
+
+def test_quick_gelu_from_the_sidecar_is_another_encoder(random_weights, encoder, tmp_path):
+    """The sidecar's force_quick_gelu changes the text features of the same weights file, but the encoder's fingerprint
+    (the embedded datasets' cache key, src.data.embedded.dataset_version) named the file alone: shards encoded with
+    GELU were served as this encoder's. Now it names QuickGELU when on, and is the file's alone when off."""
+    path, _, _ = random_weights
+    copy = tmp_path / "random_clip.pt"
+    shutil.copy(path, copy)
+    sidecar = read_sidecar(path)
+    copy.with_suffix(".json").write_text(json.dumps({**sidecar, "force_quick_gelu": False}))
+    plain = ClipTextEncoder(tiny_clip.MODEL_NAME, copy)
+    assert plain.fingerprint == encoder.fingerprint and "quickgelu" not in plain.fingerprint
+    copy.with_suffix(".json").write_text(json.dumps({**sidecar, "force_quick_gelu": True}))
+    quick = ClipTextEncoder(tiny_clip.MODEL_NAME, copy)
+    assert not torch.allclose(quick(CAPTIONS)[0], plain(CAPTIONS)[0])
+    assert quick.fingerprint != plain.fingerprint and dataset_version(quick) != dataset_version(plain)
+    assert ClipTextEncoder(tiny_clip.MODEL_NAME, path, force_quick_gelu=True).fingerprint == quick.fingerprint
+    assert ClipTextEncoder(tiny_clip.MODEL_NAME, copy, force_quick_gelu=False).fingerprint == plain.fingerprint
 
 
 def test_clip_pixels_clamps_below_too_and_refuses_unbatched_images():

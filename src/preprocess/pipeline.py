@@ -34,12 +34,13 @@ from tqdm import tqdm
 
 from src.data.shards import IDENTITY_AUTOENCODER, INDEX_FILE, META_FILE, SHARD_PATTERN, ShardWriter, build_index, \
     damaged_shards, load_index, pack_index, read_meta
-from src.preprocess.autoencoders import LATENT_MODES, check_autoencoder_path, load_autoencoder
+from src.preprocess.autoencoders import LATENT_MODES, autoencoder_digest, check_autoencoder_path, load_autoencoder
 from src.preprocess.images import PreparedImages, collate_prepared
 from src.preprocess.sources import source_change
 from src.preprocess.text import PRECISIONS, CachedTextEncoder, CombinedTextEncoder, T5TextEncoder, check_clip_spec, \
-    check_t5_folder, load_clip
-from src.utils.io import atomic_write_bytes, atomic_write_json, file_lock, first_line, save_npz
+    check_t5_folder, clip_digest, load_clip
+from src.utils.io import atomic_write_bytes, atomic_write_json, file_lock, files_digest, first_line, folder_files, \
+    save_npz
 
 WORK_DIR = "_work"
 CONFIG_FILE = "config.json"
@@ -406,7 +407,7 @@ def preprocess(source, cfg: PreprocessConfig) -> dict | None:
     settings = cfg.settings(source, remembered_hashes(out))
     files = getattr(source, "hashed", {})
     if prepare_output(out, settings, write=False, source=source, files=files) == "complete":
-        return _already_complete(out)
+        return _already_complete(out, cfg)
     n_chunks = math.ceil(len(source) / cfg.chunk_size)
     order = item_order(len(source), cfg.seed, cfg.shuffle)
     mine = part_chunks(n_chunks, cfg.part, cfg.parts)
@@ -424,7 +425,7 @@ def preprocess(source, cfg: PreprocessConfig) -> dict | None:
         _check_stats_source(cfg, models)
     # Again, now writing: another process may have started the folder, or even finished it, while the models loaded.
     if prepare_output(out, settings, source=source, files=files) == "complete":
-        return _already_complete(out)
+        return _already_complete(out, cfg)
     if pending:
         described = models.describe()
         _check_same_models(out, described, n_chunks)
@@ -450,9 +451,16 @@ def preprocess(source, cfg: PreprocessConfig) -> dict | None:
     return {"complete": False}
 
 
-def _already_complete(out: Path) -> dict:
-    """The meta of a folder complete with these settings (nothing to do), unless a shard went missing since."""
+def _already_complete(out: Path, cfg: PreprocessConfig) -> dict:
+    """The meta of a folder complete with these settings (nothing to do), unless a shard went missing since or the
+    models its settings name by path hold other files now (their encodings would be served as these models')."""
     meta = read_meta(out)
+    now = model_content(cfg)
+    changed = [f"{k} {meta[k]} then, {now[k]} now" for k in MODEL_CONTENT_KEYS
+               if None not in (meta.get(k), now.get(k)) and meta[k] != now[k]]
+    if changed:
+        raise ValueError(f"out={str(out)!r} already holds a shard set encoded by other model files at the same paths "
+                         f"({'; '.join(changed)}): put those files back, or write to another --out")
     damaged = damaged_shards(out, meta)
     if damaged:  # deleted or cut short since: "nothing to do" would send training to a broken folder
         raise ValueError(f"out={str(out)!r} is complete but {', '.join(damaged[:3])} is missing or not of its "
@@ -464,6 +472,19 @@ def _already_complete(out: Path) -> dict:
 
 #: What models.json records of the models' content (their paths are the settings' and compared with them).
 MODEL_CONTENT_KEYS = ("autoencoder_sha256", "encoder_sha256")
+
+
+def model_content(cfg: PreprocessConfig) -> dict:
+    """MODEL_CONTENT_KEYS of the models cfg names, as Models.describe() gives them, from their files' checksums
+    alone (once per file version, remembered under cfg.cache_dir): no model is loaded."""
+    out = {"encoder_sha256": [clip_digest(m, w, cfg.cache_dir) for m, w in cfg.clip]
+           + ([files_digest(folder_files(cfg.t5), cfg.cache_dir)] if cfg.t5 else [])}
+    if cfg.autoencoder != IDENTITY_AUTOENCODER:
+        config = cfg.autoencoder_config if Path(cfg.autoencoder).is_file() else None  # as DiffusersAutoencoder
+        out["autoencoder_sha256"] = autoencoder_digest(Path(cfg.autoencoder).resolve(),
+                                                       None if config is None else Path(config).resolve(),
+                                                       cfg.cache_dir)
+    return out
 
 
 def _check_same_models(out: Path, described: dict, n_chunks: int) -> None:

@@ -187,7 +187,7 @@ def run_completeness(run_dir: Path, records: list[dict]
     """
     from omegaconf import OmegaConf
 
-    from src.results import missing_records
+    from src.results import missing_records, of_step
 
     for path in evaluation_configs(run_dir):
         try:
@@ -199,6 +199,9 @@ def run_completeness(run_dir: Path, records: list[dict]
             from src.evaluation.run import wanted_for  # (torch: only for real run directories)
 
             wanted = wanted_for(cfg)
+            # As missing_for: records of the checkpoint at another step than its step now are not this model's.
+            which = str(OmegaConf.select(cfg, "eval.checkpoint", default="best"))
+            current = of_step(records, which, _checkpoint_step(run_dir, which))
             clip = OmegaConf.select(cfg, "eval.clip.weights_path")
             if clip is not None and not Path(str(clip)).is_file():
                 stored = {r.get("feature_extractor") for r in records}
@@ -208,11 +211,22 @@ def run_completeness(run_dir: Path, records: list[dict]
             # The arrays files read whole are remembered under the run's cache folder (as wanted_for remembers the
             # weights' checksums there), never in the run directory: the report only reads runs.
             cache_dir = OmegaConf.select(cfg, "paths.cache_dir")
-            return (len(wanted), missing_records(records, wanted, run_dir, need_inception, cache_dir),
-                    missing_records(records, wanted, None, need_inception), wanted)
+            return (len(wanted), missing_records(current, wanted, run_dir, need_inception, cache_dir),
+                    missing_records(current, wanted, None, need_inception), wanted)
         except Exception:  # noqa: BLE001 -- a file this version cannot read as a configuration: try the next
             continue
     return None
+
+
+def _checkpoint_step(run_dir: Path, which: str) -> int | None:
+    """The step of the checkpoint the run's evaluation uses now (src.evaluation.run.checkpoint_step); None where none
+    can be read (a sweep copied without its checkpoints: every record counts) or a lost best.ckpt's step is unknown."""
+    from src.evaluation.run import MissingBestCheckpoint, checkpoint_step
+
+    try:
+        return checkpoint_step(run_dir, which)
+    except MissingBestCheckpoint:
+        return None
 
 
 def load_sweep(dirs: Iterable[Path | str], by_sweep: bool = False) -> Sweep:
