@@ -532,3 +532,129 @@ def test_an_output_folder_the_file_system_refuses_is_one_line_and_status_1(tmp_p
     assert main(imagenet_argv(train, mapping, out, models)) == 1
     err = capsys.readouterr().err.strip()
     assert err == f"error: OSError: [Errno 30] Read-only file system: '{out / WORK_DIR}'" and not out.exists()
+
+
+def test_coco_records_without_their_fields_are_one_line(tmp_path, models, capsys):
+    """A captions file whose records lack an id, an image_id or a file_name, or are no JSON objects (another tool's
+    export): one line naming annotations= and the record, exit 2, nothing written; they were tracebacks."""
+    from tests.test_preprocess import make_coco
+
+    images, ann = make_coco(tmp_path / "coco")
+    out = tmp_path / "out"
+    common = ["--clip", *models["clip_a"], "--resolution", str(RES), "--num-workers", "0", "--device", "cpu",
+              "--out", str(out)]
+    cap = [{"image_id": 40, "caption": "c"}]
+    cases = [
+        ({"images": [{"id": 40, "file_name": "x.jpg"}], "annotations": ["a caption"]}, "without a caption text"),
+        ({"images": [{"id": 40, "file_name": "x.jpg"}], "annotations": [{"caption": "c"}]}, "valid 'image_id'"),
+        ({"images": [{"id": 40, "file_name": "x.jpg"}], "annotations": [{"image_id": "abc", "caption": "c"}]},
+         "valid 'image_id'"),
+        ({"images": [{"id": 40}], "annotations": cap}, "valid 'file_name'"),
+        ({"images": [{"id": 40, "file_name": None}], "annotations": cap}, "valid 'file_name'"),
+        ({"images": [{"file_name": "x.jpg"}], "annotations": cap}, "valid 'id'"),
+        ({"images": ["x.jpg"], "annotations": cap}, "valid 'id'"),
+    ]
+    capsys.readouterr()
+    for content, message in cases:
+        ann.write_text(json.dumps(content))
+        assert main(["coco", "--images", str(images), "--annotations", str(ann), *common]) == 2, content
+        err = capsys.readouterr().err
+        assert "annotations=" in err and message in err and err.count("\n") == 1, err
+        assert not out.exists()
+
+
+def test_state_files_of_another_kind_in_out_are_one_line(tmp_path, models, capsys):
+    """--out holding a meta.json or _work/config.json that is not this command's (not JSON, not an object, no
+    fingerprint): one line naming out=, exit 2, the folder as it was; they were tracebacks or a bare JSON message."""
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=1)
+    cases = [("meta.json", "[1]"), ("meta.json", "{not json"), (f"{WORK_DIR}/config.json", "[]"),
+             (f"{WORK_DIR}/config.json", "{}"), (f"{WORK_DIR}/config.json", "{not json")]
+    capsys.readouterr()
+    for i, (name, content) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(content)
+        before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        assert main(imagenet_argv(train, mapping, out, models)) == 2, (name, content)
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: out='{out}' holds a {name} that is not ") and err.count("\n") == 1, err
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_stats_from_without_usable_statistics_is_refused(tmp_path, models, capsys):
+    """--stats-from a meta.json that is no object, or whose latent_std is not a positive number: the set would be
+    normalised by nonsense (a negative std was taken and the command ended 0), or a traceback."""
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=1)
+    out = tmp_path / "out"
+    stats = tmp_path / "stats"
+    stats.mkdir()
+    meta = {"complete": True, "latent_channels": 3, "autoencoder": "identity", "latent_mean": 0.0}
+    capsys.readouterr()
+    for content in ("[1]", json.dumps({**meta, "latent_std": -1.0}), json.dumps({**meta, "latent_std": 0}),
+                    json.dumps({**meta, "latent_std": "1"}), json.dumps({**meta, "latent_std": 1, "latent_mean": None}),
+                    json.dumps({**meta, "latent_std": float("nan")})):
+        (stats / "meta.json").write_text(content)
+        assert main([*imagenet_argv(train, mapping, out, models), "--stats-from", str(stats)]) == 2, content
+        err = capsys.readouterr().err
+        assert f"stats_from='{stats}' is not allowed" in err and err.count("\n") == 1, err
+        assert not out.exists()
+
+
+def test_inputs_that_would_double_or_take_in_the_output_are_refused(tmp_path, models, capsys):
+    """One tar given twice put each of its samples in twice (exit 0); --out inside ImageNet's root became a class
+    folder of its own, so the next run, this one's resume included, was refused. Both refused before any work."""
+    from tests.test_preprocess import make_tars
+
+    tars = make_tars(tmp_path / "tars")
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=1)
+    common = ["--clip", *models["clip_a"], "--resolution", str(RES), "--num-workers", "0", "--device", "cpu"]
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert main(["cc12m", "--tars", str(tars / "00000.tar"), str(tars / "00000.tar"), "--out", str(out),
+                 *common]) == 2
+    err = capsys.readouterr().err
+    assert "tars=" in err and "given twice" in err and err.count("\n") == 1 and not out.exists(), err
+    for out in (train / "shards", train, train / "n00000001" / "shards"):
+        before = sorted(train.rglob("*"))
+        assert main(imagenet_argv(train, mapping, out, models)) == 2, out
+        err = capsys.readouterr().err
+        assert f"out='{out}' is inside root='{train}'" in err and err.count("\n") == 1, err
+        assert sorted(train.rglob("*")) == before
+
+
+def test_autoencoder_options_that_would_be_ignored_are_refused(tmp_path, models, capsys):
+    """--autoencoder-config with an autoencoder folder or identity, --latent sample in pixel space: ignored, yet
+    part of the settings (a rerun without them was refused as other settings); now refused by name."""
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=1)
+    out = tmp_path / "out"
+    argv = imagenet_argv(train, mapping, out, models)
+    cases = [(["--autoencoder-config", models["vae"]], "autoencoder_config="),
+             (["--autoencoder", models["vae"], "--autoencoder-config", models["vae"]], "autoencoder_config="),
+             (["--latent", "sample"], "latent='sample' is not allowed with autoencoder='identity'")]
+    capsys.readouterr()
+    for extra, message in cases:
+        assert main([*argv, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and not out.exists(), err
+
+
+def test_a_rerun_with_another_seed_is_told_other_settings(tmp_path, models, capsys):
+    """--seed (or --caption) is in the source's fingerprint, as it draws captions; a rerun with another was refused
+    as 'made from other source data ... restore that data', though the data are the same."""
+    from tests.test_preprocess import make_coco
+
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=2)
+    images, ann = make_coco(tmp_path / "coco", n=5)
+    out, coco_out = tmp_path / "out", tmp_path / "coco-out"
+    coco = ["coco", "--images", str(images), "--annotations", str(ann), "--out", str(coco_out), "--clip",
+            *models["clip_a"], "--resolution", str(RES), "--chunk-size", "4", "--num-workers", "0", "--device", "cpu",
+            "--no-progress"]
+    assert main([*imagenet_argv(train, mapping, out, models), "--max-chunks", "1"]) == 3
+    assert main([*coco, "--max-chunks", "1"]) == 3
+    capsys.readouterr()
+    for argv, folder, differing in (([*imagenet_argv(train, mapping, out, models), "--seed", "3"], out, "seed"),
+                                    ([*coco, "--caption", "random"], coco_out, "caption")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"holds an unfinished run with other settings (differing: {differing})" in err, err
+        assert "source data" not in err and err.count("\n") == 1, err

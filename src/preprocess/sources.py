@@ -349,6 +349,11 @@ def list_tars(tars: str | Path | list) -> list[Path]:
                 raise FileNotFoundError(f"tars={str(p)!r} is a folder without .tar files")
         else:
             paths = [_require_file(p, "tars")]
+    seen: dict[Path, Path] = {}
+    for path in paths:  # one tar twice (a glob and a name, a link) would put each of its samples in twice
+        if seen.setdefault(path.resolve(), path) is not path:
+            raise ValueError(f"tars={str(path)!r} is given twice (as {str(seen[path.resolve()])!r}); "
+                             "need each tar once")
     return paths
 
 
@@ -442,6 +447,25 @@ class TarSource:
 # COCO-2014 validation: images + captions_val2014.json
 # ----------------------------------------------------------------------------------------------------------------
 
+def _text(value) -> str:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{value!r} is not a text")
+    return value
+
+
+def _coco_fields(record, fields: dict, annotations: Path, defaults: dict | None = None) -> tuple:
+    """A COCO record's fields converted ({"image_id": int}); a missing or odd one is a one-line error, not a
+    traceback. defaults: values of fields that may be absent."""
+    values = []
+    for name, convert in fields.items():
+        try:
+            values.append(convert(record[name] if name in record or name not in (defaults or {}) else defaults[name]))
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"annotations={str(annotations)!r} has a record without a valid {name!r} "
+                             f"({json.dumps(record)[:80]}); need COCO captions, e.g. captions_val2014.json") from None
+    return tuple(values)
+
+
 class CocoSource:
     """COCO captions: one item per image (images with no caption are left out); caption "first" or "random"."""
 
@@ -459,15 +483,17 @@ class CocoSource:
             raise ValueError(f"annotations={str(annotations)!r} lacks 'images' or 'annotations' (not COCO captions?)")
         captions: dict[int, list[tuple[int, str]]] = {}
         for a in raw["annotations"]:
-            if not isinstance(a.get("caption"), str):  # e.g. instances_val2014.json, given for captions_val2014.json
+            if not isinstance(a, dict) or not isinstance(a.get("caption"), str):  # e.g. instances_val2014.json
                 raise ValueError(f"annotations={str(annotations)!r} has an annotation without a caption text "
                                  f"({json.dumps(a)[:80]}); need COCO captions, e.g. captions_val2014.json")
-            captions.setdefault(int(a["image_id"]), []).append((int(a.get("id", 0)), a["caption"].strip()))
+            image_id, ann_id = _coco_fields(a, {"image_id": int, "id": int}, annotations, {"id": 0})
+            captions.setdefault(image_id, []).append((ann_id, a["caption"].strip()))
         self.annotations = annotations
         self.caption_choice, self.seed = caption_choice, seed
         self.hashed: dict[str, dict] = {}
         # "first" = lowest annotation id: independent of the file's record order.
-        rows = sorted((int(im["id"]), im["file_name"]) for im in raw["images"] if int(im["id"]) in captions)
+        rows = sorted(row for row in (_coco_fields(im, {"id": int, "file_name": _text}, annotations)
+                                      for im in raw["images"]) if row[0] in captions)
         twice = [a for a, b in zip(rows, rows[1:]) if a[0] == b[0]]
         if twice:  # one image twice in the evaluation set would weigh it double
             raise ValueError(f"annotations={str(annotations)!r} lists image id {twice[0][0]} more than once; "
