@@ -658,3 +658,41 @@ def test_a_rerun_with_another_seed_is_told_other_settings(tmp_path, models, caps
         err = capsys.readouterr().err
         assert f"holds an unfinished run with other settings (differing: {differing})" in err, err
         assert "source data" not in err and err.count("\n") == 1, err
+
+
+def test_odd_captions_and_a_clip_twice_are_refused_before_any_work(tmp_path, models, capsys):
+    """A TSV with no tab (a CSV; spaces for tabs) was read item by item to end with nothing, one with a third column
+    put it, tab and all, into the captions; COCO's blank captions were encoded as the empty prompt; the same CLIP
+    given twice doubled the text channels with nothing new in them (each ended 0 or after all the work)."""
+    from tests.test_preprocess import make_coco
+
+    tsv = make_tsv(tmp_path / "tsv")
+    images, ann = make_coco(tmp_path / "coco", n=2)
+    raw = json.loads(ann.read_text())
+    out = tmp_path / "out"
+    common = ["--clip", *models["clip_a"], "--resolution", str(RES), "--num-workers", "0", "--device", "cpu",
+              "--out", str(out)]
+    lines = tsv.read_text().splitlines()
+    capsys.readouterr()
+    for text, message in (("\n".join(line.replace("\t", ",") for line in lines), "has no row with a tab"),
+                          ("\n".join([*lines[:3], lines[3] + "\textra", *lines[4:]]), "line 4 has more than two")):
+        tsv.write_text(text + "\n")
+        assert main(["cc12m", "--tsv", str(tsv), *common]) == 2
+        err = capsys.readouterr().err
+        assert f"tsv='{tsv}'" in err and message in err and err.count("\n") == 1 and not out.exists(), err
+    ann.write_text(json.dumps({**raw, "annotations": [{**a, "caption": " "} for a in raw["annotations"]]}))
+    assert main(["coco", "--images", str(images), "--annotations", str(ann), *common]) == 2
+    err = capsys.readouterr().err
+    assert "has no image with a caption" in err and not out.exists(), err
+    from src.preprocess import CocoSource
+
+    blank_first = [{**a, "caption": ""} if a["id"] == 1000 else a for a in raw["annotations"]]  # image 40's first
+    ann.write_text(json.dumps({**raw, "annotations": blank_first}))
+    assert CocoSource(images, ann).read(0).caption == "image 0 cap 1"
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=1)
+    argv = imagenet_argv(train, mapping, out, models)
+    assert main([*argv, "--clip", models["clip_a"][0], str(Path(models["clip_a"][1]).parent / ".." /
+                                                              Path(models["clip_a"][1]).parent.name /
+                                                              Path(models["clip_a"][1]).name)]) == 2
+    err = capsys.readouterr().err
+    assert "is given twice; need each CLIP text encoder once" in err and err.count("\n") == 1 and not out.exists()

@@ -103,6 +103,11 @@ class PreprocessConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; allowed: {', '.join(PRECISIONS)}")
         if not self.clip:
             raise ValueError("clip is empty; at least one CLIP text encoder (model name, weights file) is needed")
+        given = [(model, os.path.abspath(weights)) for model, weights in self.clip]
+        twice = next((self.clip[k] for k in range(len(given)) if given[k] in given[:k]), None)
+        if twice is not None:  # its context and pooled channels twice over: a wider text input, nothing new in it
+            raise ValueError(f"clip={twice[0]!r} {twice[1]!r} is given twice; need each CLIP text encoder once "
+                             "(SD3: two different ones)")
 
     def _validate_device(self) -> None:
         if self.device == "auto":

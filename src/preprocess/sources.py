@@ -274,7 +274,7 @@ class TsvSource:
         self.tsv = _require_file(tsv, "tsv")
         self.hashed: dict[str, dict] = {}
         self.image_root = _require_dir(image_root, "image_root") if image_root else self.tsv.parent
-        offsets, urls = [], 0
+        offsets, urls, tabbed, wide = [], 0, 0, None
         with open(self.tsv, "rb") as f:
             pos = 0
             for n, line in enumerate(f):
@@ -284,12 +284,21 @@ class TsvSource:
                 if line.strip() and not (n == 0 and self._is_header(line)):
                     offsets.append(pos)
                     urls += line.startswith((b"http://", b"https://"))
+                    tabbed += b"\t" in line.strip()
+                    if wide is None and line.strip().count(b"\t") > 1:
+                        wide = n + 1
                 pos += len(line)
         if not offsets:
             raise ValueError(f"tsv={str(self.tsv)!r} has no rows")
         if urls == len(offsets):  # CC12M's own TSV: every item would be skipped, after reading all of them
             raise ValueError(f"tsv={str(self.tsv)!r} lists image URLs, not files; this command reads local images: "
                              "download them first (e.g. img2dataset, then --tars DIR) or give a TSV of local paths")
+        if not tabbed:  # a CSV, or spaces for tabs: every item would be skipped, after reading all of them
+            raise ValueError(f"tsv={str(self.tsv)!r} has no row with a tab between image path and caption; need "
+                             "<image path><TAB><caption> per line")
+        if wide is not None:  # the caption would take in the other columns, tabs and all
+            raise ValueError(f"tsv={str(self.tsv)!r} line {wide} has more than two tab-separated columns; need "
+                             "<image path><TAB><caption> per line")
         self.offsets = np.asarray(offsets, dtype=np.int64)
 
     @staticmethod
@@ -487,7 +496,8 @@ class CocoSource:
                 raise ValueError(f"annotations={str(annotations)!r} has an annotation without a caption text "
                                  f"({json.dumps(a)[:80]}); need COCO captions, e.g. captions_val2014.json")
             image_id, ann_id = _coco_fields(a, {"image_id": int, "id": int}, annotations, {"id": 0})
-            captions.setdefault(image_id, []).append((ann_id, a["caption"].strip()))
+            if a["caption"].strip():  # a blank one would be encoded as the empty prompt: as if not there
+                captions.setdefault(image_id, []).append((ann_id, a["caption"].strip()))
         self.annotations = annotations
         self.caption_choice, self.seed = caption_choice, seed
         self.hashed: dict[str, dict] = {}
