@@ -493,7 +493,7 @@ def test_each_setting_out_of_range_is_refused_by_name():
              ({"batch_size": 0}, "batch_size=0"), ({"resolution": 0}, "resolution=0"),
              ({"t5_length": 0}, "t5_length=0"), ({"parts": 2, "part": 2}, "part=2/2"),
              ({"part": -1}, "part=-1/1"), ({"latent": "mode"}, "latent='mode'"),
-             ({"precision": "fp8"}, "precision='fp8'"), ({"clip": []}, "clip is empty")]
+             ({"precision": "fp8"}, "precision='fp8'"), ({"clip": []}, "clip is empty"), ({"out": ""}, "out=''")]
     for change, message in cases:
         with pytest.raises(ValueError, match=message):
             PreprocessConfig(**{**ok, **change}).validate()

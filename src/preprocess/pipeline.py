@@ -82,6 +82,8 @@ class PreprocessConfig:
 
     def validate(self) -> None:
         """Raise a one-line error for the first setting out of range."""
+        if not str(self.out).strip():  # e.g. --out "$OUT" unset: Path('') is the working directory
+            raise ValueError(f"out={self.out!r} is not allowed; need a folder path")
         for name in ("resolution", "chunk_size", "batch_size", "t5_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} is not allowed; need >= 1")
