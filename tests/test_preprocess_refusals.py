@@ -696,3 +696,31 @@ def test_odd_captions_and_a_clip_twice_are_refused_before_any_work(tmp_path, mod
                                                               Path(models["clip_a"][1]).name)]) == 2
     err = capsys.readouterr().err
     assert "is given twice; need each CLIP text encoder once" in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_imagenet_class_files_and_folders_of_odd_shape(tmp_path, models, capsys):
+    """A Keras-style class index with an empty or string entry (a traceback, or names split letter by letter) or
+    a synset twice (the later names silently won) and class folders without images (the folder was left behind
+    with 'every item was unreadable (0 skipped)') are refused before any work; a tab for the space is read."""
+    from src.preprocess.sources import read_class_names
+
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=1)
+    out = tmp_path / "out"
+    empty = tmp_path / "empty"
+    (empty / "n00000001").mkdir(parents=True)
+    (empty / "n00000001" / "notes.txt").write_text("x")
+    names = tmp_path / "names.json"
+    keras = {"0": ["n00000001", "tench"], "1": ["n00000002", "goldfish"], "2": ["n00000003", "shark"]}
+    cases = [(train, {**keras, "0": []}, "the value of '0' is not a list"),
+             (train, {**keras, "0": "n00000001"}, "the value of '0' is not a list"),
+             (train, {**keras, "3": ["n00000001", "again"]}, "lists n00000001 more than once"),
+             (empty, keras, f"root='{empty}' has no images")]
+    capsys.readouterr()
+    for root, content, message in cases:
+        names.write_text(json.dumps(content))
+        assert main(imagenet_argv(root, names, out, models)) == 2, content
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and not out.exists(), err
+    tabbed = tmp_path / "names.txt"
+    tabbed.write_text(mapping.read_text().replace(" ", "\t", 1))
+    assert read_class_names(tabbed) == read_class_names(mapping)

@@ -174,7 +174,14 @@ def read_class_names(path: str | Path) -> dict[str, list[str]]:
         if odd:
             raise ValueError(f"class_names={str(path)!r}: the value of {odd[0]!r} is not a name or a list of names")
         if all(k.isdigit() for k in raw):  # Keras: {"0": ["n01440764", "tench"]}
+            odd = [k for k, v in raw.items() if not isinstance(v, list) or not v]
+            if odd:
+                raise ValueError(f"class_names={str(path)!r}: the value of {odd[0]!r} is not a list [synset, name, "
+                                 "...]; need Keras-style {\"0\": [\"n01440764\", \"tench\"]} or {synset: names}")
             items = [(raw[k][0], raw[k][1:]) for k in sorted(raw, key=int)]
+            twice = next((s for j, (s, _) in enumerate(items) if s in {t for t, _ in items[:j]}), None)
+            if twice is not None:  # which label and names would win is a guess: refuse, as the text file's
+                raise ValueError(f"class_names={str(path)!r} lists {twice} more than once; need each class once")
         else:
             items = [(k, raw[k]) for k in sorted(raw)]
         mapping = {}
@@ -186,7 +193,7 @@ def read_class_names(path: str | Path) -> dict[str, list[str]]:
         for line_no, line in enumerate(_read_text(path, "class_names").splitlines(), 1):
             if not line.strip():
                 continue
-            synset, _, names = line.strip().partition(" ")
+            synset, names = (line.split(None, 1) + [""])[:2]  # a space (LOC_synset_mapping.txt) or a tab
             if synset in mapping:  # which line's names and label would win is a guess: refuse
                 raise ValueError(f"class_names={str(path)!r} lists {synset} again on line {line_no}; need each "
                                  "class once")
@@ -222,6 +229,9 @@ class ImageNetSource:
             with os.scandir(self.root / folder) as entries:  # one stat per image, as is_file() took: with its size
                 files += sorted((f"{folder}/{e.name}", e.stat().st_size) for e in entries
                                 if os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS and e.is_file())
+        if not files:  # else every chunk-less step ran and the folder was left with "every item was unreadable"
+            raise FileNotFoundError(f"root={str(self.root)!r} has no images ({', '.join(IMAGE_EXTENSIONS)}) in its "
+                                    "class folders; need root/<synset>/<image>")
         self.paths = [rel for rel, _ in files]
         # Names and sizes identify the images: an image replaced by another of another size is seen, without
         # reading 1.28M images at every resume (one replaced by one of equal size is not).
