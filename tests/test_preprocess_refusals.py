@@ -493,7 +493,7 @@ def test_each_setting_out_of_range_is_refused_by_name():
              ({"batch_size": 0}, "batch_size=0"), ({"resolution": 0}, "resolution=0"),
              ({"t5_length": 0}, "t5_length=0"), ({"parts": 2, "part": 2}, "part=2/2"),
              ({"part": -1}, "part=-1/1"), ({"latent": "mode"}, "latent='mode'"),
-             ({"precision": "fp8"}, "precision='fp8'"), ({"clip": []}, "clip is empty")]
+             ({"precision": "fp8"}, "precision='fp8'"), ({"clip": []}, "clip is empty"), ({"out": ""}, "out=''")]
     for change, message in cases:
         with pytest.raises(ValueError, match=message):
             PreprocessConfig(**{**ok, **change}).validate()
@@ -532,3 +532,195 @@ def test_an_output_folder_the_file_system_refuses_is_one_line_and_status_1(tmp_p
     assert main(imagenet_argv(train, mapping, out, models)) == 1
     err = capsys.readouterr().err.strip()
     assert err == f"error: OSError: [Errno 30] Read-only file system: '{out / WORK_DIR}'" and not out.exists()
+
+
+def test_coco_records_without_their_fields_are_one_line(tmp_path, models, capsys):
+    """A captions file whose records lack an id, an image_id or a file_name, or are no JSON objects (another tool's
+    export): one line naming annotations= and the record, exit 2, nothing written; they were tracebacks."""
+    from tests.test_preprocess import make_coco
+
+    images, ann = make_coco(tmp_path / "coco")
+    out = tmp_path / "out"
+    common = ["--clip", *models["clip_a"], "--resolution", str(RES), "--num-workers", "0", "--device", "cpu",
+              "--out", str(out)]
+    cap = [{"image_id": 40, "caption": "c"}]
+    cases = [
+        ({"images": [{"id": 40, "file_name": "x.jpg"}], "annotations": ["a caption"]}, "without a caption text"),
+        ({"images": [{"id": 40, "file_name": "x.jpg"}], "annotations": [{"caption": "c"}]}, "valid 'image_id'"),
+        ({"images": [{"id": 40, "file_name": "x.jpg"}], "annotations": [{"image_id": "abc", "caption": "c"}]},
+         "valid 'image_id'"),
+        ({"images": [{"id": 40}], "annotations": cap}, "valid 'file_name'"),
+        ({"images": [{"id": 40, "file_name": None}], "annotations": cap}, "valid 'file_name'"),
+        ({"images": [{"file_name": "x.jpg"}], "annotations": cap}, "valid 'id'"),
+        ({"images": ["x.jpg"], "annotations": cap}, "valid 'id'"),
+    ]
+    capsys.readouterr()
+    for content, message in cases:
+        ann.write_text(json.dumps(content))
+        assert main(["coco", "--images", str(images), "--annotations", str(ann), *common]) == 2, content
+        err = capsys.readouterr().err
+        assert "annotations=" in err and message in err and err.count("\n") == 1, err
+        assert not out.exists()
+
+
+def test_state_files_of_another_kind_in_out_are_one_line(tmp_path, models, capsys):
+    """--out holding a meta.json or _work/config.json that is not this command's (not JSON, not an object, no
+    fingerprint): one line naming out=, exit 2, the folder as it was; they were tracebacks or a bare JSON message."""
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=1)
+    cases = [("meta.json", "[1]"), ("meta.json", "{not json"), (f"{WORK_DIR}/config.json", "[]"),
+             (f"{WORK_DIR}/config.json", "{}"), (f"{WORK_DIR}/config.json", "{not json")]
+    capsys.readouterr()
+    for i, (name, content) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(content)
+        before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        assert main(imagenet_argv(train, mapping, out, models)) == 2, (name, content)
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: out='{out}' holds a {name} that is not ") and err.count("\n") == 1, err
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_stats_from_without_usable_statistics_is_refused(tmp_path, models, capsys):
+    """--stats-from a meta.json that is no object, or whose latent_std is not a positive number: the set would be
+    normalised by nonsense (a negative std was taken and the command ended 0), or a traceback."""
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=1)
+    out = tmp_path / "out"
+    stats = tmp_path / "stats"
+    stats.mkdir()
+    meta = {"complete": True, "latent_channels": 3, "autoencoder": "identity", "latent_mean": 0.0}
+    capsys.readouterr()
+    for content in ("[1]", json.dumps({**meta, "latent_std": -1.0}), json.dumps({**meta, "latent_std": 0}),
+                    json.dumps({**meta, "latent_std": "1"}), json.dumps({**meta, "latent_std": 1, "latent_mean": None}),
+                    json.dumps({**meta, "latent_std": float("nan")})):
+        (stats / "meta.json").write_text(content)
+        assert main([*imagenet_argv(train, mapping, out, models), "--stats-from", str(stats)]) == 2, content
+        err = capsys.readouterr().err
+        assert f"stats_from='{stats}' is not allowed" in err and err.count("\n") == 1, err
+        assert not out.exists()
+
+
+def test_inputs_that_would_double_or_take_in_the_output_are_refused(tmp_path, models, capsys):
+    """One tar given twice put each of its samples in twice (exit 0); --out inside ImageNet's root became a class
+    folder of its own, so the next run, this one's resume included, was refused. Both refused before any work."""
+    from tests.test_preprocess import make_tars
+
+    tars = make_tars(tmp_path / "tars")
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=1)
+    common = ["--clip", *models["clip_a"], "--resolution", str(RES), "--num-workers", "0", "--device", "cpu"]
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert main(["cc12m", "--tars", str(tars / "00000.tar"), str(tars / "00000.tar"), "--out", str(out),
+                 *common]) == 2
+    err = capsys.readouterr().err
+    assert "tars=" in err and "given twice" in err and err.count("\n") == 1 and not out.exists(), err
+    for out in (train / "shards", train, train / "n00000001" / "shards"):
+        before = sorted(train.rglob("*"))
+        assert main(imagenet_argv(train, mapping, out, models)) == 2, out
+        err = capsys.readouterr().err
+        assert f"out='{out}' is inside root='{train}'" in err and err.count("\n") == 1, err
+        assert sorted(train.rglob("*")) == before
+
+
+def test_autoencoder_options_that_would_be_ignored_are_refused(tmp_path, models, capsys):
+    """--autoencoder-config with an autoencoder folder or identity, --latent sample in pixel space: ignored, yet
+    part of the settings (a rerun without them was refused as other settings); now refused by name."""
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=1)
+    out = tmp_path / "out"
+    argv = imagenet_argv(train, mapping, out, models)
+    cases = [(["--autoencoder-config", models["vae"]], "autoencoder_config="),
+             (["--autoencoder", models["vae"], "--autoencoder-config", models["vae"]], "autoencoder_config="),
+             (["--latent", "sample"], "latent='sample' is not allowed with autoencoder='identity'")]
+    capsys.readouterr()
+    for extra, message in cases:
+        assert main([*argv, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and not out.exists(), err
+
+
+def test_a_rerun_with_another_seed_is_told_other_settings(tmp_path, models, capsys):
+    """--seed (or --caption) is in the source's fingerprint, as it draws captions; a rerun with another was refused
+    as 'made from other source data ... restore that data', though the data are the same."""
+    from tests.test_preprocess import make_coco
+
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=2)
+    images, ann = make_coco(tmp_path / "coco", n=5)
+    out, coco_out = tmp_path / "out", tmp_path / "coco-out"
+    coco = ["coco", "--images", str(images), "--annotations", str(ann), "--out", str(coco_out), "--clip",
+            *models["clip_a"], "--resolution", str(RES), "--chunk-size", "4", "--num-workers", "0", "--device", "cpu",
+            "--no-progress"]
+    assert main([*imagenet_argv(train, mapping, out, models), "--max-chunks", "1"]) == 3
+    assert main([*coco, "--max-chunks", "1"]) == 3
+    capsys.readouterr()
+    for argv, folder, differing in (([*imagenet_argv(train, mapping, out, models), "--seed", "3"], out, "seed"),
+                                    ([*coco, "--caption", "random"], coco_out, "caption")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"holds an unfinished run with other settings (differing: {differing})" in err, err
+        assert "source data" not in err and err.count("\n") == 1, err
+
+
+def test_odd_captions_and_a_clip_twice_are_refused_before_any_work(tmp_path, models, capsys):
+    """A TSV with no tab (a CSV; spaces for tabs) was read item by item to end with nothing, one with a third column
+    put it, tab and all, into the captions; COCO's blank captions were encoded as the empty prompt; the same CLIP
+    given twice doubled the text channels with nothing new in them (each ended 0 or after all the work)."""
+    from tests.test_preprocess import make_coco
+
+    tsv = make_tsv(tmp_path / "tsv")
+    images, ann = make_coco(tmp_path / "coco", n=2)
+    raw = json.loads(ann.read_text())
+    out = tmp_path / "out"
+    common = ["--clip", *models["clip_a"], "--resolution", str(RES), "--num-workers", "0", "--device", "cpu",
+              "--out", str(out)]
+    lines = tsv.read_text().splitlines()
+    capsys.readouterr()
+    for text, message in (("\n".join(line.replace("\t", ",") for line in lines), "has no row with a tab"),
+                          ("\n".join([*lines[:3], lines[3] + "\textra", *lines[4:]]), "line 4 has more than two")):
+        tsv.write_text(text + "\n")
+        assert main(["cc12m", "--tsv", str(tsv), *common]) == 2
+        err = capsys.readouterr().err
+        assert f"tsv='{tsv}'" in err and message in err and err.count("\n") == 1 and not out.exists(), err
+    ann.write_text(json.dumps({**raw, "annotations": [{**a, "caption": " "} for a in raw["annotations"]]}))
+    assert main(["coco", "--images", str(images), "--annotations", str(ann), *common]) == 2
+    err = capsys.readouterr().err
+    assert "has no image with a caption" in err and not out.exists(), err
+    from src.preprocess import CocoSource
+
+    blank_first = [{**a, "caption": ""} if a["id"] == 1000 else a for a in raw["annotations"]]  # image 40's first
+    ann.write_text(json.dumps({**raw, "annotations": blank_first}))
+    assert CocoSource(images, ann).read(0).caption == "image 0 cap 1"
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=1)
+    argv = imagenet_argv(train, mapping, out, models)
+    assert main([*argv, "--clip", models["clip_a"][0], str(Path(models["clip_a"][1]).parent / ".." /
+                                                              Path(models["clip_a"][1]).parent.name /
+                                                              Path(models["clip_a"][1]).name)]) == 2
+    err = capsys.readouterr().err
+    assert "is given twice; need each CLIP text encoder once" in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_imagenet_class_files_and_folders_of_odd_shape(tmp_path, models, capsys):
+    """A Keras-style class index with an empty or string entry (a traceback, or names split letter by letter) or
+    a synset twice (the later names silently won) and class folders without images (the folder was left behind
+    with 'every item was unreadable (0 skipped)') are refused before any work; a tab for the space is read."""
+    from src.preprocess.sources import read_class_names
+
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=1)
+    out = tmp_path / "out"
+    empty = tmp_path / "empty"
+    (empty / "n00000001").mkdir(parents=True)
+    (empty / "n00000001" / "notes.txt").write_text("x")
+    names = tmp_path / "names.json"
+    keras = {"0": ["n00000001", "tench"], "1": ["n00000002", "goldfish"], "2": ["n00000003", "shark"]}
+    cases = [(train, {**keras, "0": []}, "the value of '0' is not a list"),
+             (train, {**keras, "0": "n00000001"}, "the value of '0' is not a list"),
+             (train, {**keras, "3": ["n00000001", "again"]}, "lists n00000001 more than once"),
+             (empty, keras, f"root='{empty}' has no images")]
+    capsys.readouterr()
+    for root, content, message in cases:
+        names.write_text(json.dumps(content))
+        assert main(imagenet_argv(root, names, out, models)) == 2, content
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and not out.exists(), err
+    tabbed = tmp_path / "names.txt"
+    tabbed.write_text(mapping.read_text().replace(" ", "\t", 1))
+    assert read_class_names(tabbed) == read_class_names(mapping)

@@ -86,6 +86,8 @@ def read_meta(shard_dir: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"shard folder {shard_dir} has no {META_FILE}: not written, or writing was interrupted")
     meta = json.loads(path.read_text())
+    if not isinstance(meta, dict):  # another tool's file: a one-line error, not an AttributeError
+        raise ValueError(f"shard folder {shard_dir}'s {META_FILE} is not a JSON object")
     if meta.get("complete") is not True:
         raise FileNotFoundError(f"shard folder {shard_dir} is incomplete ({META_FILE} lacks complete: true)")
     return meta
@@ -104,7 +106,7 @@ def is_complete(shard_dir: str | Path) -> bool:
     the size meta.json records where it does)."""
     try:
         meta = read_meta(shard_dir)
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, ValueError):  # ValueError: not JSON, or not a JSON object
         return False
     return not damaged_shards(shard_dir, meta)
 

@@ -83,6 +83,8 @@ class PreprocessConfig:
 
     def validate(self) -> None:
         """Raise a one-line error for the first setting out of range."""
+        if not str(self.out).strip():  # e.g. --out "$OUT" unset: Path('') is the working directory
+            raise ValueError(f"out={self.out!r} is not allowed; need a folder path")
         for name in ("resolution", "chunk_size", "batch_size", "t5_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} is not allowed; need >= 1")
@@ -104,6 +106,11 @@ class PreprocessConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; allowed: {', '.join(PRECISIONS)}")
         if not self.clip:
             raise ValueError("clip is empty; at least one CLIP text encoder (model name, weights file) is needed")
+        given = [(model, os.path.abspath(weights)) for model, weights in self.clip]
+        twice = next((self.clip[k] for k in range(len(given)) if given[k] in given[:k]), None)
+        if twice is not None:  # its context and pooled channels twice over: a wider text input, nothing new in it
+            raise ValueError(f"clip={twice[0]!r} {twice[1]!r} is given twice; need each CLIP text encoder once "
+                             "(SD3: two different ones)")
 
     def _validate_device(self) -> None:
         if self.device == "auto":
@@ -125,6 +132,15 @@ class PreprocessConfig:
         """Fail before any work when a weight file, model folder or statistics folder is missing."""
         if self.autoencoder != IDENTITY_AUTOENCODER:
             check_autoencoder_path(self.autoencoder, self.autoencoder_config)
+        # Else ignored (a folder's own config.json is used; pixels have no posterior), but part of the settings: a
+        # value that changes nothing, and a rerun without it is refused as other settings.
+        if self.autoencoder_config is not None and (self.autoencoder == IDENTITY_AUTOENCODER
+                                                    or not Path(self.autoencoder).is_file()):
+            raise ValueError(f"autoencoder_config={self.autoencoder_config!r} is not allowed with autoencoder="
+                             f"{self.autoencoder!r}; it is the config folder of a single weights file only")
+        if self.latent != "mean" and self.autoencoder == IDENTITY_AUTOENCODER:
+            raise ValueError(f"latent={self.latent!r} is not allowed with autoencoder={IDENTITY_AUTOENCODER!r} "
+                             "(pixels have no posterior to sample); allowed: mean")
         for model, weights in self.clip:
             check_clip_spec(model, weights)
         if self.t5 is not None:
@@ -167,6 +183,11 @@ def read_stats_meta(stats_from: str) -> dict:
     if missing:
         raise ValueError(f"stats_from={stats_from!r} is not allowed: its meta.json lacks {', '.join(missing)}; "
                          f"need {allowed}")
+    mean, std = meta["latent_mean"], meta["latent_std"]
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (mean, std))
+    if not numbers or not std > 0:  # another tool's or an edited file: the set would be normalised by nonsense
+        raise ValueError(f"stats_from={stats_from!r} is not allowed: its meta.json has latent_mean {mean!r}, "
+                         f"latent_std {std!r}; need finite numbers, std > 0 ({allowed})")
     return meta
 
 
@@ -198,6 +219,10 @@ def remembered_hashes(out: Path) -> dict:
     return known
 
 
+#: Keys of a source's fingerprint that are options of the command (--seed, --caption), not its data.
+SOURCE_OPTIONS = ("seed", "caption_choice")
+
+
 def _refusal(out: Path, holds: str, stored: dict, settings: dict, source, way_out: str) -> str:
     """Why out's state (meta.json or the work folder's config) is not this run: the source data named by its setting
     and what changed, else the differing settings."""
@@ -205,6 +230,9 @@ def _refusal(out: Path, holds: str, stored: dict, settings: dict, source, way_ou
     if source is not None and isinstance(old, dict) and "identity" not in old:  # legacy: compared on what it kept
         new = source.legacy_fingerprint()
     others = sorted(k for k in set(stored) | set(settings) if k != "source" and stored.get(k) != settings.get(k))
+    if source is not None and isinstance(old, dict) and isinstance(new, dict):  # options are no data to restore
+        others = sorted({*others, *(source.settings.get(k, k) for k in SOURCE_OPTIONS if old.get(k) != new.get(k))})
+        old, new = ({k: v for k, v in d.items() if k not in SOURCE_OPTIONS} for d in (old, new))
     if source is None or old == new or not isinstance(old, dict):
         differing = ", ".join(others) if old == new else _differences(stored, settings)
         return f"out={str(out)!r} {holds} with other settings (differing: {differing}); {way_out}"
@@ -237,6 +265,21 @@ def legacy_state(out: Path, state_file: Path, stored: dict, settings: dict, sour
     return True
 
 
+def _read_state(out: Path, path: Path, keys: tuple[str, ...] = ()) -> dict:
+    """A state file of out (meta.json, the work folder's config) as a JSON object with keys; anything else (another
+    tool's file, a damaged one) is a one-line error naming out, not a traceback or a bare JSON message."""
+    try:
+        state = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        state = e
+    if not isinstance(state, dict) or any(k not in state for k in keys):
+        what = f"not JSON ({state})" if isinstance(state, Exception) else \
+            f"not a JSON object{' with ' + ', '.join(keys) if keys else ''}"
+        raise ValueError(f"out={str(out)!r} holds a {path.relative_to(out)} that is {what}; need a folder this "
+                         f"command wrote (or a new, empty one): choose another folder or delete {out}")
+    return state
+
+
 def prepare_output(out: Path, settings: dict, write: bool = True, source=None, files: dict | None = None) -> str:
     """'complete' (same settings, nothing to do), 'resume' or 'fresh'; raises if out holds something else.
 
@@ -249,8 +292,8 @@ def prepare_output(out: Path, settings: dict, write: bool = True, source=None, f
     if out.exists() and not out.is_dir():
         raise ValueError(f"out={str(out)!r} is a file; need a folder (new, empty, or one this command wrote)")
     if (out / META_FILE).is_file():
-        meta = json.loads((out / META_FILE).read_text())
-        done = meta.get("preprocess", {})
+        meta = _read_state(out, out / META_FILE)
+        done = meta.get("preprocess") if isinstance(meta.get("preprocess"), dict) else {}
         if meta.get("complete") and (done.get("fingerprint") == fingerprint or
                                      legacy_state(out, out / META_FILE, done.get("settings", {}), settings, source)):
             return "complete"
@@ -258,7 +301,7 @@ def prepare_output(out: Path, settings: dict, write: bool = True, source=None, f
                                   "choose another folder"))
     config_path = out / WORK_DIR / CONFIG_FILE
     if config_path.is_file():
-        previous = json.loads(config_path.read_text())
+        previous = _read_state(out, config_path, ("fingerprint", "settings"))
         if previous["fingerprint"] != fingerprint and (
                 not any((out / WORK_DIR).glob("*.done.json"))  # nothing done yet: start afresh
                 or legacy_state(out, config_path, previous["settings"], settings, source)):  # kept in today's format
@@ -404,6 +447,7 @@ def preprocess(source, cfg: PreprocessConfig) -> dict | None:
     cfg.validate()
     cfg.check_inputs()
     out = Path(cfg.out)
+    _check_out_outside_root(out, source)
     settings = cfg.settings(source, remembered_hashes(out))
     files = getattr(source, "hashed", {})
     if prepare_output(out, settings, write=False, source=source, files=files) == "complete":
@@ -449,6 +493,15 @@ def preprocess(source, cfg: PreprocessConfig) -> dict | None:
     print(f"{out}: part {cfg.part}/{cfg.parts} done; {remaining} of {n_chunks} chunks left to other parts "
           "(the last part to finish assembles the folder)")
     return {"complete": False}
+
+
+def _check_out_outside_root(out: Path, source) -> None:
+    """ImageNet's root holds class folders only: --out inside it would be a class folder of its own to the next run
+    (refused as missing from class_names, the resume of this very run included)."""
+    root = getattr(source, "root", None)
+    if root is not None and Path(root).resolve() in (out.resolve(), *out.resolve().parents):
+        raise ValueError(f"out={str(out)!r} is inside root={str(root)!r}, whose every folder is taken for a class; "
+                         "need an output folder outside root")
 
 
 def _already_complete(out: Path, cfg: PreprocessConfig) -> dict:

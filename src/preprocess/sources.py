@@ -174,7 +174,14 @@ def read_class_names(path: str | Path) -> dict[str, list[str]]:
         if odd:
             raise ValueError(f"class_names={str(path)!r}: the value of {odd[0]!r} is not a name or a list of names")
         if all(k.isdigit() for k in raw):  # Keras: {"0": ["n01440764", "tench"]}
+            odd = [k for k, v in raw.items() if not isinstance(v, list) or not v]
+            if odd:
+                raise ValueError(f"class_names={str(path)!r}: the value of {odd[0]!r} is not a list [synset, name, "
+                                 "...]; need Keras-style {\"0\": [\"n01440764\", \"tench\"]} or {synset: names}")
             items = [(raw[k][0], raw[k][1:]) for k in sorted(raw, key=int)]
+            twice = next((s for j, (s, _) in enumerate(items) if s in {t for t, _ in items[:j]}), None)
+            if twice is not None:  # which label and names would win is a guess: refuse, as the text file's
+                raise ValueError(f"class_names={str(path)!r} lists {twice} more than once; need each class once")
         else:
             items = [(k, raw[k]) for k in sorted(raw)]
         mapping = {}
@@ -186,7 +193,7 @@ def read_class_names(path: str | Path) -> dict[str, list[str]]:
         for line_no, line in enumerate(_read_text(path, "class_names").splitlines(), 1):
             if not line.strip():
                 continue
-            synset, _, names = line.strip().partition(" ")
+            synset, names = (line.split(None, 1) + [""])[:2]  # a space (LOC_synset_mapping.txt) or a tab
             if synset in mapping:  # which line's names and label would win is a guess: refuse
                 raise ValueError(f"class_names={str(path)!r} lists {synset} again on line {line_no}; need each "
                                  "class once")
@@ -222,6 +229,9 @@ class ImageNetSource:
             with os.scandir(self.root / folder) as entries:  # one stat per image, as is_file() took: with its size
                 files += sorted((f"{folder}/{e.name}", e.stat().st_size) for e in entries
                                 if os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS and e.is_file())
+        if not files:  # else every chunk-less step ran and the folder was left with "every item was unreadable"
+            raise FileNotFoundError(f"root={str(self.root)!r} has no images ({', '.join(IMAGE_EXTENSIONS)}) in its "
+                                    "class folders; need root/<synset>/<image>")
         self.paths = [rel for rel, _ in files]
         # Names and sizes identify the images: an image replaced by another of another size is seen, without
         # reading 1.28M images at every resume (one replaced by one of equal size is not).
@@ -274,7 +284,7 @@ class TsvSource:
         self.tsv = _require_file(tsv, "tsv")
         self.hashed: dict[str, dict] = {}
         self.image_root = _require_dir(image_root, "image_root") if image_root else self.tsv.parent
-        offsets, urls = [], 0
+        offsets, urls, tabbed, wide = [], 0, 0, None
         with open(self.tsv, "rb") as f:
             pos = 0
             for n, line in enumerate(f):
@@ -284,12 +294,21 @@ class TsvSource:
                 if line.strip() and not (n == 0 and self._is_header(line)):
                     offsets.append(pos)
                     urls += line.startswith((b"http://", b"https://"))
+                    tabbed += b"\t" in line.strip()
+                    if wide is None and line.strip().count(b"\t") > 1:
+                        wide = n + 1
                 pos += len(line)
         if not offsets:
             raise ValueError(f"tsv={str(self.tsv)!r} has no rows")
         if urls == len(offsets):  # CC12M's own TSV: every item would be skipped, after reading all of them
             raise ValueError(f"tsv={str(self.tsv)!r} lists image URLs, not files; this command reads local images: "
                              "download them first (e.g. img2dataset, then --tars DIR) or give a TSV of local paths")
+        if not tabbed:  # a CSV, or spaces for tabs: every item would be skipped, after reading all of them
+            raise ValueError(f"tsv={str(self.tsv)!r} has no row with a tab between image path and caption; need "
+                             "<image path><TAB><caption> per line")
+        if wide is not None:  # the caption would take in the other columns, tabs and all
+            raise ValueError(f"tsv={str(self.tsv)!r} line {wide} has more than two tab-separated columns; need "
+                             "<image path><TAB><caption> per line")
         self.offsets = np.asarray(offsets, dtype=np.int64)
 
     @staticmethod
@@ -349,6 +368,11 @@ def list_tars(tars: str | Path | list) -> list[Path]:
                 raise FileNotFoundError(f"tars={str(p)!r} is a folder without .tar files")
         else:
             paths = [_require_file(p, "tars")]
+    seen: dict[Path, Path] = {}
+    for path in paths:  # one tar twice (a glob and a name, a link) would put each of its samples in twice
+        if seen.setdefault(path.resolve(), path) is not path:
+            raise ValueError(f"tars={str(path)!r} is given twice (as {str(seen[path.resolve()])!r}); "
+                             "need each tar once")
     return paths
 
 
@@ -442,6 +466,25 @@ class TarSource:
 # COCO-2014 validation: images + captions_val2014.json
 # ----------------------------------------------------------------------------------------------------------------
 
+def _text(value) -> str:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{value!r} is not a text")
+    return value
+
+
+def _coco_fields(record, fields: dict, annotations: Path, defaults: dict | None = None) -> tuple:
+    """A COCO record's fields converted ({"image_id": int}); a missing or odd one is a one-line error, not a
+    traceback. defaults: values of fields that may be absent."""
+    values = []
+    for name, convert in fields.items():
+        try:
+            values.append(convert(record[name] if name in record or name not in (defaults or {}) else defaults[name]))
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"annotations={str(annotations)!r} has a record without a valid {name!r} "
+                             f"({json.dumps(record)[:80]}); need COCO captions, e.g. captions_val2014.json") from None
+    return tuple(values)
+
+
 class CocoSource:
     """COCO captions: one item per image (images with no caption are left out); caption "first" or "random"."""
 
@@ -459,15 +502,18 @@ class CocoSource:
             raise ValueError(f"annotations={str(annotations)!r} lacks 'images' or 'annotations' (not COCO captions?)")
         captions: dict[int, list[tuple[int, str]]] = {}
         for a in raw["annotations"]:
-            if not isinstance(a.get("caption"), str):  # e.g. instances_val2014.json, given for captions_val2014.json
+            if not isinstance(a, dict) or not isinstance(a.get("caption"), str):  # e.g. instances_val2014.json
                 raise ValueError(f"annotations={str(annotations)!r} has an annotation without a caption text "
                                  f"({json.dumps(a)[:80]}); need COCO captions, e.g. captions_val2014.json")
-            captions.setdefault(int(a["image_id"]), []).append((int(a.get("id", 0)), a["caption"].strip()))
+            image_id, ann_id = _coco_fields(a, {"image_id": int, "id": int}, annotations, {"id": 0})
+            if a["caption"].strip():  # a blank one would be encoded as the empty prompt: as if not there
+                captions.setdefault(image_id, []).append((ann_id, a["caption"].strip()))
         self.annotations = annotations
         self.caption_choice, self.seed = caption_choice, seed
         self.hashed: dict[str, dict] = {}
         # "first" = lowest annotation id: independent of the file's record order.
-        rows = sorted((int(im["id"]), im["file_name"]) for im in raw["images"] if int(im["id"]) in captions)
+        rows = sorted(row for row in (_coco_fields(im, {"id": int, "file_name": _text}, annotations)
+                                      for im in raw["images"]) if row[0] in captions)
         twice = [a for a, b in zip(rows, rows[1:]) if a[0] == b[0]]
         if twice:  # one image twice in the evaluation set would weigh it double
             raise ValueError(f"annotations={str(annotations)!r} lists image id {twice[0][0]} more than once; "
