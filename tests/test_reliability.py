@@ -755,6 +755,9 @@ def test_a_top_level_key_added_with_plus_is_a_typo_not_a_silent_no_op():
     assert str(error) == ("+torch_thread=1: torch_thread is not a setting of this configuration, so nothing would "
                           "read it (a typo of torch_threads?); set an existing key without '+'")
     assert config_error(compose_cfg(["+sweep=smoke"]), ["+sweep=smoke"]) is None  # a config group adds no key
+    # A key of its own that an interpolation reads is a setting: a run name's tag, or an oc.select with a default.
+    for overrides in (["+tag=a", "run_name=${data.name}/${tag}"], ["+tag=a", "run_name=x${oc.select:tag,''}"]):
+        assert config_error(compose_cfg(overrides), overrides) is None
 
 
 def test_a_job_without_a_run_name_is_named_by_its_dataset_and_recipe_overrides():
