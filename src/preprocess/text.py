@@ -47,16 +47,18 @@ def check_clip_spec(model: str, weights: str | Path) -> None:
                          f"(OpenAI weights need the -quickgelu name) or a path to a model config .json")
 
 
-def clip_digest(model: str, weights: str | Path, cache_dir: str | Path | None = None) -> str:
+def clip_digest(model: str, weights: str | Path, cache_dir: str | Path | None = None,
+                quick_gelu: bool = True) -> str:
     """sha256[:12] of a CLIP's weights file (and its model config .json where it has one): OpenAI and LAION weights
     of one open_clip model name are told apart. The files by role, not name: a renamed copy is the same encoder.
     cache_dir: where the files' checksums are remembered (src.utils.io.weights_sha256).
     QuickGELU from the weights' sidecar JSON (src.text.checkpoints) is another encoder of the same files: it is
     part of the digest when on, so a sidecar changed since a resume or between the training and evaluation folders
-    is found (off, the digest is the files' alone, as written before)."""
+    is found (off, the digest is the files' alone, as written before). quick_gelu=False: the files' alone whatever
+    the sidecar says, as folders written before recorded every CLIP (meta.json without ENCODER_DIGEST_QUICKGELU)."""
     files = {"weights": Path(weights), **({"config": Path(model)} if model.endswith(".json") else {})}
     digest = files_digest(files, cache_dir)
-    if sidecar_create_kwargs(weights).get("force_quick_gelu"):
+    if quick_gelu and sidecar_create_kwargs(weights).get("force_quick_gelu"):
         digest = hashlib.sha256(f"{digest},quickgelu".encode()).hexdigest()[:12]
     return digest
 
