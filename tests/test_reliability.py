@@ -760,6 +760,15 @@ def test_a_top_level_key_added_with_plus_is_a_typo_not_a_silent_no_op():
         assert config_error(compose_cfg(overrides), overrides) is None
 
 
+def test_run_names_that_hydra_reads_as_numbers_name_folders():
+    """`-m run_name=0.5,1.0` names folders 0.5 and 1.0 (Hydra's sweep subdir is their text): an int was taken, a float
+    was refused as "must name a folder"."""
+    from src.launch.validate import config_error
+
+    for overrides in (["run_name=7"], ["run_name=0.5"]):
+        assert config_error(compose_cfg(overrides), overrides) is None, overrides
+
+
 def test_a_job_without_a_run_name_is_named_by_its_dataset_and_recipe_overrides():
     """An invalid recipe forms no run name: the summary names the job by its dataset and loss overrides (with its run
     tag), or by all its overrides when it sets no loss."""
