@@ -430,7 +430,7 @@ def preprocess(source, cfg: PreprocessConfig) -> dict | None:
         return _already_complete(out, cfg)
     if pending:
         described = models.describe()
-        _check_same_models(out, described, n_chunks, cfg)
+        _check_same_models(out, described, n_chunks)
         atomic_write_json(out / WORK_DIR / MODELS_FILE, described)
         print(f"{out}: {len(source)} items, {n_chunks} chunks{part}, {done_chunks} done before; "
               f"device {device}")
@@ -490,7 +490,7 @@ def model_content(cfg: PreprocessConfig, quick_gelu: bool = True) -> dict:
     return out
 
 
-def _check_same_models(out: Path, described: dict, n_chunks: int, cfg: PreprocessConfig) -> None:
+def _check_same_models(out: Path, described: dict, n_chunks: int) -> None:
     """The chunks done before were encoded by the models models.json records: weights replaced at the same paths
     since (a resume, or another --part, with other files there) would put two encodings in one folder."""
     path = out / WORK_DIR / MODELS_FILE
@@ -498,7 +498,7 @@ def _check_same_models(out: Path, described: dict, n_chunks: int, cfg: Preproces
         return
     before = json.loads(path.read_text())
     if ENCODER_FILES_SHA256 not in before:  # written before the digests named QuickGELU: the files' alone
-        described = {**described, "encoder_sha256": model_content(cfg, quick_gelu=False)["encoder_sha256"]}
+        described = {**described, "encoder_sha256": described[ENCODER_FILES_SHA256]}
     changed = [f"{k} {before[k]} before, {described[k]} now" for k in MODEL_CONTENT_KEYS
                if None not in (before.get(k), described.get(k)) and before[k] != described[k]]
     if changed:
