@@ -438,6 +438,13 @@ def test_a_configured_clip_takes_quick_gelu_from_the_setting_or_the_weights_side
     weights.with_suffix(".json").write_text(json.dumps({**sidecar, "force_quick_gelu": "false"}))
     with pytest.raises(ConfigError, match=re.escape("its sidecar's force_quick_gelu='false' is not true or false")):
         check_eval_files(ev)
+    # As the message says, the setting given instead is taken: the loading did not read the sidecar's value again
+    # (after the training, where the check had passed).
+    ev.clip.force_quick_gelu = False
+    assert extractor()[0] is False and extractor()[2] == gelu_name
+    from src.text.encoder import ClipTextEncoder
+
+    assert ClipTextEncoder(tiny_clip.MODEL_NAME, weights, force_quick_gelu=True).fingerprint.endswith(",quickgelu")
 
 
 def test_a_configured_clip_takes_its_normalisation_from_the_setting_or_the_weights_sidecar(tmp_path):

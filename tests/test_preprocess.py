@@ -623,6 +623,43 @@ def test_a_resume_after_the_clip_sidecar_turned_quick_gelu_on_is_refused(tmp_pat
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == written
 
 
+def test_folders_written_before_the_digest_named_quick_gelu_stay_complete_and_resumable(tmp_path, capsys):
+    """A CLIP whose sidecar turns QuickGELU on was encoded with it before too, but its digest was the files' alone:
+    such a complete folder was refused as "encoded by other model files", and so was a resume of its chunks and its
+    pair with an evaluation folder written since. A folder without encoder_files_sha256 is compared as written."""
+    from src.data.expectations import ENCODER_FILES_SHA256, split_differences
+    from src.data.shards import META_FILE
+    from src.preprocess.text import clip_digest
+
+    train, mapping = make_imagenet(tmp_path / "imagenet", per_class=4)  # 13 items, 4 chunks of 4
+    source = ImageNetSource(train, mapping)
+    torch.manual_seed(1)
+    clip = save_clip(tmp_path, "clip", 32, 24)
+    Path(clip[1]).with_suffix(".json").write_text(json.dumps({"force_quick_gelu": True}))
+    plain, quick = clip_digest(*clip, quick_gelu=False), clip_digest(*clip)
+    assert plain != quick
+
+    def as_written_before(path: Path) -> None:
+        recorded = json.loads(path.read_text())
+        assert recorded.pop(ENCODER_FILES_SHA256) == [plain] and recorded["encoder_sha256"] == [quick]
+        path.write_text(json.dumps({**recorded, "encoder_sha256": [plain]}))
+
+    done, part = tmp_path / "done", tmp_path / "part"
+    meta = preprocess(source, config(done, {"clip_a": list(clip)}))
+    as_written_before(done / META_FILE)
+    assert preprocess(source, config(done, {"clip_a": list(clip)}))["created"] == meta["created"]  # nothing to do
+    assert preprocess(source, config(part, {"clip_a": list(clip)}, max_chunks=1)) is None
+    as_written_before(part / "_work" / "models.json")
+    assert preprocess(source, config(part, {"clip_a": list(clip)}))["complete"]  # resumed
+    assert split_differences(read_meta(done), read_meta(part)) == []
+    # Folders written since compare their digests: one written before the sidecar turned QuickGELU on differs; one
+    # written before and one since compare the files alone: other weights differ.
+    assert split_differences({**read_meta(part), "encoder_sha256": [plain]}, read_meta(part)) == [
+        f"encoder_sha256 {[quick]!r} vs training {[plain]!r}"]
+    other = {**read_meta(part), "encoder_sha256": ["0" * 12], ENCODER_FILES_SHA256: ["0" * 12]}
+    assert split_differences(read_meta(done), other) == [f"encoder_sha256 {['0' * 12]!r} vs training {[plain]!r}"]
+
+
 def test_a_complete_folder_of_other_model_files_at_the_same_paths_is_not_complete(tmp_path, models, capsys):
     """A complete folder was judged by its settings alone, which name the models by path: CLIP weights replaced at the
     same path since made a rerun say "already complete with these settings" over the former weights' encodings. Its

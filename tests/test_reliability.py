@@ -755,6 +755,18 @@ def test_a_top_level_key_added_with_plus_is_a_typo_not_a_silent_no_op():
     assert str(error) == ("+torch_thread=1: torch_thread is not a setting of this configuration, so nothing would "
                           "read it (a typo of torch_threads?); set an existing key without '+'")
     assert config_error(compose_cfg(["+sweep=smoke"]), ["+sweep=smoke"]) is None  # a config group adds no key
+    # A key of its own that an interpolation reads is a setting: a run name's tag, or an oc.select with a default.
+    for overrides in (["+tag=a", "run_name=${data.name}/${tag}"], ["+tag=a", "run_name=x${oc.select:tag,''}"]):
+        assert config_error(compose_cfg(overrides), overrides) is None
+
+
+def test_run_names_that_hydra_reads_as_numbers_name_folders():
+    """`-m run_name=0.5,1.0` names folders 0.5 and 1.0 (Hydra's sweep subdir is their text): an int was taken, a float
+    was refused as "must name a folder"."""
+    from src.launch.validate import config_error
+
+    for overrides in (["run_name=7"], ["run_name=0.5"]):
+        assert config_error(compose_cfg(overrides), overrides) is None, overrides
 
 
 def test_a_job_without_a_run_name_is_named_by_its_dataset_and_recipe_overrides():

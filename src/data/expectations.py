@@ -25,6 +25,10 @@ PAPER_TEXT_ENCODERS = ["clip", "clip", "t5"]
 SAME_ENCODING = ("shapes", "autoencoder", "autoencoder_sha256", "encoder_names", "encoder_sha256", "text_groups")
 # Compared only where both folders record them (folders written before they existed lack them).
 RECORDED_SINCE = ("autoencoder_sha256", "encoder_sha256")
+# meta.json's encoder_sha256 names QuickGELU where a CLIP's sidecar turns it on (src.preprocess.text.clip_digest);
+# folders written since also record each encoder's files alone under this key, as encoder_sha256 of a folder written
+# before (which lacks the key) recorded every CLIP.
+ENCODER_FILES_SHA256 = "encoder_files_sha256"
 
 
 def paper_differences(meta: dict) -> list[str]:
@@ -40,9 +44,20 @@ def paper_differences(meta: dict) -> list[str]:
 
 def split_differences(train_meta: dict, eval_meta: dict, keys=SAME_ENCODING) -> list[str]:
     """What the evaluation folder does not share with the training folder of `keys` (empty: consistent)."""
+    train_meta, eval_meta = _same_digests(train_meta, eval_meta)
     return [f"{key} {eval_meta.get(key)!r} vs training {train_meta.get(key)!r}"
             for key in keys if eval_meta.get(key) != train_meta.get(key)
             and not (key in RECORDED_SINCE and None in (eval_meta.get(key), train_meta.get(key)))]
+
+
+def _same_digests(train_meta: dict, eval_meta: dict) -> tuple[dict, dict]:
+    """The pair with encoder_sha256 of one kind: the files' alone where one folder was written before the digests
+    named QuickGELU (a CLIP with a QuickGELU sidecar has another digest in each)."""
+    written_since = [ENCODER_FILES_SHA256 in m for m in (train_meta, eval_meta)]
+    if written_since[0] == written_since[1]:
+        return train_meta, eval_meta
+    files = lambda m: {**m, "encoder_sha256": m[ENCODER_FILES_SHA256]} if ENCODER_FILES_SHA256 in m else m  # noqa
+    return files(train_meta), files(eval_meta)
 
 
 def check_shard_folders(train_dir: str | Path, eval_dir: str | Path) -> list[str]:

@@ -87,8 +87,10 @@ def check_added_keys(overrides: Sequence[str], cfg: DictConfig | None = None) ->
     (`_target_`: `+trainer.strategy.cpu_offload=true`, passed to its class) stay allowed."""
     for override in overrides:
         key = str(override).split("=", 1)[0]
-        if key.startswith("+") and not key.startswith("++") and "." not in key and key[1:] in (cfg or {}):
-            # +torch_thread=1: a top-level key of its own (a config group, +sweep=NAME, adds none)
+        if key.startswith("+") and not key.startswith("++") and "." not in key and key[1:] in (cfg or {}) \
+                and not _interpolated(cfg, key[1:]):
+            # +torch_thread=1: a top-level key of its own (a config group, +sweep=NAME, adds none); one that an
+            # interpolation reads (+tag=x run_name='${data.name}/${tag}') is a setting
             close = difflib.get_close_matches(key[1:], [k for k in cfg if k != key[1:]], n=1)
             raise ConfigError(f"{override}: {key[1:]} is not a setting of this configuration, so nothing would read "
                               f"it{f' (a typo of {close[0]}?)' if close else ''}; set an existing key without '+'")
@@ -106,6 +108,21 @@ def check_added_keys(overrides: Sequence[str], cfg: DictConfig | None = None) ->
             continue
         raise ConfigError(f"{override}: {key[1:]} is not a setting of this configuration, so nothing would read it "
                           f"(a typo?); set an existing key without '+'")
+
+
+def _interpolated(cfg: DictConfig, name: str) -> bool:
+    """Whether an interpolation of cfg (unresolved: `${name}`, `${oc.select:name,...}`) names the top-level key."""
+    pattern = re.compile(rf"(?<![\w.]){re.escape(name)}(?!\w)")
+
+    def strings(node):
+        if isinstance(node, dict):
+            return [s for v in node.values() for s in strings(v)]
+        if isinstance(node, list):
+            return [s for v in node for s in strings(v)]
+        return [node] if isinstance(node, str) and "${" in node else []
+
+    container = OmegaConf.to_container(cfg, resolve=False)
+    return any(pattern.search(s) for s in strings(container))
 
 
 def config_error(cfg: DictConfig, overrides: Sequence[str] | None = None, multirun: bool = False

@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from src.data.expectations import ENCODER_FILES_SHA256
 from src.data.shards import IDENTITY_AUTOENCODER, INDEX_FILE, META_FILE, SHARD_PATTERN, ShardWriter, build_index, \
     damaged_shards, load_index, pack_index, read_meta
 from src.preprocess.autoencoders import LATENT_MODES, autoencoder_digest, check_autoencoder_path, load_autoencoder
@@ -416,7 +417,8 @@ class Models:
     def describe(self) -> dict:
         """What meta.json records about the models: autoencoder settings, the text encoders' layout and content (one
         digest per encoder in encoder_names order, as the evaluation folder's must match the training folder's)."""
-        return {**self.autoencoder.describe(), "text_groups": self.text.groups, "encoder_sha256": self.text.sha256}
+        return {**self.autoencoder.describe(), "text_groups": self.text.groups, "encoder_sha256": self.text.sha256,
+                ENCODER_FILES_SHA256: self.text.files_sha256}
 
 
 def _load(setting: str, allowed: str, load, *args, **kwargs):
@@ -508,7 +510,7 @@ def _already_complete(out: Path, cfg: PreprocessConfig) -> dict:
     """The meta of a folder complete with these settings (nothing to do), unless a shard went missing since or the
     models its settings name by path hold other files now (their encodings would be served as these models')."""
     meta = read_meta(out)
-    now = model_content(cfg)
+    now = model_content(cfg, quick_gelu=ENCODER_FILES_SHA256 in meta)  # as the folder's writer named them
     changed = [f"{k} {meta[k]} then, {now[k]} now" for k in MODEL_CONTENT_KEYS
                if None not in (meta.get(k), now.get(k)) and meta[k] != now[k]]
     if changed:
@@ -527,10 +529,11 @@ def _already_complete(out: Path, cfg: PreprocessConfig) -> dict:
 MODEL_CONTENT_KEYS = ("autoencoder_sha256", "encoder_sha256")
 
 
-def model_content(cfg: PreprocessConfig) -> dict:
+def model_content(cfg: PreprocessConfig, quick_gelu: bool = True) -> dict:
     """MODEL_CONTENT_KEYS of the models cfg names, as Models.describe() gives them, from their files' checksums
-    alone (once per file version, remembered under cfg.cache_dir): no model is loaded."""
-    out = {"encoder_sha256": [clip_digest(m, w, cfg.cache_dir) for m, w in cfg.clip]
+    alone (once per file version, remembered under cfg.cache_dir): no model is loaded. quick_gelu=False: the CLIPs'
+    digests as folders written before they named QuickGELU recorded them (src.preprocess.text.clip_digest)."""
+    out = {"encoder_sha256": [clip_digest(m, w, cfg.cache_dir, quick_gelu) for m, w in cfg.clip]
            + ([files_digest(folder_files(cfg.t5), cfg.cache_dir)] if cfg.t5 else [])}
     if cfg.autoencoder != IDENTITY_AUTOENCODER:
         config = cfg.autoencoder_config if Path(cfg.autoencoder).is_file() else None  # as DiffusersAutoencoder
@@ -547,6 +550,8 @@ def _check_same_models(out: Path, described: dict, n_chunks: int) -> None:
     if not path.is_file() or not any(done_path(out, c).is_file() for c in range(n_chunks)):
         return
     before = json.loads(path.read_text())
+    if ENCODER_FILES_SHA256 not in before:  # written before the digests named QuickGELU: the files' alone
+        described = {**described, "encoder_sha256": described[ENCODER_FILES_SHA256]}
     changed = [f"{k} {before[k]} before, {described[k]} now" for k in MODEL_CONTENT_KEYS
                if None not in (before.get(k), described.get(k)) and before[k] != described[k]]
     if changed:

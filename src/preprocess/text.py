@@ -47,16 +47,18 @@ def check_clip_spec(model: str, weights: str | Path) -> None:
                          f"(OpenAI weights need the -quickgelu name) or a path to a model config .json")
 
 
-def clip_digest(model: str, weights: str | Path, cache_dir: str | Path | None = None) -> str:
+def clip_digest(model: str, weights: str | Path, cache_dir: str | Path | None = None,
+                quick_gelu: bool = True) -> str:
     """sha256[:12] of a CLIP's weights file (and its model config .json where it has one): OpenAI and LAION weights
     of one open_clip model name are told apart. The files by role, not name: a renamed copy is the same encoder.
     cache_dir: where the files' checksums are remembered (src.utils.io.weights_sha256).
     QuickGELU from the weights' sidecar JSON (src.text.checkpoints) is another encoder of the same files: it is
     part of the digest when on, so a sidecar changed since a resume or between the training and evaluation folders
-    is found (off, the digest is the files' alone, as written before)."""
+    is found (off, the digest is the files' alone, as written before). quick_gelu=False: the files' alone whatever
+    the sidecar says, as folders written before recorded every CLIP (meta.json without encoder_files_sha256)."""
     files = {"weights": Path(weights), **({"config": Path(model)} if model.endswith(".json") else {})}
     digest = files_digest(files, cache_dir)
-    if sidecar_create_kwargs(weights).get("force_quick_gelu"):
+    if quick_gelu and sidecar_create_kwargs(weights).get("force_quick_gelu"):
         digest = hashlib.sha256(f"{digest},quickgelu".encode()).hexdigest()[:12]
     return digest
 
@@ -73,6 +75,7 @@ def load_clip(model: str, weights: str | Path, device: str, precision: str = "fl
     encoder = ClipTextEncoder(model, weights, device=device, cache_dir=cache_dir,
                               precision=OPEN_CLIP_PRECISION[precision])
     encoder.content_sha256 = clip_digest(spec, weights, cache_dir)
+    encoder.files_sha256 = clip_digest(spec, weights, cache_dir, quick_gelu=False)  # (checksums remembered)
     return encoder
 
 
@@ -152,6 +155,12 @@ class CombinedTextEncoder:
         """Each encoder's content_sha256 in `names` order (computed once, on the encoder): meta.json's
         encoder_sha256, as names alone call OpenAI and LAION CLIP L/14 weights, or two T5 folders `t5`, the same."""
         return [e.content_sha256 for e in [*self.clips, *([self.t5] if self.t5 else [])]]
+
+    @property
+    def files_sha256(self) -> list[str]:
+        """As sha256, of the files alone (a CLIP's QuickGELU sidecar not named): meta.json's encoder_files_sha256, to
+        compare with the encoder_sha256 of folders written before it named QuickGELU."""
+        return [getattr(e, "files_sha256", e.content_sha256) for e in [*self.clips, *([self.t5] if self.t5 else [])]]
 
     def _groups(self) -> list[dict]:
         groups, channel, pooled = [], 0, 0

@@ -26,14 +26,15 @@ def read_sidecar(weights_path: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def sidecar_create_kwargs(weights_path: str | Path) -> dict:
-    """The open_clip settings a weight file's sidecar records (SIDECAR_CREATE_KWARGS); {} without a sidecar."""
+def sidecar_create_kwargs(weights_path: str | Path, given=()) -> dict:
+    """The open_clip settings a weight file's sidecar records (SIDECAR_CREATE_KWARGS); {} without a sidecar.
+    given: the settings the caller sets itself, not read (a damaged value there is overridden, as its message says)."""
     if not sidecar_path(weights_path).is_file():
         return {}
     sidecar = read_sidecar(weights_path)
     if not isinstance(sidecar, dict):
         raise ValueError(f"checksum file {sidecar_path(weights_path)} is not a JSON object")
-    kwargs = {key: sidecar[key] for key in SIDECAR_CREATE_KWARGS if key in sidecar}
+    kwargs = {key: sidecar[key] for key in SIDECAR_CREATE_KWARGS if key in sidecar and key not in given}
     if not isinstance(kwargs.get("force_quick_gelu", False), bool):
         raise ValueError(f"checksum file {sidecar_path(weights_path)}: force_quick_gelu={kwargs['force_quick_gelu']!r} "
                          "is not true or false")
@@ -63,8 +64,7 @@ def load_open_clip(model_name: str, weights_path: str | Path, sha256: str | None
     if sidecar_path(path).is_file():
         sha256 = read_sidecar(path).get("sha256") if sha256 is None else sha256
         # A local path bypasses open_clip's per-weight settings (docs/pitfalls.md): the sidecar carries them.
-        for key, value in sidecar_create_kwargs(path).items():
-            create_kwargs.setdefault(key, value)
+        create_kwargs.update(sidecar_create_kwargs(path, given=create_kwargs))
     if sha256 is not None:
         verify_checksum(path, sha256)
     elif not path.is_file():

@@ -44,7 +44,8 @@ class ClipTextEncoder:
         # weights_sha256: hashed once per file version in a process, and remembered under cache_dir where one is
         # given (preprocessing names it by this hash too). QuickGELU (given, else the sidecar's) is another encoder
         # of the same file: named when on (the embedded datasets' cache key), the file's alone when off, as before.
-        quick = create_kwargs.get("force_quick_gelu", sidecar_create_kwargs(weights_path).get("force_quick_gelu"))
+        quick = create_kwargs.get("force_quick_gelu") if "force_quick_gelu" in create_kwargs else \
+            sidecar_create_kwargs(weights_path).get("force_quick_gelu")
         self.fingerprint = f"{model_name}@{weights_sha256(weights_path, cache_dir)[:16]}" + ",quickgelu" * bool(quick)
         self.device = torch.device(device)
         layers = len(self.model.transformer.resblocks)

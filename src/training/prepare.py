@@ -430,7 +430,7 @@ def check_run_name(cfg: DictConfig) -> None:
         name = cfg.get("run_name")
     except Exception:  # noqa: BLE001 -- an interpolation that resolves only where Hydra runs (${hydra:...})
         return
-    name = str(name) if isinstance(name, int) and not isinstance(name, bool) else name
+    name = str(name) if isinstance(name, (int, float)) and not isinstance(name, bool) else name
     if not isinstance(name, str) or not name.strip("/ ") or ".." in Path(name).parts:
         raise ConfigError(f"run_name={'null' if name is None else name}: must name a folder inside the sweep's "
                           f"folder (or {cfg.paths.output_dir}/runs), e.g. the default "
