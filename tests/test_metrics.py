@@ -534,6 +534,24 @@ def test_inception_is_given_the_images_as_uint8_rounded_as_a_png(tmp_path):
     assert given.dtype == torch.uint8 and torch.equal(given, to_uint8(images))
 
 
+def test_inception_features_of_non_finite_images_are_nan(tmp_path):
+    """A diverged sample (NaN pixels) was cast to uint8 as 0, a black image with finite Inception features: the
+    record got a number for fid_inception beside a null CLIP FID, where docs/evaluation.md says both are null."""
+    from unittest import mock
+
+    from src.metrics import InceptionFeatureExtractor
+
+    torch.save({"w": torch.zeros(2)}, tmp_path / "inception.pth")
+    with mock.patch("src.metrics.inception.FeatureExtractorInceptionV3") as network:
+        network.return_value.side_effect = lambda x: (x.float().flatten(1)[:, :1].repeat(1, 2048),)
+        ext = InceptionFeatureExtractor(tmp_path / "inception.pth")
+        images = torch.zeros(3, 1, 8, 8)
+        images[1, 0, 2, 3] = float("nan")
+        feats = ext.image_features(images)
+    assert feats.shape == (3, 2048)
+    assert torch.isnan(feats[1]).all() and torch.isfinite(feats[[0, 2]]).all()
+
+
 @pytest.mark.slow
 def test_inception_extractor_loads_random_weights_from_a_local_file(tmp_path):
     from unittest import mock

@@ -45,6 +45,10 @@ class InceptionFeatureExtractor:
 
     @torch.no_grad()
     def image_features(self, images: Tensor) -> Tensor:
-        """2048-d pool features (B, 2048), float32 on CPU, of (B, 1 or 3, H, W) images in [-1, 1]."""
+        """2048-d pool features (B, 2048), float32 on CPU, of (B, 1 or 3, H, W) images in [-1, 1]; NaN rows for
+        images that are not finite (a diverged sample): NaN has no uint8 value (the cast gives 0, i.e. finite
+        features of a black image), and the FID of such samples is null, as CLIP's is."""
         (features,) = self.model(to_uint8(images).to(self.device))
-        return features.float().cpu()
+        features = features.float().cpu()
+        features[~torch.isfinite(images.detach()).flatten(1).all(1).cpu()] = float("nan")
+        return features
