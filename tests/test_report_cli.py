@@ -282,6 +282,20 @@ def test_table2_lists_the_entries_in_table1_order():
     assert [row[0] for row in table2(report).rows] == ["b", "a"]
 
 
+def test_table2_shows_an_entry_whose_metrics_are_all_null_there_and_no_pair_not_evaluated():
+    # pivot_table dropped a diverged entry's row (every metric null at 25 steps) from Table 2 and table2.csv unsaid
+    from src.ranking.report import metrics_table
+
+    ranked = pd.DataFrame([{"recipe": r, "dataset": d, "setting": s, "steps": 25, "ema": True, "clip_score": c,
+                            "fid_clip": f, "fid_inception": None}
+                           for r, d, s, c, f in (("a", "digits", "25 steps, cfg 5.0", 0.3, 1.0),
+                                                 ("b", "digits", "25 steps, cfg 5.0", None, None),
+                                                 ("a", "shapes", "25 steps, cfg 2.5", 0.2, 2.0))])
+    wide = metrics_table(ranked)
+    assert list(wide.index) == ["a", "b"] and wide.loc["b"].isna().all()
+    assert sorted({c[:2] for c in wide.columns}) == [("digits", "25 steps, cfg 5.0"), ("shapes", "25 steps, cfg 2.5")]
+
+
 def test_a_sweep_given_as_dot_or_dotdot_is_named_by_its_folder(sweep, tmp_path, monkeypatch, capsys):
     # `.` once titled the report "Rank report: " and wrote it into reports/ itself; `..` into the current folder
     monkeypatch.chdir(sweep)

@@ -249,7 +249,12 @@ def metrics_table(ranked: pd.DataFrame, steps: int = TABLE2_STEPS, ema: bool = T
     """Table 2 form: CLIP score and FID per recipe and dataset at one step count with EMA (or raw) weights."""
     part = ranked[(ranked["steps"] == steps) & (ranked["ema"] == ema)]
     metrics = ["clip_score", "fid_clip"] + (["fid_inception"] if part["fid_inception"].notna().any() else [])
-    wide = part.pivot_table(index="recipe", columns=["dataset", "setting"], values=metrics, aggfunc="first")
+    # dropna=False: an entry whose metrics are all null here (diverged) is shown as '-', not dropped unsaid; it spans
+    # every dataset x setting pair, so only the pairs evaluated are kept.
+    wide = part.pivot_table(index="recipe", columns=["dataset", "setting"], values=metrics, aggfunc="first",
+                            dropna=False)
+    pairs = set(part[["dataset", "setting"]].itertuples(index=False, name=None))
+    wide = wide[[c for c in wide.columns if tuple(c[1:]) in pairs]]
     if wide.empty:
         return wide
     wide = wide.reorder_levels([1, 2, 0], axis=1).sort_index(axis=1)
