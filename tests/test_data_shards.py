@@ -314,3 +314,20 @@ def test_the_whole_set_is_refused_when_the_shards_hold_another_count_than_meta_j
     assert is_complete(path)
     with pytest.raises(ValueError, match=rf"the shards hold {N - 1} samples, meta.json says {N}; rebuild the folder"):
         load_eval_set(path)
+
+
+def test_samples_lacking_a_member_are_named_when_read_in_memory(folder):
+    """What the validation batch and the evaluation read (load_eval_set): another tool's shard without pooled.npy
+    was a bare KeyError('pooled.npy'); named as the streaming reader names it (build_index)."""
+    import io
+
+    path, _ = folder
+    shard = path / "shard-000001.tar"
+    with tarfile.open(shard) as old:
+        members = [(m, old.extractfile(m).read()) for m in old]
+    with tarfile.open(shard, "w") as new:
+        for member, data in members:
+            if member.name != "000000013.pooled.npy":
+                new.addfile(member, io.BytesIO(data))
+    with pytest.raises(ValueError, match=rf"^{shard}: sample 000000013 lacks pooled.npy; not a training shard$"):
+        load_eval_set(path)

@@ -333,6 +333,10 @@ def write_shards(shard_dir: str | Path, latents, contexts, pooled, captions: Seq
 
 def decode_sample(sample: dict) -> dict:
     """Raw tar members of one sample -> numpy arrays, caption and extras."""
+    missing = [m for m in (*TRAIN_MEMBERS, "txt") if m not in sample]
+    if missing:  # another tool's shards: named as ShardSamples names them, not a KeyError of the member
+        raise ValueError(f"{sample.get('__url__', 'a shard')}: sample {sample.get('__key__')} lacks "
+                         f"{', '.join(missing)}; not a training shard")
     return {
         "key": sample["__key__"],
         "latent": npy_array(sample["latent.npy"]),
