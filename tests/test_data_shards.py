@@ -283,3 +283,51 @@ def test_npy_decoding_matches_numpy():
             assert out.dtype == array.dtype and out.shape == array.shape and np.array_equal(out, array)
     with pytest.raises(ValueError, match="not in .npy format"):
         shards.npy_array(b"garbage-bytes")
+
+
+def test_a_meta_json_that_is_not_json_is_named(folder):
+    path, _ = folder
+    (path / "meta.json").write_text('{"count": 45,')
+    with pytest.raises(ValueError, match=rf"^shard folder {path}'s meta.json is not JSON \(.*\); write the folder "):
+        read_meta(path)
+    assert not is_complete(path)
+
+
+def test_the_whole_set_is_refused_when_the_shards_hold_another_count_than_meta_json(folder):
+    """In memory as streaming (ShardSamples): a tar cut short at a sample's first header ends without an error, so
+    the in-memory training set silently lacked its samples (a folder written before meta.json recorded the shards'
+    sizes passes the checks before launching), and a hand-edited count trained in memory but not streaming."""
+    path, _ = folder
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps({**meta, "count": N + 1}))
+    with pytest.raises(ValueError, match=rf"the shards hold {N} samples, meta.json says {N + 1}; rebuild the folder"):
+        load_eval_set(path)
+    assert len(load_eval_set(path, n=N)["x0"]) == N  # the first n of them are there
+    with pytest.raises(ValueError, match=rf"the shards hold {N} samples, meta.json says {N + 1}"):
+        load_eval_set(path, n=N + 1)  # (past the count)
+    last = path / "shard-000004.tar"  # samples 40..44; cut at sample 44's first header, sizes no longer recorded
+    with tarfile.open(last) as tar:
+        cut = next(m.offset for m in tar.getmembers() if m.name.startswith("000000044."))
+    with open(last, "r+b") as f:
+        f.truncate(cut)
+    (path / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "shard_bytes"}))
+    assert is_complete(path)
+    with pytest.raises(ValueError, match=rf"the shards hold {N - 1} samples, meta.json says {N}; rebuild the folder"):
+        load_eval_set(path)
+
+
+def test_samples_lacking_a_member_are_named_when_read_in_memory(folder):
+    """What the validation batch and the evaluation read (load_eval_set): another tool's shard without pooled.npy
+    was a bare KeyError('pooled.npy'); named as the streaming reader names it (build_index)."""
+    import io
+
+    path, _ = folder
+    shard = path / "shard-000001.tar"
+    with tarfile.open(shard) as old:
+        members = [(m, old.extractfile(m).read()) for m in old]
+    with tarfile.open(shard, "w") as new:
+        for member, data in members:
+            if member.name != "000000013.pooled.npy":
+                new.addfile(member, io.BytesIO(data))
+    with pytest.raises(ValueError, match=rf"^{shard}: sample 000000013 lacks pooled.npy; not a training shard$"):
+        load_eval_set(path)

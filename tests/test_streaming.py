@@ -349,3 +349,29 @@ def test_loader_workers_leave_job_signals_to_the_training_process(folders, monke
         batches += [next(it) for _ in range(6 - len(batches))]
         assert_same_batches(StepIndexedBatches(memory, 8, seed=5), batches, 6)
         del it
+
+
+@pytest.mark.parametrize("key", ["train_dir", "eval_dir"])
+@pytest.mark.parametrize("meta, problem", [("{not json", "meta.json is not JSON"),
+                                           ("[]", "meta.json is not a JSON object"),
+                                           ('{"count": 3}', r"is incomplete \(meta.json lacks complete: true\)")],
+                         ids=["not json", "not an object", "not complete"])
+def test_a_meta_json_that_is_not_a_shard_folders_is_a_config_error_naming_the_setting(folders, tmp_path, key, meta,
+                                                                                      problem):
+    """Before, json's own message (`Expecting property name ...: line 1 column 2 (char 1)`) named neither the
+    setting nor the file, and the other two were not the job's one-line refusal naming the setting."""
+    import shutil
+
+    from src.config import ConfigError
+    from src.training.prepare import check_data
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folders / key.split("_")[0], copy)
+    (copy / "meta.json").write_text(meta)
+    dirs = {"train_dir": folders / "train", "eval_dir": folders / "eval", key: copy}
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["data=shards", f"data.train_dir={dirs['train_dir']}",
+                                                        f"data.eval_dir={dirs['eval_dir']}", "data.val_samples=4"])
+    with pytest.raises(ConfigError, match=rf"^data.{key}={copy}: shard folder {copy}('s)? .*{problem}") as info:
+        check_data(cfg)
+    assert "\n" not in str(info.value)

@@ -85,7 +85,10 @@ def read_meta(shard_dir: str | Path) -> dict:
     path = Path(shard_dir) / META_FILE
     if not path.is_file():
         raise FileNotFoundError(f"shard folder {shard_dir} has no {META_FILE}: not written, or writing was interrupted")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # json's own message names no file
+        raise ValueError(f"shard folder {shard_dir}'s {META_FILE} is not JSON ({e}); write the folder again") from None
     if not isinstance(meta, dict):  # another tool's file: a one-line error, not an AttributeError
         raise ValueError(f"shard folder {shard_dir}'s {META_FILE} is not a JSON object")
     if meta.get("complete") is not True:
@@ -330,6 +333,10 @@ def write_shards(shard_dir: str | Path, latents, contexts, pooled, captions: Seq
 
 def decode_sample(sample: dict) -> dict:
     """Raw tar members of one sample -> numpy arrays, caption and extras."""
+    missing = [m for m in (*TRAIN_MEMBERS, "txt") if m not in sample]
+    if missing:  # another tool's shards: named as ShardSamples names them, not a KeyError of the member
+        raise ValueError(f"{sample.get('__url__', 'a shard')}: sample {sample.get('__key__')} lacks "
+                         f"{', '.join(missing)}; not a training shard")
     return {
         "key": sample["__key__"],
         "latent": npy_array(sample["latent.npy"]),
@@ -600,12 +607,15 @@ def load_eval_set(shard_dir: str | Path, n: int | None = None, prompts: int | No
     if n is not None and n > meta["count"]:
         raise ValueError(f"n={n} is more than the {meta['count']} samples in {shard_dir}")
     samples = []
-    for s in iter_samples(shard_dir):
+    for s in iter_samples(shard_dir):  # (a tar cut short at a header ends without an error: counted below)
         if prompts is not None and len(samples) >= prompts:  # let go of its text embeddings as soon as read
             s = {k: v for k, v in s.items() if k not in ("context", "pooled")}
         samples.append(s)
         if n is not None and len(samples) == n:
             break
+    if len(samples) != (meta["count"] if n is None else n):  # streaming (ShardSamples) refuses such a folder too
+        raise ValueError(f"shard folder {shard_dir}: the shards hold {len(samples)} samples, meta.json says "
+                         f"{meta['count']}; rebuild the folder")
     stats = meta if stats is None else stats
     collate = Collate(stats["latent_mean"], stats["latent_std"])
     batch = collate(samples if prompts is None else samples[:prompts])

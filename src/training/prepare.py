@@ -95,9 +95,15 @@ def check_data(cfg: DictConfig) -> dict:
             if not (Path(data[key]) / "meta.json").exists():
                 raise ConfigError(f"data.{key}={data[key]}: no webdataset shard folder there (meta.json missing); "
                                   f"{_missing_shards_fix(data, key)}")
-        found, where = read_meta(data.train_dir), f"the shards in {data.train_dir}"
+        metas = {}
+        for key in ("train_dir", "eval_dir"):  # not JSON, not a JSON object, not marked complete: named here
+            try:
+                metas[key] = read_meta(data[key])
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(f"data.{key}={data[key]}: {e}") from None
+        found, where = metas["train_dir"], f"the shards in {data.train_dir}"
         for key in ("train_dir", "eval_dir"):  # a shard cut short fails mid-training, in a reader's traceback
-            damaged = damaged_shards(data[key], found if key == "train_dir" else read_meta(data[key]))
+            damaged = damaged_shards(data[key], metas[key])
             if damaged:
                 raise ConfigError(f"data.{key}={data[key]}: {', '.join(damaged[:3])} missing or not of the size "
                                   f"meta.json records (cut short?); write the folder again")
@@ -107,7 +113,7 @@ def check_data(cfg: DictConfig) -> dict:
                               f"(data.latent_size is their side)")
         # Else the first validation fails in a traceback (other shapes), or the evaluation silently conditions on
         # another encoder's embeddings.
-        diffs = split_differences(found, read_meta(data.eval_dir), SAME_ENCODING)
+        diffs = split_differences(found, metas["eval_dir"], SAME_ENCODING)
         if diffs:
             raise ConfigError(f"data.eval_dir={data.eval_dir} is not encoded like data.train_dir ({'; '.join(diffs)})"
                               f": preprocess it with the same models and --stats-from the training folder")
