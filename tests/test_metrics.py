@@ -248,7 +248,7 @@ def test_clip_extractor_missing_file_names_the_setting(tmp_path):
     missing = tmp_path / "nope.pt"
     with pytest.raises(FileNotFoundError, match=r"evaluation\.clip_weights.*nope\.pt"):
         ClipFeatureExtractor("ViT-B-32", missing, config_key="evaluation.clip_weights")
-    with pytest.raises(FileNotFoundError, match=r"metrics\.clip\.weights_path"):
+    with pytest.raises(FileNotFoundError, match=r"eval\.clip\.weights_path"):
         ClipFeatureExtractor("ViT-B-32", None)
 
 

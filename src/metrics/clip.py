@@ -86,7 +86,7 @@ class ClipFeatureExtractor:
         force_quick_gelu: bool = False,
         image_mean: Sequence[float] | None = None,
         image_std: Sequence[float] | None = None,
-        config_key: str = "metrics.clip.weights_path",
+        config_key: str = "eval.clip.weights_path",
     ):
         path = require_file(weights_path, config_key)
         error = model_name_error(model_name, config_key.rsplit(".", 1)[0] + ".model_name")
