@@ -332,3 +332,33 @@ def test_long_bootstraps_announce_their_duration_and_progress(twin_sweep, monkey
     assert "--bootstrap 0 skips it" in lines[0]
     done = [int(line.split()[1].split("/")[0]) for line in lines[1:]]
     assert done == list(range(2, 20, 2)) and all("left" in line for line in lines[1:])
+
+
+def test_rows_against_a_covariance_equal_the_metric_frechet_distance():
+    """frechet_distance_rows_cov: the samples' rows against the reference's covariance give the metric's distance."""
+    from src.metrics.frechet import frechet_distance_rows_cov
+
+    rng = np.random.default_rng(7)
+    x, ref = rng.normal(size=(30, 24)), rng.normal(size=(300, 24)) + 0.2
+    counts, ref_counts = (rng.multinomial(len(a), np.full(len(a), 1 / len(a)), size=4).astype(float) for a in (x, ref))
+    expected = frechet_distance(*resampled_moments(x, counts), *resampled_moments(ref, ref_counts))
+    got = frechet_distance_rows_cov(*resampled_rows(x, counts), *resampled_moments(ref, ref_counts))
+    np.testing.assert_allclose(got, expected, rtol=1e-8)
+
+
+def test_bootstrap_never_forms_the_rows_of_a_large_reference(tmp_path, monkeypatch):
+    """At the paper's scale the reference (COCO-2014 val, 40,504 images: ~25,600 distinct rows a draw) has far more
+    rows than features: its rows were multiplied with every record's in every draw (m x 25,600 cross-Gram
+    matrices, ~20x the work of B1 S2 B1^T). The samples' rows now meet its covariance; draws as the square roots'."""
+    import src.ranking.bootstrap as bootstrap
+
+    sweep = write_synthetic_sweep(tmp_path / "s", recipes=("rf", "edm"), datasets=("digits",), n_samples=20,
+                                  n_reference=200, dim=24)
+    records = load_sweep([sweep]).records
+    rows_of = []
+    real = bootstrap.resampled_rows
+    monkeypatch.setattr(bootstrap, "resampled_rows", lambda x, c: rows_of.append(len(x)) or real(x, c))
+    fid = bootstrap_metrics(records, 6, seed=1).fid
+    assert rows_of and max(rows_of) == 20  # the samples' rows only, never the reference's 200
+    monkeypatch.setattr(bootstrap, "use_rows", lambda *a: False)
+    np.testing.assert_allclose(fid, bootstrap_metrics(records, 6, seed=1).fid, rtol=1e-6)

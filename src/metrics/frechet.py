@@ -82,6 +82,23 @@ def frechet_distance_rows(mu1, rows1, mu2, rows2):
     return float(out) if np.ndim(out) == 0 else out
 
 
+def frechet_distance_rows_cov(mu1, rows1, mu2, sigma2):
+    """The same d^2 from one side's rows B1 (..., m, d) with B1^T B1 = S1 and the other side's covariance S2.
+
+    For a resampled side of few distinct rows against one of many (the bootstrap: 1000 samples, ~632 distinct rows,
+    against COCO-2014 val's 40,504 reference images, ~25,600 distinct): the non-zero eigenvalues of S1 S2 are those
+    of B1 S2 B1^T (m x m), which costs m d^2 whatever the other side's size, where the full row form's cross-Gram
+    matrix grows with its rows (B1 B2^T: m x 25,600, about 20x the work of this at the paper's scale).
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    rows1, s2 = np.asarray(rows1, np.float64), np.asarray(sigma2, np.float64)
+    inner = rows1 @ s2 @ np.swapaxes(rows1, -1, -2)
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((inner + np.swapaxes(inner, -1, -2)) / 2), 0.0, None)).sum(-1)
+    trace = (rows1**2).sum(axis=(-1, -2)) + np.trace(s2, axis1=-2, axis2=-1)
+    out = np.maximum(0.0, ((mu1 - mu2) ** 2).sum(axis=-1) + trace - 2.0 * tr_covmean)
+    return float(out) if np.ndim(out) == 0 else out
+
+
 def fid_from_features(features_a, features_b) -> float:
     """Frechet distance between the Gaussian fits of two (n, d) feature sets."""
     return frechet_distance(*feature_statistics(features_a), *feature_statistics(features_b))

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
-from src.metrics.frechet import frechet_distance, frechet_distance_rows, sqrtm_psd
+from src.metrics.frechet import frechet_distance, frechet_distance_rows, frechet_distance_rows_cov, sqrtm_psd
 from src.ranking.aggregate import column_indicators, fronts_per_setting, mean_over_settings
 from src.ranking.paper import COLUMNS, spearman_draws
 
@@ -95,8 +95,10 @@ def bootstrap_metrics(records: pd.DataFrame, draws: int, seed: int = 0,
 
     progress, when given, hears the estimated duration once a record has been timed (when it is over
     PROGRESS_AFTER_S) and then every tenth of the draws: at the paper's scale (1464 records, 1000 samples of 768
-    features) one draw of one record costs about 40 ms on one core (the row form; bench/results/bootstrap.md), so
-    200 draws take about 3.3 core-hours, divided among the workers.
+    features) one draw of one record costs about 40 ms on one core against a reference of 1000 rows (the row form;
+    bench/results/bootstrap.md), and about 110 ms against COCO-2014 val's 40,504 (the samples' rows against the
+    reference's covariance, measured on a shared 2-core machine; docs/ranking.md#bootstrap-intervals), so 200 draws
+    take about 3.3 to 9 core-hours, divided among the workers.
     device: where the Frechet distances are computed (src/ranking/bootstrap_torch.py: cpu = numpy, cuda, auto).
     workers: threads computing the numpy path's records in parallel, 0 = every usable core (resolve_workers); the
     draws are the same for any number.
@@ -149,16 +151,23 @@ def bootstrap_metrics(records: pd.DataFrame, draws: int, seed: int = 0,
                 ref_draws = ref_counts[path][sl]
                 # fewer distinct rows than features: the row form; the reference's form once per chunk, shared
                 row_form = {row: use_rows(counts[row], ref_draws, ref.shape[1]) for row in rows}
-                ref_rows = ops.resampled_rows(ref, ref_draws) if any(row_form.values()) else None
+                # A reference of as many distinct rows as features or more (COCO-2014 val: ~25,600 of 40,504) meets
+                # the samples' rows as its covariance: B1 S2 B1^T, whose cost does not grow with the reference
+                ref_distinct = int((ref_draws > 0).sum(axis=1).max())
+                mixed = hasattr(ops, "frechet_distance_rows_cov") and ref_distinct >= ref.shape[1]
+                ref_rows = ops.resampled_rows(ref, ref_draws) if any(row_form.values()) and not mixed else None
                 ref_moments = None
-                if not all(row_form.values()):
+                if mixed or not all(row_form.values()):
                     mu_r, cov_r = ops.resampled_moments(ref, ref_draws)
-                    ref_moments = (mu_r, cov_r, ops.sqrtm_psd(cov_r))
+                    ref_moments = (mu_r, cov_r, None if all(row_form.values()) else ops.sqrtm_psd(cov_r))
 
                 def fid_draws(row: int) -> np.ndarray:
                     feats = features[row]
                     if feats is None:
                         feats = _load_record(records, row, references, {})[1]
+                    if row_form[row] and mixed:
+                        rows_s = ops.resampled_rows(feats, counts[row])
+                        return ops.frechet_distance_rows_cov(*rows_s, *ref_moments[:2])
                     if row_form[row]:
                         return ops.frechet_distance_rows(*ops.resampled_rows(feats, counts[row]), *ref_rows)
                     return ops.frechet_distance(*ops.resampled_moments(feats, counts[row]), *ref_moments)
@@ -210,7 +219,8 @@ def _frechet_ops(device: str):
     if device == "cpu":
         return SimpleNamespace(resampled_moments=resampled_moments, sqrtm_psd=sqrtm_psd,
                                frechet_distance=frechet_distance, resampled_rows=resampled_rows,
-                               frechet_distance_rows=frechet_distance_rows, chunk_bytes=CHUNK_BYTES)
+                               frechet_distance_rows=frechet_distance_rows,
+                               frechet_distance_rows_cov=frechet_distance_rows_cov, chunk_bytes=CHUNK_BYTES)
     return TorchFrechet(device)
 
 
