@@ -89,6 +89,25 @@ def test_an_evaluation_holds_the_text_embeddings_of_the_prompts_it_samples_only(
         load_eval_set(path, prompts=0)
 
 
+def test_an_evaluation_never_reads_the_text_embeddings_of_the_prompts_it_does_not_sample(folder):
+    """COCO-2014 val streamed whole was 52 GB of 154 x 4096 float16 contexts read to keep 1000 of them (1.3 GB):
+    with prompts=k the later samples' context and pooled members are skipped by their tar headers' offsets. Shown
+    with a later sample's context made unreadable in place: only an evaluation that conditions on it reads it."""
+    path, _ = folder
+    ev = load_eval_set(path, prompts=12)
+    index = np.load(path / shards.INDEX_FILE)
+    sample = 30
+    at = int(index["start"][sample] + index["rel"][0, 1])  # context.npy's data (the layout is uniform)
+    with open(path / shards.SHARD_PATTERN.format(int(index["shard"][sample])), "r+b") as f:
+        f.seek(at)
+        f.write(b"\0" * 6)  # the .npy magic: decoding it fails
+    again = load_eval_set(path, prompts=12)
+    assert torch.equal(again["x0"], ev["x0"]) and torch.equal(again["context"], ev["context"])
+    assert again["captions"] == ev["captions"] and again["extras"] == ev["extras"]
+    with pytest.raises(ValueError, match="npy"):
+        load_eval_set(path, prompts=sample + 1)
+
+
 def test_decode_latents_inverts_normalisation_and_refuses_real_autoencoders(folder):
     path, data = folder
     meta = read_meta(path)
