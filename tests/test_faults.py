@@ -477,6 +477,26 @@ def test_stale_temp_files_are_removed_but_not_in_skipped_folders(tmp_path):
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
 
 
+def test_stale_temp_files_of_a_run_directory_inside_this_one_are_left_to_its_own_job(tmp_path):
+    """Two launches of a sweep at once, one with a key added (sampler=rf_time,ab2): neither saw the other's run
+    directories when its launch checks ran, so digits/rf/sampler=ab2 trains inside digits/rf. The outer job's start
+    removed the inner job's temp files, the checkpoint or results.json it was writing, whose rename then failed. A
+    folder holding a run's lock (.run.lock) belongs to that run's job: not entered."""
+    from src.launch.rundir import LOCK_FILE
+    from src.utils.io import remove_stale_temp_files, temp_sibling
+
+    inner = tmp_path / "sampler=ab2"
+    (inner / "checkpoints").mkdir(parents=True)
+    (inner / LOCK_FILE).write_text("")
+    writing = [temp_sibling(inner / "checkpoints" / "last.ckpt"), temp_sibling(inner / "results.json")]
+    stale = temp_sibling(tmp_path / "results.json")
+    for p in (*writing, stale):
+        p.write_bytes(b"x")
+    assert remove_stale_temp_files(tmp_path) == [stale]
+    assert all(p.exists() for p in writing)
+    assert remove_stale_temp_files(inner) == sorted(writing, key=lambda p: p.parent != inner)  # its own job's
+
+
 # ---- one job per run directory --------------------------------------------------------------------------------------
 HOLD = "import sys, time; from src.launch.rundir import run_dir_lock\nwith run_dir_lock(sys.argv[1]):\n" \
        "    print('held', flush=True); time.sleep(60)\n"
