@@ -1241,3 +1241,42 @@ def test_a_sweep_failure_that_cannot_be_recorded_leaves_the_job_failed_not_the_s
         HydraConfig.instance().cfg = None
     assert out["failed"] and out["error"] == "RuntimeError: refused"
     assert failures.FAILED == [(run.job_name(cfg), "RuntimeError: refused")]
+
+
+def test_a_launch_whose_run_directory_another_configuration_bound_before_its_lock_rewrites_nothing(
+        tmp_path, monkeypatch, cache_dir):
+    """Two launches of one run at once with different configurations: the second's checks passed on the empty
+    directory, then the first bound it (trained, released its lock) before the second took the lock. The second then
+    wrote its own .hydra/config.yaml over the first's record of its launch (and removed its eval_request.yaml)
+    before run_job's checks refused it. The run directory's checks run again once the lock is held."""
+    from src import run
+    from src.launch import rundir
+    from src.launch.rundir import EVAL_REQUEST
+
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[*TINY, f"paths.cache_dir={cache_dir}"],
+                      return_hydra_config=True)
+    run_dir = tmp_path / "run"
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+    HydraConfig.instance().set_config(cfg)
+    monkeypatch.setattr(failures, "FAILED", [])
+    real_lock = rundir.run_dir_lock
+    theirs = {".hydra/config.yaml": "seed: 7\n", EVAL_REQUEST: "eval: {n_samples: 6}\n", "fingerprint.json":
+              json.dumps({"seed": 7}), "checkpoints/last.ckpt": "trained by the other launch"}
+
+    def bound_meanwhile(path):  # the other launch ran between this one's checks and its lock
+        for name, text in theirs.items():
+            (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            (run_dir / name).write_text(text)
+        return real_lock(path)
+
+    monkeypatch.setattr(run, "run_dir_lock", bound_meanwhile)
+    try:
+        result = run._job(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert result["failed"] and "holds a run with a different configuration" in result["error"]
+    assert {name: (run_dir / name).read_text() for name in theirs} == theirs
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted([".hydra", ".run.lock", EVAL_REQUEST, "checkpoints",
+                                                              "fingerprint.json"])
