@@ -9,6 +9,7 @@ configuration trained there, another job running there) writes nothing into it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -71,7 +72,7 @@ def main(cfg: DictConfig) -> dict | None:
 
 def _job(cfg: DictConfig) -> dict | None:
     from src.training.job import run_job
-    from src.training.prepare import prepare_job
+    from src.training.prepare import check_run_dir, prepare_job
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
@@ -83,8 +84,10 @@ def _job(cfg: DictConfig) -> dict | None:
         # Everything that can refuse the job, before anything is written into its directory: a refused relaunch
         # leaves a finished run exactly as it was (its error goes to the summary and the sweep's failures.json).
         prepare_job(cfg, run_dir, multirun)
-        # The lock next: a job already running in this directory keeps its files (error.json included).
-        with run_dir_lock(run_dir), run_log(run_dir) as log_file:
+        # The lock next: a job already running in this directory keeps its files (error.json included). Its checks
+        # again once it is held: another launch may have bound the directory since, which this one must not write over.
+        with run_dir_lock(run_dir), contextlib.nullcontext(check_run_dir(cfg, run_dir, multirun)), \
+                run_log(run_dir) as log_file:
             if multirun:  # this launch runs here: an earlier one's refusal is no longer the job's latest word, and a
                 # kill from here on would leave it in the report as if this launch had not run
                 clear_sweep_failure(HydraConfig.get().sweep.dir, job_name(cfg))

@@ -477,6 +477,26 @@ def test_stale_temp_files_are_removed_but_not_in_skipped_folders(tmp_path):
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
 
 
+def test_stale_temp_files_of_a_run_directory_inside_this_one_are_left_to_its_own_job(tmp_path):
+    """Two launches of a sweep at once, one with a key added (sampler=rf_time,ab2): neither saw the other's run
+    directories when its launch checks ran, so digits/rf/sampler=ab2 trains inside digits/rf. The outer job's start
+    removed the inner job's temp files, the checkpoint or results.json it was writing, whose rename then failed. A
+    folder holding a run's lock (.run.lock) belongs to that run's job: not entered."""
+    from src.launch.rundir import LOCK_FILE
+    from src.utils.io import remove_stale_temp_files, temp_sibling
+
+    inner = tmp_path / "sampler=ab2"
+    (inner / "checkpoints").mkdir(parents=True)
+    (inner / LOCK_FILE).write_text("")
+    writing = [temp_sibling(inner / "checkpoints" / "last.ckpt"), temp_sibling(inner / "results.json")]
+    stale = temp_sibling(tmp_path / "results.json")
+    for p in (*writing, stale):
+        p.write_bytes(b"x")
+    assert remove_stale_temp_files(tmp_path) == [stale]
+    assert all(p.exists() for p in writing)
+    assert remove_stale_temp_files(inner) == sorted(writing, key=lambda p: p.parent != inner)  # its own job's
+
+
 # ---- one job per run directory --------------------------------------------------------------------------------------
 HOLD = "import sys, time; from src.launch.rundir import run_dir_lock\nwith run_dir_lock(sys.argv[1]):\n" \
        "    print('held', flush=True); time.sleep(60)\n"
@@ -1221,3 +1241,42 @@ def test_a_sweep_failure_that_cannot_be_recorded_leaves_the_job_failed_not_the_s
         HydraConfig.instance().cfg = None
     assert out["failed"] and out["error"] == "RuntimeError: refused"
     assert failures.FAILED == [(run.job_name(cfg), "RuntimeError: refused")]
+
+
+def test_a_launch_whose_run_directory_another_configuration_bound_before_its_lock_rewrites_nothing(
+        tmp_path, monkeypatch, cache_dir):
+    """Two launches of one run at once with different configurations: the second's checks passed on the empty
+    directory, then the first bound it (trained, released its lock) before the second took the lock. The second then
+    wrote its own .hydra/config.yaml over the first's record of its launch (and removed its eval_request.yaml)
+    before run_job's checks refused it. The run directory's checks run again once the lock is held."""
+    from src import run
+    from src.launch import rundir
+    from src.launch.rundir import EVAL_REQUEST
+
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[*TINY, f"paths.cache_dir={cache_dir}"],
+                      return_hydra_config=True)
+    run_dir = tmp_path / "run"
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+    HydraConfig.instance().set_config(cfg)
+    monkeypatch.setattr(failures, "FAILED", [])
+    real_lock = rundir.run_dir_lock
+    theirs = {".hydra/config.yaml": "seed: 7\n", EVAL_REQUEST: "eval: {n_samples: 6}\n", "fingerprint.json":
+              json.dumps({"seed": 7}), "checkpoints/last.ckpt": "trained by the other launch"}
+
+    def bound_meanwhile(path):  # the other launch ran between this one's checks and its lock
+        for name, text in theirs.items():
+            (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            (run_dir / name).write_text(text)
+        return real_lock(path)
+
+    monkeypatch.setattr(run, "run_dir_lock", bound_meanwhile)
+    try:
+        result = run._job(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert result["failed"] and "holds a run with a different configuration" in result["error"]
+    assert {name: (run_dir / name).read_text() for name in theirs} == theirs
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted([".hydra", ".run.lock", EVAL_REQUEST, "checkpoints",
+                                                              "fingerprint.json"])

@@ -423,6 +423,47 @@ def test_a_lost_job_whose_run_a_relaunch_submitted_again_writes_nothing_there(mo
     assert '"type": "JobLost"' in (run_dir / "error.json").read_text()
 
 
+def test_a_lost_job_writes_nothing_into_a_run_directory_a_live_job_holds(monkeypatch, tmp_path):
+    """A job the scheduler reported ended (NODE_FAIL, then requeued under the same id; or cancelled, and the run
+    launched again with hydra/launcher=local) while another process trains in its run directory: the launcher's
+    JobLost error.json, written there without the run's lock, stayed beside that job's results (the job removes an
+    error.json only when it starts), and the rank report called the finished run failed. Now it is written under the
+    run's lock: a directory a live job holds is left alone (that job records its own outcome)."""
+    from types import SimpleNamespace
+
+    from src.launch import failures
+    from src.launch.planned import record_planned_jobs
+
+    class Killed:
+        job_id = "136_0"
+
+    sweep_dir = tmp_path / "sweep"
+    record_planned_jobs(sweep_dir, {"digits/rf": {"run_dir": "digits/rf", "overrides": ["loss=paper/rf"]}})
+    run_dir = sweep_dir / "digits/rf"
+    run_dir.mkdir(parents=True)
+    monkeypatch.setattr(launch, "wait_for", lambda job: "NODE_FAIL")
+    monkeypatch.setattr(failures, "FAILED", [])
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    launcher = SimpleNamespace(config=OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}}}))
+    hold = "import sys, time; from src.launch.rundir import run_dir_lock\nwith run_dir_lock(sys.argv[1]):\n" \
+           "    print('held', flush=True); time.sleep(60)\n"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run_dir)], cwd=Path(__file__).resolve().parents[1],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        launch.CollectingSubmititLauncher._collect(launcher, Killed(), ["loss=paper/rf"], lambda o: "digits/rf")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [name for name, _ in failures.FAILED] == ["digits/rf"]  # the summary still names it
+    assert not (run_dir / "error.json").exists() and not (sweep_dir / "failures.json").exists()
+    assert [p.name for p in run_dir.iterdir()] == [".run.lock"]
+
+    launch.CollectingSubmititLauncher._collect(launcher, Killed(), ["loss=paper/rf"], lambda o: "digits/rf")
+    assert '"type": "JobLost"' in (run_dir / "error.json").read_text()  # no live job there: recorded as before
+
+
 def test_the_console_says_which_slurm_job_runs_the_sweep(monkeypatch, tmp_path, caplog):
     """The launcher's line for the submitted batch was INFO, which the console filter keeps for the log file: a SLURM
     sweep said nothing while it waited (hours), neither the job id to scancel nor where the jobs' output goes (the

@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 from src.config import ConfigError
 from src.launch.failures import LaunchError, StoppedWaiting, one_line, record_failure, record_sweep_failure
 from src.launch.planned import planned_run_dir, read_planned_jobs
+from src.launch.rundir import RunDirBusy, run_dir_lock
 from src.launch.sweep_files import DamagedSweepFile
 from src.utils.io import atomic_write_json
 
@@ -201,7 +202,8 @@ def record_lost_job(sweep_dir: str | os.PathLike, name: str, error: str, job_id:
     failure), so that it says why rather than "running or killed": the error.json of a run directory without results
     (the job's rerun removes it, as it does its own); else, for a job that never made its directory or a run whose
     results stay as they were, the sweep's failures.json (cleared once the job runs). Nothing when a later launch
-    has submitted the run again (resubmitted): its job may be training there and records its own outcome."""
+    has submitted the run again (resubmitted), or when a live job holds the run directory's lock: either records its
+    own outcome."""
     if job_id is not None and resubmitted(sweep_dir, name, job_id):
         return
     try:
@@ -209,10 +211,18 @@ def record_lost_job(sweep_dir: str | os.PathLike, name: str, error: str, job_id:
     except DamagedSweepFile:
         job = None
     run_dir = planned_run_dir(sweep_dir, job) if job is not None else None
-    if run_dir is not None and run_dir.is_dir() and not (run_dir / "results.json").exists():
-        atomic_write_json(run_dir / "error.json", {"type": "JobLost", "error": error, "traceback": ""})
-    else:
-        record_sweep_failure(sweep_dir, name, error)
+    if run_dir is not None and run_dir.is_dir():
+        # Under the run's lock: a live job there (the same SLURM job requeued after NODE_FAIL, the run launched again
+        # locally) records its own outcome, and would keep an error.json written now beside its results.
+        try:
+            with run_dir_lock(run_dir):
+                if not (run_dir / "results.json").exists():
+                    atomic_write_json(run_dir / "error.json", {"type": "JobLost", "error": error, "traceback": ""})
+                    return
+        except RunDirBusy:
+            log.info("%s: not recorded as lost in %s, which a live job holds", name, run_dir)
+            return
+    record_sweep_failure(sweep_dir, name, error)
 
 
 #: SLURM states after which a job never runs again (PREEMPTED is not one: a preempted job may be requeued).

@@ -746,9 +746,15 @@ def prepare_job(cfg: DictConfig, run_dir: str | Path, multirun: bool = False) ->
     check_device_settings(cfg)
     meta = resolve_data(cfg)
     check_decoder(cfg, meta)
-    check_fingerprint(cfg, Path(run_dir), multirun)
-    check_trained_precision(cfg, Path(run_dir), resolved_precision(cfg.trainer))  # here, where the device is known
+    check_run_dir(cfg, Path(run_dir), multirun)
     return meta
+
+
+def check_run_dir(cfg: DictConfig, run_dir: Path, multirun: bool = False) -> None:
+    """The run directory's own refusals (another configuration or precision trained there); reads only. Run again
+    once the job holds the directory's lock: another launch may have bound it since (src/run.py)."""
+    check_fingerprint(cfg, run_dir, multirun)
+    check_trained_precision(cfg, run_dir, resolved_precision(cfg.trainer))  # here, where the device is known
 
 
 def check_decoder(cfg: DictConfig, meta: dict) -> None:

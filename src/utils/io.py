@@ -51,15 +51,18 @@ def is_temp_name(name: str) -> bool:
     return _TEMP_NAME.fullmatch(name) is not None
 
 
-def remove_stale_temp_files(root: str | os.PathLike, skip: tuple[str, ...] = ("wandb",)) -> list[Path]:
+def remove_stale_temp_files(root: str | os.PathLike, skip: tuple[str, ...] = ("wandb",),
+                            lock_file: str = ".run.lock") -> list[Path]:
     """Delete the temp files interrupted writes left under root (a kill during a checkpoint or .npz write).
 
     Only for a folder this process owns (the run directory under its lock, src/launch/rundir.py): a temp file
-    there belongs to no live writer. Folders named in `skip` (other libraries' files) are not entered.
+    there belongs to no live writer. Folders named in `skip` (other libraries' files) are not entered, nor folders
+    below root holding `lock_file` (rundir.LOCK_FILE): another run's directory, whose job may be writing there (two
+    launches at once, one with a key added, nest digits/rf/sampler=ab2 in digits/rf before either can refuse it).
     """
     removed = []
     for current, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if d not in skip]
+        dirs[:] = [d for d in dirs if d not in skip and not os.path.lexists(os.path.join(current, d, lock_file))]
         for name in files:
             if is_temp_name(name):
                 path = Path(current) / name
