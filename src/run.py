@@ -70,9 +70,20 @@ def main(cfg: DictConfig) -> dict | None:
             SWEEP.finish(skipped=bool(result and result.get("skipped")), failed=failed, stopped=stopped)
 
 
+@contextlib.contextmanager
+def _locked_run_dir(cfg: DictConfig, run_dir: Path, multirun: bool):
+    """The run directory's lock, and its own checks again once held: another launch may have bound the directory
+    between this job's checks and its lock, and this one must not write over it."""
+    from src.training.prepare import check_run_dir
+
+    with run_dir_lock(run_dir):
+        check_run_dir(cfg, run_dir, multirun)
+        yield
+
+
 def _job(cfg: DictConfig) -> dict | None:
     from src.training.job import run_job
-    from src.training.prepare import check_run_dir, prepare_job
+    from src.training.prepare import prepare_job
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
@@ -84,10 +95,8 @@ def _job(cfg: DictConfig) -> dict | None:
         # Everything that can refuse the job, before anything is written into its directory: a refused relaunch
         # leaves a finished run exactly as it was (its error goes to the summary and the sweep's failures.json).
         prepare_job(cfg, run_dir, multirun)
-        # The lock next: a job already running in this directory keeps its files (error.json included). Its checks
-        # again once it is held: another launch may have bound the directory since, which this one must not write over.
-        with run_dir_lock(run_dir), contextlib.nullcontext(check_run_dir(cfg, run_dir, multirun)), \
-                run_log(run_dir) as log_file:
+        # The lock next: a job already running in this directory keeps its files (error.json included).
+        with _locked_run_dir(cfg, run_dir, multirun), run_log(run_dir) as log_file:
             if multirun:  # this launch runs here: an earlier one's refusal is no longer the job's latest word, and a
                 # kill from here on would leave it in the report as if this launch had not run
                 clear_sweep_failure(HydraConfig.get().sweep.dir, job_name(cfg))
