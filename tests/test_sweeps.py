@@ -855,7 +855,7 @@ def test_a_run_name_with_a_folder_over_255_bytes_is_refused_before_launch(capsys
     p = plan.plan_sweep(["-m", f"logger.wandb.project={long},short", "model=dit", *FAKE_SHARDS, "paths.root_dir=/r"])
     assert [j.run_dir.name for j in p.jobs] == ["logger.wandb.project=short"]
     (refused,) = p.refused_before_launch
-    assert refused.endswith(f"is 321 bytes, over the 255 a file system allows; sweep shorter values, or set a "
+    assert refused.endswith("is 321 bytes, over the 255 a file system allows; sweep shorter values, or set a "
                             "shorter run_name")
     from src.config import ConfigError
     from src.training.prepare import check_run_name
