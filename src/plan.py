@@ -220,13 +220,17 @@ def _compose(overrides: Sequence[str]) -> DictConfig:
 
 def expand_jobs(overrides: Sequence[str]) -> tuple[DictConfig, list[list[str]]]:
     """The sweep's base configuration and every job's override list, as `python -m src.run` would launch them."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
 
     from src.launch.sweeper import split_tagged
 
     overrides = [o for o in overrides if o not in ("-m", "--multirun")]
-    parser = OverridesParser.create()
+    # The config loader lists a group's options for glob(...) (loss='glob(rf_*)'), as the sweeper's parser does.
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
     parsed = parser.parse_overrides(list(overrides))
     base = _compose([o.input_line for o in parsed if not o.is_sweep_override()])
     sweeper = base.hydra.sweeper
@@ -237,6 +241,8 @@ def expand_jobs(overrides: Sequence[str]) -> tuple[DictConfig, list[list[str]]]:
     if not params and not any(o.is_sweep_override() for o in parsed) and str(base.hydra.mode) != "RunMode.MULTIRUN":
         return base, [list(overrides)]  # a single run
     parsed = parser.parse_overrides(params + list(overrides))
+    # Hydra's own refusal of a sweep over its keys (hydra.sweep.dir=a,b), which src.run launches nothing under.
+    ConfigLoaderImpl.validate_sweep_overrides_legal(parsed, RunMode.MULTIRUN, from_shell=True)
     # The jobs as the configured sweeper launches them (the tagging sweeper adds each job's run_tag).
     batches = split_tagged(parsed, None, base) if tagging else BasicSweeper.split_arguments(parsed, None)
     return base, [list(job) for batch in batches for job in batch]

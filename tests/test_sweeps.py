@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.types import RunMode
+from omegaconf import OmegaConf
 
 from src import plan
 from src.config import register_resolvers
@@ -805,3 +806,60 @@ def test_a_run_directory_inside_or_around_an_earlier_launchs_is_refused(tmp_path
     cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
     assert plan.job_status(cfg, sweep / "digits/rf/sampler=ab2") == "refused: inside or around an earlier launch's " \
                                                                      "run directory"
+
+
+# ---- Hydra's sweep functions and what the grid sweeper cannot launch -----------------------------------------------
+def test_a_plan_expands_glob_over_a_config_group_as_the_launch_does():
+    """`loss='glob(rf_*)'` ended the plan with `HydraException: ConfigLoader is not set` (its override parser had no
+    config loader to list the group's options), where src.run launches the three rf_* recipes."""
+    for swept, slugs in (("glob(rf_*)", ["rf_cosmap", "rf_lognorm_0.00_1.00", "rf_mode_1.29"]),
+                         ("glob(*,exclude=[e*,rf*,recipe])", ["v_cos", "v_linear"])):
+        jobs = plan.plan_sweep(["-m", f"loss={swept}", "model=dit", *FAKE_SHARDS, "paths.root_dir=/r"]).jobs
+        assert [j.run_dir.name for j in jobs] == slugs
+
+
+@pytest.mark.parametrize("args, line", [
+    (["optim.lr=interval(1e-4,3e-4)"], "optim.lr=interval(1e-4,3e-4): interval() is a continuous range, which this "
+     "grid sweeper cannot list as jobs; give the values (optim.lr=1e-4,3e-4), range(start,stop,step) or choice(...)"),
+    (["+sweep=smoke,backbones"], "+sweep=smoke,backbones: a command runs one sweep, in one folder (sweep_name); run "
+     "each sweep in a command of its own"),
+    (["sweep_name=a,b"], "sweep_name=a,b: a command runs one sweep, in one folder (sweep_name); run each sweep_name "
+     "in a command of its own"),
+])
+def test_a_sweep_the_grid_sweeper_cannot_launch_is_one_line_and_writes_nothing(tmp_path, capsys, args, line):
+    """interval(...) ended src.run in Hydra's traceback (`BasicSweeper does not support sweep type : INTERVAL_SWEEP`)
+    and the plan in that line, naming neither the key nor what works; `+sweep=smoke,backbones` ran one job per sweep
+    file with none of its swept values and `sweep_name=a,b` put the jobs in two sweep folders, the sweep's records
+    (multirun.yaml, jobs.json) in a third."""
+    root = f"paths.root_dir={tmp_path}"
+    assert plan.main(["-m", *args, root]) == 2
+    assert capsys.readouterr().err == f"plan: {line}\n"
+    out = warm.run([sys.executable, "-m", "src.run", "-m", *args, root], cwd=ROOT, capture_output=True, text=True,
+                   timeout=120)
+    assert (out.returncode, out.stderr) == (1, line + "\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_plan_refuses_a_sweep_over_hydra_s_own_keys_as_the_launch_does(tmp_path, capsys):
+    """src.run refuses `hydra.sweep.dir=a,b` (Hydra: not supported) and launches nothing; the plan planned it."""
+    assert plan.main(["-m", f"hydra.sweep.dir={tmp_path}/a,{tmp_path}/b", f"paths.root_dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err == ("plan: Sweeping over Hydra's configuration is not supported : "
+                                       f"'hydra.sweep.dir={tmp_path}/a,{tmp_path}/b'\n")
+
+
+def test_a_run_name_with_a_folder_over_255_bytes_is_refused_before_launch(capsys):
+    """A swept value of 300 characters made a run tag over the file systems' 255 bytes per folder name: the plan
+    planned it and src.run wrote the sweep's files, then ended at the job's mkdir (`OSError: [Errno 36] File name too
+    long`), the other jobs not run. It is refused before launch like any invalid job; the others run."""
+    long = "x" * 300
+    p = plan.plan_sweep(["-m", f"logger.wandb.project={long},short", "model=dit", *FAKE_SHARDS, "paths.root_dir=/r"])
+    assert [j.run_dir.name for j in p.jobs] == ["logger.wandb.project=short"]
+    (refused,) = p.refused_before_launch
+    assert refused.endswith("is 321 bytes, over the 255 a file system allows; sweep shorter values, or set a "
+                            "shorter run_name")
+    from src.config import ConfigError
+    from src.training.prepare import check_run_name
+
+    with pytest.raises(ConfigError, match="its folder é{40}... is 512 bytes"):
+        check_run_name(OmegaConf.create({"run_name": "digits/" + "é" * 256, "paths": {"output_dir": "o"}}))
+    check_run_name(OmegaConf.create({"run_name": "digits/" + "x" * 255, "paths": {"output_dir": "o"}}))

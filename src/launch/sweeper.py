@@ -18,6 +18,7 @@ from pathlib import Path
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.types import Override
+from hydra.errors import CompactHydraException
 from omegaconf import OmegaConf
 
 from src.results import parse_run_tag
@@ -77,10 +78,32 @@ def tag_jobs(batches: list[list[list[str]]], keys: Sequence[str]) -> list[list[l
     return [[[*job, f"run_tag={_quoted(run_tag(job, keys))}"] for job in batch] for batch in batches]
 
 
+class SweepOverrideError(CompactHydraException):
+    """A swept value the sweeper cannot launch as a grid of jobs: one line, said before anything is written
+    (src/run.py and src/plan.py print a CompactHydraException's message as it is)."""
+
+
+def check_sweep_overrides(overrides: Sequence[Override]) -> None:
+    """Sweeps that Hydra's basic sweeper would run wrong or refuse in a traceback: interval(a,b), a continuous range
+    for a sampling sweeper (Optuna), which it refuses naming neither the key nor what would work; and a sweep over
+    the named sweep or the sweep's folder, which would run one job per sweep file with none of its swept values
+    (only the base configuration's hydra.sweeper.params are expanded), each in its own sweep's folder while the
+    sweep's records (multirun.yaml, jobs.json, failures.json) go to one."""
+    for o in overrides:
+        if o.is_interval_sweep():
+            raise SweepOverrideError(f"{o.input_line}: interval() is a continuous range, which this grid sweeper "
+                                     f"cannot list as jobs; give the values ({o.key_or_group}=1e-4,3e-4), "
+                                     f"range(start,stop,step) or choice(...)")
+        if o.is_sweep_override() and o.key_or_group in ("sweep", "sweep_name"):
+            raise SweepOverrideError(f"{o.input_line}: a command runs one sweep, in one folder (sweep_name); "
+                                     f"run each {o.key_or_group} in a command of its own")
+
+
 def split_tagged(overrides: list[Override], max_batch_size: int | None, cfg=None) -> list[list[list[str]]]:
     """The basic sweeper's batches of job overrides, each job with its run_tag; `name_keys` from cfg when it has them;
     in training waves (training_waves) when jobs share a training. The sweeper launches these jobs and the planner
     (src/plan.py) lists them."""
+    check_sweep_overrides(overrides)
     name_keys = list((cfg.get("name_keys") if cfg is not None else None) or NAME_KEYS)
     jobs = tag_jobs(BasicSweeper.split_arguments(overrides, None), swept_keys(overrides, name_keys))[0]
     first = len(jobs)

@@ -441,6 +441,16 @@ def check_run_name(cfg: DictConfig) -> None:
         raise ConfigError(f"run_name={'null' if name is None else name}: must name a folder inside the sweep's "
                           f"folder (or {cfg.paths.output_dir}/runs), e.g. the default "
                           "run_name='${data.name}/${recipe_slug:${loss}}${run_tag}'")
+    # A folder name over the file systems' 255 bytes (a sweep's run tag of long values) failed only at the launch's
+    # mkdir (`File name too long`), ending the sweep after it wrote its files, the valid jobs not run.
+    long = next((p for p in Path(name).parts if len(p.encode()) > NAME_MAX), None)
+    if long is not None:
+        raise ConfigError(f"run_name={name[:80]}...: its folder {long[:40]}... is {len(long.encode())} bytes, over the "
+                          f"{NAME_MAX} a file system allows; sweep shorter values, or set a shorter run_name")
+
+
+#: The longest folder name (bytes) of the common file systems (ext4, XFS, Btrfs, ZFS, Lustre, GPFS).
+NAME_MAX = 255
 
 
 #: The keys of one eval.settings entry; the shift is one for all settings (eval.shift), as records name it.
