@@ -51,6 +51,7 @@ def publish_wandb(report, paths: dict[str, Path], project: str | None = None, la
     import wandb
 
     from src.ranking.report import table1
+    from src.utils.wandb_git import wandb_git_settings
 
     # Given explicitly, WANDB_MODE too: W&B's own reading of the environment is cached per process (wandb.setup).
     mode = os.environ.get("WANDB_MODE") or wandb_mode()
@@ -64,7 +65,8 @@ def publish_wandb(report, paths: dict[str, Path], project: str | None = None, la
         name=f"rank-report {label or report.sweep.name}",
         config={"sweeps": [str(r) for r in report.sweep.roots], "bootstrap_draws": report.draws, "seed": report.seed,
                 "fifty_step": report.fifty_step_note, "report": label or report.sweep.name},
-        settings=wandb.Settings(console="off", **({"mode": mode} if mode else {})),
+        # wandb_git_settings: the git remote URL without a token W&B would keep (src/utils/wandb_git.py).
+        settings=wandb.Settings(console="off", **({"mode": mode} if mode else {}), **wandb_git_settings()),
     )
     if getattr(run, "disabled", False):  # a no-op run: its files directory is never created
         wandb.finish()

@@ -75,15 +75,20 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
         loggers.append(ResumableCSVLogger(save_dir=str(run_dir), name="csv", version=""))
     w = cfg.logger.wandb
     if w.enabled and os.environ.get("WANDB_MODE", w.mode) != "disabled":
+        import wandb
         from lightning.pytorch.loggers import WandbLogger
+
+        from src.utils.wandb_git import wandb_git_settings
 
         # Offline unless the user configures otherwise; credentials come from the environment, never the config.
         mode = os.environ.get("WANDB_MODE", w.mode)
+        # The git remote URL without a token W&B would keep (a token as the URL's user name: src/utils/wandb_git.py).
+        git = wandb_git_settings()
         loggers.append(
             WandbLogger(
                 project=w.project, entity=w.entity, group=cfg.sweep_name, name=cfg.run_name, save_dir=str(run_dir),
                 offline=mode == "offline", mode=mode, id=_wandb_id(run_dir), resume="allow",
-                job_type="train", config=to_dict(cfg),
+                job_type="train", config=to_dict(cfg), **({"settings": wandb.Settings(**git)} if git else {}),
             )
         )
     return loggers
