@@ -351,6 +351,19 @@ def test_changed_config_in_same_directory_is_an_error(tmp_path, cache_dir):
         run_job(make_cfg(tmp_path, cache_dir, base + ["trainer.gradient_clip_val=1.0"]), run_dir)
 
 
+def test_a_finished_run_relaunched_with_another_max_steps_is_refused_and_left_as_it_was(tmp_path, cache_dir):
+    """Training longer (or shorter) is another configuration (README "Resume"): refused naming train.max_steps, never
+    continued from last.ckpt nor retrained in place; the directory keeps its checkpoints."""
+    run_dir = tmp_path / "run"
+    base = ["train.val_every=2", "train.ckpt_every=2", "eval.enabled=false"]
+    run_job(make_cfg(tmp_path, cache_dir, base + ["train.max_steps=2"]), run_dir)
+    before = {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()}
+    for steps in (4, 1):
+        with pytest.raises(ConfigError, match=r"different configuration \(train.max_steps\)"):
+            run_job(make_cfg(tmp_path, cache_dir, base + [f"train.max_steps={steps}"]), run_dir)
+    assert {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == before
+
+
 def test_only_rank_zero_binds_the_run_directory(tmp_path, cache_dir, monkeypatch):
     """The job's other ranks write nothing into the run directory: each also wrote fingerprint.json and config.yaml
     through temp files, which rank 0's removal of stale temp files could delete before their rename (an FSDP job
