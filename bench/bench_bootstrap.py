@@ -10,8 +10,8 @@ serial loop with BLAS threading over every core (the report before it had worker
 Part 3 times records against a reference of the paper's size (COCO-2014 val: 40,504 images, ~25,600 distinct rows
 a resample): the samples' rows against the reference's covariance (B1 S2 B1^T, what the report does) against the
 same rows against the reference's rows (the cross-Gram matrix B1 B2^T, which grows with the reference), and checks
-the two agree. It runs 1 record and 3, so it tells the reference's own work (once per draw, shared by every record
-of its dataset) from each record's.
+the two agree. It times the reference's own work (once per draw, shared by every record of its dataset) apart from
+each record's, calling the report's Frechet operations directly in its chunks of draws.
 
     python bench/bench_bootstrap.py                  # 4 records x 8 draws, 1000 x 768 (~3 min on 2 cores)
     python bench/bench_bootstrap.py --draws 16 --records 8
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import numpy as np
-    from threadpoolctl import threadpool_info
+    from threadpoolctl import threadpool_info, threadpool_limits
 
     import src.ranking.bootstrap as bootstrap
     from src.ranking.aggregate import load_sweep
@@ -87,35 +87,40 @@ def main(argv=None) -> int:
         bootstrap.use_rows, bootstrap._record_pool = use_rows, record_pool
 
         # Part 3: records against a reference of the paper's size, its covariance (the report) vs its rows
-        big = write_synthetic_sweep(Path(tmp) / "big", recipes=recipes[:3], datasets=("digits",),
-                                    n_samples=args.samples, n_reference=args.reference, dim=args.features,
-                                    sampler_settings=[(50, 1.0)])
-        big_records = load_sweep([big]).records
-        frechet_ops = bootstrap._frechet_ops
-
-        def reference_rows(device):  # the ops without the covariance form: the reference meets the rows as rows
-            ops = frechet_ops(device)
-            return SimpleNamespace(**{k: v for k, v in vars(ops).items() if k != "frechet_distance_rows_cov"})
-
-        ref_runs = {"rows vs the reference's covariance": frechet_ops, "rows vs the reference's rows": reference_rows}
-        ref_times = {(name, n): [] for name in ref_runs for n in (1, 3)}
+        rng = np.random.default_rng(0)
+        ref = rng.normal(size=(args.reference, args.features))
+        feats = [rng.normal(size=(args.samples, args.features)) * 1.1 + 0.01 * i for i in range(3)]
+        draws = args.reference_draws
+        counts = rng.multinomial(args.samples, np.full(args.samples, 1 / args.samples), size=draws).astype(float)
+        ref_counts = rng.multinomial(args.reference, np.full(args.reference, 1 / args.reference), size=draws)
+        chunk = max(1, min(draws, bootstrap.CHUNK_BYTES // (8 * 4 * args.features ** 2)))  # as the report's
+        chunks = [slice(s, min(s + chunk, draws)) for s in range(0, draws, chunk)]
+        forms = {"rows vs the reference's covariance": (bootstrap.resampled_moments,
+                                                       bootstrap.frechet_distance_rows_cov),
+                 "rows vs the reference's rows": (bootstrap.resampled_rows, bootstrap.frechet_distance_rows)}
+        ref_times = {name: [] for name in forms}
+        record_times = {name: [] for name in forms}
         ref_out = {}
-        for _ in range(args.reps):
-            for name, n in ref_times:
-                bootstrap._frechet_ops = ref_runs[name]
-                start = time.perf_counter()
-                ref_out[name] = bootstrap.bootstrap_metrics(big_records.iloc[:n], args.reference_draws, seed=0,
-                                                            workers=1).fid
-                ref_times[name, n].append(time.perf_counter() - start)
-        bootstrap._frechet_ops = frechet_ops
+        with threadpool_limits(1):  # one worker's BLAS, as the report's
+            for _ in range(args.reps):
+                for name, (reference_form, distance) in forms.items():
+                    start = time.perf_counter()
+                    refs = [reference_form(ref, ref_counts[sl].astype(float)) for sl in chunks]
+                    ref_times[name].append(time.perf_counter() - start)
+                    fids = []
+                    for f in feats:
+                        start = time.perf_counter()
+                        fids.append(np.concatenate([distance(*bootstrap.resampled_rows(f, counts[sl]), *r)
+                                                    for sl, r in zip(chunks, refs)]))
+                        record_times[name].append(time.perf_counter() - start)
+                    ref_out[name] = np.stack(fids)
     per = {name: statistics.median(t) / (len(records) * args.draws) for name, t in times.items()}
     rows1, sqrt1, rows_w, rows_blas = runs
     rel = float(np.max(np.abs(out[rows1] - out[sqrt1]) / np.abs(out[sqrt1])))
     equal = np.array_equal(out[rows1], out[rows_w])
-    ref_t = {key: statistics.median(t) / args.reference_draws for key, t in ref_times.items()}
-    per_record = {name: (ref_t[name, 3] - ref_t[name, 1]) / 2 for name in ref_runs}  # each record's own, per draw
-    shared = {name: max(0.0, ref_t[name, 1] - per_record[name]) for name in ref_runs}  # the reference's, per draw
-    cov_form, rows_form = ref_runs
+    per_record = {name: statistics.median(t) / args.reference_draws for name, t in record_times.items()}
+    shared = {name: statistics.median(t) / args.reference_draws for name, t in ref_times.items()}
+    cov_form, rows_form = forms
     ref_rel = float(np.max(np.abs(ref_out[cov_form] - ref_out[rows_form]) / np.abs(ref_out[rows_form])))
     text = "\n".join([
         "# Bootstrap FIDs: the row form vs the square-root form; worker threads",
@@ -138,14 +143,14 @@ def main(argv=None) -> int:
         "",
         f"## Records against a reference of {args.reference} images",
         "",
-        f"1 and 3 records x {args.reference_draws} draws of {args.samples} samples against {args.reference} reference "
-        f"images x {args.features} features, 1 worker; medians of {args.reps} interleaved repetitions, wall time "
-        "per draw. Each record's own work is (3 records - 1 record) / 2; the reference's (its resampled covariance "
-        "or rows, shared by every record of its dataset) is the rest of the 1-record time.",
+        f"3 records x {args.reference_draws} draws of {args.samples} samples against {args.reference} reference "
+        f"images x {args.features} features (Gaussian), BLAS on one thread, in the report's chunks of {chunk} draws; "
+        f"medians of {args.reps} interleaved repetitions, wall time per draw: each record's own (its rows and its "
+        "distances), and the reference's (its resampled covariance or rows, shared by every record of its dataset).",
         "",
         "| run | per record and draw (ms) | the reference's, per draw (ms) |",
         "|---|---|---|",
-        *(f"| {name} | {per_record[name] * 1e3:.1f} | {shared[name] * 1e3:.1f} |" for name in ref_runs),
+        *(f"| {name} | {per_record[name] * 1e3:.1f} | {shared[name] * 1e3:.1f} |" for name in forms),
         "",
         f"Per record, covariance vs rows: {per_record[rows_form] / per_record[cov_form]:.2f}x; largest relative "
         f"difference between their FIDs: {ref_rel:.1e}.",

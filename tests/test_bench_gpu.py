@@ -44,7 +44,8 @@ def test_dry_run_runs_every_configuration_and_writes_the_results(tmp_path, capsy
     methods = data["bootstrap"]["methods"]
     cpu = methods.pop("cpu workers")  # the report's numpy path on every core: timed, it is the reference itself
     assert {m: v["max_rel_diff"] < 1e-6 for m, v in methods.items()} == {
-        "rows": True, "rows-newton-schulz": True, "eigh": True, "newton-schulz": True}
+        "rows": True, "rows-newton-schulz": True, "eigh": True, "newton-schulz": True, "rows-cov": True}
+    assert methods["rows-cov"]["reference"] > methods["rows-cov"]["records"] and "covariance of a reference" in text
     assert cpu["workers"] >= 1 and cpu["records"] >= 2 and cpu["ms_per_record_draw"] > 0 and cpu["grid_minutes"] > 0
     assert "numpy on the CPU's" in text
 

@@ -34,6 +34,23 @@ def test_batched_frechet_equals_numpy_on_the_same_draws():
 
 
 
+def test_resampled_moments_in_slices_of_draws_equal_those_at_once(monkeypatch):
+    """The (draws, d, n) weighted rows are formed a few draws at a time (SCATTER_BYTES): at the paper's reference
+    (40,504 x 768) a GPU chunk of 200 draws at once needed 50 GB."""
+    import src.ranking.bootstrap_torch as bootstrap_torch
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(50, 6))
+    counts = rng.multinomial(50, np.full(50, 1 / 50), size=7).astype(float)
+    ops = TorchFrechet("torch-cpu")
+    whole = ops.resampled_moments(x, counts)
+    monkeypatch.setattr(bootstrap_torch, "SCATTER_BYTES", 2 * 8 * x.size)  # two draws at a time
+    sliced = ops.resampled_moments(x, counts)
+    for a, b in zip(sliced, whole):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sliced[1].numpy(), resampled_moments(x, counts)[1], rtol=1e-10, atol=1e-12)
+
+
 def test_round_off_negative_eigenvalues_are_clipped_as_the_numpy_path_clips_them():
     """A covariance with a round-off negative eigenvalue (-1e-6 here, to be seen): clipped to 0, not mirrored."""
     ops = TorchFrechet("torch-cpu")
@@ -152,6 +169,21 @@ def test_bootstrap_metrics_on_the_torch_path_equal_the_numpy_path(tmp_path, dim)
     np.testing.assert_array_equal(torch_draws.clip, numpy_draws.clip)
     np.testing.assert_allclose(torch_draws.fid, numpy_draws.fid, rtol=RTOL)
     assert torch_draws.fixed == numpy_draws.fixed
+
+
+def test_the_torch_path_meets_a_reference_of_many_rows_as_its_covariance_as_numpy_does(tmp_path, monkeypatch):
+    """A reference of more distinct rows than features (COCO-2014 val's 40,504 at the paper's scale): the samples'
+    rows meet its covariance (B1 S2 B1^T), never its rows (a cross-Gram matrix growing with it), on a GPU too."""
+    sweep = write_synthetic_sweep(tmp_path / "s", recipes=("rf", "edm"), datasets=("digits",), n_samples=40,
+                                  n_reference=300, dim=48)
+    records = load_sweep([sweep]).records
+    numpy_draws = bootstrap_metrics(records, 12, seed=3, device="cpu")
+    rows_of = []
+    real = TorchFrechet.resampled_rows
+    monkeypatch.setattr(TorchFrechet, "resampled_rows", lambda self, x, c: rows_of.append(len(x)) or real(self, x, c))
+    torch_draws = bootstrap_metrics(records, 12, seed=3, device="torch-cpu")
+    assert rows_of and max(rows_of) == 40  # the samples' rows only, never the reference's 300
+    np.testing.assert_allclose(torch_draws.fid, numpy_draws.fid, rtol=RTOL)
 
 
 def test_device_setting():

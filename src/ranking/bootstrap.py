@@ -76,6 +76,13 @@ def use_rows(counts: np.ndarray, ref_counts: np.ndarray, dim: int) -> bool:
     return min(int((counts > 0).sum(axis=1).max()), int((ref_counts > 0).sum(axis=1).max())) < dim
 
 
+def use_reference_covariance(ref_counts: np.ndarray, dim: int) -> bool:
+    """Whether the row form meets the reference as its covariance (frechet_distance_rows_cov): a reference of as
+    many distinct drawn rows as features or more (COCO-2014 val: ~25,600 of 40,504), whose rows would make the
+    cross-Gram matrix grow with it (B1 B2^T: m x 25,600), where B1 S2 B1^T is m x m whatever its size."""
+    return int((ref_counts > 0).sum(axis=1).max()) >= dim
+
+
 # ---------------------------------------------------------------------------------------------- per-record draws
 
 
@@ -151,10 +158,8 @@ def bootstrap_metrics(records: pd.DataFrame, draws: int, seed: int = 0,
                 ref_draws = ref_counts[path][sl]
                 # fewer distinct rows than features: the row form; the reference's form once per chunk, shared
                 row_form = {row: use_rows(counts[row], ref_draws, ref.shape[1]) for row in rows}
-                # A reference of as many distinct rows as features or more (COCO-2014 val: ~25,600 of 40,504) meets
-                # the samples' rows as its covariance: B1 S2 B1^T, whose cost does not grow with the reference
-                ref_distinct = int((ref_draws > 0).sum(axis=1).max())
-                mixed = hasattr(ops, "frechet_distance_rows_cov") and ref_distinct >= ref.shape[1]
+                # a reference of many distinct rows meets the samples' rows as its covariance
+                mixed = use_reference_covariance(ref_draws, ref.shape[1])
                 ref_rows = ops.resampled_rows(ref, ref_draws) if any(row_form.values()) and not mixed else None
                 ref_moments = None
                 if mixed or not all(row_form.values()):
