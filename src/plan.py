@@ -22,25 +22,26 @@ H200 or h200 is an "NVIDIA H200", H1 or A is no device), else 37% (the paper gri
 with the GPU defaults, measured 37.1% on an H200; an H100 has the same bf16 peak and less memory bandwidth, so expect
 no more there). The plan says which, and why it used the default.
 
-The status column reads the run directory with the job's own rules: done (trained, and every record the
-configuration wants is in results.json: a relaunch skips it), to evaluate (trained, but records of these evaluation
-settings are missing: a relaunch evaluates without retraining), best.ckpt missing (to evaluate, but the checkpoint
-validation chose was deleted or lost: a relaunch fails saying so; restore it, or evaluate last.ckpt with
-eval.checkpoint=last), results.json unreadable (to evaluate, but a relaunch fails naming the file: delete it),
-best.ckpt unreadable (or last.ckpt with eval.checkpoint=last: to evaluate, but a relaunch fails naming it), resume
-(a checkpoint before the last step), cannot resume (last.ckpt unreadable, and no readable last.prev.ckpt: a relaunch
-fails naming it; delete the checkpoints folder to train anew), to train, refused: changed configuration (the
-directory holds a run of another configuration: a relaunch does not run the job, it is recorded in the sweep's
-failures.json and the directory left as it is; refused: fingerprint.json unreadable: the same, naming the file),
-failed (error.json; a relaunch trains anew) or failed: <status> (error.json; a relaunch removes it and does what
-<status> says; a finished run is done), new; to evaluate (trained in TWIN) or (after TWIN trains) for a job that
-differs from a sibling only in evaluation settings (a sampler sweep): it evaluates the sibling's model
-(src/launch/sweeper.py training_waves). "GPU-hours in all" counts each model's training and validation once; "still
-to run" counts what a relaunch runs: no training or validation for trained or reused models, the steps left (and
-their validation) for a resume, and the evaluation of every job not done: for a trained run, only the records
-results.json lacks; nothing for a refused job, which the plan names apart with what training it anew would cost,
-nor for a blocked one (best.ckpt missing, a file unreadable, cannot resume: a relaunch fails naming the file), which
-it names apart with what it costs once the file is restored or deleted.
+The status column reads the run directory with the job's own rules: done (trained, and every record the configuration
+wants is in results.json: a relaunch skips it), to evaluate (trained, but records of these evaluation settings are
+missing: a relaunch evaluates without retraining), best.ckpt missing (to evaluate, but the checkpoint validation chose
+was deleted or lost: a relaunch fails saying so; restore it, or evaluate last.ckpt with eval.checkpoint=last),
+results.json unreadable (to evaluate, but a relaunch fails naming the file: delete it), best.ckpt unreadable (or
+last.ckpt with eval.checkpoint=last: to evaluate, but a relaunch fails naming it), resume (a checkpoint before the last
+step), extend 8 -> 12 steps (a run relaunched with only a larger train.max_steps: a relaunch trains it on from its last
+checkpoint and evaluates the new step), cannot resume (last.ckpt unreadable, and no readable last.prev.ckpt: a relaunch
+fails naming it; delete the checkpoints folder to train anew), to train, refused: changed configuration (the directory
+holds a run of another configuration: a relaunch does not run the job, it is recorded in the sweep's failures.json and
+the directory left as it is; refused: fingerprint.json unreadable: the same, naming the file), failed (error.json; a
+relaunch trains anew) or failed: <status> (error.json; a relaunch removes it and does what <status> says; a finished run
+is done), new; to evaluate (trained in TWIN) or (after TWIN trains) for a job that differs from a sibling only in
+evaluation settings (a sampler sweep): it evaluates the sibling's model (src/launch/sweeper.py training_waves).
+"GPU-hours in all" counts each model's training and validation once; "still to run" counts what a relaunch runs: no
+training or validation for trained or reused models, the steps left (and their validation) for a resume or an extension,
+and the evaluation of every job not done: for a trained run, only the records results.json lacks; nothing for a refused
+job, which the plan names apart with what training it anew would cost, nor for a blocked one (best.ckpt missing, a file
+unreadable, cannot resume: a relaunch fails naming the file), which it names apart with what it costs once the file is
+restored or deleted.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 H100_BF16_DENSE_TFLOPS = 989.0
 #: The status of a job a relaunch refuses (its directory holds a run of another configuration): nothing runs.
 REFUSED = "refused: "
+#: The status of a job whose run a relaunch trains longer, from its last checkpoint ("extend 8 -> 12 steps").
+EXTEND = "extend "
 #: Statuses (after "failed: ") of a job whose relaunch fails naming a damaged or missing file: nothing runs until the
 #: file is restored or deleted; then what the status says (evaluate a trained run, or train anew for "cannot resume").
 TRAINED_BLOCKED = ("best.ckpt missing", "results.json unreadable", "best.ckpt unreadable", "last.ckpt unreadable")
@@ -138,14 +141,14 @@ class JobPlan:
         return (self.train_flops + self.val_flops) * self.train_left + (sampling if runs else 0.0)
 
     def set_status(self, status: str, run_dir_step: int | None = None) -> None:
-        """The status and what it leaves to run: a twin's training or a finished one leaves none, resume the steps
-        after run_dir_step."""
+        """The status and what it leaves to run: a twin's training or a finished one leaves none, resume (or
+        extend) the steps after run_dir_step."""
         self.status = status
         self.trains_here = not status.startswith("to evaluate (")
         runs = status.removeprefix("failed: ")  # a failed run's relaunch goes on from what it left
         if runs in ("done", "to evaluate", *TRAINED_BLOCKED) or not self.trains_here or status.startswith(REFUSED):
             self.train_left = 0.0
-        elif runs == "resume" and run_dir_step is not None and self.steps > 0:
+        elif (runs == "resume" or runs.startswith(EXTEND)) and run_dir_step is not None and self.steps > 0:
             self.train_left = min(1.0, max(0.0, 1.0 - run_dir_step / self.steps))
         else:
             self.train_left = 1.0
@@ -386,6 +389,7 @@ def job_status(cfg: DictConfig, run_dir: Path, single: bool = False) -> str:
     new (nothing there), refused: changed configuration (the launch refuses it), done (trained and every wanted record
     present), to evaluate (trained; records missing or of other settings), best.ckpt missing (to evaluate, but the
     checkpoint validation chose is gone: the job would fail naming it), resume (a checkpoint before the last step),
+    extend A -> B steps (only a larger train.max_steps: trained on from its last checkpoint),
     to train (a directory with nothing trained), <file> unreadable / cannot resume (the job fails naming a damaged
     file), failed (error.json; trains anew) or failed: <one of the above> (what the relaunch does), to evaluate
     (trained in TWIN) for a directory whose tagged sibling trained the same model (reuse_training). single: a run
@@ -406,9 +410,12 @@ def job_status(cfg: DictConfig, run_dir: Path, single: bool = False) -> str:
     if not run_dir.is_dir():
         return "new"
     from src.config import ConfigError
+    from src.training.prepare import extension
 
     try:
-        if _fingerprint_changes(cfg, run_dir):  # refused before anything runs, error.json or not
+        changed = _fingerprint_changes(cfg, run_dir)
+        extended = extension(cfg, run_dir, changed)
+        if changed and extended is None:  # refused before anything runs, error.json or not
             return f"{REFUSED}changed configuration"
     except ConfigError:  # a damaged fingerprint.json: this job is refused naming it, the sweep's others run
         return f"{REFUSED}fingerprint.json unreadable"
@@ -419,7 +426,8 @@ def job_status(cfg: DictConfig, run_dir: Path, single: bool = False) -> str:
     trained = other_trained_precision(cfg, run_dir, here) if here is not None else None
     if trained is not None:  # the job refuses to resume it (check_trained_precision)
         return f"{REFUSED}trained at {trained}, trainer.precision=null is {here} there"
-    status = _trained_status(cfg, run_dir)
+    # trained longer: it goes on from its last checkpoint (src/training/prepare.py extension)
+    status = f"{EXTEND}{extended[0]} -> {extended[1]} steps" if extended else _trained_status(cfg, run_dir)
     if (run_dir / "error.json").is_file() and status != "done":
         # A relaunch removes error.json and goes on from what the directory holds (src/run.py _job): it trains anew,
         # resumes or only evaluates. A finished run is skipped (and its error.json removed): done.
@@ -549,7 +557,8 @@ def plan_job(index: int, overrides: list[str], flops_method: str = "count", sing
     )
     job.mfu, job.mfu_source = (mfu, "given (--mfu)") if mfu is not None else launch_mfu(cfg, job, gpu)
     status = job_status(cfg, run_dir, single)
-    job.set_status(status, _checkpoint_step(run_dir) if status.endswith("resume") else None)
+    goes_on = status.endswith("resume") or status.removeprefix("failed: ").startswith(EXTEND)
+    job.set_status(status, _checkpoint_step(run_dir) if goes_on else None)
     if status.endswith("to evaluate"):  # a relaunch samples only the records results.json lacks
         from src.evaluation.run import missing_for
 
@@ -700,7 +709,8 @@ def _plan_training_waves(base: DictConfig, jobs: list[list[str]], planned: list[
         if leader is job:
             continue
         job.wave = 2
-        if job.status in ("new", "to train", "failed") and leader.status in TRAINS:  # nothing trained: it reuses
+        trains = leader.status in TRAINS or leader.status.removeprefix("failed: ").startswith(EXTEND)
+        if job.status in ("new", "to train", "failed") and trains:  # nothing trained: it reuses
             job.set_status(f"to evaluate (after {leader.run_dir.name} trains)")
 
 

@@ -309,16 +309,23 @@ def _finite_or_null(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def merge_results(run_dir: str | os.PathLike, new: Iterable[Mapping[str, Any] | Record]) -> list[dict[str, Any]]:
-    """Add records to results.json, replacing those with the same identity (records of other settings stay);
-    atomic and locked. Returns all records."""
+    """Add records to results.json, replacing those with the same identity (records of other settings stay, and
+    so do those of another checkpoint step: a run trained longer keeps its earlier step's results, which of_step
+    tells apart); atomic and locked. Returns all records."""
     run_dir = Path(run_dir)
     rows = [r.to_dict() if isinstance(r, Record) else dict(r) for r in new]
     with file_lock(run_dir / f".{RESULTS_FILE}.lock"):
         records = read_results(run_dir)
-        replaced = {record_identity(r) for r in rows}
-        records = [_finite_or_null(r) for r in records if record_identity(r) not in replaced] + rows
+        replaced = {(record_identity(r), r.get("checkpoint_step")) for r in rows}
+        records = [_finite_or_null(r) for r in records if not _replaced_by(r, replaced)] + rows
         write_results(run_dir, records)
     return records
+
+
+def _replaced_by(record: Mapping[str, Any], replaced: set[tuple]) -> bool:
+    """Whether a new record of the same identity and checkpoint step (either unknown: the same) replaces record."""
+    identity, step = record_identity(record), record.get("checkpoint_step")
+    return any(identity == i and None in (step, s) or (identity, step) == (i, s) for i, s in replaced)
 
 
 def find_record(records: Iterable[Mapping[str, Any]], identity: tuple) -> dict[str, Any] | None:

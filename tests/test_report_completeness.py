@@ -104,17 +104,18 @@ def test_one_run_evaluated_in_part_is_not_done_in_a_sweep_from_before_jobs_json(
 
 def test_a_relaunch_with_other_training_settings_is_refused_in_one_line_and_its_refusals_are_shown(base, tmp_path,
                                                                                                   capsys):
-    """The finished sweep relaunched with one recipe more and train.max_steps=9: the three runs there are refused
-    (their directories hold the 8-step runs; failures.json), the new one trains 9 steps. Ranking the 9-step run
-    against the 8-step ones is refused; ranked alone, the report says the relaunches did not run."""
+    """The finished sweep relaunched with one recipe more and optim.warmup_steps=10: the three runs there are refused
+    (their directories hold runs warmed up over 50 steps; failures.json), the new one trains. Ranking it against the
+    others is refused; ranked alone, the report says the relaunches did not run. (A larger train.max_steps alone
+    would train the three on: README "Resume".)"""
     root, sweep = copy_of(base, tmp_path)
-    out = run_cli(root, base[1], f"{RECIPES},v_linear", steps=9)
+    out = run_cli(root, base[1], f"{RECIPES},v_linear", "optim.warmup_steps=10")
     assert out.returncode == 1 and "3 job(s) failed:" in out.stderr, out.stderr[-3000:]
     code, text, err = report(capsys, sweep, "--out", tmp_path / "r")
     assert code == 1 and err.count("\n") == 1 and not (tmp_path / "r").exists()
     assert err.startswith("rank report: error: the runs ranked together were trained with different settings: "
-                          "train.max_steps = 8 (3 runs), 9 (1 run) on digits; ")
-    assert "retrain these runs with train.max_steps=8" in err and err.rstrip().endswith(str(sweep / "digits/v_linear"))
+                          "optim.warmup_steps = 50 (3 runs), 10 (1 run) on digits; "), err
+    assert "retrain these runs with optim.warmup_steps=50" in err and err.rstrip().endswith(str(sweep / "digits/v_linear"))
     assert "--by-sweep" not in err  # one sweep: that option would not help
 
     code, text, _ = report(capsys, sweep, "--recipes", "v/linear", "--out", tmp_path / "r")

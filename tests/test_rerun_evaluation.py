@@ -494,7 +494,8 @@ def _set_step(path: Path, step: int) -> None:
 
 def test_records_of_an_earlier_checkpoint_are_evaluated_again(trained, run, monkeypatch, caplog):
     """Records scored before training went on (an unfinished run evaluated, then resumed: best.ckpt is of a later
-    step now) are not this model's: the run is to evaluate, and the evaluation replaces them without training."""
+    step now) are not this model's: the run is to evaluate, and the evaluation adds this step's without training (the
+    earlier step's stay in results.json, kept apart by checkpoint_step, as a run trained longer keeps them)."""
     records = json.loads((run / "results.json").read_text())
     ckpt_step = records[0]["checkpoint_step"]
     for r in records:
@@ -507,9 +508,9 @@ def test_records_of_an_earlier_checkpoint_are_evaluated_again(trained, run, monk
         assert job.run_job(cfg, run)["evaluated_only"] is True
     assert f"results for checkpoint step {ckpt_step} (the stored records are of step {ckpt_step - 1}) missing" \
         in caplog.text
-    after = json.loads((run / "results.json").read_text())
-    assert len(after) == 1 and after[0]["checkpoint_step"] == ckpt_step and after[0]["fid_clip"] == \
-        pytest.approx(records[0]["fid_clip"])  # the same model scored again: the same numbers
+    old, new = json.loads((run / "results.json").read_text())
+    assert [old] == records and new["checkpoint_step"] == ckpt_step and new["arrays"] != old["arrays"]
+    assert new["fid_clip"] == pytest.approx(records[0]["fid_clip"])  # the same model scored again: the same numbers
     assert plan.job_status(cfg, run) == "done"
 
 

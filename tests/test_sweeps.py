@@ -337,6 +337,31 @@ def test_plan_of_failed_runs_is_what_their_relaunch_does(tmp_path):
     assert plan.job_status(v_cfg, v) == "refused: fingerprint.json unreadable"
 
 
+def test_plan_of_a_run_relaunched_with_more_max_steps_is_an_extension(tmp_path):
+    """A finished 3-step run relaunched with train.max_steps=5 alone goes on from its last checkpoint (README
+    "Resume"): 'extend 3 -> 5 steps', still to run only the 2 steps left and the evaluation; fewer steps, or another
+    setting changed with them, are refused as before."""
+    import torch
+
+    from src.training.prepare import _fingerprint_json
+
+    overrides = ["loss=rf", "model=dit", f"paths.root_dir={tmp_path}", "train.val_every=1", "data.val_samples=4",
+                 "eval.settings=[{steps: 2, cfg: 1.0}]", "eval.ema=[true]", *FAKE_SHARDS]
+    [job] = plan.plan_sweep([*overrides, "train.max_steps=3"]).jobs
+    (job.run_dir / "checkpoints").mkdir(parents=True)
+    torch.save({"global_step": 3}, job.run_dir / "checkpoints" / "last.ckpt")
+    with plan._hydra_context():
+        (job.run_dir / "fingerprint.json").write_text(json.dumps(_fingerprint_json(plan._compose(job.overrides))))
+    p = plan.plan_sweep([*overrides, "train.max_steps=5"])
+    [longer] = p.jobs
+    assert longer.status == "extend 3 -> 5 steps" and longer.train_left == pytest.approx(0.4)
+    assert longer.flops_left == pytest.approx((longer.train_flops + longer.val_flops) * 0.4 + longer.sampling_flops)
+    text = plan.render(p)
+    assert "extend 3 -> 5 steps" in text and "1 job (1 to run; done: 0)" in text
+    for more in (["train.max_steps=2"], ["train.max_steps=5", "train.ckpt_every=5"]):
+        assert [j.status for j in plan.plan_sweep([*overrides, *more]).jobs] == ["refused: changed configuration"]
+
+
 def test_plan_cli_launches_nothing(tmp_path, capsys):
     args = ["loss=rf,edm", "model=dit", f"paths.root_dir={tmp_path}", *FAKE_SHARDS]
     assert plan.main([*args, "--mfu", "0.3"]) == 0

@@ -1,5 +1,6 @@
 """Training end to end on the embedded digits: the loss falls, resume is exact, finished jobs are skipped."""
 
+import json
 import re
 from pathlib import Path
 
@@ -351,17 +352,88 @@ def test_changed_config_in_same_directory_is_an_error(tmp_path, cache_dir):
         run_job(make_cfg(tmp_path, cache_dir, base + ["trainer.gradient_clip_val=1.0"]), run_dir)
 
 
-def test_a_finished_run_relaunched_with_another_max_steps_is_refused_and_left_as_it_was(tmp_path, cache_dir):
-    """Training longer (or shorter) is another configuration (README "Resume"): refused naming train.max_steps, never
-    continued from last.ckpt nor retrained in place; the directory keeps its checkpoints."""
+def test_a_finished_run_relaunched_with_fewer_max_steps_is_refused_and_left_as_it_was(tmp_path, cache_dir):
+    """Training shorter would need other weights (README "Resume"): refused in one line naming train.max_steps and
+    what is allowed, never retrained in place; the directory keeps its files as they were."""
     run_dir = tmp_path / "run"
     base = ["train.val_every=2", "train.ckpt_every=2", "eval.enabled=false"]
-    run_job(make_cfg(tmp_path, cache_dir, base + ["train.max_steps=2"]), run_dir)
-    before = {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()}
-    for steps in (4, 1):
-        with pytest.raises(ConfigError, match=r"different configuration \(train.max_steps\)"):
+    run_job(make_cfg(tmp_path, cache_dir, base + ["train.max_steps=4"]), run_dir)
+    before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    for steps in (3, 1):
+        with pytest.raises(ConfigError, match=rf"^train.max_steps={steps}: .* holds a run trained to 4 steps; "
+                                              r"allowed: more than 4 \(it trains on from its last.ckpt\)"):
             run_job(make_cfg(tmp_path, cache_dir, base + [f"train.max_steps={steps}"]), run_dir)
-    assert {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == before
+    assert {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+EXTEND = ["train.val_every=4", "train.ckpt_every=4", "train.ema_every=2", "eval.n_samples=4", "eval.batch_size=4",
+          "eval.settings=[{steps: 2, cfg: 1.0}]", "torch_threads=1", "trainer.log_every_n_steps=1", "run_name=extended"]
+
+
+def run_cli(root: Path, cache_dir: Path, *args: str, module: str = "src.run"):
+    """python -m src.run (or src.plan), as the user runs it (a single run: outputs/runs/<run_name>); its output."""
+    import os
+    import sys
+
+    from tests import warm
+
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    out = warm.run([sys.executable, "-m", module, *TINY, *EXTEND, f"paths.root_dir={root}",
+                    f"paths.cache_dir={cache_dir}", *args], cwd=Path(__file__).resolve().parents[1],
+                   capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def extended_run(root: Path) -> Path:
+    return root / "outputs" / "runs" / "extended"
+
+
+def test_the_plan_says_a_run_relaunched_with_more_max_steps_is_extended(tmp_path, cache_dir):
+    """python -m src.plan on a finished 8-step run with train.max_steps=12: it goes on, not 'refused: changed
+    configuration'."""
+    run_cli(tmp_path, cache_dir, "train.max_steps=8", "eval.enabled=false")
+    out = run_cli(tmp_path, cache_dir, "train.max_steps=12", "eval.enabled=false", module="src.plan")
+    [row] = [line for line in out.stdout.splitlines() if "runs/extended" in line]
+    assert row.endswith("extend 8 -> 12 steps"), out.stdout
+
+
+def test_a_finished_run_relaunched_with_more_max_steps_trains_on_to_the_straight_runs_weights(tmp_path, cache_dir):
+    """train.max_steps=8, then 12 in the same directory: training goes on from last.ckpt (constant learning rate
+    after warm-up; data, times and noise of (seed, step)) to bitwise the weights, EMA, optimizer state and best.ckpt
+    of a run trained straight to 12; results.json keeps the step-8 records and adds those of step 12."""
+    from src.ranking.aggregate import load_sweep
+    from src.results import read_results
+    from src.training.metrics_log import read_metrics
+
+    longer, straight = extended_run(tmp_path / "longer"), extended_run(tmp_path / "straight")
+    run_cli(tmp_path / "longer", cache_dir, "train.max_steps=8")
+    assert {r["checkpoint_step"] for r in read_results(longer)} == {8}
+    run_cli(tmp_path / "longer", cache_dir, "train.max_steps=12")
+    run_cli(tmp_path / "straight", cache_dir, "train.max_steps=12")
+    a, b = (torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+            for d in (straight, longer))
+    assert a["global_step"] == b["global_step"] == 12 and any(k.startswith("ema_backbone.") for k in a["state_dict"])
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    [opt_a], [opt_b] = a["optimizer_states"], b["optimizer_states"]
+    for i, state in opt_a["state"].items():
+        for k, v in state.items():
+            assert torch.equal(v, opt_b["state"][i][k]), (i, k)
+    best = [torch.load(d / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)["global_step"]
+            for d in (straight, longer)]
+    assert best[0] == best[1]
+    for key in ("train/loss", "val_ema/loss_mean"):  # metrics.csv goes on as for a resume, at the same steps
+        curves = [read_metrics(d)[["step", key]].dropna().to_numpy().tolist() for d in (straight, longer)]
+        assert curves[0] == curves[1] and len(curves[0]) >= 3, key
+    records = read_results(longer)
+    assert best[1] == 12 and len(records) == 2 * len(read_results(straight))
+    assert sorted(r["checkpoint_step"] for r in records) == [8] * (len(records) // 2) + [12] * (len(records) // 2)
+    assert len({r["arrays"] for r in records}) == len(records)  # the step-8 records keep their own samples
+    assert json.loads((longer / "fingerprint.json").read_text())["train"]["max_steps"] == 12
+    sweep = load_sweep([longer.parent])  # the report ranks the step-12 records, done
+    assert list(sweep.runs["status"]) == ["done"] and set(sweep.records["checkpoint_step"]) == {12}
 
 
 def test_only_rank_zero_binds_the_run_directory(tmp_path, cache_dir, monkeypatch):

@@ -116,6 +116,14 @@ def _stem(record: Mapping[str, Any]) -> str:
             f"{record['steps']}steps_cfg{_num(record['cfg'])}_shift{_num(record['shift'])}__{digest}")
 
 
+def _stem_beside(record: Mapping[str, Any], stored: Sequence[Mapping[str, Any]], out_dir: Path) -> str:
+    """_stem, with the checkpoint step added where a stored record of another step (kept: a run trained longer)
+    names that file: the new samples must not overwrite its arrays."""
+    stem, step = _stem(record), record.get("checkpoint_step")
+    taken = {r.get("arrays") for r in stored if r.get("checkpoint_step") != step}
+    return f"{stem}__step{step}" if _rel(out_dir / EVAL_SUBDIR / f"{stem}.npz", out_dir) in taken else stem
+
+
 def _rel(path: Path, root: Path) -> str:
     """path relative to root when inside it, else absolute."""
     try:
@@ -299,7 +307,7 @@ def evaluate_backbone(
             feats, inc_feats, grid = _generate(backbone, formulation, prompts, setting, extractor, inception,
                                                n_samples, seed, batch_size, decode, device, base["sampler"])
             scores = clip_score(feats, text_features[torch.arange(n_samples) % len(text_features)])
-            stem = _stem(wanted)
+            stem = _stem_beside(wanted, read_results(out_dir), out_dir)
             arrays = out_dir / EVAL_SUBDIR / f"{stem}.npz"
             captions = sample_prompts(prompts, n_samples)
             extra = {} if inc_feats is None else {"inception_features": inc_feats.numpy()}

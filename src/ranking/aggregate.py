@@ -155,9 +155,9 @@ def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
         status["n_records"] = len(records)
         wanted = run_completeness(run_dir, raw)
         if wanted is not None:  # of two records of one setting, the one the latest launch asked for is ranked
-            ids = {record_identity(w) for w in wanted[3]}
-            for row, rec in zip(records, raw):
-                row["_wanted"] = record_identity(upgrade(rec)) in ids
+            ids, current = {record_identity(w) for w in wanted[3]}, _of_current_step(run_dir, raw)
+            for row, rec, now in zip(records, raw, current):  # an earlier step's records (trained longer) are not
+                row["_wanted"] = now and record_identity(upgrade(rec)) in ids
         if status["status"] == "incomplete":
             status["status"] = "done"
             if wanted is not None:
@@ -216,6 +216,16 @@ def run_completeness(run_dir: Path, records: list[dict]
         except Exception:  # noqa: BLE001 -- a file this version cannot read as a configuration: try the next
             continue
     return None
+
+
+def _of_current_step(run_dir: Path, records: list[dict]) -> list[bool]:
+    """Whether each record is of its checkpoint's step now (src.results.of_step): one scored before training went
+    on (a run trained longer keeps them) is not ranked over the records of the step trained to."""
+    from src.results import of_step
+
+    which = [upgrade(r)["checkpoint"] for r in records]
+    steps = {w: _checkpoint_step(run_dir, w) for w in set(which) if w in ("best", "last")}
+    return [bool(of_step([r], w, steps.get(w))) for r, w in zip(records, which)]
 
 
 def _checkpoint_step(run_dir: Path, which: str) -> int | None:

@@ -14,9 +14,21 @@ class SaveLastAtEnd(L.Callback):
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._at_end = False
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._at_end = True
         trainer.save_checkpoint(str(self.path), weights_only=False)
+
+    def state_dict(self) -> dict:
+        return {"saved_at_end": self._at_end}
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """A run trained longer goes on from the checkpoint saved at its end, in which Lightning has counted the last
+        step's batch already (in those saved during training it has not, and adds it when resuming): without this,
+        its logged steps (metrics.csv, W&B) would run one ahead of the run trained straight."""
+        if checkpoint.get("callbacks", {}).get(self.state_key, {}).get("saved_at_end"):
+            checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
 
 
 def validated_at(step: int, val_every: int) -> bool:

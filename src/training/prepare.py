@@ -668,6 +668,9 @@ def check_fingerprint(cfg: DictConfig, run_dir: Path, multirun: bool = True) -> 
     Reads only: a refused launch leaves the directory exactly as it was. multirun: the way out names sweep_name,
     which a single run's directory (outputs/runs/<run_name>) does not depend on."""
     changed = fingerprint_changes(cfg, run_dir)
+    if changed == ["train.max_steps"]:  # training it longer goes on from last.ckpt; shorter is refused
+        check_extension(cfg, run_dir, multirun)
+        return
     if changed:
         # The code differs under the same setting: edited. Under another setting (model._target_=other.Net) it is
         # other code, which the changed setting already says.
@@ -678,6 +681,51 @@ def check_fingerprint(cfg: DictConfig, run_dir: Path, multirun: bool = True) -> 
             f"{'use another sweep_name, ' if multirun else ''}give this configuration its own directory with "
             "run_tag=/<label>, or delete the directory"
         )
+
+
+def trained_max_steps(run_dir: Path) -> int | None:
+    """The train.max_steps of the run bound to run_dir (its fingerprint.json); None when unreadable."""
+    try:
+        return int(json.loads((run_dir / "fingerprint.json").read_text())["train"]["max_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def extension(cfg: DictConfig, run_dir: Path, changed: list[str] | None = None) -> tuple[int, int] | None:
+    """(the steps run_dir's run was trained to, cfg's train.max_steps) when cfg only asks to train it longer: its
+    fingerprint differs in a larger train.max_steps alone (changed: fingerprint_changes, if known). Such a run goes
+    on from last.ckpt to exactly the run trained straight to the new steps: the learning rate is constant after
+    warm-up (no schedule reads max_steps), and data, times and noise depend on (seed, step) only."""
+    if (fingerprint_changes(cfg, run_dir) if changed is None else changed) != ["train.max_steps"]:
+        return None
+    trained, wanted = trained_max_steps(run_dir), int(cfg.train.max_steps)
+    return (trained, wanted) if trained is not None and wanted > trained else None
+
+
+def check_extension(cfg: DictConfig, run_dir: Path, multirun: bool = True) -> None:
+    """Another train.max_steps alone: more steps train the run on (extension), fewer would need other weights."""
+    if extension(cfg, run_dir, ["train.max_steps"]) is None:
+        trained = trained_max_steps(run_dir)
+        raise ConfigError(
+            f"train.max_steps={cfg.train.max_steps}: {run_dir} holds a run trained to {trained} steps; allowed: more "
+            f"than {trained} (it trains on from its last.ckpt), or fewer in a directory of its own "
+            f"({'another sweep_name, or ' if multirun else ''}run_tag=/<label>)")
+
+
+def extend_fingerprint(cfg: DictConfig, run_dir: Path) -> None:
+    """Record the new train.max_steps of a run trained longer (extension), in fingerprint.json and config.yaml;
+    the rest as bound (streams, precision, code: the run's own)."""
+    stored = json.loads((run_dir / "fingerprint.json").read_text())
+    stored["train"]["max_steps"] = int(cfg.train.max_steps)
+    atomic_write_json(run_dir / "fingerprint.json", stored)
+    if (run_dir / CONFIG_FILE).exists():
+        config = OmegaConf.load(run_dir / CONFIG_FILE)
+        config.train.max_steps = int(cfg.train.max_steps)
+        atomic_write_bytes(run_dir / CONFIG_FILE, OmegaConf.to_yaml(config).encode("utf-8"))
+    else:
+        write_run_config(cfg, run_dir)
+    # Its checkpoints are its own from now on, not the twin's it evaluated (reuse_training)
+    (run_dir / REUSED_FILE).unlink(missing_ok=True)
 
 
 def check_trained_precision(cfg: DictConfig, run_dir: Path, here: str, where: str = "here") -> None:
@@ -725,7 +773,8 @@ def check_trained_code(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def bind_fingerprint(cfg: DictConfig, run_dir: Path) -> None:
-    """Tie run_dir to this configuration (after check_fingerprint passed), unless a run is already bound there.
+    """Tie run_dir to this configuration (after check_fingerprint passed), unless a run is already bound there (one
+    trained longer records its new train.max_steps: extend_fingerprint).
 
     Binding also writes the resolved configuration to config.yaml (what `python -m src.evaluate` re-evaluates the
     run with); a run directory from before config.yaml existed gets one."""
@@ -735,6 +784,8 @@ def bind_fingerprint(cfg: DictConfig, run_dir: Path) -> None:
         atomic_write_json(run_dir / "fingerprint.json", {**_fingerprint_json(cfg), "streams": STREAMS,
                                                          TRAINED_PRECISION: resolved_precision(cfg.trainer)})
         write_run_config(cfg, run_dir)
+    elif extension(cfg, run_dir):
+        extend_fingerprint(cfg, run_dir)
     elif not (run_dir / CONFIG_FILE).exists():
         write_run_config(cfg, run_dir)
 
