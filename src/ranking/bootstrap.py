@@ -102,10 +102,10 @@ def bootstrap_metrics(records: pd.DataFrame, draws: int, seed: int = 0,
 
     progress, when given, hears the estimated duration once a record has been timed (when it is over
     PROGRESS_AFTER_S) and then every tenth of the draws: at the paper's scale (1464 records, 1000 samples of 768
-    features) one draw of one record costs about 40 ms on one core against a reference of 1000 rows (the row form;
-    bench/results/bootstrap.md), and about 110 ms against COCO-2014 val's 40,504 (the samples' rows against the
-    reference's covariance, measured on a shared 2-core machine; docs/ranking.md#bootstrap-intervals), so 200 draws
-    take about 3.3 to 9 core-hours, divided among the workers.
+    features) one draw of one record costs about 62 ms on one core, against a reference of 1000 rows (the row form)
+    and against COCO-2014 val's 40,504 alike (the samples' rows against the reference's covariance, which costs
+    1.4 s a draw once for every record of its dataset; bench/results/bootstrap.md), so 200 draws take about 5
+    core-hours, divided among the workers.
     device: where the Frechet distances are computed (src/ranking/bootstrap_torch.py: cpu = numpy, cuda, auto).
     workers: threads computing the numpy path's records in parallel, 0 = every usable core (resolve_workers); the
     draws are the same for any number.
