@@ -21,9 +21,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The quick suite in two pytest-xdist worker processes (its tests share no files: each has its own tmp_path): on 2
-# cores 9 min 26 s for 1896 tests on a slower draw of the machine, where 1853 took 10 min 44 s (6 min 28 s for 1853 on
-# an earlier draw, against 10 min 14 s for 1714 in one process), as one worker runs while the other waits on a
-# command it started. TEST_WORKERS=0 runs it in one
+# cores 11 min 11 s for 1928 tests on a slow draw of the machine, where 1896 took 10 min 48 s (9 min 26 s on the draw
+# before; 6 min 28 s for 1853 on a faster one, against 10 min 14 s for 1714 in one process), as one worker runs while
+# the other waits on a command it started. TEST_WORKERS=0 runs it in one
 # process (pdb, or reading a failure's output in order).
 TEST_WORKERS ?= 2
 test: setup

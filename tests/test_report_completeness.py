@@ -115,7 +115,8 @@ def test_a_relaunch_with_other_training_settings_is_refused_in_one_line_and_its_
     assert code == 1 and err.count("\n") == 1 and not (tmp_path / "r").exists()
     assert err.startswith("rank report: error: the runs ranked together were trained with different settings: "
                           "optim.warmup_steps = 50 (3 runs), 10 (1 run) on digits; "), err
-    assert "retrain these runs with optim.warmup_steps=50" in err and err.rstrip().endswith(str(sweep / "digits/v_linear"))
+    assert "retrain these runs with optim.warmup_steps=50" in err
+    assert err.rstrip().endswith(str(sweep / "digits/v_linear"))
     assert "--by-sweep" not in err  # one sweep: that option would not help
 
     code, text, _ = report(capsys, sweep, "--recipes", "v/linear", "--out", tmp_path / "r")
