@@ -77,6 +77,11 @@ PAPER_SHAPES = {"latent_channels": 16, "latent_size": 32, "context_dim": 4096, "
                 "context_length": 154}
 
 
+def extends(status: str) -> bool:
+    """Whether a relaunch trains the job's run longer (extend, or failed: extend)."""
+    return status.removeprefix("failed: ").startswith(EXTEND)
+
+
 @dataclass
 class JobPlan:
     """One job of a sweep and what it costs."""
@@ -148,7 +153,7 @@ class JobPlan:
         runs = status.removeprefix("failed: ")  # a failed run's relaunch goes on from what it left
         if runs in ("done", "to evaluate", *TRAINED_BLOCKED) or not self.trains_here or status.startswith(REFUSED):
             self.train_left = 0.0
-        elif (runs == "resume" or runs.startswith(EXTEND)) and run_dir_step is not None and self.steps > 0:
+        elif (runs == "resume" or extends(status)) and run_dir_step is not None and self.steps > 0:
             self.train_left = min(1.0, max(0.0, 1.0 - run_dir_step / self.steps))
         else:
             self.train_left = 1.0
@@ -557,7 +562,7 @@ def plan_job(index: int, overrides: list[str], flops_method: str = "count", sing
     )
     job.mfu, job.mfu_source = (mfu, "given (--mfu)") if mfu is not None else launch_mfu(cfg, job, gpu)
     status = job_status(cfg, run_dir, single)
-    goes_on = status.endswith("resume") or status.removeprefix("failed: ").startswith(EXTEND)
+    goes_on = status.endswith("resume") or extends(status)
     job.set_status(status, _checkpoint_step(run_dir) if goes_on else None)
     if status.endswith("to evaluate"):  # a relaunch samples only the records results.json lacks
         from src.evaluation.run import missing_for
@@ -709,7 +714,7 @@ def _plan_training_waves(base: DictConfig, jobs: list[list[str]], planned: list[
         if leader is job:
             continue
         job.wave = 2
-        trains = leader.status in TRAINS or leader.status.removeprefix("failed: ").startswith(EXTEND)
+        trains = leader.status in TRAINS or extends(leader.status)
         if job.status in ("new", "to train", "failed") and trains:  # nothing trained: it reuses
             job.set_status(f"to evaluate (after {leader.run_dir.name} trains)")
 
